@@ -1,0 +1,13 @@
+//! The targets' logic: persistent-data in the kernel's on-disk format, the
+//! dm-thin pool metadata and (later) the thin and cache targets.
+//!
+//! This crate is pure: it has no threads, no clock and no randomness of its
+//! own, and it reaches storage only through [`block_device::BlockDevice`].
+//! Everything that varies between runs — timing, faults, crash points — is
+//! decided by the caller (the simulator, a test, the kernel shim).
+
+#![warn(missing_docs)]
+
+pub mod block_device;
+pub mod pdata;
+pub mod thin;

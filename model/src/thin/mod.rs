@@ -1,0 +1,6 @@
+//! dm-thin: the pool metadata (superblock, device details, the two-level
+//! mapping tree, the data space map, metadata snapshots), an independent
+//! checker and the thin_dump XML writer.
+
+pub mod check;
+pub mod dump;
