@@ -1,5 +1,8 @@
 //! `dmsim`: the command line over the dmsim crates.
 
+mod file_device;
+mod metadata_cmd;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +19,9 @@ struct Cli {
 enum Command {
     /// Run the default campaign (in-process, no root).
     Check,
+    /// Inspect thin-pool metadata images: check, dump.
+    #[command(subcommand)]
+    Metadata(metadata_cmd::MetadataCommand),
 }
 
 fn main() -> ExitCode {
@@ -25,5 +31,6 @@ fn main() -> ExitCode {
             eprintln!("dmsim check: the campaign is not built yet");
             ExitCode::from(2)
         }
+        Command::Metadata(cmd) => metadata_cmd::run(cmd),
     }
 }
