@@ -239,14 +239,15 @@ pub mod space_map {
         }
     }
 
-    /// True when all 32 entries of the 64-bit word holding `entry` are
-    /// non-zero (the kernel's word-skip in its free-block scan).
+    /// Whether the 64-bit word holding `entry` counts as fully used in the
+    /// kernel's free-block scan. This is the kernel's carry trick, kept as
+    /// the same arithmetic so that the scan skips exactly the same words.
     pub fn bitmap_word_full(data: &[u8], entry: u64) -> bool {
+        const HIGH: u64 = 0xAAAA_AAAA_AAAA_AAAA;
         let w = (entry / 32) as usize * 8;
         let word = u64::from_le_bytes(data[w..w + 8].try_into().expect("8 bytes"));
-        // Each pair is non-zero iff either of its bits is set.
-        let pairs = (word | (word >> 1)) & 0x5555_5555_5555_5555;
-        pairs == 0x5555_5555_5555_5555
+        let mask = word.wrapping_add(HIGH).wrapping_add(1) & HIGH;
+        !word & mask == 0
     }
 }
 
@@ -384,6 +385,27 @@ mod tests {
             bitmap_set(&mut data, e, 1);
         }
         assert!(bitmap_word_full(&data, 5));
+    }
+
+    /// The kernel's word test is a carry trick; check it means "no entry of
+    /// the word is zero" for many words (a deterministic pseudo-random walk
+    /// plus the edge patterns).
+    #[test]
+    fn kernel_word_test_means_every_entry_is_in_use() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut words = vec![0, u64::MAX, 0xAAAA_AAAA_AAAA_AAAA, 0x5555_5555_5555_5555];
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Bias towards words with few zero entries.
+            words.push(x | (x >> 1 & 0x5555_5555_5555_5555) | x.rotate_left(17) & x.rotate_left(31));
+        }
+        for w in words {
+            let data = w.to_le_bytes();
+            let naive = (0..32).all(|e| bitmap_get(&data, e) != 0);
+            assert_eq!(bitmap_word_full(&data, 0), naive, "word {w:#018x}");
+        }
     }
 
     #[test]

@@ -4,3 +4,7 @@
 
 pub mod check;
 pub mod dump;
+pub mod metadata;
+pub mod superblock;
+
+pub use metadata::{ThinError, ThinMetadata};

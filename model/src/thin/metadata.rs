@@ -1,0 +1,852 @@
+//! Thin-pool metadata (dm-thin-metadata.c, spec §2): the superblock, the
+//! device details tree, the two-level mapping tree and the data space map,
+//! with the kernel's operations and commit sequence, block for block.
+
+use thiserror::Error;
+
+use super::superblock::Superblock;
+use crate::block_device::BlockDevice;
+use crate::pdata::btree::{BtreeInfo, ValueType};
+use crate::pdata::layout::space_map::{MAX_METADATA_BLOCKS, ROOT_AREA_SIZE};
+use crate::pdata::layout::thin::*;
+use crate::pdata::layout::{put_u32, put_u64, BlockKind, BLOCK_SECTORS};
+use crate::pdata::transaction::TransactionManager;
+use crate::pdata::{BlockNr, PdataError};
+
+/// The two-level mapping tree: device id, then virtual block.
+pub const MAPPING_INFO: BtreeInfo = BtreeInfo { levels: 2, value_type: ValueType::DataBlockTimes };
+/// The mapping tree's top level on its own: device id → device tree root.
+pub const TOP_LEVEL_INFO: BtreeInfo = BtreeInfo { levels: 1, value_type: ValueType::SubtreeRoots };
+/// One device's mapping tree: virtual block → data block and time.
+pub const BOTTOM_LEVEL_INFO: BtreeInfo = BtreeInfo { levels: 1, value_type: ValueType::DataBlockTimes };
+/// The device details tree.
+pub const DETAILS_INFO: BtreeInfo =
+    BtreeInfo { levels: 1, value_type: ValueType::Plain(DEVICE_DETAILS_SIZE) };
+
+/// A thin device id (24 bits are accepted by the pool messages).
+pub type ThinId = u64;
+
+/// Failures of thin metadata operations, with the kernel's errno in the name.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ThinError {
+    /// -EEXIST.
+    #[error("thin device {0} already exists")]
+    Exists(ThinId),
+    /// -ENODATA for a device.
+    #[error("thin device {0} does not exist")]
+    NoSuchDevice(ThinId),
+    /// -EBUSY: the device is open.
+    #[error("thin device {0} is open")]
+    Busy(ThinId),
+    /// -EBUSY: a metadata snapshot is already held.
+    #[error("a metadata snapshot already exists: release it before taking another")]
+    SnapshotExists,
+    /// -EINVAL: no metadata snapshot is held.
+    #[error("no metadata snapshot to release")]
+    NoSnapshot,
+    /// -EINVAL from set_transaction_id.
+    #[error("mismatched transaction id: current {current}, given {given}")]
+    TransactionIdMismatch {
+        /// The pool's transaction id.
+        current: u64,
+        /// The one the caller expected.
+        given: u64,
+    },
+    /// -EINVAL: a previous abort failed; the metadata refuses all work.
+    #[error("metadata failed (fail_io): a previous abort could not reopen it")]
+    FailIo,
+    /// -EPERM: the device is unformatted and formatting was not allowed.
+    #[error("metadata device is unformatted")]
+    Unformatted,
+    /// The superblock or the table disagree.
+    #[error("cannot open metadata: {0}")]
+    Open(String),
+    /// The device is not open (a bug in the caller, not a kernel errno).
+    #[error("thin device {0} is not open")]
+    NotOpen(ThinId),
+    /// A persistent-data failure.
+    #[error(transparent)]
+    Pdata(#[from] PdataError),
+}
+
+/// Result of thin metadata operations.
+pub type Result<T, E = ThinError> = std::result::Result<T, E>;
+
+/// The in-core record of a thin device (the kernel's `dm_thin_device`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinDevice {
+    /// Device id.
+    pub id: ThinId,
+    /// Opens outstanding.
+    pub open_count: u32,
+    /// Details changed since the last commit.
+    pub changed: bool,
+    /// Had uncommitted changes when the transaction was aborted.
+    pub aborted_with_changes: bool,
+    /// Mappings the device has.
+    pub mapped_blocks: u64,
+    /// Pool transaction id at creation.
+    pub transaction_id: u64,
+    /// Pool time at creation.
+    pub creation_time: u32,
+    /// Pool time of the last snapshot it took part in.
+    pub snapshotted_time: u32,
+}
+
+/// What a mapping lookup returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupResult {
+    /// The data block.
+    pub block: u64,
+    /// The block may be shared with a snapshot (the device was snapshotted
+    /// after the mapping was made).
+    pub shared: bool,
+}
+
+/// A run found by [`ThinMetadata::find_mapped_range`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedRange {
+    /// First virtual block.
+    pub thin_begin: u64,
+    /// One past the last virtual block.
+    pub thin_end: u64,
+    /// Data block of `thin_begin`.
+    pub pool_begin: u64,
+    /// Whether the run may be shared.
+    pub maybe_shared: bool,
+}
+
+/// Pool metadata on a metadata device.
+#[derive(Debug)]
+pub struct ThinMetadata<D> {
+    tm: TransactionManager<D>,
+    data_block_size: u32,
+    time: u32,
+    root: BlockNr,
+    details_root: BlockNr,
+    trans_id: u64,
+    flags: u32,
+    in_service: bool,
+    fail_io: bool,
+    read_only: bool,
+    /// Most recently added first, as the kernel's list.
+    devices: Vec<ThinDevice>,
+    metadata_reserve: u64,
+}
+
+impl<D: BlockDevice> ThinMetadata<D> {
+    /// Opens pool metadata, formatting the device if block 0 is all zeroes
+    /// and `format_device` allows it (`dm_pool_metadata_open`).
+    pub fn open(dev: D, data_block_size: u32, format_device: bool) -> Result<Self> {
+        let tm = Self::open_or_format(dev, data_block_size, format_device)?;
+        let mut md = ThinMetadata {
+            tm,
+            data_block_size,
+            time: 0,
+            root: 0,
+            details_root: 0,
+            trans_id: 0,
+            flags: 0,
+            in_service: false,
+            fail_io: false,
+            read_only: false,
+            devices: Vec::new(),
+            metadata_reserve: 0,
+        };
+        md.begin_transaction()?;
+        md.set_metadata_reserve();
+        Ok(md)
+    }
+
+    /// Formats `dev` as empty pool metadata and opens it.
+    pub fn format(dev: D, data_block_size: u32) -> Result<Self> {
+        Self::open(dev, data_block_size, true)
+    }
+
+    fn open_or_format(dev: D, data_block_size: u32, format_device: bool) -> Result<TransactionManager<D>> {
+        let mut tm = TransactionManager::unopened(dev);
+        if tm.block_manager().read_raw(SUPERBLOCK_LOCATION)?.iter().all(|&b| b == 0) {
+            if !format_device {
+                return Err(ThinError::Unformatted);
+            }
+            return Self::format_metadata(tm.into_device(), data_block_size);
+        }
+        Self::load_committed(&mut tm, data_block_size)?;
+        Ok(tm)
+    }
+
+    fn format_metadata(dev: D, data_block_size: u32) -> Result<TransactionManager<D>> {
+        let metadata_sectors =
+            dev.nr_sectors().min(MAX_METADATA_BLOCKS * BLOCK_SECTORS);
+        let mut tm = TransactionManager::create(dev, SUPERBLOCK_LOCATION)?;
+        tm.data_sm_create(0)?;
+        let root = tm.btree_empty(ValueType::DataBlockTimes)?;
+        let details_root = tm.btree_empty(DETAILS_INFO.value_type)?;
+        // The initial superblock is written outside the normal commit.
+        tm.data_sm_commit()?;
+        tm.pre_commit()?;
+        let (msm_root, dsm_root) = (tm.metadata_sm_root(), tm.data_sm_root());
+        let sb = tm.block_manager().write_zero(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u64(sb, SB_MAGIC, SUPERBLOCK_MAGIC);
+        put_u32(sb, SB_VERSION, METADATA_VERSION);
+        msm_root.encode(&mut sb[SB_METADATA_SM_ROOT..]);
+        dsm_root.encode(&mut sb[SB_DATA_SM_ROOT..]);
+        put_u64(sb, SB_DATA_MAPPING_ROOT, root);
+        put_u64(sb, SB_DEVICE_DETAILS_ROOT, details_root);
+        put_u32(sb, SB_METADATA_BLOCK_SIZE, BLOCK_SECTORS as u32);
+        put_u64(sb, SB_METADATA_NR_BLOCKS, metadata_sectors / BLOCK_SECTORS);
+        put_u32(sb, SB_DATA_BLOCK_SIZE, data_block_size);
+        tm.commit()?;
+        Ok(tm)
+    }
+
+    /// Checks the superblock and opens both space maps from it.
+    fn load_committed(tm: &mut TransactionManager<D>, data_block_size: u32) -> Result<()> {
+        let block0 = *tm.read(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        let sb = Superblock::decode(&block0);
+        if sb.magic != SUPERBLOCK_MAGIC {
+            return Err(ThinError::Open(format!(
+                "superblock magic is {}, expected {SUPERBLOCK_MAGIC}",
+                sb.magic
+            )));
+        }
+        if sb.data_block_size != data_block_size {
+            return Err(ThinError::Open(format!(
+                "changing the data block size (from {} to {data_block_size}) is not supported",
+                sb.data_block_size
+            )));
+        }
+        if sb.incompat_flags != 0 || sb.compat_ro_flags != 0 {
+            return Err(ThinError::Open(format!(
+                "unsupported features (incompat {:#x}, compat_ro {:#x})",
+                sb.incompat_flags, sb.compat_ro_flags
+            )));
+        }
+        tm.metadata_sm_open(&block0[SB_METADATA_SM_ROOT..SB_METADATA_SM_ROOT + ROOT_AREA_SIZE])?;
+        tm.data_sm_open(&block0[SB_DATA_SM_ROOT..SB_DATA_SM_ROOT + ROOT_AREA_SIZE])?;
+        Ok(())
+    }
+
+    fn superblock(&mut self) -> Result<Superblock> {
+        let b = self.tm.read(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        Ok(Superblock::decode(b))
+    }
+
+    /// Loads the transaction's starting state from the superblock.
+    fn begin_transaction(&mut self) -> Result<()> {
+        let sb = self.superblock()?;
+        self.time = sb.time;
+        self.root = sb.data_mapping_root;
+        self.details_root = sb.device_details_root;
+        self.trans_id = sb.trans_id;
+        self.flags = sb.flags;
+        self.data_block_size = sb.data_block_size;
+        Ok(())
+    }
+
+    fn set_metadata_reserve(&mut self) {
+        let total = self.tm.metadata_sm_nr_blocks();
+        self.metadata_reserve = (total / 10).min(4096);
+    }
+
+    /// Every mutating operation: refuse after a failed abort, and put the
+    /// pool in service (so that commits write).
+    fn write_lock(&mut self) -> Result<()> {
+        if self.fail_io {
+            return Err(ThinError::FailIo);
+        }
+        self.in_service = true;
+        Ok(())
+    }
+
+    fn check_fail_io(&self) -> Result<()> {
+        if self.fail_io {
+            Err(ThinError::FailIo)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The transaction manager (for the checker's tests and tools).
+    pub fn transaction_manager(&mut self) -> &mut TransactionManager<D> {
+        &mut self.tm
+    }
+
+    // ---- devices ----
+
+    fn find_device(&self, id: ThinId) -> Option<usize> {
+        self.devices.iter().position(|d| d.id == id)
+    }
+
+    fn details_lookup(&mut self, id: ThinId) -> Result<Option<DeviceDetails>> {
+        let mut buf = [0u8; DEVICE_DETAILS_SIZE];
+        let found = self.tm.btree_lookup(&DETAILS_INFO, self.details_root, &[id], &mut buf)?;
+        Ok(found.then(|| DeviceDetails::decode(&buf)))
+    }
+
+    /// Opens (or with `create`, creates) the in-core record of `id`.
+    fn open_device(&mut self, id: ThinId, create: bool) -> Result<usize> {
+        if let Some(i) = self.find_device(id) {
+            if create {
+                return Err(ThinError::Exists(id));
+            }
+            self.devices[i].open_count += 1;
+            return Ok(i);
+        }
+        let (details, changed) = match self.details_lookup(id)? {
+            Some(d) => (d, false),
+            None if create => (
+                DeviceDetails {
+                    mapped_blocks: 0,
+                    transaction_id: self.trans_id,
+                    creation_time: self.time,
+                    snapshotted_time: self.time,
+                },
+                true,
+            ),
+            None => return Err(ThinError::NoSuchDevice(id)),
+        };
+        self.devices.insert(
+            0,
+            ThinDevice {
+                id,
+                open_count: 1,
+                changed,
+                aborted_with_changes: false,
+                mapped_blocks: details.mapped_blocks,
+                transaction_id: details.transaction_id,
+                creation_time: details.creation_time,
+                snapshotted_time: details.snapshotted_time,
+            },
+        );
+        Ok(0)
+    }
+
+    /// Opens a thin device, as an active thin target does.
+    pub fn open_thin(&mut self, id: ThinId) -> Result<()> {
+        self.check_fail_io()?;
+        self.open_device(id, false).map(|_| ())
+    }
+
+    /// Closes a thin device opened with [`Self::open_thin`].
+    pub fn close_thin(&mut self, id: ThinId) -> Result<()> {
+        let i = self.find_device(id).ok_or(ThinError::NotOpen(id))?;
+        let d = &mut self.devices[i];
+        d.open_count = d.open_count.checked_sub(1).ok_or(ThinError::NotOpen(id))?;
+        Ok(())
+    }
+
+    fn open_index(&self, id: ThinId) -> Result<usize> {
+        match self.find_device(id) {
+            Some(i) if self.devices[i].open_count > 0 => Ok(i),
+            _ => Err(ThinError::NotOpen(id)),
+        }
+    }
+
+    /// Creates an empty thin device.
+    pub fn create_thin(&mut self, id: ThinId) -> Result<()> {
+        self.write_lock()?;
+        if self.details_lookup(id)?.is_some() {
+            return Err(ThinError::Exists(id));
+        }
+        let dev_root = self.tm.btree_empty(BOTTOM_LEVEL_INFO.value_type)?;
+        let (root, _) = self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &dev_root.to_le_bytes())?;
+        self.root = root;
+        match self.open_device(id, true) {
+            Ok(i) => {
+                self.devices[i].open_count -= 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.root = self.tm.btree_remove(&TOP_LEVEL_INFO, self.root, &[id])?;
+                self.tm.btree_del(&BOTTOM_LEVEL_INFO, dev_root)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates device `id` as a snapshot of `origin` (which may itself be a
+    /// snapshot): the two share the origin's whole mapping tree.
+    pub fn create_snap(&mut self, id: ThinId, origin: ThinId) -> Result<()> {
+        self.write_lock()?;
+        if self.details_lookup(id)?.is_some() {
+            return Err(ThinError::Exists(id));
+        }
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&TOP_LEVEL_INFO, self.root, &[origin], &mut buf)? {
+            return Err(ThinError::NoSuchDevice(origin));
+        }
+        let origin_root = u64::from_le_bytes(buf);
+        self.tm.inc(origin_root)?;
+        match self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &origin_root.to_le_bytes()) {
+            Ok((root, _)) => self.root = root,
+            Err(e) => {
+                self.tm.dec(origin_root)?;
+                return Err(e.into());
+            }
+        }
+        self.time += 1;
+        let time = self.time;
+        self.open_device(id, true)?;
+        let r = self.open_device(origin, false).map(|_| {
+            let o = self.find_device(origin).expect("just opened");
+            let origin_mapped = self.devices[o].mapped_blocks;
+            let od = &mut self.devices[o];
+            od.changed = true;
+            od.snapshotted_time = time;
+            od.open_count -= 1;
+            let s = self.find_device(id).expect("just created");
+            self.devices[s].mapped_blocks = origin_mapped;
+            self.devices[s].snapshotted_time = time;
+        });
+        let s = self.find_device(id).expect("just created");
+        self.devices[s].open_count -= 1;
+        if let Err(e) = r {
+            self.root = self.tm.btree_remove(&TOP_LEVEL_INFO, self.root, &[id])?;
+            if let Ok(root) = self.tm.btree_remove(&DETAILS_INFO, self.details_root, &[id]) {
+                self.details_root = root;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletes a thin device and drops its mappings.
+    pub fn delete_thin(&mut self, id: ThinId) -> Result<()> {
+        self.write_lock()?;
+        let i = self.open_device(id, false)?;
+        if self.devices[i].open_count > 1 {
+            self.devices[i].open_count -= 1;
+            return Err(ThinError::Busy(id));
+        }
+        self.devices.remove(i);
+        self.details_root = self.tm.btree_remove(&DETAILS_INFO, self.details_root, &[id])?;
+        self.root = self.tm.btree_remove(&TOP_LEVEL_INFO, self.root, &[id])?;
+        Ok(())
+    }
+
+    /// Sets the userspace transaction id if it is currently `current`.
+    pub fn set_transaction_id(&mut self, current: u64, new: u64) -> Result<()> {
+        self.write_lock()?;
+        if self.trans_id != current {
+            return Err(ThinError::TransactionIdMismatch { current: self.trans_id, given: current });
+        }
+        self.trans_id = new;
+        Ok(())
+    }
+
+    /// The userspace transaction id.
+    pub fn transaction_id(&self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.trans_id)
+    }
+
+    // ---- mappings ----
+
+    /// Maps virtual block `vblock` of open device `id` to `data_block`,
+    /// stamped with the pool's current time.
+    pub fn insert_block(&mut self, id: ThinId, vblock: u64, data_block: u64) -> Result<()> {
+        self.write_lock()?;
+        let i = self.open_index(id)?;
+        let value = pack_block_time(data_block, self.time);
+        let (root, inserted) =
+            self.tm.btree_insert(&MAPPING_INFO, self.root, &[id, vblock], &value.to_le_bytes())?;
+        self.root = root;
+        let d = &mut self.devices[i];
+        d.changed = true;
+        if inserted {
+            d.mapped_blocks += 1;
+        }
+        Ok(())
+    }
+
+    /// Looks up virtual block `vblock` of open device `id`.
+    pub fn find_block(&mut self, id: ThinId, vblock: u64) -> Result<Option<LookupResult>> {
+        self.check_fail_io()?;
+        let i = self.open_index(id)?;
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&MAPPING_INFO, self.root, &[id, vblock], &mut buf)? {
+            return Ok(None);
+        }
+        Ok(Some(self.unpack_lookup(i, u64::from_le_bytes(buf))))
+    }
+
+    fn unpack_lookup(&self, i: usize, value: u64) -> LookupResult {
+        let (block, time) = unpack_block_time(value);
+        LookupResult { block, shared: self.devices[i].snapshotted_time > time }
+    }
+
+    /// The first mapped run in `begin..end` of virtual blocks that maps to
+    /// consecutive data blocks with the same sharing.
+    pub fn find_mapped_range(&mut self, id: ThinId, begin: u64, end: u64) -> Result<Option<MappedRange>> {
+        self.check_fail_io()?;
+        let i = self.open_index(id)?;
+        if end < begin {
+            return Ok(None);
+        }
+        let mut buf = [0u8; 8];
+        let Some(first) = self.tm.btree_lookup_next(&MAPPING_INFO, self.root, &[id, begin], &mut buf)?
+        else {
+            return Ok(None);
+        };
+        if first >= end {
+            return Ok(None);
+        }
+        let l = self.unpack_lookup(i, u64::from_le_bytes(buf));
+        let mut range = MappedRange { thin_begin: first, thin_end: first + 1, pool_begin: l.block, maybe_shared: l.shared };
+        let mut pool_end = l.block + 1;
+        while range.thin_end != end {
+            let Some(next) = self.find_block(id, range.thin_end)? else { break };
+            if next.block != pool_end || next.shared != range.maybe_shared {
+                break;
+            }
+            pool_end += 1;
+            range.thin_end += 1;
+        }
+        Ok(Some(range))
+    }
+
+    /// Unmaps every virtual block of `begin..end` of open device `id`,
+    /// dropping the data block references.
+    pub fn remove_range(&mut self, id: ThinId, begin: u64, end: u64) -> Result<()> {
+        self.write_lock()?;
+        let i = self.open_index(id)?;
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&TOP_LEVEL_INFO, self.root, &[id], &mut buf)? {
+            return Err(ThinError::NoSuchDevice(id));
+        }
+        // Take the device's tree out of the top level (holding an extra
+        // reference so it survives), work on it, and put it back: the
+        // kernel's way, which restructures the top level every time.
+        let mut mapping_root = u64::from_le_bytes(buf);
+        self.tm.inc(mapping_root)?;
+        self.root = self.tm.btree_remove(&TOP_LEVEL_INFO, self.root, &[id])?;
+        let mut begin = begin;
+        let mut total = 0;
+        while begin < end {
+            let Some(next) =
+                self.tm.btree_lookup_next(&BOTTOM_LEVEL_INFO, mapping_root, &[begin], &mut buf)?
+            else {
+                break;
+            };
+            begin = next;
+            if begin >= end {
+                break;
+            }
+            let mut keys = [begin];
+            let (root, count) = self.tm.btree_remove_leaves(&BOTTOM_LEVEL_INFO, mapping_root, &mut keys, end)?;
+            mapping_root = root;
+            begin = keys[0];
+            total += count;
+        }
+        let d = &mut self.devices[i];
+        d.mapped_blocks -= total;
+        d.changed = true;
+        let (root, _) = self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &mapping_root.to_le_bytes())?;
+        self.root = root;
+        Ok(())
+    }
+
+    /// Mappings of open device `id`.
+    pub fn mapped_count(&self, id: ThinId) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.devices[self.open_index(id)?].mapped_blocks)
+    }
+
+    /// Whether open device `id` has uncommitted changes.
+    pub fn thin_changed_this_transaction(&self, id: ThinId) -> Result<bool> {
+        Ok(self.devices[self.open_index(id)?].changed)
+    }
+
+    /// Whether any device has uncommitted changes.
+    pub fn changed_this_transaction(&self) -> bool {
+        self.devices.iter().any(|d| d.changed)
+    }
+
+    /// Whether open device `id` lost changes to an abort.
+    pub fn thin_aborted_changes(&self, id: ThinId) -> Result<bool> {
+        Ok(self.devices[self.open_index(id)?].aborted_with_changes)
+    }
+
+    // ---- data blocks ----
+
+    /// Allocates a data block.
+    pub fn alloc_data_block(&mut self) -> Result<u64> {
+        self.write_lock()?;
+        Ok(self.tm.data_sm_new_block()?)
+    }
+
+    /// Whether data block `b` has more than one reference.
+    pub fn data_block_is_shared(&mut self, b: u64) -> Result<bool> {
+        self.check_fail_io()?;
+        Ok(self.tm.data_sm_get_count(b)? > 1)
+    }
+
+    /// The reference count of data block `b`.
+    pub fn data_block_count(&mut self, b: u64) -> Result<u32> {
+        self.check_fail_io()?;
+        Ok(self.tm.data_sm_get_count(b)?)
+    }
+
+    /// Adds a reference to data blocks `b..e`.
+    pub fn inc_data_range(&mut self, b: u64, e: u64) -> Result<()> {
+        self.write_lock()?;
+        Ok(self.tm.data_sm_inc(b, e)?)
+    }
+
+    /// Drops a reference to data blocks `b..e`.
+    pub fn dec_data_range(&mut self, b: u64, e: u64) -> Result<()> {
+        self.write_lock()?;
+        Ok(self.tm.data_sm_dec(b, e)?)
+    }
+
+    /// Free data blocks.
+    pub fn free_data_blocks(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.tm.data_sm_nr_free())
+    }
+
+    /// Free metadata blocks as the pool reports them (less the reserve).
+    pub fn free_metadata_blocks(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.tm.metadata_sm_nr_free().saturating_sub(self.metadata_reserve))
+    }
+
+    /// Size of the data device in blocks, as of the last commit.
+    pub fn data_dev_size(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.tm.data_sm_nr_blocks())
+    }
+
+    /// Size of the metadata device in blocks.
+    pub fn metadata_dev_size(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.tm.metadata_sm_nr_blocks())
+    }
+
+    /// Grows the data device to `new_count` blocks (shrinking is refused).
+    pub fn resize_data_dev(&mut self, new_count: u64) -> Result<()> {
+        self.write_lock()?;
+        let old = self.tm.data_sm_nr_blocks();
+        if new_count < old {
+            return Err(PdataError::Invalid("cannot reduce size of space map".into()).into());
+        }
+        if new_count > old {
+            self.tm.data_sm_extend(new_count - old)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the metadata device to `new_count` blocks (shrinking is refused).
+    pub fn resize_metadata_dev(&mut self, new_count: u64) -> Result<()> {
+        self.write_lock()?;
+        let old = self.tm.metadata_sm_nr_blocks();
+        if new_count < old {
+            return Err(PdataError::Invalid("cannot reduce size of space map".into()).into());
+        }
+        if new_count > old {
+            self.tm.metadata_sm_extend(new_count - old)?;
+        }
+        self.set_metadata_reserve();
+        Ok(())
+    }
+
+    /// The data block size in sectors.
+    pub fn data_block_size(&self) -> u32 {
+        self.data_block_size
+    }
+
+    /// The pool's snapshot time counter.
+    pub fn time(&self) -> u32 {
+        self.time
+    }
+
+    // ---- metadata snapshots ----
+
+    /// Takes a metadata snapshot: a copy of the superblock that holds the
+    /// current trees, for userspace tools to read while the pool runs.
+    pub fn reserve_metadata_snap(&mut self) -> Result<()> {
+        self.write_lock()?;
+        self.commit_transaction(&mut || Ok(()))?;
+        self.tm.inc(SUPERBLOCK_LOCATION)?;
+        let copy = self.tm.shadow_block(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?.block;
+        let data = self.tm.write_locked(copy, BlockKind::ThinSuperblock)?;
+        if crate::pdata::layout::get_u64(data, SB_HELD_ROOT) != 0 {
+            self.tm.dec(copy)?;
+            return Err(ThinError::SnapshotExists);
+        }
+        data[SB_DATA_SM_ROOT..SB_DATA_SM_ROOT + ROOT_AREA_SIZE].fill(0);
+        data[SB_METADATA_SM_ROOT..SB_METADATA_SM_ROOT + ROOT_AREA_SIZE].fill(0);
+        let sb = Superblock::decode(data);
+        self.tm.inc(sb.data_mapping_root)?;
+        self.tm.inc(sb.device_details_root)?;
+        let block0 = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u64(block0, SB_HELD_ROOT, copy);
+        Ok(())
+    }
+
+    /// Releases the metadata snapshot.
+    pub fn release_metadata_snap(&mut self) -> Result<()> {
+        self.write_lock()?;
+        let block0 = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        let held_root = crate::pdata::layout::get_u64(block0, SB_HELD_ROOT);
+        put_u64(block0, SB_HELD_ROOT, 0);
+        if held_root == 0 {
+            return Err(ThinError::NoSnapshot);
+        }
+        let copy = Superblock::decode(self.tm.read(held_root, BlockKind::ThinSuperblock)?);
+        self.tm.btree_del(&MAPPING_INFO, copy.data_mapping_root)?;
+        self.tm.btree_del(&DETAILS_INFO, copy.device_details_root)?;
+        self.tm.metadata_sm_dec(held_root, held_root + 1)?;
+        Ok(())
+    }
+
+    /// Where the metadata snapshot is (0 if none).
+    pub fn metadata_snap(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        Ok(self.superblock()?.held_root)
+    }
+
+    // ---- transactions ----
+
+    /// Commits the transaction (`dm_pool_commit_metadata`).
+    pub fn commit(&mut self) -> Result<()> {
+        self.commit_with(|| Ok(()))
+    }
+
+    /// Commits, calling `pre_commit` first — the pool flushes the data
+    /// device there, so that every committed mapping's data is stable.
+    pub fn commit_with(&mut self, mut pre_commit: impl FnMut() -> Result<()>) -> Result<()> {
+        self.check_fail_io()?;
+        self.commit_transaction(&mut pre_commit)?;
+        self.begin_transaction()
+    }
+
+    fn commit_transaction(&mut self, pre_commit: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        if !self.in_service {
+            // Never put in service since it was opened: nothing to write.
+            return Ok(());
+        }
+        pre_commit()?;
+        self.write_changed_details()?;
+        self.tm.data_sm_commit()?;
+        self.tm.pre_commit()?;
+        let (msm_root, dsm_root) = (self.tm.metadata_sm_root(), self.tm.data_sm_root());
+        let (time, root, details_root, trans_id, flags) =
+            (self.time, self.root, self.details_root, self.trans_id, self.flags);
+        let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u32(sb, SB_TIME, time);
+        put_u64(sb, SB_DATA_MAPPING_ROOT, root);
+        put_u64(sb, SB_DEVICE_DETAILS_ROOT, details_root);
+        put_u64(sb, SB_TRANS_ID, trans_id);
+        put_u32(sb, SB_FLAGS, flags);
+        // The kernel copies 128 bytes per root from a buffer of which only
+        // the first 32 are ever set; the rest is written as zeroes here
+        // (see spec §2.1 on the padding).
+        sb[SB_METADATA_SM_ROOT..SB_METADATA_SM_ROOT + ROOT_AREA_SIZE].fill(0);
+        msm_root.encode(&mut sb[SB_METADATA_SM_ROOT..]);
+        sb[SB_DATA_SM_ROOT..SB_DATA_SM_ROOT + ROOT_AREA_SIZE].fill(0);
+        dsm_root.encode(&mut sb[SB_DATA_SM_ROOT..]);
+        self.tm.commit()?;
+        Ok(())
+    }
+
+    /// Writes the changed in-core device records into the details tree, in
+    /// list order; records nobody holds open are dropped.
+    fn write_changed_details(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.devices.len() {
+            let d = self.devices[i].clone();
+            if !d.changed {
+                i += 1;
+                continue;
+            }
+            let details = DeviceDetails {
+                mapped_blocks: d.mapped_blocks,
+                transaction_id: d.transaction_id,
+                creation_time: d.creation_time,
+                snapshotted_time: d.snapshotted_time,
+            };
+            let (root, _) = self.tm.btree_insert(&DETAILS_INFO, self.details_root, &[d.id], &details.to_bytes())?;
+            self.details_root = root;
+            if d.open_count > 0 {
+                self.devices[i].changed = false;
+                i += 1;
+            } else {
+                self.devices.remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Throws away the transaction and reopens the last committed state
+    /// (`dm_pool_abort_metadata`). Like the kernel, this reloads the roots
+    /// but keeps the in-memory time, transaction id and device records.
+    pub fn abort(&mut self) -> Result<()> {
+        self.check_fail_io()?;
+        for d in &mut self.devices {
+            d.aborted_with_changes = d.changed;
+        }
+        self.tm.reset();
+        let r = (|| {
+            if self.tm.block_manager().read_raw(SUPERBLOCK_LOCATION)?.iter().all(|&b| b == 0) {
+                return Err(ThinError::Unformatted);
+            }
+            Self::load_committed(&mut self.tm, self.data_block_size)?;
+            let sb = self.superblock()?;
+            self.root = sb.data_mapping_root;
+            self.details_root = sb.device_details_root;
+            Ok(())
+        })();
+        if r.is_err() {
+            self.fail_io = true;
+        }
+        r
+    }
+
+    /// Sets the needs-check flag in memory and in block 0, without a commit.
+    pub fn set_needs_check(&mut self) -> Result<()> {
+        self.write_lock()?;
+        self.flags |= NEEDS_CHECK;
+        let flags = self.flags;
+        let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u32(sb, SB_FLAGS, flags);
+        Ok(())
+    }
+
+    /// Whether the needs-check flag is set.
+    pub fn needs_check(&self) -> bool {
+        self.flags & NEEDS_CHECK != 0
+    }
+
+    /// Marks the metadata read-only: closing it will not commit.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.read_only = read_only;
+    }
+
+    /// Closes the metadata (`dm_pool_metadata_close`): refuses while devices
+    /// are open, commits unless failed or read-only, returns the device.
+    ///
+    /// As in the kernel, the records of closed devices are dropped *before*
+    /// that commit, so detail changes (mapped_blocks, snapshot times) not yet
+    /// committed are lost while their mappings are written. The kernel's pool
+    /// always commits in postsuspend before it gets here; callers of this
+    /// model must commit first too.
+    pub fn close(mut self) -> std::result::Result<D, (Self, ThinError)> {
+        if let Some(d) = self.devices.iter().find(|d| d.open_count > 0) {
+            let id = d.id;
+            return Err((self, ThinError::Busy(id)));
+        }
+        self.devices.retain(|d| d.open_count > 0);
+        if !self.fail_io && !self.read_only {
+            // The kernel only warns if this commit fails.
+            let _ = self.commit_transaction(&mut || Ok(()));
+        }
+        Ok(self.tm.into_device())
+    }
+
+    /// Drops all uncommitted state and returns the device, as a crash would.
+    pub fn crash(self) -> D {
+        self.tm.into_device()
+    }
+}
