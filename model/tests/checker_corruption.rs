@@ -21,7 +21,11 @@ fn lenient() -> CheckOptions {
 
 fn check_with(img: &Image, opts: &CheckOptions) -> CheckReport {
     let mut dev = MemDevice::from_bytes(img.0.clone());
-    check_thin_metadata(&mut dev, opts).expect("usable image")
+    let r = check_thin_metadata(&mut dev, opts).expect("usable image");
+    if std::env::var_os("DMSIM_SHOW_REPORTS").is_some() {
+        eprintln!("{}", dump(&r));
+    }
+    r
 }
 
 fn check(img: &Image) -> CheckReport {
@@ -210,7 +214,7 @@ fn wrong_metadata_reference_count() {
     let r = check(&img);
     assert_problem(&r, Structure::MetadataSpaceMap, Some(leaf), Severity::Damage);
     assert_eq!(r.problems.len(), 1, "{}", dump(&r));
-    assert_eq!(thin_check_clean(&img, &[]).unwrap_or(false), false, "thin_check sees metadata counts");
+    assert_ne!(thin_check_clean(&img, &[]), Some(true), "thin_check sees metadata counts");
 }
 
 #[test]
@@ -258,7 +262,7 @@ fn keys_out_of_order() {
     let r = check(&img);
     assert_problem(&r, Structure::MappingTree { dev: 0, snap: false }, Some(leaf), Severity::Damage);
     assert!(r.problems.iter().any(|p| p.message.contains("out of order")), "{}", dump(&r));
-    assert_eq!(thin_check_clean(&img, &[]).unwrap_or(false), false);
+    assert_ne!(thin_check_clean(&img, &[]), Some(true));
 }
 
 #[test]
@@ -294,7 +298,7 @@ fn two_devices_sharing_a_leaf_without_the_count() {
     assert_problem(&r, Structure::MetadataSpaceMap, Some(leaf1), Severity::NonFatal);
     // And device 1's details no longer match its tree.
     assert_problem(&r, Structure::Device { dev: 1, snap: false }, None, Severity::Damage);
-    assert_eq!(thin_check_clean(&img, &[]).unwrap_or(false), false);
+    assert_ne!(thin_check_clean(&img, &[]), Some(true));
 }
 
 #[test]

@@ -137,6 +137,9 @@ pub(crate) fn read_node(
     parse(block, leaf_value_size)
 }
 
+/// The callback of [`scan`]: (key, value bytes) of each leaf entry.
+pub(crate) type EntryVisitor<'v> = dyn FnMut(u64, &[u8]) -> Result<(), ScanError> + 'v;
+
 /// A scan failure: where and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ScanError {
@@ -164,7 +167,7 @@ pub(crate) fn scan(
     root: u64,
     leaf_value_size: usize,
     strict: bool,
-    visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), ScanError>,
+    visit: &mut EntryVisitor<'_>,
 ) -> Result<(), ScanError> {
     let budget = reader.nr_blocks().saturating_mul(2).saturating_add(16);
     let mut st = ScanState { strict, leaf_value_size, budget, last_key: None };
@@ -196,7 +199,7 @@ impl ScanState {
         lo: u64,
         hi: Option<u64>,
         is_root: bool,
-        visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), ScanError>,
+        visit: &mut EntryVisitor<'_>,
     ) -> Result<(), ScanError> {
         if depth > MAX_DEPTH {
             return self.fail(b, format!("tree deeper than {MAX_DEPTH} levels (cycle?)"));
