@@ -387,7 +387,16 @@ impl<D: BlockDevice> ThinMetadata<D> {
         }
         self.time += 1;
         let time = self.time;
-        self.open_device(id, true)?;
+        if let Err(e) = self.open_device(id, true) {
+            // The kernel's failure path. Reachable only when messages are not
+            // committed one by one (the pool always commits after each), and
+            // then it leaves the metadata inconsistent just as the kernel does.
+            self.root = self.tm.btree_remove(&TOP_LEVEL_INFO, self.root, &[id])?;
+            if let Ok(root) = self.tm.btree_remove(&DETAILS_INFO, self.details_root, &[id]) {
+                self.details_root = root;
+            }
+            return Err(e);
+        }
         let r = self.open_device(origin, false).map(|_| {
             let o = self.find_device(origin).expect("just opened");
             let origin_mapped = self.devices[o].mapped_blocks;
