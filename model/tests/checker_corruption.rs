@@ -424,3 +424,42 @@ fn snapshot_only_device_mappings_count_as_data_references() {
     assert!(r.devices.iter().any(|d| d.dev == 7 && d.snapshot_only), "{:?}", r.devices);
     assert_eq!(r.mapping_entries, before.mapping_entries);
 }
+
+#[test]
+fn leaves_at_unequal_depths() {
+    let Some(mut img) = baseline("many.xml") else { return };
+    let root = img.device_root(0);
+    assert!(img.is_internal(root) && !img.is_internal(img.value_u64(root, 1)));
+    // Put an extra internal level above child 1 only: a copy of the root
+    // holding just that child, referenced from the root in its place.
+    let extra = img.free_metadata_block(1);
+    let mut blk = img.block(root).to_vec();
+    let (k1, c1) = (img.key(root, 1), img.value_u64(root, 1));
+    put_u32(&mut blk, 16, 1);
+    put_u64(&mut blk, 32, k1);
+    let voff = img.value_offset(root, 0);
+    put_u64(&mut blk, voff, c1);
+    BlockKind::BtreeNode.prepare_for_write(&mut blk, extra);
+    img.block_mut(extra).copy_from_slice(&blk);
+    img.set_metadata_count(extra, 1);
+    let off = img.value_offset(root, 1);
+    put_u64(img.block_mut(root), off, extra);
+    img.reseal(root, BlockKind::BtreeNode);
+    let r = check(&img);
+    assert_problem(&r, Structure::MappingTree { dev: 0, snap: false }, Some(root), Severity::Damage);
+    assert!(r.problems.iter().any(|p| p.message.contains("unequal depths")), "{}", dump(&r));
+    assert_ne!(thin_check_clean(&img, &[]), Some(true));
+}
+
+#[test]
+fn truncated_image() {
+    let Some(img) = baseline("many.xml") else { return };
+    let mut short = img.clone();
+    short.0.truncate(100 * 4096);
+    let r = check(&short);
+    assert_problem(&r, Structure::MetadataSpaceMap, None, Severity::Damage);
+    assert!(r.has_damage());
+    // Too short for a superblock: unusable, not a panic.
+    let mut dev = MemDevice::from_bytes(img.0[..4000].to_vec());
+    assert!(check_thin_metadata(&mut dev, &lenient()).is_err());
+}
