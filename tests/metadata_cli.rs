@@ -11,7 +11,7 @@ use dmsim_model::pdata::layout::{put_u64, BlockKind};
 use support::{restore, run_tool, thin_check_clean, Image, TempFile};
 
 const SIZE: u64 = 4 << 20;
-const FIXTURES: [&str; 4] = ["empty.xml", "two_devices.xml", "snapshots.xml", "many.xml"];
+const FIXTURES: [&str; 5] = ["empty.xml", "two_devices.xml", "snapshots.xml", "many.xml", "empty_device.xml"];
 
 fn dmsim(args: &[&OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dmsim")).args(args).output().expect("run dmsim")

@@ -106,7 +106,7 @@ fn summary_facts() {
 
 #[test]
 fn all_fixtures_are_clean() {
-    for xml in ["empty.xml", "two_devices.xml", "snapshots.xml", "many.xml"] {
+    for xml in ["empty.xml", "two_devices.xml", "snapshots.xml", "many.xml", "empty_device.xml"] {
         if baseline(xml).is_none() {
             return;
         }

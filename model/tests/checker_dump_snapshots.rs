@@ -35,3 +35,9 @@ fn dump_snapshots_and_metadata_snapshot() {
     img.take_metadata_snapshot();
     insta::assert_snapshot!("snapshots_held", dump(&img, true));
 }
+
+#[test]
+fn dump_empty_device_flags_and_extreme_values() {
+    let Some(img) = support::restore("empty_device.xml", 1 << 20) else { return };
+    insta::assert_snapshot!(dump(&img, false));
+}
