@@ -7,18 +7,31 @@
 //! and structure concerned. It never panics, loops or recurses without
 //! bound, whatever the image holds.
 //!
-//! What is checked (spec §6.2 names in brackets):
-//! * superblock checksum, location, magic [S1]; the metadata snapshot's
-//!   superblock copy and its trees [S2];
+//! What is checked (spec §6.2 names in parentheses):
+//! * superblock checksum, location, magic (S1); the metadata snapshot's
+//!   superblock copy and its trees (S2);
 //! * every btree node: checksum, location, flags, value size, capacity,
 //!   nr_entries, max_entries % 3, minimum fill, key order, key ranges
-//!   against the parent, equal leaf depth, cycles [N1–N9, N11];
-//! * details vs. top-level device sets [D1], mapped_blocks vs. counted
-//!   mappings [D2], mapped data blocks within the data device [D3];
-//! * metadata and data reference counts against the space maps [M1–M4],
+//!   against the parent, equal leaf depth, cycles (N1–N9, N11);
+//! * details vs. top-level device sets (D1), mapped_blocks vs. counted
+//!   mappings (D2), mapped data blocks within the data device (D3);
+//! * metadata and data reference counts against the space maps (M1–M4),
 //!   blocks used in two roles, references past the device or space map;
 //! * space-map structure: index entries' nr_free and none_free_before,
 //!   the roots' nr_allocated, overflow entries.
+//!
+//! Compared with Debian bookworm's thin_check (0.9.0, C++), established by
+//! running it and reading its source:
+//! * it exits 1 on any problem, leaks included (a leak is "non-fatal" but
+//!   only `--ignore-non-fatal-errors` turns it into exit 0), as
+//!   [`CheckReport::is_clean`] does;
+//! * it never compares data reference counts (that code path is
+//!   disabled) nor `mapped_blocks` with the mappings: damage of either
+//!   kind alone passes it, and is caught here;
+//! * it does not look at nr_free / none_free_before / nr_allocated
+//!   ([`CheckOptions::check_totals`]);
+//! * it counts the metadata snapshot's trees in the metadata reference
+//!   counts, as done here.
 
 mod block;
 mod node;
