@@ -1,5 +1,6 @@
 //! `dmsim`: the command line over the dmsim crates.
 
+mod check_cmd;
 mod file_device;
 mod metadata_cmd;
 
@@ -17,8 +18,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the default campaign (in-process, no root).
-    Check,
+    /// Run the default campaign (in-process, no root): seeded workloads
+    /// with every commit's crash states judged. Exit status 1 on any
+    /// violation.
+    Check(check_cmd::CheckArgs),
     /// Inspect thin-pool metadata images: check, dump.
     #[command(subcommand)]
     Metadata(metadata_cmd::MetadataCommand),
@@ -27,10 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check => {
-            eprintln!("dmsim check: the campaign is not built yet");
-            ExitCode::from(2)
-        }
+        Command::Check(args) => check_cmd::run(args),
         Command::Metadata(cmd) => metadata_cmd::run(cmd),
     }
 }

@@ -188,8 +188,12 @@ fn dump(image: &Path, metadata_snap: bool, output: Option<&Path>) -> ExitCode {
     };
     let res = dump_xml(&mut dev, &mut *sink, &DumpOptions { metadata_snap });
     let flushed = sink.flush();
+    let reader_left = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
     match (res, flushed) {
         (Ok(()), Ok(())) => ExitCode::from(EXIT_CLEAN),
+        // The reader went away (`| head`): not an error of the dump.
+        (Err(dmsim_model::thin::dump::DumpError::Write(e)), _) if reader_left(&e) => ExitCode::from(EXIT_CLEAN),
+        (Ok(()), Err(e)) if reader_left(&e) => ExitCode::from(EXIT_CLEAN),
         (Err(e), _) => {
             eprintln!("cannot dump {}: {e}", image.display());
             ExitCode::from(EXIT_DAMAGED)

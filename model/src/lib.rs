@@ -9,5 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod block_device;
+pub mod mutation;
 pub mod pdata;
 pub mod thin;

@@ -104,7 +104,7 @@ fn run_space_map(ops: &[SmOp]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn data_space_map_counts_match_a_reference(ops in prop::collection::vec(sm_op(SM_BLOCKS), 1..120)) {
@@ -135,7 +135,7 @@ fn counts_climb_through_the_overflow_tree_and_back() {
 // the thin-tools interop tests).
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(128), ..ProptestConfig::default() })]
 
     #[test]
     fn mappings_match_a_reference(ops in prop::collection::vec(map_op(), 1..50)) {

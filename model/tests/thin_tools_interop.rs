@@ -42,7 +42,7 @@ fn agree_with_tools(dev: &MemDevice) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(48), ..ProptestConfig::default() })]
 
     #[test]
     fn model_images_pass_thin_check_and_dump_identically(ops in prop::collection::vec(map_op(), 1..60)) {

@@ -33,6 +33,8 @@ pub struct TransactionManager<D> {
     pub(crate) dsm: Option<DiskSpaceMap>,
     /// Blocks created or shadowed in this transaction.
     shadows: BTreeSet<BlockNr>,
+    /// Deliberate bugs for detector tests (none by default).
+    pub mutations: crate::mutation::Mutations,
 }
 
 /// What [`TransactionManager::shadow_block`] did.
@@ -54,6 +56,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             bm,
             dsm: None,
             shadows: BTreeSet::new(),
+            mutations: Default::default(),
         };
         tm.metadata_sm_create(superblock)?;
         Ok(tm)
@@ -75,6 +78,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             bm: BlockManager::new(dev),
             dsm: None,
             shadows: BTreeSet::new(),
+            mutations: Default::default(),
         }
     }
 
@@ -115,7 +119,8 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// otherwise as a copy in a new block (the original loses a reference).
     pub fn shadow_block(&mut self, orig: BlockNr, kind: BlockKind) -> Result<Shadow> {
         let shared = self.metadata_sm_count_is_more_than_one(orig)?;
-        if self.is_shadow(orig) && !shared {
+        let reuse = self.mutations.reuse_freed_before_commit && !shared;
+        if (self.is_shadow(orig) || reuse) && !shared {
             self.bm.write(orig, kind)?;
             return Ok(Shadow { block: orig, inc_children: false });
         }
@@ -169,6 +174,10 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// dirty block and flush the device (`dm_tm_pre_commit`).
     pub fn pre_commit(&mut self) -> Result<()> {
         self.metadata_sm_commit()?;
+        if self.mutations.superblock_before_flush {
+            // Deliberately broken: the shadows go out with the superblock.
+            return Ok(());
+        }
         self.bm.flush()
     }
 

@@ -267,6 +267,11 @@ impl<D: BlockDevice> ThinMetadata<D> {
         }
     }
 
+    /// Switches deliberate bugs on or off (detector tests only).
+    pub fn set_mutations(&mut self, m: crate::mutation::Mutations) {
+        self.tm.mutations = m;
+    }
+
     /// The transaction manager (for the checker's tests and tools).
     pub fn transaction_manager(&mut self) -> &mut TransactionManager<D> {
         &mut self.tm

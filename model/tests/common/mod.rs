@@ -13,6 +13,13 @@ use dmsim_model::thin::metadata::ThinError;
 use dmsim_model::thin::ThinMetadata;
 use proptest::prelude::*;
 
+/// Proptest cases: `PROPTEST_CASES` from the environment if set (for long
+/// runs), else `default`. (An explicit `cases` in a config would otherwise
+/// override the variable.)
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Data block size used throughout (64 KiB).
 pub const DATA_BLOCK_SIZE: u32 = 128;
 

@@ -1,0 +1,268 @@
+//! The simulated disk and crash-state construction.
+
+use dmsim_model::block_device::{BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
+use rand::Rng;
+
+/// One request the disk acknowledged, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskEvent {
+    /// A write; with FUA it was durable on completion.
+    Write {
+        /// First sector.
+        sector: u64,
+        /// The bytes written.
+        data: Vec<u8>,
+        /// REQ_FUA.
+        fua: bool,
+    },
+    /// A completed flush (REQ_PREFLUSH): everything before it is durable.
+    Flush,
+}
+
+/// A disk whose acknowledged writes are volatile until flushed.
+///
+/// Reads see every acknowledged write. The durable image holds what would
+/// survive a power cut right now if the cache lost everything; the event
+/// log (kept while recording) lets [`crash_image`] build every state in
+/// between.
+#[derive(Debug, Clone)]
+pub struct SimDisk {
+    /// What reads return.
+    visible: Vec<u8>,
+    /// What a power cut that loses the whole cache would leave.
+    durable: Vec<u8>,
+    /// Requests since recording started.
+    log: Vec<DiskEvent>,
+    recording: bool,
+}
+
+impl SimDisk {
+    /// A zeroed disk of `nr_sectors`.
+    pub fn new(nr_sectors: u64) -> Self {
+        let bytes = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
+        SimDisk { visible: bytes.clone(), durable: bytes, log: Vec::new(), recording: false }
+    }
+
+    /// Starts (or restarts) logging requests; returns the durable image at
+    /// this point, the base that [`crash_image`] replays the log onto.
+    pub fn start_recording(&mut self) -> Vec<u8> {
+        self.log.clear();
+        self.recording = true;
+        self.durable.clone()
+    }
+
+    /// Stops logging and returns the log.
+    pub fn take_log(&mut self) -> Vec<DiskEvent> {
+        self.recording = false;
+        std::mem::take(&mut self.log)
+    }
+
+    /// What reads return now.
+    pub fn visible(&self) -> &[u8] {
+        &self.visible
+    }
+
+    /// What is certainly durable now.
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
+    fn check(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
+        let start = sector.checked_mul(SECTOR_SIZE);
+        match start.and_then(|s| s.checked_add(len as u64)) {
+            Some(end) if end <= self.visible.len() as u64 && len as u64 % SECTOR_SIZE == 0 => {
+                Ok(start.unwrap_or(0) as usize..end as usize)
+            }
+            _ => Err(IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() }),
+        }
+    }
+}
+
+impl BlockDevice for SimDisk {
+    fn nr_sectors(&self) -> u64 {
+        self.visible.len() as u64 / SECTOR_SIZE
+    }
+
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let r = self.check(sector, buf.len())?;
+        buf.copy_from_slice(&self.visible[r]);
+        Ok(())
+    }
+
+    fn write(&mut self, sector: u64, buf: &[u8], flags: WriteFlags) -> Result<(), IoError> {
+        let r = self.check(sector, buf.len())?;
+        self.visible[r.clone()].copy_from_slice(buf);
+        if flags.fua {
+            self.durable[r].copy_from_slice(buf);
+        }
+        if self.recording {
+            self.log.push(DiskEvent::Write { sector, data: buf.to_vec(), fua: flags.fua });
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        self.durable.copy_from_slice(&self.visible);
+        if self.recording {
+            self.log.push(DiskEvent::Flush);
+        }
+        Ok(())
+    }
+}
+
+/// How the last unflushed write kept by a crash may be torn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TearMode {
+    /// Writes reach the disk whole or not at all.
+    Whole,
+    /// One kept write may keep only some of its sectors.
+    Sectors,
+}
+
+/// Where a power cut happens and what of the cache survives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashPoint {
+    /// Requests of the log completed before the cut.
+    pub after_events: usize,
+    /// For each unflushed write since the last flush (in order), whether it
+    /// reached the disk.
+    pub kept: Vec<bool>,
+    /// A kept write that reached the disk only in part: its index among the
+    /// unflushed writes, and which of its sectors made it.
+    pub torn: Option<(usize, Vec<bool>)>,
+}
+
+impl CrashPoint {
+    /// A seeded choice of crash point after `after_events` requests of `log`:
+    /// each unflushed write survives with probability one half, and with
+    /// [`TearMode::Sectors`] one surviving write may be torn.
+    pub fn random(log: &[DiskEvent], after_events: usize, tear: TearMode, rng: &mut impl Rng) -> Self {
+        let unflushed = unflushed_writes(log, after_events);
+        let kept: Vec<bool> = unflushed.iter().map(|_| rng.gen_bool(0.5)).collect();
+        let torn = match tear {
+            TearMode::Sectors => {
+                let candidates: Vec<usize> = (0..kept.len()).filter(|&i| kept[i]).collect();
+                if candidates.is_empty() || !rng.gen_bool(0.5) {
+                    None
+                } else {
+                    let i = candidates[rng.gen_range(0..candidates.len())];
+                    let sectors = match &log[unflushed[i]] {
+                        DiskEvent::Write { data, .. } => data.len() / SECTOR_SIZE as usize,
+                        DiskEvent::Flush => 0,
+                    };
+                    Some((i, (0..sectors).map(|_| rng.gen_bool(0.5)).collect()))
+                }
+            }
+            TearMode::Whole => None,
+        };
+        CrashPoint { after_events, kept, torn }
+    }
+}
+
+/// Indexes in `log[..after]` of the writes after the last flush (FUA writes
+/// excluded: they are durable already).
+fn unflushed_writes(log: &[DiskEvent], after: usize) -> Vec<usize> {
+    let last_flush = log[..after].iter().rposition(|e| *e == DiskEvent::Flush);
+    let start = last_flush.map_or(0, |i| i + 1);
+    (start..after)
+        .filter(|&i| matches!(log[i], DiskEvent::Write { fua: false, .. }))
+        .collect()
+}
+
+/// The disk contents after a power cut at `crash`, replaying `log` onto
+/// `base` (the durable image when the log started).
+pub fn crash_image(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Vec<u8> {
+    let after = crash.after_events.min(log.len());
+    let mut image = base.to_vec();
+    let put = |image: &mut Vec<u8>, sector: u64, data: &[u8]| {
+        let s = (sector * SECTOR_SIZE) as usize;
+        image[s..s + data.len()].copy_from_slice(data);
+    };
+    let unflushed = unflushed_writes(log, after);
+    let first_unflushed = unflushed.first().copied().unwrap_or(after);
+    for (idx, e) in log[..after].iter().enumerate() {
+        if let DiskEvent::Write { sector, data, fua } = e {
+            // Everything before the last flush is durable, and so is every
+            // FUA write.
+            if idx < first_unflushed || *fua {
+                put(&mut image, *sector, data);
+            }
+        }
+    }
+    for (n, &i) in unflushed.iter().enumerate() {
+        if !crash.kept.get(n).copied().unwrap_or(false) {
+            continue;
+        }
+        let DiskEvent::Write { sector, data, .. } = &log[i] else { continue };
+        match &crash.torn {
+            Some((t, sectors)) if *t == n => {
+                for (k, &keep) in sectors.iter().enumerate() {
+                    if keep {
+                        let off = k * SECTOR_SIZE as usize;
+                        put(&mut image, sector + k as u64, &data[off..off + SECTOR_SIZE as usize]);
+                    }
+                }
+            }
+            _ => put(&mut image, *sector, data),
+        }
+    }
+    image
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn w(disk: &mut SimDisk, sector: u64, byte: u8) {
+        disk.write(sector, &[byte; 1024], WriteFlags::default()).unwrap();
+    }
+
+    #[test]
+    fn unflushed_writes_are_volatile_and_flushed_ones_durable() {
+        let mut disk = SimDisk::new(16);
+        let base = disk.start_recording();
+        w(&mut disk, 0, 1);
+        disk.flush().unwrap();
+        w(&mut disk, 2, 2);
+        w(&mut disk, 4, 3);
+        disk.write(6, &[4; 512], WriteFlags { fua: true }).unwrap();
+        let log = disk.take_log();
+        assert_eq!(disk.durable()[0], 1);
+        assert_eq!(disk.durable()[2 * 512], 0, "not flushed");
+        assert_eq!(disk.durable()[6 * 512], 4, "FUA is durable");
+
+        // Lose everything after the flush but the FUA write.
+        let lost = CrashPoint { after_events: log.len(), kept: vec![false, false], torn: None };
+        let img = crash_image(&base, &log, &lost);
+        assert_eq!((img[0], img[2 * 512], img[4 * 512], img[6 * 512]), (1, 0, 0, 4));
+        // Keep only the second unflushed write, torn to its second sector.
+        let torn = CrashPoint {
+            after_events: log.len(),
+            kept: vec![false, true],
+            torn: Some((1, vec![false, true])),
+        };
+        let img = crash_image(&base, &log, &torn);
+        assert_eq!((img[4 * 512], img[5 * 512]), (0, 3));
+        // A crash before the flush may lose the first write too.
+        let early = CrashPoint { after_events: 1, kept: vec![false], torn: None };
+        assert_eq!(crash_image(&base, &log, &early)[0], 0);
+    }
+
+    #[test]
+    fn random_crash_points_are_reproducible_from_the_seed() {
+        let mut disk = SimDisk::new(64);
+        let base = disk.start_recording();
+        for i in 0..20 {
+            w(&mut disk, 2 * i, i as u8);
+        }
+        let log = disk.take_log();
+        let pick = |seed| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let c = CrashPoint::random(&log, log.len(), TearMode::Sectors, &mut rng);
+            (c.clone(), crash_image(&base, &log, &c))
+        };
+        assert_eq!(pick(7), pick(7));
+        assert_ne!(pick(7).0, pick(8).0);
+    }
+}
