@@ -68,10 +68,8 @@ pub fn run(args: CheckArgs) -> ExitCode {
         mutations: args.mutation.unwrap_or_default(),
         ..CampaignConfig::default()
     };
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let jobs =
+        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let nr_seeds = cfg.seeds.end - cfg.seeds.start;
     let bar = ProgressBar::new(nr_seeds);
     bar.set_style(
@@ -170,13 +168,27 @@ impl Summary {
         if self.known > 0 {
             let first = outcomes.iter().flat_map(|o| &o.known_kernel_behaviours).next();
             if let Some(k) = first {
-                println!("\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}", k.seed, k.detail);
+                println!(
+                    "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
+                    k.seed, k.detail
+                );
             }
         }
         for o in outcomes.iter().filter(|o| !o.violations.is_empty()) {
             let v = &o.violations[0];
-            println!("\nFAILED seed {} at operation {}: {}\n  {}", v.seed, v.op_index, v.kind.name(), v.detail);
-            println!("  reproduce: dmsim check --seeds {}..{} --ops {}", v.seed, v.seed + 1, cfg.ops_per_seed);
+            println!(
+                "\nFAILED seed {} at operation {}: {}\n  {}",
+                v.seed,
+                v.op_index,
+                v.kind.name(),
+                v.detail
+            );
+            println!(
+                "  reproduce: dmsim check --seeds {}..{} --ops {}",
+                v.seed,
+                v.seed + 1,
+                cfg.ops_per_seed
+            );
         }
         if self.failing_seeds.is_empty() {
             println!("\nno violations");

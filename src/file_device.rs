@@ -40,7 +40,7 @@ impl BlockDevice for FileDevice {
         let out_of_range = || IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors };
         let end = sector
             .checked_add(len as u64 / SECTOR_SIZE)
-            .filter(|&e| e <= self.nr_sectors && len as u64 % SECTOR_SIZE == 0)
+            .filter(|&e| e <= self.nr_sectors && (len as u64).is_multiple_of(SECTOR_SIZE))
             .ok_or_else(out_of_range)?;
         let _ = end;
         self.file

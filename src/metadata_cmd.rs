@@ -59,7 +59,13 @@ pub enum MetadataCommand {
 /// Runs a metadata subcommand and returns the process exit status.
 pub fn run(cmd: MetadataCommand) -> ExitCode {
     match cmd {
-        MetadataCommand::Check { image, json, ignore_non_fatal_errors, skip_counts, ignore_space_map_totals } => {
+        MetadataCommand::Check {
+            image,
+            json,
+            ignore_non_fatal_errors,
+            skip_counts,
+            ignore_space_map_totals,
+        } => {
             let opts = CheckOptions {
                 check_counts: !skip_counts,
                 check_totals: !ignore_space_map_totals,
@@ -67,7 +73,9 @@ pub fn run(cmd: MetadataCommand) -> ExitCode {
             };
             check(&image, json, ignore_non_fatal_errors, &opts)
         }
-        MetadataCommand::Dump { image, metadata_snap, output } => dump(&image, metadata_snap, output.as_deref()),
+        MetadataCommand::Dump { image, metadata_snap, output } => {
+            dump(&image, metadata_snap, output.as_deref())
+        }
     }
 }
 
@@ -192,7 +200,9 @@ fn dump(image: &Path, metadata_snap: bool, output: Option<&Path>) -> ExitCode {
     match (res, flushed) {
         (Ok(()), Ok(())) => ExitCode::from(EXIT_CLEAN),
         // The reader went away (`| head`): not an error of the dump.
-        (Err(dmsim_model::thin::dump::DumpError::Write(e)), _) if reader_left(&e) => ExitCode::from(EXIT_CLEAN),
+        (Err(dmsim_model::thin::dump::DumpError::Write(e)), _) if reader_left(&e) => {
+            ExitCode::from(EXIT_CLEAN)
+        }
         (Ok(()), Err(e)) if reader_left(&e) => ExitCode::from(EXIT_CLEAN),
         (Err(e), _) => {
             eprintln!("cannot dump {}: {e}", image.display());

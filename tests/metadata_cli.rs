@@ -40,7 +40,11 @@ fn thin_dump(img: &Image, extra: &[&str]) -> Option<Output> {
     let f = TempFile::with_bytes("td.img", &img.0);
     let mut args: Vec<&OsStr> = extra.iter().map(OsStr::new).collect();
     args.push(f.path().as_os_str());
-    run_tool("thin_dump", &args).map(|(status, stdout, stderr)| Output { status, stdout, stderr: stderr.into_bytes() })
+    run_tool("thin_dump", &args).map(|(status, stdout, stderr)| Output {
+        status,
+        stdout,
+        stderr: stderr.into_bytes(),
+    })
 }
 
 fn dmsim_dump(img: &Image, extra: &[&str]) -> Output {

@@ -70,7 +70,7 @@ impl SimDisk {
     fn check(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
         let start = sector.checked_mul(SECTOR_SIZE);
         match start.and_then(|s| s.checked_add(len as u64)) {
-            Some(end) if end <= self.visible.len() as u64 && len as u64 % SECTOR_SIZE == 0 => {
+            Some(end) if end <= self.visible.len() as u64 && (len as u64).is_multiple_of(SECTOR_SIZE) => {
                 Ok(start.unwrap_or(0) as usize..end as usize)
             }
             _ => Err(IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() }),
@@ -164,9 +164,7 @@ impl CrashPoint {
 fn unflushed_writes(log: &[DiskEvent], after: usize) -> Vec<usize> {
     let last_flush = log[..after].iter().rposition(|e| *e == DiskEvent::Flush);
     let start = last_flush.map_or(0, |i| i + 1);
-    (start..after)
-        .filter(|&i| matches!(log[i], DiskEvent::Write { fua: false, .. }))
-        .collect()
+    (start..after).filter(|&i| matches!(log[i], DiskEvent::Write { fua: false, .. })).collect()
 }
 
 /// The disk contents after a power cut at `crash`, replaying `log` onto

@@ -14,7 +14,9 @@ pub const SECTOR_SIZE: u64 = 512;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IoError {
     /// The request reaches past the end of the device.
-    #[error("I/O beyond the end of the device: sector {sector} + {len} bytes, device has {nr_sectors} sectors")]
+    #[error(
+        "I/O beyond the end of the device: sector {sector} + {len} bytes, device has {nr_sectors} sectors"
+    )]
     OutOfRange {
         /// First sector of the request.
         sector: u64,
@@ -111,11 +113,10 @@ impl MemDevice {
     }
 
     fn range(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
-        let out_of_range =
-            || IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() };
+        let out_of_range = || IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() };
         let start = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
         let end = start.checked_add(len as u64).ok_or_else(out_of_range)?;
-        if end > self.bytes.len() as u64 || len as u64 % SECTOR_SIZE != 0 {
+        if end > self.bytes.len() as u64 || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(out_of_range());
         }
         Ok(start as usize..end as usize)

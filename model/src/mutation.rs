@@ -2,6 +2,9 @@
 //! detector (the crash checker, the oracle, the equivalence checks) catches
 //! a broken model. Each one breaks a rule the kernel relies on.
 
+/// Turns one mutation on.
+pub type Switch = fn(&mut Mutations);
+
 /// The set of deliberate bugs in force.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mutations {
@@ -18,7 +21,7 @@ pub struct Mutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, fn(&mut Mutations)); 2] = [
+    pub const ALL: [(&'static str, Switch); 2] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
     ];

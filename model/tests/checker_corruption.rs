@@ -64,10 +64,14 @@ fn restored_images_have_inconsistent_totals() {
     let r = check_with(&img, &CheckOptions::default());
     assert_problem(&r, Structure::MetadataSpaceMap, None, Severity::Damage);
     assert_problem(&r, Structure::MetadataBitmap { index: 0 }, Some(3), Severity::Damage);
-    assert!(r.problems.iter().all(|p| matches!(
-        p.structure,
-        Structure::MetadataSpaceMap | Structure::MetadataBitmap { .. }
-    ) && !p.message.contains("count on disk")), "{}", dump(&r));
+    assert!(
+        r.problems
+            .iter()
+            .all(|p| matches!(p.structure, Structure::MetadataSpaceMap | Structure::MetadataBitmap { .. })
+                && !p.message.contains("count on disk")),
+        "{}",
+        dump(&r)
+    );
     if let Some(clean) = thin_check_clean(&img, &[]) {
         assert!(clean, "thin_check 0.9.0 accepts thin_restore's own output");
     }
@@ -140,7 +144,12 @@ fn top_level_mapping_node_bit_flip() {
     let Some(mut img) = baseline("many.xml") else { return };
     let root = img.mapping_root();
     img.flip_bit(root, 100, 7);
-    assert_problem(&check(&img), Structure::TopLevelMappingTree { snap: false }, Some(root), Severity::Damage);
+    assert_problem(
+        &check(&img),
+        Structure::TopLevelMappingTree { snap: false },
+        Some(root),
+        Severity::Damage,
+    );
 }
 
 #[test]
@@ -151,7 +160,12 @@ fn bottom_level_mapping_node_bit_flip() {
     for b in [root, img0.value_u64(root, 1)] {
         let mut img = img0.clone();
         img.flip_bit(b, 4095, 1);
-        assert_problem(&check(&img), Structure::MappingTree { dev: 0, snap: false }, Some(b), Severity::Damage);
+        assert_problem(
+            &check(&img),
+            Structure::MappingTree { dev: 0, snap: false },
+            Some(b),
+            Severity::Damage,
+        );
     }
 }
 

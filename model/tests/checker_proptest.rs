@@ -18,9 +18,12 @@ use dmsim_model::thin::dump::{dump_xml, DumpOptions};
 use proptest::prelude::*;
 use support::Image;
 
+/// A base image and the kind of each of its blocks, by checksum.
+type Base = (Image, Vec<Option<BlockKind>>);
+
 /// Base images: (image, kind of each block by its checksum).
-fn bases() -> Option<&'static Vec<(Image, Vec<Option<BlockKind>>)>> {
-    static BASES: OnceLock<Option<Vec<(Image, Vec<Option<BlockKind>>)>>> = OnceLock::new();
+fn bases() -> Option<&'static Vec<Base>> {
+    static BASES: OnceLock<Option<Vec<Base>>> = OnceLock::new();
     BASES
         .get_or_init(|| {
             let mut out = Vec::new();
@@ -57,14 +60,7 @@ enum Mutation {
 }
 
 fn interesting_u64() -> impl Strategy<Value = u64> {
-    prop_oneof![
-        Just(0u64),
-        Just(1),
-        Just(u64::MAX),
-        Just(u32::MAX as u64),
-        0u64..300,
-        any::<u64>(),
-    ]
+    prop_oneof![Just(0u64), Just(1), Just(u64::MAX), Just(u32::MAX as u64), 0u64..300, any::<u64>(),]
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -82,10 +78,24 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn header_offsets() -> impl Strategy<Value = u16> {
     prop_oneof![
         // btree node header and first keys/values; bitmap/index headers
-        Just(16u16), Just(20), Just(24), Just(32), Just(40), Just(48),
+        Just(16u16),
+        Just(20),
+        Just(24),
+        Just(32),
+        Just(40),
+        Just(48),
         // superblock roots and sm roots
-        Just(56), Just(64), Just(72), Just(80), Just(88), Just(192), Just(200), Just(208), Just(216),
-        Just(320), Just(328),
+        Just(56),
+        Just(64),
+        Just(72),
+        Just(80),
+        Just(88),
+        Just(192),
+        Just(200),
+        Just(208),
+        Just(216),
+        Just(320),
+        Just(328),
     ]
 }
 
@@ -126,7 +136,8 @@ fn apply(img: &mut Vec<u8>, kinds: &[Option<BlockKind>], m: &Mutation, reseal: b
             (kinds.get(block), img.get_mut(block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE))
         {
             // Keep whatever location field the mutation left.
-            let loc = u64::from_le_bytes(blk[kind.blocknr_offset()..kind.blocknr_offset() + 8].try_into().unwrap());
+            let loc =
+                u64::from_le_bytes(blk[kind.blocknr_offset()..kind.blocknr_offset() + 8].try_into().unwrap());
             kind.prepare_for_write(blk, loc);
         }
     }

@@ -10,7 +10,6 @@ use proptest::prelude::*;
 mod common;
 use common::{map_op, run_mappings};
 
-
 use common::{reopen, DATA_BLOCK_SIZE};
 
 // ---------------------------------------------------------------------------
@@ -91,7 +90,11 @@ fn run_space_map(ops: &[SmOp]) {
             }
         }
         for &b in touched.iter().rev().take(50) {
-            assert_eq!(md.data_block_count(b).unwrap(), counts[b as usize], "count of block {b} after {op:?}");
+            assert_eq!(
+                md.data_block_count(b).unwrap(),
+                counts[b as usize],
+                "count of block {b} after {op:?}"
+            );
         }
         let in_use = counts.iter().filter(|&&c| c > 0).count() as u64;
         assert_eq!(md.free_data_blocks().unwrap(), SM_BLOCKS - in_use, "free count after {op:?}");

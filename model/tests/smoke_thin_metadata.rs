@@ -1,8 +1,8 @@
 //! First end-to-end checks of the thin metadata writer.
 
 use dmsim_model::block_device::MemDevice;
-use dmsim_model::pdata::layout::{get_u64, BlockKind};
 use dmsim_model::pdata::checksum::salt_of;
+use dmsim_model::pdata::layout::{get_u64, BlockKind};
 use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::ThinMetadata;
 

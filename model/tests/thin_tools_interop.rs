@@ -34,7 +34,8 @@ fn agree_with_tools(dev: &MemDevice) -> bool {
     assert!(status.success(), "thin_dump failed:\n{stderr}");
     assert_eq!(our_dump(dev, false), String::from_utf8(theirs).unwrap(), "dumps differ");
     if Image(dev.as_bytes().to_vec()).sb_u64(dmsim_model::pdata::layout::thin::SB_HELD_ROOT) != 0 {
-        let (status, theirs, stderr) = run_tool("thin_dump", &[OsStr::new("-m"), path]).expect("thin_dump -m");
+        let (status, theirs, stderr) =
+            run_tool("thin_dump", &[OsStr::new("-m"), path]).expect("thin_dump -m");
         assert!(status.success(), "thin_dump -m failed:\n{stderr}");
         assert_eq!(our_dump(dev, true), String::from_utf8(theirs).unwrap(), "metadata snapshot dumps differ");
     }
@@ -101,8 +102,14 @@ fn a_large_history_passes_thin_check_and_dumps_identically() {
     let img = Image(dev.as_bytes().to_vec());
     let data_overflow = img.data_sm().ref_count_root;
     let meta_overflow = img.metadata_sm().ref_count_root;
-    assert!(img.nr_entries(data_overflow) > 0 || img.is_internal(data_overflow), "a data block count passed 2");
-    assert!(img.nr_entries(meta_overflow) > 0 || img.is_internal(meta_overflow), "a metadata block count passed 2");
+    assert!(
+        img.nr_entries(data_overflow) > 0 || img.is_internal(data_overflow),
+        "a data block count passed 2"
+    );
+    assert!(
+        img.nr_entries(meta_overflow) > 0 || img.is_internal(meta_overflow),
+        "a metadata block count passed 2"
+    );
     let (_, dev0_root) = {
         let (leaf, i) = img.find(img.mapping_root(), 0).expect("device 0");
         (leaf, img.value_u64(leaf, i))

@@ -185,7 +185,11 @@ impl Run<'_> {
         let new_dump = match dump(&after, false) {
             Ok(d) => d,
             Err(e) => {
-                self.violation(op_index, ViolationKind::CrashDamaged, format!("committed state does not dump: {e}"));
+                self.violation(
+                    op_index,
+                    ViolationKind::CrashDamaged,
+                    format!("committed state does not dump: {e}"),
+                );
                 return false;
             }
         };
@@ -199,7 +203,8 @@ impl Run<'_> {
                 self.outcome.crash_states += 1;
                 let block0: Vec<u8> = image[..4096].to_vec();
                 if let Err((kind, detail)) = self.judge_crash(image, &new_dump) {
-                    let detail = format!("crash after request {point} of {} of this commit: {detail}", log.len());
+                    let detail =
+                        format!("crash after request {point} of {} of this commit: {detail}", log.len());
                     if let Some(known) = known_kernel_behaviour(&base, &block0) {
                         self.outcome.known_kernel_behaviours.push(Violation {
                             seed: self.seed,
@@ -231,7 +236,10 @@ impl Run<'_> {
         }
         let got = dump_device(&mut dev, false).map_err(|e| (ViolationKind::CrashUnopenable, e))?;
         if got != self.committed_dump && got != new_dump {
-            return Err((ViolationKind::CrashTorn, "the metadata reads as neither the old nor the new commit".into()));
+            return Err((
+                ViolationKind::CrashTorn,
+                "the metadata reads as neither the old nor the new commit".into(),
+            ));
         }
         ThinMetadata::open(dev, DATA_BLOCK_SIZE, false)
             .map(|_| ())
@@ -435,7 +443,6 @@ pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
     run.outcome
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,7 +484,8 @@ mod tests {
         let first_flush = log.iter().position(|e| *e == dmsim_faults::DiskEvent::Flush).unwrap();
         let crash = CrashPoint { after_events: first_flush + 1, kept: vec![], torn: None };
         let image = crash_image(&base, &log, &crash);
-        let report = check_thin_metadata(&mut MemDevice::from_bytes(image.clone()), &CheckOptions::default()).unwrap();
+        let report =
+            check_thin_metadata(&mut MemDevice::from_bytes(image.clone()), &CheckOptions::default()).unwrap();
         assert!(report.has_damage(), "expected the old space maps not to count the snapshot");
         assert!(known_kernel_behaviour(&base, &image).is_some());
         // A crash state from a plain commit does not match the signature.
@@ -498,13 +506,16 @@ mod tests {
                 ..small()
             };
             let caught = cfg.seeds.clone().any(|seed| {
-                run_seed(&cfg, seed)
-                    .violations
-                    .iter()
-                    .any(|v| matches!(v.kind, ViolationKind::CrashDamaged | ViolationKind::CrashTorn | ViolationKind::CrashUnopenable))
+                run_seed(&cfg, seed).violations.iter().any(|v| {
+                    matches!(
+                        v.kind,
+                        ViolationKind::CrashDamaged
+                            | ViolationKind::CrashTorn
+                            | ViolationKind::CrashUnopenable
+                    )
+                })
             });
             assert!(caught, "mutation {name} was not caught");
         }
     }
 }
-

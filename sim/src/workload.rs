@@ -61,7 +61,9 @@ pub fn generate(rng: &mut impl Rng, len: usize) -> Vec<MetadataOp> {
     (0..len)
         .map(|_| match rng.gen_range(0..100) {
             0..=7 => MetadataOp::CreateThin(rng.gen_range(0..DEVICES)),
-            8..=15 => MetadataOp::CreateSnap { dev: rng.gen_range(0..DEVICES), origin: rng.gen_range(0..DEVICES) },
+            8..=15 => {
+                MetadataOp::CreateSnap { dev: rng.gen_range(0..DEVICES), origin: rng.gen_range(0..DEVICES) }
+            }
             16..=19 => MetadataOp::Delete(rng.gen_range(0..DEVICES)),
             20..=54 => MetadataOp::Provision {
                 dev: rng.gen_range(0..DEVICES),

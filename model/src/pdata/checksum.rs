@@ -47,16 +47,9 @@ pub fn seal(block: &mut [u8], salt: u32) {
 /// a block's kind this way.
 pub fn salt_of(block: &[u8]) -> Option<u32> {
     let salt = stored_checksum(block) ^ dm_checksum(&block[4..], 0);
-    [
-        THIN_SUPERBLOCK_SALT,
-        BTREE_NODE_SALT,
-        BITMAP_SALT,
-        INDEX_SALT,
-        ARRAY_SALT,
-        CACHE_SUPERBLOCK_SALT,
-    ]
-    .into_iter()
-    .find(|&s| s == salt)
+    [THIN_SUPERBLOCK_SALT, BTREE_NODE_SALT, BITMAP_SALT, INDEX_SALT, ARRAY_SALT, CACHE_SUPERBLOCK_SALT]
+        .into_iter()
+        .find(|&s| s == salt)
 }
 
 #[cfg(test)]

@@ -164,11 +164,7 @@ pub mod space_map {
     impl IndexEntry {
         /// Decodes 16 bytes.
         pub fn decode(b: &[u8]) -> Self {
-            IndexEntry {
-                blocknr: get_u64(b, 0),
-                nr_free: get_u32(b, 8),
-                none_free_before: get_u32(b, 12),
-            }
+            IndexEntry { blocknr: get_u64(b, 0), nr_free: get_u32(b, 8), none_free_before: get_u32(b, 12) }
         }
         /// Encodes into 16 bytes.
         pub fn encode(&self, b: &mut [u8]) {

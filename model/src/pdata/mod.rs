@@ -13,8 +13,9 @@ pub mod layout;
 pub mod space_map;
 pub mod transaction;
 
+pub use block_manager::BlockManager;
 pub use layout::BLOCK_SIZE;
-
+pub use transaction::TransactionManager;
 
 use thiserror::Error;
 

@@ -448,9 +448,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         let nr_blocks = self.dsm().ll.nr_blocks;
         let b = match self.find_common_free_block(SmSel::Data, begin, nr_blocks)? {
             Some(b) => b,
-            None => self
-                .find_common_free_block(SmSel::Data, 0, begin)?
-                .ok_or(PdataError::NoSpace("data"))?,
+            None => self.find_common_free_block(SmSel::Data, 0, begin)?.ok_or(PdataError::NoSpace("data"))?,
         };
         self.dsm().begin = b + 1;
         let n = self.ll_inc(SmSel::Data, b, b + 1)?;
@@ -485,9 +483,8 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// Free data blocks: frees count at once, unlike the metadata space map.
     pub fn data_sm_nr_free(&mut self) -> u64 {
         let dsm = self.dsm();
-        ((dsm.old_ll.nr_blocks - dsm.old_ll.nr_allocated) as i64
-            - dsm.nr_allocated_this_transaction)
-            .max(0) as u64
+        ((dsm.old_ll.nr_blocks - dsm.old_ll.nr_allocated) as i64 - dsm.nr_allocated_this_transaction).max(0)
+            as u64
     }
 
     /// Grows the data space map by `extra` blocks.

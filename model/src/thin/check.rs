@@ -137,7 +137,10 @@ fn decode_root(b: &[u8], off: usize) -> SmRoot {
 ///
 /// Returns `Err` only when the input is unusable (see [`CheckError`]);
 /// every kind of damage is reported in the [`CheckReport`].
-pub fn check_thin_metadata(dev: &mut dyn BlockDevice, opts: &CheckOptions) -> Result<CheckReport, CheckError> {
+pub fn check_thin_metadata(
+    dev: &mut dyn BlockDevice,
+    opts: &CheckOptions,
+) -> Result<CheckReport, CheckError> {
     let nr_sectors = dev.nr_sectors();
     let mut reader = Reader::new(dev);
     if reader.nr_blocks() == 0 {
@@ -254,9 +257,9 @@ pub fn check_thin_metadata(dev: &mut dyn BlockDevice, opts: &CheckOptions) -> Re
 
     let compare = opts.check_counts && !tree_damage;
     if opts.check_counts && tree_damage {
-        report
-            .notes
-            .push("reference counts not compared: the trees are damaged, so the expected counts are unknown".into());
+        report.notes.push(
+            "reference counts not compared: the trees are damaged, so the expected counts are unknown".into(),
+        );
     }
     let meta_counts = std::mem::take(&mut ctx.meta_counts);
     let data_counts = std::mem::take(&mut ctx.data_counts);
@@ -297,7 +300,7 @@ fn check_sb_fields(ctx: &mut Ctx<'_>, b: &[u8], st: Structure) {
     }
     let dbs = le32(b, SB_DATA_BLOCK_SIZE);
     // dm-thin: 64 KiB .. 1 GiB, a multiple of 64 KiB (128 sectors).
-    if !(128..=2_097_152).contains(&dbs) || dbs % 128 != 0 {
+    if !(128..=2_097_152).contains(&dbs) || !dbs.is_multiple_of(128) {
         ctx.problem(Severity::Damage, st, Some(0), format!("data block size {dbs} sectors is invalid"));
     }
     let _ = checksum::THIN_SUPERBLOCK_SALT;
@@ -318,7 +321,7 @@ impl Devices {
             .filter(|id| {
                 // A snapshot device is listed only if the live superblock
                 // does not have the same device with the same tree.
-                live.map_or(true, |l| l.roots.get(id).map(|r| r.0) != self.roots.get(id).map(|r| r.0))
+                live.is_none_or(|l| l.roots.get(id).map(|r| r.0) != self.roots.get(id).map(|r| r.0))
             })
             .map(|dev| DeviceSummary {
                 dev,
@@ -337,12 +340,13 @@ fn walk_trees(ctx: &mut Ctx<'_>, details_root: u64, mapping_root: u64, snap: boo
     let d = ctx.walk_root(details_root, TreeKind::Details, dst);
     let mut details = BTreeMap::new();
     if d.ok {
-        let _ = node::scan(&mut ctx.reader, details_root, TreeKind::Details.value_size(), false, &mut |k, v| {
-            if v.len() == DEVICE_DETAILS_SIZE {
-                details.insert(k, DeviceDetails::decode(v));
-            }
-            Ok(())
-        });
+        let _ =
+            node::scan(&mut ctx.reader, details_root, TreeKind::Details.value_size(), false, &mut |k, v| {
+                if v.len() == DEVICE_DETAILS_SIZE {
+                    details.insert(k, DeviceDetails::decode(v));
+                }
+                Ok(())
+            });
     }
 
     let tst = Structure::TopLevelMappingTree { snap };
@@ -357,10 +361,11 @@ fn walk_trees(ctx: &mut Ctx<'_>, details_root: u64, mapping_root: u64, snap: boo
     }
     let mut roots = BTreeMap::new();
     if t.ok {
-        let _ = node::scan(&mut ctx.reader, mapping_root, TreeKind::TopLevel.value_size(), false, &mut |k, v| {
-            roots.insert(k, (le64(v, 0), None));
-            Ok(())
-        });
+        let _ =
+            node::scan(&mut ctx.reader, mapping_root, TreeKind::TopLevel.value_size(), false, &mut |k, v| {
+                roots.insert(k, (le64(v, 0), None));
+                Ok(())
+            });
     }
     for (dev, entry) in roots.iter_mut() {
         match ctx.summary_of(entry.0) {
@@ -402,7 +407,10 @@ fn walk_trees(ctx: &mut Ctx<'_>, details_root: u64, mapping_root: u64, snap: boo
                     Severity::Damage,
                     Structure::Device { dev: *dev, snap },
                     None,
-                    format!("details say mapped_blocks {}, its mapping tree holds {n} mappings", dd.mapped_blocks),
+                    format!(
+                        "details say mapped_blocks {}, its mapping tree holds {n} mappings",
+                        dd.mapped_blocks
+                    ),
                 );
             }
         }
@@ -418,7 +426,10 @@ mod tests {
     #[test]
     fn tiny_and_zero_inputs_are_unusable_not_panics() {
         let mut d = MemDevice::new(1);
-        assert!(matches!(check_thin_metadata(&mut d, &CheckOptions::default()), Err(CheckError::TooSmall { .. })));
+        assert!(matches!(
+            check_thin_metadata(&mut d, &CheckOptions::default()),
+            Err(CheckError::TooSmall { .. })
+        ));
         let mut d = MemDevice::new(64);
         assert!(matches!(
             check_thin_metadata(&mut d, &CheckOptions::default()),

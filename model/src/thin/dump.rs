@@ -101,11 +101,8 @@ pub fn dump_xml(dev: &mut dyn BlockDevice, w: &mut dyn Write, opts: &DumpOptions
         Ok(())
     })?;
 
-    let nr_data_blocks = if le64(sb, SB_BLOCKNR) == SUPERBLOCK_LOCATION {
-        le64(sb, SB_DATA_SM_ROOT)
-    } else {
-        0
-    };
+    let nr_data_blocks =
+        if le64(sb, SB_BLOCKNR) == SUPERBLOCK_LOCATION { le64(sb, SB_DATA_SM_ROOT) } else { 0 };
     writeln!(
         w,
         "<superblock uuid=\"\" time=\"{}\" transaction=\"{}\" flags=\"{}\" version=\"{}\" data_block_size=\"{}\" nr_data_blocks=\"{}\">",
@@ -179,10 +176,9 @@ impl Runs<'_> {
 
     fn finish(&mut self) -> std::io::Result<()> {
         match self.run.take() {
-            Some((o, d, t, 1)) => writeln!(
-                self.w,
-                "    <single_mapping origin_block=\"{o}\" data_block=\"{d}\" time=\"{t}\"/>"
-            ),
+            Some((o, d, t, 1)) => {
+                writeln!(self.w, "    <single_mapping origin_block=\"{o}\" data_block=\"{d}\" time=\"{t}\"/>")
+            }
             Some((o, d, t, len)) => writeln!(
                 self.w,
                 "    <range_mapping origin_begin=\"{o}\" data_begin=\"{d}\" length=\"{len}\" time=\"{t}\"/>"

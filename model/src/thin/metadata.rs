@@ -176,8 +176,7 @@ impl<D: BlockDevice> ThinMetadata<D> {
     }
 
     fn format_metadata(dev: D, data_block_size: u32) -> Result<TransactionManager<D>> {
-        let metadata_sectors =
-            dev.nr_sectors().min(MAX_METADATA_BLOCKS * BLOCK_SECTORS);
+        let metadata_sectors = dev.nr_sectors().min(MAX_METADATA_BLOCKS * BLOCK_SECTORS);
         let mut tm = TransactionManager::create(dev, SUPERBLOCK_LOCATION)?;
         tm.data_sm_create(0)?;
         let root = tm.btree_empty(ValueType::DataBlockTimes)?;
@@ -499,15 +498,19 @@ impl<D: BlockDevice> ThinMetadata<D> {
             return Ok(None);
         }
         let mut buf = [0u8; 8];
-        let Some(first) = self.tm.btree_lookup_next(&MAPPING_INFO, self.root, &[id, begin], &mut buf)?
-        else {
+        let Some(first) = self.tm.btree_lookup_next(&MAPPING_INFO, self.root, &[id, begin], &mut buf)? else {
             return Ok(None);
         };
         if first >= end {
             return Ok(None);
         }
         let l = self.unpack_lookup(i, u64::from_le_bytes(buf));
-        let mut range = MappedRange { thin_begin: first, thin_end: first + 1, pool_begin: l.block, maybe_shared: l.shared };
+        let mut range = MappedRange {
+            thin_begin: first,
+            thin_end: first + 1,
+            pool_begin: l.block,
+            maybe_shared: l.shared,
+        };
         let mut pool_end = l.block + 1;
         while range.thin_end != end {
             let Some(next) = self.find_block(id, range.thin_end)? else { break };
@@ -548,7 +551,8 @@ impl<D: BlockDevice> ThinMetadata<D> {
                 break;
             }
             let mut keys = [begin];
-            let (root, count) = self.tm.btree_remove_leaves(&BOTTOM_LEVEL_INFO, mapping_root, &mut keys, end)?;
+            let (root, count) =
+                self.tm.btree_remove_leaves(&BOTTOM_LEVEL_INFO, mapping_root, &mut keys, end)?;
             mapping_root = root;
             begin = keys[0];
             total += count;
@@ -556,7 +560,8 @@ impl<D: BlockDevice> ThinMetadata<D> {
         let d = &mut self.devices[i];
         d.mapped_blocks -= total;
         d.changed = true;
-        let (root, _) = self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &mapping_root.to_le_bytes())?;
+        let (root, _) =
+            self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &mapping_root.to_le_bytes())?;
         self.root = root;
         Ok(())
     }
@@ -781,7 +786,8 @@ impl<D: BlockDevice> ThinMetadata<D> {
                 creation_time: d.creation_time,
                 snapshotted_time: d.snapshotted_time,
             };
-            let (root, _) = self.tm.btree_insert(&DETAILS_INFO, self.details_root, &[d.id], &details.to_bytes())?;
+            let (root, _) =
+                self.tm.btree_insert(&DETAILS_INFO, self.details_root, &[d.id], &details.to_bytes())?;
             self.details_root = root;
             if d.open_count > 0 {
                 self.devices[i].changed = false;
@@ -846,6 +852,8 @@ impl<D: BlockDevice> ThinMetadata<D> {
     /// committed are lost while their mappings are written. The kernel's pool
     /// always commits in postsuspend before it gets here; callers of this
     /// model must commit first too.
+    // The refusal hands the metadata back, hence the large error.
+    #[allow(clippy::result_large_err)]
     pub fn close(mut self) -> std::result::Result<D, (Self, ThinError)> {
         if let Some(d) = self.devices.iter().find(|d| d.open_count > 0) {
             let id = d.id;

@@ -47,8 +47,16 @@ pub enum MapOp {
     CreateSnap(u64, u64),
     Delete(u64),
     /// Provision `len` blocks from `vblock`, each a fresh data block.
-    Map { dev: u64, vblock: u64, len: u64 },
-    Unmap { dev: u64, vblock: u64, len: u64 },
+    Map {
+        dev: u64,
+        vblock: u64,
+        len: u64,
+    },
+    Unmap {
+        dev: u64,
+        vblock: u64,
+        len: u64,
+    },
     Commit,
     Reopen,
     Abort,
@@ -213,4 +221,3 @@ pub fn run_mappings(ops: &[MapOp], nr_data_blocks: u64) -> MemDevice {
     assert_eq!(md.free_data_blocks().unwrap(), nr_data_blocks - in_use.len() as u64);
     md.close().map_err(|(_, e)| e).unwrap()
 }
-

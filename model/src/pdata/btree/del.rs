@@ -50,7 +50,13 @@ impl<D: BlockDevice> TransactionManager<D> {
         Ok(())
     }
 
-    fn push_del_frame(&mut self, stack: &mut Vec<Frame>, info: &BtreeInfo, b: BlockNr, level: usize) -> Result<()> {
+    fn push_del_frame(
+        &mut self,
+        stack: &mut Vec<Frame>,
+        info: &BtreeInfo,
+        b: BlockNr,
+        level: usize,
+    ) -> Result<()> {
         if stack.len() >= MAX_DEPTH - 1 {
             return Err(PdataError::Corrupt {
                 kind: BlockKind::BtreeNode,

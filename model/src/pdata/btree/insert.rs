@@ -46,7 +46,7 @@ impl<D: BlockDevice> TransactionManager<D> {
                 let new_tree = self.btree_empty(info.value_type)?;
                 let data = self.bm.write(cur, BlockKind::BtreeNode)?;
                 node::insert_at(data, index as usize, keys[level], &new_tree.to_le_bytes())
-                    .map_err(|()| corrupt(cur, "too many entries in node for insert"))?;
+                    .map_err(|_| corrupt(cur, "too many entries in node for insert"))?;
             }
             block = Node::new(self.bm.read(cur, BlockKind::BtreeNode)?).value64(index as usize);
         }
@@ -58,7 +58,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         if inserted {
             let data = self.bm.write(cur, BlockKind::BtreeNode)?;
             node::insert_at(data, i, key, value)
-                .map_err(|()| corrupt(cur, "too many entries in node for insert"))?;
+                .map_err(|_| corrupt(cur, "too many entries in node for insert"))?;
         } else {
             let old = Node::new(self.bm.read(cur, BlockKind::BtreeNode)?).value(i).to_vec();
             if info.value_type.counts_references() && !info.value_type.equal(&old, value) {
@@ -86,7 +86,8 @@ impl<D: BlockDevice> TransactionManager<D> {
             if i >= 0 {
                 self.patch_parent(s, i as usize)?;
             }
-            let full = !has_space_for_insert(&Node::new(self.bm.read(s.current(), BlockKind::BtreeNode)?), key);
+            let full =
+                !has_space_for_insert(&Node::new(self.bm.read(s.current(), BlockKind::BtreeNode)?), key);
             if full {
                 if top {
                     self.split_beneath(s)?;
@@ -225,14 +226,20 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.node_store(rb, &right)?;
         let right_first = Node::new(&right[..]).key(0);
         node::insert_at(self.bm.write(parent, BlockKind::BtreeNode)?, pi + 1, right_first, &rb.to_le_bytes())
-            .map_err(|()| corrupt(parent, "too many entries in node for insert"))?;
+            .map_err(|_| corrupt(parent, "too many entries in node for insert"))?;
         if key >= right_first {
             s.set_current(rb);
         }
         Ok(())
     }
 
-    fn split_two_into_three(&mut self, s: &mut ShadowSpine, vt: ValueType, pi: usize, key: u64) -> Result<()> {
+    fn split_two_into_three(
+        &mut self,
+        s: &mut ShadowSpine,
+        vt: ValueType,
+        pi: usize,
+        key: u64,
+    ) -> Result<()> {
         let parent = s.parent().expect("parent");
         let (middle_index, lb, rb) = if pi == 0 {
             let rb = self.shadow_child(parent, pi + 1, vt)?;
@@ -256,7 +263,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         let pdata = self.bm.write(parent, BlockKind::BtreeNode)?;
         node::set_key(pdata, middle_index, right_first);
         node::insert_at(pdata, middle_index, middle_first, &mb.to_le_bytes())
-            .map_err(|()| corrupt(parent, "too many entries in node for insert"))?;
+            .map_err(|_| corrupt(parent, "too many entries in node for insert"))?;
         s.set_current(if key < middle_first {
             lb
         } else if key < right_first {

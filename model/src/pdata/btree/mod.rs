@@ -121,10 +121,10 @@ impl<D: BlockDevice> TransactionManager<D> {
             ValueType::MetadataBlocks => {
                 self.for_each_run(u64s(values, count), |tm, b, e| tm.inc_range(b, e))
             }
-            ValueType::DataBlockTimes => self.for_each_run(
-                u64s(values, count).map(|v| unpack_block_time(v).0),
-                |tm, b, e| tm.data_sm_inc(b, e),
-            ),
+            ValueType::DataBlockTimes => self
+                .for_each_run(u64s(values, count).map(|v| unpack_block_time(v).0), |tm, b, e| {
+                    tm.data_sm_inc(b, e)
+                }),
             ValueType::SubtreeRoots => {
                 for root in u64s(values, count) {
                     self.inc(root)?;
@@ -141,13 +141,12 @@ impl<D: BlockDevice> TransactionManager<D> {
             ValueType::MetadataBlocks => {
                 self.for_each_run(u64s(values, count), |tm, b, e| tm.dec_range(b, e))
             }
-            ValueType::DataBlockTimes => self.for_each_run(
-                u64s(values, count).map(|v| unpack_block_time(v).0),
-                |tm, b, e| tm.data_sm_dec(b, e),
-            ),
+            ValueType::DataBlockTimes => self
+                .for_each_run(u64s(values, count).map(|v| unpack_block_time(v).0), |tm, b, e| {
+                    tm.data_sm_dec(b, e)
+                }),
             ValueType::SubtreeRoots => {
-                const BOTTOM: BtreeInfo =
-                    BtreeInfo { levels: 1, value_type: ValueType::DataBlockTimes };
+                const BOTTOM: BtreeInfo = BtreeInfo { levels: 1, value_type: ValueType::DataBlockTimes };
                 for root in u64s(values, count).collect::<Vec<_>>() {
                     self.btree_del(&BOTTOM, root)?;
                 }
@@ -162,7 +161,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     pub(crate) fn read_node(&mut self, b: BlockNr, vt: ValueType) -> Result<&[u8; 4096]> {
         let data = self.bm.read(b, BlockKind::BtreeNode)?;
         check_node_shape(data, b, vt)?;
-        Ok(self.bm.read(b, BlockKind::BtreeNode)?)
+        self.bm.read(b, BlockKind::BtreeNode)
     }
 
     /// Gives the new copy of a shared node its own references to its
@@ -262,7 +261,12 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     /// Walks down from `root` with lower_bound; returns the leaf key found,
     /// the leaf and the index, or `None` when the search falls off.
-    fn lookup_raw(&mut self, mut b: BlockNr, key: u64, vt: ValueType) -> Result<Option<(u64, BlockNr, usize)>> {
+    fn lookup_raw(
+        &mut self,
+        mut b: BlockNr,
+        key: u64,
+        vt: ValueType,
+    ) -> Result<Option<(u64, BlockNr, usize)>> {
         for _ in 0..MAX_DEPTH {
             let n = Node::new(self.read_node(b, vt)?);
             let i = n.lower_bound(key);

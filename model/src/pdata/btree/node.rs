@@ -4,9 +4,7 @@
 //! over the kernel's layout, so that the bytes the kernel leaves behind in
 //! unused slots are left behind here too: checksums cover them.
 
-use crate::pdata::layout::node::{
-    HEADER_SIZE, INTERNAL, LEAF, MAX_ENTRIES, NR_ENTRIES, VALUE_SIZE,
-};
+use crate::pdata::layout::node::{HEADER_SIZE, INTERNAL, LEAF, MAX_ENTRIES, NR_ENTRIES, VALUE_SIZE};
 use crate::pdata::layout::{get_u32, get_u64, node::FLAGS, put_u32, put_u64};
 
 /// A read-only view of a node.
@@ -112,8 +110,7 @@ impl<'a> Node<'a> {
     /// Where `key` is, if the node holds it.
     pub fn index_of(&self, key: u64) -> Option<usize> {
         let i = self.lower_bound(key);
-        (i >= 0 && (i as usize) < self.nr_entries() && self.key(i as usize) == key)
-            .then_some(i as usize)
+        (i >= 0 && (i as usize) < self.nr_entries() && self.key(i as usize) == key).then_some(i as usize)
     }
 }
 
@@ -146,13 +143,18 @@ pub fn set_value64(b: &mut [u8], i: usize, v: u64) {
     set_value(b, i, &v.to_le_bytes());
 }
 
+/// A node has no room for another entry (the kernel's -ENOMEM from
+/// `insert_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFull;
+
 /// Inserts (key, value) at `index`, shifting later entries up. Fails like
-/// the kernel (-ENOMEM) when the node is full.
-pub fn insert_at(b: &mut [u8], index: usize, key: u64, value: &[u8]) -> Result<(), ()> {
+/// the kernel when the node is full.
+pub fn insert_at(b: &mut [u8], index: usize, key: u64, value: &[u8]) -> Result<(), NodeFull> {
     let n = Node::new(b);
     let (nr, max) = (n.nr_entries(), n.max_entries());
     if index > nr || index >= max || nr >= max {
-        return Err(());
+        return Err(NodeFull);
     }
     move_entries(b, index + 1, index, nr - index);
     set_key(b, index, key);

@@ -254,7 +254,13 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// Removes the first key in `keys[last]..end_key` (earlier levels exact);
     /// advances `keys[last]` past it. Returns the new root and whether one
     /// was removed.
-    fn remove_one(&mut self, info: &BtreeInfo, mut root: BlockNr, keys: &mut [u64], end_key: u64) -> (Option<BlockNr>, Result<bool>) {
+    fn remove_one(
+        &mut self,
+        info: &BtreeInfo,
+        mut root: BlockNr,
+        keys: &mut [u64],
+        end_key: u64,
+    ) -> (Option<BlockNr>, Result<bool>) {
         let mut s = ShadowSpine::default();
         let last = info.levels - 1;
         let r = (|| {

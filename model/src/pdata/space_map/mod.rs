@@ -12,8 +12,8 @@ pub mod metadata;
 
 use super::btree::{BtreeInfo, ValueType};
 use super::layout::space_map::{
-    bitmap_get, bitmap_set, bitmap_word_full, IndexEntry, SmRoot, BITMAP_HEADER_SIZE,
-    ENTRIES_PER_BITMAP, INDEX_ENTRY_SIZE, INDEX_HEADER_SIZE, MAX_METADATA_BITMAPS,
+    bitmap_get, bitmap_set, bitmap_word_full, IndexEntry, SmRoot, BITMAP_HEADER_SIZE, ENTRIES_PER_BITMAP,
+    INDEX_ENTRY_SIZE, INDEX_HEADER_SIZE, MAX_METADATA_BITMAPS,
 };
 use super::layout::{get_u32, put_u32, BlockKind};
 use super::transaction::TransactionManager;
@@ -154,7 +154,7 @@ fn bitmap_data(block: &[u8]) -> &[u8] {
 /// used entries as the kernel's scan does.
 fn find_free_in_bitmap(data: &[u8], mut begin: u64, end: u64) -> Option<u64> {
     while begin < end {
-        if begin % 32 == 0 && bitmap_word_full(data, begin) {
+        if begin.is_multiple_of(32) && bitmap_word_full(data, begin) {
             begin += 32;
             continue;
         }
@@ -395,8 +395,8 @@ impl<D: BlockDevice> TransactionManager<D> {
                     _ => {
                         let old = self.overflow_adjust(sel, b, &mut overflow_leaf, false)?;
                         if old == 3 {
-                            let bitmap = &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?
-                                [BITMAP_HEADER_SIZE..];
+                            let bitmap =
+                                &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?[BITMAP_HEADER_SIZE..];
                             bitmap_set(bitmap, bit, 2);
                         }
                     }

@@ -40,10 +40,7 @@ impl Node {
     /// after validation).
     pub(crate) fn value(&self, i: usize) -> &[u8] {
         let start = node::value_offset(self.max_entries, self.value_size, i);
-        start
-            .checked_add(self.value_size)
-            .and_then(|end| self.block.get(start..end))
-            .unwrap_or(&[])
+        start.checked_add(self.value_size).and_then(|end| self.block.get(start..end)).unwrap_or(&[])
     }
 
     /// Value `i` read as a little-endian u64 (child pointers, mappings).
@@ -108,21 +105,17 @@ pub(crate) fn parse(block: Block, leaf_value_size: usize) -> Result<(Node, Optio
         )));
     }
     if nr_entries > max_entries {
-        return Err(NodeFault::Header(format!(
-            "nr_entries {nr_entries} exceeds max_entries {max_entries}"
-        )));
+        return Err(NodeFault::Header(format!("nr_entries {nr_entries} exceeds max_entries {max_entries}")));
     }
     let node = Node { block, internal, nr_entries, max_entries, value_size };
     for i in 1..nr_entries {
         let (prev, key) = (node.key(i - 1), node.key(i));
         if key <= prev {
-            return Err(NodeFault::Header(format!(
-                "keys out of order at index {i}: {key} follows {prev}"
-            )));
+            return Err(NodeFault::Header(format!("keys out of order at index {i}: {key} follows {prev}")));
         }
     }
-    let remark = (max_entries % 3 != 0)
-        .then(|| format!("max_entries {max_entries} is not a multiple of 3"));
+    let remark =
+        (!max_entries.is_multiple_of(3)).then(|| format!("max_entries {max_entries} is not a multiple of 3"));
     Ok((node, remark))
 }
 

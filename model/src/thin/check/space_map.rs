@@ -65,7 +65,7 @@ pub(crate) struct SpaceMap {
 }
 
 fn nr_bitmaps_for(nr_blocks: u64) -> u64 {
-    nr_blocks / ENTRIES_PER_BITMAP + u64::from(nr_blocks % ENTRIES_PER_BITMAP != 0)
+    nr_blocks.div_ceil(ENTRIES_PER_BITMAP)
 }
 
 /// Structural pass over one space map: counts and claims its blocks,
@@ -127,7 +127,10 @@ pub(crate) fn load(ctx: &mut Ctx<'_>, which: Which, root: SmRoot) -> SpaceMap {
                             Severity::Damage,
                             st,
                             Some(e.blocknr),
-                            format!("index entry for bitmap {k}, but {} blocks need only {nr_bitmaps}", root.nr_blocks),
+                            format!(
+                                "index entry for bitmap {k}, but {} blocks need only {nr_bitmaps}",
+                                root.nr_blocks
+                            ),
                         );
                     } else {
                         entries.push((k, e));
@@ -259,7 +262,9 @@ pub(crate) fn verify_counts(
                             Severity::Damage,
                             sm.which.overflow().0,
                             Some(b),
-                            format!("bitmap says block {b} has 3 or more references, overflow tree has no entry"),
+                            format!(
+                                "bitmap says block {b} has 3 or more references, overflow tree has no entry"
+                            ),
                         );
                         3
                     }
@@ -314,7 +319,10 @@ pub(crate) fn verify_counts(
                     Severity::NonFatal,
                     st,
                     Some(entry.blocknr),
-                    format!("entry {f} is free, below the index entry's none_free_before {}", entry.none_free_before),
+                    format!(
+                        "entry {f} is free, below the index entry's none_free_before {}",
+                        entry.none_free_before
+                    ),
                 );
             }
         }

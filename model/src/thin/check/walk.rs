@@ -179,7 +179,13 @@ impl<'a> Ctx<'a> {
     }
 
     /// Records a problem.
-    pub(crate) fn problem(&mut self, severity: Severity, structure: Structure, block: Option<u64>, message: String) {
+    pub(crate) fn problem(
+        &mut self,
+        severity: Severity,
+        structure: Structure,
+        block: Option<u64>,
+        message: String,
+    ) {
         self.problems.push(Problem { severity, structure, block, message });
     }
 
@@ -200,10 +206,7 @@ impl<'a> Ctx<'a> {
                 Severity::Damage,
                 structure,
                 Some(b),
-                format!(
-                    "{what} is beyond the metadata space map's {} blocks",
-                    self.meta_sm_nr_blocks
-                ),
+                format!("{what} is beyond the metadata space map's {} blocks", self.meta_sm_nr_blocks),
             );
         }
         let c = &mut self.meta_counts[b as usize];
@@ -267,12 +270,7 @@ impl<'a> Ctx<'a> {
         }
         let summary = match self.nodes.get(&b) {
             Some(NodeState::InProgress) => {
-                self.problem(
-                    Severity::Damage,
-                    structure,
-                    Some(b),
-                    "node is its own ancestor (cycle)".into(),
-                );
+                self.problem(Severity::Damage, structure, Some(b), "node is its own ancestor (cycle)".into());
                 return Summary::BAD;
             }
             Some(NodeState::Done(s)) => *s,
@@ -301,7 +299,14 @@ impl<'a> Ctx<'a> {
         summary
     }
 
-    fn first_visit(&mut self, b: u64, kind: TreeKind, structure: Structure, depth: u32, is_root: bool) -> Summary {
+    fn first_visit(
+        &mut self,
+        b: u64,
+        kind: TreeKind,
+        structure: Structure,
+        depth: u32,
+        is_root: bool,
+    ) -> Summary {
         let node = match read_node(&mut self.reader, b, kind.value_size()) {
             Ok((node, remark)) => {
                 if let Some(r) = remark {
@@ -349,7 +354,10 @@ impl<'a> Ctx<'a> {
                             Severity::Damage,
                             structure,
                             Some(b),
-                            format!("leaves at unequal depths: child {i} has height {}, earlier children {h}", s.height),
+                            format!(
+                                "leaves at unequal depths: child {i} has height {}, earlier children {h}",
+                                s.height
+                            ),
                         );
                         out.ok = false;
                     }
@@ -403,10 +411,8 @@ impl<'a> Ctx<'a> {
                     }
                 }
             }
-            TreeKind::Details
-            | TreeKind::DataIndex
-            | TreeKind::MetadataOverflow
-            | TreeKind::DataOverflow => {}
+            TreeKind::Details | TreeKind::DataIndex | TreeKind::MetadataOverflow | TreeKind::DataOverflow => {
+            }
         }
     }
 
