@@ -554,6 +554,19 @@ impl<D: BlockDevice> ThinMetadata<D> {
             let (root, count) =
                 self.tm.btree_remove_leaves(&BOTTOM_LEVEL_INFO, mapping_root, &mut keys, end)?;
             mapping_root = root;
+            if count == 0 {
+                // The search found a key the removal cannot reach: only a
+                // damaged tree does that, and the kernel's loop would spin
+                // here for ever.
+                return Err(PdataError::Corrupt {
+                    kind: BlockKind::BtreeNode,
+                    block: mapping_root,
+                    what: format!(
+                        "mapping tree of device {id}: vblock {begin} is found but cannot be removed"
+                    ),
+                }
+                .into());
+            }
             begin = keys[0];
             total += count;
         }
