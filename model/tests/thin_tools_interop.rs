@@ -118,3 +118,49 @@ fn a_large_history_passes_thin_check_and_dumps_identically() {
     assert!(img.is_internal(img.value_u64(dev0_root, 0)), "and is at least three levels deep");
     agree_with_tools(&dev);
 }
+
+/// Growing both devices: the metadata space map's extension (bitmaps
+/// allocated from the new region, accounted for round by round) and the
+/// data space map's growth across bitmap boundaries.
+#[test]
+fn grown_devices_pass_thin_check_and_dump_identically() {
+    let mut md = ThinMetadata::format(MemDevice::new(2 * 2048), DATA_BLOCK_SIZE).unwrap();
+    md.resize_data_dev(10_000).unwrap();
+    md.create_thin(0).unwrap();
+    md.commit().unwrap();
+    md.open_thin(0).unwrap();
+    for v in 0..3000 {
+        let d = md.alloc_data_block().unwrap();
+        md.insert_block(0, v, d).unwrap();
+    }
+    md.close_thin(0).unwrap();
+    md.commit().unwrap();
+    // Grow the metadata device from 512 to 40,000 blocks (three bitmaps):
+    // a bigger device holding the same bytes.
+    let small = md.close().map_err(|(_, e)| e).unwrap();
+    let mut bytes = small.into_bytes();
+    bytes.resize(40_000 * 4096, 0);
+    let mut md = ThinMetadata::open(MemDevice::from_bytes(bytes), DATA_BLOCK_SIZE, false).unwrap();
+    md.resize_metadata_dev(40_000).unwrap();
+    md.resize_data_dev(70_000).unwrap();
+    md.commit().unwrap();
+    assert_eq!(md.metadata_dev_size().unwrap(), 40_000);
+    assert_eq!(md.data_dev_size().unwrap(), 70_000);
+    md.open_thin(0).unwrap();
+    for v in 3000..40_000 {
+        let d = md.alloc_data_block().unwrap();
+        md.insert_block(0, v, d).unwrap();
+    }
+    md.close_thin(0).unwrap();
+    md.commit().unwrap();
+    let dev = md.close().map_err(|(_, e)| e).unwrap();
+    let report = dmsim_model::thin::check::check_thin_metadata(
+        &mut dev.clone(),
+        &dmsim_model::thin::check::CheckOptions::default(),
+    )
+    .unwrap();
+    assert!(report.is_clean(), "{:#?}", report.problems);
+    assert_eq!(report.metadata_nr_blocks, 40_000);
+    assert_eq!(report.data_nr_blocks, 70_000);
+    agree_with_tools(&dev);
+}
