@@ -327,16 +327,23 @@ impl<D: BlockDevice> TransactionManager<D> {
         }
     }
 
+    /// The part of `b..e` in `b`'s bitmap, with that bitmap made writable:
+    /// (bitmap index, first entry, end entry, index entry pointing at the
+    /// writable copy). The index entry is saved by the caller when done.
+    fn writable_bitmap(&mut self, sel: SmSel, b: u64, e: u64) -> Result<(u64, u64, u64, IndexEntry)> {
+        let index = b / ENTRIES_PER_BITMAP;
+        let bit = b % ENTRIES_PER_BITMAP;
+        let mut ie = self.load_ie(LlRef::Cur(sel), index)?;
+        ie.blocknr = self.shadow_block(ie.blocknr, BlockKind::Bitmap)?.block;
+        Ok((index, bit, (bit + (e - b)).min(ENTRIES_PER_BITMAP), ie))
+    }
+
     /// Adds a reference to each block of `b..e`; returns the number of
     /// blocks that went from free to allocated.
     pub(crate) fn ll_inc(&mut self, sel: SmSel, mut b: u64, e: u64) -> Result<i64> {
         let mut nr_allocations = 0;
         while b != e {
-            let index = b / ENTRIES_PER_BITMAP;
-            let mut bit = b % ENTRIES_PER_BITMAP;
-            let mut ie = self.load_ie(LlRef::Cur(sel), index)?;
-            ie.blocknr = self.shadow_block(ie.blocknr, BlockKind::Bitmap)?.block;
-            let bit_end = (bit + (e - b)).min(ENTRIES_PER_BITMAP);
+            let (index, mut bit, bit_end, mut ie) = self.writable_bitmap(sel, b, e)?;
             let mut overflow_leaf = None;
             while bit != bit_end {
                 let bitmap = &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?[BITMAP_HEADER_SIZE..];
@@ -374,11 +381,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     pub(crate) fn ll_dec(&mut self, sel: SmSel, mut b: u64, e: u64) -> Result<i64> {
         let mut nr_allocations = 0;
         while b != e {
-            let index = b / ENTRIES_PER_BITMAP;
-            let mut bit = b % ENTRIES_PER_BITMAP;
-            let mut ie = self.load_ie(LlRef::Cur(sel), index)?;
-            ie.blocknr = self.shadow_block(ie.blocknr, BlockKind::Bitmap)?.block;
-            let bit_end = (bit + (e - b)).min(ENTRIES_PER_BITMAP);
+            let (index, mut bit, bit_end, mut ie) = self.writable_bitmap(sel, b, e)?;
             let mut overflow_leaf = None;
             while bit != bit_end {
                 let bitmap = &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?[BITMAP_HEADER_SIZE..];
