@@ -1,6 +1,6 @@
 //! The simulated disk and crash-state construction.
 
-use dmsim_model::block_device::{BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
+use dmsim_model::block_device::{byte_range, BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
 use rand::Rng;
 
 /// One request the disk acknowledged, in order.
@@ -68,13 +68,7 @@ impl SimDisk {
     }
 
     fn check(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
-        let start = sector.checked_mul(SECTOR_SIZE);
-        match start.and_then(|s| s.checked_add(len as u64)) {
-            Some(end) if end <= self.visible.len() as u64 && (len as u64).is_multiple_of(SECTOR_SIZE) => {
-                Ok(start.unwrap_or(0) as usize..end as usize)
-            }
-            _ => Err(IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() }),
-        }
+        byte_range(sector, len, self.visible.len() as u64)
     }
 }
 

@@ -58,6 +58,19 @@ pub trait BlockDevice {
     fn flush(&mut self) -> Result<(), IoError>;
 }
 
+/// The byte range of a request of `len` bytes at `sector` on a device of
+/// `device_bytes`, or the error a device reports for it: past the end, or
+/// not a whole number of sectors. Shared by the in-memory devices.
+pub fn byte_range(sector: u64, len: usize, device_bytes: u64) -> Result<std::ops::Range<usize>, IoError> {
+    let out_of_range = || IoError::OutOfRange { sector, len, nr_sectors: device_bytes / SECTOR_SIZE };
+    let start = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
+    let end = start.checked_add(len as u64).ok_or_else(out_of_range)?;
+    if end > device_bytes || !(len as u64).is_multiple_of(SECTOR_SIZE) {
+        return Err(out_of_range());
+    }
+    Ok(start as usize..end as usize)
+}
+
 impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
     fn nr_sectors(&self) -> u64 {
         (**self).nr_sectors()
@@ -113,13 +126,7 @@ impl MemDevice {
     }
 
     fn range(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
-        let out_of_range = || IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors() };
-        let start = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
-        let end = start.checked_add(len as u64).ok_or_else(out_of_range)?;
-        if end > self.bytes.len() as u64 || !(len as u64).is_multiple_of(SECTOR_SIZE) {
-            return Err(out_of_range());
-        }
-        Ok(start as usize..end as usize)
+        byte_range(sector, len, self.bytes.len() as u64)
     }
 }
 
