@@ -9,6 +9,8 @@
 #![warn(missing_docs)]
 
 pub mod block_device;
+pub mod errno;
 pub mod mutation;
 pub mod pdata;
+pub mod sync;
 pub mod thin;

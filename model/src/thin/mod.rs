@@ -5,6 +5,7 @@
 pub mod check;
 pub mod dump;
 pub mod metadata;
+pub mod mode;
 pub mod superblock;
 
 pub use metadata::{ThinError, ThinMetadata};
