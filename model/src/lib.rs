@@ -9,8 +9,10 @@
 #![warn(missing_docs)]
 
 pub mod block_device;
+pub mod deferred_set;
 pub mod errno;
 pub mod mutation;
 pub mod pdata;
+pub mod prison;
 pub mod sync;
 pub mod thin;
