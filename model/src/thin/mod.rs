@@ -4,8 +4,11 @@
 
 pub mod check;
 pub mod dump;
+pub mod message;
 pub mod metadata;
 pub mod mode;
+pub mod status;
 pub mod superblock;
+pub mod table;
 
 pub use metadata::{ThinError, ThinMetadata};
