@@ -17,14 +17,43 @@ pub struct Mutations {
     /// so a crash before the commit finds blocks of the committed trees
     /// overwritten.
     pub reuse_freed_before_commit: bool,
+    /// Newly provisioned blocks are not zeroed although zeroing is on: the
+    /// rest of a partly written new block shows whatever the data device
+    /// held there.
+    pub skip_zeroing: bool,
+    /// `create_snap` shares the origin's mapping tree without taking a
+    /// reference to its root: the snapshot's view changes with the origin.
+    pub snapshot_without_inc: bool,
+    /// A write to a shared block goes to that block instead of breaking
+    /// the sharing: the snapshot sees the origin's new data.
+    pub write_to_shared_in_place: bool,
+    /// A passdown discard discards data blocks that another device still
+    /// maps.
+    pub passdown_ignores_sharing: bool,
+    /// Flush and FUA bios complete without waiting for the metadata
+    /// commit: after a crash their blocks can be unmapped.
+    pub fua_before_commit: bool,
+    /// The commit does not flush the data device first: committed mappings
+    /// can point at data that never became durable.
+    pub data_not_flushed_before_commit: bool,
 }
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 2] = [
+    pub const ALL: [(&'static str, Switch); 8] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
+        ("skip-zeroing", |m| m.skip_zeroing = true),
+        ("snapshot-without-inc", |m| m.snapshot_without_inc = true),
+        ("write-to-shared-in-place", |m| m.write_to_shared_in_place = true),
+        ("passdown-ignores-sharing", |m| m.passdown_ignores_sharing = true),
+        ("fua-before-commit", |m| m.fua_before_commit = true),
+        ("data-not-flushed-before-commit", |m| m.data_not_flushed_before_commit = true),
     ];
+
+    /// The mutations that break the metadata commit protocol (caught by the
+    /// metadata crash campaign).
+    pub const METADATA: [&'static str; 2] = ["superblock-before-flush", "reuse-freed-before-commit"];
 
     /// The mutation named `name` (see [`Self::ALL`]).
     pub fn by_name(name: &str) -> Option<Mutations> {

@@ -498,7 +498,7 @@ mod tests {
     /// blocks are candidates for reuse.
     #[test]
     fn broken_commit_protocols_are_caught() {
-        for (name, _) in Mutations::ALL {
+        for name in Mutations::METADATA {
             let cfg = CampaignConfig {
                 mutations: Mutations::by_name(name).unwrap(),
                 metadata_sectors: 2048,

@@ -67,6 +67,9 @@ pub enum ThinError {
     /// A persistent-data failure.
     #[error(transparent)]
     Pdata(#[from] PdataError),
+    /// The pool's pre-commit flush of the data device failed.
+    #[error("flushing the data device before the commit failed: {0}")]
+    DataFlush(crate::block_device::IoError),
 }
 
 /// Result of thin metadata operations.
@@ -381,7 +384,9 @@ impl<D: BlockDevice> ThinMetadata<D> {
             return Err(ThinError::NoSuchDevice(origin));
         }
         let origin_root = u64::from_le_bytes(buf);
-        self.tm.inc(origin_root)?;
+        if !self.tm.mutations.snapshot_without_inc {
+            self.tm.inc(origin_root)?;
+        }
         match self.tm.btree_insert(&TOP_LEVEL_INFO, self.root, &[id], &origin_root.to_le_bytes()) {
             Ok((root, _)) => self.root = root,
             Err(e) => {
@@ -583,6 +588,23 @@ impl<D: BlockDevice> ThinMetadata<D> {
     pub fn mapped_count(&self, id: ThinId) -> Result<u64> {
         self.check_fail_io()?;
         Ok(self.devices[self.open_index(id)?].mapped_blocks)
+    }
+
+    /// The highest mapped virtual block of open device `id`, if any
+    /// (`dm_thin_get_highest_mapped_block`).
+    pub fn highest_mapped_block(&mut self, id: ThinId) -> Result<Option<u64>> {
+        self.check_fail_io()?;
+        self.open_index(id)?;
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&TOP_LEVEL_INFO, self.root, &[id], &mut buf)? {
+            return Ok(None);
+        }
+        let mut highest = None;
+        self.tm.btree_walk(u64::from_le_bytes(buf), BOTTOM_LEVEL_INFO.value_type, &mut |k, _| {
+            highest = Some(k);
+            Ok(())
+        })?;
+        Ok(highest)
     }
 
     /// Whether open device `id` has uncommitted changes.

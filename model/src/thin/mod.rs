@@ -7,6 +7,7 @@ pub mod dump;
 pub mod message;
 pub mod metadata;
 pub mod mode;
+pub mod pool;
 pub mod status;
 pub mod superblock;
 pub mod table;

@@ -1,0 +1,124 @@
+//! The map path (`thin_bio_map`): runs in the submitter's context and never
+//! waits for I/O. Mapped, unshared blocks are remapped straight to the data
+//! device; everything else goes to the worker.
+
+use super::bio::{Bio, BioOp};
+use super::io::DataIo;
+use super::{ActiveThin, Pool};
+use crate::block_device::BlockDevice;
+use crate::errno::Errno;
+use crate::prison::{CellId, CellKey, Detained};
+use crate::sync::lock;
+use crate::thin::metadata::ThinId;
+use crate::thin::mode::PoolMode;
+
+impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
+    /// Maps one bio of an active device.
+    pub(crate) fn map_bio(&self, mut bio: Bio) {
+        let Some(thin) = self.thin(bio.thin) else {
+            self.end_bio(bio, Err(Errno::EIO));
+            return;
+        };
+        if self.mode() == PoolMode::Fail {
+            self.end_bio(bio, Err(Errno::EIO));
+            return;
+        }
+        if bio.is_flush_or_fua() || bio.op == BioOp::Discard {
+            self.defer_bio(&thin, bio);
+            return;
+        }
+        // The virtual cell is taken before the lookup: a discard of this
+        // block must not slip in between.
+        let block = self.block_of(bio.sector);
+        let virt = match self.detain(CellKey::virtual_block(thin.id, block), Some(bio)) {
+            Detained::New(cell) => cell,
+            Detained::AlreadyHeld(_) => return,
+        };
+        let lookup = lock(&self.metadata).find_block(thin.id, block);
+        match lookup {
+            Ok(Some(found)) if !found.shared => {
+                bio = self.take_holder(virt);
+                let data_key = CellKey::data_block(thin.id, found.block);
+                let data_cell = match self.detain(data_key, Some(bio)) {
+                    Detained::New(cell) => cell,
+                    Detained::AlreadyHeld(_) => {
+                        // Sharing of that block is being broken, or it is
+                        // being discarded: wait in its cell.
+                        self.cell_defer_no_holder(thin.id, virt);
+                        return;
+                    }
+                };
+                let mut bio = self.take_holder(data_cell);
+                self.inc_all_io_entry(&mut bio);
+                self.cell_defer_no_holder(thin.id, data_cell);
+                self.cell_defer_no_holder(thin.id, virt);
+                let data_sector = self.remap_sector(bio.sector, found.block);
+                self.submit_data(DataIo::Bio { bio, data_sector });
+            }
+            // Shared (a snapshot may see it) or not provisioned: the worker
+            // decides.
+            Ok(_) => self.defer_cell(&thin, virt),
+            Err(_) => {
+                let bio = self.take_holder(virt);
+                self.end_bio(bio, Err(Errno::EIO));
+                self.cell_defer_no_holder(thin.id, virt);
+            }
+        }
+    }
+
+    /// Detains `bio` under `key`. The prison lock is dropped on return: a
+    /// guard kept alive across a `match` on the result would deadlock the
+    /// paths that release cells in its arms.
+    pub(crate) fn detain(&self, key: CellKey, bio: Option<Bio>) -> Detained {
+        lock(&self.prison).detain(key, bio)
+    }
+
+    /// Takes the holder out of `cell`; the paths that call this have just
+    /// detained it with a bio, so a missing holder is a bug in the model.
+    pub(crate) fn take_holder(&self, cell: CellId) -> Bio {
+        lock(&self.prison).take_holder(cell).expect("cell has its holder")
+    }
+
+    /// `thin_defer_bio`: hand a bio to the worker.
+    pub(crate) fn defer_bio(&self, thin: &ActiveThin, bio: Bio) {
+        lock(&thin.lists).deferred_bios.push(bio);
+        self.wake_worker();
+    }
+
+    /// `thin_defer_cell`: hand a detained cell (holder inside) to the worker.
+    pub(crate) fn defer_cell(&self, thin: &ActiveThin, cell: CellId) {
+        lock(&thin.lists).deferred_cells.push(cell);
+        self.wake_worker();
+    }
+
+    /// `cell_defer_no_holder`: release `cell`, sending the bios that waited
+    /// in it back to the device's deferred list. Its holder has already
+    /// been taken out by whoever is dealing with it.
+    pub(crate) fn cell_defer_no_holder(&self, thin: ThinId, cell: CellId) {
+        let (holder, waiters) = lock(&self.prison).release_no_holder(cell);
+        debug_assert!(holder.is_none(), "cell released with its holder still inside");
+        let bios: Vec<Bio> = holder.into_iter().chain(waiters).collect();
+        if bios.is_empty() {
+            return;
+        }
+        match self.thin(thin) {
+            Some(t) => {
+                lock(&t.lists).deferred_bios.extend(bios);
+                self.wake_worker();
+            }
+            None => {
+                for bio in bios {
+                    self.end_bio(bio, Err(Errno::EIO));
+                }
+            }
+        }
+    }
+
+    /// `inc_all_io_entry`: every non-discard bio issued to the data device
+    /// is counted, so that discards can wait for it.
+    pub(crate) fn inc_all_io_entry(&self, bio: &mut Bio) {
+        if bio.op != BioOp::Discard {
+            bio.hook.all_io_entry = Some(lock(&self.all_io_ds).inc());
+        }
+    }
+}

@@ -1,0 +1,831 @@
+//! The thin-pool target and its thin devices, in the kernel's shape
+//! (dm-thin.c of Linux 6.1, spec §3 and §5).
+//!
+//! The concurrent core is laid out as in the kernel, not as a monolith:
+//!
+//! - the **map path** ([`Pool::submit`]) runs in the submitter's context: it
+//!   detains the virtual cell, looks the block up without blocking, remaps
+//!   mapped unshared blocks straight to the data device (the fast path) and
+//!   hands everything else to the worker;
+//! - the **bio prison** ([`crate::prison`]) holds cells keyed by virtual and
+//!   data block; two **deferred sets** ([`crate::deferred_set`]) make
+//!   break-sharing wait for older shared reads and discards for older I/O;
+//! - the **worker** ([`Pool::run_worker`], one pass of `do_worker`) processes
+//!   prepared mappings and discards, then each active device's deferred cells
+//!   and bios, then commits when a flush or the commit period asks for it;
+//! - **completions** ([`Pool::complete_io`]) run the end-io paths: deferred
+//!   set decrements, mapping preparation, passdown.
+//!
+//! Every piece of shared state sits behind a [`crate::sync`] lock named after
+//! the kernel's: `root_lock` (metadata), the prison lock, the deferred sets'
+//! locks, `pool->lock` (the pool lists), `tc->lock` (a device's lists). All
+//! entry points take `&self`, so the same code runs single-stepped by the
+//! simulator — "map submitter k's bio", "run one worker pass", "complete data
+//! I/O n" — or on real threads under loom and shuttle.
+//!
+//! Data I/O is asynchronous: a bio remapped to the data device, a kcopyd zero
+//! or copy, a passdown discard each become an in-flight [`IoId`] that reaches
+//! the data device only when the caller completes it. Metadata I/O is
+//! synchronous, as bufio's is from the worker's point of view.
+//!
+//! Deliberate differences from the kernel, all invisible to a user of the
+//! devices: lookups in the map path never return "would block" (the model's
+//! buffer cache holds every block); the mempools never run dry; noflush
+//! suspend (requeue mode) and external origins are not modelled; one thin
+//! device id can be active once.
+
+mod bio;
+mod io;
+mod map;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bio::Bio;
+pub use bio::{BioId, BioOp, BioRequest, Completion};
+use io::IoState;
+pub use io::{DataIoKind, IoId, IoInfo};
+
+use crate::block_device::{BlockDevice, IoError};
+use crate::deferred_set::DeferredSet;
+use crate::errno::Errno;
+use crate::mutation::Mutations;
+use crate::pdata::layout::space_map::MAX_METADATA_BLOCKS;
+use crate::pdata::PdataError;
+use crate::prison::{BioPrison, CellId};
+use crate::sync::{lock, Arc, Mutex};
+use crate::thin::message::PoolMessage;
+use crate::thin::metadata::{ThinError, ThinId, ThinMetadata};
+use crate::thin::mode::PoolMode;
+use crate::thin::status::{self, DiscardWord, PoolInfo};
+use crate::thin::table::PoolTable;
+
+/// Simulated time in nanoseconds, supplied by the caller ([`Pool::set_time`]).
+pub type Nanos = u64;
+
+/// How long the pool may go without a commit while devices have changes
+/// (`COMMIT_PERIOD`, one second).
+pub const COMMIT_PERIOD: Nanos = 1_000_000_000;
+
+/// The `no_space_timeout` module parameter's default: how long bios queue in
+/// out-of-data-space mode before they fail with ENOSPC.
+pub const DEFAULT_NO_SPACE_TIMEOUT: Nanos = 60_000_000_000;
+
+/// Names a prepared mapping (the kernel's `dm_thin_new_mapping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MappingId(u64);
+
+/// A failure reported to the caller of a message, an activation or a status
+/// query: the errno the ioctl returns and the kernel's log text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetError {
+    /// The errno.
+    pub errno: Errno,
+    /// What the kernel logs (or sets as `ti->error`).
+    pub message: String,
+}
+
+impl TargetError {
+    fn new(errno: Errno, message: impl Into<String>) -> Self {
+        TargetError { errno, message: message.into() }
+    }
+}
+
+impl fmt::Display for TargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.errno)
+    }
+}
+
+impl std::error::Error for TargetError {}
+
+/// Knobs that are not part of the table line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// The `no_space_timeout` module parameter; 0 queues for ever.
+    pub no_space_timeout: Nanos,
+    /// Deliberate bugs for detector tests (all off by default).
+    pub mutations: Mutations,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { no_space_timeout: DEFAULT_NO_SPACE_TIMEOUT, mutations: Mutations::default() }
+    }
+}
+
+/// The bio a mapping finishes with.
+#[derive(Debug)]
+enum MappingBio {
+    /// The holder is still in the cell (zeroing, copying, no zeroing).
+    None,
+    /// The holder overwrites the whole block; it is in flight until its
+    /// write completes, then parked here until the mapping is inserted.
+    Overwrite(Option<Bio>),
+    /// A discard without passdown: the whole discard bio.
+    Discard(Bio),
+    /// One run of a passdown discard: the parent's key in
+    /// [`PoolLists::discard_parents`].
+    DiscardParent(u64),
+}
+
+/// A mapping being prepared (`dm_thin_new_mapping`).
+#[derive(Debug)]
+struct NewMapping {
+    thin: ThinId,
+    virt_begin: u64,
+    virt_end: u64,
+    data_block: u64,
+    cell: Option<CellId>,
+    maybe_shared: bool,
+    /// Preparation steps still outstanding (quiesce, copy, zero, the
+    /// scheduler's own reference).
+    prepare_actions: u32,
+    status: Result<(), Errno>,
+    bio: MappingBio,
+}
+
+/// A passdown discard bio shared by the mappings of its runs
+/// (`bio_inc_remaining`).
+#[derive(Debug)]
+struct DiscardParent {
+    bio: Bio,
+    remaining: u32,
+    result: Result<(), Errno>,
+}
+
+/// State under `pool->lock`.
+#[derive(Debug, Default)]
+struct PoolLists {
+    /// Flush/FUA bios waiting for a commit, with the data sector they were
+    /// remapped to.
+    deferred_flush_bios: Vec<(Bio, u64)>,
+    deferred_flush_completions: Vec<Bio>,
+    prepared_mappings: Vec<MappingId>,
+    prepared_discards: Vec<MappingId>,
+    prepared_discards_pt2: Vec<MappingId>,
+    mappings: BTreeMap<MappingId, NewMapping>,
+    next_mapping: u64,
+    discard_parents: BTreeMap<u64, DiscardParent>,
+    next_discard_parent: u64,
+    low_water_triggered: bool,
+    suspended: bool,
+    worker_wanted: bool,
+    /// dm events raised (low water mark, mode changes).
+    events: u64,
+}
+
+/// State under a thin device's `tc->lock`.
+#[derive(Debug, Default)]
+struct ThinLists {
+    deferred_cells: Vec<CellId>,
+    deferred_bios: Vec<Bio>,
+    retry_on_resume: Vec<Bio>,
+}
+
+/// An active thin device (`thin_c`).
+#[derive(Debug)]
+pub(crate) struct ActiveThin {
+    id: ThinId,
+    nr_sectors: u64,
+    lists: Mutex<ThinLists>,
+}
+
+/// The pool mode and the features that change with it.
+#[derive(Debug)]
+struct ModeState {
+    mode: PoolMode,
+    /// In effect now (the no-space timeout can switch it on).
+    error_if_no_space: bool,
+    out_of_data_space: bool,
+    no_space_deadline: Option<Nanos>,
+}
+
+#[derive(Debug, Default)]
+struct Clock {
+    now: Nanos,
+    /// Time of the last commit made at the end of a worker pass.
+    last_commit: Nanos,
+}
+
+/// A thin pool with its active thin devices, over a metadata device `M` and
+/// a data device `D`.
+pub struct Pool<M, D> {
+    table: PoolTable,
+    block_sectors: u64,
+    passdown: bool,
+    options: PoolOptions,
+    /// `pmd->root_lock` and what it guards.
+    metadata: Mutex<ThinMetadata<M>>,
+    data: Mutex<D>,
+    prison: Mutex<BioPrison<Bio>>,
+    shared_read_ds: Mutex<DeferredSet<MappingId>>,
+    all_io_ds: Mutex<DeferredSet<MappingId>>,
+    lists: Mutex<PoolLists>,
+    /// Active thin devices in activation order.
+    thins: Mutex<Vec<Arc<ActiveThin>>>,
+    mode: Mutex<ModeState>,
+    io: Mutex<IoState>,
+    clock: Mutex<Clock>,
+}
+
+impl<M, D> fmt::Debug for Pool<M, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool").field("table", &self.table).finish_non_exhaustive()
+    }
+}
+
+/// The errno the kernel returns for a metadata failure.
+pub fn errno_of(e: &ThinError) -> Errno {
+    match e {
+        ThinError::Exists(_) => Errno::EEXIST,
+        ThinError::NoSuchDevice(_) => Errno::ENODATA,
+        ThinError::Busy(_) | ThinError::SnapshotExists => Errno::EBUSY,
+        ThinError::Unformatted => Errno::EPERM,
+        ThinError::Pdata(PdataError::NoSpace(_)) => Errno::ENOSPC,
+        ThinError::Pdata(PdataError::NoData) => Errno::ENODATA,
+        ThinError::Pdata(PdataError::Io { .. }) | ThinError::DataFlush(_) => Errno::EIO,
+        _ => Errno::EINVAL,
+    }
+}
+
+fn io_errno(_: &IoError) -> Errno {
+    Errno::EIO
+}
+
+impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
+    /// Loads the table `table` of `len_sectors` over the two devices and
+    /// resumes the pool: the constructor (open the metadata, formatting a
+    /// zeroed device), then preresume (take the mode from the table, grow the
+    /// data and metadata space maps to the devices' sizes, commit if they
+    /// grew) and resume.
+    pub fn create(
+        table: PoolTable,
+        len_sectors: u64,
+        metadata: M,
+        data: D,
+        options: PoolOptions,
+    ) -> Result<Self, TargetError> {
+        let block_sectors = u64::from(table.data_block_size);
+        let mut md = ThinMetadata::open(metadata, table.data_block_size, !table.features.read_only)
+            .map_err(|e| TargetError::new(errno_of(&e), format!("Error creating metadata object: {e}")))?;
+        md.set_mutations(options.mutations);
+        let passdown = !table.features.ignore_discard && !table.features.no_discard_passdown;
+        let error_if_no_space = table.features.error_if_no_space;
+        let pool = Pool {
+            block_sectors,
+            passdown,
+            options,
+            metadata: Mutex::new(md),
+            data: Mutex::new(data),
+            prison: Mutex::new(BioPrison::new()),
+            shared_read_ds: Mutex::new(DeferredSet::new()),
+            all_io_ds: Mutex::new(DeferredSet::new()),
+            lists: Mutex::new(PoolLists { suspended: true, ..PoolLists::default() }),
+            thins: Mutex::new(Vec::new()),
+            mode: Mutex::new(ModeState {
+                mode: PoolMode::Write,
+                error_if_no_space,
+                out_of_data_space: false,
+                no_space_deadline: None,
+            }),
+            io: Mutex::new(IoState::default()),
+            clock: Mutex::new(Clock::default()),
+            table,
+        };
+        pool.preresume(len_sectors)?;
+        pool.resume();
+        Ok(pool)
+    }
+
+    /// The table the pool was loaded with.
+    pub fn table(&self) -> &PoolTable {
+        &self.table
+    }
+
+    /// Data block size in sectors.
+    pub fn block_sectors(&self) -> u64 {
+        self.block_sectors
+    }
+
+    /// The pool's mode.
+    pub fn mode(&self) -> PoolMode {
+        lock(&self.mode).mode
+    }
+
+    /// dm events raised so far (the low water mark, mode changes).
+    pub fn events(&self) -> u64 {
+        lock(&self.lists).events
+    }
+
+    /// Runs `f` on the metadata under `root_lock` (for tests and tools: the
+    /// checker, dumps, counts).
+    pub fn with_metadata<T>(&self, f: impl FnOnce(&mut ThinMetadata<M>) -> T) -> T {
+        f(&mut lock(&self.metadata))
+    }
+
+    /// Runs `f` on the data device (for tests and tools).
+    pub fn with_data_device<T>(&self, f: impl FnOnce(&mut D) -> T) -> T {
+        f(&mut lock(&self.data))
+    }
+
+    // ---- lifecycle ----
+
+    fn preresume(&self, len_sectors: u64) -> Result<(), TargetError> {
+        let table_mode = if self.table.features.read_only { PoolMode::ReadOnly } else { PoolMode::Write };
+        self.set_pool_mode(table_mode);
+        let r = self.resize_devices(len_sectors);
+        if r.is_err() && self.mode() == PoolMode::Fail {
+            return Ok(());
+        }
+        r
+    }
+
+    fn resize_devices(&self, len_sectors: u64) -> Result<(), TargetError> {
+        let data_size = len_sectors / self.block_sectors;
+        let mut need_commit = false;
+        let (sb_data_size, needs_check) = {
+            let mut md = lock(&self.metadata);
+            let size = md.data_dev_size().map_err(|e| {
+                TargetError::new(errno_of(&e), "failed to retrieve data device size".to_string())
+            })?;
+            (size, md.needs_check())
+        };
+        if data_size < sb_data_size {
+            return Err(TargetError::new(
+                Errno::EINVAL,
+                format!("pool target ({data_size} blocks) too small: expected {sb_data_size}"),
+            ));
+        }
+        if data_size > sb_data_size && !needs_check {
+            let r = lock(&self.metadata).resize_data_dev(data_size);
+            if let Err(e) = r {
+                self.metadata_operation_failed("dm_pool_resize_data_dev", &e);
+                return Err(TargetError::new(errno_of(&e), e.to_string()));
+            }
+            need_commit = true;
+        }
+        let (device_blocks, sm_blocks) = {
+            let mut md = lock(&self.metadata);
+            let device_blocks = md.transaction_manager().block_manager().nr_blocks().min(MAX_METADATA_BLOCKS);
+            let sm_blocks =
+                md.metadata_dev_size().map_err(|e| TargetError::new(errno_of(&e), e.to_string()))?;
+            (device_blocks, sm_blocks)
+        };
+        if device_blocks < sm_blocks {
+            return Err(TargetError::new(
+                Errno::EINVAL,
+                format!("metadata device ({device_blocks} blocks) too small: expected {sm_blocks}"),
+            ));
+        }
+        if device_blocks > sm_blocks && !needs_check {
+            let r = lock(&self.metadata).resize_metadata_dev(device_blocks);
+            if let Err(e) = r {
+                self.metadata_operation_failed("dm_pool_resize_metadata_dev", &e);
+                return Err(TargetError::new(errno_of(&e), e.to_string()));
+            }
+            if self.mode() == PoolMode::OutOfMetadataSpace {
+                self.set_pool_mode(PoolMode::Write);
+            }
+            need_commit = true;
+        }
+        if need_commit {
+            let _ = self.commit();
+        }
+        Ok(())
+    }
+
+    fn resume(&self) {
+        self.requeue_bios();
+        let mut lists = lock(&self.lists);
+        lists.low_water_triggered = false;
+        lists.suspended = false;
+        lists.worker_wanted = true;
+    }
+
+    /// Suspends the pool (presuspend + postsuspend): runs the worker once
+    /// more, requires that no data I/O is in flight (DM core waits for it;
+    /// here the caller completes it first), then commits. Bios queued for
+    /// a resume stay queued.
+    pub fn suspend(&self) -> Result<(), TargetError> {
+        lock(&self.lists).suspended = true;
+        lock(&self.mode).no_space_deadline = None;
+        self.run_worker();
+        if !lock(&self.io).in_flight.is_empty() {
+            lock(&self.lists).suspended = false;
+            return Err(TargetError::new(
+                Errno::EBUSY,
+                "data I/O still in flight: complete it before suspending",
+            ));
+        }
+        let _ = self.commit();
+        Ok(())
+    }
+
+    /// Reloads the pool with a table of `len_sectors` (growing the data
+    /// device when larger) and resumes it: the userland response to the low
+    /// water mark or to out-of-data-space. The pool must be suspended.
+    pub fn reload_and_resume(&self, len_sectors: u64) -> Result<(), TargetError> {
+        if !lock(&self.lists).suspended {
+            return Err(TargetError::new(Errno::EINVAL, "the pool must be suspended to reload it"));
+        }
+        let current = self.mode();
+        self.set_pool_mode(current);
+        let r = self.resize_devices(len_sectors);
+        if r.is_err() && self.mode() != PoolMode::Fail {
+            return r;
+        }
+        self.resume();
+        Ok(())
+    }
+
+    /// Activates thin device `id` with a table of `len_sectors` (`thin_ctr`).
+    pub fn activate_thin(&self, id: ThinId, len_sectors: u64) -> Result<(), TargetError> {
+        if lock(&self.lists).suspended {
+            return Err(TargetError::new(
+                Errno::EINVAL,
+                "Unable to activate thin device while pool is suspended",
+            ));
+        }
+        if self.mode() == PoolMode::Fail {
+            return Err(TargetError::new(Errno::EINVAL, "Couldn't open thin device, Pool is in fail mode"));
+        }
+        if self.thin(id).is_some() {
+            return Err(TargetError::new(Errno::EBUSY, format!("thin device {id} is already active")));
+        }
+        lock(&self.metadata)
+            .open_thin(id)
+            .map_err(|e| TargetError::new(errno_of(&e), "Couldn't open thin internal device"))?;
+        let thin = ActiveThin { id, nr_sectors: len_sectors, lists: Mutex::new(ThinLists::default()) };
+        lock(&self.thins).push(Arc::new(thin));
+        Ok(())
+    }
+
+    /// Deactivates thin device `id` (`thin_dtr`); refused while it has
+    /// requests outstanding.
+    pub fn deactivate_thin(&self, id: ThinId) -> Result<(), TargetError> {
+        if self.thin(id).is_none() {
+            return Err(TargetError::new(Errno::ENODATA, format!("thin device {id} is not active")));
+        }
+        if lock(&self.io).user.values().any(|u| u.thin == id) {
+            return Err(TargetError::new(Errno::EBUSY, format!("thin device {id} has requests in flight")));
+        }
+        lock(&self.thins).retain(|t| t.id != id);
+        let r = lock(&self.metadata).close_thin(id);
+        r.map_err(|e| TargetError::new(errno_of(&e), e.to_string()))
+    }
+
+    /// The ids of the active thin devices, in activation order.
+    pub fn active_thins(&self) -> Vec<ThinId> {
+        lock(&self.thins).iter().map(|t| t.id).collect()
+    }
+
+    /// Size of active thin device `id` in sectors.
+    pub fn thin_sectors(&self, id: ThinId) -> Option<u64> {
+        self.thin(id).map(|t| t.nr_sectors)
+    }
+
+    /// Tears the pool down (postsuspend's commit, then closing the
+    /// metadata, which commits again unless read-only) and returns the
+    /// devices. Active thins are deactivated first; in-flight I/O is
+    /// refused.
+    // The refusal hands the pool back, hence the large error.
+    #[allow(clippy::result_large_err)]
+    pub fn close(self) -> Result<(M, D), (Self, TargetError)> {
+        if self.bios_in_flight() > 0 || !lock(&self.io).in_flight.is_empty() {
+            return Err((self, TargetError::new(Errno::EBUSY, "requests still in flight")));
+        }
+        for id in self.active_thins() {
+            if let Err(e) = self.deactivate_thin(id) {
+                return Err((self, e));
+            }
+        }
+        if let Err(e) = self.suspend() {
+            return Err((self, e));
+        }
+        let read_only = self.mode() >= PoolMode::OutOfMetadataSpace;
+        let Pool { metadata, data, .. } = self;
+        let mut md = metadata.into_inner().unwrap_or_else(|p| p.into_inner());
+        md.set_read_only(read_only);
+        let data = data.into_inner().unwrap_or_else(|p| p.into_inner());
+        match md.close() {
+            Ok(m) => Ok((m, data)),
+            Err((_, e)) => panic!("metadata refused to close with no thin device open: {e}"),
+        }
+    }
+
+    /// Drops everything that was not durable, as a power cut would, and
+    /// returns the two devices.
+    pub fn crash(self) -> (M, D) {
+        let Pool { metadata, data, .. } = self;
+        let md = metadata.into_inner().unwrap_or_else(|p| p.into_inner());
+        (md.crash(), data.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    // ---- time ----
+
+    /// Advances simulated time to `now` (never backwards). Fires the
+    /// no-space timeout when it is due (`do_no_space_timeout`).
+    pub fn set_time(&self, now: Nanos) {
+        {
+            let mut clock = lock(&self.clock);
+            clock.now = clock.now.max(now);
+        }
+        let due = {
+            let mut mode = lock(&self.mode);
+            match mode.no_space_deadline {
+                Some(deadline) if deadline <= now => {
+                    mode.no_space_deadline = None;
+                    mode.mode == PoolMode::OutOfDataSpace && !mode.error_if_no_space
+                }
+                _ => false,
+            }
+        };
+        if due {
+            lock(&self.mode).error_if_no_space = true;
+            lock(&self.lists).events += 1;
+            self.error_retry_list_with(Errno::ENOSPC);
+        }
+        if self.commit_due() {
+            lock(&self.lists).worker_wanted = true;
+        }
+    }
+
+    /// Simulated time now.
+    pub fn now(&self) -> Nanos {
+        lock(&self.clock).now
+    }
+
+    /// When the no-space timeout fires, if it is armed.
+    pub fn no_space_deadline(&self) -> Option<Nanos> {
+        lock(&self.mode).no_space_deadline
+    }
+
+    fn commit_due(&self) -> bool {
+        let clock = lock(&self.clock);
+        clock.now > clock.last_commit + COMMIT_PERIOD
+    }
+
+    // ---- messages and status ----
+
+    /// Sends a pool message (`dmsetup message <pool> 0 <text>`); each
+    /// successful message is followed by a commit.
+    pub fn message(&self, text: &str) -> Result<(), TargetError> {
+        if self.mode() >= PoolMode::OutOfMetadataSpace {
+            return Err(TargetError::new(
+                Errno::EOPNOTSUPP,
+                "unable to service pool target messages in READ_ONLY or FAIL mode",
+            ));
+        }
+        let msg = PoolMessage::parse(text).map_err(|e| TargetError::new(e.errno, e.message))?;
+        if msg == PoolMessage::ReserveMetadataSnap {
+            let _ = self.commit();
+        }
+        let r = {
+            let mut md = lock(&self.metadata);
+            match msg {
+                PoolMessage::CreateThin(id) => md.create_thin(id),
+                PoolMessage::CreateSnap { id, origin } => md.create_snap(id, origin),
+                PoolMessage::Delete(id) => md.delete_thin(id),
+                PoolMessage::SetTransactionId { current, new } => md.set_transaction_id(current, new),
+                PoolMessage::ReserveMetadataSnap => md.reserve_metadata_snap(),
+                PoolMessage::ReleaseMetadataSnap => md.release_metadata_snap(),
+            }
+        };
+        match r {
+            Ok(()) => {
+                let _ = self.commit();
+                Ok(())
+            }
+            Err(e) => Err(TargetError::new(errno_of(&e), format!("{msg}: {e}"))),
+        }
+    }
+
+    /// The pool's INFO status line. Unless `noflush` (or the pool is
+    /// suspended), producing it commits first, as the kernel does.
+    pub fn status(&self, noflush: bool) -> String {
+        if self.mode() == PoolMode::Fail {
+            return "Fail".to_string();
+        }
+        if !noflush && !lock(&self.lists).suspended {
+            let _ = self.commit();
+        }
+        let (mode, error_if_no_space) = {
+            let m = lock(&self.mode);
+            (m.mode, m.error_if_no_space)
+        };
+        let info = (|| -> Result<PoolInfo, ThinError> {
+            let mut md = lock(&self.metadata);
+            let total_metadata_blocks = md.metadata_dev_size()?;
+            let free_metadata = md.free_metadata_blocks()?;
+            let total_data_blocks = md.data_dev_size()?;
+            let free_data = md.free_data_blocks()?;
+            let held = md.metadata_snap()?;
+            Ok(PoolInfo {
+                transaction_id: md.transaction_id()?,
+                used_metadata_blocks: total_metadata_blocks - free_metadata.min(total_metadata_blocks),
+                total_metadata_blocks,
+                used_data_blocks: total_data_blocks - free_data.min(total_data_blocks),
+                total_data_blocks,
+                held_root: (held != 0).then_some(held),
+                mode,
+                discard: if self.table.features.ignore_discard {
+                    DiscardWord::IgnoreDiscard
+                } else if self.passdown {
+                    DiscardWord::DiscardPassdown
+                } else {
+                    DiscardWord::NoDiscardPassdown
+                },
+                error_if_no_space,
+                needs_check: md.needs_check(),
+                metadata_low_watermark: status::metadata_low_watermark(total_metadata_blocks),
+            })
+        })();
+        match info {
+            Ok(info) => status::pool_info_line(&info),
+            Err(_) => "Error".to_string(),
+        }
+    }
+
+    /// Thin device `id`'s INFO status line (mapped sectors, highest mapped
+    /// sector). Does not commit.
+    pub fn thin_status(&self, id: ThinId) -> Result<String, TargetError> {
+        if self.thin(id).is_none() {
+            return Err(TargetError::new(Errno::ENODATA, format!("thin device {id} is not active")));
+        }
+        let failed = self.mode() == PoolMode::Fail;
+        let r = (|| -> Result<(u64, Option<u64>), ThinError> {
+            let mut md = lock(&self.metadata);
+            let mapped = md.mapped_count(id)?;
+            let highest = md.highest_mapped_block(id)?;
+            Ok((mapped, highest))
+        })();
+        match r {
+            Ok((mapped, highest)) => {
+                Ok(status::thin_info_line(mapped, highest, self.table.data_block_size, failed))
+            }
+            Err(_) if failed => Ok(status::thin_info_line(0, None, self.table.data_block_size, true)),
+            Err(_) => Ok("Error".to_string()),
+        }
+    }
+
+    // ---- modes and commits ----
+
+    /// `commit()`: refused in read-only modes; a failure aborts the
+    /// transaction and degrades the pool.
+    fn commit(&self) -> Result<(), Errno> {
+        if self.mode() >= PoolMode::OutOfMetadataSpace {
+            return Err(Errno::EINVAL);
+        }
+        let r = {
+            let mut md = lock(&self.metadata);
+            let data = &self.data;
+            let flush_data = !self.options.mutations.data_not_flushed_before_commit;
+            md.commit_with(
+                || if flush_data { lock(data).flush().map_err(ThinError::DataFlush) } else { Ok(()) },
+            )
+        };
+        if let Err(e) = r {
+            self.metadata_operation_failed("dm_pool_commit_metadata", &e);
+            return Err(errno_of(&e));
+        }
+        self.check_for_metadata_space();
+        self.check_for_data_space();
+        Ok(())
+    }
+
+    fn check_for_metadata_space(&self) {
+        let free = lock(&self.metadata).free_metadata_blocks();
+        let short = !matches!(free, Ok(n) if n > 0);
+        let mode = self.mode();
+        if short && !matches!(mode, PoolMode::OutOfMetadataSpace | PoolMode::ReadOnly) {
+            self.set_pool_mode(PoolMode::OutOfMetadataSpace);
+        }
+    }
+
+    fn check_for_data_space(&self) {
+        if self.mode() != PoolMode::OutOfDataSpace {
+            return;
+        }
+        let free = lock(&self.metadata).free_data_blocks();
+        if let Ok(free) = free {
+            if free > 0 {
+                self.set_pool_mode(PoolMode::Write);
+                self.requeue_bios();
+            }
+        }
+    }
+
+    fn metadata_operation_failed(&self, _op: &str, _e: &ThinError) {
+        // abort_transaction
+        if lock(&self.metadata).abort().is_err() {
+            self.set_pool_mode(PoolMode::Fail);
+        }
+        if lock(&self.metadata).set_needs_check().is_err() {
+            self.set_pool_mode(PoolMode::Fail);
+        }
+        self.set_pool_mode(PoolMode::ReadOnly);
+    }
+
+    /// `set_pool_mode`, with its rules: never WRITE while needs_check is
+    /// set, never out of FAIL.
+    fn set_pool_mode(&self, requested: PoolMode) {
+        let needs_check = lock(&self.metadata).needs_check();
+        let (old, new) = {
+            let mut state = lock(&self.mode);
+            let old = state.mode;
+            let mut new = requested;
+            if new == PoolMode::Write && needs_check {
+                new = if old != PoolMode::Write { old } else { PoolMode::ReadOnly };
+            }
+            if old == PoolMode::Fail {
+                new = old;
+            }
+            match new {
+                PoolMode::OutOfDataSpace => {
+                    state.out_of_data_space = true;
+                    if !state.error_if_no_space && self.options.no_space_timeout > 0 && old != new {
+                        state.no_space_deadline = Some(lock(&self.clock).now + self.options.no_space_timeout);
+                    }
+                }
+                PoolMode::Write => {
+                    state.no_space_deadline = None;
+                    state.out_of_data_space = false;
+                    state.error_if_no_space = self.table.features.error_if_no_space;
+                }
+                _ => {}
+            }
+            state.mode = new;
+            (old, new)
+        };
+        lock(&self.metadata).set_read_only(new >= PoolMode::OutOfMetadataSpace);
+        if new >= PoolMode::OutOfMetadataSpace {
+            self.error_retry_list();
+        }
+        if old != new {
+            lock(&self.lists).events += 1;
+        }
+    }
+
+    /// The errno for bios the pool cannot service (`get_pool_io_error_code`).
+    fn io_error_code(&self) -> Errno {
+        if lock(&self.mode).out_of_data_space {
+            Errno::ENOSPC
+        } else {
+            Errno::EIO
+        }
+    }
+
+    fn error_retry_list(&self) {
+        let code = self.io_error_code();
+        self.error_retry_list_with(code);
+    }
+
+    fn error_retry_list_with(&self, code: Errno) {
+        for thin in self.thin_list() {
+            let bios = std::mem::take(&mut lock(&thin.lists).retry_on_resume);
+            for bio in bios {
+                self.end_bio(bio, Err(code));
+            }
+        }
+    }
+
+    /// Moves every device's retry list back to its deferred list.
+    fn requeue_bios(&self) {
+        for thin in self.thin_list() {
+            let mut lists = lock(&thin.lists);
+            let retry = std::mem::take(&mut lists.retry_on_resume);
+            lists.deferred_bios.extend(retry);
+        }
+        self.wake_worker();
+    }
+
+    // ---- small helpers shared by the paths ----
+
+    fn thin(&self, id: ThinId) -> Option<Arc<ActiveThin>> {
+        lock(&self.thins).iter().find(|t| t.id == id).cloned()
+    }
+
+    fn thin_list(&self) -> Vec<Arc<ActiveThin>> {
+        lock(&self.thins).clone()
+    }
+
+    fn wake_worker(&self) {
+        lock(&self.lists).worker_wanted = true;
+    }
+
+    /// Whether the worker has been woken since its last pass.
+    pub fn worker_wanted(&self) -> bool {
+        lock(&self.lists).worker_wanted
+    }
+
+    fn block_of(&self, sector: u64) -> u64 {
+        sector / self.block_sectors
+    }
+
+    /// The data device sector a bio at `sector` lands on in `data_block`.
+    fn remap_sector(&self, sector: u64, data_block: u64) -> u64 {
+        data_block * self.block_sectors + sector % self.block_sectors
+    }
+}
