@@ -12,3 +12,9 @@
 pub mod campaign;
 pub mod oracle;
 pub mod workload;
+
+/// The README, so that its Rust code blocks (the thin target walkthrough)
+/// run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
