@@ -43,6 +43,16 @@ impl SimDisk {
         SimDisk { visible: bytes.clone(), durable: bytes, log: Vec::new(), recording: false }
     }
 
+    /// A disk holding `image`, all of it durable (a disk after a power cut,
+    /// or one prepared with known contents).
+    pub fn from_image(image: Vec<u8>) -> Self {
+        assert!(
+            (image.len() as u64).is_multiple_of(SECTOR_SIZE),
+            "a disk image is a whole number of sectors"
+        );
+        SimDisk { visible: image.clone(), durable: image, log: Vec::new(), recording: false }
+    }
+
     /// Starts (or restarts) logging requests; returns the durable image at
     /// this point, the base that [`crash_image`] replays the log onto.
     pub fn start_recording(&mut self) -> Vec<u8> {

@@ -11,6 +11,7 @@
 
 pub mod campaign;
 pub mod oracle;
+pub mod thin;
 pub mod workload;
 
 /// The README, so that its Rust code blocks (the thin target walkthrough)

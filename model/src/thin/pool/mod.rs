@@ -107,12 +107,34 @@ pub struct PoolOptions {
     pub no_space_timeout: Nanos,
     /// Deliberate bugs for detector tests (all off by default).
     pub mutations: Mutations,
+    /// Candidate fixes for kernel bugs dmsim found (all off by default: the
+    /// model behaves as kernel 6.1 does).
+    pub fixes: KernelFixes,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { no_space_timeout: DEFAULT_NO_SPACE_TIMEOUT, mutations: Mutations::default() }
+        PoolOptions {
+            no_space_timeout: DEFAULT_NO_SPACE_TIMEOUT,
+            mutations: Mutations::default(),
+            fixes: KernelFixes::default(),
+        }
     }
+}
+
+/// Fixes for kernel 6.1 bugs that dmsim found, each off by default so that
+/// the model stays faithful; a test pins each bug and shows its fix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelFixes {
+    /// In read-only and out-of-data-space modes, a read of a block shared
+    /// with a snapshot releases its virtual cell by issuing every waiting
+    /// bio to the shared block — writes included, so a write that queued
+    /// behind the read lands in the snapshot's data
+    /// (`__process_bio_read_only` → `inc_remap_and_issue_cell`). The fix
+    /// releases such a cell like the write-mode path does: waiting reads go
+    /// to the shared block, writes go back to the deferred list (where they
+    /// are unserviceable, as a write to a shared block in these modes is).
+    pub shared_read_defers_waiting_writes: bool,
 }
 
 /// The bio a mapping finishes with.

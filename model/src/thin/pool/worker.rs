@@ -252,10 +252,18 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     }
                 } else {
                     let mut bio = bio;
+                    let fixed = found.shared && self.options.fixes.shared_read_defers_waiting_writes;
+                    if fixed {
+                        bio.hook.shared_read_entry = Some(lock(&self.shared_read_ds).inc());
+                    }
                     self.inc_all_io_entry(&mut bio);
                     self.remap_and_issue(bio, found.block);
-                    if let Some(cell) = cell {
-                        self.inc_remap_and_issue_cell(thin, cell, found.block);
+                    match cell {
+                        Some(cell) if fixed => self.remap_and_issue_shared_cell(thin, cell, found.block),
+                        // Kernel 6.1: waiting writes go to the block even
+                        // when it is shared (see KernelFixes).
+                        Some(cell) => self.inc_remap_and_issue_cell(thin, cell, found.block),
+                        None => {}
                     }
                 }
             }
