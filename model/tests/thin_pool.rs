@@ -329,3 +329,46 @@ fn requests_are_validated() {
     assert!(p.submit(0, BioRequest::read(0, 0)).is_err());
     let _: Option<BioId> = None;
 }
+
+/// Metadata space runs out in the middle of a mapping insert: with a 32
+/// block device the reserve (a tenth) is 3 blocks, less than an insert that
+/// splits nodes needs, so the insert fails before the "free metadata is at
+/// the reserve" commit can switch to out-of-metadata-space mode. As in the
+/// kernel, the failed operation aborts the transaction, sets needs_check and
+/// makes the pool read-only; growing the device does not bring it back.
+#[test]
+fn a_metadata_failure_makes_the_pool_read_only_with_needs_check() {
+    let mut data = MemDevice::new(4096 * BLOCK);
+    data.as_bytes_mut().fill(GARBAGE);
+    let meta = MemDevice::new(32 * 8);
+    let p = Pool::create(table(PoolFeatures::default()), 4096 * BLOCK, meta, data, PoolOptions::default())
+        .unwrap();
+    p.message("create_thin 0").unwrap();
+    p.activate_thin(0, 4096 * BLOCK).unwrap();
+    write(&p, 0, 0, 1, 1);
+    p.message("set_transaction_id 0 1").unwrap(); // commits block 0's mapping
+    let mut failed = None;
+    for b in 1..4096 {
+        let c = io(&p, 0, BioRequest::write(b * BLOCK, vec![1; 512]));
+        if c.result.is_err() {
+            failed = Some((b, c.result));
+            break;
+        }
+    }
+    let (b, result) = failed.expect("metadata space runs out");
+    assert_eq!(result, Err(Errno::EIO), "block {b}");
+    assert_eq!(p.mode(), PoolMode::ReadOnly);
+    let status = p.status(true);
+    assert!(status.contains(" ro ") && status.contains(" needs_check "), "{status}");
+    assert_eq!(p.message("create_thin 1").unwrap_err().errno, Errno::EOPNOTSUPP);
+    // The committed mapping still reads and writes; unprovisioned blocks
+    // read zeroes and refuse writes.
+    write(&p, 0, 0, 1, 2);
+    assert_eq!(read(&p, 0, 0, 1), vec![2; 512]);
+    assert_eq!(read(&p, 0, b * BLOCK, 1), vec![0; 512]);
+    assert_eq!(io(&p, 0, BioRequest::write(b * BLOCK, vec![3; 512])).result, Err(Errno::EIO));
+    // Needs_check keeps it read-only across a reload.
+    p.suspend().unwrap();
+    p.reload_and_resume(4096 * BLOCK).unwrap();
+    assert_eq!(p.mode(), PoolMode::ReadOnly);
+}
