@@ -2,10 +2,12 @@
 //!
 //! Today: the metadata crash campaign ([`campaign`]) — seeded workloads of
 //! pool metadata operations on a simulated disk, with every commit's crash
-//! states rebuilt and judged; and the [`oracle`], the reference of what reads
-//! of thin devices may return. Still to come (the simulator issue): the
-//! scheduler over submitters, worker steps and I/O completions, simulated
-//! time, the thin target's workloads, traces and minimization.
+//! states rebuilt and judged; the [`oracle`], the reference of what reads of
+//! thin devices may return; and [`thin`], which drives the thin target step
+//! by step (requests, worker passes, data I/O completions in any order,
+//! simulated time, crashes) with the oracle judging every read. Still to
+//! come (the simulator issue): the seeded scheduler as a campaign in
+//! `dmsim check`, the fault model beyond crashes, traces and minimization.
 
 #![warn(missing_docs)]
 
