@@ -350,7 +350,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     /// `passdown_endio`: the device discards of a run finished.
-    fn queue_passdown_pt2(&self, mapping: MappingId) {
+    pub(crate) fn queue_passdown_pt2(&self, mapping: MappingId) {
         let mut lists = lock(&self.lists);
         lists.prepared_discards_pt2.push(mapping);
         lists.worker_wanted = true;

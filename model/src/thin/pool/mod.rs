@@ -55,11 +55,11 @@ use crate::pdata::layout::space_map::MAX_METADATA_BLOCKS;
 use crate::pdata::PdataError;
 use crate::prison::{BioPrison, CellId};
 use crate::sync::{lock, Arc, Mutex};
-use crate::thin::message::PoolMessage;
+use crate::thin::message::{MessageError, PoolMessage};
 use crate::thin::metadata::{ThinError, ThinId, ThinMetadata};
 use crate::thin::mode::PoolMode;
 use crate::thin::status::{self, DiscardWord, PoolInfo};
-use crate::thin::table::PoolTable;
+use crate::thin::table::{PoolTable, TableError};
 
 /// Simulated time in nanoseconds, supplied by the caller ([`Pool::set_time`]).
 pub type Nanos = u64;
@@ -99,6 +99,18 @@ impl fmt::Display for TargetError {
 }
 
 impl std::error::Error for TargetError {}
+
+impl From<TableError> for TargetError {
+    fn from(e: TableError) -> Self {
+        TargetError { errno: e.errno, message: e.message }
+    }
+}
+
+impl From<MessageError> for TargetError {
+    fn from(e: MessageError) -> Self {
+        TargetError { errno: e.errno, message: e.message }
+    }
+}
 
 /// Knobs that are not part of the table line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,7 +305,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let mut md = ThinMetadata::open(metadata, table.data_block_size, !table.features.read_only)
             .map_err(|e| TargetError::new(errno_of(&e), format!("Error creating metadata object: {e}")))?;
         md.set_mutations(options.mutations);
-        let passdown = !table.features.ignore_discard && !table.features.no_discard_passdown;
+        // The model's data devices always accept discards.
+        let passdown = DiscardWord::in_effect(&table.features, true) == DiscardWord::DiscardPassdown;
         let error_if_no_space = table.features.error_if_no_space;
         let pool = Pool {
             block_sectors,
@@ -465,20 +478,17 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Activates thin device `id` with a table of `len_sectors` (`thin_ctr`).
     pub fn activate_thin(&self, id: ThinId, len_sectors: u64) -> Result<(), TargetError> {
         if lock(&self.lists).suspended {
-            return Err(TargetError::new(
-                Errno::EINVAL,
-                "Unable to activate thin device while pool is suspended",
-            ));
+            return Err(TableError::pool_suspended().into());
         }
         if self.mode() == PoolMode::Fail {
-            return Err(TargetError::new(Errno::EINVAL, "Couldn't open thin device, Pool is in fail mode"));
+            return Err(TableError::pool_in_fail_mode().into());
         }
         if self.thin(id).is_some() {
             return Err(TargetError::new(Errno::EBUSY, format!("thin device {id} is already active")));
         }
         lock(&self.metadata)
             .open_thin(id)
-            .map_err(|e| TargetError::new(errno_of(&e), "Couldn't open thin internal device"))?;
+            .map_err(|e| TargetError { errno: errno_of(&e), ..TableError::no_such_thin_device().into() })?;
         let thin = ActiveThin { id, nr_sectors: len_sectors, lists: Mutex::new(ThinLists::default()) };
         lock(&self.thins).push(Arc::new(thin));
         Ok(())
@@ -594,13 +604,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Sends a pool message (`dmsetup message <pool> 0 <text>`); each
     /// successful message is followed by a commit.
     pub fn message(&self, text: &str) -> Result<(), TargetError> {
-        if self.mode() >= PoolMode::OutOfMetadataSpace {
-            return Err(TargetError::new(
-                Errno::EOPNOTSUPP,
-                "unable to service pool target messages in READ_ONLY or FAIL mode",
-            ));
-        }
-        let msg = PoolMessage::parse(text).map_err(|e| TargetError::new(e.errno, e.message))?;
+        let msg = PoolMessage::parse_in_mode(text, self.mode())?;
         if msg == PoolMessage::ReserveMetadataSnap {
             let _ = self.commit();
         }
@@ -652,13 +656,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 total_data_blocks,
                 held_root: (held != 0).then_some(held),
                 mode,
-                discard: if self.table.features.ignore_discard {
-                    DiscardWord::IgnoreDiscard
-                } else if self.passdown {
-                    DiscardWord::DiscardPassdown
-                } else {
-                    DiscardWord::NoDiscardPassdown
-                },
+                discard: DiscardWord::in_effect(&self.table.features, true),
                 error_if_no_space,
                 needs_check: md.needs_check(),
                 metadata_low_watermark: status::metadata_low_watermark(total_metadata_blocks),

@@ -388,20 +388,20 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             MappingBio::Overwrite(bio) => bio,
             _ => None,
         };
-        let fail = |code: Errno| {
-            if let Some(bio) = overwrite.clone() {
+        let inserted = if self.mode() >= PoolMode::OutOfMetadataSpace || m.status.is_err() {
+            false
+        } else {
+            let r = lock(&self.metadata).insert_block(m.thin, m.virt_begin, m.data_block);
+            r.map_err(|e| self.metadata_operation_failed("dm_thin_insert_block", &e)).is_ok()
+        };
+        if !inserted {
+            // The kernel errors the cell, whose holder is the overwrite bio
+            // if there is one; here that bio is parked in the mapping.
+            let code = self.io_error_code();
+            if let Some(bio) = overwrite {
                 self.end_bio(bio, Err(code));
             }
             self.cell_error_with(cell, code);
-        };
-        if self.mode() >= PoolMode::OutOfMetadataSpace || m.status.is_err() {
-            fail(self.io_error_code());
-            return;
-        }
-        let r = lock(&self.metadata).insert_block(m.thin, m.virt_begin, m.data_block);
-        if let Err(e) = r {
-            self.metadata_operation_failed("dm_thin_insert_block", &e);
-            fail(self.io_error_code());
             return;
         }
         let thin = self.thin(m.thin);
@@ -801,7 +801,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             ranges.into_iter().map(|(b, e)| (b * self.block_sectors, e * self.block_sectors)).collect();
         lock(&self.lists).mappings.insert(id, m);
         if sector_ranges.is_empty() {
-            self.queue_passdown_pt2_now(id);
+            self.queue_passdown_pt2(id);
         } else {
             self.submit_data(DataIo::Discard { mapping: id, ranges: sector_ranges });
         }
@@ -832,12 +832,6 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         }
         runs
-    }
-
-    fn queue_passdown_pt2_now(&self, id: MappingId) {
-        let mut lists = lock(&self.lists);
-        lists.prepared_discards_pt2.push(id);
-        lists.worker_wanted = true;
     }
 
     /// Passdown, second pass: drop the hold taken in the first.
