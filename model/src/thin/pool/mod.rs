@@ -147,6 +147,22 @@ pub struct KernelFixes {
     /// to the shared block, writes go back to the deferred list (where they
     /// are unserviceable, as a write to a shared block in these modes is).
     pub shared_read_defers_waiting_writes: bool,
+    /// Without discard passdown, a discard unmaps its range without taking
+    /// the data blocks' cells (`process_discard_cell_no_passdown`), so it
+    /// also unmaps a block whose sharing is being broken: the write that
+    /// broke it released its virtual cell once the copy was scheduled. A
+    /// later write to that block finds it unmapped and provisions a second
+    /// block; if that provision finishes first, the copy's insert then
+    /// replaces the mapping and the later write, already acknowledged, is
+    /// lost. The fix leaves such blocks mapped, as the passdown path does
+    /// when a data cell is busy.
+    pub discard_spares_blocks_being_unshared: bool,
+}
+
+impl KernelFixes {
+    /// Every fix on.
+    pub const ALL: KernelFixes =
+        KernelFixes { shared_read_defers_waiting_writes: true, discard_spares_blocks_being_unshared: true };
 }
 
 /// The bio a mapping finishes with.

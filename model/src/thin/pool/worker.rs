@@ -15,7 +15,7 @@ use crate::deferred_set::AddWork;
 use crate::errno::Errno;
 use crate::prison::{CellId, CellKey, Detained};
 use crate::sync::lock;
-use crate::thin::metadata::{LookupResult, ThinId};
+use crate::thin::metadata::{LookupResult, ThinError, ThinId};
 use crate::thin::mode::PoolMode;
 
 impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
@@ -768,7 +768,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         }
         if !self.passdown {
-            let r = lock(&self.metadata).remove_range(m.thin, m.virt_begin, m.virt_end);
+            let r = if self.options.fixes.discard_spares_blocks_being_unshared {
+                self.remove_range_sparing_copies(m.thin, m.virt_begin, m.virt_end)
+            } else {
+                lock(&self.metadata).remove_range(m.thin, m.virt_begin, m.virt_end)
+            };
             let r = r.map_err(|e| {
                 self.metadata_operation_failed("dm_thin_remove_range", &e);
                 Errno::EIO
@@ -805,6 +809,43 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         } else {
             self.submit_data(DataIo::Discard { mapping: id, ranges: sector_ranges });
         }
+    }
+
+    /// The candidate fix of [`KernelFixes::discard_spares_blocks_being_unshared`]:
+    /// unmaps the blocks of `begin..end` except those whose data cell is
+    /// held, that is whose sharing is being broken. Their copy will insert
+    /// a new mapping when it completes; unmapping them now would let a
+    /// later write provision the block a second time and lose to that
+    /// insert. A discard may always leave blocks mapped.
+    ///
+    /// [`KernelFixes::discard_spares_blocks_being_unshared`]: super::KernelFixes::discard_spares_blocks_being_unshared
+    fn remove_range_sparing_copies(&self, thin: ThinId, begin: u64, end: u64) -> Result<(), ThinError> {
+        let mut runs = Vec::new();
+        let mut next = begin;
+        while next < end {
+            let Some(run) = lock(&self.metadata).find_mapped_range(thin, next, end)? else { break };
+            runs.push(run);
+            next = run.thin_end;
+        }
+        let mut spared = Vec::new();
+        for run in &runs {
+            for virt in run.thin_begin..run.thin_end {
+                let data = CellKey::data_block(thin, run.pool_begin + (virt - run.thin_begin));
+                match self.detain(data, None) {
+                    Detained::New(cell) => self.cell_defer_no_holder(thin, cell),
+                    Detained::AlreadyHeld(_) => spared.push(virt),
+                }
+            }
+        }
+        let mut md = lock(&self.metadata);
+        let mut from = begin;
+        for virt in spared.into_iter().chain(std::iter::once(end)) {
+            if from < virt {
+                md.remove_range(thin, from, virt)?;
+            }
+            from = virt + 1;
+        }
+        Ok(())
     }
 
     /// Runs of `begin..end` whose data blocks nobody else references (a
