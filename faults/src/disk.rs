@@ -1,7 +1,12 @@
 //! The simulated disk and crash-state construction.
 
 use dmsim_model::block_device::{byte_range, BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
+use std::collections::{BTreeSet, VecDeque};
+
+use dmsim_traces::DiskFault;
 use rand::Rng;
+
+use crate::armed::{ArmedFault, FaultKind, FiredFault};
 
 /// One request the disk acknowledged, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +24,43 @@ pub enum DiskEvent {
     Flush,
 }
 
+/// A write acknowledged since the last completed flush, in order.
+///
+/// Non-FUA writes are volatile until the next flush; FUA writes are durable
+/// already but stay in the list so that a crash state replays every write
+/// in its order (a kept unflushed write must not overwrite a later FUA one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWrite {
+    /// First sector where the write landed (after any misdirection).
+    pub sector: u64,
+    /// The bytes written.
+    pub data: Vec<u8>,
+    /// REQ_FUA: durable on completion.
+    pub fua: bool,
+}
+
+impl PendingWrite {
+    /// Length in sectors.
+    pub fn nr_sectors(&self) -> u64 {
+        self.data.len() as u64 / SECTOR_SIZE
+    }
+}
+
 /// A disk whose acknowledged writes are volatile until flushed.
 ///
 /// Reads see every acknowledged write. The durable image holds what would
-/// survive a power cut right now if the cache lost everything; the event
-/// log (kept while recording) lets [`crash_image`] build every state in
-/// between.
+/// survive a power cut right now if the cache lost everything. The disk
+/// always tracks the writes acknowledged since the last completed flush, so
+/// [`SimDisk::crash_state`] can build a crash state at any moment; the event
+/// log (kept only while recording) lets [`crash_image`] build every state
+/// of a recorded stretch.
+///
+/// Faults can be armed with [`SimDisk::arm`] (see [`ArmedFault`]); the ones
+/// that fired are collected by [`SimDisk::take_fired`]. Bad sectors and
+/// armed faults belong to this `SimDisk` value only: a crash state is just
+/// bytes, and the simulator rebuilds a fresh `SimDisk` from it after a power
+/// cut, so permanent bad sectors are forgotten across a crash. That is a
+/// simplification (a real medium error outlives a power cycle).
 #[derive(Debug, Clone)]
 pub struct SimDisk {
     /// What reads return.
@@ -34,23 +70,40 @@ pub struct SimDisk {
     /// Requests since recording started.
     log: Vec<DiskEvent>,
     recording: bool,
+    /// Writes acknowledged since the last completed flush, in order.
+    since_flush: Vec<PendingWrite>,
+    /// Faults waiting for their request, oldest first.
+    armed: VecDeque<DiskFault>,
+    /// Sectors that fail every request touching them.
+    bad: BTreeSet<u64>,
+    /// Faults that fired since the last [`SimDisk::take_fired`].
+    fired: Vec<FiredFault>,
 }
 
 impl SimDisk {
     /// A zeroed disk of `nr_sectors`.
     pub fn new(nr_sectors: u64) -> Self {
-        let bytes = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
-        SimDisk { visible: bytes.clone(), durable: bytes, log: Vec::new(), recording: false }
+        Self::from_image(vec![0; (nr_sectors * SECTOR_SIZE) as usize])
     }
 
     /// A disk holding `image`, all of it durable (a disk after a power cut,
-    /// or one prepared with known contents).
+    /// or one prepared with known contents). No faults are armed and no
+    /// sector is bad.
     pub fn from_image(image: Vec<u8>) -> Self {
         assert!(
             (image.len() as u64).is_multiple_of(SECTOR_SIZE),
             "a disk image is a whole number of sectors"
         );
-        SimDisk { visible: image.clone(), durable: image, log: Vec::new(), recording: false }
+        SimDisk {
+            visible: image.clone(),
+            durable: image,
+            log: Vec::new(),
+            recording: false,
+            since_flush: Vec::new(),
+            armed: VecDeque::new(),
+            bad: BTreeSet::new(),
+            fired: Vec::new(),
+        }
     }
 
     /// Starts (or restarts) logging requests; returns the durable image at
@@ -77,8 +130,90 @@ impl SimDisk {
         &self.durable
     }
 
+    /// Every write acknowledged since the last completed flush, FUA ones
+    /// included, in order.
+    pub fn since_flush(&self) -> &[PendingWrite] {
+        &self.since_flush
+    }
+
+    /// How many acknowledged writes are volatile (non-FUA since the last
+    /// completed flush): the writes a crash state chooses among.
+    pub fn unflushed(&self) -> usize {
+        self.since_flush.iter().filter(|w| !w.fua).count()
+    }
+
+    /// Arms `fault`: it fires on this disk's next request of its kind (see
+    /// [`ArmedFault`]). Faults wait in a FIFO; a request fires the oldest
+    /// armed fault of its kind, at most one.
+    pub fn arm(&mut self, fault: DiskFault) {
+        self.armed.push_back(fault);
+    }
+
+    /// How many armed faults have not fired yet.
+    pub fn armed(&self) -> usize {
+        self.armed.len()
+    }
+
+    /// The armed faults that have not fired yet, oldest first.
+    pub fn armed_faults(&self) -> impl Iterator<Item = ArmedFault> + '_ {
+        self.armed.iter().map(|&fault| ArmedFault { fault })
+    }
+
+    /// Forgets every armed fault that has not fired.
+    pub fn disarm_all(&mut self) {
+        self.armed.clear();
+    }
+
+    /// The sectors made bad by permanent errors, in order.
+    pub fn bad_sectors(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bad.iter().copied()
+    }
+
+    /// The faults that fired since the last call (bad-sector hits
+    /// included), in order; clears the list.
+    pub fn take_fired(&mut self) -> Vec<FiredFault> {
+        std::mem::take(&mut self.fired)
+    }
+
     fn check(&self, sector: u64, len: usize) -> Result<std::ops::Range<usize>, IoError> {
         byte_range(sector, len, self.visible.len() as u64)
+    }
+
+    fn touches_bad(&self, sector: u64, nr: u64) -> Option<u64> {
+        self.bad.range(sector..sector + nr).next().copied()
+    }
+
+    /// Fails a request that touches a bad sector, recording the hit.
+    fn fail_bad(&mut self, op: &str, sector: u64, nr: u64) -> Result<(), IoError> {
+        let Some(bad) = self.touches_bad(sector, nr) else { return Ok(()) };
+        self.fired.push(FiredFault {
+            kind: FaultKind::BadSectorHit,
+            sector,
+            nr_sectors: nr,
+            description: format!("bad-sector-hit {op} sector {sector} nr {nr} (bad sector {bad})"),
+        });
+        Err(IoError::Failed { sector, reason: format!("{op} touches bad sector {bad}") })
+    }
+
+    /// Removes and returns the oldest armed fault that `pred` accepts.
+    fn take_armed(&mut self, pred: impl Fn(&DiskFault) -> bool) -> Option<DiskFault> {
+        let i = self.armed.iter().position(pred)?;
+        self.armed.remove(i)
+    }
+
+    fn error(&mut self, op: &str, sector: u64, nr: u64, permanent: bool) -> IoError {
+        if permanent {
+            self.bad.extend(sector..sector + nr);
+        }
+        let (kind, word) = match (op, permanent) {
+            ("read", false) => (FaultKind::ReadErrorTransient, "transient"),
+            ("read", true) => (FaultKind::ReadErrorPermanent, "permanent"),
+            (_, false) => (FaultKind::WriteErrorTransient, "transient"),
+            (_, true) => (FaultKind::WriteErrorPermanent, "permanent"),
+        };
+        let description = format!("{op}-error sector {sector} nr {nr} {word}");
+        self.fired.push(FiredFault { kind, sector, nr_sectors: nr, description: description.clone() });
+        IoError::Failed { sector, reason: format!("injected {description}") }
     }
 }
 
@@ -89,24 +224,76 @@ impl BlockDevice for SimDisk {
 
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let r = self.check(sector, buf.len())?;
-        buf.copy_from_slice(&self.visible[r]);
-        Ok(())
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let nr = buf.len() as u64 / SECTOR_SIZE;
+        self.fail_bad("read", sector, nr)?;
+        let fault = self.take_armed(|f| matches!(f, DiskFault::ReadError { .. } | DiskFault::BitFlip { .. }));
+        match fault {
+            Some(DiskFault::ReadError { permanent }) => Err(self.error("read", sector, nr, permanent)),
+            Some(DiskFault::BitFlip { bit }) => {
+                buf.copy_from_slice(&self.visible[r]);
+                let bit = bit as u64 % (buf.len() as u64 * 8);
+                buf[(bit / 8) as usize] ^= 1 << (bit % 8);
+                self.fired.push(FiredFault {
+                    kind: FaultKind::BitFlip,
+                    sector,
+                    nr_sectors: nr,
+                    description: format!("bit-flip sector {sector} nr {nr} bit {bit}"),
+                });
+                Ok(())
+            }
+            _ => {
+                buf.copy_from_slice(&self.visible[r]);
+                Ok(())
+            }
+        }
     }
 
     fn write(&mut self, sector: u64, buf: &[u8], flags: WriteFlags) -> Result<(), IoError> {
-        let r = self.check(sector, buf.len())?;
+        self.check(sector, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let nr = buf.len() as u64 / SECTOR_SIZE;
+        self.fail_bad("write", sector, nr)?;
+        let fault =
+            self.take_armed(|f| matches!(f, DiskFault::WriteError { .. } | DiskFault::Misdirect { .. }));
+        let target = match fault {
+            Some(DiskFault::WriteError { permanent }) => {
+                return Err(self.error("write", sector, nr, permanent))
+            }
+            Some(DiskFault::Misdirect { offset }) => {
+                let last_start = self.nr_sectors() - nr;
+                let target = (sector as i64 + offset as i64).clamp(0, last_start as i64) as u64;
+                self.fired.push(FiredFault {
+                    kind: FaultKind::Misdirect,
+                    sector,
+                    nr_sectors: nr,
+                    description: format!("misdirect sector {sector} nr {nr} offset {offset} to {target}"),
+                });
+                self.fail_bad("write", target, nr)?;
+                target
+            }
+            _ => sector,
+        };
+        let r = self.check(target, buf.len())?;
         self.visible[r.clone()].copy_from_slice(buf);
         if flags.fua {
             self.durable[r].copy_from_slice(buf);
         }
+        self.since_flush.push(PendingWrite { sector: target, data: buf.to_vec(), fua: flags.fua });
         if self.recording {
-            self.log.push(DiskEvent::Write { sector, data: buf.to_vec(), fua: flags.fua });
+            self.log.push(DiskEvent::Write { sector: target, data: buf.to_vec(), fua: flags.fua });
         }
         Ok(())
     }
 
+    /// Flushes are never faulted.
     fn flush(&mut self) -> Result<(), IoError> {
         self.durable.copy_from_slice(&self.visible);
+        self.since_flush.clear();
         if self.recording {
             self.log.push(DiskEvent::Flush);
         }
@@ -182,22 +369,24 @@ pub fn crash_image(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Vec<u8
     };
     let unflushed = unflushed_writes(log, after);
     let first_unflushed = unflushed.first().copied().unwrap_or(after);
+    // Replay in order, so that a kept unflushed write never overwrites a
+    // later FUA write (or a later kept one) where they overlap.
+    let mut n = 0;
     for (idx, e) in log[..after].iter().enumerate() {
-        if let DiskEvent::Write { sector, data, fua } = e {
-            // Everything before the last flush is durable, and so is every
-            // FUA write.
-            if idx < first_unflushed || *fua {
-                put(&mut image, *sector, data);
-            }
-        }
-    }
-    for (n, &i) in unflushed.iter().enumerate() {
-        if !crash.kept.get(n).copied().unwrap_or(false) {
+        let DiskEvent::Write { sector, data, fua } = e else { continue };
+        // Everything before the last flush is durable, and so is every FUA
+        // write.
+        if idx < first_unflushed || *fua {
+            put(&mut image, *sector, data);
             continue;
         }
-        let DiskEvent::Write { sector, data, .. } = &log[i] else { continue };
+        let this = n;
+        n += 1;
+        if !crash.kept.get(this).copied().unwrap_or(false) {
+            continue;
+        }
         match &crash.torn {
-            Some((t, sectors)) if *t == n => {
+            Some((t, sectors)) if *t == this => {
                 for (k, &keep) in sectors.iter().enumerate() {
                     if keep {
                         let off = k * SECTOR_SIZE as usize;

@@ -1,17 +1,38 @@
 //! The storage fault model: a simulated disk with a volatile write cache
-//! and the kernel's durability rules, and the crash states it can leave.
+//! and the kernel's durability rules, the crash states it can leave, the
+//! faults that can be armed on it, and the per-seed settings and coverage
+//! of those faults.
 //!
-//! Today: [`SimDisk`] (acknowledged writes sit in a volatile cache until a
-//! flush; FUA writes are durable at once) with a log of every request since
-//! a chosen point, and [`crash_image`] that rebuilds what the disk could
-//! hold after a power cut at any point of that log — every write flushed
-//! before it, plus any subset of the unflushed ones, possibly torn at
-//! sector granularity. Every choice comes from the caller's seeded RNG.
-//! Still to come (the simulator issue): I/O errors, misdirected writes, bit
-//! flips, latency and completion reordering, coverage probes.
+//! - [`SimDisk`]: acknowledged writes sit in a volatile cache until a flush;
+//!   FUA writes are durable at once. The disk always knows the writes since
+//!   the last flush, and can log every request from a chosen point.
+//! - Crash states: [`SimDisk::crash_state`] builds one for a
+//!   [`CrashMode`](dmsim_traces::CrashMode) and seed,
+//!   [`SimDisk::crash_states_exhaustive`] every one (bounded), and
+//!   [`crash_image`] one at any point of a recorded log. A crash state is
+//!   bytes only: the simulator rebuilds a fresh disk from it, so armed
+//!   faults and permanent bad sectors are forgotten across a power cut (a
+//!   simplification).
+//! - Armed faults ([`SimDisk::arm`], [`ArmedFault`]): read and write
+//!   errors, transient or permanent (bad sectors), bit flips on reads,
+//!   misdirected writes; [`SimDisk::take_fired`] reports what fired.
+//! - [`FaultCoverage`]: how often each kind of fault fired.
+//! - [`FaultSwarm`]: per-seed fault settings (swarm testing).
+//!
+//! Every choice comes from a ChaCha8 generator seeded by the caller.
+//! Still to come: latency and completion reordering.
 
 #![warn(missing_docs)]
 
+mod armed;
+mod coverage;
+mod crash_state;
 mod disk;
+mod swarm;
 
-pub use disk::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
+pub use armed::{ArmedFault, FaultKind, FiredFault};
+pub use coverage::{FaultCoverage, Probe};
+pub use crash_state::CrashSummary;
+pub use disk::{crash_image, CrashPoint, DiskEvent, PendingWrite, SimDisk, TearMode};
+pub use dmsim_traces::{CrashMode, DiskFault, DiskId};
+pub use swarm::{DiskFaultKind, FaultSwarm, SwarmProfile};
