@@ -456,4 +456,36 @@ mod tests {
         assert_eq!(pick(7), pick(7));
         assert_ne!(pick(7).0, pick(8).0);
     }
+
+    #[test]
+    fn crash_image_replays_in_order_so_a_later_fua_write_wins() {
+        let mut disk = SimDisk::new(8);
+        let base = disk.start_recording();
+        w(&mut disk, 0, 1);
+        disk.write(1, &[2; 512], WriteFlags { fua: true }).unwrap();
+        let log = disk.take_log();
+        let keep = CrashPoint { after_events: log.len(), kept: vec![true], torn: None };
+        let img = crash_image(&base, &log, &keep);
+        assert_eq!((img[0], img[512]), (1, 2), "the FUA write is later and wins sector 1");
+        assert_eq!(img, disk.visible());
+    }
+
+    #[test]
+    fn crash_image_and_crash_states_agree() {
+        let mut disk = SimDisk::new(32);
+        let base = disk.start_recording();
+        w(&mut disk, 0, 1);
+        disk.flush().unwrap();
+        for i in 0..5u8 {
+            w(&mut disk, u64::from(i) * 3, i + 2);
+        }
+        disk.write(4, &[9; 512], WriteFlags { fua: true }).unwrap();
+        let log = disk.take_log();
+        let all = disk.crash_states_exhaustive(5).unwrap();
+        for mask in 0..32u32 {
+            let kept = (0..5).map(|i| mask >> i & 1 == 1).collect();
+            let img = crash_image(&base, &log, &CrashPoint { after_events: log.len(), kept, torn: None });
+            assert!(all.iter().any(|(i, _)| *i == img), "mask {mask:05b}");
+        }
+    }
 }

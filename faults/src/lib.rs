@@ -7,7 +7,7 @@
 //!   FUA writes are durable at once. The disk always knows the writes since
 //!   the last flush, and can log every request from a chosen point.
 //! - Crash states: [`SimDisk::crash_state`] builds one for a
-//!   [`CrashMode`](dmsim_traces::CrashMode) and seed,
+//!   [`CrashMode`] and seed,
 //!   [`SimDisk::crash_states_exhaustive`] every one (bounded), and
 //!   [`crash_image`] one at any point of a recorded log. A crash state is
 //!   bytes only: the simulator rebuilds a fresh disk from it, so armed
