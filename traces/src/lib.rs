@@ -6,11 +6,25 @@
 //!   so that a read names the exact write whose data came back.
 //! - [`op`]: the inputs of a thin-pool run.
 //! - [`trace`]: the schema (header, events).
+//! - [`text`]: the text encoding (one event per line; the format's
+//!   reference is that module's documentation).
+//! - [`binary`]: the compact binary encoding.
+//! - [`error`]: [`TraceError`], what the decoders report.
+//! - [`minimize`]: delta debugging and op simplification, to shrink a
+//!   failing run.
 #![warn(missing_docs)]
 
+pub mod binary;
+pub mod error;
+pub mod minimize;
 pub mod op;
 pub mod stamp;
+pub mod text;
 pub mod trace;
 
+pub use binary::{from_bytes, to_bytes};
+pub use error::{Location, TraceError};
+pub use minimize::{ddmin, simpler_ops, simplify_each, Stats};
 pub use op::{CrashMode, DiskFault, DiskId, Op};
+pub use text::{from_text, to_text};
 pub use trace::{Event, Header, Trace, FORMAT_VERSION};
