@@ -1,0 +1,24 @@
+//! Fuzz the trace decoders with arbitrary input: `from_bytes` and
+//! `from_text` must never panic, and whatever they accept must encode back
+//! to an equal trace (the binary decoder accepts canonical input only, so
+//! its re-encoding must be the very same bytes).
+//!
+//! Run: `cargo +nightly fuzz run decode_trace` from the repository root.
+
+#![no_main]
+
+use dmsim_traces::{from_bytes, from_text, to_bytes, to_text};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(trace) = from_bytes(data) {
+        assert_eq!(to_bytes(&trace), data);
+        assert_eq!(from_text(&to_text(&trace)).as_ref(), Ok(&trace));
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(trace) = from_text(s) {
+            assert_eq!(from_text(&to_text(&trace)).as_ref(), Ok(&trace));
+            assert_eq!(from_bytes(&to_bytes(&trace)).as_ref(), Ok(&trace));
+        }
+    }
+});
