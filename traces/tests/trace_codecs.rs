@@ -469,3 +469,21 @@ proptest! {
         }
     }
 }
+
+/// The example at the top of the format's reference (the text module's
+/// documentation) parses.
+#[test]
+fn module_doc_example_parses() {
+    let src = include_str!("../src/text.rs");
+    let example: String = src
+        .lines()
+        .skip_while(|l| *l != "//! ```text")
+        .skip(1)
+        .take_while(|l| *l != "//! ```")
+        .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+        .collect();
+    let t = from_text(&example).unwrap();
+    assert_eq!(t.header.param("note"), Some("two words, and a \"quote\""));
+    assert_eq!(t.events.len(), 10);
+    assert_eq!(t.violation(), Some(("oracle", "dev 0 sector 256: wrong data")));
+}
