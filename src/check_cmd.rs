@@ -1,228 +1,847 @@
 //! `dmsim check`: the default campaign, in-process, no root.
 //!
-//! Today it runs the metadata crash campaign of `dmsim_sim::campaign` over a
-//! range of seeds: every seed a reproducible workload of pool metadata
-//! operations, every commit's crash states judged by the independent
-//! checker. Seeds run on all cores; results are reported in seed order, so
-//! the output does not depend on thread timing.
+//! Two campaigns run over the same seeds (`--campaign thin|metadata|all`,
+//! default all):
+//!
+//! - **thin**: every seed one run of the thin target on simulated disks
+//!   (`dmsim_sim::run`): a workload, a pool shape and a swarm of faults all
+//!   drawn from the seed, every read judged by the oracle, the metadata
+//!   checked after every recovery and at the end (by Debian's `thin_check`
+//!   too, when installed). A failing seed's trace is written to the
+//!   failures folder and, for the first few, minimized.
+//! - **metadata**: the metadata crash campaign of `dmsim_sim::campaign`:
+//!   every seed a workload of pool metadata operations, every commit's crash
+//!   states judged by the independent checker.
+//!
+//! Seeds run on `--jobs` threads; results are collected and reported in
+//! seed order, so the output does not depend on thread timing (only on the
+//! seeds that ran, which `--time` makes depend on the clock).
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
-use dmsim_sim::campaign::{run_seed, CampaignConfig, SeedOutcome, ViolationKind};
+use dmsim_sim::campaign::{self, CampaignConfig, SeedOutcome, ViolationKind};
+use dmsim_sim::run::{
+    first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
+};
+use dmsim_sim::thin::{ThinFailure, ThinStats};
+use dmsim_traces::text::to_text;
+use dmsim_traces::Trace;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::trace_file::{self, Encoding};
+
+/// Which campaigns `dmsim check` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CampaignKind {
+    /// The thin target on simulated disks, judged by the oracle.
+    Thin,
+    /// The metadata crash campaign.
+    Metadata,
+    /// Both.
+    All,
+}
+
+impl CampaignKind {
+    fn thin(self) -> bool {
+        matches!(self, CampaignKind::Thin | CampaignKind::All)
+    }
+
+    fn metadata(self) -> bool {
+        matches!(self, CampaignKind::Metadata | CampaignKind::All)
+    }
+}
 
 /// Options of `dmsim check`.
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: 0 without violations, 1 on any violation (or a determinism \
+difference), 2 on usage errors. Under CI=true a missing thin_check is an \
+error. With --time the seeds that run, and so the output, depend on the \
+machine's speed; with --seeds alone the output is the same on every machine.")]
 pub struct CheckArgs {
-    /// Seeds to run, as A..B (B excluded). Ranges shard a campaign across
-    /// machines: every seed is independent and reproducible.
-    #[arg(long, default_value = "0..64", value_parser = parse_seeds)]
-    pub seeds: Range<u64>,
-    /// Metadata operations per seed.
-    #[arg(long, default_value_t = 60)]
+    /// Which campaigns to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub campaign: CampaignKind,
+    /// Seeds to run, as A..B (B excluded; default 0..64). Ranges shard a
+    /// campaign across machines: every seed is independent and
+    /// reproducible. With --time, seeds from A on (up to B if given) until
+    /// the time is up.
+    #[arg(long, value_parser = parse_seeds)]
+    pub seeds: Option<Range<u64>>,
+    /// Stop starting new seeds after this wall time (e.g. 90s, 10m, 1h).
+    /// The output then depends on the machine's speed: which seeds ran is
+    /// printed, so the run can be repeated with --seeds.
+    #[arg(long, value_parser = parse_duration)]
+    pub time: Option<Duration>,
+    /// Ops per seed of the thin campaign.
+    #[arg(long, default_value_t = 300)]
     pub ops: usize,
-    /// Crash states judged at each request of every commit.
-    #[arg(long, default_value_t = 1)]
-    pub crashes_per_point: usize,
+    /// Force one workload in the thin campaign instead of each seed's own
+    /// choice: random, sequential, snapshot-heavy, discard-heavy,
+    /// fill-to-full, many-small-devices.
+    #[arg(long, value_parser = parse_workload)]
+    pub workload: Option<Workload>,
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Run with a deliberately broken model, to see a detector fire:
-    /// superblock-before-flush, reuse-freed-before-commit.
+    /// Folder for failing seeds' traces (seed-N.trace) and minimized traces
+    /// (seed-N.min.trace); created when a seed fails.
+    #[arg(long, default_value = "dmsim-failures")]
+    pub failures: PathBuf,
+    /// Minimize at most this many failing seeds (the first, in seed order).
+    #[arg(long, default_value_t = 3)]
+    pub minimize_max: usize,
+    /// Run every seed twice and compare the runs byte for byte; a
+    /// difference is a failure.
+    #[arg(long)]
+    pub check_determinism: bool,
+    /// Metadata operations per seed of the metadata campaign.
+    #[arg(long, default_value_t = 60)]
+    pub metadata_ops: usize,
+    /// Crash states judged at each request of every commit (metadata
+    /// campaign).
+    #[arg(long, default_value_t = 1)]
+    pub crashes_per_point: usize,
+    /// Run with a deliberately broken model, to see a detector fire (see
+    /// the mutations in model/src/mutation.rs).
     #[arg(long, hide = true, value_parser = parse_mutation)]
     pub mutation: Option<Mutations>,
+    /// Run the model as kernel 6.1 behaves, without the candidate kernel
+    /// fixes.
+    #[arg(long, hide = true)]
+    pub kernel_as_is: bool,
 }
 
-fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
+/// Parses a seed range `A..B` (B excluded, not empty).
+pub fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
     let err = || format!("expected a seed range like 0..64, got {s:?}");
     let (a, b) = s.split_once("..").ok_or_else(err)?;
     let a: u64 = a.trim().parse().map_err(|_| err())?;
     let b: u64 = b.trim().parse().map_err(|_| err())?;
     if a >= b {
-        return Err(format!("empty seed range {s:?}: the end is excluded, so use {a}..{}", a + 1));
+        return Err(format!("empty seed range {s:?}: the end is excluded, so use {a}..{}", a.saturating_add(1)));
     }
     Ok(a..b)
 }
 
-fn parse_mutation(s: &str) -> Result<Mutations, String> {
+/// Parses a duration such as `90`, `90s`, `10m`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("expected a duration like 90s, 10m or 1h30m, got {s:?}");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
+        total += match unit {
+            "" | "s" => secs(1),
+            "ms" => Duration::from_millis(n),
+            "m" | "min" => secs(60),
+            "h" => secs(3600),
+            _ => return Err(err()),
+        };
+    }
+    Ok(total)
+}
+
+/// Parses a workload name.
+pub fn parse_workload(s: &str) -> Result<Workload, String> {
+    Workload::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown workload {s:?}; known: {}", names.join(", "))
+    })
+}
+
+/// Parses a mutation name.
+pub fn parse_mutation(s: &str) -> Result<Mutations, String> {
     Mutations::by_name(s).ok_or_else(|| {
         let names: Vec<_> = Mutations::ALL.iter().map(|(n, _)| *n).collect();
         format!("unknown mutation {s:?}; known: {}", names.join(", "))
     })
 }
 
+/// Whether the environment says this is a CI run (`CI=true`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// The thread count `--jobs` asks for (default: every core).
+pub fn jobs(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+}
+
+/// One seed of the thin campaign, without its trace unless it failed.
+#[derive(Debug, Clone)]
+struct ThinSeed {
+    workload: Workload,
+    ops: usize,
+    stats: ThinStats,
+    coverage: FaultCoverage,
+    thin_checked: bool,
+    violation: Option<ThinFailure>,
+    /// Kept for failing seeds only.
+    trace: Option<Trace>,
+}
+
+impl ThinSeed {
+    fn of(cfg: &RunConfig, out: RunOutcome) -> ThinSeed {
+        let failed = out.violation.is_some();
+        ThinSeed {
+            workload: cfg.workload,
+            ops: out.trace.ops().count(),
+            stats: out.stats,
+            coverage: out.coverage,
+            thin_checked: out.thin_checked,
+            violation: out.violation,
+            trace: failed.then_some(out.trace),
+        }
+    }
+}
+
+/// Two runs of one seed that differ.
+#[derive(Debug, Clone)]
+struct Difference {
+    campaign: &'static str,
+    line: usize,
+    first: String,
+    second: String,
+}
+
+/// Everything one seed did.
+#[derive(Debug, Clone)]
+struct SeedResult {
+    seed: u64,
+    thin: Option<ThinSeed>,
+    metadata: Option<SeedOutcome>,
+    difference: Option<Difference>,
+}
+
+impl SeedResult {
+    fn failed(&self) -> bool {
+        self.thin.as_ref().is_some_and(|t| t.violation.is_some())
+            || self.metadata.as_ref().is_some_and(|m| !m.violations.is_empty())
+            || self.difference.is_some()
+    }
+}
+
+/// The settings the campaign runs seeds with.
+struct Plan {
+    kind: CampaignKind,
+    ops: usize,
+    settings: CampaignSettings,
+    metadata: CampaignConfig,
+    checkers: Checkers,
+    determinism: bool,
+}
+
+impl Plan {
+    fn run_seed(&self, seed: u64) -> SeedResult {
+        let mut difference = None;
+        let thin = self.kind.thin().then(|| {
+            let cfg = RunConfig::for_seed(seed, self.ops, &self.settings);
+            let out = run_config(&cfg, &self.checkers);
+            if self.determinism {
+                let again = run_config(&cfg, &self.checkers);
+                if let Some((line, first, second)) = first_difference(&to_text(&out.trace), &to_text(&again.trace)) {
+                    difference = Some(Difference { campaign: "thin", line, first, second });
+                }
+            }
+            ThinSeed::of(&cfg, out)
+        });
+        let metadata = self.kind.metadata().then(|| {
+            let out = campaign::run_seed(&self.metadata, seed);
+            if self.determinism && difference.is_none() {
+                let again = campaign::run_seed(&self.metadata, seed);
+                if again != out {
+                    let (a, b) = (format!("{out:#?}"), format!("{again:#?}"));
+                    let (line, first, second) =
+                        first_difference(&a, &b).unwrap_or((0, "(outcomes differ)".into(), String::new()));
+                    difference = Some(Difference { campaign: "metadata", line, first, second });
+                }
+            }
+            out
+        });
+        SeedResult { seed, thin, metadata, difference }
+    }
+}
+
+/// A failing thin seed's files and minimization.
+#[derive(Debug, Clone, Default)]
+struct FailureFiles {
+    trace: Option<PathBuf>,
+    minimized: Option<MinimizedFile>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct MinimizedFile {
+    path: PathBuf,
+    ops_before: usize,
+    ops_after: usize,
+    runs: u64,
+    signature: String,
+}
+
 /// Runs the campaign; exit 1 on any violation.
 pub fn run(args: CheckArgs) -> ExitCode {
-    let cfg = CampaignConfig {
-        seeds: args.seeds.clone(),
-        ops_per_seed: args.ops,
-        crashes_per_point: args.crashes_per_point,
-        mutations: args.mutation.unwrap_or_default(),
-        ..CampaignConfig::default()
+    let checkers = Checkers::from_path();
+    if args.campaign.thin() && checkers.thin_check.is_none() {
+        if in_ci() {
+            eprintln!(
+                "dmsim check: thin_check is not installed (Debian: apt-get install thin-provisioning-tools); \
+                 under CI=true a missing prerequisite is an error"
+            );
+            return ExitCode::from(2);
+        }
+        eprintln!("dmsim check: thin_check is not installed; runs are judged by the model's checker only");
+    }
+    let seeds = match (args.seeds.clone(), args.time) {
+        (Some(r), _) => r,
+        (None, None) => 0..64,
+        (None, Some(_)) => 0..u64::MAX,
     };
-    let jobs =
-        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    let nr_seeds = cfg.seeds.end - cfg.seeds.start;
-    let bar = ProgressBar::new(nr_seeds);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} seeds {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let next = AtomicU64::new(cfg.seeds.start);
-    let results = Mutex::new(Vec::with_capacity(nr_seeds as usize));
+    let mutations = args.mutation.unwrap_or_default();
+    let plan = Plan {
+        kind: args.campaign,
+        ops: args.ops,
+        settings: CampaignSettings { mutations, kernel_as_is: args.kernel_as_is, workload: args.workload },
+        metadata: CampaignConfig {
+            seeds: seeds.clone(),
+            ops_per_seed: args.metadata_ops,
+            crashes_per_point: args.crashes_per_point,
+            mutations,
+            ..CampaignConfig::default()
+        },
+        checkers,
+        determinism: args.check_determinism,
+    };
+    let jobs = jobs(args.jobs);
+    let deadline = args.time.map(|t| Instant::now() + t);
+    let started = Instant::now();
+
+    let bar = match args.time {
+        None => ProgressBar::new(seeds.end - seeds.start).with_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} seeds {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        ),
+        Some(t) => ProgressBar::new(t.as_secs().max(1)).with_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {prefix} seeds {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        ),
+    };
+    let next = AtomicU64::new(seeds.start);
+    let done = AtomicU64::new(0);
+    let failing = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= cfg.seeds.end {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                let outcome = run_seed(&cfg, seed);
-                let failed = !outcome.violations.is_empty();
-                let mut r = results.lock().expect("results lock");
-                r.push(outcome);
-                let bad = r.iter().filter(|o| !o.violations.is_empty()).count();
-                drop(r);
-                if failed || bad > 0 {
-                    bar.set_message(format!("({bad} failing)"));
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= seeds.end {
+                    break;
                 }
+                let result = plan.run_seed(seed);
+                if result.failed() {
+                    let n = failing.fetch_add(1, Ordering::Relaxed) + 1;
+                    bar.set_message(format!("({n} failing)"));
+                }
+                results.lock().expect("results lock").push(result);
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                match args.time {
+                    None => bar.inc(1),
+                    Some(t) => {
+                        bar.set_prefix(n.to_string());
+                        bar.set_position(started.elapsed().as_secs().min(t.as_secs()));
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let wall = started.elapsed();
+    let mut results = results.into_inner().expect("results lock");
+    results.sort_by_key(|r| r.seed);
+    // With --time the seeds that ran are a prefix of the range, except
+    // that threads may have stopped at the deadline with later seeds done:
+    // keep the longest gap-free prefix so the report names a range.
+    let mut end = seeds.start;
+    let mut kept = 0;
+    for r in &results {
+        if r.seed != end {
+            break;
+        }
+        end += 1;
+        kept += 1;
+    }
+    results.truncate(kept);
+    let ran = seeds.start..end;
+
+    let files = write_failures(&args, &plan, &results, jobs);
+    let summary = Summary::of(&results);
+    let ok = !results.iter().any(SeedResult::failed);
+    if args.json {
+        println!("{}", summary.to_json(&args, &plan, &ran, &results, &files, wall));
+    } else {
+        summary.print(&args, &plan, &ran, &results, &files);
+    }
+    let file_errors = files.iter().any(|(_, f)| f.error.is_some());
+    if !ok {
+        ExitCode::from(1)
+    } else if file_errors {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Writes every failing thin seed's trace and minimizes the first
+/// `--minimize-max` of them, in parallel; returns the files by seed.
+fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Vec<(u64, FailureFiles)> {
+    let failing: Vec<(u64, &Trace)> = results
+        .iter()
+        .filter_map(|r| r.thin.as_ref().and_then(|t| t.trace.as_ref()).map(|t| (r.seed, t)))
+        .collect();
+    if failing.is_empty() {
+        return Vec::new();
+    }
+    let dir = &args.failures;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        let error = format!("cannot create the failures folder {}: {e}", dir.display());
+        eprintln!("dmsim check: {error}");
+        return failing
+            .iter()
+            .map(|(seed, _)| (*seed, FailureFiles { error: Some(error.clone()), ..FailureFiles::default() }))
+            .collect();
+    }
+    let mut files: Vec<(u64, FailureFiles)> = failing
+        .iter()
+        .map(|(seed, trace)| {
+            let path = dir.join(format!("seed-{seed}.trace"));
+            let f = match trace_file::write(&path, trace, Encoding::Text) {
+                Ok(()) => FailureFiles { trace: Some(path), ..FailureFiles::default() },
+                Err(e) => FailureFiles { error: Some(e), ..FailureFiles::default() },
+            };
+            (*seed, f)
+        })
+        .collect();
+    let to_minimize = failing.len().min(args.minimize_max);
+    if to_minimize == 0 {
+        return files;
+    }
+    let bar = ProgressBar::new(to_minimize as u64).with_style(
+        ProgressStyle::with_template("{elapsed_precise} minimizing [{bar:20}] {pos}/{len} traces {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let next = AtomicUsize::new(0);
+    let minimized: Mutex<Vec<(usize, Result<MinimizedFile, String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(to_minimize) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to_minimize {
+                    break;
+                }
+                let (seed, trace) = failing[i];
+                let result = minimize(trace, &plan.checkers, |_, _| {}).map_err(|e| e.to_string()).and_then(|m| {
+                    let path = dir.join(format!("seed-{seed}.min.trace"));
+                    trace_file::write(&path, &m.trace, Encoding::Text)?;
+                    Ok(MinimizedFile {
+                        path,
+                        ops_before: m.ops_before,
+                        ops_after: m.ops_after,
+                        runs: m.runs,
+                        signature: m.signature,
+                    })
+                });
+                minimized.lock().expect("minimized lock").push((i, result));
                 bar.inc(1);
             });
         }
     });
     bar.finish_and_clear();
-    let mut outcomes = results.into_inner().expect("results lock");
-    outcomes.sort_by_key(|o| o.seed);
-    let summary = Summary::of(&outcomes);
-    if args.json {
-        println!("{}", summary.to_json(&cfg, &outcomes));
-    } else {
-        summary.print(&cfg, &outcomes);
+    for (i, result) in minimized.into_inner().expect("minimized lock") {
+        match result {
+            Ok(m) => files[i].1.minimized = Some(m),
+            Err(e) => files[i].1.error = Some(format!("minimizing seed {}: {e}", files[i].0)),
+        }
     }
-    if summary.failing_seeds.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    files
 }
 
+/// Totals over the seeds.
 #[derive(Debug, Default)]
 struct Summary {
-    seeds: usize,
-    ops: usize,
+    thin_seeds: usize,
+    thin_ops: usize,
+    thin: ThinStats,
+    coverage: FaultCoverage,
+    thin_check_runs: usize,
+    workloads: Vec<(Workload, usize)>,
+    thin_failing: Vec<u64>,
+    md_seeds: usize,
+    md_ops: usize,
     commits: usize,
     mappings: u64,
-    crash_states: usize,
+    md_crash_states: usize,
     torn_writes: usize,
     out_of_metadata_space: usize,
     known: usize,
-    failing_seeds: Vec<u64>,
+    md_failing: Vec<u64>,
+    differences: Vec<u64>,
 }
 
 impl Summary {
-    fn of(outcomes: &[SeedOutcome]) -> Self {
-        let mut s = Summary { seeds: outcomes.len(), ..Summary::default() };
-        for o in outcomes {
-            s.ops += o.ops;
-            s.commits += o.commits;
-            s.mappings += o.mappings;
-            s.crash_states += o.crash_states;
-            s.torn_writes += o.torn_writes;
-            s.out_of_metadata_space += usize::from(o.out_of_metadata_space);
-            s.known += o.known_kernel_behaviours.len();
-            if !o.violations.is_empty() {
-                s.failing_seeds.push(o.seed);
+    fn of(results: &[SeedResult]) -> Self {
+        let mut s = Summary { workloads: Workload::ALL.iter().map(|w| (*w, 0)).collect(), ..Summary::default() };
+        for r in results {
+            if let Some(t) = &r.thin {
+                s.thin_seeds += 1;
+                s.thin_ops += t.ops;
+                s.thin.add(&t.stats);
+                s.coverage.add(&t.coverage);
+                s.thin_check_runs += usize::from(t.thin_checked);
+                if let Some(w) = s.workloads.iter_mut().find(|(w, _)| *w == t.workload) {
+                    w.1 += 1;
+                }
+                if t.violation.is_some() {
+                    s.thin_failing.push(r.seed);
+                }
+            }
+            if let Some(o) = &r.metadata {
+                s.md_seeds += 1;
+                s.md_ops += o.ops;
+                s.commits += o.commits;
+                s.mappings += o.mappings;
+                s.md_crash_states += o.crash_states;
+                s.torn_writes += o.torn_writes;
+                s.out_of_metadata_space += usize::from(o.out_of_metadata_space);
+                s.known += o.known_kernel_behaviours.len();
+                if !o.violations.is_empty() {
+                    s.md_failing.push(r.seed);
+                }
+            }
+            if r.difference.is_some() {
+                s.differences.push(r.seed);
             }
         }
         s
     }
 
-    fn print(&self, cfg: &CampaignConfig, outcomes: &[SeedOutcome]) {
-        println!("dmsim check: metadata crash campaign, seeds {}..{}", cfg.seeds.start, cfg.seeds.end);
-        if cfg.mutations.any() {
-            println!("  (with a deliberately broken model: {:?})", cfg.mutations);
+    fn print(
+        &self,
+        args: &CheckArgs,
+        plan: &Plan,
+        ran: &Range<u64>,
+        results: &[SeedResult],
+        files: &[(u64, FailureFiles)],
+    ) {
+        let row = |k: &str, v: String| println!("  {k:<30} {v:>12}");
+        let names: Vec<&str> = [(plan.kind.thin(), "thin"), (plan.kind.metadata(), "metadata")]
+            .into_iter()
+            .filter_map(|(on, n)| on.then_some(n))
+            .collect();
+        println!(
+            "dmsim check: seeds {}..{} ({} seeds), campaigns: {}{}",
+            ran.start,
+            ran.end,
+            ran.end - ran.start,
+            names.join(" + "),
+            if args.time.is_some() { " (seeds limited by --time)" } else { "" }
+        );
+        if plan.settings.mutations.any() {
+            println!("  (with a deliberately broken model: {})", plan.settings.mutations.names().join(", "));
         }
-        let rows: [(&str, String); 9] = [
-            ("seeds", self.seeds.to_string()),
-            ("metadata operations", self.ops.to_string()),
-            ("commits", self.commits.to_string()),
-            ("mappings made", self.mappings.to_string()),
-            ("crash states judged", self.crash_states.to_string()),
-            ("  with a torn write", self.torn_writes.to_string()),
-            ("seeds out of metadata space", self.out_of_metadata_space.to_string()),
-            ("known kernel behaviours seen", self.known.to_string()),
-            ("failing seeds", self.failing_seeds.len().to_string()),
-        ];
-        for (k, v) in rows {
-            println!("  {k:<30} {v:>10}");
+        if plan.settings.kernel_as_is {
+            println!("  (kernel as is: the candidate kernel fixes are off)");
         }
-        if self.known > 0 {
-            let first = outcomes.iter().flat_map(|o| &o.known_kernel_behaviours).next();
-            if let Some(k) = first {
-                println!(
-                    "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
-                    k.seed, k.detail
-                );
+        if plan.kind.thin() {
+            let workload = plan.settings.workload.map_or("each seed's own".to_string(), |w| w.name().to_string());
+            println!("\nthin campaign: {} ops per seed, workload {workload}", plan.ops);
+            row("seeds", self.thin_seeds.to_string());
+            row("ops", self.thin_ops.to_string());
+            row("bios", self.thin.bios.to_string());
+            row("reads checked", self.thin.reads_checked.to_string());
+            row("crashes", self.thin.crashes.to_string());
+            row("crash states", self.thin.crash_states.to_string());
+            row("ENOSPC", self.thin.enospc.to_string());
+            row("EIO", self.thin.io_errors.to_string());
+            row("simulated seconds", format!("{:.1}", self.thin.sim_time_ns as f64 / 1e9));
+            row(
+                "thin_check runs",
+                if plan.checkers.thin_check.is_some() {
+                    self.thin_check_runs.to_string()
+                } else {
+                    "not installed".to_string()
+                },
+            );
+            println!("  faults fired");
+            for (name, count) in self.coverage.iter() {
+                row(&format!("  {name}"), count.to_string());
+            }
+            println!("  workloads");
+            for (w, n) in &self.workloads {
+                row(&format!("  {}", w.name()), n.to_string());
+            }
+            row("violations", self.thin_failing.len().to_string());
+        }
+        if plan.kind.metadata() {
+            println!("\nmetadata crash campaign: {} metadata operations per seed", plan.metadata.ops_per_seed);
+            row("seeds", self.md_seeds.to_string());
+            row("metadata operations", self.md_ops.to_string());
+            row("commits", self.commits.to_string());
+            row("mappings made", self.mappings.to_string());
+            row("crash states judged", self.md_crash_states.to_string());
+            row("  with a torn write", self.torn_writes.to_string());
+            row("seeds out of metadata space", self.out_of_metadata_space.to_string());
+            row("known kernel behaviours seen", self.known.to_string());
+            row("violations", self.md_failing.len().to_string());
+            if self.known > 0 {
+                let first = results.iter().filter_map(|r| r.metadata.as_ref()).flat_map(|o| &o.known_kernel_behaviours).next();
+                if let Some(k) = first {
+                    println!(
+                        "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
+                        k.seed, k.detail
+                    );
+                }
             }
         }
-        for o in outcomes.iter().filter(|o| !o.violations.is_empty()) {
-            let v = &o.violations[0];
+        if plan.determinism {
             println!(
-                "\nFAILED seed {} at operation {}: {}\n  {}",
-                v.seed,
-                v.op_index,
-                v.kind.name(),
-                v.detail
-            );
-            println!(
-                "  reproduce: dmsim check --seeds {}..{} --ops {}",
-                v.seed,
-                v.seed + 1,
-                cfg.ops_per_seed
+                "\ndeterminism: every seed ran twice; {}",
+                if self.differences.is_empty() {
+                    "the runs are byte-identical".to_string()
+                } else {
+                    format!("{} seeds differ", self.differences.len())
+                }
             );
         }
-        if self.failing_seeds.is_empty() {
+        for r in results {
+            print_failure(args, r, files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f));
+        }
+        if results.iter().any(SeedResult::failed) {
+            let n = results.iter().filter(|r| r.failed()).count();
+            println!("\n{n} failing seeds");
+        } else {
             println!("\nno violations");
         }
     }
 
-    fn to_json(&self, cfg: &CampaignConfig, outcomes: &[SeedOutcome]) -> String {
-        let failures: Vec<_> = outcomes
+    fn to_json(
+        &self,
+        args: &CheckArgs,
+        plan: &Plan,
+        ran: &Range<u64>,
+        results: &[SeedResult],
+        files: &[(u64, FailureFiles)],
+        wall: Duration,
+    ) -> String {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let thin = plan.kind.thin().then(|| {
+            let failures: Vec<_> = results
+                .iter()
+                .filter_map(|r| r.thin.as_ref().and_then(|t| t.violation.as_ref()).map(|v| (r, v)))
+                .map(|(r, v)| {
+                    let f = files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f.clone()).unwrap_or_default();
+                    serde_json::json!({
+                        "seed": r.seed,
+                        "workload": r.thin.as_ref().map(|t| t.workload.name()),
+                        "step": v.step,
+                        "kind": v.kind,
+                        "message": v.what,
+                        "trace": path(&f.trace),
+                        "minimized": f.minimized.as_ref().map(|m| serde_json::json!({
+                            "path": m.path.display().to_string(),
+                            "ops_before": m.ops_before,
+                            "ops_after": m.ops_after,
+                            "runs": m.runs,
+                            "signature": m.signature,
+                        })),
+                        "error": f.error,
+                        "reproduce": reproduce_thin(args, r.seed),
+                    })
+                })
+                .collect();
+            let faults: serde_json::Map<String, serde_json::Value> =
+                self.coverage.iter().map(|(n, c)| (n.to_string(), c.into())).collect();
+            let workloads: serde_json::Map<String, serde_json::Value> =
+                self.workloads.iter().map(|(w, n)| (w.name().to_string(), (*n).into())).collect();
+            serde_json::json!({
+                "ops_per_seed": plan.ops,
+                "workload": plan.settings.workload.map(Workload::name),
+                "seeds": self.thin_seeds,
+                "ops": self.thin_ops,
+                "bios": self.thin.bios,
+                "reads_checked": self.thin.reads_checked,
+                "crashes": self.thin.crashes,
+                "crash_states": self.thin.crash_states,
+                "enospc": self.thin.enospc,
+                "eio": self.thin.io_errors,
+                "sim_seconds": self.thin.sim_time_ns as f64 / 1e9,
+                "thin_check_installed": plan.checkers.thin_check.is_some(),
+                "thin_check_runs": self.thin_check_runs,
+                "faults_fired": faults,
+                "workloads": workloads,
+                "violations": self.thin_failing.len(),
+                "failing_seeds": self.thin_failing,
+                "failures": failures,
+            })
+        });
+        let metadata = plan.kind.metadata().then(|| {
+            let failures: Vec<_> = results
+                .iter()
+                .filter_map(|r| r.metadata.as_ref().and_then(|o| o.violations.first()))
+                .map(|v| {
+                    serde_json::json!({
+                        "seed": v.seed,
+                        "op_index": v.op_index,
+                        "kind": kind_id(v.kind),
+                        "detail": v.detail,
+                        "reproduce": reproduce_metadata(args, v.seed),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "ops_per_seed": plan.metadata.ops_per_seed,
+                "crashes_per_point": plan.metadata.crashes_per_point,
+                "seeds": self.md_seeds,
+                "operations": self.md_ops,
+                "commits": self.commits,
+                "mappings": self.mappings,
+                "crash_states": self.md_crash_states,
+                "torn_writes": self.torn_writes,
+                "seeds_out_of_metadata_space": self.out_of_metadata_space,
+                "known_kernel_behaviours": self.known,
+                "violations": self.md_failing.len(),
+                "failing_seeds": self.md_failing,
+                "failures": failures,
+            })
+        });
+        let differences: Vec<_> = results
             .iter()
-            .flat_map(|o| o.violations.first())
-            .map(|v| {
+            .filter_map(|r| r.difference.as_ref().map(|d| (r.seed, d)))
+            .map(|(seed, d)| {
                 serde_json::json!({
-                    "seed": v.seed,
-                    "op_index": v.op_index,
-                    "kind": kind_id(v.kind),
-                    "detail": v.detail,
+                    "seed": seed, "campaign": d.campaign, "line": d.line, "first": d.first, "second": d.second,
                 })
             })
             .collect();
+        let failing: Vec<u64> = results.iter().filter(|r| r.failed()).map(|r| r.seed).collect();
         serde_json::json!({
-            "seeds": { "start": cfg.seeds.start, "end": cfg.seeds.end },
-            "ops_per_seed": cfg.ops_per_seed,
-            "operations": self.ops,
-            "commits": self.commits,
-            "mappings": self.mappings,
-            "crash_states": self.crash_states,
-            "torn_writes": self.torn_writes,
-            "seeds_out_of_metadata_space": self.out_of_metadata_space,
-            "known_kernel_behaviours": self.known,
-            "failing_seeds": self.failing_seeds,
-            "failures": failures,
+            "seeds": { "start": ran.start, "end": ran.end },
+            "time_limited": args.time.is_some(),
+            "wall_seconds": wall.as_secs_f64(),
+            "mutations": plan.settings.mutations.names(),
+            "kernel_as_is": plan.settings.kernel_as_is,
+            "thin": thin,
+            "metadata": metadata,
+            "determinism": {
+                "checked": plan.determinism,
+                "differences": differences,
+            },
+            "violations": self.thin_failing.len() + self.md_failing.len() + self.differences.len(),
+            "failing_seeds": failing,
+            "ok": failing.is_empty(),
         })
         .to_string()
     }
+}
+
+fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>) {
+    if let Some((t, v)) = r.thin.as_ref().and_then(|t| t.violation.as_ref().map(|v| (t, v))) {
+        println!(
+            "\nFAILED thin seed {} (workload {}) at op {}: {}: {}",
+            r.seed,
+            t.workload.name(),
+            v.step,
+            v.kind,
+            v.what
+        );
+        if let Some(f) = files {
+            if let Some(p) = &f.trace {
+                println!("  trace: {} ({} ops)", p.display(), t.ops);
+            }
+            if let Some(m) = &f.minimized {
+                println!("  minimized: {} → {} ops ({} runs): {}", m.ops_before, m.ops_after, m.runs, m.path.display());
+                println!("  signature: {}", m.signature);
+                println!("  replay it: dmsim replay {}", m.path.display());
+            } else if f.error.is_none() {
+                println!("  not minimized (--minimize-max {})", args.minimize_max);
+            }
+            if let Some(e) = &f.error {
+                println!("  error: {e}");
+            }
+        }
+        println!("  reproduce: {}", reproduce_thin(args, r.seed));
+    }
+    if let Some(v) = r.metadata.as_ref().and_then(|o| o.violations.first()) {
+        println!("\nFAILED metadata seed {} at operation {}: {}\n  {}", v.seed, v.op_index, v.kind.name(), v.detail);
+        println!("  reproduce: {}", reproduce_metadata(args, v.seed));
+    }
+    if let Some(d) = &r.difference {
+        println!(
+            "\nNOT DETERMINISTIC: seed {} ({} campaign), the two runs first differ at line {}:\n  first:  {}\n  second: {}",
+            r.seed, d.campaign, d.line, d.first, d.second
+        );
+    }
+}
+
+fn hidden_flags(args: &CheckArgs) -> String {
+    let mut s = String::new();
+    if let Some(m) = args.mutation {
+        for n in m.names() {
+            s.push_str(&format!(" --mutation {n}"));
+        }
+    }
+    if args.kernel_as_is {
+        s.push_str(" --kernel-as-is");
+    }
+    s
+}
+
+fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
+    let workload = args.workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
+    format!(
+        "dmsim run --seed {seed} --ops {}{workload}{} --trace seed-{seed}.trace",
+        args.ops,
+        hidden_flags(args)
+    )
+}
+
+fn reproduce_metadata(args: &CheckArgs, seed: u64) -> String {
+    format!(
+        "dmsim check --campaign metadata --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}",
+        seed + 1,
+        args.metadata_ops,
+        args.crashes_per_point,
+        hidden_flags(args)
+    )
 }
 
 fn kind_id(k: ViolationKind) -> &'static str {

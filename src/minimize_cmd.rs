@@ -1,0 +1,67 @@
+//! `dmsim minimize`: shrinks a failing trace while its violation recurs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use dmsim_sim::run::{minimize, Checkers};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::run_cmd::encoding_name;
+use crate::trace_file::{self, Encoding};
+
+/// Options of `dmsim minimize`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: 0 when the minimized trace is written, 2 when the input cannot \
+be read, records no violation, or its violation does not recur.")]
+pub struct MinimizeArgs {
+    /// The failing trace (text or binary).
+    pub trace: PathBuf,
+    /// Where to write the minimized trace (text; binary with --binary or a
+    /// .bin extension).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Write the minimized trace in the binary encoding.
+    #[arg(long)]
+    pub binary: bool,
+}
+
+/// Minimizes a trace.
+pub fn run(args: MinimizeArgs) -> ExitCode {
+    let (trace, _) = match trace_file::read(&args.trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dmsim minimize: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bar = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{elapsed_precise} {spinner} minimizing: {msg}").expect("valid template"),
+    );
+    let checkers = Checkers::from_path();
+    let result = minimize(&trace, &checkers, |runs, len| {
+        bar.set_message(format!("{runs} runs, current length {len} ops"));
+        bar.tick();
+    });
+    bar.finish_and_clear();
+    let m = match result {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("dmsim minimize: {}: {e}", args.trace.display());
+            return ExitCode::from(2);
+        }
+    };
+    let encoding = Encoding::for_output(&args.output, args.binary);
+    if let Err(e) = trace_file::write(&args.output, &m.trace, encoding) {
+        eprintln!("dmsim minimize: {e}");
+        return ExitCode::from(2);
+    }
+    println!("minimized: {} → {} ops ({} runs)", m.ops_before, m.ops_after, m.runs);
+    println!("violation: {}", m.signature);
+    if let Some((kind, message)) = m.trace.violation() {
+        println!("  as it now reads: {kind}: {message}");
+    }
+    println!("wrote {} ({} events, {})", args.output.display(), m.trace.events.len(), encoding_name(encoding));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,116 @@
+//! `dmsim run`: one seed of the thin campaign, its trace written to a file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use dmsim_model::mutation::Mutations;
+use dmsim_sim::run::{run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload};
+
+use crate::check_cmd::{parse_mutation, parse_workload};
+use crate::trace_file::{self, Encoding};
+
+/// Options of `dmsim run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The seed: it decides the workload (unless --workload), the pool's
+    /// shape, the faults and every op.
+    #[arg(long)]
+    pub seed: u64,
+    /// Ops to generate.
+    #[arg(long, default_value_t = 300)]
+    pub ops: usize,
+    /// Force a workload: random, sequential, snapshot-heavy,
+    /// discard-heavy, fill-to-full, many-small-devices.
+    #[arg(long, value_parser = parse_workload)]
+    pub workload: Option<Workload>,
+    /// Write the run's trace here (text; binary with --binary or a .bin
+    /// extension).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Write the trace in the binary encoding.
+    #[arg(long)]
+    pub binary: bool,
+    /// Run with a deliberately broken model.
+    #[arg(long, hide = true, value_parser = parse_mutation)]
+    pub mutation: Option<Mutations>,
+    /// Run the model as kernel 6.1 behaves, without the candidate fixes.
+    #[arg(long, hide = true)]
+    pub kernel_as_is: bool,
+}
+
+/// Runs one seed; exit 1 on a violation, 2 if the trace cannot be written.
+pub fn run(args: RunArgs) -> ExitCode {
+    let settings = CampaignSettings {
+        mutations: args.mutation.unwrap_or_default(),
+        kernel_as_is: args.kernel_as_is,
+        workload: args.workload,
+    };
+    let cfg = RunConfig::for_seed(args.seed, args.ops, &settings);
+    let checkers = Checkers::from_path();
+    let out = run_config(&cfg, &checkers);
+    println!("dmsim run: seed {}, workload {}, {} ops", cfg.seed, cfg.workload.name(), cfg.ops);
+    if settings.mutations.any() {
+        println!("  (with a deliberately broken model: {})", settings.mutations.names().join(", "));
+    }
+    print_outcome(&out, &checkers);
+    if let Some(path) = &args.trace {
+        let encoding = Encoding::for_output(path, args.binary);
+        if let Err(e) = trace_file::write(path, &out.trace, encoding) {
+            eprintln!("dmsim run: {e}");
+            return ExitCode::from(2);
+        }
+        println!("  trace: {} ({} events, {})", path.display(), out.trace.events.len(), encoding_name(encoding));
+    }
+    print_verdict(&out);
+    if out.violation.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The name of an encoding in messages.
+pub fn encoding_name(e: Encoding) -> &'static str {
+    match e {
+        Encoding::Text => "text",
+        Encoding::Binary => "binary",
+    }
+}
+
+/// Prints a run's counters, the faults that fired and whether thin_check
+/// ran, indented under a heading.
+pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
+    let s = &out.stats;
+    println!(
+        "  ops {}, bios {}, reads checked {}, crashes {}, crash states {}, ENOSPC {}, EIO {}, simulated {:.1} s",
+        out.trace.ops().count(),
+        s.bios,
+        s.reads_checked,
+        s.crashes,
+        s.crash_states,
+        s.enospc,
+        s.io_errors,
+        s.sim_time_ns as f64 / 1e9
+    );
+    let fired: Vec<String> = out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
+    println!("  faults fired: {}", if fired.is_empty() { "none".to_string() } else { fired.join(", ") });
+    let thin_check = if out.thin_checked {
+        "ran on the final metadata"
+    } else if checkers.thin_check.is_none() {
+        "not installed (judged by the model's checker only)"
+    } else if out.violation.is_some() {
+        "not run (the run failed first)"
+    } else {
+        "not run (a crash left leaks that thin_check would report too)"
+    };
+    println!("  thin_check: {thin_check}");
+}
+
+/// Prints the run's violation, or that there was none.
+pub fn print_verdict(out: &RunOutcome) {
+    match &out.violation {
+        Some(v) => println!("VIOLATION at op {}: {}: {}", v.step, v.kind, v.what),
+        None => println!("no violation"),
+    }
+}

@@ -1,0 +1,165 @@
+//! `dmsim show`: a trace as a readable timeline.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use dmsim_traces::{DiskFault, Event, Op, Trace};
+
+use crate::run_cmd::encoding_name;
+use crate::trace_file;
+
+/// Options of `dmsim show`.
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The trace file (text or binary).
+    pub trace: PathBuf,
+    /// Show only the ops (the inputs), not what was observed.
+    #[arg(long)]
+    pub ops_only: bool,
+}
+
+/// Prints the timeline; exit 2 if the trace cannot be read.
+pub fn run(args: ShowArgs) -> ExitCode {
+    match trace_file::read(&args.trace) {
+        Ok((trace, encoding)) => {
+            print!("{}", timeline(&trace, args.ops_only, &format!("{} ({})", args.trace.display(), encoding_name(encoding))));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dmsim show: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The timeline of `trace`: a header (seed, workload, settings), then one
+/// numbered line per event (per op with `ops_only`).
+pub fn timeline(trace: &Trace, ops_only: bool, source: &str) -> String {
+    let mut s = String::new();
+    let h = &trace.header;
+    let ops = trace.ops().count();
+    let _ = writeln!(s, "trace {source}");
+    let _ = writeln!(s, "  seed {}, workload {}, {} ops, {} events", h.seed, h.workload, ops, trace.events.len());
+    let (swarm, settings): (Vec<_>, Vec<_>) = h.params.iter().partition(|(k, _)| k.starts_with("swarm."));
+    let show = |v: &str| if v.is_empty() { "(none)".to_string() } else { v.to_string() };
+    for (title, params) in [("settings", settings), ("fault swarm", swarm)] {
+        if params.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "  {title}:");
+        let mut line = String::from("   ");
+        for (k, v) in params {
+            let item = format!(" {}={}", k.strip_prefix("swarm.").unwrap_or(k), show(v));
+            if line.len() + item.len() > 100 {
+                let _ = writeln!(s, "{line}");
+                line = String::from("   ");
+            }
+            line.push_str(&item);
+        }
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "{:>6}  {:>6}  what", "event", "op");
+    let mut op_index = 0usize;
+    for (i, e) in trace.events.iter().enumerate() {
+        let n = i + 1;
+        match e {
+            Event::Op(op) => {
+                let _ = writeln!(s, "{n:>6}  {op_index:>6}  {}", describe_op(op));
+                op_index += 1;
+            }
+            _ if ops_only => {}
+            Event::Violation { kind, message } => {
+                let _ = writeln!(s, "{n:>6}  {:>6}  *** VIOLATION ({kind}): {message} ***", "");
+            }
+            other => {
+                let _ = writeln!(s, "{n:>6}  {:>6}    {}", "", describe_event(other));
+            }
+        }
+    }
+    match trace.violation() {
+        Some((kind, message)) => {
+            let _ = writeln!(s, "\nthe run ended with a violation ({kind}): {message}");
+        }
+        None => {
+            let _ = writeln!(s, "\nno violation");
+        }
+    }
+    s
+}
+
+/// An op in words, e.g. `write dev#0 sectors 257..513 FUA` (end excluded;
+/// `dev#N` is the N-th live thin device, modulo how many are live).
+pub fn describe_op(op: &Op) -> String {
+    match *op {
+        Op::Write { dev, sector, nr_sectors, fua, preflush } => {
+            let mut s = format!("write dev#{dev} sectors {}", range(sector.into(), nr_sectors.into()));
+            if preflush {
+                s.push_str(" PREFLUSH");
+            }
+            if fua {
+                s.push_str(" FUA");
+            }
+            s
+        }
+        Op::Read { dev, sector, nr_sectors } => {
+            format!("read dev#{dev} sectors {}", range(sector.into(), nr_sectors.into()))
+        }
+        Op::Discard { dev, sector, nr_sectors } => {
+            format!("discard dev#{dev} sectors {}", range(sector.into(), nr_sectors.into()))
+        }
+        Op::Flush { dev } => format!("flush dev#{dev}"),
+        Op::CreateThin => "create a thin device".to_string(),
+        Op::CreateSnap { origin } => format!("snapshot dev#{origin}"),
+        Op::Delete { dev } => format!("delete dev#{dev}"),
+        Op::Worker => "worker pass".to_string(),
+        Op::Complete { pick } => format!("complete in-flight data I/O #{pick}"),
+        Op::FailIo { pick } => format!("fail in-flight data I/O #{pick} with EIO"),
+        Op::Fault { disk, fault } => {
+            let what = match fault {
+                DiskFault::ReadError { permanent } => {
+                    format!("the next read fails ({})", if permanent { "permanent" } else { "transient" })
+                }
+                DiskFault::WriteError { permanent } => {
+                    format!("the next write fails ({})", if permanent { "permanent" } else { "transient" })
+                }
+                DiskFault::BitFlip { bit } => format!("the next read flips bit {bit}"),
+                DiskFault::Misdirect { offset } => format!("the next write lands {offset:+} sectors away"),
+            };
+            format!("arm a fault on the {} disk: {what}", disk.name())
+        }
+        Op::Tick { millis } => format!("time passes: {millis} ms"),
+        Op::Crash { mode, seed } => format!("POWER CUT ({} crash, seed {seed}), then recovery", mode.name()),
+    }
+}
+
+fn range(start: u64, len: u64) -> String {
+    format!("{start}..{}", start + len)
+}
+
+/// An observation in words.
+pub fn describe_event(e: &Event) -> String {
+    match e {
+        Event::Op(op) => describe_op(op),
+        Event::Done { bio, dev, result, read } => {
+            let mut s = format!("→ bio {bio} on thin {dev}: {result}");
+            if let Some(r) = read {
+                let _ = write!(s, ", read {r}");
+            }
+            s
+        }
+        Event::FaultFired { disk, what } => format!("! fault fired on the {} disk: {what}", disk.name()),
+        Event::Crashed { metadata, data, torn } => format!(
+            "crash state: metadata disk kept {} of {} unflushed writes, data disk {} of {}{}",
+            metadata.0,
+            metadata.1,
+            data.0,
+            data.1,
+            if *torn { ", one write torn" } else { "" }
+        ),
+        Event::Mode(m) => format!("pool mode → {m}"),
+        Event::Violation { kind, message } => format!("*** VIOLATION ({kind}): {message} ***"),
+    }
+}
