@@ -1,0 +1,120 @@
+//! `cargo bench --bench campaign`: how fast the thin campaign simulates.
+//!
+//! Runs a fixed set of seeds on one thread, twice: first as the baseline,
+//! every seed with no faults at all (`FaultSwarm::none()`: no crashes, no
+//! I/O errors), then as `dmsim check` runs them, every seed with its own
+//! fault swarm. For each it prints simulated seconds per wall second, bios
+//! per second and crash states per second, and the ratios of the campaign
+//! to the baseline measured in the same run. A third line times the
+//! metadata crash campaign on the same seeds. Nothing asserts on speed:
+//! the numbers are for people comparing two builds on one machine.
+//!
+//! `DMSIM_BENCH_SEEDS=A..B` and `DMSIM_BENCH_OPS=N` change the work.
+
+use std::time::{Duration, Instant};
+
+use dmsim_faults::FaultSwarm;
+use dmsim_sim::campaign::{self, CampaignConfig};
+use dmsim_sim::run::{run_config, CampaignSettings, Checkers, RunConfig};
+use dmsim_sim::thin::ThinStats;
+
+/// What one pass over the seeds did.
+struct Pass {
+    name: &'static str,
+    wall: Duration,
+    stats: ThinStats,
+    violations: usize,
+}
+
+impl Pass {
+    fn per_sec(&self, n: u64) -> f64 {
+        n as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn sim_per_wall(&self) -> f64 {
+        self.stats.sim_time_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+fn thin_pass(name: &'static str, seeds: std::ops::Range<u64>, ops: usize, quiet: bool) -> Pass {
+    let settings = CampaignSettings::default();
+    let checkers = Checkers::default();
+    let mut stats = ThinStats::default();
+    let mut violations = 0;
+    let start = Instant::now();
+    for seed in seeds {
+        let mut cfg = RunConfig::for_seed(seed, ops, &settings);
+        if quiet {
+            cfg.swarm = FaultSwarm::none();
+        }
+        let out = run_config(&cfg, &checkers);
+        stats.add(&out.stats);
+        violations += usize::from(out.violation.is_some());
+    }
+    Pass { name, wall: start.elapsed(), stats, violations }
+}
+
+fn env_or<T>(name: &str, parse: impl Fn(&str) -> Option<T>, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| parse(&v)).unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench` (and any filter); they are ignored.
+    let seeds = env_or(
+        "DMSIM_BENCH_SEEDS",
+        |v| {
+            let (a, b) = v.split_once("..")?;
+            let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+            (a < b).then_some(a..b)
+        },
+        0..48u64,
+    );
+    let ops = env_or("DMSIM_BENCH_OPS", |v| v.parse().ok(), 300usize);
+    println!("dmsim campaign benchmark: seeds {}..{}, {ops} ops per seed, one thread", seeds.start, seeds.end);
+
+    // Warm up caches and the allocator on a few seeds first.
+    let _ = thin_pass("warm-up", 0..2, ops, false);
+    let base = thin_pass("baseline (no faults)", seeds.clone(), ops, true);
+    let camp = thin_pass("campaign (fault swarm)", seeds.clone(), ops, false);
+
+    println!(
+        "\n{:<26} {:>9} {:>14} {:>12} {:>16} {:>11}",
+        "thin", "wall s", "sim s / wall s", "bios / s", "crash states / s", "violations"
+    );
+    for p in [&base, &camp] {
+        println!(
+            "{:<26} {:>9.3} {:>14.1} {:>12.0} {:>16.1} {:>11}",
+            p.name,
+            p.wall.as_secs_f64(),
+            p.sim_per_wall(),
+            p.per_sec(p.stats.bios),
+            p.per_sec(p.stats.crash_states),
+            p.violations
+        );
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".to_string() };
+    println!(
+        "{:<26} {:>9} {:>14} {:>12}",
+        "campaign / baseline",
+        ratio(camp.wall.as_secs_f64(), base.wall.as_secs_f64()),
+        ratio(camp.sim_per_wall(), base.sim_per_wall()),
+        ratio(camp.per_sec(camp.stats.bios), base.per_sec(base.stats.bios)),
+    );
+
+    // The metadata campaign is slower per seed: time its first 16 seeds.
+    let seeds = seeds.start..seeds.end.min(seeds.start + 16);
+    let cfg = CampaignConfig { seeds: seeds.clone(), ..CampaignConfig::default() };
+    let start = Instant::now();
+    let mut crash_states = 0usize;
+    let mut commits = 0usize;
+    for seed in seeds {
+        let o = campaign::run_seed(&cfg, seed);
+        crash_states += o.crash_states;
+        commits += o.commits;
+    }
+    let wall = start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "\nmetadata crash campaign (first 16 seeds at most): {wall:.3} s wall, {commits} commits, {crash_states} crash states, {:.0} crash states / s",
+        crash_states as f64 / wall
+    );
+}
