@@ -70,7 +70,10 @@ fn main() {
         0..48u64,
     );
     let ops = env_or("DMSIM_BENCH_OPS", |v| v.parse().ok(), 300usize);
-    println!("dmsim campaign benchmark: seeds {}..{}, {ops} ops per seed, one thread", seeds.start, seeds.end);
+    println!(
+        "dmsim campaign benchmark: seeds {}..{}, {ops} ops per seed, one thread",
+        seeds.start, seeds.end
+    );
 
     // Warm up caches and the allocator on a few seeds first.
     let _ = thin_pass("warm-up", 0..2, ops, false);

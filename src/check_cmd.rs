@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
@@ -85,9 +86,8 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 300)]
     pub ops: usize,
     /// Force one workload in the thin campaign instead of each seed's own
-    /// choice: random, sequential, snapshot-heavy, discard-heavy,
-    /// fill-to-full, many-small-devices.
-    #[arg(long, value_parser = parse_workload)]
+    /// choice.
+    #[arg(long, value_parser = workload_parser())]
     pub workload: Option<Workload>,
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long)]
@@ -130,7 +130,10 @@ pub fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
     let a: u64 = a.trim().parse().map_err(|_| err())?;
     let b: u64 = b.trim().parse().map_err(|_| err())?;
     if a >= b {
-        return Err(format!("empty seed range {s:?}: the end is excluded, so use {a}..{}", a.saturating_add(1)));
+        return Err(format!(
+            "empty seed range {s:?}: the end is excluded, so use {a}..{}",
+            a.saturating_add(1)
+        ));
     }
     Ok(a..b)
 }
@@ -165,12 +168,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// Parses a workload name.
-pub fn parse_workload(s: &str) -> Result<Workload, String> {
-    Workload::from_name(s).ok_or_else(|| {
-        let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
-        format!("unknown workload {s:?}; known: {}", names.join(", "))
-    })
+/// The parser of `--workload`: one of the names of [`Workload::ALL`] (which
+/// `--help` lists).
+pub fn workload_parser() -> impl TypedValueParser<Value = Workload> {
+    clap::builder::PossibleValuesParser::new(Workload::ALL.map(Workload::name))
+        .map(|name| Workload::from_name(&name).expect("a possible value names a workload"))
+}
+
+/// Where a run's violation showed, in words: `at op N`, or `in the final
+/// checks` when it showed after the last of its `ops` ops.
+pub fn when(step: usize, ops: usize) -> String {
+    if step >= ops {
+        "in the final checks".to_string()
+    } else {
+        format!("at op {step}")
+    }
 }
 
 /// Parses a mutation name.
@@ -263,7 +275,9 @@ impl Plan {
             let out = run_config(&cfg, &self.checkers);
             if self.determinism {
                 let again = run_config(&cfg, &self.checkers);
-                if let Some((line, first, second)) = first_difference(&to_text(&out.trace), &to_text(&again.trace)) {
+                if let Some((line, first, second)) =
+                    first_difference(&to_text(&out.trace), &to_text(&again.trace))
+                {
                     difference = Some(Difference { campaign: "thin", line, first, second });
                 }
             }
@@ -422,7 +436,12 @@ pub fn run(args: CheckArgs) -> ExitCode {
 
 /// Writes every failing thin seed's trace and minimizes the first
 /// `--minimize-max` of them, in parallel; returns the files by seed.
-fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Vec<(u64, FailureFiles)> {
+fn write_failures(
+    args: &CheckArgs,
+    plan: &Plan,
+    results: &[SeedResult],
+    jobs: usize,
+) -> Vec<(u64, FailureFiles)> {
     let failing: Vec<(u64, &Trace)> = results
         .iter()
         .filter_map(|r| r.thin.as_ref().and_then(|t| t.trace.as_ref()).map(|t| (r.seed, t)))
@@ -469,17 +488,18 @@ fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: u
                     break;
                 }
                 let (seed, trace) = failing[i];
-                let result = minimize(trace, &plan.checkers, |_, _| {}).map_err(|e| e.to_string()).and_then(|m| {
-                    let path = dir.join(format!("seed-{seed}.min.trace"));
-                    trace_file::write(&path, &m.trace, Encoding::Text)?;
-                    Ok(MinimizedFile {
-                        path,
-                        ops_before: m.ops_before,
-                        ops_after: m.ops_after,
-                        runs: m.runs,
-                        signature: m.signature,
-                    })
-                });
+                let result =
+                    minimize(trace, &plan.checkers, |_, _| {}).map_err(|e| e.to_string()).and_then(|m| {
+                        let path = dir.join(format!("seed-{seed}.min.trace"));
+                        trace_file::write(&path, &m.trace, Encoding::Text)?;
+                        Ok(MinimizedFile {
+                            path,
+                            ops_before: m.ops_before,
+                            ops_after: m.ops_after,
+                            runs: m.runs,
+                            signature: m.signature,
+                        })
+                    });
                 minimized.lock().expect("minimized lock").push((i, result));
                 bar.inc(1);
             });
@@ -519,7 +539,8 @@ struct Summary {
 
 impl Summary {
     fn of(results: &[SeedResult]) -> Self {
-        let mut s = Summary { workloads: Workload::ALL.iter().map(|w| (*w, 0)).collect(), ..Summary::default() };
+        let mut s =
+            Summary { workloads: Workload::ALL.iter().map(|w| (*w, 0)).collect(), ..Summary::default() };
         for r in results {
             if let Some(t) = &r.thin {
                 s.thin_seeds += 1;
@@ -582,7 +603,8 @@ impl Summary {
             println!("  (kernel as is: the candidate kernel fixes are off)");
         }
         if plan.kind.thin() {
-            let workload = plan.settings.workload.map_or("each seed's own".to_string(), |w| w.name().to_string());
+            let workload =
+                plan.settings.workload.map_or("each seed's own".to_string(), |w| w.name().to_string());
             println!("\nthin campaign: {} ops per seed, workload {workload}", plan.ops);
             row("seeds", self.thin_seeds.to_string());
             row("ops", self.thin_ops.to_string());
@@ -612,7 +634,10 @@ impl Summary {
             row("violations", self.thin_failing.len().to_string());
         }
         if plan.kind.metadata() {
-            println!("\nmetadata crash campaign: {} metadata operations per seed", plan.metadata.ops_per_seed);
+            println!(
+                "\nmetadata crash campaign: {} metadata operations per seed",
+                plan.metadata.ops_per_seed
+            );
             row("seeds", self.md_seeds.to_string());
             row("metadata operations", self.md_ops.to_string());
             row("commits", self.commits.to_string());
@@ -623,7 +648,11 @@ impl Summary {
             row("known kernel behaviours seen", self.known.to_string());
             row("violations", self.md_failing.len().to_string());
             if self.known > 0 {
-                let first = results.iter().filter_map(|r| r.metadata.as_ref()).flat_map(|o| &o.known_kernel_behaviours).next();
+                let first = results
+                    .iter()
+                    .filter_map(|r| r.metadata.as_ref())
+                    .flat_map(|o| &o.known_kernel_behaviours)
+                    .next();
                 if let Some(k) = first {
                     println!(
                         "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
@@ -668,7 +697,8 @@ impl Summary {
                 .iter()
                 .filter_map(|r| r.thin.as_ref().and_then(|t| t.violation.as_ref()).map(|v| (r, v)))
                 .map(|(r, v)| {
-                    let f = files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f.clone()).unwrap_or_default();
+                    let f =
+                        files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f.clone()).unwrap_or_default();
                     serde_json::json!({
                         "seed": r.seed,
                         "workload": r.thin.as_ref().map(|t| t.workload.name()),
@@ -776,10 +806,10 @@ impl Summary {
 fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>) {
     if let Some((t, v)) = r.thin.as_ref().and_then(|t| t.violation.as_ref().map(|v| (t, v))) {
         println!(
-            "\nFAILED thin seed {} (workload {}) at op {}: {}: {}",
+            "\nFAILED thin seed {} (workload {}) {}: {}: {}",
             r.seed,
             t.workload.name(),
-            v.step,
+            when(v.step, t.ops),
             v.kind,
             v.what
         );
@@ -788,7 +818,13 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
                 println!("  trace: {} ({} ops)", p.display(), t.ops);
             }
             if let Some(m) = &f.minimized {
-                println!("  minimized: {} → {} ops ({} runs): {}", m.ops_before, m.ops_after, m.runs, m.path.display());
+                println!(
+                    "  minimized: {} → {} ops ({} runs): {}",
+                    m.ops_before,
+                    m.ops_after,
+                    m.runs,
+                    m.path.display()
+                );
                 println!("  signature: {}", m.signature);
                 println!("  replay it: dmsim replay {}", m.path.display());
             } else if f.error.is_none() {
@@ -801,7 +837,13 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
         println!("  reproduce: {}", reproduce_thin(args, r.seed));
     }
     if let Some(v) = r.metadata.as_ref().and_then(|o| o.violations.first()) {
-        println!("\nFAILED metadata seed {} at operation {}: {}\n  {}", v.seed, v.op_index, v.kind.name(), v.detail);
+        println!(
+            "\nFAILED metadata seed {} at operation {}: {}\n  {}",
+            v.seed,
+            v.op_index,
+            v.kind.name(),
+            v.detail
+        );
         println!("  reproduce: {}", reproduce_metadata(args, v.seed));
     }
     if let Some(d) = &r.difference {

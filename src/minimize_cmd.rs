@@ -37,7 +37,8 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
         }
     };
     let bar = ProgressBar::new_spinner().with_style(
-        ProgressStyle::with_template("{elapsed_precise} {spinner} minimizing: {msg}").expect("valid template"),
+        ProgressStyle::with_template("{elapsed_precise} {spinner} minimizing: {msg}")
+            .expect("valid template"),
     );
     let checkers = Checkers::from_path();
     let result = minimize(&trace, &checkers, |runs, len| {
@@ -62,6 +63,11 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
     if let Some((kind, message)) = m.trace.violation() {
         println!("  as it now reads: {kind}: {message}");
     }
-    println!("wrote {} ({} events, {})", args.output.display(), m.trace.events.len(), encoding_name(encoding));
+    println!(
+        "wrote {} ({} events, {})",
+        args.output.display(),
+        m.trace.events.len(),
+        encoding_name(encoding)
+    );
     ExitCode::SUCCESS
 }

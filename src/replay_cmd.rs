@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use dmsim_sim::run::{replay, violation_signature, Checkers};
 
+use crate::check_cmd::when;
 use crate::run_cmd::{encoding_name, print_outcome};
 use crate::trace_file;
 
@@ -84,13 +85,16 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         Some((k, m)) => println!("recorded violation: {k}: {m}"),
         None => println!("recorded violation: none"),
     }
+    let ops = replayed.outcome.trace.ops().count();
     match (&replayed.outcome.violation, &recorded) {
         (Some(v), Some((k, m))) => {
             let same = violation_signature(v.kind, &v.what) == violation_signature(k, m);
             let verdict = if same { "the recorded violation recurs" } else { "a DIFFERENT violation" };
-            println!("on replay: {verdict} at op {}: {}: {}", v.step, v.kind, v.what);
+            println!("on replay: {verdict} {}: {}: {}", when(v.step, ops), v.kind, v.what);
         }
-        (Some(v), None) => println!("on replay: a NEW violation at op {}: {}: {}", v.step, v.kind, v.what),
+        (Some(v), None) => {
+            println!("on replay: a NEW violation {}: {}: {}", when(v.step, ops), v.kind, v.what)
+        }
         (None, Some(_)) => println!("on replay: no violation (the recorded one does not recur)"),
         (None, None) => println!("on replay: no violation"),
     }

@@ -7,7 +7,7 @@ use clap::Args;
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload};
 
-use crate::check_cmd::{parse_mutation, parse_workload};
+use crate::check_cmd::{parse_mutation, when, workload_parser};
 use crate::trace_file::{self, Encoding};
 
 /// Options of `dmsim run`.
@@ -20,9 +20,8 @@ pub struct RunArgs {
     /// Ops to generate.
     #[arg(long, default_value_t = 300)]
     pub ops: usize,
-    /// Force a workload: random, sequential, snapshot-heavy,
-    /// discard-heavy, fill-to-full, many-small-devices.
-    #[arg(long, value_parser = parse_workload)]
+    /// Force a workload instead of the seed's choice.
+    #[arg(long, value_parser = workload_parser())]
     pub workload: Option<Workload>,
     /// Write the run's trace here (text; binary with --binary or a .bin
     /// extension).
@@ -60,7 +59,12 @@ pub fn run(args: RunArgs) -> ExitCode {
             eprintln!("dmsim run: {e}");
             return ExitCode::from(2);
         }
-        println!("  trace: {} ({} events, {})", path.display(), out.trace.events.len(), encoding_name(encoding));
+        println!(
+            "  trace: {} ({} events, {})",
+            path.display(),
+            out.trace.events.len(),
+            encoding_name(encoding)
+        );
     }
     print_verdict(&out);
     if out.violation.is_some() {
@@ -93,7 +97,8 @@ pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
         s.io_errors,
         s.sim_time_ns as f64 / 1e9
     );
-    let fired: Vec<String> = out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
+    let fired: Vec<String> =
+        out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
     println!("  faults fired: {}", if fired.is_empty() { "none".to_string() } else { fired.join(", ") });
     let thin_check = if out.thin_checked {
         "ran on the final metadata"
@@ -110,7 +115,7 @@ pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
 /// Prints the run's violation, or that there was none.
 pub fn print_verdict(out: &RunOutcome) {
     match &out.violation {
-        Some(v) => println!("VIOLATION at op {}: {}: {}", v.step, v.kind, v.what),
+        Some(v) => println!("VIOLATION {}: {}: {}", when(v.step, out.trace.ops().count()), v.kind, v.what),
         None => println!("no violation"),
     }
 }

@@ -24,7 +24,14 @@ pub struct ShowArgs {
 pub fn run(args: ShowArgs) -> ExitCode {
     match trace_file::read(&args.trace) {
         Ok((trace, encoding)) => {
-            print!("{}", timeline(&trace, args.ops_only, &format!("{} ({})", args.trace.display(), encoding_name(encoding))));
+            print!(
+                "{}",
+                timeline(
+                    &trace,
+                    args.ops_only,
+                    &format!("{} ({})", args.trace.display(), encoding_name(encoding))
+                )
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -41,7 +48,8 @@ pub fn timeline(trace: &Trace, ops_only: bool, source: &str) -> String {
     let h = &trace.header;
     let ops = trace.ops().count();
     let _ = writeln!(s, "trace {source}");
-    let _ = writeln!(s, "  seed {}, workload {}, {} ops, {} events", h.seed, h.workload, ops, trace.events.len());
+    let _ =
+        writeln!(s, "  seed {}, workload {}, {} ops, {} events", h.seed, h.workload, ops, trace.events.len());
     let (swarm, settings): (Vec<_>, Vec<_>) = h.params.iter().partition(|(k, _)| k.starts_with("swarm."));
     let show = |v: &str| if v.is_empty() { "(none)".to_string() } else { v.to_string() };
     for (title, params) in [("settings", settings), ("fault swarm", swarm)] {

@@ -36,7 +36,10 @@ pub fn decode(bytes: &[u8]) -> Result<(Trace, Encoding), String> {
         return from_bytes(bytes).map(|t| (t, Encoding::Binary)).map_err(|e| format!("binary trace: {e}"));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        format!("not a trace: neither the binary magic nor UTF-8 text (invalid byte at offset {})", e.valid_up_to())
+        format!(
+            "not a trace: neither the binary magic nor UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        )
     })?;
     from_text(text).map(|t| (t, Encoding::Text)).map_err(|e| e.to_string())
 }

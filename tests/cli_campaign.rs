@@ -26,7 +26,8 @@ fn stderr(o: &Output) -> String {
 fn scratch(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-campaign-{}-{n}-{tag}", std::process::id()));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-campaign-{}-{n}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch folder");
     dir
@@ -133,7 +134,8 @@ fn run_then_replay_is_byte_identical() {
 fn show_prints_the_timeline() {
     let dir = scratch("show");
     let trace = dir.join("t.trace");
-    let out = dmsim(&["run", "--seed", "3", "--ops", "80", "--workload", "snapshot-heavy", "--trace", s(&trace)]);
+    let out =
+        dmsim(&["run", "--seed", "3", "--ops", "80", "--workload", "snapshot-heavy", "--trace", s(&trace)]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     let out = dmsim(&["show", s(&trace)]);
     let text = stdout(&out);
@@ -165,11 +167,14 @@ fn bad_inputs_exit_2_with_a_message() {
     std::fs::write(&garbage, [0xffu8, 0xfe, 0x00, 0x80]).unwrap();
     assert_usage_error(&dmsim(&["show", s(&garbage)]), "not a trace");
     assert_usage_error(&dmsim(&["replay", s(&dir.join("missing.trace"))]), "cannot read");
-    assert_usage_error(&dmsim(&["check", "--workload", "nope"]), "unknown workload \"nope\"");
+    assert_usage_error(&dmsim(&["check", "--workload", "nope"]), "invalid value 'nope' for '--workload");
     assert_usage_error(&dmsim(&["run", "--seed", "1", "--mutation", "nope"]), "unknown mutation \"nope\"");
     assert_usage_error(&dmsim(&["check", "--seeds", "5..5"]), "empty seed range");
     assert_usage_error(&dmsim(&["check", "--time", "soon"]), "expected a duration");
-    assert_usage_error(&dmsim(&["replay", "--on", "kernel", s(&malformed)]), "--on kernel is not available yet");
+    assert_usage_error(
+        &dmsim(&["replay", "--on", "kernel", s(&malformed)]),
+        "--on kernel is not available yet",
+    );
 
     // A clean trace has nothing to minimize.
     let clean = dir.join("clean.trace");
