@@ -180,6 +180,9 @@ impl FaultSwarm {
         };
         let mut s = FaultSwarm { profile, ..FaultSwarm::none() };
         let weight = |rng: &mut ChaCha8Rng| rng.gen_range(1..=8u32);
+        // Crashes are what most durability bugs need, and a crash ends an
+        // epoch cheaply: weigh them up to a few percent of the ops.
+        let crash_weight = |rng: &mut ChaCha8Rng| rng.gen_range(4..=40u32);
         let maybe = |rng: &mut ChaCha8Rng| if rng.gen_bool(0.5) { rng.gen_range(1..=4u32) } else { 0 };
         let modes = |rng: &mut ChaCha8Rng| -> Vec<CrashMode> {
             if rng.gen_bool(0.4) {
@@ -202,7 +205,7 @@ impl FaultSwarm {
         match profile {
             SwarmProfile::Quiet => {}
             SwarmProfile::CrashesOnly => {
-                s.crash_weight = weight(&mut rng);
+                s.crash_weight = crash_weight(&mut rng);
                 s.crash_modes = modes(&mut rng);
             }
             SwarmProfile::MetadataErrors => {
@@ -219,7 +222,7 @@ impl FaultSwarm {
                 s.crash_modes = modes(&mut rng);
             }
             SwarmProfile::Everything => {
-                s.crash_weight = weight(&mut rng);
+                s.crash_weight = crash_weight(&mut rng);
                 s.crash_modes = modes(&mut rng);
                 s.fail_io_weight = weight(&mut rng);
                 s.metadata_fault_weight = weight(&mut rng);

@@ -67,4 +67,27 @@ impl Mutations {
     pub fn any(&self) -> bool {
         *self != Mutations::default()
     }
+
+    /// The names of the mutations that are on, in [`Self::ALL`] order.
+    pub fn names(&self) -> Vec<&'static str> {
+        Self::ALL
+            .iter()
+            .filter(|(_, set)| {
+                let mut with = *self;
+                set(&mut with);
+                with == *self
+            })
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
+    /// The mutations named in `names` together; `None` if one is unknown.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Mutations> {
+        let mut m = Mutations::default();
+        for name in names {
+            let (_, set) = Self::ALL.iter().find(|(n, _)| *n == name)?;
+            set(&mut m);
+        }
+        Some(m)
+    }
 }

@@ -5,14 +5,17 @@
 //! states rebuilt and judged; the [`oracle`], the reference of what reads of
 //! thin devices may return; and [`thin`], which drives the thin target step
 //! by step (requests, worker passes, data I/O completions in any order,
-//! simulated time, crashes) with the oracle judging every read. Still to
-//! come (the simulator issue): the seeded scheduler as a campaign in
-//! `dmsim check`, the fault model beyond crashes, traces and minimization.
+//! simulated time, crashes, injected faults) with the oracle judging every
+//! read and everything recorded as a trace; [`run`], one seed of the thin
+//! campaign (workload, pool shape and fault swarm from the seed), replay
+//! and minimization of traces; [`generate`], the workload generators.
 
 #![warn(missing_docs)]
 
 pub mod campaign;
+pub mod generate;
 pub mod oracle;
+pub mod run;
 pub mod thin;
 pub mod workload;
 

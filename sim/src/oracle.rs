@@ -483,6 +483,9 @@ pub struct Oracle {
     ops: Ops,
     pending: BTreeMap<IoTicket, Pending>,
     reads: BTreeMap<IoTicket, PendingRead>,
+    /// Writes in flight when the target rolled back (see
+    /// [`Oracle::rolled_back`]): even a success does not make them stick.
+    rolled_back_writes: BTreeSet<IoTicket>,
 }
 
 impl Oracle {
@@ -504,6 +507,7 @@ impl Oracle {
             ops: Ops::default(),
             pending: BTreeMap::new(),
             reads: BTreeMap::new(),
+            rolled_back_writes: BTreeSet::new(),
         }
     }
 
@@ -725,6 +729,9 @@ impl Oracle {
 
     /// The write of `ticket` completed, successfully or not.
     pub fn write_completed(&mut self, ticket: IoTicket, ok: bool) -> Result<(), UsageError> {
+        // A write the rollback caught in flight may have landed in a block
+        // whose mapping is gone: success or not, it may be lost.
+        let ok = ok && !self.rolled_back_writes.remove(&ticket);
         let Pending::Write { incarnation, write, sector, nr_sectors, fua } = self.take(ticket, "write")?
         else {
             unreachable!("take checked the kind");
@@ -991,6 +998,7 @@ impl Oracle {
             }
         }
         self.reads.clear();
+        self.rolled_back_writes.clear();
         let ops = &self.ops;
         for state in self.states.values_mut() {
             for s in &mut state.sectors {
@@ -998,6 +1006,42 @@ impl Oracle {
                 s.legal = s.after_crash.clone();
                 s.written = s.written_durable;
                 s.discarding = 0;
+            }
+        }
+    }
+
+    /// The target rolled its metadata back to the last commit without a
+    /// crash (a metadata error aborted the transaction): everything a crash
+    /// could lose may now read as it would after one, and what is legal now
+    /// stays legal. Requests in flight go on; reads in flight may see the
+    /// rolled-back values too, and writes in flight may be lost even when
+    /// they complete successfully (their block's new mapping may be among
+    /// what was rolled back).
+    pub fn rolled_back(&mut self) {
+        for (ticket, pending) in &self.pending {
+            if matches!(pending, Pending::Write { .. }) {
+                self.rolled_back_writes.insert(*ticket);
+            }
+        }
+        let ops = &self.ops;
+        for state in self.states.values_mut() {
+            for s in &mut state.sectors {
+                ops.normalize(&mut s.after_crash);
+                let mut union = s.legal.clone();
+                union.extend(s.after_crash.iter().cloned());
+                ops.normalize(&mut union);
+                s.legal = union;
+                s.written &= s.written_durable;
+            }
+        }
+        for read in self.reads.values_mut() {
+            let Some(state) = self.states.get(&read.incarnation) else { continue };
+            for (i, seen) in read.seen.iter_mut().enumerate() {
+                if let Some(s) = state.sectors.get(read.sector as usize + i) {
+                    seen.extend(contents(&s.legal));
+                    seen.sort_unstable();
+                    seen.dedup();
+                }
             }
         }
     }

@@ -15,18 +15,28 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use dmsim_faults::SimDisk;
+use dmsim_faults::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
+use dmsim_faults::{FaultCoverage, FiredFault};
 use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
+use dmsim_model::pdata::layout::thin::NEEDS_CHECK;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
 use dmsim_model::thin::metadata::ThinId;
+use dmsim_model::thin::metadata::ThinMetadata;
 use dmsim_model::thin::mode::PoolMode;
 use dmsim_model::thin::pool::{BioId, BioRequest, Completion, Pool, PoolOptions};
+use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::table::{PoolFeatures, PoolTable};
-use dmsim_traces::stamp;
-use rand::Rng;
+use dmsim_traces::stamp::{self, SectorContent};
+use dmsim_traces::{CrashMode, DiskId, Event};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::oracle::{DevId, IoTicket, Oracle, OracleConfig};
+
+/// Metadata crash states judged at every crash (see
+/// `ThinSim::check_metadata_crash_states`).
+pub const METADATA_CRASH_STATES: usize = 8;
 
 /// The byte the data device starts full of: neither zero nor a stamp, so a
 /// block that was not zeroed shows.
@@ -68,73 +78,10 @@ impl Default for ThinSimConfig {
     }
 }
 
-/// One step of a workload. Device and position fields are taken modulo
-/// what exists, so every value is meaningful.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThinOp {
-    /// Write `nr_sectors` (at least 1) at `sector` of a device.
-    Write {
-        /// Index into the live devices.
-        dev: u8,
-        /// First sector (modulo the device size).
-        sector: u32,
-        /// Length (clamped to the device end).
-        nr_sectors: u16,
-        /// REQ_FUA.
-        fua: bool,
-        /// REQ_PREFLUSH.
-        preflush: bool,
-    },
-    /// Read a range of a device.
-    Read {
-        /// Index into the live devices.
-        dev: u8,
-        /// First sector.
-        sector: u32,
-        /// Length.
-        nr_sectors: u16,
-    },
-    /// Discard a range of a device.
-    Discard {
-        /// Index into the live devices.
-        dev: u8,
-        /// First sector.
-        sector: u32,
-        /// Length.
-        nr_sectors: u32,
-    },
-    /// An empty flush to a device.
-    Flush {
-        /// Index into the live devices.
-        dev: u8,
-    },
-    /// `create_thin` with the next id, then activate it.
-    CreateThin,
-    /// Quiesce, then `create_snap` of a live device with the next id.
-    CreateSnap {
-        /// Index into the live devices.
-        origin: u8,
-    },
-    /// Quiesce, deactivate and `delete` a device.
-    Delete {
-        /// Index into the live devices.
-        dev: u8,
-    },
-    /// One worker pass.
-    Worker,
-    /// Complete one in-flight data I/O (index modulo the number in flight).
-    Complete {
-        /// Which one.
-        pick: u8,
-    },
-    /// Advance simulated time.
-    Tick {
-        /// By this many milliseconds.
-        millis: u16,
-    },
-    /// Power cut: only durable data survives; the pool is reloaded.
-    Crash,
-}
+/// One step of a workload: the trace schema's [`Op`](dmsim_traces::Op).
+/// Device and position fields are taken modulo what exists, so every value
+/// is meaningful.
+pub use dmsim_traces::op::Op as ThinOp;
 
 /// What went wrong in a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,13 +89,17 @@ pub struct ThinFailure {
     /// Index of the operation during which it showed (`ops.len()` for
     /// the final checks).
     pub step: usize,
+    /// Which detector: `oracle`, `checker`, `pool` (an unexpected error or
+    /// a hang), `load` (the pool did not load after a crash), `misuse` (the
+    /// driver fed the oracle something impossible).
+    pub kind: &'static str,
     /// What happened.
     pub what: String,
 }
 
 impl fmt::Display for ThinFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "step {}: {}", self.step, self.what)
+        write!(f, "step {}: {}: {}", self.step, self.kind, self.what)
     }
 }
 
@@ -173,6 +124,29 @@ pub struct ThinStats {
     /// Data blocks the final check found counted more often than mapped
     /// (but mapped) after a crash (expected: see [`ThinSim::check_metadata`]).
     pub over_counted_after_crash: u64,
+    /// Requests that failed with EIO after a fault was injected.
+    pub io_errors: u64,
+    /// Crash states the pool was reloaded from.
+    pub crash_states: u64,
+    /// Simulated time at the end, in nanoseconds.
+    pub sim_time_ns: u64,
+}
+
+impl ThinStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &ThinStats) {
+        self.bios += other.bios;
+        self.reads_checked += other.reads_checked;
+        self.enospc += other.enospc;
+        self.crashes += other.crashes;
+        self.messages += other.messages;
+        self.data_ios += other.data_ios;
+        self.leaked_after_crash += other.leaked_after_crash;
+        self.over_counted_after_crash += other.over_counted_after_crash;
+        self.io_errors += other.io_errors;
+        self.crash_states += other.crash_states;
+        self.sim_time_ns += other.sim_time_ns;
+    }
 }
 
 enum Pending {
@@ -197,6 +171,21 @@ pub struct ThinSim {
     now: u64,
     step: usize,
     stats: ThinStats,
+    /// Everything that happened, for the trace.
+    events: Vec<Event>,
+    /// The pool mode last recorded.
+    mode: PoolMode,
+    /// Faults fired so far (injected I/O failures included): from the first
+    /// one on, EIO is a legal result.
+    faults_fired: u64,
+    /// Faults fired on the metadata disk: from the first one on, pool
+    /// messages and activations may fail.
+    metadata_faults_fired: u64,
+    coverage: FaultCoverage,
+    /// The metadata disk's durable image when its request log started (at
+    /// load and at every recovery): crash states between two crashes are
+    /// rebuilt from it.
+    metadata_base: Vec<u8>,
 }
 
 fn table(cfg: &ThinSimConfig) -> PoolTable {
@@ -235,7 +224,46 @@ impl ThinSim {
             now: 0,
             step: 0,
             stats: ThinStats::default(),
+            events: Vec::new(),
+            mode: PoolMode::Write,
+            faults_fired: 0,
+            metadata_faults_fired: 0,
+            coverage: FaultCoverage::default(),
+            metadata_base: Vec::new(),
         }
+        .recording()
+    }
+
+    /// Starts the metadata disk's request log.
+    fn recording(mut self) -> Self {
+        self.start_metadata_log();
+        self
+    }
+
+    fn start_metadata_log(&mut self) {
+        self.metadata_base = self
+            .pool()
+            .with_metadata(|md| md.transaction_manager().block_manager().device_mut().start_recording());
+    }
+
+    /// The events recorded so far: every op applied and what was observed.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Takes the recorded events.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The oracle.
+    pub fn oracle(&self) -> &Oracle {
+        &self.oracle
+    }
+
+    /// The faults that fired so far, by kind.
+    pub fn coverage(&self) -> &FaultCoverage {
+        &self.coverage
     }
 
     /// The counters so far.
@@ -249,7 +277,40 @@ impl ThinSim {
     }
 
     fn fail(&self, what: impl Into<String>) -> ThinFailure {
-        ThinFailure { step: self.step, what: what.into() }
+        self.fail_as("pool", what)
+    }
+
+    fn fail_as(&self, kind: &'static str, what: impl Into<String>) -> ThinFailure {
+        ThinFailure { step: self.step, kind, what: what.into() }
+    }
+
+    /// Records pool mode changes and the faults that fired.
+    fn observe(&mut self) {
+        let Some(pool) = self.pool.as_ref() else { return };
+        let mode = pool.mode();
+        let mut fired =
+            pool.with_metadata(|md| md.transaction_manager().block_manager().device_mut().take_fired());
+        let data_fired = pool.with_data_device(|d| d.take_fired());
+        let mut all: Vec<(DiskId, FiredFault)> = fired.drain(..).map(|f| (DiskId::Metadata, f)).collect();
+        all.extend(data_fired.into_iter().map(|f| (DiskId::Data, f)));
+        for (disk, f) in all {
+            self.faults_fired += 1;
+            if disk == DiskId::Metadata {
+                self.metadata_faults_fired += 1;
+            }
+            self.coverage.record_fired(&f);
+            self.events.push(Event::FaultFired { disk, what: f.to_string() });
+        }
+        if mode != self.mode {
+            if mode >= PoolMode::OutOfMetadataSpace && self.mode < PoolMode::OutOfMetadataSpace {
+                // A metadata failure aborted the transaction: the mappings
+                // are back at the last commit, as after a crash, while the
+                // requests in flight go on.
+                self.oracle.rolled_back();
+            }
+            self.mode = mode;
+            self.events.push(Event::Mode(mode.to_string()));
+        }
     }
 
     fn thin_sectors(&self) -> u64 {
@@ -274,8 +335,18 @@ impl ThinSim {
         Ok(sim.stats)
     }
 
-    /// Applies one operation.
+    /// Applies one operation, recording it and what it led to.
     pub fn apply(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
+        self.events.push(Event::Op(*op));
+        let r = self.apply_inner(op);
+        self.observe();
+        if let Err(f) = &r {
+            self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
+        }
+        r
+    }
+
+    fn apply_inner(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
         self.step += 1;
         let size = self.thin_sectors();
         match *op {
@@ -322,10 +393,12 @@ impl ThinSim {
                     return Ok(());
                 }
                 let id = self.next_id;
-                self.message(&format!("create_thin {id}"))?;
+                if !self.try_message(&format!("create_thin {id}"))? {
+                    return Ok(());
+                }
                 self.next_id += 1;
                 self.oracle_op(|o| o.create_thin(id as DevId, size))?;
-                self.activate(id)?;
+                self.activate_new(id)?;
             }
             ThinOp::CreateSnap { origin } => {
                 if self.devices.len() >= self.cfg.max_devices || !self.metadata_writable() {
@@ -336,10 +409,12 @@ impl ThinSim {
                 // in flight while the snapshot is taken.
                 self.quiesce()?;
                 let id = self.next_id;
-                self.message(&format!("create_snap {id} {origin}"))?;
+                if !self.try_message(&format!("create_snap {id} {origin}"))? {
+                    return Ok(());
+                }
                 self.next_id += 1;
                 self.oracle_op(|o| o.create_snap(id as DevId, origin as DevId))?;
-                self.activate(id)?;
+                self.activate_new(id)?;
             }
             ThinOp::Delete { dev } => {
                 if !self.metadata_writable() {
@@ -354,7 +429,18 @@ impl ThinSim {
                     Err(e) if e.errno == Errno::EBUSY => return Ok(()),
                     Err(e) => return Err(self.fail(format!("deactivate {dev}: {e}"))),
                 }
-                self.message(&format!("delete {dev}"))?;
+                if !self.try_message(&format!("delete {dev}"))? {
+                    // Refused (the pool lost its metadata meanwhile): the
+                    // device stays, active again.
+                    let size = self.thin_sectors();
+                    if self.pool().activate_thin(dev, size).is_err() {
+                        // In fail mode nothing opens: the device is gone
+                        // for the workload.
+                        self.devices.retain(|&d| d != dev);
+                        self.oracle_op(|o| o.delete(dev as DevId))?;
+                    }
+                    return Ok(());
+                }
                 self.devices.retain(|&d| d != dev);
                 self.oracle_op(|o| o.delete(dev as DevId))?;
             }
@@ -371,12 +457,30 @@ impl ThinSim {
                     self.collect()?;
                 }
             }
+            ThinOp::FailIo { pick } => {
+                let io = self.pool().in_flight_io();
+                if !io.is_empty() {
+                    let id = io[pick as usize % io.len()].id;
+                    self.faults_fired += 1;
+                    self.coverage.record_failed_io();
+                    self.pool().fail_io(id, Errno::EIO).map_err(|e| self.fail(e.to_string()))?;
+                    self.stats.data_ios += 1;
+                    self.collect()?;
+                }
+            }
+            ThinOp::Fault { disk, fault } => match disk {
+                DiskId::Metadata => self
+                    .pool()
+                    .with_metadata(|md| md.transaction_manager().block_manager().device_mut().arm(fault)),
+                DiskId::Data => self.pool().with_data_device(|d| d.arm(fault)),
+            },
             ThinOp::Tick { millis } => {
                 self.now += u64::from(millis) * 1_000_000;
+                self.stats.sim_time_ns = self.now;
                 self.pool().set_time(self.now);
                 self.collect()?;
             }
-            ThinOp::Crash => self.crash()?,
+            ThinOp::Crash { mode, seed } => self.crash(mode, seed)?,
         }
         Ok(())
     }
@@ -389,19 +493,48 @@ impl ThinSim {
         &mut self,
         f: impl FnOnce(&mut Oracle) -> Result<T, E>,
     ) -> Result<T, ThinFailure> {
-        f(&mut self.oracle).map_err(|e| ThinFailure { step: self.step, what: format!("oracle misuse: {e}") })
+        f(&mut self.oracle).map_err(|e| ThinFailure {
+            step: self.step,
+            kind: "misuse",
+            what: format!("oracle misuse: {e}"),
+        })
     }
 
-    fn message(&mut self, text: &str) -> Result<(), ThinFailure> {
+    /// Sends a pool message. `Ok(false)`: failed after an injected metadata
+    /// fault (the metadata operation hit it, or the pool refuses messages
+    /// in read-only and fail modes); any other refusal is a violation.
+    fn try_message(&mut self, text: &str) -> Result<bool, ThinFailure> {
         self.stats.messages += 1;
-        self.pool().message(text).map_err(|e| self.fail(format!("message {text:?} failed: {e}")))
+        let r = self.pool().message(text);
+        self.observe();
+        match r {
+            Ok(()) => Ok(true),
+            // A metadata error makes the message fail (a checksum error, an
+            // I/O error) or the pool refuse messages (read-only, fail mode).
+            Err(_) if self.metadata_faults_fired > 0 => Ok(false),
+            Err(e) => Err(self.fail(format!("message {text:?} failed: {e}"))),
+        }
     }
 
-    fn activate(&mut self, id: ThinId) -> Result<(), ThinFailure> {
+    /// Activates a device just created. The kernel reports a create message
+    /// as done even when the commit after it fails (`pool_message` ignores
+    /// the commit's result), and the abort then drops the device; in fail
+    /// mode nothing opens. After an injected metadata fault, a device that
+    /// cannot be opened never existed.
+    fn activate_new(&mut self, id: ThinId) -> Result<(), ThinFailure> {
         let size = self.thin_sectors();
-        self.pool().activate_thin(id, size).map_err(|e| self.fail(format!("activate {id}: {e}")))?;
-        self.devices.push(id);
-        Ok(())
+        self.observe();
+        match self.pool().activate_thin(id, size) {
+            Ok(()) => {
+                self.devices.push(id);
+                Ok(())
+            }
+            Err(_) if self.metadata_faults_fired > 0 => {
+                self.oracle_op(|o| o.delete(id as DevId))?;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(format!("activate {id}: {e}"))),
+        }
     }
 
     fn submit(&mut self, dev: ThinId, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
@@ -420,13 +553,30 @@ impl ThinSim {
     }
 
     fn completed(&mut self, c: Completion) -> Result<(), ThinFailure> {
+        self.observe();
         let Some(pending) = self.pending.remove(&c.id) else {
             return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
         };
         let ok = c.result.is_ok();
+        self.events.push(Event::Done {
+            bio: c.id.0,
+            dev: c.thin as u32,
+            result: match c.result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            },
+            read: matches!(pending, Pending::Read(_)).then(|| {
+                if ok {
+                    summarize(&c.data)
+                } else {
+                    String::new()
+                }
+            }),
+        });
         match c.result {
             Ok(()) => {}
             Err(Errno::ENOSPC) => self.stats.enospc += 1,
+            Err(Errno::EIO) if self.faults_fired > 0 => self.stats.io_errors += 1,
             Err(e) if self.pool().mode() >= PoolMode::OutOfMetadataSpace => {
                 let _ = e;
             }
@@ -450,7 +600,7 @@ impl ThinSim {
                 self.stats.reads_checked += u64::from(ok);
                 let r = self.oracle.read_completed(ticket, ok, &c.data);
                 if let Err(e) = r {
-                    return Err(self.fail(format!("oracle: {e}")));
+                    return Err(self.fail_as("oracle", e.to_string()));
                 }
             }
             Pending::Discard(ticket) => self.oracle_op(|o| o.discard_completed(ticket, ok))?,
@@ -481,33 +631,151 @@ impl ThinSim {
         Err(self.fail("the pool never settled"))
     }
 
-    fn crash(&mut self) -> Result<(), ThinFailure> {
+    fn crash(&mut self, mode: CrashMode, seed: u32) -> Result<(), ThinFailure> {
         self.stats.crashes += 1;
         let pool = self.pool.take().expect("pool present");
-        let (metadata, data) = pool.crash();
-        let metadata = SimDisk::from_image(metadata.durable().to_vec());
-        let data = SimDisk::from_image(data.durable().to_vec());
-        let len = self.cfg.data_blocks * self.cfg.block_sectors;
-        let pool = Pool::create(table(&self.cfg), len, metadata, data, self.cfg.options)
-            .map_err(|e| self.fail(format!("the pool does not load after a crash: {e}")))?;
-        pool.set_time(self.now);
-        self.pool = Some(pool);
+        let (mut metadata, data) = pool.crash();
+        let log = metadata.take_log();
+        self.check_metadata_crash_states(&log, seed)?;
+        let (metadata_image, m) = metadata.crash_state(mode, seed);
+        // The two disks have independent caches: independent choices.
+        let (data_image, d) = data.crash_state(mode, seed ^ 0x9e37_79b9);
+        self.coverage.record_crash(mode, &m);
+        self.coverage.record_crash(mode, &d);
+        self.stats.crash_states += 1;
+        self.events.push(Event::Crashed {
+            metadata: (m.kept, m.unflushed),
+            data: (d.kept, d.unflushed),
+            torn: m.torn || d.torn,
+        });
         self.pending.clear();
         self.oracle.crash();
+        let metadata_image = self.recover_metadata(metadata_image)?;
+        let len = self.cfg.data_blocks * self.cfg.block_sectors;
+        let pool = Pool::create(
+            table(&self.cfg),
+            len,
+            SimDisk::from_image(metadata_image),
+            SimDisk::from_image(data_image),
+            self.cfg.options,
+        )
+        .map_err(|e| self.fail_as("load", format!("the pool does not load after a crash: {e}")))?;
+        pool.set_time(self.now);
+        self.pool = Some(pool);
+        self.start_metadata_log();
         let size = self.thin_sectors();
         for &dev in &self.devices {
             self.pool.as_ref().expect("just set").activate_thin(dev, size).map_err(|e| ThinFailure {
                 step: self.step,
+                kind: "load",
                 what: format!("device {dev} lost in a crash: {e}"),
             })?;
         }
         Ok(())
     }
 
+    /// The metadata crash states the run passed through since the last
+    /// crash (or the start): power cuts at seeded points of the metadata
+    /// disk's request log — inside commits too, which the pool's own crash
+    /// (between ops) never lands in — each keeping a random subset of the
+    /// unflushed writes, one perhaps torn. Every one must be readable and
+    /// free of damage (leaks are allowed, as after any crash).
+    fn check_metadata_crash_states(&mut self, log: &[DiskEvent], seed: u32) -> Result<(), ThinFailure> {
+        if log.is_empty() {
+            return Ok(());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(u64::from(seed) ^ 0x6d65_7461);
+        // Half just before a flush (the end of a commit, where the most
+        // writes are unflushed), half anywhere.
+        let flushes: Vec<usize> =
+            log.iter().enumerate().filter(|(_, e)| **e == DiskEvent::Flush).map(|(i, _)| i).collect();
+        for k in 0..METADATA_CRASH_STATES {
+            let after = if k % 2 == 0 && !flushes.is_empty() {
+                flushes[rng.gen_range(0..flushes.len())]
+            } else {
+                rng.gen_range(0..=log.len())
+            };
+            let point = CrashPoint::random(log, after, TearMode::Sectors, &mut rng);
+            let image = crash_image(&self.metadata_base, log, &point);
+            self.stats.crash_states += 1;
+            let mut dev = MemDevice::from_bytes(image);
+            let report = check_thin_metadata(&mut dev, &CheckOptions::default()).map_err(|e| {
+                self.fail_as(
+                    "checker",
+                    format!(
+                        "a crash after metadata request {after} of {} leaves unreadable metadata: {e}",
+                        log.len()
+                    ),
+                )
+            })?;
+            let damage: Vec<_> = report
+                .problems
+                .iter()
+                .filter(|p| !(p.structure == Structure::DataSpaceMap && over_counted(&p.message)))
+                .collect();
+            if !damage.is_empty() {
+                return Err(self.fail_as(
+                    "checker",
+                    format!(
+                        "a crash after metadata request {after} of {} leaves damaged metadata: {damage:?}",
+                        log.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What an administrator does after a metadata error left the
+    /// needs-check flag set: check the metadata (here with the independent
+    /// checker), and if it is sound clear the flag (`thin_check
+    /// --clear-needs-check-flag`), so the pool comes back writable. Damage
+    /// is a violation: an I/O error must abort to the last commit, never
+    /// leave a broken one.
+    fn recover_metadata(&mut self, image: Vec<u8>) -> Result<Vec<u8>, ThinFailure> {
+        if !needs_check_set(&image) {
+            return Ok(image);
+        }
+        let mut dev = MemDevice::from_bytes(image.clone());
+        match check_thin_metadata(&mut dev, &CheckOptions::default()) {
+            Ok(report) => {
+                let damage: Vec<_> = report
+                    .problems
+                    .iter()
+                    .filter(|p| !p.message.contains("leaked") && !over_counted(&p.message))
+                    .collect();
+                if !damage.is_empty() {
+                    return Err(self.fail_as(
+                        "checker",
+                        format!("needs_check set and the metadata is damaged: {damage:?}"),
+                    ));
+                }
+            }
+            Err(e) => {
+                return Err(self.fail_as(
+                    "checker",
+                    format!("needs_check set and the checker cannot read the metadata: {e}"),
+                ))
+            }
+        }
+        clear_needs_check(image, self.cfg.block_sectors as u32)
+            .map_err(|e| self.fail_as("load", format!("clearing needs_check failed: {e}")))
+    }
+
     /// Settles the pool (past the no-space timeout if requests still wait
     /// for space), reads every live device back in full through the
     /// oracle, and checks the committed metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
+        let r = self.finish_inner();
+        self.observe();
+        self.stats.sim_time_ns = self.now;
+        if let Err(f) = &r {
+            self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
+        }
+        r
+    }
+
+    fn finish_inner(&mut self) -> Result<(), ThinFailure> {
         self.step += 1;
         self.quiesce()?;
         if !self.pending.is_empty() {
@@ -532,6 +800,23 @@ impl ThinSim {
         self.check_metadata()
     }
 
+    /// The metadata device's contents now (what reads of it return).
+    pub fn metadata_image(&self) -> Vec<u8> {
+        self.pool().with_metadata(|md| md.transaction_manager().block_manager().device().visible().to_vec())
+    }
+
+    /// The shape of this pool.
+    pub fn config(&self) -> &ThinSimConfig {
+        &self.cfg
+    }
+
+    /// Records a violation found outside the driver (e.g. by `thin_check`).
+    pub fn record_violation(&mut self, kind: &'static str, what: String) -> ThinFailure {
+        let f = self.fail_as(kind, what);
+        self.events.push(Event::Violation { kind: kind.to_string(), message: f.what.clone() });
+        f
+    }
+
     /// Commits (through a status query, as `dmsetup status` would) and runs
     /// the independent checker on the metadata image.
     pub fn check_metadata(&mut self) -> Result<(), ThinFailure> {
@@ -540,7 +825,10 @@ impl ThinSim {
         let image =
             pool.with_metadata(|md| md.transaction_manager().block_manager().device().visible().to_vec());
         let mut dev = MemDevice::from_bytes(image);
-        let crashed = self.stats.crashes > 0;
+        // Leaks are also expected after a data I/O error: a mapping whose
+        // zeroing or copy failed keeps its block allocated
+        // (`process_prepared_mapping` errors the cell and frees nothing).
+        let crashed = self.stats.crashes > 0 || self.faults_fired > 0;
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared
@@ -567,10 +855,10 @@ impl ThinSim {
                 if other.is_empty() {
                     Ok(())
                 } else {
-                    Err(self.fail(format!("metadata checker: {other:?}")))
+                    Err(self.fail_as("checker", format!("metadata checker: {other:?}")))
                 }
             }
-            Err(e) => Err(self.fail(format!("metadata checker could not read the image: {e}"))),
+            Err(e) => Err(self.fail_as("checker", format!("metadata checker could not read the image: {e}"))),
         }
     }
 }
@@ -616,10 +904,44 @@ pub fn generate_ops(rng: &mut impl Rng, len: usize, crashes: bool) -> Vec<ThinOp
             62..=75 => ThinOp::Worker,
             76..=95 => ThinOp::Complete { pick: rng.gen() },
             96..=97 => ThinOp::Tick { millis: rng.gen_range(1..1500u16) },
-            _ if crashes => ThinOp::Crash,
+            _ if crashes => ThinOp::CRASH,
             _ => ThinOp::Worker,
         };
         ops.push(op);
     }
     ops
+}
+
+/// A read's data in short: runs of sectors from the same write (`w3*8`),
+/// of zeroes (`0*4`), of anything else (`?*2`).
+pub fn summarize(data: &[u8]) -> String {
+    let mut runs: Vec<(String, u32)> = Vec::new();
+    for content in stamp::decode(data) {
+        let token = match content {
+            SectorContent::Zeroes => "0".to_string(),
+            SectorContent::Stamp(st) => format!("w{}", st.write),
+            SectorContent::Foreign => "?".to_string(),
+        };
+        match runs.last_mut() {
+            Some((t, n)) if *t == token => *n += 1,
+            _ => runs.push((token, 1)),
+        }
+    }
+    runs.iter().map(|(t, n)| format!("{t}*{n}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Whether the metadata image's superblock has needs_check set (bit 0 of
+/// its flags); a damaged superblock is the pool's load to report.
+fn needs_check_set(image: &[u8]) -> bool {
+    image.len() >= 4096 && Superblock::decode(&image[..4096]).flags & NEEDS_CHECK != 0
+}
+
+/// Clears needs_check in a metadata image and commits.
+fn clear_needs_check(image: Vec<u8>, data_block_size: u32) -> Result<Vec<u8>, String> {
+    let mut md = ThinMetadata::open(MemDevice::from_bytes(image), data_block_size, false)
+        .map_err(|e| e.to_string())?;
+    md.clear_needs_check().map_err(|e| e.to_string())?;
+    md.commit().map_err(|e| e.to_string())?;
+    let dev = md.close().map_err(|(_, e)| e.to_string())?;
+    Ok(dev.into_bytes())
 }

@@ -9,6 +9,7 @@ use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::{KernelFixes, PoolOptions};
 use dmsim_model::thin::table::PoolFeatures;
 use dmsim_sim::thin::{generate_ops, ThinOp, ThinSim, ThinSimConfig};
+use dmsim_traces::CrashMode;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 use rand::SeedableRng;
@@ -36,7 +37,9 @@ fn op() -> impl Strategy<Value = ThinOp> {
         14 => Just(ThinOp::Worker),
         20 => any::<u8>().prop_map(|pick| ThinOp::Complete { pick }),
         2 => (1..1500u16).prop_map(|millis| ThinOp::Tick { millis }),
-        2 => Just(ThinOp::Crash),
+        1 => Just(ThinOp::CRASH),
+        1 => (prop::sample::select(CrashMode::ALL.to_vec()), any::<u32>()).prop_map(|(mode, seed)| ThinOp::Crash { mode, seed }),
+        1 => any::<u8>().prop_map(|pick| ThinOp::FailIo { pick }),
     ]
 }
 
@@ -212,7 +215,7 @@ fn kernel_behaviour_passdown_count_survives_a_crash() {
         // Settles the pool (the device still has a queued write, so it
         // stays): pass one runs, the full pool's allocation commits.
         ThinOp::Delete { dev: 1 },
-        ThinOp::Crash,
+        ThinOp::CRASH,
     ];
     let cfg = ThinSimConfig { data_blocks: 6, options: fixed(), ..ThinSimConfig::default() };
     let stats = ThinSim::run(cfg, &ops).expect("allowed after a crash");
@@ -250,7 +253,7 @@ fn kernel_finding_writes_behind_a_shared_read_in_read_only_modes() {
     let cfg = ThinSimConfig { block_sectors: 256, data_blocks: 8, ..ThinSimConfig::default() };
     let failure = ThinSim::run(cfg, &ops).expect_err("kernel 6.1 behaviour: the write is misplaced");
     println!("as in kernel 6.1: {failure}");
-    assert!(failure.what.contains("oracle"), "{failure}");
+    assert_eq!(failure.kind, "oracle", "{failure}");
     ThinSim::run(ThinSimConfig { options: fixed(), ..cfg }, &ops).expect("the fix keeps the write");
 }
 

@@ -869,6 +869,18 @@ impl<D: BlockDevice> ThinMetadata<D> {
         Ok(())
     }
 
+    /// Clears the needs-check flag in memory and in block 0, without a
+    /// commit (what `thin_check --clear-needs-check-flag` does to a pool
+    /// that checked clean).
+    pub fn clear_needs_check(&mut self) -> Result<()> {
+        self.write_lock()?;
+        self.flags &= !NEEDS_CHECK;
+        let flags = self.flags;
+        let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u32(sb, SB_FLAGS, flags);
+        Ok(())
+    }
+
     /// Whether the needs-check flag is set.
     pub fn needs_check(&self) -> bool {
         self.flags & NEEDS_CHECK != 0

@@ -1,0 +1,461 @@
+//! One seed of the thin campaign, recorded as a trace; replay and
+//! minimization of such traces.
+//!
+//! A seed decides everything: the workload generator, the pool's shape and
+//! features, the swarm of faults it may inject ([`FaultSwarm`]), and then
+//! every op. The ops run through [`ThinSim`] (the pool on simulated disks,
+//! judged by the oracle after every read, by the metadata checker after
+//! every recovery and at the end, and by Debian's `thin_check` when given),
+//! and everything that happens is recorded as a [`Trace`]. A trace carries
+//! its settings in its header, so [`replay`] needs nothing else, and
+//! [`minimize`] shrinks a failing one while the same violation still
+//! occurs.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use dmsim_faults::{FaultCoverage, FaultSwarm};
+use dmsim_model::mutation::Mutations;
+use dmsim_model::thin::pool::{KernelFixes, PoolOptions};
+use dmsim_model::thin::table::PoolFeatures;
+use dmsim_traces::minimize::{ddmin, simpler_ops, simplify_each};
+use dmsim_traces::text::to_text;
+use dmsim_traces::{Event, Header, Op, Trace};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::thin::{ThinFailure, ThinSim, ThinSimConfig, ThinStats};
+
+/// The shapes of workload a seed can get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Workload {
+    /// A mix of everything, sectors clustered so that requests collide.
+    Random,
+    /// Writes marching through the devices, mostly block-sized.
+    Sequential,
+    /// Many snapshots (of snapshots), writes that break sharing.
+    SnapshotHeavy,
+    /// Many discards, whole-block and partial, with and without sharing.
+    DiscardHeavy,
+    /// A small pool written until it is full: queueing, ENOSPC, timeouts.
+    FillToFull,
+    /// Many small thin devices created and deleted.
+    ManySmallDevices,
+    /// FUA and PREFLUSH writes with frequent crashes, whatever the fault
+    /// swarm says: the durability promises under test.
+    Durability,
+}
+
+impl Workload {
+    /// Every workload.
+    pub const ALL: [Workload; 7] = [
+        Workload::Random,
+        Workload::Sequential,
+        Workload::SnapshotHeavy,
+        Workload::DiscardHeavy,
+        Workload::FillToFull,
+        Workload::ManySmallDevices,
+        Workload::Durability,
+    ];
+
+    /// Its name in traces and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Random => "random",
+            Workload::Sequential => "sequential",
+            Workload::SnapshotHeavy => "snapshot-heavy",
+            Workload::DiscardHeavy => "discard-heavy",
+            Workload::FillToFull => "fill-to-full",
+            Workload::ManySmallDevices => "many-small-devices",
+            Workload::Durability => "durability",
+        }
+    }
+
+    /// The workload called `name`.
+    pub fn from_name(name: &str) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| w.name() == name)
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything a run depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The seed (also the stamps' run id).
+    pub seed: u64,
+    /// The workload generator.
+    pub workload: Workload,
+    /// Ops to generate.
+    pub ops: usize,
+    /// The pool's shape, features, options.
+    pub thin: ThinSimConfig,
+    /// The faults this seed may inject.
+    pub swarm: FaultSwarm,
+}
+
+/// Knobs of a campaign that are not per seed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CampaignSettings {
+    /// Deliberate bugs (detector tests).
+    pub mutations: Mutations,
+    /// Run the model exactly as kernel 6.1 behaves, without the candidate
+    /// fixes for the kernel bugs dmsim found; by default the fixes are on,
+    /// so that a campaign reports new problems, not the known ones.
+    pub kernel_as_is: bool,
+    /// Force one workload instead of the seed's choice.
+    pub workload: Option<Workload>,
+}
+
+impl RunConfig {
+    /// The run seed `seed` makes: workload, pool shape, features and fault
+    /// swarm all drawn from it.
+    pub fn for_seed(seed: u64, ops: usize, settings: &CampaignSettings) -> RunConfig {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x646d_7369_6d5f_7275);
+        let workload = settings.workload.unwrap_or(Workload::ALL[rng.gen_range(0..Workload::ALL.len())]);
+        let block_sectors = if rng.gen_bool(0.5) { 128 } else { 256 };
+        let (data_blocks, thin_blocks, max_devices) = match workload {
+            Workload::FillToFull => (rng.gen_range(6..16), 16, 4),
+            Workload::ManySmallDevices => (rng.gen_range(16..40), 4, 8),
+            _ => (rng.gen_range(12..48), 16, 4),
+        };
+        let features = PoolFeatures {
+            skip_block_zeroing: rng.gen_bool(0.25),
+            no_discard_passdown: rng.gen_bool(0.3),
+            error_if_no_space: rng.gen_bool(0.3),
+            ..PoolFeatures::default()
+        };
+        let fixes = if settings.kernel_as_is { KernelFixes::default() } else { KernelFixes::ALL };
+        let options = PoolOptions { mutations: settings.mutations, fixes, ..PoolOptions::default() };
+        RunConfig {
+            seed,
+            workload,
+            ops,
+            thin: ThinSimConfig {
+                run: seed,
+                block_sectors,
+                data_blocks,
+                thin_blocks,
+                features,
+                options,
+                max_devices,
+                ..ThinSimConfig::default()
+            },
+            swarm: FaultSwarm::from_seed(seed),
+        }
+    }
+
+    /// The trace header that rebuilds this configuration.
+    pub fn header(&self) -> Header {
+        let t = &self.thin;
+        let f = &t.features;
+        let flag = |b: bool| if b { "1" } else { "0" }.to_string();
+        let mut params = vec![
+            ("ops".to_string(), self.ops.to_string()),
+            ("run".to_string(), t.run.to_string()),
+            ("block_sectors".to_string(), t.block_sectors.to_string()),
+            ("data_blocks".to_string(), t.data_blocks.to_string()),
+            ("thin_blocks".to_string(), t.thin_blocks.to_string()),
+            ("metadata_sectors".to_string(), t.metadata_sectors.to_string()),
+            ("max_devices".to_string(), t.max_devices.to_string()),
+            ("skip_block_zeroing".to_string(), flag(f.skip_block_zeroing)),
+            ("ignore_discard".to_string(), flag(f.ignore_discard)),
+            ("no_discard_passdown".to_string(), flag(f.no_discard_passdown)),
+            ("read_only".to_string(), flag(f.read_only)),
+            ("error_if_no_space".to_string(), flag(f.error_if_no_space)),
+            ("no_space_timeout_ns".to_string(), t.options.no_space_timeout.to_string()),
+            ("mutations".to_string(), t.options.mutations.names().join(",")),
+            (
+                "fix.shared_read_defers_waiting_writes".to_string(),
+                flag(t.options.fixes.shared_read_defers_waiting_writes),
+            ),
+            (
+                "fix.discard_spares_blocks_being_unshared".to_string(),
+                flag(t.options.fixes.discard_spares_blocks_being_unshared),
+            ),
+        ];
+        params.extend(self.swarm.params().into_iter().map(|(k, v)| (format!("swarm.{k}"), v)));
+        Header { seed: self.seed, workload: self.workload.name().to_string(), params }
+    }
+
+    /// The configuration a trace header describes.
+    pub fn from_header(h: &Header) -> Result<RunConfig, String> {
+        let get = |name: &str| h.param(name).ok_or_else(|| format!("trace header lacks parameter {name:?}"));
+        fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
+            v.parse().map_err(|_| format!("trace header parameter {name:?}: {v:?} is not a number"))
+        }
+        let flag = |name: &str| -> Result<bool, String> {
+            match get(name)? {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                v => Err(format!("trace header parameter {name:?}: expected 0 or 1, got {v:?}")),
+            }
+        };
+        let workload = Workload::from_name(&h.workload)
+            .ok_or_else(|| format!("unknown workload {:?} in the trace header", h.workload))?;
+        let mutations_text = get("mutations")?;
+        let mutations = Mutations::from_names(mutations_text.split(',').filter(|s| !s.is_empty()))
+            .ok_or_else(|| format!("unknown mutation in {mutations_text:?}"))?;
+        let swarm_params: Vec<(String, String)> = h
+            .params
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("swarm.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let swarm = FaultSwarm::from_params(&swarm_params).map_err(|e| format!("trace header: {e}"))?;
+        let block_sectors: u64 = num("block_sectors", get("block_sectors")?)?;
+        if block_sectors == 0 || block_sectors % 128 != 0 {
+            return Err(format!("block_sectors {block_sectors} is not a positive multiple of 128"));
+        }
+        let thin = ThinSimConfig {
+            run: num("run", get("run")?)?,
+            block_sectors,
+            data_blocks: num("data_blocks", get("data_blocks")?)?,
+            thin_blocks: num("thin_blocks", get("thin_blocks")?)?,
+            metadata_sectors: num("metadata_sectors", get("metadata_sectors")?)?,
+            max_devices: num("max_devices", get("max_devices")?)?,
+            features: PoolFeatures {
+                skip_block_zeroing: flag("skip_block_zeroing")?,
+                ignore_discard: flag("ignore_discard")?,
+                no_discard_passdown: flag("no_discard_passdown")?,
+                read_only: flag("read_only")?,
+                error_if_no_space: flag("error_if_no_space")?,
+            },
+            options: PoolOptions {
+                no_space_timeout: num("no_space_timeout_ns", get("no_space_timeout_ns")?)?,
+                mutations,
+                fixes: KernelFixes {
+                    shared_read_defers_waiting_writes: flag("fix.shared_read_defers_waiting_writes")?,
+                    discard_spares_blocks_being_unshared: flag("fix.discard_spares_blocks_being_unshared")?,
+                },
+            },
+        };
+        let sane = |what: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("trace header: {what} {v} is outside {lo}..={hi}"))
+            }
+        };
+        sane("data_blocks", thin.data_blocks, 1, 1 << 16)?;
+        sane("thin_blocks", thin.thin_blocks, 1, 1 << 16)?;
+        sane("metadata_sectors", thin.metadata_sectors, 512, 1 << 22)?;
+        sane("max_devices", thin.max_devices as u64, 1, 1 << 10)?;
+        sane("block_sectors", thin.block_sectors, 128, 1 << 21)?;
+        Ok(RunConfig { seed: h.seed, workload, ops: num("ops", get("ops")?)?, thin, swarm })
+    }
+}
+
+/// Where Debian's `thin_check` is, if it is to be run on every final
+/// metadata image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkers {
+    /// Path of `thin_check`.
+    pub thin_check: Option<PathBuf>,
+}
+
+impl Checkers {
+    /// `thin_check` from `PATH`, if installed.
+    pub fn from_path() -> Checkers {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let thin_check = std::env::split_paths(&path).map(|d| d.join("thin_check")).find(|p| p.is_file());
+        Checkers { thin_check }
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Its record.
+    pub trace: Trace,
+    /// Its counters.
+    pub stats: ThinStats,
+    /// The faults that fired, by kind.
+    pub coverage: FaultCoverage,
+    /// The first violation, if any (the run stops there).
+    pub violation: Option<ThinFailure>,
+    /// Whether `thin_check` ran on the final image.
+    pub thin_checked: bool,
+}
+
+/// The ops seed `cfg` generates.
+pub fn generate(cfg: &RunConfig) -> Vec<Op> {
+    crate::generate::ops(cfg)
+}
+
+/// Generates the ops of `cfg` and runs them.
+pub fn run_config(cfg: &RunConfig, checkers: &Checkers) -> RunOutcome {
+    run_ops(cfg, &generate(cfg), checkers)
+}
+
+/// Runs `ops` on the configuration `cfg`, recording the trace.
+pub fn run_ops(cfg: &RunConfig, ops: &[Op], checkers: &Checkers) -> RunOutcome {
+    let mut sim = ThinSim::new(cfg.thin);
+    let mut violation = None;
+    for op in ops {
+        if let Err(f) = sim.apply(op) {
+            violation = Some(f);
+            break;
+        }
+    }
+    let mut thin_checked = false;
+    if violation.is_none() {
+        violation = sim.finish().err();
+    }
+    if violation.is_none() {
+        if let Some(tool) = &checkers.thin_check {
+            let stats = sim.stats();
+            // After a crash the checker allows leaks that thin_check reports
+            // too: only a clean image must be clean for both.
+            if stats.leaked_after_crash == 0 && stats.over_counted_after_crash == 0 {
+                thin_checked = true;
+                if let Err(e) = run_thin_check(tool, &sim.metadata_image(), cfg.seed) {
+                    violation = Some(sim.record_violation("thin_check", e));
+                }
+            }
+        }
+    }
+    let trace = Trace { header: cfg.header(), events: sim.take_events() };
+    RunOutcome { trace, stats: sim.stats(), coverage: sim.coverage().clone(), violation, thin_checked }
+}
+
+/// Runs `thin_check` on `image`; `Err` with its output if it objects.
+fn run_thin_check(tool: &Path, image: &[u8], seed: u64) -> Result<(), String> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("dmsim-thin-check-{}-{seed}.img", std::process::id()));
+    std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let out = std::process::Command::new(tool).arg(&path).stdin(std::process::Stdio::null()).output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.map_err(|e| format!("cannot run {}: {e}", tool.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "thin_check rejects a metadata image the model's checker accepts: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Why a trace cannot be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayError(pub String);
+
+impl fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+/// A replay and how it compares with the recording.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The new run.
+    pub outcome: RunOutcome,
+    /// The first line where the new trace's text differs from the
+    /// recorded one: (1-based line, recorded, replayed); `None` when the
+    /// two are byte-identical.
+    pub first_difference: Option<(usize, String, String)>,
+}
+
+/// Runs a trace's ops again on its header's configuration.
+pub fn replay(trace: &Trace, checkers: &Checkers) -> Result<Replay, ReplayError> {
+    let cfg = RunConfig::from_header(&trace.header).map_err(ReplayError)?;
+    let ops: Vec<Op> = trace.ops().collect();
+    let outcome = run_ops(&cfg, &ops, checkers);
+    let first_difference = first_difference(&to_text(trace), &to_text(&outcome.trace));
+    Ok(Replay { outcome, first_difference })
+}
+
+/// The first differing line of two texts (1-based), or `None` if equal.
+pub fn first_difference(a: &str, b: &str) -> Option<(usize, String, String)> {
+    if a == b {
+        return None;
+    }
+    let mut la = a.lines();
+    let mut lb = b.lines();
+    let mut n = 0;
+    loop {
+        n += 1;
+        match (la.next(), lb.next()) {
+            (Some(x), Some(y)) if x == y => continue,
+            (None, None) => return Some((n, "(line endings differ)".into(), String::new())),
+            (x, y) => {
+                let show = |l: Option<&str>| l.map_or("(end of trace)".to_string(), str::to_string);
+                return Some((n, show(x), show(y)));
+            }
+        }
+    }
+}
+
+/// What makes two violations "the same" for the minimizer: the detector,
+/// and the message with its numbers blanked, cut at the second colon (an
+/// oracle message keeps "dev # sector #: wrong data").
+pub fn violation_signature(kind: &str, message: &str) -> String {
+    let blanked: String = message.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
+    let mut squeezed = String::new();
+    for c in blanked.chars() {
+        if !(c == '#' && squeezed.ends_with('#')) {
+            squeezed.push(c);
+        }
+    }
+    let cut = squeezed.match_indices(':').nth(1).map_or(squeezed.len(), |(i, _)| i);
+    format!("{kind}: {}", &squeezed[..cut])
+}
+
+/// A minimized trace and what it took.
+#[derive(Debug, Clone)]
+pub struct Minimized {
+    /// The shrunk trace (recorded afresh from its ops, so it replays).
+    pub trace: Trace,
+    /// Ops before.
+    pub ops_before: usize,
+    /// Ops after.
+    pub ops_after: usize,
+    /// Runs tried.
+    pub runs: u64,
+    /// The violation both fail with (see [`violation_signature`]).
+    pub signature: String,
+}
+
+/// Shrinks a failing trace: delta debugging over its ops (the faults and
+/// crashes are ops too), then each remaining op made as simple as it can
+/// be, while the same violation still occurs. `progress` hears the number of
+/// runs so far and the current length.
+pub fn minimize(
+    trace: &Trace,
+    checkers: &Checkers,
+    mut progress: impl FnMut(u64, usize),
+) -> Result<Minimized, ReplayError> {
+    let (kind, message) =
+        trace.violation().ok_or_else(|| ReplayError("the trace records no violation to preserve".into()))?;
+    let signature = violation_signature(kind, message);
+    let cfg = RunConfig::from_header(&trace.header).map_err(ReplayError)?;
+    let ops: Vec<Op> = trace.ops().collect();
+    let mut runs = 0u64;
+    let mut still_fails = |candidate: &[Op]| {
+        runs += 1;
+        progress(runs, candidate.len());
+        let out = run_ops(&cfg, candidate, checkers);
+        out.violation.is_some_and(|v| violation_signature(v.kind, &v.what) == signature)
+    };
+    if !still_fails(&ops) {
+        return Err(ReplayError(format!("the trace's violation ({signature}) does not recur on replay")));
+    }
+    let shrunk = ddmin(&ops, &mut still_fails);
+    let simplified = simplify_each(shrunk, simpler_ops, &mut still_fails);
+    let shrunk = ddmin(&simplified, &mut still_fails);
+    let outcome = run_ops(&cfg, &shrunk, checkers);
+    Ok(Minimized { ops_after: shrunk.len(), ops_before: ops.len(), trace: outcome.trace, runs, signature })
+}
+
+/// Whether an event is an op (for counting).
+pub fn is_op(e: &Event) -> bool {
+    matches!(e, Event::Op(_))
+}
