@@ -96,7 +96,7 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
         }
         let dev = rng.gen_range(0..cfg.thin.max_devices.max(1) as u8);
         let op = match kind {
-            0 | 1 | 2 => {
+            0..=2 => {
                 let (sector, nr) = place(cfg, &mut rng, &mut cursor[dev as usize], kind, size, block);
                 match kind {
                     0 => Op::Write {

@@ -465,6 +465,9 @@ struct PendingRead {
     sector: u64,
     /// Per sector, everything legal at some moment since submission.
     seen: Vec<Vec<Content>>,
+    /// In flight across a rollback: what it saw may predate the rollback,
+    /// so it settles nothing.
+    across_rollback: bool,
 }
 
 /// The reference of what reads of thin devices may return. See the module
@@ -772,7 +775,8 @@ impl Oracle {
             .map(|s| contents(&s.legal))
             .collect();
         let ticket = IoTicket(t);
-        self.reads.insert(ticket, PendingRead { incarnation: inc, dev, sector, seen });
+        self.reads
+            .insert(ticket, PendingRead { incarnation: inc, dev, sector, seen, across_rollback: false });
         Ok(ticket)
     }
 
@@ -819,6 +823,9 @@ impl Oracle {
     /// submitted and did not change since holds one fixed value, and the read
     /// saw it.
     fn narrow(&mut self, submitted: Time, read: &PendingRead, decoded: &[SectorContent]) {
+        if read.across_rollback {
+            return;
+        }
         let Some(state) = self.states.get_mut(&read.incarnation) else { return };
         let ops = &self.ops;
         for (i, (got, seen)) in decoded.iter().zip(&read.seen).enumerate() {
@@ -1035,6 +1042,7 @@ impl Oracle {
             }
         }
         for read in self.reads.values_mut() {
+            read.across_rollback = true;
             let Some(state) = self.states.get(&read.incarnation) else { continue };
             for (i, seen) in read.seen.iter_mut().enumerate() {
                 if let Some(s) = state.sectors.get(read.sector as usize + i) {
@@ -1127,6 +1135,31 @@ mod tests {
 
     fn w(n: u64) -> Content {
         Content::Write(n)
+    }
+
+    #[test]
+    fn a_rollback_may_lose_what_a_crash_may_lose_and_writes_in_flight() {
+        let mut o = oracle();
+        o.create_thin(0, 64).unwrap();
+        write(&mut o, 0, 0, 8, 0, false);
+        write(&mut o, 0, 8, 8, 1, true);
+        let in_flight = o.write_submitted(0, 16, 8, 2, false).unwrap();
+        assert_eq!(o.legal(0, 0), vec![w(0)]);
+        o.rolled_back();
+        // Not flushed: may be gone. FUA: stays.
+        assert_eq!(o.legal(0, 0), vec![Zeroes, w(0)]);
+        assert_eq!(o.legal(0, 8), vec![w(1)]);
+        // In flight at the rollback: even its success does not make it stick.
+        o.write_completed(in_flight, true).unwrap();
+        assert_eq!(o.legal(0, 16), vec![Zeroes, w(2)]);
+        // A read in flight across the rollback saw the old mapping: it
+        // settles nothing.
+        let across = o.read_submitted(0, 0, 8).unwrap();
+        o.rolled_back();
+        o.read_completed(across, true, &stamped(0, 0, 0, 8)).unwrap();
+        assert!(read(&mut o, 0, 0, &zeroes(8)).is_ok());
+        assert!(read(&mut o, 0, 16, &zeroes(8)).is_ok());
+        assert!(violation(read(&mut o, 0, 8, &zeroes(8))).to_string().contains("wrong data"));
     }
 
     // ---- one test per detector ----

@@ -177,6 +177,11 @@ impl RunConfig {
                 "fix.discard_spares_blocks_being_unshared".to_string(),
                 flag(t.options.fixes.discard_spares_blocks_being_unshared),
             ),
+            ("fix.failed_message_aborts".to_string(), flag(t.options.fixes.failed_message_aborts)),
+            (
+                "fix.read_only_shared_reads_wait_for_copies".to_string(),
+                flag(t.options.fixes.read_only_shared_reads_wait_for_copies),
+            ),
         ];
         params.extend(self.swarm.params().into_iter().map(|(k, v)| (format!("swarm.{k}"), v)));
         Header { seed: self.seed, workload: self.workload.name().to_string(), params }
@@ -195,6 +200,14 @@ impl RunConfig {
                 v => Err(format!("trace header parameter {name:?}: expected 0 or 1, got {v:?}")),
             }
         };
+        // A trace recorded before a fix existed ran without it.
+        let fix = |name: &str| -> Result<bool, String> {
+            if h.param(name).is_some() {
+                flag(name)
+            } else {
+                Ok(false)
+            }
+        };
         let workload = Workload::from_name(&h.workload)
             .ok_or_else(|| format!("unknown workload {:?} in the trace header", h.workload))?;
         let mutations_text = get("mutations")?;
@@ -207,7 +220,7 @@ impl RunConfig {
             .collect();
         let swarm = FaultSwarm::from_params(&swarm_params).map_err(|e| format!("trace header: {e}"))?;
         let block_sectors: u64 = num("block_sectors", get("block_sectors")?)?;
-        if block_sectors == 0 || block_sectors % 128 != 0 {
+        if block_sectors == 0 || !block_sectors.is_multiple_of(128) {
             return Err(format!("block_sectors {block_sectors} is not a positive multiple of 128"));
         }
         let thin = ThinSimConfig {
@@ -228,8 +241,12 @@ impl RunConfig {
                 no_space_timeout: num("no_space_timeout_ns", get("no_space_timeout_ns")?)?,
                 mutations,
                 fixes: KernelFixes {
-                    shared_read_defers_waiting_writes: flag("fix.shared_read_defers_waiting_writes")?,
-                    discard_spares_blocks_being_unshared: flag("fix.discard_spares_blocks_being_unshared")?,
+                    shared_read_defers_waiting_writes: fix("fix.shared_read_defers_waiting_writes")?,
+                    discard_spares_blocks_being_unshared: fix("fix.discard_spares_blocks_being_unshared")?,
+                    failed_message_aborts: fix("fix.failed_message_aborts")?,
+                    read_only_shared_reads_wait_for_copies: fix(
+                        "fix.read_only_shared_reads_wait_for_copies",
+                    )?,
                 },
             },
         };
@@ -398,15 +415,25 @@ pub fn first_difference(a: &str, b: &str) -> Option<(usize, String, String)> {
 /// and the message with its numbers blanked, cut at the second colon (an
 /// oracle message keeps "dev # sector #: wrong data").
 pub fn violation_signature(kind: &str, message: &str) -> String {
-    let blanked: String = message.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
-    let mut squeezed = String::new();
-    for c in blanked.chars() {
-        if !(c == '#' && squeezed.ends_with('#')) {
-            squeezed.push(c);
+    let blank = |text: &str| -> String {
+        let mut out = String::new();
+        for c in text.chars() {
+            let c = if c.is_ascii_digit() { '#' } else { c };
+            if !(c == '#' && out.ends_with('#')) {
+                out.push(c);
+            }
         }
+        out
+    };
+    // A checker report: its first problem's own message says what broke.
+    if let Some(at) = message.find("message: \"") {
+        let rest = &message[at + 10..];
+        let end = rest.find('"').unwrap_or(rest.len());
+        return format!("{kind}: {}", blank(&rest[..end]));
     }
-    let cut = squeezed.match_indices(':').nth(1).map_or(squeezed.len(), |(i, _)| i);
-    format!("{kind}: {}", &squeezed[..cut])
+    let blanked = blank(message);
+    let cut = blanked.match_indices(':').nth(1).map_or(blanked.len(), |(i, _)| i);
+    format!("{kind}: {}", &blanked[..cut])
 }
 
 /// A minimized trace and what it took.
@@ -438,6 +465,10 @@ pub fn minimize(
     let signature = violation_signature(kind, message);
     let cfg = RunConfig::from_header(&trace.header).map_err(ReplayError)?;
     let ops: Vec<Op> = trace.ops().collect();
+    // thin_check costs a process per run: only worth it when it is the
+    // detector that fired.
+    let no_checkers = Checkers::default();
+    let checkers = if kind == "thin_check" { checkers } else { &no_checkers };
     let mut runs = 0u64;
     let mut still_fails = |candidate: &[Op]| {
         runs += 1;

@@ -820,8 +820,10 @@ impl ThinSim {
     /// Commits (through a status query, as `dmsetup status` would) and runs
     /// the independent checker on the metadata image.
     pub fn check_metadata(&mut self) -> Result<(), ThinFailure> {
+        let _ = self.pool().status(false);
+        // That commit may hit an armed fault.
+        self.observe();
         let pool = self.pool();
-        let _ = pool.status(false);
         let image =
             pool.with_metadata(|md| md.transaction_manager().block_manager().device().visible().to_vec());
         let mut dev = MemDevice::from_bytes(image);

@@ -310,6 +310,24 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         io.completions.push(Completion { id: bio.parent, thin: user.thin, result: user.result, data });
     }
 
+    /// `bio_io_error`: fails `bio` through its own end-io hook. A whole-block
+    /// overwrite still owed to its mapping goes through `overwrite_endio`,
+    /// so the mapping learns of the failure and releases its cell; ending
+    /// it directly would leave the cell, and every bio behind it, held.
+    pub(crate) fn fail_bio(&self, bio: Bio, code: Errno) {
+        if let Some(m) = bio.hook.overwrite_mapping {
+            let owed = matches!(
+                lock(&self.lists).mappings.get(&m),
+                Some(mapping) if matches!(mapping.bio, MappingBio::Overwrite(None))
+            );
+            if owed {
+                self.overwrite_endio(m, bio, Err(code));
+                return;
+            }
+        }
+        self.end_bio(bio, Err(code));
+    }
+
     /// `overwrite_endio`: the whole-block write of a mapping landed (or
     /// failed); park the bio in the mapping until it is inserted.
     fn overwrite_endio(&self, mapping: MappingId, bio: Bio, result: Result<(), Errno>) {

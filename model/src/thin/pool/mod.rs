@@ -149,20 +149,50 @@ pub struct KernelFixes {
     pub shared_read_defers_waiting_writes: bool,
     /// Without discard passdown, a discard unmaps its range without taking
     /// the data blocks' cells (`process_discard_cell_no_passdown`), so it
-    /// also unmaps a block whose sharing is being broken: the write that
-    /// broke it released its virtual cell once the copy was scheduled. A
-    /// later write to that block finds it unmapped and provisions a second
-    /// block; if that provision finishes first, the copy's insert then
-    /// replaces the mapping and the later write, already acknowledged, is
-    /// lost. The fix leaves such blocks mapped, as the passdown path does
-    /// when a data cell is busy.
+    /// also unmaps a block whose sharing a write is breaking: that write
+    /// let go of its virtual cell once the copy was scheduled, and is not
+    /// counted in the all-I/O set the discard waits on until the copy is
+    /// done. Two ways to lose data follow. A later write finds the block
+    /// unmapped and provisions a second one; if that provision finishes
+    /// first, the copy's insert replaces its mapping and the acknowledged
+    /// later write is gone. Or the copy finishes just before the discard
+    /// runs: the breaking write is then in flight to the new block when the
+    /// discard frees it, a commit makes it reusable, and the write lands
+    /// in whichever device's block reuses it. The fix leaves blocks whose
+    /// data cell is busy when the discard is prepared (or when it runs)
+    /// mapped, as the passdown path does.
     pub discard_spares_blocks_being_unshared: bool,
+    /// A pool message whose metadata operation fails on an I/O or checksum
+    /// error only warns (`pool_message`), and the operation's partial
+    /// changes stay in the open transaction: a `delete` that removed the
+    /// device's details record and then failed to read its mapping tree
+    /// leaves a mapping tree without details, which the next commit makes
+    /// permanent (`__delete_device` carries the comment "TODO: failure
+    /// should mark the transaction invalid"). The fix does what that
+    /// comment asks: the failure aborts the transaction (read-only mode,
+    /// needs_check), as other metadata failures do.
+    pub failed_message_aborts: bool,
+    /// In read-only and out-of-data-space modes a read of a shared block
+    /// goes straight to it (`__process_bio_read_only`): it neither waits in
+    /// the block's data cell, where a break-sharing copy may hold it, nor
+    /// counts as a shared read. When that copy finishes, the old block can
+    /// lose its last reference; a commit frees it, the pool leaves
+    /// out-of-data-space mode, and a new allocation reuses the block while
+    /// the read is still in flight — which then returns whatever the new
+    /// owner wrote there, possibly another device's data. The fix gives
+    /// such reads the write-mode protocol (`process_shared_bio`): wait in
+    /// the data cell, else count as a shared read.
+    pub read_only_shared_reads_wait_for_copies: bool,
 }
 
 impl KernelFixes {
     /// Every fix on.
-    pub const ALL: KernelFixes =
-        KernelFixes { shared_read_defers_waiting_writes: true, discard_spares_blocks_being_unshared: true };
+    pub const ALL: KernelFixes = KernelFixes {
+        shared_read_defers_waiting_writes: true,
+        discard_spares_blocks_being_unshared: true,
+        failed_message_aborts: true,
+        read_only_shared_reads_wait_for_copies: true,
+    };
 }
 
 /// The bio a mapping finishes with.
@@ -194,6 +224,10 @@ struct NewMapping {
     prepare_actions: u32,
     status: Result<(), Errno>,
     bio: MappingBio,
+    /// A discard without passdown, with the fix of
+    /// [`KernelFixes::discard_spares_blocks_being_unshared`]: the virtual
+    /// blocks whose data cell was busy when the discard was prepared.
+    spared: Vec<u64>,
 }
 
 /// A passdown discard bio shared by the mappings of its runs
@@ -640,7 +674,16 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 let _ = self.commit();
                 Ok(())
             }
-            Err(e) => Err(TargetError::new(errno_of(&e), format!("{msg}: {e}"))),
+            Err(e) => {
+                // Kernel 6.1 only warns: a metadata operation that failed
+                // half-way stays in the transaction, and the next commit
+                // persists it (see KernelFixes::failed_message_aborts).
+                let storage_error = matches!(&e, ThinError::Pdata(p) if !matches!(p, PdataError::NoSpace(_)));
+                if storage_error && self.options.fixes.failed_message_aborts {
+                    self.metadata_operation_failed("pool message", &e);
+                }
+                Err(TargetError::new(errno_of(&e), format!("{msg}: {e}")))
+            }
         }
     }
 

@@ -57,7 +57,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
         if self.commit().is_err() {
             for (bio, _) in bios {
-                self.end_bio(bio, Err(Errno::EIO));
+                self.fail_bio(bio, Errno::EIO);
             }
             for bio in completions {
                 self.end_bio(bio, Err(Errno::EIO));
@@ -244,6 +244,34 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let block = self.block_of(bio.sector);
         let lookup = lock(&self.metadata).find_block(thin.id, block);
         match lookup {
+            Ok(Some(found))
+                if found.shared
+                    && bio.op == BioOp::Read
+                    && self.options.fixes.read_only_shared_reads_wait_for_copies =>
+            {
+                // The candidate fix: the write-mode protocol for a shared
+                // read — wait in the data cell while sharing is being
+                // broken, otherwise count the read so that a later break
+                // quiesces before the old block can be freed.
+                let data_key = CellKey::data_block(thin.id, found.block);
+                match self.detain(data_key, Some(bio)) {
+                    Detained::AlreadyHeld(_) => {
+                        if let Some(cell) = cell {
+                            self.cell_defer_no_holder(thin.id, cell);
+                        }
+                    }
+                    Detained::New(data_cell) => {
+                        let mut bio = self.take_holder(data_cell);
+                        bio.hook.shared_read_entry = Some(lock(&self.shared_read_ds).inc());
+                        self.inc_all_io_entry(&mut bio);
+                        self.remap_and_issue(bio, found.block);
+                        self.remap_and_issue_shared_cell(thin, data_cell, found.block);
+                        if let Some(cell) = cell {
+                            self.remap_and_issue_shared_cell(thin, cell, found.block);
+                        }
+                    }
+                }
+            }
             Ok(Some(found)) => {
                 if found.shared && bio.writes_data() {
                     self.handle_unserviceable_bio(thin, bio);
@@ -315,6 +343,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             prepare_actions,
             status: Ok(()),
             bio: MappingBio::None,
+            spared: Vec::new(),
         }
     }
 
@@ -454,7 +483,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         if !self.bio_triggers_commit(&bio) {
             self.submit_data(DataIo::Bio { bio, data_sector });
         } else if self.aborted_changes(bio.thin) {
-            self.end_bio(bio, Err(Errno::EIO));
+            self.fail_bio(bio, Errno::EIO);
         } else {
             lock(&self.lists).deferred_flush_bios.push((bio, data_sector));
         }
@@ -662,6 +691,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     fn discard_cell_no_passdown(&self, thin: &ActiveThin, cell: CellId) {
         let key = lock(&self.prison).key(cell).expect("live cell");
+        let spared = if self.options.fixes.discard_spares_blocks_being_unshared {
+            self.blocks_being_unshared(thin.id, key.block_begin, key.block_end)
+        } else {
+            Vec::new()
+        };
         let bio = self.take_holder(cell);
         let m = self.new_mapping(NewMapping {
             thin: thin.id,
@@ -673,6 +707,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             prepare_actions: 0,
             status: Ok(()),
             bio: MappingBio::Discard(bio),
+            spared,
         });
         self.defer_discard_until_io_quiet(m);
     }
@@ -710,6 +745,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     prepare_actions: 0,
                     status: Ok(()),
                     bio: MappingBio::DiscardParent(parent),
+                    spared: Vec::new(),
                 });
                 if let Some(p) = lock(&self.lists).discard_parents.get_mut(&parent) {
                     p.remaining += 1;
@@ -769,7 +805,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
         if !self.passdown {
             let r = if self.options.fixes.discard_spares_blocks_being_unshared {
-                self.remove_range_sparing_copies(m.thin, m.virt_begin, m.virt_end)
+                self.remove_range_sparing_copies(m.thin, m.virt_begin, m.virt_end, &m.spared)
             } else {
                 lock(&self.metadata).remove_range(m.thin, m.virt_begin, m.virt_end)
             };
@@ -811,35 +847,49 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
-    /// The candidate fix of [`KernelFixes::discard_spares_blocks_being_unshared`]:
-    /// unmaps the blocks of `begin..end` except those whose data cell is
-    /// held, that is whose sharing is being broken. Their copy will insert
-    /// a new mapping when it completes; unmapping them now would let a
-    /// later write provision the block a second time and lose to that
-    /// insert. A discard may always leave blocks mapped.
-    ///
-    /// [`KernelFixes::discard_spares_blocks_being_unshared`]: super::KernelFixes::discard_spares_blocks_being_unshared
-    fn remove_range_sparing_copies(&self, thin: ThinId, begin: u64, end: u64) -> Result<(), ThinError> {
-        let mut runs = Vec::new();
+    /// The virtual blocks of `begin..end` whose data cell is held, that is
+    /// whose sharing is being broken (the test the passdown path makes with
+    /// its data-range cells).
+    fn blocks_being_unshared(&self, thin: ThinId, begin: u64, end: u64) -> Vec<u64> {
+        let mut busy = Vec::new();
         let mut next = begin;
         while next < end {
-            let Some(run) = lock(&self.metadata).find_mapped_range(thin, next, end)? else { break };
-            runs.push(run);
-            next = run.thin_end;
-        }
-        let mut spared = Vec::new();
-        for run in &runs {
+            let found = lock(&self.metadata).find_mapped_range(thin, next, end);
+            let Ok(Some(run)) = found else { break };
             for virt in run.thin_begin..run.thin_end {
                 let data = CellKey::data_block(thin, run.pool_begin + (virt - run.thin_begin));
                 match self.detain(data, None) {
                     Detained::New(cell) => self.cell_defer_no_holder(thin, cell),
-                    Detained::AlreadyHeld(_) => spared.push(virt),
+                    Detained::AlreadyHeld(_) => busy.push(virt),
                 }
             }
+            next = run.thin_end;
         }
+        busy
+    }
+
+    /// The candidate fix of [`KernelFixes::discard_spares_blocks_being_unshared`]:
+    /// unmaps the blocks of `begin..end` except `spared` (busy when the
+    /// discard was prepared) and those busy now. A copy that was in flight
+    /// inserts a new mapping when it completes, and its write follows;
+    /// unmapping the block meanwhile loses one or the other. A discard may
+    /// always leave blocks mapped.
+    ///
+    /// [`KernelFixes::discard_spares_blocks_being_unshared`]: super::KernelFixes::discard_spares_blocks_being_unshared
+    fn remove_range_sparing_copies(
+        &self,
+        thin: ThinId,
+        begin: u64,
+        end: u64,
+        spared: &[u64],
+    ) -> Result<(), ThinError> {
+        let mut skip: Vec<u64> = self.blocks_being_unshared(thin, begin, end);
+        skip.extend_from_slice(spared);
+        skip.sort_unstable();
+        skip.dedup();
         let mut md = lock(&self.metadata);
         let mut from = begin;
-        for virt in spared.into_iter().chain(std::iter::once(end)) {
+        for virt in skip.into_iter().chain(std::iter::once(end)) {
             if from < virt {
                 md.remove_range(thin, from, virt)?;
             }
