@@ -38,6 +38,10 @@ use crate::oracle::{DevId, IoTicket, Oracle, OracleConfig};
 /// `ThinSim::check_metadata_crash_states`).
 pub const METADATA_CRASH_STATES: usize = 8;
 
+/// Epochs of at most this many unflushed metadata writes are judged in every
+/// subset at the first of those points.
+pub const EXHAUSTIVE_EPOCH: usize = 5;
+
 /// The byte the data device starts full of: neither zero nor a stamp, so a
 /// block that was not zeroed shows.
 pub const DATA_GARBAGE: u8 = 0xa7;
@@ -696,7 +700,35 @@ impl ThinSim {
                 rng.gen_range(0..=log.len())
             };
             let point = CrashPoint::random(log, after, TearMode::Sectors, &mut rng);
-            let image = crash_image(&self.metadata_base, log, &point);
+            let n = point.kept.len();
+            // Bounded-exhaustive for a small epoch at the first point: every
+            // subset of its unflushed writes.
+            let points: Vec<CrashPoint> = if k == 0 && n <= EXHAUSTIVE_EPOCH {
+                (0..1u32 << n)
+                    .map(|mask| CrashPoint {
+                        after_events: after,
+                        kept: (0..n).map(|i| mask & (1 << i) != 0).collect(),
+                        torn: None,
+                    })
+                    .collect()
+            } else {
+                vec![point]
+            };
+            for point in points {
+                self.check_metadata_crash_state(log, &point)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_metadata_crash_state(
+        &mut self,
+        log: &[DiskEvent],
+        point: &CrashPoint,
+    ) -> Result<(), ThinFailure> {
+        let after = point.after_events;
+        {
+            let image = crash_image(&self.metadata_base, log, point);
             self.stats.crash_states += 1;
             let mut dev = MemDevice::from_bytes(image);
             let report = check_thin_metadata(&mut dev, &CheckOptions::default()).map_err(|e| {
