@@ -158,3 +158,21 @@ fn kernel_finding_no_passdown_discard_frees_a_block_a_write_is_in_flight_to() {
     assert!(kernel.contains("misdirected"), "{kernel}");
     assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
 }
+
+/// Kernel finding (6.1.166): a pool message whose metadata operation fails
+/// part-way only warns, and what it changed stays in the transaction.
+/// Here a `delete` removes the device's details record, then a transient
+/// read error stops the removal from the mapping tree; the next commit
+/// persists a mapping tree without details (`__delete_device`: "TODO:
+/// failure should mark the transaction invalid"). Found by the campaign
+/// (many-small-devices workload, seed 1658, run as the kernel is),
+/// minimized to 7 ops.
+#[test]
+fn kernel_finding_a_failed_delete_leaves_a_mapping_tree_without_details() {
+    let fix = "fix.failed_message_aborts";
+    let name = "failed-delete-leaves-a-tree-without-details.trace";
+    let kernel = run_trace(&fixture_with(name, fix, false)).expect("kernel 6.1 behaviour: damaged metadata");
+    println!("as in kernel 6.1: {kernel}");
+    assert!(kernel.contains("has a mapping tree but no details record"), "{kernel}");
+    assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
+}
