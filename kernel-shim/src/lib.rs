@@ -1,4 +1,38 @@
-//! Replay of traces against the real kernel targets — natively where the
-//! host has device-mapper, otherwise in a qemu VM booting Debian's stock
-//! kernel — and against the io_uring userland engine (not yet built).
+//! Replay of dmsim traces against the real dm-thin of a stock kernel.
+//!
+//! Where the host has no device-mapper (as on the CI machines), the shim
+//! boots Debian's `linux-image-amd64` in `qemu-system-x86_64` (TCG, no
+//! KVM) with an initramfs it builds itself ([`initramfs`]): the kernel's
+//! device-mapper and virtio modules and a static replay agent ([`agent`])
+//! as `/init`. The agent speaks the device-mapper ioctl ABI directly
+//! ([`dm`]), builds a thin-pool over two virtio disks from the trace
+//! header, replays the trace's ops one request at a time, reads every
+//! device back as stamps and returns a [`KernelResult`] ([`protocol`])
+//! through a third disk; the metadata image the kernel wrote is the fourth
+//! disk's file. [`vm`] runs all of it from the host, with cleanup on every
+//! path.
+//!
+//! Entry points: [`KernelShim::prepare`] once, then [`KernelShim::replay`]
+//! per trace (one boot each), or [`replay_on_kernel`] for a single trace.
+//! Not yet here: the io_uring userland engine, crash states through
+//! dm-log-writes, faults through dm-flakey, the L1/L2/L3 equivalence
+//! report.
 #![warn(missing_docs)]
+
+pub mod agent;
+pub mod dm;
+pub mod error;
+pub mod initramfs;
+pub mod protocol;
+pub mod vm;
+
+pub use error::ShimError;
+pub use protocol::{DeviceContents, KernelResult, OpResult, PoolSpec};
+pub use vm::{KernelRun, KernelShim, VmOptions};
+
+/// Boots one VM with the default kernel and options and replays `trace`
+/// in it (builds the agent and the initramfs first; for many traces, use
+/// [`KernelShim::prepare`] once and [`KernelShim::replay`] per trace).
+pub fn replay_on_kernel(trace: &dmsim_traces::Trace) -> Result<KernelRun, ShimError> {
+    KernelShim::prepare()?.replay(trace)
+}

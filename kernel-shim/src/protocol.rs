@@ -1,0 +1,423 @@
+//! What travels between the host and the agent in the VM, and how.
+//!
+//! - The **request** is a trace in the text encoding (`dmsim_traces::text`):
+//!   its header says how to build the pool ([`PoolSpec::from_header`]), its
+//!   ops say what to do. It is written at the start of the request disk as
+//!   a frame ([`write_frame`]).
+//! - The **result** ([`KernelResult`]) is a small line-based text the agent
+//!   writes as a frame at the start of the result disk: per op what the
+//!   kernel answered, per live device and block a summary of the stamps it
+//!   reads, the pool's last status line, and an error if the agent gave up.
+//! - The metadata image is the metadata disk itself (a file on the host),
+//!   read after the VM powered off.
+
+use std::fmt::Write as _;
+
+use dmsim_traces::stamp::{self, SectorContent};
+use dmsim_traces::Header;
+
+use crate::error::ShimError;
+
+/// Magic of a request frame.
+pub const REQUEST_MAGIC: [u8; 8] = *b"DMSIMRQ1";
+/// Magic of a result frame.
+pub const RESULT_MAGIC: [u8; 8] = *b"DMSIMRS1";
+/// First line of a result text.
+pub const RESULT_FIRST_LINE: &str = "dmsim-kernel-result 1";
+
+/// A frame: magic, little-endian u64 length, the bytes, zero padding to a
+/// whole 512-byte sector.
+pub fn write_frame(magic: [u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 528);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// The body of the frame at the start of `disk`; an error if the magic is
+/// wrong or the length runs past the end.
+pub fn read_frame(magic: [u8; 8], disk: &[u8]) -> Result<&[u8], ShimError> {
+    if disk.len() < 16 || disk[..8] != magic {
+        return Err(ShimError::Invalid(format!(
+            "no {} frame (found {:?})",
+            String::from_utf8_lossy(&magic),
+            String::from_utf8_lossy(&disk[..disk.len().min(8)])
+        )));
+    }
+    let len = u64::from_le_bytes(disk[8..16].try_into().expect("8 bytes"));
+    if len > (disk.len() - 16) as u64 {
+        return Err(ShimError::Invalid(format!("frame of {len} bytes on a disk of {} bytes", disk.len())));
+    }
+    Ok(&disk[16..16 + len as usize])
+}
+
+/// The pool's shape and features, from a trace header (the parameters
+/// `dmsim_sim::run::RunConfig::header` writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// The stamps' run id.
+    pub run: u64,
+    /// Data block size in sectors.
+    pub block_sectors: u64,
+    /// Data device size in blocks.
+    pub data_blocks: u64,
+    /// Size of every thin device in blocks.
+    pub thin_blocks: u64,
+    /// Metadata device size in sectors.
+    pub metadata_sectors: u64,
+    /// Most thin devices alive at once.
+    pub max_devices: usize,
+    /// Low water mark in blocks (the simulator's table uses 2).
+    pub low_water_mark: u64,
+    /// The pool's feature words, in table order.
+    pub features: Vec<&'static str>,
+    /// `no_space_timeout`, in nanoseconds.
+    pub no_space_timeout_ns: u64,
+}
+
+impl PoolSpec {
+    /// Reads the header; missing or malformed parameters are an error.
+    pub fn from_header(h: &Header) -> Result<PoolSpec, ShimError> {
+        let get = |name: &str| -> Result<&str, ShimError> {
+            h.param(name).ok_or_else(|| ShimError::Invalid(format!("trace header lacks parameter {name:?}")))
+        };
+        let num = |name: &str| -> Result<u64, ShimError> {
+            let v = get(name)?;
+            v.parse().map_err(|_| {
+                ShimError::Invalid(format!("trace header parameter {name:?}: {v:?} is not a number"))
+            })
+        };
+        let flag = |name: &str| -> Result<bool, ShimError> {
+            match get(name)? {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                v => Err(ShimError::Invalid(format!(
+                    "trace header parameter {name:?}: expected 0 or 1, got {v:?}"
+                ))),
+            }
+        };
+        let mut features = Vec::new();
+        for name in
+            ["skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only", "error_if_no_space"]
+        {
+            if flag(name)? {
+                features.push(name);
+            }
+        }
+        let spec = PoolSpec {
+            run: num("run")?,
+            block_sectors: num("block_sectors")?,
+            data_blocks: num("data_blocks")?,
+            thin_blocks: num("thin_blocks")?,
+            metadata_sectors: num("metadata_sectors")?,
+            max_devices: num("max_devices")? as usize,
+            low_water_mark: 2,
+            features,
+            no_space_timeout_ns: num("no_space_timeout_ns")?,
+        };
+        let check = |what: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ShimError::Invalid(format!("trace header: {what} {v} is outside {lo}..={hi}")))
+            }
+        };
+        check("block_sectors", spec.block_sectors, 128, 1 << 21)?;
+        if !spec.block_sectors.is_multiple_of(128) {
+            return Err(ShimError::Invalid(format!(
+                "block_sectors {} is not a multiple of 128",
+                spec.block_sectors
+            )));
+        }
+        check("data_blocks", spec.data_blocks, 1, 1 << 16)?;
+        check("thin_blocks", spec.thin_blocks, 1, 1 << 16)?;
+        check("metadata_sectors", spec.metadata_sectors, 512, 1 << 22)?;
+        check("max_devices", spec.max_devices as u64, 1, 1 << 10)?;
+        Ok(spec)
+    }
+
+    /// Data device size in sectors.
+    pub fn data_sectors(&self) -> u64 {
+        self.data_blocks * self.block_sectors
+    }
+
+    /// Thin device size in sectors.
+    pub fn thin_sectors(&self) -> u64 {
+        self.thin_blocks * self.block_sectors
+    }
+
+    /// The thin-pool table's parameters after the two device names:
+    /// `<block size> <low water mark> <#features> <features…>`.
+    pub fn table_tail(&self) -> String {
+        let mut s = format!("{} {} {}", self.block_sectors, self.low_water_mark, self.features.len());
+        for f in &self.features {
+            s.push(' ');
+            s.push_str(f);
+        }
+        s
+    }
+}
+
+/// What the kernel answered to one op of the trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpResult {
+    /// The op's index among the trace's ops (0-based).
+    pub index: usize,
+    /// `ok`, an errno name (`EIO`, `ENOSPC`, …), `skipped` (nothing to do:
+    /// no live device, too many devices, the message was refused) or
+    /// `unsupported` (faults, crashes: not replayed on the kernel yet).
+    pub outcome: String,
+    /// For reads: the stamp summary of what came back.
+    pub read: Option<String>,
+}
+
+/// What a live thin device reads back at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceContents {
+    /// The thin device id.
+    pub id: u32,
+    /// One stamp summary per data block of the device ([`summarize`]).
+    pub blocks: Vec<String>,
+}
+
+/// Everything the agent reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelResult {
+    /// `uname -r` in the VM.
+    pub kernel_release: String,
+    /// The device-mapper interface version.
+    pub dm_version: [u32; 3],
+    /// Registered target types and versions.
+    pub targets: Vec<(String, [u32; 3])>,
+    /// One entry per op of the trace, in order.
+    pub ops: Vec<OpResult>,
+    /// The devices alive at the end, in creation order.
+    pub devices: Vec<DeviceContents>,
+    /// The pool's INFO status line just before teardown.
+    pub pool_status: String,
+    /// Milliseconds the agent spent: module loading, the ops, the
+    /// read-back, the teardown.
+    pub timings_ms: Vec<(String, u64)>,
+    /// Set when the agent could not finish (the rest is what it got to).
+    pub error: Option<String>,
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+impl KernelResult {
+    /// The text form.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let v = self.dm_version;
+        let _ = writeln!(s, "{RESULT_FIRST_LINE}");
+        let _ = writeln!(s, "kernel {}", one_line(&self.kernel_release));
+        let _ = writeln!(s, "dm-version {}.{}.{}", v[0], v[1], v[2]);
+        for (name, v) in &self.targets {
+            let _ = writeln!(s, "target {} {}.{}.{}", one_line(name), v[0], v[1], v[2]);
+        }
+        for op in &self.ops {
+            let _ = write!(s, "op {} {}", op.index, one_line(&op.outcome));
+            if let Some(r) = &op.read {
+                let _ = write!(s, " | {}", one_line(r));
+            }
+            s.push('\n');
+        }
+        for d in &self.devices {
+            let _ = writeln!(s, "device {} {}", d.id, d.blocks.len());
+            for (i, b) in d.blocks.iter().enumerate() {
+                let _ = writeln!(s, "block {} {} {}", d.id, i, one_line(b));
+            }
+        }
+        let _ = writeln!(s, "pool-status {}", one_line(&self.pool_status));
+        for (what, ms) in &self.timings_ms {
+            let _ = writeln!(s, "time {} {ms}", one_line(what));
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "error {}", one_line(e));
+        }
+        s.push_str("end\n");
+        s
+    }
+
+    /// Parses [`Self::to_text`]'s output; never panics.
+    pub fn from_text(text: &str) -> Result<KernelResult, ShimError> {
+        let bad = |n: usize, line: &str, what: &str| {
+            ShimError::Invalid(format!("kernel result line {}: {what}: {line:?}", n + 1))
+        };
+        let mut lines = text.lines().enumerate();
+        match lines.next() {
+            Some((_, l)) if l == RESULT_FIRST_LINE => {}
+            other => return Err(bad(0, other.map_or("", |(_, l)| l), "not a kernel result")),
+        }
+        let mut r = KernelResult::default();
+        let mut ended = false;
+        let version = |n: usize, line: &str, v: &str| -> Result<[u32; 3], ShimError> {
+            let parts: Vec<&str> = v.split('.').collect();
+            if parts.len() != 3 {
+                return Err(bad(n, line, "bad version"));
+            }
+            let mut out = [0; 3];
+            for (o, p) in out.iter_mut().zip(parts) {
+                *o = p.parse().map_err(|_| bad(n, line, "bad version"))?;
+            }
+            Ok(out)
+        };
+        for (n, line) in lines {
+            let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "kernel" => r.kernel_release = rest.to_string(),
+                "dm-version" => r.dm_version = version(n, line, rest)?,
+                "target" => {
+                    let (name, v) = rest.split_once(' ').ok_or_else(|| bad(n, line, "bad target"))?;
+                    r.targets.push((name.to_string(), version(n, line, v)?));
+                }
+                "op" => {
+                    let (head, read) = match rest.split_once(" | ") {
+                        Some((h, r)) => (h, Some(r.to_string())),
+                        None => (rest, None),
+                    };
+                    let (index, outcome) = head.split_once(' ').ok_or_else(|| bad(n, line, "bad op"))?;
+                    let index = index.parse().map_err(|_| bad(n, line, "bad op index"))?;
+                    r.ops.push(OpResult { index, outcome: outcome.to_string(), read });
+                }
+                "device" => {
+                    let (id, count) = rest.split_once(' ').ok_or_else(|| bad(n, line, "bad device"))?;
+                    let id = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
+                    let count: usize = count.parse().map_err(|_| bad(n, line, "bad block count"))?;
+                    r.devices.push(DeviceContents { id, blocks: Vec::with_capacity(count.min(1 << 16)) });
+                }
+                "block" => {
+                    let mut it = rest.splitn(3, ' ');
+                    let (Some(id), Some(idx), summary) = (it.next(), it.next(), it.next().unwrap_or(""))
+                    else {
+                        return Err(bad(n, line, "bad block"));
+                    };
+                    let id: u32 = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
+                    let idx: usize = idx.parse().map_err(|_| bad(n, line, "bad block index"))?;
+                    let dev = r.devices.last_mut().filter(|d| d.id == id && d.blocks.len() == idx);
+                    let dev = dev.ok_or_else(|| bad(n, line, "block out of order"))?;
+                    dev.blocks.push(summary.to_string());
+                }
+                "pool-status" => r.pool_status = rest.to_string(),
+                "time" => {
+                    let (what, ms) = rest.rsplit_once(' ').ok_or_else(|| bad(n, line, "bad time"))?;
+                    r.timings_ms.push((what.to_string(), ms.parse().map_err(|_| bad(n, line, "bad time"))?));
+                }
+                "error" => r.error = Some(rest.to_string()),
+                "end" => {
+                    ended = true;
+                    break;
+                }
+                _ => return Err(bad(n, line, "unknown line")),
+            }
+        }
+        if !ended {
+            return Err(ShimError::Invalid("kernel result is truncated (no end line)".into()));
+        }
+        Ok(r)
+    }
+}
+
+/// A summary of what `data` (read from a thin device at `first_sector`)
+/// holds, as runs: `wK*N` N sectors of write K stamped for the sector they
+/// were read from, `0*N` zeroes, `?*N` anything that is not a stamp,
+/// `wK@sS*1` a stamp of write K meant for another sector S, `x*N` stamps
+/// of another run. The device a stamp names is not compared: a snapshot
+/// reads its origin's writes. Write numbers are unique within a run, so a
+/// leak between devices still shows as a write that device never had.
+pub fn summarize(data: &[u8], run: u64, first_sector: u64) -> String {
+    let mut runs: Vec<(String, u32)> = Vec::new();
+    for (i, content) in stamp::decode(data).into_iter().enumerate() {
+        let sector = first_sector + i as u64;
+        let token = match content {
+            SectorContent::Zeroes => "0".to_string(),
+            SectorContent::Foreign => "?".to_string(),
+            SectorContent::Stamp(s) if s.run != run => "x".to_string(),
+            SectorContent::Stamp(s) if s.sector == sector => format!("w{}", s.write),
+            SectorContent::Stamp(s) => format!("w{}@s{}", s.write, s.sector),
+        };
+        match runs.last_mut() {
+            Some((t, n)) if *t == token && !t.contains('@') => *n += 1,
+            _ => runs.push((token, 1)),
+        }
+    }
+    runs.iter().map(|(t, n)| format!("{t}*{n}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The name of an errno, as traces spell request results.
+pub fn errno_name(errno: i32) -> String {
+    match errno {
+        libc::EIO => "EIO".into(),
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EBUSY => "EBUSY".into(),
+        libc::ENODATA => "ENODATA".into(),
+        libc::EROFS => "EROFS".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::ENXIO => "ENXIO".into(),
+        libc::ENODEV => "ENODEV".into(),
+        libc::ETIMEDOUT => "ETIMEDOUT".into(),
+        libc::EAGAIN => "EAGAIN".into(),
+        libc::EEXIST => "EEXIST".into(),
+        libc::ENOENT => "ENOENT".into(),
+        libc::ENOMEM => "ENOMEM".into(),
+        e => format!("errno{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let f = write_frame(REQUEST_MAGIC, b"hello");
+        assert_eq!(f.len(), 512);
+        assert_eq!(read_frame(REQUEST_MAGIC, &f).unwrap(), b"hello");
+        assert!(read_frame(RESULT_MAGIC, &f).is_err());
+        let mut g = f.clone();
+        g[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(read_frame(REQUEST_MAGIC, &g).is_err());
+        assert!(read_frame(REQUEST_MAGIC, &f[..3]).is_err());
+    }
+
+    #[test]
+    fn results_round_trip() {
+        let r = KernelResult {
+            kernel_release: "6.1.0-56-amd64".into(),
+            dm_version: [4, 47, 0],
+            targets: vec![("thin-pool".into(), [1, 22, 0])],
+            ops: vec![
+                OpResult { index: 0, outcome: "ok".into(), read: None },
+                OpResult { index: 1, outcome: "ok".into(), read: Some("w0*8 0*120".into()) },
+            ],
+            devices: vec![DeviceContents { id: 0, blocks: vec!["w0*8 0*120".into(), "0*128".into()] }],
+            pool_status: "1 11/512 2/16 - rw discard_passdown queue_if_no_space - 1024".into(),
+            timings_ms: vec![("ops".into(), 12)],
+            error: Some("it broke\nbadly".into()),
+        };
+        let text = r.to_text();
+        let back = KernelResult::from_text(&text).unwrap();
+        assert_eq!(back.error.as_deref(), Some("it broke badly"));
+        assert_eq!(back.ops, r.ops);
+        assert_eq!(back.devices, r.devices);
+        assert_eq!(back.targets, r.targets);
+        assert!(KernelResult::from_text(&text.replace("end\n", "")).is_err());
+        assert!(KernelResult::from_text("nonsense").is_err());
+        assert!(KernelResult::from_text(&text.replace("block 0 1", "block 0 7")).is_err());
+    }
+
+    #[test]
+    fn summaries_name_misplaced_stamps() {
+        let mut buf = vec![0u8; 512 * 4];
+        stamp::fill(&mut buf[..1024], 9, 3, 1, 10);
+        assert_eq!(summarize(&buf, 9, 10), "w3*2 0*2");
+        assert_eq!(summarize(&buf, 9, 11), "w3@s10*1 w3@s11*1 0*2");
+        assert_eq!(summarize(&buf, 8, 10), "x*2 0*2");
+    }
+}

@@ -1,0 +1,403 @@
+//! Booting the kernel in qemu and replaying a trace there.
+//!
+//! [`KernelShim::prepare`] finds qemu and the kernel, builds the static
+//! agent and the initramfs once; [`KernelShim::replay`] boots one VM per
+//! trace: four virtio disks (request, result, metadata, data) as files in
+//! a private temporary directory, the console on a file, a timeout on the
+//! whole boot.
+//!
+//! Cleanup: qemu runs in its own process group with `PR_SET_PDEATHSIG`
+//! (it dies with the thread that started it) and `-no-reboot`; a guard
+//! kills the group on drop (errors, panics, timeouts); temporary
+//! directories are removed on drop, and directories left by processes that
+//! were killed outright are swept at the next [`TempDir::new`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use dmsim_model::block_device::MemDevice;
+use dmsim_model::thin::dump::{dump_xml, DumpOptions};
+use dmsim_traces::Trace;
+
+use crate::agent::DiskRole;
+use crate::error::ShimError;
+use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
+use crate::protocol::{read_frame, write_frame, KernelResult, PoolSpec, REQUEST_MAGIC, RESULT_MAGIC};
+
+/// What the data disk is filled with before a run (the simulator's
+/// `DATA_GARBAGE`), so that unzeroed blocks read as garbage on both.
+pub const DATA_FILL: u8 = 0xa7;
+
+const TEMP_PREFIX: &str = "dmsim-kernel-shim.";
+
+/// A private temporary directory, removed on drop. Its name carries the
+/// creating process's id, so directories of processes that died without
+/// cleaning up are recognised and removed by the next one.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// A new directory under the system's temporary directory; first
+    /// removes the shim's directories whose process no longer exists.
+    pub fn new() -> Result<TempDir, ShimError> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        sweep_stale(&base);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("{TEMP_PREFIX}{}.{n}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))?;
+        Ok(TempDir { path })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes `dmsim-kernel-shim.<pid>.<n>` directories of dead processes.
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else { continue };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if pid > 0 && !process_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A running qemu: its whole process group is killed on drop.
+#[derive(Debug)]
+pub struct QemuGuard {
+    child: Child,
+}
+
+impl QemuGuard {
+    /// Starts `cmd` in a new process group, to die with the calling thread.
+    pub fn spawn(mut cmd: Command) -> Result<QemuGuard, ShimError> {
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the hook.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| ShimError::io("start qemu", e))?;
+        Ok(QemuGuard { child })
+    }
+
+    /// Waits for the exit, up to `timeout`: `Some(status)` if it exited.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>, ShimError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| ShimError::io("wait for qemu", e))? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signals the group this guard created.
+            unsafe {
+                libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// How to run the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOptions {
+    /// The qemu binary.
+    pub qemu: PathBuf,
+    /// Virtual CPUs.
+    pub smp: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Limit on one boot, replay and power-off.
+    pub timeout: Duration,
+}
+
+impl VmOptions {
+    /// `qemu-system-x86_64` from `PATH`, 2 vCPUs, 1 GiB, 10 minutes.
+    pub fn from_path() -> Result<VmOptions, ShimError> {
+        Ok(VmOptions {
+            qemu: find_in_path("qemu-system-x86_64")?,
+            smp: 2,
+            memory_mib: 1024,
+            timeout: Duration::from_secs(600),
+        })
+    }
+}
+
+fn find_in_path(tool: &str) -> Result<PathBuf, ShimError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file()).ok_or_else(|| {
+        ShimError::Missing(format!("{tool} is not installed (Debian package qemu-system-x86)"))
+    })
+}
+
+/// What one replay on the kernel produced.
+#[derive(Debug, Clone)]
+pub struct KernelRun {
+    /// The agent's report.
+    pub result: KernelResult,
+    /// The metadata device after the pool's clean removal.
+    pub metadata_image: Vec<u8>,
+    /// `thin_dump`-style XML of that image (dmsim's dump, byte-identical
+    /// to Debian's thin_dump), or the dump's error.
+    pub thin_dump: Result<String, String>,
+    /// Mapped virtual blocks per thin device id, from the image.
+    pub mapped: BTreeMap<u32, BTreeSet<u64>>,
+    /// Everything the VM printed on its console.
+    pub console: String,
+    /// Kernel uptime when the agent started (the boot, as the guest saw it).
+    pub boot: Duration,
+    /// Wall time of the whole VM run on the host.
+    pub wall: Duration,
+}
+
+/// The kernel, the initramfs and qemu, ready to boot.
+#[derive(Debug)]
+pub struct KernelShim {
+    kernel: Kernel,
+    options: VmOptions,
+    dir: TempDir,
+    initramfs: PathBuf,
+}
+
+impl KernelShim {
+    /// Finds qemu and the kernel, builds the agent and the initramfs.
+    /// [`ShimError::Missing`] when a prerequisite is not installed.
+    pub fn prepare() -> Result<KernelShim, ShimError> {
+        let options = VmOptions::from_path()?;
+        let kernel = Kernel::find()?;
+        KernelShim::prepare_with(kernel, options)
+    }
+
+    /// As [`Self::prepare`], with a given kernel and VM options.
+    pub fn prepare_with(kernel: Kernel, options: VmOptions) -> Result<KernelShim, ShimError> {
+        let agent_path = build_agent()?;
+        let agent = std::fs::read(&agent_path)
+            .map_err(|e| ShimError::io(format!("read {}", agent_path.display()), e))?;
+        let image = build_initramfs(&kernel, &agent, ROOT_MODULES)?;
+        let dir = TempDir::new()?;
+        let initramfs = dir.path().join("initramfs.cpio");
+        std::fs::write(&initramfs, image)
+            .map_err(|e| ShimError::io(format!("write {}", initramfs.display()), e))?;
+        Ok(KernelShim { kernel, options, dir, initramfs })
+    }
+
+    /// The kernel booted.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Size of the initramfs in bytes.
+    pub fn initramfs_size(&self) -> u64 {
+        std::fs::metadata(&self.initramfs).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Boots one VM and replays `trace` in it.
+    pub fn replay(&self, trace: &Trace) -> Result<KernelRun, ShimError> {
+        let spec = PoolSpec::from_header(&trace.header)?;
+        let run_dir = TempDir::new()?;
+        let d = run_dir.path();
+        let disk = |role: DiskRole| d.join(format!("{}.img", role.serial()));
+
+        let request = write_frame(REQUEST_MAGIC, dmsim_traces::to_text(trace).as_bytes());
+        write_sized(&disk(DiskRole::Request), &request, request.len() as u64)?;
+        let blocks = (spec.max_devices as u64).saturating_mul(spec.thin_blocks);
+        let result_size = (1 << 20) + trace.events.len() as u64 * 256 + blocks * 512;
+        write_sized(&disk(DiskRole::Result), &[], result_size.div_ceil(512) * 512)?;
+        write_sized(&disk(DiskRole::Metadata), &[], spec.metadata_sectors * 512)?;
+        write_filled(&disk(DiskRole::Data), DATA_FILL, spec.data_sectors() * 512)?;
+
+        let console_path = d.join("console.log");
+        let qemu_log = d.join("qemu.log");
+        let mut cmd = Command::new(&self.options.qemu);
+        cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+            .args(["-smp", &self.options.smp.to_string(), "-m", &self.options.memory_mib.to_string()])
+            .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-user-config"])
+            .arg("-kernel")
+            .arg(&self.kernel.image)
+            .arg("-initrd")
+            .arg(&self.initramfs)
+            .args(["-append", "console=ttyS0 panic=-1 loglevel=5 rdinit=/init"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()));
+        for (i, role) in DiskRole::ALL.into_iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=none,id=d{i},format=raw,cache=unsafe", disk(role).display()));
+            cmd.arg("-device").arg(format!("virtio-blk-pci,drive=d{i},serial={}", role.serial()));
+        }
+        let log = File::create(&qemu_log).map_err(|e| ShimError::io("create the qemu log", e))?;
+        let log2 = log.try_clone().map_err(|e| ShimError::io("clone the qemu log", e))?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+
+        let start = Instant::now();
+        let mut qemu = QemuGuard::spawn(cmd)?;
+        let status = qemu.wait_timeout(self.options.timeout)?;
+        let wall = start.elapsed();
+        drop(qemu);
+        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        let tail = || {
+            let q = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+            let lines: Vec<&str> = console.lines().collect();
+            let mut t = lines[lines.len().saturating_sub(40)..].join("\n");
+            if !q.trim().is_empty() {
+                t.push_str("\nqemu: ");
+                t.push_str(q.trim());
+            }
+            t
+        };
+        let Some(status) = status else {
+            return Err(ShimError::Timeout { seconds: self.options.timeout.as_secs(), console: tail() });
+        };
+        let result_bytes =
+            std::fs::read(disk(DiskRole::Result)).map_err(|e| ShimError::io("read the result disk", e))?;
+        let body = read_frame(RESULT_MAGIC, &result_bytes).map_err(|e| ShimError::Vm {
+            what: format!("no result (qemu {status}): {e}"),
+            console: tail(),
+        })?;
+        let text = String::from_utf8_lossy(body);
+        let result = KernelResult::from_text(&text)
+            .map_err(|e| ShimError::Vm { what: e.to_string(), console: tail() })?;
+        let metadata_image = std::fs::read(disk(DiskRole::Metadata))
+            .map_err(|e| ShimError::io("read the metadata disk", e))?;
+        let thin_dump = dump(&metadata_image);
+        let mapped = thin_dump.as_ref().map(|x| mapped_blocks(x)).unwrap_or_default();
+        let boot = result
+            .timings_ms
+            .iter()
+            .find(|(w, _)| w == "boot")
+            .map_or(Duration::ZERO, |(_, ms)| Duration::from_millis(*ms));
+        Ok(KernelRun { result, metadata_image, thin_dump, mapped, console, boot, wall })
+    }
+
+    /// Where the shim keeps its files (removed on drop).
+    pub fn work_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn write_sized(path: &Path, content: &[u8], size: u64) -> Result<(), ShimError> {
+    let mut f = File::create(path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))?;
+    f.write_all(content).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
+    f.set_len(size.max(content.len() as u64))
+        .map_err(|e| ShimError::io(format!("size {}", path.display()), e))
+}
+
+fn write_filled(path: &Path, byte: u8, size: u64) -> Result<(), ShimError> {
+    let mut f = File::create(path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))?;
+    let chunk = vec![byte; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// The thin_dump XML of a metadata image.
+pub fn dump(image: &[u8]) -> Result<String, String> {
+    let mut dev = MemDevice::from_bytes(image.to_vec());
+    let mut out = Vec::new();
+    dump_xml(&mut dev, &mut out, &DumpOptions::default()).map_err(|e| e.to_string())?;
+    String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+fn attr(line: &str, name: &str) -> Option<u64> {
+    let key = format!(" {name}=\"");
+    let at = line.find(&key)? + key.len();
+    let end = line[at..].find('"')? + at;
+    line[at..end].parse().ok()
+}
+
+/// Mapped virtual blocks per device, from thin_dump XML.
+pub fn mapped_blocks(xml: &str) -> BTreeMap<u32, BTreeSet<u64>> {
+    let mut out: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    let mut dev = None;
+    for line in xml.lines().map(str::trim) {
+        if line.starts_with("<device ") {
+            dev = attr(line, "dev_id").map(|d| d as u32);
+            if let Some(d) = dev {
+                out.entry(d).or_default();
+            }
+        } else if let Some(d) = dev {
+            if line.starts_with("<single_mapping ") {
+                if let Some(b) = attr(line, "origin_block") {
+                    out.entry(d).or_default().insert(b);
+                }
+            } else if line.starts_with("<range_mapping ") {
+                if let (Some(b), Some(n)) = (attr(line, "origin_begin"), attr(line, "length")) {
+                    out.entry(d).or_default().extend(b..b.saturating_add(n.min(1 << 24)));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings_from_xml() {
+        let xml = r#"<superblock uuid="" time="3" transaction="7" data_block_size="256" nr_data_blocks="40000">
+  <device dev_id="1" mapped_blocks="6" transaction="1" creation_time="0" snap_time="2">
+    <range_mapping origin_begin="0" data_begin="100" length="4" time="0"/>
+    <single_mapping origin_block="9" data_block="5" time="1"/>
+  </device>
+  <device dev_id="2" mapped_blocks="0" transaction="3" creation_time="1" snap_time="2">
+  </device>
+</superblock>"#;
+        let m = mapped_blocks(xml);
+        assert_eq!(m[&1].iter().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 9]);
+        assert!(m[&2].is_empty());
+    }
+
+    #[test]
+    fn temp_dirs_are_removed_on_drop() {
+        let d = TempDir::new().unwrap();
+        let p = d.path().to_path_buf();
+        std::fs::write(p.join("x"), b"1").unwrap();
+        drop(d);
+        assert!(!p.exists());
+    }
+}
