@@ -36,6 +36,50 @@ pub struct Mutations {
     /// The commit does not flush the data device first: committed mappings
     /// can point at data that never became durable.
     pub data_not_flushed_before_commit: bool,
+    /// Broken locking in the pool's concurrent core, for the loom and
+    /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
+    /// open the windows these need, so the campaign's detector tests would
+    /// not be meaningful for them.
+    pub locking: LockingMutations,
+}
+
+/// Deliberately broken locking in the pool's concurrent core, off by
+/// default. Each opens a window between two threads that the kernel's
+/// locking closes; the concurrency harnesses (`sim/tests/concurrency_*.rs`)
+/// show loom or shuttle catching each one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockingMutations {
+    /// A provisioning mapping releases its virtual cell as soon as its
+    /// preparation finishes (in the completion context), before the worker
+    /// inserts the mapping: a bio arriving in between finds the block free
+    /// and unmapped, and the worker provisions it a second time.
+    pub release_cell_before_insert: bool,
+    /// A discard runs as soon as it is prepared instead of waiting (in the
+    /// all-I/O deferred set) for I/O issued before it: it unmaps and
+    /// discards a block that a write is still in flight to.
+    pub discard_skips_io_wait: bool,
+    /// The map path's fast path remaps a mapped, unshared block without
+    /// taking its data-block cell, so it ignores a break-sharing copy or a
+    /// discard that holds that cell and writes to the old block.
+    pub fast_path_skips_data_cell: bool,
+}
+
+impl LockingMutations {
+    /// Every locking mutation with its name.
+    pub const ALL: [(&'static str, fn(&mut LockingMutations)); 3] = [
+        ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
+        ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
+        ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),
+    ];
+
+    /// The locking mutation named `name` (see [`Self::ALL`]), as
+    /// [`Mutations`].
+    pub fn by_name(name: &str) -> Option<Mutations> {
+        let (_, set) = Self::ALL.iter().find(|(n, _)| *n == name)?;
+        let mut m = Mutations::default();
+        set(&mut m.locking);
+        Some(m)
+    }
 }
 
 impl Mutations {

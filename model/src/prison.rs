@@ -140,6 +140,38 @@ impl CellKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CellId(u64);
 
+impl CellId {
+    /// The region whose prison made this handle, in a pool of `regions`
+    /// regions (see [`BioPrison::for_region`]); always 0 for one region.
+    pub fn region(self, regions: usize) -> usize {
+        (self.0 % regions as u64) as usize
+    }
+}
+
+/// Blocks per prison region in the 6.4 design (`BIO_PRISON_MAX_RANGE`): a
+/// key's range must stay inside one aligned stretch of this many blocks.
+pub const REGION_BLOCKS: u64 = 1024;
+
+/// log2 of [`REGION_BLOCKS`] (the kernel's `BIO_PRISON_MAX_RANGE_SHIFT`).
+pub const REGION_SHIFT: u32 = 10;
+
+/// The region of `key` among `regions` (a power of two) in the 6.4 design:
+/// `(block_begin >> 10) & (regions - 1)`. Only the start counts, which is
+/// why keys must not cross a region boundary ([`key_fits_region`]).
+pub fn region_of(key: &CellKey, regions: usize) -> usize {
+    debug_assert!(regions.is_power_of_two(), "{regions} regions");
+    ((key.block_begin >> REGION_SHIFT) & (regions as u64 - 1)) as usize
+}
+
+/// Whether `key` obeys the 6.4 rule (`dm_cell_key_has_valid_range`): at
+/// most [`REGION_BLOCKS`] blocks, not crossing a boundary aligned to them.
+/// Two colliding keys then always start in the same region, so checking
+/// one region's tree finds every collision.
+pub fn key_fits_region(key: &CellKey) -> bool {
+    key.block_end - key.block_begin <= REGION_BLOCKS
+        && key.block_begin >> REGION_SHIFT == (key.block_end - 1) >> REGION_SHIFT
+}
+
 /// Outcome of [`BioPrison::detain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detained {
@@ -171,6 +203,9 @@ pub struct BioPrison<B> {
     index: BTreeMap<(bool, u64, u64), CellId>,
     /// The next handle to hand out.
     next_id: u64,
+    /// How far apart consecutive handles are: the number of regions, so
+    /// that a handle names its region (see [`BioPrison::for_region`]).
+    id_stride: u64,
 }
 
 impl<B> Default for BioPrison<B> {
@@ -182,7 +217,21 @@ impl<B> Default for BioPrison<B> {
 impl<B> BioPrison<B> {
     /// An empty prison.
     pub fn new() -> Self {
-        BioPrison { cells: BTreeMap::new(), index: BTreeMap::new(), next_id: 0 }
+        Self::for_region(0, 1)
+    }
+
+    /// An empty prison for region `region` of `regions` (the 6.4 design,
+    /// spec §5.7): its handles are `region`, `region + regions`, … so that
+    /// [`CellId::region`] finds the region's lock again from a handle alone,
+    /// and handles stay unique across the regions of one pool.
+    pub fn for_region(region: usize, regions: usize) -> Self {
+        debug_assert!(region < regions, "region {region} of {regions}");
+        BioPrison {
+            cells: BTreeMap::new(),
+            index: BTreeMap::new(),
+            next_id: region as u64,
+            id_stride: regions as u64,
+        }
     }
 
     /// The kernel's `bio_detain`: if a live cell collides with `key`, append
@@ -202,7 +251,7 @@ impl<B> BioPrison<B> {
             return Detained::AlreadyHeld(id);
         }
         let id = CellId(self.next_id);
-        self.next_id += 1;
+        self.next_id += self.id_stride;
         self.cells.insert(id, Cell { key, holder: bio, waiters: VecDeque::new() });
         let previous = self.index.insert(key.sort_key(), id);
         debug_assert!(previous.is_none(), "two live cells share a start: {key:?}");

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod campaign;
+pub mod concurrency;
 pub mod generate;
 pub mod oracle;
 pub mod run;

@@ -137,7 +137,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             let mut io = lock(&self.io);
             let id = BioId(io.next_bio);
             io.next_bio += 1;
-            let (first, after_flush) = bio::split(id, thin, req, self.block_sectors);
+            let (first, after_flush) = bio::split(id, thin, req, self.block_sectors, self.discard_split());
             io.user.insert(
                 id,
                 UserIo {
@@ -331,6 +331,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `overwrite_endio`: the whole-block write of a mapping landed (or
     /// failed); park the bio in the mapping until it is inserted.
     fn overwrite_endio(&self, mapping: MappingId, bio: Bio, result: Result<(), Errno>) {
+        self.release_cell_early(mapping);
         let mut lists = lock(&self.lists);
         if let Some(m) = lists.mappings.get_mut(&mapping) {
             m.status = result;
@@ -341,6 +342,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     /// kcopyd's completion of a zero or a copy.
     fn copy_complete(&self, mapping: MappingId, result: Result<(), Errno>) {
+        self.release_cell_early(mapping);
         let mut lists = lock(&self.lists);
         if let Some(m) = lists.mappings.get_mut(&mapping) {
             if result.is_err() {
@@ -348,6 +350,30 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         }
         Self::complete_mapping_preparation_locked(&mut lists, mapping);
+    }
+
+    /// With [`crate::mutation::LockingMutations::release_cell_before_insert`]
+    /// only: releases a provisioning mapping's cell from the completion
+    /// context, keeping its holder (if still inside) in the mapping for the
+    /// worker to issue after the insert. Waiters go back to the worker.
+    fn release_cell_early(&self, mapping: MappingId) {
+        if !self.options.mutations.locking.release_cell_before_insert {
+            return;
+        }
+        let (thin, cell) = {
+            let mut lists = lock(&self.lists);
+            let Some(m) = lists.mappings.get_mut(&mapping) else { return };
+            if matches!(m.bio, MappingBio::Discard(_) | MappingBio::DiscardParent(_)) {
+                return;
+            }
+            let Some(cell) = m.cell.take() else { return };
+            (m.thin, cell)
+        };
+        let holder = self.prison_for_cell(cell).take_holder(cell);
+        self.cell_defer_no_holder(thin, cell);
+        if let Some(m) = lock(&self.lists).mappings.get_mut(&mapping) {
+            m.early_holder = holder;
+        }
     }
 
     /// One preparation step of `mapping` finished.
@@ -377,6 +403,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Adds `mapping` as work to the all-I/O deferred set; runs it now if
     /// no older I/O is in flight.
     pub(crate) fn defer_discard_until_io_quiet(&self, mapping: MappingId) {
+        if self.options.mutations.locking.discard_skips_io_wait {
+            // Broken on purpose: older I/O may still be in flight.
+            self.process_prepared_discard(mapping);
+            return;
+        }
         let r = lock(&self.all_io_ds).add_work(mapping);
         if let AddWork::NothingInFlight(m) = r {
             self.process_prepared_discard(m);

@@ -4,11 +4,11 @@
 
 use super::bio::{Bio, BioOp};
 use super::io::DataIo;
-use super::{ActiveThin, Pool};
+use super::{ActiveThin, LockingDesign, Pool};
 use crate::block_device::BlockDevice;
 use crate::errno::Errno;
-use crate::prison::{CellId, CellKey, Detained};
-use crate::sync::lock;
+use crate::prison::{key_fits_region, region_of, BioPrison, CellId, CellKey, Detained};
+use crate::sync::{lock, MutexGuard};
 use crate::thin::metadata::ThinId;
 use crate::thin::mode::PoolMode;
 
@@ -36,6 +36,15 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         };
         let lookup = lock(&self.metadata).find_block(thin.id, block);
         match lookup {
+            Ok(Some(found)) if !found.shared && self.options.mutations.locking.fast_path_skips_data_cell => {
+                // Broken on purpose: no data cell, so a copy or a discard
+                // holding it is not waited for.
+                let mut bio = self.take_holder(virt);
+                self.inc_all_io_entry(&mut bio);
+                self.cell_defer_no_holder(thin.id, virt);
+                let data_sector = self.remap_sector(bio.sector, found.block);
+                self.submit_data(DataIo::Bio { bio, data_sector });
+            }
             Ok(Some(found)) if !found.shared => {
                 bio = self.take_holder(virt);
                 let data_key = CellKey::data_block(thin.id, found.block);
@@ -70,13 +79,31 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// guard kept alive across a `match` on the result would deadlock the
     /// paths that release cells in its arms.
     pub(crate) fn detain(&self, key: CellKey, bio: Option<Bio>) -> Detained {
-        lock(&self.prison).detain(key, bio)
+        self.prison_for_key(&key).detain(key, bio)
+    }
+
+    /// The prison (region) a key belongs to, locked. In the regions design
+    /// a key must not cross a region boundary: the callers split ranges so
+    /// that it never does.
+    pub(crate) fn prison_for_key(&self, key: &CellKey) -> MutexGuard<'_, BioPrison<Bio>> {
+        match self.locking {
+            LockingDesign::Kernel61 => lock(&self.prisons[0]),
+            LockingDesign::Regions => {
+                debug_assert!(key_fits_region(key), "prison key {key:?} crosses a region boundary");
+                lock(&self.prisons[region_of(key, self.prisons.len())])
+            }
+        }
+    }
+
+    /// The prison (region) that made `cell`, locked.
+    pub(crate) fn prison_for_cell(&self, cell: CellId) -> MutexGuard<'_, BioPrison<Bio>> {
+        lock(&self.prisons[cell.region(self.prisons.len())])
     }
 
     /// Takes the holder out of `cell`; the paths that call this have just
     /// detained it with a bio, so a missing holder is a bug in the model.
     pub(crate) fn take_holder(&self, cell: CellId) -> Bio {
-        lock(&self.prison).take_holder(cell).expect("cell has its holder")
+        self.prison_for_cell(cell).take_holder(cell).expect("cell has its holder")
     }
 
     /// `thin_defer_bio`: hand a bio to the worker.
@@ -94,14 +121,39 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `cell_defer_no_holder`: release `cell`, sending the bios that waited
     /// in it back to the device's deferred list. Its holder has already
     /// been taken out by whoever is dealing with it.
+    ///
+    /// The designs nest their locks differently (spec §5.7): 6.1 takes the
+    /// device's `tc->lock` first and releases the cell under it, the prison
+    /// lock inside; 6.4 releases into a local list under the region's lock
+    /// alone and takes `tc->lock` only if bios waited. Both wake the worker
+    /// only when bios were handed back: 6.1 wakes whenever the deferred
+    /// list is non-empty, but whoever put the other bios there woke it
+    /// already.
     pub(crate) fn cell_defer_no_holder(&self, thin: ThinId, cell: CellId) {
-        let (holder, waiters) = lock(&self.prison).release_no_holder(cell);
-        debug_assert!(holder.is_none(), "cell released with its holder still inside");
-        let bios: Vec<Bio> = holder.into_iter().chain(waiters).collect();
+        let active = self.thin(thin);
+        let bios: Vec<Bio> = match (self.locking, &active) {
+            (LockingDesign::Kernel61, Some(t)) => {
+                let mut lists = lock(&t.lists);
+                let (holder, waiters) = self.prison_for_cell(cell).release_no_holder(cell);
+                debug_assert!(holder.is_none(), "cell released with its holder still inside");
+                let woke = holder.is_some() || !waiters.is_empty();
+                lists.deferred_bios.extend(holder.into_iter().chain(waiters));
+                drop(lists);
+                if woke {
+                    self.wake_worker();
+                }
+                return;
+            }
+            _ => {
+                let (holder, waiters) = self.prison_for_cell(cell).release_no_holder(cell);
+                debug_assert!(holder.is_none(), "cell released with its holder still inside");
+                holder.into_iter().chain(waiters).collect()
+            }
+        };
         if bios.is_empty() {
             return;
         }
-        match self.thin(thin) {
+        match active {
             Some(t) => {
                 lock(&t.lists).deferred_bios.extend(bios);
                 self.wake_worker();

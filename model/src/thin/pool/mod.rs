@@ -54,7 +54,7 @@ use crate::mutation::Mutations;
 use crate::pdata::layout::space_map::MAX_METADATA_BLOCKS;
 use crate::pdata::PdataError;
 use crate::prison::{BioPrison, CellId};
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::{into_inner, lock, Arc, Mutex};
 use crate::thin::message::{MessageError, PoolMessage};
 use crate::thin::metadata::{ThinError, ThinId, ThinMetadata};
 use crate::thin::mode::PoolMode;
@@ -195,6 +195,54 @@ impl KernelFixes {
     };
 }
 
+/// How the pool's bio prison is locked: the concurrency design under test.
+///
+/// Both designs give the same cells and the same answers (spec §5.7: "the
+/// cell semantics are identical"); they differ in which lock a prison
+/// operation takes and in how `cell_defer_no_holder` nests its locks. The
+/// concurrency harnesses run every design through the same checks; a new
+/// design is a new variant here plus its arms in the prison helpers below
+/// (`prison_for_key`, `prison_for_cell`, `cell_defer_no_holder`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockingDesign {
+    /// Linux 6.1: one prison lock for the pool; `cell_defer_no_holder`
+    /// takes the device's `tc->lock` and releases the cell under it, the
+    /// prison lock nested inside.
+    #[default]
+    Kernel61,
+    /// The 2023 concurrency series (Linux 6.4): the prison split into
+    /// [`PRISON_REGIONS`] regions with a lock each, a key's region being
+    /// `(block_begin >> 10) & (regions - 1)`; keys never cross a 1024-block
+    /// boundary (discards are split there); `cell_defer_no_holder` releases
+    /// into a local list and takes `tc->lock` only if bios waited.
+    Regions,
+}
+
+/// Prison regions in the [`LockingDesign::Regions`] design (the series'
+/// initial count; a follow-up sizes it from the CPU count, at most this).
+pub const PRISON_REGIONS: usize = 64;
+
+impl LockingDesign {
+    /// Every design, for harnesses that run them all.
+    pub const ALL: [LockingDesign; 2] = [LockingDesign::Kernel61, LockingDesign::Regions];
+
+    /// How many prison locks the design has.
+    pub fn prison_regions(self) -> usize {
+        match self {
+            LockingDesign::Kernel61 => 1,
+            LockingDesign::Regions => PRISON_REGIONS,
+        }
+    }
+
+    /// The design's name, as harness output shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LockingDesign::Kernel61 => "kernel-6.1",
+            LockingDesign::Regions => "regions-6.4",
+        }
+    }
+}
+
 /// The bio a mapping finishes with.
 #[derive(Debug)]
 enum MappingBio {
@@ -228,6 +276,9 @@ struct NewMapping {
     /// [`KernelFixes::discard_spares_blocks_being_unshared`]: the virtual
     /// blocks whose data cell was busy when the discard was prepared.
     spared: Vec<u64>,
+    /// The holder of a cell released before the insert (the broken
+    /// locking variant `release-cell-before-insert` only).
+    early_holder: Option<Bio>,
 }
 
 /// A passdown discard bio shared by the mappings of its runs
@@ -303,7 +354,9 @@ pub struct Pool<M, D> {
     /// `pmd->root_lock` and what it guards.
     metadata: Mutex<ThinMetadata<M>>,
     data: Mutex<D>,
-    prison: Mutex<BioPrison<Bio>>,
+    /// The prison's locks: one (6.1) or one per region (6.4).
+    locking: LockingDesign,
+    prisons: Vec<Mutex<BioPrison<Bio>>>,
     shared_read_ds: Mutex<DeferredSet<MappingId>>,
     all_io_ds: Mutex<DeferredSet<MappingId>>,
     lists: Mutex<PoolLists>,
@@ -351,6 +404,19 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         data: D,
         options: PoolOptions,
     ) -> Result<Self, TargetError> {
+        Self::create_with_locking(table, len_sectors, metadata, data, options, LockingDesign::Kernel61)
+    }
+
+    /// [`Pool::create`] with the prison locked as `locking` prescribes (the
+    /// concurrency harnesses run each design).
+    pub fn create_with_locking(
+        table: PoolTable,
+        len_sectors: u64,
+        metadata: M,
+        data: D,
+        options: PoolOptions,
+        locking: LockingDesign,
+    ) -> Result<Self, TargetError> {
         let block_sectors = u64::from(table.data_block_size);
         let mut md = ThinMetadata::open(metadata, table.data_block_size, !table.features.read_only)
             .map_err(|e| TargetError::new(errno_of(&e), format!("Error creating metadata object: {e}")))?;
@@ -364,7 +430,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             options,
             metadata: Mutex::new(md),
             data: Mutex::new(data),
-            prison: Mutex::new(BioPrison::new()),
+            locking,
+            prisons: (0..locking.prison_regions())
+                .map(|r| Mutex::new(BioPrison::for_region(r, locking.prison_regions())))
+                .collect(),
             shared_read_ds: Mutex::new(DeferredSet::new()),
             all_io_ds: Mutex::new(DeferredSet::new()),
             lists: Mutex::new(PoolLists { suspended: true, ..PoolLists::default() }),
@@ -382,6 +451,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         pool.preresume(len_sectors)?;
         pool.resume();
         Ok(pool)
+    }
+
+    /// How the pool's prison is locked.
+    pub fn locking(&self) -> LockingDesign {
+        self.locking
     }
 
     /// The table the pool was loaded with.
@@ -588,9 +662,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
         let read_only = self.mode() >= PoolMode::OutOfMetadataSpace;
         let Pool { metadata, data, .. } = self;
-        let mut md = metadata.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut md = into_inner(metadata);
         md.set_read_only(read_only);
-        let data = data.into_inner().unwrap_or_else(|p| p.into_inner());
+        let data = into_inner(data);
         match md.close() {
             Ok(m) => Ok((m, data)),
             Err((_, e)) => panic!("metadata refused to close with no thin device open: {e}"),
@@ -601,8 +675,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// returns the two devices.
     pub fn crash(self) -> (M, D) {
         let Pool { metadata, data, .. } = self;
-        let md = metadata.into_inner().unwrap_or_else(|p| p.into_inner());
-        (md.crash(), data.into_inner().unwrap_or_else(|p| p.into_inner()))
+        let md = into_inner(metadata);
+        (md.crash(), into_inner(data))
     }
 
     // ---- time ----
@@ -897,6 +971,15 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Whether the worker has been woken since its last pass.
     pub fn worker_wanted(&self) -> bool {
         lock(&self.lists).worker_wanted
+    }
+
+    /// Where DM core splits discards: at prison regions in the 6.4 design
+    /// (`max_discard_granularity`, 1024 blocks), nowhere in 6.1.
+    fn discard_split(&self) -> Option<u64> {
+        match self.locking {
+            LockingDesign::Kernel61 => None,
+            LockingDesign::Regions => Some(crate::prison::REGION_BLOCKS * self.block_sectors),
+        }
     }
 
     fn block_of(&self, sector: u64) -> u64 {

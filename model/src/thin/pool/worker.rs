@@ -9,11 +9,11 @@
 
 use super::bio::{Bio, BioOp};
 use super::io::DataIo;
-use super::{ActiveThin, DiscardParent, MappingBio, MappingId, NewMapping, Pool};
+use super::{ActiveThin, DiscardParent, LockingDesign, MappingBio, MappingId, NewMapping, Pool};
 use crate::block_device::BlockDevice;
 use crate::deferred_set::AddWork;
 use crate::errno::Errno;
-use crate::prison::{CellId, CellKey, Detained};
+use crate::prison::{key_fits_region, CellId, CellKey, Detained, REGION_BLOCKS};
 use crate::sync::lock;
 use crate::thin::metadata::{LookupResult, ThinError, ThinId};
 use crate::thin::mode::PoolMode;
@@ -89,16 +89,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         // Sorted by the holder's sector. Two deferred cells of one device
         // never share a sector (their keys would collide), so the kernel's
         // unstable sort gives this same order.
-        let mut keyed: Vec<(u64, bool, CellId)> = {
-            let prison = lock(&self.prison);
-            cells
-                .into_iter()
-                .map(|c| {
-                    let holder = prison.holder(c).expect("deferred cell has a holder");
-                    (holder.sector, holder.op == BioOp::Discard, c)
-                })
-                .collect()
-        };
+        let mut keyed: Vec<(u64, bool, CellId)> = cells
+            .into_iter()
+            .map(|c| {
+                let prison = self.prison_for_cell(c);
+                let holder = prison.holder(c).expect("deferred cell has a holder");
+                (holder.sector, holder.op == BioOp::Discard, c)
+            })
+            .collect();
         keyed.sort_by_key(|&(sector, _, _)| sector);
         for (_, discard, cell) in keyed {
             if discard {
@@ -155,7 +153,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `process_cell`: the blocking lookup and what follows from it.
     fn process_cell_write_mode(&self, thin: &ActiveThin, cell: CellId) {
         let block = {
-            let prison = lock(&self.prison);
+            let prison = self.prison_for_cell(cell);
             self.block_of(prison.holder(cell).expect("cell has a holder").sector)
         };
         let lookup = lock(&self.metadata).find_block(thin.id, block);
@@ -213,7 +211,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     fn provision_block(&self, thin: &ActiveThin, cell: CellId, block: u64) {
         let (empty, read) = {
-            let prison = lock(&self.prison);
+            let prison = self.prison_for_cell(cell);
             let holder = prison.holder(cell).expect("cell has a holder");
             (holder.is_empty(), holder.op == BioOp::Read)
         };
@@ -344,11 +342,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             status: Ok(()),
             bio: MappingBio::None,
             spared: Vec::new(),
+            early_holder: None,
         }
     }
 
     fn holder_overwrites_block(&self, cell: CellId) -> bool {
-        let prison = lock(&self.prison);
+        let prison = self.prison_for_cell(cell);
         let holder = prison.holder(cell).expect("cell has a holder");
         holder.op == BioOp::Write && holder.nr_sectors == self.block_sectors
     }
@@ -412,7 +411,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             debug_assert!(false, "unknown prepared mapping");
             return;
         };
-        let cell = m.cell.expect("a provisioning mapping has a cell");
+        let Some(cell) = m.cell else {
+            // The broken variant released the cell already; only its holder
+            // (or the parked overwrite) is left to deal with.
+            self.finish_mapping_released_early(m);
+            return;
+        };
         let overwrite = match m.bio {
             MappingBio::Overwrite(bio) => bio,
             _ => None,
@@ -449,6 +453,28 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     self.inc_remap_and_issue_cell(thin, cell, m.data_block);
                 }
             }
+        }
+    }
+
+    /// `process_prepared_mapping` for a mapping whose cell the broken
+    /// variant `release-cell-before-insert` released before the insert.
+    fn finish_mapping_released_early(&self, m: NewMapping) {
+        let inserted = m.status.is_ok()
+            && self.mode() < PoolMode::OutOfMetadataSpace
+            && lock(&self.metadata).insert_block(m.thin, m.virt_begin, m.data_block).is_ok();
+        let bio = match m.bio {
+            MappingBio::Overwrite(Some(bio)) => Some((bio, true)),
+            _ => m.early_holder.map(|b| (b, false)),
+        };
+        let Some((mut bio, written)) = bio else { return };
+        if !inserted {
+            let code = self.io_error_code();
+            self.end_bio(bio, Err(code));
+        } else if written {
+            self.complete_overwrite_bio(bio);
+        } else {
+            self.inc_all_io_entry(&mut bio);
+            self.remap_and_issue(bio, m.data_block);
         }
     }
 
@@ -494,7 +520,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// disappears); flushes and discards go back to the deferred list.
     fn inc_remap_and_issue_cell(&self, thin: &ActiveThin, cell: CellId, data_block: u64) {
         let bios = {
-            let mut prison = lock(&self.prison);
+            let mut prison = self.prison_for_cell(cell);
             prison.visit_release(cell, |bio| {
                 if !(bio.is_flush_or_fua() || bio.op == BioOp::Discard) {
                     bio.hook.all_io_entry = Some(lock(&self.all_io_ds).inc());
@@ -515,7 +541,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// (counted as shared reads), writes, flushes and discards deferred.
     fn remap_and_issue_shared_cell(&self, thin: &ActiveThin, cell: CellId, data_block: u64) {
         let bios = {
-            let mut prison = lock(&self.prison);
+            let mut prison = self.prison_for_cell(cell);
             prison.visit_release(cell, |bio| {
                 if !(bio.op == BioOp::Write || bio.is_flush_or_fua() || bio.op == BioOp::Discard) {
                     bio.hook.shared_read_entry = Some(lock(&self.shared_read_ds).inc());
@@ -542,14 +568,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn cell_error_with(&self, cell: CellId, code: Errno) {
-        let bios = lock(&self.prison).release(cell);
+        let bios = self.prison_for_cell(cell).release(cell);
         for bio in bios {
             self.end_bio(bio, Err(code));
         }
     }
 
     fn cell_success(&self, cell: CellId) {
-        let bios = lock(&self.prison).release(cell);
+        let bios = self.prison_for_cell(cell).release(cell);
         for bio in bios {
             self.end_bio(bio, Ok(()));
         }
@@ -576,7 +602,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             self.cell_error_with(cell, code);
             return;
         }
-        let bios = lock(&self.prison).release(cell);
+        let bios = self.prison_for_cell(cell).release(cell);
         for bio in bios {
             match self.thin(bio.thin) {
                 Some(thin) => lock(&thin.lists).retry_on_resume.push(bio),
@@ -673,6 +699,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             return;
         }
         let key = CellKey::virtual_range(thin.id, begin, end);
+        if self.locking == LockingDesign::Regions && !key_fits_region(&key) {
+            // "Discard doesn't respect bio prison limits": DM core's split
+            // makes this unreachable, and the kernel completes it unchanged.
+            self.end_bio(bio, Ok(()));
+            return;
+        }
         if let Detained::New(cell) = self.detain(key, Some(bio)) {
             self.process_discard_cell(thin, cell);
         }
@@ -690,7 +722,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn discard_cell_no_passdown(&self, thin: &ActiveThin, cell: CellId) {
-        let key = lock(&self.prison).key(cell).expect("live cell");
+        let key = self.prison_for_cell(cell).key(cell).expect("live cell");
         let spared = if self.options.fixes.discard_spares_blocks_being_unshared {
             self.blocks_being_unshared(thin.id, key.block_begin, key.block_end)
         } else {
@@ -708,12 +740,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             status: Ok(()),
             bio: MappingBio::Discard(bio),
             spared,
+            early_holder: None,
         });
         self.defer_discard_until_io_quiet(m);
     }
 
     fn discard_cell_passdown(&self, thin: &ActiveThin, virt_cell: CellId) {
-        let key = lock(&self.prison).key(virt_cell).expect("live cell");
+        let key = self.prison_for_cell(virt_cell).key(virt_cell).expect("live cell");
         let mut bio = self.take_holder(virt_cell);
         // The virtual cell stays locked until the discard bio completes.
         bio.hook.cell = Some(virt_cell);
@@ -731,7 +764,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     fn break_up_discard_bio(&self, thin: &ActiveThin, mut begin: u64, end: u64, parent: u64) {
         while begin != end {
             let found = lock(&self.metadata).find_mapped_range(thin.id, begin, end);
-            let Ok(Some(run)) = found else { break };
+            let Ok(Some(mut run)) = found else { break };
+            if self.locking == LockingDesign::Regions {
+                // 6.4: one mapping and data cell per piece of the run that
+                // stays inside one prison region.
+                let region_end = (run.pool_begin / REGION_BLOCKS + 1) * REGION_BLOCKS;
+                let len = (run.thin_end - run.thin_begin).min(region_end - run.pool_begin);
+                run.thin_end = run.thin_begin + len;
+            }
             let len = run.thin_end - run.thin_begin;
             let data_key = CellKey::data_range(thin.id, run.pool_begin, run.pool_begin + len);
             if let Detained::New(data_cell) = self.detain(data_key, None) {
@@ -746,6 +786,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     status: Ok(()),
                     bio: MappingBio::DiscardParent(parent),
                     spared: Vec::new(),
+                    early_holder: None,
                 });
                 if let Some(p) = lock(&self.lists).discard_parents.get_mut(&parent) {
                     p.remaining += 1;

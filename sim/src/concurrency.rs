@@ -1,0 +1,779 @@
+//! Harnesses for the pool's concurrent core on real threads, for loom
+//! (`RUSTFLAGS="--cfg loom"`, exhaustive up to a preemption bound) and
+//! shuttle (the `shuttle` feature, randomized and PCT schedules).
+//!
+//! A [`Scenario`] sets a pool up single-threaded, then races a few
+//! *submitter* threads (each runs its program of requests and messages)
+//! against the pool's own contexts, each on its own thread:
+//!
+//! - the **worker** runs [`Pool::run_worker`] whenever it has been woken;
+//! - the **completion context** completes data I/O in flight (which one is
+//!   the checker's choice, see [`Run::pick`]) and drains finished requests;
+//! - where the scenario asks, the completion context also plays the
+//!   **timer**: with nothing to complete, it advances simulated time to the
+//!   no-space deadline, so that bios queued out of space fail instead of
+//!   waiting for ever.
+//!
+//! Every thread loops until the run is over — all submitters done, no
+//! request and no data I/O in flight, the worker not woken — and yields to
+//! the checker ([`dmsim_model::sync::thread::yield_now`]) when it has
+//! nothing to do, so a lost wake-up or a cell never released shows as a
+//! run that never ends (loom's branch bound, shuttle's step bound) and a
+//! lock cycle as a deadlock, both reported by the checker.
+//!
+//! # What each execution checks
+//!
+//! - The oracle ([`crate::oracle`]) sees every submission before the pool
+//!   does and every completion after the pool reports it (that widens each
+//!   window, which only makes the oracle more permissive, never wrong), and
+//!   judges every read, those of the race and a read-back of every touched
+//!   block at the end: a lost write, a write applied to the old block of a
+//!   break-sharing copy (the new block then misses it), or stale data after
+//!   a discard show here.
+//! - Every request completes exactly once, successfully unless the
+//!   scenario expects out-of-space errors.
+//! - No lost or duplicated provision: the data blocks in use at the end are
+//!   exactly what the scenario expects.
+//! - A discard never frees a block with I/O in flight: whenever the
+//!   completion context looks, no passdown discard overlaps a read or write
+//!   in flight, and every read or write it completes lands in a data block
+//!   that is still allocated.
+//! - A provisioned block is not mapped while its preparation (zeroing or
+//!   copying) is in flight, so no commit can publish such a mapping.
+//! - Nothing is left in flight when the threads end.
+//!
+//! A failed check panics with the scenario's name and what went wrong; loom
+//! and shuttle report the panic with the schedule that led to it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex as StdMutex;
+
+use dmsim_model::block_device::MemDevice;
+use dmsim_model::errno::Errno;
+use dmsim_model::mutation::Mutations;
+use dmsim_model::sync::{lock, thread, Arc, AtomicUsize, Mutex, Ordering};
+use dmsim_model::thin::pool::{
+    BioId, BioRequest, Completion, DataIoKind, IoInfo, LockingDesign, Pool, PoolOptions,
+};
+use dmsim_model::thin::table::{PoolFeatures, PoolTable};
+use dmsim_traces::stamp;
+
+use crate::oracle::{DevId, IoTicket, Oracle, OracleConfig};
+
+/// Data block size of every harness pool, in sectors (the smallest the
+/// kernel allows).
+pub const BLOCK: u64 = 128;
+
+/// The run id stamped into every write.
+const RUN: u64 = 0xc0c0_2023;
+
+/// What the data device holds before anything is written, so that a block
+/// neither zeroed nor copied reads as foreign data.
+const GARBAGE: u8 = 0xa7;
+
+/// Metadata device size in sectors.
+const META_SECTORS: u64 = 1024;
+
+/// The pool type the harnesses run.
+pub type HarnessPool = Pool<MemDevice, MemDevice>;
+
+/// One step of a submitter's program (or of the set-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `create_thin dev`, then activate it.
+    CreateThin(DevId),
+    /// `create_snap dev origin`, then activate it.
+    CreateSnap {
+        /// The new snapshot.
+        dev: DevId,
+        /// Its origin.
+        origin: DevId,
+    },
+    /// Deactivate `dev` and `delete` it.
+    Delete(DevId),
+    /// A write of `nr` sectors at `sector`, stamped with a fresh write
+    /// number.
+    Write {
+        /// Device.
+        dev: DevId,
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nr: u64,
+        /// REQ_FUA.
+        fua: bool,
+    },
+    /// A read, judged by the oracle when it completes.
+    Read {
+        /// Device.
+        dev: DevId,
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nr: u64,
+    },
+    /// A discard.
+    Discard {
+        /// Device.
+        dev: DevId,
+        /// First sector.
+        sector: u64,
+        /// Sectors.
+        nr: u64,
+    },
+    /// An empty flush (PREFLUSH).
+    Flush(DevId),
+    /// Wait until every request this submitter sent has completed.
+    WaitMine,
+}
+
+/// A write of `nr` sectors at `sector` of `dev`.
+pub fn write(dev: DevId, sector: u64, nr: u64) -> Step {
+    Step::Write { dev, sector, nr, fua: false }
+}
+
+/// A read of `nr` sectors at `sector` of `dev`.
+pub fn read(dev: DevId, sector: u64, nr: u64) -> Step {
+    Step::Read { dev, sector, nr }
+}
+
+/// A discard of `nr` sectors at `sector` of `dev`.
+pub fn discard(dev: DevId, sector: u64, nr: u64) -> Step {
+    Step::Discard { dev, sector, nr }
+}
+
+/// A race to check.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Shown in every failure.
+    pub name: &'static str,
+    /// The pool's table features.
+    pub features: PoolFeatures,
+    /// Data blocks in the pool.
+    pub data_blocks: u64,
+    /// Size of every thin device, in blocks.
+    pub thin_blocks: u64,
+    /// Run to completion, single-threaded, before the race.
+    pub setup: Vec<Step>,
+    /// One program per submitter thread.
+    pub submitters: Vec<Vec<Step>>,
+    /// Data blocks in use when everything settled (`None`: not checked).
+    pub blocks_used: Option<u64>,
+    /// Requests may fail with ENOSPC (the pool runs out of space).
+    pub out_of_space: bool,
+    /// The completion context also plays the timer: when it has nothing to
+    /// complete it advances time to the no-space deadline, if armed.
+    pub timer: bool,
+    /// `(device, sector, sectors)` read back and judged at the end.
+    pub read_back: Vec<(DevId, u64, u64)>,
+}
+
+impl Scenario {
+    /// A scenario with the usual pool (16 data blocks, 4-block devices,
+    /// default features) and nothing in it yet.
+    pub fn new(name: &'static str) -> Self {
+        Scenario {
+            name,
+            features: PoolFeatures::default(),
+            data_blocks: 16,
+            thin_blocks: 4,
+            setup: Vec::new(),
+            submitters: Vec::new(),
+            blocks_used: None,
+            out_of_space: false,
+            timer: false,
+            read_back: Vec::new(),
+        }
+    }
+
+    /// Threads one execution spawns (loom models at most four besides the
+    /// main thread).
+    pub fn threads(&self) -> usize {
+        self.submitters.len() + 2
+    }
+}
+
+/// How one execution runs: the design, the broken locking in force and the
+/// checker's choice of which data I/O completes next.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// The locking design under test.
+    pub locking: LockingDesign,
+    /// Deliberate bugs (the locking ones are what the harnesses catch).
+    pub mutations: Mutations,
+    /// Given how many data I/Os are in flight, which one completes next.
+    /// Loom explores thread orders, not values, so its runs complete the
+    /// oldest; shuttle's pick at random from its own seeded generator.
+    pub pick: fn(usize) -> usize,
+}
+
+impl Run {
+    /// `locking`, no mutations, oldest I/O first.
+    pub fn new(locking: LockingDesign) -> Self {
+        Run { locking, mutations: Mutations::default(), pick: |_| 0 }
+    }
+}
+
+/// A request the oracle knows about.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Write(IoTicket),
+    Read(IoTicket),
+    Discard(IoTicket),
+    Flush(IoTicket),
+}
+
+/// Harness state shared by the threads. It is a std mutex, invisible to the
+/// checkers: it is never held across a pool call, so no schedule can block
+/// on it, and keeping it out of the model keeps loom's state space to the
+/// pool's own locks.
+#[derive(Debug)]
+struct Books {
+    oracle: Oracle,
+    next_write: u64,
+    /// Requests submitted, with their oracle tickets.
+    sent: BTreeMap<BioId, Sent>,
+    /// Completions that arrived before their submitter registered them.
+    early: BTreeMap<BioId, Completion>,
+    /// The device of every request submitted.
+    devs: BTreeMap<BioId, DevId>,
+    /// Requests completed, with how many times.
+    completed: BTreeMap<BioId, usize>,
+    failures: Vec<String>,
+}
+
+impl Books {
+    fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+
+    /// Feeds one completion to the oracle.
+    fn complete(&mut self, c: Completion, sent: Sent, out_of_space: bool) {
+        *self.completed.entry(c.id).or_default() += 1;
+        let ok = c.result.is_ok();
+        if let Err(e) = c.result {
+            if !(out_of_space && e == Errno::ENOSPC) {
+                self.fail(format!("request {:?} failed: {e}", c.id));
+            }
+        }
+        let r = match sent {
+            Sent::Write(t) => self.oracle.write_completed(t, ok).map_err(|e| e.to_string()),
+            Sent::Discard(t) => self.oracle.discard_completed(t, ok).map_err(|e| e.to_string()),
+            Sent::Flush(t) => self.oracle.flush_completed(t, ok).map_err(|e| e.to_string()),
+            Sent::Read(t) => self.oracle.read_completed(t, ok, &c.data).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = r {
+            self.fail(format!("oracle: {e}"));
+        }
+    }
+
+    fn arrived(&mut self, c: Completion, out_of_space: bool) {
+        match self.sent.get(&c.id) {
+            Some(&sent) => self.complete(c, sent, out_of_space),
+            None => {
+                self.early.insert(c.id, c);
+            }
+        }
+    }
+}
+
+/// Which devices are suspended, and how many submissions are under way.
+#[derive(Debug, Default)]
+struct Gate {
+    suspended: Vec<DevId>,
+    submitting: usize,
+}
+
+/// Everything the threads of one execution share.
+struct Shared {
+    scenario: Scenario,
+    run: Run,
+    pool: HarnessPool,
+    books: StdMutex<Books>,
+    /// Submitters that finished their program.
+    submitters_done: AtomicUsize,
+    /// The origin's suspension around a snapshot, in the model's locks so
+    /// that the checkers see the waiting.
+    gate: Mutex<Gate>,
+}
+
+impl Shared {
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the run is over: nothing more can happen.
+    fn finished(&self) -> bool {
+        self.submitters_done.load(Ordering::SeqCst) == self.scenario.submitters.len()
+            && self.pool.bios_in_flight() == 0
+            && self.pool.in_flight_io().is_empty()
+            && !self.pool.worker_wanted()
+    }
+
+    /// Runs one step of a submitter's program; returns the request sent.
+    fn step(&self, step: Step) -> Option<BioId> {
+        let pool = &self.pool;
+        let fail = |what: String| self.books().fail(format!("{step:?}: {what}"));
+        let (sent, req, dev) = match step {
+            Step::CreateThin(dev) => {
+                let r = pool.message(&format!("create_thin {dev}"));
+                let r = r.and_then(|()| pool.activate_thin(u64::from(dev), self.thin_sectors()));
+                match r {
+                    Ok(()) => {
+                        let r = self.books().oracle.create_thin(dev, self.thin_sectors());
+                        r.unwrap_or_else(|e| fail(e.to_string()));
+                    }
+                    Err(e) => fail(e.to_string()),
+                }
+                return None;
+            }
+            Step::CreateSnap { dev, origin } => {
+                // dm-thin requires the origin to be suspended while the
+                // snapshot is made (DM core drains its I/O and holds new
+                // I/O back); a write still in flight could otherwise land
+                // in the block the snapshot now shares.
+                lock(&self.gate).suspended.push(origin);
+                while !self.drained(origin) {
+                    thread::yield_now();
+                }
+                let r = pool.message(&format!("create_snap {dev} {origin}"));
+                let r = r.and_then(|()| pool.activate_thin(u64::from(dev), self.thin_sectors()));
+                // Recorded once the snapshot exists: writes the oracle saw
+                // submitted before are allowed on it, later ones are not.
+                match r {
+                    Ok(()) => {
+                        let r = self.books().oracle.create_snap(dev, origin);
+                        r.unwrap_or_else(|e| fail(e.to_string()));
+                    }
+                    Err(e) => fail(e.to_string()),
+                }
+                lock(&self.gate).suspended.retain(|d| *d != origin);
+                return None;
+            }
+            Step::Delete(dev) => {
+                let r = pool.deactivate_thin(u64::from(dev)).and_then(|()| pool.message(&format!("delete {dev}")));
+                match r {
+                    Ok(()) => {
+                        let r = self.books().oracle.delete(dev);
+                        r.unwrap_or_else(|e| fail(e.to_string()));
+                    }
+                    Err(e) => fail(e.to_string()),
+                }
+                return None;
+            }
+            Step::WaitMine => return None,
+            Step::Write { dev, sector, nr, fua } => {
+                self.enter(dev);
+                let mut books = self.books();
+                books.next_write += 1;
+                let w = books.next_write;
+                let mut data = vec![0; nr as usize * 512];
+                stamp::fill(&mut data, RUN, w, dev, sector);
+                let t = books.oracle.write_submitted(dev, sector, nr, w, fua);
+                let mut req = BioRequest::write(sector, data);
+                if fua {
+                    req = req.with_fua();
+                }
+                (t.map(Sent::Write), req, dev)
+            }
+            Step::Read { dev, sector, nr } => {
+                self.enter(dev);
+                let t = self.books().oracle.read_submitted(dev, sector, nr);
+                (t.map(Sent::Read), BioRequest::read(sector, nr), dev)
+            }
+            Step::Discard { dev, sector, nr } => {
+                self.enter(dev);
+                let t = self.books().oracle.discard_submitted(dev, sector, nr);
+                (t.map(Sent::Discard), BioRequest::discard(sector, nr), dev)
+            }
+            Step::Flush(dev) => {
+                self.enter(dev);
+                let t = self.books().oracle.flush_submitted(dev);
+                (t.map(Sent::Flush), BioRequest::flush(), dev)
+            }
+        };
+        let sent = match sent {
+            Ok(s) => s,
+            Err(e) => {
+                lock(&self.gate).submitting -= 1;
+                fail(format!("oracle refused the submission: {e}"));
+                return None;
+            }
+        };
+        let submitted = pool.submit(u64::from(dev), req);
+        lock(&self.gate).submitting -= 1;
+        match submitted {
+            Ok(id) => {
+                let mut books = self.books();
+                books.sent.insert(id, sent);
+                books.devs.insert(id, dev);
+                if let Some(c) = books.early.remove(&id) {
+                    books.complete(c, sent, self.scenario.out_of_space);
+                }
+                Some(id)
+            }
+            Err(e) => {
+                fail(format!("submit refused: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Waits while `dev` is suspended, then counts a submission under way.
+    fn enter(&self, dev: DevId) {
+        loop {
+            let mut gate = lock(&self.gate);
+            if !gate.suspended.contains(&dev) {
+                gate.submitting += 1;
+                return;
+            }
+            drop(gate);
+            thread::yield_now();
+        }
+    }
+
+    /// Whether no submission is under way and every request sent to `dev`
+    /// has completed.
+    fn drained(&self, dev: DevId) -> bool {
+        if lock(&self.gate).submitting > 0 {
+            return false;
+        }
+        let books = self.books();
+        books.devs.iter().all(|(id, d)| *d != dev || books.completed.contains_key(id))
+    }
+
+    fn thin_sectors(&self) -> u64 {
+        self.scenario.thin_blocks * BLOCK
+    }
+
+    fn drain_completions(&self) {
+        let done = self.pool.take_completions();
+        if done.is_empty() {
+            return;
+        }
+        let mut books = self.books();
+        for c in done {
+            books.arrived(c, self.scenario.out_of_space);
+        }
+    }
+
+    /// The completion context's checks on what is in flight now.
+    fn check_in_flight(&self, ios: &[IoInfo]) {
+        let overlaps = |a: &IoInfo, b: &IoInfo| a.sector < b.sector + b.nr_sectors && b.sector < a.sector + a.nr_sectors;
+        for d in ios.iter().filter(|io| io.kind == DataIoKind::Discard) {
+            for io in ios.iter().filter(|io| matches!(io.kind, DataIoKind::Read | DataIoKind::Write)) {
+                if overlaps(d, io) {
+                    self.books().fail(format!("passdown discard {d:?} issued while {io:?} is in flight"));
+                }
+            }
+        }
+        // A block being zeroed or copied must not be mapped yet.
+        for io in ios.iter().filter(|io| matches!(io.kind, DataIoKind::Zero | DataIoKind::Copy)) {
+            let block = io.sector / BLOCK;
+            for (dev, vblock) in self.mapped_to(block) {
+                self.books().fail(format!(
+                    "device {dev} block {vblock} maps data block {block} while its {:?} is in flight",
+                    io.kind
+                ));
+            }
+        }
+    }
+
+    /// The (device, virtual block) pairs of active devices that map `block`.
+    fn mapped_to(&self, block: u64) -> Vec<(u64, u64)> {
+        let devs = self.pool.active_thins();
+        self.pool.with_metadata(|md| {
+            let mut found = Vec::new();
+            for dev in devs {
+                for v in 0..self.scenario.thin_blocks {
+                    if let Ok(Some(r)) = md.find_block(dev, v) {
+                        if r.block == block {
+                            found.push((dev, v));
+                        }
+                    }
+                }
+            }
+            found
+        })
+    }
+
+    /// Checks before completing `io`: a read or write must land in a data
+    /// block that is still allocated.
+    fn check_completing(&self, io: &IoInfo) {
+        if !matches!(io.kind, DataIoKind::Read | DataIoKind::Write) || io.nr_sectors == 0 {
+            return;
+        }
+        let block = io.sector / BLOCK;
+        let count = self.pool.with_metadata(|md| md.data_block_count(block));
+        if let Ok(0) = count {
+            self.books().fail(format!("{io:?} lands in data block {block}, which is free"));
+        }
+    }
+}
+
+/// Runs the worker until the run is over.
+fn worker_thread(shared: &Shared) {
+    loop {
+        if shared.pool.worker_wanted() {
+            shared.pool.run_worker();
+        } else if shared.finished() {
+            return;
+        } else {
+            thread::yield_now();
+        }
+    }
+}
+
+/// Completes data I/O and drains finished requests until the run is over.
+fn completion_thread(shared: &Shared) {
+    loop {
+        shared.drain_completions();
+        let ios = shared.pool.in_flight_io();
+        shared.check_in_flight(&ios);
+        if !ios.is_empty() {
+            let io = ios[(shared.run.pick)(ios.len()) % ios.len()];
+            shared.check_completing(&io);
+            if let Err(e) = shared.pool.complete_io(io.id) {
+                shared.books().fail(format!("complete_io: {e}"));
+            }
+        } else if let Some(deadline) = shared.pool.no_space_deadline().filter(|_| shared.scenario.timer) {
+            shared.pool.set_time(deadline);
+        } else if shared.finished() {
+            shared.drain_completions();
+            return;
+        } else {
+            thread::yield_now();
+        }
+    }
+}
+
+fn submitter_thread(shared: &Shared, program: &[Step]) {
+    let mut mine = Vec::new();
+    for &step in program {
+        if step == Step::WaitMine {
+            while !mine.iter().all(|id| shared.books().completed.contains_key(id)) {
+                thread::yield_now();
+            }
+        }
+        mine.extend(shared.step(step));
+    }
+    shared.submitters_done.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Single-threaded: runs the worker and completes I/O, oldest first, until
+/// the pool is quiet.
+fn settle(shared: &Shared) {
+    for _ in 0..10_000 {
+        shared.drain_completions();
+        if shared.pool.worker_wanted() {
+            shared.pool.run_worker();
+        } else if let Some(io) = shared.pool.in_flight_io().first() {
+            let _ = shared.pool.complete_io(io.id);
+        } else if let Some(deadline) = shared.pool.no_space_deadline() {
+            shared.pool.set_time(deadline);
+        } else {
+            return;
+        }
+    }
+    shared.books().fail("the pool never settled".to_string());
+}
+
+fn build(scenario: &Scenario, run: Run) -> Shared {
+    let table = PoolTable {
+        metadata_dev: "/dev/meta".into(),
+        data_dev: "/dev/data".into(),
+        data_block_size: BLOCK as u32,
+        low_water_mark: 0,
+        features: scenario.features,
+    };
+    let data = MemDevice::from_bytes(vec![GARBAGE; (scenario.data_blocks * BLOCK * 512) as usize]);
+    let options = PoolOptions { mutations: run.mutations, ..PoolOptions::default() };
+    let len = scenario.data_blocks * BLOCK;
+    let pool = Pool::create_with_locking(table, len, MemDevice::new(META_SECTORS), data, options, run.locking)
+        .unwrap_or_else(|e| panic!("{}: the pool did not load: {e}", scenario.name));
+    let oracle = Oracle::new(OracleConfig::new(RUN, BLOCK));
+    Shared {
+        scenario: scenario.clone(),
+        run,
+        pool,
+        books: StdMutex::new(Books {
+            oracle,
+            next_write: 0,
+            sent: BTreeMap::new(),
+            devs: BTreeMap::new(),
+            early: BTreeMap::new(),
+            completed: BTreeMap::new(),
+            failures: Vec::new(),
+        }),
+        submitters_done: AtomicUsize::new(0),
+        gate: Mutex::new(Gate::default()),
+    }
+}
+
+/// One execution of `scenario`: the body of a `loom::model` or a shuttle
+/// check. Panics with every failed check.
+pub fn execute(scenario: &Scenario, run: Run) {
+    let shared = Arc::new(build(scenario, run));
+    for &step in &scenario.setup {
+        shared.step(step);
+        settle(&shared);
+    }
+    let mut threads = Vec::new();
+    for program in scenario.submitters.clone() {
+        let s = shared.clone();
+        threads.push(thread::spawn(move || submitter_thread(&s, &program)));
+    }
+    let s = shared.clone();
+    threads.push(thread::spawn(move || worker_thread(&s)));
+    let s = shared.clone();
+    threads.push(thread::spawn(move || completion_thread(&s)));
+    for t in threads {
+        t.join().expect("a harness thread panicked");
+    }
+    finish(&shared);
+}
+
+/// The checks once the threads have ended.
+fn finish(shared: &Shared) {
+    let scenario = &shared.scenario;
+    if shared.pool.bios_in_flight() > 0 || !shared.pool.in_flight_io().is_empty() {
+        shared.books().fail(format!(
+            "{} requests and {} data I/Os left in flight",
+            shared.pool.bios_in_flight(),
+            shared.pool.in_flight_io().len()
+        ));
+    }
+    {
+        let books = shared.books();
+        let unfinished: Vec<_> = books.sent.keys().filter(|id| books.completed.get(id) != Some(&1)).collect();
+        if !unfinished.is_empty() {
+            let what = format!("requests not completed exactly once: {unfinished:?}");
+            drop(books);
+            shared.books().fail(what);
+        }
+    }
+    for &(dev, sector, nr) in &scenario.read_back {
+        shared.step(read(dev, sector, nr));
+        settle(shared);
+    }
+    if let Some(expected) = scenario.blocks_used {
+        let used = shared.pool.with_metadata(|md| {
+            let total = md.data_dev_size().unwrap_or(0);
+            total - md.free_data_blocks().unwrap_or(total)
+        });
+        if used != expected {
+            shared.books().fail(format!("{used} data blocks in use, expected {expected}"));
+        }
+    }
+    let failures = std::mem::take(&mut shared.books().failures);
+    if !failures.is_empty() {
+        panic!(
+            "{} ({}, {}): {}",
+            scenario.name,
+            shared.run.locking.name(),
+            dmsim_model::sync::SUBSTRATE,
+            failures.join("; ")
+        );
+    }
+}
+
+/// The scenarios of issue 7, small enough for loom at preemption bound 2.
+pub mod scenarios {
+    use super::*;
+
+    /// Two writes to different halves of one unprovisioned block: one
+    /// provision, both writes kept.
+    pub fn two_writes_one_block() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0)],
+            submitters: vec![vec![write(0, 0, 8)], vec![write(0, 64, 8)]],
+            blocks_used: Some(1),
+            read_back: vec![(0, 0, BLOCK)],
+            ..Scenario::new("two writes to one unprovisioned block")
+        }
+    }
+
+    /// A write of the origin breaks sharing with a snapshot while a reader
+    /// of the origin reads the same block.
+    pub fn read_vs_break_sharing() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0), write(0, 0, BLOCK), Step::CreateSnap { dev: 1, origin: 0 }],
+            submitters: vec![vec![write(0, 8, 8)], vec![read(0, 0, 16)]],
+            blocks_used: Some(2),
+            read_back: vec![(0, 0, BLOCK), (1, 0, BLOCK)],
+            ..Scenario::new("read vs. break sharing")
+        }
+    }
+
+    /// A write to a mapped block races a discard of the same block.
+    pub fn write_vs_discard() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0), write(0, 0, BLOCK)],
+            submitters: vec![vec![write(0, 8, 8)], vec![discard(0, 0, BLOCK)]],
+            read_back: vec![(0, 0, BLOCK)],
+            ..Scenario::new("write vs. discard of the same block")
+        }
+    }
+
+    /// A write breaking sharing races the snapshot's deletion and a second
+    /// write to the origin's block, which must not go to the old block.
+    pub fn write_vs_snapshot_delete() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0), write(0, 0, BLOCK), Step::CreateSnap { dev: 1, origin: 0 }],
+            submitters: vec![vec![write(0, 0, 8)], vec![Step::Delete(1), write(0, 64, 8)]],
+            blocks_used: Some(1),
+            read_back: vec![(0, 0, BLOCK)],
+            ..Scenario::new("write vs. snapshot delete during break sharing")
+        }
+    }
+
+    /// Writes race the creation of a snapshot: a write sent after the
+    /// snapshot exists must not show in it.
+    pub fn write_vs_snapshot() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0), write(0, 0, BLOCK)],
+            submitters: vec![vec![write(0, 0, 8)], vec![Step::CreateSnap { dev: 1, origin: 0 }, write(0, 64, 8)]],
+            read_back: vec![(0, 0, BLOCK), (1, 0, BLOCK)],
+            ..Scenario::new("write vs. snapshot")
+        }
+    }
+
+    /// A FUA write provisioning a block races an empty flush.
+    pub fn flush_vs_provisioning() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0)],
+            submitters: vec![vec![Step::Write { dev: 0, sector: 0, nr: 8, fua: true }], vec![Step::Flush(0)]],
+            blocks_used: Some(1),
+            read_back: vec![(0, 0, BLOCK)],
+            ..Scenario::new("FLUSH vs. provisioning")
+        }
+    }
+
+    /// Two writes to two blocks of a one-block pool: one queues out of
+    /// space until the no-space timeout fails it.
+    pub fn out_of_space() -> Scenario {
+        Scenario {
+            data_blocks: 1,
+            setup: vec![Step::CreateThin(0)],
+            submitters: vec![vec![write(0, 0, 8)], vec![write(0, BLOCK, 8)]],
+            blocks_used: Some(1),
+            out_of_space: true,
+            timer: true,
+            read_back: vec![(0, 0, 2 * BLOCK)],
+            ..Scenario::new("out of space while bios are queued")
+        }
+    }
+
+    /// Every scenario.
+    pub fn all() -> Vec<Scenario> {
+        vec![
+            two_writes_one_block(),
+            read_vs_break_sharing(),
+            write_vs_discard(),
+            write_vs_snapshot(),
+            write_vs_snapshot_delete(),
+            flush_vs_provisioning(),
+            out_of_space(),
+        ]
+    }
+}
