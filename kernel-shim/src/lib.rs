@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod dm;
+pub mod equivalence;
 pub mod error;
 pub mod initramfs;
 pub mod protocol;
