@@ -483,8 +483,10 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// Free data blocks: frees count at once, unlike the metadata space map.
     pub fn data_sm_nr_free(&mut self) -> u64 {
         let dsm = self.dsm();
-        ((dsm.old_ll.nr_blocks - dsm.old_ll.nr_allocated) as i64 - dsm.nr_allocated_this_transaction).max(0)
-            as u64
+        // A damaged image may claim more allocated blocks than it has.
+        (dsm.old_ll.nr_blocks.saturating_sub(dsm.old_ll.nr_allocated) as i64
+            - dsm.nr_allocated_this_transaction)
+            .max(0) as u64
     }
 
     /// Grows the data space map by `extra` blocks.
