@@ -335,9 +335,10 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// transaction are not counted until it commits.
     pub fn metadata_sm_nr_free(&self) -> u64 {
         if self.msm.bootstrap {
-            return self.msm.ll.nr_blocks - self.msm.begin;
+            return self.msm.ll.nr_blocks.saturating_sub(self.msm.begin);
         }
-        (self.msm.old_ll.nr_blocks - self.msm.old_ll.nr_allocated)
+        // Saturating: a damaged image may claim more than it has.
+        (self.msm.old_ll.nr_blocks.saturating_sub(self.msm.old_ll.nr_allocated))
             .saturating_sub(self.msm.allocated_this_transaction)
     }
 
