@@ -43,6 +43,9 @@ pub struct Mutations {
     pub locking: LockingMutations,
 }
 
+/// Turns one locking mutation on.
+pub type LockingSwitch = fn(&mut LockingMutations);
+
 /// Deliberately broken locking in the pool's concurrent core, off by
 /// default. Each opens a window between two threads that the kernel's
 /// locking closes; the concurrency harnesses (`sim/tests/concurrency_*.rs`)
@@ -66,7 +69,7 @@ pub struct LockingMutations {
 
 impl LockingMutations {
     /// Every locking mutation with its name.
-    pub const ALL: [(&'static str, fn(&mut LockingMutations)); 3] = [
+    pub const ALL: [(&'static str, LockingSwitch); 3] = [
         ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
         ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
         ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),

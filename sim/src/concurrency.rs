@@ -9,10 +9,10 @@
 //! - the **worker** runs [`Pool::run_worker`] whenever it has been woken;
 //! - the **completion context** completes data I/O in flight (which one is
 //!   the checker's choice, see [`Run::pick`]) and drains finished requests;
-//! - where the scenario asks, the completion context also plays the
-//!   **timer**: with nothing to complete, it advances simulated time to the
-//!   no-space deadline, so that bios queued out of space fail instead of
-//!   waiting for ever.
+//! - where the scenario asks, the worker's thread also plays the **timer**:
+//!   when the worker is idle it advances simulated time to the no-space
+//!   deadline, so that bios queued out of space fail instead of waiting for
+//!   ever (the kernel runs both on one ordered workqueue).
 //!
 //! Every thread loops until the run is over — all submitters done, no
 //! request and no data I/O in flight, the worker not woken — and yields to
@@ -161,8 +161,8 @@ pub struct Scenario {
     pub blocks_used: Option<u64>,
     /// Requests may fail with ENOSPC (the pool runs out of space).
     pub out_of_space: bool,
-    /// The completion context also plays the timer: when it has nothing to
-    /// complete it advances time to the no-space deadline, if armed.
+    /// The worker's thread also plays the timer: when the worker is idle it
+    /// advances time to the no-space deadline, if armed.
     pub timer: bool,
     /// `(device, sector, sectors)` read back and judged at the end.
     pub read_back: Vec<(DevId, u64, u64)>,
@@ -511,11 +511,18 @@ impl Shared {
     }
 }
 
-/// Runs the worker until the run is over.
+/// Runs the worker until the run is over; where the scenario asks, also
+/// fires the no-space timeout when the worker is idle. The kernel runs that
+/// timeout on the worker's ordered workqueue, never beside a worker pass:
+/// from another thread it races `retry_bios_on_resume`, which may queue a
+/// bio for a resume just after the timeout failed the queue, and that bio
+/// then waits for ever.
 fn worker_thread(shared: &Shared) {
     loop {
         if shared.pool.worker_wanted() {
             shared.pool.run_worker();
+        } else if let Some(deadline) = shared.pool.no_space_deadline().filter(|_| shared.scenario.timer) {
+            shared.pool.set_time(deadline);
         } else if shared.finished() {
             return;
         } else {
@@ -536,8 +543,6 @@ fn completion_thread(shared: &Shared) {
             if let Err(e) = shared.pool.complete_io(io.id) {
                 shared.books().fail(format!("complete_io: {e}"));
             }
-        } else if let Some(deadline) = shared.pool.no_space_deadline().filter(|_| shared.scenario.timer) {
-            shared.pool.set_time(deadline);
         } else if shared.finished() {
             shared.drain_completions();
             return;

@@ -178,7 +178,16 @@ fn detector_discard_skips_io_wait() {
     detector(scenarios::write_vs_discard(), "discard-skips-io-wait");
 }
 
+/// Not caught yet. Sharing is decided by mapping time (a mapping older than
+/// the device's last snapshot is shared for good), so the only holders of a
+/// data cell without the virtual cell — a break-sharing copy, a passdown
+/// discard's runs — never leave the fast path a block it would take: the
+/// lookup says "shared", or the virtual cell is still held, or the block is
+/// already unmapped. Finding a schedule where the fast path's data cell is
+/// the only guard is open (see the README's Concurrency checks).
 #[test]
+#[ignore = "no harness reaches a window only the fast path's data cell guards"]
 fn detector_fast_path_skips_data_cell() {
     detector(scenarios::write_vs_snapshot_delete(), "fast-path-skips-data-cell");
 }
+
