@@ -351,7 +351,9 @@ impl Shared {
                 return None;
             }
             Step::Delete(dev) => {
-                let r = pool.deactivate_thin(u64::from(dev)).and_then(|()| pool.message(&format!("delete {dev}")));
+                let r = pool
+                    .deactivate_thin(u64::from(dev))
+                    .and_then(|()| pool.message(&format!("delete {dev}")));
                 match r {
                     Ok(()) => {
                         let r = self.books().oracle.delete(dev);
@@ -459,7 +461,8 @@ impl Shared {
 
     /// The completion context's checks on what is in flight now.
     fn check_in_flight(&self, ios: &[IoInfo]) {
-        let overlaps = |a: &IoInfo, b: &IoInfo| a.sector < b.sector + b.nr_sectors && b.sector < a.sector + a.nr_sectors;
+        let overlaps =
+            |a: &IoInfo, b: &IoInfo| a.sector < b.sector + b.nr_sectors && b.sector < a.sector + a.nr_sectors;
         for d in ios.iter().filter(|io| io.kind == DataIoKind::Discard) {
             for io in ios.iter().filter(|io| matches!(io.kind, DataIoKind::Read | DataIoKind::Write)) {
                 if overlaps(d, io) {
@@ -594,8 +597,9 @@ fn build(scenario: &Scenario, run: Run) -> Shared {
     let data = MemDevice::from_bytes(vec![GARBAGE; (scenario.data_blocks * BLOCK * 512) as usize]);
     let options = PoolOptions { mutations: run.mutations, ..PoolOptions::default() };
     let len = scenario.data_blocks * BLOCK;
-    let pool = Pool::create_with_locking(table, len, MemDevice::new(META_SECTORS), data, options, run.locking)
-        .unwrap_or_else(|e| panic!("{}: the pool did not load: {e}", scenario.name));
+    let pool =
+        Pool::create_with_locking(table, len, MemDevice::new(META_SECTORS), data, options, run.locking)
+            .unwrap_or_else(|e| panic!("{}: the pool did not load: {e}", scenario.name));
     let oracle = Oracle::new(OracleConfig::new(RUN, BLOCK));
     Shared {
         scenario: scenario.clone(),
@@ -737,7 +741,10 @@ pub mod scenarios {
     pub fn write_vs_snapshot() -> Scenario {
         Scenario {
             setup: vec![Step::CreateThin(0), write(0, 0, BLOCK)],
-            submitters: vec![vec![write(0, 0, 8)], vec![Step::CreateSnap { dev: 1, origin: 0 }, write(0, 64, 8)]],
+            submitters: vec![
+                vec![write(0, 0, 8)],
+                vec![Step::CreateSnap { dev: 1, origin: 0 }, write(0, 64, 8)],
+            ],
             read_back: vec![(0, 0, BLOCK), (1, 0, BLOCK)],
             ..Scenario::new("write vs. snapshot")
         }

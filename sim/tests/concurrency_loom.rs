@@ -18,7 +18,9 @@ const PREEMPTIONS: usize = 2;
 
 fn builder() -> loom::model::Builder {
     let mut b = loom::model::Builder::new();
-    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() && std::env::var_os("DMSIM_LOOM_UNBOUNDED").is_none() {
+    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none()
+        && std::env::var_os("DMSIM_LOOM_UNBOUNDED").is_none()
+    {
         b.preemption_bound = Some(PREEMPTIONS);
     }
     // Setting up a pool and the spin loops of the harness threads are many

@@ -10,8 +10,8 @@
 //! scheduler (default 1,000).
 #![cfg(feature = "shuttle")]
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use dmsim_model::mutation::LockingMutations;
@@ -48,7 +48,10 @@ fn schedule_dir() -> PathBuf {
 static DETECTORS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn saved_schedules() -> BTreeSet<PathBuf> {
-    std::fs::read_dir(schedule_dir()).expect("schedule folder").map(|e| e.expect("folder entry").path()).collect()
+    std::fs::read_dir(schedule_dir())
+        .expect("schedule folder")
+        .map(|e| e.expect("folder entry").path())
+        .collect()
 }
 
 fn config(dir: &Path) -> Config {
@@ -190,4 +193,3 @@ fn detector_discard_skips_io_wait() {
 fn detector_fast_path_skips_data_cell() {
     detector(scenarios::write_vs_snapshot_delete(), "fast-path-skips-data-cell");
 }
-

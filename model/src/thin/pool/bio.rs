@@ -239,7 +239,15 @@ pub(crate) fn split(
                 let end = req.sector + req.nr_sectors;
                 while sector < end {
                     let piece_end = ((sector / granularity + 1) * granularity).min(end);
-                    pieces.push(piece(BioOp::Discard, sector, piece_end - sector, false, false, 0, Vec::new()));
+                    pieces.push(piece(
+                        BioOp::Discard,
+                        sector,
+                        piece_end - sector,
+                        false,
+                        false,
+                        0,
+                        Vec::new(),
+                    ));
                     sector = piece_end;
                 }
                 (pieces, Vec::new())
