@@ -3,16 +3,22 @@
 //! 1. Mounts devtmpfs, proc and sysfs; loads the kernel modules listed in
 //!    [`MODULE_LIST`] (in dependency order, with `finit_module`).
 //! 2. Finds its disks by their virtio serial numbers ([`DiskRole`]).
-//! 3. Reads the request (a trace in the text encoding) from the request
-//!    disk and replays it ([`Replayer`]): a thin-pool over the metadata
-//!    and data disks, built from the trace header; `create_thin`,
+//! 3. Reads the request (jobs, each a trace in the text encoding) from the
+//!    request disk and runs each job in turn ([`run_job`]) on its own
+//!    slices of the metadata and data disks ([`Layout`], dm-linear
+//!    devices): a replay job gets a fresh pool (metadata zeroed, data
+//!    refilled with [`DATA_FILL`]) and replays the trace ([`Replayer`]): a
+//!    thin-pool built from the trace header; `create_thin`,
 //!    `create_snap` and `delete` messages; every read, write, discard and
 //!    flush as one request run to completion before the next (O_DIRECT
 //!    `pread`/`pwritev2`, FUA as `RWF_DSYNC`, PREFLUSH as an `fsync`
 //!    before the write, flush as `fsync`, discard as `BLKDISCARD`).
+//!    An activation job opens a pool on the images the host wrote and
+//!    activates the listed thin devices.
 //! 4. Reads every live device back, block by block, as stamp summaries,
 //!    removes the devices and the pool (a clean shutdown: the pool commits),
-//!    writes the [`KernelResult`] to the result disk and powers off.
+//!    and after the last job writes one [`KernelResult`] per job to the
+//!    result disk and powers off.
 //!
 //! Everything here but [`init_main`] also works on a host with
 //! device-mapper: [`Replayer`] needs only block devices and the control
@@ -29,17 +35,20 @@ use dmsim_traces::{Op, Trace};
 
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
+use crate::vm::DATA_FILL;
 use crate::protocol::{
-    errno_name, read_frame, summarize, write_frame, DeviceContents, KernelResult, OpResult, PoolSpec,
-    REQUEST_MAGIC, RESULT_MAGIC,
+    decode_request, errno_name, read_frame, summarize, write_frame, DeviceContents, JobKind, KernelResult,
+    Layout, OpResult, PoolSpec, Slice, REQUEST_MAGIC, RESULT_MAGIC,
 };
 
 /// The file in the initramfs that lists the modules to load, one path a
 /// line, dependencies first.
 pub const MODULE_LIST: &str = "/etc/dmsim-modules";
 
-/// Name of the pool device.
-pub const POOL_NAME: &str = "dmsim-pool";
+/// Name of the pool device of the first job (job `i`'s pool is
+/// `dmsim-pool{i}`; names differ per job so that a job whose teardown
+/// failed does not stop the next).
+pub const POOL_NAME: &str = "dmsim-pool0";
 
 /// The disks the host attaches, told apart by their virtio serial numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,8 +251,11 @@ struct Thin {
 }
 
 /// Replays a trace's ops on a real thin-pool, one request at a time.
-pub struct Replayer {
-    ctl: Control,
+pub struct Replayer<'c> {
+    ctl: &'c Control,
+    /// Device names start with this (`dmsim-pool{prefix}`, `dmsim-t{prefix}-{id}`).
+    prefix: String,
+    pool_name: String,
     spec: PoolSpec,
     /// Where device nodes live (`/dev`).
     dev_dir: PathBuf,
@@ -253,17 +265,21 @@ pub struct Replayer {
     next_write: u64,
 }
 
-impl Replayer {
-    /// Builds the pool over `metadata` and `data` (block devices; the
-    /// metadata's first 4 KiB are zeroed so that a new pool is formatted).
+impl<'c> Replayer<'c> {
+    /// Builds the pool over `metadata` and `data` (block devices). With
+    /// `format`, the metadata's first 4 KiB are zeroed first so that a new
+    /// pool is formatted; without, the pool opens what is there. Device
+    /// names carry `prefix`.
     pub fn new(
-        ctl: Control,
+        ctl: &'c Control,
         spec: PoolSpec,
         metadata: &Path,
         data: &Path,
         dev_dir: &Path,
-    ) -> Result<Replayer, ShimError> {
-        {
+        prefix: &str,
+        format: bool,
+    ) -> Result<Replayer<'c>, ShimError> {
+        if format {
             let mut f = OpenOptions::new()
                 .write(true)
                 .open(metadata)
@@ -282,11 +298,19 @@ impl Replayer {
                 spec.table_tail()
             ),
         };
-        ctl.create(POOL_NAME)?;
-        ctl.load(POOL_NAME, &[table], false)?;
-        let pool = ctl.resume(POOL_NAME)?;
+        let pool_name = format!("dmsim-pool{prefix}");
+        ctl.create(&pool_name)?;
+        let pool = match ctl.load(&pool_name, &[table], false).and_then(|_| ctl.resume(&pool_name)) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ctl.remove(&pool_name);
+                return Err(e);
+            }
+        };
         Ok(Replayer {
             ctl,
+            prefix: prefix.to_string(),
+            pool_name,
             spec,
             dev_dir: dev_dir.to_path_buf(),
             pool,
@@ -301,7 +325,7 @@ impl Replayer {
     }
 
     fn activate(&mut self, id: u32) -> Result<(), ShimError> {
-        let name = format!("dmsim-thin{id}");
+        let name = format!("dmsim-t{}-{id}", self.prefix);
         self.ctl.create(&name)?;
         let table = TargetSpec {
             start: 0,
@@ -324,7 +348,7 @@ impl Replayer {
     }
 
     fn message(&self, msg: &str) -> Result<(), ShimError> {
-        self.ctl.message(POOL_NAME, 0, msg).map(|_| ())
+        self.ctl.message(&self.pool_name, 0, msg).map(|_| ())
     }
 
     /// Clamps a request like the simulator: position modulo the device,
@@ -472,7 +496,7 @@ impl Replayer {
 
     /// The pool's INFO status line (this commits, as `dmsetup status` does).
     pub fn pool_status(&self) -> Result<String, ShimError> {
-        let s = self.ctl.status(POOL_NAME, false, false)?;
+        let s = self.ctl.status(&self.pool_name, false, false)?;
         Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
     }
 
@@ -483,7 +507,17 @@ impl Replayer {
             drop(thin);
             self.ctl.remove(&name)?;
         }
-        self.ctl.remove(POOL_NAME)
+        self.ctl.remove(&self.pool_name)
+    }
+
+    /// Activates existing thin devices (of a pool opened on existing
+    /// metadata), in order; the first failure is returned.
+    pub fn activate_existing(&mut self, ids: &[u32]) -> Result<(), ShimError> {
+        for &id in ids {
+            self.activate(id)?;
+            self.next_id = self.next_id.max(id.saturating_add(1));
+        }
+        Ok(())
     }
 }
 
@@ -495,13 +529,72 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
     file.read_exact_at(buf, offset)
 }
 
-/// Runs a whole request: the pool from the header, the ops, the read-back
-/// and the teardown. Failures after the pool exists are recorded in the
-/// result's `error`, with what was done so far.
-pub fn run_trace(ctl: Control, trace: &Trace, metadata: &Path, data: &Path, dev_dir: &Path) -> KernelResult {
+/// A dm-linear device over `len` sectors of `disk` from `offset`: its
+/// node. Removed by the caller.
+fn linear(ctl: &Control, name: &str, disk: &Path, offset: u64, len: u64, dev_dir: &Path) -> Result<PathBuf, ShimError> {
+    let table = TargetSpec {
+        start: 0,
+        length: len,
+        target_type: "linear".into(),
+        params: format!("{} {offset}", block_dev_num(disk)?.table_name()),
+    };
+    ctl.create(name)?;
+    let dev = match ctl.load(name, &[table], false).and_then(|_| ctl.resume(name)) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = ctl.remove(name);
+            return Err(e);
+        }
+    };
+    let path = dev_dir.join(format!("dm-{}", dev.minor));
+    wait_for(&path)?;
+    Ok(path)
+}
+
+/// Fills a block device with `byte` (O_DIRECT, 1 MiB at a time) and
+/// flushes it.
+fn fill_device(path: &Path, byte: u8, sectors: u64) -> Result<(), ShimError> {
+    let file = open_direct(path)?;
+    let mut buf = AlignedBuf::zeroed(1 << 20);
+    buf.as_mut_slice().fill(byte);
+    let total = sectors * 512;
+    let mut at = 0u64;
+    while at < total {
+        let n = (total - at).min(1 << 20) as usize;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&buf.as_slice()[..n], at)
+            .map_err(|e| ShimError::io(format!("fill {} at byte {at}", path.display()), e))?;
+        at += n as u64;
+    }
+    file.sync_all().map_err(|e| ShimError::io(format!("flush {}", path.display()), e))
+}
+
+/// Where a job's pool lives: the two pool disks and the job's slice.
+#[derive(Debug, Clone)]
+pub struct JobDisks<'a> {
+    /// The metadata disk.
+    pub metadata: &'a Path,
+    /// The data disk.
+    pub data: &'a Path,
+    /// The job's place on them.
+    pub slice: Slice,
+    /// Where device nodes live (`/dev`).
+    pub dev_dir: &'a Path,
+}
+
+/// Runs one job: linear devices over its slices, the pool from the
+/// trace's header (fresh: metadata zeroed, data filled with
+/// [`DATA_FILL`]; or opened on what the host wrote), the ops (replay) or
+/// the activation of the listed devices, the read-back and the teardown.
+/// Failures after the pool exists are recorded in the result's `error`,
+/// with what was done so far.
+pub fn run_job(ctl: &Control, job: usize, kind: &JobKind, trace: &Trace, disks: &JobDisks<'_>) -> KernelResult {
     let mut result = KernelResult::default();
     if let Ok(v) = ctl.version() {
         result.dm_version = v;
+    }
+    if let Ok(t) = ctl.target_versions() {
+        result.targets = t;
     }
     let spec = match PoolSpec::from_header(&trace.header) {
         Ok(s) => s,
@@ -510,27 +603,81 @@ pub fn run_trace(ctl: Control, trace: &Trace, metadata: &Path, data: &Path, dev_
             return result;
         }
     };
+    let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
+    let t0 = Instant::now();
+    let slices = linear(ctl, &meta_name, disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors, disks.dev_dir)
+        .and_then(|m| {
+            linear(ctl, &data_name, disks.data, disks.slice.data_offset, spec.data_sectors(), disks.dev_dir)
+                .map(|d| (m, d))
+        });
+    let (metadata, data) = match slices {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ctl.remove(&meta_name);
+            result.error = Some(format!("linear devices for the pool: {e}"));
+            return result;
+        }
+    };
+    if kind.is_fresh() {
+        if let Err(e) = fill_device(&data, DATA_FILL, spec.data_sectors()) {
+            result.error = Some(e.to_string());
+        }
+    }
+    result.timings_ms.push(("fill".into(), t0.elapsed().as_millis() as u64));
+    if result.error.is_none() {
+        run_pool(ctl, job, kind, trace, spec, &metadata, &data, disks.dev_dir, &mut result);
+    }
+    // The metadata image must reach the host's file.
+    if let Ok(f) = OpenOptions::new().write(true).open(&metadata) {
+        let _ = f.sync_all();
+    }
+    for name in [&meta_name, &data_name] {
+        if let Err(e) = ctl.remove(name) {
+            result.error = result.error.take().or(Some(format!("removing {name}: {e}")));
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_pool(
+    ctl: &Control,
+    job: usize,
+    kind: &JobKind,
+    trace: &Trace,
+    spec: PoolSpec,
+    metadata: &Path,
+    data: &Path,
+    dev_dir: &Path,
+    result: &mut KernelResult,
+) {
     // Queued writes on a full pool wait this long before failing; 0 would
     // mean forever in the kernel.
     let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
     let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
-    let mut replayer = match Replayer::new(ctl, spec, metadata, data, dev_dir) {
+    let mut replayer = match Replayer::new(ctl, spec, metadata, data, dev_dir, &job.to_string(), kind.is_fresh()) {
         Ok(r) => r,
         Err(e) => {
             result.error = Some(format!("creating the pool: {e}"));
-            return result;
+            return;
         }
     };
-    if let Ok(t) = replayer.ctl.target_versions() {
-        result.targets = t;
-    }
     let t0 = Instant::now();
-    for (i, op) in trace.ops().enumerate() {
-        match replayer.apply(i, &op) {
-            Ok(r) => result.ops.push(r),
-            Err(e) => {
-                result.error = Some(format!("op {i} ({op:?}): {e}"));
-                break;
+    match kind {
+        JobKind::Replay => {
+            for (i, op) in trace.ops().enumerate() {
+                match replayer.apply(i, &op) {
+                    Ok(r) => result.ops.push(r),
+                    Err(e) => {
+                        result.error = Some(format!("op {i} ({op:?}): {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        JobKind::Activate { ids } => {
+            if let Err(e) = replayer.activate_existing(ids) {
+                result.error = Some(format!("activating the devices {ids:?}: {e}"));
             }
         }
     }
@@ -550,11 +697,6 @@ pub fn run_trace(ctl: Control, trace: &Trace, metadata: &Path, data: &Path, dev_
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
     result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
-    // The metadata device's content must reach the host's file.
-    if let Ok(f) = OpenOptions::new().write(true).open(metadata) {
-        let _ = f.sync_all();
-    }
-    result
 }
 
 /// Milliseconds since the kernel started (`/proc/uptime`).
@@ -568,7 +710,7 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
 }
 
-fn read_request(path: &Path) -> Result<Trace, ShimError> {
+fn read_request(path: &Path) -> Result<Vec<(JobKind, Trace)>, ShimError> {
     let mut f = File::open(path).map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
     let mut head = [0u8; 16];
     f.read_exact(&mut head).map_err(|e| ShimError::io("read the request header", e))?;
@@ -580,14 +722,12 @@ fn read_request(path: &Path) -> Result<Trace, ShimError> {
     f.seek(SeekFrom::Start(0)).map_err(|e| ShimError::io("seek", e))?;
     let mut all = vec![0u8; 16 + len as usize];
     f.read_exact(&mut all).map_err(|e| ShimError::io("read the request", e))?;
-    let body = read_frame(REQUEST_MAGIC, &all)?;
-    let text =
-        std::str::from_utf8(body).map_err(|e| ShimError::Invalid(format!("request is not UTF-8: {e}")))?;
-    dmsim_traces::from_text(text).map_err(|e| ShimError::Invalid(format!("request trace: {e}")))
+    decode_request(read_frame(REQUEST_MAGIC, &all)?)
 }
 
-fn write_result(path: &Path, result: &KernelResult) -> Result<(), ShimError> {
-    let frame = write_frame(RESULT_MAGIC, result.to_text().as_bytes());
+fn write_result(path: &Path, results: &[KernelResult]) -> Result<(), ShimError> {
+    let text: String = results.iter().map(KernelResult::to_text).collect();
+    let frame = write_frame(RESULT_MAGIC, text.as_bytes());
     let mut f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -649,33 +789,47 @@ pub fn init_main() -> ! {
             power_off();
         }
     };
-    let mut result = match run(&disks) {
+    let mut results = match run(&disks) {
         Ok(r) => r,
-        Err(e) => KernelResult { error: Some(e.to_string()), ..KernelResult::default() },
+        Err(e) => vec![KernelResult { error: Some(e.to_string()), ..KernelResult::default() }],
     };
-    result.kernel_release = kernel_release();
-    result.timings_ms.insert(0, ("modules".into(), modules_ms));
-    result.timings_ms.insert(0, ("boot".into(), boot_ms));
-    result.timings_ms.push(("agent".into(), t0.elapsed().as_millis() as u64));
-    if let Some(e) = &result.error {
-        log(&format!("error: {e}"));
+    let release = kernel_release();
+    let agent_ms = t0.elapsed().as_millis() as u64;
+    for (i, result) in results.iter_mut().enumerate() {
+        result.kernel_release = release.clone();
+        result.timings_ms.insert(0, ("modules".into(), modules_ms));
+        result.timings_ms.insert(0, ("boot".into(), boot_ms));
+        result.timings_ms.push(("agent".into(), agent_ms));
+        if let Some(e) = &result.error {
+            log(&format!("job {i}: error: {e}"));
+        }
     }
-    match write_result(&result_disk, &result) {
+    match write_result(&result_disk, &results) {
         Ok(()) => log("result written"),
         Err(e) => log(&format!("FAILED to write the result: {e}")),
     }
     power_off();
 }
 
-fn run(disks: &[(DiskRole, PathBuf)]) -> Result<KernelResult, ShimError> {
-    let trace = read_request(disk(disks, DiskRole::Request)?)?;
-    log(&format!("request: {} ops", trace.ops().count()));
+fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
+    let jobs = read_request(disk(disks, DiskRole::Request)?)?;
+    log(&format!("request: {} jobs", jobs.len()));
     let ctl_path = Path::new("/dev/mapper/control");
     wait_for(ctl_path)?;
     let ctl = Control::open(ctl_path)?;
     let metadata = disk(disks, DiskRole::Metadata)?;
     let data = disk(disks, DiskRole::Data)?;
-    Ok(run_trace(ctl, &trace, metadata, data, Path::new("/dev")))
+    let specs: Vec<(PoolSpec, bool)> = jobs
+        .iter()
+        .map(|(kind, trace)| PoolSpec::from_header(&trace.header).map(|s| (s, kind.is_fresh())))
+        .collect::<Result<_, _>>()?;
+    let layout = Layout::of(&specs.iter().map(|(s, f)| (s, *f)).collect::<Vec<_>>());
+    let mut results = Vec::new();
+    for (i, ((kind, trace), slice)) in jobs.iter().zip(&layout.slices).enumerate() {
+        let job_disks = JobDisks { metadata, data, slice: *slice, dev_dir: Path::new("/dev") };
+        results.push(run_job(&ctl, i, kind, trace, &job_disks));
+    }
+    Ok(results)
 }
 
 /// Whether this process runs as the VM's init (PID 1).

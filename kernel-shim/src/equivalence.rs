@@ -52,10 +52,32 @@ pub fn kernel_replays(op: &Op) -> bool {
     )
 }
 
+/// The serialized simulator's end state and its disks.
+#[derive(Debug, Clone)]
+pub struct SimulatedRun {
+    /// What L1 compares.
+    pub state: FinalState,
+    /// The metadata image after the final commit (`ThinSim::finish`
+    /// commits through a status query and checks it).
+    pub metadata_image: Vec<u8>,
+    /// Its thin_dump XML (dmsim's dump).
+    pub thin_dump: String,
+    /// The data device's content at the end.
+    pub data_image: Vec<u8>,
+    /// Requests that ended with ENOSPC, and pool mode changes, in the
+    /// serialized run (a trace meant never to fill the pool has none).
+    pub out_of_space: Vec<String>,
+}
+
 /// Runs `trace` on the simulator one request at a time, as the kernel
 /// shim does, and reads every device back. Faults and crashes are refused
 /// (the kernel shim does not replay them yet).
 pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
+    simulate_serialized_full(trace).map(|r| r.state)
+}
+
+/// As [`simulate_serialized`], with the final disks and their dump.
+pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
     let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(op) = trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::Crash { .. })) {
         return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?} yet")));
@@ -77,9 +99,156 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
             }
         }
     }
-    let xml = dump(&sim.metadata_image())
+    let out_of_space = sim
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Done { result, .. } if result.contains("ENOSPC") => Some(format!("{e:?}")),
+            Event::Mode(m) => Some(format!("mode {m}")),
+            _ => None,
+        })
+        .collect();
+    let metadata_image = sim.metadata_image();
+    let thin_dump = dump(&metadata_image)
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
-    Ok(FinalState { devices, mapped: mapped_blocks(&xml) })
+    let data_image = sim.pool().with_data_device(|d| d.visible().to_vec());
+    Ok(SimulatedRun {
+        state: FinalState { devices, mapped: mapped_blocks(&thin_dump) },
+        metadata_image,
+        thin_dump,
+        data_image,
+        out_of_space,
+    })
+}
+
+/// Level 2: how two thin_dumps compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L2 {
+    /// Byte-identical.
+    Identical,
+    /// Identical once data block numbers are left out (`data_block`,
+    /// `data_begin`, and range boundaries that follow from them): the same
+    /// virtual blocks mapped with the same times, allocated elsewhere.
+    SameButDataBlocks {
+        /// The first differing line, both sides.
+        first: (usize, String, String),
+    },
+    /// Identical once data block numbers and mapping times are left out.
+    SameButDataBlocksAndTimes {
+        /// The first differing line, both sides.
+        first: (usize, String, String),
+    },
+    /// Different in what is mapped or in the devices' details.
+    Differs {
+        /// The first differing line (1-based), simulator, kernel.
+        first: (usize, String, String),
+    },
+}
+
+impl L2 {
+    /// Whether the dumps are byte-identical.
+    pub fn is_identical(&self) -> bool {
+        matches!(self, L2::Identical)
+    }
+
+    /// A short name for tables.
+    pub fn label(&self) -> &'static str {
+        match self {
+            L2::Identical => "identical",
+            L2::SameButDataBlocks { .. } => "data-blocks",
+            L2::SameButDataBlocksAndTimes { .. } => "data+times",
+            L2::Differs { .. } => "DIFFERS",
+        }
+    }
+
+    /// The first differing line, if any: (line, simulator, kernel).
+    pub fn first_difference(&self) -> Option<&(usize, String, String)> {
+        match self {
+            L2::Identical => None,
+            L2::SameButDataBlocks { first } | L2::SameButDataBlocksAndTimes { first } | L2::Differs { first } => {
+                Some(first)
+            }
+        }
+    }
+}
+
+/// One mapping per line, `single_mapping` and `range_mapping` expanded,
+/// with the data block and the time kept or blanked.
+fn expand_dump(xml: &str, data: bool, time: bool) -> Vec<String> {
+    let attr = |line: &str, name: &str| -> Option<u64> {
+        let key = format!(" {name}=\"");
+        let at = line.find(&key)? + key.len();
+        let end = line[at..].find('"')? + at;
+        line[at..end].parse().ok()
+    };
+    let mut out = Vec::new();
+    for line in xml.lines().map(str::trim) {
+        let mapping = |v: u64, d: u64, t: u64| {
+            let d = if data { d.to_string() } else { "_".into() };
+            let t = if time { t.to_string() } else { "_".into() };
+            format!("map {v} -> {d} @{t}")
+        };
+        if line.starts_with("<single_mapping ") {
+            match (attr(line, "origin_block"), attr(line, "data_block"), attr(line, "time")) {
+                (Some(v), Some(d), Some(t)) => out.push(mapping(v, d, t)),
+                _ => out.push(line.to_string()),
+            }
+        } else if line.starts_with("<range_mapping ") {
+            match (attr(line, "origin_begin"), attr(line, "data_begin"), attr(line, "length"), attr(line, "time")) {
+                (Some(v), Some(d), Some(n), Some(t)) if n <= 1 << 20 => {
+                    out.extend((0..n).map(|i| mapping(v + i, d + i, t)));
+                }
+                _ => out.push(line.to_string()),
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+/// Compares the simulator's thin_dump with the kernel's (L2).
+pub fn compare_l2(sim: &str, kernel: &str) -> L2 {
+    let Some(first) = dmsim_sim::run::first_difference(sim, kernel) else { return L2::Identical };
+    let same = |data: bool, time: bool| expand_dump(sim, data, time) == expand_dump(kernel, data, time);
+    if same(false, true) {
+        L2::SameButDataBlocks { first }
+    } else if same(false, false) {
+        L2::SameButDataBlocksAndTimes { first }
+    } else {
+        L2::Differs { first }
+    }
+}
+
+/// Level 3: the metadata images block by block (4 KiB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L3 {
+    /// Blocks compared (the longer image's count).
+    pub blocks: usize,
+    /// Blocks that differ.
+    pub differing: usize,
+    /// The first differing block.
+    pub first: Option<usize>,
+}
+
+impl L3 {
+    /// Whether every block is identical.
+    pub fn is_identical(&self) -> bool {
+        self.differing == 0
+    }
+}
+
+/// Compares two metadata images block by block (L3).
+pub fn compare_l3(sim: &[u8], kernel: &[u8]) -> L3 {
+    const BLOCK: usize = 4096;
+    let blocks = sim.len().max(kernel.len()).div_ceil(BLOCK);
+    let block = |img: &[u8], i: usize| -> Vec<u8> {
+        let mut b = img.get(i * BLOCK..img.len().min((i + 1) * BLOCK)).unwrap_or(&[]).to_vec();
+        b.resize(BLOCK, 0);
+        b
+    };
+    let differing: Vec<usize> = (0..blocks).filter(|&i| block(sim, i) != block(kernel, i)).collect();
+    L3 { blocks, differing: differing.len(), first: differing.first().copied() }
 }
 
 /// The differences between two end states, the first ones first (empty
@@ -119,6 +288,39 @@ pub fn compare_l1(sim: &FinalState, kernel: &FinalState) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l2_tells_allocation_from_mapping_differences() {
+        let a = r#"<superblock uuid="" time="1" transaction="0" data_block_size="128" nr_data_blocks="64">
+  <device dev_id="0" mapped_blocks="3" transaction="0" creation_time="0" snap_time="1">
+    <range_mapping origin_begin="0" data_begin="0" length="2" time="0"/>
+    <single_mapping origin_block="5" data_block="2" time="1"/>
+  </device>
+</superblock>"#;
+        assert_eq!(compare_l2(a, a), L2::Identical);
+        let b = a.replace(r#"data_block="2""#, r#"data_block="7""#);
+        assert!(matches!(compare_l2(a, &b), L2::SameButDataBlocks { first: (4, _, _) }));
+        let c = b.replace(r#"time="1"/>"#, r#"time="0"/>"#);
+        assert_eq!(compare_l2(a, &c).label(), "data+times");
+        let d = a.replace(r#"origin_block="5""#, r#"origin_block="6""#);
+        assert_eq!(compare_l2(a, &d).label(), "DIFFERS");
+        // A range split differently is the same mapping.
+        let e = a.replace(
+            r#"<range_mapping origin_begin="0" data_begin="0" length="2" time="0"/>"#,
+            "<single_mapping origin_block=\"0\" data_block=\"0\" time=\"0\"/>\n<single_mapping origin_block=\"1\" data_block=\"1\" time=\"0\"/>",
+        );
+        assert!(matches!(compare_l2(a, &e), L2::SameButDataBlocks { .. }));
+    }
+
+    #[test]
+    fn l3_counts_differing_blocks() {
+        let a = vec![0u8; 4096 * 3];
+        let mut b = a.clone();
+        b[4096 + 7] = 1;
+        assert_eq!(compare_l3(&a, &b), L3 { blocks: 3, differing: 1, first: Some(1) });
+        assert!(compare_l3(&a, &a).is_identical());
+        assert_eq!(compare_l3(&a, &a[..4096]).differing, 0, "missing blocks read as zeroes");
+    }
 
     #[test]
     fn differences_name_device_and_block() {

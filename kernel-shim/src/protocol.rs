@@ -243,6 +243,28 @@ impl KernelResult {
         s
     }
 
+    /// Parses the concatenated texts of several results (one per job, each
+    /// ending with its `end` line); never panics.
+    pub fn many_from_text(text: &str) -> Result<Vec<KernelResult>, ShimError> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut pos = 0;
+        for line in text.split_inclusive('\n') {
+            pos += line.len();
+            if line.trim_end() == "end" {
+                out.push(KernelResult::from_text(&text[start..pos])?);
+                start = pos;
+            }
+        }
+        if !text[start..].trim().is_empty() {
+            return Err(ShimError::Invalid(format!(
+                "kernel results: {} complete, then a truncated one",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
     /// Parses [`Self::to_text`]'s output; never panics.
     pub fn from_text(text: &str) -> Result<KernelResult, ShimError> {
         let bad = |n: usize, line: &str, what: &str| {
@@ -348,6 +370,140 @@ pub fn summarize(data: &[u8], run: u64, first_sector: u64) -> String {
     runs.iter().map(|(t, n)| format!("{t}*{n}")).collect::<Vec<_>>().join(" ")
 }
 
+/// First line of a request body.
+pub const REQUEST_FIRST_LINE: &str = "dmsim-kernel-request 2";
+
+/// What the agent does with one trace of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    /// A fresh pool (metadata zeroed, data filled with the simulator's
+    /// garbage byte by the agent), the trace's ops, read-back, teardown.
+    Replay,
+    /// A pool activated on the metadata and data the host put in the job's
+    /// slices (images another implementation wrote), the thin devices
+    /// `ids` activated and read back; the trace's ops are not run.
+    Activate {
+        /// Thin device ids to activate and read, in this order.
+        ids: Vec<u32>,
+    },
+}
+
+impl JobKind {
+    /// Whether the agent prepares fresh disks for this job.
+    pub fn is_fresh(&self) -> bool {
+        matches!(self, JobKind::Replay)
+    }
+}
+
+/// A request body: [`REQUEST_FIRST_LINE`], then per job a line
+/// `job replay <len>` or `job activate <len> <id,id,…|->` followed by
+/// `len` bytes of the trace's text encoding.
+pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
+    let mut out = format!("{REQUEST_FIRST_LINE}\n").into_bytes();
+    for (kind, text) in jobs {
+        let line = match kind {
+            JobKind::Replay => format!("job replay {}\n", text.len()),
+            JobKind::Activate { ids } => {
+                let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                let ids = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
+                format!("job activate {} {ids}\n", text.len())
+            }
+        };
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    out
+}
+
+/// Parses [`encode_request`]'s output into jobs; never panics.
+pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>, ShimError> {
+    let bad = |what: String| ShimError::Invalid(format!("request: {what}"));
+    let line_at = |at: usize| -> Result<(&str, usize), ShimError> {
+        let rest = &body[at.min(body.len())..];
+        let end = rest.iter().position(|&b| b == b'\n').ok_or_else(|| bad(format!("no line at byte {at}")))?;
+        let line = std::str::from_utf8(&rest[..end]).map_err(|e| bad(format!("line at byte {at}: {e}")))?;
+        Ok((line, at + end + 1))
+    };
+    let (first, mut at) = line_at(0)?;
+    if first != REQUEST_FIRST_LINE {
+        return Err(bad(format!("first line {first:?}, expected {REQUEST_FIRST_LINE:?}")));
+    }
+    let mut jobs = Vec::new();
+    while at < body.len() {
+        let (line, next) = line_at(at)?;
+        let words: Vec<&str> = line.split(' ').collect();
+        let len: usize = match words.get(2).map(|w| w.parse()) {
+            Some(Ok(n)) if words[0] == "job" => n,
+            _ => return Err(bad(format!("bad job line {line:?}"))),
+        };
+        let kind = match (words[1], words.get(3)) {
+            ("replay", None) => JobKind::Replay,
+            ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
+            ("activate", Some(ids)) if words.len() == 4 => {
+                let ids: Result<Vec<u32>, _> = ids.split(',').map(str::parse).collect();
+                JobKind::Activate { ids: ids.map_err(|_| bad(format!("bad device ids in {line:?}")))? }
+            }
+            _ => return Err(bad(format!("bad job line {line:?}"))),
+        };
+        let end = next.checked_add(len).filter(|&e| e <= body.len());
+        let end = end.ok_or_else(|| bad(format!("job {} runs past the end", jobs.len())))?;
+        let text = std::str::from_utf8(&body[next..end])
+            .map_err(|e| bad(format!("job {}: not UTF-8: {e}", jobs.len())))?;
+        let trace = dmsim_traces::from_text(text).map_err(|e| bad(format!("job {}: trace: {e}", jobs.len())))?;
+        jobs.push((kind, trace));
+        at = end;
+    }
+    Ok(jobs)
+}
+
+/// Where one job's pool lives on the VM's two pool disks, in sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    /// First sector of the job's metadata device on the metadata disk.
+    pub metadata_offset: u64,
+    /// First sector of the job's data device on the data disk.
+    pub data_offset: u64,
+}
+
+/// The pool disks of one boot: every job gets its own metadata slice (so
+/// the host reads each job's metadata image afterwards); fresh jobs share
+/// the data disk's first region, refilled by the agent before each one;
+/// activation jobs get their own data slices, written by the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Per job, in order.
+    pub slices: Vec<Slice>,
+    /// Size of the metadata disk in sectors.
+    pub metadata_sectors: u64,
+    /// Size of the data disk in sectors.
+    pub data_sectors: u64,
+}
+
+/// Slices start on 1 MiB boundaries.
+const SLICE_ALIGN: u64 = 2048;
+
+impl Layout {
+    /// The layout of `jobs` (their pool specs and whether they are fresh).
+    pub fn of(jobs: &[(&PoolSpec, bool)]) -> Layout {
+        let align = |n: u64| n.div_ceil(SLICE_ALIGN) * SLICE_ALIGN;
+        let shared = jobs.iter().filter(|(_, fresh)| *fresh).map(|(s, _)| align(s.data_sectors())).max();
+        let mut data_end = shared.unwrap_or(0);
+        let mut metadata_end = 0;
+        let mut slices = Vec::new();
+        for (spec, fresh) in jobs {
+            let data_offset = if *fresh {
+                0
+            } else {
+                data_end += align(spec.data_sectors());
+                data_end - align(spec.data_sectors())
+            };
+            slices.push(Slice { metadata_offset: metadata_end, data_offset });
+            metadata_end += align(spec.metadata_sectors);
+        }
+        Layout { slices, metadata_sectors: metadata_end.max(SLICE_ALIGN), data_sectors: data_end.max(SLICE_ALIGN) }
+    }
+}
+
 /// The name of an errno, as traces spell request results.
 pub fn errno_name(errno: i32) -> String {
     match errno {
@@ -410,6 +566,57 @@ mod tests {
         assert!(KernelResult::from_text(&text.replace("end\n", "")).is_err());
         assert!(KernelResult::from_text("nonsense").is_err());
         assert!(KernelResult::from_text(&text.replace("block 0 1", "block 0 7")).is_err());
+    }
+
+    #[test]
+    fn requests_round_trip_and_reject_garbage() {
+        let text = "dmsim-trace 1\nseed 3\nworkload random\nparam x 1\ncreate-thin\n".to_string();
+        let jobs = vec![
+            (JobKind::Replay, text.clone()),
+            (JobKind::Activate { ids: vec![0, 2] }, text.clone()),
+            (JobKind::Activate { ids: vec![] }, text),
+        ];
+        let body = encode_request(&jobs);
+        let back = decode_request(&body).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[1].0, JobKind::Activate { ids: vec![0, 2] });
+        assert_eq!(back[2].0, JobKind::Activate { ids: vec![] });
+        assert_eq!(back[0].1.header.seed, 3);
+        assert!(decode_request(&body[..body.len() - 3]).is_err());
+        assert!(decode_request(b"nonsense\n").is_err());
+        let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
+        assert!(decode_request(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn layouts_share_fresh_data_and_separate_metadata() {
+        let spec = |data_blocks, metadata_sectors| PoolSpec {
+            run: 1,
+            block_sectors: 128,
+            data_blocks,
+            thin_blocks: 16,
+            metadata_sectors,
+            max_devices: 4,
+            low_water_mark: 2,
+            features: vec![],
+            no_space_timeout_ns: 1,
+        };
+        let (a, b, c) = (spec(100, 4096), spec(20, 4096), spec(30, 1000));
+        let l = Layout::of(&[(&a, true), (&b, false), (&c, true)]);
+        assert_eq!(l.slices[0], Slice { metadata_offset: 0, data_offset: 0 });
+        assert_eq!(l.slices[1], Slice { metadata_offset: 4096, data_offset: 14336 });
+        assert_eq!(l.slices[2], Slice { metadata_offset: 8192, data_offset: 0 });
+        assert_eq!(l.metadata_sectors, 10240);
+        assert_eq!(l.data_sectors, 14336 + 4096);
+    }
+
+    #[test]
+    fn many_results_parse() {
+        let r = KernelResult { kernel_release: "k".into(), ..KernelResult::default() };
+        let two = format!("{}{}", r.to_text(), r.to_text());
+        assert_eq!(KernelResult::many_from_text(&two).unwrap().len(), 2);
+        assert!(KernelResult::many_from_text(&two[..two.len() - 4]).is_err());
+        assert!(KernelResult::many_from_text("").unwrap().is_empty());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Booting the kernel in qemu and replaying a trace there.
 //!
 //! [`KernelShim::prepare`] finds qemu and the kernel, builds the static
-//! agent and the initramfs once; [`KernelShim::replay`] boots one VM per
-//! trace: four virtio disks (request, result, metadata, data) as files in
-//! a private temporary directory, the console on a file, a timeout on the
-//! whole boot.
+//! agent and the initramfs once; [`KernelShim::replay`] boots one VM for
+//! one trace, [`KernelShim::replay_many`] and [`KernelShim::run_jobs`] one
+//! VM for up to [`JOBS_PER_BOOT`] jobs: four virtio disks (request, result,
+//! metadata, data) as files in a private temporary directory, each job on
+//! its own slices of the pool disks ([`Layout`]), the console on a file, a
+//! timeout on the whole boot.
 //!
 //! Cleanup: qemu runs in its own process group with `PR_SET_PDEATHSIG`
 //! (it dies with the thread that started it) and `-no-reboot`; a guard
@@ -28,7 +30,9 @@ use dmsim_traces::Trace;
 use crate::agent::DiskRole;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
-use crate::protocol::{read_frame, write_frame, KernelResult, PoolSpec, REQUEST_MAGIC, RESULT_MAGIC};
+use crate::protocol::{
+    encode_request, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec, REQUEST_MAGIC, RESULT_MAGIC,
+};
 
 /// What the data disk is filled with before a run (the simulator's
 /// `DATA_GARBAGE`), so that unzeroed blocks read as garbage on both.
@@ -186,8 +190,51 @@ pub struct KernelRun {
     pub console: String,
     /// Kernel uptime when the agent started (the boot, as the guest saw it).
     pub boot: Duration,
-    /// Wall time of the whole VM run on the host.
+    /// Wall time of the whole VM run on the host (shared by every job of
+    /// the boot).
     pub wall: Duration,
+    /// How many jobs that boot ran.
+    pub jobs_in_boot: usize,
+}
+
+/// Most jobs one boot runs ([`KernelShim::run_jobs`] splits longer lists).
+pub const JOBS_PER_BOOT: usize = 64;
+
+/// One job for the VM.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Replay the trace on a fresh pool.
+    Replay(Trace),
+    /// Open a pool on images another implementation wrote (the trace's
+    /// header gives the pool's shape; its ops are not run), activate the
+    /// thin devices `ids` and read every block of them.
+    Activate {
+        /// The pool's shape, from its header.
+        trace: Trace,
+        /// Thin device ids to activate and read.
+        ids: Vec<u32>,
+        /// The metadata device's content (at most `metadata_sectors`).
+        metadata: Vec<u8>,
+        /// The data device's content (at most the data device's size).
+        data: Vec<u8>,
+    },
+}
+
+impl Job {
+    /// Its trace.
+    pub fn trace(&self) -> &Trace {
+        match self {
+            Job::Replay(t) | Job::Activate { trace: t, .. } => t,
+        }
+    }
+
+    /// What the agent is asked to do.
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Job::Replay(_) => JobKind::Replay,
+            Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
+        }
+    }
 }
 
 /// The kernel, the initramfs and qemu, ready to boot.
@@ -233,18 +280,75 @@ impl KernelShim {
 
     /// Boots one VM and replays `trace` in it.
     pub fn replay(&self, trace: &Trace) -> Result<KernelRun, ShimError> {
-        let spec = PoolSpec::from_header(&trace.header)?;
+        let mut runs = self.run_jobs(&[Job::Replay(trace.clone())])?;
+        runs.pop().ok_or_else(|| ShimError::Invalid("the VM returned no result".into()))
+    }
+
+    /// Replays every trace, each on a fresh pool (zeroed metadata, data
+    /// full of [`DATA_FILL`]), up to [`JOBS_PER_BOOT`] traces per boot; one
+    /// [`KernelRun`] per trace, in order.
+    pub fn replay_many(&self, traces: &[Trace]) -> Result<Vec<KernelRun>, ShimError> {
+        let jobs: Vec<Job> = traces.iter().cloned().map(Job::Replay).collect();
+        self.run_jobs(&jobs)
+    }
+
+    /// Runs `jobs` in as few boots as [`JOBS_PER_BOOT`] allows; one
+    /// [`KernelRun`] per job, in order.
+    pub fn run_jobs(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(JOBS_PER_BOOT) {
+            out.extend(self.boot(chunk)?);
+        }
+        Ok(out)
+    }
+
+    /// One boot running `jobs` in turn.
+    fn boot(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
+        let specs: Vec<PoolSpec> =
+            jobs.iter().map(|j| PoolSpec::from_header(&j.trace().header)).collect::<Result<_, _>>()?;
+        for (job, spec) in jobs.iter().zip(&specs) {
+            if let Job::Activate { metadata, data, .. } = job {
+                if metadata.len() as u64 > spec.metadata_sectors * 512 || data.len() as u64 > spec.data_sectors() * 512 {
+                    return Err(ShimError::Invalid(format!(
+                        "activation images of {} and {} bytes exceed the pool's devices ({} and {} sectors)",
+                        metadata.len(),
+                        data.len(),
+                        spec.metadata_sectors,
+                        spec.data_sectors()
+                    )));
+                }
+            }
+        }
+        let layout =
+            Layout::of(&jobs.iter().zip(&specs).map(|(j, s)| (s, j.kind().is_fresh())).collect::<Vec<_>>());
         let run_dir = TempDir::new()?;
         let d = run_dir.path();
         let disk = |role: DiskRole| d.join(format!("{}.img", role.serial()));
 
-        let request = write_frame(REQUEST_MAGIC, dmsim_traces::to_text(trace).as_bytes());
+        let encoded: Vec<(JobKind, String)> =
+            jobs.iter().map(|j| (j.kind(), dmsim_traces::to_text(j.trace()))).collect();
+        let request = write_frame(REQUEST_MAGIC, &encode_request(&encoded));
         write_sized(&disk(DiskRole::Request), &request, request.len() as u64)?;
-        let blocks = (spec.max_devices as u64).saturating_mul(spec.thin_blocks);
-        let result_size = (1 << 20) + trace.events.len() as u64 * 256 + blocks * 512;
+        let result_size: u64 = (1 << 20)
+            + jobs
+                .iter()
+                .zip(&specs)
+                .map(|(j, s)| {
+                    4096 + j.trace().events.len() as u64 * 256
+                        + (s.max_devices as u64).saturating_mul(s.thin_blocks) * 512
+                })
+                .sum::<u64>();
         write_sized(&disk(DiskRole::Result), &[], result_size.div_ceil(512) * 512)?;
-        write_sized(&disk(DiskRole::Metadata), &[], spec.metadata_sectors * 512)?;
-        write_filled(&disk(DiskRole::Data), DATA_FILL, spec.data_sectors() * 512)?;
+        // Sparse: every metadata slice starts zeroed, the fresh jobs' data
+        // region is filled by the agent; activation images go in their slices.
+        write_sized(&disk(DiskRole::Metadata), &[], layout.metadata_sectors * 512)?;
+        write_sized(&disk(DiskRole::Data), &[], layout.data_sectors * 512)?;
+        for (job, slice) in jobs.iter().zip(&layout.slices) {
+            if let Job::Activate { metadata, data, .. } = job {
+                write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
+                write_at(&disk(DiskRole::Data), data, slice.data_offset * 512)?;
+            }
+        }
 
         let console_path = d.join("console.log");
         let qemu_log = d.join("qemu.log");
@@ -294,18 +398,44 @@ impl KernelShim {
             console: tail(),
         })?;
         let text = String::from_utf8_lossy(body);
-        let result = KernelResult::from_text(&text)
+        let results = KernelResult::many_from_text(&text)
             .map_err(|e| ShimError::Vm { what: e.to_string(), console: tail() })?;
-        let metadata_image = std::fs::read(disk(DiskRole::Metadata))
+        if results.len() != jobs.len() {
+            let what = match results.first().and_then(|r| r.error.as_ref()) {
+                Some(e) if results.len() == 1 => format!("the agent failed: {e}"),
+                _ => format!("{} results for {} jobs", results.len(), jobs.len()),
+            };
+            return Err(ShimError::Vm { what, console: tail() });
+        }
+        let metadata_disk = std::fs::read(disk(DiskRole::Metadata))
             .map_err(|e| ShimError::io("read the metadata disk", e))?;
-        let thin_dump = dump(&metadata_image);
-        let mapped = thin_dump.as_ref().map(|x| mapped_blocks(x)).unwrap_or_default();
-        let boot = result
-            .timings_ms
-            .iter()
-            .find(|(w, _)| w == "boot")
-            .map_or(Duration::ZERO, |(_, ms)| Duration::from_millis(*ms));
-        Ok(KernelRun { result, metadata_image, thin_dump, mapped, console, boot, wall })
+        let mut runs = Vec::with_capacity(jobs.len());
+        for ((result, slice), spec) in results.into_iter().zip(&layout.slices).zip(&specs) {
+            let at = (slice.metadata_offset * 512) as usize;
+            let len = (spec.metadata_sectors * 512) as usize;
+            let metadata_image = metadata_disk
+                .get(at..at + len)
+                .ok_or_else(|| ShimError::Invalid("the metadata disk shrank".into()))?
+                .to_vec();
+            let thin_dump = dump(&metadata_image);
+            let mapped = thin_dump.as_ref().map(|x| mapped_blocks(x)).unwrap_or_default();
+            let boot = result
+                .timings_ms
+                .iter()
+                .find(|(w, _)| w == "boot")
+                .map_or(Duration::ZERO, |(_, ms)| Duration::from_millis(*ms));
+            runs.push(KernelRun {
+                result,
+                metadata_image,
+                thin_dump,
+                mapped,
+                console: console.clone(),
+                boot,
+                wall,
+                jobs_in_boot: jobs.len(),
+            });
+        }
+        Ok(runs)
     }
 
     /// Where the shim keeps its files (removed on drop).
@@ -321,16 +451,13 @@ fn write_sized(path: &Path, content: &[u8], size: u64) -> Result<(), ShimError> 
         .map_err(|e| ShimError::io(format!("size {}", path.display()), e))
 }
 
-fn write_filled(path: &Path, byte: u8, size: u64) -> Result<(), ShimError> {
-    let mut f = File::create(path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))?;
-    let chunk = vec![byte; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n]).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
-        left -= n as u64;
-    }
-    Ok(())
+fn write_at(path: &Path, content: &[u8], offset: u64) -> Result<(), ShimError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
+    f.write_all_at(content, offset).map_err(|e| ShimError::io(format!("write {} at {offset}", path.display()), e))
 }
 
 /// The thin_dump XML of a metadata image.
