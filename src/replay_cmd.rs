@@ -17,7 +17,8 @@ Exit status: 0 if the replay runs clean, 1 if a violation occurs on replay \
 (with --strict also if the replay is not byte-identical to the recording), \
 2 if the trace cannot be read. With --on kernel: 0 if the kernel and the \
 simulator end in the same state (L1), 1 if they diverge, 2 if the trace or \
-the VM cannot be used.")]
+the VM cannot be used; L2 (thin_dump) and L3 (metadata blocks) are reported, \
+not judged.")]
 pub struct ReplayArgs {
     /// The trace file (text or binary; told apart by the binary magic).
     pub trace: PathBuf,
@@ -109,7 +110,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
 /// `--on kernel`: the trace's requests and messages on the real dm-thin in
 /// a VM, one request at a time, against the simulator run the same way.
 fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
-    use dmsim_kernel_shim::equivalence::{compare_l1, simulate_serialized, FinalState};
+    use dmsim_kernel_shim::equivalence::{compare_l1, compare_l2, compare_l3, simulate_serialized_full, FinalState};
     use dmsim_kernel_shim::KernelShim;
 
     let (trace, _) = match trace_file::read(&args.trace) {
@@ -119,7 +120,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let sim = match simulate_serialized(&trace) {
+    let sim = match simulate_serialized_full(&trace) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
@@ -141,14 +142,38 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let differences = compare_l1(&sim, &FinalState::of_kernel(&run));
+    if let Some(e) = &run.result.error {
+        eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
+        return ExitCode::from(2);
+    }
+    let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
+    let l2 = match &run.thin_dump {
+        Ok(kernel_dump) => Ok(compare_l2(&sim.thin_dump, kernel_dump)),
+        Err(e) => Err(format!("dmsim cannot dump the kernel's metadata: {e}")),
+    };
+    let l3 = compare_l3(&sim.metadata_image, &run.metadata_image);
     if args.json {
+        let (l2_label, l2_first) = match &l2 {
+            Ok(l2) => (
+                l2.label().to_string(),
+                l2.first_difference().map(|(line, s, k)| {
+                    serde_json::json!({ "line": line, "simulator": s, "kernel": k })
+                }),
+            ),
+            Err(e) => (format!("error: {e}"), None),
+        };
         let json = serde_json::json!({
             "trace": args.trace.display().to_string(),
             "seed": trace.header.seed,
             "level": "L1",
             "equal": differences.is_empty(),
             "differences": differences,
+            "l2": l2_label,
+            "l2_first_difference": l2_first,
+            "l3_blocks": l3.blocks,
+            "l3_differing_blocks": l3.differing,
+            "l3_first_differing_block": l3.first,
+            "simulator_oracle_violation": sim.oracle_violation,
             "boot_seconds": run.boot.as_secs_f64(),
             "wall_seconds": run.wall.as_secs_f64(),
         });
@@ -161,6 +186,9 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             trace.ops().count(),
             run.wall.as_secs_f64()
         );
+        if let Some(v) = &sim.oracle_violation {
+            println!("the simulator's oracle objects ({v}); its state is read from its disks");
+        }
         if differences.is_empty() {
             println!("L1 equal: every device reads the same stamps, the same blocks are mapped");
         } else {
@@ -168,6 +196,32 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             for d in differences.iter().take(10) {
                 println!("  {d}");
             }
+        }
+        match &l2 {
+            Ok(l2) => match l2.first_difference() {
+                None => println!("L2 identical: the same thin_dump"),
+                Some((line, s, k)) => {
+                    let what = match l2.label() {
+                        "data-blocks" => "differs only in data block numbers",
+                        "data+times" => "differs in data block numbers and mapping times",
+                        _ => "DIFFERS",
+                    };
+                    println!("L2 {what}; first at line {line} of the dump:");
+                    println!("  simulator: {s}");
+                    println!("  kernel:    {k}");
+                }
+            },
+            Err(e) => println!("L2 unknown: {e}"),
+        }
+        if l3.is_identical() {
+            println!("L3 identical: all {} metadata blocks", l3.blocks);
+        } else {
+            println!(
+                "L3: {} of {} metadata blocks differ, the first is block {}",
+                l3.differing,
+                l3.blocks,
+                l3.first.unwrap_or(0)
+            );
         }
     }
     if differences.is_empty() {

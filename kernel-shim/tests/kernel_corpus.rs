@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dmsim_kernel_shim::equivalence::{
-    compare_l1, compare_l2, compare_l3, kernel_replays, simulate_serialized, simulate_serialized_full,
+    compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_serialized, simulate_serialized_full,
     FinalState, SimulatedRun, L2,
 };
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
@@ -207,13 +207,20 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
         assert!(n > 0, "the corpus has no {what}");
     }
     eprintln!(
-        "{:>5} {:<19} {:>4} {:>4} {:<9} {:<11} {:>9}  first L2 difference",
-        "seed", "workload", "ops", "devs", "L1", "L2", "L3 same"
+        "{:>5} {:<19} {:>4} {:>4} {:>6} {:<9} {:<11} {:>9} {:>8}  first L2 difference",
+        "seed", "workload", "ops", "devs", "ops ms", "L1", "L2", "L3 same", "L3 first"
     );
     let (mut l2_identical, mut l2_allocation, mut l3_identical, mut l3_blocks, mut l3_same) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     for (case, run) in corpus.cases.iter().zip(&corpus.runs) {
         check_agent(case.seed, run);
+        let spec = dmsim_kernel_shim::PoolSpec::from_header(&case.trace.header).expect("a valid header");
+        assert_eq!(
+            read_images(&case.sim.thin_dump, &case.sim.data_image, &spec),
+            case.sim.state,
+            "seed {}: the model's disks, read through its metadata, say what its read-back said",
+            case.seed
+        );
         let l1 = compare_l1(&case.sim.state, &FinalState::of_kernel(run));
         let kernel_dump = run.thin_dump.as_ref().unwrap_or_else(|e| panic!("seed {}: dump: {e}", case.seed));
         let l2 = compare_l2(&case.sim.thin_dump, kernel_dump);
@@ -225,15 +232,21 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
         l3_same += l3.blocks - l3.differing;
         let first = l2.first_difference().map_or(String::new(), |(n, s, k)| format!("line {n}: {s} | {k}"));
         eprintln!(
-            "{:>5} {:<19} {:>4} {:>4} {:<9} {:<11} {:>4}/{:<4}  {}",
+            "{:>5} {:<19} {:>4} {:>4} {:>6} {:<9} {:<11} {:>4}/{:<4} {:>8}  {}",
             case.seed,
             case.workload.name(),
             case.trace.ops().count(),
             run.result.devices.len(),
+            run.result.timings_ms.iter().find(|(w, _)| w == "ops").map_or(0, |(_, ms)| *ms),
             if l1.is_empty() { "equal".to_string() } else { format!("{} diffs", l1.len()) },
             l2.label(),
             l3.blocks - l3.differing,
             l3.blocks,
+            l3.first.map_or("-".to_string(), |b| b.to_string()) + &if l3.superblock_fields.is_empty() {
+                String::new()
+            } else {
+                format!(" (superblock: {})", l3.superblock_fields.join(","))
+            },
             first.chars().take(140).collect::<String>()
         );
         if !l1.is_empty() {
@@ -271,8 +284,10 @@ fn a_model_without_zeroing_diverges_at_the_first_partly_written_block() {
     let sound = simulate_serialized(trace).expect("the sound model runs");
     assert_eq!(compare_l1(&sound, &kernel), Vec::<String>::new(), "the sound model agrees");
     let broken = zeroing_trace(Mutations::by_name("skip-zeroing").expect("the mutation exists"));
-    let broken = simulate_serialized(&broken).expect("the broken model runs");
-    let report = compare_l1(&broken, &kernel);
+    let broken = simulate_serialized_full(&broken).expect("the broken model runs");
+    eprintln!("the broken model's own oracle: {:?}", broken.oracle_violation);
+    assert!(broken.oracle_violation.is_some(), "the oracle objects to the broken model");
+    let report = compare_l1(&broken.state, &kernel);
     eprintln!("skip-zeroing against the kernel:\n  {}", report.join("\n  "));
     assert_eq!(
         report.first().map(String::as_str),

@@ -9,9 +9,8 @@
 
 use std::time::Instant;
 
-use dmsim_kernel_shim::equivalence::{compare_l1, kernel_replays, simulate_serialized, FinalState};
 use dmsim_kernel_shim::{KernelShim, ShimError};
-use dmsim_sim::run::{generate, CampaignSettings, RunConfig, Workload};
+use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
 
 fn in_ci() -> bool {
@@ -113,45 +112,5 @@ fn pool_thin_and_snapshot_on_the_real_kernel() {
     eprintln!("kernel VM test: {:?} in all", t0.elapsed());
 }
 
-/// Stretch of the foundation: simulator-generated traces (faults and
-/// crashes left out, a pool large enough never to fill) replayed on the
-/// kernel one request at a time and on the simulator the same way must be
-/// L1-equal: the same stamps in every block of every device, the same
-/// mapped blocks. One boot per trace.
-#[test]
-fn generated_traces_are_l1_equal_on_kernel_and_simulator() {
-    let t0 = Instant::now();
-    let shim = match KernelShim::prepare() {
-        Ok(s) => s,
-        Err(e @ ShimError::Missing(_)) => return skip_or_fail(&e.to_string()),
-        Err(e) => panic!("preparing the VM: {e}"),
-    };
-    let cases = [(11, Workload::SnapshotHeavy), (12, Workload::DiscardHeavy), (13, Workload::Random)];
-    for (seed, workload) in cases {
-        let settings = CampaignSettings { workload: Some(workload), ..CampaignSettings::default() };
-        let mut cfg = RunConfig::for_seed(seed, 60, &settings);
-        cfg.thin.data_blocks = cfg.thin.thin_blocks * cfg.thin.max_devices as u64;
-        let ops: Vec<Op> = generate(&cfg).into_iter().filter(kernel_replays).collect();
-        let trace = Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() };
-        let sim = simulate_serialized(&trace).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        let run = shim.replay(&trace).unwrap_or_else(|e| panic!("seed {seed}: kernel run: {e}"));
-        assert_eq!(run.result.error, None, "seed {seed}: the agent failed; console:\n{}", run.console);
-        let kernel = FinalState::of_kernel(&run);
-        let diffs = compare_l1(&sim, &kernel);
-        eprintln!(
-            "seed {seed} ({workload}, {} ops, features {:?}): {} devices, VM {:?}, L1 {}",
-            ops.len(),
-            dmsim_kernel_shim::PoolSpec::from_header(&trace.header).unwrap().features,
-            kernel.devices.len(),
-            run.wall,
-            if diffs.is_empty() { "equal".to_string() } else { format!("{} differences", diffs.len()) }
-        );
-        assert!(
-            diffs.is_empty(),
-            "seed {seed}: L1 differs, first: {}\ntrace:\n{}",
-            diffs.join("\n"),
-            dmsim_traces::to_text(&trace)
-        );
-    }
-    eprintln!("L1 test: {:?} in all", t0.elapsed());
-}
+// Generated traces against the simulator: `tests/kernel_corpus.rs` (many
+// traces in one boot).
