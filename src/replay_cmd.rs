@@ -110,7 +110,9 @@ pub fn run(args: ReplayArgs) -> ExitCode {
 /// `--on kernel`: the trace's requests and messages on the real dm-thin in
 /// a VM, one request at a time, against the simulator run the same way.
 fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
-    use dmsim_kernel_shim::equivalence::{compare_l1, compare_l2, compare_l3, simulate_serialized_full, FinalState};
+    use dmsim_kernel_shim::equivalence::{
+        compare_l1, compare_l2, compare_l3, simulate_serialized_full, FinalState,
+    };
     use dmsim_kernel_shim::KernelShim;
 
     let (trace, _) = match trace_file::read(&args.trace) {
@@ -156,9 +158,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         let (l2_label, l2_first) = match &l2 {
             Ok(l2) => (
                 l2.label().to_string(),
-                l2.first_difference().map(|(line, s, k)| {
-                    serde_json::json!({ "line": line, "simulator": s, "kernel": k })
-                }),
+                l2.first_difference()
+                    .map(|(line, s, k)| serde_json::json!({ "line": line, "simulator": s, "kernel": k })),
             ),
             Err(e) => (format!("error: {e}"), None),
         };

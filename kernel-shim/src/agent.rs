@@ -35,11 +35,11 @@ use dmsim_traces::{Op, Trace};
 
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
-use crate::vm::DATA_FILL;
 use crate::protocol::{
     decode_request, errno_name, read_frame, summarize, write_frame, DeviceContents, JobKind, KernelResult,
     Layout, OpResult, PoolSpec, Slice, REQUEST_MAGIC, RESULT_MAGIC,
 };
+use crate::vm::DATA_FILL;
 
 /// The file in the initramfs that lists the modules to load, one path a
 /// line, dependencies first.
@@ -531,7 +531,14 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
 
 /// A dm-linear device over `len` sectors of `disk` from `offset`: its
 /// node. Removed by the caller.
-fn linear(ctl: &Control, name: &str, disk: &Path, offset: u64, len: u64, dev_dir: &Path) -> Result<PathBuf, ShimError> {
+fn linear(
+    ctl: &Control,
+    name: &str,
+    disk: &Path,
+    offset: u64,
+    len: u64,
+    dev_dir: &Path,
+) -> Result<PathBuf, ShimError> {
     let table = TargetSpec {
         start: 0,
         length: len,
@@ -588,7 +595,13 @@ pub struct JobDisks<'a> {
 /// the activation of the listed devices, the read-back and the teardown.
 /// Failures after the pool exists are recorded in the result's `error`,
 /// with what was done so far.
-pub fn run_job(ctl: &Control, job: usize, kind: &JobKind, trace: &Trace, disks: &JobDisks<'_>) -> KernelResult {
+pub fn run_job(
+    ctl: &Control,
+    job: usize,
+    kind: &JobKind,
+    trace: &Trace,
+    disks: &JobDisks<'_>,
+) -> KernelResult {
     let mut result = KernelResult::default();
     if let Ok(v) = ctl.version() {
         result.dm_version = v;
@@ -605,11 +618,18 @@ pub fn run_job(ctl: &Control, job: usize, kind: &JobKind, trace: &Trace, disks: 
     };
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
     let t0 = Instant::now();
-    let slices = linear(ctl, &meta_name, disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors, disks.dev_dir)
-        .and_then(|m| {
-            linear(ctl, &data_name, disks.data, disks.slice.data_offset, spec.data_sectors(), disks.dev_dir)
-                .map(|d| (m, d))
-        });
+    let slices = linear(
+        ctl,
+        &meta_name,
+        disks.metadata,
+        disks.slice.metadata_offset,
+        spec.metadata_sectors,
+        disks.dev_dir,
+    )
+    .and_then(|m| {
+        linear(ctl, &data_name, disks.data, disks.slice.data_offset, spec.data_sectors(), disks.dev_dir)
+            .map(|d| (m, d))
+    });
     let (metadata, data) = match slices {
         Ok(p) => p,
         Err(e) => {
@@ -655,13 +675,14 @@ fn run_pool(
     // mean forever in the kernel.
     let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
     let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
-    let mut replayer = match Replayer::new(ctl, spec, metadata, data, dev_dir, &job.to_string(), kind.is_fresh()) {
-        Ok(r) => r,
-        Err(e) => {
-            result.error = Some(format!("creating the pool: {e}"));
-            return;
-        }
-    };
+    let mut replayer =
+        match Replayer::new(ctl, spec, metadata, data, dev_dir, &job.to_string(), kind.is_fresh()) {
+            Ok(r) => r,
+            Err(e) => {
+                result.error = Some(format!("creating the pool: {e}"));
+                return;
+            }
+        };
     let t0 = Instant::now();
     match kind {
         JobKind::Replay => {

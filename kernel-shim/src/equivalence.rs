@@ -239,9 +239,9 @@ impl L2 {
     pub fn first_difference(&self) -> Option<&(usize, String, String)> {
         match self {
             L2::Identical => None,
-            L2::SameButDataBlocks { first } | L2::SameButDataBlocksAndTimes { first } | L2::Differs { first } => {
-                Some(first)
-            }
+            L2::SameButDataBlocks { first }
+            | L2::SameButDataBlocksAndTimes { first }
+            | L2::Differs { first } => Some(first),
         }
     }
 }
@@ -268,7 +268,12 @@ fn expand_dump(xml: &str, data: bool, time: bool) -> Vec<String> {
                 _ => out.push(line.to_string()),
             }
         } else if line.starts_with("<range_mapping ") {
-            match (attr(line, "origin_begin"), attr(line, "data_begin"), attr(line, "length"), attr(line, "time")) {
+            match (
+                attr(line, "origin_begin"),
+                attr(line, "data_begin"),
+                attr(line, "length"),
+                attr(line, "time"),
+            ) {
                 (Some(v), Some(d), Some(n), Some(t)) if n <= 1 << 20 => {
                     out.extend((0..n).map(|i| mapping(v + i, d + i, t)));
                 }
@@ -326,8 +331,11 @@ pub fn compare_l3(sim: &[u8], kernel: &[u8]) -> L3 {
     };
     let differing: Vec<usize> = (0..blocks).filter(|&i| block(sim, i) != block(kernel, i)).collect();
     let (a, b) = (block(sim, 0), block(kernel, 0));
-    let superblock_fields =
-        SUPERBLOCK_FIELDS.iter().filter(|(_, at, len)| a[*at..at + len] != b[*at..at + len]).map(|f| f.0).collect();
+    let superblock_fields = SUPERBLOCK_FIELDS
+        .iter()
+        .filter(|(_, at, len)| a[*at..at + len] != b[*at..at + len])
+        .map(|f| f.0)
+        .collect();
     L3 { blocks, differing: differing.len(), first: differing.first().copied(), superblock_fields }
 }
 
@@ -420,7 +428,10 @@ mod tests {
         let a = vec![0u8; 4096 * 3];
         let mut b = a.clone();
         b[4096 + 7] = 1;
-        assert_eq!(compare_l3(&a, &b), L3 { blocks: 3, differing: 1, first: Some(1), superblock_fields: vec![] });
+        assert_eq!(
+            compare_l3(&a, &b),
+            L3 { blocks: 3, differing: 1, first: Some(1), superblock_fields: vec![] }
+        );
         b[44] = 1;
         assert_eq!(compare_l3(&a, &b).superblock_fields, vec!["time"]);
         assert!(compare_l3(&a, &a).is_identical());

@@ -420,7 +420,8 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
     let bad = |what: String| ShimError::Invalid(format!("request: {what}"));
     let line_at = |at: usize| -> Result<(&str, usize), ShimError> {
         let rest = &body[at.min(body.len())..];
-        let end = rest.iter().position(|&b| b == b'\n').ok_or_else(|| bad(format!("no line at byte {at}")))?;
+        let end =
+            rest.iter().position(|&b| b == b'\n').ok_or_else(|| bad(format!("no line at byte {at}")))?;
         let line = std::str::from_utf8(&rest[..end]).map_err(|e| bad(format!("line at byte {at}: {e}")))?;
         Ok((line, at + end + 1))
     };
@@ -449,7 +450,8 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
         let end = end.ok_or_else(|| bad(format!("job {} runs past the end", jobs.len())))?;
         let text = std::str::from_utf8(&body[next..end])
             .map_err(|e| bad(format!("job {}: not UTF-8: {e}", jobs.len())))?;
-        let trace = dmsim_traces::from_text(text).map_err(|e| bad(format!("job {}: trace: {e}", jobs.len())))?;
+        let trace =
+            dmsim_traces::from_text(text).map_err(|e| bad(format!("job {}: trace: {e}", jobs.len())))?;
         jobs.push((kind, trace));
         at = end;
     }
@@ -500,7 +502,11 @@ impl Layout {
             slices.push(Slice { metadata_offset: metadata_end, data_offset });
             metadata_end += align(spec.metadata_sectors);
         }
-        Layout { slices, metadata_sectors: metadata_end.max(SLICE_ALIGN), data_sectors: data_end.max(SLICE_ALIGN) }
+        Layout {
+            slices,
+            metadata_sectors: metadata_end.max(SLICE_ALIGN),
+            data_sectors: data_end.max(SLICE_ALIGN),
+        }
     }
 }
 

@@ -31,7 +31,8 @@ use crate::agent::DiskRole;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
 use crate::protocol::{
-    encode_request, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec, REQUEST_MAGIC, RESULT_MAGIC,
+    encode_request, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec, REQUEST_MAGIC,
+    RESULT_MAGIC,
 };
 
 /// What the data disk is filled with before a run (the simulator's
@@ -308,7 +309,9 @@ impl KernelShim {
             jobs.iter().map(|j| PoolSpec::from_header(&j.trace().header)).collect::<Result<_, _>>()?;
         for (job, spec) in jobs.iter().zip(&specs) {
             if let Job::Activate { metadata, data, .. } = job {
-                if metadata.len() as u64 > spec.metadata_sectors * 512 || data.len() as u64 > spec.data_sectors() * 512 {
+                if metadata.len() as u64 > spec.metadata_sectors * 512
+                    || data.len() as u64 > spec.data_sectors() * 512
+                {
                     return Err(ShimError::Invalid(format!(
                         "activation images of {} and {} bytes exceed the pool's devices ({} and {} sectors)",
                         metadata.len(),
@@ -457,7 +460,8 @@ fn write_at(path: &Path, content: &[u8], offset: u64) -> Result<(), ShimError> {
         .write(true)
         .open(path)
         .map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
-    f.write_all_at(content, offset).map_err(|e| ShimError::io(format!("write {} at {offset}", path.display()), e))
+    f.write_all_at(content, offset)
+        .map_err(|e| ShimError::io(format!("write {} at {offset}", path.display()), e))
 }
 
 /// The thin_dump XML of a metadata image.

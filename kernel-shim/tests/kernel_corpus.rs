@@ -24,8 +24,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dmsim_kernel_shim::equivalence::{
-    compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_serialized, simulate_serialized_full,
-    FinalState, SimulatedRun, L2,
+    compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_serialized,
+    simulate_serialized_full, FinalState, SimulatedRun, L2,
 };
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::block_device::MemDevice;
@@ -123,9 +123,8 @@ fn build() -> Result<Corpus, Unavailable> {
         Err(e) => return Err(Unavailable::Fail(format!("preparing the VM: {e}"))),
     };
     let prepare = t0.elapsed();
-    let cases: Vec<Case> = (0..CORPUS_SIZE)
-        .map(|i| corpus_case(1000 + i as u64, WORKLOADS[i % WORKLOADS.len()]))
-        .collect();
+    let cases: Vec<Case> =
+        (0..CORPUS_SIZE).map(|i| corpus_case(1000 + i as u64, WORKLOADS[i % WORKLOADS.len()])).collect();
     let mut jobs: Vec<Job> = cases.iter().map(|c| Job::Replay(c.trace.clone())).collect();
     let zeroing = zeroing_trace(Mutations::default());
     jobs.push(Job::Replay(zeroing.clone()));
@@ -167,10 +166,18 @@ fn check_agent(seed: u64, run: &KernelRun) {
 
 /// What the corpus exercises, summed over its traces.
 fn coverage(cases: &[Case]) -> [(&'static str, usize); 7] {
-    let mut c = [("snapshots", 0), ("discards", 0), ("partial writes", 0), ("flushes", 0), ("FUA", 0), ("PREFLUSH", 0), ("deletes", 0)];
+    let mut c = [
+        ("snapshots", 0),
+        ("discards", 0),
+        ("partial writes", 0),
+        ("flushes", 0),
+        ("FUA", 0),
+        ("PREFLUSH", 0),
+        ("deletes", 0),
+    ];
     for case in cases {
-        let block =
-            dmsim_kernel_shim::PoolSpec::from_header(&case.trace.header).map_or(128, |s| s.block_sectors) as u32;
+        let block = dmsim_kernel_shim::PoolSpec::from_header(&case.trace.header)
+            .map_or(128, |s| s.block_sectors) as u32;
         for op in case.trace.ops() {
             match op {
                 Op::CreateSnap { .. } => c[0].1 += 1,
@@ -242,11 +249,12 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
             l2.label(),
             l3.blocks - l3.differing,
             l3.blocks,
-            l3.first.map_or("-".to_string(), |b| b.to_string()) + &if l3.superblock_fields.is_empty() {
-                String::new()
-            } else {
-                format!(" (superblock: {})", l3.superblock_fields.join(","))
-            },
+            l3.first.map_or("-".to_string(), |b| b.to_string())
+                + &if l3.superblock_fields.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (superblock: {})", l3.superblock_fields.join(","))
+                },
             first.chars().take(140).collect::<String>()
         );
         if !l1.is_empty() {
@@ -363,19 +371,34 @@ fn the_model_checker_agrees_with_thin_check_on_the_kernels_metadata() {
     for (case, run) in corpus.cases.iter().zip(&corpus.runs) {
         let image = &run.metadata_image;
         let (model, debian) = (model_verdict(image), thin_check_verdict(&tool, image));
-        assert!(model.is_ok() && debian.is_ok(), "seed {}: model {model:?}, thin_check {debian:?}", case.seed);
+        assert!(
+            model.is_ok() && debian.is_ok(),
+            "seed {}: model {model:?}, thin_check {debian:?}",
+            case.seed
+        );
         if case.seed % 9 == 0 {
             // Damage the last non-zero 4 KiB block (a tree or space map
             // node the kernel wrote last): both must object.
             let mut bad = image.clone();
-            let Some(last) = (1..bad.len() / 4096).rev().find(|&b| bad[b * 4096..(b + 1) * 4096].iter().any(|&x| x != 0))
+            let Some(last) =
+                (1..bad.len() / 4096).rev().find(|&b| bad[b * 4096..(b + 1) * 4096].iter().any(|&x| x != 0))
             else {
                 continue;
             };
             bad[last * 4096 + 100] ^= 0x5a;
             let (model, debian) = (model_verdict(&bad), thin_check_verdict(&tool, &bad));
-            eprintln!("seed {}: block {last} damaged: model {:?}, thin_check {:?}", case.seed, model.is_err(), debian.is_err());
-            assert_eq!(model.is_ok(), debian.is_ok(), "seed {}: model {model:?}, thin_check {debian:?}", case.seed);
+            eprintln!(
+                "seed {}: block {last} damaged: model {:?}, thin_check {:?}",
+                case.seed,
+                model.is_err(),
+                debian.is_err()
+            );
+            assert_eq!(
+                model.is_ok(),
+                debian.is_ok(),
+                "seed {}: model {model:?}, thin_check {debian:?}",
+                case.seed
+            );
             damaged_checked += 1;
         }
     }
