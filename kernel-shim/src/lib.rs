@@ -13,10 +13,13 @@
 //! path.
 //!
 //! Entry points: [`KernelShim::prepare`] once, then [`KernelShim::replay`]
-//! per trace (one boot each), or [`replay_on_kernel`] for a single trace.
+//! (one boot for one trace), [`KernelShim::replay_many`] or
+//! [`KernelShim::run_jobs`] (many traces and activations per boot), or
+//! [`replay_on_kernel`] for a single trace; [`equivalence`] compares the
+//! kernel's end state with the serialized simulator's at L1 (stamps and
+//! mappings), L2 (thin_dump) and L3 (metadata blocks).
 //! Not yet here: the io_uring userland engine, crash states through
-//! dm-log-writes, faults through dm-flakey, the L1/L2/L3 equivalence
-//! report.
+//! dm-log-writes, faults through dm-flakey.
 #![warn(missing_docs)]
 
 pub mod agent;
