@@ -36,8 +36,8 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    decode_request, errno_name, read_frame, summarize, write_frame, DeviceContents, JobKind, KernelResult,
-    Layout, OpResult, PoolSpec, Slice, REQUEST_MAGIC, RESULT_MAGIC,
+    decode_request, errno_name, log_offsets, mark_name, read_frame, summarize, write_frame, DeviceContents,
+    JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -61,11 +61,14 @@ pub enum DiskRole {
     Metadata,
     /// The pool's data device.
     Data,
+    /// The dm-log-writes logs of logged jobs (one slice per job).
+    Log,
 }
 
 impl DiskRole {
     /// Every role.
-    pub const ALL: [DiskRole; 4] = [DiskRole::Request, DiskRole::Result, DiskRole::Metadata, DiskRole::Data];
+    pub const ALL: [DiskRole; 5] =
+        [DiskRole::Request, DiskRole::Result, DiskRole::Metadata, DiskRole::Data, DiskRole::Log];
 
     /// The virtio serial number of the disk (at most 20 characters).
     pub fn serial(self) -> &'static str {
@@ -74,6 +77,7 @@ impl DiskRole {
             DiskRole::Result => "dmsim-result",
             DiskRole::Metadata => "dmsim-metadata",
             DiskRole::Data => "dmsim-data",
+            DiskRole::Log => "dmsim-log",
         }
     }
 }
@@ -558,9 +562,41 @@ fn linear(
     Ok(path)
 }
 
+/// A device-mapper device of `targets`, created and resumed: its node.
+/// Removed by the caller; on failure nothing is left.
+fn device(ctl: &Control, name: &str, targets: &[TargetSpec], dev_dir: &Path) -> Result<PathBuf, ShimError> {
+    ctl.create(name)?;
+    let dev = match ctl.load(name, targets, false).and_then(|_| ctl.resume(name)) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = ctl.remove(name);
+            return Err(e);
+        }
+    };
+    let path = dev_dir.join(format!("dm-{}", dev.minor));
+    wait_for(&path)?;
+    Ok(path)
+}
+
+/// A linear target of `len` sectors at `start` over `dev` from `offset`.
+fn linear_target(start: u64, len: u64, dev: &Path, offset: u64) -> Result<TargetSpec, ShimError> {
+    Ok(TargetSpec {
+        start,
+        length: len,
+        target_type: "linear".into(),
+        params: format!("{} {offset}", block_dev_num(dev)?.table_name()),
+    })
+}
+
 /// Fills a block device with `byte` (O_DIRECT, 1 MiB at a time) and
 /// flushes it.
 fn fill_device(path: &Path, byte: u8, sectors: u64) -> Result<(), ShimError> {
+    fill_range(path, byte, 0, sectors)
+}
+
+/// Fills `sectors` sectors of a block device from sector `from` with
+/// `byte` (O_DIRECT, 1 MiB at a time) and flushes it.
+fn fill_range(path: &Path, byte: u8, from: u64, sectors: u64) -> Result<(), ShimError> {
     let file = open_direct(path)?;
     let mut buf = AlignedBuf::zeroed(1 << 20);
     buf.as_mut_slice().fill(byte);
@@ -569,7 +605,7 @@ fn fill_device(path: &Path, byte: u8, sectors: u64) -> Result<(), ShimError> {
     while at < total {
         let n = (total - at).min(1 << 20) as usize;
         use std::os::unix::fs::FileExt;
-        file.write_all_at(&buf.as_slice()[..n], at)
+        file.write_all_at(&buf.as_slice()[..n], from * 512 + at)
             .map_err(|e| ShimError::io(format!("fill {} at byte {at}", path.display()), e))?;
         at += n as u64;
     }
@@ -587,6 +623,8 @@ pub struct JobDisks<'a> {
     pub slice: Slice,
     /// Where device nodes live (`/dev`).
     pub dev_dir: &'a Path,
+    /// For a logged job: the log disk and where the job's log starts on it.
+    pub log: Option<(&'a Path, u64)>,
 }
 
 /// Runs one job: linear devices over its slices, the pool from the
@@ -616,6 +654,10 @@ pub fn run_job(
             return result;
         }
     };
+    if *kind == JobKind::Logged {
+        run_logged_job(ctl, job, trace, spec, disks, &mut result);
+        return result;
+    }
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
     let t0 = Instant::now();
     let slices = linear(
@@ -671,6 +713,24 @@ fn run_pool(
     dev_dir: &Path,
     result: &mut KernelResult,
 ) {
+    run_pool_marked(ctl, job, kind, trace, spec, metadata, data, dev_dir, None, result)
+}
+
+/// As [`run_pool`]; with `marks`, a log-writes device to which a mark
+/// [`mark_name`]`(i)` is sent after every op `i`.
+#[allow(clippy::too_many_arguments)]
+fn run_pool_marked(
+    ctl: &Control,
+    job: usize,
+    kind: &JobKind,
+    trace: &Trace,
+    spec: PoolSpec,
+    metadata: &Path,
+    data: &Path,
+    dev_dir: &Path,
+    marks: Option<&str>,
+    result: &mut KernelResult,
+) {
     // Queued writes on a full pool wait this long before failing; 0 would
     // mean forever in the kernel.
     let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
@@ -685,12 +745,18 @@ fn run_pool(
         };
     let t0 = Instant::now();
     match kind {
-        JobKind::Replay => {
+        JobKind::Replay | JobKind::Logged => {
             for (i, op) in trace.ops().enumerate() {
                 match replayer.apply(i, &op) {
                     Ok(r) => result.ops.push(r),
                     Err(e) => {
                         result.error = Some(format!("op {i} ({op:?}): {e}"));
+                        break;
+                    }
+                }
+                if let Some(lw) = marks {
+                    if let Err(e) = ctl.message(lw, 0, &format!("mark {}", mark_name(i))) {
+                        result.error = Some(format!("log mark after op {i}: {e}"));
                         break;
                     }
                 }
@@ -718,6 +784,104 @@ fn run_pool(
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
     result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
+}
+
+/// A logged job (spec §7.2, §9): one backing device (the job's metadata
+/// slice, then the shared data region), data filled with [`DATA_FILL`] and
+/// the metadata's first 4 KiB zeroed before logging starts; a log-writes
+/// device over it with the log on the job's slice of the log disk; the
+/// pool's metadata and data devices as dm-linear ranges of the log-writes
+/// device; the ops with a mark after each; the log-writes device removed
+/// last (its destructor logs what is still unflushed and a final mark).
+fn run_logged_job(
+    ctl: &Control,
+    job: usize,
+    trace: &Trace,
+    spec: PoolSpec,
+    disks: &JobDisks<'_>,
+    result: &mut KernelResult,
+) {
+    let Some((log_disk, log_offset)) = disks.log else {
+        result.error = Some("a logged job without a log slice".into());
+        return;
+    };
+    let (m, d) = (spec.metadata_sectors, spec.data_sectors());
+    let names = [
+        format!("dmsim-m{job}"),
+        format!("dmsim-d{job}"),
+        format!("dmsim-lw{job}"),
+        format!("dmsim-l{job}"),
+        format!("dmsim-b{job}"),
+    ];
+    let t0 = Instant::now();
+    let setup = || -> Result<(PathBuf, PathBuf), ShimError> {
+        let backing = device(
+            ctl,
+            &names[4],
+            &[
+                linear_target(0, m, disks.metadata, disks.slice.metadata_offset)?,
+                linear_target(m, d, disks.data, disks.slice.data_offset)?,
+            ],
+            disks.dev_dir,
+        )?;
+        fill_range(&backing, 0, 0, 8)?;
+        fill_range(&backing, DATA_FILL, m, d)?;
+        let log = device(
+            ctl,
+            &names[3],
+            &[linear_target(0, LOG_SLICE_SECTORS, log_disk, log_offset)?],
+            disks.dev_dir,
+        )?;
+        fill_range(&log, 0, 0, 8)?;
+        let lw_table = TargetSpec {
+            start: 0,
+            length: m + d,
+            target_type: "log-writes".into(),
+            params: format!("{} {}", block_dev_num(&backing)?.table_name(), block_dev_num(&log)?.table_name()),
+        };
+        let lw = device(ctl, &names[2], &[lw_table], disks.dev_dir)?;
+        let metadata = device(ctl, &names[0], &[linear_target(0, m, &lw, 0)?], disks.dev_dir)?;
+        let data = device(ctl, &names[1], &[linear_target(0, d, &lw, m)?], disks.dev_dir)?;
+        Ok((metadata, data))
+    };
+    match setup() {
+        Ok((metadata, data)) => {
+            result.timings_ms.push(("fill".into(), t0.elapsed().as_millis() as u64));
+            run_pool_marked(
+                ctl,
+                job,
+                &JobKind::Logged,
+                trace,
+                spec,
+                &metadata,
+                &data,
+                disks.dev_dir,
+                Some(&names[2]),
+                result,
+            );
+        }
+        Err(e) => result.error = Some(format!("the logged devices: {e}")),
+    }
+    for (i, name) in names.iter().enumerate() {
+        if i == 2 {
+            match ctl.status(name, false, false) {
+                Ok(s) => result.log_status = Some(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; ")),
+                Err(_) => continue, // never created
+            }
+        }
+        if let Err(e) = ctl.remove(name) {
+            // Devices a failed setup never created are not an error.
+            if !matches!(&e, ShimError::Dm { source, .. } if source.raw_os_error() == Some(libc::ENXIO)) {
+                result.error = result.error.take().or(Some(format!("removing {name}: {e}")));
+            }
+        }
+    }
+    // The log and the metadata image must reach the host's files.
+    for disk in [log_disk, disks.metadata] {
+        if let Ok(f) = OpenOptions::new().write(true).open(disk) {
+            let _ = f.sync_all();
+        }
+    }
 }
 
 /// Milliseconds since the kernel started (`/proc/uptime`).
@@ -845,9 +1009,13 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
         .map(|(kind, trace)| PoolSpec::from_header(&trace.header).map(|s| (s, kind.is_fresh())))
         .collect::<Result<_, _>>()?;
     let layout = Layout::of(&specs.iter().map(|(s, f)| (s, *f)).collect::<Vec<_>>());
+    let kinds: Vec<JobKind> = jobs.iter().map(|(k, _)| k.clone()).collect();
+    let (logs, _) = log_offsets(&kinds);
+    let log_disk = disk(disks, DiskRole::Log)?;
     let mut results = Vec::new();
     for (i, ((kind, trace), slice)) in jobs.iter().zip(&layout.slices).enumerate() {
-        let job_disks = JobDisks { metadata, data, slice: *slice, dev_dir: Path::new("/dev") };
+        let log = logs[i].map(|at| (log_disk, at));
+        let job_disks = JobDisks { metadata, data, slice: *slice, dev_dir: Path::new("/dev"), log };
         results.push(run_job(&ctl, i, kind, trace, &job_disks));
     }
     Ok(results)

@@ -25,8 +25,10 @@
 pub mod agent;
 pub mod dm;
 pub mod equivalence;
+pub mod crash;
 pub mod error;
 pub mod initramfs;
+pub mod logwrites;
 pub mod protocol;
 pub mod vm;
 

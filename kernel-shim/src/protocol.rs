@@ -200,6 +200,9 @@ pub struct KernelResult {
     /// Milliseconds the agent spent: module loading, the ops, the
     /// read-back, the teardown.
     pub timings_ms: Vec<(String, u64)>,
+    /// For a logged job: the log-writes target's INFO status line just
+    /// before its removal (`<entries> <highest log sector>`).
+    pub log_status: Option<String>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -235,6 +238,9 @@ impl KernelResult {
         let _ = writeln!(s, "pool-status {}", one_line(&self.pool_status));
         for (what, ms) in &self.timings_ms {
             let _ = writeln!(s, "time {} {ms}", one_line(what));
+        }
+        if let Some(l) = &self.log_status {
+            let _ = writeln!(s, "log-status {}", one_line(l));
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -330,6 +336,7 @@ impl KernelResult {
                     r.timings_ms.push((what.to_string(), ms.parse().map_err(|_| bad(n, line, "bad time"))?));
                 }
                 "error" => r.error = Some(rest.to_string()),
+                "log-status" => r.log_status = Some(rest.to_string()),
                 "end" => {
                     ended = true;
                     break;
@@ -386,23 +393,55 @@ pub enum JobKind {
         /// Thin device ids to activate and read, in this order.
         ids: Vec<u32>,
     },
+    /// As [`JobKind::Replay`], with the pool's metadata and data devices
+    /// carved by dm-linear out of one dm-log-writes device (spec §7.2, §9),
+    /// its log on the job's slice of the log disk, and a mark `op<i>` in
+    /// the log after every op `i` (see [`mark_name`]).
+    Logged,
+}
+
+/// The text of the log mark the agent drops after op `index` of a logged
+/// job.
+pub fn mark_name(index: usize) -> String {
+    format!("op{index}")
+}
+
+/// Sectors of the log disk each logged job gets (1 GiB; the file is
+/// sparse, and the host reads only the log's length).
+pub const LOG_SLICE_SECTORS: u64 = 1 << 21;
+
+/// Where each job's log starts on the log disk (`None` for jobs that are
+/// not logged), and the log disk's size in sectors (at least 1 MiB).
+pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
+    let mut end = 0;
+    let offsets = kinds
+        .iter()
+        .map(|k| {
+            (*k == JobKind::Logged).then(|| {
+                end += LOG_SLICE_SECTORS;
+                end - LOG_SLICE_SECTORS
+            })
+        })
+        .collect();
+    (offsets, end.max(SLICE_ALIGN))
 }
 
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
-        matches!(self, JobKind::Replay)
+        matches!(self, JobKind::Replay | JobKind::Logged)
     }
 }
 
 /// A request body: [`REQUEST_FIRST_LINE`], then per job a line
-/// `job replay <len>` or `job activate <len> <id,id,…|->` followed by
+/// `job replay <len>`, `job logged <len>` or `job activate <len> <id,id,…|->` followed by
 /// `len` bytes of the trace's text encoding.
 pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
     let mut out = format!("{REQUEST_FIRST_LINE}\n").into_bytes();
     for (kind, text) in jobs {
         let line = match kind {
             JobKind::Replay => format!("job replay {}\n", text.len()),
+            JobKind::Logged => format!("job logged {}\n", text.len()),
             JobKind::Activate { ids } => {
                 let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let ids = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
@@ -439,6 +478,7 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
         };
         let kind = match (words[1], words.get(3)) {
             ("replay", None) => JobKind::Replay,
+            ("logged", None) => JobKind::Logged,
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
             ("activate", Some(ids)) if words.len() == 4 => {
                 let ids: Result<Vec<u32>, _> = ids.split(',').map(str::parse).collect();
@@ -561,11 +601,13 @@ mod tests {
             devices: vec![DeviceContents { id: 0, blocks: vec!["w0*8 0*120".into(), "0*128".into()] }],
             pool_status: "1 11/512 2/16 - rw discard_passdown queue_if_no_space - 1024".into(),
             timings_ms: vec![("ops".into(), 12)],
+            log_status: Some("12 345".into()),
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.error.as_deref(), Some("it broke badly"));
+        assert_eq!(back.log_status.as_deref(), Some("12 345"));
         assert_eq!(back.ops, r.ops);
         assert_eq!(back.devices, r.devices);
         assert_eq!(back.targets, r.targets);
@@ -580,11 +622,13 @@ mod tests {
         let jobs = vec![
             (JobKind::Replay, text.clone()),
             (JobKind::Activate { ids: vec![0, 2] }, text.clone()),
-            (JobKind::Activate { ids: vec![] }, text),
+            (JobKind::Activate { ids: vec![] }, text.clone()),
+            (JobKind::Logged, text),
         ];
         let body = encode_request(&jobs);
         let back = decode_request(&body).unwrap();
-        assert_eq!(back.len(), 3);
+        assert_eq!(back.len(), 4);
+        assert_eq!(back[3].0, JobKind::Logged);
         assert_eq!(back[1].0, JobKind::Activate { ids: vec![0, 2] });
         assert_eq!(back[2].0, JobKind::Activate { ids: vec![] });
         assert_eq!(back[0].1.header.seed, 3);

@@ -31,8 +31,8 @@ use crate::agent::DiskRole;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
 use crate::protocol::{
-    encode_request, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec, REQUEST_MAGIC,
-    RESULT_MAGIC,
+    encode_request, log_offsets, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec,
+    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 
 /// What the data disk is filled with before a run (the simulator's
@@ -196,6 +196,10 @@ pub struct KernelRun {
     pub wall: Duration,
     /// How many jobs that boot ran.
     pub jobs_in_boot: usize,
+    /// For a [`Job::Logged`]: the dm-log-writes log, as long as its super
+    /// block says (`logwrites::parse` reads it), or why it could not be
+    /// read.
+    pub log: Option<Result<Vec<u8>, String>>,
 }
 
 /// Most jobs one boot runs ([`KernelShim::run_jobs`] splits longer lists).
@@ -219,13 +223,17 @@ pub enum Job {
         /// The data device's content (at most the data device's size).
         data: Vec<u8>,
     },
+    /// Replay the trace on a fresh pool whose metadata and data devices
+    /// are carved out of one dm-log-writes device, with a mark after every
+    /// op (see `protocol::JobKind::Logged`); the run carries the log.
+    Logged(Trace),
 }
 
 impl Job {
     /// Its trace.
     pub fn trace(&self) -> &Trace {
         match self {
-            Job::Replay(t) | Job::Activate { trace: t, .. } => t,
+            Job::Replay(t) | Job::Logged(t) | Job::Activate { trace: t, .. } => t,
         }
     }
 
@@ -233,6 +241,7 @@ impl Job {
     pub fn kind(&self) -> JobKind {
         match self {
             Job::Replay(_) => JobKind::Replay,
+            Job::Logged(_) => JobKind::Logged,
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
         }
     }
@@ -346,6 +355,8 @@ impl KernelShim {
         // region is filled by the agent; activation images go in their slices.
         write_sized(&disk(DiskRole::Metadata), &[], layout.metadata_sectors * 512)?;
         write_sized(&disk(DiskRole::Data), &[], layout.data_sectors * 512)?;
+        let (log_slices, log_sectors) = log_offsets(&jobs.iter().map(Job::kind).collect::<Vec<_>>());
+        write_sized(&disk(DiskRole::Log), &[], log_sectors * 512)?;
         for (job, slice) in jobs.iter().zip(&layout.slices) {
             if let Job::Activate { metadata, data, .. } = job {
                 write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
@@ -413,7 +424,10 @@ impl KernelShim {
         let metadata_disk = std::fs::read(disk(DiskRole::Metadata))
             .map_err(|e| ShimError::io("read the metadata disk", e))?;
         let mut runs = Vec::with_capacity(jobs.len());
-        for ((result, slice), spec) in results.into_iter().zip(&layout.slices).zip(&specs) {
+        for (((result, slice), spec), log_at) in
+            results.into_iter().zip(&layout.slices).zip(&specs).zip(&log_slices)
+        {
+            let log = log_at.map(|at| read_log(&disk(DiskRole::Log), at * 512));
             let at = (slice.metadata_offset * 512) as usize;
             let len = (spec.metadata_sectors * 512) as usize;
             let metadata_image = metadata_disk
@@ -436,6 +450,7 @@ impl KernelShim {
                 boot,
                 wall,
                 jobs_in_boot: jobs.len(),
+                log,
             });
         }
         Ok(runs)
@@ -462,6 +477,24 @@ fn write_at(path: &Path, content: &[u8], offset: u64) -> Result<(), ShimError> {
         .map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
     f.write_all_at(content, offset)
         .map_err(|e| ShimError::io(format!("write {} at {offset}", path.display()), e))
+}
+
+/// The log that starts at byte `at` of the log disk's file: its length
+/// from its super block and entry headers, then those bytes.
+fn read_log(path: &Path, at: u64) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let limit = LOG_SLICE_SECTORS * 512;
+    let len = crate::logwrites::log_length(|off, buf| {
+        if off.saturating_add(buf.len() as u64) > limit {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the job's log slice"));
+        }
+        f.read_exact_at(buf, at + off)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut out = vec![0u8; len as usize];
+    f.read_exact_at(&mut out, at).map_err(|e| format!("read {len} bytes of log: {e}"))?;
+    Ok(out)
 }
 
 /// The thin_dump XML of a metadata image.
