@@ -837,7 +837,11 @@ fn run_logged_job(
             start: 0,
             length: m + d,
             target_type: "log-writes".into(),
-            params: format!("{} {}", block_dev_num(&backing)?.table_name(), block_dev_num(&log)?.table_name()),
+            params: format!(
+                "{} {}",
+                block_dev_num(&backing)?.table_name(),
+                block_dev_num(&log)?.table_name()
+            ),
         };
         let lw = device(ctl, &names[2], &[lw_table], disks.dev_dir)?;
         let metadata = device(ctl, &names[0], &[linear_target(0, m, &lw, 0)?], disks.dev_dir)?;
@@ -865,7 +869,9 @@ fn run_logged_job(
     for (i, name) in names.iter().enumerate() {
         if i == 2 {
             match ctl.status(name, false, false) {
-                Ok(s) => result.log_status = Some(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; ")),
+                Ok(s) => {
+                    result.log_status = Some(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
+                }
                 Err(_) => continue, // never created
             }
         }

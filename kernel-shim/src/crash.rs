@@ -139,8 +139,9 @@ pub fn model_crash_states(trace: &Trace) -> Result<(Vec<CrashImages>, BTreeSet<u
     }
     let mut sim = ThinSim::new(cfg.thin);
     let fail = |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("simulator: {f}"));
-    let durable_metadata =
-        |sim: &ThinSim| sim.pool().with_metadata(|md| md.transaction_manager().block_manager().device().durable().to_vec());
+    let durable_metadata = |sim: &ThinSim| {
+        sim.pool().with_metadata(|md| md.transaction_manager().block_manager().device().durable().to_vec())
+    };
     let mut superblock = durable_metadata(&sim)[..4096].to_vec();
     let mut out = Vec::new();
     let mut commits = BTreeSet::new();
@@ -225,7 +226,8 @@ pub fn read_through_pool(
     let bs = spec.block_sectors;
     let mut devices = Vec::new();
     for &id in mapped.keys() {
-        pool.activate_thin(u64::from(id), spec.thin_sectors()).map_err(|e| format!("activate thin {id}: {e}"))?;
+        pool.activate_thin(u64::from(id), spec.thin_sectors())
+            .map_err(|e| format!("activate thin {id}: {e}"))?;
         let mut blocks = Vec::new();
         for b in 0..spec.thin_blocks {
             let bio = pool

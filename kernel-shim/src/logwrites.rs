@@ -18,7 +18,7 @@
 use std::fmt;
 
 /// The super block's magic.
-pub const LOG_MAGIC: u64 = 0x6A73_6677_7368_72;
+pub const LOG_MAGIC: u64 = 0x006A_7366_7773_6872;
 /// The only version there is.
 pub const LOG_VERSION: u64 = 1;
 
@@ -137,9 +137,7 @@ fn super_block(bytes: &[u8]) -> Result<(u64, u64), LogError> {
 /// (offset, buffer): the super block, then each entry header, skipping
 /// data. For finding the end of a log on a large device without reading
 /// all of it.
-pub fn log_length(
-    mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-) -> Result<u64, LogError> {
+pub fn log_length(mut read_at: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> Result<u64, LogError> {
     let mut sb = [0u8; 512];
     read_at(0, &mut sb).map_err(|e| LogError { entry: None, offset: 0, what: format!("read: {e}") })?;
     let (nr_entries, ss) = super_block(&sb)?;
@@ -153,11 +151,10 @@ pub fn log_length(
         })?;
         let (nr, flags) = (le64(&header, 8), le64(&header, 16));
         let data = if flags & (FLAG_DISCARD | FLAG_MARK) != 0 { 0 } else { nr };
-        at = data
-            .checked_add(1)
-            .and_then(|s| s.checked_mul(ss))
-            .and_then(|n| n.checked_add(at))
-            .ok_or_else(|| LogError { entry: Some(i), offset: at, what: format!("{nr} sectors overflow") })?;
+        at =
+            data.checked_add(1).and_then(|s| s.checked_mul(ss)).and_then(|n| n.checked_add(at)).ok_or_else(
+                || LogError { entry: Some(i), offset: at, what: format!("{nr} sectors overflow") },
+            )?;
     }
     Ok(at)
 }
@@ -330,10 +327,10 @@ pub(crate) mod tests {
         assert_eq!(log.sector_size, 512);
         assert_eq!(log.entries.len(), 6);
         assert_eq!(log.entries[3].kind, EntryKind::Write { fua: true });
-        assert_eq!(log.marks().map(|(i, t)| (i, t.to_string())).collect::<Vec<_>>(), [
-            (2, "op0".to_string()),
-            (5, "op1".to_string())
-        ]);
+        assert_eq!(
+            log.marks().map(|(i, t)| (i, t.to_string())).collect::<Vec<_>>(),
+            [(2, "op0".to_string()), (5, "op1".to_string())]
+        );
         let mut dev = vec![9u8; 512 * 4];
         log.replay_into(&mut dev, 0..log.mark("op0").unwrap()).unwrap();
         assert_eq!(&dev[1024..1536], &[1u8; 512][..]);
@@ -342,7 +339,8 @@ pub(crate) mod tests {
         assert_eq!(&dev[512..1536], &[2u8; 1024][..], "the FUA write lands over the earlier one");
         assert_eq!(dev[0], 9, "discards leave the bytes");
         let len = log_length(|at, buf| {
-            let s = bytes.get(at as usize..at as usize + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            let s =
+                bytes.get(at as usize..at as usize + buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?;
             buf.copy_from_slice(s);
             Ok(())
         })
