@@ -658,6 +658,10 @@ pub fn run_job(
         run_logged_job(ctl, job, trace, spec, disks, &mut result);
         return result;
     }
+    if *kind == JobKind::Flakey {
+        run_flakey_job(ctl, job, trace, spec, disks, &mut result);
+        return result;
+    }
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
     let t0 = Instant::now();
     let slices = linear(
@@ -731,6 +735,49 @@ fn run_pool_marked(
     marks: Option<&str>,
     result: &mut KernelResult,
 ) {
+    run_pool_with(ctl, job, kind, trace, spec, metadata, data, dev_dir, marks, None, result)
+}
+
+/// The dm-flakey devices of a [`JobKind::Flakey`] job: per disk (metadata,
+/// data) the flakey device's name and the device under it.
+type FlakeyDevices<'a> = [(&'a str, &'a Path); 2];
+
+/// The table of a flakey device over `dev`: never down, or (`failing`)
+/// always down with `error_writes`.
+fn flakey_table(dev: &Path, len: u64, failing: bool) -> Result<TargetSpec, ShimError> {
+    let num = block_dev_num(dev)?.table_name();
+    let params = if failing { format!("{num} 0 0 1 1 error_writes") } else { format!("{num} 0 86400 0") };
+    Ok(TargetSpec { start: 0, length: len, target_type: "flakey".into(), params })
+}
+
+/// Swaps a flakey device's table (suspend without flushing, load,
+/// resume; spec §7.3).
+fn swap_flakey(ctl: &Control, name: &str, table: TargetSpec) -> Result<(), ShimError> {
+    use crate::dm::flags::{NOFLUSH, SKIP_LOCKFS};
+    ctl.suspend(name, NOFLUSH | SKIP_LOCKFS)?;
+    let loaded = ctl.load(name, &[table], false);
+    let resumed = ctl.resume(name);
+    loaded?;
+    resumed.map(|_| ())
+}
+
+/// As [`run_pool_marked`]; with `flakey`, a fault op swaps the named
+/// disk's flakey device to `error_writes`.
+#[allow(clippy::too_many_arguments)]
+fn run_pool_with(
+    ctl: &Control,
+    job: usize,
+    kind: &JobKind,
+    trace: &Trace,
+    spec: PoolSpec,
+    metadata: &Path,
+    data: &Path,
+    dev_dir: &Path,
+    marks: Option<&str>,
+    flakey: Option<FlakeyDevices<'_>>,
+    result: &mut KernelResult,
+) {
+    let lens = [spec.metadata_sectors, spec.data_sectors()];
     // Queued writes on a full pool wait this long before failing; 0 would
     // mean forever in the kernel.
     let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
@@ -745,8 +792,21 @@ fn run_pool_marked(
         };
     let t0 = Instant::now();
     match kind {
-        JobKind::Replay | JobKind::Logged => {
+        JobKind::Replay | JobKind::Logged | JobKind::Flakey => {
             for (i, op) in trace.ops().enumerate() {
+                if let (Some(devs), Op::Fault { disk, fault: dmsim_traces::DiskFault::WriteError { .. } }) =
+                    (flakey, op)
+                {
+                    let d = usize::from(disk != dmsim_traces::DiskId::Metadata);
+                    let swapped =
+                        flakey_table(devs[d].1, lens[d], true).and_then(|t| swap_flakey(ctl, devs[d].0, t));
+                    let outcome = match swapped {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("flakey swap failed ({e})"),
+                    };
+                    result.ops.push(OpResult { index: i, outcome, read: None });
+                    continue;
+                }
                 match replayer.apply(i, &op) {
                     Ok(r) => result.ops.push(r),
                     Err(e) => {
@@ -887,6 +947,67 @@ fn run_logged_job(
         if let Ok(f) = OpenOptions::new().write(true).open(disk) {
             let _ = f.sync_all();
         }
+    }
+}
+
+/// A flakey job: the job's linear slices as usual (data filled with
+/// [`DATA_FILL`]), each under a dm-flakey device that is never down; the
+/// pool on the two flakey devices; the trace's write-error faults swap a
+/// flakey device to `error_writes`.
+fn run_flakey_job(
+    ctl: &Control,
+    job: usize,
+    trace: &Trace,
+    spec: PoolSpec,
+    disks: &JobDisks<'_>,
+    result: &mut KernelResult,
+) {
+    let (m, d) = (spec.metadata_sectors, spec.data_sectors());
+    let names = [
+        format!("dmsim-fm{job}"),
+        format!("dmsim-fd{job}"),
+        format!("dmsim-m{job}"),
+        format!("dmsim-d{job}"),
+    ];
+    let t0 = Instant::now();
+    let setup = || -> Result<[PathBuf; 4], ShimError> {
+        let meta_lin = linear(ctl, &names[2], disks.metadata, disks.slice.metadata_offset, m, disks.dev_dir)?;
+        let data_lin = linear(ctl, &names[3], disks.data, disks.slice.data_offset, d, disks.dev_dir)?;
+        fill_range(&meta_lin, 0, 0, 8)?;
+        fill_device(&data_lin, DATA_FILL, d)?;
+        let fm = device(ctl, &names[0], &[flakey_table(&meta_lin, m, false)?], disks.dev_dir)?;
+        let fd = device(ctl, &names[1], &[flakey_table(&data_lin, d, false)?], disks.dev_dir)?;
+        Ok([fm, fd, meta_lin, data_lin])
+    };
+    match setup() {
+        Ok([fm, fd, meta_lin, data_lin]) => {
+            result.timings_ms.push(("fill".into(), t0.elapsed().as_millis() as u64));
+            let devs: FlakeyDevices<'_> = [(&names[0], &meta_lin), (&names[1], &data_lin)];
+            run_pool_with(
+                ctl,
+                job,
+                &JobKind::Flakey,
+                trace,
+                spec,
+                &fm,
+                &fd,
+                disks.dev_dir,
+                None,
+                Some(devs),
+                result,
+            );
+        }
+        Err(e) => result.error = Some(format!("the flakey devices: {e}")),
+    }
+    for name in &names {
+        if let Err(e) = ctl.remove(name) {
+            if !matches!(&e, ShimError::Dm { source, .. } if source.raw_os_error() == Some(libc::ENXIO)) {
+                result.error = result.error.take().or(Some(format!("removing {name}: {e}")));
+            }
+        }
+    }
+    if let Ok(f) = OpenOptions::new().write(true).open(disks.metadata) {
+        let _ = f.sync_all();
     }
 }
 

@@ -398,6 +398,12 @@ pub enum JobKind {
     /// its log on the job's slice of the log disk, and a mark `op<i>` in
     /// the log after every op `i` (see [`mark_name`]).
     Logged,
+    /// As [`JobKind::Replay`], with the pool's metadata and data devices
+    /// each on dm-flakey (never down at first). A trace op `fault metadata
+    /// write-error` or `fault data write-error` swaps that device's table
+    /// to `error_writes`, always down (spec §7.3): from then on every write
+    /// to it fails with EIO. Other faults are `unsupported`.
+    Flakey,
 }
 
 /// The text of the log mark the agent drops after op `index` of a logged
@@ -429,7 +435,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
-        matches!(self, JobKind::Replay | JobKind::Logged)
+        matches!(self, JobKind::Replay | JobKind::Logged | JobKind::Flakey)
     }
 }
 
@@ -442,6 +448,7 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
         let line = match kind {
             JobKind::Replay => format!("job replay {}\n", text.len()),
             JobKind::Logged => format!("job logged {}\n", text.len()),
+            JobKind::Flakey => format!("job flakey {}\n", text.len()),
             JobKind::Activate { ids } => {
                 let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let ids = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
@@ -479,6 +486,7 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
         let kind = match (words[1], words.get(3)) {
             ("replay", None) => JobKind::Replay,
             ("logged", None) => JobKind::Logged,
+            ("flakey", None) => JobKind::Flakey,
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
             ("activate", Some(ids)) if words.len() == 4 => {
                 let ids: Result<Vec<u32>, _> = ids.split(',').map(str::parse).collect();
@@ -623,11 +631,13 @@ mod tests {
             (JobKind::Replay, text.clone()),
             (JobKind::Activate { ids: vec![0, 2] }, text.clone()),
             (JobKind::Activate { ids: vec![] }, text.clone()),
-            (JobKind::Logged, text),
+            (JobKind::Logged, text.clone()),
+            (JobKind::Flakey, text),
         ];
         let body = encode_request(&jobs);
         let back = decode_request(&body).unwrap();
-        assert_eq!(back.len(), 4);
+        assert_eq!(back.len(), 5);
+        assert_eq!(back[4].0, JobKind::Flakey);
         assert_eq!(back[3].0, JobKind::Logged);
         assert_eq!(back[1].0, JobKind::Activate { ids: vec![0, 2] });
         assert_eq!(back[2].0, JobKind::Activate { ids: vec![] });

@@ -227,13 +227,17 @@ pub enum Job {
     /// are carved out of one dm-log-writes device, with a mark after every
     /// op (see `protocol::JobKind::Logged`); the run carries the log.
     Logged(Trace),
+    /// Replay the trace on a fresh pool whose metadata and data devices
+    /// sit on dm-flakey; the trace's write-error faults make the device
+    /// fail every write from then on (see `protocol::JobKind::Flakey`).
+    Flakey(Trace),
 }
 
 impl Job {
     /// Its trace.
     pub fn trace(&self) -> &Trace {
         match self {
-            Job::Replay(t) | Job::Logged(t) | Job::Activate { trace: t, .. } => t,
+            Job::Replay(t) | Job::Logged(t) | Job::Flakey(t) | Job::Activate { trace: t, .. } => t,
         }
     }
 
@@ -242,6 +246,7 @@ impl Job {
         match self {
             Job::Replay(_) => JobKind::Replay,
             Job::Logged(_) => JobKind::Logged,
+            Job::Flakey(_) => JobKind::Flakey,
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
         }
     }

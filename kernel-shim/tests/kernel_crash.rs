@@ -270,3 +270,152 @@ fn crash_states_at_every_flush_and_fua_match_the_model() {
     assert!(points >= 10 * 3, "too few crash points: {points}");
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// A small trace on a 128-sector-block pool (no features).
+fn small_trace(seed: u64, ops: &[Op]) -> Trace {
+    let mut cfg = RunConfig::for_seed(seed, ops.len(), &CampaignSettings::default());
+    cfg.swarm = dmsim_faults::FaultSwarm::none();
+    cfg.thin.block_sectors = 128;
+    cfg.thin.data_blocks = 32;
+    cfg.thin.thin_blocks = 8;
+    cfg.thin.max_devices = 2;
+    cfg.thin.features = Default::default();
+    Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
+}
+
+/// The serialized model with faults: per op its outcome (`ok`, or the
+/// first error of its requests) and the pool's mode at the end.
+fn model_outcomes(trace: &Trace) -> (Vec<String>, String) {
+    let cfg = RunConfig::from_header(&trace.header).expect("a valid header");
+    let mut sim = dmsim_sim::thin::ThinSim::new(cfg.thin);
+    let mut out = Vec::new();
+    for op in trace.ops() {
+        let before = sim.events().len();
+        sim.apply(&op).expect("the model applies the op");
+        if kernel_replays(&op) || matches!(op, Op::Fault { .. }) {
+            sim.quiesce().expect("the model quiesces");
+        }
+        let errors: Vec<String> = sim.events()[before..]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Done { result, .. } if result != "ok" => Some(result.clone()),
+                _ => None,
+            })
+            .collect();
+        out.push(errors.first().cloned().unwrap_or_else(|| "ok".into()));
+    }
+    (out, sim.pool().mode().to_string())
+}
+
+/// The kernel's pool mode from its status line (spec §3.10).
+fn kernel_mode(status: &str) -> &'static str {
+    let words: Vec<&str> = status.split_whitespace().collect();
+    if words.first() == Some(&"Fail") {
+        "fail"
+    } else if words.contains(&"out_of_data_space") {
+        "out-of-data-space"
+    } else if words.contains(&"ro") {
+        "read-only"
+    } else {
+        "write"
+    }
+}
+
+/// dm-flakey: metadata writes start failing (the trace's `fault metadata
+/// write-error`); the kernel's pool aborts to its last commit and goes
+/// read-only exactly where the model does, with the same EIO results.
+/// Data write errors are reported (the model's fault is one failed write,
+/// flakey's `error_writes` fails every later one, so they may differ).
+#[test]
+fn metadata_write_errors_on_flakey_make_both_pools_read_only() {
+    let shim = match KernelShim::prepare() {
+        Ok(s) => s,
+        Err(e @ ShimError::Missing(_)) if !in_ci() => return eprintln!("SKIPPED: kernel flakey test: {e}"),
+        Err(e) => panic!("preparing the VM: {e}"),
+    };
+    use dmsim_traces::{DiskFault, DiskId};
+    let w = |sector, nr_sectors, fua| Op::Write { dev: 0, sector, nr_sectors, fua, preflush: false };
+    let fault = |disk| Op::Fault { disk, fault: DiskFault::WriteError { permanent: false } };
+    let read = |sector| Op::Read { dev: 0, sector, nr_sectors: 8 };
+    let cases: Vec<(&str, bool, Trace)> = vec![
+        (
+            "metadata error at a flush's commit",
+            true,
+            small_trace(
+                11,
+                &[
+                    Op::CreateThin,
+                    w(0, 128, false),
+                    Op::Flush { dev: 0 },
+                    fault(DiskId::Metadata),
+                    w(128, 128, false),
+                    Op::Flush { dev: 0 },
+                    w(0, 8, false),
+                    w(256, 8, false),
+                    read(128),
+                    read(0),
+                ],
+            ),
+        ),
+        (
+            "metadata error at a FUA write's commit",
+            true,
+            small_trace(
+                12,
+                &[
+                    Op::CreateThin,
+                    w(0, 64, false),
+                    fault(DiskId::Metadata),
+                    w(128, 16, true),
+                    w(512, 128, false),
+                    w(8, 8, false),
+                    read(0),
+                ],
+            ),
+        ),
+        (
+            "data error",
+            false,
+            small_trace(
+                13,
+                &[
+                    Op::CreateThin,
+                    w(0, 128, false),
+                    Op::Flush { dev: 0 },
+                    fault(DiskId::Data),
+                    w(0, 8, false),
+                    w(128, 8, false),
+                    Op::Flush { dev: 0 },
+                    read(0),
+                ],
+            ),
+        ),
+    ];
+    let jobs: Vec<Job> = cases.iter().map(|(_, _, t)| Job::Flakey(t.clone())).collect();
+    let t0 = Instant::now();
+    let runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the kernel runs: {e}"));
+    eprintln!("one boot for {} flakey jobs: {:?}", runs.len(), t0.elapsed());
+    let mut failures = Vec::new();
+    for ((what, strict, trace), run) in cases.iter().zip(&runs) {
+        assert_eq!(run.result.error, None, "{what}: the agent failed; console tail:\n{}", {
+            let lines: Vec<&str> = run.console.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        });
+        let kernel: Vec<String> = run
+            .result
+            .ops
+            .iter()
+            .map(|o| if o.outcome.starts_with("skipped") { "skipped".into() } else { o.outcome.clone() })
+            .collect();
+        let (model, model_mode) = model_outcomes(trace);
+        let kmode = kernel_mode(&run.result.pool_status);
+        eprintln!("{what}:");
+        eprintln!("  ops:    {:?}", trace.ops().map(|op| format!("{op:?}")).collect::<Vec<_>>());
+        eprintln!("  kernel: {kernel:?}, mode {kmode} (status {:?})", run.result.pool_status);
+        eprintln!("  model:  {model:?}, mode {model_mode}");
+        if *strict && (kernel != model || kmode != model_mode) {
+            failures.push(format!("{what}: kernel {kernel:?} {kmode}, model {model:?} {model_mode}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
