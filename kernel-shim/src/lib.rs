@@ -18,14 +18,16 @@
 //! [`replay_on_kernel`] for a single trace; [`equivalence`] compares the
 //! kernel's end state with the serialized simulator's at L1 (stamps and
 //! mappings), L2 (thin_dump) and L3 (metadata blocks).
-//! Not yet here: the io_uring userland engine, crash states through
-//! dm-log-writes, faults through dm-flakey.
+//! [`crash`] rebuilds the kernel's durable disks at every FLUSH/FUA point
+//! from a dm-log-writes log ([`logwrites`]) and holds them against the
+//! model's; flakey jobs inject write errors through dm-flakey.
+//! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod crash;
 pub mod dm;
 pub mod equivalence;
-pub mod crash;
 pub mod error;
 pub mod initramfs;
 pub mod logwrites;
