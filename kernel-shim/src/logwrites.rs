@@ -9,7 +9,7 @@
 //! they became durable: FUA writes on completion, other writes just before
 //! the FLUSH entry that covered them. Replaying a prefix of the log onto
 //! the device's initial content therefore gives what the device held
-//! durably at that point of the log ([`replay_into`]).
+//! durably at that point of the log ([`Log::replay_into`]).
 //!
 //! The parser ([`parse`]) is clean-room, trusts `nr_entries` (entries past
 //! it may be incomplete, §7.2), and reports truncated or garbage logs as a
