@@ -32,7 +32,7 @@
 //!    after every phase.
 //!
 //! Needs `qemu-system-x86_64` and `linux-image-amd64`; without them it
-//! prints SKIPPED, or fails under `CI=true`. About 20 s with the agent
+//! prints SKIPPED, or fails under `CI=true`. About 9 s with the agent
 //! already built.
 
 use std::collections::BTreeMap;
