@@ -19,26 +19,34 @@
 //! [`lock`] hides lock poisoning: a panic while a pool lock is held is a bug
 //! in the model, and the harnesses want that panic, not a second one.
 //! [`thread`] gives the harnesses threads and a yield that the checkers
-//! understand (a spin loop must yield to them, or it never ends).
+//! understand (a spin loop must yield to them, or it never ends);
+//! [`Condvar`] lets a harness thread block until something changed, which
+//! loom needs: two threads spinning with yields can hand the processor to
+//! each other for ever, so loom's paths never end.
 
 #[cfg(loom)]
 pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub use loom::sync::{Arc, Mutex, MutexGuard};
+pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[cfg(all(feature = "shuttle", not(loom)))]
 pub use shuttle::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(all(feature = "shuttle", not(loom)))]
-pub use shuttle::sync::{Arc, Mutex, MutexGuard};
+pub use shuttle::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[cfg(not(any(loom, feature = "shuttle")))]
 pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(any(loom, feature = "shuttle")))]
-pub use std::sync::{Arc, Mutex, MutexGuard};
+pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Takes `mutex`, ignoring poisoning (see the module docs).
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Waits on `condvar` with `guard`, ignoring poisoning.
+pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Consumes `mutex` and returns its value, ignoring poisoning.
@@ -50,7 +58,22 @@ pub fn into_inner<T>(mutex: Mutex<T>) -> T {
 /// submitters, worker and completion contexts with these.
 pub mod thread {
     #[cfg(loom)]
-    pub use loom::thread::{spawn, yield_now, JoinHandle};
+    pub use loom::thread::{yield_now, JoinHandle};
+
+    /// Stack of a thread under loom: its coroutines' default is too small
+    /// for the metadata code, which recurses through btrees.
+    #[cfg(loom)]
+    pub const LOOM_STACK: usize = 8 << 20;
+
+    /// `spawn`, with a stack of [`LOOM_STACK`] bytes.
+    #[cfg(loom)]
+    pub fn spawn<F, T>(f: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        loom::thread::Builder::new().stack_size(LOOM_STACK).spawn(f).expect("loom spawns")
+    }
 
     #[cfg(all(feature = "shuttle", not(loom)))]
     pub use shuttle::thread::{spawn, yield_now, JoinHandle};

@@ -51,7 +51,7 @@ use std::sync::Mutex as StdMutex;
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::errno::Errno;
 use dmsim_model::mutation::Mutations;
-use dmsim_model::sync::{lock, thread, Arc, AtomicUsize, Mutex, Ordering};
+use dmsim_model::sync::{lock, thread, wait, Arc, AtomicUsize, Condvar, Mutex, Ordering};
 use dmsim_model::thin::pool::{
     BioId, BioRequest, Completion, DataIoKind, IoInfo, LockingDesign, Pool, PoolOptions,
 };
@@ -205,12 +205,68 @@ pub struct Run {
     /// Loom explores thread orders, not values, so its runs complete the
     /// oldest; shuttle's pick at random from its own seeded generator.
     pub pick: fn(usize) -> usize,
+    /// How the pool's own contexts are laid out on threads.
+    pub background: Background,
 }
 
 impl Run {
-    /// `locking`, no mutations, oldest I/O first.
+    /// `locking`, no mutations, oldest I/O first, a worker thread and a
+    /// completion thread.
     pub fn new(locking: LockingDesign) -> Self {
-        Run { locking, mutations: Mutations::default(), pick: |_| 0 }
+        Run { locking, mutations: Mutations::default(), pick: |_| 0, background: Background::Separate }
+    }
+}
+
+/// Which threads run the pool's own contexts beside the submitters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Background {
+    /// A worker thread (the timer too, where the scenario asks) and a
+    /// completion thread, both running until the whole run is over
+    /// (shuttle's models).
+    Separate,
+    /// One thread that runs worker passes, completes data I/O and fires the
+    /// timer, and ends once every submitter has finished; the main thread
+    /// then settles what is left, single-threaded, before the checks
+    /// (loom's models: one thread fewer and no idle tail to interleave).
+    /// Completions still race the submitters' map path; what this drops is
+    /// a completion landing in the middle of a worker pass.
+    Combined,
+    /// A worker thread (and timer) and a completion thread, both running
+    /// until the whole run is over, blocking while there is nothing to do.
+    /// For loom models that need a completion in the middle of a worker
+    /// pass (with one submitter, to stay within loom's budget).
+    Split,
+}
+
+/// The pool's devices after a scenario's set-up, closed: built once
+/// ([`prepare`]) and loaded by every execution of a model, instead of
+/// formatting the metadata and running the set-up each time.
+#[derive(Clone)]
+pub struct Image {
+    metadata: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({} + {} bytes)", self.metadata.len(), self.data.len())
+    }
+}
+
+/// Runs `scenario`'s set-up single-threaded and returns the closed pool's
+/// devices. Must run inside a checker execution (a `loom::model` with one
+/// thread does), as every pool lock belongs to the checker.
+pub fn prepare(scenario: &Scenario, run: Run) -> Image {
+    let shared = build(scenario, run, None);
+    for &step in &scenario.setup {
+        shared.step(step);
+        settle(&shared);
+    }
+    let failures = std::mem::take(&mut shared.books().failures);
+    assert!(failures.is_empty(), "{}: the set-up failed: {}", scenario.name, failures.join("; "));
+    match shared.pool.close() {
+        Ok((metadata, data)) => Image { metadata: metadata.into_bytes(), data: data.into_bytes() },
+        Err((_, e)) => panic!("{}: the pool did not close after the set-up: {e}", scenario.name),
     }
 }
 
@@ -295,9 +351,40 @@ struct Shared {
     /// The origin's suspension around a snapshot, in the model's locks so
     /// that the checkers see the waiting.
     gate: Mutex<Gate>,
+    /// Counts the harness's changes to the pool and the books; with
+    /// [`Self::changed`], what an idle thread blocks on (all but
+    /// [`Background::Separate`], whose threads spin with yields).
+    events: Mutex<u64>,
+    changed: Condvar,
 }
 
 impl Shared {
+    /// The change count now, read before checking a condition to wait on.
+    fn seen(&self) -> u64 {
+        *lock(&self.events)
+    }
+
+    /// Something changed: wakes the threads waiting in [`Self::idle`].
+    fn bump(&self) {
+        if self.run.background != Background::Separate {
+            *lock(&self.events) += 1;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Nothing to do since the change count was `seen`: yields (spinning
+    /// designs) or blocks until the next change.
+    fn idle(&self, seen: u64) {
+        if self.run.background == Background::Separate {
+            thread::yield_now();
+            return;
+        }
+        let mut events = lock(&self.events);
+        while *events == seen {
+            events = wait(&self.changed, events);
+        }
+    }
+
     fn books(&self) -> std::sync::MutexGuard<'_, Books> {
         self.books.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -333,8 +420,13 @@ impl Shared {
                 // I/O back); a write still in flight could otherwise land
                 // in the block the snapshot now shares.
                 lock(&self.gate).suspended.push(origin);
-                while !self.drained(origin) {
-                    thread::yield_now();
+                self.bump();
+                loop {
+                    let seen = self.seen();
+                    if self.drained(origin) {
+                        break;
+                    }
+                    self.idle(seen);
                 }
                 let r = pool.message(&format!("create_snap {dev} {origin}"));
                 let r = r.and_then(|()| pool.activate_thin(u64::from(dev), self.thin_sectors()));
@@ -348,6 +440,7 @@ impl Shared {
                     Err(e) => fail(e.to_string()),
                 }
                 lock(&self.gate).suspended.retain(|d| *d != origin);
+                self.bump();
                 return None;
             }
             Step::Delete(dev) => {
@@ -424,13 +517,14 @@ impl Shared {
     /// Waits while `dev` is suspended, then counts a submission under way.
     fn enter(&self, dev: DevId) {
         loop {
+            let seen = self.seen();
             let mut gate = lock(&self.gate);
             if !gate.suspended.contains(&dev) {
                 gate.submitting += 1;
                 return;
             }
             drop(gate);
-            thread::yield_now();
+            self.idle(seen);
         }
     }
 
@@ -555,17 +649,105 @@ fn completion_thread(shared: &Shared) {
     }
 }
 
+/// The worker, the completion context and the timer on one thread, until
+/// every submitter has finished (see [`Background::Combined`]).
+fn background_thread(shared: &Shared) {
+    let pool = &shared.pool;
+    loop {
+        let seen = shared.seen();
+        if pool.worker_wanted() {
+            pool.run_worker();
+            shared.drain_completions();
+            shared.bump();
+        } else if shared.complete_one() {
+            shared.bump();
+        } else if let Some(deadline) = pool.no_space_deadline().filter(|_| shared.scenario.timer) {
+            pool.set_time(deadline);
+            shared.drain_completions();
+            shared.bump();
+        } else if shared.submitters_done() {
+            return;
+        } else {
+            shared.idle(seen);
+        }
+    }
+}
+
+impl Shared {
+    /// Whether every submitter has finished its program.
+    fn submitters_done(&self) -> bool {
+        self.submitters_done.load(Ordering::SeqCst) == self.scenario.submitters.len()
+    }
+
+    /// Completes one data I/O in flight, if any, with the checks around it.
+    fn complete_one(&self) -> bool {
+        let ios = self.pool.in_flight_io();
+        self.check_in_flight(&ios);
+        if ios.is_empty() {
+            return false;
+        }
+        let io = ios[(self.run.pick)(ios.len()) % ios.len()];
+        self.check_completing(&io);
+        if let Err(e) = self.pool.complete_io(io.id) {
+            self.books().fail(format!("complete_io: {e}"));
+        }
+        self.drain_completions();
+        true
+    }
+}
+
+/// The worker (and timer) of [`Background::Split`].
+fn split_worker_thread(shared: &Shared) {
+    let pool = &shared.pool;
+    loop {
+        let seen = shared.seen();
+        if pool.worker_wanted() {
+            pool.run_worker();
+            shared.drain_completions();
+            shared.bump();
+        } else if let Some(deadline) = pool.no_space_deadline().filter(|_| shared.scenario.timer) {
+            pool.set_time(deadline);
+            shared.drain_completions();
+            shared.bump();
+        } else if shared.finished() {
+            return;
+        } else {
+            shared.idle(seen);
+        }
+    }
+}
+
+/// The completion context of [`Background::Split`].
+fn split_completion_thread(shared: &Shared) {
+    loop {
+        let seen = shared.seen();
+        if shared.complete_one() {
+            shared.bump();
+        } else if shared.finished() {
+            return;
+        } else {
+            shared.idle(seen);
+        }
+    }
+}
+
 fn submitter_thread(shared: &Shared, program: &[Step]) {
     let mut mine = Vec::new();
     for &step in program {
         if step == Step::WaitMine {
-            while !mine.iter().all(|id| shared.books().completed.contains_key(id)) {
-                thread::yield_now();
+            loop {
+                let seen = shared.seen();
+                if mine.iter().all(|id| shared.books().completed.contains_key(id)) {
+                    break;
+                }
+                shared.idle(seen);
             }
         }
         mine.extend(shared.step(step));
+        shared.bump();
     }
     shared.submitters_done.fetch_add(1, Ordering::SeqCst);
+    shared.bump();
 }
 
 /// Single-threaded: runs the worker and completes I/O, oldest first, until
@@ -577,7 +759,7 @@ fn settle(shared: &Shared) {
             shared.pool.run_worker();
         } else if let Some(io) = shared.pool.in_flight_io().first() {
             let _ = shared.pool.complete_io(io.id);
-        } else if let Some(deadline) = shared.pool.no_space_deadline() {
+        } else if let Some(deadline) = shared.pool.no_space_deadline().filter(|_| shared.scenario.timer) {
             shared.pool.set_time(deadline);
         } else {
             return;
@@ -586,7 +768,7 @@ fn settle(shared: &Shared) {
     shared.books().fail("the pool never settled".to_string());
 }
 
-fn build(scenario: &Scenario, run: Run) -> Shared {
+fn build(scenario: &Scenario, run: Run, image: Option<&Image>) -> Shared {
     let table = PoolTable {
         metadata_dev: "/dev/meta".into(),
         data_dev: "/dev/data".into(),
@@ -594,14 +776,21 @@ fn build(scenario: &Scenario, run: Run) -> Shared {
         low_water_mark: 0,
         features: scenario.features,
     };
-    let data = MemDevice::from_bytes(vec![GARBAGE; (scenario.data_blocks * BLOCK * 512) as usize]);
-    let options = PoolOptions { mutations: run.mutations, ..PoolOptions::default() };
+    let (metadata, data) = match image {
+        Some(image) => {
+            (MemDevice::from_bytes(image.metadata.clone()), MemDevice::from_bytes(image.data.clone()))
+        }
+        None => (
+            MemDevice::new(META_SECTORS),
+            MemDevice::from_bytes(vec![GARBAGE; (scenario.data_blocks * BLOCK * 512) as usize]),
+        ),
+    };
+    let options = PoolOptions { mutations: run.mutations, locking: run.locking, ..PoolOptions::default() };
     let len = scenario.data_blocks * BLOCK;
-    let pool =
-        Pool::create_with_locking(table, len, MemDevice::new(META_SECTORS), data, options, run.locking)
-            .unwrap_or_else(|e| panic!("{}: the pool did not load: {e}", scenario.name));
+    let pool = Pool::create(table, len, metadata, data, options)
+        .unwrap_or_else(|e| panic!("{}: the pool did not load: {e}", scenario.name));
     let oracle = Oracle::new(OracleConfig::new(RUN, BLOCK));
-    Shared {
+    let shared = Shared {
         scenario: scenario.clone(),
         run,
         pool,
@@ -616,28 +805,115 @@ fn build(scenario: &Scenario, run: Run) -> Shared {
         }),
         submitters_done: AtomicUsize::new(0),
         gate: Mutex::new(Gate::default()),
+        events: Mutex::new(0),
+        changed: Condvar::new(),
+    };
+    if image.is_some() {
+        shared.restore_setup();
+    }
+    shared
+}
+
+impl Shared {
+    /// With the set-up already in the image: activates the devices it left
+    /// and tells the oracle what it did (the same write numbers, so the
+    /// stamps on the data device match).
+    fn restore_setup(&self) {
+        let mut active: Vec<DevId> = Vec::new();
+        let mut books = self.books();
+        let books = &mut *books;
+        for &step in &self.scenario.setup {
+            let r = match step {
+                Step::CreateThin(dev) => {
+                    active.push(dev);
+                    books.oracle.create_thin(dev, self.thin_sectors()).map_err(|e| e.to_string())
+                }
+                Step::CreateSnap { dev, origin } => {
+                    active.push(dev);
+                    books.oracle.create_snap(dev, origin).map_err(|e| e.to_string())
+                }
+                Step::Delete(dev) => {
+                    active.retain(|d| *d != dev);
+                    books.oracle.delete(dev).map_err(|e| e.to_string())
+                }
+                Step::Write { dev, sector, nr, fua } => {
+                    books.next_write += 1;
+                    let w = books.next_write;
+                    books
+                        .oracle
+                        .write_submitted(dev, sector, nr, w, fua)
+                        .and_then(|t| books.oracle.write_completed(t, true))
+                        .map_err(|e| e.to_string())
+                }
+                Step::Discard { dev, sector, nr } => books
+                    .oracle
+                    .discard_submitted(dev, sector, nr)
+                    .and_then(|t| books.oracle.discard_completed(t, true))
+                    .map_err(|e| e.to_string()),
+                Step::Flush(dev) => books
+                    .oracle
+                    .flush_submitted(dev)
+                    .and_then(|t| books.oracle.flush_completed(t, true))
+                    .map_err(|e| e.to_string()),
+                // A read changes nothing the oracle keeps.
+                Step::Read { .. } | Step::WaitMine => Ok(()),
+            };
+            if let Err(e) = r {
+                books.fail(format!("set-up {step:?}: {e}"));
+            }
+        }
+        for dev in active {
+            if let Err(e) = self.pool.activate_thin(u64::from(dev), self.thin_sectors()) {
+                books.fail(format!("activating {dev} from the image: {e}"));
+            }
+        }
     }
 }
 
 /// One execution of `scenario`: the body of a `loom::model` or a shuttle
 /// check. Panics with every failed check.
 pub fn execute(scenario: &Scenario, run: Run) {
-    let shared = Arc::new(build(scenario, run));
-    for &step in &scenario.setup {
-        shared.step(step);
-        settle(&shared);
+    execute_on(scenario, run, None);
+}
+
+/// [`execute`], starting from `image` (the scenario's set-up done, see
+/// [`prepare`]) when given.
+pub fn execute_on(scenario: &Scenario, run: Run, image: Option<&Image>) {
+    let shared = Arc::new(build(scenario, run, image));
+    if image.is_none() {
+        for &step in &scenario.setup {
+            shared.step(step);
+            settle(&shared);
+        }
     }
     let mut threads = Vec::new();
     for program in scenario.submitters.clone() {
         let s = shared.clone();
         threads.push(thread::spawn(move || submitter_thread(&s, &program)));
     }
-    let s = shared.clone();
-    threads.push(thread::spawn(move || worker_thread(&s)));
-    let s = shared.clone();
-    threads.push(thread::spawn(move || completion_thread(&s)));
+    match run.background {
+        Background::Separate => {
+            let s = shared.clone();
+            threads.push(thread::spawn(move || worker_thread(&s)));
+            let s = shared.clone();
+            threads.push(thread::spawn(move || completion_thread(&s)));
+        }
+        Background::Combined => {
+            let s = shared.clone();
+            threads.push(thread::spawn(move || background_thread(&s)));
+        }
+        Background::Split => {
+            let s = shared.clone();
+            threads.push(thread::spawn(move || split_worker_thread(&s)));
+            let s = shared.clone();
+            threads.push(thread::spawn(move || split_completion_thread(&s)));
+        }
+    }
     for t in threads {
         t.join().expect("a harness thread panicked");
+    }
+    if run.background != Background::Separate {
+        settle(&shared);
     }
     finish(&shared);
 }

@@ -248,6 +248,7 @@ impl RunConfig {
                         "fix.read_only_shared_reads_wait_for_copies",
                     )?,
                 },
+                ..PoolOptions::default()
             },
         };
         let sane = |what: &str, v: u64, lo: u64, hi: u64| {

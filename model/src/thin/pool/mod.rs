@@ -122,6 +122,10 @@ pub struct PoolOptions {
     /// Candidate fixes for kernel bugs dmsim found (all off by default: the
     /// model behaves as kernel 6.1 does).
     pub fixes: KernelFixes,
+    /// How the bio prison is locked (the concurrency design; kernel 6.1's
+    /// by default). The simulator single-steps the pool, so the design
+    /// changes nothing it observes; the concurrency harnesses run each.
+    pub locking: LockingDesign,
 }
 
 impl Default for PoolOptions {
@@ -130,6 +134,7 @@ impl Default for PoolOptions {
             no_space_timeout: DEFAULT_NO_SPACE_TIMEOUT,
             mutations: Mutations::default(),
             fixes: KernelFixes::default(),
+            locking: LockingDesign::Kernel61,
         }
     }
 }
@@ -396,26 +401,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// resumes the pool: the constructor (open the metadata, formatting a
     /// zeroed device), then preresume (take the mode from the table, grow the
     /// data and metadata space maps to the devices' sizes, commit if they
-    /// grew) and resume.
+    /// grew) and resume. The prison is locked as `options.locking`
+    /// prescribes.
     pub fn create(
         table: PoolTable,
         len_sectors: u64,
         metadata: M,
         data: D,
         options: PoolOptions,
-    ) -> Result<Self, TargetError> {
-        Self::create_with_locking(table, len_sectors, metadata, data, options, LockingDesign::Kernel61)
-    }
-
-    /// [`Pool::create`] with the prison locked as `locking` prescribes (the
-    /// concurrency harnesses run each design).
-    pub fn create_with_locking(
-        table: PoolTable,
-        len_sectors: u64,
-        metadata: M,
-        data: D,
-        options: PoolOptions,
-        locking: LockingDesign,
     ) -> Result<Self, TargetError> {
         let block_sectors = u64::from(table.data_block_size);
         let mut md = ThinMetadata::open(metadata, table.data_block_size, !table.features.read_only)
@@ -424,6 +417,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         // The model's data devices always accept discards.
         let passdown = DiscardWord::in_effect(&table.features, true) == DiscardWord::DiscardPassdown;
         let error_if_no_space = table.features.error_if_no_space;
+        let locking = options.locking;
         let pool = Pool {
             block_sectors,
             passdown,
