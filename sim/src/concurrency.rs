@@ -186,6 +186,21 @@ impl Scenario {
         }
     }
 
+    /// The virtual blocks any step or read-back touches: no other block
+    /// can be mapped.
+    pub fn touched_blocks(&self) -> std::collections::BTreeSet<u64> {
+        let steps = self.setup.iter().chain(self.submitters.iter().flatten());
+        let ranges = steps
+            .filter_map(|step| match *step {
+                Step::Write { sector, nr, .. }
+                | Step::Read { sector, nr, .. }
+                | Step::Discard { sector, nr, .. } => Some((sector, nr)),
+                _ => None,
+            })
+            .chain(self.read_back.iter().map(|&(_, sector, nr)| (sector, nr)));
+        ranges.flat_map(|(sector, nr)| sector / BLOCK..(sector + nr).div_ceil(BLOCK)).collect()
+    }
+
     /// Threads one execution spawns (loom models at most four besides the
     /// main thread).
     pub fn threads(&self) -> usize {
@@ -582,7 +597,7 @@ impl Shared {
         self.pool.with_metadata(|md| {
             let mut found = Vec::new();
             for dev in devs {
-                for v in 0..self.scenario.thin_blocks {
+                for v in self.scenario.touched_blocks() {
                     if let Ok(Some(r)) = md.find_block(dev, v) {
                         if r.block == block {
                             found.push((dev, v));
@@ -1052,6 +1067,25 @@ pub mod scenarios {
         }
     }
 
+    /// The first virtual block of the second prison region of the
+    /// regions design.
+    pub const REGION_EDGE: u64 = 1024;
+
+    /// A write straddling virtual blocks 1023 and 1024 races a discard of
+    /// both: in the regions design their cells live in two prison regions
+    /// (two locks) and the discard is split at the boundary, so this is
+    /// where the designs' locking really differs.
+    pub fn write_vs_discard_across_regions() -> Scenario {
+        let edge = REGION_EDGE * BLOCK;
+        Scenario {
+            thin_blocks: REGION_EDGE + 1,
+            setup: vec![Step::CreateThin(0), write(0, edge - BLOCK, 2 * BLOCK)],
+            submitters: vec![vec![write(0, edge - 8, 16)], vec![discard(0, edge - BLOCK, 2 * BLOCK)]],
+            read_back: vec![(0, edge - BLOCK, 2 * BLOCK)],
+            ..Scenario::new("write vs. discard across a prison region boundary")
+        }
+    }
+
     /// Every scenario.
     pub fn all() -> Vec<Scenario> {
         vec![
@@ -1062,6 +1096,7 @@ pub mod scenarios {
             write_vs_snapshot_delete(),
             flush_vs_provisioning(),
             out_of_space(),
+            write_vs_discard_across_regions(),
         ]
     }
 }

@@ -115,6 +115,11 @@ fn out_of_space_while_bios_are_queued() {
     check(scenarios::out_of_space());
 }
 
+#[test]
+fn write_vs_discard_across_a_region_boundary() {
+    check(scenarios::write_vs_discard_across_regions());
+}
+
 /// Runs `scenario` with the locking mutation `name` under both schedulers
 /// until one fails; returns the saved schedule and the failure's message.
 fn catch(scenario: &Scenario, name: &str, locking: LockingDesign) -> (PathBuf, String) {
