@@ -549,17 +549,7 @@ fn linear(
         target_type: "linear".into(),
         params: format!("{} {offset}", block_dev_num(disk)?.table_name()),
     };
-    ctl.create(name)?;
-    let dev = match ctl.load(name, &[table], false).and_then(|_| ctl.resume(name)) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = ctl.remove(name);
-            return Err(e);
-        }
-    };
-    let path = dev_dir.join(format!("dm-{}", dev.minor));
-    wait_for(&path)?;
-    Ok(path)
+    device(ctl, name, &[table], dev_dir)
 }
 
 /// A device-mapper device of `targets`, created and resumed: its node.

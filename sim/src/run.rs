@@ -18,9 +18,9 @@ use dmsim_faults::{FaultCoverage, FaultSwarm};
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::{KernelFixes, PoolOptions};
 use dmsim_model::thin::table::PoolFeatures;
-use dmsim_traces::minimize::{ddmin, simpler_ops, simplify_each};
+use dmsim_traces::minimize::minimize_ops;
 use dmsim_traces::text::to_text;
-use dmsim_traces::{Event, Header, Op, Trace};
+use dmsim_traces::{Header, Op, Trace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -480,14 +480,7 @@ pub fn minimize(
     if !still_fails(&ops) {
         return Err(ReplayError(format!("the trace's violation ({signature}) does not recur on replay")));
     }
-    let shrunk = ddmin(&ops, &mut still_fails);
-    let simplified = simplify_each(shrunk, simpler_ops, &mut still_fails);
-    let shrunk = ddmin(&simplified, &mut still_fails);
+    let (shrunk, _) = minimize_ops(&ops, &mut still_fails);
     let outcome = run_ops(&cfg, &shrunk, checkers);
     Ok(Minimized { ops_after: shrunk.len(), ops_before: ops.len(), trace: outcome.trace, runs, signature })
-}
-
-/// Whether an event is an op (for counting).
-pub fn is_op(e: &Event) -> bool {
-    matches!(e, Event::Op(_))
 }
