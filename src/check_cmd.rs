@@ -28,6 +28,7 @@ use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
+use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::campaign::{self, CampaignConfig, SeedOutcome, ViolationKind};
 use dmsim_sim::run::{
     first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
@@ -89,6 +90,11 @@ pub struct CheckArgs {
     /// choice.
     #[arg(long, value_parser = workload_parser())]
     pub workload: Option<Workload>,
+    /// The pool's locking design in the thin campaign: kernel-6.1 (the
+    /// kernel's), regions-6.4 or refcount-sharing (a patch under study;
+    /// see the README's Concurrency checks).
+    #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
+    pub locking: LockingDesign,
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long)]
     pub jobs: Option<usize>,
@@ -190,6 +196,14 @@ pub fn parse_mutation(s: &str) -> Result<Mutations, String> {
     Mutations::by_name(s).ok_or_else(|| {
         let names: Vec<_> = Mutations::ALL.iter().map(|(n, _)| *n).collect();
         format!("unknown mutation {s:?}; known: {}", names.join(", "))
+    })
+}
+
+/// Parses a locking design's name.
+pub fn parse_locking(s: &str) -> Result<LockingDesign, String> {
+    LockingDesign::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = LockingDesign::ALL.iter().map(|d| d.name()).collect();
+        format!("unknown locking design {s:?}; known: {}", names.join(", "))
     })
 }
 
@@ -339,7 +353,12 @@ pub fn run(args: CheckArgs) -> ExitCode {
     let plan = Plan {
         kind: args.campaign,
         ops: args.ops,
-        settings: CampaignSettings { mutations, kernel_as_is: args.kernel_as_is, workload: args.workload },
+        settings: CampaignSettings {
+            mutations,
+            kernel_as_is: args.kernel_as_is,
+            workload: args.workload,
+            locking: args.locking,
+        },
         metadata: CampaignConfig {
             seeds: seeds.clone(),
             ops_per_seed: args.metadata_ops,
@@ -602,6 +621,9 @@ impl Summary {
         if plan.settings.kernel_as_is {
             println!("  (kernel as is: the candidate kernel fixes are off)");
         }
+        if plan.settings.locking != LockingDesign::default() {
+            println!("  (locking design: {})", plan.settings.locking.name());
+        }
         if plan.kind.thin() {
             let workload =
                 plan.settings.workload.map_or("each seed's own".to_string(), |w| w.name().to_string());
@@ -789,6 +811,7 @@ impl Summary {
             "wall_seconds": wall.as_secs_f64(),
             "mutations": plan.settings.mutations.names(),
             "kernel_as_is": plan.settings.kernel_as_is,
+            "locking": plan.settings.locking.name(),
             "thin": thin,
             "metadata": metadata,
             "determinism": {
@@ -863,6 +886,9 @@ fn hidden_flags(args: &CheckArgs) -> String {
     }
     if args.kernel_as_is {
         s.push_str(" --kernel-as-is");
+    }
+    if args.locking != LockingDesign::default() {
+        s.push_str(&format!(" --locking {}", args.locking.name()));
     }
     s
 }

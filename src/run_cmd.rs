@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use dmsim_model::mutation::Mutations;
+use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::run::{run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload};
 
-use crate::check_cmd::{parse_mutation, when, workload_parser};
+use crate::check_cmd::{parse_locking, parse_mutation, when, workload_parser};
 use crate::trace_file::{self, Encoding};
 
 /// Options of `dmsim run`.
@@ -23,6 +24,9 @@ pub struct RunArgs {
     /// Force a workload instead of the seed's choice.
     #[arg(long, value_parser = workload_parser())]
     pub workload: Option<Workload>,
+    /// The pool's locking design (see `dmsim check --locking`).
+    #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
+    pub locking: LockingDesign,
     /// Write the run's trace here (text; binary with --binary or a .bin
     /// extension).
     #[arg(long)]
@@ -44,6 +48,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         mutations: args.mutation.unwrap_or_default(),
         kernel_as_is: args.kernel_as_is,
         workload: args.workload,
+        locking: args.locking,
     };
     let cfg = RunConfig::for_seed(args.seed, args.ops, &settings);
     let checkers = Checkers::from_path();

@@ -36,6 +36,12 @@ pub struct Mutations {
     /// The commit does not flush the data device first: committed mappings
     /// can point at data that never became durable.
     pub data_not_flushed_before_commit: bool,
+    /// `LockingDesign::RefcountSharing` only (no effect elsewhere): a block
+    /// counts as unshared when the current transaction says so, without
+    /// asking the last commit. A write then goes in place into a block that
+    /// a snapshot deleted or discarded in this transaction still maps in
+    /// the state a crash goes back to.
+    pub refcount_ignores_last_commit: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -62,17 +68,30 @@ pub struct LockingMutations {
     /// discards a block that a write is still in flight to.
     pub discard_skips_io_wait: bool,
     /// The map path's fast path remaps a mapped, unshared block without
-    /// taking its data-block cell, so it ignores a break-sharing copy or a
-    /// discard that holds that cell and writes to the old block.
+    /// taking its data-block cell, so it ignores a break-sharing copy that
+    /// holds that cell and writes to the copy's source. Harmless in the
+    /// kernel's designs, where such a block is never unshared (see
+    /// `LockingDesign::RefcountSharing`); caught in that design.
     pub fast_path_skips_data_cell: bool,
+    /// `LockingDesign::RefcountSharing` only: the worker remaps a mapped,
+    /// unshared block without taking its data-block cell (as 6.1 does), so
+    /// a write deferred to the worker lands in a copy's source.
+    pub worker_skips_data_cell: bool,
+    /// `LockingDesign::RefcountSharing` only: the fast path does not look
+    /// the block up again once it holds the data cell, so a copy that
+    /// finished between its lookup and its detain goes unnoticed and the
+    /// write lands in the copy's freed source.
+    pub fast_path_skips_recheck: bool,
 }
 
 impl LockingMutations {
     /// Every locking mutation with its name.
-    pub const ALL: [(&'static str, LockingSwitch); 3] = [
+    pub const ALL: [(&'static str, LockingSwitch); 5] = [
         ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
         ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
         ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),
+        ("worker-skips-data-cell", |m| m.worker_skips_data_cell = true),
+        ("fast-path-skips-recheck", |m| m.fast_path_skips_recheck = true),
     ];
 
     /// The locking mutation named `name` (see [`Self::ALL`]), as
@@ -87,7 +106,7 @@ impl LockingMutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 8] = [
+    pub const ALL: [(&'static str, Switch); 9] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
         ("skip-zeroing", |m| m.skip_zeroing = true),
@@ -96,6 +115,7 @@ impl Mutations {
         ("passdown-ignores-sharing", |m| m.passdown_ignores_sharing = true),
         ("fua-before-commit", |m| m.fua_before_commit = true),
         ("data-not-flushed-before-commit", |m| m.data_not_flushed_before_commit = true),
+        ("refcount-ignores-last-commit", |m| m.refcount_ignores_last_commit = true),
     ];
 
     /// The mutations that break the metadata commit protocol (caught by the

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use dmsim_faults::{FaultCoverage, FaultSwarm};
 use dmsim_model::mutation::Mutations;
-use dmsim_model::thin::pool::{KernelFixes, PoolOptions};
+use dmsim_model::thin::pool::{KernelFixes, LockingDesign, PoolOptions};
 use dmsim_model::thin::table::PoolFeatures;
 use dmsim_traces::minimize::minimize_ops;
 use dmsim_traces::text::to_text;
@@ -109,6 +109,8 @@ pub struct CampaignSettings {
     pub kernel_as_is: bool,
     /// Force one workload instead of the seed's choice.
     pub workload: Option<Workload>,
+    /// The pool's locking design (the kernel's by default).
+    pub locking: LockingDesign,
 }
 
 impl RunConfig {
@@ -130,7 +132,8 @@ impl RunConfig {
             ..PoolFeatures::default()
         };
         let fixes = if settings.kernel_as_is { KernelFixes::default() } else { KernelFixes::ALL };
-        let options = PoolOptions { mutations: settings.mutations, fixes, ..PoolOptions::default() };
+        let options =
+            PoolOptions { mutations: settings.mutations, fixes, locking: settings.locking, ..PoolOptions::default() };
         RunConfig {
             seed,
             workload,
@@ -183,6 +186,11 @@ impl RunConfig {
                 flag(t.options.fixes.read_only_shared_reads_wait_for_copies),
             ),
         ];
+        // Only a design other than the kernel's is recorded, so traces of
+        // the default runs keep their bytes.
+        if t.options.locking != LockingDesign::default() {
+            params.push(("locking".to_string(), t.options.locking.name().to_string()));
+        }
         params.extend(self.swarm.params().into_iter().map(|(k, v)| (format!("swarm.{k}"), v)));
         Header { seed: self.seed, workload: self.workload.name().to_string(), params }
     }
@@ -248,7 +256,11 @@ impl RunConfig {
                         "fix.read_only_shared_reads_wait_for_copies",
                     )?,
                 },
-                ..PoolOptions::default()
+                locking: match h.param("locking") {
+                    None => LockingDesign::default(),
+                    Some(name) => LockingDesign::from_name(name)
+                        .ok_or_else(|| format!("trace header: unknown locking design {name:?}"))?,
+                },
             },
         };
         let sane = |what: &str, v: u64, lo: u64, hi: u64| {

@@ -1,5 +1,5 @@
 //! The pool's concurrent core under loom: the harnesses of
-//! [`dmsim_sim::concurrency`] in both locking designs, every interleaving of
+//! [`dmsim_sim::concurrency`] in every locking design, every interleaving of
 //! their threads up to preemption bound 2 (`LOOM_MAX_PREEMPTIONS` sets
 //! another; `DMSIM_LOOM_UNBOUNDED=1` searches without a bound: hours).
 //!
@@ -132,6 +132,11 @@ fn write_vs_snapshot() {
     check(scenarios::write_vs_snapshot());
 }
 
+#[test]
+fn write_vs_snapshot_delete_during_break_sharing() {
+    check(scenarios::write_vs_snapshot_delete());
+}
+
 /// The worker and the completion context on threads of their own.
 fn split() -> Background {
     Background::Split
@@ -151,7 +156,11 @@ fn detector(scenario: Scenario, name: &str) {
 }
 
 fn detector_with(scenario: Scenario, name: &str, background: Background) {
-    for locking in LockingDesign::ALL {
+    detector_in(scenario, name, background, &LockingDesign::ALL);
+}
+
+fn detector_in(scenario: Scenario, name: &str, background: Background, designs: &[LockingDesign]) {
+    for &locking in designs {
         let mutations = LockingMutations::by_name(name).expect("a locking mutation");
         let start = Instant::now();
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -181,4 +190,18 @@ fn detector_release_cell_before_insert() {
 #[test]
 fn detector_discard_skips_io_wait() {
     detector(scenarios::write_vs_discard(), "discard-skips-io-wait");
+}
+
+/// Where sharing is decided by reference counts, the fast path's data cell
+/// is what keeps a write out of a block a copy still reads (see the
+/// shuttle test of the same name for why the kernel's designs never need
+/// it).
+#[test]
+fn detector_fast_path_skips_data_cell() {
+    detector_in(
+        scenarios::write_vs_snapshot_delete(),
+        "fast-path-skips-data-cell",
+        Background::Combined,
+        &[LockingDesign::RefcountSharing],
+    );
 }

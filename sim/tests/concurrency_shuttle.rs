@@ -1,5 +1,5 @@
 //! The pool's concurrent core under shuttle: every harness of
-//! [`dmsim_sim::concurrency`] in both locking designs, under shuttle's PCT and
+//! [`dmsim_sim::concurrency`] in every locking design, under shuttle's PCT and
 //! random schedulers, with the completion context picking which data I/O
 //! completes next at random (shuttle's seeded generator, so a schedule
 //! replays exactly). Each broken locking variant is caught, and the schedule
@@ -161,8 +161,13 @@ fn panic_message(e: Box<dyn std::any::Any + Send>) -> String {
 /// Catches `name` in `scenario` under every design, and replays the saved
 /// schedule to the same failure.
 fn detector(scenario: Scenario, name: &str) {
+    detector_in(scenario, name, &LockingDesign::ALL);
+}
+
+/// [`detector`] for the designs in `designs`.
+fn detector_in(scenario: Scenario, name: &str, designs: &[LockingDesign]) {
     let _one_at_a_time = DETECTORS.lock().unwrap_or_else(|p| p.into_inner());
-    for locking in LockingDesign::ALL {
+    for &locking in designs {
         let (schedule, first) = catch(&scenario, name, locking);
         println!("{name} ({}) caught: {first}\n  schedule saved to {}", locking.name(), schedule.display());
         let before = saved_schedules();
@@ -186,15 +191,48 @@ fn detector_discard_skips_io_wait() {
     detector(scenarios::write_vs_discard(), "discard-skips-io-wait");
 }
 
-/// Not caught yet. Sharing is decided by mapping time (a mapping older than
-/// the device's last snapshot is shared for good), so the only holders of a
-/// data cell without the virtual cell — a break-sharing copy, a passdown
-/// discard's runs — never leave the fast path a block it would take: the
-/// lookup says "shared", or the virtual cell is still held, or the block is
-/// already unmapped. Finding a schedule where the fast path's data cell is
-/// the only guard is open (see the README's Concurrency checks).
+/// Caught where sharing is decided by reference counts: once the snapshot
+/// is deleted, the origin's block counts as unshared while the copy that
+/// began when it was shared still reads it, and only the data cell keeps
+/// the second write out of it (without it, the write lands in the old
+/// block, which the copy's mapping then replaces: the write is lost).
 #[test]
-#[ignore = "no harness reaches a window only the fast path's data cell guards"]
 fn detector_fast_path_skips_data_cell() {
-    detector(scenarios::write_vs_snapshot_delete(), "fast-path-skips-data-cell");
+    detector_in(scenarios::write_vs_snapshot_delete(), "fast-path-skips-data-cell", &[LockingDesign::RefcountSharing]);
+}
+
+/// The two mistakes the harnesses found in the first version of the
+/// refcount design, kept as mutations: without the worker's data cell a
+/// write that waited in the virtual cell lands in the copy's source; without
+/// the fast path's second look a copy that finished between its lookup and
+/// its detain goes unnoticed. Both lose the write.
+#[test]
+fn detector_worker_skips_data_cell() {
+    detector_in(scenarios::write_vs_snapshot_delete(), "worker-skips-data-cell", &[LockingDesign::RefcountSharing]);
+}
+
+#[test]
+fn detector_fast_path_skips_recheck() {
+    detector_in(scenarios::write_vs_snapshot_delete(), "fast-path-skips-recheck", &[LockingDesign::RefcountSharing]);
+}
+
+/// In the kernel's designs the fast path's data cell guards nothing, and
+/// this test keeps that claim honest: with the cell skipped, every harness
+/// still passes. Sharing is decided by mapping time — a mapping older than
+/// the device's last snapshot stays shared for good — and data cells are
+/// keyed by device, so every holder of a data cell without the virtual
+/// cell (a break-sharing copy) holds a block the fast path sees as shared
+/// and sends to the worker, and every other holder (a passdown discard,
+/// the fast path itself) holds the virtual cell too. A design that makes
+/// the cell matter fails here, and belongs in the detector above.
+#[test]
+fn fast_path_data_cell_is_redundant_under_snapshot_time_sharing() {
+    let mutations = LockingMutations::by_name("fast-path-skips-data-cell").expect("a locking mutation");
+    for scenario in scenarios::all() {
+        for locking in [LockingDesign::Kernel61, LockingDesign::Regions] {
+            let run = Run { mutations, pick: pick_random, ..Run::new(locking) };
+            run_with(PctScheduler::new(PCT_DEPTH, iterations()), &scenario, run);
+            run_with(RandomScheduler::new(iterations()), &scenario, run);
+        }
+    }
 }

@@ -476,6 +476,15 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.ll_lookup(super::space_map::LlRef::Cur(SmSel::Data), b)
     }
 
+    /// The reference count of data block `b` as of the last commit (0 for
+    /// a block beyond the committed space map).
+    pub fn data_sm_get_committed_count(&mut self, b: u64) -> Result<u32> {
+        if b >= self.dsm().old_ll.nr_blocks {
+            return Ok(0);
+        }
+        self.ll_lookup(super::space_map::LlRef::Old(SmSel::Data), b)
+    }
+
     /// Data blocks tracked as of the last commit (what the kernel reports).
     pub fn data_sm_nr_blocks(&mut self) -> u64 {
         self.dsm().old_ll.nr_blocks

@@ -6,7 +6,7 @@ use thiserror::Error;
 
 use super::superblock::Superblock;
 use crate::block_device::BlockDevice;
-use crate::pdata::btree::{BtreeInfo, ValueType};
+use crate::pdata::btree::{BtreeInfo, CountsAsOf, ValueType};
 use crate::pdata::layout::space_map::{MAX_METADATA_BLOCKS, ROOT_AREA_SIZE};
 use crate::pdata::layout::thin::*;
 use crate::pdata::layout::{put_u32, put_u64, BlockKind, BLOCK_SECTORS};
@@ -487,6 +487,34 @@ impl<D: BlockDevice> ThinMetadata<D> {
             return Ok(None);
         }
         Ok(Some(self.unpack_lookup(i, u64::from_le_bytes(buf))))
+    }
+
+    /// Whether the mapping of `vblock` in device `id` to `data_block` is
+    /// reachable from anywhere else, by reference counts rather than the
+    /// kernel's snapshot-time rule: the data block has more than one
+    /// reference, or a mapping-tree node on the way to it does (sharing is
+    /// lazy: a snapshot only adds a reference to its origin's root, and
+    /// the counts move down as shared nodes are shadowed).
+    ///
+    /// Asked of the current transaction *and* of the last commit: a block
+    /// that another device stopped sharing in this transaction (deleted or
+    /// discarded there) is still shared in the state a crash goes back to,
+    /// and writing it in place would change that device's data there.
+    /// A metadata snapshot makes every mapping shared by this rule, which
+    /// only costs copies.
+    pub fn mapping_shared_by_refcount(&mut self, id: ThinId, vblock: u64, data_block: u64) -> Result<bool> {
+        self.check_fail_io()?;
+        let keys = [id, vblock];
+        let now = self.tm.btree_path_shared(&MAPPING_INFO, self.root, &keys, CountsAsOf::Now)?;
+        if now.unwrap_or(true) || self.tm.data_sm_get_count(data_block)? > 1 {
+            return Ok(true);
+        }
+        if self.tm.mutations.refcount_ignores_last_commit {
+            return Ok(false);
+        }
+        let committed_root = self.superblock()?.data_mapping_root;
+        let then = self.tm.btree_path_shared(&MAPPING_INFO, committed_root, &keys, CountsAsOf::LastCommit)?;
+        Ok(then.unwrap_or(false) || self.tm.data_sm_get_committed_count(data_block)? > 1)
     }
 
     fn unpack_lookup(&self, i: usize, value: u64) -> LookupResult {

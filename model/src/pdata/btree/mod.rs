@@ -17,6 +17,7 @@ use self::node::Node;
 use super::layout::node::{max_entries_for, INTERNAL, LEAF};
 use super::layout::thin::unpack_block_time;
 use super::layout::BlockKind;
+use super::space_map::SmSel;
 use super::transaction::TransactionManager;
 use super::{BlockNr, PdataError, Result};
 use crate::block_device::BlockDevice;
@@ -40,6 +41,15 @@ pub enum ValueType {
     /// Roots of per-device mapping trees (the thin top level used on its
     /// own): dropping one deletes the device's tree.
     SubtreeRoots,
+}
+
+/// Which reference counts a question about sharing is asked of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountsAsOf {
+    /// The current transaction's.
+    Now,
+    /// The last commit's: what a crash would go back to.
+    LastCommit,
 }
 
 impl ValueType {
@@ -257,6 +267,54 @@ impl<D: BlockDevice> TransactionManager<D> {
             }
         }
         Ok(true)
+    }
+
+    /// Whether any node on the lookup path of `keys` — every level, the
+    /// internal nodes too — has more than one reference, that is whether
+    /// the value found may also be reached from another root. `None` when
+    /// `keys` is not in the tree.
+    ///
+    /// With [`CountsAsOf::LastCommit`], `root` must be a committed root:
+    /// its nodes are intact, as no block freed since the commit is reused
+    /// before the next one.
+    pub fn btree_path_shared(
+        &mut self,
+        info: &BtreeInfo,
+        mut root: BlockNr,
+        keys: &[u64],
+        counts: CountsAsOf,
+    ) -> Result<Option<bool>> {
+        let mut shared = false;
+        for (level, &key) in keys.iter().enumerate().take(info.levels) {
+            let vt = info.level_type(level);
+            let mut b = root;
+            let mut found = None;
+            for _ in 0..MAX_DEPTH {
+                shared |= match counts {
+                    CountsAsOf::Now => self.metadata_sm_count_is_more_than_one(b)?,
+                    CountsAsOf::LastCommit => {
+                        self.ll_lookup(crate::pdata::space_map::LlRef::Old(SmSel::Metadata), b)? > 1
+                    }
+                };
+                let n = Node::new(self.read_node(b, vt)?);
+                let i = n.lower_bound(key);
+                if i < 0 || i as usize >= n.nr_entries() {
+                    return Ok(None);
+                }
+                let i = i as usize;
+                if n.is_leaf() {
+                    found = Some((n.key(i), n.value64(i)));
+                    break;
+                }
+                b = n.value64(i);
+            }
+            match found {
+                Some((k, next)) if k == key => root = next,
+                Some(_) => return Ok(None),
+                None => return Err(corrupt(b, "tree deeper than any real tree (a cycle?)")),
+            }
+        }
+        Ok(Some(shared))
     }
 
     /// Walks down from `root` with lower_bound; returns the leaf key found,

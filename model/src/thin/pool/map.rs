@@ -4,12 +4,12 @@
 
 use super::bio::{Bio, BioOp};
 use super::io::DataIo;
-use super::{ActiveThin, LockingDesign, Pool};
+use super::{ActiveThin, Pool};
 use crate::block_device::BlockDevice;
 use crate::errno::Errno;
 use crate::prison::{key_fits_region, region_of, BioPrison, CellId, CellKey, Detained};
 use crate::sync::{lock, MutexGuard};
-use crate::thin::metadata::ThinId;
+use crate::thin::metadata::{LookupResult, ThinError, ThinId};
 use crate::thin::mode::PoolMode;
 
 impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
@@ -34,7 +34,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             Detained::New(cell) => cell,
             Detained::AlreadyHeld(_) => return,
         };
-        let lookup = lock(&self.metadata).find_block(thin.id, block);
+        let lookup = self.find_block(thin.id, block);
         match lookup {
             Ok(Some(found)) if !found.shared && self.options.mutations.locking.fast_path_skips_data_cell => {
                 // Broken on purpose: no data cell, so a copy or a discard
@@ -51,13 +51,26 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 let data_cell = match self.detain(data_key, Some(bio)) {
                     Detained::New(cell) => cell,
                     Detained::AlreadyHeld(_) => {
-                        // Sharing of that block is being broken, or it is
-                        // being discarded: wait in its cell.
+                        // Someone works on that block: wait in its cell.
+                        // (Under the kernel's snapshot-time sharing nobody
+                        // ever does here, see `LockingDesign::RefcountSharing`.)
                         self.cell_defer_no_holder(thin.id, virt);
                         return;
                     }
                 };
                 let mut bio = self.take_holder(data_cell);
+                if self.locking.shares_by_refcount()
+                    && !self.options.mutations.locking.fast_path_skips_recheck
+                    && !self.still_unshared(thin.id, block, found.block)
+                {
+                    // A copy from this block finished between the lookup
+                    // and the detain: its mapping replaced ours and the
+                    // block may be free already. Let the worker look again.
+                    self.cell_defer_no_holder(thin.id, data_cell);
+                    self.cell_defer_no_holder(thin.id, virt);
+                    self.defer_bio(&thin, bio);
+                    return;
+                }
                 self.inc_all_io_entry(&mut bio);
                 self.cell_defer_no_holder(thin.id, data_cell);
                 self.cell_defer_no_holder(thin.id, virt);
@@ -75,6 +88,30 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
+    /// `dm_thin_find_block`, with the design's sharing rule: the snapshot
+    /// time, narrowed by reference counts in
+    /// [`LockingDesign::RefcountSharing`].
+    pub(crate) fn find_block(&self, thin: ThinId, block: u64) -> Result<Option<LookupResult>, ThinError> {
+        let mut md = lock(&self.metadata);
+        match md.find_block(thin, block)? {
+            Some(found) if found.shared && self.locking.shares_by_refcount() => {
+                let shared = md.mapping_shared_by_refcount(thin, block, found.block)?;
+                Ok(Some(LookupResult { shared, ..found }))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Whether `block` of `thin` still maps to `data_block`, unshared: the
+    /// fast path's second look, once it holds the data cell, in
+    /// [`LockingDesign::RefcountSharing`] (where an unshared block may be
+    /// a copy's source, and the copy may finish between lookup and detain).
+    ///
+    /// [`LockingDesign::RefcountSharing`]: super::LockingDesign::RefcountSharing
+    fn still_unshared(&self, thin: ThinId, block: u64, data_block: u64) -> bool {
+        matches!(self.find_block(thin, block), Ok(Some(found)) if found.block == data_block && !found.shared)
+    }
+
     /// Detains `bio` under `key`. The prison lock is dropped on return: a
     /// guard kept alive across a `match` on the result would deadlock the
     /// paths that release cells in its arms.
@@ -86,12 +123,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// a key must not cross a region boundary: the callers split ranges so
     /// that it never does.
     pub(crate) fn prison_for_key(&self, key: &CellKey) -> MutexGuard<'_, BioPrison<Bio>> {
-        match self.locking {
-            LockingDesign::Kernel61 => lock(&self.prisons[0]),
-            LockingDesign::Regions => {
-                debug_assert!(key_fits_region(key), "prison key {key:?} crosses a region boundary");
-                lock(&self.prisons[region_of(key, self.prisons.len())])
-            }
+        if self.locking.has_regions() {
+            debug_assert!(key_fits_region(key), "prison key {key:?} crosses a region boundary");
+            lock(&self.prisons[region_of(key, self.prisons.len())])
+        } else {
+            lock(&self.prisons[0])
         }
     }
 
@@ -131,8 +167,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// already.
     pub(crate) fn cell_defer_no_holder(&self, thin: ThinId, cell: CellId) {
         let active = self.thin(thin);
-        let bios: Vec<Bio> = match (self.locking, &active) {
-            (LockingDesign::Kernel61, Some(t)) => {
+        let bios: Vec<Bio> = match (self.locking.has_regions(), &active) {
+            (false, Some(t)) => {
                 let mut lists = lock(&t.lists);
                 let (holder, waiters) = self.prison_for_cell(cell).release_no_holder(cell);
                 debug_assert!(holder.is_none(), "cell released with its holder still inside");

@@ -221,6 +221,16 @@ pub enum LockingDesign {
     /// boundary (discards are split there); `cell_defer_no_holder` releases
     /// into a local list and takes `tc->lock` only if bios waited.
     Regions,
+    /// A hypothetical patch on the 6.1 locking: a mapping counts as shared
+    /// only while its data block, or a mapping-tree node on the way to it,
+    /// has more than one reference (the kernel's rule is the snapshot
+    /// time, so a device keeps copying blocks its deleted snapshots once
+    /// shared). Writes then go in place as soon as the last snapshot is
+    /// gone — and the data cell is what keeps such a write from landing in
+    /// a block a break-sharing copy is still reading: the fast path takes
+    /// it (as 6.1 does, where it guards nothing) and so must the worker's
+    /// path for unshared blocks (which 6.1 does not).
+    RefcountSharing,
 }
 
 /// Prison regions in the [`LockingDesign::Regions`] design (the series'
@@ -229,21 +239,40 @@ pub const PRISON_REGIONS: usize = 64;
 
 impl LockingDesign {
     /// Every design, for harnesses that run them all.
-    pub const ALL: [LockingDesign; 2] = [LockingDesign::Kernel61, LockingDesign::Regions];
+    pub const ALL: [LockingDesign; 3] =
+        [LockingDesign::Kernel61, LockingDesign::Regions, LockingDesign::RefcountSharing];
 
     /// How many prison locks the design has.
     pub fn prison_regions(self) -> usize {
         match self {
-            LockingDesign::Kernel61 => 1,
+            LockingDesign::Kernel61 | LockingDesign::RefcountSharing => 1,
             LockingDesign::Regions => PRISON_REGIONS,
         }
     }
 
-    /// The design's name, as harness output shows it.
+    /// Whether the prison is split into regions (keys and discards never
+    /// cross a region boundary).
+    pub fn has_regions(self) -> bool {
+        self.prison_regions() > 1
+    }
+
+    /// Whether sharing is decided by reference counts rather than the
+    /// snapshot time.
+    pub fn shares_by_refcount(self) -> bool {
+        self == LockingDesign::RefcountSharing
+    }
+
+    /// The design named `name` (see [`Self::name`]).
+    pub fn from_name(name: &str) -> Option<LockingDesign> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// The design's name, as harness output and the command line show it.
     pub fn name(self) -> &'static str {
         match self {
             LockingDesign::Kernel61 => "kernel-6.1",
             LockingDesign::Regions => "regions-6.4",
+            LockingDesign::RefcountSharing => "refcount-sharing",
         }
     }
 }
@@ -970,10 +999,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Where DM core splits discards: at prison regions in the 6.4 design
     /// (`max_discard_granularity`, 1024 blocks), nowhere in 6.1.
     fn discard_split(&self) -> Option<u64> {
-        match self.locking {
-            LockingDesign::Kernel61 => None,
-            LockingDesign::Regions => Some(crate::prison::REGION_BLOCKS * self.block_sectors),
-        }
+        self.locking.has_regions().then_some(crate::prison::REGION_BLOCKS * self.block_sectors)
     }
 
     fn block_of(&self, sector: u64) -> u64 {

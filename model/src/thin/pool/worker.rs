@@ -9,7 +9,7 @@
 
 use super::bio::{Bio, BioOp};
 use super::io::DataIo;
-use super::{ActiveThin, DiscardParent, LockingDesign, MappingBio, MappingId, NewMapping, Pool};
+use super::{ActiveThin, DiscardParent, MappingBio, MappingId, NewMapping, Pool};
 use crate::block_device::BlockDevice;
 use crate::deferred_set::AddWork;
 use crate::errno::Errno;
@@ -156,10 +156,31 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             let prison = self.prison_for_cell(cell);
             self.block_of(prison.holder(cell).expect("cell has a holder").sector)
         };
-        let lookup = lock(&self.metadata).find_block(thin.id, block);
+        let lookup = self.find_block(thin.id, block);
         match lookup {
             Ok(Some(found)) if found.shared && !self.options.mutations.write_to_shared_in_place => {
                 self.process_shared_bio(thin, cell, block, found)
+            }
+            Ok(Some(found))
+                if self.locking.shares_by_refcount() && !self.options.mutations.locking.worker_skips_data_cell =>
+            {
+                // A block unshared by reference counts may still be the
+                // source of a copy that began while it was shared: wait in
+                // its data cell, as the fast path does.
+                let bio = self.take_holder(cell);
+                let data_key = CellKey::data_block(thin.id, found.block);
+                let data_cell = match self.detain(data_key, Some(bio)) {
+                    Detained::New(data_cell) => data_cell,
+                    Detained::AlreadyHeld(_) => {
+                        self.cell_defer_no_holder(thin.id, cell);
+                        return;
+                    }
+                };
+                let mut bio = self.take_holder(data_cell);
+                self.inc_all_io_entry(&mut bio);
+                self.cell_defer_no_holder(thin.id, data_cell);
+                self.remap_and_issue(bio, found.block);
+                self.inc_remap_and_issue_cell(thin, cell, found.block);
             }
             Ok(Some(found)) => {
                 let mut bio = self.take_holder(cell);
@@ -699,7 +720,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             return;
         }
         let key = CellKey::virtual_range(thin.id, begin, end);
-        if self.locking == LockingDesign::Regions && !key_fits_region(&key) {
+        if self.locking.has_regions() && !key_fits_region(&key) {
             // "Discard doesn't respect bio prison limits": DM core's split
             // makes this unreachable, and the kernel completes it unchanged.
             self.end_bio(bio, Ok(()));
@@ -765,7 +786,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         while begin != end {
             let found = lock(&self.metadata).find_mapped_range(thin.id, begin, end);
             let Ok(Some(mut run)) = found else { break };
-            if self.locking == LockingDesign::Regions {
+            if self.locking.has_regions() {
                 // 6.4: one mapping and data cell per piece of the run that
                 // stays inside one prison region.
                 let region_end = (run.pool_begin / REGION_BLOCKS + 1) * REGION_BLOCKS;
