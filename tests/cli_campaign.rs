@@ -131,6 +131,28 @@ fn run_then_replay_is_byte_identical() {
 }
 
 #[test]
+fn a_locking_design_is_recorded_and_replayed() {
+    let dir = scratch("locking");
+    let trace = dir.join("refcount.trace");
+    let out = dmsim(&[
+        "run", "--seed", "5", "--ops", "120", "--workload", "snapshot-heavy", "--locking", "refcount-sharing",
+        "--trace", s(&trace),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
+    let text = std::fs::read_to_string(&trace).expect("trace written");
+    assert!(text.contains("param locking refcount-sharing"), "the header names the design");
+    let out = dmsim(&["replay", s(&trace)]);
+    assert!(stdout(&out).contains("replay: byte-identical to the recording"), "{}", stdout(&out));
+    // The kernel's design is not written, so default traces keep their bytes.
+    let default = dir.join("default.trace");
+    assert_eq!(dmsim(&["run", "--seed", "5", "--ops", "20", "--trace", s(&default)]).status.code(), Some(0));
+    assert!(!std::fs::read_to_string(&default).unwrap().contains("param locking"));
+    let out = dmsim(&["check", "--seeds", "0..2", "--campaign", "thin", "--locking", "refcount-sharing", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(json["locking"], "refcount-sharing");
+}
+
+#[test]
 fn show_prints_the_timeline() {
     let dir = scratch("show");
     let trace = dir.join("t.trace");
@@ -170,6 +192,8 @@ fn bad_inputs_exit_2_with_a_message() {
     assert_usage_error(&dmsim(&["check", "--workload", "nope"]), "invalid value 'nope' for '--workload");
     assert_usage_error(&dmsim(&["run", "--seed", "1", "--mutation", "nope"]), "unknown mutation \"nope\"");
     assert_usage_error(&dmsim(&["check", "--seeds", "5..5"]), "empty seed range");
+    assert_usage_error(&dmsim(&["check", "--locking", "nope"]), "unknown locking design \"nope\"");
+
     assert_usage_error(&dmsim(&["check", "--time", "soon"]), "expected a duration");
     // The kernel backend reads the trace before it boots anything.
     assert_usage_error(&dmsim(&["replay", "--on", "kernel", s(&malformed)]), "malformed.trace: line 4");
@@ -179,6 +203,11 @@ fn bad_inputs_exit_2_with_a_message() {
     let clean = dir.join("clean.trace");
     assert_eq!(dmsim(&["run", "--seed", "1", "--ops", "30", "--trace", s(&clean)]).status.code(), Some(0));
     assert_usage_error(&dmsim(&["minimize", s(&clean), "-o", s(&out_path)]), "no violation");
+    // A header naming a design this build does not know.
+    let bad_design = dir.join("bad-design.trace");
+    let text = std::fs::read_to_string(&clean).unwrap().replacen("param ops", "param locking nope\nparam ops", 1);
+    std::fs::write(&bad_design, text).unwrap();
+    assert_usage_error(&dmsim(&["replay", s(&bad_design)]), "unknown locking design \"nope\"");
 }
 
 #[test]

@@ -200,14 +200,18 @@ impl KernelFixes {
     };
 }
 
-/// How the pool's bio prison is locked: the concurrency design under test.
+/// How the pool's concurrent core is built: the concurrency design under
+/// test.
 ///
-/// Both designs give the same cells and the same answers (spec §5.7: "the
-/// cell semantics are identical"); they differ in which lock a prison
-/// operation takes and in how `cell_defer_no_holder` nests its locks. The
-/// concurrency harnesses run every design through the same checks; a new
-/// design is a new variant here plus its arms in the prison helpers below
-/// (`prison_for_key`, `prison_for_cell`, `cell_defer_no_holder`).
+/// The kernel's two designs give the same cells and the same answers (spec
+/// §5.7: "the cell semantics are identical"); they differ in which lock a
+/// prison operation takes and in how `cell_defer_no_holder` nests its
+/// locks. [`LockingDesign::RefcountSharing`] changes the protocol itself
+/// (which blocks count as shared, and the cells that then guard them). The
+/// concurrency harnesses and the campaign (`dmsim check --locking`) run
+/// every design through the same checks; a new design is a new variant
+/// here, its answers in the methods below, and its arms wherever it
+/// changes the protocol.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LockingDesign {
     /// Linux 6.1: one prison lock for the pool; `cell_defer_no_holder`
