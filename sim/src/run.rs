@@ -185,6 +185,10 @@ impl RunConfig {
                 "fix.read_only_shared_reads_wait_for_copies".to_string(),
                 flag(t.options.fixes.read_only_shared_reads_wait_for_copies),
             ),
+            (
+                "fix.passdown_spares_blocks_the_last_commit_maps".to_string(),
+                flag(t.options.fixes.passdown_spares_blocks_the_last_commit_maps),
+            ),
         ];
         // Only a design other than the kernel's is recorded, so traces of
         // the default runs keep their bytes.
@@ -254,6 +258,9 @@ impl RunConfig {
                     failed_message_aborts: fix("fix.failed_message_aborts")?,
                     read_only_shared_reads_wait_for_copies: fix(
                         "fix.read_only_shared_reads_wait_for_copies",
+                    )?,
+                    passdown_spares_blocks_the_last_commit_maps: fix(
+                        "fix.passdown_spares_blocks_the_last_commit_maps",
                     )?,
                 },
                 locking: match h.param("locking") {

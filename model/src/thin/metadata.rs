@@ -517,6 +517,44 @@ impl<D: BlockDevice> ThinMetadata<D> {
         Ok(then.unwrap_or(false) || self.tm.data_sm_get_committed_count(data_block)? > 1)
     }
 
+    /// Whether the last commit reaches data block `data_block` from
+    /// anywhere but virtual block `vblock` of device `id`: the state a crash
+    /// goes back to would then show the block's contents in another
+    /// device, or at another virtual block, than the one asking.
+    ///
+    /// The committed space map's count alone cannot say so: a snapshot
+    /// shares its origin's tree nodes, not its data blocks' counts, until
+    /// the nodes are shadowed. So a block counted once at the last commit
+    /// is held only by `id`'s `vblock` when that committed mapping names
+    /// it and every node on the committed path to it has a single
+    /// reference. A metadata snapshot makes every committed path shared by
+    /// this rule, so everything counts as held elsewhere while one exists.
+    pub fn data_block_held_elsewhere_at_last_commit(
+        &mut self,
+        id: ThinId,
+        vblock: u64,
+        data_block: u64,
+    ) -> Result<bool> {
+        self.check_fail_io()?;
+        match self.tm.data_sm_get_committed_count(data_block)? {
+            0 => return Ok(false),
+            1 => {}
+            _ => return Ok(true),
+        }
+        let committed_root = self.superblock()?.data_mapping_root;
+        let keys = [id, vblock];
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&MAPPING_INFO, committed_root, &keys, &mut buf)? {
+            // The single committed reference is someone else's.
+            return Ok(true);
+        }
+        if unpack_block_time(u64::from_le_bytes(buf)).0 != data_block {
+            return Ok(true);
+        }
+        let path = self.tm.btree_path_shared(&MAPPING_INFO, committed_root, &keys, CountsAsOf::LastCommit)?;
+        Ok(path.unwrap_or(true))
+    }
+
     fn unpack_lookup(&self, i: usize, value: u64) -> LookupResult {
         let (block, time) = unpack_block_time(value);
         LookupResult { block, shared: self.devices[i].snapshotted_time > time }

@@ -188,6 +188,20 @@ pub struct KernelFixes {
     /// such reads the write-mode protocol (`process_shared_bio`): wait in
     /// the data cell, else count as a shared read.
     pub read_only_shared_reads_wait_for_copies: bool,
+    /// A passdown discard decides which unmapped blocks nobody else uses
+    /// by the current transaction's reference counts
+    /// (`passdown_double_checking_shared_status` → `dm_pool_block_is_shared`,
+    /// which reads the live space map). A block that another device stopped
+    /// using in the open transaction — a write broke sharing and remapped
+    /// its virtual block to a copy — counts once, so the discard goes down
+    /// to the data device; but the last commit still maps the block in
+    /// that other device, and after a crash the device reads the discarded
+    /// block where it had acknowledged, flushed data. (Allocation already
+    /// guards the committed state: `sm_disk_new_block` takes only blocks
+    /// free in both the committed and the current counts.) The fix also
+    /// counts as shared a block that the last commit reaches from anywhere
+    /// but the discarded mapping itself, and leaves it on the data device.
+    pub passdown_spares_blocks_the_last_commit_maps: bool,
 }
 
 impl KernelFixes {
@@ -197,6 +211,7 @@ impl KernelFixes {
         discard_spares_blocks_being_unshared: true,
         failed_message_aborts: true,
         read_only_shared_reads_wait_for_copies: true,
+        passdown_spares_blocks_the_last_commit_maps: true,
     };
 }
 

@@ -895,7 +895,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             return;
         }
         let ranges = if m.maybe_shared && !self.options.mutations.passdown_ignores_sharing {
-            self.unshared_runs(m.data_block, data_end)
+            self.unshared_runs(m.thin, m.virt_begin, m.data_block, data_end)
         } else {
             vec![(m.data_block, data_end)]
         };
@@ -960,20 +960,37 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         Ok(())
     }
 
-    /// Runs of `begin..end` whose data blocks nobody else references (a
-    /// count of exactly one, the pass-one hold). A lookup error ends the
+    /// Runs of `begin..end` (the data blocks of virtual blocks from
+    /// `virt_begin` on of `thin`) whose data blocks nobody else references
+    /// (a count of exactly one, the pass-one hold). A lookup error ends the
     /// search, as in the kernel.
-    fn unshared_runs(&self, begin: u64, end: u64) -> Vec<(u64, u64)> {
+    ///
+    /// The kernel asks the current transaction only. With
+    /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`] a block
+    /// that the last commit reaches from elsewhere counts as shared too.
+    ///
+    /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`]: super::KernelFixes::passdown_spares_blocks_the_last_commit_maps
+    fn unshared_runs(&self, thin: ThinId, virt_begin: u64, begin: u64, end: u64) -> Vec<(u64, u64)> {
+        let spare_committed = self.options.fixes.passdown_spares_blocks_the_last_commit_maps;
         let mut md = lock(&self.metadata);
+        let mut shared = |b: u64| -> Result<bool, ThinError> {
+            if md.data_block_is_shared(b)? {
+                return Ok(true);
+            }
+            if !spare_committed {
+                return Ok(false);
+            }
+            md.data_block_held_elsewhere_at_last_commit(thin, virt_begin + (b - begin), b)
+        };
         let mut runs = Vec::new();
         let mut b = begin;
         while b < end {
-            match md.data_block_is_shared(b) {
+            match shared(b) {
                 Ok(true) => b += 1,
                 Ok(false) => {
                     let mut e = b + 1;
                     while e < end {
-                        match md.data_block_is_shared(e) {
+                        match shared(e) {
                             Ok(false) => e += 1,
                             _ => break,
                         }
