@@ -135,8 +135,17 @@ fn a_locking_design_is_recorded_and_replayed() {
     let dir = scratch("locking");
     let trace = dir.join("refcount.trace");
     let out = dmsim(&[
-        "run", "--seed", "5", "--ops", "120", "--workload", "snapshot-heavy", "--locking", "refcount-sharing",
-        "--trace", s(&trace),
+        "run",
+        "--seed",
+        "5",
+        "--ops",
+        "120",
+        "--workload",
+        "snapshot-heavy",
+        "--locking",
+        "refcount-sharing",
+        "--trace",
+        s(&trace),
     ]);
     assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
     let text = std::fs::read_to_string(&trace).expect("trace written");
@@ -147,7 +156,8 @@ fn a_locking_design_is_recorded_and_replayed() {
     let default = dir.join("default.trace");
     assert_eq!(dmsim(&["run", "--seed", "5", "--ops", "20", "--trace", s(&default)]).status.code(), Some(0));
     assert!(!std::fs::read_to_string(&default).unwrap().contains("param locking"));
-    let out = dmsim(&["check", "--seeds", "0..2", "--campaign", "thin", "--locking", "refcount-sharing", "--json"]);
+    let out =
+        dmsim(&["check", "--seeds", "0..2", "--campaign", "thin", "--locking", "refcount-sharing", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
     assert_eq!(json["locking"], "refcount-sharing");
 }
@@ -205,7 +215,8 @@ fn bad_inputs_exit_2_with_a_message() {
     assert_usage_error(&dmsim(&["minimize", s(&clean), "-o", s(&out_path)]), "no violation");
     // A header naming a design this build does not know.
     let bad_design = dir.join("bad-design.trace");
-    let text = std::fs::read_to_string(&clean).unwrap().replacen("param ops", "param locking nope\nparam ops", 1);
+    let text =
+        std::fs::read_to_string(&clean).unwrap().replacen("param ops", "param locking nope\nparam ops", 1);
     std::fs::write(&bad_design, text).unwrap();
     assert_usage_error(&dmsim(&["replay", s(&bad_design)]), "unknown locking design \"nope\"");
 }

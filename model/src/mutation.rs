@@ -39,8 +39,9 @@ pub struct Mutations {
     /// `LockingDesign::RefcountSharing` only (no effect elsewhere): a block
     /// counts as unshared when the current transaction says so, without
     /// asking the last commit. A write then goes in place into a block that
-    /// a snapshot deleted or discarded in this transaction still maps in
-    /// the state a crash goes back to.
+    /// another device let go of in this transaction (it broke sharing or
+    /// discarded the block) and still maps in the state a crash goes back
+    /// to.
     pub refcount_ignores_last_commit: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot

@@ -132,8 +132,12 @@ impl RunConfig {
             ..PoolFeatures::default()
         };
         let fixes = if settings.kernel_as_is { KernelFixes::default() } else { KernelFixes::ALL };
-        let options =
-            PoolOptions { mutations: settings.mutations, fixes, locking: settings.locking, ..PoolOptions::default() };
+        let options = PoolOptions {
+            mutations: settings.mutations,
+            fixes,
+            locking: settings.locking,
+            ..PoolOptions::default()
+        };
         RunConfig {
             seed,
             workload,

@@ -198,7 +198,11 @@ fn detector_discard_skips_io_wait() {
 /// block, which the copy's mapping then replaces: the write is lost).
 #[test]
 fn detector_fast_path_skips_data_cell() {
-    detector_in(scenarios::write_vs_snapshot_delete(), "fast-path-skips-data-cell", &[LockingDesign::RefcountSharing]);
+    detector_in(
+        scenarios::write_vs_snapshot_delete(),
+        "fast-path-skips-data-cell",
+        &[LockingDesign::RefcountSharing],
+    );
 }
 
 /// The two mistakes the harnesses found in the first version of the
@@ -208,12 +212,20 @@ fn detector_fast_path_skips_data_cell() {
 /// its detain goes unnoticed. Both lose the write.
 #[test]
 fn detector_worker_skips_data_cell() {
-    detector_in(scenarios::write_vs_snapshot_delete(), "worker-skips-data-cell", &[LockingDesign::RefcountSharing]);
+    detector_in(
+        scenarios::write_vs_snapshot_delete(),
+        "worker-skips-data-cell",
+        &[LockingDesign::RefcountSharing],
+    );
 }
 
 #[test]
 fn detector_fast_path_skips_recheck() {
-    detector_in(scenarios::write_vs_snapshot_delete(), "fast-path-skips-recheck", &[LockingDesign::RefcountSharing]);
+    detector_in(
+        scenarios::write_vs_snapshot_delete(),
+        "fast-path-skips-recheck",
+        &[LockingDesign::RefcountSharing],
+    );
 }
 
 /// In the kernel's designs the fast path's data cell guards nothing, and

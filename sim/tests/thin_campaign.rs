@@ -8,7 +8,8 @@ use std::path::Path;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::run::{
-    minimize, replay, run_config, run_ops, violation_signature, CampaignSettings, Checkers, RunConfig, Workload,
+    minimize, replay, run_config, run_ops, violation_signature, CampaignSettings, Checkers, RunConfig,
+    Workload,
 };
 use dmsim_traces::{binary, text, Trace};
 
@@ -77,7 +78,8 @@ fn first_caught(mutation: &str) -> Trace {
         CampaignSettings { mutations: Mutations::by_name(mutation).unwrap(), ..Default::default() };
     if mutation == "refcount-ignores-last-commit" {
         // A mistake of the refcount-sharing design, which only that design
-        // can make; it needs a snapshot deleted or discarded, a write, and
+        // can make; it needs a snapshot that lets go of a block (breaking
+        // sharing or discarding), a write to the origin's mapping of it and
         // a crash before the next commit: the snapshot-heavy workload.
         settings.locking = LockingDesign::RefcountSharing;
         settings.workload = Some(Workload::SnapshotHeavy);

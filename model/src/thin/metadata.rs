@@ -497,9 +497,10 @@ impl<D: BlockDevice> ThinMetadata<D> {
     /// the counts move down as shared nodes are shadowed).
     ///
     /// Asked of the current transaction *and* of the last commit: a block
-    /// that another device stopped sharing in this transaction (deleted or
-    /// discarded there) is still shared in the state a crash goes back to,
-    /// and writing it in place would change that device's data there.
+    /// that another device let go of in this transaction (breaking sharing
+    /// with a copy, or discarding it) is still shared in the state a crash
+    /// goes back to, and writing it in place would change that device's
+    /// data there.
     /// A metadata snapshot makes every mapping shared by this rule, which
     /// only costs copies.
     pub fn mapping_shared_by_refcount(&mut self, id: ThinId, vblock: u64, data_block: u64) -> Result<bool> {

@@ -162,7 +162,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 self.process_shared_bio(thin, cell, block, found)
             }
             Ok(Some(found))
-                if self.locking.shares_by_refcount() && !self.options.mutations.locking.worker_skips_data_cell =>
+                if self.locking.shares_by_refcount()
+                    && !self.options.mutations.locking.worker_skips_data_cell =>
             {
                 // A block unshared by reference counts may still be the
                 // source of a copy that began while it was shared: wait in
