@@ -86,15 +86,9 @@ pub struct CheckArgs {
     /// Ops per seed of the thin campaign.
     #[arg(long, default_value_t = 300)]
     pub ops: usize,
-    /// Force one workload in the thin campaign instead of each seed's own
-    /// choice.
-    #[arg(long, value_parser = workload_parser())]
-    pub workload: Option<Workload>,
-    /// The pool's locking design in the thin campaign: kernel-6.1 (the
-    /// kernel's), regions-6.4 or refcount-sharing (a patch under study;
-    /// see the README's Concurrency checks).
-    #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
-    pub locking: LockingDesign,
+    /// What model the thin campaign runs.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long)]
     pub jobs: Option<usize>,
@@ -119,6 +113,20 @@ pub struct CheckArgs {
     /// campaign).
     #[arg(long, default_value_t = 1)]
     pub crashes_per_point: usize,
+}
+
+/// The options that choose the model a seed runs on, shared by `check`
+/// and `run`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Force one workload instead of each seed's own choice.
+    #[arg(long, value_parser = workload_parser())]
+    pub workload: Option<Workload>,
+    /// The pool's locking design: kernel-6.1 (the kernel's), regions-6.4
+    /// or refcount-sharing (a patch under study; see the README's
+    /// Concurrency checks).
+    #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
+    pub locking: LockingDesign,
     /// Run with a deliberately broken model, to see a detector fire (see
     /// the mutations in model/src/mutation.rs).
     #[arg(long, hide = true, value_parser = parse_mutation)]
@@ -127,6 +135,36 @@ pub struct CheckArgs {
     /// fixes.
     #[arg(long, hide = true)]
     pub kernel_as_is: bool,
+}
+
+impl ModelArgs {
+    /// The campaign settings these options make.
+    pub fn settings(&self) -> CampaignSettings {
+        CampaignSettings {
+            mutations: self.mutation.unwrap_or_default(),
+            kernel_as_is: self.kernel_as_is,
+            workload: self.workload,
+            locking: self.locking,
+        }
+    }
+
+    /// The options that are not visible in `--help`, and the design when
+    /// it is not the default, as command-line flags (for reproduce lines).
+    fn flags(&self) -> String {
+        let mut s = String::new();
+        if let Some(m) = self.mutation {
+            for n in m.names() {
+                s.push_str(&format!(" --mutation {n}"));
+            }
+        }
+        if self.kernel_as_is {
+            s.push_str(" --kernel-as-is");
+        }
+        if self.locking != LockingDesign::default() {
+            s.push_str(&format!(" --locking {}", self.locking.name()));
+        }
+        s
+    }
 }
 
 /// Parses a seed range `A..B` (B excluded, not empty).
@@ -349,21 +387,15 @@ pub fn run(args: CheckArgs) -> ExitCode {
         (None, None) => 0..64,
         (None, Some(_)) => 0..u64::MAX,
     };
-    let mutations = args.mutation.unwrap_or_default();
     let plan = Plan {
         kind: args.campaign,
         ops: args.ops,
-        settings: CampaignSettings {
-            mutations,
-            kernel_as_is: args.kernel_as_is,
-            workload: args.workload,
-            locking: args.locking,
-        },
+        settings: args.model.settings(),
         metadata: CampaignConfig {
             seeds: seeds.clone(),
             ops_per_seed: args.metadata_ops,
             crashes_per_point: args.crashes_per_point,
-            mutations,
+            mutations: args.model.mutation.unwrap_or_default(),
             ..CampaignConfig::default()
         },
         checkers,
@@ -877,28 +909,12 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
     }
 }
 
-fn hidden_flags(args: &CheckArgs) -> String {
-    let mut s = String::new();
-    if let Some(m) = args.mutation {
-        for n in m.names() {
-            s.push_str(&format!(" --mutation {n}"));
-        }
-    }
-    if args.kernel_as_is {
-        s.push_str(" --kernel-as-is");
-    }
-    if args.locking != LockingDesign::default() {
-        s.push_str(&format!(" --locking {}", args.locking.name()));
-    }
-    s
-}
-
 fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
-    let workload = args.workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
+    let workload = args.model.workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
     format!(
         "dmsim run --seed {seed} --ops {}{workload}{} --trace seed-{seed}.trace",
         args.ops,
-        hidden_flags(args)
+        args.model.flags()
     )
 }
 
@@ -908,7 +924,7 @@ fn reproduce_metadata(args: &CheckArgs, seed: u64) -> String {
         seed + 1,
         args.metadata_ops,
         args.crashes_per_point,
-        hidden_flags(args)
+        args.model.flags()
     )
 }
 

@@ -4,11 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use dmsim_model::mutation::Mutations;
-use dmsim_model::thin::pool::LockingDesign;
-use dmsim_sim::run::{run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload};
+use dmsim_sim::run::{run_config, Checkers, RunConfig, RunOutcome};
 
-use crate::check_cmd::{parse_locking, parse_mutation, when, workload_parser};
+use crate::check_cmd::{when, ModelArgs};
 use crate::trace_file::{self, Encoding};
 
 /// Options of `dmsim run`.
@@ -21,12 +19,9 @@ pub struct RunArgs {
     /// Ops to generate.
     #[arg(long, default_value_t = 300)]
     pub ops: usize,
-    /// Force a workload instead of the seed's choice.
-    #[arg(long, value_parser = workload_parser())]
-    pub workload: Option<Workload>,
-    /// The pool's locking design (see `dmsim check --locking`).
-    #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
-    pub locking: LockingDesign,
+    /// What model the seed runs on.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Write the run's trace here (text; binary with --binary or a .bin
     /// extension).
     #[arg(long)]
@@ -34,22 +29,11 @@ pub struct RunArgs {
     /// Write the trace in the binary encoding.
     #[arg(long)]
     pub binary: bool,
-    /// Run with a deliberately broken model.
-    #[arg(long, hide = true, value_parser = parse_mutation)]
-    pub mutation: Option<Mutations>,
-    /// Run the model as kernel 6.1 behaves, without the candidate fixes.
-    #[arg(long, hide = true)]
-    pub kernel_as_is: bool,
 }
 
 /// Runs one seed; exit 1 on a violation, 2 if the trace cannot be written.
 pub fn run(args: RunArgs) -> ExitCode {
-    let settings = CampaignSettings {
-        mutations: args.mutation.unwrap_or_default(),
-        kernel_as_is: args.kernel_as_is,
-        workload: args.workload,
-        locking: args.locking,
-    };
+    let settings = args.model.settings();
     let cfg = RunConfig::for_seed(args.seed, args.ops, &settings);
     let checkers = Checkers::from_path();
     let out = run_config(&cfg, &checkers);
