@@ -17,7 +17,7 @@ use self::node::Node;
 use super::layout::node::{max_entries_for, INTERNAL, LEAF};
 use super::layout::thin::unpack_block_time;
 use super::layout::BlockKind;
-use super::space_map::SmSel;
+use super::space_map::{LlRef, SmSel};
 use super::transaction::TransactionManager;
 use super::{BlockNr, PdataError, Result};
 use crate::block_device::BlockDevice;
@@ -286,46 +286,43 @@ impl<D: BlockDevice> TransactionManager<D> {
     ) -> Result<Option<bool>> {
         let mut shared = false;
         for (level, &key) in keys.iter().enumerate().take(info.levels) {
-            let vt = info.level_type(level);
-            let mut b = root;
-            let mut found = None;
-            for _ in 0..MAX_DEPTH {
+            let mut note_sharing = |tm: &mut Self, b: BlockNr| -> Result<()> {
                 shared |= match counts {
-                    CountsAsOf::Now => self.metadata_sm_count_is_more_than_one(b)?,
-                    CountsAsOf::LastCommit => {
-                        self.ll_lookup(crate::pdata::space_map::LlRef::Old(SmSel::Metadata), b)? > 1
-                    }
+                    CountsAsOf::Now => tm.metadata_sm_count_is_more_than_one(b)?,
+                    CountsAsOf::LastCommit => tm.ll_lookup(LlRef::Old(SmSel::Metadata), b)? > 1,
                 };
-                let n = Node::new(self.read_node(b, vt)?);
-                let i = n.lower_bound(key);
-                if i < 0 || i as usize >= n.nr_entries() {
-                    return Ok(None);
-                }
-                let i = i as usize;
-                if n.is_leaf() {
-                    found = Some((n.key(i), n.value64(i)));
-                    break;
-                }
-                b = n.value64(i);
+                Ok(())
+            };
+            let Some((k, leaf, i)) =
+                self.lookup_visiting(root, key, info.level_type(level), &mut note_sharing)?
+            else {
+                return Ok(None);
+            };
+            if k != key {
+                return Ok(None);
             }
-            match found {
-                Some((k, next)) if k == key => root = next,
-                Some(_) => return Ok(None),
-                None => return Err(corrupt(b, "tree deeper than any real tree (a cycle?)")),
-            }
+            root = Node::new(self.bm.read(leaf, BlockKind::BtreeNode)?).value64(i);
         }
         Ok(Some(shared))
     }
 
     /// Walks down from `root` with lower_bound; returns the leaf key found,
     /// the leaf and the index, or `None` when the search falls off.
-    fn lookup_raw(
+    fn lookup_raw(&mut self, b: BlockNr, key: u64, vt: ValueType) -> Result<Option<(u64, BlockNr, usize)>> {
+        self.lookup_visiting(b, key, vt, |_, _| Ok(()))
+    }
+
+    /// [`Self::lookup_raw`], calling `visit` with every node on the way
+    /// down before reading it.
+    fn lookup_visiting(
         &mut self,
         mut b: BlockNr,
         key: u64,
         vt: ValueType,
+        mut visit: impl FnMut(&mut Self, BlockNr) -> Result<()>,
     ) -> Result<Option<(u64, BlockNr, usize)>> {
         for _ in 0..MAX_DEPTH {
+            visit(self, b)?;
             let n = Node::new(self.read_node(b, vt)?);
             let i = n.lower_bound(key);
             if i < 0 || i as usize >= n.nr_entries() {
