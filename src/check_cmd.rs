@@ -24,21 +24,26 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clap::builder::TypedValueParser;
+use crate::exit;
+use clap::builder::{RangedU64ValueParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::LockingDesign;
-use dmsim_sim::campaign::{self, CampaignConfig, SeedOutcome, ViolationKind};
+use dmsim_sim::campaign::{
+    self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
+};
 use dmsim_sim::run::{
     first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
+    MAX_OPS,
 };
 use dmsim_sim::thin::{ThinFailure, ThinStats};
+use dmsim_traces::error::clip;
 use dmsim_traces::text::to_text;
 use dmsim_traces::Trace;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::trace_file::{self, Encoding};
+use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Which campaigns `dmsim check` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,11 +68,12 @@ impl CampaignKind {
 
 /// Options of `dmsim check`.
 #[derive(Args, Debug)]
-#[command(after_help = "\
-Exit status: 0 without violations, 1 on any violation (or a determinism \
-difference), 2 on usage errors. Under CI=true a missing thin_check is an \
-error. With --time the seeds that run, and so the output, depend on the \
-machine's speed; with --seeds alone the output is the same on every machine.")]
+#[command(after_help = crate::exit_help!("\
+Status 1: a violation in any seed, or a determinism difference. Under \
+CI=true a missing thin_check is unusable input (2). With --time the seeds \
+that run, and so the output, depend on the machine's speed; with --seeds \
+alone the output (and --json, without --timings) is the same on every \
+machine."))]
 pub struct CheckArgs {
     /// Which campaigns to run.
     #[arg(long, value_enum, default_value = "all")]
@@ -83,20 +89,28 @@ pub struct CheckArgs {
     /// printed, so the run can be repeated with --seeds.
     #[arg(long, value_parser = parse_duration)]
     pub time: Option<Duration>,
-    /// Ops per seed of the thin campaign.
-    #[arg(long, default_value_t = 300)]
+    /// Ops per seed of the thin campaign (1 to 1,000,000; a seed's ops and
+    /// trace are held in memory, about 2.5 KB per op).
+    #[arg(long, default_value_t = 300, value_parser = ops_parser())]
     pub ops: usize,
     /// What model the thin campaign runs.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Worker threads (default: all cores). Results do not depend on it.
-    #[arg(long)]
+    /// Worker threads, 1 to 256 (default: all cores). Results do not
+    /// depend on it.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_JOBS as u64))]
     pub jobs: Option<usize>,
-    /// Print the summary as JSON on stdout.
+    /// Print the summary as JSON on stdout: the same bytes for the same
+    /// seeds and code (no timings unless --timings).
     #[arg(long)]
     pub json: bool,
+    /// Also report the wall time (on stderr, and as `timings` in the JSON);
+    /// output with timings differs between identical runs.
+    #[arg(long)]
+    pub timings: bool,
     /// Folder for failing seeds' traces (seed-N.trace) and minimized traces
-    /// (seed-N.min.trace); created when a seed fails.
+    /// (seed-N.min.trace); created when a seed fails. A path that exists
+    /// and is not a folder is refused before the campaign starts.
     #[arg(long, default_value = "dmsim-failures")]
     pub failures: PathBuf,
     /// Minimize at most this many failing seeds (the first, in seed order).
@@ -106,12 +120,15 @@ pub struct CheckArgs {
     /// difference is a failure.
     #[arg(long)]
     pub check_determinism: bool,
-    /// Metadata operations per seed of the metadata campaign.
-    #[arg(long, default_value_t = 60)]
+    /// Metadata operations per seed of the metadata campaign (1 to
+    /// 100,000).
+    #[arg(long, default_value_t = 60,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_OPS_PER_SEED as u64))]
     pub metadata_ops: usize,
     /// Crash states judged at each request of every commit (metadata
-    /// campaign).
-    #[arg(long, default_value_t = 1)]
+    /// campaign; 1 to 64).
+    #[arg(long, default_value_t = 1,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CRASHES_PER_POINT as u64))]
     pub crashes_per_point: usize,
 }
 
@@ -123,8 +140,8 @@ pub struct ModelArgs {
     #[arg(long, value_parser = workload_parser())]
     pub workload: Option<Workload>,
     /// The pool's locking design: kernel-6.1 (the kernel's), regions-6.4
-    /// or refcount-sharing (a patch under study; see the README's
-    /// Concurrency checks).
+    /// or refcount-sharing (a patch under study; see
+    /// docs/concurrency.md).
     #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
     pub locking: LockingDesign,
     /// Run with a deliberately broken model, to see a detector fire (see
@@ -169,22 +186,43 @@ impl ModelArgs {
 
 /// Parses a seed range `A..B` (B excluded, not empty).
 pub fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
-    let err = || format!("expected a seed range like 0..64, got {s:?}");
+    let err = || format!("expected a seed range like 0..64, got {:?}", clip(s));
     let (a, b) = s.split_once("..").ok_or_else(err)?;
     let a: u64 = a.trim().parse().map_err(|_| err())?;
     let b: u64 = b.trim().parse().map_err(|_| err())?;
     if a >= b {
         return Err(format!(
-            "empty seed range {s:?}: the end is excluded, so use {a}..{}",
+            "empty seed range {:?}: the end is excluded, so use {a}..{}",
+            clip(s),
             a.saturating_add(1)
         ));
     }
     Ok(a..b)
 }
 
-/// Parses a duration such as `90`, `90s`, `10m`, `1h30m`, `500ms`.
+/// The longest `--time`: a year.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The most threads `--jobs` may ask for.
+pub const MAX_JOBS: usize = 256;
+
+/// The parser of `--ops`: 1..=[`MAX_OPS`].
+pub fn ops_parser() -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::<usize>::new().range(1..=MAX_OPS as u64)
+}
+
+/// Parses a duration such as `90`, `90s`, `10m`, `1h30m`, `500ms`; zero is
+/// refused (a campaign of no time judges nothing).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("expected a duration like 90s, 10m or 1h30m, got {s:?}");
+    let d = parse_any_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("a duration of zero ({:?}) would run nothing; give at least 1s", clip(s)));
+    }
+    Ok(d)
+}
+
+fn parse_any_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("expected a duration like 90s, 10m or 1h30m, got {:?}", clip(s));
     let mut total = Duration::ZERO;
     let mut rest = s.trim();
     if rest.is_empty() {
@@ -201,13 +239,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
-        total += match unit {
+        let part = match unit {
             "" | "s" => secs(1),
             "ms" => Duration::from_millis(n),
             "m" | "min" => secs(60),
             "h" => secs(3600),
             _ => return Err(err()),
         };
+        total = total
+            .checked_add(part)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| format!("{:?} is longer than the longest run allowed (a year)", clip(s)))?;
     }
     Ok(total)
 }
@@ -233,7 +275,7 @@ pub fn when(step: usize, ops: usize) -> String {
 pub fn parse_mutation(s: &str) -> Result<Mutations, String> {
     Mutations::by_name(s).ok_or_else(|| {
         let names: Vec<_> = Mutations::ALL.iter().map(|(n, _)| *n).collect();
-        format!("unknown mutation {s:?}; known: {}", names.join(", "))
+        format!("unknown mutation {:?}; known: {}", clip(s), names.join(", "))
     })
 }
 
@@ -241,7 +283,7 @@ pub fn parse_mutation(s: &str) -> Result<Mutations, String> {
 pub fn parse_locking(s: &str) -> Result<LockingDesign, String> {
     LockingDesign::from_name(s).ok_or_else(|| {
         let names: Vec<_> = LockingDesign::ALL.iter().map(|d| d.name()).collect();
-        format!("unknown locking design {s:?}; known: {}", names.join(", "))
+        format!("unknown locking design {:?}; known: {}", clip(s), names.join(", "))
     })
 }
 
@@ -371,6 +413,10 @@ struct MinimizedFile {
 
 /// Runs the campaign; exit 1 on any violation.
 pub fn run(args: CheckArgs) -> ExitCode {
+    if let Err(e) = usable_failures_folder(&args.failures) {
+        eprintln!("dmsim check: {e}");
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let checkers = Checkers::from_path();
     if args.campaign.thin() && checkers.thin_check.is_none() {
         if in_ci() {
@@ -378,7 +424,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
                 "dmsim check: thin_check is not installed (Debian: apt-get install thin-provisioning-tools); \
                  under CI=true a missing prerequisite is an error"
             );
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
         eprintln!("dmsim check: thin_check is not installed; runs are judged by the model's checker only");
     }
@@ -401,6 +447,12 @@ pub fn run(args: CheckArgs) -> ExitCode {
         checkers,
         determinism: args.check_determinism,
     };
+    if plan.kind.metadata() {
+        if let Err(e) = plan.metadata.validate() {
+            eprintln!("dmsim check: {e}");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    }
     let jobs = jobs(args.jobs);
     let deadline = args.time.map(|t| Instant::now() + t);
     let started = Instant::now();
@@ -471,17 +523,33 @@ pub fn run(args: CheckArgs) -> ExitCode {
     let summary = Summary::of(&results);
     let ok = !results.iter().any(SeedResult::failed);
     if args.json {
-        println!("{}", summary.to_json(&args, &plan, &ran, &results, &files, wall));
+        println!("{}", summary.to_json(&args, &plan, &ran, &results, &files, args.timings.then_some(wall)));
     } else {
         summary.print(&args, &plan, &ran, &results, &files);
     }
+    if args.timings {
+        eprintln!("wall time: {:.3} s", wall.as_secs_f64());
+    }
     let file_errors = files.iter().any(|(_, f)| f.error.is_some());
     if !ok {
-        ExitCode::from(1)
+        ExitCode::from(exit::PROBLEMS)
     } else if file_errors {
-        ExitCode::from(2)
+        ExitCode::from(exit::UNUSABLE)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Refuses a `--failures` path that exists and is not a folder, before the
+/// campaign spends its time (the folder itself is made only when a seed
+/// fails).
+fn usable_failures_folder(dir: &std::path::Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(format!(
+            "--failures {}: exists and is not a folder (failing traces are written into a folder)",
+            dir.display()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -743,7 +811,7 @@ impl Summary {
         ran: &Range<u64>,
         results: &[SeedResult],
         files: &[(u64, FailureFiles)],
-        wall: Duration,
+        wall: Option<Duration>,
     ) -> String {
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
         let thin = plan.kind.thin().then(|| {
@@ -837,10 +905,9 @@ impl Summary {
             })
             .collect();
         let failing: Vec<u64> = results.iter().filter(|r| r.failed()).map(|r| r.seed).collect();
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "seeds": { "start": ran.start, "end": ran.end },
             "time_limited": args.time.is_some(),
-            "wall_seconds": wall.as_secs_f64(),
             "mutations": plan.settings.mutations.names(),
             "kernel_as_is": plan.settings.kernel_as_is,
             "locking": plan.settings.locking.name(),
@@ -853,8 +920,11 @@ impl Summary {
             "violations": self.thin_failing.len() + self.md_failing.len() + self.differences.len(),
             "failing_seeds": failing,
             "ok": failing.is_empty(),
-        })
-        .to_string()
+        });
+        if let Some(wall) = wall {
+            json["timings"] = serde_json::json!({ "wall_seconds": wall.as_secs_f64() });
+        }
+        json.to_string()
     }
 }
 

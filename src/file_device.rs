@@ -2,11 +2,11 @@
 //! with positioned reads (the image is never loaded whole into memory).
 
 use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use dmsim_model::block_device::{BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
+use dmsim_traces::file::{open_input, Accept};
 
 /// A file opened read-only as a block device. A trailing partial sector
 /// is ignored.
@@ -16,16 +16,11 @@ pub struct FileDevice {
 }
 
 impl FileDevice {
-    /// Opens `path` read-only.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
-        // seek to the end rather than metadata().len(): block devices
-        // report a length of 0 in their metadata.
-        let len = {
-            use std::io::{Seek, SeekFrom};
-            let mut f = &file;
-            f.seek(SeekFrom::End(0))?
-        };
+    /// Opens `path` read-only: a regular file or a block device (a
+    /// directory, FIFO, socket or character device such as `/dev/zero` is
+    /// refused, with an error naming the path and what it is).
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let (file, len) = open_input(path, Accept::FileOrBlockDevice)?;
         Ok(FileDevice { file, nr_sectors: len / SECTOR_SIZE })
     }
 }
@@ -37,12 +32,12 @@ impl BlockDevice for FileDevice {
 
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let len = buf.len();
-        let out_of_range = || IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors };
-        let end = sector
+        let in_range = sector
             .checked_add(len as u64 / SECTOR_SIZE)
-            .filter(|&e| e <= self.nr_sectors && (len as u64).is_multiple_of(SECTOR_SIZE))
-            .ok_or_else(out_of_range)?;
-        let _ = end;
+            .is_some_and(|e| e <= self.nr_sectors && (len as u64).is_multiple_of(SECTOR_SIZE));
+        if !in_range {
+            return Err(IoError::OutOfRange { sector, len, nr_sectors: self.nr_sectors });
+        }
         self.file
             .read_exact_at(buf, sector * SECTOR_SIZE)
             .map_err(|e| IoError::Failed { sector, reason: e.to_string() })

@@ -1,13 +1,13 @@
 //! `dmsim`: the command line over the dmsim crates.
 
 mod check_cmd;
+mod exit;
 mod file_device;
 mod metadata_cmd;
 mod minimize_cmd;
 mod replay_cmd;
 mod run_cmd;
 mod show_cmd;
-mod trace_file;
 
 use std::process::ExitCode;
 
@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 /// Deterministic simulation and model checking of Linux dm-thin and dm-cache.
 #[derive(Parser)]
-#[command(name = "dmsim", version, about)]
+#[command(name = "dmsim", version, about, after_help = exit_table!())]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,8 +40,66 @@ enum Command {
     Metadata(metadata_cmd::MetadataCommand),
 }
 
+/// Takes SIGINT and SIGTERM on a thread of their own: it removes what the
+/// run made (the kernel shim's VM and folders, temporary images) and exits
+/// with 128 + the signal's number.
+fn install_signal_handlers() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "dmsim: cannot install signal handlers ({e}); an interrupted run may leave files behind"
+            );
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let shim = dmsim_kernel_shim::cleanup::clean_up_now();
+            let files = dmsim_sim::run::remove_temporary_files();
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            eprintln!(
+                "\ndmsim: interrupted by {name}: stopped {} VM(s), removed {} temporary folder(s) and {files} file(s)",
+                shim.groups, shim.dirs
+            );
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
+/// Parses the command line; errors are printed with long values cut
+/// (clap quotes a bad value whole) and give exit status 2.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let clipped: Vec<String> = text
+                .split('\n')
+                .map(|line| {
+                    line.split(' ')
+                        .map(|w| {
+                            if w.chars().count() > 100 {
+                                dmsim_traces::error::clip(w)
+                            } else {
+                                w.to_string()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            eprint!("{}", clipped.join("\n"));
+            std::process::exit(i32::from(exit::UNUSABLE));
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    install_signal_handlers();
+    let cli = parse();
     match cli.command {
         Command::Check(args) => check_cmd::run(args),
         Command::Run(args) => run_cmd::run(args),

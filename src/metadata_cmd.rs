@@ -6,17 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, CheckReport, Severity};
+use dmsim_model::block_device::{BlockDevice, SECTOR_SIZE};
+use dmsim_model::pdata::BLOCK_SIZE;
+use dmsim_model::thin::check::{
+    check_thin_metadata, classify_block0, Block0, CheckOptions, CheckReport, Severity,
+};
 use dmsim_model::thin::dump::{dump_xml, DumpOptions};
 
 use crate::file_device::FileDevice;
 
-/// Exit status: the metadata is clean.
-pub const EXIT_CLEAN: u8 = 0;
-/// Exit status: problems were found.
-pub const EXIT_DAMAGED: u8 = 1;
-/// Exit status: the input could not be used at all.
-pub const EXIT_UNUSABLE: u8 = 2;
+use crate::exit::{CLEAN as EXIT_CLEAN, PROBLEMS as EXIT_DAMAGED, UNUSABLE as EXIT_UNUSABLE};
 
 /// Metadata subcommands.
 #[derive(Subcommand)]
@@ -24,6 +23,13 @@ pub enum MetadataCommand {
     /// Check a thin-pool metadata image (like thin_check). Exit status:
     /// 0 clean, 1 problems found (leaks included, as thin_check 0.9.0
     /// does, unless --ignore-non-fatal-errors), 2 unusable input.
+    #[command(after_help = crate::exit_help!("\
+Status 1: the metadata has problems (leaks too, as thin_check 0.9.0 says, \
+unless --ignore-non-fatal-errors). A superblock overwritten by another \
+metadata block (a btree node, a space-map block, an array block) is damage \
+to a pool (1); an image that is not thin-pool metadata at all (zeroes, XML, \
+random bytes, a dm-cache superblock, smaller than one block) is unusable \
+(2), as are directories, FIFOs and character devices."))]
     Check {
         /// The metadata image (file or block device).
         image: PathBuf,
@@ -44,6 +50,11 @@ pub enum MetadataCommand {
         ignore_space_map_totals: bool,
     },
     /// Write the thin_dump XML of a metadata image (like thin_dump 0.9.0).
+    #[command(after_help = crate::exit_help!("\
+Status 1: the dump stopped at damaged metadata (what was written before it \
+stands). Unusable input (2) is judged from block 0 exactly as `metadata \
+check` judges it, so the two commands agree; an output path that is the \
+image itself is refused (2)."))]
     Dump {
         /// The metadata image (file or block device).
         image: PathBuf,
@@ -81,9 +92,31 @@ pub fn run(cmd: MetadataCommand) -> ExitCode {
 
 fn open(image: &Path) -> Result<FileDevice, ExitCode> {
     FileDevice::open(image).map_err(|e| {
-        eprintln!("cannot open {}: {e}", image.display());
+        eprintln!("dmsim metadata: {e}");
         ExitCode::from(EXIT_UNUSABLE)
     })
+}
+
+/// Whether the image is thin-pool metadata at all, judged from block 0
+/// exactly as the checker judges it ([`classify_block0`]), so that `check`
+/// and `dump` give unusable input the same exit status.
+fn usable(dev: &mut FileDevice, image: &Path) -> Result<(), ExitCode> {
+    let unusable = |why: String| {
+        eprintln!("dmsim metadata: {} is not usable thin-pool metadata: {why}", image.display());
+        ExitCode::from(EXIT_UNUSABLE)
+    };
+    let mut block = vec![0u8; BLOCK_SIZE];
+    if dev.nr_sectors() < (BLOCK_SIZE as u64 / SECTOR_SIZE) {
+        return Err(unusable(format!(
+            "{} bytes, smaller than one metadata block",
+            dev.nr_sectors() * SECTOR_SIZE
+        )));
+    }
+    dev.read(0, &mut block).map_err(|e| unusable(format!("cannot read block 0: {e}")))?;
+    match classify_block0(&block) {
+        Block0::NotMetadata(why) => Err(unusable(why)),
+        Block0::ThinSuperblock | Block0::Overwritten(_) => Ok(()),
+    }
 }
 
 fn check(image: &Path, json: bool, ignore_non_fatal: bool, opts: &CheckOptions) -> ExitCode {
@@ -94,7 +127,7 @@ fn check(image: &Path, json: bool, ignore_non_fatal: bool, opts: &CheckOptions) 
     let report = match check_thin_metadata(&mut dev, opts) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("cannot check {}: {e}", image.display());
+            eprintln!("dmsim metadata: cannot check {}: {e}", image.display());
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
@@ -179,11 +212,27 @@ fn print_json(r: &CheckReport) -> io::Result<()> {
     writeln!(out)
 }
 
+/// Whether `a` and `b` name one file (the same device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn dump(image: &Path, metadata_snap: bool, output: Option<&Path>) -> ExitCode {
     let mut dev = match open(image) {
         Ok(d) => d,
         Err(code) => return code,
     };
+    if let Err(code) = usable(&mut dev, image) {
+        return code;
+    }
+    if let Some(out) = output.filter(|o| same_file(o, image)) {
+        eprintln!("dmsim metadata: --output {} is the image itself; refusing to overwrite it", out.display());
+        return ExitCode::from(EXIT_UNUSABLE);
+    }
     let mut sink: Box<dyn Write> = match output {
         None => Box::new(BufWriter::new(io::stdout().lock())),
         Some(p) => match File::create(p) {

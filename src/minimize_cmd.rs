@@ -3,18 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{minimize, Checkers};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::run_cmd::encoding_name;
-use crate::trace_file::{self, Encoding};
+use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Options of `dmsim minimize`.
 #[derive(Args, Debug)]
-#[command(after_help = "\
-Exit status: 0 when the minimized trace is written, 2 when the input cannot \
-be read, records no violation, or its violation does not recur.")]
+#[command(after_help = crate::exit_help!("\
+Status 0: the minimized trace is written. 1 is not used: a trace that \
+records no violation, or whose violation does not recur, is unusable input \
+(2)."))]
 pub struct MinimizeArgs {
     /// The failing trace (text or binary).
     pub trace: PathBuf,
@@ -33,7 +34,7 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => {
             eprintln!("dmsim minimize: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     let bar = ProgressBar::new_spinner().with_style(
@@ -50,24 +51,19 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => {
             eprintln!("dmsim minimize: {}: {e}", args.trace.display());
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     let encoding = Encoding::for_output(&args.output, args.binary);
     if let Err(e) = trace_file::write(&args.output, &m.trace, encoding) {
         eprintln!("dmsim minimize: {e}");
-        return ExitCode::from(2);
+        return ExitCode::from(exit::UNUSABLE);
     }
     println!("minimized: {} → {} ops ({} runs)", m.ops_before, m.ops_after, m.runs);
     println!("violation: {}", m.signature);
     if let Some((kind, message)) = m.trace.violation() {
         println!("  as it now reads: {kind}: {message}");
     }
-    println!(
-        "wrote {} ({} events, {})",
-        args.output.display(),
-        m.trace.events.len(),
-        encoding_name(encoding)
-    );
+    println!("wrote {} ({} events, {})", args.output.display(), m.trace.events.len(), encoding.name());
     ExitCode::SUCCESS
 }

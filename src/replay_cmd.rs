@@ -3,22 +3,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{replay, violation_signature, Checkers};
 
 use crate::check_cmd::when;
-use crate::run_cmd::{encoding_name, print_outcome};
-use crate::trace_file;
+use crate::run_cmd::print_outcome;
+use dmsim_traces::file as trace_file;
 
 /// Options of `dmsim replay`.
 #[derive(Args, Debug)]
-#[command(after_help = "\
-Exit status: 0 if the replay runs clean, 1 if a violation occurs on replay \
-(with --strict also if the replay is not byte-identical to the recording), \
-2 if the trace cannot be read. With --on kernel: 0 if the kernel and the \
-simulator end in the same state (L1), 1 if they diverge, 2 if the trace or \
-the VM cannot be used; L2 (thin_dump) and L3 (metadata blocks) are reported, \
-not judged.")]
+#[command(after_help = crate::exit_help!("\
+Status 1: a violation occurs on replay (with --strict also a replay that is \
+not byte-identical to the recording). With --on kernel: 1 if the kernel and \
+the simulator end in different states (L1); 2 also when the VM cannot be \
+used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged."))]
 pub struct ReplayArgs {
     /// The trace file (text or binary; told apart by the binary magic).
     pub trace: PathBuf,
@@ -34,6 +33,11 @@ pub struct ReplayArgs {
     /// recording.
     #[arg(long)]
     pub strict: bool,
+    /// With `--on kernel`: also report how long the VM took (on stderr,
+    /// and as `timings` in the JSON); without it the output is the same
+    /// for the same trace and code.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 /// Replays a trace; see [`ReplayArgs`] for the exit status.
@@ -43,14 +47,14 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         "kernel" => return run_on_kernel(&args),
         other => {
             eprintln!("dmsim replay: unknown backend {other:?}; use `sim` or `kernel`");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     }
     let (trace, encoding) = match trace_file::read(&args.trace) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("dmsim replay: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     let checkers = Checkers::from_path();
@@ -58,13 +62,13 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dmsim replay: {}: {e}", args.trace.display());
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     println!(
         "dmsim replay: {} ({}, seed {}, workload {}, {} ops) on the simulator",
         args.trace.display(),
-        encoding_name(encoding),
+        encoding.name(),
         trace.header.seed,
         trace.header.workload,
         trace.ops().count()
@@ -101,7 +105,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         (None, None) => println!("on replay: no violation"),
     }
     if replayed.outcome.violation.is_some() || (args.strict && !identical) {
-        ExitCode::from(1)
+        ExitCode::from(exit::PROBLEMS)
     } else {
         ExitCode::SUCCESS
     }
@@ -119,21 +123,21 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => {
             eprintln!("dmsim replay: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     let sim = match simulate_serialized_full(&trace) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     let shim = match KernelShim::prepare() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
@@ -141,12 +145,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
     };
     if let Some(e) = &run.result.error {
         eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
-        return ExitCode::from(2);
+        return ExitCode::from(exit::UNUSABLE);
     }
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
     let l2 = match &run.thin_dump {
@@ -175,17 +179,21 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_differing_blocks": l3.differing,
             "l3_first_differing_block": l3.first,
             "simulator_oracle_violation": sim.oracle_violation,
-            "boot_seconds": run.boot.as_secs_f64(),
-            "wall_seconds": run.wall.as_secs_f64(),
         });
+        let mut json = json;
+        if args.timings {
+            json["timings"] = serde_json::json!({
+                "boot_seconds": run.boot.as_secs_f64(),
+                "wall_seconds": run.wall.as_secs_f64(),
+            });
+        }
         println!("{json}");
     } else {
         println!(
-            "dmsim replay: {} (seed {}, {} ops) on the kernel, one request at a time; VM {:.1} s",
+            "dmsim replay: {} (seed {}, {} ops) on the kernel, one request at a time",
             args.trace.display(),
             trace.header.seed,
             trace.ops().count(),
-            run.wall.as_secs_f64()
         );
         if let Some(v) = &sim.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");
@@ -225,9 +233,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             );
         }
     }
+    if args.timings {
+        eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
+    }
     if differences.is_empty() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        ExitCode::from(exit::PROBLEMS)
     }
 }

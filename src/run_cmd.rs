@@ -3,21 +3,24 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{run_config, Checkers, RunConfig, RunOutcome};
 
-use crate::check_cmd::{when, ModelArgs};
-use crate::trace_file::{self, Encoding};
+use crate::check_cmd::{ops_parser, when, ModelArgs};
+use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Options of `dmsim run`.
 #[derive(Args, Debug)]
+#[command(after_help = crate::exit_help!("\
+Status 1: the seed's run has a violation (its trace is still written)."))]
 pub struct RunArgs {
     /// The seed: it decides the workload (unless --workload), the pool's
     /// shape, the faults and every op.
     #[arg(long)]
     pub seed: u64,
-    /// Ops to generate.
-    #[arg(long, default_value_t = 300)]
+    /// Ops to generate (1 to 1,000,000).
+    #[arg(long, default_value_t = 300, value_parser = ops_parser())]
     pub ops: usize,
     /// What model the seed runs on.
     #[command(flatten)]
@@ -46,28 +49,15 @@ pub fn run(args: RunArgs) -> ExitCode {
         let encoding = Encoding::for_output(path, args.binary);
         if let Err(e) = trace_file::write(path, &out.trace, encoding) {
             eprintln!("dmsim run: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::UNUSABLE);
         }
-        println!(
-            "  trace: {} ({} events, {})",
-            path.display(),
-            out.trace.events.len(),
-            encoding_name(encoding)
-        );
+        println!("  trace: {} ({} events, {})", path.display(), out.trace.events.len(), encoding.name());
     }
     print_verdict(&out);
     if out.violation.is_some() {
-        ExitCode::from(1)
+        ExitCode::from(exit::PROBLEMS)
     } else {
         ExitCode::SUCCESS
-    }
-}
-
-/// The name of an encoding in messages.
-pub fn encoding_name(e: Encoding) -> &'static str {
-    match e {
-        Encoding::Text => "text",
-        Encoding::Binary => "binary",
     }
 }
 

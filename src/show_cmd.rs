@@ -4,14 +4,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::exit;
 use clap::Args;
 use dmsim_traces::{DiskFault, Event, Op, Trace};
 
-use crate::run_cmd::encoding_name;
-use crate::trace_file;
+use dmsim_traces::file as trace_file;
 
 /// Options of `dmsim show`.
 #[derive(Args, Debug)]
+#[command(after_help = crate::exit_help!("\
+Status 1 is not used: a trace that can be read is shown, whatever it \
+records."))]
 pub struct ShowArgs {
     /// The trace file (text or binary).
     pub trace: PathBuf,
@@ -26,17 +29,13 @@ pub fn run(args: ShowArgs) -> ExitCode {
         Ok((trace, encoding)) => {
             print!(
                 "{}",
-                timeline(
-                    &trace,
-                    args.ops_only,
-                    &format!("{} ({})", args.trace.display(), encoding_name(encoding))
-                )
+                timeline(&trace, args.ops_only, &format!("{} ({})", args.trace.display(), encoding.name()))
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("dmsim show: {e}");
-            ExitCode::from(2)
+            ExitCode::from(exit::UNUSABLE)
         }
     }
 }

@@ -198,7 +198,7 @@ fn bad_inputs_exit_2_with_a_message() {
     let garbage = dir.join("garbage");
     std::fs::write(&garbage, [0xffu8, 0xfe, 0x00, 0x80]).unwrap();
     assert_usage_error(&dmsim(&["show", s(&garbage)]), "not a trace");
-    assert_usage_error(&dmsim(&["replay", s(&dir.join("missing.trace"))]), "cannot read");
+    assert_usage_error(&dmsim(&["replay", s(&dir.join("missing.trace"))]), "cannot open");
     assert_usage_error(&dmsim(&["check", "--workload", "nope"]), "invalid value 'nope' for '--workload");
     assert_usage_error(&dmsim(&["run", "--seed", "1", "--mutation", "nope"]), "unknown mutation \"nope\"");
     assert_usage_error(&dmsim(&["check", "--seeds", "5..5"]), "empty seed range");

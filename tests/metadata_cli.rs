@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use dmsim_model::pdata::layout::{put_u64, BlockKind};
+use dmsim_model::pdata::layout::{put_u64, BlockKind, BLOCK_SIZE};
 use support::{restore, run_tool, thin_check_clean, Image, TempFile};
 
 const SIZE: u64 = 4 << 20;
@@ -203,7 +203,46 @@ fn unusable_inputs_exit_2_with_context() {
     let tiny = TempFile::with_bytes("tiny.img", b"<superblock");
     let out = dmsim_check(tiny.path(), &[]);
     assert_eq!(out.status.code(), Some(2));
+    // The dump judges unusable input exactly as the checker does.
     let out = dmsim(&[OsStr::new("metadata"), OsStr::new("dump"), zeros.path().as_os_str()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bad checksum in superblock"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("all zeroes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A superblock overwritten by another metadata block is damage to a pool
+/// (1) for both `check` and `dump`, not unusable input (2); a dump to the
+/// image itself is refused.
+#[test]
+fn an_overwritten_superblock_is_damage_for_check_and_dump() {
+    let Some(mut img) = restore("two_devices.xml", SIZE) else { return };
+    let node = (1..img.0.len() / BLOCK_SIZE)
+        .find(|&b| {
+            let block = &img.0[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+            dmsim_model::pdata::checksum::salt_of(block) == Some(BlockKind::BtreeNode.salt())
+        })
+        .expect("the image has a btree node");
+    img.0.copy_within(node * BLOCK_SIZE..(node + 1) * BLOCK_SIZE, 0);
+    let f = TempFile::with_bytes("overwritten.img", &img.0);
+    let out = dmsim_check(f.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the superblock is overwritten: block 0 holds a valid btree node block"), "{err}");
+    let out = dmsim(&[OsStr::new("metadata"), OsStr::new("dump"), f.path().as_os_str()]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    if let Some(clean) = thin_check_clean(&img, &[]) {
+        assert!(!clean, "thin_check calls it damage too");
+    }
+    let out = dmsim(&[
+        OsStr::new("metadata"),
+        OsStr::new("dump"),
+        f.path().as_os_str(),
+        OsStr::new("-o"),
+        f.path().as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read(f.path()).unwrap(), img.0, "the image is untouched");
 }

@@ -32,6 +32,10 @@ pub enum ShimError {
     /// a name too long for the ABI).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The process is shutting down (SIGINT or SIGTERM): nothing new is
+    /// started (see [`crate::cleanup`]).
+    #[error("interrupted: the process is shutting down")]
+    Interrupted,
     /// Building the static agent failed.
     #[error("building the agent failed: {0}")]
     Build(String),

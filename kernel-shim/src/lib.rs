@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cleanup;
 pub mod crash;
 pub mod dm;
 pub mod equivalence;

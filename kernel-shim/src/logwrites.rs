@@ -250,7 +250,7 @@ impl<'a> Log<'a> {
 
     /// Applies entries `range` to `device` (the logged device's content):
     /// writes are copied in, discards leave the bytes as they are (the
-    /// VM's disks ignore discards; see the README), flushes and marks do
+    /// VM's disks ignore discards; see docs/kernel-shim.md), flushes and marks do
     /// nothing. A write past the end of `device` is an error.
     pub fn replay_into(&self, device: &mut [u8], range: std::ops::Range<usize>) -> Result<(), LogError> {
         for (i, e) in self.entries.iter().enumerate().take(range.end).skip(range.start) {

@@ -12,7 +12,9 @@
 //! (it dies with the thread that started it) and `-no-reboot`; a guard
 //! kills the group on drop (errors, panics, timeouts); temporary
 //! directories are removed on drop, and directories left by processes that
-//! were killed outright are swept at the next [`TempDir::new`].
+//! were killed outright are swept at the next [`TempDir::new`]. Both are
+//! registered with [`crate::cleanup`] while they live, so a SIGINT or
+//! SIGTERM handler can take them down before the process exits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -28,6 +30,7 @@ use dmsim_model::thin::dump::{dump_xml, DumpOptions};
 use dmsim_traces::Trace;
 
 use crate::agent::DiskRole;
+use crate::cleanup;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
 use crate::protocol::{
@@ -58,7 +61,9 @@ impl TempDir {
         sweep_stale(&base);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = base.join(format!("{TEMP_PREFIX}{}.{n}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))?;
+        cleanup::make_dir(&path, || {
+            std::fs::create_dir(&path).map_err(|e| ShimError::io(format!("create {}", path.display()), e))
+        })?;
         Ok(TempDir { path })
     }
 
@@ -71,6 +76,7 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+        cleanup::forget_dir(&self.path);
     }
 }
 
@@ -112,8 +118,11 @@ impl QemuGuard {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| ShimError::io("start qemu", e))?;
-        Ok(QemuGuard { child })
+        cleanup::start_group(|| {
+            let child = cmd.spawn().map_err(|e| ShimError::io("start qemu", e))?;
+            let pgid = child.id() as i32;
+            Ok((QemuGuard { child }, pgid))
+        })
     }
 
     /// Waits for the exit, up to `timeout`: `Some(status)` if it exited.
@@ -140,6 +149,7 @@ impl Drop for QemuGuard {
             }
         }
         let _ = self.child.wait();
+        cleanup::forget_group(self.child.id() as i32);
     }
 }
 

@@ -204,7 +204,7 @@ fn coverage(cases: &[Case]) -> [(&'static str, usize); 7] {
 
 /// Every corpus trace is L1-equal on the kernel and on the serialized
 /// simulator; L2 and L3 are reported, and L2 must hold up to data block
-/// numbers (see the README for why allocation can differ).
+/// numbers (see docs/kernel-shim.md for why allocation can differ).
 #[test]
 fn corpus_is_l1_equal_and_l2_l3_are_reported() {
     let Some(corpus) = corpus() else { return };

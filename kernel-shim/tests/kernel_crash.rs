@@ -175,7 +175,7 @@ fn crash_states_at_every_flush_and_fua_match_the_model() {
             }
             // A commit the kernel made on its own (the 1 s timer) during an
             // op since the model's last commit: the kernel may then hold
-            // more than the model (see the README); reported, not a failure.
+            // more than the model (see docs/kernel-shim.md); reported, not a failure.
             let last_model_commit = model_commits.range(..=k.op).next_back().copied();
             let since = last_model_commit.map_or(0, |c| c + 1);
             let timer = since <= k.op && kernel_commits.range(since..=k.op).next().is_some();

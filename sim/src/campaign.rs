@@ -45,6 +45,36 @@ pub struct CampaignConfig {
     pub mutations: Mutations,
 }
 
+/// The most operations per seed of the metadata campaign: ops are
+/// generated up front, and a seed this long already fills the campaign's
+/// metadata device many times over.
+pub const MAX_OPS_PER_SEED: usize = 100_000;
+
+/// The most crash states per recorded request: each costs a rebuild, an
+/// open, a check and a dump of the image.
+pub const MAX_CRASHES_PER_POINT: usize = 64;
+
+impl CampaignConfig {
+    /// Whether the configuration is one the campaign can run and that
+    /// judges something: a non-empty seed range, 1..=[`MAX_OPS_PER_SEED`]
+    /// operations and 1..=[`MAX_CRASHES_PER_POINT`] crash states per point.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.seeds.is_empty() {
+            return Err(format!("the seed range {:?} is empty", self.seeds));
+        }
+        if !(1..=MAX_OPS_PER_SEED).contains(&self.ops_per_seed) {
+            return Err(format!("{} operations per seed: must be 1..={MAX_OPS_PER_SEED}", self.ops_per_seed));
+        }
+        if !(1..=MAX_CRASHES_PER_POINT).contains(&self.crashes_per_point) {
+            return Err(format!(
+                "{} crash states per point: must be 1..={MAX_CRASHES_PER_POINT}",
+                self.crashes_per_point
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for CampaignConfig {
     fn default() -> Self {
         CampaignConfig {

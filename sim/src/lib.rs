@@ -20,8 +20,8 @@ pub mod run;
 pub mod thin;
 pub mod workload;
 
-/// The README, so that its Rust code blocks (the thin target walkthrough)
+/// The walkthrough page (docs/library.md), so that its Rust code blocks
 /// run as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
+#[doc = include_str!("../../docs/library.md")]
 pub struct ReadmeDoctests;

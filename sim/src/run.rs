@@ -283,9 +283,23 @@ impl RunConfig {
         };
         sane("data_blocks", thin.data_blocks, 1, 1 << 16)?;
         sane("thin_blocks", thin.thin_blocks, 1, 1 << 16)?;
-        sane("metadata_sectors", thin.metadata_sectors, 512, 1 << 22)?;
+        sane("metadata_sectors", thin.metadata_sectors, 512, MAX_DISK_SECTORS)?;
         sane("max_devices", thin.max_devices as u64, 1, 1 << 10)?;
         sane("block_sectors", thin.block_sectors, 128, 1 << 21)?;
+        // The simulated disks are held in memory (twice: what reads see and
+        // what is durable), so their sizes are bounded together.
+        sane(
+            "data device size in sectors (data_blocks * block_sectors)",
+            thin.data_blocks * thin.block_sectors,
+            1,
+            MAX_DISK_SECTORS,
+        )?;
+        sane(
+            "thin device size in sectors (thin_blocks * block_sectors)",
+            thin.thin_blocks * thin.block_sectors,
+            1,
+            MAX_DISK_SECTORS,
+        )?;
         Ok(RunConfig { seed: h.seed, workload, ops: num("ops", get("ops")?)?, thin, swarm })
     }
 }
@@ -321,6 +335,16 @@ pub struct RunOutcome {
     /// Whether `thin_check` ran on the final image.
     pub thin_checked: bool,
 }
+
+/// The largest simulated disk (and thin device) a trace header may ask
+/// for: 2^18 sectors, 128 MiB. Simulated disks live in memory, twice over
+/// (what reads see and what is durable).
+pub const MAX_DISK_SECTORS: u64 = 1 << 18;
+
+/// The most ops one run may have. Ops are generated up front and the run
+/// keeps its whole trace (a failing seed's trace is written out), at about
+/// 2.5 KB of memory per op: a run at this limit needs about 2.5 GB.
+pub const MAX_OPS: usize = 1_000_000;
 
 /// The ops seed `cfg` generates.
 pub fn generate(cfg: &RunConfig) -> Vec<Op> {
@@ -363,10 +387,28 @@ pub fn run_ops(cfg: &RunConfig, ops: &[Op], checkers: &Checkers) -> RunOutcome {
     RunOutcome { trace, stats: sim.stats(), coverage: sim.coverage().clone(), violation, thin_checked }
 }
 
+/// The prefix of this process's temporary images for `thin_check`.
+fn thin_check_prefix() -> String {
+    format!("dmsim-thin-check-{}-", std::process::id())
+}
+
+/// Removes this process's temporary `thin_check` images (for a signal
+/// handler: a run removes its own as soon as `thin_check` is done).
+/// Returns how many were removed.
+pub fn remove_temporary_files() -> usize {
+    let prefix = thin_check_prefix();
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Runs `thin_check` on `image`; `Err` with its output if it objects.
 fn run_thin_check(tool: &Path, image: &[u8], seed: u64) -> Result<(), String> {
     let dir = std::env::temp_dir();
-    let path = dir.join(format!("dmsim-thin-check-{}-{seed}.img", std::process::id()));
+    let path = dir.join(format!("{}{seed}.img", thin_check_prefix()));
     std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let out = std::process::Command::new(tool).arg(&path).stdin(std::process::Stdio::null()).output();
     let _ = std::fs::remove_file(&path);

@@ -28,7 +28,7 @@ impl fmt::Display for Location {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TraceError {
     /// A line of a text trace is not what the format allows there.
-    #[error("line {line}: expected {expected}; found {text:?}")]
+    #[error("line {line}: expected {expected}; found {:?}", clip(text))]
     Text {
         /// 1-based line number.
         line: usize,
@@ -39,7 +39,10 @@ pub enum TraceError {
         expected: String,
     },
     /// The trace names a format version this build cannot read.
-    #[error("{at}: unsupported trace format version {found} (this build reads version {supported} only)")]
+    #[error(
+        "{at}: unsupported trace format version {} (this build reads version {supported} only)",
+        clip(found)
+    )]
     UnsupportedVersion {
         /// Where the version was found.
         at: Location,
@@ -67,5 +70,34 @@ impl TraceError {
             TraceError::UnsupportedVersion { at, .. } => *at,
             TraceError::Binary { offset, .. } => Location::Offset(*offset),
         }
+    }
+}
+
+/// The longest piece of input an error message quotes, in characters.
+pub const MAX_QUOTED_CHARS: usize = 80;
+
+/// `s` as an error message quotes it: whole when short, otherwise its
+/// first [`MAX_QUOTED_CHARS`] characters and how long it really is, so that
+/// a megabyte of junk on one line does not end up in the message.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes in all)", &s[..end], s.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_keeps_short_text_and_cuts_long_text() {
+        assert_eq!(clip("create_thin"), "create_thin");
+        let long = "é".repeat(1 << 20);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(MAX_QUOTED_CHARS)), "{c}");
+        assert!(c.ends_with("… (2097152 bytes in all)"), "{c}");
+        let e = TraceError::Text { line: 3, text: "x".repeat(1 << 20), expected: "a word".into() };
+        assert!(e.to_string().len() < 200, "{}", e.to_string().len());
     }
 }

@@ -10,12 +10,15 @@
 //!   reference is that module's documentation).
 //! - [`binary`]: the compact binary encoding.
 //! - [`error`]: [`TraceError`], what the decoders report.
+//! - [`file`]: trace files, read within a size cap from regular files
+//!   only, written atomically.
 //! - [`minimize`]: delta debugging and op simplification, to shrink a
 //!   failing run.
 #![warn(missing_docs)]
 
 pub mod binary;
 pub mod error;
+pub mod file;
 pub mod minimize;
 pub mod op;
 pub mod stamp;

@@ -115,7 +115,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::str::FromStr;
 
-use crate::error::{Location, TraceError};
+use crate::error::{clip, Location, TraceError};
 use crate::op::{CrashMode, DiskFault, DiskId, Op};
 use crate::trace::{Event, Header, Trace, FORMAT_VERSION};
 
@@ -431,12 +431,13 @@ impl<'l, 'a> Args<'l, 'a> {
 
     fn disk(&mut self) -> Result<DiskId, TraceError> {
         let v = self.next("a disk: `metadata` or `data`")?;
-        DiskId::from_name(&v).ok_or_else(|| self.err(format!("a disk: `metadata` or `data`, not {v:?}")))
+        DiskId::from_name(&v)
+            .ok_or_else(|| self.err(format!("a disk: `metadata` or `data`, not {:?}", clip(&v))))
     }
 
     fn finish<T>(self, value: T) -> Result<T, TraceError> {
         if let Some(v) = self.positional.front() {
-            return Err(self.err(format!("nothing more, not {v:?}")));
+            return Err(self.err(format!("nothing more, not {:?}", clip(v))));
         }
         if let Some((k, _)) = self.keyed.first() {
             return Err(self.err(format!("nothing more, not `{k}=`")));
@@ -553,7 +554,7 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
                     let permanent = match p.as_str() {
                         "permanent" => true,
                         "transient" => false,
-                        _ => return Err(a.err(format!("`permanent` or `transient`, not {p:?}"))),
+                        _ => return Err(a.err(format!("`permanent` or `transient`, not {:?}", clip(&p)))),
                     };
                     if kind == "read-error" {
                         DiskFault::ReadError { permanent }
@@ -565,7 +566,8 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
                 "misdirect" => DiskFault::Misdirect { offset: a.num("offset")? },
                 _ => {
                     return Err(a.err(format!(
-                        "a fault: read-error, write-error, bit-flip or misdirect, not {kind:?}"
+                        "a fault: read-error, write-error, bit-flip or misdirect, not {:?}",
+                        clip(&kind)
                     )))
                 }
             };
@@ -577,7 +579,8 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         }
         "crash" => {
             let m = a.next("a crash mode")?;
-            let mode = CrashMode::from_name(&m).ok_or_else(|| a.err(format!("a crash mode, not {m:?}")))?;
+            let mode =
+                CrashMode::from_name(&m).ok_or_else(|| a.err(format!("a crash mode, not {:?}", clip(&m))))?;
             let seed = a.num("seed")?;
             a.finish(op(Op::Crash { mode, seed }))
         }

@@ -39,7 +39,7 @@ mod report;
 mod space_map;
 mod walk;
 
-pub(crate) use block::{le32, le64, BlockFault, Reader};
+pub(crate) use block::{le32, le64, Reader};
 pub(crate) use node::{scan, ScanError};
 pub use report::{CheckReport, DeviceSummary, Problem, Severity, Structure};
 
@@ -51,7 +51,7 @@ use crate::block_device::BlockDevice;
 use crate::pdata::checksum;
 use crate::pdata::layout::space_map::{SmRoot, MAX_METADATA_BLOCKS};
 use crate::pdata::layout::thin::*;
-use crate::pdata::layout::BlockKind;
+use crate::pdata::layout::{BlockKind, BLOCK_SIZE};
 
 use space_map::{Expected, Which};
 use walk::{Ctx, TreeKind, Use};
@@ -133,6 +133,56 @@ fn decode_root(b: &[u8], off: usize) -> SmRoot {
     }
 }
 
+/// What block 0 of an image holds, judged before anything else is read.
+///
+/// The line between damaged pool metadata (exit status 1) and input that
+/// is not pool metadata at all (2), shared by the checker and the dump:
+///
+/// - the thin superblock's magic, whatever its checksum: a pool whose
+///   superblock may be damaged ([`Block0::ThinSuperblock`]);
+/// - a block that checksums as another persistent-data block (a btree
+///   node, a space-map bitmap or index, an array block): a superblock
+///   overwritten by a metadata block, the commonest real corruption of a
+///   pool's metadata device; damage ([`Block0::Overwritten`]);
+/// - anything else (zeroes, XML, random bytes, a dm-cache superblock):
+///   not thin-pool metadata ([`Block0::NotMetadata`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block0 {
+    /// A thin superblock (its checksum may still be wrong).
+    ThinSuperblock,
+    /// Another persistent-data block where the superblock belongs.
+    Overwritten(BlockKind),
+    /// Not thin-pool metadata; why, in words.
+    NotMetadata(String),
+}
+
+/// Classifies block 0 of an image; see [`Block0`].
+pub fn classify_block0(b: &[u8]) -> Block0 {
+    if b.len() < BLOCK_SIZE {
+        return Block0::NotMetadata(format!("block 0 is only {} bytes", b.len()));
+    }
+    let magic = le64(b, SB_MAGIC);
+    if magic == SUPERBLOCK_MAGIC {
+        return Block0::ThinSuperblock;
+    }
+    match block::kind_of(&b[..BLOCK_SIZE]) {
+        Some(BlockKind::ThinSuperblock) => Block0::ThinSuperblock,
+        Some(
+            k @ (BlockKind::BtreeNode | BlockKind::Bitmap | BlockKind::MetadataIndex | BlockKind::Array),
+        ) => Block0::Overwritten(k),
+        Some(BlockKind::CacheSuperblock) => {
+            Block0::NotMetadata("it is a dm-cache superblock, not a thin-pool one".to_string())
+        }
+        None if b.iter().all(|&x| x == 0) => {
+            Block0::NotMetadata("block 0 is all zeroes (unformatted?)".into())
+        }
+        None if b.starts_with(b"<") => {
+            Block0::NotMetadata("it looks like XML; this reads the binary format".to_string())
+        }
+        None => Block0::NotMetadata(format!("bad checksum and magic {magic:#x}")),
+    }
+}
+
 /// Checks the thin-pool metadata on `dev`.
 ///
 /// Returns `Err` only when the input is unusable (see [`CheckError`]);
@@ -149,25 +199,27 @@ pub fn check_thin_metadata(
     let sb_block = reader.read(SUPERBLOCK_LOCATION).map_err(|e| CheckError::Io(e.to_string()))?;
     let mut ctx = Ctx::new(reader);
 
-    // S1: block 0. A bad checksum with the right magic is damage to a
-    // thin superblock; a bad checksum *and* a wrong magic means this is
-    // not thin metadata at all (zeroes, XML, a cache superblock, ...).
+    // S1: block 0 (see [`classify_block0`]).
     let magic = le64(&sb_block[..], SB_MAGIC);
-    match block::verify(&sb_block, SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock) {
-        Ok(()) => {}
-        Err(BlockFault::Checksum { looks_like }) if magic != SUPERBLOCK_MAGIC => {
-            let what = if sb_block.iter().all(|&x| x == 0) {
-                "block 0 is all zeroes (unformatted?)".to_string()
-            } else if sb_block.starts_with(b"<") {
-                "it looks like XML; this checks the binary format".to_string()
-            } else if let Some(k) = looks_like {
-                format!("it checksums as a {k} block")
-            } else {
-                format!("bad checksum and magic {magic:#x}")
-            };
-            return Err(CheckError::NotThinMetadata(what));
+    match classify_block0(&sb_block[..]) {
+        Block0::ThinSuperblock => {}
+        Block0::NotMetadata(what) => return Err(CheckError::NotThinMetadata(what)),
+        Block0::Overwritten(kind) => {
+            // Nothing of the superblock is left to find the rest by.
+            ctx.problem(
+                Severity::Damage,
+                Structure::Superblock,
+                Some(0),
+                format!(
+                    "the superblock is overwritten: block 0 holds a valid {kind} block; \
+                     the pool's roots are lost (thin_repair may rebuild them)"
+                ),
+            );
+            return Ok(CheckReport { problems: ctx.problems, ..CheckReport::default() });
         }
-        Err(e) => ctx.problem(Severity::Damage, Structure::Superblock, Some(0), e.to_string()),
+    }
+    if let Err(e) = block::verify(&sb_block, SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock) {
+        ctx.problem(Severity::Damage, Structure::Superblock, Some(0), e.to_string());
     }
     if magic != SUPERBLOCK_MAGIC {
         ctx.problem(

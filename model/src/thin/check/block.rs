@@ -120,7 +120,7 @@ impl<'a> Reader<'a> {
 /// Checks a block's checksum and location as the kernel's validators do.
 pub(crate) fn verify(block: &Block, b: u64, kind: BlockKind) -> Result<(), BlockFault> {
     if checksum::stored_checksum(&block[..]) != checksum::block_checksum(&block[..], kind.salt()) {
-        return Err(BlockFault::Checksum { looks_like: kind_of(block) });
+        return Err(BlockFault::Checksum { looks_like: kind_of(&block[..]) });
     }
     let claimed = le64(&block[..], kind.blocknr_offset());
     if claimed != b {
@@ -130,8 +130,8 @@ pub(crate) fn verify(block: &Block, b: u64, kind: BlockKind) -> Result<(), Block
 }
 
 /// The kind whose salt makes the block's checksum match, if any.
-pub(crate) fn kind_of(block: &Block) -> Option<BlockKind> {
-    let salt = checksum::salt_of(&block[..])?;
+pub(crate) fn kind_of(block: &[u8]) -> Option<BlockKind> {
+    let salt = checksum::salt_of(block)?;
     [
         BlockKind::ThinSuperblock,
         BlockKind::BtreeNode,
