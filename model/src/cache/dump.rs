@@ -1,7 +1,9 @@
 //! The `cache_dump` XML of a cache metadata image (spec §6.5), byte for
 //! byte what Debian's `cache_dump` 0.9.0 prints: the superblock line, the
-//! valid mappings in cache block order, the hints of valid cache blocks,
-//! two-space indentation, no discards section (0.9.0 never writes one).
+//! valid mappings in cache block order, the hints of valid cache blocks
+//! (whenever a hint array exists), two-space indentation, no discards
+//! section (0.9.0 never writes one), and its idea of the hint width
+//! ([`tools_hint_width`]).
 //!
 //! One deliberate difference: `dirty` is what is on disk — the M_DIRTY flag
 //! in metadata version 1, **the dirty bitset in version 2**. Debian's 0.9.0
@@ -39,7 +41,7 @@ pub fn write_xml(img: &CacheImage, out: &mut dyn Write) -> std::io::Result<()> {
         sb.data_block_size,
         sb.cache_blocks,
         sb.policy_name_str(),
-        sb.policy_hint_size
+        tools_hint_width(sb)
     )?;
     writeln!(out, "  <mappings>")?;
     for (cblock, m) in img.mappings.iter().enumerate() {
@@ -63,6 +65,18 @@ pub fn write_xml(img: &CacheImage, out: &mut dyn Write) -> std::io::Result<()> {
     }
     writeln!(out, "  </hints>")?;
     writeln!(out, "</superblock>")
+}
+
+/// The hint width the tools print: 0.9.0 reads the superblock's
+/// `policy_hint_size` only when incompat bit 0 (its VARIABLE_HINT_SIZE) is
+/// set, and takes 4 otherwise — its `cache_restore` writes 0 there for
+/// 4-byte hints, the kernel writes 4.
+pub fn tools_hint_width(sb: &super::superblock::CacheSuperblock) -> u32 {
+    if sb.incompat_flags & 1 != 0 {
+        sb.policy_hint_size
+    } else {
+        4
+    }
 }
 
 /// Standard base64 with padding.

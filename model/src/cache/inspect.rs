@@ -33,7 +33,8 @@ pub struct CacheImage {
     pub superblock: CacheSuperblock,
     /// Every entry of the mapping array, by cache block.
     pub mappings: Vec<Mapping>,
-    /// Every hint (raw bytes of `policy_hint_size`), when a hint array exists.
+    /// Every hint (raw bytes of `policy_hint_size`, 4 when that is 0), when
+    /// a hint array exists (`hint_root` non-zero).
     pub hints: Option<Vec<Vec<u8>>>,
     /// The first `discard_nr_blocks` bits of the discard bitset.
     pub discards: Vec<bool>,
@@ -77,8 +78,11 @@ pub fn read_image<D: BlockDevice>(dev: &mut D) -> Result<CacheImage> {
             Mapping { oblock, flags }
         })
         .collect();
-    let hints = if sb.hint_root != 0 && sb.policy_hint_size != 0 {
-        let info = ArrayInfo::new(sb.policy_hint_size as usize);
+    let hints = if sb.hint_root != 0 {
+        // The kernel builds 4-byte hint arrays only; 0.9.0's cache_restore
+        // leaves policy_hint_size 0 beside a hint array of 4-byte hints.
+        let width = if sb.policy_hint_size == 0 { 4 } else { sb.policy_hint_size };
+        let info = ArrayInfo::new(width as usize);
         blocks.hint = Some(info.blocks(&mut tm, sb.hint_root)?);
         Some(info.values(&mut tm, sb.hint_root)?)
     } else {

@@ -158,6 +158,9 @@ impl<D: BlockDevice> CacheMetadata<D> {
         if bits.len() != self.cache_blocks as usize {
             return Err(CacheError::DirtyBitsSize { given: bits.len(), cache_blocks: self.cache_blocks });
         }
+        // The rebuilt bitset supersedes any word cached by set_dirty (the
+        // kernel never caches a dirty-bitset word).
+        self.dirty_info.forget();
         Bitset::del(&mut self.tm, self.dirty_root)?;
         self.changed = true;
         self.dirty_root = Bitset::new_bitset(&mut self.tm, bits.len() as u32, |i| Ok(bits[i as usize]))?;
@@ -199,6 +202,9 @@ impl<D: BlockDevice> CacheMetadata<D> {
         let null = pack_mapping(0, 0).to_le_bytes();
         self.root = MAPPING_ARRAY.resize(&mut self.tm, self.root, old, new_cache_blocks, &null)?;
         if self.separate_dirty_bits() {
+            // A word cached by set_dirty (a model-only path; the kernel
+            // never caches a dirty-bitset word) goes in before the resize.
+            self.dirty_info.flush(&mut self.tm, &mut self.dirty_root)?;
             self.dirty_root = Bitset::resize(&mut self.tm, self.dirty_root, old, new_cache_blocks, false)?;
         }
         self.cache_blocks = new_cache_blocks;
