@@ -477,3 +477,55 @@ impl<D: BlockDevice> CacheMetadata<D> {
         &mut self.tm
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_device::MemDevice;
+    use crate::cache::inspect::read_image;
+
+    /// The fresh layout derived from `__format_metadata` (spec §4.3): 0
+    /// superblock, 1 space map index, 2 overflow root, 3 bitmap, then the
+    /// mapping array root, (v2) the dirty bitset root, the discard bitset
+    /// root; every superblock field as the kernel writes it.
+    #[test]
+    fn format_layout_and_superblock_fields() {
+        for version in [1, 2] {
+            let md = CacheMetadata::format(MemDevice::new(8 * 1024), 128, version).unwrap();
+            assert!(md.clean_when_opened());
+            let mut dev = md.close();
+            let img = read_image(&mut dev).unwrap();
+            let sb = &img.superblock;
+            assert_eq!((sb.magic, sb.version, sb.blocknr, sb.flags), (SUPERBLOCK_MAGIC, version, 0, 0));
+            assert_eq!((sb.data_block_size, sb.metadata_block_size, sb.cache_blocks), (128, 8, 0));
+            assert_eq!((sb.policy_hint_size, sb.policy_name, sb.policy_version), (0, [0; 16], [0; 3]));
+            assert_eq!((sb.hint_root, sb.discard_block_size, sb.discard_nr_blocks), (0, 0, 0));
+            assert_eq!((sb.metadata_sm_root.bitmap_root, sb.metadata_sm_root.ref_count_root), (1, 2));
+            assert_eq!(sb.mapping_root, 4);
+            if version == 2 {
+                assert_eq!((sb.dirty_root, sb.discard_root), (5, 6));
+            } else {
+                assert_eq!((sb.dirty_root, sb.discard_root), (0, 5));
+            }
+            assert_eq!(sb.metadata_sm_root.nr_allocated, if version == 2 { 7 } else { 6 });
+            assert!(sb.metadata_sm_root_area[32..].iter().all(|&b| b == 0));
+        }
+    }
+
+    /// Commits always write; CLEAN_SHUTDOWN follows the argument; the
+    /// cursor is not reset, so a second commit's shadows come after the
+    /// first's.
+    #[test]
+    fn commit_writes_the_flag_it_is_given() {
+        let mut md = CacheMetadata::format(MemDevice::new(8 * 1024), 128, 1).unwrap();
+        md.resize(1000).unwrap();
+        md.commit(true).unwrap();
+        assert_eq!(md.flags() & CLEAN_SHUTDOWN, CLEAN_SHUTDOWN);
+        md.insert_mapping(1, 2).unwrap();
+        md.commit(false).unwrap();
+        assert_eq!(md.flags() & CLEAN_SHUTDOWN, 0);
+        assert_eq!(md.lookup(1).unwrap(), Some((2, false)));
+        assert_eq!(md.resize(0), Ok(()));
+        assert_eq!(md.mapping(0), Err(CacheError::Pdata(PdataError::NoData)));
+    }
+}
