@@ -78,7 +78,8 @@ impl Pd {
         let bits_root = Bitset::empty(&mut tm).unwrap();
         tm.block_manager().write_zero(0, BlockKind::CacheSuperblock).unwrap();
         let r = PdRef { values: vec![], nr_bits: 0, words: vec![] };
-        let mut pd = Pd { tm: Some(tm), array_root, bits_root, bits: Bitset::new(), now: r.clone(), committed: r };
+        let mut pd =
+            Pd { tm: Some(tm), array_root, bits_root, bits: Bitset::new(), now: r.clone(), committed: r };
         pd.commit();
         pd
     }
@@ -148,11 +149,12 @@ impl Pd {
             PdOp::Rebuild(seed) => {
                 A.del(&mut tm, ar).unwrap();
                 let vals: Vec<u64> = (0..n as u64).map(|i| i.wrapping_mul(seed) ^ seed).collect();
-                ar = A.new_array(&mut tm, n, |i, b| {
-                    b.copy_from_slice(&vals[i as usize].to_le_bytes());
-                    Ok(())
-                })
-                .unwrap();
+                ar = A
+                    .new_array(&mut tm, n, |i, b| {
+                        b.copy_from_slice(&vals[i as usize].to_le_bytes());
+                        Ok(())
+                    })
+                    .unwrap();
                 self.now.values = vals;
             }
             PdOp::SetBit(i) | PdOp::ClearBit(i) | PdOp::TestBit(i) if nb > 0 => {
@@ -167,7 +169,10 @@ impl Pd {
                         self.bits.clear_bit(&mut tm, &mut br, i).unwrap();
                         self.now.words[w] &= !m;
                     }
-                    _ => assert_eq!(self.bits.test_bit(&mut tm, &mut br, i).unwrap(), self.now.words[w] & m != 0),
+                    _ => assert_eq!(
+                        self.bits.test_bit(&mut tm, &mut br, i).unwrap(),
+                        self.now.words[w] & m != 0
+                    ),
                 }
             }
             PdOp::BitsetResize(m, d) => {
@@ -192,12 +197,20 @@ impl Pd {
     /// Everything as stored (the bitset after a flush of its cached word).
     fn check(&mut self) {
         let (mut tm, mut br, ar) = (self.tm.take().unwrap(), self.bits_root, self.array_root);
-        let vals: Vec<u64> =
-            A.values(&mut tm, ar).unwrap().iter().map(|v| u64::from_le_bytes(v[..].try_into().unwrap())).collect();
+        let vals: Vec<u64> = A
+            .values(&mut tm, ar)
+            .unwrap()
+            .iter()
+            .map(|v| u64::from_le_bytes(v[..].try_into().unwrap()))
+            .collect();
         assert_eq!(vals, self.now.values);
         self.bits.flush(&mut tm, &mut br).unwrap();
-        let words: Vec<u64> =
-            WORDS.values(&mut tm, br).unwrap().iter().map(|v| u64::from_le_bytes(v[..].try_into().unwrap())).collect();
+        let words: Vec<u64> = WORDS
+            .values(&mut tm, br)
+            .unwrap()
+            .iter()
+            .map(|v| u64::from_le_bytes(v[..].try_into().unwrap()))
+            .collect();
         assert_eq!(words, self.now.words);
         let blocks = A.blocks(&mut tm, ar).unwrap();
         assert_eq!(blocks.ablocks.len(), self.now.values.len().div_ceil(509));
@@ -294,8 +307,8 @@ fn clean_shutdown_and_needs_check_flags_follow_the_kernel() {
 #[test]
 fn open_rejects_bad_superblocks() {
     use dmsim_model::cache::{CacheError, CacheMetadata, OpenOptions};
-    use dmsim_model::pdata::layout::cache::{SB_INCOMPAT_FLAGS, SB_MAGIC, SB_VERSION};
     use dmsim_model::pdata::checksum;
+    use dmsim_model::pdata::layout::cache::{SB_INCOMPAT_FLAGS, SB_MAGIC, SB_VERSION};
     use dmsim_model::pdata::layout::put_u32;
     let run = Run::new(1, 512, 10);
     let good = run.md.unwrap().close();

@@ -105,7 +105,10 @@ fn big_history(version: u32) {
         for _ in 0..3000 {
             let r = next();
             ops.push(match r % 10 {
-                0..=4 => CacheOp::Insert { cblock: (r >> 8) as u32, oblock: (r >> 32) % cache_common::ORIGIN_BLOCKS },
+                0..=4 => CacheOp::Insert {
+                    cblock: (r >> 8) as u32,
+                    oblock: (r >> 32) % cache_common::ORIGIN_BLOCKS,
+                },
                 5 => CacheOp::InsertRun { cblock: (r >> 8) as u32, oblock: (r >> 32) % 900_000, len: 600 },
                 6 => CacheOp::Remove { cblock: (r >> 8) as u32 },
                 7 | 8 => CacheOp::SetDirty { cblock: (r >> 8) as u32, dirty: r & 1 << 40 != 0 },
@@ -170,9 +173,12 @@ fn fixture(xml: &str) -> String {
 /// the tools still agree.
 #[test]
 fn restored_images_open_in_the_model_and_dump_back_equal() {
-    for (xml, version, block_size) in
-        [("v1_dirty_hints.xml", 1, 128), ("v1_clean.xml", 1, 64), ("v2_hints.xml", 2, 256), ("v2_dirty_hints.xml", 2, 128)]
-    {
+    for (xml, version, block_size) in [
+        ("v1_dirty_hints.xml", 1, 128),
+        ("v1_clean.xml", 1, 64),
+        ("v2_hints.xml", 2, 256),
+        ("v2_dirty_hints.xml", 2, 128),
+    ] {
         let Some(mut dev) = restore(xml, version) else { return };
         assert_eq!(dump_string(&mut dev).unwrap(), fixture(xml), "{xml}");
         let img = read_image(&mut dev).unwrap();
@@ -201,7 +207,8 @@ fn restored_images_open_in_the_model_and_dump_back_equal() {
         // every unmapped cache block (its bitset defaults to all ones): the
         // new mapping reads dirty on disk until the next clean shutdown
         // rewrites the bitset, in the kernel as here.
-        let want = format!("<mapping cache_block=\"{free}\" origin_block=\"777777\" dirty=\"{}\"/>", version == 2);
+        let want =
+            format!("<mapping cache_block=\"{free}\" origin_block=\"777777\" dirty=\"{}\"/>", version == 2);
         assert!(ours.contains(&want), "{xml}: {ours}");
         assert!(!read_image(&mut dev).unwrap().superblock.clean_shutdown());
         agree_with_tools(&dev);

@@ -69,7 +69,8 @@ pub fn read_image<D: BlockDevice>(dev: &mut D) -> Result<CacheImage> {
     if let Some(p) = sb.problems(true) {
         return Err(CacheError::BadSuperblock(p));
     }
-    let mut blocks = StructureBlocks { mapping: MAPPING_ARRAY.blocks(&mut tm, sb.mapping_root)?, ..Default::default() };
+    let mut blocks =
+        StructureBlocks { mapping: MAPPING_ARRAY.blocks(&mut tm, sb.mapping_root)?, ..Default::default() };
     let mappings = MAPPING_ARRAY
         .values(&mut tm, sb.mapping_root)?
         .iter()

@@ -84,7 +84,13 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// smq (hint size 4), may format, read-write.
     pub fn new(data_block_size: u32, metadata_version: u32) -> Self {
-        OpenOptions { data_block_size, may_format: true, policy_hint_size: 4, metadata_version, read_only: false }
+        OpenOptions {
+            data_block_size,
+            may_format: true,
+            policy_hint_size: 4,
+            metadata_version,
+            read_only: false,
+        }
     }
 }
 
@@ -197,7 +203,8 @@ impl<D: BlockDevice> CacheMetadata<D> {
         let sm_root = self.tm.metadata_sm_root();
         let (version, root, hint_root, discard_root, dirty_root) =
             (self.version, self.root, self.hint_root, self.discard_root, self.dirty_root);
-        let (dbs, dnr, data_block_size) = (self.discard_block_size, self.discard_nr_blocks, self.data_block_size);
+        let (dbs, dnr, data_block_size) =
+            (self.discard_block_size, self.discard_nr_blocks, self.data_block_size);
         let sb = self.tm.block_manager().write_zero(SUPERBLOCK_LOCATION, BlockKind::CacheSuperblock)?;
         put_u64(sb, SB_MAGIC, SUPERBLOCK_MAGIC);
         put_u32(sb, SB_VERSION, version);
@@ -228,7 +235,10 @@ impl<D: BlockDevice> CacheMetadata<D> {
             return Err(CacheError::BadSuperblock(p));
         }
         if sb.data_block_size != self.data_block_size {
-            return Err(CacheError::DataBlockSize { on_disk: sb.data_block_size, table: self.data_block_size });
+            return Err(CacheError::DataBlockSize {
+                on_disk: sb.data_block_size,
+                table: self.data_block_size,
+            });
         }
         if let Some(p) = sb.problems(self.read_only) {
             return Err(CacheError::BadSuperblock(p));

@@ -152,7 +152,9 @@ impl CacheSuperblock {
         }
         let compat_ro = self.compat_ro_flags & !COMPAT_RO_SUPPORTED;
         if !read_only && compat_ro != 0 {
-            return Some(format!("unsupported read-only-compatible features {compat_ro:#x} (open read-only)"));
+            return Some(format!(
+                "unsupported read-only-compatible features {compat_ro:#x} (open read-only)"
+            ));
         }
         None
     }

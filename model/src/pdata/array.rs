@@ -82,13 +82,19 @@ impl ArrayInfo {
         let h = AblockHeader::decode(data);
         let corrupt = |what: String| PdataError::Corrupt { kind: BlockKind::Array, block: b, what };
         if h.value_size as usize != self.value_size {
-            return Err(corrupt(format!("value size {} where {} was expected", h.value_size, self.value_size)));
+            return Err(corrupt(format!(
+                "value size {} where {} was expected",
+                h.value_size, self.value_size
+            )));
         }
         if h.max_entries != self.max_entries() {
             return Err(corrupt(format!("max_entries {} for value size {}", h.max_entries, self.value_size)));
         }
         if h.nr_entries > h.max_entries {
-            return Err(corrupt(format!("{} entries, more than max_entries {}", h.nr_entries, h.max_entries)));
+            return Err(corrupt(format!(
+                "{} entries, more than max_entries {}",
+                h.nr_entries, h.max_entries
+            )));
         }
         Ok(h)
     }
@@ -137,7 +143,12 @@ impl ArrayInfo {
     }
 
     /// Drops entries from the back (`trim_ablock`); their bytes stay.
-    fn trim_ablock<D: BlockDevice>(&self, tm: &mut TransactionManager<D>, b: BlockNr, new_nr: u32) -> Result<()> {
+    fn trim_ablock<D: BlockDevice>(
+        &self,
+        tm: &mut TransactionManager<D>,
+        b: BlockNr,
+        new_nr: u32,
+    ) -> Result<()> {
         put_u32(tm.write_locked(b, BlockKind::Array)?, ab::NR_ENTRIES, new_nr);
         Ok(())
     }
@@ -266,7 +277,12 @@ impl ArrayInfo {
         Ok(root)
     }
 
-    fn shrink<D: BlockDevice>(&self, tm: &mut TransactionManager<D>, root: &mut BlockNr, r: &Resize) -> Result<()> {
+    fn shrink<D: BlockDevice>(
+        &self,
+        tm: &mut TransactionManager<D>,
+        root: &mut BlockNr,
+        r: &Resize,
+    ) -> Result<()> {
         if r.new_full < r.old_full {
             let begin = r.new_full + u32::from(r.new_tail > 0);
             let end = r.old_full + u32::from(r.old_tail > 0);
@@ -379,7 +395,11 @@ impl ArrayInfo {
     }
 
     /// Every value, in index order (a convenience over [`Self::walk`]).
-    pub fn values<D: BlockDevice>(&self, tm: &mut TransactionManager<D>, root: BlockNr) -> Result<Vec<Vec<u8>>> {
+    pub fn values<D: BlockDevice>(
+        &self,
+        tm: &mut TransactionManager<D>,
+        root: BlockNr,
+    ) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         self.walk(tm, root, &mut |_, v| {
             out.push(v.to_vec());
@@ -396,7 +416,11 @@ impl ArrayInfo {
     /// The blocks the array occupies: its btree nodes and its array blocks
     /// (each array block checked). Errors if the btree's keys are not
     /// 0, 1, 2, … without gaps.
-    pub fn blocks<D: BlockDevice>(&self, tm: &mut TransactionManager<D>, root: BlockNr) -> Result<ArrayBlocks> {
+    pub fn blocks<D: BlockDevice>(
+        &self,
+        tm: &mut TransactionManager<D>,
+        root: BlockNr,
+    ) -> Result<ArrayBlocks> {
         let mut out = ArrayBlocks::default();
         let mut stack = vec![root];
         while let Some(b) = stack.pop() {
@@ -453,11 +477,12 @@ mod tests {
     fn array_block_header_fields() {
         let mut tm = tm();
         let a = ArrayInfo::new(8);
-        let root = a.new_array(&mut tm, 600, |i, v| {
-            v.copy_from_slice(&u64::from(i).to_le_bytes());
-            Ok(())
-        })
-        .unwrap();
+        let root = a
+            .new_array(&mut tm, 600, |i, v| {
+                v.copy_from_slice(&u64::from(i).to_le_bytes());
+                Ok(())
+            })
+            .unwrap();
         let blocks = a.blocks(&mut tm, root).unwrap();
         assert_eq!(blocks.nodes, vec![root]);
         assert_eq!(blocks.ablocks.len(), 2);
@@ -479,8 +504,12 @@ mod tests {
         assert_eq!(a.values(&mut tm, root).unwrap().len(), 3000);
         root = a.resize(&mut tm, root, 3000, 1500, &0u32.to_le_bytes()).unwrap();
         root = a.resize(&mut tm, root, 1500, 2100, &9u32.to_le_bytes()).unwrap();
-        let vals: Vec<u32> =
-            a.values(&mut tm, root).unwrap().iter().map(|v| u32::from_le_bytes(v[..].try_into().unwrap())).collect();
+        let vals: Vec<u32> = a
+            .values(&mut tm, root)
+            .unwrap()
+            .iter()
+            .map(|v| u32::from_le_bytes(v[..].try_into().unwrap()))
+            .collect();
         assert_eq!(vals.len(), 2100);
         assert!(vals[..1500].iter().all(|&v| v == 7));
         assert!(vals[1500..].iter().all(|&v| v == 9));

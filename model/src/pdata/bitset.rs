@@ -101,7 +101,11 @@ impl Bitset {
     }
 
     /// Writes the cached word back if it was modified (`dm_bitset_flush`).
-    pub fn flush<D: BlockDevice>(&mut self, tm: &mut TransactionManager<D>, root: &mut BlockNr) -> Result<()> {
+    pub fn flush<D: BlockDevice>(
+        &mut self,
+        tm: &mut TransactionManager<D>,
+        root: &mut BlockNr,
+    ) -> Result<()> {
         let Some(c) = self.current else { return Ok(()) };
         if !c.dirty {
             return Ok(());
@@ -170,7 +174,11 @@ impl Bitset {
 
     /// The first `nr_bits` bits as stored (read-only: ignores any cached
     /// word; for checkers and dumps).
-    pub fn read_bits<D: BlockDevice>(tm: &mut TransactionManager<D>, root: BlockNr, nr_bits: u32) -> Result<Vec<bool>> {
+    pub fn read_bits<D: BlockDevice>(
+        tm: &mut TransactionManager<D>,
+        root: BlockNr,
+        nr_bits: u32,
+    ) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(nr_bits as usize);
         WORDS.walk(tm, root, &mut |_, v| {
             let w = u64::from_le_bytes(v.try_into().expect("8 bytes"));

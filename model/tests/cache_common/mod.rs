@@ -305,7 +305,8 @@ pub fn audit_ref_counts(dev: &mut MemDevice) {
             if get_u32(d, node::FLAGS) & node::INTERNAL != 0 {
                 stack.push(u64::from_le_bytes(v[..8].try_into().unwrap()));
             } else {
-                let k = u64::from_le_bytes(d[node::key_offset(i)..node::key_offset(i) + 8].try_into().unwrap());
+                let k =
+                    u64::from_le_bytes(d[node::key_offset(i)..node::key_offset(i) + 8].try_into().unwrap());
                 overflow.insert(k, get_u32(v, 0));
             }
         }
