@@ -26,6 +26,20 @@ pub struct StructureBlocks {
     pub dirty: Option<ArrayBlocks>,
 }
 
+impl StructureBlocks {
+    /// Every block of every structure (btree nodes and array blocks), in
+    /// the order mapping, hint, discard, dirty; a block referenced twice
+    /// appears twice. With the superblock and the space map's own blocks
+    /// these are all the blocks a consistent image allocates, each once.
+    pub fn all(&self) -> Vec<u64> {
+        [Some(&self.mapping), self.hint.as_ref(), Some(&self.discard), self.dirty.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a.nodes.iter().chain(&a.ablocks).copied())
+            .collect()
+    }
+}
+
 /// A cache metadata image, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheImage {

@@ -169,13 +169,15 @@ impl<D: BlockDevice> CacheMetadata<D> {
 
     /// Whether every cache block in `begin..end` is unmapped or clean
     /// (`blocks_are_unmapped_or_clean`); the first dirty one otherwise.
-    /// v2 reads the stored bitset only (the kernel's cursor ignores the
-    /// cached word).
+    /// v2 reads the stored bitset (the kernel's cursor ignores the cached
+    /// word, which the kernel never has for the dirty bitset; a word cached
+    /// by the model-only [`Self::set_dirty`] is written back first).
     pub fn first_dirty(&mut self, begin: u32, end: u32) -> Result<Option<u32>> {
         if self.separate_dirty_bits() {
             if self.cache_blocks == 0 {
                 return Ok(None);
             }
+            self.dirty_info.flush(&mut self.tm, &mut self.dirty_root)?;
             let bits = Bitset::read_bits(&mut self.tm, self.dirty_root, self.cache_blocks)?;
             return Ok((begin..end).find(|&b| bits.get(b as usize).copied().unwrap_or(false)));
         }
@@ -202,9 +204,6 @@ impl<D: BlockDevice> CacheMetadata<D> {
         let null = pack_mapping(0, 0).to_le_bytes();
         self.root = MAPPING_ARRAY.resize(&mut self.tm, self.root, old, new_cache_blocks, &null)?;
         if self.separate_dirty_bits() {
-            // A word cached by set_dirty (a model-only path; the kernel
-            // never caches a dirty-bitset word) goes in before the resize.
-            self.dirty_info.flush(&mut self.tm, &mut self.dirty_root)?;
             self.dirty_root = Bitset::resize(&mut self.tm, self.dirty_root, old, new_cache_blocks, false)?;
         }
         self.cache_blocks = new_cache_blocks;

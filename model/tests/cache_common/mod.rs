@@ -311,11 +311,7 @@ pub fn audit_ref_counts(dev: &mut MemDevice) {
             }
         }
     }
-    let s = &img.blocks;
-    for a in [Some(&s.mapping), s.hint.as_ref(), Some(&s.discard), s.dirty.as_ref()].into_iter().flatten() {
-        reachable.extend(&a.nodes);
-        reachable.extend(&a.ablocks);
-    }
+    reachable.extend(img.blocks.all());
     let mut want = vec![0u32; sm.nr_blocks as usize];
     for b in reachable {
         want[b as usize] += 1;
