@@ -443,7 +443,7 @@ pub mod cache {
     pub const SB_WRITE_HITS: usize = 264;
     /// Offset of write_misses.
     pub const SB_WRITE_MISSES: usize = 268;
-    /// Offset of policy_version[3] (three le32).
+    /// Offset of `policy_version[3]` (three le32).
     pub const SB_POLICY_VERSION: usize = 272;
     /// Offset of dirty_root (metadata version 2 only).
     pub const SB_DIRTY_ROOT: usize = 284;

@@ -5,7 +5,7 @@
 //! [`block_manager`] (a write-back cache of 4 KiB blocks over a
 //! [`crate::block_device::BlockDevice`]), [`transaction`] (shadowing, the
 //! metadata space map, commit), [`btree`] and [`space_map`], and on top of
-//! the btree [`array`] and [`bitset`] (used by dm-cache).
+//! the btree [`mod@array`] and [`bitset`] (used by dm-cache).
 
 pub mod array;
 pub mod bitset;
