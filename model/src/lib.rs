@@ -1,5 +1,5 @@
 //! The targets' logic: persistent-data in the kernel's on-disk format, the
-//! dm-thin pool metadata and (later) the thin and cache targets.
+//! dm-thin pool metadata and target, and the dm-cache metadata.
 //!
 //! This crate is pure: it has no threads, no clock and no randomness of its
 //! own, and it reaches storage only through [`block_device::BlockDevice`].
@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod block_device;
+pub mod cache;
 pub mod deferred_set;
 pub mod errno;
 pub mod mutation;

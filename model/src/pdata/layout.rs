@@ -350,6 +350,126 @@ pub mod thin {
     }
 }
 
+/// dm-array block layout (spec §1.15, dm-array.c `struct array_block`).
+pub mod array {
+    /// Size of the array block header.
+    pub const HEADER_SIZE: usize = 24;
+    /// Offset of max_entries.
+    pub const MAX_ENTRIES: usize = 4;
+    /// Offset of nr_entries.
+    pub const NR_ENTRIES: usize = 8;
+    /// Offset of value_size.
+    pub const VALUE_SIZE: usize = 12;
+    /// Offset of the self-location field.
+    pub const BLOCKNR: usize = 16;
+
+    /// Values of `value_size` bytes one array block holds (the kernel's
+    /// `calc_max_entries`): no rounding to a multiple of three here.
+    pub fn max_entries_for(value_size: usize) -> u32 {
+        ((super::BLOCK_SIZE - HEADER_SIZE) / value_size) as u32
+    }
+
+    /// Offset of value `i`.
+    pub fn value_offset(value_size: usize, i: usize) -> usize {
+        HEADER_SIZE + value_size * i
+    }
+}
+
+/// dm-cache superblock and value layouts (spec §4.1–4.2,
+/// dm-cache-metadata.c `struct cache_disk_superblock`).
+pub mod cache {
+    /// The superblock's magic number (06142003 octal).
+    pub const SUPERBLOCK_MAGIC: u64 = 0o6142003;
+    /// The superblock lives in block 0.
+    pub const SUPERBLOCK_LOCATION: u64 = 0;
+    /// Oldest metadata version the kernel accepts.
+    pub const MIN_VERSION: u32 = 1;
+    /// Newest metadata version the kernel accepts.
+    pub const MAX_VERSION: u32 = 2;
+    /// Superblock flag bit 0: the last close was clean.
+    pub const CLEAN_SHUTDOWN: u32 = 1 << 0;
+    /// Superblock flag bit 1: the metadata must be checked.
+    pub const NEEDS_CHECK: u32 = 1 << 1;
+    /// Incompatible features the kernel supports (none).
+    pub const INCOMPAT_SUPPORTED: u32 = 0;
+    /// Read-only-compatible features the kernel supports (none).
+    pub const COMPAT_RO_SUPPORTED: u32 = 0;
+    /// Bytes of the policy name field (NUL padded).
+    pub const POLICY_NAME_SIZE: usize = 16;
+
+    /// Offset of flags.
+    pub const SB_FLAGS: usize = 4;
+    /// Offset of blocknr.
+    pub const SB_BLOCKNR: usize = 8;
+    /// Offset of the 16-byte uuid.
+    pub const SB_UUID: usize = 16;
+    /// Offset of magic.
+    pub const SB_MAGIC: usize = 32;
+    /// Offset of version.
+    pub const SB_VERSION: usize = 40;
+    /// Offset of policy_name (16 bytes).
+    pub const SB_POLICY_NAME: usize = 44;
+    /// Offset of policy_hint_size.
+    pub const SB_POLICY_HINT_SIZE: usize = 60;
+    /// Offset of the metadata space map root area (128 bytes).
+    pub const SB_METADATA_SM_ROOT: usize = 64;
+    /// Offset of mapping_root.
+    pub const SB_MAPPING_ROOT: usize = 192;
+    /// Offset of hint_root.
+    pub const SB_HINT_ROOT: usize = 200;
+    /// Offset of discard_root.
+    pub const SB_DISCARD_ROOT: usize = 208;
+    /// Offset of discard_block_size (sectors).
+    pub const SB_DISCARD_BLOCK_SIZE: usize = 216;
+    /// Offset of discard_nr_blocks.
+    pub const SB_DISCARD_NR_BLOCKS: usize = 224;
+    /// Offset of data_block_size (sectors).
+    pub const SB_DATA_BLOCK_SIZE: usize = 232;
+    /// Offset of metadata_block_size (sectors).
+    pub const SB_METADATA_BLOCK_SIZE: usize = 236;
+    /// Offset of cache_blocks.
+    pub const SB_CACHE_BLOCKS: usize = 240;
+    /// Offset of compat_flags.
+    pub const SB_COMPAT_FLAGS: usize = 244;
+    /// Offset of compat_ro_flags.
+    pub const SB_COMPAT_RO_FLAGS: usize = 248;
+    /// Offset of incompat_flags.
+    pub const SB_INCOMPAT_FLAGS: usize = 252;
+    /// Offset of read_hits.
+    pub const SB_READ_HITS: usize = 256;
+    /// Offset of read_misses.
+    pub const SB_READ_MISSES: usize = 260;
+    /// Offset of write_hits.
+    pub const SB_WRITE_HITS: usize = 264;
+    /// Offset of write_misses.
+    pub const SB_WRITE_MISSES: usize = 268;
+    /// Offset of `policy_version[3]` (three le32).
+    pub const SB_POLICY_VERSION: usize = 272;
+    /// Offset of dirty_root (metadata version 2 only).
+    pub const SB_DIRTY_ROOT: usize = 284;
+    /// Bytes of the packed superblock.
+    pub const SB_SIZE: usize = 292;
+
+    /// Mapping flag: the entry maps an origin block.
+    pub const M_VALID: u64 = 1;
+    /// Mapping flag: the cache block is dirty (metadata version 1 only).
+    pub const M_DIRTY: u64 = 2;
+    /// The low 16 bits of a mapping value are flags.
+    pub const FLAGS_MASK: u64 = (1 << 16) - 1;
+    /// Value size of the mapping array.
+    pub const MAPPING_VALUE_SIZE: usize = 8;
+
+    /// Packs a mapping value (`pack_value`): origin block above 16 flag bits.
+    pub fn pack_mapping(oblock: u64, flags: u64) -> u64 {
+        (oblock << 16) | (flags & FLAGS_MASK)
+    }
+
+    /// Unpacks a mapping value into (origin block, flags).
+    pub fn unpack_mapping(v: u64) -> (u64, u64) {
+        (v >> 16, v & FLAGS_MASK)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::space_map::*;
@@ -402,6 +522,19 @@ mod tests {
             let naive = (0..32).all(|e| bitmap_get(&data, e) != 0);
             assert_eq!(bitmap_word_full(&data, 0), naive, "word {w:#018x}");
         }
+    }
+
+    #[test]
+    fn array_and_cache_layouts_match_the_kernel() {
+        assert_eq!(array::max_entries_for(8), 509);
+        assert_eq!(array::max_entries_for(4), 1018);
+        assert_eq!(array::value_offset(8, 1), 32);
+        assert_eq!(cache::SUPERBLOCK_MAGIC, 1_623_043);
+        assert_eq!(cache::SB_DIRTY_ROOT + 8, cache::SB_SIZE);
+        assert_eq!(cache::SB_METADATA_SM_ROOT + space_map::ROOT_AREA_SIZE, cache::SB_MAPPING_ROOT);
+        assert_eq!(cache::pack_mapping(5, cache::M_VALID | cache::M_DIRTY), 0x5_0003);
+        assert_eq!(cache::unpack_mapping(0x5_0003), (5, 3));
+        assert_eq!(BlockKind::Array.blocknr_offset(), array::BLOCKNR);
     }
 
     #[test]

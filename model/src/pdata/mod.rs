@@ -4,8 +4,11 @@
 //! Layering, bottom up: [`checksum`] and [`layout`] (the on-disk formats),
 //! [`block_manager`] (a write-back cache of 4 KiB blocks over a
 //! [`crate::block_device::BlockDevice`]), [`transaction`] (shadowing, the
-//! metadata space map, commit), [`btree`] and [`space_map`].
+//! metadata space map, commit), [`btree`] and [`space_map`], and on top of
+//! the btree [`mod@array`] and [`bitset`] (used by dm-cache).
 
+pub mod array;
+pub mod bitset;
 pub mod block_manager;
 pub mod btree;
 pub mod checksum;

@@ -41,6 +41,11 @@ pub enum ValueType {
     /// Roots of per-device mapping trees (the thin top level used on its
     /// own): dropping one deletes the device's tree.
     SubtreeRoots,
+    /// Locations of dm-array blocks (the btree of a dm-array): every value
+    /// holds a reference to its array block, counted one block at a time
+    /// (dm-array.c `block_inc` / `block_dec`); the values inside array
+    /// blocks reference nothing for every array the kernel's cache uses.
+    ArrayBlocks,
 }
 
 /// Which reference counts a question about sharing is asked of.
@@ -135,7 +140,7 @@ impl<D: BlockDevice> TransactionManager<D> {
                 .for_each_run(u64s(values, count).map(|v| unpack_block_time(v).0), |tm, b, e| {
                     tm.data_sm_inc(b, e)
                 }),
-            ValueType::SubtreeRoots => {
+            ValueType::SubtreeRoots | ValueType::ArrayBlocks => {
                 for root in u64s(values, count) {
                     self.inc(root)?;
                 }
@@ -159,6 +164,18 @@ impl<D: BlockDevice> TransactionManager<D> {
                 const BOTTOM: BtreeInfo = BtreeInfo { levels: 1, value_type: ValueType::DataBlockTimes };
                 for root in u64s(values, count).collect::<Vec<_>>() {
                     self.btree_del(&BOTTOM, root)?;
+                }
+                Ok(())
+            }
+            ValueType::ArrayBlocks => {
+                for b in u64s(values, count).collect::<Vec<_>>() {
+                    if self.ref_count(b)? == 1 {
+                        // The last reference: the kernel reads the block to
+                        // drop its values' references (none here), which
+                        // also validates it.
+                        self.read(b, BlockKind::Array)?;
+                    }
+                    self.dec(b)?;
                 }
                 Ok(())
             }

@@ -1,0 +1,18 @@
+//! dm-cache: the cache metadata (dm-cache-metadata.c, spec §4) in kernel
+//! 6.1's on-disk format, versions 1 and 2, block for block.
+//!
+//! * [`metadata`]: [`CacheMetadata`] — format, open, commit, abort, close.
+//! * [`mapping`]: mappings, dirty bits, discards, hints, resize, the
+//!   target's clean shutdown.
+//! * [`superblock`]: every superblock field.
+//! * [`inspect`]: read-only decoding of an image and the blocks of each
+//!   structure (for checkers).
+//! * [`dump`]: the `cache_dump` XML.
+
+pub mod dump;
+pub mod inspect;
+pub mod mapping;
+pub mod metadata;
+pub mod superblock;
+
+pub use metadata::{CacheError, CacheMetadata, OpenOptions};
