@@ -30,6 +30,7 @@ use clap::{Args, ValueEnum};
 use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::LockingDesign;
+use dmsim_sim::cache_campaign;
 use dmsim_sim::campaign::{
     self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
 };
@@ -50,9 +51,11 @@ use dmsim_traces::file::{self as trace_file, Encoding};
 pub enum CampaignKind {
     /// The thin target on simulated disks, judged by the oracle.
     Thin,
-    /// The metadata crash campaign.
+    /// The thin metadata crash campaign.
     Metadata,
-    /// Both.
+    /// The cache metadata crash campaign.
+    CacheMetadata,
+    /// All three.
     All,
 }
 
@@ -63,6 +66,10 @@ impl CampaignKind {
 
     fn metadata(self) -> bool {
         matches!(self, CampaignKind::Metadata | CampaignKind::All)
+    }
+
+    fn cache_metadata(self) -> bool {
+        matches!(self, CampaignKind::CacheMetadata | CampaignKind::All)
     }
 }
 
@@ -340,6 +347,7 @@ struct SeedResult {
     seed: u64,
     thin: Option<ThinSeed>,
     metadata: Option<SeedOutcome>,
+    cache: Option<SeedOutcome>,
     difference: Option<Difference>,
 }
 
@@ -347,6 +355,7 @@ impl SeedResult {
     fn failed(&self) -> bool {
         self.thin.as_ref().is_some_and(|t| t.violation.is_some())
             || self.metadata.as_ref().is_some_and(|m| !m.violations.is_empty())
+            || self.cache.as_ref().is_some_and(|m| !m.violations.is_empty())
             || self.difference.is_some()
     }
 }
@@ -377,20 +386,23 @@ impl Plan {
             }
             ThinSeed::of(&cfg, out)
         });
-        let metadata = self.kind.metadata().then(|| {
-            let out = campaign::run_seed(&self.metadata, seed);
+        let mut metadata_style = |campaign: &'static str, run: fn(&CampaignConfig, u64) -> SeedOutcome| {
+            let out = run(&self.metadata, seed);
             if self.determinism && difference.is_none() {
-                let again = campaign::run_seed(&self.metadata, seed);
+                let again = run(&self.metadata, seed);
                 if again != out {
                     let (a, b) = (format!("{out:#?}"), format!("{again:#?}"));
                     let (line, first, second) =
                         first_difference(&a, &b).unwrap_or((0, "(outcomes differ)".into(), String::new()));
-                    difference = Some(Difference { campaign: "metadata", line, first, second });
+                    difference = Some(Difference { campaign, line, first, second });
                 }
             }
             out
-        });
-        SeedResult { seed, thin, metadata, difference }
+        };
+        let metadata = self.kind.metadata().then(|| metadata_style("metadata", campaign::run_seed));
+        let cache =
+            self.kind.cache_metadata().then(|| metadata_style("cache-metadata", cache_campaign::run_seed));
+        SeedResult { seed, thin, metadata, cache, difference }
     }
 }
 
@@ -447,7 +459,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
         checkers,
         determinism: args.check_determinism,
     };
-    if plan.kind.metadata() {
+    if plan.kind.metadata() || plan.kind.cache_metadata() {
         if let Err(e) = plan.metadata.validate() {
             eprintln!("dmsim check: {e}");
             return ExitCode::from(exit::UNUSABLE);
@@ -644,16 +656,138 @@ struct Summary {
     thin_check_runs: usize,
     workloads: Vec<(Workload, usize)>,
     thin_failing: Vec<u64>,
-    md_seeds: usize,
-    md_ops: usize,
+    md: MetadataTotals,
+    cache: MetadataTotals,
+    differences: Vec<u64>,
+}
+
+/// Totals of a metadata crash campaign (thin or cache) over the seeds.
+#[derive(Debug, Default)]
+struct MetadataTotals {
+    seeds: usize,
+    ops: usize,
     commits: usize,
     mappings: u64,
-    md_crash_states: usize,
+    crash_states: usize,
     torn_writes: usize,
     out_of_metadata_space: usize,
     known: usize,
-    md_failing: Vec<u64>,
-    differences: Vec<u64>,
+    failing: Vec<u64>,
+}
+
+/// Which metadata crash campaign a report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetadataCampaign {
+    Thin,
+    Cache,
+}
+
+impl MetadataCampaign {
+    fn title(self) -> &'static str {
+        match self {
+            MetadataCampaign::Thin => "metadata crash campaign",
+            MetadataCampaign::Cache => "cache metadata crash campaign",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            MetadataCampaign::Thin => "metadata",
+            MetadataCampaign::Cache => "cache-metadata",
+        }
+    }
+
+    fn outcome(self, r: &SeedResult) -> Option<&SeedOutcome> {
+        match self {
+            MetadataCampaign::Thin => r.metadata.as_ref(),
+            MetadataCampaign::Cache => r.cache.as_ref(),
+        }
+    }
+}
+
+impl MetadataTotals {
+    fn add(&mut self, seed: u64, o: &SeedOutcome) {
+        self.seeds += 1;
+        self.ops += o.ops;
+        self.commits += o.commits;
+        self.mappings += o.mappings;
+        self.crash_states += o.crash_states;
+        self.torn_writes += o.torn_writes;
+        self.out_of_metadata_space += usize::from(o.out_of_metadata_space);
+        self.known += o.known_kernel_behaviours.len();
+        if !o.violations.is_empty() {
+            self.failing.push(seed);
+        }
+    }
+
+    fn print(&self, which: MetadataCampaign, plan: &Plan, results: &[SeedResult]) {
+        let row = |k: &str, v: String| println!("  {k:<30} {v:>12}");
+        println!("\n{}: {} metadata operations per seed", which.title(), plan.metadata.ops_per_seed);
+        row("seeds", self.seeds.to_string());
+        row("metadata operations", self.ops.to_string());
+        row(
+            if which == MetadataCampaign::Thin { "commits" } else { "commits and reopens" },
+            self.commits.to_string(),
+        );
+        row("mappings made", self.mappings.to_string());
+        row("crash states judged", self.crash_states.to_string());
+        row("  with a torn write", self.torn_writes.to_string());
+        row("seeds out of metadata space", self.out_of_metadata_space.to_string());
+        if which == MetadataCampaign::Thin {
+            row("known kernel behaviours seen", self.known.to_string());
+        }
+        row("violations", self.failing.len().to_string());
+        if self.known > 0 {
+            let first = results
+                .iter()
+                .filter_map(|r| which.outcome(r))
+                .flat_map(|o| &o.known_kernel_behaviours)
+                .next();
+            if let Some(k) = first {
+                println!(
+                    "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
+                    k.seed, k.detail
+                );
+            }
+        }
+    }
+
+    fn to_json(
+        &self,
+        which: MetadataCampaign,
+        args: &CheckArgs,
+        plan: &Plan,
+        results: &[SeedResult],
+    ) -> serde_json::Value {
+        let failures: Vec<_> = results
+            .iter()
+            .filter_map(|r| which.outcome(r).and_then(|o| o.violations.first()))
+            .map(|v| {
+                serde_json::json!({
+                    "seed": v.seed,
+                    "op_index": v.op_index,
+                    "kind": kind_id(v.kind),
+                    "detail": v.detail,
+                    "reproduce": reproduce_metadata(args, which, v.seed),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "ops_per_seed": plan.metadata.ops_per_seed,
+            "crashes_per_point": plan.metadata.crashes_per_point,
+            "seeds": self.seeds,
+            "operations": self.ops,
+            "commits": self.commits,
+            "mappings": self.mappings,
+            "crash_states": self.crash_states,
+            "torn_writes": self.torn_writes,
+            "seeds_out_of_metadata_space": self.out_of_metadata_space,
+            "known_kernel_behaviours": self.known,
+            "violations": self.failing.len(),
+            "failing_seeds": self.failing,
+            "failures": failures,
+        })
+    }
 }
 
 impl Summary {
@@ -675,17 +809,10 @@ impl Summary {
                 }
             }
             if let Some(o) = &r.metadata {
-                s.md_seeds += 1;
-                s.md_ops += o.ops;
-                s.commits += o.commits;
-                s.mappings += o.mappings;
-                s.md_crash_states += o.crash_states;
-                s.torn_writes += o.torn_writes;
-                s.out_of_metadata_space += usize::from(o.out_of_metadata_space);
-                s.known += o.known_kernel_behaviours.len();
-                if !o.violations.is_empty() {
-                    s.md_failing.push(r.seed);
-                }
+                s.md.add(r.seed, o);
+            }
+            if let Some(o) = &r.cache {
+                s.cache.add(r.seed, o);
             }
             if r.difference.is_some() {
                 s.differences.push(r.seed);
@@ -703,10 +830,14 @@ impl Summary {
         files: &[(u64, FailureFiles)],
     ) {
         let row = |k: &str, v: String| println!("  {k:<30} {v:>12}");
-        let names: Vec<&str> = [(plan.kind.thin(), "thin"), (plan.kind.metadata(), "metadata")]
-            .into_iter()
-            .filter_map(|(on, n)| on.then_some(n))
-            .collect();
+        let names: Vec<&str> = [
+            (plan.kind.thin(), "thin"),
+            (plan.kind.metadata(), "metadata"),
+            (plan.kind.cache_metadata(), "cache metadata"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
         println!(
             "dmsim check: seeds {}..{} ({} seeds), campaigns: {}{}",
             ran.start,
@@ -756,32 +887,10 @@ impl Summary {
             row("violations", self.thin_failing.len().to_string());
         }
         if plan.kind.metadata() {
-            println!(
-                "\nmetadata crash campaign: {} metadata operations per seed",
-                plan.metadata.ops_per_seed
-            );
-            row("seeds", self.md_seeds.to_string());
-            row("metadata operations", self.md_ops.to_string());
-            row("commits", self.commits.to_string());
-            row("mappings made", self.mappings.to_string());
-            row("crash states judged", self.md_crash_states.to_string());
-            row("  with a torn write", self.torn_writes.to_string());
-            row("seeds out of metadata space", self.out_of_metadata_space.to_string());
-            row("known kernel behaviours seen", self.known.to_string());
-            row("violations", self.md_failing.len().to_string());
-            if self.known > 0 {
-                let first = results
-                    .iter()
-                    .filter_map(|r| r.metadata.as_ref())
-                    .flat_map(|o| &o.known_kernel_behaviours)
-                    .next();
-                if let Some(k) = first {
-                    println!(
-                        "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
-                        k.seed, k.detail
-                    );
-                }
-            }
+            self.md.print(MetadataCampaign::Thin, plan, results);
+        }
+        if plan.kind.cache_metadata() {
+            self.cache.print(MetadataCampaign::Cache, plan, results);
         }
         if plan.determinism {
             println!(
@@ -865,36 +974,12 @@ impl Summary {
                 "failures": failures,
             })
         });
-        let metadata = plan.kind.metadata().then(|| {
-            let failures: Vec<_> = results
-                .iter()
-                .filter_map(|r| r.metadata.as_ref().and_then(|o| o.violations.first()))
-                .map(|v| {
-                    serde_json::json!({
-                        "seed": v.seed,
-                        "op_index": v.op_index,
-                        "kind": kind_id(v.kind),
-                        "detail": v.detail,
-                        "reproduce": reproduce_metadata(args, v.seed),
-                    })
-                })
-                .collect();
-            serde_json::json!({
-                "ops_per_seed": plan.metadata.ops_per_seed,
-                "crashes_per_point": plan.metadata.crashes_per_point,
-                "seeds": self.md_seeds,
-                "operations": self.md_ops,
-                "commits": self.commits,
-                "mappings": self.mappings,
-                "crash_states": self.md_crash_states,
-                "torn_writes": self.torn_writes,
-                "seeds_out_of_metadata_space": self.out_of_metadata_space,
-                "known_kernel_behaviours": self.known,
-                "violations": self.md_failing.len(),
-                "failing_seeds": self.md_failing,
-                "failures": failures,
-            })
-        });
+        let metadata =
+            plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results));
+        let cache = plan
+            .kind
+            .cache_metadata()
+            .then(|| self.cache.to_json(MetadataCampaign::Cache, args, plan, results));
         let differences: Vec<_> = results
             .iter()
             .filter_map(|r| r.difference.as_ref().map(|d| (r.seed, d)))
@@ -913,11 +998,15 @@ impl Summary {
             "locking": plan.settings.locking.name(),
             "thin": thin,
             "metadata": metadata,
+            "cache_metadata": cache,
             "determinism": {
                 "checked": plan.determinism,
                 "differences": differences,
             },
-            "violations": self.thin_failing.len() + self.md_failing.len() + self.differences.len(),
+            "violations": self.thin_failing.len()
+                + self.md.failing.len()
+                + self.cache.failing.len()
+                + self.differences.len(),
             "failing_seeds": failing,
             "ok": failing.is_empty(),
         });
@@ -961,15 +1050,18 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
         }
         println!("  reproduce: {}", reproduce_thin(args, r.seed));
     }
-    if let Some(v) = r.metadata.as_ref().and_then(|o| o.violations.first()) {
-        println!(
-            "\nFAILED metadata seed {} at operation {}: {}\n  {}",
-            v.seed,
-            v.op_index,
-            v.kind.name(),
-            v.detail
-        );
-        println!("  reproduce: {}", reproduce_metadata(args, v.seed));
+    for which in [MetadataCampaign::Thin, MetadataCampaign::Cache] {
+        if let Some(v) = which.outcome(r).and_then(|o| o.violations.first()) {
+            let name = if which == MetadataCampaign::Thin { "metadata" } else { "cache metadata" };
+            println!(
+                "\nFAILED {name} seed {} at operation {}: {}\n  {}",
+                v.seed,
+                v.op_index,
+                v.kind.name(),
+                v.detail
+            );
+            println!("  reproduce: {}", reproduce_metadata(args, which, v.seed));
+        }
     }
     if let Some(d) = &r.difference {
         println!(
@@ -988,9 +1080,10 @@ fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
     )
 }
 
-fn reproduce_metadata(args: &CheckArgs, seed: u64) -> String {
+fn reproduce_metadata(args: &CheckArgs, which: MetadataCampaign, seed: u64) -> String {
     format!(
-        "dmsim check --campaign metadata --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}",
+        "dmsim check --campaign {} --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}",
+        which.flag(),
         seed + 1,
         args.metadata_ops,
         args.crashes_per_point,

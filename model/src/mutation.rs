@@ -43,6 +43,16 @@ pub struct Mutations {
     /// discarded the block) and still maps in the state a crash goes back
     /// to.
     pub refcount_ignores_last_commit: bool,
+    /// dm-array: a value is written into its array block in place, even
+    /// when the last commit still holds the block, instead of into a
+    /// shadow: a crash finds the committed array changed (the cache
+    /// metadata crash campaign catches it as a state that is neither the
+    /// old commit nor the new one).
+    pub array_set_in_place: bool,
+    /// Cache metadata: the commit writes the superblock with the hint
+    /// array's root of the transaction before (a field forgotten in the
+    /// commit): the committed hints are not the ones just saved.
+    pub cache_commit_forgets_hint_root: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -123,10 +133,32 @@ impl Mutations {
     /// metadata crash campaign).
     pub const METADATA: [&'static str; 2] = ["superblock-before-flush", "reuse-freed-before-commit"];
 
-    /// The mutation named `name` (see [`Self::ALL`]).
+    /// Mutations of the cache metadata only (the thin campaign cannot see
+    /// them; the cache metadata crash campaign catches them).
+    pub const CACHE: [(&'static str, Switch); 2] = [
+        ("array-set-in-place", |m| m.array_set_in_place = true),
+        ("cache-commit-forgets-hint-root", |m| m.cache_commit_forgets_hint_root = true),
+    ];
+
+    /// The mutations the cache metadata crash campaign must catch: the
+    /// broken commit protocols shared with the thin metadata (the
+    /// transaction manager's) and the cache's own.
+    pub const CACHE_METADATA: [&'static str; 4] = [
+        "superblock-before-flush",
+        "reuse-freed-before-commit",
+        "array-set-in-place",
+        "cache-commit-forgets-hint-root",
+    ];
+
+    /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`].
+    fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
+        Self::ALL.iter().chain(Self::CACHE.iter())
+    }
+
+    /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).
     pub fn by_name(name: &str) -> Option<Mutations> {
         let mut m = Mutations::default();
-        let (_, set) = Self::ALL.iter().find(|(n, _)| *n == name)?;
+        let (_, set) = Self::every().find(|(n, _)| *n == name)?;
         set(&mut m);
         Some(m)
     }
@@ -136,10 +168,10 @@ impl Mutations {
         *self != Mutations::default()
     }
 
-    /// The names of the mutations that are on, in [`Self::ALL`] order.
+    /// The names of the mutations that are on, in [`Self::ALL`] order,
+    /// then [`Self::CACHE`] order.
     pub fn names(&self) -> Vec<&'static str> {
-        Self::ALL
-            .iter()
+        Self::every()
             .filter(|(_, set)| {
                 let mut with = *self;
                 set(&mut with);
@@ -153,7 +185,7 @@ impl Mutations {
     pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Mutations> {
         let mut m = Mutations::default();
         for name in names {
-            let (_, set) = Self::ALL.iter().find(|(n, _)| *n == name)?;
+            let (_, set) = Self::every().find(|(n, _)| *n == name)?;
             set(&mut m);
         }
         Some(m)

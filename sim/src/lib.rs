@@ -8,10 +8,16 @@
 //! simulated time, crashes, injected faults) with the oracle judging every
 //! read and everything recorded as a trace; [`run`], one seed of the thin
 //! campaign (workload, pool shape and fault swarm from the seed), replay
-//! and minimization of traces; [`generate`], the workload generators.
+//! and minimization of traces; [`generate`], the workload generators;
+//! [`cache_campaign`], the cache metadata crash campaign, with its
+//! workloads ([`cache_workload`]) and its verdict on an image
+//! ([`cache_check`]).
 
 #![warn(missing_docs)]
 
+pub mod cache_campaign;
+pub mod cache_check;
+pub mod cache_workload;
 pub mod campaign;
 pub mod concurrency;
 pub mod generate;

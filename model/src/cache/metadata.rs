@@ -118,6 +118,9 @@ pub struct CacheMetadata<D> {
     pub(super) discard_info: Bitset,
     pub(super) fail_io: bool,
     pub(super) read_only: bool,
+    /// The hint root of the last commit (for the mutation
+    /// `cache-commit-forgets-hint-root` only).
+    pub(super) committed_hint_root: BlockNr,
 }
 
 impl<D: BlockDevice> CacheMetadata<D> {
@@ -161,6 +164,7 @@ impl<D: BlockDevice> CacheMetadata<D> {
             discard_info: Bitset::new(),
             fail_io: false,
             read_only: opts.read_only,
+            committed_hint_root: 0,
         };
         if unformatted {
             md.format_metadata()?;
@@ -286,6 +290,7 @@ impl<D: BlockDevice> CacheMetadata<D> {
     fn begin_transaction(&mut self) -> Result<()> {
         let sb = CacheSuperblock::decode(self.tm.read(SUPERBLOCK_LOCATION, BlockKind::CacheSuperblock)?);
         self.read_superblock_fields(&sb);
+        self.committed_hint_root = sb.hint_root;
         Ok(())
     }
 
@@ -314,7 +319,11 @@ impl<D: BlockDevice> CacheMetadata<D> {
         let sm_root = self.tm.metadata_sm_root();
         let flags = if clean_shutdown { self.flags | CLEAN_SHUTDOWN } else { self.flags & !CLEAN_SHUTDOWN };
         let s = &*self;
-        let fields = (s.root, s.hint_root, s.discard_root, s.discard_block_size, s.discard_nr_blocks);
+        let mut fields = (s.root, s.hint_root, s.discard_root, s.discard_block_size, s.discard_nr_blocks);
+        if s.tm.mutations.cache_commit_forgets_hint_root {
+            // Deliberately broken: the superblock keeps the old hint root.
+            fields.1 = s.committed_hint_root;
+        }
         let (policy_name, policy_version, hint_size, stats) =
             (s.policy_name, s.policy_version, s.policy_hint_size, s.stats);
         let (v2, dirty_root, cache_blocks) = (s.separate_dirty_bits(), s.dirty_root, s.cache_blocks);
@@ -394,6 +403,11 @@ impl<D: BlockDevice> CacheMetadata<D> {
     /// Drops all unwritten state and returns the device, as a crash would.
     pub fn crash(self) -> D {
         self.tm.into_device()
+    }
+
+    /// Turns deliberate bugs on (detector tests; see [`crate::mutation`]).
+    pub fn set_mutations(&mut self, m: crate::mutation::Mutations) {
+        self.tm.mutations = m;
     }
 
     /// Switches to read-only (`dm_cache_metadata_set_read_only`).
