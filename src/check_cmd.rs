@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::exit;
 use clap::builder::{RangedU64ValueParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 use dmsim_faults::FaultCoverage;
@@ -44,6 +43,7 @@ use dmsim_traces::text::to_text;
 use dmsim_traces::Trace;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::exit;
 use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Which campaigns `dmsim check` runs.

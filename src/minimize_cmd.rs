@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{minimize, Checkers};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::exit;
 use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Options of `dmsim minimize`.
@@ -30,6 +30,10 @@ pub struct MinimizeArgs {
 
 /// Minimizes a trace.
 pub fn run(args: MinimizeArgs) -> ExitCode {
+    if let Err(e) = trace_file::check_output_path(&args.output) {
+        eprintln!("dmsim minimize: {e}");
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let (trace, _) = match trace_file::read(&args.trace) {
         Ok(t) => t,
         Err(e) => {

@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{replay, violation_signature, Checkers};
 
 use crate::check_cmd::when;
+use crate::exit;
 use crate::run_cmd::print_outcome;
 use dmsim_traces::file as trace_file;
 

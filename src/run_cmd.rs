@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::exit;
 use clap::Args;
 use dmsim_sim::run::{run_config, Checkers, RunConfig, RunOutcome};
 
 use crate::check_cmd::{ops_parser, when, ModelArgs};
+use crate::exit;
 use dmsim_traces::file::{self as trace_file, Encoding};
 
 /// Options of `dmsim run`.
@@ -36,6 +36,10 @@ pub struct RunArgs {
 
 /// Runs one seed; exit 1 on a violation, 2 if the trace cannot be written.
 pub fn run(args: RunArgs) -> ExitCode {
+    if let Some(Err(e)) = args.trace.as_deref().map(trace_file::check_output_path) {
+        eprintln!("dmsim run: {e}");
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let settings = args.model.settings();
     let cfg = RunConfig::for_seed(args.seed, args.ops, &settings);
     let checkers = Checkers::from_path();

@@ -4,10 +4,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::exit;
 use clap::Args;
 use dmsim_traces::{DiskFault, Event, Op, Trace};
 
+use crate::exit;
 use dmsim_traces::file as trace_file;
 
 /// Options of `dmsim show`.

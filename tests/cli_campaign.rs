@@ -284,3 +284,45 @@ fn a_broken_model_fails_and_its_minimized_trace_replays_the_failure() {
     let shown = stdout(&dmsim(&["show", s(&again)]));
     assert!(shown.contains("*** VIOLATION (oracle)"), "{shown}");
 }
+
+#[test]
+fn the_cache_metadata_campaign_runs_alone_and_in_all() {
+    let out = dmsim(&["check", "--campaign", "cache-metadata", "--seeds", "0..3", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert!(v["thin"].is_null() && v["metadata"].is_null(), "only the cache campaign ran: {v}");
+    let cache = &v["cache_metadata"];
+    assert_eq!(cache["seeds"], 3);
+    assert!(cache["crash_states"].as_u64().unwrap() > 50, "{cache}");
+    assert!(cache["torn_writes"].as_u64().unwrap() > 0, "{cache}");
+    assert_eq!(cache["violations"], 0);
+
+    let out = dmsim(&["check", "--seeds", "0..2"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("campaigns: thin + metadata + cache metadata"), "{text}");
+    assert!(text.contains("cache metadata crash campaign: 60 metadata operations per seed"), "{text}");
+
+    // A broken cache commit is caught, with the command that reproduces it.
+    let dir = scratch("cache-mutation");
+    let out = dmsim(&[
+        "check",
+        "--campaign",
+        "cache-metadata",
+        "--seeds",
+        "0..1",
+        "--mutation",
+        "cache-commit-forgets-hint-root",
+        "--failures",
+        s(&dir.join("f")),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAILED cache metadata seed 0"), "{text}");
+    assert!(
+        text.contains(
+            "reproduce: dmsim check --campaign cache-metadata --seeds 0..1 --metadata-ops 60 --crashes-per-point 1 --mutation cache-commit-forgets-hint-root"
+        ),
+        "{text}"
+    );
+}

@@ -207,6 +207,8 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["check", "--failures", a_file.to_str().unwrap()], "not a folder"),
         (vec!["replay", "--on", "elsewhere", a_file.to_str().unwrap()], "unknown backend"),
         (vec!["no-such-command"], "unrecognized subcommand"),
+        (vec!["run", "--seed", "1", "--trace", dir.to_str().unwrap()], "is a folder"),
+        (vec!["minimize", a_file.to_str().unwrap(), "-o", dir.to_str().unwrap()], "is a folder"),
     ];
     for (c, needle) in cases {
         let args = os(&c);

@@ -172,6 +172,23 @@ pub fn encode(trace: &Trace, encoding: Encoding) -> Vec<u8> {
     }
 }
 
+/// Whether a trace can be written at `path`, judged before the work that
+/// makes it: not a folder, and in a folder that exists.
+pub fn check_output_path(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("{} is a folder; give a file name for the trace", path.display()));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(format!(
+            "cannot write {}: the folder {} does not exist",
+            path.display(),
+            parent.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: into a temporary file in the same
 /// folder, renamed over `path` once written and synced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -244,6 +261,16 @@ mod tests {
         assert_eq!(decode(b"").unwrap_err(), "empty file: not a trace");
         let e = decode(&[0u8; 4096]).unwrap_err();
         assert!(e.contains("NUL byte at offset 0"), "{e}");
+    }
+
+    #[test]
+    fn output_paths_are_judged_before_the_work() {
+        let dir = temp("out");
+        assert!(check_output_path(&dir).unwrap_err().contains("is a folder"));
+        assert!(check_output_path(&dir.join("a/b.trace")).unwrap_err().contains("does not exist"));
+        assert_eq!(check_output_path(&dir.join("t.trace")), Ok(()));
+        assert_eq!(check_output_path(Path::new("relative.trace")), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
