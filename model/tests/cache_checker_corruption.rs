@@ -293,6 +293,16 @@ fn wrong_array_lengths_and_hint_width_are_caught() {
     let r = check(&img);
     let last = *d.blocks.discard.ablocks.last().unwrap();
     assert_problem(&r, Structure::DiscardBitset, Some(last), Severity::Damage, "discard_nr_blocks");
+    // A hint array shorter than the cache after a clean shutdown: the
+    // kernel's load fails (so does the mapping array's length).
+    let (mut img, d) = base(1);
+    put_u32(img.block_mut(0), SB_CACHE_BLOCKS, 3001);
+    img.reseal(0, BlockKind::CacheSuperblock);
+    let r = check(&img);
+    let last = *d.blocks.hint.as_ref().expect("hints").ablocks.last().unwrap();
+    assert_problem(&r, Structure::HintArray, Some(last), Severity::Damage, "load of the mappings fails");
+    let last = *d.blocks.mapping.ablocks.last().unwrap();
+    assert_problem(&r, Structure::MappingArray, Some(last), Severity::Damage, "needs 3001");
     // A hint width the kernel never uses.
     let (mut img, _) = base(1);
     put_u32(img.block_mut(0), dmsim_model::pdata::layout::cache::SB_POLICY_HINT_SIZE, 8);

@@ -175,6 +175,47 @@ impl BlockDevice for Clamped<'_> {
     }
 }
 
+/// The hint array's length against the cache. The kernel rebuilds it
+/// for the current size at every clean shutdown, and uses it on the next
+/// load only after a clean shutdown with a non-zero hint size; it then
+/// reads one hint per cache block and fails the load (the cache does not
+/// resume) if the array is shorter. Otherwise a mismatch is harmless: a
+/// longer array after a clean shutdown is a writer's slip (non-fatal),
+/// any mismatch after an unclean one is the normal lag behind a resize.
+fn hint_length(ctx: &mut Ctx<'_>, sb: &CacheSuperblock, h: &array::ArrayContents, notes: &mut Vec<String>) {
+    let want = u64::from(sb.cache_blocks);
+    if !h.complete || h.len == want {
+        return;
+    }
+    let st = Structure::HintArray;
+    let block = h.ablocks.last().copied();
+    if !sb.clean_shutdown() || sb.policy_hint_size == 0 {
+        notes.push(format!(
+            "the hint array holds {} hints for {want} cache blocks; the kernel will not use it \
+             (no clean shutdown, or hint size 0)",
+            h.len
+        ));
+    } else if h.len < want {
+        ctx.problem(
+            Severity::Damage,
+            st,
+            block,
+            format!(
+                "the array holds {} hints for {want} cache blocks after a clean shutdown: \
+                 the kernel's load of the mappings fails",
+                h.len
+            ),
+        );
+    } else {
+        ctx.problem(
+            Severity::NonFatal,
+            st,
+            block,
+            format!("the array holds {} hints for {want} cache blocks", h.len),
+        );
+    }
+}
+
 /// Words of a bitset of `nr_bits` bits.
 fn nr_words(nr_bits: u64) -> u64 {
     nr_bits.div_ceil(u64::from(BITS_PER_WORD))
@@ -276,37 +317,15 @@ pub fn check_cache_metadata(
         "cache_blocks",
         Severity::Damage,
     );
-    let hints = if sb.hint_root != 0 {
+    if sb.hint_root != 0 {
         let width = match sb.policy_hint_size {
             0 => 4,
             w @ 1..=128 => w as usize,
             _ => 4,
         };
         let h = walk_array(&mut ctx, sb.hint_root, width, Structure::HintArray, false);
-        // A hint array is rebuilt for the current size at every clean
-        // shutdown; after a resize and an unclean stop it lags behind,
-        // and the kernel then ignores it (hints are used after a clean
-        // shutdown only, and a short array just ends their use).
-        if sb.clean_shutdown() {
-            contents::length(
-                &mut ctx,
-                Structure::HintArray,
-                &h,
-                u64::from(sb.cache_blocks),
-                "cache_blocks",
-                Severity::NonFatal,
-            );
-        } else if h.complete && h.len != u64::from(sb.cache_blocks) {
-            report.notes.push(format!(
-                "the hint array holds {} hints for {} cache blocks (stale after a resize; the kernel \
-                 ignores hints after an unclean shutdown)",
-                h.len, sb.cache_blocks
-            ));
-        }
-        Some(h)
-    } else {
-        None
-    };
+        hint_length(&mut ctx, &sb, &h, &mut report.notes);
+    }
     let discard = walk_array(&mut ctx, sb.discard_root, 8, Structure::DiscardBitset, false);
     contents::length(
         &mut ctx,
@@ -330,7 +349,6 @@ pub fn check_cache_metadata(
     } else {
         None
     };
-    let _ = &hints;
 
     // Damage to the structures makes the expected counts unknown.
     let structure_damage = ctx.problems.iter().any(|p| {
