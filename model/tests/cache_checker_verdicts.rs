@@ -23,8 +23,10 @@ use dmsim_model::cache::check::{
 };
 use dmsim_model::cache::inspect::read_image;
 use dmsim_model::pdata::layout::array::value_offset;
-use dmsim_model::pdata::layout::cache::{pack_mapping, M_VALID};
-use dmsim_model::pdata::layout::{put_u64, BlockKind};
+use dmsim_model::pdata::layout::cache::{
+    pack_mapping, M_VALID, SB_CACHE_BLOCKS, SB_INCOMPAT_FLAGS, SB_METADATA_BLOCK_SIZE, SB_VERSION,
+};
+use dmsim_model::pdata::layout::{get_u32, put_u32, put_u64, BlockKind};
 use support::{fixtures_dir, require_tool, run_tool, temp_path, Image, TempFile};
 
 const FIXTURES: [(&str, u32); 4] =
@@ -111,6 +113,20 @@ fn damaged_variants(img: &Image) -> Vec<(&'static str, Image)> {
     let mut sb = img.clone();
     sb.flip_bit(0, 240, 1);
     out.push(("superblock bit flip", sb));
+    // Superblock fields, re-sealed: a version that does not exist, a
+    // metadata block size other than 8, an incompatible feature, fewer
+    // cache blocks than the mapping array holds.
+    for (what, off, value) in [
+        ("superblock version 3", SB_VERSION, 3),
+        ("superblock metadata block size 16", SB_METADATA_BLOCK_SIZE, 16),
+        ("superblock incompat flag", SB_INCOMPAT_FLAGS, 2),
+        ("superblock cache_blocks too small", SB_CACHE_BLOCKS, get_u32(img.block(0), SB_CACHE_BLOCKS) - 1),
+    ] {
+        let mut sb = img.clone();
+        put_u32(sb.block_mut(0), off, value);
+        sb.reseal(0, BlockKind::CacheSuperblock);
+        out.push((what, sb));
+    }
     let mut ab = img.clone();
     ab.flip_bit(d.blocks.mapping.ablocks[0], 100, 4);
     out.push(("mapping array block bit flip", ab));
