@@ -170,10 +170,7 @@ fn check(
         return check_cache(&mut dev, image, json, ignore_non_fatal, cache_opts);
     }
     if cache_opts.origin_blocks.is_some() {
-        eprintln!(
-            "dmsim metadata: --origin-blocks applies to dm-cache metadata; {} is not",
-            image.display()
-        );
+        eprintln!("dmsim metadata: --origin-blocks applies to dm-cache metadata; {} is not", image.display());
         return ExitCode::from(EXIT_UNUSABLE);
     }
     let report = match check_thin_metadata(&mut dev, opts) {

@@ -120,7 +120,10 @@ fn damage_leaks_and_unusable_inputs_give_1_1_and_2() {
     let out = metadata("check", f.path(), &["--ignore-non-fatal-errors"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains(&format!("[damage] mapping array, block {b}: array block 1: bad checksum")), "{err}");
+    assert!(
+        err.contains(&format!("[damage] mapping array, block {b}: array block 1: bad checksum")),
+        "{err}"
+    );
     let out = metadata("dump", f.path(), &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     if let Some((status, _, _)) = run_tool("cache_check", &[f.path().as_os_str()]) {
@@ -157,7 +160,11 @@ fn damage_leaks_and_unusable_inputs_give_1_1_and_2() {
     let f = TempFile::with_bytes("cache-sb.img", &sb.0);
     let out = metadata("check", f.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("[damage] cache superblock, block 0: bad checksum"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[damage] cache superblock, block 0: bad checksum"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(metadata("dump", f.path(), &[]).status.code(), Some(1));
 }
 

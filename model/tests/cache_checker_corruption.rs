@@ -32,7 +32,11 @@ const NR_MAPPED: u64 = 1200;
 /// the hint array exists). Returns the image and its decoding.
 fn base(version: u32) -> (Image, CacheImage) {
     let mut run = Run::new(version, 1024, 3000);
-    run.apply(&CacheOp::InsertRun { cblock: FIRST_CBLOCK as u32, oblock: FIRST_OBLOCK, len: NR_MAPPED as u32 });
+    run.apply(&CacheOp::InsertRun {
+        cblock: FIRST_CBLOCK as u32,
+        oblock: FIRST_OBLOCK,
+        len: NR_MAPPED as u32,
+    });
     run.apply(&CacheOp::Commit);
     for c in [10u32, 11, 600, 1100] {
         run.apply(&CacheOp::SetDirty { cblock: c, dirty: true });
@@ -66,7 +70,13 @@ fn show(r: &CacheCheckReport) -> String {
 /// Asserts a problem of `severity` in `structure` naming `block` whose
 /// message contains `words`.
 #[track_caller]
-fn assert_problem(r: &CacheCheckReport, structure: Structure, block: Option<u64>, severity: Severity, words: &str) {
+fn assert_problem(
+    r: &CacheCheckReport,
+    structure: Structure,
+    block: Option<u64>,
+    severity: Severity,
+    words: &str,
+) {
     assert!(
         r.problems.iter().any(|p| p.structure == structure
             && p.block == block
@@ -169,7 +179,13 @@ fn a_flipped_bit_in_a_space_map_block_is_caught() {
     let bitmap = bitmap0(&img);
     img.flip_bit(bitmap, 100, 2);
     let r = check(&img);
-    assert_problem(&r, Structure::MetadataBitmap { index: 0 }, Some(bitmap), Severity::Damage, "bad checksum");
+    assert_problem(
+        &r,
+        Structure::MetadataBitmap { index: 0 },
+        Some(bitmap),
+        Severity::Damage,
+        "bad checksum",
+    );
     let (mut img, _) = base(1);
     let index = sm_root(&img).bitmap_root;
     img.flip_bit(index, 20, 1);
@@ -188,7 +204,13 @@ fn a_wrong_reference_count_is_caught() {
         bitmap_set(&mut img.block_mut(bitmap)[16..], b, 2);
         img.reseal(bitmap, BlockKind::Bitmap);
         let r = check(&img);
-        assert_problem(&r, Structure::MetadataSpaceMap, Some(b), Severity::Damage, "count on disk 2, expected 1");
+        assert_problem(
+            &r,
+            Structure::MetadataSpaceMap,
+            Some(b),
+            Severity::Damage,
+            "count on disk 2, expected 1",
+        );
         // Count 0 for a block in use: damage too.
         let (mut img, d) = base(version);
         let b = d.blocks.discard.nodes[0];
@@ -196,7 +218,13 @@ fn a_wrong_reference_count_is_caught() {
         bitmap_set(&mut img.block_mut(bitmap)[16..], b, 0);
         img.reseal(bitmap, BlockKind::Bitmap);
         let r = check_with(&img, &CacheCheckOptions { check_totals: false, ..Default::default() });
-        assert_problem(&r, Structure::MetadataSpaceMap, Some(b), Severity::Damage, "count on disk 0, expected 1");
+        assert_problem(
+            &r,
+            Structure::MetadataSpaceMap,
+            Some(b),
+            Severity::Damage,
+            "count on disk 0, expected 1",
+        );
         // Count 1 for a block nothing references: a leak, non-fatal.
         let (mut img, _) = base(version);
         let free = sm_root(&img).nr_blocks - 1;
@@ -207,7 +235,13 @@ fn a_wrong_reference_count_is_caught() {
         assert!(!r.has_damage(), "a leak alone is not damage:\n{}", show(&r));
         // With the totals checked, the index entry and root disagree too.
         let r = check(&img);
-        assert_problem(&r, Structure::MetadataBitmap { index: 0 }, Some(bitmap), Severity::Damage, "free entries");
+        assert_problem(
+            &r,
+            Structure::MetadataBitmap { index: 0 },
+            Some(bitmap),
+            Severity::Damage,
+            "free entries",
+        );
     }
 }
 
@@ -254,7 +288,13 @@ fn a_cache_block_past_the_end_is_caught() {
         let last = *d.blocks.mapping.ablocks.last().unwrap();
         assert_problem(&r, Structure::MappingArray, Some(last), Severity::Damage, "needs 500");
         let b = d.blocks.mapping.ablocks[0];
-        assert_problem(&r, Structure::MappingArray, Some(b), Severity::Damage, "cache block 500 maps origin block");
+        assert_problem(
+            &r,
+            Structure::MappingArray,
+            Some(b),
+            Severity::Damage,
+            "cache block 500 maps origin block",
+        );
         assert_problem(&r, Structure::MappingArray, None, Severity::Damage, "more mappings past the cache");
     }
 }

@@ -50,9 +50,15 @@ fn bases() -> &'static Vec<Base> {
 
 fn kind_of(block: &[u8]) -> Option<BlockKind> {
     let salt = checksum::salt_of(block)?;
-    [BlockKind::CacheSuperblock, BlockKind::BtreeNode, BlockKind::Bitmap, BlockKind::MetadataIndex, BlockKind::Array]
-        .into_iter()
-        .find(|k| k.salt() == salt)
+    [
+        BlockKind::CacheSuperblock,
+        BlockKind::BtreeNode,
+        BlockKind::Bitmap,
+        BlockKind::MetadataIndex,
+        BlockKind::Array,
+    ]
+    .into_iter()
+    .find(|k| k.salt() == salt)
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +99,8 @@ fn apply(img: &mut [u8], kinds: &[Option<BlockKind>], m: &Mutation, reseal: bool
     if reseal {
         if let Some(Some(kind)) = kinds.get(block) {
             let blk = &mut img[block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE];
-            let loc = u64::from_le_bytes(blk[kind.blocknr_offset()..kind.blocknr_offset() + 8].try_into().unwrap());
+            let loc =
+                u64::from_le_bytes(blk[kind.blocknr_offset()..kind.blocknr_offset() + 8].try_into().unwrap());
             kind.prepare_for_write(blk, loc);
         }
     }

@@ -64,7 +64,12 @@ fn show(r: &CacheCheckReport) -> String {
 fn agree(img: &Image, what: &str) -> CacheCheckReport {
     let r = ours(img);
     if let Some(theirs) = cache_check_clean(img) {
-        assert_eq!(comparable_clean(&r), theirs, "{what}: cache_check says clean={theirs}; we found:\n{}", show(&r));
+        assert_eq!(
+            comparable_clean(&r),
+            theirs,
+            "{what}: cache_check says clean={theirs}; we found:\n{}",
+            show(&r)
+        );
     }
     r
 }
@@ -139,7 +144,8 @@ fn damaged_variants(img: &Image) -> Vec<(&'static str, Image)> {
     disc.flip_bit(b, 30, 0);
     out.push(("discard bitset block bit flip", disc));
     // Two cache blocks mapping one origin block (re-sealed).
-    let valid: Vec<usize> = d.mappings.iter().enumerate().filter(|(_, m)| m.valid()).map(|(c, _)| c).collect();
+    let valid: Vec<usize> =
+        d.mappings.iter().enumerate().filter(|(_, m)| m.valid()).map(|(c, _)| c).collect();
     if valid.len() >= 2 {
         let mut twice = img.clone();
         let (c1, c2) = (valid[0], valid[valid.len() - 1]);

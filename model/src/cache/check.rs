@@ -364,7 +364,10 @@ pub fn check_cache_metadata(
         p.severity == Severity::Damage
             && matches!(
                 p.structure,
-                Structure::MappingArray | Structure::HintArray | Structure::DiscardBitset | Structure::DirtyBitset
+                Structure::MappingArray
+                    | Structure::HintArray
+                    | Structure::DiscardBitset
+                    | Structure::DirtyBitset
             )
     });
 
@@ -378,7 +381,8 @@ pub fn check_cache_metadata(
     let compare = opts.check_counts && !structure_damage;
     if opts.check_counts && structure_damage {
         report.notes.push(
-            "reference counts not compared: the arrays are damaged, so the expected counts are unknown".into(),
+            "reference counts not compared: the arrays are damaged, so the expected counts are unknown"
+                .into(),
         );
     }
     let expected = std::mem::take(&mut ctx.meta_counts);

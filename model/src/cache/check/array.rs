@@ -51,7 +51,9 @@ pub(crate) fn walk_array(
                 Severity::Damage,
                 st,
                 Some(b),
-                format!("array btree keys are not contiguous: array block {i} is missing (next key is {key})"),
+                format!(
+                    "array btree keys are not contiguous: array block {i} is missing (next key is {key})"
+                ),
             );
             out.complete = false;
             break;

@@ -5,7 +5,7 @@
 use crate::cache::superblock::CacheSuperblock;
 use crate::pdata::layout::array::max_entries_for;
 use crate::pdata::layout::cache::{
-    unpack_mapping, CLEAN_SHUTDOWN, M_DIRTY, M_VALID, MAX_VERSION, MIN_VERSION, NEEDS_CHECK, SUPERBLOCK_MAGIC,
+    unpack_mapping, CLEAN_SHUTDOWN, MAX_VERSION, MIN_VERSION, M_DIRTY, M_VALID, NEEDS_CHECK, SUPERBLOCK_MAGIC,
 };
 use crate::thin::check::walk::Ctx;
 use crate::thin::check::{Severity, Structure};
@@ -42,7 +42,8 @@ pub(crate) fn superblock_fields(ctx: &mut Ctx<'_>, sb: &CacheSuperblock, notes: 
         damage(ctx, format!("metadata block size {} sectors, expected 8", sb.metadata_block_size));
     }
     let dbs = sb.data_block_size;
-    if !(MIN_DATA_BLOCK_SIZE..=MAX_DATA_BLOCK_SIZE).contains(&dbs) || !dbs.is_multiple_of(MIN_DATA_BLOCK_SIZE) {
+    if !(MIN_DATA_BLOCK_SIZE..=MAX_DATA_BLOCK_SIZE).contains(&dbs) || !dbs.is_multiple_of(MIN_DATA_BLOCK_SIZE)
+    {
         damage(
             ctx,
             format!("cache block size {dbs} sectors is invalid (32 KiB to 1 GiB, a multiple of 32 KiB)"),
@@ -65,7 +66,10 @@ pub(crate) fn superblock_fields(ctx: &mut Ctx<'_>, sb: &CacheSuperblock, notes: 
     if sb.policy_hint_size != 0 && sb.policy_hint_size != 4 {
         damage(
             ctx,
-            format!("policy_hint_size {}: the kernel's policies have hints of 0 or 4 bytes", sb.policy_hint_size),
+            format!(
+                "policy_hint_size {}: the kernel's policies have hints of 0 or 4 bytes",
+                sb.policy_hint_size
+            ),
         );
     }
     if sb.hint_root != 0 && sb.policy_hint_size == 0 {
@@ -75,7 +79,9 @@ pub(crate) fn superblock_fields(ctx: &mut Ctx<'_>, sb: &CacheSuperblock, notes: 
         );
     }
     if sb.flags & NEEDS_CHECK != 0 {
-        notes.push("NEEDS_CHECK is set: the kernel opens this cache read-only until the flag is cleared".into());
+        notes.push(
+            "NEEDS_CHECK is set: the kernel opens this cache read-only until the flag is cleared".into(),
+        );
     }
     let unknown = sb.flags & !(CLEAN_SHUTDOWN | NEEDS_CHECK);
     if unknown != 0 {
@@ -176,7 +182,8 @@ pub(crate) fn mappings(
         d.values.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))).collect()
     });
     if v2 && dirty_words.is_none() {
-        notes.push("the dirty bits were not checked against the mappings: the dirty bitset is damaged".into());
+        notes
+            .push("the dirty bits were not checked against the mappings: the dirty bitset is damaged".into());
     }
     let dirty_bit = |c: u64| -> bool {
         dirty_words.as_ref().is_some_and(|w| {
@@ -252,6 +259,11 @@ pub(crate) fn mappings(
     beyond_cache.summary(ctx, Severity::Damage, st, "mappings past the cache");
     beyond_origin.summary(ctx, Severity::Damage, st, "mappings past the origin");
     twice.summary(ctx, Severity::Damage, st, "origin blocks mapped twice");
-    unmapped_dirty.summary(ctx, Severity::Damage, Structure::DirtyBitset, "dirty bits of unmapped cache blocks");
+    unmapped_dirty.summary(
+        ctx,
+        Severity::Damage,
+        Structure::DirtyBitset,
+        "dirty bits of unmapped cache blocks",
+    );
     counts
 }
