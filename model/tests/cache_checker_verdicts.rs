@@ -16,7 +16,7 @@ mod cache_common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use cache_common::{CacheOp, Run};
+use cache_common::{cache_op, CacheOp, Run};
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::cache::check::{
     check_cache_metadata, CacheCheckOptions, CacheCheckReport, Problem, Severity, Structure,
@@ -27,6 +27,7 @@ use dmsim_model::pdata::layout::cache::{
     pack_mapping, M_VALID, SB_CACHE_BLOCKS, SB_INCOMPAT_FLAGS, SB_METADATA_BLOCK_SIZE, SB_VERSION,
 };
 use dmsim_model::pdata::layout::{get_u32, put_u32, put_u64, BlockKind};
+use proptest::prelude::*;
 use support::{fixtures_dir, require_tool, run_tool, temp_path, Image, TempFile};
 
 const FIXTURES: [(&str, u32); 4] =
@@ -59,17 +60,32 @@ fn show(r: &CacheCheckReport) -> String {
     r.problems.iter().map(|p| format!("  {p}\n")).collect()
 }
 
+/// Whether our report notes a hint array whose length is not the cache's
+/// where the kernel does not use it (after an unclean shutdown: the normal
+/// lag behind a resize).
+fn stale_hints(r: &CacheCheckReport) -> bool {
+    r.notes.iter().any(|n| n.contains("hint array holds"))
+}
+
 /// Asserts the verdicts agree; returns our report.
 #[track_caller]
 fn agree(img: &Image, what: &str) -> CacheCheckReport {
     let r = ours(img);
     if let Some(theirs) = cache_check_clean(img) {
-        assert_eq!(
-            comparable_clean(&r),
-            theirs,
-            "{what}: cache_check says clean={theirs}; we found:\n{}",
-            show(&r)
-        );
+        if stale_hints(&r) {
+            // 0.9.0 rejects any hint array whose length differs from
+            // nr_cache_blocks ("missing mappings [old, new]"), even after
+            // an unclean shutdown, where the kernel ignores hints: the
+            // kernel's own metadata after a resize and a crash.
+            assert!(!theirs, "{what}: cache_check 0.9.0 was expected to reject a stale hint array");
+        } else {
+            assert_eq!(
+                comparable_clean(&r),
+                theirs,
+                "{what}: cache_check says clean={theirs}; we found:\n{}",
+                show(&r)
+            );
+        }
     }
     r
 }
@@ -203,5 +219,40 @@ fn verdicts_match_cache_check_on_model_images() {
                 assert!(r.has_damage(), "{what}, {damage}:\n{}", show(&r));
             }
         }
+    }
+}
+
+/// Runs a random history on the model and stops it either with a clean
+/// shutdown or by closing without a commit (what a crash leaves, with the
+/// uncommitted blocks written back): the image on disk is the last
+/// commit, which the checker must find clean, with cache_check agreeing.
+fn history_is_clean(version: u32, ops: &[CacheOp], cache_blocks: u32, clean_shutdown: bool) {
+    let mut run = Run::new(version, 2048, cache_blocks);
+    for op in ops {
+        run.apply(op);
+    }
+    let dev = if clean_shutdown { run.finish().0 } else { run.md.take().expect("open").close() };
+    let img = Image(dev.into_bytes());
+    let r = agree(&img, "a model history");
+    assert!(r.is_clean(), "v{version}, clean shutdown {clean_shutdown}:\n{}", show(&r));
+    if clean_shutdown {
+        let d = read_image(&mut MemDevice::from_bytes(img.0.clone())).expect("decodes");
+        assert_eq!(r.mapped_blocks, d.mappings.iter().filter(|m| m.valid()).count() as u64);
+        let dirty = (0..d.mappings.len()).filter(|&c| d.mappings[c].valid() && d.is_dirty(c)).count();
+        assert_eq!(r.dirty_blocks, dirty as u64);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cache_common::cases(16), ..ProptestConfig::default() })]
+
+    #[test]
+    fn model_histories_check_clean(
+        version in 1u32..=2,
+        ops in prop::collection::vec(cache_op(), 1..50),
+        cache_blocks in 1u32..4000,
+        clean_shutdown in any::<bool>(),
+    ) {
+        history_is_clean(version, &ops, cache_blocks, clean_shutdown);
     }
 }

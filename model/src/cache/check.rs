@@ -45,9 +45,10 @@
 //! an unmapped entry holding an origin block (non-fatal here) or M_DIRTY
 //! (damage here), and a mapping far past the origin the discard bitset
 //! covers (the spec's §6.3 C3 says it derives the origin's size from the
-//! discard geometry; 0.9.0 does not). It rejects a cache of 0 blocks
-//! ("missing mappings [1, 0]"), which the kernel formats and which is
-//! clean here. It agrees on the superblock's checksum, version, metadata
+//! discard geometry; 0.9.0 does not). It rejects two things the kernel
+//! writes, clean here: a cache of 0 blocks ("missing mappings [1, 0]"),
+//! and a hint array whose length differs from `cache_blocks` after an
+//! unclean shutdown (stale after a resize; the kernel does not use it). It agrees on the superblock's checksum, version, metadata
 //! block size, incompat flags, the mapping and hint arrays' blocks and
 //! lengths, unknown mapping flags and origin blocks mapped twice.
 
