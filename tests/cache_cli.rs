@@ -148,6 +148,12 @@ fn damage_leaks_and_unusable_inputs_give_1_1_and_2() {
     let out = metadata("check", f.path(), &["--origin-blocks", "10599"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("past the origin's 10599 blocks"));
+    // --origin-blocks is for caches only.
+    if let Some(thin) = support::restore("two_devices.xml", 4 << 20) {
+        let t = TempFile::with_bytes("thin-origin.img", &thin.0);
+        let out = metadata("check", t.path(), &["--origin-blocks", "5"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    }
     // A cache has no metadata snapshot to dump.
     assert_eq!(metadata("dump", f.path(), &["-m"]).status.code(), Some(2));
     // Not metadata at all: 2 for both commands.

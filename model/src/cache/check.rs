@@ -418,6 +418,21 @@ mod tests {
     }
 
     #[test]
+    fn block0_recognises_a_cache_superblock_by_magic_or_checksum() {
+        let dev = CacheMetadata::format(MemDevice::new(8 * 64), 128, 1).unwrap().close();
+        let mut b = dev.as_bytes()[..4096].to_vec();
+        assert_eq!(classify_block0(&b), Block0::CacheSuperblock);
+        b[300] ^= 1; // bad checksum, magic intact
+        assert_eq!(classify_block0(&b), Block0::CacheSuperblock);
+        b[32] ^= 1; // bad magic too: neither
+        assert!(matches!(classify_block0(&b), Block0::NotMetadata(_)));
+        BlockKind::CacheSuperblock.prepare_for_write(&mut b, 0); // bad magic, good checksum
+        assert_eq!(classify_block0(&b), Block0::CacheSuperblock);
+        let r = check_cache_metadata(&mut MemDevice::from_bytes(b), &CacheCheckOptions::default()).unwrap();
+        assert!(r.problems_in(Structure::CacheSuperblock).any(|p| p.message.contains("bad magic")));
+    }
+
+    #[test]
     fn a_fresh_image_of_each_version_is_clean() {
         for version in [1, 2] {
             let mut md = CacheMetadata::format(MemDevice::new(8 * 512), 128, version).unwrap();
