@@ -127,7 +127,6 @@ impl Limited {
         Limited { listed: 0, hidden: 0 }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn report(
         &mut self,
         ctx: &mut Ctx<'_>,
