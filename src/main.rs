@@ -35,7 +35,7 @@ enum Command {
     Minimize(minimize_cmd::MinimizeArgs),
     /// Print a trace as a readable timeline.
     Show(show_cmd::ShowArgs),
-    /// Inspect thin-pool metadata images: check, dump.
+    /// Inspect thin-pool and dm-cache metadata images: check, dump.
     #[command(subcommand)]
     Metadata(metadata_cmd::MetadataCommand),
 }

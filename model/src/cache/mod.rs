@@ -8,7 +8,9 @@
 //! * [`inspect`]: read-only decoding of an image and the blocks of each
 //!   structure (for checkers).
 //! * [`dump`]: the `cache_dump` XML.
+//! * [`check`]: the metadata checker (`cache_check` and more).
 
+pub mod check;
 pub mod dump;
 pub mod inspect;
 pub mod mapping;

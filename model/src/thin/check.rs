@@ -33,11 +33,11 @@
 //! * it counts the metadata snapshot's trees in the metadata reference
 //!   counts, as done here.
 
-mod block;
+pub(crate) mod block;
 mod node;
 mod report;
-mod space_map;
-mod walk;
+pub(crate) mod space_map;
+pub(crate) mod walk;
 
 pub(crate) use block::{le32, le64, Reader};
 pub(crate) use node::{scan, ScanError};
@@ -144,14 +144,20 @@ fn decode_root(b: &[u8], off: usize) -> SmRoot {
 ///   node, a space-map bitmap or index, an array block): a superblock
 ///   overwritten by a metadata block, the commonest real corruption of a
 ///   pool's metadata device; damage ([`Block0::Overwritten`]);
-/// - anything else (zeroes, XML, random bytes, a dm-cache superblock):
-///   not thin-pool metadata ([`Block0::NotMetadata`]).
+/// - the dm-cache superblock's magic, whatever its checksum, or a block
+///   that checksums as a cache superblock: dm-cache metadata, for
+///   [`crate::cache::check`] ([`Block0::CacheSuperblock`]);
+/// - anything else (zeroes, XML, random bytes): not metadata
+///   ([`Block0::NotMetadata`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Block0 {
     /// A thin superblock (its checksum may still be wrong).
     ThinSuperblock,
     /// Another persistent-data block where the superblock belongs.
     Overwritten(BlockKind),
+    /// A dm-cache superblock: its magic (the checksum may still be
+    /// wrong), or a block that checksums as one (the magic may be wrong).
+    CacheSuperblock,
     /// Not thin-pool metadata; why, in words.
     NotMetadata(String),
 }
@@ -165,14 +171,15 @@ pub fn classify_block0(b: &[u8]) -> Block0 {
     if magic == SUPERBLOCK_MAGIC {
         return Block0::ThinSuperblock;
     }
+    if magic == crate::pdata::layout::cache::SUPERBLOCK_MAGIC {
+        return Block0::CacheSuperblock;
+    }
     match block::kind_of(&b[..BLOCK_SIZE]) {
         Some(BlockKind::ThinSuperblock) => Block0::ThinSuperblock,
         Some(
             k @ (BlockKind::BtreeNode | BlockKind::Bitmap | BlockKind::MetadataIndex | BlockKind::Array),
         ) => Block0::Overwritten(k),
-        Some(BlockKind::CacheSuperblock) => {
-            Block0::NotMetadata("it is a dm-cache superblock, not a thin-pool one".to_string())
-        }
+        Some(BlockKind::CacheSuperblock) => Block0::CacheSuperblock,
         None if b.iter().all(|&x| x == 0) => {
             Block0::NotMetadata("block 0 is all zeroes (unformatted?)".into())
         }
@@ -204,6 +211,11 @@ pub fn check_thin_metadata(
     match classify_block0(&sb_block[..]) {
         Block0::ThinSuperblock => {}
         Block0::NotMetadata(what) => return Err(CheckError::NotThinMetadata(what)),
+        Block0::CacheSuperblock => {
+            return Err(CheckError::NotThinMetadata(
+                "it is a dm-cache superblock, not a thin-pool one".to_string(),
+            ))
+        }
         Block0::Overwritten(kind) => {
             // Nothing of the superblock is left to find the rest by.
             ctx.problem(

@@ -80,6 +80,17 @@ pub enum Structure {
     },
     /// The metadata space map's overflow reference count tree.
     MetadataOverflowTree,
+    /// The dm-cache superblock in block 0.
+    CacheSuperblock,
+    /// The dm-cache mapping array (its btree and array blocks, and the
+    /// mappings it holds).
+    MappingArray,
+    /// The dm-cache hint array.
+    HintArray,
+    /// The dm-cache discard bitset.
+    DiscardBitset,
+    /// The dm-cache dirty bitset (metadata version 2).
+    DirtyBitset,
 }
 
 impl fmt::Display for Structure {
@@ -104,6 +115,11 @@ impl fmt::Display for Structure {
             Structure::MetadataIndex => write!(f, "metadata space map index"),
             Structure::MetadataBitmap { index } => write!(f, "metadata space map bitmap {index}"),
             Structure::MetadataOverflowTree => write!(f, "metadata space map overflow tree"),
+            Structure::CacheSuperblock => write!(f, "cache superblock"),
+            Structure::MappingArray => write!(f, "mapping array"),
+            Structure::HintArray => write!(f, "hint array"),
+            Structure::DiscardBitset => write!(f, "discard bitset"),
+            Structure::DirtyBitset => write!(f, "dirty bitset"),
         }
     }
 }

@@ -49,6 +49,9 @@ pub(crate) enum TreeKind {
     MetadataOverflow,
     /// The data space map's overflow tree (value: le32 count).
     DataOverflow,
+    /// The btree of a dm-array (value: the location of an array block,
+    /// a reference to it).
+    ArrayIndex,
 }
 
 impl TreeKind {
@@ -56,7 +59,7 @@ impl TreeKind {
     pub(crate) fn value_size(self) -> usize {
         match self {
             TreeKind::Details => DEVICE_DETAILS_SIZE,
-            TreeKind::TopLevel | TreeKind::Mapping => MAPPING_VALUE_SIZE,
+            TreeKind::TopLevel | TreeKind::Mapping | TreeKind::ArrayIndex => MAPPING_VALUE_SIZE,
             TreeKind::DataIndex => INDEX_ENTRY_SIZE,
             TreeKind::MetadataOverflow | TreeKind::DataOverflow => REF_COUNT_VALUE_SIZE,
         }
@@ -70,6 +73,7 @@ impl TreeKind {
             TreeKind::DataIndex => "data space map index tree",
             TreeKind::MetadataOverflow => "metadata space map overflow tree",
             TreeKind::DataOverflow => "data space map overflow tree",
+            TreeKind::ArrayIndex => "array btree",
         }
     }
 }
@@ -92,6 +96,8 @@ pub(crate) enum Use {
     MetadataBitmap,
     /// A data space map bitmap.
     DataBitmap,
+    /// A dm-array block.
+    ArrayBlock,
 }
 
 impl Use {
@@ -104,6 +110,7 @@ impl Use {
             Use::MetadataIndex => "the metadata space map index",
             Use::MetadataBitmap => "a metadata space map bitmap",
             Use::DataBitmap => "a data space map bitmap",
+            Use::ArrayBlock => "an array block",
         }
     }
 }
@@ -152,6 +159,10 @@ pub(crate) struct Ctx<'a> {
     /// Bottom-level roots found in first-visited top-level leaves, with
     /// the device id and whether it was reached from the snapshot.
     pub pending_subtrees: Vec<(u64, u64, bool)>,
+    /// Array blocks named by first-visited array btree leaves, as (array
+    /// block index, location), in walk order; their references are
+    /// already counted.
+    pub pending_ablocks: Vec<(u64, u64)>,
     nodes: BTreeMap<u64, NodeState>,
     /// Problems found so far.
     pub problems: Vec<Problem>,
@@ -173,6 +184,7 @@ impl<'a> Ctx<'a> {
             data_counts: BTreeMap::new(),
             mapping_entries: 0,
             pending_subtrees: Vec::new(),
+            pending_ablocks: Vec::new(),
             nodes: BTreeMap::new(),
             problems: Vec::new(),
         }
@@ -408,6 +420,16 @@ impl<'a> Ctx<'a> {
                     let st = Structure::MappingTree { dev, snap };
                     if self.count_ref(root, st, "subtree root") {
                         self.pending_subtrees.push((dev, root, snap));
+                    }
+                }
+            }
+            TreeKind::ArrayIndex => {
+                // Each first-visited leaf holds one reference to each
+                // array block it names.
+                for i in 0..node.nr_entries {
+                    let (index, ablock) = (node.key(i), node.value_u64(i));
+                    if self.count_ref(ablock, structure, "array block") {
+                        self.pending_ablocks.push((index, ablock));
                     }
                 }
             }
