@@ -310,18 +310,18 @@ fn the_cache_metadata_campaign_runs_alone_and_in_all() {
         "--campaign",
         "cache-metadata",
         "--seeds",
-        "0..1",
+        "1..2",
         "--mutation",
-        "cache-commit-forgets-hint-root",
+        "cache-commit-forgets-stats",
         "--failures",
         s(&dir.join("f")),
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("FAILED cache metadata seed 0"), "{text}");
+    assert!(text.contains("FAILED cache metadata seed 1"), "{text}");
     assert!(
         text.contains(
-            "reproduce: dmsim check --campaign cache-metadata --seeds 0..1 --metadata-ops 60 --crashes-per-point 1 --mutation cache-commit-forgets-hint-root"
+            "reproduce: dmsim check --campaign cache-metadata --seeds 1..2 --metadata-ops 60 --crashes-per-point 1 --mutation cache-commit-forgets-stats"
         ),
         "{text}"
     );

@@ -49,10 +49,11 @@ pub struct Mutations {
     /// metadata crash campaign catches it as a state that is neither the
     /// old commit nor the new one).
     pub array_set_in_place: bool,
-    /// Cache metadata: the commit writes the superblock with the hint
-    /// array's root of the transaction before (a field forgotten in the
-    /// commit): the committed hints are not the ones just saved.
-    pub cache_commit_forgets_hint_root: bool,
+    /// Cache metadata: the commit writes the superblock with the
+    /// statistics of the commit before (a field forgotten in the commit):
+    /// the committed counters are not the ones just saved. Nothing else
+    /// changes, so only a comparison with what was saved can see it.
+    pub cache_commit_forgets_stats: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -137,7 +138,7 @@ impl Mutations {
     /// them; the cache metadata crash campaign catches them).
     pub const CACHE: [(&'static str, Switch); 2] = [
         ("array-set-in-place", |m| m.array_set_in_place = true),
-        ("cache-commit-forgets-hint-root", |m| m.cache_commit_forgets_hint_root = true),
+        ("cache-commit-forgets-stats", |m| m.cache_commit_forgets_stats = true),
     ];
 
     /// The mutations the cache metadata crash campaign must catch: the
@@ -147,7 +148,7 @@ impl Mutations {
         "superblock-before-flush",
         "reuse-freed-before-commit",
         "array-set-in-place",
-        "cache-commit-forgets-hint-root",
+        "cache-commit-forgets-stats",
     ];
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`].

@@ -175,7 +175,7 @@ impl Run<'_> {
 
     fn judge_crash(&self, image: Vec<u8>, new_dump: &str) -> Result<(), (ViolationKind, String)> {
         let mut dev = MemDevice::from_bytes(image);
-        crate::cache_check::judge(&mut dev).map_err(|(unusable, e)| {
+        crate::cache_check::judge(&mut dev, self.shape.origin_blocks).map_err(|(unusable, e)| {
             (if unusable { ViolationKind::CrashUnopenable } else { ViolationKind::CrashDamaged }, e)
         })?;
         let got = dmsim_model::cache::dump::dump_string(&mut dev)
@@ -633,9 +633,9 @@ mod tests {
     }
 
     #[test]
-    fn detector_reference_catches_a_commit_that_forgets_the_hint_root() {
-        let v = first_violation("cache-commit-forgets-hint-root");
+    fn detector_reference_catches_a_commit_that_forgets_the_statistics() {
+        let v = first_violation("cache-commit-forgets-stats");
         assert_eq!(v.kind, ViolationKind::ReferenceMismatch, "{v:?}");
-        assert!(v.detail.contains("hints"), "{v:?}");
+        assert!(v.detail.contains("statistics"), "{v:?}");
     }
 }

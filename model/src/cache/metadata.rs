@@ -118,9 +118,9 @@ pub struct CacheMetadata<D> {
     pub(super) discard_info: Bitset,
     pub(super) fail_io: bool,
     pub(super) read_only: bool,
-    /// The hint root of the last commit (for the mutation
-    /// `cache-commit-forgets-hint-root` only).
-    pub(super) committed_hint_root: BlockNr,
+    /// The statistics of the last commit (for the mutation
+    /// `cache-commit-forgets-stats` only).
+    pub(super) committed_stats: CacheStats,
 }
 
 impl<D: BlockDevice> CacheMetadata<D> {
@@ -164,7 +164,7 @@ impl<D: BlockDevice> CacheMetadata<D> {
             discard_info: Bitset::new(),
             fail_io: false,
             read_only: opts.read_only,
-            committed_hint_root: 0,
+            committed_stats: CacheStats::default(),
         };
         if unformatted {
             md.format_metadata()?;
@@ -290,7 +290,7 @@ impl<D: BlockDevice> CacheMetadata<D> {
     fn begin_transaction(&mut self) -> Result<()> {
         let sb = CacheSuperblock::decode(self.tm.read(SUPERBLOCK_LOCATION, BlockKind::CacheSuperblock)?);
         self.read_superblock_fields(&sb);
-        self.committed_hint_root = sb.hint_root;
+        self.committed_stats = sb.stats;
         Ok(())
     }
 
@@ -319,13 +319,14 @@ impl<D: BlockDevice> CacheMetadata<D> {
         let sm_root = self.tm.metadata_sm_root();
         let flags = if clean_shutdown { self.flags | CLEAN_SHUTDOWN } else { self.flags & !CLEAN_SHUTDOWN };
         let s = &*self;
-        let mut fields = (s.root, s.hint_root, s.discard_root, s.discard_block_size, s.discard_nr_blocks);
-        if s.tm.mutations.cache_commit_forgets_hint_root {
-            // Deliberately broken: the superblock keeps the old hint root.
-            fields.1 = s.committed_hint_root;
-        }
-        let (policy_name, policy_version, hint_size, stats) =
+        let fields = (s.root, s.hint_root, s.discard_root, s.discard_block_size, s.discard_nr_blocks);
+        let (policy_name, policy_version, hint_size, mut stats) =
             (s.policy_name, s.policy_version, s.policy_hint_size, s.stats);
+        if s.tm.mutations.cache_commit_forgets_stats {
+            // Deliberately broken: the superblock keeps the last commit's
+            // statistics.
+            stats = s.committed_stats;
+        }
         let (v2, dirty_root, cache_blocks) = (s.separate_dirty_bits(), s.dirty_root, s.cache_blocks);
         let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::CacheSuperblock)?;
         put_u32(sb, SB_FLAGS, flags);
