@@ -1011,9 +1011,10 @@ fn run_flakey_job(
 /// A cache job ([`JobKind::Cache`]): dm-linear slices for the metadata,
 /// the cache device and the origin (as the host wrote them), the cache
 /// device over them, the trace's I/O on it (one request at a time,
-/// O_DIRECT; a `tick` sleeps and reports the status line), every origin
-/// block read back, the final status line, then suspend (the kernel's
-/// clean shutdown) and removal.
+/// O_DIRECT; a `tick` sleeps and reports the status line), the final
+/// status line, then suspend (the kernel's clean shutdown) and removal.
+/// Nothing is read but what the trace reads: every read is seen by the
+/// policy (smq may promote on it).
 fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>, result: &mut KernelResult) {
     let spec = match CacheSpec::from_header(&trace.header) {
         Ok(s) => s,
@@ -1096,7 +1097,7 @@ fn status_line(ctl: &Control, name: &str) -> Result<String, ShimError> {
     Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
 }
 
-/// The trace's I/O on the cache device, the read-back and the final status.
+/// The trace's I/O on the cache device and the final status.
 fn cache_io(
     ctl: &Control,
     name: &str,
@@ -1170,18 +1171,6 @@ fn cache_io(
         result.ops.push(OpResult { index, outcome, read });
     }
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
-    let t1 = Instant::now();
-    let bs = spec.block_sectors;
-    let mut buf = AlignedBuf::zeroed((bs * 512) as usize);
-    let mut blocks = Vec::new();
-    for b in 0..spec.origin_blocks {
-        blocks.push(match read_exact_at(&file, buf.as_mut_slice(), b * bs * 512) {
-            Ok(()) => summarize(buf.as_slice(), spec.run, b * bs),
-            Err(e) => format!("read-error {}", errno_of(&e)),
-        });
-    }
-    result.devices.push(DeviceContents { id: 0, blocks });
-    result.timings_ms.push(("read-back".into(), t1.elapsed().as_millis() as u64));
     drop(file);
     result.pool_status = status_line(ctl, name)?;
     Ok(())

@@ -408,9 +408,9 @@ pub enum JobKind {
     /// metadata, cache and origin images the host put in the job's slices
     /// (zeroed metadata: the kernel formats it). The trace's reads, writes,
     /// discards and flushes go to the cache device; a `tick` sleeps that
-    /// long and returns the status line; then every origin block is read
-    /// back, the status taken, and the device suspended and removed (a
-    /// clean shutdown).
+    /// long and returns the status line; then the final status is taken
+    /// and the device suspended and removed (a clean shutdown). No
+    /// read-back: every read is one the policy sees.
     Cache,
 }
 
