@@ -208,9 +208,13 @@ enum Kind {
     Read(u32),
     /// kernel → model (version, writeback?).
     Fresh(u32, bool),
+    /// kernel → model, no I/O: format, the status, the clean shutdown.
+    Format(u32),
 }
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 10] = [
+    Kind::Format(1),
+    Kind::Format(2),
     Kind::Keep(1),
     Kind::Keep(2),
     Kind::Read(1),
@@ -243,6 +247,13 @@ fn job(kind: Kind) -> Job {
                 origin_image(),
             )
         }
+        Kind::Format(v) => Job::cache(
+            &spec(v, "writeback", QUIET),
+            vec![tick(0)],
+            Vec::new(),
+            cache_image(&BTreeMap::new()),
+            origin_image(),
+        ),
         Kind::Fresh(v, writeback) => {
             let mode = if writeback { "writeback" } else { "writethrough" };
             let mut ops = vec![tick(0)];
@@ -482,6 +493,52 @@ fn model_written_cache_metadata_activates_on_the_kernel() {
         tools_agree(&format!("v{v} read: kernel image"), &run.metadata_image);
     }
     eprintln!("VM time of the boot: {:?}", boot.vm);
+}
+
+/// The kernel formats zeroed metadata, sizes it at the first resume,
+/// commits for the status and shuts down cleanly; the model doing the same
+/// (format, resize, commit, clean shutdown with the kernel's statistics and
+/// hints) writes the same image, block for block: the fresh layout, the
+/// resize's allocations and both commits agree.
+#[test]
+fn kernel_formatted_cache_metadata_is_the_models_block_for_block() {
+    let Some(boot) = boot() else { return };
+    for v in [1, 2] {
+        let run = run_of(boot, Kind::Format(v));
+        eprintln!("v{v} format: status {}", tick_statuses(run)[0]);
+        let s = status(&tick_statuses(run)[0]);
+        assert_eq!((s.resident, s.total, s.dirty), (0, CACHE_BLOCKS, 0));
+        let img = image(run);
+        let sb = &img.superblock;
+        eprintln!(
+            "v{v} format: superblock flags {:#x}, mapping root {}, hint root {}, discard root {} ({} blocks of {} \
+             sectors), dirty root {}, {} metadata blocks in use, policy {} {:?} hint size {}, stats {:?}",
+            sb.flags,
+            sb.mapping_root,
+            sb.hint_root,
+            sb.discard_root,
+            sb.discard_nr_blocks,
+            sb.discard_block_size,
+            sb.dirty_root,
+            s.used_metadata,
+            sb.policy_name_str(),
+            sb.policy_version,
+            sb.policy_hint_size,
+            sb.stats
+        );
+        tools_agree(&format!("v{v} format"), &run.metadata_image);
+        let mut md = CacheMetadata::format(MemDevice::new(METADATA_SECTORS), BS as u32, v).unwrap();
+        md.resize(CACHE_BLOCKS as u32).unwrap();
+        md.commit(false).unwrap();
+        let state = shutdown_state(vec![false; CACHE_BLOCKS as usize], sb.stats, hints_of(&img));
+        md.clean_shutdown(&state).unwrap();
+        let ours = md.close().as_bytes().to_vec();
+        let differ: Vec<usize> = (0..ours.len() / 4096)
+            .filter(|&b| ours[b * 4096..(b + 1) * 4096] != run.metadata_image[b * 4096..(b + 1) * 4096])
+            .collect();
+        eprintln!("v{v} format: metadata blocks differing between the kernel and the model: {differ:?}");
+        assert!(differ.is_empty(), "v{v}: the model formats and shuts down into other blocks: {differ:?}");
+    }
 }
 
 fn reads_of_cache(c: u32) -> String {
