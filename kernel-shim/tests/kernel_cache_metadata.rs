@@ -210,9 +210,14 @@ enum Kind {
     Fresh(u32, bool),
     /// kernel → model, no I/O: format, the status, the clean shutdown.
     Format(u32),
+    /// kernel → model: full-block writes (promotions by overwrite), each
+    /// followed by a status (a commit).
+    Overwrite(u32),
 }
 
-const KINDS: [Kind; 10] = [
+const KINDS: [Kind; 12] = [
+    Kind::Overwrite(1),
+    Kind::Overwrite(2),
     Kind::Format(1),
     Kind::Format(2),
     Kind::Keep(1),
@@ -254,6 +259,20 @@ fn job(kind: Kind) -> Job {
             cache_image(&BTreeMap::new()),
             origin_image(),
         ),
+        Kind::Overwrite(v) => {
+            let mut ops = vec![tick(0)];
+            for &b in &WRITTEN {
+                ops.push(full_write(b));
+                ops.push(tick(0));
+            }
+            Job::cache(
+                &spec(v, "writeback", QUIET),
+                ops,
+                Vec::new(),
+                cache_image(&BTreeMap::new()),
+                origin_image(),
+            )
+        }
         Kind::Fresh(v, writeback) => {
             let mode = if writeback { "writeback" } else { "writethrough" };
             let mut ops = vec![tick(0)];
@@ -538,6 +557,50 @@ fn kernel_formatted_cache_metadata_is_the_models_block_for_block() {
             .collect();
         eprintln!("v{v} format: metadata blocks differing between the kernel and the model: {differ:?}");
         assert!(differ.is_empty(), "v{v}: the model formats and shuts down into other blocks: {differ:?}");
+    }
+}
+
+/// Promotions by overwrite: in writeback mode a write of a whole block the
+/// cache does not hold takes the next free cache block at once, and the
+/// write completes after the mapping is inserted; a status after each
+/// write commits it. The model inserting the same mappings with a commit
+/// after each, then shutting down cleanly with the blocks dirty, writes the
+/// kernel's image block for block (array and btree shadowing across
+/// commits, the dirty bits written at shutdown).
+#[test]
+fn kernel_promotions_by_overwrite_are_the_models_block_for_block() {
+    let Some(boot) = boot() else { return };
+    for v in [1, 2] {
+        let run = run_of(boot, Kind::Overwrite(v));
+        let statuses = tick_statuses(run);
+        for (i, line) in statuses.iter().enumerate() {
+            let s = status(line);
+            assert_eq!((s.resident, s.promotions, s.dirty), (i as u64, i as u64, i as u64), "v{v}: {line}");
+        }
+        let img = image(run);
+        let want: BTreeMap<u32, u64> = WRITTEN.iter().enumerate().map(|(c, &o)| (c as u32, o)).collect();
+        assert_eq!(valid(&img), want, "v{v}: cache blocks are taken in order");
+        assert_eq!(dirty_set(&img), want.keys().copied().collect::<BTreeSet<u32>>());
+        tools_agree(&format!("v{v} overwrite"), &run.metadata_image);
+        let mut md = CacheMetadata::format(MemDevice::new(METADATA_SECTORS), BS as u32, v).unwrap();
+        md.resize(CACHE_BLOCKS as u32).unwrap();
+        md.commit(false).unwrap();
+        for (&c, &o) in &want {
+            md.insert_mapping(c, o).unwrap();
+            md.commit(false).unwrap();
+        }
+        let dirty = (0..CACHE_BLOCKS as u32).map(|c| want.contains_key(&c)).collect();
+        md.clean_shutdown(&shutdown_state(dirty, img.superblock.stats, hints_of(&img))).unwrap();
+        let ours = md.close().as_bytes().to_vec();
+        let differ: Vec<usize> = (0..ours.len() / 4096)
+            .filter(|&b| ours[b * 4096..(b + 1) * 4096] != run.metadata_image[b * 4096..(b + 1) * 4096])
+            .collect();
+        eprintln!(
+            "v{v} overwrite: final status {}; hints {:?}; blocks differing from the model's: {differ:?}",
+            run.result.pool_status,
+            &hints_of(&img)[..WRITTEN.len()]
+        );
+        assert!(differ.is_empty(), "v{v}: the model writes other blocks than the kernel: {differ:?}");
     }
 }
 
