@@ -1064,7 +1064,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     match setup() {
         Ok(node) => {
             result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
-            if let Err(e) = cache_io(ctl, &names[0], &node, &spec, trace, result) {
+            if let Err(e) = cache_io(ctl, [&names[0], &names[1]], &node, &spec, trace, result) {
                 result.error = Some(e.to_string());
             }
             // Suspend first: the kernel's postsuspend writes the clean
@@ -1100,7 +1100,7 @@ fn status_line(ctl: &Control, name: &str) -> Result<String, ShimError> {
 /// The trace's I/O on the cache device and the final status.
 fn cache_io(
     ctl: &Control,
-    name: &str,
+    [name, meta_name]: [&str; 2],
     node: &Path,
     spec: &CacheSpec,
     trace: &Trace,
@@ -1165,6 +1165,30 @@ fn cache_io(
             Op::Tick { millis } => {
                 std::thread::sleep(Duration::from_millis(u64::from(millis)));
                 ("ok".into(), Some(status_line(ctl, name)?))
+            }
+            Op::Worker => {
+                // A suspend (the target's clean shutdown) and a resume of
+                // the same table.
+                ctl.suspend(name, 0)?;
+                ctl.resume(name)?;
+                ("ok".into(), None)
+            }
+            Op::Crash { .. } => {
+                // The metadata device fails every I/O from now on: its
+                // content stays what the kernel had written (bufio's
+                // unwritten buffers are lost), as after a power cut.
+                use crate::dm::flags::{NOFLUSH, SKIP_LOCKFS};
+                let error = TargetSpec {
+                    start: 0,
+                    length: spec.metadata_sectors,
+                    target_type: "error".into(),
+                    params: String::new(),
+                };
+                ctl.suspend(meta_name, NOFLUSH | SKIP_LOCKFS)?;
+                let loaded = ctl.load(meta_name, &[error], false);
+                ctl.resume(meta_name)?;
+                loaded?;
+                ("ok".into(), None)
             }
             _ => ("unsupported".into(), None),
         };

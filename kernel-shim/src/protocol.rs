@@ -408,9 +408,13 @@ pub enum JobKind {
     /// metadata, cache and origin images the host put in the job's slices
     /// (zeroed metadata: the kernel formats it). The trace's reads, writes,
     /// discards and flushes go to the cache device; a `tick` sleeps that
-    /// long and returns the status line; then the final status is taken
-    /// and the device suspended and removed (a clean shutdown). No
-    /// read-back: every read is one the policy sees.
+    /// long and returns the status line; `worker` suspends and resumes the
+    /// cache device (a clean shutdown, then the same table again); `crash`
+    /// swaps the metadata device's table to `error`, so that its content
+    /// stays what the kernel had written by then. At the end the final
+    /// status is taken and the device suspended and removed (a clean
+    /// shutdown, unless crashed). No read-back: every read is one the
+    /// policy sees.
     Cache,
 }
 

@@ -213,9 +213,16 @@ enum Kind {
     /// kernel → model: full-block writes (promotions by overwrite), each
     /// followed by a status (a commit).
     Overwrite(u32),
+    /// model → kernel, the stale CLEAN_SHUTDOWN window (spec §4.4): a
+    /// suspend and resume, a write to a clean cached block, (a status,)
+    /// a crash of the metadata device.
+    Window(u32, bool),
 }
 
-const KINDS: [Kind; 12] = [
+const KINDS: [Kind; 15] = [
+    Kind::Window(1, false),
+    Kind::Window(2, false),
+    Kind::Window(1, true),
     Kind::Overwrite(1),
     Kind::Overwrite(2),
     Kind::Format(1),
@@ -259,6 +266,20 @@ fn job(kind: Kind) -> Job {
             cache_image(&BTreeMap::new()),
             origin_image(),
         ),
+        Kind::Window(v, status_first) => {
+            let mut ops = vec![Op::Worker, full_write(MAPPINGS[0].1)];
+            if status_first {
+                ops.push(tick(0));
+            }
+            ops.push(Op::CRASH);
+            Job::cache(
+                &spec(v, "writeback", QUIET),
+                ops,
+                model_image(v),
+                cache_image(&model_map()),
+                origin_image(),
+            )
+        }
         Kind::Overwrite(v) => {
             let mut ops = vec![tick(0)];
             for &b in &WRITTEN {
@@ -601,6 +622,68 @@ fn kernel_promotions_by_overwrite_are_the_models_block_for_block() {
             &hints_of(&img)[..WRITTEN.len()]
         );
         assert!(differ.is_empty(), "v{v}: the model writes other blocks than the kernel: {differ:?}");
+    }
+}
+
+/// The stale CLEAN_SHUTDOWN window of spec §4.4 (derived from the code,
+/// unverified there): after a suspend (a clean shutdown) and a resume of
+/// the same table, a write that only dirties a cached block changes no
+/// metadata, so nothing commits; a crash then leaves CLEAN_SHUTDOWN set
+/// with the block clean on disk, while the cache holds newer data than the
+/// origin. A status before the crash commits and clears the flag (the next
+/// activation then takes every block as dirty). The model's metadata
+/// doing the same holds the kernel's crash state block for block.
+#[test]
+fn a_crash_after_suspend_and_resume_leaves_a_dirtied_block_clean() {
+    let Some(boot) = boot() else { return };
+    let (cblock, oblock) = (MAPPINGS[0].0, MAPPINGS[0].1);
+    assert!(!MAPPINGS[0].2, "a clean block");
+    for (v, status_first) in [(1, false), (2, false), (1, true)] {
+        let run = run_of(boot, Kind::Window(v, status_first));
+        let img = image(run);
+        let data = run.cache_data.as_ref().unwrap();
+        let block =
+            |bytes: &[u8], b: u64| bytes[(b * BS * 512) as usize..((b + 1) * BS * 512) as usize].to_vec();
+        let in_cache =
+            dmsim_kernel_shim::protocol::summarize(&block(&data.cache, u64::from(cblock)), RUN, oblock * BS);
+        let in_origin =
+            dmsim_kernel_shim::protocol::summarize(&block(&data.origin, oblock), RUN, oblock * BS);
+        eprintln!(
+            "v{v} window{}: on disk after the crash: CLEAN_SHUTDOWN {}, cache block {cblock} dirty {}; the cache \
+             block reads {in_cache}, the origin block {in_origin}; final status {:?}",
+            if status_first { " (status before the crash)" } else { "" },
+            img.superblock.clean_shutdown(),
+            img.is_dirty(cblock as usize),
+            run.result.pool_status
+        );
+        assert_eq!(in_cache, reads(0), "v{v}: the write went to the cache");
+        assert_eq!(in_origin, reads(ORIGIN_STAMP + oblock), "v{v}: and not to the origin");
+        assert!(!img.is_dirty(cblock as usize), "v{v}: dirty bits are written at clean shutdown only");
+        assert_eq!(
+            img.superblock.clean_shutdown(),
+            !status_first,
+            "v{v}: CLEAN_SHUTDOWN after the crash (status before it: {status_first})"
+        );
+        assert_eq!(valid(&img), model_map());
+        // The model's metadata, doing what the kernel did (open, the first
+        // resume's resize, the suspend's clean shutdown, the status's
+        // commit if there was one), holds the same image, block for block.
+        let opts = OpenOptions { may_format: false, ..OpenOptions::new(BS as u32, v) };
+        let mut md = CacheMetadata::open(MemDevice::from_bytes(model_image(v)), opts).unwrap();
+        md.resize(CACHE_BLOCKS as u32).unwrap();
+        let dirty = (0..CACHE_BLOCKS as u32).map(|c| MAPPINGS.iter().any(|m| m.0 == c && m.2)).collect();
+        md.clean_shutdown(&shutdown_state(dirty, img.superblock.stats, hints_of(&img))).unwrap();
+        if status_first {
+            md.commit(false).unwrap();
+        }
+        let ours = md.crash().as_bytes().to_vec();
+        let differ: Vec<usize> = (0..ours.len() / 4096)
+            .filter(|&b| ours[b * 4096..(b + 1) * 4096] != run.metadata_image[b * 4096..(b + 1) * 4096])
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "v{v}: the model's crash state differs from the kernel's in blocks {differ:?}"
+        );
     }
 }
 
