@@ -36,8 +36,9 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    decode_request, errno_name, log_offsets, mark_name, read_frame, summarize, write_frame, DeviceContents,
-    JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    decode_request, errno_name, log_offsets, mark_name, read_frame, summarize, write_frame, CacheSpec,
+    DeviceContents, JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice, LOG_SLICE_SECTORS,
+    REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -652,6 +653,10 @@ pub fn run_job(
         run_flakey_job(ctl, job, trace, spec, disks, &mut result);
         return result;
     }
+    if *kind == JobKind::Cache {
+        run_cache_job(ctl, job, trace, disks, &mut result);
+        return result;
+    }
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
     let t0 = Instant::now();
     let slices = linear(
@@ -817,6 +822,8 @@ fn run_pool_with(
                 result.error = Some(format!("activating the devices {ids:?}: {e}"));
             }
         }
+        // Runs in `run_cache_job`, never on a pool.
+        JobKind::Cache => result.error = Some("a cache job on a thin-pool".into()),
     }
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
     let t1 = Instant::now();
@@ -999,6 +1006,198 @@ fn run_flakey_job(
     if let Ok(f) = OpenOptions::new().write(true).open(disks.metadata) {
         let _ = f.sync_all();
     }
+}
+
+/// A cache job ([`JobKind::Cache`]): dm-linear slices for the metadata,
+/// the cache device and the origin (as the host wrote them), the cache
+/// device over them, the trace's I/O on it (one request at a time,
+/// O_DIRECT; a `tick` sleeps and reports the status line), the final
+/// status line, then suspend (the kernel's clean shutdown) and removal.
+/// Nothing is read but what the trace reads: every read is seen by the
+/// policy (smq may promote on it).
+fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>, result: &mut KernelResult) {
+    let spec = match CacheSpec::from_header(&trace.header) {
+        Ok(s) => s,
+        Err(e) => {
+            result.error = Some(e.to_string());
+            return;
+        }
+    };
+    let names = [
+        format!("dmsim-cache{job}"),
+        format!("dmsim-cm{job}"),
+        format!("dmsim-cc{job}"),
+        format!("dmsim-co{job}"),
+    ];
+    let t0 = Instant::now();
+    let setup = || -> Result<PathBuf, ShimError> {
+        let m = linear(
+            ctl,
+            &names[1],
+            disks.metadata,
+            disks.slice.metadata_offset,
+            spec.metadata_sectors,
+            disks.dev_dir,
+        )?;
+        let c =
+            linear(ctl, &names[2], disks.data, disks.slice.data_offset, spec.cache_sectors(), disks.dev_dir)?;
+        let o = linear(
+            ctl,
+            &names[3],
+            disks.data,
+            disks.slice.data_offset + spec.cache_sectors(),
+            spec.origin_sectors(),
+            disks.dev_dir,
+        )?;
+        let table = TargetSpec {
+            start: 0,
+            length: spec.origin_sectors(),
+            target_type: "cache".into(),
+            params: spec.table_params(
+                &block_dev_num(&m)?.table_name(),
+                &block_dev_num(&c)?.table_name(),
+                &block_dev_num(&o)?.table_name(),
+            ),
+        };
+        device(ctl, &names[0], &[table], disks.dev_dir)
+    };
+    match setup() {
+        Ok(node) => {
+            result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
+            if let Err(e) = cache_io(ctl, [&names[0], &names[1]], &node, &spec, trace, result) {
+                result.error = Some(e.to_string());
+            }
+            // Suspend first: the kernel's postsuspend writes the clean
+            // shutdown; the removal then finds nothing more to do.
+            let t2 = Instant::now();
+            if let Err(e) = ctl.suspend(&names[0], 0) {
+                result.error = result.error.take().or(Some(format!("suspending the cache: {e}")));
+            }
+            result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
+        }
+        Err(e) => result.error = Some(format!("the cache devices: {e}")),
+    }
+    for name in &names {
+        if let Err(e) = ctl.remove(name) {
+            if !matches!(&e, ShimError::Dm { source, .. } if source.raw_os_error() == Some(libc::ENXIO)) {
+                result.error = result.error.take().or(Some(format!("removing {name}: {e}")));
+            }
+        }
+    }
+    for disk in [disks.metadata, disks.data] {
+        if let Ok(f) = OpenOptions::new().write(true).open(disk) {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+/// The status line of a device (joined over its targets).
+fn status_line(ctl: &Control, name: &str) -> Result<String, ShimError> {
+    let s = ctl.status(name, false, false)?;
+    Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
+}
+
+/// The trace's I/O on the cache device and the final status.
+fn cache_io(
+    ctl: &Control,
+    [name, meta_name]: [&str; 2],
+    node: &Path,
+    spec: &CacheSpec,
+    trace: &Trace,
+    result: &mut KernelResult,
+) -> Result<(), ShimError> {
+    let file = open_direct(node)?;
+    let size = spec.origin_sectors();
+    let clamp = |sector: u32, nr: u64| {
+        let sector = u64::from(sector) % size;
+        (sector, nr.max(1).min(size - sector))
+    };
+    let t0 = Instant::now();
+    let mut next_write = 0u64;
+    for (index, op) in trace.ops().enumerate() {
+        let (outcome, read) = match op {
+            Op::Read { sector, nr_sectors, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
+                match read_exact_at(&file, buf.as_mut_slice(), sector * 512) {
+                    Ok(()) => ("ok".to_string(), Some(summarize(buf.as_slice(), spec.run, sector))),
+                    Err(e) => (errno_of(&e), None),
+                }
+            }
+            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
+                dmsim_traces::stamp::fill(buf.as_mut_slice(), spec.run, next_write, 0, sector);
+                next_write += 1;
+                let synced = if preflush { file.sync_all().map_err(|e| errno_of(&e)) } else { Ok(()) };
+                let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.len };
+                let rwf = if fua { libc::RWF_DSYNC } else { 0 };
+                let outcome = match synced {
+                    Err(e) => e,
+                    Ok(()) => {
+                        // SAFETY: one valid iovec over an owned, aligned buffer.
+                        let r =
+                            unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, (sector * 512) as i64, rwf) };
+                        if r < 0 {
+                            errno_of(&std::io::Error::last_os_error())
+                        } else if r as usize != buf.len {
+                            format!("short-write {r}")
+                        } else {
+                            "ok".into()
+                        }
+                    }
+                };
+                (outcome, None)
+            }
+            Op::Discard { sector, nr_sectors, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let range: [u64; 2] = [sector * 512, nr * 512];
+                // SAFETY: BLKDISCARD reads two u64s from the pointer.
+                let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+                let outcome =
+                    if r < 0 { errno_of(&std::io::Error::last_os_error()) } else { "ok".to_string() };
+                (outcome, None)
+            }
+            Op::Flush { .. } => match file.sync_all() {
+                Ok(()) => ("ok".into(), None),
+                Err(e) => (errno_of(&e), None),
+            },
+            Op::Tick { millis } => {
+                std::thread::sleep(Duration::from_millis(u64::from(millis)));
+                ("ok".into(), Some(status_line(ctl, name)?))
+            }
+            Op::Worker => {
+                // A suspend (the target's clean shutdown) and a resume of
+                // the same table.
+                ctl.suspend(name, 0)?;
+                ctl.resume(name)?;
+                ("ok".into(), None)
+            }
+            Op::Crash { .. } => {
+                // The metadata device fails every I/O from now on: its
+                // content stays what the kernel had written (bufio's
+                // unwritten buffers are lost), as after a power cut.
+                use crate::dm::flags::{NOFLUSH, SKIP_LOCKFS};
+                let error = TargetSpec {
+                    start: 0,
+                    length: spec.metadata_sectors,
+                    target_type: "error".into(),
+                    params: String::new(),
+                };
+                ctl.suspend(meta_name, NOFLUSH | SKIP_LOCKFS)?;
+                let loaded = ctl.load(meta_name, &[error], false);
+                ctl.resume(meta_name)?;
+                loaded?;
+                ("ok".into(), None)
+            }
+            _ => ("unsupported".into(), None),
+        };
+        result.ops.push(OpResult { index, outcome, read });
+    }
+    result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+    drop(file);
+    result.pool_status = status_line(ctl, name)?;
+    Ok(())
 }
 
 /// Milliseconds since the kernel started (`/proc/uptime`).

@@ -36,8 +36,8 @@ pub mod protocol;
 pub mod vm;
 
 pub use error::ShimError;
-pub use protocol::{DeviceContents, KernelResult, OpResult, PoolSpec};
-pub use vm::{Job, KernelRun, KernelShim, VmOptions};
+pub use protocol::{CacheSpec, DeviceContents, KernelResult, OpResult, PoolSpec};
+pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
 
 /// Boots one VM with the default kernel and options and replays `trace`
 /// in it (builds the agent and the initramfs first; for many traces, use

@@ -404,6 +404,18 @@ pub enum JobKind {
     /// to `error_writes`, always down (spec §7.3): from then on every write
     /// to it fails with EIO. Other faults are `unsupported`.
     Flakey,
+    /// A dm-cache device ([`CacheSpec`], from the trace's header) over the
+    /// metadata, cache and origin images the host put in the job's slices
+    /// (zeroed metadata: the kernel formats it). The trace's reads, writes,
+    /// discards and flushes go to the cache device; a `tick` sleeps that
+    /// long and returns the status line; `worker` suspends and resumes the
+    /// cache device (a clean shutdown, then the same table again); `crash`
+    /// swaps the metadata device's table to `error`, so that its content
+    /// stays what the kernel had written by then. At the end the final
+    /// status is taken and the device suspended and removed (a clean
+    /// shutdown, unless crashed). No read-back: every read is one the
+    /// policy sees.
+    Cache,
 }
 
 /// The text of the log mark the agent drops after op `index` of a logged
@@ -449,6 +461,7 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
             JobKind::Replay => format!("job replay {}\n", text.len()),
             JobKind::Logged => format!("job logged {}\n", text.len()),
             JobKind::Flakey => format!("job flakey {}\n", text.len()),
+            JobKind::Cache => format!("job cache {}\n", text.len()),
             JobKind::Activate { ids } => {
                 let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let ids = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
@@ -487,6 +500,7 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
             ("replay", None) => JobKind::Replay,
             ("logged", None) => JobKind::Logged,
             ("flakey", None) => JobKind::Flakey,
+            ("cache", None) => JobKind::Cache,
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
             ("activate", Some(ids)) if words.len() == 4 => {
                 let ids: Result<Vec<u32>, _> = ids.split(',').map(str::parse).collect();
@@ -555,6 +569,131 @@ impl Layout {
             metadata_sectors: metadata_end.max(SLICE_ALIGN),
             data_sectors: data_end.max(SLICE_ALIGN),
         }
+    }
+}
+
+/// A dm-cache job's device (spec §4.5): `cache <metadata> <cache>
+/// <origin> <block size> <#features> <mode> [metadata2] smq <#args>
+/// [migration_threshold <n>]`, over three dm-linear slices: the job's
+/// metadata slice, and on its data slice the cache device followed by the
+/// origin device. Travels as the parameters of a trace header
+/// ([`CacheSpec::header`]) that also reads as a [`PoolSpec`] (data blocks =
+/// cache + origin blocks), so [`Layout`] places it like an activation job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// The stamps' run id.
+    pub run: u64,
+    /// Cache block size in sectors (a multiple of 128 here).
+    pub block_sectors: u64,
+    /// Cache device size in blocks.
+    pub cache_blocks: u64,
+    /// Origin device size in blocks (the cache device's length).
+    pub origin_blocks: u64,
+    /// Metadata device size in sectors.
+    pub metadata_sectors: u64,
+    /// The `metadata2` feature (metadata version 2 when formatting).
+    pub metadata2: bool,
+    /// `writeback` or `writethrough`.
+    pub mode: String,
+    /// The core's `migration_threshold` policy argument (sectors), if given.
+    pub migration_threshold: Option<u64>,
+}
+
+impl CacheSpec {
+    /// Cache device size in sectors.
+    pub fn cache_sectors(&self) -> u64 {
+        self.cache_blocks * self.block_sectors
+    }
+
+    /// Origin device size in sectors.
+    pub fn origin_sectors(&self) -> u64 {
+        self.origin_blocks * self.block_sectors
+    }
+
+    /// The trace header carrying this spec (a valid [`PoolSpec`] header too).
+    pub fn header(&self) -> Header {
+        let mut params: Vec<(String, String)> = vec![
+            ("run".into(), self.run.to_string()),
+            ("block_sectors".into(), self.block_sectors.to_string()),
+            ("data_blocks".into(), (self.cache_blocks + self.origin_blocks).to_string()),
+            ("thin_blocks".into(), self.origin_blocks.to_string()),
+            ("metadata_sectors".into(), self.metadata_sectors.to_string()),
+            ("max_devices".into(), "1".into()),
+            ("no_space_timeout_ns".into(), "1000000000".into()),
+        ];
+        for f in
+            ["skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only", "error_if_no_space"]
+        {
+            params.push((f.into(), "0".into()));
+        }
+        params.push(("cache_blocks".into(), self.cache_blocks.to_string()));
+        params.push(("origin_blocks".into(), self.origin_blocks.to_string()));
+        params.push(("cache_metadata2".into(), u8::from(self.metadata2).to_string()));
+        params.push(("cache_mode".into(), self.mode.clone()));
+        if let Some(t) = self.migration_threshold {
+            params.push(("migration_threshold".into(), t.to_string()));
+        }
+        Header { seed: 0, workload: "cache".into(), params }
+    }
+
+    /// Reads [`Self::header`]'s parameters back; an error if one is
+    /// missing or out of range.
+    pub fn from_header(h: &Header) -> Result<CacheSpec, ShimError> {
+        let pool = PoolSpec::from_header(h)?;
+        let get = |name: &str| -> Result<&str, ShimError> {
+            h.param(name).ok_or_else(|| ShimError::Invalid(format!("cache job header lacks {name:?}")))
+        };
+        let num = |name: &str| -> Result<u64, ShimError> {
+            let v = get(name)?;
+            v.parse()
+                .map_err(|_| ShimError::Invalid(format!("cache job header: {name} {v:?} is not a number")))
+        };
+        let mode = get("cache_mode")?.to_string();
+        if mode != "writeback" && mode != "writethrough" {
+            return Err(ShimError::Invalid(format!("cache job header: mode {mode:?}")));
+        }
+        let spec = CacheSpec {
+            run: pool.run,
+            block_sectors: pool.block_sectors,
+            cache_blocks: num("cache_blocks")?,
+            origin_blocks: num("origin_blocks")?,
+            metadata_sectors: pool.metadata_sectors,
+            metadata2: get("cache_metadata2")? == "1",
+            mode,
+            migration_threshold: h
+                .param("migration_threshold")
+                .map(|_| num("migration_threshold"))
+                .transpose()?,
+        };
+        if spec.cache_blocks == 0
+            || spec.origin_blocks == 0
+            || spec.cache_blocks + spec.origin_blocks != pool.data_blocks
+        {
+            return Err(ShimError::Invalid(format!(
+                "cache job header: {} cache and {} origin blocks for {} data blocks",
+                spec.cache_blocks, spec.origin_blocks, pool.data_blocks
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// The cache target's parameters after `cache`, given the three devices'
+    /// table names.
+    pub fn table_params(&self, metadata: &str, cache: &str, origin: &str) -> String {
+        let mut features = vec![self.mode.as_str()];
+        if self.metadata2 {
+            features.push("metadata2");
+        }
+        let args = match self.migration_threshold {
+            Some(t) => format!("2 migration_threshold {t}"),
+            None => "0".into(),
+        };
+        format!(
+            "{metadata} {cache} {origin} {} {} {} smq {args}",
+            self.block_sectors,
+            features.len(),
+            features.join(" ")
+        )
     }
 }
 
@@ -633,10 +772,12 @@ mod tests {
             (JobKind::Activate { ids: vec![] }, text.clone()),
             (JobKind::Logged, text.clone()),
             (JobKind::Flakey, text),
+            (JobKind::Cache, "dmsim-trace 1\nseed 0\nworkload cache\n".into()),
         ];
         let body = encode_request(&jobs);
         let back = decode_request(&body).unwrap();
-        assert_eq!(back.len(), 5);
+        assert_eq!(back.len(), 6);
+        assert_eq!(back[5].0, JobKind::Cache);
         assert_eq!(back[4].0, JobKind::Flakey);
         assert_eq!(back[3].0, JobKind::Logged);
         assert_eq!(back[1].0, JobKind::Activate { ids: vec![0, 2] });
@@ -668,6 +809,34 @@ mod tests {
         assert_eq!(l.slices[2], Slice { metadata_offset: 8192, data_offset: 0 });
         assert_eq!(l.metadata_sectors, 10240);
         assert_eq!(l.data_sectors, 14336 + 4096);
+    }
+
+    #[test]
+    fn cache_specs_round_trip_through_a_header() {
+        let spec = CacheSpec {
+            run: 7,
+            block_sectors: 128,
+            cache_blocks: 64,
+            origin_blocks: 256,
+            metadata_sectors: 8192,
+            metadata2: true,
+            mode: "writeback".into(),
+            migration_threshold: Some(64),
+        };
+        let h = spec.header();
+        assert_eq!(CacheSpec::from_header(&h).unwrap(), spec);
+        assert_eq!(PoolSpec::from_header(&h).unwrap().data_sectors(), 320 * 128);
+        assert_eq!(
+            spec.table_params("1:2", "3:4", "5:6"),
+            "1:2 3:4 5:6 128 2 writeback metadata2 smq 2 migration_threshold 64"
+        );
+        let plain =
+            CacheSpec { metadata2: false, migration_threshold: None, mode: "writethrough".into(), ..spec };
+        assert_eq!(CacheSpec::from_header(&plain.header()).unwrap(), plain);
+        assert_eq!(plain.table_params("a", "b", "c"), "a b c 128 1 writethrough smq 0");
+        let mut bad = plain.header();
+        bad.params.retain(|(k, _)| k != "cache_mode");
+        assert!(CacheSpec::from_header(&bad).is_err());
     }
 
     #[test]

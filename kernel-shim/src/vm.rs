@@ -34,7 +34,7 @@ use crate::cleanup;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
 use crate::protocol::{
-    encode_request, log_offsets, read_frame, write_frame, JobKind, KernelResult, Layout, PoolSpec,
+    encode_request, log_offsets, read_frame, write_frame, CacheSpec, JobKind, KernelResult, Layout, PoolSpec,
     LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 
@@ -210,6 +210,9 @@ pub struct KernelRun {
     /// block says (`logwrites::parse` reads it), or why it could not be
     /// read.
     pub log: Option<Result<Vec<u8>, String>>,
+    /// For a [`Job::Cache`]: the cache and origin devices afterwards (the
+    /// metadata is [`Self::metadata_image`]; `thin_dump` is an error).
+    pub cache_data: Option<CacheData>,
 }
 
 /// Most jobs one boot runs ([`KernelShim::run_jobs`] splits longer lists).
@@ -241,13 +244,56 @@ pub enum Job {
     /// sit on dm-flakey; the trace's write-error faults make the device
     /// fail every write from then on (see `protocol::JobKind::Flakey`).
     Flakey(Trace),
+    /// A dm-cache device on images the host provides (see
+    /// `protocol::JobKind::Cache`; build it with [`Job::cache`]): the run
+    /// carries the metadata image after the clean shutdown and the cache
+    /// and origin devices' contents ([`KernelRun::cache_data`]).
+    Cache {
+        /// The spec in its header ([`CacheSpec::header`]) and the I/O.
+        trace: Trace,
+        /// The metadata device's content (at most `metadata_sectors`;
+        /// zeroes: the kernel formats).
+        metadata: Vec<u8>,
+        /// The cache device's content (at most its size).
+        cache: Vec<u8>,
+        /// The origin device's content (at most its size).
+        origin: Vec<u8>,
+    },
+}
+
+/// What a cache job's data devices held after the VM powered off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheData {
+    /// The cache device.
+    pub cache: Vec<u8>,
+    /// The origin device.
+    pub origin: Vec<u8>,
 }
 
 impl Job {
+    /// A cache job: the device `spec` describes, the images, and `ops`
+    /// (reads, writes, discards and flushes of the cache device; a tick
+    /// sleeps and reports the status line).
+    pub fn cache(
+        spec: &CacheSpec,
+        ops: Vec<dmsim_traces::Op>,
+        metadata: Vec<u8>,
+        cache: Vec<u8>,
+        origin: Vec<u8>,
+    ) -> Job {
+        let trace =
+            Trace { header: spec.header(), events: ops.into_iter().map(dmsim_traces::Event::Op).collect() };
+        Job::Cache { trace, metadata, cache, origin }
+    }
+
     /// Its trace.
     pub fn trace(&self) -> &Trace {
         match self {
-            Job::Replay(t) | Job::Logged(t) | Job::Flakey(t) | Job::Activate { trace: t, .. } => t,
+            Job::Replay(t)
+            | Job::Logged(t)
+            | Job::Flakey(t)
+            | Job::Activate { trace: t, .. }
+            | Job::Cache { trace: t, .. } => t,
         }
     }
 
@@ -258,6 +304,7 @@ impl Job {
             Job::Logged(_) => JobKind::Logged,
             Job::Flakey(_) => JobKind::Flakey,
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
+            Job::Cache { .. } => JobKind::Cache,
         }
     }
 }
@@ -377,6 +424,12 @@ impl KernelShim {
                 write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
                 write_at(&disk(DiskRole::Data), data, slice.data_offset * 512)?;
             }
+            if let Job::Cache { metadata, cache, origin, trace } = job {
+                let c = CacheSpec::from_header(&trace.header)?;
+                write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
+                write_at(&disk(DiskRole::Data), cache, slice.data_offset * 512)?;
+                write_at(&disk(DiskRole::Data), origin, (slice.data_offset + c.cache_sectors()) * 512)?;
+            }
         }
 
         let console_path = d.join("console.log");
@@ -439,9 +492,28 @@ impl KernelShim {
         let metadata_disk = std::fs::read(disk(DiskRole::Metadata))
             .map_err(|e| ShimError::io("read the metadata disk", e))?;
         let mut runs = Vec::with_capacity(jobs.len());
-        for (((result, slice), spec), log_at) in
-            results.into_iter().zip(&layout.slices).zip(&specs).zip(&log_slices)
+        for ((((result, slice), spec), log_at), job) in
+            results.into_iter().zip(&layout.slices).zip(&specs).zip(&log_slices).zip(jobs)
         {
+            let cache_data = match job {
+                Job::Cache { trace, .. } => {
+                    let c = CacheSpec::from_header(&trace.header)?;
+                    let read = |at: u64, len: u64| -> Result<Vec<u8>, ShimError> {
+                        use std::os::unix::fs::FileExt;
+                        let f = File::open(disk(DiskRole::Data))
+                            .map_err(|e| ShimError::io("open the data disk", e))?;
+                        let mut out = vec![0u8; (len * 512) as usize];
+                        f.read_exact_at(&mut out, at * 512)
+                            .map_err(|e| ShimError::io("read the data disk", e))?;
+                        Ok(out)
+                    };
+                    Some(CacheData {
+                        cache: read(slice.data_offset, c.cache_sectors())?,
+                        origin: read(slice.data_offset + c.cache_sectors(), c.origin_sectors())?,
+                    })
+                }
+                _ => None,
+            };
             let log = log_at.map(|at| read_log(&disk(DiskRole::Log), at * 512));
             let at = (slice.metadata_offset * 512) as usize;
             let len = (spec.metadata_sectors * 512) as usize;
@@ -449,7 +521,11 @@ impl KernelShim {
                 .get(at..at + len)
                 .ok_or_else(|| ShimError::Invalid("the metadata disk shrank".into()))?
                 .to_vec();
-            let thin_dump = dump(&metadata_image);
+            let thin_dump = if cache_data.is_some() {
+                Err("a cache job's metadata is cache metadata".to_string())
+            } else {
+                dump(&metadata_image)
+            };
             let mapped = thin_dump.as_ref().map(|x| mapped_blocks(x)).unwrap_or_default();
             let boot = result
                 .timings_ms
@@ -466,6 +542,7 @@ impl KernelShim {
                 wall,
                 jobs_in_boot: jobs.len(),
                 log,
+                cache_data,
             });
         }
         Ok(runs)
