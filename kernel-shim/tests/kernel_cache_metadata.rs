@@ -381,7 +381,8 @@ fn hints_of(img: &CacheImage) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// cache_check accepts the image, the reference counts audit clean, and
+/// cache_check and dmsim's checker accept the image, the reference counts
+/// audit clean, and
 /// the model's dump equals Debian's cache_dump (dirty flags read false on
 /// version 2, which 0.9.0 cannot read); returns the model's dump.
 fn tools_agree(what: &str, bytes: &[u8]) -> String {
@@ -394,6 +395,14 @@ fn tools_agree(what: &str, bytes: &[u8]) -> String {
         String::from_utf8_lossy(&out)
     );
     cache_common::audit_ref_counts(&mut MemDevice::from_bytes(bytes.to_vec()));
+    // dmsim's own checker, which also audits every reference count and
+    // the v2 dirty bitset that cache_check 0.9.0 does not read.
+    let report = dmsim_model::cache::check::check_cache_metadata(
+        &mut MemDevice::from_bytes(bytes.to_vec()),
+        &dmsim_model::cache::check::CacheCheckOptions::default(),
+    )
+    .expect("the checker reads the kernel's image");
+    assert!(report.is_clean(), "{what}: dmsim's checker objects to the kernel's image: {:?}", report.problems);
     let (st, theirs, err) = support::run_tool("cache_dump", &[path]).expect("cache_dump");
     assert!(st.success(), "{what}: cache_dump: {err}");
     let theirs = String::from_utf8(theirs).unwrap();
