@@ -8,11 +8,14 @@
 //! * [`inspect`]: read-only decoding of an image and the blocks of each
 //!   structure (for checkers).
 //! * [`dump`]: the `cache_dump` XML.
+//! * [`policy`]: the smq / mq / cleaner policies and the background work
+//!   tracker the cache core drives.
 
 pub mod dump;
 pub mod inspect;
 pub mod mapping;
 pub mod metadata;
+pub mod policy;
 pub mod superblock;
 
 pub use metadata::{CacheError, CacheMetadata, OpenOptions};
