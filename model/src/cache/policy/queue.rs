@@ -286,9 +286,12 @@ mod tests {
         assert_eq!(q.target_counts(), &[3, 3, 3, 1]);
         let counts: Vec<u32> = (0..4).map(|l| q.level(l).nr_elts).collect();
         assert_eq!(counts, vec![3, 3, 3, 1]);
-        // The oldest stay low; the newest were pushed up.
+        // The oldest stay low; the surplus is popped from the tail and
+        // appended above, which reverses it level by level.
         assert_eq!(q.level(0).iter(&es).collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(q.level(3).iter(&es).collect::<Vec<_>>(), vec![9]);
+        assert_eq!(q.level(1).iter(&es).collect::<Vec<_>>(), vec![9, 8, 7]);
+        assert_eq!(q.level(2).iter(&es).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(q.level(3).iter(&es).collect::<Vec<_>>(), vec![6]);
     }
 
     #[test]
