@@ -91,7 +91,7 @@ fn a_whole_block_write_is_promoted_at_once_and_handed_back() {
     assert!(!p.lookup(51, DataDir::Read, true).background_queued);
     p.complete_background_work(w, true);
     p.set_dirty(0);
-    assert_eq!(p.entry(0).unwrap().dirty, true);
+    assert!(p.entry(0).unwrap().dirty);
     assert_eq!(p.queue_order(true), vec![0]);
     p.check().unwrap();
 }
@@ -126,7 +126,10 @@ fn a_full_cache_demotes_the_coldest_clean_block_first() {
     assert_eq!(p.residency(), 6);
     // Now the block is promoted into the first freed cache block.
     assert!(p.lookup(5, DataDir::Read, false).background_queued);
-    assert_eq!(p.get_background_work(false).unwrap(), PolicyWork { op: PolicyOp::Promote, oblock: 5, cblock: 0 });
+    assert_eq!(
+        p.get_background_work(false).unwrap(),
+        PolicyWork { op: PolicyOp::Promote, oblock: 5, cblock: 0 }
+    );
     p.check().unwrap();
     let _ = now;
 }

@@ -155,8 +155,14 @@ pub trait CachePolicy {
 
     /// Loads a mapping from the metadata at activation (`load_mapping`).
     /// `hint_valid` is the metadata's verdict on the stored hints.
-    fn load_mapping(&mut self, oblock: u64, cblock: u32, dirty: bool, hint: u32, hint_valid: bool)
-        -> Result<(), Errno>;
+    fn load_mapping(
+        &mut self,
+        oblock: u64,
+        cblock: u32,
+        dirty: bool,
+        hint: u32,
+        hint_valid: bool,
+    ) -> Result<(), Errno>;
 
     /// Forgets a mapping (`invalidate_mapping`); ENODATA if unmapped.
     fn invalidate_mapping(&mut self, cblock: u32) -> Result<(), Errno>;

@@ -307,4 +307,39 @@ mod tests {
         assert_eq!(es.get(hi).level, 0);
         assert_eq!(q.size(), 2);
     }
+
+    #[test]
+    fn requeue_places_the_swapped_entry_by_sentinels_passed() {
+        // Level 0 holds [e, s1, s2]; level 1 holds `above` then d. The first
+        // non-sentinel entry of level 1 swaps down: before s1 if no sentinel
+        // preceded it, before s2 after one, at the tail after two.
+        for nr_sentinels_above in 0..3u32 {
+            let (mut es, mut a, mut q) = setup(8, 2);
+            let mut add = |es: &mut EntrySpace, q: &mut Queue, sentinel: bool, level: u32| {
+                let i = a.alloc(es).unwrap();
+                es.get_mut(i).sentinel = sentinel;
+                es.get_mut(i).level = level;
+                q.push(es, i);
+                i
+            };
+            let e = add(&mut es, &mut q, false, 0);
+            let s1 = add(&mut es, &mut q, true, 0);
+            let s2 = add(&mut es, &mut q, true, 0);
+            for _ in 0..nr_sentinels_above {
+                add(&mut es, &mut q, true, 1);
+            }
+            let d = add(&mut es, &mut q, false, 1);
+            q.requeue(&mut es, e, 1, Some((s1, s2)));
+            let level0: Vec<u32> = q.level(0).iter(&es).collect();
+            let want = match nr_sentinels_above {
+                0 => vec![d, s1, s2],
+                1 => vec![s1, d, s2],
+                _ => vec![s1, s2, d],
+            };
+            assert_eq!(level0, want);
+            assert_eq!((es.get(e).level, es.get(d).level), (1, 0));
+            assert_eq!(q.level(1).tail(), Some(e));
+            assert_eq!(q.size(), 2);
+        }
+    }
 }

@@ -68,7 +68,14 @@ impl SmqParams {
     /// Parameters for `policy` on a cache, with Debian's HZ and 6.1.y's
     /// cleaner.
     pub fn new(policy: PolicyType, cache_size: u32, origin_size: u64, cache_block_size: u64) -> Self {
-        SmqParams { policy, cache_size, origin_size, cache_block_size, hz: DEFAULT_HZ, cleaner_ignores_idle: true }
+        SmqParams {
+            policy,
+            cache_size,
+            origin_size,
+            cache_block_size,
+            hz: DEFAULT_HZ,
+            cleaner_ignores_idle: true,
+        }
     }
 }
 
@@ -240,7 +247,8 @@ impl SmqPolicy {
             self.next_writeback_period = jiffies + self.secs(WRITEBACK_PERIOD_SECS);
             self.current_writeback_sentinels = !self.current_writeback_sentinels;
             for level in 0..NR_CACHE_LEVELS {
-                let s = Self::sentinel(&self.writeback_sentinel_alloc, level, self.current_writeback_sentinels);
+                let s =
+                    Self::sentinel(&self.writeback_sentinel_alloc, level, self.current_writeback_sentinels);
                 self.dirty.del(&mut self.es, s);
                 self.dirty.push(&mut self.es, s);
             }
@@ -301,8 +309,7 @@ impl SmqPolicy {
     // ---- periods ----
 
     fn update_promote_levels(&mut self) {
-        let level =
-            stats::promote_level(self.cache_alloc.is_empty(), &self.cache_stats, &self.hotspot_stats);
+        let level = stats::promote_level(self.cache_alloc.is_empty(), &self.cache_stats, &self.hotspot_stats);
         self.read_promote_level = level;
         self.write_promote_level = level;
     }

@@ -89,8 +89,7 @@ pub fn default_promote_level(cache_stats: &Stats) -> u32 {
 /// 64 − threshold, where the threshold is max(…, 64) = 64, divided by 4
 /// for poor hotspot confidence and by 2 for fair — so 48, 32 or 0.
 pub fn promote_level(cache_full: bool, cache_stats: &Stats, hotspot_stats: &Stats) -> u32 {
-    let mut threshold =
-        if cache_full { default_promote_level(cache_stats) } else { NR_HOTSPOT_LEVELS / 2 };
+    let mut threshold = if cache_full { default_promote_level(cache_stats) } else { NR_HOTSPOT_LEVELS / 2 };
     threshold = threshold.max(NR_HOTSPOT_LEVELS);
     match hotspot_stats.assess() {
         Performance::Poor => threshold /= 4,

@@ -133,7 +133,10 @@ impl SmqPolicy {
     pub fn hotspot_level(&self, oblock: u64) -> Option<u32> {
         let hb = oblock / self.cache_blocks_per_hotspot_block as u64;
         let b = self.hotspot_table.bucket(hb);
-        self.hotspot_table.chain(&self.es, b).find(|&e| self.es.get(e).oblock == hb).map(|e| self.es.get(e).level)
+        self.hotspot_table
+            .chain(&self.es, b)
+            .find(|&e| self.es.get(e).oblock == hb)
+            .map(|e| self.es.get(e).level)
     }
 
     /// Checks the structure: queue counts match their lists, every entry's
@@ -187,9 +190,11 @@ impl SmqPolicy {
             if e.pending_work == queued {
                 return Err(format!("cblock {c}: pending {} but queued {queued}", e.pending_work));
             }
-            let promoting = self.bg_work.queued().chain(self.bg_work.issued()).any(|w| {
-                w.cblock == c && w.op == crate::cache::policy::PolicyOp::Promote
-            });
+            let promoting = self
+                .bg_work
+                .queued()
+                .chain(self.bg_work.issued())
+                .any(|w| w.cblock == c && w.op == crate::cache::policy::PolicyOp::Promote);
             if !promoting && self.mapped(e.oblock) != Some(c) {
                 return Err(format!("cblock {c} (oblock {}) not in the hash table", e.oblock));
             }
