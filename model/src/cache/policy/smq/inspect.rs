@@ -2,7 +2,7 @@
 //! a consistency check of its lists.
 
 use super::{SmqParams, SmqPolicy, NR_CACHE_LEVELS};
-use crate::cache::policy::background::BackgroundTracker;
+use crate::cache::policy::background::{BackgroundTracker, PolicyOp};
 
 /// A cache block's entry as the policy holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,13 +190,15 @@ impl SmqPolicy {
             if e.pending_work == queued {
                 return Err(format!("cblock {c}: pending {} but queued {queued}", e.pending_work));
             }
-            let promoting = self
-                .bg_work
-                .queued()
-                .chain(self.bg_work.issued())
-                .any(|w| w.cblock == c && w.op == crate::cache::policy::PolicyOp::Promote);
-            if !promoting && self.mapped(e.oblock) != Some(c) {
-                return Err(format!("cblock {c} (oblock {}) not in the hash table", e.oblock));
+            if self.mapped(e.oblock) != Some(c) {
+                let promoting = self
+                    .bg_work
+                    .issued()
+                    .chain(self.bg_work.queued())
+                    .any(|w| w.cblock == c && w.op == PolicyOp::Promote);
+                if !promoting {
+                    return Err(format!("cblock {c} (oblock {}) not in the hash table", e.oblock));
+                }
             }
         }
         if allocated != self.cache_alloc.nr_allocated {
