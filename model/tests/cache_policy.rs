@@ -248,6 +248,29 @@ fn busy_writeback_does_not_cross_the_writeback_sentinels() {
 }
 
 #[test]
+fn a_failed_work_allocation_puts_the_block_back_in_front() {
+    let mut p = policy(PolicyType::Smq, 8, 1 << 20);
+    p.tick(true, SEC);
+    p.load_mapping(1, 0, true, 3, true).unwrap();
+    p.load_mapping(2, 1, true, 3, true).unwrap();
+    assert_eq!(p.queue_order(true), vec![1, 0]);
+    // GFP_NOWAIT failure: the writeback is dropped, the entry goes back to
+    // the front of its level, and the next request picks it again.
+    p.tracker_mut().fail_next_allocs(1);
+    assert_eq!(p.get_background_work(true), None);
+    assert_eq!(p.queue_order(true), vec![1, 0]);
+    assert_eq!(p.get_background_work(true).map(|w| w.cblock), Some(1));
+    // A failed promotion gives its reserved cache block back — to the tail
+    // of the free list, so the next promotion takes cblock 3, not 2: the
+    // allocator is first-freed-first-reused, not lowest-index-first.
+    p.tracker_mut().fail_next_allocs(1);
+    assert!(p.lookup_with_work(77, DataDir::Write, true).work.is_none());
+    assert_eq!(p.residency(), 2);
+    assert_eq!(p.lookup_with_work(77, DataDir::Write, true).work.map(|w| w.cblock), Some(3));
+    p.check().unwrap();
+}
+
+#[test]
 fn hints_round_trip_through_get_hint_and_load_mapping() {
     let mut a = policy(PolicyType::Smq, 32, 1 << 20);
     a.tick(true, SEC);

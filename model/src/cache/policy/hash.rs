@@ -124,12 +124,9 @@ mod tests {
         assert_eq!(hash_32(1, 9), 195);
         assert_eq!(hash_32(3, 9), (3u32.wrapping_mul(GOLDEN_RATIO_32)) >> 23);
         // Values computed separately with arbitrary-precision arithmetic.
-        for (v, bits, h) in [
-            (12345u64, 10, 379),
-            ((1 << 40) + 7, 16, 25087),
-            (u64::MAX, 20, 648055),
-            (999, 5, 18),
-        ] {
+        for (v, bits, h) in
+            [(12345u64, 10, 379), ((1 << 40) + 7, 16, 25087), (u64::MAX, 20, 648055), (999, 5, 18)]
+        {
             assert_eq!(hash_64(v, bits), h, "hash_64({v}, {bits})");
         }
         for (v, h) in [(5u32, 465), (100, 100), (65535, 72)] {

@@ -16,6 +16,26 @@
 //! Time enters only through [`CachePolicy::tick`] (and the creation time):
 //! every other result is a function of the calls made, so the same calls
 //! give the same work, residency and hints.
+//!
+//! Points of the 6.1 source worth knowing when driving the policy (spec §4.8
+//! is right on the rest):
+//!
+//! * The cache-entry allocator takes the head of a free list built in index
+//!   order and returns freed entries to its tail: cache blocks are handed
+//!   out lowest-first only until the first one is freed, then first-freed
+//!   first.
+//! * `background_queued` is set whenever the lookup *wanted* to promote,
+//!   even if nothing was queued (full cache, promotion already pending,
+//!   migrations disallowed).
+//! * A busy writeback (the `idle = false` path, which 6.1.y's cleaner also
+//!   takes under load) stops at the first writeback sentinel of each level:
+//!   only blocks untouched for a writeback period or more are cleaned.
+//! * Redistribution moves each level's newest surplus entries (popped from
+//!   the tail) to the tail of the level above, reversing their order; with a
+//!   cache smaller than one hotspot block (`nr_in_top_levels` = 0) hotspot
+//!   entries are pulled down to the lowest levels instead.
+//! * Period deadlines use `time_after` (strictly after), so a "1 s" period
+//!   ends at the first tick at least HZ + 1 jiffies later.
 
 pub mod background;
 pub mod entry;
