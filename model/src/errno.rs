@@ -12,6 +12,8 @@ pub enum Errno {
     EPERM,
     /// I/O error (5).
     EIO,
+    /// Out of memory (12).
+    ENOMEM,
     /// Device or resource busy (16).
     EBUSY,
     /// File exists (17).
@@ -32,6 +34,7 @@ impl Errno {
         match self {
             Errno::EPERM => 1,
             Errno::EIO => 5,
+            Errno::ENOMEM => 12,
             Errno::EBUSY => 16,
             Errno::EEXIST => 17,
             Errno::EINVAL => 22,
@@ -46,6 +49,7 @@ impl Errno {
         [
             Errno::EPERM,
             Errno::EIO,
+            Errno::ENOMEM,
             Errno::EBUSY,
             Errno::EEXIST,
             Errno::EINVAL,

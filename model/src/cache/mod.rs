@@ -9,12 +9,15 @@
 //!   structure (for checkers).
 //! * [`dump`]: the `cache_dump` XML.
 //! * [`check`]: the metadata checker (`cache_check` and more).
+//! * [`policy`]: the smq / mq / cleaner policies and the background work
+//!   tracker the cache core drives.
 
 pub mod check;
 pub mod dump;
 pub mod inspect;
 pub mod mapping;
 pub mod metadata;
+pub mod policy;
 pub mod superblock;
 
 pub use metadata::{CacheError, CacheMetadata, OpenOptions};
