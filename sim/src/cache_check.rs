@@ -16,7 +16,13 @@ pub fn judge(dev: &mut MemDevice, origin_blocks: u64) -> Result<(), (bool, Strin
         None => Ok(()),
         Some(first) => Err((
             false,
-            format!("{} problems, first: {} block {:?}: {}", report.problems.len(), first.structure, first.block, first.message),
+            format!(
+                "{} problems, first: {} block {:?}: {}",
+                report.problems.len(),
+                first.structure,
+                first.block,
+                first.message
+            ),
         )),
     }
 }

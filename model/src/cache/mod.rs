@@ -11,6 +11,7 @@
 //! * [`check`]: the metadata checker (`cache_check` and more).
 //! * [`policy`]: the smq / mq / cleaner policies and the background work
 //!   tracker the cache core drives.
+//! * [`table`]: the `cache` table line, its status lines and messages.
 
 pub mod check;
 pub mod dump;
@@ -19,5 +20,6 @@ pub mod mapping;
 pub mod metadata;
 pub mod policy;
 pub mod superblock;
+pub mod table;
 
 pub use metadata::{CacheError, CacheMetadata, OpenOptions};

@@ -67,11 +67,11 @@ pub struct TableError {
 }
 
 impl TableError {
-    fn new(errno: Errno, message: impl Into<String>) -> Self {
+    pub(crate) fn new(errno: Errno, message: impl Into<String>) -> Self {
         TableError { errno, message: message.into() }
     }
 
-    fn einval(message: impl Into<String>) -> Self {
+    pub(crate) fn einval(message: impl Into<String>) -> Self {
         TableError::new(Errno::EINVAL, message)
     }
 
@@ -295,7 +295,7 @@ pub fn kstrtoull(arg: &[u8]) -> Option<u64> {
 /// digits only (no sign, no trailing newline). Overflow is not detected: the
 /// value wraps modulo 2^64 and is then truncated to 32 bits, so
 /// `"4294967297"` reads as 1.
-fn sscanf_count(arg: &[u8]) -> Option<u32> {
+pub(crate) fn sscanf_count(arg: &[u8]) -> Option<u32> {
     let start = arg.iter().position(|&b| !is_kernel_space(b))?;
     let digits = &arg[start..];
     if !digits.iter().all(u8::is_ascii_digit) {
@@ -311,7 +311,7 @@ fn sscanf_count(arg: &[u8]) -> Option<u32> {
 /// lookup would, with the kernel's message. The kernel's errno there comes
 /// from the lookup (typically ENODEV or ENOENT, not in [`Errno`]); EINVAL is
 /// used instead.
-fn device_name(arg: &[u8], error: &str) -> Result<String, TableError> {
+pub(crate) fn device_name(arg: &[u8], error: &str) -> Result<String, TableError> {
     String::from_utf8(arg.to_vec()).map_err(|_| TableError::einval(error))
 }
 
