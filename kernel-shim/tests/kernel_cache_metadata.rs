@@ -417,6 +417,27 @@ fn tools_agree(what: &str, bytes: &[u8]) -> String {
     ours
 }
 
+/// The "keep" job on the model's cache target: returns its first status
+/// line and the metadata image after the suspend.
+fn model_target_keep(v: u32, image: &[u8]) -> (String, Vec<u8>) {
+    use dmsim_model::cache::table::DeviceSizes;
+    use dmsim_model::cache::target::CacheTarget;
+    let sizes = DeviceSizes {
+        target_len: ORIGIN_BLOCKS * BS,
+        cache_sectors: CACHE_BLOCKS * BS,
+        origin_sectors: ORIGIN_BLOCKS * BS,
+    };
+    let features = if v == 2 { "2 metadata2 writeback" } else { "1 writeback" };
+    let params = format!("m c o {BS} {features} smq 2 migration_threshold {}", QUIET.unwrap());
+    let mut t =
+        CacheTarget::create(&params, sizes, MemDevice::from_bytes(image.to_vec()), 0).expect("table loads");
+    t.preresume().expect("preresume");
+    t.resume(1_000_000_000);
+    let status = t.status(false);
+    t.postsuspend().expect("clean shutdown");
+    (status, t.close().as_bytes().to_vec())
+}
+
 #[test]
 fn model_written_cache_metadata_activates_on_the_kernel() {
     let Some(boot) = boot() else { return };
@@ -497,6 +518,25 @@ fn model_written_cache_metadata_activates_on_the_kernel() {
         assert!(
             differ.is_empty(),
             "v{v}: the model's replay writes other blocks than the kernel: {differ:?}"
+        );
+        // The model's cache target itself, not a replay of the steps: the
+        // table the agent loaded, preresume, resume (the policy's first
+        // tick), the status (its commit), the suspend (the clean shutdown).
+        // It must print the kernel's first status line and write the
+        // kernel's image, block for block — the hints saved by the model's
+        // smq included.
+        let (target, lifecycle) = model_target_keep(v, &ours);
+        assert_eq!(
+            target.trim_end(),
+            first[0].trim_end(),
+            "v{v}: the model's cache target prints the kernel's status line"
+        );
+        let differ: Vec<usize> = (0..lifecycle.len() / 4096)
+            .filter(|&b| lifecycle[b * 4096..(b + 1) * 4096] != run.metadata_image[b * 4096..(b + 1) * 4096])
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "v{v}: the model's cache target writes other blocks than the kernel: {differ:?}"
         );
 
         // Read: every origin block through the cache, then idle.

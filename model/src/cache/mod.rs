@@ -12,6 +12,8 @@
 //! * [`policy`]: the smq / mq / cleaner policies and the background work
 //!   tracker the cache core drives.
 //! * [`table`]: the `cache` table line, its status lines and messages.
+//! * [`target`]: the target's lifecycle: table load, resume, status,
+//!   messages, the clean shutdown on suspend (the bio paths are to come).
 
 pub mod check;
 pub mod dump;
@@ -21,5 +23,6 @@ pub mod metadata;
 pub mod policy;
 pub mod superblock;
 pub mod table;
+pub mod target;
 
 pub use metadata::{CacheError, CacheMetadata, OpenOptions};

@@ -1,0 +1,326 @@
+//! The dm-cache target's lifecycle (dm-cache-target.c): the constructor,
+//! preresume and resume, the status lines, messages, and postsuspend's
+//! clean shutdown — what a table load, `dmsetup resume`, `dmsetup status`,
+//! `dmsetup message` and `dmsetup suspend` do to the metadata and the
+//! policy.
+//!
+//! This is the first part of the cache target. The bio paths (the map
+//! path, bio prison v2, migrations as data I/O, commits on FLUSH/FUA,
+//! writethrough and passthrough I/O) are not here yet: with no I/O, the
+//! in-core state changes only through activation, messages and the policy's
+//! ticks, which is enough to hold the lifecycle against the real kernel
+//! block for block.
+
+use crate::block_device::BlockDevice;
+use crate::cache::mapping::{discard_geometry, ShutdownState};
+use crate::cache::metadata::{CacheError, CacheMetadata, OpenOptions};
+use crate::cache::policy::{hints_valid, CachePolicy, Nanos, SmqParams, SmqPolicy};
+use crate::cache::superblock::{policy_name_str, CacheStats};
+use crate::cache::table::{
+    config_value, info_status, CacheMessage, CacheTable, DeviceSizes, InfoStatus, IoMode,
+};
+use crate::errno::Errno;
+use crate::thin::table::TableError;
+
+/// The metadata mode (`enum cache_metadata_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CacheMode {
+    /// Read-write.
+    Write,
+    /// Metadata errors made it read-only.
+    ReadOnly,
+    /// Failed: every status prints `Fail`.
+    Fail,
+}
+
+/// An active cache target over a metadata device `D`.
+#[derive(Debug)]
+pub struct CacheTarget<D> {
+    table: CacheTable,
+    sizes: DeviceSizes,
+    md: CacheMetadata<D>,
+    policy: SmqPolicy,
+    mode: CacheMode,
+    cache_blocks: u32,
+    origin_blocks: u64,
+    dirty: Vec<bool>,
+    nr_dirty: u64,
+    discard_block_size: u64,
+    discards: Vec<bool>,
+    stats: CacheStats,
+    demotions: u32,
+    promotions: u32,
+    sized: bool,
+    loaded_mappings: bool,
+    loaded_discards: bool,
+    suspended: bool,
+}
+
+impl<D: BlockDevice> CacheTarget<D> {
+    /// Loads a table (`cache_ctr`): parses it ([`CacheTable::parse`]),
+    /// creates the policy for the cache device's size and applies the
+    /// policy arguments, opens the metadata (formatting an all-zero device),
+    /// and in passthrough mode requires every block clean. `now` starts the
+    /// policy's clock. Errors are the kernel's `ti->error` texts.
+    pub fn create(params: &str, sizes: DeviceSizes, metadata: D, now: Nanos) -> Result<Self, TableError> {
+        let table = CacheTable::parse(params, sizes)?;
+        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
+        let origin_blocks = sizes.origin_sectors / table.block_sectors;
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let mut policy = SmqPolicy::new(smq, now);
+        for (k, v) in &table.policy_args {
+            if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
+                return Err(TableError::einval("Error setting cache policy's config values"));
+            }
+        }
+        let opts = OpenOptions {
+            data_block_size: table.block_sectors as u32,
+            may_format: true,
+            policy_hint_size: table.policy.hint_size(),
+            metadata_version: table.metadata_version,
+            read_only: false,
+        };
+        let md = CacheMetadata::open(metadata, opts).map_err(|e| {
+            let errno = if e == CacheError::Unformatted { Errno::EPERM } else { Errno::EINVAL };
+            TableError::new(errno, "Error creating metadata object")
+        })?;
+        let (discard_block_size, discard_blocks) =
+            discard_geometry(table.block_sectors, sizes.origin_sectors);
+        let mut t = CacheTarget {
+            table,
+            sizes,
+            md,
+            policy,
+            mode: CacheMode::Write,
+            cache_blocks,
+            origin_blocks,
+            dirty: vec![false; cache_blocks as usize],
+            nr_dirty: 0,
+            discard_block_size,
+            discards: vec![false; discard_blocks as usize],
+            stats: CacheStats::default(),
+            demotions: 0,
+            promotions: 0,
+            sized: false,
+            loaded_mappings: false,
+            loaded_discards: false,
+            suspended: true,
+        };
+        t.stats = t.md.stats();
+        if t.table.io_mode == IoMode::Passthrough
+            && !t.all_clean().map_err(|_| TableError::einval("dm_cache_metadata_all_clean() failed"))?
+        {
+            return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"));
+        }
+        if t.table.io_mode == IoMode::Passthrough {
+            t.policy.allow_migrations(false);
+        }
+        Ok(t)
+    }
+
+    /// Whether every mapped block is clean on disk
+    /// (`dm_cache_metadata_all_clean`).
+    fn all_clean(&mut self) -> Result<bool, CacheError> {
+        for c in 0..self.md.cache_blocks() {
+            if let Some((_, true)) = self.md.lookup(c)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A metadata operation failed: read-only mode (`metadata_operation_failed`
+    /// → `set_cache_mode(CM_READ_ONLY)`; aborting is the caller's next step
+    /// in the kernel and is not modelled here yet).
+    fn metadata_failed(&mut self) {
+        if self.mode == CacheMode::Write {
+            self.mode = CacheMode::ReadOnly;
+            self.md.set_read_only();
+        }
+    }
+
+    /// `cache_preresume`: the first resume sizes the cache (the metadata's
+    /// mapping array to the cache device's blocks) and loads the mappings
+    /// into the policy and the in-core dirty bits (every mapped block dirty
+    /// unless the metadata was shut down cleanly; hints only when they are
+    /// valid for this policy), then the discard bits.
+    pub fn preresume(&mut self) -> Result<(), Errno> {
+        if !self.sized {
+            if self.md.resize(self.cache_blocks).is_err() {
+                self.metadata_failed();
+                return Err(Errno::EINVAL);
+            }
+            self.sized = true;
+        }
+        if !self.loaded_mappings {
+            self.load_mappings().map_err(|_| Errno::EINVAL)?;
+            self.loaded_mappings = true;
+        }
+        if !self.loaded_discards {
+            // Discard bits are loaded only from a clean shutdown, and only
+            // when the stored geometry is the current one (the kernel
+            // rescales other geometries; not modelled yet).
+            let stored = self.md.load_discards().map_err(|_| Errno::EINVAL)?;
+            if self.md.discard_geometry().0 == self.discard_block_size {
+                for (i, d) in stored.into_iter().enumerate().take(self.discards.len()) {
+                    self.discards[i] = d;
+                }
+            }
+            self.loaded_discards = true;
+        }
+        Ok(())
+    }
+
+    fn load_mappings(&mut self) -> Result<(), CacheError> {
+        let clean = self.md.clean_when_opened();
+        let sb_name = policy_name_str(&self.md.policy_name);
+        let valid = hints_valid(
+            self.table.policy,
+            clean,
+            &sb_name,
+            self.md.policy_version,
+            self.md.policy_hint_size,
+            self.md.hint_root != 0,
+        );
+        let hints = if valid { self.md.hints()? } else { Vec::new() };
+        for c in 0..self.md.cache_blocks() {
+            let Some((oblock, stored_dirty)) = self.md.lookup(c)? else { continue };
+            let dirty = !clean || stored_dirty;
+            let hint = hints.get(c as usize).copied().unwrap_or(0);
+            if self.policy.load_mapping(oblock, c, dirty, hint, valid).is_err() {
+                return Err(CacheError::BadSuperblock(format!(
+                    "policy refused the mapping of cache block {c}"
+                )));
+            }
+            if dirty && (c as usize) < self.dirty.len() && !self.dirty[c as usize] {
+                self.dirty[c as usize] = true;
+                self.nr_dirty += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `cache_resume`: ticks the policy (the waker's first run) at `now`.
+    pub fn resume(&mut self, now: Nanos) {
+        self.suspended = false;
+        self.policy.tick(true, now);
+    }
+
+    /// The INFO status line (`cache_status`). Unless `noflush`, and while
+    /// not suspended, it commits first, changed or not (spec §4.5). FAIL mode
+    /// prints `Fail`; a failed query prints `Error`.
+    pub fn status(&mut self, noflush: bool) -> String {
+        if self.mode == CacheMode::Fail {
+            return "Fail".to_string();
+        }
+        if !noflush && !self.suspended && self.mode == CacheMode::Write && self.md.commit(false).is_err() {
+            self.metadata_failed();
+        }
+        let (Ok(free), Ok(total)) = (self.md.free_metadata_blocks(), self.md.metadata_dev_blocks()) else {
+            return "Error".to_string();
+        };
+        let s = InfoStatus {
+            metadata_used: total - free,
+            metadata_total: total,
+            resident: u64::from(self.policy.residency()),
+            cache_blocks: u64::from(self.cache_blocks),
+            hits: [
+                self.stats.read_hits,
+                self.stats.read_misses,
+                self.stats.write_hits,
+                self.stats.write_misses,
+            ],
+            demotions: self.demotions,
+            promotions: self.promotions,
+            dirty: self.nr_dirty,
+            policy_config: self.policy.emit_config_values(),
+            read_only: self.mode == CacheMode::ReadOnly,
+            needs_check: self.md.needs_check(),
+        };
+        info_status(&self.table, &s)
+    }
+
+    /// A message (`cache_message`): a config key, or `invalidate_cblocks`
+    /// (parsed and checked; invalidation itself needs the bio path and is
+    /// not modelled yet: EOPNOTSUPP).
+    pub fn message(&mut self, words: &[&str]) -> Result<(), Errno> {
+        let read_only = self.mode >= CacheMode::ReadOnly;
+        match CacheMessage::parse(
+            words,
+            self.table.policy,
+            self.table.io_mode,
+            read_only,
+            u64::from(self.cache_blocks),
+        )? {
+            CacheMessage::Config { key, value } => {
+                if let Some(t) = config_value(self.table.policy, &key, &value)? {
+                    self.table.migration_threshold = t;
+                } else {
+                    self.policy.set_config_value(&key, &value)?;
+                }
+                Ok(())
+            }
+            CacheMessage::InvalidateCblocks(_) => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    /// `cache_postsuspend`: in write mode, the clean shutdown
+    /// (`sync_metadata`: the in-core dirty bits, the discard bits, the
+    /// statistics, the policy's hints, then a commit with CLEAN_SHUTDOWN set
+    /// only if all of those worked).
+    pub fn postsuspend(&mut self) -> Result<(), CacheError> {
+        self.suspended = true;
+        if self.mode != CacheMode::Write {
+            return Ok(());
+        }
+        let state = ShutdownState {
+            dirty: self.dirty.clone(),
+            discard_block_size: self.discard_block_size,
+            discards: self.discards.clone(),
+            stats: self.stats,
+            policy: self.policy.policy_hints(),
+        };
+        let r = self.md.clean_shutdown(&state);
+        if r.is_err() {
+            self.metadata_failed();
+        }
+        r
+    }
+
+    /// Removes the target (`cache_dtr`): closes the metadata and returns its
+    /// device (suspend first for a clean shutdown).
+    pub fn close(self) -> D {
+        self.md.close()
+    }
+
+    /// The table as loaded (a message may have changed
+    /// `migration_threshold`).
+    pub fn table(&self) -> &CacheTable {
+        &self.table
+    }
+
+    /// The device sizes the table was loaded with.
+    pub fn sizes(&self) -> DeviceSizes {
+        self.sizes
+    }
+
+    /// Cache and origin blocks.
+    pub fn geometry(&self) -> (u32, u64) {
+        (self.cache_blocks, self.origin_blocks)
+    }
+
+    /// The metadata mode.
+    pub fn mode(&self) -> CacheMode {
+        self.mode
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &SmqPolicy {
+        &self.policy
+    }
+
+    /// Whether cache block `c` is dirty in core.
+    pub fn is_dirty(&self, c: u32) -> bool {
+        self.dirty.get(c as usize).copied().unwrap_or(false)
+    }
+}
