@@ -619,3 +619,533 @@ impl<B, C> BioPrisonV2<B, C> {
         sync::into_inner(self.table)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Ordering;
+
+    type Table = CellTable<u32, &'static str>;
+
+    fn granted<B>(g: Get<B>) -> (CellId, B, bool) {
+        match g {
+            Get::Granted { cell, bio, new_cell } => (cell, bio, new_cell),
+            Get::Queued { cell } => panic!("expected a grant, queued in {cell:?}"),
+        }
+    }
+
+    fn queued<B: fmt::Debug>(g: Get<B>) -> CellId {
+        match g {
+            Get::Queued { cell } => cell,
+            other => panic!("expected the bio to queue, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_compare_like_the_kernel() {
+        let k = |v, dev, b, e| CellKey { virtual_key: v, dev, block_begin: b, block_end: e };
+        assert_eq!(cmp_keys(&k(false, 9, 5, 6), &k(true, 0, 0, 1)), Ordering::Less);
+        assert_eq!(cmp_keys(&k(false, 1, 0, 1), &k(false, 2, 0, 1)), Ordering::Less);
+        assert_eq!(cmp_keys(&k(false, 0, 0, 4), &k(false, 0, 4, 5)), Ordering::Less);
+        assert_eq!(cmp_keys(&k(false, 0, 4, 5), &k(false, 0, 0, 4)), Ordering::Greater);
+        assert_eq!(cmp_keys(&k(false, 0, 0, 5), &k(false, 0, 4, 9)), Ordering::Equal);
+        assert_eq!(origin_key(7), k(false, 0, 7, 8));
+        assert_eq!(lock_level(true), WRITE_LOCK_LEVEL);
+        assert_eq!(lock_level(false), READ_WRITE_LOCK_LEVEL);
+
+        // A range key finds the one-block cell it overlaps; other devices and
+        // spaces never do.
+        let mut t = Table::new();
+        let (cell, _, _) = granted(t.get(origin_key(3), 0, 1));
+        assert_eq!(t.lookup(&k(false, 0, 0, 8)), Some(cell));
+        assert_eq!(t.lookup(&k(false, 1, 3, 4)), None);
+        assert_eq!(t.lookup(&k(true, 0, 3, 4)), None);
+        assert_eq!(t.lock(k(false, 0, 2, 4), 0).map(|l| (l.cell, l.must_quiesce)), Ok((cell, true)));
+    }
+
+    #[test]
+    fn shared_lock_on_a_free_cell() {
+        let prison = BioPrisonV2::<u32, &str>::new();
+        let (a, bio, new_cell) = granted(prison.get(origin_key(1), WRITE_LOCK_LEVEL, 10));
+        assert_eq!((bio, new_cell), (10, true));
+        let (b, _, new_cell) = granted(prison.get(origin_key(1), READ_WRITE_LOCK_LEVEL, 11));
+        assert_eq!((b, new_cell), (a, false));
+        assert_eq!(prison.with_table(|t| t.view(a).map(|v| (v.shared, v.exclusive))), Some((2, None)));
+
+        let first = prison.put(a).unwrap();
+        assert_eq!(first, PutOutcome { released: false, run: None, orphaned: None });
+        let last = prison.put(a).unwrap();
+        assert_eq!(last, PutOutcome { released: true, run: None, orphaned: None });
+        assert!(prison.with_table(|t| t.is_empty()));
+    }
+
+    #[test]
+    fn shared_lock_refused_at_or_below_the_exclusive_level_is_queued() {
+        let mut t = Table::new();
+        let write_locked = t.lock(origin_key(0), WRITE_LOCK_LEVEL).unwrap();
+        assert_eq!((write_locked.new_cell, write_locked.must_quiesce), (true, false));
+        assert_eq!(queued(t.get(origin_key(0), WRITE_LOCK_LEVEL, 1)), write_locked.cell);
+        let (cell, _, _) = granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 2));
+        assert_eq!(cell, write_locked.cell);
+
+        let all_locked = t.lock(origin_key(5), READ_WRITE_LOCK_LEVEL).unwrap();
+        assert_eq!(queued(t.get(origin_key(5), WRITE_LOCK_LEVEL, 3)), all_locked.cell);
+        assert_eq!(queued(t.get(origin_key(5), READ_WRITE_LOCK_LEVEL, 4)), all_locked.cell);
+        granted(t.get(origin_key(5), 2, 5));
+
+        let v = t.view(all_locked.cell).unwrap();
+        assert_eq!((v.exclusive, v.shared, v.queued), (Some(1), 1, 2));
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn exclusive_lock_waits_for_shared_holders_and_the_last_put_runs_the_continuation() {
+        let mut t = Table::new();
+        let (cell, _, _) = granted(t.get(origin_key(2), WRITE_LOCK_LEVEL, 1));
+        granted(t.get(origin_key(2), READ_WRITE_LOCK_LEVEL, 2));
+        let l = t.lock(origin_key(2), WRITE_LOCK_LEVEL).unwrap();
+        assert_eq!(l, Locked { cell, new_cell: false, must_quiesce: true });
+        assert_eq!(t.quiesce(cell, "copy"), Ok(Quiesce::Deferred { replaced: None }));
+
+        assert_eq!(t.put(cell), Ok(PutOutcome { released: false, run: None, orphaned: None }));
+        assert_eq!(t.put(cell), Ok(PutOutcome { released: false, run: Some("copy"), orphaned: None }));
+        assert!(!t.view(cell).unwrap().has_continuation);
+        assert_eq!(t.unlock(cell), Ok(Unlocked { bios: vec![], released: true }));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn quiesce_with_no_shared_holders_runs_now() {
+        let mut t = Table::new();
+        let l = t.lock(origin_key(4), READ_WRITE_LOCK_LEVEL).unwrap();
+        assert!(!l.must_quiesce);
+        assert_eq!(t.quiesce(l.cell, "go"), Ok(Quiesce::RunNow("go")));
+        assert!(!t.view(l.cell).unwrap().has_continuation);
+    }
+
+    #[test]
+    fn shared_holders_above_the_level_delay_the_continuation() {
+        // The kernel's FIXME: reads keep getting in under a level-0 lock and
+        // each one delays the quiesce.
+        let mut t = Table::new();
+        let l = t.lock(origin_key(0), WRITE_LOCK_LEVEL).unwrap();
+        let (cell, _, _) = granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 1));
+        assert_eq!(t.quiesce(cell, "after reads"), Ok(Quiesce::Deferred { replaced: None }));
+        granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 2));
+        assert_eq!(t.put(cell).unwrap().run, None);
+        assert_eq!(t.put(cell).unwrap().run, Some("after reads"));
+        assert!(t.unlock(l.cell).unwrap().released);
+    }
+
+    #[test]
+    fn promote_raises_the_level_and_reports_shared_holders() {
+        let mut t = Table::new();
+        let l = t.lock(origin_key(0), WRITE_LOCK_LEVEL).unwrap();
+        let (cell, _, _) = granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 1));
+        assert_eq!(t.lock_promote(cell, READ_WRITE_LOCK_LEVEL), Ok(true));
+        assert_eq!(queued(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 2)), cell);
+        assert_eq!(t.quiesce(cell, "update"), Ok(Quiesce::Deferred { replaced: None }));
+        assert_eq!(t.put(cell).unwrap().run, Some("update"));
+        assert_eq!(t.lock_promote(cell, READ_WRITE_LOCK_LEVEL), Ok(false));
+
+        // Lowering the level keeps the queued bio queued.
+        assert_eq!(t.lock_promote(cell, WRITE_LOCK_LEVEL), Ok(false));
+        assert_eq!(t.view(cell).unwrap().queued, 1);
+        assert_eq!(t.unlock(l.cell), Ok(Unlocked { bios: vec![2], released: true }));
+
+        let (plain, _, _) = granted(t.get(origin_key(1), 0, 3));
+        let e = t.lock_promote(plain, 1).unwrap_err();
+        assert_eq!((e, e.errno()), (PrisonError::NotLocked(plain), Some(Errno::EINVAL)));
+    }
+
+    #[test]
+    fn unlock_returns_the_queued_bios_in_order() {
+        let mut t = Table::new();
+        let l = t.lock(origin_key(9), READ_WRITE_LOCK_LEVEL).unwrap();
+        for bio in 1..=5 {
+            queued(t.get(origin_key(9), bio % 2, bio));
+        }
+        assert_eq!(t.unlock(l.cell), Ok(Unlocked { bios: vec![1, 2, 3, 4, 5], released: true }));
+        assert!(t.is_empty());
+
+        // With a shared holder left the cell stays, unlocked, until its put.
+        let l = t.lock(origin_key(9), WRITE_LOCK_LEVEL).unwrap();
+        queued(t.get(origin_key(9), WRITE_LOCK_LEVEL, 6));
+        let (cell, _, _) = granted(t.get(origin_key(9), READ_WRITE_LOCK_LEVEL, 7));
+        assert_eq!(t.unlock(l.cell), Ok(Unlocked { bios: vec![6], released: false }));
+        let v = t.view(cell).unwrap();
+        assert_eq!((v.exclusive, v.shared, v.queued), (None, 1, 0));
+        assert!(t.put(cell).unwrap().released);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn second_exclusive_lock_is_busy() {
+        let mut t = Table::new();
+        let l = t.lock(origin_key(3), WRITE_LOCK_LEVEL).unwrap();
+        queued(t.get(origin_key(3), WRITE_LOCK_LEVEL, 1));
+        let e = t.lock(origin_key(3), READ_WRITE_LOCK_LEVEL).unwrap_err();
+        assert_eq!((e, e.errno()), (PrisonError::Busy(l.cell), Some(Errno::EBUSY)));
+        let v = t.view(l.cell).unwrap();
+        assert_eq!((v.exclusive, v.queued), (Some(WRITE_LOCK_LEVEL), 1));
+    }
+
+    #[test]
+    fn second_quiesce_replaces_the_first() {
+        let mut t = Table::new();
+        let (cell, _, _) = granted(t.get(origin_key(0), 0, 1));
+        t.lock(origin_key(0), 0).unwrap();
+        assert_eq!(t.quiesce(cell, "first"), Ok(Quiesce::Deferred { replaced: None }));
+        assert_eq!(t.quiesce(cell, "second"), Ok(Quiesce::Deferred { replaced: Some("first") }));
+        assert_eq!(t.put(cell).unwrap().run, Some("second"));
+    }
+
+    #[test]
+    fn continuations_outliving_the_exclusive_lock() {
+        // Stored, then the lock is dropped: the last put removes the cell and
+        // the continuation is orphaned (the kernel forgets it).
+        let mut t = Table::new();
+        let l = t.lock(origin_key(0), WRITE_LOCK_LEVEL).unwrap();
+        let (cell, _, _) = granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 1));
+        assert!(matches!(t.quiesce(cell, "lost"), Ok(Quiesce::Deferred { .. })));
+        assert!(!t.unlock(l.cell).unwrap().released);
+        assert_eq!(t.put(cell), Ok(PutOutcome { released: true, run: None, orphaned: Some("lost") }));
+
+        // Stored, lock dropped, locked again: the new lock inherits it.
+        let l = t.lock(origin_key(1), WRITE_LOCK_LEVEL).unwrap();
+        let (cell, _, _) = granted(t.get(origin_key(1), READ_WRITE_LOCK_LEVEL, 2));
+        assert!(matches!(t.quiesce(cell, "stale"), Ok(Quiesce::Deferred { .. })));
+        t.unlock(l.cell).unwrap();
+        assert!(t.lock(origin_key(1), READ_WRITE_LOCK_LEVEL).unwrap().must_quiesce);
+        assert_eq!(t.put(cell).unwrap().run, Some("stale"));
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let mut t = Table::new();
+        let l = t.lock(origin_key(0), 0).unwrap();
+        assert_eq!(t.put(l.cell), Err(PrisonError::NoSharedHolders(l.cell)));
+        let (shared, _, _) = granted(t.get(origin_key(1), 0, 1));
+        assert_eq!(t.unlock(shared), Err(PrisonError::NotLocked(shared)));
+        t.put(shared).unwrap();
+        for r in [
+            t.put(shared).map(|_| ()),
+            t.unlock(shared).map(|_| ()),
+            t.lock_promote(shared, 1).map(|_| ()),
+            t.quiesce(shared, "x").map(|_| ()),
+        ] {
+            assert_eq!(r, Err(PrisonError::StaleCell(shared)));
+        }
+        assert_eq!(PrisonError::StaleCell(shared).errno(), None);
+        assert_eq!(t.view(shared), None);
+        t.check().unwrap();
+    }
+
+    // ---- random sequences against a reference model ----
+
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    type NumTable = CellTable<u32, u32>;
+
+    const BLOCKS: u64 = 3;
+    const LEVELS: u32 = 3;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Get { block: u64, level: u32 },
+        Reissue(usize),
+        Put(usize),
+        Lock { block: u64, level: u32 },
+        Quiesce(usize),
+        Promote { lock: usize, level: u32 },
+        Unlock(usize),
+        PutStale(usize),
+        PutWithoutHolder(usize),
+        UnlockUnlocked(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..BLOCKS, 0..LEVELS).prop_map(|(block, level)| Op::Get { block, level }),
+            2 => any::<usize>().prop_map(Op::Reissue),
+            4 => any::<usize>().prop_map(Op::Put),
+            2 => (0..BLOCKS, 0..LEVELS).prop_map(|(block, level)| Op::Lock { block, level }),
+            2 => any::<usize>().prop_map(Op::Quiesce),
+            1 => (any::<usize>(), 0..LEVELS).prop_map(|(lock, level)| Op::Promote { lock, level }),
+            2 => any::<usize>().prop_map(Op::Unlock),
+            1 => any::<usize>().prop_map(Op::PutStale),
+            1 => any::<usize>().prop_map(Op::PutWithoutHolder),
+            1 => any::<usize>().prop_map(Op::UnlockUnlocked),
+        ]
+    }
+
+    /// The rules, per cell, as plainly as possible.
+    #[derive(Debug, Default)]
+    struct RefCell {
+        id: u64,
+        /// Shared holders: (bio, level).
+        holders: Vec<(u32, u32)>,
+        exclusive: Option<u32>,
+        waiting: Vec<u32>,
+        continuation: Option<u32>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Reference {
+        cells: BTreeMap<u64, RefCell>,
+        next_id: u64,
+    }
+
+    impl Reference {
+        /// The cell of `block`, created if absent; whether it was created.
+        fn find_or_create(&mut self, block: u64) -> (&mut RefCell, bool) {
+            let new_cell = !self.cells.contains_key(&block);
+            if new_cell {
+                self.cells.insert(block, RefCell { id: self.next_id, ..RefCell::default() });
+                self.next_id += 1;
+            }
+            (self.cells.get_mut(&block).unwrap(), new_cell)
+        }
+
+        fn get(&mut self, block: u64, level: u32, bio: u32) -> Get<u32> {
+            let (c, new_cell) = self.find_or_create(block);
+            let cell = CellId(c.id);
+            if c.exclusive.is_some_and(|x| level <= x) {
+                c.waiting.push(bio);
+                return Get::Queued { cell };
+            }
+            c.holders.push((bio, level));
+            Get::Granted { cell, bio, new_cell }
+        }
+
+        fn put(&mut self, block: u64, bio: u32) -> PutOutcome<u32> {
+            let c = self.cells.get_mut(&block).unwrap();
+            let at = c.holders.iter().position(|h| h.0 == bio).unwrap();
+            c.holders.remove(at);
+            let mut out = PutOutcome { released: false, run: None, orphaned: None };
+            if c.holders.is_empty() {
+                if c.exclusive.is_some() {
+                    out.run = c.continuation.take();
+                } else {
+                    out.orphaned = self.cells.remove(&block).unwrap().continuation;
+                    out.released = true;
+                }
+            }
+            out
+        }
+
+        fn lock(&mut self, block: u64, level: u32) -> Result<Locked, PrisonError> {
+            let (c, new_cell) = self.find_or_create(block);
+            if c.exclusive.is_some() {
+                return Err(PrisonError::Busy(CellId(c.id)));
+            }
+            c.exclusive = Some(level);
+            Ok(Locked { cell: CellId(c.id), new_cell, must_quiesce: !c.holders.is_empty() })
+        }
+
+        fn quiesce(&mut self, block: u64, k: u32) -> Quiesce<u32> {
+            let c = self.cells.get_mut(&block).unwrap();
+            if c.holders.is_empty() {
+                Quiesce::RunNow(k)
+            } else {
+                Quiesce::Deferred { replaced: c.continuation.replace(k) }
+            }
+        }
+
+        fn promote(&mut self, block: u64, level: u32) -> bool {
+            let c = self.cells.get_mut(&block).unwrap();
+            c.exclusive = Some(level);
+            !c.holders.is_empty()
+        }
+
+        fn unlock(&mut self, block: u64) -> Unlocked<u32> {
+            let c = self.cells.get_mut(&block).unwrap();
+            let bios = std::mem::take(&mut c.waiting);
+            c.exclusive = None;
+            let released = c.holders.is_empty();
+            if released {
+                self.cells.remove(&block);
+            }
+            Unlocked { bios, released }
+        }
+
+        fn live(&self, block: u64, cell: CellId) -> bool {
+            self.cells.get(&block).is_some_and(|c| CellId(c.id) == cell)
+        }
+    }
+
+    fn pick<T>(v: &[T], i: usize) -> Option<usize> {
+        (!v.is_empty()).then(|| i % v.len())
+    }
+
+    /// What the test holds: granted shared locks (cell, block, bio), exclusive
+    /// locks (cell, block), handles of removed cells, bios handed back by
+    /// unlock to re-issue (block, bio, level), and every bio's block and
+    /// level.
+    #[derive(Default)]
+    struct Holds {
+        shared: Vec<(CellId, u64, u32)>,
+        exclusive: Vec<(CellId, u64)>,
+        dead: Vec<CellId>,
+        ready: Vec<(u64, u32, u32)>,
+        bios: BTreeMap<u32, (u64, u32)>,
+    }
+
+    fn issue(
+        t: &mut NumTable,
+        r: &mut Reference,
+        h: &mut Holds,
+        block: u64,
+        bio: u32,
+        level: u32,
+    ) -> Result<(), TestCaseError> {
+        let got = t.get(origin_key(block), level, bio);
+        prop_assert_eq!(&got, &r.get(block, level, bio));
+        h.bios.insert(bio, (block, level));
+        if let Get::Granted { cell, .. } = got {
+            h.shared.push((cell, block, bio));
+        }
+        Ok(())
+    }
+
+    fn step(t: &mut NumTable, r: &mut Reference, h: &mut Holds, op: Op, serial: u32) -> Result<(), TestCaseError> {
+        match op {
+            Op::Get { block, level } => issue(t, r, h, block, serial, level)?,
+            Op::Reissue(i) => {
+                if let Some(i) = pick(&h.ready, i) {
+                    let (block, bio, level) = h.ready.remove(i);
+                    issue(t, r, h, block, bio, level)?;
+                }
+            }
+            Op::Put(i) => {
+                if let Some(i) = pick(&h.shared, i) {
+                    let (cell, block, bio) = h.shared.remove(i);
+                    let out = t.put(cell);
+                    let want = r.put(block, bio);
+                    if want.released {
+                        h.dead.push(cell);
+                    }
+                    prop_assert_eq!(out, Ok(want));
+                }
+            }
+            Op::Lock { block, level } => {
+                let out = t.lock(origin_key(block), level);
+                prop_assert_eq!(out, r.lock(block, level));
+                if let Ok(l) = out {
+                    h.exclusive.push((l.cell, block));
+                }
+            }
+            Op::Quiesce(i) => {
+                if let Some(i) = pick(&h.exclusive, i) {
+                    let (cell, block) = h.exclusive[i];
+                    prop_assert_eq!(t.quiesce(cell, serial), Ok(r.quiesce(block, serial)));
+                }
+            }
+            Op::Promote { lock, level } => {
+                if let Some(i) = pick(&h.exclusive, lock) {
+                    let (cell, block) = h.exclusive[i];
+                    prop_assert_eq!(t.lock_promote(cell, level), Ok(r.promote(block, level)));
+                }
+            }
+            Op::Unlock(i) => {
+                if let Some(i) = pick(&h.exclusive, i) {
+                    let (cell, block) = h.exclusive.remove(i);
+                    let out = t.unlock(cell);
+                    let want = r.unlock(block);
+                    if want.released {
+                        h.dead.push(cell);
+                    }
+                    for &bio in &want.bios {
+                        let (b, level) = h.bios[&bio];
+                        h.ready.push((b, bio, level));
+                    }
+                    prop_assert_eq!(out, Ok(want));
+                }
+            }
+            Op::PutStale(i) => {
+                if let Some(i) = pick(&h.dead, i) {
+                    let cell = h.dead[i];
+                    prop_assert_eq!(t.put(cell), Err(PrisonError::StaleCell(cell)));
+                    prop_assert_eq!(t.unlock(cell), Err(PrisonError::StaleCell(cell)));
+                    prop_assert_eq!(t.lock_promote(cell, 0), Err(PrisonError::StaleCell(cell)));
+                    prop_assert_eq!(t.quiesce(cell, 0), Err(PrisonError::StaleCell(cell)));
+                }
+            }
+            Op::PutWithoutHolder(i) => {
+                if let Some(i) = pick(&h.exclusive, i) {
+                    let (cell, block) = h.exclusive[i];
+                    if r.cells[&block].holders.is_empty() {
+                        prop_assert_eq!(t.put(cell), Err(PrisonError::NoSharedHolders(cell)));
+                    }
+                }
+            }
+            Op::UnlockUnlocked(i) => {
+                if let Some(i) = pick(&h.shared, i) {
+                    let (cell, block, _) = h.shared[i];
+                    if r.cells[&block].exclusive.is_none() {
+                        prop_assert_eq!(t.unlock(cell), Err(PrisonError::NotLocked(cell)));
+                        prop_assert_eq!(t.lock_promote(cell, 0), Err(PrisonError::NotLocked(cell)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The table and the reference agree cell by cell, the table's own
+    /// invariants hold, and every handle the test holds names a live cell.
+    fn agree(t: &NumTable, r: &Reference, h: &Holds) -> Result<(), TestCaseError> {
+        prop_assert_eq!(t.check(), Ok(()));
+        prop_assert_eq!(t.len(), r.cells.len());
+        for block in 0..BLOCKS {
+            let live = t.lookup(&origin_key(block)).and_then(|id| t.view(id).map(|v| (id, v)));
+            match (live, r.cells.get(&block)) {
+                (None, None) => {}
+                (Some((id, v)), Some(c)) => {
+                    prop_assert_eq!(id, CellId(c.id));
+                    prop_assert_eq!(v.shared as usize, c.holders.len());
+                    prop_assert_eq!(v.exclusive, c.exclusive);
+                    prop_assert_eq!(v.queued, c.waiting.len());
+                    prop_assert_eq!(v.has_continuation, c.continuation.is_some());
+                }
+                (t, r) => prop_assert!(false, "block {}: table {:?}, reference {:?}", block, t, r),
+            }
+        }
+        for &(cell, block, _) in &h.shared {
+            prop_assert!(r.live(block, cell));
+        }
+        for &(cell, block) in &h.exclusive {
+            prop_assert!(r.live(block, cell));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_sequences_follow_the_reference(ops in prop::collection::vec(op(), 0..150)) {
+            let mut t = NumTable::default();
+            let mut r = Reference::default();
+            let mut h = Holds::default();
+            for (serial, op) in ops.into_iter().enumerate() {
+                step(&mut t, &mut r, &mut h, op, serial as u32)?;
+                agree(&t, &r, &h)?;
+            }
+            // Draining: every hold dropped and every lock released leaves an
+            // empty prison.
+            while let Some((cell, block, bio)) = h.shared.pop() {
+                prop_assert_eq!(t.put(cell), Ok(r.put(block, bio)));
+            }
+            while let Some((cell, block)) = h.exclusive.pop() {
+                let out = t.unlock(cell);
+                prop_assert_eq!(&out, &Ok(r.unlock(block)));
+                prop_assert!(out.unwrap().released);
+            }
+            prop_assert!(t.is_empty());
+            prop_assert_eq!(t.check(), Ok(()));
+        }
+    }
+}
