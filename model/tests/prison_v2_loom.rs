@@ -10,15 +10,27 @@
 #[path = "common/prison_v2_race.rs"]
 mod race;
 
-fn explore(race: race::Race) {
+/// Explores `race`; returns how many executions loom ran.
+fn explore(race: race::Race) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let executions = Arc::new(AtomicUsize::new(0));
+    let n = executions.clone();
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
-    builder.check(move || race::run(race));
+    builder.check(move || {
+        n.fetch_add(1, Ordering::Relaxed);
+        race::run(race)
+    });
+    executions.load(Ordering::Relaxed)
 }
 
 #[test]
 fn get_put_race_lock_quiesce_promote_unlock() {
-    for r in race::races(1) {
-        explore(r);
+    for r in race::races(2) {
+        let executions = explore(r);
+        eprintln!("{r:?}: {executions} executions");
+        // Guards against the race degenerating into one schedule.
+        assert!(executions > 10, "{r:?}: only {executions} executions");
     }
 }
