@@ -144,16 +144,15 @@ pub fn origin_key(block: u64) -> CellKey {
 /// what live cells are.
 pub fn cmp_keys(lhs: &CellKey, rhs: &CellKey) -> std::cmp::Ordering {
     use std::cmp::Ordering::*;
-    lhs.virtual_key
-        .cmp(&rhs.virtual_key)
-        .then(lhs.dev.cmp(&rhs.dev))
-        .then(if lhs.block_end <= rhs.block_begin {
+    lhs.virtual_key.cmp(&rhs.virtual_key).then(lhs.dev.cmp(&rhs.dev)).then(
+        if lhs.block_end <= rhs.block_begin {
             Less
         } else if lhs.block_begin >= rhs.block_end {
             Greater
         } else {
             Equal
-        })
+        },
+    )
 }
 
 /// Why an operation on the prison failed.
@@ -1010,7 +1009,13 @@ mod tests {
         Ok(())
     }
 
-    fn step(t: &mut NumTable, r: &mut Reference, h: &mut Holds, op: Op, serial: u32) -> Result<(), TestCaseError> {
+    fn step(
+        t: &mut NumTable,
+        r: &mut Reference,
+        h: &mut Holds,
+        op: Op,
+        serial: u32,
+    ) -> Result<(), TestCaseError> {
         match op {
             Op::Get { block, level } => issue(t, r, h, block, serial, level)?,
             Op::Reissue(i) => {
