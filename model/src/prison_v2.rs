@@ -32,7 +32,8 @@
 //!   everything.
 //! - [`BioPrisonV2::put`] drops one shared hold. When the count reaches zero
 //!   the cell is removed if no exclusive lock is held; if one is held, the
-//!   stored continuation (if any) is due and is handed back to the caller.
+//!   result says the cell has drained, and hands back the stored
+//!   continuation (if any), which is now due.
 //! - [`BioPrisonV2::lock`] takes the exclusive lock, or fails with `EBUSY` if
 //!   it is already held. The lock is held at once either way; the answer says
 //!   whether shared holders are still in flight (the caller must quiesce
@@ -228,6 +229,10 @@ pub struct PutOutcome<C> {
     /// The cell had no shared holder left and no exclusive lock, so it was
     /// removed (the kernel's return value: "you should free it").
     pub released: bool,
+    /// The last shared holder left an exclusively locked cell: the exclusive
+    /// holder may now touch the block. (The kernel does not return this; its
+    /// caller learns it only through the continuation.)
+    pub drained: bool,
     /// The last shared holder left an exclusively locked cell whose
     /// continuation was waiting: queue or run it now (the kernel's
     /// `queue_work` from `put`).
@@ -398,9 +403,10 @@ impl<B, C> CellTable<B, C> {
             return Err(PrisonError::NoSharedHolders(cell));
         }
         c.shared -= 1;
-        let mut out = PutOutcome { released: false, run: None, orphaned: None };
+        let mut out = PutOutcome { released: false, drained: false, run: None, orphaned: None };
         if c.shared == 0 {
             if c.exclusive.is_some() {
+                out.drained = true;
                 out.run = c.continuation.take();
             } else {
                 out.orphaned = self.remove(cell).continuation;
@@ -561,7 +567,8 @@ impl<B, C> BioPrisonV2<B, C> {
 
     /// `dm_cell_put_v2`: drops one shared lock on `cell`. When the last one
     /// goes, the cell is removed if it is not exclusively locked
-    /// ([`PutOutcome::released`]); if it is, a stored continuation is due
+    /// ([`PutOutcome::released`]); if it is, the cell has drained
+    /// ([`PutOutcome::drained`]) and a stored continuation is due
     /// ([`PutOutcome::run`]).
     ///
     /// Errors: [`PrisonError::NoSharedHolders`], [`PrisonError::StaleCell`].
@@ -672,9 +679,9 @@ mod tests {
         assert_eq!(prison.with_table(|t| t.view(a).map(|v| (v.shared, v.exclusive))), Some((2, None)));
 
         let first = prison.put(a).unwrap();
-        assert_eq!(first, PutOutcome { released: false, run: None, orphaned: None });
+        assert_eq!(first, PutOutcome { released: false, drained: false, run: None, orphaned: None });
         let last = prison.put(a).unwrap();
-        assert_eq!(last, PutOutcome { released: true, run: None, orphaned: None });
+        assert_eq!(last, PutOutcome { released: true, drained: false, run: None, orphaned: None });
         assert!(prison.with_table(|t| t.is_empty()));
     }
 
@@ -706,11 +713,25 @@ mod tests {
         assert_eq!(l, Locked { cell, new_cell: false, must_quiesce: true });
         assert_eq!(t.quiesce(cell, "copy"), Ok(Quiesce::Deferred { replaced: None }));
 
-        assert_eq!(t.put(cell), Ok(PutOutcome { released: false, run: None, orphaned: None }));
-        assert_eq!(t.put(cell), Ok(PutOutcome { released: false, run: Some("copy"), orphaned: None }));
+        let none = PutOutcome { released: false, drained: false, run: None, orphaned: None };
+        assert_eq!(t.put(cell), Ok(none));
+        let due = PutOutcome { released: false, drained: true, run: Some("copy"), orphaned: None };
+        assert_eq!(t.put(cell), Ok(due));
         assert!(!t.view(cell).unwrap().has_continuation);
         assert_eq!(t.unlock(cell), Ok(Unlocked { bios: vec![], released: true }));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn last_put_before_the_quiesce_call_reports_the_drain() {
+        // lock said "must quiesce", but the holder left before the caller
+        // got to quiesce: the put reports the drain, the quiesce runs now.
+        let mut t = Table::new();
+        let (cell, _, _) = granted(t.get(origin_key(6), WRITE_LOCK_LEVEL, 1));
+        assert!(t.lock(origin_key(6), WRITE_LOCK_LEVEL).unwrap().must_quiesce);
+        let drained = PutOutcome { released: false, drained: true, run: None, orphaned: None };
+        assert_eq!(t.put(cell), Ok(drained));
+        assert_eq!(t.quiesce(cell, "now"), Ok(Quiesce::RunNow("now")));
     }
 
     #[test]
@@ -808,7 +829,8 @@ mod tests {
         let (cell, _, _) = granted(t.get(origin_key(0), READ_WRITE_LOCK_LEVEL, 1));
         assert!(matches!(t.quiesce(cell, "lost"), Ok(Quiesce::Deferred { .. })));
         assert!(!t.unlock(l.cell).unwrap().released);
-        assert_eq!(t.put(cell), Ok(PutOutcome { released: true, run: None, orphaned: Some("lost") }));
+        let lost = PutOutcome { released: true, drained: false, run: None, orphaned: Some("lost") };
+        assert_eq!(t.put(cell), Ok(lost));
 
         // Stored, lock dropped, locked again: the new lock inherits it.
         let l = t.lock(origin_key(1), WRITE_LOCK_LEVEL).unwrap();
@@ -923,9 +945,10 @@ mod tests {
             let c = self.cells.get_mut(&block).unwrap();
             let at = c.holders.iter().position(|h| h.0 == bio).unwrap();
             c.holders.remove(at);
-            let mut out = PutOutcome { released: false, run: None, orphaned: None };
+            let mut out = PutOutcome { released: false, drained: false, run: None, orphaned: None };
             if c.holders.is_empty() {
                 if c.exclusive.is_some() {
+                    out.drained = true;
                     out.run = c.continuation.take();
                 } else {
                     out.orphaned = self.cells.remove(&block).unwrap().continuation;
