@@ -2,13 +2,13 @@
 //! uses to keep I/O away from a block while a migration moves it (spec §5.6,
 //! §4.6, §4.7).
 //!
-//! Read from `drivers/md/dm-bio-prison-v2.c` and `.h`. No 6.1 tree is in the
-//! source index, so two mainline copies that bracket 6.1 were compared: the
-//! tree of v5.6-rc1 and a tree later than v6.11 (it uses
-//! `bio_list_merge_init`). Their logic is identical; between them only
-//! cosmetic changes happened (`unsigned` became `unsigned int` in the 2023
-//! clean-up series, an SPDX line was added, `bio_list_merge` plus
-//! `bio_list_init` became `bio_list_merge_init`), so 6.1 has this logic.
+//! Read from `drivers/md/dm-bio-prison-v2.c` and `.h`. No 6.1 tree has these
+//! files in the source index, so copies from before and after 6.1 were
+//! compared: mainline at v5.6-rc1, and a recent mainline-based tree that
+//! already has the 2023 `unsigned` → `unsigned int` clean-up, an SPDX line
+//! and `bio_list_merge_init` in place of `bio_list_merge` + `bio_list_init`.
+//! The logic is identical in both; only those cosmetic changes lie between
+//! them, so 6.1 (which still spells `unsigned`) has the same logic.
 //!
 //! # Cells
 //!
