@@ -95,7 +95,8 @@
 //! collides with the key), so the lookup is the same as prison v1's: if a
 //! range key overlaps several live cells, the one with the lowest key is
 //! taken (the kernel takes whichever its rb-tree path meets first). dm-cache
-//! never builds such keys.
+//! never builds such keys. Empty ranges are not supported (a debug
+//! assertion), as in prison v1.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
