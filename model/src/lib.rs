@@ -15,5 +15,6 @@ pub mod errno;
 pub mod mutation;
 pub mod pdata;
 pub mod prison;
+pub mod prison_v2;
 pub mod sync;
 pub mod thin;
