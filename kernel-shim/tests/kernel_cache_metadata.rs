@@ -402,7 +402,11 @@ fn tools_agree(what: &str, bytes: &[u8]) -> String {
         &dmsim_model::cache::check::CacheCheckOptions::default(),
     )
     .expect("the checker reads the kernel's image");
-    assert!(report.is_clean(), "{what}: dmsim's checker objects to the kernel's image: {:?}", report.problems);
+    assert!(
+        report.is_clean(),
+        "{what}: dmsim's checker objects to the kernel's image: {:?}",
+        report.problems
+    );
     let (st, theirs, err) = support::run_tool("cache_dump", &[path]).expect("cache_dump");
     assert!(st.success(), "{what}: cache_dump: {err}");
     let theirs = String::from_utf8(theirs).unwrap();
