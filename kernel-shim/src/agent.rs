@@ -8,9 +8,10 @@
 //!    slices of the metadata and data disks ([`Layout`], dm-linear
 //!    devices): a replay job gets a fresh pool (metadata zeroed, data
 //!    refilled with [`DATA_FILL`]) and replays the trace ([`Replayer`]): a
-//!    thin-pool built from the trace header; `create_thin`,
-//!    `create_snap` and `delete` messages; every read, write, discard and
-//!    flush as one request run to completion before the next (O_DIRECT
+//!    thin-pool built from the trace header; `create_thin`, `create_snap`
+//!    and `delete` messages (and a logged job's other pool messages
+//!    between ops); every read, write, discard and flush as one request
+//!    run to completion before the next (O_DIRECT
 //!    `pread`/`pwritev2`, FUA as `RWF_DSYNC`, PREFLUSH as an `fsync`
 //!    before the write, flush as `fsync`, discard as `BLKDISCARD`).
 //!    An activation job opens a pool on the images the host wrote and
@@ -36,9 +37,9 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    decode_request, errno_name, log_offsets, mark_name, read_frame, summarize, write_frame, CacheSpec,
-    DeviceContents, JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice, LOG_SLICE_SECTORS,
-    REQUEST_MAGIC, RESULT_MAGIC,
+    decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame, summarize,
+    write_frame, CacheSpec, DeviceContents, JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice,
+    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -645,8 +646,8 @@ pub fn run_job(
             return result;
         }
     };
-    if *kind == JobKind::Logged {
-        run_logged_job(ctl, job, trace, spec, disks, &mut result);
+    if let JobKind::Logged { .. } = kind {
+        run_logged_job(ctl, job, kind, trace, spec, disks, &mut result);
         return result;
     }
     if *kind == JobKind::Flakey {
@@ -733,6 +734,26 @@ fn run_pool_marked(
     run_pool_with(ctl, job, kind, trace, spec, metadata, data, dev_dir, marks, None, result)
 }
 
+/// Sends the pool messages of a logged job that go just before op `i`
+/// (`i` = the number of ops: after the last op), each followed by its
+/// mark on the log-writes device `marks`.
+fn send_messages(
+    ctl: &Control,
+    replayer: &Replayer<'_>,
+    messages: &[(usize, String)],
+    i: usize,
+    marks: Option<&str>,
+) -> Result<(), String> {
+    for (k, (_, text)) in messages.iter().enumerate().filter(|(_, (at, _))| *at == i) {
+        replayer.message(text).map_err(|e| format!("pool message {text:?} before op {i}: {e}"))?;
+        if let Some(lw) = marks {
+            ctl.message(lw, 0, &format!("mark {}", message_mark_name(k)))
+                .map_err(|e| format!("log mark after message {k}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The dm-flakey devices of a [`JobKind::Flakey`] job: per disk (metadata,
 /// data) the flakey device's name and the device under it.
 type FlakeyDevices<'a> = [(&'a str, &'a Path); 2];
@@ -787,8 +808,19 @@ fn run_pool_with(
         };
     let t0 = Instant::now();
     match kind {
-        JobKind::Replay | JobKind::Logged | JobKind::Flakey => {
-            for (i, op) in trace.ops().enumerate() {
+        JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey => {
+            let messages = match kind {
+                JobKind::Logged { messages } => messages.as_slice(),
+                _ => &[],
+            };
+            let nr_ops = trace.ops().count();
+            for (i, op) in trace.ops().map(Some).chain([None]).enumerate() {
+                if let Err(e) = send_messages(ctl, &replayer, messages, i, marks) {
+                    result.error = Some(e);
+                    break;
+                }
+                let Some(op) = op else { break };
+                debug_assert!(i < nr_ops);
                 if let (Some(devs), Op::Fault { disk, fault: dmsim_traces::DiskFault::WriteError { .. } }) =
                     (flakey, op)
                 {
@@ -853,6 +885,7 @@ fn run_pool_with(
 fn run_logged_job(
     ctl: &Control,
     job: usize,
+    kind: &JobKind,
     trace: &Trace,
     spec: PoolSpec,
     disks: &JobDisks<'_>,
@@ -911,7 +944,7 @@ fn run_logged_job(
             run_pool_marked(
                 ctl,
                 job,
-                &JobKind::Logged,
+                kind,
                 trace,
                 spec,
                 &metadata,

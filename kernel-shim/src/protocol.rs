@@ -396,8 +396,17 @@ pub enum JobKind {
     /// As [`JobKind::Replay`], with the pool's metadata and data devices
     /// carved by dm-linear out of one dm-log-writes device (spec §7.2, §9),
     /// its log on the job's slice of the log disk, and a mark `op<i>` in
-    /// the log after every op `i` (see [`mark_name`]).
-    Logged,
+    /// the log after every op `i` (see [`mark_name`]). Each of `messages`
+    /// (`(i, text)`) is a pool message sent just before op `i` (after op
+    /// `i - 1`'s mark; `i` may be the number of ops: after the last op),
+    /// in list order, each followed by a mark [`message_mark_name`]`(k)`,
+    /// `k` its place in the list. A message the kernel refuses stops the
+    /// job with an error.
+    Logged {
+        /// Pool messages (no spaces, commas or colons in the text) and the
+        /// op each goes before.
+        messages: Vec<(usize, String)>,
+    },
     /// As [`JobKind::Replay`], with the pool's metadata and data devices
     /// each on dm-flakey (never down at first). A trace op `fault metadata
     /// write-error` or `fault data write-error` swaps that device's table
@@ -424,6 +433,12 @@ pub fn mark_name(index: usize) -> String {
     format!("op{index}")
 }
 
+/// The text of the log mark the agent drops after the `k`-th pool message
+/// of a logged job ([`JobKind::Logged`]'s `messages`).
+pub fn message_mark_name(k: usize) -> String {
+    format!("msg{k}")
+}
+
 /// Sectors of the log disk each logged job gets (1 GiB; the file is
 /// sparse, and the host reads only the log's length).
 pub const LOG_SLICE_SECTORS: u64 = 1 << 21;
@@ -435,7 +450,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
     let offsets = kinds
         .iter()
         .map(|k| {
-            (*k == JobKind::Logged).then(|| {
+            matches!(k, JobKind::Logged { .. }).then(|| {
                 end += LOG_SLICE_SECTORS;
                 end - LOG_SLICE_SECTORS
             })
@@ -447,7 +462,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
-        matches!(self, JobKind::Replay | JobKind::Logged | JobKind::Flakey)
+        matches!(self, JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey)
     }
 }
 
@@ -459,7 +474,11 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
     for (kind, text) in jobs {
         let line = match kind {
             JobKind::Replay => format!("job replay {}\n", text.len()),
-            JobKind::Logged => format!("job logged {}\n", text.len()),
+            JobKind::Logged { messages } if messages.is_empty() => format!("job logged {}\n", text.len()),
+            JobKind::Logged { messages } => {
+                let m: Vec<String> = messages.iter().map(|(i, t)| format!("{i}:{t}")).collect();
+                format!("job logged {} {}\n", text.len(), m.join(","))
+            }
             JobKind::Flakey => format!("job flakey {}\n", text.len()),
             JobKind::Cache => format!("job cache {}\n", text.len()),
             JobKind::Activate { ids } => {
@@ -498,7 +517,17 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
         };
         let kind = match (words[1], words.get(3)) {
             ("replay", None) => JobKind::Replay,
-            ("logged", None) => JobKind::Logged,
+            ("logged", None) => JobKind::Logged { messages: Vec::new() },
+            ("logged", Some(m)) if words.len() == 4 => {
+                let parse = |one: &str| -> Option<(usize, String)> {
+                    let (i, t) = one.split_once(':')?;
+                    Some((i.parse().ok()?, t.to_string())).filter(|(_, t)| !t.is_empty())
+                };
+                let messages: Option<Vec<_>> = m.split(',').map(parse).collect();
+                JobKind::Logged {
+                    messages: messages.ok_or_else(|| bad(format!("bad messages in {line:?}")))?,
+                }
+            }
             ("flakey", None) => JobKind::Flakey,
             ("cache", None) => JobKind::Cache,
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
@@ -770,21 +799,32 @@ mod tests {
             (JobKind::Replay, text.clone()),
             (JobKind::Activate { ids: vec![0, 2] }, text.clone()),
             (JobKind::Activate { ids: vec![] }, text.clone()),
-            (JobKind::Logged, text.clone()),
-            (JobKind::Flakey, text),
+            (JobKind::Logged { messages: vec![] }, text.clone()),
+            (
+                JobKind::Logged {
+                    messages: vec![(2, "reserve_metadata_snap".into()), (5, "release_metadata_snap".into())],
+                },
+                text.clone(),
+            ),
+            (JobKind::Flakey, text.clone()),
             (JobKind::Cache, "dmsim-trace 1\nseed 0\nworkload cache\n".into()),
         ];
         let body = encode_request(&jobs);
         let back = decode_request(&body).unwrap();
-        assert_eq!(back.len(), 6);
-        assert_eq!(back[5].0, JobKind::Cache);
-        assert_eq!(back[4].0, JobKind::Flakey);
-        assert_eq!(back[3].0, JobKind::Logged);
+        assert_eq!(back.len(), 7);
+        assert_eq!(back[6].0, JobKind::Cache);
+        assert_eq!(back[5].0, JobKind::Flakey);
+        assert_eq!(back[4].0, jobs[4].0);
+        assert_eq!(back[3].0, JobKind::Logged { messages: vec![] });
         assert_eq!(back[1].0, JobKind::Activate { ids: vec![0, 2] });
         assert_eq!(back[2].0, JobKind::Activate { ids: vec![] });
         assert_eq!(back[0].1.header.seed, 3);
         assert!(decode_request(&body[..body.len() - 3]).is_err());
         assert!(decode_request(b"nonsense\n").is_err());
+        for bad in ["x:reserve_metadata_snap", "1:", "1reserve", "1:a,,2:b"] {
+            let body = format!("{REQUEST_FIRST_LINE}\njob logged {} {bad}\n{text}", text.len());
+            assert!(decode_request(body.as_bytes()).is_err(), "{bad}");
+        }
         let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
         assert!(decode_request(huge.as_bytes()).is_err());
     }

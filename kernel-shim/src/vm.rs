@@ -240,6 +240,14 @@ pub enum Job {
     /// are carved out of one dm-log-writes device, with a mark after every
     /// op (see `protocol::JobKind::Logged`); the run carries the log.
     Logged(Trace),
+    /// As [`Job::Logged`], with pool messages sent between ops, each
+    /// followed by a mark (see `protocol::JobKind::Logged`).
+    LoggedWithMessages {
+        /// The ops.
+        trace: Trace,
+        /// `(i, text)`: the pool message `text` just before op `i`.
+        messages: Vec<(usize, String)>,
+    },
     /// Replay the trace on a fresh pool whose metadata and data devices
     /// sit on dm-flakey; the trace's write-error faults make the device
     /// fail every write from then on (see `protocol::JobKind::Flakey`).
@@ -293,6 +301,7 @@ impl Job {
             | Job::Logged(t)
             | Job::Flakey(t)
             | Job::Activate { trace: t, .. }
+            | Job::LoggedWithMessages { trace: t, .. }
             | Job::Cache { trace: t, .. } => t,
         }
     }
@@ -301,7 +310,8 @@ impl Job {
     pub fn kind(&self) -> JobKind {
         match self {
             Job::Replay(_) => JobKind::Replay,
-            Job::Logged(_) => JobKind::Logged,
+            Job::Logged(_) => JobKind::Logged { messages: Vec::new() },
+            Job::LoggedWithMessages { messages, .. } => JobKind::Logged { messages: messages.clone() },
             Job::Flakey(_) => JobKind::Flakey,
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
             Job::Cache { .. } => JobKind::Cache,
