@@ -671,7 +671,6 @@ struct MetadataTotals {
     crash_states: usize,
     torn_writes: usize,
     out_of_metadata_space: usize,
-    known: usize,
     failing: Vec<u64>,
 }
 
@@ -714,13 +713,12 @@ impl MetadataTotals {
         self.crash_states += o.crash_states;
         self.torn_writes += o.torn_writes;
         self.out_of_metadata_space += usize::from(o.out_of_metadata_space);
-        self.known += o.known_kernel_behaviours.len();
         if !o.violations.is_empty() {
             self.failing.push(seed);
         }
     }
 
-    fn print(&self, which: MetadataCampaign, plan: &Plan, results: &[SeedResult]) {
+    fn print(&self, which: MetadataCampaign, plan: &Plan) {
         let row = |k: &str, v: String| println!("  {k:<30} {v:>12}");
         println!("\n{}: {} metadata operations per seed", which.title(), plan.metadata.ops_per_seed);
         row("seeds", self.seeds.to_string());
@@ -733,23 +731,7 @@ impl MetadataTotals {
         row("crash states judged", self.crash_states.to_string());
         row("  with a torn write", self.torn_writes.to_string());
         row("seeds out of metadata space", self.out_of_metadata_space.to_string());
-        if which == MetadataCampaign::Thin {
-            row("known kernel behaviours seen", self.known.to_string());
-        }
         row("violations", self.failing.len().to_string());
-        if self.known > 0 {
-            let first = results
-                .iter()
-                .filter_map(|r| which.outcome(r))
-                .flat_map(|o| &o.known_kernel_behaviours)
-                .next();
-            if let Some(k) = first {
-                println!(
-                    "\nknown kernel behaviour (not a failure), first seen in seed {}:\n  {}",
-                    k.seed, k.detail
-                );
-            }
-        }
     }
 
     fn to_json(
@@ -782,7 +764,6 @@ impl MetadataTotals {
             "crash_states": self.crash_states,
             "torn_writes": self.torn_writes,
             "seeds_out_of_metadata_space": self.out_of_metadata_space,
-            "known_kernel_behaviours": self.known,
             "violations": self.failing.len(),
             "failing_seeds": self.failing,
             "failures": failures,
@@ -887,10 +868,10 @@ impl Summary {
             row("violations", self.thin_failing.len().to_string());
         }
         if plan.kind.metadata() {
-            self.md.print(MetadataCampaign::Thin, plan, results);
+            self.md.print(MetadataCampaign::Thin, plan);
         }
         if plan.kind.cache_metadata() {
-            self.cache.print(MetadataCampaign::Cache, plan, results);
+            self.cache.print(MetadataCampaign::Cache, plan);
         }
         if plan.determinism {
             println!(
@@ -1098,6 +1079,5 @@ fn kind_id(k: ViolationKind) -> &'static str {
         ViolationKind::CrashUnopenable => "crash_unopenable",
         ViolationKind::CrashDamaged => "crash_damaged",
         ViolationKind::CrashTorn => "crash_torn",
-        ViolationKind::KnownKernelBehaviour => "known_kernel_behaviour",
     }
 }

@@ -129,6 +129,11 @@ pub struct ThinMetadata<D> {
     details_root: BlockNr,
     trans_id: u64,
     flags: u32,
+    /// The metadata snapshot's root, written to the superblock by the next
+    /// commit (kernel 6.1.178 and later keep it in memory; before, it was
+    /// written into block 0 in place, outside a commit: see
+    /// docs/findings.md, finding 9).
+    held_root: BlockNr,
     in_service: bool,
     fail_io: bool,
     read_only: bool,
@@ -149,6 +154,7 @@ impl<D: BlockDevice> ThinMetadata<D> {
             root: 0,
             details_root: 0,
             trans_id: 0,
+            held_root: 0,
             flags: 0,
             in_service: false,
             fail_io: false,
@@ -241,6 +247,7 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.root = sb.data_mapping_root;
         self.details_root = sb.device_details_root;
         self.trans_id = sb.trans_id;
+        self.held_root = sb.held_root;
         self.flags = sb.flags;
         self.data_block_size = sb.data_block_size;
         Ok(())
@@ -801,17 +808,16 @@ impl<D: BlockDevice> ThinMetadata<D> {
         let sb = Superblock::decode(data);
         self.tm.inc(sb.data_mapping_root)?;
         self.tm.inc(sb.device_details_root)?;
-        let block0 = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
-        put_u64(block0, SB_HELD_ROOT, copy);
+        // Kept in memory until the next commit writes it with the space
+        // maps that count the copy (6.1.178 and later).
+        self.held_root = copy;
         Ok(())
     }
 
     /// Releases the metadata snapshot.
     pub fn release_metadata_snap(&mut self) -> Result<()> {
         self.write_lock()?;
-        let block0 = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
-        let held_root = crate::pdata::layout::get_u64(block0, SB_HELD_ROOT);
-        put_u64(block0, SB_HELD_ROOT, 0);
+        let held_root = std::mem::take(&mut self.held_root);
         if held_root == 0 {
             return Err(ThinError::NoSnapshot);
         }
@@ -853,9 +859,10 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.tm.data_sm_commit()?;
         self.tm.pre_commit()?;
         let (msm_root, dsm_root) = (self.tm.metadata_sm_root(), self.tm.data_sm_root());
-        let (time, root, details_root, trans_id, flags) =
-            (self.time, self.root, self.details_root, self.trans_id, self.flags);
+        let (time, root, details_root, trans_id, flags, held_root) =
+            (self.time, self.root, self.details_root, self.trans_id, self.flags, self.held_root);
         let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
+        put_u64(sb, SB_HELD_ROOT, held_root);
         put_u32(sb, SB_TIME, time);
         put_u64(sb, SB_DATA_MAPPING_ROOT, root);
         put_u64(sb, SB_DEVICE_DETAILS_ROOT, details_root);
