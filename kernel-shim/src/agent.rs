@@ -37,9 +37,9 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame, summarize,
-    write_frame, CacheSpec, DeviceContents, JobKind, KernelResult, Layout, OpResult, PoolSpec, Slice,
-    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
+    summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
+    PoolSpec, Slice, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1062,8 +1062,15 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
         format!("dmsim-cc{job}"),
         format!("dmsim-co{job}"),
     ];
+    let steps = match cache_steps(&trace.header) {
+        Ok(s) => s,
+        Err(e) => {
+            result.error = Some(e.to_string());
+            return;
+        }
+    };
     let t0 = Instant::now();
-    let setup = || -> Result<PathBuf, ShimError> {
+    let setup = || -> Result<(CacheDevs, PathBuf), ShimError> {
         let m = linear(
             ctl,
             &names[1],
@@ -1082,22 +1089,24 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             spec.origin_sectors(),
             disks.dev_dir,
         )?;
-        let table = TargetSpec {
-            start: 0,
-            length: spec.origin_sectors(),
-            target_type: "cache".into(),
-            params: spec.table_params(
-                &block_dev_num(&m)?.table_name(),
-                &block_dev_num(&c)?.table_name(),
-                &block_dev_num(&o)?.table_name(),
-            ),
+        let devs = CacheDevs {
+            name: names[0].clone(),
+            meta_name: names[1].clone(),
+            meta_table: linear_target(0, spec.metadata_sectors, disks.metadata, disks.slice.metadata_offset)?,
+            tables: [
+                block_dev_num(&m)?.table_name(),
+                block_dev_num(&c)?.table_name(),
+                block_dev_num(&o)?.table_name(),
+            ],
+            dev_dir: disks.dev_dir.to_path_buf(),
         };
-        device(ctl, &names[0], &[table], disks.dev_dir)
+        let node = devs.activate(ctl, &spec, &spec.mode, "smq", spec.migration_threshold)?;
+        Ok((devs, node))
     };
     match setup() {
-        Ok(node) => {
+        Ok((devs, node)) => {
             result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
-            if let Err(e) = cache_io(ctl, [&names[0], &names[1]], &node, &spec, trace, result) {
+            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, result) {
                 result.error = Some(e.to_string());
             }
             // Suspend first: the kernel's postsuspend writes the clean
@@ -1130,16 +1139,51 @@ fn status_line(ctl: &Control, name: &str) -> Result<String, ShimError> {
     Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
 }
 
-/// The trace's I/O on the cache device and the final status.
+/// A cache job's devices: the cache device's name, the metadata device's
+/// (and its dm-linear table, restored after a crash), and the three
+/// devices' table names.
+struct CacheDevs {
+    name: String,
+    meta_name: String,
+    meta_table: TargetSpec,
+    tables: [String; 3],
+    dev_dir: PathBuf,
+}
+
+impl CacheDevs {
+    /// Creates the cache device in `mode` with `policy`: its node.
+    fn activate(
+        &self,
+        ctl: &Control,
+        spec: &CacheSpec,
+        mode: &str,
+        policy: &str,
+        migration_threshold: Option<u64>,
+    ) -> Result<PathBuf, ShimError> {
+        let [m, c, o] = &self.tables;
+        let table = TargetSpec {
+            start: 0,
+            length: spec.origin_sectors(),
+            target_type: "cache".into(),
+            params: spec.table_params_as([m, c, o], mode, policy, migration_threshold),
+        };
+        device(ctl, &self.name, &[table], &self.dev_dir)
+    }
+}
+
+/// The trace's I/O on the cache device, its steps between the ops, and the
+/// final status.
 fn cache_io(
     ctl: &Control,
-    [name, meta_name]: [&str; 2],
-    node: &Path,
+    devs: &CacheDevs,
+    node: PathBuf,
     spec: &CacheSpec,
     trace: &Trace,
+    steps: &[(usize, CacheStep)],
     result: &mut KernelResult,
 ) -> Result<(), ShimError> {
-    let file = open_direct(node)?;
+    let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
+    let mut file = open_direct(&node)?;
     let size = spec.origin_sectors();
     let clamp = |sector: u32, nr: u64| {
         let sector = u64::from(sector) % size;
@@ -1147,7 +1191,16 @@ fn cache_io(
     };
     let t0 = Instant::now();
     let mut next_write = 0u64;
-    for (index, op) in trace.ops().enumerate() {
+    let ops: Vec<Op> = trace.ops().collect();
+    for index in 0..=ops.len() {
+        for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
+            let t = Instant::now();
+            file = cache_step(ctl, devs, spec, step, file).map_err(|e| {
+                ShimError::Invalid(format!("cache step {k} ({step:?}) before op {index}: {e}"))
+            })?;
+            result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
+        }
+        let Some(&op) = ops.get(index) else { break };
         let (outcome, read) = match op {
             Op::Read { sector, nr_sectors, .. } => {
                 let (sector, nr) = clamp(sector, u64::from(nr_sectors));
@@ -1231,6 +1284,37 @@ fn cache_io(
     drop(file);
     result.pool_status = status_line(ctl, name)?;
     Ok(())
+}
+
+/// One step of a cache job (see [`CacheStep`]); takes the cache device's
+/// open file and returns it, reopened if the device was recreated.
+fn cache_step(
+    ctl: &Control,
+    devs: &CacheDevs,
+    spec: &CacheSpec,
+    step: &CacheStep,
+    file: File,
+) -> Result<File, ShimError> {
+    match step {
+        CacheStep::Message(text) => {
+            ctl.message(&devs.name, 0, text)?;
+            Ok(file)
+        }
+        CacheStep::Reactivate { mode, policy, migration_threshold } => {
+            drop(file);
+            // The old table goes: its postsuspend's clean shutdown fails
+            // on a crashed metadata device, and nothing it held in core
+            // reaches the disk.
+            ctl.suspend(&devs.name, 0)?;
+            ctl.remove(&devs.name)?;
+            ctl.suspend(&devs.meta_name, 0)?;
+            let loaded = ctl.load(&devs.meta_name, std::slice::from_ref(&devs.meta_table), false);
+            ctl.resume(&devs.meta_name)?;
+            loaded?;
+            let node = devs.activate(ctl, spec, mode, policy, *migration_threshold)?;
+            open_direct(&node)
+        }
+    }
 }
 
 /// Milliseconds since the kernel started (`/proc/uptime`).

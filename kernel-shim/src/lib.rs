@@ -36,7 +36,7 @@ pub mod protocol;
 pub mod vm;
 
 pub use error::ShimError;
-pub use protocol::{CacheSpec, DeviceContents, KernelResult, OpResult, PoolSpec};
+pub use protocol::{CacheSpec, CacheStep, DeviceContents, KernelResult, OpResult, PoolSpec};
 pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
 
 /// Boots one VM with the default kernel and options and replays `trace`

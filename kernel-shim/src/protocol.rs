@@ -709,21 +709,110 @@ impl CacheSpec {
     /// The cache target's parameters after `cache`, given the three devices'
     /// table names.
     pub fn table_params(&self, metadata: &str, cache: &str, origin: &str) -> String {
-        let mut features = vec![self.mode.as_str()];
+        self.table_params_as([metadata, cache, origin], &self.mode, "smq", self.migration_threshold)
+    }
+
+    /// As [`Self::table_params`], in another mode (`passthrough` too), with
+    /// another policy and migration threshold.
+    pub fn table_params_as(
+        &self,
+        [metadata, cache, origin]: [&str; 3],
+        mode: &str,
+        policy: &str,
+        migration_threshold: Option<u64>,
+    ) -> String {
+        let mut features = vec![mode];
         if self.metadata2 {
             features.push("metadata2");
         }
-        let args = match self.migration_threshold {
+        let args = match migration_threshold {
             Some(t) => format!("2 migration_threshold {t}"),
             None => "0".into(),
         };
         format!(
-            "{metadata} {cache} {origin} {} {} {} smq {args}",
+            "{metadata} {cache} {origin} {} {} {} {policy} {args}",
             self.block_sectors,
             features.len(),
             features.join(" ")
         )
     }
+}
+
+/// A step of a cache job that no trace op says, taken just before op `at`
+/// of the trace (`at` may be the number of ops: after the last one). Steps
+/// travel in the trace header's `cache_steps` parameter
+/// ([`encode_cache_steps`]); a job without it has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStep {
+    /// A reboot on the disks as they are: the cache device is suspended (a
+    /// clean shutdown, unless the metadata device crashed) and removed, the
+    /// metadata device's table is restored (a `crash` swapped it to
+    /// `error`; the slice underneath kept what the kernel had written),
+    /// and a fresh cache table is loaded: a new activation, in `mode`
+    /// (`writeback`, `writethrough` or `passthrough`) with `policy` and
+    /// the core's `migration_threshold` if given.
+    Reactivate {
+        /// The io mode.
+        mode: String,
+        /// The policy's name (`smq`, `cleaner`, …).
+        policy: String,
+        /// The core's `migration_threshold` argument (sectors), if given.
+        migration_threshold: Option<u64>,
+    },
+    /// A target message to the cache device (e.g. `invalidate_cblocks 0`);
+    /// a refused message stops the job with an error.
+    Message(String),
+}
+
+/// The header parameter holding a cache job's steps.
+pub const CACHE_STEPS_PARAM: &str = "cache_steps";
+
+/// `at reactivate MODE POLICY [THRESHOLD]` or `at message TEXT`, joined
+/// by `;` (message texts hold no `;`).
+pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
+    let one = |(at, step): &(usize, CacheStep)| match step {
+        CacheStep::Reactivate { mode, policy, migration_threshold: Some(t) } => {
+            format!("{at} reactivate {mode} {policy} {t}")
+        }
+        CacheStep::Reactivate { mode, policy, migration_threshold: None } => {
+            format!("{at} reactivate {mode} {policy}")
+        }
+        CacheStep::Message(text) => format!("{at} message {text}"),
+    };
+    steps.iter().map(one).collect::<Vec<_>>().join(";")
+}
+
+/// The steps of a cache job's header (none without the parameter); never
+/// panics.
+pub fn cache_steps(h: &Header) -> Result<Vec<(usize, CacheStep)>, ShimError> {
+    let Some(text) = h.param(CACHE_STEPS_PARAM) else { return Ok(Vec::new()) };
+    let bad = |one: &str| ShimError::Invalid(format!("cache job header: bad step {one:?}"));
+    let word_ok = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    text.split(';')
+        .map(|one| {
+            let words: Vec<&str> = one.split(' ').collect();
+            let at: usize = words[0].parse().map_err(|_| bad(one))?;
+            let step = match (words.get(1), &words[2.min(words.len())..]) {
+                (Some(&"reactivate"), [mode, policy, rest @ ..]) if rest.len() <= 1 => {
+                    if !["writeback", "writethrough", "passthrough"].contains(mode) || !word_ok(policy) {
+                        return Err(bad(one));
+                    }
+                    let migration_threshold =
+                        rest.first().map(|t| t.parse::<u64>().map_err(|_| bad(one))).transpose()?;
+                    CacheStep::Reactivate {
+                        mode: mode.to_string(),
+                        policy: policy.to_string(),
+                        migration_threshold,
+                    }
+                }
+                (Some(&"message"), [_, ..]) if words[2..].iter().all(|w| !w.is_empty()) => {
+                    CacheStep::Message(words[2..].join(" "))
+                }
+                _ => return Err(bad(one)),
+            };
+            Ok((at, step))
+        })
+        .collect()
 }
 
 /// The name of an errno, as traces spell request results.
@@ -877,6 +966,66 @@ mod tests {
         let mut bad = plain.header();
         bad.params.retain(|(k, _)| k != "cache_mode");
         assert!(CacheSpec::from_header(&bad).is_err());
+    }
+
+    #[test]
+    fn cache_steps_round_trip_through_a_header() {
+        let steps = vec![
+            (
+                4,
+                CacheStep::Reactivate {
+                    mode: "passthrough".into(),
+                    policy: "smq".into(),
+                    migration_threshold: None,
+                },
+            ),
+            (6, CacheStep::Message("invalidate_cblocks 0".into())),
+            (
+                7,
+                CacheStep::Reactivate {
+                    mode: "writeback".into(),
+                    policy: "cleaner".into(),
+                    migration_threshold: Some(2048),
+                },
+            ),
+        ];
+        let mut h = CacheSpec {
+            run: 7,
+            block_sectors: 128,
+            cache_blocks: 64,
+            origin_blocks: 256,
+            metadata2: false,
+            metadata_sectors: 8192,
+            mode: "writeback".into(),
+            migration_threshold: None,
+        }
+        .header();
+        assert!(cache_steps(&h).unwrap().is_empty());
+        h.params.push((CACHE_STEPS_PARAM.into(), encode_cache_steps(&steps)));
+        let text = dmsim_traces::to_text(&dmsim_traces::Trace { header: h, events: Vec::new() });
+        let back = dmsim_traces::from_text(&text).unwrap();
+        assert_eq!(cache_steps(&back.header).unwrap(), steps);
+        for bad in [
+            "",
+            "x reactivate writeback smq",
+            "1 reactivate sideways smq",
+            "1 reactivate writeback",
+            "1 message",
+            "1 message a  b",
+            "1 reactivate writeback smq 1 2",
+            "1 dance",
+        ] {
+            let mut h = back.header.clone();
+            h.params.retain(|(k, _)| k != CACHE_STEPS_PARAM);
+            h.params.push((CACHE_STEPS_PARAM.into(), bad.into()));
+            assert!(cache_steps(&h).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            back.header.param("cache_mode").map(|_| CacheSpec::from_header(&back.header)
+                .unwrap()
+                .table_params_as(["a", "b", "c"], "passthrough", "cleaner", Some(9))),
+            Some("a b c 128 1 passthrough cleaner 2 migration_threshold 9".to_string())
+        );
     }
 
     #[test]

@@ -34,8 +34,8 @@ use crate::cleanup;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
 use crate::protocol::{
-    encode_request, log_offsets, read_frame, write_frame, CacheSpec, JobKind, KernelResult, Layout, PoolSpec,
-    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    encode_cache_steps, encode_request, log_offsets, read_frame, write_frame, CacheSpec, CacheStep, JobKind,
+    KernelResult, Layout, PoolSpec, CACHE_STEPS_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 
 /// What the data disk is filled with before a run (the simulator's
@@ -289,8 +289,25 @@ impl Job {
         cache: Vec<u8>,
         origin: Vec<u8>,
     ) -> Job {
-        let trace =
-            Trace { header: spec.header(), events: ops.into_iter().map(dmsim_traces::Event::Op).collect() };
+        Job::cache_with_steps(spec, &[], ops, metadata, cache, origin)
+    }
+
+    /// As [`Job::cache`], with steps no op says (a reboot in another mode
+    /// or policy, a target message) taken between the ops (see
+    /// `protocol::CacheStep`).
+    pub fn cache_with_steps(
+        spec: &CacheSpec,
+        steps: &[(usize, CacheStep)],
+        ops: Vec<dmsim_traces::Op>,
+        metadata: Vec<u8>,
+        cache: Vec<u8>,
+        origin: Vec<u8>,
+    ) -> Job {
+        let mut header = spec.header();
+        if !steps.is_empty() {
+            header.params.push((CACHE_STEPS_PARAM.into(), encode_cache_steps(steps)));
+        }
+        let trace = Trace { header, events: ops.into_iter().map(dmsim_traces::Event::Op).collect() };
         Job::Cache { trace, metadata, cache, origin }
     }
 
