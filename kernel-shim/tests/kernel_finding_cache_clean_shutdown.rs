@@ -24,6 +24,10 @@
 //!   metadata calls dirty but never block 0: in passthrough the read
 //!   returns the origin's old data, and after the invalidation the flushed
 //!   write is gone for good (the cache block still holds it, unmapped).
+//! * **Kept** (the control): the same with a status between the flush and
+//!   the crash; the status commits and clears CLEAN_SHUTDOWN, the next
+//!   activation takes every block as dirty, and the same path keeps the
+//!   write.
 //!
 //! Needs `qemu-system-x86_64` and `linux-image-amd64`; without them it
 //! prints SKIPPED, or fails under `CI=true`.
@@ -164,62 +168,79 @@ enum Kind {
     /// (version): go on to the next activation and the cleaner,
     /// passthrough and invalidation.
     Loss(u32),
+    /// The control: as [`Kind::Loss`] with a status (a commit, clearing
+    /// CLEAN_SHUTDOWN, as the candidate fix would) between the flush and
+    /// the crash.
+    Kept(u32),
 }
 
-const KINDS: [Kind; 4] = [Kind::Flushed(1, false), Kind::Flushed(2, true), Kind::Loss(1), Kind::Loss(2)];
+const KINDS: [Kind; 5] =
+    [Kind::Flushed(1, false), Kind::Flushed(2, true), Kind::Loss(1), Kind::Loss(2), Kind::Kept(1)];
 
-/// Op indices of the Loss job (fsync variant: 4 ops before the crash's end).
+/// Op indices of the reboot's part of a [`Kind::Loss`] or [`Kind::Kept`]
+/// job, from its first op after the crash.
 mod at {
     /// Status after the reactivation on the crashed disks (writeback, smq).
-    pub const REACTIVATED: usize = 4;
+    pub const REACTIVATED: usize = 0;
     /// A read of the block, still cached.
-    pub const READ_CACHED: usize = 5;
+    pub const READ_CACHED: usize = 1;
     /// Statuses under the cleaner policy.
-    pub const CLEANER: [usize; 2] = [6, 7];
+    pub const CLEANER: [usize; 2] = [2, 3];
     /// Status in passthrough.
-    pub const PASSTHROUGH: usize = 8;
+    pub const PASSTHROUGH: usize = 4;
     /// A read of the block in passthrough.
-    pub const READ_PASSTHROUGH: usize = 9;
+    pub const READ_PASSTHROUGH: usize = 5;
     /// Status after `invalidate_cblocks`.
-    pub const INVALIDATED: usize = 10;
+    pub const INVALIDATED: usize = 6;
     /// A read of the block back in writeback.
-    pub const READ_AFTER: usize = 11;
+    pub const READ_AFTER: usize = 7;
     /// Status at the end.
-    pub const LAST: usize = 12;
+    pub const LAST: usize = 8;
+}
+
+/// The ops of a [`Kind::Loss`] (or, with a status between the flush and
+/// the crash, [`Kind::Kept`]) job, and the index of its first op after the
+/// crash.
+fn reboot_ops(status_before_crash: bool) -> (Vec<Op>, usize) {
+    let tick = |millis| Op::Tick { millis };
+    let mut ops = flushed_write(false);
+    if status_before_crash {
+        ops.insert(ops.len() - 1, tick(0));
+    }
+    let base = ops.len();
+    ops.extend([
+        tick(0),
+        full_read(OBLOCK),
+        tick(1500),
+        tick(1500),
+        tick(0),
+        full_read(OBLOCK),
+        tick(0),
+        full_read(OBLOCK),
+        tick(0),
+    ]);
+    assert_eq!(ops.len(), base + at::LAST + 1);
+    (ops, base)
 }
 
 fn job(kind: Kind) -> Job {
-    let tick = |millis| Op::Tick { millis };
     match kind {
         Kind::Flushed(v, fua) => {
             Job::cache(&spec(v), flushed_write(fua), model_image(v), cache_image(), origin_image())
         }
-        Kind::Loss(v) => {
-            let mut ops = flushed_write(false);
-            assert_eq!(ops.len(), at::REACTIVATED);
-            ops.extend([
-                tick(0),
-                full_read(OBLOCK),
-                tick(1500),
-                tick(1500),
-                tick(0),
-                full_read(OBLOCK),
-                tick(0),
-                full_read(OBLOCK),
-                tick(0),
-            ]);
-            assert_eq!(ops.len(), at::LAST + 1);
+        Kind::Loss(v) | Kind::Kept(v) => {
+            let (ops, b) = reboot_ops(kind == Kind::Kept(v));
             let reactivate = |mode: &str, policy: &str, migration_threshold| CacheStep::Reactivate {
                 mode: mode.into(),
                 policy: policy.into(),
                 migration_threshold,
             };
             let steps = [
-                (at::REACTIVATED, reactivate("writeback", "smq", QUIET)),
-                (at::CLEANER[0], reactivate("writeback", "cleaner", None)),
-                (at::PASSTHROUGH, reactivate("passthrough", "smq", QUIET)),
-                (at::INVALIDATED, CacheStep::Message(format!("invalidate_cblocks {CBLOCK}"))),
-                (at::READ_AFTER, reactivate("writeback", "smq", QUIET)),
+                (b + at::REACTIVATED, reactivate("writeback", "smq", QUIET)),
+                (b + at::CLEANER[0], reactivate("writeback", "cleaner", None)),
+                (b + at::PASSTHROUGH, reactivate("passthrough", "smq", QUIET)),
+                (b + at::INVALIDATED, CacheStep::Message(format!("invalidate_cblocks {CBLOCK}"))),
+                (b + at::READ_AFTER, reactivate("writeback", "smq", QUIET)),
             ];
             Job::cache_with_steps(&spec(v), &steps, ops, model_image(v), cache_image(), origin_image())
         }
@@ -336,6 +357,7 @@ fn the_next_activation_loses_the_flushed_write() {
     let Some(runs) = boot() else { return };
     for v in [1, 2] {
         let run = run_of(runs, Kind::Loss(v));
+        let b = reboot_ops(false).1;
         let outcomes: Vec<&str> = run.result.ops.iter().map(|o| o.outcome.as_str()).collect();
         assert!(outcomes.iter().all(|&o| o == "ok"), "v{v}: every op acknowledged: {outcomes:?}");
         let status = |i: usize| {
@@ -347,20 +369,23 @@ fn the_next_activation_loses_the_flushed_write() {
 
         // The reboot: ten blocks resident, the model's three dirty; block
         // 0 is not among them. Reads still come from the cache block.
-        assert_eq!(resident_dirty(&status(at::REACTIVATED)), (10, model_dirty), "v{v}: loaded as clean");
-        let got = op_read(run, at::READ_CACHED);
-        eprintln!("v{v}: op {}: read of origin block {OBLOCK} while cached: {got}", at::READ_CACHED);
+        assert_eq!(resident_dirty(&status(b + at::REACTIVATED)), (10, model_dirty), "v{v}: loaded as clean");
+        let got = op_read(run, b + at::READ_CACHED);
+        eprintln!("v{v}: op {}: read of origin block {OBLOCK} while cached: {got}", b + at::READ_CACHED);
         assert_eq!(got, reads(FLUSHED), "v{v}: the cached block still serves the flushed write");
 
         // The cleaner: nothing left dirty.
-        let cleaned = status(at::CLEANER[1]);
-        status(at::CLEANER[0]);
+        status(b + at::CLEANER[0]);
+        let cleaned = status(b + at::CLEANER[1]);
         assert_eq!(resident_dirty(&cleaned), (10, 0), "v{v}: the cleaner cleaned every dirty block");
 
         // Passthrough (allowed: every block is clean) reads the origin.
-        assert_eq!(resident_dirty(&status(at::PASSTHROUGH)), (10, 0));
-        let got = op_read(run, at::READ_PASSTHROUGH);
-        eprintln!("v{v}: op {}: read of origin block {OBLOCK} in passthrough: {got}", at::READ_PASSTHROUGH);
+        assert_eq!(resident_dirty(&status(b + at::PASSTHROUGH)), (10, 0));
+        let got = op_read(run, b + at::READ_PASSTHROUGH);
+        eprintln!(
+            "v{v}: op {}: read of origin block {OBLOCK} in passthrough: {got}",
+            b + at::READ_PASSTHROUGH
+        );
         assert_eq!(
             got,
             reads(ORIGIN_STAMP + OBLOCK),
@@ -369,11 +394,11 @@ fn the_next_activation_loses_the_flushed_write() {
 
         // invalidate_cblocks drops the mapping; back in writeback the old
         // data is all there is.
-        assert_eq!(resident_dirty(&status(at::INVALIDATED)), (9, 0));
-        let got = op_read(run, at::READ_AFTER);
-        eprintln!("v{v}: op {}: read of origin block {OBLOCK} back in writeback: {got}", at::READ_AFTER);
+        assert_eq!(resident_dirty(&status(b + at::INVALIDATED)), (9, 0));
+        let got = op_read(run, b + at::READ_AFTER);
+        eprintln!("v{v}: op {}: read of origin block {OBLOCK} back in writeback: {got}", b + at::READ_AFTER);
         assert_eq!(got, reads(ORIGIN_STAMP + OBLOCK), "v{v}: the flushed write is gone");
-        status(at::LAST);
+        status(b + at::LAST);
 
         // On disk: block 0 unmapped, the flushed data orphaned in the cache
         // block, the origin's old data; the three blocks the metadata
@@ -392,4 +417,46 @@ fn the_next_activation_loses_the_flushed_write() {
             assert_eq!(origin, reads(CACHE_STAMP + u64::from(c)), "v{v}: dirty cache block {c} written back");
         }
     }
+}
+
+/// The control: a status between the flush and the crash commits, which
+/// clears CLEAN_SHUTDOWN (what the candidate fix would do at the first
+/// dirtying write). The next activation then takes every mapped block as
+/// dirty, the cleaner writes the flushed write back, and the same path —
+/// passthrough, invalidation — keeps it: the recovery works once the flag
+/// is clear, so the loss above is the stale flag's doing.
+#[test]
+fn with_the_flag_cleared_before_the_crash_the_same_path_keeps_the_write() {
+    let Some(runs) = boot() else { return };
+    let run = run_of(runs, Kind::Kept(1));
+    let outcomes: Vec<&str> = run.result.ops.iter().map(|o| o.outcome.as_str()).collect();
+    assert!(outcomes.iter().all(|&o| o == "ok"), "control: every op acknowledged: {outcomes:?}");
+    let b = reboot_ops(true).1;
+    let status = |i: usize| {
+        let line = op_read(run, i).to_string();
+        eprintln!("control: op {i}: status {line}");
+        line
+    };
+    // The status before the crash: the model's three dirty blocks and
+    // block 0.
+    assert_eq!(resident_dirty(&status(b - 2)), (10, 4));
+    assert_eq!(resident_dirty(&status(b + at::REACTIVATED)), (10, 10), "control: every block taken as dirty");
+    assert_eq!(op_read(run, b + at::READ_CACHED), reads(FLUSHED));
+    status(b + at::CLEANER[0]);
+    assert_eq!(resident_dirty(&status(b + at::CLEANER[1])), (10, 0), "control: the cleaner cleaned all");
+    assert_eq!(resident_dirty(&status(b + at::PASSTHROUGH)), (10, 0));
+    let got = op_read(run, b + at::READ_PASSTHROUGH);
+    eprintln!(
+        "control: op {}: read of origin block {OBLOCK} in passthrough: {got}",
+        b + at::READ_PASSTHROUGH
+    );
+    assert_eq!(got, reads(FLUSHED), "control: the flushed write was written back");
+    assert_eq!(resident_dirty(&status(b + at::INVALIDATED)), (9, 0));
+    assert_eq!(op_read(run, b + at::READ_AFTER), reads(FLUSHED));
+    status(b + at::LAST);
+    let (in_cache, in_origin) = on_disk(run, CBLOCK, OBLOCK);
+    eprintln!(
+        "control: at the end: cache block {CBLOCK} reads {in_cache}, origin block {OBLOCK} {in_origin}"
+    );
+    assert_eq!(in_origin, reads(FLUSHED), "control: the origin holds the flushed write");
 }
