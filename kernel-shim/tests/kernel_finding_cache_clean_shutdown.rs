@@ -28,6 +28,9 @@
 //!   the crash; the status commits and clears CLEAN_SHUTDOWN, the next
 //!   activation takes every block as dirty, and the same path keeps the
 //!   write.
+//! * **NoResume**: the write and fsync right after a fresh activation, then
+//!   the crash: CLEAN_SHUTDOWN is already clear (the activation committed),
+//!   so the window is the resume's only.
 //!
 //! Needs `qemu-system-x86_64` and `linux-image-amd64`; without them it
 //! prints SKIPPED, or fails under `CI=true`.
@@ -172,10 +175,19 @@ enum Kind {
     /// CLEAN_SHUTDOWN, as the candidate fix would) between the flush and
     /// the crash.
     Kept(u32),
+    /// As [`Kind::Flushed`] without the suspend and resume: the write and
+    /// its fsync right after the activation, then the crash.
+    NoResume(u32),
 }
 
-const KINDS: [Kind; 5] =
-    [Kind::Flushed(1, false), Kind::Flushed(2, true), Kind::Loss(1), Kind::Loss(2), Kind::Kept(1)];
+const KINDS: [Kind; 6] = [
+    Kind::Flushed(1, false),
+    Kind::Flushed(2, true),
+    Kind::Loss(1),
+    Kind::Loss(2),
+    Kind::Kept(1),
+    Kind::NoResume(1),
+];
 
 /// Op indices of the reboot's part of a [`Kind::Loss`] or [`Kind::Kept`]
 /// job, from its first op after the crash.
@@ -225,6 +237,10 @@ fn reboot_ops(status_before_crash: bool) -> (Vec<Op>, usize) {
 
 fn job(kind: Kind) -> Job {
     match kind {
+        Kind::NoResume(v) => {
+            let ops = flushed_write(false)[1..].to_vec();
+            Job::cache(&spec(v), ops, model_image(v), cache_image(), origin_image())
+        }
         Kind::Flushed(v, fua) => {
             Job::cache(&spec(v), flushed_write(fua), model_image(v), cache_image(), origin_image())
         }
@@ -459,4 +475,25 @@ fn with_the_flag_cleared_before_the_crash_the_same_path_keeps_the_write() {
         "control: at the end: cache block {CBLOCK} reads {in_cache}, origin block {OBLOCK} {in_origin}"
     );
     assert_eq!(in_origin, reads(FLUSHED), "control: the origin holds the flushed write");
+}
+
+/// Without the suspend and resume, the same write and fsync right after
+/// the activation of the cleanly shut down metadata, then the crash: what
+/// On 6.1 the activation's own commit has already cleared CLEAN_SHUTDOWN:
+/// the next activation takes every block as dirty. The window is the
+/// resume's only.
+#[test]
+fn after_a_fresh_activation_the_flag_is_already_clear() {
+    let Some(runs) = boot() else { return };
+    let run = run_of(runs, Kind::NoResume(1));
+    let img = image(run);
+    let (in_cache, in_origin) = on_disk(run, CBLOCK, OBLOCK);
+    eprintln!(
+        "no resume: after the crash: CLEAN_SHUTDOWN {}, cache block {CBLOCK} dirty {}; the cache block reads \
+         {in_cache}, origin block {OBLOCK} {in_origin}",
+        img.superblock.clean_shutdown(),
+        img.is_dirty(CBLOCK as usize),
+    );
+    assert_eq!(in_cache, reads(FLUSHED));
+    assert!(!img.superblock.clean_shutdown(), "no resume: the activation cleared CLEAN_SHUTDOWN");
 }
