@@ -123,9 +123,8 @@ impl Run<'_> {
     }
 
     /// Runs `write` (a commit, a clean shutdown, a reopen) with the disk
-    /// recording, then judges a crash at every request it made. `changes`:
-    /// whether the window may change what the metadata holds (a reopen
-    /// only flips a flag).
+    /// recording, then judges crash states at the requests it made
+    /// ([`crash_points`]).
     fn window(
         &mut self,
         op_index: usize,
@@ -442,51 +441,17 @@ impl Run<'_> {
         if !self.check_reference(i) {
             return false;
         }
-        let disk = self.md.take().expect("open").close();
+        // The table is reloaded: the metadata closes and opens again, which
+        // clears CLEAN_SHUTDOWN in place — one more window, whose crash
+        // states must all read as the committed state.
         let opts = self.shape.open_options(false);
-        let mut reopened = None;
-        // Reopening clears CLEAN_SHUTDOWN in place: one more window.
-        let mut disk = Some(disk);
-        let ok = self.window_on_reopen(i, &mut disk, opts, &mut reopened);
-        if let Some(md) = reopened {
-            self.md = Some(md);
-        }
-        ok
-    }
-
-    /// The reopen after a clean shutdown, recorded as a window of its own.
-    fn window_on_reopen(
-        &mut self,
-        i: usize,
-        disk: &mut Option<SimDisk>,
-        opts: OpenOptions,
-        reopened: &mut Option<CacheMetadata<SimDisk>>,
-    ) -> bool {
-        let mut d = disk.take().expect("disk");
-        let base = d.start_recording();
-        let mut md = match CacheMetadata::open(d, opts) {
-            Ok(md) => md,
-            Err(e) => return self.failed(i, "reopen", e),
-        };
-        md.set_mutations(self.cfg.mutations);
-        *reopened = Some(md);
-        let log =
-            reopened.as_mut().expect("open").transaction_manager().block_manager().device_mut().take_log();
-        for point in crash_points(log.len(), &mut self.rng) {
-            let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
-            let image = crash_image(&base, &log, &crash);
-            self.outcome.crash_states += 1;
-            let committed = self.committed_dump.clone();
-            if let Err((kind, detail)) = self.judge_crash(image, &committed) {
-                self.violation(
-                    i,
-                    kind,
-                    format!("reopen: crash after request {point} of {}: {detail}", log.len()),
-                );
-                return false;
-            }
-        }
-        true
+        self.window(i, "reopen", |r| {
+            let disk = r.md.take().expect("open").close();
+            let mut md = CacheMetadata::open(disk, opts)?;
+            md.set_mutations(r.cfg.mutations);
+            r.md = Some(md);
+            Ok(())
+        })
     }
 }
 

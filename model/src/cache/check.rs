@@ -290,27 +290,7 @@ pub fn check_cache_metadata(
 
     // The metadata space map's size against the device.
     let msm = sb.metadata_sm_root;
-    if msm.nr_blocks > nr_sectors / BLOCK_SECTORS {
-        ctx.problem(
-            Severity::Damage,
-            Structure::MetadataSpaceMap,
-            None,
-            format!(
-                "space map tracks {} blocks, the device holds {}",
-                msm.nr_blocks,
-                nr_sectors / BLOCK_SECTORS
-            ),
-        );
-    }
-    if msm.nr_blocks > MAX_METADATA_BLOCKS {
-        ctx.problem(
-            Severity::Damage,
-            Structure::MetadataSpaceMap,
-            None,
-            format!("space map tracks {} blocks, more than the maximum {MAX_METADATA_BLOCKS}", msm.nr_blocks),
-        );
-    }
-    ctx.meta_sm_nr_blocks = msm.nr_blocks;
+    ctx.check_metadata_sm_size(msm.nr_blocks, nr_sectors / BLOCK_SECTORS);
 
     // The superblock holds one reference to itself.
     ctx.count_ref(SUPERBLOCK_LOCATION, sbs, "superblock");

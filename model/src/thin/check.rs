@@ -49,7 +49,7 @@ use thiserror::Error;
 
 use crate::block_device::BlockDevice;
 use crate::pdata::checksum;
-use crate::pdata::layout::space_map::{SmRoot, MAX_METADATA_BLOCKS};
+use crate::pdata::layout::space_map::SmRoot;
 use crate::pdata::layout::thin::*;
 use crate::pdata::layout::{BlockKind, BLOCK_SIZE};
 
@@ -257,23 +257,8 @@ pub fn check_thin_metadata(
 
     // Metadata space map size vs. the device.
     let msm = sb.metadata_sm;
-    if msm.nr_blocks > ctx.nr_blocks {
-        ctx.problem(
-            Severity::Damage,
-            Structure::MetadataSpaceMap,
-            None,
-            format!("space map tracks {} blocks, the device holds {}", msm.nr_blocks, ctx.nr_blocks),
-        );
-    }
-    if msm.nr_blocks > MAX_METADATA_BLOCKS {
-        ctx.problem(
-            Severity::Damage,
-            Structure::MetadataSpaceMap,
-            None,
-            format!("space map tracks {} blocks, more than the maximum {MAX_METADATA_BLOCKS}", msm.nr_blocks),
-        );
-    }
-    ctx.meta_sm_nr_blocks = msm.nr_blocks;
+    let device_blocks = ctx.nr_blocks;
+    ctx.check_metadata_sm_size(msm.nr_blocks, device_blocks);
     ctx.data_nr_blocks = sb.data_sm.nr_blocks;
 
     // The superblock holds one reference to itself.

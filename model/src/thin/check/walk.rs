@@ -26,8 +26,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::pdata::layout::space_map::INDEX_ENTRY_SIZE;
 use crate::pdata::layout::space_map::REF_COUNT_VALUE_SIZE;
+use crate::pdata::layout::space_map::{INDEX_ENTRY_SIZE, MAX_METADATA_BLOCKS};
 use crate::pdata::layout::thin::{unpack_block_time, DEVICE_DETAILS_SIZE, MAPPING_VALUE_SIZE};
 
 use super::block::Reader;
@@ -191,6 +191,30 @@ impl<'a> Ctx<'a> {
     }
 
     /// Records a problem.
+    /// Checks the metadata space map's size (its root's `nr_blocks`)
+    /// against the device's `device_blocks` and the format's maximum, and
+    /// records it for the reference-count checks. Shared by the thin and
+    /// the cache checkers.
+    pub(crate) fn check_metadata_sm_size(&mut self, nr_blocks: u64, device_blocks: u64) {
+        if nr_blocks > device_blocks {
+            self.problem(
+                Severity::Damage,
+                Structure::MetadataSpaceMap,
+                None,
+                format!("space map tracks {nr_blocks} blocks, the device holds {device_blocks}"),
+            );
+        }
+        if nr_blocks > MAX_METADATA_BLOCKS {
+            self.problem(
+                Severity::Damage,
+                Structure::MetadataSpaceMap,
+                None,
+                format!("space map tracks {nr_blocks} blocks, more than the maximum {MAX_METADATA_BLOCKS}"),
+            );
+        }
+        self.meta_sm_nr_blocks = nr_blocks;
+    }
+
     pub(crate) fn problem(
         &mut self,
         severity: Severity,
