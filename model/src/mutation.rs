@@ -54,6 +54,28 @@ pub struct Mutations {
     /// the committed counters are not the ones just saved. Nothing else
     /// changes, so only a comparison with what was saved can see it.
     pub cache_commit_forgets_stats: bool,
+    /// Cache target: after an unclean shutdown, mappings load with their
+    /// stored dirty bits instead of all dirty (the stored bits are only
+    /// written at a clean shutdown, so they are stale).
+    pub cache_dirty_trusted_after_crash: bool,
+    /// Cache target: a writeback marks its block clean (and releases the
+    /// block) when it issues the copy, not when the copy completes.
+    pub cache_writeback_clean_before_copy: bool,
+    /// Cache target: a promotion inserts its mapping into the metadata
+    /// before its copy is issued, so a commit can make the mapping durable
+    /// while the cache block still holds other data.
+    pub cache_promote_maps_before_copy: bool,
+    /// Cache target: a writethrough write to a clean cached block completes
+    /// when its cache half does, without waiting for the origin half.
+    pub cache_writethrough_acks_before_origin: bool,
+    /// Cache target: the policy is not told when a write dirties a cached
+    /// block, and a demotion never copies: a block the policy thinks clean
+    /// is dropped with its data.
+    pub cache_demote_frees_dirty: bool,
+    /// Cache target: a write is granted its shared lock even while a
+    /// migration holds the block exclusively, so a write during a promotion
+    /// goes to the origin block the copy already read.
+    pub cache_write_ignores_migration_lock: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -141,6 +163,17 @@ impl Mutations {
         ("cache-commit-forgets-stats", |m| m.cache_commit_forgets_stats = true),
     ];
 
+    /// Mutations of the cache target's I/O paths (the cache campaign
+    /// catches them).
+    pub const CACHE_TARGET: [(&'static str, Switch); 6] = [
+        ("cache-dirty-trusted-after-crash", |m| m.cache_dirty_trusted_after_crash = true),
+        ("cache-writeback-clean-before-copy", |m| m.cache_writeback_clean_before_copy = true),
+        ("cache-promote-maps-before-copy", |m| m.cache_promote_maps_before_copy = true),
+        ("cache-writethrough-acks-before-origin", |m| m.cache_writethrough_acks_before_origin = true),
+        ("cache-demote-frees-dirty", |m| m.cache_demote_frees_dirty = true),
+        ("cache-write-ignores-migration-lock", |m| m.cache_write_ignores_migration_lock = true),
+    ];
+
     /// The mutations the cache metadata crash campaign must catch: the
     /// broken commit protocols shared with the thin metadata (the
     /// transaction manager's) and the cache's own.
@@ -151,9 +184,10 @@ impl Mutations {
         "cache-commit-forgets-stats",
     ];
 
-    /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`].
+    /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
+    /// [`Self::CACHE_TARGET`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
-        Self::ALL.iter().chain(Self::CACHE.iter())
+        Self::ALL.iter().chain(Self::CACHE.iter()).chain(Self::CACHE_TARGET.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).

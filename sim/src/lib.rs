@@ -11,11 +11,16 @@
 //! and minimization of traces; [`generate`], the workload generators;
 //! [`cache_campaign`], the cache metadata crash campaign, with its
 //! workloads ([`cache_workload`]) and its verdict on an image
-//! ([`cache_check`]).
+//! ([`cache_check`]); [`cache_sim`], which drives the cache target (its
+//! I/O paths, migrations, reloads, crashes) under the oracle, and
+//! [`cache_run`], one seed of the cache campaign, replay and minimization
+//! of cache traces.
 
 #![warn(missing_docs)]
 
 pub mod cache_campaign;
+pub mod cache_run;
+pub mod cache_sim;
 pub mod cache_check;
 pub mod cache_workload;
 pub mod campaign;

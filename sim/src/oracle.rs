@@ -160,12 +160,17 @@ pub struct OracleConfig {
     pub sectors_per_block: u64,
     /// Block zeroing on provisioning (false: `skip_block_zeroing`).
     pub zeroing: bool,
+    /// A discarded block's data is undefined until it is written again: its
+    /// sectors may also read [`Content::Anything`] (dm-cache, whose discard
+    /// only marks origin blocks discarded; a later promotion of one skips
+    /// the copy, and the cache block it gets holds whatever it held).
+    pub discard_undefined: bool,
 }
 
 impl OracleConfig {
     /// The usual configuration: zeroing on.
     pub fn new(run: u64, sectors_per_block: u64) -> Self {
-        OracleConfig { run, sectors_per_block, zeroing: true }
+        OracleConfig { run, sectors_per_block, zeroing: true, discard_undefined: false }
     }
 }
 
@@ -898,6 +903,9 @@ impl Oracle {
         let first = (sector.div_ceil(spb) * spb).min(end);
         for s in first..end {
             self.add(inc, s, Content::Zeroes, t);
+            if self.config.discard_undefined {
+                self.add(inc, s, Content::Anything, t);
+            }
             let state = &mut self.states.get_mut(&inc).expect("live device").sectors[s as usize];
             state.written = false;
             state.written_durable = false;

@@ -216,6 +216,7 @@ impl ThinSim {
             run: cfg.run,
             sectors_per_block: cfg.block_sectors,
             zeroing: !cfg.features.skip_block_zeroing,
+            discard_undefined: false,
         });
         ThinSim {
             cfg,

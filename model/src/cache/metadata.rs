@@ -411,6 +411,17 @@ impl<D: BlockDevice> CacheMetadata<D> {
         self.tm.mutations = m;
     }
 
+    /// Marks the transaction changed, so the next commit that asks
+    /// [`Self::changed_this_transaction`] writes.
+    pub fn mark_changed(&mut self) {
+        self.changed = true;
+    }
+
+    /// The deliberate bugs in force ([`Self::set_mutations`]).
+    pub fn mutations(&self) -> crate::mutation::Mutations {
+        self.tm.mutations
+    }
+
     /// Switches to read-only (`dm_cache_metadata_set_read_only`).
     pub fn set_read_only(&mut self) {
         self.read_only = true;

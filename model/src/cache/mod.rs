@@ -13,9 +13,12 @@
 //!   tracker the cache core drives.
 //! * [`table`]: the `cache` table line, its status lines and messages.
 //! * [`target`]: the target's lifecycle: table load, resume, status,
-//!   messages, the clean shutdown on suspend (the bio paths are to come).
+//!   messages, the clean shutdown on suspend.
+//! * [`core`]: the target's I/O paths over its data devices: the map path,
+//!   prison v2, migrations, the committer, writethrough and passthrough.
 
 pub mod check;
+pub mod core;
 pub mod dump;
 pub mod inspect;
 pub mod mapping;

@@ -36,24 +36,24 @@ pub enum CacheMode {
 /// An active cache target over a metadata device `D`.
 #[derive(Debug)]
 pub struct CacheTarget<D> {
-    table: CacheTable,
-    sizes: DeviceSizes,
-    md: CacheMetadata<D>,
-    policy: SmqPolicy,
-    mode: CacheMode,
-    cache_blocks: u32,
-    origin_blocks: u64,
-    dirty: Vec<bool>,
-    nr_dirty: u64,
-    discard_block_size: u64,
-    discards: Vec<bool>,
-    stats: CacheStats,
-    demotions: u32,
-    promotions: u32,
-    sized: bool,
-    loaded_mappings: bool,
-    loaded_discards: bool,
-    suspended: bool,
+    pub(crate) table: CacheTable,
+    pub(crate) sizes: DeviceSizes,
+    pub(crate) md: CacheMetadata<D>,
+    pub(crate) policy: SmqPolicy,
+    pub(crate) mode: CacheMode,
+    pub(crate) cache_blocks: u32,
+    pub(crate) origin_blocks: u64,
+    pub(crate) dirty: Vec<bool>,
+    pub(crate) nr_dirty: u64,
+    pub(crate) discard_block_size: u64,
+    pub(crate) discards: Vec<bool>,
+    pub(crate) stats: CacheStats,
+    pub(crate) demotions: u32,
+    pub(crate) promotions: u32,
+    pub(crate) sized: bool,
+    pub(crate) loaded_mappings: bool,
+    pub(crate) loaded_discards: bool,
+    pub(crate) suspended: bool,
 }
 
 impl<D: BlockDevice> CacheTarget<D> {
@@ -84,6 +84,63 @@ impl<D: BlockDevice> CacheTarget<D> {
             let errno = if e == CacheError::Unformatted { Errno::EPERM } else { Errno::EINVAL };
             TableError::new(errno, "Error creating metadata object")
         })?;
+        Self::build(table, sizes, md, policy, cache_blocks, origin_blocks)
+    }
+
+    /// Loads a table on metadata that is already open (a table reload: the
+    /// kernel shares the metadata object between the old and the new table
+    /// by reference count and does not reopen it, so CLEAN_SHUTDOWN and
+    /// `clean_when_opened` stay as they are). On error the metadata comes
+    /// back with the error.
+    pub fn reload(
+        params: &str,
+        sizes: DeviceSizes,
+        md: CacheMetadata<D>,
+        now: Nanos,
+    ) -> Result<Self, (CacheMetadata<D>, TableError)> {
+        let table = match CacheTable::parse(params, sizes) {
+            Ok(t) => t,
+            Err(e) => return Err((md, e)),
+        };
+        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
+        let origin_blocks = sizes.origin_sectors / table.block_sectors;
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let mut policy = SmqPolicy::new(smq, now);
+        for (k, v) in &table.policy_args {
+            if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
+                return Err((md, TableError::einval("Error setting cache policy's config values")));
+            }
+        }
+        if md.data_block_size() as u64 != table.block_sectors {
+            return Err((md, TableError::einval("Error creating metadata object")));
+        }
+        // `build` consumes the metadata; a refusal there hands it back
+        // through the target.
+        match Self::build_keeping(table, sizes, md, policy, cache_blocks, origin_blocks) {
+            Ok(t) => Ok(t),
+            Err((t, e)) => Err((t.md, e)),
+        }
+    }
+
+    fn build(
+        table: CacheTable,
+        sizes: DeviceSizes,
+        md: CacheMetadata<D>,
+        policy: SmqPolicy,
+        cache_blocks: u32,
+        origin_blocks: u64,
+    ) -> Result<Self, TableError> {
+        Self::build_keeping(table, sizes, md, policy, cache_blocks, origin_blocks).map_err(|(_, e)| e)
+    }
+
+    fn build_keeping(
+        table: CacheTable,
+        sizes: DeviceSizes,
+        md: CacheMetadata<D>,
+        policy: SmqPolicy,
+        cache_blocks: u32,
+        origin_blocks: u64,
+    ) -> Result<Self, (Self, TableError)> {
         let (discard_block_size, discard_blocks) =
             discard_geometry(table.block_sectors, sizes.origin_sectors);
         let mut t = CacheTarget {
@@ -107,10 +164,14 @@ impl<D: BlockDevice> CacheTarget<D> {
             suspended: true,
         };
         t.stats = t.md.stats();
-        if t.table.io_mode == IoMode::Passthrough
-            && !t.all_clean().map_err(|_| TableError::einval("dm_cache_metadata_all_clean() failed"))?
-        {
-            return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"));
+        if t.table.io_mode == IoMode::Passthrough {
+            match t.all_clean() {
+                Err(_) => return Err((t, TableError::einval("dm_cache_metadata_all_clean() failed"))),
+                Ok(false) => {
+                    return Err((t, TableError::einval("Cannot enter passthrough mode unless all blocks are clean")))
+                }
+                Ok(true) => {}
+            }
         }
         if t.table.io_mode == IoMode::Passthrough {
             t.policy.allow_migrations(false);
@@ -132,11 +193,36 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// A metadata operation failed: read-only mode (`metadata_operation_failed`
     /// → `set_cache_mode(CM_READ_ONLY)`; aborting is the caller's next step
     /// in the kernel and is not modelled here yet).
-    fn metadata_failed(&mut self) {
+    pub(crate) fn metadata_failed(&mut self) {
         if self.mode == CacheMode::Write {
-            self.mode = CacheMode::ReadOnly;
+            // abort_transaction: reopen at the last commit, then NEEDS_CHECK
+            // (6.1.y's order); a failure of either is fail mode.
+            let aborted = self.md.abort().is_ok();
+            let flagged = aborted && self.md.set_needs_check().is_ok();
+            self.mode = if flagged { CacheMode::ReadOnly } else { CacheMode::Fail };
             self.md.set_read_only();
         }
+    }
+
+    /// The cache block ranges of an `invalidate_cblocks` message, checked
+    /// as [`Self::message`] checks them.
+    pub(crate) fn parse_invalidate(&self, words: &[&str]) -> Result<Vec<(u64, u64)>, Errno> {
+        let read_only = self.mode >= CacheMode::ReadOnly;
+        match CacheMessage::parse(
+            words,
+            self.table.policy,
+            self.table.io_mode,
+            read_only,
+            u64::from(self.cache_blocks),
+        )? {
+            CacheMessage::InvalidateCblocks(r) => Ok(r),
+            CacheMessage::Config { .. } => Err(Errno::EINVAL),
+        }
+    }
+
+    /// The metadata, for a table reload that keeps it open.
+    pub(crate) fn into_metadata(self) -> CacheMetadata<D> {
+        self.md
     }
 
     /// `cache_preresume`: the first resume sizes the cache (the metadata's
@@ -185,7 +271,13 @@ impl<D: BlockDevice> CacheTarget<D> {
         let hints = if valid { self.md.hints()? } else { Vec::new() };
         for c in 0..self.md.cache_blocks() {
             let Some((oblock, stored_dirty)) = self.md.lookup(c)? else { continue };
-            let dirty = !clean || stored_dirty;
+            // The deliberate bug `cache-dirty-trusted-after-crash` believes
+            // the stored dirty bits although the shutdown was not clean.
+            let dirty = if self.md.mutations().cache_dirty_trusted_after_crash {
+                stored_dirty
+            } else {
+                !clean || stored_dirty
+            };
             let hint = hints.get(c as usize).copied().unwrap_or(0);
             if self.policy.load_mapping(oblock, c, dirty, hint, valid).is_err() {
                 return Err(CacheError::BadSuperblock(format!(

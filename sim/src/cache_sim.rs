@@ -1,0 +1,721 @@
+//! The cache target under the oracle: a driver that applies trace ops —
+//! reads, writes of any size and alignment, discards, flushes, FUA, worker
+//! passes, data I/O completions in any order, simulated time, table reloads
+//! (mode and policy switches), invalidations, status queries, injected
+//! faults and crashes — to a [`Cache`] on three simulated disks, and feeds
+//! the same events to the [`Oracle`], which judges every read of the cache
+//! device.
+//!
+//! Beyond the oracle:
+//!
+//! - after every step, the model's own consistency checks
+//!   ([`Cache::check`]);
+//! - after every recovery, the cache metadata checker on the recovered
+//!   image;
+//! - after every clean shutdown (a reload, the end of the run) with no fault
+//!   injected, the **devices against the metadata**: every block the
+//!   metadata records as clean must hold the same bytes on the cache device
+//!   and on the origin (a clean block is one the cache may drop);
+//! - at the end, every origin block read back through the oracle, a clean
+//!   shutdown, and the metadata checker on the final image.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use dmsim_faults::{FaultCoverage, FiredFault, SimDisk};
+use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
+use dmsim_model::cache::core::{BioId, BioRequest, Cache, CacheCompletion, CacheOptions};
+use dmsim_model::cache::mapping::discard_geometry;
+use dmsim_model::cache::table::IoMode;
+use dmsim_model::cache::target::CacheMode;
+use dmsim_model::errno::Errno;
+use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
+use dmsim_traces::stamp;
+use dmsim_traces::{CrashMode, DiskId, Event, Op};
+
+use crate::oracle::{IoTicket, Oracle, OracleConfig};
+use crate::thin::{summarize, ThinFailure};
+
+/// The cache device's id in the oracle (the only device).
+const DEV: u32 = 0;
+
+/// The byte the cache device starts full of: neither zero nor a stamp, so a
+/// cache block read before anything was copied into it shows.
+pub const CACHE_GARBAGE: u8 = 0xc5;
+
+/// The shape of one simulated cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSimConfig {
+    /// Run id stamped into every written sector.
+    pub run: u64,
+    /// Cache block size in sectors (a multiple of 64).
+    pub block_sectors: u64,
+    /// Cache blocks on the cache device.
+    pub cache_blocks: u64,
+    /// Origin blocks.
+    pub origin_blocks: u64,
+    /// Metadata device size in sectors.
+    pub metadata_sectors: u64,
+    /// Metadata format version (1 or 2).
+    pub metadata_version: u32,
+    /// The first table's I/O mode.
+    pub io_mode: CacheIoMode,
+    /// The first table's policy.
+    pub policy: CachePolicyKind,
+    /// Discards passed down to the origin (false: `no_discard_passdown`).
+    pub discard_passdown: bool,
+    /// `migration_threshold` in sectors.
+    pub migration_threshold: u64,
+    /// Deliberate bugs and candidate fixes.
+    pub options: CacheOptions,
+}
+
+impl Default for CacheSimConfig {
+    fn default() -> Self {
+        CacheSimConfig {
+            run: 1,
+            block_sectors: 64,
+            cache_blocks: 8,
+            origin_blocks: 32,
+            metadata_sectors: 2048,
+            metadata_version: 2,
+            io_mode: CacheIoMode::Writeback,
+            policy: CachePolicyKind::Smq,
+            discard_passdown: true,
+            migration_threshold: 2048,
+            options: CacheOptions::default(),
+        }
+    }
+}
+
+impl CacheSimConfig {
+    /// The table line for a mode and a policy on this shape.
+    pub fn table_line(&self, mode: CacheIoMode, policy: CachePolicyKind) -> String {
+        let mut features = vec![mode.name()];
+        if self.metadata_version == 2 {
+            features.push("metadata2");
+        }
+        if !self.discard_passdown {
+            features.push("no_discard_passdown");
+        }
+        format!(
+            "/dev/dmsim-cmeta /dev/dmsim-cache /dev/dmsim-origin {} {} {} {} 2 migration_threshold {}",
+            self.block_sectors,
+            features.len(),
+            features.join(" "),
+            policy.name(),
+            self.migration_threshold
+        )
+    }
+
+    /// Origin (and cache device) size in sectors.
+    pub fn origin_sectors(&self) -> u64 {
+        self.origin_blocks * self.block_sectors
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Requests submitted.
+    pub bios: u64,
+    /// Reads the oracle judged.
+    pub reads_checked: u64,
+    /// Crashes survived.
+    pub crashes: u64,
+    /// Data I/Os completed.
+    pub data_ios: u64,
+    /// Requests that failed with an error after a fault was injected.
+    pub io_errors: u64,
+    /// Table reloads done.
+    pub reloads: u64,
+    /// Table reloads the new table refused (passthrough with dirty blocks).
+    pub reloads_refused: u64,
+    /// Promotions, demotions and writebacks that completed.
+    pub migrations: [u64; 3],
+    /// Promotions by overwrite.
+    pub overwrites: u64,
+    /// Metadata commits.
+    pub commits: u64,
+    /// Clean shutdowns whose clean blocks were compared on both devices.
+    pub clean_checks: u64,
+    /// Simulated time at the end, in nanoseconds.
+    pub sim_time_ns: u64,
+}
+
+impl CacheStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, o: &CacheStats) {
+        self.bios += o.bios;
+        self.reads_checked += o.reads_checked;
+        self.crashes += o.crashes;
+        self.data_ios += o.data_ios;
+        self.io_errors += o.io_errors;
+        self.reloads += o.reloads;
+        self.reloads_refused += o.reloads_refused;
+        for i in 0..3 {
+            self.migrations[i] += o.migrations[i];
+        }
+        self.overwrites += o.overwrites;
+        self.commits += o.commits;
+        self.clean_checks += o.clean_checks;
+        self.sim_time_ns += o.sim_time_ns;
+    }
+}
+
+enum Pending {
+    Write(IoTicket, Option<IoTicket>),
+    Read(IoTicket),
+    Discard(IoTicket),
+    Flush(IoTicket),
+}
+
+type SimCache = Cache<SimDisk, SimDisk, SimDisk>;
+
+/// A cache target and the oracle watching it.
+pub struct CacheSim {
+    cfg: CacheSimConfig,
+    cache: Option<SimCache>,
+    oracle: Oracle,
+    io_mode: CacheIoMode,
+    policy: CachePolicyKind,
+    next_write: u64,
+    pending: BTreeMap<BioId, Pending>,
+    now: u64,
+    step: usize,
+    stats: CacheStats,
+    events: Vec<Event>,
+    mode: CacheMode,
+    faults_fired: u64,
+    metadata_faults_fired: u64,
+    coverage: FaultCoverage,
+    /// Counters of the caches before the last crash.
+    before_crash: [u64; 6],
+}
+
+fn io_mode(m: CacheIoMode) -> IoMode {
+    match m {
+        CacheIoMode::Writeback => IoMode::Writeback,
+        CacheIoMode::Writethrough => IoMode::Writethrough,
+        CacheIoMode::Passthrough => IoMode::Passthrough,
+    }
+}
+
+impl CacheSim {
+    /// A fresh cache: zeroed origin and metadata, a cache device full of
+    /// [`CACHE_GARBAGE`].
+    pub fn new(cfg: CacheSimConfig) -> Result<Self, ThinFailure> {
+        let metadata = SimDisk::new(cfg.metadata_sectors);
+        let cache_bytes = (cfg.cache_blocks * cfg.block_sectors * SECTOR_SIZE) as usize;
+        let cache = SimDisk::from_image(vec![CACHE_GARBAGE; cache_bytes]);
+        let origin = SimDisk::new(cfg.origin_sectors());
+        let line = cfg.table_line(cfg.io_mode, cfg.policy);
+        let c = Cache::create(&line, metadata, cache, origin, 0, cfg.options).map_err(|e| ThinFailure {
+            step: 0,
+            kind: "load",
+            what: format!("a fresh cache does not load ({line}): {e}"),
+        })?;
+        let (dbs, _) = discard_geometry(cfg.block_sectors, cfg.origin_sectors());
+        let mut oracle = Oracle::new(OracleConfig {
+            run: cfg.run,
+            sectors_per_block: dbs,
+            zeroing: true,
+            discard_undefined: true,
+        });
+        oracle.create_thin(DEV, cfg.origin_sectors()).map_err(|e| ThinFailure {
+            step: 0,
+            kind: "misuse",
+            what: e.to_string(),
+        })?;
+        Ok(CacheSim {
+            cfg,
+            cache: Some(c),
+            oracle,
+            io_mode: cfg.io_mode,
+            policy: cfg.policy,
+            next_write: 0,
+            pending: BTreeMap::new(),
+            now: 0,
+            step: 0,
+            stats: CacheStats::default(),
+            events: Vec::new(),
+            mode: CacheMode::Write,
+            faults_fired: 0,
+            metadata_faults_fired: 0,
+            coverage: FaultCoverage::default(),
+            before_crash: [0; 6],
+        })
+    }
+
+    /// The events recorded so far.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// Takes the recorded events.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        let mut s = self.stats;
+        if let Some(c) = &self.cache {
+            let k = c.counters();
+            s.migrations = [
+                self.before_crash[0] + k.succeeded[0],
+                self.before_crash[1] + k.succeeded[1],
+                self.before_crash[2] + k.succeeded[2],
+            ];
+            s.overwrites = self.before_crash[3] + k.overwrites;
+            s.commits = self.before_crash[4] + k.commits;
+        }
+        s
+    }
+
+    /// The faults that fired, by kind.
+    pub fn coverage(&self) -> &FaultCoverage {
+        &self.coverage
+    }
+
+    /// The shape of this cache.
+    pub fn config(&self) -> &CacheSimConfig {
+        &self.cfg
+    }
+
+    /// The cache target.
+    pub fn cache(&mut self) -> &mut SimCache {
+        self.cache.as_mut().expect("cache present between steps")
+    }
+
+    /// The metadata device's contents now.
+    pub fn metadata_image(&mut self) -> Vec<u8> {
+        self.cache().metadata().transaction_manager().block_manager().device().visible().to_vec()
+    }
+
+    fn fail_as(&self, kind: &'static str, what: impl Into<String>) -> ThinFailure {
+        ThinFailure { step: self.step, kind, what: what.into() }
+    }
+
+    fn fail(&self, what: impl Into<String>) -> ThinFailure {
+        self.fail_as("cache", what)
+    }
+
+    /// Records a violation found outside the driver.
+    pub fn record_violation(&mut self, kind: &'static str, what: String) -> ThinFailure {
+        let f = self.fail_as(kind, what);
+        self.events.push(Event::Violation { kind: kind.to_string(), message: f.what.clone() });
+        f
+    }
+
+    /// Runs every op, then [`Self::finish`].
+    pub fn run(cfg: CacheSimConfig, ops: &[Op]) -> Result<CacheStats, ThinFailure> {
+        let mut sim = CacheSim::new(cfg)?;
+        for op in ops {
+            sim.apply(op)?;
+        }
+        sim.finish()?;
+        Ok(sim.stats())
+    }
+
+    /// Applies one op, recording it and what it led to.
+    pub fn apply(&mut self, op: &Op) -> Result<(), ThinFailure> {
+        self.events.push(Event::Op(*op));
+        let r = self.apply_inner(op).and_then(|()| self.check_model());
+        self.observe();
+        if let Err(f) = &r {
+            self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
+        }
+        r
+    }
+
+    fn check_model(&mut self) -> Result<(), ThinFailure> {
+        match self.cache.as_ref().map(|c| c.check()) {
+            Some(Err(e)) => Err(self.fail_as("model", e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records mode changes and the faults that fired.
+    fn observe(&mut self) {
+        let Some(c) = self.cache.as_mut() else { return };
+        let mode = c.target().mode();
+        let mut all: Vec<(DiskId, FiredFault)> = Vec::new();
+        let md = c.metadata().transaction_manager().block_manager().device_mut().take_fired();
+        all.extend(md.into_iter().map(|f| (DiskId::Metadata, f)));
+        all.extend(c.cache_device().take_fired().into_iter().map(|f| (DiskId::Cache, f)));
+        all.extend(c.origin_device().take_fired().into_iter().map(|f| (DiskId::Origin, f)));
+        for (disk, f) in all {
+            self.faults_fired += 1;
+            if disk == DiskId::Metadata {
+                self.metadata_faults_fired += 1;
+            }
+            self.coverage.record_fired(&f);
+            self.events.push(Event::FaultFired { disk, what: f.to_string() });
+        }
+        if mode != self.mode {
+            self.mode = mode;
+            self.events.push(Event::Mode(format!("{mode:?}").to_lowercase()));
+        }
+    }
+
+    fn oracle_op<T, E: fmt::Display>(
+        &mut self,
+        f: impl FnOnce(&mut Oracle) -> Result<T, E>,
+    ) -> Result<T, ThinFailure> {
+        f(&mut self.oracle).map_err(|e| ThinFailure {
+            step: self.step,
+            kind: "misuse",
+            what: format!("oracle misuse: {e}"),
+        })
+    }
+
+    fn apply_inner(&mut self, op: &Op) -> Result<(), ThinFailure> {
+        self.step += 1;
+        let size = self.cfg.origin_sectors();
+        match *op {
+            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
+                let sector = u64::from(sector) % size;
+                let nr = u64::from(nr_sectors.max(1)).min(size - sector);
+                let write = self.next_write;
+                self.next_write += 1;
+                let mut data = vec![0; (nr * SECTOR_SIZE) as usize];
+                stamp::fill(&mut data, self.cfg.run, write, DEV, sector);
+                let mut req = BioRequest::write(sector, data);
+                req.fua = fua;
+                req.preflush = preflush;
+                let flush = if preflush { Some(self.oracle_op(|o| o.flush_submitted(DEV)))? } else { None };
+                let ticket = self.oracle_op(|o| o.write_submitted(DEV, sector, nr, write, fua))?;
+                self.submit(req, Pending::Write(ticket, flush))?;
+            }
+            Op::Read { sector, nr_sectors, .. } => {
+                let sector = u64::from(sector) % size;
+                let nr = u64::from(nr_sectors.max(1)).min(size - sector);
+                let ticket = self.oracle_op(|o| o.read_submitted(DEV, sector, nr))?;
+                self.submit(BioRequest::read(sector, nr), Pending::Read(ticket))?;
+            }
+            Op::Discard { sector, nr_sectors, .. } => {
+                let sector = u64::from(sector) % size;
+                let nr = u64::from(nr_sectors.max(1)).min(size - sector);
+                let ticket = self.oracle_op(|o| o.discard_submitted(DEV, sector, nr))?;
+                self.submit(BioRequest::discard(sector, nr), Pending::Discard(ticket))?;
+            }
+            Op::Flush { .. } => {
+                let ticket = self.oracle_op(|o| o.flush_submitted(DEV))?;
+                self.submit(BioRequest::flush(), Pending::Flush(ticket))?;
+            }
+            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } => {
+                return Err(self.fail_as("misuse", format!("op {op:?} belongs to thin traces; this is a cache trace")));
+            }
+            Op::Worker => {
+                self.cache().run_worker();
+                self.collect()?;
+            }
+            Op::Complete { pick } => {
+                let io = self.cache().in_flight_io();
+                if !io.is_empty() {
+                    let id = io[pick as usize % io.len()].id;
+                    let r = self.cache().complete_io(id);
+                    r.map_err(|e| self.fail(e.to_string()))?;
+                    self.stats.data_ios += 1;
+                    self.collect()?;
+                }
+            }
+            Op::FailIo { pick } => {
+                let io = self.cache().in_flight_io();
+                if !io.is_empty() {
+                    let id = io[pick as usize % io.len()].id;
+                    self.faults_fired += 1;
+                    self.coverage.record_failed_io();
+                    let r = self.cache().fail_io(id, Errno::EIO);
+                    r.map_err(|e| self.fail(e.to_string()))?;
+                    self.stats.data_ios += 1;
+                    self.collect()?;
+                }
+            }
+            Op::Fault { disk, fault } => {
+                let c = self.cache();
+                match disk {
+                    DiskId::Metadata => {
+                        c.metadata().transaction_manager().block_manager().device_mut().arm(fault)
+                    }
+                    DiskId::Cache => c.cache_device().arm(fault),
+                    DiskId::Origin => c.origin_device().arm(fault),
+                    DiskId::Data => {
+                        return Err(self.fail_as(
+                            "misuse",
+                            "disk `data` belongs to thin traces; a cache has metadata, cache and origin",
+                        ))
+                    }
+                }
+            }
+            Op::Tick { millis } => {
+                self.now += u64::from(millis) * 1_000_000;
+                self.stats.sim_time_ns = self.now;
+                let now = self.now;
+                self.cache().set_time(now);
+                self.collect()?;
+            }
+            Op::Crash { mode, seed } => self.crash(mode, seed)?,
+            Op::Reload { mode, policy } => self.reload(mode, policy)?,
+            Op::Invalidate { cblock, nr } => {
+                let blocks = self.cfg.cache_blocks;
+                let begin = u64::from(cblock) % blocks;
+                let end = (begin + u64::from(nr.max(1))).min(blocks);
+                let words = ["invalidate_cblocks".to_string(), format!("{begin}-{end}")];
+                let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                let r = self.cache().message(&words);
+                self.observe();
+                match r {
+                    Ok(()) => {}
+                    // Refused outside passthrough (EPERM) or in read-only
+                    // mode (EOPNOTSUPP); an I/O error after a fault.
+                    Err(Errno::EPERM) | Err(Errno::EOPNOTSUPP) => {}
+                    Err(_) if self.metadata_faults_fired > 0 => {}
+                    Err(e) => return Err(self.fail(format!("invalidate_cblocks {begin}-{end} failed: {e}"))),
+                }
+            }
+            Op::Status => {
+                let _ = self.cache().status(false);
+                self.collect()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
+        self.stats.bios += 1;
+        let r = self.cache().submit(req);
+        let id = r.map_err(|e| self.fail(format!("submit: {e}")))?;
+        self.pending.insert(id, pending);
+        self.collect()
+    }
+
+    fn collect(&mut self) -> Result<(), ThinFailure> {
+        for c in self.cache().take_completions() {
+            self.completed(c)?;
+        }
+        Ok(())
+    }
+
+    fn completed(&mut self, c: CacheCompletion) -> Result<(), ThinFailure> {
+        self.observe();
+        let Some(pending) = self.pending.remove(&c.id) else {
+            return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
+        };
+        let ok = c.result.is_ok();
+        self.events.push(Event::Done {
+            bio: c.id.0,
+            dev: DEV,
+            result: match c.result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            },
+            read: matches!(pending, Pending::Read(_)).then(|| if ok { summarize(&c.data) } else { String::new() }),
+        });
+        match c.result {
+            Ok(()) => {}
+            Err(_) if self.faults_fired > 0 => self.stats.io_errors += 1,
+            Err(e) => {
+                return Err(self.fail(format!(
+                    "request {:?} failed with {e} in {:?} mode and no fault injected",
+                    c.id, self.mode
+                )))
+            }
+        }
+        match pending {
+            Pending::Write(write, flush) => {
+                if let Some(flush) = flush {
+                    self.oracle_op(|o| o.flush_completed(flush, ok))?;
+                }
+                self.oracle_op(|o| o.write_completed(write, ok))?;
+            }
+            Pending::Read(ticket) => {
+                self.stats.reads_checked += u64::from(ok);
+                if let Err(e) = self.oracle.read_completed(ticket, ok, &c.data) {
+                    return Err(self.fail_as("oracle", e.to_string()));
+                }
+            }
+            Pending::Discard(ticket) => self.oracle_op(|o| o.discard_completed(ticket, ok))?,
+            Pending::Flush(ticket) => self.oracle_op(|o| o.flush_completed(ticket, ok))?,
+        }
+        Ok(())
+    }
+
+    /// Runs the worker and completes data I/O, oldest first, until nothing
+    /// moves.
+    pub fn quiesce(&mut self) -> Result<(), ThinFailure> {
+        for _ in 0..1_000_000 {
+            self.collect()?;
+            let c = self.cache();
+            if c.worker_wanted() {
+                c.run_worker();
+                continue;
+            }
+            match c.in_flight_io().first() {
+                Some(io) => {
+                    let id = io.id;
+                    let r = self.cache().complete_io(id);
+                    r.map_err(|e| self.fail(e.to_string()))?;
+                    self.stats.data_ios += 1;
+                }
+                None => {
+                    self.collect()?;
+                    if !self.cache().is_idle() {
+                        return Err(self.fail("the cache is stuck: work pending with no I/O in flight"));
+                    }
+                    return self.check_model();
+                }
+            }
+        }
+        Err(self.fail("the cache never settled"))
+    }
+
+    /// Suspend (clean shutdown), swap the table, resume.
+    fn reload(&mut self, mode: CacheIoMode, policy: CachePolicyKind) -> Result<(), ThinFailure> {
+        self.quiesce()?;
+        let r = self.cache().suspend();
+        r.map_err(|e| self.fail(format!("suspend: {e}")))?;
+        self.observe();
+        self.check_clean_blocks()?;
+        let line = self.cfg.table_line(mode, policy);
+        let c = self.cache.take().expect("cache");
+        let (c, r) = match c.reload(&line) {
+            Ok(x) => x,
+            Err(f) => return Err(self.fail_as("load", format!("neither the new nor the old table loads: {}", f.error))),
+        };
+        self.cache = Some(c);
+        self.stats.reloads += 1;
+        match r {
+            Ok(()) => {
+                self.io_mode = mode;
+                self.policy = policy;
+            }
+            Err(e) if e.message.contains("passthrough") => self.stats.reloads_refused += 1,
+            Err(_) if self.metadata_faults_fired > 0 => self.stats.reloads_refused += 1,
+            Err(e) => return Err(self.fail_as("load", format!("table reload {line:?} refused: {e}"))),
+        }
+        Ok(())
+    }
+
+    /// After a clean shutdown with no fault injected: every mapping the
+    /// metadata records as clean has the same bytes on both devices.
+    fn check_clean_blocks(&mut self) -> Result<(), ThinFailure> {
+        if self.faults_fired > 0 || self.mode != CacheMode::Write {
+            return Ok(());
+        }
+        let bs = self.cfg.block_sectors;
+        let blocks = self.cfg.cache_blocks as u32;
+        let c = self.cache();
+        let mut bad = None;
+        for cb in 0..blocks {
+            let Ok(Some((oblock, dirty))) = c.metadata().lookup(cb) else { continue };
+            if dirty {
+                continue;
+            }
+            let len = (bs * SECTOR_SIZE) as usize;
+            let cs = (u64::from(cb) * bs * SECTOR_SIZE) as usize;
+            let os = (oblock * bs * SECTOR_SIZE) as usize;
+            let cached = &c.cache_device().visible()[cs..cs + len].to_vec();
+            let origin = &c.origin_device().visible()[os..os + len];
+            if cached != origin {
+                bad = Some((cb, oblock, summarize(cached), summarize(origin)));
+                break;
+            }
+        }
+        self.stats.clean_checks += 1;
+        match bad {
+            None => Ok(()),
+            Some((cb, ob, cached, origin)) => Err(self.fail_as(
+                "devices",
+                format!(
+                    "cache block {cb} is clean for origin block {ob} but the devices differ: cache [{cached}], origin [{origin}]"
+                ),
+            )),
+        }
+    }
+
+    fn crash(&mut self, mode: CrashMode, seed: u32) -> Result<(), ThinFailure> {
+        self.stats.crashes += 1;
+        let c = self.cache.take().expect("cache");
+        let k = c.counters();
+        for i in 0..3 {
+            self.before_crash[i] += k.succeeded[i];
+        }
+        self.before_crash[3] += k.overwrites;
+        self.before_crash[4] += k.commits;
+        let (metadata, cache, origin) = c.crash();
+        let (m_image, m) = metadata.crash_state(mode, seed);
+        let (c_image, cs) = cache.crash_state(mode, seed ^ 0x9e37_79b9);
+        let (o_image, os) = origin.crash_state(mode, seed ^ 0x7f4a_7c15);
+        self.coverage.record_crash(mode, &m);
+        self.coverage.record_crash(mode, &cs);
+        self.coverage.record_crash(mode, &os);
+        self.events.push(Event::Crashed {
+            metadata: (m.kept, m.unflushed),
+            data: (cs.kept + os.kept, cs.unflushed + os.unflushed),
+            torn: m.torn || cs.torn || os.torn,
+        });
+        self.pending.clear();
+        self.oracle.crash();
+        let mut dev = MemDevice::from_bytes(m_image.clone());
+        if let Err((_, why)) = crate::cache_check::judge(&mut dev, self.cfg.origin_blocks) {
+            return Err(self.fail_as("checker", format!("the metadata after a crash: {why}")));
+        }
+        let line = self.cfg.table_line(self.io_mode, self.policy);
+        let c = Cache::create(
+            &line,
+            SimDisk::from_image(m_image),
+            SimDisk::from_image(c_image),
+            SimDisk::from_image(o_image),
+            self.now,
+            self.cfg.options,
+        )
+        .map_err(|e| self.fail_as("load", format!("the cache does not load after a crash: {e}")))?;
+        self.cache = Some(c);
+        self.mode = CacheMode::Write;
+        Ok(())
+    }
+
+    /// Settles the cache, reads every origin block back through the
+    /// oracle, shuts down cleanly, compares clean blocks on both devices,
+    /// and checks the final metadata.
+    pub fn finish(&mut self) -> Result<(), ThinFailure> {
+        let r = self.finish_inner();
+        self.observe();
+        self.stats.sim_time_ns = self.now;
+        if let Err(f) = &r {
+            self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
+        }
+        r
+    }
+
+    fn finish_inner(&mut self) -> Result<(), ThinFailure> {
+        self.step += 1;
+        self.quiesce()?;
+        if !self.pending.is_empty() {
+            return Err(self.fail(format!("{} requests never completed", self.pending.len())));
+        }
+        let bs = self.cfg.block_sectors;
+        for b in 0..self.cfg.origin_blocks {
+            let ticket = self.oracle_op(|o| o.read_submitted(DEV, b * bs, bs))?;
+            self.submit(BioRequest::read(b * bs, bs), Pending::Read(ticket))?;
+            self.quiesce()?;
+        }
+        if !self.pending.is_empty() {
+            return Err(self.fail("read-back requests never completed"));
+        }
+        let r = self.cache().suspend();
+        r.map_err(|e| self.fail(format!("suspend: {e}")))?;
+        self.observe();
+        self.check_clean_blocks()?;
+        let image = self.metadata_image();
+        let mut dev = MemDevice::from_bytes(image);
+        if let Err((_, why)) = crate::cache_check::judge(&mut dev, self.cfg.origin_blocks) {
+            if self.metadata_faults_fired == 0 {
+                return Err(self.fail_as("checker", format!("the final metadata: {why}")));
+            }
+        }
+        Ok(())
+    }
+}
