@@ -139,6 +139,18 @@ pub fn describe_op(op: &Op) -> String {
         }
         Op::Tick { millis } => format!("time passes: {millis} ms"),
         Op::Crash { mode, seed } => format!("POWER CUT ({} crash, seed {seed}), then recovery", mode.name()),
+        Op::Reload { mode, policy } => format!(
+            "reload the cache: suspend (clean shutdown), load mode {} policy {}, resume",
+            mode.name(),
+            policy.name()
+        ),
+        Op::Invalidate { cblock, nr } => {
+            format!(
+                "invalidate_cblocks: cache blocks {} (modulo the cache size)",
+                range(cblock.into(), nr.into())
+            )
+        }
+        Op::Status => "status query (INFO; commits the metadata)".to_string(),
     }
 }
 
@@ -168,5 +180,35 @@ pub fn describe_event(e: &Event) -> String {
         ),
         Event::Mode(m) => format!("pool mode → {m}"),
         Event::Violation { kind, message } => format!("*** VIOLATION ({kind}): {message} ***"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dmsim_traces::{CacheIoMode, CachePolicyKind, DiskId, Header};
+
+    use super::*;
+
+    #[test]
+    fn the_cache_ops_and_disks_are_shown() {
+        let ops = [
+            Op::Reload { mode: CacheIoMode::Passthrough, policy: CachePolicyKind::Cleaner },
+            Op::Invalidate { cblock: 300, nr: 2 },
+            Op::Status,
+            Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: true } },
+        ];
+        let mut events: Vec<Event> = ops.into_iter().map(Event::Op).collect();
+        events.push(Event::FaultFired { disk: DiskId::Cache, what: "read-error".into() });
+        let trace = Trace { header: Header::default(), events };
+        let t = timeline(&trace, false, "x");
+        for want in [
+            "reload the cache: suspend (clean shutdown), load mode passthrough policy cleaner, resume",
+            "invalidate_cblocks: cache blocks 300..302",
+            "status query",
+            "arm a fault on the origin disk: the next write fails (permanent)",
+            "fault fired on the cache disk: read-error",
+        ] {
+            assert!(t.contains(want), "{want:?} missing from\n{t}");
+        }
     }
 }

@@ -254,11 +254,14 @@ impl FaultSwarm {
         self.crash_weight == 0 && self.fail_io_weight == 0 && self.fault_choices().is_empty()
     }
 
-    /// Whether `kind` may be armed on `disk` under these settings.
+    /// Whether `kind` may be armed on `disk` under these settings. These
+    /// are a thin pool's settings: never on the cache traces' disks
+    /// ([`DiskId::Cache`], [`DiskId::Origin`]).
     pub fn permits(&self, disk: DiskId, kind: DiskFaultKind) -> bool {
         let weight = match disk {
             DiskId::Metadata => self.metadata_fault_weight,
             DiskId::Data => self.data_fault_weight,
+            DiskId::Cache | DiskId::Origin => 0,
         };
         weight > 0
             && self.allowed.contains(&kind)

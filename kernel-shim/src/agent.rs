@@ -365,8 +365,13 @@ impl<'c> Replayer<'c> {
         (sector, nr.max(1).min(size - sector))
     }
 
-    /// Applies one op; what the kernel answered.
+    /// Applies one op; what the kernel answered. An op of cache traces (a
+    /// cache op, or a fault on a cache trace's disk) is an error: this is a
+    /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        if let Some(e) = op.thin_error() {
+            return Err(ShimError::Invalid(e));
+        }
         let done = |outcome: String, read: Option<String>| Ok(OpResult { index, outcome, read });
         let skipped = || done("skipped".into(), None);
         match *op {
@@ -478,6 +483,11 @@ impl<'c> Replayer<'c> {
             // every request above already ran to completion.
             Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
             Op::Fault { .. } | Op::Crash { .. } => done("unsupported".into(), None),
+            // Rejected above (`thin_error`); kept as an error here too.
+            Op::Reload { .. } | Op::Invalidate { .. } | Op::Status => Err(ShimError::Invalid(format!(
+                "op `{}` belongs to cache traces; this is a thin trace",
+                op.name()
+            ))),
         }
     }
 
@@ -821,6 +831,12 @@ fn run_pool_with(
                 }
                 let Some(op) = op else { break };
                 debug_assert!(i < nr_ops);
+                // A cache trace's op or disk: an error, before the flakey
+                // swap below could take a cache disk for the data disk.
+                if let Some(e) = op.thin_error() {
+                    result.error = Some(format!("op {i} ({op:?}): {e}"));
+                    break;
+                }
                 if let (Some(devs), Op::Fault { disk, fault: dmsim_traces::DiskFault::WriteError { .. } }) =
                     (flakey, op)
                 {

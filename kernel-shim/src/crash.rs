@@ -134,6 +134,9 @@ pub fn kernel_commit_ops(trace: &Trace, log_bytes: &[u8]) -> Result<BTreeSet<usi
 /// op during which the model's durable superblock changed.
 pub fn model_crash_states(trace: &Trace) -> Result<(Vec<CrashImages>, BTreeSet<usize>), ShimError> {
     let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+    if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
+        return Err(ShimError::Invalid(e));
+    }
     if let Some(op) = trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::Crash { .. })) {
         return Err(ShimError::Invalid(format!("crash states do not support {op:?} in the trace")));
     }

@@ -85,6 +85,9 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 /// As [`simulate_serialized`], with the final disks and their dump.
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
     let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+    if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
+        return Err(ShimError::Invalid(e));
+    }
     if let Some(op) = trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::Crash { .. })) {
         return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?} yet")));
     }

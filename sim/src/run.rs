@@ -447,10 +447,21 @@ pub struct Replay {
     pub first_difference: Option<(usize, String, String)>,
 }
 
-/// Runs a trace's ops again on its header's configuration.
+/// The ops of a thin trace; an error naming the first op that belongs to
+/// cache traces (a cache op, or a fault on a cache trace's disk).
+pub fn thin_ops(trace: &Trace) -> Result<Vec<Op>, ReplayError> {
+    let ops: Vec<Op> = trace.ops().collect();
+    match ops.iter().enumerate().find_map(|(i, op)| op.thin_error().map(|e| (i, e))) {
+        Some((i, e)) => Err(ReplayError(format!("op {} of the trace: {e}", i + 1))),
+        None => Ok(ops),
+    }
+}
+
+/// Runs a trace's ops again on its header's configuration. A trace with
+/// ops of cache traces is an error ([`thin_ops`]).
 pub fn replay(trace: &Trace, checkers: &Checkers) -> Result<Replay, ReplayError> {
     let cfg = RunConfig::from_header(&trace.header).map_err(ReplayError)?;
-    let ops: Vec<Op> = trace.ops().collect();
+    let ops = thin_ops(trace)?;
     let outcome = run_ops(&cfg, &ops, checkers);
     let first_difference = first_difference(&to_text(trace), &to_text(&outcome.trace));
     Ok(Replay { outcome, first_difference })
@@ -530,7 +541,7 @@ pub fn minimize(
         trace.violation().ok_or_else(|| ReplayError("the trace records no violation to preserve".into()))?;
     let signature = violation_signature(kind, message);
     let cfg = RunConfig::from_header(&trace.header).map_err(ReplayError)?;
-    let ops: Vec<Op> = trace.ops().collect();
+    let ops = thin_ops(trace)?;
     // thin_check costs a process per run: only worth it when it is the
     // detector that fired.
     let no_checkers = Checkers::default();
@@ -548,4 +559,72 @@ pub fn minimize(
     let (shrunk, _) = minimize_ops(&ops, &mut still_fails);
     let outcome = run_ops(&cfg, &shrunk, checkers);
     Ok(Minimized { ops_after: shrunk.len(), ops_before: ops.len(), trace: outcome.trace, runs, signature })
+}
+
+#[cfg(test)]
+mod tests {
+    use dmsim_traces::{CacheIoMode, CachePolicyKind, DiskFault, DiskId, Event};
+
+    use super::*;
+
+    /// A short thin run of seed 1 with `extra` spliced in after its first
+    /// few ops.
+    fn with(extra: Op) -> (RunConfig, Vec<Op>) {
+        let cfg = RunConfig::for_seed(1, 20, &CampaignSettings::default());
+        let mut ops = generate(&cfg);
+        ops.insert(3, extra);
+        (cfg, ops)
+    }
+
+    fn cache_ops() -> Vec<Op> {
+        vec![
+            Op::Reload { mode: CacheIoMode::Writethrough, policy: CachePolicyKind::Cleaner },
+            Op::Invalidate { cblock: 5, nr: 2 },
+            Op::Status,
+            Op::Fault { disk: DiskId::Cache, fault: DiskFault::ReadError { permanent: false } },
+            Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: true } },
+        ]
+    }
+
+    #[test]
+    fn a_thin_run_rejects_cache_ops_and_disks_as_a_trace_violation() {
+        for op in cache_ops() {
+            let (cfg, ops) = with(op);
+            let out = run_ops(&cfg, &ops, &Checkers::default());
+            let v = out.violation.unwrap_or_else(|| panic!("{op:?} was accepted"));
+            assert_eq!(v.kind, "trace", "{op:?}: {v}");
+            assert_eq!(v.step, 4, "{op:?}: {v}");
+            assert!(v.what.contains("belongs to cache traces; this is a thin trace"), "{v}");
+            assert!(v.what.contains(&format!("`{}`", op.name())) || v.what.contains("disk `"), "{v}");
+            // Recorded: the op, then the violation, and nothing after.
+            let n = out.trace.events.len();
+            assert_eq!(out.trace.events[n - 2], Event::Op(op));
+            assert!(matches!(&out.trace.events[n - 1], Event::Violation { kind, .. } if kind == "trace"));
+        }
+    }
+
+    #[test]
+    fn replay_and_minimize_refuse_a_trace_with_cache_ops() {
+        let (cfg, ops) = with(Op::Status);
+        let trace = Trace { header: cfg.header(), events: ops.into_iter().map(Event::Op).collect() };
+        let e = replay(&trace, &Checkers::default()).unwrap_err();
+        assert_eq!(e.0, "op 4 of the trace: op `status` belongs to cache traces; this is a thin trace");
+        let (cfg, ops) = with(Op::Reload { mode: CacheIoMode::Writeback, policy: CachePolicyKind::Smq });
+        let mut events: Vec<Event> = ops.into_iter().map(Event::Op).collect();
+        events.push(Event::Violation { kind: "oracle".into(), message: "x".into() });
+        let trace = Trace { header: cfg.header(), events };
+        let e = minimize(&trace, &Checkers::default(), |_, _| {}).unwrap_err();
+        assert!(e.0.contains("op `reload` belongs to cache traces"), "{e}");
+        assert_eq!(thin_ops(&Trace { header: cfg.header(), events: Vec::new() }), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn thin_generators_make_no_cache_ops() {
+        for seed in 0..32 {
+            let cfg = RunConfig::for_seed(seed, 200, &CampaignSettings::default());
+            for op in generate(&cfg) {
+                assert_eq!(op.thin_error(), None, "seed {seed}: {op:?}");
+            }
+        }
+    }
 }

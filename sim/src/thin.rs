@@ -95,7 +95,8 @@ pub struct ThinFailure {
     pub step: usize,
     /// Which detector: `oracle`, `checker`, `pool` (an unexpected error or
     /// a hang), `load` (the pool did not load after a crash), `misuse` (the
-    /// driver fed the oracle something impossible).
+    /// driver fed the oracle something impossible), `trace` (the op belongs
+    /// to cache traces: see [`ThinOp::thin_error`]).
     pub kind: &'static str,
     /// What happened.
     pub what: String,
@@ -478,6 +479,7 @@ impl ThinSim {
                     .pool()
                     .with_metadata(|md| md.transaction_manager().block_manager().device_mut().arm(fault)),
                 DiskId::Data => self.pool().with_data_device(|d| d.arm(fault)),
+                DiskId::Cache | DiskId::Origin => return Err(self.not_thin(op)),
             },
             ThinOp::Tick { millis } => {
                 self.now += u64::from(millis) * 1_000_000;
@@ -486,8 +488,18 @@ impl ThinSim {
                 self.collect()?;
             }
             ThinOp::Crash { mode, seed } => self.crash(mode, seed)?,
+            ThinOp::Reload { .. } | ThinOp::Invalidate { .. } | ThinOp::Status => {
+                return Err(self.not_thin(op))
+            }
         }
         Ok(())
+    }
+
+    /// The failure of an op a thin pool cannot take (a cache trace's op or
+    /// disk): kind `trace`, never a panic and never skipped.
+    fn not_thin(&self, op: &ThinOp) -> ThinFailure {
+        let what = op.thin_error().unwrap_or_else(|| format!("op `{}` is not a thin-pool op", op.name()));
+        self.fail_as("trace", what)
     }
 
     fn metadata_writable(&self) -> bool {

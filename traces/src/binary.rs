@@ -43,19 +43,28 @@
 //! 0x08 worker
 //! 0x09 complete     pick u8
 //! 0x0a fail-io      pick u8
-//! 0x0b fault        disk byte (0 metadata, 1 data), fault byte, then:
+//! 0x0b fault        disk byte (0 metadata, 1 data, 2 cache, 3 origin), fault byte, then:
 //!                     0 read-error  permanent bool
 //!                     1 write-error permanent bool
 //!                     2 bit-flip    bit u32
 //!                     3 misdirect   offset i32 (zigzag)
 //! 0x0c tick         millis u16
 //! 0x0d crash        mode byte (0 lose-all, 1 keep-all, 2 prefix, 3 subset, 4 torn), seed u32
+//! 0x0e reload       mode byte (0 writeback, 1 writethrough, 2 passthrough),
+//!                   policy byte (0 smq, 1 cleaner)
+//! 0x0f invalidate   cblock u32, nr u16
+//! 0x10 status
 //! 0x20 done         bio u64, dev u32, result string, read: bool present, then string if 1
 //! 0x21 fault-fired  disk byte, what string
 //! 0x22 crashed      metadata kept u32, unflushed u32, data kept u32, unflushed u32, torn bool
 //! 0x23 mode         string
 //! 0x24 violation    kind string, message string
 //! ```
+//!
+//! Tags `0x0e`–`0x10` and disk bytes 2 and 3 are the cache ops and disks,
+//! added after the first thin traces were written; every earlier encoding
+//! is unchanged, so those traces decode as before. A disk byte means the
+//! same in `fault` and `fault-fired`.
 //!
 //! Numbers of the `u8` and `u16` fields are varints too (the format has one
 //! integer encoding); a value out of the field's range is an error.
@@ -64,7 +73,7 @@
 //! byte offset where decoding failed and what was expected there.
 
 use crate::error::{Location, TraceError};
-use crate::op::{CrashMode, DiskFault, DiskId, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
 use crate::trace::{Event, Header, Trace, FORMAT_VERSION};
 
 /// The first four bytes of a binary trace.
@@ -84,6 +93,9 @@ mod tag {
     pub const FAULT: u8 = 0x0b;
     pub const TICK: u8 = 0x0c;
     pub const CRASH: u8 = 0x0d;
+    pub const RELOAD: u8 = 0x0e;
+    pub const INVALIDATE: u8 = 0x0f;
+    pub const STATUS: u8 = 0x10;
     pub const DONE: u8 = 0x20;
     pub const FAULT_FIRED: u8 = 0x21;
     pub const CRASHED: u8 = 0x22;
@@ -130,6 +142,8 @@ impl Writer {
         self.byte(match d {
             DiskId::Metadata => 0,
             DiskId::Data => 1,
+            DiskId::Cache => 2,
+            DiskId::Origin => 3,
         });
     }
 
@@ -208,6 +222,24 @@ impl Writer {
                 self.byte(m as u8);
                 self.varint(seed.into());
             }
+            Op::Reload { mode, policy } => {
+                self.byte(tag::RELOAD);
+                self.byte(match mode {
+                    CacheIoMode::Writeback => 0,
+                    CacheIoMode::Writethrough => 1,
+                    CacheIoMode::Passthrough => 2,
+                });
+                self.byte(match policy {
+                    CachePolicyKind::Smq => 0,
+                    CachePolicyKind::Cleaner => 1,
+                });
+            }
+            Op::Invalidate { cblock, nr } => {
+                self.byte(tag::INVALIDATE);
+                self.varint(cblock.into());
+                self.varint(nr.into());
+            }
+            Op::Status => self.byte(tag::STATUS),
         }
     }
 
@@ -369,7 +401,11 @@ impl<'a> Reader<'a> {
         match self.byte(what)? {
             0 => Ok(DiskId::Metadata),
             1 => Ok(DiskId::Data),
-            b => Err(self.err(at, format!("{what}: 0 (metadata) or 1 (data), not {b}"))),
+            2 => Ok(DiskId::Cache),
+            3 => Ok(DiskId::Origin),
+            b => {
+                Err(self.err(at, format!("{what}: 0 (metadata), 1 (data), 2 (cache) or 3 (origin), not {b}")))
+            }
         }
     }
 
@@ -436,6 +472,29 @@ impl<'a> Reader<'a> {
                     .ok_or_else(|| self.err(mat, format!("a crash mode 0..=4, not {m}")))?;
                 Op::Crash { mode, seed: self.u32("seed")? }
             }
+            tag::RELOAD => {
+                let mat = self.pos;
+                let mode = match self.byte("a cache I/O mode")? {
+                    0 => CacheIoMode::Writeback,
+                    1 => CacheIoMode::Writethrough,
+                    2 => CacheIoMode::Passthrough,
+                    m => return Err(self.err(
+                        mat,
+                        format!(
+                            "a cache I/O mode 0 (writeback), 1 (writethrough) or 2 (passthrough), not {m}"
+                        ),
+                    )),
+                };
+                let pat = self.pos;
+                let policy = match self.byte("a cache policy")? {
+                    0 => CachePolicyKind::Smq,
+                    1 => CachePolicyKind::Cleaner,
+                    p => return Err(self.err(pat, format!("a cache policy 0 (smq) or 1 (cleaner), not {p}"))),
+                };
+                Op::Reload { mode, policy }
+            }
+            tag::INVALIDATE => Op::Invalidate { cblock: self.u32("cblock")?, nr: self.u16("nr")? },
+            tag::STATUS => Op::Status,
             tag::DONE => {
                 let bio = self.varint("bio")?;
                 let dev = self.u32("dev")?;
@@ -455,7 +514,7 @@ impl<'a> Reader<'a> {
             tag::VIOLATION => {
                 return Ok(Event::Violation { kind: self.str("kind")?, message: self.str("message")? });
             }
-            t => return Err(self.err(at, format!("an event tag (0x01..=0x0d, 0x20..=0x24), not {t:#04x}"))),
+            t => return Err(self.err(at, format!("an event tag (0x01..=0x10, 0x20..=0x24), not {t:#04x}"))),
         };
         Ok(Event::Op(op))
     }

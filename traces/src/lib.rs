@@ -4,7 +4,7 @@
 //!
 //! - [`stamp`]: the self-describing payload every written sector carries,
 //!   so that a read names the exact write whose data came back.
-//! - [`op`]: the inputs of a thin-pool run.
+//! - [`op`]: the inputs of a thin-pool or cache run.
 //! - [`trace`]: the schema (header, events).
 //! - [`text`]: the text encoding (one event per line; the format's
 //!   reference is that module's documentation).
@@ -28,6 +28,6 @@ pub mod trace;
 pub use binary::{from_bytes, to_bytes};
 pub use error::{Location, TraceError};
 pub use minimize::{ddmin, simpler_ops, simplify_each, Stats};
-pub use op::{CrashMode, DiskFault, DiskId, Op};
+pub use op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
 pub use text::{from_text, to_text};
 pub use trace::{Event, Header, Trace, FORMAT_VERSION};

@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 
-use crate::op::{CrashMode, DiskFault, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, Op};
 
 /// What a minimization cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -200,7 +200,10 @@ fn simplify_inner<T: Clone>(
 /// simplification ends): the all-at-once simplest version first, then one
 /// field at a time. Devices, picks and sectors go to 0, lengths to 1 or
 /// half, flags off, faults transient and toward bit 0 / offset ±1, ticks
-/// shorter, crashes toward [`CrashMode::LoseAll`] and seed 0.
+/// shorter, crashes toward [`CrashMode::LoseAll`] and seed 0, reloads
+/// toward the earlier modes and policies of [`CacheIoMode::ALL`] and
+/// [`CachePolicyKind::ALL`] (writeback, smq), invalidations toward cache
+/// block 0 and one block.
 pub fn simpler_ops(op: &Op) -> Vec<Op> {
     let mut out: Vec<Op> = Vec::new();
     match *op {
@@ -287,7 +290,27 @@ pub fn simpler_ops(op: &Op) -> Vec<Op> {
                 out.push(Op::Crash { mode, seed: 0 });
             }
         }
-        Op::CreateThin | Op::Worker => {}
+        Op::Reload { mode, policy } => {
+            let rank = |m: CacheIoMode| CacheIoMode::ALL.iter().position(|&x| x == m).unwrap_or(0);
+            let prank = |p: CachePolicyKind| CachePolicyKind::ALL.iter().position(|&x| x == p).unwrap_or(0);
+            out.push(Op::Reload { mode: CacheIoMode::ALL[0], policy: CachePolicyKind::ALL[0] });
+            for &m in CacheIoMode::ALL.iter().filter(|&&m| rank(m) < rank(mode)) {
+                out.push(Op::Reload { mode: m, policy });
+            }
+            for &p in CachePolicyKind::ALL.iter().filter(|&&p| prank(p) < prank(policy)) {
+                out.push(Op::Reload { mode, policy: p });
+            }
+        }
+        Op::Invalidate { cblock, nr } => {
+            out.push(Op::Invalidate { cblock: 0, nr: nr.min(1) });
+            for n in smaller(nr.into(), 1) {
+                out.push(Op::Invalidate { cblock, nr: n as u16 });
+            }
+            for c in smaller(cblock.into(), 0) {
+                out.push(Op::Invalidate { cblock: c as u32, nr });
+            }
+        }
+        Op::CreateThin | Op::Worker | Op::Status => {}
     }
     let mut unique: Vec<Op> = Vec::with_capacity(out.len());
     for o in out {

@@ -1,5 +1,11 @@
-//! The inputs of a thin-pool run: every decision the simulator's scheduler
-//! (or a test, or a person editing a trace) makes, one [`Op`] at a time.
+//! The inputs of a thin-pool or cache run: every decision the simulator's
+//! scheduler (or a test, or a person editing a trace) makes, one [`Op`] at
+//! a time.
+//!
+//! Thin traces and cache traces share the schema. Most ops mean the same in
+//! both; [`Op::Reload`], [`Op::Invalidate`] and [`Op::Status`] belong to
+//! cache traces only, and so do the disks [`DiskId::Cache`] and
+//! [`DiskId::Origin`] (a thin replay rejects them with an error).
 //!
 //! Ops are written so that any sequence is meaningful: devices are picked
 //! by index modulo the live devices, positions modulo the device size, the
@@ -46,27 +52,110 @@ impl CrashMode {
     }
 }
 
-/// Which simulated disk a fault is armed on.
+/// Which simulated disk a fault is armed on. Thin traces use
+/// [`Metadata`](DiskId::Metadata) and [`Data`](DiskId::Data); cache traces
+/// use [`Metadata`](DiskId::Metadata), [`Cache`](DiskId::Cache) and
+/// [`Origin`](DiskId::Origin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DiskId {
-    /// The pool's metadata device.
+    /// The pool's (or the cache target's) metadata device.
     Metadata,
-    /// The pool's data device.
+    /// The pool's data device (thin traces only).
     Data,
+    /// The cache target's fast device, which holds the cache blocks (cache
+    /// traces only).
+    Cache,
+    /// The cache target's origin, the slow device it caches (cache traces
+    /// only).
+    Origin,
 }
 
 impl DiskId {
+    /// Every disk, in the order of their binary encoding.
+    pub const ALL: [DiskId; 4] = [DiskId::Metadata, DiskId::Data, DiskId::Cache, DiskId::Origin];
+
     /// The name used in text traces.
     pub fn name(self) -> &'static str {
         match self {
             DiskId::Metadata => "metadata",
             DiskId::Data => "data",
+            DiskId::Cache => "cache",
+            DiskId::Origin => "origin",
         }
     }
 
     /// The disk called `name` in text traces.
     pub fn from_name(name: &str) -> Option<DiskId> {
-        [DiskId::Metadata, DiskId::Data].into_iter().find(|d| d.name() == name)
+        DiskId::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Whether the disk belongs to a thin pool ([`Metadata`](DiskId::Metadata)
+    /// or [`Data`](DiskId::Data)); the others exist in cache traces only.
+    pub fn is_thin(self) -> bool {
+        matches!(self, DiskId::Metadata | DiskId::Data)
+    }
+}
+
+/// The I/O mode of a cache target (its table's feature argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CacheIoMode {
+    /// Writes go to the cache only and are written back to the origin
+    /// later (the cache holds dirty blocks).
+    Writeback,
+    /// Writes go to the origin and to the cache (no dirty blocks).
+    Writethrough,
+    /// Every I/O goes to the origin; cached blocks are invalidated on
+    /// write (requires a clean cache).
+    Passthrough,
+}
+
+impl CacheIoMode {
+    /// Every mode, in the order of their binary encoding (the minimizer
+    /// tries earlier ones first).
+    pub const ALL: [CacheIoMode; 3] =
+        [CacheIoMode::Writeback, CacheIoMode::Writethrough, CacheIoMode::Passthrough];
+
+    /// The name used in text traces (and in the kernel's table line).
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheIoMode::Writeback => "writeback",
+            CacheIoMode::Writethrough => "writethrough",
+            CacheIoMode::Passthrough => "passthrough",
+        }
+    }
+
+    /// The mode called `name` in text traces.
+    pub fn from_name(name: &str) -> Option<CacheIoMode> {
+        CacheIoMode::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// The replacement policy a cache target is loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CachePolicyKind {
+    /// The stochastic multiqueue policy (the kernel's default).
+    Smq,
+    /// The cleaner policy: writes every dirty block back and promotes
+    /// nothing.
+    Cleaner,
+}
+
+impl CachePolicyKind {
+    /// Every policy, in the order of their binary encoding (the minimizer
+    /// tries earlier ones first).
+    pub const ALL: [CachePolicyKind; 2] = [CachePolicyKind::Smq, CachePolicyKind::Cleaner];
+
+    /// The name used in text traces (and in the kernel's table line).
+    pub fn name(self) -> &'static str {
+        match self {
+            CachePolicyKind::Smq => "smq",
+            CachePolicyKind::Cleaner => "cleaner",
+        }
+    }
+
+    /// The policy called `name` in text traces.
+    pub fn from_name(name: &str) -> Option<CachePolicyKind> {
+        CachePolicyKind::ALL.into_iter().find(|p| p.name() == name)
     }
 }
 
@@ -101,7 +190,7 @@ pub enum DiskFault {
     },
 }
 
-/// One input of a thin-pool run.
+/// One input of a thin-pool or cache run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Write `nr_sectors` (at least 1) at `sector` of a device.
@@ -186,9 +275,75 @@ pub enum Op {
         /// Seed of the choices within the mode.
         seed: u32,
     },
+    /// Cache traces only: suspend the cache (its clean shutdown), load a
+    /// table with this mode and policy on the same devices, and resume.
+    Reload {
+        /// The I/O mode of the new table.
+        mode: CacheIoMode,
+        /// The policy of the new table.
+        policy: CachePolicyKind,
+    },
+    /// Cache traces only: the `invalidate_cblocks` message for the cache
+    /// blocks `cblock..cblock + nr`.
+    Invalidate {
+        /// First cache block (modulo the cache size).
+        cblock: u32,
+        /// How many blocks; meant to be at least 1 (the codecs accept any
+        /// value, as for the lengths of other ops, and the simulator reads
+        /// 0 as 1).
+        nr: u16,
+    },
+    /// Cache traces only: an INFO status query (in the kernel it commits
+    /// as a side effect).
+    Status,
 }
 
 impl Op {
     /// A crash that keeps only durable data (the simplest crash state).
     pub const CRASH: Op = Op::Crash { mode: CrashMode::LoseAll, seed: 0 };
+
+    /// The op's name: the first word of its text line (`write`, `crash`,
+    /// `reload`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Write { .. } => "write",
+            Op::Read { .. } => "read",
+            Op::Discard { .. } => "discard",
+            Op::Flush { .. } => "flush",
+            Op::CreateThin => "create-thin",
+            Op::CreateSnap { .. } => "create-snap",
+            Op::Delete { .. } => "delete",
+            Op::Worker => "worker",
+            Op::Complete { .. } => "complete",
+            Op::FailIo { .. } => "fail-io",
+            Op::Fault { .. } => "fault",
+            Op::Tick { .. } => "tick",
+            Op::Crash { .. } => "crash",
+            Op::Reload { .. } => "reload",
+            Op::Invalidate { .. } => "invalidate",
+            Op::Status => "status",
+        }
+    }
+
+    /// Whether the op belongs to cache traces only ([`Op::Reload`],
+    /// [`Op::Invalidate`], [`Op::Status`]).
+    pub fn is_cache_only(&self) -> bool {
+        matches!(self, Op::Reload { .. } | Op::Invalidate { .. } | Op::Status)
+    }
+
+    /// Why a thin run cannot take this op, if it cannot: a cache-only op,
+    /// or a fault on a disk the pool does not have. `None` for every op a
+    /// thin trace may hold.
+    pub fn thin_error(&self) -> Option<String> {
+        match self {
+            op if op.is_cache_only() => {
+                Some(format!("op `{}` belongs to cache traces; this is a thin trace", op.name()))
+            }
+            Op::Fault { disk, .. } if !disk.is_thin() => Some(format!(
+                "disk `{}` belongs to cache traces; this is a thin trace (its disks are `metadata` and `data`)",
+                disk.name()
+            )),
+            _ => None,
+        }
+    }
 }

@@ -96,6 +96,9 @@
 //! fault DISK misdirect offset=N                  Op::Fault, DiskFault::Misdirect (N signed)
 //! tick ms=N                                      Op::Tick
 //! crash MODE seed=N                              Op::Crash
+//! reload mode=IOMODE policy=POLICY               Op::Reload (cache traces only)
+//! invalidate cblock=N nr=N                       Op::Invalidate (cache traces only)
+//! status                                         Op::Status (cache traces only)
 //! done bio=N dev=N S [read=S]                    Event::Done (S = result)
 //! fault-fired DISK S                             Event::FaultFired
 //! crashed metadata=N/N data=N/N [torn]           Event::Crashed (kept/unflushed)
@@ -103,8 +106,12 @@
 //! violation S S                                  Event::Violation (kind, message)
 //! ```
 //!
-//! `DISK` is `metadata` or `data` ([`DiskId::name`]); `MODE` is one of
-//! `lose-all`, `keep-all`, `prefix`, `subset`, `torn` ([`CrashMode::name`]).
+//! `DISK` is `metadata` or `data` in thin traces, `metadata`, `cache` or
+//! `origin` in cache traces ([`DiskId::name`]); `MODE` is one of
+//! `lose-all`, `keep-all`, `prefix`, `subset`, `torn` ([`CrashMode::name`]);
+//! `IOMODE` is one of `writeback`, `writethrough`, `passthrough`
+//! ([`CacheIoMode::name`]); `POLICY` is `smq` or `cleaner`
+//! ([`CachePolicyKind::name`]).
 //!
 //! # Errors
 //!
@@ -116,7 +123,7 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 
 use crate::error::{clip, Location, TraceError};
-use crate::op::{CrashMode, DiskFault, DiskId, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
 use crate::trace::{Event, Header, Trace, FORMAT_VERSION};
 
 /// The first word of a text trace.
@@ -217,6 +224,9 @@ pub fn op_to_line(op: &Op) -> String {
         }
         Op::Tick { millis } => format!("tick ms={millis}"),
         Op::Crash { mode, seed } => format!("crash {} seed={seed}", mode.name()),
+        Op::Reload { mode, policy } => format!("reload mode={} policy={}", mode.name(), policy.name()),
+        Op::Invalidate { cblock, nr } => format!("invalidate cblock={cblock} nr={nr}"),
+        Op::Status => "status".to_string(),
     }
 }
 
@@ -430,9 +440,20 @@ impl<'l, 'a> Args<'l, 'a> {
     }
 
     fn disk(&mut self) -> Result<DiskId, TraceError> {
-        let v = self.next("a disk: `metadata` or `data`")?;
-        DiskId::from_name(&v)
-            .ok_or_else(|| self.err(format!("a disk: `metadata` or `data`, not {:?}", clip(&v))))
+        const DISKS: &str = "a disk: `metadata` or `data` (thin), `metadata`, `cache` or `origin` (cache)";
+        let v = self.next(DISKS)?;
+        DiskId::from_name(&v).ok_or_else(|| self.err(format!("{DISKS}, not {:?}", clip(&v))))
+    }
+
+    /// `key=NAME`, one of `names`' values (`what` names them in messages).
+    fn named<T: Copy>(&mut self, key: &str, what: &str, names: &[(T, &str)]) -> Result<T, TraceError> {
+        let list = names.iter().map(|(_, n)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let v = self.take_key(key).ok_or_else(|| self.err(format!("`{key}=` {what}: {list}")))?;
+        names
+            .iter()
+            .find(|(_, n)| *n == v)
+            .map(|&(t, _)| t)
+            .ok_or_else(|| self.err(format!("`{key}=` {what}: {list}; not {:?}", clip(&v))))
     }
 
     fn finish<T>(self, value: T) -> Result<T, TraceError> {
@@ -476,7 +497,8 @@ fn parse_num<T: FromStr>(s: &str) -> Option<T> {
 }
 
 const EVENTS: &str = "an event: write, read, discard, flush, create-thin, create-snap, delete, worker, \
-     complete, fail-io, fault, tick, crash, done, fault-fired, crashed, mode or violation";
+     complete, fail-io, fault, tick, crash, reload, invalidate, status, done, fault-fired, crashed, mode \
+     or violation";
 
 fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
     let Some(name) = line.keyword() else {
@@ -499,6 +521,9 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         }
         "tick" => "tick ms=N",
         "crash" => "crash lose-all|keep-all|prefix|subset|torn seed=N",
+        "reload" => "reload mode=writeback|writethrough|passthrough policy=smq|cleaner",
+        "invalidate" => "invalidate cblock=N nr=N",
+        "status" => "status",
         "done" => "done bio=N dev=N RESULT [read=S]",
         "fault-fired" => "fault-fired DISK WHAT",
         "crashed" => "crashed metadata=N/N data=N/N [torn]",
@@ -584,6 +609,18 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
             let seed = a.num("seed")?;
             a.finish(op(Op::Crash { mode, seed }))
         }
+        "reload" => {
+            let modes = CacheIoMode::ALL.map(|m| (m, m.name()));
+            let mode = a.named("mode", "a cache I/O mode", &modes)?;
+            let policies = CachePolicyKind::ALL.map(|p| (p, p.name()));
+            let policy = a.named("policy", "a cache policy", &policies)?;
+            a.finish(op(Op::Reload { mode, policy }))
+        }
+        "invalidate" => {
+            let (cblock, nr) = (a.num("cblock")?, a.num("nr")?);
+            a.finish(op(Op::Invalidate { cblock, nr }))
+        }
+        "status" => a.finish(op(Op::Status)),
         "done" => {
             let (bio, dev) = (a.num("bio")?, a.num("dev")?);
             let result = a.next("a result (`ok` or an errno name)")?;

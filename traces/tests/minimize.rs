@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use dmsim_traces::minimize::{
     ddmin, ddmin_with_stats, minimize_ops, simpler_ops, simplify_each, simplify_each_with_stats,
 };
-use dmsim_traces::{CrashMode, DiskFault, DiskId, Op};
+use dmsim_traces::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -125,6 +125,15 @@ fn any_op() -> impl Strategy<Value = Op> {
         any::<u16>().prop_map(|millis| Op::Tick { millis }),
         (prop::sample::select(CrashMode::ALL.to_vec()), any::<u32>())
             .prop_map(|(mode, seed)| Op::Crash { mode, seed }),
+        (
+            prop::sample::select(CacheIoMode::ALL.to_vec()),
+            prop::sample::select(CachePolicyKind::ALL.to_vec())
+        )
+            .prop_map(|(mode, policy)| Op::Reload { mode, policy }),
+        (any::<u32>(), any::<u16>()).prop_map(|(cblock, nr)| Op::Invalidate { cblock, nr }),
+        Just(Op::Status),
+        (prop::sample::select(DiskId::ALL.to_vec()), any::<bool>())
+            .prop_map(|(disk, permanent)| Op::Fault { disk, fault: DiskFault::ReadError { permanent } }),
     ]
 }
 
@@ -157,6 +166,29 @@ fn simpler_ops_examples() {
     );
     assert_eq!(simpler_ops(&Op::Complete { pick: 0 }), vec![]);
     assert_eq!(simpler_ops(&Op::Worker), vec![]);
+    assert_eq!(simpler_ops(&Op::Status), vec![]);
+    let reload = |mode, policy| Op::Reload { mode, policy };
+    assert_eq!(
+        simpler_ops(&reload(CacheIoMode::Passthrough, CachePolicyKind::Cleaner)),
+        vec![
+            reload(CacheIoMode::Writeback, CachePolicyKind::Smq),
+            reload(CacheIoMode::Writeback, CachePolicyKind::Cleaner),
+            reload(CacheIoMode::Writethrough, CachePolicyKind::Cleaner),
+            reload(CacheIoMode::Passthrough, CachePolicyKind::Smq),
+        ]
+    );
+    assert_eq!(simpler_ops(&reload(CacheIoMode::Writeback, CachePolicyKind::Smq)), vec![]);
+    assert_eq!(
+        simpler_ops(&Op::Invalidate { cblock: 300, nr: 8 }),
+        vec![
+            Op::Invalidate { cblock: 0, nr: 1 },
+            Op::Invalidate { cblock: 300, nr: 1 },
+            Op::Invalidate { cblock: 300, nr: 4 },
+            Op::Invalidate { cblock: 0, nr: 8 },
+            Op::Invalidate { cblock: 150, nr: 8 },
+        ]
+    );
+    assert_eq!(simpler_ops(&Op::Invalidate { cblock: 0, nr: 1 }), vec![]);
 }
 
 /// The failure: a FUA write of at least 4 sectors somewhere before a crash

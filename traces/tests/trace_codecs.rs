@@ -4,7 +4,10 @@
 
 use dmsim_traces::binary::{self, from_bytes, to_bytes};
 use dmsim_traces::text::{self, event_from_line, from_text, to_text};
-use dmsim_traces::{CrashMode, DiskFault, DiskId, Event, Header, Location, Op, Trace, TraceError};
+use dmsim_traces::{
+    CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Event, Header, Location, Op, Trace,
+    TraceError,
+};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -96,6 +99,133 @@ fn binary_snapshot_of_every_event() {
     assert_eq!(from_bytes(&bytes).unwrap(), trace);
 }
 
+/// A cache trace: every cache op, mode, policy and disk.
+fn every_cache_event() -> Trace {
+    let mut events = Vec::new();
+    for mode in CacheIoMode::ALL {
+        for policy in CachePolicyKind::ALL {
+            events.push(Event::Op(Op::Reload { mode, policy }));
+        }
+    }
+    events.extend(
+        [
+            Op::Invalidate { cblock: 0, nr: 1 },
+            Op::Invalidate { cblock: 300, nr: 200 },
+            Op::Invalidate { cblock: u32::MAX, nr: u16::MAX },
+            Op::Status,
+            Op::Fault { disk: DiskId::Cache, fault: DiskFault::ReadError { permanent: true } },
+            Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: false } },
+            Op::Fault { disk: DiskId::Metadata, fault: DiskFault::BitFlip { bit: 3 } },
+        ]
+        .map(Event::Op),
+    );
+    events.extend([
+        Event::FaultFired { disk: DiskId::Cache, what: "read-error".into() },
+        Event::FaultFired { disk: DiskId::Origin, what: "write-error".into() },
+    ]);
+    Trace { header: Header { seed: 9, workload: "cache".into(), params: vec![] }, events }
+}
+
+#[test]
+fn cache_ops_text_encoding() {
+    let trace = every_cache_event();
+    let text = to_text(&trace);
+    assert_eq!(
+        text,
+        "dmsim-trace 1\nseed 9\nworkload cache\n\
+         reload mode=writeback policy=smq\n\
+         reload mode=writeback policy=cleaner\n\
+         reload mode=writethrough policy=smq\n\
+         reload mode=writethrough policy=cleaner\n\
+         reload mode=passthrough policy=smq\n\
+         reload mode=passthrough policy=cleaner\n\
+         invalidate cblock=0 nr=1\n\
+         invalidate cblock=300 nr=200\n\
+         invalidate cblock=4294967295 nr=65535\n\
+         status\n\
+         fault cache read-error permanent\n\
+         fault origin write-error transient\n\
+         fault metadata bit-flip bit=3\n\
+         fault-fired cache read-error\n\
+         fault-fired origin write-error\n"
+    );
+    assert_eq!(from_text(&text).unwrap(), trace);
+    // Keys in any order, quoted values, comments.
+    assert_eq!(
+        event_from_line("reload policy=\"cleaner\" mode=writethrough # x").unwrap(),
+        Some(Event::Op(Op::Reload { mode: CacheIoMode::Writethrough, policy: CachePolicyKind::Cleaner }))
+    );
+    assert_eq!(
+        event_from_line("invalidate nr=2 cblock=7").unwrap(),
+        Some(Event::Op(Op::Invalidate { cblock: 7, nr: 2 }))
+    );
+    assert_eq!(event_from_line("status").unwrap(), Some(Event::Op(Op::Status)));
+}
+
+#[test]
+fn cache_ops_binary_encoding() {
+    let trace = every_cache_event();
+    let bytes = to_bytes(&trace);
+    let mut expected = b"DMTR\x01\x09\x05cache\x00".to_vec();
+    expected.push(trace.events.len() as u8);
+    for (m, p) in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)] {
+        expected.extend([0x0e, m, p]);
+    }
+    expected.extend([0x0f, 0x00, 0x01]);
+    expected.extend([0x0f, 0xac, 0x02, 0xc8, 0x01]);
+    expected.extend([0x0f, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff, 0x03]);
+    expected.push(0x10);
+    expected.extend([0x0b, 0x02, 0x00, 0x01]);
+    expected.extend([0x0b, 0x03, 0x01, 0x00]);
+    expected.extend([0x0b, 0x00, 0x02, 0x03]);
+    expected.extend([0x21, 0x02, 0x0a]);
+    expected.extend(b"read-error");
+    expected.extend([0x21, 0x03, 0x0b]);
+    expected.extend(b"write-error");
+    assert_eq!(hex(&bytes), hex(&expected));
+    assert_eq!(from_bytes(&bytes).unwrap(), trace);
+}
+
+#[test]
+fn new_names_and_all_lists() {
+    for d in DiskId::ALL {
+        assert_eq!(DiskId::from_name(d.name()), Some(d));
+    }
+    assert_eq!(DiskId::from_name("cache"), Some(DiskId::Cache));
+    assert_eq!(DiskId::from_name("origin"), Some(DiskId::Origin));
+    assert_eq!(DiskId::from_name("Cache"), None);
+    for m in CacheIoMode::ALL {
+        assert_eq!(CacheIoMode::from_name(m.name()), Some(m));
+    }
+    assert_eq!(CacheIoMode::ALL.map(CacheIoMode::name), ["writeback", "writethrough", "passthrough"]);
+    assert_eq!(CacheIoMode::from_name("writearound"), None);
+    for p in CachePolicyKind::ALL {
+        assert_eq!(CachePolicyKind::from_name(p.name()), Some(p));
+    }
+    assert_eq!(CachePolicyKind::ALL.map(CachePolicyKind::name), ["smq", "cleaner"]);
+    assert_eq!(CachePolicyKind::from_name("mq"), None);
+}
+
+#[test]
+fn thin_errors_name_the_cache_ops_and_disks() {
+    let reload = Op::Reload { mode: CacheIoMode::Writeback, policy: CachePolicyKind::Smq };
+    assert_eq!(reload.thin_error().unwrap(), "op `reload` belongs to cache traces; this is a thin trace");
+    assert!(Op::Invalidate { cblock: 0, nr: 1 }.thin_error().unwrap().contains("`invalidate`"));
+    assert!(Op::Status.thin_error().unwrap().contains("`status`"));
+    let f = |disk| Op::Fault { disk, fault: DiskFault::BitFlip { bit: 0 } };
+    assert!(f(DiskId::Cache).thin_error().unwrap().contains("disk `cache`"));
+    assert!(f(DiskId::Origin).thin_error().unwrap().contains("disk `origin`"));
+    assert_eq!(f(DiskId::Metadata).thin_error(), None);
+    assert_eq!(f(DiskId::Data).thin_error(), None);
+    for op in every_event().ops() {
+        assert_eq!(op.thin_error(), None, "{op:?}");
+        assert_eq!(text::op_to_line(&op).split(' ').next(), Some(op.name()));
+    }
+    for op in every_cache_event().ops() {
+        assert_eq!(text::op_to_line(&op).split(' ').next(), Some(op.name()));
+    }
+}
+
 #[test]
 fn empty_trace_round_trips() {
     let t = Trace::default();
@@ -134,6 +264,14 @@ fn lines_of_events() {
     let e = Event::Op(Op::Fault { disk: DiskId::Metadata, fault: DiskFault::Misdirect { offset: -8 } });
     assert_eq!(text::event_to_line(&e), "fault metadata misdirect offset=-8");
     assert_eq!(text::op_to_line(&Op::Crash { mode: CrashMode::Subset, seed: 17 }), "crash subset seed=17");
+    assert_eq!(
+        text::op_to_line(&Op::Reload { mode: CacheIoMode::Passthrough, policy: CachePolicyKind::Cleaner }),
+        "reload mode=passthrough policy=cleaner"
+    );
+    assert_eq!(text::op_to_line(&Op::Invalidate { cblock: 12, nr: 3 }), "invalidate cblock=12 nr=3");
+    assert_eq!(text::op_to_line(&Op::Status), "status");
+    let e = Event::FaultFired { disk: DiskId::Origin, what: "misdirect".into() };
+    assert_eq!(text::event_to_line(&e), "fault-fired origin misdirect");
 }
 
 // --- errors -------------------------------------------------------------
@@ -185,6 +323,28 @@ fn specific_text_errors() {
         (&format!("{h}fault data misdirect offset=+-1\n"), 4, "offset="),
         (&format!("{h}crashed metadata=1 data=0/0\n"), 4, "separated by `/`"),
         (&format!("{h}dev=3\n"), 4, "an event"),
+        (&format!("{h}fault cachedev read-error permanent\n"), 4, "`cache` or `origin`"),
+        (&format!("{h}reload mode=writearound policy=smq\n"), 4, "not \"writearound\""),
+        (&format!("{h}reload mode=writearound policy=smq\n"), 4, "a cache I/O mode: `writeback`"),
+        (
+            &format!("{h}reload mode=writeback policy=lru\n"),
+            4,
+            "a cache policy: `smq`, `cleaner`; not \"lru\"",
+        ),
+        (&format!("{h}reload mode=Writeback policy=smq\n"), 4, "not \"Writeback\""),
+        (&format!("{h}reload policy=smq\n"), 4, "`mode=` a cache I/O mode"),
+        (&format!("{h}reload mode=writeback\n"), 4, "`policy=` a cache policy"),
+        (&format!("{h}reload writeback smq\n"), 4, "`mode=`"),
+        (&format!("{h}reload mode=writeback policy=smq policy=smq\n"), 4, "only once"),
+        (&format!("{h}reload mode=writeback policy=smq now\n"), 4, "nothing more"),
+        (&format!("{h}invalidate cblock=1\n"), 4, "`nr=N`"),
+        (&format!("{h}invalidate nr=1\n"), 4, "`cblock=N`"),
+        (&format!("{h}invalidate cblock=1 nr=65536\n"), 4, "`nr=` a number in 0..=65535"),
+        (&format!("{h}invalidate cblock=-1 nr=1\n"), 4, "`cblock=` a number in 0..=4294967295"),
+        (&format!("{h}invalidate cblock=1 nr=1 dev=0\n"), 4, "nothing more, not `dev=`"),
+        (&format!("{h}status now\n"), 4, "nothing more"),
+        (&format!("{h}status x=1\n"), 4, "nothing more"),
+        (&format!("{h}invalidate-cblocks cblock=1 nr=1\n"), 4, "reload, invalidate, status"),
         (&format!("{h}worker \u{7}\n"), 4, "not the character"),
     ];
     for &(input, line, expected) in cases {
@@ -260,6 +420,69 @@ fn specific_binary_errors() {
     assert_eq!(binary::MAGIC, *b"DMTR");
 }
 
+#[test]
+fn cache_binary_errors() {
+    // The header of a trace of one event, then the event.
+    let one = |event: &[u8]| {
+        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
+        b.extend(event);
+        b
+    };
+    let cases: &[(&[u8], usize, &str)] = &[
+        (
+            &[0x0e, 0x03, 0x00],
+            10,
+            "a cache I/O mode 0 (writeback), 1 (writethrough) or 2 (passthrough), not 3",
+        ),
+        (&[0x0e, 0xff, 0x00], 10, "not 255"),
+        (&[0x0e, 0x00, 0x02], 11, "a cache policy 0 (smq) or 1 (cleaner), not 2"),
+        (&[0x0e], 10, "a cache I/O mode (the input ended)"),
+        (&[0x0e, 0x01], 11, "a cache policy (the input ended)"),
+        (&[0x0f, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01], 10, "cblock in 0..=4294967295"),
+        (&[0x0f, 0x01, 0x80, 0x80, 0x04], 11, "nr in 0..=65535, not 65536"),
+        (&[0x0f, 0x01], 11, "nr (the input ended)"),
+        (&[0x0f, 0x81, 0x00, 0x01], 10, "shortest form"),
+        (&[0x0b, 0x04, 0x00, 0x00], 10, "0 (metadata), 1 (data), 2 (cache) or 3 (origin), not 4"),
+        (&[0x21, 0x04, 0x00], 10, "2 (cache) or 3 (origin), not 4"),
+        (&[0x11], 9, "an event tag (0x01..=0x10, 0x20..=0x24), not 0x11"),
+        (&[0x1f], 9, "not 0x1f"),
+        (&[0x25], 9, "not 0x25"),
+        (&[0x10, 0x10], 10, "the end of the trace"),
+    ];
+    for &(event, offset, expected) in cases {
+        let e = bin_err(&one(event));
+        let msg = e.to_string();
+        assert_eq!(e.location(), Location::Offset(offset), "{event:02x?}: {msg}");
+        assert!(msg.contains(expected), "{event:02x?}: {msg} should mention {expected:?}");
+    }
+    // Every byte of the reload's mode and policy and of a disk: valid or an
+    // error, never a panic, and what decodes re-encodes to itself.
+    for b in 0..=255u8 {
+        for ev in [[0x0e, b, 0x00], [0x0e, 0x00, b], [0x21, b, 0x00]] {
+            if let Ok(t) = from_bytes(&one(&ev)) {
+                assert_eq!(to_bytes(&t), one(&ev));
+            }
+        }
+    }
+    assert_eq!(from_bytes(&one(&[0x10])).unwrap().events, vec![Event::Op(Op::Status)]);
+}
+
+#[test]
+fn unknown_cache_names_are_clipped() {
+    let h = "dmsim-trace 1\nseed 0\nworkload x\n";
+    let long = "w".repeat(10_000);
+    for line in [
+        format!("reload mode={long} policy=smq"),
+        format!("reload mode=writeback policy={long}"),
+        format!("fault {long} read-error permanent"),
+    ] {
+        let msg = text_err(&format!("{h}{line}\n")).to_string();
+        assert!(msg.contains("(10000 bytes in all)"), "{}", &msg[..200]);
+        // The message quotes the line clipped too: far shorter than the input.
+        assert!(msg.len() < 1000, "{}", msg.len());
+    }
+}
+
 // --- strategies ---------------------------------------------------------
 
 fn tricky_char() -> impl Strategy<Value = char> {
@@ -304,7 +527,7 @@ fn string() -> impl Strategy<Value = String> {
 }
 
 fn disk() -> impl Strategy<Value = DiskId> {
-    prop_oneof![Just(DiskId::Metadata), Just(DiskId::Data)]
+    prop::sample::select(DiskId::ALL.to_vec())
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -339,6 +562,13 @@ fn op() -> impl Strategy<Value = Op> {
         any::<u16>().prop_map(|millis| Op::Tick { millis }),
         (prop::sample::select(CrashMode::ALL.to_vec()), any::<u32>())
             .prop_map(|(mode, seed)| Op::Crash { mode, seed }),
+        (
+            prop::sample::select(CacheIoMode::ALL.to_vec()),
+            prop::sample::select(CachePolicyKind::ALL.to_vec())
+        )
+            .prop_map(|(mode, policy)| Op::Reload { mode, policy }),
+        (any::<u32>(), any::<u16>()).prop_map(|(cblock, nr)| Op::Invalidate { cblock, nr }),
+        Just(Op::Status),
     ]
 }
 
