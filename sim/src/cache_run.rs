@@ -161,10 +161,18 @@ impl CacheRunConfig {
             ("migration_threshold".to_string(), c.migration_threshold.to_string()),
             ("mutations".to_string(), c.options.mutations.names().join(",")),
             (
-                "fix.dirtying_after_clean_shutdown_commits".to_string(),
-                flag(c.options.fixes.dirtying_after_clean_shutdown_commits),
+                "fix.resume_clears_clean_shutdown".to_string(),
+                flag(c.options.fixes.resume_clears_clean_shutdown),
             ),
             ("fix.flush_before_commit".to_string(), flag(c.options.fixes.flush_before_commit)),
+            (
+                "fix.fua_overwrite_waits_for_commit".to_string(),
+                flag(c.options.fixes.fua_overwrite_waits_for_commit),
+            ),
+            (
+                "fix.writethrough_pairs_one_at_a_time".to_string(),
+                flag(c.options.fixes.writethrough_pairs_one_at_a_time),
+            ),
         ];
         params.extend(self.swarm.params().into_iter().map(|(k, v)| (format!("swarm.{k}"), v)));
         Header { seed: self.seed, workload: self.workload.name().to_string(), params }
@@ -214,8 +222,10 @@ impl CacheRunConfig {
             options: CacheOptions {
                 mutations,
                 fixes: CacheFixes {
-                    dirtying_after_clean_shutdown_commits: flag("fix.dirtying_after_clean_shutdown_commits")?,
+                    resume_clears_clean_shutdown: flag("fix.resume_clears_clean_shutdown")?,
                     flush_before_commit: flag("fix.flush_before_commit")?,
+                    fua_overwrite_waits_for_commit: flag("fix.fua_overwrite_waits_for_commit")?,
+                    writethrough_pairs_one_at_a_time: flag("fix.writethrough_pairs_one_at_a_time")?,
                 },
             },
         };

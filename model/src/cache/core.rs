@@ -59,10 +59,13 @@ pub struct CacheFixes {
     /// After a suspend and resume of the same table, the superblock keeps
     /// CLEAN_SHUTDOWN until the next commit, and a write that dirties a
     /// clean cached block changes no metadata, so its flush commits nothing
-    /// (the dm-cache finding shown on the stock kernel). The fix marks the
-    /// metadata changed when a block goes clean → dirty while the superblock
-    /// on disk says CLEAN_SHUTDOWN, so that the next commit clears it.
-    pub dirtying_after_clean_shutdown_commits: bool,
+    /// (the dm-cache finding shown on the stock kernel). Any write that
+    /// reaches the cache device in that window — a write that dirties a
+    /// block, but also a writethrough write to a clean block whose origin
+    /// half a crash loses — leaves the block recorded clean with newer data
+    /// in the cache. The fix: a resume that finds CLEAN_SHUTDOWN on disk
+    /// commits at once, clearing it, as a fresh open does.
+    pub resume_clears_clean_shutdown: bool,
     /// The cache target commits its metadata without flushing the cache and
     /// origin devices first (`commit` has no pre-commit flush, unlike
     /// dm-thin's), and kcopyd's copies are plain writes. A commit can then
@@ -72,12 +75,32 @@ pub struct CacheFixes {
     /// every metadata commit. (A model finding: not yet shown on the stock
     /// kernel.)
     pub flush_before_commit: bool,
+    /// A FUA write promoted by overwrite (writeback mode, a whole-block
+    /// write or a discarded block, a free cache block) is completed when its
+    /// data reaches the cache block (`mg_complete` ends the bio), but the
+    /// mapping that makes the block findable is only inserted, not
+    /// committed: the map path returns before its FUA check for such bios.
+    /// A crash before the next commit loses the acknowledged FUA write. The
+    /// fix completes such a bio only after the next commit.
+    pub fua_overwrite_waits_for_commit: bool,
+    /// In writethrough mode a write to a clean cached block goes to the
+    /// origin and the cache at once, under a shared lock; two overlapping
+    /// writes in flight together can land in opposite orders on the two
+    /// devices. The block stays clean, so when the cache drops it, reads
+    /// change from one write's data to the other's with no new write. The
+    /// fix lets one writethrough pair per cache block be in flight; the
+    /// next waits for it.
+    pub writethrough_pairs_one_at_a_time: bool,
 }
 
 impl CacheFixes {
     /// Every candidate fix on.
-    pub const ALL: CacheFixes =
-        CacheFixes { dirtying_after_clean_shutdown_commits: true, flush_before_commit: true };
+    pub const ALL: CacheFixes = CacheFixes {
+        resume_clears_clean_shutdown: true,
+        flush_before_commit: true,
+        fua_overwrite_waits_for_commit: true,
+        writethrough_pairs_one_at_a_time: true,
+    };
 }
 
 /// Knobs that are not part of the table line.
@@ -194,6 +217,9 @@ struct Piece {
     hooked: Option<MgId>,
     /// `pb->tick`.
     tick: bool,
+    /// The cache block of the writethrough pair this bio is (the
+    /// writethrough fix).
+    wt_cblock: Option<u32>,
     /// Counted by the I/O tracker.
     accounted: bool,
 }
@@ -274,6 +300,11 @@ pub struct Cache<M, C, O> {
     commit_queued: bool,
     commit_bios: Vec<PieceId>,
     commit_work: Vec<(MgId, Step)>,
+    /// Bios to complete after the next commit (the FUA overwrite fix).
+    commit_ends: Vec<PieceId>,
+    /// Writethrough pairs in flight per cache block, and the bios waiting
+    /// for them (the writethrough fix).
+    wt_pairs: BTreeMap<u32, (PieceId, VecDeque<(PieceId, u64)>)>,
     wake_migrations: bool,
     io_migrations: u32,
     background_nr: u32,
@@ -340,6 +371,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             commit_queued: false,
             commit_bios: Vec::new(),
             commit_work: Vec::new(),
+            commit_ends: Vec::new(),
+            wt_pairs: BTreeMap::new(),
             wake_migrations: false,
             io_migrations: 0,
             background_nr: 0,
@@ -359,6 +392,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     fn resume(&mut self) -> Result<(), TargetError> {
         self.t.preresume().map_err(|e| err(e, "cache preresume failed"))?;
         self.t.resume(self.now);
+        if self.opts.fixes.resume_clears_clean_shutdown && self.clean_on_disk {
+            // The clean-shutdown fix (see CacheFixes).
+            self.t.md.mark_changed();
+            let _ = self.commit();
+        }
         self.background_allowed = true;
         self.next_waker = self.now + COMMIT_PERIOD;
         self.wake_migrations = true;
@@ -386,25 +424,27 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// Swaps in a new table on the same devices after [`Self::suspend`]
     /// (the metadata object is kept, as the kernel shares it), then
-    /// resumes. If the new table is refused, the old one is resumed and
-    /// the error returned with it.
-    pub fn reload(self, params: &str) -> Result<(Self, Result<(), TargetError>), ReloadFailure<M, C, O>> {
-        let Cache { t, params: old_params, cdev, odev, opts, now, clean_on_disk, counters, .. } = self;
-        let sizes = t.sizes();
+    /// resumes. If the new table is refused (its constructor's error), the
+    /// old table stays loaded, as it was, and is resumed; the error comes
+    /// back with it.
+    pub fn reload(mut self, params: &str) -> Result<(Self, Result<(), TargetError>), ReloadFailure<M, C, O>> {
+        let sizes = self.t.sizes();
+        if let Err(e) = self.t.check_reload(params, sizes) {
+            let r = self.resume();
+            return Ok((self, r.and(Err(TargetError::from(e)))));
+        }
+        let Cache { t, cdev, odev, opts, now, clean_on_disk, counters, .. } = self;
         let md = t.into_metadata();
-        let (t, used, r) = match CacheTarget::reload(params, sizes, md, now) {
-            Ok(t) => (t, params.to_string(), Ok(())),
-            Err((md, e)) => match CacheTarget::reload(&old_params, sizes, md, now) {
-                Ok(t) => (t, old_params, Err(TargetError::from(e))),
-                Err((md, e2)) => {
-                    return Err(ReloadFailure { devices: (md.crash(), cdev, odev), error: TargetError::from(e2) })
-                }
-            },
+        let t = match CacheTarget::reload(params, sizes, md, now) {
+            Ok(t) => t,
+            Err((md, e)) => {
+                return Err(ReloadFailure { devices: (md.crash(), cdev, odev), error: TargetError::from(e) })
+            }
         };
-        let mut c = Self::assemble(t, &used, cdev, odev, now, opts);
+        let mut c = Self::assemble(t, params, cdev, odev, now, opts);
         c.clean_on_disk = clean_on_disk;
         c.counters = counters;
-        let r = r.and(c.resume());
+        let r = c.resume();
         Ok((c, r))
     }
 
@@ -571,6 +611,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             && self.deferred.is_empty()
             && self.commit_bios.is_empty()
             && self.commit_work.is_empty()
+            && self.commit_ends.is_empty()
+            && self.wt_pairs.is_empty()
     }
 
     /// Requests completed since the last call, in completion order.
@@ -663,6 +705,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             status: Ok(()),
             hooked: None,
             tick: false,
+            wt_cblock: None,
             accounted: false,
         }
     }
@@ -823,6 +866,16 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                     }
                     mode => {
                         if write && mode == IoMode::Writethrough && !self.t.is_dirty(cblock) {
+                            if self.opts.fixes.writethrough_pairs_one_at_a_time {
+                                if let Some((_, waiting)) = self.wt_pairs.get_mut(&cblock) {
+                                    // Parked with its shared lock until the
+                                    // pair in flight on this block is done.
+                                    waiting.push_back((id, block));
+                                    return false;
+                                }
+                                self.wt_pairs.insert(cblock, (id, VecDeque::new()));
+                                self.pieces.get_mut(&id).expect("piece").wt_cblock = Some(cblock);
+                            }
                             self.remap_to_origin_and_cache(id, block, cblock);
                             self.accounted_begin(id);
                         } else {
@@ -832,6 +885,12 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                 }
             }
         }
+        self.fua_waits_for_commit(id, commit_needed)
+    }
+
+    /// The end of `map_bio`: a FUA bio is issued after the next commit.
+    /// True when the bio should be issued now.
+    fn fua_waits_for_commit(&mut self, id: PieceId, commit_needed: &mut bool) -> bool {
         if self.pieces[&id].fua {
             self.accounted_complete(id);
             self.commit_bios.push(id);
@@ -840,6 +899,24 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             return false;
         }
         true
+    }
+
+    /// A writethrough pair finished: the next bio parked on its cache
+    /// block goes (the writethrough fix).
+    fn writethrough_pair_done(&mut self, cblock: u32) {
+        let Some((_, mut waiting)) = self.wt_pairs.remove(&cblock) else { return };
+        let Some((next, block)) = waiting.pop_front() else { return };
+        self.wt_pairs.insert(cblock, (next, waiting));
+        self.pieces.get_mut(&next).expect("piece").wt_cblock = Some(cblock);
+        self.remap_to_origin_and_cache(next, block, cblock);
+        self.accounted_begin(next);
+        let mut commit_needed = false;
+        if self.fua_waits_for_commit(next, &mut commit_needed) {
+            self.issue(next);
+        }
+        if commit_needed {
+            self.schedule_commit();
+        }
     }
 
     fn inc_counter(&mut self, write: bool, hit: bool) {
@@ -914,6 +991,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.remap(id, CacheDisk::Cache, Some(cblock));
     }
 
+    /// `set_dirty`.
     fn set_dirty(&mut self, cblock: u32) {
         let i = cblock as usize;
         if i < self.t.dirty.len() && !self.t.dirty[i] {
@@ -921,9 +999,6 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             self.t.nr_dirty += 1;
             if !self.opts.mutations.cache_demote_frees_dirty {
                 self.t.policy.set_dirty(cblock);
-            }
-            if self.opts.fixes.dirtying_after_clean_shutdown_commits && self.clean_on_disk {
-                self.t.md.mark_changed();
             }
         }
     }
@@ -933,9 +1008,6 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         if i < self.t.dirty.len() && !self.t.dirty[i] {
             self.t.dirty[i] = true;
             self.t.nr_dirty += 1;
-            if self.opts.fixes.dirtying_after_clean_shutdown_commits && self.clean_on_disk {
-                self.t.md.mark_changed();
-            }
         }
         self.t.policy.set_dirty(cblock);
     }
@@ -1002,7 +1074,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     fn schedule_commit(&mut self) {
         self.commit_scheduled = true;
-        if !self.commit_bios.is_empty() || !self.commit_work.is_empty() {
+        if !self.commit_bios.is_empty() || !self.commit_work.is_empty() || !self.commit_ends.is_empty() {
             self.commit_queued = true;
         }
     }
@@ -1058,7 +1130,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.commit_scheduled = false;
         let work = std::mem::take(&mut self.commit_work);
         let bios = std::mem::take(&mut self.commit_bios);
+        let ends = std::mem::take(&mut self.commit_ends);
         let r = if self.t.md.changed_this_transaction() { self.commit() } else { Ok(()) };
+        for id in ends {
+            if let Err(e) = r {
+                self.pieces.get_mut(&id).expect("piece").status = Err(e);
+            }
+            self.end_piece(id);
+        }
         for (mg, step) in work {
             if let Some(m) = self.migrations.get_mut(&mg) {
                 m.input = r;
@@ -1370,8 +1449,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                         let p = self.pieces.get_mut(&id).expect("piece");
                         p.status = Err(m.input.err().unwrap_or(Errno::EIO));
                     }
-                    self.pieces.get_mut(&id).expect("piece").hooked = None;
-                    self.end_piece(id);
+                    let p = self.pieces.get_mut(&id).expect("piece");
+                    p.hooked = None;
+                    if success && p.fua && self.opts.fixes.fua_overwrite_waits_for_commit {
+                        self.commit_ends.push(id);
+                        self.schedule_commit();
+                    } else {
+                        self.end_piece(id);
+                    }
                 } else {
                     if success {
                         self.force_clear_dirty(work.cblock);
@@ -1610,7 +1695,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.drop_shared_lock(id);
         self.accounted_complete(id);
         let p = self.pieces.remove(&id).expect("piece");
+        let wt = p.wt_cblock;
         self.account(p);
+        if let Some(cblock) = wt {
+            self.writethrough_pair_done(cblock);
+        }
     }
 
     fn account(&mut self, p: Piece) {

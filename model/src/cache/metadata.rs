@@ -369,6 +369,14 @@ impl<D: BlockDevice> CacheMetadata<D> {
         Ok(())
     }
 
+    /// Clears NEEDS_CHECK in memory (what `cache_check
+    /// --clear-needs-check-flag` does after a clean check); the next commit
+    /// writes it.
+    pub fn clear_needs_check(&mut self) {
+        self.flags &= !NEEDS_CHECK;
+        self.changed = true;
+    }
+
     /// Throws away the open transaction and reopens from the last commit
     /// (`dm_cache_metadata_abort`). A failure to reopen leaves the metadata
     /// in fail_io. Unlike 6.1 — which reopens the space map but keeps its

@@ -87,6 +87,40 @@ impl<D: BlockDevice> CacheTarget<D> {
         Self::build(table, sizes, md, policy, cache_blocks, origin_blocks)
     }
 
+    /// Whether [`Self::reload`] would accept `params` on this target's
+    /// metadata: the same checks, without giving the metadata up, so that a
+    /// refused table leaves the loaded one as it was (the kernel keeps the
+    /// live table when a load fails).
+    pub fn check_reload(&mut self, params: &str, sizes: DeviceSizes) -> Result<(), TableError> {
+        let table = CacheTable::parse(params, sizes)?;
+        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let mut policy = SmqPolicy::new(smq, 0);
+        for (k, v) in &table.policy_args {
+            if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
+                return Err(TableError::einval("Error setting cache policy's config values"));
+            }
+        }
+        if u64::from(self.md.data_block_size()) != table.block_sectors {
+            return Err(TableError::einval("Error creating metadata object"));
+        }
+        // In fail mode the shared metadata cannot even say whether it needs
+        // a check (`dm_cache_metadata_needs_check` fails): fail mode, refused.
+        if self.md.needs_check() || self.mode == CacheMode::Fail {
+            return Err(TableError::einval("Unable to get write access to metadata, please check/repair metadata."));
+        }
+        if table.io_mode == IoMode::Passthrough {
+            match self.all_clean() {
+                Err(_) => return Err(TableError::einval("dm_cache_metadata_all_clean() failed")),
+                Ok(false) => {
+                    return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"))
+                }
+                Ok(true) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Loads a table on metadata that is already open (a table reload: the
     /// kernel shares the metadata object between the old and the new table
     /// by reference count and does not reopen it, so CLEAN_SHUTDOWN and
@@ -111,7 +145,7 @@ impl<D: BlockDevice> CacheTarget<D> {
                 return Err((md, TableError::einval("Error setting cache policy's config values")));
             }
         }
-        if md.data_block_size() as u64 != table.block_sectors {
+        if u64::from(md.data_block_size()) != table.block_sectors {
             return Err((md, TableError::einval("Error creating metadata object")));
         }
         // `build` consumes the metadata; a refusal there hands it back
@@ -143,6 +177,7 @@ impl<D: BlockDevice> CacheTarget<D> {
     ) -> Result<Self, (Self, TableError)> {
         let (discard_block_size, discard_blocks) =
             discard_geometry(table.block_sectors, sizes.origin_sectors);
+        let needs_check = md.needs_check();
         let mut t = CacheTarget {
             table,
             sizes,
@@ -164,6 +199,11 @@ impl<D: BlockDevice> CacheTarget<D> {
             suspended: true,
         };
         t.stats = t.md.stats();
+        // `set_cache_mode(CM_WRITE)` keeps a needs_check metadata read-only,
+        // and the constructor refuses anything but write mode.
+        if needs_check {
+            return Err((t, TableError::einval("Unable to get write access to metadata, please check/repair metadata.")));
+        }
         if t.table.io_mode == IoMode::Passthrough {
             match t.all_clean() {
                 Err(_) => return Err((t, TableError::einval("dm_cache_metadata_all_clean() failed"))),

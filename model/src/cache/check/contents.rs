@@ -210,8 +210,12 @@ pub(crate) fn mappings(
         let valid = flags & M_VALID != 0;
         let dirty_here = if v2 { dirty_bit(c) } else { flags & M_DIRTY != 0 };
         if !valid {
+            // Dirty bits are written only at a clean shutdown, so after an
+            // unclean one a demoted or invalidated block keeps the bit it
+            // had at the last clean shutdown (the kernel ignores it: every
+            // mapping loads dirty then). Not damage.
             if !v2 && dirty_here {
-                stale.report(ctx, max, Severity::Damage, st, b, || {
+                stale.report(ctx, max, Severity::NonFatal, st, b, || {
                     format!("cache block {c} is unmapped but flagged dirty")
                 });
             } else if oblock != 0 {
@@ -221,7 +225,7 @@ pub(crate) fn mappings(
             }
             if v2 && dirty_here {
                 let db = dirty.and_then(|d| ablock_of(d, c / 64, 8));
-                unmapped_dirty.report(ctx, max, Severity::Damage, Structure::DirtyBitset, db, || {
+                unmapped_dirty.report(ctx, max, Severity::NonFatal, Structure::DirtyBitset, db, || {
                     format!("the dirty bit of unmapped cache block {c} is set")
                 });
             }
