@@ -459,6 +459,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         (self.t.md.crash(), self.cdev, self.odev)
     }
 
+    /// The table line the target was loaded with.
+    pub fn params(&self) -> &str {
+        &self.params
+    }
+
     /// The lifecycle part: table, policy, metadata, in-core bits.
     pub fn target(&self) -> &CacheTarget<M> {
         &self.t
