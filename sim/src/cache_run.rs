@@ -238,7 +238,10 @@ impl CacheRunConfig {
         };
         sane("block_sectors", cache.block_sectors, 64, 1 << 12)?;
         if !cache.block_sectors.is_multiple_of(64) {
-            return Err(format!("trace header: block_sectors {} is not a multiple of 64", cache.block_sectors));
+            return Err(format!(
+                "trace header: block_sectors {} is not a multiple of 64",
+                cache.block_sectors
+            ));
         }
         sane("cache_blocks", cache.cache_blocks, 1, 1 << 12)?;
         sane("origin_blocks", cache.origin_blocks, 1, 1 << 16)?;
@@ -339,7 +342,8 @@ pub fn generate(cfg: &CacheRunConfig) -> Vec<Op> {
             4 => Op::Worker,
             5 => Op::Complete { pick: rng.gen() },
             6 => {
-                let millis = if rng.gen_bool(0.3) { rng.gen_range(1000..3000) } else { rng.gen_range(1..800) };
+                let millis =
+                    if rng.gen_bool(0.3) { rng.gen_range(1000..3000) } else { rng.gen_range(1..800) };
                 Op::Tick { millis }
             }
             7 => {
@@ -399,7 +403,8 @@ pub fn run_ops(cfg: &CacheRunConfig, ops: &[Op]) -> CacheRunOutcome {
     let mut sim = match CacheSim::new(cfg.cache) {
         Ok(s) => s,
         Err(f) => {
-            let events = vec![dmsim_traces::Event::Violation { kind: f.kind.to_string(), message: f.what.clone() }];
+            let events =
+                vec![dmsim_traces::Event::Violation { kind: f.kind.to_string(), message: f.what.clone() }];
             return CacheRunOutcome {
                 trace: Trace { header, events },
                 stats: CacheStats::default(),

@@ -25,12 +25,12 @@ use std::fmt;
 use dmsim_faults::{FaultCoverage, FiredFault, SimDisk};
 use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
 use dmsim_model::cache::check::{check_cache_metadata, CacheCheckOptions};
-use dmsim_model::thin::check::{Problem, Severity};
 use dmsim_model::cache::core::{BioId, BioRequest, Cache, CacheCompletion, CacheOptions};
 use dmsim_model::cache::mapping::discard_geometry;
-use dmsim_model::cache::{CacheMetadata, OpenOptions};
 use dmsim_model::cache::target::CacheMode;
+use dmsim_model::cache::{CacheMetadata, OpenOptions};
 use dmsim_model::errno::Errno;
+use dmsim_model::thin::check::{Problem, Severity};
 use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::{CrashMode, DiskId, Event, Op};
@@ -417,7 +417,8 @@ impl CacheSim {
                 self.submit(BioRequest::flush(), Pending::Flush(ticket))?;
             }
             Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } => {
-                return Err(self.fail_as("misuse", format!("op {op:?} belongs to thin traces; this is a cache trace")));
+                return Err(self
+                    .fail_as("misuse", format!("op {op:?} belongs to thin traces; this is a cache trace")));
             }
             Op::Worker => {
                 self.cache().run_worker();
@@ -523,7 +524,13 @@ impl CacheSim {
                 Ok(()) => "ok".to_string(),
                 Err(e) => e.to_string(),
             },
-            read: matches!(pending, Pending::Read(_)).then(|| if ok { summarize(&c.data) } else { String::new() }),
+            read: matches!(pending, Pending::Read(_)).then(|| {
+                if ok {
+                    summarize(&c.data)
+                } else {
+                    String::new()
+                }
+            }),
         });
         match c.result {
             Ok(()) => {}
@@ -545,7 +552,6 @@ impl CacheSim {
                     self.oracle_op(|o| o.flush_completed(flush, durable))?;
                 }
                 self.oracle_op(|o| o.write_completed(write, durable))?;
-
             }
             Pending::Read(ticket) => {
                 self.stats.reads_checked += u64::from(ok);
@@ -599,7 +605,11 @@ impl CacheSim {
         let c = self.cache.take().expect("cache");
         let (c, r) = match c.reload(&line) {
             Ok(x) => x,
-            Err(f) => return Err(self.fail_as("load", format!("neither the new nor the old table loads: {}", f.error))),
+            Err(f) => {
+                return Err(
+                    self.fail_as("load", format!("neither the new nor the old table loads: {}", f.error))
+                )
+            }
         };
         self.cache = Some(c);
         self.stats.reloads += 1;
@@ -705,7 +715,11 @@ impl CacheSim {
         let m_image = self.repair_needs_check(m_image)?;
         let mut line = self.cfg.table_line(self.io_mode, self.policy);
         let devices = |m: &[u8], c: &[u8], o: &[u8]| {
-            (SimDisk::from_image(m.to_vec()), SimDisk::from_image(c.to_vec()), SimDisk::from_image(o.to_vec()))
+            (
+                SimDisk::from_image(m.to_vec()),
+                SimDisk::from_image(c.to_vec()),
+                SimDisk::from_image(o.to_vec()),
+            )
         };
         let (m, cd, od) = devices(&m_image, &c_image, &o_image);
         let mut r = Cache::create(&line, m, cd, od, self.now, self.cfg.options);
@@ -718,7 +732,9 @@ impl CacheSim {
             let (m, cd, od) = devices(&m_image, &c_image, &o_image);
             r = Cache::create(&line, m, cd, od, self.now, self.cfg.options);
         }
-        let c = r.map_err(|e| self.fail_as("load", format!("the cache does not load after a crash ({line}): {e}")))?;
+        let c = r.map_err(|e| {
+            self.fail_as("load", format!("the cache does not load after a crash ({line}): {e}"))
+        })?;
         self.cache = Some(c);
         self.mode = CacheMode::Write;
         Ok(())
@@ -731,7 +747,8 @@ impl CacheSim {
     fn repair_needs_check(&mut self, image: Vec<u8>) -> Result<Vec<u8>, ThinFailure> {
         let opts = OpenOptions::new(self.cfg.block_sectors as u32, self.cfg.metadata_version);
         let md = CacheMetadata::open(MemDevice::from_bytes(image.clone()), opts);
-        let mut md = md.map_err(|e| self.fail_as("load", format!("the metadata after a crash does not open: {e}")))?;
+        let mut md =
+            md.map_err(|e| self.fail_as("load", format!("the metadata after a crash does not open: {e}")))?;
         if !md.needs_check() {
             return Ok(image);
         }
@@ -783,7 +800,8 @@ impl CacheSim {
     /// abort path does the same is not yet shown).
     fn judge_metadata(&mut self, image: Vec<u8>, what: &str) -> Result<(), ThinFailure> {
         let mut dev = MemDevice::from_bytes(image);
-        let opts = CacheCheckOptions { origin_blocks: Some(self.cfg.origin_blocks), ..CacheCheckOptions::default() };
+        let opts =
+            CacheCheckOptions { origin_blocks: Some(self.cfg.origin_blocks), ..CacheCheckOptions::default() };
         let report = check_cache_metadata(&mut dev, &opts)
             .map_err(|e| self.fail_as("checker", format!("{what} is not readable cache metadata: {e}")))?;
         // Damage fails; so does a leak, unless a metadata fault may explain

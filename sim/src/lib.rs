@@ -19,9 +19,9 @@
 #![warn(missing_docs)]
 
 pub mod cache_campaign;
+pub mod cache_check;
 pub mod cache_run;
 pub mod cache_sim;
-pub mod cache_check;
 pub mod cache_workload;
 pub mod campaign;
 pub mod concurrency;

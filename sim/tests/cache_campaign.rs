@@ -1,9 +1,13 @@
 //! The cache campaign (`dmsim_sim::cache_run`): default seeds run clean,
-//! runs are deterministic, traces replay byte for byte, and every
-//! deliberately broken cache target is caught and minimized.
+//! runs are deterministic, traces replay byte for byte, every deliberately
+//! broken cache target is caught and minimized, and each kernel behaviour
+//! the candidate fixes address is caught when its fix is off.
 
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::cache_run::{self, CacheCampaignSettings, CacheRunConfig};
+use dmsim_sim::cache_sim::CacheStats;
+use dmsim_sim::run::violation_signature;
+use dmsim_traces::binary::to_bytes;
 use dmsim_traces::text::to_text;
 
 const OPS: usize = 300;
@@ -13,10 +17,10 @@ fn outcome(seed: u64, settings: &CacheCampaignSettings) -> cache_run::CacheRunOu
 }
 
 #[test]
-fn default_seeds_run_clean() {
+fn default_seeds_run_clean_and_reach_every_migration() {
     let settings = CacheCampaignSettings::default();
-    let mut total = dmsim_sim::cache_sim::CacheStats::default();
-    for seed in 0..24 {
+    let mut total = CacheStats::default();
+    for seed in 0..32 {
         let out = outcome(seed, &settings);
         if let Some(v) = &out.violation {
             panic!("seed {seed} ({}): {v}\n{}", out.trace.header.workload, to_text(&out.trace));
@@ -25,95 +29,94 @@ fn default_seeds_run_clean() {
     }
     eprintln!("{total:?}");
     assert!(total.reads_checked > 1000, "{total:?}");
-    assert!(total.migrations.iter().all(|&m| m > 0), "promotions, demotions and writebacks all happen: {total:?}");
-    assert!(total.crashes > 0 && total.reloads > 0, "{total:?}");
+    assert!(
+        total.migrations.iter().all(|&m| m > 0),
+        "promotions, demotions and writebacks all happen: {total:?}"
+    );
+    assert!(total.overwrites > 0 && total.crashes > 0 && total.reloads > 0, "{total:?}");
+    assert!(total.reloads_refused > 0, "passthrough refused with dirty blocks: {total:?}");
+    assert!(total.clean_checks > 0 && total.io_errors > 0, "{total:?}");
 }
 
 #[test]
-#[ignore]
-fn dump_seed() {
-    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
-    let out = outcome(seed, &CacheCampaignSettings::default());
-    std::fs::write("/tmp/cache-seed.txt", to_text(&out.trace)).unwrap();
-}
-
-#[test]
-#[ignore]
-fn debug_sector() {
-    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
-    let sector: u64 = std::env::var("SECTOR").unwrap().parse().unwrap();
-    let cfg = CacheRunConfig::for_seed(seed, OPS, &CacheCampaignSettings::default());
-    let ops = cache_run::generate(&cfg);
-    let mut sim = dmsim_sim::cache_sim::CacheSim::new(cfg.cache).unwrap();
-    let mut last = String::new();
-    for (i, op) in ops.iter().enumerate() {
-        let r = sim.apply(op);
-        let now = format!("{:?}", sim.oracle().legal(0, sector));
-        if now != last {
-            eprintln!("op {i} {op:?}: {now}");
-            last = now;
-        }
-        if r.is_err() {
-            eprintln!("{r:?}");
-            break;
-        }
+fn a_seed_gives_the_same_trace_every_time() {
+    let settings = CacheCampaignSettings::default();
+    for seed in [3, 11, 42] {
+        let a = outcome(seed, &settings);
+        let b = outcome(seed, &settings);
+        assert_eq!(to_text(&a.trace), to_text(&b.trace), "seed {seed}");
+        assert_eq!(to_bytes(&a.trace), to_bytes(&b.trace), "seed {seed}");
     }
 }
 
 #[test]
-#[ignore]
-fn sweep() {
-    let n: u64 = std::env::var("SEEDS").unwrap().parse().unwrap();
-    let settings = CacheCampaignSettings {
-        kernel_as_is: std::env::var("KERNEL").is_ok(),
-        mutations: std::env::var("MUT").ok().and_then(|m| Mutations::by_name(&m)).unwrap_or_default(),
-        ..CacheCampaignSettings::default()
-    };
-    let mut failed = 0;
-    let off = std::env::var("FIXOFF").ok();
-    for seed in 0..n {
-        let mut cfg = CacheRunConfig::for_seed(seed, OPS, &settings);
-        match off.as_deref() {
-            Some("resume") => cfg.cache.options.fixes.resume_clears_clean_shutdown = false,
-            Some("flush") => cfg.cache.options.fixes.flush_before_commit = false,
-            Some("fua") => cfg.cache.options.fixes.fua_overwrite_waits_for_commit = false,
-            Some("wt") => cfg.cache.options.fixes.writethrough_pairs_one_at_a_time = false,
-            _ => {}
-        }
-        let out = cache_run::run_config(&cfg);
-        if let Some(v) = &out.violation {
-            failed += 1;
-            eprintln!("seed {seed} ({}): {v}", out.trace.header.workload);
-        }
+fn a_trace_replays_byte_for_byte_from_its_header() {
+    let settings = CacheCampaignSettings::default();
+    for seed in [5, 21] {
+        let out = outcome(seed, &settings);
+        let r = cache_run::replay(&out.trace).unwrap();
+        assert_eq!(r.first_difference, None, "seed {seed}");
     }
-    eprintln!("{failed} of {n} failed");
+}
+
+/// The first seed (of `limit`) on which `cfg_for` fails, and its outcome.
+fn first_failure(
+    limit: u64,
+    cfg_for: impl Fn(u64) -> CacheRunConfig,
+) -> Option<(u64, cache_run::CacheRunOutcome)> {
+    (0..limit).map(|s| (s, cache_run::run_config(&cfg_for(s)))).find(|(_, o)| o.violation.is_some())
 }
 
 #[test]
-#[ignore]
-fn minimize_seed() {
-    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
-    let out = outcome(seed, &CacheCampaignSettings::default());
-    let m = cache_run::minimize(&out.trace, |_, _| {}).unwrap();
-    std::fs::write("/tmp/cache-min.txt", to_text(&m.trace)).unwrap();
-    eprintln!("{} -> {} ops", m.ops_before, m.ops_after);
+fn every_cache_mutation_is_caught_and_minimized() {
+    for (name, _) in Mutations::CACHE_TARGET {
+        let settings =
+            CacheCampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
+        let (seed, out) = first_failure(64, |s| CacheRunConfig::for_seed(s, OPS, &settings))
+            .unwrap_or_else(|| panic!("{name}: no seed of 64 catches it"));
+        let v = out.violation.as_ref().unwrap();
+        let m = cache_run::minimize(&out.trace, |_, _| {}).unwrap();
+        eprintln!("{name}: seed {seed}: {v}; minimized {} -> {} ops", m.ops_before, m.ops_after);
+        assert!(m.ops_after < m.ops_before && m.ops_after <= 40, "{name}: {} ops left", m.ops_after);
+        let (kind, message) = m.trace.violation().expect("the minimized trace fails");
+        assert_eq!(violation_signature(kind, message), m.signature, "{name}");
+        // The same trace on the unbroken model passes.
+        let mut header = m.trace.header.clone();
+        for (k, v) in &mut header.params {
+            if k == "mutations" {
+                v.clear();
+            }
+        }
+        let cfg = CacheRunConfig::from_header(&header).unwrap();
+        let ops: Vec<_> = m.trace.ops().collect();
+        let clean = cache_run::run_ops(&cfg, &ops);
+        assert!(clean.violation.is_none(), "{name}: the minimized trace fails without the mutation too");
+    }
 }
 
+/// Each candidate fix guards against a kernel behaviour the campaign
+/// catches: with the fix off (as the kernel is), a seed that passes with it
+/// fails.
 #[test]
-#[ignore]
-fn debug_min() {
-    let text = std::fs::read_to_string("/tmp/cache-min.txt").unwrap();
-    let trace = dmsim_traces::text::from_text(&text).unwrap();
-    let cfg = CacheRunConfig::from_header(&trace.header).unwrap();
-    let mut sim = dmsim_sim::cache_sim::CacheSim::new(cfg.cache).unwrap();
-    for op in trace.ops() {
-        let r = sim.apply(&op);
-        let c = sim.cache();
-        let flags = c.metadata().flags();
-        let (cb, _) = c.target().geometry();
-        let dirty: Vec<u32> = (0..cb).filter(|&b| c.target().is_dirty(b)).collect();
-        let maps: Vec<_> = (0..cb).filter_map(|b| c.metadata().lookup(b).ok().flatten().map(|m| (b, m))).collect();
-        eprintln!("{op:?} -> flags {flags} dirty {dirty:?} md {maps:?} {:?}", r.err());
+fn each_kernel_behaviour_is_caught_with_its_fix_off() {
+    type Off = fn(&mut dmsim_model::cache::core::CacheFixes);
+    let fixes: [(&str, Off); 4] = [
+        ("resume_clears_clean_shutdown", |f| f.resume_clears_clean_shutdown = false),
+        ("flush_before_commit", |f| f.flush_before_commit = false),
+        ("fua_overwrite_waits_for_commit", |f| f.fua_overwrite_waits_for_commit = false),
+        ("writethrough_pairs_one_at_a_time", |f| f.writethrough_pairs_one_at_a_time = false),
+    ];
+    let settings = CacheCampaignSettings::default();
+    for (name, off) in fixes {
+        let cfg_for = |s| {
+            let mut cfg = CacheRunConfig::for_seed(s, OPS, &settings);
+            off(&mut cfg.cache.options.fixes);
+            cfg
+        };
+        let (seed, out) =
+            first_failure(400, cfg_for).unwrap_or_else(|| panic!("{name}: nothing caught in 400 seeds"));
+        eprintln!("{name} off: seed {seed}: {}", out.violation.as_ref().unwrap());
+        let with_fix = outcome(seed, &settings);
+        assert!(with_fix.violation.is_none(), "{name}: seed {seed} fails with the fix on too");
     }
-    eprintln!("{:?}", sim.finish());
 }

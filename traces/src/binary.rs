@@ -478,12 +478,14 @@ impl<'a> Reader<'a> {
                     0 => CacheIoMode::Writeback,
                     1 => CacheIoMode::Writethrough,
                     2 => CacheIoMode::Passthrough,
-                    m => return Err(self.err(
-                        mat,
-                        format!(
+                    m => {
+                        return Err(self.err(
+                            mat,
+                            format!(
                             "a cache I/O mode 0 (writeback), 1 (writethrough) or 2 (passthrough), not {m}"
                         ),
-                    )),
+                        ))
+                    }
                 };
                 let pat = self.pos;
                 let policy = match self.byte("a cache policy")? {

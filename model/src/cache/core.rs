@@ -250,11 +250,28 @@ struct Migration {
 
 #[derive(Debug)]
 enum DataIo {
-    Piece { piece: PieceId, disk: CacheDisk, sector: u64, nr_sectors: u64, op: BioOp, fua: bool },
+    Piece {
+        piece: PieceId,
+        disk: CacheDisk,
+        sector: u64,
+        nr_sectors: u64,
+        op: BioOp,
+        fua: bool,
+    },
     /// A writethrough clone nobody waits for (the deliberate bug
     /// `cache-writethrough-acks-before-origin`): it carries its own data.
-    Detached { disk: CacheDisk, sector: u64, data: Vec<u8>, fua: bool },
-    Copy { mg: MgId, from: (CacheDisk, u64), to: (CacheDisk, u64), nr_sectors: u64 },
+    Detached {
+        disk: CacheDisk,
+        sector: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Copy {
+        mg: MgId,
+        from: (CacheDisk, u64),
+        to: (CacheDisk, u64),
+        nr_sectors: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -648,12 +665,22 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                 let e = next.min(end);
                 let off = ((s - req.sector) * SECTOR_SIZE) as usize;
                 let len = ((e - s) * SECTOR_SIZE) as usize;
-                let data = if req.op == BioOp::Write { req.data[off..off + len].to_vec() } else { Vec::new() };
+                let data =
+                    if req.op == BioOp::Write { req.data[off..off + len].to_vec() } else { Vec::new() };
                 data_pieces.push(self.new_piece(id, off, req.op, s, e - s, req.fua, 0, data));
                 s = e;
             }
         } else if req.op == BioOp::Discard {
-            data_pieces.push(self.new_piece(id, 0, BioOp::Discard, req.sector, req.nr_sectors, false, 0, Vec::new()));
+            data_pieces.push(self.new_piece(
+                id,
+                0,
+                BioOp::Discard,
+                req.sector,
+                req.nr_sectors,
+                false,
+                0,
+                Vec::new(),
+            ));
         }
         let flushes = if req.op == BioOp::Flush || req.preflush {
             vec![
@@ -756,9 +783,16 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// `bio_detain_shared`: true when the shared lock is granted.
     fn detain_shared(&mut self, id: PieceId, block: u64) -> bool {
+        self.detain_shared_as(id, block, true)
+    }
+
+    /// [`Self::detain_shared`]; `from_map` is false for an overwrite bio
+    /// falling back to a full copy (the deliberate bug below is the map
+    /// path's only).
+    fn detain_shared_as(&mut self, id: PieceId, block: u64, from_map: bool) -> bool {
         let write = self.is_write(id);
         let level = lock_level(write);
-        if write && self.opts.mutations.cache_write_ignores_migration_lock {
+        if from_map && write && self.opts.mutations.cache_write_ignores_migration_lock {
             // The deliberate bug: writes do not wait for a migration.
             if let Some(c) = self.prison.lookup(&origin_key(block)) {
                 if self.prison.view(c).is_some_and(|v| v.exclusive.is_some()) {
@@ -990,7 +1024,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             p.self_counted = true;
             self.io.insert(
                 io,
-                DataIo::Piece { piece: id, disk: CacheDisk::Origin, sector, nr_sectors: nr, op: BioOp::Write, fua },
+                DataIo::Piece {
+                    piece: id,
+                    disk: CacheDisk::Origin,
+                    sector,
+                    nr_sectors: nr,
+                    op: BioOp::Write,
+                    fua,
+                },
             );
         }
         self.remap(id, CacheDisk::Cache, Some(cblock));
@@ -1267,8 +1308,10 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         } else {
             self.io_migrations += 1;
         }
-        self.migrations
-            .insert(mg, Migration { work: Some(work), overwrite, cell: None, input: Ok(()), invalidate: None });
+        self.migrations.insert(
+            mg,
+            Migration { work: Some(work), overwrite, cell: None, input: Ok(()), invalidate: None },
+        );
         if let Some(id) = overwrite {
             self.pieces.get_mut(&id).expect("piece").hooked = Some(mg);
         }
@@ -1348,7 +1391,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         if let Some(id) = overwrite {
             if !self.optimisable(id, work.oblock) {
                 // Fall back to a full copy: the bio waits in the cell.
-                if self.detain_shared(id, work.oblock) {
+                if self.detain_shared_as(id, work.oblock, false) {
                     self.bug(format!("overwrite fallback of migration {mg} got a shared lock"));
                 }
                 self.pieces.get_mut(&id).expect("piece").hooked = None;
@@ -1680,7 +1723,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             if let Err(e) = status {
                 m.input = Err(e);
             }
-            let step = if m.invalidate.is_some() { Step::InvalidateCompleted } else { Step::UpdateMetadataAfterCopy };
+            let step = if m.invalidate.is_some() {
+                Step::InvalidateCompleted
+            } else {
+                Step::UpdateMetadataAfterCopy
+            };
             self.ready.push_back((mg, step));
             return;
         }
@@ -1775,7 +1822,10 @@ fn validate(req: &BioRequest, dev_sectors: u64) -> Result<(), String> {
     }
     let end = req.sector.checked_add(req.nr_sectors).ok_or("sector range overflows")?;
     if end > dev_sectors {
-        return Err(format!("sectors {}..{end} reach past the end of the device ({dev_sectors} sectors)", req.sector));
+        return Err(format!(
+            "sectors {}..{end} reach past the end of the device ({dev_sectors} sectors)",
+            req.sector
+        ));
     }
     Ok(())
 }

@@ -107,13 +107,17 @@ impl<D: BlockDevice> CacheTarget<D> {
         // In fail mode the shared metadata cannot even say whether it needs
         // a check (`dm_cache_metadata_needs_check` fails): fail mode, refused.
         if self.md.needs_check() || self.mode == CacheMode::Fail {
-            return Err(TableError::einval("Unable to get write access to metadata, please check/repair metadata."));
+            return Err(TableError::einval(
+                "Unable to get write access to metadata, please check/repair metadata.",
+            ));
         }
         if table.io_mode == IoMode::Passthrough {
             match self.all_clean() {
                 Err(_) => return Err(TableError::einval("dm_cache_metadata_all_clean() failed")),
                 Ok(false) => {
-                    return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"))
+                    return Err(TableError::einval(
+                        "Cannot enter passthrough mode unless all blocks are clean",
+                    ))
                 }
                 Ok(true) => {}
             }
@@ -202,13 +206,19 @@ impl<D: BlockDevice> CacheTarget<D> {
         // `set_cache_mode(CM_WRITE)` keeps a needs_check metadata read-only,
         // and the constructor refuses anything but write mode.
         if needs_check {
-            return Err((t, TableError::einval("Unable to get write access to metadata, please check/repair metadata.")));
+            return Err((
+                t,
+                TableError::einval("Unable to get write access to metadata, please check/repair metadata."),
+            ));
         }
         if t.table.io_mode == IoMode::Passthrough {
             match t.all_clean() {
                 Err(_) => return Err((t, TableError::einval("dm_cache_metadata_all_clean() failed"))),
                 Ok(false) => {
-                    return Err((t, TableError::einval("Cannot enter passthrough mode unless all blocks are clean")))
+                    return Err((
+                        t,
+                        TableError::einval("Cannot enter passthrough mode unless all blocks are clean"),
+                    ))
                 }
                 Ok(true) => {}
             }
