@@ -4,12 +4,12 @@
 //! `dmsetup message` and `dmsetup suspend` do to the metadata and the
 //! policy.
 //!
-//! This is the first part of the cache target. The bio paths (the map
-//! path, bio prison v2, migrations as data I/O, commits on FLUSH/FUA,
-//! writethrough and passthrough I/O) are not here yet: with no I/O, the
-//! in-core state changes only through activation, messages and the policy's
-//! ticks, which is enough to hold the lifecycle against the real kernel
-//! block for block.
+//! The bio paths (the map path, bio prison v2, migrations as data I/O,
+//! commits on FLUSH/FUA, writethrough and passthrough I/O) are in
+//! [`crate::cache::core`], which owns a `CacheTarget` and the data devices.
+//! Without I/O, the in-core state changes only through activation,
+//! messages and the policy's ticks, which is enough to hold the lifecycle
+//! against the real kernel block for block.
 
 use crate::block_device::BlockDevice;
 use crate::cache::mapping::{discard_geometry, ShutdownState};
@@ -383,8 +383,8 @@ impl<D: BlockDevice> CacheTarget<D> {
     }
 
     /// A message (`cache_message`): a config key, or `invalidate_cblocks`
-    /// (parsed and checked; invalidation itself needs the bio path and is
-    /// not modelled yet: EOPNOTSUPP).
+    /// (parsed and checked; invalidation itself is the I/O path's:
+    /// [`crate::cache::core::Cache::message`] does it; here EOPNOTSUPP).
     pub fn message(&mut self, words: &[&str]) -> Result<(), Errno> {
         let read_only = self.mode >= CacheMode::ReadOnly;
         match CacheMessage::parse(
