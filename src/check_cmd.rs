@@ -1,7 +1,7 @@
 //! `dmsim check`: the default campaign, in-process, no root.
 //!
-//! Two campaigns run over the same seeds (`--campaign thin|metadata|all`,
-//! default all):
+//! Four campaigns run over the same seeds
+//! (`--campaign thin|metadata|cache-metadata|cache|all`, default all):
 //!
 //! - **thin**: every seed one run of the thin target on simulated disks
 //!   (`dmsim_sim::run`): a workload, a pool shape and a swarm of faults all
@@ -11,7 +11,12 @@
 //!   failures folder and, for the first few, minimized.
 //! - **metadata**: the metadata crash campaign of `dmsim_sim::campaign`:
 //!   every seed a workload of pool metadata operations, every commit's crash
-//!   states judged by the independent checker.
+//!   states judged by the independent checker (and the same for the
+//!   cache's metadata: `cache-metadata`).
+//! - **cache**: every seed one run of the dm-cache target on three
+//!   simulated disks (`dmsim_sim::cache_run`), judged by the oracle, the
+//!   model's checks and the cache metadata checker; failing seeds' traces
+//!   are written and minimized as for thin.
 //!
 //! Seeds run on `--jobs` threads; results are collected and reported in
 //! seed order, so the output does not depend on thread timing (only on the
@@ -30,6 +35,8 @@ use dmsim_faults::FaultCoverage;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::cache_campaign;
+use dmsim_sim::cache_run::{self, CacheCampaignSettings, CacheRunConfig, CacheRunOutcome, CacheWorkload};
+use dmsim_sim::cache_sim::CacheStats;
 use dmsim_sim::campaign::{
     self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
 };
@@ -55,7 +62,10 @@ pub enum CampaignKind {
     Metadata,
     /// The cache metadata crash campaign.
     CacheMetadata,
-    /// All three.
+    /// The dm-cache target on three simulated disks (metadata, cache,
+    /// origin), judged by the oracle.
+    Cache,
+    /// All four.
     All,
 }
 
@@ -70,6 +80,10 @@ impl CampaignKind {
 
     fn cache_metadata(self) -> bool {
         matches!(self, CampaignKind::CacheMetadata | CampaignKind::All)
+    }
+
+    fn cache(self) -> bool {
+        matches!(self, CampaignKind::Cache | CampaignKind::All)
     }
 }
 
@@ -96,11 +110,11 @@ pub struct CheckArgs {
     /// printed, so the run can be repeated with --seeds.
     #[arg(long, value_parser = parse_duration)]
     pub time: Option<Duration>,
-    /// Ops per seed of the thin campaign (1 to 1,000,000; a seed's ops and
-    /// trace are held in memory, about 2.5 KB per op).
+    /// Ops per seed of the thin and cache campaigns (1 to 1,000,000; a
+    /// seed's ops and trace are held in memory, about 2.5 KB per op).
     #[arg(long, default_value_t = 300, value_parser = ops_parser())]
     pub ops: usize,
-    /// What model the thin campaign runs.
+    /// What model the thin and cache campaigns run.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Worker threads, 1 to 256 (default: all cores). Results do not
@@ -115,12 +129,14 @@ pub struct CheckArgs {
     /// output with timings differs between identical runs.
     #[arg(long)]
     pub timings: bool,
-    /// Folder for failing seeds' traces (seed-N.trace) and minimized traces
-    /// (seed-N.min.trace); created when a seed fails. A path that exists
+    /// Folder for failing seeds' traces (seed-N.trace, cache-seed-N.trace
+    /// for the cache campaign) and minimized traces (seed-N.min.trace,
+    /// cache-seed-N.min.trace); created when a seed fails. A path that exists
     /// and is not a folder is refused before the campaign starts.
     #[arg(long, default_value = "dmsim-failures")]
     pub failures: PathBuf,
-    /// Minimize at most this many failing seeds (the first, in seed order).
+    /// Minimize at most this many failing traces (the first, in seed order;
+    /// thin and cache alike).
     #[arg(long, default_value_t = 3)]
     pub minimize_max: usize,
     /// Run every seed twice and compare the runs byte for byte; a
@@ -143,12 +159,15 @@ pub struct CheckArgs {
 /// and `run`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Force one workload instead of each seed's own choice.
+    /// Force one workload instead of each seed's own choice: a thin
+    /// workload forces the thin campaign's, a cache-… one the cache
+    /// campaign's (and makes `dmsim run` run a cache seed); the other
+    /// campaign keeps each seed's own.
     #[arg(long, value_parser = workload_parser())]
-    pub workload: Option<Workload>,
+    pub workload: Option<WorkloadChoice>,
     /// The pool's locking design: kernel-6.1 (the kernel's), regions-6.4
     /// or refcount-sharing (a patch under study; see
-    /// docs/concurrency.md).
+    /// docs/concurrency.md). Thin only.
     #[arg(long, value_parser = parse_locking, default_value = "kernel-6.1")]
     pub locking: LockingDesign,
     /// Run with a deliberately broken model, to see a detector fire (see
@@ -167,14 +186,23 @@ impl ModelArgs {
         CampaignSettings {
             mutations: self.mutation.unwrap_or_default(),
             kernel_as_is: self.kernel_as_is,
-            workload: self.workload,
+            workload: self.workload.and_then(WorkloadChoice::thin),
             locking: self.locking,
+        }
+    }
+
+    /// The cache campaign settings these options make.
+    pub fn cache_settings(&self) -> CacheCampaignSettings {
+        CacheCampaignSettings {
+            mutations: self.mutation.unwrap_or_default(),
+            kernel_as_is: self.kernel_as_is,
+            workload: self.workload.and_then(WorkloadChoice::cache),
         }
     }
 
     /// The options that are not visible in `--help`, and the design when
     /// it is not the default, as command-line flags (for reproduce lines).
-    fn flags(&self) -> String {
+    fn flags(&self, locking: bool) -> String {
         let mut s = String::new();
         if let Some(m) = self.mutation {
             for n in m.names() {
@@ -184,7 +212,7 @@ impl ModelArgs {
         if self.kernel_as_is {
             s.push_str(" --kernel-as-is");
         }
-        if self.locking != LockingDesign::default() {
+        if locking && self.locking != LockingDesign::default() {
             s.push_str(&format!(" --locking {}", self.locking.name()));
         }
         s
@@ -261,11 +289,71 @@ fn parse_any_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// The parser of `--workload`: one of the names of [`Workload::ALL`] (which
-/// `--help` lists).
-pub fn workload_parser() -> impl TypedValueParser<Value = Workload> {
-    clap::builder::PossibleValuesParser::new(Workload::ALL.map(Workload::name))
-        .map(|name| Workload::from_name(&name).expect("a possible value names a workload"))
+/// A workload named by `--workload`: one of the thin campaign's or one of
+/// the cache campaign's (`cache-…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadChoice {
+    /// A thin workload.
+    Thin(Workload),
+    /// A cache workload.
+    Cache(CacheWorkload),
+}
+
+impl WorkloadChoice {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadChoice::Thin(w) => w.name(),
+            WorkloadChoice::Cache(w) => w.name(),
+        }
+    }
+
+    /// The thin workload, if it is one.
+    pub fn thin(self) -> Option<Workload> {
+        match self {
+            WorkloadChoice::Thin(w) => Some(w),
+            WorkloadChoice::Cache(_) => None,
+        }
+    }
+
+    /// The cache workload, if it is one.
+    pub fn cache(self) -> Option<CacheWorkload> {
+        match self {
+            WorkloadChoice::Cache(w) => Some(w),
+            WorkloadChoice::Thin(_) => None,
+        }
+    }
+}
+
+/// What each cache workload does, for `--help`.
+fn cache_workload_help(w: CacheWorkload) -> &'static str {
+    match w {
+        CacheWorkload::Hot => "cache campaign: a hot set that moves now and then (promotions, demotions)",
+        CacheWorkload::Scan => "cache campaign: sequential scans over the origin push the hot set out",
+        CacheWorkload::Writeback => "cache campaign: bursts of writes to a hot set, writeback under pressure",
+        CacheWorkload::Modes => {
+            "cache campaign: table reloads between writeback, writethrough, passthrough and the cleaner; \
+             invalidations"
+        }
+        CacheWorkload::Durability => "cache campaign: FUA and PREFLUSH writes with frequent crashes",
+    }
+}
+
+/// The parser of `--workload`: one of the names of [`Workload::ALL`] or of
+/// [`CacheWorkload::ALL`] (which `--help` lists).
+pub fn workload_parser() -> impl TypedValueParser<Value = WorkloadChoice> {
+    use clap::builder::PossibleValue;
+    let values: Vec<PossibleValue> = Workload::ALL
+        .iter()
+        .map(|w| PossibleValue::new(w.name()).help("thin campaign"))
+        .chain(CacheWorkload::ALL.iter().map(|w| PossibleValue::new(w.name()).help(cache_workload_help(*w))))
+        .collect();
+    clap::builder::PossibleValuesParser::new(values).map(|name| {
+        Workload::from_name(&name)
+            .map(WorkloadChoice::Thin)
+            .or_else(|| CacheWorkload::from_name(&name).map(WorkloadChoice::Cache))
+            .expect("a possible value names a workload")
+    })
 }
 
 /// Where a run's violation showed, in words: `at op N`, or `in the final
@@ -332,6 +420,32 @@ impl ThinSeed {
     }
 }
 
+/// One seed of the cache campaign, without its trace unless it failed.
+#[derive(Debug, Clone)]
+struct CacheSeed {
+    workload: CacheWorkload,
+    ops: usize,
+    stats: CacheStats,
+    coverage: FaultCoverage,
+    violation: Option<ThinFailure>,
+    /// Kept for failing seeds only.
+    trace: Option<Trace>,
+}
+
+impl CacheSeed {
+    fn of(cfg: &CacheRunConfig, out: CacheRunOutcome) -> CacheSeed {
+        let failed = out.violation.is_some();
+        CacheSeed {
+            workload: cfg.workload,
+            ops: out.trace.ops().count(),
+            stats: out.stats,
+            coverage: out.coverage,
+            violation: out.violation,
+            trace: failed.then_some(out.trace),
+        }
+    }
+}
+
 /// Two runs of one seed that differ.
 #[derive(Debug, Clone)]
 struct Difference {
@@ -346,16 +460,18 @@ struct Difference {
 struct SeedResult {
     seed: u64,
     thin: Option<ThinSeed>,
+    cache: Option<CacheSeed>,
     metadata: Option<SeedOutcome>,
-    cache: Option<SeedOutcome>,
+    cache_md: Option<SeedOutcome>,
     difference: Option<Difference>,
 }
 
 impl SeedResult {
     fn failed(&self) -> bool {
         self.thin.as_ref().is_some_and(|t| t.violation.is_some())
+            || self.cache.as_ref().is_some_and(|c| c.violation.is_some())
             || self.metadata.as_ref().is_some_and(|m| !m.violations.is_empty())
-            || self.cache.as_ref().is_some_and(|m| !m.violations.is_empty())
+            || self.cache_md.as_ref().is_some_and(|m| !m.violations.is_empty())
             || self.difference.is_some()
     }
 }
@@ -365,6 +481,7 @@ struct Plan {
     kind: CampaignKind,
     ops: usize,
     settings: CampaignSettings,
+    cache_settings: CacheCampaignSettings,
     metadata: CampaignConfig,
     checkers: Checkers,
     determinism: bool,
@@ -386,6 +503,19 @@ impl Plan {
             }
             ThinSeed::of(&cfg, out)
         });
+        let cache = self.kind.cache().then(|| {
+            let cfg = CacheRunConfig::for_seed(seed, self.ops, &self.cache_settings);
+            let out = cache_run::run_config(&cfg);
+            if self.determinism && difference.is_none() {
+                let again = cache_run::run_config(&cfg);
+                if let Some((line, first, second)) =
+                    first_difference(&to_text(&out.trace), &to_text(&again.trace))
+                {
+                    difference = Some(Difference { campaign: "cache", line, first, second });
+                }
+            }
+            CacheSeed::of(&cfg, out)
+        });
         let mut metadata_style = |campaign: &'static str, run: fn(&CampaignConfig, u64) -> SeedOutcome| {
             let out = run(&self.metadata, seed);
             if self.determinism && difference.is_none() {
@@ -400,13 +530,37 @@ impl Plan {
             out
         };
         let metadata = self.kind.metadata().then(|| metadata_style("metadata", campaign::run_seed));
-        let cache =
+        let cache_md =
             self.kind.cache_metadata().then(|| metadata_style("cache-metadata", cache_campaign::run_seed));
-        SeedResult { seed, thin, metadata, cache, difference }
+        SeedResult { seed, thin, cache, metadata, cache_md, difference }
     }
 }
 
-/// A failing thin seed's files and minimization.
+/// Which campaign a failing trace comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TraceCampaign {
+    Thin,
+    Cache,
+}
+
+impl TraceCampaign {
+    /// The start of its files' names in the failures folder.
+    fn file_prefix(self) -> &'static str {
+        match self {
+            TraceCampaign::Thin => "seed",
+            TraceCampaign::Cache => "cache-seed",
+        }
+    }
+}
+
+/// The failing traces' files, by campaign and seed.
+type Files = Vec<((TraceCampaign, u64), FailureFiles)>;
+
+fn files_of(files: &Files, campaign: TraceCampaign, seed: u64) -> Option<&FailureFiles> {
+    files.iter().find(|(k, _)| *k == (campaign, seed)).map(|(_, f)| f)
+}
+
+/// A failing thin or cache seed's files and minimization.
 #[derive(Debug, Clone, Default)]
 struct FailureFiles {
     trace: Option<PathBuf>,
@@ -429,6 +583,21 @@ pub fn run(args: CheckArgs) -> ExitCode {
         eprintln!("dmsim check: {e}");
         return ExitCode::from(exit::UNUSABLE);
     }
+    if let Some(w) = args.model.workload {
+        let (runs, campaign) = match w {
+            WorkloadChoice::Thin(_) => (args.campaign.thin(), "thin"),
+            WorkloadChoice::Cache(_) => (args.campaign.cache(), "cache"),
+        };
+        if !runs {
+            let kind = args.campaign.to_possible_value().map_or(String::new(), |v| v.get_name().to_string());
+            eprintln!(
+                "dmsim check: --workload {} is a {campaign} workload, and --campaign {kind} does not run \
+                 the {campaign} campaign",
+                w.name()
+            );
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    }
     let checkers = Checkers::from_path();
     if args.campaign.thin() && checkers.thin_check.is_none() {
         if in_ci() {
@@ -449,6 +618,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
         kind: args.campaign,
         ops: args.ops,
         settings: args.model.settings(),
+        cache_settings: args.model.cache_settings(),
         metadata: CampaignConfig {
             seeds: seeds.clone(),
             ops_per_seed: args.metadata_ops,
@@ -565,17 +735,19 @@ fn usable_failures_folder(dir: &std::path::Path) -> Result<(), String> {
     }
 }
 
-/// Writes every failing thin seed's trace and minimizes the first
-/// `--minimize-max` of them, in parallel; returns the files by seed.
-fn write_failures(
-    args: &CheckArgs,
-    plan: &Plan,
-    results: &[SeedResult],
-    jobs: usize,
-) -> Vec<(u64, FailureFiles)> {
-    let failing: Vec<(u64, &Trace)> = results
+/// Writes every failing thin and cache seed's trace and minimizes the first
+/// `--minimize-max` of them (in seed order, thin before cache), in
+/// parallel; returns the files by campaign and seed.
+fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Files {
+    let failing: Vec<(TraceCampaign, u64, &Trace)> = results
         .iter()
-        .filter_map(|r| r.thin.as_ref().and_then(|t| t.trace.as_ref()).map(|t| (r.seed, t)))
+        .flat_map(|r| {
+            let thin =
+                r.thin.as_ref().and_then(|t| t.trace.as_ref()).map(|t| (TraceCampaign::Thin, r.seed, t));
+            let cache =
+                r.cache.as_ref().and_then(|c| c.trace.as_ref()).map(|t| (TraceCampaign::Cache, r.seed, t));
+            thin.into_iter().chain(cache)
+        })
         .collect();
     if failing.is_empty() {
         return Vec::new();
@@ -586,18 +758,20 @@ fn write_failures(
         eprintln!("dmsim check: {error}");
         return failing
             .iter()
-            .map(|(seed, _)| (*seed, FailureFiles { error: Some(error.clone()), ..FailureFiles::default() }))
+            .map(|(c, seed, _)| {
+                ((*c, *seed), FailureFiles { error: Some(error.clone()), ..FailureFiles::default() })
+            })
             .collect();
     }
-    let mut files: Vec<(u64, FailureFiles)> = failing
+    let mut files: Files = failing
         .iter()
-        .map(|(seed, trace)| {
-            let path = dir.join(format!("seed-{seed}.trace"));
+        .map(|(c, seed, trace)| {
+            let path = dir.join(format!("{}-{seed}.trace", c.file_prefix()));
             let f = match trace_file::write(&path, trace, Encoding::Text) {
                 Ok(()) => FailureFiles { trace: Some(path), ..FailureFiles::default() },
                 Err(e) => FailureFiles { error: Some(e), ..FailureFiles::default() },
             };
-            (*seed, f)
+            ((*c, *seed), f)
         })
         .collect();
     let to_minimize = failing.len().min(args.minimize_max);
@@ -618,19 +792,22 @@ fn write_failures(
                 if i >= to_minimize {
                     break;
                 }
-                let (seed, trace) = failing[i];
-                let result =
-                    minimize(trace, &plan.checkers, |_, _| {}).map_err(|e| e.to_string()).and_then(|m| {
-                        let path = dir.join(format!("seed-{seed}.min.trace"));
-                        trace_file::write(&path, &m.trace, Encoding::Text)?;
-                        Ok(MinimizedFile {
-                            path,
-                            ops_before: m.ops_before,
-                            ops_after: m.ops_after,
-                            runs: m.runs,
-                            signature: m.signature,
-                        })
-                    });
+                let (campaign, seed, trace) = failing[i];
+                let shrunk = match campaign {
+                    TraceCampaign::Thin => minimize(trace, &plan.checkers, |_, _| {}),
+                    TraceCampaign::Cache => cache_run::minimize(trace, |_, _| {}),
+                };
+                let result = shrunk.map_err(|e| e.to_string()).and_then(|m| {
+                    let path = dir.join(format!("{}-{seed}.min.trace", campaign.file_prefix()));
+                    trace_file::write(&path, &m.trace, Encoding::Text)?;
+                    Ok(MinimizedFile {
+                        path,
+                        ops_before: m.ops_before,
+                        ops_after: m.ops_after,
+                        runs: m.runs,
+                        signature: m.signature,
+                    })
+                });
                 minimized.lock().expect("minimized lock").push((i, result));
                 bar.inc(1);
             });
@@ -640,7 +817,7 @@ fn write_failures(
     for (i, result) in minimized.into_inner().expect("minimized lock") {
         match result {
             Ok(m) => files[i].1.minimized = Some(m),
-            Err(e) => files[i].1.error = Some(format!("minimizing seed {}: {e}", files[i].0)),
+            Err(e) => files[i].1.error = Some(format!("minimizing seed {}: {e}", files[i].0 .1)),
         }
     }
     files
@@ -656,8 +833,14 @@ struct Summary {
     thin_check_runs: usize,
     workloads: Vec<(Workload, usize)>,
     thin_failing: Vec<u64>,
+    cache_seeds: usize,
+    cache_ops: usize,
+    cache: CacheStats,
+    cache_coverage: FaultCoverage,
+    cache_workloads: Vec<(CacheWorkload, usize)>,
+    cache_failing: Vec<u64>,
     md: MetadataTotals,
-    cache: MetadataTotals,
+    cache_md: MetadataTotals,
     differences: Vec<u64>,
 }
 
@@ -699,7 +882,7 @@ impl MetadataCampaign {
     fn outcome(self, r: &SeedResult) -> Option<&SeedOutcome> {
         match self {
             MetadataCampaign::Thin => r.metadata.as_ref(),
-            MetadataCampaign::Cache => r.cache.as_ref(),
+            MetadataCampaign::Cache => r.cache_md.as_ref(),
         }
     }
 }
@@ -773,8 +956,11 @@ impl MetadataTotals {
 
 impl Summary {
     fn of(results: &[SeedResult]) -> Self {
-        let mut s =
-            Summary { workloads: Workload::ALL.iter().map(|w| (*w, 0)).collect(), ..Summary::default() };
+        let mut s = Summary {
+            workloads: Workload::ALL.iter().map(|w| (*w, 0)).collect(),
+            cache_workloads: CacheWorkload::ALL.iter().map(|w| (*w, 0)).collect(),
+            ..Summary::default()
+        };
         for r in results {
             if let Some(t) = &r.thin {
                 s.thin_seeds += 1;
@@ -789,11 +975,23 @@ impl Summary {
                     s.thin_failing.push(r.seed);
                 }
             }
+            if let Some(c) = &r.cache {
+                s.cache_seeds += 1;
+                s.cache_ops += c.ops;
+                s.cache.add(&c.stats);
+                s.cache_coverage.add(&c.coverage);
+                if let Some(w) = s.cache_workloads.iter_mut().find(|(w, _)| *w == c.workload) {
+                    w.1 += 1;
+                }
+                if c.violation.is_some() {
+                    s.cache_failing.push(r.seed);
+                }
+            }
             if let Some(o) = &r.metadata {
                 s.md.add(r.seed, o);
             }
-            if let Some(o) = &r.cache {
-                s.cache.add(r.seed, o);
+            if let Some(o) = &r.cache_md {
+                s.cache_md.add(r.seed, o);
             }
             if r.difference.is_some() {
                 s.differences.push(r.seed);
@@ -802,19 +1000,13 @@ impl Summary {
         s
     }
 
-    fn print(
-        &self,
-        args: &CheckArgs,
-        plan: &Plan,
-        ran: &Range<u64>,
-        results: &[SeedResult],
-        files: &[(u64, FailureFiles)],
-    ) {
+    fn print(&self, args: &CheckArgs, plan: &Plan, ran: &Range<u64>, results: &[SeedResult], files: &Files) {
         let row = |k: &str, v: String| println!("  {k:<30} {v:>12}");
         let names: Vec<&str> = [
             (plan.kind.thin(), "thin"),
             (plan.kind.metadata(), "metadata"),
             (plan.kind.cache_metadata(), "cache metadata"),
+            (plan.kind.cache(), "cache"),
         ]
         .into_iter()
         .filter_map(|(on, n)| on.then_some(n))
@@ -871,7 +1063,37 @@ impl Summary {
             self.md.print(MetadataCampaign::Thin, plan);
         }
         if plan.kind.cache_metadata() {
-            self.cache.print(MetadataCampaign::Cache, plan);
+            self.cache_md.print(MetadataCampaign::Cache, plan);
+        }
+        if plan.kind.cache() {
+            let workload =
+                plan.cache_settings.workload.map_or("each seed's own".to_string(), |w| w.name().to_string());
+            let c = &self.cache;
+            println!("\ncache campaign: {} ops per seed, workload {workload}", plan.ops);
+            row("seeds", self.cache_seeds.to_string());
+            row("ops", self.cache_ops.to_string());
+            row("requests", c.bios.to_string());
+            row("reads checked", c.reads_checked.to_string());
+            row("crashes", c.crashes.to_string());
+            row("EIO", c.io_errors.to_string());
+            row("reloads", c.reloads.to_string());
+            row("  refused", c.reloads_refused.to_string());
+            row("promotions", c.migrations[0].to_string());
+            row("  by overwrite", c.overwrites.to_string());
+            row("demotions", c.migrations[1].to_string());
+            row("writebacks", c.migrations[2].to_string());
+            row("metadata commits", c.commits.to_string());
+            row("clean-block checks", c.clean_checks.to_string());
+            row("simulated seconds", format!("{:.1}", c.sim_time_ns as f64 / 1e9));
+            println!("  faults fired");
+            for (name, count) in self.cache_coverage.iter() {
+                row(&format!("  {name}"), count.to_string());
+            }
+            println!("  workloads");
+            for (w, n) in &self.cache_workloads {
+                row(&format!("  {}", w.name()), n.to_string());
+            }
+            row("violations", self.cache_failing.len().to_string());
         }
         if plan.determinism {
             println!(
@@ -884,7 +1106,7 @@ impl Summary {
             );
         }
         for r in results {
-            print_failure(args, r, files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f));
+            print_failure(args, r, files);
         }
         if results.iter().any(SeedResult::failed) {
             let n = results.iter().filter(|r| r.failed()).count();
@@ -900,7 +1122,7 @@ impl Summary {
         plan: &Plan,
         ran: &Range<u64>,
         results: &[SeedResult],
-        files: &[(u64, FailureFiles)],
+        files: &Files,
         wall: Option<Duration>,
     ) -> String {
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
@@ -909,8 +1131,7 @@ impl Summary {
                 .iter()
                 .filter_map(|r| r.thin.as_ref().and_then(|t| t.violation.as_ref()).map(|v| (r, v)))
                 .map(|(r, v)| {
-                    let f =
-                        files.iter().find(|(s, _)| *s == r.seed).map(|(_, f)| f.clone()).unwrap_or_default();
+                    let f = files_of(files, TraceCampaign::Thin, r.seed).cloned().unwrap_or_default();
                     serde_json::json!({
                         "seed": r.seed,
                         "workload": r.thin.as_ref().map(|t| t.workload.name()),
@@ -957,10 +1178,72 @@ impl Summary {
         });
         let metadata =
             plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results));
-        let cache = plan
+        let cache_md = plan
             .kind
             .cache_metadata()
-            .then(|| self.cache.to_json(MetadataCampaign::Cache, args, plan, results));
+            .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results));
+        let minimized_json = |m: &Option<MinimizedFile>| {
+            m.as_ref().map(|m| {
+                serde_json::json!({
+                    "path": m.path.display().to_string(),
+                    "ops_before": m.ops_before,
+                    "ops_after": m.ops_after,
+                    "runs": m.runs,
+                    "signature": m.signature,
+                })
+            })
+        };
+        let cache = plan.kind.cache().then(|| {
+            let failures: Vec<_> = results
+                .iter()
+                .filter_map(|r| r.cache.as_ref().and_then(|c| c.violation.as_ref().map(|v| (r.seed, c, v))))
+                .map(|(seed, c, v)| {
+                    let f = files_of(files, TraceCampaign::Cache, seed).cloned().unwrap_or_default();
+                    serde_json::json!({
+                        "seed": seed,
+                        "workload": c.workload.name(),
+                        "step": v.step,
+                        "kind": v.kind,
+                        "message": v.what,
+                        "trace": path(&f.trace),
+                        "minimized": minimized_json(&f.minimized),
+                        "error": f.error,
+                        "reproduce": reproduce_cache(args, seed, c.workload),
+                    })
+                })
+                .collect();
+            let faults: serde_json::Map<String, serde_json::Value> =
+                self.cache_coverage.iter().map(|(n, c)| (n.to_string(), c.into())).collect();
+            let workloads: serde_json::Map<String, serde_json::Value> =
+                self.cache_workloads.iter().map(|(w, n)| (w.name().to_string(), (*n).into())).collect();
+            let c = &self.cache;
+            serde_json::json!({
+                "ops_per_seed": plan.ops,
+                "workload": plan.cache_settings.workload.map(CacheWorkload::name),
+                "seeds": self.cache_seeds,
+                "ops": self.cache_ops,
+                "requests": c.bios,
+                "reads_checked": c.reads_checked,
+                "crashes": c.crashes,
+                "eio": c.io_errors,
+                "data_ios": c.data_ios,
+                "reloads": c.reloads,
+                "reloads_refused": c.reloads_refused,
+                "promotions": c.migrations[0],
+                "overwrites": c.overwrites,
+                "demotions": c.migrations[1],
+                "writebacks": c.migrations[2],
+                "commits": c.commits,
+                "clean_checks": c.clean_checks,
+                "leaked_after_fault": c.leaked_after_fault,
+                "sim_seconds": c.sim_time_ns as f64 / 1e9,
+                "faults_fired": faults,
+                "workloads": workloads,
+                "violations": self.cache_failing.len(),
+                "failing_seeds": self.cache_failing,
+                "failures": failures,
+            })
+        });
         let differences: Vec<_> = results
             .iter()
             .filter_map(|r| r.difference.as_ref().map(|d| (r.seed, d)))
@@ -979,14 +1262,16 @@ impl Summary {
             "locking": plan.settings.locking.name(),
             "thin": thin,
             "metadata": metadata,
-            "cache_metadata": cache,
+            "cache_metadata": cache_md,
+            "cache": cache,
             "determinism": {
                 "checked": plan.determinism,
                 "differences": differences,
             },
             "violations": self.thin_failing.len()
+                + self.cache_failing.len()
                 + self.md.failing.len()
-                + self.cache.failing.len()
+                + self.cache_md.failing.len()
                 + self.differences.len(),
             "failing_seeds": failing,
             "ok": failing.is_empty(),
@@ -998,7 +1283,7 @@ impl Summary {
     }
 }
 
-fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>) {
+fn print_failure(args: &CheckArgs, r: &SeedResult, files: &Files) {
     if let Some((t, v)) = r.thin.as_ref().and_then(|t| t.violation.as_ref().map(|v| (t, v))) {
         println!(
             "\nFAILED thin seed {} (workload {}) {}: {}: {}",
@@ -1008,28 +1293,20 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
             v.kind,
             v.what
         );
-        if let Some(f) = files {
-            if let Some(p) = &f.trace {
-                println!("  trace: {} ({} ops)", p.display(), t.ops);
-            }
-            if let Some(m) = &f.minimized {
-                println!(
-                    "  minimized: {} → {} ops ({} runs): {}",
-                    m.ops_before,
-                    m.ops_after,
-                    m.runs,
-                    m.path.display()
-                );
-                println!("  signature: {}", m.signature);
-                println!("  replay it: dmsim replay {}", m.path.display());
-            } else if f.error.is_none() {
-                println!("  not minimized (--minimize-max {})", args.minimize_max);
-            }
-            if let Some(e) = &f.error {
-                println!("  error: {e}");
-            }
-        }
+        print_files(args, files_of(files, TraceCampaign::Thin, r.seed), t.ops);
         println!("  reproduce: {}", reproduce_thin(args, r.seed));
+    }
+    if let Some((c, v)) = r.cache.as_ref().and_then(|c| c.violation.as_ref().map(|v| (c, v))) {
+        println!(
+            "\nFAILED cache seed {} (workload {}) {}: {}: {}",
+            r.seed,
+            c.workload.name(),
+            when(v.step, c.ops),
+            v.kind,
+            v.what
+        );
+        print_files(args, files_of(files, TraceCampaign::Cache, r.seed), c.ops);
+        println!("  reproduce: {}", reproduce_cache(args, r.seed, c.workload));
     }
     for which in [MetadataCampaign::Thin, MetadataCampaign::Cache] {
         if let Some(v) = which.outcome(r).and_then(|o| o.violations.first()) {
@@ -1052,12 +1329,48 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: Option<&FailureFiles>)
     }
 }
 
+/// A failing trace's files, as the lines under its FAILED line.
+fn print_files(args: &CheckArgs, files: Option<&FailureFiles>, ops: usize) {
+    let Some(f) = files else { return };
+    if let Some(p) = &f.trace {
+        println!("  trace: {} ({ops} ops)", p.display());
+    }
+    if let Some(m) = &f.minimized {
+        println!(
+            "  minimized: {} → {} ops ({} runs): {}",
+            m.ops_before,
+            m.ops_after,
+            m.runs,
+            m.path.display()
+        );
+        println!("  signature: {}", m.signature);
+        println!("  replay it: dmsim replay {}", m.path.display());
+    } else if f.error.is_none() {
+        println!("  not minimized (--minimize-max {})", args.minimize_max);
+    }
+    if let Some(e) = &f.error {
+        println!("  error: {e}");
+    }
+}
+
 fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
-    let workload = args.model.workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
+    let workload =
+        args.model.settings().workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
     format!(
         "dmsim run --seed {seed} --ops {}{workload}{} --trace seed-{seed}.trace",
         args.ops,
-        args.model.flags()
+        args.model.flags(true)
+    )
+}
+
+/// `dmsim run` of a cache seed: the workload named is the seed's own (a
+/// seed draws the same shape whether its workload is forced or not).
+fn reproduce_cache(args: &CheckArgs, seed: u64, workload: CacheWorkload) -> String {
+    format!(
+        "dmsim run --seed {seed} --ops {} --workload {}{} --trace cache-seed-{seed}.trace",
+        args.ops,
+        workload.name(),
+        args.model.flags(false)
     )
 }
 
@@ -1068,7 +1381,7 @@ fn reproduce_metadata(args: &CheckArgs, which: MetadataCampaign, seed: u64) -> S
         seed + 1,
         args.metadata_ops,
         args.crashes_per_point,
-        args.model.flags()
+        args.model.flags(true)
     )
 }
 

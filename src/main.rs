@@ -24,12 +24,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the default campaign (in-process, no root): seeded runs of the
-    /// thin target on simulated disks under the oracle, and the metadata
-    /// crash campaign. Exit status 1 on any violation.
+    /// thin and cache targets on simulated disks under the oracle, and the
+    /// thin and cache metadata crash campaigns. Exit status 1 on any
+    /// violation.
     Check(check_cmd::CheckArgs),
-    /// Run one seed of the thin campaign and write its trace.
+    /// Run one seed of the thin campaign (of the cache campaign with
+    /// --workload cache-…) and write its trace.
     Run(run_cmd::RunArgs),
-    /// Replay a trace on the simulator and compare it with the recording.
+    /// Replay a trace (thin or cache) on the simulator and compare it with
+    /// the recording.
     Replay(replay_cmd::ReplayArgs),
     /// Shrink a failing trace while its violation still occurs.
     Minimize(minimize_cmd::MinimizeArgs),

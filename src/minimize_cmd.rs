@@ -1,9 +1,11 @@
-//! `dmsim minimize`: shrinks a failing trace while its violation recurs.
+//! `dmsim minimize`: shrinks a failing trace (thin or cache) while its
+//! violation recurs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use dmsim_sim::cache_run::{self, is_cache_header};
 use dmsim_sim::run::{minimize, Checkers};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -17,7 +19,8 @@ Status 0: the minimized trace is written. 1 is not used: a trace that \
 records no violation, or whose violation does not recur, is unusable input \
 (2)."))]
 pub struct MinimizeArgs {
-    /// The failing trace (text or binary).
+    /// The failing trace (text or binary; thin or cache, told apart by its
+    /// workload).
     pub trace: PathBuf,
     /// Where to write the minimized trace (text; binary with --binary or a
     /// .bin extension).
@@ -45,11 +48,15 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
         ProgressStyle::with_template("{elapsed_precise} {spinner} minimizing: {msg}")
             .expect("valid template"),
     );
-    let checkers = Checkers::from_path();
-    let result = minimize(&trace, &checkers, |runs, len| {
+    let progress = |runs: u64, len: usize| {
         bar.set_message(format!("{runs} runs, current length {len} ops"));
         bar.tick();
-    });
+    };
+    let result = if is_cache_header(&trace.header) {
+        cache_run::minimize(&trace, progress)
+    } else {
+        minimize(&trace, &Checkers::from_path(), progress)
+    };
     bar.finish_and_clear();
     let m = match result {
         Ok(m) => m,

@@ -1,15 +1,20 @@
-//! `dmsim replay`: runs a recorded trace's ops again and compares.
+//! `dmsim replay`: runs a recorded trace's ops again and compares. Thin
+//! and cache traces alike (told apart by the header's workload); cache
+//! traces on the simulator only.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use dmsim_sim::cache_run::{self, is_cache_header};
 use dmsim_sim::run::{replay, violation_signature, Checkers};
+use dmsim_sim::thin::ThinFailure;
+use dmsim_traces::file::{self as trace_file, Encoding};
+use dmsim_traces::Trace;
 
 use crate::check_cmd::when;
 use crate::exit;
-use crate::run_cmd::print_outcome;
-use dmsim_traces::file as trace_file;
+use crate::run_cmd::{print_cache_outcome, print_outcome};
 
 /// Options of `dmsim replay`.
 #[derive(Args, Debug)]
@@ -17,13 +22,15 @@ use dmsim_traces::file as trace_file;
 Status 1: a violation occurs on replay (with --strict also a replay that is \
 not byte-identical to the recording). With --on kernel: 1 if the kernel and \
 the simulator end in different states (L1); 2 also when the VM cannot be \
-used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged."))]
+used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged. \
+Cache traces (workload cache-…) replay on the simulator only: --on kernel \
+with a cache trace is refused (2)."))]
 pub struct ReplayArgs {
     /// The trace file (text or binary; told apart by the binary magic).
     pub trace: PathBuf,
     /// Where to replay: `sim` (the simulator), or `kernel` (Debian's kernel
     /// in qemu, compared with the simulator at L1: the same stamps in every
-    /// block of every device, the same blocks mapped).
+    /// block of every device, the same blocks mapped; thin traces only).
     #[arg(long, default_value = "sim")]
     pub on: String,
     /// With `--on kernel`: print the comparison as JSON on stdout.
@@ -57,6 +64,25 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if is_cache_header(&trace.header) {
+        let replayed = match cache_run::replay(&trace) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dmsim replay: {}: {e}", args.trace.display());
+                return ExitCode::from(exit::UNUSABLE);
+            }
+        };
+        print_heading(&args, &trace, encoding);
+        print_cache_outcome(&replayed.outcome);
+        let out = &replayed.outcome;
+        return judge(
+            &args,
+            &trace,
+            out.violation.as_ref(),
+            out.trace.ops().count(),
+            &replayed.first_difference,
+        );
+    }
     let checkers = Checkers::from_path();
     let replayed = match replay(&trace, &checkers) {
         Ok(r) => r,
@@ -65,6 +91,13 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    print_heading(&args, &trace, encoding);
+    print_outcome(&replayed.outcome, &checkers);
+    let out = &replayed.outcome;
+    judge(&args, &trace, out.violation.as_ref(), out.trace.ops().count(), &replayed.first_difference)
+}
+
+fn print_heading(args: &ReplayArgs, trace: &Trace, encoding: Encoding) {
     println!(
         "dmsim replay: {} ({}, seed {}, workload {}, {} ops) on the simulator",
         args.trace.display(),
@@ -73,8 +106,18 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         trace.header.workload,
         trace.ops().count()
     );
-    print_outcome(&replayed.outcome, &checkers);
-    let identical = match &replayed.first_difference {
+}
+
+/// Compares a replay with the recording and gives the status: 1 on a
+/// violation (or, with --strict, any difference).
+fn judge(
+    args: &ReplayArgs,
+    trace: &Trace,
+    violation: Option<&ThinFailure>,
+    ops: usize,
+    first_difference: &Option<(usize, String, String)>,
+) -> ExitCode {
+    let identical = match first_difference {
         None => {
             println!("replay: byte-identical to the recording");
             true
@@ -91,8 +134,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         Some((k, m)) => println!("recorded violation: {k}: {m}"),
         None => println!("recorded violation: none"),
     }
-    let ops = replayed.outcome.trace.ops().count();
-    match (&replayed.outcome.violation, &recorded) {
+    match (violation, &recorded) {
         (Some(v), Some((k, m))) => {
             let same = violation_signature(v.kind, &v.what) == violation_signature(k, m);
             let verdict = if same { "the recorded violation recurs" } else { "a DIFFERENT violation" };
@@ -104,7 +146,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         (None, Some(_)) => println!("on replay: no violation (the recorded one does not recur)"),
         (None, None) => println!("on replay: no violation"),
     }
-    if replayed.outcome.violation.is_some() || (args.strict && !identical) {
+    if violation.is_some() || (args.strict && !identical) {
         ExitCode::from(exit::PROBLEMS)
     } else {
         ExitCode::SUCCESS
@@ -126,6 +168,15 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if is_cache_header(&trace.header) {
+        eprintln!(
+            "dmsim replay --on kernel: {}: a cache trace (workload {}): kernel replay of cache traces is not \
+             available yet; replay it on the simulator (--on sim)",
+            args.trace.display(),
+            trace.header.workload
+        );
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let sim = match simulate_serialized_full(&trace) {
         Ok(s) => s,
         Err(e) => {

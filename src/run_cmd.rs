@@ -1,12 +1,16 @@
-//! `dmsim run`: one seed of the thin campaign, its trace written to a file.
+//! `dmsim run`: one seed of the thin campaign (or, with a `cache-…`
+//! workload, of the cache campaign), its trace written to a file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use dmsim_sim::cache_run::{self, CacheRunConfig, CacheRunOutcome};
 use dmsim_sim::run::{run_config, Checkers, RunConfig, RunOutcome};
+use dmsim_sim::thin::ThinFailure;
+use dmsim_traces::Trace;
 
-use crate::check_cmd::{ops_parser, when, ModelArgs};
+use crate::check_cmd::{ops_parser, when, ModelArgs, WorkloadChoice};
 use crate::exit;
 use dmsim_traces::file::{self as trace_file, Encoding};
 
@@ -16,7 +20,9 @@ use dmsim_traces::file::{self as trace_file, Encoding};
 Status 1: the seed's run has a violation (its trace is still written)."))]
 pub struct RunArgs {
     /// The seed: it decides the workload (unless --workload), the pool's
-    /// shape, the faults and every op.
+    /// (or cache's) shape, the faults and every op. A cache-… --workload
+    /// runs a seed of the cache campaign, as `dmsim check --campaign
+    /// cache` does.
     #[arg(long)]
     pub seed: u64,
     /// Ops to generate (1 to 1,000,000).
@@ -40,6 +46,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         eprintln!("dmsim run: {e}");
         return ExitCode::from(exit::UNUSABLE);
     }
+    if let Some(WorkloadChoice::Cache(_)) = args.model.workload {
+        return run_cache(&args);
+    }
     let settings = args.model.settings();
     let cfg = RunConfig::for_seed(args.seed, args.ops, &settings);
     let checkers = Checkers::from_path();
@@ -49,20 +58,65 @@ pub fn run(args: RunArgs) -> ExitCode {
         println!("  (with a deliberately broken model: {})", settings.mutations.names().join(", "));
     }
     print_outcome(&out, &checkers);
+    finish(&args, &out.trace, out.violation.as_ref())
+}
+
+/// One seed of the cache campaign.
+fn run_cache(args: &RunArgs) -> ExitCode {
+    let settings = args.model.cache_settings();
+    let cfg = CacheRunConfig::for_seed(args.seed, args.ops, &settings);
+    let out = cache_run::run_config(&cfg);
+    println!("dmsim run: cache seed {}, workload {}, {} ops", cfg.seed, cfg.workload.name(), cfg.ops);
+    if settings.mutations.any() {
+        println!("  (with a deliberately broken model: {})", settings.mutations.names().join(", "));
+    }
+    if settings.kernel_as_is {
+        println!("  (kernel as is: the candidate kernel fixes are off)");
+    }
+    print_cache_outcome(&out);
+    finish(args, &out.trace, out.violation.as_ref())
+}
+
+/// Writes the trace (if asked), prints the verdict, and gives the status.
+fn finish(args: &RunArgs, trace: &Trace, violation: Option<&ThinFailure>) -> ExitCode {
     if let Some(path) = &args.trace {
         let encoding = Encoding::for_output(path, args.binary);
-        if let Err(e) = trace_file::write(path, &out.trace, encoding) {
+        if let Err(e) = trace_file::write(path, trace, encoding) {
             eprintln!("dmsim run: {e}");
             return ExitCode::from(exit::UNUSABLE);
         }
-        println!("  trace: {} ({} events, {})", path.display(), out.trace.events.len(), encoding.name());
+        println!("  trace: {} ({} events, {})", path.display(), trace.events.len(), encoding.name());
     }
-    print_verdict(&out);
-    if out.violation.is_some() {
+    print_verdict(violation, trace.ops().count());
+    if violation.is_some() {
         ExitCode::from(exit::PROBLEMS)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Prints a cache run's counters and the faults that fired, indented
+/// under a heading.
+pub fn print_cache_outcome(out: &CacheRunOutcome) {
+    let s = &out.stats;
+    println!(
+        "  ops {}, requests {}, reads checked {}, crashes {}, EIO {}, reloads {} ({} refused), simulated {:.1} s",
+        out.trace.ops().count(),
+        s.bios,
+        s.reads_checked,
+        s.crashes,
+        s.io_errors,
+        s.reloads,
+        s.reloads_refused,
+        s.sim_time_ns as f64 / 1e9
+    );
+    println!(
+        "  promotions {} ({} by overwrite), demotions {}, writebacks {}, metadata commits {}, clean-block checks {}",
+        s.migrations[0], s.overwrites, s.migrations[1], s.migrations[2], s.commits, s.clean_checks
+    );
+    let fired: Vec<String> =
+        out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
+    println!("  faults fired: {}", if fired.is_empty() { "none".to_string() } else { fired.join(", ") });
 }
 
 /// Prints a run's counters, the faults that fired and whether thin_check
@@ -95,10 +149,11 @@ pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
     println!("  thin_check: {thin_check}");
 }
 
-/// Prints the run's violation, or that there was none.
-pub fn print_verdict(out: &RunOutcome) {
-    match &out.violation {
-        Some(v) => println!("VIOLATION {}: {}: {}", when(v.step, out.trace.ops().count()), v.kind, v.what),
+/// Prints the run's violation, or that there was none (`ops`: the ops the
+/// run had).
+pub fn print_verdict(violation: Option<&ThinFailure>, ops: usize) {
+    match violation {
+        Some(v) => println!("VIOLATION {}: {}: {}", when(v.step, ops), v.kind, v.what),
         None => println!("no violation"),
     }
 }

@@ -1,10 +1,11 @@
-//! `dmsim show`: a trace as a readable timeline.
+//! `dmsim show`: a trace (thin or cache) as a readable timeline.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use dmsim_sim::cache_run::is_cache_header;
 use dmsim_traces::{DiskFault, Event, Op, Trace};
 
 use crate::exit;
@@ -16,7 +17,8 @@ use dmsim_traces::file as trace_file;
 Status 1 is not used: a trace that can be read is shown, whatever it \
 records."))]
 pub struct ShowArgs {
-    /// The trace file (text or binary).
+    /// The trace file (text or binary; thin or cache: a cache trace's
+    /// workload is cache-…).
     pub trace: PathBuf,
     /// Show only the ops (the inputs), not what was observed.
     #[arg(long)]
@@ -41,14 +43,24 @@ pub fn run(args: ShowArgs) -> ExitCode {
 }
 
 /// The timeline of `trace`: a header (seed, workload, settings), then one
-/// numbered line per event (per op with `ops_only`).
+/// numbered line per event (per op with `ops_only`). A cache trace's
+/// observations are worded for the cache (its one device, its cache and
+/// origin disks).
 pub fn timeline(trace: &Trace, ops_only: bool, source: &str) -> String {
     let mut s = String::new();
     let h = &trace.header;
+    let cache = is_cache_header(h);
     let ops = trace.ops().count();
     let _ = writeln!(s, "trace {source}");
-    let _ =
-        writeln!(s, "  seed {}, workload {}, {} ops, {} events", h.seed, h.workload, ops, trace.events.len());
+    let _ = writeln!(
+        s,
+        "  seed {}, workload {}{}, {} ops, {} events",
+        h.seed,
+        h.workload,
+        if cache { " (a cache trace)" } else { "" },
+        ops,
+        trace.events.len()
+    );
     let (swarm, settings): (Vec<_>, Vec<_>) = h.params.iter().partition(|(k, _)| k.starts_with("swarm."));
     let show = |v: &str| if v.is_empty() { "(none)".to_string() } else { v.to_string() };
     for (title, params) in [("settings", settings), ("fault swarm", swarm)] {
@@ -82,7 +94,7 @@ pub fn timeline(trace: &Trace, ops_only: bool, source: &str) -> String {
                 let _ = writeln!(s, "{n:>6}  {:>6}  *** VIOLATION ({kind}): {message} ***", "");
             }
             other => {
-                let _ = writeln!(s, "{n:>6}  {:>6}    {}", "", describe_event(other));
+                let _ = writeln!(s, "{n:>6}  {:>6}    {}", "", describe_event(other, cache));
             }
         }
     }
@@ -158,12 +170,16 @@ fn range(start: u64, len: u64) -> String {
     format!("{start}..{}", start + len)
 }
 
-/// An observation in words.
-pub fn describe_event(e: &Event) -> String {
+/// An observation in words, of a cache trace if `cache`.
+pub fn describe_event(e: &Event, cache: bool) -> String {
     match e {
         Event::Op(op) => describe_op(op),
         Event::Done { bio, dev, result, read } => {
-            let mut s = format!("→ bio {bio} on thin {dev}: {result}");
+            let mut s = if cache {
+                format!("→ bio {bio} on the cache device: {result}")
+            } else {
+                format!("→ bio {bio} on thin {dev}: {result}")
+            };
             if let Some(r) = read {
                 let _ = write!(s, ", read {r}");
             }
@@ -171,14 +187,15 @@ pub fn describe_event(e: &Event) -> String {
         }
         Event::FaultFired { disk, what } => format!("! fault fired on the {} disk: {what}", disk.name()),
         Event::Crashed { metadata, data, torn } => format!(
-            "crash state: metadata disk kept {} of {} unflushed writes, data disk {} of {}{}",
+            "crash state: metadata disk kept {} of {} unflushed writes, {} {} of {}{}",
             metadata.0,
             metadata.1,
+            if cache { "cache and origin disks" } else { "data disk" },
             data.0,
             data.1,
             if *torn { ", one write torn" } else { "" }
         ),
-        Event::Mode(m) => format!("pool mode → {m}"),
+        Event::Mode(m) => format!("{} mode → {m}", if cache { "cache" } else { "pool" }),
         Event::Violation { kind, message } => format!("*** VIOLATION ({kind}): {message} ***"),
     }
 }
