@@ -369,7 +369,12 @@ pub fn when(step: usize, ops: usize) -> String {
 /// Parses a mutation name.
 pub fn parse_mutation(s: &str) -> Result<Mutations, String> {
     Mutations::by_name(s).ok_or_else(|| {
-        let names: Vec<_> = Mutations::ALL.iter().map(|(n, _)| *n).collect();
+        let names: Vec<_> = Mutations::ALL
+            .iter()
+            .chain(Mutations::CACHE.iter())
+            .chain(Mutations::CACHE_TARGET.iter())
+            .map(|(n, _)| *n)
+            .collect();
         format!("unknown mutation {:?}; known: {}", clip(s), names.join(", "))
     })
 }
