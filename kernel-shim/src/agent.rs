@@ -1109,6 +1109,21 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             name: names[0].clone(),
             meta_name: names[1].clone(),
             meta_table: linear_target(0, spec.metadata_sectors, disks.metadata, disks.slice.metadata_offset)?,
+            cache_slice: (
+                names[2].clone(),
+                linear_target(0, spec.cache_sectors(), disks.data, disks.slice.data_offset)?,
+                TargetSpec {
+                    start: 0,
+                    length: spec.cache_sectors(),
+                    target_type: "flakey".into(),
+                    // Up 0 s, down 1 s: always down; down means drop writes.
+                    params: format!(
+                        "{} {} 0 1 1 drop_writes",
+                        block_dev_num(disks.data)?.table_name(),
+                        disks.slice.data_offset
+                    ),
+                },
+            ),
             tables: [
                 block_dev_num(&m)?.table_name(),
                 block_dev_num(&c)?.table_name(),
@@ -1162,6 +1177,10 @@ struct CacheDevs {
     name: String,
     meta_name: String,
     meta_table: TargetSpec,
+    /// The cache (fast) device's name, its dm-linear table, and the
+    /// dm-flakey `drop_writes` table a [`CacheStep::DropCacheWrites`]
+    /// swaps in.
+    cache_slice: (String, TargetSpec, TargetSpec),
     tables: [String; 3],
     dev_dir: PathBuf,
 }
@@ -1316,6 +1335,10 @@ fn cache_step(
             ctl.message(&devs.name, 0, text)?;
             Ok(file)
         }
+        CacheStep::DropCacheWrites => {
+            swap_flakey(ctl, &devs.cache_slice.0, devs.cache_slice.2.clone())?;
+            Ok(file)
+        }
         CacheStep::Reactivate { mode, policy, migration_threshold } => {
             drop(file);
             // The old table goes: its postsuspend's clean shutdown fails
@@ -1327,6 +1350,9 @@ fn cache_step(
             let loaded = ctl.load(&devs.meta_name, std::slice::from_ref(&devs.meta_table), false);
             ctl.resume(&devs.meta_name)?;
             loaded?;
+            // The cache device as it was (a drop_cache_writes step swapped
+            // it to dm-flakey; otherwise this reloads the same table).
+            swap_flakey(ctl, &devs.cache_slice.0, devs.cache_slice.1.clone())?;
             let node = devs.activate(ctl, spec, mode, policy, *migration_threshold)?;
             open_direct(&node)
         }

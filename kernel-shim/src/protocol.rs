@@ -762,13 +762,22 @@ pub enum CacheStep {
     /// A target message to the cache device (e.g. `invalidate_cblocks 0`);
     /// a refused message stops the job with an error.
     Message(String),
+    /// From now on every write to the cache (fast) device is dropped
+    /// silently while reads still work (dm-flakey's `drop_writes` swapped
+    /// in under the cache target), until the next [`Self::Reactivate`]
+    /// restores the device. Of a power cut this is the state in which every
+    /// write the device acknowledged since the step was still in its
+    /// volatile cache — a legal crash state as long as no FLUSH reached the
+    /// device in between, which the caller must argue (dm-flakey cannot
+    /// tell).
+    DropCacheWrites,
 }
 
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
-/// `at reactivate MODE POLICY [THRESHOLD]` or `at message TEXT`, joined
-/// by `;` (message texts hold no `;`).
+/// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
+/// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
     let one = |(at, step): &(usize, CacheStep)| match step {
         CacheStep::Reactivate { mode, policy, migration_threshold: Some(t) } => {
@@ -778,6 +787,7 @@ pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
             format!("{at} reactivate {mode} {policy}")
         }
         CacheStep::Message(text) => format!("{at} message {text}"),
+        CacheStep::DropCacheWrites => format!("{at} drop_cache_writes"),
     };
     steps.iter().map(one).collect::<Vec<_>>().join(";")
 }
@@ -808,6 +818,7 @@ pub fn cache_steps(h: &Header) -> Result<Vec<(usize, CacheStep)>, ShimError> {
                 (Some(&"message"), [_, ..]) if words[2..].iter().all(|w| !w.is_empty()) => {
                     CacheStep::Message(words[2..].join(" "))
                 }
+                (Some(&"drop_cache_writes"), []) => CacheStep::DropCacheWrites,
                 _ => return Err(bad(one)),
             };
             Ok((at, step))
@@ -980,6 +991,7 @@ mod tests {
                 },
             ),
             (6, CacheStep::Message("invalidate_cblocks 0".into())),
+            (6, CacheStep::DropCacheWrites),
             (
                 7,
                 CacheStep::Reactivate {
@@ -1013,6 +1025,7 @@ mod tests {
             "1 message",
             "1 message a  b",
             "1 reactivate writeback smq 1 2",
+            "1 drop_cache_writes now",
             "1 dance",
         ] {
             let mut h = back.header.clone();
