@@ -39,7 +39,7 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
     summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    PoolSpec, Slice, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1227,6 +1227,9 @@ fn cache_io(
     let t0 = Instant::now();
     let mut next_write = 0u64;
     let ops: Vec<Op> = trace.ops().collect();
+    let sleep_only_ticks = trace.header.param(CACHE_TICKS_SLEEP_ONLY_PARAM) == Some("1");
+    // The mode and policy of the table in use (for a refused reload).
+    let mut current: (&str, &str) = (spec.mode.as_str(), "smq");
     for index in 0..=ops.len() {
         for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
             let t = Instant::now();
@@ -1285,7 +1288,75 @@ fn cache_io(
             },
             Op::Tick { millis } => {
                 std::thread::sleep(Duration::from_millis(u64::from(millis)));
-                ("ok".into(), Some(status_line(ctl, name)?))
+                if sleep_only_ticks {
+                    ("ok".into(), None)
+                } else {
+                    ("ok".into(), Some(status_line(ctl, name)?))
+                }
+            }
+            Op::Status => ("ok".into(), Some(status_line(ctl, name)?)),
+            Op::Reload { mode, policy } => {
+                // A table swap on the same devices: suspend (the clean
+                // shutdown), load, resume; a table the constructor refuses
+                // leaves the old one, resumed.
+                let [m, c, o] = &devs.tables;
+                let table = TargetSpec {
+                    start: 0,
+                    length: spec.origin_sectors(),
+                    target_type: "cache".into(),
+                    params: spec.table_params_as(
+                        [m, c, o],
+                        mode.name(),
+                        policy.name(),
+                        spec.migration_threshold,
+                    ),
+                };
+                suspend_retrying(ctl, name)?;
+                let loaded = ctl.load(name, &[table], false);
+                let resumed = ctl.resume(name);
+                match (loaded, resumed) {
+                    (Ok(()), Ok(_)) => {
+                        current = (mode.name(), policy.name());
+                        ("ok".into(), None)
+                    }
+                    (Err(ShimError::Dm { source, .. }), Ok(_)) => {
+                        (errno_name(source.raw_os_error().unwrap_or(0)), None)
+                    }
+                    (Ok(()), Err(ShimError::Dm { source, .. })) => {
+                        // The constructor took the table, its preresume
+                        // did not (6.1: passthrough over blocks loaded
+                        // dirty): the device is suspended with it. Load
+                        // the table that was active again.
+                        let [m, c, o] = &devs.tables;
+                        let old = TargetSpec {
+                            start: 0,
+                            length: spec.origin_sectors(),
+                            target_type: "cache".into(),
+                            params: spec.table_params_as(
+                                [m, c, o],
+                                current.0,
+                                current.1,
+                                spec.migration_threshold,
+                            ),
+                        };
+                        ctl.load(name, &[old], false)?;
+                        ctl.resume(name)?;
+                        (errno_name(source.raw_os_error().unwrap_or(0)), None)
+                    }
+                    (Err(e), _) | (_, Err(e)) => return Err(e),
+                }
+            }
+            Op::Invalidate { cblock, nr } => {
+                let blocks = spec.cache_blocks;
+                let begin = u64::from(cblock) % blocks;
+                let end = (begin + u64::from(nr.max(1))).min(blocks);
+                match ctl.message(name, 0, &format!("invalidate_cblocks {begin}-{end}")) {
+                    Ok(_) => ("ok".into(), None),
+                    Err(ShimError::Dm { source, .. }) => {
+                        (errno_name(source.raw_os_error().unwrap_or(0)), None)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Op::Worker => {
                 // A suspend (the target's clean shutdown) and a resume of
@@ -1319,6 +1390,23 @@ fn cache_io(
     drop(file);
     result.pool_status = status_line(ctl, name)?;
     Ok(())
+}
+
+/// Suspends the cache device for a table swap. The kernel sometimes
+/// answers EBUSY for a while after a previous swap (seen on 6.1 with
+/// dm-cache); the suspend is retried for up to two seconds.
+fn suspend_retrying(ctl: &Control, name: &str) -> Result<(), ShimError> {
+    use crate::dm::flags::SKIP_LOCKFS;
+    let mut tries = 0;
+    loop {
+        match ctl.suspend(name, SKIP_LOCKFS) {
+            Err(ShimError::Dm { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r.map(|_| ()),
+        }
+    }
 }
 
 /// One step of a cache job (see [`CacheStep`]); takes the cache device's

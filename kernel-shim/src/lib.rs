@@ -20,11 +20,14 @@
 //! mappings), L2 (thin_dump) and L3 (metadata blocks).
 //! [`crash`] rebuilds the kernel's durable disks at every FLUSH/FUA point
 //! from a dm-log-writes log ([`logwrites`]) and holds them against the
-//! model's; flakey jobs inject write errors through dm-flakey.
+//! model's; flakey jobs inject write errors through dm-flakey;
+//! [`cache_replay`] replays cache campaign traces on dm-cache, judged by
+//! the oracle (L1) and held against the serialized simulator (L2, L3).
 //! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;
 pub mod dm;

@@ -776,6 +776,11 @@ pub enum CacheStep {
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
+/// The header parameter (`1`) that makes a cache job's `tick` ops plain
+/// sleeps, without the status query (and its commit) they otherwise are:
+/// a campaign trace's ticks are the passage of time only.
+pub const CACHE_TICKS_SLEEP_ONLY_PARAM: &str = "cache_ticks_sleep_only";
+
 /// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
 /// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {

@@ -121,8 +121,28 @@ impl<D: BlockDevice> CacheTarget<D> {
                 }
                 Ok(true) => {}
             }
+            // The constructor passes, but the resume would not: the shared
+            // metadata was opened after an unclean shutdown (or formatted),
+            // so preresume loads every mapping dirty, and `load_mapping`
+            // refuses a dirty block in passthrough ("cannot enter
+            // passthrough mode unless all blocks are clean", preresume
+            // EBUSY), leaving the device suspended with the new table. Seen
+            // on the stock 6.1 kernel (kernel-shim/tests/kernel_cache_replay.rs).
+            // The model refuses the table here instead; the caller resumes
+            // the old one (the kernel's user must load a table again).
+            if !self.md.clean_when_opened() && !self.all_unmapped() {
+                return Err(TableError::new(
+                    Errno::EBUSY,
+                    "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// Whether no cache block is mapped on disk.
+    fn all_unmapped(&mut self) -> bool {
+        (0..self.md.cache_blocks()).all(|c| matches!(self.md.lookup(c), Ok(None)))
     }
 
     /// Loads a table on metadata that is already open (a table reload: the
@@ -221,6 +241,17 @@ impl<D: BlockDevice> CacheTarget<D> {
                     ))
                 }
                 Ok(true) => {}
+            }
+            // As in `check_reload`: after an unclean shutdown every mapping
+            // loads dirty, and 6.1's preresume then refuses passthrough.
+            if !t.md.clean_when_opened() && !t.all_unmapped() {
+                return Err((
+                    t,
+                    TableError::new(
+                        Errno::EBUSY,
+                        "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
+                    ),
+                ));
             }
         }
         if t.table.io_mode == IoMode::Passthrough {

@@ -1,0 +1,391 @@
+//! Replay of cache campaign traces on the kernel's dm-cache, judged by the
+//! oracle and held against the serialized simulator.
+//!
+//! A cache trace (`dmsim_sim::cache_run`, workload `cache-…`) becomes a
+//! cache job ([`plan`]): the trace header's cache (block size, cache and
+//! origin sizes, metadata version, first mode, migration threshold), a
+//! fresh metadata device, the cache device full of the simulator's garbage
+//! byte, a zeroed origin; the trace's requests one at a time (reads,
+//! writes with FUA and PREFLUSH, discards, flushes), its ticks as plain
+//! sleeps (at most [`MAX_TICK_MS`]), its reloads (a table swap on the same devices), invalidations
+//! and status queries; then every origin block read back. The simulator's
+//! scheduling ops (worker passes, completions) are dropped: the kernel
+//! schedules itself. Crashes and injected faults are refused: a serialized
+//! replay cannot place them (crash states through dm-log-writes are the
+//! next step).
+//!
+//! [`judge`] holds the kernel's run at three levels:
+//!
+//! - **L1**: every read the kernel returned (during the ops and the final
+//!   read-back) is one the oracle allows after the same requests, one at a
+//!   time — the data is the user's to see, whatever the cache decided;
+//!   also counted: the reads identical to the serialized simulator's;
+//! - **L2**: the same cache contents on disk after the clean shutdown —
+//!   the same cache blocks mapping the same origin blocks with the same
+//!   dirty bits (what `cache_dump` prints), kernel against simulator;
+//! - **L3**: byte-identical metadata images.
+//!
+//! L1 must hold; L2 and L3 are reported. The kernel's smq runs on real
+//! time (its periods, the waker, the idle rule for writeback) while the
+//! simulator's runs on the trace's ticks, so their promotion and demotion
+//! decisions may part; L2 measures how often they do not.
+
+use std::collections::BTreeMap;
+
+use dmsim_faults::FaultSwarm;
+use dmsim_model::block_device::MemDevice;
+use dmsim_model::cache::inspect::read_image;
+use dmsim_model::cache::mapping::discard_geometry;
+use dmsim_sim::cache_run::{is_cache_header, CacheRunConfig};
+use dmsim_sim::cache_sim::{CacheSim, CACHE_GARBAGE};
+use dmsim_sim::oracle::{Oracle, OracleConfig};
+use dmsim_traces::op::CachePolicyKind;
+use dmsim_traces::{stamp, Event, Header, Op, Trace};
+
+use crate::error::ShimError;
+use crate::protocol::{summarize, CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM};
+use crate::vm::{Job, KernelRun};
+
+/// The longest sleep a replayed tick becomes, in milliseconds.
+pub const MAX_TICK_MS: u16 = 100;
+
+/// A cache trace made into a kernel job.
+#[derive(Debug, Clone)]
+pub struct CachePlan {
+    /// The trace's configuration.
+    pub cfg: CacheRunConfig,
+    /// The job's ops (the trace's requests and table operations, then the
+    /// read-back), in order; the kernel's results come back per op.
+    pub ops: Vec<Op>,
+    /// The job.
+    pub job: Job,
+}
+
+/// Whether `h` is a cache trace's header.
+pub fn is_cache_trace(h: &Header) -> bool {
+    is_cache_header(h)
+}
+
+/// The kernel job of a cache trace; an error saying why for a trace the
+/// serialized replay cannot take (a crash or a fault op, a block size the
+/// shim's layout does not take, the cleaner as first policy,
+/// `no_discard_passdown`).
+pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+    let c = &cfg.cache;
+    if !c.block_sectors.is_multiple_of(128) {
+        return Err(ShimError::Invalid(format!(
+            "cache block size {} sectors: kernel replay needs a multiple of 128 (the shim's disk layout)",
+            c.block_sectors
+        )));
+    }
+    if !c.discard_passdown {
+        return Err(ShimError::Invalid(
+            "kernel replay of no_discard_passdown caches is not available yet".into(),
+        ));
+    }
+    if c.policy != CachePolicyKind::Smq {
+        return Err(ShimError::Invalid("kernel replay needs smq as the first policy".into()));
+    }
+    let mut ops = Vec::new();
+    for (i, op) in trace.ops().enumerate() {
+        match op {
+            // Ticks are real sleeps in the VM, capped at a tenth of a
+            // second so a replay takes seconds, not minutes (the kernel's
+            // smq then sees less time pass than the simulator's: one
+            // reason L2 may differ).
+            Op::Tick { millis } => ops.push(Op::Tick { millis: millis.min(MAX_TICK_MS) }),
+            Op::Read { .. }
+            | Op::Write { .. }
+            | Op::Discard { .. }
+            | Op::Flush { .. }
+            | Op::Reload { .. }
+            | Op::Invalidate { .. }
+            | Op::Status => ops.push(op),
+            Op::Worker | Op::Complete { .. } => {}
+            Op::Crash { .. } | Op::Fault { .. } | Op::FailIo { .. } => {
+                return Err(ShimError::Invalid(format!(
+                    "op {i} ({}): the serialized kernel replay of cache traces takes no crashes or faults",
+                    op.name()
+                )))
+            }
+            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } => {
+                return Err(ShimError::Invalid(format!("op {i} ({}) belongs to thin traces", op.name())))
+            }
+        }
+    }
+    let bs = c.block_sectors;
+    for b in 0..c.origin_blocks {
+        ops.push(Op::Read { dev: 0, sector: (b * bs) as u32, nr_sectors: bs as u16 });
+    }
+    let spec = CacheSpec {
+        run: c.run,
+        block_sectors: bs,
+        cache_blocks: c.cache_blocks,
+        origin_blocks: c.origin_blocks,
+        metadata_sectors: c.metadata_sectors.max(2048),
+        metadata2: c.metadata_version == 2,
+        mode: c.io_mode.name().to_string(),
+        migration_threshold: Some(c.migration_threshold),
+    };
+    let mut job = Job::cache(
+        &spec,
+        ops.clone(),
+        vec![0; (spec.metadata_sectors * 512) as usize],
+        vec![CACHE_GARBAGE; (spec.cache_sectors() * 512) as usize],
+        vec![0; (spec.origin_sectors() * 512) as usize],
+    );
+    if let Job::Cache { trace, .. } = &mut job {
+        trace.header.params.push((CACHE_TICKS_SLEEP_ONLY_PARAM.into(), "1".into()));
+    }
+    Ok(CachePlan { cfg, ops, job })
+}
+
+/// How a kernel run of a cache trace compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheReplayReport {
+    /// Reads judged (the trace's and the read-back's).
+    pub reads: usize,
+    /// L1: the kernel's reads the oracle does not allow (empty: L1 holds).
+    pub l1_violations: Vec<String>,
+    /// Reads identical to the serialized simulator's.
+    pub reads_as_simulated: usize,
+    /// Requests the kernel failed (every one should succeed).
+    pub failed_requests: Vec<String>,
+    /// L2: the same (cache block, origin block, dirty) triples on disk.
+    pub l2_identical: bool,
+    /// L2's difference, if any: (kernel, simulator) mappings.
+    pub l2_difference: Option<(String, String)>,
+    /// L3: byte-identical metadata images.
+    pub l3_identical: bool,
+    /// The kernel's last status line.
+    pub kernel_status: String,
+}
+
+/// Every sector's bytes as a read summary describes them (see
+/// [`summarize`]): stamps rebuilt exactly, zeroes, foreign bytes for `?`,
+/// a stamp of another run for `x`.
+fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut sector = first_sector;
+    for token in summary.split_whitespace() {
+        let (what, n) = token.rsplit_once('*').ok_or_else(|| format!("bad read summary token {token:?}"))?;
+        let n: u64 = n.parse().map_err(|_| format!("bad read summary token {token:?}"))?;
+        for _ in 0..n {
+            let mut buf = vec![0u8; 512];
+            match what {
+                "0" => {}
+                "?" => buf.fill(CACHE_GARBAGE),
+                "x" => stamp::fill(&mut buf, run.wrapping_add(1), 0, 0, sector),
+                w => {
+                    let w = w.strip_prefix('w').ok_or_else(|| format!("bad read summary token {token:?}"))?;
+                    let (write, at) = match w.split_once("@s") {
+                        Some((a, b)) => (a, b.parse().map_err(|_| format!("bad token {token:?}"))?),
+                        None => (w, sector),
+                    };
+                    let write: u64 =
+                        write.parse().map_err(|_| format!("bad read summary token {token:?}"))?;
+                    stamp::fill(&mut buf, run, write, 0, at);
+                }
+            }
+            out.extend_from_slice(&buf);
+            sector += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The (cache block → (origin block, dirty)) mappings of a cache image.
+fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
+    let img = read_image(&mut MemDevice::from_bytes(image.to_vec())).map_err(|e| e.to_string())?;
+    Ok(img
+        .mappings
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.valid())
+        .map(|(c, m)| (c as u32, (m.oblock, img.is_dirty(c))))
+        .collect())
+}
+
+/// Judges a kernel run of `plan` (see the module's documentation).
+pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, ShimError> {
+    let c = &plan.cfg.cache;
+    let results = &run.result.ops;
+    if let Some(e) = &run.result.error {
+        return Err(ShimError::Invalid(format!("the agent failed: {e}")));
+    }
+    if results.len() != plan.ops.len() {
+        return Err(ShimError::Invalid(format!(
+            "the kernel ran {} ops of {}",
+            results.len(),
+            plan.ops.len()
+        )));
+    }
+    // The serialized simulator: each op, then everything settled.
+    let mut sim = CacheSim::new(c.clone())
+        .map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
+    let mut sim_reads = Vec::new();
+    for op in &plan.ops {
+        let before = sim.events().len();
+        sim.apply(op).map_err(|f| ShimError::Invalid(format!("the serialized simulator: {f}")))?;
+        sim.quiesce().map_err(|f| ShimError::Invalid(format!("the serialized simulator: {f}")))?;
+        let read = sim.events()[before..].iter().find_map(|e| match e {
+            Event::Done { read: Some(r), .. } => Some(r.clone()),
+            _ => None,
+        });
+        sim_reads.push(read);
+    }
+    sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
+    let sim_image = sim.metadata_image();
+
+    // L1: the oracle, fed the same requests one at a time.
+    let (dbs, _) = discard_geometry(c.block_sectors, c.origin_sectors());
+    let mut oracle = Oracle::new(OracleConfig {
+        run: c.run,
+        sectors_per_block: dbs,
+        zeroing: true,
+        discard_undefined: true,
+    });
+    oracle.create_thin(0, c.origin_sectors()).map_err(|e| ShimError::Invalid(e.to_string()))?;
+    let size = c.origin_sectors();
+    let clamp = |sector: u32, nr: u64| {
+        let sector = u64::from(sector) % size;
+        (sector, nr.max(1).min(size - sector))
+    };
+    let mut report = CacheReplayReport {
+        reads: 0,
+        l1_violations: Vec::new(),
+        reads_as_simulated: 0,
+        failed_requests: Vec::new(),
+        l2_identical: false,
+        l2_difference: None,
+        l3_identical: false,
+        kernel_status: run.result.pool_status.clone(),
+    };
+    let misuse = |e: dmsim_sim::oracle::UsageError| ShimError::Invalid(format!("oracle: {e}"));
+    let mut next_write = 0u64;
+    for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
+        let ok = r.outcome == "ok";
+        let is_request =
+            matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. });
+        if is_request && !ok {
+            report.failed_requests.push(format!("op {i} ({}): {}", op.name(), r.outcome));
+        }
+        match *op {
+            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let w = next_write;
+                next_write += 1;
+                if preflush {
+                    let t = oracle.flush_submitted(0).map_err(misuse)?;
+                    oracle.flush_completed(t, ok).map_err(misuse)?;
+                }
+                let t = oracle.write_submitted(0, sector, nr, w, fua).map_err(misuse)?;
+                oracle.write_completed(t, ok).map_err(misuse)?;
+            }
+            Op::Read { sector, nr_sectors, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let t = oracle.read_submitted(0, sector, nr).map_err(misuse)?;
+                let summary = r.read.clone().unwrap_or_default();
+                let bytes = if ok {
+                    expand(&summary, c.run, sector).map_err(ShimError::Invalid)?
+                } else {
+                    Vec::new()
+                };
+                if ok && bytes.len() as u64 != nr * 512 {
+                    return Err(ShimError::Invalid(format!(
+                        "op {i}: the read summary {summary:?} is not {nr} sectors"
+                    )));
+                }
+                report.reads += usize::from(ok);
+                if let Err(e) = oracle.read_completed(t, ok, &bytes) {
+                    report
+                        .l1_violations
+                        .push(format!("op {i} (read {sector}+{nr}): kernel read [{summary}]: {e}"));
+                }
+                if ok {
+                    let sim = sim_reads[i].as_deref().unwrap_or("");
+                    let ours = dmsim_sim::thin::summarize(&bytes);
+                    if ours == sim {
+                        report.reads_as_simulated += 1;
+                    }
+                }
+            }
+            Op::Discard { sector, nr_sectors, .. } => {
+                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+                let t = oracle.discard_submitted(0, sector, nr).map_err(misuse)?;
+                oracle.discard_completed(t, ok).map_err(misuse)?;
+            }
+            Op::Flush { .. } => {
+                let t = oracle.flush_submitted(0).map_err(misuse)?;
+                oracle.flush_completed(t, ok).map_err(misuse)?;
+            }
+            _ => {}
+        }
+    }
+
+    // L2 and L3.
+    let kernel =
+        mappings(&run.metadata_image).map_err(|e| ShimError::Invalid(format!("the kernel's image: {e}")))?;
+    let ours = mappings(&sim_image).map_err(|e| ShimError::Invalid(format!("the simulator's image: {e}")))?;
+    report.l2_identical = kernel == ours;
+    if !report.l2_identical {
+        report.l2_difference = Some((format!("{kernel:?}"), format!("{ours:?}")));
+    }
+    report.l3_identical = run.metadata_image.len() >= sim_image.len()
+        && run.metadata_image[..sim_image.len()] == sim_image[..]
+        && run.metadata_image[sim_image.len()..].iter().all(|&b| b == 0);
+    Ok(report)
+}
+
+/// A cache campaign configuration the serialized kernel replay takes:
+/// `seed`'s, with 128-sector blocks, discard passdown, no faults and no
+/// forced crashes (not the durability workload).
+pub fn replayable_config(seed: u64, ops: usize) -> CacheRunConfig {
+    use dmsim_sim::cache_run::{CacheCampaignSettings, CacheWorkload};
+    let workloads = [CacheWorkload::Hot, CacheWorkload::Scan, CacheWorkload::Writeback, CacheWorkload::Modes];
+    let settings = CacheCampaignSettings {
+        workload: Some(workloads[(seed % workloads.len() as u64) as usize]),
+        ..CacheCampaignSettings::default()
+    };
+    let mut cfg = CacheRunConfig::for_seed(seed, ops, &settings);
+    cfg.cache.block_sectors = 128;
+    cfg.cache.discard_passdown = true;
+    cfg.swarm = FaultSwarm::none();
+    cfg
+}
+
+/// The kernel's read summary format for a read of `data` at `sector`
+/// (re-exported for tests comparing by hand).
+pub fn kernel_summary(data: &[u8], run: u64, sector: u64) -> String {
+    summarize(data, run, sector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_expands_to_what_it_summarizes() {
+        let mut data = vec![0u8; 512 * 6];
+        stamp::fill(&mut data[..1024], 9, 3, 0, 10);
+        stamp::fill(&mut data[1024..1536], 9, 4, 0, 99);
+        data[2048..2560].fill(CACHE_GARBAGE);
+        let s = summarize(&data, 9, 10);
+        let back = expand(&s, 9, 10).unwrap();
+        assert_eq!(summarize(&back, 9, 10), s);
+        assert_eq!(back[..1536], data[..1536]);
+        assert!(expand("w1*x", 9, 0).is_err() && expand("q*1", 9, 0).is_err());
+    }
+
+    #[test]
+    fn crashes_and_faults_are_refused() {
+        let cfg = replayable_config(3, 50);
+        let mut trace = Trace { header: cfg.header(), events: vec![Event::Op(Op::CRASH)] };
+        assert!(plan(&trace).unwrap_err().to_string().contains("crashes or faults"));
+        trace.events = vec![Event::Op(Op::Worker), Event::Op(Op::Status)];
+        let p = plan(&trace).unwrap();
+        assert_eq!(p.ops[0], Op::Status, "scheduling ops are dropped");
+        assert_eq!(p.ops.len(), 1 + cfg.cache.origin_blocks as usize, "then the read-back");
+    }
+}
