@@ -222,8 +222,8 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         )));
     }
     // The serialized simulator: each op, then everything settled.
-    let mut sim = CacheSim::new(c.clone())
-        .map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
+    let mut sim =
+        CacheSim::new(*c).map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
     let mut sim_reads = Vec::new();
     for op in &plan.ops {
         let before = sim.events().len();

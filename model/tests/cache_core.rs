@@ -68,7 +68,7 @@ fn do_io_with(
         let io = c.in_flight_io();
         turn += 1;
         // Worker passes and completions interleave.
-        if c.worker_wanted() && (io.is_empty() || turn % 2 == 0) {
+        if c.worker_wanted() && (io.is_empty() || turn.is_multiple_of(2)) {
             c.run_worker();
             continue;
         }

@@ -293,6 +293,11 @@ pub struct ReloadFailure<M, C, O> {
     pub error: TargetError,
 }
 
+/// What [`Cache::reload`] returns: the cache (with the new table, or the
+/// old one resumed) and whether the new table was taken; or, if neither
+/// table loads, the devices.
+pub type ReloadResult<M, C, O> = Result<(Cache<M, C, O>, Result<(), TargetError>), ReloadFailure<M, C, O>>;
+
 /// An active cache target with its data devices: metadata on `M`, cache
 /// blocks on `C`, the origin on `O`.
 #[derive(Debug)]
@@ -444,7 +449,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// resumes. If the new table is refused (its constructor's error), the
     /// old table stays loaded, as it was, and is resumed; the error comes
     /// back with it.
-    pub fn reload(mut self, params: &str) -> Result<(Self, Result<(), TargetError>), ReloadFailure<M, C, O>> {
+    pub fn reload(mut self, params: &str) -> ReloadResult<M, C, O> {
         let sizes = self.t.sizes();
         if let Err(e) = self.t.check_reload(params, sizes) {
             let r = self.resume();
@@ -1323,10 +1328,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             }
             Ok(l) => {
                 self.migrations.get_mut(&mg).expect("mg").cell = Some(l.cell);
-                if self.opts.mutations.cache_promote_maps_before_copy && work.op == PolicyOp::Promote {
-                    if self.t.md.insert_mapping(work.cblock, work.oblock).is_err() {
-                        self.t.metadata_failed();
-                    }
+                if self.opts.mutations.cache_promote_maps_before_copy
+                    && work.op == PolicyOp::Promote
+                    && self.t.md.insert_mapping(work.cblock, work.oblock).is_err()
+                {
+                    self.t.metadata_failed();
                 }
                 if l.must_quiesce {
                     self.quiesce(mg, Step::Copy);

@@ -150,6 +150,8 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// by reference count and does not reopen it, so CLEAN_SHUTDOWN and
     /// `clean_when_opened` stay as they are). On error the metadata comes
     /// back with the error.
+    // The metadata comes back with the error, so the error is large.
+    #[allow(clippy::result_large_err)]
     pub fn reload(
         params: &str,
         sizes: DeviceSizes,
@@ -191,6 +193,7 @@ impl<D: BlockDevice> CacheTarget<D> {
         Self::build_keeping(table, sizes, md, policy, cache_blocks, origin_blocks).map_err(|(_, e)| e)
     }
 
+    #[allow(clippy::result_large_err)]
     fn build_keeping(
         table: CacheTable,
         sizes: DeviceSizes,
