@@ -22,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::cache_sim::{CacheSim, CacheSimConfig, CacheStats};
+use crate::header_params::{within, HeaderParams};
 use crate::run::{first_difference, violation_signature, Minimized, ReplayError, MAX_DISK_SECTORS};
 use crate::thin::ThinFailure;
 
@@ -180,77 +181,51 @@ impl CacheRunConfig {
 
     /// The configuration a cache trace header describes.
     pub fn from_header(h: &Header) -> Result<CacheRunConfig, String> {
-        let get = |name: &str| h.param(name).ok_or_else(|| format!("trace header lacks parameter {name:?}"));
-        fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
-            v.parse().map_err(|_| format!("trace header parameter {name:?}: {v:?} is not a number"))
-        }
-        let flag = |name: &str| -> Result<bool, String> {
-            match get(name)? {
-                "0" => Ok(false),
-                "1" => Ok(true),
-                v => Err(format!("trace header parameter {name:?}: expected 0 or 1, got {v:?}")),
-            }
-        };
+        let p = HeaderParams(h);
         let workload = CacheWorkload::from_name(&h.workload)
             .ok_or_else(|| format!("unknown cache workload {:?} in the trace header", h.workload))?;
-        let mutations_text = get("mutations")?;
-        let mutations = Mutations::from_names(mutations_text.split(',').filter(|s| !s.is_empty()))
-            .ok_or_else(|| format!("unknown mutation in {mutations_text:?}"))?;
-        let swarm_params: Vec<(String, String)> = h
-            .params
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("swarm.").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        let swarm = FaultSwarm::from_params(&swarm_params).map_err(|e| format!("trace header: {e}"))?;
-        let io_mode_name = get("io_mode")?;
+        let io_mode_name = p.get("io_mode")?;
         let io_mode = CacheIoMode::from_name(io_mode_name)
             .ok_or_else(|| format!("trace header: unknown io_mode {io_mode_name:?}"))?;
-        let policy_name = get("policy")?;
+        let policy_name = p.get("policy")?;
         let policy = CachePolicyKind::from_name(policy_name)
             .ok_or_else(|| format!("trace header: unknown policy {policy_name:?}"))?;
         let cache = CacheSimConfig {
-            run: num("run", get("run")?)?,
-            block_sectors: num("block_sectors", get("block_sectors")?)?,
-            cache_blocks: num("cache_blocks", get("cache_blocks")?)?,
-            origin_blocks: num("origin_blocks", get("origin_blocks")?)?,
-            metadata_sectors: num("metadata_sectors", get("metadata_sectors")?)?,
-            metadata_version: num("metadata_version", get("metadata_version")?)?,
+            run: p.num("run")?,
+            block_sectors: p.num("block_sectors")?,
+            cache_blocks: p.num("cache_blocks")?,
+            origin_blocks: p.num("origin_blocks")?,
+            metadata_sectors: p.num("metadata_sectors")?,
+            metadata_version: p.num("metadata_version")?,
             io_mode,
             policy,
-            discard_passdown: flag("discard_passdown")?,
-            migration_threshold: num("migration_threshold", get("migration_threshold")?)?,
+            discard_passdown: p.flag("discard_passdown")?,
+            migration_threshold: p.num("migration_threshold")?,
             options: CacheOptions {
-                mutations,
+                mutations: p.mutations()?,
                 fixes: CacheFixes {
-                    resume_clears_clean_shutdown: flag("fix.resume_clears_clean_shutdown")?,
-                    flush_before_commit: flag("fix.flush_before_commit")?,
-                    fua_overwrite_waits_for_commit: flag("fix.fua_overwrite_waits_for_commit")?,
-                    writethrough_pairs_one_at_a_time: flag("fix.writethrough_pairs_one_at_a_time")?,
+                    resume_clears_clean_shutdown: p.flag("fix.resume_clears_clean_shutdown")?,
+                    flush_before_commit: p.flag("fix.flush_before_commit")?,
+                    fua_overwrite_waits_for_commit: p.flag("fix.fua_overwrite_waits_for_commit")?,
+                    writethrough_pairs_one_at_a_time: p.flag("fix.writethrough_pairs_one_at_a_time")?,
                 },
             },
         };
-        let sane = |what: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("trace header: {what} {v} is outside {lo}..={hi}"))
-            }
-        };
-        sane("block_sectors", cache.block_sectors, 64, 1 << 12)?;
+        within("block_sectors", cache.block_sectors, 64, 1 << 12)?;
         if !cache.block_sectors.is_multiple_of(64) {
             return Err(format!(
                 "trace header: block_sectors {} is not a multiple of 64",
                 cache.block_sectors
             ));
         }
-        sane("cache_blocks", cache.cache_blocks, 1, 1 << 12)?;
-        sane("origin_blocks", cache.origin_blocks, 1, 1 << 16)?;
-        sane("metadata_sectors", cache.metadata_sectors, 512, MAX_DISK_SECTORS)?;
-        sane("metadata_version", u64::from(cache.metadata_version), 1, 2)?;
-        sane("migration_threshold", cache.migration_threshold, 0, 1 << 40)?;
-        sane("origin size in sectors", cache.origin_blocks * cache.block_sectors, 1, MAX_DISK_SECTORS)?;
-        sane("cache size in sectors", cache.cache_blocks * cache.block_sectors, 1, MAX_DISK_SECTORS)?;
-        Ok(CacheRunConfig { seed: h.seed, workload, ops: num("ops", get("ops")?)?, cache, swarm })
+        within("cache_blocks", cache.cache_blocks, 1, 1 << 12)?;
+        within("origin_blocks", cache.origin_blocks, 1, 1 << 16)?;
+        within("metadata_sectors", cache.metadata_sectors, 512, MAX_DISK_SECTORS)?;
+        within("metadata_version", u64::from(cache.metadata_version), 1, 2)?;
+        within("migration_threshold", cache.migration_threshold, 0, 1 << 40)?;
+        within("origin size in sectors", cache.origin_blocks * cache.block_sectors, 1, MAX_DISK_SECTORS)?;
+        within("cache size in sectors", cache.cache_blocks * cache.block_sectors, 1, MAX_DISK_SECTORS)?;
+        Ok(CacheRunConfig { seed: h.seed, workload, ops: p.num("ops")?, cache, swarm: p.swarm()? })
     }
 }
 

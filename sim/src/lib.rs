@@ -26,6 +26,7 @@ pub mod cache_workload;
 pub mod campaign;
 pub mod concurrency;
 pub mod generate;
+pub mod header_params;
 pub mod oracle;
 pub mod run;
 pub mod thin;

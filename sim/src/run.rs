@@ -24,6 +24,7 @@ use dmsim_traces::{Header, Op, Trace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::header_params::{within, HeaderParams};
 use crate::thin::{ThinFailure, ThinSim, ThinSimConfig, ThinStats};
 
 /// The shapes of workload a seed can get.
@@ -205,56 +206,33 @@ impl RunConfig {
 
     /// The configuration a trace header describes.
     pub fn from_header(h: &Header) -> Result<RunConfig, String> {
-        let get = |name: &str| h.param(name).ok_or_else(|| format!("trace header lacks parameter {name:?}"));
-        fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
-            v.parse().map_err(|_| format!("trace header parameter {name:?}: {v:?} is not a number"))
-        }
-        let flag = |name: &str| -> Result<bool, String> {
-            match get(name)? {
-                "0" => Ok(false),
-                "1" => Ok(true),
-                v => Err(format!("trace header parameter {name:?}: expected 0 or 1, got {v:?}")),
-            }
-        };
-        // A trace recorded before a fix existed ran without it.
-        let fix = |name: &str| -> Result<bool, String> {
-            if h.param(name).is_some() {
-                flag(name)
-            } else {
-                Ok(false)
-            }
-        };
+        let p = HeaderParams(h);
         let workload = Workload::from_name(&h.workload)
             .ok_or_else(|| format!("unknown workload {:?} in the trace header", h.workload))?;
-        let mutations_text = get("mutations")?;
-        let mutations = Mutations::from_names(mutations_text.split(',').filter(|s| !s.is_empty()))
-            .ok_or_else(|| format!("unknown mutation in {mutations_text:?}"))?;
-        let swarm_params: Vec<(String, String)> = h
-            .params
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("swarm.").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        let swarm = FaultSwarm::from_params(&swarm_params).map_err(|e| format!("trace header: {e}"))?;
-        let block_sectors: u64 = num("block_sectors", get("block_sectors")?)?;
+        let mutations = p.mutations()?;
+        let swarm = p.swarm()?;
+        let block_sectors: u64 = p.num("block_sectors")?;
         if block_sectors == 0 || !block_sectors.is_multiple_of(128) {
             return Err(format!("block_sectors {block_sectors} is not a positive multiple of 128"));
         }
+        // A trace recorded before a fix existed ran without it.
+        let fix = |name: &str| p.flag_or_off(name);
         let thin = ThinSimConfig {
-            run: num("run", get("run")?)?,
+            run: p.num("run")?,
             block_sectors,
-            data_blocks: num("data_blocks", get("data_blocks")?)?,
-            thin_blocks: num("thin_blocks", get("thin_blocks")?)?,
-            metadata_sectors: num("metadata_sectors", get("metadata_sectors")?)?,
-            max_devices: num("max_devices", get("max_devices")?)?,
+            data_blocks: p.num("data_blocks")?,
+            thin_blocks: p.num("thin_blocks")?,
+            metadata_sectors: p.num("metadata_sectors")?,
+            max_devices: p.num("max_devices")?,
             features: PoolFeatures {
-                skip_block_zeroing: flag("skip_block_zeroing")?,
-                ignore_discard: flag("ignore_discard")?,
-                no_discard_passdown: flag("no_discard_passdown")?,
-                read_only: flag("read_only")?,
-                error_if_no_space: flag("error_if_no_space")?,
+                skip_block_zeroing: p.flag("skip_block_zeroing")?,
+                ignore_discard: p.flag("ignore_discard")?,
+                no_discard_passdown: p.flag("no_discard_passdown")?,
+                read_only: p.flag("read_only")?,
+                error_if_no_space: p.flag("error_if_no_space")?,
             },
             options: PoolOptions {
-                no_space_timeout: num("no_space_timeout_ns", get("no_space_timeout_ns")?)?,
+                no_space_timeout: p.num("no_space_timeout_ns")?,
                 mutations,
                 fixes: KernelFixes {
                     shared_read_defers_waiting_writes: fix("fix.shared_read_defers_waiting_writes")?,
@@ -274,33 +252,26 @@ impl RunConfig {
                 },
             },
         };
-        let sane = |what: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("trace header: {what} {v} is outside {lo}..={hi}"))
-            }
-        };
-        sane("data_blocks", thin.data_blocks, 1, 1 << 16)?;
-        sane("thin_blocks", thin.thin_blocks, 1, 1 << 16)?;
-        sane("metadata_sectors", thin.metadata_sectors, 512, MAX_DISK_SECTORS)?;
-        sane("max_devices", thin.max_devices as u64, 1, 1 << 10)?;
-        sane("block_sectors", thin.block_sectors, 128, 1 << 21)?;
+        within("data_blocks", thin.data_blocks, 1, 1 << 16)?;
+        within("thin_blocks", thin.thin_blocks, 1, 1 << 16)?;
+        within("metadata_sectors", thin.metadata_sectors, 512, MAX_DISK_SECTORS)?;
+        within("max_devices", thin.max_devices as u64, 1, 1 << 10)?;
+        within("block_sectors", thin.block_sectors, 128, 1 << 21)?;
         // The simulated disks are held in memory (twice: what reads see and
         // what is durable), so their sizes are bounded together.
-        sane(
+        within(
             "data device size in sectors (data_blocks * block_sectors)",
             thin.data_blocks * thin.block_sectors,
             1,
             MAX_DISK_SECTORS,
         )?;
-        sane(
+        within(
             "thin device size in sectors (thin_blocks * block_sectors)",
             thin.thin_blocks * thin.block_sectors,
             1,
             MAX_DISK_SECTORS,
         )?;
-        Ok(RunConfig { seed: h.seed, workload, ops: num("ops", get("ops")?)?, thin, swarm })
+        Ok(RunConfig { seed: h.seed, workload, ops: p.num("ops")?, thin, swarm })
     }
 }
 

@@ -112,30 +112,34 @@ impl<D: BlockDevice> CacheTarget<D> {
             ));
         }
         if table.io_mode == IoMode::Passthrough {
-            match self.all_clean() {
-                Err(_) => return Err(TableError::einval("dm_cache_metadata_all_clean() failed")),
-                Ok(false) => {
-                    return Err(TableError::einval(
-                        "Cannot enter passthrough mode unless all blocks are clean",
-                    ))
-                }
-                Ok(true) => {}
+            self.passthrough_allowed()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the metadata allows passthrough: every block clean on disk
+    /// (the constructor's check), and — what 6.1 finds only in preresume —
+    /// no mapping at all when the metadata was opened after an unclean
+    /// shutdown (or formatted): preresume then loads every mapping dirty,
+    /// and `load_mapping` refuses a dirty block in passthrough ("cannot
+    /// enter passthrough mode unless all blocks are clean", preresume
+    /// EBUSY), leaving the device suspended with the new table. Seen on the
+    /// stock 6.1 kernel (kernel-shim/tests/kernel_cache_replay.rs). The
+    /// model refuses such a table at once; the caller resumes the old one
+    /// (the kernel's user must load a table again).
+    fn passthrough_allowed(&mut self) -> Result<(), TableError> {
+        match self.all_clean() {
+            Err(_) => return Err(TableError::einval("dm_cache_metadata_all_clean() failed")),
+            Ok(false) => {
+                return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"))
             }
-            // The constructor passes, but the resume would not: the shared
-            // metadata was opened after an unclean shutdown (or formatted),
-            // so preresume loads every mapping dirty, and `load_mapping`
-            // refuses a dirty block in passthrough ("cannot enter
-            // passthrough mode unless all blocks are clean", preresume
-            // EBUSY), leaving the device suspended with the new table. Seen
-            // on the stock 6.1 kernel (kernel-shim/tests/kernel_cache_replay.rs).
-            // The model refuses the table here instead; the caller resumes
-            // the old one (the kernel's user must load a table again).
-            if !self.md.clean_when_opened() && !self.all_unmapped() {
-                return Err(TableError::new(
-                    Errno::EBUSY,
-                    "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
-                ));
-            }
+            Ok(true) => {}
+        }
+        if !self.md.clean_when_opened() && !self.all_unmapped() {
+            return Err(TableError::new(
+                Errno::EBUSY,
+                "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
+            ));
         }
         Ok(())
     }
@@ -235,29 +239,9 @@ impl<D: BlockDevice> CacheTarget<D> {
             ));
         }
         if t.table.io_mode == IoMode::Passthrough {
-            match t.all_clean() {
-                Err(_) => return Err((t, TableError::einval("dm_cache_metadata_all_clean() failed"))),
-                Ok(false) => {
-                    return Err((
-                        t,
-                        TableError::einval("Cannot enter passthrough mode unless all blocks are clean"),
-                    ))
-                }
-                Ok(true) => {}
+            if let Err(e) = t.passthrough_allowed() {
+                return Err((t, e));
             }
-            // As in `check_reload`: after an unclean shutdown every mapping
-            // loads dirty, and 6.1's preresume then refuses passthrough.
-            if !t.md.clean_when_opened() && !t.all_unmapped() {
-                return Err((
-                    t,
-                    TableError::new(
-                        Errno::EBUSY,
-                        "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
-                    ),
-                ));
-            }
-        }
-        if t.table.io_mode == IoMode::Passthrough {
             t.policy.allow_migrations(false);
         }
         Ok(t)
@@ -291,17 +275,23 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// The cache block ranges of an `invalidate_cblocks` message, checked
     /// as [`Self::message`] checks them.
     pub(crate) fn parse_invalidate(&self, words: &[&str]) -> Result<Vec<(u64, u64)>, Errno> {
+        match self.parse_message(words)? {
+            CacheMessage::InvalidateCblocks(r) => Ok(r),
+            CacheMessage::Config { .. } => Err(Errno::EINVAL),
+        }
+    }
+
+    /// A message's words parsed for this target (its policy, mode, size,
+    /// and whether the metadata is read-only).
+    fn parse_message(&self, words: &[&str]) -> Result<CacheMessage, Errno> {
         let read_only = self.mode >= CacheMode::ReadOnly;
-        match CacheMessage::parse(
+        CacheMessage::parse(
             words,
             self.table.policy,
             self.table.io_mode,
             read_only,
             u64::from(self.cache_blocks),
-        )? {
-            CacheMessage::InvalidateCblocks(r) => Ok(r),
-            CacheMessage::Config { .. } => Err(Errno::EINVAL),
-        }
+        )
     }
 
     /// The metadata, for a table reload that keeps it open.
@@ -420,14 +410,7 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// (parsed and checked; invalidation itself is the I/O path's:
     /// [`crate::cache::core::Cache::message`] does it; here EOPNOTSUPP).
     pub fn message(&mut self, words: &[&str]) -> Result<(), Errno> {
-        let read_only = self.mode >= CacheMode::ReadOnly;
-        match CacheMessage::parse(
-            words,
-            self.table.policy,
-            self.table.io_mode,
-            read_only,
-            u64::from(self.cache_blocks),
-        )? {
+        match self.parse_message(words)? {
             CacheMessage::Config { key, value } => {
                 if let Some(t) = config_value(self.table.policy, &key, &value)? {
                     self.table.migration_threshold = t;
