@@ -36,10 +36,11 @@
 
 use std::sync::OnceLock;
 
-use dmsim_kernel_shim::{CacheSpec, CacheStep, Job, KernelRun, KernelShim, ShimError};
-use dmsim_model::block_device::MemDevice;
-use dmsim_model::cache::CacheMetadata;
-use dmsim_traces::stamp;
+#[path = "common/cache_vm.rs"]
+mod cache_vm;
+use cache_vm::outcome;
+
+use dmsim_kernel_shim::{CacheSpec, CacheStep, Job, KernelRun};
 use dmsim_traces::Op;
 
 const RUN: u64 = 0xF1A5;
@@ -56,10 +57,6 @@ const QUIET: Option<u64> = Some(64);
 /// A status query (the cache job's `tick`).
 const STATUS: Op = Op::Tick { millis: 0 };
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 fn spec(version: u32) -> CacheSpec {
     CacheSpec {
         run: RUN,
@@ -74,16 +71,11 @@ fn spec(version: u32) -> CacheSpec {
 }
 
 fn stamped(write: u64, first_sector: u64) -> Vec<u8> {
-    let mut b = vec![0u8; (BS * 512) as usize];
-    stamp::fill(&mut b, RUN, write, 0, first_sector);
-    b
+    cache_vm::stamped(RUN, BS, write, first_sector)
 }
 
 fn metadata(version: u32) -> Vec<u8> {
-    let mut md = CacheMetadata::format(MemDevice::new(METADATA_SECTORS), BS as u32, version).unwrap();
-    md.resize(CACHE_BLOCKS as u32).unwrap();
-    md.commit(false).unwrap();
-    md.close().as_bytes().to_vec()
+    cache_vm::empty_metadata(BS, CACHE_BLOCKS, METADATA_SECTORS, version)
 }
 
 fn origin_image() -> Vec<u8> {
@@ -145,46 +137,17 @@ fn job(kind: Kind) -> Job {
 
 fn boot() -> Option<&'static Vec<KernelRun>> {
     static BOOT: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
-    BOOT.get_or_init(|| {
-        let shim = match KernelShim::prepare() {
-            Ok(s) => s,
-            Err(e @ ShimError::Missing(_)) if !in_ci() => {
-                eprintln!("SKIPPED: the dm-cache commit-without-data-flush finding: {e}");
-                return None;
-            }
-            Err(e) => panic!("preparing the VM: {e}"),
-        };
-        let jobs: Vec<Job> = KINDS.iter().map(|&k| job(k)).collect();
-        let runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the cache jobs: {e}"));
-        for (k, run) in KINDS.iter().zip(&runs) {
-            assert_eq!(run.result.error, None, "{k:?}: the agent failed; console tail:\n{}", {
-                let lines: Vec<&str> = run.console.lines().collect();
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            });
-        }
-        Some(runs)
-    })
-    .as_ref()
+    BOOT.get_or_init(|| cache_vm::boot("the dm-cache commit-without-data-flush finding", &KINDS.map(job)))
+        .as_ref()
 }
 
 fn run_of(runs: &[KernelRun], kind: Kind) -> &KernelRun {
     &runs[KINDS.iter().position(|&k| k == kind).unwrap()]
 }
 
-fn outcome(run: &KernelRun, i: usize) -> (&str, Option<&str>) {
-    let op = &run.result.ops[i];
-    (op.outcome.as_str(), op.read.as_deref())
-}
-
 /// (resident, dirty) of a cache status line.
 fn resident_dirty(line: &str) -> (u64, u64) {
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let n = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("status {line:?}"));
-    let resident = w.get(3).and_then(|f| f.split_once('/')).map(|(a, _)| n(a));
-    (
-        resident.unwrap_or_else(|| panic!("status {line:?}")),
-        n(w.get(10).unwrap_or_else(|| panic!("{line:?}"))),
-    )
+    (cache_vm::status_field(line, 3), cache_vm::status_field(line, 10))
 }
 
 #[test]
