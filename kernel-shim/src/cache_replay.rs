@@ -156,6 +156,10 @@ pub struct CacheReplayReport {
     pub l2_identical: bool,
     /// L2's difference, if any: (kernel, simulator) mappings.
     pub l2_difference: Option<(String, String)>,
+    /// Whether the two caches hold the same (cache block, origin block)
+    /// mappings, dirty bits aside (an L2 difference only in what was
+    /// written back).
+    pub same_blocks: bool,
     /// L3: byte-identical metadata images.
     pub l3_identical: bool,
     /// The kernel's last status line.
@@ -259,6 +263,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         failed_requests: Vec::new(),
         l2_identical: false,
         l2_difference: None,
+        same_blocks: false,
         l3_identical: false,
         kernel_status: run.result.pool_status.clone(),
     };
@@ -329,6 +334,8 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         mappings(&run.metadata_image).map_err(|e| ShimError::Invalid(format!("the kernel's image: {e}")))?;
     let ours = mappings(&sim_image).map_err(|e| ShimError::Invalid(format!("the simulator's image: {e}")))?;
     report.l2_identical = kernel == ours;
+    let blocks = |m: &BTreeMap<u32, (u64, bool)>| m.iter().map(|(c, (o, _))| (*c, *o)).collect::<Vec<_>>();
+    report.same_blocks = blocks(&kernel) == blocks(&ours);
     if !report.l2_identical {
         report.l2_difference = Some((format!("{kernel:?}"), format!("{ours:?}")));
     }

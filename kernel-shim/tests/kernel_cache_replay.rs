@@ -66,7 +66,7 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
         }
     }
     eprintln!("{} cache traces, VM {:?}", runs.len(), runs[0].wall);
-    let (mut reads, mut same, mut l2, mut l3) = (0, 0, 0, 0);
+    let (mut reads, mut same, mut l2, mut l3, mut blocks) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     for (&seed, (p, run)) in seeds.iter().zip(plans.iter().zip(&runs)) {
         let r = judge(p, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -74,6 +74,7 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
         same += r.reads_as_simulated;
         l2 += usize::from(r.l2_identical);
         l3 += usize::from(r.l3_identical);
+        blocks += usize::from(r.same_blocks);
         if !r.l1_violations.is_empty() || !r.failed_requests.is_empty() {
             failures.push(format!(
                 "seed {seed} ({}): L1 {:?}; failed requests {:?}",
@@ -86,7 +87,8 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
     }
     eprintln!(
         "L1: {reads} kernel reads judged, {} traces with a violation; reads identical to the serialized \
-         simulator's: {same} of {reads}; L2 identical: {l2} of {n}; L3 identical: {l3} of {n}",
+         simulator's: {same} of {reads}; L2 identical: {l2} of {n} (the same blocks cached, dirty bits aside: \
+         {blocks} of {n}); L3 identical: {l3} of {n}",
         failures.len(),
         n = seeds.len()
     );
