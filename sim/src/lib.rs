@@ -20,6 +20,7 @@
 
 pub mod cache_campaign;
 pub mod cache_check;
+pub mod cache_concurrency;
 pub mod cache_run;
 pub mod cache_sim;
 pub mod cache_workload;
