@@ -39,7 +39,8 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
     summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    PoolSpec, Slice, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC,
+    RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1385,6 +1386,11 @@ fn cache_io(
             _ => ("unsupported".into(), None),
         };
         result.ops.push(OpResult { index, outcome, read });
+        if sleep_only_ticks {
+            // A campaign trace's replay: when each op ended, for the
+            // serialized simulator's clock (`cache_replay::judge`).
+            result.timings_ms.push((format!("{OP_END_PREFIX}{index}"), t0.elapsed().as_millis() as u64));
+        }
     }
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
     drop(file);

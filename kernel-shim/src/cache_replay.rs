@@ -26,9 +26,11 @@
 //! - **L3**: byte-identical metadata images.
 //!
 //! L1 must hold; L2 and L3 are reported. The kernel's smq runs on real
-//! time (its periods, the waker, the idle rule for writeback) while the
-//! simulator's runs on the trace's ticks, so their promotion and demotion
-//! decisions may part; L2 measures how often they do not.
+//! time (its periods, the waker, the idle rule for writeback); the
+//! serialized simulator follows the kernel's clock (the agent reports when
+//! each op ended), but its worker, migrations and waker still run at other
+//! moments than the kernel's, so their promotion and demotion decisions may
+//! part; L2 measures how often they do not.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +45,7 @@ use dmsim_traces::op::CachePolicyKind;
 use dmsim_traces::{stamp, Event, Header, Op, Trace};
 
 use crate::error::ShimError;
-use crate::protocol::{summarize, CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM};
+use crate::protocol::{summarize, CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM, OP_END_PREFIX};
 use crate::vm::{Job, KernelRun};
 
 /// The longest sleep a replayed tick becomes, in milliseconds.
@@ -228,11 +230,36 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
     // The serialized simulator: each op, then everything settled.
     let mut sim =
         CacheSim::new(*c).map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
+    // The kernel's clock: when each op ended, from the first op's start.
+    // The simulator follows it (its own ticks skipped), so that smq's
+    // periods, the waker and the idle rule see the time the kernel's did.
+    let ends: BTreeMap<usize, u64> = run
+        .result
+        .timings_ms
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(OP_END_PREFIX)?.parse().ok().map(|i: usize| (i, *v)))
+        .collect();
+    let sim_err =
+        |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("the serialized simulator: {f}"));
+    let mut sim_ms = 0u64;
     let mut sim_reads = Vec::new();
-    for op in &plan.ops {
+    for (i, op) in plan.ops.iter().enumerate() {
+        if !ends.is_empty() {
+            let start = if i == 0 { 0 } else { ends.get(&(i - 1)).copied().unwrap_or(sim_ms) };
+            while start > sim_ms {
+                let step = (start - sim_ms).min(u64::from(u16::MAX));
+                sim.apply(&Op::Tick { millis: step as u16 }).map_err(sim_err)?;
+                sim.quiesce().map_err(sim_err)?;
+                sim_ms += step;
+            }
+            if matches!(op, Op::Tick { .. }) {
+                sim_reads.push(None);
+                continue;
+            }
+        }
         let before = sim.events().len();
-        sim.apply(op).map_err(|f| ShimError::Invalid(format!("the serialized simulator: {f}")))?;
-        sim.quiesce().map_err(|f| ShimError::Invalid(format!("the serialized simulator: {f}")))?;
+        sim.apply(op).map_err(sim_err)?;
+        sim.quiesce().map_err(sim_err)?;
         let read = sim.events()[before..].iter().find_map(|e| match e {
             Event::Done { read: Some(r), .. } => Some(r.clone()),
             _ => None,

@@ -776,6 +776,11 @@ pub enum CacheStep {
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
+/// In a cache job with [`CACHE_TICKS_SLEEP_ONLY_PARAM`], the timing entry
+/// `op-end-<i>` holds the milliseconds from the first op to the end of op
+/// `i` (the kernel's clock, for the serialized simulator to follow).
+pub const OP_END_PREFIX: &str = "op-end-";
+
 /// The header parameter (`1`) that makes a cache job's `tick` ops plain
 /// sleeps, without the status query (and its commit) they otherwise are:
 /// a campaign trace's ticks are the passage of time only.
