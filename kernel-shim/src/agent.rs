@@ -39,8 +39,8 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
     summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC,
-    RESULT_MAGIC,
+    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, OP_END_PREFIX,
+    REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1073,11 +1073,18 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             return;
         }
     };
+    // A logged job (the header's `cache_logged`): the three devices are
+    // ranges of one dm-log-writes device whose log is the job's log slice,
+    // with a mark after every op.
+    let logged = trace.header.param(CACHE_LOGGED_PARAM) == Some("1");
     let names = [
         format!("dmsim-cache{job}"),
         format!("dmsim-cm{job}"),
         format!("dmsim-cc{job}"),
         format!("dmsim-co{job}"),
+        format!("dmsim-clw{job}"),
+        format!("dmsim-cl{job}"),
+        format!("dmsim-cb{job}"),
     ];
     let steps = match cache_steps(&trace.header) {
         Ok(s) => s,
@@ -1087,42 +1094,63 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
         }
     };
     let t0 = Instant::now();
+    let (m_len, c_len, o_len) = (spec.metadata_sectors, spec.cache_sectors(), spec.origin_sectors());
     let setup = || -> Result<(CacheDevs, PathBuf), ShimError> {
-        let m = linear(
-            ctl,
-            &names[1],
-            disks.metadata,
-            disks.slice.metadata_offset,
-            spec.metadata_sectors,
-            disks.dev_dir,
-        )?;
-        let c =
-            linear(ctl, &names[2], disks.data, disks.slice.data_offset, spec.cache_sectors(), disks.dev_dir)?;
-        let o = linear(
-            ctl,
-            &names[3],
-            disks.data,
-            disks.slice.data_offset + spec.cache_sectors(),
-            spec.origin_sectors(),
-            disks.dev_dir,
-        )?;
+        // Where the three devices lie: (device, offset) of each.
+        let (under, m_at, c_at, o_at): (PathBuf, u64, u64, u64) = if logged {
+            let Some((log_disk, log_offset)) = disks.log else {
+                return Err(ShimError::Invalid("a logged cache job without a log slice".into()));
+            };
+            let backing = device(
+                ctl,
+                &names[6],
+                &[
+                    linear_target(0, m_len, disks.metadata, disks.slice.metadata_offset)?,
+                    linear_target(m_len, c_len, disks.data, disks.slice.data_offset)?,
+                    linear_target(m_len + c_len, o_len, disks.data, disks.slice.data_offset + c_len)?,
+                ],
+                disks.dev_dir,
+            )?;
+            let log = device(
+                ctl,
+                &names[5],
+                &[linear_target(0, LOG_SLICE_SECTORS, log_disk, log_offset)?],
+                disks.dev_dir,
+            )?;
+            fill_range(&log, 0, 0, 8)?;
+            let lw_table = TargetSpec {
+                start: 0,
+                length: m_len + c_len + o_len,
+                target_type: "log-writes".into(),
+                params: format!(
+                    "{} {}",
+                    block_dev_num(&backing)?.table_name(),
+                    block_dev_num(&log)?.table_name()
+                ),
+            };
+            let lw = device(ctl, &names[4], &[lw_table], disks.dev_dir)?;
+            (lw, 0, m_len, m_len + c_len)
+        } else {
+            (disks.data.to_path_buf(), u64::MAX, disks.slice.data_offset, disks.slice.data_offset + c_len)
+        };
+        let (meta_dev, meta_at): (&Path, u64) =
+            if logged { (&under, m_at) } else { (disks.metadata, disks.slice.metadata_offset) };
+        let m = linear(ctl, &names[1], meta_dev, meta_at, m_len, disks.dev_dir)?;
+        let c = linear(ctl, &names[2], &under, c_at, c_len, disks.dev_dir)?;
+        let o = linear(ctl, &names[3], &under, o_at, o_len, disks.dev_dir)?;
         let devs = CacheDevs {
             name: names[0].clone(),
             meta_name: names[1].clone(),
-            meta_table: linear_target(0, spec.metadata_sectors, disks.metadata, disks.slice.metadata_offset)?,
+            meta_table: linear_target(0, m_len, meta_dev, meta_at)?,
             cache_slice: (
                 names[2].clone(),
-                linear_target(0, spec.cache_sectors(), disks.data, disks.slice.data_offset)?,
+                linear_target(0, c_len, &under, c_at)?,
                 TargetSpec {
                     start: 0,
-                    length: spec.cache_sectors(),
+                    length: c_len,
                     target_type: "flakey".into(),
                     // Up 0 s, down 1 s: always down; down means drop writes.
-                    params: format!(
-                        "{} {} 0 1 1 drop_writes",
-                        block_dev_num(disks.data)?.table_name(),
-                        disks.slice.data_offset
-                    ),
+                    params: format!("{} {} 0 1 1 drop_writes", block_dev_num(&under)?.table_name(), c_at),
                 },
             ),
             tables: [
@@ -1131,6 +1159,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 block_dev_num(&o)?.table_name(),
             ],
             dev_dir: disks.dev_dir.to_path_buf(),
+            marks: logged.then(|| names[4].clone()),
         };
         let node = devs.activate(ctl, &spec, &spec.mode, "smq", spec.migration_threshold)?;
         Ok((devs, node))
@@ -1158,7 +1187,8 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             }
         }
     }
-    for disk in [disks.metadata, disks.data] {
+    let log = disks.log.filter(|_| logged).map(|(d, _)| d);
+    for disk in [disks.metadata, disks.data].into_iter().chain(log) {
         if let Ok(f) = OpenOptions::new().write(true).open(disk) {
             let _ = f.sync_all();
         }
@@ -1184,6 +1214,8 @@ struct CacheDevs {
     cache_slice: (String, TargetSpec, TargetSpec),
     tables: [String; 3],
     dev_dir: PathBuf,
+    /// A logged job's log-writes device, for a mark after every op.
+    marks: Option<String>,
 }
 
 impl CacheDevs {
@@ -1386,6 +1418,9 @@ fn cache_io(
             _ => ("unsupported".into(), None),
         };
         result.ops.push(OpResult { index, outcome, read });
+        if let Some(lw) = &devs.marks {
+            ctl.message(lw, 0, &format!("mark {}", mark_name(index)))?;
+        }
         if sleep_only_ticks {
             // A campaign trace's replay: when each op ended, for the
             // serialized simulator's clock (`cache_replay::judge`).

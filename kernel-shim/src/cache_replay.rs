@@ -73,6 +73,12 @@ pub fn is_cache_trace(h: &Header) -> bool {
 /// shim's layout does not take, the cleaner as first policy,
 /// `no_discard_passdown`).
 pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    plan_with(trace, false)
+}
+
+/// [`plan`]; with `fua_as_flush`, every FUA write becomes a plain write
+/// followed by a flush (see [`logged_plan`]).
+fn plan_with(trace: &Trace, fua_as_flush: bool) -> Result<CachePlan, ShimError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     let c = &cfg.cache;
     if !c.block_sectors.is_multiple_of(128) {
@@ -97,6 +103,10 @@ pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
             // smq then sees less time pass than the simulator's: one
             // reason L2 may differ).
             Op::Tick { millis } => ops.push(Op::Tick { millis: millis.min(MAX_TICK_MS) }),
+            Op::Write { dev, sector, nr_sectors, fua: true, preflush } if fua_as_flush => {
+                ops.push(Op::Write { dev, sector, nr_sectors, fua: false, preflush });
+                ops.push(Op::Flush { dev });
+            }
             Op::Read { .. }
             | Op::Write { .. }
             | Op::Discard { .. }
@@ -213,6 +223,104 @@ fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
         .collect())
 }
 
+/// What feeding one op to the oracle showed.
+struct Fed {
+    /// A successful read's bytes (rebuilt from the kernel's summary).
+    read: Option<Vec<u8>>,
+    /// The oracle's objection to that read.
+    violation: Option<String>,
+}
+
+/// The oracle of a cache trace's serialized replay, fed the kernel's
+/// results op by op.
+struct Feeder {
+    oracle: Oracle,
+    next_write: u64,
+    run: u64,
+    size: u64,
+}
+
+fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
+    ShimError::Invalid(format!("oracle: {e}"))
+}
+
+impl Feeder {
+    fn new(cfg: &CacheRunConfig) -> Result<Self, ShimError> {
+        let c = &cfg.cache;
+        let (dbs, _) = discard_geometry(c.block_sectors, c.origin_sectors());
+        let mut oracle = Oracle::new(OracleConfig {
+            run: c.run,
+            sectors_per_block: dbs,
+            zeroing: true,
+            discard_undefined: true,
+        });
+        oracle.create_thin(0, c.origin_sectors()).map_err(misuse)?;
+        Ok(Feeder { oracle, next_write: 0, run: c.run, size: c.origin_sectors() })
+    }
+
+    fn clamp(&self, sector: u32, nr: u64) -> (u64, u64) {
+        let sector = u64::from(sector) % self.size;
+        (sector, nr.max(1).min(self.size - sector))
+    }
+
+    /// Op `i` with the kernel's result `r`: requests submitted and
+    /// completed; a read judged with the bytes the kernel returned.
+    fn feed(&mut self, i: usize, op: &Op, r: &crate::protocol::OpResult) -> Result<Fed, ShimError> {
+        let ok = r.outcome == "ok";
+        let o = &mut self.oracle;
+        let mut fed = Fed { read: None, violation: None };
+        match *op {
+            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                let o = &mut self.oracle;
+                let w = self.next_write;
+                self.next_write += 1;
+                if preflush {
+                    let t = o.flush_submitted(0).map_err(misuse)?;
+                    o.flush_completed(t, ok).map_err(misuse)?;
+                }
+                let t = o.write_submitted(0, sector, nr, w, fua).map_err(misuse)?;
+                o.write_completed(t, ok).map_err(misuse)?;
+            }
+            Op::Read { sector, nr_sectors, .. } => {
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                let o = &mut self.oracle;
+                let t = o.read_submitted(0, sector, nr).map_err(misuse)?;
+                let summary = r.read.clone().unwrap_or_default();
+                let bytes = if ok {
+                    expand(&summary, self.run, sector).map_err(ShimError::Invalid)?
+                } else {
+                    Vec::new()
+                };
+                if ok && bytes.len() as u64 != nr * 512 {
+                    return Err(ShimError::Invalid(format!(
+                        "op {i}: the read summary {summary:?} is not {nr} sectors"
+                    )));
+                }
+                if let Err(e) = o.read_completed(t, ok, &bytes) {
+                    fed.violation =
+                        Some(format!("op {i} (read {sector}+{nr}): kernel read [{summary}]: {e}"));
+                }
+                if ok {
+                    fed.read = Some(bytes);
+                }
+            }
+            Op::Discard { sector, nr_sectors, .. } => {
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                let o = &mut self.oracle;
+                let t = o.discard_submitted(0, sector, nr).map_err(misuse)?;
+                o.discard_completed(t, ok).map_err(misuse)?;
+            }
+            Op::Flush { .. } => {
+                let t = o.flush_submitted(0).map_err(misuse)?;
+                o.flush_completed(t, ok).map_err(misuse)?;
+            }
+            _ => {}
+        }
+        Ok(fed)
+    }
+}
+
 /// Judges a kernel run of `plan` (see the module's documentation).
 pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, ShimError> {
     let c = &plan.cfg.cache;
@@ -270,19 +378,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
     let sim_image = sim.metadata_image();
 
     // L1: the oracle, fed the same requests one at a time.
-    let (dbs, _) = discard_geometry(c.block_sectors, c.origin_sectors());
-    let mut oracle = Oracle::new(OracleConfig {
-        run: c.run,
-        sectors_per_block: dbs,
-        zeroing: true,
-        discard_undefined: true,
-    });
-    oracle.create_thin(0, c.origin_sectors()).map_err(|e| ShimError::Invalid(e.to_string()))?;
-    let size = c.origin_sectors();
-    let clamp = |sector: u32, nr: u64| {
-        let sector = u64::from(sector) % size;
-        (sector, nr.max(1).min(size - sector))
-    };
+    let mut feeder = Feeder::new(&plan.cfg)?;
     let mut report = CacheReplayReport {
         reads: 0,
         l1_violations: Vec::new(),
@@ -294,8 +390,6 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         l3_identical: false,
         kernel_status: run.result.pool_status.clone(),
     };
-    let misuse = |e: dmsim_sim::oracle::UsageError| ShimError::Invalid(format!("oracle: {e}"));
-    let mut next_write = 0u64;
     for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
         let ok = r.outcome == "ok";
         let is_request =
@@ -303,57 +397,15 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         if is_request && !ok {
             report.failed_requests.push(format!("op {i} ({}): {}", op.name(), r.outcome));
         }
-        match *op {
-            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let w = next_write;
-                next_write += 1;
-                if preflush {
-                    let t = oracle.flush_submitted(0).map_err(misuse)?;
-                    oracle.flush_completed(t, ok).map_err(misuse)?;
-                }
-                let t = oracle.write_submitted(0, sector, nr, w, fua).map_err(misuse)?;
-                oracle.write_completed(t, ok).map_err(misuse)?;
+        let fed = feeder.feed(i, op, r)?;
+        if let Some(bytes) = fed.read {
+            report.reads += 1;
+            let sim = sim_reads[i].as_deref().unwrap_or("");
+            if dmsim_sim::thin::summarize(&bytes) == sim {
+                report.reads_as_simulated += 1;
             }
-            Op::Read { sector, nr_sectors, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let t = oracle.read_submitted(0, sector, nr).map_err(misuse)?;
-                let summary = r.read.clone().unwrap_or_default();
-                let bytes = if ok {
-                    expand(&summary, c.run, sector).map_err(ShimError::Invalid)?
-                } else {
-                    Vec::new()
-                };
-                if ok && bytes.len() as u64 != nr * 512 {
-                    return Err(ShimError::Invalid(format!(
-                        "op {i}: the read summary {summary:?} is not {nr} sectors"
-                    )));
-                }
-                report.reads += usize::from(ok);
-                if let Err(e) = oracle.read_completed(t, ok, &bytes) {
-                    report
-                        .l1_violations
-                        .push(format!("op {i} (read {sector}+{nr}): kernel read [{summary}]: {e}"));
-                }
-                if ok {
-                    let sim = sim_reads[i].as_deref().unwrap_or("");
-                    let ours = dmsim_sim::thin::summarize(&bytes);
-                    if ours == sim {
-                        report.reads_as_simulated += 1;
-                    }
-                }
-            }
-            Op::Discard { sector, nr_sectors, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let t = oracle.discard_submitted(0, sector, nr).map_err(misuse)?;
-                oracle.discard_completed(t, ok).map_err(misuse)?;
-            }
-            Op::Flush { .. } => {
-                let t = oracle.flush_submitted(0).map_err(misuse)?;
-                oracle.flush_completed(t, ok).map_err(misuse)?;
-            }
-            _ => {}
         }
+        report.l1_violations.extend(fed.violation);
     }
 
     // L2 and L3.
@@ -422,4 +474,164 @@ mod tests {
         assert_eq!(p.ops[0], Op::Status, "scheduling ops are dropped");
         assert_eq!(p.ops.len(), 1 + cfg.cache.origin_blocks as usize, "then the read-back");
     }
+}
+
+/// [`plan`] with the job logged: the three devices on one dm-log-writes
+/// device, a mark after every op ([`crate::protocol::CACHE_LOGGED_PARAM`]);
+/// [`judge_crash_states`] reads the kernel's crash states from the log.
+///
+/// Every FUA write becomes a plain write and a flush: dm-log-writes logs a
+/// FUA write when it completes but a plain write only at the flush that
+/// covers it, so a plain write acknowledged *before* an overlapping FUA
+/// write lands after it in the log, and replaying the log would bring the
+/// older data back — a state no disk can be in (seen on the first runs of
+/// `kernel_cache_crash_states.rs`). Without FUA writes the log's order
+/// within each flush is the completion order.
+pub fn logged_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    let mut p = plan_with(trace, true)?;
+    if let Job::Cache { trace, .. } = &mut p.job {
+        trace.header.params.push((crate::protocol::CACHE_LOGGED_PARAM.into(), "1".into()));
+    }
+    Ok(p)
+}
+
+/// What the kernel's crash states of a logged run read like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheCrashReport {
+    /// Durability points judged (ops after which something had to be
+    /// durable: a flush, a FUA write, a PREFLUSH write).
+    pub points: usize,
+    /// Blocks read back from those states.
+    pub reads: usize,
+    /// Reads the oracle does not allow after a crash at that point.
+    pub violations: Vec<String>,
+}
+
+/// The kernel's durable disks after every durability point of a logged run
+/// (the log replayed up to the op's mark onto what the host wrote: what a
+/// power cut that loses every volatile cache leaves), each loaded by the
+/// model's cache target as after a crash (every mapping dirty; a
+/// passthrough table that cannot load falls back to writeback) and every
+/// origin block read back, each read judged by the oracle after a crash at
+/// that point of the same requests.
+///
+/// The three devices share one log-writes device, so a flush sent to any
+/// of them makes every device's earlier writes durable in the log: these
+/// states cannot show a missing data flush before a metadata commit (the
+/// finding of `kernel_finding_cache_commit_without_data_flush.rs`).
+pub fn judge_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<CacheCrashReport, ShimError> {
+    use dmsim_model::cache::core::{BioRequest, Cache, CacheOptions};
+    use dmsim_traces::op::CacheIoMode;
+
+    use crate::logwrites::{self, EntryKind};
+    use crate::protocol::mark_name;
+
+    let Job::Cache { metadata, cache, origin, .. } = &plan.job else {
+        return Err(ShimError::Invalid("not a cache job".into()));
+    };
+    let log_bytes = match &run.log {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return Err(ShimError::Invalid(format!("the run's log: {e}"))),
+        None => return Err(ShimError::Invalid("the run carries no log (not a logged job?)".into())),
+    };
+    let log = logwrites::parse(log_bytes).map_err(|e| ShimError::Invalid(e.to_string()))?;
+    let c = &plan.cfg.cache;
+    let (m_len, c_len) = (metadata.len(), cache.len());
+    let mut device = [metadata.as_slice(), cache.as_slice(), origin.as_slice()].concat();
+    let results = &run.result.ops;
+    let mut report = CacheCrashReport { points: 0, reads: 0, violations: Vec::new() };
+    let mut at = 0;
+    let mut mode = c.io_mode;
+    for (i, op) in plan.ops.iter().enumerate() {
+        let name = mark_name(i);
+        let Some(mark) = log.entries[at..]
+            .iter()
+            .position(|e| matches!(&e.kind, EntryKind::Mark(t) if *t == name))
+            .map(|p| p + at)
+        else {
+            return Err(ShimError::Invalid(format!("the log has no mark {name:?} after entry {at}")));
+        };
+        log.replay_into(&mut device, at..mark).map_err(|e| ShimError::Invalid(e.to_string()))?;
+        at = mark + 1;
+        if let (Op::Reload { mode: m, .. }, Some(r)) = (op, results.get(i)) {
+            if r.outcome == "ok" {
+                mode = *m;
+            }
+        }
+        if !crate::crash::is_durability_point(op) {
+            continue;
+        }
+        report.points += 1;
+        // The oracle after the same requests, then a crash.
+        let mut feeder = Feeder::new(&plan.cfg)?;
+        for (k, (op, r)) in plan.ops.iter().zip(results).enumerate().take(i + 1) {
+            feeder.feed(k, op, r)?;
+        }
+        feeder.oracle.crash();
+        // The model's cache target on the kernel's crash state.
+        let devices = || {
+            (
+                MemDevice::from_bytes(device[..m_len].to_vec()),
+                MemDevice::from_bytes(device[m_len..m_len + c_len].to_vec()),
+                MemDevice::from_bytes(device[m_len + c_len..].to_vec()),
+            )
+        };
+        let (m, cd, od) = devices();
+        let mut target =
+            match Cache::create(&c.table_line(mode, c.policy), m, cd, od, 0, CacheOptions::default()) {
+                Ok(t) => t,
+                Err(e) if e.message.contains("passthrough") => {
+                    let (m, cd, od) = devices();
+                    Cache::create(
+                        &c.table_line(CacheIoMode::Writeback, c.policy),
+                        m,
+                        cd,
+                        od,
+                        0,
+                        CacheOptions::default(),
+                    )
+                    .map_err(|e| {
+                        ShimError::Invalid(format!("after op {i}: the crash state does not load: {e}"))
+                    })?
+                }
+                Err(e) => {
+                    report
+                        .violations
+                        .push(format!("after op {i}: the kernel's crash state does not load: {e}"));
+                    continue;
+                }
+            };
+        let bs = c.block_sectors;
+        for b in 0..c.origin_blocks {
+            let id = target
+                .submit(BioRequest::read(b * bs, bs))
+                .map_err(|e| ShimError::Invalid(format!("after op {i}: {e}")))?;
+            let mut data = None;
+            for _ in 0..100_000 {
+                if let Some(d) = target.take_completions().into_iter().find(|d| d.id == id) {
+                    data = Some(d);
+                    break;
+                }
+                if target.worker_wanted() {
+                    target.run_worker();
+                } else if let Some(io) = target.in_flight_io().first() {
+                    let io = io.id;
+                    target.complete_io(io).map_err(|e| ShimError::Invalid(e.to_string()))?;
+                }
+            }
+            let Some(d) = data else {
+                return Err(ShimError::Invalid(format!("after op {i}: a read of block {b} never completed")));
+            };
+            let t = feeder.oracle.read_submitted(0, b * bs, bs).map_err(misuse)?;
+            report.reads += 1;
+            if let Err(e) = feeder.oracle.read_completed(t, d.result.is_ok(), &d.data) {
+                report.violations.push(format!(
+                    "a crash after op {i} ({}): block {b} reads [{}]: {e}",
+                    op.name(),
+                    dmsim_sim::thin::summarize(&d.data)
+                ));
+            }
+        }
+    }
+    Ok(report)
 }

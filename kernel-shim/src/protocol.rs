@@ -450,7 +450,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
     let offsets = kinds
         .iter()
         .map(|k| {
-            matches!(k, JobKind::Logged { .. }).then(|| {
+            matches!(k, JobKind::Logged { .. } | JobKind::Cache).then(|| {
                 end += LOG_SLICE_SECTORS;
                 end - LOG_SLICE_SECTORS
             })
@@ -775,6 +775,12 @@ pub enum CacheStep {
 
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
+
+/// The header parameter (`1`) that puts a cache job's three devices on
+/// one dm-log-writes device with a mark [`mark_name`]`(i)` after every op
+/// `i`; the run carries the log (its slice is allocated for every cache
+/// job).
+pub const CACHE_LOGGED_PARAM: &str = "cache_logged";
 
 /// In a cache job with [`CACHE_TICKS_SLEEP_ONLY_PARAM`], the timing entry
 /// `op-end-<i>` holds the milliseconds from the first op to the end of op
