@@ -258,13 +258,14 @@ pub(crate) fn mappings(
         }
     }
     bad_flags.summary(ctx, Severity::Damage, st, "mappings with unknown flags");
-    stale.summary(ctx, Severity::Damage, st, "unmapped entries holding an origin block or a dirty flag");
+    // Both kinds of stale entry are non-fatal (see above).
+    stale.summary(ctx, Severity::NonFatal, st, "unmapped entries holding an origin block or a dirty flag");
     beyond_cache.summary(ctx, Severity::Damage, st, "mappings past the cache");
     beyond_origin.summary(ctx, Severity::Damage, st, "mappings past the origin");
     twice.summary(ctx, Severity::Damage, st, "origin blocks mapped twice");
     unmapped_dirty.summary(
         ctx,
-        Severity::Damage,
+        Severity::NonFatal,
         Structure::DirtyBitset,
         "dirty bits of unmapped cache blocks",
     );
