@@ -141,6 +141,9 @@ pub struct CacheStats {
     pub commits: u64,
     /// Clean shutdowns whose clean blocks were compared on both devices.
     pub clean_checks: u64,
+    /// Quiesces that had to stop background work retrying for ever (see
+    /// `CacheSim::quiesce`).
+    pub background_stopped: u64,
     /// Metadata blocks the checker found leaked after an injected metadata
     /// fault (see `CacheSim::judge_metadata`).
     pub leaked_after_fault: u64,
@@ -165,6 +168,7 @@ impl CacheStats {
         self.commits += o.commits;
         self.clean_checks += o.clean_checks;
         self.leaked_after_fault += o.leaked_after_fault;
+        self.background_stopped += o.background_stopped;
         self.sim_time_ns += o.sim_time_ns;
     }
 }
@@ -568,7 +572,16 @@ impl CacheSim {
     /// Runs the worker and completes data I/O, oldest first, until nothing
     /// moves.
     pub fn quiesce(&mut self) -> Result<(), ThinFailure> {
-        for _ in 0..1_000_000 {
+        for i in 0..1_000_000 {
+            if i == 100_000 && self.pending.is_empty() {
+                // Only background work keeps the cache busy: a migration
+                // that keeps failing (a writeback to a bad origin sector)
+                // is retried for ever. Stop new migrations, as the
+                // suspend that follows every quiesce would (its
+                // presuspend), and drain what is in flight.
+                self.stats.background_stopped += 1;
+                self.cache().prevent_background_work();
+            }
             self.collect()?;
             let c = self.cache();
             if c.worker_wanted() {

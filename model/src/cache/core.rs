@@ -425,6 +425,15 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         Ok(())
     }
 
+    /// `prevent_background_work` (the presuspend half of a suspend): no new
+    /// migration starts from now on (those in flight finish); a resume
+    /// allows them again. A migration that keeps failing (a writeback to a
+    /// bad origin sector) is retried for ever while the cache is idle, as in
+    /// the kernel; only this stops the retries.
+    pub fn prevent_background_work(&mut self) {
+        self.background_allowed = false;
+    }
+
     /// Suspends (a flush suspend): every request must have completed and
     /// the worker must be idle. Background work stops, then the clean
     /// shutdown is written (in write mode).
@@ -1175,6 +1184,24 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
+    /// A bio that was never issued fails (its commit failed). A
+    /// writethrough bio's origin clone may still be in flight: as with
+    /// `bio_chain`, the bio ends only when the clone has.
+    fn fail_unissued(&mut self, id: PieceId, e: Errno) {
+        let Some(p) = self.pieces.get_mut(&id) else {
+            self.bug(format!("a failed commit's bio {id} is gone"));
+            return;
+        };
+        p.status = Err(e);
+        if p.self_counted {
+            p.self_counted = false;
+            p.pending = p.pending.saturating_sub(1);
+        }
+        if p.pending == 0 {
+            self.piece_done(id);
+        }
+    }
+
     /// `__commit`.
     fn do_commit(&mut self) {
         self.commit_queued = false;
@@ -1197,10 +1224,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
         for id in bios {
             match r {
-                Err(e) => {
-                    self.pieces.get_mut(&id).expect("piece").status = Err(e);
-                    self.end_piece(id);
-                }
+                Err(e) => self.fail_unissued(id, e),
                 Ok(()) => self.accounted_request(id),
             }
         }
@@ -1658,6 +1682,10 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         };
         match io {
             DataIo::Piece { piece, disk, sector, nr_sectors, op, fua } => {
+                if !self.pieces.contains_key(&piece) {
+                    self.bug(format!("data I/O {} of bio {piece}, which has ended", id.0));
+                    return Ok(());
+                }
                 let r = match fault {
                     Some(e) => Err(e),
                     None => {
