@@ -38,14 +38,14 @@ use dmsim_faults::FaultSwarm;
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::cache::inspect::read_image;
 use dmsim_model::cache::mapping::discard_geometry;
-use dmsim_sim::cache_run::{is_cache_header, CacheRunConfig};
+use dmsim_sim::cache_run::CacheRunConfig;
 use dmsim_sim::cache_sim::{CacheSim, CACHE_GARBAGE};
 use dmsim_sim::oracle::{Oracle, OracleConfig};
 use dmsim_traces::op::CachePolicyKind;
-use dmsim_traces::{stamp, Event, Header, Op, Trace};
+use dmsim_traces::{stamp, Event, Op, Trace};
 
 use crate::error::ShimError;
-use crate::protocol::{summarize, CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM, OP_END_PREFIX};
+use crate::protocol::{CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM, OP_END_PREFIX};
 use crate::vm::{Job, KernelRun};
 
 /// The longest sleep a replayed tick becomes, in milliseconds.
@@ -61,11 +61,6 @@ pub struct CachePlan {
     pub ops: Vec<Op>,
     /// The job.
     pub job: Job,
-}
-
-/// Whether `h` is a cache trace's header.
-pub fn is_cache_trace(h: &Header) -> bool {
-    is_cache_header(h)
 }
 
 /// The kernel job of a cache trace; an error saying why for a trace the
@@ -179,7 +174,7 @@ pub struct CacheReplayReport {
 }
 
 /// Every sector's bytes as a read summary describes them (see
-/// [`summarize`]): stamps rebuilt exactly, zeroes, foreign bytes for `?`,
+/// [`crate::protocol::summarize`]): stamps rebuilt exactly, zeroes, foreign bytes for `?`,
 /// a stamp of another run for `x`.
 fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
@@ -441,15 +436,10 @@ pub fn replayable_config(seed: u64, ops: usize) -> CacheRunConfig {
     cfg
 }
 
-/// The kernel's read summary format for a read of `data` at `sector`
-/// (re-exported for tests comparing by hand).
-pub fn kernel_summary(data: &[u8], run: u64, sector: u64) -> String {
-    summarize(data, run, sector)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::summarize;
 
     #[test]
     fn a_summary_expands_to_what_it_summarizes() {

@@ -443,7 +443,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
         self.background_allowed = false;
         if self.opts.fixes.flush_before_commit && self.t.mode == CacheMode::Write {
-            self.flush_data_devices();
+            // An error shows up on the next data I/O.
+            let _ = self.flush_data_devices();
         }
         let r = self.t.postsuspend();
         if r.is_ok() && self.t.mode == CacheMode::Write {
@@ -535,7 +536,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// The INFO status line (commits as a side effect unless `noflush`).
     pub fn status(&mut self, noflush: bool) -> String {
         if !noflush && self.opts.fixes.flush_before_commit && self.t.mode == CacheMode::Write {
-            self.flush_data_devices();
+            // An error shows up on the next data I/O.
+            let _ = self.flush_data_devices();
         }
         let s = self.t.status(noflush);
         if !noflush && self.t.mode == CacheMode::Write {
@@ -665,7 +667,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// `cache_map` runs on each piece right here.
     pub fn submit(&mut self, req: BioRequest) -> Result<BioId, TargetError> {
         let dev_sectors = self.t.sizes().target_len;
-        validate(&req, dev_sectors).map_err(|e| err(Errno::EINVAL, e))?;
+        req.validate(dev_sectors).map_err(|e| err(Errno::EINVAL, e))?;
         let id = BioId(self.next_bio);
         self.next_bio += 1;
         let bs = self.block_sectors();
@@ -1152,11 +1154,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    /// The candidate fix's flush before a lifecycle commit (suspend,
-    /// status); errors show up on the next data I/O.
-    fn flush_data_devices(&mut self) {
-        let _ = self.cdev.flush();
-        let _ = self.odev.flush();
+    /// The candidate fix's flush of both data devices before a commit.
+    fn flush_data_devices(&mut self) -> Result<(), Errno> {
+        let c = self.cdev.flush();
+        let o = self.odev.flush();
+        if c.is_err() || o.is_err() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// `commit`: refused in read-only and fail modes.
@@ -1166,11 +1171,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
         self.counters.commits += 1;
         if self.opts.fixes.flush_before_commit {
-            let c = self.cdev.flush();
-            let o = self.odev.flush();
-            if c.is_err() || o.is_err() {
-                return Err(Errno::EIO);
-            }
+            self.flush_data_devices()?;
         }
         match self.t.md.commit(false) {
             Ok(()) => {
@@ -1830,36 +1831,4 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
         self.prison.check()
     }
-}
-
-fn validate(req: &BioRequest, dev_sectors: u64) -> Result<(), String> {
-    match req.op {
-        BioOp::Flush => {
-            if req.nr_sectors != 0 || !req.data.is_empty() {
-                return Err("a flush carries no data".into());
-            }
-            return Ok(());
-        }
-        BioOp::Write => {
-            if req.data.len() as u64 != req.nr_sectors * SECTOR_SIZE {
-                return Err(format!("write of {} sectors carries {} bytes", req.nr_sectors, req.data.len()));
-            }
-        }
-        BioOp::Read | BioOp::Discard => {
-            if !req.data.is_empty() {
-                return Err("only writes carry data".into());
-            }
-        }
-    }
-    if req.nr_sectors == 0 {
-        return Err("a read, write or discard needs at least one sector".into());
-    }
-    let end = req.sector.checked_add(req.nr_sectors).ok_or("sector range overflows")?;
-    if end > dev_sectors {
-        return Err(format!(
-            "sectors {}..{end} reach past the end of the device ({dev_sectors} sectors)",
-            req.sector
-        ));
-    }
-    Ok(())
 }
