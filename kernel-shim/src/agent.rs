@@ -39,7 +39,7 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
     summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, LOG_SLICE_SECTORS, OP_END_PREFIX,
+    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX,
     REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
@@ -581,6 +581,71 @@ fn device(ctl: &Control, name: &str, targets: &[TargetSpec], dev_dir: &Path) -> 
     Ok(path)
 }
 
+/// [`device`], with the coarse clock ([`CoarseClock`]) read around the
+/// table's load and around its resume: `[load before, load after, resume
+/// before, resume after]`.
+fn device_stamped(
+    ctl: &Control,
+    name: &str,
+    targets: &[TargetSpec],
+    dev_dir: &Path,
+    clock: &CoarseClock,
+) -> Result<(PathBuf, [u64; 4]), ShimError> {
+    ctl.create(name)?;
+    let mut at = [0; 4];
+    at[0] = clock.now_us();
+    let r = ctl.load(name, targets, false).and_then(|_| {
+        at[1] = clock.now_us();
+        at[2] = clock.now_us();
+        let d = ctl.resume(name);
+        at[3] = clock.now_us();
+        d
+    });
+    let dev = match r {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = ctl.remove(name);
+            return Err(e);
+        }
+    };
+    let path = dev_dir.join(format!("dm-{}", dev.minor));
+    wait_for(&path)?;
+    Ok((path, at))
+}
+
+/// The kernel's `CLOCK_MONOTONIC_COARSE`, which moves when jiffies do (a
+/// tick at a time), in microseconds since the clock was made: what a cache
+/// job's settled replay reports, so that the serialized simulator sees
+/// the same jiffies the kernel's smq saw.
+struct CoarseClock {
+    base: u64,
+}
+
+impl CoarseClock {
+    fn raw_us() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    }
+
+    fn new() -> Self {
+        CoarseClock { base: Self::raw_us() }
+    }
+
+    fn now_us(&self) -> u64 {
+        Self::raw_us().saturating_sub(self.base)
+    }
+
+    /// The clock's resolution (one jiffy), in microseconds.
+    fn resolution_us() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_getres writes one timespec.
+        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    }
+}
+
 /// A linear target of `len` sectors at `start` over `dev` from `offset`.
 fn linear_target(start: u64, len: u64, dev: &Path, offset: u64) -> Result<TargetSpec, ShimError> {
     Ok(TargetSpec {
@@ -1095,7 +1160,8 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     };
     let t0 = Instant::now();
     let (m_len, c_len, o_len) = (spec.metadata_sectors, spec.cache_sectors(), spec.origin_sectors());
-    let setup = || -> Result<(CacheDevs, PathBuf), ShimError> {
+    let clock = CoarseClock::new();
+    let setup = || -> Result<(CacheDevs, PathBuf, [u64; 4]), ShimError> {
         // Where the three devices lie: (device, offset) of each.
         let (under, m_at, c_at, o_at): (PathBuf, u64, u64, u64) = if logged {
             let Some((log_disk, log_offset)) = disks.log else {
@@ -1161,13 +1227,19 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             dev_dir: disks.dev_dir.to_path_buf(),
             marks: logged.then(|| names[4].clone()),
         };
-        let node = devs.activate(ctl, &spec, &spec.mode, "smq", spec.migration_threshold)?;
-        Ok((devs, node))
+        let (node, at) = devs.activate_stamped(ctl, &spec, &clock)?;
+        Ok((devs, node, at))
     };
     match setup() {
-        Ok((devs, node)) => {
+        Ok((devs, node, at)) => {
             result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
-            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, result) {
+            if trace.header.param(CACHE_SETTLE_PARAM) == Some("1") {
+                result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+                for (k, v) in ["load-a", "load-b", "resume-a", "resume-b"].iter().zip(at) {
+                    result.timings_ms.push((format!("{COARSE_PREFIX}{k}"), v));
+                }
+            }
+            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, result) {
                 result.error = Some(e.to_string());
             }
             // Suspend first: the kernel's postsuspend writes the clean
@@ -1237,10 +1309,30 @@ impl CacheDevs {
         };
         device(ctl, &self.name, &[table], &self.dev_dir)
     }
+
+    /// [`Self::activate`] in the job's first mode with smq, with the
+    /// coarse clock read around the load and the resume (see
+    /// [`device_stamped`]).
+    fn activate_stamped(
+        &self,
+        ctl: &Control,
+        spec: &CacheSpec,
+        clock: &CoarseClock,
+    ) -> Result<(PathBuf, [u64; 4]), ShimError> {
+        let [m, c, o] = &self.tables;
+        let table = TargetSpec {
+            start: 0,
+            length: spec.origin_sectors(),
+            target_type: "cache".into(),
+            params: spec.table_params_as([m, c, o], &spec.mode, "smq", spec.migration_threshold),
+        };
+        device_stamped(ctl, &self.name, &[table], &self.dev_dir, clock)
+    }
 }
 
 /// The trace's I/O on the cache device, its steps between the ops, and the
-/// final status.
+/// final status; `clock` is the job's coarse clock.
+#[allow(clippy::too_many_arguments)]
 fn cache_io(
     ctl: &Control,
     devs: &CacheDevs,
@@ -1248,6 +1340,7 @@ fn cache_io(
     spec: &CacheSpec,
     trace: &Trace,
     steps: &[(usize, CacheStep)],
+    clock: &CoarseClock,
     result: &mut KernelResult,
 ) -> Result<(), ShimError> {
     let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
@@ -1261,6 +1354,16 @@ fn cache_io(
     let mut next_write = 0u64;
     let ops: Vec<Op> = trace.ops().collect();
     let sleep_only_ticks = trace.header.param(CACHE_TICKS_SLEEP_ONLY_PARAM) == Some("1");
+    let settle = trace.header.param(CACHE_SETTLE_PARAM) == Some("1");
+    let mut settled = Settled::default();
+    if settle {
+        settled.rebase(ctl, name)?;
+    }
+    let stamp = |result: &mut KernelResult, what: String| {
+        if settle {
+            result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), clock.now_us()));
+        }
+    };
     // The mode and policy of the table in use (for a refused reload).
     let mut current: (&str, &str) = (spec.mode.as_str(), "smq");
     for index in 0..=ops.len() {
@@ -1272,6 +1375,7 @@ fn cache_io(
             result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
         }
         let Some(&op) = ops.get(index) else { break };
+        stamp(result, format!("op-a-{index}"));
         let (outcome, read) = match op {
             Op::Read { sector, nr_sectors, .. } => {
                 let (sector, nr) = clamp(sector, u64::from(nr_sectors));
@@ -1345,8 +1449,12 @@ fn cache_io(
                     ),
                 };
                 suspend_retrying(ctl, name)?;
+                stamp(result, format!("op-load-a-{index}"));
                 let loaded = ctl.load(name, &[table], false);
+                stamp(result, format!("op-load-b-{index}"));
+                stamp(result, format!("op-resume-a-{index}"));
                 let resumed = ctl.resume(name);
+                stamp(result, format!("op-resume-b-{index}"));
                 match (loaded, resumed) {
                     (Ok(()), Ok(_)) => {
                         current = (mode.name(), policy.name());
@@ -1417,7 +1525,15 @@ fn cache_io(
             }
             _ => ("unsupported".into(), None),
         };
+        stamp(result, format!("op-b-{index}"));
         result.ops.push(OpResult { index, outcome, read });
+        if settle {
+            if matches!(op, Op::Reload { .. } | Op::Invalidate { .. }) {
+                settled.rebase(ctl, name)?;
+            }
+            let line = settled.wait(ctl, name)?;
+            result.op_status.push((index, line));
+        }
         if let Some(lw) = &devs.marks {
             ctl.message(lw, 0, &format!("mark {}", mark_name(index)))?;
         }
@@ -1431,6 +1547,65 @@ fn cache_io(
     drop(file);
     result.pool_status = status_line(ctl, name)?;
     Ok(())
+}
+
+/// Waiting for a cache's background work to settle between ops (see
+/// [`CACHE_SETTLE_PARAM`]).
+#[derive(Debug, Default)]
+struct Settled {
+    /// Residency less promotions plus demotions when nothing was pending
+    /// (after the table's load, or an invalidation).
+    base: i64,
+}
+
+impl Settled {
+    /// The status line's residency less its promotions plus demotions.
+    fn balance(line: &str) -> Result<i64, ShimError> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> Result<i64, ShimError> {
+            let f = w.get(i).ok_or_else(|| ShimError::Invalid(format!("cache status {line:?}: no field {i}")))?;
+            let f = f.split_once('/').map_or(*f, |(a, _)| a);
+            f.parse().map_err(|_| ShimError::Invalid(format!("cache status {line:?}: field {i} is {f:?}")))
+        };
+        Ok(num(3)? - num(9)? + num(8)?)
+    }
+
+    fn poll(ctl: &Control, name: &str) -> Result<String, ShimError> {
+        let s = ctl.status(name, false, true)?;
+        Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
+    }
+
+    /// Takes the balance after a table load or an invalidation (nothing
+    /// is pending then: a new table starts with no background work).
+    fn rebase(&mut self, ctl: &Control, name: &str) -> Result<(), ShimError> {
+        self.base = Self::balance(&Self::poll(ctl, name)?)?;
+        Ok(())
+    }
+
+    /// Polls the status (without a commit) until every queued promotion
+    /// has completed and the line is the same three polls running; at
+    /// most two seconds (then the last line, as it was).
+    fn wait(&mut self, ctl: &Control, name: &str) -> Result<String, ShimError> {
+        let start = Instant::now();
+        let mut last = String::new();
+        let mut same = 0;
+        loop {
+            let line = Self::poll(ctl, name)?;
+            if line == last && Self::balance(&line)? == self.base {
+                same += 1;
+                if same >= 3 {
+                    return Ok(line);
+                }
+            } else {
+                same = 0;
+            }
+            if start.elapsed() > Duration::from_secs(2) {
+                return Ok(line);
+            }
+            last = line;
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    }
 }
 
 /// Suspends the cache device for a table swap. The kernel sometimes

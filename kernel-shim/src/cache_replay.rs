@@ -45,7 +45,9 @@ use dmsim_traces::op::CachePolicyKind;
 use dmsim_traces::{stamp, Event, Op, Trace};
 
 use crate::error::ShimError;
-use crate::protocol::{CacheSpec, CACHE_TICKS_SLEEP_ONLY_PARAM, OP_END_PREFIX};
+use crate::protocol::{
+    CacheSpec, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX, OP_END_PREFIX,
+};
 use crate::vm::{Job, KernelRun};
 
 /// The longest sleep a replayed tick becomes, in milliseconds.
@@ -68,12 +70,21 @@ pub struct CachePlan {
 /// shim's layout does not take, the cleaner as first policy,
 /// `no_discard_passdown`).
 pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false)
+    plan_with(trace, false, false)
+}
+
+/// [`plan`], with the kernel's background work settled after every op
+/// ([`CACHE_SETTLE_PARAM`]): its migrations then happen between ops, as
+/// the serialized simulator's do, and [`judge`] follows the kernel's
+/// counters op by op ([`CacheReplayReport::first_divergence`]).
+pub fn settled_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    plan_with(trace, false, true)
 }
 
 /// [`plan`]; with `fua_as_flush`, every FUA write becomes a plain write
-/// followed by a flush (see [`logged_plan`]).
-fn plan_with(trace: &Trace, fua_as_flush: bool) -> Result<CachePlan, ShimError> {
+/// followed by a flush (see [`logged_plan`]); with `settle`, see
+/// [`settled_plan`].
+fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePlan, ShimError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     let c = &cfg.cache;
     if !c.block_sectors.is_multiple_of(128) {
@@ -144,6 +155,9 @@ fn plan_with(trace: &Trace, fua_as_flush: bool) -> Result<CachePlan, ShimError> 
     );
     if let Job::Cache { trace, .. } = &mut job {
         trace.header.params.push((CACHE_TICKS_SLEEP_ONLY_PARAM.into(), "1".into()));
+        if settle {
+            trace.header.params.push((CACHE_SETTLE_PARAM.into(), "1".into()));
+        }
     }
     Ok(CachePlan { cfg, ops, job })
 }
@@ -171,6 +185,18 @@ pub struct CacheReplayReport {
     pub l3_identical: bool,
     /// The kernel's last status line.
     pub kernel_status: String,
+    /// In a settled run: the first op after which the kernel's counters
+    /// (residency, hits, misses, demotions, promotions, dirty blocks)
+    /// differ from the serialized simulator's, with both status lines.
+    pub first_divergence: Option<(usize, String, String)>,
+}
+
+/// The counters of a cache INFO status line that L2 follows: residency,
+/// read hits and misses, write hits and misses, demotions, promotions,
+/// dirty blocks.
+fn counters(line: &str) -> Vec<String> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    (3..=10).map(|i| w.get(i).map_or("", |f| f.split_once('/').map_or(*f, |(a, _)| a)).to_string()).collect()
 }
 
 /// Every sector's bytes as a read summary describes them (see
@@ -318,7 +344,6 @@ impl Feeder {
 
 /// Judges a kernel run of `plan` (see the module's documentation).
 pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, ShimError> {
-    let c = &plan.cfg.cache;
     let results = &run.result.ops;
     if let Some(e) = &run.result.error {
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
@@ -330,47 +355,8 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
             plan.ops.len()
         )));
     }
-    // The serialized simulator: each op, then everything settled.
-    let mut sim =
-        CacheSim::new(*c).map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
-    // The kernel's clock: when each op ended, from the first op's start.
-    // The simulator follows it (its own ticks skipped), so that smq's
-    // periods, the waker and the idle rule see the time the kernel's did.
-    let ends: BTreeMap<usize, u64> = run
-        .result
-        .timings_ms
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix(OP_END_PREFIX)?.parse().ok().map(|i: usize| (i, *v)))
-        .collect();
-    let sim_err =
-        |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("the serialized simulator: {f}"));
-    let mut sim_ms = 0u64;
-    let mut sim_reads = Vec::new();
-    for (i, op) in plan.ops.iter().enumerate() {
-        if !ends.is_empty() {
-            let start = if i == 0 { 0 } else { ends.get(&(i - 1)).copied().unwrap_or(sim_ms) };
-            while start > sim_ms {
-                let step = (start - sim_ms).min(u64::from(u16::MAX));
-                sim.apply(&Op::Tick { millis: step as u16 }).map_err(sim_err)?;
-                sim.quiesce().map_err(sim_err)?;
-                sim_ms += step;
-            }
-            if matches!(op, Op::Tick { .. }) {
-                sim_reads.push(None);
-                continue;
-            }
-        }
-        let before = sim.events().len();
-        sim.apply(op).map_err(sim_err)?;
-        sim.quiesce().map_err(sim_err)?;
-        let read = sim.events()[before..].iter().find_map(|e| match e {
-            Event::Done { read: Some(r), .. } => Some(r.clone()),
-            _ => None,
-        });
-        sim_reads.push(read);
-    }
-    sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
-    let sim_image = sim.metadata_image();
+    let best = follow_the_kernel(plan, run)?;
+    let (sim_reads, sim_image, first_divergence) = (best.reads, best.image, best.first_divergence);
 
     // L1: the oracle, fed the same requests one at a time.
     let mut feeder = Feeder::new(&plan.cfg)?;
@@ -384,6 +370,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         same_blocks: false,
         l3_identical: false,
         kernel_status: run.result.pool_status.clone(),
+        first_divergence,
     };
     for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
         let ok = r.outcome == "ok";
@@ -478,7 +465,7 @@ mod tests {
 /// `kernel_cache_crash_states.rs`). Without FUA writes the log's order
 /// within each flush is the completion order.
 pub fn logged_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    let mut p = plan_with(trace, true)?;
+    let mut p = plan_with(trace, true, false)?;
     if let Job::Cache { trace, .. } = &mut p.job {
         trace.header.params.push((crate::protocol::CACHE_LOGGED_PARAM.into(), "1".into()));
     }
@@ -624,4 +611,254 @@ pub fn judge_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<CacheCras
         }
     }
     Ok(report)
+}
+
+/// The serialized simulator's run of a plan, held against the kernel's.
+struct SimRun {
+    /// What each op read in the simulator (None for other ops).
+    reads: Vec<Option<String>>,
+    /// The simulator's metadata after the clean shutdown.
+    image: Vec<u8>,
+    /// See [`CacheReplayReport::first_divergence`].
+    first_divergence: Option<(usize, String, String)>,
+}
+
+/// When something happened in the kernel, as a jiffy it may have seen:
+/// read before and after (they differ when a tick came in between).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    before: u64,
+    after: u64,
+}
+
+/// The jiffies of a settled run (see [`COARSE_PREFIX`]): the first
+/// table's load and resume, each op's, each reload's load and resume.
+#[derive(Debug, Default)]
+struct Jiffies {
+    load: Option<Window>,
+    resume: Option<Window>,
+    ops: BTreeMap<usize, Window>,
+    reload_load: BTreeMap<usize, Window>,
+    reload_resume: BTreeMap<usize, Window>,
+    /// Milliseconds per jiffy.
+    ms: u64,
+}
+
+impl Jiffies {
+    /// The jiffies of `run`, None when it carries no coarse clock.
+    fn of(run: &KernelRun) -> Option<Jiffies> {
+        let t: BTreeMap<&str, u64> = run
+            .result
+            .timings_ms
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
+            .collect();
+        let res = *t.get("res")?;
+        if res < 1000 || res % 1000 != 0 {
+            return None;
+        }
+        let j = |v: u64| (v + res / 2) / res;
+        let win = |a: &str, b: &str| Some(Window { before: j(*t.get(a)?), after: j(*t.get(b)?) });
+        let mut out = Jiffies {
+            load: win("load-a", "load-b"),
+            resume: win("resume-a", "resume-b"),
+            ms: res / 1000,
+            ..Jiffies::default()
+        };
+        for k in t.keys() {
+            let Some(i) = k.strip_prefix("op-a-").and_then(|i| i.parse::<usize>().ok()) else { continue };
+            if let Some(w) = win(&format!("op-a-{i}"), &format!("op-b-{i}")) {
+                out.ops.insert(i, w);
+            }
+            if let Some(w) = win(&format!("op-load-a-{i}"), &format!("op-load-b-{i}")) {
+                out.reload_load.insert(i, w);
+            }
+            if let Some(w) = win(&format!("op-resume-a-{i}"), &format!("op-resume-b-{i}")) {
+                out.reload_resume.insert(i, w);
+            }
+        }
+        Some(out)
+    }
+
+    /// Every window that spans a tick, in the order the kernel went
+    /// through them, each with the op it belongs to (the first table's
+    /// load and resume belong to op 0).
+    fn decisions(&self) -> Vec<(usize, Window)> {
+        let mut d = Vec::new();
+        let first = [self.load, self.resume].into_iter().flatten().map(|w| (0, w));
+        d.extend(first);
+        for (&i, w) in &self.ops {
+            d.extend(self.reload_load.get(&i).map(|w| (i, *w)));
+            d.extend(self.reload_resume.get(&i).map(|w| (i, *w)));
+            d.push((i, *w));
+        }
+        d.retain(|(_, w)| w.before != w.after);
+        d
+    }
+}
+
+/// How many serialized runs [`follow_the_kernel`] tries at most.
+const MAX_FOLLOW_RUNS: usize = 256;
+
+/// The serialized simulator, run so that it sees what the kernel's smq
+/// saw: each op, then its background work settled (the kernel's run was
+/// settled too, see [`CACHE_SETTLE_PARAM`]), at the jiffy the kernel's
+/// clock read for it. Where a tick came during an op or a table load (its
+/// two clock readings differ), either jiffy may be the one smq saw: the
+/// runs search those choices, depth first, for one whose counters follow
+/// the kernel's op by op, and the run that followed longest is returned.
+/// Without a coarse clock (an unsettled run), one run follows the ops'
+/// end times.
+fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
+    let Some(jiffies) = Jiffies::of(run) else {
+        return serialized(plan, run, None, &[]);
+    };
+    let decisions = jiffies.decisions();
+    let mut best: Option<SimRun> = None;
+    let mut stack: Vec<Vec<bool>> = vec![Vec::new()];
+    let mut runs = 0;
+    let reach = |r: &SimRun| r.first_divergence.as_ref().map_or(usize::MAX, |d| d.0);
+    while let Some(mut prefix) = stack.pop() {
+        if runs == MAX_FOLLOW_RUNS {
+            break;
+        }
+        runs += 1;
+        let r = serialized(plan, run, Some((&jiffies, &decisions)), &prefix)?;
+        let d = reach(&r);
+        if d == usize::MAX {
+            return Ok(r);
+        }
+        // Later choices (all "before" in this run) up to the divergence:
+        // each may be the one to flip.
+        while let Some(&(op, _)) = decisions.get(prefix.len()) {
+            if op > d {
+                break;
+            }
+            let mut flipped = prefix.clone();
+            flipped.push(true);
+            stack.push(flipped);
+            prefix.push(false);
+        }
+        if best.as_ref().is_none_or(|b| reach(b) < d) {
+            best = Some(r);
+        }
+    }
+    best.ok_or_else(|| ShimError::Invalid("the serialized simulator never ran".into()))
+}
+
+/// One serialized run: with `jiffies`, op times from the kernel's coarse
+/// clock, `choices[k]` saying whether window `k` of the decisions is read
+/// at its later jiffy (beyond the choices, the earlier); without, the ops'
+/// end times.
+fn serialized(
+    plan: &CachePlan,
+    run: &KernelRun,
+    jiffies: Option<(&Jiffies, &[(usize, Window)])>,
+    choices: &[bool],
+) -> Result<SimRun, ShimError> {
+    let mut cfg = plan.cfg.cache;
+    let sim_err =
+        |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("the serialized simulator: {f}"));
+    // Which jiffy each window stands for in this run.
+    let mut picked: BTreeMap<(usize, u8), u64> = BTreeMap::new();
+    let mut origin = 0;
+    let mut ms_per_jiffy = 1;
+    if let Some((j, decisions)) = jiffies {
+        ms_per_jiffy = j.ms;
+        let pick = |w: Window, k: &mut usize| {
+            if w.before == w.after {
+                return w.before;
+            }
+            let late = choices.get(*k).copied().unwrap_or(false);
+            debug_assert_eq!(decisions.get(*k).map(|d| (d.1.before, d.1.after)), Some((w.before, w.after)));
+            *k += 1;
+            if late {
+                w.after
+            } else {
+                w.before
+            }
+        };
+        let mut k = 0;
+        // Same order as `Jiffies::decisions`.
+        if let Some(w) = j.load {
+            picked.insert((0, 0), pick(w, &mut k));
+        }
+        if let Some(w) = j.resume {
+            picked.insert((0, 1), pick(w, &mut k));
+        }
+        for (&i, w) in &j.ops {
+            if let Some(w) = j.reload_load.get(&i) {
+                picked.insert((i, 2), pick(*w, &mut k));
+            }
+            if let Some(w) = j.reload_resume.get(&i) {
+                picked.insert((i, 3), pick(*w, &mut k));
+            }
+            picked.insert((i, 4), pick(*w, &mut k));
+        }
+        origin = picked.get(&(0, 0)).copied().unwrap_or(0);
+        let resume = picked.get(&(0, 1)).copied().unwrap_or(origin);
+        cfg.options.resume_delay = resume.saturating_sub(origin) * ms_per_jiffy * 1_000_000;
+    }
+    // The simulator's milliseconds for a kernel jiffy: its middle, counted
+    // from the first table's load (the simulator's time 0).
+    let at = |jiffy: u64| jiffy.saturating_sub(origin) * ms_per_jiffy + ms_per_jiffy / 2;
+    let mut sim =
+        CacheSim::new(cfg).map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
+    // Without a coarse clock: when each op ended, from the first op's start.
+    let ends: BTreeMap<usize, u64> = run
+        .result
+        .timings_ms
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(OP_END_PREFIX)?.parse().ok().map(|i: usize| (i, *v)))
+        .collect();
+    let kernel_status: BTreeMap<usize, &str> =
+        run.result.op_status.iter().map(|(i, l)| (*i, l.as_str())).collect();
+    let mut first_divergence = None;
+    let mut sim_ms = 0u64;
+    let mut reads = Vec::new();
+    // Time moves a jiffy at a time, so that the waker runs in the jiffy
+    // it ran in the kernel.
+    let advance = |sim: &mut CacheSim, to: u64, sim_ms: &mut u64| -> Result<(), ShimError> {
+        while to > *sim_ms {
+            let step = (to - *sim_ms).min(if jiffies.is_some() { ms_per_jiffy } else { u64::from(u16::MAX) });
+            sim.apply(&Op::Tick { millis: step as u16 }).map_err(sim_err)?;
+            sim.quiesce().map_err(sim_err)?;
+            *sim_ms += step;
+        }
+        Ok(())
+    };
+    for (i, op) in plan.ops.iter().enumerate() {
+        let timed = jiffies.is_some() || !ends.is_empty();
+        if jiffies.is_some() {
+            if let (Some(l), Some(r)) = (picked.get(&(i, 2)), picked.get(&(i, 3))) {
+                advance(&mut sim, at(*l), &mut sim_ms)?;
+                sim.cache().set_resume_delay(r.saturating_sub(*l) * ms_per_jiffy * 1_000_000);
+            } else if let Some(j) = picked.get(&(i, 4)) {
+                advance(&mut sim, at(*j), &mut sim_ms)?;
+            }
+        } else if !ends.is_empty() {
+            let start = if i == 0 { 0 } else { ends.get(&(i - 1)).copied().unwrap_or(sim_ms) };
+            advance(&mut sim, start, &mut sim_ms)?;
+        }
+        if timed && matches!(op, Op::Tick { .. }) {
+            reads.push(None);
+            continue;
+        }
+        let before = sim.events().len();
+        sim.apply(op).map_err(sim_err)?;
+        sim.quiesce().map_err(sim_err)?;
+        if let (None, Some(k)) = (&first_divergence, kernel_status.get(&i)) {
+            let ours = sim.cache().status(true);
+            if counters(k) != counters(&ours) {
+                first_divergence = Some((i, k.to_string(), ours));
+            }
+        }
+        let read = sim.events()[before..].iter().find_map(|e| match e {
+            Event::Done { read: Some(r), .. } => Some(r.clone()),
+            _ => None,
+        });
+        reads.push(read);
+    }
+    sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
+    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence })
 }

@@ -203,6 +203,10 @@ pub struct KernelResult {
     /// For a logged job: the log-writes target's INFO status line just
     /// before its removal (`<entries> <highest log sector>`).
     pub log_status: Option<String>,
+    /// In a cache job with [`CACHE_SETTLE_PARAM`]: op `i`'s index and the
+    /// cache's INFO status line (taken without a commit) once its
+    /// background work had settled after that op.
+    pub op_status: Vec<(usize, String)>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -241,6 +245,9 @@ impl KernelResult {
         }
         if let Some(l) = &self.log_status {
             let _ = writeln!(s, "log-status {}", one_line(l));
+        }
+        for (i, line) in &self.op_status {
+            let _ = writeln!(s, "op-status {i} {}", one_line(line));
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -337,6 +344,11 @@ impl KernelResult {
                 }
                 "error" => r.error = Some(rest.to_string()),
                 "log-status" => r.log_status = Some(rest.to_string()),
+                "op-status" => {
+                    let (i, status) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let i = i.parse().map_err(|_| bad(n, line, "bad op-status index"))?;
+                    r.op_status.push((i, status.to_string()));
+                }
                 "end" => {
                     ended = true;
                     break;
@@ -792,6 +804,29 @@ pub const OP_END_PREFIX: &str = "op-end-";
 /// a campaign trace's ticks are the passage of time only.
 pub const CACHE_TICKS_SLEEP_ONLY_PARAM: &str = "cache_ticks_sleep_only";
 
+/// The header parameter (`1`) that makes a cache job wait, after every op,
+/// until the cache's background work has settled, and report the status
+/// line it settled on ([`KernelResult::op_status`]): the kernel's
+/// migration worker then runs between ops, as the serialized simulator's
+/// does, instead of racing the next op. Settled means every promotion the
+/// policy queued has completed (its residency, less the promotions and
+/// plus the demotions completed since the table was loaded, is back to
+/// where it was when the table was loaded, as the status line tells) and
+/// the status line stayed the same over a few polls. The job also reports
+/// the kernel's coarse clock ([`COARSE_PREFIX`]) around every op and
+/// table load.
+pub const CACHE_SETTLE_PARAM: &str = "cache_settle";
+
+/// In a cache job with [`CACHE_SETTLE_PARAM`], timing entries named
+/// `coarse-us-<what>` hold the kernel's `CLOCK_MONOTONIC_COARSE` — it
+/// moves a jiffy at a time, when jiffies do — in microseconds since the
+/// job began, read: around the first table's load and resume (`load-a`,
+/// `load-b`, `resume-a`, `resume-b`), at the start and end of op `i`
+/// (`op-a-<i>`, `op-b-<i>`), and around a reload's load and resume
+/// (`op-load-a-<i>` …); `res` is the clock's resolution (one jiffy). smq
+/// reads jiffies for its periods; these say which jiffy each op saw.
+pub const COARSE_PREFIX: &str = "coarse-us-";
+
 /// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
 /// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
@@ -894,12 +929,15 @@ mod tests {
             pool_status: "1 11/512 2/16 - rw discard_passdown queue_if_no_space - 1024".into(),
             timings_ms: vec![("ops".into(), 12)],
             log_status: Some("12 345".into()),
+            op_status: vec![(1, "8 11/512 128 2/16 0 1 0 0 0 1 0".into())],
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.error.as_deref(), Some("it broke badly"));
         assert_eq!(back.log_status.as_deref(), Some("12 345"));
+        assert_eq!(back.op_status, r.op_status);
+        assert!(KernelResult::from_text(&text.replace("op-status 1", "op-status x")).is_err());
         assert_eq!(back.ops, r.ops);
         assert_eq!(back.devices, r.devices);
         assert_eq!(back.targets, r.targets);

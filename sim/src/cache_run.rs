@@ -138,7 +138,7 @@ impl CacheRunConfig {
                 policy: CachePolicyKind::Smq,
                 discard_passdown: rng.gen_bool(0.7),
                 migration_threshold: [block_sectors, 2048, 1 << 20][rng.gen_range(0..3)],
-                options: CacheOptions { mutations: settings.mutations, fixes },
+                options: CacheOptions { mutations: settings.mutations, fixes, ..CacheOptions::default() },
             },
             swarm: FaultSwarm::from_seed(seed),
         }
@@ -209,6 +209,7 @@ impl CacheRunConfig {
                     fua_overwrite_waits_for_commit: p.flag("fix.fua_overwrite_waits_for_commit")?,
                     writethrough_pairs_one_at_a_time: p.flag("fix.writethrough_pairs_one_at_a_time")?,
                 },
+                ..CacheOptions::default()
             },
         };
         within("block_sectors", cache.block_sectors, 64, 1 << 12)?;

@@ -556,6 +556,12 @@ impl CacheSim {
                     self.oracle_op(|o| o.flush_completed(flush, durable))?;
                 }
                 self.oracle_op(|o| o.write_completed(write, durable))?;
+                if self.io_mode == CacheIoMode::Writethrough {
+                    // Writethrough keeps every block clean: once a write is
+                    // acknowledged, the origin must hold what a read of a
+                    // clean block may return.
+                    self.check_clean_blocks()?;
+                }
             }
             Pending::Read(ticket) => {
                 self.stats.reads_checked += u64::from(ok);
@@ -655,7 +661,10 @@ impl CacheSim {
         {
             let c = self.cache();
             for cb in 0..blocks {
-                if let Ok(Some((oblock, false))) = c.metadata().lookup(cb) {
+                // Clean on disk and in core (after a crash every block
+                // loads dirty while its stored bit may still say clean).
+                let dirty_in_core = c.target().is_dirty(cb);
+                if let (Ok(Some((oblock, false))), false) = (c.metadata().lookup(cb), dirty_in_core) {
                     let len = (bs * SECTOR_SIZE) as usize;
                     let os = (oblock * bs * SECTOR_SIZE) as usize;
                     let cs = (u64::from(cb) * bs * SECTOR_SIZE) as usize;

@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::block_device::{BlockDevice, WriteFlags, SECTOR_SIZE};
 use crate::cache::metadata::CacheMetadata;
+use crate::cache::policy::smq::DEFAULT_HZ;
 use crate::cache::policy::{CachePolicy, DataDir, Nanos, PolicyOp, PolicyWork};
 use crate::cache::table::{DeviceSizes, IoMode};
 use crate::cache::target::{CacheMode, CacheTarget};
@@ -110,6 +111,11 @@ pub struct CacheOptions {
     pub mutations: Mutations,
     /// Candidate fixes (all off by default).
     pub fixes: CacheFixes,
+    /// Time between a table's load and its resume (zero by default). smq
+    /// starts its periods at the load, and the resume ticks it; a kernel
+    /// replay that follows the kernel's jiffies sets this to what the
+    /// kernel took.
+    pub resume_delay: Nanos,
 }
 
 /// One of the target's two data devices.
@@ -335,7 +341,10 @@ pub struct Cache<M, C, O> {
     now: Nanos,
     next_waker: Nanos,
     in_flight_sectors: u64,
-    idle_since: Nanos,
+    /// When the I/O tracker last went idle (`idle_time`); None for a new
+    /// table, whose tracker starts idle long since (`dm_iot_init` sets
+    /// `idle_time` to 0, and jiffies start far above it).
+    idle_since: Option<Nanos>,
     need_tick_bio: bool,
     /// The superblock on disk says CLEAN_SHUTDOWN (a suspend wrote it and
     /// no commit has cleared it since).
@@ -367,6 +376,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let mut t = CacheTarget::create(params, sizes, metadata, now)?;
         t.md.set_mutations(opts.mutations);
         let mut c = Self::assemble(t, params, cache, origin, now, opts);
+        c.now = now + opts.resume_delay;
         c.resume()?;
         Ok(c)
     }
@@ -403,7 +413,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             now,
             next_waker: now,
             in_flight_sectors: 0,
-            idle_since: now,
+            idle_since: None,
             need_tick_bio: true,
             clean_on_disk: false,
             counters: CacheCounters::default(),
@@ -412,7 +422,10 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn resume(&mut self) -> Result<(), TargetError> {
-        self.t.preresume().map_err(|e| err(e, "cache preresume failed"))?;
+        self.t.preresume().map_err(|e| match e {
+            Errno::EBUSY => err(e, "cannot enter passthrough mode unless all blocks are clean (preresume)"),
+            e => err(e, "cache preresume failed"),
+        })?;
         self.t.resume(self.now);
         if self.opts.fixes.resume_clears_clean_shutdown && self.clean_on_disk {
             // The clean-shutdown fix (see CacheFixes).
@@ -465,6 +478,24 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             let r = self.resume();
             return Ok((self, r.and(Err(TargetError::from(e)))));
         }
+        let old = self.params.clone();
+        let (c, r) = self.swap_table(params)?;
+        match r {
+            // The new table's preresume refused (6.1: passthrough over
+            // blocks that load dirty): the device is suspended with it. The
+            // old table is loaded again, as a new target (fresh policy,
+            // counters and I/O tracker), as the kernel's user must do.
+            Err(e) if e.errno == Errno::EBUSY => {
+                let (c, r) = c.swap_table(&old)?;
+                Ok((c, r.and(Err(e))))
+            }
+            r => Ok((c, r)),
+        }
+    }
+
+    /// Loads `params` as a new target on the same devices and resumes it.
+    fn swap_table(self, params: &str) -> ReloadResult<M, C, O> {
+        let sizes = self.t.sizes();
         let Cache { t, cdev, odev, opts, now, clean_on_disk, counters, .. } = self;
         let md = t.into_metadata();
         let t = match CacheTarget::reload(params, sizes, md, now) {
@@ -474,6 +505,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             }
         };
         let mut c = Self::assemble(t, params, cdev, odev, now, opts);
+        c.now = now + opts.resume_delay;
         c.clean_on_disk = clean_on_disk;
         c.counters = counters;
         let r = c.resume();
@@ -562,6 +594,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             return Ok(());
         }
         self.t.message(words)
+    }
+
+    /// Sets [`CacheOptions::resume_delay`] for the next reload.
+    pub fn set_resume_delay(&mut self, delay: Nanos) {
+        self.opts.resume_delay = delay;
     }
 
     /// The simulated time.
@@ -1097,7 +1134,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             p.accounted = false;
             self.in_flight_sectors -= p.nr_sectors;
             if self.in_flight_sectors == 0 {
-                self.idle_since = self.now;
+                self.idle_since = Some(self.now);
             }
         }
     }
@@ -1296,7 +1333,10 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn spare_bandwidth_idle(&self) -> bool {
-        let idle = self.in_flight_sectors == 0 && self.now.saturating_sub(self.idle_since) >= COMMIT_PERIOD;
+        // `dm_iot_idle_for(HZ)`: jiffies after idle_time + HZ.
+        let jiffies = |t: Nanos| (u128::from(t) * u128::from(DEFAULT_HZ) / 1_000_000_000) as u64;
+        let idle = self.in_flight_sectors == 0
+            && self.idle_since.is_none_or(|t| jiffies(self.now) > jiffies(t) + u64::from(DEFAULT_HZ));
         let volume = (u64::from(self.io_migrations) + 1) * self.block_sectors();
         idle && volume <= self.t.table().migration_threshold
     }

@@ -111,42 +111,28 @@ impl<D: BlockDevice> CacheTarget<D> {
                 "Unable to get write access to metadata, please check/repair metadata.",
             ));
         }
-        if table.io_mode == IoMode::Passthrough {
-            self.passthrough_allowed()?;
-        }
         Ok(())
     }
 
-    /// Whether the metadata allows passthrough: every block clean on disk
-    /// (the constructor's check), and — what 6.1 finds only in preresume —
-    /// no mapping at all when the metadata was opened after an unclean
-    /// shutdown (or formatted): preresume then loads every mapping dirty,
-    /// and `load_mapping` refuses a dirty block in passthrough ("cannot
-    /// enter passthrough mode unless all blocks are clean", preresume
-    /// EBUSY), leaving the device suspended with the new table. Seen on the
-    /// stock 6.1 kernel (kernel-shim/tests/kernel_cache_replay.rs). The
-    /// model refuses such a table at once; the caller resumes the old one
-    /// (the kernel's user must load a table again).
-    fn passthrough_allowed(&mut self) -> Result<(), TableError> {
-        match self.all_clean() {
-            Err(_) => return Err(TableError::einval("dm_cache_metadata_all_clean() failed")),
-            Ok(false) => {
-                return Err(TableError::einval("Cannot enter passthrough mode unless all blocks are clean"))
+    /// Whether passthrough may load the mappings (`load_mapping` in
+    /// preresume): no mapping may load dirty — none dirty on disk, and none
+    /// at all when the metadata was opened after an unclean shutdown (every
+    /// mapping then loads dirty). 6.1 has no such check in the constructor
+    /// (older kernels called `dm_cache_metadata_all_clean` there): the
+    /// table loads, its preresume fails with EBUSY ("cannot enter
+    /// passthrough mode unless all blocks are clean"), and the device stays
+    /// suspended with it until a table is loaded again. Seen on the stock
+    /// 6.1 kernel (kernel-shim/tests/kernel_cache_replay.rs).
+    fn passthrough_allowed(&mut self) -> Result<(), Errno> {
+        let clean = self.md.clean_when_opened();
+        for c in 0..self.md.cache_blocks() {
+            match self.md.lookup(c) {
+                Err(_) => return Err(Errno::EINVAL),
+                Ok(Some((_, dirty))) if dirty || !clean => return Err(Errno::EBUSY),
+                Ok(_) => {}
             }
-            Ok(true) => {}
-        }
-        if !self.md.clean_when_opened() && !self.all_unmapped() {
-            return Err(TableError::new(
-                Errno::EBUSY,
-                "cannot enter passthrough mode unless all blocks are clean (preresume: every mapping loads dirty)",
-            ));
         }
         Ok(())
-    }
-
-    /// Whether no cache block is mapped on disk.
-    fn all_unmapped(&mut self) -> bool {
-        (0..self.md.cache_blocks()).all(|c| matches!(self.md.lookup(c), Ok(None)))
     }
 
     /// Loads a table on metadata that is already open (a table reload: the
@@ -239,23 +225,9 @@ impl<D: BlockDevice> CacheTarget<D> {
             ));
         }
         if t.table.io_mode == IoMode::Passthrough {
-            if let Err(e) = t.passthrough_allowed() {
-                return Err((t, e));
-            }
             t.policy.allow_migrations(false);
         }
         Ok(t)
-    }
-
-    /// Whether every mapped block is clean on disk
-    /// (`dm_cache_metadata_all_clean`).
-    fn all_clean(&mut self) -> Result<bool, CacheError> {
-        for c in 0..self.md.cache_blocks() {
-            if let Some((_, true)) = self.md.lookup(c)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
 
     /// A metadata operation failed: read-only mode (`metadata_operation_failed`
@@ -313,6 +285,9 @@ impl<D: BlockDevice> CacheTarget<D> {
             self.sized = true;
         }
         if !self.loaded_mappings {
+            if self.table.io_mode == IoMode::Passthrough {
+                self.passthrough_allowed()?;
+            }
             self.load_mappings().map_err(|_| Errno::EINVAL)?;
             self.loaded_mappings = true;
         }
