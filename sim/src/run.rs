@@ -276,18 +276,22 @@ impl RunConfig {
     }
 }
 
-/// Where Debian's `thin_check` is, if it is to be run on every final
-/// metadata image.
+/// Where Debian's checkers are: `thin_check`, run on every final thin
+/// metadata image, and `cache_check`, run on the cache campaign's metadata
+/// after recoveries and at the end (see [`crate::cache_run`]). A missing
+/// one is not run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkers {
     /// Path of `thin_check`.
     pub thin_check: Option<PathBuf>,
+    /// Path of `cache_check`.
+    pub cache_check: Option<PathBuf>,
 }
 
 impl Checkers {
-    /// `thin_check` from `PATH`, if installed.
+    /// `thin_check` and `cache_check` from `PATH`, those installed.
     pub fn from_path() -> Checkers {
-        Checkers { thin_check: find_on_path("thin_check") }
+        Checkers { thin_check: find_on_path("thin_check"), cache_check: find_on_path("cache_check") }
     }
 }
 
