@@ -90,7 +90,7 @@ fn cache_pass(name: &'static str, seeds: std::ops::Range<u64>, ops: usize, quiet
             if quiet {
                 cfg.swarm = FaultSwarm::none();
             }
-            let out = cache_run::run_config(&cfg);
+            let out = cache_run::run_config(&cfg, &Checkers::default());
             stats.bios += out.stats.bios;
             stats.crash_states += out.stats.crashes;
             stats.sim_time_ns += out.stats.sim_time_ns;

@@ -15,8 +15,10 @@
 //!   cache's metadata: `cache-metadata`).
 //! - **cache**: every seed one run of the dm-cache target on three
 //!   simulated disks (`dmsim_sim::cache_run`), judged by the oracle, the
-//!   model's checks and the cache metadata checker; failing seeds' traces
-//!   are written and minimized as for thin.
+//!   model's checks and the cache metadata checker (and Debian's
+//!   `cache_check`, when installed: on every final image, and at every
+//!   recovery of a share of the seeds); failing seeds' traces are written
+//!   and minimized as for thin.
 //!
 //! Seeds run on `--jobs` threads; results are collected and reported in
 //! seed order, so the output does not depend on thread timing (only on the
@@ -91,7 +93,8 @@ impl CampaignKind {
 #[derive(Args, Debug)]
 #[command(after_help = crate::exit_help!("\
 Status 1: a violation in any seed, or a determinism difference. Under \
-CI=true a missing thin_check is unusable input (2). With --time the seeds \
+CI=true a missing thin_check (thin campaign) or cache_check (cache \
+campaign) is unusable input (2). With --time the seeds \
 that run, and so the output, depend on the machine's speed; with --seeds \
 alone the output (and --json, without --timings) is the same on every \
 machine."))]
@@ -432,6 +435,7 @@ struct CacheSeed {
     ops: usize,
     stats: CacheStats,
     coverage: FaultCoverage,
+    cache_checked: u64,
     violation: Option<ThinFailure>,
     /// Kept for failing seeds only.
     trace: Option<Trace>,
@@ -445,6 +449,7 @@ impl CacheSeed {
             ops: out.trace.ops().count(),
             stats: out.stats,
             coverage: out.coverage,
+            cache_checked: out.cache_checked,
             violation: out.violation,
             trace: failed.then_some(out.trace),
         }
@@ -510,9 +515,9 @@ impl Plan {
         });
         let cache = self.kind.cache().then(|| {
             let cfg = CacheRunConfig::for_seed(seed, self.ops, &self.cache_settings);
-            let out = cache_run::run_config(&cfg);
+            let out = cache_run::run_config(&cfg, &self.checkers);
             if self.determinism && difference.is_none() {
-                let again = cache_run::run_config(&cfg);
+                let again = cache_run::run_config(&cfg, &self.checkers);
                 if let Some((line, first, second)) =
                     first_difference(&to_text(&out.trace), &to_text(&again.trace))
                 {
@@ -604,15 +609,22 @@ pub fn run(args: CheckArgs) -> ExitCode {
         }
     }
     let checkers = Checkers::from_path();
-    if args.campaign.thin() && checkers.thin_check.is_none() {
+    for (runs, tool, missing) in [
+        (args.campaign.thin(), "thin_check", checkers.thin_check.is_none()),
+        (args.campaign.cache(), "cache_check", checkers.cache_check.is_none()),
+    ] {
+        if !(runs && missing) {
+            continue;
+        }
         if in_ci() {
             eprintln!(
-                "dmsim check: thin_check is not installed (Debian: apt-get install thin-provisioning-tools); \
+                "dmsim check: {tool} is not installed (Debian: apt-get install thin-provisioning-tools); \
                  under CI=true a missing prerequisite is an error"
             );
             return ExitCode::from(exit::UNUSABLE);
         }
-        eprintln!("dmsim check: thin_check is not installed; runs are judged by the model's checker only");
+        let runs = if tool == "thin_check" { "runs" } else { "cache runs" };
+        eprintln!("dmsim check: {tool} is not installed; {runs} are judged by the model's checker only");
     }
     let seeds = match (args.seeds.clone(), args.time) {
         (Some(r), _) => r,
@@ -800,7 +812,7 @@ fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: u
                 let (campaign, seed, trace) = failing[i];
                 let shrunk = match campaign {
                     TraceCampaign::Thin => minimize(trace, &plan.checkers, |_, _| {}),
-                    TraceCampaign::Cache => cache_run::minimize(trace, |_, _| {}),
+                    TraceCampaign::Cache => cache_run::minimize(trace, &plan.checkers, |_, _| {}),
                 };
                 let result = shrunk.map_err(|e| e.to_string()).and_then(|m| {
                     let path = dir.join(format!("{}-{seed}.min.trace", campaign.file_prefix()));
@@ -842,6 +854,7 @@ struct Summary {
     cache_ops: usize,
     cache: CacheStats,
     cache_coverage: FaultCoverage,
+    cache_check_runs: u64,
     cache_workloads: Vec<(CacheWorkload, usize)>,
     cache_failing: Vec<u64>,
     md: MetadataTotals,
@@ -985,6 +998,7 @@ impl Summary {
                 s.cache_ops += c.ops;
                 s.cache.add(&c.stats);
                 s.cache_coverage.add(&c.coverage);
+                s.cache_check_runs += c.cache_checked;
                 if let Some(w) = s.cache_workloads.iter_mut().find(|(w, _)| *w == c.workload) {
                     w.1 += 1;
                 }
@@ -1090,6 +1104,14 @@ impl Summary {
             row("metadata commits", c.commits.to_string());
             row("clean-block checks", c.clean_checks.to_string());
             row("simulated seconds", format!("{:.1}", c.sim_time_ns as f64 / 1e9));
+            row(
+                "cache_check runs",
+                if plan.checkers.cache_check.is_some() {
+                    self.cache_check_runs.to_string()
+                } else {
+                    "not installed".to_string()
+                },
+            );
             println!("  faults fired");
             for (name, count) in self.cache_coverage.iter() {
                 row(&format!("  {name}"), count.to_string());
@@ -1242,6 +1264,8 @@ impl Summary {
                 "clean_checks": c.clean_checks,
                 "leaked_after_fault": c.leaked_after_fault,
                 "sim_seconds": c.sim_time_ns as f64 / 1e9,
+                "cache_check_installed": plan.checkers.cache_check.is_some(),
+                "cache_check_runs": self.cache_check_runs,
                 "faults_fired": faults,
                 "workloads": workloads,
                 "violations": self.cache_failing.len(),

@@ -53,7 +53,7 @@ pub fn run(args: MinimizeArgs) -> ExitCode {
         bar.tick();
     };
     let result = if is_cache_header(&trace.header) {
-        cache_run::minimize(&trace, progress)
+        cache_run::minimize(&trace, &Checkers::from_path(), progress)
     } else {
         minimize(&trace, &Checkers::from_path(), progress)
     };

@@ -66,8 +66,9 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    let checkers = Checkers::from_path();
     if is_cache_header(&trace.header) {
-        let replayed = match cache_run::replay(&trace) {
+        let replayed = match cache_run::replay(&trace, &checkers) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("dmsim replay: {}: {e}", args.trace.display());
@@ -75,7 +76,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             }
         };
         print_heading(&args, &trace, encoding);
-        print_cache_outcome(&replayed.outcome);
+        print_cache_outcome(&replayed.outcome, &checkers);
         let out = &replayed.outcome;
         return judge(
             &args,
@@ -85,7 +86,6 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             &replayed.first_difference,
         );
     }
-    let checkers = Checkers::from_path();
     let replayed = match replay(&trace, &checkers) {
         Ok(r) => r,
         Err(e) => {

@@ -65,7 +65,8 @@ pub fn run(args: RunArgs) -> ExitCode {
 fn run_cache(args: &RunArgs) -> ExitCode {
     let settings = args.model.cache_settings();
     let cfg = CacheRunConfig::for_seed(args.seed, args.ops, &settings);
-    let out = cache_run::run_config(&cfg);
+    let checkers = Checkers::from_path();
+    let out = cache_run::run_config(&cfg, &checkers);
     println!("dmsim run: cache seed {}, workload {}, {} ops", cfg.seed, cfg.workload.name(), cfg.ops);
     if settings.mutations.any() {
         println!("  (with a deliberately broken model: {})", settings.mutations.names().join(", "));
@@ -73,7 +74,7 @@ fn run_cache(args: &RunArgs) -> ExitCode {
     if settings.kernel_as_is {
         println!("  (kernel as is: the candidate kernel fixes are off)");
     }
-    print_cache_outcome(&out);
+    print_cache_outcome(&out, &checkers);
     finish(args, &out.trace, out.violation.as_ref())
 }
 
@@ -95,9 +96,9 @@ fn finish(args: &RunArgs, trace: &Trace, violation: Option<&ThinFailure>) -> Exi
     }
 }
 
-/// Prints a cache run's counters and the faults that fired, indented
-/// under a heading.
-pub fn print_cache_outcome(out: &CacheRunOutcome) {
+/// Prints a cache run's counters, the faults that fired and how many
+/// images cache_check checked, indented under a heading.
+pub fn print_cache_outcome(out: &CacheRunOutcome, checkers: &Checkers) {
     let s = &out.stats;
     println!(
         "  ops {}, requests {}, reads checked {}, crashes {}, EIO {}, reloads {} ({} refused), simulated {:.1} s",
@@ -117,6 +118,12 @@ pub fn print_cache_outcome(out: &CacheRunOutcome) {
     let fired: Vec<String> =
         out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
     println!("  faults fired: {}", if fired.is_empty() { "none".to_string() } else { fired.join(", ") });
+    let cache_check = match (&checkers.cache_check, out.cache_checked) {
+        (None, _) => "not installed (judged by the model's checker only)".to_string(),
+        (Some(_), 0) if out.violation.is_some() => "not run (the run failed first)".to_string(),
+        (Some(_), n) => format!("ran on {n} metadata image{}", if n == 1 { "" } else { "s" }),
+    };
+    println!("  cache_check: {cache_check}");
 }
 
 /// Prints a run's counters, the faults that fired and whether thin_check

@@ -308,6 +308,7 @@ fn check_campaign_cache_passes_and_prints_the_cache_summary() {
         "writebacks",
         "metadata commits",
         "clean-block checks",
+        "cache_check runs",
         "faults fired",
         "crash-torn",
         "cache-modes",
@@ -351,6 +352,11 @@ fn the_cache_campaign_is_deterministic() {
     assert!(cache["requests"].as_u64().unwrap() > 0, "{cache}");
     assert_eq!(cache["violations"], 0);
     assert!(v["thin"].is_null() && v["metadata"].is_null() && v["cache_metadata"].is_null(), "{v}");
+    // cache_check on every final image (and at any recovery of seed 0).
+    if require_tool("cache_check").is_some() {
+        assert_eq!(cache["cache_check_installed"], true, "{cache}");
+        assert!(cache["cache_check_runs"].as_u64().unwrap() >= 4, "{cache}");
+    }
     let out = dmsim_str(&[&args[..], &["--check-determinism"]].concat());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
@@ -444,4 +450,56 @@ fn a_broken_cache_is_caught_minimized_replayed_and_shown() {
         text(&out.stdout)
     );
     assert_eq!(std::fs::read(&rerun).unwrap(), std::fs::read(&trace).unwrap(), "the rerun's trace differs");
+}
+
+/// Without cache_check on `PATH`, the cache campaign is judged by the
+/// model's checker only, and says so; under `CI=true` it is an error.
+#[test]
+fn a_missing_cache_check_is_an_error_under_ci_only() {
+    let empty = scratch("no-path");
+    let run = |ci: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dmsim"));
+        c.args(["check", "--seeds", "0..1", "--campaign", "cache"]).env("PATH", &empty);
+        match ci {
+            Some(v) => c.env("CI", v),
+            None => c.env_remove("CI"),
+        };
+        c.output().expect("run dmsim")
+    };
+    let out = run(Some("true"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cache_check is not installed"), "{}", text(&out.stderr));
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .contains("cache_check is not installed; cache runs are judged by the model's checker only"),
+        "{}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.contains("cache_check runs") && l.ends_with("not installed")),
+        "{stdout}"
+    );
+}
+
+/// `dmsim run` of a cache seed says how many images cache_check checked.
+#[test]
+fn a_cache_run_reports_its_cache_check_runs() {
+    if require_tool("cache_check").is_none() {
+        return;
+    }
+    // Seed 0 checks every recovery.
+    let out = dmsim_str(&["run", "--seed", "0", "--workload", "cache-durability"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    let line =
+        stdout.lines().find(|l| l.trim_start().starts_with("cache_check: ")).expect("a cache_check line");
+    let n: u64 = line
+        .trim()
+        .strip_prefix("cache_check: ran on ")
+        .and_then(|r| r.split(' ').next())
+        .map_or(0, |n| n.parse().unwrap());
+    assert!(n > 1, "{stdout}");
 }

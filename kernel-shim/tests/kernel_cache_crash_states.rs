@@ -12,6 +12,7 @@
 use dmsim_kernel_shim::cache_replay::{judge, judge_crash_states, logged_plan, replayable_config};
 use dmsim_kernel_shim::{KernelShim, ShimError};
 use dmsim_sim::cache_run;
+use dmsim_sim::run::Checkers;
 
 const TRACES: u64 = 12;
 const OPS: usize = 120;
@@ -28,7 +29,7 @@ fn the_kernels_crash_states_of_cache_traces_read_as_the_oracle_allows() {
     };
     let plans: Vec<_> = (100..100 + TRACES)
         .map(|seed| {
-            let out = cache_run::run_config(&replayable_config(seed, OPS));
+            let out = cache_run::run_config(&replayable_config(seed, OPS), &Checkers::default());
             assert!(out.violation.is_none(), "seed {seed}: {:?}", out.violation);
             logged_plan(&out.trace).unwrap_or_else(|e| panic!("seed {seed}: {e}"))
         })
@@ -69,7 +70,7 @@ fn show_a_crash_state() {
     use dmsim_model::cache::inspect::read_image;
     let seed: u64 = std::env::var("DMSIM_CRASH_SEED").unwrap().parse().unwrap();
     let op: usize = std::env::var("DMSIM_CRASH_OP").unwrap().parse().unwrap();
-    let out = cache_run::run_config(&replayable_config(seed, OPS));
+    let out = cache_run::run_config(&replayable_config(seed, OPS), &Checkers::default());
     let p = logged_plan(&out.trace).unwrap();
     let runs = KernelShim::prepare().unwrap().run_jobs(std::slice::from_ref(&p.job)).unwrap();
     let run = &runs[0];

@@ -13,6 +13,7 @@
 use dmsim_kernel_shim::cache_replay::{judge, replayable_config, settled_plan};
 use dmsim_kernel_shim::{KernelShim, ShimError};
 use dmsim_sim::cache_run;
+use dmsim_sim::run::Checkers;
 
 const TRACES: u64 = 50;
 const OPS: usize = 150;
@@ -38,7 +39,7 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
     };
     for &seed in &seeds {
         let cfg = replayable_config(seed, OPS);
-        let out = cache_run::run_config(&cfg);
+        let out = cache_run::run_config(&cfg, &Checkers::default());
         assert!(out.violation.is_none(), "seed {seed}: the simulator's own run fails: {:?}", out.violation);
         plans.push(settled_plan(&out.trace).unwrap_or_else(|e| panic!("seed {seed}: {e}")));
     }

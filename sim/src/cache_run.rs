@@ -21,9 +21,9 @@ use dmsim_traces::{DiskFault, DiskId, Header, Op, Trace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::cache_sim::{CacheSim, CacheSimConfig, CacheStats};
+use crate::cache_sim::{CacheCheck, CacheSim, CacheSimConfig, CacheStats};
 use crate::header_params::{within, HeaderParams};
-use crate::run::{first_difference, violation_signature, Minimized, ReplayError, MAX_DISK_SECTORS};
+use crate::run::{first_difference, violation_signature, Checkers, Minimized, ReplayError, MAX_DISK_SECTORS};
 use crate::thin::ThinFailure;
 
 /// The shapes of cache workload a seed can get.
@@ -366,15 +366,35 @@ pub struct CacheRunOutcome {
     pub coverage: FaultCoverage,
     /// The first violation, if any.
     pub violation: Option<ThinFailure>,
+    /// Metadata images Debian's `cache_check` ran on.
+    pub cache_checked: u64,
+}
+
+/// One seed in this many runs Debian's `cache_check` at every recovery;
+/// every seed runs it on its final image (when it is installed). A
+/// `cache_check` costs a process, about 3 ms of CPU and, in 0.9.0's
+/// `io_destroy` at exit, about 35 ms of wall time: at every recovery of
+/// every seed it would double the campaign's CPU time and multiply its
+/// wall time by 15 (docs/cache.md, "The cache campaign").
+pub const CACHE_CHECK_RECOVERIES_EVERY: u64 = 4;
+
+/// Whether seed `seed` runs `cache_check` at every recovery, not only on
+/// its final image: the multiples of [`CACHE_CHECK_RECOVERIES_EVERY`]. A
+/// function of the seed alone (kept in every trace header), so a replay
+/// or a minimization checks where the run did; not a trace parameter,
+/// since the trace does not depend on it.
+pub fn cache_check_at_recoveries(seed: u64) -> bool {
+    seed.is_multiple_of(CACHE_CHECK_RECOVERIES_EVERY)
 }
 
 /// Generates the ops of `cfg` and runs them.
-pub fn run_config(cfg: &CacheRunConfig) -> CacheRunOutcome {
-    run_ops(cfg, &generate(cfg))
+pub fn run_config(cfg: &CacheRunConfig, checkers: &Checkers) -> CacheRunOutcome {
+    run_ops(cfg, &generate(cfg), checkers)
 }
 
-/// Runs `ops` on `cfg`, recording the trace.
-pub fn run_ops(cfg: &CacheRunConfig, ops: &[Op]) -> CacheRunOutcome {
+/// Runs `ops` on `cfg`, recording the trace; `cache_check` runs as
+/// [`cache_check_at_recoveries`] says when `checkers` has it.
+pub fn run_ops(cfg: &CacheRunConfig, ops: &[Op], checkers: &Checkers) -> CacheRunOutcome {
     let header = cfg.header();
     let mut sim = match CacheSim::new(cfg.cache) {
         Ok(s) => s,
@@ -386,9 +406,16 @@ pub fn run_ops(cfg: &CacheRunConfig, ops: &[Op]) -> CacheRunOutcome {
                 stats: CacheStats::default(),
                 coverage: FaultCoverage::default(),
                 violation: Some(f),
+                cache_checked: 0,
             };
         }
     };
+    sim.set_cache_check(
+        checkers.cache_check.as_ref().map(|tool| CacheCheck {
+            tool: tool.clone(),
+            at_recoveries: cache_check_at_recoveries(cfg.seed),
+        }),
+    );
     let mut violation = None;
     for op in ops {
         if let Err(f) = sim.apply(op) {
@@ -400,7 +427,13 @@ pub fn run_ops(cfg: &CacheRunConfig, ops: &[Op]) -> CacheRunOutcome {
         violation = sim.finish().err();
     }
     let trace = Trace { header, events: sim.take_events() };
-    CacheRunOutcome { trace, stats: sim.stats(), coverage: sim.coverage().clone(), violation }
+    CacheRunOutcome {
+        trace,
+        stats: sim.stats(),
+        coverage: sim.coverage().clone(),
+        violation,
+        cache_checked: sim.cache_checked(),
+    }
 }
 
 /// A replay of a cache trace and how it compares with the recording.
@@ -413,32 +446,40 @@ pub struct CacheReplay {
 }
 
 /// Runs a cache trace's ops again on its header's configuration.
-pub fn replay(trace: &Trace) -> Result<CacheReplay, ReplayError> {
+pub fn replay(trace: &Trace, checkers: &Checkers) -> Result<CacheReplay, ReplayError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ReplayError)?;
     let ops: Vec<Op> = trace.ops().collect();
-    let outcome = run_ops(&cfg, &ops);
+    let outcome = run_ops(&cfg, &ops, checkers);
     let first_difference = first_difference(&to_text(trace), &to_text(&outcome.trace));
     Ok(CacheReplay { outcome, first_difference })
 }
 
 /// Shrinks a failing cache trace while the same violation still occurs.
-pub fn minimize(trace: &Trace, mut progress: impl FnMut(u64, usize)) -> Result<Minimized, ReplayError> {
+/// `checkers` matter only to a `cache_check` violation (they cost a
+/// process per recovery of every run).
+pub fn minimize(
+    trace: &Trace,
+    checkers: &Checkers,
+    mut progress: impl FnMut(u64, usize),
+) -> Result<Minimized, ReplayError> {
     let (kind, message) =
         trace.violation().ok_or_else(|| ReplayError("the trace records no violation to preserve".into()))?;
     let signature = violation_signature(kind, message);
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ReplayError)?;
     let ops: Vec<Op> = trace.ops().collect();
+    let no_checkers = Checkers::default();
+    let checkers = if kind == "cache_check" { checkers } else { &no_checkers };
     let mut runs = 0u64;
     let mut still_fails = |candidate: &[Op]| {
         runs += 1;
         progress(runs, candidate.len());
-        let out = run_ops(&cfg, candidate);
+        let out = run_ops(&cfg, candidate, checkers);
         out.violation.is_some_and(|v| violation_signature(v.kind, &v.what) == signature)
     };
     if !still_fails(&ops) {
         return Err(ReplayError(format!("the trace's violation ({signature}) does not recur on replay")));
     }
     let (shrunk, _) = minimize_ops(&ops, &mut still_fails);
-    let outcome = run_ops(&cfg, &shrunk);
+    let outcome = run_ops(&cfg, &shrunk, checkers);
     Ok(Minimized { ops_after: shrunk.len(), ops_before: ops.len(), trace: outcome.trace, runs, signature })
 }

@@ -11,31 +11,38 @@
 //! - after every step, the model's own consistency checks
 //!   ([`Cache::check`]);
 //! - after every recovery, the cache metadata checker on the recovered
-//!   image;
+//!   image (the crash state, and after a NEEDS_CHECK repair the repaired
+//!   image), and Debian's `cache_check` on the image the cache is loaded
+//!   from again, when it is given ([`CacheSim::set_cache_check`]);
 //! - after every clean shutdown (a reload, the end of the run) with no fault
 //!   injected, the **devices against the metadata**: every block the
 //!   metadata records as clean must hold the same bytes on the cache device
 //!   and on the origin (a clean block is one the cache may drop);
 //! - at the end, every origin block read back through the oracle, a clean
-//!   shutdown, and the metadata checker on the final image.
+//!   shutdown, and the metadata checker (and `cache_check`, when given) on
+//!   the final image.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use dmsim_faults::{FaultCoverage, FiredFault, SimDisk};
 use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
 use dmsim_model::cache::check::{check_cache_metadata, CacheCheckOptions};
 use dmsim_model::cache::core::{BioId, BioRequest, Cache, CacheCompletion, CacheOptions};
 use dmsim_model::cache::mapping::discard_geometry;
+use dmsim_model::cache::superblock::CacheSuperblock;
 use dmsim_model::cache::target::CacheMode;
 use dmsim_model::cache::{CacheMetadata, OpenOptions};
 use dmsim_model::errno::Errno;
+use dmsim_model::pdata::layout::BLOCK_SIZE;
 use dmsim_model::thin::check::{Problem, Severity};
 use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::{CrashMode, DiskId, Event, Op};
 
 use crate::oracle::{Content, IoTicket, Oracle, OracleConfig};
+use crate::run::run_checker;
 use crate::thin::{summarize, ThinFailure};
 
 /// The cache device's id in the oracle (the only device).
@@ -173,6 +180,27 @@ impl CacheStats {
     }
 }
 
+/// How the simulator runs Debian's `cache_check` (0.9.0): on the final
+/// metadata image, and, when `at_recoveries`, on the image of every
+/// recovery too (what the cache is loaded from again after a crash: the
+/// crash state, or the image its NEEDS_CHECK repair wrote). Each image is
+/// judged by the model's checker first; `cache_check` rejecting one that
+/// checker accepts is a violation of kind `cache_check`. Whether it runs
+/// changes nothing in the trace but that verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheCheck {
+    /// Path of `cache_check`.
+    pub tool: PathBuf,
+    /// Also at every recovery, not only on the final image.
+    pub at_recoveries: bool,
+}
+
+/// The options `cache_check` runs with: none. 0.9.0 checks the superblock,
+/// the mapping array, the hint array and the discard bitset (never the v2
+/// dirty bitset, never reference counts), and the model's images pass all
+/// of it, NEEDS_CHECK set or not.
+pub const CACHE_CHECK_ARGS: [&str; 0] = [];
+
 enum Pending {
     Write(IoTicket, Option<IoTicket>),
     Read(IoTicket),
@@ -201,6 +229,10 @@ pub struct CacheSim {
     coverage: FaultCoverage,
     /// Counters of the caches before the last crash.
     before_crash: [u64; 6],
+    /// Debian's `cache_check`, when it is to run.
+    cache_check: Option<CacheCheck>,
+    /// Images `cache_check` ran on.
+    cache_checked: u64,
 }
 
 impl CacheSim {
@@ -246,7 +278,20 @@ impl CacheSim {
             metadata_faults_fired: 0,
             coverage: FaultCoverage::default(),
             before_crash: [0; 6],
+            cache_check: None,
+            cache_checked: 0,
         })
+    }
+
+    /// Runs Debian's `cache_check` as `check` says from now on (`None`:
+    /// not at all, the default).
+    pub fn set_cache_check(&mut self, check: Option<CacheCheck>) {
+        self.cache_check = check;
+    }
+
+    /// How many metadata images `cache_check` ran on so far.
+    pub fn cache_checked(&self) -> u64 {
+        self.cache_checked
     }
 
     /// The events recorded so far.
@@ -733,8 +778,13 @@ impl CacheSim {
         });
         self.pending.clear();
         self.oracle.crash();
-        self.judge_metadata(m_image.clone(), "the metadata after a crash")?;
-        let m_image = self.repair_needs_check(m_image)?;
+        self.judge_metadata(m_image.clone(), "the metadata after a crash", true)?;
+        let (m_image, repaired) = self.repair_needs_check(m_image)?;
+        if repaired {
+            // Its leaks were counted in the crash state.
+            self.judge_metadata(m_image.clone(), "the metadata after its NEEDS_CHECK repair", false)?;
+        }
+        self.debian_check(&m_image, true)?;
         let mut line = self.cfg.table_line(self.io_mode, self.policy);
         let devices = |m: &[u8], c: &[u8], o: &[u8]| {
             (
@@ -765,18 +815,18 @@ impl CacheSim {
     /// What an administrator does when a metadata error left NEEDS_CHECK
     /// set: check the metadata (it was, just before this) and clear the
     /// flag (`cache_check --clear-needs-check-flag`), so the cache loads
-    /// in write mode again.
-    fn repair_needs_check(&mut self, image: Vec<u8>) -> Result<Vec<u8>, ThinFailure> {
+    /// in write mode again. Returns the image and whether it was repaired.
+    fn repair_needs_check(&mut self, image: Vec<u8>) -> Result<(Vec<u8>, bool), ThinFailure> {
         let opts = OpenOptions::new(self.cfg.block_sectors as u32, self.cfg.metadata_version);
         let md = CacheMetadata::open(MemDevice::from_bytes(image.clone()), opts);
         let mut md =
             md.map_err(|e| self.fail_as("load", format!("the metadata after a crash does not open: {e}")))?;
         if !md.needs_check() {
-            return Ok(image);
+            return Ok((image, false));
         }
         md.clear_needs_check();
         md.commit(false).map_err(|e| self.fail_as("load", format!("clearing needs_check failed: {e}")))?;
-        Ok(md.close().into_bytes())
+        Ok((md.close().into_bytes(), true))
     }
 
     /// Settles the cache, reads every origin block back through the
@@ -812,7 +862,40 @@ impl CacheSim {
         self.observe();
         self.check_clean_blocks()?;
         let image = self.metadata_image();
-        self.judge_metadata(image, "the final metadata")
+        self.judge_metadata(image.clone(), "the final metadata", true)?;
+        self.debian_check(&image, false)
+    }
+
+    /// Debian's `cache_check` on `image` (a recovery's when `recovery`,
+    /// else the final one), if it is to run there; the model's checker has
+    /// accepted the image. Not run on an image of 0 cache blocks: 0.9.0
+    /// rejects one, and the kernel writes one (a crash before the first
+    /// commit after formatting keeps it).
+    fn debian_check(&mut self, image: &[u8], recovery: bool) -> Result<(), ThinFailure> {
+        let Some(check) = &self.cache_check else { return Ok(()) };
+        if recovery && !check.at_recoveries {
+            return Ok(());
+        }
+        let sb = &image[..image.len().min(BLOCK_SIZE)];
+        if sb.len() < BLOCK_SIZE || CacheSuperblock::decode(sb).cache_blocks == 0 {
+            return Ok(());
+        }
+        self.run_cache_check(image).map(|_| ())
+    }
+
+    /// Debian's `cache_check` on `image`, if it is set
+    /// ([`Self::set_cache_check`]), wherever it is to run: `Ok(true)` when
+    /// it accepts the image, `Ok(false)` when it is not set, a failure of
+    /// kind `cache_check` with its output when it rejects the image (for
+    /// the caller to return or record). Recoveries and the end of the run
+    /// come here.
+    pub fn run_cache_check(&mut self, image: &[u8]) -> Result<bool, ThinFailure> {
+        let Some(check) = &self.cache_check else { return Ok(false) };
+        let tool = check.tool.clone();
+        self.cache_checked += 1;
+        run_checker(&tool, &CACHE_CHECK_ARGS, image, self.cfg.run)
+            .map_err(|e| self.fail_as("cache_check", e))?;
+        Ok(true)
     }
 
     /// The cache metadata checker on an image. After an injected metadata
@@ -820,7 +903,9 @@ impl CacheSim {
     /// I/O error in the middle of a clean shutdown or a commit can leave
     /// blocks counted that nothing references (whether the kernel's
     /// abort path does the same is not yet shown).
-    fn judge_metadata(&mut self, image: Vec<u8>, what: &str) -> Result<(), ThinFailure> {
+    /// `count_leaks`: add the leaks to the counters (false for an image
+    /// whose leaks were counted already).
+    fn judge_metadata(&mut self, image: Vec<u8>, what: &str, count_leaks: bool) -> Result<(), ThinFailure> {
         let mut dev = MemDevice::from_bytes(image);
         let opts =
             CacheCheckOptions { origin_blocks: Some(self.cfg.origin_blocks), ..CacheCheckOptions::default() };
@@ -837,7 +922,9 @@ impl CacheSim {
             .iter()
             .filter(|p| p.severity == Severity::Damage || (!faulted && leak(p)))
             .collect();
-        self.stats.leaked_after_fault += leaks as u64;
+        if count_leaks {
+            self.stats.leaked_after_fault += leaks as u64;
+        }
         match damage.first() {
             None => Ok(()),
             Some(first) => Err(self.fail_as(

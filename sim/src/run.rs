@@ -13,6 +13,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dmsim_faults::{FaultCoverage, FaultSwarm};
 use dmsim_model::mutation::Mutations;
@@ -275,21 +276,29 @@ impl RunConfig {
     }
 }
 
-/// Where Debian's `thin_check` is, if it is to be run on every final
-/// metadata image.
+/// Where Debian's checkers are: `thin_check`, run on every final thin
+/// metadata image, and `cache_check`, run on the cache campaign's metadata
+/// after recoveries and at the end (see [`crate::cache_run`]). A missing
+/// one is not run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkers {
     /// Path of `thin_check`.
     pub thin_check: Option<PathBuf>,
+    /// Path of `cache_check`.
+    pub cache_check: Option<PathBuf>,
 }
 
 impl Checkers {
-    /// `thin_check` from `PATH`, if installed.
+    /// `thin_check` and `cache_check` from `PATH`, those installed.
     pub fn from_path() -> Checkers {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let thin_check = std::env::split_paths(&path).map(|d| d.join("thin_check")).find(|p| p.is_file());
-        Checkers { thin_check }
+        Checkers { thin_check: find_on_path("thin_check"), cache_check: find_on_path("cache_check") }
     }
+}
+
+/// The file `name` in the first folder of `PATH` that has it.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// What one run did.
@@ -348,7 +357,7 @@ pub fn run_ops(cfg: &RunConfig, ops: &[Op], checkers: &Checkers) -> RunOutcome {
             // too: only a clean image must be clean for both.
             if stats.leaked_after_crash == 0 && stats.over_counted_after_crash == 0 {
                 thin_checked = true;
-                if let Err(e) = run_thin_check(tool, &sim.metadata_image(), cfg.seed) {
+                if let Err(e) = run_checker(tool, &[], &sim.metadata_image(), cfg.seed) {
                     violation = Some(sim.record_violation("thin_check", e));
                 }
             }
@@ -358,16 +367,16 @@ pub fn run_ops(cfg: &RunConfig, ops: &[Op], checkers: &Checkers) -> RunOutcome {
     RunOutcome { trace, stats: sim.stats(), coverage: sim.coverage().clone(), violation, thin_checked }
 }
 
-/// The prefix of this process's temporary images for `thin_check`.
-fn thin_check_prefix() -> String {
-    format!("dmsim-thin-check-{}-", std::process::id())
+/// The prefix of this process's temporary images for Debian's checkers.
+fn checker_image_prefix() -> String {
+    format!("dmsim-check-{}-", std::process::id())
 }
 
-/// Removes this process's temporary `thin_check` images (for a signal
-/// handler: a run removes its own as soon as `thin_check` is done).
+/// Removes this process's temporary images for Debian's checkers (for a
+/// signal handler: a run removes its own as soon as its checker is done).
 /// Returns how many were removed.
 pub fn remove_temporary_files() -> usize {
-    let prefix = thin_check_prefix();
+    let prefix = checker_image_prefix();
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return 0 };
     entries
         .flatten()
@@ -376,23 +385,28 @@ pub fn remove_temporary_files() -> usize {
         .count()
 }
 
-/// Runs `thin_check` on `image`; `Err` with its output if it objects.
-fn run_thin_check(tool: &Path, image: &[u8], seed: u64) -> Result<(), String> {
-    let dir = std::env::temp_dir();
-    let path = dir.join(format!("{}{seed}.img", thin_check_prefix()));
+/// Runs one of Debian's checkers, `tool` with `args`, on `image` (written
+/// to a temporary file of this process's prefix, removed again at once, or
+/// by [`remove_temporary_files`] on a signal); `tag` names the file (a
+/// seed). `Err` with the checker's output if it rejects the image (or
+/// cannot run).
+pub fn run_checker(tool: &Path, args: &[&str], image: &[u8], tag: u64) -> Result<(), String> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = tool.file_name().map_or_else(|| "checker".into(), |n| n.to_string_lossy().into_owned());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("{}{name}-{tag}-{n}.img", checker_image_prefix()));
     std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let out = std::process::Command::new(tool).arg(&path).stdin(std::process::Stdio::null()).output();
+    let out =
+        std::process::Command::new(tool).args(args).arg(&path).stdin(std::process::Stdio::null()).output();
     let _ = std::fs::remove_file(&path);
     let out = out.map_err(|e| format!("cannot run {}: {e}", tool.display()))?;
     if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "thin_check rejects a metadata image the model's checker accepts: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        return Ok(());
     }
+    // Its output on one line: stdout, then stderr.
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    Err(format!("{name} rejects a metadata image the model's checker accepts: {}", said.join("; ")))
 }
 
 /// Why a trace cannot be replayed.

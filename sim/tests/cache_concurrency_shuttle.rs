@@ -4,6 +4,8 @@
 //! at random (shuttle's seeded generator, so a schedule replays exactly).
 //! The broken locking variants are caught, and the schedule shuttle saved
 //! for the failure replays it.
+//! The running, saving and replaying of schedules is shared with the
+//! pool's shuttle test: `tests/common/shuttle.rs`.
 //!
 //! The cache sits behind one big lock (see the module docs): the schedules
 //! interleave whole entry points, not the kernel's finer locks.
@@ -13,72 +15,27 @@
 //! scheduler (default 1,000).
 #![cfg(feature = "shuttle")]
 
-use std::collections::BTreeSet;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::shuttle::{iterations, pick_random, Shuttle};
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::cache_concurrency::{execute, reach, scenarios, Run, Scenario};
-use shuttle::scheduler::{PctScheduler, RandomScheduler, ReplayScheduler, Scheduler};
-use shuttle::{Config, FailurePersistence, MaxSteps, Runner};
 
-/// Iterations per scenario and scheduler.
-fn iterations() -> usize {
-    std::env::var("DMSIM_SHUTTLE_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
-}
+/// The schedule folder (this binary's own), and the step bound: a run that
+/// has not ended after 100,000 steps is livelocked (a bio waiting in a cell
+/// nobody releases); the scenarios need a few hundred.
+const SHUTTLE: Shuttle = Shuttle { schedules: "shuttle-schedules-cache", max_steps: 100_000 };
 
-/// PCT's bug depth: the number of priority changes per execution.
-const PCT_DEPTH: usize = 3;
-
-/// The completion context's choice: any data I/O in flight, drawn from
-/// shuttle's generator so that replaying a schedule draws the same.
-fn pick_random(n: usize) -> usize {
-    use shuttle::rand::{thread_rng, Rng};
-    thread_rng().gen_range(0..n)
-}
-
-/// Where shuttle saves failing schedules: a folder of this test's own, as
-/// shuttle installs its panic hook (and with it the folder) once per
-/// process.
-fn schedule_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("shuttle-schedules-cache");
-    std::fs::create_dir_all(&dir).expect("create the schedule folder");
-    dir
-}
-
-/// The detector tests run one at a time, so that a new file in the
-/// schedule folder is theirs.
-static DETECTORS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn saved_schedules() -> BTreeSet<PathBuf> {
-    std::fs::read_dir(schedule_dir())
-        .expect("schedule folder")
-        .map(|e| e.expect("folder entry").path())
-        .collect()
-}
-
-fn config(dir: &Path) -> Config {
-    let mut config = Config::new();
-    // The metadata code recurses through btrees.
-    config.stack_size = 1 << 20;
-    config.failure_persistence = FailurePersistence::File(Some(dir.to_path_buf()));
-    // A run that has not ended after this many steps is livelocked (a bio
-    // waiting in a cell nobody releases); the scenarios need a few hundred.
-    config.max_steps = MaxSteps::FailAfter(100_000);
-    config
-}
-
-fn run_with<S: Scheduler + 'static>(scheduler: S, scenario: &Scenario, run: Run) {
+/// `scenario` with `run`, as a shuttle test body.
+fn body(scenario: &Scenario, run: Run) -> impl Fn() + Clone + Send + Sync + 'static {
     let scenario = scenario.clone();
-    Runner::new(scheduler, config(&schedule_dir())).run(move || execute(&scenario, run));
+    move || execute(&scenario, run)
 }
 
 /// Both schedulers, `iterations()` each.
 fn check(scenario: Scenario) {
     println!("{}: set-up reaches {:?}", scenario.name, reach(&scenario));
-    let run = Run { pick: pick_random, ..Run::new() };
-    run_with(PctScheduler::new(PCT_DEPTH, iterations()), &scenario, run);
-    run_with(RandomScheduler::new(iterations()), &scenario, run);
+    SHUTTLE.both(iterations(), body(&scenario, Run { pick: pick_random, ..Run::new() }));
 }
 
 #[test]
@@ -106,60 +63,12 @@ fn read_vs_demotion() {
     check(scenarios::read_vs_demotion());
 }
 
-fn mutated(name: &str) -> Run {
-    let mutations = Mutations::by_name(name).expect("a cache mutation");
-    Run { mutations, pick: pick_random, ..Run::new() }
-}
-
-/// Runs `scenario` with the mutation `name` under both schedulers until
-/// one fails; returns the saved schedule and the failure's message.
-fn catch(scenario: &Scenario, name: &str) -> (PathBuf, String) {
-    let run = mutated(name);
-    let before = saved_schedules();
-    let caught = catch_unwind(AssertUnwindSafe(|| {
-        run_with(PctScheduler::new(PCT_DEPTH, 10 * iterations()), scenario, run);
-        run_with(RandomScheduler::new(10 * iterations()), scenario, run);
-    }));
-    let message = match caught {
-        Ok(()) => panic!("{name} was not caught by shuttle in {}", scenario.name),
-        Err(e) => panic_message(e),
-    };
-    let new: Vec<PathBuf> = saved_schedules().difference(&before).cloned().collect();
-    assert_eq!(new.len(), 1, "one schedule saved for the failure, found {new:?}");
-    (new[0].clone(), message)
-}
-
-/// Replays `schedule` and returns the failure's message.
-fn replay(schedule: &Path, scenario: &Scenario, name: &str) -> String {
-    let scheduler = ReplayScheduler::new_from_file(schedule).expect("read the saved schedule");
-    let caught = catch_unwind(AssertUnwindSafe(|| run_with(scheduler, scenario, mutated(name))));
-    match caught {
-        Ok(()) => panic!("the saved schedule {} did not fail again", schedule.display()),
-        Err(e) => panic_message(e),
-    }
-}
-
-fn panic_message(e: Box<dyn std::any::Any + Send>) -> String {
-    e.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".to_string())
-}
-
-/// Catches `name` in `scenario`, and replays the saved schedule to the same
-/// failure.
+/// Catches the mutation `name` in `scenario`, and replays the saved
+/// schedule to the same failure.
 fn detector(scenario: Scenario, name: &str) {
-    let _one_at_a_time = DETECTORS.lock().unwrap_or_else(|p| p.into_inner());
-    let (schedule, first) = catch(&scenario, name);
-    println!("{name} caught in {}: {first}\n  schedule saved to {}", scenario.name, schedule.display());
-    let before = saved_schedules();
-    let again = replay(&schedule, &scenario, name);
-    assert_eq!(again, first, "the replay failed differently");
-    println!("  replayed: {again}");
-    // The replay's own failure saved the same schedule again.
-    for extra in saved_schedules().difference(&before) {
-        let _ = std::fs::remove_file(extra);
-    }
+    let mutations = Mutations::by_name(name).expect("a cache mutation");
+    let run = Run { mutations, pick: pick_random, ..Run::new() };
+    SHUTTLE.detector(&format!("{name} in {}", scenario.name), body(&scenario, run));
 }
 
 /// A write that ignores the promotion's lock goes to the origin block the
