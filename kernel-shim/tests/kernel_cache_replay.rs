@@ -1,6 +1,8 @@
 //! Cache campaign traces replayed on the stock kernel's dm-cache
 //! (`dmsim_kernel_shim::cache_replay`): 50 seeds' traces (no faults, no
-//! crashes: a serialized replay cannot place them), one boot. Every read
+//! crashes: a serialized replay cannot place them), one boot, settled
+//! (`settled_plan`: the kernel's background work finishes between ops, and
+//! the simulator follows the kernel's jiffies). Every read
 //! the kernel returns must be one the oracle allows after the same requests
 //! (L1); how often the kernel's cache contents after the clean shutdown
 //! equal the serialized simulator's (L2: the same cache blocks, origin
@@ -100,5 +102,9 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
         n = seeds.len()
     );
     assert!(failures.is_empty(), "L1 violations on the kernel:\n{}", failures.join("\n"));
+    // The settled replay following the kernel's jiffies gave 43 of 50 on
+    // the stock 6.1 kernel; far fewer means the model or the replay has
+    // drifted from the kernel.
+    assert!(seeds.len() < TRACES as usize || l2 * 10 >= seeds.len() * 7, "L2 identical for only {l2} traces");
     assert!(reads > 20 * seeds.len(), "every trace's read-back was judged");
 }
