@@ -568,17 +568,7 @@ fn linear(
 /// A device-mapper device of `targets`, created and resumed: its node.
 /// Removed by the caller; on failure nothing is left.
 fn device(ctl: &Control, name: &str, targets: &[TargetSpec], dev_dir: &Path) -> Result<PathBuf, ShimError> {
-    ctl.create(name)?;
-    let dev = match ctl.load(name, targets, false).and_then(|_| ctl.resume(name)) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = ctl.remove(name);
-            return Err(e);
-        }
-    };
-    let path = dev_dir.join(format!("dm-{}", dev.minor));
-    wait_for(&path)?;
-    Ok(path)
+    device_stamped(ctl, name, targets, dev_dir, &CoarseClock::new()).map(|(path, _)| path)
 }
 
 /// [`device`], with the coarse clock ([`CoarseClock`]) read around the
