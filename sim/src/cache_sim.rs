@@ -41,7 +41,8 @@ use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::{CrashMode, DiskId, Event, Op};
 
-use crate::oracle::{Content, IoTicket, Oracle, OracleConfig};
+use crate::completion::Pending;
+use crate::oracle::{Content, Oracle, OracleConfig};
 use crate::run::run_checker;
 use crate::thin::{summarize, ThinFailure};
 
@@ -200,13 +201,6 @@ pub struct CacheCheck {
 /// dirty bitset, never reference counts), and the model's images pass all
 /// of it, NEEDS_CHECK set or not.
 pub const CACHE_CHECK_ARGS: [&str; 0] = [];
-
-enum Pending {
-    Write(IoTicket, Option<IoTicket>),
-    Read(IoTicket),
-    Discard(IoTicket),
-    Flush(IoTicket),
-}
 
 type SimCache = Cache<SimDisk, SimDisk, SimDisk>;
 
@@ -566,21 +560,7 @@ impl CacheSim {
             return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
         };
         let ok = c.result.is_ok();
-        self.events.push(Event::Done {
-            bio: c.id.0,
-            dev: DEV,
-            result: match c.result {
-                Ok(()) => "ok".to_string(),
-                Err(e) => e.to_string(),
-            },
-            read: matches!(pending, Pending::Read(_)).then(|| {
-                if ok {
-                    summarize(&c.data)
-                } else {
-                    String::new()
-                }
-            }),
-        });
+        self.events.push(pending.done_event(c.id.0, DEV, c.result, &c.data));
         match c.result {
             Ok(()) => {}
             Err(_) if self.faults_fired > 0 => self.stats.io_errors += 1,
@@ -595,27 +575,14 @@ impl CacheSim {
         // flush as failed, and a write as one that may or may not have
         // landed (reads may see it or what it overwrote).
         let durable = ok && self.mode == CacheMode::Write;
-        match pending {
-            Pending::Write(write, flush) => {
-                if let Some(flush) = flush {
-                    self.oracle_op(|o| o.flush_completed(flush, durable))?;
-                }
-                self.oracle_op(|o| o.write_completed(write, durable))?;
-                if self.io_mode == CacheIoMode::Writethrough {
-                    // Writethrough keeps every block clean: once a write is
-                    // acknowledged, the origin must hold what a read of a
-                    // clean block may return.
-                    self.check_clean_blocks()?;
-                }
-            }
-            Pending::Read(ticket) => {
-                self.stats.reads_checked += u64::from(ok);
-                if let Err(e) = self.oracle.read_completed(ticket, ok, &c.data) {
-                    return Err(self.fail_as("oracle", e.to_string()));
-                }
-            }
-            Pending::Discard(ticket) => self.oracle_op(|o| o.discard_completed(ticket, ok))?,
-            Pending::Flush(ticket) => self.oracle_op(|o| o.flush_completed(ticket, durable))?,
+        self.stats.reads_checked += u64::from(ok && pending.is_read());
+        let write = matches!(pending, Pending::Write(..));
+        pending.settle(&mut self.oracle, ok, durable, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))?;
+        if write && self.io_mode == CacheIoMode::Writethrough {
+            // Writethrough keeps every block clean: once a write is
+            // acknowledged, the origin must hold what a read of a clean
+            // block may return.
+            self.check_clean_blocks()?;
         }
         Ok(())
     }

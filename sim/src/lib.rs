@@ -25,6 +25,7 @@ pub mod cache_run;
 pub mod cache_sim;
 pub mod cache_workload;
 pub mod campaign;
+mod completion;
 pub mod concurrency;
 pub mod generate;
 pub mod header_params;

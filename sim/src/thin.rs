@@ -32,7 +32,8 @@ use dmsim_traces::{CrashMode, DiskId, Event};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::oracle::{DevId, IoTicket, Oracle, OracleConfig};
+use crate::completion::Pending;
+use crate::oracle::{DevId, Oracle, OracleConfig};
 
 /// Metadata crash states judged at every crash (see
 /// `ThinSim::check_metadata_crash_states`).
@@ -152,13 +153,6 @@ impl ThinStats {
         self.crash_states += other.crash_states;
         self.sim_time_ns += other.sim_time_ns;
     }
-}
-
-enum Pending {
-    Write(IoTicket, Option<IoTicket>),
-    Read(IoTicket),
-    Discard(IoTicket),
-    Flush(IoTicket),
 }
 
 type SimPool = Pool<SimDisk, SimDisk>;
@@ -575,21 +569,7 @@ impl ThinSim {
             return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
         };
         let ok = c.result.is_ok();
-        self.events.push(Event::Done {
-            bio: c.id.0,
-            dev: c.thin as u32,
-            result: match c.result {
-                Ok(()) => "ok".to_string(),
-                Err(e) => e.to_string(),
-            },
-            read: matches!(pending, Pending::Read(_)).then(|| {
-                if ok {
-                    summarize(&c.data)
-                } else {
-                    String::new()
-                }
-            }),
-        });
+        self.events.push(pending.done_event(c.id.0, c.thin as u32, c.result, &c.data));
         match c.result {
             Ok(()) => {}
             Err(Errno::ENOSPC) => self.stats.enospc += 1,
@@ -606,24 +586,8 @@ impl ThinSim {
                 )))
             }
         }
-        match pending {
-            Pending::Write(write, flush) => {
-                if let Some(flush) = flush {
-                    self.oracle_op(|o| o.flush_completed(flush, ok))?;
-                }
-                self.oracle_op(|o| o.write_completed(write, ok))?;
-            }
-            Pending::Read(ticket) => {
-                self.stats.reads_checked += u64::from(ok);
-                let r = self.oracle.read_completed(ticket, ok, &c.data);
-                if let Err(e) = r {
-                    return Err(self.fail_as("oracle", e.to_string()));
-                }
-            }
-            Pending::Discard(ticket) => self.oracle_op(|o| o.discard_completed(ticket, ok))?,
-            Pending::Flush(ticket) => self.oracle_op(|o| o.flush_completed(ticket, ok))?,
-        }
-        Ok(())
+        self.stats.reads_checked += u64::from(ok && pending.is_read());
+        pending.settle(&mut self.oracle, ok, ok, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))
     }
 
     /// Runs the worker and completes data I/O, oldest first, until nothing
