@@ -189,6 +189,9 @@ pub struct CacheReplayReport {
     /// (residency, hits, misses, demotions, promotions, dirty blocks)
     /// differ from the serialized simulator's, with both status lines.
     pub first_divergence: Option<(usize, String, String)>,
+    /// How many serialized runs following the kernel took, and over how
+    /// many tick-straddling windows they chose.
+    pub follow_runs: (usize, usize),
 }
 
 /// The counters of a cache INFO status line that L2 follows: residency,
@@ -356,6 +359,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         )));
     }
     let best = follow_the_kernel(plan, run)?;
+    let follow_runs = best.runs;
     let (sim_reads, sim_image, first_divergence) = (best.reads, best.image, best.first_divergence);
 
     // L1: the oracle, fed the same requests one at a time.
@@ -371,6 +375,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         l3_identical: false,
         kernel_status: run.result.pool_status.clone(),
         first_divergence,
+        follow_runs,
     };
     for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
         let ok = r.outcome == "ok";
@@ -621,6 +626,8 @@ struct SimRun {
     image: Vec<u8>,
     /// See [`CacheReplayReport::first_divergence`].
     first_divergence: Option<(usize, String, String)>,
+    /// See [`CacheReplayReport::follow_runs`].
+    runs: (usize, usize),
 }
 
 /// When something happened in the kernel, as a jiffy it may have seen:
@@ -723,7 +730,8 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
             break;
         }
         runs += 1;
-        let r = serialized(plan, run, Some((&jiffies, &decisions)), &prefix)?;
+        let mut r = serialized(plan, run, Some((&jiffies, &decisions)), &prefix)?;
+        r.runs = (runs, decisions.len());
         let d = reach(&r);
         if d == usize::MAX {
             return Ok(r);
@@ -743,7 +751,9 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
             best = Some(r);
         }
     }
-    best.ok_or_else(|| ShimError::Invalid("the serialized simulator never ran".into()))
+    let mut best = best.ok_or_else(|| ShimError::Invalid("the serialized simulator never ran".into()))?;
+    best.runs = (runs, decisions.len());
+    Ok(best)
 }
 
 /// One serialized run: with `jiffies`, op times from the kernel's coarse
@@ -860,5 +870,5 @@ fn serialized(
         reads.push(read);
     }
     sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
-    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence })
+    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence, runs: (1, 0) })
 }

@@ -86,6 +86,7 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
         }
         if !r.l2_identical {
             eprintln!("seed {seed}: L2 differs: {:?}", r.l2_difference);
+            eprintln!("  followed in {} runs over {} windows", r.follow_runs.0, r.follow_runs.1);
             if let Some((i, k, s)) = &r.first_divergence {
                 eprintln!("  first divergence after op {i} {:?}:\n  kernel {k}\n  sim    {s}", p.ops[*i]);
                 for j in i.saturating_sub(6)..=*i {
