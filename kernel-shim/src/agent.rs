@@ -485,10 +485,12 @@ impl<'c> Replayer<'c> {
             Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
             Op::Fault { .. } | Op::Crash { .. } => done("unsupported".into(), None),
             // Rejected above (`thin_error`); kept as an error here too.
-            Op::Reload { .. } | Op::Invalidate { .. } | Op::Status => Err(ShimError::Invalid(format!(
-                "op `{}` belongs to cache traces; this is a thin trace",
-                op.name()
-            ))),
+            Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status => {
+                Err(ShimError::Invalid(format!(
+                    "op `{}` belongs to cache traces; this is a thin trace",
+                    op.name()
+                )))
+            }
         }
     }
 

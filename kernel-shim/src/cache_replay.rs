@@ -110,6 +110,9 @@ fn plan_with(trace: &Trace, fua_as_flush: bool) -> Result<CachePlan, ShimError> 
             | Op::Invalidate { .. }
             | Op::Status => ops.push(op),
             Op::Worker | Op::Complete { .. } => {}
+            Op::Resize { .. } => {
+                return Err(ShimError::Invalid(format!("op {i} (resize): not replayable on the kernel yet")))
+            }
             Op::Crash { .. } | Op::Fault { .. } | Op::FailIo { .. } => {
                 return Err(ShimError::Invalid(format!(
                     "op {i} ({}): the serialized kernel replay of cache traces takes no crashes or faults",
