@@ -225,6 +225,8 @@ pub struct CacheSim {
     coverage: FaultCoverage,
     /// Counters of the caches before the last crash.
     before_crash: [u64; 6],
+    /// Each resize's outcome: taken, or the errno it was refused with.
+    resize_log: Vec<Result<(), Errno>>,
 }
 
 impl CacheSim {
@@ -272,6 +274,7 @@ impl CacheSim {
             metadata_faults_fired: 0,
             coverage: FaultCoverage::default(),
             before_crash: [0; 6],
+            resize_log: Vec::new(),
         })
     }
 
@@ -314,6 +317,12 @@ impl CacheSim {
     /// The shape of this cache.
     pub fn config(&self) -> &CacheSimConfig {
         &self.cfg
+    }
+
+    /// Each resize's outcome so far, in order: taken, or the errno the
+    /// model refused it with.
+    pub fn resize_log(&self) -> &[Result<(), Errno>] {
+        &self.resize_log
     }
 
     /// The cache blocks and origin blocks the table sees now.
@@ -736,6 +745,7 @@ impl CacheSim {
         self.cache = Some(c);
         self.observe();
         self.stats.resizes += 1;
+        self.resize_log.push(r.as_ref().map(|_| ()).map_err(|e| e.errno));
         let faulted = self.metadata_faults_fired > 0;
         let what = format!("resize to {cache} cache blocks and {origin} origin blocks");
         match (r, expected) {
