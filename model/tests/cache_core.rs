@@ -563,8 +563,8 @@ fn the_generator_reaches_every_resize_outcome() {
     for _ in 0..300 {
         let (steps, seed) = proptest::strategy::ValueTree::current(&strategy.new_tree(&mut runner).unwrap());
         let out = run(&steps, seed, CacheOptions::default()).unwrap();
-        for k in 0..3 {
-            total[k] += out.resizes[k];
+        for (t, n) in total.iter_mut().zip(out.resizes) {
+            *t += n;
         }
     }
     assert!(total.iter().all(|&n| n > 0), "resizes taken / EINVAL / EFBIG: {total:?}");
