@@ -339,6 +339,10 @@ fn cache_workload_help(w: CacheWorkload) -> &'static str {
              invalidations"
         }
         CacheWorkload::Durability => "cache campaign: FUA and PREFLUSH writes with frequent crashes",
+        CacheWorkload::Resize => {
+            "cache campaign: table reloads on a grown or shrunk cache device and origin (dirty shrinks \
+             refused), cleaner reloads"
+        }
     }
 }
 
@@ -1097,6 +1101,9 @@ impl Summary {
             row("EIO", c.io_errors.to_string());
             row("reloads", c.reloads.to_string());
             row("  refused", c.reloads_refused.to_string());
+            row("resizes", c.resizes.to_string());
+            row("  refused", c.resizes_refused.to_string());
+            row("  repaired after", c.repairs.to_string());
             row("promotions", c.migrations[0].to_string());
             row("  by overwrite", c.overwrites.to_string());
             row("demotions", c.migrations[1].to_string());
@@ -1256,6 +1263,9 @@ impl Summary {
                 "data_ios": c.data_ios,
                 "reloads": c.reloads,
                 "reloads_refused": c.reloads_refused,
+                "resizes": c.resizes,
+                "resizes_refused": c.resizes_refused,
+                "repairs": c.repairs,
                 "promotions": c.migrations[0],
                 "overwrites": c.overwrites,
                 "demotions": c.migrations[1],

@@ -101,7 +101,8 @@ fn finish(args: &RunArgs, trace: &Trace, violation: Option<&ThinFailure>) -> Exi
 pub fn print_cache_outcome(out: &CacheRunOutcome, checkers: &Checkers) {
     let s = &out.stats;
     println!(
-        "  ops {}, requests {}, reads checked {}, crashes {}, EIO {}, reloads {} ({} refused), simulated {:.1} s",
+        "  ops {}, requests {}, reads checked {}, crashes {}, EIO {}, reloads {} ({} refused), resizes {} ({} \
+         refused), simulated {:.1} s",
         out.trace.ops().count(),
         s.bios,
         s.reads_checked,
@@ -109,6 +110,8 @@ pub fn print_cache_outcome(out: &CacheRunOutcome, checkers: &Checkers) {
         s.io_errors,
         s.reloads,
         s.reloads_refused,
+        s.resizes,
+        s.resizes_refused,
         s.sim_time_ns as f64 / 1e9
     );
     println!(

@@ -163,6 +163,10 @@ pub fn describe_op(op: &Op) -> String {
             )
         }
         Op::Status => "status query (INFO; commits the metadata)".to_string(),
+        Op::Resize { cache_blocks, origin_blocks } => format!(
+            "resize the cache: suspend (clean shutdown), reload the table on {cache_blocks} cache blocks \
+             and {origin_blocks} origin blocks, resume"
+        ),
     }
 }
 
@@ -212,6 +216,7 @@ mod tests {
             Op::Reload { mode: CacheIoMode::Passthrough, policy: CachePolicyKind::Cleaner },
             Op::Invalidate { cblock: 300, nr: 2 },
             Op::Status,
+            Op::Resize { cache_blocks: 16, origin_blocks: 80 },
             Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: true } },
         ];
         let mut events: Vec<Event> = ops.into_iter().map(Event::Op).collect();
@@ -222,6 +227,7 @@ mod tests {
             "reload the cache: suspend (clean shutdown), load mode passthrough policy cleaner, resume",
             "invalidate_cblocks: cache blocks 300..302",
             "status query",
+            "reload the table on 16 cache blocks and 80 origin blocks",
             "arm a fault on the origin disk: the next write fails (permanent)",
             "fault fired on the cache disk: read-error",
         ] {

@@ -379,7 +379,7 @@ fn a_broken_cache_is_caught_minimized_replayed_and_shown() {
         "--campaign",
         "cache",
         "--seeds",
-        "0..64",
+        "0..128",
         "--failures",
         s(&failures),
         "--minimize-max",
@@ -411,11 +411,17 @@ fn a_broken_cache_is_caught_minimized_replayed_and_shown() {
     assert!(shown.contains("the run ended with a violation"), "{shown}");
 
     // A cache trace with a crash: the serialized kernel replay refuses it
-    // (exit 2) before any VM is needed.
+    // (exit 2) before any VM is needed (on a shape it takes otherwise).
     let header: String = std::fs::read_to_string(&min)
         .unwrap()
         .lines()
         .filter(|l| ["dmsim-trace", "seed ", "workload ", "param "].iter().any(|p| l.starts_with(p)))
+        .map(|l| match l.split(' ').nth(1) {
+            Some("block_sectors") => "param block_sectors 128".to_string(),
+            Some("discard_passdown") => "param discard_passdown 1".to_string(),
+            Some("policy") => "param policy smq".to_string(),
+            _ => l.to_string(),
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     let crashing = dir.join("crashing.trace");

@@ -106,6 +106,19 @@ impl SimDisk {
         }
     }
 
+    /// Grows the disk to `nr_sectors` (nothing if it is that large
+    /// already), the new sectors all `fill` bytes and durable: a disk that
+    /// was always this large, its tail never written. Not while recording
+    /// (a crash image is rebuilt on the base image's size).
+    pub fn grow(&mut self, nr_sectors: u64, fill: u8) {
+        assert!(!self.recording, "a disk grows only while not recording");
+        let len = (nr_sectors * SECTOR_SIZE) as usize;
+        if len > self.visible.len() {
+            self.visible.resize(len, fill);
+            self.durable.resize(len, fill);
+        }
+    }
+
     /// Starts (or restarts) logging requests; returns the durable image at
     /// this point, the base that [`crash_image`] replays the log onto.
     pub fn start_recording(&mut self) -> Vec<u8> {
@@ -407,6 +420,28 @@ mod tests {
 
     fn w(disk: &mut SimDisk, sector: u64, byte: u8) {
         disk.write(sector, &[byte; 1024], WriteFlags::default()).unwrap();
+    }
+
+    #[test]
+    fn a_disk_grows_with_durable_fill_and_keeps_its_volatile_writes() {
+        let mut disk = SimDisk::new(4);
+        w(&mut disk, 0, 7);
+        disk.grow(8, 0xc5);
+        disk.grow(2, 0);
+        assert_eq!(disk.nr_sectors(), 8, "never shrinks");
+        assert_eq!(disk.visible()[0], 7);
+        assert_eq!(disk.durable()[0], 0, "the write is still volatile");
+        assert!(disk.visible()[4 * 512..].iter().all(|&b| b == 0xc5));
+        assert!(disk.durable()[4 * 512..].iter().all(|&b| b == 0xc5));
+        assert_eq!(disk.unflushed(), 1);
+        w(&mut disk, 6, 9);
+        let (image, _) = disk.crash_state(dmsim_traces::CrashMode::LoseAll, 0);
+        assert_eq!(image.len(), 8 * 512);
+        assert_eq!(
+            (image[0], image[6 * 512], image[5 * 512]),
+            (0, 0xc5, 0xc5),
+            "the writes lost, the fill kept"
+        );
     }
 
     #[test]

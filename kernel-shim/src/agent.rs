@@ -25,6 +25,7 @@
 //! device-mapper: [`Replayer`] needs only block devices and the control
 //! node.
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -39,8 +40,8 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
     summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX,
-    REQUEST_MAGIC, RESULT_MAGIC,
+    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX,
+    LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -485,10 +486,12 @@ impl<'c> Replayer<'c> {
             Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
             Op::Fault { .. } | Op::Crash { .. } => done("unsupported".into(), None),
             // Rejected above (`thin_error`); kept as an error here too.
-            Op::Reload { .. } | Op::Invalidate { .. } | Op::Status => Err(ShimError::Invalid(format!(
-                "op `{}` belongs to cache traces; this is a thin trace",
-                op.name()
-            ))),
+            Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status => {
+                Err(ShimError::Invalid(format!(
+                    "op `{}` belongs to cache traces; this is a thin trace",
+                    op.name()
+                )))
+            }
         }
     }
 
@@ -1149,7 +1152,10 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
         }
     };
     let t0 = Instant::now();
-    let (m_len, c_len, o_len) = (spec.metadata_sectors, spec.cache_sectors(), spec.origin_sectors());
+    // The cache device is the first `c_len` sectors of its disk (`c_disk`,
+    // larger in a job that resizes); the origin device is its whole disk.
+    let (m_len, c_len) = (spec.metadata_sectors, spec.cache_sectors());
+    let (c_disk, o_disk) = (spec.cache_disk_sectors(), spec.origin_disk_sectors());
     let clock = CoarseClock::new();
     let setup = || -> Result<(CacheDevs, PathBuf, [u64; 4]), ShimError> {
         // Where the three devices lie: (device, offset) of each.
@@ -1162,8 +1168,8 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 &names[6],
                 &[
                     linear_target(0, m_len, disks.metadata, disks.slice.metadata_offset)?,
-                    linear_target(m_len, c_len, disks.data, disks.slice.data_offset)?,
-                    linear_target(m_len + c_len, o_len, disks.data, disks.slice.data_offset + c_len)?,
+                    linear_target(m_len, c_disk, disks.data, disks.slice.data_offset)?,
+                    linear_target(m_len + c_disk, o_disk, disks.data, disks.slice.data_offset + c_disk)?,
                 ],
                 disks.dev_dir,
             )?;
@@ -1176,7 +1182,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             fill_range(&log, 0, 0, 8)?;
             let lw_table = TargetSpec {
                 start: 0,
-                length: m_len + c_len + o_len,
+                length: m_len + c_disk + o_disk,
                 target_type: "log-writes".into(),
                 params: format!(
                     "{} {}",
@@ -1185,30 +1191,21 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 ),
             };
             let lw = device(ctl, &names[4], &[lw_table], disks.dev_dir)?;
-            (lw, 0, m_len, m_len + c_len)
+            (lw, 0, m_len, m_len + c_disk)
         } else {
-            (disks.data.to_path_buf(), u64::MAX, disks.slice.data_offset, disks.slice.data_offset + c_len)
+            (disks.data.to_path_buf(), u64::MAX, disks.slice.data_offset, disks.slice.data_offset + c_disk)
         };
         let (meta_dev, meta_at): (&Path, u64) =
             if logged { (&under, m_at) } else { (disks.metadata, disks.slice.metadata_offset) };
         let m = linear(ctl, &names[1], meta_dev, meta_at, m_len, disks.dev_dir)?;
         let c = linear(ctl, &names[2], &under, c_at, c_len, disks.dev_dir)?;
-        let o = linear(ctl, &names[3], &under, o_at, o_len, disks.dev_dir)?;
+        let o = linear(ctl, &names[3], &under, o_at, o_disk, disks.dev_dir)?;
         let devs = CacheDevs {
             name: names[0].clone(),
             meta_name: names[1].clone(),
             meta_table: linear_target(0, m_len, meta_dev, meta_at)?,
-            cache_slice: (
-                names[2].clone(),
-                linear_target(0, c_len, &under, c_at)?,
-                TargetSpec {
-                    start: 0,
-                    length: c_len,
-                    target_type: "flakey".into(),
-                    // Up 0 s, down 1 s: always down; down means drop writes.
-                    params: format!("{} {} 0 1 1 drop_writes", block_dev_num(&under)?.table_name(), c_at),
-                },
-            ),
+            cache_slice: names[2].clone(),
+            meta_node: m.clone(),
             tables: [
                 block_dev_num(&m)?.table_name(),
                 block_dev_num(&c)?.table_name(),
@@ -1216,6 +1213,8 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             ],
             dev_dir: disks.dev_dir.to_path_buf(),
             marks: logged.then(|| names[4].clone()),
+            cache_under: (under.clone(), c_at),
+            sizes: Cell::new((c_len, spec.origin_sectors())),
         };
         let (node, at) = devs.activate_stamped(ctl, &spec, &clock)?;
         Ok((devs, node, at))
@@ -1270,14 +1269,21 @@ struct CacheDevs {
     name: String,
     meta_name: String,
     meta_table: TargetSpec,
-    /// The cache (fast) device's name, its dm-linear table, and the
-    /// dm-flakey `drop_writes` table a [`CacheStep::DropCacheWrites`]
-    /// swaps in.
-    cache_slice: (String, TargetSpec, TargetSpec),
+    /// The cache (fast) device's name (a dm-linear; a
+    /// [`CacheStep::DropCacheWrites`] swaps in dm-flakey `drop_writes`).
+    cache_slice: String,
+    /// The metadata device's node.
+    meta_node: PathBuf,
     tables: [String; 3],
     dev_dir: PathBuf,
     /// A logged job's log-writes device, for a mark after every op.
     marks: Option<String>,
+    /// The disk under the cache device and where the device starts on it
+    /// (a resize reloads the device's dm-linear with another length).
+    cache_under: (PathBuf, u64),
+    /// The sectors of the cache device and of the table's length now
+    /// (a resize changes them).
+    sizes: Cell<(u64, u64)>,
 }
 
 impl CacheDevs {
@@ -1290,14 +1296,42 @@ impl CacheDevs {
         policy: &str,
         migration_threshold: Option<u64>,
     ) -> Result<PathBuf, ShimError> {
+        device(ctl, &self.name, &[self.table(spec, mode, policy, migration_threshold)], &self.dev_dir)
+    }
+
+    /// The cache table in `mode` with `policy`, as long as the origin
+    /// the table covers now.
+    fn table(
+        &self,
+        spec: &CacheSpec,
+        mode: &str,
+        policy: &str,
+        migration_threshold: Option<u64>,
+    ) -> TargetSpec {
         let [m, c, o] = &self.tables;
-        let table = TargetSpec {
+        TargetSpec {
             start: 0,
-            length: spec.origin_sectors(),
+            length: self.sizes.get().1,
             target_type: "cache".into(),
             params: spec.table_params_as([m, c, o], mode, policy, migration_threshold),
-        };
-        device(ctl, &self.name, &[table], &self.dev_dir)
+        }
+    }
+
+    /// The cache device's dm-linear table, as long as it is now.
+    fn cache_linear(&self) -> Result<TargetSpec, ShimError> {
+        linear_target(0, self.sizes.get().0, &self.cache_under.0, self.cache_under.1)
+    }
+
+    /// The cache device's dm-flakey table that drops every write.
+    fn cache_flakey(&self) -> Result<TargetSpec, ShimError> {
+        let (under, at) = &self.cache_under;
+        Ok(TargetSpec {
+            start: 0,
+            length: self.sizes.get().0,
+            target_type: "flakey".into(),
+            // Up 0 s, down 1 s: always down; down means drop writes.
+            params: format!("{} {at} 0 1 1 drop_writes", block_dev_num(under)?.table_name()),
+        })
     }
 
     /// [`Self::activate`] in the job's first mode with smq, with the
@@ -1335,8 +1369,9 @@ fn cache_io(
 ) -> Result<(), ShimError> {
     let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
     let mut file = open_direct(&node)?;
-    let size = spec.origin_sectors();
+    // The table's length now (a resize changes it).
     let clamp = |sector: u32, nr: u64| {
+        let size = devs.sizes.get().1;
         let sector = u64::from(sector) % size;
         (sector, nr.max(1).min(size - sector))
     };
@@ -1426,18 +1461,7 @@ fn cache_io(
                 // A table swap on the same devices: suspend (the clean
                 // shutdown), load, resume; a table the constructor refuses
                 // leaves the old one, resumed.
-                let [m, c, o] = &devs.tables;
-                let table = TargetSpec {
-                    start: 0,
-                    length: spec.origin_sectors(),
-                    target_type: "cache".into(),
-                    params: spec.table_params_as(
-                        [m, c, o],
-                        mode.name(),
-                        policy.name(),
-                        spec.migration_threshold,
-                    ),
-                };
+                let table = devs.table(spec, mode.name(), policy.name(), spec.migration_threshold);
                 suspend_retrying(ctl, name)?;
                 stamp(result, format!("op-load-a-{index}"));
                 let loaded = ctl.load(name, &[table], false);
@@ -1458,18 +1482,7 @@ fn cache_io(
                         // did not (6.1: passthrough over blocks loaded
                         // dirty): the device is suspended with it. Load
                         // the table that was active again.
-                        let [m, c, o] = &devs.tables;
-                        let old = TargetSpec {
-                            start: 0,
-                            length: spec.origin_sectors(),
-                            target_type: "cache".into(),
-                            params: spec.table_params_as(
-                                [m, c, o],
-                                current.0,
-                                current.1,
-                                spec.migration_threshold,
-                            ),
-                        };
+                        let old = devs.table(spec, current.0, current.1, spec.migration_threshold);
                         ctl.load(name, &[old], false)?;
                         ctl.resume(name)?;
                         (errno_name(source.raw_os_error().unwrap_or(0)), None)
@@ -1477,8 +1490,14 @@ fn cache_io(
                     (Err(e), _) | (_, Err(e)) => return Err(e),
                 }
             }
+            Op::Resize { cache_blocks, origin_blocks } => {
+                let (outcome, note, f) =
+                    cache_resize(ctl, devs, spec, current, (cache_blocks, origin_blocks), file)?;
+                file = f;
+                (outcome, note)
+            }
             Op::Invalidate { cblock, nr } => {
-                let blocks = spec.cache_blocks;
+                let blocks = devs.sizes.get().0 / spec.block_sectors;
                 let begin = u64::from(cblock) % blocks;
                 let end = (begin + u64::from(nr.max(1))).min(blocks);
                 match ctl.message(name, 0, &format!("invalidate_cblocks {begin}-{end}")) {
@@ -1553,7 +1572,8 @@ impl Settled {
     fn balance(line: &str) -> Result<i64, ShimError> {
         let w: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> Result<i64, ShimError> {
-            let f = w.get(i).ok_or_else(|| ShimError::Invalid(format!("cache status {line:?}: no field {i}")))?;
+            let f =
+                w.get(i).ok_or_else(|| ShimError::Invalid(format!("cache status {line:?}: no field {i}")))?;
             let f = f.split_once('/').map_or(*f, |(a, _)| a);
             f.parse().map_err(|_| ShimError::Invalid(format!("cache status {line:?}: field {i} is {f:?}")))
         };
@@ -1598,6 +1618,102 @@ impl Settled {
     }
 }
 
+/// A `resize` op: the cache suspended (its clean shutdown), its cache
+/// device's dm-linear reloaded with the new length, the table in use loaded
+/// with the new origin length, resumed; sizes clamped as the simulator
+/// clamps them, and within the job's disks. Its outcome: `ok`, or the
+/// errno of the refusal. A table the constructor refuses leaves the old
+/// one, on the old cache device. A preresume that refuses (6.1: EINVAL
+/// for a dirty cache block dropped, which also sets NEEDS_CHECK; EFBIG
+/// for a dirty block past the origin's end) leaves the device suspended
+/// with the new table: the old sizes and table are loaded again — after a
+/// repair if NEEDS_CHECK refuses every table (the device removed, the flag
+/// cleared in the metadata as `cache_check --clear-needs-check-flag` does,
+/// the device created again; the op's note then says why). Returns the
+/// cache device's file, reopened if the device was recreated.
+fn cache_resize(
+    ctl: &Control,
+    devs: &CacheDevs,
+    spec: &CacheSpec,
+    (mode, policy): (&str, &str),
+    (cache_blocks, origin_blocks): (u32, u32),
+    file: File,
+) -> Result<(String, Option<String>, File), ShimError> {
+    let bs = spec.block_sectors;
+    let max = dmsim_sim::run::MAX_DISK_SECTORS / bs;
+    let sectors = |blocks: u32| u64::from(blocks).clamp(1, max) * bs;
+    let new = (sectors(cache_blocks), sectors(origin_blocks));
+    if new.0 > spec.cache_disk_sectors() || new.1 > spec.origin_disk_sectors() {
+        return Err(ShimError::Invalid(format!(
+            "resize to {} cache and {} origin sectors: the job's disks hold {} and {}",
+            new.0,
+            new.1,
+            spec.cache_disk_sectors(),
+            spec.origin_disk_sectors()
+        )));
+    }
+    let name = devs.name.as_str();
+    let old = devs.sizes.get();
+    let errno = |e: ShimError| match e {
+        ShimError::Dm { source, .. } => Ok(errno_name(source.raw_os_error().unwrap_or(0))),
+        e => Err(e),
+    };
+    suspend_retrying(ctl, name)?;
+    devs.sizes.set(new);
+    swap_flakey(ctl, &devs.cache_slice, devs.cache_linear()?)?;
+    if let Err(e) = ctl.load(name, &[devs.table(spec, mode, policy, spec.migration_threshold)], false) {
+        devs.sizes.set(old);
+        swap_flakey(ctl, &devs.cache_slice, devs.cache_linear()?)?;
+        ctl.resume(name)?;
+        return Ok((errno(e)?, None, file));
+    }
+    let refused = match ctl.resume(name) {
+        Ok(_) => return Ok(("ok".into(), None, file)),
+        Err(e) => errno(e)?,
+    };
+    devs.sizes.set(old);
+    swap_flakey(ctl, &devs.cache_slice, devs.cache_linear()?)?;
+    let table = devs.table(spec, mode, policy, spec.migration_threshold);
+    match ctl.load(name, std::slice::from_ref(&table), false) {
+        Ok(()) => {
+            ctl.resume(name)?;
+            Ok((refused, None, file))
+        }
+        Err(e @ ShimError::Dm { .. }) => {
+            let note = format!("the old table refused too ({}): metadata repaired", errno(e)?);
+            drop(file);
+            ctl.remove(name)?;
+            clear_needs_check(&devs.meta_node, spec)?;
+            let node = device(ctl, name, &[table], &devs.dev_dir)?;
+            Ok((refused, Some(note), open_direct(&node)?))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Clears NEEDS_CHECK in the cache metadata on `path` with the model (what
+/// `cache_check --clear-needs-check-flag` does; the VM has no
+/// thin-provisioning-tools), in a new commit.
+fn clear_needs_check(path: &Path, spec: &CacheSpec) -> Result<(), ShimError> {
+    use dmsim_model::block_device::MemDevice;
+    use dmsim_model::cache::CacheMetadata;
+    use std::os::unix::fs::FileExt;
+    let len = (spec.metadata_sectors * 512) as usize;
+    let f = open_direct(path)?;
+    let mut buf = AlignedBuf::zeroed(len);
+    read_exact_at(&f, buf.as_mut_slice(), 0).map_err(|e| ShimError::io("read the cache metadata", e))?;
+    let version = if spec.metadata2 { 2 } else { 1 };
+    let opts = dmsim_model::cache::OpenOptions::new(spec.block_sectors as u32, version);
+    let mut md = CacheMetadata::open(MemDevice::from_bytes(buf.as_slice().to_vec()), opts)
+        .map_err(|e| ShimError::Invalid(format!("the cache metadata does not open: {e}")))?;
+    md.clear_needs_check();
+    md.commit(false).map_err(|e| ShimError::Invalid(format!("clearing NEEDS_CHECK: {e}")))?;
+    let bytes = md.close().into_bytes();
+    buf.as_mut_slice().copy_from_slice(&bytes[..len]);
+    f.write_all_at(buf.as_slice(), 0).map_err(|e| ShimError::io("write the cache metadata", e))?;
+    f.sync_all().map_err(|e| ShimError::io("sync the cache metadata", e))
+}
+
 /// Suspends the cache device for a table swap. The kernel sometimes
 /// answers EBUSY for a while after a previous swap (seen on 6.1 with
 /// dm-cache); the suspend is retried for up to two seconds.
@@ -1630,7 +1746,7 @@ fn cache_step(
             Ok(file)
         }
         CacheStep::DropCacheWrites => {
-            swap_flakey(ctl, &devs.cache_slice.0, devs.cache_slice.2.clone())?;
+            swap_flakey(ctl, &devs.cache_slice, devs.cache_flakey()?)?;
             Ok(file)
         }
         CacheStep::Reactivate { mode, policy, migration_threshold } => {
@@ -1646,7 +1762,7 @@ fn cache_step(
             loaded?;
             // The cache device as it was (a drop_cache_writes step swapped
             // it to dm-flakey; otherwise this reloads the same table).
-            swap_flakey(ctl, &devs.cache_slice.0, devs.cache_slice.1.clone())?;
+            swap_flakey(ctl, &devs.cache_slice, devs.cache_linear()?)?;
             let node = devs.activate(ctl, spec, mode, policy, *migration_threshold)?;
             open_direct(&node)
         }

@@ -41,6 +41,7 @@ use dmsim_model::cache::mapping::discard_geometry;
 use dmsim_sim::cache_run::CacheRunConfig;
 use dmsim_sim::cache_sim::{CacheSim, CACHE_GARBAGE};
 use dmsim_sim::oracle::{Oracle, OracleConfig};
+use dmsim_sim::run::MAX_DISK_SECTORS;
 use dmsim_traces::op::CachePolicyKind;
 use dmsim_traces::{stamp, Event, Op, Trace};
 
@@ -102,6 +103,11 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
         return Err(ShimError::Invalid("kernel replay needs smq as the first policy".into()));
     }
     let mut ops = Vec::new();
+    let bs = c.block_sectors;
+    // The largest cache and origin the trace's resizes ask for (clamped as
+    // the simulator clamps them): the job's disks.
+    let max = MAX_DISK_SECTORS / bs;
+    let (mut cache_disk, mut origin_disk) = (c.cache_blocks, c.origin_blocks);
     for (i, op) in trace.ops().enumerate() {
         match op {
             // Ticks are real sleeps in the VM, capped at a tenth of a
@@ -121,6 +127,11 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
             | Op::Invalidate { .. }
             | Op::Status => ops.push(op),
             Op::Worker | Op::Complete { .. } => {}
+            Op::Resize { cache_blocks, origin_blocks } => {
+                cache_disk = cache_disk.max(u64::from(cache_blocks).clamp(1, max));
+                origin_disk = origin_disk.max(u64::from(origin_blocks).clamp(1, max));
+                ops.push(op);
+            }
             Op::Crash { .. } | Op::Fault { .. } | Op::FailIo { .. } => {
                 return Err(ShimError::Invalid(format!(
                     "op {i} ({}): the serialized kernel replay of cache traces takes no crashes or faults",
@@ -132,8 +143,9 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
             }
         }
     }
-    let bs = c.block_sectors;
-    for b in 0..c.origin_blocks {
+    // Every block read back (of the largest origin: a smaller last one
+    // wraps around, as every op's sector does).
+    for b in 0..origin_disk {
         ops.push(Op::Read { dev: 0, sector: (b * bs) as u32, nr_sectors: bs as u16 });
     }
     let spec = CacheSpec {
@@ -145,13 +157,15 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
         metadata2: c.metadata_version == 2,
         mode: c.io_mode.name().to_string(),
         migration_threshold: Some(c.migration_threshold),
+        disk_blocks: ((cache_disk, origin_disk) != (c.cache_blocks, c.origin_blocks))
+            .then_some((cache_disk, origin_disk)),
     };
     let mut job = Job::cache(
         &spec,
         ops.clone(),
         vec![0; (spec.metadata_sectors * 512) as usize],
-        vec![CACHE_GARBAGE; (spec.cache_sectors() * 512) as usize],
-        vec![0; (spec.origin_sectors() * 512) as usize],
+        vec![CACHE_GARBAGE; (spec.cache_disk_sectors() * 512) as usize],
+        vec![0; (spec.origin_disk_sectors() * 512) as usize],
     );
     if let Job::Cache { trace, .. } = &mut job {
         trace.header.params.push((CACHE_TICKS_SLEEP_ONLY_PARAM.into(), "1".into()));
@@ -192,6 +206,11 @@ pub struct CacheReplayReport {
     /// How many serialized runs following the kernel took, and over how
     /// many tick-straddling windows they chose.
     pub follow_runs: (usize, usize),
+    /// Each resize's outcome on the kernel and on the serialized simulator
+    /// (`ok` or the errno name), in order; with the agent's note when the
+    /// kernel's refusal also refused the old table (NEEDS_CHECK set: the
+    /// metadata was repaired), as `EINVAL (note)`.
+    pub resizes: Vec<(String, String)>,
 }
 
 /// The counters of a cache INFO status line that L2 follows: residency,
@@ -261,7 +280,9 @@ struct Feeder {
     oracle: Oracle,
     next_write: u64,
     run: u64,
+    /// The table's length now (the resizes the kernel took change it).
     size: u64,
+    block_sectors: u64,
 }
 
 fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
@@ -279,7 +300,13 @@ impl Feeder {
             discard_undefined: true,
         });
         oracle.create_thin(0, c.origin_sectors()).map_err(misuse)?;
-        Ok(Feeder { oracle, next_write: 0, run: c.run, size: c.origin_sectors() })
+        Ok(Feeder {
+            oracle,
+            next_write: 0,
+            run: c.run,
+            size: c.origin_sectors(),
+            block_sectors: c.block_sectors,
+        })
     }
 
     fn clamp(&self, sector: u32, nr: u64) -> (u64, u64) {
@@ -339,6 +366,13 @@ impl Feeder {
                 let t = o.flush_submitted(0).map_err(misuse)?;
                 o.flush_completed(t, ok).map_err(misuse)?;
             }
+            Op::Resize { origin_blocks, .. } if ok => {
+                // The origin disk past the old end holds zeroes or what it
+                // held before a shrink; the oracle never forgets it.
+                let bs = self.block_sectors;
+                self.size = u64::from(origin_blocks).clamp(1, MAX_DISK_SECTORS / bs) * bs;
+                self.oracle.grow(0, self.size).map_err(misuse)?;
+            }
             _ => {}
         }
         Ok(fed)
@@ -360,6 +394,7 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
     }
     let best = follow_the_kernel(plan, run)?;
     let follow_runs = best.runs;
+    let sim_resizes = best.resizes.into_iter();
     let (sim_reads, sim_image, first_divergence) = (best.reads, best.image, best.first_divergence);
 
     // L1: the oracle, fed the same requests one at a time.
@@ -376,7 +411,16 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         kernel_status: run.result.pool_status.clone(),
         first_divergence,
         follow_runs,
+        resizes: Vec::new(),
     };
+    let kernel_resizes =
+        plan.ops.iter().zip(results).filter(|(op, _)| matches!(op, Op::Resize { .. })).map(|(_, r)| match &r
+            .read
+        {
+            Some(note) => format!("{} ({note})", r.outcome),
+            None => r.outcome.clone(),
+        });
+    report.resizes = kernel_resizes.zip(sim_resizes.chain(std::iter::repeat(String::new()))).collect();
     for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
         let ok = r.outcome == "ok";
         let is_request =
@@ -456,6 +500,30 @@ mod tests {
         assert_eq!(p.ops[0], Op::Status, "scheduling ops are dropped");
         assert_eq!(p.ops.len(), 1 + cfg.cache.origin_blocks as usize, "then the read-back");
     }
+
+    #[test]
+    fn resizes_size_the_disks_and_the_read_back() {
+        let cfg = replayable_config(3, 50);
+        let (c, o) = (cfg.cache.cache_blocks as u32, cfg.cache.origin_blocks as u32);
+        let ops = [
+            Op::Resize { cache_blocks: c + 5, origin_blocks: 1 },
+            Op::Resize { cache_blocks: 0, origin_blocks: o * 2 },
+        ];
+        let trace = Trace { header: cfg.header(), events: ops.map(Event::Op).to_vec() };
+        let p = plan(&trace).unwrap();
+        let spec = CacheSpec::from_header(&p.job.trace().header).unwrap();
+        assert_eq!(spec.disk_blocks, Some((u64::from(c) + 5, u64::from(o) * 2)));
+        assert_eq!((spec.cache_blocks, spec.origin_blocks), (u64::from(c), u64::from(o)), "the first table");
+        assert_eq!(p.ops.len(), 2 + 2 * o as usize, "every block of the largest origin read back");
+        let Job::Cache { cache, origin, .. } = &p.job else { panic!("a cache job") };
+        assert_eq!(cache.len() as u64, spec.cache_disk_sectors() * 512);
+        assert_eq!(origin.len() as u64, spec.origin_disk_sectors() * 512);
+        assert!(logged_plan(&trace).unwrap_err().to_string().contains("take no resizes"));
+        // Without resizes, the disks are the devices.
+        let plain = Trace { header: cfg.header(), events: vec![Event::Op(Op::Status)] };
+        let p = plan(&plain).unwrap();
+        assert_eq!(CacheSpec::from_header(&p.job.trace().header).unwrap().disk_blocks, None);
+    }
 }
 
 /// [`plan`] with the job logged: the three devices on one dm-log-writes
@@ -470,6 +538,10 @@ mod tests {
 /// `kernel_cache_crash_states.rs`). Without FUA writes the log's order
 /// within each flush is the completion order.
 pub fn logged_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
+        // The crash states are loaded on the first table's sizes.
+        return Err(ShimError::Invalid(format!("op {i} (resize): logged replays take no resizes yet")));
+    }
     let mut p = plan_with(trace, true, false)?;
     if let Job::Cache { trace, .. } = &mut p.job {
         trace.header.params.push((crate::protocol::CACHE_LOGGED_PARAM.into(), "1".into()));
@@ -628,6 +700,8 @@ struct SimRun {
     first_divergence: Option<(usize, String, String)>,
     /// See [`CacheReplayReport::follow_runs`].
     runs: (usize, usize),
+    /// Each resize's outcome in the simulator (`ok` or the errno name).
+    resizes: Vec<String>,
 }
 
 /// When something happened in the kernel, as a jiffy it may have seen:
@@ -869,6 +943,14 @@ fn serialized(
         });
         reads.push(read);
     }
+    let resizes = sim
+        .resize_log()
+        .iter()
+        .map(|r| match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        })
+        .collect();
     sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
-    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence, runs: (1, 0) })
+    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence, runs: (1, 0), resizes })
 }

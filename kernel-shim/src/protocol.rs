@@ -620,6 +620,12 @@ impl Layout {
 /// origin device. Travels as the parameters of a trace header
 /// ([`CacheSpec::header`]) that also reads as a [`PoolSpec`] (data blocks =
 /// cache + origin blocks), so [`Layout`] places it like an activation job.
+///
+/// A job that resizes the cache (the `resize` op) has disks larger than the
+/// first table's devices ([`CacheSpec::disk_blocks`]): the cache device is
+/// a dm-linear over the first blocks of its disk, reloaded with another
+/// length at each resize; the origin device is its whole disk, and the
+/// table's length says how much of it is cached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheSpec {
     /// The stamps' run id.
@@ -638,6 +644,10 @@ pub struct CacheSpec {
     pub mode: String,
     /// The core's `migration_threshold` policy argument (sectors), if given.
     pub migration_threshold: Option<u64>,
+    /// The blocks of the disks under the cache and origin devices, when
+    /// larger than `cache_blocks` and `origin_blocks` (room for resizes);
+    /// None: the devices' sizes.
+    pub disk_blocks: Option<(u64, u64)>,
 }
 
 impl CacheSpec {
@@ -651,12 +661,25 @@ impl CacheSpec {
         self.origin_blocks * self.block_sectors
     }
 
+    /// The cache disk's size in sectors (the cache device's, or more).
+    pub fn cache_disk_sectors(&self) -> u64 {
+        self.disk_blocks.map_or(self.cache_blocks, |d| d.0) * self.block_sectors
+    }
+
+    /// The origin disk's size in sectors (the origin device's, or more).
+    pub fn origin_disk_sectors(&self) -> u64 {
+        self.disk_blocks.map_or(self.origin_blocks, |d| d.1) * self.block_sectors
+    }
+
     /// The trace header carrying this spec (a valid [`PoolSpec`] header too).
     pub fn header(&self) -> Header {
         let mut params: Vec<(String, String)> = vec![
             ("run".into(), self.run.to_string()),
             ("block_sectors".into(), self.block_sectors.to_string()),
-            ("data_blocks".into(), (self.cache_blocks + self.origin_blocks).to_string()),
+            (
+                "data_blocks".into(),
+                ((self.cache_disk_sectors() + self.origin_disk_sectors()) / self.block_sectors).to_string(),
+            ),
             ("thin_blocks".into(), self.origin_blocks.to_string()),
             ("metadata_sectors".into(), self.metadata_sectors.to_string()),
             ("max_devices".into(), "1".into()),
@@ -673,6 +696,10 @@ impl CacheSpec {
         params.push(("cache_mode".into(), self.mode.clone()));
         if let Some(t) = self.migration_threshold {
             params.push(("migration_threshold".into(), t.to_string()));
+        }
+        if let Some((c, o)) = self.disk_blocks {
+            params.push(("cache_disk_blocks".into(), c.to_string()));
+            params.push(("origin_disk_blocks".into(), o.to_string()));
         }
         Header { seed: 0, workload: "cache".into(), params }
     }
@@ -705,13 +732,21 @@ impl CacheSpec {
                 .param("migration_threshold")
                 .map(|_| num("migration_threshold"))
                 .transpose()?,
+            disk_blocks: match h.param("cache_disk_blocks") {
+                None => None,
+                Some(_) => Some((num("cache_disk_blocks")?, num("origin_disk_blocks")?)),
+            },
         };
+        let (cache_disk, origin_disk) = spec.disk_blocks.unwrap_or((spec.cache_blocks, spec.origin_blocks));
         if spec.cache_blocks == 0
             || spec.origin_blocks == 0
-            || spec.cache_blocks + spec.origin_blocks != pool.data_blocks
+            || cache_disk < spec.cache_blocks
+            || origin_disk < spec.origin_blocks
+            || cache_disk + origin_disk != pool.data_blocks
         {
             return Err(ShimError::Invalid(format!(
-                "cache job header: {} cache and {} origin blocks for {} data blocks",
+                "cache job header: {} cache and {} origin blocks on disks of {cache_disk} and {origin_disk} for {} \
+                 data blocks",
                 spec.cache_blocks, spec.origin_blocks, pool.data_blocks
             )));
         }
@@ -895,6 +930,7 @@ pub fn errno_name(errno: i32) -> String {
         libc::EEXIST => "EEXIST".into(),
         libc::ENOENT => "ENOENT".into(),
         libc::ENOMEM => "ENOMEM".into(),
+        libc::EFBIG => "EFBIG".into(),
         e => format!("errno{e}"),
     }
 }
@@ -1016,9 +1052,16 @@ mod tests {
             metadata2: true,
             mode: "writeback".into(),
             migration_threshold: Some(64),
+            disk_blocks: None,
         };
         let h = spec.header();
         assert_eq!(CacheSpec::from_header(&h).unwrap(), spec);
+        let roomy = CacheSpec { disk_blocks: Some((100, 300)), ..spec.clone() };
+        assert_eq!(CacheSpec::from_header(&roomy.header()).unwrap(), roomy);
+        assert_eq!(PoolSpec::from_header(&roomy.header()).unwrap().data_sectors(), 400 * 128);
+        assert_eq!((roomy.cache_disk_sectors(), roomy.origin_disk_sectors()), (100 * 128, 300 * 128));
+        let cramped = CacheSpec { disk_blocks: Some((63, 300)), ..spec.clone() };
+        assert!(CacheSpec::from_header(&cramped.header()).is_err(), "a disk smaller than its device");
         assert_eq!(PoolSpec::from_header(&h).unwrap().data_sectors(), 320 * 128);
         assert_eq!(
             spec.table_params("1:2", "3:4", "5:6"),
@@ -1064,6 +1107,7 @@ mod tests {
             metadata_sectors: 8192,
             mode: "writeback".into(),
             migration_threshold: None,
+            disk_blocks: None,
         }
         .header();
         assert!(cache_steps(&h).unwrap().is_empty());

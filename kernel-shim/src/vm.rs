@@ -456,7 +456,7 @@ impl KernelShim {
                 let c = CacheSpec::from_header(&trace.header)?;
                 write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
                 write_at(&disk(DiskRole::Data), cache, slice.data_offset * 512)?;
-                write_at(&disk(DiskRole::Data), origin, (slice.data_offset + c.cache_sectors()) * 512)?;
+                write_at(&disk(DiskRole::Data), origin, (slice.data_offset + c.cache_disk_sectors()) * 512)?;
             }
         }
 
@@ -536,8 +536,8 @@ impl KernelShim {
                         Ok(out)
                     };
                     Some(CacheData {
-                        cache: read(slice.data_offset, c.cache_sectors())?,
-                        origin: read(slice.data_offset + c.cache_sectors(), c.origin_sectors())?,
+                        cache: read(slice.data_offset, c.cache_disk_sectors())?,
+                        origin: read(slice.data_offset + c.cache_disk_sectors(), c.origin_disk_sectors())?,
                     })
                 }
                 _ => None,

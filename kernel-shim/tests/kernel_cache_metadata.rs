@@ -96,6 +96,7 @@ fn spec(version: u32, mode: &str, migration_threshold: Option<u64>) -> CacheSpec
         metadata2: version == 2,
         mode: mode.into(),
         migration_threshold,
+        disk_blocks: None,
     }
 }
 

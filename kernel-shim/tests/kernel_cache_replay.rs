@@ -90,7 +90,11 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
             if let Some((i, k, s)) = &r.first_divergence {
                 eprintln!("  first divergence after op {i} {:?}:\n  kernel {k}\n  sim    {s}", p.ops[*i]);
                 for j in i.saturating_sub(6)..=*i {
-                    eprintln!("    op {j}: {:?} -> {:?}", p.ops[j], run.result.op_status.get(j).map(|x| &x.1));
+                    eprintln!(
+                        "    op {j}: {:?} -> {:?}",
+                        p.ops[j],
+                        run.result.op_status.get(j).map(|x| &x.1)
+                    );
                 }
             }
         }

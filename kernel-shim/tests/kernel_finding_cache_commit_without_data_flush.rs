@@ -67,6 +67,7 @@ fn spec(version: u32) -> CacheSpec {
         metadata2: version == 2,
         mode: "writeback".into(),
         migration_threshold: QUIET,
+        disk_blocks: None,
     }
 }
 

@@ -18,6 +18,9 @@ pub enum Errno {
     EBUSY,
     /// File exists (17).
     EEXIST,
+    /// File too large (27): dm-cache's preresume when a shrunk origin
+    /// would drop a dirty cache block.
+    EFBIG,
     /// Invalid argument (22).
     EINVAL,
     /// No space left on device (28).
@@ -37,6 +40,7 @@ impl Errno {
             Errno::ENOMEM => 12,
             Errno::EBUSY => 16,
             Errno::EEXIST => 17,
+            Errno::EFBIG => 27,
             Errno::EINVAL => 22,
             Errno::ENOSPC => 28,
             Errno::ENODATA => 61,
@@ -52,6 +56,7 @@ impl Errno {
             Errno::ENOMEM,
             Errno::EBUSY,
             Errno::EEXIST,
+            Errno::EFBIG,
             Errno::EINVAL,
             Errno::ENOSPC,
             Errno::ENODATA,

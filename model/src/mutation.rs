@@ -76,6 +76,10 @@ pub struct Mutations {
     /// migration holds the block exclusively, so a write during a promotion
     /// goes to the origin block the copy already read.
     pub cache_write_ignores_migration_lock: bool,
+    /// Cache metadata: a resize that shrinks the cache does not look for
+    /// dirty blocks among those it drops (`dm_cache_resize` refuses them),
+    /// so a table reload on a smaller cache device loses their data.
+    pub cache_shrink_drops_dirty: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -165,13 +169,14 @@ impl Mutations {
 
     /// Mutations of the cache target's I/O paths (the cache campaign
     /// catches them).
-    pub const CACHE_TARGET: [(&'static str, Switch); 6] = [
+    pub const CACHE_TARGET: [(&'static str, Switch); 7] = [
         ("cache-dirty-trusted-after-crash", |m| m.cache_dirty_trusted_after_crash = true),
         ("cache-writeback-clean-before-copy", |m| m.cache_writeback_clean_before_copy = true),
         ("cache-promote-maps-before-copy", |m| m.cache_promote_maps_before_copy = true),
         ("cache-writethrough-acks-before-origin", |m| m.cache_writethrough_acks_before_origin = true),
         ("cache-demote-frees-dirty", |m| m.cache_demote_frees_dirty = true),
         ("cache-write-ignores-migration-lock", |m| m.cache_write_ignores_migration_lock = true),
+        ("cache-shrink-drops-dirty", |m| m.cache_shrink_drops_dirty = true),
     ];
 
     /// The mutations the cache metadata crash campaign must catch: the

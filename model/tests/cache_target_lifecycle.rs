@@ -132,7 +132,7 @@ fn table_errors_messages_and_passthrough() {
     // 6.1's constructor takes passthrough over dirty blocks; its
     // preresume refuses (EBUSY), loading the first dirty mapping.
     let mut t = CacheTarget::create("m c o 128 1 passthrough smq 0", SIZES, model_image(1), 0).unwrap();
-    assert_eq!(t.preresume(), Err(Errno::EBUSY));
+    assert_eq!(t.preresume().unwrap_err().errno, Errno::EBUSY);
     assert_eq!(load("m c o 128 0 nope 0"), "Error creating cache's policy");
     let err = CacheTarget::create("m c o 128 0 smq 0", SIZES, MemDevice::new(8192), 0);
     assert!(err.is_ok(), "zeroed metadata is formatted");

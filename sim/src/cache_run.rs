@@ -42,16 +42,21 @@ pub enum CacheWorkload {
     /// FUA and PREFLUSH writes with frequent crashes, whatever the swarm
     /// says.
     Durability,
+    /// Table reloads on a grown or shrunk cache device and origin (shrinks
+    /// over dirty blocks are refused), with cleaner reloads that make
+    /// shrinks possible.
+    Resize,
 }
 
 impl CacheWorkload {
     /// Every cache workload.
-    pub const ALL: [CacheWorkload; 5] = [
+    pub const ALL: [CacheWorkload; 6] = [
         CacheWorkload::Hot,
         CacheWorkload::Scan,
         CacheWorkload::Writeback,
         CacheWorkload::Modes,
         CacheWorkload::Durability,
+        CacheWorkload::Resize,
     ];
 
     /// Its name in traces and on the command line.
@@ -62,6 +67,7 @@ impl CacheWorkload {
             CacheWorkload::Writeback => "cache-writeback",
             CacheWorkload::Modes => "cache-modes",
             CacheWorkload::Durability => "cache-durability",
+            CacheWorkload::Resize => "cache-resize",
         }
     }
 
@@ -112,8 +118,9 @@ impl CacheRunConfig {
     /// The run seed `seed` makes.
     pub fn for_seed(seed: u64, ops: usize, settings: &CacheCampaignSettings) -> CacheRunConfig {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6361_6368_655f_7275);
-        let workload =
-            settings.workload.unwrap_or(CacheWorkload::ALL[rng.gen_range(0..CacheWorkload::ALL.len())]);
+        // The workloads older than resizes first; a seed's draws keep the
+        // order they had then, so that its run is the one it was.
+        let workload = settings.workload.unwrap_or(CacheWorkload::ALL[rng.gen_range(0..5)]);
         let block_sectors = [64, 128][rng.gen_range(0..2)];
         let cache_blocks = rng.gen_range(4..12);
         let origin_blocks = rng.gen_range(cache_blocks * 2..cache_blocks * 6);
@@ -123,6 +130,12 @@ impl CacheRunConfig {
             _ => CacheIoMode::Writeback,
         };
         let fixes = if settings.kernel_as_is { CacheFixes::default() } else { CacheFixes::ALL };
+        let metadata_version = if rng.gen_bool(0.5) { 2 } else { 1 };
+        let discard_passdown = rng.gen_bool(0.7);
+        let migration_threshold = [block_sectors, 2048, 1 << 20][rng.gen_range(0..3)];
+        // One seed in six resizes: drawn last, so the others keep their runs.
+        let resize = rng.gen_ratio(1, 6);
+        let workload = if settings.workload.is_none() && resize { CacheWorkload::Resize } else { workload };
         CacheRunConfig {
             seed,
             workload,
@@ -133,11 +146,11 @@ impl CacheRunConfig {
                 cache_blocks,
                 origin_blocks,
                 metadata_sectors: 2048,
-                metadata_version: if rng.gen_bool(0.5) { 2 } else { 1 },
+                metadata_version,
                 io_mode,
                 policy: CachePolicyKind::Smq,
-                discard_passdown: rng.gen_bool(0.7),
-                migration_threshold: [block_sectors, 2048, 1 << 20][rng.gen_range(0..3)],
+                discard_passdown,
+                migration_threshold,
                 options: CacheOptions { mutations: settings.mutations, fixes, ..CacheOptions::default() },
             },
             swarm: FaultSwarm::from_seed(seed),
@@ -238,18 +251,21 @@ pub fn generate(cfg: &CacheRunConfig) -> Vec<Op> {
     let swarm = &cfg.swarm;
     let w = cfg.workload;
     // (write, read, discard, flush, worker, complete, tick, reload,
-    //  invalidate, status)
-    let (write, read, discard, flush, worker, complete, tick, reload, invalidate, status) = match w {
-        CacheWorkload::Hot => (250, 250, 30, 25, 150, 220, 40, 4, 2, 8),
-        CacheWorkload::Scan => (150, 350, 20, 20, 150, 220, 30, 4, 2, 8),
-        CacheWorkload::Writeback => (350, 150, 30, 25, 150, 220, 60, 4, 2, 8),
-        CacheWorkload::Modes => (250, 200, 30, 25, 150, 220, 40, 40, 20, 10),
-        CacheWorkload::Durability => (300, 150, 20, 60, 150, 220, 20, 8, 4, 8),
+    //  invalidate, status, resize)
+    let (write, read, discard, flush, worker, complete, tick, reload, invalidate, status, resize) = match w {
+        // No resizes in the older workloads: their seeds keep their runs.
+        CacheWorkload::Hot => (250, 250, 30, 25, 150, 220, 40, 4, 2, 8, 0),
+        CacheWorkload::Scan => (150, 350, 20, 20, 150, 220, 30, 4, 2, 8, 0),
+        CacheWorkload::Writeback => (350, 150, 30, 25, 150, 220, 60, 4, 2, 8, 0),
+        CacheWorkload::Modes => (250, 200, 30, 25, 150, 220, 40, 40, 20, 10, 0),
+        CacheWorkload::Durability => (300, 150, 20, 60, 150, 220, 20, 8, 4, 8, 0),
+        CacheWorkload::Resize => (250, 200, 30, 25, 150, 220, 50, 15, 4, 8, 30),
     };
     let crash_weight =
         if w == CacheWorkload::Durability { swarm.crash_weight.max(40) } else { swarm.crash_weight };
     let (fua, preflush) = if w == CacheWorkload::Durability { (0.3, 0.1) } else { (0.08, 0.04) };
-    let table: [(u32, u8); 13] = [
+    let table: [(u32, u8); 14] = [
+        (resize, 13),
         (write, 0),
         (read, 1),
         (discard, 2),
@@ -265,7 +281,11 @@ pub fn generate(cfg: &CacheRunConfig) -> Vec<Op> {
         (swarm.metadata_fault_weight + swarm.data_fault_weight, 12),
     ];
     let total: u32 = table.iter().map(|(w, _)| w).sum();
-    let hot_size = (c.cache_blocks + c.cache_blocks / 2).max(1);
+    // The sizes the table has if every resize so far was taken (a refused
+    // one leaves the old sizes; ops past the end wrap around in the
+    // simulator).
+    let (mut cache_blocks, mut origin_blocks) = (c.cache_blocks, c.origin_blocks);
+    let mut hot_size = (cache_blocks + cache_blocks / 2).max(1);
     let mut hot_base = 0u64;
     let mut cursor = 0u64;
     let mut out = Vec::with_capacity(cfg.ops);
@@ -281,17 +301,17 @@ pub fn generate(cfg: &CacheRunConfig) -> Vec<Op> {
         }
         // The hot set moves now and then.
         if rng.gen_bool(0.01) {
-            hot_base = rng.gen_range(0..c.origin_blocks);
+            hot_base = rng.gen_range(0..origin_blocks);
         }
         let op = match kind {
             0..=2 => {
                 let block = match w {
                     CacheWorkload::Scan if rng.gen_bool(0.6) => {
-                        cursor = (cursor + 1) % c.origin_blocks;
+                        cursor = (cursor + 1) % origin_blocks;
                         cursor
                     }
-                    _ if rng.gen_bool(0.75) => (hot_base + rng.gen_range(0..hot_size)) % c.origin_blocks,
-                    _ => rng.gen_range(0..c.origin_blocks),
+                    _ if rng.gen_bool(0.75) => (hot_base + rng.gen_range(0..hot_size)) % origin_blocks,
+                    _ => rng.gen_range(0..origin_blocks),
                 };
                 let whole = rng.gen_bool(0.5);
                 let sector = if whole { block * bs } else { block * bs + rng.gen_range(0..bs) };
@@ -328,13 +348,27 @@ pub fn generate(cfg: &CacheRunConfig) -> Vec<Op> {
                     5..=7 => CacheIoMode::Writethrough,
                     _ => CacheIoMode::Passthrough,
                 };
-                let policy = if rng.gen_bool(0.25) { CachePolicyKind::Cleaner } else { CachePolicyKind::Smq };
+                let cleaner = if w == CacheWorkload::Resize { 0.5 } else { 0.25 };
+                let policy =
+                    if rng.gen_bool(cleaner) { CachePolicyKind::Cleaner } else { CachePolicyKind::Smq };
                 Op::Reload { mode, policy }
             }
-            8 => Op::Invalidate { cblock: rng.gen_range(0..c.cache_blocks as u32), nr: rng.gen_range(1..4) },
+            8 => Op::Invalidate { cblock: rng.gen_range(0..cache_blocks as u32), nr: rng.gen_range(1..4) },
             9 => Op::Status,
             10 => Op::Crash { mode: swarm.pick_crash_mode(&mut rng), seed: rng.gen() },
             11 => Op::FailIo { pick: rng.gen() },
+            13 => {
+                // Between half and twice the first sizes; now and then one
+                // of them unchanged.
+                let pick = |rng: &mut ChaCha8Rng, first: u64, now: u64| match rng.gen_range(0..4) {
+                    0 => now,
+                    _ => rng.gen_range((first / 2).max(1)..=first * 2),
+                };
+                cache_blocks = pick(&mut rng, c.cache_blocks, cache_blocks);
+                origin_blocks = pick(&mut rng, c.origin_blocks, origin_blocks);
+                hot_size = (cache_blocks + cache_blocks / 2).max(1);
+                Op::Resize { cache_blocks: cache_blocks as u32, origin_blocks: origin_blocks as u32 }
+            }
             _ => match swarm.pick_fault(&mut rng) {
                 Some((DiskId::Data, fault)) if data_fault(&fault) => {
                     let disk = if rng.gen_bool(0.5) { DiskId::Cache } else { DiskId::Origin };

@@ -1,10 +1,19 @@
 //! The cache target under the oracle: a driver that applies trace ops —
 //! reads, writes of any size and alignment, discards, flushes, FUA, worker
 //! passes, data I/O completions in any order, simulated time, table reloads
-//! (mode and policy switches), invalidations, status queries, injected
-//! faults and crashes — to a [`Cache`] on three simulated disks, and feeds
-//! the same events to the [`Oracle`], which judges every read of the cache
-//! device.
+//! (mode and policy switches), resizes of the cache and the origin,
+//! invalidations, status queries, injected faults and crashes — to a
+//! [`Cache`] on three simulated disks, and feeds the same events to the
+//! [`Oracle`], which judges every read of the cache device.
+//!
+//! Resizes: the table sees the first blocks of its cache and origin disks,
+//! as through a dm-linear. The disks grow when a resize asks for more
+//! (the cache disk with [`CACHE_GARBAGE`], the origin with zeroes, which
+//! the oracle learns) and never shrink: a shorter origin keeps its tail,
+//! and a longer one shows it again. A resize the kernel refuses (a dirty
+//! block dropped) must be refused with the kernel's errno, and one it takes
+//! must be taken; after a refusal the old table is loaded again, after a
+//! repair of the metadata if the refusal set NEEDS_CHECK.
 //!
 //! Beyond the oracle:
 //!
@@ -27,11 +36,12 @@ use std::fmt;
 use std::path::PathBuf;
 
 use dmsim_faults::{FaultCoverage, FiredFault, SimDisk};
-use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
+use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::cache::check::{check_cache_metadata, CacheCheckOptions};
 use dmsim_model::cache::core::{BioId, BioRequest, Cache, CacheCompletion, CacheOptions};
 use dmsim_model::cache::mapping::discard_geometry;
 use dmsim_model::cache::superblock::CacheSuperblock;
+use dmsim_model::cache::table::DeviceSizes;
 use dmsim_model::cache::target::CacheMode;
 use dmsim_model::cache::{CacheMetadata, OpenOptions};
 use dmsim_model::errno::Errno;
@@ -43,7 +53,7 @@ use dmsim_traces::{CrashMode, DiskId, Event, Op};
 
 use crate::completion::Pending;
 use crate::oracle::{Content, Oracle, OracleConfig};
-use crate::run::run_checker;
+use crate::run::{run_checker, MAX_DISK_SECTORS};
 use crate::thin::{summarize, ThinFailure};
 
 /// The cache device's id in the oracle (the only device).
@@ -141,6 +151,13 @@ pub struct CacheStats {
     pub reloads: u64,
     /// Table reloads the new table refused (passthrough with dirty blocks).
     pub reloads_refused: u64,
+    /// Resizes (table reloads on other device sizes) done.
+    pub resizes: u64,
+    /// Resizes refused as the kernel refuses them (a dirty block dropped)
+    /// or after an injected metadata fault.
+    pub resizes_refused: u64,
+    /// Metadata repairs after a refusal that set NEEDS_CHECK.
+    pub repairs: u64,
     /// Promotions, demotions and writebacks that completed.
     pub migrations: [u64; 3],
     /// Promotions by overwrite.
@@ -169,6 +186,9 @@ impl CacheStats {
         self.io_errors += o.io_errors;
         self.reloads += o.reloads;
         self.reloads_refused += o.reloads_refused;
+        self.resizes += o.resizes;
+        self.resizes_refused += o.resizes_refused;
+        self.repairs += o.repairs;
         for i in 0..3 {
             self.migrations[i] += o.migrations[i];
         }
@@ -211,6 +231,9 @@ pub struct CacheSim {
     oracle: Oracle,
     io_mode: CacheIoMode,
     policy: CachePolicyKind,
+    /// The cache blocks and origin blocks the table sees.
+    cache_blocks: u64,
+    origin_blocks: u64,
     next_write: u64,
     pending: BTreeMap<BioId, Pending>,
     now: u64,
@@ -227,6 +250,8 @@ pub struct CacheSim {
     cache_check: Option<CacheCheck>,
     /// Images `cache_check` ran on.
     cache_checked: u64,
+    /// Each resize's outcome: taken, or the errno it was refused with.
+    resize_log: Vec<Result<(), Errno>>,
 }
 
 impl CacheSim {
@@ -261,6 +286,8 @@ impl CacheSim {
             oracle,
             io_mode: cfg.io_mode,
             policy: cfg.policy,
+            cache_blocks: cfg.cache_blocks,
+            origin_blocks: cfg.origin_blocks,
             next_write: 0,
             pending: BTreeMap::new(),
             now: 0,
@@ -274,6 +301,7 @@ impl CacheSim {
             before_crash: [0; 6],
             cache_check: None,
             cache_checked: 0,
+            resize_log: Vec::new(),
         })
     }
 
@@ -327,6 +355,34 @@ impl CacheSim {
     /// The shape of this cache.
     pub fn config(&self) -> &CacheSimConfig {
         &self.cfg
+    }
+
+    /// Each resize's outcome so far, in order: taken, or the errno the
+    /// model refused it with.
+    pub fn resize_log(&self) -> &[Result<(), Errno>] {
+        &self.resize_log
+    }
+
+    /// The cache blocks and origin blocks the table sees now.
+    pub fn geometry(&self) -> (u64, u64) {
+        (self.cache_blocks, self.origin_blocks)
+    }
+
+    /// The sizes a table of `cache_blocks` and `origin_blocks` sees on an
+    /// origin disk of `origin_disk_sectors`.
+    fn sizes_on(&self, cache_blocks: u64, origin_blocks: u64, origin_disk_sectors: u64) -> DeviceSizes {
+        let bs = self.cfg.block_sectors;
+        DeviceSizes {
+            target_len: origin_blocks * bs,
+            cache_sectors: cache_blocks * bs,
+            origin_sectors: origin_disk_sectors,
+        }
+    }
+
+    /// [`Self::sizes_on`] the live cache's origin disk.
+    fn sizes(&mut self, cache_blocks: u64, origin_blocks: u64) -> DeviceSizes {
+        let disk = self.cache().origin_device().nr_sectors();
+        self.sizes_on(cache_blocks, origin_blocks, disk)
     }
 
     /// The cache target.
@@ -427,7 +483,7 @@ impl CacheSim {
 
     fn apply_inner(&mut self, op: &Op) -> Result<(), ThinFailure> {
         self.step += 1;
-        let size = self.cfg.origin_sectors();
+        let size = self.origin_blocks * self.cfg.block_sectors;
         match *op {
             Op::Write { sector, nr_sectors, fua, preflush, .. } => {
                 let sector = u64::from(sector) % size;
@@ -514,8 +570,9 @@ impl CacheSim {
             }
             Op::Crash { mode, seed } => self.crash(mode, seed)?,
             Op::Reload { mode, policy } => self.reload(mode, policy)?,
+            Op::Resize { cache_blocks, origin_blocks } => self.resize(cache_blocks, origin_blocks)?,
             Op::Invalidate { cblock, nr } => {
-                let blocks = self.cfg.cache_blocks;
+                let blocks = self.cache_blocks;
                 let begin = u64::from(cblock) % blocks;
                 let end = (begin + u64::from(nr.max(1))).min(blocks);
                 let words = ["invalidate_cblocks".to_string(), format!("{begin}-{end}")];
@@ -577,7 +634,9 @@ impl CacheSim {
         let durable = ok && self.mode == CacheMode::Write;
         self.stats.reads_checked += u64::from(ok && pending.is_read());
         let write = matches!(pending, Pending::Write(..));
-        pending.settle(&mut self.oracle, ok, durable, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))?;
+        pending
+            .settle(&mut self.oracle, ok, durable, &c.data)
+            .map_err(|(kind, what)| self.fail_as(kind, what))?;
         if write && self.io_mode == CacheIoMode::Writethrough {
             // Writethrough keeps every block clean: once a write is
             // acknowledged, the origin must hold what a read of a clean
@@ -649,10 +708,183 @@ impl CacheSim {
                 self.io_mode = mode;
                 self.policy = policy;
             }
-            Err(e) if e.message.contains("passthrough") => self.stats.reloads_refused += 1,
-            Err(_) if self.metadata_faults_fired > 0 => self.stats.reloads_refused += 1,
+            Err(e) if e.message.contains("passthrough") => {
+                // 6.1 refuses passthrough over blocks that load dirty at
+                // preresume: the old table is loaded again.
+                self.stats.reloads_refused += 1;
+                let (cache, origin) = (self.cache_blocks, self.origin_blocks);
+                self.restore((cache, origin))?;
+            }
+            Err(_) if self.metadata_faults_fired > 0 => {
+                self.stats.reloads_refused += 1;
+                // A new table whose preresume failed leaves the device
+                // suspended: the old table is loaded again.
+                let (cache, origin) = (self.cache_blocks, self.origin_blocks);
+                self.restore((cache, origin))?;
+            }
             Err(e) => return Err(self.fail_as("load", format!("table reload {line:?} refused: {e}"))),
         }
+        Ok(())
+    }
+
+    /// Suspend (clean shutdown), present the cache and origin at new sizes
+    /// (clamped to 1..=the largest disk), load the table in use on them,
+    /// resume. The outcome must be the kernel's: refused with EINVAL when a
+    /// dropped cache block is stored dirty (`dm_cache_resize`), with EFBIG
+    /// when a mapping past the new origin end loads dirty
+    /// (`load_filtered_mapping`), taken otherwise. A refused resize leaves
+    /// the device suspended with the new table; the old one is loaded
+    /// again ([`Self::restore`]).
+    fn resize(&mut self, cache_blocks: u32, origin_blocks: u32) -> Result<(), ThinFailure> {
+        let bs = self.cfg.block_sectors;
+        let max = MAX_DISK_SECTORS / bs;
+        let cache = u64::from(cache_blocks).clamp(1, max);
+        let origin = u64::from(origin_blocks).clamp(1, max);
+        self.quiesce()?;
+        let r = self.cache().suspend();
+        r.map_err(|e| self.fail(format!("suspend: {e}")))?;
+        self.observe();
+        self.check_clean_blocks()?;
+        let expected = self.resize_refusal(cache, origin);
+        // The disks grow as needed (the discard block size stays the cache
+        // block size: MAX_DISK_SECTORS is far below 16384 blocks of 64
+        // sectors, so the oracle's discard granularity holds).
+        {
+            let c = self.cache();
+            c.cache_device().grow(cache * bs, CACHE_GARBAGE);
+            c.origin_device().grow(origin * bs, 0);
+        }
+        self.oracle_op(|o| o.grow(DEV, origin * bs))?;
+        let old = (self.cache_blocks, self.origin_blocks);
+        let line = self.cfg.table_line(self.io_mode, self.policy);
+        let sizes = self.sizes(cache, origin);
+        let c = self.cache.take().expect("cache");
+        let (c, r) = match c.reload_sized(&line, sizes) {
+            Ok(x) => x,
+            Err(f) => {
+                return Err(
+                    self.fail_as("load", format!("neither the new nor the old table loads: {}", f.error))
+                )
+            }
+        };
+        self.cache = Some(c);
+        self.observe();
+        self.stats.resizes += 1;
+        self.resize_log.push(r.as_ref().map(|_| ()).map_err(|e| e.errno));
+        let faulted = self.metadata_faults_fired > 0;
+        let what = format!("resize to {cache} cache blocks and {origin} origin blocks");
+        match (r, expected) {
+            (Ok(()), Some((errno, why))) if !faulted => {
+                return Err(
+                    self.fail_as("load", format!("{what} was taken; the kernel refuses it ({errno}): {why}"))
+                )
+            }
+            (Ok(()), _) => (self.cache_blocks, self.origin_blocks) = (cache, origin),
+            (Err(e), Some((errno, _))) if e.errno == errno => {
+                self.stats.resizes_refused += 1;
+                self.restore(old)?;
+            }
+            (Err(_), _) if faulted => {
+                self.stats.resizes_refused += 1;
+                self.restore(old)?;
+            }
+            (Err(e), None) => return Err(self.fail_as("load", format!("{what} refused: {e}"))),
+            (Err(e), Some((errno, why))) => {
+                return Err(self.fail_as(
+                    "load",
+                    format!("{what} refused with {e}; the kernel refuses it with {errno} ({why})"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel refuses a table on `cache` and `origin` blocks
+    /// after the clean shutdown just written, read from the metadata: the
+    /// errno and why.
+    fn resize_refusal(&mut self, cache: u64, origin: u64) -> Option<(Errno, String)> {
+        let blocks = self.cache_blocks as u32;
+        let md = self.cache().metadata();
+        let clean = md.clean_when_opened();
+        let mut past_origin = None;
+        for cb in 0..blocks {
+            // The stored dirty bits are the in-core ones now (v2: clear for
+            // unmapped blocks).
+            let Ok(Some((oblock, dirty))) = md.lookup(cb) else { continue };
+            if u64::from(cb) >= cache {
+                if dirty {
+                    return Some((Errno::EINVAL, format!("cache block {cb} is dirty")));
+                }
+                continue;
+            }
+            if oblock >= origin && (dirty || !clean) && past_origin.is_none() {
+                let how = if dirty { "dirty" } else { "loads dirty (the metadata was opened unclean)" };
+                past_origin =
+                    Some((Errno::EFBIG, format!("cache block {cb} maps origin block {oblock} and {how}")));
+            }
+        }
+        past_origin
+    }
+
+    /// After a refused resize: the old table again, on the old sizes. A
+    /// refusal that set NEEDS_CHECK leaves metadata no table loads on:
+    /// the device is removed, the flag cleared (as `cache_check
+    /// --clear-needs-check-flag` does) and the device created again.
+    fn restore(&mut self, (cache, origin): (u64, u64)) -> Result<(), ThinFailure> {
+        if !self.cache().is_suspended() {
+            // The new table's constructor refused it: the old one resumed.
+            return Ok(());
+        }
+        let sizes = self.sizes(cache, origin);
+        let line = self.cfg.table_line(self.io_mode, self.policy);
+        let c = self.cache.take().expect("cache");
+        let (c, r) = match c.reload_sized(&line, sizes) {
+            Ok(x) => x,
+            Err(f) => return Err(self.fail_as("load", format!("the old table does not load: {}", f.error))),
+        };
+        self.cache = Some(c);
+        self.observe();
+        match r {
+            Ok(()) => Ok(()),
+            Err(_) if self.metadata_faults_fired > 0 => {
+                // Injected faults may keep the metadata unreadable: the
+                // device is removed and loaded again from what the disks
+                // hold, their writes all kept (a crash that loses nothing;
+                // the disks forget their armed faults).
+                self.crash(CrashMode::KeepAll, 0)
+            }
+            Err(e) if e.message.contains("check/repair") => self.recreate(sizes),
+            Err(e) => Err(self.fail_as("load", format!("the old table ({line}) does not load again: {e}"))),
+        }
+    }
+
+    /// Removes the cache, repairs its metadata (NEEDS_CHECK cleared) and
+    /// creates it again on the same disks, in writeback mode if
+    /// passthrough cannot load (every mapping loads dirty now).
+    fn recreate(&mut self, sizes: DeviceSizes) -> Result<(), ThinFailure> {
+        self.stats.repairs += 1;
+        let c = self.cache.take().expect("cache");
+        let (metadata, cd, od) = c.close();
+        let opts = OpenOptions::new(self.cfg.block_sectors as u32, self.cfg.metadata_version);
+        let repaired = CacheMetadata::open(metadata, opts).and_then(|mut md| {
+            md.clear_needs_check();
+            md.commit(false)?;
+            Ok(md.close())
+        });
+        let m = repaired.map_err(|e| self.fail_as("load", format!("repairing the metadata: {e}")))?;
+        let mut line = self.cfg.table_line(self.io_mode, self.policy);
+        let backup = (m.clone(), cd.clone(), od.clone());
+        let mut r = Cache::create_sized(&line, sizes, m, cd, od, self.now, self.cfg.options);
+        if matches!(&r, Err(e) if e.message.contains("passthrough")) {
+            self.io_mode = CacheIoMode::Writeback;
+            line = self.cfg.table_line(self.io_mode, self.policy);
+            let (m, cd, od) = backup;
+            r = Cache::create_sized(&line, sizes, m, cd, od, self.now, self.cfg.options);
+        }
+        let c =
+            r.map_err(|e| self.fail_as("load", format!("the repaired cache does not load ({line}): {e}")))?;
+        self.cache = Some(c);
+        self.observe();
         Ok(())
     }
 
@@ -668,7 +900,7 @@ impl CacheSim {
             return Ok(());
         }
         let bs = self.cfg.block_sectors;
-        let blocks = self.cfg.cache_blocks as u32;
+        let blocks = self.cache_blocks as u32;
         let mut clean = Vec::new();
         {
             let c = self.cache();
@@ -745,11 +977,19 @@ impl CacheSim {
         });
         self.pending.clear();
         self.oracle.crash();
-        self.judge_metadata(m_image.clone(), "the metadata after a crash", true)?;
+        // The last commit may predate a shortened origin (mappings past
+        // its end are dropped at the next one): only the disk bounds them.
+        let disk_blocks = o_image.len() as u64 / SECTOR_SIZE / self.cfg.block_sectors;
+        self.judge_metadata(m_image.clone(), "the metadata after a crash", true, disk_blocks)?;
         let (m_image, repaired) = self.repair_needs_check(m_image)?;
         if repaired {
             // Its leaks were counted in the crash state.
-            self.judge_metadata(m_image.clone(), "the metadata after its NEEDS_CHECK repair", false)?;
+            self.judge_metadata(
+                m_image.clone(),
+                "the metadata after its NEEDS_CHECK repair",
+                false,
+                disk_blocks,
+            )?;
         }
         self.debian_check(&m_image, true)?;
         let mut line = self.cfg.table_line(self.io_mode, self.policy);
@@ -760,8 +1000,10 @@ impl CacheSim {
                 SimDisk::from_image(o.to_vec()),
             )
         };
+        let origin_disk = o_image.len() as u64 / SECTOR_SIZE;
+        let mut sizes = self.sizes_on(self.cache_blocks, self.origin_blocks, origin_disk);
         let (m, cd, od) = devices(&m_image, &c_image, &o_image);
-        let mut r = Cache::create(&line, m, cd, od, self.now, self.cfg.options);
+        let mut r = Cache::create_sized(&line, sizes, m, cd, od, self.now, self.cfg.options);
         if matches!(&r, Err(e) if e.message.contains("passthrough")) {
             // Passthrough needs every block clean on disk; after a crash the
             // stored bits may say otherwise. What a user does: load it in
@@ -769,7 +1011,16 @@ impl CacheSim {
             self.io_mode = CacheIoMode::Writeback;
             line = self.cfg.table_line(self.io_mode, self.policy);
             let (m, cd, od) = devices(&m_image, &c_image, &o_image);
-            r = Cache::create(&line, m, cd, od, self.now, self.cfg.options);
+            r = Cache::create_sized(&line, sizes, m, cd, od, self.now, self.cfg.options);
+        }
+        if matches!(&r, Err(e) if e.errno == Errno::EFBIG) {
+            // A mapping past a shortened origin's end loads dirty after a
+            // crash (every mapping does): what a user does is give the
+            // table the whole origin disk back.
+            self.origin_blocks = origin_disk / self.cfg.block_sectors;
+            sizes = self.sizes_on(self.cache_blocks, self.origin_blocks, origin_disk);
+            let (m, cd, od) = devices(&m_image, &c_image, &o_image);
+            r = Cache::create_sized(&line, sizes, m, cd, od, self.now, self.cfg.options);
         }
         let c = r.map_err(|e| {
             self.fail_as("load", format!("the cache does not load after a crash ({line}): {e}"))
@@ -816,7 +1067,7 @@ impl CacheSim {
             return Err(self.fail(format!("{} requests never completed", self.pending.len())));
         }
         let bs = self.cfg.block_sectors;
-        for b in 0..self.cfg.origin_blocks {
+        for b in 0..self.origin_blocks {
             let ticket = self.oracle_op(|o| o.read_submitted(DEV, b * bs, bs))?;
             self.submit(BioRequest::read(b * bs, bs), Pending::Read(ticket))?;
             self.quiesce()?;
@@ -829,7 +1080,9 @@ impl CacheSim {
         self.observe();
         self.check_clean_blocks()?;
         let image = self.metadata_image();
-        self.judge_metadata(image.clone(), "the final metadata", true)?;
+        // After the clean shutdown no mapping is past the origin's end.
+        let origin_blocks = self.origin_blocks;
+        self.judge_metadata(image.clone(), "the final metadata", true, origin_blocks)?;
         self.debian_check(&image, false)
     }
 
@@ -871,11 +1124,17 @@ impl CacheSim {
     /// blocks counted that nothing references (whether the kernel's
     /// abort path does the same is not yet shown).
     /// `count_leaks`: add the leaks to the counters (false for an image
-    /// whose leaks were counted already).
-    fn judge_metadata(&mut self, image: Vec<u8>, what: &str, count_leaks: bool) -> Result<(), ThinFailure> {
+    /// whose leaks were counted already); `origin_blocks` bounds the
+    /// mappings' origin blocks.
+    fn judge_metadata(
+        &mut self,
+        image: Vec<u8>,
+        what: &str,
+        count_leaks: bool,
+        origin_blocks: u64,
+    ) -> Result<(), ThinFailure> {
         let mut dev = MemDevice::from_bytes(image);
-        let opts =
-            CacheCheckOptions { origin_blocks: Some(self.cfg.origin_blocks), ..CacheCheckOptions::default() };
+        let opts = CacheCheckOptions { origin_blocks: Some(origin_blocks), ..CacheCheckOptions::default() };
         let report = check_cache_metadata(&mut dev, &opts)
             .map_err(|e| self.fail_as("checker", format!("{what} is not readable cache metadata: {e}")))?;
         // Damage fails; so does a leak, unless a metadata fault may explain

@@ -571,6 +571,32 @@ impl Oracle {
         Ok(())
     }
 
+    /// Grows `dev` to `nr_sectors` (nothing if it is that large already):
+    /// the new sectors read zeroes, now and after a crash — a device whose
+    /// disk grows, zero-filled. A device never shrinks here: a target that
+    /// presents fewer sectors than its disk holds keeps the rest as it was,
+    /// and reads it again when it grows back.
+    pub fn grow(&mut self, dev: DevId, nr_sectors: u64) -> Result<(), UsageError> {
+        let inc = self.incarnation(dev)?;
+        let n = usize::try_from(nr_sectors).expect("device size fits in memory");
+        if self.states[&inc].sectors.len() >= n {
+            return Ok(());
+        }
+        let t = self.tick();
+        self.ops.instant(t);
+        let zeroes = vec![Entry { content: Content::Zeroes, op: t }];
+        let sector = SectorState {
+            legal: zeroes.clone(),
+            after_crash: zeroes,
+            written: false,
+            written_durable: false,
+            reset_at: 0,
+            discarding: 0,
+        };
+        self.states.get_mut(&inc).expect("live device").sectors.resize(n, sector);
+        Ok(())
+    }
+
     /// Creates `dev` as a snapshot of `origin`: the origin's view, now and
     /// after a crash (rule 4).
     pub fn create_snap(&mut self, dev: DevId, origin: DevId) -> Result<(), UsageError> {
@@ -1143,6 +1169,23 @@ mod tests {
 
     fn w(n: u64) -> Content {
         Content::Write(n)
+    }
+
+    #[test]
+    fn a_grown_device_reads_zeroes_past_its_old_end_and_keeps_the_rest() {
+        let mut o = oracle();
+        o.create_thin(0, 16).unwrap();
+        write(&mut o, 0, 0, 16, 1, false);
+        assert!(o.read_submitted(0, 16, 8).is_err(), "past the end");
+        o.grow(0, 32).unwrap();
+        o.grow(0, 8).unwrap();
+        assert_eq!(o.nr_sectors(0), Some(32), "never shrinks");
+        read(&mut o, 0, 16, &zeroes(16)).unwrap();
+        assert_eq!(o.legal(0, 20), vec![Zeroes]);
+        assert_eq!(o.after_crash(0, 20), vec![Zeroes]);
+        read(&mut o, 0, 0, &stamped(1, 0, 0, 16)).unwrap();
+        violation(read(&mut o, 0, 24, &stamped(1, 0, 24, 8)));
+        assert!(o.grow(1, 8).is_err(), "no such device");
     }
 
     #[test]

@@ -566,6 +566,7 @@ mod tests {
             Op::Reload { mode: CacheIoMode::Writethrough, policy: CachePolicyKind::Cleaner },
             Op::Invalidate { cblock: 5, nr: 2 },
             Op::Status,
+            Op::Resize { cache_blocks: 8, origin_blocks: 64 },
             Op::Fault { disk: DiskId::Cache, fault: DiskFault::ReadError { permanent: false } },
             Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: true } },
         ]

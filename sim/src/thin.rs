@@ -482,7 +482,7 @@ impl ThinSim {
                 self.collect()?;
             }
             ThinOp::Crash { mode, seed } => self.crash(mode, seed)?,
-            ThinOp::Reload { .. } | ThinOp::Invalidate { .. } | ThinOp::Status => {
+            ThinOp::Reload { .. } | ThinOp::Resize { .. } | ThinOp::Invalidate { .. } | ThinOp::Status => {
                 return Err(self.not_thin(op))
             }
         }

@@ -203,7 +203,8 @@ fn simplify_inner<T: Clone>(
 /// shorter, crashes toward [`CrashMode::LoseAll`] and seed 0, reloads
 /// toward the earlier modes and policies of [`CacheIoMode::ALL`] and
 /// [`CachePolicyKind::ALL`] (writeback, smq), invalidations toward cache
-/// block 0 and one block.
+/// block 0 and one block, resizes toward one cache block and one origin
+/// block (or half).
 pub fn simpler_ops(op: &Op) -> Vec<Op> {
     let mut out: Vec<Op> = Vec::new();
     match *op {
@@ -308,6 +309,14 @@ pub fn simpler_ops(op: &Op) -> Vec<Op> {
             }
             for c in smaller(cblock.into(), 0) {
                 out.push(Op::Invalidate { cblock: c as u32, nr });
+            }
+        }
+        Op::Resize { cache_blocks, origin_blocks } => {
+            for c in smaller(cache_blocks.into(), 1) {
+                out.push(Op::Resize { cache_blocks: c as u32, origin_blocks });
+            }
+            for o in smaller(origin_blocks.into(), 1) {
+                out.push(Op::Resize { cache_blocks, origin_blocks: o as u32 });
             }
         }
         Op::CreateThin | Op::Worker | Op::Status => {}

@@ -3,8 +3,9 @@
 //! a time.
 //!
 //! Thin traces and cache traces share the schema. Most ops mean the same in
-//! both; [`Op::Reload`], [`Op::Invalidate`] and [`Op::Status`] belong to
-//! cache traces only, and so do the disks [`DiskId::Cache`] and
+//! both; [`Op::Reload`], [`Op::Resize`], [`Op::Invalidate`] and
+//! [`Op::Status`] belong to cache traces only, and so do the disks
+//! [`DiskId::Cache`] and
 //! [`DiskId::Origin`] (a thin replay rejects them with an error).
 //!
 //! Ops are written so that any sequence is meaningful: devices are picked
@@ -296,6 +297,18 @@ pub enum Op {
     /// Cache traces only: an INFO status query (in the kernel it commits
     /// as a side effect).
     Status,
+    /// Cache traces only: suspend the cache (its clean shutdown), present
+    /// the cache device with `cache_blocks` blocks and the origin with
+    /// `origin_blocks` (the table's length), load the table in use on them
+    /// and resume. The kernel resizes the metadata at preresume: a shrink
+    /// over dirty blocks is refused. The simulator keeps both sizes within
+    /// its bounds (at least one block, at most its largest disk).
+    Resize {
+        /// Cache blocks of the cache device (in the table's block size).
+        cache_blocks: u32,
+        /// Origin blocks the table covers.
+        origin_blocks: u32,
+    },
 }
 
 impl Op {
@@ -322,13 +335,14 @@ impl Op {
             Op::Reload { .. } => "reload",
             Op::Invalidate { .. } => "invalidate",
             Op::Status => "status",
+            Op::Resize { .. } => "resize",
         }
     }
 
     /// Whether the op belongs to cache traces only ([`Op::Reload`],
-    /// [`Op::Invalidate`], [`Op::Status`]).
+    /// [`Op::Resize`], [`Op::Invalidate`], [`Op::Status`]).
     pub fn is_cache_only(&self) -> bool {
-        matches!(self, Op::Reload { .. } | Op::Invalidate { .. } | Op::Status)
+        matches!(self, Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status)
     }
 
     /// Why a thin run cannot take this op, if it cannot: a cache-only op,

@@ -99,6 +99,7 @@
 //! reload mode=IOMODE policy=POLICY               Op::Reload (cache traces only)
 //! invalidate cblock=N nr=N                       Op::Invalidate (cache traces only)
 //! status                                         Op::Status (cache traces only)
+//! resize cache=N origin=N                        Op::Resize (cache traces only; N in blocks)
 //! done bio=N dev=N S [read=S]                    Event::Done (S = result)
 //! fault-fired DISK S                             Event::FaultFired
 //! crashed metadata=N/N data=N/N [torn]           Event::Crashed (kept/unflushed)
@@ -227,6 +228,9 @@ pub fn op_to_line(op: &Op) -> String {
         Op::Reload { mode, policy } => format!("reload mode={} policy={}", mode.name(), policy.name()),
         Op::Invalidate { cblock, nr } => format!("invalidate cblock={cblock} nr={nr}"),
         Op::Status => "status".to_string(),
+        Op::Resize { cache_blocks, origin_blocks } => {
+            format!("resize cache={cache_blocks} origin={origin_blocks}")
+        }
     }
 }
 
@@ -497,8 +501,8 @@ fn parse_num<T: FromStr>(s: &str) -> Option<T> {
 }
 
 const EVENTS: &str = "an event: write, read, discard, flush, create-thin, create-snap, delete, worker, \
-     complete, fail-io, fault, tick, crash, reload, invalidate, status, done, fault-fired, crashed, mode \
-     or violation";
+     complete, fail-io, fault, tick, crash, reload, invalidate, status, resize, done, fault-fired, crashed, \
+     mode or violation";
 
 fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
     let Some(name) = line.keyword() else {
@@ -524,6 +528,7 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         "reload" => "reload mode=writeback|writethrough|passthrough policy=smq|cleaner",
         "invalidate" => "invalidate cblock=N nr=N",
         "status" => "status",
+        "resize" => "resize cache=N origin=N",
         "done" => "done bio=N dev=N RESULT [read=S]",
         "fault-fired" => "fault-fired DISK WHAT",
         "crashed" => "crashed metadata=N/N data=N/N [torn]",
@@ -621,6 +626,10 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
             a.finish(op(Op::Invalidate { cblock, nr }))
         }
         "status" => a.finish(op(Op::Status)),
+        "resize" => {
+            let (cache_blocks, origin_blocks) = (a.num("cache")?, a.num("origin")?);
+            a.finish(op(Op::Resize { cache_blocks, origin_blocks }))
+        }
         "done" => {
             let (bio, dev) = (a.num("bio")?, a.num("dev")?);
             let result = a.next("a result (`ok` or an errno name)")?;

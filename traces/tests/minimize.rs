@@ -132,6 +132,8 @@ fn any_op() -> impl Strategy<Value = Op> {
             .prop_map(|(mode, policy)| Op::Reload { mode, policy }),
         (any::<u32>(), any::<u16>()).prop_map(|(cblock, nr)| Op::Invalidate { cblock, nr }),
         Just(Op::Status),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(cache_blocks, origin_blocks)| Op::Resize { cache_blocks, origin_blocks }),
         (prop::sample::select(DiskId::ALL.to_vec()), any::<bool>())
             .prop_map(|(disk, permanent)| Op::Fault { disk, fault: DiskFault::ReadError { permanent } }),
     ]
@@ -189,6 +191,12 @@ fn simpler_ops_examples() {
         ]
     );
     assert_eq!(simpler_ops(&Op::Invalidate { cblock: 0, nr: 1 }), vec![]);
+    let resize = |cache_blocks, origin_blocks| Op::Resize { cache_blocks, origin_blocks };
+    assert_eq!(
+        simpler_ops(&resize(8, 100)),
+        vec![resize(1, 100), resize(4, 100), resize(8, 1), resize(8, 50)]
+    );
+    assert_eq!(simpler_ops(&resize(1, 1)), vec![]);
 }
 
 /// The failure: a FUA write of at least 4 sectors somewhere before a crash

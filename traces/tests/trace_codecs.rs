@@ -113,6 +113,8 @@ fn every_cache_event() -> Trace {
             Op::Invalidate { cblock: 300, nr: 200 },
             Op::Invalidate { cblock: u32::MAX, nr: u16::MAX },
             Op::Status,
+            Op::Resize { cache_blocks: 1, origin_blocks: 300 },
+            Op::Resize { cache_blocks: u32::MAX, origin_blocks: 0 },
             Op::Fault { disk: DiskId::Cache, fault: DiskFault::ReadError { permanent: true } },
             Op::Fault { disk: DiskId::Origin, fault: DiskFault::WriteError { permanent: false } },
             Op::Fault { disk: DiskId::Metadata, fault: DiskFault::BitFlip { bit: 3 } },
@@ -143,6 +145,8 @@ fn cache_ops_text_encoding() {
          invalidate cblock=300 nr=200\n\
          invalidate cblock=4294967295 nr=65535\n\
          status\n\
+         resize cache=1 origin=300\n\
+         resize cache=4294967295 origin=0\n\
          fault cache read-error permanent\n\
          fault origin write-error transient\n\
          fault metadata bit-flip bit=3\n\
@@ -160,6 +164,15 @@ fn cache_ops_text_encoding() {
         Some(Event::Op(Op::Invalidate { cblock: 7, nr: 2 }))
     );
     assert_eq!(event_from_line("status").unwrap(), Some(Event::Op(Op::Status)));
+    assert_eq!(
+        event_from_line("resize origin=64 cache=\"8\"").unwrap(),
+        Some(Event::Op(Op::Resize { cache_blocks: 8, origin_blocks: 64 }))
+    );
+    for bad in ["resize cache=8", "resize origin=8", "resize cache=-1 origin=2", "resize cache=1 origin=2 x"]
+    {
+        let e = event_from_line(bad).unwrap_err().to_string();
+        assert!(e.contains("resize cache=N origin=N"), "{bad}: {e}");
+    }
 }
 
 #[test]
@@ -175,6 +188,8 @@ fn cache_ops_binary_encoding() {
     expected.extend([0x0f, 0xac, 0x02, 0xc8, 0x01]);
     expected.extend([0x0f, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff, 0x03]);
     expected.push(0x10);
+    expected.extend([0x11, 0x01, 0xac, 0x02]);
+    expected.extend([0x11, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x00]);
     expected.extend([0x0b, 0x02, 0x00, 0x01]);
     expected.extend([0x0b, 0x03, 0x01, 0x00]);
     expected.extend([0x0b, 0x00, 0x02, 0x03]);
@@ -212,6 +227,7 @@ fn thin_errors_name_the_cache_ops_and_disks() {
     assert_eq!(reload.thin_error().unwrap(), "op `reload` belongs to cache traces; this is a thin trace");
     assert!(Op::Invalidate { cblock: 0, nr: 1 }.thin_error().unwrap().contains("`invalidate`"));
     assert!(Op::Status.thin_error().unwrap().contains("`status`"));
+    assert!(Op::Resize { cache_blocks: 1, origin_blocks: 1 }.thin_error().unwrap().contains("`resize`"));
     let f = |disk| Op::Fault { disk, fault: DiskFault::BitFlip { bit: 0 } };
     assert!(f(DiskId::Cache).thin_error().unwrap().contains("disk `cache`"));
     assert!(f(DiskId::Origin).thin_error().unwrap().contains("disk `origin`"));
@@ -270,6 +286,10 @@ fn lines_of_events() {
     );
     assert_eq!(text::op_to_line(&Op::Invalidate { cblock: 12, nr: 3 }), "invalidate cblock=12 nr=3");
     assert_eq!(text::op_to_line(&Op::Status), "status");
+    assert_eq!(
+        text::op_to_line(&Op::Resize { cache_blocks: 16, origin_blocks: 200 }),
+        "resize cache=16 origin=200"
+    );
     let e = Event::FaultFired { disk: DiskId::Origin, what: "misdirect".into() };
     assert_eq!(text::event_to_line(&e), "fault-fired origin misdirect");
 }
@@ -444,7 +464,10 @@ fn cache_binary_errors() {
         (&[0x0f, 0x81, 0x00, 0x01], 10, "shortest form"),
         (&[0x0b, 0x04, 0x00, 0x00], 10, "0 (metadata), 1 (data), 2 (cache) or 3 (origin), not 4"),
         (&[0x21, 0x04, 0x00], 10, "2 (cache) or 3 (origin), not 4"),
-        (&[0x11], 9, "an event tag (0x01..=0x10, 0x20..=0x24), not 0x11"),
+        (&[0x11], 10, "cache blocks (the input ended)"),
+        (&[0x11, 0x01], 11, "origin blocks (the input ended)"),
+        (&[0x11, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01], 10, "cache blocks in 0..=4294967295"),
+        (&[0x12], 9, "an event tag (0x01..=0x11, 0x20..=0x24), not 0x12"),
         (&[0x1f], 9, "not 0x1f"),
         (&[0x25], 9, "not 0x25"),
         (&[0x10, 0x10], 10, "the end of the trace"),
@@ -465,6 +488,13 @@ fn cache_binary_errors() {
         }
     }
     assert_eq!(from_bytes(&one(&[0x10])).unwrap().events, vec![Event::Op(Op::Status)]);
+    assert_eq!(
+        from_bytes(&one(&[0x11, 0x03, 0x80, 0x01])).unwrap().events,
+        vec![Event::Op(Op::Resize { cache_blocks: 3, origin_blocks: 128 })]
+    );
+    // A size past u32, a truncated resize: errors, never panics.
+    assert!(from_bytes(&one(&[0x11, 0x80, 0x80, 0x80, 0x80, 0x10, 0x00])).is_err());
+    assert!(from_bytes(&one(&[0x11, 0x03])).is_err());
 }
 
 #[test]
@@ -569,6 +599,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(mode, policy)| Op::Reload { mode, policy }),
         (any::<u32>(), any::<u16>()).prop_map(|(cblock, nr)| Op::Invalidate { cblock, nr }),
         Just(Op::Status),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(cache_blocks, origin_blocks)| Op::Resize { cache_blocks, origin_blocks }),
     ]
 }
 

@@ -346,6 +346,9 @@ pub struct Cache<M, C, O> {
     /// `idle_time` to 0, and jiffies start far above it).
     idle_since: Option<Nanos>,
     need_tick_bio: bool,
+    /// Suspended: not yet resumed, or suspended since (I/O waits in dm
+    /// core; only a resume or a reload moves on).
+    suspended: bool,
     /// The superblock on disk says CLEAN_SHUTDOWN (a suspend wrote it and
     /// no commit has cleared it since).
     clean_on_disk: bool,
@@ -355,6 +358,21 @@ pub struct Cache<M, C, O> {
 
 fn err(errno: Errno, what: impl Into<String>) -> TargetError {
     TargetError { errno, message: what.into() }
+}
+
+/// Sizes a target may see on these devices: no larger than they are.
+fn fits(sizes: DeviceSizes, cache: &impl BlockDevice, origin: &impl BlockDevice) -> Result<(), TargetError> {
+    if sizes.cache_sectors > cache.nr_sectors() || sizes.origin_sectors > origin.nr_sectors() {
+        return Err(err(
+            Errno::EINVAL,
+            format!(
+                "device sizes {sizes:?} exceed the devices ({} cache sectors, {} origin sectors)",
+                cache.nr_sectors(),
+                origin.nr_sectors()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
@@ -373,6 +391,24 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             cache_sectors: cache.nr_sectors(),
             origin_sectors: origin.nr_sectors(),
         };
+        Self::create_sized(params, sizes, metadata, cache, origin, now, opts)
+    }
+
+    /// [`Self::create`] with the sizes the target sees: the table's length
+    /// (`target_len`, the origin blocks it caches), the cache device's size
+    /// and the origin device's. The devices underneath may be larger (as a
+    /// dm-linear presents the first part of a larger disk); sizes past
+    /// them are an error.
+    pub fn create_sized(
+        params: &str,
+        sizes: DeviceSizes,
+        metadata: M,
+        cache: C,
+        origin: O,
+        now: Nanos,
+        opts: CacheOptions,
+    ) -> Result<Self, TargetError> {
+        fits(sizes, &cache, &origin)?;
         let mut t = CacheTarget::create(params, sizes, metadata, now)?;
         t.md.set_mutations(opts.mutations);
         let mut c = Self::assemble(t, params, cache, origin, now, opts);
@@ -415,6 +451,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             in_flight_sectors: 0,
             idle_since: None,
             need_tick_bio: true,
+            suspended: true,
             clean_on_disk: false,
             counters: CacheCounters::default(),
             broken: None,
@@ -422,11 +459,9 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn resume(&mut self) -> Result<(), TargetError> {
-        self.t.preresume().map_err(|e| match e {
-            Errno::EBUSY => err(e, "cannot enter passthrough mode unless all blocks are clean (preresume)"),
-            e => err(e, "cache preresume failed"),
-        })?;
+        self.t.preresume()?;
         self.t.resume(self.now);
+        self.suspended = false;
         if self.opts.fixes.resume_clears_clean_shutdown && self.clean_on_disk {
             // The clean-shutdown fix (see CacheFixes).
             self.t.md.mark_changed();
@@ -451,9 +486,15 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// the worker must be idle. Background work stops, then the clean
     /// shutdown is written (in write mode).
     pub fn suspend(&mut self) -> Result<(), TargetError> {
+        if self.suspended {
+            // dm core refuses to suspend a suspended device (a table whose
+            // preresume failed was never resumed); no postsuspend runs.
+            return Err(err(Errno::EINVAL, "the device is already suspended"));
+        }
         if !self.is_idle() {
             return Err(err(Errno::EBUSY, "suspend with I/O or migrations in flight"));
         }
+        self.suspended = true;
         self.background_allowed = false;
         if self.opts.fixes.flush_before_commit && self.t.mode == CacheMode::Write {
             // An error shows up on the next data I/O.
@@ -470,32 +511,40 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// Swaps in a new table on the same devices after [`Self::suspend`]
     /// (the metadata object is kept, as the kernel shares it), then
     /// resumes. If the new table is refused (its constructor's error), the
-    /// old table stays loaded, as it was, and is resumed; the error comes
-    /// back with it.
-    pub fn reload(mut self, params: &str) -> ReloadResult<M, C, O> {
+    /// old table stays loaded, as it was, and is resumed; the constructor's
+    /// error comes back with it. If the new table's preresume fails, the cache comes
+    /// back suspended with the new table and the error (as the kernel
+    /// leaves the device: another table must be loaded, with this call,
+    /// without a suspend).
+    pub fn reload(self, params: &str) -> ReloadResult<M, C, O> {
         let sizes = self.t.sizes();
-        if let Err(e) = self.t.check_reload(params, sizes) {
-            let r = self.resume();
-            return Ok((self, r.and(Err(TargetError::from(e)))));
-        }
-        let old = self.params.clone();
-        let (c, r) = self.swap_table(params)?;
-        match r {
-            // The new table's preresume refused (6.1: passthrough over
-            // blocks that load dirty): the device is suspended with it. The
-            // old table is loaded again, as a new target (fresh policy,
-            // counters and I/O tracker), as the kernel's user must do.
-            Err(e) if e.errno == Errno::EBUSY => {
-                let (c, r) = c.swap_table(&old)?;
-                Ok((c, r.and(Err(e))))
-            }
-            r => Ok((c, r)),
-        }
+        self.reload_sized(params, sizes)
     }
 
-    /// Loads `params` as a new target on the same devices and resumes it.
-    fn swap_table(self, params: &str) -> ReloadResult<M, C, O> {
-        let sizes = self.t.sizes();
+    /// [`Self::reload`] with new device sizes (see [`Self::create_sized`]):
+    /// a table on a resized cache device (the metadata's mapping array is
+    /// resized at preresume; a shrink over a dirty block is refused) or
+    /// with a new length (more or fewer origin blocks cached; mappings past
+    /// a shorter origin's end are dropped if clean, refused with EFBIG if
+    /// dirty). A constructor's refusal resumes the old table at its own
+    /// sizes.
+    pub fn reload_sized(mut self, params: &str, sizes: DeviceSizes) -> ReloadResult<M, C, O> {
+        let checked = fits(sizes, &self.cdev, &self.odev)
+            .and_then(|()| self.t.check_reload(params, sizes).map_err(TargetError::from));
+        if let Err(e) = checked {
+            // The load's error is the one reported; if the old table does
+            // not resume either (one whose own preresume failed), the
+            // cache stays suspended (see `is_suspended`).
+            let _ = self.resume();
+            return Ok((self, Err(e)));
+        }
+        self.swap_table(params, sizes)
+    }
+
+    /// Loads `params` on `sizes` as a new target on the same devices and
+    /// resumes it (a failed preresume leaves it suspended, see
+    /// [`Self::reload`]).
+    fn swap_table(self, params: &str, sizes: DeviceSizes) -> ReloadResult<M, C, O> {
         let Cache { t, cdev, odev, opts, now, clean_on_disk, counters, .. } = self;
         let md = t.into_metadata();
         let t = match CacheTarget::reload(params, sizes, md, now) {
@@ -521,6 +570,12 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// volatile caches keep).
     pub fn crash(self) -> (M, C, O) {
         (self.t.md.crash(), self.cdev, self.odev)
+    }
+
+    /// Whether the device is suspended: after [`Self::suspend`], or with
+    /// a table whose resume failed.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
     }
 
     /// The table line the target was loaded with.

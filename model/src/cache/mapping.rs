@@ -191,12 +191,16 @@ impl<D: BlockDevice> CacheMetadata<D> {
     }
 
     /// Resizes the cache to `new_cache_blocks` (`dm_cache_resize`): refused
-    /// if a dropped block is mapped and dirty; the mapping array (and v2
-    /// dirty bitset) grow with unmapped / clean entries.
+    /// if a dropped block is mapped and dirty as stored (v1: the mapping's
+    /// flags; v2: the dirty bitset alone, whatever the mapping); the
+    /// mapping array (and v2 dirty bitset) grow with unmapped / clean
+    /// entries, or lose their tail (clean mappings in it are simply
+    /// dropped: their data is on the origin).
     pub fn resize(&mut self, new_cache_blocks: u32) -> Result<()> {
         self.write_lock()?;
         let old = self.cache_blocks;
-        if new_cache_blocks < old {
+        // The deliberate bug `cache-shrink-drops-dirty` skips the check.
+        if new_cache_blocks < old && !self.mutations().cache_shrink_drops_dirty {
             if let Some(b) = self.first_dirty(new_cache_blocks, old)? {
                 return Err(CacheError::ShrinkDirty(b));
             }

@@ -33,6 +33,28 @@ pub enum CacheMode {
     Fail,
 }
 
+/// Cache blocks (of the cache device) and origin blocks (of the target's
+/// length, `ti->len`, which is what the kernel caches: the origin device
+/// may be longer) of a table on devices of `sizes`.
+fn geometry(table: &CacheTable, sizes: DeviceSizes) -> (u32, u64) {
+    ((sizes.cache_sectors / table.block_sectors) as u32, sizes.target_len / table.block_sectors)
+}
+
+/// Why preresume could not load the mappings.
+enum LoadFailure {
+    /// A dirty mapping of an origin block past the origin's end (EFBIG,
+    /// the metadata untouched).
+    OriginShrinkDirty(u32),
+    /// A metadata operation failed.
+    Metadata(CacheError),
+}
+
+impl From<CacheError> for LoadFailure {
+    fn from(e: CacheError) -> Self {
+        LoadFailure::Metadata(e)
+    }
+}
+
 /// An active cache target over a metadata device `D`.
 #[derive(Debug)]
 pub struct CacheTarget<D> {
@@ -64,9 +86,8 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// policy's clock. Errors are the kernel's `ti->error` texts.
     pub fn create(params: &str, sizes: DeviceSizes, metadata: D, now: Nanos) -> Result<Self, TableError> {
         let table = CacheTable::parse(params, sizes)?;
-        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
-        let origin_blocks = sizes.origin_sectors / table.block_sectors;
-        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let (cache_blocks, origin_blocks) = geometry(&table, sizes);
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.target_len, table.block_sectors);
         let mut policy = SmqPolicy::new(smq, now);
         for (k, v) in &table.policy_args {
             if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
@@ -93,8 +114,8 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// live table when a load fails).
     pub fn check_reload(&mut self, params: &str, sizes: DeviceSizes) -> Result<(), TableError> {
         let table = CacheTable::parse(params, sizes)?;
-        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
-        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let (cache_blocks, _) = geometry(&table, sizes);
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.target_len, table.block_sectors);
         let mut policy = SmqPolicy::new(smq, 0);
         for (k, v) in &table.policy_args {
             if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
@@ -152,9 +173,8 @@ impl<D: BlockDevice> CacheTarget<D> {
             Ok(t) => t,
             Err(e) => return Err((md, e)),
         };
-        let cache_blocks = (sizes.cache_sectors / table.block_sectors) as u32;
-        let origin_blocks = sizes.origin_sectors / table.block_sectors;
-        let smq = SmqParams::new(table.policy, cache_blocks, sizes.origin_sectors, table.block_sectors);
+        let (cache_blocks, origin_blocks) = geometry(&table, sizes);
+        let smq = SmqParams::new(table.policy, cache_blocks, sizes.target_len, table.block_sectors);
         let mut policy = SmqPolicy::new(smq, now);
         for (k, v) in &table.policy_args {
             if !k.eq_ignore_ascii_case("migration_threshold") && policy.set_config_value(k, v).is_err() {
@@ -192,8 +212,7 @@ impl<D: BlockDevice> CacheTarget<D> {
         cache_blocks: u32,
         origin_blocks: u64,
     ) -> Result<Self, (Self, TableError)> {
-        let (discard_block_size, discard_blocks) =
-            discard_geometry(table.block_sectors, sizes.origin_sectors);
+        let (discard_block_size, discard_blocks) = discard_geometry(table.block_sectors, sizes.target_len);
         let needs_check = md.needs_check();
         let mut t = CacheTarget {
             table,
@@ -271,42 +290,108 @@ impl<D: BlockDevice> CacheTarget<D> {
         self.md
     }
 
-    /// `cache_preresume`: the first resume sizes the cache (the metadata's
-    /// mapping array to the cache device's blocks) and loads the mappings
-    /// into the policy and the in-core dirty bits (every mapped block dirty
-    /// unless the metadata was shut down cleanly; hints only when they are
-    /// valid for this policy), then the discard bits.
-    pub fn preresume(&mut self) -> Result<(), Errno> {
+    /// `cache_preresume`. A table that failed an earlier preresume after
+    /// sizing the cache cannot be resumed (`can_resume`: "missing proper
+    /// cache table reload"; a new table must be loaded). The first resume
+    /// of a table sizes the metadata's mapping array to the cache device's
+    /// blocks (`resize_cache_dev` → `dm_cache_resize`); a shrink over a
+    /// block stored dirty is refused with EINVAL, and as any failed
+    /// metadata operation it aborts the transaction, sets NEEDS_CHECK and
+    /// turns the metadata read-only (`metadata_operation_failed`), so that
+    /// no table loads on it until it is repaired. Then the mappings are
+    /// loaded (`load_filtered_mapping`): into the policy and the in-core
+    /// dirty bits (every mapped block dirty unless the metadata was shut
+    /// down cleanly; hints only where they are valid), except mappings of
+    /// origin blocks past the origin's end (a table on a shorter origin):
+    /// a dirty one refuses the resume with EFBIG ("unable to shrink origin")
+    /// without touching the metadata, clean ones are removed from the
+    /// metadata (`truncate_oblocks`; durable at the next commit). Last, the
+    /// discard bits of a clean shutdown, rescaled to this table's discard
+    /// block size and cut at its origin's end.
+    ///
+    /// The error is the errno the resume ioctl returns and the kernel's log
+    /// line. (`can_resize`'s own refusals concern a cache device that
+    /// changed size under a live table; the model's devices change size
+    /// only with a table reload, whose new table always passes them.)
+    pub fn preresume(&mut self) -> Result<(), TableError> {
+        if self.sized && !self.loaded_mappings {
+            return Err(TableError::einval(
+                "unable to resume cache due to missing proper cache table reload",
+            ));
+        }
         if !self.sized {
-            if self.md.resize(self.cache_blocks).is_err() {
+            if let Err(e) = self.md.resize(self.cache_blocks) {
                 self.metadata_failed();
-                return Err(Errno::EINVAL);
+                let what = match e {
+                    CacheError::ShrinkDirty(b) => {
+                        format!("unable to shrink cache due to dirty blocks (cache block {b} is dirty)")
+                    }
+                    e => format!("could not resize cache metadata: {e}"),
+                };
+                return Err(TableError::einval(what));
             }
             self.sized = true;
         }
         if !self.loaded_mappings {
             if self.table.io_mode == IoMode::Passthrough {
-                self.passthrough_allowed()?;
+                self.passthrough_allowed().map_err(|e| {
+                    TableError::new(e, "cannot enter passthrough mode unless all blocks are clean")
+                })?;
             }
-            self.load_mappings().map_err(|_| Errno::EINVAL)?;
+            match self.load_mappings() {
+                Ok(()) => {}
+                Err(LoadFailure::OriginShrinkDirty(c)) => {
+                    return Err(TableError::new(
+                        Errno::EFBIG,
+                        format!("unable to shrink origin; cache block {c} is dirty"),
+                    ))
+                }
+                Err(LoadFailure::Metadata(e)) => {
+                    self.metadata_failed();
+                    return Err(TableError::einval(format!("could not load cache mappings: {e}")));
+                }
+            }
             self.loaded_mappings = true;
         }
         if !self.loaded_discards {
-            // Discard bits are loaded only from a clean shutdown, and only
-            // when the stored geometry is the current one (the kernel
-            // rescales other geometries; not modelled yet).
-            let stored = self.md.load_discards().map_err(|_| Errno::EINVAL)?;
-            if self.md.discard_geometry().0 == self.discard_block_size {
-                for (i, d) in stored.into_iter().enumerate().take(self.discards.len()) {
-                    self.discards[i] = d;
-                }
+            if let Err(e) = self.load_discards() {
+                self.metadata_failed();
+                return Err(TableError::einval(format!("could not load origin discards: {e}")));
             }
             self.loaded_discards = true;
         }
         Ok(())
     }
 
-    fn load_mappings(&mut self) -> Result<(), CacheError> {
+    /// The discard bits as stored at the last clean shutdown (none after an
+    /// unclean one), rescaled from the stored discard block size to this
+    /// table's: each run of discarded blocks becomes the whole discard
+    /// blocks of the current size inside it, cut at the origin's end
+    /// (`load_discard`, `set_discard_range`).
+    fn load_discards(&mut self) -> Result<(), CacheError> {
+        let (stored_size, _) = self.md.discard_geometry();
+        let stored = self.md.load_discards()?;
+        self.discards.iter_mut().for_each(|d| *d = false);
+        let mut b = 0;
+        while b < stored.len() {
+            if !stored[b] {
+                b += 1;
+                continue;
+            }
+            let begin = b;
+            while b < stored.len() && stored[b] {
+                b += 1;
+            }
+            let first = (begin as u64 * stored_size).div_ceil(self.discard_block_size);
+            let end = (b as u64 * stored_size / self.discard_block_size).min(self.discards.len() as u64);
+            for d in first..end {
+                self.discards[d as usize] = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_mappings(&mut self) -> Result<(), LoadFailure> {
         let clean = self.md.clean_when_opened();
         let sb_name = policy_name_str(&self.md.policy_name);
         let valid = hints_valid(
@@ -318,6 +403,8 @@ impl<D: BlockDevice> CacheTarget<D> {
             self.md.hint_root != 0,
         );
         let hints = if valid { self.md.hints()? } else { Vec::new() };
+        // Clean mappings past the origin's end (`invalid_bitset`).
+        let mut beyond_origin = Vec::new();
         for c in 0..self.md.cache_blocks() {
             let Some((oblock, stored_dirty)) = self.md.lookup(c)? else { continue };
             // The deliberate bug `cache-dirty-trusted-after-crash` believes
@@ -327,16 +414,29 @@ impl<D: BlockDevice> CacheTarget<D> {
             } else {
                 !clean || stored_dirty
             };
-            let hint = hints.get(c as usize).copied().unwrap_or(0);
-            if self.policy.load_mapping(oblock, c, dirty, hint, valid).is_err() {
-                return Err(CacheError::BadSuperblock(format!(
+            if oblock >= self.origin_blocks {
+                if dirty {
+                    return Err(LoadFailure::OriginShrinkDirty(c));
+                }
+                beyond_origin.push(c);
+                continue;
+            }
+            // The hint cursor ends with the hint array (shorter than the
+            // mapping array after a grown cache): no hint past it.
+            let hint_valid = valid && (c as usize) < hints.len();
+            let hint = if hint_valid { hints[c as usize] } else { 0 };
+            if self.policy.load_mapping(oblock, c, dirty, hint, hint_valid).is_err() {
+                return Err(LoadFailure::Metadata(CacheError::BadSuperblock(format!(
                     "policy refused the mapping of cache block {c}"
-                )));
+                ))));
             }
             if dirty && (c as usize) < self.dirty.len() && !self.dirty[c as usize] {
                 self.dirty[c as usize] = true;
                 self.nr_dirty += 1;
             }
+        }
+        for c in beyond_origin {
+            self.md.remove_mapping(c)?;
         }
         Ok(())
     }
@@ -456,5 +556,74 @@ impl<D: BlockDevice> CacheTarget<D> {
     /// Whether cache block `c` is dirty in core.
     pub fn is_dirty(&self, c: u32) -> bool {
         self.dirty.get(c as usize).copied().unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_device::MemDevice;
+
+    const BS: u64 = 64;
+
+    fn sizes(origin_sectors: u64) -> DeviceSizes {
+        DeviceSizes { target_len: origin_sectors, cache_sectors: 16 * BS, origin_sectors }
+    }
+
+    /// A target on `origin_sectors` after a clean shutdown that recorded
+    /// `discarded` (discard blocks), then one on `next_origin_sectors`:
+    /// the discard block size and bits the second loads.
+    fn reload_discards(
+        origin_sectors: u64,
+        discarded: &[usize],
+        next_origin_sectors: u64,
+    ) -> (u64, Vec<bool>) {
+        let params = format!("m c o {BS} 1 writeback smq 0");
+        let mut t = CacheTarget::create(&params, sizes(origin_sectors), MemDevice::new(8192), 0).unwrap();
+        t.preresume().unwrap();
+        t.resume(0);
+        for &d in discarded {
+            t.discards[d] = true;
+        }
+        t.postsuspend().unwrap();
+        let md = t.close();
+        let mut t = CacheTarget::create(&params, sizes(next_origin_sectors), md, 0).unwrap();
+        t.preresume().unwrap();
+        (t.discard_block_size, t.discards.clone())
+    }
+
+    #[test]
+    fn discard_bits_follow_the_origin_size() {
+        // The same discard block size: a longer origin adds clear bits, a
+        // shorter one cuts the bits past its end.
+        let (size, bits) = reload_discards(32 * BS, &[1, 2, 31], 40 * BS);
+        assert_eq!(size, BS);
+        assert_eq!(bits.iter().positions(), vec![1, 2, 31]);
+        assert_eq!(bits.len(), 40);
+        let (_, bits) = reload_discards(32 * BS, &[1, 2, 31], 20 * BS);
+        assert_eq!((bits.len(), bits.iter().positions()), (20, vec![1, 2]));
+    }
+
+    #[test]
+    fn discard_bits_are_rescaled_to_a_larger_discard_block() {
+        // 16384 discard blocks of 64 sectors, then an origin twice as long:
+        // blocks of 128 sectors. A run of old blocks 0..4 covers new
+        // blocks 0 and 1; old block 5 alone covers no whole new block;
+        // old blocks 8..11 cover new block 4 only (5's second half is
+        // not discarded).
+        let n = super::super::mapping::MAX_DISCARD_BLOCKS;
+        let (size, bits) = reload_discards(n * BS, &[0, 1, 2, 3, 5, 8, 9, 10], 2 * n * BS);
+        assert_eq!(size, 2 * BS);
+        assert_eq!(bits.iter().positions(), vec![0, 1, 4]);
+    }
+
+    trait Positions {
+        fn positions(self) -> Vec<usize>;
+    }
+
+    impl<'a, I: Iterator<Item = &'a bool>> Positions for I {
+        fn positions(self) -> Vec<usize> {
+            self.enumerate().filter(|(_, b)| **b).map(|(i, _)| i).collect()
+        }
     }
 }
