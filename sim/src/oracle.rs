@@ -444,6 +444,21 @@ struct SectorState {
     discarding: u32,
 }
 
+impl SectorState {
+    /// A sector that reads zeroes, now and after a crash, since op `t`.
+    fn zeroes(t: u64) -> Self {
+        let zeroes = vec![Entry { content: Content::Zeroes, op: t }];
+        SectorState {
+            legal: zeroes.clone(),
+            after_crash: zeroes,
+            written: false,
+            written_durable: false,
+            reset_at: 0,
+            discarding: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct DeviceState {
     sectors: Vec<SectorState>,
@@ -555,15 +570,7 @@ impl Oracle {
         let inc = self.new_incarnation(dev)?;
         let t = self.tick();
         self.ops.instant(t);
-        let zeroes = vec![Entry { content: Content::Zeroes, op: t }];
-        let sector = SectorState {
-            legal: zeroes.clone(),
-            after_crash: zeroes,
-            written: false,
-            written_durable: false,
-            reset_at: 0,
-            discarding: 0,
-        };
+        let sector = SectorState::zeroes(t);
         let sectors = vec![sector; usize::try_from(nr_sectors).expect("device size fits in memory")];
         self.devices.insert(dev, inc);
         self.states.insert(inc, DeviceState { sectors });
@@ -584,15 +591,7 @@ impl Oracle {
         }
         let t = self.tick();
         self.ops.instant(t);
-        let zeroes = vec![Entry { content: Content::Zeroes, op: t }];
-        let sector = SectorState {
-            legal: zeroes.clone(),
-            after_crash: zeroes,
-            written: false,
-            written_durable: false,
-            reset_at: 0,
-            discarding: 0,
-        };
+        let sector = SectorState::zeroes(t);
         self.states.get_mut(&inc).expect("live device").sectors.resize(n, sector);
         Ok(())
     }
