@@ -281,6 +281,12 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.tm.mutations = m;
     }
 
+    /// The first inconsistency the metadata's operations met, kept across
+    /// aborts (see [`TransactionManager::broken`]).
+    pub fn broken(&self) -> Option<&str> {
+        self.tm.broken()
+    }
+
     /// The transaction manager (for the checker's tests and tools).
     pub fn transaction_manager(&mut self) -> &mut TransactionManager<D> {
         &mut self.tm
@@ -637,14 +643,14 @@ impl<D: BlockDevice> ThinMetadata<D> {
                 // The search found a key the removal cannot reach: only a
                 // damaged tree does that, and the kernel's loop would spin
                 // here for ever.
-                return Err(PdataError::Corrupt {
-                    kind: BlockKind::BtreeNode,
-                    block: mapping_root,
-                    what: format!(
-                        "mapping tree of device {id}: vblock {begin} is found but cannot be removed"
-                    ),
-                }
-                .into());
+                return Err(self
+                    .tm
+                    .runaway(
+                        BlockKind::BtreeNode,
+                        mapping_root,
+                        format!("mapping tree of device {id}: vblock {begin} is found but cannot be removed"),
+                    )
+                    .into());
             }
             begin = keys[0];
             total += count;

@@ -386,7 +386,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             while bit != bit_end {
                 let bitmap = &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?[BITMAP_HEADER_SIZE..];
                 match bitmap_get(bitmap, bit) {
-                    0 => return Err(PdataError::RefCountUnderflow(b)),
+                    0 => return Err(self.noted(PdataError::RefCountUnderflow(b))),
                     1 => {
                         bitmap_set(bitmap, bit, 0);
                         nr_allocations -= 1;
@@ -584,5 +584,20 @@ mod tests {
         bitmap_set(&mut data, 5, 0);
         assert_eq!(find_free_in_bitmap(&data, 0, 16320), Some(5));
         assert_eq!(find_free_in_bitmap(&data, 6, 16320), Some(70));
+    }
+
+    #[test]
+    fn a_count_below_zero_is_an_error_the_transaction_manager_keeps() {
+        use crate::block_device::MemDevice;
+        let mut tm = TransactionManager::create(MemDevice::new(2048), 0).unwrap();
+        tm.data_sm_create(100).unwrap();
+        tm.data_sm_inc(5, 6).unwrap();
+        tm.data_sm_dec(5, 6).unwrap();
+        assert_eq!(tm.broken(), None);
+        assert_eq!(tm.data_sm_dec(5, 6), Err(PdataError::RefCountUnderflow(5)));
+        assert_eq!(tm.broken(), Some("unable to decrement the reference count of block 5 below 0"));
+        // The first is kept.
+        let _ = tm.data_sm_dec(7, 8);
+        assert_eq!(tm.broken(), Some("unable to decrement the reference count of block 5 below 0"));
     }
 }
