@@ -367,7 +367,9 @@ impl CacheSim {
     /// Applies one op, recording it and what it led to.
     pub fn apply(&mut self, op: &Op) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
-        let r = self.apply_inner(op).and_then(|()| self.check_model());
+        let r = self.apply_inner(op);
+        // A broken invariant is the cause of whatever else the op showed.
+        let r = self.check_model().and(r);
         self.observe();
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -377,7 +379,7 @@ impl CacheSim {
 
     fn check_model(&mut self) -> Result<(), ThinFailure> {
         match self.cache.as_ref().map(|c| c.check()) {
-            Some(Err(e)) => Err(self.fail_as("model", e)),
+            Some(Err(e)) => Err(self.fail_as("model", format!("model invariant broken: {e}"))),
             _ => Ok(()),
         }
     }
@@ -801,6 +803,7 @@ impl CacheSim {
     /// and checks the final metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = self.finish_inner();
+        let r = self.check_model().and(r);
         self.observe();
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {

@@ -95,9 +95,10 @@ pub struct ThinFailure {
     /// the final checks).
     pub step: usize,
     /// Which detector: `oracle`, `checker`, `pool` (an unexpected error or
-    /// a hang), `load` (the pool did not load after a crash), `misuse` (the
-    /// driver fed the oracle something impossible), `trace` (the op belongs
-    /// to cache traces: see [`ThinOp::thin_error`]).
+    /// a hang), `model` (a broken invariant of the model: see
+    /// [`Pool::invariant_broken`]), `load` (the pool did not load after a
+    /// crash), `misuse` (the driver fed the oracle something impossible),
+    /// `trace` (the op belongs to cache traces: see [`ThinOp::thin_error`]).
     pub kind: &'static str,
     /// What happened.
     pub what: String,
@@ -339,6 +340,8 @@ impl ThinSim {
     pub fn apply(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
         let r = self.apply_inner(op);
+        // A broken invariant is the cause of whatever else the op showed.
+        let r = self.check_invariants().and(r);
         self.observe();
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -487,6 +490,18 @@ impl ThinSim {
             }
         }
         Ok(())
+    }
+
+    /// The model's own invariants, checked after every op and at the end:
+    /// a broken one (a precondition the kernel `BUG_ON`s on, a metadata
+    /// walk past its bound, a reference count below zero) is a violation,
+    /// whatever the pool then did about it (an EIO, read-only mode) and
+    /// whatever the oracle would accept.
+    fn check_invariants(&self) -> Result<(), ThinFailure> {
+        match self.pool.as_ref().and_then(|p| p.invariant_broken()) {
+            Some(b) => Err(self.fail_as("model", format!("model invariant broken: {b}"))),
+            None => Ok(()),
+        }
     }
 
     /// The failure of an op a thin pool cannot take (a cache trace's op or
@@ -772,6 +787,7 @@ impl ThinSim {
     /// oracle, and checks the committed metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = self.finish_inner();
+        let r = self.check_invariants().and(r);
         self.observe();
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {

@@ -1859,11 +1859,16 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.completions.push(CacheCompletion { id: p.parent, result: u.result, data });
     }
 
-    /// Checks the in-core state for consistency: every migration's cell is
-    /// locked, every dirty count matches its bits, the prison's own checks.
+    /// Checks the in-core state for consistency: no broken precondition
+    /// recorded (by the target, the prison or the metadata: a walk past its
+    /// bound, a reference count below zero), every dirty count matches its
+    /// bits, the prison's own checks.
     pub fn check(&self) -> Result<(), String> {
         if let Some(b) = &self.broken {
             return Err(b.clone());
+        }
+        if let Some(b) = self.t.md.broken() {
+            return Err(format!("{b} (cache metadata)"));
         }
         let n = self.t.dirty.iter().filter(|d| **d).count() as u64;
         if n != self.t.nr_dirty {

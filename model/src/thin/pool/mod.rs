@@ -418,6 +418,9 @@ pub struct Pool<M, D> {
     mode: Mutex<ModeState>,
     io: Mutex<IoState>,
     clock: Mutex<Clock>,
+    /// The first broken precondition of the pool's own bookkeeping (see
+    /// [`Pool::invariant_broken`]).
+    bug: Mutex<Option<String>>,
 }
 
 impl<M, D> fmt::Debug for Pool<M, D> {
@@ -488,6 +491,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }),
             io: Mutex::new(IoState::default()),
             clock: Mutex::new(Clock::default()),
+            bug: Mutex::new(None),
             table,
         };
         pool.preresume(len_sectors)?;
@@ -518,6 +522,46 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// dm events raised so far (the low water mark, mode changes).
     pub fn events(&self) -> u64 {
         lock(&self.lists).events
+    }
+
+    /// The first broken invariant of the model, if any. These are the
+    /// preconditions the kernel `BUG_ON`s on or would corrupt memory over
+    /// (a bio prison cell released twice, a deferred-set reference dropped
+    /// twice, a completion of a request or a mapping the pool does not
+    /// know), checked in every build and recorded instead of panicking;
+    /// and the metadata's inconsistencies ([`ThinMetadata::broken`]: a
+    /// walk past its bound, a reference count below zero), which the pool
+    /// handles as the kernel does (abort, read-only mode) but which sound
+    /// metadata never gives. Either is a bug of the model, or damage of
+    /// metadata read from outside.
+    pub fn invariant_broken(&self) -> Option<String> {
+        if let Some(b) = lock(&self.bug).clone() {
+            return Some(b);
+        }
+        // Where it was found goes last: the message up to its first colon
+        // is what a minimizer keeps (see `violation_signature` in sim).
+        for (region, prison) in self.prisons.iter().enumerate() {
+            if let Some(b) = lock(prison).broken() {
+                let regions = self.prisons.len();
+                let at = if regions > 1 { format!(", region {region} of {regions}") } else { String::new() };
+                return Some(format!("{b} (bio prison{at})"));
+            }
+        }
+        if let Some(b) = lock(&self.shared_read_ds).broken() {
+            return Some(format!("{b} (shared_read_ds)"));
+        }
+        if let Some(b) = lock(&self.all_io_ds).broken() {
+            return Some(format!("{b} (all_io_ds)"));
+        }
+        lock(&self.metadata).broken().map(|b| format!("{b} (pool metadata)"))
+    }
+
+    /// Records a broken precondition (the first is kept).
+    pub(crate) fn bug(&self, what: String) {
+        let mut bug = lock(&self.bug);
+        if bug.is_none() {
+            *bug = Some(what);
+        }
     }
 
     /// Runs `f` on the metadata under `root_lock` (for tests and tools: the

@@ -430,7 +430,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `process_prepared_mapping` (and its fail-mode variant).
     fn process_prepared_mapping(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown prepared mapping");
+            self.bug(format!("unknown prepared mapping {id:?}"));
             return;
         };
         let Some(cell) = m.cell else {
@@ -829,7 +829,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             if let (Err(e), Ok(())) = (result, p.result) {
                 p.result = Err(e);
             }
-            p.remaining -= 1;
+            // `bio_remaining_done` BUG_ONs on a count already at zero.
+            let Some(remaining) = p.remaining.checked_sub(1) else {
+                drop(lists);
+                self.bug(format!("passdown discard parent {parent} ended once too often"));
+                return;
+            };
+            p.remaining = remaining;
             if p.remaining == 0 {
                 lists.discard_parents.remove(&parent)
             } else {
@@ -846,14 +852,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         match bio {
             MappingBio::Discard(bio) => self.end_bio(bio, result),
             MappingBio::DiscardParent(p) => self.discard_parent_done(p, result),
-            _ => debug_assert!(false, "a discard mapping without its bio"),
+            other => self.bug(format!("a discard mapping without its bio ({other:?})")),
         }
     }
 
     /// A discard whose older I/O has drained.
     pub(crate) fn process_prepared_discard(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown prepared discard");
+            self.bug(format!("unknown prepared discard {id:?}"));
             return;
         };
         let cell = m.cell.expect("discard mapping has a cell");
@@ -1008,7 +1014,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Passdown, second pass: drop the hold taken in the first.
     fn process_prepared_discard_pt2(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown discard pass two");
+            self.bug(format!("unknown discard pass two {id:?}"));
             return;
         };
         let data_end = m.data_block + (m.virt_end - m.virt_begin);
