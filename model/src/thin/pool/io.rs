@@ -239,6 +239,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                         let _ = data.write(b, &zeroes, WriteFlags::default());
                     }
                 }
+                if self.options.mutations.passdown_releases_data_cell_twice {
+                    // Broken on purpose: released here, and again by pass two.
+                    let held = lock(&self.lists).mappings.get(&mapping).and_then(|m| Some((m.thin, m.cell?)));
+                    if let Some((thin, cell)) = held {
+                        self.cell_defer_no_holder(thin, cell);
+                    }
+                }
                 self.queue_passdown_pt2(mapping);
             }
         }
@@ -343,6 +350,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `overwrite_endio`: the whole-block write of a mapping landed (or
     /// failed); park the bio in the mapping until it is inserted.
     fn overwrite_endio(&self, mapping: MappingId, bio: Bio, result: Result<(), Errno>) {
+        if self.options.mutations.overwrite_drops_all_io_twice {
+            // Broken on purpose: dropped here, and again by `end_bio`.
+            if let Some(entry) = bio.hook.all_io_entry {
+                self.all_io_done(entry);
+            }
+        }
         self.release_cell_early(mapping);
         let mut lists = lock(&self.lists);
         if let Some(m) = lists.mappings.get_mut(&mapping) {

@@ -332,6 +332,9 @@ struct NewMapping {
     /// The holder of a cell released before the insert (the broken
     /// locking variant `release-cell-before-insert` only).
     early_holder: Option<Bio>,
+    /// A passdown discard: the data block runs pass one passed down (kept
+    /// for the mutation `passdown-frees-discarded-twice` only).
+    passed_down: Vec<(u64, u64)>,
 }
 
 /// A passdown discard bio shared by the mappings of its runs

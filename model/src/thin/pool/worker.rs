@@ -365,6 +365,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             bio: MappingBio::None,
             spared: Vec::new(),
             early_holder: None,
+            passed_down: Vec::new(),
         }
     }
 
@@ -763,6 +764,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             bio: MappingBio::Discard(bio),
             spared,
             early_holder: None,
+            passed_down: Vec::new(),
         });
         self.defer_discard_until_io_quiet(m);
     }
@@ -809,6 +811,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     bio: MappingBio::DiscardParent(parent),
                     spared: Vec::new(),
                     early_holder: None,
+                    passed_down: Vec::new(),
                 });
                 if let Some(p) = lock(&self.lists).discard_parents.get_mut(&parent) {
                     p.remaining += 1;
@@ -907,7 +910,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             vec![(m.data_block, data_end)]
         };
         let sector_ranges: Vec<(u64, u64)> =
-            ranges.into_iter().map(|(b, e)| (b * self.block_sectors, e * self.block_sectors)).collect();
+            ranges.iter().map(|&(b, e)| (b * self.block_sectors, e * self.block_sectors)).collect();
+        let mut m = m;
+        if self.options.mutations.passdown_frees_discarded_twice {
+            m.passed_down = ranges;
+        }
         lock(&self.lists).mappings.insert(id, m);
         if sector_ranges.is_empty() {
             self.queue_passdown_pt2(id);
@@ -1018,7 +1025,16 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             return;
         };
         let data_end = m.data_block + (m.virt_end - m.virt_begin);
-        let r = lock(&self.metadata).dec_data_range(m.data_block, data_end);
+        let r = (|| {
+            let mut md = lock(&self.metadata);
+            md.dec_data_range(m.data_block, data_end)?;
+            // Broken on purpose: the runs passed down lose a reference
+            // their unmap in pass one already dropped.
+            for &(b, e) in &m.passed_down {
+                md.dec_data_range(b, e)?;
+            }
+            Ok(())
+        })();
         let r = r.map_err(|e| {
             self.metadata_operation_failed("dm_pool_dec_data_range", &e);
             Errno::EIO
