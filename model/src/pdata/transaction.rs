@@ -103,15 +103,21 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// kept here, across aborts, because callers handle a failed operation
     /// the kernel's way (abort, read-only mode) or ignore it, as the kernel
     /// does on some paths. On metadata the model wrote itself it is a model
-    /// bug.
+    /// bug. Not kept while the device has failed since the last abort: an
+    /// operation cut short by a device error leaves the open transaction
+    /// half-done until the abort throws it away.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
     }
 
     /// Returns `e`, keeping it as [`Self::broken`] first if it is an
-    /// inconsistency.
+    /// inconsistency — unless the device failed since the last abort: an
+    /// operation cut short by an I/O or checksum error leaves the open
+    /// transaction half-done (queued space-map operations applied over a
+    /// shadow that never happened, say), the kernel's as much as the
+    /// model's, and the abort that follows throws it away.
     pub(crate) fn noted(&mut self, e: PdataError) -> PdataError {
-        if e.is_inconsistency() && self.broken.is_none() {
+        if e.is_inconsistency() && self.broken.is_none() && !self.bm.failed_since_reset() {
             self.broken = Some(e.to_string());
         }
         e
