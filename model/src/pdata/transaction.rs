@@ -487,11 +487,19 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     /// Allocates a data block.
     pub fn data_sm_new_block(&mut self) -> Result<u64> {
+        self.data_sm_new_block_skipping(&|_| false)
+    }
+
+    /// Allocates a data block, passing over the free blocks `skip` names
+    /// as if they were counted (blocks a caller holds in core).
+    pub fn data_sm_new_block_skipping(&mut self, skip: &dyn Fn(u64) -> bool) -> Result<u64> {
         let begin = self.dsm().begin;
         let nr_blocks = self.dsm().ll.nr_blocks;
-        let b = match self.find_common_free_block(SmSel::Data, begin, nr_blocks)? {
+        let b = match self.find_common_free_block_skipping(SmSel::Data, begin, nr_blocks, skip)? {
             Some(b) => b,
-            None => self.find_common_free_block(SmSel::Data, 0, begin)?.ok_or(PdataError::NoSpace("data"))?,
+            None => self
+                .find_common_free_block_skipping(SmSel::Data, 0, begin, skip)?
+                .ok_or(PdataError::NoSpace("data"))?,
         };
         self.dsm().begin = b + 1;
         let n = self.ll_inc(SmSel::Data, b, b + 1)?;

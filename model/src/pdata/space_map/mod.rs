@@ -306,22 +306,31 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// A block free both now and as of the last commit, searching from
     /// `begin` to the end of the device. (The kernel passes an end but its
     /// search always runs to the end; so does this one.)
-    pub(crate) fn find_common_free_block(
+    pub(crate) fn find_common_free_block(&mut self, sel: SmSel, begin: u64, end: u64) -> Result<Option<u64>> {
+        self.find_common_free_block_skipping(sel, begin, end, &|_| false)
+    }
+
+    /// [`Self::find_common_free_block`], passing over the blocks `skip`
+    /// names.
+    pub(crate) fn find_common_free_block_skipping(
         &mut self,
         sel: SmSel,
         mut begin: u64,
         _end: u64,
+        skip: &dyn Fn(u64) -> bool,
     ) -> Result<Option<u64>> {
         loop {
             let nr_blocks = self.ll_mut(LlRef::Cur(sel)).nr_blocks;
             let Some(b) = self.ll_find_free_block(LlRef::Cur(sel), begin, nr_blocks)? else {
                 return Ok(None);
             };
-            if b >= self.ll_mut(LlRef::Old(sel)).nr_blocks {
-                return Ok(Some(b));
-            }
-            if self.ll_lookup(LlRef::Old(sel), b)? == 0 {
-                return Ok(Some(b));
+            if !skip(b) {
+                if b >= self.ll_mut(LlRef::Old(sel)).nr_blocks {
+                    return Ok(Some(b));
+                }
+                if self.ll_lookup(LlRef::Old(sel), b)? == 0 {
+                    return Ok(Some(b));
+                }
             }
             begin = b + 1;
         }

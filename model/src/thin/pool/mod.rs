@@ -202,6 +202,20 @@ pub struct KernelFixes {
     /// counts as shared a block that the last commit reaches from anywhere
     /// but the discarded mapping itself, and leaves it on the data device.
     pub passdown_spares_blocks_the_last_commit_maps: bool,
+    /// A passdown discard holds the data blocks it unmapped, between its
+    /// two passes, with an extra reference count (pass one's
+    /// `dm_pool_inc_data_range`, pass two's `dm_pool_dec_data_range`), so
+    /// that they are not reallocated while the discard to the data device
+    /// is in flight. A count is metadata: any commit in between (another
+    /// device's flush, the commit period, an allocation when the pool is
+    /// full) makes the hold durable, and a crash before pass two's commit
+    /// leaves every such block counted once more than it is mapped — a
+    /// block still mapped by a snapshot counted twice, which no later
+    /// unmapping frees (the checkers call it damage), an unshared one
+    /// leaked. The fix holds the blocks in core: the allocator passes over
+    /// them, the counts do not change, and a crash forgets the hold with
+    /// the discard.
+    pub passdown_holds_blocks_in_core: bool,
 }
 
 impl KernelFixes {
@@ -212,6 +226,7 @@ impl KernelFixes {
         failed_message_aborts: true,
         read_only_shared_reads_wait_for_copies: true,
         passdown_spares_blocks_the_last_commit_maps: true,
+        passdown_holds_blocks_in_core: true,
     };
 }
 

@@ -896,7 +896,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let r = (|| {
             let mut md = lock(&self.metadata);
             md.remove_range(m.thin, m.virt_begin, m.virt_end).map_err(|e| ("dm_thin_remove_range", e))?;
-            md.inc_data_range(m.data_block, data_end).map_err(|e| ("dm_pool_inc_data_range", e))
+            if self.options.fixes.passdown_holds_blocks_in_core {
+                md.hold_data_range(m.data_block, data_end);
+                Ok(())
+            } else {
+                md.inc_data_range(m.data_block, data_end).map_err(|e| ("dm_pool_inc_data_range", e))
+            }
         })();
         if let Err((op, e)) = r {
             self.metadata_operation_failed(op, &e);
@@ -976,8 +981,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     /// Runs of `begin..end` (the data blocks of virtual blocks from
     /// `virt_begin` on of `thin`) whose data blocks nobody else references
-    /// (a count of exactly one, the pass-one hold). A lookup error ends the
-    /// search, as in the kernel.
+    /// (a count of exactly one, the pass-one hold; none when the hold is in
+    /// core). A lookup error ends the search, as in the kernel.
     ///
     /// The kernel asks the current transaction only. With
     /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`] a block
@@ -986,9 +991,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`]: super::KernelFixes::passdown_spares_blocks_the_last_commit_maps
     fn unshared_runs(&self, thin: ThinId, virt_begin: u64, begin: u64, end: u64) -> Vec<(u64, u64)> {
         let spare_committed = self.options.fixes.passdown_spares_blocks_the_last_commit_maps;
+        let hold = u32::from(!self.options.fixes.passdown_holds_blocks_in_core);
         let mut md = lock(&self.metadata);
         let mut shared = |b: u64| -> Result<bool, ThinError> {
-            if md.data_block_is_shared(b)? {
+            if md.data_block_count(b)? > hold {
                 return Ok(true);
             }
             if !spare_committed {
@@ -1018,7 +1024,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         runs
     }
 
-    /// Passdown, second pass: drop the hold taken in the first.
+    /// Passdown, second pass: drop the hold taken in the first (its count,
+    /// or its hold in core).
     fn process_prepared_discard_pt2(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
             self.bug(format!("unknown discard pass two {id:?}"));
@@ -1027,7 +1034,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let data_end = m.data_block + (m.virt_end - m.virt_begin);
         let r = (|| {
             let mut md = lock(&self.metadata);
-            md.dec_data_range(m.data_block, data_end)?;
+            if self.options.fixes.passdown_holds_blocks_in_core {
+                md.release_data_range(m.data_block, data_end)?;
+            } else {
+                md.dec_data_range(m.data_block, data_end)?;
+            }
             // Broken on purpose: the runs passed down lose a reference
             // their unmap in pass one already dropped.
             for &(b, e) in &m.passed_down {
