@@ -405,10 +405,7 @@ impl CacheSim {
             if mode != CacheMode::Write && self.mode == CacheMode::Write {
                 // A metadata failure aborted the transaction: the metadata
                 // is back at the last commit, as after a crash (what a crash
-                // could lose may now be lost), and from now on the cache
-                // promises no durability: a flush in read-only mode commits
-                // nothing, while blocks whose mappings the abort dropped
-                // stay in use (see docs/cache.md).
+                // could lose may now be lost).
                 self.oracle.rolled_back();
             }
             self.mode = mode;
@@ -573,10 +570,10 @@ impl CacheSim {
                 )))
             }
         }
-        // Outside write mode nothing is made durable: the oracle hears a
-        // flush as failed, and a write as one that may or may not have
-        // landed (reads may see it or what it overwrote).
-        let durable = ok && self.mode == CacheMode::Write;
+        // A successful flush or FUA is durable in every mode: read-only
+        // mode too, where the kernel's cache completed flushes without a
+        // commit (CacheFixes::read_only_flushes_fail).
+        let durable = ok;
         self.stats.reads_checked += u64::from(ok && pending.is_read());
         let write = matches!(pending, Pending::Write(..));
         pending.settle(&mut self.oracle, ok, durable, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))?;
