@@ -576,7 +576,9 @@ impl CacheSim {
         let durable = ok;
         self.stats.reads_checked += u64::from(ok && pending.is_read());
         let write = matches!(pending, Pending::Write(..));
-        pending.settle(&mut self.oracle, ok, durable, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))?;
+        pending
+            .settle(&mut self.oracle, ok, durable, &c.data)
+            .map_err(|(kind, what)| self.fail_as(kind, what))?;
         if write && self.io_mode == CacheIoMode::Writethrough {
             // Writethrough keeps every block clean: once a write is
             // acknowledged, the origin must hold what a read of a clean

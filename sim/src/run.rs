@@ -195,7 +195,10 @@ impl RunConfig {
                 "fix.passdown_spares_blocks_the_last_commit_maps".to_string(),
                 flag(t.options.fixes.passdown_spares_blocks_the_last_commit_maps),
             ),
-            ("fix.passdown_holds_blocks_in_core".to_string(), flag(t.options.fixes.passdown_holds_blocks_in_core)),
+            (
+                "fix.passdown_holds_blocks_in_core".to_string(),
+                flag(t.options.fixes.passdown_holds_blocks_in_core),
+            ),
         ];
         // Only a design other than the kernel's is recorded, so traces of
         // the default runs keep their bytes.

@@ -137,8 +137,8 @@ fn each_kernel_behaviour_is_caught_with_its_fix_off() {
 /// fix the flush fails, as dm-thin's does in read-only mode.
 #[test]
 fn kernel_finding_a_read_only_flush_succeeds_without_a_commit() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cache-read-only-flush-of-a-dropped-mapping.trace");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cache-read-only-flush-of-a-dropped-mapping.trace");
     let recorded = dmsim_traces::text::from_text(&std::fs::read_to_string(path).unwrap()).unwrap();
     let run = |on: bool| {
         let mut header = recorded.header.clone();

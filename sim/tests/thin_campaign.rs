@@ -145,7 +145,10 @@ fn mutations_only_the_models_invariants_see_are_caught_where_they_break_it() {
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(v.kind, "model", "{name}: {v}");
         let signature = violation_signature(v.kind, &v.what);
-        assert!(signature.starts_with(&format!("model: model invariant broken: {what}")), "{name}: {signature}");
+        assert!(
+            signature.starts_with(&format!("model: model invariant broken: {what}")),
+            "{name}: {signature}"
+        );
         // At the op that broke it, not in the final checks.
         assert!(v.step <= out.trace.ops().count(), "{name}: {v}");
         // The same seed without the mutation passes.
