@@ -366,7 +366,8 @@ pub fn workload_parser() -> impl TypedValueParser<Value = WorkloadChoice> {
 /// Where a run's violation showed, in words: `at op N`, or `in the final
 /// checks` when it showed after the last of its `ops` ops.
 pub fn when(step: usize, ops: usize) -> String {
-    if step >= ops {
+    // Ops count from 1; the final checks come after the last op.
+    if step > ops {
         "in the final checks".to_string()
     } else {
         format!("at op {step}")

@@ -151,10 +151,8 @@ pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
         "ran on the final metadata"
     } else if checkers.thin_check.is_none() {
         "not installed (judged by the model's checker only)"
-    } else if out.violation.is_some() {
-        "not run (the run failed first)"
     } else {
-        "not run (a crash left leaks that thin_check would report too)"
+        "not run (the run failed first)"
     };
     println!("  thin_check: {thin_check}");
 }

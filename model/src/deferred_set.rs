@@ -97,6 +97,8 @@ pub struct DeferredSet<W> {
     current: usize,
     /// Oldest entry not yet drained.
     sweeper: usize,
+    /// The first broken precondition (a decrement of an idle entry).
+    broken: Option<String>,
 }
 
 impl<W> Default for DeferredSet<W> {
@@ -117,7 +119,16 @@ impl<W> DeferredSet<W> {
             entries: (0..DEFERRED_SET_SIZE).map(|_| Entry { count: 0, work: VecDeque::new() }).collect(),
             current: 0,
             sweeper: 0,
+            broken: None,
         }
+    }
+
+    /// The first broken precondition, if any: a reference dropped that the
+    /// entry does not hold (the kernel's `BUG_ON` in
+    /// `dm_deferred_entry_dec`), kept rather than panicking, in every
+    /// build.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
     }
 
     /// Takes a reference in the current entry (`dm_deferred_entry_inc`). The
@@ -133,12 +144,17 @@ impl<W> DeferredSet<W> {
     /// kernel's order).
     ///
     /// Dropping a reference the entry does not hold is a caller bug (the
-    /// kernel's `BUG_ON`): it trips a debug assertion, and in release builds
-    /// the count stays at zero and the sweep still runs.
+    /// kernel's `BUG_ON`): it is recorded ([`Self::broken`]), the count
+    /// stays at zero and the sweep still runs.
     pub fn dec(&mut self, entry: DeferredEntry) -> Vec<W> {
         let count = &mut self.entries[entry.0].count;
-        debug_assert!(*count > 0, "deferred-set dec of idle entry {}", entry.0);
-        *count = count.saturating_sub(1);
+        if *count == 0 {
+            if self.broken.is_none() {
+                self.broken = Some(format!("deferred-set dec of idle entry {}", entry.0));
+            }
+        } else {
+            *count -= 1;
+        }
         let mut out = VecDeque::new();
         self.sweep(&mut out);
         out.into()
@@ -291,14 +307,15 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(debug_assertions, should_panic(expected = "dec of idle entry"))]
-    fn dec_of_an_idle_entry_is_a_bug() {
+    fn dec_of_an_idle_entry_is_a_recorded_bug() {
         let mut ds = DeferredSet::<u8>::new();
         let e = ds.inc();
         ds.dec(e);
-        // Release builds: saturates.
+        assert_eq!(ds.broken(), None);
+        // In every build: recorded, and the count stays at zero.
         assert_eq!(ds.dec(e), Vec::<u8>::new());
         assert_eq!(ds.in_flight(), 0);
+        assert_eq!(ds.broken(), Some("deferred-set dec of idle entry 0"));
     }
 
     #[derive(Debug, Clone)]

@@ -43,6 +43,29 @@ pub struct Mutations {
     /// discarded the block) and still maps in the state a crash goes back
     /// to.
     pub refcount_ignores_last_commit: bool,
+    /// Passdown discard, pass two: after dropping the hold pass one took,
+    /// the runs that were passed down to the data device are decremented
+    /// once more, as if pass one's unmap had left their mapping's reference
+    /// for pass two to drop (a patch that frees the discarded blocks
+    /// explicitly). Their counts go below zero: the space map refuses with
+    /// an error (the kernel's "unable to decrement a reference count below
+    /// 0", -EINVAL), the pool aborts to the last commit and goes read-only.
+    /// Nothing the user can see is wrong, so only the model's own
+    /// consistency check reports it.
+    pub passdown_frees_discarded_twice: bool,
+    /// A whole-block overwrite's end-io (`overwrite_endio`) drops the bio's
+    /// all-I/O reference as soon as the data write lands (so that discards
+    /// need not wait for the metadata insert), but leaves it in the bio's
+    /// hook, so `thin_endio` drops it again when the bio completes: a
+    /// deferred-set decrement of an idle entry, the kernel's `BUG_ON` in
+    /// `dm_deferred_entry_dec`.
+    pub overwrite_drops_all_io_twice: bool,
+    /// Passdown discard: its end-io (`passdown_endio`) releases the data
+    /// cell as soon as the discard to the data device completes, so that
+    /// bios queued on those blocks go sooner, and pass two releases it
+    /// again as before: a cell released twice (in the kernel a double
+    /// `rb_erase` and a double free into the cell mempool).
+    pub passdown_releases_data_cell_twice: bool,
     /// dm-array: a value is written into its array block in place, even
     /// when the last commit still holds the block, instead of into a
     /// shadow: a crash finds the committed array changed (the cache
@@ -144,7 +167,7 @@ impl LockingMutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 9] = [
+    pub const ALL: [(&'static str, Switch); 12] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
         ("skip-zeroing", |m| m.skip_zeroing = true),
@@ -154,6 +177,9 @@ impl Mutations {
         ("fua-before-commit", |m| m.fua_before_commit = true),
         ("data-not-flushed-before-commit", |m| m.data_not_flushed_before_commit = true),
         ("refcount-ignores-last-commit", |m| m.refcount_ignores_last_commit = true),
+        ("passdown-frees-discarded-twice", |m| m.passdown_frees_discarded_twice = true),
+        ("overwrite-drops-all-io-twice", |m| m.overwrite_drops_all_io_twice = true),
+        ("passdown-releases-data-cell-twice", |m| m.passdown_releases_data_cell_twice = true),
     ];
 
     /// The mutations that break the metadata commit protocol (caught by the

@@ -47,7 +47,7 @@
 //! Empty ranges (`block_begin == block_end`) are not supported: the
 //! kernel's comparison is not a consistent order for them, and dm-thin never
 //! builds one (a discard smaller than a block is completed before any
-//! detain). Constructors and `detain` check this with a debug assertion.
+//! detain). `detain` checks this (see below).
 //!
 //! # Handles
 //!
@@ -61,9 +61,18 @@
 //! answer `None`/`false`, because asking is legitimate. The operations that
 //! change a cell ([`BioPrison::take_holder`] and the three releases) treat a
 //! stale handle as a caller bug: the kernel equivalent is an `rb_erase` of a
-//! node that is no longer in the tree, i.e. memory corruption. They
-//! `debug_assert!` so the simulator stops at the bug, and in release builds
-//! they do nothing and return an empty result.
+//! node that is no longer in the tree, i.e. memory corruption. They do
+//! nothing, return an empty result and record the bug.
+//!
+//! # Broken preconditions are recorded, in every build
+//!
+//! What the kernel would `BUG_ON` or corrupt memory over — a stale handle
+//! released or taken from, an empty key detained, the index out of step
+//! with the cells — is checked in release builds too (each check is a
+//! comparison the operation makes anyway). The first such bug is kept and
+//! [`BioPrison::broken`] reports it, so that a caller (the simulator, a
+//! concurrency harness) reports a violation instead of the process
+//! dying.
 //!
 //! Not modelled: `dm_cell_promote_or_release` (unused by dm-thin) and the
 //! cell mempool (allocation is infallible here; the kernel's allocation may
@@ -100,7 +109,6 @@ impl CellKey {
     /// A key over the virtual blocks `begin..end` of device `dev`, as a thin
     /// discard builds it.
     pub fn virtual_range(dev: u64, begin: u64, end: u64) -> Self {
-        debug_assert!(begin < end, "empty cell key range {begin}..{end}");
         CellKey { virtual_key: true, dev, block_begin: begin, block_end: end }
     }
 
@@ -113,7 +121,6 @@ impl CellKey {
     /// A key over the data blocks `begin..end`, built by device `dev`, as a
     /// passdown discard builds it for one mapped run.
     pub fn data_range(dev: u64, begin: u64, end: u64) -> Self {
-        debug_assert!(begin < end, "empty cell key range {begin}..{end}");
         CellKey { virtual_key: false, dev, block_begin: begin, block_end: end }
     }
 
@@ -159,7 +166,8 @@ pub const REGION_SHIFT: u32 = 10;
 /// `(block_begin >> 10) & (regions - 1)`. Only the start counts, which is
 /// why keys must not cross a region boundary ([`key_fits_region`]).
 pub fn region_of(key: &CellKey, regions: usize) -> usize {
-    debug_assert!(regions.is_power_of_two(), "{regions} regions");
+    // The model's own constant (1 or PRISON_REGIONS), not run-time state.
+    assert!(regions.is_power_of_two(), "{regions} regions");
     ((key.block_begin >> REGION_SHIFT) & (regions as u64 - 1)) as usize
 }
 
@@ -206,6 +214,8 @@ pub struct BioPrison<B> {
     /// How far apart consecutive handles are: the number of regions, so
     /// that a handle names its region (see [`BioPrison::for_region`]).
     id_stride: u64,
+    /// The first broken precondition (see the module docs).
+    broken: Option<String>,
 }
 
 impl<B> Default for BioPrison<B> {
@@ -225,12 +235,26 @@ impl<B> BioPrison<B> {
     /// [`CellId::region`] finds the region's lock again from a handle alone,
     /// and handles stay unique across the regions of one pool.
     pub fn for_region(region: usize, regions: usize) -> Self {
-        debug_assert!(region < regions, "region {region} of {regions}");
+        // Construction arguments, not run-time state.
+        assert!(region < regions, "region {region} of {regions}");
         BioPrison {
             cells: BTreeMap::new(),
             index: BTreeMap::new(),
             next_id: region as u64,
             id_stride: regions as u64,
+            broken: None,
+        }
+    }
+
+    /// The first broken precondition, if any: a bug of the caller (the
+    /// kernel would crash or corrupt memory), kept rather than panicking.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    fn bug(&mut self, what: String) {
+        if self.broken.is_none() {
+            self.broken = Some(what);
         }
     }
 
@@ -242,8 +266,14 @@ impl<B> BioPrison<B> {
     /// If `key` overlaps several live cells (only possible for range keys),
     /// the one with the lowest key is chosen; see the module docs for how the
     /// kernel differs.
-    pub fn detain(&mut self, key: CellKey, bio: Option<B>) -> Detained {
-        debug_assert!(key.block_begin < key.block_end, "detain with empty key {key:?}");
+    ///
+    /// An empty key is a caller bug: recorded, and detained as the key of
+    /// its first block so that the caller's protocol goes on.
+    pub fn detain(&mut self, mut key: CellKey, bio: Option<B>) -> Detained {
+        if key.block_begin >= key.block_end {
+            self.bug(format!("detain with empty key {key:?}"));
+            key.block_end = key.block_begin.saturating_add(1);
+        }
         if let Some(id) = self.find_colliding(&key) {
             if let Some(bio) = bio {
                 self.cells.get_mut(&id).expect("index names a live cell").waiters.push_back(bio);
@@ -253,8 +283,9 @@ impl<B> BioPrison<B> {
         let id = CellId(self.next_id);
         self.next_id += self.id_stride;
         self.cells.insert(id, Cell { key, holder: bio, waiters: VecDeque::new() });
-        let previous = self.index.insert(key.sort_key(), id);
-        debug_assert!(previous.is_none(), "two live cells share a start: {key:?}");
+        if let Some(previous) = self.index.insert(key.sort_key(), id) {
+            self.bug(format!("two live cells share a start: {key:?} ({previous:?} and {id:?})"));
+        }
         Detained::New(id)
     }
 
@@ -314,18 +345,24 @@ impl<B> BioPrison<B> {
     /// looking at `cell->holder`; with Rust ownership the bio has to move.
     ///
     /// Returns `None` if there is no holder. A stale handle is a caller bug
-    /// (debug assertion; `None` in release builds).
+    /// (recorded; `None`).
     pub fn take_holder(&mut self, cell: CellId) -> Option<B> {
-        let live = self.cells.get_mut(&cell);
-        debug_assert!(live.is_some(), "take_holder on stale cell {cell:?}");
-        live.and_then(|c| c.holder.take())
+        match self.cells.get_mut(&cell) {
+            Some(live) => live.holder.take(),
+            None => {
+                self.bug(format!("take_holder on stale cell {cell:?}"));
+                None
+            }
+        }
     }
 
     /// Removes the cell from the prison, forgetting its handle.
     fn remove(&mut self, cell: CellId) -> Option<Cell<B>> {
         let removed = self.cells.remove(&cell)?;
         let indexed = self.index.remove(&removed.key.sort_key());
-        debug_assert_eq!(indexed, Some(cell), "index out of step with cells");
+        if indexed != Some(cell) {
+            self.bug(format!("index out of step with cells: {cell:?} indexed as {indexed:?}"));
+        }
         Some(removed)
     }
 
@@ -333,11 +370,10 @@ impl<B> BioPrison<B> {
     /// waiters in FIFO order — the order of the kernel's `dm_cell_release`,
     /// which appends the holder and then merges the waiting list.
     ///
-    /// A stale handle is a caller bug (debug assertion; empty in release
-    /// builds).
+    /// A stale handle is a caller bug (recorded; empty).
     pub fn release(&mut self, cell: CellId) -> Vec<B> {
         let Some(removed) = self.remove(cell) else {
-            debug_assert!(false, "release of stale cell {cell:?}");
+            self.bug(format!("release of stale cell {cell:?}"));
             return Vec::new();
         };
         removed.holder.into_iter().chain(removed.waiters).collect()
@@ -352,11 +388,10 @@ impl<B> BioPrison<B> {
     /// never lost. dm-thin's `cell_defer_no_holder` puts the waiters back on
     /// the device's deferred list and does nothing with the holder.
     ///
-    /// A stale handle is a caller bug (debug assertion; empty in release
-    /// builds).
+    /// A stale handle is a caller bug (recorded; empty).
     pub fn release_no_holder(&mut self, cell: CellId) -> (Option<B>, Vec<B>) {
         let Some(removed) = self.remove(cell) else {
-            debug_assert!(false, "release_no_holder of stale cell {cell:?}");
+            self.bug(format!("release_no_holder of stale cell {cell:?}"));
             return (None, Vec::new());
         };
         (removed.holder, removed.waiters.into())
@@ -377,11 +412,11 @@ impl<B> BioPrison<B> {
     /// calling [`BioPrison::take_holder`] first; a holder still in the cell is
     /// visited and returned like the waiters.
     ///
-    /// A stale handle is a caller bug (debug assertion; `f` is not called and
-    /// the result is empty in release builds).
+    /// A stale handle is a caller bug (recorded; `f` is not called and the
+    /// result is empty).
     pub fn visit_release(&mut self, cell: CellId, mut f: impl FnMut(&mut B)) -> Vec<B> {
         let Some(live) = self.cells.get_mut(&cell) else {
-            debug_assert!(false, "visit_release of stale cell {cell:?}");
+            self.bug(format!("visit_release of stale cell {cell:?}"));
             return Vec::new();
         };
         live.holder.iter_mut().chain(live.waiters.iter_mut()).for_each(&mut f);
@@ -574,18 +609,31 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(debug_assertions, should_panic(expected = "release of stale cell"))]
-    fn releasing_a_stale_handle_is_a_bug() {
+    fn releasing_a_stale_handle_is_a_recorded_bug() {
         let mut p = BioPrison::new();
         let c = new_id(p.detain(CellKey::virtual_block(0, 1), Some(1)));
         let d = new_id(p.detain(CellKey::virtual_block(0, 2), Some(2)));
         p.release(c);
-        // Release builds: a no-op that leaves other cells alone.
+        assert_eq!(p.broken(), None);
+        // A no-op that leaves other cells alone, in every build, and the
+        // first bug is kept.
         assert_eq!(p.release(c), Vec::<i32>::new());
+        assert_eq!(p.broken(), Some(format!("release of stale cell {c:?}").as_str()));
         assert_eq!(p.release_no_holder(c), (None, vec![]));
         assert_eq!(p.visit_release(c, |_| panic!("visited a stale cell")), Vec::<i32>::new());
         assert_eq!(p.take_holder(c), None);
         assert_eq!(p.holder(d), Some(&2));
+        assert_eq!(p.broken(), Some(format!("release of stale cell {c:?}").as_str()));
+    }
+
+    #[test]
+    fn an_empty_key_is_a_recorded_bug() {
+        let mut p = BioPrison::new();
+        let c = new_id(p.detain(CellKey::virtual_range(0, 5, 5), Some(1)));
+        assert!(p.broken().unwrap().starts_with("detain with empty key"), "{:?}", p.broken());
+        // Detained as its first block.
+        assert_eq!(p.key(c), Some(CellKey::virtual_block(0, 5)));
+        assert_eq!(p.release(c), vec![1]);
     }
 
     #[derive(Debug, Clone)]

@@ -322,6 +322,10 @@ pub struct CellTable<B, C> {
     /// Live cells by key order (the kernel's rb-tree).
     index: BTreeMap<(bool, u64, u64), CellId>,
     next_id: u64,
+    /// The first broken precondition the operations met (an empty key, a
+    /// continuation freed with its cell), kept in every build and reported
+    /// by [`CellTable::check`].
+    broken: Option<String>,
 }
 
 impl<B, C> Default for CellTable<B, C> {
@@ -337,7 +341,13 @@ fn sort_key(key: &CellKey) -> (bool, u64, u64) {
 impl<B, C> CellTable<B, C> {
     /// An empty table.
     pub fn new() -> Self {
-        CellTable { cells: BTreeMap::new(), index: BTreeMap::new(), next_id: 0 }
+        CellTable { cells: BTreeMap::new(), index: BTreeMap::new(), next_id: 0, broken: None }
+    }
+
+    fn bug(&mut self, what: String) {
+        if self.broken.is_none() {
+            self.broken = Some(what);
+        }
     }
 
     /// The lowest-keyed live cell colliding with `key`, if any (see the
@@ -358,8 +368,11 @@ impl<B, C> CellTable<B, C> {
 
     /// The kernel's `__find_or_insert`: the colliding cell, or a new empty
     /// one; the flag says whether it is new.
-    fn find_or_insert(&mut self, key: CellKey) -> (CellId, bool) {
-        debug_assert!(key.block_begin < key.block_end, "empty cell key {key:?}");
+    fn find_or_insert(&mut self, mut key: CellKey) -> (CellId, bool) {
+        if key.block_begin >= key.block_end {
+            self.bug(format!("empty cell key {key:?}"));
+            key.block_end = key.block_begin.saturating_add(1);
+        }
         if let Some(id) = self.find(&key) {
             return (id, false);
         }
@@ -462,7 +475,9 @@ impl<B, C> CellTable<B, C> {
             return Ok(Unlocked { bios, released: false });
         }
         let removed = self.remove(cell);
-        debug_assert!(removed.continuation.is_none(), "a continuation with no shared holders");
+        if removed.continuation.is_some() {
+            self.bug(format!("{cell:?} unlocked and freed with a continuation and no shared holders"));
+        }
         Ok(Unlocked { bios, released: true })
     }
 
@@ -498,12 +513,17 @@ impl<B, C> CellTable<B, C> {
     }
 
     /// Checks the table's invariants; the first broken one is described in
-    /// the error. Every cell is in use (it has shared holders or an
-    /// exclusive lock: a cell with neither is removed by the operation that
-    /// emptied it); only an exclusively locked cell has queued bios; a stored
-    /// continuation implies shared holders; live keys are pairwise disjoint
-    /// and the index agrees with the cells.
+    /// the error (first of all, a broken precondition an operation met:
+    /// an empty key, a continuation freed with its cell). Every cell is in
+    /// use (it has shared holders or an exclusive lock: a cell with neither
+    /// is removed by the operation that emptied it); only an exclusively
+    /// locked cell has queued bios; a stored continuation implies shared
+    /// holders; live keys are pairwise disjoint and the index agrees with
+    /// the cells.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(b) = &self.broken {
+            return Err(b.clone());
+        }
         if self.index.len() != self.cells.len() {
             return Err(format!("{} indexed, {} live", self.index.len(), self.cells.len()));
         }

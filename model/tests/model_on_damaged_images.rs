@@ -5,7 +5,11 @@
 use std::sync::OnceLock;
 
 use dmsim_model::block_device::MemDevice;
+use dmsim_model::pdata::btree::node::{set_value64, Node};
 use dmsim_model::pdata::checksum::{salt_of, seal};
+use dmsim_model::pdata::PdataError;
+use dmsim_model::thin::metadata::ThinError;
+use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::ThinMetadata;
 use proptest::prelude::*;
 
@@ -139,6 +143,52 @@ fn an_unremovable_key_is_an_error_not_a_hang() {
     ];
     let mut md = ThinMetadata::open(MemDevice::from_bytes(damaged(&d, true)), 128, false).unwrap();
     md.open_thin(0).unwrap();
+    assert_eq!(md.broken(), None);
     let err = md.remove_range(0, 100, 400).unwrap_err();
     assert!(err.to_string().contains("cannot be removed"), "{err}");
+    // A runaway, not plain damage: the metadata keeps it (a pool reports it
+    // as a broken invariant; on the model's own metadata it is a bug).
+    assert!(matches!(err, ThinError::Pdata(PdataError::Runaway { .. })), "{err:?}");
+    assert!(md.broken().is_some_and(|b| b.contains("cannot be removed")), "{:?}", md.broken());
+}
+
+/// The base image with device 0's mapping tree turned into a cycle: its
+/// root (an internal node) names itself as its second child, resealed;
+/// and a key under that child.
+fn cyclic() -> (Vec<u8>, u64) {
+    let mut img = base().clone();
+    let sb = Superblock::decode(&img[..4096]);
+    let top = Node::new(&img[sb.data_mapping_root as usize * 4096..][..4096]);
+    let root = top.value64(top.index_of(0).expect("device 0 in the top level"));
+    let block = &mut img[root as usize * 4096..][..4096];
+    assert!(Node::new(block).is_internal() && Node::new(block).nr_entries() >= 2);
+    let salt = salt_of(block).expect("a node");
+    let key = Node::new(block).key(1);
+    set_value64(block, 1, root);
+    seal(block, salt);
+    (img, key)
+}
+
+/// A cycle in a tree is reported as a runaway walk, by every walk that
+/// meets it — an error with a clear message, never a hang — and the
+/// metadata keeps the first.
+#[test]
+fn a_cycle_is_a_runaway_error_not_a_hang() {
+    let (img, key) = cyclic();
+    let mut md = ThinMetadata::open(MemDevice::from_bytes(img.clone()), 128, false).unwrap();
+    md.open_thin(0).unwrap();
+    let err = md.find_block(0, key).unwrap_err();
+    assert!(matches!(err, ThinError::Pdata(PdataError::Runaway { .. })), "{err:?}");
+    assert!(err.to_string().contains("a cycle?"), "{err}");
+    assert!(md.broken().is_some_and(|b| b.contains("a cycle?")), "{:?}", md.broken());
+    // Key 0 lies under the first child, off the cycle.
+    assert!(md.find_block(0, 0).unwrap().is_some());
+    // Removal walks it too.
+    let removed = md.remove_range(0, key, key + 10);
+    assert!(matches!(removed, Err(ThinError::Pdata(PdataError::Runaway { .. }))), "{removed:?}");
+    md.close_thin(0).unwrap();
+    let _ = md.abort();
+    // Kept across the abort.
+    assert!(md.broken().is_some_and(|b| b.contains("a cycle?")));
+    exercise(img);
 }

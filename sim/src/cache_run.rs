@@ -187,6 +187,7 @@ impl CacheRunConfig {
                 "fix.writethrough_pairs_one_at_a_time".to_string(),
                 flag(c.options.fixes.writethrough_pairs_one_at_a_time),
             ),
+            ("fix.read_only_flushes_fail".to_string(), flag(c.options.fixes.read_only_flushes_fail)),
         ];
         params.extend(self.swarm.params().into_iter().map(|(k, v)| (format!("swarm.{k}"), v)));
         Header { seed: self.seed, workload: self.workload.name().to_string(), params }
@@ -221,6 +222,8 @@ impl CacheRunConfig {
                     flush_before_commit: p.flag("fix.flush_before_commit")?,
                     fua_overwrite_waits_for_commit: p.flag("fix.fua_overwrite_waits_for_commit")?,
                     writethrough_pairs_one_at_a_time: p.flag("fix.writethrough_pairs_one_at_a_time")?,
+                    // A trace recorded before this fix existed ran without it.
+                    read_only_flushes_fail: p.flag_or_off("fix.read_only_flushes_fail")?,
                 },
                 ..CacheOptions::default()
             },

@@ -438,7 +438,9 @@ impl CacheSim {
     /// Applies one op, recording it and what it led to.
     pub fn apply(&mut self, op: &Op) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
-        let r = self.apply_inner(op).and_then(|()| self.check_model());
+        let r = self.apply_inner(op);
+        // A broken invariant is the cause of whatever else the op showed.
+        let r = self.check_model().and(r);
         self.observe();
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -448,7 +450,7 @@ impl CacheSim {
 
     fn check_model(&mut self) -> Result<(), ThinFailure> {
         match self.cache.as_ref().map(|c| c.check()) {
-            Some(Err(e)) => Err(self.fail_as("model", e)),
+            Some(Err(e)) => Err(self.fail_as("model", format!("model invariant broken: {e}"))),
             _ => Ok(()),
         }
     }
@@ -474,10 +476,7 @@ impl CacheSim {
             if mode != CacheMode::Write && self.mode == CacheMode::Write {
                 // A metadata failure aborted the transaction: the metadata
                 // is back at the last commit, as after a crash (what a crash
-                // could lose may now be lost), and from now on the cache
-                // promises no durability: a flush in read-only mode commits
-                // nothing, while blocks whose mappings the abort dropped
-                // stay in use (see docs/cache.md).
+                // could lose may now be lost).
                 self.oracle.rolled_back();
             }
             self.mode = mode;
@@ -643,10 +642,10 @@ impl CacheSim {
                 )))
             }
         }
-        // Outside write mode nothing is made durable: the oracle hears a
-        // flush as failed, and a write as one that may or may not have
-        // landed (reads may see it or what it overwrote).
-        let durable = ok && self.mode == CacheMode::Write;
+        // A successful flush or FUA is durable in every mode: read-only
+        // mode too, where the kernel's cache completed flushes without a
+        // commit (CacheFixes::read_only_flushes_fail).
+        let durable = ok;
         self.stats.reads_checked += u64::from(ok && pending.is_read());
         let write = matches!(pending, Pending::Write(..));
         pending
@@ -1067,6 +1066,7 @@ impl CacheSim {
     /// and checks the final metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = self.finish_inner();
+        let r = self.check_model().and(r);
         self.observe();
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {

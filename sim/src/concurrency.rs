@@ -965,6 +965,9 @@ fn finish(shared: &Shared) {
             shared.books().fail(format!("{used} data blocks in use, expected {expected}"));
         }
     }
+    if let Some(b) = shared.pool.invariant_broken() {
+        shared.books().fail(format!("model invariant broken: {b}"));
+    }
     let failures = std::mem::take(&mut shared.books().failures);
     if !failures.is_empty() {
         panic!(

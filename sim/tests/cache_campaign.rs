@@ -133,6 +133,36 @@ fn each_kernel_behaviour_is_caught_with_its_fix_off() {
     }
 }
 
+/// Kernel finding (a model finding, from the campaign's seed 677 with
+/// --kernel-as-is; minimized, recorded with every other fix on): after a
+/// metadata write error the cache goes read-only, a write to a block the
+/// aborted transaction had promoted goes to the cache block, the flush
+/// after it finds nothing changed in the new transaction and completes
+/// without a commit, and the crash loses the flushed write. The campaign
+/// used to excuse it (it held nothing durable in read-only mode); with the
+/// fix the flush fails, as dm-thin's does in read-only mode.
+#[test]
+fn kernel_finding_a_read_only_flush_succeeds_without_a_commit() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cache-read-only-flush-of-a-dropped-mapping.trace");
+    let recorded = dmsim_traces::text::from_text(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let run = |on: bool| {
+        let mut header = recorded.header.clone();
+        for (k, v) in &mut header.params {
+            if k == "fix.read_only_flushes_fail" {
+                *v = if on { "1" } else { "0" }.to_string();
+            }
+        }
+        let cfg = CacheRunConfig::from_header(&header).unwrap();
+        let ops: Vec<_> = recorded.ops().collect();
+        cache_run::run_ops(&cfg, &ops, &Checkers::default()).violation
+    };
+    let v = run(false).expect("as the kernel is: the flushed write is lost");
+    assert_eq!(v.kind, "oracle", "{v}");
+    assert!(v.what.contains("read zeroes, legal: {w1}"), "{v}");
+    assert_eq!(run(true), None, "the fix fails the flush");
+}
+
 // ---- Debian's cache_check at recoveries and at the end ----
 
 /// `cache_check` from `PATH`. Missing: a panic under `CI=true` (CI

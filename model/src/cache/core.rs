@@ -92,6 +92,18 @@ pub struct CacheFixes {
     /// fix lets one writethrough pair per cache block be in flight; the
     /// next waits for it.
     pub writethrough_pairs_one_at_a_time: bool,
+    /// After a metadata failure the cache goes read-only: the abort takes
+    /// the metadata back to the last commit, but the cache keeps using the
+    /// mappings it made since, and a flush or FUA bio that finds nothing
+    /// changed in the (new, empty) transaction completes without a commit
+    /// (`dm_cache_changed_this_transaction` is false). A write to a block
+    /// whose mapping the abort dropped, then a flush, is acknowledged as
+    /// durable, and a crash loses it (the block reads the origin's old
+    /// data). dm-thin refuses the same: its commit fails in read-only mode
+    /// and the flush and FUA bios waiting for it are errored. The fix does
+    /// that: in read-only and fail modes, bios waiting for a commit fail
+    /// with EIO.
+    pub read_only_flushes_fail: bool,
 }
 
 impl CacheFixes {
@@ -101,6 +113,7 @@ impl CacheFixes {
         flush_before_commit: true,
         fua_overwrite_waits_for_commit: true,
         writethrough_pairs_one_at_a_time: true,
+        read_only_flushes_fail: true,
     };
 }
 
@@ -1303,8 +1316,15 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let bios = std::mem::take(&mut self.commit_bios);
         let ends = std::mem::take(&mut self.commit_ends);
         let r = if self.t.md.changed_this_transaction() { self.commit() } else { Ok(()) };
+        // What the bios waiting for the commit learn (the read-only fix:
+        // that no commit can make them durable).
+        let r_bios = if self.opts.fixes.read_only_flushes_fail && self.t.mode >= CacheMode::ReadOnly {
+            Err(Errno::EIO)
+        } else {
+            r
+        };
         for id in ends {
-            if let Err(e) = r {
+            if let Err(e) = r_bios {
                 self.pieces.get_mut(&id).expect("piece").status = Err(e);
             }
             self.end_piece(id);
@@ -1316,7 +1336,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             self.ready.push_back((mg, step));
         }
         for id in bios {
-            match r {
+            match r_bios {
                 Err(e) => self.fail_unissued(id, e),
                 Ok(()) => self.accounted_request(id),
             }
@@ -1914,11 +1934,16 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.completions.push(CacheCompletion { id: p.parent, result: u.result, data });
     }
 
-    /// Checks the in-core state for consistency: every migration's cell is
-    /// locked, every dirty count matches its bits, the prison's own checks.
+    /// Checks the in-core state for consistency: no broken precondition
+    /// recorded (by the target, the prison or the metadata: a walk past its
+    /// bound, a reference count below zero), every dirty count matches its
+    /// bits, the prison's own checks.
     pub fn check(&self) -> Result<(), String> {
         if let Some(b) = &self.broken {
             return Err(b.clone());
+        }
+        if let Some(b) = self.t.md.broken() {
+            return Err(format!("{b} (cache metadata)"));
         }
         let n = self.t.dirty.iter().filter(|d| **d).count() as u64;
         if n != self.t.nr_dirty {

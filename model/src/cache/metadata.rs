@@ -520,6 +520,12 @@ impl<D: BlockDevice> CacheMetadata<D> {
     pub fn transaction_manager(&mut self) -> &mut TransactionManager<D> {
         &mut self.tm
     }
+
+    /// The first inconsistency the metadata's operations met, kept across
+    /// aborts (see [`TransactionManager::broken`]).
+    pub fn broken(&self) -> Option<&str> {
+        self.tm.broken()
+    }
 }
 
 #[cfg(test)]

@@ -430,11 +430,7 @@ impl ArrayInfo {
         let mut stack = vec![root];
         while let Some(b) = stack.pop() {
             if out.nodes.len() > 1 << 24 {
-                return Err(PdataError::Corrupt {
-                    kind: BlockKind::BtreeNode,
-                    block: b,
-                    what: "array btree has a cycle".into(),
-                });
+                return Err(tm.runaway(BlockKind::BtreeNode, b, "array btree has a cycle"));
             }
             out.nodes.push(b);
             let data = *tm.read_node(b, ValueType::ArrayBlocks)?;

@@ -39,6 +39,10 @@ pub struct BlockManager<D> {
     nr_blocks: u64,
     cache: BTreeMap<BlockNr, CachedBlock>,
     nr_clean: usize,
+    /// The device failed a read or a write, or a block read from it was
+    /// not valid, since the last [`Self::reset`] (see
+    /// [`Self::failed_since_reset`]).
+    failed: bool,
 }
 
 impl<D: BlockDevice> BlockManager<D> {
@@ -46,7 +50,7 @@ impl<D: BlockDevice> BlockManager<D> {
     /// 4 KiB blocks.
     pub fn new(dev: D) -> Self {
         let nr_blocks = dev.nr_sectors() / BLOCK_SECTORS;
-        BlockManager { dev, nr_blocks, cache: BTreeMap::new(), nr_clean: 0 }
+        BlockManager { dev, nr_blocks, cache: BTreeMap::new(), nr_clean: 0, failed: false }
     }
 
     /// Blocks in the device.
@@ -77,15 +81,27 @@ impl<D: BlockDevice> BlockManager<D> {
         Ok(())
     }
 
+    /// Whether the device failed a read or a write, or gave a block that
+    /// is not valid, since the last [`Self::reset`] (an abort): the
+    /// operation that met it failed part-way, and until the transaction is
+    /// aborted its in-core state is whatever that left.
+    pub fn failed_since_reset(&self) -> bool {
+        self.failed
+    }
+
     fn load(&mut self, b: BlockNr, kind: Option<BlockKind>) -> Result<&mut CachedBlock> {
         self.check_bounds(b)?;
         if !self.cache.contains_key(&b) {
             let mut data = Box::new([0u8; BLOCK_SIZE]);
-            self.dev
-                .read(b * BLOCK_SECTORS, &mut data[..])
-                .map_err(|source| PdataError::Io { block: b, source })?;
+            if let Err(source) = self.dev.read(b * BLOCK_SECTORS, &mut data[..]) {
+                self.failed = true;
+                return Err(PdataError::Io { block: b, source });
+            }
             if let Some(kind) = kind {
-                validate(&data[..], b, kind)?;
+                if let Err(e) = validate(&data[..], b, kind) {
+                    self.failed = true;
+                    return Err(e);
+                }
             }
             self.trim_clean();
             self.nr_clean += 1;
@@ -165,9 +181,10 @@ impl<D: BlockDevice> BlockManager<D> {
         }
         let kind = cached.kind.expect("dirty blocks always have a kind");
         kind.prepare_for_write(&mut cached.data[..], b);
-        self.dev
-            .write(b * BLOCK_SECTORS, &cached.data[..], WriteFlags::default())
-            .map_err(|source| PdataError::Io { block: b, source })?;
+        if let Err(source) = self.dev.write(b * BLOCK_SECTORS, &cached.data[..], WriteFlags::default()) {
+            self.failed = true;
+            return Err(PdataError::Io { block: b, source });
+        }
         cached.dirty = false;
         self.nr_clean += 1;
         Ok(())
@@ -179,7 +196,10 @@ impl<D: BlockDevice> BlockManager<D> {
         for b in self.dirty_blocks() {
             self.write_back(b)?;
         }
-        self.dev.flush().map_err(|source| PdataError::Io { block: 0, source })
+        self.dev.flush().map_err(|source| {
+            self.failed = true;
+            PdataError::Io { block: 0, source }
+        })
     }
 
     /// Forgets every cached block, dirty ones included (the kernel's
@@ -187,6 +207,7 @@ impl<D: BlockDevice> BlockManager<D> {
     pub fn reset(&mut self) {
         self.cache.clear();
         self.nr_clean = 0;
+        self.failed = false;
     }
 }
 

@@ -71,6 +71,23 @@ pub enum PdataError {
         /// What is wrong.
         what: String,
     },
+    /// A walk or a loop went past the bound no sound structure reaches: a
+    /// cycle in a tree, a tree deeper than any real one, a loop that makes
+    /// no progress. Where the kernel has no bound it would spin for ever,
+    /// where it has one (the deletion stack) it fails with -ENOMEM. On
+    /// metadata the model wrote itself this is a model bug, and the
+    /// transaction manager records it
+    /// ([`TransactionManager::broken`]); on an image read from outside it
+    /// is damage, reported as this error.
+    #[error("runaway walk at {kind} block {block}: {what}")]
+    Runaway {
+        /// What the block was expected to be.
+        kind: layout::BlockKind,
+        /// Where the walk was when it went past its bound.
+        block: BlockNr,
+        /// Which bound, and what it suggests (a cycle?).
+        what: String,
+    },
     /// A block number beyond the end of the metadata device.
     #[error("block {block} is beyond the end of the metadata device ({nr_blocks} blocks)")]
     OutOfBounds {
@@ -94,6 +111,21 @@ pub enum PdataError {
     /// Any other invalid argument (kernel: -EINVAL).
     #[error("invalid: {0}")]
     Invalid(String),
+}
+
+impl PdataError {
+    /// Whether the error says the structures are inconsistent in a way no
+    /// sound history leaves them: a runaway walk, too many recursive
+    /// space-map operations (a runaway too), a reference count below zero.
+    /// On metadata the model wrote itself these are model bugs (see
+    /// [`TransactionManager::broken`]); damage read from outside gives them
+    /// too.
+    pub fn is_inconsistency(&self) -> bool {
+        matches!(
+            self,
+            PdataError::Runaway { .. } | PdataError::TooManyRecursiveOps | PdataError::RefCountUnderflow(_)
+        )
+    }
 }
 
 /// Result of persistent-data operations.

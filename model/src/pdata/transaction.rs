@@ -35,6 +35,8 @@ pub struct TransactionManager<D> {
     shadows: BTreeSet<BlockNr>,
     /// Deliberate bugs for detector tests (none by default).
     pub mutations: crate::mutation::Mutations,
+    /// The first inconsistency an operation met (see [`Self::broken`]).
+    broken: Option<String>,
 }
 
 /// What [`TransactionManager::shadow_block`] did.
@@ -57,6 +59,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             dsm: None,
             shadows: BTreeSet::new(),
             mutations: Default::default(),
+            broken: None,
         };
         tm.metadata_sm_create(superblock)?;
         Ok(tm)
@@ -79,6 +82,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             dsm: None,
             shadows: BTreeSet::new(),
             mutations: Default::default(),
+            broken: None,
         }
     }
 
@@ -89,6 +93,44 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.shadows.clear();
         self.msm = MetadataSpaceMap::new_bootstrap(0);
         self.dsm = None;
+    }
+
+    /// The first inconsistency an operation of this transaction manager
+    /// met, if any ([`PdataError::is_inconsistency`]: a walk that ran past
+    /// its bound, a reference count below zero, a runaway recursion of the
+    /// metadata space map). The operation failed with that error as the
+    /// kernel's would (or the kernel would have spun for ever); it is also
+    /// kept here, across aborts, because callers handle a failed operation
+    /// the kernel's way (abort, read-only mode) or ignore it, as the kernel
+    /// does on some paths. On metadata the model wrote itself it is a model
+    /// bug. Not kept while the device has failed since the last abort: an
+    /// operation cut short by a device error leaves the open transaction
+    /// half-done until the abort throws it away.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Returns `e`, keeping it as [`Self::broken`] first if it is an
+    /// inconsistency — unless the device failed since the last abort: an
+    /// operation cut short by an I/O or checksum error leaves the open
+    /// transaction half-done (queued space-map operations applied over a
+    /// shadow that never happened, say), the kernel's as much as the
+    /// model's, and the abort that follows throws it away.
+    pub(crate) fn noted(&mut self, e: PdataError) -> PdataError {
+        if e.is_inconsistency() && self.broken.is_none() && !self.bm.failed_since_reset() {
+            self.broken = Some(e.to_string());
+        }
+        e
+    }
+
+    /// A [`PdataError::Runaway`] at `block` of `kind`, noted.
+    pub(crate) fn runaway(&mut self, kind: BlockKind, block: BlockNr, what: impl Into<String>) -> PdataError {
+        self.noted(PdataError::Runaway { kind, block, what: what.into() })
+    }
+
+    /// Queues a metadata space-map operation; too many is a runaway.
+    fn queue_op(&mut self, op: BlockOp) -> Result<()> {
+        self.msm.push_op(op).map_err(|e| self.noted(e))
     }
 
     /// The block manager.
@@ -235,7 +277,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         };
         self.msm.begin = b + 1;
         if self.msm.recursing() {
-            self.msm.push_op(BlockOp::Inc(b, b + 1))?;
+            self.queue_op(BlockOp::Inc(b, b + 1))?;
         } else {
             self.msm.recursion_count += 1;
             let r = self.ll_inc(SmSel::Metadata, b, b + 1);
@@ -261,7 +303,7 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     fn metadata_sm_mutate(&mut self, op: BlockOp) -> Result<()> {
         if self.msm.bootstrap || self.msm.recursing() {
-            return self.msm.push_op(op);
+            return self.queue_op(op);
         }
         self.msm.recursion_count += 1;
         let r = self.apply_op(op);
@@ -382,7 +424,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.msm.bootstrap = false;
         r?;
         let begin = self.msm.begin;
-        self.msm.push_op(BlockOp::Inc(superblock, begin))?;
+        self.queue_op(BlockOp::Inc(superblock, begin))?;
         self.apply_queued_ops()?;
         self.metadata_sm_commit()
     }
@@ -408,7 +450,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             self.ll_extend(SmSel::Metadata, extra)?;
             loop {
                 let begin = self.msm.begin;
-                self.msm.push_op(BlockOp::Inc(old_len, begin))?;
+                self.queue_op(BlockOp::Inc(old_len, begin))?;
                 old_len = begin;
                 self.apply_queued_ops()?;
                 self.ll_commit(SmSel::Metadata)?;
@@ -445,11 +487,19 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     /// Allocates a data block.
     pub fn data_sm_new_block(&mut self) -> Result<u64> {
+        self.data_sm_new_block_skipping(&|_| false)
+    }
+
+    /// Allocates a data block, passing over the free blocks `skip` names
+    /// as if they were counted (blocks a caller holds in core).
+    pub fn data_sm_new_block_skipping(&mut self, skip: &dyn Fn(u64) -> bool) -> Result<u64> {
         let begin = self.dsm().begin;
         let nr_blocks = self.dsm().ll.nr_blocks;
-        let b = match self.find_common_free_block(SmSel::Data, begin, nr_blocks)? {
+        let b = match self.find_common_free_block_skipping(SmSel::Data, begin, nr_blocks, skip)? {
             Some(b) => b,
-            None => self.find_common_free_block(SmSel::Data, 0, begin)?.ok_or(PdataError::NoSpace("data"))?,
+            None => self
+                .find_common_free_block_skipping(SmSel::Data, 0, begin, skip)?
+                .ok_or(PdataError::NoSpace("data"))?,
         };
         self.dsm().begin = b + 1;
         let n = self.ll_inc(SmSel::Data, b, b + 1)?;

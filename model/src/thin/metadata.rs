@@ -2,6 +2,8 @@
 //! device details tree, the two-level mapping tree and the data space map,
 //! with the kernel's operations and commit sequence, block for block.
 
+use std::collections::BTreeMap;
+
 use thiserror::Error;
 
 use super::superblock::Superblock;
@@ -140,6 +142,9 @@ pub struct ThinMetadata<D> {
     /// Most recently added first, as the kernel's list.
     devices: Vec<ThinDevice>,
     metadata_reserve: u64,
+    /// Data blocks held in core ([`Self::hold_data_range`]), with how many
+    /// holds each: no count on disk, but never handed out.
+    held: BTreeMap<u64, u32>,
 }
 
 impl<D: BlockDevice> ThinMetadata<D> {
@@ -161,6 +166,7 @@ impl<D: BlockDevice> ThinMetadata<D> {
             read_only: false,
             devices: Vec::new(),
             metadata_reserve: 0,
+            held: BTreeMap::new(),
         };
         md.begin_transaction()?;
         md.set_metadata_reserve();
@@ -279,6 +285,12 @@ impl<D: BlockDevice> ThinMetadata<D> {
     /// Switches deliberate bugs on or off (detector tests only).
     pub fn set_mutations(&mut self, m: crate::mutation::Mutations) {
         self.tm.mutations = m;
+    }
+
+    /// The first inconsistency the metadata's operations met, kept across
+    /// aborts (see [`TransactionManager::broken`]).
+    pub fn broken(&self) -> Option<&str> {
+        self.tm.broken()
     }
 
     /// The transaction manager (for the checker's tests and tools).
@@ -637,14 +649,14 @@ impl<D: BlockDevice> ThinMetadata<D> {
                 // The search found a key the removal cannot reach: only a
                 // damaged tree does that, and the kernel's loop would spin
                 // here for ever.
-                return Err(PdataError::Corrupt {
-                    kind: BlockKind::BtreeNode,
-                    block: mapping_root,
-                    what: format!(
-                        "mapping tree of device {id}: vblock {begin} is found but cannot be removed"
-                    ),
-                }
-                .into());
+                return Err(self
+                    .tm
+                    .runaway(
+                        BlockKind::BtreeNode,
+                        mapping_root,
+                        format!("mapping tree of device {id}: vblock {begin} is found but cannot be removed"),
+                    )
+                    .into());
             }
             begin = keys[0];
             total += count;
@@ -698,10 +710,42 @@ impl<D: BlockDevice> ThinMetadata<D> {
 
     // ---- data blocks ----
 
-    /// Allocates a data block.
+    /// Allocates a data block (never one held in core).
     pub fn alloc_data_block(&mut self) -> Result<u64> {
         self.write_lock()?;
-        Ok(self.tm.data_sm_new_block()?)
+        if self.held.is_empty() {
+            return Ok(self.tm.data_sm_new_block()?);
+        }
+        let held = &self.held;
+        Ok(self.tm.data_sm_new_block_skipping(&|b| held.contains_key(&b))?)
+    }
+
+    /// Holds data blocks `b..e` in core: the allocator passes over them as
+    /// if they were counted, but no count changes, so no commit can make
+    /// the hold durable (the fix of
+    /// `KernelFixes::passdown_holds_blocks_in_core`; the kernel holds them
+    /// with [`Self::inc_data_range`]). Holds live until released, across
+    /// aborts; a crash forgets them.
+    pub fn hold_data_range(&mut self, b: u64, e: u64) {
+        for block in b..e {
+            *self.held.entry(block).or_insert(0) += 1;
+        }
+    }
+
+    /// Releases a hold of [`Self::hold_data_range`]. Releasing a block that
+    /// is not held is an inconsistency the model keeps (see
+    /// [`Self::broken`]).
+    pub fn release_data_range(&mut self, b: u64, e: u64) -> Result<()> {
+        for block in b..e {
+            match self.held.get_mut(&block) {
+                Some(1) => {
+                    self.held.remove(&block);
+                }
+                Some(n) => *n -= 1,
+                None => return Err(self.tm.noted(PdataError::RefCountUnderflow(block)).into()),
+            }
+        }
+        Ok(())
     }
 
     /// Whether data block `b` has more than one reference.
@@ -731,7 +775,14 @@ impl<D: BlockDevice> ThinMetadata<D> {
     /// Free data blocks.
     pub fn free_data_blocks(&mut self) -> Result<u64> {
         self.check_fail_io()?;
-        Ok(self.tm.data_sm_nr_free())
+        let free = self.tm.data_sm_nr_free();
+        // A block held in core is as used as the kernel's counted hold
+        // makes it.
+        let mut held_free = 0;
+        for &b in self.held.keys() {
+            held_free += u64::from(self.tm.data_sm_get_count(b)? == 0);
+        }
+        Ok(free.saturating_sub(held_free))
     }
 
     /// Free metadata blocks as the pool reports them (less the reserve).

@@ -7,7 +7,7 @@ use super::{BtreeInfo, ValueType, MAX_DEPTH};
 use crate::block_device::BlockDevice;
 use crate::pdata::layout::BlockKind;
 use crate::pdata::transaction::TransactionManager;
-use crate::pdata::{BlockNr, PdataError, Result};
+use crate::pdata::{BlockNr, Result};
 
 struct Frame {
     block: BlockNr,
@@ -58,11 +58,12 @@ impl<D: BlockDevice> TransactionManager<D> {
         level: usize,
     ) -> Result<()> {
         if stack.len() >= MAX_DEPTH - 1 {
-            return Err(PdataError::Corrupt {
-                kind: BlockKind::BtreeNode,
-                block: b,
-                what: "btree deletion stack out of memory (tree too deep)".into(),
-            });
+            // The kernel's -ENOMEM: its deletion stack is this deep.
+            return Err(self.runaway(
+                BlockKind::BtreeNode,
+                b,
+                "btree deletion stack out of memory (tree too deep: a cycle?)",
+            ));
         }
         if self.ref_count(b)? > 1 {
             // Shared with another tree: just drop this tree's reference.

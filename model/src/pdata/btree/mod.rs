@@ -26,6 +26,9 @@ use crate::block_device::BlockDevice;
 /// kernel's deletion stack is 64 frames; real trees are a handful deep).
 pub const MAX_DEPTH: usize = 64;
 
+/// What a walk past [`MAX_DEPTH`] says ([`PdataError::Runaway`]).
+const DEEPER: &str = "tree deeper than any real tree (a cycle?)";
+
 /// What a tree's leaf values are, and how references through them are
 /// counted (the kernel's `dm_btree_value_type` callbacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +213,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     pub(crate) fn shadow_step(&mut self, s: &mut ShadowSpine, b: BlockNr, vt: ValueType) -> Result<()> {
         s.depth += 1;
         if s.depth > MAX_DEPTH {
-            return Err(corrupt(b, "tree deeper than any real tree (a cycle?)"));
+            return Err(self.runaway(BlockKind::BtreeNode, b, DEEPER));
         }
         if s.count == 2 {
             s.nodes[0] = s.nodes[1];
@@ -351,7 +354,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             }
             b = n.value64(i);
         }
-        Err(corrupt(b, "tree deeper than any real tree (a cycle?)"))
+        Err(self.runaway(BlockKind::BtreeNode, b, DEEPER))
     }
 
     /// The first key `>= keys[last]` in the last level, the earlier levels
@@ -386,7 +389,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         depth: usize,
     ) -> Result<Option<u64>> {
         if depth > MAX_DEPTH {
-            return Err(corrupt(b, "tree deeper than any real tree (a cycle?)"));
+            return Err(self.runaway(BlockKind::BtreeNode, b, DEEPER));
         }
         let n = Node::new(self.read_node(b, vt)?);
         let nr = n.nr_entries();
@@ -431,7 +434,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         depth: usize,
     ) -> Result<()> {
         if depth > MAX_DEPTH {
-            return Err(corrupt(b, "tree deeper than any real tree (a cycle?)"));
+            return Err(self.runaway(BlockKind::BtreeNode, b, DEEPER));
         }
         let data = *self.read_node(b, vt)?;
         let n = Node::new(&data);

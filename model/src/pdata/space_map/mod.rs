@@ -306,22 +306,31 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// A block free both now and as of the last commit, searching from
     /// `begin` to the end of the device. (The kernel passes an end but its
     /// search always runs to the end; so does this one.)
-    pub(crate) fn find_common_free_block(
+    pub(crate) fn find_common_free_block(&mut self, sel: SmSel, begin: u64, end: u64) -> Result<Option<u64>> {
+        self.find_common_free_block_skipping(sel, begin, end, &|_| false)
+    }
+
+    /// [`Self::find_common_free_block`], passing over the blocks `skip`
+    /// names.
+    pub(crate) fn find_common_free_block_skipping(
         &mut self,
         sel: SmSel,
         mut begin: u64,
         _end: u64,
+        skip: &dyn Fn(u64) -> bool,
     ) -> Result<Option<u64>> {
         loop {
             let nr_blocks = self.ll_mut(LlRef::Cur(sel)).nr_blocks;
             let Some(b) = self.ll_find_free_block(LlRef::Cur(sel), begin, nr_blocks)? else {
                 return Ok(None);
             };
-            if b >= self.ll_mut(LlRef::Old(sel)).nr_blocks {
-                return Ok(Some(b));
-            }
-            if self.ll_lookup(LlRef::Old(sel), b)? == 0 {
-                return Ok(Some(b));
+            if !skip(b) {
+                if b >= self.ll_mut(LlRef::Old(sel)).nr_blocks {
+                    return Ok(Some(b));
+                }
+                if self.ll_lookup(LlRef::Old(sel), b)? == 0 {
+                    return Ok(Some(b));
+                }
             }
             begin = b + 1;
         }
@@ -386,7 +395,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             while bit != bit_end {
                 let bitmap = &mut self.bm.write(ie.blocknr, BlockKind::Bitmap)?[BITMAP_HEADER_SIZE..];
                 match bitmap_get(bitmap, bit) {
-                    0 => return Err(PdataError::RefCountUnderflow(b)),
+                    0 => return Err(self.noted(PdataError::RefCountUnderflow(b))),
                     1 => {
                         bitmap_set(bitmap, bit, 0);
                         nr_allocations -= 1;
@@ -584,5 +593,20 @@ mod tests {
         bitmap_set(&mut data, 5, 0);
         assert_eq!(find_free_in_bitmap(&data, 0, 16320), Some(5));
         assert_eq!(find_free_in_bitmap(&data, 6, 16320), Some(70));
+    }
+
+    #[test]
+    fn a_count_below_zero_is_an_error_the_transaction_manager_keeps() {
+        use crate::block_device::MemDevice;
+        let mut tm = TransactionManager::create(MemDevice::new(2048), 0).unwrap();
+        tm.data_sm_create(100).unwrap();
+        tm.data_sm_inc(5, 6).unwrap();
+        tm.data_sm_dec(5, 6).unwrap();
+        assert_eq!(tm.broken(), None);
+        assert_eq!(tm.data_sm_dec(5, 6), Err(PdataError::RefCountUnderflow(5)));
+        assert_eq!(tm.broken(), Some("unable to decrement the reference count of block 5 below 0"));
+        // The first is kept.
+        let _ = tm.data_sm_dec(7, 8);
+        assert_eq!(tm.broken(), Some("unable to decrement the reference count of block 5 below 0"));
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use super::bio::{self, Bio, BioId, BioOp, BioRequest, Completion};
 use super::{io_errno, MappingBio, MappingId, Pool, PoolLists, TargetError};
 use crate::block_device::{BlockDevice, WriteFlags, SECTOR_SIZE};
-use crate::deferred_set::AddWork;
+use crate::deferred_set::{AddWork, DeferredEntry};
 use crate::errno::Errno;
 use crate::sync::lock;
 use crate::thin::metadata::ThinId;
@@ -239,6 +239,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                         let _ = data.write(b, &zeroes, WriteFlags::default());
                     }
                 }
+                if self.options.mutations.passdown_releases_data_cell_twice {
+                    // Broken on purpose: released here, and again by pass two.
+                    let held = lock(&self.lists).mappings.get(&mapping).and_then(|m| Some((m.thin, m.cell?)));
+                    if let Some((thin, cell)) = held {
+                        self.cell_defer_no_holder(thin, cell);
+                    }
+                }
                 self.queue_passdown_pt2(mapping);
             }
         }
@@ -262,17 +269,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             if !work.is_empty() {
                 let mut lists = lock(&self.lists);
                 for m in work {
-                    Self::complete_mapping_preparation_locked(&mut lists, m);
+                    self.complete_mapping_preparation_locked(&mut lists, m);
                 }
             }
         }
         if let Some(entry) = bio.hook.all_io_entry.take() {
-            let work = lock(&self.all_io_ds).dec(entry);
-            if !work.is_empty() {
-                let mut lists = lock(&self.lists);
-                lists.prepared_discards.extend(work);
-                lists.worker_wanted = true;
-            }
+            self.all_io_done(entry);
         }
         if let Some(cell) = bio.hook.cell.take() {
             self.cell_defer_no_holder(bio.thin, cell);
@@ -280,10 +282,21 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         self.piece_done(bio, result);
     }
 
+    /// Drops an all-I/O reference; discards that waited for it go to the
+    /// worker.
+    fn all_io_done(&self, entry: DeferredEntry) {
+        let work = lock(&self.all_io_ds).dec(entry);
+        if !work.is_empty() {
+            let mut lists = lock(&self.lists);
+            lists.prepared_discards.extend(work);
+            lists.worker_wanted = true;
+        }
+    }
+
     fn piece_done(&self, bio: Bio, result: Result<(), Errno>) {
         let mut io = lock(&self.io);
         let Some(user) = io.user.get_mut(&bio.parent) else {
-            debug_assert!(false, "a piece of unknown request {:?} completed", bio.parent);
+            self.bug(format!("a piece of unknown request {:?} completed", bio.parent));
             return;
         };
         if let (Err(e), Ok(())) = (result, user.result) {
@@ -292,7 +305,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         if user.is_read && bio.op == BioOp::Read && result.is_ok() {
             user.data[bio.offset..bio.offset + bio.data.len()].copy_from_slice(&bio.data);
         }
-        user.pending -= 1;
+        // DM core's count of the request's pieces (`bio_remaining_done`
+        // BUG_ONs on one ended too often).
+        let Some(pending) = user.pending.checked_sub(1) else {
+            self.bug(format!("request {:?} ended more pieces than it had", bio.parent));
+            return;
+        };
+        user.pending = pending;
         if user.pending > 0 {
             return;
         }
@@ -331,13 +350,19 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `overwrite_endio`: the whole-block write of a mapping landed (or
     /// failed); park the bio in the mapping until it is inserted.
     fn overwrite_endio(&self, mapping: MappingId, bio: Bio, result: Result<(), Errno>) {
+        if self.options.mutations.overwrite_drops_all_io_twice {
+            // Broken on purpose: dropped here, and again by `end_bio`.
+            if let Some(entry) = bio.hook.all_io_entry {
+                self.all_io_done(entry);
+            }
+        }
         self.release_cell_early(mapping);
         let mut lists = lock(&self.lists);
         if let Some(m) = lists.mappings.get_mut(&mapping) {
             m.status = result;
             m.bio = MappingBio::Overwrite(Some(bio));
         }
-        Self::complete_mapping_preparation_locked(&mut lists, mapping);
+        self.complete_mapping_preparation_locked(&mut lists, mapping);
     }
 
     /// kcopyd's completion of a zero or a copy.
@@ -349,7 +374,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 m.status = result;
             }
         }
-        Self::complete_mapping_preparation_locked(&mut lists, mapping);
+        self.complete_mapping_preparation_locked(&mut lists, mapping);
     }
 
     /// With [`crate::mutation::LockingMutations::release_cell_before_insert`]
@@ -378,15 +403,19 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     /// One preparation step of `mapping` finished.
     pub(crate) fn complete_mapping_preparation(&self, mapping: MappingId) {
-        Self::complete_mapping_preparation_locked(&mut lock(&self.lists), mapping);
+        self.complete_mapping_preparation_locked(&mut lock(&self.lists), mapping);
     }
 
-    fn complete_mapping_preparation_locked(lists: &mut PoolLists, mapping: MappingId) {
+    fn complete_mapping_preparation_locked(&self, lists: &mut PoolLists, mapping: MappingId) {
         let Some(m) = lists.mappings.get_mut(&mapping) else {
-            debug_assert!(false, "preparation of unknown mapping {mapping:?}");
+            self.bug(format!("preparation of unknown mapping {mapping:?}"));
             return;
         };
-        m.prepare_actions -= 1;
+        let Some(left) = m.prepare_actions.checked_sub(1) else {
+            self.bug(format!("mapping {mapping:?} prepared once more than it had steps"));
+            return;
+        };
+        m.prepare_actions = left;
         if m.prepare_actions == 0 {
             lists.prepared_mappings.push(mapping);
             lists.worker_wanted = true;

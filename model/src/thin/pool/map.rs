@@ -124,7 +124,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// that it never does.
     pub(crate) fn prison_for_key(&self, key: &CellKey) -> MutexGuard<'_, BioPrison<Bio>> {
         if self.locking.has_regions() {
-            debug_assert!(key_fits_region(key), "prison key {key:?} crosses a region boundary");
+            if !key_fits_region(key) {
+                self.bug(format!("prison key {key:?} crosses a region boundary"));
+            }
             lock(&self.prisons[region_of(key, self.prisons.len())])
         } else {
             lock(&self.prisons[0])
@@ -171,7 +173,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             (false, Some(t)) => {
                 let mut lists = lock(&t.lists);
                 let (holder, waiters) = self.prison_for_cell(cell).release_no_holder(cell);
-                debug_assert!(holder.is_none(), "cell released with its holder still inside");
+                if holder.is_some() {
+                    self.bug(format!("{cell:?} released with its holder still inside"));
+                }
                 let woke = holder.is_some() || !waiters.is_empty();
                 lists.deferred_bios.extend(holder.into_iter().chain(waiters));
                 drop(lists);
@@ -182,7 +186,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
             _ => {
                 let (holder, waiters) = self.prison_for_cell(cell).release_no_holder(cell);
-                debug_assert!(holder.is_none(), "cell released with its holder still inside");
+                if holder.is_some() {
+                    self.bug(format!("{cell:?} released with its holder still inside"));
+                }
                 holder.into_iter().chain(waiters).collect()
             }
         };

@@ -202,6 +202,20 @@ pub struct KernelFixes {
     /// counts as shared a block that the last commit reaches from anywhere
     /// but the discarded mapping itself, and leaves it on the data device.
     pub passdown_spares_blocks_the_last_commit_maps: bool,
+    /// A passdown discard holds the data blocks it unmapped, between its
+    /// two passes, with an extra reference count (pass one's
+    /// `dm_pool_inc_data_range`, pass two's `dm_pool_dec_data_range`), so
+    /// that they are not reallocated while the discard to the data device
+    /// is in flight. A count is metadata: any commit in between (another
+    /// device's flush, the commit period, an allocation when the pool is
+    /// full) makes the hold durable, and a crash before pass two's commit
+    /// leaves every such block counted once more than it is mapped — a
+    /// block still mapped by a snapshot counted twice, which no later
+    /// unmapping frees (the checkers call it damage), an unshared one
+    /// leaked. The fix holds the blocks in core: the allocator passes over
+    /// them, the counts do not change, and a crash forgets the hold with
+    /// the discard.
+    pub passdown_holds_blocks_in_core: bool,
 }
 
 impl KernelFixes {
@@ -212,6 +226,7 @@ impl KernelFixes {
         failed_message_aborts: true,
         read_only_shared_reads_wait_for_copies: true,
         passdown_spares_blocks_the_last_commit_maps: true,
+        passdown_holds_blocks_in_core: true,
     };
 }
 
@@ -332,6 +347,9 @@ struct NewMapping {
     /// The holder of a cell released before the insert (the broken
     /// locking variant `release-cell-before-insert` only).
     early_holder: Option<Bio>,
+    /// A passdown discard: the data block runs pass one passed down (kept
+    /// for the mutation `passdown-frees-discarded-twice` only).
+    passed_down: Vec<(u64, u64)>,
 }
 
 /// A passdown discard bio shared by the mappings of its runs
@@ -418,6 +436,9 @@ pub struct Pool<M, D> {
     mode: Mutex<ModeState>,
     io: Mutex<IoState>,
     clock: Mutex<Clock>,
+    /// The first broken precondition of the pool's own bookkeeping (see
+    /// [`Pool::invariant_broken`]).
+    bug: Mutex<Option<String>>,
 }
 
 impl<M, D> fmt::Debug for Pool<M, D> {
@@ -488,6 +509,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }),
             io: Mutex::new(IoState::default()),
             clock: Mutex::new(Clock::default()),
+            bug: Mutex::new(None),
             table,
         };
         pool.preresume(len_sectors)?;
@@ -518,6 +540,46 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// dm events raised so far (the low water mark, mode changes).
     pub fn events(&self) -> u64 {
         lock(&self.lists).events
+    }
+
+    /// The first broken invariant of the model, if any. These are the
+    /// preconditions the kernel `BUG_ON`s on or would corrupt memory over
+    /// (a bio prison cell released twice, a deferred-set reference dropped
+    /// twice, a completion of a request or a mapping the pool does not
+    /// know), checked in every build and recorded instead of panicking;
+    /// and the metadata's inconsistencies ([`ThinMetadata::broken`]: a
+    /// walk past its bound, a reference count below zero), which the pool
+    /// handles as the kernel does (abort, read-only mode) but which sound
+    /// metadata never gives. Either is a bug of the model, or damage of
+    /// metadata read from outside.
+    pub fn invariant_broken(&self) -> Option<String> {
+        if let Some(b) = lock(&self.bug).clone() {
+            return Some(b);
+        }
+        // Where it was found goes last: the message up to its first colon
+        // is what a minimizer keeps (see `violation_signature` in sim).
+        for (region, prison) in self.prisons.iter().enumerate() {
+            if let Some(b) = lock(prison).broken() {
+                let regions = self.prisons.len();
+                let at = if regions > 1 { format!(", region {region} of {regions}") } else { String::new() };
+                return Some(format!("{b} (bio prison{at})"));
+            }
+        }
+        if let Some(b) = lock(&self.shared_read_ds).broken() {
+            return Some(format!("{b} (shared_read_ds)"));
+        }
+        if let Some(b) = lock(&self.all_io_ds).broken() {
+            return Some(format!("{b} (all_io_ds)"));
+        }
+        lock(&self.metadata).broken().map(|b| format!("{b} (pool metadata)"))
+    }
+
+    /// Records a broken precondition (the first is kept).
+    pub(crate) fn bug(&self, what: String) {
+        let mut bug = lock(&self.bug);
+        if bug.is_none() {
+            *bug = Some(what);
+        }
     }
 
     /// Runs `f` on the metadata under `root_lock` (for tests and tools: the

@@ -365,6 +365,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             bio: MappingBio::None,
             spared: Vec::new(),
             early_holder: None,
+            passed_down: Vec::new(),
         }
     }
 
@@ -430,7 +431,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `process_prepared_mapping` (and its fail-mode variant).
     fn process_prepared_mapping(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown prepared mapping");
+            self.bug(format!("unknown prepared mapping {id:?}"));
             return;
         };
         let Some(cell) = m.cell else {
@@ -763,6 +764,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             bio: MappingBio::Discard(bio),
             spared,
             early_holder: None,
+            passed_down: Vec::new(),
         });
         self.defer_discard_until_io_quiet(m);
     }
@@ -809,6 +811,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     bio: MappingBio::DiscardParent(parent),
                     spared: Vec::new(),
                     early_holder: None,
+                    passed_down: Vec::new(),
                 });
                 if let Some(p) = lock(&self.lists).discard_parents.get_mut(&parent) {
                     p.remaining += 1;
@@ -829,7 +832,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             if let (Err(e), Ok(())) = (result, p.result) {
                 p.result = Err(e);
             }
-            p.remaining -= 1;
+            // `bio_remaining_done` BUG_ONs on a count already at zero.
+            let Some(remaining) = p.remaining.checked_sub(1) else {
+                drop(lists);
+                self.bug(format!("passdown discard parent {parent} ended once too often"));
+                return;
+            };
+            p.remaining = remaining;
             if p.remaining == 0 {
                 lists.discard_parents.remove(&parent)
             } else {
@@ -846,14 +855,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         match bio {
             MappingBio::Discard(bio) => self.end_bio(bio, result),
             MappingBio::DiscardParent(p) => self.discard_parent_done(p, result),
-            _ => debug_assert!(false, "a discard mapping without its bio"),
+            other => self.bug(format!("a discard mapping without its bio ({other:?})")),
         }
     }
 
     /// A discard whose older I/O has drained.
     pub(crate) fn process_prepared_discard(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown prepared discard");
+            self.bug(format!("unknown prepared discard {id:?}"));
             return;
         };
         let cell = m.cell.expect("discard mapping has a cell");
@@ -887,7 +896,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let r = (|| {
             let mut md = lock(&self.metadata);
             md.remove_range(m.thin, m.virt_begin, m.virt_end).map_err(|e| ("dm_thin_remove_range", e))?;
-            md.inc_data_range(m.data_block, data_end).map_err(|e| ("dm_pool_inc_data_range", e))
+            if self.options.fixes.passdown_holds_blocks_in_core {
+                md.hold_data_range(m.data_block, data_end);
+                Ok(())
+            } else {
+                md.inc_data_range(m.data_block, data_end).map_err(|e| ("dm_pool_inc_data_range", e))
+            }
         })();
         if let Err((op, e)) = r {
             self.metadata_operation_failed(op, &e);
@@ -901,7 +915,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             vec![(m.data_block, data_end)]
         };
         let sector_ranges: Vec<(u64, u64)> =
-            ranges.into_iter().map(|(b, e)| (b * self.block_sectors, e * self.block_sectors)).collect();
+            ranges.iter().map(|&(b, e)| (b * self.block_sectors, e * self.block_sectors)).collect();
+        let mut m = m;
+        if self.options.mutations.passdown_frees_discarded_twice {
+            m.passed_down = ranges;
+        }
         lock(&self.lists).mappings.insert(id, m);
         if sector_ranges.is_empty() {
             self.queue_passdown_pt2(id);
@@ -963,8 +981,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     /// Runs of `begin..end` (the data blocks of virtual blocks from
     /// `virt_begin` on of `thin`) whose data blocks nobody else references
-    /// (a count of exactly one, the pass-one hold). A lookup error ends the
-    /// search, as in the kernel.
+    /// (a count of exactly one, the pass-one hold; none when the hold is in
+    /// core). A lookup error ends the search, as in the kernel.
     ///
     /// The kernel asks the current transaction only. With
     /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`] a block
@@ -973,9 +991,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// [`KernelFixes::passdown_spares_blocks_the_last_commit_maps`]: super::KernelFixes::passdown_spares_blocks_the_last_commit_maps
     fn unshared_runs(&self, thin: ThinId, virt_begin: u64, begin: u64, end: u64) -> Vec<(u64, u64)> {
         let spare_committed = self.options.fixes.passdown_spares_blocks_the_last_commit_maps;
+        let hold = u32::from(!self.options.fixes.passdown_holds_blocks_in_core);
         let mut md = lock(&self.metadata);
         let mut shared = |b: u64| -> Result<bool, ThinError> {
-            if md.data_block_is_shared(b)? {
+            if md.data_block_count(b)? > hold {
                 return Ok(true);
             }
             if !spare_committed {
@@ -1005,14 +1024,28 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         runs
     }
 
-    /// Passdown, second pass: drop the hold taken in the first.
+    /// Passdown, second pass: drop the hold taken in the first (its count,
+    /// or its hold in core).
     fn process_prepared_discard_pt2(&self, id: MappingId) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
-            debug_assert!(false, "unknown discard pass two");
+            self.bug(format!("unknown discard pass two {id:?}"));
             return;
         };
         let data_end = m.data_block + (m.virt_end - m.virt_begin);
-        let r = lock(&self.metadata).dec_data_range(m.data_block, data_end);
+        let r = (|| {
+            let mut md = lock(&self.metadata);
+            if self.options.fixes.passdown_holds_blocks_in_core {
+                md.release_data_range(m.data_block, data_end)?;
+            } else {
+                md.dec_data_range(m.data_block, data_end)?;
+            }
+            // Broken on purpose: the runs passed down lose a reference
+            // their unmap in pass one already dropped.
+            for &(b, e) in &m.passed_down {
+                md.dec_data_range(b, e)?;
+            }
+            Ok(())
+        })();
         let r = r.map_err(|e| {
             self.metadata_operation_failed("dm_pool_dec_data_range", &e);
             Errno::EIO
