@@ -102,6 +102,7 @@ fn parse() -> Cli {
 
 fn main() -> ExitCode {
     install_signal_handlers();
+    dmsim_sim::quiet_caught_panics();
     let cli = parse();
     match cli.command {
         Command::Check(args) => check_cmd::run(args),

@@ -51,7 +51,7 @@ use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::{CrashMode, DiskId, Event, Op};
 
-use crate::completion::Pending;
+use crate::completion::{catching, Pending};
 use crate::oracle::{Content, Oracle, OracleConfig};
 use crate::run::{run_checker, MAX_DISK_SECTORS};
 use crate::thin::{summarize, ThinFailure};
@@ -438,7 +438,7 @@ impl CacheSim {
     /// Applies one op, recording it and what it led to.
     pub fn apply(&mut self, op: &Op) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
-        let r = self.apply_inner(op);
+        let r = catching(|| self.apply_inner(op)).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         // A broken invariant is the cause of whatever else the op showed.
         let r = self.check_model().and(r);
         self.observe();
@@ -1065,7 +1065,7 @@ impl CacheSim {
     /// oracle, shuts down cleanly, compares clean blocks on both devices,
     /// and checks the final metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
-        let r = self.finish_inner();
+        let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         let r = self.check_model().and(r);
         self.observe();
         self.stats.sim_time_ns = self.now;

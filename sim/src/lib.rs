@@ -26,6 +26,7 @@ pub mod cache_sim;
 pub mod cache_workload;
 pub mod campaign;
 mod completion;
+pub use completion::quiet_caught_panics;
 pub mod concurrency;
 pub mod generate;
 pub mod header_params;

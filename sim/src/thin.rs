@@ -32,7 +32,7 @@ use dmsim_traces::{CrashMode, DiskId, Event};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::completion::Pending;
+use crate::completion::{catching, Pending};
 use crate::oracle::{DevId, Oracle, OracleConfig};
 
 /// Metadata crash states judged at every crash (see
@@ -335,7 +335,7 @@ impl ThinSim {
     /// Applies one operation, recording it and what it led to.
     pub fn apply(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
-        let r = self.apply_inner(op);
+        let r = catching(|| self.apply_inner(op)).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         // A broken invariant is the cause of whatever else the op showed.
         let r = self.check_invariants().and(r);
         self.observe();
@@ -779,7 +779,7 @@ impl ThinSim {
     /// for space), reads every live device back in full through the
     /// oracle, and checks the committed metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
-        let r = self.finish_inner();
+        let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         let r = self.check_invariants().and(r);
         self.observe();
         self.stats.sim_time_ns = self.now;
