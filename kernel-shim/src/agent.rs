@@ -38,10 +38,10 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name, read_frame,
-    summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout, OpResult,
-    PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX,
-    LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
+    read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
+    OpResult, PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
+    COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1258,7 +1258,13 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
 
 /// The status line of a device (joined over its targets).
 fn status_line(ctl: &Control, name: &str) -> Result<String, ShimError> {
-    let s = ctl.status(name, false, false)?;
+    status_line_as(ctl, name, false)
+}
+
+/// [`status_line`]; with `noflush`, without the commit a cache's status
+/// otherwise makes.
+fn status_line_as(ctl: &Control, name: &str, noflush: bool) -> Result<String, ShimError> {
+    let s = ctl.status(name, false, noflush)?;
     Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
 }
 
@@ -1570,19 +1576,16 @@ struct Settled {
 impl Settled {
     /// The status line's residency less its promotions plus demotions.
     fn balance(line: &str) -> Result<i64, ShimError> {
-        let w: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> Result<i64, ShimError> {
-            let f =
-                w.get(i).ok_or_else(|| ShimError::Invalid(format!("cache status {line:?}: no field {i}")))?;
-            let f = f.split_once('/').map_or(*f, |(a, _)| a);
-            f.parse().map_err(|_| ShimError::Invalid(format!("cache status {line:?}: field {i} is {f:?}")))
+            let f = cache_status_field(line, i);
+            f.and_then(|f| f.parse().ok())
+                .ok_or_else(|| ShimError::Invalid(format!("cache status {line:?}: field {i} is {f:?}")))
         };
         Ok(num(3)? - num(9)? + num(8)?)
     }
 
     fn poll(ctl: &Control, name: &str) -> Result<String, ShimError> {
-        let s = ctl.status(name, false, true)?;
-        Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
+        status_line_as(ctl, name, true)
     }
 
     /// Takes the balance after a table load or an invalidation (nothing

@@ -47,7 +47,8 @@ use dmsim_traces::{stamp, Event, Op, Trace};
 
 use crate::error::ShimError;
 use crate::protocol::{
-    CacheSpec, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, COARSE_PREFIX, OP_END_PREFIX,
+    cache_status_field, CacheSpec, KernelResult, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
+    COARSE_PREFIX, OP_END_PREFIX,
 };
 use crate::vm::{Job, KernelRun};
 
@@ -216,9 +217,8 @@ pub struct CacheReplayReport {
 /// The counters of a cache INFO status line that L2 follows: residency,
 /// read hits and misses, write hits and misses, demotions, promotions,
 /// dirty blocks.
-fn counters(line: &str) -> Vec<String> {
-    let w: Vec<&str> = line.split_whitespace().collect();
-    (3..=10).map(|i| w.get(i).map_or("", |f| f.split_once('/').map_or(*f, |(a, _)| a)).to_string()).collect()
+fn counters(line: &str) -> Vec<Option<&str>> {
+    (3..=10).map(|i| cache_status_field(line, i)).collect()
 }
 
 /// Every sector's bytes as a read summary describes them (see
@@ -478,6 +478,50 @@ mod tests {
     use crate::protocol::summarize;
 
     #[test]
+    fn the_coarse_clock_gives_jiffies_and_the_windows_that_span_a_tick() {
+        let t = |k: &str, us: u64| (format!("{COARSE_PREFIX}{k}"), us);
+        let result = KernelResult {
+            timings_ms: vec![
+                t("res", 4000),
+                // The load spans a tick (jiffies 0 and 1), the resume not.
+                t("load-a", 0),
+                t("load-b", 3900),
+                t("resume-a", 4100),
+                t("resume-b", 5000),
+                // Op 0 in one jiffy; op 1, a reload, whose load and whole
+                // span a tick, its resume not.
+                t("op-a-0", 8000),
+                t("op-b-0", 9000),
+                t("op-a-1", 12000),
+                t("op-load-a-1", 12000),
+                t("op-load-b-1", 14000),
+                t("op-resume-a-1", 14100),
+                t("op-resume-b-1", 15000),
+                t("op-b-1", 16200),
+            ],
+            ..KernelResult::default()
+        };
+        let j = Jiffies::of(&result).unwrap();
+        assert_eq!(j.ms, 4);
+        let w = j.windows();
+        assert_eq!(w.len(), 6);
+        assert_eq!((w[0].0, w[0].1, w[0].2.before, w[0].2.after), (0, Timed::Load, 0, 1));
+        assert_eq!((w[2].0, w[2].1, w[2].2.before, w[2].2.after), (0, Timed::Op, 2, 2));
+        let d: Vec<_> = j.decisions().iter().map(|(i, w)| (*i, w.before, w.after)).collect();
+        assert_eq!(d, [(0, 0, 1), (1, 3, 4), (1, 3, 4)]);
+        assert!(Jiffies::of(&KernelResult::default()).is_none(), "no coarse clock: none");
+    }
+
+    #[test]
+    fn status_fields_are_read_before_their_slash() {
+        let line = "8 10/256 128 7/10 1 17 10 26 0 2 3 1 writeback";
+        assert_eq!(cache_status_field(line, 3), Some("7"));
+        assert_eq!(cache_status_field(line, 9), Some("2"));
+        assert_eq!(cache_status_field(line, 40), None);
+        assert_eq!(counters(line)[0], Some("7"));
+    }
+
+    #[test]
     fn a_summary_expands_to_what_it_summarizes() {
         let mut data = vec![0u8; 512 * 6];
         stamp::fill(&mut data[..1024], 9, 3, 0, 10);
@@ -726,10 +770,10 @@ struct Jiffies {
 }
 
 impl Jiffies {
-    /// The jiffies of `run`, None when it carries no coarse clock.
-    fn of(run: &KernelRun) -> Option<Jiffies> {
-        let t: BTreeMap<&str, u64> = run
-            .result
+    /// The jiffies of a run's result, None when it carries no coarse
+    /// clock.
+    fn of(result: &KernelResult) -> Option<Jiffies> {
+        let t: BTreeMap<&str, u64> = result
             .timings_ms
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
@@ -761,21 +805,41 @@ impl Jiffies {
         Some(out)
     }
 
-    /// Every window that spans a tick, in the order the kernel went
-    /// through them, each with the op it belongs to (the first table's
-    /// load and resume belong to op 0).
-    fn decisions(&self) -> Vec<(usize, Window)> {
+    /// Every window, in the order the kernel went through them, each with
+    /// the op it belongs to (the first table's load and resume belong to
+    /// op 0) and what it times.
+    fn windows(&self) -> Vec<(usize, Timed, Window)> {
         let mut d = Vec::new();
-        let first = [self.load, self.resume].into_iter().flatten().map(|w| (0, w));
-        d.extend(first);
+        d.extend(self.load.map(|w| (0, Timed::Load, w)));
+        d.extend(self.resume.map(|w| (0, Timed::Resume, w)));
         for (&i, w) in &self.ops {
-            d.extend(self.reload_load.get(&i).map(|w| (i, *w)));
-            d.extend(self.reload_resume.get(&i).map(|w| (i, *w)));
-            d.push((i, *w));
+            d.extend(self.reload_load.get(&i).map(|w| (i, Timed::ReloadLoad, *w)));
+            d.extend(self.reload_resume.get(&i).map(|w| (i, Timed::ReloadResume, *w)));
+            d.push((i, Timed::Op, *w));
         }
-        d.retain(|(_, w)| w.before != w.after);
         d
     }
+
+    /// The windows that span a tick (see [`Self::windows`]): the choices
+    /// a run makes.
+    fn decisions(&self) -> Vec<(usize, Window)> {
+        self.windows().into_iter().filter(|(_, _, w)| w.before != w.after).map(|(i, _, w)| (i, w)).collect()
+    }
+}
+
+/// What a [`Window`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timed {
+    /// The first table's load.
+    Load,
+    /// The first table's resume.
+    Resume,
+    /// A reload op's table load.
+    ReloadLoad,
+    /// A reload op's resume.
+    ReloadResume,
+    /// An op (its start and end).
+    Op,
 }
 
 /// How many serialized runs [`follow_the_kernel`] tries at most.
@@ -791,7 +855,7 @@ const MAX_FOLLOW_RUNS: usize = 256;
 /// Without a coarse clock (an unsettled run), one run follows the ops'
 /// end times.
 fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
-    let Some(jiffies) = Jiffies::of(run) else {
+    let Some(jiffies) = Jiffies::of(&run.result) else {
         return serialized(plan, run, None, &[]);
     };
     let decisions = jiffies.decisions();
@@ -804,7 +868,7 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
             break;
         }
         runs += 1;
-        let mut r = serialized(plan, run, Some((&jiffies, &decisions)), &prefix)?;
+        let mut r = serialized(plan, run, Some(&jiffies), &prefix)?;
         r.runs = (runs, decisions.len());
         let d = reach(&r);
         if d == usize::MAX {
@@ -837,50 +901,35 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
 fn serialized(
     plan: &CachePlan,
     run: &KernelRun,
-    jiffies: Option<(&Jiffies, &[(usize, Window)])>,
+    jiffies: Option<&Jiffies>,
     choices: &[bool],
 ) -> Result<SimRun, ShimError> {
     let mut cfg = plan.cfg.cache;
     let sim_err =
         |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("the serialized simulator: {f}"));
-    // Which jiffy each window stands for in this run.
-    let mut picked: BTreeMap<(usize, u8), u64> = BTreeMap::new();
+    // Which jiffy each window stands for in this run: the later one of a
+    // window that spans a tick when its choice says so.
+    let mut picked: BTreeMap<(usize, Timed), u64> = BTreeMap::new();
     let mut origin = 0;
     let mut ms_per_jiffy = 1;
-    if let Some((j, decisions)) = jiffies {
+    if let Some(j) = jiffies {
         ms_per_jiffy = j.ms;
-        let pick = |w: Window, k: &mut usize| {
-            if w.before == w.after {
-                return w.before;
-            }
-            let late = choices.get(*k).copied().unwrap_or(false);
-            debug_assert_eq!(decisions.get(*k).map(|d| (d.1.before, d.1.after)), Some((w.before, w.after)));
-            *k += 1;
-            if late {
-                w.after
-            } else {
-                w.before
-            }
-        };
         let mut k = 0;
-        // Same order as `Jiffies::decisions`.
-        if let Some(w) = j.load {
-            picked.insert((0, 0), pick(w, &mut k));
+        for (i, what, w) in j.windows() {
+            let jiffy = if w.before == w.after {
+                w.before
+            } else {
+                k += 1;
+                if choices.get(k - 1).copied().unwrap_or(false) {
+                    w.after
+                } else {
+                    w.before
+                }
+            };
+            picked.insert((i, what), jiffy);
         }
-        if let Some(w) = j.resume {
-            picked.insert((0, 1), pick(w, &mut k));
-        }
-        for (&i, w) in &j.ops {
-            if let Some(w) = j.reload_load.get(&i) {
-                picked.insert((i, 2), pick(*w, &mut k));
-            }
-            if let Some(w) = j.reload_resume.get(&i) {
-                picked.insert((i, 3), pick(*w, &mut k));
-            }
-            picked.insert((i, 4), pick(*w, &mut k));
-        }
-        origin = picked.get(&(0, 0)).copied().unwrap_or(0);
-        let resume = picked.get(&(0, 1)).copied().unwrap_or(origin);
+        origin = picked.get(&(0, Timed::Load)).copied().unwrap_or(0);
+        let resume = picked.get(&(0, Timed::Resume)).copied().unwrap_or(origin);
         cfg.options.resume_delay = resume.saturating_sub(origin) * ms_per_jiffy * 1_000_000;
     }
     // The simulator's milliseconds for a kernel jiffy: its middle, counted
@@ -914,10 +963,12 @@ fn serialized(
     for (i, op) in plan.ops.iter().enumerate() {
         let timed = jiffies.is_some() || !ends.is_empty();
         if jiffies.is_some() {
-            if let (Some(l), Some(r)) = (picked.get(&(i, 2)), picked.get(&(i, 3))) {
+            if let (Some(l), Some(r)) =
+                (picked.get(&(i, Timed::ReloadLoad)), picked.get(&(i, Timed::ReloadResume)))
+            {
                 advance(&mut sim, at(*l), &mut sim_ms)?;
                 sim.cache().set_resume_delay(r.saturating_sub(*l) * ms_per_jiffy * 1_000_000);
-            } else if let Some(j) = picked.get(&(i, 4)) {
+            } else if let Some(j) = picked.get(&(i, Timed::Op)) {
                 advance(&mut sim, at(*j), &mut sim_ms)?;
             }
         } else if !ends.is_empty() {

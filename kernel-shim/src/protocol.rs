@@ -820,6 +820,16 @@ pub enum CacheStep {
     DropCacheWrites,
 }
 
+/// Field `i` of a cache INFO status line (`<metadata block size>
+/// <used>/<total> <cache block size> <resident>/<total> <read hits> <read
+/// misses> <write hits> <write misses> <demotions> <promotions> <dirty>
+/// …`), its part before a slash: 3 is the residency, 8 demotions, 9
+/// promotions, 10 dirty blocks.
+pub fn cache_status_field(line: &str, i: usize) -> Option<&str> {
+    let f = line.split_whitespace().nth(i)?;
+    Some(f.split_once('/').map_or(f, |(a, _)| a))
+}
+
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 

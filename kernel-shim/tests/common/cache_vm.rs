@@ -62,8 +62,7 @@ pub fn outcome(run: &KernelRun, i: usize) -> (&str, Option<&str>) {
 /// <dirty> …`: 3 is resident — its part before the slash —, 9 promotions,
 /// 10 dirty).
 pub fn status_field(line: &str, i: usize) -> u64 {
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let f = w.get(i).unwrap_or_else(|| panic!("status {line:?} has no field {i}"));
-    let f = f.split_once('/').map_or(*f, |(a, _)| a);
+    let f = dmsim_kernel_shim::protocol::cache_status_field(line, i)
+        .unwrap_or_else(|| panic!("status {line:?} has no field {i}"));
     f.parse().unwrap_or_else(|_| panic!("status {line:?}: field {i} is {f:?}"))
 }
