@@ -47,6 +47,7 @@ use dmsim_sim::run::{
     MAX_OPS,
 };
 use dmsim_sim::thin::{ThinFailure, ThinStats};
+use dmsim_sim::workload::Shape;
 use dmsim_traces::error::clip;
 use dmsim_traces::text::to_text;
 use dmsim_traces::Trace;
@@ -877,6 +878,10 @@ struct MetadataTotals {
     crash_states: usize,
     torn_writes: usize,
     out_of_metadata_space: usize,
+    /// Seeds of each workload shape, in `Shape::ALL`'s order (thin only).
+    shapes: [usize; 3],
+    in_core_checks: usize,
+    deepest_tree: u32,
     failing: Vec<u64>,
 }
 
@@ -919,6 +924,11 @@ impl MetadataTotals {
         self.crash_states += o.crash_states;
         self.torn_writes += o.torn_writes;
         self.out_of_metadata_space += usize::from(o.out_of_metadata_space);
+        if let Some(i) = Shape::ALL.iter().position(|s| s.name() == o.shape) {
+            self.shapes[i] += 1;
+        }
+        self.in_core_checks += o.in_core_checks;
+        self.deepest_tree = self.deepest_tree.max(o.deepest_tree);
         if !o.violations.is_empty() {
             self.failing.push(seed);
         }
@@ -937,6 +947,12 @@ impl MetadataTotals {
         row("crash states judged", self.crash_states.to_string());
         row("  with a torn write", self.torn_writes.to_string());
         row("seeds out of metadata space", self.out_of_metadata_space.to_string());
+        if which == MetadataCampaign::Thin {
+            let [random, shrink, deep] = self.shapes;
+            row("seeds random/shrink/deep", format!("{random}/{shrink}/{deep}"));
+            row("open transactions checked", self.in_core_checks.to_string());
+            row("deepest mapping tree (levels)", self.deepest_tree.to_string());
+        }
         row("violations", self.failing.len().to_string());
     }
 
@@ -970,6 +986,9 @@ impl MetadataTotals {
             "crash_states": self.crash_states,
             "torn_writes": self.torn_writes,
             "seeds_out_of_metadata_space": self.out_of_metadata_space,
+            "seeds_by_shape": Shape::ALL.iter().zip(self.shapes).map(|(s, n)| (s.name().to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+            "open_transactions_checked": self.in_core_checks,
+            "deepest_tree_levels": self.deepest_tree,
             "violations": self.failing.len(),
             "failing_seeds": self.failing,
             "failures": failures,
@@ -1432,5 +1451,6 @@ fn kind_id(k: ViolationKind) -> &'static str {
         ViolationKind::CrashUnopenable => "crash_unopenable",
         ViolationKind::CrashDamaged => "crash_damaged",
         ViolationKind::CrashTorn => "crash_torn",
+        ViolationKind::InCoreDamaged => "in_core_damaged",
     }
 }

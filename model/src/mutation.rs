@@ -103,6 +103,24 @@ pub struct Mutations {
     /// dirty blocks among those it drops (`dm_cache_resize` refuses them),
     /// so a table reload on a smaller cache device loses their data.
     pub cache_shrink_drops_dirty: bool,
+    /// Btree removal (`rebalance_children`): a node left with one child
+    /// takes the child's bytes without giving the child's children a
+    /// reference for the copy, even when the child is shared with another
+    /// tree (kernel 6.1 before 6.1.175 did this): the children are one
+    /// reference short, and the next unmapping frees a data block a
+    /// snapshot still maps.
+    pub collapse_forgets_shared_child: bool,
+    /// Btree insert: a key below a node's lowest key lowers that bound in
+    /// the root only (a patch that thinks only the root can see such a
+    /// key); in a tree of three levels the internal node below the root
+    /// keeps its old bound, and lookups of the new key miss it.
+    pub below_min_key_lowers_root_only: bool,
+    /// Btree shadowing of a child during a rebalance (`shadow_child`): the
+    /// copy of a shared node takes references to its children only when
+    /// it is a leaf (a patch that thinks only leaves carry counted
+    /// values); a shared internal node below the root, which only trees of
+    /// three levels have, leaves its children one reference short.
+    pub shadow_child_skips_internal_children: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -193,6 +211,15 @@ impl Mutations {
         ("cache-commit-forgets-stats", |m| m.cache_commit_forgets_stats = true),
     ];
 
+    /// Mutations of persistent-data's btrees that only the metadata
+    /// campaign's shaped workloads reach (shared children collapsed, keys
+    /// below the minimum and shared internal nodes of three-level trees).
+    pub const TREES: [(&'static str, Switch); 3] = [
+        ("collapse-forgets-shared-child", |m| m.collapse_forgets_shared_child = true),
+        ("below-min-key-lowers-root-only", |m| m.below_min_key_lowers_root_only = true),
+        ("shadow-child-skips-internal-children", |m| m.shadow_child_skips_internal_children = true),
+    ];
+
     /// Mutations of the cache target's I/O paths (the cache campaign
     /// catches them).
     pub const CACHE_TARGET: [(&'static str, Switch); 7] = [
@@ -216,9 +243,9 @@ impl Mutations {
     ];
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
-    /// [`Self::CACHE_TARGET`].
+    /// [`Self::CACHE_TARGET`], then [`Self::TREES`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
-        Self::ALL.iter().chain(Self::CACHE.iter()).chain(Self::CACHE_TARGET.iter())
+        Self::ALL.iter().chain(Self::CACHE.iter()).chain(Self::CACHE_TARGET.iter()).chain(Self::TREES.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).

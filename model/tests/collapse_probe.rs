@@ -18,14 +18,17 @@
 
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
+use dmsim_model::pdata::transaction::PdataFixes;
 use dmsim_model::thin::ThinMetadata;
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-/// The history above; `n` blocks discarded first.
-fn history(n: u64) -> MemDevice {
+/// The history above; `n` blocks discarded first; `fixed` turns the
+/// candidate fix on.
+fn history_with(n: u64, fixed: bool) -> MemDevice {
     let mut md = ThinMetadata::format(MemDevice::new(8 * 2048), 128).unwrap();
+    md.set_fixes(PdataFixes { collapse_counts_shared_child: fixed });
     md.resize_data_dev(10_000).unwrap();
     md.create_thin(0).unwrap();
     md.commit().unwrap();
@@ -43,6 +46,11 @@ fn history(n: u64) -> MemDevice {
     md.close_thin(0).unwrap();
     md.commit().unwrap();
     md.close().map_err(|(_, e)| e).unwrap()
+}
+
+/// The history as the kernel runs it.
+fn history(n: u64) -> MemDevice {
+    history_with(n, false)
 }
 
 #[test]
@@ -70,6 +78,15 @@ fn collapsing_a_shared_only_child_undercounts_its_data_blocks() {
 fn without_the_single_child_state_the_same_history_is_clean() {
     for n in [100, 130, 132, 200] {
         let mut dev = history(n);
+        let report = check_thin_metadata(&mut dev, &CheckOptions::default()).unwrap();
+        assert!(report.is_clean(), "n={n}: {:#?}", report.problems);
+    }
+}
+
+#[test]
+fn the_candidate_fix_counts_the_shared_childs_children() {
+    for n in [100, 130, 131, 132, 200] {
+        let mut dev = history_with(n, true);
         let report = check_thin_metadata(&mut dev, &CheckOptions::default()).unwrap();
         assert!(report.is_clean(), "n={n}: {:#?}", report.problems);
     }

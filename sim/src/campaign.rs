@@ -8,6 +8,13 @@
 //! and (3) read exactly as the state before the commit or the state after
 //! it — nothing in between. After each commit the model must also agree
 //! with the reference.
+//!
+//! Each seed's workload has a [`Shape`](workload::Shape): random, a tree
+//! shrunk between snapshots, or a three-level tree. One seed in four also
+//! checks the open transaction after every operation: a copy of the
+//! metadata is committed and its image must pass the checker and agree
+//! with the reference, so a broken tree is caught at the operation that
+//! broke it, not at the next commit.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -23,7 +30,7 @@ use dmsim_model::thin::ThinMetadata;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::workload::{self, MetadataOp};
+use crate::workload::{self, MetadataOp, Shape};
 
 /// Data block size of the simulated pools (64 KiB).
 pub const DATA_BLOCK_SIZE: u32 = 128;
@@ -88,6 +95,11 @@ impl Default for CampaignConfig {
     }
 }
 
+/// Crash points judged in one commit at most: a longer commit gets this
+/// many, drawn from the seed's stream (the last request always among
+/// them).
+pub const MAX_POINTS_PER_COMMIT: usize = 40;
+
 /// A broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -114,6 +126,9 @@ pub enum ViolationKind {
     CrashDamaged,
     /// A crash state is neither the old nor the new committed state.
     CrashTorn,
+    /// The open transaction, committed on a copy between two operations,
+    /// fails the checker or differs from the reference.
+    InCoreDamaged,
 }
 
 impl ViolationKind {
@@ -125,6 +140,7 @@ impl ViolationKind {
             ViolationKind::CrashUnopenable => "crash state unopenable",
             ViolationKind::CrashDamaged => "crash state damaged",
             ViolationKind::CrashTorn => "crash state neither old nor new",
+            ViolationKind::InCoreDamaged => "open transaction damaged",
         }
     }
 }
@@ -149,6 +165,12 @@ pub struct SeedOutcome {
     /// The seed ended early because metadata space ran out (the pool would
     /// go read-only; not a failure).
     pub out_of_metadata_space: bool,
+    /// The seed's workload shape ([`Shape::name`]).
+    pub shape: &'static str,
+    /// Times the open transaction was checked between operations.
+    pub in_core_checks: usize,
+    /// The most levels any device's mapping tree had at a commit.
+    pub deepest_tree: u32,
 }
 
 type Reference = BTreeMap<u64, BTreeMap<u64, u64>>;
@@ -163,6 +185,8 @@ struct Run<'a> {
     committed_dump: String,
     outcome: SeedOutcome,
     snap_held: bool,
+    /// The highest virtual block (excluded) provisioning reaches.
+    vblocks: u64,
 }
 
 fn dump(image: &[u8], metadata_snap: bool) -> Result<String, String> {
@@ -217,7 +241,16 @@ impl Run<'_> {
                 return false;
             }
         };
-        for point in 0..=log.len() {
+        let points: Vec<usize> = if log.len() < MAX_POINTS_PER_COMMIT {
+            (0..=log.len()).collect()
+        } else {
+            let mut p: Vec<usize> =
+                rand::seq::index::sample(&mut self.rng, log.len(), MAX_POINTS_PER_COMMIT - 1).into_vec();
+            p.push(log.len());
+            p.sort_unstable();
+            p
+        };
+        for point in points {
             for _ in 0..self.cfg.crashes_per_point {
                 let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
                 if crash.torn.is_some() {
@@ -243,7 +276,56 @@ impl Run<'_> {
             }
         }
         self.committed_dump = new_dump;
+        self.note_depth();
         self.check_reference(op_index)
+    }
+
+    /// Records the deepest mapping tree of the committed state.
+    fn note_depth(&mut self) {
+        let devs: Vec<u64> = self.devs.keys().copied().collect();
+        for dev in devs {
+            if let Ok(levels) = self.md().tree_levels(dev) {
+                self.outcome.deepest_tree = self.outcome.deepest_tree.max(levels);
+            }
+        }
+    }
+
+    /// Commits a copy of the open transaction and judges its image: the
+    /// checker, and the reference.
+    fn check_in_core(&mut self, op_index: usize) -> bool {
+        let mut copy = self.md().clone();
+        match copy.commit() {
+            Ok(()) => {}
+            Err(e) if e == ThinError::Pdata(PdataError::NoSpace("metadata")) => return true,
+            Err(e) => {
+                let detail = format!("a commit of the open transaction failed: {e}");
+                self.violation(op_index, ViolationKind::InCoreDamaged, detail);
+                return false;
+            }
+        }
+        self.outcome.in_core_checks += 1;
+        let image = copy.transaction_manager().block_manager().device_mut().visible().to_vec();
+        let mut dev = MemDevice::from_bytes(image);
+        let verdict = match check_thin_metadata(&mut dev, &CheckOptions::default()) {
+            Err(e) => Some(format!("the open transaction, committed, does not open: {e}")),
+            Ok(report) if !report.is_clean() => {
+                let first = &report.problems[0];
+                Some(format!(
+                    "the open transaction, committed, fails the checker: {} problems, first: {:?} {}",
+                    report.problems.len(),
+                    first.structure,
+                    first.message
+                ))
+            }
+            Ok(_) => reference_mismatch(&mut copy, &self.devs),
+        };
+        match verdict {
+            Some(detail) => {
+                self.violation(op_index, ViolationKind::InCoreDamaged, detail);
+                false
+            }
+            None => true,
+        }
     }
 
     fn judge_crash(&self, image: Vec<u8>, new_dump: &str) -> Result<(), (ViolationKind, String)> {
@@ -270,31 +352,14 @@ impl Run<'_> {
     }
 
     fn check_reference(&mut self, op_index: usize) -> bool {
-        let devs = self.devs.clone();
-        for (&dev, map) in &devs {
-            let md = self.md();
-            if let Err(e) = md.open_thin(dev) {
-                return self.failed(op_index, "open_thin", e);
-            }
-            let mapped = md.mapped_count(dev).unwrap_or(u64::MAX);
-            let mut mismatch = (mapped != map.len() as u64)
-                .then(|| format!("device {dev}: {mapped} mapped, reference has {}", map.len()));
-            for v in 0..workload::VBLOCKS {
-                if mismatch.is_some() {
-                    break;
-                }
-                let got = md.find_block(dev, v).ok().flatten().map(|l| l.block);
-                if got != map.get(&v).copied() {
-                    mismatch = Some(format!("device {dev} vblock {v}: {got:?}, reference {:?}", map.get(&v)));
-                }
-            }
-            let _ = md.close_thin(dev);
-            if let Some(m) = mismatch {
+        let md = self.md.as_mut().expect("metadata open");
+        match reference_mismatch(md, &self.devs) {
+            Some(m) => {
                 self.violation(op_index, ViolationKind::ReferenceMismatch, m);
-                return false;
+                false
             }
+            None => true,
         }
-        true
     }
 
     /// Applies one operation; false on a violation.
@@ -381,7 +446,7 @@ impl Run<'_> {
         md.open_thin(dev)?;
         let mut made = Vec::new();
         let mut r = Ok(());
-        for v in vblock..(vblock + len).min(workload::VBLOCKS) {
+        for v in vblock..(vblock + len).min(self.vblocks) {
             let d = match md.alloc_data_block() {
                 Ok(d) => d,
                 // Out of data space: the pool would queue or error the bio.
@@ -403,6 +468,44 @@ impl Run<'_> {
         map.extend(made);
         r
     }
+}
+
+/// Where `md` and the reference part: every device's mapped count, every
+/// mapping by lookup, and one walk of its tree in order.
+fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
+    md: &mut ThinMetadata<D>,
+    devs: &Reference,
+) -> Option<String> {
+    for (&dev, map) in devs {
+        if let Err(e) = md.open_thin(dev) {
+            return Some(format!("device {dev} does not open: {e}"));
+        }
+        let mapped = md.mapped_count(dev).unwrap_or(u64::MAX);
+        let mut mismatch = (mapped != map.len() as u64)
+            .then(|| format!("device {dev}: {mapped} mapped, reference has {}", map.len()));
+        if mismatch.is_none() {
+            // Lookups from the root find every mapping...
+            mismatch = map.iter().find_map(|(&v, &d)| {
+                let got = md.find_block(dev, v).ok().flatten().map(|l| l.block);
+                (got != Some(d)).then(|| format!("device {dev} vblock {v}: {got:?}, reference {d}"))
+            });
+        }
+        if mismatch.is_none() {
+            // ... and the walk finds nothing else, in order.
+            mismatch = match md.mappings(dev) {
+                Err(e) => Some(format!("device {dev}: the walk of its tree failed: {e}")),
+                Ok(walk) if !walk.iter().copied().eq(map.iter().map(|(&v, &d)| (v, d))) => {
+                    Some(format!("device {dev}: its tree's walk differs from the reference"))
+                }
+                Ok(_) => None,
+            };
+        }
+        let _ = md.close_thin(dev);
+        if mismatch.is_some() {
+            return mismatch;
+        }
+    }
+    None
 }
 
 /// The signature of the early `held_root` write of kernels before 6.1.178
@@ -429,7 +532,23 @@ pub fn known_kernel_behaviour(committed: &[u8], crashed: &[u8]) -> Option<&'stat
 /// Runs one seed.
 pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let ops = workload::generate(&mut rng, cfg.ops_per_seed);
+    let shape = Shape::of_seed(seed);
+    let ops = workload::generate_shaped(shape, &mut rng, cfg.ops_per_seed);
+    run_ops(cfg, seed, &ops, rng)
+}
+
+/// The operations of `seed` (its shape's workload, `cfg.ops_per_seed` of
+/// them).
+pub fn seed_ops(cfg: &CampaignConfig, seed: u64) -> Vec<MetadataOp> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    workload::generate_shaped(Shape::of_seed(seed), &mut rng, cfg.ops_per_seed)
+}
+
+/// Runs `ops` as seed `seed` would: its shape's bounds, its choice of
+/// checking every operation, and crash states drawn from `rng`.
+fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng) -> SeedOutcome {
+    let shape = Shape::of_seed(seed);
+    let check_every_op = Shape::check_every_op(seed);
     let mut run = Run {
         cfg,
         seed,
@@ -437,8 +556,9 @@ pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
         md: None,
         devs: BTreeMap::new(),
         committed_dump: String::new(),
-        outcome: SeedOutcome { seed, ..SeedOutcome::default() },
+        outcome: SeedOutcome { seed, shape: shape.name(), ..SeedOutcome::default() },
         snap_held: false,
+        vblocks: shape.vblocks(),
     };
     let disk = SimDisk::new(cfg.metadata_sectors);
     let setup = ThinMetadata::format(disk, DATA_BLOCK_SIZE).and_then(|mut md| {
@@ -462,6 +582,9 @@ pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
     for (i, op) in ops.iter().enumerate() {
         run.outcome.ops += 1;
         if !run.apply(i, op) {
+            break;
+        }
+        if check_every_op && !matches!(op, MetadataOp::Commit) && !run.check_in_core(i) {
             break;
         }
     }
@@ -570,3 +693,4 @@ mod tests {
         }
     }
 }
+

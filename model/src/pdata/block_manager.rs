@@ -33,7 +33,7 @@ struct CachedBlock {
 const MAX_CLEAN_BLOCKS: usize = 1 << 16;
 
 /// A write-back cache of metadata blocks.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BlockManager<D> {
     dev: D,
     nr_blocks: u64,

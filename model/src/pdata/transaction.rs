@@ -21,7 +21,7 @@ use super::{BlockNr, PdataError, Result};
 use crate::block_device::BlockDevice;
 
 /// Copy-on-write transactions over a metadata device.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TransactionManager<D> {
     /// The block cache.
     pub(crate) bm: BlockManager<D>,

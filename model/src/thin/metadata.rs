@@ -122,7 +122,7 @@ pub struct MappedRange {
 }
 
 /// Pool metadata on a metadata device.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ThinMetadata<D> {
     tm: TransactionManager<D>,
     data_block_size: u32,
@@ -674,6 +674,34 @@ impl<D: BlockDevice> ThinMetadata<D> {
     pub fn mapped_count(&self, id: ThinId) -> Result<u64> {
         self.check_fail_io()?;
         Ok(self.devices[self.open_index(id)?].mapped_blocks)
+    }
+
+    /// Every mapping of device `id` as (virtual block, data block), in
+    /// order, from one walk of its tree (the device need not be open).
+    pub fn mappings(&mut self, id: ThinId) -> Result<Vec<(u64, u64)>> {
+        self.check_fail_io()?;
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&TOP_LEVEL_INFO, self.root, &[id], &mut buf)? {
+            return Err(ThinError::NoSuchDevice(id));
+        }
+        let mut out = Vec::new();
+        self.tm.btree_walk(u64::from_le_bytes(buf), BOTTOM_LEVEL_INFO.value_type, &mut |k, v| {
+            let value = u64::from_le_bytes(v.try_into().expect("8-byte mapping values"));
+            out.push((k, unpack_block_time(value).0));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Levels of device `id`'s mapping tree (1: a single leaf), counted
+    /// down its leftmost path.
+    pub fn tree_levels(&mut self, id: ThinId) -> Result<u32> {
+        self.check_fail_io()?;
+        let mut buf = [0u8; 8];
+        if !self.tm.btree_lookup(&TOP_LEVEL_INFO, self.root, &[id], &mut buf)? {
+            return Err(ThinError::NoSuchDevice(id));
+        }
+        Ok(self.tm.btree_levels(u64::from_le_bytes(buf), BOTTOM_LEVEL_INFO.value_type)?)
     }
 
     /// The highest mapped virtual block of open device `id`, if any

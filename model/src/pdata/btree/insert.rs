@@ -106,7 +106,9 @@ impl<D: BlockDevice> TransactionManager<D> {
             }
             if i < 0 {
                 // The new key becomes the node's lowest bound.
-                node::set_key(self.bm.write(cur, BlockKind::BtreeNode)?, 0, key);
+                if top || !self.mutations.below_min_key_lowers_root_only {
+                    node::set_key(self.bm.write(cur, BlockKind::BtreeNode)?, 0, key);
+                }
                 i = 0;
             }
             root = Node::new(self.bm.read(cur, BlockKind::BtreeNode)?).value64(i as usize);

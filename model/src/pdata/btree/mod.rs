@@ -196,7 +196,7 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     /// Gives the new copy of a shared node its own references to its
     /// children (`inc_children`).
-    fn inc_children(&mut self, b: BlockNr, vt: ValueType) -> Result<()> {
+    pub(crate) fn inc_children(&mut self, b: BlockNr, vt: ValueType) -> Result<()> {
         let data = *self.bm.read(b, BlockKind::BtreeNode)?;
         let n = Node::new(&data);
         let off = n.value_offset(0);
@@ -240,7 +240,9 @@ impl<D: BlockDevice> TransactionManager<D> {
         let child = Node::new(self.bm.read(parent, BlockKind::BtreeNode)?).value64(index);
         self.read_node(child, vt)?;
         let shadow = self.shadow_block(child, BlockKind::BtreeNode)?;
-        if shadow.inc_children {
+        let skip = self.mutations.shadow_child_skips_internal_children
+            && Node::new(self.bm.read(shadow.block, BlockKind::BtreeNode)?).is_internal();
+        if shadow.inc_children && !skip {
             self.inc_children(shadow.block, vt)?;
         }
         node::set_value64(self.bm.write(parent, BlockKind::BtreeNode)?, index, shadow.block);
@@ -414,6 +416,20 @@ impl<D: BlockDevice> TransactionManager<D> {
             value.copy_from_slice(&n.value(i as usize)[..value.len()]);
             Ok(Some(n.key(i as usize)))
         }
+    }
+
+    /// Levels of the single-level tree at `root` (1: a single leaf),
+    /// counted down its leftmost path.
+    pub fn btree_levels(&mut self, root: BlockNr, vt: ValueType) -> Result<u32> {
+        let mut b = root;
+        for levels in 1..=MAX_DEPTH as u32 {
+            let n = Node::new(self.read_node(b, vt)?);
+            if !n.is_internal() || n.nr_entries() == 0 {
+                return Ok(levels);
+            }
+            b = n.value64(0);
+        }
+        Err(self.runaway(BlockKind::BtreeNode, root, DEEPER))
     }
 
     /// Visits every (key, value) of a single-level tree in key order.

@@ -167,10 +167,17 @@ impl<D: BlockDevice> TransactionManager<D> {
         let n = Node::new(self.bm.read(pb, BlockKind::BtreeNode)?);
         if n.nr_entries() == 1 {
             // Collapse a level: the only child's bytes replace this node.
-            // (The child's own children are not given extra references.)
+            // A shared child stays in the other tree, so its children get
+            // a reference for the copy (6.1.175 and later; before, they
+            // did not, and a snapshot sharing the child lost data blocks:
+            // docs/findings.md, finding 10).
             let child = n.value64(0);
+            let shared = self.metadata_sm_count_is_more_than_one(child)?;
             let data = *self.read_node(child, vt)?;
             self.store(pb, &data)?;
+            if shared && !self.mutations.collapse_forgets_shared_child {
+                self.inc_children(pb, vt)?;
+            }
             return self.dec(child);
         }
         let i = n.lower_bound(key);
