@@ -13,8 +13,18 @@
 //! two leaves), the pool commits, a snapshot is taken, and any further
 //! discard on the origin collapses the shared root. Debian's thin_check
 //! 0.9.0 does not compare data block counts and passes such metadata;
-//! dmsim's checker flags it. To be confirmed on the real kernel with the
-//! kernel shim (the model follows the 6.1.166 source line by line).
+//! dmsim's checker flags it. The model follows the 6.1.166 source line by
+//! line.
+//!
+//! **Refuted on the stock kernel** (Debian's 6.1.192):
+//! `kernel-shim/tests/kernel_finding_collapse_shared_child.rs` runs this
+//! history through dm-thin. The root is left with a single child exactly as
+//! here and collapses when shared, but the counts come out right. 6.1.192's
+//! `rebalance_children` calls `inc_children` on a shared child before the
+//! copy, probably since 6.1.175 ("dm-thin: fix metadata refcount
+//! underflow", CVE-2026-46107). The model's one-entry branch in
+//! `model/src/pdata/btree/remove.rs` lacks that step. See
+//! docs/findings.md, finding 10.
 
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
