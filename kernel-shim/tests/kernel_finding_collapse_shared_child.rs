@@ -1,7 +1,7 @@
 //! The model's "collapse of a shared only child" finding
 //! (`model/tests/collapse_probe.rs`), held against the real kernel.
 //!
-//! **The hypothesis** (from the 6.1.166 source, which the model follows):
+//! **The hypothesis** (from the 6.1.166 source, which the model followed):
 //! btree removal collapses a node that has one entry by copying its only
 //! child over it (`rebalance_children` in dm-btree-remove.c) and
 //! decrementing the child, without giving the child's children the extra
@@ -58,16 +58,18 @@
 //! `rebalance_children` calls both). Debian's changelog lists "dm-thin:
 //! fix metadata refcount underflow (CVE-2026-46107)" among the changes of
 //! upstream 6.1.175 (Debian's 6.1.176-1), probably this change (only its
-//! title is in the package). **The finding is refuted on the stock kernel; the model is
-//! wrong**: `model/src/pdata/btree/remove.rs`, `rebalance_children`'s
-//! one-entry branch, follows the older source. The test runs the same
-//! traces through the model (`ThinSim`) and shows the difference: the
-//! model's metadata is block for block the kernel's except the data space
-//! map (its bitmap, its index and the superblock's copy of its root), where
-//! the model counts vblock 131's data block 0 times and those of vblocks
-//! 132..=299 once; the model passes the block down as a discard, hands it
-//! out again in the refill, and its snapshot then reads another write's
-//! data. The controls are the kernel's block for block in the model. See
+//! title is in the package). **The finding is refuted on the stock kernel;
+//! the model was wrong** and is corrected: `rebalance_children`'s one-entry
+//! branch in `model/src/pdata/btree/remove.rs` now gives a shared child's
+//! children their reference, and the older behaviour is the test-only
+//! mutation `collapse-forgets-shared-child`. The test runs the same traces
+//! through the model (`ThinSim`) both ways: the model's metadata is the
+//! kernel's block for block at every point where both committed during the
+//! same ops; with the mutation it differs in the data space map alone (its
+//! bitmap, its index and the superblock's copy of its root), counting
+//! vblock 131's data block 0 times and those of vblocks 132..=299 once,
+//! passing the block down as a discard, handing it out again in the
+//! refill, and its snapshot then reads another write's data. See
 //! docs/findings.md, finding 10.
 //!
 //! One boot, five logged jobs (VM 31–41 s, the test 45–55 s, shared machine).
@@ -86,6 +88,7 @@ use dmsim_kernel_shim::protocol::mark_name;
 use dmsim_kernel_shim::vm::{dump, DATA_FILL};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, PoolSpec, ShimError};
 use dmsim_model::block_device::MemDevice;
+use dmsim_model::mutation::Mutations;
 use dmsim_model::pdata::btree::node::Node;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
 use dmsim_model::thin::pool::DataIoKind;
@@ -440,8 +443,9 @@ fn kernel_side(trace: &Trace, p: &Points, run: &KernelRun) -> Side {
 /// with its data I/O completed oldest first (so that the passdown
 /// discards are seen), the durable metadata at the same points, and every
 /// device read through the model's pool on its final durable disks.
-fn model_side(trace: &Trace, p: &Points) -> Side {
-    let cfg = RunConfig::from_header(&trace.header).expect("a valid header");
+fn model_side(trace: &Trace, p: &Points, mutations: Mutations) -> Side {
+    let mut cfg = RunConfig::from_header(&trace.header).expect("a valid header");
+    cfg.thin.options.mutations = mutations;
     let mut sim = ThinSim::new(cfg.thin);
     let durable = |sim: &ThinSim| {
         sim.pool().with_metadata(|md| md.transaction_manager().block_manager().device().durable().to_vec())
@@ -515,7 +519,8 @@ enum Collapse {
     /// `inc_children` on the child before the copy (6.1.175 and later: the
     /// stock kernel).
     IncChildren,
-    /// The copy alone (the 6.1.166 source: the model).
+    /// The copy alone (the 6.1.166 source; the model with the mutation
+    /// `collapse-forgets-shared-child`).
     CopyOnly,
 }
 
@@ -738,11 +743,16 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
             lines[lines.len().saturating_sub(30)..].join("\n")
         });
         let kernel = kernel_side(trace, p, run);
-        let model = model_side(trace, p);
+        let model = model_side(trace, p, Mutations::default());
+        // The older source, kept as a test-only mutation.
+        let old = model_side(trace, p, Mutations::by_name("collapse-forgets-shared-child").expect("a mutation"));
         if let Err(e) = examine("kernel", *n, p, &kernel, &tc, Collapse::IncChildren) {
             failures.extend(e);
         }
-        if let Err(e) = examine("model", *n, p, &model, &tc, Collapse::CopyOnly) {
+        if let Err(e) = examine("model", *n, p, &model, &tc, Collapse::IncChildren) {
+            failures.extend(e);
+        }
+        if let Err(e) = examine("model as 6.1.166", *n, p, &old, &tc, Collapse::CopyOnly) {
             failures.extend(e);
         }
         // The trees' shapes, wherever their blocks are.
@@ -805,15 +815,26 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
                 }
                 continue;
             }
-            let collapsed = *n == FINDING && upto >= p.step4_flush;
-            if !collapsed && !diff.is_empty() {
+            if !diff.is_empty() {
                 failures.push(format!("n={n}: {label}: the model's metadata differs in blocks {diff:?}"));
             }
-            // The model's undercount changes the data space map alone: its
-            // bitmap, its index and the superblock's copy of its root.
-            if collapsed && (diff.is_empty() || !diff.iter().all(|b| *b == 0 || sm.contains(b))) {
+            // The older source's undercount changes the data space map
+            // alone: its bitmap, its index and the superblock's copy of its
+            // root.
+            let collapsed = *n == FINDING && upto >= p.step4_flush;
+            let old_diff = differing_blocks(k, match label {
+                "after step 2" => &old.after_step2,
+                "after the snapshot" => &old.after_snap,
+                "after step 4" => &old.after_step4,
+                _ => &old.last,
+            });
+            if collapsed
+                && label != "at the end"
+                && (old_diff.is_empty() || !old_diff.iter().all(|b| *b == 0 || sm.contains(b)))
+            {
                 failures.push(format!(
-                    "n={n}: {label}: expected the data space map and the superblock alone to differ: {diff:?}"
+                    "n={n}: {label}: expected the older source's data space map and superblock alone to differ: \
+                     {old_diff:?}"
                 ));
             }
         }

@@ -1,7 +1,8 @@
-//! A kernel behaviour the model reproduces on purpose (spec §1.8, listed
-//! there as unverified; found reachable here).
+//! A kernel behaviour of 6.1 before 6.1.175 (spec §1.8, listed there as
+//! unverified; found reachable here), now a test-only mutation of the model
+//! (`collapse-forgets-shared-child`).
 //!
-//! Btree removal collapses a root that has one entry by copying its only
+//! Btree removal in the older source collapses a root that has one entry by copying its only
 //! child over it (`rebalance_children` in dm-btree-remove.c), without giving
 //! the child's children — for a thin device's tree, its data blocks — the
 //! extra reference the copy now holds. If that child is shared with a
@@ -13,7 +14,7 @@
 //! two leaves), the pool commits, a snapshot is taken, and any further
 //! discard on the origin collapses the shared root. Debian's thin_check
 //! 0.9.0 does not compare data block counts and passes such metadata;
-//! dmsim's checker flags it. The model follows the 6.1.166 source line by
+//! dmsim's checker flags it. The model followed the 6.1.166 source line by
 //! line.
 //!
 //! **Refuted on the stock kernel** (Debian's 6.1.192):
@@ -23,22 +24,26 @@
 //! `rebalance_children` calls `inc_children` on a shared child before the
 //! copy, probably since 6.1.175 ("dm-thin: fix metadata refcount
 //! underflow", CVE-2026-46107). The model's one-entry branch in
-//! `model/src/pdata/btree/remove.rs` lacks that step. See
-//! docs/findings.md, finding 10.
+//! `model/src/pdata/btree/remove.rs` now takes that step too; the older
+//! behaviour is the mutation. The metadata campaign's shrink workload
+//! reaches this state (see docs/campaign.md). See docs/findings.md,
+//! finding 10.
 
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
-use dmsim_model::pdata::transaction::PdataFixes;
+use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::ThinMetadata;
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-/// The history above; `n` blocks discarded first; `fixed` turns the
-/// candidate fix on.
-fn history_with(n: u64, fixed: bool) -> MemDevice {
+/// The history above; `n` blocks discarded first; `old` runs the older
+/// source (the mutation).
+fn history_with(n: u64, old: bool) -> MemDevice {
     let mut md = ThinMetadata::format(MemDevice::new(8 * 2048), 128).unwrap();
-    md.set_fixes(PdataFixes { collapse_counts_shared_child: fixed });
+    if old {
+        md.set_mutations(Mutations::by_name("collapse-forgets-shared-child").unwrap());
+    }
     md.resize_data_dev(10_000).unwrap();
     md.create_thin(0).unwrap();
     md.commit().unwrap();
@@ -58,9 +63,9 @@ fn history_with(n: u64, fixed: bool) -> MemDevice {
     md.close().map_err(|(_, e)| e).unwrap()
 }
 
-/// The history as the kernel runs it.
+/// The history as 6.1 before 6.1.175 ran it.
 fn history(n: u64) -> MemDevice {
-    history_with(n, false)
+    history_with(n, true)
 }
 
 #[test]
@@ -94,9 +99,9 @@ fn without_the_single_child_state_the_same_history_is_clean() {
 }
 
 #[test]
-fn the_candidate_fix_counts_the_shared_childs_children() {
+fn the_model_as_the_stock_kernel_counts_the_shared_childs_children() {
     for n in [100, 130, 131, 132, 200] {
-        let mut dev = history_with(n, true);
+        let mut dev = history_with(n, false);
         let report = check_thin_metadata(&mut dev, &CheckOptions::default()).unwrap();
         assert!(report.is_clean(), "n={n}: {:#?}", report.problems);
     }
