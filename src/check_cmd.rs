@@ -42,6 +42,7 @@ use dmsim_sim::cache_sim::CacheStats;
 use dmsim_sim::campaign::{
     self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
 };
+use dmsim_sim::probes::{ProbeTally, ThinProbes};
 use dmsim_sim::run::{
     first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
     MAX_OPS,
@@ -417,6 +418,8 @@ struct ThinSeed {
     violation: Option<ThinFailure>,
     /// Kept for failing seeds only.
     trace: Option<Trace>,
+    /// The rare states it reached.
+    probes: ThinProbes,
 }
 
 impl ThinSeed {
@@ -430,6 +433,7 @@ impl ThinSeed {
             thin_checked: out.thin_checked,
             violation: out.violation,
             trace: failed.then_some(out.trace),
+            probes: out.probes,
         }
     }
 }
@@ -856,6 +860,7 @@ struct Summary {
     thin_check_runs: usize,
     workloads: Vec<(Workload, usize)>,
     thin_failing: Vec<u64>,
+    probes: ProbeTally,
     cache_seeds: usize,
     cache_ops: usize,
     cache: CacheStats,
@@ -1010,6 +1015,7 @@ impl Summary {
                 s.thin.add(&t.stats);
                 s.coverage.add(&t.coverage);
                 s.thin_check_runs += usize::from(t.thin_checked);
+                s.probes.add(r.seed, &t.probes);
                 if let Some(w) = s.workloads.iter_mut().find(|(w, _)| *w == t.workload) {
                     w.1 += 1;
                 }
@@ -1100,6 +1106,7 @@ impl Summary {
             for (w, n) in &self.workloads {
                 row(&format!("  {}", w.name()), n.to_string());
             }
+            crate::probes_report::print(&self.probes);
             row("violations", self.thin_failing.len().to_string());
         }
         if plan.kind.metadata() {
@@ -1225,6 +1232,7 @@ impl Summary {
                 "thin_check_runs": self.thin_check_runs,
                 "faults_fired": faults,
                 "workloads": workloads,
+                "probes": crate::probes_report::to_json(&self.probes),
                 "violations": self.thin_failing.len(),
                 "failing_seeds": self.thin_failing,
                 "failures": failures,

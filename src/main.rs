@@ -3,8 +3,10 @@
 mod check_cmd;
 mod exit;
 mod file_device;
+mod fuzz_cmd;
 mod metadata_cmd;
 mod minimize_cmd;
+mod probes_report;
 mod replay_cmd;
 mod run_cmd;
 mod show_cmd;
@@ -38,6 +40,9 @@ enum Command {
     Minimize(minimize_cmd::MinimizeArgs),
     /// Print a trace as a readable timeline.
     Show(show_cmd::ShowArgs),
+    /// Run an input of the `simulate` fuzz target (a crash it saved, a
+    /// corpus file) as the target does, and write its trace.
+    FuzzToTrace(fuzz_cmd::FuzzToTraceArgs),
     /// Inspect thin-pool and dm-cache metadata images: check, dump.
     #[command(subcommand)]
     Metadata(metadata_cmd::MetadataCommand),
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay_cmd::run(args),
         Command::Minimize(args) => minimize_cmd::run(args),
         Command::Show(args) => show_cmd::run(args),
+        Command::FuzzToTrace(args) => fuzz_cmd::run(args),
         Command::Metadata(cmd) => metadata_cmd::run(cmd),
     }
 }

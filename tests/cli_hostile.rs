@@ -248,6 +248,7 @@ fn every_command_prints_the_one_exit_status_table_and_the_readme_has_it() {
         &["replay"],
         &["minimize"],
         &["show"],
+        &["fuzz-to-trace"],
         &["metadata", "check"],
         &["metadata", "dump"],
     ];

@@ -1,7 +1,7 @@
 //! Fuzz the cache metadata checker and the cache_dump XML writer with
 //! arbitrary images.
 //!
-//! Run: `cargo +nightly fuzz run check_cache_image` from the repository
+//! Run: `cargo fuzz run -s none check_cache_image` from the repository
 //! root (seed the corpus with images made by cache_restore from
 //! tests/fixtures/cache/*.xml, or by the model, for deeper coverage).
 

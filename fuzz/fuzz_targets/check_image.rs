@@ -1,6 +1,6 @@
 //! Fuzz the metadata checker and the XML dumper with arbitrary images.
 //!
-//! Run: `cargo +nightly fuzz run check_image` from the repository root
+//! Run: `cargo fuzz run -s none check_image` from the repository root
 //! (seed the corpus with images made by thin_restore from
 //! tests/fixtures/*.xml for deeper coverage).
 

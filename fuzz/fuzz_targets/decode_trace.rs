@@ -5,7 +5,8 @@
 //! CLI reads trace files with, must never panic either, and its errors
 //! quote only a clipped piece of the input.
 //!
-//! Run: `cargo +nightly fuzz run decode_trace` from the repository root.
+//! Run: `cargo fuzz run -s none decode_trace` from the repository root
+//! (`cargo +nightly fuzz run decode_trace` adds AddressSanitizer).
 
 #![no_main]
 

@@ -16,5 +16,6 @@ pub mod mutation;
 pub mod pdata;
 pub mod prison;
 pub mod prison_v2;
+pub mod probes;
 pub mod sync;
 pub mod thin;

@@ -14,7 +14,9 @@
 //! ([`cache_check`]); [`cache_sim`], which drives the cache target (its
 //! I/O paths, migrations, reloads, crashes) under the oracle, and
 //! [`cache_run`], one seed of the cache campaign, replay and minimization
-//! of cache traces.
+//! of cache traces; [`probes`], the rare states a thin run reached, added
+//! up over a campaign's seeds; [`fuzz`], the fuzz target's entry point:
+//! bytes in, a whole thin or cache run and its trace out.
 
 #![warn(missing_docs)]
 
@@ -28,9 +30,11 @@ pub mod campaign;
 mod completion;
 pub use completion::quiet_caught_panics;
 pub mod concurrency;
+pub mod fuzz;
 pub mod generate;
 pub mod header_params;
 pub mod oracle;
+pub mod probes;
 pub mod run;
 pub mod thin;
 pub mod workload;

@@ -26,6 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::header_params::{within, HeaderParams};
+use crate::probes::ThinProbes;
 use crate::thin::{ThinFailure, ThinSim, ThinSimConfig, ThinStats};
 
 /// The shapes of workload a seed can get.
@@ -319,6 +320,8 @@ pub struct RunOutcome {
     pub violation: Option<ThinFailure>,
     /// Whether `thin_check` ran on the final image.
     pub thin_checked: bool,
+    /// The rare states it reached (coverage probes).
+    pub probes: ThinProbes,
 }
 
 /// The largest simulated disk (and thin device) a trace header may ask
@@ -366,7 +369,15 @@ pub fn run_ops(cfg: &RunConfig, ops: &[Op], checkers: &Checkers) -> RunOutcome {
         }
     }
     let trace = Trace { header: cfg.header(), events: sim.take_events() };
-    RunOutcome { trace, stats: sim.stats(), coverage: sim.coverage().clone(), violation, thin_checked }
+    let probes = ThinProbes::of_run(&sim.pool_probes(), &sim.stats(), sim.coverage(), &trace.events);
+    RunOutcome {
+        trace,
+        stats: sim.stats(),
+        coverage: sim.coverage().clone(),
+        violation,
+        thin_checked,
+        probes,
+    }
 }
 
 /// The prefix of this process's temporary images for Debian's checkers.

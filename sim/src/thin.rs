@@ -20,6 +20,7 @@ use dmsim_faults::{FaultCoverage, FiredFault};
 use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
 use dmsim_model::pdata::layout::thin::NEEDS_CHECK;
+use dmsim_model::probes::PoolProbes;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem, Severity, Structure};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
@@ -182,6 +183,8 @@ pub struct ThinSim {
     /// load and at every recovery): crash states between two crashes are
     /// rebuilt from it.
     metadata_base: Vec<u8>,
+    /// The probes of the pools that crashed (see [`ThinSim::pool_probes`]).
+    crashed_pool_probes: PoolProbes,
 }
 
 fn table(cfg: &ThinSimConfig) -> PoolTable {
@@ -227,6 +230,7 @@ impl ThinSim {
             metadata_faults_fired: 0,
             coverage: FaultCoverage::default(),
             metadata_base: Vec::new(),
+            crashed_pool_probes: PoolProbes::default(),
         }
         .recording()
     }
@@ -261,6 +265,16 @@ impl ThinSim {
     /// The faults that fired so far, by kind.
     pub fn coverage(&self) -> &FaultCoverage {
         &self.coverage
+    }
+
+    /// The rare states the model reached so far (coverage probes), over
+    /// every pool of the run: those that crashed and the one loaded now.
+    pub fn pool_probes(&self) -> PoolProbes {
+        let mut p = self.crashed_pool_probes;
+        if let Some(pool) = &self.pool {
+            p.add(&pool.probes());
+        }
+        p
     }
 
     /// The counters so far.
@@ -626,6 +640,7 @@ impl ThinSim {
     fn crash(&mut self, mode: CrashMode, seed: u32) -> Result<(), ThinFailure> {
         self.stats.crashes += 1;
         let pool = self.pool.take().expect("pool present");
+        self.crashed_pool_probes.add(&pool.probes());
         let (mut metadata, data) = pool.crash();
         let log = metadata.take_log();
         self.check_metadata_crash_states(&log, seed)?;

@@ -37,6 +37,8 @@ pub struct TransactionManager<D> {
     pub mutations: crate::mutation::Mutations,
     /// The first inconsistency an operation met (see [`Self::broken`]).
     broken: Option<String>,
+    /// What the btrees did (coverage probes; kept across aborts).
+    pub(crate) probes: crate::probes::TreeProbes,
 }
 
 /// What [`TransactionManager::shadow_block`] did.
@@ -60,6 +62,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             shadows: BTreeSet::new(),
             mutations: Default::default(),
             broken: None,
+            probes: Default::default(),
         };
         tm.metadata_sm_create(superblock)?;
         Ok(tm)
@@ -83,6 +86,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             shadows: BTreeSet::new(),
             mutations: Default::default(),
             broken: None,
+            probes: Default::default(),
         }
     }
 
@@ -108,6 +112,13 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// half-done until the abort throws it away.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
+    }
+
+    /// What the btrees of this transaction manager did so far: splits,
+    /// merges, collapses, the deepest tree (coverage probes, kept across
+    /// aborts).
+    pub fn probes(&self) -> crate::probes::TreeProbes {
+        self.probes
     }
 
     /// Returns `e`, keeping it as [`Self::broken`] first if it is an

@@ -81,7 +81,9 @@ impl<D: BlockDevice> TransactionManager<D> {
     ) -> Result<isize> {
         let mut i = index;
         let mut top = true;
+        let mut depth = 0u32;
         loop {
+            depth += 1;
             self.shadow_step(s, root, vt)?;
             if i >= 0 {
                 self.patch_parent(s, i as usize)?;
@@ -102,6 +104,7 @@ impl<D: BlockDevice> TransactionManager<D> {
                 if i < 0 || n.key(i as usize) != key {
                     i += 1;
                 }
+                self.probes.deepest = self.probes.deepest.max(depth);
                 return Ok(i);
             }
             if i < 0 {
@@ -119,6 +122,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// The root is full: move its entries into two new children and make it
     /// an internal node over them (`btree_split_beneath`).
     fn split_beneath(&mut self, s: &ShadowSpine) -> Result<()> {
+        self.probes.root_splits += 1;
         let pb = s.current();
         let mut parent = self.node_copy(pb)?;
         let pn = Node::new(&parent[..]);
@@ -185,6 +189,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     }
 
     fn rebalance_left(&mut self, s: &mut ShadowSpine, vt: ValueType, pi: usize, key: u64) -> Result<()> {
+        self.probes.insert_rebalances += 1;
         let parent = s.parent().expect("parent");
         let sib = self.shadow_child(parent, pi - 1, vt)?;
         let (mut left, mut right) = (self.node_copy(sib)?, self.node_copy(s.current())?);
@@ -200,6 +205,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     }
 
     fn rebalance_right(&mut self, s: &mut ShadowSpine, vt: ValueType, pi: usize, key: u64) -> Result<()> {
+        self.probes.insert_rebalances += 1;
         let parent = s.parent().expect("parent");
         let sib = self.shadow_child(parent, pi + 1, vt)?;
         let (mut left, mut right) = (self.node_copy(s.current())?, self.node_copy(sib)?);
@@ -215,6 +221,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     }
 
     fn split_one_into_two(&mut self, s: &mut ShadowSpine, pi: usize, key: u64) -> Result<()> {
+        self.probes.node_splits += 1;
         let parent = s.parent().expect("parent");
         let lb = s.current();
         let rb = self.new_block(BlockKind::BtreeNode)?;
@@ -242,6 +249,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         pi: usize,
         key: u64,
     ) -> Result<()> {
+        self.probes.node_splits += 1;
         let parent = s.parent().expect("parent");
         let (middle_index, lb, rb) = if pi == 0 {
             let rb = self.shadow_child(parent, pi + 1, vt)?;

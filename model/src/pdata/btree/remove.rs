@@ -173,6 +173,8 @@ impl<D: BlockDevice> TransactionManager<D> {
             // docs/findings.md, finding 10).
             let child = n.value64(0);
             let shared = self.metadata_sm_count_is_more_than_one(child)?;
+            self.probes.collapses += 1;
+            self.probes.shared_collapses += u64::from(shared);
             let data = *self.read_node(child, vt)?;
             self.store(pb, &data)?;
             if shared && !self.mutations.collapse_forgets_shared_child {
@@ -200,6 +202,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         let mut right = self.init_child(pb, left_index + 1, vt)?;
         let mut parent = Box::new(*self.bm.read(pb, BlockKind::BtreeNode)?);
         let freed = rebalance2_nodes(&mut parent[..], &mut left, &mut right)?;
+        self.probes.merges += u64::from(freed.is_some());
         self.store(left.block, &left.data)?;
         self.store(right.block, &right.data)?;
         self.store(pb, &parent)?;
@@ -245,6 +248,7 @@ impl<D: BlockDevice> TransactionManager<D> {
         } else {
             redistribute3(&mut parent[..], &mut l, &mut c, &mut r)?;
         }
+        self.probes.merges += u64::from(!freed.is_empty());
         self.store(l.block, &l.data)?;
         self.store(c.block, &c.data)?;
         self.store(r.block, &r.data)?;

@@ -54,6 +54,7 @@ use crate::mutation::Mutations;
 use crate::pdata::layout::space_map::MAX_METADATA_BLOCKS;
 use crate::pdata::PdataError;
 use crate::prison::{BioPrison, CellId};
+use crate::probes::PoolProbes;
 use crate::sync::{into_inner, lock, Arc, Mutex};
 use crate::thin::message::{MessageError, PoolMessage};
 use crate::thin::metadata::{ThinError, ThinId, ThinMetadata};
@@ -439,6 +440,10 @@ pub struct Pool<M, D> {
     /// The first broken precondition of the pool's own bookkeeping (see
     /// [`Pool::invariant_broken`]).
     bug: Mutex<Option<String>>,
+    /// Rare states reached (coverage probes; see [`Pool::probes`]). A
+    /// plain std lock, held by nobody across another: counting is not part
+    /// of the concurrent core that loom and shuttle explore.
+    probes: std::sync::Mutex<PoolProbes>,
 }
 
 impl<M, D> fmt::Debug for Pool<M, D> {
@@ -510,6 +515,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             io: Mutex::new(IoState::default()),
             clock: Mutex::new(Clock::default()),
             bug: Mutex::new(None),
+            probes: std::sync::Mutex::new(PoolProbes::default()),
             table,
         };
         pool.preresume(len_sectors)?;
@@ -572,6 +578,21 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             return Some(format!("{b} (all_io_ds)"));
         }
         lock(&self.metadata).broken().map(|b| format!("{b} (pool metadata)"))
+    }
+
+    /// The rare states this pool reached so far (coverage probes): its
+    /// metadata's btree operations, break-sharing copies, passdown second
+    /// passes, no-space timeouts, aborts. A pool loaded anew (after a
+    /// crash) starts from zero.
+    pub fn probes(&self) -> PoolProbes {
+        let mut p = *self.probes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.tree = lock(&self.metadata).transaction_manager().probes();
+        p
+    }
+
+    /// Counts a probe.
+    pub(crate) fn probe(&self, f: impl FnOnce(&mut PoolProbes)) {
+        f(&mut self.probes.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
     /// Records a broken precondition (the first is kept).
@@ -803,6 +824,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         };
         if due {
+            self.probe(|p| p.no_space_timeouts += 1);
             lock(&self.mode).error_if_no_space = true;
             lock(&self.lists).events += 1;
             self.error_retry_list_with(Errno::ENOSPC);
@@ -944,6 +966,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             )
         };
         if let Err(e) = r {
+            self.probe(|p| p.failed_commits += 1);
             self.metadata_operation_failed("dm_pool_commit_metadata", &e);
             return Err(errno_of(&e));
         }
@@ -975,6 +998,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn metadata_operation_failed(&self, _op: &str, _e: &ThinError) {
+        self.probe(|p| p.aborts += 1);
         // abort_transaction
         if lock(&self.metadata).abort().is_err() {
             self.set_pool_mode(PoolMode::Fail);

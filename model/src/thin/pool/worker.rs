@@ -378,6 +378,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// `schedule_copy` for breaking sharing: quiesce older shared reads,
     /// copy the block (or let a whole-block write overwrite it).
     fn schedule_copy(&self, thin: &ActiveThin, virt_block: u64, old: u64, new: u64, cell: CellId) {
+        self.probe(|p| p.break_sharing_copies += 1);
         // Quiesce, copy, and the scheduler's own reference.
         let m = self.new_mapping(Self::mapping(thin.id, virt_block, new, cell, 3));
         let quiesced = lock(&self.shared_read_ds).add_work(m);
@@ -616,7 +617,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     fn handle_unserviceable_bio(&self, thin: &ActiveThin, bio: Bio) {
         match self.unserviceable_error() {
             Some(code) => self.end_bio(bio, Err(code)),
-            None => lock(&thin.lists).retry_on_resume.push(bio),
+            None => {
+                self.probe(|p| p.bios_queued_for_space += 1);
+                lock(&thin.lists).retry_on_resume.push(bio)
+            }
         }
     }
 
@@ -628,7 +632,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let bios = self.prison_for_cell(cell).release(cell);
         for bio in bios {
             match self.thin(bio.thin) {
-                Some(thin) => lock(&thin.lists).retry_on_resume.push(bio),
+                Some(thin) => {
+                    self.probe(|p| p.bios_queued_for_space += 1);
+                    lock(&thin.lists).retry_on_resume.push(bio)
+                }
                 None => self.end_bio(bio, Err(Errno::EIO)),
             }
         }
@@ -651,6 +658,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         };
         self.check_low_water_mark(free);
         if free == 0 {
+            self.probe(|p| p.reclaim_commits += 1);
             self.commit()?;
             let again = lock(&self.metadata).free_data_blocks();
             free = match again {
@@ -695,6 +703,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         if free <= self.table.low_water_mark && !lists.low_water_triggered {
             lists.low_water_triggered = true;
             lists.events += 1;
+            drop(lists);
+            self.probe(|p| p.low_water_events += 1);
         }
     }
 
@@ -1027,6 +1037,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Passdown, second pass: drop the hold taken in the first (its count,
     /// or its hold in core).
     fn process_prepared_discard_pt2(&self, id: MappingId) {
+        self.probe(|p| p.passdown_second_passes += 1);
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
             self.bug(format!("unknown discard pass two {id:?}"));
             return;
