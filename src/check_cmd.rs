@@ -43,8 +43,8 @@ use dmsim_sim::campaign::{
     self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
 };
 use dmsim_sim::run::{
-    first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
-    MAX_OPS,
+    first_difference, minimize, run_config, CampaignSettings, Checkers, ReplayError, RunConfig, RunOutcome,
+    Workload, MAX_OPS,
 };
 use dmsim_sim::thin::{ThinFailure, ThinStats};
 use dmsim_sim::workload::Shape;
@@ -157,6 +157,18 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 1,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CRASHES_PER_POINT as u64))]
     pub crashes_per_point: usize,
+    /// Force one workload shape on every seed of the metadata campaign
+    /// (random, shrink or deep) instead of each seed's own.
+    #[arg(long, value_parser = parse_shape)]
+    pub metadata_shape: Option<Shape>,
+}
+
+/// Parses a metadata workload shape's name.
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    Shape::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown shape {:?}: one of {}", clip(s), names.join(", "))
+    })
 }
 
 /// The options that choose the model a seed runs on, shared by `check`
@@ -557,6 +569,9 @@ impl Plan {
 enum TraceCampaign {
     Thin,
     Cache,
+    /// The thin metadata campaign: no trace, a minimized list of
+    /// operations.
+    Metadata,
 }
 
 impl TraceCampaign {
@@ -565,6 +580,7 @@ impl TraceCampaign {
         match self {
             TraceCampaign::Thin => "seed",
             TraceCampaign::Cache => "cache-seed",
+            TraceCampaign::Metadata => "metadata-seed",
         }
     }
 }
@@ -646,6 +662,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
             seeds: seeds.clone(),
             ops_per_seed: args.metadata_ops,
             crashes_per_point: args.crashes_per_point,
+            shape: args.metadata_shape,
             mutations: args.model.mutation.unwrap_or_default(),
             ..CampaignConfig::default()
         },
@@ -762,6 +779,71 @@ fn usable_failures_folder(dir: &std::path::Path) -> Result<(), String> {
 /// `--minimize-max` of them (in seed order, thin before cache), in
 /// parallel; returns the files by campaign and seed.
 fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Files {
+    let mut files = write_trace_failures(args, plan, results, jobs);
+    files.extend(minimize_metadata_failures(args, plan, results));
+    files
+}
+
+/// Minimizes the first `--minimize-max` failing seeds of the thin metadata
+/// campaign and writes each one's operations, one a line, to
+/// metadata-seed-N.min.ops in the failures folder.
+fn minimize_metadata_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult]) -> Files {
+    let failing: Vec<u64> = results
+        .iter()
+        .filter(|r| r.metadata.as_ref().is_some_and(|o| !o.violations.is_empty()))
+        .map(|r| r.seed)
+        .take(args.minimize_max)
+        .collect();
+    let mut files = Files::new();
+    for seed in failing {
+        let path = args.failures.join(format!("{}-{seed}.min.ops", TraceCampaign::Metadata.file_prefix()));
+        let f = match campaign::minimize(&plan.metadata, seed) {
+            None => FailureFiles {
+                error: Some(format!("seed {seed} did not fail again when minimized")),
+                ..FailureFiles::default()
+            },
+            Some(m) => {
+                let mut text = format!(
+                    "# dmsim metadata campaign, seed {seed}: {} of its {} operations still give: {}\n",
+                    m.ops.len(),
+                    m.ops_before,
+                    m.violation.kind.name()
+                );
+                for op in &m.ops {
+                    text.push_str(&format!("{op:?}\n"));
+                }
+                let written =
+                    std::fs::create_dir_all(&args.failures).and_then(|()| std::fs::write(&path, text));
+                match written {
+                    Err(e) => FailureFiles {
+                        error: Some(format!("cannot write {}: {e}", path.display())),
+                        ..FailureFiles::default()
+                    },
+                    Ok(()) => FailureFiles {
+                        minimized: Some(MinimizedFile {
+                            path,
+                            ops_before: m.ops_before,
+                            ops_after: m.ops.len(),
+                            runs: m.runs as u64,
+                            signature: format!(
+                                "{} at operation {}",
+                                m.violation.kind.name(),
+                                m.violation.op_index
+                            ),
+                        }),
+                        ..FailureFiles::default()
+                    },
+                }
+            }
+        };
+        files.push(((TraceCampaign::Metadata, seed), f));
+    }
+    files
+}
+
+/// Writes every failing thin and cache seed's trace and minimizes the first
+/// `--minimize-max` of them.
+fn write_trace_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Files {
     let failing: Vec<(TraceCampaign, u64, &Trace)> = results
         .iter()
         .flat_map(|r| {
@@ -819,6 +901,7 @@ fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: u
                 let shrunk = match campaign {
                     TraceCampaign::Thin => minimize(trace, &plan.checkers, |_, _| {}),
                     TraceCampaign::Cache => cache_run::minimize(trace, &plan.checkers, |_, _| {}),
+                    TraceCampaign::Metadata => Err(ReplayError("the metadata campaign has no traces".into())),
                 };
                 let result = shrunk.map_err(|e| e.to_string()).and_then(|m| {
                     let path = dir.join(format!("{}-{seed}.min.trace", campaign.file_prefix()));
@@ -962,16 +1045,31 @@ impl MetadataTotals {
         args: &CheckArgs,
         plan: &Plan,
         results: &[SeedResult],
+        files: &Files,
     ) -> serde_json::Value {
         let failures: Vec<_> = results
             .iter()
             .filter_map(|r| which.outcome(r).and_then(|o| o.violations.first()))
             .map(|v| {
+                let minimized = (which == MetadataCampaign::Thin)
+                    .then(|| files_of(files, TraceCampaign::Metadata, v.seed))
+                    .flatten()
+                    .and_then(|f| f.minimized.as_ref())
+                    .map(|m| {
+                        serde_json::json!({
+                            "path": m.path.display().to_string(),
+                            "ops_before": m.ops_before,
+                            "ops_after": m.ops_after,
+                            "runs": m.runs,
+                            "signature": m.signature,
+                        })
+                    });
                 serde_json::json!({
                     "seed": v.seed,
                     "op_index": v.op_index,
                     "kind": kind_id(v.kind),
                     "detail": v.detail,
+                    "minimized": minimized,
                     "reproduce": reproduce_metadata(args, which, v.seed),
                 })
             })
@@ -1231,11 +1329,11 @@ impl Summary {
             })
         });
         let metadata =
-            plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results));
+            plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results, files));
         let cache_md = plan
             .kind
             .cache_metadata()
-            .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results));
+            .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results, files));
         let minimized_json = |m: &Option<MinimizedFile>| {
             m.as_ref().map(|m| {
                 serde_json::json!({
@@ -1377,6 +1475,9 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: &Files) {
                 v.kind.name(),
                 v.detail
             );
+            if which == MetadataCampaign::Thin {
+                print_metadata_files(args, files_of(files, TraceCampaign::Metadata, v.seed));
+            }
             println!("  reproduce: {}", reproduce_metadata(args, which, v.seed));
         }
     }
@@ -1412,6 +1513,22 @@ fn print_files(args: &CheckArgs, files: Option<&FailureFiles>, ops: usize) {
     }
 }
 
+/// A failing metadata seed's minimized operations, under its FAILED line.
+fn print_metadata_files(args: &CheckArgs, files: Option<&FailureFiles>) {
+    match files {
+        Some(FailureFiles { minimized: Some(m), .. }) => println!(
+            "  minimized: {} → {} operations ({} runs; {}): {}",
+            m.ops_before,
+            m.ops_after,
+            m.runs,
+            m.signature,
+            m.path.display()
+        ),
+        Some(FailureFiles { error: Some(e), .. }) => println!("  error: {e}"),
+        _ => println!("  not minimized (--minimize-max {})", args.minimize_max),
+    }
+}
+
 fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
     let workload =
         args.model.settings().workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
@@ -1435,11 +1552,12 @@ fn reproduce_cache(args: &CheckArgs, seed: u64, workload: CacheWorkload) -> Stri
 
 fn reproduce_metadata(args: &CheckArgs, which: MetadataCampaign, seed: u64) -> String {
     format!(
-        "dmsim check --campaign {} --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}",
+        "dmsim check --campaign {} --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}{}",
         which.flag(),
         seed + 1,
         args.metadata_ops,
         args.crashes_per_point,
+        args.metadata_shape.map_or(String::new(), |s| format!(" --metadata-shape {}", s.name())),
         args.model.flags(true)
     )
 }

@@ -745,7 +745,8 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
         let kernel = kernel_side(trace, p, run);
         let model = model_side(trace, p, Mutations::default());
         // The older source, kept as a test-only mutation.
-        let old = model_side(trace, p, Mutations::by_name("collapse-forgets-shared-child").expect("a mutation"));
+        let old =
+            model_side(trace, p, Mutations::by_name("collapse-forgets-shared-child").expect("a mutation"));
         if let Err(e) = examine("kernel", *n, p, &kernel, &tc, Collapse::IncChildren) {
             failures.extend(e);
         }
@@ -822,12 +823,15 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
             // alone: its bitmap, its index and the superblock's copy of its
             // root.
             let collapsed = *n == FINDING && upto >= p.step4_flush;
-            let old_diff = differing_blocks(k, match label {
-                "after step 2" => &old.after_step2,
-                "after the snapshot" => &old.after_snap,
-                "after step 4" => &old.after_step4,
-                _ => &old.last,
-            });
+            let old_diff = differing_blocks(
+                k,
+                match label {
+                    "after step 2" => &old.after_step2,
+                    "after the snapshot" => &old.after_snap,
+                    "after step 4" => &old.after_step4,
+                    _ => &old.last,
+                },
+            );
             if collapsed
                 && label != "at the end"
                 && (old_diff.is_empty() || !old_diff.iter().all(|b| *b == 0 || sm.contains(b)))

@@ -50,6 +50,15 @@ pub struct CampaignConfig {
     pub data_blocks: u64,
     /// Deliberate model bugs (detector tests).
     pub mutations: Mutations,
+    /// One workload shape for every seed instead of each seed's own.
+    pub shape: Option<Shape>,
+}
+
+impl CampaignConfig {
+    /// The workload shape of `seed` under this configuration.
+    pub fn shape_of(&self, seed: u64) -> Shape {
+        self.shape.unwrap_or(Shape::of_seed(seed))
+    }
 }
 
 /// The most operations per seed of the metadata campaign: ops are
@@ -91,6 +100,7 @@ impl Default for CampaignConfig {
             metadata_sectors: 8 * 2048,
             data_blocks: 100_000,
             mutations: Mutations::default(),
+            shape: None,
         }
     }
 }
@@ -296,7 +306,7 @@ impl Run<'_> {
         let mut copy = self.md().clone();
         match copy.commit() {
             Ok(()) => {}
-            Err(e) if e == ThinError::Pdata(PdataError::NoSpace("metadata")) => return true,
+            Err(ThinError::Pdata(PdataError::NoSpace("metadata"))) => return true,
             Err(e) => {
                 let detail = format!("a commit of the open transaction failed: {e}");
                 self.violation(op_index, ViolationKind::InCoreDamaged, detail);
@@ -532,8 +542,7 @@ pub fn known_kernel_behaviour(committed: &[u8], crashed: &[u8]) -> Option<&'stat
 /// Runs one seed.
 pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let shape = Shape::of_seed(seed);
-    let ops = workload::generate_shaped(shape, &mut rng, cfg.ops_per_seed);
+    let ops = workload::generate_shaped(cfg.shape_of(seed), &mut rng, cfg.ops_per_seed);
     run_ops(cfg, seed, &ops, rng)
 }
 
@@ -541,13 +550,76 @@ pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
 /// them).
 pub fn seed_ops(cfg: &CampaignConfig, seed: u64) -> Vec<MetadataOp> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    workload::generate_shaped(Shape::of_seed(seed), &mut rng, cfg.ops_per_seed)
+    workload::generate_shaped(cfg.shape_of(seed), &mut rng, cfg.ops_per_seed)
+}
+
+/// Runs `ops` in place of seed `seed`'s own: its shape's bounds, its
+/// choice of checking every operation, and its stream of crash states.
+pub fn run_seed_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp]) -> SeedOutcome {
+    run_ops(cfg, seed, ops, ChaCha8Rng::seed_from_u64(seed))
+}
+
+/// A failing seed's operations, shrunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minimized {
+    /// The seed's operations before.
+    pub ops_before: usize,
+    /// The fewest operations found that still fail the same way.
+    pub ops: Vec<MetadataOp>,
+    /// The violation they give.
+    pub violation: Violation,
+    /// Runs it took.
+    pub runs: usize,
+}
+
+/// Shrinks the operations of failing seed `seed` to a few that still break
+/// the same rule ([`ViolationKind`]): chunks of operations are dropped,
+/// halves first, then smaller ones, down to single operations, until no
+/// single operation can go. `None` if the seed does not fail. Each try is
+/// a run of the seed with fewer operations ([`run_seed_ops`]), so the
+/// result replays with it.
+pub fn minimize(cfg: &CampaignConfig, seed: u64) -> Option<Minimized> {
+    let mut ops = seed_ops(cfg, seed);
+    let ops_before = ops.len();
+    let first = run_seed_ops(cfg, seed, &ops).violations.into_iter().next()?;
+    let kind = first.kind;
+    let mut violation = first;
+    let mut runs = 1;
+    // Operations after the failing one never matter.
+    ops.truncate(violation.op_index + 1);
+    let mut chunk = ops.len().div_ceil(2).max(1);
+    loop {
+        let mut i = 0;
+        let mut shrank = false;
+        while i < ops.len() {
+            let end = (i + chunk).min(ops.len());
+            let mut fewer = ops[..i].to_vec();
+            fewer.extend_from_slice(&ops[end..]);
+            runs += 1;
+            match run_seed_ops(cfg, seed, &fewer).violations.into_iter().next() {
+                Some(v) if v.kind == kind => {
+                    fewer.truncate(v.op_index + 1);
+                    ops = fewer;
+                    violation = v;
+                    shrank = true;
+                }
+                _ => i += chunk,
+            }
+        }
+        if chunk == 1 && !shrank {
+            break;
+        }
+        if !shrank {
+            chunk = chunk.div_ceil(2);
+        }
+    }
+    Some(Minimized { ops_before, ops, violation, runs })
 }
 
 /// Runs `ops` as seed `seed` would: its shape's bounds, its choice of
 /// checking every operation, and crash states drawn from `rng`.
 fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng) -> SeedOutcome {
-    let shape = Shape::of_seed(seed);
+    let shape = cfg.shape_of(seed);
     let check_every_op = Shape::check_every_op(seed);
     let mut run = Run {
         cfg,
@@ -693,4 +765,3 @@ mod tests {
         }
     }
 }
-

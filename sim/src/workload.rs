@@ -53,6 +53,11 @@ impl Shape {
         }
     }
 
+    /// The shape called `name`.
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// The shape of `seed`: five seeds in eight random, two shrink, one
     /// deep. Drawn from a stream of its own.
     pub fn of_seed(seed: u64) -> Shape {
