@@ -965,6 +965,7 @@ struct MetadataTotals {
     shapes: [usize; 3],
     in_core_checks: usize,
     deepest_tree: u32,
+    failed_commits: usize,
     failing: Vec<u64>,
 }
 
@@ -1011,6 +1012,7 @@ impl MetadataTotals {
             self.shapes[i] += 1;
         }
         self.in_core_checks += o.in_core_checks;
+        self.failed_commits += o.failed_commits;
         self.deepest_tree = self.deepest_tree.max(o.deepest_tree);
         if !o.violations.is_empty() {
             self.failing.push(seed);
@@ -1035,6 +1037,7 @@ impl MetadataTotals {
             row("seeds random/shrink/deep", format!("{random}/{shrink}/{deep}"));
             row("open transactions checked", self.in_core_checks.to_string());
             row("deepest mapping tree (levels)", self.deepest_tree.to_string());
+            row("commits failed by aimed faults", self.failed_commits.to_string());
         }
         row("violations", self.failing.len().to_string());
     }
@@ -1087,6 +1090,7 @@ impl MetadataTotals {
             "seeds_by_shape": Shape::ALL.iter().zip(self.shapes).map(|(s, n)| (s.name().to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
             "open_transactions_checked": self.in_core_checks,
             "deepest_tree_levels": self.deepest_tree,
+            "commits_failed_by_aimed_faults": self.failed_commits,
             "violations": self.failing.len(),
             "failing_seeds": self.failing,
             "failures": failures,

@@ -121,6 +121,17 @@ pub struct Mutations {
     /// values); a shared internal node below the root, which only trees of
     /// three levels have, leaves its children one reference short.
     pub shadow_child_skips_internal_children: bool,
+    /// Thin metadata abort (`dm_pool_abort_metadata`): the mapping tree's
+    /// root of the aborted transaction is kept instead of being read back
+    /// from the superblock (a patch that reloads only the space maps), so
+    /// after a failed commit the pool's read-only lookups see mappings
+    /// that were never committed, in blocks the space maps call free.
+    pub abort_keeps_mapping_root: bool,
+    /// Thin metadata abort: the aborted transaction's in-core data space
+    /// map is kept instead of being reopened from the superblock (a patch
+    /// that rebuilds only the metadata space map): its counts and bitmap
+    /// blocks are those of a transaction that never committed.
+    pub abort_keeps_data_space_map: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -220,6 +231,13 @@ impl Mutations {
         ("shadow-child-skips-internal-children", |m| m.shadow_child_skips_internal_children = true),
     ];
 
+    /// Mutations of the abort after a failed commit, which only the
+    /// metadata campaign's aimed faults reach.
+    pub const ABORTS: [(&'static str, Switch); 2] = [
+        ("abort-keeps-mapping-root", |m| m.abort_keeps_mapping_root = true),
+        ("abort-keeps-data-space-map", |m| m.abort_keeps_data_space_map = true),
+    ];
+
     /// Mutations of the cache target's I/O paths (the cache campaign
     /// catches them).
     pub const CACHE_TARGET: [(&'static str, Switch); 7] = [
@@ -243,9 +261,14 @@ impl Mutations {
     ];
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
-    /// [`Self::CACHE_TARGET`], then [`Self::TREES`].
+    /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
-        Self::ALL.iter().chain(Self::CACHE.iter()).chain(Self::CACHE_TARGET.iter()).chain(Self::TREES.iter())
+        Self::ALL
+            .iter()
+            .chain(Self::CACHE.iter())
+            .chain(Self::CACHE_TARGET.iter())
+            .chain(Self::TREES.iter())
+            .chain(Self::ABORTS.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).

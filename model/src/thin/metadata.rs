@@ -995,14 +995,20 @@ impl<D: BlockDevice> ThinMetadata<D> {
         for d in &mut self.devices {
             d.aborted_with_changes = d.changed;
         }
+        let aborted_dsm = self.tm.dsm.clone();
         self.tm.reset();
         let r = (|| {
             if self.tm.block_manager().read_raw(SUPERBLOCK_LOCATION)?.iter().all(|&b| b == 0) {
                 return Err(ThinError::Unformatted);
             }
             Self::load_committed(&mut self.tm, self.data_block_size)?;
+            if self.tm.mutations.abort_keeps_data_space_map {
+                self.tm.dsm = aborted_dsm;
+            }
             let sb = self.superblock()?;
-            self.root = sb.data_mapping_root;
+            if !self.tm.mutations.abort_keeps_mapping_root {
+                self.root = sb.data_mapping_root;
+            }
             self.details_root = sb.device_details_root;
             Ok(())
         })();
