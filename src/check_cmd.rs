@@ -1185,6 +1185,9 @@ impl Summary {
             row("crash states", self.thin.crash_states.to_string());
             row("ENOSPC", self.thin.enospc.to_string());
             row("EIO", self.thin.io_errors.to_string());
+            row("out of metadata space", self.thin.out_of_metadata_space.to_string());
+            row("metadata growths", self.thin.metadata_growths.to_string());
+            row("read-only rules judged", self.thin.read_only_judged.to_string());
             row("simulated seconds", format!("{:.1}", self.thin.sim_time_ns as f64 / 1e9));
             row(
                 "thin_check runs",
@@ -1322,6 +1325,9 @@ impl Summary {
                 "crash_states": self.thin.crash_states,
                 "enospc": self.thin.enospc,
                 "eio": self.thin.io_errors,
+                "out_of_metadata_space": self.thin.out_of_metadata_space,
+                "metadata_growths": self.thin.metadata_growths,
+                "read_only_judged": self.thin.read_only_judged,
                 "sim_seconds": self.thin.sim_time_ns as f64 / 1e9,
                 "thin_check_installed": plan.checkers.thin_check.is_some(),
                 "thin_check_runs": self.thin_check_runs,

@@ -167,7 +167,8 @@ pub struct OpResult {
     pub index: usize,
     /// `ok`, an errno name (`EIO`, `ENOSPC`, …), `skipped` (nothing to do:
     /// no live device, too many devices, the message was refused) or
-    /// `unsupported` (faults, crashes: not replayed on the kernel yet).
+    /// `unsupported` (faults, crashes, metadata growths: not replayed on
+    /// the kernel yet).
     pub outcome: String,
     /// For reads: the stamp summary of what came back.
     pub read: Option<String>,

@@ -66,6 +66,18 @@ pub struct Mutations {
     /// again as before: a cell released twice (in the kernel a double
     /// `rb_erase` and a double free into the cell mempool).
     pub passdown_releases_data_cell_twice: bool,
+    /// The map path fails every write with EIO while the pool is out of
+    /// metadata space, as it fails every bio in fail mode (a patch that
+    /// widens `thin_bio_map`'s `PM_FAIL` test to the read-only modes for
+    /// writes), though a write to a mapped, unshared block needs no
+    /// metadata and the kernel lets it through.
+    pub out_of_metadata_space_fails_writes: bool,
+    /// `maybe_resize_metadata_dev` grows the metadata space map before it
+    /// takes the pool out of out-of-metadata-space mode instead of after
+    /// (two lines swapped): the block manager is still read-only, the
+    /// growth fails, the abort keeps the block manager read-only, setting
+    /// needs_check fails too, and the pool goes to fail mode.
+    pub metadata_grows_before_write_mode: bool,
     /// dm-array: a value is written into its array block in place, even
     /// when the last commit still holds the block, instead of into a
     /// shadow: a crash finds the committed array changed (the cache
@@ -196,7 +208,7 @@ impl LockingMutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 12] = [
+    pub const ALL: [(&'static str, Switch); 14] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
         ("skip-zeroing", |m| m.skip_zeroing = true),
@@ -209,6 +221,8 @@ impl Mutations {
         ("passdown-frees-discarded-twice", |m| m.passdown_frees_discarded_twice = true),
         ("overwrite-drops-all-io-twice", |m| m.overwrite_drops_all_io_twice = true),
         ("passdown-releases-data-cell-twice", |m| m.passdown_releases_data_cell_twice = true),
+        ("out-of-metadata-space-fails-writes", |m| m.out_of_metadata_space_fails_writes = true),
+        ("metadata-grows-before-write-mode", |m| m.metadata_grows_before_write_mode = true),
     ];
 
     /// The mutations that break the metadata commit protocol (caught by the
