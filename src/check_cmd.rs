@@ -609,6 +609,19 @@ struct MinimizedFile {
     signature: String,
 }
 
+impl MinimizedFile {
+    /// Its `minimized` object in the JSON output.
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path.display().to_string(),
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "runs": self.runs,
+            "signature": self.signature,
+        })
+    }
+}
+
 /// Runs the campaign; exit 1 on any violation.
 pub fn run(args: CheckArgs) -> ExitCode {
     if let Err(e) = usable_failures_folder(&args.failures) {
@@ -1058,15 +1071,7 @@ impl MetadataTotals {
                     .then(|| files_of(files, TraceCampaign::Metadata, v.seed))
                     .flatten()
                     .and_then(|f| f.minimized.as_ref())
-                    .map(|m| {
-                        serde_json::json!({
-                            "path": m.path.display().to_string(),
-                            "ops_before": m.ops_before,
-                            "ops_after": m.ops_after,
-                            "runs": m.runs,
-                            "signature": m.signature,
-                        })
-                    });
+                    .map(MinimizedFile::to_json);
                 serde_json::json!({
                     "seed": v.seed,
                     "op_index": v.op_index,
@@ -1298,13 +1303,7 @@ impl Summary {
                         "kind": v.kind,
                         "message": v.what,
                         "trace": path(&f.trace),
-                        "minimized": f.minimized.as_ref().map(|m| serde_json::json!({
-                            "path": m.path.display().to_string(),
-                            "ops_before": m.ops_before,
-                            "ops_after": m.ops_after,
-                            "runs": m.runs,
-                            "signature": m.signature,
-                        })),
+                        "minimized": f.minimized.as_ref().map(MinimizedFile::to_json),
                         "error": f.error,
                         "reproduce": reproduce_thin(args, r.seed),
                     })
@@ -1344,17 +1343,6 @@ impl Summary {
             .kind
             .cache_metadata()
             .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results, files));
-        let minimized_json = |m: &Option<MinimizedFile>| {
-            m.as_ref().map(|m| {
-                serde_json::json!({
-                    "path": m.path.display().to_string(),
-                    "ops_before": m.ops_before,
-                    "ops_after": m.ops_after,
-                    "runs": m.runs,
-                    "signature": m.signature,
-                })
-            })
-        };
         let cache = plan.kind.cache().then(|| {
             let failures: Vec<_> = results
                 .iter()
@@ -1368,7 +1356,7 @@ impl Summary {
                         "kind": v.kind,
                         "message": v.what,
                         "trace": path(&f.trace),
-                        "minimized": minimized_json(&f.minimized),
+                        "minimized": f.minimized.as_ref().map(MinimizedFile::to_json),
                         "error": f.error,
                         "reproduce": reproduce_cache(args, seed, c.workload),
                     })
