@@ -339,7 +339,8 @@ fn kernel_finding_passdown_discards_a_block_the_last_commit_maps_elsewhere() {
     }
 }
 
-/// Kernel finding (6.1.192, found by the campaign: fill-to-full, seed 856,
+/// Model finding, not yet shown on the kernel (the 6.1.192 source; found by
+/// the campaign: fill-to-full, seed 856,
 /// no fault injected; minimized to 60 ops): in out-of-data-space mode the
 /// worker handles a FUA write the map path deferred without its virtual
 /// cell (`process_bio_read_only`), so it remaps the write past a
