@@ -44,8 +44,8 @@ use dmsim_sim::campaign::{
 };
 use dmsim_sim::probes::{ProbeTally, ThinProbes};
 use dmsim_sim::run::{
-    first_difference, minimize, run_config, CampaignSettings, Checkers, RunConfig, RunOutcome, Workload,
-    MAX_OPS,
+    first_difference, minimize, run_config, CampaignSettings, Checkers, ReplayError, RunConfig, RunOutcome,
+    Workload, MAX_OPS,
 };
 use dmsim_sim::thin::{ThinFailure, ThinStats};
 use dmsim_sim::workload::Shape;
@@ -158,6 +158,18 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 1,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CRASHES_PER_POINT as u64))]
     pub crashes_per_point: usize,
+    /// Force one workload shape on every seed of the metadata campaign
+    /// (random, shrink or deep) instead of each seed's own.
+    #[arg(long, value_parser = parse_shape)]
+    pub metadata_shape: Option<Shape>,
+}
+
+/// Parses a metadata workload shape's name.
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    Shape::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Shape::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown shape {:?}: one of {}", clip(s), names.join(", "))
+    })
 }
 
 /// The options that choose the model a seed runs on, shared by `check`
@@ -561,6 +573,9 @@ impl Plan {
 enum TraceCampaign {
     Thin,
     Cache,
+    /// The thin metadata campaign: no trace, a minimized list of
+    /// operations.
+    Metadata,
 }
 
 impl TraceCampaign {
@@ -569,6 +584,7 @@ impl TraceCampaign {
         match self {
             TraceCampaign::Thin => "seed",
             TraceCampaign::Cache => "cache-seed",
+            TraceCampaign::Metadata => "metadata-seed",
         }
     }
 }
@@ -595,6 +611,19 @@ struct MinimizedFile {
     ops_after: usize,
     runs: u64,
     signature: String,
+}
+
+impl MinimizedFile {
+    /// Its `minimized` object in the JSON output.
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path.display().to_string(),
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "runs": self.runs,
+            "signature": self.signature,
+        })
+    }
 }
 
 /// Runs the campaign; exit 1 on any violation.
@@ -650,6 +679,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
             seeds: seeds.clone(),
             ops_per_seed: args.metadata_ops,
             crashes_per_point: args.crashes_per_point,
+            shape: args.metadata_shape,
             mutations: args.model.mutation.unwrap_or_default(),
             ..CampaignConfig::default()
         },
@@ -766,6 +796,71 @@ fn usable_failures_folder(dir: &std::path::Path) -> Result<(), String> {
 /// `--minimize-max` of them (in seed order, thin before cache), in
 /// parallel; returns the files by campaign and seed.
 fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Files {
+    let mut files = write_trace_failures(args, plan, results, jobs);
+    files.extend(minimize_metadata_failures(args, plan, results));
+    files
+}
+
+/// Minimizes the first `--minimize-max` failing seeds of the thin metadata
+/// campaign and writes each one's operations, one a line, to
+/// metadata-seed-N.min.ops in the failures folder.
+fn minimize_metadata_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult]) -> Files {
+    let failing: Vec<u64> = results
+        .iter()
+        .filter(|r| r.metadata.as_ref().is_some_and(|o| !o.violations.is_empty()))
+        .map(|r| r.seed)
+        .take(args.minimize_max)
+        .collect();
+    let mut files = Files::new();
+    for seed in failing {
+        let path = args.failures.join(format!("{}-{seed}.min.ops", TraceCampaign::Metadata.file_prefix()));
+        let f = match campaign::minimize(&plan.metadata, seed) {
+            None => FailureFiles {
+                error: Some(format!("seed {seed} did not fail again when minimized")),
+                ..FailureFiles::default()
+            },
+            Some(m) => {
+                let mut text = format!(
+                    "# dmsim metadata campaign, seed {seed}: {} of its {} operations still give: {}\n",
+                    m.ops.len(),
+                    m.ops_before,
+                    m.violation.kind.name()
+                );
+                for op in &m.ops {
+                    text.push_str(&format!("{op:?}\n"));
+                }
+                let written =
+                    std::fs::create_dir_all(&args.failures).and_then(|()| std::fs::write(&path, text));
+                match written {
+                    Err(e) => FailureFiles {
+                        error: Some(format!("cannot write {}: {e}", path.display())),
+                        ..FailureFiles::default()
+                    },
+                    Ok(()) => FailureFiles {
+                        minimized: Some(MinimizedFile {
+                            path,
+                            ops_before: m.ops_before,
+                            ops_after: m.ops.len(),
+                            runs: m.runs as u64,
+                            signature: format!(
+                                "{} at operation {}",
+                                m.violation.kind.name(),
+                                m.violation.op_index
+                            ),
+                        }),
+                        ..FailureFiles::default()
+                    },
+                }
+            }
+        };
+        files.push(((TraceCampaign::Metadata, seed), f));
+    }
+    files
+}
+
+/// Writes every failing thin and cache seed's trace and minimizes the first
+/// `--minimize-max` of them.
+fn write_trace_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: usize) -> Files {
     let failing: Vec<(TraceCampaign, u64, &Trace)> = results
         .iter()
         .flat_map(|r| {
@@ -823,6 +918,7 @@ fn write_failures(args: &CheckArgs, plan: &Plan, results: &[SeedResult], jobs: u
                 let shrunk = match campaign {
                     TraceCampaign::Thin => minimize(trace, &plan.checkers, |_, _| {}),
                     TraceCampaign::Cache => cache_run::minimize(trace, &plan.checkers, |_, _| {}),
+                    TraceCampaign::Metadata => Err(ReplayError("the metadata campaign has no traces".into())),
                 };
                 let result = shrunk.map_err(|e| e.to_string()).and_then(|m| {
                     let path = dir.join(format!("{}-{seed}.min.trace", campaign.file_prefix()));
@@ -887,6 +983,7 @@ struct MetadataTotals {
     shapes: [usize; 3],
     in_core_checks: usize,
     deepest_tree: u32,
+    failed_commits: usize,
     failing: Vec<u64>,
 }
 
@@ -933,6 +1030,7 @@ impl MetadataTotals {
             self.shapes[i] += 1;
         }
         self.in_core_checks += o.in_core_checks;
+        self.failed_commits += o.failed_commits;
         self.deepest_tree = self.deepest_tree.max(o.deepest_tree);
         if !o.violations.is_empty() {
             self.failing.push(seed);
@@ -957,6 +1055,7 @@ impl MetadataTotals {
             row("seeds random/shrink/deep", format!("{random}/{shrink}/{deep}"));
             row("open transactions checked", self.in_core_checks.to_string());
             row("deepest mapping tree (levels)", self.deepest_tree.to_string());
+            row("commits failed by aimed faults", self.failed_commits.to_string());
         }
         row("violations", self.failing.len().to_string());
     }
@@ -967,16 +1066,23 @@ impl MetadataTotals {
         args: &CheckArgs,
         plan: &Plan,
         results: &[SeedResult],
+        files: &Files,
     ) -> serde_json::Value {
         let failures: Vec<_> = results
             .iter()
             .filter_map(|r| which.outcome(r).and_then(|o| o.violations.first()))
             .map(|v| {
+                let minimized = (which == MetadataCampaign::Thin)
+                    .then(|| files_of(files, TraceCampaign::Metadata, v.seed))
+                    .flatten()
+                    .and_then(|f| f.minimized.as_ref())
+                    .map(MinimizedFile::to_json);
                 serde_json::json!({
                     "seed": v.seed,
                     "op_index": v.op_index,
                     "kind": kind_id(v.kind),
                     "detail": v.detail,
+                    "minimized": minimized,
                     "reproduce": reproduce_metadata(args, which, v.seed),
                 })
             })
@@ -994,6 +1100,7 @@ impl MetadataTotals {
             "seeds_by_shape": Shape::ALL.iter().zip(self.shapes).map(|(s, n)| (s.name().to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
             "open_transactions_checked": self.in_core_checks,
             "deepest_tree_levels": self.deepest_tree,
+            "commits_failed_by_aimed_faults": self.failed_commits,
             "violations": self.failing.len(),
             "failing_seeds": self.failing,
             "failures": failures,
@@ -1089,6 +1196,9 @@ impl Summary {
             row("crash states", self.thin.crash_states.to_string());
             row("ENOSPC", self.thin.enospc.to_string());
             row("EIO", self.thin.io_errors.to_string());
+            row("out of metadata space", self.thin.out_of_metadata_space.to_string());
+            row("metadata growths", self.thin.metadata_growths.to_string());
+            row("read-only rules judged", self.thin.read_only_judged.to_string());
             row("simulated seconds", format!("{:.1}", self.thin.sim_time_ns as f64 / 1e9));
             row(
                 "thin_check runs",
@@ -1200,13 +1310,7 @@ impl Summary {
                         "kind": v.kind,
                         "message": v.what,
                         "trace": path(&f.trace),
-                        "minimized": f.minimized.as_ref().map(|m| serde_json::json!({
-                            "path": m.path.display().to_string(),
-                            "ops_before": m.ops_before,
-                            "ops_after": m.ops_after,
-                            "runs": m.runs,
-                            "signature": m.signature,
-                        })),
+                        "minimized": f.minimized.as_ref().map(MinimizedFile::to_json),
                         "error": f.error,
                         "reproduce": reproduce_thin(args, r.seed),
                     })
@@ -1227,6 +1331,9 @@ impl Summary {
                 "crash_states": self.thin.crash_states,
                 "enospc": self.thin.enospc,
                 "eio": self.thin.io_errors,
+                "out_of_metadata_space": self.thin.out_of_metadata_space,
+                "metadata_growths": self.thin.metadata_growths,
+                "read_only_judged": self.thin.read_only_judged,
                 "sim_seconds": self.thin.sim_time_ns as f64 / 1e9,
                 "thin_check_installed": plan.checkers.thin_check.is_some(),
                 "thin_check_runs": self.thin_check_runs,
@@ -1239,22 +1346,11 @@ impl Summary {
             })
         });
         let metadata =
-            plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results));
+            plan.kind.metadata().then(|| self.md.to_json(MetadataCampaign::Thin, args, plan, results, files));
         let cache_md = plan
             .kind
             .cache_metadata()
-            .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results));
-        let minimized_json = |m: &Option<MinimizedFile>| {
-            m.as_ref().map(|m| {
-                serde_json::json!({
-                    "path": m.path.display().to_string(),
-                    "ops_before": m.ops_before,
-                    "ops_after": m.ops_after,
-                    "runs": m.runs,
-                    "signature": m.signature,
-                })
-            })
-        };
+            .then(|| self.cache_md.to_json(MetadataCampaign::Cache, args, plan, results, files));
         let cache = plan.kind.cache().then(|| {
             let failures: Vec<_> = results
                 .iter()
@@ -1268,7 +1364,7 @@ impl Summary {
                         "kind": v.kind,
                         "message": v.what,
                         "trace": path(&f.trace),
-                        "minimized": minimized_json(&f.minimized),
+                        "minimized": f.minimized.as_ref().map(MinimizedFile::to_json),
                         "error": f.error,
                         "reproduce": reproduce_cache(args, seed, c.workload),
                     })
@@ -1385,6 +1481,9 @@ fn print_failure(args: &CheckArgs, r: &SeedResult, files: &Files) {
                 v.kind.name(),
                 v.detail
             );
+            if which == MetadataCampaign::Thin {
+                print_metadata_files(args, files_of(files, TraceCampaign::Metadata, v.seed));
+            }
             println!("  reproduce: {}", reproduce_metadata(args, which, v.seed));
         }
     }
@@ -1420,6 +1519,22 @@ fn print_files(args: &CheckArgs, files: Option<&FailureFiles>, ops: usize) {
     }
 }
 
+/// A failing metadata seed's minimized operations, under its FAILED line.
+fn print_metadata_files(args: &CheckArgs, files: Option<&FailureFiles>) {
+    match files {
+        Some(FailureFiles { minimized: Some(m), .. }) => println!(
+            "  minimized: {} → {} operations ({} runs; {}): {}",
+            m.ops_before,
+            m.ops_after,
+            m.runs,
+            m.signature,
+            m.path.display()
+        ),
+        Some(FailureFiles { error: Some(e), .. }) => println!("  error: {e}"),
+        _ => println!("  not minimized (--minimize-max {})", args.minimize_max),
+    }
+}
+
 fn reproduce_thin(args: &CheckArgs, seed: u64) -> String {
     let workload =
         args.model.settings().workload.map_or(String::new(), |w| format!(" --workload {}", w.name()));
@@ -1443,11 +1558,12 @@ fn reproduce_cache(args: &CheckArgs, seed: u64, workload: CacheWorkload) -> Stri
 
 fn reproduce_metadata(args: &CheckArgs, which: MetadataCampaign, seed: u64) -> String {
     format!(
-        "dmsim check --campaign {} --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}",
+        "dmsim check --campaign {} --seeds {seed}..{} --metadata-ops {} --crashes-per-point {}{}{}",
         which.flag(),
         seed + 1,
         args.metadata_ops,
         args.crashes_per_point,
+        args.metadata_shape.map_or(String::new(), |s| format!(" --metadata-shape {}", s.name())),
         args.model.flags(true)
     )
 }

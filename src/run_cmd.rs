@@ -144,6 +144,12 @@ pub fn print_outcome(out: &RunOutcome, checkers: &Checkers) {
         s.io_errors,
         s.sim_time_ns as f64 / 1e9
     );
+    if s.out_of_metadata_space > 0 || s.metadata_growths > 0 {
+        println!(
+            "  out of metadata space {} times, metadata device grown {} times",
+            s.out_of_metadata_space, s.metadata_growths
+        );
+    }
     let fired: Vec<String> =
         out.coverage.iter().filter(|(_, c)| *c > 0).map(|(n, c)| format!("{n} {c}")).collect();
     println!("  faults fired: {}", if fired.is_empty() { "none".to_string() } else { fired.join(", ") });

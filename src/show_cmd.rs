@@ -167,6 +167,10 @@ pub fn describe_op(op: &Op) -> String {
             "resize the cache: suspend (clean shutdown), reload the table on {cache_blocks} cache blocks \
              and {origin_blocks} origin blocks, resume"
         ),
+        Op::GrowMetadata { blocks, reload } => format!(
+            "grow the metadata device: suspend the pool, add {blocks} metadata blocks, {}resume",
+            if reload { "reload the table, " } else { "" }
+        ),
     }
 }
 

@@ -260,11 +260,11 @@ fn a_broken_model_fails_and_its_minimized_trace_replays_the_failure() {
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}\n{}", stderr(&out));
-    assert!(text.contains("FAILED thin seed 1"), "{text}");
+    assert!(text.contains("FAILED thin seed 0"), "{text}");
     assert!(text.contains("minimized: "), "{text}");
     assert!(text.contains(" → "), "{text}");
-    let full = failures.join("seed-1.trace");
-    let min = failures.join("seed-1.min.trace");
+    let full = failures.join("seed-0.trace");
+    let min = failures.join("seed-0.min.trace");
     assert!(full.is_file() && min.is_file(), "{text}");
 
     let out = dmsim(&["replay", s(&min)]);

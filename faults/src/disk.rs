@@ -74,6 +74,9 @@ pub struct SimDisk {
     since_flush: Vec<PendingWrite>,
     /// Faults waiting for their request, oldest first.
     armed: VecDeque<DiskFault>,
+    /// Writes that pass before an armed write fault may fire
+    /// ([`SimDisk::arm_after_writes`]).
+    write_skip: usize,
     /// Sectors that fail every request touching them.
     bad: BTreeSet<u64>,
     /// Faults that fired since the last [`SimDisk::take_fired`].
@@ -101,6 +104,7 @@ impl SimDisk {
             recording: false,
             since_flush: Vec::new(),
             armed: VecDeque::new(),
+            write_skip: 0,
             bad: BTreeSet::new(),
             fired: Vec::new(),
         }
@@ -162,6 +166,14 @@ impl SimDisk {
         self.armed.push_back(fault);
     }
 
+    /// Arms `fault`, a write fault, to fire on the write after the next
+    /// `skip` writes (an aimed fault: the Nth request of a commit). Armed
+    /// faults of other kinds are not delayed.
+    pub fn arm_after_writes(&mut self, skip: usize, fault: DiskFault) {
+        self.write_skip = skip;
+        self.armed.push_back(fault);
+    }
+
     /// How many armed faults have not fired yet.
     pub fn armed(&self) -> usize {
         self.armed.len()
@@ -175,6 +187,7 @@ impl SimDisk {
     /// Forgets every armed fault that has not fired.
     pub fn disarm_all(&mut self) {
         self.armed.clear();
+        self.write_skip = 0;
     }
 
     /// The sectors made bad by permanent errors, in order.
@@ -271,8 +284,14 @@ impl BlockDevice for SimDisk {
         }
         let nr = buf.len() as u64 / SECTOR_SIZE;
         self.fail_bad("write", sector, nr)?;
-        let fault =
-            self.take_armed(|f| matches!(f, DiskFault::WriteError { .. } | DiskFault::Misdirect { .. }));
+        let is_write_fault =
+            |f: &DiskFault| matches!(f, DiskFault::WriteError { .. } | DiskFault::Misdirect { .. });
+        let fault = if self.write_skip > 0 && self.armed.iter().any(is_write_fault) {
+            self.write_skip -= 1;
+            None
+        } else {
+            self.take_armed(is_write_fault)
+        };
         let target = match fault {
             Some(DiskFault::WriteError { permanent }) => {
                 return Err(self.error("write", sector, nr, permanent))

@@ -203,3 +203,22 @@ fn a_disk_rebuilt_from_a_crash_state_forgets_bad_sectors_and_armed_faults() {
     assert!(fresh.bad_sectors().next().is_none());
     write(&mut fresh, 2, 1, 1).unwrap();
 }
+
+#[test]
+fn an_aimed_write_fault_lets_the_first_writes_pass() {
+    let mut disk = patterned(32);
+    disk.arm_after_writes(2, DiskFault::WriteError { permanent: false });
+    // Reads do not count, nor fire it.
+    read(&mut disk, 0, 1).unwrap();
+    write(&mut disk, 0, 1, 1).unwrap();
+    write(&mut disk, 1, 1, 2).unwrap();
+    assert_eq!(disk.armed(), 1);
+    assert!(write(&mut disk, 2, 1, 3).is_err(), "the third write fails");
+    assert_eq!(disk.armed(), 0);
+    write(&mut disk, 2, 1, 3).unwrap();
+    // Disarming forgets the count too.
+    disk.arm_after_writes(5, DiskFault::WriteError { permanent: false });
+    disk.disarm_all();
+    disk.arm(DiskFault::WriteError { permanent: false });
+    assert!(write(&mut disk, 3, 1, 4).is_err(), "a plain arm fires at once");
+}

@@ -139,7 +139,7 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
                     op.name()
                 )))
             }
-            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } => {
+            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } | Op::GrowMetadata { .. } => {
                 return Err(ShimError::Invalid(format!("op {i} ({}) belongs to thin traces", op.name())))
             }
         }

@@ -133,7 +133,7 @@ impl PoolSpec {
         }
         check("data_blocks", spec.data_blocks, 1, 1 << 16)?;
         check("thin_blocks", spec.thin_blocks, 1, 1 << 16)?;
-        check("metadata_sectors", spec.metadata_sectors, 512, 1 << 22)?;
+        check("metadata_sectors", spec.metadata_sectors, 256, 1 << 22)?;
         check("max_devices", spec.max_devices as u64, 1, 1 << 10)?;
         Ok(spec)
     }
@@ -167,7 +167,8 @@ pub struct OpResult {
     pub index: usize,
     /// `ok`, an errno name (`EIO`, `ENOSPC`, …), `skipped` (nothing to do:
     /// no live device, too many devices, the message was refused) or
-    /// `unsupported` (faults, crashes: not replayed on the kernel yet).
+    /// `unsupported` (faults, crashes, metadata growths: not replayed on
+    /// the kernel yet).
     pub outcome: String,
     /// For reads: the stamp summary of what came back.
     pub read: Option<String>,

@@ -19,9 +19,12 @@
 //! `thin-provisioning-tools`; without them every test prints SKIPPED, or
 //! fails under `CI=true`.
 
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use thin_tools::{in_ci, thin_check_verdict};
 
 use dmsim_kernel_shim::equivalence::{
     compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_serialized,
@@ -50,10 +53,6 @@ const WORKLOADS: [Workload; 6] = [
     Workload::ManySmallDevices,
     Workload::Durability,
 ];
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 fn thin_check() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -331,18 +330,6 @@ fn the_kernel_reads_pools_the_model_wrote() {
         );
         assert!(diffs.is_empty(), "seed {}: {}", case.seed, diffs.join("\n"));
         assert_eq!(thin_check_verdict(&tool, &run.metadata_image), Ok(()), "seed {}", case.seed);
-    }
-}
-
-fn thin_check_verdict(tool: &std::path::Path, image: &[u8]) -> Result<(), String> {
-    let dir = dmsim_kernel_shim::vm::TempDir::new().expect("a temporary directory");
-    let path = dir.path().join("metadata.img");
-    std::fs::write(&path, image).expect("write the image");
-    let out = std::process::Command::new(tool).arg(&path).output().expect("run thin_check");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
 

@@ -78,8 +78,12 @@
 //! without them it prints SKIPPED, or fails under `CI=true`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
+use std::path::Path;
 use std::time::Instant;
+use thin_tools::{in_ci, thin_check_verdict, tool};
 
 use dmsim_kernel_shim::crash::{read_through_pool, CrashImages};
 use dmsim_kernel_shim::equivalence::data_mappings;
@@ -111,34 +115,6 @@ const ORIGIN: u64 = 0;
 const SNAP: u64 = 1;
 /// Metadata block size.
 const MB: usize = 4096;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A tool from PATH or the sbin directories.
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// `Ok` or thin_check's output.
-fn thin_check(tool: &Path, image: &[u8]) -> Result<(), String> {
-    let dir = dmsim_kernel_shim::vm::TempDir::new().expect("a temporary directory");
-    let path = dir.path().join("metadata.img");
-    std::fs::write(&path, image).expect("write the image");
-    let out = std::process::Command::new(tool).arg(&path).output().expect("run thin_check");
-    if out.status.success() {
-        Ok(())
-    } else {
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        Err(text.trim().lines().collect::<Vec<_>>().join(" | "))
-    }
-}
 
 /// The op indices of one history.
 #[derive(Debug, Clone)]
@@ -341,7 +317,8 @@ impl Reading {
                 .problems_in(Structure::DataSpaceMap)
                 .map(|p| (p.block, p.message.clone()))
                 .collect(),
-            thin_check: thin_check(tc, image),
+            thin_check: thin_check_verdict(tc, image)
+                .map_err(|e| e.trim().lines().collect::<Vec<_>>().join(" | ")),
         }
     }
 
@@ -745,7 +722,8 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
         let kernel = kernel_side(trace, p, run);
         let model = model_side(trace, p, Mutations::default());
         // The older source, kept as a test-only mutation.
-        let old = model_side(trace, p, Mutations::by_name("collapse-forgets-shared-child").expect("a mutation"));
+        let old =
+            model_side(trace, p, Mutations::by_name("collapse-forgets-shared-child").expect("a mutation"));
         if let Err(e) = examine("kernel", *n, p, &kernel, &tc, Collapse::IncChildren) {
             failures.extend(e);
         }
@@ -822,12 +800,15 @@ fn collapsing_a_shared_only_child_keeps_the_counts_on_the_stock_kernel() {
             // alone: its bitmap, its index and the superblock's copy of its
             // root.
             let collapsed = *n == FINDING && upto >= p.step4_flush;
-            let old_diff = differing_blocks(k, match label {
-                "after step 2" => &old.after_step2,
-                "after the snapshot" => &old.after_snap,
-                "after step 4" => &old.after_step4,
-                _ => &old.last,
-            });
+            let old_diff = differing_blocks(
+                k,
+                match label {
+                    "after step 2" => &old.after_step2,
+                    "after the snapshot" => &old.after_snap,
+                    "after step 4" => &old.after_step4,
+                    _ => &old.last,
+                },
+            );
             if collapsed
                 && label != "at the end"
                 && (old_diff.is_empty() || !old_diff.iter().all(|b| *b == 0 || sm.contains(b)))

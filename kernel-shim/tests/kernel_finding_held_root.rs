@@ -39,7 +39,11 @@
 //! `thin_dump`); without them it prints SKIPPED, or fails under `CI=true`.
 
 use std::path::{Path, PathBuf};
+
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
 use std::time::Instant;
+use thin_tools::{in_ci, tool};
 
 use dmsim_faults::DiskEvent;
 use dmsim_kernel_shim::logwrites::{self, EntryKind, Log};
@@ -90,19 +94,6 @@ flush dev=0
 write dev=0 sector=512 nr=128
 flush dev=0
 ";
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A tool from PATH or the sbin directories.
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 /// The superblock fields the finding is about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,6 +36,9 @@ fn trace(ops: &[Op]) -> Trace {
     cfg.thin.data_blocks = 32;
     cfg.thin.thin_blocks = 16;
     cfg.thin.max_devices = 4;
+    // The seed may draw the metadata-pressure workload's small metadata
+    // device; these traces want the ordinary one.
+    cfg.thin.metadata_sectors = dmsim_sim::thin::ThinSimConfig::default().metadata_sectors;
     cfg.thin.features = Default::default();
     Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
 }

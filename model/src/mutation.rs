@@ -66,6 +66,18 @@ pub struct Mutations {
     /// again as before: a cell released twice (in the kernel a double
     /// `rb_erase` and a double free into the cell mempool).
     pub passdown_releases_data_cell_twice: bool,
+    /// The map path fails every write with EIO while the pool is out of
+    /// metadata space, as it fails every bio in fail mode (a patch that
+    /// widens `thin_bio_map`'s `PM_FAIL` test to the read-only modes for
+    /// writes), though a write to a mapped, unshared block needs no
+    /// metadata and the kernel lets it through.
+    pub out_of_metadata_space_fails_writes: bool,
+    /// `maybe_resize_metadata_dev` grows the metadata space map before it
+    /// takes the pool out of out-of-metadata-space mode instead of after
+    /// (two lines swapped): the block manager is still read-only, the
+    /// growth fails, the abort keeps the block manager read-only, setting
+    /// needs_check fails too, and the pool goes to fail mode.
+    pub metadata_grows_before_write_mode: bool,
     /// dm-array: a value is written into its array block in place, even
     /// when the last commit still holds the block, instead of into a
     /// shadow: a crash finds the committed array changed (the cache
@@ -121,6 +133,17 @@ pub struct Mutations {
     /// values); a shared internal node below the root, which only trees of
     /// three levels have, leaves its children one reference short.
     pub shadow_child_skips_internal_children: bool,
+    /// Thin metadata abort (`dm_pool_abort_metadata`): the mapping tree's
+    /// root of the aborted transaction is kept instead of being read back
+    /// from the superblock (a patch that reloads only the space maps), so
+    /// after a failed commit the pool's read-only lookups see mappings
+    /// that were never committed, in blocks the space maps call free.
+    pub abort_keeps_mapping_root: bool,
+    /// Thin metadata abort: the aborted transaction's in-core data space
+    /// map is kept instead of being reopened from the superblock (a patch
+    /// that rebuilds only the metadata space map): its counts and bitmap
+    /// blocks are those of a transaction that never committed.
+    pub abort_keeps_data_space_map: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -185,7 +208,7 @@ impl LockingMutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 12] = [
+    pub const ALL: [(&'static str, Switch); 14] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
         ("skip-zeroing", |m| m.skip_zeroing = true),
@@ -198,6 +221,8 @@ impl Mutations {
         ("passdown-frees-discarded-twice", |m| m.passdown_frees_discarded_twice = true),
         ("overwrite-drops-all-io-twice", |m| m.overwrite_drops_all_io_twice = true),
         ("passdown-releases-data-cell-twice", |m| m.passdown_releases_data_cell_twice = true),
+        ("out-of-metadata-space-fails-writes", |m| m.out_of_metadata_space_fails_writes = true),
+        ("metadata-grows-before-write-mode", |m| m.metadata_grows_before_write_mode = true),
     ];
 
     /// The mutations that break the metadata commit protocol (caught by the
@@ -218,6 +243,13 @@ impl Mutations {
         ("collapse-forgets-shared-child", |m| m.collapse_forgets_shared_child = true),
         ("below-min-key-lowers-root-only", |m| m.below_min_key_lowers_root_only = true),
         ("shadow-child-skips-internal-children", |m| m.shadow_child_skips_internal_children = true),
+    ];
+
+    /// Mutations of the abort after a failed commit, which only the
+    /// metadata campaign's aimed faults reach.
+    pub const ABORTS: [(&'static str, Switch); 2] = [
+        ("abort-keeps-mapping-root", |m| m.abort_keeps_mapping_root = true),
+        ("abort-keeps-data-space-map", |m| m.abort_keeps_data_space_map = true),
     ];
 
     /// Mutations of the cache target's I/O paths (the cache campaign
@@ -243,9 +275,14 @@ impl Mutations {
     ];
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
-    /// [`Self::CACHE_TARGET`], then [`Self::TREES`].
+    /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
-        Self::ALL.iter().chain(Self::CACHE.iter()).chain(Self::CACHE_TARGET.iter()).chain(Self::TREES.iter())
+        Self::ALL
+            .iter()
+            .chain(Self::CACHE.iter())
+            .chain(Self::CACHE_TARGET.iter())
+            .chain(Self::TREES.iter())
+            .chain(Self::ABORTS.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).

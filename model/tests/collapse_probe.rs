@@ -30,8 +30,8 @@
 //! finding 10.
 
 use dmsim_model::block_device::MemDevice;
-use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
 use dmsim_model::mutation::Mutations;
+use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Structure};
 use dmsim_model::thin::ThinMetadata;
 
 #[path = "../../tests/support/mod.rs"]

@@ -372,3 +372,138 @@ fn a_metadata_failure_makes_the_pool_read_only_with_needs_check() {
     p.reload_and_resume(4096 * BLOCK).unwrap();
     assert_eq!(p.mode(), PoolMode::ReadOnly);
 }
+
+/// A pool of 64 data blocks on a metadata device of `metadata_blocks`
+/// blocks of 4 KiB, with thin device 0 (64 blocks) active.
+fn with_small_metadata(metadata_blocks: u64) -> Pool<MemDevice, MemDevice> {
+    let mut data = MemDevice::new(64 * BLOCK);
+    data.as_bytes_mut().fill(GARBAGE);
+    let meta = MemDevice::new(metadata_blocks * 8);
+    let p = Pool::create(table(PoolFeatures::default()), 64 * BLOCK, meta, data, PoolOptions::default())
+        .expect("pool loads");
+    p.message("create_thin 0").unwrap();
+    p.activate_thin(0, 64 * BLOCK).unwrap();
+    p
+}
+
+/// Creates thin devices (each has a mapping tree of its own, and each
+/// message commits) until the pool leaves write mode.
+fn fill_metadata(p: &Pool<MemDevice, MemDevice>) {
+    for id in 1..1000 {
+        if p.mode() != PoolMode::Write {
+            return;
+        }
+        let _ = p.message(&format!("create_thin {id}"));
+    }
+    panic!("the metadata never filled");
+}
+
+/// Adds `blocks` zeroed 4 KiB blocks to the pool's metadata device (the
+/// administrator's lvextend; the pool must be suspended).
+fn grow_metadata(p: &Pool<MemDevice, MemDevice>, blocks: u64) {
+    p.with_metadata(|md| {
+        let dev = md.transaction_manager().block_manager().device_mut();
+        let mut bytes = dev.as_bytes().to_vec();
+        bytes.resize(bytes.len() + (blocks * 4096) as usize, 0);
+        *dev = MemDevice::from_bytes(bytes);
+    });
+}
+
+/// The metadata field of the status line: used/total blocks.
+fn metadata_usage(p: &Pool<MemDevice, MemDevice>) -> String {
+    p.status(true).split(' ').nth(1).unwrap().to_string()
+}
+
+/// A commit that leaves no free metadata block beyond the reserve (a tenth
+/// of 64 blocks: 6) puts the pool in out-of-metadata-space mode: no
+/// metadata changes, nothing rolled back. Reads and writes into mapped,
+/// unshared blocks go on (FUA too: no device has changes to commit);
+/// writes that need a new block fail with EIO; messages are refused. A
+/// resume without a new table keeps the mode until the metadata device has
+/// grown; then the kernel leaves the mode first and grows the space map.
+#[test]
+fn out_of_metadata_space_keeps_in_place_writes_and_a_grown_device_ends_it() {
+    let p = with_small_metadata(64);
+    write(&p, 0, 0, 1, 1);
+    fill_metadata(&p);
+    assert_eq!(p.mode(), PoolMode::OutOfMetadataSpace);
+    let status = p.status(true);
+    assert!(status.contains(" ro ") && status.contains(" - "), "{status}");
+    assert_eq!(p.message("create_thin 5000").unwrap_err().errno, Errno::EOPNOTSUPP);
+    write(&p, 0, 0, 1, 2);
+    assert_eq!(read(&p, 0, 0, 1), vec![2; 512]);
+    let fua = io(&p, 0, BioRequest::write(1, vec![3; 512]).with_fua());
+    assert_eq!(fua.result, Ok(()));
+    assert_eq!(io(&p, 0, BioRequest::flush()).result, Ok(()));
+    assert_eq!(io(&p, 0, BioRequest::write(5 * BLOCK, vec![4; 512])).result, Err(Errno::EIO));
+    assert_eq!(read(&p, 0, 5 * BLOCK, 1), vec![0; 512]);
+    assert_eq!(io(&p, 0, BioRequest::discard(0, BLOCK)).result, Ok(()));
+    assert_eq!(read(&p, 0, 0, 1), vec![2; 512], "the discard unmapped nothing");
+    // Suspend and resume on the same device: nothing changes.
+    let before = metadata_usage(&p);
+    assert!(before.ends_with("/64"), "{before}");
+    p.suspend().unwrap();
+    p.resume_same_table(64 * BLOCK).unwrap();
+    assert_eq!(p.mode(), PoolMode::OutOfMetadataSpace);
+    // Grown by 16 blocks: write mode, a larger space map, a new reserve.
+    p.suspend().unwrap();
+    grow_metadata(&p, 16);
+    p.resume_same_table(64 * BLOCK).unwrap();
+    assert_eq!(p.mode(), PoolMode::Write);
+    assert!(metadata_usage(&p).ends_with("/80"), "{}", p.status(true));
+    write(&p, 0, 5 * BLOCK, 1, 4);
+    assert_eq!(read(&p, 0, 5 * BLOCK, 1), vec![4; 512]);
+    assert_metadata_clean(&p);
+}
+
+/// A table reload requests the new table's mode first
+/// (`bind_control_target`): write mode, even without a larger metadata
+/// device; the next commit finds the space short again.
+#[test]
+fn a_table_reload_leaves_out_of_metadata_space_mode_without_growth() {
+    let p = with_small_metadata(64);
+    write(&p, 0, 0, 1, 1);
+    fill_metadata(&p);
+    assert_eq!(p.mode(), PoolMode::OutOfMetadataSpace);
+    p.suspend().unwrap();
+    p.reload_and_resume(64 * BLOCK).unwrap();
+    assert_eq!(p.mode(), PoolMode::Write);
+    p.message("set_transaction_id 0 1").unwrap();
+    assert_eq!(p.mode(), PoolMode::OutOfMetadataSpace);
+}
+
+/// A suspend cancels the no-space timeout (`pool_postsuspend`); resuming
+/// in out-of-data-space mode arms it again, so the queued write still
+/// fails in the end instead of waiting for ever.
+#[test]
+fn a_resume_in_out_of_data_space_mode_arms_the_no_space_timeout_again() {
+    let p = with_thin(1);
+    write(&p, 0, 0, BLOCK, 1);
+    let id = p.submit(0, BioRequest::write(BLOCK, vec![2; 512])).unwrap();
+    assert!(settle(&p).is_empty());
+    assert!(p.no_space_deadline().is_some());
+    p.suspend().unwrap();
+    assert_eq!(p.no_space_deadline(), None);
+    p.resume_same_table(BLOCK).unwrap();
+    assert_eq!(p.mode(), PoolMode::OutOfDataSpace);
+    let deadline = p.no_space_deadline().expect("timer armed again");
+    assert!(settle(&p).is_empty(), "still queued");
+    p.set_time(deadline);
+    let done = settle(&p);
+    assert_eq!(done.iter().map(|c| (c.id, c.result)).collect::<Vec<_>>(), vec![(id, Err(Errno::ENOSPC))]);
+}
+
+/// Read-only metadata refuses every change (the kernel's block manager
+/// refuses write locks), and takes them again once writable.
+#[test]
+fn read_only_metadata_refuses_changes() {
+    let mut md = ThinMetadata::format(MemDevice::new(1024 * 8), BLOCK as u32).unwrap();
+    md.set_read_only(true);
+    let e = md.create_thin(0).unwrap_err();
+    assert_eq!(e.to_string(), "the metadata is read-only");
+    assert_eq!(dmsim_model::thin::pool::errno_of(&e), Errno::EPERM);
+    assert!(md.set_needs_check().is_err());
+    md.set_read_only(false);
+    md.create_thin(0).unwrap();
+    md.commit().unwrap();
+}

@@ -14,12 +14,15 @@
 //! checks the open transaction after every operation: a copy of the
 //! metadata is committed and its image must pass the checker and agree
 //! with the reference, so a broken tree is caught at the operation that
-//! broke it, not at the next commit.
+//! broke it, not at the next commit. One seed in three aims write errors at
+//! its commits ([`aims_faults`]): a failed commit's crash states must read
+//! as the last commit, and so must the metadata after the abort and after
+//! a reopen.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use dmsim_faults::{crash_image, CrashPoint, SimDisk, TearMode};
+use dmsim_faults::{crash_image, CrashPoint, DiskFault, SimDisk, TearMode};
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::pdata::PdataError;
@@ -27,7 +30,7 @@ use dmsim_model::thin::check::{check_thin_metadata, CheckOptions};
 use dmsim_model::thin::dump::{dump_xml, DumpOptions};
 use dmsim_model::thin::metadata::ThinError;
 use dmsim_model::thin::ThinMetadata;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::workload::{self, MetadataOp, Shape};
@@ -50,6 +53,15 @@ pub struct CampaignConfig {
     pub data_blocks: u64,
     /// Deliberate model bugs (detector tests).
     pub mutations: Mutations,
+    /// One workload shape for every seed instead of each seed's own.
+    pub shape: Option<Shape>,
+}
+
+impl CampaignConfig {
+    /// The workload shape of `seed` under this configuration.
+    pub fn shape_of(&self, seed: u64) -> Shape {
+        self.shape.unwrap_or(Shape::of_seed(seed))
+    }
 }
 
 /// The most operations per seed of the metadata campaign: ops are
@@ -91,6 +103,7 @@ impl Default for CampaignConfig {
             metadata_sectors: 8 * 2048,
             data_blocks: 100_000,
             mutations: Mutations::default(),
+            shape: None,
         }
     }
 }
@@ -171,6 +184,9 @@ pub struct SeedOutcome {
     pub in_core_checks: usize,
     /// The most levels any device's mapping tree had at a commit.
     pub deepest_tree: u32,
+    /// Commits an aimed write error failed (each then aborted and
+    /// reopened).
+    pub failed_commits: usize,
 }
 
 type Reference = BTreeMap<u64, BTreeMap<u64, u64>>;
@@ -187,6 +203,11 @@ struct Run<'a> {
     snap_held: bool,
     /// The highest virtual block (excluded) provisioning reaches.
     vblocks: u64,
+    /// The stream of aimed faults, for a seed that aims them.
+    faults: Option<ChaCha8Rng>,
+    /// The reference as of the last commit (what an abort goes back to).
+    committed_devs: Reference,
+    committed_snap_held: bool,
 }
 
 fn dump(image: &[u8], metadata_snap: bool) -> Result<String, String> {
@@ -219,9 +240,21 @@ impl Run<'_> {
 
     /// Commits, judging a crash at every request of the commit.
     fn commit(&mut self, op_index: usize) -> bool {
+        self.arm_aimed_fault();
         let base = self.md().transaction_manager().block_manager().device_mut().start_recording();
-        if let Err(e) = self.md().commit() {
-            return self.failed(op_index, "commit", e);
+        let result = self.md().commit();
+        let disk = self.md().transaction_manager().block_manager().device_mut();
+        let fired = !disk.take_fired().is_empty();
+        disk.disarm_all();
+        match result {
+            Err(e) if fired => return self.failed_commit(op_index, base, e),
+            Err(e) => return self.failed(op_index, "commit", e),
+            Ok(()) if fired => {
+                let detail = "a metadata write failed and the commit succeeded".to_string();
+                self.violation(op_index, ViolationKind::OperationFailed, detail);
+                return false;
+            }
+            Ok(()) => {}
         }
         let disk = self.md().transaction_manager().block_manager().device_mut();
         let log = disk.take_log();
@@ -241,16 +274,7 @@ impl Run<'_> {
                 return false;
             }
         };
-        let points: Vec<usize> = if log.len() < MAX_POINTS_PER_COMMIT {
-            (0..=log.len()).collect()
-        } else {
-            let mut p: Vec<usize> =
-                rand::seq::index::sample(&mut self.rng, log.len(), MAX_POINTS_PER_COMMIT - 1).into_vec();
-            p.push(log.len());
-            p.sort_unstable();
-            p
-        };
-        for point in points {
+        for point in self.crash_points(log.len()) {
             for _ in 0..self.cfg.crashes_per_point {
                 let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
                 if crash.torn.is_some() {
@@ -277,7 +301,116 @@ impl Run<'_> {
         }
         self.committed_dump = new_dump;
         self.note_depth();
+        if !self.check_reference(op_index) {
+            return false;
+        }
+        self.committed_devs = self.devs.clone();
+        self.committed_snap_held = self.snap_held;
+        true
+    }
+
+    /// Takes the durable state as the last commit, after an operation that
+    /// committed on its own; `snap_held` is whether that commit holds a
+    /// metadata snapshot.
+    fn note_inner_commit(&mut self, snap_held: bool) {
+        let durable = self.md().transaction_manager().block_manager().device_mut().durable().to_vec();
+        if let Ok(d) = dump(&durable, false) {
+            self.committed_dump = d;
+        }
+        self.committed_devs = self.devs.clone();
+        self.committed_snap_held = snap_held;
+    }
+
+    /// Arms, for a seed that aims faults, a write error at a drawn request
+    /// of the commit about to run (one commit in five).
+    fn arm_aimed_fault(&mut self) {
+        let Some(rng) = self.faults.as_mut() else { return };
+        if !rng.gen_bool(0.2) {
+            return;
+        }
+        let skip = rng.gen_range(0..12);
+        let disk =
+            self.md.as_mut().expect("metadata open").transaction_manager().block_manager().device_mut();
+        disk.arm_after_writes(skip, DiskFault::WriteError { permanent: false });
+    }
+
+    /// A commit an aimed write error failed, as the pool meets it: every
+    /// state the failed commit can leave after a crash must read as the
+    /// last commit; the abort (`dm_pool_abort_metadata`) must bring the
+    /// open transaction back to it; and the metadata reopened from the
+    /// device (the administrator's reactivation) must hold it too.
+    fn failed_commit(&mut self, op_index: usize, base: Vec<u8>, e: ThinError) -> bool {
+        self.outcome.failed_commits += 1;
+        let log = self.md().transaction_manager().block_manager().device_mut().take_log();
+        let last = self.committed_dump.clone();
+        for point in self.crash_points(log.len()) {
+            let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
+            let image = crash_image(&base, &log, &crash);
+            self.outcome.crash_states += 1;
+            if let Err((kind, detail)) = self.judge_crash(image, &last) {
+                let detail = format!(
+                    "crash after request {point} of {} of a commit that failed ({e}): {detail}",
+                    log.len()
+                );
+                self.violation(op_index, kind, detail);
+                return false;
+            }
+        }
+        if let Err(e) = self.md().abort() {
+            let detail = format!("the abort after a failed commit failed: {e}");
+            self.violation(op_index, ViolationKind::OperationFailed, detail);
+            return false;
+        }
+        self.devs = self.committed_devs.clone();
+        self.snap_held = self.committed_snap_held;
+        // The kernel keeps its in-core device records across an abort, so
+        // mapped counts are not compared until the reopen; what a
+        // read-only pool still reports, its free data and metadata blocks,
+        // must be the last commit's.
+        let md = self.md.as_mut().expect("metadata open");
+        let mut mismatch = reference_mismatch(md, &self.devs, false);
+        if mismatch.is_none() {
+            let free =
+                |md: &mut ThinMetadata<SimDisk>| (md.free_data_blocks().ok(), md.free_metadata_blocks().ok());
+            let now = free(md);
+            let committed = ThinMetadata::open(SimDisk::from_image(base), DATA_BLOCK_SIZE, false)
+                .map(|mut c| free(&mut c))
+                .unwrap_or((None, None));
+            mismatch = (now != committed)
+                .then(|| format!("free (data, metadata) blocks {now:?}, the last commit has {committed:?}"));
+        }
+        if let Some(m) = mismatch {
+            let detail = format!("after the abort of a failed commit: {m}");
+            self.violation(op_index, ViolationKind::ReferenceMismatch, detail);
+            return false;
+        }
+        let md = self.md.take().expect("metadata open");
+        let image = md.crash().visible().to_vec();
+        match ThinMetadata::open(SimDisk::from_image(image), DATA_BLOCK_SIZE, false) {
+            Ok(mut md) => {
+                md.set_mutations(self.cfg.mutations);
+                self.md = Some(md);
+            }
+            Err(e) => {
+                let detail = format!("the metadata does not reopen after a failed commit: {e}");
+                self.violation(op_index, ViolationKind::CrashUnopenable, detail);
+                return false;
+            }
+        }
         self.check_reference(op_index)
+    }
+
+    /// The crash points judged in a commit of `len` requests: every one,
+    /// or [`MAX_POINTS_PER_COMMIT`] drawn from the seed's stream.
+    fn crash_points(&mut self, len: usize) -> Vec<usize> {
+        if len < MAX_POINTS_PER_COMMIT {
+            return (0..=len).collect();
+        }
+        let mut p: Vec<usize> =
+            rand::seq::index::sample(&mut self.rng, len, MAX_POINTS_PER_COMMIT - 1).into_vec();
+        p.push(len);
+        p.sort_unstable();
+        p
     }
 
     /// Records the deepest mapping tree of the committed state.
@@ -296,7 +429,7 @@ impl Run<'_> {
         let mut copy = self.md().clone();
         match copy.commit() {
             Ok(()) => {}
-            Err(e) if e == ThinError::Pdata(PdataError::NoSpace("metadata")) => return true,
+            Err(ThinError::Pdata(PdataError::NoSpace("metadata"))) => return true,
             Err(e) => {
                 let detail = format!("a commit of the open transaction failed: {e}");
                 self.violation(op_index, ViolationKind::InCoreDamaged, detail);
@@ -317,7 +450,7 @@ impl Run<'_> {
                     first.message
                 ))
             }
-            Ok(_) => reference_mismatch(&mut copy, &self.devs),
+            Ok(_) => reference_mismatch(&mut copy, &self.devs, true),
         };
         match verdict {
             Some(detail) => {
@@ -353,7 +486,7 @@ impl Run<'_> {
 
     fn check_reference(&mut self, op_index: usize) -> bool {
         let md = self.md.as_mut().expect("metadata open");
-        match reference_mismatch(md, &self.devs) {
+        match reference_mismatch(md, &self.devs, true) {
             Some(m) => {
                 self.violation(op_index, ViolationKind::ReferenceMismatch, m);
                 false
@@ -416,14 +549,24 @@ impl Run<'_> {
                 let md = self.md();
                 md.transaction_id().and_then(|t| md.set_transaction_id(t, t + 1))
             }
-            ReserveMetadataSnap => match self.md().reserve_metadata_snap() {
-                Ok(()) => {
-                    self.snap_held = true;
-                    Ok(())
+            ReserveMetadataSnap => {
+                // The reserve commits the open transaction first
+                // (`__reserve_metadata_snap`): that is the state an abort
+                // now goes back to.
+                let held_before = self.snap_held;
+                let r = match self.md().reserve_metadata_snap() {
+                    Ok(()) => {
+                        self.snap_held = true;
+                        Ok(())
+                    }
+                    Err(ThinError::SnapshotExists) if self.snap_held => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if r.is_ok() {
+                    self.note_inner_commit(held_before);
                 }
-                Err(ThinError::SnapshotExists) if self.snap_held => Ok(()),
-                Err(e) => Err(e),
-            },
+                r
+            }
             ReleaseMetadataSnap => match self.md().release_metadata_snap() {
                 Ok(()) => {
                     self.snap_held = false;
@@ -470,18 +613,19 @@ impl Run<'_> {
     }
 }
 
-/// Where `md` and the reference part: every device's mapped count, every
-/// mapping by lookup, and one walk of its tree in order.
+/// Where `md` and the reference part: every device's mapped count (with
+/// `counts`), every mapping by lookup, and one walk of its tree in order.
 fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
     md: &mut ThinMetadata<D>,
     devs: &Reference,
+    counts: bool,
 ) -> Option<String> {
     for (&dev, map) in devs {
         if let Err(e) = md.open_thin(dev) {
             return Some(format!("device {dev} does not open: {e}"));
         }
         let mapped = md.mapped_count(dev).unwrap_or(u64::MAX);
-        let mut mismatch = (mapped != map.len() as u64)
+        let mut mismatch = (counts && mapped != map.len() as u64)
             .then(|| format!("device {dev}: {mapped} mapped, reference has {}", map.len()));
         if mismatch.is_none() {
             // Lookups from the root find every mapping...
@@ -529,11 +673,20 @@ pub fn known_kernel_behaviour(committed: &[u8], crashed: &[u8]) -> Option<&'stat
     )
 }
 
+const FAULT_SALT: u64 = 0x6169_6d65_645f_6661;
+
+/// Whether `seed` aims write errors at its commits (one seed in three,
+/// drawn from a stream of its own): a drawn request of one commit in five
+/// fails, and the campaign judges the failed commit's crash states, the
+/// abort and the reopen.
+pub fn aims_faults(seed: u64) -> bool {
+    ChaCha8Rng::seed_from_u64(seed ^ FAULT_SALT).gen_range(0..3) == 0
+}
+
 /// Runs one seed.
 pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let shape = Shape::of_seed(seed);
-    let ops = workload::generate_shaped(shape, &mut rng, cfg.ops_per_seed);
+    let ops = workload::generate_shaped(cfg.shape_of(seed), &mut rng, cfg.ops_per_seed);
     run_ops(cfg, seed, &ops, rng)
 }
 
@@ -541,13 +694,76 @@ pub fn run_seed(cfg: &CampaignConfig, seed: u64) -> SeedOutcome {
 /// them).
 pub fn seed_ops(cfg: &CampaignConfig, seed: u64) -> Vec<MetadataOp> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    workload::generate_shaped(Shape::of_seed(seed), &mut rng, cfg.ops_per_seed)
+    workload::generate_shaped(cfg.shape_of(seed), &mut rng, cfg.ops_per_seed)
+}
+
+/// Runs `ops` in place of seed `seed`'s own: its shape's bounds, its
+/// choice of checking every operation, and its stream of crash states.
+pub fn run_seed_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp]) -> SeedOutcome {
+    run_ops(cfg, seed, ops, ChaCha8Rng::seed_from_u64(seed))
+}
+
+/// A failing seed's operations, shrunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minimized {
+    /// The seed's operations before.
+    pub ops_before: usize,
+    /// The fewest operations found that still fail the same way.
+    pub ops: Vec<MetadataOp>,
+    /// The violation they give.
+    pub violation: Violation,
+    /// Runs it took.
+    pub runs: usize,
+}
+
+/// Shrinks the operations of failing seed `seed` to a few that still break
+/// the same rule ([`ViolationKind`]): chunks of operations are dropped,
+/// halves first, then smaller ones, down to single operations, until no
+/// single operation can go. `None` if the seed does not fail. Each try is
+/// a run of the seed with fewer operations ([`run_seed_ops`]), so the
+/// result replays with it.
+pub fn minimize(cfg: &CampaignConfig, seed: u64) -> Option<Minimized> {
+    let mut ops = seed_ops(cfg, seed);
+    let ops_before = ops.len();
+    let first = run_seed_ops(cfg, seed, &ops).violations.into_iter().next()?;
+    let kind = first.kind;
+    let mut violation = first;
+    let mut runs = 1;
+    // Operations after the failing one never matter.
+    ops.truncate(violation.op_index + 1);
+    let mut chunk = ops.len().div_ceil(2).max(1);
+    loop {
+        let mut i = 0;
+        let mut shrank = false;
+        while i < ops.len() {
+            let end = (i + chunk).min(ops.len());
+            let mut fewer = ops[..i].to_vec();
+            fewer.extend_from_slice(&ops[end..]);
+            runs += 1;
+            match run_seed_ops(cfg, seed, &fewer).violations.into_iter().next() {
+                Some(v) if v.kind == kind => {
+                    fewer.truncate(v.op_index + 1);
+                    ops = fewer;
+                    violation = v;
+                    shrank = true;
+                }
+                _ => i += chunk,
+            }
+        }
+        if chunk == 1 && !shrank {
+            break;
+        }
+        if !shrank {
+            chunk = chunk.div_ceil(2);
+        }
+    }
+    Some(Minimized { ops_before, ops, violation, runs })
 }
 
 /// Runs `ops` as seed `seed` would: its shape's bounds, its choice of
 /// checking every operation, and crash states drawn from `rng`.
 fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng) -> SeedOutcome {
-    let shape = Shape::of_seed(seed);
+    let shape = cfg.shape_of(seed);
     let check_every_op = Shape::check_every_op(seed);
     let mut run = Run {
         cfg,
@@ -559,6 +775,9 @@ fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng)
         outcome: SeedOutcome { seed, shape: shape.name(), ..SeedOutcome::default() },
         snap_held: false,
         vblocks: shape.vblocks(),
+        faults: aims_faults(seed).then(|| ChaCha8Rng::seed_from_u64(seed ^ FAULT_SALT)),
+        committed_devs: BTreeMap::new(),
+        committed_snap_held: false,
     };
     let disk = SimDisk::new(cfg.metadata_sectors);
     let setup = ThinMetadata::format(disk, DATA_BLOCK_SIZE).and_then(|mut md| {
@@ -693,4 +912,3 @@ mod tests {
         }
     }
 }
-

@@ -78,6 +78,16 @@ impl Pending {
         matches!(self, Pending::Read(_))
     }
 
+    /// What it is, in a word: `write`, `read`, `discard` or `flush`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Pending::Write(..) => "write",
+            Pending::Read(_) => "read",
+            Pending::Discard(_) => "discard",
+            Pending::Flush(_) => "flush",
+        }
+    }
+
     /// The trace event of its completion: request `bio` on device `dev`
     /// ended with `result`; a read's data summarized (empty when it
     /// failed).

@@ -24,6 +24,7 @@ struct Weights {
     worker: u32,
     complete: u32,
     tick: u32,
+    grow_metadata: u32,
 }
 
 fn weights(w: Workload) -> Weights {
@@ -38,6 +39,7 @@ fn weights(w: Workload) -> Weights {
         worker: 140,
         complete: 200,
         tick: 20,
+        grow_metadata: 0,
     };
     match w {
         Workload::Random => base,
@@ -51,6 +53,17 @@ fn weights(w: Workload) -> Weights {
             Weights { create_thin: 80, delete: 60, create_snap: 40, write: 250, read: 150, ..base }
         }
         Workload::Durability => Weights { write: 300, flush: 50, tick: 10, ..base },
+        Workload::MetadataPressure => Weights {
+            write: 250,
+            read: 80,
+            create_thin: 300,
+            create_snap: 80,
+            delete: 10,
+            discard: 30,
+            flush: 60,
+            grow_metadata: 12,
+            ..base
+        },
     }
 }
 
@@ -80,7 +93,7 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
         (crash_weight, 10),
         (swarm.fail_io_weight, 11),
         (swarm.metadata_fault_weight + swarm.data_fault_weight, 12),
-        (0, 13),
+        (w.grow_metadata, 13),
     ];
     let total: u32 = table.iter().map(|(w, _)| w).sum();
     let mut out = vec![Op::CreateThin];
@@ -128,6 +141,7 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
                 Some((disk, fault)) => Op::Fault { disk, fault },
                 None => Op::Worker,
             },
+            13 => Op::GrowMetadata { blocks: rng.gen_range(1..8), reload: rng.gen_bool(0.5) },
             _ => Op::Worker,
         };
         out.push(op);

@@ -47,11 +47,17 @@ pub enum Workload {
     /// FUA and PREFLUSH writes with frequent crashes, whatever the fault
     /// swarm says: the durability promises under test.
     Durability,
+    /// A metadata device a few dozen blocks long, many devices and
+    /// snapshots writing apart: the pool runs into its metadata reserve
+    /// and out of metadata space (out-of-metadata-space mode, or a
+    /// metadata allocation that fails), and the administrator grows the
+    /// metadata device now and then ([`Op::GrowMetadata`]).
+    MetadataPressure,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Random,
         Workload::Sequential,
         Workload::SnapshotHeavy,
@@ -59,6 +65,7 @@ impl Workload {
         Workload::FillToFull,
         Workload::ManySmallDevices,
         Workload::Durability,
+        Workload::MetadataPressure,
     ];
 
     /// Its name in traces and on the command line.
@@ -71,6 +78,7 @@ impl Workload {
             Workload::FillToFull => "fill-to-full",
             Workload::ManySmallDevices => "many-small-devices",
             Workload::Durability => "durability",
+            Workload::MetadataPressure => "metadata-pressure",
         }
     }
 
@@ -101,6 +109,14 @@ pub struct RunConfig {
     pub swarm: FaultSwarm,
 }
 
+/// Sectors of a 4 KiB metadata block.
+const METADATA_BLOCK_SECTORS: u64 = 8;
+
+/// The metadata device sizes, in 4 KiB blocks, of the metadata-pressure
+/// workload: a fresh pool uses a handful of them, and each device with a
+/// mapping tree of its own a few more.
+const PRESSURE_METADATA_BLOCKS: std::ops::Range<u64> = 36..60;
+
 /// Knobs of a campaign that are not per seed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CampaignSettings {
@@ -126,7 +142,12 @@ impl RunConfig {
         let (data_blocks, thin_blocks, max_devices) = match workload {
             Workload::FillToFull => (rng.gen_range(6..16), 16, 4),
             Workload::ManySmallDevices => (rng.gen_range(16..40), 4, 8),
+            Workload::MetadataPressure => (rng.gen_range(64..128), 4, 64),
             _ => (rng.gen_range(12..48), 16, 4),
+        };
+        let metadata_sectors = match workload {
+            Workload::MetadataPressure => METADATA_BLOCK_SECTORS * rng.gen_range(PRESSURE_METADATA_BLOCKS),
+            _ => ThinSimConfig::default().metadata_sectors,
         };
         let features = PoolFeatures {
             skip_block_zeroing: rng.gen_bool(0.25),
@@ -153,7 +174,7 @@ impl RunConfig {
                 features,
                 options,
                 max_devices,
-                ..ThinSimConfig::default()
+                metadata_sectors,
             },
             swarm: FaultSwarm::from_seed(seed),
         }
@@ -199,6 +220,10 @@ impl RunConfig {
             (
                 "fix.passdown_holds_blocks_in_core".to_string(),
                 flag(t.options.fixes.passdown_holds_blocks_in_core),
+            ),
+            (
+                "fix.read_only_deferred_bios_take_cells".to_string(),
+                flag(t.options.fixes.read_only_deferred_bios_take_cells),
             ),
         ];
         // Only a design other than the kernel's is recorded, so traces of
@@ -251,6 +276,7 @@ impl RunConfig {
                         "fix.passdown_spares_blocks_the_last_commit_maps",
                     )?,
                     passdown_holds_blocks_in_core: fix("fix.passdown_holds_blocks_in_core")?,
+                    read_only_deferred_bios_take_cells: fix("fix.read_only_deferred_bios_take_cells")?,
                 },
                 locking: match h.param("locking") {
                     None => LockingDesign::default(),
@@ -261,7 +287,7 @@ impl RunConfig {
         };
         within("data_blocks", thin.data_blocks, 1, 1 << 16)?;
         within("thin_blocks", thin.thin_blocks, 1, 1 << 16)?;
-        within("metadata_sectors", thin.metadata_sectors, 512, MAX_DISK_SECTORS)?;
+        within("metadata_sectors", thin.metadata_sectors, MIN_METADATA_SECTORS, MAX_DISK_SECTORS)?;
         within("max_devices", thin.max_devices as u64, 1, 1 << 10)?;
         within("block_sectors", thin.block_sectors, 128, 1 << 21)?;
         // The simulated disks are held in memory (twice: what reads see and
@@ -328,6 +354,11 @@ pub struct RunOutcome {
 /// for: 2^18 sectors, 128 MiB. Simulated disks live in memory, twice over
 /// (what reads see and what is durable).
 pub const MAX_DISK_SECTORS: u64 = 1 << 18;
+
+/// The smallest metadata device a trace header may ask for: 256 sectors,
+/// 32 blocks of 4 KiB (a pool formats on 10; the metadata-pressure
+/// workload uses 40 and more).
+pub const MIN_METADATA_SECTORS: u64 = 256;
 
 /// The most ops one run may have. Ops are generated up front and the run
 /// keeps its whole trace (a failing seed's trace is written out), at about
@@ -615,6 +646,60 @@ mod tests {
         let e = minimize(&trace, &Checkers::default(), |_, _| {}).unwrap_err();
         assert!(e.0.contains("op `reload` belongs to cache traces"), "{e}");
         assert_eq!(thin_ops(&Trace { header: cfg.header(), events: Vec::new() }), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_cache_run_refuses_thin_ops_and_a_growing_metadata_device() {
+        use crate::cache_run::{self, CacheCampaignSettings, CacheRunConfig};
+        for op in [Op::GrowMetadata { blocks: 4, reload: true }, Op::CreateThin, Op::Delete { dev: 0 }] {
+            let cfg = CacheRunConfig::for_seed(1, 20, &CacheCampaignSettings::default());
+            let mut ops = cache_run::generate(&cfg);
+            ops.insert(3, op);
+            let out = cache_run::run_ops(&cfg, &ops, &Checkers::default());
+            let v = out.violation.unwrap_or_else(|| panic!("{op:?} was accepted"));
+            assert_eq!(v.kind, "misuse", "{op:?}: {v}");
+            assert!(v.what.contains("belongs to thin traces; this is a cache trace"), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_smallest_metadata_device_a_header_may_ask_for_formats() {
+        let mut cfg = RunConfig::for_seed(3, 10, &CampaignSettings::default());
+        cfg.thin.metadata_sectors = MIN_METADATA_SECTORS;
+        // The largest data device: the most data space map the metadata holds.
+        cfg.thin.block_sectors = 128;
+        cfg.thin.data_blocks = MAX_DISK_SECTORS / 128;
+        assert_eq!(RunConfig::from_header(&cfg.header()), Ok(cfg.clone()));
+        let out = run_config(&cfg, &Checkers::default());
+        assert!(out.violation.is_none(), "{}", out.violation.unwrap());
+        cfg.thin.metadata_sectors = MIN_METADATA_SECTORS - 8;
+        let e = RunConfig::from_header(&cfg.header()).unwrap_err();
+        assert_eq!(e, "trace header: metadata_sectors 248 is outside 256..=262144");
+    }
+
+    #[test]
+    fn the_metadata_pressure_workload_is_drawn_and_its_metadata_device_is_small() {
+        let settings = CampaignSettings::default();
+        let drawn: Vec<RunConfig> = (0..64)
+            .map(|seed| RunConfig::for_seed(seed, 300, &settings))
+            .filter(|cfg| cfg.workload == Workload::MetadataPressure)
+            .collect();
+        assert!(!drawn.is_empty(), "the default seeds draw it");
+        for cfg in &drawn {
+            let blocks = cfg.thin.metadata_sectors / METADATA_BLOCK_SECTORS;
+            assert!(PRESSURE_METADATA_BLOCKS.contains(&blocks), "seed {}: {blocks}", cfg.seed);
+            assert!(
+                generate(cfg).iter().any(|op| matches!(op, Op::GrowMetadata { .. })),
+                "seed {}",
+                cfg.seed
+            );
+        }
+        // Other workloads keep the large device and never grow it.
+        let other =
+            RunConfig::for_seed(0, 300, &CampaignSettings { workload: Some(Workload::Random), ..settings });
+        assert_eq!(other.thin.metadata_sectors, ThinSimConfig::default().metadata_sectors);
+        assert!(!generate(&other).iter().any(|op| matches!(op, Op::GrowMetadata { .. })));
+        assert_eq!(Workload::from_name("metadata-pressure"), Some(Workload::MetadataPressure));
     }
 
     #[test]

@@ -17,15 +17,16 @@ use std::fmt;
 
 use dmsim_faults::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
 use dmsim_faults::{FaultCoverage, FiredFault};
-use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
+use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
 use dmsim_model::pdata::layout::thin::NEEDS_CHECK;
 use dmsim_model::probes::PoolProbes;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem, Severity, Structure};
+use dmsim_model::thin::dump::{read_devices, DeviceMappings};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
 use dmsim_model::thin::mode::PoolMode;
-use dmsim_model::thin::pool::{BioId, BioRequest, Completion, Pool, PoolOptions};
+use dmsim_model::thin::pool::{BioId, BioOp, BioRequest, Completion, Pool, PoolOptions};
 use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::table::{PoolFeatures, PoolTable};
 use dmsim_traces::stamp::{self, SectorContent};
@@ -35,6 +36,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::completion::{catching, Pending};
 use crate::oracle::{DevId, Oracle, OracleConfig};
+use crate::run::MAX_DISK_SECTORS;
+
+/// Sectors of a 4 KiB metadata block.
+const BLOCK_SECTORS: u64 = 8;
 
 /// Metadata crash states judged at every crash (see
 /// `ThinSim::check_metadata_crash_states`).
@@ -135,6 +140,13 @@ pub struct ThinStats {
     pub crash_states: u64,
     /// Simulated time at the end, in nanoseconds.
     pub sim_time_ns: u64,
+    /// Metadata device growths (pool table reloads on a grown device).
+    pub metadata_growths: u64,
+    /// Times the pool went into out-of-metadata-space mode.
+    pub out_of_metadata_space: u64,
+    /// Requests whose result the kernel's read-only rules decided and
+    /// checked ([`ReadOnlyRules`]).
+    pub read_only_judged: u64,
 }
 
 impl ThinStats {
@@ -150,6 +162,9 @@ impl ThinStats {
         self.io_errors += other.io_errors;
         self.crash_states += other.crash_states;
         self.sim_time_ns += other.sim_time_ns;
+        self.metadata_growths += other.metadata_growths;
+        self.out_of_metadata_space += other.out_of_metadata_space;
+        self.read_only_judged += other.read_only_judged;
     }
 }
 
@@ -185,6 +200,19 @@ pub struct ThinSim {
     metadata_base: Vec<u8>,
     /// The probes of the pools that crashed (see [`ThinSim::pool_probes`]).
     crashed_pool_probes: PoolProbes,
+    /// Counts the pool mode changes seen, crashes and metadata growths:
+    /// what a request was submitted under (see [`ReadOnlyRules`]).
+    epoch: u64,
+    /// Per request in flight: the epoch it was submitted in, and what the
+    /// kernel's read-only rules say it must return, if they apply.
+    expected: BTreeMap<BioId, (u64, Option<Result<(), Errno>>)>,
+    /// The committed devices and mappings as of an epoch in which the pool
+    /// was read-only for metadata (they cannot change then).
+    frozen: Option<(u64, BTreeMap<u64, DeviceMappings>)>,
+    /// The pool has been in out-of-metadata-space, read-only or fail mode:
+    /// a mapping in preparation then fails and keeps its data block,
+    /// which a commit may have counted (a leak, as after a crash).
+    degraded: bool,
 }
 
 fn table(cfg: &ThinSimConfig) -> PoolTable {
@@ -231,6 +259,10 @@ impl ThinSim {
             coverage: FaultCoverage::default(),
             metadata_base: Vec::new(),
             crashed_pool_probes: PoolProbes::default(),
+            epoch: 0,
+            expected: BTreeMap::new(),
+            frozen: None,
+            degraded: false,
         }
         .recording()
     }
@@ -313,12 +345,19 @@ impl ThinSim {
             self.events.push(Event::FaultFired { disk, what: f.to_string() });
         }
         if mode != self.mode {
-            if mode >= PoolMode::OutOfMetadataSpace && self.mode < PoolMode::OutOfMetadataSpace {
+            if mode == PoolMode::OutOfMetadataSpace {
+                self.stats.out_of_metadata_space += 1;
+            }
+            if mode > PoolMode::OutOfMetadataSpace && self.mode <= PoolMode::OutOfMetadataSpace {
                 // A metadata failure aborted the transaction: the mappings
                 // are back at the last commit, as after a crash, while the
-                // requests in flight go on.
+                // requests in flight go on. (Out-of-metadata-space mode
+                // comes after a commit that succeeded: nothing is rolled
+                // back, and an abort from it finds the transaction empty.)
                 self.oracle.rolled_back();
             }
+            self.degraded |= mode >= PoolMode::OutOfMetadataSpace;
+            self.epoch += 1;
             self.mode = mode;
             self.events.push(Event::Mode(mode.to_string()));
         }
@@ -350,9 +389,10 @@ impl ThinSim {
     pub fn apply(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
         self.events.push(Event::Op(*op));
         let r = catching(|| self.apply_inner(op)).unwrap_or_else(|e| Err(self.fail_as("model", e)));
-        // A broken invariant is the cause of whatever else the op showed.
-        let r = self.check_invariants().and(r);
         self.observe();
+        // A broken invariant, or the pool failing for no reason, is the
+        // cause of whatever else the op showed.
+        let r = self.check_invariants().and(self.check_fail_mode()).and(r);
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
         }
@@ -495,11 +535,72 @@ impl ThinSim {
                 self.collect()?;
             }
             ThinOp::Crash { mode, seed } => self.crash(mode, seed)?,
+            ThinOp::GrowMetadata { blocks, reload } => self.grow_metadata(blocks, reload)?,
             ThinOp::Reload { .. } | ThinOp::Resize { .. } | ThinOp::Invalidate { .. } | ThinOp::Status => {
                 return Err(self.not_thin(op))
             }
         }
         Ok(())
+    }
+
+    /// Grows the metadata device by `blocks` 4 KiB blocks (to at most
+    /// [`MAX_DISK_SECTORS`]) the way an administrator does: the data I/O in
+    /// flight completes, the pool is suspended, the device grows, and the
+    /// pool resumes, its table loaded again if `reload`
+    /// ([`Pool::reload_and_resume`], [`Pool::resume_same_table`]: the
+    /// kernel grows the metadata space map at preresume). The metadata
+    /// disk's request log so far is judged first, as at a crash (its crash
+    /// states are of the smaller device), and starts again on the grown
+    /// one.
+    ///
+    /// When the resume fails (a metadata error while growing: the pool
+    /// aborts, sets needs_check and goes read-only), DM core leaves the
+    /// pool suspended; the administrator resumes again, which must succeed
+    /// (needs_check now stops the growth). With no metadata fault
+    /// injected, a failed resume is a violation.
+    fn grow_metadata(&mut self, blocks: u32, reload: bool) -> Result<(), ThinFailure> {
+        self.quiesce()?;
+        self.stats.metadata_growths += 1;
+        if let Err(e) = self.pool().suspend() {
+            return Err(self.fail(format!("suspend for a metadata growth: {e}")));
+        }
+        self.observe();
+        let log =
+            self.pool().with_metadata(|md| md.transaction_manager().block_manager().device_mut().take_log());
+        // The step seeds the choice of crash points (a growth has no seed
+        // of its own).
+        self.check_metadata_crash_states(&log, self.step as u32)?;
+        let sectors = {
+            let now = self
+                .pool()
+                .with_metadata(|md| md.transaction_manager().block_manager().device().nr_sectors());
+            now.saturating_add(u64::from(blocks) * BLOCK_SECTORS).min(MAX_DISK_SECTORS).max(now)
+        };
+        self.pool()
+            .with_metadata(|md| md.transaction_manager().block_manager().device_mut().grow(sectors, 0));
+        self.start_metadata_log();
+        let len = self.cfg.data_blocks * self.cfg.block_sectors;
+        let resume = |pool: &SimPool| {
+            if reload {
+                pool.reload_and_resume(len)
+            } else {
+                pool.resume_same_table(len)
+            }
+        };
+        let r = resume(self.pool());
+        self.epoch += 1;
+        self.observe();
+        if let Err(e) = r {
+            if self.metadata_faults_fired == 0 {
+                return Err(self.fail(format!("resume on a metadata device of {sectors} sectors: {e}")));
+            }
+            let again = resume(self.pool());
+            self.observe();
+            again.map_err(|e2| {
+                self.fail(format!("resume on a grown metadata device failed ({e}), and again: {e2}"))
+            })?;
+        }
+        self.collect()
     }
 
     /// The model's own invariants, checked after every op and at the end:
@@ -511,6 +612,23 @@ impl ThinSim {
         match self.pool.as_ref().and_then(|p| p.invariant_broken()) {
             Some(b) => Err(self.fail_as("model", format!("model invariant broken: {b}"))),
             None => Ok(()),
+        }
+    }
+
+    /// Fail mode only follows an injected metadata fault: the pool goes
+    /// there when an abort cannot reread the last commit, or when setting
+    /// needs_check after a failed metadata operation fails — an I/O error,
+    /// or the block manager refusing the write because the pool was
+    /// already read-only for metadata (in kernel 6.1 an abort keeps that
+    /// flag, so a metadata operation that fails in out-of-metadata-space
+    /// or read-only mode ends in fail mode). With no fault injected, a
+    /// metadata operation attempted in those modes is the cause.
+    fn check_fail_mode(&self) -> Result<(), ThinFailure> {
+        match self.pool.as_ref() {
+            Some(p) if p.mode() == PoolMode::Fail && self.metadata_faults_fired == 0 => {
+                Err(self.fail("fail mode with no metadata fault injected"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -536,19 +654,41 @@ impl ThinSim {
         })
     }
 
-    /// Sends a pool message. `Ok(false)`: failed after an injected metadata
-    /// fault (the metadata operation hit it, or the pool refuses messages
-    /// in read-only and fail modes); any other refusal is a violation.
+    /// Sends a pool message. `Ok(false)`: refused or failed as the kernel
+    /// may: after an injected metadata fault (the metadata operation hit
+    /// it, or the pool refuses messages in read-only and fail modes); in
+    /// out-of-metadata-space, read-only and fail modes, where the kernel
+    /// refuses every message with EOPNOTSUPP (`pool_message`); or with
+    /// ENOSPC when the metadata space map has no free block left (a block
+    /// freed in the open transaction is not free until it commits). Any
+    /// other refusal, and a message accepted in those modes, is a
+    /// violation.
     fn try_message(&mut self, text: &str) -> Result<bool, ThinFailure> {
         self.stats.messages += 1;
+        let mode = self.pool().mode();
         let r = self.pool().message(text);
         self.observe();
+        let read_only = mode >= PoolMode::OutOfMetadataSpace;
         match r {
+            Ok(()) if read_only && self.metadata_faults_fired == 0 => {
+                Err(self.fail(format!("message {text:?} accepted in {mode} mode")))
+            }
             Ok(()) => Ok(true),
             // A metadata error makes the message fail (a checksum error, an
             // I/O error) or the pool refuse messages (read-only, fail mode).
             Err(_) if self.metadata_faults_fired > 0 => Ok(false),
-            Err(e) => Err(self.fail(format!("message {text:?} failed: {e}"))),
+            Err(e) if read_only && e.errno == Errno::EOPNOTSUPP => Ok(false),
+            Err(e) if e.errno == Errno::ENOSPC && !read_only => {
+                let free = self.pool().with_metadata(|md| md.transaction_manager().metadata_sm_nr_free());
+                if free == 0 {
+                    Ok(false)
+                } else {
+                    Err(self.fail(format!(
+                        "message {text:?} failed with ENOSPC with {free} metadata blocks free"
+                    )))
+                }
+            }
+            Err(e) => Err(self.fail(format!("message {text:?} failed in {mode} mode: {e}"))),
         }
     }
 
@@ -556,10 +696,18 @@ impl ThinSim {
     /// as done even when the commit after it fails (`pool_message` ignores
     /// the commit's result), and the abort then drops the device; in fail
     /// mode nothing opens. After an injected metadata fault, a device that
-    /// cannot be opened never existed.
+    /// cannot be opened never existed. When the commit after the message
+    /// failed (an injected fault, or no metadata space left), the pool
+    /// aborted (read-only or fail mode now) and the device is not used: it
+    /// never reached a commit and is gone after a restart, though the pool
+    /// may still open it (the abort keeps device records in core, as the
+    /// kernel's does; which records depends on where the commit failed).
     fn activate_new(&mut self, id: ThinId) -> Result<(), ThinFailure> {
         let size = self.thin_sectors();
         self.observe();
+        if self.pool().mode() > PoolMode::OutOfMetadataSpace {
+            return self.oracle_op(|o| o.delete(id as DevId));
+        }
         match self.pool().activate_thin(id, size) {
             Ok(()) => {
                 self.devices.push(id);
@@ -575,9 +723,32 @@ impl ThinSim {
 
     fn submit(&mut self, dev: ThinId, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
         self.stats.bios += 1;
+        let expect = self.read_only_expectation(dev, &req);
         let id = self.pool().submit(dev, req).map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
         self.pending.insert(id, pending);
+        self.expected.insert(id, (self.epoch, expect));
         self.collect()
+    }
+
+    /// What a request to device `dev` must return under the kernel's rules
+    /// for a pool that is read-only for metadata, when they decide it
+    /// (see [`ReadOnlyRules`]); `None` when they do not apply.
+    fn read_only_expectation(&mut self, dev: ThinId, req: &BioRequest) -> Option<Result<(), Errno>> {
+        let mode = self.pool().mode();
+        let applies = self.faults_fired == 0
+            && mode == self.mode
+            && matches!(mode, PoolMode::OutOfMetadataSpace | PoolMode::ReadOnly)
+            && self.expected.values().all(|&(epoch, _)| epoch == self.epoch);
+        if !applies {
+            return None;
+        }
+        if self.frozen.as_ref().is_none_or(|(epoch, _)| *epoch != self.epoch) {
+            let mut image = MemDevice::from_bytes(self.metadata_image());
+            self.frozen = Some((self.epoch, read_devices(&mut image).ok()?));
+        }
+        let devices = &self.frozen.as_ref()?.1;
+        let rules = ReadOnlyRules { by_snapshot_time: !self.cfg.options.locking.shares_by_refcount() };
+        rules.expect(mode, req, devices.get(&dev), self.cfg.block_sectors)
     }
 
     /// Hands finished requests to the oracle.
@@ -595,6 +766,25 @@ impl ThinSim {
         };
         let ok = c.result.is_ok();
         self.events.push(pending.done_event(c.id.0, c.thin as u32, c.result, &c.data));
+        if let Some((epoch, Some(want))) = self.expected.remove(&c.id) {
+            let mode = self.pool().mode();
+            let judged = epoch == self.epoch && mode == self.mode && self.faults_fired == 0;
+            self.stats.read_only_judged += u64::from(judged);
+            if judged && c.result != want {
+                let show = |r: Result<(), Errno>| r.map_or_else(|e| e.to_string(), |()| "ok".to_string());
+                return Err(self.fail_as(
+                    "oracle",
+                    format!(
+                        "{mode} mode: a {} returned {}, the kernel returns {}: request {} on device {}",
+                        pending.kind(),
+                        show(c.result),
+                        show(want),
+                        c.id.0,
+                        c.thin
+                    ),
+                ));
+            }
+        }
         match c.result {
             Ok(()) => {}
             Err(Errno::ENOSPC) => self.stats.enospc += 1,
@@ -656,6 +846,8 @@ impl ThinSim {
             torn: m.torn || d.torn,
         });
         self.pending.clear();
+        self.expected.clear();
+        self.epoch += 1;
         self.oracle.crash();
         let metadata_image = self.recover_metadata(metadata_image)?;
         let len = self.cfg.data_blocks * self.cfg.block_sectors;
@@ -795,8 +987,8 @@ impl ThinSim {
     /// oracle, and checks the committed metadata.
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
-        let r = self.check_invariants().and(r);
         self.observe();
+        let r = self.check_invariants().and(self.check_fail_mode()).and(r);
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -858,8 +1050,11 @@ impl ThinSim {
         let mut dev = MemDevice::from_bytes(image);
         // Leaks are also expected after a data I/O error: a mapping whose
         // zeroing or copy failed keeps its block allocated
-        // (`process_prepared_mapping` errors the cell and frees nothing).
-        let crashed = self.stats.crashes > 0 || self.faults_fired > 0;
+        // (`process_prepared_mapping` errors the cell and frees nothing);
+        // and after the pool was read-only for metadata, where a mapping in
+        // preparation fails the same way
+        // (`process_prepared_mapping_fail`).
+        let crashed = self.stats.crashes > 0 || self.faults_fired > 0 || self.degraded;
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared
@@ -882,6 +1077,82 @@ impl ThinSim {
                 }
             }
             Err(e) => Err(self.fail_as("checker", format!("metadata checker could not read the image: {e}"))),
+        }
+    }
+}
+
+/// The kernel's rules for requests to a pool that is read-only for
+/// metadata: out-of-metadata-space mode (a commit found no free metadata
+/// block beyond the reserve) and read-only mode (a metadata operation
+/// failed and the transaction was aborted). In both `set_pool_mode`
+/// installs the same handlers (`process_bio_read_only`, and
+/// `process_bio_success` for discards) and `commit` refuses to run. With
+/// nothing from before the mode change still in flight (no prepared
+/// mapping or copy whose failure ends requests queued behind it) and no
+/// fault injected, a request's result then follows from the committed
+/// mappings, which cannot change in these modes:
+///
+/// - a read succeeds (an unmapped block reads zeroes);
+/// - a discard succeeds and unmaps nothing;
+/// - out-of-metadata-space mode only: a write without PREFLUSH succeeds
+///   if every block it touches is mapped and not shared, and fails with
+///   EIO otherwise (`handle_unserviceable_bio`); "shared" is the kernel's
+///   test (`__snapshotted_since`), a mapping older than the device's last
+///   snapshot. With FUA too: the commit that started the mode left no
+///   device with changes, so the write is issued without a commit
+///   (`bio_triggers_commit`). An empty flush is about block 0, its sector,
+///   and only needs it mapped (it carries no data).
+///
+/// Not judged: in read-only mode, writes and flushes, because the abort
+/// keeps the devices' records in core (as the kernel's does): a snapshot
+/// time or a change flag of the aborted transaction, which no user sees,
+/// decides them (`__snapshotted_since`, `dm_thin_aborted_changes`). A
+/// PREFLUSH write in either mode: DM core sends its flush first and then
+/// its data whatever the flush returned (`__dm_io_complete`), which the
+/// model does not follow (it fails the request with its flush).
+///
+/// Under `LockingDesign::RefcountSharing`, which is not the kernel's and
+/// decides sharing by reference counts, writes are not judged either.
+///
+/// The mappings are read from the committed image with the dump's
+/// reader ([`read_devices`]), not through the model. The oracle still
+/// judges what a read returns and what a write leaves.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOnlyRules {
+    /// Sharing is the kernel's (`__snapshotted_since`): writes are judged.
+    pub by_snapshot_time: bool,
+}
+
+impl ReadOnlyRules {
+    /// What `req` must return in `mode` on a device with the committed
+    /// mappings `device` (blocks of `block_sectors`); `None` where the
+    /// rules decide nothing (another mode, a device without committed
+    /// trees, the cases above).
+    pub fn expect(
+        self,
+        mode: PoolMode,
+        req: &BioRequest,
+        device: Option<&DeviceMappings>,
+        block_sectors: u64,
+    ) -> Option<Result<(), Errno>> {
+        let device = device?;
+        let committed_in_core = match mode {
+            PoolMode::OutOfMetadataSpace => true,
+            PoolMode::ReadOnly => false,
+            _ => return None,
+        };
+        let all_writable = |sector: u64, nr: u64| {
+            let first = sector / block_sectors;
+            let last = (sector + nr.max(1) - 1) / block_sectors;
+            (first..=last).all(|b| device.writable_in_place(b))
+        };
+        let eio_unless = |ok: bool| if ok { Ok(()) } else { Err(Errno::EIO) };
+        match req.op {
+            BioOp::Read | BioOp::Discard => Some(Ok(())),
+            _ if !committed_in_core => None,
+            BioOp::Flush => Some(eio_unless(device.mappings.contains_key(&0))),
+            BioOp::Write if req.preflush || !self.by_snapshot_time => None,
+            BioOp::Write => Some(eio_unless(all_writable(req.sector, req.nr_sectors))),
         }
     }
 }
@@ -965,4 +1236,68 @@ fn clear_needs_check(image: Vec<u8>, data_block_size: u32) -> Result<Vec<u8>, St
     md.commit().map_err(|e| e.to_string())?;
     let dev = md.close().map_err(|(_, e)| e.to_string())?;
     Ok(dev.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use dmsim_model::pdata::layout::thin::DeviceDetails;
+
+    use super::*;
+
+    /// A device whose last snapshot was at time 2, mapping virtual block 0
+    /// at time 1 (shared since), 1 and 2 at time 2 (not shared), block 3
+    /// unmapped. Blocks of 128 sectors.
+    fn device() -> DeviceMappings {
+        let details = DeviceDetails { snapshotted_time: 2, ..DeviceDetails::default() };
+        let mappings = [(0, (10, 1)), (1, (11, 2)), (2, (12, 2))].into_iter().collect();
+        DeviceMappings { details, mappings }
+    }
+
+    fn write(sector: u64, nr: u64) -> BioRequest {
+        BioRequest::write(sector, vec![0; (nr * SECTOR_SIZE) as usize])
+    }
+
+    #[test]
+    fn read_only_rules_follow_the_committed_mappings() {
+        let d = device();
+        let rules = ReadOnlyRules { by_snapshot_time: true };
+        let oom = |req: &BioRequest| rules.expect(PoolMode::OutOfMetadataSpace, req, Some(&d), 128);
+        let eio = Some(Err(Errno::EIO));
+        assert_eq!(oom(&BioRequest::read(0, 512)), Some(Ok(())));
+        assert_eq!(oom(&BioRequest::discard(0, 512)), Some(Ok(())));
+        // In place only into mapped blocks not shared since a snapshot.
+        assert_eq!(oom(&write(128, 256)), Some(Ok(())));
+        assert_eq!(oom(&write(130, 1).with_fua()), Some(Ok(())));
+        assert_eq!(oom(&write(0, 1)), eio, "shared with a snapshot");
+        assert_eq!(oom(&write(300, 200)), eio, "block 3 is unmapped");
+        assert_eq!(oom(&write(255, 2)), Some(Ok(())));
+        assert_eq!(oom(&write(127, 2)), eio, "crosses into block 1 from the shared block 0");
+        // An empty flush is about block 0, mapped here (shared or not).
+        assert_eq!(oom(&BioRequest::flush()), Some(Ok(())));
+        let unmapped = DeviceMappings::default();
+        assert_eq!(
+            rules.expect(PoolMode::OutOfMetadataSpace, &BioRequest::flush(), Some(&unmapped), 128),
+            eio
+        );
+        // Not judged: a PREFLUSH write; a device without committed trees.
+        assert_eq!(oom(&write(128, 1).with_preflush()), None);
+        assert_eq!(rules.expect(PoolMode::OutOfMetadataSpace, &write(128, 1), None, 128), None);
+        // Read-only mode: reads and discards only; other modes: nothing.
+        let ro = |req: &BioRequest| rules.expect(PoolMode::ReadOnly, req, Some(&d), 128);
+        assert_eq!(ro(&BioRequest::read(0, 1)), Some(Ok(())));
+        assert_eq!(ro(&BioRequest::discard(0, 1)), Some(Ok(())));
+        assert_eq!(ro(&write(128, 1)), None);
+        assert_eq!(ro(&BioRequest::flush()), None);
+        for mode in [PoolMode::Write, PoolMode::OutOfDataSpace, PoolMode::Fail] {
+            assert_eq!(rules.expect(mode, &BioRequest::read(0, 1), Some(&d), 128), None, "{mode}");
+        }
+        // Sharing by reference counts (not the kernel's): writes not judged.
+        let refcounts = ReadOnlyRules { by_snapshot_time: false };
+        assert_eq!(refcounts.expect(PoolMode::OutOfMetadataSpace, &write(128, 1), Some(&d), 128), None);
+        assert_eq!(refcounts.expect(PoolMode::OutOfMetadataSpace, &write(0, 1), Some(&d), 128), None);
+        assert_eq!(
+            refcounts.expect(PoolMode::OutOfMetadataSpace, &BioRequest::read(0, 1), Some(&d), 128),
+            Some(Ok(()))
+        );
+    }
 }

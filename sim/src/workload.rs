@@ -53,6 +53,11 @@ impl Shape {
         }
     }
 
+    /// The shape called `name`.
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     /// The shape of `seed`: five seeds in eight random, two shrink, one
     /// deep. Drawn from a stream of its own.
     pub fn of_seed(seed: u64) -> Shape {
@@ -183,6 +188,16 @@ fn other_message(rng: &mut impl Rng, held: &mut bool) -> MetadataOp {
     }
 }
 
+/// A virtual block at most `below` under `base` half of the time (a key
+/// below the tree's lowest), else one in `base..base + total`.
+fn below_or_within(rng: &mut impl Rng, base: u64, total: u64, below: u64) -> u64 {
+    if rng.gen_bool(0.5) {
+        base - rng.gen_range(1..=base.min(below))
+    } else {
+        base + rng.gen_range(0..total)
+    }
+}
+
 /// [`Shape::Shrink`].
 ///
 /// Two leaves merge when a removal's descent finds fewer than 170 mappings
@@ -239,12 +254,7 @@ fn shrink(rng: &mut impl Rng, len: usize) -> Vec<MetadataOp> {
             }
             82..=87 => devs.delete(rng),
             88..=93 => {
-                // Below the lowest key half of the time.
-                let vblock = if rng.gen_bool(0.5) {
-                    base - rng.gen_range(1..=base.min(50))
-                } else {
-                    base + rng.gen_range(0..total)
-                };
+                let vblock = below_or_within(rng, base, total, 50);
                 MetadataOp::Provision { dev, vblock, len: rng.gen_range(1..20) }
             }
             _ => other_message(rng, &mut held),
@@ -285,11 +295,7 @@ fn deep(rng: &mut impl Rng, len: usize) -> Vec<MetadataOp> {
             63..=67 => devs.delete(rng),
             68..=89 => {
                 // Below the lowest key, or into a snapshot's shared range.
-                let vblock = if rng.gen_bool(0.5) {
-                    base - rng.gen_range(1..=base.min(3000))
-                } else {
-                    base + rng.gen_range(0..total)
-                };
+                let vblock = below_or_within(rng, base, total, 3000);
                 MetadataOp::Provision { dev, vblock, len: rng.gen_range(1..300) }
             }
             _ => other_message(rng, &mut held),

@@ -11,7 +11,7 @@ use dmsim_sim::run::{
     minimize, replay, run_config, run_ops, violation_signature, CampaignSettings, Checkers, RunConfig,
     Workload,
 };
-use dmsim_traces::{binary, text, Trace};
+use dmsim_traces::{binary, text, Event, Op, Trace};
 
 /// `dmsim check`'s default budget.
 const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
@@ -76,21 +76,27 @@ fn every_fault_kind_of_the_default_swarm_fires_in_the_default_budget() {
 fn first_caught(mutation: &str) -> Trace {
     let mut settings =
         CampaignSettings { mutations: Mutations::by_name(mutation).unwrap(), ..Default::default() };
+    let mut seeds = DEFAULT_SEEDS;
     if mutation == "refcount-ignores-last-commit" {
         // A mistake of the refcount-sharing design, which only that design
         // can make; it needs a snapshot that lets go of a block (breaking
         // sharing or discarding), a write to the origin's mapping of it and
-        // a crash before the next commit: the snapshot-heavy workload.
+        // a crash before the next commit: the snapshot-heavy workload. Rare
+        // (2 seeds of 0..400): its seed 48 of the default budget was lost
+        // when the fix `read_only_deferred_bios_take_cells` changed which
+        // bios wait in out-of-data-space mode; seed 294 still fails.
         settings.locking = LockingDesign::RefcountSharing;
         settings.workload = Some(Workload::SnapshotHeavy);
+        seeds = 0..400;
     }
-    let caught: Vec<Trace> = DEFAULT_SEEDS
+    let caught: Vec<Trace> = seeds
+        .clone()
         .filter_map(|seed| {
             let out = run_config(&seed_config(seed, &settings), &Checkers::default());
             out.violation.map(|_| out.trace)
         })
         .collect();
-    assert!(!caught.is_empty(), "{mutation}: no violation in seeds {DEFAULT_SEEDS:?}");
+    assert!(!caught.is_empty(), "{mutation}: no violation in seeds {seeds:?}");
     let longest = caught.iter().max_by_key(|t| t.ops().count()).unwrap().clone();
     caught.into_iter().filter(|t| t.ops().count() >= 20).min_by_key(|t| t.ops().count()).unwrap_or(longest)
 }
@@ -155,6 +161,86 @@ fn mutations_only_the_models_invariants_see_are_caught_where_they_break_it() {
         let clean = run_config(&seed_config(seed, &CampaignSettings::default()), &Checkers::default());
         assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
     }
+}
+
+/// The mutations of code that only metadata pressure reaches (the
+/// metadata-pressure workload: out-of-metadata-space mode, metadata
+/// devices grown under the pool). Every other workload leaves them
+/// unseen: its metadata device never fills. Each is caught in the default
+/// budget, from the seed given, by the check that sees it: the kernel's
+/// rules for requests in out-of-metadata-space mode, and fail mode with
+/// no fault injected.
+#[test]
+fn metadata_pressure_mutations_are_caught_where_they_show() {
+    let cases = [
+        (
+            "out-of-metadata-space-fails-writes",
+            10,
+            "oracle: out-of-metadata-space mode: a write returned EIO, the kernel returns ok",
+        ),
+        ("metadata-grows-before-write-mode", 3, "pool: fail mode with no metadata fault injected"),
+    ];
+    for (name, first_seed, signature) in cases {
+        let settings =
+            CampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
+        let (seed, out) = DEFAULT_SEEDS
+            .map(|seed| (seed, run_config(&seed_config(seed, &settings), &Checkers::default())))
+            .find(|(_, out)| out.violation.is_some())
+            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let v = out.violation.unwrap();
+        assert_eq!(seed, first_seed, "{name}: {v}");
+        assert_eq!(out.trace.header.workload, "metadata-pressure", "{name}");
+        assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}: {v}");
+        // The same seed without the mutation passes.
+        let clean = run_config(&seed_config(seed, &CampaignSettings::default()), &Checkers::default());
+        assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
+        // No other workload reaches the code.
+        for workload in Workload::ALL.into_iter().filter(|w| *w != Workload::MetadataPressure) {
+            let settings = CampaignSettings { workload: Some(workload), ..settings };
+            let out = run_config(&seed_config(seed, &settings), &Checkers::default());
+            assert!(out.violation.is_none(), "{name}, {workload}: {}", out.violation.unwrap());
+        }
+    }
+}
+
+/// The metadata-pressure workload does what it is for in the default
+/// budget: its seeds run out of metadata space (out-of-metadata-space mode
+/// after a commit, or read-only mode after an allocation failed), grow the
+/// metadata device, and leave out-of-metadata-space mode by growing it;
+/// and requests there are judged by the kernel's read-only rules.
+#[test]
+fn the_metadata_pressure_workload_runs_out_of_metadata_space_and_grows_the_device() {
+    let settings = CampaignSettings::default();
+    let (mut seeds, mut oom, mut read_only, mut growths, mut left_oom, mut judged) = (0, 0, 0, 0, 0, 0);
+    for seed in DEFAULT_SEEDS {
+        let cfg = seed_config(seed, &settings);
+        if cfg.workload != Workload::MetadataPressure {
+            continue;
+        }
+        let out = run_config(&cfg, &Checkers::default());
+        assert!(out.violation.is_none(), "seed {seed}: {}", out.violation.unwrap());
+        seeds += 1;
+        oom += out.stats.out_of_metadata_space;
+        growths += out.stats.metadata_growths;
+        judged += out.stats.read_only_judged;
+        let mut mode = "write".to_string();
+        let mut last_op = None;
+        for e in &out.trace.events {
+            match e {
+                Event::Op(op) => last_op = Some(*op),
+                Event::Mode(m) => {
+                    read_only += u64::from(m == "read-only");
+                    let grown = matches!(last_op, Some(Op::GrowMetadata { .. }));
+                    left_oom += u64::from(mode == "out-of-metadata-space" && m == "write" && grown);
+                    mode = m.clone();
+                }
+                _ => {}
+            }
+        }
+    }
+    println!("{seeds} seeds: {oom} × out of metadata space, {read_only} × read-only, {growths} growths, {left_oom} left by growing, {judged} requests judged");
+    assert!(seeds >= 3, "{seeds}");
+    assert!(oom >= 5 && read_only >= 1 && growths >= 5 && left_oom >= 2 && judged >= 20);
 }
 
 /// A recorded trace with the kernel fix `fix` switched on or off.
@@ -251,4 +337,41 @@ fn kernel_finding_passdown_discards_a_block_the_last_commit_maps_elsewhere() {
         assert!(kernel.contains("oracle") && kernel.contains("wrong data: read zeroes"), "{kernel}");
         assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "{name}: the fix");
     }
+}
+
+/// Model finding, not yet shown on the kernel (the 6.1.192 source; found by
+/// the campaign: fill-to-full, seed 856,
+/// no fault injected; minimized to 60 ops): in out-of-data-space mode the
+/// worker handles a FUA write the map path deferred without its virtual
+/// cell (`process_bio_read_only`), so it remaps the write past a
+/// no-passdown discard that holds the cell and waits only for older I/O.
+/// The discard unmaps and frees the block while the write is in flight to
+/// it; back in write mode a commit makes the block reusable, another
+/// virtual block of the device gets it, and the late write lands in it.
+#[test]
+fn kernel_finding_out_of_data_space_fua_write_past_a_discard() {
+    let fix = "fix.read_only_deferred_bios_take_cells";
+    let name = "read-only-fua-write-past-a-discard.trace";
+    let kernel = run_trace(&fixture_with(name, fix, false)).expect("kernel 6.1 behaviour: misdirected data");
+    println!("as in kernel 6.1: {kernel}");
+    assert!(kernel.contains("oracle") && kernel.contains("misdirected"), "{kernel}");
+    assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
+}
+
+/// Kernel behaviour reached under metadata pressure (`--kernel-as-is`,
+/// metadata-pressure seed 2, no fault injected; minimized to 63 ops): a
+/// passdown discard's second pass runs after a metadata allocation failed
+/// and the pool went read-only. Its `dm_pool_dec_data_range` meets the
+/// read-only block manager (-EPERM); the abort keeps it read-only, so
+/// setting needs_check fails too and the pool goes to fail mode. The fix
+/// of `passdown_holds_blocks_in_core` (no count to drop in pass two) also
+/// avoids this.
+#[test]
+fn kernel_finding_passdown_pass_two_in_read_only_mode_fails_the_pool() {
+    let fix = "fix.passdown_holds_blocks_in_core";
+    let name = "passdown-pass-two-in-read-only-mode.trace";
+    let kernel = run_trace(&fixture_with(name, fix, false)).expect("kernel 6.1 behaviour: fail mode");
+    println!("as in kernel 6.1: {kernel}");
+    assert!(kernel.contains("fail mode with no metadata fault injected"), "{kernel}");
+    assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
 }

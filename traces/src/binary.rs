@@ -55,6 +55,7 @@
 //! 0x0f invalidate   cblock u32, nr u16
 //! 0x10 status
 //! 0x11 resize       cache blocks u32, origin blocks u32
+//! 0x12 grow-metadata blocks u32, reload bool
 //! 0x20 done         bio u64, dev u32, result string, read: bool present, then string if 1
 //! 0x21 fault-fired  disk byte, what string
 //! 0x22 crashed      metadata kept u32, unflushed u32, data kept u32, unflushed u32, torn bool
@@ -63,9 +64,9 @@
 //! ```
 //!
 //! Tags `0x0e`–`0x10` and disk bytes 2 and 3 are the cache ops and disks,
-//! added after the first thin traces were written, and `0x11` after the
-//! first cache traces; every earlier encoding is unchanged, so those traces
-//! decode as before. A disk byte means the
+//! added after the first thin traces were written, `0x11` after the
+//! first cache traces, and `0x12` (a thin op) after that; every earlier
+//! encoding is unchanged, so those traces decode as before. A disk byte means the
 //! same in `fault` and `fault-fired`.
 //!
 //! Numbers of the `u8` and `u16` fields are varints too (the format has one
@@ -99,6 +100,7 @@ mod tag {
     pub const INVALIDATE: u8 = 0x0f;
     pub const STATUS: u8 = 0x10;
     pub const RESIZE: u8 = 0x11;
+    pub const GROW_METADATA: u8 = 0x12;
     pub const DONE: u8 = 0x20;
     pub const FAULT_FIRED: u8 = 0x21;
     pub const CRASHED: u8 = 0x22;
@@ -247,6 +249,11 @@ impl Writer {
                 self.byte(tag::RESIZE);
                 self.varint(cache_blocks.into());
                 self.varint(origin_blocks.into());
+            }
+            Op::GrowMetadata { blocks, reload } => {
+                self.byte(tag::GROW_METADATA);
+                self.varint(blocks.into());
+                self.bool(reload);
             }
         }
     }
@@ -509,6 +516,9 @@ impl<'a> Reader<'a> {
                 cache_blocks: self.u32("cache blocks")?,
                 origin_blocks: self.u32("origin blocks")?,
             },
+            tag::GROW_METADATA => {
+                Op::GrowMetadata { blocks: self.u32("blocks")?, reload: self.bool("reload")? }
+            }
             tag::DONE => {
                 let bio = self.varint("bio")?;
                 let dev = self.u32("dev")?;
@@ -528,7 +538,7 @@ impl<'a> Reader<'a> {
             tag::VIOLATION => {
                 return Ok(Event::Violation { kind: self.str("kind")?, message: self.str("message")? });
             }
-            t => return Err(self.err(at, format!("an event tag (0x01..=0x11, 0x20..=0x24), not {t:#04x}"))),
+            t => return Err(self.err(at, format!("an event tag (0x01..=0x12, 0x20..=0x24), not {t:#04x}"))),
         };
         Ok(Event::Op(op))
     }

@@ -204,7 +204,8 @@ fn simplify_inner<T: Clone>(
 /// toward the earlier modes and policies of [`CacheIoMode::ALL`] and
 /// [`CachePolicyKind::ALL`] (writeback, smq), invalidations toward cache
 /// block 0 and one block, resizes toward one cache block and one origin
-/// block (or half).
+/// block (or half), metadata growths toward zero blocks and no reload (a suspend and
+/// resume).
 pub fn simpler_ops(op: &Op) -> Vec<Op> {
     let mut out: Vec<Op> = Vec::new();
     match *op {
@@ -318,6 +319,12 @@ pub fn simpler_ops(op: &Op) -> Vec<Op> {
             for o in smaller(origin_blocks.into(), 1) {
                 out.push(Op::Resize { cache_blocks, origin_blocks: o as u32 });
             }
+        }
+        Op::GrowMetadata { blocks, reload } => {
+            if reload {
+                out.push(Op::GrowMetadata { blocks, reload: false });
+            }
+            out.extend(smaller(blocks.into(), 0).map(|b| Op::GrowMetadata { blocks: b as u32, reload }))
         }
         Op::CreateThin | Op::Worker | Op::Status => {}
     }

@@ -6,7 +6,9 @@
 //! both; [`Op::Reload`], [`Op::Resize`], [`Op::Invalidate`] and
 //! [`Op::Status`] belong to cache traces only, and so do the disks
 //! [`DiskId::Cache`] and
-//! [`DiskId::Origin`] (a thin replay rejects them with an error).
+//! [`DiskId::Origin`] (a thin replay rejects them with an error);
+//! [`Op::GrowMetadata`] and the ops that make, snapshot and delete thin
+//! devices belong to thin traces only (a cache run rejects them).
 //!
 //! Ops are written so that any sequence is meaningful: devices are picked
 //! by index modulo the live devices, positions modulo the device size, the
@@ -309,6 +311,21 @@ pub enum Op {
         /// Origin blocks the table covers.
         origin_blocks: u32,
     },
+    /// Thin traces only: what an administrator does when the pool runs
+    /// short of metadata space. Suspend the pool (after its data I/O
+    /// completes), grow the metadata device by `blocks` 4 KiB blocks, and
+    /// resume it, with its table loaded again (`reload`) or as it is: the
+    /// kernel grows the metadata space map at preresume; a new table's
+    /// mode applies, a resume without one keeps the pool's mode (see
+    /// `docs/campaign.md`). Zero blocks is a suspend and resume (or a
+    /// reload) on the same device. The simulator keeps the device within
+    /// its largest disk.
+    GrowMetadata {
+        /// 4 KiB blocks added to the metadata device.
+        blocks: u32,
+        /// Load the pool's table again before the resume.
+        reload: bool,
+    },
 }
 
 impl Op {
@@ -336,6 +353,7 @@ impl Op {
             Op::Invalidate { .. } => "invalidate",
             Op::Status => "status",
             Op::Resize { .. } => "resize",
+            Op::GrowMetadata { .. } => "grow-metadata",
         }
     }
 
@@ -343,6 +361,12 @@ impl Op {
     /// [`Op::Resize`], [`Op::Invalidate`], [`Op::Status`]).
     pub fn is_cache_only(&self) -> bool {
         matches!(self, Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status)
+    }
+
+    /// Whether the op belongs to thin traces only ([`Op::CreateThin`],
+    /// [`Op::CreateSnap`], [`Op::Delete`], [`Op::GrowMetadata`]).
+    pub fn is_thin_only(&self) -> bool {
+        matches!(self, Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } | Op::GrowMetadata { .. })
     }
 
     /// Why a thin run cannot take this op, if it cannot: a cache-only op,

@@ -100,6 +100,7 @@
 //! invalidate cblock=N nr=N                       Op::Invalidate (cache traces only)
 //! status                                         Op::Status (cache traces only)
 //! resize cache=N origin=N                        Op::Resize (cache traces only; N in blocks)
+//! grow-metadata blocks=N [reload]                Op::GrowMetadata (thin traces only; 4 KiB blocks)
 //! done bio=N dev=N S [read=S]                    Event::Done (S = result)
 //! fault-fired DISK S                             Event::FaultFired
 //! crashed metadata=N/N data=N/N [torn]           Event::Crashed (kept/unflushed)
@@ -230,6 +231,9 @@ pub fn op_to_line(op: &Op) -> String {
         Op::Status => "status".to_string(),
         Op::Resize { cache_blocks, origin_blocks } => {
             format!("resize cache={cache_blocks} origin={origin_blocks}")
+        }
+        Op::GrowMetadata { blocks, reload } => {
+            format!("grow-metadata blocks={blocks}{}", if reload { " reload" } else { "" })
         }
     }
 }
@@ -501,8 +505,8 @@ fn parse_num<T: FromStr>(s: &str) -> Option<T> {
 }
 
 const EVENTS: &str = "an event: write, read, discard, flush, create-thin, create-snap, delete, worker, \
-     complete, fail-io, fault, tick, crash, reload, invalidate, status, resize, done, fault-fired, crashed, \
-     mode or violation";
+     complete, fail-io, fault, tick, crash, reload, invalidate, status, resize, grow-metadata, done, \
+     fault-fired, crashed, mode or violation";
 
 fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
     let Some(name) = line.keyword() else {
@@ -529,6 +533,7 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         "invalidate" => "invalidate cblock=N nr=N",
         "status" => "status",
         "resize" => "resize cache=N origin=N",
+        "grow-metadata" => "grow-metadata blocks=N [reload]",
         "done" => "done bio=N dev=N RESULT [read=S]",
         "fault-fired" => "fault-fired DISK WHAT",
         "crashed" => "crashed metadata=N/N data=N/N [torn]",
@@ -629,6 +634,11 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         "resize" => {
             let (cache_blocks, origin_blocks) = (a.num("cache")?, a.num("origin")?);
             a.finish(op(Op::Resize { cache_blocks, origin_blocks }))
+        }
+        "grow-metadata" => {
+            let blocks = a.num("blocks")?;
+            let reload = a.flag("reload");
+            a.finish(op(Op::GrowMetadata { blocks, reload }))
         }
         "done" => {
             let (bio, dev) = (a.num("bio")?, a.num("dev")?);

@@ -242,6 +242,91 @@ fn thin_errors_name_the_cache_ops_and_disks() {
     }
 }
 
+/// The thin op added after the cache ops: `grow-metadata`, text and binary
+/// (tag 0x12), pinned byte for byte; the thin ops' older encodings are
+/// pinned by the snapshots of [`every_event`], which do not change.
+#[test]
+fn grow_metadata_encodings() {
+    let ops = [
+        Op::GrowMetadata { blocks: 0, reload: false },
+        Op::GrowMetadata { blocks: 7, reload: true },
+        Op::GrowMetadata { blocks: u32::MAX, reload: false },
+    ];
+    let trace = Trace {
+        header: Header { seed: 3, workload: "metadata-pressure".into(), params: vec![] },
+        events: ops.into_iter().map(Event::Op).collect(),
+    };
+    let text = to_text(&trace);
+    assert_eq!(
+        text,
+        "dmsim-trace 1\nseed 3\nworkload metadata-pressure\n\
+         grow-metadata blocks=0\n\
+         grow-metadata blocks=7 reload\n\
+         grow-metadata blocks=4294967295\n"
+    );
+    assert_eq!(from_text(&text).unwrap(), trace);
+    let mut expected = b"DMTR\x01\x03\x11metadata-pressure\x00\x03".to_vec();
+    expected.extend([0x12, 0x00, 0x00]);
+    expected.extend([0x12, 0x07, 0x01]);
+    expected.extend([0x12, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x00]);
+    let bytes = to_bytes(&trace);
+    assert_eq!(hex(&bytes), hex(&expected));
+    assert_eq!(from_bytes(&bytes).unwrap(), trace);
+    // Keys in any order, the flag anywhere, quoted numbers.
+    assert_eq!(
+        event_from_line("grow-metadata reload blocks=\"5\" # more room").unwrap(),
+        Some(Event::Op(Op::GrowMetadata { blocks: 5, reload: true }))
+    );
+    for bad in [
+        "grow-metadata",
+        "grow-metadata blocks=-1",
+        "grow-metadata blocks=4294967296",
+        "grow-metadata blocks=1 reload=1",
+        "grow-metadata blocks=1 x",
+    ] {
+        let e = event_from_line(bad).unwrap_err().to_string();
+        assert!(e.contains("grow-metadata blocks=N [reload]"), "{bad}: {e}");
+    }
+    // It belongs to thin traces: a thin run takes it, a cache run does not.
+    let op = Op::GrowMetadata { blocks: 1, reload: false };
+    assert_eq!(op.name(), "grow-metadata");
+    assert_eq!(op.thin_error(), None);
+    assert!(op.is_thin_only() && !op.is_cache_only());
+    assert!(every_cache_event().ops().all(|op| !op.is_thin_only()));
+}
+
+#[test]
+fn grow_metadata_binary_errors() {
+    let one = |event: &[u8]| {
+        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
+        b.extend(event);
+        b
+    };
+    let cases: &[(&[u8], usize, &str)] = &[
+        (&[0x12], 10, "blocks (the input ended)"),
+        (&[0x12, 0x01], 11, "reload (the input ended)"),
+        (&[0x12, 0x01, 0x02], 11, "reload: a bool byte 0 or 1, not 2"),
+        (&[0x12, 0x80, 0x80, 0x80, 0x80, 0x10, 0x00], 10, "blocks in 0..=4294967295"),
+        (&[0x12, 0x81, 0x00, 0x00], 10, "shortest form"),
+    ];
+    for &(event, offset, expected) in cases {
+        let e = bin_err(&one(event));
+        let msg = e.to_string();
+        assert_eq!(e.location(), Location::Offset(offset), "{event:02x?}: {msg}");
+        assert!(msg.contains(expected), "{event:02x?}: {msg} should mention {expected:?}");
+    }
+    for b in 0..=255u8 {
+        let ev = [0x12, 0x01, b];
+        match from_bytes(&one(&ev)) {
+            Ok(t) => {
+                assert!(b <= 1);
+                assert_eq!(to_bytes(&t), one(&ev));
+            }
+            Err(_) => assert!(b > 1),
+        }
+    }
+}
+
 #[test]
 fn empty_trace_round_trips() {
     let t = Trace::default();
@@ -467,7 +552,7 @@ fn cache_binary_errors() {
         (&[0x11], 10, "cache blocks (the input ended)"),
         (&[0x11, 0x01], 11, "origin blocks (the input ended)"),
         (&[0x11, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01], 10, "cache blocks in 0..=4294967295"),
-        (&[0x12], 9, "an event tag (0x01..=0x11, 0x20..=0x24), not 0x12"),
+        (&[0x13], 9, "an event tag (0x01..=0x12, 0x20..=0x24), not 0x13"),
         (&[0x1f], 9, "not 0x1f"),
         (&[0x25], 9, "not 0x25"),
         (&[0x10, 0x10], 10, "the end of the trace"),
@@ -601,6 +686,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Status),
         (any::<u32>(), any::<u32>())
             .prop_map(|(cache_blocks, origin_blocks)| Op::Resize { cache_blocks, origin_blocks }),
+        (any::<u32>(), any::<bool>()).prop_map(|(blocks, reload)| Op::GrowMetadata { blocks, reload }),
     ]
 }
 

@@ -36,7 +36,6 @@ const MAX_CLEAN_BLOCKS: usize = 1 << 16;
 #[derive(Debug, Clone)]
 pub struct BlockManager<D> {
     dev: D,
-    nr_blocks: u64,
     cache: BTreeMap<BlockNr, CachedBlock>,
     nr_clean: usize,
     /// The device failed a read or a write, or a block read from it was
@@ -49,13 +48,14 @@ impl<D: BlockDevice> BlockManager<D> {
     /// A block manager over `dev`; its size is the device size in whole
     /// 4 KiB blocks.
     pub fn new(dev: D) -> Self {
-        let nr_blocks = dev.nr_sectors() / BLOCK_SECTORS;
-        BlockManager { dev, nr_blocks, cache: BTreeMap::new(), nr_clean: 0, failed: false }
+        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false }
     }
 
-    /// Blocks in the device.
+    /// Blocks in the device: its size now, in whole 4 KiB blocks, read
+    /// afresh each time as the kernel's `dm_bm_nr_blocks` does (a metadata
+    /// device grown under the pool shows its new size at once).
     pub fn nr_blocks(&self) -> u64 {
-        self.nr_blocks
+        self.dev.nr_sectors() / BLOCK_SECTORS
     }
 
     /// The device underneath.
@@ -75,8 +75,9 @@ impl<D: BlockDevice> BlockManager<D> {
     }
 
     fn check_bounds(&self, b: BlockNr) -> Result<()> {
-        if b >= self.nr_blocks {
-            return Err(PdataError::OutOfBounds { block: b, nr_blocks: self.nr_blocks });
+        let nr_blocks = self.nr_blocks();
+        if b >= nr_blocks {
+            return Err(PdataError::OutOfBounds { block: b, nr_blocks });
         }
         Ok(())
     }

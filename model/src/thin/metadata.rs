@@ -72,6 +72,12 @@ pub enum ThinError {
     /// The pool's pre-commit flush of the data device failed.
     #[error("flushing the data device before the commit failed: {0}")]
     DataFlush(crate::block_device::IoError),
+    /// -EPERM: the metadata is read-only (the pool is in
+    /// out-of-metadata-space, read-only or fail mode), and every change
+    /// is refused, as the kernel's block manager refuses write locks
+    /// (`dm_bm_write_lock`).
+    #[error("the metadata is read-only")]
+    ReadOnly,
 }
 
 /// Result of thin metadata operations.
@@ -264,11 +270,17 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.metadata_reserve = (total / 10).min(4096);
     }
 
-    /// Every mutating operation: refuse after a failed abort, and put the
-    /// pool in service (so that commits write).
+    /// Every mutating operation: refuse after a failed abort, and while
+    /// the metadata is read-only ([`Self::set_read_only`]: the kernel's
+    /// block manager then refuses every write lock, so the operation fails
+    /// at its first change); put the pool in service (so that commits
+    /// write).
     fn write_lock(&mut self) -> Result<()> {
         if self.fail_io {
             return Err(ThinError::FailIo);
+        }
+        if self.read_only {
+            return Err(ThinError::ReadOnly);
         }
         self.in_service = true;
         Ok(())
@@ -995,14 +1007,20 @@ impl<D: BlockDevice> ThinMetadata<D> {
         for d in &mut self.devices {
             d.aborted_with_changes = d.changed;
         }
+        let aborted_dsm = self.tm.dsm.clone();
         self.tm.reset();
         let r = (|| {
             if self.tm.block_manager().read_raw(SUPERBLOCK_LOCATION)?.iter().all(|&b| b == 0) {
                 return Err(ThinError::Unformatted);
             }
             Self::load_committed(&mut self.tm, self.data_block_size)?;
+            if self.tm.mutations.abort_keeps_data_space_map {
+                self.tm.dsm = aborted_dsm;
+            }
             let sb = self.superblock()?;
-            self.root = sb.data_mapping_root;
+            if !self.tm.mutations.abort_keeps_mapping_root {
+                self.root = sb.data_mapping_root;
+            }
             self.details_root = sb.device_details_root;
             Ok(())
         })();
@@ -1039,7 +1057,11 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.flags & NEEDS_CHECK != 0
     }
 
-    /// Marks the metadata read-only: closing it will not commit.
+    /// Marks the metadata read-only (`dm_pool_metadata_read_only`, which
+    /// makes the block manager read-only) or writable again: while it is,
+    /// every change fails with [`ThinError::ReadOnly`] and closing it does
+    /// not commit. An [`Self::abort`] leaves it as it is (the kernel's
+    /// `dm_block_manager_reset` keeps the block manager's flag).
     pub fn set_read_only(&mut self, read_only: bool) {
         self.read_only = read_only;
     }

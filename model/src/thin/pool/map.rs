@@ -23,6 +23,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             self.end_bio(bio, Err(Errno::EIO));
             return;
         }
+        if self.options.mutations.out_of_metadata_space_fails_writes
+            && bio.op == BioOp::Write
+            && self.mode() == PoolMode::OutOfMetadataSpace
+        {
+            // Broken on purpose: writes that need no metadata fail too.
+            self.end_bio(bio, Err(Errno::EIO));
+            return;
+        }
         if bio.is_flush_or_fua() || bio.op == BioOp::Discard {
             self.defer_bio(&thin, bio);
             return;

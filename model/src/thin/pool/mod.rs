@@ -217,6 +217,18 @@ pub struct KernelFixes {
     /// them, the counts do not change, and a crash forgets the hold with
     /// the discard.
     pub passdown_holds_blocks_in_core: bool,
+    /// In out-of-data-space and read-only modes the worker handles a bio
+    /// the map path deferred (a FUA or PREFLUSH write, a flush) without
+    /// its virtual cell (`process_bio_read_only`): it looks the block up
+    /// and remaps it past a discard that holds the cell and waits only for
+    /// I/O older than itself. Without passdown the discard then unmaps and
+    /// frees the block while the write is in flight to it; a commit makes
+    /// the block reusable, and the write lands in whichever block reuses
+    /// it (another device's data). The fix takes the virtual cell first
+    /// for a bio that carries data, as write mode does (`process_bio` →
+    /// `process_cell`), so the write waits for the discard (an empty flush
+    /// writes nothing and goes on as before).
+    pub read_only_deferred_bios_take_cells: bool,
 }
 
 impl KernelFixes {
@@ -228,6 +240,7 @@ impl KernelFixes {
         read_only_shared_reads_wait_for_copies: true,
         passdown_spares_blocks_the_last_commit_maps: true,
         passdown_holds_blocks_in_core: true,
+        read_only_deferred_bios_take_cells: true,
     };
 }
 
@@ -458,7 +471,7 @@ pub fn errno_of(e: &ThinError) -> Errno {
         ThinError::Exists(_) => Errno::EEXIST,
         ThinError::NoSuchDevice(_) => Errno::ENODATA,
         ThinError::Busy(_) | ThinError::SnapshotExists => Errno::EBUSY,
-        ThinError::Unformatted => Errno::EPERM,
+        ThinError::Unformatted | ThinError::ReadOnly => Errno::EPERM,
         ThinError::Pdata(PdataError::NoSpace(_)) => Errno::ENOSPC,
         ThinError::Pdata(PdataError::NoData) => Errno::ENODATA,
         ThinError::Pdata(PdataError::Io { .. }) | ThinError::DataFlush(_) => Errno::EIO,
@@ -663,14 +676,23 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 format!("metadata device ({device_blocks} blocks) too small: expected {sm_blocks}"),
             ));
         }
+        // A grown device with needs_check set is left as it is ("unable to
+        // grow the metadata device until repaired"), without an error.
         if device_blocks > sm_blocks && !needs_check {
+            // The kernel's order: back to write mode first (the block
+            // manager writable again), then the space map grows.
+            let swapped = self.options.mutations.metadata_grows_before_write_mode;
+            if self.mode() == PoolMode::OutOfMetadataSpace && !swapped {
+                self.set_pool_mode(PoolMode::Write);
+            }
             let r = lock(&self.metadata).resize_metadata_dev(device_blocks);
+            if swapped && r.is_ok() && self.mode() == PoolMode::OutOfMetadataSpace {
+                // Broken on purpose: write mode only after the growth.
+                self.set_pool_mode(PoolMode::Write);
+            }
             if let Err(e) = r {
                 self.metadata_operation_failed("dm_pool_resize_metadata_dev", &e);
                 return Err(TargetError::new(errno_of(&e), e.to_string()));
-            }
-            if self.mode() == PoolMode::OutOfMetadataSpace {
-                self.set_pool_mode(PoolMode::Write);
             }
             need_commit = true;
         }
@@ -707,12 +729,39 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         Ok(())
     }
 
-    /// Reloads the pool with a table of `len_sectors` (growing the data
-    /// device when larger) and resumes it: the userland response to the low
-    /// water mark or to out-of-data-space. The pool must be suspended.
+    /// Loads the pool's table again, its length `len_sectors`, and resumes
+    /// the pool (`pool_ctr` on the pool already bound to the metadata
+    /// device, then `pool_preresume` and `pool_resume`): the userland
+    /// response to the low water marks, to out-of-data-space and to
+    /// out-of-metadata-space. As in the kernel the new table's mode is
+    /// requested first (`bind_control_target`: write mode, or read-only
+    /// with the `read_only` feature; never write mode while needs_check is
+    /// set, never out of fail mode), then the data device grows if it is
+    /// larger, then the metadata space map grows to the metadata device's
+    /// size if that grew (`maybe_resize_metadata_dev`, leaving
+    /// out-of-metadata-space mode), and a commit follows a growth. The
+    /// pool must be suspended; on an error it stays suspended (DM core
+    /// fails the resume), except in fail mode.
     pub fn reload_and_resume(&self, len_sectors: u64) -> Result<(), TargetError> {
         if !lock(&self.lists).suspended {
             return Err(TargetError::new(Errno::EINVAL, "the pool must be suspended to reload it"));
+        }
+        self.preresume(len_sectors)?;
+        self.resume();
+        Ok(())
+    }
+
+    /// Resumes the suspended pool with the table it has (a resume without
+    /// a reload), `len_sectors` being that table's length. The mode the
+    /// pool is in is requested again (`set_pool_mode` keeps the table's
+    /// mode in step with the pool's, so `bind_control_target` changes
+    /// nothing): an out-of-metadata-space pool stays so unless the
+    /// metadata device grew, when `maybe_resize_metadata_dev` takes it back
+    /// to write mode and then grows the space map. Otherwise as
+    /// [`Self::reload_and_resume`].
+    pub fn resume_same_table(&self, len_sectors: u64) -> Result<(), TargetError> {
+        if !lock(&self.lists).suspended {
+            return Err(TargetError::new(Errno::EINVAL, "the pool must be suspended to resume it"));
         }
         let current = self.mode();
         self.set_pool_mode(current);
@@ -1026,7 +1075,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             match new {
                 PoolMode::OutOfDataSpace => {
                     state.out_of_data_space = true;
-                    if !state.error_if_no_space && self.options.no_space_timeout > 0 && old != new {
+                    // `queue_delayed_work` does nothing while the timeout
+                    // is pending; a suspend cancels it (`pool_postsuspend`),
+                    // so a resume in this mode arms it again.
+                    if !state.error_if_no_space
+                        && self.options.no_space_timeout > 0
+                        && state.no_space_deadline.is_none()
+                    {
                         state.no_space_deadline = Some(lock(&self.clock).now + self.options.no_space_timeout);
                     }
                 }

@@ -135,6 +135,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 let code = self.io_error_code();
                 self.end_bio(bio, Err(code));
             }
+            _ if self.options.fixes.read_only_deferred_bios_take_cells && bio.writes_data() => {
+                let key = CellKey::virtual_block(thin.id, self.block_of(bio.sector));
+                if let Detained::New(cell) = self.detain(key, Some(bio)) {
+                    self.process_cell(thin, cell);
+                }
+            }
             _ => self.process_bio_read_only(thin, bio, None),
         }
     }
