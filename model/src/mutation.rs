@@ -154,7 +154,7 @@ pub struct Mutations {
 /// Turns one locking mutation on.
 pub type LockingSwitch = fn(&mut LockingMutations);
 
-/// Deliberately broken locking in the pool's concurrent core, off by
+/// Deliberately broken locking and device lifecycle in the pool's concurrent core, off by
 /// default. Each opens a window between two threads that the kernel's
 /// locking closes; the concurrency harnesses (`sim/tests/concurrency_*.rs`)
 /// show loom or shuttle catching each one.
@@ -184,16 +184,40 @@ pub struct LockingMutations {
     /// finished between its lookup and its detain goes unnoticed and the
     /// write lands in the copy's freed source.
     pub fast_path_skips_recheck: bool,
+    /// `thin_dtr` frees the thin device (closes it in the metadata and
+    /// drops its lists) without waiting for `can_destroy`, the completion
+    /// the last `thin_put` signals: a worker pass that took a reference to
+    /// the device before it left the active list then touches freed state.
+    pub thin_dtr_skips_destroy_wait: bool,
+    /// The worker walks the active thin devices without `thin_get`, as if
+    /// the RCU read lock alone kept each device alive across its blocking
+    /// processing: `thin_dtr`'s wait sees no reference and frees the
+    /// device under the worker.
+    pub worker_skips_thin_get: bool,
+    /// `__delete_device` does not refuse a device that is still open
+    /// (`open_count > 1` with its own open): the `delete` message removes
+    /// an active thin device's mappings and details under its table.
+    pub delete_ignores_open_count: bool,
+    /// In the regions design, a prison key's region is computed from its
+    /// `block_end` instead of its `block_begin`: a key ending on a region
+    /// boundary (a discard of a whole region, or its last block) goes to
+    /// the next region's lock and prison, where overlapping keys of its
+    /// own region never meet it.
+    pub region_from_block_end: bool,
 }
 
 impl LockingMutations {
     /// Every locking mutation with its name.
-    pub const ALL: [(&'static str, LockingSwitch); 5] = [
+    pub const ALL: [(&'static str, LockingSwitch); 9] = [
         ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
         ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
         ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),
         ("worker-skips-data-cell", |m| m.worker_skips_data_cell = true),
         ("fast-path-skips-recheck", |m| m.fast_path_skips_recheck = true),
+        ("thin-dtr-skips-destroy-wait", |m| m.thin_dtr_skips_destroy_wait = true),
+        ("worker-skips-thin-get", |m| m.worker_skips_thin_get = true),
+        ("delete-ignores-open-count", |m| m.delete_ignores_open_count = true),
+        ("region-from-block-end", |m| m.region_from_block_end = true),
     ];
 
     /// The locking mutation named `name` (see [`Self::ALL`]), as

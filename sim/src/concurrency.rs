@@ -52,6 +52,7 @@ use dmsim_model::block_device::MemDevice;
 use dmsim_model::errno::Errno;
 use dmsim_model::mutation::Mutations;
 use dmsim_model::sync::{lock, thread, wait, Arc, AtomicUsize, Condvar, Mutex, Ordering};
+use dmsim_model::thin::check::{check_thin_metadata, CheckOptions};
 use dmsim_model::thin::pool::{
     BioId, BioRequest, Completion, DataIoKind, IoInfo, LockingDesign, Pool, PoolOptions,
 };
@@ -89,8 +90,19 @@ pub enum Step {
         /// Its origin.
         origin: DevId,
     },
-    /// Deactivate `dev` and `delete` it.
+    /// Remove `dev` ([`Step::Remove`]), then send `delete dev`.
     Delete(DevId),
+    /// Activate existing, inactive thin device `dev` (`thin_ctr`: open it
+    /// in the metadata, add it to the pool's active list).
+    Activate(DevId),
+    /// Remove active thin device `dev` as DM does: suspend it (new I/O
+    /// held back, its requests drained), then `thin_dtr` (off the active
+    /// list, wait until no worker walk holds it, close it). From then on
+    /// no request of `dev` may complete.
+    Remove(DevId),
+    /// Send `delete dev` while `dev` is active: the pool must refuse it
+    /// with EBUSY and keep the device whole.
+    DeleteOpen(DevId),
     /// A write of `nr` sectors at `sector`, stamped with a fresh write
     /// number.
     Write {
@@ -166,6 +178,9 @@ pub struct Scenario {
     pub timer: bool,
     /// `(device, sector, sectors)` read back and judged at the end.
     pub read_back: Vec<(DevId, u64, u64)>,
+    /// At the end, commit and run the metadata checker on the pool's
+    /// metadata device: it must find nothing wrong.
+    pub check_metadata: bool,
 }
 
 impl Scenario {
@@ -183,6 +198,7 @@ impl Scenario {
             out_of_space: false,
             timer: false,
             read_back: Vec::new(),
+            check_metadata: true,
         }
     }
 
@@ -205,6 +221,62 @@ impl Scenario {
     /// main thread).
     pub fn threads(&self) -> usize {
         self.submitters.len() + 2
+    }
+}
+
+/// The oracle's view of a scenario's devices: only the virtual blocks a
+/// write, a read or a read-back touches, packed in order (block `b` of the
+/// device is the oracle's block `i` when `b` is the `i`-th such block). A
+/// device two prison regions long then costs the oracle a few blocks, not
+/// 2,048 blocks of per-sector state. Blocks only discards reach are never
+/// read, so the oracle need not keep them: a discard's range keeps the
+/// blocks it covers that the oracle keeps. Writes are stamped with the
+/// oracle's sector numbers, so the reads it judges match. The pool itself
+/// sees the real sectors.
+#[derive(Debug, Clone)]
+struct Compact {
+    blocks: BTreeMap<u64, u64>,
+}
+
+impl Compact {
+    fn new(scenario: &Scenario) -> Self {
+        let steps = scenario.setup.iter().chain(scenario.submitters.iter().flatten());
+        let ranges = steps
+            .filter_map(|step| match *step {
+                Step::Write { sector, nr, .. } | Step::Read { sector, nr, .. } => Some((sector, nr)),
+                _ => None,
+            })
+            .chain(scenario.read_back.iter().map(|&(_, sector, nr)| (sector, nr)));
+        let kept: std::collections::BTreeSet<u64> =
+            ranges.flat_map(|(sector, nr)| sector / BLOCK..(sector + nr).div_ceil(BLOCK)).collect();
+        Compact { blocks: kept.into_iter().zip(0..).collect() }
+    }
+
+    /// The oracle's device size in sectors.
+    fn sectors(&self) -> u64 {
+        self.blocks.len() as u64 * BLOCK
+    }
+
+    /// The oracle's `(sector, sectors)` for the device's `[sector, sector +
+    /// nr)`, trimmed to the blocks it keeps; `None` if it keeps none of
+    /// them.
+    fn range(&self, sector: u64, nr: u64) -> Option<(u64, u64)> {
+        let end = sector + nr;
+        let (&first, &first_at) = self.blocks.range(sector / BLOCK..end.div_ceil(BLOCK)).next()?;
+        let (&last, &last_at) = self.blocks.range(..end.div_ceil(BLOCK)).next_back()?;
+        let begin =
+            if first == sector / BLOCK { first_at * BLOCK + sector % BLOCK } else { first_at * BLOCK };
+        let stop = if last == (end - 1) / BLOCK {
+            last_at * BLOCK + (end - 1) % BLOCK + 1
+        } else {
+            (last_at + 1) * BLOCK
+        };
+        Some((begin, stop - begin))
+    }
+
+    /// [`Compact::range`] for a write or read, whose blocks it always keeps.
+    fn io(&self, sector: u64, nr: u64) -> (u64, u64) {
+        self.range(sector, nr).expect("the oracle keeps every block a write or read touches")
     }
 }
 
@@ -310,6 +382,9 @@ struct Books {
     devs: BTreeMap<BioId, DevId>,
     /// Requests completed, with how many times.
     completed: BTreeMap<BioId, usize>,
+    /// Devices whose removal ([`Step::Remove`]) has returned, and not
+    /// activated again since.
+    removed: std::collections::BTreeSet<DevId>,
     failures: Vec<String>,
 }
 
@@ -321,6 +396,10 @@ impl Books {
     /// Feeds one completion to the oracle.
     fn complete(&mut self, c: Completion, sent: Sent, out_of_space: bool) {
         *self.completed.entry(c.id).or_default() += 1;
+        if let Some(dev) = self.devs.get(&c.id).filter(|d| self.removed.contains(d)) {
+            let what = format!("request {:?} of device {dev} completed after the device was removed", c.id);
+            self.fail(what);
+        }
         let ok = c.result.is_ok();
         if let Err(e) = c.result {
             if !(out_of_space && e == Errno::ENOSPC) {
@@ -358,6 +437,7 @@ struct Gate {
 /// Everything the threads of one execution share.
 struct Shared {
     scenario: Scenario,
+    compact: Compact,
     run: Run,
     pool: HarnessPool,
     books: StdMutex<Books>,
@@ -422,7 +502,7 @@ impl Shared {
                 let r = r.and_then(|()| pool.activate_thin(u64::from(dev), self.thin_sectors()));
                 match r {
                     Ok(()) => {
-                        let r = self.books().oracle.create_thin(dev, self.thin_sectors());
+                        let r = self.books().oracle.create_thin(dev, self.compact.sectors());
                         r.unwrap_or_else(|e| fail(e.to_string()));
                     }
                     Err(e) => fail(e.to_string()),
@@ -459,15 +539,36 @@ impl Shared {
                 return None;
             }
             Step::Delete(dev) => {
-                let r = pool
-                    .deactivate_thin(u64::from(dev))
-                    .and_then(|()| pool.message(&format!("delete {dev}")));
+                let r = self.remove(dev).and_then(|()| pool.message(&format!("delete {dev}")));
                 match r {
                     Ok(()) => {
                         let r = self.books().oracle.delete(dev);
                         r.unwrap_or_else(|e| fail(e.to_string()));
                     }
                     Err(e) => fail(e.to_string()),
+                }
+                return None;
+            }
+            Step::Activate(dev) => {
+                match pool.activate_thin(u64::from(dev), self.thin_sectors()) {
+                    Ok(()) => {
+                        self.books().removed.remove(&dev);
+                    }
+                    Err(e) => fail(e.to_string()),
+                }
+                return None;
+            }
+            Step::Remove(dev) => {
+                if let Err(e) = self.remove(dev) {
+                    fail(e.to_string());
+                }
+                return None;
+            }
+            Step::DeleteOpen(dev) => {
+                match pool.message(&format!("delete {dev}")) {
+                    Err(e) if e.errno == Errno::EBUSY => {}
+                    Err(e) => fail(format!("delete of an open device failed, but not with EBUSY: {e}")),
+                    Ok(()) => fail("delete of an open device succeeded".to_string()),
                 }
                 return None;
             }
@@ -478,8 +579,9 @@ impl Shared {
                 books.next_write += 1;
                 let w = books.next_write;
                 let mut data = vec![0; nr as usize * 512];
-                stamp::fill(&mut data, RUN, w, dev, sector);
-                let t = books.oracle.write_submitted(dev, sector, nr, w, fua);
+                let (at, _) = self.compact.io(sector, nr);
+                stamp::fill(&mut data, RUN, w, dev, at);
+                let t = books.oracle.write_submitted(dev, at, nr, w, fua);
                 let mut req = BioRequest::write(sector, data);
                 if fua {
                     req = req.with_fua();
@@ -488,12 +590,15 @@ impl Shared {
             }
             Step::Read { dev, sector, nr } => {
                 self.enter(dev);
-                let t = self.books().oracle.read_submitted(dev, sector, nr);
+                let (at, _) = self.compact.io(sector, nr);
+                let t = self.books().oracle.read_submitted(dev, at, nr);
                 (t.map(Sent::Read), BioRequest::read(sector, nr), dev)
             }
             Step::Discard { dev, sector, nr } => {
                 self.enter(dev);
-                let t = self.books().oracle.discard_submitted(dev, sector, nr);
+                let (at, n) =
+                    self.compact.range(sector, nr).expect("a discard reaches a block the oracle keeps");
+                let t = self.books().oracle.discard_submitted(dev, at, n);
                 (t.map(Sent::Discard), BioRequest::discard(sector, nr), dev)
             }
             Step::Flush(dev) => {
@@ -527,6 +632,37 @@ impl Shared {
                 None
             }
         }
+    }
+
+    /// Removes active device `dev` ([`Step::Remove`]): DM suspends it
+    /// (new submissions wait, its requests drain), then `thin_dtr` takes it
+    /// off the active list and waits, idle, until no worker walk holds it
+    /// before closing it.
+    fn remove(&self, dev: DevId) -> Result<(), dmsim_model::thin::pool::TargetError> {
+        lock(&self.gate).suspended.push(dev);
+        self.bump();
+        loop {
+            let seen = self.seen();
+            if self.drained(dev) {
+                break;
+            }
+            self.idle(seen);
+        }
+        let r = self.pool.remove_thin(u64::from(dev)).and_then(|removed| loop {
+            let seen = self.seen();
+            match self.pool.try_destroy_thin(&removed) {
+                Some(r) => break r,
+                // The worker still walks the device: it bumps the change
+                // count when its pass ends.
+                None => self.idle(seen),
+            }
+        });
+        if r.is_ok() {
+            self.books().removed.insert(dev);
+        }
+        lock(&self.gate).suspended.retain(|d| *d != dev);
+        self.bump();
+        r
     }
 
     /// Waits while `dev` is suspended, then counts a submission under way.
@@ -807,6 +943,7 @@ fn build(scenario: &Scenario, run: Run, image: Option<&Image>) -> Shared {
     let oracle = Oracle::new(OracleConfig::new(RUN, BLOCK));
     let shared = Shared {
         scenario: scenario.clone(),
+        compact: Compact::new(scenario),
         run,
         pool,
         books: StdMutex::new(Books {
@@ -816,6 +953,7 @@ fn build(scenario: &Scenario, run: Run, image: Option<&Image>) -> Shared {
             devs: BTreeMap::new(),
             early: BTreeMap::new(),
             completed: BTreeMap::new(),
+            removed: std::collections::BTreeSet::new(),
             failures: Vec::new(),
         }),
         submitters_done: AtomicUsize::new(0),
@@ -841,7 +979,7 @@ impl Shared {
             let r = match step {
                 Step::CreateThin(dev) => {
                     active.push(dev);
-                    books.oracle.create_thin(dev, self.thin_sectors()).map_err(|e| e.to_string())
+                    books.oracle.create_thin(dev, self.compact.sectors()).map_err(|e| e.to_string())
                 }
                 Step::CreateSnap { dev, origin } => {
                     active.push(dev);
@@ -851,27 +989,38 @@ impl Shared {
                     active.retain(|d| *d != dev);
                     books.oracle.delete(dev).map_err(|e| e.to_string())
                 }
+                Step::Activate(dev) => {
+                    active.push(dev);
+                    Ok(())
+                }
+                Step::Remove(dev) => {
+                    active.retain(|d| *d != dev);
+                    Ok(())
+                }
                 Step::Write { dev, sector, nr, fua } => {
                     books.next_write += 1;
                     let w = books.next_write;
+                    let (at, _) = self.compact.io(sector, nr);
                     books
                         .oracle
-                        .write_submitted(dev, sector, nr, w, fua)
+                        .write_submitted(dev, at, nr, w, fua)
                         .and_then(|t| books.oracle.write_completed(t, true))
                         .map_err(|e| e.to_string())
                 }
-                Step::Discard { dev, sector, nr } => books
-                    .oracle
-                    .discard_submitted(dev, sector, nr)
-                    .and_then(|t| books.oracle.discard_completed(t, true))
-                    .map_err(|e| e.to_string()),
+                Step::Discard { dev, sector, nr } => {
+                    let (at, n) = self.compact.range(sector, nr).expect("a discard reaches a kept block");
+                    books.oracle.discard_submitted(dev, at, n)
+                }
+                .and_then(|t| books.oracle.discard_completed(t, true))
+                .map_err(|e| e.to_string()),
                 Step::Flush(dev) => books
                     .oracle
                     .flush_submitted(dev)
                     .and_then(|t| books.oracle.flush_completed(t, true))
                     .map_err(|e| e.to_string()),
-                // A read changes nothing the oracle keeps.
-                Step::Read { .. } | Step::WaitMine => Ok(()),
+                // A read or a refused delete changes nothing the oracle
+                // keeps.
+                Step::Read { .. } | Step::DeleteOpen(_) | Step::WaitMine => Ok(()),
             };
             if let Err(e) = r {
                 books.fail(format!("set-up {step:?}: {e}"));
@@ -965,6 +1114,9 @@ fn finish(shared: &Shared) {
             shared.books().fail(format!("{used} data blocks in use, expected {expected}"));
         }
     }
+    if scenario.check_metadata {
+        check_metadata(shared);
+    }
     if let Some(b) = shared.pool.invariant_broken() {
         shared.books().fail(format!("model invariant broken: {b}"));
     }
@@ -977,6 +1129,28 @@ fn finish(shared: &Shared) {
             dmsim_model::sync::SUBSTRATE,
             failures.join("; ")
         );
+    }
+}
+
+/// Commits and runs the metadata checker on the pool's metadata device.
+fn check_metadata(shared: &Shared) {
+    let image = shared.pool.with_metadata(|md| {
+        md.commit().map_err(|e| e.to_string())?;
+        Ok::<_, String>(md.transaction_manager().block_manager().device().as_bytes().to_vec())
+    });
+    let what = match image {
+        Err(e) => Some(format!("the final commit failed: {e}")),
+        Ok(image) => {
+            let mut dev = MemDevice::from_bytes(image);
+            match check_thin_metadata(&mut dev, &CheckOptions::default()) {
+                Ok(report) if report.problems.is_empty() => None,
+                Ok(report) => Some(format!("the metadata checker found {:?}", report.problems)),
+                Err(e) => Some(format!("the metadata checker could not read the metadata: {e}")),
+            }
+        }
+    };
+    if let Some(what) = what {
+        shared.books().fail(what);
     }
 }
 
@@ -1089,6 +1263,81 @@ pub mod scenarios {
         }
     }
 
+    /// Virtual size of the devices of the scenarios that cross prison
+    /// regions: two whole regions (unprovisioned blocks cost nothing).
+    pub const TWO_REGIONS: u64 = 2 * REGION_EDGE;
+
+    /// Thin device lifecycle against the worker, completions and other
+    /// devices' I/O, on devices two prison regions long. Device 0 takes a
+    /// write to a mapped block and a write provisioning the two blocks on
+    /// the region boundary (worker passes walking the active devices),
+    /// then a `delete` of itself that must be refused while it is open.
+    /// Device 1, inactive after the set-up, is activated, written and read,
+    /// then removed and deleted; device 2, active and idle, is removed and
+    /// deleted while the worker runs. Checks, besides the usual: no worker
+    /// pass touches a device after `thin_dtr` freed it (a broken model
+    /// invariant), no request of a removed device completes after its
+    /// removal, the deleted devices' blocks are free again, and the
+    /// committed metadata passes the checker.
+    pub fn lifecycle_vs_worker() -> Scenario {
+        let edge = REGION_EDGE * BLOCK;
+        Scenario {
+            thin_blocks: TWO_REGIONS,
+            setup: vec![
+                Step::CreateThin(0),
+                write(0, 0, BLOCK),
+                Step::CreateThin(1),
+                write(1, 0, BLOCK),
+                Step::Remove(1),
+                Step::CreateThin(2),
+            ],
+            submitters: vec![
+                vec![write(0, 8, 8), write(0, edge - 8, 16), Step::DeleteOpen(0)],
+                vec![Step::Activate(1), write(1, 64, 8), read(1, 0, 16), Step::WaitMine, Step::Delete(1)],
+                vec![Step::Delete(2)],
+            ],
+            blocks_used: Some(3),
+            read_back: vec![(0, 0, BLOCK), (0, edge - BLOCK, 2 * BLOCK)],
+            check_metadata: true,
+            ..Scenario::new("thin lifecycle vs. the worker")
+        }
+    }
+
+    /// A discard of a whole prison region and one block past it (split by
+    /// DM core at the boundary: virtual blocks 0..1024 and 1024) races
+    /// writes to a mapped block inside the region (block 5) and across the
+    /// boundary (blocks 1023 and 1024), on a device two regions long. In
+    /// the regions design the discard's range key `[0, 1024)` ends on the
+    /// boundary and must share its region's lock with the write's key
+    /// `[5, 6)`.
+    pub fn writes_vs_discard_of_a_region() -> Scenario {
+        let edge = REGION_EDGE * BLOCK;
+        Scenario {
+            thin_blocks: TWO_REGIONS,
+            setup: vec![Step::CreateThin(0), write(0, 5 * BLOCK, BLOCK), write(0, edge - BLOCK, 2 * BLOCK)],
+            submitters: vec![
+                vec![discard(0, 0, edge + BLOCK)],
+                vec![write(0, 5 * BLOCK + 8, 8), write(0, edge - 8, 16)],
+            ],
+            read_back: vec![(0, 5 * BLOCK, BLOCK), (0, edge - BLOCK, 2 * BLOCK)],
+            check_metadata: true,
+            ..Scenario::new("writes vs. a discard of a whole prison region")
+        }
+    }
+
+    /// [`writes_vs_discard_of_a_region`] without discard passdown: no data
+    /// cells, so the discard's virtual range cell alone keeps the write to
+    /// block 5 from looking the block up between the discard's wait for
+    /// older I/O and its unmapping (with passdown, the data cell narrows
+    /// that window to nearly nothing).
+    pub fn writes_vs_discard_of_a_region_no_passdown() -> Scenario {
+        Scenario {
+            name: "writes vs. a discard of a whole prison region, no passdown",
+            features: PoolFeatures { no_discard_passdown: true, ..PoolFeatures::default() },
+            ..writes_vs_discard_of_a_region()
+        }
+    }
+
     /// Every scenario.
     pub fn all() -> Vec<Scenario> {
         vec![
@@ -1100,6 +1349,9 @@ pub mod scenarios {
             flush_vs_provisioning(),
             out_of_space(),
             write_vs_discard_across_regions(),
+            lifecycle_vs_worker(),
+            writes_vs_discard_of_a_region(),
+            writes_vs_discard_of_a_region_no_passdown(),
         ]
     }
 }

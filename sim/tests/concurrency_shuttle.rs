@@ -78,6 +78,21 @@ fn write_vs_discard_across_a_region_boundary() {
     check(scenarios::write_vs_discard_across_regions());
 }
 
+#[test]
+fn thin_lifecycle_vs_the_worker() {
+    check(scenarios::lifecycle_vs_worker());
+}
+
+#[test]
+fn writes_vs_a_discard_of_a_whole_prison_region() {
+    check(scenarios::writes_vs_discard_of_a_region());
+}
+
+#[test]
+fn writes_vs_a_discard_of_a_whole_prison_region_without_passdown() {
+    check(scenarios::writes_vs_discard_of_a_region_no_passdown());
+}
+
 /// Catches `name` in `scenario` under every design, and replays the saved
 /// schedule to the same failure.
 fn detector(scenario: Scenario, name: &str) {
@@ -158,4 +173,37 @@ fn fast_path_data_cell_is_redundant_under_snapshot_time_sharing() {
             SHUTTLE.both(iterations(), body(&scenario, run));
         }
     }
+}
+
+/// `thin_dtr` without its wait for `can_destroy`: a worker pass that took
+/// the device off the active list before its removal then walks the freed
+/// device (a broken model invariant).
+#[test]
+fn detector_thin_dtr_skips_destroy_wait() {
+    detector(scenarios::lifecycle_vs_worker(), "thin-dtr-skips-destroy-wait");
+}
+
+/// The worker's walk without `thin_get`: `thin_dtr` sees no reference and
+/// frees the device under the worker.
+#[test]
+fn detector_worker_skips_thin_get() {
+    detector(scenarios::lifecycle_vs_worker(), "worker-skips-thin-get");
+}
+
+/// `delete` of an open device is not refused.
+#[test]
+fn detector_delete_ignores_open_count() {
+    detector(scenarios::lifecycle_vs_worker(), "delete-ignores-open-count");
+}
+
+/// A key's region from its end: the discard's `[0, 1024)` takes region 1's
+/// lock, the write's `[5, 6)` region 0's, and the write slips past the
+/// discard (regions design only: the others have one prison).
+#[test]
+fn detector_region_from_block_end() {
+    detector_in(
+        scenarios::writes_vs_discard_of_a_region(),
+        "region-from-block-end",
+        &[LockingDesign::Regions],
+    );
 }

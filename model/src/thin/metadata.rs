@@ -464,7 +464,7 @@ impl<D: BlockDevice> ThinMetadata<D> {
     pub fn delete_thin(&mut self, id: ThinId) -> Result<()> {
         self.write_lock()?;
         let i = self.open_device(id, false)?;
-        if self.devices[i].open_count > 1 {
+        if self.devices[i].open_count > 1 && !self.tm.mutations.locking.delete_ignores_open_count {
             self.devices[i].open_count -= 1;
             return Err(ThinError::Busy(id));
         }

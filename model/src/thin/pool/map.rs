@@ -135,7 +135,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             if !key_fits_region(key) {
                 self.bug(format!("prison key {key:?} crosses a region boundary"));
             }
-            lock(&self.prisons[region_of(key, self.prisons.len())])
+            let region = if self.options.mutations.locking.region_from_block_end {
+                ((key.block_end >> crate::prison::REGION_SHIFT) as usize) & (self.prisons.len() - 1)
+            } else {
+                region_of(key, self.prisons.len())
+            };
+            lock(&self.prisons[region])
         } else {
             lock(&self.prisons[0])
         }

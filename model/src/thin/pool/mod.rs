@@ -55,7 +55,7 @@ use crate::pdata::layout::space_map::MAX_METADATA_BLOCKS;
 use crate::pdata::PdataError;
 use crate::prison::{BioPrison, CellId};
 use crate::probes::PoolProbes;
-use crate::sync::{into_inner, lock, Arc, Mutex};
+use crate::sync::{into_inner, lock, Arc, AtomicUsize, Mutex, Ordering};
 use crate::thin::message::{MessageError, PoolMessage};
 use crate::thin::metadata::{ThinError, ThinId, ThinMetadata};
 use crate::thin::mode::PoolMode;
@@ -402,6 +402,9 @@ struct ThinLists {
     deferred_cells: Vec<CellId>,
     deferred_bios: Vec<Bio>,
     retry_on_resume: Vec<Bio>,
+    /// `thin_dtr` freed the device (`kfree(tc)`): any later touch of its
+    /// lists is a use after free, reported as a broken invariant.
+    destroyed: bool,
 }
 
 /// An active thin device (`thin_c`).
@@ -410,6 +413,23 @@ pub(crate) struct ActiveThin {
     id: ThinId,
     nr_sectors: u64,
     lists: Mutex<ThinLists>,
+    /// `tc->refcount`: one for the table, one per worker walk holding the
+    /// device (`thin_get`/`thin_put`); `thin_dtr` waits for it to reach
+    /// zero (`can_destroy`) before freeing the device.
+    refs: AtomicUsize,
+}
+
+/// A thin device `thin_dtr` has taken off the pool's active list and whose
+/// table reference it has dropped, but which it has not freed yet: see
+/// [`Pool::remove_thin`] and [`Pool::try_destroy_thin`].
+#[derive(Debug)]
+pub struct RemovedThin(Arc<ActiveThin>);
+
+impl RemovedThin {
+    /// The device's id.
+    pub fn id(&self) -> ThinId {
+        self.0.id
+    }
 }
 
 /// The pool mode and the features that change with it.
@@ -787,23 +807,96 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         lock(&self.metadata)
             .open_thin(id)
             .map_err(|e| TargetError { errno: errno_of(&e), ..TableError::no_such_thin_device().into() })?;
-        let thin = ActiveThin { id, nr_sectors: len_sectors, lists: Mutex::new(ThinLists::default()) };
+        let thin = ActiveThin {
+            id,
+            nr_sectors: len_sectors,
+            lists: Mutex::new(ThinLists::default()),
+            refs: AtomicUsize::new(1),
+        };
         lock(&self.thins).push(Arc::new(thin));
         Ok(())
     }
 
-    /// Deactivates thin device `id` (`thin_dtr`); refused while it has
-    /// requests outstanding.
+    /// Deactivates thin device `id` (`thin_dtr`): [`Pool::remove_thin`],
+    /// then [`Pool::try_destroy_thin`] until the worker has let go of the
+    /// device (yielding to the other threads meanwhile; single-threaded,
+    /// nothing holds it). Refused while the device has requests
+    /// outstanding.
     pub fn deactivate_thin(&self, id: ThinId) -> Result<(), TargetError> {
-        if self.thin(id).is_none() {
-            return Err(TargetError::new(Errno::ENODATA, format!("thin device {id} is not active")));
+        let removed = self.remove_thin(id)?;
+        loop {
+            match self.try_destroy_thin(&removed) {
+                Some(r) => return r,
+                None => crate::sync::thread::yield_now(),
+            }
         }
+    }
+
+    /// The first half of `thin_dtr`: takes thin device `id` off the active
+    /// list (`list_del_rcu` under `pool->lock`; the worker's walks that
+    /// begin later no longer see it) and drops the table's reference
+    /// (`thin_put`). DM core calls the destructor only once the device is
+    /// suspended, its I/O drained; here a device with requests outstanding
+    /// is refused with EBUSY and stays active.
+    pub fn remove_thin(&self, id: ThinId) -> Result<RemovedThin, TargetError> {
+        let Some(thin) = self.thin(id) else {
+            return Err(TargetError::new(Errno::ENODATA, format!("thin device {id} is not active")));
+        };
         if lock(&self.io).user.values().any(|u| u.thin == id) {
             return Err(TargetError::new(Errno::EBUSY, format!("thin device {id} has requests in flight")));
         }
         lock(&self.thins).retain(|t| t.id != id);
-        let r = lock(&self.metadata).close_thin(id);
-        r.map_err(|e| TargetError::new(errno_of(&e), e.to_string()))
+        self.thin_put(&thin);
+        Ok(RemovedThin(thin))
+    }
+
+    /// The second half of `thin_dtr`: `None` while a worker walk still
+    /// holds the device (`wait_for_completion(&tc->can_destroy)` would
+    /// block), else frees it (its lists are gone) and closes it in the
+    /// metadata (`dm_pool_close_thin_device`). Call it again after `None`;
+    /// once it returned `Some`, the device is gone.
+    pub fn try_destroy_thin(&self, removed: &RemovedThin) -> Option<Result<(), TargetError>> {
+        let thin = &removed.0;
+        if thin.refs.load(Ordering::SeqCst) > 0 && !self.options.mutations.locking.thin_dtr_skips_destroy_wait
+        {
+            return None;
+        }
+        {
+            let mut lists = lock(&thin.lists);
+            if lists.destroyed {
+                return Some(Err(TargetError::new(
+                    Errno::EINVAL,
+                    format!("thin device {} freed twice", thin.id),
+                )));
+            }
+            lists.destroyed = true;
+        }
+        let r = lock(&self.metadata).close_thin(thin.id);
+        Some(r.map_err(|e| TargetError::new(errno_of(&e), e.to_string())))
+    }
+
+    /// `thin_get`: a walk of the active list takes a reference to `thin`.
+    fn thin_get(&self, thin: &ActiveThin) {
+        if !self.options.mutations.locking.worker_skips_thin_get {
+            thin.refs.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `thin_put` at the end of a walk: drops the reference
+    /// [`Pool::thin_get`] took.
+    fn thin_put_walked(&self, thin: &ActiveThin) {
+        if !self.options.mutations.locking.worker_skips_thin_get {
+            self.thin_put(thin);
+        }
+    }
+
+    /// `thin_put`: drops a reference (a walk's or the table's).
+    fn thin_put(&self, thin: &ActiveThin) {
+        if thin.refs.load(Ordering::SeqCst) == 0 {
+            self.bug(format!("thin device {} put with no reference left", thin.id));
+            return;
+        }
+        thin.refs.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The ids of the active thin devices, in activation order.
@@ -1145,6 +1238,19 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     fn thin_list(&self) -> Vec<Arc<ActiveThin>> {
         lock(&self.thins).clone()
+    }
+
+    /// The active devices, each with a reference taken ([`Pool::thin_get`]
+    /// under the list's lock, as `get_first_thin`/`get_next_thin` do under
+    /// the RCU read lock); the caller puts each when done with it. The
+    /// kernel takes them one at a time as it walks; taking them all at
+    /// once only makes `thin_dtr` wait longer.
+    fn thin_list_referenced(&self) -> Vec<Arc<ActiveThin>> {
+        let thins = lock(&self.thins);
+        for t in thins.iter() {
+            self.thin_get(t);
+        }
+        thins.clone()
     }
 
     fn wake_worker(&self) {

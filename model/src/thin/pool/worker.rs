@@ -9,12 +9,12 @@
 
 use super::bio::{Bio, BioOp};
 use super::io::DataIo;
-use super::{ActiveThin, DiscardParent, MappingBio, MappingId, NewMapping, Pool};
+use super::{ActiveThin, DiscardParent, MappingBio, MappingId, NewMapping, Pool, ThinLists};
 use crate::block_device::BlockDevice;
 use crate::deferred_set::AddWork;
 use crate::errno::Errno;
 use crate::prison::{key_fits_region, CellId, CellKey, Detained, REGION_BLOCKS};
-use crate::sync::lock;
+use crate::sync::{lock, MutexGuard};
 use crate::thin::metadata::{LookupResult, ThinError, ThinId};
 use crate::thin::mode::PoolMode;
 
@@ -38,9 +38,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn process_deferred_bios(&self) {
-        for thin in self.thin_list() {
+        for thin in self.thin_list_referenced() {
             self.process_thin_deferred_cells(&thin);
             self.process_thin_deferred_bios(&thin);
+            self.thin_put_walked(&thin);
         }
         let (bios, completions) = {
             let mut lists = lock(&self.lists);
@@ -81,8 +82,17 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
+    /// Locks `thin`'s lists, reporting a device already freed.
+    fn thin_lists<'a>(&self, thin: &'a ActiveThin) -> MutexGuard<'a, ThinLists> {
+        let lists = lock(&thin.lists);
+        if lists.destroyed {
+            self.bug(format!("the worker touched thin device {} after thin_dtr freed it", thin.id));
+        }
+        lists
+    }
+
     fn process_thin_deferred_cells(&self, thin: &ActiveThin) {
-        let cells = std::mem::take(&mut lock(&thin.lists).deferred_cells);
+        let cells = std::mem::take(&mut self.thin_lists(thin).deferred_cells);
         if cells.is_empty() {
             return;
         }
@@ -108,7 +118,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn process_thin_deferred_bios(&self, thin: &ActiveThin) {
-        let mut bios = std::mem::take(&mut lock(&thin.lists).deferred_bios);
+        let mut bios = std::mem::take(&mut self.thin_lists(thin).deferred_bios);
         // The kernel sorts through an rb-tree that sends equal sectors right:
         // a stable sort.
         bios.sort_by_key(|b| b.sector);
