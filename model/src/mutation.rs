@@ -144,6 +144,15 @@ pub struct Mutations {
     /// that rebuilds only the metadata space map): its counts and bitmap
     /// blocks are those of a transaction that never committed.
     pub abort_keeps_data_space_map: bool,
+    /// The regions design's discard split (DM core's
+    /// `max_discard_granularity` of one prison region) cuts pieces one
+    /// region long from where the last piece ended instead of at region
+    /// boundaries (a patch that splits by length): a discard that starts
+    /// inside a region and crosses the next boundary stays one piece,
+    /// whose key crosses the boundary, and the thin target completes it
+    /// without unmapping anything ("Discard doesn't respect bio prison
+    /// limits").
+    pub discard_split_unaligned: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -232,7 +241,7 @@ impl LockingMutations {
 
 impl Mutations {
     /// Every mutation with its command-line name.
-    pub const ALL: [(&'static str, Switch); 14] = [
+    pub const ALL: [(&'static str, Switch); 15] = [
         ("superblock-before-flush", |m| m.superblock_before_flush = true),
         ("reuse-freed-before-commit", |m| m.reuse_freed_before_commit = true),
         ("skip-zeroing", |m| m.skip_zeroing = true),
@@ -247,6 +256,7 @@ impl Mutations {
         ("passdown-releases-data-cell-twice", |m| m.passdown_releases_data_cell_twice = true),
         ("out-of-metadata-space-fails-writes", |m| m.out_of_metadata_space_fails_writes = true),
         ("metadata-grows-before-write-mode", |m| m.metadata_grows_before_write_mode = true),
+        ("discard-split-unaligned", |m| m.discard_split_unaligned = true),
     ];
 
     /// The mutations that break the metadata commit protocol (caught by the

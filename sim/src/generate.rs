@@ -5,6 +5,7 @@
 //! failed data I/O and armed disk faults with its own weights. Every choice
 //! comes from one ChaCha stream, so the same config gives the same ops.
 
+use dmsim_model::prison::REGION_BLOCKS;
 use dmsim_traces::Op;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -64,6 +65,7 @@ fn weights(w: Workload) -> Weights {
             grow_metadata: 12,
             ..base
         },
+        Workload::RegionCrossing => Weights { write: 260, read: 160, discard: 150, ..base },
     }
 }
 
@@ -166,6 +168,17 @@ fn place(
         }
         // Clustered: collisions between requests are where bugs live.
         Workload::Random | Workload::SnapshotHeavy if rng.gen_bool(0.7) => rng.gen_range(0..size.min(1024)),
+        // Within eight blocks of the prison region boundary; now and then
+        // a discard of most of the region, up to just past the boundary.
+        Workload::RegionCrossing => {
+            let edge = REGION_BLOCKS * block;
+            if kind == 2 && rng.gen_bool(0.15) {
+                let sector = rng.gen_range(0..edge - 8 * block);
+                let end = edge + rng.gen_range(0..8 * block);
+                return (sector as u32, end - sector);
+            }
+            edge - 8 * block + rng.gen_range(0..16 * block)
+        }
         _ => rng.gen_range(0..size),
     };
     let sector = if rng.gen_bool(0.5) { sector - sector % block } else { sector };

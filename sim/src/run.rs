@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dmsim_faults::{FaultCoverage, FaultSwarm};
 use dmsim_model::mutation::Mutations;
+use dmsim_model::prison::REGION_BLOCKS;
 use dmsim_model::thin::pool::{KernelFixes, LockingDesign, PoolOptions};
 use dmsim_model::thin::table::PoolFeatures;
 use dmsim_traces::minimize::minimize_ops;
@@ -53,11 +54,38 @@ pub enum Workload {
     /// metadata allocation that fails), and the administrator grows the
     /// metadata device now and then ([`Op::GrowMetadata`]).
     MetadataPressure,
+    /// Devices longer than one prison region of the regions design
+    /// ([`REGION_CROSSING_BLOCKS`] virtual blocks, provisioned only where
+    /// written), run under [`LockingDesign::Regions`] unless the campaign
+    /// names another design: I/O gathers around the region boundary at
+    /// virtual block 1,024, discards cross it (DM core splits them there)
+    /// or cover most of a region up to it. One seed in sixteen
+    /// ([`Workload::of_seed`]) when no workload is forced.
+    RegionCrossing,
 }
+
+/// Virtual blocks of a [`Workload::RegionCrossing`] device: one prison
+/// region of the regions design and a few blocks of the next.
+pub const REGION_CROSSING_BLOCKS: u64 = REGION_BLOCKS + 16;
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
+        Workload::Random,
+        Workload::Sequential,
+        Workload::SnapshotHeavy,
+        Workload::DiscardHeavy,
+        Workload::FillToFull,
+        Workload::ManySmallDevices,
+        Workload::Durability,
+        Workload::MetadataPressure,
+        Workload::RegionCrossing,
+    ];
+
+    /// The workloads a seed draws from (every one but
+    /// [`Workload::RegionCrossing`], which [`Workload::of_seed`] picks by
+    /// the seed's number, so that the other seeds keep their draws).
+    pub const DRAWN: [Workload; 8] = [
         Workload::Random,
         Workload::Sequential,
         Workload::SnapshotHeavy,
@@ -67,6 +95,17 @@ impl Workload {
         Workload::Durability,
         Workload::MetadataPressure,
     ];
+
+    /// The workload of `seed`, given its draw from [`Workload::DRAWN`]:
+    /// [`Workload::RegionCrossing`] for the seeds 13 modulo 16, the draw
+    /// otherwise.
+    pub fn of_seed(seed: u64, drawn: Workload) -> Workload {
+        if seed % 16 == 13 {
+            Workload::RegionCrossing
+        } else {
+            drawn
+        }
+    }
 
     /// Its name in traces and on the command line.
     pub fn name(self) -> &'static str {
@@ -79,6 +118,7 @@ impl Workload {
             Workload::ManySmallDevices => "many-small-devices",
             Workload::Durability => "durability",
             Workload::MetadataPressure => "metadata-pressure",
+            Workload::RegionCrossing => "region-crossing",
         }
     }
 
@@ -137,9 +177,14 @@ impl RunConfig {
     /// swarm all drawn from it.
     pub fn for_seed(seed: u64, ops: usize, settings: &CampaignSettings) -> RunConfig {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x646d_7369_6d5f_7275);
-        let workload = settings.workload.unwrap_or(Workload::ALL[rng.gen_range(0..Workload::ALL.len())]);
+        let drawn = Workload::DRAWN[rng.gen_range(0..Workload::DRAWN.len())];
+        let workload = settings.workload.unwrap_or(Workload::of_seed(seed, drawn));
         let block_sectors = if rng.gen_bool(0.5) { 128 } else { 256 };
+        // The oracle keeps state per sector: the long devices get the
+        // small block size.
+        let block_sectors = if workload == Workload::RegionCrossing { 128 } else { block_sectors };
         let (data_blocks, thin_blocks, max_devices) = match workload {
+            Workload::RegionCrossing => (rng.gen_range(12..48), REGION_CROSSING_BLOCKS, 3),
             Workload::FillToFull => (rng.gen_range(6..16), 16, 4),
             Workload::ManySmallDevices => (rng.gen_range(16..40), 4, 8),
             Workload::MetadataPressure => (rng.gen_range(64..128), 4, 64),
@@ -159,7 +204,12 @@ impl RunConfig {
         let options = PoolOptions {
             mutations: settings.mutations,
             fixes,
-            locking: settings.locking,
+            locking: match workload {
+                Workload::RegionCrossing if settings.locking == LockingDesign::default() => {
+                    LockingDesign::Regions
+                }
+                _ => settings.locking,
+            },
             ..PoolOptions::default()
         };
         RunConfig {

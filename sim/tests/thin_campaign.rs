@@ -203,6 +203,37 @@ fn metadata_pressure_mutations_are_caught_where_they_show() {
     }
 }
 
+/// The mutation of code only the region-crossing workload reaches: the
+/// regions design's discard split at prison region boundaries. The
+/// default campaign ran only the 6.1 design before that workload, whose
+/// seeds (13 modulo 16) run the regions design on devices longer than a
+/// region; no other workload reaches the split. A discard left crossing a
+/// boundary is one the oracle cannot tell from a discard that did nothing
+/// (it may leave the old data), so the model's invariant sees it: the
+/// kernel's "Discard doesn't respect bio prison limits".
+#[test]
+fn region_crossing_mutation_is_caught_where_it_shows() {
+    let name = "discard-split-unaligned";
+    let settings = CampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
+    let (seed, out) = DEFAULT_SEEDS
+        .map(|seed| (seed, run_config(&seed_config(seed, &settings), &Checkers::default())))
+        .find(|(_, out)| out.violation.is_some())
+        .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+    let v = out.violation.unwrap();
+    assert_eq!(seed, 13, "{name}: {v}");
+    assert_eq!(out.trace.header.workload, "region-crossing", "{name}");
+    let signature = violation_signature(v.kind, &v.what);
+    assert!(signature.starts_with("model: model invariant broken: discard CellKey"), "{name}: {signature}");
+    assert!(v.what.contains("crosses a prison region boundary"), "{name}: {v}");
+    let clean = run_config(&seed_config(seed, &CampaignSettings::default()), &Checkers::default());
+    assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
+    for workload in Workload::DRAWN {
+        let settings = CampaignSettings { workload: Some(workload), ..settings };
+        let out = run_config(&seed_config(seed, &settings), &Checkers::default());
+        assert!(out.violation.is_none(), "{name}, {workload}: {}", out.violation.unwrap());
+    }
+}
+
 /// The metadata-pressure workload does what it is for in the default
 /// budget: its seeds run out of metadata space (out-of-metadata-space mode
 /// after a commit, or read-only mode after an allocation failed), grow the

@@ -202,7 +202,9 @@ impl Bio {
 /// submitted once the flush completes; discards and flushes stay whole.
 ///
 /// With `discard_split` (the 6.4 design's `max_discard_granularity`, in
-/// sectors), DM core also splits discards at multiples of it.
+/// sectors), DM core also splits discards at multiples of it (with the
+/// mutation `discard-split-unaligned`, `unaligned`: every piece as long as
+/// the granularity from where the last one ended, boundaries or not).
 ///
 /// Returns `(first, after_flush)`: the bios to map now and the ones to map
 /// when all of `first` has completed.
@@ -212,6 +214,7 @@ pub(crate) fn split(
     req: BioRequest,
     block_sectors: u64,
     discard_split: Option<u64>,
+    unaligned: bool,
 ) -> (Vec<Bio>, Vec<Bio>) {
     let piece = |op, sector, nr_sectors, preflush, fua, offset, data| Bio {
         parent: id,
@@ -238,7 +241,11 @@ pub(crate) fn split(
                 let mut sector = req.sector;
                 let end = req.sector + req.nr_sectors;
                 while sector < end {
-                    let piece_end = ((sector / granularity + 1) * granularity).min(end);
+                    let piece_end = if unaligned {
+                        (sector + granularity).min(end)
+                    } else {
+                        ((sector / granularity + 1) * granularity).min(end)
+                    };
                     pieces.push(piece(
                         BioOp::Discard,
                         sector,
@@ -285,7 +292,7 @@ mod tests {
     #[test]
     fn reads_and_writes_split_at_block_boundaries() {
         let req = BioRequest::write(100, vec![7; 200 * 512]).with_fua();
-        let (now, later) = split(BioId(1), 3, req, 128, None);
+        let (now, later) = split(BioId(1), 3, req, 128, None, false);
         assert!(later.is_empty());
         let shape: Vec<_> = now.iter().map(|b| (b.sector, b.nr_sectors, b.offset, b.fua)).collect();
         assert_eq!(shape, vec![(100, 28, 0, true), (128, 128, 28 * 512, true), (256, 44, 156 * 512, true)]);
@@ -295,7 +302,7 @@ mod tests {
     #[test]
     fn preflush_with_data_is_an_empty_flush_first() {
         let req = BioRequest::write(0, vec![1; 512]).with_preflush().with_fua();
-        let (now, later) = split(BioId(2), 0, req, 128, None);
+        let (now, later) = split(BioId(2), 0, req, 128, None, false);
         assert_eq!(now.len(), 1);
         assert!(now[0].is_empty() && now[0].preflush && now[0].op == BioOp::Flush);
         assert_eq!(later.len(), 1);
@@ -304,14 +311,14 @@ mod tests {
 
     #[test]
     fn discards_stay_whole() {
-        let (now, later) = split(BioId(3), 0, BioRequest::discard(5, 1000), 128, None);
+        let (now, later) = split(BioId(3), 0, BioRequest::discard(5, 1000), 128, None, false);
         assert_eq!((now.len(), later.len()), (1, 0));
         assert_eq!((now[0].sector, now[0].nr_sectors), (5, 1000));
     }
 
     #[test]
     fn discards_split_at_the_granularity_when_asked() {
-        let (now, _) = split(BioId(4), 0, BioRequest::discard(100, 1000), 128, Some(512));
+        let (now, _) = split(BioId(4), 0, BioRequest::discard(100, 1000), 128, Some(512), false);
         let shape: Vec<_> = now.iter().map(|b| (b.sector, b.nr_sectors)).collect();
         assert_eq!(shape, vec![(100, 412), (512, 512), (1024, 76)]);
     }

@@ -137,7 +137,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             let mut io = lock(&self.io);
             let id = BioId(io.next_bio);
             io.next_bio += 1;
-            let (first, after_flush) = bio::split(id, thin, req, self.block_sectors, self.discard_split());
+            let unaligned = self.options.mutations.discard_split_unaligned;
+            let (first, after_flush) =
+                bio::split(id, thin, req, self.block_sectors, self.discard_split(), unaligned);
             io.user.insert(
                 id,
                 UserIo {
