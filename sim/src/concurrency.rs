@@ -639,8 +639,8 @@ impl Shared {
     /// off the active list and waits, idle, until no worker walk holds it
     /// before closing it.
     fn remove(&self, dev: DevId) -> Result<(), dmsim_model::thin::pool::TargetError> {
+        // Nobody waits for a suspension to begin: no bump here.
         lock(&self.gate).suspended.push(dev);
-        self.bump();
         loop {
             let seen = self.seen();
             if self.drained(dev) {

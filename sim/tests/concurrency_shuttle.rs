@@ -202,7 +202,7 @@ fn detector_delete_ignores_open_count() {
 #[test]
 fn detector_region_from_block_end() {
     detector_in(
-        scenarios::writes_vs_discard_of_a_region(),
+        scenarios::writes_vs_discard_of_a_region_no_passdown(),
         "region-from-block-end",
         &[LockingDesign::Regions],
     );
