@@ -1263,6 +1263,19 @@ pub mod scenarios {
         }
     }
 
+    /// The smallest lifecycle race, for loom: device 0's write sends the
+    /// worker walking the active devices while device 1, active and idle,
+    /// is removed (`thin_dtr` must wait until the walk lets go of it).
+    pub fn remove_vs_worker() -> Scenario {
+        Scenario {
+            setup: vec![Step::CreateThin(0), Step::CreateThin(1)],
+            submitters: vec![vec![write(0, 0, 8)], vec![Step::Remove(1)]],
+            blocks_used: Some(1),
+            read_back: vec![(0, 0, BLOCK)],
+            ..Scenario::new("thin removal vs. the worker")
+        }
+    }
+
     /// Virtual size of the devices of the scenarios that cross prison
     /// regions: two whole regions (unprovisioned blocks cost nothing).
     pub const TWO_REGIONS: u64 = 2 * REGION_EDGE;
@@ -1349,6 +1362,7 @@ pub mod scenarios {
             flush_vs_provisioning(),
             out_of_space(),
             write_vs_discard_across_regions(),
+            remove_vs_worker(),
             lifecycle_vs_worker(),
             writes_vs_discard_of_a_region(),
             writes_vs_discard_of_a_region_no_passdown(),

@@ -79,6 +79,11 @@ fn write_vs_discard_across_a_region_boundary() {
 }
 
 #[test]
+fn thin_removal_vs_the_worker() {
+    check(scenarios::remove_vs_worker());
+}
+
+#[test]
 fn thin_lifecycle_vs_the_worker() {
     check(scenarios::lifecycle_vs_worker());
 }
