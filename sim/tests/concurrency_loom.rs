@@ -111,10 +111,12 @@ fn out_of_space_while_bios_are_queued() {
     check(scenarios::out_of_space());
 }
 
-/// Once too slow for CI (about 6.5 minutes per design, each execution
-/// paying for the oracle of a 1025-block device); the oracle now keeps
-/// only the blocks the scenario touches, and it takes 19–29 s per design.
+/// Once about 6.5 minutes per design, each execution paying for the
+/// oracle of a 1025-block device; the oracle now keeps only the blocks the
+/// scenario touches, and it takes 19–29 s per design. Still over a CI
+/// test's minute for the three designs; shuttle covers it in CI.
 #[test]
+#[ignore = "about 70 s; shuttle covers it in CI"]
 fn write_vs_discard_across_a_region_boundary() {
     check(scenarios::write_vs_discard_across_regions());
 }
