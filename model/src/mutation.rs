@@ -144,6 +144,16 @@ pub struct Mutations {
     /// that rebuilds only the metadata space map): its counts and bitmap
     /// blocks are those of a transaction that never committed.
     pub abort_keeps_data_space_map: bool,
+    /// When a commit fails, the empty FLUSH and the FUA bios that waited
+    /// for it complete successfully anyway (an error path that forgets to pass
+    /// the commit's error on): the pool aborts to the last commit, so the
+    /// data they promised durable is unmapped again.
+    pub failed_commit_acks_flush: bool,
+    /// The abort after a failed metadata operation carries on when its
+    /// reread of the superblock fails (a patch that falls back to the copy
+    /// in memory): the abort succeeds and the pool goes read-only, where
+    /// the kernel's fails and the pool goes to fail mode.
+    pub abort_ignores_superblock_read_error: bool,
     /// The regions design's discard split (DM core's
     /// `max_discard_granularity` of one prison region) cuts pieces one
     /// region long from where the last piece ended instead of at region
@@ -286,6 +296,13 @@ impl Mutations {
         ("abort-keeps-data-space-map", |m| m.abort_keeps_data_space_map = true),
     ];
 
+    /// Mutations of the error paths after a failed commit and a failed
+    /// abort, which the thin swarm's aimed faults reach (`Op::AimFault`).
+    pub const AIMED: [(&'static str, Switch); 2] = [
+        ("failed-commit-acks-flush", |m| m.failed_commit_acks_flush = true),
+        ("abort-ignores-superblock-read-error", |m| m.abort_ignores_superblock_read_error = true),
+    ];
+
     /// Mutations of the cache target's I/O paths (the cache campaign
     /// catches them).
     pub const CACHE_TARGET: [(&'static str, Switch); 7] = [
@@ -309,7 +326,8 @@ impl Mutations {
     ];
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
-    /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`].
+    /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`],
+    /// then [`Self::AIMED`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
         Self::ALL
             .iter()
@@ -317,6 +335,7 @@ impl Mutations {
             .chain(Self::CACHE_TARGET.iter())
             .chain(Self::TREES.iter())
             .chain(Self::ABORTS.iter())
+            .chain(Self::AIMED.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).
