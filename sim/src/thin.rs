@@ -12,7 +12,7 @@
 //! timeout fails what still waits for space), reads every device back in
 //! full, and runs the independent metadata checker on the committed image.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use dmsim_faults::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
@@ -26,7 +26,9 @@ use dmsim_model::thin::dump::{read_devices, DeviceMappings};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
 use dmsim_model::thin::mode::PoolMode;
-use dmsim_model::thin::pool::{BioId, BioOp, BioRequest, Completion, Pool, PoolOptions};
+use dmsim_model::thin::pool::{
+    BioId, BioOp, BioRequest, Completion, DataIoKind, IoInfo, ModeChange, Pool, PoolOptions,
+};
 use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::table::{PoolFeatures, PoolTable};
 use dmsim_traces::stamp::{self, SectorContent};
@@ -213,6 +215,49 @@ pub struct ThinSim {
     /// a mapping in preparation then fails and keeps its data block,
     /// which a commit may have counted (a leak, as after a crash).
     degraded: bool,
+    /// Per request in flight: what could have made it fail (see
+    /// [`Reach`]).
+    reach: BTreeMap<BioId, Reach>,
+    /// The pool is out of data space (the kernel's `out_of_data_space`:
+    /// set on entering out-of-data-space mode, cleared only by write
+    /// mode), as the pool's mode changes tell.
+    out_of_data_space: bool,
+    /// Data faults (armed data-disk faults and failed data I/O) since the
+    /// pool was loaded: the failed mappings are looked for only then.
+    data_faults_since_load: u64,
+    /// Data blocks a failed data I/O may have left allocated and unmapped:
+    /// the destinations of failed zeroing, copies and writes, and the
+    /// blocks of mappings whose preparation failed.
+    leak_candidates: BTreeSet<u64>,
+    /// The first out-of-data-space mode the allocator had no reason for
+    /// (see [`ThinSim::note_mode_changes`]).
+    space_violation: Option<String>,
+}
+
+/// What could have reached a request in flight, from its submission to its
+/// completion: what makes an error legal for it (see
+/// [`ThinSim::completed`] and docs/campaign.md, "The oracle under
+/// faults").
+#[derive(Debug, Clone, Copy, Default)]
+struct Reach {
+    /// The thin device.
+    thin: ThinId,
+    /// The virtual blocks it touches, first and last.
+    blocks: (u64, u64),
+    /// It carries a PREFLUSH: its flush, an empty bio at sector 0, waits
+    /// in block 0's cells.
+    preflush: bool,
+    /// A data fault failed one of its own pieces' data I/O, or the
+    /// preparation of a mapping of a block it touches (whose cell it
+    /// waits in, or may join).
+    data_fault: bool,
+    /// A metadata fault fired while it was in flight.
+    metadata_fault: bool,
+    /// The pool was in out-of-metadata-space, read-only or fail mode while
+    /// it was in flight.
+    degraded: bool,
+    /// The pool was out of data space while it was in flight.
+    out_of_data_space: bool,
 }
 
 fn table(cfg: &ThinSimConfig) -> PoolTable {
@@ -263,6 +308,11 @@ impl ThinSim {
             expected: BTreeMap::new(),
             frozen: None,
             degraded: false,
+            reach: BTreeMap::new(),
+            out_of_data_space: false,
+            data_faults_since_load: 0,
+            leak_candidates: BTreeSet::new(),
+            space_violation: None,
         }
         .recording()
     }
@@ -329,6 +379,7 @@ impl ThinSim {
 
     /// Records pool mode changes and the faults that fired.
     fn observe(&mut self) {
+        self.note_mode_changes();
         let Some(pool) = self.pool.as_ref() else { return };
         let mode = pool.mode();
         let mut fired =
@@ -340,6 +391,11 @@ impl ThinSim {
             self.faults_fired += 1;
             if disk == DiskId::Metadata {
                 self.metadata_faults_fired += 1;
+                // Any request in flight may have needed the metadata (a
+                // lookup, a commit it waits for, an abort that fails it).
+                for r in self.reach.values_mut() {
+                    r.metadata_fault = true;
+                }
             }
             self.coverage.record_fired(&f);
             self.events.push(Event::FaultFired { disk, what: f.to_string() });
@@ -392,7 +448,7 @@ impl ThinSim {
         self.observe();
         // A broken invariant, or the pool failing for no reason, is the
         // cause of whatever else the op showed.
-        let r = self.check_invariants().and(self.check_fail_mode()).and(r);
+        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_space()).and(r);
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
         }
@@ -504,8 +560,7 @@ impl ThinSim {
             ThinOp::Complete { pick } => {
                 let io = self.pool().in_flight_io();
                 if !io.is_empty() {
-                    let id = io[pick as usize % io.len()].id;
-                    self.pool().complete_io(id).map_err(|e| self.fail(e.to_string()))?;
+                    self.complete_data_io(io[pick as usize % io.len()], false)?;
                     self.stats.data_ios += 1;
                     self.collect()?;
                 }
@@ -513,10 +568,9 @@ impl ThinSim {
             ThinOp::FailIo { pick } => {
                 let io = self.pool().in_flight_io();
                 if !io.is_empty() {
-                    let id = io[pick as usize % io.len()].id;
                     self.faults_fired += 1;
                     self.coverage.record_failed_io();
-                    self.pool().fail_io(id, Errno::EIO).map_err(|e| self.fail(e.to_string()))?;
+                    self.complete_data_io(io[pick as usize % io.len()], true)?;
                     self.stats.data_ios += 1;
                     self.collect()?;
                 }
@@ -724,10 +778,123 @@ impl ThinSim {
     fn submit(&mut self, dev: ThinId, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
         self.stats.bios += 1;
         let expect = self.read_only_expectation(dev, &req);
+        let block = self.cfg.block_sectors;
+        let blocks = (req.sector / block, (req.sector + req.nr_sectors.max(1) - 1) / block);
+        let preflush = req.preflush;
+        self.note_mode_changes();
         let id = self.pool().submit(dev, req).map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
+        // What the pool was in when the request came (its own submission
+        // may have changed nothing: the map path allocates nothing).
+        let reach = Reach {
+            thin: dev,
+            blocks,
+            preflush,
+            degraded: self.pool().mode() >= PoolMode::OutOfMetadataSpace,
+            out_of_data_space: self.out_of_data_space,
+            ..Reach::default()
+        };
+        self.reach.insert(id, reach);
         self.pending.insert(id, pending);
         self.expected.insert(id, (self.epoch, expect));
         self.collect()
+    }
+
+    /// Completes (or, `fail`, fails as an injected fault) the data I/O
+    /// `io`. When it failed — `fail`, or an armed fault of the data disk
+    /// fired on it — the request it is a piece of may fail with EIO, and
+    /// the block it zeroes, copies to or writes may be left allocated.
+    fn complete_data_io(&mut self, io: IoInfo, fail: bool) -> Result<(), ThinFailure> {
+        let request = self.pool().io_request(io.id);
+        let fired = |sim: &Self| sim.pool().with_data_device(|d| d.fired().len());
+        let before = fired(self);
+        let r = if fail { self.pool().fail_io(io.id, Errno::EIO) } else { self.pool().complete_io(io.id) };
+        r.map_err(|e| self.fail(e.to_string()))?;
+        if fail || fired(self) > before {
+            self.data_faults_since_load += 1;
+            if let Some(r) = request.and_then(|r| self.reach.get_mut(&r)) {
+                r.data_fault = true;
+            }
+            if matches!(io.kind, DataIoKind::Zero | DataIoKind::Copy | DataIoKind::Write) {
+                self.leak_candidates.insert(io.sector / self.cfg.block_sectors);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the requests in flight that a failed mapping reaches: those
+    /// of its device that touch its blocks (they wait in its cell, or
+    /// join it before the worker errors it). Its data block stays
+    /// allocated.
+    fn note_failed_mappings(&mut self) {
+        if self.data_faults_since_load == 0 {
+            return;
+        }
+        for m in self.pool().failed_mappings() {
+            self.leak_candidates.insert(m.data_block);
+            for r in self.reach.values_mut() {
+                let touches = |first: u64, last: u64| first < m.virt_end && m.virt_begin <= last;
+                if r.thin == m.thin && (touches(r.blocks.0, r.blocks.1) || r.preflush && touches(0, 0)) {
+                    r.data_fault = true;
+                }
+            }
+        }
+    }
+
+    /// Takes the pool's mode changes: the requests in flight lived through
+    /// each mode (read-only modes make EIO legal, out-of-data-space mode
+    /// ENOSPC). The kernel goes out of data space only from its allocator
+    /// (`alloc_data_block`), when no data block is free in both the open
+    /// transaction and the last commit (`sm_disk_new_block`; the free count
+    /// it reads first is the open transaction's), or when the allocation
+    /// needed a metadata block and found none; any other entry is noted as
+    /// a violation ([`Self::check_space`]).
+    fn note_mode_changes(&mut self) {
+        let Some(pool) = self.pool.as_ref() else { return };
+        for ModeChange { from, to, out_of_data_space } in pool.take_mode_changes() {
+            if to >= PoolMode::OutOfMetadataSpace {
+                for r in self.reach.values_mut() {
+                    r.degraded = true;
+                }
+            }
+            match to {
+                PoolMode::Write => self.out_of_data_space = false,
+                PoolMode::OutOfDataSpace => {
+                    self.out_of_data_space = true;
+                    for r in self.reach.values_mut() {
+                        r.out_of_data_space = true;
+                    }
+                    let why = match out_of_data_space {
+                        None => Some(format!("{from} mode to out-of-data-space mode outside the allocator")),
+                        Some(n) if n.metadata_exhausted => None,
+                        Some(n) => match n.free_in_both {
+                            Ok(0) => None,
+                            Ok(free) => Some(format!(
+                                "out-of-data-space mode with {free} data block(s) free in both the open \
+                                 transaction and the last commit"
+                            )),
+                            Err(_) if self.metadata_faults_fired > 0 => None,
+                            Err(e) => Some(format!(
+                                "out-of-data-space mode, the free data blocks unreadable with no metadata \
+                                 fault injected: {e}"
+                            )),
+                        },
+                    };
+                    if self.space_violation.is_none() {
+                        self.space_violation = why;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Out-of-data-space mode only for the allocator's reason (see
+    /// [`Self::note_mode_changes`]).
+    fn check_space(&self) -> Result<(), ThinFailure> {
+        match &self.space_violation {
+            Some(what) => Err(self.fail(what.clone())),
+            None => Ok(()),
+        }
     }
 
     /// What a request to device `dev` must return under the kernel's rules
@@ -753,6 +920,7 @@ impl ThinSim {
 
     /// Hands finished requests to the oracle.
     fn collect(&mut self) -> Result<(), ThinFailure> {
+        self.note_failed_mappings();
         for c in self.pool().take_completions() {
             self.completed(c)?;
         }
@@ -785,20 +953,42 @@ impl ThinSim {
                 ));
             }
         }
+        let reach = self.reach.remove(&c.id).unwrap_or_default();
+        let mode = self.pool().mode();
         match c.result {
             Ok(()) => {}
-            Err(Errno::ENOSPC) => self.stats.enospc += 1,
-            Err(Errno::EIO) if self.faults_fired > 0 => self.stats.io_errors += 1,
-            Err(e) if self.pool().mode() >= PoolMode::OutOfMetadataSpace => {
-                let _ = e;
+            // ENOSPC comes only from a pool out of data space
+            // (`get_pool_io_error_code`, `should_error_unserviceable_bio`,
+            // the no-space timeout).
+            Err(Errno::ENOSPC) if reach.out_of_data_space || self.out_of_data_space => self.stats.enospc += 1,
+            Err(Errno::ENOSPC) => {
+                return Err(self.fail_as(
+                    "oracle",
+                    format!(
+                        "a {} failed with ENOSPC in {mode} mode: the pool was never out of data space while \
+                         it was in flight: request {} on device {}",
+                        pending.kind(),
+                        c.id.0,
+                        c.thin
+                    ),
+                ))
+            }
+            Err(Errno::EIO) if reach.data_fault || reach.metadata_fault => self.stats.io_errors += 1,
+            Err(e) if reach.degraded || mode >= PoolMode::OutOfMetadataSpace => {
+                self.stats.io_errors += u64::from(e == Errno::EIO && self.faults_fired > 0);
             }
             Err(e) => {
-                return Err(self.fail(format!(
-                    "request {:?} on device {} failed with {e} in {} mode and no fault injected",
-                    c.id,
-                    c.thin,
-                    self.pool().mode()
-                )))
+                let faults =
+                    if self.faults_fired > 0 { "no fault could reach it" } else { "no fault injected" };
+                return Err(self.fail_as(
+                    "oracle",
+                    format!(
+                        "a {} failed with {e} in {mode} mode: {faults}: request {} on device {}",
+                        pending.kind(),
+                        c.id.0,
+                        c.thin
+                    ),
+                ));
             }
         }
         self.stats.reads_checked += u64::from(ok && pending.is_read());
@@ -816,9 +1006,8 @@ impl ThinSim {
                 continue;
             }
             match pool.in_flight_io().first() {
-                Some(io) => {
-                    let id = io.id;
-                    pool.complete_io(id).map_err(|e| self.fail(e.to_string()))?;
+                Some(&io) => {
+                    self.complete_data_io(io, false)?;
                     self.stats.data_ios += 1;
                 }
                 None => return self.collect(),
@@ -847,6 +1036,9 @@ impl ThinSim {
         });
         self.pending.clear();
         self.expected.clear();
+        self.reach.clear();
+        self.out_of_data_space = false;
+        self.data_faults_since_load = 0;
         self.epoch += 1;
         self.oracle.crash();
         let metadata_image = self.recover_metadata(metadata_image)?;
@@ -988,7 +1180,7 @@ impl ThinSim {
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         self.observe();
-        let r = self.check_invariants().and(self.check_fail_mode()).and(r);
+        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_space()).and(r);
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -1054,7 +1246,16 @@ impl ThinSim {
         // and after the pool was read-only for metadata, where a mapping in
         // preparation fails the same way
         // (`process_prepared_mapping_fail`).
-        let crashed = self.stats.crashes > 0 || self.faults_fired > 0 || self.degraded;
+        //
+        // Exactly: any leak after a crash, a metadata fault (its abort goes
+        // back to a commit that may have counted blocks of mappings still
+        // being prepared) or a read-only mode; after data faults alone,
+        // only the blocks a failed data I/O left (`leak_candidates`).
+        let crashed = self.stats.crashes > 0 || self.metadata_faults_fired > 0 || self.degraded;
+        let candidates = &self.leak_candidates;
+        let legal_leak = |p: &Problem| {
+            allowed_after_crash(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b)))
+        };
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared
@@ -1067,8 +1268,7 @@ impl ThinSim {
                 // often than it is mapped is damage, whatever the kernel
                 // does (a passdown discard's hold made durable by a commit
                 // was: see KernelFixes::passdown_holds_blocks_in_core).
-                let (leaks, other): (Vec<_>, Vec<_>) =
-                    report.problems.iter().partition(|p| crashed && allowed_after_crash(p));
+                let (leaks, other): (Vec<_>, Vec<_>) = report.problems.iter().partition(|p| legal_leak(p));
                 self.stats.leaked_after_crash += leaks.len() as u64;
                 if other.is_empty() {
                     Ok(())
