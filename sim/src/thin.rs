@@ -232,6 +232,10 @@ pub struct ThinSim {
     /// The first out-of-data-space mode the allocator had no reason for
     /// (see [`ThinSim::note_mode_changes`]).
     space_violation: Option<String>,
+    /// How many of the metadata faults fired and not yet taken have been
+    /// attributed to the requests they could reach (see
+    /// [`ThinSim::settle_metadata_faults`]).
+    metadata_faults_attributed: usize,
 }
 
 /// What could have reached a request in flight, from its submission to its
@@ -313,6 +317,7 @@ impl ThinSim {
             data_faults_since_load: 0,
             leak_candidates: BTreeSet::new(),
             space_violation: None,
+            metadata_faults_attributed: 0,
         }
         .recording()
     }
@@ -380,6 +385,11 @@ impl ThinSim {
     /// Records pool mode changes and the faults that fired.
     fn observe(&mut self) {
         self.note_mode_changes();
+        if self.pool.is_none() {
+            return;
+        }
+        self.settle_metadata_faults();
+        self.metadata_faults_attributed = 0;
         let Some(pool) = self.pool.as_ref() else { return };
         let mode = pool.mode();
         let mut fired =
@@ -391,11 +401,6 @@ impl ThinSim {
             self.faults_fired += 1;
             if disk == DiskId::Metadata {
                 self.metadata_faults_fired += 1;
-                // Any request in flight may have needed the metadata (a
-                // lookup, a commit it waits for, an abort that fails it).
-                for r in self.reach.values_mut() {
-                    r.metadata_fault = true;
-                }
             }
             self.coverage.record_fired(&f);
             self.events.push(Event::FaultFired { disk, what: f.to_string() });
@@ -554,7 +559,7 @@ impl ThinSim {
                 self.oracle_op(|o| o.delete(dev as DevId))?;
             }
             ThinOp::Worker => {
-                self.pool().run_worker();
+                self.worker_pass();
                 self.collect()?;
             }
             ThinOp::Complete { pick } => {
@@ -782,13 +787,20 @@ impl ThinSim {
         let blocks = (req.sector / block, (req.sector + req.nr_sectors.max(1) - 1) / block);
         let preflush = req.preflush;
         self.note_mode_changes();
+        self.settle_metadata_faults();
+        let before = self.metadata_faults_pending();
         let id = self.pool().submit(dev, req).map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
+        // A metadata fault in the map path (its lookup) reaches this
+        // request alone.
+        let after = self.metadata_faults_pending();
+        self.metadata_faults_attributed = after;
         // What the pool was in when the request came (its own submission
         // may have changed nothing: the map path allocates nothing).
         let reach = Reach {
             thin: dev,
             blocks,
             preflush,
+            metadata_fault: after > before,
             degraded: self.pool().mode() >= PoolMode::OutOfMetadataSpace,
             out_of_data_space: self.out_of_data_space,
             ..Reach::default()
@@ -797,6 +809,48 @@ impl ThinSim {
         self.pending.insert(id, pending);
         self.expected.insert(id, (self.epoch, expect));
         self.collect()
+    }
+
+    /// Metadata faults the metadata disk has fired and not yet reported.
+    fn metadata_faults_pending(&self) -> usize {
+        self.pool().with_metadata(|md| md.transaction_manager().block_manager().device().fired().len())
+    }
+
+    /// Metadata faults that fired where the simulator did not attribute
+    /// them more narrowly (a message, a status commit, a growth, a data
+    /// I/O completion that maps a PREFLUSH's data): each may have reached
+    /// every request in flight (a lookup, a commit it waits for, an abort
+    /// and the mode change that fails it).
+    fn settle_metadata_faults(&mut self) {
+        let n = self.metadata_faults_pending();
+        if n > self.metadata_faults_attributed {
+            for r in self.reach.values_mut() {
+                r.metadata_fault = true;
+            }
+            self.metadata_faults_attributed = n;
+        }
+    }
+
+    /// One worker pass. A metadata fault that fires in it reaches the
+    /// requests the pool still holds a piece of (a lookup, an allocation,
+    /// an insert, the commit a FLUSH or FUA waits for); one whose pieces
+    /// are all in flight to blocks already mapped ends with what the data
+    /// device returns, unless the fault changes the pool's mode (see
+    /// [`Self::note_mode_changes`]).
+    fn worker_pass(&mut self) {
+        self.settle_metadata_faults();
+        let before = self.metadata_faults_pending();
+        self.pool().run_worker();
+        let after = self.metadata_faults_pending();
+        if after > before {
+            let pool = self.pool.as_ref().expect("pool present between steps");
+            for (id, r) in self.reach.iter_mut() {
+                if pool.request_awaits_pool(*id) {
+                    r.metadata_fault = true;
+                }
+            }
+        }
+        self.metadata_faults_attributed = after;
     }
 
     /// Completes (or, `fail`, fails as an injected fault) the data I/O
@@ -1000,12 +1054,11 @@ impl ThinSim {
     pub fn quiesce(&mut self) -> Result<(), ThinFailure> {
         for _ in 0..1_000_000 {
             self.collect()?;
-            let pool = self.pool();
-            if pool.worker_wanted() {
-                pool.run_worker();
+            if self.pool().worker_wanted() {
+                self.worker_pass();
                 continue;
             }
-            match pool.in_flight_io().first() {
+            match self.pool().in_flight_io().first() {
                 Some(&io) => {
                     self.complete_data_io(io, false)?;
                     self.stats.data_ios += 1;
@@ -1037,6 +1090,7 @@ impl ThinSim {
         self.pending.clear();
         self.expected.clear();
         self.reach.clear();
+        self.metadata_faults_attributed = 0;
         self.out_of_data_space = false;
         self.data_faults_since_load = 0;
         self.epoch += 1;
