@@ -163,6 +163,12 @@ pub struct Mutations {
     /// data device is failing"): requests to blocks the failed I/O never
     /// touched fail with EIO.
     pub failed_mapping_errors_deferred_bios: bool,
+    /// `process_prepared_mapping` handles a mapping whose zeroing or copy
+    /// failed as it handles a failed insert (a patch that merges the two
+    /// error paths): `metadata_operation_failed` aborts the transaction,
+    /// sets needs_check and puts the pool in read-only mode over a data
+    /// device error, and every request that then needs a new block fails.
+    pub failed_mapping_aborts: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -276,10 +282,11 @@ impl Mutations {
     /// (the thin campaign catches them; before the oracle knew which
     /// requests a fault could reach, and that ENOSPC needs the pool out of
     /// data space, it missed them).
-    pub const UNDER_FAULTS: [(&'static str, Switch); 3] = [
+    pub const UNDER_FAULTS: [(&'static str, Switch); 4] = [
         ("io-error-code-follows-feature", |m| m.io_error_code_follows_feature = true),
         ("out-of-data-space-one-block-early", |m| m.out_of_data_space_one_block_early = true),
         ("failed-mapping-errors-deferred-bios", |m| m.failed_mapping_errors_deferred_bios = true),
+        ("failed-mapping-aborts", |m| m.failed_mapping_aborts = true),
     ];
 
     /// Mutations of the cache target's I/O paths (the cache campaign

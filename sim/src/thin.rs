@@ -229,9 +229,11 @@ pub struct ThinSim {
     /// the destinations of failed zeroing, copies and writes, and the
     /// blocks of mappings whose preparation failed.
     leak_candidates: BTreeSet<u64>,
-    /// The first out-of-data-space mode the allocator had no reason for
-    /// (see [`ThinSim::note_mode_changes`]).
-    space_violation: Option<String>,
+    /// The first out-of-data-space or read-only mode the pool had no
+    /// reason for (see [`ThinSim::note_mode_changes`]).
+    mode_violation: Option<String>,
+    /// Metadata faults fired since the pool was loaded.
+    metadata_faults_since_load: u64,
     /// How many of the metadata faults fired and not yet taken have been
     /// attributed to the requests they could reach (see
     /// [`ThinSim::settle_metadata_faults`]).
@@ -316,8 +318,9 @@ impl ThinSim {
             out_of_data_space: false,
             data_faults_since_load: 0,
             leak_candidates: BTreeSet::new(),
-            space_violation: None,
+            mode_violation: None,
             metadata_faults_attributed: 0,
+            metadata_faults_since_load: 0,
         }
         .recording()
     }
@@ -401,6 +404,7 @@ impl ThinSim {
             self.faults_fired += 1;
             if disk == DiskId::Metadata {
                 self.metadata_faults_fired += 1;
+                self.metadata_faults_since_load += 1;
             }
             self.coverage.record_fired(&f);
             self.events.push(Event::FaultFired { disk, what: f.to_string() });
@@ -453,7 +457,7 @@ impl ThinSim {
         self.observe();
         // A broken invariant, or the pool failing for no reason, is the
         // cause of whatever else the op showed.
-        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_space()).and(r);
+        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_modes()).and(r);
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
         }
@@ -901,10 +905,16 @@ impl ThinSim {
     /// transaction and the last commit (`sm_disk_new_block`; the free count
     /// it reads first is the open transaction's), or when the allocation
     /// needed a metadata block and found none; any other entry is noted as
-    /// a violation ([`Self::check_space`]).
+    /// a violation ([`Self::check_modes`]).
     fn note_mode_changes(&mut self) {
+        if self.pool.is_none() {
+            return;
+        }
+        // Those fired and not yet taken count too: the change may be
+        // theirs.
+        let metadata_faults = self.metadata_faults_since_load + self.metadata_faults_pending() as u64;
         let Some(pool) = self.pool.as_ref() else { return };
-        for ModeChange { from, to, out_of_data_space } in pool.take_mode_changes() {
+        for ModeChange { from, to, out_of_data_space, metadata_failure } in pool.take_mode_changes() {
             if to >= PoolMode::OutOfMetadataSpace {
                 for r in self.reach.values_mut() {
                     r.degraded = true;
@@ -912,6 +922,29 @@ impl ThinSim {
             }
             match to {
                 PoolMode::Write => self.out_of_data_space = false,
+                // Read-only mode follows a failed metadata operation
+                // (`metadata_operation_failed`): with no metadata fault
+                // injected since the pool was loaded, only one that found
+                // no metadata block free (metadata pressure), or the
+                // table's `read_only` feature. (Fail mode with no metadata
+                // fault is `check_fail_mode`'s.)
+                PoolMode::ReadOnly if metadata_faults == 0 => {
+                    let why = match metadata_failure {
+                        Some(f) if f.metadata_exhausted => None,
+                        Some(f) => Some(format!(
+                            "read-only mode with no metadata fault injected and metadata space left: {} \
+                             failed: {}",
+                            f.op, f.error
+                        )),
+                        None if self.cfg.features.read_only => None,
+                        None => {
+                            Some(format!("{from} mode to read-only mode with no metadata operation failed"))
+                        }
+                    };
+                    if self.mode_violation.is_none() {
+                        self.mode_violation = why;
+                    }
+                }
                 PoolMode::OutOfDataSpace => {
                     self.out_of_data_space = true;
                     for r in self.reach.values_mut() {
@@ -933,8 +966,8 @@ impl ThinSim {
                             )),
                         },
                     };
-                    if self.space_violation.is_none() {
-                        self.space_violation = why;
+                    if self.mode_violation.is_none() {
+                        self.mode_violation = why;
                     }
                 }
                 _ => {}
@@ -944,8 +977,8 @@ impl ThinSim {
 
     /// Out-of-data-space mode only for the allocator's reason (see
     /// [`Self::note_mode_changes`]).
-    fn check_space(&self) -> Result<(), ThinFailure> {
-        match &self.space_violation {
+    fn check_modes(&self) -> Result<(), ThinFailure> {
+        match &self.mode_violation {
             Some(what) => Err(self.fail(what.clone())),
             None => Ok(()),
         }
@@ -1091,6 +1124,7 @@ impl ThinSim {
         self.expected.clear();
         self.reach.clear();
         self.metadata_faults_attributed = 0;
+        self.metadata_faults_since_load = 0;
         self.out_of_data_space = false;
         self.data_faults_since_load = 0;
         self.epoch += 1;
@@ -1234,7 +1268,7 @@ impl ThinSim {
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         self.observe();
-        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_space()).and(r);
+        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_modes()).and(r);
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });

@@ -2,12 +2,13 @@
 //! requests a fault could reach, ENOSPC only from a pool out of data
 //! space, out-of-data-space mode only when no data block is free in both
 //! the open transaction and the last commit, and leaks after data faults
-//! alone only of the blocks a failed data I/O left. Each mutation of that
+//! alone only of the blocks a failed data I/O left, read-only mode only
+//! after a metadata fault or with the metadata full. Each mutation of that
 //! code (`Mutations::UNDER_FAULTS`) is caught by the default thin campaign
 //! (seeds 0..64) from the seed given, and its trace minimized; the oracle
 //! before this one (EIO legal for every request after the first fault,
-//! ENOSPC at any time) missed all three over the same seeds
-//! (docs/campaign.md, "The oracle under faults").
+//! ENOSPC at any time, read-only mode unjudged) missed all four over the
+//! same seeds (docs/campaign.md, "The oracle under faults").
 
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{
@@ -20,7 +21,7 @@ const DEFAULT_OPS: usize = 300;
 
 /// Each mutation, the first seed of the default budget that catches it
 /// (README, "Broken models the campaign catches") and its signature.
-const CAUGHT: [(&str, u64, &str); 3] = [
+const CAUGHT: [(&str, u64, &str); 4] = [
     (
         "io-error-code-follows-feature",
         41,
@@ -35,6 +36,11 @@ const CAUGHT: [(&str, u64, &str); 3] = [
         "failed-mapping-errors-deferred-bios",
         1,
         "oracle: a discard failed with EIO in out-of-data-space mode: no fault could reach it",
+    ),
+    (
+        "failed-mapping-aborts",
+        1,
+        "pool: read-only mode with no metadata fault injected and metadata space left: process_prepared_mapping failed",
     ),
 ];
 

@@ -386,6 +386,22 @@ pub struct ModeChange {
     /// up (`None` when the change came from anywhere else, which the
     /// kernel never does).
     pub out_of_data_space: Option<OutOfDataSpace>,
+    /// Into read-only or fail mode: the failed metadata operation that
+    /// aborted the transaction (`metadata_operation_failed`), if one did.
+    pub metadata_failure: Option<MetadataFailure>,
+}
+
+/// A metadata operation that failed and aborted the transaction
+/// (`metadata_operation_failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataFailure {
+    /// The operation, by the kernel's name (`dm_pool_commit_metadata`, …).
+    pub op: String,
+    /// Its error.
+    pub error: String,
+    /// It failed because the metadata space map had no block free in both
+    /// the open transaction and the last commit.
+    pub metadata_exhausted: bool,
 }
 
 /// What `alloc_data_block` saw when it put the pool out of data space.
@@ -446,6 +462,9 @@ struct PoolLists {
     /// What the allocator saw, for the change into out-of-data-space mode
     /// it is about to make.
     out_of_data_space_note: Option<OutOfDataSpace>,
+    /// The failed metadata operation, for the change into read-only or
+    /// fail mode it is about to make.
+    metadata_failure_note: Option<MetadataFailure>,
 }
 
 /// State under a thin device's `tc->lock`.
@@ -1134,8 +1153,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
-    fn metadata_operation_failed(&self, _op: &str, _e: &ThinError) {
+    fn metadata_operation_failed(&self, op: &str, e: &ThinError) {
         self.probe(|p| p.aborts += 1);
+        lock(&self.lists).metadata_failure_note = Some(MetadataFailure {
+            op: op.to_string(),
+            error: e.to_string(),
+            metadata_exhausted: matches!(e, ThinError::Pdata(PdataError::NoSpace(what)) if *what == "metadata"),
+        });
         // abort_transaction
         if lock(&self.metadata).abort().is_err() {
             self.set_pool_mode(PoolMode::Fail);
@@ -1192,8 +1216,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             lists.events += 1;
             let note =
                 if new == PoolMode::OutOfDataSpace { lists.out_of_data_space_note.take() } else { None };
+            let failure = if new >= PoolMode::ReadOnly { lists.metadata_failure_note.take() } else { None };
             if lists.mode_changes.len() < MAX_MODE_CHANGES {
-                lists.mode_changes.push(ModeChange { from: old, to: new, out_of_data_space: note });
+                lists.mode_changes.push(ModeChange {
+                    from: old,
+                    to: new,
+                    out_of_data_space: note,
+                    metadata_failure: failure,
+                });
             }
         }
     }

@@ -453,6 +453,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             _ => None,
         };
         let inserted = if self.mode() >= PoolMode::OutOfMetadataSpace || m.status.is_err() {
+            if m.status.is_err() && self.options.mutations.failed_mapping_aborts {
+                // Broken on purpose: a data error handled as a metadata one.
+                let e = crate::block_device::IoError::Failed {
+                    sector: m.data_block * self.block_sectors,
+                    reason: "the mapping's zeroing or copy failed".to_string(),
+                };
+                self.metadata_operation_failed("process_prepared_mapping", &ThinError::DataFlush(e));
+            }
             false
         } else {
             let r = lock(&self.metadata).insert_block(m.thin, m.virt_begin, m.data_block);
