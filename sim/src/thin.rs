@@ -904,8 +904,10 @@ impl ThinSim {
     /// (`alloc_data_block`), when no data block is free in both the open
     /// transaction and the last commit (`sm_disk_new_block`; the free count
     /// it reads first is the open transaction's), or when the allocation
-    /// needed a metadata block and found none; any other entry is noted as
-    /// a violation ([`Self::check_modes`]).
+    /// needed a metadata block and found none; and read-only only after a
+    /// failed metadata operation that a metadata fault, or a metadata
+    /// space map with no block free, explains. Any other entry is noted
+    /// as a violation ([`Self::check_modes`]).
     fn note_mode_changes(&mut self) {
         if self.pool.is_none() {
             return;
@@ -959,7 +961,7 @@ impl ThinSim {
                                 "out-of-data-space mode with {free} data block(s) free in both the open \
                                  transaction and the last commit"
                             )),
-                            Err(_) if self.metadata_faults_fired > 0 => None,
+                            Err(_) if metadata_faults > 0 => None,
                             Err(e) => Some(format!(
                                 "out-of-data-space mode, the free data blocks unreadable with no metadata \
                                  fault injected: {e}"
@@ -975,8 +977,8 @@ impl ThinSim {
         }
     }
 
-    /// Out-of-data-space mode only for the allocator's reason (see
-    /// [`Self::note_mode_changes`]).
+    /// Out-of-data-space and read-only modes only for the kernel's reasons
+    /// (see [`Self::note_mode_changes`]).
     fn check_modes(&self) -> Result<(), ThinFailure> {
         match &self.mode_violation {
             Some(what) => Err(self.fail(what.clone())),
