@@ -984,6 +984,8 @@ struct MetadataTotals {
     in_core_checks: usize,
     deepest_tree: u32,
     failed_commits: usize,
+    /// The btree probes by seed (thin only).
+    probes: ProbeTally,
     failing: Vec<u64>,
 }
 
@@ -1056,6 +1058,7 @@ impl MetadataTotals {
             row("open transactions checked", self.in_core_checks.to_string());
             row("deepest mapping tree (levels)", self.deepest_tree.to_string());
             row("commits failed by aimed faults", self.failed_commits.to_string());
+            crate::probes_report::print(&self.probes);
         }
         row("violations", self.failing.len().to_string());
     }
@@ -1101,6 +1104,7 @@ impl MetadataTotals {
             "open_transactions_checked": self.in_core_checks,
             "deepest_tree_levels": self.deepest_tree,
             "commits_failed_by_aimed_faults": self.failed_commits,
+            "probes": (which == MetadataCampaign::Thin).then(|| crate::probes_report::to_json(&self.probes)),
             "violations": self.failing.len(),
             "failing_seeds": self.failing,
             "failures": failures,
@@ -1145,6 +1149,7 @@ impl Summary {
             }
             if let Some(o) = &r.metadata {
                 s.md.add(r.seed, o);
+                s.md.probes.add(r.seed, &ThinProbes::of_trees(&o.tree_probes));
             }
             if let Some(o) = &r.cache_md {
                 s.cache_md.add(r.seed, o);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use dmsim_sim::cache_run::is_cache_header;
-use dmsim_traces::{DiskFault, Event, Op, Trace};
+use dmsim_traces::{DiskFault, Event, FaultAim, Op, Trace};
 
 use crate::exit;
 use dmsim_traces::file as trace_file;
@@ -171,6 +171,12 @@ pub fn describe_op(op: &Op) -> String {
             "grow the metadata device: suspend the pool, add {blocks} metadata blocks, {}resume",
             if reload { "reload the table, " } else { "" }
         ),
+        Op::AimFault { aim: FaultAim::Commit { request } } => format!(
+            "aim a metadata write error at the next commit: its write {request} (counting from 0) fails"
+        ),
+        Op::AimFault { aim: FaultAim::Abort } => "aim faults at the next abort: the next commit's first \
+            metadata write fails, and so does the abort's first metadata read"
+            .to_string(),
     }
 }
 

@@ -77,6 +77,9 @@ pub struct SimDisk {
     /// Writes that pass before an armed write fault may fire
     /// ([`SimDisk::arm_after_writes`]).
     write_skip: usize,
+    /// A fault armed only when the next write error fires
+    /// ([`SimDisk::arm_after_write_error`]).
+    after_write_error: Option<DiskFault>,
     /// Sectors that fail every request touching them.
     bad: BTreeSet<u64>,
     /// Faults that fired since the last [`SimDisk::take_fired`].
@@ -105,6 +108,7 @@ impl SimDisk {
             since_flush: Vec::new(),
             armed: VecDeque::new(),
             write_skip: 0,
+            after_write_error: None,
             bad: BTreeSet::new(),
             fired: Vec::new(),
         }
@@ -174,9 +178,17 @@ impl SimDisk {
         self.armed.push_back(fault);
     }
 
-    /// How many armed faults have not fired yet.
+    /// Arms `fault` at the moment this disk's next armed write error
+    /// fires: a fault aimed at what follows a failed write, such as the abort after a failed commit, whose first
+    /// read is then the one that fails. Replaces a fault so armed before.
+    pub fn arm_after_write_error(&mut self, fault: DiskFault) {
+        self.after_write_error = Some(fault);
+    }
+
+    /// How many armed faults have not fired yet (one waiting for a write
+    /// error included).
     pub fn armed(&self) -> usize {
-        self.armed.len()
+        self.armed.len() + usize::from(self.after_write_error.is_some())
     }
 
     /// The armed faults that have not fired yet, oldest first.
@@ -188,6 +200,7 @@ impl SimDisk {
     pub fn disarm_all(&mut self) {
         self.armed.clear();
         self.write_skip = 0;
+        self.after_write_error = None;
     }
 
     /// The sectors made bad by permanent errors, in order.
@@ -236,6 +249,11 @@ impl SimDisk {
     fn error(&mut self, op: &str, sector: u64, nr: u64, permanent: bool) -> IoError {
         if permanent {
             self.bad.extend(sector..sector + nr);
+        }
+        if op == "write" {
+            if let Some(next) = self.after_write_error.take() {
+                self.armed.push_back(next);
+            }
         }
         let (kind, word) = match (op, permanent) {
             ("read", false) => (FaultKind::ReadErrorTransient, "transient"),

@@ -143,6 +143,12 @@ pub struct FaultSwarm {
     pub data_bit_flip: bool,
     /// Largest distance of a misdirected write, in sectors (at least 1).
     pub max_misdirect: u32,
+    /// Chance, in percent, that a flush or a pool message of a thin trace
+    /// comes after an aimed fault (`Op::AimFault`: a metadata write error
+    /// at the Nth request of the next commit, or at a commit and then at
+    /// its abort). 0 in [`FaultSwarm::from_seed`] and [`FaultSwarm::none`];
+    /// the thin campaign draws it for its seeds with metadata faults.
+    pub aimed_percent: u32,
 }
 
 impl FaultSwarm {
@@ -160,6 +166,7 @@ impl FaultSwarm {
             misdirect: false,
             data_bit_flip: false,
             max_misdirect: 16,
+            aimed_percent: 0,
         }
     }
 
@@ -251,7 +258,10 @@ impl FaultSwarm {
 
     /// No fault or crash can happen under these settings.
     pub fn is_quiet(&self) -> bool {
-        self.crash_weight == 0 && self.fail_io_weight == 0 && self.fault_choices().is_empty()
+        self.crash_weight == 0
+            && self.fail_io_weight == 0
+            && self.aimed_percent == 0
+            && self.fault_choices().is_empty()
     }
 
     /// Whether `kind` may be armed on `disk` under these settings. These
@@ -354,6 +364,11 @@ impl FaultSwarm {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        // Written only when on, so that headers written before aimed
+        // faults existed are still what these settings write.
+        .chain(
+            (self.aimed_percent > 0).then(|| ("aimed_percent".to_string(), self.aimed_percent.to_string())),
+        )
         .collect()
     }
 
@@ -390,6 +405,12 @@ impl FaultSwarm {
                 "permanent_percent" => {
                     s.permanent_percent = num()?;
                     if s.permanent_percent > 100 {
+                        return Err(bad());
+                    }
+                }
+                "aimed_percent" => {
+                    s.aimed_percent = num()?;
+                    if s.aimed_percent > 100 {
                         return Err(bad());
                     }
                 }

@@ -222,3 +222,27 @@ fn an_aimed_write_fault_lets_the_first_writes_pass() {
     disk.arm(DiskFault::WriteError { permanent: false });
     assert!(write(&mut disk, 3, 1, 4).is_err(), "a plain arm fires at once");
 }
+
+#[test]
+fn a_fault_armed_after_a_write_error_waits_for_it() {
+    let mut disk = patterned(32);
+    disk.arm_after_write_error(DiskFault::ReadError { permanent: false });
+    assert_eq!(disk.armed(), 1);
+    // Reads before the write error pass; so do writes while none is armed.
+    read(&mut disk, 0, 1).unwrap();
+    write(&mut disk, 0, 1, 1).unwrap();
+    read(&mut disk, 0, 1).unwrap();
+    disk.arm_after_writes(1, DiskFault::WriteError { permanent: false });
+    write(&mut disk, 1, 1, 2).unwrap();
+    assert!(write(&mut disk, 2, 1, 3).is_err(), "the aimed write error");
+    assert_eq!(disk.armed(), 1, "the read error is armed now");
+    assert!(read(&mut disk, 0, 1).is_err(), "the first read after the write error fails");
+    read(&mut disk, 0, 1).unwrap();
+    assert_eq!(disk.armed(), 0);
+    let kinds: Vec<FaultKind> = disk.take_fired().iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, [FaultKind::WriteErrorTransient, FaultKind::ReadErrorTransient]);
+    // Disarming forgets it.
+    disk.arm_after_write_error(DiskFault::ReadError { permanent: false });
+    disk.disarm_all();
+    assert_eq!(disk.armed(), 0);
+}

@@ -484,7 +484,9 @@ impl<'c> Replayer<'c> {
             // The kernel runs its own worker and completes its own I/O;
             // every request above already ran to completion.
             Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
-            Op::Fault { .. } | Op::Crash { .. } | Op::GrowMetadata { .. } => done("unsupported".into(), None),
+            Op::Fault { .. } | Op::Crash { .. } | Op::GrowMetadata { .. } | Op::AimFault { .. } => {
+                done("unsupported".into(), None)
+            }
             // Rejected above (`thin_error`); kept as an error here too.
             Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status => {
                 Err(ShimError::Invalid(format!(

@@ -139,7 +139,11 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
                     op.name()
                 )))
             }
-            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } | Op::GrowMetadata { .. } => {
+            Op::CreateThin
+            | Op::CreateSnap { .. }
+            | Op::Delete { .. }
+            | Op::GrowMetadata { .. }
+            | Op::AimFault { .. } => {
                 return Err(ShimError::Invalid(format!("op {i} ({}) belongs to thin traces", op.name())))
             }
         }

@@ -88,7 +88,9 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
     if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
         return Err(ShimError::Invalid(e));
     }
-    if let Some(op) = trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::Crash { .. })) {
+    if let Some(op) =
+        trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. } | Op::Crash { .. }))
+    {
         return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?} yet")));
     }
     let mut sim = ThinSim::new(cfg.thin);

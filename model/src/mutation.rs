@@ -169,6 +169,16 @@ pub struct Mutations {
     /// sets needs_check and puts the pool in read-only mode over a data
     /// device error, and every request that then needs a new block fails.
     pub failed_mapping_aborts: bool,
+    /// When a commit fails, the empty FLUSH and the FUA bios that waited
+    /// for it complete successfully anyway (an error path that forgets to pass
+    /// the commit's error on): the pool aborts to the last commit, so the
+    /// data they promised durable is unmapped again.
+    pub failed_commit_acks_flush: bool,
+    /// The abort after a failed metadata operation carries on when its
+    /// reread of the superblock fails (a patch that falls back to the copy
+    /// in memory): the abort succeeds and the pool goes read-only, where
+    /// the kernel's fails and the pool goes to fail mode.
+    pub abort_ignores_superblock_read_error: bool,
     /// Broken locking in the pool's concurrent core, for the loom and
     /// shuttle harnesses. Not in [`Self::ALL`]: single-stepped runs cannot
     /// open the windows these need, so the campaign's detector tests would
@@ -289,6 +299,13 @@ impl Mutations {
         ("failed-mapping-aborts", |m| m.failed_mapping_aborts = true),
     ];
 
+    /// Mutations of the error paths after a failed commit and a failed
+    /// abort, which the thin swarm's aimed faults reach (`Op::AimFault`).
+    pub const AIMED: [(&'static str, Switch); 2] = [
+        ("failed-commit-acks-flush", |m| m.failed_commit_acks_flush = true),
+        ("abort-ignores-superblock-read-error", |m| m.abort_ignores_superblock_read_error = true),
+    ];
+
     /// Mutations of the cache target's I/O paths (the cache campaign
     /// catches them).
     pub const CACHE_TARGET: [(&'static str, Switch); 7] = [
@@ -313,7 +330,7 @@ impl Mutations {
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
     /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`],
-    /// then [`Self::UNDER_FAULTS`].
+    /// then [`Self::UNDER_FAULTS`], then [`Self::AIMED`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
         Self::ALL
             .iter()
@@ -322,6 +339,7 @@ impl Mutations {
             .chain(Self::TREES.iter())
             .chain(Self::ABORTS.iter())
             .chain(Self::UNDER_FAULTS.iter())
+            .chain(Self::AIMED.iter())
     }
 
     /// The mutation named `name` (see [`Self::ALL`] and [`Self::CACHE`]).

@@ -529,7 +529,11 @@ impl CacheSim {
                 let ticket = self.oracle_op(|o| o.flush_submitted(DEV))?;
                 self.submit(BioRequest::flush(), Pending::Flush(ticket))?;
             }
-            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } | Op::GrowMetadata { .. } => {
+            Op::CreateThin
+            | Op::CreateSnap { .. }
+            | Op::Delete { .. }
+            | Op::GrowMetadata { .. }
+            | Op::AimFault { .. } => {
                 return Err(self
                     .fail_as("misuse", format!("op {op:?} belongs to thin traces; this is a cache trace")));
             }

@@ -187,6 +187,10 @@ pub struct SeedOutcome {
     /// Commits an aimed write error failed (each then aborted and
     /// reopened).
     pub failed_commits: usize,
+    /// What the btrees did over the seed (coverage probes: splits,
+    /// rebalances, merges, collapses, the deepest insert), every
+    /// reopened transaction manager added up.
+    pub tree_probes: dmsim_model::probes::TreeProbes,
 }
 
 type Reference = BTreeMap<u64, BTreeMap<u64, u64>>;
@@ -221,6 +225,14 @@ fn dump_device(dev: &mut MemDevice, metadata_snap: bool) -> Result<String, Strin
 }
 
 impl Run<'_> {
+    /// The seed's outcome, with the open metadata's btree probes added.
+    fn finish(mut self) -> SeedOutcome {
+        if let Some(md) = self.md.as_mut() {
+            self.outcome.tree_probes.add(&md.transaction_manager().probes());
+        }
+        self.outcome
+    }
+
     fn md(&mut self) -> &mut ThinMetadata<SimDisk> {
         self.md.as_mut().expect("metadata open")
     }
@@ -384,7 +396,8 @@ impl Run<'_> {
             self.violation(op_index, ViolationKind::ReferenceMismatch, detail);
             return false;
         }
-        let md = self.md.take().expect("metadata open");
+        let mut md = self.md.take().expect("metadata open");
+        self.outcome.tree_probes.add(&md.transaction_manager().probes());
         let image = md.crash().visible().to_vec();
         match ThinMetadata::open(SimDisk::from_image(image), DATA_BLOCK_SIZE, false) {
             Ok(mut md) => {
@@ -789,14 +802,14 @@ fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng)
         Ok(md) => run.md = Some(md),
         Err(e) => {
             run.failed(0, "format", e);
-            return run.outcome;
+            return run.finish();
         }
     }
     // The first commit writes the resized data space map.
     let disk = run.md().transaction_manager().block_manager().device_mut();
     run.committed_dump = dump(disk.visible(), false).unwrap_or_default();
     if !run.commit(0) {
-        return run.outcome;
+        return run.finish();
     }
     for (i, op) in ops.iter().enumerate() {
         run.outcome.ops += 1;
@@ -807,7 +820,7 @@ fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng)
             break;
         }
     }
-    run.outcome
+    run.finish()
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //!
 //! Each workload is a table of op weights plus a rule for where its I/O
 //! goes; the seed's [`FaultSwarm`](dmsim_faults::FaultSwarm) adds crashes,
-//! failed data I/O and armed disk faults with its own weights. Every choice
-//! comes from one ChaCha stream, so the same config gives the same ops.
+//! failed data I/O and armed disk faults with its own weights, and aimed
+//! faults before flushes and pool messages (which commit). Every choice
+//! comes from one ChaCha stream, the aimed faults' from a second, so the
+//! same config gives the same ops.
 
-use dmsim_traces::Op;
+use dmsim_traces::{FaultAim, Op};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -96,6 +98,9 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
         (w.grow_metadata, 13),
     ];
     let total: u32 = table.iter().map(|(w, _)| w).sum();
+    // Aimed faults come from a stream of their own: a seed's other ops are
+    // drawn as they would be without them (the last few fall off the end).
+    let mut aim_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ AIM_SALT);
     let mut out = vec![Op::CreateThin];
     while out.len() < cfg.ops {
         let mut roll = rng.gen_range(0..total);
@@ -144,9 +149,40 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
             13 => Op::GrowMetadata { blocks: rng.gen_range(1..8), reload: rng.gen_bool(0.5) },
             _ => Op::Worker,
         };
+        // Before a flush or a FUA write (each waits for a commit that
+        // comes at a later worker step), and less often before a pool
+        // message (which commits at once).
+        let aim_percent = match op {
+            Op::Flush { .. } => swarm.aimed_percent,
+            Op::Write { fua: true, .. } | Op::Write { preflush: true, .. } => swarm.aimed_percent,
+            Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } => swarm.aimed_percent / 3,
+            _ => 0,
+        };
+        if aim_percent > 0 && aim_rng.gen_range(0..100) < aim_percent {
+            out.push(aimed_fault(&mut aim_rng));
+            if out.len() == cfg.ops {
+                break;
+            }
+        }
         out.push(op);
     }
     out
+}
+
+/// Salt of the aimed faults' stream.
+const AIM_SALT: u64 = 0x6169_6d5f_666c_7573;
+
+/// An aimed fault: two in three at a request of the next commit (its
+/// first to its eighth write: a small commit writes a few blocks, so a
+/// later request may fall in a later commit), one in three at the commit
+/// and then its abort.
+fn aimed_fault(rng: &mut ChaCha8Rng) -> Op {
+    let aim = if rng.gen_range(0..3) < 2 {
+        FaultAim::Commit { request: rng.gen_range(0..4) }
+    } else {
+        FaultAim::Abort
+    };
+    Op::AimFault { aim }
 }
 
 /// Where a read, write (`kind` 0/1) or discard (2) goes, and its length.

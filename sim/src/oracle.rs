@@ -763,8 +763,14 @@ impl Oracle {
     /// The write of `ticket` completed, successfully or not.
     pub fn write_completed(&mut self, ticket: IoTicket, ok: bool) -> Result<(), UsageError> {
         // A write the rollback caught in flight may have landed in a block
-        // whose mapping is gone: success or not, it may be lost.
-        let ok = ok && !self.rolled_back_writes.remove(&ticket);
+        // whose mapping is gone: success or not, it may be lost. Not a FUA
+        // write that succeeds: the kernel completes one only once its
+        // block's mapping is committed (after the commit that inserted
+        // it, or at once for a block the last commit maps), and a
+        // rollback goes back to the last commit.
+        let fua_write = matches!(self.pending.get(&ticket), Some(Pending::Write { fua: true, .. }));
+        let excused = self.rolled_back_writes.remove(&ticket);
+        let ok = ok && (!excused || fua_write);
         let Pending::Write { incarnation, write, sector, nr_sectors, fua } = self.take(ticket, "write")?
         else {
             unreachable!("take checked the kind");
@@ -1013,6 +1019,16 @@ impl Oracle {
             let mut after_crash = legal_then;
             after_crash.extend(s.after_crash.iter().filter(|e| e.op > t));
             ops.normalize(&mut after_crash);
+            // What reads may return narrows too: a successful flush means
+            // no rollback took back what it covered. (Without one between
+            // the flush's submission and now, nothing changes: reads never
+            // allow more than the flush's view and what came after it.)
+            let kept = contents(&after_crash);
+            let narrowed: Vec<Entry> =
+                s.legal.iter().filter(|e| kept.binary_search(&e.content).is_ok()).cloned().collect();
+            if !narrowed.is_empty() {
+                s.legal = narrowed;
+            }
             s.after_crash = after_crash;
             s.written_durable |= written_then && s.reset_at < t;
         }

@@ -13,7 +13,7 @@
 //! probes, so reports are the same bytes for the same runs.
 
 use dmsim_faults::FaultCoverage;
-use dmsim_model::probes::PoolProbes;
+use dmsim_model::probes::{PoolProbes, TreeProbes};
 use dmsim_traces::Event;
 
 use crate::thin::ThinStats;
@@ -124,6 +124,22 @@ impl ThinProbes {
     /// Every probe with its count, in report order (zero counts included).
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         self.counts.iter().copied()
+    }
+
+    /// The btree probes alone (the first seven of [`PROBES`]) of one
+    /// transaction manager's trees, or several added up: what the
+    /// metadata crash campaign reports, where there is no pool.
+    pub fn of_trees(t: &TreeProbes) -> Self {
+        let own = [
+            t.root_splits,
+            t.node_splits,
+            t.insert_rebalances,
+            t.merges,
+            t.collapses,
+            t.shared_collapses,
+            if t.deepest >= 3 { u64::from(t.deepest) } else { 0 },
+        ];
+        ThinProbes { counts: PROBES.iter().map(|(name, _)| *name).zip(own).collect() }
     }
 
     /// The count of the probe called `name` (`None`: no such probe).
@@ -258,6 +274,11 @@ mod tests {
         assert_eq!(p.get("no-such-probe"), None);
         pool.tree.deepest = 3;
         assert_eq!(probes(pool, &[]).get("btree-three-levels"), Some(3));
+        let trees = ThinProbes::of_trees(&pool.tree);
+        assert_eq!(trees.iter().count(), 7, "the btree probes only");
+        assert_eq!(trees.get("btree-collapse-shared-child"), Some(1));
+        assert_eq!(trees.get("btree-three-levels"), Some(3));
+        assert_eq!(trees.get("passdown-second-pass"), None);
     }
 
     #[test]

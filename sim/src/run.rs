@@ -132,6 +132,20 @@ pub struct CampaignSettings {
     pub locking: LockingDesign,
 }
 
+/// Seed `seed`'s fault swarm ([`FaultSwarm::from_seed`]), with aimed
+/// faults ([`FaultSwarm::aimed_percent`]) for one seed in two of those
+/// whose swarm arms metadata faults: before 15 or 30 percent of its
+/// flushes and pool messages. Drawn from a stream of its own, so the
+/// swarm's other settings are those of `from_seed`.
+pub fn swarm_for_seed(seed: u64) -> FaultSwarm {
+    let mut swarm = FaultSwarm::from_seed(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6169_6d65_645f_7365);
+    if swarm.metadata_fault_weight > 0 || swarm.crash_weight > 0 {
+        swarm.aimed_percent = [15, 30, 50][rng.gen_range(0..3)];
+    }
+    swarm
+}
+
 impl RunConfig {
     /// The run seed `seed` makes: workload, pool shape, features and fault
     /// swarm all drawn from it.
@@ -176,7 +190,15 @@ impl RunConfig {
                 max_devices,
                 metadata_sectors,
             },
-            swarm: FaultSwarm::from_seed(seed),
+            swarm: {
+                let mut swarm = swarm_for_seed(seed);
+                // A metadata-pressure seed is there to run out of metadata
+                // space: an aimed fault would turn its pool read-only first.
+                if workload == Workload::MetadataPressure {
+                    swarm.aimed_percent = 0;
+                }
+                swarm
+            },
         }
     }
 

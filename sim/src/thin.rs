@@ -32,7 +32,7 @@ use dmsim_model::thin::pool::{
 use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::table::{PoolFeatures, PoolTable};
 use dmsim_traces::stamp::{self, SectorContent};
-use dmsim_traces::{CrashMode, DiskId, Event};
+use dmsim_traces::{CrashMode, DiskFault, DiskId, Event, FaultAim};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -452,12 +452,18 @@ impl ThinSim {
 
     /// Applies one operation, recording it and what it led to.
     pub fn apply(&mut self, op: &ThinOp) -> Result<(), ThinFailure> {
+        let start = self.events.len();
         self.events.push(Event::Op(*op));
         let r = catching(|| self.apply_inner(op)).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         self.observe();
         // A broken invariant, or the pool failing for no reason, is the
         // cause of whatever else the op showed.
-        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_modes()).and(r);
+        let r = self
+            .check_invariants()
+            .and(self.check_fail_mode())
+            .and(self.check_modes())
+            .and(self.check_failed_abort(start))
+            .and(r);
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
         }
@@ -591,6 +597,21 @@ impl ThinSim {
                 DiskId::Data => self.pool().with_data_device(|d| d.arm(fault)),
                 DiskId::Cache | DiskId::Origin => return Err(self.not_thin(op)),
             },
+            ThinOp::AimFault { aim } => {
+                let transient_write = DiskFault::WriteError { permanent: false };
+                self.pool().with_metadata(|md| {
+                    let disk = md.transaction_manager().block_manager().device_mut();
+                    match aim {
+                        FaultAim::Commit { request } => {
+                            disk.arm_after_writes(request.into(), transient_write)
+                        }
+                        FaultAim::Abort => {
+                            disk.arm_after_writes(0, transient_write);
+                            disk.arm_after_write_error(DiskFault::ReadError { permanent: false });
+                        }
+                    }
+                })
+            }
             ThinOp::Tick { millis } => {
                 self.now += u64::from(millis) * 1_000_000;
                 self.stats.sim_time_ns = self.now;
@@ -686,11 +707,50 @@ impl ThinSim {
     /// flag, so a metadata operation that fails in out-of-metadata-space
     /// or read-only mode ends in fail mode). With no fault injected, a
     /// metadata operation attempted in those modes is the cause.
+    ///
+    /// And the other way round: once an abort could not reread the last
+    /// commit (the metadata's `fail_io`), `abort_transaction` puts the
+    /// pool in fail mode, whatever mode it was in.
     fn check_fail_mode(&self) -> Result<(), ThinFailure> {
         match self.pool.as_ref() {
             Some(p) if p.mode() == PoolMode::Fail && self.metadata_faults_fired == 0 => {
                 Err(self.fail("fail mode with no metadata fault injected"))
             }
+            Some(p) if p.mode() != PoolMode::Fail && p.metadata_failed() => {
+                Err(self.fail(format!("{} mode after an abort failed, not fail mode", p.mode())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An abort that cannot reread the superblock ends in fail mode: when,
+    /// in the events since `since` (one op's), a metadata write error
+    /// (the failed commit) is followed by a read error of the superblock
+    /// (the abort's first read: `dm_pool_abort_metadata` reopens the
+    /// metadata from it), `abort_transaction` sets fail mode, which the
+    /// pool never leaves. A crash in between starts a new pool.
+    fn check_failed_abort(&self, since: usize) -> Result<(), ThinFailure> {
+        let mut commit_failed = false;
+        let mut abort_failed = false;
+        for e in &self.events[since..] {
+            match e {
+                Event::FaultFired { disk: DiskId::Metadata, what } if what.starts_with("write-error") => {
+                    commit_failed = true;
+                }
+                Event::FaultFired { disk: DiskId::Metadata, what }
+                    if commit_failed && what.starts_with("read-error sector 0 ") =>
+                {
+                    abort_failed = true;
+                }
+                Event::Crashed { .. } => (commit_failed, abort_failed) = (false, false),
+                _ => {}
+            }
+        }
+        match self.pool.as_ref() {
+            Some(p) if abort_failed && p.mode() != PoolMode::Fail => Err(self.fail(format!(
+                "{} mode after the abort of a failed commit could not reread the superblock, not fail mode",
+                p.mode()
+            ))),
             _ => Ok(()),
         }
     }

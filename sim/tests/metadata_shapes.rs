@@ -39,6 +39,19 @@ fn the_default_seeds_draw_every_shape_and_the_deep_one_grows_three_levels() {
     assert!(out.violations.is_empty(), "{:#?}", out.violations);
     assert_eq!(out.deepest_tree, 3, "{out:?}");
     assert_eq!(out.shape, "deep");
+    // Its probes say so too: the root split twice at least (two new
+    // levels), inner nodes split, and an insert went three levels down.
+    let t = out.tree_probes;
+    assert!(t.root_splits >= 2 && t.node_splits > 0 && t.deepest >= 3, "{t:?}");
+    // A shrink seed of the default budget collapses a root's only child
+    // that a snapshot shares (finding 10's state).
+    let collapsed = cfg
+        .seeds
+        .clone()
+        .filter(|&s| Shape::of_seed(s) == Shape::Shrink)
+        .map(|s| run_seed(&cfg, s))
+        .find(|o| o.tree_probes.shared_collapses > 0);
+    assert!(collapsed.is_some_and(|o| o.violations.is_empty() && o.tree_probes.collapses > 0));
     // The random shape stays shallow: it is the campaign as it was.
     let random = CampaignConfig { shape: Some(Shape::Random), seeds: 0..8, ..CampaignConfig::default() };
     for seed in random.seeds.clone() {

@@ -24,7 +24,7 @@ const DEFAULT_OPS: usize = 300;
 const CAUGHT: [(&str, u64, &str); 4] = [
     (
         "io-error-code-follows-feature",
-        41,
+        19,
         "oracle: a write failed with ENOSPC in read-only mode: the pool was never out of data space while it was in flight",
     ),
     (

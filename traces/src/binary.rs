@@ -56,6 +56,7 @@
 //! 0x10 status
 //! 0x11 resize       cache blocks u32, origin blocks u32
 //! 0x12 grow-metadata blocks u32, reload bool
+//! 0x13 aim-fault    aim byte (0 commit, 1 abort), then for commit: request u8
 //! 0x20 done         bio u64, dev u32, result string, read: bool present, then string if 1
 //! 0x21 fault-fired  disk byte, what string
 //! 0x22 crashed      metadata kept u32, unflushed u32, data kept u32, unflushed u32, torn bool
@@ -65,7 +66,7 @@
 //!
 //! Tags `0x0e`–`0x10` and disk bytes 2 and 3 are the cache ops and disks,
 //! added after the first thin traces were written, `0x11` after the
-//! first cache traces, and `0x12` (a thin op) after that; every earlier
+//! first cache traces, and `0x12` and `0x13` (thin ops) after that; every earlier
 //! encoding is unchanged, so those traces decode as before. A disk byte means the
 //! same in `fault` and `fault-fired`.
 //!
@@ -76,7 +77,7 @@
 //! byte offset where decoding failed and what was expected there.
 
 use crate::error::{Location, TraceError};
-use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, FaultAim, Op};
 use crate::trace::{Event, Header, Trace, FORMAT_VERSION};
 
 /// The first four bytes of a binary trace.
@@ -101,6 +102,7 @@ mod tag {
     pub const STATUS: u8 = 0x10;
     pub const RESIZE: u8 = 0x11;
     pub const GROW_METADATA: u8 = 0x12;
+    pub const AIM_FAULT: u8 = 0x13;
     pub const DONE: u8 = 0x20;
     pub const FAULT_FIRED: u8 = 0x21;
     pub const CRASHED: u8 = 0x22;
@@ -254,6 +256,16 @@ impl Writer {
                 self.byte(tag::GROW_METADATA);
                 self.varint(blocks.into());
                 self.bool(reload);
+            }
+            Op::AimFault { aim } => {
+                self.byte(tag::AIM_FAULT);
+                match aim {
+                    FaultAim::Commit { request } => {
+                        self.byte(0);
+                        self.varint(request.into());
+                    }
+                    FaultAim::Abort => self.byte(1),
+                }
             }
         }
     }
@@ -519,6 +531,17 @@ impl<'a> Reader<'a> {
             tag::GROW_METADATA => {
                 Op::GrowMetadata { blocks: self.u32("blocks")?, reload: self.bool("reload")? }
             }
+            tag::AIM_FAULT => {
+                let at = self.pos;
+                let aim = match self.byte("an aim")? {
+                    0 => FaultAim::Commit { request: self.u8("request")? },
+                    1 => FaultAim::Abort,
+                    other => {
+                        return Err(self.err(at, format!("an aim byte (0 commit, 1 abort), not {other}")))
+                    }
+                };
+                Op::AimFault { aim }
+            }
             tag::DONE => {
                 let bio = self.varint("bio")?;
                 let dev = self.u32("dev")?;
@@ -538,7 +561,7 @@ impl<'a> Reader<'a> {
             tag::VIOLATION => {
                 return Ok(Event::Violation { kind: self.str("kind")?, message: self.str("message")? });
             }
-            t => return Err(self.err(at, format!("an event tag (0x01..=0x12, 0x20..=0x24), not {t:#04x}"))),
+            t => return Err(self.err(at, format!("an event tag (0x01..=0x13, 0x20..=0x24), not {t:#04x}"))),
         };
         Ok(Event::Op(op))
     }

@@ -28,6 +28,6 @@ pub mod trace;
 pub use binary::{from_bytes, to_bytes};
 pub use error::{Location, TraceError};
 pub use minimize::{ddmin, simpler_ops, simplify_each, Stats};
-pub use op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
+pub use op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, FaultAim, Op};
 pub use text::{from_text, to_text};
 pub use trace::{Event, Header, Trace, FORMAT_VERSION};

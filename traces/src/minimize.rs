@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 
-use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, FaultAim, Op};
 
 /// What a minimization cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -325,6 +325,12 @@ pub fn simpler_ops(op: &Op) -> Vec<Op> {
                 out.push(Op::GrowMetadata { blocks, reload: false });
             }
             out.extend(smaller(blocks.into(), 0).map(|b| Op::GrowMetadata { blocks: b as u32, reload }))
+        }
+        Op::AimFault { aim: FaultAim::Commit { request } } => out.extend(
+            smaller(request.into(), 0).map(|r| Op::AimFault { aim: FaultAim::Commit { request: r as u8 } }),
+        ),
+        Op::AimFault { aim: FaultAim::Abort } => {
+            out.push(Op::AimFault { aim: FaultAim::Commit { request: 0 } })
         }
         Op::CreateThin | Op::Worker | Op::Status => {}
     }

@@ -193,6 +193,35 @@ pub enum DiskFault {
     },
 }
 
+/// Where an aimed fault ([`Op::AimFault`]) strikes: at a window of the
+/// pool's metadata handling rather than at the next request of a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultAim {
+    /// The metadata disk's write `request` writes from now fails
+    /// (transiently). The pool writes metadata only when it commits, so
+    /// this is the request-th write of the next commit (or of a later one,
+    /// when the next writes fewer blocks).
+    Commit {
+        /// Writes that pass first (0: the commit's first write fails).
+        request: u8,
+    },
+    /// The next commit's first metadata write fails, and so does the first
+    /// metadata read after it: the abort that follows the failed commit,
+    /// which rereads the superblock, fails too (the pool must then go to
+    /// fail mode).
+    Abort,
+}
+
+impl FaultAim {
+    /// The aim's name in the text format (`commit`, `abort`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultAim::Commit { .. } => "commit",
+            FaultAim::Abort => "abort",
+        }
+    }
+}
+
 /// One input of a thin-pool or cache run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -326,6 +355,13 @@ pub enum Op {
         /// Load the pool's table again before the resume.
         reload: bool,
     },
+    /// Thin traces only: arm a fault aimed at a window of the pool's
+    /// metadata handling (see [`FaultAim`]); the campaign's swarm draws
+    /// these beside the faults of [`Op::Fault`].
+    AimFault {
+        /// The window.
+        aim: FaultAim,
+    },
 }
 
 impl Op {
@@ -354,6 +390,7 @@ impl Op {
             Op::Status => "status",
             Op::Resize { .. } => "resize",
             Op::GrowMetadata { .. } => "grow-metadata",
+            Op::AimFault { .. } => "aim-fault",
         }
     }
 
@@ -364,9 +401,17 @@ impl Op {
     }
 
     /// Whether the op belongs to thin traces only ([`Op::CreateThin`],
-    /// [`Op::CreateSnap`], [`Op::Delete`], [`Op::GrowMetadata`]).
+    /// [`Op::CreateSnap`], [`Op::Delete`], [`Op::GrowMetadata`],
+    /// [`Op::AimFault`]).
     pub fn is_thin_only(&self) -> bool {
-        matches!(self, Op::CreateThin | Op::CreateSnap { .. } | Op::Delete { .. } | Op::GrowMetadata { .. })
+        matches!(
+            self,
+            Op::CreateThin
+                | Op::CreateSnap { .. }
+                | Op::Delete { .. }
+                | Op::GrowMetadata { .. }
+                | Op::AimFault { .. }
+        )
     }
 
     /// Why a thin run cannot take this op, if it cannot: a cache-only op,

@@ -101,6 +101,8 @@
 //! status                                         Op::Status (cache traces only)
 //! resize cache=N origin=N                        Op::Resize (cache traces only; N in blocks)
 //! grow-metadata blocks=N [reload]                Op::GrowMetadata (thin traces only; 4 KiB blocks)
+//! aim-fault commit request=N                     Op::AimFault, FaultAim::Commit (thin traces only)
+//! aim-fault abort                                Op::AimFault, FaultAim::Abort (thin traces only)
 //! done bio=N dev=N S [read=S]                    Event::Done (S = result)
 //! fault-fired DISK S                             Event::FaultFired
 //! crashed metadata=N/N data=N/N [torn]           Event::Crashed (kept/unflushed)
@@ -125,7 +127,7 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 
 use crate::error::{clip, Location, TraceError};
-use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
+use crate::op::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, FaultAim, Op};
 use crate::trace::{Event, Header, Trace, FORMAT_VERSION};
 
 /// The first word of a text trace.
@@ -235,6 +237,8 @@ pub fn op_to_line(op: &Op) -> String {
         Op::GrowMetadata { blocks, reload } => {
             format!("grow-metadata blocks={blocks}{}", if reload { " reload" } else { "" })
         }
+        Op::AimFault { aim: FaultAim::Commit { request } } => format!("aim-fault commit request={request}"),
+        Op::AimFault { aim: FaultAim::Abort } => "aim-fault abort".to_string(),
     }
 }
 
@@ -534,6 +538,7 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         "status" => "status",
         "resize" => "resize cache=N origin=N",
         "grow-metadata" => "grow-metadata blocks=N [reload]",
+        "aim-fault" => "aim-fault commit request=N | aim-fault abort",
         "done" => "done bio=N dev=N RESULT [read=S]",
         "fault-fired" => "fault-fired DISK WHAT",
         "crashed" => "crashed metadata=N/N data=N/N [torn]",
@@ -639,6 +644,15 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
             let blocks = a.num("blocks")?;
             let reload = a.flag("reload");
             a.finish(op(Op::GrowMetadata { blocks, reload }))
+        }
+        "aim-fault" => {
+            let aim = a.next("an aim: `commit` or `abort`")?;
+            let aim = match aim.as_str() {
+                "commit" => FaultAim::Commit { request: a.num("request")? },
+                "abort" => FaultAim::Abort,
+                _ => return Err(a.err(format!("an aim: `commit` or `abort`, not {:?}", clip(&aim)))),
+            };
+            a.finish(op(Op::AimFault { aim }))
         }
         "done" => {
             let (bio, dev) = (a.num("bio")?, a.num("dev")?);

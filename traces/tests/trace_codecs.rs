@@ -5,7 +5,7 @@
 use dmsim_traces::binary::{self, from_bytes, to_bytes};
 use dmsim_traces::text::{self, event_from_line, from_text, to_text};
 use dmsim_traces::{
-    CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Event, Header, Location, Op, Trace,
+    CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Event, FaultAim, Header, Location, Op, Trace,
     TraceError,
 };
 use proptest::prelude::*;
@@ -295,6 +295,64 @@ fn grow_metadata_encodings() {
     assert!(every_cache_event().ops().all(|op| !op.is_thin_only()));
 }
 
+/// The aimed faults (tag 0x13), text and binary, pinned byte for byte,
+/// and their errors.
+#[test]
+fn aim_fault_encodings() {
+    let ops = [
+        Op::AimFault { aim: FaultAim::Commit { request: 0 } },
+        Op::AimFault { aim: FaultAim::Commit { request: 200 } },
+        Op::AimFault { aim: FaultAim::Abort },
+    ];
+    let trace = Trace {
+        header: Header { seed: 3, workload: "random".into(), params: vec![] },
+        events: ops.into_iter().map(Event::Op).collect(),
+    };
+    let text = to_text(&trace);
+    assert_eq!(
+        text,
+        "dmsim-trace 1\nseed 3\nworkload random\n\
+         aim-fault commit request=0\n\
+         aim-fault commit request=200\n\
+         aim-fault abort\n"
+    );
+    assert_eq!(from_text(&text).unwrap(), trace);
+    let mut expected = b"DMTR\x01\x03\x06random\x00\x03".to_vec();
+    expected.extend([0x13, 0x00, 0x00]);
+    expected.extend([0x13, 0x00, 0xc8, 0x01]);
+    expected.extend([0x13, 0x01]);
+    let bytes = to_bytes(&trace);
+    assert_eq!(hex(&bytes), hex(&expected));
+    assert_eq!(from_bytes(&bytes).unwrap(), trace);
+    for bad in [
+        "aim-fault",
+        "aim-fault commit",
+        "aim-fault commit request=256",
+        "aim-fault abort x",
+        "aim-fault data",
+    ] {
+        let e = event_from_line(bad).unwrap_err().to_string();
+        assert!(e.contains("aim-fault commit request=N | aim-fault abort"), "{bad}: {e}");
+    }
+    let one = |event: &[u8]| {
+        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
+        b.extend(event);
+        b
+    };
+    for (event, expected) in [
+        (&[0x13][..], "an aim (the input ended)"),
+        (&[0x13, 0x02][..], "an aim byte (0 commit, 1 abort), not 2"),
+        (&[0x13, 0x00][..], "request (the input ended)"),
+        (&[0x13, 0x00, 0x80, 0x02][..], "request in 0..=255"),
+    ] {
+        let msg = bin_err(&one(event)).to_string();
+        assert!(msg.contains(expected), "{event:02x?}: {msg} should mention {expected:?}");
+    }
+    let op = Op::AimFault { aim: FaultAim::Abort };
+    assert_eq!(op.name(), "aim-fault");
+    assert!(op.is_thin_only() && op.thin_error().is_none());
+}
+
 #[test]
 fn grow_metadata_binary_errors() {
     let one = |event: &[u8]| {
@@ -552,7 +610,7 @@ fn cache_binary_errors() {
         (&[0x11], 10, "cache blocks (the input ended)"),
         (&[0x11, 0x01], 11, "origin blocks (the input ended)"),
         (&[0x11, 0x80, 0x80, 0x80, 0x80, 0x10, 0x01], 10, "cache blocks in 0..=4294967295"),
-        (&[0x13], 9, "an event tag (0x01..=0x12, 0x20..=0x24), not 0x13"),
+        (&[0x14], 9, "an event tag (0x01..=0x13, 0x20..=0x24), not 0x14"),
         (&[0x1f], 9, "not 0x1f"),
         (&[0x25], 9, "not 0x25"),
         (&[0x10, 0x10], 10, "the end of the trace"),
@@ -687,6 +745,8 @@ fn op() -> impl Strategy<Value = Op> {
         (any::<u32>(), any::<u32>())
             .prop_map(|(cache_blocks, origin_blocks)| Op::Resize { cache_blocks, origin_blocks }),
         (any::<u32>(), any::<bool>()).prop_map(|(blocks, reload)| Op::GrowMetadata { blocks, reload }),
+        any::<u8>().prop_map(|request| Op::AimFault { aim: FaultAim::Commit { request } }),
+        Just(Op::AimFault { aim: FaultAim::Abort }),
     ]
 }
 

@@ -1026,8 +1026,12 @@ impl<D: BlockDevice> ThinMetadata<D> {
         let aborted_dsm = self.tm.dsm.clone();
         self.tm.reset();
         let r = (|| {
-            if self.tm.block_manager().read_raw(SUPERBLOCK_LOCATION)?.iter().all(|&b| b == 0) {
-                return Err(ThinError::Unformatted);
+            let ignore_errors = self.tm.mutations.abort_ignores_superblock_read_error;
+            match self.tm.block_manager().read_raw(SUPERBLOCK_LOCATION) {
+                Ok(sb) if sb.iter().all(|&b| b == 0) => return Err(ThinError::Unformatted),
+                Ok(_) => {}
+                Err(_) if ignore_errors => {}
+                Err(e) => return Err(e.into()),
             }
             Self::load_committed(&mut self.tm, self.data_block_size)?;
             if self.tm.mutations.abort_keeps_data_space_map {
@@ -1066,6 +1070,12 @@ impl<D: BlockDevice> ThinMetadata<D> {
         let sb = self.tm.write_locked(SUPERBLOCK_LOCATION, BlockKind::ThinSuperblock)?;
         put_u32(sb, SB_FLAGS, flags);
         Ok(())
+    }
+
+    /// Whether an abort could not reread the last commit (the kernel's
+    /// `pmd->fail_io`): every operation now fails.
+    pub fn has_failed(&self) -> bool {
+        self.fail_io
     }
 
     /// Whether the needs-check flag is set.

@@ -57,11 +57,17 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         }
         if self.commit().is_err() {
+            let acks = self.options.mutations.failed_commit_acks_flush;
             for (bio, _) in bios {
-                self.fail_bio(bio, Errno::EIO);
+                if acks && bio.is_empty() {
+                    self.end_bio(bio, Ok(()));
+                } else {
+                    self.fail_bio(bio, Errno::EIO);
+                }
             }
+            let result = if acks { Ok(()) } else { Err(Errno::EIO) };
             for bio in completions {
-                self.end_bio(bio, Err(Errno::EIO));
+                self.end_bio(bio, result);
             }
             return;
         }
