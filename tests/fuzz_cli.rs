@@ -15,17 +15,8 @@ fn scratch(tag: &str) -> PathBuf {
     cli_common::scratch("fuzz-cli", tag)
 }
 
-/// Bytes from a small xorshift generator, the same on every machine.
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    dmsim_sim::fuzz::sample_input(seed, len)
 }
 
 #[test]
