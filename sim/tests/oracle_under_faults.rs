@@ -10,10 +10,10 @@
 //! ENOSPC at any time, read-only mode unjudged) missed all four over the
 //! same seeds (docs/campaign.md, "The oracle under faults").
 
+mod common;
+
 use dmsim_model::mutation::Mutations;
-use dmsim_sim::run::{
-    minimize, replay, run_config, violation_signature, CampaignSettings, Checkers, RunConfig,
-};
+use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
 
 /// `dmsim check`'s default budget.
 const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
@@ -71,15 +71,7 @@ fn mutations_under_faults_are_caught_in_the_default_budget_and_minimized() {
         let clean = run_config(&seed_config(seed, &CampaignSettings::default()), &Checkers::default());
         assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
         // Minimized, it still fails the same way, and replays exactly.
-        let before = out.trace.ops().count();
-        let min = minimize(&out.trace, &Checkers::default(), |_, _| {}).expect("minimizes");
-        println!("{name}: seed {seed}, {before} → {} ops ({} runs): {signature}", min.ops_after, min.runs);
-        assert!(min.ops_after < before, "{name}: nothing removed");
-        assert_eq!(min.signature, signature);
-        let again = replay(&min.trace, &Checkers::default()).unwrap();
-        let v = again.outcome.violation.expect("the minimized trace fails");
-        assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}");
-        assert_eq!(again.first_difference, None, "{name}: the minimized trace replays exactly");
+        common::minimized::assert_minimizes(name, &out.trace, signature);
     }
 }
 
