@@ -3,38 +3,18 @@
 //! `minimize`, `show`, and their errors (exit 2 with a one-line message,
 //! never a panic).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Seeds the clean model passes in both campaigns (kept small for time).
 const CLEAN_SEEDS: &str = "0..4";
 
-fn dmsim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dmsim")).args(args).output().expect("run dmsim")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod cli_common;
+use cli_common::{dmsim, s, stderr, stdout};
 
 /// A fresh, empty folder of its own for one test.
 fn scratch(tag: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-campaign-{}-{n}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch folder");
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
+    cli_common::scratch("cli-campaign", tag)
 }
 
 /// Exit 2, a one-line message on stderr mentioning `needle`, no panic.

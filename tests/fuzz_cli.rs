@@ -2,51 +2,21 @@
 //! crash into a trace (`fuzz-to-trace`, then `replay` and `minimize`), its
 //! errors, and `dmsim check`'s table of coverage probes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::fuzz::{run_bytes, FuzzSettings};
 
-fn dmsim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dmsim")).args(args).output().expect("run dmsim")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod cli_common;
+use cli_common::{dmsim, s, stderr, stdout};
 
 /// A fresh, empty folder of its own for one test.
 fn scratch(tag: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-cli-{}-{n}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch folder");
-    dir
+    cli_common::scratch("fuzz-cli", tag)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// Bytes from a small xorshift generator, the same on every machine.
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    dmsim_sim::fuzz::sample_input(seed, len)
 }
 
 #[test]

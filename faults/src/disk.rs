@@ -208,6 +208,12 @@ impl SimDisk {
         self.bad.iter().copied()
     }
 
+    /// The faults that fired and have not been taken yet
+    /// ([`Self::take_fired`]), in order.
+    pub fn fired(&self) -> &[FiredFault] {
+        &self.fired
+    }
+
     /// The faults that fired since the last call (bad-sector hits
     /// included), in order; clears the list.
     pub fn take_fired(&mut self) -> Vec<FiredFault> {

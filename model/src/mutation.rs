@@ -144,6 +144,31 @@ pub struct Mutations {
     /// that rebuilds only the metadata space map): its counts and bitmap
     /// blocks are those of a transaction that never committed.
     pub abort_keeps_data_space_map: bool,
+    /// `get_pool_io_error_code` asks the pool's `error_if_no_space`
+    /// feature instead of its out-of-data-space state (a patch that reads
+    /// `pool->pf.error_if_no_space` where the kernel reads
+    /// `pool->out_of_data_space`): on a pool with that feature, a failed
+    /// mapping, a cell errored after a fault or a bio failed in read-only
+    /// or fail mode reports ENOSPC while the pool has data space.
+    pub io_error_code_follows_feature: bool,
+    /// `alloc_data_block` keeps the last free data block back: it tests
+    /// `free_blocks <= 1` where the kernel tests `!free_blocks` (as if the
+    /// count included the block about to be allocated), so the pool goes
+    /// out of data space, and fails or queues writes, with a block still
+    /// free in both the open transaction and the last commit.
+    pub out_of_data_space_one_block_early: bool,
+    /// A mapping whose zeroing or copy failed errors, besides its cell,
+    /// every bio on its device's deferred list (a patch that calls
+    /// `error_thin_bio_list` on the device's `deferred_bio_list` "since its
+    /// data device is failing"): requests to blocks the failed I/O never
+    /// touched fail with EIO.
+    pub failed_mapping_errors_deferred_bios: bool,
+    /// `process_prepared_mapping` handles a mapping whose zeroing or copy
+    /// failed as it handles a failed insert (a patch that merges the two
+    /// error paths): `metadata_operation_failed` aborts the transaction,
+    /// sets needs_check and puts the pool in read-only mode over a data
+    /// device error, and every request that then needs a new block fails.
+    pub failed_mapping_aborts: bool,
     /// When a commit fails, the empty FLUSH and the FUA bios that waited
     /// for it complete successfully anyway (an error path that forgets to pass
     /// the commit's error on): the pool aborts to the last commit, so the
@@ -296,6 +321,18 @@ impl Mutations {
         ("abort-keeps-data-space-map", |m| m.abort_keeps_data_space_map = true),
     ];
 
+    /// Mutations of the code the exact oracle under faults reaches: which
+    /// requests a fault may fail, and when the pool may report ENOSPC
+    /// (the thin campaign catches them; before the oracle knew which
+    /// requests a fault could reach, and that ENOSPC needs the pool out of
+    /// data space, it missed them).
+    pub const UNDER_FAULTS: [(&'static str, Switch); 4] = [
+        ("io-error-code-follows-feature", |m| m.io_error_code_follows_feature = true),
+        ("out-of-data-space-one-block-early", |m| m.out_of_data_space_one_block_early = true),
+        ("failed-mapping-errors-deferred-bios", |m| m.failed_mapping_errors_deferred_bios = true),
+        ("failed-mapping-aborts", |m| m.failed_mapping_aborts = true),
+    ];
+
     /// Mutations of the error paths after a failed commit and a failed
     /// abort, which the thin swarm's aimed faults reach (`Op::AimFault`).
     pub const AIMED: [(&'static str, Switch); 2] = [
@@ -327,7 +364,7 @@ impl Mutations {
 
     /// Every named mutation: [`Self::ALL`], then [`Self::CACHE`], then
     /// [`Self::CACHE_TARGET`], then [`Self::TREES`], then [`Self::ABORTS`],
-    /// then [`Self::AIMED`].
+    /// then [`Self::UNDER_FAULTS`], then [`Self::AIMED`].
     fn every() -> impl Iterator<Item = &'static (&'static str, Switch)> {
         Self::ALL
             .iter()
@@ -335,6 +372,7 @@ impl Mutations {
             .chain(Self::CACHE_TARGET.iter())
             .chain(Self::TREES.iter())
             .chain(Self::ABORTS.iter())
+            .chain(Self::UNDER_FAULTS.iter())
             .chain(Self::AIMED.iter())
     }
 

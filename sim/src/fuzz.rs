@@ -349,21 +349,27 @@ fn cache_ops(u: &mut Unstructured<'_>, cfg: &CacheRunConfig) -> arbitrary::Resul
     Ok(ops)
 }
 
+/// `len` bytes from a small xorshift generator seeded with `seed`: inputs
+/// for tests of the target without a randomness crate, the same on every
+/// machine.
+pub fn sample_input(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Bytes from a simple generator (no randomness crate needed).
     fn bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        sample_input(seed, len)
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub const PROBES: [(&str, &str); 24] = [
     ("crash-while-degraded", "a power cut of a read-only or failed pool: recovery past needs_check"),
 ];
 
+/// How many of [`PROBES`], from the first, are the btrees' probes.
+pub const TREE_PROBES: usize = 7;
+
 /// A probe is rare when at most this many seeds of a campaign reached it
 /// (and at least one did): [`ProbeTally::rare`].
 pub const RARE_SEEDS: usize = 2;
@@ -66,7 +69,6 @@ impl ThinProbes {
     /// pool of the run: [`crate::thin::ThinSim::pool_probes`]), its
     /// counters, the faults that fired and its recorded events.
     pub fn of_run(pool: &PoolProbes, stats: &ThinStats, coverage: &FaultCoverage, events: &[Event]) -> Self {
-        let t = &pool.tree;
         let mut modes = [0u64; 5];
         let mut degraded_crashes = 0;
         let mut previous = "write";
@@ -92,13 +94,6 @@ impl ThinProbes {
             }
         }
         let own = [
-            t.root_splits,
-            t.node_splits,
-            t.insert_rebalances,
-            t.merges,
-            t.collapses,
-            t.shared_collapses,
-            if t.deepest >= 3 { u64::from(t.deepest) } else { 0 },
             pool.break_sharing_copies,
             pool.passdown_second_passes,
             pool.no_space_timeouts,
@@ -117,7 +112,9 @@ impl ThinProbes {
             stats.leaked_after_crash,
             degraded_crashes,
         ];
-        let counts = PROBES.iter().map(|(name, _)| *name).zip(own).chain(coverage.iter()).collect();
+        let mut counts = Self::of_trees(&pool.tree).counts;
+        counts.extend(PROBES[TREE_PROBES..].iter().map(|(name, _)| *name).zip(own));
+        counts.extend(coverage.iter());
         ThinProbes { counts }
     }
 
@@ -126,7 +123,7 @@ impl ThinProbes {
         self.counts.iter().copied()
     }
 
-    /// The btree probes alone (the first seven of [`PROBES`]) of one
+    /// The btree probes alone (the first [`TREE_PROBES`] of [`PROBES`]) of one
     /// transaction manager's trees, or several added up: what the
     /// metadata crash campaign reports, where there is no pool.
     pub fn of_trees(t: &TreeProbes) -> Self {
@@ -139,7 +136,7 @@ impl ThinProbes {
             t.shared_collapses,
             if t.deepest >= 3 { u64::from(t.deepest) } else { 0 },
         ];
-        ThinProbes { counts: PROBES.iter().map(|(name, _)| *name).zip(own).collect() }
+        ThinProbes { counts: PROBES[..TREE_PROBES].iter().map(|(name, _)| *name).zip(own).collect() }
     }
 
     /// The count of the probe called `name` (`None`: no such probe).

@@ -12,7 +12,7 @@
 //! timeout fails what still waits for space), reads every device back in
 //! full, and runs the independent metadata checker on the committed image.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use dmsim_faults::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
@@ -26,7 +26,9 @@ use dmsim_model::thin::dump::{read_devices, DeviceMappings};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
 use dmsim_model::thin::mode::PoolMode;
-use dmsim_model::thin::pool::{BioId, BioOp, BioRequest, Completion, Pool, PoolOptions};
+use dmsim_model::thin::pool::{
+    BioId, BioOp, BioRequest, Completion, DataIoKind, IoInfo, ModeChange, Pool, PoolOptions,
+};
 use dmsim_model::thin::superblock::Superblock;
 use dmsim_model::thin::table::{PoolFeatures, PoolTable};
 use dmsim_traces::stamp::{self, SectorContent};
@@ -213,6 +215,55 @@ pub struct ThinSim {
     /// a mapping in preparation then fails and keeps its data block,
     /// which a commit may have counted (a leak, as after a crash).
     degraded: bool,
+    /// Per request in flight: what could have made it fail (see
+    /// [`Reach`]).
+    reach: BTreeMap<BioId, Reach>,
+    /// The pool is out of data space (the kernel's `out_of_data_space`:
+    /// set on entering out-of-data-space mode, cleared only by write
+    /// mode), as the pool's mode changes tell.
+    out_of_data_space: bool,
+    /// Data faults (armed data-disk faults and failed data I/O) since the
+    /// pool was loaded: the failed mappings are looked for only then.
+    data_faults_since_load: u64,
+    /// Data blocks a failed data I/O may have left allocated and unmapped:
+    /// the destinations of failed zeroing, copies and writes, and the
+    /// blocks of mappings whose preparation failed.
+    leak_candidates: BTreeSet<u64>,
+    /// The first out-of-data-space or read-only mode the pool had no
+    /// reason for (see [`ThinSim::note_mode_changes`]).
+    mode_violation: Option<String>,
+    /// Metadata faults fired since the pool was loaded.
+    metadata_faults_since_load: u64,
+    /// How many of the metadata faults fired and not yet taken have been
+    /// attributed to the requests they could reach (see
+    /// [`ThinSim::settle_metadata_faults`]).
+    metadata_faults_attributed: usize,
+}
+
+/// What could have reached a request in flight, from its submission to its
+/// completion: what makes an error legal for it (see
+/// [`ThinSim::completed`] and docs/campaign.md, "The oracle under
+/// faults").
+#[derive(Debug, Clone, Copy, Default)]
+struct Reach {
+    /// The thin device.
+    thin: ThinId,
+    /// The virtual blocks it touches, first and last.
+    blocks: (u64, u64),
+    /// It carries a PREFLUSH: its flush, an empty bio at sector 0, waits
+    /// in block 0's cells.
+    preflush: bool,
+    /// A data fault failed one of its own pieces' data I/O, or the
+    /// preparation of a mapping of a block it touches (whose cell it
+    /// waits in, or may join).
+    data_fault: bool,
+    /// A metadata fault fired while it was in flight.
+    metadata_fault: bool,
+    /// The pool was in out-of-metadata-space, read-only or fail mode while
+    /// it was in flight.
+    degraded: bool,
+    /// The pool was out of data space while it was in flight.
+    out_of_data_space: bool,
 }
 
 fn table(cfg: &ThinSimConfig) -> PoolTable {
@@ -263,6 +314,13 @@ impl ThinSim {
             expected: BTreeMap::new(),
             frozen: None,
             degraded: false,
+            reach: BTreeMap::new(),
+            out_of_data_space: false,
+            data_faults_since_load: 0,
+            leak_candidates: BTreeSet::new(),
+            mode_violation: None,
+            metadata_faults_attributed: 0,
+            metadata_faults_since_load: 0,
         }
         .recording()
     }
@@ -329,6 +387,12 @@ impl ThinSim {
 
     /// Records pool mode changes and the faults that fired.
     fn observe(&mut self) {
+        self.note_mode_changes();
+        if self.pool.is_none() {
+            return;
+        }
+        self.settle_metadata_faults();
+        self.metadata_faults_attributed = 0;
         let Some(pool) = self.pool.as_ref() else { return };
         let mode = pool.mode();
         let mut fired =
@@ -340,6 +404,7 @@ impl ThinSim {
             self.faults_fired += 1;
             if disk == DiskId::Metadata {
                 self.metadata_faults_fired += 1;
+                self.metadata_faults_since_load += 1;
             }
             self.coverage.record_fired(&f);
             self.events.push(Event::FaultFired { disk, what: f.to_string() });
@@ -393,8 +458,12 @@ impl ThinSim {
         self.observe();
         // A broken invariant, or the pool failing for no reason, is the
         // cause of whatever else the op showed.
-        let r =
-            self.check_invariants().and(self.check_fail_mode()).and(self.check_failed_abort(start)).and(r);
+        let r = self
+            .check_invariants()
+            .and(self.check_fail_mode())
+            .and(self.check_modes())
+            .and(self.check_failed_abort(start))
+            .and(r);
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
         }
@@ -500,14 +569,13 @@ impl ThinSim {
                 self.oracle_op(|o| o.delete(dev as DevId))?;
             }
             ThinOp::Worker => {
-                self.pool().run_worker();
+                self.worker_pass();
                 self.collect()?;
             }
             ThinOp::Complete { pick } => {
                 let io = self.pool().in_flight_io();
                 if !io.is_empty() {
-                    let id = io[pick as usize % io.len()].id;
-                    self.pool().complete_io(id).map_err(|e| self.fail(e.to_string()))?;
+                    self.complete_data_io(io[pick as usize % io.len()], false)?;
                     self.stats.data_ios += 1;
                     self.collect()?;
                 }
@@ -515,10 +583,9 @@ impl ThinSim {
             ThinOp::FailIo { pick } => {
                 let io = self.pool().in_flight_io();
                 if !io.is_empty() {
-                    let id = io[pick as usize % io.len()].id;
                     self.faults_fired += 1;
                     self.coverage.record_failed_io();
-                    self.pool().fail_io(id, Errno::EIO).map_err(|e| self.fail(e.to_string()))?;
+                    self.complete_data_io(io[pick as usize % io.len()], true)?;
                     self.stats.data_ios += 1;
                     self.collect()?;
                 }
@@ -780,10 +847,203 @@ impl ThinSim {
     fn submit(&mut self, dev: ThinId, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
         self.stats.bios += 1;
         let expect = self.read_only_expectation(dev, &req);
+        let block = self.cfg.block_sectors;
+        let blocks = (req.sector / block, (req.sector + req.nr_sectors.max(1) - 1) / block);
+        let preflush = req.preflush;
+        self.note_mode_changes();
+        self.settle_metadata_faults();
+        let before = self.metadata_faults_pending();
         let id = self.pool().submit(dev, req).map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
+        // A metadata fault in the map path (its lookup) reaches this
+        // request alone.
+        let after = self.metadata_faults_pending();
+        self.metadata_faults_attributed = after;
+        // What the pool was in when the request came (its own submission
+        // may have changed nothing: the map path allocates nothing).
+        let reach = Reach {
+            thin: dev,
+            blocks,
+            preflush,
+            metadata_fault: after > before,
+            degraded: self.pool().mode() >= PoolMode::OutOfMetadataSpace,
+            out_of_data_space: self.out_of_data_space,
+            ..Reach::default()
+        };
+        self.reach.insert(id, reach);
         self.pending.insert(id, pending);
         self.expected.insert(id, (self.epoch, expect));
         self.collect()
+    }
+
+    /// Metadata faults the metadata disk has fired and not yet reported.
+    fn metadata_faults_pending(&self) -> usize {
+        self.pool().with_metadata(|md| md.transaction_manager().block_manager().device().fired().len())
+    }
+
+    /// Metadata faults that fired where the simulator did not attribute
+    /// them more narrowly (a message, a status commit, a growth, a data
+    /// I/O completion that maps a PREFLUSH's data): each may have reached
+    /// every request in flight (a lookup, a commit it waits for, an abort
+    /// and the mode change that fails it).
+    fn settle_metadata_faults(&mut self) {
+        let n = self.metadata_faults_pending();
+        if n > self.metadata_faults_attributed {
+            for r in self.reach.values_mut() {
+                r.metadata_fault = true;
+            }
+            self.metadata_faults_attributed = n;
+        }
+    }
+
+    /// One worker pass. A metadata fault that fires in it reaches the
+    /// requests the pool still holds a piece of (a lookup, an allocation,
+    /// an insert, the commit a FLUSH or FUA waits for); one whose pieces
+    /// are all in flight to blocks already mapped ends with what the data
+    /// device returns, unless the fault changes the pool's mode (see
+    /// [`Self::note_mode_changes`]).
+    fn worker_pass(&mut self) {
+        self.settle_metadata_faults();
+        let before = self.metadata_faults_pending();
+        self.pool().run_worker();
+        let after = self.metadata_faults_pending();
+        if after > before {
+            let pool = self.pool.as_ref().expect("pool present between steps");
+            for (id, r) in self.reach.iter_mut() {
+                if pool.request_awaits_pool(*id) {
+                    r.metadata_fault = true;
+                }
+            }
+        }
+        self.metadata_faults_attributed = after;
+    }
+
+    /// Completes (or, `fail`, fails as an injected fault) the data I/O
+    /// `io`. When it failed — `fail`, or an armed fault of the data disk
+    /// fired on it — the request it is a piece of may fail with EIO, and
+    /// the block it zeroes, copies to or writes may be left allocated.
+    fn complete_data_io(&mut self, io: IoInfo, fail: bool) -> Result<(), ThinFailure> {
+        let request = self.pool().io_request(io.id);
+        let fired = |sim: &Self| sim.pool().with_data_device(|d| d.fired().len());
+        let before = fired(self);
+        let r = if fail { self.pool().fail_io(io.id, Errno::EIO) } else { self.pool().complete_io(io.id) };
+        r.map_err(|e| self.fail(e.to_string()))?;
+        if fail || fired(self) > before {
+            self.data_faults_since_load += 1;
+            if let Some(r) = request.and_then(|r| self.reach.get_mut(&r)) {
+                r.data_fault = true;
+            }
+            if matches!(io.kind, DataIoKind::Zero | DataIoKind::Copy | DataIoKind::Write) {
+                self.leak_candidates.insert(io.sector / self.cfg.block_sectors);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the requests in flight that a failed mapping reaches: those
+    /// of its device that touch its blocks (they wait in its cell, or
+    /// join it before the worker errors it). Its data block stays
+    /// allocated.
+    fn note_failed_mappings(&mut self) {
+        if self.data_faults_since_load == 0 {
+            return;
+        }
+        for m in self.pool().failed_mappings() {
+            self.leak_candidates.insert(m.data_block);
+            for r in self.reach.values_mut() {
+                let touches = |first: u64, last: u64| first < m.virt_end && m.virt_begin <= last;
+                if r.thin == m.thin && (touches(r.blocks.0, r.blocks.1) || r.preflush && touches(0, 0)) {
+                    r.data_fault = true;
+                }
+            }
+        }
+    }
+
+    /// Takes the pool's mode changes: the requests in flight lived through
+    /// each mode (read-only modes make EIO legal, out-of-data-space mode
+    /// ENOSPC). The kernel goes out of data space only from its allocator
+    /// (`alloc_data_block`), when no data block is free in both the open
+    /// transaction and the last commit (`sm_disk_new_block`; the free count
+    /// it reads first is the open transaction's), or when the allocation
+    /// needed a metadata block and found none; and read-only only after a
+    /// failed metadata operation that a metadata fault, or a metadata
+    /// space map with no block free, explains. Any other entry is noted
+    /// as a violation ([`Self::check_modes`]).
+    fn note_mode_changes(&mut self) {
+        if self.pool.is_none() {
+            return;
+        }
+        // Those fired and not yet taken count too: the change may be
+        // theirs.
+        let metadata_faults = self.metadata_faults_since_load + self.metadata_faults_pending() as u64;
+        let Some(pool) = self.pool.as_ref() else { return };
+        for ModeChange { from, to, out_of_data_space, metadata_failure } in pool.take_mode_changes() {
+            if to >= PoolMode::OutOfMetadataSpace {
+                for r in self.reach.values_mut() {
+                    r.degraded = true;
+                }
+            }
+            match to {
+                PoolMode::Write => self.out_of_data_space = false,
+                // Read-only mode follows a failed metadata operation
+                // (`metadata_operation_failed`): with no metadata fault
+                // injected since the pool was loaded, only one that found
+                // no metadata block free (metadata pressure), or the
+                // table's `read_only` feature. (Fail mode with no metadata
+                // fault is `check_fail_mode`'s.)
+                PoolMode::ReadOnly if metadata_faults == 0 => {
+                    let why = match metadata_failure {
+                        Some(f) if f.metadata_exhausted => None,
+                        Some(f) => Some(format!(
+                            "read-only mode with no metadata fault injected and metadata space left: {} \
+                             failed: {}",
+                            f.op, f.error
+                        )),
+                        None if self.cfg.features.read_only => None,
+                        None => {
+                            Some(format!("{from} mode to read-only mode with no metadata operation failed"))
+                        }
+                    };
+                    if self.mode_violation.is_none() {
+                        self.mode_violation = why;
+                    }
+                }
+                PoolMode::OutOfDataSpace => {
+                    self.out_of_data_space = true;
+                    for r in self.reach.values_mut() {
+                        r.out_of_data_space = true;
+                    }
+                    let why = match out_of_data_space {
+                        None => Some(format!("{from} mode to out-of-data-space mode outside the allocator")),
+                        Some(n) if n.metadata_exhausted => None,
+                        Some(n) => match n.free_in_both {
+                            Ok(0) => None,
+                            Ok(free) => Some(format!(
+                                "out-of-data-space mode with {free} data block(s) free in both the open \
+                                 transaction and the last commit"
+                            )),
+                            Err(_) if metadata_faults > 0 => None,
+                            Err(e) => Some(format!(
+                                "out-of-data-space mode, the free data blocks unreadable with no metadata \
+                                 fault injected: {e}"
+                            )),
+                        },
+                    };
+                    if self.mode_violation.is_none() {
+                        self.mode_violation = why;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Out-of-data-space and read-only modes only for the kernel's reasons
+    /// (see [`Self::note_mode_changes`]).
+    fn check_modes(&self) -> Result<(), ThinFailure> {
+        match &self.mode_violation {
+            Some(what) => Err(self.fail(what.clone())),
+            None => Ok(()),
+        }
     }
 
     /// What a request to device `dev` must return under the kernel's rules
@@ -809,6 +1069,7 @@ impl ThinSim {
 
     /// Hands finished requests to the oracle.
     fn collect(&mut self) -> Result<(), ThinFailure> {
+        self.note_failed_mappings();
         for c in self.pool().take_completions() {
             self.completed(c)?;
         }
@@ -841,20 +1102,42 @@ impl ThinSim {
                 ));
             }
         }
+        let reach = self.reach.remove(&c.id).unwrap_or_default();
+        let mode = self.pool().mode();
         match c.result {
             Ok(()) => {}
-            Err(Errno::ENOSPC) => self.stats.enospc += 1,
-            Err(Errno::EIO) if self.faults_fired > 0 => self.stats.io_errors += 1,
-            Err(e) if self.pool().mode() >= PoolMode::OutOfMetadataSpace => {
-                let _ = e;
+            // ENOSPC comes only from a pool out of data space
+            // (`get_pool_io_error_code`, `should_error_unserviceable_bio`,
+            // the no-space timeout).
+            Err(Errno::ENOSPC) if reach.out_of_data_space || self.out_of_data_space => self.stats.enospc += 1,
+            Err(Errno::ENOSPC) => {
+                return Err(self.fail_as(
+                    "oracle",
+                    format!(
+                        "a {} failed with ENOSPC in {mode} mode: the pool was never out of data space while \
+                         it was in flight: request {} on device {}",
+                        pending.kind(),
+                        c.id.0,
+                        c.thin
+                    ),
+                ))
+            }
+            Err(Errno::EIO) if reach.data_fault || reach.metadata_fault => self.stats.io_errors += 1,
+            Err(e) if reach.degraded || mode >= PoolMode::OutOfMetadataSpace => {
+                self.stats.io_errors += u64::from(e == Errno::EIO && self.faults_fired > 0);
             }
             Err(e) => {
-                return Err(self.fail(format!(
-                    "request {:?} on device {} failed with {e} in {} mode and no fault injected",
-                    c.id,
-                    c.thin,
-                    self.pool().mode()
-                )))
+                let faults =
+                    if self.faults_fired > 0 { "no fault could reach it" } else { "no fault injected" };
+                return Err(self.fail_as(
+                    "oracle",
+                    format!(
+                        "a {} failed with {e} in {mode} mode: {faults}: request {} on device {}",
+                        pending.kind(),
+                        c.id.0,
+                        c.thin
+                    ),
+                ));
             }
         }
         self.stats.reads_checked += u64::from(ok && pending.is_read());
@@ -866,15 +1149,13 @@ impl ThinSim {
     pub fn quiesce(&mut self) -> Result<(), ThinFailure> {
         for _ in 0..1_000_000 {
             self.collect()?;
-            let pool = self.pool();
-            if pool.worker_wanted() {
-                pool.run_worker();
+            if self.pool().worker_wanted() {
+                self.worker_pass();
                 continue;
             }
-            match pool.in_flight_io().first() {
-                Some(io) => {
-                    let id = io.id;
-                    pool.complete_io(id).map_err(|e| self.fail(e.to_string()))?;
+            match self.pool().in_flight_io().first() {
+                Some(&io) => {
+                    self.complete_data_io(io, false)?;
                     self.stats.data_ios += 1;
                 }
                 None => return self.collect(),
@@ -903,6 +1184,11 @@ impl ThinSim {
         });
         self.pending.clear();
         self.expected.clear();
+        self.reach.clear();
+        self.metadata_faults_attributed = 0;
+        self.metadata_faults_since_load = 0;
+        self.out_of_data_space = false;
+        self.data_faults_since_load = 0;
         self.epoch += 1;
         self.oracle.crash();
         let metadata_image = self.recover_metadata(metadata_image)?;
@@ -1044,7 +1330,7 @@ impl ThinSim {
     pub fn finish(&mut self) -> Result<(), ThinFailure> {
         let r = catching(|| self.finish_inner()).unwrap_or_else(|e| Err(self.fail_as("model", e)));
         self.observe();
-        let r = self.check_invariants().and(self.check_fail_mode()).and(r);
+        let r = self.check_invariants().and(self.check_fail_mode()).and(self.check_modes()).and(r);
         self.stats.sim_time_ns = self.now;
         if let Err(f) = &r {
             self.events.push(Event::Violation { kind: f.kind.to_string(), message: f.what.clone() });
@@ -1110,7 +1396,16 @@ impl ThinSim {
         // and after the pool was read-only for metadata, where a mapping in
         // preparation fails the same way
         // (`process_prepared_mapping_fail`).
-        let crashed = self.stats.crashes > 0 || self.faults_fired > 0 || self.degraded;
+        //
+        // Exactly: any leak after a crash, a metadata fault (its abort goes
+        // back to a commit that may have counted blocks of mappings still
+        // being prepared) or a read-only mode; after data faults alone,
+        // only the blocks a failed data I/O left (`leak_candidates`).
+        let crashed = self.stats.crashes > 0 || self.metadata_faults_fired > 0 || self.degraded;
+        let candidates = &self.leak_candidates;
+        let legal_leak = |p: &Problem| {
+            allowed_after_crash(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b)))
+        };
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared
@@ -1123,8 +1418,7 @@ impl ThinSim {
                 // often than it is mapped is damage, whatever the kernel
                 // does (a passdown discard's hold made durable by a commit
                 // was: see KernelFixes::passdown_holds_blocks_in_core).
-                let (leaks, other): (Vec<_>, Vec<_>) =
-                    report.problems.iter().partition(|p| crashed && allowed_after_crash(p));
+                let (leaks, other): (Vec<_>, Vec<_>) = report.problems.iter().partition(|p| legal_leak(p));
                 self.stats.leaked_after_crash += leaks.len() as u64;
                 if other.is_empty() {
                     Ok(())

@@ -17,18 +17,8 @@ use dmsim_traces::{from_text, to_text, Trace};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
-/// Bytes from a small xorshift generator: inputs without a randomness
-/// crate, the same on every machine.
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    dmsim_sim::fuzz::sample_input(seed, len)
 }
 
 /// Replays a trace through the library, thin or cache as its header

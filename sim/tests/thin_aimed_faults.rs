@@ -6,10 +6,10 @@
 //! given, its trace minimized, and the same seeds without their aimed
 //! faults (the swarm's `aimed_percent` 0, every other op the same) miss it.
 
+mod common;
+
 use dmsim_model::mutation::Mutations;
-use dmsim_sim::run::{
-    minimize, replay, run_config, violation_signature, CampaignSettings, Checkers, RunConfig,
-};
+use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
 use dmsim_traces::{FaultAim, Op};
 
 /// `dmsim check`'s default budget.
@@ -78,18 +78,7 @@ fn aimed_fault_mutations_are_caught_in_the_default_budget_and_minimized() {
         let clean = run_config(&config(seed, None, true), &Checkers::default());
         assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
         // Minimized: fewer ops, the same failure on replay.
-        let min = minimize(&out.trace, &Checkers::default(), |_, _| {}).expect("minimizes");
-        println!(
-            "{name}: seed {seed}, {} → {} ops ({} runs)",
-            out.trace.ops().count(),
-            min.ops_after,
-            min.runs
-        );
-        assert!(min.ops_after < out.trace.ops().count(), "{name}: nothing removed");
-        assert_eq!(min.signature, signature, "{name}");
-        let again = replay(&min.trace, &Checkers::default()).unwrap();
-        let v = again.outcome.violation.expect("the minimized trace fails");
-        assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}");
+        common::minimized::assert_minimizes(name, &out.trace, signature);
         // Without aimed faults the default budget misses it.
         let missed = DEFAULT_SEEDS
             .filter(|&s| run_config(&config(s, Some(name), false), &Checkers::default()).violation.is_some());

@@ -3,13 +3,14 @@
 //! trace minimized, fault coverage, and the kernel findings it made, pinned
 //! as recorded traces.
 
+mod common;
+
 use std::path::Path;
 
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::run::{
-    minimize, replay, run_config, run_ops, violation_signature, CampaignSettings, Checkers, RunConfig,
-    Workload,
+    replay, run_config, run_ops, violation_signature, CampaignSettings, Checkers, RunConfig, Workload,
 };
 use dmsim_traces::{binary, text, Event, Op, Trace};
 
@@ -102,21 +103,8 @@ fn first_caught(mutation: &str) -> Trace {
 fn every_broken_model_is_caught_in_the_default_budget_and_its_trace_shrinks() {
     for (name, _) in Mutations::ALL {
         let trace = first_caught(name);
-        let before = trace.ops().count();
         let (kind, message) = trace.violation().unwrap();
-        let signature = violation_signature(kind, message);
-        let min = minimize(&trace, &Checkers::default(), |_, _| {}).expect("minimizes");
-        println!(
-            "{name}: seed {}, {before} → {} ops ({} runs): {signature}",
-            trace.header.seed, min.ops_after, min.runs
-        );
-        assert!(min.ops_after < before, "{name}: nothing removed");
-        assert_eq!(min.signature, signature);
-        // The minimized trace still fails the same way on replay.
-        let again = replay(&min.trace, &Checkers::default()).unwrap();
-        let v = again.outcome.violation.expect("the minimized trace fails");
-        assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}");
-        assert_eq!(again.first_difference, None, "{name}: the minimized trace replays exactly");
+        common::minimized::assert_minimizes(name, &trace, &violation_signature(kind, message));
     }
 }
 

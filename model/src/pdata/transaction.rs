@@ -518,6 +518,21 @@ impl<D: BlockDevice> TransactionManager<D> {
         Ok(b)
     }
 
+    /// The first data block from `begin` on that is free in both the open
+    /// transaction and the last commit and that `skip` does not name (no
+    /// wrap-around, nothing allocated).
+    pub fn data_sm_find_free_in_both(
+        &mut self,
+        begin: u64,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Option<u64>> {
+        let nr_blocks = self.dsm().ll.nr_blocks;
+        if begin >= nr_blocks {
+            return Ok(None);
+        }
+        self.find_common_free_block_skipping(SmSel::Data, begin, nr_blocks, skip)
+    }
+
     /// Adds a reference to each data block of `b..e`.
     pub fn data_sm_inc(&mut self, b: u64, e: u64) -> Result<()> {
         let n = self.ll_inc(SmSel::Data, b, e)?;

@@ -825,6 +825,22 @@ impl<D: BlockDevice> ThinMetadata<D> {
         Ok(free.saturating_sub(held_free))
     }
 
+    /// Data blocks the allocator could hand out now: free in both the open
+    /// transaction and the last commit (`sm_disk_new_block` takes no
+    /// other) and not held in core. Reads the data space map's bitmaps
+    /// (cached after an allocation has just searched them).
+    pub fn data_blocks_free_in_both(&mut self) -> Result<u64> {
+        self.check_fail_io()?;
+        let held = &self.held;
+        let mut count = 0;
+        let mut begin = 0;
+        while let Some(b) = self.tm.data_sm_find_free_in_both(begin, &|b| held.contains_key(&b))? {
+            count += 1;
+            begin = b + 1;
+        }
+        Ok(count)
+    }
+
     /// Free metadata blocks as the pool reports them (less the reserve).
     pub fn free_metadata_blocks(&mut self) -> Result<u64> {
         self.check_fail_io()?;

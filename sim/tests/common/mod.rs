@@ -2,3 +2,5 @@
 
 #[cfg(feature = "shuttle")]
 pub mod shuttle;
+
+pub mod minimized;

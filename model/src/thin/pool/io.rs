@@ -169,6 +169,24 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         lock(&self.io).user.len()
     }
 
+    /// Whether request `id` may still meet the metadata: one of its pieces
+    /// is held by the pool (in a cell, on a deferred, retry or commit
+    /// list, in a mapping being prepared) rather than in flight to the
+    /// data device as a bio remapped to a block already mapped; or it has
+    /// completed and not been taken yet ([`Pool::take_completions`]). A
+    /// request all of whose pieces are in flight that way ends with what
+    /// the data device returns.
+    pub fn request_awaits_pool(&self, id: BioId) -> bool {
+        let io = lock(&self.io);
+        let Some(user) = io.user.get(&id) else { return true };
+        let at_device = io
+            .in_flight
+            .values()
+            .filter(|d| matches!(d, DataIo::Bio { bio, .. } if bio.parent == id && bio.hook.overwrite_mapping.is_none()))
+            .count();
+        user.pending > at_device
+    }
+
     /// Data I/O issued and not yet completed, in issue order.
     pub fn in_flight_io(&self) -> Vec<IoInfo> {
         lock(&self.io).in_flight.iter().map(|(id, io)| io.info(*id)).collect()

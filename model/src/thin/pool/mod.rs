@@ -375,6 +375,69 @@ struct DiscardParent {
     result: Result<(), Errno>,
 }
 
+/// A change of the pool's mode, as [`Pool::take_mode_changes`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeChange {
+    /// The mode before.
+    pub from: PoolMode,
+    /// The mode after.
+    pub to: PoolMode,
+    /// Into out-of-data-space mode: what the allocator saw when it gave
+    /// up (`None` when the change came from anywhere else, which the
+    /// kernel never does).
+    pub out_of_data_space: Option<OutOfDataSpace>,
+    /// Into read-only or fail mode: the failed metadata operation that
+    /// aborted the transaction (`metadata_operation_failed`), if one did.
+    pub metadata_failure: Option<MetadataFailure>,
+}
+
+/// A metadata operation that failed and aborted the transaction
+/// (`metadata_operation_failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataFailure {
+    /// The operation, by the kernel's name (`dm_pool_commit_metadata`, …).
+    pub op: String,
+    /// Its error.
+    pub error: String,
+    /// It failed because the metadata space map had no block free in both
+    /// the open transaction and the last commit.
+    pub metadata_exhausted: bool,
+}
+
+/// What `alloc_data_block` saw when it put the pool out of data space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfDataSpace {
+    /// Data blocks free in both the open transaction and the last commit
+    /// (see [`ThinMetadata::data_blocks_free_in_both`]), or why they could
+    /// not be counted.
+    pub free_in_both: Result<u64, String>,
+    /// The allocation failed for lack of *metadata* space (a bitmap that
+    /// needed a new metadata block): the kernel reports that as data
+    /// space running out too (`alloc_data_block` sees -ENOSPC).
+    pub metadata_exhausted: bool,
+}
+
+/// Most mode changes kept for [`Pool::take_mode_changes`]; later ones are
+/// dropped until the list is taken (a bound on memory for callers that
+/// never take it).
+const MAX_MODE_CHANGES: usize = 4096;
+
+/// A provisioning or break-sharing mapping whose zeroing, copy or
+/// whole-block write failed and which the worker has not yet processed
+/// (it will error its cell), as [`Pool::failed_mappings`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedMapping {
+    /// The thin device.
+    pub thin: ThinId,
+    /// Its virtual blocks, `begin..end`.
+    pub virt_begin: u64,
+    /// End of its virtual blocks (excluded).
+    pub virt_end: u64,
+    /// The data block it was given (left allocated: the kernel frees
+    /// nothing when a mapping fails).
+    pub data_block: u64,
+}
+
 /// State under `pool->lock`.
 #[derive(Debug, Default)]
 struct PoolLists {
@@ -394,6 +457,14 @@ struct PoolLists {
     worker_wanted: bool,
     /// dm events raised (low water mark, mode changes).
     events: u64,
+    /// Mode changes not yet taken ([`Pool::take_mode_changes`]).
+    mode_changes: Vec<ModeChange>,
+    /// What the allocator saw, for the change into out-of-data-space mode
+    /// it is about to make.
+    out_of_data_space_note: Option<OutOfDataSpace>,
+    /// The failed metadata operation, for the change into read-only or
+    /// fail mode it is about to make.
+    metadata_failure_note: Option<MetadataFailure>,
 }
 
 /// State under a thin device's `tc->lock`.
@@ -633,6 +704,42 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// Counts a probe.
     pub(crate) fn probe(&self, f: impl FnOnce(&mut PoolProbes)) {
         f(&mut self.probes.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    /// The mode changes since the last call, oldest first, each with what
+    /// the allocator saw when it put the pool out of data space. A caller
+    /// that judges results by the mode a request lived through (ENOSPC
+    /// only while out of data space, EIO while read-only) needs every
+    /// change, including those undone within one call.
+    pub fn take_mode_changes(&self) -> Vec<ModeChange> {
+        std::mem::take(&mut lock(&self.lists).mode_changes)
+    }
+
+    /// The mappings whose preparation (zeroing, copy, whole-block write)
+    /// failed and that the worker has not yet processed: the bios in their
+    /// cells, and any that join them, will fail.
+    pub fn failed_mappings(&self) -> Vec<FailedMapping> {
+        lock(&self.lists)
+            .mappings
+            .values()
+            .filter(|m| m.status.is_err() && matches!(m.bio, MappingBio::None | MappingBio::Overwrite(_)))
+            .map(|m| FailedMapping {
+                thin: m.thin,
+                virt_begin: m.virt_begin,
+                virt_end: m.virt_end,
+                data_block: m.data_block,
+            })
+            .collect()
+    }
+
+    /// The request a data I/O in flight is a piece of (a bio remapped to
+    /// the data device); `None` for kcopyd's zeroing and copies and for
+    /// passdown discards, which serve a mapping.
+    pub fn io_request(&self, id: IoId) -> Option<BioId> {
+        match lock(&self.io).in_flight.get(&id)? {
+            io::DataIo::Bio { bio, .. } => Some(bio.parent),
+            _ => None,
+        }
     }
 
     /// Records a broken precondition (the first is kept).
@@ -1146,8 +1253,13 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
-    fn metadata_operation_failed(&self, _op: &str, _e: &ThinError) {
+    fn metadata_operation_failed(&self, op: &str, e: &ThinError) {
         self.probe(|p| p.aborts += 1);
+        lock(&self.lists).metadata_failure_note = Some(MetadataFailure {
+            op: op.to_string(),
+            error: e.to_string(),
+            metadata_exhausted: matches!(e, ThinError::Pdata(PdataError::NoSpace(what)) if *what == "metadata"),
+        });
         // abort_transaction
         if lock(&self.metadata).abort().is_err() {
             self.set_pool_mode(PoolMode::Fail);
@@ -1200,13 +1312,43 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             self.error_retry_list();
         }
         if old != new {
-            lock(&self.lists).events += 1;
+            let mut lists = lock(&self.lists);
+            lists.events += 1;
+            let note =
+                if new == PoolMode::OutOfDataSpace { lists.out_of_data_space_note.take() } else { None };
+            let failure = if new >= PoolMode::ReadOnly { lists.metadata_failure_note.take() } else { None };
+            if lists.mode_changes.len() < MAX_MODE_CHANGES {
+                lists.mode_changes.push(ModeChange {
+                    from: old,
+                    to: new,
+                    out_of_data_space: note,
+                    metadata_failure: failure,
+                });
+            }
         }
+    }
+
+    /// Notes what the allocator saw before it puts the pool out of data
+    /// space: `free`, the free count it read (none free in the open
+    /// transaction: nothing to search), or `None` when the space map's
+    /// allocation itself failed (its search has just read every bitmap).
+    fn note_out_of_data_space(&self, free: Option<u64>, metadata_exhausted: bool) {
+        let free_in_both = match free {
+            Some(0) => Ok(0),
+            _ => lock(&self.metadata).data_blocks_free_in_both().map_err(|e| e.to_string()),
+        };
+        lock(&self.lists).out_of_data_space_note = Some(OutOfDataSpace { free_in_both, metadata_exhausted });
     }
 
     /// The errno for bios the pool cannot service (`get_pool_io_error_code`).
     fn io_error_code(&self) -> Errno {
-        if lock(&self.mode).out_of_data_space {
+        let state = lock(&self.mode);
+        let no_space = if self.options.mutations.io_error_code_follows_feature {
+            state.error_if_no_space
+        } else {
+            state.out_of_data_space
+        };
+        if no_space {
             Errno::ENOSPC
         } else {
             Errno::EIO

@@ -13,6 +13,7 @@ use super::{ActiveThin, DiscardParent, MappingBio, MappingId, NewMapping, Pool, 
 use crate::block_device::BlockDevice;
 use crate::deferred_set::AddWork;
 use crate::errno::Errno;
+use crate::pdata::PdataError;
 use crate::prison::{key_fits_region, CellId, CellKey, Detained, REGION_BLOCKS};
 use crate::sync::{lock, MutexGuard};
 use crate::thin::metadata::{LookupResult, ThinError, ThinId};
@@ -468,6 +469,14 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             _ => None,
         };
         let inserted = if self.mode() >= PoolMode::OutOfMetadataSpace || m.status.is_err() {
+            if m.status.is_err() && self.options.mutations.failed_mapping_aborts {
+                // Broken on purpose: a data error handled as a metadata one.
+                let e = crate::block_device::IoError::Failed {
+                    sector: m.data_block * self.block_sectors,
+                    reason: "the mapping's zeroing or copy failed".to_string(),
+                };
+                self.metadata_operation_failed("process_prepared_mapping", &ThinError::DataFlush(e));
+            }
             false
         } else {
             let r = lock(&self.metadata).insert_block(m.thin, m.virt_begin, m.data_block);
@@ -481,6 +490,16 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 self.end_bio(bio, Err(code));
             }
             self.cell_error_with(cell, code);
+            if m.status.is_err() && self.options.mutations.failed_mapping_errors_deferred_bios {
+                // Broken on purpose: the device's other deferred bios fail
+                // too.
+                if let Some(thin) = self.thin(m.thin) {
+                    let bios = std::mem::take(&mut lock(&thin.lists).deferred_bios);
+                    for bio in bios {
+                        self.end_bio(bio, Err(code));
+                    }
+                }
+            }
             return;
         }
         let thin = self.thin(m.thin);
@@ -679,7 +698,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
         };
         self.check_low_water_mark(free);
-        if free == 0 {
+        // Broken on purpose when keeping one block back: `<= 1`.
+        let one_early = self.options.mutations.out_of_data_space_one_block_early;
+        let none_left = |free: u64| if one_early { free <= 1 } else { free == 0 };
+        if none_left(free) {
             self.probe(|p| p.reclaim_commits += 1);
             self.commit()?;
             let again = lock(&self.metadata).free_data_blocks();
@@ -690,7 +712,8 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                     return Err(super::errno_of(&e));
                 }
             };
-            if free == 0 {
+            if none_left(free) {
+                self.note_out_of_data_space(Some(free), false);
                 self.set_pool_mode(PoolMode::OutOfDataSpace);
                 return Err(Errno::ENOSPC);
             }
@@ -701,6 +724,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             Err(e) => {
                 let errno = super::errno_of(&e);
                 if errno == Errno::ENOSPC {
+                    let metadata =
+                        matches!(&e, ThinError::Pdata(PdataError::NoSpace(what)) if *what != "data");
+                    self.note_out_of_data_space(None, metadata);
                     self.set_pool_mode(PoolMode::OutOfDataSpace);
                 } else {
                     self.metadata_operation_failed("dm_pool_alloc_data_block", &e);
