@@ -66,8 +66,9 @@ pub struct PoolProbes {
     pub aborts: u64,
     /// A commit failed (an I/O error of either device during it).
     pub failed_commits: u64,
-    /// An allocation found no free data block and committed to reclaim
-    /// the blocks freed in the open transaction.
+    /// An allocation found no free data block and committed before giving
+    /// up (`alloc_data_block`; in 6.1 that commit frees nothing: the free
+    /// count already counts the blocks the open transaction freed).
     pub reclaim_commits: u64,
     /// A bio queued until a resume (out of data space, no
     /// `error_if_no_space`).

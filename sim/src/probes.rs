@@ -34,7 +34,7 @@ pub const PROBES: [(&str, &str); 24] = [
     ("no-space-timeout", "the no-space timeout fired"),
     ("metadata-abort", "a metadata operation failed and the transaction was aborted"),
     ("commit-failed", "a commit failed on an I/O error"),
-    ("reclaim-commit", "an allocation found no free block and committed to reclaim freed ones"),
+    ("reclaim-commit", "an allocation found no free block and committed first (in 6.1 that frees nothing)"),
     ("queued-for-space", "a bio queued until the pool has data space again"),
     ("low-water-mark", "free data blocks fell to the low water mark"),
     ("mode-out-of-data-space", "the pool went out-of-data-space"),

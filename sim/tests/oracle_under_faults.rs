@@ -10,7 +10,8 @@
 //! ENOSPC at any time, read-only mode unjudged) missed all four over the
 //! same seeds (docs/campaign.md, "The oracle under faults").
 
-mod common;
+#[path = "common/minimized.rs"]
+mod minimized;
 
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
@@ -71,7 +72,7 @@ fn mutations_under_faults_are_caught_in_the_default_budget_and_minimized() {
         let clean = run_config(&seed_config(seed, &CampaignSettings::default()), &Checkers::default());
         assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
         // Minimized, it still fails the same way, and replays exactly.
-        common::minimized::assert_minimizes(name, &out.trace, signature);
+        minimized::assert_minimizes(name, &out.trace, signature);
     }
 }
 

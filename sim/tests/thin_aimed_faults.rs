@@ -6,7 +6,8 @@
 //! given, its trace minimized, and the same seeds without their aimed
 //! faults (the swarm's `aimed_percent` 0, every other op the same) miss it.
 
-mod common;
+#[path = "common/minimized.rs"]
+mod minimized;
 
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
@@ -78,7 +79,7 @@ fn aimed_fault_mutations_are_caught_in_the_default_budget_and_minimized() {
         let clean = run_config(&config(seed, None, true), &Checkers::default());
         assert!(clean.violation.is_none(), "{name}: seed {seed} fails without the mutation");
         // Minimized: fewer ops, the same failure on replay.
-        common::minimized::assert_minimizes(name, &out.trace, signature);
+        minimized::assert_minimizes(name, &out.trace, signature);
         // Without aimed faults the default budget misses it.
         let missed = DEFAULT_SEEDS
             .filter(|&s| run_config(&config(s, Some(name), false), &Checkers::default()).violation.is_some());

@@ -3,7 +3,8 @@
 //! trace minimized, fault coverage, and the kernel findings it made, pinned
 //! as recorded traces.
 
-mod common;
+#[path = "common/minimized.rs"]
+mod minimized;
 
 use std::path::Path;
 
@@ -104,7 +105,7 @@ fn every_broken_model_is_caught_in_the_default_budget_and_its_trace_shrinks() {
     for (name, _) in Mutations::ALL {
         let trace = first_caught(name);
         let (kind, message) = trace.violation().unwrap();
-        common::minimized::assert_minimizes(name, &trace, &violation_signature(kind, message));
+        minimized::assert_minimizes(name, &trace, &violation_signature(kind, message));
     }
 }
 

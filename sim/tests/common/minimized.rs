@@ -1,5 +1,5 @@
 //! The check every mutation-catching test makes of its failing trace.
-#![allow(dead_code)] // Not every test target that includes `common` uses it.
+#![allow(dead_code)] // Not every test target that includes it uses all of it.
 
 use dmsim_sim::run::{minimize, replay, violation_signature, Checkers};
 use dmsim_traces::Trace;

@@ -2,5 +2,3 @@
 
 #[cfg(feature = "shuttle")]
 pub mod shuttle;
-
-pub mod minimized;
