@@ -16,9 +16,7 @@ mod minimized;
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
 
-/// `dmsim check`'s default budget.
-const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
-const DEFAULT_OPS: usize = 300;
+use minimized::{DEFAULT_OPS, DEFAULT_SEEDS};
 
 /// Each mutation, the first seed of the default budget that catches it
 /// (README, "Broken models the campaign catches") and its signature.
@@ -61,10 +59,7 @@ fn mutations_under_faults_are_caught_in_the_default_budget_and_minimized() {
     for (name, first_seed, signature) in CAUGHT {
         let settings =
             CampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
-        let (seed, out) = DEFAULT_SEEDS
-            .map(|seed| (seed, run_config(&seed_config(seed, &settings), &Checkers::default())))
-            .find(|(_, out)| out.violation.is_some())
-            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let (seed, out) = minimized::first_failing(name, &settings);
         let v = out.violation.unwrap();
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}: {v}");

@@ -13,9 +13,7 @@ use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{run_config, violation_signature, CampaignSettings, Checkers, RunConfig};
 use dmsim_traces::{FaultAim, Op};
 
-/// `dmsim check`'s default budget.
-const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
-const DEFAULT_OPS: usize = 300;
+use minimized::{DEFAULT_OPS, DEFAULT_SEEDS};
 
 fn config(seed: u64, mutation: Option<&str>, aimed: bool) -> RunConfig {
     let mutations = mutation.map(|m| Mutations::by_name(m).unwrap()).unwrap_or_default();

@@ -15,9 +15,7 @@ use dmsim_sim::run::{
 };
 use dmsim_traces::{binary, text, Event, Op, Trace};
 
-/// `dmsim check`'s default budget.
-const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
-const DEFAULT_OPS: usize = 300;
+use minimized::{DEFAULT_OPS, DEFAULT_SEEDS};
 
 fn seed_config(seed: u64, settings: &CampaignSettings) -> RunConfig {
     RunConfig::for_seed(seed, DEFAULT_OPS, settings)
@@ -129,10 +127,7 @@ fn mutations_only_the_models_invariants_see_are_caught_where_they_break_it() {
     for (name, first_seed, what) in cases {
         let settings =
             CampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
-        let (seed, out) = DEFAULT_SEEDS
-            .map(|seed| (seed, run_config(&seed_config(seed, &settings), &Checkers::default())))
-            .find(|(_, out)| out.violation.is_some())
-            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let (seed, out) = minimized::first_failing(name, &settings);
         let v = out.violation.unwrap();
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(v.kind, "model", "{name}: {v}");
@@ -169,10 +164,7 @@ fn metadata_pressure_mutations_are_caught_where_they_show() {
     for (name, first_seed, signature) in cases {
         let settings =
             CampaignSettings { mutations: Mutations::by_name(name).unwrap(), ..Default::default() };
-        let (seed, out) = DEFAULT_SEEDS
-            .map(|seed| (seed, run_config(&seed_config(seed, &settings), &Checkers::default())))
-            .find(|(_, out)| out.violation.is_some())
-            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let (seed, out) = minimized::first_failing(name, &settings);
         let v = out.violation.unwrap();
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(out.trace.header.workload, "metadata-pressure", "{name}");

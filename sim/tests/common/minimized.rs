@@ -1,8 +1,28 @@
-//! The check every mutation-catching test makes of its failing trace.
+//! What every mutation-catching test of the thin campaign does: find the
+//! first seed of the default budget that fails, and check its trace
+//! minimizes.
 #![allow(dead_code)] // Not every test target that includes it uses all of it.
 
-use dmsim_sim::run::{minimize, replay, violation_signature, Checkers};
+use dmsim_sim::run::{
+    minimize, replay, run_config, violation_signature, CampaignSettings, Checkers, RunConfig, RunOutcome,
+};
 use dmsim_traces::Trace;
+
+/// `dmsim check`'s default budget.
+pub const DEFAULT_SEEDS: std::ops::Range<u64> = 0..64;
+/// `dmsim check`'s ops per seed.
+pub const DEFAULT_OPS: usize = 300;
+
+/// The first seed of [`DEFAULT_SEEDS`] whose run under `settings` has a
+/// violation, and that run (panics, naming `name`, when none has).
+pub fn first_failing(name: &str, settings: &CampaignSettings) -> (u64, RunOutcome) {
+    DEFAULT_SEEDS
+        .map(|seed| {
+            (seed, run_config(&RunConfig::for_seed(seed, DEFAULT_OPS, settings), &Checkers::default()))
+        })
+        .find(|(_, out)| out.violation.is_some())
+        .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"))
+}
 
 /// Minimizes `trace`, which fails as `signature`, and checks what a user
 /// relies on: ops were removed, the minimized trace fails the same way on
