@@ -297,6 +297,13 @@ fn grow_metadata_encodings() {
 
 /// The aimed faults (tag 0x13), text and binary, pinned byte for byte,
 /// and their errors.
+/// A binary trace with an empty header and `event` as its one event.
+fn one(event: &[u8]) -> Vec<u8> {
+    let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
+    b.extend(event);
+    b
+}
+
 #[test]
 fn aim_fault_encodings() {
     let ops = [
@@ -334,11 +341,6 @@ fn aim_fault_encodings() {
         let e = event_from_line(bad).unwrap_err().to_string();
         assert!(e.contains("aim-fault commit request=N | aim-fault abort"), "{bad}: {e}");
     }
-    let one = |event: &[u8]| {
-        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
-        b.extend(event);
-        b
-    };
     for (event, expected) in [
         (&[0x13][..], "an aim (the input ended)"),
         (&[0x13, 0x02][..], "an aim byte (0 commit, 1 abort), not 2"),
@@ -355,11 +357,6 @@ fn aim_fault_encodings() {
 
 #[test]
 fn grow_metadata_binary_errors() {
-    let one = |event: &[u8]| {
-        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
-        b.extend(event);
-        b
-    };
     let cases: &[(&[u8], usize, &str)] = &[
         (&[0x12], 10, "blocks (the input ended)"),
         (&[0x12, 0x01], 11, "reload (the input ended)"),
@@ -586,11 +583,6 @@ fn specific_binary_errors() {
 #[test]
 fn cache_binary_errors() {
     // The header of a trace of one event, then the event.
-    let one = |event: &[u8]| {
-        let mut b = b"DMTR\x01\x00\x00\x00\x01".to_vec();
-        b.extend(event);
-        b
-    };
     let cases: &[(&[u8], usize, &str)] = &[
         (
             &[0x0e, 0x03, 0x00],

@@ -1072,12 +1072,6 @@ impl<D: BlockDevice> ThinMetadata<D> {
         Ok(())
     }
 
-    /// Whether an abort could not reread the last commit (the kernel's
-    /// `pmd->fail_io`): every operation now fails.
-    pub fn has_failed(&self) -> bool {
-        self.fail_io
-    }
-
     /// Whether the needs-check flag is set.
     pub fn needs_check(&self) -> bool {
         self.flags & NEEDS_CHECK != 0

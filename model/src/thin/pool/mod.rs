@@ -647,13 +647,6 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         lock(&self.mode).mode
     }
 
-    /// Whether the pool's metadata has failed: an abort could not reread
-    /// the last commit (`pmd->fail_io`), after which the kernel puts the
-    /// pool in fail mode (`abort_transaction`).
-    pub fn metadata_failed(&self) -> bool {
-        lock(&self.metadata).has_failed()
-    }
-
     /// dm events raised so far (the low water mark, mode changes).
     pub fn events(&self) -> u64 {
         lock(&self.lists).events
