@@ -729,6 +729,10 @@ pub fn run_job(
         run_cache_job(ctl, job, trace, disks, &mut result);
         return result;
     }
+    if *kind == JobKind::Ublk {
+        run_ublk_job(ctl, job, kind, trace, spec, disks, &mut result);
+        return result;
+    }
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
     let t0 = Instant::now();
     let slices = linear(
@@ -879,7 +883,7 @@ fn run_pool_with(
         };
     let t0 = Instant::now();
     match kind {
-        JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey => {
+        JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk => {
             let messages = match kind {
                 JobKind::Logged { messages } => messages.as_slice(),
                 _ => &[],
@@ -950,6 +954,103 @@ fn run_pool_with(
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
     result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
+}
+
+/// Largest controlled disk a ublk job keeps in guest RAM (two copies of
+/// it: the durable image and what reads see).
+const UBLK_MAX_DISK_BYTES: u64 = 256 << 20;
+
+/// A ublk job ([`JobKind::Ublk`]): two controlled disks in guest RAM
+/// (metadata zeroed, data filled with [`DATA_FILL`]) served through ublk,
+/// the pool on them as in a replay job, then both devices stopped and
+/// deleted (also when the replay failed), the requests they served
+/// counted, and their durable images written to the job's slices of the
+/// metadata and data disks, where the host reads them.
+fn run_ublk_job(
+    ctl: &Control,
+    job: usize,
+    kind: &JobKind,
+    trace: &Trace,
+    spec: PoolSpec,
+    disks: &JobDisks<'_>,
+    result: &mut KernelResult,
+) {
+    use crate::ublk::{live_devices, ControlledDisk, DeviceShape, UblkControl, UblkDevice};
+    let t0 = Instant::now();
+    let (meta_bytes, data_bytes) = (spec.metadata_sectors * 512, spec.data_sectors() * 512);
+    if meta_bytes.max(data_bytes) > UBLK_MAX_DISK_BYTES {
+        result.error = Some(format!(
+            "ublk: disks of {meta_bytes} and {data_bytes} bytes exceed the {UBLK_MAX_DISK_BYTES} bytes kept in RAM"
+        ));
+        return;
+    }
+    let ublk = match UblkControl::open() {
+        Ok(c) => c,
+        Err(e) => {
+            result.error = Some(format!("ublk: {e}"));
+            return;
+        }
+    };
+    let meta = ControlledDisk::from_image(vec![0; meta_bytes as usize]);
+    let data = ControlledDisk::from_image(vec![DATA_FILL; data_bytes as usize]);
+    let devices = UblkDevice::start(&ublk, meta, DeviceShape::default())
+        .and_then(|m| UblkDevice::start(&ublk, data, DeviceShape::default()).map(|d| (m, d)));
+    let (meta, data) = match devices {
+        Ok(p) => p,
+        Err(e) => {
+            result.error = Some(format!("ublk: starting the devices: {e}"));
+            result.ublk.push(("left-devices".into(), live_devices().len() as u64));
+            return;
+        }
+    };
+    result.timings_ms.push(("ublk-start".into(), t0.elapsed().as_millis() as u64));
+    let (meta_path, data_path) = (meta.block().to_path_buf(), data.block().to_path_buf());
+    run_pool(ctl, job, kind, trace, spec.clone(), &meta_path, &data_path, disks.dev_dir, result);
+    let t1 = Instant::now();
+    let mut served = Vec::new();
+    for (role, dev) in [("metadata", meta), ("data", data)] {
+        match dev.stop() {
+            Ok(disk) => served.push((role, disk)),
+            Err(e) => {
+                result.error = result.error.take().or(Some(format!("ublk: stopping the {role} disk: {e}")))
+            }
+        }
+    }
+    result.ublk.push(("left-devices".into(), live_devices().len() as u64));
+    result.timings_ms.push(("ublk-stop".into(), t1.elapsed().as_millis() as u64));
+    let t2 = Instant::now();
+    for (role, disk) in &served {
+        for (name, n) in disk.counts().named() {
+            result.ublk.push((format!("{role}-{name}"), n));
+        }
+        let volatile = disk.since_flush().iter().filter(|w| !w.fua).count() as u64;
+        result.ublk.push((format!("{role}-volatile-at-stop"), volatile));
+        let (name, at, len, disk_path) = if *role == "metadata" {
+            (format!("dmsim-m{job}"), disks.slice.metadata_offset, spec.metadata_sectors, disks.metadata)
+        } else {
+            (format!("dmsim-d{job}"), disks.slice.data_offset, spec.data_sectors(), disks.data)
+        };
+        let written = linear(ctl, &name, disk_path, at, len, disks.dev_dir).and_then(|path| {
+            let w = write_image(&path, disk.durable());
+            let removed = ctl.remove(&name);
+            w.and(removed)
+        });
+        if let Err(e) = written {
+            result.error = result.error.take().or(Some(format!("ublk: writing the {role} image out: {e}")));
+        }
+    }
+    result.timings_ms.push(("ublk-copy-out".into(), t2.elapsed().as_millis() as u64));
+}
+
+/// Writes `image` at the start of the block device `path` and flushes it.
+fn write_image(path: &Path, image: &[u8]) -> Result<(), ShimError> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
+    f.write_all_at(image, 0).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
+    f.sync_all().map_err(|e| ShimError::io(format!("flush {}", path.display()), e))
 }
 
 /// A logged job (spec §7.2, §9): one backing device (the job's metadata

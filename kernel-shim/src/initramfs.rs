@@ -245,6 +245,18 @@ pub fn resolve_modules(modules_dep: &str, roots: &[&str]) -> Result<Vec<String>,
 /// their dependencies under `/lib/modules/<release>/`, and the agent's
 /// module list.
 pub fn build_initramfs(kernel: &Kernel, agent: &[u8], roots: &[&str]) -> Result<Vec<u8>, ShimError> {
+    build_initramfs_with(kernel, agent, roots, &[])
+}
+
+/// As [`build_initramfs`], with modules that are not in the kernel's tree
+/// (`(file name, bytes)`, e.g. an out-of-tree `ublk_drv.ko`) under
+/// `/lib/modules/<release>/extra/`, loaded after the others.
+pub fn build_initramfs_with(
+    kernel: &Kernel,
+    agent: &[u8],
+    roots: &[&str],
+    extra: &[(String, Vec<u8>)],
+) -> Result<Vec<u8>, ShimError> {
     let order = kernel.module_order(roots)?;
     let mut cpio = Cpio::new();
     for d in ["dev", "proc", "sys", "tmp", "etc"] {
@@ -260,6 +272,16 @@ pub fn build_initramfs(kernel: &Kernel, agent: &[u8], roots: &[&str]) -> Result<
             std::fs::read(&src).map_err(|e| ShimError::io(format!("read module {}", src.display()), e))?;
         let dest = format!("lib/modules/{}/{m}", kernel.release);
         cpio.file(&dest, 0o644, &data);
+        list.push('/');
+        list.push_str(&dest);
+        list.push('\n');
+    }
+    for (name, data) in extra {
+        if name.is_empty() || name.contains('/') {
+            return Err(ShimError::Invalid(format!("module file name {name:?}")));
+        }
+        let dest = format!("lib/modules/{}/extra/{name}", kernel.release);
+        cpio.file(&dest, 0o644, data);
         list.push('/');
         list.push_str(&dest);
         list.push('\n');

@@ -36,6 +36,8 @@ pub mod error;
 pub mod initramfs;
 pub mod logwrites;
 pub mod protocol;
+pub mod ublk;
+pub mod ublk_module;
 pub mod vm;
 
 pub use error::ShimError;

@@ -208,6 +208,11 @@ pub struct KernelResult {
     /// cache's INFO status line (taken without a commit) once its
     /// background work had settled after that op.
     pub op_status: Vec<(usize, String)>,
+    /// For a ublk job ([`JobKind::Ublk`]): what the controlled disks
+    /// served, as `(name, count)`: `metadata-flushes`, `data-fua-writes`…
+    /// (see `ublk::RequestCounts::named`), and `left-devices`, the ublk
+    /// devices the kernel still had after the job's teardown.
+    pub ublk: Vec<(String, u64)>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -249,6 +254,9 @@ impl KernelResult {
         }
         for (i, line) in &self.op_status {
             let _ = writeln!(s, "op-status {i} {}", one_line(line));
+        }
+        for (what, n) in &self.ublk {
+            let _ = writeln!(s, "ublk {} {n}", one_line(what));
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -344,6 +352,12 @@ impl KernelResult {
                     r.timings_ms.push((what.to_string(), ms.parse().map_err(|_| bad(n, line, "bad time"))?));
                 }
                 "error" => r.error = Some(rest.to_string()),
+                "ublk" => {
+                    let (what, count) =
+                        rest.rsplit_once(' ').ok_or_else(|| bad(n, line, "bad ublk count"))?;
+                    let count = count.parse().map_err(|_| bad(n, line, "bad ublk count"))?;
+                    r.ublk.push((what.to_string(), count));
+                }
                 "log-status" => r.log_status = Some(rest.to_string()),
                 "op-status" => {
                     let (i, status) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -438,6 +452,15 @@ pub enum JobKind {
     /// shutdown, unless crashed). No read-back: every read is one the
     /// policy sees.
     Cache,
+    /// As [`JobKind::Replay`], with the pool's metadata and data devices
+    /// served by the agent through ublk (`crate::ublk`): controlled disks
+    /// in guest RAM with a volatile write cache and FUA, the metadata
+    /// starting zeroed and the data filled with [`crate::vm::DATA_FILL`].
+    /// After the teardown the devices are stopped and deleted, and the
+    /// durable images are written to the job's slices (the host reads the
+    /// metadata image there); the result counts the requests served
+    /// ([`KernelResult::ublk`]).
+    Ublk,
 }
 
 /// The text of the log mark the agent drops after op `index` of a logged
@@ -475,7 +498,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
-        matches!(self, JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey)
+        matches!(self, JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk)
     }
 }
 
@@ -493,6 +516,7 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
                 format!("job logged {} {}\n", text.len(), m.join(","))
             }
             JobKind::Flakey => format!("job flakey {}\n", text.len()),
+            JobKind::Ublk => format!("job ublk {}\n", text.len()),
             JobKind::Cache => format!("job cache {}\n", text.len()),
             JobKind::Activate { ids } => {
                 let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
@@ -542,6 +566,7 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
                 }
             }
             ("flakey", None) => JobKind::Flakey,
+            ("ublk", None) => JobKind::Ublk,
             ("cache", None) => JobKind::Cache,
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
             ("activate", Some(ids)) if words.len() == 4 => {
@@ -977,10 +1002,13 @@ mod tests {
             timings_ms: vec![("ops".into(), 12)],
             log_status: Some("12 345".into()),
             op_status: vec![(1, "8 11/512 128 2/16 0 1 0 0 0 1 0".into())],
+            ublk: vec![("metadata-flushes".into(), 7), ("left-devices".into(), 0)],
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
+        assert_eq!(back.ublk, r.ublk);
+        assert!(KernelResult::from_text(&text.replace("ublk left-devices 0", "ublk left-devices x")).is_err());
         assert_eq!(back.error.as_deref(), Some("it broke badly"));
         assert_eq!(back.log_status.as_deref(), Some("12 345"));
         assert_eq!(back.op_status, r.op_status);
@@ -1009,10 +1037,12 @@ mod tests {
             ),
             (JobKind::Flakey, text.clone()),
             (JobKind::Cache, "dmsim-trace 1\nseed 0\nworkload cache\n".into()),
+            (JobKind::Ublk, text.clone()),
         ];
         let body = encode_request(&jobs);
         let back = decode_request(&body).unwrap();
-        assert_eq!(back.len(), 7);
+        assert_eq!(back.len(), 8);
+        assert_eq!(back[7].0, JobKind::Ublk);
         assert_eq!(back[6].0, JobKind::Cache);
         assert_eq!(back[5].0, JobKind::Flakey);
         assert_eq!(back[4].0, jobs[4].0);

@@ -32,7 +32,7 @@ use dmsim_traces::Trace;
 use crate::agent::DiskRole;
 use crate::cleanup;
 use crate::error::ShimError;
-use crate::initramfs::{build_agent, build_initramfs, Kernel, ROOT_MODULES};
+use crate::initramfs::{build_agent, build_initramfs_with, Kernel, ROOT_MODULES};
 use crate::protocol::{
     encode_cache_steps, encode_request, log_offsets, read_frame, write_frame, CacheSpec, CacheStep, JobKind,
     KernelResult, Layout, PoolSpec, CACHE_LOGGED_PARAM, CACHE_STEPS_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC,
@@ -253,6 +253,12 @@ pub enum Job {
     /// sit on dm-flakey; the trace's write-error faults make the device
     /// fail every write from then on (see `protocol::JobKind::Flakey`).
     Flakey(Trace),
+    /// Replay the trace on a fresh pool whose metadata and data devices
+    /// are controlled disks the agent serves through ublk (see
+    /// `protocol::JobKind::Ublk`); needs a shim prepared with
+    /// [`KernelShim::prepare_with_ublk`]. The run's result counts the
+    /// requests the disks served (`KernelResult::ublk`).
+    Ublk(Trace),
     /// A dm-cache device on images the host provides (see
     /// `protocol::JobKind::Cache`; build it with [`Job::cache`]): the run
     /// carries the metadata image after the clean shutdown and the cache
@@ -318,6 +324,7 @@ impl Job {
             Job::Replay(t)
             | Job::Logged(t)
             | Job::Flakey(t)
+            | Job::Ublk(t)
             | Job::Activate { trace: t, .. }
             | Job::LoggedWithMessages { trace: t, .. }
             | Job::Cache { trace: t, .. } => t,
@@ -331,6 +338,7 @@ impl Job {
             Job::Logged(_) => JobKind::Logged { messages: Vec::new() },
             Job::LoggedWithMessages { messages, .. } => JobKind::Logged { messages: messages.clone() },
             Job::Flakey(_) => JobKind::Flakey,
+            Job::Ublk(_) => JobKind::Ublk,
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
             Job::Cache { .. } => JobKind::Cache,
         }
@@ -344,6 +352,8 @@ pub struct KernelShim {
     options: VmOptions,
     dir: TempDir,
     initramfs: PathBuf,
+    /// The ublk module in the initramfs, if any.
+    ublk_module: Option<PathBuf>,
 }
 
 impl KernelShim {
@@ -357,15 +367,45 @@ impl KernelShim {
 
     /// As [`Self::prepare`], with a given kernel and VM options.
     pub fn prepare_with(kernel: Kernel, options: VmOptions) -> Result<KernelShim, ShimError> {
+        KernelShim::prepare_with_modules(kernel, options, None)
+    }
+
+    /// As [`Self::prepare`], with `ublk_drv.ko` built for the kernel
+    /// ([`crate::ublk_module::ublk_module`], cached per release) in the
+    /// initramfs, so that [`Job::Ublk`] jobs can run.
+    /// [`ShimError::Missing`] names the packages the module needs.
+    pub fn prepare_with_ublk() -> Result<KernelShim, ShimError> {
+        let options = VmOptions::from_path()?;
+        let kernel = Kernel::find()?;
+        let module = crate::ublk_module::ublk_module(&kernel)?;
+        KernelShim::prepare_with_modules(kernel, options, Some(module))
+    }
+
+    fn prepare_with_modules(
+        kernel: Kernel,
+        options: VmOptions,
+        ublk_module: Option<PathBuf>,
+    ) -> Result<KernelShim, ShimError> {
         let agent_path = build_agent()?;
         let agent = std::fs::read(&agent_path)
             .map_err(|e| ShimError::io(format!("read {}", agent_path.display()), e))?;
-        let image = build_initramfs(&kernel, &agent, ROOT_MODULES)?;
+        let mut extra = Vec::new();
+        if let Some(m) = &ublk_module {
+            let bytes = std::fs::read(m).map_err(|e| ShimError::io(format!("read {}", m.display()), e))?;
+            extra.push((crate::ublk_module::MODULE_FILE.to_string(), bytes));
+        }
+        let image = build_initramfs_with(&kernel, &agent, ROOT_MODULES, &extra)?;
         let dir = TempDir::new()?;
         let initramfs = dir.path().join("initramfs.cpio");
         std::fs::write(&initramfs, image)
             .map_err(|e| ShimError::io(format!("write {}", initramfs.display()), e))?;
-        Ok(KernelShim { kernel, options, dir, initramfs })
+        Ok(KernelShim { kernel, options, dir, initramfs, ublk_module })
+    }
+
+    /// The ublk module the initramfs carries, if prepared with
+    /// [`Self::prepare_with_ublk`].
+    pub fn ublk_module(&self) -> Option<&Path> {
+        self.ublk_module.as_deref()
     }
 
     /// The kernel booted.
@@ -404,6 +444,12 @@ impl KernelShim {
 
     /// One boot running `jobs` in turn.
     fn boot(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
+        if self.ublk_module.is_none() && jobs.iter().any(|j| matches!(j, Job::Ublk(_))) {
+            return Err(ShimError::Invalid(
+                "a ublk job needs the ublk module: prepare the shim with KernelShim::prepare_with_ublk"
+                    .into(),
+            ));
+        }
         let specs: Vec<PoolSpec> =
             jobs.iter().map(|j| PoolSpec::from_header(&j.trace().header)).collect::<Result<_, _>>()?;
         for (job, spec) in jobs.iter().zip(&specs) {

@@ -1,0 +1,909 @@
+//! Controlled disks: block devices served from userland through ublk.
+//!
+//! Linux 6.1's ublk driver (`ublk_drv`, built out of tree by
+//! [`crate::ublk_module`]) turns every request on `/dev/ublkbN` into a
+//! descriptor the server fetches with io_uring `URING_CMD`s on
+//! `/dev/ublkcN`; the server answers with `COMMIT_AND_FETCH_REQ`. Control
+//! commands (add, parameters, start, stop, delete) go to
+//! `/dev/ublk-control` on a ring with 128-byte submission entries. This
+//! module speaks 6.1's legacy numeric ABI directly with the `io-uring`
+//! crate (the structures below are laid out as in 6.1's
+//! `include/uapi/linux/ublk_cmd.h`):
+//!
+//! - [`ControlledDisk`]: the semantics of `faults::SimDisk` — writes land
+//!   in a volatile layer until a FLUSH completes, FUA writes are durable
+//!   on completion; it keeps the durable image, what reads see, and the
+//!   writes since the last flush (the material of a later power cut). It
+//!   is plain data, driven one [`Request`] at a time, so that a later step
+//!   can hold requests, fail them or cut power between them.
+//! - [`UblkControl`] and [`UblkDevice`]: one device per disk, one queue,
+//!   served by its own thread (the driver ties a queue to the task that
+//!   fetched it), advertising a volatile write cache and FUA so that the
+//!   kernel sends both.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmsim_faults::PendingWrite;
+
+use crate::error::ShimError;
+
+/// `UBLK_CMD_ADD_DEV`.
+pub const CMD_ADD_DEV: u32 = 0x04;
+/// `UBLK_CMD_DEL_DEV`.
+pub const CMD_DEL_DEV: u32 = 0x05;
+/// `UBLK_CMD_START_DEV`.
+pub const CMD_START_DEV: u32 = 0x06;
+/// `UBLK_CMD_STOP_DEV`.
+pub const CMD_STOP_DEV: u32 = 0x07;
+/// `UBLK_CMD_SET_PARAMS`.
+pub const CMD_SET_PARAMS: u32 = 0x08;
+/// `UBLK_IO_FETCH_REQ`.
+pub const IO_FETCH_REQ: u32 = 0x20;
+/// `UBLK_IO_COMMIT_AND_FETCH_REQ`.
+pub const IO_COMMIT_AND_FETCH_REQ: u32 = 0x21;
+
+/// `UBLK_IO_OP_READ`.
+pub const OP_READ: u8 = 0;
+/// `UBLK_IO_OP_WRITE`.
+pub const OP_WRITE: u8 = 1;
+/// `UBLK_IO_OP_FLUSH`.
+pub const OP_FLUSH: u8 = 2;
+/// `UBLK_IO_OP_DISCARD`.
+pub const OP_DISCARD: u8 = 3;
+/// `UBLK_IO_OP_WRITE_ZEROES`.
+pub const OP_WRITE_ZEROES: u8 = 5;
+/// `UBLK_IO_F_FUA`, in `op_flags`.
+pub const IO_F_FUA: u32 = 1 << 13;
+
+/// `UBLK_ATTR_VOLATILE_CACHE`.
+pub const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+/// `UBLK_ATTR_FUA`.
+pub const ATTR_FUA: u32 = 1 << 3;
+/// `UBLK_PARAM_TYPE_BASIC`.
+pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
+/// `UBLK_PARAM_TYPE_DISCARD`.
+pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
+
+/// The control node the module creates.
+pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+/// `struct ublksrv_ctrl_cmd` (6.1: 32 bytes, `data[2]`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CtrlCmd {
+    /// The device.
+    pub dev_id: u32,
+    /// `-1` for device commands.
+    pub queue_id: u16,
+    /// Length of the buffer at `addr`.
+    pub len: u16,
+    /// A buffer in or out.
+    pub addr: u64,
+    /// Inline data (`START_DEV`: the server's pid).
+    pub data: [u64; 2],
+}
+
+/// `struct ublksrv_ctrl_dev_info` (64 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DevInfo {
+    /// Hardware queues.
+    pub nr_hw_queues: u16,
+    /// Tags per queue.
+    pub queue_depth: u16,
+    /// Owned by the driver.
+    pub state: u16,
+    /// Padding.
+    pub pad0: u16,
+    /// Largest request in bytes (the per-tag buffer).
+    pub max_io_buf_bytes: u32,
+    /// The device id (`u32::MAX`: the driver picks).
+    pub dev_id: u32,
+    /// Owned by the driver.
+    pub ublksrv_pid: i32,
+    /// Padding.
+    pub pad1: u32,
+    /// `UBLK_F_*` asked; the driver answers with what it grants.
+    pub flags: u64,
+    /// For the server.
+    pub ublksrv_flags: u64,
+    /// Reserved.
+    pub reserved: [u64; 3],
+}
+
+/// `struct ublk_param_basic`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParamBasic {
+    /// `UBLK_ATTR_*`.
+    pub attrs: u32,
+    /// log2 of the logical block size.
+    pub logical_bs_shift: u8,
+    /// log2 of the physical block size.
+    pub physical_bs_shift: u8,
+    /// log2 of the optimal I/O size.
+    pub io_opt_shift: u8,
+    /// log2 of the minimal I/O size.
+    pub io_min_shift: u8,
+    /// Largest request in sectors.
+    pub max_sectors: u32,
+    /// Chunk size in sectors (0: none).
+    pub chunk_sectors: u32,
+    /// The device's size in sectors.
+    pub dev_sectors: u64,
+    /// Virtual boundary mask (0: none).
+    pub virt_boundary_mask: u64,
+}
+
+/// `struct ublk_param_discard`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParamDiscard {
+    /// Alignment in bytes.
+    pub discard_alignment: u32,
+    /// Granularity in bytes.
+    pub discard_granularity: u32,
+    /// Largest discard in sectors.
+    pub max_discard_sectors: u32,
+    /// Largest write-zeroes in sectors (0: not supported).
+    pub max_write_zeroes_sectors: u32,
+    /// 6.1 supports only 1.
+    pub max_discard_segments: u16,
+    /// Reserved.
+    pub reserved0: u16,
+}
+
+/// `struct ublk_params` (6.1: basic and discard).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Params {
+    /// `size_of::<Params>()`.
+    pub len: u32,
+    /// `UBLK_PARAM_TYPE_*` present.
+    pub types: u32,
+    /// The basic parameters.
+    pub basic: ParamBasic,
+    /// The discard parameters.
+    pub discard: ParamDiscard,
+}
+
+/// `struct ublksrv_io_desc`: one per tag, in the mmapped area.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoDesc {
+    /// Op in bits 0–7, flags above.
+    pub op_flags: u32,
+    /// Length in sectors.
+    pub nr_sectors: u32,
+    /// First sector (meaningless for a FLUSH).
+    pub start_sector: u64,
+    /// The buffer the driver copies from or to.
+    pub addr: u64,
+}
+
+/// `struct ublksrv_io_cmd` (16 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IoCmd {
+    /// The queue.
+    pub q_id: u16,
+    /// The tag.
+    pub tag: u16,
+    /// For a commit: bytes done or `-errno`.
+    pub result: i32,
+    /// The tag's buffer.
+    pub addr: u64,
+}
+
+fn bytes_of<T: Copy, const N: usize>(v: &T) -> [u8; N] {
+    assert!(std::mem::size_of::<T>() <= N, "command payload too large");
+    let mut out = [0u8; N];
+    // SAFETY: T is a plain repr(C) value of at most N bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (v as *const T).cast::<u8>(),
+            out.as_mut_ptr(),
+            std::mem::size_of::<T>(),
+        )
+    };
+    out
+}
+
+/// What a request asks, decoded from its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `UBLK_IO_OP_READ`.
+    Read,
+    /// `UBLK_IO_OP_WRITE`; `fua` with `UBLK_IO_F_FUA`.
+    Write {
+        /// Durable on completion.
+        fua: bool,
+    },
+    /// `UBLK_IO_OP_FLUSH` (its sector is meaningless).
+    Flush,
+    /// `UBLK_IO_OP_DISCARD`.
+    Discard,
+    /// `UBLK_IO_OP_WRITE_ZEROES` (not advertised; served as a write of zeroes).
+    WriteZeroes,
+    /// Anything else (answered `EOPNOTSUPP`).
+    Other(u8),
+}
+
+/// One request fetched from the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// The tag it came on.
+    pub tag: u16,
+    /// What it asks.
+    pub kind: RequestKind,
+    /// First sector.
+    pub sector: u64,
+    /// Length in sectors.
+    pub nr_sectors: u32,
+}
+
+impl Request {
+    /// Decodes a descriptor.
+    pub fn from_desc(tag: u16, d: &IoDesc) -> Request {
+        let op = (d.op_flags & 0xff) as u8;
+        let kind = match op {
+            OP_READ => RequestKind::Read,
+            OP_WRITE => RequestKind::Write { fua: d.op_flags & IO_F_FUA != 0 },
+            OP_FLUSH => RequestKind::Flush,
+            OP_DISCARD => RequestKind::Discard,
+            OP_WRITE_ZEROES => RequestKind::WriteZeroes,
+            other => RequestKind::Other(other),
+        };
+        Request { tag, kind, sector: d.start_sector, nr_sectors: d.nr_sectors }
+    }
+}
+
+/// What a controlled disk has served, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// Reads.
+    pub reads: u64,
+    /// Writes (FUA ones included).
+    pub writes: u64,
+    /// Writes with FUA.
+    pub fua_writes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Discards.
+    pub discards: u64,
+    /// Write-zeroes.
+    pub write_zeroes: u64,
+    /// Requests answered with an error (out of range, unknown op).
+    pub errors: u64,
+}
+
+impl RequestCounts {
+    /// `(name, count)` pairs, for the job's result.
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        [
+            ("reads", self.reads),
+            ("writes", self.writes),
+            ("fua-writes", self.fua_writes),
+            ("flushes", self.flushes),
+            ("discards", self.discards),
+            ("write-zeroes", self.write_zeroes),
+            ("errors", self.errors),
+        ]
+    }
+}
+
+/// A disk with a volatile write cache, as `faults::SimDisk` models one:
+/// reads see every acknowledged write; a write is durable once a FLUSH
+/// completes after it, or at once with FUA.
+///
+/// It keeps three things: the durable image (what a power cut losing the
+/// whole cache leaves), what reads see, and every write acknowledged since
+/// the last flush in order (FUA ones too, as `SimDisk` does), from which a
+/// later step builds the crash states a trace's crash mode chooses.
+#[derive(Debug, Clone)]
+pub struct ControlledDisk {
+    durable: Vec<u8>,
+    visible: Vec<u8>,
+    since_flush: Vec<PendingWrite>,
+    counts: RequestCounts,
+}
+
+/// A negative errno as a ublk result.
+fn neg(errno: i32) -> i32 {
+    -errno
+}
+
+impl ControlledDisk {
+    /// A disk holding `image`, all of it durable. The length is rounded
+    /// down to whole sectors.
+    pub fn from_image(mut image: Vec<u8>) -> ControlledDisk {
+        image.truncate(image.len() / 512 * 512);
+        ControlledDisk {
+            visible: image.clone(),
+            durable: image,
+            since_flush: Vec::new(),
+            counts: RequestCounts::default(),
+        }
+    }
+
+    /// Size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.visible.len() as u64 / 512
+    }
+
+    /// What is certainly durable now.
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
+    /// What reads return now.
+    pub fn visible(&self) -> &[u8] {
+        &self.visible
+    }
+
+    /// Writes acknowledged since the last completed flush, in order.
+    pub fn since_flush(&self) -> &[PendingWrite] {
+        &self.since_flush
+    }
+
+    /// What was served so far.
+    pub fn counts(&self) -> RequestCounts {
+        self.counts
+    }
+
+    /// The byte range of a request, or `None` when it leaves the disk or
+    /// the buffer.
+    fn range(&self, sector: u64, nr: u32, buf_len: usize) -> Option<std::ops::Range<usize>> {
+        let end = sector.checked_add(u64::from(nr))?;
+        if end > self.sectors() || u64::from(nr) * 512 > buf_len as u64 {
+            return None;
+        }
+        Some((sector * 512) as usize..(end * 512) as usize)
+    }
+
+    /// Serves one request with `buf` (the tag's buffer: a write's data
+    /// in, a read's data out). Returns the ublk result: bytes done, or a
+    /// negative errno (`EIO` out of range, `EOPNOTSUPP` for an unknown
+    /// op). Never panics on a hostile request.
+    pub fn serve(&mut self, req: &Request, buf: &mut [u8]) -> i32 {
+        let bytes = (u64::from(req.nr_sectors) * 512).min(i32::MAX as u64) as i32;
+        let result = match req.kind {
+            RequestKind::Flush => {
+                // Everything acknowledged is durable now; the sector of a
+                // flush request means nothing.
+                self.counts.flushes += 1;
+                self.durable.copy_from_slice(&self.visible);
+                self.since_flush.clear();
+                0
+            }
+            RequestKind::Read => match self.range(req.sector, req.nr_sectors, buf.len()) {
+                Some(r) => {
+                    self.counts.reads += 1;
+                    buf[..r.len()].copy_from_slice(&self.visible[r]);
+                    bytes
+                }
+                None => neg(libc::EIO),
+            },
+            RequestKind::Write { fua } => match self.range(req.sector, req.nr_sectors, buf.len()) {
+                Some(r) => {
+                    self.counts.writes += 1;
+                    let data = buf[..r.len()].to_vec();
+                    self.write(req.sector, r, data, fua);
+                    if fua {
+                        self.counts.fua_writes += 1;
+                    }
+                    bytes
+                }
+                None => neg(libc::EIO),
+            },
+            RequestKind::WriteZeroes => match self.range(req.sector, req.nr_sectors, usize::MAX) {
+                Some(r) => {
+                    self.counts.write_zeroes += 1;
+                    let data = vec![0u8; r.len()];
+                    self.write(req.sector, r, data, false);
+                    bytes
+                }
+                None => neg(libc::EIO),
+            },
+            // Like qemu's raw drives and the model's disks: a discard
+            // changes nothing.
+            RequestKind::Discard => match self.range(req.sector, req.nr_sectors, usize::MAX) {
+                Some(_) => {
+                    self.counts.discards += 1;
+                    bytes
+                }
+                None => neg(libc::EIO),
+            },
+            RequestKind::Other(_) => neg(libc::EOPNOTSUPP),
+        };
+        if result < 0 {
+            self.counts.errors += 1;
+        }
+        result
+    }
+
+    fn write(&mut self, sector: u64, r: std::ops::Range<usize>, data: Vec<u8>, fua: bool) {
+        self.visible[r.clone()].copy_from_slice(&data);
+        if fua {
+            self.durable[r].copy_from_slice(&data);
+        }
+        self.since_flush.push(PendingWrite { sector, data, fua });
+    }
+}
+
+/// The control device and its ring (128-byte entries, as 6.1 requires).
+pub struct UblkControl {
+    file: File,
+    ring: Mutex<io_uring::IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry>>,
+}
+
+impl std::fmt::Debug for UblkControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UblkControl").field("fd", &self.file.as_raw_fd()).finish()
+    }
+}
+
+fn io_err(what: impl Into<String>, e: std::io::Error) -> ShimError {
+    ShimError::io(what, e)
+}
+
+impl UblkControl {
+    /// Opens [`CONTROL_PATH`] (the module must be loaded).
+    pub fn open() -> Result<UblkControl, ShimError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTROL_PATH)
+            .map_err(|e| io_err(format!("open {CONTROL_PATH} (is ublk_drv loaded?)"), e))?;
+        let ring = io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
+            .build(4)
+            .map_err(|e| io_err("io_uring with 128-byte entries for ublk control", e))?;
+        Ok(UblkControl { file, ring: Mutex::new(ring) })
+    }
+
+    /// Sends one control command; its result (`>= 0`) or the errno.
+    pub fn command(&self, op: u32, cmd: &CtrlCmd) -> Result<i32, ShimError> {
+        let name = match op {
+            CMD_ADD_DEV => "ADD_DEV",
+            CMD_DEL_DEV => "DEL_DEV",
+            CMD_START_DEV => "START_DEV",
+            CMD_STOP_DEV => "STOP_DEV",
+            CMD_SET_PARAMS => "SET_PARAMS",
+            _ => "control command",
+        };
+        let what = format!("ublk {name} (dev {})", cmd.dev_id);
+        let mut ring =
+            self.ring.lock().map_err(|_| ShimError::Invalid("ublk control ring poisoned".into()))?;
+        let sqe = io_uring::opcode::UringCmd80::new(io_uring::types::Fd(self.file.as_raw_fd()), op)
+            .cmd(bytes_of::<CtrlCmd, 80>(cmd))
+            .build()
+            .user_data(u64::from(op));
+        // SAFETY: the command's buffer (cmd.addr) outlives the wait below.
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| ShimError::Invalid(format!("{what}: submission queue full")))?;
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(io_err(what, e)),
+            }
+        }
+        let cqe =
+            ring.completion().next().ok_or_else(|| ShimError::Invalid(format!("{what}: no completion")))?;
+        let res = cqe.result();
+        if res < 0 {
+            return Err(io_err(what, std::io::Error::from_raw_os_error(-res)));
+        }
+        Ok(res)
+    }
+}
+
+/// How a device is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceShape {
+    /// Tags on the one queue.
+    pub depth: u16,
+    /// Bytes per tag buffer (the largest request).
+    pub buf_bytes: u32,
+}
+
+impl Default for DeviceShape {
+    fn default() -> Self {
+        DeviceShape { depth: 16, buf_bytes: 512 << 10 }
+    }
+}
+
+/// A served ublk device: its block node and the thread serving it.
+/// [`UblkDevice::stop`] stops and deletes it and returns the disk; drop
+/// does the same, best effort, on error paths.
+pub struct UblkDevice<'c> {
+    ctl: &'c UblkControl,
+    dev_id: u32,
+    block: PathBuf,
+    thread: Option<JoinHandle<Result<ControlledDisk, String>>>,
+    deleted: bool,
+}
+
+impl std::fmt::Debug for UblkDevice<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UblkDevice").field("dev_id", &self.dev_id).field("block", &self.block).finish()
+    }
+}
+
+fn wait_for_node(path: &Path, wait: Duration) -> Result<(), ShimError> {
+    let deadline = Instant::now() + wait;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(ShimError::Invalid(format!("{} did not appear", path.display())));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+impl<'c> UblkDevice<'c> {
+    /// Adds a device of `disk`'s size, sets its parameters (volatile
+    /// cache, FUA, discard, 512-byte logical blocks), starts its server
+    /// thread, starts it and waits for `/dev/ublkbN`. On failure nothing
+    /// is left (the device is stopped and deleted).
+    pub fn start(
+        ctl: &'c UblkControl,
+        disk: ControlledDisk,
+        shape: DeviceShape,
+    ) -> Result<UblkDevice<'c>, ShimError> {
+        let mut info = DevInfo {
+            nr_hw_queues: 1,
+            queue_depth: shape.depth,
+            max_io_buf_bytes: shape.buf_bytes,
+            dev_id: u32::MAX,
+            ..DevInfo::default()
+        };
+        let cmd = CtrlCmd {
+            dev_id: u32::MAX,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: std::ptr::addr_of_mut!(info) as u64,
+            data: [0; 2],
+        };
+        ctl.command(CMD_ADD_DEV, &cmd)?;
+        let mut dev = UblkDevice {
+            ctl,
+            dev_id: info.dev_id,
+            block: PathBuf::from(format!("/dev/ublkb{}", info.dev_id)),
+            thread: None,
+            deleted: false,
+        };
+        let buf_bytes = info.max_io_buf_bytes;
+        let mut params = Params {
+            len: std::mem::size_of::<Params>() as u32,
+            types: PARAM_TYPE_BASIC | PARAM_TYPE_DISCARD,
+            basic: ParamBasic {
+                attrs: ATTR_VOLATILE_CACHE | ATTR_FUA,
+                logical_bs_shift: 9,
+                physical_bs_shift: 12,
+                io_opt_shift: 12,
+                io_min_shift: 9,
+                max_sectors: buf_bytes >> 9,
+                chunk_sectors: 0,
+                dev_sectors: disk.sectors(),
+                virt_boundary_mask: 0,
+            },
+            discard: ParamDiscard {
+                discard_alignment: 0,
+                discard_granularity: 4096,
+                max_discard_sectors: 1 << 22,
+                max_write_zeroes_sectors: 0,
+                max_discard_segments: 1,
+                reserved0: 0,
+            },
+        };
+        let cmd = CtrlCmd {
+            dev_id: dev.dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<Params>() as u16,
+            addr: std::ptr::addr_of_mut!(params) as u64,
+            data: [0; 2],
+        };
+        ctl.command(CMD_SET_PARAMS, &cmd)?;
+        let char_dev = PathBuf::from(format!("/dev/ublkc{}", dev.dev_id));
+        wait_for_node(&char_dev, Duration::from_secs(10))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let depth = info.queue_depth;
+        let thread = std::thread::Builder::new()
+            .name(format!("ublk{}", dev.dev_id))
+            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, ready_tx))
+            .map_err(|e| io_err("spawn the ublk queue thread", e))?;
+        dev.thread = Some(thread);
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ShimError::Invalid(format!("ublk queue of dev {}: {e}", dev.dev_id))),
+            Err(_) => {
+                let e = dev.join().err().unwrap_or_default();
+                return Err(ShimError::Invalid(format!("ublk queue of dev {} ended early: {e}", dev.dev_id)));
+            }
+        }
+        let cmd = CtrlCmd {
+            dev_id: dev.dev_id,
+            queue_id: u16::MAX,
+            len: 0,
+            addr: 0,
+            data: [u64::from(std::process::id()), 0],
+        };
+        ctl.command(CMD_START_DEV, &cmd)?;
+        wait_for_node(&dev.block, Duration::from_secs(10))?;
+        Ok(dev)
+    }
+
+    /// The block device node (`/dev/ublkbN`).
+    pub fn block(&self) -> &Path {
+        &self.block
+    }
+
+    /// The device id.
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    fn join(&mut self) -> Result<ControlledDisk, String> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| "the ublk queue thread panicked".to_string())?,
+            None => Err("no queue thread".into()),
+        }
+    }
+
+    fn simple(&self, op: u32) -> Result<i32, ShimError> {
+        let cmd = CtrlCmd { dev_id: self.dev_id, queue_id: u16::MAX, ..CtrlCmd::default() };
+        self.ctl.command(op, &cmd)
+    }
+
+    /// Stops the device (the driver removes the disk, then aborts the
+    /// queue's fetches, so the thread ends), joins the thread, deletes
+    /// the device; returns the disk as served.
+    pub fn stop(mut self) -> Result<ControlledDisk, ShimError> {
+        let stopped = self.simple(CMD_STOP_DEV);
+        let disk = self.join();
+        // DEL_DEV waits until the char device is closed: after the join.
+        let deleted = self.simple(CMD_DEL_DEV);
+        self.deleted = true;
+        stopped?;
+        deleted?;
+        disk.map_err(|e| ShimError::Invalid(format!("ublk dev {}: {e}", self.dev_id)))
+    }
+}
+
+impl Drop for UblkDevice<'_> {
+    fn drop(&mut self) {
+        if !self.deleted {
+            let _ = self.simple(CMD_STOP_DEV);
+            let _ = self.join();
+            let _ = self.simple(CMD_DEL_DEV);
+        }
+    }
+}
+
+/// The ublk devices the kernel has now (`/sys/class/ublk-char` entries
+/// and `/dev/ublkb*` nodes), for a check that none is left.
+pub fn live_devices() -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["/sys/class/ublk-char", "/sys/block"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("ublkc") || name.starts_with("ublkb") {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The read-only mapping of a queue's descriptors.
+struct DescMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl DescMap {
+    fn new(fd: i32, depth: u16) -> Result<DescMap, String> {
+        let len = (usize::from(depth) * std::mem::size_of::<IoDesc>()).div_ceil(4096) * 4096;
+        // SAFETY: a fresh shared read-only mapping of the driver's
+        // descriptor area of queue 0 (offset 0).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("mmap the descriptors: {}", std::io::Error::last_os_error()));
+        }
+        Ok(DescMap { ptr, len })
+    }
+
+    fn get(&self, tag: u16) -> IoDesc {
+        // SAFETY: tag < depth, within the mapping; the driver wrote the
+        // descriptor before completing the fetch (volatile: shared memory).
+        unsafe { std::ptr::read_volatile(self.ptr.cast::<IoDesc>().add(usize::from(tag))) }
+    }
+}
+
+impl Drop for DescMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+fn io_sqe(fd: i32, op: u32, tag: u16, result: i32, buf: &mut [u8]) -> io_uring::squeue::Entry {
+    let cmd = IoCmd { q_id: 0, tag, result, addr: buf.as_mut_ptr() as u64 };
+    io_uring::opcode::UringCmd16::new(io_uring::types::Fd(fd), op)
+        .cmd(bytes_of::<IoCmd, 16>(&cmd))
+        .build()
+        .user_data(u64::from(tag))
+}
+
+/// The queue thread: opens the char device, maps the descriptors, fetches
+/// on every tag, reports ready, then serves until every tag is aborted
+/// (the device stopped). Returns the disk.
+fn serve_queue(
+    char_dev: &Path,
+    depth: u16,
+    buf_bytes: u32,
+    mut disk: ControlledDisk,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<ControlledDisk, String> {
+    let fail = |e: String| {
+        let _ = ready.send(Err(e.clone()));
+        Err(e)
+    };
+    let file = match OpenOptions::new().read(true).write(true).open(char_dev) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("open {}: {e}", char_dev.display())),
+    };
+    let fd = file.as_raw_fd();
+    let descs = match DescMap::new(fd, depth) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let entries = u32::from(depth).next_power_of_two().max(4);
+    let mut ring = match io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .build(entries)
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("io_uring for the queue: {e}")),
+    };
+    let mut bufs: Vec<Vec<u8>> = (0..depth).map(|_| vec![0u8; buf_bytes as usize]).collect();
+    for tag in 0..depth {
+        let sqe = io_sqe(fd, IO_FETCH_REQ, tag, 0, &mut bufs[usize::from(tag)]);
+        // SAFETY: the buffers live until every tag is aborted, below.
+        if unsafe { ring.submission().push(&sqe) }.is_err() {
+            return fail("submission queue full".into());
+        }
+    }
+    if let Err(e) = ring.submit() {
+        return fail(format!("submit the fetches: {e}"));
+    }
+    let _ = ready.send(Ok(()));
+    let mut live = usize::from(depth);
+    let mut error = None;
+    while live > 0 {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(format!("io_uring wait: {e}")),
+        }
+        let done: Vec<(u64, i32)> =
+            ring.completion().map(|c: io_uring::cqueue::Entry| (c.user_data(), c.result())).collect();
+        for (user_data, res) in done {
+            let tag = user_data as u16;
+            if usize::from(tag) >= bufs.len() {
+                error.get_or_insert(format!("completion for unknown tag {user_data}"));
+                continue;
+            }
+            if res == 0 {
+                let req = Request::from_desc(tag, &descs.get(tag));
+                let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
+                let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
+                // SAFETY: as above; at most `depth` commands are in flight.
+                if unsafe { ring.submission().push(&sqe) }.is_err() {
+                    return Err("submission queue full".into());
+                }
+            } else {
+                // -ENODEV: aborted (the device stops); anything else is
+                // our mistake, and the tag is lost as well.
+                if res != -libc::ENODEV {
+                    error.get_or_insert(format!("tag {tag}: command failed with errno {}", -res));
+                }
+                live -= 1;
+            }
+        }
+    }
+    drop(ring);
+    drop(descs);
+    drop(file);
+    match error {
+        Some(e) => Err(e),
+        None => Ok(disk),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: RequestKind, sector: u64, nr_sectors: u32) -> Request {
+        Request { tag: 0, kind, sector, nr_sectors }
+    }
+
+    #[test]
+    fn abi_sizes_are_6_1s() {
+        assert_eq!(std::mem::size_of::<CtrlCmd>(), 32);
+        assert_eq!(std::mem::size_of::<DevInfo>(), 64);
+        assert_eq!(std::mem::size_of::<ParamBasic>(), 32);
+        assert_eq!(std::mem::size_of::<ParamDiscard>(), 20);
+        assert_eq!(std::mem::size_of::<Params>(), 64);
+        assert_eq!(std::mem::size_of::<IoDesc>(), 24);
+        assert_eq!(std::mem::size_of::<IoCmd>(), 16);
+    }
+
+    #[test]
+    fn descriptors_decode() {
+        let d = IoDesc { op_flags: u32::from(OP_WRITE) | IO_F_FUA, nr_sectors: 8, start_sector: 16, addr: 0 };
+        assert_eq!(Request::from_desc(3, &d), req_tag(3, RequestKind::Write { fua: true }, 16, 8));
+        let d = IoDesc { op_flags: u32::from(OP_FLUSH), nr_sectors: 0, start_sector: u64::MAX, addr: 0 };
+        assert_eq!(Request::from_desc(0, &d).kind, RequestKind::Flush);
+        let d = IoDesc { op_flags: 0x7f, ..IoDesc::default() };
+        assert_eq!(Request::from_desc(0, &d).kind, RequestKind::Other(0x7f));
+    }
+
+    fn req_tag(tag: u16, kind: RequestKind, sector: u64, nr_sectors: u32) -> Request {
+        Request { tag, kind, sector, nr_sectors }
+    }
+
+    #[test]
+    fn writes_are_volatile_until_a_flush_and_fua_is_durable() {
+        let mut d = ControlledDisk::from_image(vec![0xa7; 16 * 512]);
+        let mut buf = vec![1u8; 4096];
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: false }, 2, 2), &mut buf), 1024);
+        assert_eq!(&d.visible()[1024..2048], &[1u8; 1024][..]);
+        assert_eq!(&d.durable()[1024..2048], &[0xa7u8; 1024][..]);
+        let mut fua = vec![2u8; 512];
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: true }, 8, 1), &mut fua), 512);
+        assert_eq!(&d.durable()[4096..4608], &[2u8; 512][..]);
+        assert_eq!(d.since_flush().len(), 2);
+        let mut out = vec![0u8; 1024];
+        assert_eq!(d.serve(&req(RequestKind::Read, 2, 2), &mut out), 1024);
+        assert_eq!(out, vec![1u8; 1024]);
+        // A flush's sector is meaningless: no bounds check.
+        assert_eq!(d.serve(&req(RequestKind::Flush, u64::MAX, 0), &mut []), 0);
+        assert_eq!(d.durable(), d.visible());
+        assert!(d.since_flush().is_empty());
+        let c = d.counts();
+        assert_eq!((c.writes, c.fua_writes, c.flushes, c.reads, c.errors), (2, 1, 1, 1, 0));
+    }
+
+    #[test]
+    fn hostile_requests_fail_without_panicking() {
+        let mut d = ControlledDisk::from_image(vec![0; 8 * 512]);
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(d.serve(&req(RequestKind::Read, 7, 2), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: false }, u64::MAX, 2), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Read, 0, 4), &mut buf), -libc::EIO, "larger than the buffer");
+        assert_eq!(d.serve(&req(RequestKind::Discard, 4, 8), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Other(9), 0, 1), &mut buf), -libc::EOPNOTSUPP);
+        assert_eq!(d.serve(&req(RequestKind::Discard, 0, 8), &mut buf), 4096);
+        assert_eq!(d.counts().errors, 5);
+        assert!(d.since_flush().is_empty());
+    }
+}
