@@ -1004,6 +1004,11 @@ fn run_ublk_job(
         }
     };
     result.timings_ms.push(("ublk-start".into(), t0.elapsed().as_millis() as u64));
+    for (role, dev) in [("metadata", &meta), ("data", &data)] {
+        let g = dev.granted();
+        result.ublk.push((format!("{role}-granted-flags"), g.flags));
+        result.ublk.push((format!("{role}-max-io-buf-bytes"), u64::from(g.max_io_buf_bytes)));
+    }
     let (meta_path, data_path) = (meta.block().to_path_buf(), data.block().to_path_buf());
     run_pool(ctl, job, kind, trace, spec.clone(), &meta_path, &data_path, disks.dev_dir, result);
     let t1 = Instant::now();

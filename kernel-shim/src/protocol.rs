@@ -210,8 +210,11 @@ pub struct KernelResult {
     pub op_status: Vec<(usize, String)>,
     /// For a ublk job ([`JobKind::Ublk`]): what the controlled disks
     /// served, as `(name, count)`: `metadata-flushes`, `data-fua-writes`…
-    /// (see `ublk::RequestCounts::named`), and `left-devices`, the ublk
-    /// devices the kernel still had after the job's teardown.
+    /// (see `ublk::RequestCounts::named`), `metadata-volatile-at-stop`
+    /// (writes no flush had covered when the device stopped),
+    /// `metadata-granted-flags` and `…-max-io-buf-bytes` (as `ADD_DEV`
+    /// answered), and `left-devices`, the ublk devices the kernel still
+    /// had after the job's teardown.
     pub ublk: Vec<(String, u64)>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,

@@ -525,6 +525,7 @@ pub struct UblkDevice<'c> {
     ctl: &'c UblkControl,
     dev_id: u32,
     block: PathBuf,
+    granted: DevInfo,
     thread: Option<JoinHandle<Result<ControlledDisk, String>>>,
     deleted: bool,
 }
@@ -575,6 +576,7 @@ impl<'c> UblkDevice<'c> {
             ctl,
             dev_id: info.dev_id,
             block: PathBuf::from(format!("/dev/ublkb{}", info.dev_id)),
+            granted: info,
             thread: None,
             deleted: false,
         };
@@ -647,6 +649,13 @@ impl<'c> UblkDevice<'c> {
     /// The device id.
     pub fn dev_id(&self) -> u32 {
         self.dev_id
+    }
+
+    /// The device as `ADD_DEV` answered: the `UBLK_F_*` flags granted
+    /// (6.1 as a module always adds `UBLK_F_URING_CMD_COMP_IN_TASK`), the
+    /// buffer size rounded to pages, the queues capped at the CPUs.
+    pub fn granted(&self) -> DevInfo {
+        self.granted
     }
 
     fn join(&mut self) -> Result<ControlledDisk, String> {
