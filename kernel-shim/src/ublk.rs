@@ -670,15 +670,40 @@ impl<'c> UblkDevice<'c> {
         self.ctl.command(op, &cmd)
     }
 
+    /// Who holds the block device open as a holder (device-mapper
+    /// devices on it): `/sys/block/ublkbN/holders`.
+    pub fn holders(&self) -> Vec<String> {
+        let dir = format!("/sys/block/ublkb{}/holders", self.dev_id);
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     /// Stops the device (the driver removes the disk, then aborts the
     /// queue's fetches, so the thread ends), joins the thread, deletes
-    /// the device; returns the disk as served.
+    /// the device; returns the disk as served. A device another device
+    /// still holds (a pool whose teardown failed) is stopped but not
+    /// deleted, and that is an error: 6.1's `DEL_DEV` waits,
+    /// uninterruptibly, until the last reference to the disk goes.
     pub fn stop(mut self) -> Result<ControlledDisk, ShimError> {
+        self.shut()
+    }
+
+    fn shut(&mut self) -> Result<ControlledDisk, ShimError> {
+        let held = self.holders();
         let stopped = self.simple(CMD_STOP_DEV);
         let disk = self.join();
+        self.deleted = true;
+        if !held.is_empty() {
+            return Err(ShimError::Invalid(format!(
+                "ublk dev {} is still held by {held:?}: stopped, not deleted (DEL_DEV would wait for them forever)",
+                self.dev_id
+            )));
+        }
         // DEL_DEV waits until the char device is closed: after the join.
         let deleted = self.simple(CMD_DEL_DEV);
-        self.deleted = true;
         stopped?;
         deleted?;
         disk.map_err(|e| ShimError::Invalid(format!("ublk dev {}: {e}", self.dev_id)))
@@ -688,9 +713,7 @@ impl<'c> UblkDevice<'c> {
 impl Drop for UblkDevice<'_> {
     fn drop(&mut self) {
         if !self.deleted {
-            let _ = self.simple(CMD_STOP_DEV);
-            let _ = self.join();
-            let _ = self.simple(CMD_DEL_DEV);
+            let _ = self.shut();
         }
     }
 }
