@@ -47,6 +47,12 @@ pub struct ReplayArgs {
     /// for the same trace and code.
     #[arg(long)]
     pub timings: bool,
+    /// With `--on kernel`, a thin trace: the pool's disks, `virtio`
+    /// (dm-linear slices of the VM's disks) or `ublk` (controlled disks the
+    /// agent serves from guest RAM through ublk, with a volatile cache and
+    /// FUA; builds `ublk_drv.ko` first, docs/kernel-shim.md).
+    #[arg(long, default_value = "virtio")]
+    pub disks: String,
 }
 
 /// Replays a trace; see [`ReplayArgs`] for the exit status.
@@ -269,6 +275,14 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     if is_cache_header(&trace.header) {
         return run_cache_on_kernel(args, &trace);
     }
+    let ublk = match args.disks.as_str() {
+        "virtio" => false,
+        "ublk" => true,
+        other => {
+            eprintln!("dmsim replay: unknown --disks {other:?}; use `virtio` or `ublk`");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    };
     let sim = match simulate_serialized_full(&trace) {
         Ok(s) => s,
         Err(e) => {
@@ -276,7 +290,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let shim = match KernelShim::prepare() {
+    let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
+    let shim = match prepared {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
@@ -284,7 +299,14 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         }
     };
     eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
-    let run = match shim.replay(&trace) {
+    let job = if ublk {
+        dmsim_kernel_shim::Job::Ublk(trace.clone())
+    } else {
+        dmsim_kernel_shim::Job::Replay(trace.clone())
+    };
+    let run = match shim.run_jobs(&[job]).and_then(|mut runs| {
+        runs.pop().ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
+    }) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
@@ -322,6 +344,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_differing_blocks": l3.differing,
             "l3_first_differing_block": l3.first,
             "simulator_oracle_violation": sim.oracle_violation,
+            "disks": args.disks,
+            "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
         });
         let mut json = json;
         if args.timings {
@@ -333,11 +357,16 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         println!("{json}");
     } else {
         println!(
-            "dmsim replay: {} (seed {}, {} ops) on the kernel, one request at a time",
+            "dmsim replay: {} (seed {}, {} ops) on the kernel, one request at a time{}",
             args.trace.display(),
             trace.header.seed,
             trace.ops().count(),
+            if ublk { ", the pool on ublk disks" } else { "" },
         );
+        if ublk {
+            let c: Vec<String> = run.result.ublk.iter().map(|(n, c)| format!("{n} {c}")).collect();
+            println!("ublk disks served: {}", c.join(", "));
+        }
         if let Some(v) = &sim.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");
         }
