@@ -23,6 +23,10 @@
 //! model's; flakey jobs inject write errors through dm-flakey;
 //! [`cache_replay`] replays cache campaign traces on dm-cache, judged by
 //! the oracle (L1) and held against the serialized simulator (L2, L3).
+//! [`ublk`] serves a pool's disks from the agent as controlled disks
+//! (a volatile cache and FUA, as `faults::SimDisk`), through the
+//! `ublk_drv.ko` that [`ublk_module`] builds for the kernel
+//! ([`KernelShim::prepare_with_ublk`], [`Job::Ublk`]).
 //! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 

@@ -572,6 +572,9 @@ impl<'c> UblkDevice<'c> {
             data: [0; 2],
         };
         ctl.command(CMD_ADD_DEV, &cmd)?;
+        // The kernel wrote the granted device back through the pointer.
+        // SAFETY: `info` is a live, initialised local.
+        let info = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) };
         let mut dev = UblkDevice {
             ctl,
             dev_id: info.dev_id,
