@@ -250,8 +250,10 @@ pub struct LockingMutations {
     pub region_from_block_end: bool,
     /// kcopyd's completion of a failed zeroing or copy (`copy_complete`)
     /// queues the mapping for the worker first and records the error in
-    /// its status after (two statements swapped, the status written
-    /// outside `pool->lock`): a worker pass that runs in between finds the
+    /// its status after (two statements swapped: the status written after
+    /// `complete_mapping_preparation` published the mapping on the
+    /// worker's list under `pool->lock`): a worker pass that runs in
+    /// between finds the
     /// status clear and inserts the mapping, so the block is mapped with
     /// neither its zeroes nor its copy, and the bios in its cell succeed.
     /// Only a failed zeroing or copy takes this path, and only a worker

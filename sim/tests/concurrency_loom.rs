@@ -10,7 +10,9 @@
 //! The scenario's set-up (formatting the metadata, creating devices,
 //! writing the blocks the race starts from) runs once, in a one-thread
 //! model, and every execution loads its image. Loom explores thread
-//! orders, not values: the background thread completes the oldest data I/O.
+//! orders, not values: the background thread completes the oldest data I/O,
+//! and where a scenario allows data I/O faults it fails the first that may
+//! fail (`Run::new`'s `fail`).
 //!
 //! Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p dmsim-sim --test concurrency_loom --release --target-dir target/loom`.
@@ -19,7 +21,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dmsim_model::mutation::LockingMutations;
+use dmsim_model::mutation::{LockingMutations, Mutations};
 use dmsim_model::sync::thread;
 use dmsim_model::thin::pool::LockingDesign;
 use dmsim_sim::concurrency::{execute_on, prepare, scenarios, Background, Image, Run, Scenario};
@@ -166,7 +168,9 @@ fn detector_with(scenario: Scenario, name: &str, background: Background) {
 
 fn detector_in(scenario: Scenario, name: &str, background: Background, designs: &[LockingDesign]) {
     for &locking in designs {
-        let mutations = LockingMutations::by_name(name).expect("a locking mutation");
+        let mutations = LockingMutations::by_name(name)
+            .or_else(|| Mutations::by_name(name))
+            .expect("a locking or error-path mutation");
         let start = Instant::now();
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             explore(&scenario, Run { mutations, background, ..Run::new(locking) })
@@ -272,4 +276,25 @@ fn write_vs_break_sharing_the_copy_failing() {
         Background::Combined,
         &LockingDesign::ALL,
     );
+}
+
+/// A failed mapping that also errors its device's deferred bios (a
+/// mutation of the thin campaign's, `Mutations::UNDER_FAULTS`): the FUA
+/// write to block 1 waits there while the worker errors block 0's mapping
+/// (one submitter sends the three writes). In the 6.1 design (about 3 s
+/// each; shuttle runs all three), the same model without faults passes
+/// with the mutation, and with faults without it.
+#[test]
+fn detector_failed_mapping_errors_deferred_bios() {
+    let name = "failed-mapping-errors-deferred-bios";
+    let scenario = one_submitter(scenarios::writes_with_failing_zeroing());
+    detector_in(scenario.clone(), name, Background::Combined, &LockingDesign::ALL);
+    let mutations = Mutations::by_name(name).expect("a mutation");
+    for locking in [LockingDesign::Kernel61] {
+        let no_faults = Scenario { io_errors: 0, ..scenario.clone() };
+        let n = explore(&no_faults, Run { mutations, background: Background::Combined, ..Run::new(locking) });
+        println!("{name} ({}) without faults: {n} executions pass", locking.name());
+        let n = explore(&scenario, Run { background: Background::Combined, ..Run::new(locking) });
+        println!("{} ({}) without the mutation: {n} executions pass", scenario.name, locking.name());
+    }
 }
