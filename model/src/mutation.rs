@@ -248,11 +248,22 @@ pub struct LockingMutations {
     /// the next region's lock and prison, where overlapping keys of its
     /// own region never meet it.
     pub region_from_block_end: bool,
+    /// kcopyd's completion of a failed zeroing or copy (`copy_complete`)
+    /// queues the mapping for the worker first and records the error in
+    /// its status after (two statements swapped: the status written after
+    /// `complete_mapping_preparation` published the mapping on the
+    /// worker's list under `pool->lock`): a worker pass that runs in
+    /// between finds the
+    /// status clear and inserts the mapping, so the block is mapped with
+    /// neither its zeroes nor its copy, and the bios in its cell succeed.
+    /// Only a failed zeroing or copy takes this path, and only a worker
+    /// running between the two opens the window.
+    pub copy_error_after_queueing: bool,
 }
 
 impl LockingMutations {
     /// Every locking mutation with its name.
-    pub const ALL: [(&'static str, LockingSwitch); 9] = [
+    pub const ALL: [(&'static str, LockingSwitch); 10] = [
         ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
         ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
         ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),
@@ -262,6 +273,7 @@ impl LockingMutations {
         ("worker-skips-thin-get", |m| m.worker_skips_thin_get = true),
         ("delete-ignores-open-count", |m| m.delete_ignores_open_count = true),
         ("region-from-block-end", |m| m.region_from_block_end = true),
+        ("copy-error-after-queueing", |m| m.copy_error_after_queueing = true),
     ];
 
     /// The locking mutation named `name` (see [`Self::ALL`]), as

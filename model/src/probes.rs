@@ -35,6 +35,14 @@ pub struct TreeProbes {
     /// The most levels of a single tree an insert descended through (a
     /// leaf root is 1).
     pub deepest: u32,
+    /// Splits (root or node) of the metadata space map's own overflow
+    /// tree, the counts of metadata blocks referenced three times or more:
+    /// the space map changing its own btree while it allocates for it
+    /// (its recursion, the queued count changes).
+    pub metadata_sm_splits: u64,
+    /// Merges and collapses of the metadata space map's overflow tree (a
+    /// metadata block's count falling back below three).
+    pub metadata_sm_shrinks: u64,
 }
 
 impl TreeProbes {
@@ -47,6 +55,8 @@ impl TreeProbes {
         self.collapses += other.collapses;
         self.shared_collapses += other.shared_collapses;
         self.deepest = self.deepest.max(other.deepest);
+        self.metadata_sm_splits += other.metadata_sm_splits;
+        self.metadata_sm_shrinks += other.metadata_sm_shrinks;
     }
 }
 

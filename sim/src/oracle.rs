@@ -1126,6 +1126,70 @@ impl Oracle {
     }
 }
 
+/// What a failed data I/O reaches under dm-thin's error paths (kernel 6.1,
+/// `drivers/md/dm-thin.c`): the rules of the exact oracle under faults
+/// that judge which requests may fail with EIO and which data blocks may
+/// leak, shared by the thin campaign ([`crate::thin`]) and the concurrency
+/// harnesses ([`crate::concurrency`]); see docs/campaign.md, "The oracle
+/// under faults".
+///
+/// - A request whose own data I/O failed ends with EIO (DM core ends a
+///   request with the error of its clone).
+/// - A mapping whose zeroing, copy or whole-block overwrite failed
+///   (`copy_complete`, `overwrite_endio`: `m->status`) is errored by the
+///   worker (`process_prepared_mapping`: `cell_error`): every bio waiting in
+///   its cell, or joining it before the worker gets there, fails — the
+///   requests of its device that touch its virtual blocks
+///   ([`RequestSpan::reached_by`]). Nothing else: a data error changes no
+///   pool mode.
+/// - The failed mapping's data block stays allocated (the error path frees
+///   nothing), and the next commit counts it: a leak ([`is_leak`]) of
+///   exactly that block.
+pub mod faults {
+    use dmsim_model::thin::check::{Problem, Severity, Structure};
+    use dmsim_model::thin::metadata::ThinId;
+    use dmsim_model::thin::pool::FailedMapping;
+
+    /// Where a request sits: what a failed mapping can reach of it.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct RequestSpan {
+        /// The thin device.
+        pub thin: ThinId,
+        /// The virtual blocks it touches, first and last.
+        pub blocks: (u64, u64),
+        /// It carries a PREFLUSH: its flush, an empty bio at sector 0,
+        /// waits in block 0's cells.
+        pub preflush: bool,
+    }
+
+    impl RequestSpan {
+        /// The span of a request of `nr_sectors` (an empty flush: 0) at
+        /// `sector` of device `thin`, on a pool of `block_sectors`-sector
+        /// blocks.
+        pub fn new(thin: ThinId, sector: u64, nr_sectors: u64, preflush: bool, block_sectors: u64) -> Self {
+            let blocks = (sector / block_sectors, (sector + nr_sectors.max(1) - 1) / block_sectors);
+            RequestSpan { thin, blocks, preflush }
+        }
+
+        /// Whether mapping `m`, whose preparation failed, reaches a request
+        /// here that is in flight while `m` waits for the worker: it is on
+        /// `m`'s device and touches `m`'s virtual blocks (it waits in `m`'s
+        /// cell, or may join it), or its PREFLUSH waits in block 0's cells.
+        pub fn reached_by(&self, m: &FailedMapping) -> bool {
+            let touches = |first: u64, last: u64| first < m.virt_end && m.virt_begin <= last;
+            self.thin == m.thin && (touches(self.blocks.0, self.blocks.1) || self.preflush && touches(0, 0))
+        }
+    }
+
+    /// A checker problem that is a leaked data block — counted and mapped
+    /// by nothing, which the checker (as thin_check) calls non-fatal. A
+    /// crash, an abort or a failed mapping may leave one; a block counted
+    /// more often than it is mapped is damage.
+    pub fn is_leak(p: &Problem) -> bool {
+        p.structure == Structure::DataSpaceMap && p.severity == Severity::NonFatal
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

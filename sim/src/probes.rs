@@ -21,7 +21,7 @@ use crate::thin::ThinStats;
 /// The probes of the model and the trace, in report order: name and what
 /// reaching it means. The fault probes of [`FaultCoverage`] follow them
 /// in a [`ThinProbes`].
-pub const PROBES: [(&str, &str); 24] = [
+pub const PROBES: [(&str, &str); 26] = [
     ("btree-root-split", "a full btree root split beneath itself: a tree grew a level"),
     ("btree-node-split", "a full non-root btree node split"),
     ("btree-insert-rebalance", "an insert moved entries into a sibling instead of splitting"),
@@ -29,6 +29,8 @@ pub const PROBES: [(&str, &str); 24] = [
     ("btree-collapse", "a removal collapsed a node with a single child"),
     ("btree-collapse-shared-child", "a collapse whose only child a snapshot shares (finding 10)"),
     ("btree-three-levels", "an insert descended a tree of three or more levels"),
+    ("metadata-sm-tree-split", "the metadata space map's own overflow btree split (inside its recursion)"),
+    ("metadata-sm-tree-shrink", "the metadata space map's own overflow btree merged or collapsed"),
     ("break-sharing-copy", "a write to a shared block scheduled a break-sharing copy"),
     ("passdown-second-pass", "a passdown discard ran its second pass"),
     ("no-space-timeout", "the no-space timeout fired"),
@@ -49,7 +51,7 @@ pub const PROBES: [(&str, &str); 24] = [
 ];
 
 /// How many of [`PROBES`], from the first, are the btrees' probes.
-pub const TREE_PROBES: usize = 7;
+pub const TREE_PROBES: usize = 9;
 
 /// A probe is rare when at most this many seeds of a campaign reached it
 /// (and at least one did): [`ProbeTally::rare`].
@@ -135,6 +137,8 @@ impl ThinProbes {
             t.collapses,
             t.shared_collapses,
             if t.deepest >= 3 { u64::from(t.deepest) } else { 0 },
+            t.metadata_sm_splits,
+            t.metadata_sm_shrinks,
         ];
         ThinProbes { counts: PROBES[..TREE_PROBES].iter().map(|(name, _)| *name).zip(own).collect() }
     }
@@ -272,7 +276,7 @@ mod tests {
         pool.tree.deepest = 3;
         assert_eq!(probes(pool, &[]).get("btree-three-levels"), Some(3));
         let trees = ThinProbes::of_trees(&pool.tree);
-        assert_eq!(trees.iter().count(), 7, "the btree probes only");
+        assert_eq!(trees.iter().count(), 9, "the btree probes only");
         assert_eq!(trees.get("btree-collapse-shared-child"), Some(1));
         assert_eq!(trees.get("btree-three-levels"), Some(3));
         assert_eq!(trees.get("passdown-second-pass"), None);

@@ -21,7 +21,7 @@ use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
 use dmsim_model::pdata::layout::thin::NEEDS_CHECK;
 use dmsim_model::probes::PoolProbes;
-use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem, Severity, Structure};
+use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem};
 use dmsim_model::thin::dump::{read_devices, DeviceMappings};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
@@ -37,6 +37,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::completion::{catching, Pending};
+use crate::oracle::faults::{is_leak, RequestSpan};
 use crate::oracle::{DevId, Oracle, OracleConfig};
 use crate::run::MAX_DISK_SECTORS;
 
@@ -246,13 +247,8 @@ pub struct ThinSim {
 /// faults").
 #[derive(Debug, Clone, Copy, Default)]
 struct Reach {
-    /// The thin device.
-    thin: ThinId,
-    /// The virtual blocks it touches, first and last.
-    blocks: (u64, u64),
-    /// It carries a PREFLUSH: its flush, an empty bio at sector 0, waits
-    /// in block 0's cells.
-    preflush: bool,
+    /// Its device and virtual blocks: what a failed mapping reaches.
+    span: RequestSpan,
     /// A data fault failed one of its own pieces' data I/O, or the
     /// preparation of a mapping of a block it touches (whose cell it
     /// waits in, or may join).
@@ -840,9 +836,7 @@ impl ThinSim {
     fn submit(&mut self, dev: ThinId, req: BioRequest, pending: Pending) -> Result<(), ThinFailure> {
         self.stats.bios += 1;
         let expect = self.read_only_expectation(dev, &req);
-        let block = self.cfg.block_sectors;
-        let blocks = (req.sector / block, (req.sector + req.nr_sectors.max(1) - 1) / block);
-        let preflush = req.preflush;
+        let span = RequestSpan::new(dev, req.sector, req.nr_sectors, req.preflush, self.cfg.block_sectors);
         self.note_mode_changes();
         self.settle_metadata_faults();
         let before = self.metadata_faults_pending();
@@ -854,9 +848,7 @@ impl ThinSim {
         // What the pool was in when the request came (its own submission
         // may have changed nothing: the map path allocates nothing).
         let reach = Reach {
-            thin: dev,
-            blocks,
-            preflush,
+            span,
             metadata_fault: after > before,
             degraded: self.pool().mode() >= PoolMode::OutOfMetadataSpace,
             out_of_data_space: self.out_of_data_space,
@@ -943,8 +935,7 @@ impl ThinSim {
         for m in self.pool().failed_mappings() {
             self.leak_candidates.insert(m.data_block);
             for r in self.reach.values_mut() {
-                let touches = |first: u64, last: u64| first < m.virt_end && m.virt_begin <= last;
-                if r.thin == m.thin && (touches(r.blocks.0, r.blocks.1) || r.preflush && touches(0, 0)) {
+                if r.span.reached_by(&m) {
                     r.data_fault = true;
                 }
             }
@@ -1271,7 +1262,7 @@ impl ThinSim {
                     ),
                 )
             })?;
-            let damage: Vec<_> = report.problems.iter().filter(|p| !allowed_after_crash(p)).collect();
+            let damage: Vec<_> = report.problems.iter().filter(|p| !is_leak(p)).collect();
             if !damage.is_empty() {
                 return Err(self.fail_as(
                     "checker",
@@ -1298,7 +1289,7 @@ impl ThinSim {
         let mut dev = MemDevice::from_bytes(image.clone());
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
-                let damage: Vec<_> = report.problems.iter().filter(|p| !allowed_after_crash(p)).collect();
+                let damage: Vec<_> = report.problems.iter().filter(|p| !is_leak(p)).collect();
                 if !damage.is_empty() {
                     return Err(self.fail_as(
                         "checker",
@@ -1396,9 +1387,8 @@ impl ThinSim {
         // only the blocks a failed data I/O left (`leak_candidates`).
         let crashed = self.stats.crashes > 0 || self.metadata_faults_fired > 0 || self.degraded;
         let candidates = &self.leak_candidates;
-        let legal_leak = |p: &Problem| {
-            allowed_after_crash(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b)))
-        };
+        let legal_leak =
+            |p: &Problem| is_leak(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b)));
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared
@@ -1498,14 +1488,6 @@ impl ReadOnlyRules {
             BioOp::Write => Some(eio_unless(all_writable(req.sector, req.nr_sectors))),
         }
     }
-}
-
-/// A checker problem a crash may legitimately leave (see
-/// [`ThinSim::check_metadata`]): a data block leaked — counted and mapped
-/// by nothing, which the checker (as thin_check) calls non-fatal. A block
-/// counted more often than it is mapped is damage.
-fn allowed_after_crash(p: &Problem) -> bool {
-    p.structure == Structure::DataSpaceMap && p.severity == Severity::NonFatal
 }
 
 /// A random workload of `len` operations: first a thin device, then a mix

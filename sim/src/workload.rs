@@ -25,7 +25,7 @@ pub const DEEP_VBLOCKS: u64 = 1 << 17;
 /// holds 252 mappings, and the insert's rebalancing into the left sibling
 /// leaves sequentially filled leaves full, so the root's 252 children are
 /// full before it splits).
-pub const DEEP_MAPPINGS: std::ops::Range<u64> = 64_000..72_000;
+pub const DEEP_MAPPINGS: std::ops::Range<u64> = 92_000..100_000;
 
 /// What a seed's workload aims at (see the module's documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +283,9 @@ fn deep(rng: &mut impl Rng, len: usize) -> Vec<MetadataOp> {
     out.push(MetadataOp::Commit);
     let mut devs = Devices { live: vec![0] };
     let mut held = false;
-    while out.len() < len {
+    // The end is kept for a teardown: each device but one deleted, with a
+    // commit after each.
+    while out.len() + 2 * (devs.live.len() - 1) < len {
         let dev = devs.pick(rng);
         let op = match rng.gen_range(0..100) {
             0..=29 => {
@@ -301,6 +303,13 @@ fn deep(rng: &mut impl Rng, len: usize) -> Vec<MetadataOp> {
             _ => other_message(rng, &mut held),
         };
         out.push(op);
+    }
+    // Deleting a device whose copies of internal nodes are its own drops
+    // the counts of the leaves below them from three to two: the metadata
+    // space map's overflow tree loses entries and merges.
+    while devs.live.len() > 1 {
+        out.push(devs.delete(rng));
+        out.push(MetadataOp::Commit);
     }
     out.truncate(len);
     out

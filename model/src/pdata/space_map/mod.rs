@@ -371,9 +371,15 @@ impl<D: BlockDevice> TransactionManager<D> {
                         bitmap_set(bitmap, bit, 3);
                         overflow_leaf = None;
                         let root = self.ll_mut(LlRef::Cur(sel)).ref_count_root;
+                        let before = self.probes;
                         let (root, _) =
                             self.btree_insert(&REF_COUNT_INFO, root, &[b], &3u32.to_le_bytes())?;
                         self.ll_mut(LlRef::Cur(sel)).ref_count_root = root;
+                        if sel == SmSel::Metadata {
+                            self.probes.metadata_sm_splits += (self.probes.root_splits
+                                + self.probes.node_splits)
+                                - (before.root_splits + before.node_splits);
+                        }
                     }
                     _ => self.overflow_adjust(sel, b, &mut overflow_leaf, true).map(|_| ())?,
                 }
@@ -470,8 +476,13 @@ impl<D: BlockDevice> TransactionManager<D> {
 
     fn overflow_remove(&mut self, sel: SmSel, b: u64) -> Result<()> {
         let root = self.ll_mut(LlRef::Cur(sel)).ref_count_root;
+        let before = self.probes;
         let root = self.btree_remove(&REF_COUNT_INFO, root, &[b])?;
         self.ll_mut(LlRef::Cur(sel)).ref_count_root = root;
+        if sel == SmSel::Metadata {
+            self.probes.metadata_sm_shrinks +=
+                (self.probes.merges + self.probes.collapses) - (before.merges + before.collapses);
+        }
         Ok(())
     }
 

@@ -388,6 +388,15 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// kcopyd's completion of a zero or a copy.
     fn copy_complete(&self, mapping: MappingId, result: Result<(), Errno>) {
         self.release_cell_early(mapping);
+        if result.is_err() && self.options.mutations.locking.copy_error_after_queueing {
+            // Broken on purpose: queued for the worker before the status
+            // records the error; a worker pass in between inserts it.
+            self.complete_mapping_preparation(mapping);
+            if let Some(m) = lock(&self.lists).mappings.get_mut(&mapping) {
+                m.status = result;
+            }
+            return;
+        }
         let mut lists = lock(&self.lists);
         if let Some(m) = lists.mappings.get_mut(&mapping) {
             if result.is_err() {

@@ -735,6 +735,28 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         }
     }
 
+    /// The provisioning or break-sharing mapping data I/O `id` in flight
+    /// prepares — kcopyd's zeroing or copy, or a whole-block overwrite bio
+    /// — as [`Pool::failed_mappings`] will report it if `id` fails; `None`
+    /// for other data I/O. Read before failing `id`, it names the mapping
+    /// the fault fails even if the worker processes it before the caller
+    /// can look at [`Pool::failed_mappings`].
+    pub fn io_mapping(&self, id: IoId) -> Option<FailedMapping> {
+        let mapping = match lock(&self.io).in_flight.get(&id)? {
+            io::DataIo::Bio { bio, .. } => bio.hook.overwrite_mapping?,
+            io::DataIo::Zero { mapping, .. } | io::DataIo::Copy { mapping, .. } => *mapping,
+            io::DataIo::Discard { .. } => return None,
+        };
+        let lists = lock(&self.lists);
+        let m = lists.mappings.get(&mapping)?;
+        Some(FailedMapping {
+            thin: m.thin,
+            virt_begin: m.virt_begin,
+            virt_end: m.virt_end,
+            data_block: m.data_block,
+        })
+    }
+
     /// Records a broken precondition (the first is kept).
     pub(crate) fn bug(&self, what: String) {
         let mut bug = lock(&self.bug);
