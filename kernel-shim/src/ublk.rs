@@ -28,7 +28,11 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dmsim_faults::PendingWrite;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dmsim_faults::{CrashMode, CrashSummary, PendingWrite, SimDisk};
+use dmsim_model::block_device::{BlockDevice, WriteFlags};
 
 use crate::error::ShimError;
 
@@ -297,20 +301,21 @@ impl RequestCounts {
     }
 }
 
-/// A disk with a volatile write cache, as `faults::SimDisk` models one:
-/// reads see every acknowledged write; a write is durable once a FLUSH
-/// completes after it, or at once with FUA.
+/// A disk with a volatile write cache: a `faults::SimDisk` (the
+/// simulator's own disk, so that both sides keep the same write history
+/// and choose crash states with the same code) served one ublk request
+/// at a time. Reads see every acknowledged write; a write is durable once
+/// a FLUSH completes after it, or at once with FUA.
 ///
-/// It keeps three things: the durable image (what a power cut losing the
-/// whole cache leaves), what reads see, and every write acknowledged since
-/// the last flush in order (FUA ones too, as `SimDisk` does), from which a
-/// later step builds the crash states a trace's crash mode chooses.
+/// Once [`ControlledDisk::cut_power`] ran (the queue thread does it when
+/// the agent cuts power), every request fails with `EIO` and nothing more
+/// reaches the disk; [`ControlledDisk::crash_state`] is then what a power
+/// cut keeps, chosen exactly as `SimDisk::crash_state` does.
 #[derive(Debug, Clone)]
 pub struct ControlledDisk {
-    durable: Vec<u8>,
-    visible: Vec<u8>,
-    since_flush: Vec<PendingWrite>,
+    disk: SimDisk,
     counts: RequestCounts,
+    powered: bool,
 }
 
 /// A negative errno as a ublk result.
@@ -323,32 +328,27 @@ impl ControlledDisk {
     /// down to whole sectors.
     pub fn from_image(mut image: Vec<u8>) -> ControlledDisk {
         image.truncate(image.len() / 512 * 512);
-        ControlledDisk {
-            visible: image.clone(),
-            durable: image,
-            since_flush: Vec::new(),
-            counts: RequestCounts::default(),
-        }
+        ControlledDisk { disk: SimDisk::from_image(image), counts: RequestCounts::default(), powered: true }
     }
 
     /// Size in sectors.
     pub fn sectors(&self) -> u64 {
-        self.visible.len() as u64 / 512
+        self.disk.visible().len() as u64 / 512
     }
 
     /// What is certainly durable now.
     pub fn durable(&self) -> &[u8] {
-        &self.durable
+        self.disk.durable()
     }
 
     /// What reads return now.
     pub fn visible(&self) -> &[u8] {
-        &self.visible
+        self.disk.visible()
     }
 
     /// Writes acknowledged since the last completed flush, in order.
     pub fn since_flush(&self) -> &[PendingWrite] {
-        &self.since_flush
+        self.disk.since_flush()
     }
 
     /// What was served so far.
@@ -356,83 +356,104 @@ impl ControlledDisk {
         self.counts
     }
 
-    /// The byte range of a request, or `None` when it leaves the disk or
+    /// Cuts the power: from now on every request fails with `EIO` and the
+    /// disk's state (durable image, volatile writes) no longer changes.
+    pub fn cut_power(&mut self) {
+        self.powered = false;
+    }
+
+    /// Whether [`Self::cut_power`] has not run.
+    pub fn powered(&self) -> bool {
+        self.powered
+    }
+
+    /// What a power cut now leaves, as `mode` and `seed` choose among the
+    /// volatile writes: `faults::SimDisk::crash_state` itself (durable
+    /// image, FUA writes, the kept unflushed writes in order, one perhaps
+    /// torn).
+    pub fn crash_state(&self, mode: CrashMode, seed: u32) -> (Vec<u8>, CrashSummary) {
+        self.disk.crash_state(mode, seed)
+    }
+
+    /// The byte length of a request, or `None` when it leaves the disk or
     /// the buffer.
-    fn range(&self, sector: u64, nr: u32, buf_len: usize) -> Option<std::ops::Range<usize>> {
+    fn len(&self, sector: u64, nr: u32, buf_len: usize) -> Option<usize> {
         let end = sector.checked_add(u64::from(nr))?;
         if end > self.sectors() || u64::from(nr) * 512 > buf_len as u64 {
             return None;
         }
-        Some((sector * 512) as usize..(end * 512) as usize)
+        Some(nr as usize * 512)
     }
 
     /// Serves one request with `buf` (the tag's buffer: a write's data
     /// in, a read's data out). Returns the ublk result: bytes done, or a
-    /// negative errno (`EIO` out of range, `EOPNOTSUPP` for an unknown
-    /// op). Never panics on a hostile request.
+    /// negative errno (`EIO` out of range or after a power cut,
+    /// `EOPNOTSUPP` for an unknown op). Never panics on a hostile request.
     pub fn serve(&mut self, req: &Request, buf: &mut [u8]) -> i32 {
         let bytes = (u64::from(req.nr_sectors) * 512).min(i32::MAX as u64) as i32;
-        let result = match req.kind {
-            RequestKind::Flush => {
-                // Everything acknowledged is durable now; the sector of a
-                // flush request means nothing.
-                self.counts.flushes += 1;
-                self.durable.copy_from_slice(&self.visible);
-                self.since_flush.clear();
-                0
-            }
-            RequestKind::Read => match self.range(req.sector, req.nr_sectors, buf.len()) {
-                Some(r) => {
-                    self.counts.reads += 1;
-                    buf[..r.len()].copy_from_slice(&self.visible[r]);
-                    bytes
-                }
-                None => neg(libc::EIO),
-            },
-            RequestKind::Write { fua } => match self.range(req.sector, req.nr_sectors, buf.len()) {
-                Some(r) => {
-                    self.counts.writes += 1;
-                    let data = buf[..r.len()].to_vec();
-                    self.write(req.sector, r, data, fua);
-                    if fua {
-                        self.counts.fua_writes += 1;
+        let eio = neg(libc::EIO);
+        let result = if !self.powered {
+            eio
+        } else {
+            match req.kind {
+                RequestKind::Flush => {
+                    // Everything acknowledged is durable now; the sector of
+                    // a flush request means nothing.
+                    self.counts.flushes += 1;
+                    match self.disk.flush() {
+                        Ok(()) => 0,
+                        Err(_) => eio,
                     }
-                    bytes
                 }
-                None => neg(libc::EIO),
-            },
-            RequestKind::WriteZeroes => match self.range(req.sector, req.nr_sectors, usize::MAX) {
-                Some(r) => {
-                    self.counts.write_zeroes += 1;
-                    let data = vec![0u8; r.len()];
-                    self.write(req.sector, r, data, false);
-                    bytes
-                }
-                None => neg(libc::EIO),
-            },
-            // Like qemu's raw drives and the model's disks: a discard
-            // changes nothing.
-            RequestKind::Discard => match self.range(req.sector, req.nr_sectors, usize::MAX) {
-                Some(_) => {
-                    self.counts.discards += 1;
-                    bytes
-                }
-                None => neg(libc::EIO),
-            },
-            RequestKind::Other(_) => neg(libc::EOPNOTSUPP),
+                RequestKind::Read => match self.len(req.sector, req.nr_sectors, buf.len()) {
+                    Some(n) => match self.disk.read(req.sector, &mut buf[..n]) {
+                        Ok(()) => {
+                            self.counts.reads += 1;
+                            bytes
+                        }
+                        Err(_) => eio,
+                    },
+                    None => eio,
+                },
+                RequestKind::Write { fua } => match self.len(req.sector, req.nr_sectors, buf.len()) {
+                    Some(n) => match self.disk.write(req.sector, &buf[..n], WriteFlags { fua }) {
+                        Ok(()) => {
+                            self.counts.writes += 1;
+                            if fua {
+                                self.counts.fua_writes += 1;
+                            }
+                            bytes
+                        }
+                        Err(_) => eio,
+                    },
+                    None => eio,
+                },
+                RequestKind::WriteZeroes => match self.len(req.sector, req.nr_sectors, usize::MAX) {
+                    Some(n) => match self.disk.write(req.sector, &vec![0u8; n], WriteFlags::default()) {
+                        Ok(()) => {
+                            self.counts.write_zeroes += 1;
+                            bytes
+                        }
+                        Err(_) => eio,
+                    },
+                    None => eio,
+                },
+                // Like qemu's raw drives and the model's disks: a discard
+                // changes nothing.
+                RequestKind::Discard => match self.len(req.sector, req.nr_sectors, usize::MAX) {
+                    Some(_) => {
+                        self.counts.discards += 1;
+                        bytes
+                    }
+                    None => eio,
+                },
+                RequestKind::Other(_) => neg(libc::EOPNOTSUPP),
+            }
         };
         if result < 0 {
             self.counts.errors += 1;
         }
         result
-    }
-
-    fn write(&mut self, sector: u64, r: std::ops::Range<usize>, data: Vec<u8>, fua: bool) {
-        self.visible[r.clone()].copy_from_slice(&data);
-        if fua {
-            self.durable[r].copy_from_slice(&data);
-        }
-        self.since_flush.push(PendingWrite { sector, data, fua });
     }
 }
 
@@ -528,6 +549,9 @@ pub struct UblkDevice<'c> {
     granted: DevInfo,
     thread: Option<JoinHandle<Result<ControlledDisk, String>>>,
     deleted: bool,
+    /// Set by [`UblkDevice::cut_power`]; the queue thread then fails
+    /// every request.
+    power_cut: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for UblkDevice<'_> {
@@ -582,6 +606,7 @@ impl<'c> UblkDevice<'c> {
             granted: info,
             thread: None,
             deleted: false,
+            power_cut: Arc::new(AtomicBool::new(false)),
         };
         let buf_bytes = info.max_io_buf_bytes;
         let mut params = Params {
@@ -619,9 +644,10 @@ impl<'c> UblkDevice<'c> {
         wait_for_node(&char_dev, Duration::from_secs(10))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let depth = info.queue_depth;
+        let power_cut = Arc::clone(&dev.power_cut);
         let thread = std::thread::Builder::new()
             .name(format!("ublk{}", dev.dev_id))
-            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, ready_tx))
+            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, &power_cut, ready_tx))
             .map_err(|e| io_err("spawn the ublk queue thread", e))?;
         dev.thread = Some(thread);
         match ready_rx.recv() {
@@ -642,6 +668,16 @@ impl<'c> UblkDevice<'c> {
         ctl.command(CMD_START_DEV, &cmd)?;
         wait_for_node(&dev.block, Duration::from_secs(10))?;
         Ok(dev)
+    }
+
+    /// Cuts the disk's power: every request the queue thread takes from
+    /// now on fails with `EIO` and changes nothing, so the disk keeps the
+    /// durable image and volatile writes it had ([`ControlledDisk::cut_power`]).
+    /// Failing rather than holding the requests lets the dead pool be torn
+    /// down: a held request would keep a suspend or a remove waiting
+    /// forever. [`UblkDevice::stop`] then returns the disk.
+    pub fn cut_power(&self) {
+        self.power_cut.store(true, Ordering::SeqCst);
     }
 
     /// The block device node (`/dev/ublkbN`).
@@ -796,6 +832,7 @@ fn serve_queue(
     depth: u16,
     buf_bytes: u32,
     mut disk: ControlledDisk,
+    power_cut: &AtomicBool,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<ControlledDisk, String> {
     let fail = |e: String| {
@@ -848,6 +885,9 @@ fn serve_queue(
             }
             if res == 0 {
                 let req = Request::from_desc(tag, &descs.get(tag));
+                if disk.powered() && power_cut.load(Ordering::SeqCst) {
+                    disk.cut_power();
+                }
                 let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
                 let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
                 // SAFETY: as above; at most `depth` commands are in flight.
@@ -940,5 +980,33 @@ mod tests {
         assert_eq!(d.serve(&req(RequestKind::Discard, 0, 8), &mut buf), 4096);
         assert_eq!(d.counts().errors, 5);
         assert!(d.since_flush().is_empty());
+    }
+
+    #[test]
+    fn a_power_cut_fails_requests_and_keeps_what_simdisk_would() {
+        use dmsim_model::block_device::BlockDevice;
+        let mut d = ControlledDisk::from_image(vec![0; 64 * 512]);
+        let mut sim = SimDisk::from_image(vec![0; 64 * 512]);
+        for i in 0..12u64 {
+            let fua = i % 5 == 4;
+            let mut buf = vec![i as u8 + 1; 4 * 512];
+            assert_eq!(d.serve(&req(RequestKind::Write { fua }, i * 3, 4), &mut buf), 2048);
+            sim.write(i * 3, &buf[..2048], WriteFlags { fua }).unwrap();
+            if i == 3 {
+                assert_eq!(d.serve(&req(RequestKind::Flush, 0, 0), &mut []), 0);
+                sim.flush().unwrap();
+            }
+        }
+        d.cut_power();
+        let mut buf = vec![0xee; 512];
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: true }, 0, 1), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Flush, 0, 0), &mut []), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Read, 0, 1), &mut buf), -libc::EIO);
+        for mode in CrashMode::ALL {
+            for seed in [0, 1, 7, 0x9e37_79b9] {
+                assert_eq!(d.crash_state(mode, seed), sim.crash_state(mode, seed), "{mode:?} {seed}");
+            }
+        }
+        assert_eq!(d.visible(), sim.visible(), "nothing after the cut reached the disk");
     }
 }
