@@ -261,7 +261,8 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace) -> ExitCode {
 /// a VM, one request at a time, against the simulator run the same way.
 fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     use dmsim_kernel_shim::equivalence::{
-        compare_l1, compare_l2, compare_l3, simulate_serialized_full, FinalState,
+        compare_crashes, compare_l1, compare_l2, compare_l3, simulate_serialized_crashing,
+        simulate_serialized_full, FinalState,
     };
     use dmsim_kernel_shim::KernelShim;
 
@@ -283,7 +284,10 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let sim = match simulate_serialized_full(&trace) {
+    // Only controlled disks can cut power at a crash op.
+    let simulated =
+        if ublk { simulate_serialized_crashing(&trace) } else { simulate_serialized_full(&trace) };
+    let sim = match simulated {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
@@ -318,6 +322,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         return ExitCode::from(exit::UNUSABLE);
     }
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
+    let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
+    let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
     let l2 = match &run.thin_dump {
         Ok(kernel_dump) => Ok(compare_l2(&sim.thin_dump, kernel_dump)),
         Err(e) => Err(format!("dmsim cannot dump the kernel's metadata: {e}")),
@@ -346,6 +352,18 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "simulator_oracle_violation": sim.oracle_violation,
             "disks": args.disks,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
+            "crashes": crashes.iter().map(|c| serde_json::json!({
+                "crash": c.crash,
+                "op": c.op,
+                "l1_equal": c.differences.is_empty(),
+                "differences": c.differences.iter().take(20).collect::<Vec<_>>(),
+                "metadata_identical": c.metadata_identical,
+                "simulator_kept_unflushed": [c.choices[0].0, c.choices[0].1],
+                "kernel_kept_unflushed": [c.choices[1].0, c.choices[1].1],
+            })).collect::<Vec<_>>(),
+            "first_differing_crash": first_bad_crash.map(|c| serde_json::json!({
+                "crash": c.crash, "op": c.op, "first_difference": c.differences.first(),
+            })),
         });
         let mut json = json;
         if args.timings {
@@ -369,6 +387,35 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         }
         if let Some(v) = &sim.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");
+        }
+        for c in &crashes {
+            let [(sm, sd), (km, kd)] = c.choices;
+            let choice = format!(
+                "kept/unflushed metadata {}/{} data {}/{} on the simulator, {}/{} {}/{} on the kernel",
+                sm.0, sm.1, sd.0, sd.1, km.0, km.1, kd.0, kd.1
+            );
+            let l3 = if c.metadata_identical { "metadata identical" } else { "metadata differs" };
+            if c.differences.is_empty() {
+                println!("crash {} (op {}): L1 equal ({l3}; {choice})", c.crash, c.op);
+            } else {
+                println!(
+                    "crash {} (op {}): L1 DIVERGES ({} differences; {l3}; {choice}); first:",
+                    c.crash,
+                    c.op,
+                    c.differences.len()
+                );
+                for d in c.differences.iter().take(10) {
+                    println!("  {d}");
+                }
+            }
+        }
+        if let Some(c) = first_bad_crash {
+            println!(
+                "first divergence at crash {} (op {}): {}",
+                c.crash,
+                c.op,
+                c.differences.first().map_or("", String::as_str)
+            );
         }
         if differences.is_empty() {
             println!("L1 equal: every device reads the same stamps, the same blocks are mapped");
@@ -408,7 +455,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     if args.timings {
         eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
     }
-    if differences.is_empty() {
+    if differences.is_empty() && first_bad_crash.is_none() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::PROBLEMS)

@@ -964,14 +964,15 @@ const UBLK_MAX_DISK_BYTES: u64 = 256 << 20;
 
 /// A ublk job ([`JobKind::Ublk`]): two controlled disks in guest RAM
 /// (metadata zeroed, data filled with [`DATA_FILL`]) served through ublk,
-/// the pool on them as in a replay job, then both devices stopped and
-/// deleted (also when the replay failed), the requests they served
-/// counted, and their durable images written to the job's slices of the
-/// metadata and data disks, where the host reads them.
+/// the pool on them as in a replay job — a crash op cuts their power and
+/// rebuilds the pool on what survives ([`power_cut`]) — then both devices
+/// stopped and deleted (also when the replay failed), the requests they
+/// served counted, and their durable images written to the job's slices
+/// of the metadata and data disks, where the host reads them.
 fn run_ublk_job(
     ctl: &Control,
     job: usize,
-    kind: &JobKind,
+    _kind: &JobKind,
     trace: &Trace,
     spec: PoolSpec,
     disks: &JobDisks<'_>,
@@ -1011,25 +1012,33 @@ fn run_ublk_job(
         result.ublk.push((format!("{role}-granted-flags"), g.flags));
         result.ublk.push((format!("{role}-max-io-buf-bytes"), u64::from(g.max_io_buf_bytes)));
     }
-    let (meta_path, data_path) = (meta.block().to_path_buf(), data.block().to_path_buf());
-    run_pool(ctl, job, kind, trace, spec.clone(), &meta_path, &data_path, disks.dev_dir, result);
+    let mut devs = UblkPair { ctl: &ublk, devs: Some((meta, data)), counts: Default::default() };
+    run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, result);
     let t1 = Instant::now();
     let mut served = Vec::new();
-    for (role, dev) in [("metadata", meta), ("data", data)] {
-        match dev.stop() {
-            Ok(disk) => served.push((role, disk)),
-            Err(e) => {
-                result.error = result.error.take().or(Some(format!("ublk: stopping the {role} disk: {e}")))
+    if let Some((meta, data)) = devs.devs.take() {
+        for (k, (role, dev)) in [("metadata", meta), ("data", data)].into_iter().enumerate() {
+            match dev.stop() {
+                Ok(disk) => {
+                    add_counts(&mut devs.counts[k], disk.counts());
+                    served.push((role, disk));
+                }
+                Err(e) => {
+                    result.error =
+                        result.error.take().or(Some(format!("ublk: stopping the {role} disk: {e}")))
+                }
             }
         }
     }
     result.ublk.push(("left-devices".into(), live_devices().len() as u64));
     result.timings_ms.push(("ublk-stop".into(), t1.elapsed().as_millis() as u64));
     let t2 = Instant::now();
-    for (role, disk) in &served {
-        for (name, n) in disk.counts().named() {
+    for (k, role) in ["metadata", "data"].into_iter().enumerate() {
+        for (name, n) in devs.counts[k].named() {
             result.ublk.push((format!("{role}-{name}"), n));
         }
+    }
+    for (role, disk) in &served {
         let volatile = disk.since_flush().iter().filter(|w| !w.fua).count() as u64;
         result.ublk.push((format!("{role}-volatile-at-stop"), volatile));
         let (name, at, len, disk_path) = if *role == "metadata" {
@@ -1047,6 +1056,192 @@ fn run_ublk_job(
         }
     }
     result.timings_ms.push(("ublk-copy-out".into(), t2.elapsed().as_millis() as u64));
+}
+
+/// The two controlled disks of a ublk job (`None` once stopped) and what
+/// the devices stopped so far served.
+struct UblkPair<'u> {
+    ctl: &'u crate::ublk::UblkControl,
+    devs: Option<(crate::ublk::UblkDevice<'u>, crate::ublk::UblkDevice<'u>)>,
+    counts: [crate::ublk::RequestCounts; 2],
+}
+
+fn add_counts(to: &mut crate::ublk::RequestCounts, c: crate::ublk::RequestCounts) {
+    to.reads += c.reads;
+    to.writes += c.writes;
+    to.fua_writes += c.fua_writes;
+    to.flushes += c.flushes;
+    to.discards += c.discards;
+    to.write_zeroes += c.write_zeroes;
+    to.errors += c.errors;
+}
+
+/// The seed of the data disk's crash choice, from the crash op's seed:
+/// the simulator's (`ThinSim::crash`), the two disks' caches being
+/// independent.
+pub const DATA_CRASH_SEED_XOR: u32 = 0x9e37_79b9;
+
+/// A ublk job's pool: the trace's ops as in a replay job; at a crash op,
+/// [`power_cut`]. Then the read-back, the pool's status and the teardown.
+fn run_ublk_pool(
+    ctl: &Control,
+    job: usize,
+    trace: &Trace,
+    spec: PoolSpec,
+    devs: &mut UblkPair<'_>,
+    dev_dir: &Path,
+    result: &mut KernelResult,
+) {
+    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
+    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+    let Some((m, d)) = devs.devs.as_ref().map(|(m, d)| (m.block().to_path_buf(), d.block().to_path_buf()))
+    else {
+        return;
+    };
+    let mut replayer = match Replayer::new(ctl, spec.clone(), &m, &d, dev_dir, &job.to_string(), true) {
+        Ok(r) => r,
+        Err(e) => {
+            result.error = Some(format!("creating the pool: {e}"));
+            return;
+        }
+    };
+    let t0 = Instant::now();
+    for (i, op) in trace.ops().enumerate() {
+        if let Some(e) = op.thin_error() {
+            result.error = Some(format!("op {i} ({op:?}): {e}"));
+            break;
+        }
+        if let Op::Crash { mode, seed } = op {
+            match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir) {
+                Ok((r, record)) => {
+                    replayer = r;
+                    result.crashes.push(record);
+                    result.ops.push(OpResult { index: i, outcome: "ok".into(), read: None });
+                    continue;
+                }
+                Err(e) => {
+                    result.error = Some(format!("op {i} (power cut): {e}"));
+                    result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+                    return;
+                }
+            }
+        }
+        match replayer.apply(i, &op) {
+            Ok(r) => result.ops.push(r),
+            Err(e) => {
+                result.error = Some(format!("op {i} ({op:?}): {e}"));
+                break;
+            }
+        }
+    }
+    result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+    let t1 = Instant::now();
+    match replayer.read_back() {
+        Ok(d) => result.devices = d,
+        Err(e) => result.error = result.error.take().or(Some(format!("read-back: {e}"))),
+    }
+    result.timings_ms.push(("read-back".into(), t1.elapsed().as_millis() as u64));
+    match replayer.pool_status() {
+        Ok(s) => result.pool_status = s,
+        Err(e) => result.error = result.error.take().or(Some(format!("pool status: {e}"))),
+    }
+    let t2 = Instant::now();
+    if let Err(e) = replayer.teardown() {
+        result.error = result.error.take().or(Some(format!("teardown: {e}")));
+    }
+    result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
+}
+
+/// A power cut at crash op `index`: both disks fail every request from
+/// now on ([`crate::ublk::UblkDevice::cut_power`]); the dead pool and its
+/// thin devices are removed (each error logged, none fatal: the disks are
+/// dead); both ublk devices stopped and deleted; each disk's surviving
+/// image chosen by `faults::SimDisk::crash_state` (metadata with `seed`,
+/// data with `seed ^ DATA_CRASH_SEED_XOR`, as the simulator does); a
+/// needs_check flag cleared as the simulator's recovery does; new ublk
+/// devices started on the images; the pool rebuilt on them with the same
+/// table and the live thin devices reactivated, in order; and every live
+/// device read back. Returns the new replayer and the crash's record.
+#[allow(clippy::too_many_arguments)]
+fn power_cut<'c>(
+    ctl: &'c Control,
+    job: usize,
+    spec: &PoolSpec,
+    devs: &mut UblkPair<'_>,
+    replayer: Replayer<'c>,
+    mode: dmsim_traces::CrashMode,
+    seed: u32,
+    index: usize,
+    dev_dir: &Path,
+) -> Result<(Replayer<'c>, crate::protocol::CrashRecord), String> {
+    use crate::ublk::{ControlledDisk, DeviceShape, UblkDevice};
+    let (meta, data) = devs.devs.take().ok_or("the controlled disks are gone")?;
+    meta.cut_power();
+    data.cut_power();
+    let ids: Vec<u32> = replayer.devices.iter().map(|t| t.id).collect();
+    let (next_id, next_write) = (replayer.next_id, replayer.next_write);
+    let t = Instant::now();
+    // The dead pool's teardown: every thin device, then the pool. On 6.1
+    // the pool's postsuspend commits, the commit's I/O fails, the pool
+    // goes to fail mode; remove still succeeds (see docs/kernel-shim.md).
+    let teardown = replayer.teardown();
+    log(&format!(
+        "power cut at op {index}: teardown of the dead pool took {} ms: {}",
+        t.elapsed().as_millis(),
+        match &teardown {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("{e}"),
+        }
+    ));
+    let mut disks = Vec::new();
+    for (k, (role, dev)) in [("metadata", meta), ("data", data)].into_iter().enumerate() {
+        let disk = dev.stop().map_err(|e| format!("stopping the dead {role} disk: {e}"))?;
+        add_counts(&mut devs.counts[k], disk.counts());
+        disks.push(disk);
+    }
+    teardown.map_err(|e| format!("tearing the dead pool down: {e}"))?;
+    let (meta_image, m) = disks[0].crash_state(mode, seed);
+    let (data_image, d) = disks[1].crash_state(mode, seed ^ DATA_CRASH_SEED_XOR);
+    let meta_image = if dmsim_sim::thin::needs_check_set(&meta_image) {
+        log(&format!("power cut at op {index}: needs_check set; cleared as the simulator's recovery does"));
+        dmsim_sim::thin::clear_needs_check(meta_image, spec.block_sectors as u32)
+            .map_err(|e| format!("clearing needs_check: {e}"))?
+    } else {
+        meta_image
+    };
+    let xml = crate::vm::dump(&meta_image).map_err(|e| format!("dump of the surviving metadata: {e}"))?;
+    let mut record = crate::protocol::CrashRecord {
+        op: index,
+        metadata: (m.kept, m.unflushed),
+        data: (d.kept, d.unflushed),
+        torn: m.torn || d.torn,
+        metadata_fnv: crate::protocol::fnv64(&meta_image),
+        mapped: crate::vm::mapped_blocks(&xml),
+        devices: Vec::new(),
+    };
+    let meta = UblkDevice::start(devs.ctl, ControlledDisk::from_image(meta_image), DeviceShape::default())
+        .map_err(|e| format!("restarting the metadata disk: {e}"))?;
+    let data = UblkDevice::start(devs.ctl, ControlledDisk::from_image(data_image), DeviceShape::default())
+        .map_err(|e| format!("restarting the data disk: {e}"))?;
+    let (mp, dp) = (meta.block().to_path_buf(), data.block().to_path_buf());
+    devs.devs = Some((meta, data));
+    let mut replayer = Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &job.to_string(), false)
+        .map_err(|e| format!("the pool does not load after the crash: {e}"))?;
+    let rebuilt = replayer
+        .activate_existing(&ids)
+        .map_err(|e| format!("a device lost in the crash: {e}"))
+        .and_then(|()| replayer.read_back().map_err(|e| format!("read-back after the crash: {e}")));
+    match rebuilt {
+        Ok(devices) => record.devices = devices,
+        Err(e) => {
+            // Leave nothing on the disks, so that they can be deleted.
+            let _ = replayer.teardown();
+            return Err(e);
+        }
+    }
+    replayer.next_id = replayer.next_id.max(next_id);
+    replayer.next_write = next_write;
+    Ok((replayer, record))
 }
 
 /// Writes `image` at the start of the block device `path` and flushes it.

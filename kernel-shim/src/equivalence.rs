@@ -73,6 +73,8 @@ pub struct SimulatedRun {
     /// is then read from the model's committed images instead
     /// ([`read_images`]), so that it can still be held against the kernel.
     pub oracle_violation: Option<String>,
+    /// With [`simulate_serialized_crashing`]: the state at every crash op.
+    pub crashes: Vec<SimulatedCrash>,
 }
 
 /// Runs `trace` on the simulator one request at a time, as the kernel
@@ -83,29 +85,100 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 }
 
 /// As [`simulate_serialized`], with the final disks and their dump.
+/// Crashes are refused (the virtio replay does not cut power); see
+/// [`simulate_serialized_crashing`].
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
+    simulate_serialized_inner(trace, false)
+}
+
+/// As [`simulate_serialized_full`], crash ops included (what a ublk
+/// replay, which cuts power at them, is compared with): each crash op is
+/// the simulator's own (`ThinSim::crash`: `SimDisk::crash_state` of both
+/// disks, recovery, the live devices reactivated), and the state after
+/// it is recorded in [`SimulatedRun::crashes`]. Faults are still refused.
+pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimError> {
+    simulate_serialized_inner(trace, true)
+}
+
+/// What the serialized simulator holds right after a crash op's recovery,
+/// before the rebuilt pool writes anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimulatedCrash {
+    /// The crash op's index among the trace's ops.
+    pub op: usize,
+    /// Every device as the recovered images read ([`read_images`]).
+    pub state: FinalState,
+    /// FNV-1a 64 of the recovered metadata image
+    /// ([`crate::protocol::fnv64`]).
+    pub metadata_fnv: u64,
+    /// Metadata disk: `(kept, unflushed)` volatile writes.
+    pub metadata: (u32, u32),
+    /// Data disk: `(kept, unflushed)`.
+    pub data: (u32, u32),
+}
+
+fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRun, ShimError> {
     let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
         return Err(ShimError::Invalid(e));
     }
-    if let Some(op) =
-        trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. } | Op::Crash { .. }))
-    {
+    if let Some(op) = trace.ops().find(|op| {
+        matches!(op, Op::Fault { .. } | Op::AimFault { .. }) || (!crashes && matches!(op, Op::Crash { .. }))
+    }) {
         return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?} yet")));
     }
+    let spec = PoolSpec::from_header(&trace.header)?;
     let mut sim = ThinSim::new(cfg.thin);
     let fail = |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("simulator: {f}"));
-    for op in trace.ops().filter(kernel_replays) {
-        sim.apply(&op).map_err(fail)?;
-        sim.quiesce().map_err(fail)?;
+    let mut crash_states = Vec::new();
+    let mut first_oracle = None;
+    for (i, op) in trace.ops().enumerate() {
+        if let Op::Crash { .. } = op {
+            sim.apply(&op).map_err(fail)?;
+            let (metadata, data) = sim
+                .events()
+                .iter()
+                .rev()
+                .find_map(|e| match e {
+                    Event::Crashed { metadata, data, .. } => Some((*metadata, *data)),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let image = sim.metadata_image();
+            let xml = dump(&image).map_err(|e| ShimError::Invalid(format!("dump after crash {i}: {e}")))?;
+            let data_image = sim.pool().with_data_device(|d| d.visible().to_vec());
+            crash_states.push(SimulatedCrash {
+                op: i,
+                state: read_images(&xml, &data_image, &spec),
+                metadata_fnv: crate::protocol::fnv64(&image),
+                metadata,
+                data,
+            });
+            continue;
+        }
+        if !kernel_replays(&op) {
+            continue;
+        }
+        // With crashes, a broken model's oracle may object to a read
+        // after a crash (data its committed metadata maps was lost): the
+        // run goes on, so that its crash states can be held against the
+        // kernel's, and the objection is reported.
+        for r in [sim.apply(&op), sim.quiesce()] {
+            match r {
+                Err(f) if crashes && f.kind == "oracle" => {
+                    first_oracle.get_or_insert(f.to_string());
+                }
+                r => r.map_err(fail)?,
+            }
+        }
     }
     let before = sim.events().len();
-    let mut oracle_violation = None;
+    let mut oracle_violation = first_oracle;
     if let Err(f) = sim.finish() {
         if f.kind != "oracle" {
             return Err(fail(f));
         }
-        oracle_violation = Some(f.to_string());
+        oracle_violation.get_or_insert(f.to_string());
         // Commit, as the kernel's teardown does, and read the disks.
         let _ = sim.pool().status(false);
     }
@@ -132,12 +205,19 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
     let data_image = sim.pool().with_data_device(|d| d.visible().to_vec());
     let state = if oracle_violation.is_some() {
-        let spec = PoolSpec::from_header(&trace.header)?;
         read_images(&thin_dump, &data_image, &spec)
     } else {
         FinalState { devices, mapped: mapped_blocks(&thin_dump) }
     };
-    Ok(SimulatedRun { state, metadata_image, thin_dump, data_image, out_of_space, oracle_violation })
+    Ok(SimulatedRun {
+        state,
+        metadata_image,
+        thin_dump,
+        data_image,
+        out_of_space,
+        oracle_violation,
+        crashes: crash_states,
+    })
 }
 
 /// Mapped virtual block → data block, per device, from thin_dump XML.
@@ -396,6 +476,71 @@ pub fn compare_l1(sim: &FinalState, kernel: &FinalState) -> Vec<String> {
             out.push(format!(
                 "dev {id} mappings: mapped only on the simulator {only_sim:?}, only on the kernel {only_kernel:?}"
             ));
+        }
+    }
+    out
+}
+
+/// How one crash compares: the crash's ordinal and op, the L1
+/// differences of the states after it (empty when equal), and whether
+/// the surviving metadata images are identical (L3 at the crash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashComparison {
+    /// 0 for the trace's first crash.
+    pub crash: usize,
+    /// The crash op's index among the trace's ops.
+    pub op: usize,
+    /// [`compare_l1`] of the simulator's and the kernel's state.
+    pub differences: Vec<String>,
+    /// The surviving metadata images have the same fingerprint.
+    pub metadata_identical: bool,
+    /// `(kept, unflushed)` on the metadata and data disks: simulator, kernel.
+    pub choices: [((u32, u32), (u32, u32)); 2],
+}
+
+/// Compares the simulator's crash states with the kernel's crash records,
+/// crash by crash. A crash only one side has is a difference too.
+pub fn compare_crashes(
+    sim: &[SimulatedCrash],
+    kernel: &[crate::protocol::CrashRecord],
+) -> Vec<CrashComparison> {
+    let mut out = Vec::new();
+    for k in 0..sim.len().max(kernel.len()) {
+        match (sim.get(k), kernel.get(k)) {
+            (Some(s), Some(c)) => {
+                let kstate = FinalState {
+                    devices: c.devices.iter().map(|d| (d.id, d.blocks.clone())).collect(),
+                    mapped: c.mapped.clone(),
+                };
+                let mut differences = Vec::new();
+                if s.op != c.op {
+                    differences
+                        .push(format!("crash at op {} on the simulator, op {} on the kernel", s.op, c.op));
+                }
+                differences.extend(compare_l1(&s.state, &kstate));
+                out.push(CrashComparison {
+                    crash: k,
+                    op: s.op,
+                    differences,
+                    metadata_identical: s.metadata_fnv == c.metadata_fnv,
+                    choices: [(s.metadata, s.data), (c.metadata, c.data)],
+                });
+            }
+            (Some(s), None) => out.push(CrashComparison {
+                crash: k,
+                op: s.op,
+                differences: vec!["the kernel did not reach this crash".into()],
+                metadata_identical: false,
+                choices: [(s.metadata, s.data), ((0, 0), (0, 0))],
+            }),
+            (None, Some(c)) => out.push(CrashComparison {
+                crash: k,
+                op: c.op,
+                differences: vec!["the simulator has no such crash".into()],
+                metadata_identical: false,
+                choices: [((0, 0), (0, 0)), (c.metadata, c.data)],
+            }),
+            (None, None) => {}
         }
     }
     out

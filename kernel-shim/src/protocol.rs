@@ -160,6 +160,78 @@ impl PoolSpec {
     }
 }
 
+/// What a ublk job saw at one crash op: the power cut's choice on each
+/// disk, the surviving metadata, and every live device read back through
+/// the pool rebuilt on the surviving images.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrashRecord {
+    /// The crash op's index among the trace's ops.
+    pub op: usize,
+    /// Metadata disk: `(kept, unflushed)` volatile writes
+    /// (`faults::CrashSummary`).
+    pub metadata: (u32, u32),
+    /// Data disk: `(kept, unflushed)`.
+    pub data: (u32, u32),
+    /// One kept write was torn (either disk).
+    pub torn: bool,
+    /// FNV-1a 64 of the surviving metadata image ([`fnv64`]), before the
+    /// rebuilt pool wrote anything.
+    pub metadata_fnv: u64,
+    /// Mapped virtual blocks per device in the surviving metadata.
+    pub mapped: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>>,
+    /// Every live device read back after the rebuild, in creation order.
+    pub devices: Vec<DeviceContents>,
+}
+
+/// FNV-1a, 64 bits: a cheap fingerprint of a disk image.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn ranges_text(set: &std::collections::BTreeSet<u64>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut it = set.iter().copied().peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b += 1;
+            it.next();
+        }
+        out.push(if a == b { a.to_string() } else { format!("{a}-{b}") });
+    }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(",")
+    }
+}
+
+fn parse_ranges(text: &str) -> Option<std::collections::BTreeSet<u64>> {
+    let mut out = std::collections::BTreeSet::new();
+    if text == "-" {
+        return Some(out);
+    }
+    for part in text.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
+            None => {
+                let a = part.parse::<u64>().ok()?;
+                (a, a)
+            }
+        };
+        if b < a || b - a > 1 << 24 {
+            return None;
+        }
+        out.extend(a..=b);
+    }
+    Some(out)
+}
+
 /// What the kernel answered to one op of the trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpResult {
@@ -216,6 +288,9 @@ pub struct KernelResult {
     /// answered), and `left-devices`, the ublk devices the kernel still
     /// had after the job's teardown.
     pub ublk: Vec<(String, u64)>,
+    /// For a ublk job: one record per crash op, in order
+    /// ([`CrashRecord`]).
+    pub crashes: Vec<CrashRecord>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -260,6 +335,28 @@ impl KernelResult {
         }
         for (what, n) in &self.ublk {
             let _ = writeln!(s, "ublk {} {n}", one_line(what));
+        }
+        for c in &self.crashes {
+            let _ = writeln!(
+                s,
+                "crash {} {} {} {} {} {} {:016x}",
+                c.op,
+                c.metadata.0,
+                c.metadata.1,
+                c.data.0,
+                c.data.1,
+                u8::from(c.torn),
+                c.metadata_fnv
+            );
+            for (id, set) in &c.mapped {
+                let _ = writeln!(s, "crash-mapped {id} {}", ranges_text(set));
+            }
+            for d in &c.devices {
+                let _ = writeln!(s, "crash-device {} {}", d.id, d.blocks.len());
+                for (i, b) in d.blocks.iter().enumerate() {
+                    let _ = writeln!(s, "crash-block {} {} {}", d.id, i, one_line(b));
+                }
+            }
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -366,6 +463,59 @@ impl KernelResult {
                     let (i, status) = rest.split_once(' ').unwrap_or((rest, ""));
                     let i = i.parse().map_err(|_| bad(n, line, "bad op-status index"))?;
                     r.op_status.push((i, status.to_string()));
+                }
+                "crash" => {
+                    let f: Vec<&str> = rest.split(' ').collect();
+                    let num = |i: usize| -> Result<u32, ShimError> {
+                        f.get(i).and_then(|v| v.parse().ok()).ok_or_else(|| bad(n, line, "bad crash"))
+                    };
+                    let op =
+                        f.first().and_then(|v| v.parse().ok()).ok_or_else(|| bad(n, line, "bad crash"))?;
+                    let fnv = f
+                        .get(6)
+                        .and_then(|v| u64::from_str_radix(v, 16).ok())
+                        .ok_or_else(|| bad(n, line, "bad crash"))?;
+                    if f.len() != 7 {
+                        return Err(bad(n, line, "bad crash"));
+                    }
+                    r.crashes.push(CrashRecord {
+                        op,
+                        metadata: (num(1)?, num(2)?),
+                        data: (num(3)?, num(4)?),
+                        torn: num(5)? != 0,
+                        metadata_fnv: fnv,
+                        ..CrashRecord::default()
+                    });
+                }
+                "crash-mapped" => {
+                    let c = r.crashes.last_mut().ok_or_else(|| bad(n, line, "mapped before a crash"))?;
+                    let (id, set) = rest.split_once(' ').ok_or_else(|| bad(n, line, "bad crash-mapped"))?;
+                    let id = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
+                    let set = parse_ranges(set).ok_or_else(|| bad(n, line, "bad crash-mapped ranges"))?;
+                    c.mapped.insert(id, set);
+                }
+                "crash-device" => {
+                    let c = r.crashes.last_mut().ok_or_else(|| bad(n, line, "device before a crash"))?;
+                    let (id, count) = rest.split_once(' ').ok_or_else(|| bad(n, line, "bad crash-device"))?;
+                    let id = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
+                    let count: usize = count.parse().map_err(|_| bad(n, line, "bad block count"))?;
+                    c.devices.push(DeviceContents { id, blocks: Vec::with_capacity(count.min(1 << 16)) });
+                }
+                "crash-block" => {
+                    let mut it = rest.splitn(3, ' ');
+                    let (Some(id), Some(idx), summary) = (it.next(), it.next(), it.next().unwrap_or(""))
+                    else {
+                        return Err(bad(n, line, "bad crash-block"));
+                    };
+                    let id: u32 = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
+                    let idx: usize = idx.parse().map_err(|_| bad(n, line, "bad block index"))?;
+                    let dev = r
+                        .crashes
+                        .last_mut()
+                        .and_then(|c| c.devices.last_mut())
+                        .filter(|d| d.id == id && d.blocks.len() == idx);
+                    let dev = dev.ok_or_else(|| bad(n, line, "crash block out of order"))?;
+                    dev.blocks.push(summary.to_string());
                 }
                 "end" => {
                     ended = true;
@@ -1006,11 +1156,31 @@ mod tests {
             log_status: Some("12 345".into()),
             op_status: vec![(1, "8 11/512 128 2/16 0 1 0 0 0 1 0".into())],
             ublk: vec![("metadata-flushes".into(), 7), ("left-devices".into(), 0)],
+            crashes: Vec::new(),
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.ublk, r.ublk);
+        let mut with_crash = r.clone();
+        with_crash.crashes.push(CrashRecord {
+            op: 12,
+            metadata: (1, 3),
+            data: (0, 2),
+            torn: true,
+            metadata_fnv: fnv64(b"x"),
+            mapped: [(0u32, [0u64, 1, 2, 7].into_iter().collect()), (1, Default::default())]
+                .into_iter()
+                .collect(),
+            devices: vec![DeviceContents { id: 0, blocks: vec!["w1*8".into(), "0*8".into()] }],
+        });
+        let text2 = with_crash.to_text();
+        assert_eq!(KernelResult::from_text(&text2).unwrap(), with_crash);
+        assert!(
+            KernelResult::from_text(&text2.replace("crash-mapped 0 0-2,7", "crash-mapped 0 9-2")).is_err()
+        );
+        assert!(KernelResult::from_text(&text2.replace("crash 12 ", "crash x ")).is_err());
+        assert!(KernelResult::from_text(&text2.replace("crash-block 0 1 ", "crash-block 0 5 ")).is_err());
         assert!(KernelResult::from_text(&text.replace("ublk left-devices 0", "ublk left-devices x")).is_err());
         assert_eq!(back.error.as_deref(), Some("it broke badly"));
         assert_eq!(back.log_status.as_deref(), Some("12 345"));

@@ -482,8 +482,14 @@ impl KernelShim {
                 .iter()
                 .zip(&specs)
                 .map(|(j, s)| {
+                    // A ublk job reads every device back at each crash
+                    // too, and lists the surviving mappings.
+                    let crashes =
+                        j.trace().ops().filter(|op| matches!(op, dmsim_traces::Op::Crash { .. })).count()
+                            as u64;
                     4096 + j.trace().events.len() as u64 * 256
-                        + (s.max_devices as u64).saturating_mul(s.thin_blocks) * 512
+                        + (1 + crashes)
+                            * (s.max_devices as u64).saturating_mul(s.thin_blocks).saturating_mul(512 + 24)
                 })
                 .sum::<u64>();
         write_sized(&disk(DiskRole::Result), &[], result_size.div_ceil(512) * 512)?;

@@ -1549,12 +1549,12 @@ pub fn summarize(data: &[u8]) -> String {
 
 /// Whether the metadata image's superblock has needs_check set (bit 0 of
 /// its flags); a damaged superblock is the pool's load to report.
-fn needs_check_set(image: &[u8]) -> bool {
+pub fn needs_check_set(image: &[u8]) -> bool {
     image.len() >= 4096 && Superblock::decode(&image[..4096]).flags & NEEDS_CHECK != 0
 }
 
 /// Clears needs_check in a metadata image and commits.
-fn clear_needs_check(image: Vec<u8>, data_block_size: u32) -> Result<Vec<u8>, String> {
+pub fn clear_needs_check(image: Vec<u8>, data_block_size: u32) -> Result<Vec<u8>, String> {
     let mut md = ThinMetadata::open(MemDevice::from_bytes(image), data_block_size, false)
         .map_err(|e| e.to_string())?;
     md.clear_needs_check().map_err(|e| e.to_string())?;

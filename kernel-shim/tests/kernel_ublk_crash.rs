@@ -1,0 +1,142 @@
+//! Power cuts on the controlled disks: one boot replays a campaign trace
+//! with crash ops (seed 43's durability workload, no faults) on two ublk
+//! disks. At every crash op the agent cuts both disks' power, tears the
+//! dead pool down, keeps what `faults::SimDisk::crash_state` chooses for
+//! the crash's mode and seed, and rebuilds the pool on it. The kernel's
+//! state after every crash, and at the end, must be L1-equal to the
+//! serialized simulator's; and a deliberately broken model
+//! (`data-not-flushed-before-commit`) must diverge from the kernel at a
+//! crash, the comparison naming the crash and the first differing block.
+//!
+//! Needs `qemu-system-x86_64`, `linux-image-amd64` and, for the module,
+//! `linux-source-6.1` and `linux-headers-<release>` (`scripts/test-all`
+//! installs them). Without them the test prints SKIPPED, or fails under
+//! `CI=true`.
+
+use std::time::Instant;
+
+use dmsim_kernel_shim::equivalence::{
+    compare_crashes, compare_l1, kernel_replays, simulate_serialized_crashing, FinalState,
+};
+use dmsim_kernel_shim::{Job, KernelShim, ShimError};
+use dmsim_model::mutation::Mutations;
+use dmsim_sim::run::{generate, CampaignSettings, RunConfig};
+use dmsim_traces::{Event, Op, Trace};
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Skips (loudly) on a missing prerequisite, fails on it under CI.
+fn skip_or_fail(what: &str) {
+    if in_ci() {
+        panic!("CI=true and a prerequisite is missing: {what}");
+    }
+    eprintln!("SKIPPED: kernel ublk crash test: {what}");
+}
+
+/// The campaign's seed: durability workload, crash ops, a quiet swarm
+/// (`dmsim run --seed 43`).
+const SEED: u64 = 43;
+/// Crash ops kept (the trace is cut just after the last of them, before
+/// the pool comes near full: a full pool is a divergence class of its own).
+const CRASHES: usize = 6;
+
+/// Seed 43's ops with the scheduling ops left out (the kernel runs its own
+/// worker), up to and including its `CRASHES`th crash op.
+fn trace() -> Trace {
+    let cfg = RunConfig::for_seed(SEED, 300, &CampaignSettings::default());
+    let mut ops = Vec::new();
+    let mut crashes = 0;
+    for op in generate(&cfg) {
+        assert!(
+            !matches!(op, Op::Fault { .. } | Op::AimFault { .. } | Op::FailIo { .. }),
+            "seed {SEED} now draws faults: {op:?}"
+        );
+        if matches!(op, Op::Crash { .. }) {
+            crashes += 1;
+        } else if !kernel_replays(&op) {
+            continue;
+        }
+        ops.push(op);
+        if crashes == CRASHES {
+            break;
+        }
+    }
+    assert_eq!(crashes, CRASHES, "seed {SEED} has fewer crash ops now");
+    Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
+}
+
+/// `trace` with the model's deliberate bugs `names` on.
+fn mutated(trace: &Trace, names: &[&str]) -> Trace {
+    let mut cfg = RunConfig::from_header(&trace.header).expect("a valid header");
+    cfg.thin.options.mutations = Mutations::from_names(names.iter().copied()).expect("known mutations");
+    Trace { header: cfg.header(), events: trace.events.clone() }
+}
+
+#[test]
+fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
+    let t0 = Instant::now();
+    let shim = match KernelShim::prepare_with_ublk() {
+        Ok(s) => s,
+        Err(e @ ShimError::Missing(_)) => return skip_or_fail(&e.to_string()),
+        Err(e) => panic!("preparing the VM with ublk: {e}"),
+    };
+    let prepared = t0.elapsed();
+    let trace = trace();
+    let sim = simulate_serialized_crashing(&trace).expect("the simulator runs the trace");
+    assert!(sim.out_of_space.is_empty(), "the pool filled: {:?}", sim.out_of_space);
+    assert_eq!(sim.crashes.len(), CRASHES);
+    let runs = shim.run_jobs(&[Job::Ublk(trace.clone())]).unwrap_or_else(|e| panic!("kernel run: {e}"));
+    let run = &runs[0];
+    for line in run.console.lines().filter(|l| l.contains("power cut") || l.contains("device-mapper")) {
+        eprintln!("console: {line}");
+    }
+    eprintln!(
+        "prepare {prepared:?}, VM wall {:?} ({} ops, {CRASHES} crashes); timings {:?}; counts {:?}",
+        run.wall,
+        trace.ops().count(),
+        run.result.timings_ms,
+        run.result.ublk
+    );
+    assert_eq!(run.result.error, None, "the agent failed; console:\n{}", run.console);
+    let left = run.result.ublk.iter().find(|(n, _)| n == "left-devices").map(|(_, c)| *c);
+    assert_eq!(left, Some(0), "a ublk device outlived the job");
+    assert_eq!(run.result.crashes.len(), CRASHES, "a crash record per crash op");
+
+    // At every crash and at the end, the kernel reads what the model reads.
+    let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
+    for c in &crashes {
+        eprintln!(
+            "crash {} (op {}): {} differences, metadata identical {}, kept/unflushed sim {:?} kernel {:?}",
+            c.crash,
+            c.op,
+            c.differences.len(),
+            c.metadata_identical,
+            c.choices[0],
+            c.choices[1]
+        );
+        assert!(c.differences.is_empty(), "crash {} (op {}) diverges: {:#?}", c.crash, c.op, c.differences);
+    }
+    // The power cuts chose among volatile data writes at least once.
+    assert!(
+        run.result.crashes.iter().any(|c| c.data.1 > 0),
+        "no crash had volatile data writes to choose from: {:?}",
+        run.result.crashes.iter().map(|c| (c.op, c.metadata, c.data)).collect::<Vec<_>>()
+    );
+    let end = compare_l1(&sim.state, &FinalState::of_kernel(run));
+    assert!(end.is_empty(), "the end state diverges: {end:#?}");
+
+    // A model that commits without flushing the data first loses, at a
+    // crash, data its committed metadata maps: the kernel does not.
+    let broken = mutated(&trace, &["data-not-flushed-before-commit"]);
+    let broken_sim = simulate_serialized_crashing(&broken).expect("the broken model runs the trace");
+    let cmp = compare_crashes(&broken_sim.crashes, &run.result.crashes);
+    let first = cmp.iter().find(|c| !c.differences.is_empty()).unwrap_or_else(|| {
+        panic!("data-not-flushed-before-commit does not diverge at any of the {CRASHES} crashes")
+    });
+    let what = &first.differences[0];
+    eprintln!("broken model: first divergence at crash {} (op {}): {what}", first.crash, first.op);
+    assert!(what.starts_with("dev ") && what.contains(" block "), "names the first differing block: {what}");
+    eprintln!("kernel ublk crash test: {:?} in all", t0.elapsed());
+}
