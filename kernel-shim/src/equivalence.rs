@@ -589,6 +589,35 @@ mod tests {
     }
 
     #[test]
+    fn crashes_compare_one_by_one_and_name_the_block() {
+        use crate::protocol::{CrashRecord, DeviceContents};
+        let state = FinalState {
+            devices: vec![(0, vec!["w0*128".into(), "0*128".into()])],
+            mapped: [(0, [0u64].into_iter().collect())].into_iter().collect(),
+        };
+        let sim = SimulatedCrash { op: 4, state, metadata_fnv: 9, metadata: (0, 0), data: (1, 2) };
+        let kernel = CrashRecord {
+            op: 4,
+            metadata: (0, 0),
+            data: (1, 2),
+            torn: false,
+            metadata_fnv: 9,
+            mapped: sim.state.mapped.clone(),
+            devices: vec![DeviceContents { id: 0, blocks: vec!["w0*128".into(), "0*128".into()] }],
+        };
+        let same = compare_crashes(std::slice::from_ref(&sim), std::slice::from_ref(&kernel));
+        assert!(same[0].differences.is_empty() && same[0].metadata_identical);
+        let mut lost = kernel.clone();
+        lost.devices[0].blocks[0] = "0*128".into();
+        let d = compare_crashes(&[sim.clone(), sim.clone()], &[kernel, lost]);
+        assert!(d[0].differences.is_empty());
+        assert_eq!(d[1].crash, 1);
+        assert_eq!(d[1].differences, vec!["dev 0 block 0: simulator reads w0*128, kernel reads 0*128"]);
+        let missing = compare_crashes(&[sim], &[]);
+        assert_eq!(missing[0].differences, vec!["the kernel did not reach this crash"]);
+    }
+
+    #[test]
     fn differences_name_device_and_block() {
         let a = FinalState {
             devices: vec![(0, vec!["w0*128".into(), "0*128".into()])],

@@ -1162,7 +1162,7 @@ mod tests {
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.ublk, r.ublk);
-        let mut with_crash = r.clone();
+        let mut with_crash = KernelResult { error: Some("it broke".into()), ..r.clone() };
         with_crash.crashes.push(CrashRecord {
             op: 12,
             metadata: (1, 3),

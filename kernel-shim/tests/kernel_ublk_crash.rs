@@ -89,7 +89,11 @@ fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
     assert_eq!(sim.crashes.len(), CRASHES);
     let runs = shim.run_jobs(&[Job::Ublk(trace.clone())]).unwrap_or_else(|e| panic!("kernel run: {e}"));
     let run = &runs[0];
-    for line in run.console.lines().filter(|l| l.contains("power cut") || l.contains("device-mapper")) {
+    for line in run.console.lines().filter(|l| {
+        ["power cut", "device-mapper", "ublk", "I/O error", "Buffer I/O", "blk_update"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
         eprintln!("console: {line}");
     }
     eprintln!(
