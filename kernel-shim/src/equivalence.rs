@@ -125,7 +125,12 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
     if let Some(op) = trace.ops().find(|op| {
         matches!(op, Op::Fault { .. } | Op::AimFault { .. }) || (!crashes && matches!(op, Op::Crash { .. }))
     }) {
-        return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?} yet")));
+        let hint = if matches!(op, Op::Crash { .. }) {
+            " on virtio disks (only controlled disks cut power: `replay --on kernel --disks ublk`)"
+        } else {
+            " yet"
+        };
+        return Err(ShimError::Invalid(format!("the serialized comparison does not support {op:?}{hint}")));
     }
     let spec = PoolSpec::from_header(&trace.header)?;
     let mut sim = ThinSim::new(cfg.thin);
