@@ -16,8 +16,10 @@
 //!    before the write, flush as `fsync`, discard as `BLKDISCARD`).
 //!    An activation job opens a pool on the images the host wrote and
 //!    activates the listed thin devices. A ublk job builds the pool on two
-//!    ublk devices the agent serves itself ([`crate::ublk`]) and writes
-//!    their durable images to its slices afterwards.
+//!    ublk devices the agent serves itself ([`crate::ublk`]), cuts their
+//!    power at every crash op and rebuilds the pool on what survives
+//!    (`power_cut`), and writes their durable images to its slices
+//!    afterwards.
 //! 4. Reads every live device back, block by block, as stamp summaries,
 //!    removes the devices and the pool (a clean shutdown: the pool commits),
 //!    and after the last job writes one [`KernelResult`] per job to the

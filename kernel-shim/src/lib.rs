@@ -26,7 +26,11 @@
 //! [`ublk`] serves a pool's disks from the agent as controlled disks
 //! (a volatile cache and FUA, as `faults::SimDisk`), through the
 //! `ublk_drv.ko` that [`ublk_module`] builds for the kernel
-//! ([`KernelShim::prepare_with_ublk`], [`Job::Ublk`]).
+//! ([`KernelShim::prepare_with_ublk`], [`Job::Ublk`]); a ublk job cuts
+//! the disks' power at a trace's crash ops and rebuilds the pool on what
+//! `faults::SimDisk::crash_state` keeps
+//! ([`equivalence::simulate_serialized_crashing`],
+//! [`equivalence::compare_crashes`]).
 //! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 

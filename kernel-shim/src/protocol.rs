@@ -239,8 +239,9 @@ pub struct OpResult {
     pub index: usize,
     /// `ok`, an errno name (`EIO`, `ENOSPC`, …), `skipped` (nothing to do:
     /// no live device, too many devices, the message was refused) or
-    /// `unsupported` (faults, crashes, metadata growths: not replayed on
-    /// the kernel yet).
+    /// `unsupported` (faults, metadata growths, and crashes outside a
+    /// ublk job: not replayed on the kernel yet; a ublk job answers `ok`
+    /// to a crash op and records it in [`KernelResult::crashes`]).
     pub outcome: String,
     /// For reads: the stamp summary of what came back.
     pub read: Option<String>,
