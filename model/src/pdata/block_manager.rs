@@ -42,13 +42,16 @@ pub struct BlockManager<D> {
     /// not valid, since the last [`Self::reset`] (see
     /// [`Self::failed_since_reset`]).
     failed: bool,
+    /// A write of [`Self::reset`]'s write-back failed: dm-bufio keeps it as
+    /// the client's `async_write_error`, and the next flush reports it.
+    async_write_error: Option<PdataError>,
 }
 
 impl<D: BlockDevice> BlockManager<D> {
     /// A block manager over `dev`; its size is the device size in whole
     /// 4 KiB blocks.
     pub fn new(dev: D) -> Self {
-        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false }
+        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false, async_write_error: None }
     }
 
     /// Blocks in the device: its size now, in whole 4 KiB blocks, read
@@ -182,12 +185,16 @@ impl<D: BlockDevice> BlockManager<D> {
         }
         let kind = cached.kind.expect("dirty blocks always have a kind");
         kind.prepare_for_write(&mut cached.data[..], b);
+        // dm-bufio clears a buffer's dirty bit when it submits the write
+        // and does not set it again when the write fails: a block whose
+        // write failed is clean, and a later write-back (the abort's) does
+        // not retry it.
+        cached.dirty = false;
+        self.nr_clean += 1;
         if let Err(source) = self.dev.write(b * BLOCK_SECTORS, &cached.data[..], WriteFlags::default()) {
             self.failed = true;
             return Err(PdataError::Io { block: b, source });
         }
-        cached.dirty = false;
-        self.nr_clean += 1;
         Ok(())
     }
 
@@ -197,18 +204,49 @@ impl<D: BlockDevice> BlockManager<D> {
         for b in self.dirty_blocks() {
             self.write_back(b)?;
         }
-        self.dev.flush().map_err(|source| {
+        let flushed = self.dev.flush().map_err(|source| {
             self.failed = true;
             PdataError::Io { block: 0, source }
-        })
+        });
+        // `dm_bufio_write_dirty_buffers`: a write error of an earlier
+        // write-back of the client's comes first.
+        if let Some(e) = self.async_write_error.take() {
+            self.failed = true;
+            return Err(e);
+        }
+        flushed
     }
 
-    /// Forgets every cached block, dirty ones included (the kernel's
-    /// `dm_block_manager_reset`, used by abort).
+    /// Writes every dirty block back, sealed and unflushed, in block order
+    /// (dm-bufio's `drop_buffers`, when a client is reset or destroyed);
+    /// the first write error, if any.
+    pub fn write_back_all(&mut self) -> Option<PdataError> {
+        let mut first = None;
+        for b in self.dirty_blocks() {
+            if let Err(e) = self.write_back(b) {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    }
+
+    /// The kernel's `dm_block_manager_reset` (thin's abort): dm-bufio's
+    /// `drop_buffers` writes the dirty blocks back (unflushed), then every
+    /// cached block is forgotten. A write that fails there is kept, as
+    /// bufio's `async_write_error`, for the next [`Self::flush`] to report.
     pub fn reset(&mut self) {
+        if let Some(e) = self.write_back_all() {
+            self.async_write_error.get_or_insert(e);
+        }
         self.cache.clear();
         self.nr_clean = 0;
         self.failed = false;
+    }
+
+    /// Drops a write error [`Self::reset`] kept (the client it belonged to
+    /// was destroyed, as the cache's abort destroys its old one).
+    pub fn forget_write_errors(&mut self) {
+        self.async_write_error = None;
     }
 }
 
