@@ -286,7 +286,7 @@ pub fn validate(data: &[u8], b: BlockNr, kind: BlockKind) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block_device::MemDevice;
+    use crate::block_device::{IoError, MemDevice};
 
     #[test]
     fn dirty_blocks_are_sealed_at_flush_and_validated_on_read() {
@@ -305,5 +305,62 @@ mod tests {
         // And a block read at the wrong place is caught by its location.
         assert!(matches!(bm.read(1, BlockKind::Bitmap), Err(PdataError::WrongLocation { .. })));
         assert!(matches!(bm.read(4, BlockKind::Bitmap), Err(PdataError::OutOfBounds { .. })));
+    }
+
+    /// A memory device whose writes to one sector fail while `fail` is set.
+    struct Failing {
+        mem: MemDevice,
+        sector: u64,
+        fail: bool,
+    }
+
+    impl BlockDevice for Failing {
+        fn nr_sectors(&self) -> u64 {
+            self.mem.nr_sectors()
+        }
+        fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::result::Result<(), IoError> {
+            self.mem.read(sector, buf)
+        }
+        fn write(&mut self, sector: u64, buf: &[u8], flags: WriteFlags) -> std::result::Result<(), IoError> {
+            if self.fail && sector == self.sector {
+                return Err(IoError::Failed { sector, reason: "injected".into() });
+            }
+            self.mem.write(sector, buf, flags)
+        }
+        fn flush(&mut self) -> std::result::Result<(), IoError> {
+            self.mem.flush()
+        }
+    }
+
+    #[test]
+    fn reset_writes_dirty_blocks_back_and_the_next_flush_reports_its_failed_write() {
+        let dev = Failing { mem: MemDevice::new(8 * 4), sector: 3 * BLOCK_SECTORS, fail: true };
+        let mut bm = BlockManager::new(dev);
+        bm.write_zero(2, BlockKind::Bitmap).unwrap()[100] = 9;
+        bm.write_zero(3, BlockKind::Bitmap).unwrap()[100] = 7;
+        // The abort's reset: block 2 is written back (unflushed), block 3's
+        // write fails; nothing is cached afterwards.
+        bm.reset();
+        assert!(bm.dirty_blocks().is_empty());
+        assert!(!bm.failed_since_reset());
+        bm.device_mut().fail = false;
+        assert_eq!(bm.read(2, BlockKind::Bitmap).unwrap()[100], 9);
+        // The next flush has nothing of its own to write and succeeds on
+        // the device, but reports the reset's failed write, once.
+        assert!(matches!(bm.flush(), Err(PdataError::Io { block: 3, .. })));
+        assert!(bm.flush().is_ok());
+    }
+
+    #[test]
+    fn a_block_whose_write_failed_is_clean_and_not_written_again() {
+        let dev = Failing { mem: MemDevice::new(8 * 4), sector: 0, fail: true };
+        let mut bm = BlockManager::new(dev);
+        bm.write_zero(0, BlockKind::Bitmap).unwrap()[100] = 5;
+        assert!(bm.flush().is_err());
+        assert!(bm.dirty_blocks().is_empty(), "dm-bufio clears the dirty bit when it submits the write");
+        bm.device_mut().fail = false;
+        bm.reset();
+        assert!(bm.flush().is_ok());
+        assert_eq!(bm.into_device().mem.into_bytes()[..4096], [0u8; 4096], "block 0 never reached the disk");
     }
 }
