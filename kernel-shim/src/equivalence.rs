@@ -106,8 +106,6 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
             return Err(fail(f));
         }
         oracle_violation = Some(f.to_string());
-        // Commit, as the kernel's teardown does, and read the disks.
-        let _ = sim.pool().status(false);
     }
     let mut devices: Vec<(u32, Vec<String>)> = Vec::new();
     for e in &sim.events()[before..] {
@@ -127,10 +125,13 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
             _ => None,
         })
         .collect();
-    let metadata_image = sim.metadata_image();
+    // The disks as the kernel's teardown leaves them (the agent removes
+    // the thin devices and the pool: a commit unless read-only, then the
+    // block manager writes back what is still dirty, such as block 0 with
+    // the needs_check flag of a read-only pool).
+    let (metadata_image, data_image) = sim.close().map_err(ShimError::Invalid)?;
     let thin_dump = dump(&metadata_image)
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
-    let data_image = sim.pool().with_data_device(|d| d.visible().to_vec());
     let state = if oracle_violation.is_some() {
         let spec = PoolSpec::from_header(&trace.header)?;
         read_images(&thin_dump, &data_image, &spec)

@@ -1376,6 +1376,16 @@ impl ThinSim {
         self.check_metadata()
     }
 
+    /// Tears the pool down as removing it does (thin devices deactivated,
+    /// the pool suspended, its metadata closed: commits unless read-only,
+    /// then what is still dirty written back) and returns the metadata and
+    /// data devices' contents (what reads of them return).
+    pub fn close(mut self) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let pool = self.pool.take().expect("pool present between steps");
+        let (md, data) = pool.close().map_err(|(_, e)| format!("closing the pool: {e}"))?;
+        Ok((md.visible().to_vec(), data.visible().to_vec()))
+    }
+
     /// The metadata device's contents now (what reads of it return).
     pub fn metadata_image(&self) -> Vec<u8> {
         self.pool().with_metadata(|md| md.transaction_manager().block_manager().device().visible().to_vec())
