@@ -177,6 +177,10 @@ pub fn describe_op(op: &Op) -> String {
         Op::AimFault { aim: FaultAim::Abort } => "aim faults at the next abort: the next commit's first \
             metadata write fails, and so does the abort's first metadata read"
             .to_string(),
+        Op::AimFault { aim: FaultAim::Passdown } => "aim a data write error at the next passdown \
+            discard: the discard the pool sends to the data device between a discard's two passes fails \
+            with EIO (the pool ignores it and runs pass two)"
+            .to_string(),
     }
 }
 
@@ -240,6 +244,27 @@ mod tests {
             "reload the table on 16 cache blocks and 80 origin blocks",
             "arm a fault on the origin disk: the next write fails (permanent)",
             "fault fired on the cache disk: read-error",
+        ] {
+            assert!(t.contains(want), "{want:?} missing from\n{t}");
+        }
+    }
+
+    #[test]
+    fn the_aimed_faults_are_shown() {
+        let ops = [
+            Op::AimFault { aim: FaultAim::Commit { request: 2 } },
+            Op::AimFault { aim: FaultAim::Abort },
+            Op::AimFault { aim: FaultAim::Passdown },
+        ];
+        let mut events: Vec<Event> = ops.into_iter().map(Event::Op).collect();
+        events.push(Event::FaultFired { disk: DiskId::Data, what: "aimed passdown discard error".into() });
+        let trace = Trace { header: Header::default(), events };
+        let t = timeline(&trace, false, "x");
+        for want in [
+            "its write 2 (counting from 0) fails",
+            "aim faults at the next abort",
+            "aim a data write error at the next passdown discard",
+            "fault fired on the data disk: aimed passdown discard error",
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }

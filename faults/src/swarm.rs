@@ -146,8 +146,11 @@ pub struct FaultSwarm {
     /// Chance, in percent, that a flush or a pool message of a thin trace
     /// comes after an aimed fault (`Op::AimFault`: a metadata write error
     /// at the Nth request of the next commit, or at a commit and then at
-    /// its abort). 0 in [`FaultSwarm::from_seed`] and [`FaultSwarm::none`];
-    /// the thin campaign draws it for its seeds with metadata faults.
+    /// its abort); a third of it, that a discard to a pool that passes
+    /// discards down comes after a passdown aim (its discard to the data
+    /// device fails). 0 in [`FaultSwarm::from_seed`] and
+    /// [`FaultSwarm::none`]; the thin campaign draws it for its seeds with
+    /// metadata faults.
     pub aimed_percent: u32,
 }
 

@@ -184,8 +184,6 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
             return Err(fail(f));
         }
         oracle_violation.get_or_insert(f.to_string());
-        // Commit, as the kernel's teardown does, and read the disks.
-        let _ = sim.pool().status(false);
     }
     let mut devices: Vec<(u32, Vec<String>)> = Vec::new();
     for e in &sim.events()[before..] {
@@ -205,10 +203,13 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
             _ => None,
         })
         .collect();
-    let metadata_image = sim.metadata_image();
+    // The disks as the kernel's teardown leaves them (the agent removes
+    // the thin devices and the pool: a commit unless read-only, then the
+    // block manager writes back what is still dirty, such as block 0 with
+    // the needs_check flag of a read-only pool).
+    let (metadata_image, data_image) = sim.close().map_err(ShimError::Invalid)?;
     let thin_dump = dump(&metadata_image)
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
-    let data_image = sim.pool().with_data_device(|d| d.visible().to_vec());
     let state = if oracle_violation.is_some() {
         read_images(&thin_dump, &data_image, &spec)
     } else {

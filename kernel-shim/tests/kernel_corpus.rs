@@ -73,6 +73,9 @@ struct Corpus {
     runs: Vec<KernelRun>,
     /// The zeroing trace on the kernel.
     zeroing: (Trace, KernelRun),
+    /// The metadata-pressure trace ([`pressure_trace`]): the serialized
+    /// simulator's run and the kernel's.
+    pressure: (SimulatedRun, KernelRun),
     /// Per interop case (the first [`INTEROP`]): the kernel's activation run.
     interop: Vec<KernelRun>,
     prepare: Duration,
@@ -114,6 +117,22 @@ fn zeroing_trace(mutations: Mutations) -> Trace {
     Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
 }
 
+/// Seed 181 of the metadata-pressure workload, 120 ops, without its
+/// metadata growths (the kernel replay does not grow the metadata device
+/// yet): a 49-block metadata device runs out, and a `create_thin` the pool
+/// accepts is rolled back when the commit after it fails (the kernel's
+/// table load then answers ENODATA; the agent used to fail there).
+fn pressure_trace() -> Trace {
+    let mut cfg = RunConfig::for_seed(181, 120, &CampaignSettings::default());
+    assert_eq!(cfg.workload, Workload::MetadataPressure);
+    cfg.swarm = dmsim_faults::FaultSwarm::none();
+    let ops: Vec<Op> = generate(&cfg)
+        .into_iter()
+        .filter(|op| kernel_replays(op) && !matches!(op, Op::GrowMetadata { .. } | Op::AimFault { .. }))
+        .collect();
+    Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
+}
+
 fn build() -> Result<Corpus, Unavailable> {
     let t0 = Instant::now();
     let shim = match KernelShim::prepare() {
@@ -127,6 +146,10 @@ fn build() -> Result<Corpus, Unavailable> {
     let mut jobs: Vec<Job> = cases.iter().map(|c| Job::Replay(c.trace.clone())).collect();
     let zeroing = zeroing_trace(Mutations::default());
     jobs.push(Job::Replay(zeroing.clone()));
+    let pressure = pressure_trace();
+    let pressure_sim =
+        simulate_serialized_full(&pressure).unwrap_or_else(|e| panic!("seed 181: simulator: {e}"));
+    jobs.push(Job::Replay(pressure));
     for c in &cases[..INTEROP] {
         jobs.push(Job::Activate {
             trace: c.trace.clone(),
@@ -138,9 +161,18 @@ fn build() -> Result<Corpus, Unavailable> {
     let t1 = Instant::now();
     let mut runs = shim.run_jobs(&jobs).map_err(|e| Unavailable::Fail(format!("the kernel runs: {e}")))?;
     let boot = t1.elapsed();
-    let interop = runs.split_off(cases.len() + 1);
+    let interop = runs.split_off(cases.len() + 2);
+    let pressure_run = runs.pop().expect("the pressure job's run");
     let zeroing_run = runs.pop().expect("the zeroing job's run");
-    Ok(Corpus { cases, runs, zeroing: (zeroing, zeroing_run), interop, prepare, boot })
+    Ok(Corpus {
+        cases,
+        runs,
+        zeroing: (zeroing, zeroing_run),
+        pressure: (pressure_sim, pressure_run),
+        interop,
+        prepare,
+        boot,
+    })
 }
 
 fn corpus() -> Option<&'static Corpus> {
@@ -390,4 +422,37 @@ fn the_model_checker_agrees_with_thin_check_on_the_kernels_metadata() {
         }
     }
     assert!(damaged_checked >= 3, "only {damaged_checked} damaged images checked");
+}
+
+/// Out of metadata space, a `create_thin` the pool accepted is rolled back
+/// when the commit after it fails; the kernel's table load for the device
+/// then fails with ENODATA, which the agent reports as the op's answer and
+/// replays on, as the simulator goes on without the device. The end state
+/// is L1-equal and L2-identical: the needs_check flag the abort set reaches
+/// the disk when the read-only pool is removed, in the kernel (dm-bufio
+/// writes dirty buffers back when the block manager is destroyed) and in
+/// the model since it does the same (docs/campaign.md, "Metadata
+/// pressure").
+#[test]
+fn a_create_rolled_back_out_of_metadata_space_is_answered_and_the_replay_goes_on() {
+    let Some(corpus) = corpus() else { return };
+    let (sim, run) = &corpus.pressure;
+    check_agent(181, run);
+    let rolled_back: Vec<_> =
+        run.result.ops.iter().filter(|o| o.outcome.contains("not activated: ENODATA")).collect();
+    assert!(!rolled_back.is_empty(), "no create was rolled back: {:?}", run.result.ops);
+    assert!(
+        sim.out_of_space.iter().any(|e| e.contains("out-of-metadata-space") || e.contains("read-only")),
+        "the simulator's pool never ran out of metadata space: {:?}",
+        sim.out_of_space
+    );
+    let l1 = compare_l1(&sim.state, &FinalState::of_kernel(run));
+    assert!(l1.is_empty(), "seed 181: L1 differs: {l1:?}");
+    let l2 = compare_l2(&sim.thin_dump, run.thin_dump.as_ref().expect("the kernel's metadata dumps"));
+    eprintln!(
+        "seed 181 (metadata pressure): {} rolled-back creates, L1 equal, L2 {}",
+        rolled_back.len(),
+        l2.label()
+    );
+    assert!(l2.is_identical(), "seed 181: L2 differs: {:?}", l2.first_difference());
 }

@@ -179,6 +179,20 @@ pub struct Mutations {
     /// in memory): the abort succeeds and the pool goes read-only, where
     /// the kernel's fails and the pool goes to fail mode.
     pub abort_ignores_superblock_read_error: bool,
+    /// Passdown discard: when the discard to the data device fails, its
+    /// end-io (`passdown_endio`) returns without queueing pass two (a
+    /// patch that "stops on a failed passdown"): the mapping's cell is
+    /// never released, so the user's discard never completes and every
+    /// bio that later touches those blocks waits behind it, and pass one's
+    /// hold on the data blocks (a count, or a hold in core) is never
+    /// dropped.
+    pub passdown_error_skips_pass_two: bool,
+    /// Passdown discard: the data device's error is passed on to the
+    /// user's discard (a patch that records it in the mapping's status for
+    /// pass two to return): the discard fails with EIO, although its
+    /// blocks were unmapped, where kernel 6.1 ignores the error and
+    /// completes it successfully.
+    pub passdown_error_fails_discard: bool,
     /// The regions design's discard split (DM core's
     /// `max_discard_granularity` of one prison region) cuts pieces one
     /// region long from where the last piece ended instead of at region
@@ -345,11 +359,14 @@ impl Mutations {
         ("failed-mapping-aborts", |m| m.failed_mapping_aborts = true),
     ];
 
-    /// Mutations of the error paths after a failed commit and a failed
-    /// abort, which the thin swarm's aimed faults reach (`Op::AimFault`).
-    pub const AIMED: [(&'static str, Switch); 2] = [
+    /// Mutations of the error paths after a failed commit, a failed abort
+    /// and a failed passdown discard, which the thin swarm's aimed faults
+    /// reach (`Op::AimFault`).
+    pub const AIMED: [(&'static str, Switch); 4] = [
         ("failed-commit-acks-flush", |m| m.failed_commit_acks_flush = true),
         ("abort-ignores-superblock-read-error", |m| m.abort_ignores_superblock_read_error = true),
+        ("passdown-error-skips-pass-two", |m| m.passdown_error_skips_pass_two = true),
+        ("passdown-error-fails-discard", |m| m.passdown_error_fails_discard = true),
     ];
 
     /// Mutations of the cache target's I/O paths (the cache campaign

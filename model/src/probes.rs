@@ -70,6 +70,9 @@ pub struct PoolProbes {
     pub break_sharing_copies: u64,
     /// A passdown discard ran its second pass.
     pub passdown_second_passes: u64,
+    /// A passdown discard to the data device failed (kernel 6.1 ignores
+    /// the error: `passdown_endio` queues the second pass all the same).
+    pub passdown_failures: u64,
     /// The no-space timeout fired: queued bios failed with ENOSPC.
     pub no_space_timeouts: u64,
     /// A metadata operation failed and the transaction was aborted.
@@ -93,6 +96,7 @@ impl PoolProbes {
         self.tree.add(&other.tree);
         self.break_sharing_copies += other.break_sharing_copies;
         self.passdown_second_passes += other.passdown_second_passes;
+        self.passdown_failures += other.passdown_failures;
         self.no_space_timeouts += other.no_space_timeouts;
         self.aborts += other.aborts;
         self.failed_commits += other.failed_commits;

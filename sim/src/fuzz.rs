@@ -10,7 +10,8 @@
 //! bytes, up to pools and devices some hundreds of blocks large — and a
 //! sequence of ops that are all valid for that target (a thin run gets no
 //! cache ops and faults only on its two disks; faults are those the
-//! campaigns arm: no misdirected writes, no bit flips on data). The case
+//! campaigns arm: no misdirected writes, no bit flips on data; a thin run
+//! also gets the swarm's aimed faults, `Op::AimFault`). The case
 //! then runs exactly as `dmsim run` and `dmsim replay` run a trace
 //! ([`crate::run::run_ops`], [`crate::cache_run::run_ops`]): the oracle
 //! judges every read, the checkers every recovery and the end, the model
@@ -25,7 +26,7 @@
 use arbitrary::{Arbitrary, Unstructured};
 use dmsim_model::mutation::Mutations;
 use dmsim_model::thin::pool::{LockingDesign, DEFAULT_NO_SPACE_TIMEOUT};
-use dmsim_traces::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Header, Op, Trace};
+use dmsim_traces::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, FaultAim, Header, Op, Trace};
 
 use crate::cache_run::{self, CacheCampaignSettings, CacheRunConfig};
 use crate::probes::ThinProbes;
@@ -286,11 +287,19 @@ fn thin_ops(u: &mut Unstructured<'_>, cfg: &RunConfig) -> arbitrary::Result<Vec<
             }
             17 => tick(u)?,
             18 => crash(u)?,
-            _ => Op::Worker,
+            _ => aim(u)?,
         };
         ops.push(op);
     }
     Ok(ops)
+}
+
+/// An aimed fault (thin only), as the thin swarm draws them: at a request
+/// of the next commit, or at that commit and then its abort.
+fn aim(u: &mut Unstructured<'_>) -> arbitrary::Result<Op> {
+    let aim =
+        if u.ratio(2u8, 3)? { FaultAim::Commit { request: u.int_in_range(0..=3)? } } else { FaultAim::Abort };
+    Ok(Op::AimFault { aim })
 }
 
 /// The ops of a cache case, until the bytes or [`MAX_FUZZ_OPS`] run out;
@@ -384,7 +393,7 @@ mod tests {
 
     #[test]
     fn cases_are_valid_for_their_target_and_their_headers_rebuild_them() {
-        let (mut thin, mut cache) = (0, 0);
+        let (mut thin, mut cache, mut aims) = (0, 0, 0);
         for seed in 0..300 {
             let data = bytes(seed, 64 + seed as usize * 7);
             let case = FuzzCase::from_bytes(&data, &FuzzSettings::default());
@@ -394,6 +403,7 @@ mod tests {
                     thin += 1;
                     assert_eq!(cfg.ops, case.ops.len());
                     assert_eq!(RunConfig::from_header(&case.header()).as_ref(), Ok(cfg), "seed {seed}");
+                    aims += case.ops.iter().filter(|op| matches!(op, Op::AimFault { .. })).count();
                     for op in &case.ops {
                         assert_eq!(op.thin_error(), None, "{op:?}");
                         assert!(!matches!(op, Op::Fault { fault: DiskFault::Misdirect { .. }, .. }));
@@ -414,12 +424,15 @@ mod tests {
                                 | Op::CreateSnap { .. }
                                 | Op::Delete { .. }
                                 | Op::Fault { disk: DiskId::Data, .. }
+                                | Op::AimFault { .. }
                         ));
                     }
                 }
             }
         }
         assert!(thin > 150 && cache > 30, "{thin} thin cases, {cache} cache cases");
+        // Thin cases draw the swarm's aimed faults too.
+        assert!(aims > 100, "{aims} aimed faults");
     }
 
     #[test]

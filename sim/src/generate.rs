@@ -2,10 +2,11 @@
 //!
 //! Each workload is a table of op weights plus a rule for where its I/O
 //! goes; the seed's [`FaultSwarm`](dmsim_faults::FaultSwarm) adds crashes,
-//! failed data I/O and armed disk faults with its own weights, and aimed
-//! faults before flushes and pool messages (which commit). Every choice
-//! comes from one ChaCha stream, the aimed faults' from a second, so the
-//! same config gives the same ops.
+//! failed data I/O and armed disk faults with its own weights, aimed
+//! faults before flushes and pool messages (which commit), and aimed
+//! passdown faults before discards. Every choice comes from one ChaCha
+//! stream, the aimed faults' from a second and the passdown aims' from a
+//! third, so the same config gives the same ops.
 
 use dmsim_model::prison::REGION_BLOCKS;
 use dmsim_traces::{FaultAim, Op};
@@ -103,6 +104,11 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
     // Aimed faults come from a stream of their own: a seed's other ops are
     // drawn as they would be without them (the last few fall off the end).
     let mut aim_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ AIM_SALT);
+    // The passdown aims from a third: the commit and abort aims stay those
+    // drawn without them. Only a pool that passes discards down sends any.
+    let mut passdown_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ PASSDOWN_AIM_SALT);
+    let passdown_percent =
+        if cfg.thin.features.no_discard_passdown { 0 } else { swarm.aimed_percent / PASSDOWN_AIM_DIVISOR };
     let mut out = vec![Op::CreateThin];
     while out.len() < cfg.ops {
         let mut roll = rng.gen_range(0..total);
@@ -166,6 +172,17 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
                 break;
             }
         }
+        // Before a discard: its passdown to the data device (pass one)
+        // fails, and pass two must run all the same.
+        if matches!(op, Op::Discard { .. })
+            && passdown_percent > 0
+            && passdown_rng.gen_range(0..100) < passdown_percent
+        {
+            out.push(Op::AimFault { aim: FaultAim::Passdown });
+            if out.len() == cfg.ops {
+                break;
+            }
+        }
         out.push(op);
     }
     out
@@ -173,6 +190,13 @@ pub fn ops(cfg: &RunConfig) -> Vec<Op> {
 
 /// Salt of the aimed faults' stream.
 const AIM_SALT: u64 = 0x6169_6d5f_666c_7573;
+
+/// Salt of the passdown aims' stream.
+const PASSDOWN_AIM_SALT: u64 = 0x7061_7373_646f_776e;
+
+/// Before a discard a seed aims a passdown fault with this fraction of its
+/// swarm's [`FaultSwarm::aimed_percent`](dmsim_faults::FaultSwarm::aimed_percent).
+const PASSDOWN_AIM_DIVISOR: u32 = 1;
 
 /// An aimed fault: two in three at a request of the next commit (its
 /// first to its eighth write: a small commit writes a few blocks, so a

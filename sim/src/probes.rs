@@ -21,7 +21,7 @@ use crate::thin::ThinStats;
 /// The probes of the model and the trace, in report order: name and what
 /// reaching it means. The fault probes of [`FaultCoverage`] follow them
 /// in a [`ThinProbes`].
-pub const PROBES: [(&str, &str); 26] = [
+pub const PROBES: [(&str, &str); 27] = [
     ("btree-root-split", "a full btree root split beneath itself: a tree grew a level"),
     ("btree-node-split", "a full non-root btree node split"),
     ("btree-insert-rebalance", "an insert moved entries into a sibling instead of splitting"),
@@ -33,6 +33,7 @@ pub const PROBES: [(&str, &str); 26] = [
     ("metadata-sm-tree-shrink", "the metadata space map's own overflow btree merged or collapsed"),
     ("break-sharing-copy", "a write to a shared block scheduled a break-sharing copy"),
     ("passdown-second-pass", "a passdown discard ran its second pass"),
+    ("passdown-failed", "a passdown discard to the data device failed (its second pass runs anyway)"),
     ("no-space-timeout", "the no-space timeout fired"),
     ("metadata-abort", "a metadata operation failed and the transaction was aborted"),
     ("commit-failed", "a commit failed on an I/O error"),
@@ -98,6 +99,7 @@ impl ThinProbes {
         let own = [
             pool.break_sharing_copies,
             pool.passdown_second_passes,
+            pool.passdown_failures,
             pool.no_space_timeouts,
             pool.aborts,
             pool.failed_commits,

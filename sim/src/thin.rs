@@ -239,6 +239,11 @@ pub struct ThinSim {
     /// attributed to the requests they could reach (see
     /// [`ThinSim::settle_metadata_faults`]).
     metadata_faults_attributed: usize,
+    /// An aimed fault ([`FaultAim::Passdown`]) waits for the next passdown
+    /// discard the data device completes, to fail it instead. It is the
+    /// simulator's, not armed on a disk, so it waits across crashes; two
+    /// aims before that discard are one.
+    aimed_passdown: bool,
 }
 
 /// What could have reached a request in flight, from its submission to its
@@ -317,6 +322,7 @@ impl ThinSim {
             mode_violation: None,
             metadata_faults_attributed: 0,
             metadata_faults_since_load: 0,
+            aimed_passdown: false,
         }
         .recording()
     }
@@ -593,6 +599,7 @@ impl ThinSim {
                 DiskId::Data => self.pool().with_data_device(|d| d.arm(fault)),
                 DiskId::Cache | DiskId::Origin => return Err(self.not_thin(op)),
             },
+            ThinOp::AimFault { aim: FaultAim::Passdown } => self.aimed_passdown = true,
             ThinOp::AimFault { aim } => {
                 let transient_write = DiskFault::WriteError { permanent: false };
                 self.pool().with_metadata(|md| {
@@ -605,6 +612,7 @@ impl ThinSim {
                             disk.arm_after_writes(0, transient_write);
                             disk.arm_after_write_error(DiskFault::ReadError { permanent: false });
                         }
+                        FaultAim::Passdown => {}
                     }
                 })
             }
@@ -906,14 +914,35 @@ impl ThinSim {
     /// `io`. When it failed — `fail`, or an armed fault of the data disk
     /// fired on it — the request it is a piece of may fail with EIO, and
     /// the block it zeroes, copies to or writes may be left allocated.
+    ///
+    /// A passdown discard (pass one of a user's discard: it serves no
+    /// request directly) fails instead of completing when a
+    /// [`FaultAim::Passdown`] waits for it. Its failure excuses nothing and
+    /// leaks nothing: kernel 6.1 ignores it (`passdown_endio` queues pass
+    /// two all the same), so the user's discard succeeds and pass two
+    /// drops the blocks' hold as after a discard that reached the device.
     fn complete_data_io(&mut self, io: IoInfo, fail: bool) -> Result<(), ThinFailure> {
         let request = self.pool().io_request(io.id);
+        let passdown = io.kind == DataIoKind::Discard && request.is_none();
+        let fail = if passdown && !fail && self.aimed_passdown {
+            self.aimed_passdown = false;
+            self.faults_fired += 1;
+            self.events.push(Event::FaultFired {
+                disk: DiskId::Data,
+                what: format!("aimed passdown discard error sector {} nr {}: EIO", io.sector, io.nr_sectors),
+            });
+            true
+        } else {
+            fail
+        };
         let fired = |sim: &Self| sim.pool().with_data_device(|d| d.fired().len());
         let before = fired(self);
         let r = if fail { self.pool().fail_io(io.id, Errno::EIO) } else { self.pool().complete_io(io.id) };
         r.map_err(|e| self.fail(e.to_string()))?;
         if fail || fired(self) > before {
             self.data_faults_since_load += 1;
+            // A passdown discard serves no request (`request` is `None`):
+            // its failure reaches none.
             if let Some(r) = request.and_then(|r| self.reach.get_mut(&r)) {
                 r.data_fault = true;
             }
@@ -1345,6 +1374,16 @@ impl ThinSim {
             return Err(self.fail("read-back requests never completed"));
         }
         self.check_metadata()
+    }
+
+    /// Tears the pool down as removing it does (thin devices deactivated,
+    /// the pool suspended, its metadata closed: commits unless read-only,
+    /// then what is still dirty written back) and returns the metadata and
+    /// data devices' contents (what reads of them return).
+    pub fn close(mut self) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let pool = self.pool.take().expect("pool present between steps");
+        let (md, data) = pool.close().map_err(|(_, e)| format!("closing the pool: {e}"))?;
+        Ok((md.visible().to_vec(), data.visible().to_vec()))
     }
 
     /// The metadata device's contents now (what reads of it return).

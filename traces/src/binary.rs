@@ -56,7 +56,7 @@
 //! 0x10 status
 //! 0x11 resize       cache blocks u32, origin blocks u32
 //! 0x12 grow-metadata blocks u32, reload bool
-//! 0x13 aim-fault    aim byte (0 commit, 1 abort), then for commit: request u8
+//! 0x13 aim-fault    aim byte (0 commit, 1 abort, 2 passdown), then for commit: request u8
 //! 0x20 done         bio u64, dev u32, result string, read: bool present, then string if 1
 //! 0x21 fault-fired  disk byte, what string
 //! 0x22 crashed      metadata kept u32, unflushed u32, data kept u32, unflushed u32, torn bool
@@ -265,6 +265,7 @@ impl Writer {
                         self.varint(request.into());
                     }
                     FaultAim::Abort => self.byte(1),
+                    FaultAim::Passdown => self.byte(2),
                 }
             }
         }
@@ -536,8 +537,11 @@ impl<'a> Reader<'a> {
                 let aim = match self.byte("an aim")? {
                     0 => FaultAim::Commit { request: self.u8("request")? },
                     1 => FaultAim::Abort,
+                    2 => FaultAim::Passdown,
                     other => {
-                        return Err(self.err(at, format!("an aim byte (0 commit, 1 abort), not {other}")))
+                        return Err(
+                            self.err(at, format!("an aim byte (0 commit, 1 abort, 2 passdown), not {other}"))
+                        )
                     }
                 };
                 Op::AimFault { aim }

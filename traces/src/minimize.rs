@@ -205,7 +205,9 @@ fn simplify_inner<T: Clone>(
 /// [`CachePolicyKind::ALL`] (writeback, smq), invalidations toward cache
 /// block 0 and one block, resizes toward one cache block and one origin
 /// block (or half), metadata growths toward zero blocks and no reload (a suspend and
-/// resume).
+/// resume), aimed faults toward a commit's first request (an abort's aim
+/// becomes a commit's; a passdown aim, the one aim at the data device,
+/// has no smaller form).
 pub fn simpler_ops(op: &Op) -> Vec<Op> {
     let mut out: Vec<Op> = Vec::new();
     match *op {
@@ -332,6 +334,9 @@ pub fn simpler_ops(op: &Op) -> Vec<Op> {
         Op::AimFault { aim: FaultAim::Abort } => {
             out.push(Op::AimFault { aim: FaultAim::Commit { request: 0 } })
         }
+        // The one aim at the data device: no smaller form (a commit aim is
+        // another fault, not a simpler one of it).
+        Op::AimFault { aim: FaultAim::Passdown } => {}
         Op::CreateThin | Op::Worker | Op::Status => {}
     }
     let mut unique: Vec<Op> = Vec::with_capacity(out.len());

@@ -194,7 +194,8 @@ pub enum DiskFault {
 }
 
 /// Where an aimed fault ([`Op::AimFault`]) strikes: at a window of the
-/// pool's metadata handling rather than at the next request of a kind.
+/// pool's metadata handling, or between a passdown discard's two passes,
+/// rather than at the next request of a kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultAim {
     /// The metadata disk's write `request` writes from now fails
@@ -210,14 +211,20 @@ pub enum FaultAim {
     /// which rereads the superblock, fails too (the pool must then go to
     /// fail mode).
     Abort,
+    /// The next passdown discard to the data device to complete (pass one
+    /// of a discard, before pass two) fails with EIO instead, even across
+    /// a crash. Kernel 6.1 ignores the error (`passdown_endio`): pass two
+    /// runs and the user's discard succeeds.
+    Passdown,
 }
 
 impl FaultAim {
-    /// The aim's name in the text format (`commit`, `abort`).
+    /// The aim's name in the text format (`commit`, `abort`, `passdown`).
     pub fn name(self) -> &'static str {
         match self {
             FaultAim::Commit { .. } => "commit",
             FaultAim::Abort => "abort",
+            FaultAim::Passdown => "passdown",
         }
     }
 }
@@ -356,7 +363,7 @@ pub enum Op {
         reload: bool,
     },
     /// Thin traces only: arm a fault aimed at a window of the pool's
-    /// metadata handling (see [`FaultAim`]); the campaign's swarm draws
+    /// metadata handling or of a discard's two passes (see [`FaultAim`]); the campaign's swarm draws
     /// these beside the faults of [`Op::Fault`].
     AimFault {
         /// The window.

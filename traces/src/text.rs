@@ -103,6 +103,7 @@
 //! grow-metadata blocks=N [reload]                Op::GrowMetadata (thin traces only; 4 KiB blocks)
 //! aim-fault commit request=N                     Op::AimFault, FaultAim::Commit (thin traces only)
 //! aim-fault abort                                Op::AimFault, FaultAim::Abort (thin traces only)
+//! aim-fault passdown                             Op::AimFault, FaultAim::Passdown (thin traces only)
 //! done bio=N dev=N S [read=S]                    Event::Done (S = result)
 //! fault-fired DISK S                             Event::FaultFired
 //! crashed metadata=N/N data=N/N [torn]           Event::Crashed (kept/unflushed)
@@ -239,6 +240,7 @@ pub fn op_to_line(op: &Op) -> String {
         }
         Op::AimFault { aim: FaultAim::Commit { request } } => format!("aim-fault commit request={request}"),
         Op::AimFault { aim: FaultAim::Abort } => "aim-fault abort".to_string(),
+        Op::AimFault { aim: FaultAim::Passdown } => "aim-fault passdown".to_string(),
     }
 }
 
@@ -538,7 +540,7 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
         "status" => "status",
         "resize" => "resize cache=N origin=N",
         "grow-metadata" => "grow-metadata blocks=N [reload]",
-        "aim-fault" => "aim-fault commit request=N | aim-fault abort",
+        "aim-fault" => "aim-fault commit request=N | aim-fault abort | aim-fault passdown",
         "done" => "done bio=N dev=N RESULT [read=S]",
         "fault-fired" => "fault-fired DISK WHAT",
         "crashed" => "crashed metadata=N/N data=N/N [torn]",
@@ -646,11 +648,16 @@ fn parse_event(line: &Line<'_>) -> Result<Event, TraceError> {
             a.finish(op(Op::GrowMetadata { blocks, reload }))
         }
         "aim-fault" => {
-            let aim = a.next("an aim: `commit` or `abort`")?;
+            let aim = a.next("an aim: `commit`, `abort` or `passdown`")?;
             let aim = match aim.as_str() {
                 "commit" => FaultAim::Commit { request: a.num("request")? },
                 "abort" => FaultAim::Abort,
-                _ => return Err(a.err(format!("an aim: `commit` or `abort`, not {:?}", clip(&aim)))),
+                "passdown" => FaultAim::Passdown,
+                _ => {
+                    return Err(
+                        a.err(format!("an aim: `commit`, `abort` or `passdown`, not {:?}", clip(&aim)))
+                    )
+                }
             };
             a.finish(op(Op::AimFault { aim }))
         }

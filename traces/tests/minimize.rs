@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use dmsim_traces::minimize::{
     ddmin, ddmin_with_stats, minimize_ops, simpler_ops, simplify_each, simplify_each_with_stats,
 };
-use dmsim_traces::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, Op};
+use dmsim_traces::{CacheIoMode, CachePolicyKind, CrashMode, DiskFault, DiskId, FaultAim, Op};
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 
@@ -197,6 +197,13 @@ fn simpler_ops_examples() {
         vec![resize(1, 100), resize(4, 100), resize(8, 1), resize(8, 50)]
     );
     assert_eq!(simpler_ops(&resize(1, 1)), vec![]);
+    let aim = |aim| Op::AimFault { aim };
+    assert_eq!(simpler_ops(&aim(FaultAim::Abort)), vec![aim(FaultAim::Commit { request: 0 })]);
+    assert_eq!(
+        simpler_ops(&aim(FaultAim::Commit { request: 3 })),
+        vec![aim(FaultAim::Commit { request: 0 }), aim(FaultAim::Commit { request: 1 })]
+    );
+    assert_eq!(simpler_ops(&aim(FaultAim::Passdown)), vec![]);
 }
 
 /// The failure: a FUA write of at least 4 sectors somewhere before a crash

@@ -310,6 +310,7 @@ fn aim_fault_encodings() {
         Op::AimFault { aim: FaultAim::Commit { request: 0 } },
         Op::AimFault { aim: FaultAim::Commit { request: 200 } },
         Op::AimFault { aim: FaultAim::Abort },
+        Op::AimFault { aim: FaultAim::Passdown },
     ];
     let trace = Trace {
         header: Header { seed: 3, workload: "random".into(), params: vec![] },
@@ -321,13 +322,15 @@ fn aim_fault_encodings() {
         "dmsim-trace 1\nseed 3\nworkload random\n\
          aim-fault commit request=0\n\
          aim-fault commit request=200\n\
-         aim-fault abort\n"
+         aim-fault abort\n\
+         aim-fault passdown\n"
     );
     assert_eq!(from_text(&text).unwrap(), trace);
-    let mut expected = b"DMTR\x01\x03\x06random\x00\x03".to_vec();
+    let mut expected = b"DMTR\x01\x03\x06random\x00\x04".to_vec();
     expected.extend([0x13, 0x00, 0x00]);
     expected.extend([0x13, 0x00, 0xc8, 0x01]);
     expected.extend([0x13, 0x01]);
+    expected.extend([0x13, 0x02]);
     let bytes = to_bytes(&trace);
     assert_eq!(hex(&bytes), hex(&expected));
     assert_eq!(from_bytes(&bytes).unwrap(), trace);
@@ -336,23 +339,39 @@ fn aim_fault_encodings() {
         "aim-fault commit",
         "aim-fault commit request=256",
         "aim-fault abort x",
+        "aim-fault passdown x",
+        "aim-fault passdown request=0",
         "aim-fault data",
+        "aim-fault Passdown",
     ] {
         let e = event_from_line(bad).unwrap_err().to_string();
-        assert!(e.contains("aim-fault commit request=N | aim-fault abort"), "{bad}: {e}");
+        assert!(
+            e.contains("aim-fault commit request=N | aim-fault abort | aim-fault passdown"),
+            "{bad}: {e}"
+        );
     }
+    let e = event_from_line("aim-fault discard").unwrap_err().to_string();
+    assert!(e.contains("an aim: `commit`, `abort` or `passdown`, not \"discard\""), "{e}");
     for (event, expected) in [
         (&[0x13][..], "an aim (the input ended)"),
-        (&[0x13, 0x02][..], "an aim byte (0 commit, 1 abort), not 2"),
+        (&[0x13, 0x03][..], "an aim byte (0 commit, 1 abort, 2 passdown), not 3"),
+        (&[0x13, 0xff][..], "an aim byte (0 commit, 1 abort, 2 passdown), not 255"),
         (&[0x13, 0x00][..], "request (the input ended)"),
         (&[0x13, 0x00, 0x80, 0x02][..], "request in 0..=255"),
     ] {
         let msg = bin_err(&one(event)).to_string();
         assert!(msg.contains(expected), "{event:02x?}: {msg} should mention {expected:?}");
     }
-    let op = Op::AimFault { aim: FaultAim::Abort };
-    assert_eq!(op.name(), "aim-fault");
-    assert!(op.is_thin_only() && op.thin_error().is_none());
+    for aim in [FaultAim::Abort, FaultAim::Passdown] {
+        let op = Op::AimFault { aim };
+        assert_eq!(op.name(), "aim-fault");
+        assert!(op.is_thin_only() && op.thin_error().is_none());
+    }
+    assert_eq!(FaultAim::Passdown.name(), "passdown");
+    // A binary passdown aim carries nothing after its aim byte: the next
+    // byte is the next event.
+    let two = from_bytes(&one(&[0x13, 0x02])).unwrap();
+    assert_eq!(two.events, vec![Event::Op(Op::AimFault { aim: FaultAim::Passdown })]);
 }
 
 #[test]
@@ -739,6 +758,7 @@ fn op() -> impl Strategy<Value = Op> {
         (any::<u32>(), any::<bool>()).prop_map(|(blocks, reload)| Op::GrowMetadata { blocks, reload }),
         any::<u8>().prop_map(|request| Op::AimFault { aim: FaultAim::Commit { request } }),
         Just(Op::AimFault { aim: FaultAim::Abort }),
+        Just(Op::AimFault { aim: FaultAim::Passdown }),
     ]
 }
 

@@ -387,7 +387,11 @@ impl<D: BlockDevice> CacheMetadata<D> {
         if self.fail_io {
             return Err(CacheError::FailIo);
         }
+        // 6.1 opens a new block manager and destroys the old one, whose
+        // dirty blocks are written back then; a write error there is lost
+        // with the old client.
         self.tm.reset();
+        self.tm.block_manager().forget_write_errors();
         let r = self.open_metadata().and_then(|_| self.begin_transaction());
         if r.is_err() {
             self.fail_io = true;

@@ -42,13 +42,16 @@ pub struct BlockManager<D> {
     /// not valid, since the last [`Self::reset`] (see
     /// [`Self::failed_since_reset`]).
     failed: bool,
+    /// A write of [`Self::reset`]'s write-back failed: dm-bufio keeps it as
+    /// the client's `async_write_error`, and the next flush reports it.
+    async_write_error: Option<PdataError>,
 }
 
 impl<D: BlockDevice> BlockManager<D> {
     /// A block manager over `dev`; its size is the device size in whole
     /// 4 KiB blocks.
     pub fn new(dev: D) -> Self {
-        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false }
+        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false, async_write_error: None }
     }
 
     /// Blocks in the device: its size now, in whole 4 KiB blocks, read
@@ -182,12 +185,16 @@ impl<D: BlockDevice> BlockManager<D> {
         }
         let kind = cached.kind.expect("dirty blocks always have a kind");
         kind.prepare_for_write(&mut cached.data[..], b);
+        // dm-bufio clears a buffer's dirty bit when it submits the write
+        // and does not set it again when the write fails: a block whose
+        // write failed is clean, and a later write-back (the abort's) does
+        // not retry it.
+        cached.dirty = false;
+        self.nr_clean += 1;
         if let Err(source) = self.dev.write(b * BLOCK_SECTORS, &cached.data[..], WriteFlags::default()) {
             self.failed = true;
             return Err(PdataError::Io { block: b, source });
         }
-        cached.dirty = false;
-        self.nr_clean += 1;
         Ok(())
     }
 
@@ -197,18 +204,49 @@ impl<D: BlockDevice> BlockManager<D> {
         for b in self.dirty_blocks() {
             self.write_back(b)?;
         }
-        self.dev.flush().map_err(|source| {
+        let flushed = self.dev.flush().map_err(|source| {
             self.failed = true;
             PdataError::Io { block: 0, source }
-        })
+        });
+        // `dm_bufio_write_dirty_buffers`: a write error of an earlier
+        // write-back of the client's comes first.
+        if let Some(e) = self.async_write_error.take() {
+            self.failed = true;
+            return Err(e);
+        }
+        flushed
     }
 
-    /// Forgets every cached block, dirty ones included (the kernel's
-    /// `dm_block_manager_reset`, used by abort).
+    /// Writes every dirty block back, sealed and unflushed, in block order
+    /// (dm-bufio's `drop_buffers`, when a client is reset or destroyed);
+    /// the first write error, if any.
+    pub fn write_back_all(&mut self) -> Option<PdataError> {
+        let mut first = None;
+        for b in self.dirty_blocks() {
+            if let Err(e) = self.write_back(b) {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    }
+
+    /// The kernel's `dm_block_manager_reset` (thin's abort): dm-bufio's
+    /// `drop_buffers` writes the dirty blocks back (unflushed), then every
+    /// cached block is forgotten. A write that fails there is kept, as
+    /// bufio's `async_write_error`, for the next [`Self::flush`] to report.
     pub fn reset(&mut self) {
+        if let Some(e) = self.write_back_all() {
+            self.async_write_error.get_or_insert(e);
+        }
         self.cache.clear();
         self.nr_clean = 0;
         self.failed = false;
+    }
+
+    /// Drops a write error [`Self::reset`] kept (the client it belonged to
+    /// was destroyed, as the cache's abort destroys its old one).
+    pub fn forget_write_errors(&mut self) {
+        self.async_write_error = None;
     }
 }
 
@@ -248,7 +286,7 @@ pub fn validate(data: &[u8], b: BlockNr, kind: BlockKind) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block_device::MemDevice;
+    use crate::block_device::{IoError, MemDevice};
 
     #[test]
     fn dirty_blocks_are_sealed_at_flush_and_validated_on_read() {
@@ -267,5 +305,62 @@ mod tests {
         // And a block read at the wrong place is caught by its location.
         assert!(matches!(bm.read(1, BlockKind::Bitmap), Err(PdataError::WrongLocation { .. })));
         assert!(matches!(bm.read(4, BlockKind::Bitmap), Err(PdataError::OutOfBounds { .. })));
+    }
+
+    /// A memory device whose writes to one sector fail while `fail` is set.
+    struct Failing {
+        mem: MemDevice,
+        sector: u64,
+        fail: bool,
+    }
+
+    impl BlockDevice for Failing {
+        fn nr_sectors(&self) -> u64 {
+            self.mem.nr_sectors()
+        }
+        fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::result::Result<(), IoError> {
+            self.mem.read(sector, buf)
+        }
+        fn write(&mut self, sector: u64, buf: &[u8], flags: WriteFlags) -> std::result::Result<(), IoError> {
+            if self.fail && sector == self.sector {
+                return Err(IoError::Failed { sector, reason: "injected".into() });
+            }
+            self.mem.write(sector, buf, flags)
+        }
+        fn flush(&mut self) -> std::result::Result<(), IoError> {
+            self.mem.flush()
+        }
+    }
+
+    #[test]
+    fn reset_writes_dirty_blocks_back_and_the_next_flush_reports_its_failed_write() {
+        let dev = Failing { mem: MemDevice::new(8 * 4), sector: 3 * BLOCK_SECTORS, fail: true };
+        let mut bm = BlockManager::new(dev);
+        bm.write_zero(2, BlockKind::Bitmap).unwrap()[100] = 9;
+        bm.write_zero(3, BlockKind::Bitmap).unwrap()[100] = 7;
+        // The abort's reset: block 2 is written back (unflushed), block 3's
+        // write fails; nothing is cached afterwards.
+        bm.reset();
+        assert!(bm.dirty_blocks().is_empty());
+        assert!(!bm.failed_since_reset());
+        bm.device_mut().fail = false;
+        assert_eq!(bm.read(2, BlockKind::Bitmap).unwrap()[100], 9);
+        // The next flush has nothing of its own to write and succeeds on
+        // the device, but reports the reset's failed write, once.
+        assert!(matches!(bm.flush(), Err(PdataError::Io { block: 3, .. })));
+        assert!(bm.flush().is_ok());
+    }
+
+    #[test]
+    fn a_block_whose_write_failed_is_clean_and_not_written_again() {
+        let dev = Failing { mem: MemDevice::new(8 * 4), sector: 0, fail: true };
+        let mut bm = BlockManager::new(dev);
+        bm.write_zero(0, BlockKind::Bitmap).unwrap()[100] = 5;
+        assert!(bm.flush().is_err());
+        assert!(bm.dirty_blocks().is_empty(), "dm-bufio clears the dirty bit when it submits the write");
+        bm.device_mut().fail = false;
+        bm.reset();
+        assert!(bm.flush().is_ok());
+        assert_eq!(bm.into_device().mem.into_bytes()[..4096], [0u8; 4096], "block 0 never reached the disk");
     }
 }

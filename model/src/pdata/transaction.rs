@@ -90,8 +90,10 @@ impl<D: BlockDevice> TransactionManager<D> {
         }
     }
 
-    /// Forgets everything not on disk: cached and dirty blocks, shadows,
-    /// both space maps (abort, before reopening).
+    /// Forgets everything not on disk (abort, before reopening): cached
+    /// blocks, after the dirty ones are written back unflushed as the
+    /// kernel's block manager reset does ([`BlockManager::reset`]),
+    /// shadows, both space maps.
     pub fn reset(&mut self) {
         self.bm.reset();
         self.shadows.clear();

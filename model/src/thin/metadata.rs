@@ -1087,7 +1087,8 @@ impl<D: BlockDevice> ThinMetadata<D> {
     }
 
     /// Closes the metadata (`dm_pool_metadata_close`): refuses while devices
-    /// are open, commits unless failed or read-only, returns the device.
+    /// are open, commits unless failed or read-only, writes back what is
+    /// still dirty (unflushed) unless failed, returns the device.
     ///
     /// As in the kernel, the records of closed devices are dropped *before*
     /// that commit, so detail changes (mapped_blocks, snapshot times) not yet
@@ -1105,6 +1106,13 @@ impl<D: BlockDevice> ThinMetadata<D> {
         if !self.fail_io && !self.read_only {
             // The kernel only warns if this commit fails.
             let _ = self.commit_transaction(&mut || Ok(()));
+        }
+        if !self.fail_io {
+            // Destroying the block manager writes what is still dirty back,
+            // unflushed (dm-bufio's `drop_buffers`): in a read-only pool,
+            // block 0 with the needs_check flag its abort set. The kernel
+            // does not report these writes' errors.
+            let _ = self.tm.block_manager().write_back_all();
         }
         Ok(self.tm.into_device())
     }

@@ -250,13 +250,32 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             }
             DataIo::Discard { mapping, ranges } => {
                 // The data device's discard reads back as zeroes, as a loop
-                // device over a file (hole punching) does. Errors are ignored
-                // by the pool.
-                if fault.is_none() {
+                // device over a file (hole punching) does. The pool ignores
+                // an error (`passdown_endio`: "It doesn't matter if the
+                // passdown discard failed, we still want to unmap"): pass
+                // two runs and the user's discard completes as if the
+                // discard had reached the device.
+                let mut failed = fault.is_some();
+                if !failed {
                     let mut data = lock(&self.data);
                     for (b, e) in ranges {
                         let zeroes = vec![0; ((e - b) * SECTOR_SIZE) as usize];
-                        let _ = data.write(b, &zeroes, WriteFlags::default());
+                        failed |= data.write(b, &zeroes, WriteFlags::default()).is_err();
+                    }
+                }
+                if failed {
+                    self.probe(|p| p.passdown_failures += 1);
+                    if self.options.mutations.passdown_error_skips_pass_two {
+                        // Broken on purpose: the mapping, its cell, its hold
+                        // and the user's discard are left as they are.
+                        return Ok(());
+                    }
+                    if self.options.mutations.passdown_error_fails_discard {
+                        // Broken on purpose: the error is kept for pass two,
+                        // which passes it to the user's discard.
+                        if let Some(m) = lock(&self.lists).mappings.get_mut(&mapping) {
+                            m.status = Err(Errno::EIO);
+                        }
                     }
                 }
                 if self.options.mutations.passdown_releases_data_cell_twice {

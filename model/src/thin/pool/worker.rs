@@ -1113,6 +1113,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             self.metadata_operation_failed("dm_pool_dec_data_range", &e);
             Errno::EIO
         });
+        // The passdown's status is set only by the mutation
+        // `passdown-error-fails-discard` (the kernel's pass two never sees
+        // the passdown's error).
+        let r = r.and(m.status);
         self.finish_discard_bio(m.bio, r);
         if let Some(cell) = m.cell {
             self.cell_defer_no_holder(m.thin, cell);
