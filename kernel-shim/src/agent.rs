@@ -958,6 +958,13 @@ fn run_pool_with(
         // Runs in `run_cache_job`, never on a pool.
         JobKind::Cache => result.error = Some("a cache job on a thin-pool".into()),
     }
+    finish_replay(replayer, t0, result);
+}
+
+/// The end of a replay job, after its ops (begun at `t0`): every live
+/// device read back, the pool's status, the teardown, each timed; the
+/// first error is kept in `result`.
+fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
     let t1 = Instant::now();
     match replayer.read_back() {
@@ -1152,22 +1159,7 @@ fn run_ublk_pool(
             }
         }
     }
-    result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
-    let t1 = Instant::now();
-    match replayer.read_back() {
-        Ok(d) => result.devices = d,
-        Err(e) => result.error = result.error.take().or(Some(format!("read-back: {e}"))),
-    }
-    result.timings_ms.push(("read-back".into(), t1.elapsed().as_millis() as u64));
-    match replayer.pool_status() {
-        Ok(s) => result.pool_status = s,
-        Err(e) => result.error = result.error.take().or(Some(format!("pool status: {e}"))),
-    }
-    let t2 = Instant::now();
-    if let Err(e) = replayer.teardown() {
-        result.error = result.error.take().or(Some(format!("teardown: {e}")));
-    }
-    result.timings_ms.push(("teardown".into(), t2.elapsed().as_millis() as u64));
+    finish_replay(replayer, t0, result);
 }
 
 /// A power cut at crash op `index`: both disks fail every request from

@@ -10,7 +10,11 @@
 //! installs them). Without them the test prints SKIPPED, or fails under
 //! `CI=true`.
 
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
 use std::time::Instant;
+
+use thin_tools::skip_or_fail;
 
 use dmsim_kernel_shim::equivalence::{
     compare_l1, compare_l2, compare_l3, simulate_serialized_full, FinalState,
@@ -18,18 +22,6 @@ use dmsim_kernel_shim::equivalence::{
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Skips (loudly) on a missing prerequisite, fails on it under CI.
-fn skip_or_fail(what: &str) {
-    if in_ci() {
-        panic!("CI=true and a prerequisite is missing: {what}");
-    }
-    eprintln!("SKIPPED: kernel ublk test: {what}");
-}
 
 /// The trace of `tests/kernel_vm.rs`: a thin device and a snapshot,
 /// whole-block, partial, FUA and PREFLUSH writes, a flush, a discard,
@@ -75,7 +67,7 @@ fn a_pool_on_ublk_disks_ends_as_on_virtio_disks() {
     let t0 = Instant::now();
     let shim = match KernelShim::prepare_with_ublk() {
         Ok(s) => s,
-        Err(e @ ShimError::Missing(_)) => return skip_or_fail(&e.to_string()),
+        Err(e @ ShimError::Missing(_)) => return skip_or_fail("kernel ublk test", &e.to_string()),
         Err(e) => panic!("preparing the VM with ublk: {e}"),
     };
     let prepared = t0.elapsed();

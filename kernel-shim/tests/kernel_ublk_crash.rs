@@ -14,7 +14,11 @@
 //! installs them). Without them the test prints SKIPPED, or fails under
 //! `CI=true`.
 
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
 use std::time::Instant;
+
+use thin_tools::skip_or_fail;
 
 use dmsim_kernel_shim::equivalence::{
     compare_crashes, compare_l1, kernel_replays, simulate_serialized_crashing, FinalState,
@@ -23,18 +27,6 @@ use dmsim_kernel_shim::{Job, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{generate, CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Skips (loudly) on a missing prerequisite, fails on it under CI.
-fn skip_or_fail(what: &str) {
-    if in_ci() {
-        panic!("CI=true and a prerequisite is missing: {what}");
-    }
-    eprintln!("SKIPPED: kernel ublk crash test: {what}");
-}
 
 /// The campaign's seed: durability workload, crash ops, a quiet swarm
 /// (`dmsim run --seed 43`).
@@ -80,7 +72,7 @@ fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
     let t0 = Instant::now();
     let shim = match KernelShim::prepare_with_ublk() {
         Ok(s) => s,
-        Err(e @ ShimError::Missing(_)) => return skip_or_fail(&e.to_string()),
+        Err(e @ ShimError::Missing(_)) => return skip_or_fail("kernel ublk crash test", &e.to_string()),
         Err(e) => panic!("preparing the VM with ublk: {e}"),
     };
     let prepared = t0.elapsed();

@@ -1,4 +1,4 @@
-//! What the thin VM tests share: the CI rule, finding a tool, and Debian's
+//! What the thin VM tests share: the CI rule (and skipping by it), finding a tool, and Debian's
 //! `thin_check` verdict on an image.
 
 #![allow(dead_code)]
@@ -8,6 +8,15 @@ use std::path::{Path, PathBuf};
 /// Under `CI=true` a missing prerequisite fails instead of skipping.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Skips `test` (loudly) on a missing prerequisite `what`; fails on it
+/// under CI.
+pub fn skip_or_fail(test: &str, what: &str) {
+    if in_ci() {
+        panic!("CI=true and a prerequisite is missing: {what}");
+    }
+    eprintln!("SKIPPED: {test}: {what}");
 }
 
 /// A tool from PATH or the sbin directories.
