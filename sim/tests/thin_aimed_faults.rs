@@ -27,6 +27,13 @@ fn config(seed: u64, mutation: Option<&str>, aimed: bool) -> RunConfig {
     cfg
 }
 
+/// The first seed of the default budget, with aimed faults, that catches
+/// mutation `name`, and its run.
+fn first_caught(name: &str) -> (u64, dmsim_sim::run::RunOutcome) {
+    let mutations = Mutations::by_name(name).unwrap();
+    minimized::first_failing(name, &CampaignSettings { mutations, ..Default::default() })
+}
+
 #[test]
 fn every_aimed_mutation_is_listed_and_the_swarm_aims_in_the_default_budget() {
     let names: Vec<&str> = Mutations::AIMED.iter().map(|(n, _)| *n).collect();
@@ -92,10 +99,7 @@ fn aimed_fault_mutations_are_caught_in_the_default_budget_and_minimized() {
         ),
     ];
     for (name, first_seed, signature) in cases {
-        let (seed, out) = DEFAULT_SEEDS
-            .map(|seed| (seed, run_config(&config(seed, Some(name), true), &Checkers::default())))
-            .find(|(_, out)| out.violation.is_some())
-            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let (seed, out) = first_caught(name);
         let v = out.violation.as_ref().unwrap();
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}: {v}");
@@ -141,10 +145,7 @@ fn passdown_error_mutations_are_caught_with_the_passdown_aim_and_far_later_witho
         ),
     ];
     for (name, first_seed, signature, _) in cases {
-        let (seed, out) = DEFAULT_SEEDS
-            .map(|seed| (seed, run_config(&config(seed, Some(name), true), &Checkers::default())))
-            .find(|(_, out)| out.violation.is_some())
-            .unwrap_or_else(|| panic!("{name}: nothing caught in {DEFAULT_SEEDS:?}"));
+        let (seed, out) = first_caught(name);
         let v = out.violation.as_ref().unwrap();
         assert_eq!(seed, first_seed, "{name}: {v}");
         assert_eq!(violation_signature(v.kind, &v.what), signature, "{name}: {v}");
