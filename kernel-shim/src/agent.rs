@@ -195,13 +195,13 @@ pub fn block_dev_num(path: &Path) -> Result<DevNum, ShimError> {
 }
 
 /// A page-aligned buffer for O_DIRECT.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
+    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("valid layout");
         // SAFETY: non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -211,12 +211,12 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr points to at least len initialised bytes we own.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -232,6 +232,11 @@ impl Drop for AlignedBuf {
 
 fn errno_of(e: &std::io::Error) -> String {
     e.raw_os_error().map_or_else(|| e.to_string(), errno_name)
+}
+
+/// An I/O error as an op outcome: its errno's name (or its text).
+pub(crate) fn errno_text(e: &std::io::Error) -> String {
+    errno_of(e)
 }
 
 fn open_direct(path: &Path) -> Result<File, ShimError> {
@@ -1546,6 +1551,11 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, result) {
                 result.error = Some(e.to_string());
             }
+            // A file system a step mounted (a job that failed midway):
+            // off the device before it goes.
+            if let Err(e) = crate::agent_fs::unmount() {
+                result.error = result.error.take().or(Some(format!("after the job: {e}")));
+            }
             // Suspend first: the kernel's postsuspend writes the clean
             // shutdown; the removal then finds nothing more to do.
             let t2 = Instant::now();
@@ -1608,6 +1618,12 @@ struct CacheDevs {
 }
 
 impl CacheDevs {
+    /// The node of the cache device `file` has open.
+    fn node_of(&self, file: &File) -> Result<PathBuf, ShimError> {
+        let md = file.metadata().map_err(|e| ShimError::io("stat the cache device", e))?;
+        Ok(self.dev_dir.join(format!("dm-{}", libc::minor(md.rdev()))))
+    }
+
     /// Creates the cache device in `mode` with `policy`: its node.
     fn activate(
         &self,
@@ -1715,7 +1731,7 @@ fn cache_io(
     for index in 0..=ops.len() {
         for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
             let t = Instant::now();
-            file = cache_step(ctl, devs, spec, step, file).map_err(|e| {
+            file = cache_step(ctl, devs, spec, (k, step), file, result).map_err(|e| {
                 ShimError::Invalid(format!("cache step {k} ({step:?}) before op {index}: {e}"))
             })?;
             result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
@@ -2049,16 +2065,45 @@ fn suspend_retrying(ctl: &Control, name: &str) -> Result<(), ShimError> {
     }
 }
 
-/// One step of a cache job (see [`CacheStep`]); takes the cache device's
-/// open file and returns it, reopened if the device was recreated.
+/// One step of a cache job (see [`CacheStep`]), the job's `k`th; takes
+/// the cache device's open file and returns it, reopened if the device was
+/// recreated. A file write's observations go to `result`'s notes.
 fn cache_step(
     ctl: &Control,
     devs: &CacheDevs,
     spec: &CacheSpec,
-    step: &CacheStep,
+    (k, step): (usize, &CacheStep),
     file: File,
+    result: &mut KernelResult,
 ) -> Result<File, ShimError> {
     match step {
+        CacheStep::MountExt4(options) => {
+            crate::agent_fs::mount_ext4(&devs.node_of(&file)?, options)?;
+            Ok(file)
+        }
+        CacheStep::FileWrite(w) => {
+            let node = devs.node_of(&file)?;
+            let observe = |when: &str, notes: &mut Vec<(String, String)>| -> Result<(), ShimError> {
+                notes.push((format!("status-{when}"), status_line_as(ctl, &devs.name, true)?));
+                notes.push((format!("cache-stat-{when}"), crate::agent_fs::stat_line(&node)?));
+                notes.push((format!("meta-stat-{when}"), crate::agent_fs::stat_line(&devs.meta_node)?));
+                Ok(())
+            };
+            let notes = crate::agent_fs::file_write(w, spec.run, observe)?;
+            result.notes.extend(notes.into_iter().map(|(key, text)| (format!("step{k}.{key}"), text)));
+            Ok(file)
+        }
+        CacheStep::CutAndUnmount => {
+            let error = TargetSpec {
+                start: 0,
+                length: devs.sizes.get().1,
+                target_type: "error".into(),
+                params: String::new(),
+            };
+            swap_flakey(ctl, &devs.name, error)?;
+            crate::agent_fs::unmount()?;
+            Ok(file)
+        }
         CacheStep::Message(text) => {
             ctl.message(&devs.name, 0, text)?;
             Ok(file)

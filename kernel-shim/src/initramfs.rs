@@ -31,6 +31,7 @@ pub const ROOT_MODULES: &[&str] = &[
     "dm-log-writes",
     "dm-flakey",
     "loop",
+    "ext4",
 ];
 
 /// A cpio `newc` archive being written.

@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+mod agent_fs;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;
@@ -49,7 +50,7 @@ pub mod ublk_module;
 pub mod vm;
 
 pub use error::ShimError;
-pub use protocol::{CacheSpec, CacheStep, DeviceContents, KernelResult, OpResult, PoolSpec};
+pub use protocol::{CacheSpec, CacheStep, DeviceContents, FileWrite, KernelResult, OpResult, PoolSpec};
 pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
 
 /// Boots one VM with the default kernel and options and replays `trace`
