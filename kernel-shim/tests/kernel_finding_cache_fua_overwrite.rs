@@ -315,6 +315,7 @@ fn report(kind: Kind, run: &KernelRun, image: &FsImage) {
 #[test]
 fn the_file_write_is_one_bare_fua_bio_promoted_by_overwrite() {
     let Some((image, runs)) = boot() else { return };
+    eprintln!("one boot, {} jobs, VM {:.1} s", runs.len(), runs[0].wall.as_secs_f64());
     for kind in KINDS {
         let run = run_of(runs, kind);
         report(kind, run, image);
