@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::agent::{errno_text, AlignedBuf};
 use crate::error::ShimError;
-use crate::protocol::{FileWrite, FS_MOUNT_POINT};
+use crate::protocol::{FileSync, FileWrite, FS_MOUNT_POINT};
 
 fn cstring(s: &str) -> Result<std::ffi::CString, ShimError> {
     std::ffi::CString::new(s).map_err(|_| ShimError::Invalid(format!("{s:?} holds a NUL byte")))
@@ -90,8 +90,8 @@ pub(crate) fn stat_line(node: &Path) -> Result<String, ShimError> {
 }
 
 /// Runs `w` on the mounted file system: `syncfs`, `observe("before")`, the
-/// write, `observe("after")`, then with `w.fsync` the fsync and
-/// `observe("after-fsync")`. Returns the notes: `outcome` (`ok`, an errno
+/// write, `observe("after")`, then for [`FileSync::DsyncFsync`] the fsync
+/// and `observe("after-fsync")`. Returns the notes: `outcome` (`ok`, an errno
 /// name or `short-write N`), `fsync` (likewise) and what `observe` added.
 /// The stamps are those of write `w.write` of run `run` at
 /// `w.device_sector`.
@@ -127,10 +127,11 @@ pub(crate) fn file_write(
     observe("before", &mut notes)?;
     let mut buf = AlignedBuf::zeroed(len);
     dmsim_traces::stamp::fill(buf.as_mut_slice(), run, w.write, 0, w.device_sector);
-    let outcome = pwrite_dsync(&file, buf.as_slice(), w.offset);
+    let flags = if w.sync == FileSync::Sync { libc::RWF_SYNC } else { libc::RWF_DSYNC };
+    let outcome = pwrite_synced(&file, buf.as_slice(), w.offset, flags);
     notes.push(("outcome".into(), outcome));
     observe("after", &mut notes)?;
-    if w.fsync {
+    if w.sync == FileSync::DsyncFsync {
         let outcome = match file.sync_all() {
             Ok(()) => "ok".to_string(),
             Err(e) => errno_text(&e),
@@ -141,12 +142,12 @@ pub(crate) fn file_write(
     Ok(notes)
 }
 
-/// One `pwritev2(RWF_DSYNC)` of `data` at `offset`: `ok`, an errno name
-/// or `short-write N`.
-fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> String {
+/// One `pwritev2` with `flags` (`RWF_DSYNC`, `RWF_SYNC`) of `data` at
+/// `offset`: `ok`, an errno name or `short-write N`.
+fn pwrite_synced(file: &File, data: &[u8], offset: u64, flags: libc::c_int) -> String {
     let iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: one valid iovec over a live buffer the kernel only reads.
-    let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_DSYNC) };
+    let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset as i64, flags) };
     if r < 0 {
         errno_text(&std::io::Error::last_os_error())
     } else if r as usize != data.len() {

@@ -50,7 +50,9 @@ pub mod ublk_module;
 pub mod vm;
 
 pub use error::ShimError;
-pub use protocol::{CacheSpec, CacheStep, DeviceContents, FileWrite, KernelResult, OpResult, PoolSpec};
+pub use protocol::{
+    CacheSpec, CacheStep, DeviceContents, FileSync, FileWrite, KernelResult, OpResult, PoolSpec,
+};
 pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
 
 /// Boots one VM with the default kernel and options and replays `trace`

@@ -1029,11 +1029,11 @@ pub const FS_MOUNT_POINT: &str = "/mnt/dmsim-fs";
 
 /// An `O_DIRECT` write of stamped data into a file of the file system a
 /// [`CacheStep::MountExt4`] mounted, opened without `O_SYNC` and written
-/// with `RWF_DSYNC` (so iomap may send it as one bare REQ_FUA bio). Before
-/// it, a `syncfs` (everything so far durable); around it (and around the
-/// fsync, with `fsync`), the cache's status without a commit and the
-/// `/sys` stat lines of the cache and metadata devices, as notes
-/// `step<k>.<what>` (see [`KernelResult::notes`]).
+/// as [`FileSync`] says. Before it, a `syncfs` (everything so far
+/// durable); around it (and around the fsync of [`FileSync::DsyncFsync`]),
+/// the cache's status without a commit and the `/sys` stat lines of the
+/// cache and metadata devices, as notes `step<k>.<what>` (see
+/// [`KernelResult::notes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileWrite {
     /// The file, relative to the mount point (letters, digits, `_`, `.`,
@@ -1049,8 +1049,37 @@ pub struct FileWrite {
     pub device_sector: u64,
     /// The stamps' write number.
     pub write: u64,
-    /// Whether an `fsync` of the file follows the write.
-    pub fsync: bool,
+    /// How the write is synced.
+    pub sync: FileSync,
+}
+
+/// How a [`FileWrite`] is synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSync {
+    /// `RWF_DSYNC` (iomap may send it as one bare REQ_FUA bio and no
+    /// flush); text `dsync`.
+    Dsync,
+    /// `RWF_DSYNC`, then an `fsync` of the file; text `fsync`.
+    DsyncFsync,
+    /// `RWF_SYNC` (iomap sends no FUA and syncs at completion); text
+    /// `sync`.
+    Sync,
+}
+
+impl FileSync {
+    /// The word in a step's text.
+    pub fn word(self) -> &'static str {
+        match self {
+            FileSync::Dsync => "dsync",
+            FileSync::DsyncFsync => "fsync",
+            FileSync::Sync => "sync",
+        }
+    }
+
+    /// Parses [`Self::word`].
+    pub fn from_word(word: &str) -> Option<FileSync> {
+        [FileSync::Dsync, FileSync::DsyncFsync, FileSync::Sync].into_iter().find(|s| s.word() == word)
+    }
 }
 
 impl FileWrite {
@@ -1138,7 +1167,7 @@ pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
             w.sectors,
             w.device_sector,
             w.write,
-            if w.fsync { "fsync" } else { "dsync" }
+            w.sync.word()
         ),
         CacheStep::CutAndUnmount => format!("{at} cut_and_unmount"),
     };
@@ -1181,18 +1210,14 @@ pub fn cache_steps(h: &Header) -> Result<Vec<(usize, CacheStep)>, ShimError> {
                 }
                 (Some(&"file_write"), [path, offset, sectors, device_sector, write, sync]) => {
                     let num = |w: &str| w.parse::<u64>().map_err(|_| bad(one));
-                    let fsync = match *sync {
-                        "fsync" => true,
-                        "dsync" => false,
-                        _ => return Err(bad(one)),
-                    };
+                    let sync = FileSync::from_word(sync).ok_or_else(|| bad(one))?;
                     let w = FileWrite {
                         path: path.to_string(),
                         offset: num(offset)?,
                         sectors: num(sectors)?,
                         device_sector: num(device_sector)?,
                         write: num(write)?,
-                        fsync,
+                        sync,
                     };
                     if !w.valid() {
                         return Err(bad(one));
@@ -1423,7 +1448,7 @@ mod tests {
                     sectors: 128,
                     device_sector: 10368,
                     write: 5,
-                    fsync: true,
+                    sync: FileSync::DsyncFsync,
                 }),
             ),
             (2, CacheStep::CutAndUnmount),
@@ -1470,7 +1495,7 @@ mod tests {
             "1 file_write data 4095 128 0 0 dsync",
             "1 file_write data 4096 127 0 0 dsync",
             "1 file_write ../data 4096 128 0 0 dsync",
-            "1 file_write data 4096 128 0 0 sync",
+            "1 file_write data 4096 128 0 0 osync",
             "1 cut_and_unmount now",
         ] {
             let mut h = back.header.clone();

@@ -27,6 +27,9 @@
 //! * **Dsync** (metadata v1 and v2): the write alone.
 //! * **Fsync** (the control): the same write, then `fsync` (a flush: a
 //!   commit) before the crash.
+//! * **Sync** (the mechanism's control): the write with `RWF_SYNC`
+//!   instead: iomap then sends it without REQ_FUA and syncs at completion
+//!   (`generic_write_sync`: a flush, a commit) before acknowledging it.
 //!
 //! Needs `qemu-system-x86_64`, `linux-image-amd64`, `mke2fs` and
 //! `debugfs` (e2fsprogs); without them it prints SKIPPED, or fails under
@@ -40,7 +43,7 @@ use std::sync::OnceLock;
 mod cache_vm;
 use cache_vm::outcome;
 
-use dmsim_kernel_shim::{CacheSpec, CacheStep, FileWrite, Job, KernelRun};
+use dmsim_kernel_shim::{CacheSpec, CacheStep, FileSync, FileWrite, Job, KernelRun};
 use dmsim_traces::Op;
 
 const RUN: u64 = 0xF0B;
@@ -196,9 +199,11 @@ enum Kind {
     Dsync(u32),
     /// The O_DSYNC write and an fsync before the crash (the control).
     Fsync,
+    /// The write with RWF_SYNC (no FUA; a sync at completion).
+    Sync,
 }
 
-const KINDS: [Kind; 3] = [Kind::Dsync(1), Kind::Dsync(2), Kind::Fsync];
+const KINDS: [Kind; 4] = [Kind::Dsync(1), Kind::Dsync(2), Kind::Fsync, Kind::Sync];
 
 /// The file write's step index (its notes are `step1.…`).
 const WRITE_STEP: usize = 1;
@@ -215,7 +220,11 @@ fn job(kind: Kind, image: &FsImage) -> Job {
         sectors: BS,
         device_sector: image.device_sector,
         write: WRITTEN,
-        fsync: kind == Kind::Fsync,
+        sync: match kind {
+            Kind::Dsync(_) => FileSync::Dsync,
+            Kind::Fsync => FileSync::DsyncFsync,
+            Kind::Sync => FileSync::Sync,
+        },
     };
     let steps = [
         (0, CacheStep::MountExt4(MOUNT_OPTIONS.into())),
@@ -307,13 +316,14 @@ fn report(kind: Kind, run: &KernelRun, image: &FsImage) {
     }
 }
 
-/// Every variant: the write is acknowledged as one bio of a whole cache
-/// block and no flush (the cache device counts one write of 128 sectors
-/// and no flush), promoted by overwrite (promotions and residency up by
-/// one, the data in a cache block), with nothing written to the metadata
-/// device (no commit) when it completes.
+/// Every variant: the write is acknowledged and promoted by overwrite
+/// (promotions and residency up by one, the data in a cache block). An
+/// `RWF_DSYNC` write is one bio of a whole cache block and no flush (the
+/// cache device counts one write of 128 sectors), with nothing written to
+/// the metadata device (no commit) when it completes; an `RWF_SYNC` one is
+/// followed by a flush that commits before it returns.
 #[test]
-fn the_file_write_is_one_bare_fua_bio_promoted_by_overwrite() {
+fn the_dsync_file_write_is_one_bare_fua_bio_promoted_by_overwrite() {
     let Some((image, runs)) = boot() else { return };
     eprintln!("one boot, {} jobs, VM {:.1} s", runs.len(), runs[0].wall.as_secs_f64());
     for kind in KINDS {
@@ -323,8 +333,15 @@ fn the_file_write_is_one_bare_fua_bio_promoted_by_overwrite() {
         let field = |when: &str, i: usize| cache_vm::status_field(note(run, &format!("status-{when}")), i);
         assert_eq!(field("after", 9), field("before", 9) + 1, "{kind:?}: one promotion");
         assert_eq!(field("after", 3), field("before", 3) + 1, "{kind:?}: one block more resident");
-        assert_eq!(stat_delta(run, "cache", "before", "after"), [1, BS, 0], "{kind:?}: one bio, no flush");
-        assert_eq!(stat_delta(run, "meta", "before", "after")[0], 0, "{kind:?}: no commit");
+        let (cache, meta) =
+            (stat_delta(run, "cache", "before", "after"), stat_delta(run, "meta", "before", "after"));
+        if kind == Kind::Sync {
+            assert!(cache[0] > 1 && cache[1] >= BS, "{kind:?}: the write and a flush: {cache:?}");
+            assert!(meta[0] > 0, "{kind:?}: a commit before the write returned");
+        } else {
+            assert_eq!(cache, [1, BS, 0], "{kind:?}: one bio, no flush");
+            assert_eq!(meta[0], 0, "{kind:?}: no commit");
+        }
         assert_eq!(
             cache_blocks_holding_the_write(run, image).len(),
             1,
@@ -335,8 +352,8 @@ fn the_file_write_is_one_bare_fua_bio_promoted_by_overwrite() {
 
 /// The finding on the stock kernel: the acknowledged O_DSYNC write is lost
 /// — after the reboot the block is not mapped and reads the origin's old
-/// data — while the control (an fsync before the crash: a flush, a
-/// commit) keeps it.
+/// data — while the controls (an fsync before the crash; RWF_SYNC) keep
+/// it.
 #[test]
 fn the_acknowledged_dsync_write_is_lost_and_an_fsync_keeps_it() {
     let Some((_, runs)) = boot() else { return };
@@ -349,10 +366,11 @@ fn the_acknowledged_dsync_write_is_lost_and_an_fsync_keeps_it() {
                 assert_eq!(resident, 0, "{kind:?}: the mapping was not committed");
                 assert_eq!(got, Some(reads(ORIGIN_STAMP).as_str()), "{kind:?}: the write is lost");
             }
-            Kind::Fsync => {
-                let run = run_of(runs, kind);
-                assert_eq!(note(run, "fsync"), "ok");
-                assert!(stat_delta(run, "meta", "after", "after-fsync")[0] > 0, "the fsync committed");
+            Kind::Fsync | Kind::Sync => {
+                if kind == Kind::Fsync {
+                    assert_eq!(note(run, "fsync"), "ok");
+                    assert!(stat_delta(run, "meta", "after", "after-fsync")[0] > 0, "the fsync committed");
+                }
                 assert_eq!(resident, 1, "{kind:?}: the mapping was committed");
                 assert_eq!(got, Some(reads(WRITTEN).as_str()), "{kind:?}: the write survived");
             }
