@@ -45,7 +45,7 @@ use crate::protocol::{
     cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
     read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
     OpResult, PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    COARSE_PREFIX, JIFFY_PHASE, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -655,6 +655,25 @@ impl CoarseClock {
 
     fn now_us(&self) -> u64 {
         Self::raw_us().saturating_sub(self.base)
+    }
+
+    /// The absolute jiffy, mod 8, at which this clock read 0: the kernel's
+    /// `jiffies` (from `/proc/timer_list`) less the clock's jiffies since
+    /// its base, read when no tick came in between (None if that never
+    /// happened in a few tries, or the file is unreadable).
+    fn jiffy_phase(&self) -> Option<u64> {
+        let res = Self::resolution_us().max(1);
+        for _ in 0..8 {
+            let before = self.now_us();
+            let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+            let after = self.now_us();
+            if before != after {
+                continue;
+            }
+            let jiffies: u64 = text.lines().find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())?;
+            return Some(jiffies.wrapping_sub(before / res) % 8);
+        }
+        None
     }
 
     /// The clock's resolution (one jiffy), in microseconds.
@@ -1544,6 +1563,9 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
             if trace.header.param(CACHE_SETTLE_PARAM) == Some("1") {
                 result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+                if let Some(p) = clock.jiffy_phase() {
+                    result.timings_ms.push((JIFFY_PHASE.to_string(), p));
+                }
                 for (k, v) in ["load-a", "load-b", "resume-a", "resume-b"].iter().zip(at) {
                     result.timings_ms.push((format!("{COARSE_PREFIX}{k}"), v));
                 }

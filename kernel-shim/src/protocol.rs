@@ -1147,6 +1147,12 @@ pub const CACHE_SETTLE_PARAM: &str = "cache_settle";
 /// reads jiffies for its periods; these say which jiffy each op saw.
 pub const COARSE_PREFIX: &str = "coarse-us-";
 
+/// In a settled cache job, the timing entry holding the kernel's absolute
+/// `jiffies`, mod 8, when the [`COARSE_PREFIX`] clock read 0 (timer wheel
+/// buckets one to eight jiffies apart are aligned on absolute jiffies: the
+/// waker's runs depend on it).
+pub const JIFFY_PHASE: &str = "jiffy-phase";
+
 /// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
 /// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
