@@ -20,7 +20,8 @@ use crate::run_cmd::{print_cache_outcome, print_outcome};
 #[command(after_help = crate::exit_help!("\
 Status 1: a violation occurs on replay (with --strict also a replay that is \
 not byte-identical to the recording). With --on kernel: 1 if the kernel and \
-the simulator end in different states (L1); 2 also when the VM cannot be \
+the simulator end in different states (L1), or, on ublk disks with faults \
+armed, an op's outcome, read or pool mode differs; 2 also when the VM cannot be \
 used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged. \
 A cache trace (workload cache-…) with --on kernel: its requests on the \
 kernel's dm-cache, 1 if a kernel read is one the oracle does not allow \
@@ -50,7 +51,9 @@ pub struct ReplayArgs {
     /// With `--on kernel`, a thin trace: the pool's disks, `virtio`
     /// (dm-linear slices of the VM's disks) or `ublk` (controlled disks the
     /// agent serves from guest RAM through ublk, with a volatile cache and
-    /// FUA; builds `ublk_drv.ko` first, docs/kernel-shim.md).
+    /// FUA, which cut power at crash ops and fail requests as the trace's
+    /// `fault` and `aim-fault` ops arm them; builds `ublk_drv.ko` first,
+    /// docs/kernel-shim.md).
     #[arg(long, default_value = "virtio")]
     pub disks: String,
 }
@@ -324,6 +327,21 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
     let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
+    // With faults (ublk only): every op's outcome, read and pool mode.
+    let faulted = trace
+        .ops()
+        .any(|op| matches!(op, dmsim_traces::Op::Fault { .. } | dmsim_traces::Op::AimFault { .. }));
+    let op_differences = if ublk && faulted {
+        dmsim_kernel_shim::fault_compare::compare_ops(&sim.ops, &run.result)
+    } else {
+        Vec::new()
+    };
+    let sim_fired: Vec<String> =
+        sim.ops.iter().flat_map(|o| o.fired.iter().map(move |f| format!("op {}: {f}", o.index))).collect();
+    let kernel_fired: Vec<String> = dmsim_kernel_shim::fault_compare::kernel_fired(&run.result)
+        .into_iter()
+        .map(|(i, f)| format!("op {i}: {f}"))
+        .collect();
     let l2 = match &run.thin_dump {
         Ok(kernel_dump) => Ok(compare_l2(&sim.thin_dump, kernel_dump)),
         Err(e) => Err(format!("dmsim cannot dump the kernel's metadata: {e}")),
@@ -361,6 +379,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 "simulator_kept_unflushed": [c.choices[0].0, c.choices[0].1],
                 "kernel_kept_unflushed": [c.choices[1].0, c.choices[1].1],
             })).collect::<Vec<_>>(),
+            "op_differences": op_differences.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "faults_fired": { "simulator": sim_fired, "kernel": kernel_fired },
             "first_differing_crash": first_bad_crash.map(|c| serde_json::json!({
                 "crash": c.crash, "op": c.op, "first_difference": c.differences.first(),
             })),
@@ -405,6 +425,24 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                     c.differences.len()
                 );
                 for d in c.differences.iter().take(10) {
+                    println!("  {d}");
+                }
+            }
+        }
+        if faulted && ublk {
+            println!(
+                "faults fired on the simulator: {}",
+                if sim_fired.is_empty() { "none".into() } else { sim_fired.join("; ") }
+            );
+            println!(
+                "faults fired on the kernel's disks: {}",
+                if kernel_fired.is_empty() { "none".into() } else { kernel_fired.join("; ") }
+            );
+            if op_differences.is_empty() {
+                println!("every op: the same outcome, reads and pool mode as the serialized model");
+            } else {
+                println!("{} ops differ from the serialized model:", op_differences.len());
+                for d in op_differences.iter().take(20) {
                     println!("  {d}");
                 }
             }
@@ -455,7 +493,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     if args.timings {
         eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
     }
-    if differences.is_empty() && first_bad_crash.is_none() {
+    if differences.is_empty() && first_bad_crash.is_none() && op_differences.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::PROBLEMS)

@@ -1027,7 +1027,7 @@ fn run_ublk_job(
     disks: &JobDisks<'_>,
     result: &mut KernelResult,
 ) {
-    use crate::ublk::{live_devices, ControlledDisk, DeviceShape, UblkControl, UblkDevice};
+    use crate::ublk::{live_devices, ControlledDisk, UblkControl, UblkDevice};
     let t0 = Instant::now();
     let (meta_bytes, data_bytes) = (spec.metadata_sectors * 512, spec.data_sectors() * 512);
     if meta_bytes.max(data_bytes) > UBLK_MAX_DISK_BYTES {
@@ -1045,8 +1045,9 @@ fn run_ublk_job(
     };
     let meta = ControlledDisk::from_image(vec![0; meta_bytes as usize]);
     let data = ControlledDisk::from_image(vec![DATA_FILL; data_bytes as usize]);
-    let devices = UblkDevice::start(&ublk, meta, DeviceShape::default())
-        .and_then(|m| UblkDevice::start(&ublk, data, DeviceShape::default()).map(|d| (m, d)));
+    let shapes = ublk_shapes(trace, &spec);
+    let devices = UblkDevice::start(&ublk, meta, shapes[0])
+        .and_then(|m| UblkDevice::start(&ublk, data, shapes[1]).map(|d| (m, d)));
     let (meta, data) = match devices {
         Ok(p) => p,
         Err(e) => {
@@ -1061,7 +1062,7 @@ fn run_ublk_job(
         result.ublk.push((format!("{role}-granted-flags"), g.flags));
         result.ublk.push((format!("{role}-max-io-buf-bytes"), u64::from(g.max_io_buf_bytes)));
     }
-    let mut devs = UblkPair { ctl: &ublk, devs: Some((meta, data)), counts: Default::default() };
+    let mut devs = UblkPair { ctl: &ublk, devs: Some((meta, data)), counts: Default::default(), shapes };
     run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, result);
     let t1 = Instant::now();
     let mut served = Vec::new();
@@ -1113,6 +1114,25 @@ struct UblkPair<'u> {
     ctl: &'u crate::ublk::UblkControl,
     devs: Option<(crate::ublk::UblkDevice<'u>, crate::ublk::UblkDevice<'u>)>,
     counts: [crate::ublk::RequestCounts; 2],
+    /// How the metadata and the data disk are served ([`ublk_shapes`]).
+    shapes: [crate::ublk::DeviceShape; 2],
+}
+
+/// How a ublk job serves its metadata and data disks: as is, or, when the
+/// trace arms faults, with requests of at most one metadata block (8
+/// sectors) and one data block, so that the block layer does not merge
+/// neighbouring writes and a fault fires on the request the model's disk
+/// would fire it on (an aimed fault counts a commit's writes).
+fn ublk_shapes(trace: &Trace, spec: &PoolSpec) -> [crate::ublk::DeviceShape; 2] {
+    use crate::ublk::DeviceShape;
+    if !trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. })) {
+        return [DeviceShape::default(); 2];
+    }
+    let data_max = u32::try_from(spec.block_sectors).unwrap_or(u32::MAX);
+    [
+        DeviceShape { max_sectors: 8, ..DeviceShape::default() },
+        DeviceShape { max_sectors: data_max, ..DeviceShape::default() },
+    ]
 }
 
 fn add_counts(to: &mut crate::ublk::RequestCounts, c: crate::ublk::RequestCounts) {
@@ -1155,12 +1175,20 @@ fn run_ublk_pool(
         }
     };
     let t0 = Instant::now();
+    let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
     for (i, op) in trace.ops().enumerate() {
         if let Some(e) = op.thin_error() {
             result.error = Some(format!("op {i} ({op:?}): {e}"));
             break;
         }
+        if let Some(r) = arm_ublk_fault(devs, i, &op) {
+            result.ops.push(r);
+            continue;
+        }
         if let Op::Crash { mode, seed } = op {
+            if faulted {
+                note_fired(devs, i, result);
+            }
             match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir) {
                 Ok((r, record)) => {
                     replayer = r;
@@ -1182,8 +1210,58 @@ fn run_ublk_pool(
                 break;
             }
         }
+        if faulted {
+            note_fired(devs, i, result);
+            // Without a commit (DM_NOFLUSH): the model does not commit
+            // between ops either.
+            match replayer.ctl.status(&replayer.pool_name, false, true) {
+                Ok(s) => result
+                    .op_status
+                    .push((i, s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))),
+                Err(e) => result.op_status.push((i, format!("status failed: {e}"))),
+            }
+        }
     }
     finish_replay(replayer, t0, result);
+    if faulted {
+        note_fired(devs, trace.ops().count(), result);
+    }
+}
+
+/// A trace's `fault` or `aim-fault` op, armed on the controlled disks as
+/// the simulator arms its disks ([`crate::ublk_faults`]); `None` for any
+/// other op.
+fn arm_ublk_fault(devs: &UblkPair<'_>, index: usize, op: &Op) -> Option<OpResult> {
+    use crate::ublk_faults::{aim_arms, Arm};
+    let (meta_arms, data_arms) = match *op {
+        Op::Fault { disk: dmsim_traces::DiskId::Metadata, fault } => (vec![Arm::Next(fault)], vec![]),
+        Op::Fault { disk: dmsim_traces::DiskId::Data, fault } => (vec![], vec![Arm::Next(fault)]),
+        Op::AimFault { aim } => aim_arms(aim),
+        _ => return None,
+    };
+    let outcome = match devs.devs.as_ref() {
+        Some((m, d)) => {
+            meta_arms.into_iter().for_each(|a| m.arm(a));
+            data_arms.into_iter().for_each(|a| d.arm(a));
+            "ok"
+        }
+        None => "skipped (the controlled disks are gone)",
+    };
+    Some(OpResult { index, outcome: outcome.into(), read: None })
+}
+
+/// Records the faults that fired on the controlled disks since the last
+/// call as notes `fired.<op> = <disk> <request> sector <s> nr <n>: <what>`,
+/// `op` being the op during which they fired (the number of ops: during
+/// the read-back or teardown).
+fn note_fired(devs: &UblkPair<'_>, index: usize, result: &mut KernelResult) {
+    if let Some((m, d)) = devs.devs.as_ref() {
+        for (role, dev) in [("metadata", m), ("data", d)] {
+            for f in dev.take_fired() {
+                result.notes.push((format!("fired.{index}"), format!("{role} {f}")));
+            }
+        }
+    }
 }
 
 /// A power cut at crash op `index`: both disks fail every request from
@@ -1208,7 +1286,7 @@ fn power_cut<'c>(
     index: usize,
     dev_dir: &Path,
 ) -> Result<(Replayer<'c>, crate::protocol::CrashRecord), String> {
-    use crate::ublk::{ControlledDisk, DeviceShape, UblkDevice};
+    use crate::ublk::{ControlledDisk, UblkDevice};
     let (meta, data) = devs.devs.take().ok_or("the controlled disks are gone")?;
     meta.cut_power();
     data.cut_power();
@@ -1234,6 +1312,9 @@ fn power_cut<'c>(
         disks.push(disk);
     }
     teardown.map_err(|e| format!("tearing the dead pool down: {e}"))?;
+    // An aimed passdown failure waits across the crash, as in the
+    // simulator; every other armed fault goes with the dead disks.
+    let passdown = disks[1].discard_failure_armed();
     let (meta_image, m) = disks[0].crash_state(mode, seed);
     let (data_image, d) = disks[1].crash_state(mode, seed ^ DATA_CRASH_SEED_XOR);
     let meta_image = if dmsim_sim::thin::needs_check_set(&meta_image) {
@@ -1253,10 +1334,13 @@ fn power_cut<'c>(
         mapped: crate::vm::mapped_blocks(&xml),
         devices: Vec::new(),
     };
-    let meta = UblkDevice::start(devs.ctl, ControlledDisk::from_image(meta_image), DeviceShape::default())
+    let meta = UblkDevice::start(devs.ctl, ControlledDisk::from_image(meta_image), devs.shapes[0])
         .map_err(|e| format!("restarting the metadata disk: {e}"))?;
-    let data = UblkDevice::start(devs.ctl, ControlledDisk::from_image(data_image), DeviceShape::default())
+    let data = UblkDevice::start(devs.ctl, ControlledDisk::from_image(data_image), devs.shapes[1])
         .map_err(|e| format!("restarting the data disk: {e}"))?;
+    if passdown {
+        data.arm(crate::ublk_faults::Arm::NextDiscard);
+    }
     let (mp, dp) = (meta.block().to_path_buf(), data.block().to_path_buf());
     devs.devs = Some((meta, data));
     let mut replayer = Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &job.to_string(), false)

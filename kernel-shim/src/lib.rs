@@ -42,10 +42,12 @@ pub mod crash;
 pub mod dm;
 pub mod equivalence;
 pub mod error;
+pub mod fault_compare;
 pub mod initramfs;
 pub mod logwrites;
 pub mod protocol;
 pub mod ublk;
+pub mod ublk_faults;
 pub mod ublk_module;
 pub mod vm;
 

@@ -316,6 +316,10 @@ pub struct ControlledDisk {
     disk: SimDisk,
     counts: RequestCounts,
     powered: bool,
+    /// `aim-fault passdown`: the next discard fails with `EIO`.
+    fail_next_discard: bool,
+    /// Faults that fired, with their requests, not yet taken.
+    fired: Vec<crate::ublk_faults::FiredRequest>,
 }
 
 /// A negative errno as a ublk result.
@@ -328,7 +332,61 @@ impl ControlledDisk {
     /// down to whole sectors.
     pub fn from_image(mut image: Vec<u8>) -> ControlledDisk {
         image.truncate(image.len() / 512 * 512);
-        ControlledDisk { disk: SimDisk::from_image(image), counts: RequestCounts::default(), powered: true }
+        ControlledDisk {
+            disk: SimDisk::from_image(image),
+            counts: RequestCounts::default(),
+            powered: true,
+            fail_next_discard: false,
+            fired: Vec::new(),
+        }
+    }
+
+    /// Arms a fault as the simulator arms its disk (see
+    /// [`crate::ublk_faults`]).
+    pub fn arm(&mut self, arm: crate::ublk_faults::Arm) {
+        use crate::ublk_faults::Arm;
+        match arm {
+            Arm::Next(f) => self.disk.arm(f),
+            Arm::AfterWrites { skip, fault } => self.disk.arm_after_writes(skip, fault),
+            Arm::AfterWriteError(f) => self.disk.arm_after_write_error(f),
+            Arm::NextDiscard => self.fail_next_discard = true,
+        }
+    }
+
+    /// Faults armed and not fired (an armed discard failure included).
+    pub fn armed(&self) -> usize {
+        self.disk.armed() + usize::from(self.fail_next_discard)
+    }
+
+    /// Whether an `aim-fault passdown` still waits for a discard.
+    pub fn discard_failure_armed(&self) -> bool {
+        self.fail_next_discard
+    }
+
+    /// The faults that fired since the last call, in order, with the
+    /// requests they fired on.
+    pub fn take_fired(&mut self) -> Vec<crate::ublk_faults::FiredRequest> {
+        std::mem::take(&mut self.fired)
+    }
+
+    fn note_fired(&mut self, req: &Request) {
+        let request = match req.kind {
+            RequestKind::Read => "read",
+            RequestKind::Write { fua: false } => "write",
+            RequestKind::Write { fua: true } => "write-fua",
+            RequestKind::Discard => "discard",
+            RequestKind::Flush => "flush",
+            RequestKind::WriteZeroes => "write-zeroes",
+            RequestKind::Other(_) => "other",
+        };
+        for f in self.disk.take_fired() {
+            self.fired.push(crate::ublk_faults::FiredRequest {
+                request,
+                sector: req.sector,
+                nr_sectors: req.nr_sectors,
+                what: f.description,
+            });
+        }
     }
 
     /// Size in sectors.
@@ -441,6 +499,16 @@ impl ControlledDisk {
                 // Like qemu's raw drives and the model's disks: a discard
                 // changes nothing.
                 RequestKind::Discard => match self.len(req.sector, req.nr_sectors, usize::MAX) {
+                    Some(_) if self.fail_next_discard => {
+                        self.fail_next_discard = false;
+                        self.fired.push(crate::ublk_faults::FiredRequest {
+                            request: "discard",
+                            sector: req.sector,
+                            nr_sectors: req.nr_sectors,
+                            what: "aimed passdown discard error".into(),
+                        });
+                        eio
+                    }
                     Some(_) => {
                         self.counts.discards += 1;
                         bytes
@@ -453,6 +521,7 @@ impl ControlledDisk {
         if result < 0 {
             self.counts.errors += 1;
         }
+        self.note_fired(req);
         result
     }
 }
@@ -531,11 +600,17 @@ pub struct DeviceShape {
     pub depth: u16,
     /// Bytes per tag buffer (the largest request).
     pub buf_bytes: u32,
+    /// The largest request in sectors the device advertises
+    /// (`max_sectors`); 0: the buffer's size. A small one keeps the block
+    /// layer from merging neighbouring writes into one request, so that
+    /// the disk sees the requests the model's disk sees (one per metadata
+    /// block, at most one data block each).
+    pub max_sectors: u32,
 }
 
 impl Default for DeviceShape {
     fn default() -> Self {
-        DeviceShape { depth: 16, buf_bytes: 512 << 10 }
+        DeviceShape { depth: 16, buf_bytes: 512 << 10, max_sectors: 0 }
     }
 }
 
@@ -552,6 +627,8 @@ pub struct UblkDevice<'c> {
     /// Set by [`UblkDevice::cut_power`]; the queue thread then fails
     /// every request.
     power_cut: Arc<AtomicBool>,
+    /// Faults to arm and faults fired, shared with the queue thread.
+    control: Arc<Mutex<crate::ublk_faults::DiskControl>>,
 }
 
 impl std::fmt::Debug for UblkDevice<'_> {
@@ -607,6 +684,7 @@ impl<'c> UblkDevice<'c> {
             thread: None,
             deleted: false,
             power_cut: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(Mutex::new(crate::ublk_faults::DiskControl::default())),
         };
         let buf_bytes = info.max_io_buf_bytes;
         let mut params = Params {
@@ -618,7 +696,10 @@ impl<'c> UblkDevice<'c> {
                 physical_bs_shift: 12,
                 io_opt_shift: 12,
                 io_min_shift: 9,
-                max_sectors: buf_bytes >> 9,
+                max_sectors: match shape.max_sectors {
+                    0 => buf_bytes >> 9,
+                    m => m.clamp(8, buf_bytes >> 9),
+                },
                 chunk_sectors: 0,
                 dev_sectors: disk.sectors(),
                 virt_boundary_mask: 0,
@@ -645,9 +726,10 @@ impl<'c> UblkDevice<'c> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let depth = info.queue_depth;
         let power_cut = Arc::clone(&dev.power_cut);
+        let control = Arc::clone(&dev.control);
         let thread = std::thread::Builder::new()
             .name(format!("ublk{}", dev.dev_id))
-            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, &power_cut, ready_tx))
+            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, &power_cut, &control, ready_tx))
             .map_err(|e| io_err("spawn the ublk queue thread", e))?;
         dev.thread = Some(thread);
         match ready_rx.recv() {
@@ -678,6 +760,17 @@ impl<'c> UblkDevice<'c> {
     /// forever. [`UblkDevice::stop`] then returns the disk.
     pub fn cut_power(&self) {
         self.power_cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Arms a fault on the disk: the queue thread hands it to the disk
+    /// before it serves the next request ([`ControlledDisk::arm`]).
+    pub fn arm(&self, arm: crate::ublk_faults::Arm) {
+        lock(&self.control).arms.push(arm);
+    }
+
+    /// The faults that fired since the last call, in order.
+    pub fn take_fired(&self) -> Vec<crate::ublk_faults::FiredRequest> {
+        std::mem::take(&mut lock(&self.control).fired)
     }
 
     /// The block device node (`/dev/ublkbN`).
@@ -775,6 +868,21 @@ pub fn live_devices() -> Vec<String> {
     out
 }
 
+/// Locks the shared control; a poisoned lock (a panicked holder) still
+/// holds consistent data (plain vectors), so it is used as is.
+fn lock(
+    m: &Mutex<crate::ublk_faults::DiskControl>,
+) -> std::sync::MutexGuard<'_, crate::ublk_faults::DiskControl> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Hands the armed faults to the disk, in arming order.
+fn apply_arms(disk: &mut ControlledDisk, control: &Mutex<crate::ublk_faults::DiskControl>) {
+    for a in std::mem::take(&mut lock(control).arms) {
+        disk.arm(a);
+    }
+}
+
 /// The read-only mapping of a queue's descriptors.
 struct DescMap {
     ptr: *mut libc::c_void,
@@ -833,6 +941,7 @@ fn serve_queue(
     buf_bytes: u32,
     mut disk: ControlledDisk,
     power_cut: &AtomicBool,
+    control: &Mutex<crate::ublk_faults::DiskControl>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<ControlledDisk, String> {
     let fail = |e: String| {
@@ -888,7 +997,12 @@ fn serve_queue(
                 if disk.powered() && power_cut.load(Ordering::SeqCst) {
                     disk.cut_power();
                 }
+                apply_arms(&mut disk, control);
                 let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
+                let fired = disk.take_fired();
+                if !fired.is_empty() {
+                    lock(control).fired.extend(fired);
+                }
                 let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
                 // SAFETY: as above; at most `depth` commands are in flight.
                 if unsafe { ring.submission().push(&sqe) }.is_err() {
@@ -907,6 +1021,8 @@ fn serve_queue(
     drop(ring);
     drop(descs);
     drop(file);
+    // Faults armed after the last request stay armed on the disk.
+    apply_arms(&mut disk, control);
     match error {
         Some(e) => Err(e),
         None => Ok(disk),
@@ -1008,5 +1124,38 @@ mod tests {
             }
         }
         assert_eq!(d.visible(), sim.visible(), "nothing after the cut reached the disk");
+    }
+
+    #[test]
+    fn armed_faults_fire_on_the_requests_simdisk_fires_them_on() {
+        use crate::ublk_faults::Arm;
+        use dmsim_traces::DiskFault;
+        let mut d = ControlledDisk::from_image(vec![0; 32 * 512]);
+        let mut buf = vec![5u8; 4096];
+        d.arm(Arm::Next(DiskFault::ReadError { permanent: true }));
+        d.arm(Arm::AfterWrites { skip: 1, fault: DiskFault::WriteError { permanent: false } });
+        d.arm(Arm::NextDiscard);
+        assert_eq!(d.armed(), 3);
+        // The flush and the first write pass; the second write fails.
+        assert_eq!(d.serve(&req(RequestKind::Flush, 0, 0), &mut []), 0);
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: false }, 0, 1), &mut buf), 512);
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: true }, 4, 2), &mut buf), -libc::EIO);
+        // The read fails and its sectors go bad: a later write there too.
+        assert_eq!(d.serve(&req(RequestKind::Read, 8, 2), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Write { fua: false }, 9, 1), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Discard, 16, 8), &mut buf), -libc::EIO);
+        assert_eq!(d.serve(&req(RequestKind::Discard, 16, 8), &mut buf), 8 * 512);
+        let fired: Vec<String> = d.take_fired().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            fired,
+            [
+                "write-fua sector 4 nr 2: write-error sector 4 nr 2 transient",
+                "read sector 8 nr 2: read-error sector 8 nr 2 permanent",
+                "write sector 9 nr 1: bad-sector-hit write sector 9 nr 1 (bad sector 9)",
+                "discard sector 16 nr 8: aimed passdown discard error",
+            ]
+        );
+        assert_eq!(d.armed(), 0);
+        assert!(d.take_fired().is_empty());
     }
 }
