@@ -241,7 +241,8 @@ pub struct OpResult {
     /// no live device, too many devices, the message was refused) or
     /// `unsupported` (faults, metadata growths, and crashes outside a
     /// ublk job: not replayed on the kernel yet; a ublk job answers `ok`
-    /// to a crash op and records it in [`KernelResult::crashes`]).
+    /// to a crash op and records it in [`KernelResult::crashes`], and
+    /// `ok` to a `fault` or `aim-fault` op, armed on its controlled disk).
     pub outcome: String,
     /// For reads: the stamp summary of what came back.
     pub read: Option<String>,
@@ -279,7 +280,9 @@ pub struct KernelResult {
     pub log_status: Option<String>,
     /// In a cache job with [`CACHE_SETTLE_PARAM`]: op `i`'s index and the
     /// cache's INFO status line (taken without a commit) once its
-    /// background work had settled after that op.
+    /// background work had settled after that op. In a ublk job whose
+    /// trace has faults: the pool's INFO status line (without a commit)
+    /// after each op.
     pub op_status: Vec<(usize, String)>,
     /// For a ublk job ([`JobKind::Ublk`]): what the controlled disks
     /// served, as `(name, count)`: `metadata-flushes`, `data-fua-writes`…
@@ -294,7 +297,10 @@ pub struct KernelResult {
     pub crashes: Vec<CrashRecord>,
     /// What the agent observed besides the ops' results, as `(key,
     /// text)`: a cache job's [`CacheStep::FileWrite`] records
-    /// `step<k>.<what>` (its outcome, status lines, `/sys` stat lines).
+    /// `step<k>.<what>` (its outcome, status lines, `/sys` stat lines); a
+    /// ublk job with faults records `fired.<op>` for every armed fault
+    /// that fired during op `<op>` (the number of ops: during the final
+    /// read-back): `<disk> <request> sector <s> nr <n>: <what>`.
     pub notes: Vec<(String, String)>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
