@@ -45,7 +45,7 @@ use crate::protocol::{
     cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
     read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
     OpResult, PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    CACHE_UBLK_PARAM, COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1450,6 +1450,13 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     // ranges of one dm-log-writes device whose log is the job's log slice,
     // with a mark after every op.
     let logged = trace.header.param(CACHE_LOGGED_PARAM) == Some("1");
+    // On controlled disks (the header's `cache_ublk`): the three devices
+    // are ublk devices the agent serves, started on the host's images.
+    let on_ublk = trace.header.param(CACHE_UBLK_PARAM) == Some("1");
+    if logged && on_ublk {
+        result.error = Some("a cache job is either logged or on controlled disks, not both".into());
+        return;
+    }
     let names = [
         format!("dmsim-cache{job}"),
         format!("dmsim-cm{job}"),
@@ -1471,10 +1478,33 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     // larger in a job that resizes); the origin device is its whole disk.
     let (m_len, c_len) = (spec.metadata_sectors, spec.cache_sectors());
     let (c_disk, o_disk) = (spec.cache_disk_sectors(), spec.origin_disk_sectors());
+    let ublk_ctl = if on_ublk {
+        match crate::ublk::UblkControl::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                result.error = Some(format!("ublk: {e}"));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let mut ublk = match ublk_ctl.as_ref().map(|u| CacheUblk::start(u, &spec, disks)).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            result.error = Some(format!("ublk: the cache's controlled disks: {e}"));
+            result.ublk.push(("left-devices".into(), crate::ublk::live_devices().len() as u64));
+            return;
+        }
+    };
     let clock = CoarseClock::new();
     let setup = || -> Result<(CacheDevs, PathBuf, [u64; 4]), ShimError> {
         // Where the three devices lie: (device, offset) of each.
-        let (under, m_at, c_at, o_at): (PathBuf, u64, u64, u64) = if logged {
+        let places: [(PathBuf, u64); 3] = if let Some(u) = &ublk {
+            // Each device straight on its own controlled disk: a flush of
+            // one reaches that disk alone.
+            u.blocks().map(|b| (b, 0))
+        } else if logged {
             let Some((log_disk, log_offset)) = disks.log else {
                 return Err(ShimError::Invalid("a logged cache job without a log slice".into()));
             };
@@ -1506,19 +1536,22 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 ),
             };
             let lw = device(ctl, &names[4], &[lw_table], disks.dev_dir)?;
-            (lw, 0, m_len, m_len + c_disk)
+            [(lw.clone(), 0), (lw.clone(), m_len), (lw, m_len + c_disk)]
         } else {
-            (disks.data.to_path_buf(), u64::MAX, disks.slice.data_offset, disks.slice.data_offset + c_disk)
+            [
+                (disks.metadata.to_path_buf(), disks.slice.metadata_offset),
+                (disks.data.to_path_buf(), disks.slice.data_offset),
+                (disks.data.to_path_buf(), disks.slice.data_offset + c_disk),
+            ]
         };
-        let (meta_dev, meta_at): (&Path, u64) =
-            if logged { (&under, m_at) } else { (disks.metadata, disks.slice.metadata_offset) };
-        let m = linear(ctl, &names[1], meta_dev, meta_at, m_len, disks.dev_dir)?;
-        let c = linear(ctl, &names[2], &under, c_at, c_len, disks.dev_dir)?;
-        let o = linear(ctl, &names[3], &under, o_at, o_disk, disks.dev_dir)?;
+        let [(meta_dev, meta_at), (cache_dev, c_at), (origin_dev, o_at)] = places;
+        let m = linear(ctl, &names[1], &meta_dev, meta_at, m_len, disks.dev_dir)?;
+        let c = linear(ctl, &names[2], &cache_dev, c_at, c_len, disks.dev_dir)?;
+        let o = linear(ctl, &names[3], &origin_dev, o_at, o_disk, disks.dev_dir)?;
         let devs = CacheDevs {
             name: names[0].clone(),
             meta_name: names[1].clone(),
-            meta_table: linear_target(0, m_len, meta_dev, meta_at)?,
+            meta_table: linear_target(0, m_len, &meta_dev, meta_at)?,
             cache_slice: names[2].clone(),
             meta_node: m.clone(),
             tables: [
@@ -1528,7 +1561,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             ],
             dev_dir: disks.dev_dir.to_path_buf(),
             marks: logged.then(|| names[4].clone()),
-            cache_under: (under.clone(), c_at),
+            cache_under: (cache_dev, c_at),
             sizes: Cell::new((c_len, spec.origin_sectors())),
         };
         let (node, at) = devs.activate_stamped(ctl, &spec, &clock)?;
@@ -1543,7 +1576,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                     result.timings_ms.push((format!("{COARSE_PREFIX}{k}"), v));
                 }
             }
-            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, result) {
+            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, ublk.as_mut(), result) {
                 result.error = Some(e.to_string());
             }
             // Suspend first: the kernel's postsuspend writes the clean
@@ -1563,10 +1596,131 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             }
         }
     }
+    if let Some(u) = ublk.take() {
+        u.finish(ctl, job, &spec, disks, result);
+    }
     let log = disks.log.filter(|_| logged).map(|(d, _)| d);
     for disk in [disks.metadata, disks.data].into_iter().chain(log) {
         if let Ok(f) = OpenOptions::new().write(true).open(disk) {
             let _ = f.sync_all();
+        }
+    }
+}
+
+/// The three controlled disks of a cache job on ublk
+/// ([`CACHE_UBLK_PARAM`]): metadata, cache device, origin, each started on
+/// the image the host put in the job's slices; and the marks of their
+/// durable state ([`crate::durable`]).
+struct CacheUblk<'u> {
+    devs: Vec<crate::ublk::UblkDevice<'u>>,
+    taker: crate::durable::MarkTaker,
+}
+
+/// The roles of a cache job's disks, in order.
+const CACHE_ROLES: [&str; 3] = ["metadata", "cache", "origin"];
+
+impl<'u> CacheUblk<'u> {
+    /// Reads the job's images from its slices and serves each as a
+    /// controlled disk. On failure the disks started so far are stopped
+    /// and deleted (their drop).
+    fn start(
+        ctl: &'u crate::ublk::UblkControl,
+        spec: &CacheSpec,
+        disks: &JobDisks<'_>,
+    ) -> Result<CacheUblk<'u>, ShimError> {
+        use crate::ublk::{ControlledDisk, DeviceShape, UblkDevice};
+        let (c_disk, o_disk) = (spec.cache_disk_sectors(), spec.origin_disk_sectors());
+        let places = [
+            (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
+            (disks.data, disks.slice.data_offset, c_disk),
+            (disks.data, disks.slice.data_offset + c_disk, o_disk),
+        ];
+        let mut images = Vec::new();
+        for ((path, at, sectors), role) in places.into_iter().zip(CACHE_ROLES) {
+            if sectors * 512 > UBLK_MAX_DISK_BYTES {
+                return Err(ShimError::Invalid(format!(
+                    "the {role} disk of {sectors} sectors exceeds the {UBLK_MAX_DISK_BYTES} bytes kept in RAM"
+                )));
+            }
+            let f = File::open(path).map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
+            let mut image = vec![0u8; (sectors * 512) as usize];
+            read_exact_at(&f, &mut image, at * 512)
+                .map_err(|e| ShimError::io(format!("read the {role} image"), e))?;
+            images.push(image);
+        }
+        let mut devs = Vec::new();
+        for (image, role) in images.iter().zip(CACHE_ROLES) {
+            let dev =
+                UblkDevice::start(ctl, ControlledDisk::from_image(image.clone()), DeviceShape::default())
+                    .map_err(|e| ShimError::Invalid(format!("starting the {role} disk: {e}")))?;
+            devs.push(dev);
+        }
+        let images: [Vec<u8>; 3] =
+            images.try_into().map_err(|_| ShimError::Invalid("three images".into()))?;
+        Ok(CacheUblk { devs, taker: crate::durable::MarkTaker::new(spec.run, spec.block_sectors, images) })
+    }
+
+    /// The three block devices' nodes.
+    fn blocks(&self) -> [PathBuf; 3] {
+        [0, 1, 2].map(|k| self.devs[k].block().to_path_buf())
+    }
+
+    /// The mark of the three disks' durable state now, after op `op`.
+    fn mark(&mut self, op: usize) -> crate::durable::DurableMark {
+        let CacheUblk { devs, taker } = self;
+        let refs: Vec<&crate::ublk::UblkDevice<'_>> = devs.iter().collect();
+        crate::ublk::UblkDevice::with_disks(&refs, |d| {
+            taker.take(op, [d[0].durable(), d[1].durable(), d[2].durable()])
+        })
+    }
+
+    /// After the cache's devices are gone: every disk stopped and deleted,
+    /// the requests each served counted in the result, the ublk devices
+    /// left counted, and each durable image written to the job's slice
+    /// (where the host reads the metadata image and the cache's data).
+    fn finish(
+        self,
+        ctl: &Control,
+        job: usize,
+        spec: &CacheSpec,
+        disks: &JobDisks<'_>,
+        result: &mut KernelResult,
+    ) {
+        let c_disk = spec.cache_disk_sectors();
+        let places = [
+            (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
+            (disks.data, disks.slice.data_offset, c_disk),
+            (disks.data, disks.slice.data_offset + c_disk, spec.origin_disk_sectors()),
+        ];
+        let mut served = Vec::new();
+        for (dev, role) in self.devs.into_iter().zip(CACHE_ROLES) {
+            match dev.stop() {
+                Ok(disk) => {
+                    for (name, n) in disk.counts().named() {
+                        result.ublk.push((format!("{role}-{name}"), n));
+                    }
+                    served.push((role, disk));
+                }
+                Err(e) => {
+                    result.error =
+                        result.error.take().or(Some(format!("ublk: stopping the {role} disk: {e}")))
+                }
+            }
+        }
+        result.ublk.push(("left-devices".into(), crate::ublk::live_devices().len() as u64));
+        for (role, disk) in &served {
+            let Some(k) = CACHE_ROLES.iter().position(|r| r == role) else { continue };
+            let (path, at, len) = places[k];
+            let name = format!("dmsim-cw{job}");
+            let written = linear(ctl, &name, path, at, len, disks.dev_dir).and_then(|node| {
+                let w = write_image(&node, disk.durable());
+                let removed = ctl.remove(&name);
+                w.and(removed)
+            });
+            if let Err(e) = written {
+                result.error =
+                    result.error.take().or(Some(format!("ublk: writing the {role} image out: {e}")));
+            }
         }
     }
 }
@@ -1676,7 +1830,9 @@ impl CacheDevs {
 }
 
 /// The trace's I/O on the cache device, its steps between the ops, and the
-/// final status; `clock` is the job's coarse clock.
+/// final status; `clock` is the job's coarse clock; with `durable` (a job
+/// on controlled disks), a mark of the disks' durable state after every
+/// op [`crate::durable::is_mark`] names ([`KernelResult::durable`]).
 #[allow(clippy::too_many_arguments)]
 fn cache_io(
     ctl: &Control,
@@ -1686,6 +1842,7 @@ fn cache_io(
     trace: &Trace,
     steps: &[(usize, CacheStep)],
     clock: &CoarseClock,
+    mut durable: Option<&mut CacheUblk<'_>>,
     result: &mut KernelResult,
 ) -> Result<(), ShimError> {
     let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
@@ -1863,6 +2020,13 @@ fn cache_io(
             }
             let line = settled.wait(ctl, name)?;
             result.op_status.push((index, line));
+        }
+        // On controlled disks: what a power cut now would keep, after an
+        // op that had to make something durable or that committed.
+        if let Some(u) = durable.as_deref_mut() {
+            if crate::durable::is_mark(&op) {
+                result.durable.push(u.mark(index));
+            }
         }
         if let Some(lw) = &devs.marks {
             ctl.message(lw, 0, &format!("mark {}", mark_name(index)))?;

@@ -228,7 +228,7 @@ fn counters(line: &str) -> Vec<Option<&str>> {
 /// Every sector's bytes as a read summary describes them (see
 /// [`crate::protocol::summarize`]): stamps rebuilt exactly, zeroes, foreign bytes for `?`,
 /// a stamp of another run for `x`.
-fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let mut sector = first_sector;
     for token in summary.split_whitespace() {
@@ -271,17 +271,17 @@ fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
 }
 
 /// What feeding one op to the oracle showed.
-struct Fed {
+pub(crate) struct Fed {
     /// A successful read's bytes (rebuilt from the kernel's summary).
-    read: Option<Vec<u8>>,
+    pub(crate) read: Option<Vec<u8>>,
     /// The oracle's objection to that read.
-    violation: Option<String>,
+    pub(crate) violation: Option<String>,
 }
 
 /// The oracle of a cache trace's serialized replay, fed the kernel's
 /// results op by op.
-struct Feeder {
-    oracle: Oracle,
+pub(crate) struct Feeder {
+    pub(crate) oracle: Oracle,
     next_write: u64,
     run: u64,
     /// The table's length now (the resizes the kernel took change it).
@@ -289,12 +289,12 @@ struct Feeder {
     block_sectors: u64,
 }
 
-fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
+pub(crate) fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
     ShimError::Invalid(format!("oracle: {e}"))
 }
 
 impl Feeder {
-    fn new(cfg: &CacheRunConfig) -> Result<Self, ShimError> {
+    pub(crate) fn new(cfg: &CacheRunConfig) -> Result<Self, ShimError> {
         let c = &cfg.cache;
         let (dbs, _) = discard_geometry(c.block_sectors, c.origin_sectors());
         let mut oracle = Oracle::new(OracleConfig {
@@ -320,7 +320,12 @@ impl Feeder {
 
     /// Op `i` with the kernel's result `r`: requests submitted and
     /// completed; a read judged with the bytes the kernel returned.
-    fn feed(&mut self, i: usize, op: &Op, r: &crate::protocol::OpResult) -> Result<Fed, ShimError> {
+    pub(crate) fn feed(
+        &mut self,
+        i: usize,
+        op: &Op,
+        r: &crate::protocol::OpResult,
+    ) -> Result<Fed, ShimError> {
         let ok = r.outcome == "ok";
         let o = &mut self.oracle;
         let mut fed = Fed { read: None, violation: None };
@@ -397,6 +402,9 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         )));
     }
     let best = follow_the_kernel(plan, run)?;
+    if let Some(f) = best.end_failure {
+        return Err(ShimError::Invalid(f));
+    }
     let follow_runs = best.runs;
     let sim_resizes = best.resizes.into_iter();
     let (sim_reads, sim_image, first_divergence) = (best.reads, best.image, best.first_divergence);
@@ -457,6 +465,40 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         && run.metadata_image[..sim_image.len()] == sim_image[..]
         && run.metadata_image[sim_image.len()..].iter().all(|&b| b == 0);
     Ok(report)
+}
+
+/// The serialized simulator's durable disks (metadata, cache device,
+/// origin) after every op of `plan` that [`crate::durable::is_mark`]
+/// names, by op index: the run that follows the kernel's clock best (the search of
+/// [`judge`]), run again capturing them. A model whose end the simulator
+/// refuses (a deliberate bug its read-back catches) still has its crash
+/// states up to there.
+pub(crate) fn model_durable_states(
+    plan: &CachePlan,
+    run: &KernelRun,
+) -> Result<BTreeMap<usize, [Vec<u8>; 3]>, ShimError> {
+    let best = follow_the_kernel(plan, run)?;
+    let jiffies = Jiffies::of(&run.result);
+    Ok(serialized(plan, run, jiffies.as_ref(), &best.choices, true)?.durable)
+}
+
+/// [`settled_plan`] on controlled disks ([`crate::protocol::CACHE_UBLK_PARAM`]):
+/// the cache's three devices served by the agent through ublk, their
+/// durable state recorded after every FLUSH, FUA or PREFLUSH write;
+/// [`crate::cache_crash::judge_ublk_crash_states`] judges them. Needs a
+/// shim prepared with the ublk module; takes no resizes (the crash states
+/// are loaded on the first table's sizes).
+pub fn ublk_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
+        return Err(ShimError::Invalid(format!(
+            "op {i} (resize): replays on controlled disks take no resizes yet"
+        )));
+    }
+    let mut p = plan_with(trace, false, true)?;
+    if let Job::Cache { trace, .. } = &mut p.job {
+        trace.header.params.push((crate::protocol::CACHE_UBLK_PARAM.into(), "1".into()));
+    }
+    Ok(p)
 }
 
 /// A cache campaign configuration the serialized kernel replay takes:
@@ -750,6 +792,15 @@ struct SimRun {
     runs: (usize, usize),
     /// Each resize's outcome in the simulator (`ok` or the errno name).
     resizes: Vec<String>,
+    /// The tick choices the run made (see [`serialized`]).
+    choices: Vec<bool>,
+    /// With capture on: after every op [`crate::durable::is_mark`] names
+    /// (by op index), the durable images of the metadata, cache and origin
+    /// devices.
+    durable: BTreeMap<usize, [Vec<u8>; 3]>,
+    /// What the simulator's end (settle, read-back through its oracle,
+    /// clean shutdown, checks) refused, if anything.
+    end_failure: Option<String>,
 }
 
 /// When something happened in the kernel, as a jiffy it may have seen:
@@ -860,7 +911,7 @@ const MAX_FOLLOW_RUNS: usize = 256;
 /// end times.
 fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
     let Some(jiffies) = Jiffies::of(&run.result) else {
-        return serialized(plan, run, None, &[]);
+        return serialized(plan, run, None, &[], false);
     };
     let decisions = jiffies.decisions();
     let mut best: Option<SimRun> = None;
@@ -872,7 +923,7 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
             break;
         }
         runs += 1;
-        let mut r = serialized(plan, run, Some(&jiffies), &prefix)?;
+        let mut r = serialized(plan, run, Some(&jiffies), &prefix, false)?;
         r.runs = (runs, decisions.len());
         let d = reach(&r);
         if d == usize::MAX {
@@ -907,6 +958,7 @@ fn serialized(
     run: &KernelRun,
     jiffies: Option<&Jiffies>,
     choices: &[bool],
+    capture: bool,
 ) -> Result<SimRun, ShimError> {
     let mut cfg = plan.cfg.cache;
     let sim_err =
@@ -953,6 +1005,7 @@ fn serialized(
     let mut first_divergence = None;
     let mut sim_ms = 0u64;
     let mut reads = Vec::new();
+    let mut durable = BTreeMap::new();
     // Time moves a jiffy at a time, so that the waker runs in the jiffy
     // it ran in the kernel.
     let advance = |sim: &mut CacheSim, to: u64, sim_ms: &mut u64| -> Result<(), ShimError> {
@@ -986,6 +1039,13 @@ fn serialized(
         let before = sim.events().len();
         sim.apply(op).map_err(sim_err)?;
         sim.quiesce().map_err(sim_err)?;
+        if let (true, Op::Write { dev, fua: true, .. }) = (capture, op) {
+            // The agent's FUA write is a RWF_DSYNC write: on 6.1 a FUA
+            // bio, then a flush of the whole device (`blkdev_write_iter`
+            // ends with `generic_write_sync`). The crash states follow.
+            sim.apply(&Op::Flush { dev: *dev }).map_err(sim_err)?;
+            sim.quiesce().map_err(sim_err)?;
+        }
         if let (None, Some(k)) = (&first_divergence, kernel_status.get(&i)) {
             let ours = sim.cache().status(true);
             if counters(k) != counters(&ours) {
@@ -997,6 +1057,12 @@ fn serialized(
             _ => None,
         });
         reads.push(read);
+        if capture && crate::durable::is_mark(op) {
+            let c = sim.cache();
+            let m = c.metadata().transaction_manager().block_manager().device().durable().to_vec();
+            let images = [m, c.cache_device().durable().to_vec(), c.origin_device().durable().to_vec()];
+            durable.insert(i, images);
+        }
     }
     let resizes = sim
         .resize_log()
@@ -1006,6 +1072,15 @@ fn serialized(
             Err(e) => e.to_string(),
         })
         .collect();
-    sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
-    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence, runs: (1, 0), resizes })
+    let end_failure = sim.finish().err().map(|f| format!("the serialized simulator's end: {f}"));
+    Ok(SimRun {
+        reads,
+        image: sim.metadata_image(),
+        first_divergence,
+        runs: (1, 0),
+        resizes,
+        choices: choices.to_vec(),
+        durable,
+        end_failure,
+    })
 }

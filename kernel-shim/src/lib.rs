@@ -35,10 +35,12 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cache_crash;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;
 pub mod dm;
+pub mod durable;
 pub mod equivalence;
 pub mod error;
 pub mod initramfs;

@@ -292,6 +292,10 @@ pub struct KernelResult {
     /// For a ublk job: one record per crash op, in order
     /// ([`CrashRecord`]).
     pub crashes: Vec<CrashRecord>,
+    /// For a cache job on controlled disks ([`CACHE_UBLK_PARAM`]): the
+    /// durable disks after every op [`crate::durable::is_mark`] names, in
+    /// op order ([`crate::durable`]).
+    pub durable: Vec<crate::durable::DurableMark>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -358,6 +362,9 @@ impl KernelResult {
                     let _ = writeln!(s, "crash-block {} {} {}", d.id, i, one_line(b));
                 }
             }
+        }
+        for m in &self.durable {
+            m.write_text(&mut s);
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -522,6 +529,8 @@ impl KernelResult {
                     ended = true;
                     break;
                 }
+                _ if crate::durable::DurableMark::parse_line(key, rest, &mut r.durable)
+                    .map_err(|e| bad(n, line, &e))? => {}
                 _ => return Err(bad(n, line, "unknown line")),
             }
         }
@@ -1019,6 +1028,15 @@ pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 /// job).
 pub const CACHE_LOGGED_PARAM: &str = "cache_logged";
 
+/// The header parameter (`1`) that serves a cache job's metadata, cache
+/// and origin devices from the agent as three controlled disks
+/// (`crate::ublk`, each starting as the image the host supplied), and
+/// records their durable state after every FLUSH, FUA or PREFLUSH write
+/// and every status query and reload ([`KernelResult::durable`],
+/// [`crate::durable::is_mark`]). The job's metadata slice gets the durable
+/// metadata image at the end. Needs the ublk module in the initramfs.
+pub const CACHE_UBLK_PARAM: &str = "cache_ublk";
+
 /// In a cache job with [`CACHE_TICKS_SLEEP_ONLY_PARAM`], the timing entry
 /// `op-end-<i>` holds the milliseconds from the first op to the end of op
 /// `i` (the kernel's clock, for the serialized simulator to follow).
@@ -1158,11 +1176,18 @@ mod tests {
             op_status: vec![(1, "8 11/512 128 2/16 0 1 0 0 0 1 0".into())],
             ublk: vec![("metadata-flushes".into(), 7), ("left-devices".into(), 0)],
             crashes: Vec::new(),
+            durable: vec![crate::durable::DurableMark {
+                op: 3,
+                metadata: vec![(0, "z12.ff".into())],
+                cache: vec![(1, "w2*128".into())],
+                origin: Vec::new(),
+            }],
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.ublk, r.ublk);
+        assert_eq!(back.durable, r.durable);
         let mut with_crash = KernelResult { error: Some("it broke".into()), ..r.clone() };
         with_crash.crashes.push(CrashRecord {
             op: 12,
