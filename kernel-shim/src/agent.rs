@@ -44,8 +44,8 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
     read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
-    OpResult, PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    CACHE_UBLK_PARAM, COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    OpResult, PoolSpec, Slice, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, CACHE_UBLK_PARAM,
+    COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1446,25 +1446,14 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             return;
         }
     };
-    // A logged job (the header's `cache_logged`): the three devices are
-    // ranges of one dm-log-writes device whose log is the job's log slice,
-    // with a mark after every op.
-    let logged = trace.header.param(CACHE_LOGGED_PARAM) == Some("1");
     // On controlled disks (the header's `cache_ublk`): the three devices
     // are ublk devices the agent serves, started on the host's images.
     let on_ublk = trace.header.param(CACHE_UBLK_PARAM) == Some("1");
-    if logged && on_ublk {
-        result.error = Some("a cache job is either logged or on controlled disks, not both".into());
-        return;
-    }
     let names = [
         format!("dmsim-cache{job}"),
         format!("dmsim-cm{job}"),
         format!("dmsim-cc{job}"),
         format!("dmsim-co{job}"),
-        format!("dmsim-clw{job}"),
-        format!("dmsim-cl{job}"),
-        format!("dmsim-cb{job}"),
     ];
     let steps = match cache_steps(&trace.header) {
         Ok(s) => s,
@@ -1504,39 +1493,6 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             // Each device straight on its own controlled disk: a flush of
             // one reaches that disk alone.
             u.blocks().map(|b| (b, 0))
-        } else if logged {
-            let Some((log_disk, log_offset)) = disks.log else {
-                return Err(ShimError::Invalid("a logged cache job without a log slice".into()));
-            };
-            let backing = device(
-                ctl,
-                &names[6],
-                &[
-                    linear_target(0, m_len, disks.metadata, disks.slice.metadata_offset)?,
-                    linear_target(m_len, c_disk, disks.data, disks.slice.data_offset)?,
-                    linear_target(m_len + c_disk, o_disk, disks.data, disks.slice.data_offset + c_disk)?,
-                ],
-                disks.dev_dir,
-            )?;
-            let log = device(
-                ctl,
-                &names[5],
-                &[linear_target(0, LOG_SLICE_SECTORS, log_disk, log_offset)?],
-                disks.dev_dir,
-            )?;
-            fill_range(&log, 0, 0, 8)?;
-            let lw_table = TargetSpec {
-                start: 0,
-                length: m_len + c_disk + o_disk,
-                target_type: "log-writes".into(),
-                params: format!(
-                    "{} {}",
-                    block_dev_num(&backing)?.table_name(),
-                    block_dev_num(&log)?.table_name()
-                ),
-            };
-            let lw = device(ctl, &names[4], &[lw_table], disks.dev_dir)?;
-            [(lw.clone(), 0), (lw.clone(), m_len), (lw, m_len + c_disk)]
         } else {
             [
                 (disks.metadata.to_path_buf(), disks.slice.metadata_offset),
@@ -1560,7 +1516,6 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 block_dev_num(&o)?.table_name(),
             ],
             dev_dir: disks.dev_dir.to_path_buf(),
-            marks: logged.then(|| names[4].clone()),
             cache_under: (cache_dev, c_at),
             sizes: Cell::new((c_len, spec.origin_sectors())),
         };
@@ -1599,8 +1554,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     if let Some(u) = ublk.take() {
         u.finish(ctl, job, &spec, disks, result);
     }
-    let log = disks.log.filter(|_| logged).map(|(d, _)| d);
-    for disk in [disks.metadata, disks.data].into_iter().chain(log) {
+    for disk in [disks.metadata, disks.data] {
         if let Ok(f) = OpenOptions::new().write(true).open(disk) {
             let _ = f.sync_all();
         }
@@ -1751,8 +1705,6 @@ struct CacheDevs {
     meta_node: PathBuf,
     tables: [String; 3],
     dev_dir: PathBuf,
-    /// A logged job's log-writes device, for a mark after every op.
-    marks: Option<String>,
     /// The disk under the cache device and where the device starts on it
     /// (a resize reloads the device's dm-linear with another length).
     cache_under: (PathBuf, u64),
@@ -2027,9 +1979,6 @@ fn cache_io(
             if crate::durable::is_mark(&op) {
                 result.durable.push(u.mark(index));
             }
-        }
-        if let Some(lw) = &devs.marks {
-            ctl.message(lw, 0, &format!("mark {}", mark_name(index)))?;
         }
         if sleep_only_ticks {
             // A campaign trace's replay: when each op ended, for the

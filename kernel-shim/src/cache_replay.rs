@@ -11,8 +11,9 @@
 //! and status queries; then every origin block read back. The simulator's
 //! scheduling ops (worker passes, completions) are dropped: the kernel
 //! schedules itself. Crashes and injected faults are refused: a serialized
-//! replay cannot place them (crash states through dm-log-writes are the
-//! next step).
+//! replay cannot place them. The crash states of a trace come from a
+//! replay on controlled disks instead ([`ublk_plan`],
+//! [`crate::cache_crash`]).
 //!
 //! [`judge`] holds the kernel's run at three levels:
 //!
@@ -72,7 +73,7 @@ pub struct CachePlan {
 /// shim's layout does not take, the cleaner as first policy,
 /// `no_discard_passdown`).
 pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false, false)
+    plan_with(trace, false)
 }
 
 /// [`plan`], with the kernel's background work settled after every op
@@ -80,13 +81,12 @@ pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
 /// the serialized simulator's do, and [`judge`] follows the kernel's
 /// counters op by op ([`CacheReplayReport::first_divergence`]).
 pub fn settled_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false, true)
+    plan_with(trace, true)
 }
 
-/// [`plan`]; with `fua_as_flush`, every FUA write becomes a plain write
-/// followed by a flush (see [`logged_plan`]); with `settle`, see
+/// [`plan`]; with `settle`, see
 /// [`settled_plan`].
-fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePlan, ShimError> {
+fn plan_with(trace: &Trace, settle: bool) -> Result<CachePlan, ShimError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     let c = &cfg.cache;
     if !c.block_sectors.is_multiple_of(128) {
@@ -116,10 +116,6 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
             // smq then sees less time pass than the simulator's: one
             // reason L2 may differ).
             Op::Tick { millis } => ops.push(Op::Tick { millis: millis.min(MAX_TICK_MS) }),
-            Op::Write { dev, sector, nr_sectors, fua: true, preflush } if fua_as_flush => {
-                ops.push(Op::Write { dev, sector, nr_sectors, fua: false, preflush });
-                ops.push(Op::Flush { dev });
-            }
             Op::Read { .. }
             | Op::Write { .. }
             | Op::Discard { .. }
@@ -494,7 +490,7 @@ pub fn ublk_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
             "op {i} (resize): replays on controlled disks take no resizes yet"
         )));
     }
-    let mut p = plan_with(trace, false, true)?;
+    let mut p = plan_with(trace, true)?;
     if let Job::Cache { trace, .. } = &mut p.job {
         trace.header.params.push((crate::protocol::CACHE_UBLK_PARAM.into(), "1".into()));
     }
@@ -608,176 +604,12 @@ mod tests {
         let Job::Cache { cache, origin, .. } = &p.job else { panic!("a cache job") };
         assert_eq!(cache.len() as u64, spec.cache_disk_sectors() * 512);
         assert_eq!(origin.len() as u64, spec.origin_disk_sectors() * 512);
-        assert!(logged_plan(&trace).unwrap_err().to_string().contains("take no resizes"));
+        assert!(ublk_plan(&trace).unwrap_err().to_string().contains("take no resizes"));
         // Without resizes, the disks are the devices.
         let plain = Trace { header: cfg.header(), events: vec![Event::Op(Op::Status)] };
         let p = plan(&plain).unwrap();
         assert_eq!(CacheSpec::from_header(&p.job.trace().header).unwrap().disk_blocks, None);
     }
-}
-
-/// [`plan`] with the job logged: the three devices on one dm-log-writes
-/// device, a mark after every op ([`crate::protocol::CACHE_LOGGED_PARAM`]);
-/// [`judge_crash_states`] reads the kernel's crash states from the log.
-///
-/// Every FUA write becomes a plain write and a flush: dm-log-writes logs a
-/// FUA write when it completes but a plain write only at the flush that
-/// covers it, so a plain write acknowledged *before* an overlapping FUA
-/// write lands after it in the log, and replaying the log would bring the
-/// older data back — a state no disk can be in (seen on the first runs of
-/// `kernel_cache_crash_states.rs`). Without FUA writes the log's order
-/// within each flush is the completion order.
-pub fn logged_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
-        // The crash states are loaded on the first table's sizes.
-        return Err(ShimError::Invalid(format!("op {i} (resize): logged replays take no resizes yet")));
-    }
-    let mut p = plan_with(trace, true, false)?;
-    if let Job::Cache { trace, .. } = &mut p.job {
-        trace.header.params.push((crate::protocol::CACHE_LOGGED_PARAM.into(), "1".into()));
-    }
-    Ok(p)
-}
-
-/// What the kernel's crash states of a logged run read like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheCrashReport {
-    /// Durability points judged (ops after which something had to be
-    /// durable: a flush, a FUA write, a PREFLUSH write).
-    pub points: usize,
-    /// Blocks read back from those states.
-    pub reads: usize,
-    /// Reads the oracle does not allow after a crash at that point.
-    pub violations: Vec<String>,
-}
-
-/// The kernel's durable disks after every durability point of a logged run
-/// (the log replayed up to the op's mark onto what the host wrote: what a
-/// power cut that loses every volatile cache leaves), each loaded by the
-/// model's cache target as after a crash (every mapping dirty; a
-/// passthrough table that cannot load falls back to writeback) and every
-/// origin block read back, each read judged by the oracle after a crash at
-/// that point of the same requests.
-///
-/// The three devices share one log-writes device, so a flush sent to any
-/// of them makes every device's earlier writes durable in the log: these
-/// states cannot show a missing data flush before a metadata commit (the
-/// finding of `kernel_finding_cache_commit_without_data_flush.rs`).
-pub fn judge_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<CacheCrashReport, ShimError> {
-    use dmsim_model::cache::core::{BioRequest, Cache, CacheOptions};
-    use dmsim_traces::op::CacheIoMode;
-
-    use crate::logwrites::{self, EntryKind};
-    use crate::protocol::mark_name;
-
-    let Job::Cache { metadata, cache, origin, .. } = &plan.job else {
-        return Err(ShimError::Invalid("not a cache job".into()));
-    };
-    let log_bytes = match &run.log {
-        Some(Ok(b)) => b,
-        Some(Err(e)) => return Err(ShimError::Invalid(format!("the run's log: {e}"))),
-        None => return Err(ShimError::Invalid("the run carries no log (not a logged job?)".into())),
-    };
-    let log = logwrites::parse(log_bytes).map_err(|e| ShimError::Invalid(e.to_string()))?;
-    let c = &plan.cfg.cache;
-    let (m_len, c_len) = (metadata.len(), cache.len());
-    let mut device = [metadata.as_slice(), cache.as_slice(), origin.as_slice()].concat();
-    let results = &run.result.ops;
-    let mut report = CacheCrashReport { points: 0, reads: 0, violations: Vec::new() };
-    let mut at = 0;
-    let mut mode = c.io_mode;
-    for (i, op) in plan.ops.iter().enumerate() {
-        let name = mark_name(i);
-        let Some(mark) = log.entries[at..]
-            .iter()
-            .position(|e| matches!(&e.kind, EntryKind::Mark(t) if *t == name))
-            .map(|p| p + at)
-        else {
-            return Err(ShimError::Invalid(format!("the log has no mark {name:?} after entry {at}")));
-        };
-        log.replay_into(&mut device, at..mark).map_err(|e| ShimError::Invalid(e.to_string()))?;
-        at = mark + 1;
-        if let (Op::Reload { mode: m, .. }, Some(r)) = (op, results.get(i)) {
-            if r.outcome == "ok" {
-                mode = *m;
-            }
-        }
-        if !crate::crash::is_durability_point(op) {
-            continue;
-        }
-        report.points += 1;
-        // The oracle after the same requests, then a crash.
-        let mut feeder = Feeder::new(&plan.cfg)?;
-        for (k, (op, r)) in plan.ops.iter().zip(results).enumerate().take(i + 1) {
-            feeder.feed(k, op, r)?;
-        }
-        feeder.oracle.crash();
-        // The model's cache target on the kernel's crash state.
-        let devices = || {
-            (
-                MemDevice::from_bytes(device[..m_len].to_vec()),
-                MemDevice::from_bytes(device[m_len..m_len + c_len].to_vec()),
-                MemDevice::from_bytes(device[m_len + c_len..].to_vec()),
-            )
-        };
-        let (m, cd, od) = devices();
-        let mut target =
-            match Cache::create(&c.table_line(mode, c.policy), m, cd, od, 0, CacheOptions::default()) {
-                Ok(t) => t,
-                Err(e) if e.message.contains("passthrough") => {
-                    let (m, cd, od) = devices();
-                    Cache::create(
-                        &c.table_line(CacheIoMode::Writeback, c.policy),
-                        m,
-                        cd,
-                        od,
-                        0,
-                        CacheOptions::default(),
-                    )
-                    .map_err(|e| {
-                        ShimError::Invalid(format!("after op {i}: the crash state does not load: {e}"))
-                    })?
-                }
-                Err(e) => {
-                    report
-                        .violations
-                        .push(format!("after op {i}: the kernel's crash state does not load: {e}"));
-                    continue;
-                }
-            };
-        let bs = c.block_sectors;
-        for b in 0..c.origin_blocks {
-            let id = target
-                .submit(BioRequest::read(b * bs, bs))
-                .map_err(|e| ShimError::Invalid(format!("after op {i}: {e}")))?;
-            let mut data = None;
-            for _ in 0..100_000 {
-                if let Some(d) = target.take_completions().into_iter().find(|d| d.id == id) {
-                    data = Some(d);
-                    break;
-                }
-                if target.worker_wanted() {
-                    target.run_worker();
-                } else if let Some(io) = target.in_flight_io().first() {
-                    let io = io.id;
-                    target.complete_io(io).map_err(|e| ShimError::Invalid(e.to_string()))?;
-                }
-            }
-            let Some(d) = data else {
-                return Err(ShimError::Invalid(format!("after op {i}: a read of block {b} never completed")));
-            };
-            let t = feeder.oracle.read_submitted(0, b * bs, bs).map_err(misuse)?;
-            report.reads += 1;
-            if let Err(e) = feeder.oracle.read_completed(t, d.result.is_ok(), &d.data) {
-                report.violations.push(format!(
-                    "a crash after op {i} ({}): block {b} reads [{}]: {e}",
-                    op.name(),
-                    dmsim_sim::thin::summarize(&d.data)
-                ));
-            }
-        }
-    }
-    Ok(report)
 }
 
 /// The serialized simulator's run of a plan, held against the kernel's.

@@ -11,7 +11,7 @@
 //! since the images the host supplied): metadata sectors as packed bytes
 //! ([`pack`]), cache and origin blocks as read summaries
 //! ([`crate::protocol::summarize`]), which rebuild stamped data exactly.
-//! [`DurableImages`] replays the marks onto the job's images on the host.
+//! `crate::cache_crash` replays the marks onto the job's images on the host.
 
 use std::fmt::Write as _;
 

@@ -649,7 +649,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
     let offsets = kinds
         .iter()
         .map(|k| {
-            matches!(k, JobKind::Logged { .. } | JobKind::Cache).then(|| {
+            matches!(k, JobKind::Logged { .. }).then(|| {
                 end += LOG_SLICE_SECTORS;
                 end - LOG_SLICE_SECTORS
             })
@@ -1021,12 +1021,6 @@ pub fn cache_status_field(line: &str, i: usize) -> Option<&str> {
 
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
-
-/// The header parameter (`1`) that puts a cache job's three devices on
-/// one dm-log-writes device with a mark [`mark_name`]`(i)` after every op
-/// `i`; the run carries the log (its slice is allocated for every cache
-/// job).
-pub const CACHE_LOGGED_PARAM: &str = "cache_logged";
 
 /// The header parameter (`1`) that serves a cache job's metadata, cache
 /// and origin devices from the agent as three controlled disks

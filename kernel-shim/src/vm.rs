@@ -35,8 +35,8 @@ use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs_with, Kernel, ROOT_MODULES};
 use crate::protocol::{
     encode_cache_steps, encode_request, log_offsets, read_frame, write_frame, CacheSpec, CacheStep, JobKind,
-    KernelResult, Layout, PoolSpec, CACHE_LOGGED_PARAM, CACHE_STEPS_PARAM, CACHE_UBLK_PARAM,
-    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
+    KernelResult, Layout, PoolSpec, CACHE_STEPS_PARAM, CACHE_UBLK_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC,
+    RESULT_MAGIC,
 };
 
 /// What the data disk is filled with before a run (the simulator's
@@ -614,13 +614,7 @@ impl KernelShim {
                 }
                 _ => None,
             };
-            // A cache job has a log slice; it holds a log only when the job
-            // asked for one.
-            let logged = match job {
-                Job::Cache { trace, .. } => trace.header.param(CACHE_LOGGED_PARAM) == Some("1"),
-                _ => true,
-            };
-            let log = log_at.filter(|_| logged).map(|at| read_log(&disk(DiskRole::Log), at * 512));
+            let log = log_at.map(|at| read_log(&disk(DiskRole::Log), at * 512));
             let at = (slice.metadata_offset * 512) as usize;
             let len = (spec.metadata_sectors * 512) as usize;
             let metadata_image = metadata_disk

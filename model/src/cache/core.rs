@@ -73,8 +73,8 @@ pub struct CacheFixes {
     /// make durable a promotion's mapping whose copy is still in the cache
     /// device's volatile cache, or a demotion's removal whose writeback
     /// copy is still in the origin's. The fix flushes both devices before
-    /// every metadata commit. (A model finding: not yet shown on the stock
-    /// kernel.)
+    /// every metadata commit. (Shown on the stock kernel: docs/findings.md,
+    /// dm-cache finding 1.)
     pub flush_before_commit: bool,
     /// A FUA write promoted by overwrite (writeback mode, a whole-block
     /// write or a discarded block, a free cache block) is completed when its
