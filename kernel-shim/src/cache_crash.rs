@@ -31,7 +31,7 @@ use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::Op;
 
-use crate::cache_replay::{expand, misuse, CachePlan, Feeder};
+use crate::cache_replay::{expand, misuse, CachePlan, CacheReplayReport, Feeder};
 use crate::durable::{unpack, DurableMark};
 use crate::error::ShimError;
 use crate::protocol::summarize;
@@ -233,6 +233,28 @@ fn difference(plan: &CachePlan, kernel: &Recovered, model: &Recovered) -> Option
 /// options (`plan.cfg.cache.options`: its fixes and mutations), both
 /// sides' crash states are recovered with the default ones.
 pub fn judge_ublk_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<UblkCrashReport, ShimError> {
+    crash_states_followed(plan, run, &crate::cache_replay::follow_the_kernel(plan, run)?)
+}
+
+/// [`crate::cache_replay::judge`] and [`judge_ublk_crash_states`] of one
+/// run, sharing the search for the serialized run that follows the
+/// kernel's clock.
+pub fn judge_with_crash_states(
+    plan: &CachePlan,
+    run: &KernelRun,
+) -> Result<(CacheReplayReport, UblkCrashReport), ShimError> {
+    let best = crate::cache_replay::follow_the_kernel(plan, run)?;
+    let crashes = crash_states_followed(plan, run, &best)?;
+    Ok((crate::cache_replay::judge_followed(plan, run, best)?, crashes))
+}
+
+/// [`judge_ublk_crash_states`] with the serialized run that follows the
+/// kernel best already found.
+fn crash_states_followed(
+    plan: &CachePlan,
+    run: &KernelRun,
+    best: &crate::cache_replay::SimRun,
+) -> Result<UblkCrashReport, ShimError> {
     let bad = |e: String| ShimError::Invalid(e);
     let Job::Cache { metadata, cache, origin, .. } = &plan.job else {
         return Err(bad("not a cache job".into()));
@@ -256,7 +278,7 @@ pub fn judge_ublk_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<Ublk
         run: c.run,
         block_sectors: c.block_sectors,
     };
-    let model = crate::cache_replay::model_durable_states(plan, run)?;
+    let model = crate::cache_replay::model_durable_states(plan, run, best)?;
     let mut report = UblkCrashReport::default();
     let mut table = (c.io_mode, c.policy);
     let mut marks = run.result.durable.iter().peekable();

@@ -386,6 +386,12 @@ impl Feeder {
 
 /// Judges a kernel run of `plan` (see the module's documentation).
 pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, ShimError> {
+    check_run(plan, run)?;
+    judge_followed(plan, run, follow_the_kernel(plan, run)?)
+}
+
+/// The run's result covers the plan: no agent error, every op answered.
+fn check_run(plan: &CachePlan, run: &KernelRun) -> Result<(), ShimError> {
     let results = &run.result.ops;
     if let Some(e) = &run.result.error {
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
@@ -397,7 +403,18 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
             plan.ops.len()
         )));
     }
-    let best = follow_the_kernel(plan, run)?;
+    Ok(())
+}
+
+/// [`judge`] with the serialized run that follows the kernel best
+/// (`follow_the_kernel`'s) already found.
+pub(crate) fn judge_followed(
+    plan: &CachePlan,
+    run: &KernelRun,
+    best: SimRun,
+) -> Result<CacheReplayReport, ShimError> {
+    check_run(plan, run)?;
+    let results = &run.result.ops;
     if let Some(f) = best.end_failure {
         return Err(ShimError::Invalid(f));
     }
@@ -472,8 +489,8 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
 pub(crate) fn model_durable_states(
     plan: &CachePlan,
     run: &KernelRun,
+    best: &SimRun,
 ) -> Result<BTreeMap<usize, [Vec<u8>; 3]>, ShimError> {
-    let best = follow_the_kernel(plan, run)?;
     let jiffies = Jiffies::of(&run.result);
     Ok(serialized(plan, run, jiffies.as_ref(), &best.choices, true)?.durable)
 }
@@ -613,7 +630,7 @@ mod tests {
 }
 
 /// The serialized simulator's run of a plan, held against the kernel's.
-struct SimRun {
+pub(crate) struct SimRun {
     /// What each op read in the simulator (None for other ops).
     reads: Vec<Option<String>>,
     /// The simulator's metadata after the clean shutdown.
@@ -741,7 +758,7 @@ const MAX_FOLLOW_RUNS: usize = 256;
 /// the kernel's op by op, and the run that followed longest is returned.
 /// Without a coarse clock (an unsettled run), one run follows the ops'
 /// end times.
-fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
+pub(crate) fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
     let Some(jiffies) = Jiffies::of(&run.result) else {
         return serialized(plan, run, None, &[], false);
     };

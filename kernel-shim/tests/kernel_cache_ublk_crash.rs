@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use thin_tools::skip_or_fail;
 
-use dmsim_kernel_shim::cache_crash::judge_ublk_crash_states;
-use dmsim_kernel_shim::cache_replay::{judge, replayable_config, ublk_plan, CachePlan};
+use dmsim_kernel_shim::cache_crash::{judge_ublk_crash_states, judge_with_crash_states};
+use dmsim_kernel_shim::cache_replay::{replayable_config, ublk_plan, CachePlan};
 use dmsim_kernel_shim::{KernelResult, KernelRun, KernelShim, ShimError};
 use dmsim_model::cache::core::CacheFixes;
 use dmsim_sim::cache_run;
@@ -121,9 +121,8 @@ fn the_kernels_crash_states_on_controlled_disks_match_the_models() {
     let (mut marks, mut commit_marks, mut matching, mut full, mut reads) = (0, 0, 0, 0, 0);
     let (mut l2_diverged, mut failures, mut stock_commits) = (Vec::new(), Vec::new(), Vec::new());
     for ((seed, plan), run) in plans.iter().zip(&runs) {
-        let end = judge(plan, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let (end, r) = judge_with_crash_states(plan, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(end.l1_violations.is_empty(), "seed {seed}: L1 {:?}", end.l1_violations);
-        let r = judge_ublk_crash_states(plan, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         eprintln!(
             "seed {seed}: {} marks ({} commits), {} matching, end L2 {}, first difference {:?}, \
              commit marks reading unwritten data {}",
