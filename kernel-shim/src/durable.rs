@@ -176,6 +176,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn marks_follow_flushes_and_commits() {
+        use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
+        use dmsim_traces::Op;
+        let w = |fua, preflush| Op::Write { dev: 0, sector: 0, nr_sectors: 8, fua, preflush };
+        assert!(is_mark(&w(true, false)) && is_mark(&w(false, true)) && !is_mark(&w(false, false)));
+        assert!(is_mark(&Op::Flush { dev: 0 }) && is_mark(&Op::Status));
+        assert!(is_mark(&Op::Reload { mode: CacheIoMode::Writeback, policy: CachePolicyKind::Smq }));
+        assert!(
+            !is_mark(&Op::Read { dev: 0, sector: 0, nr_sectors: 8 }) && !is_mark(&Op::Tick { millis: 5 })
+        );
+    }
+
+    #[test]
     fn packed_bytes_unpack() {
         let mut b = vec![0u8; 512];
         b[0] = 7;
