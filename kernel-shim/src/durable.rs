@@ -112,7 +112,10 @@ impl MarkTaker {
     /// origin); they become the base of the next mark.
     pub fn take(&mut self, op: usize, now: [&[u8]; 3]) -> DurableMark {
         let mut mark = DurableMark { op, ..DurableMark::default() };
-        let chunk = [512, (self.block_sectors * 512) as usize, (self.block_sectors * 512) as usize];
+        // A block of at least a sector (a header's zero block size cannot
+        // make `chunks` panic).
+        let block = (self.block_sectors.max(1) * 512) as usize;
+        let chunk = [512, block, block];
         for (k, (last, now)) in self.last.iter_mut().zip(now).enumerate() {
             for (i, piece) in now.chunks(chunk[k]).enumerate() {
                 let at = i * chunk[k];
