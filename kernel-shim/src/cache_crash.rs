@@ -341,6 +341,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unbacked_mappings_and_the_first_difference_are_named() {
+        use dmsim_traces::{Event, Trace};
+        let cfg = crate::cache_replay::replayable_config(3, 50);
+        let trace = Trace { header: cfg.header(), events: vec![Event::Op(Op::Status)] };
+        let plan = crate::cache_replay::plan(&trace).unwrap();
+        let (run, bs) = (plan.cfg.cache.run, plan.cfg.cache.block_sectors);
+        let bytes = (bs * 512) as usize;
+        let mut cache = vec![0xa5u8; 2 * bytes];
+        // Cache block 0 holds origin block 3's data, cache block 1 the fill.
+        stamp::fill(&mut cache[..bytes], run, 1, 0, 3 * bs);
+        let disks = [Vec::new(), cache, Vec::new()];
+        let mapped: BTreeMap<u64, (u32, bool)> = [(3, (0, true)), (5, (1, false))].into();
+        let u = unbacked(&plan, &disks, &mapped);
+        assert_eq!(u.len(), 1, "{u:?}");
+        assert!(u[0].starts_with("origin block 5 → cache block 1 (clean)"), "{u:?}");
+
+        let block = |w| {
+            let mut b = vec![0u8; bytes];
+            stamp::fill(&mut b, run, w, 0, bs);
+            b
+        };
+        let kernel = Recovered { mapped: mapped.clone(), blocks: vec![vec![0; bytes], block(1)] };
+        assert_eq!(difference(&plan, &kernel, &kernel.clone()), None);
+        let other = Recovered { mapped: mapped.clone(), blocks: vec![vec![0; bytes], block(2)] };
+        let d = difference(&plan, &kernel, &other).unwrap();
+        assert!(d.starts_with("block 1 reads [w1*"), "{d}");
+        let fewer = Recovered { mapped: [(3, (0, true))].into(), blocks: kernel.blocks.clone() };
+        let d = difference(&plan, &kernel, &fewer).unwrap();
+        assert!(d.starts_with("mappings differ first at origin block 5"), "{d}");
+    }
+
+    #[test]
     fn marks_rebuild_images_and_refuse_what_leaves_the_disk() {
         let mut img =
             Images { disks: [vec![0; 1024], vec![0; 2048], vec![0; 2048]], run: 5, block_sectors: 2 };

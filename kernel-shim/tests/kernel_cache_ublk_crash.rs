@@ -164,7 +164,8 @@ fn the_kernels_crash_states_on_controlled_disks_match_the_models() {
     let first =
         stock_commits.first().expect("no commit without a data flush left a mapping without its data");
     eprintln!("stock kernel, a commit without a data flush: {first}");
-    let seed_op = format!("{}:", first.split(" (").next().unwrap_or_default().replace(": a crash after", ":"));
+    let seed_op =
+        format!("{}:", first.split(" (").next().unwrap_or_default().replace(": a crash after", ":"));
     let mapping = unbacked.iter().find(|u| u.starts_with(&seed_op));
     eprintln!("its durable mapping without durable data: {mapping:?}");
     assert!(mapping.is_some(), "{first}: no durable mapping without its data listed for {seed_op:?}");
