@@ -1573,6 +1573,17 @@ struct CacheUblk<'u> {
 /// The roles of a cache job's disks, in order.
 const CACHE_ROLES: [&str; 3] = ["metadata", "cache", "origin"];
 
+/// Where a cache job's images lie, in [`CACHE_ROLES`] order: (disk,
+/// offset, sectors).
+fn cache_places<'d>(spec: &CacheSpec, disks: &JobDisks<'d>) -> [(&'d Path, u64, u64); 3] {
+    let c_disk = spec.cache_disk_sectors();
+    [
+        (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
+        (disks.data, disks.slice.data_offset, c_disk),
+        (disks.data, disks.slice.data_offset + c_disk, spec.origin_disk_sectors()),
+    ]
+}
+
 impl<'u> CacheUblk<'u> {
     /// Reads the job's images from its slices and serves each as a
     /// controlled disk. On failure the disks started so far are stopped
@@ -1583,14 +1594,8 @@ impl<'u> CacheUblk<'u> {
         disks: &JobDisks<'_>,
     ) -> Result<CacheUblk<'u>, ShimError> {
         use crate::ublk::{ControlledDisk, DeviceShape, UblkDevice};
-        let (c_disk, o_disk) = (spec.cache_disk_sectors(), spec.origin_disk_sectors());
-        let places = [
-            (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
-            (disks.data, disks.slice.data_offset, c_disk),
-            (disks.data, disks.slice.data_offset + c_disk, o_disk),
-        ];
         let mut images = Vec::new();
-        for ((path, at, sectors), role) in places.into_iter().zip(CACHE_ROLES) {
+        for ((path, at, sectors), role) in cache_places(spec, disks).into_iter().zip(CACHE_ROLES) {
             if sectors * 512 > UBLK_MAX_DISK_BYTES {
                 return Err(ShimError::Invalid(format!(
                     "the {role} disk of {sectors} sectors exceeds the {UBLK_MAX_DISK_BYTES} bytes kept in RAM"
@@ -1640,20 +1645,15 @@ impl<'u> CacheUblk<'u> {
         disks: &JobDisks<'_>,
         result: &mut KernelResult,
     ) {
-        let c_disk = spec.cache_disk_sectors();
-        let places = [
-            (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
-            (disks.data, disks.slice.data_offset, c_disk),
-            (disks.data, disks.slice.data_offset + c_disk, spec.origin_disk_sectors()),
-        ];
         let mut served = Vec::new();
-        for (dev, role) in self.devs.into_iter().zip(CACHE_ROLES) {
+        let places = cache_places(spec, disks);
+        for ((dev, role), place) in self.devs.into_iter().zip(CACHE_ROLES).zip(places) {
             match dev.stop() {
                 Ok(disk) => {
                     for (name, n) in disk.counts().named() {
                         result.ublk.push((format!("{role}-{name}"), n));
                     }
-                    served.push((role, disk));
+                    served.push((role, place, disk));
                 }
                 Err(e) => {
                     result.error =
@@ -1662,11 +1662,9 @@ impl<'u> CacheUblk<'u> {
             }
         }
         result.ublk.push(("left-devices".into(), crate::ublk::live_devices().len() as u64));
-        for (role, disk) in &served {
-            let Some(k) = CACHE_ROLES.iter().position(|r| r == role) else { continue };
-            let (path, at, len) = places[k];
+        for (role, (path, at, len), disk) in &served {
             let name = format!("dmsim-cw{job}");
-            let written = linear(ctl, &name, path, at, len, disks.dev_dir).and_then(|node| {
+            let written = linear(ctl, &name, path, *at, *len, disks.dev_dir).and_then(|node| {
                 let w = write_image(&node, disk.durable());
                 let removed = ctl.remove(&name);
                 w.and(removed)
