@@ -280,6 +280,10 @@ pub struct Replayer<'c> {
     devices: Vec<Thin>,
     next_id: u32,
     next_write: u64,
+    /// The job's coarse clock, read around the pool's creation and every
+    /// op ([`COARSE_PREFIX`] timings, moved to the result at the end).
+    clock: CoarseClock,
+    times: Vec<(String, u64)>,
 }
 
 impl<'c> Replayer<'c> {
@@ -316,6 +320,8 @@ impl<'c> Replayer<'c> {
             ),
         };
         let pool_name = format!("dmsim-pool{prefix}");
+        let clock = CoarseClock::new();
+        let created_a = clock.now_us();
         ctl.create(&pool_name)?;
         let pool = match ctl.load(&pool_name, &[table], false).and_then(|_| ctl.resume(&pool_name)) {
             Ok(p) => p,
@@ -324,6 +330,10 @@ impl<'c> Replayer<'c> {
                 return Err(e);
             }
         };
+        let times = vec![
+            (format!("{COARSE_PREFIX}create-a"), created_a),
+            (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
+        ];
         Ok(Replayer {
             ctl,
             prefix: prefix.to_string(),
@@ -334,6 +344,8 @@ impl<'c> Replayer<'c> {
             devices: Vec::new(),
             next_id: 0,
             next_write: 0,
+            clock,
+            times,
         })
     }
 
@@ -398,6 +410,15 @@ impl<'c> Replayer<'c> {
     /// cache op, or a fault on a cache trace's disk) is an error: this is a
     /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        let a = self.clock.now_us();
+        let r = self.apply_op(index, op);
+        let b = self.clock.now_us();
+        self.times.push((format!("{COARSE_PREFIX}op-a-{index}"), a));
+        self.times.push((format!("{COARSE_PREFIX}op-b-{index}"), b));
+        r
+    }
+
+    fn apply_op(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
         if let Some(e) = op.thin_error() {
             return Err(ShimError::Invalid(e));
         }
@@ -637,6 +658,7 @@ fn device_stamped(
 /// tick at a time), in microseconds since the clock was made: what a cache
 /// job's settled replay reports, so that the serialized simulator sees
 /// the same jiffies the kernel's smq saw.
+#[derive(Debug, Clone, Copy)]
 struct CoarseClock {
     base: u64,
 }
@@ -652,6 +674,7 @@ impl CoarseClock {
     fn new() -> Self {
         CoarseClock { base: Self::raw_us() }
     }
+
 
     fn now_us(&self) -> u64 {
         Self::raw_us().saturating_sub(self.base)
@@ -988,8 +1011,13 @@ fn run_pool_with(
 /// The end of a replay job, after its ops (begun at `t0`): every live
 /// device read back, the pool's status, the teardown, each timed; the
 /// first error is kept in `result`.
-fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
+fn finish_replay(mut replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+    result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+    if let Some(p) = replayer.clock.jiffy_phase() {
+        result.timings_ms.push((JIFFY_PHASE.to_string(), p));
+    }
+    result.timings_ms.append(&mut replayer.times);
     let t1 = Instant::now();
     match replayer.read_back() {
         Ok(d) => result.devices = d,
@@ -1001,6 +1029,8 @@ fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult)
         Err(e) => result.error = result.error.take().or(Some(format!("pool status: {e}"))),
     }
     let t2 = Instant::now();
+    let clock = replayer.clock;
+    result.timings_ms.push((format!("{COARSE_PREFIX}teardown-a"), clock.now_us()));
     if let Err(e) = replayer.teardown() {
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
@@ -1202,7 +1232,7 @@ fn power_cut<'c>(
     job: usize,
     spec: &PoolSpec,
     devs: &mut UblkPair<'_>,
-    replayer: Replayer<'c>,
+    mut replayer: Replayer<'c>,
     mode: dmsim_traces::CrashMode,
     seed: u32,
     index: usize,
@@ -1214,6 +1244,7 @@ fn power_cut<'c>(
     data.cut_power();
     let ids: Vec<u32> = replayer.devices.iter().map(|t| t.id).collect();
     let (next_id, next_write) = (replayer.next_id, replayer.next_write);
+    let (clock, mut times) = (replayer.clock, std::mem::take(&mut replayer.times));
     let t = Instant::now();
     // The dead pool's teardown: every thin device, then the pool. On 6.1
     // the pool's postsuspend commits, the commit's I/O fails, the pool
@@ -1275,6 +1306,14 @@ fn power_cut<'c>(
     }
     replayer.next_id = replayer.next_id.max(next_id);
     replayer.next_write = next_write;
+    // One clock for the whole job: the rebuilt pool's creation, read on
+    // its own clock, as `rebuild-a-<op>` / `rebuild-b-<op>` on the job's.
+    for (k, v) in std::mem::take(&mut replayer.times) {
+        let v = (v + replayer.clock.base).saturating_sub(clock.base);
+        times.push((format!("{}-{index}", k.replace("create-", "rebuild-")), v));
+    }
+    replayer.clock = clock;
+    replayer.times = times;
     Ok((replayer, record))
 }
 

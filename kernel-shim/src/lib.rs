@@ -43,6 +43,7 @@ pub mod dm;
 pub mod equivalence;
 pub mod error;
 pub mod initramfs;
+pub mod kernel_clock;
 pub mod logwrites;
 pub mod protocol;
 pub mod ublk;

@@ -709,14 +709,13 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// When the waker queued at `now` runs next (see
     /// [`CacheOptions::waker_wheel_phase`]).
     fn waker_due(&self, now: Nanos) -> Nanos {
-        let Some(phase) = self.opts.waker_wheel_phase else {
-            return now + COMMIT_PERIOD;
-        };
-        let hz = u64::from(DEFAULT_HZ);
-        let per_jiffy = 1_000_000_000 / hz;
-        let due = now / per_jiffy + phase + COMMIT_PERIOD / per_jiffy;
-        let bucket = ((due >> 3) + 1) << 3;
-        (bucket - phase) * per_jiffy
+        match self.opts.waker_wheel_phase {
+            None => now + COMMIT_PERIOD,
+            Some(phase) => {
+                let period = COMMIT_PERIOD * u64::from(DEFAULT_HZ) / 1_000_000_000;
+                crate::timer_wheel::delayed_work_due(now, period, DEFAULT_HZ, phase)
+            }
+        }
     }
 
     /// Requests submitted and not yet completed.
