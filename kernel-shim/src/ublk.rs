@@ -673,7 +673,7 @@ impl<'c> UblkDevice<'c> {
         // and a power cut's choice among the volatile writes would then
         // count them differently.
         let nomerges = format!("/sys/block/ublkb{}/queue/nomerges", dev.dev_id);
-        std::fs::write(&nomerges, "2").map_err(|e| io_err(&format!("write 2 to {nomerges}"), e))?;
+        std::fs::write(&nomerges, "2").map_err(|e| io_err(format!("write 2 to {nomerges}"), e))?;
         Ok(dev)
     }
 
