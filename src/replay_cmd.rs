@@ -328,13 +328,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     // Only controlled disks can cut power at a crash op.
     let simulated =
         if ublk { simulate_serialized_crashing(&trace) } else { simulate_serialized_full(&trace) };
-    let sim = match simulated {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
-            return ExitCode::from(exit::UNUSABLE);
-        }
-    };
+    // A trace the serialized simulator cannot run is refused before the
+    // VM boots.
+    if let Err(e) = simulated {
+        eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
     let shim = match prepared {
         Ok(s) => s,
@@ -362,6 +361,16 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
         return ExitCode::from(exit::UNUSABLE);
     }
+    // Now that the kernel's clock is known, the simulator runs again
+    // following it (timed commits between the same ops as the kernel's).
+    let followed = dmsim_kernel_shim::kernel_clock::ThinClock::of(&run.result).is_some();
+    let sim = match dmsim_kernel_shim::equivalence::simulate_following(&trace, ublk, &run) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dmsim replay --on kernel: {}: following the kernel's clock: {e}", args.trace.display());
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    };
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
     let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
@@ -392,6 +401,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_first_differing_block": l3.first,
             "simulator_oracle_violation": sim.oracle_violation,
             "disks": args.disks,
+            "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
             "crashes": crashes.iter().map(|c| serde_json::json!({
                 "crash": c.crash,
@@ -425,6 +435,9 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         if ublk {
             let c: Vec<String> = run.result.ublk.iter().map(|(n, c)| format!("{n} {c}")).collect();
             println!("ublk disks served: {}", c.join(", "));
+        }
+        if followed {
+            println!("the simulator followed the kernel's clock (its timed commits between the same ops)");
         }
         if let Some(v) = &sim.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");

@@ -45,7 +45,7 @@ use crate::protocol::{
     cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
     read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
     OpResult, PoolSpec, Slice, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, CACHE_UBLK_PARAM,
-    COARSE_PREFIX, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    COARSE_PREFIX, JIFFY_PHASE, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -195,13 +195,13 @@ pub fn block_dev_num(path: &Path) -> Result<DevNum, ShimError> {
 }
 
 /// A page-aligned buffer for O_DIRECT.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn zeroed(len: usize) -> AlignedBuf {
+    pub(crate) fn zeroed(len: usize) -> AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("valid layout");
         // SAFETY: non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -211,12 +211,12 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr points to at least len initialised bytes we own.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
@@ -232,6 +232,11 @@ impl Drop for AlignedBuf {
 
 fn errno_of(e: &std::io::Error) -> String {
     e.raw_os_error().map_or_else(|| e.to_string(), errno_name)
+}
+
+/// An I/O error as an op outcome: its errno's name (or its text).
+pub(crate) fn errno_text(e: &std::io::Error) -> String {
+    errno_of(e)
 }
 
 fn open_direct(path: &Path) -> Result<File, ShimError> {
@@ -275,6 +280,10 @@ pub struct Replayer<'c> {
     devices: Vec<Thin>,
     next_id: u32,
     next_write: u64,
+    /// The job's coarse clock, read around the pool's creation and every
+    /// op ([`COARSE_PREFIX`] timings, moved to the result at the end).
+    clock: CoarseClock,
+    times: Vec<(String, u64)>,
 }
 
 impl<'c> Replayer<'c> {
@@ -311,6 +320,8 @@ impl<'c> Replayer<'c> {
             ),
         };
         let pool_name = format!("dmsim-pool{prefix}");
+        let clock = CoarseClock::new();
+        let created_a = clock.now_us();
         ctl.create(&pool_name)?;
         let pool = match ctl.load(&pool_name, &[table], false).and_then(|_| ctl.resume(&pool_name)) {
             Ok(p) => p,
@@ -319,6 +330,10 @@ impl<'c> Replayer<'c> {
                 return Err(e);
             }
         };
+        let times = vec![
+            (format!("{COARSE_PREFIX}create-a"), created_a),
+            (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
+        ];
         Ok(Replayer {
             ctl,
             prefix: prefix.to_string(),
@@ -329,6 +344,8 @@ impl<'c> Replayer<'c> {
             devices: Vec::new(),
             next_id: 0,
             next_write: 0,
+            clock,
+            times,
         })
     }
 
@@ -393,6 +410,15 @@ impl<'c> Replayer<'c> {
     /// cache op, or a fault on a cache trace's disk) is an error: this is a
     /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        let a = self.clock.now_us();
+        let r = self.apply_op(index, op);
+        let b = self.clock.now_us();
+        self.times.push((format!("{COARSE_PREFIX}op-a-{index}"), a));
+        self.times.push((format!("{COARSE_PREFIX}op-b-{index}"), b));
+        r
+    }
+
+    fn apply_op(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
         if let Some(e) = op.thin_error() {
             return Err(ShimError::Invalid(e));
         }
@@ -632,6 +658,7 @@ fn device_stamped(
 /// tick at a time), in microseconds since the clock was made: what a cache
 /// job's settled replay reports, so that the serialized simulator sees
 /// the same jiffies the kernel's smq saw.
+#[derive(Debug, Clone, Copy)]
 struct CoarseClock {
     base: u64,
 }
@@ -648,8 +675,28 @@ impl CoarseClock {
         CoarseClock { base: Self::raw_us() }
     }
 
+
     fn now_us(&self) -> u64 {
         Self::raw_us().saturating_sub(self.base)
+    }
+
+    /// The absolute jiffy, mod 8, at which this clock read 0: the kernel's
+    /// `jiffies` (from `/proc/timer_list`) less the clock's jiffies since
+    /// its base, read when no tick came in between (None if that never
+    /// happened in a few tries, or the file is unreadable).
+    fn jiffy_phase(&self) -> Option<u64> {
+        let res = Self::resolution_us().max(1);
+        for _ in 0..8 {
+            let before = self.now_us();
+            let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+            let after = self.now_us();
+            if before != after {
+                continue;
+            }
+            let jiffies: u64 = text.lines().find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())?;
+            return Some(jiffies.wrapping_sub(before / res) % 8);
+        }
+        None
     }
 
     /// The clock's resolution (one jiffy), in microseconds.
@@ -964,8 +1011,13 @@ fn run_pool_with(
 /// The end of a replay job, after its ops (begun at `t0`): every live
 /// device read back, the pool's status, the teardown, each timed; the
 /// first error is kept in `result`.
-fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
+fn finish_replay(mut replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+    result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+    if let Some(p) = replayer.clock.jiffy_phase() {
+        result.timings_ms.push((JIFFY_PHASE.to_string(), p));
+    }
+    result.timings_ms.append(&mut replayer.times);
     let t1 = Instant::now();
     match replayer.read_back() {
         Ok(d) => result.devices = d,
@@ -977,6 +1029,8 @@ fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult)
         Err(e) => result.error = result.error.take().or(Some(format!("pool status: {e}"))),
     }
     let t2 = Instant::now();
+    let clock = replayer.clock;
+    result.timings_ms.push((format!("{COARSE_PREFIX}teardown-a"), clock.now_us()));
     if let Err(e) = replayer.teardown() {
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
@@ -1178,7 +1232,7 @@ fn power_cut<'c>(
     job: usize,
     spec: &PoolSpec,
     devs: &mut UblkPair<'_>,
-    replayer: Replayer<'c>,
+    mut replayer: Replayer<'c>,
     mode: dmsim_traces::CrashMode,
     seed: u32,
     index: usize,
@@ -1190,6 +1244,7 @@ fn power_cut<'c>(
     data.cut_power();
     let ids: Vec<u32> = replayer.devices.iter().map(|t| t.id).collect();
     let (next_id, next_write) = (replayer.next_id, replayer.next_write);
+    let (clock, mut times) = (replayer.clock, std::mem::take(&mut replayer.times));
     let t = Instant::now();
     // The dead pool's teardown: every thin device, then the pool. On 6.1
     // the pool's postsuspend commits, the commit's I/O fails, the pool
@@ -1251,6 +1306,14 @@ fn power_cut<'c>(
     }
     replayer.next_id = replayer.next_id.max(next_id);
     replayer.next_write = next_write;
+    // One clock for the whole job: the rebuilt pool's creation, read on
+    // its own clock, as `rebuild-a-<op>` / `rebuild-b-<op>` on the job's.
+    for (k, v) in std::mem::take(&mut replayer.times) {
+        let v = (v + replayer.clock.base).saturating_sub(clock.base);
+        times.push((format!("{}-{index}", k.replace("create-", "rebuild-")), v));
+    }
+    replayer.clock = clock;
+    replayer.times = times;
     Ok((replayer, record))
 }
 
@@ -1527,12 +1590,20 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             result.timings_ms.push(("setup".into(), t0.elapsed().as_millis() as u64));
             if trace.header.param(CACHE_SETTLE_PARAM) == Some("1") {
                 result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+                if let Some(p) = clock.jiffy_phase() {
+                    result.timings_ms.push((JIFFY_PHASE.to_string(), p));
+                }
                 for (k, v) in ["load-a", "load-b", "resume-a", "resume-b"].iter().zip(at) {
                     result.timings_ms.push((format!("{COARSE_PREFIX}{k}"), v));
                 }
             }
             if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, ublk.as_mut(), result) {
                 result.error = Some(e.to_string());
+            }
+            // A file system a step mounted (a job that failed midway):
+            // off the device before it goes.
+            if let Err(e) = crate::agent_fs::unmount() {
+                result.error = result.error.take().or(Some(format!("after the job: {e}")));
             }
             // Suspend first: the kernel's postsuspend writes the clean
             // shutdown; the removal then finds nothing more to do.
@@ -1712,6 +1783,12 @@ struct CacheDevs {
 }
 
 impl CacheDevs {
+    /// The node of the cache device `file` has open.
+    fn node_of(&self, file: &File) -> Result<PathBuf, ShimError> {
+        let md = file.metadata().map_err(|e| ShimError::io("stat the cache device", e))?;
+        Ok(self.dev_dir.join(format!("dm-{}", libc::minor(md.rdev()))))
+    }
+
     /// Creates the cache device in `mode` with `policy`: its node.
     fn activate(
         &self,
@@ -1822,7 +1899,7 @@ fn cache_io(
     for index in 0..=ops.len() {
         for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
             let t = Instant::now();
-            file = cache_step(ctl, devs, spec, step, file).map_err(|e| {
+            file = cache_step(ctl, devs, spec, (k, step), file, result).map_err(|e| {
                 ShimError::Invalid(format!("cache step {k} ({step:?}) before op {index}: {e}"))
             })?;
             result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
@@ -2160,16 +2237,45 @@ fn suspend_retrying(ctl: &Control, name: &str) -> Result<(), ShimError> {
     }
 }
 
-/// One step of a cache job (see [`CacheStep`]); takes the cache device's
-/// open file and returns it, reopened if the device was recreated.
+/// One step of a cache job (see [`CacheStep`]), the job's `k`th; takes
+/// the cache device's open file and returns it, reopened if the device was
+/// recreated. A file write's observations go to `result`'s notes.
 fn cache_step(
     ctl: &Control,
     devs: &CacheDevs,
     spec: &CacheSpec,
-    step: &CacheStep,
+    (k, step): (usize, &CacheStep),
     file: File,
+    result: &mut KernelResult,
 ) -> Result<File, ShimError> {
     match step {
+        CacheStep::MountExt4(options) => {
+            crate::agent_fs::mount_ext4(&devs.node_of(&file)?, options)?;
+            Ok(file)
+        }
+        CacheStep::FileWrite(w) => {
+            let node = devs.node_of(&file)?;
+            let observe = |when: &str, notes: &mut Vec<(String, String)>| -> Result<(), ShimError> {
+                notes.push((format!("status-{when}"), status_line_as(ctl, &devs.name, true)?));
+                notes.push((format!("cache-stat-{when}"), crate::agent_fs::stat_line(&node)?));
+                notes.push((format!("meta-stat-{when}"), crate::agent_fs::stat_line(&devs.meta_node)?));
+                Ok(())
+            };
+            let notes = crate::agent_fs::file_write(w, spec.run, observe)?;
+            result.notes.extend(notes.into_iter().map(|(key, text)| (format!("step{k}.{key}"), text)));
+            Ok(file)
+        }
+        CacheStep::CutAndUnmount => {
+            let error = TargetSpec {
+                start: 0,
+                length: devs.sizes.get().1,
+                target_type: "error".into(),
+                params: String::new(),
+            };
+            swap_flakey(ctl, &devs.name, error)?;
+            crate::agent_fs::unmount()?;
+            Ok(file)
+        }
         CacheStep::Message(text) => {
             ctl.message(&devs.name, 0, text)?;
             Ok(file)

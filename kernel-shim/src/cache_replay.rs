@@ -49,7 +49,7 @@ use dmsim_traces::{stamp, Event, Op, Trace};
 use crate::error::ShimError;
 use crate::protocol::{
     cache_status_field, CacheSpec, KernelResult, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    COARSE_PREFIX, OP_END_PREFIX,
+    COARSE_PREFIX, JIFFY_PHASE, OP_END_PREFIX,
 };
 use crate::vm::{Job, KernelRun};
 
@@ -198,6 +198,9 @@ pub struct CacheReplayReport {
     pub same_blocks: bool,
     /// L3: byte-identical metadata images.
     pub l3_identical: bool,
+    /// When L3 is not identical: what differs, decoded (statistics, flags,
+    /// hints, bits, mappings), or the blocks where only the layout does.
+    pub l3_difference: Option<String>,
     /// The kernel's last status line.
     pub kernel_status: String,
     /// In a settled run: the first op after which the kernel's counters
@@ -433,6 +436,7 @@ pub(crate) fn judge_followed(
         l2_difference: None,
         same_blocks: false,
         l3_identical: false,
+        l3_difference: None,
         kernel_status: run.result.pool_status.clone(),
         first_divergence,
         follow_runs,
@@ -477,6 +481,9 @@ pub(crate) fn judge_followed(
     report.l3_identical = run.metadata_image.len() >= sim_image.len()
         && run.metadata_image[..sim_image.len()] == sim_image[..]
         && run.metadata_image[sim_image.len()..].iter().all(|&b| b == 0);
+    if !report.l3_identical {
+        report.l3_difference = Some(l3_difference(&run.metadata_image, &sim_image));
+    }
     Ok(report)
 }
 
@@ -512,6 +519,59 @@ pub fn ublk_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
         trace.header.params.push((crate::protocol::CACHE_UBLK_PARAM.into(), "1".into()));
     }
     Ok(p)
+}
+
+/// What differs between the kernel's metadata image and the simulator's,
+/// decoded: the superblock's statistics and flags, the hints, the dirty
+/// and discard bits, the mappings (each the first differing entry), or,
+/// when all of those agree, where the bytes do (block layout).
+fn l3_difference(kernel: &[u8], ours: &[u8]) -> String {
+    let decode = |b: &[u8]| read_image(&mut MemDevice::from_bytes(b.to_vec()));
+    let (k, o) = match (decode(kernel), decode(ours)) {
+        (Ok(k), Ok(o)) => (k, o),
+        (k, o) => return format!("an image does not decode: kernel {:?}, simulator {:?}", k.err(), o.err()),
+    };
+    let mut out = Vec::new();
+    let (ks, os) = (&k.superblock, &o.superblock);
+    if ks.stats != os.stats {
+        out.push(format!("statistics: kernel {:?}, simulator {:?}", ks.stats, os.stats));
+    }
+    if ks.flags != os.flags {
+        out.push(format!("flags: kernel {:#x}, simulator {:#x}", ks.flags, os.flags));
+    }
+    fn first<T: PartialEq + std::fmt::Debug>(what: &str, a: &[T], b: &[T], out: &mut Vec<String>) {
+        if a.len() != b.len() {
+            out.push(format!("{what}: {} entries in the kernel's, {} in the simulator's", a.len(), b.len()));
+        } else if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+            let n = (0..a.len()).filter(|&i| a[i] != b[i]).count();
+            out.push(format!(
+                "{what}: {n} entries differ, the first at {i} (kernel {:?}, simulator {:?})",
+                a[i], b[i]
+            ));
+        }
+    }
+    match (&k.hints, &o.hints) {
+        (Some(a), Some(b)) => first("hints", a, b, &mut out),
+        (a, b) if a.is_some() != b.is_some() => out.push("a hint array in only one image".into()),
+        _ => {}
+    }
+    first("mappings", &k.mappings, &o.mappings, &mut out);
+    first("discard bits", &k.discards, &o.discards, &mut out);
+    if let (Some(a), Some(b)) = (&k.dirty, &o.dirty) {
+        first("dirty bits", a, b, &mut out);
+    }
+    if out.is_empty() {
+        let block = 4096;
+        let n = kernel.len().max(ours.len()).div_ceil(block);
+        let at = |img: &[u8], b: usize| img.get(b * block..((b + 1) * block).min(img.len())).unwrap_or(&[]).to_vec();
+        let differ: Vec<usize> = (0..n).filter(|&b| at(kernel, b) != at(ours, b)).collect();
+        out.push(format!(
+            "the decoded contents agree; {} metadata blocks differ (the first: {:?}): block placement",
+            differ.len(),
+            &differ[..differ.len().min(8)]
+        ));
+    }
+    out.join("; ")
 }
 
 /// A cache campaign configuration the serialized kernel replay takes:
@@ -671,6 +731,9 @@ struct Jiffies {
     reload_resume: BTreeMap<usize, Window>,
     /// Milliseconds per jiffy.
     ms: u64,
+    /// The absolute jiffy (mod 8) at the clock's 0 ([`JIFFY_PHASE`]), if
+    /// the agent could read it.
+    phase: Option<u64>,
 }
 
 impl Jiffies {
@@ -692,6 +755,7 @@ impl Jiffies {
             load: win("load-a", "load-b"),
             resume: win("resume-a", "resume-b"),
             ms: res / 1000,
+            phase: result.timings_ms.iter().find(|(k, _)| k == JIFFY_PHASE).map(|(_, v)| v % 8),
             ..Jiffies::default()
         };
         for k in t.keys() {
@@ -836,12 +900,16 @@ fn serialized(
         origin = picked.get(&(0, Timed::Load)).copied().unwrap_or(0);
         let resume = picked.get(&(0, Timed::Resume)).copied().unwrap_or(origin);
         cfg.options.resume_delay = resume.saturating_sub(origin) * ms_per_jiffy * 1_000_000;
+        cfg.options.waker_wheel_phase = j.phase.map(|p| (origin + p) % 8);
     }
     // The simulator's milliseconds for a kernel jiffy: its middle, counted
     // from the first table's load (the simulator's time 0).
     let at = |jiffy: u64| jiffy.saturating_sub(origin) * ms_per_jiffy + ms_per_jiffy / 2;
     let mut sim =
         CacheSim::new(cfg).map_err(|f| ShimError::Invalid(format!("the simulator does not start: {f}")))?;
+    // The kernel's job reads nothing after the last op, and a read goes
+    // through the policy.
+    sim.set_final_read_back(false);
     // Without a coarse clock: when each op ended, from the first op's start.
     let ends: BTreeMap<usize, u64> = run
         .result

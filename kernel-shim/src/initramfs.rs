@@ -1,6 +1,6 @@
 //! The initramfs the VM boots: a cpio archive (`newc`, uncompressed) with
-//! the static agent as `/init`, the device-mapper and virtio modules of the
-//! kernel resolved from its `modules.dep`, and the list of modules the
+//! the static agent as `/init`, the device-mapper, virtio and ext4 modules
+//! of the kernel resolved from its `modules.dep`, and the list of modules the
 //! agent loads in order.
 //!
 //! Also: finding the kernel to boot ([`Kernel::find`]) and building the
@@ -16,6 +16,7 @@ use crate::error::ShimError;
 /// alike), besides their dependencies. crc32c has no static dependency
 /// from dm-persistent-data (libcrc32c asks the crypto API for it at load
 /// time, which would need modprobe), so its providers are listed first.
+/// ext4 is for a cache job's file-system steps (`CacheStep::MountExt4`).
 pub const ROOT_MODULES: &[&str] = &[
     "crc32c_generic",
     "crc32c-intel",
@@ -31,6 +32,7 @@ pub const ROOT_MODULES: &[&str] = &[
     "dm-log-writes",
     "dm-flakey",
     "loop",
+    "ext4",
 ];
 
 /// A cpio `newc` archive being written.

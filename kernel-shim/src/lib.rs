@@ -40,6 +40,7 @@
 
 pub mod agent;
 pub mod cache_crash;
+mod agent_fs;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;
@@ -48,6 +49,7 @@ pub mod durable;
 pub mod equivalence;
 pub mod error;
 pub mod initramfs;
+pub mod kernel_clock;
 pub mod logwrites;
 pub mod protocol;
 pub mod ublk;
@@ -55,7 +57,9 @@ pub mod ublk_module;
 pub mod vm;
 
 pub use error::ShimError;
-pub use protocol::{CacheSpec, CacheStep, DeviceContents, KernelResult, OpResult, PoolSpec};
+pub use protocol::{
+    CacheSpec, CacheStep, DeviceContents, FileSync, FileWrite, KernelResult, OpResult, PoolSpec,
+};
 pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
 
 /// Boots one VM with the default kernel and options and replays `trace`

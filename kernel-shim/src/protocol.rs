@@ -296,6 +296,10 @@ pub struct KernelResult {
     /// durable disks after every op [`crate::durable::is_mark`] names, in
     /// op order ([`crate::durable`]).
     pub durable: Vec<crate::durable::DurableMark>,
+    /// What the agent observed besides the ops' results, as `(key,
+    /// text)`: a cache job's [`CacheStep::FileWrite`] records
+    /// `step<k>.<what>` (its outcome, status lines, `/sys` stat lines).
+    pub notes: Vec<(String, String)>,
     /// Set when the agent could not finish (the rest is what it got to).
     pub error: Option<String>,
 }
@@ -365,6 +369,9 @@ impl KernelResult {
         }
         for m in &self.durable {
             m.write_text(&mut s);
+        }
+        for (key, text) in &self.notes {
+            let _ = writeln!(s, "note {} {}", one_line(key).replace(' ', "_"), one_line(text));
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "error {}", one_line(e));
@@ -467,6 +474,10 @@ impl KernelResult {
                     r.ublk.push((what.to_string(), count));
                 }
                 "log-status" => r.log_status = Some(rest.to_string()),
+                "note" => {
+                    let (key, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                    r.notes.push((key.to_string(), text.to_string()));
+                }
                 "op-status" => {
                     let (i, status) = rest.split_once(' ').unwrap_or((rest, ""));
                     let i = i.parse().map_err(|_| bad(n, line, "bad op-status index"))?;
@@ -1007,6 +1018,90 @@ pub enum CacheStep {
     /// device in between, which the caller must argue (dm-flakey cannot
     /// tell).
     DropCacheWrites,
+    /// Mounts the cache device as ext4 on [`FS_MOUNT_POINT`] with these
+    /// mount options (comma-separated; `noatime` and `lazytime` become
+    /// mount flags, the rest goes to ext4).
+    MountExt4(String),
+    /// A direct write into a file of the mounted file system (see
+    /// [`FileWrite`]); its observations go to the result's notes.
+    FileWrite(FileWrite),
+    /// Cuts the file system off the cache: the cache device's table
+    /// becomes `error` (a suspend without flush or freeze: the old cache
+    /// table's postsuspend runs), so nothing the unmount writes reaches a
+    /// disk, then the file system is unmounted. Meant after a `crash` op,
+    /// before a [`Self::Reactivate`].
+    CutAndUnmount,
+}
+
+/// Where a cache job's [`CacheStep::MountExt4`] mounts the file system.
+pub const FS_MOUNT_POINT: &str = "/mnt/dmsim-fs";
+
+/// An `O_DIRECT` write of stamped data into a file of the file system a
+/// [`CacheStep::MountExt4`] mounted, opened without `O_SYNC` and written
+/// as [`FileSync`] says. Before it, a `syncfs` (everything so far
+/// durable); around it (and around the fsync of [`FileSync::DsyncFsync`]),
+/// the cache's status without a commit and the `/sys` stat lines of the
+/// cache and metadata devices, as notes `step<k>.<what>` (see
+/// [`KernelResult::notes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileWrite {
+    /// The file, relative to the mount point (letters, digits, `_`, `.`,
+    /// `/`; no `..`).
+    pub path: String,
+    /// The byte offset in the file (a multiple of 4096).
+    pub offset: u64,
+    /// The write's length in sectors (a multiple of 8, at most 2048).
+    pub sectors: u64,
+    /// The cache device's sector the file's bytes at `offset` lie on: the
+    /// data is stamped for it, so a raw read of the device there
+    /// summarizes as this write.
+    pub device_sector: u64,
+    /// The stamps' write number.
+    pub write: u64,
+    /// How the write is synced.
+    pub sync: FileSync,
+}
+
+/// How a [`FileWrite`] is synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSync {
+    /// `RWF_DSYNC` (iomap may send it as one bare REQ_FUA bio and no
+    /// flush); text `dsync`.
+    Dsync,
+    /// `RWF_DSYNC`, then an `fsync` of the file; text `fsync`.
+    DsyncFsync,
+    /// `RWF_SYNC` (iomap sends no FUA and syncs at completion); text
+    /// `sync`.
+    Sync,
+}
+
+impl FileSync {
+    /// The word in a step's text.
+    pub fn word(self) -> &'static str {
+        match self {
+            FileSync::Dsync => "dsync",
+            FileSync::DsyncFsync => "fsync",
+            FileSync::Sync => "sync",
+        }
+    }
+
+    /// Parses [`Self::word`].
+    pub fn from_word(word: &str) -> Option<FileSync> {
+        [FileSync::Dsync, FileSync::DsyncFsync, FileSync::Sync].into_iter().find(|s| s.word() == word)
+    }
+}
+
+impl FileWrite {
+    /// Whether the fields are in range (the agent refuses others).
+    pub fn valid(&self) -> bool {
+        let path_ok = !self.path.is_empty()
+            && self.path.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./".contains(&b))
+            && !self.path.split('/').any(|c| c.is_empty() || c == "..");
+        path_ok
+            && self.offset.is_multiple_of(4096)
+            && self.sectors.is_multiple_of(8)
+            && (8..=2048).contains(&self.sectors)
+    }
 }
 
 /// Field `i` of a cache INFO status line (`<metadata block size>
@@ -1064,6 +1159,12 @@ pub const CACHE_SETTLE_PARAM: &str = "cache_settle";
 /// reads jiffies for its periods; these say which jiffy each op saw.
 pub const COARSE_PREFIX: &str = "coarse-us-";
 
+/// In a settled cache job, the timing entry holding the kernel's absolute
+/// `jiffies`, mod 8, when the [`COARSE_PREFIX`] clock read 0 (timer wheel
+/// buckets one to eight jiffies apart are aligned on absolute jiffies: the
+/// waker's runs depend on it).
+pub const JIFFY_PHASE: &str = "jiffy-phase";
+
 /// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
 /// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
@@ -1076,6 +1177,17 @@ pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {
         }
         CacheStep::Message(text) => format!("{at} message {text}"),
         CacheStep::DropCacheWrites => format!("{at} drop_cache_writes"),
+        CacheStep::MountExt4(options) => format!("{at} mount_ext4 {options}"),
+        CacheStep::FileWrite(w) => format!(
+            "{at} file_write {} {} {} {} {} {}",
+            w.path,
+            w.offset,
+            w.sectors,
+            w.device_sector,
+            w.write,
+            w.sync.word()
+        ),
+        CacheStep::CutAndUnmount => format!("{at} cut_and_unmount"),
     };
     steps.iter().map(one).collect::<Vec<_>>().join(";")
 }
@@ -1107,6 +1219,30 @@ pub fn cache_steps(h: &Header) -> Result<Vec<(usize, CacheStep)>, ShimError> {
                     CacheStep::Message(words[2..].join(" "))
                 }
                 (Some(&"drop_cache_writes"), []) => CacheStep::DropCacheWrites,
+                (Some(&"mount_ext4"), [options])
+                    if options.split(',').all(|o| {
+                        !o.is_empty() && o.bytes().all(|b| b.is_ascii_alphanumeric() || b"_=".contains(&b))
+                    }) =>
+                {
+                    CacheStep::MountExt4(options.to_string())
+                }
+                (Some(&"file_write"), [path, offset, sectors, device_sector, write, sync]) => {
+                    let num = |w: &str| w.parse::<u64>().map_err(|_| bad(one));
+                    let sync = FileSync::from_word(sync).ok_or_else(|| bad(one))?;
+                    let w = FileWrite {
+                        path: path.to_string(),
+                        offset: num(offset)?,
+                        sectors: num(sectors)?,
+                        device_sector: num(device_sector)?,
+                        write: num(write)?,
+                        sync,
+                    };
+                    if !w.valid() {
+                        return Err(bad(one));
+                    }
+                    CacheStep::FileWrite(w)
+                }
+                (Some(&"cut_and_unmount"), []) => CacheStep::CutAndUnmount,
                 _ => return Err(bad(one)),
             };
             Ok((at, step))
@@ -1176,12 +1312,17 @@ mod tests {
                 cache: vec![(1, "w2*128".into())],
                 origin: Vec::new(),
             }],
+            notes: vec![
+                ("step1.outcome".into(), "ok".into()),
+                ("step1.status-after".into(), "8 1/2 a b".into()),
+            ],
             error: Some("it broke\nbadly".into()),
         };
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.ublk, r.ublk);
         assert_eq!(back.durable, r.durable);
+        assert_eq!(back.notes, r.notes);
         let mut with_crash = KernelResult { error: Some("it broke".into()), ..r.clone() };
         with_crash.crashes.push(CrashRecord {
             op: 12,
@@ -1323,6 +1464,19 @@ mod tests {
             ),
             (6, CacheStep::Message("invalidate_cblocks 0".into())),
             (6, CacheStep::DropCacheWrites),
+            (0, CacheStep::MountExt4("noatime,lazytime,commit=600".into())),
+            (
+                0,
+                CacheStep::FileWrite(FileWrite {
+                    path: "d/data".into(),
+                    offset: 20480,
+                    sectors: 128,
+                    device_sector: 10368,
+                    write: 5,
+                    sync: FileSync::DsyncFsync,
+                }),
+            ),
+            (2, CacheStep::CutAndUnmount),
             (
                 7,
                 CacheStep::Reactivate {
@@ -1359,6 +1513,15 @@ mod tests {
             "1 reactivate writeback smq 1 2",
             "1 drop_cache_writes now",
             "1 dance",
+            "1 mount_ext4",
+            "1 mount_ext4 a,,b",
+            "1 mount_ext4 a b",
+            "1 file_write data 4096 128 0 0",
+            "1 file_write data 4095 128 0 0 dsync",
+            "1 file_write data 4096 127 0 0 dsync",
+            "1 file_write ../data 4096 128 0 0 dsync",
+            "1 file_write data 4096 128 0 0 osync",
+            "1 cut_and_unmount now",
         ] {
             let mut h = back.header.clone();
             h.params.retain(|(k, _)| k != CACHE_STEPS_PARAM);

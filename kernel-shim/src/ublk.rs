@@ -671,6 +671,13 @@ impl<'c> UblkDevice<'c> {
         };
         ctl.command(CMD_START_DEV, &cmd)?;
         wait_for_node(&dev.block, Duration::from_secs(10))?;
+        // One request per bio, as the simulator's disk takes them: the
+        // block layer would merge adjacent bios (a write over two thin
+        // blocks mapped to adjacent data blocks, say) into one request,
+        // and a power cut's choice among the volatile writes would then
+        // count them differently.
+        let nomerges = format!("/sys/block/ublkb{}/queue/nomerges", dev.dev_id);
+        std::fs::write(&nomerges, "2").map_err(|e| io_err(format!("write 2 to {nomerges}"), e))?;
         Ok(dev)
     }
 

@@ -20,8 +20,8 @@
 //! in a cache block) and survives the crash. A bare FUA bio comes, for
 //! example, from iomap's O_DSYNC direct overwrite on XFS or ext4, which
 //! skips the sync when the device advertises FUA — and dm-cache always
-//! does (`flush_supported`). Showing the loss needs a file system in the
-//! VM (a next step for the shim).
+//! does (`flush_supported`). `kernel_finding_cache_fua_overwrite.rs` sends
+//! one from ext4 in the VM and shows the loss.
 //!
 //! * **Dsync**: the O_DSYNC write, crash, reboot, read (v1 and v2).
 //! * **Status**: the same with a status (a commit) before the crash.

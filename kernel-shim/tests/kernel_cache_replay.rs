@@ -1,5 +1,5 @@
 //! Cache campaign traces replayed on the stock kernel's dm-cache
-//! (`dmsim_kernel_shim::cache_replay`): 50 seeds' traces (no faults, no
+//! (`dmsim_kernel_shim::cache_replay`): the first 64 seeds' traces (no faults, no
 //! crashes: a serialized replay cannot place them), one boot, settled
 //! (`settled_plan`: the kernel's background work finishes between ops, and
 //! the simulator follows the kernel's jiffies). Every read
@@ -17,7 +17,9 @@ use dmsim_kernel_shim::{KernelShim, ShimError};
 use dmsim_sim::cache_run;
 use dmsim_sim::run::Checkers;
 
-const TRACES: u64 = 50;
+const TRACES: u64 = 64;
+/// Issue 15's bar: at least this many traces with L1 and L2 equal.
+const L2_AT_LEAST: usize = 50;
 const OPS: usize = 150;
 
 fn in_ci() -> bool {
@@ -84,6 +86,9 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
                 p.cfg.workload, r.l1_violations, r.failed_requests
             ));
         }
+        if let Some(d) = &r.l3_difference {
+            eprintln!("seed {seed}: L3 differs: {d}");
+        }
         if !r.l2_identical {
             eprintln!("seed {seed}: L2 differs: {:?}", r.l2_difference);
             eprintln!("  followed in {} runs over {} windows", r.follow_runs.0, r.follow_runs.1);
@@ -107,9 +112,14 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
         n = seeds.len()
     );
     assert!(failures.is_empty(), "L1 violations on the kernel:\n{}", failures.join("\n"));
-    // The settled replay following the kernel's jiffies gave 42-43 of 50 on
-    // the stock 6.1 kernel; far fewer means the model or the replay has
-    // drifted from the kernel.
-    assert!(seeds.len() < TRACES as usize || l2 * 10 >= seeds.len() * 7, "L2 identical for only {l2} traces");
+    // With the waker placed as the kernel's timer wheel places it and no
+    // read-back in the simulator, the settled replay gave 62 of 64 (L3 47
+    // of 64) on the stock 6.1 kernel; fewer than
+    // 50 means the model or the replay has drifted from the kernel.
+    assert!(
+        seeds.len() < TRACES as usize || l2 >= L2_AT_LEAST,
+        "L2 identical for only {l2} of {} traces (at least {L2_AT_LEAST} wanted)",
+        seeds.len()
+    );
     assert!(reads > 20 * seeds.len(), "every trace's read-back was judged");
 }

@@ -129,6 +129,15 @@ pub struct CacheOptions {
     /// replay that follows the kernel's jiffies sets this to what the
     /// kernel took.
     pub resume_delay: Nanos,
+    /// Where the waker's next run falls. `None` (the default): exactly one
+    /// [`COMMIT_PERIOD`] after its last run. `Some(phase)`: where 6.1's
+    /// timer wheel puts a delayed work of `HZ` jiffies (a timer 64 to 511
+    /// jiffies away lands in a bucket of 8 jiffies, and fires at the first
+    /// multiple of 8 strictly after its due jiffy, `calc_index` in
+    /// kernel/time/timer.c), `phase` being the absolute jiffy (mod 8) at
+    /// simulated time 0. A kernel replay that follows the kernel's jiffies
+    /// sets it.
+    pub waker_wheel_phase: Option<u64>,
 }
 
 /// One of the target's two data devices.
@@ -481,7 +490,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             let _ = self.commit();
         }
         self.background_allowed = true;
-        self.next_waker = self.now + COMMIT_PERIOD;
+        self.next_waker = self.waker_due(self.now);
         self.wake_migrations = true;
         Ok(())
     }
@@ -688,8 +697,23 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             self.t.policy.tick(true, now);
             self.wake_migrations = true;
             self.schedule_commit();
+            if self.opts.waker_wheel_phase.is_some() {
+                self.next_waker = self.waker_due(now);
+            }
             while self.next_waker <= now {
                 self.next_waker += COMMIT_PERIOD;
+            }
+        }
+    }
+
+    /// When the waker queued at `now` runs next (see
+    /// [`CacheOptions::waker_wheel_phase`]).
+    fn waker_due(&self, now: Nanos) -> Nanos {
+        match self.opts.waker_wheel_phase {
+            None => now + COMMIT_PERIOD,
+            Some(phase) => {
+                let period = COMMIT_PERIOD * u64::from(DEFAULT_HZ) / 1_000_000_000;
+                crate::timer_wheel::delayed_work_due(now, period, DEFAULT_HZ, phase)
             }
         }
     }
@@ -1950,5 +1974,46 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             return Err(format!("nr_dirty is {} but {n} dirty bits are set", self.t.nr_dirty));
         }
         self.prison.check()
+    }
+}
+
+#[cfg(test)]
+mod waker_tests {
+    use super::*;
+    use crate::block_device::MemDevice;
+
+    /// A cache created (and resumed) at simulated time 0.
+    fn cache(phase: Option<u64>) -> Cache<MemDevice, MemDevice, MemDevice> {
+        let opts = CacheOptions { waker_wheel_phase: phase, ..CacheOptions::default() };
+        let line = "/dev/m /dev/c /dev/o 128 1 writeback smq 0";
+        let cache = MemDevice::new(8 * 128);
+        Cache::create(line, MemDevice::new(2048), cache, MemDevice::new(32 * 128), 0, opts).expect("loads")
+    }
+
+    const JIFFY: Nanos = 4_000_000;
+
+    #[test]
+    fn without_a_phase_the_waker_runs_every_second() {
+        let mut c = cache(None);
+        assert_eq!(c.next_waker, COMMIT_PERIOD);
+        c.set_time(COMMIT_PERIOD + 3 * JIFFY);
+        assert_eq!(c.next_waker, 2 * COMMIT_PERIOD, "periodic, not counted from the late run");
+    }
+
+    #[test]
+    fn with_a_phase_the_waker_runs_where_the_timer_wheel_puts_it() {
+        // Absolute jiffy 3 at time 0: due at 253, the next multiple of 8
+        // after it is 256, relative jiffy 253.
+        let mut c = cache(Some(3));
+        assert_eq!(c.next_waker, 253 * JIFFY);
+        // Due exactly on a bucket boundary: the next bucket (8 later).
+        let mut d = cache(Some(6));
+        assert_eq!(d.next_waker, 258 * JIFFY, "256 + 8 - 6");
+        // Counted from when it ran: at relative jiffy 255 (absolute 258),
+        // due 508, bucket 512, relative 509.
+        c.set_time(255 * JIFFY + JIFFY / 2);
+        assert_eq!(c.next_waker, 509 * JIFFY);
+        d.set_time(258 * JIFFY);
+        assert_eq!(d.next_waker, 514 * JIFFY, "absolute 264 + 250 = 514, bucket 520");
     }
 }
