@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::cache::core::{BioRequest, Cache};
-use dmsim_model::cache::inspect::read_image;
 use dmsim_traces::op::{CacheIoMode, CachePolicyKind};
 use dmsim_traces::stamp::{self, SectorContent};
 use dmsim_traces::Op;
@@ -117,14 +116,7 @@ fn durable_mappings(image: &[u8]) -> Result<BTreeMap<u64, (u32, bool)>, String> 
     if image.iter().all(|&b| b == 0) {
         return Ok(BTreeMap::new());
     }
-    let img = read_image(&mut MemDevice::from_bytes(image.to_vec())).map_err(|e| e.to_string())?;
-    Ok(img
-        .mappings
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.valid())
-        .map(|(c, m)| (m.oblock, (c as u32, img.is_dirty(c))))
-        .collect())
+    Ok(crate::cache_replay::mappings(image)?.into_iter().map(|(c, (o, dirty))| (o, (c, dirty))).collect())
 }
 
 /// Loads `disks` (metadata, cache, origin) with the model's cache target

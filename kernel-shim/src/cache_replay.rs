@@ -49,7 +49,7 @@ use dmsim_traces::{stamp, Event, Op, Trace};
 use crate::error::ShimError;
 use crate::protocol::{
     cache_status_field, CacheSpec, KernelResult, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    COARSE_PREFIX, JIFFY_PHASE, OP_END_PREFIX,
+    JIFFY_PHASE, OP_END_PREFIX,
 };
 use crate::vm::{Job, KernelRun};
 
@@ -258,7 +258,7 @@ pub(crate) fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u
 }
 
 /// The (cache block → (origin block, dirty)) mappings of a cache image.
-fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
+pub(crate) fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
     let img = read_image(&mut MemDevice::from_bytes(image.to_vec())).map_err(|e| e.to_string())?;
     Ok(img
         .mappings
@@ -598,7 +598,7 @@ mod tests {
 
     #[test]
     fn the_coarse_clock_gives_jiffies_and_the_windows_that_span_a_tick() {
-        let t = |k: &str, us: u64| (format!("{COARSE_PREFIX}{k}"), us);
+        let t = |k: &str, us: u64| (format!("{}{k}", crate::protocol::COARSE_PREFIX), us);
         let result = KernelResult {
             timings_ms: vec![
                 t("res", 4000),
@@ -720,7 +720,7 @@ struct Window {
     after: u64,
 }
 
-/// The jiffies of a settled run (see [`COARSE_PREFIX`]): the first
+/// The jiffies of a settled run (see [`COARSE_PREFIX`](crate::protocol::COARSE_PREFIX)): the first
 /// table's load and resume, each op's, each reload's load and resume.
 #[derive(Debug, Default)]
 struct Jiffies {
@@ -740,15 +740,7 @@ impl Jiffies {
     /// The jiffies of a run's result, None when it carries no coarse
     /// clock.
     fn of(result: &KernelResult) -> Option<Jiffies> {
-        let t: BTreeMap<&str, u64> = result
-            .timings_ms
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
-            .collect();
-        let res = *t.get("res")?;
-        if res < 1000 || res % 1000 != 0 {
-            return None;
-        }
+        let (t, res) = crate::protocol::coarse_readings(result)?;
         let j = |v: u64| (v + res / 2) / res;
         let win = |a: &str, b: &str| Some(Window { before: j(*t.get(a)?), after: j(*t.get(b)?) });
         let mut out = Jiffies {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use dmsim_sim::thin::{ThinFailure, ThinSim};
 use dmsim_traces::Op;
 
-use crate::protocol::{KernelResult, COARSE_PREFIX, JIFFY_PHASE};
+use crate::protocol::{KernelResult, JIFFY_PHASE};
 
 /// Simulated nanoseconds.
 pub type Nanos = u64;
@@ -43,15 +43,7 @@ impl ThinClock {
     /// The clock of a thin job's result, None when it carries none (an
     /// older agent, or a job that never created its pool).
     pub fn of(result: &KernelResult) -> Option<ThinClock> {
-        let t: BTreeMap<&str, u64> = result
-            .timings_ms
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
-            .collect();
-        let res = *t.get("res")?;
-        if res < 1000 || res % 1000 != 0 {
-            return None;
-        }
+        let (t, res) = crate::protocol::coarse_readings(result)?;
         let j = |us: u64| (us + res / 2) / res;
         let origin = j(*t.get("create-b")?);
         let rel = |us: u64| j(us).saturating_sub(origin);

@@ -1159,6 +1159,20 @@ pub const CACHE_SETTLE_PARAM: &str = "cache_settle";
 /// reads jiffies for its periods; these say which jiffy each op saw.
 pub const COARSE_PREFIX: &str = "coarse-us-";
 
+/// A job's [`COARSE_PREFIX`] readings (microseconds, by name without the
+/// prefix) and the clock's resolution (`res`, one jiffy), None when the
+/// job reports no usable clock (no resolution, or one that is not a whole
+/// number of milliseconds).
+pub fn coarse_readings(result: &KernelResult) -> Option<(std::collections::BTreeMap<&str, u64>, u64)> {
+    let t: std::collections::BTreeMap<&str, u64> = result
+        .timings_ms
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
+        .collect();
+    let res = *t.get("res")?;
+    (res >= 1000 && res % 1000 == 0).then_some((t, res))
+}
+
 /// In a settled cache job, the timing entry holding the kernel's absolute
 /// `jiffies`, mod 8, when the [`COARSE_PREFIX`] clock read 0 (timer wheel
 /// buckets one to eight jiffies apart are aligned on absolute jiffies: the
