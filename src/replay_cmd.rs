@@ -48,12 +48,13 @@ pub struct ReplayArgs {
     /// for the same trace and code.
     #[arg(long)]
     pub timings: bool,
-    /// With `--on kernel`, a thin trace: the pool's disks, `virtio`
+    /// With `--on kernel`: the pool's (or the cache's) disks, `virtio`
     /// (dm-linear slices of the VM's disks) or `ublk` (controlled disks the
     /// agent serves from guest RAM through ublk, with a volatile cache and
     /// FUA, which cut power at crash ops and fail requests as the trace's
     /// `fault` and `aim-fault` ops arm them; builds `ublk_drv.ko` first,
-    /// docs/kernel-shim.md).
+    /// docs/kernel-shim.md). A cache trace on `ublk` also has its crash
+    /// states judged at every FLUSH, FUA, status and reload (docs/cache.md).
     #[arg(long, default_value = "virtio")]
     pub disks: String,
 }
@@ -168,19 +169,22 @@ fn judge(
 /// kernel's dm-cache, every read judged by the oracle (L1), the cache
 /// contents and metadata compared with the serialized simulator's (L2,
 /// L3; reported). See `dmsim_kernel_shim::cache_replay`.
-fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace) -> ExitCode {
-    use dmsim_kernel_shim::cache_replay::{judge, plan};
+fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode {
+    use dmsim_kernel_shim::cache_crash::judge_with_crash_states;
+    use dmsim_kernel_shim::cache_replay::{judge, plan, ublk_plan};
     use dmsim_kernel_shim::KernelShim;
 
     let name = args.trace.display();
-    let plan = match plan(trace) {
+    let planned = if ublk { ublk_plan(trace) } else { plan(trace) };
+    let plan = match planned {
         Ok(p) => p,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {name}: {e}");
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let shim = match KernelShim::prepare() {
+    let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
+    let shim = match prepared {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
@@ -199,14 +203,20 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let report = match judge(&plan, &run) {
+    let judged = if ublk {
+        judge_with_crash_states(&plan, &run).map(|(r, c)| (r, Some(c)))
+    } else {
+        judge(&plan, &run).map(|r| (r, None))
+    };
+    let (report, crashes) = match judged {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {name}: {e}");
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let l1 = report.l1_violations.is_empty() && report.failed_requests.is_empty();
+    let crash_l1 = crashes.as_ref().is_none_or(|c| c.l1_violations.is_empty());
+    let l1 = report.l1_violations.is_empty() && report.failed_requests.is_empty() && crash_l1;
     if args.json {
         let mut json = serde_json::json!({
             "trace": name.to_string(),
@@ -222,6 +232,17 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace) -> ExitCode {
             "l3": if report.l3_identical { "identical" } else { "different" },
             "kernel_status": report.kernel_status,
         });
+        if let Some(c) = &crashes {
+            json["crash_states"] = serde_json::json!({
+                "marks": c.marks,
+                "commit_marks": c.commit_marks,
+                "matching": c.matching,
+                "reads": c.reads,
+                "l1_violations": c.l1_violations,
+                "commit_l1_violations": c.commit_l1_violations,
+                "first_difference": c.first_difference.as_ref().map(|(op, what)| serde_json::json!({ "op": op, "what": what })),
+            });
+        }
         if args.timings {
             json["timings"] = serde_json::json!({ "wall_seconds": run.wall.as_secs_f64() });
         }
@@ -249,6 +270,25 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace) -> ExitCode {
             "  L3 (metadata blocks): {}",
             if report.l3_identical { "identical" } else { "different (reported, not judged)" }
         );
+        if let Some(c) = &crashes {
+            println!(
+                "  crash states on controlled disks: {} marks ({} status/reload commits), L1 after every FLUSH/FUA: {}; \
+                 the model's crash state matches at {} marks",
+                c.marks,
+                c.commit_marks,
+                if c.l1_violations.is_empty() { "holds" } else { "VIOLATED" },
+                c.matching
+            );
+            for v in &c.l1_violations {
+                println!("    {v}");
+            }
+            if let Some((_, what)) = &c.first_difference {
+                println!("    first difference: {what}");
+            }
+            for v in &c.commit_l1_violations {
+                println!("    after a commit without a data flush (the stock kernel's, reported): {v}");
+            }
+        }
         if args.timings {
             eprintln!("VM wall time {:.1} s", run.wall.as_secs_f64());
         }
@@ -276,9 +316,6 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    if is_cache_header(&trace.header) {
-        return run_cache_on_kernel(args, &trace);
-    }
     let ublk = match args.disks.as_str() {
         "virtio" => false,
         "ublk" => true,
@@ -287,16 +324,18 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if is_cache_header(&trace.header) {
+        return run_cache_on_kernel(args, &trace, ublk);
+    }
     // Only controlled disks can cut power at a crash op.
     let simulated =
         if ublk { simulate_serialized_crashing(&trace) } else { simulate_serialized_full(&trace) };
-    let sim = match simulated {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
-            return ExitCode::from(exit::UNUSABLE);
-        }
-    };
+    // A trace the serialized simulator cannot run is refused before the
+    // VM boots.
+    if let Err(e) = simulated {
+        eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
+        return ExitCode::from(exit::UNUSABLE);
+    }
     let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
     let shim = match prepared {
         Ok(s) => s,
@@ -324,6 +363,16 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
         return ExitCode::from(exit::UNUSABLE);
     }
+    // Now that the kernel's clock is known, the simulator runs again
+    // following it (timed commits between the same ops as the kernel's).
+    let followed = dmsim_kernel_shim::kernel_clock::ThinClock::of(&run.result).is_some();
+    let sim = match dmsim_kernel_shim::equivalence::simulate_following(&trace, ublk, &run) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dmsim replay --on kernel: {}: following the kernel's clock: {e}", args.trace.display());
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    };
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
     let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
@@ -369,6 +418,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_first_differing_block": l3.first,
             "simulator_oracle_violation": sim.oracle_violation,
             "disks": args.disks,
+            "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
             "crashes": crashes.iter().map(|c| serde_json::json!({
                 "crash": c.crash,
@@ -404,6 +454,9 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         if ublk {
             let c: Vec<String> = run.result.ublk.iter().map(|(n, c)| format!("{n} {c}")).collect();
             println!("ublk disks served: {}", c.join(", "));
+        }
+        if followed {
+            println!("the simulator followed the kernel's clock (its timed commits between the same ops)");
         }
         if let Some(v) = &sim.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");

@@ -44,7 +44,7 @@ use crate::error::ShimError;
 use crate::protocol::{
     cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
     read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
-    OpResult, PoolSpec, Slice, CACHE_LOGGED_PARAM, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
+    OpResult, PoolSpec, Slice, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, CACHE_UBLK_PARAM,
     COARSE_PREFIX, JIFFY_PHASE, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
@@ -280,6 +280,10 @@ pub struct Replayer<'c> {
     devices: Vec<Thin>,
     next_id: u32,
     next_write: u64,
+    /// The job's coarse clock, read around the pool's creation and every
+    /// op ([`COARSE_PREFIX`] timings, moved to the result at the end).
+    clock: CoarseClock,
+    times: Vec<(String, u64)>,
 }
 
 impl<'c> Replayer<'c> {
@@ -316,6 +320,8 @@ impl<'c> Replayer<'c> {
             ),
         };
         let pool_name = format!("dmsim-pool{prefix}");
+        let clock = CoarseClock::new();
+        let created_a = clock.now_us();
         ctl.create(&pool_name)?;
         let pool = match ctl.load(&pool_name, &[table], false).and_then(|_| ctl.resume(&pool_name)) {
             Ok(p) => p,
@@ -324,6 +330,10 @@ impl<'c> Replayer<'c> {
                 return Err(e);
             }
         };
+        let times = vec![
+            (format!("{COARSE_PREFIX}create-a"), created_a),
+            (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
+        ];
         Ok(Replayer {
             ctl,
             prefix: prefix.to_string(),
@@ -334,6 +344,8 @@ impl<'c> Replayer<'c> {
             devices: Vec::new(),
             next_id: 0,
             next_write: 0,
+            clock,
+            times,
         })
     }
 
@@ -398,6 +410,15 @@ impl<'c> Replayer<'c> {
     /// cache op, or a fault on a cache trace's disk) is an error: this is a
     /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        let a = self.clock.now_us();
+        let r = self.apply_op(index, op);
+        let b = self.clock.now_us();
+        self.times.push((format!("{COARSE_PREFIX}op-a-{index}"), a));
+        self.times.push((format!("{COARSE_PREFIX}op-b-{index}"), b));
+        r
+    }
+
+    fn apply_op(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
         if let Some(e) = op.thin_error() {
             return Err(ShimError::Invalid(e));
         }
@@ -637,6 +658,7 @@ fn device_stamped(
 /// tick at a time), in microseconds since the clock was made: what a cache
 /// job's settled replay reports, so that the serialized simulator sees
 /// the same jiffies the kernel's smq saw.
+#[derive(Debug, Clone, Copy)]
 struct CoarseClock {
     base: u64,
 }
@@ -652,6 +674,7 @@ impl CoarseClock {
     fn new() -> Self {
         CoarseClock { base: Self::raw_us() }
     }
+
 
     fn now_us(&self) -> u64 {
         Self::raw_us().saturating_sub(self.base)
@@ -988,8 +1011,13 @@ fn run_pool_with(
 /// The end of a replay job, after its ops (begun at `t0`): every live
 /// device read back, the pool's status, the teardown, each timed; the
 /// first error is kept in `result`.
-fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
+fn finish_replay(mut replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult) {
     result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
+    result.timings_ms.push((format!("{COARSE_PREFIX}res"), CoarseClock::resolution_us()));
+    if let Some(p) = replayer.clock.jiffy_phase() {
+        result.timings_ms.push((JIFFY_PHASE.to_string(), p));
+    }
+    result.timings_ms.append(&mut replayer.times);
     let t1 = Instant::now();
     match replayer.read_back() {
         Ok(d) => result.devices = d,
@@ -1001,6 +1029,8 @@ fn finish_replay(replayer: Replayer<'_>, t0: Instant, result: &mut KernelResult)
         Err(e) => result.error = result.error.take().or(Some(format!("pool status: {e}"))),
     }
     let t2 = Instant::now();
+    let clock = replayer.clock;
+    result.timings_ms.push((format!("{COARSE_PREFIX}teardown-a"), clock.now_us()));
     if let Err(e) = replayer.teardown() {
         result.error = result.error.take().or(Some(format!("teardown: {e}")));
     }
@@ -1280,7 +1310,7 @@ fn power_cut<'c>(
     job: usize,
     spec: &PoolSpec,
     devs: &mut UblkPair<'_>,
-    replayer: Replayer<'c>,
+    mut replayer: Replayer<'c>,
     mode: dmsim_traces::CrashMode,
     seed: u32,
     index: usize,
@@ -1292,6 +1322,7 @@ fn power_cut<'c>(
     data.cut_power();
     let ids: Vec<u32> = replayer.devices.iter().map(|t| t.id).collect();
     let (next_id, next_write) = (replayer.next_id, replayer.next_write);
+    let (clock, mut times) = (replayer.clock, std::mem::take(&mut replayer.times));
     let t = Instant::now();
     // The dead pool's teardown: every thin device, then the pool. On 6.1
     // the pool's postsuspend commits, the commit's I/O fails, the pool
@@ -1359,6 +1390,14 @@ fn power_cut<'c>(
     }
     replayer.next_id = replayer.next_id.max(next_id);
     replayer.next_write = next_write;
+    // One clock for the whole job: the rebuilt pool's creation, read on
+    // its own clock, as `rebuild-a-<op>` / `rebuild-b-<op>` on the job's.
+    for (k, v) in std::mem::take(&mut replayer.times) {
+        let v = (v + replayer.clock.base).saturating_sub(clock.base);
+        times.push((format!("{}-{index}", k.replace("create-", "rebuild-")), v));
+    }
+    replayer.clock = clock;
+    replayer.times = times;
     Ok((replayer, record))
 }
 
@@ -1554,18 +1593,14 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             return;
         }
     };
-    // A logged job (the header's `cache_logged`): the three devices are
-    // ranges of one dm-log-writes device whose log is the job's log slice,
-    // with a mark after every op.
-    let logged = trace.header.param(CACHE_LOGGED_PARAM) == Some("1");
+    // On controlled disks (the header's `cache_ublk`): the three devices
+    // are ublk devices the agent serves, started on the host's images.
+    let on_ublk = trace.header.param(CACHE_UBLK_PARAM) == Some("1");
     let names = [
         format!("dmsim-cache{job}"),
         format!("dmsim-cm{job}"),
         format!("dmsim-cc{job}"),
         format!("dmsim-co{job}"),
-        format!("dmsim-clw{job}"),
-        format!("dmsim-cl{job}"),
-        format!("dmsim-cb{job}"),
     ];
     let steps = match cache_steps(&trace.header) {
         Ok(s) => s,
@@ -1579,54 +1614,47 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
     // larger in a job that resizes); the origin device is its whole disk.
     let (m_len, c_len) = (spec.metadata_sectors, spec.cache_sectors());
     let (c_disk, o_disk) = (spec.cache_disk_sectors(), spec.origin_disk_sectors());
+    let ublk_ctl = if on_ublk {
+        match crate::ublk::UblkControl::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                result.error = Some(format!("ublk: {e}"));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let mut ublk = match ublk_ctl.as_ref().map(|u| CacheUblk::start(u, &spec, disks)).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            result.error = Some(format!("ublk: the cache's controlled disks: {e}"));
+            result.ublk.push(("left-devices".into(), crate::ublk::live_devices().len() as u64));
+            return;
+        }
+    };
     let clock = CoarseClock::new();
     let setup = || -> Result<(CacheDevs, PathBuf, [u64; 4]), ShimError> {
         // Where the three devices lie: (device, offset) of each.
-        let (under, m_at, c_at, o_at): (PathBuf, u64, u64, u64) = if logged {
-            let Some((log_disk, log_offset)) = disks.log else {
-                return Err(ShimError::Invalid("a logged cache job without a log slice".into()));
-            };
-            let backing = device(
-                ctl,
-                &names[6],
-                &[
-                    linear_target(0, m_len, disks.metadata, disks.slice.metadata_offset)?,
-                    linear_target(m_len, c_disk, disks.data, disks.slice.data_offset)?,
-                    linear_target(m_len + c_disk, o_disk, disks.data, disks.slice.data_offset + c_disk)?,
-                ],
-                disks.dev_dir,
-            )?;
-            let log = device(
-                ctl,
-                &names[5],
-                &[linear_target(0, LOG_SLICE_SECTORS, log_disk, log_offset)?],
-                disks.dev_dir,
-            )?;
-            fill_range(&log, 0, 0, 8)?;
-            let lw_table = TargetSpec {
-                start: 0,
-                length: m_len + c_disk + o_disk,
-                target_type: "log-writes".into(),
-                params: format!(
-                    "{} {}",
-                    block_dev_num(&backing)?.table_name(),
-                    block_dev_num(&log)?.table_name()
-                ),
-            };
-            let lw = device(ctl, &names[4], &[lw_table], disks.dev_dir)?;
-            (lw, 0, m_len, m_len + c_disk)
+        let places: [(PathBuf, u64); 3] = if let Some(u) = &ublk {
+            // Each device straight on its own controlled disk: a flush of
+            // one reaches that disk alone.
+            u.blocks().map(|b| (b, 0))
         } else {
-            (disks.data.to_path_buf(), u64::MAX, disks.slice.data_offset, disks.slice.data_offset + c_disk)
+            [
+                (disks.metadata.to_path_buf(), disks.slice.metadata_offset),
+                (disks.data.to_path_buf(), disks.slice.data_offset),
+                (disks.data.to_path_buf(), disks.slice.data_offset + c_disk),
+            ]
         };
-        let (meta_dev, meta_at): (&Path, u64) =
-            if logged { (&under, m_at) } else { (disks.metadata, disks.slice.metadata_offset) };
-        let m = linear(ctl, &names[1], meta_dev, meta_at, m_len, disks.dev_dir)?;
-        let c = linear(ctl, &names[2], &under, c_at, c_len, disks.dev_dir)?;
-        let o = linear(ctl, &names[3], &under, o_at, o_disk, disks.dev_dir)?;
+        let [(meta_dev, meta_at), (cache_dev, c_at), (origin_dev, o_at)] = places;
+        let m = linear(ctl, &names[1], &meta_dev, meta_at, m_len, disks.dev_dir)?;
+        let c = linear(ctl, &names[2], &cache_dev, c_at, c_len, disks.dev_dir)?;
+        let o = linear(ctl, &names[3], &origin_dev, o_at, o_disk, disks.dev_dir)?;
         let devs = CacheDevs {
             name: names[0].clone(),
             meta_name: names[1].clone(),
-            meta_table: linear_target(0, m_len, meta_dev, meta_at)?,
+            meta_table: linear_target(0, m_len, &meta_dev, meta_at)?,
             cache_slice: names[2].clone(),
             meta_node: m.clone(),
             tables: [
@@ -1635,8 +1663,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                 block_dev_num(&o)?.table_name(),
             ],
             dev_dir: disks.dev_dir.to_path_buf(),
-            marks: logged.then(|| names[4].clone()),
-            cache_under: (under.clone(), c_at),
+            cache_under: (cache_dev, c_at),
             sizes: Cell::new((c_len, spec.origin_sectors())),
         };
         let (node, at) = devs.activate_stamped(ctl, &spec, &clock)?;
@@ -1654,7 +1681,7 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
                     result.timings_ms.push((format!("{COARSE_PREFIX}{k}"), v));
                 }
             }
-            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, result) {
+            if let Err(e) = cache_io(ctl, &devs, node, &spec, trace, &steps, &clock, ublk.as_mut(), result) {
                 result.error = Some(e.to_string());
             }
             // A file system a step mounted (a job that failed midway):
@@ -1679,10 +1706,128 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
             }
         }
     }
-    let log = disks.log.filter(|_| logged).map(|(d, _)| d);
-    for disk in [disks.metadata, disks.data].into_iter().chain(log) {
+    if let Some(u) = ublk.take() {
+        u.finish(ctl, job, &spec, disks, result);
+    }
+    for disk in [disks.metadata, disks.data] {
         if let Ok(f) = OpenOptions::new().write(true).open(disk) {
             let _ = f.sync_all();
+        }
+    }
+}
+
+/// The three controlled disks of a cache job on ublk
+/// ([`CACHE_UBLK_PARAM`]): metadata, cache device, origin, each started on
+/// the image the host put in the job's slices; and the marks of their
+/// durable state ([`crate::durable`]).
+struct CacheUblk<'u> {
+    devs: Vec<crate::ublk::UblkDevice<'u>>,
+    taker: crate::durable::MarkTaker,
+}
+
+/// The roles of a cache job's disks, in order.
+const CACHE_ROLES: [&str; 3] = ["metadata", "cache", "origin"];
+
+/// Where a cache job's images lie, in [`CACHE_ROLES`] order: (disk,
+/// offset, sectors).
+fn cache_places<'d>(spec: &CacheSpec, disks: &JobDisks<'d>) -> [(&'d Path, u64, u64); 3] {
+    let c_disk = spec.cache_disk_sectors();
+    [
+        (disks.metadata, disks.slice.metadata_offset, spec.metadata_sectors),
+        (disks.data, disks.slice.data_offset, c_disk),
+        (disks.data, disks.slice.data_offset + c_disk, spec.origin_disk_sectors()),
+    ]
+}
+
+impl<'u> CacheUblk<'u> {
+    /// Reads the job's images from its slices and serves each as a
+    /// controlled disk. On failure the disks started so far are stopped
+    /// and deleted (their drop).
+    fn start(
+        ctl: &'u crate::ublk::UblkControl,
+        spec: &CacheSpec,
+        disks: &JobDisks<'_>,
+    ) -> Result<CacheUblk<'u>, ShimError> {
+        use crate::ublk::{ControlledDisk, DeviceShape, UblkDevice};
+        let mut images = Vec::new();
+        for ((path, at, sectors), role) in cache_places(spec, disks).into_iter().zip(CACHE_ROLES) {
+            if sectors * 512 > UBLK_MAX_DISK_BYTES {
+                return Err(ShimError::Invalid(format!(
+                    "the {role} disk of {sectors} sectors exceeds the {UBLK_MAX_DISK_BYTES} bytes kept in RAM"
+                )));
+            }
+            let f = File::open(path).map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
+            let mut image = vec![0u8; (sectors * 512) as usize];
+            read_exact_at(&f, &mut image, at * 512)
+                .map_err(|e| ShimError::io(format!("read the {role} image"), e))?;
+            images.push(image);
+        }
+        let mut devs = Vec::new();
+        for (image, role) in images.iter().zip(CACHE_ROLES) {
+            let dev =
+                UblkDevice::start(ctl, ControlledDisk::from_image(image.clone()), DeviceShape::default())
+                    .map_err(|e| ShimError::Invalid(format!("starting the {role} disk: {e}")))?;
+            devs.push(dev);
+        }
+        let images: [Vec<u8>; 3] =
+            images.try_into().map_err(|_| ShimError::Invalid("three images".into()))?;
+        Ok(CacheUblk { devs, taker: crate::durable::MarkTaker::new(spec.run, spec.block_sectors, images) })
+    }
+
+    /// The three block devices' nodes.
+    fn blocks(&self) -> [PathBuf; 3] {
+        [0, 1, 2].map(|k| self.devs[k].block().to_path_buf())
+    }
+
+    /// The mark of the three disks' durable state now, after op `op`.
+    fn mark(&mut self, op: usize) -> crate::durable::DurableMark {
+        let CacheUblk { devs, taker } = self;
+        let refs: Vec<&crate::ublk::UblkDevice<'_>> = devs.iter().collect();
+        crate::ublk::UblkDevice::with_disks(&refs, |d| {
+            taker.take(op, [d[0].durable(), d[1].durable(), d[2].durable()])
+        })
+    }
+
+    /// After the cache's devices are gone: every disk stopped and deleted,
+    /// the requests each served counted in the result, the ublk devices
+    /// left counted, and each durable image written to the job's slice
+    /// (where the host reads the metadata image and the cache's data).
+    fn finish(
+        self,
+        ctl: &Control,
+        job: usize,
+        spec: &CacheSpec,
+        disks: &JobDisks<'_>,
+        result: &mut KernelResult,
+    ) {
+        let mut served = Vec::new();
+        let places = cache_places(spec, disks);
+        for ((dev, role), place) in self.devs.into_iter().zip(CACHE_ROLES).zip(places) {
+            match dev.stop() {
+                Ok(disk) => {
+                    for (name, n) in disk.counts().named() {
+                        result.ublk.push((format!("{role}-{name}"), n));
+                    }
+                    served.push((role, place, disk));
+                }
+                Err(e) => {
+                    result.error =
+                        result.error.take().or(Some(format!("ublk: stopping the {role} disk: {e}")))
+                }
+            }
+        }
+        result.ublk.push(("left-devices".into(), crate::ublk::live_devices().len() as u64));
+        for (role, (path, at, len), disk) in &served {
+            let name = format!("dmsim-cw{job}");
+            let written = linear(ctl, &name, path, *at, *len, disks.dev_dir).and_then(|node| {
+                let w = write_image(&node, disk.durable());
+                let removed = ctl.remove(&name);
+                w.and(removed)
+            });
+            if let Err(e) = written {
+                result.error =
+                    result.error.take().or(Some(format!("ublk: writing the {role} image out: {e}")));
+            }
         }
     }
 }
@@ -1713,8 +1858,6 @@ struct CacheDevs {
     meta_node: PathBuf,
     tables: [String; 3],
     dev_dir: PathBuf,
-    /// A logged job's log-writes device, for a mark after every op.
-    marks: Option<String>,
     /// The disk under the cache device and where the device starts on it
     /// (a resize reloads the device's dm-linear with another length).
     cache_under: (PathBuf, u64),
@@ -1798,7 +1941,9 @@ impl CacheDevs {
 }
 
 /// The trace's I/O on the cache device, its steps between the ops, and the
-/// final status; `clock` is the job's coarse clock.
+/// final status; `clock` is the job's coarse clock; with `durable` (a job
+/// on controlled disks), a mark of the disks' durable state after every
+/// op [`crate::durable::is_mark`] names ([`KernelResult::durable`]).
 #[allow(clippy::too_many_arguments)]
 fn cache_io(
     ctl: &Control,
@@ -1808,6 +1953,7 @@ fn cache_io(
     trace: &Trace,
     steps: &[(usize, CacheStep)],
     clock: &CoarseClock,
+    mut durable: Option<&mut CacheUblk<'_>>,
     result: &mut KernelResult,
 ) -> Result<(), ShimError> {
     let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
@@ -1986,8 +2132,12 @@ fn cache_io(
             let line = settled.wait(ctl, name)?;
             result.op_status.push((index, line));
         }
-        if let Some(lw) = &devs.marks {
-            ctl.message(lw, 0, &format!("mark {}", mark_name(index)))?;
+        // On controlled disks: what a power cut now would keep, after an
+        // op that had to make something durable or that committed.
+        if let Some(u) = durable.as_deref_mut() {
+            if crate::durable::is_mark(&op) {
+                result.durable.push(u.mark(index));
+            }
         }
         if sleep_only_ticks {
             // A campaign trace's replay: when each op ended, for the

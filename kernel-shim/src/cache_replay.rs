@@ -11,8 +11,9 @@
 //! and status queries; then every origin block read back. The simulator's
 //! scheduling ops (worker passes, completions) are dropped: the kernel
 //! schedules itself. Crashes and injected faults are refused: a serialized
-//! replay cannot place them (crash states through dm-log-writes are the
-//! next step).
+//! replay cannot place them. The crash states of a trace come from a
+//! replay on controlled disks instead ([`ublk_plan`],
+//! [`crate::cache_crash`]).
 //!
 //! [`judge`] holds the kernel's run at three levels:
 //!
@@ -48,7 +49,7 @@ use dmsim_traces::{stamp, Event, Op, Trace};
 use crate::error::ShimError;
 use crate::protocol::{
     cache_status_field, CacheSpec, KernelResult, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
-    COARSE_PREFIX, JIFFY_PHASE, OP_END_PREFIX,
+    JIFFY_PHASE, OP_END_PREFIX,
 };
 use crate::vm::{Job, KernelRun};
 
@@ -72,7 +73,7 @@ pub struct CachePlan {
 /// shim's layout does not take, the cleaner as first policy,
 /// `no_discard_passdown`).
 pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false, false)
+    plan_with(trace, false)
 }
 
 /// [`plan`], with the kernel's background work settled after every op
@@ -80,13 +81,12 @@ pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
 /// the serialized simulator's do, and [`judge`] follows the kernel's
 /// counters op by op ([`CacheReplayReport::first_divergence`]).
 pub fn settled_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false, true)
+    plan_with(trace, true)
 }
 
-/// [`plan`]; with `fua_as_flush`, every FUA write becomes a plain write
-/// followed by a flush (see [`logged_plan`]); with `settle`, see
+/// [`plan`]; with `settle`, see
 /// [`settled_plan`].
-fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePlan, ShimError> {
+fn plan_with(trace: &Trace, settle: bool) -> Result<CachePlan, ShimError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     let c = &cfg.cache;
     if !c.block_sectors.is_multiple_of(128) {
@@ -116,10 +116,6 @@ fn plan_with(trace: &Trace, fua_as_flush: bool, settle: bool) -> Result<CachePla
             // smq then sees less time pass than the simulator's: one
             // reason L2 may differ).
             Op::Tick { millis } => ops.push(Op::Tick { millis: millis.min(MAX_TICK_MS) }),
-            Op::Write { dev, sector, nr_sectors, fua: true, preflush } if fua_as_flush => {
-                ops.push(Op::Write { dev, sector, nr_sectors, fua: false, preflush });
-                ops.push(Op::Flush { dev });
-            }
             Op::Read { .. }
             | Op::Write { .. }
             | Op::Discard { .. }
@@ -231,7 +227,7 @@ fn counters(line: &str) -> Vec<Option<&str>> {
 /// Every sector's bytes as a read summary describes them (see
 /// [`crate::protocol::summarize`]): stamps rebuilt exactly, zeroes, foreign bytes for `?`,
 /// a stamp of another run for `x`.
-fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let mut sector = first_sector;
     for token in summary.split_whitespace() {
@@ -262,7 +258,7 @@ fn expand(summary: &str, run: u64, first_sector: u64) -> Result<Vec<u8>, String>
 }
 
 /// The (cache block → (origin block, dirty)) mappings of a cache image.
-fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
+pub(crate) fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
     let img = read_image(&mut MemDevice::from_bytes(image.to_vec())).map_err(|e| e.to_string())?;
     Ok(img
         .mappings
@@ -274,17 +270,17 @@ fn mappings(image: &[u8]) -> Result<BTreeMap<u32, (u64, bool)>, String> {
 }
 
 /// What feeding one op to the oracle showed.
-struct Fed {
+pub(crate) struct Fed {
     /// A successful read's bytes (rebuilt from the kernel's summary).
-    read: Option<Vec<u8>>,
+    pub(crate) read: Option<Vec<u8>>,
     /// The oracle's objection to that read.
-    violation: Option<String>,
+    pub(crate) violation: Option<String>,
 }
 
 /// The oracle of a cache trace's serialized replay, fed the kernel's
 /// results op by op.
-struct Feeder {
-    oracle: Oracle,
+pub(crate) struct Feeder {
+    pub(crate) oracle: Oracle,
     next_write: u64,
     run: u64,
     /// The table's length now (the resizes the kernel took change it).
@@ -292,12 +288,12 @@ struct Feeder {
     block_sectors: u64,
 }
 
-fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
+pub(crate) fn misuse(e: dmsim_sim::oracle::UsageError) -> ShimError {
     ShimError::Invalid(format!("oracle: {e}"))
 }
 
 impl Feeder {
-    fn new(cfg: &CacheRunConfig) -> Result<Self, ShimError> {
+    pub(crate) fn new(cfg: &CacheRunConfig) -> Result<Self, ShimError> {
         let c = &cfg.cache;
         let (dbs, _) = discard_geometry(c.block_sectors, c.origin_sectors());
         let mut oracle = Oracle::new(OracleConfig {
@@ -323,7 +319,12 @@ impl Feeder {
 
     /// Op `i` with the kernel's result `r`: requests submitted and
     /// completed; a read judged with the bytes the kernel returned.
-    fn feed(&mut self, i: usize, op: &Op, r: &crate::protocol::OpResult) -> Result<Fed, ShimError> {
+    pub(crate) fn feed(
+        &mut self,
+        i: usize,
+        op: &Op,
+        r: &crate::protocol::OpResult,
+    ) -> Result<Fed, ShimError> {
         let ok = r.outcome == "ok";
         let o = &mut self.oracle;
         let mut fed = Fed { read: None, violation: None };
@@ -388,6 +389,12 @@ impl Feeder {
 
 /// Judges a kernel run of `plan` (see the module's documentation).
 pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, ShimError> {
+    check_run(plan, run)?;
+    judge_followed(plan, run, follow_the_kernel(plan, run)?)
+}
+
+/// The run's result covers the plan: no agent error, every op answered.
+fn check_run(plan: &CachePlan, run: &KernelRun) -> Result<(), ShimError> {
     let results = &run.result.ops;
     if let Some(e) = &run.result.error {
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
@@ -399,7 +406,21 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
             plan.ops.len()
         )));
     }
-    let best = follow_the_kernel(plan, run)?;
+    Ok(())
+}
+
+/// [`judge`] with the serialized run that follows the kernel best
+/// (`follow_the_kernel`'s) already found.
+pub(crate) fn judge_followed(
+    plan: &CachePlan,
+    run: &KernelRun,
+    best: SimRun,
+) -> Result<CacheReplayReport, ShimError> {
+    check_run(plan, run)?;
+    let results = &run.result.ops;
+    if let Some(f) = best.end_failure {
+        return Err(ShimError::Invalid(f));
+    }
     let follow_runs = best.runs;
     let sim_resizes = best.resizes.into_iter();
     let (sim_reads, sim_image, first_divergence) = (best.reads, best.image, best.first_divergence);
@@ -464,6 +485,40 @@ pub fn judge(plan: &CachePlan, run: &KernelRun) -> Result<CacheReplayReport, Shi
         report.l3_difference = Some(l3_difference(&run.metadata_image, &sim_image));
     }
     Ok(report)
+}
+
+/// The serialized simulator's durable disks (metadata, cache device,
+/// origin) after every op of `plan` that [`crate::durable::is_mark`]
+/// names, by op index: the run that follows the kernel's clock best (the search of
+/// [`judge`]), run again capturing them. A model whose end the simulator
+/// refuses (a deliberate bug its read-back catches) still has its crash
+/// states up to there.
+pub(crate) fn model_durable_states(
+    plan: &CachePlan,
+    run: &KernelRun,
+    best: &SimRun,
+) -> Result<BTreeMap<usize, [Vec<u8>; 3]>, ShimError> {
+    let jiffies = Jiffies::of(&run.result);
+    Ok(serialized(plan, run, jiffies.as_ref(), &best.choices, true)?.durable)
+}
+
+/// [`settled_plan`] on controlled disks ([`crate::protocol::CACHE_UBLK_PARAM`]):
+/// the cache's three devices served by the agent through ublk, their
+/// durable state recorded after every FLUSH, FUA or PREFLUSH write;
+/// [`crate::cache_crash::judge_ublk_crash_states`] judges them. Needs a
+/// shim prepared with the ublk module; takes no resizes (the crash states
+/// are loaded on the first table's sizes).
+pub fn ublk_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
+    if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
+        return Err(ShimError::Invalid(format!(
+            "op {i} (resize): replays on controlled disks take no resizes yet"
+        )));
+    }
+    let mut p = plan_with(trace, true)?;
+    if let Job::Cache { trace, .. } = &mut p.job {
+        trace.header.params.push((crate::protocol::CACHE_UBLK_PARAM.into(), "1".into()));
+    }
+    Ok(p)
 }
 
 /// What differs between the kernel's metadata image and the simulator's,
@@ -543,7 +598,7 @@ mod tests {
 
     #[test]
     fn the_coarse_clock_gives_jiffies_and_the_windows_that_span_a_tick() {
-        let t = |k: &str, us: u64| (format!("{COARSE_PREFIX}{k}"), us);
+        let t = |k: &str, us: u64| (format!("{}{k}", crate::protocol::COARSE_PREFIX), us);
         let result = KernelResult {
             timings_ms: vec![
                 t("res", 4000),
@@ -626,7 +681,7 @@ mod tests {
         let Job::Cache { cache, origin, .. } = &p.job else { panic!("a cache job") };
         assert_eq!(cache.len() as u64, spec.cache_disk_sectors() * 512);
         assert_eq!(origin.len() as u64, spec.origin_disk_sectors() * 512);
-        assert!(logged_plan(&trace).unwrap_err().to_string().contains("take no resizes"));
+        assert!(ublk_plan(&trace).unwrap_err().to_string().contains("take no resizes"));
         // Without resizes, the disks are the devices.
         let plain = Trace { header: cfg.header(), events: vec![Event::Op(Op::Status)] };
         let p = plan(&plain).unwrap();
@@ -634,172 +689,8 @@ mod tests {
     }
 }
 
-/// [`plan`] with the job logged: the three devices on one dm-log-writes
-/// device, a mark after every op ([`crate::protocol::CACHE_LOGGED_PARAM`]);
-/// [`judge_crash_states`] reads the kernel's crash states from the log.
-///
-/// Every FUA write becomes a plain write and a flush: dm-log-writes logs a
-/// FUA write when it completes but a plain write only at the flush that
-/// covers it, so a plain write acknowledged *before* an overlapping FUA
-/// write lands after it in the log, and replaying the log would bring the
-/// older data back — a state no disk can be in (seen on the first runs of
-/// `kernel_cache_crash_states.rs`). Without FUA writes the log's order
-/// within each flush is the completion order.
-pub fn logged_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
-        // The crash states are loaded on the first table's sizes.
-        return Err(ShimError::Invalid(format!("op {i} (resize): logged replays take no resizes yet")));
-    }
-    let mut p = plan_with(trace, true, false)?;
-    if let Job::Cache { trace, .. } = &mut p.job {
-        trace.header.params.push((crate::protocol::CACHE_LOGGED_PARAM.into(), "1".into()));
-    }
-    Ok(p)
-}
-
-/// What the kernel's crash states of a logged run read like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheCrashReport {
-    /// Durability points judged (ops after which something had to be
-    /// durable: a flush, a FUA write, a PREFLUSH write).
-    pub points: usize,
-    /// Blocks read back from those states.
-    pub reads: usize,
-    /// Reads the oracle does not allow after a crash at that point.
-    pub violations: Vec<String>,
-}
-
-/// The kernel's durable disks after every durability point of a logged run
-/// (the log replayed up to the op's mark onto what the host wrote: what a
-/// power cut that loses every volatile cache leaves), each loaded by the
-/// model's cache target as after a crash (every mapping dirty; a
-/// passthrough table that cannot load falls back to writeback) and every
-/// origin block read back, each read judged by the oracle after a crash at
-/// that point of the same requests.
-///
-/// The three devices share one log-writes device, so a flush sent to any
-/// of them makes every device's earlier writes durable in the log: these
-/// states cannot show a missing data flush before a metadata commit (the
-/// finding of `kernel_finding_cache_commit_without_data_flush.rs`).
-pub fn judge_crash_states(plan: &CachePlan, run: &KernelRun) -> Result<CacheCrashReport, ShimError> {
-    use dmsim_model::cache::core::{BioRequest, Cache, CacheOptions};
-    use dmsim_traces::op::CacheIoMode;
-
-    use crate::logwrites::{self, EntryKind};
-    use crate::protocol::mark_name;
-
-    let Job::Cache { metadata, cache, origin, .. } = &plan.job else {
-        return Err(ShimError::Invalid("not a cache job".into()));
-    };
-    let log_bytes = match &run.log {
-        Some(Ok(b)) => b,
-        Some(Err(e)) => return Err(ShimError::Invalid(format!("the run's log: {e}"))),
-        None => return Err(ShimError::Invalid("the run carries no log (not a logged job?)".into())),
-    };
-    let log = logwrites::parse(log_bytes).map_err(|e| ShimError::Invalid(e.to_string()))?;
-    let c = &plan.cfg.cache;
-    let (m_len, c_len) = (metadata.len(), cache.len());
-    let mut device = [metadata.as_slice(), cache.as_slice(), origin.as_slice()].concat();
-    let results = &run.result.ops;
-    let mut report = CacheCrashReport { points: 0, reads: 0, violations: Vec::new() };
-    let mut at = 0;
-    let mut mode = c.io_mode;
-    for (i, op) in plan.ops.iter().enumerate() {
-        let name = mark_name(i);
-        let Some(mark) = log.entries[at..]
-            .iter()
-            .position(|e| matches!(&e.kind, EntryKind::Mark(t) if *t == name))
-            .map(|p| p + at)
-        else {
-            return Err(ShimError::Invalid(format!("the log has no mark {name:?} after entry {at}")));
-        };
-        log.replay_into(&mut device, at..mark).map_err(|e| ShimError::Invalid(e.to_string()))?;
-        at = mark + 1;
-        if let (Op::Reload { mode: m, .. }, Some(r)) = (op, results.get(i)) {
-            if r.outcome == "ok" {
-                mode = *m;
-            }
-        }
-        if !crate::crash::is_durability_point(op) {
-            continue;
-        }
-        report.points += 1;
-        // The oracle after the same requests, then a crash.
-        let mut feeder = Feeder::new(&plan.cfg)?;
-        for (k, (op, r)) in plan.ops.iter().zip(results).enumerate().take(i + 1) {
-            feeder.feed(k, op, r)?;
-        }
-        feeder.oracle.crash();
-        // The model's cache target on the kernel's crash state.
-        let devices = || {
-            (
-                MemDevice::from_bytes(device[..m_len].to_vec()),
-                MemDevice::from_bytes(device[m_len..m_len + c_len].to_vec()),
-                MemDevice::from_bytes(device[m_len + c_len..].to_vec()),
-            )
-        };
-        let (m, cd, od) = devices();
-        let mut target =
-            match Cache::create(&c.table_line(mode, c.policy), m, cd, od, 0, CacheOptions::default()) {
-                Ok(t) => t,
-                Err(e) if e.message.contains("passthrough") => {
-                    let (m, cd, od) = devices();
-                    Cache::create(
-                        &c.table_line(CacheIoMode::Writeback, c.policy),
-                        m,
-                        cd,
-                        od,
-                        0,
-                        CacheOptions::default(),
-                    )
-                    .map_err(|e| {
-                        ShimError::Invalid(format!("after op {i}: the crash state does not load: {e}"))
-                    })?
-                }
-                Err(e) => {
-                    report
-                        .violations
-                        .push(format!("after op {i}: the kernel's crash state does not load: {e}"));
-                    continue;
-                }
-            };
-        let bs = c.block_sectors;
-        for b in 0..c.origin_blocks {
-            let id = target
-                .submit(BioRequest::read(b * bs, bs))
-                .map_err(|e| ShimError::Invalid(format!("after op {i}: {e}")))?;
-            let mut data = None;
-            for _ in 0..100_000 {
-                if let Some(d) = target.take_completions().into_iter().find(|d| d.id == id) {
-                    data = Some(d);
-                    break;
-                }
-                if target.worker_wanted() {
-                    target.run_worker();
-                } else if let Some(io) = target.in_flight_io().first() {
-                    let io = io.id;
-                    target.complete_io(io).map_err(|e| ShimError::Invalid(e.to_string()))?;
-                }
-            }
-            let Some(d) = data else {
-                return Err(ShimError::Invalid(format!("after op {i}: a read of block {b} never completed")));
-            };
-            let t = feeder.oracle.read_submitted(0, b * bs, bs).map_err(misuse)?;
-            report.reads += 1;
-            if let Err(e) = feeder.oracle.read_completed(t, d.result.is_ok(), &d.data) {
-                report.violations.push(format!(
-                    "a crash after op {i} ({}): block {b} reads [{}]: {e}",
-                    op.name(),
-                    dmsim_sim::thin::summarize(&d.data)
-                ));
-            }
-        }
-    }
-    Ok(report)
-}
-
 /// The serialized simulator's run of a plan, held against the kernel's.
-struct SimRun {
+pub(crate) struct SimRun {
     /// What each op read in the simulator (None for other ops).
     reads: Vec<Option<String>>,
     /// The simulator's metadata after the clean shutdown.
@@ -810,6 +701,15 @@ struct SimRun {
     runs: (usize, usize),
     /// Each resize's outcome in the simulator (`ok` or the errno name).
     resizes: Vec<String>,
+    /// The tick choices the run made (see [`serialized`]).
+    choices: Vec<bool>,
+    /// With capture on: after every op [`crate::durable::is_mark`] names
+    /// (by op index), the durable images of the metadata, cache and origin
+    /// devices.
+    durable: BTreeMap<usize, [Vec<u8>; 3]>,
+    /// What the simulator's end (settle, read-back through its oracle,
+    /// clean shutdown, checks) refused, if anything.
+    end_failure: Option<String>,
 }
 
 /// When something happened in the kernel, as a jiffy it may have seen:
@@ -820,7 +720,7 @@ struct Window {
     after: u64,
 }
 
-/// The jiffies of a settled run (see [`COARSE_PREFIX`]): the first
+/// The jiffies of a settled run (see [`COARSE_PREFIX`](crate::protocol::COARSE_PREFIX)): the first
 /// table's load and resume, each op's, each reload's load and resume.
 #[derive(Debug, Default)]
 struct Jiffies {
@@ -840,15 +740,7 @@ impl Jiffies {
     /// The jiffies of a run's result, None when it carries no coarse
     /// clock.
     fn of(result: &KernelResult) -> Option<Jiffies> {
-        let t: BTreeMap<&str, u64> = result
-            .timings_ms
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
-            .collect();
-        let res = *t.get("res")?;
-        if res < 1000 || res % 1000 != 0 {
-            return None;
-        }
+        let (t, res) = crate::protocol::coarse_readings(result)?;
         let j = |v: u64| (v + res / 2) / res;
         let win = |a: &str, b: &str| Some(Window { before: j(*t.get(a)?), after: j(*t.get(b)?) });
         let mut out = Jiffies {
@@ -922,9 +814,9 @@ const MAX_FOLLOW_RUNS: usize = 256;
 /// the kernel's op by op, and the run that followed longest is returned.
 /// Without a coarse clock (an unsettled run), one run follows the ops'
 /// end times.
-fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
+pub(crate) fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimError> {
     let Some(jiffies) = Jiffies::of(&run.result) else {
-        return serialized(plan, run, None, &[]);
+        return serialized(plan, run, None, &[], false);
     };
     let decisions = jiffies.decisions();
     let mut best: Option<SimRun> = None;
@@ -936,7 +828,7 @@ fn follow_the_kernel(plan: &CachePlan, run: &KernelRun) -> Result<SimRun, ShimEr
             break;
         }
         runs += 1;
-        let mut r = serialized(plan, run, Some(&jiffies), &prefix)?;
+        let mut r = serialized(plan, run, Some(&jiffies), &prefix, false)?;
         r.runs = (runs, decisions.len());
         let d = reach(&r);
         if d == usize::MAX {
@@ -971,6 +863,7 @@ fn serialized(
     run: &KernelRun,
     jiffies: Option<&Jiffies>,
     choices: &[bool],
+    capture: bool,
 ) -> Result<SimRun, ShimError> {
     let mut cfg = plan.cfg.cache;
     let sim_err =
@@ -1021,6 +914,7 @@ fn serialized(
     let mut first_divergence = None;
     let mut sim_ms = 0u64;
     let mut reads = Vec::new();
+    let mut durable = BTreeMap::new();
     // Time moves a jiffy at a time, so that the waker runs in the jiffy
     // it ran in the kernel.
     let advance = |sim: &mut CacheSim, to: u64, sim_ms: &mut u64| -> Result<(), ShimError> {
@@ -1054,6 +948,13 @@ fn serialized(
         let before = sim.events().len();
         sim.apply(op).map_err(sim_err)?;
         sim.quiesce().map_err(sim_err)?;
+        if let (true, Op::Write { dev, fua: true, .. }) = (capture, op) {
+            // The agent's FUA write is a RWF_DSYNC write: on 6.1 a FUA
+            // bio, then a flush of the whole device (`blkdev_write_iter`
+            // ends with `generic_write_sync`). The crash states follow.
+            sim.apply(&Op::Flush { dev: *dev }).map_err(sim_err)?;
+            sim.quiesce().map_err(sim_err)?;
+        }
         if let (None, Some(k)) = (&first_divergence, kernel_status.get(&i)) {
             let ours = sim.cache().status(true);
             if counters(k) != counters(&ours) {
@@ -1065,6 +966,12 @@ fn serialized(
             _ => None,
         });
         reads.push(read);
+        if capture && crate::durable::is_mark(op) {
+            let c = sim.cache();
+            let m = c.metadata().transaction_manager().block_manager().device().durable().to_vec();
+            let images = [m, c.cache_device().durable().to_vec(), c.origin_device().durable().to_vec()];
+            durable.insert(i, images);
+        }
     }
     let resizes = sim
         .resize_log()
@@ -1074,6 +981,15 @@ fn serialized(
             Err(e) => e.to_string(),
         })
         .collect();
-    sim.finish().map_err(|f| ShimError::Invalid(format!("the serialized simulator's end: {f}")))?;
-    Ok(SimRun { reads, image: sim.metadata_image(), first_divergence, runs: (1, 0), resizes })
+    let end_failure = sim.finish().err().map(|f| format!("the serialized simulator's end: {f}"));
+    Ok(SimRun {
+        reads,
+        image: sim.metadata_image(),
+        first_divergence,
+        runs: (1, 0),
+        resizes,
+        choices: choices.to_vec(),
+        durable,
+        end_failure,
+    })
 }

@@ -17,6 +17,7 @@ use dmsim_sim::thin::ThinSim;
 use dmsim_traces::{Event, Op, Trace};
 
 use crate::error::ShimError;
+use crate::kernel_clock::ThinClock;
 use crate::protocol::{summarize, PoolSpec};
 use crate::vm::{dump, mapped_blocks, KernelRun};
 
@@ -93,7 +94,7 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 /// Crashes are refused (the virtio replay does not cut power); see
 /// [`simulate_serialized_crashing`].
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, false)
+    simulate_serialized_inner(trace, false, None)
 }
 
 /// As [`simulate_serialized_full`], crash ops included (what a ublk
@@ -105,7 +106,21 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
 /// controlled disks the same way), and every op's outcome is recorded in
 /// [`SimulatedRun::ops`].
 pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, true)
+    simulate_serialized_inner(trace, true, None)
+}
+
+/// As [`simulate_serialized_full`] (`crashes` false) or
+/// [`simulate_serialized_crashing`] (true), following the kernel run's
+/// clock when its result carries one ([`ThinClock`]): before each op the
+/// simulator's time moves, a jiffy at a time, to the jiffy the kernel's op
+/// started in, its waker placed where the kernel's timer wheel placed the
+/// kernel's, so that timed commits land between the same ops; a pool
+/// rebuilt after a power cut starts its clock when the kernel's did; and
+/// the teardown comes when the kernel's did. Without a clock, the same as
+/// those.
+pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Result<SimulatedRun, ShimError> {
+    let clock = ThinClock::of(&run.result);
+    simulate_serialized_inner(trace, crashes, clock.as_ref())
 }
 
 /// What the serialized simulator holds right after a crash op's recovery,
@@ -125,8 +140,15 @@ pub struct SimulatedCrash {
     pub data: (u32, u32),
 }
 
-fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRun, ShimError> {
-    let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+fn simulate_serialized_inner(
+    trace: &Trace,
+    crashes: bool,
+    clock: Option<&ThinClock>,
+) -> Result<SimulatedRun, ShimError> {
+    let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+    if let Some(c) = clock {
+        cfg.thin.options.waker_wheel_phase = Some(c.wheel_phase());
+    }
     if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
         return Err(ShimError::Invalid(e));
     }
@@ -145,7 +167,16 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
     let mut first_oracle = None;
     let mut ops = Vec::new();
     let mut mode = "write".to_string();
+    let mut now = 0;
     for (i, op) in trace.ops().enumerate() {
+        if let Some(c) = clock {
+            // A crash op has no reading of its own: it came right after
+            // the op before it.
+            let start = if let Op::Crash { .. } = op { c.before(i) } else { c.op_start(i) };
+            if let Some(t) = start {
+                c.advance(&mut sim, &mut now, t).map_err(fail)?;
+            }
+        }
         let at = sim.events().len();
         if matches!(op, Op::Fault { .. } | Op::AimFault { .. }) {
             sim.apply(&op).map_err(fail)?;
@@ -174,6 +205,12 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
                 metadata,
                 data,
             });
+            if let Some((c, t)) = clock.and_then(|c| Some((c, c.rebuild(i)?))) {
+                // The kernel's new pool was created after the dead one's
+                // teardown: its commit clock and waker start then.
+                c.advance(&mut sim, &mut now, t).map_err(fail)?;
+                sim.pool().start_clock(now);
+            }
             continue;
         }
         if !kernel_replays(&op) {
@@ -193,6 +230,9 @@ fn simulate_serialized_inner(trace: &Trace, crashes: bool) -> Result<SimulatedRu
             }
         }
         ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
+    }
+    if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
+        c.advance(&mut sim, &mut now, t).map_err(fail)?;
     }
     let before = sim.events().len();
     let mut oracle_violation = first_oracle;

@@ -30,20 +30,27 @@
 //! the disks' power at a trace's crash ops and rebuilds the pool on what
 //! `faults::SimDisk::crash_state` keeps
 //! ([`equivalence::simulate_serialized_crashing`],
-//! [`equivalence::compare_crashes`]).
+//! [`equivalence::compare_crashes`]). A cache job can run on three
+//! controlled disks too ([`cache_replay::ublk_plan`]): the agent records
+//! their durable state at every FLUSH, FUA, status and reload
+//! ([`durable`]), and [`cache_crash`] judges those crash states and holds
+//! them against the simulator's.
 //! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cache_crash;
 mod agent_fs;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;
 pub mod dm;
+pub mod durable;
 pub mod equivalence;
 pub mod error;
 pub mod fault_compare;
 pub mod initramfs;
+pub mod kernel_clock;
 pub mod logwrites;
 pub mod protocol;
 pub mod ublk;

@@ -295,6 +295,10 @@ pub struct KernelResult {
     /// For a ublk job: one record per crash op, in order
     /// ([`CrashRecord`]).
     pub crashes: Vec<CrashRecord>,
+    /// For a cache job on controlled disks ([`CACHE_UBLK_PARAM`]): the
+    /// durable disks after every op [`crate::durable::is_mark`] names, in
+    /// op order ([`crate::durable`]).
+    pub durable: Vec<crate::durable::DurableMark>,
     /// What the agent observed besides the ops' results, as `(key,
     /// text)`: a cache job's [`CacheStep::FileWrite`] records
     /// `step<k>.<what>` (its outcome, status lines, `/sys` stat lines); a
@@ -368,6 +372,9 @@ impl KernelResult {
                     let _ = writeln!(s, "crash-block {} {} {}", d.id, i, one_line(b));
                 }
             }
+        }
+        for m in &self.durable {
+            m.write_text(&mut s);
         }
         for (key, text) in &self.notes {
             let _ = writeln!(s, "note {} {}", one_line(key).replace(' ', "_"), one_line(text));
@@ -539,6 +546,8 @@ impl KernelResult {
                     ended = true;
                     break;
                 }
+                _ if crate::durable::DurableMark::parse_line(key, rest, &mut r.durable)
+                    .map_err(|e| bad(n, line, &e))? => {}
                 _ => return Err(bad(n, line, "unknown line")),
             }
         }
@@ -657,7 +666,7 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
     let offsets = kinds
         .iter()
         .map(|k| {
-            matches!(k, JobKind::Logged { .. } | JobKind::Cache).then(|| {
+            matches!(k, JobKind::Logged { .. }).then(|| {
                 end += LOG_SLICE_SECTORS;
                 end - LOG_SLICE_SECTORS
             })
@@ -1114,11 +1123,14 @@ pub fn cache_status_field(line: &str, i: usize) -> Option<&str> {
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
-/// The header parameter (`1`) that puts a cache job's three devices on
-/// one dm-log-writes device with a mark [`mark_name`]`(i)` after every op
-/// `i`; the run carries the log (its slice is allocated for every cache
-/// job).
-pub const CACHE_LOGGED_PARAM: &str = "cache_logged";
+/// The header parameter (`1`) that serves a cache job's metadata, cache
+/// and origin devices from the agent as three controlled disks
+/// (`crate::ublk`, each starting as the image the host supplied), and
+/// records their durable state after every FLUSH, FUA or PREFLUSH write
+/// and every status query and reload ([`KernelResult::durable`],
+/// [`crate::durable::is_mark`]). The job's metadata slice gets the durable
+/// metadata image at the end. Needs the ublk module in the initramfs.
+pub const CACHE_UBLK_PARAM: &str = "cache_ublk";
 
 /// In a cache job with [`CACHE_TICKS_SLEEP_ONLY_PARAM`], the timing entry
 /// `op-end-<i>` holds the milliseconds from the first op to the end of op
@@ -1152,6 +1164,20 @@ pub const CACHE_SETTLE_PARAM: &str = "cache_settle";
 /// (`op-load-a-<i>` …); `res` is the clock's resolution (one jiffy). smq
 /// reads jiffies for its periods; these say which jiffy each op saw.
 pub const COARSE_PREFIX: &str = "coarse-us-";
+
+/// A job's [`COARSE_PREFIX`] readings (microseconds, by name without the
+/// prefix) and the clock's resolution (`res`, one jiffy), None when the
+/// job reports no usable clock (no resolution, or one that is not a whole
+/// number of milliseconds).
+pub fn coarse_readings(result: &KernelResult) -> Option<(std::collections::BTreeMap<&str, u64>, u64)> {
+    let t: std::collections::BTreeMap<&str, u64> = result
+        .timings_ms
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
+        .collect();
+    let res = *t.get("res")?;
+    (res >= 1000 && res % 1000 == 0).then_some((t, res))
+}
 
 /// In a settled cache job, the timing entry holding the kernel's absolute
 /// `jiffies`, mod 8, when the [`COARSE_PREFIX`] clock read 0 (timer wheel
@@ -1300,6 +1326,12 @@ mod tests {
             op_status: vec![(1, "8 11/512 128 2/16 0 1 0 0 0 1 0".into())],
             ublk: vec![("metadata-flushes".into(), 7), ("left-devices".into(), 0)],
             crashes: Vec::new(),
+            durable: vec![crate::durable::DurableMark {
+                op: 3,
+                metadata: vec![(0, "z12.ff".into())],
+                cache: vec![(1, "w2*128".into())],
+                origin: Vec::new(),
+            }],
             notes: vec![
                 ("step1.outcome".into(), "ok".into()),
                 ("step1.status-after".into(), "8 1/2 a b".into()),
@@ -1309,6 +1341,7 @@ mod tests {
         let text = r.to_text();
         let back = KernelResult::from_text(&text).unwrap();
         assert_eq!(back.ublk, r.ublk);
+        assert_eq!(back.durable, r.durable);
         assert_eq!(back.notes, r.notes);
         let mut with_crash = KernelResult { error: Some("it broke".into()), ..r.clone() };
         with_crash.crashes.push(CrashRecord {

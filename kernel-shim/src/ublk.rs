@@ -622,7 +622,9 @@ pub struct UblkDevice<'c> {
     dev_id: u32,
     block: PathBuf,
     granted: DevInfo,
-    thread: Option<JoinHandle<Result<ControlledDisk, String>>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+    /// The disk, shared with the queue thread (locked per request).
+    disk: Arc<Mutex<ControlledDisk>>,
     deleted: bool,
     /// Set by [`UblkDevice::cut_power`]; the queue thread then fails
     /// every request.
@@ -682,6 +684,7 @@ impl<'c> UblkDevice<'c> {
             block: PathBuf::from(format!("/dev/ublkb{}", info.dev_id)),
             granted: info,
             thread: None,
+            disk: Arc::new(Mutex::new(disk)),
             deleted: false,
             power_cut: Arc::new(AtomicBool::new(false)),
             control: Arc::new(Mutex::new(crate::ublk_faults::DiskControl::default())),
@@ -701,7 +704,7 @@ impl<'c> UblkDevice<'c> {
                     m => m.clamp(8, buf_bytes >> 9),
                 },
                 chunk_sectors: 0,
-                dev_sectors: disk.sectors(),
+                dev_sectors: lock(&dev.disk).sectors(),
                 virt_boundary_mask: 0,
             },
             discard: ParamDiscard {
@@ -726,10 +729,11 @@ impl<'c> UblkDevice<'c> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let depth = info.queue_depth;
         let power_cut = Arc::clone(&dev.power_cut);
+        let disk = Arc::clone(&dev.disk);
         let control = Arc::clone(&dev.control);
         let thread = std::thread::Builder::new()
             .name(format!("ublk{}", dev.dev_id))
-            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, disk, &power_cut, &control, ready_tx))
+            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, &disk, &power_cut, &control, ready_tx))
             .map_err(|e| io_err("spawn the ublk queue thread", e))?;
         dev.thread = Some(thread);
         match ready_rx.recv() {
@@ -749,6 +753,13 @@ impl<'c> UblkDevice<'c> {
         };
         ctl.command(CMD_START_DEV, &cmd)?;
         wait_for_node(&dev.block, Duration::from_secs(10))?;
+        // One request per bio, as the simulator's disk takes them: the
+        // block layer would merge adjacent bios (a write over two thin
+        // blocks mapped to adjacent data blocks, say) into one request,
+        // and a power cut's choice among the volatile writes would then
+        // count them differently.
+        let nomerges = format!("/sys/block/ublkb{}/queue/nomerges", dev.dev_id);
+        std::fs::write(&nomerges, "2").map_err(|e| io_err(format!("write 2 to {nomerges}"), e))?;
         Ok(dev)
     }
 
@@ -792,9 +803,20 @@ impl<'c> UblkDevice<'c> {
 
     fn join(&mut self) -> Result<ControlledDisk, String> {
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| "the ublk queue thread panicked".to_string())?,
-            None => Err("no queue thread".into()),
+            Some(t) => t.join().map_err(|_| "the ublk queue thread panicked".to_string())??,
+            None => return Err("no queue thread".into()),
         }
+        Ok(std::mem::replace(&mut *lock(&self.disk), ControlledDisk::from_image(Vec::new())))
+    }
+
+    /// Runs `f` on the disks of `devices` at one instant: every disk is
+    /// locked (in the order given) before `f` runs, so no request changes
+    /// any of them meanwhile — what `f` sees of their durable images is
+    /// what one power cut at that instant would keep.
+    pub fn with_disks<R>(devices: &[&UblkDevice<'_>], f: impl FnOnce(&[&ControlledDisk]) -> R) -> R {
+        let guards: Vec<_> = devices.iter().map(|d| lock(&d.disk)).collect();
+        let disks: Vec<&ControlledDisk> = guards.iter().map(|g| &**g).collect();
+        f(&disks)
     }
 
     fn simple(&self, op: u32) -> Result<i32, ShimError> {
@@ -868,13 +890,6 @@ pub fn live_devices() -> Vec<String> {
     out
 }
 
-/// Locks the shared control; a poisoned lock (a panicked holder) still
-/// holds consistent data (plain vectors), so it is used as is.
-fn lock(
-    m: &Mutex<crate::ublk_faults::DiskControl>,
-) -> std::sync::MutexGuard<'_, crate::ublk_faults::DiskControl> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Hands the armed faults to the disk, in arming order.
 fn apply_arms(disk: &mut ControlledDisk, control: &Mutex<crate::ublk_faults::DiskControl>) {
@@ -934,16 +949,16 @@ fn io_sqe(fd: i32, op: u32, tag: u16, result: i32, buf: &mut [u8]) -> io_uring::
 
 /// The queue thread: opens the char device, maps the descriptors, fetches
 /// on every tag, reports ready, then serves until every tag is aborted
-/// (the device stopped). Returns the disk.
+/// (the device stopped). The disk stays in `disk` ([`UblkDevice::stop`] takes it).
 fn serve_queue(
     char_dev: &Path,
     depth: u16,
     buf_bytes: u32,
-    mut disk: ControlledDisk,
+    disk: &Mutex<ControlledDisk>,
     power_cut: &AtomicBool,
     control: &Mutex<crate::ublk_faults::DiskControl>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
-) -> Result<ControlledDisk, String> {
+) -> Result<(), String> {
     let fail = |e: String| {
         let _ = ready.send(Err(e.clone()));
         Err(e)
@@ -994,15 +1009,19 @@ fn serve_queue(
             }
             if res == 0 {
                 let req = Request::from_desc(tag, &descs.get(tag));
-                if disk.powered() && power_cut.load(Ordering::SeqCst) {
-                    disk.cut_power();
-                }
-                apply_arms(&mut disk, control);
-                let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
-                let fired = disk.take_fired();
-                if !fired.is_empty() {
-                    lock(control).fired.extend(fired);
-                }
+                let result = {
+                    let mut disk = lock(disk);
+                    if disk.powered() && power_cut.load(Ordering::SeqCst) {
+                        disk.cut_power();
+                    }
+                    apply_arms(&mut disk, control);
+                    let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
+                    let fired = disk.take_fired();
+                    if !fired.is_empty() {
+                        lock(control).fired.extend(fired);
+                    }
+                    result
+                };
                 let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
                 // SAFETY: as above; at most `depth` commands are in flight.
                 if unsafe { ring.submission().push(&sqe) }.is_err() {
@@ -1022,11 +1041,18 @@ fn serve_queue(
     drop(descs);
     drop(file);
     // Faults armed after the last request stay armed on the disk.
-    apply_arms(&mut disk, control);
+    apply_arms(&mut lock(disk), control);
     match error {
         Some(e) => Err(e),
-        None => Ok(disk),
+        None => Ok(()),
     }
+}
+
+/// Locks a disk or its fault control; a poisoned lock (a panic while
+/// serving) still gives the value as it was left (a disk's state, or plain
+/// vectors of arms and fired faults).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs_with, Kernel, ROOT_MODULES};
 use crate::protocol::{
     encode_cache_steps, encode_request, log_offsets, read_frame, write_frame, CacheSpec, CacheStep, JobKind,
-    KernelResult, Layout, PoolSpec, CACHE_LOGGED_PARAM, CACHE_STEPS_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC,
+    KernelResult, Layout, PoolSpec, CACHE_STEPS_PARAM, CACHE_UBLK_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC,
     RESULT_MAGIC,
 };
 
@@ -331,6 +331,17 @@ impl Job {
         }
     }
 
+    /// Whether the job runs on controlled disks served through ublk (a
+    /// [`Job::Ublk`], or a cache job with [`CACHE_UBLK_PARAM`]): it needs a
+    /// shim prepared with [`KernelShim::prepare_with_ublk`].
+    pub fn needs_ublk(&self) -> bool {
+        match self {
+            Job::Ublk(_) => true,
+            Job::Cache { trace, .. } => trace.header.param(CACHE_UBLK_PARAM) == Some("1"),
+            _ => false,
+        }
+    }
+
     /// What the agent is asked to do.
     pub fn kind(&self) -> JobKind {
         match self {
@@ -444,7 +455,7 @@ impl KernelShim {
 
     /// One boot running `jobs` in turn.
     fn boot(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
-        if self.ublk_module.is_none() && jobs.iter().any(|j| matches!(j, Job::Ublk(_))) {
+        if self.ublk_module.is_none() && jobs.iter().any(Job::needs_ublk) {
             return Err(ShimError::Invalid(
                 "a ublk job needs the ublk module: prepare the shim with KernelShim::prepare_with_ublk"
                     .into(),
@@ -487,7 +498,16 @@ impl KernelShim {
                     let crashes =
                         j.trace().ops().filter(|op| matches!(op, dmsim_traces::Op::Crash { .. })).count()
                             as u64;
+                    // A cache job on controlled disks ships its durable
+                    // disks' changes after every FLUSH or FUA.
+                    let marks = match j {
+                        Job::Cache { trace, .. } if trace.header.param(CACHE_UBLK_PARAM) == Some("1") => {
+                            trace.ops().filter(crate::durable::is_mark).count() as u64
+                        }
+                        _ => 0,
+                    };
                     4096 + j.trace().events.len() as u64 * 256
+                        + marks * (256 << 10)
                         + (1 + crashes)
                             * (s.max_devices as u64).saturating_mul(s.thin_blocks).saturating_mul(512 + 24)
                 })
@@ -594,13 +614,7 @@ impl KernelShim {
                 }
                 _ => None,
             };
-            // A cache job has a log slice; it holds a log only when the job
-            // asked for one.
-            let logged = match job {
-                Job::Cache { trace, .. } => trace.header.param(CACHE_LOGGED_PARAM) == Some("1"),
-                _ => true,
-            };
-            let log = log_at.filter(|_| logged).map(|at| read_log(&disk(DiskRole::Log), at * 512));
+            let log = log_at.map(|at| read_log(&disk(DiskRole::Log), at * 512));
             let at = (slice.metadata_offset * 512) as usize;
             let len = (spec.metadata_sectors * 512) as usize;
             let metadata_image = metadata_disk

@@ -56,17 +56,7 @@ const WRITTEN: u64 = 0;
 const QUIET: Option<u64> = Some(64);
 
 fn spec(version: u32) -> CacheSpec {
-    CacheSpec {
-        run: RUN,
-        block_sectors: BS,
-        cache_blocks: CACHE_BLOCKS,
-        origin_blocks: ORIGIN_BLOCKS,
-        metadata_sectors: METADATA_SECTORS,
-        metadata2: version == 2,
-        mode: "writeback".into(),
-        migration_threshold: QUIET,
-        disk_blocks: None,
-    }
+    cache_vm::writeback_spec(RUN, BS, CACHE_BLOCKS, ORIGIN_BLOCKS, METADATA_SECTORS, version, QUIET)
 }
 
 fn stamped(write: u64, first_sector: u64) -> Vec<u8> {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use thin_tools::{in_ci, thin_check_verdict};
 
 use dmsim_kernel_shim::equivalence::{
-    compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_serialized,
+    compare_l1, compare_l2, compare_l3, kernel_replays, read_images, simulate_following, simulate_serialized,
     simulate_serialized_full, FinalState, SimulatedRun, L2,
 };
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
@@ -249,6 +249,8 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
         "seed", "workload", "ops", "devs", "ops ms", "L1", "L2", "L3 same", "L3 first"
     );
     let (mut l2_identical, mut l2_allocation, mut l3_identical, mut l3_blocks, mut l3_same) = (0, 0, 0, 0, 0);
+    // The same, with the simulator following the kernel's clock.
+    let (mut f_l2_identical, mut f_l3_identical, mut f_l3_same) = (0, 0, 0);
     let mut failures = Vec::new();
     for (case, run) in corpus.cases.iter().zip(&corpus.runs) {
         check_agent(case.seed, run);
@@ -268,6 +270,12 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
         l3_identical += usize::from(l3.is_identical());
         l3_blocks += l3.blocks;
         l3_same += l3.blocks - l3.differing;
+        let followed = simulate_following(&case.trace, false, run)
+            .unwrap_or_else(|e| panic!("seed {}: following the kernel's clock: {e}", case.seed));
+        let f_l3 = compare_l3(&followed.metadata_image, &run.metadata_image);
+        f_l2_identical += usize::from(compare_l2(&followed.thin_dump, kernel_dump).is_identical());
+        f_l3_identical += usize::from(f_l3.is_identical());
+        f_l3_same += f_l3.blocks - f_l3.differing;
         let first = l2.first_difference().map_or(String::new(), |(n, s, k)| format!("line {n}: {s} | {k}"));
         eprintln!(
             "{:>5} {:<19} {:>4} {:>4} {:>6} {:<9} {:<11} {:>4}/{:<4} {:>8}  {}",
@@ -299,6 +307,10 @@ fn corpus_is_l1_equal_and_l2_l3_are_reported() {
     eprintln!(
         "L1 equal {n}/{n} unless listed below; L2 identical {l2_identical}/{n}, identical but data block numbers {l2_allocation}/{n}; \
          L3 identical images {l3_identical}/{n}, identical 4 KiB blocks {l3_same}/{l3_blocks}"
+    );
+    eprintln!(
+        "following the kernel's clock: L2 identical {f_l2_identical}/{n}; L3 identical images {f_l3_identical}/{n}, \
+         identical 4 KiB blocks {f_l3_same}/{l3_blocks}"
     );
     eprintln!(
         "timings: prepare {:?}, one boot for {} jobs {:?} (guest boot {:?}, agent {} ms)",
@@ -459,9 +471,21 @@ fn a_pool_out_of_metadata_space_is_answered_op_by_op_to_the_end() {
     );
     let l1 = compare_l1(&sim.state, &FinalState::of_kernel(run));
     let l2 = compare_l2(&sim.thin_dump, run.thin_dump.as_ref().expect("the kernel's metadata dumps"));
+    let followed = simulate_following(&pressure_trace(), false, run).expect("the simulator follows the kernel");
+    let fl1 = compare_l1(&followed.state, &FinalState::of_kernel(run));
+    let fl2 = compare_l2(&followed.thin_dump, run.thin_dump.as_ref().expect("the kernel's metadata dumps"));
+    let fl3 = compare_l3(&followed.metadata_image, &run.metadata_image);
+    let l3 = compare_l3(&sim.metadata_image, &run.metadata_image);
     eprintln!(
-        "seed 181 (metadata pressure): {rolled_back} creates rolled back, {refused} messages refused; L1 {}, L2 {}",
+        "seed 181 (metadata pressure): {rolled_back} creates rolled back, {refused} messages refused; L1 {}, L2 {}, \
+         L3 {} of {} blocks differ; following the kernel's clock: L1 {}, L2 {}, L3 {} of {} blocks differ",
         if l1.is_empty() { "equal".to_string() } else { format!("{} differences, first {}", l1.len(), l1[0]) },
-        l2.label()
+        l2.label(),
+        l3.differing,
+        l3.blocks,
+        if fl1.is_empty() { "equal".to_string() } else { format!("{} differences", fl1.len()) },
+        fl2.label(),
+        fl3.differing,
+        fl3.blocks
     );
 }

@@ -38,13 +38,15 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+#[path = "common/cache_vm.rs"]
+mod cache_vm;
+
 use dmsim_kernel_shim::{CacheSpec, CacheStep, Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::cache::inspect::{read_image, CacheImage};
 use dmsim_model::cache::mapping::{discard_geometry, PolicyHints, ShutdownState};
 use dmsim_model::cache::superblock::CacheStats;
 use dmsim_model::cache::CacheMetadata;
-use dmsim_traces::stamp;
 use dmsim_traces::Op;
 
 const RUN: u64 = 0xC1EA4;
@@ -77,27 +79,15 @@ const OBLOCK: u64 = MAPPINGS[0].1;
 const FLUSHED: u64 = 0;
 
 fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    cache_vm::in_ci()
 }
 
 fn spec(version: u32) -> CacheSpec {
-    CacheSpec {
-        run: RUN,
-        block_sectors: BS,
-        cache_blocks: CACHE_BLOCKS,
-        origin_blocks: ORIGIN_BLOCKS,
-        metadata_sectors: METADATA_SECTORS,
-        metadata2: version == 2,
-        mode: "writeback".into(),
-        migration_threshold: QUIET,
-        disk_blocks: None,
-    }
+    cache_vm::writeback_spec(RUN, BS, CACHE_BLOCKS, ORIGIN_BLOCKS, METADATA_SECTORS, version, QUIET)
 }
 
 fn stamped(write: u64, first_sector: u64) -> Vec<u8> {
-    let mut b = vec![0u8; (BS * 512) as usize];
-    stamp::fill(&mut b, RUN, write, 0, first_sector);
-    b
+    cache_vm::stamped(RUN, BS, write, first_sector)
 }
 
 /// What a block reads when it holds one stamp for the sectors it is read at.

@@ -19,3 +19,4 @@ pub mod prison_v2;
 pub mod probes;
 pub mod sync;
 pub mod thin;
+pub mod timer_wheel;

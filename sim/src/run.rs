@@ -354,6 +354,9 @@ impl RunConfig {
                     Some(name) => LockingDesign::from_name(name)
                         .ok_or_else(|| format!("trace header: unknown locking design {name:?}"))?,
                 },
+                // Not a trace parameter: a kernel replay sets it from the
+                // kernel's clock.
+                waker_wheel_phase: None,
             },
         };
         within("data_blocks", thin.data_blocks, 1, 1 << 16)?;

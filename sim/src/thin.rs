@@ -287,6 +287,7 @@ impl ThinSim {
         let pool =
             Pool::create(table(&cfg), cfg.data_blocks * cfg.block_sectors, metadata, data, cfg.options)
                 .expect("a fresh pool loads");
+        pool.start_clock(0);
         let oracle = Oracle::new(OracleConfig {
             run: cfg.run,
             sectors_per_block: cfg.block_sectors,
@@ -1214,7 +1215,7 @@ impl ThinSim {
             self.cfg.options,
         )
         .map_err(|e| self.fail_as("load", format!("the pool does not load after a crash: {e}")))?;
-        pool.set_time(self.now);
+        pool.start_clock(self.now);
         self.pool = Some(pool);
         self.start_metadata_log();
         let size = self.thin_sectors();

@@ -2,7 +2,10 @@
 //! metadata, one boot for a list of jobs, and reading status lines and op
 //! results.
 
-use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
+// Each test uses its own part of this module.
+#![allow(dead_code)]
+
+use dmsim_kernel_shim::{CacheSpec, Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::block_device::MemDevice;
 use dmsim_model::cache::CacheMetadata;
 use dmsim_traces::stamp;
@@ -18,6 +21,32 @@ pub fn stamped(run: u64, bs: u64, write: u64, first_sector: u64) -> Vec<u8> {
     let mut b = vec![0u8; (bs * 512) as usize];
     stamp::fill(&mut b, run, write, 0, first_sector);
     b
+}
+
+/// The cache the finding tests build: `cache_blocks` blocks of `bs`
+/// sectors over `origin_blocks`, metadata of `metadata_sectors` in
+/// `version`, writeback with smq and `threshold` as its migration
+/// threshold, the job's disks sized to fit.
+pub fn writeback_spec(
+    run: u64,
+    bs: u64,
+    cache_blocks: u64,
+    origin_blocks: u64,
+    metadata_sectors: u64,
+    version: u32,
+    threshold: Option<u64>,
+) -> CacheSpec {
+    CacheSpec {
+        run,
+        block_sectors: bs,
+        cache_blocks,
+        origin_blocks,
+        metadata_sectors,
+        metadata2: version == 2,
+        mode: "writeback".into(),
+        migration_threshold: threshold,
+        disk_blocks: None,
+    }
 }
 
 /// Empty cache metadata, formatted and sized by the model, committed.

@@ -73,8 +73,8 @@ pub struct CacheFixes {
     /// make durable a promotion's mapping whose copy is still in the cache
     /// device's volatile cache, or a demotion's removal whose writeback
     /// copy is still in the origin's. The fix flushes both devices before
-    /// every metadata commit. (A model finding: not yet shown on the stock
-    /// kernel.)
+    /// every metadata commit. (Shown on the stock kernel: docs/findings.md,
+    /// dm-cache finding 1.)
     pub flush_before_commit: bool,
     /// A FUA write promoted by overwrite (writeback mode, a whole-block
     /// write or a discarded block, a free cache block) is completed when its
@@ -709,14 +709,13 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// When the waker queued at `now` runs next (see
     /// [`CacheOptions::waker_wheel_phase`]).
     fn waker_due(&self, now: Nanos) -> Nanos {
-        let Some(phase) = self.opts.waker_wheel_phase else {
-            return now + COMMIT_PERIOD;
-        };
-        let hz = u64::from(DEFAULT_HZ);
-        let per_jiffy = 1_000_000_000 / hz;
-        let due = now / per_jiffy + phase + COMMIT_PERIOD / per_jiffy;
-        let bucket = ((due >> 3) + 1) << 3;
-        (bucket - phase) * per_jiffy
+        match self.opts.waker_wheel_phase {
+            None => now + COMMIT_PERIOD,
+            Some(phase) => {
+                let period = COMMIT_PERIOD * u64::from(DEFAULT_HZ) / 1_000_000_000;
+                crate::timer_wheel::delayed_work_due(now, period, DEFAULT_HZ, phase)
+            }
+        }
     }
 
     /// Requests submitted and not yet completed.

@@ -127,6 +127,15 @@ pub struct PoolOptions {
     /// by default). The simulator single-steps the pool, so the design
     /// changes nothing it observes; the concurrency harnesses run each.
     pub locking: LockingDesign,
+    /// Where the waker runs. `None` (the default): the worker is woken for
+    /// a timed commit as soon as one is due. `Some(phase)`: the waker runs
+    /// where 6.1's timer wheel puts a delayed work of `HZ` jiffies
+    /// ([`crate::timer_wheel`]; `phase` is the absolute jiffy, mod 8, at
+    /// simulated time 0), and a pool's commit clock starts when it is
+    /// created ([`Pool::start_clock`]), as `pool_create` sets
+    /// `last_commit_jiffies`. A kernel replay that follows the kernel's
+    /// jiffies sets it.
+    pub waker_wheel_phase: Option<u64>,
 }
 
 impl Default for PoolOptions {
@@ -136,6 +145,7 @@ impl Default for PoolOptions {
             mutations: Mutations::default(),
             fixes: KernelFixes::default(),
             locking: LockingDesign::Kernel61,
+            waker_wheel_phase: None,
         }
     }
 }
@@ -518,6 +528,8 @@ struct Clock {
     now: Nanos,
     /// Time of the last commit made at the end of a worker pass.
     last_commit: Nanos,
+    /// With [`PoolOptions::waker_wheel_phase`]: when the waker runs next.
+    next_waker: Nanos,
 }
 
 /// A thin pool with its active thin devices, over a metadata device `M` and
@@ -852,6 +864,11 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     }
 
     fn resume(&self) {
+        if self.options.waker_wheel_phase.is_some() {
+            // pool_resume calls do_waker, which queues the next run.
+            let mut clock = lock(&self.clock);
+            clock.next_waker = self.waker_due(clock.now);
+        }
         self.requeue_bios();
         let mut lists = lock(&self.lists);
         lists.low_water_triggered = false;
@@ -1100,9 +1117,44 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             lock(&self.lists).events += 1;
             self.error_retry_list_with(Errno::ENOSPC);
         }
-        if self.commit_due() {
-            lock(&self.lists).worker_wanted = true;
+        match self.options.waker_wheel_phase {
+            None => {
+                if self.commit_due() {
+                    lock(&self.lists).worker_wanted = true;
+                }
+            }
+            Some(_) => {
+                // do_waker: wake the worker, queue the next run.
+                let mut clock = lock(&self.clock);
+                if clock.now >= clock.next_waker {
+                    clock.next_waker = self.waker_due(clock.now);
+                    drop(clock);
+                    lock(&self.lists).worker_wanted = true;
+                }
+            }
         }
+    }
+
+    /// Starts the pool's clocks at `now`, as the kernel's `pool_create`
+    /// and first resume do: with [`PoolOptions::waker_wheel_phase`], the
+    /// last commit is now and the waker queued from now; without, only
+    /// the time moves (as [`Self::set_time`]).
+    pub fn start_clock(&self, now: Nanos) {
+        if self.options.waker_wheel_phase.is_some() {
+            let mut clock = lock(&self.clock);
+            clock.now = clock.now.max(now);
+            clock.last_commit = clock.now;
+            clock.next_waker = self.waker_due(clock.now);
+        }
+        self.set_time(now);
+    }
+
+    /// When a waker queued at `now` runs ([`PoolOptions::waker_wheel_phase`]).
+    fn waker_due(&self, now: Nanos) -> Nanos {
+        let hz = crate::timer_wheel::HZ;
+        let period = COMMIT_PERIOD * u64::from(hz) / 1_000_000_000;
+        let phase = self.options.waker_wheel_phase.unwrap_or(0);
+        crate::timer_wheel::delayed_work_due(now, period, hz, phase)
     }
 
     /// Simulated time now.

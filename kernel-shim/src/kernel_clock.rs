@@ -1,0 +1,213 @@
+//! The kernel's clock during a thin replay, for the serialized simulator
+//! to follow.
+//!
+//! dm-thin's waker runs about once a second (a delayed work; see
+//! `dmsim_model::timer_wheel`) and its worker then commits if the
+//! metadata changed and the last timed commit is more than a second old.
+//! A serialized simulator that never ticks commits only on flushes,
+//! messages and the teardown, so the kernel's crash images and block
+//! placement drift from it. Every thin job reports its coarse clock (it
+//! moves when jiffies do) around the pool's creation, every op, each
+//! rebuild after a power cut and the teardown, and the absolute jiffy's
+//! phase ([`crate::protocol::JIFFY_PHASE`]); the simulator then moves
+//! time a jiffy at a time to where the kernel was, its waker placed as
+//! the kernel's timer wheel places it.
+
+use std::collections::BTreeMap;
+
+use dmsim_sim::thin::{ThinFailure, ThinSim};
+use dmsim_traces::Op;
+
+use crate::protocol::{KernelResult, JIFFY_PHASE};
+
+/// Simulated nanoseconds.
+pub type Nanos = u64;
+
+/// A thin job's coarse clock readings, in jiffies since the pool's
+/// creation (the simulator's time 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinClock {
+    /// Milliseconds per jiffy.
+    ms: u64,
+    /// The absolute jiffy (mod 8) at the pool's creation, if known.
+    phase: Option<u64>,
+    /// Each op's (start, end).
+    ops: BTreeMap<usize, (u64, u64)>,
+    /// The pool rebuilt after the power cut at op `i`: when it was created.
+    rebuilds: BTreeMap<usize, u64>,
+    /// When the teardown began.
+    teardown: Option<u64>,
+}
+
+impl ThinClock {
+    /// The clock of a thin job's result, None when it carries none (an
+    /// older agent, or a job that never created its pool).
+    pub fn of(result: &KernelResult) -> Option<ThinClock> {
+        let (t, res) = crate::protocol::coarse_readings(result)?;
+        let j = |us: u64| (us + res / 2) / res;
+        let origin = j(*t.get("create-b")?);
+        let rel = |us: u64| j(us).saturating_sub(origin);
+        let mut ops = BTreeMap::new();
+        let mut rebuilds = BTreeMap::new();
+        for (k, &v) in &t {
+            if let Some(i) = k.strip_prefix("op-a-").and_then(|i| i.parse::<usize>().ok()) {
+                if let Some(&b) = t.get(format!("op-b-{i}").as_str()) {
+                    ops.insert(i, (rel(v), rel(b)));
+                }
+            } else if let Some(i) = k.strip_prefix("rebuild-b-").and_then(|i| i.parse::<usize>().ok()) {
+                rebuilds.insert(i, rel(v));
+            }
+        }
+        let phase = result.timings_ms.iter().find(|(k, _)| k == JIFFY_PHASE).map(|(_, p)| (p + origin) % 8);
+        Some(ThinClock { ms: res / 1000, phase, ops, rebuilds, teardown: t.get("teardown-a").map(|&v| rel(v)) })
+    }
+
+    /// The phase the simulator's waker takes (0 when the agent could not
+    /// read it: the waker's runs are then placed up to 7 jiffies off).
+    pub fn wheel_phase(&self) -> u64 {
+        self.phase.unwrap_or(0)
+    }
+
+    /// Whether the agent read the absolute jiffy's phase.
+    pub fn phase_known(&self) -> bool {
+        self.phase.is_some()
+    }
+
+    fn at(&self, jiffy: u64) -> Nanos {
+        (jiffy * self.ms + self.ms / 2) * 1_000_000
+    }
+
+    /// When op `i` started, in simulated time.
+    pub fn op_start(&self, i: usize) -> Option<Nanos> {
+        self.ops.get(&i).map(|&(a, _)| self.at(a))
+    }
+
+    /// When the last op before `i` that the kernel ran ended.
+    pub fn before(&self, i: usize) -> Option<Nanos> {
+        self.ops.range(..i).next_back().map(|(_, &(_, b))| self.at(b))
+    }
+
+    /// When the pool the power cut at op `i` left was rebuilt.
+    pub fn rebuild(&self, i: usize) -> Option<Nanos> {
+        self.rebuilds.get(&i).map(|&j| self.at(j))
+    }
+
+    /// When the teardown began.
+    pub fn teardown(&self) -> Option<Nanos> {
+        self.teardown.map(|j| self.at(j))
+    }
+
+    /// Moves `sim`'s time forward to `to`, a jiffy at a time, running its
+    /// worker after each step (so that the waker runs, and a timed commit
+    /// lands, in the jiffy it did in the kernel). `now` is the simulator's
+    /// time, updated.
+    pub fn advance(&self, sim: &mut ThinSim, now: &mut Nanos, to: Nanos) -> Result<(), ThinFailure> {
+        let step = self.ms * 1_000_000;
+        while to > *now {
+            let d = (to - *now).min(step);
+            let millis = (d / 1_000_000).max(1);
+            sim.apply(&Op::Tick { millis: millis as u16 })?;
+            sim.quiesce()?;
+            *now += millis * 1_000_000;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(entries: &[(&str, u64)]) -> KernelResult {
+        KernelResult {
+            timings_ms: entries.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..KernelResult::default()
+        }
+    }
+
+    #[test]
+    fn readings_become_jiffies_since_the_pool_was_created() {
+        let c = ThinClock::of(&result(&[
+            ("coarse-us-res", 4000),
+            ("coarse-us-create-a", 8000),
+            ("coarse-us-create-b", 12000),
+            ("coarse-us-op-a-0", 16000),
+            ("coarse-us-op-b-0", 24000),
+            ("coarse-us-op-a-2", 28000),
+            ("coarse-us-op-b-2", 28000),
+            ("coarse-us-rebuild-b-1", 400000),
+            ("coarse-us-teardown-a", 1012000),
+            (JIFFY_PHASE, 5),
+        ]))
+        .expect("a clock");
+        // Created at jiffy 3 (absolute phase 5 + 3 = 0 mod 8).
+        assert_eq!(c.wheel_phase(), 0);
+        assert_eq!(c.op_start(0), Some(1_000_000 * (4 + 2)));
+        assert_eq!(c.before(2), Some(1_000_000 * (3 * 4 + 2)), "op 0 ended at jiffy 3");
+        assert_eq!(c.op_start(1), None, "no reading: a crash op");
+        assert_eq!(c.rebuild(1), Some(1_000_000 * (97 * 4 + 2)));
+        assert_eq!(c.teardown(), Some(1_000_000 * (250 * 4 + 2)));
+    }
+
+    #[test]
+    fn no_clock_without_a_resolution_or_a_creation() {
+        assert_eq!(ThinClock::of(&result(&[("coarse-us-create-b", 4000)])), None);
+        assert_eq!(ThinClock::of(&result(&[("coarse-us-res", 4000)])), None);
+        assert_eq!(ThinClock::of(&result(&[("coarse-us-res", 10), ("coarse-us-create-b", 0)])), None);
+    }
+
+    /// A write, then (1.2 s later on the kernel's clock) a read, then a
+    /// power cut that loses every unflushed write: followed, the kernel's
+    /// waker commits in between (flushing the data first), so the write
+    /// survives; not followed, it is lost.
+    #[test]
+    fn a_timed_commit_between_ops_lands_when_the_kernels_did() {
+        use dmsim_sim::run::{CampaignSettings, RunConfig};
+        use dmsim_traces::{CrashMode, Event, Trace};
+
+        use crate::equivalence::{simulate_following, simulate_serialized_crashing};
+        use crate::vm::KernelRun;
+
+        let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
+        let ops = [
+            Op::CreateThin,
+            Op::Write { dev: 0, sector: 0, nr_sectors: 8, fua: false, preflush: false },
+            Op::Read { dev: 0, sector: 0, nr_sectors: 8 },
+            Op::Crash { mode: CrashMode::LoseAll, seed: 0 },
+        ];
+        let trace = Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() };
+        let j = |jiffy: u64| jiffy * 4000;
+        let run = KernelRun {
+            result: result(&[
+                ("coarse-us-res", 4000),
+                ("coarse-us-create-b", 0),
+                ("coarse-us-op-a-0", j(1)),
+                ("coarse-us-op-b-0", j(2)),
+                ("coarse-us-op-a-1", j(3)),
+                ("coarse-us-op-b-1", j(4)),
+                ("coarse-us-op-a-2", j(300)),
+                ("coarse-us-op-b-2", j(301)),
+                ("coarse-us-rebuild-b-3", j(400)),
+                (JIFFY_PHASE, 0),
+            ]),
+            metadata_image: Vec::new(),
+            thin_dump: Err(String::new()),
+            mapped: BTreeMap::new(),
+            console: String::new(),
+            boot: std::time::Duration::ZERO,
+            wall: std::time::Duration::ZERO,
+            jobs_in_boot: 1,
+            log: None,
+            cache_data: None,
+        };
+        let followed = simulate_following(&trace, true, &run).expect("runs");
+        let plain = simulate_serialized_crashing(&trace).expect("runs");
+        let mapped = |r: &crate::equivalence::SimulatedRun| {
+            r.crashes[0].state.mapped.values().map(|m| m.len()).sum::<usize>()
+        };
+        assert_eq!(mapped(&followed), 1, "the waker's commit made the mapping durable");
+        assert_eq!(mapped(&plain), 0, "without the kernel's clock nothing was committed");
+        assert_eq!(followed.crashes[0].data.1, 0, "the commit flushed the data write first");
+    }
+}
+
