@@ -376,6 +376,14 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
     let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
+    // What named class explains the first divergence, if one does.
+    let crash_class =
+        first_bad_crash.and_then(|c| dmsim_kernel_shim::equivalence::classify(&sim.ops, c.op));
+    let end_class = if differences.is_empty() {
+        None
+    } else {
+        dmsim_kernel_shim::equivalence::classify(&sim.ops, usize::MAX)
+    };
     // With faults (ublk only): every op's outcome, read and pool mode.
     let faulted = trace
         .ops()
@@ -411,6 +419,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "level": "L1",
             "equal": differences.is_empty(),
             "differences": differences,
+            "class": end_class.as_ref().map(|k| k.name()),
             "l2": l2_label,
             "l2_first_difference": l2_first,
             "l3_blocks": l3.blocks,
@@ -433,6 +442,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "faults_fired": { "simulator": sim_fired, "kernel": kernel_fired },
             "first_differing_crash": first_bad_crash.map(|c| serde_json::json!({
                 "crash": c.crash, "op": c.op, "first_difference": c.differences.first(),
+                "class": crash_class.as_ref().map(|k| k.name()),
             })),
         });
         let mut json = json;
@@ -508,12 +518,22 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 c.differences.first().map_or("", String::as_str)
             );
         }
+        if first_bad_crash.is_some() {
+            match &crash_class {
+                Some(k) => println!("  divergence class {k}"),
+                None => println!("  no named divergence class explains it"),
+            }
+        }
         if differences.is_empty() {
             println!("L1 equal: every device reads the same stamps, the same blocks are mapped");
         } else {
             println!("L1 DIVERGES ({} differences); first:", differences.len());
             for d in differences.iter().take(10) {
                 println!("  {d}");
+            }
+            match &end_class {
+                Some(k) => println!("  divergence class {k}"),
+                None => println!("  no named divergence class explains it"),
             }
         }
         match &l2 {

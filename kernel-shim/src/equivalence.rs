@@ -594,6 +594,54 @@ pub struct CrashComparison {
     pub choices: [((u32, u32), (u32, u32)); 2],
 }
 
+/// A named class that explains a divergence between the kernel and the
+/// serialized simulator (docs/kernel-shim.md, "Divergence classes").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DivergenceClass {
+    /// The simulator's pool ran out of data space at op `op`, before the
+    /// divergence. The agent sends one request at a time and waits for
+    /// it: a write the full pool queues holds the agent until space comes
+    /// back or the no-space timeout fails it, while the serialized
+    /// simulator goes on with the write still queued, so later ops meet
+    /// the pool in different states.
+    PoolFilled {
+        /// The first op after which the simulator's pool was out of data
+        /// space.
+        op: usize,
+    },
+}
+
+impl DivergenceClass {
+    /// The class's short name, for reports and JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DivergenceClass::PoolFilled { .. } => "pool-filled",
+        }
+    }
+}
+
+impl std::fmt::Display for DivergenceClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DivergenceClass::PoolFilled { op } => write!(
+                f,
+                "pool-filled: the simulator's pool ran out of data space at op {op}; the agent waits on a \
+                 queued write while the serialized simulator goes on"
+            ),
+        }
+    }
+}
+
+/// The class of a divergence first seen at op `at` (the end of the trace:
+/// `usize::MAX`), from the serialized simulator's per-op record; None when
+/// no named class explains it.
+pub fn classify(sim_ops: &[crate::fault_compare::SimOp], at: usize) -> Option<DivergenceClass> {
+    sim_ops
+        .iter()
+        .find(|o| o.index < at && o.mode == "out-of-data-space")
+        .map(|o| DivergenceClass::PoolFilled { op: o.index })
+}
+
 /// Compares the simulator's crash states with the kernel's crash records,
 /// crash by crash. A crash only one side has is a difference too.
 pub fn compare_crashes(
@@ -645,6 +693,26 @@ pub fn compare_crashes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sim_op(index: usize, mode: &str) -> crate::fault_compare::SimOp {
+        crate::fault_compare::SimOp {
+            index,
+            op: "write".into(),
+            outcome: "ok".into(),
+            read: None,
+            fired: Vec::new(),
+            mode: mode.into(),
+        }
+    }
+
+    #[test]
+    fn a_divergence_after_the_pool_filled_is_named_and_one_before_is_not() {
+        let ops = [sim_op(0, "write"), sim_op(1, "out-of-data-space"), sim_op(2, "write")];
+        assert_eq!(classify(&ops, 1), None, "at op 1 the pool had not filled before it");
+        assert_eq!(classify(&ops, 2), Some(DivergenceClass::PoolFilled { op: 1 }));
+        assert_eq!(classify(&ops, usize::MAX).map(|c| c.name()), Some("pool-filled"));
+        assert_eq!(classify(&[sim_op(0, "write"), sim_op(1, "read-only")], usize::MAX), None);
+    }
 
     #[test]
     fn l2_tells_allocation_from_mapping_differences() {
