@@ -60,8 +60,10 @@ fn trace(seed: u64, ops: usize) -> Trace {
     let settings = CampaignSettings { workload: Some(Workload::Durability), ..CampaignSettings::default() };
     let mut cfg = RunConfig::for_seed(seed, ops, &settings);
     cfg.swarm = FaultSwarm::none();
-    let ops: Vec<Op> =
-        generate(&cfg).into_iter().filter(|op| kernel_replays(op) || matches!(op, Op::Crash { .. })).collect();
+    let ops: Vec<Op> = generate(&cfg)
+        .into_iter()
+        .filter(|op| kernel_replays(op) || matches!(op, Op::Crash { .. }))
+        .collect();
     Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
 }
 

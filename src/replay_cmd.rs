@@ -369,7 +369,10 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     let sim = match dmsim_kernel_shim::equivalence::simulate_following(&trace, ublk, &run) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("dmsim replay --on kernel: {}: following the kernel's clock: {e}", args.trace.display());
+            eprintln!(
+                "dmsim replay --on kernel: {}: following the kernel's clock: {e}",
+                args.trace.display()
+            );
             return ExitCode::from(exit::UNUSABLE);
         }
     };
@@ -377,8 +380,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
     let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
     // What named class explains the first divergence, if one does.
-    let crash_class =
-        first_bad_crash.and_then(|c| dmsim_kernel_shim::equivalence::classify(&sim.ops, c.op));
+    let crash_class = first_bad_crash.and_then(|c| dmsim_kernel_shim::equivalence::classify(&sim.ops, c.op));
     let end_class = if differences.is_empty() {
         None
     } else {

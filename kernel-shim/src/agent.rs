@@ -675,7 +675,6 @@ impl CoarseClock {
         CoarseClock { base: Self::raw_us() }
     }
 
-
     fn now_us(&self) -> u64 {
         Self::raw_us().saturating_sub(self.base)
     }

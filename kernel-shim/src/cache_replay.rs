@@ -563,7 +563,9 @@ fn l3_difference(kernel: &[u8], ours: &[u8]) -> String {
     if out.is_empty() {
         let block = 4096;
         let n = kernel.len().max(ours.len()).div_ceil(block);
-        let at = |img: &[u8], b: usize| img.get(b * block..((b + 1) * block).min(img.len())).unwrap_or(&[]).to_vec();
+        let at = |img: &[u8], b: usize| {
+            img.get(b * block..((b + 1) * block).min(img.len())).unwrap_or(&[]).to_vec()
+        };
         let differ: Vec<usize> = (0..n).filter(|&b| at(kernel, b) != at(ours, b)).collect();
         out.push(format!(
             "the decoded contents agree; {} metadata blocks differ (the first: {:?}): block placement",

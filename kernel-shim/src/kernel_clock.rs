@@ -59,7 +59,13 @@ impl ThinClock {
             }
         }
         let phase = result.timings_ms.iter().find(|(k, _)| k == JIFFY_PHASE).map(|(_, p)| (p + origin) % 8);
-        Some(ThinClock { ms: res / 1000, phase, ops, rebuilds, teardown: t.get("teardown-a").map(|&v| rel(v)) })
+        Some(ThinClock {
+            ms: res / 1000,
+            phase,
+            ops,
+            rebuilds,
+            teardown: t.get("teardown-a").map(|&v| rel(v)),
+        })
     }
 
     /// The phase the simulator's waker takes (0 when the agent could not
@@ -210,4 +216,3 @@ mod tests {
         assert_eq!(followed.crashes[0].data.1, 0, "the commit flushed the data write first");
     }
 }
-

@@ -39,8 +39,8 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod cache_crash;
 mod agent_fs;
+pub mod cache_crash;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;

@@ -1170,11 +1170,8 @@ pub const COARSE_PREFIX: &str = "coarse-us-";
 /// job reports no usable clock (no resolution, or one that is not a whole
 /// number of milliseconds).
 pub fn coarse_readings(result: &KernelResult) -> Option<(std::collections::BTreeMap<&str, u64>, u64)> {
-    let t: std::collections::BTreeMap<&str, u64> = result
-        .timings_ms
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v)))
-        .collect();
+    let t: std::collections::BTreeMap<&str, u64> =
+        result.timings_ms.iter().filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v))).collect();
     let res = *t.get("res")?;
     (res >= 1000 && res % 1000 == 0).then_some((t, res))
 }

@@ -890,7 +890,6 @@ pub fn live_devices() -> Vec<String> {
     out
 }
 
-
 /// Hands the armed faults to the disk, in arming order.
 fn apply_arms(disk: &mut ControlledDisk, control: &Mutex<crate::ublk_faults::DiskControl>) {
     for a in std::mem::take(&mut lock(control).arms) {

@@ -471,7 +471,8 @@ fn a_pool_out_of_metadata_space_is_answered_op_by_op_to_the_end() {
     );
     let l1 = compare_l1(&sim.state, &FinalState::of_kernel(run));
     let l2 = compare_l2(&sim.thin_dump, run.thin_dump.as_ref().expect("the kernel's metadata dumps"));
-    let followed = simulate_following(&pressure_trace(), false, run).expect("the simulator follows the kernel");
+    let followed =
+        simulate_following(&pressure_trace(), false, run).expect("the simulator follows the kernel");
     let fl1 = compare_l1(&followed.state, &FinalState::of_kernel(run));
     let fl2 = compare_l2(&followed.thin_dump, run.thin_dump.as_ref().expect("the kernel's metadata dumps"));
     let fl3 = compare_l3(&followed.metadata_image, &run.metadata_image);

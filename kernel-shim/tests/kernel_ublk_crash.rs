@@ -21,7 +21,8 @@ use std::time::Instant;
 use thin_tools::skip_or_fail;
 
 use dmsim_kernel_shim::equivalence::{
-    compare_crashes, compare_l1, kernel_replays, simulate_serialized_crashing, simulate_following, compare_l2, compare_l3, FinalState,
+    compare_crashes, compare_l1, compare_l2, compare_l3, kernel_replays, simulate_following,
+    simulate_serialized_crashing, FinalState,
 };
 use dmsim_kernel_shim::{Job, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
