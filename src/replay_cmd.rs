@@ -519,12 +519,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 c.op,
                 c.differences.first().map_or("", String::as_str)
             );
-        }
-        if first_bad_crash.is_some() {
-            match &crash_class {
-                Some(k) => println!("  divergence class {k}"),
-                None => println!("  no named divergence class explains it"),
-            }
+            print_class(crash_class.as_ref());
         }
         if differences.is_empty() {
             println!("L1 equal: every device reads the same stamps, the same blocks are mapped");
@@ -533,10 +528,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             for d in differences.iter().take(10) {
                 println!("  {d}");
             }
-            match &end_class {
-                Some(k) => println!("  divergence class {k}"),
-                None => println!("  no named divergence class explains it"),
-            }
+            print_class(end_class.as_ref());
         }
         match &l2 {
             Ok(l2) => match l2.first_difference() {
@@ -572,5 +564,13 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::PROBLEMS)
+    }
+}
+
+/// The line naming the class that explains a divergence, or saying none does.
+fn print_class(class: Option<&dmsim_kernel_shim::equivalence::DivergenceClass>) {
+    match class {
+        Some(k) => println!("  divergence class {k}"),
+        None => println!("  no named divergence class explains it"),
     }
 }

@@ -160,6 +160,8 @@ mod tests {
         assert_eq!(ThinClock::of(&result(&[("coarse-us-create-b", 4000)])), None);
         assert_eq!(ThinClock::of(&result(&[("coarse-us-res", 4000)])), None);
         assert_eq!(ThinClock::of(&result(&[("coarse-us-res", 10), ("coarse-us-create-b", 0)])), None);
+        let far = [("coarse-us-res", 4000), ("coarse-us-create-b", 0), ("coarse-us-teardown-a", u64::MAX)];
+        assert_eq!(ThinClock::of(&result(&far)), None, "a reading past a day: no clock to tick towards");
     }
 
     /// A write, then (1.2 s later on the kernel's clock) a read, then a

@@ -1167,13 +1167,17 @@ pub const COARSE_PREFIX: &str = "coarse-us-";
 
 /// A job's [`COARSE_PREFIX`] readings (microseconds, by name without the
 /// prefix) and the clock's resolution (`res`, one jiffy), None when the
-/// job reports no usable clock (no resolution, or one that is not a whole
-/// number of milliseconds).
+/// job reports no usable clock: no resolution, one that is not a whole
+/// number of milliseconds up to a second, or a reading past a day (no job
+/// runs that long; a simulator following such a clock would tick for
+/// ever).
 pub fn coarse_readings(result: &KernelResult) -> Option<(std::collections::BTreeMap<&str, u64>, u64)> {
+    const DAY_US: u64 = 86_400 * 1_000_000;
     let t: std::collections::BTreeMap<&str, u64> =
         result.timings_ms.iter().filter_map(|(k, v)| Some((k.strip_prefix(COARSE_PREFIX)?, *v))).collect();
     let res = *t.get("res")?;
-    (res >= 1000 && res % 1000 == 0).then_some((t, res))
+    let usable = (1000..=1_000_000).contains(&res) && res % 1000 == 0 && t.values().all(|&v| v <= DAY_US);
+    usable.then_some((t, res))
 }
 
 /// In a settled cache job, the timing entry holding the kernel's absolute
