@@ -74,7 +74,8 @@ pub enum CampaignKind {
 }
 
 impl CampaignKind {
-    fn thin(self) -> bool {
+    /// Whether the thin campaign runs.
+    pub fn thin(self) -> bool {
         matches!(self, CampaignKind::Thin | CampaignKind::All)
     }
 
@@ -162,6 +163,20 @@ pub struct CheckArgs {
     /// (random, shrink or deep) instead of each seed's own.
     #[arg(long, value_parser = parse_shape)]
     pub metadata_shape: Option<Shape>,
+    /// Where the thin campaign's traces run: `sim` (the simulator; every
+    /// campaign) or `kernel`: each seed's thin trace replayed on Debian's
+    /// kernel in qemu, the pool on controlled (ublk) disks that cut power
+    /// at its crash ops and fail requests as its faults say, judged against
+    /// the serialized simulator at the end and at every crash (about a
+    /// minute a trace; docs/kernel-shim.md, "The campaign on the kernel").
+    /// Exit 1 then when a divergence has no named class or a seed fails to
+    /// run; the traces of the seeds that diverge go to --failures as
+    /// kernel-seed-N.trace.
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kernel"])]
+    pub on: String,
+    /// With --on kernel: traces per VM boot (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub per_boot: usize,
 }
 
 /// Parses a metadata workload shape's name.
@@ -631,6 +646,9 @@ pub fn run(args: CheckArgs) -> ExitCode {
     if let Err(e) = usable_failures_folder(&args.failures) {
         eprintln!("dmsim check: {e}");
         return ExitCode::from(exit::UNUSABLE);
+    }
+    if args.on == "kernel" {
+        return crate::kernel_check_cmd::run(&args);
     }
     if let Some(w) = args.model.workload {
         let (runs, campaign) = match w {

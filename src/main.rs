@@ -4,6 +4,7 @@ mod check_cmd;
 mod exit;
 mod file_device;
 mod fuzz_cmd;
+mod kernel_check_cmd;
 mod metadata_cmd;
 mod minimize_cmd;
 mod probes_report;

@@ -20,9 +20,9 @@ use crate::run_cmd::{print_cache_outcome, print_outcome};
 #[command(after_help = crate::exit_help!("\
 Status 1: a violation occurs on replay (with --strict also a replay that is \
 not byte-identical to the recording). With --on kernel: 1 if the kernel and \
-the simulator end in different states (L1), or, on ublk disks with faults \
-armed, an op's outcome, read or pool mode differs; 2 also when the VM cannot be \
-used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged. \
+the simulator end in different states (L1), or, on ublk disks, an op's \
+outcome or read differs (with faults armed, also the pool's mode after it); 2 \
+also when the VM cannot be used; L2 (thin_dump) and L3 (metadata blocks) are reported, not judged. \
 A cache trace (workload cache-…) with --on kernel: its requests on the \
 kernel's dm-cache, 1 if a kernel read is one the oracle does not allow \
 (L1), 2 for a trace with crashes or faults (a serialized replay cannot \
@@ -303,10 +303,7 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode
 /// `--on kernel`: the trace's requests and messages on the real dm-thin in
 /// a VM, one request at a time, against the simulator run the same way.
 fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
-    use dmsim_kernel_shim::equivalence::{
-        compare_crashes, compare_l1, compare_l2, compare_l3, simulate_serialized_crashing,
-        simulate_serialized_full, FinalState,
-    };
+    use dmsim_kernel_shim::equivalence::{simulate_serialized_crashing, simulate_serialized_full};
     use dmsim_kernel_shim::KernelShim;
 
     let (trace, _) = match trace_file::read(&args.trace) {
@@ -364,48 +361,27 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         return ExitCode::from(exit::UNUSABLE);
     }
     // Now that the kernel's clock is known, the simulator runs again
-    // following it (timed commits between the same ops as the kernel's).
-    let followed = dmsim_kernel_shim::kernel_clock::ThinClock::of(&run.result).is_some();
-    let sim = match dmsim_kernel_shim::equivalence::simulate_following(&trace, ublk, &run) {
-        Ok(s) => s,
+    // following it (timed commits between the same ops as the kernel's),
+    // and the two are compared.
+    let report = match dmsim_kernel_shim::thin_replay::judge(&trace, ublk, &run) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!(
-                "dmsim replay --on kernel: {}: following the kernel's clock: {e}",
-                args.trace.display()
-            );
+            eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let differences = compare_l1(&sim.state, &FinalState::of_kernel(&run));
-    let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
-    let first_bad_crash = crashes.iter().find(|c| !c.differences.is_empty());
-    // What named class explains the first divergence, if one does.
-    let crash_class = first_bad_crash.and_then(|c| dmsim_kernel_shim::equivalence::classify(&sim.ops, c.op));
-    let end_class = if differences.is_empty() {
-        None
-    } else {
-        dmsim_kernel_shim::equivalence::classify(&sim.ops, usize::MAX)
-    };
-    // With faults (ublk only): every op's outcome, read and pool mode.
-    let faulted = trace
-        .ops()
-        .any(|op| matches!(op, dmsim_traces::Op::Fault { .. } | dmsim_traces::Op::AimFault { .. }));
-    let op_differences = if ublk && faulted {
-        dmsim_kernel_shim::fault_compare::compare_ops(&sim.ops, &run.result)
-    } else {
-        Vec::new()
-    };
-    let sim_fired: Vec<String> =
-        sim.ops.iter().flat_map(|o| o.fired.iter().map(move |f| format!("op {}: {f}", o.index))).collect();
-    let kernel_fired: Vec<String> = dmsim_kernel_shim::fault_compare::kernel_fired(&run.result)
-        .into_iter()
-        .map(|(i, f)| format!("op {i}: {f}"))
-        .collect();
-    let l2 = match &run.thin_dump {
-        Ok(kernel_dump) => Ok(compare_l2(&sim.thin_dump, kernel_dump)),
-        Err(e) => Err(format!("dmsim cannot dump the kernel's metadata: {e}")),
-    };
-    let l3 = compare_l3(&sim.metadata_image, &run.metadata_image);
+    let followed = report.followed_kernel_clock;
+    let differences = &report.differences;
+    let crashes = &report.crashes;
+    let first_bad_crash = report.first_bad_crash();
+    let crash_class = report.crash_class.clone();
+    let end_class = report.end_class.clone();
+    let faulted = report.faulted;
+    let op_differences = &report.op_differences;
+    let sim_fired = &report.simulator_fired;
+    let kernel_fired = &report.kernel_fired;
+    let l2 = &report.l2;
+    let l3 = &report.l3;
     if args.json {
         let (l2_label, l2_first) = match &l2 {
             Ok(l2) => (
@@ -427,7 +403,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_blocks": l3.blocks,
             "l3_differing_blocks": l3.differing,
             "l3_first_differing_block": l3.first,
-            "simulator_oracle_violation": sim.oracle_violation,
+            "simulator_oracle_violation": report.oracle_violation,
+            "simulator_crash_point_finding": report.crash_point_finding,
             "disks": args.disks,
             "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
@@ -470,10 +447,13 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         if followed {
             println!("the simulator followed the kernel's clock (its timed commits between the same ops)");
         }
-        if let Some(v) = &sim.oracle_violation {
+        if let Some(v) = &report.crash_point_finding {
+            println!("the simulator finds a problem at a metadata crash point inside a commit (not judged here): {v}");
+        }
+        if let Some(v) = &report.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");
         }
-        for c in &crashes {
+        for c in crashes {
             let [(sm, sd), (km, kd)] = c.choices;
             let choice = format!(
                 "kept/unflushed metadata {}/{} data {}/{} on the simulator, {}/{} {}/{} on the kernel",
@@ -503,8 +483,11 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 "faults fired on the kernel's disks: {}",
                 if kernel_fired.is_empty() { "none".into() } else { kernel_fired.join("; ") }
             );
+        }
+        if ublk {
             if op_differences.is_empty() {
-                println!("every op: the same outcome, reads and pool mode as the serialized model");
+                let what = if faulted { "outcome, reads and pool mode" } else { "outcome and reads" };
+                println!("every op: the same {what} as the serialized model");
             } else {
                 println!("{} ops differ from the serialized model:", op_differences.len());
                 for d in op_differences.iter().take(20) {

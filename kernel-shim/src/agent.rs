@@ -389,9 +389,40 @@ impl<'c> Replayer<'c> {
             Err(ShimError::Dm { source, .. }) if source.raw_os_error() == Some(libc::ENODATA) => {
                 "ok (not activated: ENODATA, the commit after the message failed)"
             }
+            // thin_ctr refuses every table while the pool is in fail mode
+            // (the commit after the message failed for good); the
+            // simulator does not activate a new device then either.
+            Err(ShimError::Dm { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) && self.pool_failed() =>
+            {
+                "ok (not activated: EINVAL, the pool is in fail mode)"
+            }
             Err(e) => return Err(e),
         };
         Ok(OpResult { index, outcome: outcome.into(), read: None })
+    }
+
+    /// The pool's status line without a commit (`DM_NOFLUSH`: the model
+    /// does not commit for a look at its mode either).
+    fn pool_status_noflush(&self) -> Result<String, ShimError> {
+        let s = self.ctl.status(&self.pool_name, false, true)?;
+        Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
+    }
+
+    /// Whether the pool's status says it is in fail mode (`Fail`).
+    fn pool_failed(&self) -> bool {
+        self.pool_status_noflush().is_ok_and(|s| s.split_whitespace().any(|w| w == "Fail"))
+    }
+
+    /// Whether the pool takes metadata changes: its mode is `rw` or
+    /// `out_of_data_space`, not `ro` (read-only or out of metadata space)
+    /// or `Fail`. The simulator, like a careful administrator, sends no
+    /// create, snapshot or delete otherwise; neither does the agent, which
+    /// would otherwise remove a device for a delete the pool must refuse,
+    /// and in fail mode could not load its table again.
+    fn metadata_writable(&self) -> bool {
+        self.pool_status_noflush()
+            .is_ok_and(|s| s.split_whitespace().any(|w| w == "rw" || w == "out_of_data_space"))
     }
 
     fn message(&self, msg: &str) -> Result<(), ShimError> {
@@ -488,6 +519,9 @@ impl<'c> Replayer<'c> {
                 if self.devices.len() >= self.spec.max_devices {
                     return skipped();
                 }
+                if !self.metadata_writable() {
+                    return done("skipped (the pool's metadata is not writable)".into(), None);
+                }
                 let id = self.next_id;
                 if let Err(e) = self.message(&format!("create_thin {id}")) {
                     return done(format!("skipped ({e})"), None);
@@ -498,6 +532,9 @@ impl<'c> Replayer<'c> {
             Op::CreateSnap { origin } => {
                 if self.devices.len() >= self.spec.max_devices {
                     return skipped();
+                }
+                if !self.metadata_writable() {
+                    return done("skipped (the pool's metadata is not writable)".into(), None);
                 }
                 let Some(i) = self.index(origin) else { return skipped() };
                 let origin_name = self.devices[i].name.clone();
@@ -514,15 +551,33 @@ impl<'c> Replayer<'c> {
                 self.activate_created(index, id)
             }
             Op::Delete { dev } => {
+                if !self.metadata_writable() {
+                    return done("skipped (the pool's metadata is not writable)".into(), None);
+                }
                 let Some(i) = self.index(dev) else { return skipped() };
                 let thin = self.devices.remove(i);
                 let (id, name) = (thin.id, thin.name.clone());
                 drop(thin);
                 self.ctl.remove(&name)?;
                 if let Err(e) = self.message(&format!("delete {id}")) {
-                    self.activate(id)?;
-                    let last = self.devices.pop().expect("just activated");
-                    self.devices.insert(i, last);
+                    match self.activate(id) {
+                        Ok(()) => {
+                            let last = self.devices.pop().expect("just activated");
+                            self.devices.insert(i, last);
+                        }
+                        // In fail mode no thin table loads: the device is
+                        // gone for the rest of the trace, as on the
+                        // simulator.
+                        Err(ShimError::Dm { source, .. })
+                            if source.raw_os_error() == Some(libc::EINVAL) && self.pool_failed() =>
+                        {
+                            return done(
+                                format!("skipped ({e}; not re-activated: the pool is in fail mode)"),
+                                None,
+                            );
+                        }
+                        Err(e) => return Err(e),
+                    }
                     return done(format!("skipped ({e})"), None);
                 }
                 done("ok".into(), None)
@@ -1073,7 +1128,7 @@ fn run_ublk_job(
         }
     };
     let meta = ControlledDisk::from_image(vec![0; meta_bytes as usize]);
-    let data = ControlledDisk::from_image(vec![DATA_FILL; data_bytes as usize]);
+    let data = ControlledDisk::from_image(vec![DATA_FILL; data_bytes as usize]).zeroing_discards();
     let shapes = ublk_shapes(trace, &spec);
     let devices = UblkDevice::start(&ublk, meta, shapes[0])
         .and_then(|m| UblkDevice::start(&ublk, data, shapes[1]).map(|d| (m, d)));
@@ -1366,8 +1421,12 @@ fn power_cut<'c>(
     };
     let meta = UblkDevice::start(devs.ctl, ControlledDisk::from_image(meta_image), devs.shapes[0])
         .map_err(|e| format!("restarting the metadata disk: {e}"))?;
-    let data = UblkDevice::start(devs.ctl, ControlledDisk::from_image(data_image), devs.shapes[1])
-        .map_err(|e| format!("restarting the data disk: {e}"))?;
+    let data = UblkDevice::start(
+        devs.ctl,
+        ControlledDisk::from_image(data_image).zeroing_discards(),
+        devs.shapes[1],
+    )
+    .map_err(|e| format!("restarting the data disk: {e}"))?;
     if passdown {
         data.arm(crate::ublk_faults::Arm::NextDiscard);
     }
@@ -1375,12 +1434,43 @@ fn power_cut<'c>(
     devs.devs = Some((meta, data));
     let mut replayer = Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &job.to_string(), false)
         .map_err(|e| format!("the pool does not load after the crash: {e}"))?;
+    // Every device the surviving metadata holds is read back, as the
+    // simulator's crash state reads every device of its surviving images:
+    // also one the workload no longer uses (a delete answered ok and then
+    // undone by the abort after its failed commit). Those are activated
+    // for the read-back alone and removed again; the workload goes on
+    // with its own devices, as the simulator's does.
+    let extra: Vec<u32> =
+        crate::equivalence::data_mappings(&xml).into_keys().filter(|id| !ids.contains(id)).collect();
     let rebuilt = replayer
         .activate_existing(&ids)
         .map_err(|e| format!("a device lost in the crash: {e}"))
-        .and_then(|()| replayer.read_back().map_err(|e| format!("read-back after the crash: {e}")));
+        .and_then(|()| {
+            for &id in &extra {
+                if let Err(e) = replayer.activate(id) {
+                    log(&format!(
+                        "power cut at op {index}: device {id} of the metadata does not activate: {e}"
+                    ));
+                }
+            }
+            let read = replayer.read_back().map_err(|e| format!("read-back after the crash: {e}"));
+            while replayer.devices.len() > ids.len() {
+                let thin = replayer.devices.pop().expect("an extra device");
+                let name = thin.name.clone();
+                drop(thin);
+                replayer
+                    .ctl
+                    .remove(&name)
+                    .map_err(|e| format!("removing device {name} after its read-back: {e}"))?;
+            }
+            read
+        });
     match rebuilt {
-        Ok(devices) => record.devices = devices,
+        Ok(mut devices) => {
+            // In id order, as the simulator reads its images.
+            devices.sort_by_key(|d| d.id);
+            record.devices = devices;
+        }
         Err(e) => {
             // Leave nothing on the disks, so that they can be deleted.
             let _ = replayer.teardown();

@@ -74,6 +74,10 @@ pub struct SimulatedRun {
     /// is then read from the model's committed images instead
     /// ([`read_images`]), so that it can still be held against the kernel.
     pub oracle_violation: Option<String>,
+    /// The first problem the simulator found at a metadata crash point
+    /// it samples inside a commit (`ThinSim::report_metadata_crash_points`):
+    /// a model finding, not part of the comparison with the kernel.
+    pub crash_point_finding: Option<String>,
     /// With [`simulate_serialized_crashing`]: the state at every crash op.
     pub crashes: Vec<SimulatedCrash>,
     /// With [`simulate_serialized_crashing`]: what every op did in the
@@ -162,6 +166,11 @@ fn simulate_serialized_inner(
     }
     let spec = PoolSpec::from_header(&trace.header)?;
     let mut sim = ThinSim::new(cfg.thin);
+    // Judged here: the states at the trace's crash ops, against the
+    // kernel's. The crash points the simulator samples inside commits are
+    // its own campaign's check (a model run as the stock kernel meets the
+    // known findings there); their first problem is reported, not fatal.
+    sim.report_metadata_crash_points();
     let fail = |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("simulator: {f}"));
     let mut crash_states = Vec::new();
     let mut first_oracle = None;
@@ -248,6 +257,15 @@ fn simulate_serialized_inner(
                 r => r.map_err(fail)?,
             }
         }
+        // The agent waits for its request: a write a full pool queues
+        // holds it until space comes back or the no-space timeout fails
+        // the write. Following the kernel's clock, the simulator's time
+        // moves on to where the kernel's op ended before the op counts as
+        // done, so that its queued request meets the same timeout within
+        // the same op.
+        if let Some((c, t)) = clock.and_then(|c| Some((c, c.op_end(i)?))) {
+            c.advance(&mut sim, &mut now, t).map_err(fail)?;
+        }
         ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
     }
     if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
@@ -288,6 +306,7 @@ fn simulate_serialized_inner(
     // the thin devices and the pool: a commit unless read-only, then the
     // block manager writes back what is still dirty, such as block 0 with
     // the needs_check flag of a read-only pool).
+    let crash_point_finding = sim.metadata_crash_point_finding().map(str::to_string);
     let (metadata_image, data_image) = sim.close().map_err(ShimError::Invalid)?;
     let thin_dump = dump(&metadata_image)
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
@@ -303,6 +322,7 @@ fn simulate_serialized_inner(
         data_image,
         out_of_space,
         oracle_violation,
+        crash_point_finding,
         crashes: crash_states,
         ops,
     })
@@ -617,15 +637,14 @@ pub struct CrashComparison {
 /// serialized simulator (docs/kernel-shim.md, "Divergence classes").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DivergenceClass {
-    /// The simulator's pool ran out of data space at op `op`, before the
-    /// divergence. The agent sends one request at a time and waits for
-    /// it: a write the full pool queues holds the agent until space comes
-    /// back or the no-space timeout fails it, while the serialized
-    /// simulator goes on with the write still queued, so later ops meet
-    /// the pool in different states.
-    PoolFilled {
-        /// The first op after which the simulator's pool was out of data
-        /// space.
+    /// The trace grew the metadata device at op `op`, before the
+    /// divergence: the simulator grew its metadata disk (and the pool, on
+    /// a reload, its metadata space), the kernel replay does not grow the
+    /// controlled disk (the agent answers the op `unsupported`), so from
+    /// there the kernel's pool runs out of metadata space where the
+    /// simulator's does not.
+    MetadataGrowth {
+        /// The first `grow-metadata` op.
         op: usize,
     },
 }
@@ -634,7 +653,7 @@ impl DivergenceClass {
     /// The class's short name, for reports and JSON.
     pub fn name(&self) -> &'static str {
         match self {
-            DivergenceClass::PoolFilled { .. } => "pool-filled",
+            DivergenceClass::MetadataGrowth { .. } => "metadata-growth",
         }
     }
 }
@@ -642,10 +661,10 @@ impl DivergenceClass {
 impl std::fmt::Display for DivergenceClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DivergenceClass::PoolFilled { op } => write!(
+            DivergenceClass::MetadataGrowth { op } => write!(
                 f,
-                "pool-filled: the simulator's pool ran out of data space at op {op}; the agent waits on a \
-                 queued write while the serialized simulator goes on"
+                "metadata-growth: the trace grows the metadata device at op {op}; the simulator grows its \
+                 disk, the kernel replay does not grow the controlled disk"
             ),
         }
     }
@@ -657,8 +676,8 @@ impl std::fmt::Display for DivergenceClass {
 pub fn classify(sim_ops: &[crate::fault_compare::SimOp], at: usize) -> Option<DivergenceClass> {
     sim_ops
         .iter()
-        .find(|o| o.index < at && o.mode == "out-of-data-space")
-        .map(|o| DivergenceClass::PoolFilled { op: o.index })
+        .find(|o| o.index < at && o.op.starts_with("grow-metadata"))
+        .map(|o| DivergenceClass::MetadataGrowth { op: o.index })
 }
 
 /// Compares the simulator's crash states with the kernel's crash records,
@@ -713,14 +732,14 @@ pub fn compare_crashes(
 mod tests {
     use super::*;
 
-    fn sim_op(index: usize, mode: &str) -> crate::fault_compare::SimOp {
+    fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {
         crate::fault_compare::SimOp {
             index,
-            op: "write".into(),
+            op: op.into(),
             outcome: "ok".into(),
             read: None,
             fired: Vec::new(),
-            mode: mode.into(),
+            mode: "write".into(),
         }
     }
 
@@ -751,12 +770,19 @@ mod tests {
     }
 
     #[test]
-    fn a_divergence_after_the_pool_filled_is_named_and_one_before_is_not() {
-        let ops = [sim_op(0, "write"), sim_op(1, "out-of-data-space"), sim_op(2, "write")];
-        assert_eq!(classify(&ops, 1), None, "at op 1 the pool had not filled before it");
-        assert_eq!(classify(&ops, 2), Some(DivergenceClass::PoolFilled { op: 1 }));
-        assert_eq!(classify(&ops, usize::MAX).map(|c| c.name()), Some("pool-filled"));
-        assert_eq!(classify(&[sim_op(0, "write"), sim_op(1, "read-only")], usize::MAX), None);
+    fn a_divergence_after_a_metadata_growth_is_named_and_one_before_is_not() {
+        let ops = [
+            sim_op(0, "write dev=0 sector=0 nr=8"),
+            sim_op(1, "grow-metadata blocks=4 reload"),
+            sim_op(2, "create-thin"),
+        ];
+        assert_eq!(classify(&ops, 1), None, "at op 1 the metadata had not grown before it");
+        assert_eq!(classify(&ops, 2), Some(DivergenceClass::MetadataGrowth { op: 1 }));
+        assert_eq!(classify(&ops, usize::MAX).map(|c| c.name()), Some("metadata-growth"));
+        assert_eq!(
+            classify(&[sim_op(0, "write dev=0 sector=0 nr=8"), sim_op(1, "create-thin")], usize::MAX),
+            None
+        );
     }
 
     #[test]

@@ -88,6 +88,11 @@ impl ThinClock {
         self.ops.get(&i).map(|&(a, _)| self.at(a))
     }
 
+    /// When op `i` ended, in simulated time.
+    pub fn op_end(&self, i: usize) -> Option<Nanos> {
+        self.ops.get(&i).map(|&(_, b)| self.at(b))
+    }
+
     /// When the last op before `i` that the kernel ran ended.
     pub fn before(&self, i: usize) -> Option<Nanos> {
         self.ops.range(..i).next_back().map(|(_, &(_, b))| self.at(b))
@@ -149,6 +154,8 @@ mod tests {
         // Created at jiffy 3 (absolute phase 5 + 3 = 0 mod 8).
         assert_eq!(c.wheel_phase(), 0);
         assert_eq!(c.op_start(0), Some(1_000_000 * (4 + 2)));
+        assert_eq!(c.op_end(0), Some(1_000_000 * (3 * 4 + 2)));
+        assert_eq!(c.op_end(1), None);
         assert_eq!(c.before(2), Some(1_000_000 * (3 * 4 + 2)), "op 0 ended at jiffy 3");
         assert_eq!(c.op_start(1), None, "no reading: a crash op");
         assert_eq!(c.rebuild(1), Some(1_000_000 * (97 * 4 + 2)));

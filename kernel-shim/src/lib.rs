@@ -53,6 +53,8 @@ pub mod initramfs;
 pub mod kernel_clock;
 pub mod logwrites;
 pub mod protocol;
+pub mod thin_campaign;
+pub mod thin_replay;
 pub mod ublk;
 pub mod ublk_faults;
 pub mod ublk_module;

@@ -320,6 +320,8 @@ pub struct ControlledDisk {
     fail_next_discard: bool,
     /// Faults that fired, with their requests, not yet taken.
     fired: Vec<crate::ublk_faults::FiredRequest>,
+    /// A discard writes zeroes over its range ([`ControlledDisk::zeroing_discards`]).
+    discard_zeroes: bool,
 }
 
 /// A negative errno as a ublk result.
@@ -338,7 +340,20 @@ impl ControlledDisk {
             powered: true,
             fail_next_discard: false,
             fired: Vec::new(),
+            discard_zeroes: false,
         }
+    }
+
+    /// This disk, its discards written as zeroes over their range (a
+    /// volatile write like any other, kept or lost at a power cut): what
+    /// the thin pool model's data device does with a passdown discard
+    /// (`model/src/thin/pool/io.rs`, as a loop device over a file
+    /// punches a hole that reads back zeroes). Without it a discard
+    /// changes nothing, as qemu's raw drives and the cache model's disks
+    /// do.
+    pub fn zeroing_discards(mut self) -> ControlledDisk {
+        self.discard_zeroes = true;
+        self
     }
 
     /// Arms a fault as the simulator arms its disk (see
@@ -508,6 +523,15 @@ impl ControlledDisk {
                             what: "aimed passdown discard error".into(),
                         });
                         eio
+                    }
+                    Some(n) if self.discard_zeroes => {
+                        match self.disk.write(req.sector, &vec![0u8; n], WriteFlags::default()) {
+                            Ok(()) => {
+                                self.counts.discards += 1;
+                                bytes
+                            }
+                            Err(_) => eio,
+                        }
                     }
                     Some(_) => {
                         self.counts.discards += 1;
@@ -1107,6 +1131,21 @@ mod tests {
         assert!(d.since_flush().is_empty());
         let c = d.counts();
         assert_eq!((c.writes, c.fua_writes, c.flushes, c.reads, c.errors), (2, 1, 1, 1, 0));
+    }
+
+    #[test]
+    fn a_discard_zeroes_its_range_volatile_only_on_a_zeroing_disk() {
+        let mut plain = ControlledDisk::from_image(vec![0xa7; 16 * 512]);
+        assert_eq!(plain.serve(&req(RequestKind::Discard, 4, 4), &mut []), 2048);
+        assert_eq!(plain.visible(), &vec![0xa7; 16 * 512][..], "a plain disk's discard changes nothing");
+        let mut d = ControlledDisk::from_image(vec![0xa7; 16 * 512]).zeroing_discards();
+        assert_eq!(d.serve(&req(RequestKind::Discard, 4, 4), &mut []), 2048);
+        assert_eq!(&d.visible()[2048..4096], &[0u8; 2048][..]);
+        assert_eq!(&d.visible()[..2048], &[0xa7u8; 2048][..]);
+        assert_eq!(&d.durable()[2048..4096], &[0xa7u8; 2048][..], "volatile until a flush");
+        assert_eq!(d.since_flush().len(), 1, "one write in the crash log, as the model's zero write");
+        assert_eq!(d.serve(&req(RequestKind::Discard, 15, 2), &mut []), -libc::EIO, "past the end");
+        assert_eq!(d.counts().discards, 1);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn pick_random(n: usize) -> usize {
 static DETECTORS: Mutex<()> = Mutex::new(());
 
 /// One test binary's shuttle settings.
+#[derive(Clone)]
 pub struct Shuttle {
     /// Its schedule folder under `CARGO_TARGET_TMPDIR`: one per test
     /// binary, as shuttle installs its panic hook (and with it the folder)
@@ -108,12 +109,25 @@ impl Shuttle {
     /// A detector: `body` (a broken variant, described by `what`) is
     /// caught, and the schedule saved for its failure replays to the same
     /// failure. One detector of the binary at a time.
+    ///
+    /// The catch and the replay each run on a thread of their own. Shuttle
+    /// (0.9) skips saving a failing schedule whose length equals that of the
+    /// last one saved on the same thread (a thread-local meant to stop one
+    /// failure being saved twice), so a second catch on one thread (the
+    /// next locking design of a detector test) could fail without a file,
+    /// when its schedule happened to be as long as the previous one.
     pub fn detector(&self, what: &str, body: impl Fn() + Clone + Send + Sync + 'static) {
         let _one_at_a_time = DETECTORS.lock().unwrap_or_else(|p| p.into_inner());
-        let (schedule, first) = self.catch(what, body.clone());
+        let (schedule, first) = {
+            let (this, what, body) = (self.clone(), what.to_string(), body.clone());
+            on_a_fresh_thread(move || this.catch(&what, body))
+        };
         println!("{what} caught: {first}\n  schedule saved to {}", schedule.display());
         let before = self.saved_schedules();
-        let again = self.replay(&schedule, body);
+        let again = {
+            let (this, schedule, body) = (self.clone(), schedule.clone(), body);
+            on_a_fresh_thread(move || this.replay(&schedule, body))
+        };
         assert_eq!(again, first, "the replay failed differently");
         println!("  replayed: {again}");
         // The replay's own failure saved the same schedule again.
@@ -121,6 +135,11 @@ impl Shuttle {
             let _ = std::fs::remove_file(extra);
         }
     }
+}
+
+/// Runs `f` on a new thread and returns its result, or resumes its panic.
+fn on_a_fresh_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(f).join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 fn panic_message(e: Box<dyn std::any::Any + Send>) -> String {

@@ -1,0 +1,366 @@
+//! The thin campaign's traces on the real kernel: every seed's trace, as
+//! `dmsim check` generates it (its workload, its swarm's faults and
+//! crashes), replayed on dm-thin with the pool on controlled (ublk) disks
+//! and judged against the serialized simulator ([`thin_replay::judge`]).
+//! `dmsim check --on kernel` is this, with a summary.
+//!
+//! Traces run a few per boot (a boot that fails is retried one trace at a
+//! time, so one bad trace costs only itself); a trace the serialized
+//! simulator cannot run is refused before the VM boots, with the reason.
+
+use dmsim_model::thin::pool::LockingDesign;
+use dmsim_sim::run::{generate, CampaignSettings, RunConfig};
+use dmsim_traces::{Event, Op, Trace};
+
+use crate::equivalence::simulate_serialized_crashing;
+use crate::thin_replay::{judge, ThinReplayReport, Verdict};
+use crate::vm::{Job, KernelShim};
+
+/// The pool's no-space timeout in the kernel campaign: 1 s, the least the
+/// kernel's `no_space_timeout` module parameter (whole seconds) can say.
+/// The campaign's own is the kernel's default, 60 s, which costs nothing
+/// in simulated time but on the kernel holds the agent for a minute of
+/// real time at every write a full pool queues (the agent sends one
+/// request at a time and waits for it), with several such writes in most
+/// traces that fill their pool.
+pub const KERNEL_NO_SPACE_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// The thin campaign's trace of `seed` with `ops` ops under `settings`, as
+/// the kernel campaign runs it: the ops `dmsim check` and `dmsim run`
+/// generate for the seed, scheduling ops included (the kernel replay
+/// skips them; the serialized simulator too). The header differs from the
+/// campaign's where the model must be the stock kernel to be held against
+/// it (the ops do not depend on any of it; both sides of the comparison
+/// read it from the header):
+/// - the model as kernel 6.1 behaves, without the candidate fixes for the
+///   kernel bugs dmsim found (`settings.kernel_as_is`), which the
+///   campaign turns on so as to report new problems only;
+/// - 6.1's locking design, also for the region-crossing workload (which
+///   the campaign runs under the 6.4 regions design, whose discards are
+///   split where 6.1's are not);
+/// - the pool's no-space timeout [`KERNEL_NO_SPACE_TIMEOUT_NS`].
+///
+/// `settings`' mutations stay (a deliberately broken model is to be seen
+/// diverging from the kernel).
+pub fn campaign_trace(seed: u64, ops: usize, settings: &CampaignSettings) -> Trace {
+    let settings = CampaignSettings { kernel_as_is: true, locking: LockingDesign::Kernel61, ..*settings };
+    let mut cfg = RunConfig::for_seed(seed, ops, &settings);
+    cfg.thin.options.locking = LockingDesign::Kernel61;
+    cfg.thin.options.no_space_timeout = KERNEL_NO_SPACE_TIMEOUT_NS;
+    Trace { header: cfg.header(), events: generate(&cfg).into_iter().map(Event::Op).collect() }
+}
+
+/// What became of one seed.
+#[derive(Debug, Clone)]
+pub enum SeedResult {
+    /// Replayed and judged.
+    Judged(Box<ThinReplayReport>),
+    /// Not replayed: the serialized simulator cannot run the trace (why).
+    Refused(String),
+    /// Replayed, but the VM or the agent failed, or the judge could not
+    /// run (why).
+    Failed(String),
+}
+
+/// One seed's trace and its result.
+#[derive(Debug, Clone)]
+pub struct SeedOutcome {
+    /// The seed.
+    pub seed: u64,
+    /// Its workload's name.
+    pub workload: String,
+    /// Its ops (scheduling ops included).
+    pub ops: usize,
+    /// Its crash ops.
+    pub crash_ops: usize,
+    /// Whether it arms faults.
+    pub faulted: bool,
+    /// What became of it.
+    pub result: SeedResult,
+}
+
+impl SeedOutcome {
+    /// The verdict when judged.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match &self.result {
+            SeedResult::Judged(r) => Some(r.verdict()),
+            _ => None,
+        }
+    }
+
+    /// The outcome's one word: equal, explained, unexplained, refused or
+    /// failed.
+    pub fn word(&self) -> &'static str {
+        match &self.result {
+            SeedResult::Judged(r) => r.verdict().name(),
+            SeedResult::Refused(_) => "refused",
+            SeedResult::Failed(_) => "failed",
+        }
+    }
+
+    /// One line for a report: the seed, its workload, ops and crashes,
+    /// the outcome and, when there is one, the first difference and its
+    /// class.
+    pub fn line(&self) -> String {
+        let head = format!(
+            "seed {} {} ({} ops, {} crashes{}): {}",
+            self.seed,
+            self.workload,
+            self.ops,
+            self.crash_ops,
+            if self.faulted { ", faults" } else { "" },
+            self.word()
+        );
+        match &self.result {
+            SeedResult::Judged(r) => {
+                let crashes_equal = r.crashes.iter().filter(|c| c.differences.is_empty()).count();
+                let mut s = format!("{head}; crashes L1-equal {crashes_equal}/{}", r.crashes.len());
+                if let Some(d) = r.first_difference() {
+                    s.push_str(&format!("; first: {d}"));
+                }
+                if let Some(k) = r.class() {
+                    s.push_str(&format!("; class {}", k.name()));
+                }
+                if r.crash_point_finding.is_some() {
+                    s.push_str("; the model reports a problem at an inner crash point");
+                }
+                s
+            }
+            SeedResult::Refused(why) | SeedResult::Failed(why) => format!("{head}: {why}"),
+        }
+    }
+}
+
+/// Counts over a campaign's outcomes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Seeds run.
+    pub seeds: usize,
+    /// L1 equal at the end and at every crash (and every op, with faults).
+    pub equal: usize,
+    /// Diverging, the first divergence in a named class.
+    pub explained: usize,
+    /// Diverging, no named class.
+    pub unexplained: usize,
+    /// Refused before the VM.
+    pub refused: usize,
+    /// The VM, agent or judge failed.
+    pub failed: usize,
+    /// Crash states judged, and those L1-equal.
+    pub crash_states: usize,
+    /// Crash states L1-equal.
+    pub crash_states_equal: usize,
+    /// Explained divergences by class name.
+    pub classes: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl Summary {
+    /// The counts of `outcomes`.
+    pub fn of(outcomes: &[SeedOutcome]) -> Summary {
+        let mut s = Summary { seeds: outcomes.len(), ..Summary::default() };
+        for o in outcomes {
+            match &o.result {
+                SeedResult::Judged(r) => {
+                    s.crash_states += r.crashes.len();
+                    s.crash_states_equal += r.crashes.iter().filter(|c| c.differences.is_empty()).count();
+                    match r.verdict() {
+                        Verdict::Equal => s.equal += 1,
+                        Verdict::Explained => {
+                            s.explained += 1;
+                            if let Some(k) = r.class() {
+                                *s.classes.entry(k.name()).or_default() += 1;
+                            }
+                        }
+                        Verdict::Unexplained => s.unexplained += 1,
+                    }
+                }
+                SeedResult::Refused(_) => s.refused += 1,
+                SeedResult::Failed(_) => s.failed += 1,
+            }
+        }
+        s
+    }
+
+    /// Percent of the seeds L1-equal everywhere (0 with no seeds).
+    pub fn equal_percent(&self) -> f64 {
+        if self.seeds == 0 {
+            0.0
+        } else {
+            100.0 * self.equal as f64 / self.seeds as f64
+        }
+    }
+}
+
+/// Replays the thin campaign's trace of every seed in `seeds` on the
+/// kernel, `per_boot` traces a boot (at least 1), the pool on ublk disks,
+/// and judges each; `progress` sees every outcome as it is judged, in
+/// seed order. `shim` must be prepared with
+/// [`KernelShim::prepare_with_ublk`].
+pub fn run(
+    shim: &KernelShim,
+    seeds: impl IntoIterator<Item = u64>,
+    ops: usize,
+    settings: &CampaignSettings,
+    per_boot: usize,
+    mut progress: impl FnMut(&SeedOutcome),
+) -> Vec<SeedOutcome> {
+    let mut out = Vec::new();
+    let mut pending: Vec<(SeedOutcome, Trace)> = Vec::new();
+    for seed in seeds {
+        let trace = campaign_trace(seed, ops, settings);
+        let outcome = SeedOutcome {
+            seed,
+            workload: trace.header.workload.clone(),
+            ops: trace.ops().count(),
+            crash_ops: trace.ops().filter(|op| matches!(op, Op::Crash { .. })).count(),
+            faulted: trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. })),
+            result: SeedResult::Refused(String::new()),
+        };
+        match simulate_serialized_crashing(&trace) {
+            Err(e) => {
+                // Refused before the VM; the batch's earlier seeds first,
+                // so that outcomes come in seed order.
+                flush(shim, &mut pending, &mut out, &mut progress);
+                let o = SeedOutcome { result: SeedResult::Refused(e.to_string()), ..outcome };
+                progress(&o);
+                out.push(o);
+            }
+            Ok(_) => {
+                pending.push((outcome, trace));
+                if pending.len() >= per_boot.max(1) {
+                    flush(shim, &mut pending, &mut out, &mut progress);
+                }
+            }
+        }
+    }
+    flush(shim, &mut pending, &mut out, &mut progress);
+    out
+}
+
+/// Replays the pending traces in one boot and reports them.
+fn flush(
+    shim: &KernelShim,
+    pending: &mut Vec<(SeedOutcome, Trace)>,
+    out: &mut Vec<SeedOutcome>,
+    progress: &mut impl FnMut(&SeedOutcome),
+) {
+    for o in replay_batch(shim, std::mem::take(pending)) {
+        progress(&o);
+        out.push(o);
+    }
+}
+
+/// One boot for `batch`; when the boot fails, each trace again alone.
+fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<SeedOutcome> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let jobs: Vec<Job> = batch.iter().map(|(_, t)| Job::Ublk(t.clone())).collect();
+    match shim.run_jobs(&jobs) {
+        Ok(runs) if runs.len() == batch.len() => batch
+            .into_iter()
+            .zip(runs)
+            .map(|((o, trace), run)| {
+                let result = match judge(&trace, true, &run) {
+                    Ok(r) => SeedResult::Judged(Box::new(r)),
+                    Err(e) => SeedResult::Failed(e.to_string()),
+                };
+                SeedOutcome { result, ..o }
+            })
+            .collect(),
+        Ok(runs) if batch.len() == 1 => {
+            let why = format!("the VM returned {} results for one job", runs.len());
+            batch
+                .into_iter()
+                .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(why.clone()), ..o })
+                .collect()
+        }
+        Err(e) if batch.len() == 1 => batch
+            .into_iter()
+            .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(e.to_string()), ..o })
+            .collect(),
+        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one])).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_campaign_trace_is_the_seeds_generated_ops() {
+        let settings = CampaignSettings::default();
+        let a = campaign_trace(7, 50, &settings);
+        let b = campaign_trace(7, 50, &settings);
+        assert_eq!(a, b, "deterministic");
+        let cfg = RunConfig::for_seed(7, 50, &settings);
+        assert_eq!(a.ops().collect::<Vec<_>>(), generate(&cfg), "the campaign's ops");
+        assert_ne!(a.header, cfg.header(), "the fixes and the no-space timeout differ");
+        let as_is = CampaignSettings { kernel_as_is: true, ..settings };
+        let mut cfg = RunConfig::for_seed(7, 50, &as_is);
+        cfg.thin.options.no_space_timeout = KERNEL_NO_SPACE_TIMEOUT_NS;
+        assert_eq!(a.header, cfg.header());
+        // A region-crossing seed runs under 6.1's locking, not the 6.4
+        // regions the campaign gives that workload.
+        let region =
+            CampaignSettings { workload: Some(dmsim_sim::run::Workload::RegionCrossing), ..settings };
+        assert_eq!(RunConfig::for_seed(7, 50, &region).thin.options.locking, LockingDesign::Regions);
+        let t = campaign_trace(7, 50, &region);
+        let back = RunConfig::from_header(&t.header).expect("the header parses");
+        assert_eq!(back.thin.options.locking, LockingDesign::Kernel61);
+        assert_eq!(back.thin.options.fixes, dmsim_model::thin::pool::KernelFixes::default());
+        assert_ne!(campaign_trace(8, 50, &settings), a);
+    }
+
+    fn judged(verdict: &str) -> SeedOutcome {
+        let mut r = ThinReplayReport {
+            ublk: true,
+            followed_kernel_clock: true,
+            oracle_violation: None,
+            crash_point_finding: None,
+            differences: Vec::new(),
+            crashes: Vec::new(),
+            crash_class: None,
+            end_class: None,
+            op_differences: Vec::new(),
+            simulator_fired: Vec::new(),
+            kernel_fired: Vec::new(),
+            faulted: false,
+            l2: Err("-".into()),
+            l3: crate::equivalence::compare_l3(&[], &[]),
+        };
+        match verdict {
+            "equal" => {}
+            "explained" => {
+                r.differences = vec!["x".into()];
+                r.end_class = Some(crate::equivalence::DivergenceClass::MetadataGrowth { op: 3 });
+            }
+            _ => r.differences = vec!["x".into()],
+        }
+        SeedOutcome {
+            seed: 1,
+            workload: "random".into(),
+            ops: 10,
+            crash_ops: 0,
+            faulted: false,
+            result: SeedResult::Judged(Box::new(r)),
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_every_outcome() {
+        let mut refused = judged("equal");
+        refused.result = SeedResult::Refused("no".into());
+        let outcomes =
+            vec![judged("equal"), judged("equal"), judged("explained"), judged("unexplained"), refused];
+        let s = Summary::of(&outcomes);
+        assert_eq!((s.seeds, s.equal, s.explained, s.unexplained, s.refused, s.failed), (5, 2, 1, 1, 1, 0));
+        assert_eq!(s.classes.get("metadata-growth"), Some(&1));
+        assert!((s.equal_percent() - 40.0).abs() < 1e-9);
+        assert!(
+            outcomes[3].line().contains("unexplained; crashes L1-equal 0/0; first: end: x"),
+            "{}",
+            outcomes[3].line()
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! Judging one thin trace's kernel run against the serialized simulator:
+//! what `dmsim replay --on kernel` prints for a thin trace and what
+//! [`crate::thin_campaign`] counts, as one library call.
+//!
+//! The simulator runs the trace again following the kernel run's clock
+//! ([`equivalence::simulate_following`]); then L1 at the end and at every
+//! crash, the ops' outcomes when faults were armed on controlled disks,
+//! L2 and L3, and the named class ([`DivergenceClass`]) that explains the
+//! first divergence, if one does.
+
+use dmsim_traces::{Op, Trace};
+
+use crate::equivalence::{
+    classify, compare_crashes, compare_l1, compare_l2, compare_l3, simulate_following, CrashComparison,
+    DivergenceClass, FinalState, L2, L3,
+};
+use crate::error::ShimError;
+use crate::fault_compare::{compare_ops, kernel_fired, OpDifference};
+use crate::kernel_clock::ThinClock;
+use crate::vm::KernelRun;
+
+/// Everything one thin trace's kernel run is judged on.
+#[derive(Debug, Clone)]
+pub struct ThinReplayReport {
+    /// The pool ran on controlled (ublk) disks: crash ops cut power and
+    /// faults are armed.
+    pub ublk: bool,
+    /// The kernel's result carried a clock and the simulator followed it.
+    pub followed_kernel_clock: bool,
+    /// The simulator's oracle objected while reading its devices back (a
+    /// broken model); its state was then read from its images.
+    pub oracle_violation: Option<String>,
+    /// The first problem the simulator found at a metadata crash point it
+    /// samples inside commits: a model finding the kernel replay does not
+    /// judge (it holds the crash ops' states against the kernel's).
+    pub crash_point_finding: Option<String>,
+    /// L1 at the end: empty when every device reads the same stamps and
+    /// the same blocks are mapped.
+    pub differences: Vec<String>,
+    /// L1 (and L3) at every crash, crash by crash.
+    pub crashes: Vec<CrashComparison>,
+    /// The class explaining the first crash that differs, if one does.
+    pub crash_class: Option<DivergenceClass>,
+    /// The class explaining an end difference, if one does.
+    pub end_class: Option<DivergenceClass>,
+    /// On controlled disks: ops whose outcome or reads (and, with faults
+    /// armed, the pool's mode after them) differ from the serialized
+    /// model's.
+    pub op_differences: Vec<OpDifference>,
+    /// Faults that fired on the simulator, as `op N: what`.
+    pub simulator_fired: Vec<String>,
+    /// Faults that fired on the kernel's controlled disks, as `op N: what`.
+    pub kernel_fired: Vec<String>,
+    /// The trace armed faults (fault or aim-fault ops).
+    pub faulted: bool,
+    /// L2: the two thin_dumps compared, or why the kernel's could not be
+    /// dumped.
+    pub l2: Result<L2, String>,
+    /// L3: the metadata blocks compared.
+    pub l3: L3,
+}
+
+/// A judged trace in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// L1 equal at the end and at every crash, and (with faults) every op
+    /// the same.
+    Equal,
+    /// A divergence, and a named class explains its first appearance.
+    Explained,
+    /// A divergence no named class explains.
+    Unexplained,
+}
+
+impl Verdict {
+    /// The verdict's short name, for reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Equal => "equal",
+            Verdict::Explained => "explained",
+            Verdict::Unexplained => "unexplained",
+        }
+    }
+}
+
+impl ThinReplayReport {
+    /// The first crash whose states differ at L1.
+    pub fn first_bad_crash(&self) -> Option<&CrashComparison> {
+        self.crashes.iter().find(|c| !c.differences.is_empty())
+    }
+
+    /// L1 equal at the end and at every crash.
+    pub fn l1_equal_everywhere(&self) -> bool {
+        self.differences.is_empty() && self.first_bad_crash().is_none()
+    }
+
+    /// The class of the first divergence: the first differing crash's if a
+    /// crash differs, else the end's.
+    pub fn class(&self) -> Option<&DivergenceClass> {
+        if self.first_bad_crash().is_some() {
+            self.crash_class.as_ref()
+        } else {
+            self.end_class.as_ref()
+        }
+    }
+
+    /// The verdict: equal, a divergence a named class explains, or one
+    /// none does. An op difference with L1 equal everywhere counts as a
+    /// divergence too (it has no class of its own yet).
+    pub fn verdict(&self) -> Verdict {
+        let l1 = self.l1_equal_everywhere();
+        if l1 && self.op_differences.is_empty() {
+            Verdict::Equal
+        } else if !l1 && self.class().is_some() {
+            Verdict::Explained
+        } else {
+            Verdict::Unexplained
+        }
+    }
+
+    /// The first difference in one line: where (a crash or the end, or an
+    /// op) and what; None when equal.
+    pub fn first_difference(&self) -> Option<String> {
+        if let Some(c) = self.first_bad_crash() {
+            return Some(format!(
+                "crash {} (op {}): {}",
+                c.crash,
+                c.op,
+                c.differences.first().map_or("", String::as_str)
+            ));
+        }
+        if let Some(d) = self.differences.first() {
+            return Some(format!("end: {d}"));
+        }
+        self.op_differences.first().map(|d| format!("{d}"))
+    }
+}
+
+/// Judges `run`, the kernel's run of `trace` (`ublk`: on controlled
+/// disks), against the serialized simulator following the kernel's clock.
+/// An agent error is an error here: there is nothing to judge.
+pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayReport, ShimError> {
+    if let Some(e) = &run.result.error {
+        return Err(ShimError::Invalid(format!("the agent failed: {e}")));
+    }
+    let followed_kernel_clock = ThinClock::of(&run.result).is_some();
+    let sim = simulate_following(trace, ublk, run)?;
+    let differences = compare_l1(&sim.state, &FinalState::of_kernel(run));
+    let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
+    let crash_class =
+        crashes.iter().find(|c| !c.differences.is_empty()).and_then(|c| classify(&sim.ops, c.op));
+    let end_class = if differences.is_empty() { None } else { classify(&sim.ops, usize::MAX) };
+    let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
+    // Every op's outcome and reads on controlled disks (the pool's mode
+    // too where the agent recorded it: traces with faults).
+    let op_differences = if ublk { compare_ops(&sim.ops, &run.result) } else { Vec::new() };
+    let simulator_fired =
+        sim.ops.iter().flat_map(|o| o.fired.iter().map(move |f| format!("op {}: {f}", o.index))).collect();
+    let kernel_fired = kernel_fired(&run.result).into_iter().map(|(i, f)| format!("op {i}: {f}")).collect();
+    let l2 = match &run.thin_dump {
+        Ok(kernel_dump) => Ok(compare_l2(&sim.thin_dump, kernel_dump)),
+        Err(e) => Err(format!("dmsim cannot dump the kernel's metadata: {e}")),
+    };
+    let l3 = compare_l3(&sim.metadata_image, &run.metadata_image);
+    Ok(ThinReplayReport {
+        ublk,
+        followed_kernel_clock,
+        oracle_violation: sim.oracle_violation,
+        crash_point_finding: sim.crash_point_finding,
+        differences,
+        crashes,
+        crash_class,
+        end_class,
+        op_differences,
+        simulator_fired,
+        kernel_fired,
+        faulted,
+        l2,
+        l3,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> ThinReplayReport {
+        ThinReplayReport {
+            ublk: true,
+            followed_kernel_clock: true,
+            oracle_violation: None,
+            crash_point_finding: None,
+            differences: Vec::new(),
+            crashes: Vec::new(),
+            crash_class: None,
+            end_class: None,
+            op_differences: Vec::new(),
+            simulator_fired: Vec::new(),
+            kernel_fired: Vec::new(),
+            faulted: false,
+            l2: Err("not dumped".into()),
+            l3: compare_l3(&[], &[]),
+        }
+    }
+
+    fn crash(k: usize, op: usize, differences: &[&str]) -> CrashComparison {
+        CrashComparison {
+            crash: k,
+            op,
+            differences: differences.iter().map(|s| s.to_string()).collect(),
+            metadata_identical: differences.is_empty(),
+            choices: [((0, 0), (0, 0)); 2],
+        }
+    }
+
+    #[test]
+    fn a_trace_equal_everywhere_is_equal() {
+        let mut r = report();
+        r.crashes = vec![crash(0, 10, &[]), crash(1, 20, &[])];
+        assert_eq!(r.verdict(), Verdict::Equal);
+        assert_eq!(r.first_difference(), None);
+    }
+
+    #[test]
+    fn a_crash_difference_without_a_class_is_unexplained_and_named() {
+        let mut r = report();
+        r.crashes = vec![crash(0, 10, &[]), crash(1, 20, &["dev 1 block 3: …"])];
+        // The end's class does not explain a crash's difference.
+        r.end_class = Some(DivergenceClass::MetadataGrowth { op: 5 });
+        assert_eq!(r.verdict(), Verdict::Unexplained);
+        assert_eq!(r.first_difference().unwrap(), "crash 1 (op 20): dev 1 block 3: …");
+        r.crash_class = Some(DivergenceClass::MetadataGrowth { op: 5 });
+        assert_eq!(r.verdict(), Verdict::Explained);
+    }
+
+    #[test]
+    fn an_end_difference_takes_the_ends_class() {
+        let mut r = report();
+        r.differences = vec!["dev 2 block 0: …".into()];
+        assert_eq!(r.verdict(), Verdict::Unexplained);
+        r.end_class = Some(DivergenceClass::MetadataGrowth { op: 7 });
+        assert_eq!(r.verdict(), Verdict::Explained);
+        assert_eq!(r.first_difference().unwrap(), "end: dev 2 block 0: …");
+    }
+}
