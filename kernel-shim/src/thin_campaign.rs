@@ -313,22 +313,7 @@ mod tests {
     }
 
     fn judged(verdict: &str) -> SeedOutcome {
-        let mut r = ThinReplayReport {
-            ublk: true,
-            followed_kernel_clock: true,
-            oracle_violation: None,
-            crash_point_finding: None,
-            differences: Vec::new(),
-            crashes: Vec::new(),
-            crash_class: None,
-            end_class: None,
-            op_differences: Vec::new(),
-            simulator_fired: Vec::new(),
-            kernel_fired: Vec::new(),
-            faulted: false,
-            l2: Err("-".into()),
-            l3: crate::equivalence::compare_l3(&[], &[]),
-        };
+        let mut r = crate::thin_replay::empty_report();
         match verdict {
             "equal" => {}
             "explained" => {

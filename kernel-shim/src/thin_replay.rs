@@ -180,27 +180,33 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     })
 }
 
+/// A report with nothing in it: equal everywhere (for tests).
+#[cfg(test)]
+pub(crate) fn empty_report() -> ThinReplayReport {
+    ThinReplayReport {
+        ublk: true,
+        followed_kernel_clock: true,
+        oracle_violation: None,
+        crash_point_finding: None,
+        differences: Vec::new(),
+        crashes: Vec::new(),
+        crash_class: None,
+        end_class: None,
+        op_differences: Vec::new(),
+        simulator_fired: Vec::new(),
+        kernel_fired: Vec::new(),
+        faulted: false,
+        l2: Err("not dumped".into()),
+        l3: compare_l3(&[], &[]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn report() -> ThinReplayReport {
-        ThinReplayReport {
-            ublk: true,
-            followed_kernel_clock: true,
-            oracle_violation: None,
-            crash_point_finding: None,
-            differences: Vec::new(),
-            crashes: Vec::new(),
-            crash_class: None,
-            end_class: None,
-            op_differences: Vec::new(),
-            simulator_fired: Vec::new(),
-            kernel_fired: Vec::new(),
-            faulted: false,
-            l2: Err("not dumped".into()),
-            l3: compare_l3(&[], &[]),
-        }
+        empty_report()
     }
 
     fn crash(k: usize, op: usize, differences: &[&str]) -> CrashComparison {
