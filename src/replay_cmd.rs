@@ -543,7 +543,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     if args.timings {
         eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
     }
-    if differences.is_empty() && first_bad_crash.is_none() && op_differences.is_empty() {
+    if report.verdict() == dmsim_kernel_shim::thin_replay::Verdict::Equal {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::PROBLEMS)

@@ -203,10 +203,11 @@ pub struct ThinSim {
     metadata_base: Vec<u8>,
     /// The probes of the pools that crashed (see [`ThinSim::pool_probes`]).
     crashed_pool_probes: PoolProbes,
-    /// `Some` when the metadata crash points sampled inside commits are
-    /// checked without being judged ([`ThinSim::report_metadata_crash_points`]):
-    /// the first problem found there, if any.
-    crash_point_findings: Option<Option<String>>,
+    /// The metadata crash points sampled inside commits are checked
+    /// without being judged ([`ThinSim::report_metadata_crash_points`]).
+    crash_points_reported: bool,
+    /// With `crash_points_reported`: the first problem found there.
+    crash_point_finding: Option<String>,
     /// Counts the pool mode changes seen, crashes and metadata growths:
     /// what a request was submitted under (see [`ReadOnlyRules`]).
     epoch: u64,
@@ -316,7 +317,8 @@ impl ThinSim {
             coverage: FaultCoverage::default(),
             metadata_base: Vec::new(),
             crashed_pool_probes: PoolProbes::default(),
-            crash_point_findings: None,
+            crash_points_reported: false,
+            crash_point_finding: None,
             epoch: 0,
             expected: BTreeMap::new(),
             frozen: None,
@@ -1234,13 +1236,6 @@ impl ThinSim {
         Ok(())
     }
 
-    /// The metadata crash states the run passed through since the last
-    /// crash (or the start): power cuts at seeded points of the metadata
-    /// disk's request log — inside commits too, which the pool's own crash
-    /// (between ops) never lands in — each keeping a random subset of the
-    /// unflushed writes, one perhaps torn. Every one must be readable and
-    /// free of damage (data blocks leaked are allowed, as after any crash:
-    /// see [`ThinSim::check_metadata`]).
     /// From now on the metadata crash points sampled inside commits (and
     /// at growths) are still checked, but a problem there no longer stops
     /// the run: the first one is kept ([`ThinSim::metadata_crash_point_finding`]).
@@ -1249,23 +1244,31 @@ impl ThinSim {
     /// kernel (without the candidate fixes) meets the known findings at
     /// those inner points.
     pub fn report_metadata_crash_points(&mut self) {
-        self.crash_point_findings.get_or_insert(None);
+        self.crash_points_reported = true;
     }
 
     /// The first problem at a metadata crash point, when
     /// [`ThinSim::report_metadata_crash_points`] is on.
     pub fn metadata_crash_point_finding(&self) -> Option<&str> {
-        self.crash_point_findings.as_ref().and_then(|f| f.as_deref())
+        self.crash_point_finding.as_deref()
     }
 
+    /// The metadata crash states the run passed through since the last
+    /// crash (or the start): power cuts at seeded points of the metadata
+    /// disk's request log — inside commits too, which the pool's own crash
+    /// (between ops) never lands in — each keeping a random subset of the
+    /// unflushed writes, one perhaps torn. Every one must be readable and
+    /// free of damage (data blocks leaked are allowed, as after any crash:
+    /// see [`ThinSim::check_metadata`]); with
+    /// [`ThinSim::report_metadata_crash_points`] the first problem is kept
+    /// instead.
     fn check_metadata_crash_states(&mut self, log: &[DiskEvent], seed: u32) -> Result<(), ThinFailure> {
-        let r = self.check_metadata_crash_states_judged(log, seed);
-        match (&mut self.crash_point_findings, r) {
-            (Some(first), Err(f)) => {
-                first.get_or_insert(f.to_string());
+        match self.check_metadata_crash_states_judged(log, seed) {
+            Err(f) if self.crash_points_reported => {
+                self.crash_point_finding.get_or_insert(f.to_string());
                 Ok(())
             }
-            (_, r) => r,
+            r => r,
         }
     }
 
@@ -1645,6 +1648,41 @@ mod tests {
     use dmsim_model::pdata::layout::thin::DeviceDetails;
 
     use super::*;
+
+    /// A model that writes the superblock before the flush breaks the
+    /// metadata crash points inside its commits: judged, the run stops at
+    /// the first; reported, it goes on and keeps that problem.
+    #[test]
+    fn reported_crash_points_keep_the_first_problem_and_go_on() {
+        use crate::run::{generate, CampaignSettings, RunConfig};
+        let settings = CampaignSettings {
+            mutations: dmsim_model::mutation::Mutations::from_names(["superblock-before-flush"])
+                .expect("a known mutation"),
+            ..CampaignSettings::default()
+        };
+        let is_crash_point =
+            |f: &ThinFailure| f.kind == "checker" && f.what.contains("a crash after metadata request");
+        let (cfg, ops, judged) = (0..32)
+            .find_map(|seed| {
+                let cfg = RunConfig::for_seed(seed, 200, &settings);
+                let ops = generate(&cfg);
+                let mut sim = ThinSim::new(cfg.thin);
+                let failure = ops.iter().find_map(|op| sim.apply(op).err())?;
+                is_crash_point(&failure).then_some((cfg, ops, failure))
+            })
+            .expect("a seed whose broken commits fail a crash point");
+        let mut sim = ThinSim::new(cfg.thin);
+        sim.report_metadata_crash_points();
+        for op in &ops {
+            if let Err(f) = sim.apply(op) {
+                assert!(!is_crash_point(&f), "a crash point stopped the reported run: {f}");
+                break;
+            }
+        }
+        assert!(sim.step > judged.step, "the reported run went past step {}", judged.step);
+        let finding = sim.metadata_crash_point_finding().expect("the first problem is kept");
+        assert_eq!(finding, judged.to_string(), "the same first problem");
+    }
 
     /// A device whose last snapshot was at time 2, mapping virtual block 0
     /// at time 1 (shared since), 1 and 2 at time 2 (not shared), block 3
