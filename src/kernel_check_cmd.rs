@@ -165,6 +165,8 @@ fn outcome_json(o: &SeedOutcome) -> serde_json::Value {
             v["class"] = r.class().map(|k| k.name()).into();
             v["l3_differing_blocks"] = r.l3.differing.into();
             v["simulator_crash_point_finding"] = r.crash_point_finding.clone().into();
+            v["simulator_end_check_finding"] = r.end_check_finding.clone().into();
+            v["kernel_end_check"] = r.kernel_end_check.clone().into();
         }
         SeedResult::Refused(why) | SeedResult::Failed(why) => v["why"] = why.clone().into(),
     }

@@ -57,11 +57,49 @@ pub struct ReplayArgs {
     /// states judged at every FLUSH, FUA, status and reload (docs/cache.md).
     #[arg(long, default_value = "virtio")]
     pub disks: String,
+    /// With `--on kernel`: also write what the VM said to this file: its
+    /// serial console (the kernel's messages of warning level and above,
+    /// such as dm-thin's errors, and the agent's log), then the kernel's
+    /// answer to every op and, in a trace with faults, the pool's status
+    /// line after each op. For finding out why the kernel answered as it
+    /// did; the comparison is unchanged.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+}
+
+/// Writes `run`'s console, op answers and per-op status lines to `path`
+/// (`--console`); an error says which file could not be written.
+fn write_console(path: &std::path::Path, run: &dmsim_kernel_shim::KernelRun) -> Result<(), String> {
+    let mut out = String::new();
+    out.push_str("== the VM's serial console\n");
+    out.push_str(&run.console);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str("== the kernel's answer to each op\n");
+    for o in &run.result.ops {
+        out.push_str(&format!("op {}: {}", o.index, o.outcome));
+        if let Some(r) = &o.read {
+            out.push_str(&format!(" read {r}"));
+        }
+        out.push('\n');
+    }
+    if !run.result.op_status.is_empty() {
+        out.push_str("== the pool's status after each op (without a commit)\n");
+        for (i, line) in &run.result.op_status {
+            out.push_str(&format!("op {i}: {line}\n"));
+        }
+    }
+    std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Replays a trace; see [`ReplayArgs`] for the exit status.
 pub fn run(args: ReplayArgs) -> ExitCode {
     match args.on.as_str() {
+        "sim" if args.console.is_some() => {
+            eprintln!("dmsim replay: --console is for `--on kernel` (the simulator has no VM console)");
+            return ExitCode::from(exit::UNUSABLE);
+        }
         "sim" => {}
         "kernel" => return run_on_kernel(&args),
         other => {
@@ -203,6 +241,12 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if let Some(path) = &args.console {
+        if let Err(e) = write_console(path, &run) {
+            eprintln!("dmsim replay --on kernel: --console: {e}");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    }
     let judged = if ublk {
         judge_with_crash_states(&plan, &run).map(|(r, c)| (r, Some(c)))
     } else {
@@ -356,6 +400,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if let Some(path) = &args.console {
+        if let Err(e) = write_console(path, &run) {
+            eprintln!("dmsim replay --on kernel: --console: {e}");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    }
     if let Some(e) = &run.result.error {
         eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
         return ExitCode::from(exit::UNUSABLE);
@@ -405,6 +455,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "l3_first_differing_block": l3.first,
             "simulator_oracle_violation": report.oracle_violation,
             "simulator_crash_point_finding": report.crash_point_finding,
+            "simulator_end_check_finding": report.end_check_finding,
+            "kernel_end_check": report.kernel_end_check,
             "disks": args.disks,
             "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
@@ -449,6 +501,13 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         }
         if let Some(v) = &report.crash_point_finding {
             println!("the simulator finds a problem at a metadata crash point inside a commit (not judged here): {v}");
+        }
+        if let Some(v) = &report.end_check_finding {
+            println!("the simulator's checker finds its final metadata damaged (a model finding, still judged): {v}");
+            match &report.kernel_end_check {
+                Some(k) => println!("dmsim's checker on the kernel's final metadata: {k}"),
+                None => println!("dmsim's checker on the kernel's final metadata: no damage"),
+            }
         }
         if let Some(v) = &report.oracle_violation {
             println!("the simulator's oracle objects ({v}); its state is read from its disks");

@@ -284,6 +284,21 @@ pub struct Replayer<'c> {
     /// op ([`COARSE_PREFIX`] timings, moved to the result at the end).
     clock: CoarseClock,
     times: Vec<(String, u64)>,
+    /// The pool's table line (loaded again by a growth that reloads).
+    table: TargetSpec,
+    /// When the trace grows the metadata device: the dm-linear device the
+    /// pool has for metadata ([`Replayer::new_growable`]).
+    metadata_linear: Option<MetadataLinear>,
+}
+
+/// The pool's metadata device in a job that grows it: a dm-linear device
+/// over the first `sectors` of the controlled metadata disk (which has
+/// the size the trace's growths reach), extended by each growth.
+struct MetadataLinear {
+    name: String,
+    disk: PathBuf,
+    sectors: u64,
+    disk_sectors: u64,
 }
 
 impl<'c> Replayer<'c> {
@@ -323,7 +338,7 @@ impl<'c> Replayer<'c> {
         let clock = CoarseClock::new();
         let created_a = clock.now_us();
         ctl.create(&pool_name)?;
-        let pool = match ctl.load(&pool_name, &[table], false).and_then(|_| ctl.resume(&pool_name)) {
+        let pool = match ctl.load(&pool_name, &[table.clone()], false).and_then(|_| ctl.resume(&pool_name)) {
             Ok(p) => p,
             Err(e) => {
                 let _ = ctl.remove(&pool_name);
@@ -346,7 +361,79 @@ impl<'c> Replayer<'c> {
             next_write: 0,
             clock,
             times,
+            table,
+            metadata_linear: None,
         })
+    }
+
+    /// As [`Replayer::new`], the pool's metadata device being a dm-linear
+    /// device `dmsim-ml<prefix>` over the first `sectors` of `disk`, which
+    /// [`Replayer::grow_metadata`] extends; [`Replayer::teardown`] removes
+    /// it after the pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_growable(
+        ctl: &'c Control,
+        spec: PoolSpec,
+        disk: &Path,
+        sectors: u64,
+        data: &Path,
+        dev_dir: &Path,
+        prefix: &str,
+        format: bool,
+    ) -> Result<Replayer<'c>, ShimError> {
+        let name = format!("dmsim-ml{prefix}");
+        let disk_sectors = spec.metadata_disk_sectors;
+        let path = linear(ctl, &name, disk, 0, sectors, dev_dir)?;
+        match Replayer::new(ctl, spec, &path, data, dev_dir, prefix, format) {
+            Ok(mut r) => {
+                r.metadata_linear =
+                    Some(MetadataLinear { name, disk: disk.to_path_buf(), sectors, disk_sectors });
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = ctl.remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    /// The metadata device's size now, when this replayer can grow it.
+    fn metadata_sectors_now(&self) -> Option<u64> {
+        self.metadata_linear.as_ref().map(|l| l.sectors)
+    }
+
+    /// A `grow-metadata` op, as the simulator's (`ThinSim`'s growth): the
+    /// pool suspended (its presuspend commits), the metadata device
+    /// extended by `blocks` metadata blocks (the dm-linear device reloaded
+    /// longer), the pool's table loaded again when `reload`, and the pool
+    /// resumed, whose preresume sees the larger device and extends the
+    /// metadata space map (6.1's `maybe_resize_metadata_dev`). A resume
+    /// that fails is tried once more, as the simulator does; a pool left
+    /// suspended would hang every later request, so a second failure
+    /// stops the job. Without a growable device the op is `unsupported`.
+    fn grow_metadata(&mut self, index: usize, blocks: u32, reload: bool) -> Result<OpResult, ShimError> {
+        let done = |outcome: String| Ok(OpResult { index, outcome, read: None });
+        let Some(l) = self.metadata_linear.as_ref() else { return done("unsupported".into()) };
+        let sectors = crate::protocol::grown_metadata_sectors(l.sectors, blocks).min(l.disk_sectors);
+        let (name, table) = (l.name.clone(), linear_target(0, sectors, &l.disk, 0)?);
+        self.ctl.suspend(&self.pool_name, 0)?;
+        self.ctl.suspend(&name, 0)?;
+        self.ctl.load(&name, &[table], false)?;
+        self.ctl.resume(&name)?;
+        if let Some(l) = self.metadata_linear.as_mut() {
+            l.sectors = sectors;
+        }
+        if reload {
+            self.ctl.load(&self.pool_name, &[self.table.clone()], false)?;
+        }
+        match self.ctl.resume(&self.pool_name) {
+            Ok(_) => done("ok".into()),
+            Err(e) => {
+                log(&format!("op {index}: the pool's resume after a metadata growth failed ({e}); again"));
+                self.ctl.resume(&self.pool_name)?;
+                done(format!("ok (resumed the second time; the first: {e})"))
+            }
+        }
     }
 
     fn index(&self, dev: u8) -> Option<usize> {
@@ -585,9 +672,8 @@ impl<'c> Replayer<'c> {
             // The kernel runs its own worker and completes its own I/O;
             // every request above already ran to completion.
             Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
-            Op::Fault { .. } | Op::Crash { .. } | Op::GrowMetadata { .. } | Op::AimFault { .. } => {
-                done("unsupported".into(), None)
-            }
+            Op::GrowMetadata { blocks, reload } => self.grow_metadata(index, blocks, reload),
+            Op::Fault { .. } | Op::Crash { .. } | Op::AimFault { .. } => done("unsupported".into(), None),
             // Rejected above (`thin_error`); kept as an error here too.
             Op::Reload { .. } | Op::Resize { .. } | Op::Invalidate { .. } | Op::Status => {
                 Err(ShimError::Invalid(format!(
@@ -630,7 +716,11 @@ impl<'c> Replayer<'c> {
             drop(thin);
             self.ctl.remove(&name)?;
         }
-        self.ctl.remove(&self.pool_name)
+        self.ctl.remove(&self.pool_name)?;
+        match self.metadata_linear.take() {
+            Some(l) => self.ctl.remove(&l.name),
+            None => Ok(()),
+        }
     }
 
     /// Activates existing thin devices (of a pool opened on existing
@@ -831,7 +921,7 @@ pub fn run_job(
     if let Ok(t) = ctl.target_versions() {
         result.targets = t;
     }
-    let spec = match PoolSpec::from_header(&trace.header) {
+    let spec = match PoolSpec::of_trace(trace) {
         Ok(s) => s,
         Err(e) => {
             result.error = Some(e.to_string());
@@ -1113,7 +1203,10 @@ fn run_ublk_job(
 ) {
     use crate::ublk::{live_devices, ControlledDisk, UblkControl, UblkDevice};
     let t0 = Instant::now();
-    let (meta_bytes, data_bytes) = (spec.metadata_sectors * 512, spec.data_sectors() * 512);
+    // The metadata disk has the size the trace's growths reach; the pool
+    // sees its first `metadata_sectors` through a dm-linear device until
+    // a growth extends it ([`Replayer::grow_metadata`]).
+    let (meta_bytes, data_bytes) = (spec.metadata_disk_sectors * 512, spec.data_sectors() * 512);
     if meta_bytes.max(data_bytes) > UBLK_MAX_DISK_BYTES {
         result.error = Some(format!(
             "ublk: disks of {meta_bytes} and {data_bytes} bytes exceed the {UBLK_MAX_DISK_BYTES} bytes kept in RAM"
@@ -1176,7 +1269,7 @@ fn run_ublk_job(
         let volatile = disk.since_flush().iter().filter(|w| !w.fua).count() as u64;
         result.ublk.push((format!("{role}-volatile-at-stop"), volatile));
         let (name, at, len, disk_path) = if *role == "metadata" {
-            (format!("dmsim-m{job}"), disks.slice.metadata_offset, spec.metadata_sectors, disks.metadata)
+            (format!("dmsim-m{job}"), disks.slice.metadata_offset, spec.metadata_disk_sectors, disks.metadata)
         } else {
             (format!("dmsim-d{job}"), disks.slice.data_offset, spec.data_sectors(), disks.data)
         };
@@ -1251,7 +1344,13 @@ fn run_ublk_pool(
     else {
         return;
     };
-    let mut replayer = match Replayer::new(ctl, spec.clone(), &m, &d, dev_dir, &job.to_string(), true) {
+    let prefix = job.to_string();
+    let created = if spec.metadata_disk_sectors > spec.metadata_sectors {
+        Replayer::new_growable(ctl, spec.clone(), &m, spec.metadata_sectors, &d, dev_dir, &prefix, true)
+    } else {
+        Replayer::new(ctl, spec.clone(), &m, &d, dev_dir, &prefix, true)
+    };
+    let mut replayer = match created {
         Ok(r) => r,
         Err(e) => {
             result.error = Some(format!("creating the pool: {e}"));
@@ -1376,6 +1475,9 @@ fn power_cut<'c>(
     data.cut_power();
     let ids: Vec<u32> = replayer.devices.iter().map(|t| t.id).collect();
     let (next_id, next_write) = (replayer.next_id, replayer.next_write);
+    // The metadata device's size now (the disk may be larger: the trace
+    // grows it later); the crash state is that much of the disk.
+    let grown = replayer.metadata_sectors_now();
     let (clock, mut times) = (replayer.clock, std::mem::take(&mut replayer.times));
     let t = Instant::now();
     // The dead pool's teardown: every thin device, then the pool. On 6.1
@@ -1415,7 +1517,9 @@ fn power_cut<'c>(
         metadata: (m.kept, m.unflushed),
         data: (d.kept, d.unflushed),
         torn: m.torn || d.torn,
-        metadata_fnv: crate::protocol::fnv64(&meta_image),
+        metadata_fnv: crate::protocol::fnv64(
+            &meta_image[..grown.map_or(meta_image.len(), |s| (s as usize * 512).min(meta_image.len()))],
+        ),
         mapped: crate::vm::mapped_blocks(&xml),
         devices: Vec::new(),
     };
@@ -1432,8 +1536,14 @@ fn power_cut<'c>(
     }
     let (mp, dp) = (meta.block().to_path_buf(), data.block().to_path_buf());
     devs.devs = Some((meta, data));
-    let mut replayer = Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &job.to_string(), false)
-        .map_err(|e| format!("the pool does not load after the crash: {e}"))?;
+    let prefix = job.to_string();
+    let reloaded = match grown {
+        Some(sectors) => {
+            Replayer::new_growable(ctl, spec.clone(), &mp, sectors, &dp, dev_dir, &prefix, false)
+        }
+        None => Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &prefix, false),
+    };
+    let mut replayer = reloaded.map_err(|e| format!("the pool does not load after the crash: {e}"))?;
     // Every device the surviving metadata holds is read back, as the
     // simulator's crash state reads every device of its surviving images:
     // also one the workload no longer uses (a delete answered ok and then
@@ -2599,7 +2709,7 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
     let data = disk(disks, DiskRole::Data)?;
     let specs: Vec<(PoolSpec, bool)> = jobs
         .iter()
-        .map(|(kind, trace)| PoolSpec::from_header(&trace.header).map(|s| (s, kind.is_fresh())))
+        .map(|(kind, trace)| PoolSpec::of_trace(trace).map(|s| (s, kind.is_fresh())))
         .collect::<Result<_, _>>()?;
     let layout = Layout::of(&specs.iter().map(|(s, f)| (s, *f)).collect::<Vec<_>>());
     let kinds: Vec<JobKind> = jobs.iter().map(|(k, _)| k.clone()).collect();

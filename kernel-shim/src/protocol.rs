@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 
 use dmsim_traces::stamp::{self, SectorContent};
-use dmsim_traces::Header;
+use dmsim_traces::{Header, Op, Trace};
 
 use crate::error::ShimError;
 
@@ -67,6 +67,11 @@ pub struct PoolSpec {
     pub thin_blocks: u64,
     /// Metadata device size in sectors.
     pub metadata_sectors: u64,
+    /// The metadata device's size after the trace's last `grow-metadata`
+    /// op ([`PoolSpec::of_trace`]); `metadata_sectors` when it never grows.
+    /// A job's metadata slice (and a ublk job's metadata disk) has this
+    /// size, and the host reads back this much.
+    pub metadata_disk_sectors: u64,
     /// Most thin devices alive at once.
     pub max_devices: usize,
     /// Low water mark in blocks (the simulator's table uses 2).
@@ -112,6 +117,7 @@ impl PoolSpec {
             data_blocks: num("data_blocks")?,
             thin_blocks: num("thin_blocks")?,
             metadata_sectors: num("metadata_sectors")?,
+            metadata_disk_sectors: num("metadata_sectors")?,
             max_devices: num("max_devices")? as usize,
             low_water_mark: 2,
             features,
@@ -138,6 +144,20 @@ impl PoolSpec {
         Ok(spec)
     }
 
+    /// As [`PoolSpec::from_header`], with [`PoolSpec::metadata_disk_sectors`]
+    /// from the trace's `grow-metadata` ops: each grows the device by its
+    /// blocks of 4 KiB, up to the simulator's largest disk, as
+    /// `ThinSim`'s growth does.
+    pub fn of_trace(trace: &Trace) -> Result<PoolSpec, ShimError> {
+        let mut spec = PoolSpec::from_header(&trace.header)?;
+        for op in trace.ops() {
+            if let Op::GrowMetadata { blocks, .. } = op {
+                spec.metadata_disk_sectors = grown_metadata_sectors(spec.metadata_disk_sectors, blocks);
+            }
+        }
+        Ok(spec)
+    }
+
     /// Data device size in sectors.
     pub fn data_sectors(&self) -> u64 {
         self.data_blocks * self.block_sectors
@@ -158,6 +178,13 @@ impl PoolSpec {
         }
         s
     }
+}
+
+/// A metadata device of `sectors` grown by `blocks` metadata blocks
+/// (4 KiB each), never past the simulator's largest disk
+/// (`dmsim_sim::run::MAX_DISK_SECTORS`) and never smaller.
+pub fn grown_metadata_sectors(sectors: u64, blocks: u32) -> u64 {
+    sectors.saturating_add(u64::from(blocks) * 8).min(dmsim_sim::run::MAX_DISK_SECTORS).max(sectors)
 }
 
 /// What a ublk job saw at one crash op: the power cut's choice on each
@@ -809,7 +836,7 @@ impl Layout {
                 data_end - align(spec.data_sectors())
             };
             slices.push(Slice { metadata_offset: metadata_end, data_offset });
-            metadata_end += align(spec.metadata_sectors);
+            metadata_end += align(spec.metadata_disk_sectors);
         }
         Layout {
             slices,
@@ -1423,6 +1450,7 @@ mod tests {
             data_blocks,
             thin_blocks: 16,
             metadata_sectors,
+            metadata_disk_sectors: metadata_sectors,
             max_devices: 4,
             low_water_mark: 2,
             features: vec![],

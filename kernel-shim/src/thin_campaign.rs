@@ -121,8 +121,16 @@ impl SeedOutcome {
                 if let Some(k) = r.class() {
                     s.push_str(&format!("; class {}", k.name()));
                 }
+                if !r.metadata_growths.is_empty() {
+                    let grown = r.metadata_growths.iter().filter(|(_, a)| a == "ok").count();
+                    s.push_str(&format!("; metadata grown {grown}/{}", r.metadata_growths.len()));
+                }
                 if r.crash_point_finding.is_some() {
                     s.push_str("; the model reports a problem at an inner crash point");
+                }
+                if let Some(f) = &r.end_check_finding {
+                    let kernel = r.kernel_end_check.as_deref().unwrap_or("clean");
+                    s.push_str(&format!("; the model's final metadata: {f}; the kernel's: {kernel}"));
                 }
                 s
             }

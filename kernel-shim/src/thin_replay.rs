@@ -8,6 +8,9 @@
 //! L2 and L3, and the named class ([`DivergenceClass`]) that explains the
 //! first divergence, if one does.
 
+use dmsim_model::block_device::MemDevice;
+use dmsim_model::thin::check::{check_thin_metadata, CheckOptions};
+use dmsim_sim::oracle::faults::is_leak;
 use dmsim_traces::{Op, Trace};
 
 use crate::equivalence::{
@@ -34,6 +37,18 @@ pub struct ThinReplayReport {
     /// samples inside commits: a model finding the kernel replay does not
     /// judge (it holds the crash ops' states against the kernel's).
     pub crash_point_finding: Option<String>,
+    /// What the simulator's metadata checker found wrong in its final
+    /// metadata (a model finding; the run was still judged).
+    pub end_check_finding: Option<String>,
+    /// What dmsim's metadata checker finds wrong in the kernel's final
+    /// metadata (damage only: leaks are legal after crashes and faults),
+    /// or why it could not read it. Beside [`Self::end_check_finding`] it
+    /// says whether the kernel leaves the same damage.
+    pub kernel_end_check: Option<String>,
+    /// The kernel's answer to each of the trace's `grow-metadata` ops
+    /// (`ok` when the agent grew the metadata device as the simulator
+    /// did), by op index.
+    pub metadata_growths: Vec<(usize, String)>,
     /// L1 at the end: empty when every device reads the same stamps and
     /// the same blocks are mapped.
     pub differences: Vec<String>,
@@ -147,9 +162,12 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     let sim = simulate_following(trace, ublk, run)?;
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
-    let crash_class =
-        crashes.iter().find(|c| !c.differences.is_empty()).and_then(|c| classify(&sim.ops, c.op));
-    let end_class = if differences.is_empty() { None } else { classify(&sim.ops, usize::MAX) };
+    let crash_class = crashes
+        .iter()
+        .find(|c| !c.differences.is_empty())
+        .and_then(|c| classify(&sim.ops, &run.result.ops, c.op));
+    let end_class =
+        if differences.is_empty() { None } else { classify(&sim.ops, &run.result.ops, usize::MAX) };
     let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
     // Every op's outcome and reads on controlled disks (the pool's mode
     // too where the agent recorded it: traces with faults).
@@ -167,6 +185,17 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
         followed_kernel_clock,
         oracle_violation: sim.oracle_violation,
         crash_point_finding: sim.crash_point_finding,
+        end_check_finding: sim.end_check_finding,
+        kernel_end_check: metadata_damage(&run.metadata_image),
+        metadata_growths: trace
+            .ops()
+            .enumerate()
+            .filter(|(_, op)| matches!(op, Op::GrowMetadata { .. }))
+            .map(|(i, _)| {
+                let answer = run.result.ops.iter().find(|o| o.index == i);
+                (i, answer.map_or_else(|| "not reached".to_string(), |o| o.outcome.clone()))
+            })
+            .collect(),
         differences,
         crashes,
         crash_class,
@@ -180,6 +209,21 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     })
 }
 
+/// dmsim's metadata checker on a final metadata image: its damage (every
+/// problem but a leaked data block, which crashes and faults may leave),
+/// or why the image could not be read; None when clean.
+pub fn metadata_damage(image: &[u8]) -> Option<String> {
+    let mut dev = MemDevice::from_bytes(image.to_vec());
+    match check_thin_metadata(&mut dev, &CheckOptions::default()) {
+        Ok(report) => {
+            let damage: Vec<String> =
+                report.problems.iter().filter(|p| !is_leak(p)).map(|p| p.to_string()).collect();
+            (!damage.is_empty()).then(|| damage.join("; "))
+        }
+        Err(e) => Some(format!("unreadable: {e}")),
+    }
+}
+
 /// A report with nothing in it: equal everywhere (for tests).
 #[cfg(test)]
 pub(crate) fn empty_report() -> ThinReplayReport {
@@ -188,6 +232,9 @@ pub(crate) fn empty_report() -> ThinReplayReport {
         followed_kernel_clock: true,
         oracle_violation: None,
         crash_point_finding: None,
+        end_check_finding: None,
+        kernel_end_check: None,
+        metadata_growths: Vec::new(),
         differences: Vec::new(),
         crashes: Vec::new(),
         crash_class: None,
@@ -204,6 +251,34 @@ pub(crate) fn empty_report() -> ThinReplayReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool's metadata with one mapping of data block `b`, its count
+    /// raised `extra` times more (as a passdown discard's hold a commit
+    /// made durable), committed and closed.
+    fn image_counting_twice(extra: u32) -> Vec<u8> {
+        use dmsim_model::thin::ThinMetadata;
+        let mut md = ThinMetadata::format(MemDevice::new(2 * 2048), 128).unwrap();
+        md.resize_data_dev(64).unwrap();
+        md.create_thin(0).unwrap();
+        md.open_thin(0).unwrap();
+        let b = md.alloc_data_block().unwrap();
+        md.insert_block(0, 0, b).unwrap();
+        for _ in 0..extra {
+            md.inc_data_range(b, b + 1).unwrap();
+        }
+        md.close_thin(0).unwrap();
+        md.commit().unwrap();
+        md.close().unwrap_or_else(|(_, e)| panic!("closing: {e}")).into_bytes()
+    }
+
+    #[test]
+    fn final_metadata_damage_is_named_and_a_clean_image_has_none() {
+        assert_eq!(metadata_damage(&image_counting_twice(0)), None);
+        let damage = metadata_damage(&image_counting_twice(1)).expect("a block counted twice is damage");
+        assert!(damage.contains("count on disk 2, expected 1"), "{damage}");
+        let unreadable = metadata_damage(&[0u8; 8192]).expect("zeroes are no metadata");
+        assert!(unreadable.starts_with("unreadable: "), "{unreadable}");
+    }
 
     fn report() -> ThinReplayReport {
         empty_report()

@@ -462,7 +462,7 @@ impl KernelShim {
             ));
         }
         let specs: Vec<PoolSpec> =
-            jobs.iter().map(|j| PoolSpec::from_header(&j.trace().header)).collect::<Result<_, _>>()?;
+            jobs.iter().map(|j| PoolSpec::of_trace(j.trace())).collect::<Result<_, _>>()?;
         for (job, spec) in jobs.iter().zip(&specs) {
             if let Job::Activate { metadata, data, .. } = job {
                 if metadata.len() as u64 > spec.metadata_sectors * 512
@@ -616,7 +616,7 @@ impl KernelShim {
             };
             let log = log_at.map(|at| read_log(&disk(DiskRole::Log), at * 512));
             let at = (slice.metadata_offset * 512) as usize;
-            let len = (spec.metadata_sectors * 512) as usize;
+            let len = (spec.metadata_disk_sectors * 512) as usize;
             let metadata_image = metadata_disk
                 .get(at..at + len)
                 .ok_or_else(|| ShimError::Invalid("the metadata disk shrank".into()))?

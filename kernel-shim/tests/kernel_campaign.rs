@@ -41,6 +41,10 @@ const EQUAL_AT_LEAST: usize = 5;
 /// 15 crashes.
 const DETECTOR_SEEDS: [u64; 1] = [40];
 
+/// The sample's metadata-pressure seed (its workload grows the metadata
+/// device).
+const METADATA_PRESSURE_SEED: u64 = 3;
+
 #[test]
 fn the_campaigns_traces_on_the_kernel() {
     let shim = match KernelShim::prepare_with_ublk() {
@@ -81,6 +85,14 @@ fn the_campaigns_traces_on_the_kernel() {
         s.seeds
     );
     assert!(s.crash_states > 0, "the sample's swarms cut power");
+    // Seed 3 is a metadata-pressure seed: its pool runs out of metadata
+    // space and the trace grows the metadata device; the agent grows the
+    // kernel's as the simulator grows its own.
+    let pressure = outcomes.iter().find(|o| o.seed == METADATA_PRESSURE_SEED).expect("the seed ran");
+    let SeedResult::Judged(r) = &pressure.result else { panic!("{}", pressure.line()) };
+    assert!(!r.metadata_growths.is_empty(), "seed {METADATA_PRESSURE_SEED} grows its metadata device");
+    assert!(r.metadata_growths.iter().all(|(_, a)| a == "ok"), "{:?}", r.metadata_growths);
+    assert_eq!(r.class(), None, "{}", pressure.line());
 
     // The detector: the model that commits before the data it maps is
     // flushed loses data at a crash the kernel keeps.

@@ -4,6 +4,9 @@
 //! subtree's minimum, shared internal nodes — and the mutations of the code
 //! only those states run are caught by the default budget and minimized.
 
+#[path = "common/minimized.rs"]
+mod minimized;
+
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::campaign::{minimize, run_seed, run_seed_ops, CampaignConfig, ViolationKind};
 use dmsim_sim::workload::Shape;
@@ -71,11 +74,11 @@ fn the_default_seeds_draw_every_shape_and_the_deep_one_grows_three_levels() {
 /// tree of 92,000 mappings or more each; CI minimizes one of them.)
 #[test]
 fn tree_mutations_are_caught_in_the_default_budget_and_minimized() {
-    for (mutation, seed) in CAUGHT {
+    minimized::for_each_in_parallel(&CAUGHT, |&(mutation, seed)| {
         if mutation == "below-min-key-lowers-root-only" {
             let out = run_seed(&with(mutation), seed);
             assert!(!out.violations.is_empty(), "{mutation}: seed {seed} was not caught");
-            continue;
+            return;
         }
         assert!(CampaignConfig::default().seeds.contains(&seed));
         let cfg = with(mutation);
@@ -98,7 +101,7 @@ fn tree_mutations_are_caught_in_the_default_budget_and_minimized() {
             "{mutation}: minimized ops fail unmutated: {:#?}",
             fixed.violations
         );
-    }
+    });
 }
 
 /// The check of the open transaction catches the collapse at the discard

@@ -100,11 +100,11 @@ fn first_caught(mutation: &str) -> Trace {
 
 #[test]
 fn every_broken_model_is_caught_in_the_default_budget_and_its_trace_shrinks() {
-    for (name, _) in Mutations::ALL {
+    minimized::for_each_in_parallel(&Mutations::ALL, |(name, _)| {
         let trace = first_caught(name);
         let (kind, message) = trace.violation().unwrap();
         minimized::assert_minimizes(name, &trace, &violation_signature(kind, message));
-    }
+    });
 }
 
 /// The mutations that only the model's own invariants see: whatever else

@@ -43,3 +43,23 @@ pub fn assert_minimizes(name: &str, trace: &Trace, signature: &str) -> usize {
     assert_eq!(again.first_difference, None, "{name}: the minimized trace replays exactly");
     min.ops_after
 }
+
+/// Runs `f` on every item, on as many threads as the machine has cores
+/// (each item's work is independent and deterministic; the order of the
+/// threads changes nothing but the time). A panic in any fails the test,
+/// after the others have finished.
+pub fn for_each_in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match items.get(i) {
+                    Some(item) => f(item),
+                    None => break,
+                }
+            });
+        }
+    });
+}
