@@ -448,6 +448,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "equal": differences.is_empty(),
             "differences": differences,
             "class": end_class.as_ref().map(|k| k.name()),
+            "op_class": report.op_class.as_ref().map(|k| k.name()),
+            "verdict": report.verdict().name(),
             "l2": l2_label,
             "l2_first_difference": l2_first,
             "l3_blocks": l3.blocks,
@@ -551,6 +553,9 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 println!("{} ops differ from the serialized model:", op_differences.len());
                 for d in op_differences.iter().take(20) {
                     println!("  {d}");
+                }
+                if first_bad_crash.is_none() && differences.is_empty() {
+                    print_class(report.op_class.as_ref());
                 }
             }
         }

@@ -206,6 +206,7 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["check", "--seeds", "5..5"], "empty seed range"),
         (vec!["check", "--failures", a_file.to_str().unwrap()], "not a folder"),
         (vec!["replay", "--on", "elsewhere", a_file.to_str().unwrap()], "unknown backend"),
+        (vec!["replay", "--console", "c.txt", a_file.to_str().unwrap()], "--console is for `--on kernel`"),
         (vec!["check", "--on", "elsewhere"], "--on"),
         (vec!["check", "--on", "kernel", "--time", "10m"], "--time is not supported"),
         (vec!["check", "--on", "kernel", "--campaign", "cache"], "thin campaign"),

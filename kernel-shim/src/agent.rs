@@ -338,7 +338,10 @@ impl<'c> Replayer<'c> {
         let clock = CoarseClock::new();
         let created_a = clock.now_us();
         ctl.create(&pool_name)?;
-        let pool = match ctl.load(&pool_name, &[table.clone()], false).and_then(|_| ctl.resume(&pool_name)) {
+        let pool = match ctl
+            .load(&pool_name, std::slice::from_ref(&table), false)
+            .and_then(|_| ctl.resume(&pool_name))
+        {
             Ok(p) => p,
             Err(e) => {
                 let _ = ctl.remove(&pool_name);
@@ -424,7 +427,7 @@ impl<'c> Replayer<'c> {
             l.sectors = sectors;
         }
         if reload {
-            self.ctl.load(&self.pool_name, &[self.table.clone()], false)?;
+            self.ctl.load(&self.pool_name, std::slice::from_ref(&self.table), false)?;
         }
         match self.ctl.resume(&self.pool_name) {
             Ok(_) => done("ok".into()),

@@ -274,7 +274,7 @@ fn simulate_serialized_inner(
             Op::Write { dev, fua: true, .. } => Some(Op::Flush { dev }),
             _ => None,
         };
-        for (k, step) in std::iter::once(op.clone()).chain(then_flush).enumerate() {
+        for (k, step) in std::iter::once(op).chain(then_flush).enumerate() {
             if k > 0 && !last_request_ok(&sim.events()[at..]) {
                 break;
             }
@@ -686,6 +686,19 @@ pub enum DivergenceClass {
         /// The first `grow-metadata` op.
         op: usize,
     },
+    /// Every device reads the same everywhere and the ops differ only in
+    /// the pool's mode after some op, between `write` and
+    /// `out-of-data-space`, for that one op: one side had already left
+    /// (or entered) out-of-data-space mode and the other did so by the
+    /// next op. 6.1 leaves that mode only at a commit
+    /// (`check_for_data_space`), which the 1 s commit timer may make; its
+    /// period is a constant the kernel does not let be set, and the agent
+    /// reads the status at a moment the trace does not fix (just after
+    /// the op; the kernel's worker runs on its own).
+    CommitTiming {
+        /// The first op whose mode differs.
+        op: usize,
+    },
 }
 
 impl DivergenceClass {
@@ -693,6 +706,7 @@ impl DivergenceClass {
     pub fn name(&self) -> &'static str {
         match self {
             DivergenceClass::MetadataGrowth { .. } => "metadata-growth",
+            DivergenceClass::CommitTiming { .. } => "commit-timing",
         }
     }
 }
@@ -700,6 +714,12 @@ impl DivergenceClass {
 impl std::fmt::Display for DivergenceClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            DivergenceClass::CommitTiming { op } => write!(
+                f,
+                "commit-timing: the pool's mode after op {op} is out-of-data-space on one side and write on \
+                 the other, and the two agree again after the next op: the commit that ends the mode (the \
+                 1 s commit timer) came on either side of the status read"
+            ),
             DivergenceClass::MetadataGrowth { op } => write!(
                 f,
                 "metadata-growth: the trace grows the metadata device at op {op}; the simulator grows its \
@@ -722,6 +742,37 @@ pub fn classify(
         .iter()
         .find(|o| o.index < at && o.op.starts_with("grow-metadata") && !kernel_grew(o.index))
         .map(|o| DivergenceClass::MetadataGrowth { op: o.index })
+}
+
+/// The class of op differences that only the commit timer's phase
+/// explains ([`DivergenceClass::CommitTiming`]): every difference is in
+/// the pool's mode, between `write` and `out-of-data-space`, and at the
+/// next op whose status the kernel recorded the two modes agree again.
+/// `None` when there is no difference or another one.
+pub fn classify_op_differences(
+    differences: &[crate::fault_compare::OpDifference],
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+) -> Option<DivergenceClass> {
+    use crate::fault_compare::{kernel_mode, modes_agree};
+    let timing_pair = |a: &str, b: &str| {
+        let pair = [a, b];
+        pair.contains(&"write") && pair.contains(&"out-of-data-space")
+    };
+    let first = differences.first()?;
+    for d in differences {
+        let kernel_now = d.kernel.split_whitespace().next().unwrap_or("");
+        if d.what != "mode" || !timing_pair(&d.sim, kernel_now) {
+            return None;
+        }
+        // The next op the kernel has a status for: the modes agree there.
+        let (next, line) = kernel.op_status.iter().find(|(i, _)| *i > d.index)?;
+        let sim_next = sim_ops.iter().find(|o| o.index == *next)?;
+        if !modes_agree(&sim_next.mode, kernel_mode(line)?) {
+            return None;
+        }
+    }
+    Some(DivergenceClass::CommitTiming { op: first.index })
 }
 
 /// Compares the simulator's crash states with the kernel's crash records,
@@ -775,6 +826,57 @@ pub fn compare_crashes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mode that differs for one op between write and
+    /// out-of-data-space, agreeing again at the next op, is commit timing;
+    /// one that stays apart, a mode other than those two, or any other
+    /// difference is not.
+    #[test]
+    fn a_mode_one_op_apart_is_commit_timing_and_nothing_else_is() {
+        use crate::fault_compare::compare_ops;
+        use crate::protocol::{KernelResult, OpResult};
+        let status =
+            |mode: &str| format!("0 64/512 17/21 - {mode} discard_passdown queue_if_no_space - 1024");
+        let with_modes = |sim: [&str; 3], kernel: [&str; 3]| {
+            let ops: Vec<_> = (0..3)
+                .map(|i| crate::fault_compare::SimOp {
+                    mode: sim[i].into(),
+                    ..sim_op(i, "discard dev=0 sector=0 nr=8")
+                })
+                .collect();
+            let k = KernelResult {
+                ops: (0..3).map(|i| OpResult { index: i, outcome: "ok".into(), read: None }).collect(),
+                op_status: (0..3).map(|i| (i, status(kernel[i]))).collect(),
+                ..KernelResult::default()
+            };
+            let d = compare_ops(&ops, &k);
+            assert!(!d.is_empty(), "{sim:?} {kernel:?}");
+            classify_op_differences(&d, &ops, &k)
+        };
+        let ods = "out-of-data-space";
+        assert_eq!(
+            with_modes(["write", "write", "write"], ["out_of_data_space", "rw", "rw"]),
+            Some(DivergenceClass::CommitTiming { op: 0 })
+        );
+        assert_eq!(
+            with_modes([ods, "write", "write"], ["rw", "rw", "rw"]).map(|c| c.name()),
+            Some("commit-timing")
+        );
+        // Still apart at the next op: not timing.
+        assert_eq!(
+            with_modes(["write", "write", "write"], ["out_of_data_space", "out_of_data_space", "rw"]),
+            None
+        );
+        // Another pair of modes.
+        assert_eq!(with_modes(["fail", "write", "write"], ["out_of_data_space", "rw", "rw"]), None);
+        // An outcome difference is never timing.
+        let ops = vec![sim_op(0, "write dev=0 sector=0 nr=8 fua")];
+        let k = KernelResult {
+            ops: vec![OpResult { index: 0, outcome: "EIO".into(), read: None }],
+            ..KernelResult::default()
+        };
+        assert_eq!(classify_op_differences(&compare_ops(&ops, &k), &ops, &k), None);
+    }
 
     fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {
         crate::fault_compare::SimOp {

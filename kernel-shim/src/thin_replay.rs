@@ -14,8 +14,8 @@ use dmsim_sim::oracle::faults::is_leak;
 use dmsim_traces::{Op, Trace};
 
 use crate::equivalence::{
-    classify, compare_crashes, compare_l1, compare_l2, compare_l3, simulate_following, CrashComparison,
-    DivergenceClass, FinalState, L2, L3,
+    classify, classify_op_differences, compare_crashes, compare_l1, compare_l2, compare_l3,
+    simulate_following, CrashComparison, DivergenceClass, FinalState, L2, L3,
 };
 use crate::error::ShimError;
 use crate::fault_compare::{compare_ops, kernel_fired, OpDifference};
@@ -58,6 +58,9 @@ pub struct ThinReplayReport {
     pub crash_class: Option<DivergenceClass>,
     /// The class explaining an end difference, if one does.
     pub end_class: Option<DivergenceClass>,
+    /// With L1 equal everywhere: the class explaining the op differences,
+    /// if one does ([`crate::equivalence::classify_op_differences`]).
+    pub op_class: Option<DivergenceClass>,
     /// On controlled disks: ops whose outcome or reads (and, with faults
     /// armed, the pool's mode after them) differ from the serialized
     /// model's.
@@ -110,23 +113,26 @@ impl ThinReplayReport {
     }
 
     /// The class of the first divergence: the first differing crash's if a
-    /// crash differs, else the end's.
+    /// crash differs, else the end's, else (L1 equal everywhere) the op
+    /// differences'.
     pub fn class(&self) -> Option<&DivergenceClass> {
         if self.first_bad_crash().is_some() {
             self.crash_class.as_ref()
-        } else {
+        } else if !self.differences.is_empty() {
             self.end_class.as_ref()
+        } else {
+            self.op_class.as_ref()
         }
     }
 
     /// The verdict: equal, a divergence a named class explains, or one
     /// none does. An op difference with L1 equal everywhere counts as a
-    /// divergence too (it has no class of its own yet).
+    /// divergence too, explained only by [`DivergenceClass::CommitTiming`].
     pub fn verdict(&self) -> Verdict {
         let l1 = self.l1_equal_everywhere();
         if l1 && self.op_differences.is_empty() {
             Verdict::Equal
-        } else if !l1 && self.class().is_some() {
+        } else if self.class().is_some() {
             Verdict::Explained
         } else {
             Verdict::Unexplained
@@ -172,6 +178,7 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     // Every op's outcome and reads on controlled disks (the pool's mode
     // too where the agent recorded it: traces with faults).
     let op_differences = if ublk { compare_ops(&sim.ops, &run.result) } else { Vec::new() };
+    let op_class = classify_op_differences(&op_differences, &sim.ops, &run.result);
     let simulator_fired =
         sim.ops.iter().flat_map(|o| o.fired.iter().map(move |f| format!("op {}: {f}", o.index))).collect();
     let kernel_fired = kernel_fired(&run.result).into_iter().map(|(i, f)| format!("op {i}: {f}")).collect();
@@ -200,6 +207,7 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
         crashes,
         crash_class,
         end_class,
+        op_class,
         op_differences,
         simulator_fired,
         kernel_fired,
@@ -239,6 +247,7 @@ pub(crate) fn empty_report() -> ThinReplayReport {
         crashes: Vec::new(),
         crash_class: None,
         end_class: None,
+        op_class: None,
         op_differences: Vec::new(),
         simulator_fired: Vec::new(),
         kernel_fired: Vec::new(),

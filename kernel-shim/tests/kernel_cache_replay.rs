@@ -73,8 +73,27 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
     eprintln!("{} cache traces, VM {:?}", runs.len(), runs[0].wall);
     let (mut reads, mut same, mut l2, mut l3, mut blocks) = (0, 0, 0, 0, 0);
     let mut failures = Vec::new();
-    for (&seed, (p, run)) in seeds.iter().zip(plans.iter().zip(&runs)) {
-        let r = judge(p, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    // Judged on every core (each trace's judge is independent and
+    // deterministic: a search over the kernel's clock readings), in order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pairs: Vec<_> = seeds.iter().zip(plans.iter().zip(&runs)).collect();
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let chunk = pairs.len().div_ceil(threads).max(1);
+        let handles: Vec<_> = pairs
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|&(&seed, (p, run))| {
+                            judge(p, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a judge thread")).collect()
+    });
+    for (&(&seed, (p, run)), r) in pairs.iter().zip(reports) {
         reads += r.reads;
         same += r.reads_as_simulated;
         l2 += usize::from(r.l2_identical);

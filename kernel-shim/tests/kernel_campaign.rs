@@ -29,13 +29,13 @@ use dmsim_sim::run::CampaignSettings;
 /// The sample's seeds.
 const SEEDS: std::ops::Range<u64> = 0..8;
 
-/// Seeds of the sample that must be L1-equal everywhere: 5 or 6 of 8 in
-/// the runs of the session that wrote this (seed 1: out of data space one
-/// op apart; seed 3: metadata-growth, which the kernel replay does not
-/// do; seed 7, equal in four runs of five: a `delete` meets a device whose
-/// write a full pool queued, as the kernel's timing decides;
-/// docs/kernel-shim.md, "Where it stands").
-const EQUAL_AT_LEAST: usize = 5;
+/// Seeds of the sample that must be L1-equal everywhere: 7 or 8 of 8 in
+/// the runs since the kernel grows its metadata device (seed 3) and the
+/// simulator follows a FUA write with the agent's flush (seed 1); seed 7,
+/// equal in most runs, depends on the kernel's timing (a `delete` meets a
+/// device whose write a full pool queued; docs/kernel-shim.md, "Where it
+/// stands"). One more seed's worth of margin.
+const EQUAL_AT_LEAST: usize = 6;
 
 /// A durability seed equal on the kernel with the model as it is, with
 /// 15 crashes.
