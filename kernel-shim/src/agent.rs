@@ -2652,6 +2652,7 @@ fn power_off() -> ! {
 /// errors go to the console as `dmsim-agent:` lines.
 pub fn init_main() -> ! {
     let t0 = Instant::now();
+    // The host's boot watchdog waits for this line (vm::AGENT_STARTED).
     log("started");
     for (s, t, f) in [("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs")]
     {

@@ -64,7 +64,7 @@ pub use error::ShimError;
 pub use protocol::{
     CacheSpec, CacheStep, DeviceContents, FileSync, FileWrite, KernelResult, OpResult, PoolSpec,
 };
-pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions};
+pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions, HUNG_BOOT_NOTE};
 
 /// Boots one VM with the default kernel and options and replays `trace`
 /// in it (builds the agent and the initramfs first; for many traces, use

@@ -43,6 +43,14 @@ use crate::protocol::{
 /// `DATA_GARBAGE`), so that unzeroed blocks read as garbage on both.
 pub const DATA_FILL: u8 = 0xa7;
 
+/// The agent's first console line ([`crate::agent`] prints it first thing):
+/// the boot is over when it appears.
+pub const AGENT_STARTED: &str = "dmsim-agent: started";
+
+/// The first line of a run's console when its first boot hung and the VM
+/// was booted again.
+pub const HUNG_BOOT_NOTE: &str = "dmsim-host: the first boot did not reach the agent in time; booted again";
+
 const TEMP_PREFIX: &str = "dmsim-kernel-shim.";
 
 /// A private temporary directory, removed on drop. Its name carries the
@@ -126,6 +134,29 @@ impl QemuGuard {
         })
     }
 
+    /// Waits until `console` holds `marker`, up to `within`: `true` if it
+    /// does, `false` if the time ran out or qemu exited first.
+    pub fn wait_for_console(
+        &mut self,
+        console: &Path,
+        marker: &str,
+        within: Duration,
+    ) -> Result<bool, ShimError> {
+        let deadline = Instant::now() + within;
+        loop {
+            // The console is a file qemu appends to; a read sees a prefix.
+            if std::fs::read(console).is_ok_and(|b| b.windows(marker.len()).any(|w| w == marker.as_bytes())) {
+                return Ok(true);
+            }
+            if self.child.try_wait().map_err(|e| ShimError::io("wait for qemu", e))?.is_some()
+                || Instant::now() >= deadline
+            {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the exit, up to `timeout`: `Some(status)` if it exited.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>, ShimError> {
         let deadline = Instant::now() + timeout;
@@ -165,16 +196,24 @@ pub struct VmOptions {
     pub memory_mib: u32,
     /// Limit on one boot, replay and power-off.
     pub timeout: Duration,
+    /// Limit on the boot alone: when the agent has not printed its first
+    /// line by then (a TCG guest can hang bringing up its second vCPU on a
+    /// loaded host), qemu is killed and the VM booted once more. The disks
+    /// are untouched until the agent runs, so the second boot starts from
+    /// the same state.
+    pub boot_timeout: Duration,
 }
 
 impl VmOptions {
-    /// `qemu-system-x86_64` from `PATH`, 2 vCPUs, 1 GiB, 10 minutes.
+    /// `qemu-system-x86_64` from `PATH`, 2 vCPUs, 1 GiB, 10 minutes, and
+    /// 2 minutes for the boot (it takes about 3 s on an idle host).
     pub fn from_path() -> Result<VmOptions, ShimError> {
         Ok(VmOptions {
             qemu: find_in_path("qemu-system-x86_64")?,
             smp: 2,
             memory_mib: 1024,
             timeout: Duration::from_secs(600),
+            boot_timeout: Duration::from_secs(120),
         })
     }
 }
@@ -534,32 +573,59 @@ impl KernelShim {
 
         let console_path = d.join("console.log");
         let qemu_log = d.join("qemu.log");
-        let mut cmd = Command::new(&self.options.qemu);
-        cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
-            .args(["-smp", &self.options.smp.to_string(), "-m", &self.options.memory_mib.to_string()])
-            .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-user-config"])
-            .arg("-kernel")
-            .arg(&self.kernel.image)
-            .arg("-initrd")
-            .arg(&self.initramfs)
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=5 rdinit=/init"])
-            .arg("-serial")
-            .arg(format!("file:{}", console_path.display()));
-        for (i, role) in DiskRole::ALL.into_iter().enumerate() {
-            cmd.arg("-drive")
-                .arg(format!("file={},if=none,id=d{i},format=raw,cache=unsafe", disk(role).display()));
-            cmd.arg("-device").arg(format!("virtio-blk-pci,drive=d{i},serial={}", role.serial()));
-        }
-        let log = File::create(&qemu_log).map_err(|e| ShimError::io("create the qemu log", e))?;
-        let log2 = log.try_clone().map_err(|e| ShimError::io("clone the qemu log", e))?;
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let qemu_command = || -> Result<Command, ShimError> {
+            let mut cmd = Command::new(&self.options.qemu);
+            cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+                .args(["-smp", &self.options.smp.to_string(), "-m", &self.options.memory_mib.to_string()])
+                .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-user-config"])
+                .arg("-kernel")
+                .arg(&self.kernel.image)
+                .arg("-initrd")
+                .arg(&self.initramfs)
+                .args(["-append", "console=ttyS0 panic=-1 loglevel=5 rdinit=/init"])
+                .arg("-serial")
+                .arg(format!("file:{}", console_path.display()));
+            for (i, role) in DiskRole::ALL.into_iter().enumerate() {
+                cmd.arg("-drive")
+                    .arg(format!("file={},if=none,id=d{i},format=raw,cache=unsafe", disk(role).display()));
+                cmd.arg("-device").arg(format!("virtio-blk-pci,drive=d{i},serial={}", role.serial()));
+            }
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(&qemu_log)
+                .map_err(|e| ShimError::io("create the qemu log", e))?;
+            let log2 = log.try_clone().map_err(|e| ShimError::io("clone the qemu log", e))?;
+            cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+            Ok(cmd)
+        };
 
         let start = Instant::now();
-        let mut qemu = QemuGuard::spawn(cmd)?;
-        let status = qemu.wait_timeout(self.options.timeout)?;
+        let mut boots = 0;
+        let status = loop {
+            boots += 1;
+            let mut qemu = QemuGuard::spawn(qemu_command()?)?;
+            let left = self.options.timeout.saturating_sub(start.elapsed());
+            let started =
+                qemu.wait_for_console(&console_path, AGENT_STARTED, self.options.boot_timeout.min(left))?;
+            if !started
+                && boots < 2
+                && start.elapsed() < self.options.timeout
+                && qemu.child.try_wait().ok().flatten().is_none()
+            {
+                // A hung boot: once more, from the same disks.
+                drop(qemu);
+                let _ = std::fs::rename(&console_path, d.join("console.hung-boot.log"));
+                continue;
+            }
+            let left = self.options.timeout.saturating_sub(start.elapsed());
+            break qemu.wait_timeout(left)?;
+        };
         let wall = start.elapsed();
-        drop(qemu);
-        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        let mut console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        if boots > 1 {
+            console.insert_str(0, &format!("{HUNG_BOOT_NOTE}\n"));
+        }
         let tail = || {
             let q = std::fs::read_to_string(&qemu_log).unwrap_or_default();
             let lines: Vec<&str> = console.lines().collect();

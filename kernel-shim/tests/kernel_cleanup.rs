@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmsim_kernel_shim::initramfs::{build_agent, Kernel};
-use dmsim_kernel_shim::{KernelShim, ShimError, VmOptions};
+use dmsim_kernel_shim::{KernelShim, ShimError, VmOptions, HUNG_BOOT_NOTE};
 use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
 
@@ -421,7 +421,26 @@ fn no_qemu_loop_device_or_temp_file_outlives_a_run() {
     assert!(!work_dir.exists(), "{} outlives the shim", work_dir.display());
     eprintln!("completed: replay in {:?} (VM {:?}); qemu and every directory gone", t.elapsed(), run.wall);
 
-    // 4. Failed boots.
+    // 4. A boot that does not reach the agent in time (a boot timeout far
+    // shorter than any boot): qemu is killed and the VM booted once more,
+    // which then runs to the end; both qemus are gone afterwards.
+    let shim = KernelShim::prepare_with(
+        kernel.clone(),
+        VmOptions { boot_timeout: Duration::from_millis(200), ..options.clone() },
+    )
+    .unwrap_or_else(|e| panic!("a hung first boot: prepare: {e}"));
+    let (run, qemus, loops_seen) = watching_qemu(|| shim.replay(&trace()));
+    let run = run.unwrap_or_else(|e| panic!("a hung first boot: kernel run: {e}"));
+    assert_eq!(run.result.error, None, "the agent failed; console:\n{}", run.console);
+    assert_eq!(qemus.len(), 2, "a killed boot and a second one: {qemus:?}");
+    assert!(run.console.starts_with(HUNG_BOOT_NOTE), "console:\n{}", run.console);
+    assert_run_left_nothing("after a hung first boot", &qemus);
+    assert!(loops_seen.iter().all(|l| *l == loops_before), "loop devices: {loops_seen:?}");
+    drop(shim);
+    assert!(temp_dirs_of(std::process::id()).is_empty(), "directories left after a hung first boot");
+    eprintln!("a hung first boot: killed, booted again, replayed; nothing left");
+
+    // 5. Failed boots.
     let failing: [(&str, Kernel, VmOptions); 3] = [
         ("a 1 s timeout", kernel.clone(), VmOptions { timeout: Duration::from_secs(1), ..options.clone() }),
         (
@@ -457,7 +476,7 @@ fn no_qemu_loop_device_or_temp_file_outlives_a_run() {
         eprintln!("failed ({what}) in {:?}: {first}; nothing left", t.elapsed());
     }
 
-    // 5. No loop device was attached by any of it.
+    // 6. No loop device was attached by any of it.
     let loops_after = attached_loops();
     assert_eq!(loops_during, loops_before, "loop devices attached while the killed child's qemu ran");
     assert_eq!(loops_after, loops_before, "loop devices attached by the runs");
