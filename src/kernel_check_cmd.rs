@@ -167,6 +167,7 @@ fn outcome_json(o: &SeedOutcome) -> serde_json::Value {
             v["simulator_crash_point_finding"] = r.crash_point_finding.clone().into();
             v["simulator_end_check_finding"] = r.end_check_finding.clone().into();
             v["kernel_end_check"] = r.kernel_end_check.clone().into();
+            v["first_commit_difference"] = r.first_commit_difference.clone().into();
         }
         SeedResult::Refused(why) | SeedResult::Failed(why) => v["why"] = why.clone().into(),
     }

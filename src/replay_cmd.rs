@@ -62,7 +62,9 @@ pub struct ReplayArgs {
     /// such as dm-thin's errors, and the agent's log), then the kernel's
     /// answer to every op and, in a trace with faults, the pool's status
     /// line after each op. For finding out why the kernel answered as it
-    /// did; the comparison is unchanged.
+    /// did; the comparison is unchanged. With `DMSIM_KERNEL_LOGLEVEL=7` in
+    /// the environment the console also has the kernel's informational
+    /// messages (dm-thin's pool mode changes) and a line before each op.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
 }
@@ -459,6 +461,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "simulator_crash_point_finding": report.crash_point_finding,
             "simulator_end_check_finding": report.end_check_finding,
             "kernel_end_check": report.kernel_end_check,
+            "first_commit_difference": report.first_commit_difference,
             "disks": args.disks,
             "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
@@ -544,6 +547,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 "faults fired on the kernel's disks: {}",
                 if kernel_fired.is_empty() { "none".into() } else { kernel_fired.join("; ") }
             );
+        }
+        if ublk && dmsim_kernel_shim::protocol::commit_ops(&run.result).is_some() {
+            match &report.first_commit_difference {
+                None => println!("commits: after the same ops on both sides"),
+                Some(d) => println!("commits: they part at {d}"),
+            }
         }
         if ublk {
             if op_differences.is_empty() {

@@ -97,6 +97,18 @@ fn log(msg: &str) {
     let _ = out.flush();
 }
 
+/// Whether the kernel's command line asks the agent to print each op on
+/// the console before it applies it (`dmsim.ops_on_console`, which the
+/// host adds with [`crate::vm::KERNEL_LOGLEVEL_ENV`]): beside the kernel's
+/// own messages, it says which op each one came in.
+fn ops_on_console() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::fs::read_to_string("/proc/cmdline")
+            .is_ok_and(|c| c.split_whitespace().any(|w| w == "dmsim.ops_on_console"))
+    })
+}
+
 fn cstr(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s).unwrap_or_default()
 }
@@ -531,6 +543,9 @@ impl<'c> Replayer<'c> {
     /// cache op, or a fault on a cache trace's disk) is an error: this is a
     /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        if ops_on_console() {
+            log(&format!("op {index}: {}", dmsim_traces::text::op_to_line(op)));
+        }
         let a = self.clock.now_us();
         let r = self.apply_op(index, op);
         let b = self.clock.now_us();
@@ -1362,6 +1377,17 @@ fn run_ublk_pool(
     };
     let t0 = Instant::now();
     let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
+    // The ops after which the metadata superblock differs from before
+    // them: the pool committed during the op (or between it and the op
+    // before). Reported as the note `commit-ops`.
+    let superblock = |devs: &UblkPair<'_>| {
+        devs.devs
+            .as_ref()
+            .map(|(m, _)| m.visible_prefix(crate::protocol::SUPERBLOCK_BYTES))
+            .unwrap_or_default()
+    };
+    let mut last_superblock = superblock(devs);
+    let mut commit_ops = Vec::new();
     for (i, op) in trace.ops().enumerate() {
         if let Some(e) = op.thin_error() {
             result.error = Some(format!("op {i} ({op:?}): {e}"));
@@ -1380,6 +1406,7 @@ fn run_ublk_pool(
                     replayer = r;
                     result.crashes.push(record);
                     result.ops.push(OpResult { index: i, outcome: "ok".into(), read: None });
+                    last_superblock = superblock(devs);
                     continue;
                 }
                 Err(e) => {
@@ -1407,7 +1434,16 @@ fn run_ublk_pool(
                 Err(e) => result.op_status.push((i, format!("status failed: {e}"))),
             }
         }
+        let now = superblock(devs);
+        if now != last_superblock {
+            commit_ops.push(i);
+            last_superblock = now;
+        }
     }
+    result.notes.push((
+        crate::protocol::COMMIT_OPS_NOTE.into(),
+        commit_ops.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "),
+    ));
     finish_replay(replayer, t0, result);
     if faulted {
         note_fired(devs, trace.ops().count(), result);

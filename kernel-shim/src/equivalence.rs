@@ -95,6 +95,11 @@ pub struct SimulatedRun {
     pub end_check_finding: Option<String>,
     /// With [`simulate_serialized_crashing`]: the state at every crash op.
     pub crashes: Vec<SimulatedCrash>,
+    /// The ops after which the model's metadata superblock differed from
+    /// before them (it committed during the op or just before it, as its
+    /// clock moved to the op's start), crash ops left out: held against
+    /// the agent's [`crate::protocol::COMMIT_OPS_NOTE`].
+    pub commit_ops: Vec<usize>,
     /// With [`simulate_serialized_crashing`]: what every op did in the
     /// serialized run (its requests' results, the faults that fired, the
     /// pool's mode after it), to hold against the kernel's per-op
@@ -192,7 +197,28 @@ fn simulate_serialized_inner(
     let mut ops = Vec::new();
     let mut mode = "write".to_string();
     let mut now = 0;
+    // Where the model committed: the ops after which its metadata
+    // superblock differs from before them (the agent's `commit-ops`).
+    let superblock = |sim: &ThinSim| {
+        sim.pool().with_metadata(|md| {
+            let v = md.transaction_manager().block_manager().device().visible();
+            v[..crate::protocol::SUPERBLOCK_BYTES.min(v.len())].to_vec()
+        })
+    };
+    let mut last_superblock = superblock(&sim);
+    let mut commit_ops = Vec::new();
+    let mut ops_list: Vec<Op> = Vec::new();
     for (i, op) in trace.ops().enumerate() {
+        // The op before this one: whether it committed. A crash op
+        // rebuilt the pool; the rebuild is not one of the op's commits.
+        if let Some(prev) = i.checked_sub(1) {
+            let sb = superblock(&sim);
+            if sb != last_superblock && !matches!(ops_list.last(), Some(Op::Crash { .. })) {
+                commit_ops.push(prev);
+            }
+            last_superblock = sb;
+        }
+        ops_list.push(op);
         if let Some(c) = clock {
             // A crash op has no reading of its own: it came right after
             // the op before it.
@@ -298,6 +324,11 @@ fn simulate_serialized_inner(
         }
         ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
     }
+    if let Some(prev) = ops_list.len().checked_sub(1) {
+        if superblock(&sim) != last_superblock && !matches!(ops_list.last(), Some(Op::Crash { .. })) {
+            commit_ops.push(prev);
+        }
+    }
     if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
         c.advance(&mut sim, &mut now, t).map_err(fail)?;
     }
@@ -361,6 +392,7 @@ fn simulate_serialized_inner(
         end_check_finding,
         crashes: crash_states,
         ops,
+        commit_ops,
     })
 }
 

@@ -1213,6 +1213,21 @@ pub fn coarse_readings(result: &KernelResult) -> Option<(std::collections::BTree
 /// waker's runs depend on it).
 pub const JIFFY_PHASE: &str = "jiffy-phase";
 
+/// The note of a thin job on controlled disks listing, space-separated,
+/// the ops after which the pool's metadata superblock (its first
+/// [`SUPERBLOCK_BYTES`]) differed from before them: where the kernel
+/// committed. Empty when it never did; absent from older agents.
+pub const COMMIT_OPS_NOTE: &str = "commit-ops";
+
+/// The bytes of the thin metadata superblock (its block).
+pub const SUPERBLOCK_BYTES: usize = 4096;
+
+/// The ops of a result's [`COMMIT_OPS_NOTE`], or `None` without one.
+pub fn commit_ops(result: &KernelResult) -> Option<Vec<usize>> {
+    let (_, text) = result.notes.iter().find(|(k, _)| k == COMMIT_OPS_NOTE)?;
+    Some(text.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+}
+
 /// `at reactivate MODE POLICY [THRESHOLD]`, `at message TEXT` or `at
 /// drop_cache_writes`, joined by `;` (message texts hold no `;`).
 pub fn encode_cache_steps(steps: &[(usize, CacheStep)]) -> String {

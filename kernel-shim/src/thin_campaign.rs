@@ -125,6 +125,11 @@ impl SeedOutcome {
                     let grown = r.metadata_growths.iter().filter(|(_, a)| a == "ok").count();
                     s.push_str(&format!("; metadata grown {grown}/{}", r.metadata_growths.len()));
                 }
+                if r.verdict() != Verdict::Equal {
+                    if let Some(d) = &r.first_commit_difference {
+                        s.push_str(&format!("; commits part at {d}"));
+                    }
+                }
                 if r.crash_point_finding.is_some() {
                     s.push_str("; the model reports a problem at an inner crash point");
                 }

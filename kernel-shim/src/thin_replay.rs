@@ -65,6 +65,13 @@ pub struct ThinReplayReport {
     /// armed, the pool's mode after them) differ from the serialized
     /// model's.
     pub op_differences: Vec<OpDifference>,
+    /// On controlled disks: the first op after which one side's metadata
+    /// superblock had changed (it committed) and the other's had not, as
+    /// `op N: the kernel committed, the model did not` (or the reverse);
+    /// None when they committed after the same ops, or without the
+    /// agent's record. Not judged: it tells where the two transactions
+    /// parted, which a later difference often follows from.
+    pub first_commit_difference: Option<String>,
     /// Faults that fired on the simulator, as `op N: what`.
     pub simulator_fired: Vec<String>,
     /// Faults that fired on the kernel's controlled disks, as `op N: what`.
@@ -209,11 +216,26 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
         end_class,
         op_class,
         op_differences,
+        first_commit_difference: crate::protocol::commit_ops(&run.result)
+            .and_then(|kernel| first_commit_difference(&sim.commit_ops, &kernel)),
         simulator_fired,
         kernel_fired,
         faulted,
         l2,
         l3,
+    })
+}
+
+/// The first op in one list of committing ops and not in the other, in
+/// words ([`ThinReplayReport::first_commit_difference`]).
+pub fn first_commit_difference(model: &[usize], kernel: &[usize]) -> Option<String> {
+    let m: std::collections::BTreeSet<usize> = model.iter().copied().collect();
+    let k: std::collections::BTreeSet<usize> = kernel.iter().copied().collect();
+    let op = m.symmetric_difference(&k).min()?;
+    Some(if k.contains(op) {
+        format!("op {op}: the kernel committed, the model did not")
+    } else {
+        format!("op {op}: the model committed, the kernel did not")
     })
 }
 
@@ -249,6 +271,7 @@ pub(crate) fn empty_report() -> ThinReplayReport {
         end_class: None,
         op_class: None,
         op_differences: Vec::new(),
+        first_commit_difference: None,
         simulator_fired: Vec::new(),
         kernel_fired: Vec::new(),
         faulted: false,
@@ -321,6 +344,20 @@ mod tests {
         assert_eq!(r.first_difference().unwrap(), "crash 1 (op 20): dev 1 block 3: …");
         r.crash_class = Some(DivergenceClass::MetadataGrowth { op: 5 });
         assert_eq!(r.verdict(), Verdict::Explained);
+    }
+
+    #[test]
+    fn the_first_commit_difference_names_the_op_and_the_side() {
+        assert_eq!(first_commit_difference(&[3, 9, 20], &[3, 9, 20]), None);
+        assert_eq!(first_commit_difference(&[], &[]), None);
+        assert_eq!(
+            first_commit_difference(&[3, 9, 20], &[3, 10, 20]).unwrap(),
+            "op 9: the model committed, the kernel did not"
+        );
+        assert_eq!(
+            first_commit_difference(&[3], &[3, 7]).unwrap(),
+            "op 7: the kernel committed, the model did not"
+        );
     }
 
     #[test]

@@ -808,6 +808,15 @@ impl<'c> UblkDevice<'c> {
         std::mem::take(&mut lock(&self.control).fired)
     }
 
+    /// The first `len` bytes a read of the disk would return now (its
+    /// volatile writes included): the metadata superblock, whose change
+    /// between two ops says the pool committed in between.
+    pub fn visible_prefix(&self, len: usize) -> Vec<u8> {
+        let disk = lock(&self.disk);
+        let v = disk.disk.visible();
+        v[..len.min(v.len())].to_vec()
+    }
+
     /// The block device node (`/dev/ublkbN`).
     pub fn block(&self) -> &Path {
         &self.block

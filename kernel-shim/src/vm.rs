@@ -47,6 +47,23 @@ pub const DATA_FILL: u8 = 0xa7;
 /// the boot is over when it appears.
 pub const AGENT_STARTED: &str = "dmsim-agent: started";
 
+/// The environment variable that raises the guest kernel's console log
+/// level for diagnosis (`DMSIM_KERNEL_LOGLEVEL=7`: dm-thin's mode changes
+/// are `KERN_INFO`, 6, and the default, 5, hides them); with it the agent
+/// also prints each op on the console before applying it, so that
+/// `replay --console` shows which op each kernel message came in. It
+/// changes the guest's timing a little; comparisons are otherwise
+/// unchanged.
+pub const KERNEL_LOGLEVEL_ENV: &str = "DMSIM_KERNEL_LOGLEVEL";
+
+/// The guest kernel's command line.
+fn kernel_command_line() -> String {
+    match std::env::var(KERNEL_LOGLEVEL_ENV).ok().and_then(|v| v.parse::<u8>().ok()).filter(|l| *l <= 8) {
+        Some(level) => format!("console=ttyS0 panic=-1 loglevel={level} rdinit=/init dmsim.ops_on_console"),
+        None => "console=ttyS0 panic=-1 loglevel=5 rdinit=/init".into(),
+    }
+}
+
 /// The first line of a run's console when its first boot hung and the VM
 /// was booted again.
 pub const HUNG_BOOT_NOTE: &str = "dmsim-host: the first boot did not reach the agent in time; booted again";
@@ -582,7 +599,7 @@ impl KernelShim {
                 .arg(&self.kernel.image)
                 .arg("-initrd")
                 .arg(&self.initramfs)
-                .args(["-append", "console=ttyS0 panic=-1 loglevel=5 rdinit=/init"])
+                .args(["-append", &kernel_command_line()])
                 .arg("-serial")
                 .arg(format!("file:{}", console_path.display()));
             for (i, role) in DiskRole::ALL.into_iter().enumerate() {

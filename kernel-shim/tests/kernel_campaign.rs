@@ -123,4 +123,31 @@ fn the_campaigns_traces_on_the_kernel() {
         );
         assert!(m.line().contains(&format!("first: crash {} (op {})", c.crash, c.op)), "{}", m.line());
     }
+
+    // The commit record: a model that lets FLUSH and FUA bios pass without
+    // a commit (`fua-before-commit`) commits after other ops than the
+    // kernel, and the report says where the two first part (the agent's record of the kernel's
+    // metadata superblock after each op against the model's).
+    let no_commit_on_flush = CampaignSettings {
+        mutations: Mutations::from_names(["fua-before-commit"]).expect("a known mutation"),
+        ..CampaignSettings::default()
+    };
+    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, |o| {
+        eprintln!("no commit on flush: {}", o.line())
+    });
+    for (b, m) in baseline.iter().zip(&mutated) {
+        let SeedResult::Judged(r) = &m.result else { panic!("seed {} did not run: {}", m.seed, m.line()) };
+        let parted = r.first_commit_difference.as_deref().unwrap_or_else(|| {
+            panic!("the model that does not commit for a flush committed where the kernel did: {}", m.line())
+        });
+        assert!(parted.ends_with("the kernel committed, the model did not"), "{parted}");
+        // And it loses at a crash what the kernel's flushes made durable.
+        let c = r.first_bad_crash().unwrap_or_else(|| panic!("no crash differs: {}", m.line()));
+        assert!(c.differences.iter().any(|d| d.contains(" block ")), "{:?}", c.differences);
+        let SeedResult::Judged(honest) = &b.result else { unreachable!("checked above") };
+        eprintln!(
+            "seed {}: commits part (model as it is) {:?}; (no commit on flush) {parted}",
+            b.seed, honest.first_commit_difference
+        );
+    }
 }
