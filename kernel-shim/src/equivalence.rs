@@ -207,18 +207,22 @@ fn simulate_serialized_inner(
     };
     let mut last_superblock = superblock(&sim);
     let mut commit_ops = Vec::new();
-    let mut ops_list: Vec<Op> = Vec::new();
-    for (i, op) in trace.ops().enumerate() {
-        // The op before this one: whether it committed. A crash op
-        // rebuilt the pool; the rebuild is not one of the op's commits.
-        if let Some(prev) = i.checked_sub(1) {
-            let sb = superblock(&sim);
-            if sb != last_superblock && !matches!(ops_list.last(), Some(Op::Crash { .. })) {
-                commit_ops.push(prev);
-            }
-            last_superblock = sb;
+    // Whether the op before `i` committed (its superblock changed since the
+    // op before it); a crash op rebuilt the pool, which is not one of its
+    // commits.
+    let mut note_commit = |sim: &ThinSim, i: usize, crashed: bool| {
+        let sb = superblock(sim);
+        if sb != last_superblock && !crashed {
+            commit_ops.push(i);
         }
-        ops_list.push(op);
+        last_superblock = sb;
+    };
+    let mut previous_was_crash = false;
+    for (i, op) in trace.ops().enumerate() {
+        if let Some(prev) = i.checked_sub(1) {
+            note_commit(&sim, prev, previous_was_crash);
+        }
+        previous_was_crash = matches!(op, Op::Crash { .. });
         if let Some(c) = clock {
             // A crash op has no reading of its own: it came right after
             // the op before it.
@@ -324,10 +328,8 @@ fn simulate_serialized_inner(
         }
         ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
     }
-    if let Some(prev) = ops_list.len().checked_sub(1) {
-        if superblock(&sim) != last_superblock && !matches!(ops_list.last(), Some(Op::Crash { .. })) {
-            commit_ops.push(prev);
-        }
+    if let Some(last) = trace.ops().count().checked_sub(1) {
+        note_commit(&sim, last, previous_was_crash);
     }
     if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
         c.advance(&mut sim, &mut now, t).map_err(fail)?;
