@@ -136,7 +136,7 @@ fn recover(
         let [m, cd, od] = disks.clone().map(MemDevice::from_bytes);
         Cache::create(&c.table_line(mode, policy), m, cd, od, 0, options)
     };
-    let mut target = match load(mode) {
+    let target = match load(mode) {
         Err(e) if e.message.contains("passthrough") => load(CacheIoMode::Writeback),
         r => r,
     }

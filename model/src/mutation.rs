@@ -212,7 +212,7 @@ pub struct Mutations {
 /// Turns one locking mutation on.
 pub type LockingSwitch = fn(&mut LockingMutations);
 
-/// Deliberately broken locking and device lifecycle in the pool's concurrent core, off by
+/// Deliberately broken locking and device lifecycle in the pool's (and the cache's) concurrent core, off by
 /// default. Each opens a window between two threads that the kernel's
 /// locking closes; the concurrency harnesses (`sim/tests/concurrency_*.rs`)
 /// show loom or shuttle catching each one.
@@ -273,11 +273,18 @@ pub struct LockingMutations {
     /// Only a failed zeroing or copy takes this path, and only a worker
     /// running between the two opens the window.
     pub copy_error_after_queueing: bool,
+    /// Cache target: `set_dirty` tests the block's dirty bit and sets it in
+    /// two critical sections instead of one `test_and_set_bit`, so two
+    /// writes to one clean cached block, mapped at once under their shared
+    /// locks, can both find it clean and both count it: `nr_dirty` ends one
+    /// above the bits set (the cache's harnesses,
+    /// `sim/tests/cache_concurrency_*.rs`, catch it).
+    pub cache_dirty_test_then_set: bool,
 }
 
 impl LockingMutations {
     /// Every locking mutation with its name.
-    pub const ALL: [(&'static str, LockingSwitch); 10] = [
+    pub const ALL: [(&'static str, LockingSwitch); 11] = [
         ("release-cell-before-insert", |m| m.release_cell_before_insert = true),
         ("discard-skips-io-wait", |m| m.discard_skips_io_wait = true),
         ("fast-path-skips-data-cell", |m| m.fast_path_skips_data_cell = true),
@@ -288,6 +295,7 @@ impl LockingMutations {
         ("delete-ignores-open-count", |m| m.delete_ignores_open_count = true),
         ("region-from-block-end", |m| m.region_from_block_end = true),
         ("copy-error-after-queueing", |m| m.copy_error_after_queueing = true),
+        ("cache-dirty-test-then-set", |m| m.cache_dirty_test_then_set = true),
     ];
 
     /// The locking mutation named `name` (see [`Self::ALL`]), as

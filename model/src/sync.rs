@@ -49,6 +49,12 @@ pub fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a
     condvar.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The value of a mutex the caller holds exclusively (no lock taken),
+/// ignoring poisoning.
+pub fn get_mut<T>(mutex: &mut Mutex<T>) -> &mut T {
+    mutex.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Consumes `mutex` and returns its value, ignoring poisoning.
 pub fn into_inner<T>(mutex: Mutex<T>) -> T {
     mutex.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())

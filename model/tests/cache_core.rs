@@ -584,7 +584,6 @@ fn resize(
     cache: u64,
     origin: u64,
 ) -> (MemCache, Result<(), dmsim_model::thin::pool::TargetError>) {
-    let mut c = c;
     c.suspend().unwrap();
     c.reload_sized(&line("writeback", "smq"), sizes(cache, origin)).map_err(|f| f.error).unwrap()
 }

@@ -3,20 +3,22 @@
 //! preemption bound) and shuttle (the `shuttle` feature, randomized and PCT
 //! schedules), in the style of the thin pool's [`crate::concurrency`].
 //!
-//! # One big lock
+//! # The cache's own locks
 //!
-//! [`Cache`]'s entry points take `&mut self`: the cache's concurrent core
-//! is single-stepped and has no locks of its own yet (only its bio prison
-//! v2 does, with its own harnesses). So the harness puts one cache, with
-//! the reference that judges it, behind **one** [`dmsim_model::sync::Mutex`].
-//! The interleavings explored are those of whole entry points — a
-//! submitter's `submit`, a worker pass, one data I/O completion — not those
-//! of the kernel's finer locks (the prison's spinlock, the committer's,
-//! `cache->lock`). That is a known limit: what these harnesses check is the
-//! protocol between the contexts (who waits for which cell, which
-//! continuation runs after which I/O or commit), not the atomicity of any
-//! one step. It goes away once the core reaches its shared state through
-//! `model::sync` locks, as the thin pool does.
+//! [`Cache`]'s entry points take `&self` and reach its state through
+//! [`dmsim_model::sync`] locks, one per lock domain of the kernel's (the
+//! prison's spinlock, `cache->lock` with the committer's and the
+//! workqueue's, the target's metadata and policy, the bios' memory, the I/O
+//! tracker and counters). The harness's threads call into the cache without
+//! holding any lock of the harness, so the checker interleaves them between
+//! any two of the cache's critical sections: two submitters' map paths, a
+//! map path and a worker pass, a data I/O completion and either.
+//!
+//! The harness keeps its own book (the reference, what was sent and
+//! completed) behind one lock, which no cache lock is ever held across.
+//! A submitter announces its request to the reference under a provisional
+//! id before it submits, then tells it the cache's id; a completion that
+//! arrives in between waits for that.
 //!
 //! # Threads
 //!
@@ -63,10 +65,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dmsim_model::block_device::{MemDevice, SECTOR_SIZE};
 use dmsim_model::cache::core::{
-    BioId, BioRequest, Cache, CacheCounters, CacheDisk, CacheIoInfo, CacheIoKind, CacheOptions,
+    BioId, BioRequest, Cache, CacheCompletion, CacheCounters, CacheDisk, CacheIoInfo, CacheIoKind,
+    CacheOptions,
 };
 use dmsim_model::mutation::Mutations;
 use dmsim_model::sync::{into_inner, lock, thread, wait, Arc, Condvar, Mutex, MutexGuard};
+use dmsim_model::thin::pool::TargetError;
 
 /// Cache block size of every harness cache, in sectors.
 pub const BS: u64 = 64;
@@ -169,6 +173,9 @@ pub enum Race {
     /// last step (completion, releasing the block's cell) waiting for the
     /// worker.
     Demotion,
+    /// [`X`] cached and clean (promoted by overwrite, then written back),
+    /// nothing in flight.
+    Clean,
 }
 
 /// A race to check.
@@ -328,6 +335,20 @@ impl Reference {
         }
     }
 
+    /// A request registered under a provisional id before it was
+    /// submitted now has the id the cache gave it.
+    fn rekey(&mut self, from: BioId, to: BioId) {
+        if let Some(w) = self.writes.remove(&from) {
+            self.writes.insert(to, w);
+        }
+        if let Some(r) = self.reads.remove(&from) {
+            self.reads.insert(to, r);
+        }
+        if let Some(d) = self.discards.remove(&from) {
+            self.discards.insert(to, d);
+        }
+    }
+
     fn write_submitted(&mut self, id: BioId, w: u64, sector: u64, nr: u64) {
         let mut concurrent = BTreeSet::new();
         for other in self.writes.values_mut() {
@@ -442,12 +463,13 @@ fn judge(first: u64, allowed: &[BTreeSet<Val>], data: &[u8]) -> Result<(), Strin
 }
 
 // ----------------------------------------------------------------------
-// The world behind the big lock
+// The cache and the harness's book
 
-/// The cache and everything the harness keeps about it: behind one lock.
+/// What the harness keeps about the cache's requests: behind the harness's
+/// own lock, which no cache lock is ever held across (the cache never calls
+/// the harness), so the order is always this lock, then the cache's.
 #[derive(Debug)]
-struct World {
-    cache: HarnessCache,
+struct Book {
     reference: Reference,
     next_write: u64,
     /// Requests completed, with how many times.
@@ -457,24 +479,29 @@ struct World {
     /// Origin blocks any request touched.
     touched: BTreeSet<u64>,
     submitters_done: usize,
+    /// Threads inside a cache entry point, outside this lock: the run is
+    /// not over while one is.
+    busy: usize,
+    /// Provisional ids handed out so far (counting down from the top, where
+    /// the cache's own never reach).
+    provisional: u64,
+    /// Completions of requests whose submission has not returned yet.
+    early: Vec<CacheCompletion>,
     failures: Vec<String>,
 }
 
-impl World {
-    fn new(mutations: Mutations) -> Self {
-        let cache = MemDevice::from_bytes(vec![CACHE_GARBAGE; (CACHE_BLOCKS * BS * SECTOR_SIZE) as usize]);
-        let origin = MemDevice::new(ORIGIN_BLOCKS * BS);
-        let opts = CacheOptions { mutations, ..CacheOptions::default() };
-        let cache = Cache::create(&table_line(), MemDevice::new(META_SECTORS), cache, origin, 0, opts)
-            .expect("a fresh cache loads");
-        World {
-            cache,
+impl Book {
+    fn new() -> Self {
+        Book {
             reference: Reference::new(),
             next_write: 0,
             completed: BTreeMap::new(),
             sent: BTreeSet::new(),
             touched: BTreeSet::new(),
             submitters_done: 0,
+            busy: 0,
+            provisional: 0,
+            early: Vec::new(),
             failures: Vec::new(),
         }
     }
@@ -483,25 +510,57 @@ impl World {
         self.failures.push(what);
     }
 
-    /// Submits `req`, telling the reference first.
-    fn submit(&mut self, req: Req) -> Option<BioId> {
+    /// Submits `req` to `cache` single-threaded ([`Self::announce`], the
+    /// submission, [`Self::submitted`]).
+    fn submit(&mut self, cache: &HarnessCache, req: Req) -> Option<BioId> {
+        let (bio, provisional) = self.announce(cache, req);
+        let r = cache.submit(bio);
+        self.submitted(cache, req, provisional, r)
+    }
+
+    /// Tells the reference of `req` before it is submitted, under a
+    /// provisional id (so that the reference knows of it before any thread
+    /// can see it complete), and returns the request to submit. What
+    /// completed before is fed to the reference first.
+    fn announce(&mut self, cache: &HarnessCache, req: Req) -> (BioRequest, BioId) {
         if let Some((sector, nr)) = req.range() {
             self.touched.extend(sector / BS..(sector + nr).div_ceil(BS));
         }
+        self.drain(cache);
+        self.provisional += 1;
+        let provisional = BioId(u64::MAX - self.provisional);
         let bio = match req {
             Req::Write { sector, nr } => {
                 self.next_write += 1;
                 let w = self.next_write;
+                self.reference.write_submitted(provisional, w, sector, nr);
                 let data: Vec<u8> = (sector..sector + nr).flat_map(|s| stamp(w, s)).collect();
                 BioRequest::write(sector, data)
             }
-            Req::Read { sector, nr } => BioRequest::read(sector, nr),
-            Req::Discard { sector, nr } => BioRequest::discard(sector, nr),
+            Req::Read { sector, nr } => {
+                self.reference.read_submitted(provisional, sector, nr);
+                BioRequest::read(sector, nr)
+            }
+            Req::Discard { sector, nr } => {
+                self.reference.discard_submitted(provisional, sector, nr);
+                BioRequest::discard(sector, nr)
+            }
             Req::Flush => BioRequest::flush(),
         };
-        // The cache numbers requests in order; the reference learns of a
-        // request under the same lock, before any thread can see it run.
-        let id = match self.cache.submit(bio) {
+        (bio, provisional)
+    }
+
+    /// The submission of `req`, announced as `provisional`, returned `r`:
+    /// the reference learns its id, and any completion of it that came
+    /// early is judged now.
+    fn submitted(
+        &mut self,
+        cache: &HarnessCache,
+        req: Req,
+        provisional: BioId,
+        r: Result<BioId, TargetError>,
+    ) -> Option<BioId> {
+        let id = match r {
             Ok(id) => id,
             Err(e) => {
                 self.fail(format!("{req:?}: submit refused: {e}"));
@@ -509,21 +568,27 @@ impl World {
             }
         };
         self.sent.insert(id);
-        match req {
-            Req::Write { sector, nr } => self.reference.write_submitted(id, self.next_write, sector, nr),
-            Req::Read { sector, nr } => self.reference.read_submitted(id, sector, nr),
-            Req::Discard { sector, nr } => self.reference.discard_submitted(id, sector, nr),
-            Req::Flush => {}
-        }
-        // A request can complete inside submit (a discard never does, but
-        // the map path may end a piece at once).
-        self.drain();
+        self.reference.rekey(provisional, id);
+        let early = std::mem::take(&mut self.early);
+        self.judge(early);
+        self.drain(cache);
         Some(id)
     }
 
     /// Feeds finished requests to the reference.
-    fn drain(&mut self) {
-        for c in self.cache.take_completions() {
+    fn drain(&mut self, cache: &HarnessCache) {
+        let done = cache.take_completions();
+        self.judge(done);
+    }
+
+    /// Judges completions; those of requests whose submission has not
+    /// returned wait in `early`.
+    fn judge(&mut self, done: Vec<CacheCompletion>) {
+        for c in done {
+            if !self.sent.contains(&c.id) {
+                self.early.push(c);
+                continue;
+            }
             *self.completed.entry(c.id).or_default() += 1;
             if let Err(e) = c.result {
                 self.fail(format!("request {:?} failed: {e}", c.id));
@@ -538,6 +603,47 @@ impl World {
                 self.reference.discard_completed(c.id);
             }
         }
+    }
+
+    /// Whether nothing more can happen.
+    fn finished(&self, cache: &HarnessCache, submitters: usize) -> bool {
+        self.submitters_done == submitters
+            && self.busy == 0
+            && self.early.is_empty()
+            && cache.bios_in_flight() == 0
+            && cache.in_flight_io().is_empty()
+            && !cache.worker_wanted()
+    }
+}
+
+/// A cache and its book, single-threaded: the set-up before a race and the
+/// checks after it.
+#[derive(Debug)]
+struct World {
+    cache: HarnessCache,
+    book: Book,
+}
+
+impl World {
+    fn new(mutations: Mutations) -> Self {
+        let cache = MemDevice::from_bytes(vec![CACHE_GARBAGE; (CACHE_BLOCKS * BS * SECTOR_SIZE) as usize]);
+        let origin = MemDevice::new(ORIGIN_BLOCKS * BS);
+        let opts = CacheOptions { mutations, ..CacheOptions::default() };
+        let cache = Cache::create(&table_line(), MemDevice::new(META_SECTORS), cache, origin, 0, opts)
+            .expect("a fresh cache loads");
+        World { cache, book: Book::new() }
+    }
+
+    fn fail(&mut self, what: String) {
+        self.book.fail(what);
+    }
+
+    fn submit(&mut self, req: Req) -> Option<BioId> {
+        self.book.submit(&self.cache, req)
+    }
+
+    fn drain(&mut self) {
+        self.book.drain(&self.cache);
     }
 
     fn complete(&mut self, io: CacheIoInfo) {
@@ -574,7 +680,7 @@ impl World {
     /// completed, holding back the I/O `hold` names.
     fn do_io(&mut self, req: Req, hold: &dyn Fn(&CacheIoInfo) -> bool) {
         let Some(id) = self.submit(req) else { return };
-        if !self.drive(&mut |w| w.completed.contains_key(&id), hold) {
+        if !self.drive(&mut |w| w.book.completed.contains_key(&id), hold) {
             panic!("set-up: {req:?} never completed");
         }
     }
@@ -584,14 +690,6 @@ impl World {
         if !self.drive(&mut |w| w.cache.is_idle() && !w.cache.worker_wanted(), &|_| false) {
             self.fail("the cache never settled".to_string());
         }
-    }
-
-    /// Whether nothing more can happen.
-    fn finished(&self, submitters: usize) -> bool {
-        self.submitters_done == submitters
-            && self.cache.bios_in_flight() == 0
-            && self.cache.in_flight_io().is_empty()
-            && !self.cache.worker_wanted()
     }
 
     fn counters(&self) -> CacheCounters {
@@ -669,6 +767,26 @@ fn set_up(world: &mut World, race: Race) -> Reached {
             assert!(k.started[2] == 1 && k.succeeded[2] == 0, "{name}: one writeback under way, got {k:?}");
             X
         }
+        Race::Clean => {
+            // A whole-block write promotes X by overwrite (dirty); idle
+            // seconds write it back.
+            world.do_io(write(X, 0, BS), &|_| false);
+            let mut now = 0;
+            for _ in 0..10 {
+                if dirty_blocks(world) == 0 {
+                    break;
+                }
+                now += 2 * SECOND;
+                world.cache.set_time(now);
+                world.settle();
+            }
+            let k = world.counters();
+            assert!(
+                dirty_blocks(world) == 0 && k.succeeded == [1, 0, 1] && k.overwrites == 1,
+                "{name}: X promoted and written back, clean, got {k:?}"
+            );
+            X
+        }
         Race::Demotion => {
             // Whole-block writes promote blocks 0..CACHE_BLOCKS by overwrite
             // (dirty), idle seconds write them all back (clean), then a
@@ -708,7 +826,7 @@ fn set_up(world: &mut World, race: Race) -> Reached {
                             }
                             break 'rounds;
                         }
-                        if world.completed.contains_key(&id) {
+                        if world.book.completed.contains_key(&id) {
                             break;
                         }
                         if world.cache.worker_wanted() {
@@ -747,13 +865,13 @@ fn set_up(world: &mut World, race: Race) -> Reached {
     };
     let copies_in_flight =
         world.cache.in_flight_io().iter().filter(|io| io.kind == CacheIoKind::Copy).count();
-    if race != Race::Demotion {
+    if matches!(race, Race::Promotion | Race::Writeback) {
         assert_eq!(copies_in_flight, 1, "{name}: the copy in flight");
     }
     if let Err(e) = world.cache.check() {
         panic!("{name}: the model's self-check: {e}");
     }
-    assert!(world.failures.is_empty(), "{name}: {}", world.failures.join("; "));
+    assert!(world.book.failures.is_empty(), "{name}: {}", world.book.failures.join("; "));
     Reached { counters: world.counters(), block, copies_in_flight }
 }
 
@@ -768,19 +886,22 @@ pub fn reach(scenario: &Scenario) -> Reached {
 // The threads
 
 struct Shared {
-    world: Mutex<World>,
+    /// The cache: its entry points take `&self` and reach its state through
+    /// its own locks.
+    cache: HarnessCache,
+    book: Mutex<Book>,
     changed: Condvar,
     idle: Idle,
     submitters: usize,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, World> {
-        lock(&self.world)
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        lock(&self.book)
     }
 
     /// Nothing to do: yields, or waits for a change (consuming `guard`).
-    fn idle<'a>(&'a self, guard: MutexGuard<'a, World>) {
+    fn idle<'a>(&'a self, guard: MutexGuard<'a, Book>) {
         match self.idle {
             Idle::Yield => {
                 drop(guard);
@@ -797,23 +918,53 @@ impl Shared {
             self.changed.notify_all();
         }
     }
+
+    /// Runs `step` on the cache outside the book's lock (the thread counts
+    /// as busy meanwhile), then feeds what completed to the reference and
+    /// wakes the others. `book` is the guard under which the step was
+    /// chosen.
+    fn outside<'a>(
+        &'a self,
+        mut book: MutexGuard<'a, Book>,
+        step: impl FnOnce(&HarnessCache) -> Option<String>,
+    ) {
+        book.busy += 1;
+        drop(book);
+        let failure = step(&self.cache);
+        let mut book = self.lock();
+        book.busy -= 1;
+        if let Some(f) = failure {
+            book.fail(f);
+        }
+        book.drain(&self.cache);
+        self.bump();
+    }
 }
 
 fn submitter_thread(shared: &Shared, program: &[Req]) {
     for &req in program {
+        // The submission runs outside the book's lock, so that two
+        // submitters' map paths interleave with each other too.
+        let (bio, provisional) = {
+            let mut book = shared.lock();
+            book.busy += 1;
+            book.announce(&shared.cache, req)
+        };
+        let r = shared.cache.submit(bio);
         let id = {
-            let mut w = shared.lock();
-            let id = w.submit(req);
+            let mut book = shared.lock();
+            book.busy -= 1;
+            let id = book.submitted(&shared.cache, req, provisional, r);
             shared.bump();
             id
         };
         let Some(id) = id else { continue };
         loop {
-            let w = shared.lock();
-            if w.completed.contains_key(&id) {
+            let book = shared.lock();
+            if book.completed.contains_key(&id) {
                 break;
             }
-            shared.idle(w);
+            shared.idle(book);
         }
     }
     shared.lock().submitters_done += 1;
@@ -822,37 +973,40 @@ fn submitter_thread(shared: &Shared, program: &[Req]) {
 
 fn worker_thread(shared: &Shared) {
     loop {
-        let mut w = shared.lock();
-        if w.cache.worker_wanted() {
-            w.cache.run_worker();
-            w.drain();
-            shared.bump();
-        } else if w.finished(shared.submitters) {
+        let book = shared.lock();
+        if shared.cache.worker_wanted() {
+            shared.outside(book, |c| {
+                c.run_worker();
+                None
+            });
+        } else if book.finished(&shared.cache, shared.submitters) {
             return;
         } else {
-            shared.idle(w);
+            shared.idle(book);
         }
     }
 }
 
 fn completion_thread(shared: &Shared, pick: fn(usize) -> usize, with_worker: bool) {
     loop {
-        let mut w = shared.lock();
-        let ios = w.cache.in_flight_io();
-        if with_worker && w.cache.worker_wanted() {
-            w.cache.run_worker();
-            w.drain();
-            shared.bump();
+        let book = shared.lock();
+        let ios = shared.cache.in_flight_io();
+        if with_worker && shared.cache.worker_wanted() {
+            shared.outside(book, |c| {
+                c.run_worker();
+                None
+            });
         } else if !ios.is_empty() {
+            // Only this thread completes data I/O: `io` is still in flight
+            // when the step runs.
             let io = ios[pick(ios.len()) % ios.len()];
-            w.complete(io);
-            shared.bump();
-        } else if w.finished(shared.submitters) {
+            shared.outside(book, |c| c.complete_io(io.id).err().map(|e| format!("complete_io {io:?}: {e}")));
+        } else if book.finished(&shared.cache, shared.submitters) {
             // The worker may be waiting for this very state.
             shared.bump();
             return;
         } else {
-            shared.idle(w);
+            shared.idle(book);
         }
     }
 }
@@ -871,8 +1025,10 @@ pub fn execute(scenario: &Scenario, run: Run) {
         Req::Discard { sector, nr } if sector / BS == X => Req::Discard { sector: x * BS + sector % BS, nr },
         other => other,
     };
+    let World { cache, book } = world;
     let shared = Arc::new(Shared {
-        world: Mutex::new(world),
+        cache,
+        book: Mutex::new(book),
         changed: Condvar::new(),
         idle: run.idle,
         submitters: scenario.submitters.len(),
@@ -897,12 +1053,12 @@ pub fn execute(scenario: &Scenario, run: Run) {
     let Ok(shared) = Arc::try_unwrap(shared) else {
         panic!("{}: a harness thread outlived the run", scenario.name)
     };
-    let Shared { world, changed, .. } = shared;
+    let Shared { cache, book, changed, .. } = shared;
     // Under loom the condvar is a checker object (and has a Drop); with
     // std types it is plain data.
     #[allow(clippy::drop_non_drop)]
     drop(changed);
-    let mut world = into_inner(world);
+    let mut world = World { cache, book: into_inner(book) };
     finish(scenario, &mut world);
 }
 
@@ -919,15 +1075,15 @@ fn finish(scenario: &Scenario, w: &mut World) {
         w.settle();
     }
     let unfinished: Vec<BioId> =
-        w.sent.iter().filter(|id| w.completed.get(id) != Some(&1)).copied().collect();
+        w.book.sent.iter().filter(|id| w.book.completed.get(id) != Some(&1)).copied().collect();
     if !unfinished.is_empty() {
         w.fail(format!("requests not completed exactly once: {unfinished:?}"));
     }
-    let touched: Vec<u64> = w.touched.iter().copied().collect();
+    let touched: Vec<u64> = w.book.touched.iter().copied().collect();
     for b in touched {
         let Some(id) = w.submit(read(b)) else { continue };
         w.settle();
-        if w.completed.get(&id) != Some(&1) {
+        if w.book.completed.get(&id) != Some(&1) {
             w.fail(format!("the read-back of block {b} did not complete"));
         }
     }
@@ -949,7 +1105,7 @@ fn finish(scenario: &Scenario, w: &mut World) {
                 let origin = w.cache.origin_device().as_bytes()[os..os + len].to_vec();
                 let differs = (0..BS).find(|&k| {
                     let r = (k * SECTOR_SIZE) as usize..((k + 1) * SECTOR_SIZE) as usize;
-                    !w.reference.undefined(ob * BS + k) && cached[r.clone()] != origin[r]
+                    !w.book.reference.undefined(ob * BS + k) && cached[r.clone()] != origin[r]
                 });
                 if let Some(k) = differs {
                     w.fail(format!(
@@ -960,8 +1116,8 @@ fn finish(scenario: &Scenario, w: &mut World) {
             }
         }
     }
-    if !w.failures.is_empty() {
-        panic!("{} ({}): {}", scenario.name, dmsim_model::sync::SUBSTRATE, w.failures.join("; "));
+    if !w.book.failures.is_empty() {
+        panic!("{} ({}): {}", scenario.name, dmsim_model::sync::SUBSTRATE, w.book.failures.join("; "));
     }
 }
 
@@ -1018,6 +1174,17 @@ pub mod scenarios {
         Scenario { name: "read vs. demotion", race: Race::Demotion, submitters: vec![vec![read(X)]] }
     }
 
+    /// Two writes to different sectors of [`X`], cached and clean: both
+    /// map at once under shared locks and both dirty the block (the dirty
+    /// bit's test and set must be one step).
+    pub fn two_writes_dirty_a_clean_block() -> Scenario {
+        Scenario {
+            name: "two writes dirty a clean block",
+            race: Race::Clean,
+            submitters: vec![vec![write(X, 0, 8)], vec![write(X, 8, 8)]],
+        }
+    }
+
     /// Every scenario.
     pub fn all() -> Vec<Scenario> {
         vec![
@@ -1026,6 +1193,7 @@ pub mod scenarios {
             flush_during_migration(),
             discard_during_migration(),
             read_vs_demotion(),
+            two_writes_dirty_a_clean_block(),
         ]
     }
 }

@@ -2,9 +2,9 @@
 //! [`dmsim_sim::cache_concurrency`], every interleaving of its threads up to
 //! preemption bound 2 (`LOOM_MAX_PREEMPTIONS` sets another).
 //!
-//! The cache sits behind one big lock (see the module docs), so loom
-//! interleaves whole entry points — submissions, worker passes, data I/O
-//! completions — not the kernel's finer locks. Idle threads block on a
+//! The cache's state sits behind its own locks, one per kernel lock domain
+//! (see the module docs), so loom interleaves the submitters, the worker
+//! and the completion context between any two of their critical sections. Idle threads block on a
 //! condition variable ([`Idle::Block`]); loom explores thread orders, not
 //! values, so the completion context completes the oldest data I/O. The
 //! set-up is cheap (no loom object in it) and runs in every execution.
@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use dmsim_model::mutation::Mutations;
+use dmsim_model::mutation::{LockingMutations, Mutations};
 use dmsim_model::sync::thread;
 use dmsim_sim::cache_concurrency::{execute, scenarios, Background, Idle, Run, Scenario};
 
@@ -82,10 +82,17 @@ fn read_vs_demotion() {
     check(scenarios::read_vs_demotion());
 }
 
+#[test]
+fn two_writes_dirty_a_clean_block() {
+    check(scenarios::two_writes_dirty_a_clean_block());
+}
+
 /// Loom finds a failing interleaving of `scenario` with the mutation
 /// `name`.
 fn detector(scenario: Scenario, name: &str) {
-    let mutations = Mutations::by_name(name).expect("a cache mutation");
+    let mutations = Mutations::by_name(name)
+        .or_else(|| LockingMutations::by_name(name))
+        .expect("a cache or locking mutation");
     let start = Instant::now();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         explore(&scenario, Run { mutations, ..blocking() })
@@ -109,4 +116,11 @@ fn detector_write_ignores_migration_lock_in_promotion() {
 #[test]
 fn detector_write_ignores_migration_lock_in_writeback() {
     detector(scenarios::writeback_vs_write(), "cache-write-ignores-migration-lock");
+}
+
+/// The broken locking variant: the dirty bit tested and set in two
+/// critical sections (see the shuttle test of the same name).
+#[test]
+fn detector_dirty_test_then_set() {
+    detector(scenarios::two_writes_dirty_a_clean_block(), "cache-dirty-test-then-set");
 }

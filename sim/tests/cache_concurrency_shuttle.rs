@@ -7,8 +7,9 @@
 //! The running, saving and replaying of schedules is shared with the
 //! pool's shuttle test: `tests/common/shuttle.rs`.
 //!
-//! The cache sits behind one big lock (see the module docs): the schedules
-//! interleave whole entry points, not the kernel's finer locks.
+//! The cache's state sits behind its own locks, one per kernel lock domain
+//! (see the module docs): the schedules interleave the contexts between
+//! any two of their critical sections.
 //!
 //! Run with `cargo test -p dmsim-sim --features shuttle --test cache_concurrency_shuttle --release`.
 //! `DMSIM_SHUTTLE_ITERATIONS` raises the iterations per scenario and
@@ -18,7 +19,7 @@
 mod common;
 
 use common::shuttle::{iterations, pick_random, Shuttle};
-use dmsim_model::mutation::Mutations;
+use dmsim_model::mutation::{LockingMutations, Mutations};
 use dmsim_sim::cache_concurrency::{execute, reach, scenarios, Run, Scenario};
 
 /// The schedule folder (this binary's own), and the step bound: a run that
@@ -34,7 +35,9 @@ fn body(scenario: &Scenario, run: Run) -> impl Fn() + Clone + Send + Sync + 'sta
 
 /// Both schedulers, `iterations()` each.
 fn check(scenario: Scenario) {
-    println!("{}: set-up reaches {:?}", scenario.name, reach(&scenario));
+    // The cache's locks are shuttle's: it is built inside an execution.
+    let s = scenario.clone();
+    shuttle::check_random(move || println!("{}: set-up reaches {:?}", s.name, reach(&s)), 1);
     SHUTTLE.both(iterations(), body(&scenario, Run { pick: pick_random, ..Run::new() }));
 }
 
@@ -63,10 +66,17 @@ fn read_vs_demotion() {
     check(scenarios::read_vs_demotion());
 }
 
-/// Catches the mutation `name` in `scenario`, and replays the saved
-/// schedule to the same failure.
+#[test]
+fn two_writes_dirty_a_clean_block() {
+    check(scenarios::two_writes_dirty_a_clean_block());
+}
+
+/// Catches the mutation `name` (a cache mutation, or a locking one) in
+/// `scenario`, and replays the saved schedule to the same failure.
 fn detector(scenario: Scenario, name: &str) {
-    let mutations = Mutations::by_name(name).expect("a cache mutation");
+    let mutations = Mutations::by_name(name)
+        .or_else(|| LockingMutations::by_name(name))
+        .expect("a cache or locking mutation");
     let run = Run { mutations, pick: pick_random, ..Run::new() };
     SHUTTLE.detector(&format!("{name} in {}", scenario.name), body(&scenario, run));
 }
@@ -83,4 +93,12 @@ fn detector_write_ignores_migration_lock_in_promotion() {
 #[test]
 fn detector_write_ignores_migration_lock_in_writeback() {
     detector(scenarios::writeback_vs_write(), "cache-write-ignores-migration-lock");
+}
+
+/// The broken locking variant: the dirty bit tested and set in two
+/// critical sections. Two writes to one clean block both find it clean and
+/// both count it, and `Cache::check` finds `nr_dirty` one above the bits.
+#[test]
+fn detector_dirty_test_then_set() {
+    detector(scenarios::two_writes_dirty_a_clean_block(), "cache-dirty-test-then-set");
 }

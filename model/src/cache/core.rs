@@ -23,10 +23,15 @@
 //! - [`Cache::set_time`] runs the waker each second of simulated time
 //!   (policy tick, migration worker, commit).
 //!
+//! The entry points take `&self`: the shared state sits behind
+//! [`crate::sync`] locks, one per lock domain of the kernel's (see
+//! [`Cache`]), so the simulator single-steps the same code that the loom and
+//! shuttle harnesses (`sim/src/cache_concurrency.rs`) run on threads.
+//!
 //! Deliberate differences from the kernel, invisible to a user of the
-//! device: the entry points take `&mut self` (the cache's concurrent core is
-//! single-stepped here; the prison itself has its own loom and shuttle
-//! harnesses); mempools never run dry; suspend needs the caller to have
+//! device: one lock here covers several of the kernel's where they guard
+//! state no path touches apart (fewer interleavings, never more); mempools
+//! never run dry; suspend needs the caller to have
 //! drained every bio first (the kernel's flush suspend), so no bio is ever
 //! requeued; bios past the last whole origin block are passed to the origin
 //! as the kernel does, but the simulator never sends any.
@@ -47,6 +52,7 @@ use crate::mutation::Mutations;
 use crate::prison_v2::{
     lock_level, origin_key, CellId, CellTable, Get, Quiesce, READ_WRITE_LOCK_LEVEL, WRITE_LOCK_LEVEL,
 };
+use crate::sync::{get_mut, into_inner, lock, Mutex, MutexGuard};
 use crate::thin::pool::TargetError;
 pub use crate::thin::pool::{BioId, BioOp, BioRequest};
 
@@ -328,23 +334,59 @@ pub type ReloadResult<M, C, O> = Result<(Cache<M, C, O>, Result<(), TargetError>
 
 /// An active cache target with its data devices: metadata on `M`, cache
 /// blocks on `C`, the origin on `O`.
+///
+/// Its shared state sits behind [`crate::sync`] locks, one per lock domain
+/// of the kernel's (see the fields), so that the same code runs
+/// single-stepped by the simulator and on the threads of the loom and
+/// shuttle harnesses, where the contexts interleave between any two
+/// critical sections as the kernel's do. A critical section holds one lock,
+/// but for a data I/O, which holds the bio's memory and then its device
+/// (lock order: `objs` before `cdev`/`odev`).
 #[derive(Debug)]
 pub struct Cache<M, C, O> {
-    t: CacheTarget<M>,
+    /// The target: table, mode, metadata (its `root_lock`), smq (its
+    /// `mq->lock`, which also guards the background tracker), the dirty and
+    /// discard bitsets and the statistics (atomic bit operations and
+    /// counters in the kernel; one lock here, never held across another).
+    t: Mutex<CacheTarget<M>>,
+    /// What the table fixes (it changes only with a reload, which builds a
+    /// new `Cache`).
+    geo: Geometry,
     params: String,
-    cdev: C,
-    odev: O,
+    cdev: Mutex<C>,
+    odev: Mutex<O>,
     opts: CacheOptions,
-    prison: CellTable<PieceId, (MgId, Step)>,
-    next_bio: u64,
-    next_piece: PieceId,
-    next_io: u64,
-    next_mg: MgId,
-    pieces: BTreeMap<PieceId, Piece>,
-    user: BTreeMap<BioId, UserIo>,
+    /// Bio prison v2's spinlock and its cells.
+    prison: Mutex<CellTable<PieceId, (MgId, Step)>>,
+    /// `cache->lock` (the deferred bios), the committer's batcher lock (the
+    /// bios and continuations waiting for a commit), the workqueue's
+    /// (continuations ready to run) and the completions DM core reports.
+    lists: Mutex<Lists>,
+    /// The memory of bios and migrations (per-bio data, `struct
+    /// dm_cache_migration`) and of the data I/O in flight: owned by one
+    /// context at a time in the kernel, kept in one table here.
+    objs: Mutex<Objects>,
+    /// The I/O tracker (`iot->lock`), the migration counters (atomics), the
+    /// waker's clock and the lifecycle flags.
+    state: Mutex<State>,
+    /// The first broken precondition of the model's own bookkeeping.
+    broken: Mutex<Option<String>>,
+}
+
+/// The table's fixed numbers.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    block_sectors: u64,
+    origin_blocks: u64,
+    discard_block_size: u64,
+    io_mode: IoMode,
+    discard_passdown: bool,
+}
+
+/// What `cache->lock`, the batcher and the workqueue guard.
+#[derive(Debug, Default)]
+struct Lists {
     deferred: VecDeque<PieceId>,
-    io: BTreeMap<CacheIoId, DataIo>,
-    migrations: BTreeMap<MgId, Migration>,
     ready: VecDeque<(MgId, Step)>,
     commit_scheduled: bool,
     commit_queued: bool,
@@ -356,10 +398,28 @@ pub struct Cache<M, C, O> {
     /// for them (the writethrough fix).
     wt_pairs: BTreeMap<u32, (PieceId, VecDeque<(PieceId, u64)>)>,
     wake_migrations: bool,
+    completions: Vec<CacheCompletion>,
+}
+
+/// Bios, migrations and data I/O in flight.
+#[derive(Debug, Default)]
+struct Objects {
+    next_bio: u64,
+    next_piece: PieceId,
+    next_io: u64,
+    next_mg: MgId,
+    pieces: BTreeMap<PieceId, Piece>,
+    user: BTreeMap<BioId, UserIo>,
+    io: BTreeMap<CacheIoId, DataIo>,
+    migrations: BTreeMap<MgId, Migration>,
+}
+
+/// Counters, the I/O tracker, the clock and the lifecycle flags.
+#[derive(Debug)]
+struct State {
     io_migrations: u32,
     background_nr: u32,
     background_allowed: bool,
-    completions: Vec<CacheCompletion>,
     now: Nanos,
     next_waker: Nanos,
     in_flight_sectors: u64,
@@ -375,7 +435,6 @@ pub struct Cache<M, C, O> {
     /// no commit has cleared it since).
     clean_on_disk: bool,
     counters: CacheCounters,
-    broken: Option<String>,
 }
 
 fn err(errno: Errno, what: impl Into<String>) -> TargetError {
@@ -433,65 +492,85 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         fits(sizes, &cache, &origin)?;
         let mut t = CacheTarget::create(params, sizes, metadata, now)?;
         t.md.set_mutations(opts.mutations);
-        let mut c = Self::assemble(t, params, cache, origin, now, opts);
-        c.now = now + opts.resume_delay;
+        let c = Self::assemble(t, params, cache, origin, now + opts.resume_delay, opts);
         c.resume()?;
         Ok(c)
     }
 
     fn assemble(t: CacheTarget<M>, params: &str, cdev: C, odev: O, now: Nanos, opts: CacheOptions) -> Self {
+        let geo = Geometry {
+            block_sectors: t.table().block_sectors,
+            origin_blocks: t.geometry().1,
+            discard_block_size: t.discard_block_size,
+            io_mode: t.table().io_mode,
+            discard_passdown: t.table().discard_passdown,
+        };
         Cache {
-            t,
+            geo,
+            t: Mutex::new(t),
             params: params.to_string(),
-            cdev,
-            odev,
+            cdev: Mutex::new(cdev),
+            odev: Mutex::new(odev),
             opts,
-            prison: CellTable::new(),
-            next_bio: 0,
-            next_piece: 0,
-            next_io: 0,
-            next_mg: 0,
-            pieces: BTreeMap::new(),
-            user: BTreeMap::new(),
-            deferred: VecDeque::new(),
-            io: BTreeMap::new(),
-            migrations: BTreeMap::new(),
-            ready: VecDeque::new(),
-            commit_scheduled: false,
-            commit_queued: false,
-            commit_bios: Vec::new(),
-            commit_work: Vec::new(),
-            commit_ends: Vec::new(),
-            wt_pairs: BTreeMap::new(),
-            wake_migrations: false,
-            io_migrations: 0,
-            background_nr: 0,
-            background_allowed: false,
-            completions: Vec::new(),
-            now,
-            next_waker: now,
-            in_flight_sectors: 0,
-            idle_since: None,
-            need_tick_bio: true,
-            suspended: true,
-            clean_on_disk: false,
-            counters: CacheCounters::default(),
-            broken: None,
+            prison: Mutex::new(CellTable::new()),
+            lists: Mutex::new(Lists::default()),
+            objs: Mutex::new(Objects::default()),
+            state: Mutex::new(State {
+                io_migrations: 0,
+                background_nr: 0,
+                background_allowed: false,
+                now,
+                next_waker: now,
+                in_flight_sectors: 0,
+                idle_since: None,
+                need_tick_bio: true,
+                suspended: true,
+                clean_on_disk: false,
+                counters: CacheCounters::default(),
+            }),
+            broken: Mutex::new(None),
         }
     }
 
-    fn resume(&mut self) -> Result<(), TargetError> {
-        self.t.preresume()?;
-        self.t.resume(self.now);
-        self.suspended = false;
-        if self.opts.fixes.resume_clears_clean_shutdown && self.clean_on_disk {
+    fn t(&self) -> MutexGuard<'_, CacheTarget<M>> {
+        lock(&self.t)
+    }
+
+    fn prison(&self) -> MutexGuard<'_, CellTable<PieceId, (MgId, Step)>> {
+        lock(&self.prison)
+    }
+
+    fn lists(&self) -> MutexGuard<'_, Lists> {
+        lock(&self.lists)
+    }
+
+    fn objs(&self) -> MutexGuard<'_, Objects> {
+        lock(&self.objs)
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn resume(&self) -> Result<(), TargetError> {
+        self.t().preresume()?;
+        let (now, clean_on_disk) = {
+            let st = self.st();
+            (st.now, st.clean_on_disk)
+        };
+        self.t().resume(now);
+        self.st().suspended = false;
+        if self.opts.fixes.resume_clears_clean_shutdown && clean_on_disk {
             // The clean-shutdown fix (see CacheFixes).
-            self.t.md.mark_changed();
+            self.t().md.mark_changed();
             let _ = self.commit();
         }
-        self.background_allowed = true;
-        self.next_waker = self.waker_due(self.now);
-        self.wake_migrations = true;
+        {
+            let mut st = self.st();
+            st.background_allowed = true;
+            st.next_waker = self.waker_due(now);
+        }
+        self.lists().wake_migrations = true;
         Ok(())
     }
 
@@ -500,15 +579,15 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// allows them again. A migration that keeps failing (a writeback to a
     /// bad origin sector) is retried for ever while the cache is idle, as in
     /// the kernel; only this stops the retries.
-    pub fn prevent_background_work(&mut self) {
-        self.background_allowed = false;
+    pub fn prevent_background_work(&self) {
+        self.st().background_allowed = false;
     }
 
     /// Suspends (a flush suspend): every request must have completed and
     /// the worker must be idle. Background work stops, then the clean
     /// shutdown is written (in write mode).
-    pub fn suspend(&mut self) -> Result<(), TargetError> {
-        if self.suspended {
+    pub fn suspend(&self) -> Result<(), TargetError> {
+        if self.st().suspended {
             // dm core refuses to suspend a suspended device (a table whose
             // preresume failed was never resumed); no postsuspend runs.
             return Err(err(Errno::EINVAL, "the device is already suspended"));
@@ -516,17 +595,22 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         if !self.is_idle() {
             return Err(err(Errno::EBUSY, "suspend with I/O or migrations in flight"));
         }
-        self.suspended = true;
-        self.background_allowed = false;
-        if self.opts.fixes.flush_before_commit && self.t.mode == CacheMode::Write {
+        {
+            let mut st = self.st();
+            st.suspended = true;
+            st.background_allowed = false;
+        }
+        if self.opts.fixes.flush_before_commit && self.mode() == CacheMode::Write {
             // An error shows up on the next data I/O.
             let _ = self.flush_data_devices();
         }
-        let r = self.t.postsuspend();
-        if r.is_ok() && self.t.mode == CacheMode::Write {
-            self.clean_on_disk = true;
+        let r = self.t().postsuspend();
+        let write = self.mode() == CacheMode::Write;
+        let mut st = self.st();
+        if r.is_ok() && write {
+            st.clean_on_disk = true;
         }
-        self.counters.commits += 1;
+        st.counters.commits += 1;
         Ok(())
     }
 
@@ -539,7 +623,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// leaves the device: another table must be loaded, with this call,
     /// without a suspend).
     pub fn reload(self, params: &str) -> ReloadResult<M, C, O> {
-        let sizes = self.t.sizes();
+        let sizes = self.t().sizes();
         self.reload_sized(params, sizes)
     }
 
@@ -551,8 +635,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// dirty). A constructor's refusal resumes the old table at its own
     /// sizes.
     pub fn reload_sized(mut self, params: &str, sizes: DeviceSizes) -> ReloadResult<M, C, O> {
-        let checked = fits(sizes, &self.cdev, &self.odev)
-            .and_then(|()| self.t.check_reload(params, sizes).map_err(TargetError::from));
+        let checked = fits(sizes, &*lock(&self.cdev), &*lock(&self.odev))
+            .and_then(|()| get_mut(&mut self.t).check_reload(params, sizes).map_err(TargetError::from));
         if let Err(e) = checked {
             // The load's error is the one reported; if the old table does
             // not resume either (one whose own preresume failed), the
@@ -567,37 +651,41 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// resumes it (a failed preresume leaves it suspended, see
     /// [`Self::reload`]).
     fn swap_table(self, params: &str, sizes: DeviceSizes) -> ReloadResult<M, C, O> {
-        let Cache { t, cdev, odev, opts, now, clean_on_disk, counters, .. } = self;
-        let md = t.into_metadata();
+        let Cache { t, cdev, odev, opts, state, .. } = self;
+        let State { now, clean_on_disk, counters, .. } = into_inner(state);
+        let (cdev, odev) = (into_inner(cdev), into_inner(odev));
+        let md = into_inner(t).into_metadata();
         let t = match CacheTarget::reload(params, sizes, md, now) {
             Ok(t) => t,
             Err((md, e)) => {
                 return Err(ReloadFailure { devices: (md.crash(), cdev, odev), error: TargetError::from(e) })
             }
         };
-        let mut c = Self::assemble(t, params, cdev, odev, now, opts);
-        c.now = now + opts.resume_delay;
-        c.clean_on_disk = clean_on_disk;
-        c.counters = counters;
+        let c = Self::assemble(t, params, cdev, odev, now + opts.resume_delay, opts);
+        {
+            let mut st = c.st();
+            st.clean_on_disk = clean_on_disk;
+            st.counters = counters;
+        }
         let r = c.resume();
         Ok((c, r))
     }
 
     /// Removes the target after [`Self::suspend`]: the devices.
     pub fn close(self) -> (M, C, O) {
-        (self.t.close(), self.cdev, self.odev)
+        (into_inner(self.t).close(), into_inner(self.cdev), into_inner(self.odev))
     }
 
     /// Power cut: the devices as they are (the caller decides what their
     /// volatile caches keep).
     pub fn crash(self) -> (M, C, O) {
-        (self.t.md.crash(), self.cdev, self.odev)
+        (into_inner(self.t).md.crash(), into_inner(self.cdev), into_inner(self.odev))
     }
 
     /// Whether the device is suspended: after [`Self::suspend`], or with
     /// a table whose resume failed.
     pub fn is_suspended(&self) -> bool {
-        self.suspended
+        self.st().suspended
     }
 
     /// The table line the target was loaded with.
@@ -605,53 +693,60 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         &self.params
     }
 
-    /// The lifecycle part: table, policy, metadata, in-core bits.
-    pub fn target(&self) -> &CacheTarget<M> {
-        &self.t
+    /// The lifecycle part: table, policy, metadata, in-core bits (under
+    /// their lock: drop the guard before the next call).
+    pub fn target(&self) -> MutexGuard<'_, CacheTarget<M>> {
+        self.t()
     }
 
     /// The metadata.
     pub fn metadata(&mut self) -> &mut CacheMetadata<M> {
-        &mut self.t.md
+        &mut get_mut(&mut self.t).md
     }
 
     /// The cache device.
     pub fn cache_device(&mut self) -> &mut C {
-        &mut self.cdev
+        get_mut(&mut self.cdev)
     }
 
     /// The origin device.
     pub fn origin_device(&mut self) -> &mut O {
-        &mut self.odev
+        get_mut(&mut self.odev)
+    }
+
+    fn mode(&self) -> CacheMode {
+        self.t().mode
     }
 
     /// Counters since creation (kept across reloads).
     pub fn counters(&self) -> CacheCounters {
-        self.counters
+        self.st().counters
     }
 
     /// An internal inconsistency the model detected (a bug of the model,
     /// or of a deliberately broken variant), if any.
-    pub fn broken(&self) -> Option<&str> {
-        self.broken.as_deref()
+    pub fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
     }
 
-    fn bug(&mut self, what: String) {
-        if self.broken.is_none() {
-            self.broken = Some(what);
+    fn bug(&self, what: String) {
+        let mut broken = lock(&self.broken);
+        if broken.is_none() {
+            *broken = Some(what);
         }
     }
 
     /// The INFO status line (commits as a side effect unless `noflush`).
-    pub fn status(&mut self, noflush: bool) -> String {
-        if !noflush && self.opts.fixes.flush_before_commit && self.t.mode == CacheMode::Write {
+    pub fn status(&self, noflush: bool) -> String {
+        if !noflush && self.opts.fixes.flush_before_commit && self.mode() == CacheMode::Write {
             // An error shows up on the next data I/O.
             let _ = self.flush_data_devices();
         }
-        let s = self.t.status(noflush);
-        if !noflush && self.t.mode == CacheMode::Write {
-            self.clean_on_disk = false;
-            self.counters.commits += 1;
+        let s = self.t().status(noflush);
+        if !noflush && self.mode() == CacheMode::Write {
+            let mut st = self.st();
+            st.clean_on_disk = false;
+            st.counters.commits += 1;
         }
         s
     }
@@ -660,9 +755,9 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// `invalidate_cblocks` (passthrough only: every cache block in the
     /// ranges is removed from the policy and the metadata; the next commit
     /// makes it durable).
-    pub fn message(&mut self, words: &[&str]) -> Result<(), Errno> {
+    pub fn message(&self, words: &[&str]) -> Result<(), Errno> {
         if words.first().is_some_and(|w| w.eq_ignore_ascii_case("invalidate_cblocks")) {
-            let ranges = self.t.parse_invalidate(words)?;
+            let ranges = self.t().parse_invalidate(words)?;
             for (begin, end) in ranges {
                 for c in begin..end {
                     self.invalidate_cblock(c as u32)?;
@@ -670,7 +765,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             }
             return Ok(());
         }
-        self.t.message(words)
+        self.t().message(words)
     }
 
     /// Sets [`CacheOptions::resume_delay`] for the next reload.
@@ -680,29 +775,31 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// The simulated time.
     pub fn now(&self) -> Nanos {
-        self.now
+        self.st().now
     }
 
     /// Advances simulated time; the waker runs once per elapsed second.
-    pub fn set_time(&mut self, now: Nanos) {
-        if now < self.now {
-            return;
-        }
-        self.now = now;
-        if !self.background_allowed {
-            return;
-        }
-        if now >= self.next_waker {
-            // do_waker
-            self.t.policy.tick(true, now);
-            self.wake_migrations = true;
-            self.schedule_commit();
-            if self.opts.waker_wheel_phase.is_some() {
-                self.next_waker = self.waker_due(now);
+    pub fn set_time(&self, now: Nanos) {
+        {
+            let mut st = self.st();
+            if now < st.now {
+                return;
             }
-            while self.next_waker <= now {
-                self.next_waker += COMMIT_PERIOD;
+            st.now = now;
+            if !st.background_allowed || now < st.next_waker {
+                return;
             }
+        }
+        // do_waker
+        self.t().policy.tick(true, now);
+        self.lists().wake_migrations = true;
+        self.schedule_commit();
+        let mut st = self.st();
+        if self.opts.waker_wheel_phase.is_some() {
+            st.next_waker = self.waker_due(now);
+        }
+        while st.next_waker <= now {
+            st.next_waker += COMMIT_PERIOD;
         }
     }
 
@@ -720,12 +817,13 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// Requests submitted and not yet completed.
     pub fn bios_in_flight(&self) -> usize {
-        self.user.len()
+        self.objs().user.len()
     }
 
     /// Data I/O issued and not yet completed, in issue order.
     pub fn in_flight_io(&self) -> Vec<CacheIoInfo> {
-        self.io
+        self.objs()
+            .io
             .iter()
             .map(|(id, io)| match io {
                 DataIo::Piece { disk, sector, nr_sectors, op, fua, .. } => CacheIoInfo {
@@ -763,28 +861,32 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// Whether the worker has anything to do now.
     pub fn worker_wanted(&self) -> bool {
-        !self.ready.is_empty()
-            || !self.deferred.is_empty()
-            || self.commit_queued
-            || (self.wake_migrations && self.background_allowed)
+        let (queued, wake) = {
+            let l = self.lists();
+            (!l.ready.is_empty() || !l.deferred.is_empty() || l.commit_queued, l.wake_migrations)
+        };
+        queued || (wake && self.st().background_allowed)
     }
 
     /// No request, data I/O, migration or worker item is pending.
     pub fn is_idle(&self) -> bool {
-        self.user.is_empty()
-            && self.io.is_empty()
-            && self.migrations.is_empty()
-            && self.ready.is_empty()
-            && self.deferred.is_empty()
-            && self.commit_bios.is_empty()
-            && self.commit_work.is_empty()
-            && self.commit_ends.is_empty()
-            && self.wt_pairs.is_empty()
+        let objs_idle = {
+            let o = self.objs();
+            o.user.is_empty() && o.io.is_empty() && o.migrations.is_empty()
+        };
+        let l = self.lists();
+        objs_idle
+            && l.ready.is_empty()
+            && l.deferred.is_empty()
+            && l.commit_bios.is_empty()
+            && l.commit_work.is_empty()
+            && l.commit_ends.is_empty()
+            && l.wt_pairs.is_empty()
     }
 
     /// Requests completed since the last call, in completion order.
-    pub fn take_completions(&mut self) -> Vec<CacheCompletion> {
-        std::mem::take(&mut self.completions)
+    pub fn take_completions(&self) -> Vec<CacheCompletion> {
+        std::mem::take(&mut self.lists().completions)
     }
 
     // ------------------------------------------------------------------
@@ -794,11 +896,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// PREFLUSH with data becomes an empty flush first, the data after it
     /// completes; an empty flush becomes two flush bios, one per device);
     /// `cache_map` runs on each piece right here.
-    pub fn submit(&mut self, req: BioRequest) -> Result<BioId, TargetError> {
-        let dev_sectors = self.t.sizes().target_len;
+    pub fn submit(&self, req: BioRequest) -> Result<BioId, TargetError> {
+        let dev_sectors = self.t().sizes().target_len;
         req.validate(dev_sectors).map_err(|e| err(Errno::EINVAL, e))?;
-        let id = BioId(self.next_bio);
-        self.next_bio += 1;
+        let id = {
+            let mut o = self.objs();
+            o.next_bio += 1;
+            BioId(o.next_bio - 1)
+        };
         let bs = self.block_sectors();
         let is_read = req.op == BioOp::Read;
         let mut data_pieces = Vec::new();
@@ -837,7 +942,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         };
         let (first, after_flush) =
             if flushes.is_empty() { (data_pieces, Vec::new()) } else { (flushes, data_pieces) };
-        self.user.insert(
+        self.objs().user.insert(
             id,
             UserIo {
                 pending: first.len(),
@@ -855,7 +960,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     #[allow(clippy::too_many_arguments)]
     fn new_piece(
-        &mut self,
+        &self,
         parent: BioId,
         offset: usize,
         op: BioOp,
@@ -888,7 +993,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn block_sectors(&self) -> u64 {
-        self.t.table().block_sectors
+        self.geo.block_sectors
     }
 
     fn oblock_of(&self, p: &Piece) -> u64 {
@@ -896,13 +1001,17 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     /// `cache_map`.
-    fn cache_map(&mut self, p: Piece) {
-        let id = self.next_piece;
-        self.next_piece += 1;
-        let (_, origin_blocks) = self.t.geometry();
+    fn cache_map(&self, p: Piece) {
+        let origin_blocks = self.geo.origin_blocks;
         let block = self.oblock_of(&p);
         let is_flush_or_discard = matches!(p.op, BioOp::Flush | BioOp::Discard);
-        self.pieces.insert(id, p);
+        let id = {
+            let mut o = self.objs();
+            let id = o.next_piece;
+            o.next_piece += 1;
+            o.pieces.insert(id, p);
+            id
+        };
         if !is_flush_or_discard && block >= origin_blocks {
             self.accounted_begin(id);
             self.remap(id, CacheDisk::Origin, None);
@@ -910,7 +1019,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             return;
         }
         if is_flush_or_discard {
-            self.deferred.push_back(id);
+            self.lists().deferred.push_back(id);
             return;
         }
         let mut commit_needed = false;
@@ -923,46 +1032,49 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn is_write(&self, id: PieceId) -> bool {
-        self.pieces[&id].op == BioOp::Write
+        self.objs().pieces[&id].op == BioOp::Write
     }
 
     /// `bio_detain_shared`: true when the shared lock is granted.
-    fn detain_shared(&mut self, id: PieceId, block: u64) -> bool {
+    fn detain_shared(&self, id: PieceId, block: u64) -> bool {
         self.detain_shared_as(id, block, true)
     }
 
     /// [`Self::detain_shared`]; `from_map` is false for an overwrite bio
     /// falling back to a full copy (the deliberate bug below is the map
     /// path's only).
-    fn detain_shared_as(&mut self, id: PieceId, block: u64, from_map: bool) -> bool {
+    fn detain_shared_as(&self, id: PieceId, block: u64, from_map: bool) -> bool {
         let write = self.is_write(id);
         let level = lock_level(write);
         if from_map && write && self.opts.mutations.cache_write_ignores_migration_lock {
             // The deliberate bug: writes do not wait for a migration.
-            if let Some(c) = self.prison.lookup(&origin_key(block)) {
-                if self.prison.view(c).is_some_and(|v| v.exclusive.is_some()) {
-                    return true;
-                }
+            let prison = self.prison();
+            let cell = prison.lookup(&origin_key(block));
+            if cell.and_then(|c| prison.view(c)).is_some_and(|v| v.exclusive.is_some()) {
+                return true;
             }
         }
-        match self.prison.get(origin_key(block), level, id) {
+        let got = self.prison().get(origin_key(block), level, id);
+        match got {
             Get::Granted { cell, .. } => {
-                self.pieces.get_mut(&id).expect("piece").cell = Some(cell);
+                self.objs().pieces.get_mut(&id).expect("piece").cell = Some(cell);
                 true
             }
             Get::Queued { .. } => {
-                self.counters.bios_waited += 1;
+                self.st().counters.bios_waited += 1;
                 false
             }
         }
     }
 
-    fn drop_shared_lock(&mut self, id: PieceId) {
-        let Some(cell) = self.pieces.get_mut(&id).and_then(|p| p.cell.take()) else { return };
-        match self.prison.put(cell) {
+    fn drop_shared_lock(&self, id: PieceId) {
+        let cell = self.objs().pieces.get_mut(&id).and_then(|p| p.cell.take());
+        let Some(cell) = cell else { return };
+        let put = self.prison().put(cell);
+        match put {
             Ok(out) => {
                 if let Some(k) = out.run {
-                    self.ready.push_back(k);
+                    self.lists().ready.push_back(k);
                 }
                 if let Some((mg, _)) = out.orphaned {
                     self.bug(format!("migration {mg}'s continuation was orphaned in a freed cell"));
@@ -973,33 +1085,34 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     fn writes_complete_block(&self, id: PieceId) -> bool {
-        let p = &self.pieces[&id];
+        let o = self.objs();
+        let p = &o.pieces[&id];
         p.op == BioOp::Write && p.nr_sectors == self.block_sectors()
     }
 
     fn dblock_of(&self, oblock: u64) -> u64 {
-        oblock * self.block_sectors() / self.t.discard_block_size
+        oblock * self.block_sectors() / self.geo.discard_block_size
     }
 
     fn is_discarded_oblock(&self, oblock: u64) -> bool {
         let d = self.dblock_of(oblock) as usize;
-        self.t.discards.get(d).copied().unwrap_or(false)
+        self.t().discards.get(d).copied().unwrap_or(false)
     }
 
-    fn clear_discard(&mut self, oblock: u64) {
+    fn clear_discard(&self, oblock: u64) {
         let d = self.dblock_of(oblock) as usize;
-        if let Some(b) = self.t.discards.get_mut(d) {
+        if let Some(b) = self.t().discards.get_mut(d) {
             *b = false;
         }
     }
 
     fn optimisable(&self, id: PieceId, block: u64) -> bool {
-        self.t.table().io_mode == IoMode::Writeback
+        self.geo.io_mode == IoMode::Writeback
             && (self.is_discarded_oblock(block) || self.writes_complete_block(id))
     }
 
     /// `map_bio`; true when the bio was remapped and should be issued now.
-    fn map_bio(&mut self, id: PieceId, block: u64, commit_needed: &mut bool) -> bool {
+    fn map_bio(&self, id: PieceId, block: u64, commit_needed: &mut bool) -> bool {
         if !self.detain_shared(id, block) {
             *commit_needed = true;
             return false;
@@ -1007,7 +1120,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let write = self.is_write(id);
         let dir = if write { DataDir::Write } else { DataDir::Read };
         let cblock = if self.optimisable(id, block) {
-            let l = self.t.policy.lookup_with_work(block, dir, true);
+            let l = self.t().policy.lookup_with_work(block, dir, true);
             if l.cblock.is_none() {
                 if let Some(work) = l.work {
                     self.drop_shared_lock(id);
@@ -1020,16 +1133,16 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             }
             l.cblock
         } else {
-            let l = self.t.policy.lookup(block, dir, false);
+            let l = self.t().policy.lookup(block, dir, false);
             if l.background_queued {
-                self.wake_migrations = true;
+                self.lists().wake_migrations = true;
             }
             l.cblock
         };
         match cblock {
             None => {
                 self.inc_counter(write, false);
-                if self.pieces[&id].req_nr != 0 {
+                if self.objs().pieces[&id].req_nr != 0 {
                     self.end_piece(id);
                     return false;
                 }
@@ -1038,27 +1151,35 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             }
             Some(cblock) => {
                 self.inc_counter(write, true);
-                match self.t.table().io_mode {
+                match self.geo.io_mode {
                     IoMode::Passthrough => {
                         if write {
                             self.drop_shared_lock(id);
-                            self.counters.invalidations += 1;
+                            self.st().counters.invalidations += 1;
                             self.invalidate_start(cblock, block, id);
                             return false;
                         }
                         self.remap_to_origin_clear_discard(id, block);
                     }
                     mode => {
-                        if write && mode == IoMode::Writethrough && !self.t.is_dirty(cblock) {
+                        if write && mode == IoMode::Writethrough && !self.t().is_dirty(cblock) {
                             if self.opts.fixes.writethrough_pairs_one_at_a_time {
-                                if let Some((_, waiting)) = self.wt_pairs.get_mut(&cblock) {
-                                    // Parked with its shared lock until the
-                                    // pair in flight on this block is done.
-                                    waiting.push_back((id, block));
+                                let parked = {
+                                    let mut l = self.lists();
+                                    if let Some((_, waiting)) = l.wt_pairs.get_mut(&cblock) {
+                                        // Parked with its shared lock until the
+                                        // pair in flight on this block is done.
+                                        waiting.push_back((id, block));
+                                        true
+                                    } else {
+                                        l.wt_pairs.insert(cblock, (id, VecDeque::new()));
+                                        false
+                                    }
+                                };
+                                if parked {
                                     return false;
                                 }
-                                self.wt_pairs.insert(cblock, (id, VecDeque::new()));
-                                self.pieces.get_mut(&id).expect("piece").wt_cblock = Some(cblock);
+                                self.objs().pieces.get_mut(&id).expect("piece").wt_cblock = Some(cblock);
                             }
                             self.remap_to_origin_and_cache(id, block, cblock);
                             self.accounted_begin(id);
@@ -1074,11 +1195,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// The end of `map_bio`: a FUA bio is issued after the next commit.
     /// True when the bio should be issued now.
-    fn fua_waits_for_commit(&mut self, id: PieceId, commit_needed: &mut bool) -> bool {
-        if self.pieces[&id].fua {
+    fn fua_waits_for_commit(&self, id: PieceId, commit_needed: &mut bool) -> bool {
+        let fua = self.objs().pieces[&id].fua;
+        if fua {
             self.accounted_complete(id);
-            self.commit_bios.push(id);
-            self.issue_after_commit_queued();
+            self.issue_after_commit(id);
             *commit_needed = true;
             return false;
         }
@@ -1087,11 +1208,15 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// A writethrough pair finished: the next bio parked on its cache
     /// block goes (the writethrough fix).
-    fn writethrough_pair_done(&mut self, cblock: u32) {
-        let Some((_, mut waiting)) = self.wt_pairs.remove(&cblock) else { return };
-        let Some((next, block)) = waiting.pop_front() else { return };
-        self.wt_pairs.insert(cblock, (next, waiting));
-        self.pieces.get_mut(&next).expect("piece").wt_cblock = Some(cblock);
+    fn writethrough_pair_done(&self, cblock: u32) {
+        let (next, block) = {
+            let mut l = self.lists();
+            let Some((_, mut waiting)) = l.wt_pairs.remove(&cblock) else { return };
+            let Some((next, block)) = waiting.pop_front() else { return };
+            l.wt_pairs.insert(cblock, (next, waiting));
+            (next, block)
+        };
+        self.objs().pieces.get_mut(&next).expect("piece").wt_cblock = Some(cblock);
         self.remap_to_origin_and_cache(next, block, cblock);
         self.accounted_begin(next);
         let mut commit_needed = false;
@@ -1103,8 +1228,9 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn inc_counter(&mut self, write: bool, hit: bool) {
-        let s = &mut self.t.stats;
+    fn inc_counter(&self, write: bool, hit: bool) {
+        let mut t = self.t();
+        let s = &mut t.stats;
         match (write, hit) {
             (false, true) => s.read_hits += 1,
             (false, false) => s.read_misses += 1,
@@ -1113,19 +1239,21 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn check_tick_bio(&mut self, id: PieceId) {
-        if self.need_tick_bio {
-            let p = self.pieces.get_mut(&id).expect("piece");
-            if !p.fua && p.op != BioOp::Discard && p.op != BioOp::Flush {
-                p.tick = true;
-                self.need_tick_bio = false;
-            }
+    fn check_tick_bio(&self, id: PieceId) {
+        let eligible = {
+            let o = self.objs();
+            let p = &o.pieces[&id];
+            !p.fua && p.op != BioOp::Discard && p.op != BioOp::Flush
+        };
+        if eligible && std::mem::replace(&mut self.st().need_tick_bio, false) {
+            self.objs().pieces.get_mut(&id).expect("piece").tick = true;
         }
     }
 
-    fn remap(&mut self, id: PieceId, disk: CacheDisk, cblock: Option<u32>) {
+    fn remap(&self, id: PieceId, disk: CacheDisk, cblock: Option<u32>) {
         let bs = self.block_sectors();
-        let p = self.pieces.get_mut(&id).expect("piece");
+        let mut o = self.objs();
+        let p = o.pieces.get_mut(&id).expect("piece");
         let sector = match cblock {
             Some(c) => u64::from(c) * bs + p.sector % bs,
             None => p.sector,
@@ -1133,7 +1261,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         p.dest = Some((disk, sector));
     }
 
-    fn remap_to_origin_clear_discard(&mut self, id: PieceId, block: u64) {
+    fn remap_to_origin_clear_discard(&self, id: PieceId, block: u64) {
         self.check_tick_bio(id);
         self.remap(id, CacheDisk::Origin, None);
         if self.is_write(id) {
@@ -1141,7 +1269,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn remap_to_cache_dirty(&mut self, id: PieceId, block: u64, cblock: u32) {
+    fn remap_to_cache_dirty(&self, id: PieceId, block: u64, cblock: u32) {
         self.check_tick_bio(id);
         self.remap(id, CacheDisk::Cache, Some(cblock));
         if self.is_write(id) {
@@ -1152,22 +1280,22 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// Writethrough to a clean block: a clone goes to the origin now, the
     /// bio itself to the cache; it completes when both have.
-    fn remap_to_origin_and_cache(&mut self, id: PieceId, block: u64, cblock: u32) {
+    fn remap_to_origin_and_cache(&self, id: PieceId, block: u64, cblock: u32) {
         self.clear_discard(block);
-        let (sector, nr, fua) = {
-            let p = &self.pieces[&id];
-            (p.sector, p.nr_sectors, p.fua)
-        };
-        let io = self.new_io_id();
+        let mut o = self.objs();
+        let p = o.pieces.get_mut(&id).expect("piece");
+        let (sector, nr, fua) = (p.sector, p.nr_sectors, p.fua);
+        let io = CacheIoId(o.next_io);
+        o.next_io += 1;
         if self.opts.mutations.cache_writethrough_acks_before_origin {
-            let data = self.pieces[&id].data.clone();
-            self.io.insert(io, DataIo::Detached { disk: CacheDisk::Origin, sector, data, fua });
+            let data = o.pieces[&id].data.clone();
+            o.io.insert(io, DataIo::Detached { disk: CacheDisk::Origin, sector, data, fua });
         } else {
             // The bio (`bio_chain`) ends when its clone and itself have.
-            let p = self.pieces.get_mut(&id).expect("piece");
+            let p = o.pieces.get_mut(&id).expect("piece");
             p.pending += 2;
             p.self_counted = true;
-            self.io.insert(
+            o.io.insert(
                 io,
                 DataIo::Piece {
                     piece: id,
@@ -1179,69 +1307,107 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                 },
             );
         }
+        drop(o);
         self.remap(id, CacheDisk::Cache, Some(cblock));
     }
 
-    /// `set_dirty`.
-    fn set_dirty(&mut self, cblock: u32) {
+    /// `set_dirty`: `test_and_set_bit` on the dirty bitset with the count
+    /// (atomics in the kernel, one critical section here), then the policy
+    /// (smq's lock).
+    fn set_dirty(&self, cblock: u32) {
         let i = cblock as usize;
-        if i < self.t.dirty.len() && !self.t.dirty[i] {
-            self.t.dirty[i] = true;
-            self.t.nr_dirty += 1;
-            if !self.opts.mutations.cache_demote_frees_dirty {
-                self.t.policy.set_dirty(cblock);
+        let newly = if self.opts.mutations.locking.cache_dirty_test_then_set {
+            // The deliberate bug: the test and the set are two critical
+            // sections, so two writes to one clean block can both see it
+            // clean and both count it.
+            let clean = {
+                let t = self.t();
+                i < t.dirty.len() && !t.dirty[i]
+            };
+            if clean {
+                let mut t = self.t();
+                t.dirty[i] = true;
+                t.nr_dirty += 1;
             }
+            clean
+        } else {
+            let mut t = self.t();
+            let newly = i < t.dirty.len() && !t.dirty[i];
+            if newly {
+                t.dirty[i] = true;
+                t.nr_dirty += 1;
+            }
+            newly
+        };
+        if newly && !self.opts.mutations.cache_demote_frees_dirty {
+            self.t().policy.set_dirty(cblock);
         }
     }
 
-    fn force_set_dirty(&mut self, cblock: u32) {
+    fn force_set_dirty(&self, cblock: u32) {
         let i = cblock as usize;
-        if i < self.t.dirty.len() && !self.t.dirty[i] {
-            self.t.dirty[i] = true;
-            self.t.nr_dirty += 1;
+        let mut t = self.t();
+        if i < t.dirty.len() && !t.dirty[i] {
+            t.dirty[i] = true;
+            t.nr_dirty += 1;
         }
-        self.t.policy.set_dirty(cblock);
+        t.policy.set_dirty(cblock);
     }
 
-    fn force_clear_dirty(&mut self, cblock: u32) {
+    fn force_clear_dirty(&self, cblock: u32) {
         let i = cblock as usize;
-        if i < self.t.dirty.len() && self.t.dirty[i] {
-            self.t.dirty[i] = false;
-            self.t.nr_dirty -= 1;
+        let mut t = self.t();
+        if i < t.dirty.len() && t.dirty[i] {
+            t.dirty[i] = false;
+            t.nr_dirty -= 1;
         }
-        self.t.policy.clear_dirty(cblock);
+        t.policy.clear_dirty(cblock);
     }
 
-    fn accounted_begin(&mut self, id: PieceId) {
-        let p = self.pieces.get_mut(&id).expect("piece");
-        if p.op != BioOp::Discard && !p.accounted {
+    fn accounted_begin(&self, id: PieceId) {
+        let sectors = {
+            let mut o = self.objs();
+            let p = o.pieces.get_mut(&id).expect("piece");
+            if p.op == BioOp::Discard || p.accounted {
+                return;
+            }
             p.accounted = true;
-            self.in_flight_sectors += p.nr_sectors;
-        }
+            p.nr_sectors
+        };
+        self.st().in_flight_sectors += sectors;
     }
 
-    fn accounted_complete(&mut self, id: PieceId) {
-        let p = self.pieces.get_mut(&id).expect("piece");
-        if p.accounted {
-            p.accounted = false;
-            self.in_flight_sectors -= p.nr_sectors;
-            if self.in_flight_sectors == 0 {
-                self.idle_since = Some(self.now);
+    fn accounted_complete(&self, id: PieceId) {
+        let sectors = {
+            let mut o = self.objs();
+            let p = o.pieces.get_mut(&id).expect("piece");
+            if !p.accounted {
+                return;
             }
+            p.accounted = false;
+            p.nr_sectors
+        };
+        let mut st = self.st();
+        st.in_flight_sectors -= sectors;
+        if st.in_flight_sectors == 0 {
+            st.idle_since = Some(st.now);
         }
     }
 
-    fn new_io_id(&mut self) -> CacheIoId {
-        let id = CacheIoId(self.next_io);
-        self.next_io += 1;
-        id
+    fn new_io_id(&self) -> CacheIoId {
+        let mut o = self.objs();
+        o.next_io += 1;
+        CacheIoId(o.next_io - 1)
     }
 
     /// Sends a remapped bio to its device (an in-flight data I/O).
-    fn issue(&mut self, id: PieceId) {
-        let io = self.new_io_id();
-        let p = self.pieces.get_mut(&id).expect("piece");
+    fn issue(&self, id: PieceId) {
+        let mut o = self.objs();
+        let io = CacheIoId(o.next_io);
+        o.next_io += 1;
+        let p = o.pieces.get_mut(&id).expect("piece");
         let Some((disk, sector)) = p.dest else {
+            drop(o);
             self.bug(format!("bio {id} issued without a remap"));
             return;
         };
@@ -1251,11 +1417,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             p.pending += 1;
         }
         let (nr_sectors, op, fua) = (p.nr_sectors, p.op, p.fua);
-        self.io.insert(io, DataIo::Piece { piece: id, disk, sector, nr_sectors, op, fua });
+        o.io.insert(io, DataIo::Piece { piece: id, disk, sector, nr_sectors, op, fua });
     }
 
     /// `accounted_request`: the committer's issue op.
-    fn accounted_request(&mut self, id: PieceId) {
+    fn accounted_request(&self, id: PieceId) {
         self.accounted_begin(id);
         self.issue(id);
     }
@@ -1263,30 +1429,35 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     // ------------------------------------------------------------------
     // The committer (the batcher)
 
-    fn schedule_commit(&mut self) {
-        self.commit_scheduled = true;
-        if !self.commit_bios.is_empty() || !self.commit_work.is_empty() || !self.commit_ends.is_empty() {
-            self.commit_queued = true;
+    fn schedule_commit(&self) {
+        let mut l = self.lists();
+        l.commit_scheduled = true;
+        if !l.commit_bios.is_empty() || !l.commit_work.is_empty() || !l.commit_ends.is_empty() {
+            l.commit_queued = true;
         }
     }
 
-    fn issue_after_commit_queued(&mut self) {
-        if self.commit_scheduled {
-            self.commit_queued = true;
+    /// `issue_after_commit`: the bio waits for the next commit.
+    fn issue_after_commit(&self, id: PieceId) {
+        let mut l = self.lists();
+        l.commit_bios.push(id);
+        if l.commit_scheduled {
+            l.commit_queued = true;
         }
     }
 
-    fn continue_after_commit(&mut self, mg: MgId, step: Step) {
-        self.commit_work.push((mg, step));
-        if self.commit_scheduled {
-            self.commit_queued = true;
+    fn continue_after_commit(&self, mg: MgId, step: Step) {
+        let mut l = self.lists();
+        l.commit_work.push((mg, step));
+        if l.commit_scheduled {
+            l.commit_queued = true;
         }
     }
 
     /// The candidate fix's flush of both data devices before a commit.
-    fn flush_data_devices(&mut self) -> Result<(), Errno> {
-        let c = self.cdev.flush();
-        let o = self.odev.flush();
+    fn flush_data_devices(&self) -> Result<(), Errno> {
+        let c = lock(&self.cdev).flush();
+        let o = lock(&self.odev).flush();
         if c.is_err() || o.is_err() {
             return Err(Errno::EIO);
         }
@@ -1294,21 +1465,22 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     /// `commit`: refused in read-only and fail modes.
-    fn commit(&mut self) -> Result<(), Errno> {
-        if self.t.mode >= CacheMode::ReadOnly {
+    fn commit(&self) -> Result<(), Errno> {
+        if self.mode() >= CacheMode::ReadOnly {
             return Err(Errno::EINVAL);
         }
-        self.counters.commits += 1;
+        self.st().counters.commits += 1;
         if self.opts.fixes.flush_before_commit {
             self.flush_data_devices()?;
         }
-        match self.t.md.commit(false) {
+        let r = self.t().md.commit(false);
+        match r {
             Ok(()) => {
-                self.clean_on_disk = false;
+                self.st().clean_on_disk = false;
                 Ok(())
             }
             Err(_) => {
-                self.t.metadata_failed();
+                self.t().metadata_failed();
                 Err(Errno::EIO)
             }
         }
@@ -1317,47 +1489,58 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// A bio that was never issued fails (its commit failed). A
     /// writethrough bio's origin clone may still be in flight: as with
     /// `bio_chain`, the bio ends only when the clone has.
-    fn fail_unissued(&mut self, id: PieceId, e: Errno) {
-        let Some(p) = self.pieces.get_mut(&id) else {
-            self.bug(format!("a failed commit's bio {id} is gone"));
-            return;
+    fn fail_unissued(&self, id: PieceId, e: Errno) {
+        let done = {
+            let mut o = self.objs();
+            let Some(p) = o.pieces.get_mut(&id) else {
+                drop(o);
+                self.bug(format!("a failed commit's bio {id} is gone"));
+                return;
+            };
+            p.status = Err(e);
+            if p.self_counted {
+                p.self_counted = false;
+                p.pending = p.pending.saturating_sub(1);
+            }
+            p.pending == 0
         };
-        p.status = Err(e);
-        if p.self_counted {
-            p.self_counted = false;
-            p.pending = p.pending.saturating_sub(1);
-        }
-        if p.pending == 0 {
+        if done {
             self.piece_done(id);
         }
     }
 
     /// `__commit`.
-    fn do_commit(&mut self) {
-        self.commit_queued = false;
-        self.commit_scheduled = false;
-        let work = std::mem::take(&mut self.commit_work);
-        let bios = std::mem::take(&mut self.commit_bios);
-        let ends = std::mem::take(&mut self.commit_ends);
-        let r = if self.t.md.changed_this_transaction() { self.commit() } else { Ok(()) };
+    fn do_commit(&self) {
+        let (work, bios, ends) = {
+            let mut l = self.lists();
+            l.commit_queued = false;
+            l.commit_scheduled = false;
+            (
+                std::mem::take(&mut l.commit_work),
+                std::mem::take(&mut l.commit_bios),
+                std::mem::take(&mut l.commit_ends),
+            )
+        };
+        let changed = self.t().md.changed_this_transaction();
+        let r = if changed { self.commit() } else { Ok(()) };
         // What the bios waiting for the commit learn (the read-only fix:
         // that no commit can make them durable).
-        let r_bios = if self.opts.fixes.read_only_flushes_fail && self.t.mode >= CacheMode::ReadOnly {
+        let r_bios = if self.opts.fixes.read_only_flushes_fail && self.mode() >= CacheMode::ReadOnly {
             Err(Errno::EIO)
         } else {
             r
         };
         for id in ends {
             if let Err(e) = r_bios {
-                self.pieces.get_mut(&id).expect("piece").status = Err(e);
+                self.objs().pieces.get_mut(&id).expect("piece").status = Err(e);
             }
             self.end_piece(id);
         }
         for (mg, step) in work {
-            if let Some(m) = self.migrations.get_mut(&mg) {
+            if let Some(m) = self.objs().migrations.get_mut(&mg) {
                 m.input = r;
             }
-            self.ready.push_back((mg, step));
+            self.lists().ready.push_back((mg, step));
         }
         for id in bios {
             match r_bios {
@@ -1372,23 +1555,23 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// One pass of the workqueue: queued continuations, the deferred bios,
     /// the migration worker, then the committer.
-    pub fn run_worker(&mut self) {
-        let ready: Vec<_> = self.ready.drain(..).collect();
+    pub fn run_worker(&self) {
+        let ready = std::mem::take(&mut self.lists().ready);
         for (mg, step) in ready {
             self.run_step(mg, step);
         }
-        let deferred: Vec<_> = self.deferred.drain(..).collect();
+        let deferred = std::mem::take(&mut self.lists().deferred);
         let mut commit_needed = false;
         for id in deferred {
             let (op, req_nr, block) = {
-                let p = &self.pieces[&id];
+                let o = self.objs();
+                let p = &o.pieces[&id];
                 (p.op, p.req_nr, self.oblock_of(p))
             };
             if op == BioOp::Flush {
                 let disk = if req_nr == 0 { CacheDisk::Origin } else { CacheDisk::Cache };
-                self.pieces.get_mut(&id).expect("piece").dest = Some((disk, 0));
-                self.commit_bios.push(id);
-                self.issue_after_commit_queued();
+                self.objs().pieces.get_mut(&id).expect("piece").dest = Some((disk, 0));
+                self.issue_after_commit(id);
                 commit_needed = true;
             } else if op == BioOp::Discard {
                 self.process_discard(id);
@@ -1399,32 +1582,36 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         if commit_needed {
             self.schedule_commit();
         }
-        if self.wake_migrations {
-            self.wake_migrations = false;
+        if std::mem::replace(&mut self.lists().wake_migrations, false) {
             self.check_migrations();
         }
         // The batcher commits only when something waits for the commit
         // (`schedule_commit` with empty lists just remembers the request).
-        if self.commit_queued {
+        let commit_queued = self.lists().commit_queued;
+        if commit_queued {
             self.do_commit();
         }
     }
 
-    fn process_discard(&mut self, id: PieceId) {
+    fn process_discard(&self, id: PieceId) {
         let (sb, se) = {
-            let p = &self.pieces[&id];
+            let o = self.objs();
+            let p = &o.pieces[&id];
             (p.sector, p.sector + p.nr_sectors)
         };
-        let dbs = self.t.discard_block_size;
+        let dbs = self.geo.discard_block_size;
         let b = sb.div_ceil(dbs);
         let e = if se - sb < dbs { b } else { se / dbs };
-        for d in b..e {
-            if let Some(bit) = self.t.discards.get_mut(d as usize) {
-                *bit = true;
+        {
+            let mut t = self.t();
+            for d in b..e {
+                if let Some(bit) = t.discards.get_mut(d as usize) {
+                    *bit = true;
+                }
             }
         }
-        if self.t.table().discard_passdown {
-            self.pieces.get_mut(&id).expect("piece").dest = Some((CacheDisk::Origin, sb));
+        if self.geo.discard_passdown {
+            self.objs().pieces.get_mut(&id).expect("piece").dest = Some((CacheDisk::Origin, sb));
             self.issue(id);
         } else {
             self.end_piece(id);
@@ -1434,17 +1621,21 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     fn spare_bandwidth_idle(&self) -> bool {
         // `dm_iot_idle_for(HZ)`: jiffies after idle_time + HZ.
         let jiffies = |t: Nanos| (u128::from(t) * u128::from(DEFAULT_HZ) / 1_000_000_000) as u64;
-        let idle = self.in_flight_sectors == 0
-            && self.idle_since.is_none_or(|t| jiffies(self.now) > jiffies(t) + u64::from(DEFAULT_HZ));
-        let volume = (u64::from(self.io_migrations) + 1) * self.block_sectors();
-        idle && volume <= self.t.table().migration_threshold
+        let (idle, io_migrations) = {
+            let st = self.st();
+            let idle = st.in_flight_sectors == 0
+                && st.idle_since.is_none_or(|t| jiffies(st.now) > jiffies(t) + u64::from(DEFAULT_HZ));
+            (idle, st.io_migrations)
+        };
+        let volume = (u64::from(io_migrations) + 1) * self.block_sectors();
+        idle && volume <= self.t().table().migration_threshold
     }
 
     /// `check_migrations`.
-    fn check_migrations(&mut self) {
+    fn check_migrations(&self) {
         loop {
             let idle = self.spare_bandwidth_idle();
-            let Some(work) = self.t.policy.get_background_work(idle) else { break };
+            let Some(work) = self.t().policy.get_background_work(idle) else { break };
             if !self.mg_start(work, None) {
                 break;
             }
@@ -1454,49 +1645,57 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     // ------------------------------------------------------------------
     // Migrations
 
-    fn mg_start(&mut self, work: PolicyWork, overwrite: Option<PieceId>) -> bool {
-        if !self.background_allowed {
-            self.t.policy.complete_background_work(work, false);
+    fn mg_start(&self, work: PolicyWork, overwrite: Option<PieceId>) -> bool {
+        if !self.st().background_allowed {
+            self.t().policy.complete_background_work(work, false);
             if let Some(id) = overwrite {
-                self.pieces.get_mut(&id).expect("piece").status = Err(Errno::EIO);
+                self.objs().pieces.get_mut(&id).expect("piece").status = Err(Errno::EIO);
                 self.end_piece(id);
             }
             return false;
         }
-        self.background_nr += 1;
-        let mg = self.next_mg;
-        self.next_mg += 1;
         let k = match work.op {
             PolicyOp::Promote => 0,
             PolicyOp::Demote => 1,
             PolicyOp::Writeback => 2,
         };
-        self.counters.started[k] += 1;
-        if overwrite.is_some() {
-            self.counters.overwrites += 1;
-        } else {
-            self.io_migrations += 1;
+        {
+            let mut st = self.st();
+            st.background_nr += 1;
+            st.counters.started[k] += 1;
+            if overwrite.is_some() {
+                st.counters.overwrites += 1;
+            } else {
+                st.io_migrations += 1;
+            }
         }
-        self.migrations.insert(
-            mg,
-            Migration { work: Some(work), overwrite, cell: None, input: Ok(()), invalidate: None },
-        );
-        if let Some(id) = overwrite {
-            self.pieces.get_mut(&id).expect("piece").hooked = Some(mg);
-        }
+        let mg = {
+            let mut o = self.objs();
+            let mg = o.next_mg;
+            o.next_mg += 1;
+            o.migrations.insert(
+                mg,
+                Migration { work: Some(work), overwrite, cell: None, input: Ok(()), invalidate: None },
+            );
+            if let Some(id) = overwrite {
+                o.pieces.get_mut(&id).expect("piece").hooked = Some(mg);
+            }
+            mg
+        };
         // mg_lock_writes
         let level = if overwrite.is_some() { READ_WRITE_LOCK_LEVEL } else { WRITE_LOCK_LEVEL };
-        match self.prison.lock(origin_key(work.oblock), level) {
+        let locked = self.prison().lock(origin_key(work.oblock), level);
+        match locked {
             Err(_) => {
                 self.mg_complete(mg, false);
             }
             Ok(l) => {
-                self.migrations.get_mut(&mg).expect("mg").cell = Some(l.cell);
+                self.objs().migrations.get_mut(&mg).expect("mg").cell = Some(l.cell);
                 if self.opts.mutations.cache_promote_maps_before_copy
                     && work.op == PolicyOp::Promote
-                    && self.t.md.insert_mapping(work.cblock, work.oblock).is_err()
+                    && self.t().md.insert_mapping(work.cblock, work.oblock).is_err()
                 {
-                    self.t.metadata_failed();
+                    self.t().metadata_failed();
                 }
                 if l.must_quiesce {
                     self.quiesce(mg, Step::Copy);
@@ -1508,13 +1707,14 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         true
     }
 
-    fn quiesce(&mut self, mg: MgId, step: Step) {
-        let Some(cell) = self.migrations[&mg].cell else {
+    fn quiesce(&self, mg: MgId, step: Step) {
+        let Some(cell) = self.objs().migrations[&mg].cell else {
             self.bug(format!("migration {mg} quiesces without a cell"));
             return;
         };
-        match self.prison.quiesce(cell, (mg, step)) {
-            Ok(Quiesce::RunNow(k)) => self.ready.push_back(k),
+        let q = self.prison().quiesce(cell, (mg, step));
+        match q {
+            Ok(Quiesce::RunNow(k)) => self.lists().ready.push_back(k),
             Ok(Quiesce::Deferred { replaced }) => {
                 if let Some((other, _)) = replaced {
                     self.bug(format!("migration {mg}'s quiesce replaced migration {other}'s"));
@@ -1524,8 +1724,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn run_step(&mut self, mg: MgId, step: Step) {
-        if !self.migrations.contains_key(&mg) {
+    fn run_step(&self, mg: MgId, step: Step) {
+        if !self.objs().migrations.contains_key(&mg) {
             self.bug(format!("continuation {step:?} of finished migration {mg}"));
             return;
         }
@@ -1534,28 +1734,30 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             Step::UpgradeLock => self.mg_upgrade_lock(mg),
             Step::UpdateMetadata => self.mg_update_metadata(mg),
             Step::UpdateMetadataAfterCopy => {
-                if self.migrations[&mg].input.is_err() {
+                let failed = self.objs().migrations[&mg].input.is_err();
+                if failed {
                     self.mg_complete(mg, false);
                 } else {
                     self.mg_update_metadata(mg);
                 }
             }
             Step::Success => {
-                let ok = self.migrations[&mg].input.is_ok();
+                let ok = self.objs().migrations[&mg].input.is_ok();
                 self.mg_complete(mg, ok);
             }
             Step::InvalidateRemove => self.invalidate_remove(mg),
             Step::InvalidateCommitted => self.invalidate_committed(mg),
             Step::InvalidateCompleted => {
-                let ok = self.migrations[&mg].input.is_ok();
+                let ok = self.objs().migrations[&mg].input.is_ok();
                 self.invalidate_complete(mg, ok);
             }
         }
     }
 
-    fn mg_copy(&mut self, mg: MgId) {
+    fn mg_copy(&self, mg: MgId) {
         let (work, overwrite) = {
-            let m = &self.migrations[&mg];
+            let o = self.objs();
+            let m = &o.migrations[&mg];
             (m.work.expect("work"), m.overwrite)
         };
         if let Some(id) = overwrite {
@@ -1564,10 +1766,12 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                 if self.detain_shared_as(id, work.oblock, false) {
                     self.bug(format!("overwrite fallback of migration {mg} got a shared lock"));
                 }
-                self.pieces.get_mut(&id).expect("piece").hooked = None;
-                let m = self.migrations.get_mut(&mg).expect("mg");
-                m.overwrite = None;
-                self.io_migrations += 1;
+                {
+                    let mut o = self.objs();
+                    o.pieces.get_mut(&id).expect("piece").hooked = None;
+                    o.migrations.get_mut(&mg).expect("mg").overwrite = None;
+                }
+                self.st().io_migrations += 1;
                 self.mg_full_copy(mg);
                 return;
             }
@@ -1579,11 +1783,11 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         self.mg_full_copy(mg);
     }
 
-    fn mg_full_copy(&mut self, mg: MgId) {
-        let work = self.migrations[&mg].work.expect("work");
+    fn mg_full_copy(&self, mg: MgId) {
+        let work = self.objs().migrations[&mg].work.expect("work");
         let promote = work.op == PolicyOp::Promote;
         let frees_dirty = self.opts.mutations.cache_demote_frees_dirty && work.op == PolicyOp::Demote;
-        let skip_clean = !promote && (!self.t.is_dirty(work.cblock) || frees_dirty);
+        let skip_clean = !promote && (!self.t().is_dirty(work.cblock) || frees_dirty);
         if skip_clean || self.is_discarded_oblock(work.oblock) {
             self.mg_upgrade_lock(mg);
             return;
@@ -1593,7 +1797,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let c = (CacheDisk::Cache, u64::from(work.cblock) * bs);
         let (from, to) = if promote { (o, c) } else { (c, o) };
         let io = self.new_io_id();
-        self.io.insert(io, DataIo::Copy { mg, from, to, nr_sectors: bs });
+        self.objs().io.insert(io, DataIo::Copy { mg, from, to, nr_sectors: bs });
         if self.opts.mutations.cache_writeback_clean_before_copy && work.op == PolicyOp::Writeback {
             // The deliberate bug: the writeback completes at issue; its copy
             // runs on with no migration behind it.
@@ -1601,35 +1805,36 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn mg_upgrade_lock(&mut self, mg: MgId) {
-        if self.migrations[&mg].input.is_err() {
+    fn mg_upgrade_lock(&self, mg: MgId) {
+        if self.objs().migrations[&mg].input.is_err() {
             self.mg_complete(mg, false);
             return;
         }
-        let cell = self.migrations[&mg].cell.expect("cell");
-        match self.prison.lock_promote(cell, READ_WRITE_LOCK_LEVEL) {
+        let cell = self.objs().migrations[&mg].cell.expect("cell");
+        let promoted = self.prison().lock_promote(cell, READ_WRITE_LOCK_LEVEL);
+        match promoted {
             Err(_) => self.mg_complete(mg, false),
             Ok(true) => self.quiesce(mg, Step::UpdateMetadata),
             Ok(false) => self.mg_update_metadata(mg),
         }
     }
 
-    fn mg_update_metadata(&mut self, mg: MgId) {
-        let work = self.migrations[&mg].work.expect("work");
+    fn mg_update_metadata(&self, mg: MgId) {
+        let work = self.objs().migrations[&mg].work.expect("work");
         match work.op {
             PolicyOp::Promote => {
                 if !self.opts.mutations.cache_promote_maps_before_copy
-                    && self.t.md.insert_mapping(work.cblock, work.oblock).is_err()
+                    && self.t().md.insert_mapping(work.cblock, work.oblock).is_err()
                 {
-                    self.t.metadata_failed();
+                    self.t().metadata_failed();
                     self.mg_complete(mg, false);
                     return;
                 }
                 self.mg_complete(mg, true);
             }
             PolicyOp::Demote => {
-                if self.t.md.remove_mapping(work.cblock).is_err() {
-                    self.t.metadata_failed();
+                if self.t().md.remove_mapping(work.cblock).is_err() {
+                    self.t().metadata_failed();
                     self.mg_complete(mg, false);
                     return;
                 }
@@ -1640,8 +1845,8 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn mg_complete(&mut self, mg: MgId, success: bool) {
-        let Some(m) = self.migrations.remove(&mg) else { return };
+    fn mg_complete(&self, mg: MgId, success: bool) {
+        let Some(m) = self.objs().migrations.remove(&mg) else { return };
         let work = m.work.expect("work");
         let k = match work.op {
             PolicyOp::Promote => 0,
@@ -1649,28 +1854,33 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             PolicyOp::Writeback => 2,
         };
         if success {
-            self.counters.succeeded[k] += 1;
+            self.st().counters.succeeded[k] += 1;
+            let mut t = self.t();
             match work.op {
-                PolicyOp::Promote => self.t.promotions += 1,
-                PolicyOp::Demote => self.t.demotions += 1,
+                PolicyOp::Promote => t.promotions += 1,
+                PolicyOp::Demote => t.demotions += 1,
                 PolicyOp::Writeback => {}
             }
         }
         match work.op {
             PolicyOp::Promote => {
                 self.clear_discard(work.oblock);
-                self.t.policy.complete_background_work(work, success);
+                self.t().policy.complete_background_work(work, success);
                 if let Some(id) = m.overwrite {
                     if success {
                         self.force_set_dirty(work.cblock);
-                    } else {
-                        let p = self.pieces.get_mut(&id).expect("piece");
-                        p.status = Err(m.input.err().unwrap_or(Errno::EIO));
                     }
-                    let p = self.pieces.get_mut(&id).expect("piece");
-                    p.hooked = None;
-                    if success && p.fua && self.opts.fixes.fua_overwrite_waits_for_commit {
-                        self.commit_ends.push(id);
+                    let fua = {
+                        let mut o = self.objs();
+                        let p = o.pieces.get_mut(&id).expect("piece");
+                        if !success {
+                            p.status = Err(m.input.err().unwrap_or(Errno::EIO));
+                        }
+                        p.hooked = None;
+                        p.fua
+                    };
+                    if success && fua && self.opts.fixes.fua_overwrite_waits_for_commit {
+                        self.lists().commit_ends.push(id);
                         self.schedule_commit();
                     } else {
                         self.end_piece(id);
@@ -1679,26 +1889,27 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                     if success {
                         self.force_clear_dirty(work.cblock);
                     }
-                    self.io_migrations -= 1;
+                    self.st().io_migrations -= 1;
                 }
             }
             PolicyOp::Demote | PolicyOp::Writeback => {
                 if success {
                     self.force_clear_dirty(work.cblock);
                 }
-                self.t.policy.complete_background_work(work, success);
-                self.io_migrations -= 1;
+                self.t().policy.complete_background_work(work, success);
+                self.st().io_migrations -= 1;
             }
         }
         self.release_cell(m.cell);
-        self.wake_migrations = true;
-        self.background_nr -= 1;
+        self.lists().wake_migrations = true;
+        self.st().background_nr -= 1;
     }
 
-    fn release_cell(&mut self, cell: Option<CellId>) {
+    fn release_cell(&self, cell: Option<CellId>) {
         if let Some(cell) = cell {
-            match self.prison.unlock(cell) {
-                Ok(u) => self.deferred.extend(u.bios),
+            let unlocked = self.prison().unlock(cell);
+            match unlocked {
+                Ok(u) => self.lists().deferred.extend(u.bios),
                 Err(e) => self.bug(format!("unlock: {e}")),
             }
         }
@@ -1707,11 +1918,12 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     // ------------------------------------------------------------------
     // Invalidation (passthrough)
 
-    fn invalidate_cblock(&mut self, cblock: u32) -> Result<(), Errno> {
-        match self.t.policy.invalidate_mapping(cblock) {
+    fn invalidate_cblock(&self, cblock: u32) -> Result<(), Errno> {
+        let invalidated = self.t().policy.invalidate_mapping(cblock);
+        match invalidated {
             Ok(()) => {
-                if self.t.md.remove_mapping(cblock).is_err() {
-                    self.t.metadata_failed();
+                if self.t().md.remove_mapping(cblock).is_err() {
+                    self.t().metadata_failed();
                     return Err(Errno::EIO);
                 }
                 Ok(())
@@ -1721,78 +1933,89 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn invalidate_start(&mut self, cblock: u32, oblock: u64, bio: PieceId) {
-        if !self.background_allowed {
-            self.pieces.get_mut(&bio).expect("piece").status = Err(Errno::EIO);
+    fn invalidate_start(&self, cblock: u32, oblock: u64, bio: PieceId) {
+        if !self.st().background_allowed {
+            self.objs().pieces.get_mut(&bio).expect("piece").status = Err(Errno::EIO);
             self.end_piece(bio);
             return;
         }
-        self.background_nr += 1;
-        let mg = self.next_mg;
-        self.next_mg += 1;
-        self.migrations.insert(
-            mg,
-            Migration {
-                work: None,
-                overwrite: Some(bio),
-                cell: None,
-                input: Ok(()),
-                invalidate: Some((cblock, oblock)),
-            },
-        );
-        match self.prison.lock(origin_key(oblock), READ_WRITE_LOCK_LEVEL) {
+        self.st().background_nr += 1;
+        let mg = {
+            let mut o = self.objs();
+            let mg = o.next_mg;
+            o.next_mg += 1;
+            o.migrations.insert(
+                mg,
+                Migration {
+                    work: None,
+                    overwrite: Some(bio),
+                    cell: None,
+                    input: Ok(()),
+                    invalidate: Some((cblock, oblock)),
+                },
+            );
+            mg
+        };
+        let locked = self.prison().lock(origin_key(oblock), READ_WRITE_LOCK_LEVEL);
+        match locked {
             Err(_) => {
                 // Retry the bio later.
-                self.migrations.get_mut(&mg).expect("mg").overwrite = None;
-                self.deferred.push_back(bio);
+                self.objs().migrations.get_mut(&mg).expect("mg").overwrite = None;
+                self.lists().deferred.push_back(bio);
                 self.invalidate_complete(mg, false);
             }
             Ok(l) => {
-                self.migrations.get_mut(&mg).expect("mg").cell = Some(l.cell);
+                self.objs().migrations.get_mut(&mg).expect("mg").cell = Some(l.cell);
                 if l.must_quiesce {
                     self.quiesce(mg, Step::InvalidateRemove);
                 } else {
-                    self.ready.push_back((mg, Step::InvalidateRemove));
+                    self.lists().ready.push_back((mg, Step::InvalidateRemove));
                 }
             }
         }
     }
 
-    fn invalidate_remove(&mut self, mg: MgId) {
-        let (cblock, _) = self.migrations[&mg].invalidate.expect("invalidation");
+    fn invalidate_remove(&self, mg: MgId) {
+        let (cblock, _) = self.objs().migrations[&mg].invalidate.expect("invalidation");
         if self.invalidate_cblock(cblock).is_err() {
             self.invalidate_complete(mg, false);
             return;
         }
-        self.t.demotions += 1;
+        self.t().demotions += 1;
         self.continue_after_commit(mg, Step::InvalidateCommitted);
         self.schedule_commit();
     }
 
-    fn invalidate_committed(&mut self, mg: MgId) {
-        if self.migrations[&mg].input.is_err() {
+    fn invalidate_committed(&self, mg: MgId) {
+        let (failed, (_, oblock), bio) = {
+            let o = self.objs();
+            let m = &o.migrations[&mg];
+            (m.input.is_err(), m.invalidate.expect("invalidation"), m.overwrite.expect("bio"))
+        };
+        if failed {
             self.invalidate_complete(mg, false);
             return;
         }
-        let (_, oblock) = self.migrations[&mg].invalidate.expect("invalidation");
-        let bio = self.migrations[&mg].overwrite.expect("bio");
         self.remap_to_origin_clear_discard(bio, oblock);
-        self.pieces.get_mut(&bio).expect("piece").hooked = Some(mg);
+        self.objs().pieces.get_mut(&bio).expect("piece").hooked = Some(mg);
         self.issue(bio);
     }
 
-    fn invalidate_complete(&mut self, mg: MgId, success: bool) {
-        let Some(m) = self.migrations.remove(&mg) else { return };
+    fn invalidate_complete(&self, mg: MgId, success: bool) {
+        let Some(m) = self.objs().migrations.remove(&mg) else { return };
         self.release_cell(m.cell);
         if let Some(bio) = m.overwrite {
-            let p = self.pieces.get_mut(&bio).expect("piece");
-            p.hooked = None;
-            if !success && p.status.is_ok() {
-                p.status = Err(Errno::EIO);
+            {
+                let mut o = self.objs();
+                let p = o.pieces.get_mut(&bio).expect("piece");
+                p.hooked = None;
+                if !success && p.status.is_ok() {
+                    p.status = Err(Errno::EIO);
+                }
             }
             self.end_piece(bio);
         }
-        self.background_nr -= 1;
+        self.st().background_nr -= 1;
     }
 
     // ------------------------------------------------------------------
@@ -1800,68 +2023,74 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
 
     /// Completes data I/O `id`: performs it on its device and runs its
     /// end-io path.
-    pub fn complete_io(&mut self, id: CacheIoId) -> Result<(), TargetError> {
+    pub fn complete_io(&self, id: CacheIoId) -> Result<(), TargetError> {
         self.finish_io(id, None)
     }
 
     /// Completes data I/O `id` with an error instead of performing it.
-    pub fn fail_io(&mut self, id: CacheIoId, errno: Errno) -> Result<(), TargetError> {
+    pub fn fail_io(&self, id: CacheIoId, errno: Errno) -> Result<(), TargetError> {
         self.finish_io(id, Some(errno))
     }
 
-    fn device(&mut self, disk: CacheDisk) -> &mut dyn BlockDevice {
+    /// Runs `f` on `disk` under its lock.
+    fn with_device<R>(&self, disk: CacheDisk, f: impl FnOnce(&mut dyn BlockDevice) -> R) -> R {
         match disk {
-            CacheDisk::Cache => &mut self.cdev,
-            CacheDisk::Origin => &mut self.odev,
+            CacheDisk::Cache => f(&mut *lock(&self.cdev)),
+            CacheDisk::Origin => f(&mut *lock(&self.odev)),
         }
     }
 
-    fn finish_io(&mut self, id: CacheIoId, fault: Option<Errno>) -> Result<(), TargetError> {
-        let Some(io) = self.io.remove(&id) else {
+    fn finish_io(&self, id: CacheIoId, fault: Option<Errno>) -> Result<(), TargetError> {
+        let io = self.objs().io.remove(&id);
+        let Some(io) = io else {
             return Err(err(Errno::EINVAL, format!("no data I/O {} in flight", id.0)));
         };
         match io {
             DataIo::Piece { piece, disk, sector, nr_sectors, op, fua } => {
-                if !self.pieces.contains_key(&piece) {
-                    self.bug(format!("data I/O {} of bio {piece}, which has ended", id.0));
-                    return Ok(());
-                }
-                let r = match fault {
-                    Some(e) => Err(e),
-                    None => {
-                        let p = self.pieces.get(&piece).expect("piece");
-                        let data = if op == BioOp::Write { p.data.clone() } else { Vec::new() };
-                        let dev = self.device(disk);
-                        let r = match op {
-                            BioOp::Read => {
-                                let mut buf = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
-                                let r = dev.read(sector, &mut buf);
-                                if r.is_ok() {
-                                    self.pieces.get_mut(&piece).expect("piece").data = buf;
+                let done = {
+                    // The bio's memory, then its device (the lock order).
+                    let mut o = self.objs();
+                    let Some(p) = o.pieces.get_mut(&piece) else {
+                        drop(o);
+                        self.bug(format!("data I/O {} of bio {piece}, which has ended", id.0));
+                        return Ok(());
+                    };
+                    let r = match fault {
+                        Some(e) => Err(e),
+                        None => {
+                            let r = match op {
+                                BioOp::Read => {
+                                    let mut buf = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
+                                    let r = self.with_device(disk, |d| d.read(sector, &mut buf));
+                                    if r.is_ok() {
+                                        p.data = buf;
+                                    }
+                                    r
                                 }
-                                r
-                            }
-                            BioOp::Write => dev.write(sector, &data, WriteFlags { fua }),
-                            BioOp::Flush => dev.flush(),
-                            BioOp::Discard => Ok(()),
-                        };
-                        r.map_err(|_| Errno::EIO)
+                                BioOp::Write => {
+                                    self.with_device(disk, |d| d.write(sector, &p.data, WriteFlags { fua }))
+                                }
+                                BioOp::Flush => self.with_device(disk, |d| d.flush()),
+                                BioOp::Discard => Ok(()),
+                            };
+                            r.map_err(|_| Errno::EIO)
+                        }
+                    };
+                    if let Err(e) = r {
+                        p.status = Err(e);
                     }
+                    if p.pending > 0 {
+                        p.pending -= 1;
+                    }
+                    p.pending == 0
                 };
-                let p = self.pieces.get_mut(&piece).expect("piece");
-                if let Err(e) = r {
-                    p.status = Err(e);
-                }
-                if p.pending > 0 {
-                    p.pending -= 1;
-                }
-                if p.pending == 0 {
+                if done {
                     self.piece_done(piece);
                 }
             }
             DataIo::Detached { disk, sector, data, fua } => {
                 if fault.is_none() {
-                    let _ = self.device(disk).write(sector, &data, WriteFlags { fua });
+                    let _ = self.with_device(disk, |d| d.write(sector, &data, WriteFlags { fua }));
                 }
             }
             DataIo::Copy { mg, from, to, nr_sectors } => {
@@ -1869,16 +2098,27 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
                     Some(e) => Err(e),
                     None => {
                         let mut buf = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
-                        let r = self.device(from.0).read(from.1, &mut buf);
-                        r.and_then(|()| self.device(to.0).write(to.1, &buf, WriteFlags::default()))
-                            .map_err(|_| Errno::EIO)
+                        let r = self.with_device(from.0, |d| d.read(from.1, &mut buf));
+                        r.and_then(|()| {
+                            self.with_device(to.0, |d| d.write(to.1, &buf, WriteFlags::default()))
+                        })
+                        .map_err(|_| Errno::EIO)
                     }
                 };
-                if let Some(m) = self.migrations.get_mut(&mg) {
-                    if let Err(e) = r {
-                        m.input = Err(e);
+                let live = {
+                    let mut o = self.objs();
+                    match o.migrations.get_mut(&mg) {
+                        Some(m) => {
+                            if let Err(e) = r {
+                                m.input = Err(e);
+                            }
+                            true
+                        }
+                        None => false,
                     }
-                    self.ready.push_back((mg, Step::UpgradeLock));
+                };
+                if live {
+                    self.lists().ready.push_back((mg, Step::UpgradeLock));
                 }
             }
         }
@@ -1886,41 +2126,52 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     }
 
     /// Every data I/O of a bio is done: its hook, or `cache_end_io`.
-    fn piece_done(&mut self, id: PieceId) {
-        if let Some(mg) = self.pieces[&id].hooked {
-            let status = self.pieces[&id].status;
-            self.accounted_complete(id);
-            let Some(m) = self.migrations.get_mut(&mg) else {
-                self.bug(format!("overwrite bio of finished migration {mg}"));
-                return;
-            };
-            if let Err(e) = status {
-                m.input = Err(e);
-            }
-            let step = if m.invalidate.is_some() {
-                Step::InvalidateCompleted
-            } else {
-                Step::UpdateMetadataAfterCopy
-            };
-            self.ready.push_back((mg, step));
+    fn piece_done(&self, id: PieceId) {
+        let (hooked, status) = {
+            let o = self.objs();
+            let p = &o.pieces[&id];
+            (p.hooked, p.status)
+        };
+        let Some(mg) = hooked else {
+            self.end_piece(id);
             return;
+        };
+        self.accounted_complete(id);
+        let step = {
+            let mut o = self.objs();
+            match o.migrations.get_mut(&mg) {
+                None => None,
+                Some(m) => {
+                    if let Err(e) = status {
+                        m.input = Err(e);
+                    }
+                    Some(if m.invalidate.is_some() {
+                        Step::InvalidateCompleted
+                    } else {
+                        Step::UpdateMetadataAfterCopy
+                    })
+                }
+            }
+        };
+        match step {
+            None => self.bug(format!("overwrite bio of finished migration {mg}")),
+            Some(step) => self.lists().ready.push_back((mg, step)),
         }
-        self.end_piece(id);
     }
 
     /// `cache_end_io` (policy tick, shared lock, I/O tracker), then DM
     /// core's accounting of the piece to its request.
-    fn end_piece(&mut self, id: PieceId) {
-        if !self.pieces.contains_key(&id) {
-            return;
-        }
-        if self.pieces[&id].tick {
-            self.t.policy.tick(false, self.now);
-            self.need_tick_bio = true;
+    fn end_piece(&self, id: PieceId) {
+        let tick = self.objs().pieces.get(&id).map(|p| p.tick);
+        let Some(tick) = tick else { return };
+        if tick {
+            let now = self.st().now;
+            self.t().policy.tick(false, now);
+            self.st().need_tick_bio = true;
         }
         self.drop_shared_lock(id);
         self.accounted_complete(id);
-        let p = self.pieces.remove(&id).expect("piece");
+        let p = self.objs().pieces.remove(&id).expect("piece");
         let wt = p.wt_cblock;
         self.account(p);
         if let Some(cblock) = wt {
@@ -1928,34 +2179,46 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn account(&mut self, p: Piece) {
-        let Some(u) = self.user.get_mut(&p.parent) else { return };
-        if let Err(e) = p.status {
-            if u.result.is_ok() {
-                u.result = Err(e);
+    /// DM core's accounting of an ended piece to its request: the request
+    /// completes with its last piece, or its data pieces go after its
+    /// flush.
+    fn account(&self, p: Piece) {
+        let next = {
+            let mut o = self.objs();
+            let Some(u) = o.user.get_mut(&p.parent) else { return };
+            if let Err(e) = p.status {
+                if u.result.is_ok() {
+                    u.result = Err(e);
+                }
             }
-        }
-        if u.is_read && p.op == BioOp::Read && p.status.is_ok() {
-            let end = p.offset + p.data.len();
-            if end <= u.data.len() {
-                u.data[p.offset..end].copy_from_slice(&p.data);
+            if u.is_read && p.op == BioOp::Read && p.status.is_ok() {
+                let end = p.offset + p.data.len();
+                if end <= u.data.len() {
+                    u.data[p.offset..end].copy_from_slice(&p.data);
+                }
             }
-        }
-        u.pending -= 1;
-        if u.pending > 0 {
-            return;
-        }
-        if !u.after_flush.is_empty() && u.result.is_ok() {
-            let next = std::mem::take(&mut u.after_flush);
-            u.pending = next.len();
-            for piece in next {
-                self.cache_map(piece);
+            u.pending -= 1;
+            if u.pending > 0 {
+                return;
             }
-            return;
+            if !u.after_flush.is_empty() && u.result.is_ok() {
+                let next = std::mem::take(&mut u.after_flush);
+                u.pending = next.len();
+                Ok(next)
+            } else {
+                let u = o.user.remove(&p.parent).expect("request");
+                let data = if u.result.is_ok() && u.is_read { u.data } else { Vec::new() };
+                Err(CacheCompletion { id: p.parent, result: u.result, data })
+            }
+        };
+        match next {
+            Ok(pieces) => {
+                for piece in pieces {
+                    self.cache_map(piece);
+                }
+            }
+            Err(done) => self.lists().completions.push(done),
         }
-        let u = self.user.remove(&p.parent).expect("request");
-        let data = if u.result.is_ok() && u.is_read { u.data } else { Vec::new() };
-        self.completions.push(CacheCompletion { id: p.parent, result: u.result, data });
     }
 
     /// Checks the in-core state for consistency: no broken precondition
@@ -1963,17 +2226,20 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
     /// bound, a reference count below zero), every dirty count matches its
     /// bits, the prison's own checks.
     pub fn check(&self) -> Result<(), String> {
-        if let Some(b) = &self.broken {
-            return Err(b.clone());
+        if let Some(b) = self.broken() {
+            return Err(b);
         }
-        if let Some(b) = self.t.md.broken() {
-            return Err(format!("{b} (cache metadata)"));
+        {
+            let t = self.t();
+            if let Some(b) = t.md.broken() {
+                return Err(format!("{b} (cache metadata)"));
+            }
+            let n = t.dirty.iter().filter(|d| **d).count() as u64;
+            if n != t.nr_dirty {
+                return Err(format!("nr_dirty is {} but {n} dirty bits are set", t.nr_dirty));
+            }
         }
-        let n = self.t.dirty.iter().filter(|d| **d).count() as u64;
-        if n != self.t.nr_dirty {
-            return Err(format!("nr_dirty is {} but {n} dirty bits are set", self.t.nr_dirty));
-        }
-        self.prison.check()
+        self.prison().check()
     }
 }
 
@@ -1994,26 +2260,26 @@ mod waker_tests {
 
     #[test]
     fn without_a_phase_the_waker_runs_every_second() {
-        let mut c = cache(None);
-        assert_eq!(c.next_waker, COMMIT_PERIOD);
+        let c = cache(None);
+        assert_eq!(c.st().next_waker, COMMIT_PERIOD);
         c.set_time(COMMIT_PERIOD + 3 * JIFFY);
-        assert_eq!(c.next_waker, 2 * COMMIT_PERIOD, "periodic, not counted from the late run");
+        assert_eq!(c.st().next_waker, 2 * COMMIT_PERIOD, "periodic, not counted from the late run");
     }
 
     #[test]
     fn with_a_phase_the_waker_runs_where_the_timer_wheel_puts_it() {
         // Absolute jiffy 3 at time 0: due at 253, the next multiple of 8
         // after it is 256, relative jiffy 253.
-        let mut c = cache(Some(3));
-        assert_eq!(c.next_waker, 253 * JIFFY);
+        let c = cache(Some(3));
+        assert_eq!(c.st().next_waker, 253 * JIFFY);
         // Due exactly on a bucket boundary: the next bucket (8 later).
-        let mut d = cache(Some(6));
-        assert_eq!(d.next_waker, 258 * JIFFY, "256 + 8 - 6");
+        let d = cache(Some(6));
+        assert_eq!(d.st().next_waker, 258 * JIFFY, "256 + 8 - 6");
         // Counted from when it ran: at relative jiffy 255 (absolute 258),
         // due 508, bucket 512, relative 509.
         c.set_time(255 * JIFFY + JIFFY / 2);
-        assert_eq!(c.next_waker, 509 * JIFFY);
+        assert_eq!(c.st().next_waker, 509 * JIFFY);
         d.set_time(258 * JIFFY);
-        assert_eq!(d.next_waker, 514 * JIFFY, "absolute 264 + 250 = 514, bucket 520");
+        assert_eq!(d.st().next_waker, 514 * JIFFY, "absolute 264 + 250 = 514, bucket 520");
     }
 }
