@@ -733,6 +733,19 @@ pub enum DivergenceClass {
         /// The first op whose mode differs.
         op: usize,
     },
+    /// An op's outcome is `EIO` on one side and `ENOSPC` on the other, for
+    /// a request DM core cut into pieces (it spans two pool blocks or
+    /// more) in a pool out of data space, with a fault firing during the
+    /// op: one piece can fail for want of space and another on the
+    /// fault. DM core keeps the error of the piece that completes last
+    /// (`dm_io_set_error` and `__dm_io_complete` overwrite the status for
+    /// every failing piece), and which completes last — the piece the
+    /// worker fails, or the one the controlled disk fails — the trace does
+    /// not fix: the serialized model runs the worker first.
+    PieceErrorOrder {
+        /// The first op whose outcome differs so.
+        op: usize,
+    },
 }
 
 impl DivergenceClass {
@@ -741,6 +754,7 @@ impl DivergenceClass {
         match self {
             DivergenceClass::MetadataGrowth { .. } => "metadata-growth",
             DivergenceClass::CommitTiming { .. } => "commit-timing",
+            DivergenceClass::PieceErrorOrder { .. } => "piece-error-order",
         }
     }
 }
@@ -753,6 +767,12 @@ impl std::fmt::Display for DivergenceClass {
                 "commit-timing: the pool's mode after op {op} is out-of-data-space on one side and write on \
                  the other, and the two agree again after the next op: the commit that ends the mode (the \
                  1 s commit timer) came on either side of the status read"
+            ),
+            DivergenceClass::PieceErrorOrder { op } => write!(
+                f,
+                "piece-error-order: op {op}'s request spans pool blocks and ends EIO on one side, ENOSPC on \
+                 the other, in a pool out of data space with a fault firing: DM core keeps the error of the \
+                 piece that completes last, an order the trace does not fix"
             ),
             DivergenceClass::MetadataGrowth { op } => write!(
                 f,
@@ -778,13 +798,32 @@ pub fn classify(
         .map(|o| DivergenceClass::MetadataGrowth { op: o.index })
 }
 
-/// The class of op differences that only the commit timer's phase
-/// explains ([`DivergenceClass::CommitTiming`]): every difference is in
-/// the pool's mode, between `write` and `out-of-data-space`, and at the
-/// next op whose status the kernel recorded the two modes agree again.
-/// `None` when there is no difference or another one.
+/// The class of op differences that only the kernel's timing explains:
+/// every difference is either in the pool's mode, between `write` and
+/// `out-of-data-space`, with the two modes agreeing again at the next op
+/// whose status the kernel recorded ([`DivergenceClass::CommitTiming`]),
+/// or an outcome `EIO` against `ENOSPC` of a request spanning pool blocks
+/// in a pool out of data space with a fault firing during the op
+/// ([`DivergenceClass::PieceErrorOrder`]; `block_sectors` is the pool's
+/// block size). The class of the first difference is returned; `None`
+/// when there is no difference or one neither class explains.
 pub fn classify_op_differences(
     differences: &[crate::fault_compare::OpDifference],
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+    block_sectors: u64,
+) -> Option<DivergenceClass> {
+    let mut classes = differences.iter().map(|d| {
+        commit_timing(d, sim_ops, kernel).or_else(|| piece_error_order(d, sim_ops, kernel, block_sectors))
+    });
+    // The first difference's class, if every difference has one.
+    let class = classes.next()??;
+    classes.all(|c| c.is_some()).then_some(class)
+}
+
+/// `d` as [`DivergenceClass::CommitTiming`], if it is one.
+fn commit_timing(
+    d: &crate::fault_compare::OpDifference,
     sim_ops: &[crate::fault_compare::SimOp],
     kernel: &crate::protocol::KernelResult,
 ) -> Option<DivergenceClass> {
@@ -793,20 +832,47 @@ pub fn classify_op_differences(
         let pair = [a, b];
         pair.contains(&"write") && pair.contains(&"out-of-data-space")
     };
-    let first = differences.first()?;
-    for d in differences {
-        let kernel_now = d.kernel.split_whitespace().next().unwrap_or("");
-        if d.what != "mode" || !timing_pair(&d.sim, kernel_now) {
-            return None;
-        }
-        // The next op the kernel has a status for: the modes agree there.
-        let (next, line) = kernel.op_status.iter().find(|(i, _)| *i > d.index)?;
-        let sim_next = sim_ops.iter().find(|o| o.index == *next)?;
-        if !modes_agree(&sim_next.mode, kernel_mode(line)?) {
-            return None;
-        }
+    let kernel_now = d.kernel.split_whitespace().next().unwrap_or("");
+    if d.what != "mode" || !timing_pair(&d.sim, kernel_now) {
+        return None;
     }
-    Some(DivergenceClass::CommitTiming { op: first.index })
+    // The next op the kernel has a status for: the modes agree there.
+    let (next, line) = kernel.op_status.iter().find(|(i, _)| *i > d.index)?;
+    let sim_next = sim_ops.iter().find(|o| o.index == *next)?;
+    modes_agree(&sim_next.mode, kernel_mode(line)?).then_some(DivergenceClass::CommitTiming { op: d.index })
+}
+
+/// `d` as [`DivergenceClass::PieceErrorOrder`], if it is one.
+fn piece_error_order(
+    d: &crate::fault_compare::OpDifference,
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+    block_sectors: u64,
+) -> Option<DivergenceClass> {
+    use crate::fault_compare::kernel_mode;
+    let outcomes = [d.sim.as_str(), d.kernel.split_whitespace().next().unwrap_or("")];
+    if d.what != "outcome" || !(outcomes.contains(&"EIO") && outcomes.contains(&"ENOSPC")) {
+        return None;
+    }
+    // `read|write dev=D sector=S nr=N …`: more than one pool block.
+    let mut words = d.op.split_whitespace();
+    if !matches!(words.next(), Some("read" | "write")) || block_sectors == 0 {
+        return None;
+    }
+    let field = |name: &str| -> Option<u64> {
+        d.op.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    let (sector, nr) = (field("sector")?, field("nr")?);
+    if nr == 0 || sector / block_sectors == (sector + nr - 1) / block_sectors {
+        return None;
+    }
+    let sim = sim_ops.iter().find(|o| o.index == d.index)?;
+    let kernel_status =
+        kernel.op_status.iter().find(|(i, _)| *i == d.index).and_then(|(_, l)| kernel_mode(l));
+    let out_of_space = sim.mode == "out-of-data-space" || kernel_status == Some("out-of-data-space");
+    let fired = !sim.fired.is_empty()
+        || crate::fault_compare::kernel_fired(kernel).iter().any(|(i, _)| *i == d.index);
+    (out_of_space && fired).then_some(DivergenceClass::PieceErrorOrder { op: d.index })
 }
 
 /// Compares the simulator's crash states with the kernel's crash records,
@@ -885,7 +951,7 @@ mod tests {
             };
             let d = compare_ops(&ops, &k);
             assert!(!d.is_empty(), "{sim:?} {kernel:?}");
-            classify_op_differences(&d, &ops, &k)
+            classify_op_differences(&d, &ops, &k, 256)
         };
         let ods = "out-of-data-space";
         assert_eq!(
@@ -909,7 +975,54 @@ mod tests {
             ops: vec![OpResult { index: 0, outcome: "EIO".into(), read: None }],
             ..KernelResult::default()
         };
-        assert_eq!(classify_op_differences(&compare_ops(&ops, &k), &ops, &k), None);
+        assert_eq!(classify_op_differences(&compare_ops(&ops, &k), &ops, &k, 256), None);
+    }
+
+    /// EIO against ENOSPC is the pieces' completion order only for a
+    /// request over two pool blocks or more, in a pool out of data space,
+    /// with a fault firing during the op; and a trace may mix it with
+    /// commit timing.
+    #[test]
+    fn eio_against_enospc_over_two_blocks_is_piece_error_order_and_nothing_else_is() {
+        use crate::fault_compare::compare_ops;
+        use crate::protocol::{KernelResult, OpResult};
+        let ods = "0 64/512 17/17 - out_of_data_space discard_passdown error_if_no_space - 1024";
+        let rw = "0 64/512 17/17 - rw discard_passdown error_if_no_space - 1024";
+        let classify = |op: &str, sim_outcome: &str, kernel_outcome: &str, status: &str, fired: bool| {
+            let ops = vec![crate::fault_compare::SimOp {
+                outcome: sim_outcome.into(),
+                mode: if status == ods { "out-of-data-space".into() } else { "write".into() },
+                ..sim_op(0, op)
+            }];
+            let mut k = KernelResult {
+                ops: vec![OpResult { index: 0, outcome: kernel_outcome.into(), read: None }],
+                op_status: vec![(0, status.into())],
+                ..KernelResult::default()
+            };
+            if fired {
+                k.notes.push(("fired.0".into(), "data write sector 384 nr 128: bad-sector-hit".into()));
+            }
+            let d = compare_ops(&ops, &k);
+            assert_eq!(d.len(), 1, "{op} {sim_outcome} {kernel_outcome}");
+            classify_op_differences(&d, &ops, &k, 256)
+        };
+        let over_two = "write dev=0 sector=384 nr=256";
+        assert_eq!(
+            classify(over_two, "EIO", "ENOSPC", ods, true),
+            Some(DivergenceClass::PieceErrorOrder { op: 0 })
+        );
+        assert_eq!(
+            classify(over_two, "ENOSPC", "EIO", ods, true).map(|c| c.name()),
+            Some("piece-error-order")
+        );
+        // One block: one piece, one error.
+        assert_eq!(classify("write dev=0 sector=256 nr=256", "EIO", "ENOSPC", ods, true), None);
+        // No fault fired: nothing could fail a piece with EIO.
+        assert_eq!(classify(over_two, "EIO", "ENOSPC", ods, false), None);
+        // Space left on both sides: nothing could fail one with ENOSPC.
+        assert_eq!(classify(over_two, "EIO", "ENOSPC", rw, true), None);
+        // Another pair of outcomes.
+        assert_eq!(classify(over_two, "ok", "EIO", ods, true), None);
     }
 
     fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {

@@ -185,7 +185,8 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     // Every op's outcome and reads on controlled disks (the pool's mode
     // too where the agent recorded it: traces with faults).
     let op_differences = if ublk { compare_ops(&sim.ops, &run.result) } else { Vec::new() };
-    let op_class = classify_op_differences(&op_differences, &sim.ops, &run.result);
+    let block_sectors = trace.header.param("block_sectors").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let op_class = classify_op_differences(&op_differences, &sim.ops, &run.result, block_sectors);
     let simulator_fired =
         sim.ops.iter().flat_map(|o| o.fired.iter().map(move |f| format!("op {}: {f}", o.index))).collect();
     let kernel_fired = kernel_fired(&run.result).into_iter().map(|(i, f)| format!("op {i}: {f}")).collect();

@@ -507,3 +507,38 @@ fn read_only_metadata_refuses_changes() {
     md.create_thin(0).unwrap();
     md.commit().unwrap();
 }
+
+/// A request cut into pieces that fail with different errors ends with the
+/// error of the piece that completed last, as DM core does
+/// (`dm_io_set_error` overwrites the status for every failing piece):
+/// here a write over a mapped block whose data write fails (EIO) and an
+/// unprovisioned block the full pool cannot provision (ENOSPC). The
+/// real kernel shows the same (`kernel-shim/tests/kernel_last_error.rs`).
+#[test]
+fn a_request_whose_pieces_fail_differently_ends_with_the_last_error() {
+    for worker_first in [true, false] {
+        let p = pool_with(
+            1,
+            PoolFeatures { error_if_no_space: true, ..PoolFeatures::default() },
+            PoolOptions::default(),
+        );
+        p.message("create_thin 0").unwrap();
+        p.activate_thin(0, 4 * BLOCK).unwrap();
+        write(&p, 0, 0, BLOCK, 1);
+        // Sectors BLOCK-8..BLOCK+8: the mapped block 0's piece goes to the
+        // data device at once, block 1's waits for the worker.
+        let id = p.submit(0, BioRequest::write(BLOCK - 8, vec![2; 16 * 512])).unwrap();
+        let io = p.in_flight_io();
+        assert_eq!(io.len(), 1, "block 0's piece in flight");
+        if worker_first {
+            p.run_worker();
+            p.fail_io(io[0].id, Errno::EIO).unwrap();
+        } else {
+            p.fail_io(io[0].id, Errno::EIO).unwrap();
+        }
+        let done = settle(&p);
+        let c = done.iter().find(|c| c.id == id).expect("completed");
+        let last = if worker_first { Errno::EIO } else { Errno::ENOSPC };
+        assert_eq!(c.result, Err(last), "worker first: {worker_first}");
+    }
+}

@@ -2186,10 +2186,10 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let next = {
             let mut o = self.objs();
             let Some(u) = o.user.get_mut(&p.parent) else { return };
+            // DM core keeps the last error a piece completes with
+            // (`dm_io_set_error`), as for the thin target.
             if let Err(e) = p.status {
-                if u.result.is_ok() {
-                    u.result = Err(e);
-                }
+                u.result = Err(e);
             }
             if u.is_read && p.op == BioOp::Read && p.status.is_ok() {
                 let end = p.offset + p.data.len();

@@ -338,7 +338,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             self.bug(format!("a piece of unknown request {:?} completed", bio.parent));
             return;
         };
-        if let (Err(e), Ok(())) = (result, user.result) {
+        // DM core keeps the last error a piece completes with
+        // (`dm_io_set_error` overwrites the dm_io's status, and
+        // `__dm_io_complete` the original bio's, for every piece that
+        // fails): a request whose pieces fail differently (one ENOSPC, one
+        // EIO) ends with the error of the piece that completed last.
+        if let Err(e) = result {
             user.result = Err(e);
         }
         if user.is_read && bio.op == BioOp::Read && result.is_ok() {
