@@ -134,7 +134,8 @@ impl ThinReplayReport {
 
     /// The verdict: equal, a divergence a named class explains, or one
     /// none does. An op difference with L1 equal everywhere counts as a
-    /// divergence too, explained only by [`DivergenceClass::CommitTiming`].
+    /// divergence too, explained only by [`DivergenceClass::CommitTiming`]
+    /// and [`DivergenceClass::PieceErrorOrder`].
     pub fn verdict(&self) -> Verdict {
         let l1 = self.l1_equal_everywhere();
         if l1 && self.op_differences.is_empty() {
