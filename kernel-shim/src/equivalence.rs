@@ -746,6 +746,20 @@ pub enum DivergenceClass {
         /// The first op whose outcome differs so.
         op: usize,
     },
+    /// The pool's mode after one op differs, and a fault of one kind on
+    /// one disk fired during that op on one side and after it on the
+    /// other (by the next op the kernel has a status for), the two modes
+    /// agreeing again there: the fault was armed to fire on a disk's Nth
+    /// request of its kind from the arming (`aim-fault commit request=N`
+    /// counts metadata writes), and the request it met came an op later
+    /// on one side — the kernel's commit ran after the op's status read
+    /// (its commit timer), or its transactions wrote a different number
+    /// of metadata blocks before it (their metadata sits in other blocks,
+    /// L3).
+    FaultTiming {
+        /// The op whose mode differs.
+        op: usize,
+    },
 }
 
 impl DivergenceClass {
@@ -755,6 +769,7 @@ impl DivergenceClass {
             DivergenceClass::MetadataGrowth { .. } => "metadata-growth",
             DivergenceClass::CommitTiming { .. } => "commit-timing",
             DivergenceClass::PieceErrorOrder { .. } => "piece-error-order",
+            DivergenceClass::FaultTiming { .. } => "fault-timing",
         }
     }
 }
@@ -773,6 +788,12 @@ impl std::fmt::Display for DivergenceClass {
                 "piece-error-order: op {op}'s request spans pool blocks and ends EIO on one side, ENOSPC on \
                  the other, in a pool out of data space with a fault firing: DM core keeps the error of the \
                  piece that completes last, an order the trace does not fix"
+            ),
+            DivergenceClass::FaultTiming { op } => write!(
+                f,
+                "fault-timing: the pool's mode after op {op} differs; an armed fault fired during op {op} on \
+                 one side and after it on the other (it counts the disk's requests: a commit after the status \
+                 read, or metadata in other blocks), and the modes agree again after it"
             ),
             DivergenceClass::MetadataGrowth { op } => write!(
                 f,
@@ -814,7 +835,9 @@ pub fn classify_op_differences(
     block_sectors: u64,
 ) -> Option<DivergenceClass> {
     let mut classes = differences.iter().map(|d| {
-        commit_timing(d, sim_ops, kernel).or_else(|| piece_error_order(d, sim_ops, kernel, block_sectors))
+        commit_timing(d, sim_ops, kernel)
+            .or_else(|| piece_error_order(d, sim_ops, kernel, block_sectors))
+            .or_else(|| fault_timing(d, sim_ops, kernel))
     });
     // The first difference's class, if every difference has one.
     let class = classes.next()??;
@@ -840,6 +863,57 @@ fn commit_timing(
     let (next, line) = kernel.op_status.iter().find(|(i, _)| *i > d.index)?;
     let sim_next = sim_ops.iter().find(|o| o.index == *next)?;
     modes_agree(&sim_next.mode, kernel_mode(line)?).then_some(DivergenceClass::CommitTiming { op: d.index })
+}
+
+/// A fired fault's disk and kind, from either side's description
+/// (`metadata write-error sector 104 …`, `metadata write sector 112 nr 8:
+/// write-error …`).
+fn fault_kind(what: &str) -> Option<(&str, &str)> {
+    const KINDS: [&str; 6] =
+        ["write-error", "read-error", "bit-flip", "misdirect", "bad-sector-hit", "passdown"];
+    let disk = what.split_whitespace().next()?;
+    let kind = KINDS.iter().find(|k| what.contains(*k))?;
+    Some((disk, kind))
+}
+
+/// `d` as [`DivergenceClass::FaultTiming`], if it is one.
+fn fault_timing(
+    d: &crate::fault_compare::OpDifference,
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+) -> Option<DivergenceClass> {
+    use crate::fault_compare::{kernel_fired, kernel_mode, modes_agree};
+    if d.what != "mode" {
+        return None;
+    }
+    let i = d.index;
+    // The next op the kernel has a status for (a crash op or a scheduling
+    // op in between has none): the modes agree there again, and the fault
+    // fired on the other side in between.
+    let (next, line) = kernel.op_status.iter().find(|(j, _)| *j > i)?;
+    let in_range = |op: usize| op > i && op <= *next;
+    let sim_fired = |at: &dyn Fn(usize) -> bool| -> Vec<(&str, &str)> {
+        sim_ops
+            .iter()
+            .filter(|o| at(o.index))
+            .flat_map(|o| o.fired.iter().filter_map(|f| fault_kind(f)))
+            .collect()
+    };
+    let fired = kernel_fired(kernel);
+    let kernel_fired_in = |at: &dyn Fn(usize) -> bool| -> Vec<(&str, &str)> {
+        fired.iter().filter(|(j, _)| at(*j)).filter_map(|(_, f)| fault_kind(f)).collect()
+    };
+    let at_i = |op: usize| op == i;
+    let (sim_now, kernel_now) = (sim_fired(&at_i), kernel_fired_in(&at_i));
+    let (sim_later, kernel_later) = (sim_fired(&in_range), kernel_fired_in(&in_range));
+    let moved = |here: &[(&str, &str)], there_now: &[(&str, &str)], there_later: &[(&str, &str)]| {
+        here.iter().any(|k| !there_now.contains(k) && there_later.contains(k))
+    };
+    if !(moved(&sim_now, &kernel_now, &kernel_later) || moved(&kernel_now, &sim_now, &sim_later)) {
+        return None;
+    }
+    let sim_after = sim_ops.iter().find(|o| o.index == *next)?;
+    modes_agree(&sim_after.mode, kernel_mode(line)?).then_some(DivergenceClass::FaultTiming { op: i })
 }
 
 /// `d` as [`DivergenceClass::PieceErrorOrder`], if it is one.
@@ -1023,6 +1097,50 @@ mod tests {
         assert_eq!(classify(over_two, "EIO", "ENOSPC", rw, true), None);
         // Another pair of outcomes.
         assert_eq!(classify(over_two, "ok", "EIO", ods, true), None);
+    }
+
+    /// A mode one op apart, with a fault that fired an op later on one
+    /// side than on the other, is fault timing; without the moved fault,
+    /// or with the modes still apart after it, it is not.
+    #[test]
+    fn a_mode_one_op_apart_with_a_fault_an_op_later_is_fault_timing() {
+        use crate::fault_compare::compare_ops;
+        use crate::protocol::{KernelResult, OpResult};
+        let status =
+            |mode: &str| format!("0 62/512 13/13 - {mode} no_discard_passdown queue_if_no_space - 128");
+        let case = |kernel_fires_at: Option<usize>, kernel_modes: [&str; 2]| {
+            let ops = vec![
+                crate::fault_compare::SimOp {
+                    mode: "read-only".into(),
+                    fired: vec!["metadata write-error sector 104 nr 8 transient".into()],
+                    ..sim_op(0, "write dev=1 sector=512 nr=256")
+                },
+                crate::fault_compare::SimOp {
+                    mode: "read-only".into(),
+                    ..sim_op(1, "read dev=0 sector=0 nr=8")
+                },
+            ];
+            let mut k = KernelResult {
+                ops: (0..2).map(|i| OpResult { index: i, outcome: "ok".into(), read: None }).collect(),
+                op_status: (0..2).map(|i| (i, status(kernel_modes[i]))).collect(),
+                ..KernelResult::default()
+            };
+            if let Some(at) = kernel_fires_at {
+                k.notes.push((
+                    format!("fired.{at}"),
+                    "metadata write sector 112 nr 8: write-error sector 112 nr 8 transient".into(),
+                ));
+            }
+            let d = compare_ops(&ops, &k);
+            classify_op_differences(&d, &ops, &k, 256)
+        };
+        assert_eq!(case(Some(1), ["rw", "ro"]), Some(DivergenceClass::FaultTiming { op: 0 }));
+        // The fault never fired on the kernel: not timing.
+        assert_eq!(case(None, ["rw", "ro"]), None);
+        // Fired at the same op on both sides: the mode difference is another.
+        assert_eq!(case(Some(0), ["rw", "ro"]), None);
+        // Still apart after it.
+        assert_eq!(case(Some(1), ["rw", "rw"]), None);
     }
 
     fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {

@@ -240,8 +240,9 @@ fn running_out_of_data_space_queues_then_resumes_after_growth() {
     assert_metadata_clean(&p);
 }
 
-#[test]
-fn error_if_no_space_fails_writes_with_enospc() {
+/// A one-block pool with `error_if_no_space`, its block mapped by thin
+/// device 0's block 0 (written with 1s).
+fn full_pool_erroring_if_no_space() -> Pool<MemDevice, MemDevice> {
     let p = pool_with(
         1,
         PoolFeatures { error_if_no_space: true, ..PoolFeatures::default() },
@@ -250,6 +251,12 @@ fn error_if_no_space_fails_writes_with_enospc() {
     p.message("create_thin 0").unwrap();
     p.activate_thin(0, 4 * BLOCK).unwrap();
     write(&p, 0, 0, BLOCK, 1);
+    p
+}
+
+#[test]
+fn error_if_no_space_fails_writes_with_enospc() {
+    let p = full_pool_erroring_if_no_space();
     let c = io(&p, 0, BioRequest::write(BLOCK, vec![2; 512]));
     assert_eq!(c.result, Err(Errno::ENOSPC));
     // Writes to the mapped block still work; reads too.
@@ -517,14 +524,7 @@ fn read_only_metadata_refuses_changes() {
 #[test]
 fn a_request_whose_pieces_fail_differently_ends_with_the_last_error() {
     for worker_first in [true, false] {
-        let p = pool_with(
-            1,
-            PoolFeatures { error_if_no_space: true, ..PoolFeatures::default() },
-            PoolOptions::default(),
-        );
-        p.message("create_thin 0").unwrap();
-        p.activate_thin(0, 4 * BLOCK).unwrap();
-        write(&p, 0, 0, BLOCK, 1);
+        let p = full_pool_erroring_if_no_space();
         // Sectors BLOCK-8..BLOCK+8: the mapped block 0's piece goes to the
         // data device at once, block 1's waits for the worker.
         let id = p.submit(0, BioRequest::write(BLOCK - 8, vec![2; 16 * 512])).unwrap();

@@ -702,6 +702,20 @@ fn dirty_blocks(world: &World) -> usize {
     (0..CACHE_BLOCKS as u32).filter(|&cb| world.cache.target().is_dirty(cb)).count()
 }
 
+/// Idle time, two seconds at a time from `now`, until the worker wrote
+/// every dirty block back (ten steps at most); returns the time reached.
+fn write_back_all(world: &mut World, mut now: u64) -> u64 {
+    for _ in 0..10 {
+        if dirty_blocks(world) == 0 {
+            break;
+        }
+        now += 2 * SECOND;
+        world.cache.set_time(now);
+        world.settle();
+    }
+    now
+}
+
 /// A copy to `disk` of a migration.
 fn copy_to(disk: CacheDisk) -> impl Fn(&CacheIoInfo) -> bool {
     move |io| io.kind == CacheIoKind::Copy && io.disk == disk
@@ -771,15 +785,7 @@ fn set_up(world: &mut World, race: Race) -> Reached {
             // A whole-block write promotes X by overwrite (dirty); idle
             // seconds write it back.
             world.do_io(write(X, 0, BS), &|_| false);
-            let mut now = 0;
-            for _ in 0..10 {
-                if dirty_blocks(world) == 0 {
-                    break;
-                }
-                now += 2 * SECOND;
-                world.cache.set_time(now);
-                world.settle();
-            }
+            write_back_all(world, 0);
             let k = world.counters();
             assert!(
                 dirty_blocks(world) == 0 && k.succeeded == [1, 0, 1] && k.overwrites == 1,
@@ -793,18 +799,10 @@ fn set_up(world: &mut World, race: Race) -> Reached {
             // whole-block write to a new block finds the cache full and
             // queues a demotion; the set-up stops when the demotion has
             // removed its mapping and committed, its last step waiting.
-            let mut now = 0;
             for b in 0..CACHE_BLOCKS {
                 world.do_io(write(b, 0, BS), &|_| false);
             }
-            for _ in 0..10 {
-                if dirty_blocks(world) == 0 {
-                    break;
-                }
-                now += 2 * SECOND;
-                world.cache.set_time(now);
-                world.settle();
-            }
+            let mut now = write_back_all(world, 0);
             assert_eq!(dirty_blocks(world), 0, "{name}: the cache written back");
             let before: Vec<Option<u64>> = (0..CACHE_BLOCKS as u32)
                 .map(|cb| world.cache.metadata().lookup(cb).ok().flatten().map(|(ob, _)| ob))

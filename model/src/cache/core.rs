@@ -414,6 +414,16 @@ struct Objects {
     migrations: BTreeMap<MgId, Migration>,
 }
 
+impl Objects {
+    /// Registers a new migration under the next id.
+    fn new_migration(&mut self, m: Migration) -> MgId {
+        let mg = self.next_mg;
+        self.next_mg += 1;
+        self.migrations.insert(mg, m);
+        mg
+    }
+}
+
 /// Counters, the I/O tracker, the clock and the lifecycle flags.
 #[derive(Debug)]
 struct State {
@@ -1671,12 +1681,13 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
         let mg = {
             let mut o = self.objs();
-            let mg = o.next_mg;
-            o.next_mg += 1;
-            o.migrations.insert(
-                mg,
-                Migration { work: Some(work), overwrite, cell: None, input: Ok(()), invalidate: None },
-            );
+            let mg = o.new_migration(Migration {
+                work: Some(work),
+                overwrite,
+                cell: None,
+                input: Ok(()),
+                invalidate: None,
+            });
             if let Some(id) = overwrite {
                 o.pieces.get_mut(&id).expect("piece").hooked = Some(mg);
             }
@@ -1940,22 +1951,13 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             return;
         }
         self.st().background_nr += 1;
-        let mg = {
-            let mut o = self.objs();
-            let mg = o.next_mg;
-            o.next_mg += 1;
-            o.migrations.insert(
-                mg,
-                Migration {
-                    work: None,
-                    overwrite: Some(bio),
-                    cell: None,
-                    input: Ok(()),
-                    invalidate: Some((cblock, oblock)),
-                },
-            );
-            mg
-        };
+        let mg = self.objs().new_migration(Migration {
+            work: None,
+            overwrite: Some(bio),
+            cell: None,
+            input: Ok(()),
+            invalidate: Some((cblock, oblock)),
+        });
         let locked = self.prison().lock(origin_key(oblock), READ_WRITE_LOCK_LEVEL);
         match locked {
             Err(_) => {
