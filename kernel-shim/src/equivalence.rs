@@ -822,12 +822,14 @@ pub fn classify(
 /// The class of op differences that only the kernel's timing explains:
 /// every difference is either in the pool's mode, between `write` and
 /// `out-of-data-space`, with the two modes agreeing again at the next op
-/// whose status the kernel recorded ([`DivergenceClass::CommitTiming`]),
-/// or an outcome `EIO` against `ENOSPC` of a request spanning pool blocks
+/// whose status the kernel recorded ([`DivergenceClass::CommitTiming`]);
+/// an outcome `EIO` against `ENOSPC` of a request spanning pool blocks
 /// in a pool out of data space with a fault firing during the op
 /// ([`DivergenceClass::PieceErrorOrder`]; `block_sectors` is the pool's
-/// block size). The class of the first difference is returned; `None`
-/// when there is no difference or one neither class explains.
+/// block size); or the mode after an op where an armed fault fired on one
+/// side and a little later on the other ([`DivergenceClass::FaultTiming`]).
+/// The class of the first difference is returned; `None` when there is no
+/// difference or one no class explains.
 pub fn classify_op_differences(
     differences: &[crate::fault_compare::OpDifference],
     sim_ops: &[crate::fault_compare::SimOp],
@@ -929,8 +931,7 @@ fn piece_error_order(
         return None;
     }
     // `read|write dev=D sector=S nr=N …`: more than one pool block.
-    let mut words = d.op.split_whitespace();
-    if !matches!(words.next(), Some("read" | "write")) || block_sectors == 0 {
+    if !matches!(d.op.split_whitespace().next(), Some("read" | "write")) || block_sectors == 0 {
         return None;
     }
     let field = |name: &str| -> Option<u64> {
@@ -1054,8 +1055,7 @@ mod tests {
 
     /// EIO against ENOSPC is the pieces' completion order only for a
     /// request over two pool blocks or more, in a pool out of data space,
-    /// with a fault firing during the op; and a trace may mix it with
-    /// commit timing.
+    /// with a fault firing during the op.
     #[test]
     fn eio_against_enospc_over_two_blocks_is_piece_error_order_and_nothing_else_is() {
         use crate::fault_compare::compare_ops;

@@ -422,6 +422,14 @@ impl Objects {
         self.migrations.insert(mg, m);
         mg
     }
+
+    /// Puts a data I/O in flight under the next id.
+    fn new_io(&mut self, io: DataIo) -> CacheIoId {
+        let id = CacheIoId(self.next_io);
+        self.next_io += 1;
+        self.io.insert(id, io);
+        id
+    }
 }
 
 /// Counters, the I/O tracker, the clock and the lifecycle flags.
@@ -1295,27 +1303,22 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let mut o = self.objs();
         let p = o.pieces.get_mut(&id).expect("piece");
         let (sector, nr, fua) = (p.sector, p.nr_sectors, p.fua);
-        let io = CacheIoId(o.next_io);
-        o.next_io += 1;
         if self.opts.mutations.cache_writethrough_acks_before_origin {
             let data = o.pieces[&id].data.clone();
-            o.io.insert(io, DataIo::Detached { disk: CacheDisk::Origin, sector, data, fua });
+            o.new_io(DataIo::Detached { disk: CacheDisk::Origin, sector, data, fua });
         } else {
             // The bio (`bio_chain`) ends when its clone and itself have.
             let p = o.pieces.get_mut(&id).expect("piece");
             p.pending += 2;
             p.self_counted = true;
-            o.io.insert(
-                io,
-                DataIo::Piece {
-                    piece: id,
-                    disk: CacheDisk::Origin,
-                    sector,
-                    nr_sectors: nr,
-                    op: BioOp::Write,
-                    fua,
-                },
-            );
+            o.new_io(DataIo::Piece {
+                piece: id,
+                disk: CacheDisk::Origin,
+                sector,
+                nr_sectors: nr,
+                op: BioOp::Write,
+                fua,
+            });
         }
         drop(o);
         self.remap(id, CacheDisk::Cache, Some(cblock));
@@ -1404,17 +1407,9 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         }
     }
 
-    fn new_io_id(&self) -> CacheIoId {
-        let mut o = self.objs();
-        o.next_io += 1;
-        CacheIoId(o.next_io - 1)
-    }
-
     /// Sends a remapped bio to its device (an in-flight data I/O).
     fn issue(&self, id: PieceId) {
         let mut o = self.objs();
-        let io = CacheIoId(o.next_io);
-        o.next_io += 1;
         let p = o.pieces.get_mut(&id).expect("piece");
         let Some((disk, sector)) = p.dest else {
             drop(o);
@@ -1427,7 +1422,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
             p.pending += 1;
         }
         let (nr_sectors, op, fua) = (p.nr_sectors, p.op, p.fua);
-        o.io.insert(io, DataIo::Piece { piece: id, disk, sector, nr_sectors, op, fua });
+        o.new_io(DataIo::Piece { piece: id, disk, sector, nr_sectors, op, fua });
     }
 
     /// `accounted_request`: the committer's issue op.
@@ -1807,8 +1802,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let o = (CacheDisk::Origin, work.oblock * bs);
         let c = (CacheDisk::Cache, u64::from(work.cblock) * bs);
         let (from, to) = if promote { (o, c) } else { (c, o) };
-        let io = self.new_io_id();
-        self.objs().io.insert(io, DataIo::Copy { mg, from, to, nr_sectors: bs });
+        self.objs().new_io(DataIo::Copy { mg, from, to, nr_sectors: bs });
         if self.opts.mutations.cache_writeback_clean_before_copy && work.op == PolicyOp::Writeback {
             // The deliberate bug: the writeback completes at issue; its copy
             // runs on with no migration behind it.
