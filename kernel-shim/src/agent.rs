@@ -1340,6 +1340,12 @@ fn add_counts(to: &mut crate::ublk::RequestCounts, c: crate::ublk::RequestCounts
     to.errors += c.errors;
 }
 
+/// How long the kernel must send its data disk nothing new, during an op
+/// of a ublk job, before the oldest data request it holds completes
+/// ([`crate::ublk::UblkDevice::hold_until_quiet`]): the pool's worker
+/// settles first, as in the serialized simulator.
+pub const DATA_QUIET_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The seed of the data disk's crash choice, from the crash op's seed:
 /// the simulator's (`ThinSim::crash`), the two disks' caches being
 /// independent.
@@ -1416,7 +1422,17 @@ fn run_ublk_pool(
                 }
             }
         }
-        match replayer.apply(i, &op) {
+        // The data disk holds the op's data I/O until the pool is quiet:
+        // the serialized simulator's order ([`DATA_QUIET_WINDOW`]).
+        let hold = |window| {
+            if let Some((_, d)) = devs.devs.as_ref() {
+                d.hold_until_quiet(window);
+            }
+        };
+        hold(Some(DATA_QUIET_WINDOW));
+        let applied = replayer.apply(i, &op);
+        hold(None);
+        match applied {
             Ok(r) => result.ops.push(r),
             Err(e) => {
                 result.error = Some(format!("op {i} ({op:?}): {e}"));

@@ -852,7 +852,7 @@ fn commit_timing(
     sim_ops: &[crate::fault_compare::SimOp],
     kernel: &crate::protocol::KernelResult,
 ) -> Option<DivergenceClass> {
-    use crate::fault_compare::{kernel_mode, modes_agree};
+    use crate::fault_compare::modes_agree;
     let timing_pair = |a: &str, b: &str| {
         let pair = [a, b];
         pair.contains(&"write") && pair.contains(&"out-of-data-space")
@@ -862,9 +862,21 @@ fn commit_timing(
         return None;
     }
     // The next op the kernel has a status for: the modes agree there.
-    let (next, line) = kernel.op_status.iter().find(|(i, _)| *i > d.index)?;
-    let sim_next = sim_ops.iter().find(|o| o.index == *next)?;
-    modes_agree(&sim_next.mode, kernel_mode(line)?).then_some(DivergenceClass::CommitTiming { op: d.index })
+    let (next, kernel_next) = next_kernel_mode(kernel, d.index)?;
+    let sim_next = sim_ops.iter().find(|o| o.index == next)?;
+    modes_agree(&sim_next.mode, kernel_next).then_some(DivergenceClass::CommitTiming { op: d.index })
+}
+
+/// The first op after op `i` whose status line the kernel recorded shows
+/// a mode, and the mode. A line reading `Error` (6.1's `pool_status`
+/// prints it when it cannot read the metadata's counters, as while a
+/// failed commit's abort runs) shows none and is passed over.
+fn next_kernel_mode(kernel: &crate::protocol::KernelResult, i: usize) -> Option<(usize, &'static str)> {
+    kernel
+        .op_status
+        .iter()
+        .filter(|(j, _)| *j > i)
+        .find_map(|(j, line)| Some((*j, crate::fault_compare::kernel_mode(line)?)))
 }
 
 /// A fired fault's disk and kind, from either side's description
@@ -884,7 +896,7 @@ fn fault_timing(
     sim_ops: &[crate::fault_compare::SimOp],
     kernel: &crate::protocol::KernelResult,
 ) -> Option<DivergenceClass> {
-    use crate::fault_compare::{kernel_fired, kernel_mode, modes_agree};
+    use crate::fault_compare::{kernel_fired, modes_agree};
     if d.what != "mode" {
         return None;
     }
@@ -892,8 +904,8 @@ fn fault_timing(
     // The next op the kernel has a status for (a crash op or a scheduling
     // op in between has none): the modes agree there again, and the fault
     // fired on the other side in between.
-    let (next, line) = kernel.op_status.iter().find(|(j, _)| *j > i)?;
-    let in_range = |op: usize| op > i && op <= *next;
+    let (next, kernel_next) = next_kernel_mode(kernel, i)?;
+    let in_range = |op: usize| op > i && op <= next;
     let sim_fired = |at: &dyn Fn(usize) -> bool| -> Vec<(&str, &str)> {
         sim_ops
             .iter()
@@ -914,8 +926,8 @@ fn fault_timing(
     if !(moved(&sim_now, &kernel_now, &kernel_later) || moved(&kernel_now, &sim_now, &sim_later)) {
         return None;
     }
-    let sim_after = sim_ops.iter().find(|o| o.index == *next)?;
-    modes_agree(&sim_after.mode, kernel_mode(line)?).then_some(DivergenceClass::FaultTiming { op: i })
+    let sim_after = sim_ops.iter().find(|o| o.index == next)?;
+    modes_agree(&sim_after.mode, kernel_next).then_some(DivergenceClass::FaultTiming { op: i })
 }
 
 /// `d` as [`DivergenceClass::PieceErrorOrder`], if it is one.
@@ -1141,6 +1153,65 @@ mod tests {
         assert_eq!(case(Some(0), ["rw", "ro"]), None);
         // Still apart after it.
         assert_eq!(case(Some(1), ["rw", "rw"]), None);
+    }
+
+    /// Seed 27: the kernel's status after the op right after the
+    /// difference read `Error` (its commit's abort was running); the
+    /// modes are compared at the next op with a mode, and the fault's
+    /// firing is looked for up to there.
+    #[test]
+    fn a_status_reading_error_is_passed_over_to_the_next_op_with_a_mode() {
+        use crate::fault_compare::compare_ops;
+        use crate::protocol::{KernelResult, OpResult};
+        let rw = "0 62/512 13/13 - rw no_discard_passdown queue_if_no_space - 128".to_string();
+        let ops: Vec<_> = (0..3)
+            .map(|i| crate::fault_compare::SimOp {
+                mode: "fail".into(),
+                fired: if i == 0 {
+                    vec!["metadata write-error sector 104 nr 8 transient".into()]
+                } else {
+                    vec![]
+                },
+                ..sim_op(i, "discard dev=0 sector=0 nr=256")
+            })
+            .collect();
+        let case = |statuses: [&str; 3], fired_at: usize| {
+            let mut k = KernelResult {
+                ops: (0..3).map(|i| OpResult { index: i, outcome: "ok".into(), read: None }).collect(),
+                op_status: (0..3).map(|i| (i, statuses[i].to_string())).collect(),
+                ..KernelResult::default()
+            };
+            k.notes.push((
+                format!("fired.{fired_at}"),
+                "metadata write sector 112 nr 8: write-error sector 112 nr 8 transient".into(),
+            ));
+            let d = compare_ops(&ops, &k);
+            classify_op_differences(&d, &ops, &k, 256)
+        };
+        assert_eq!(case([&rw, "Error", "Fail"], 1), Some(DivergenceClass::FaultTiming { op: 0 }));
+        assert_eq!(case([&rw, "Error", "Fail"], 2), Some(DivergenceClass::FaultTiming { op: 0 }));
+        // Apart still at the op with a mode: not timing.
+        assert_eq!(case([&rw, "Error", &rw], 1), None);
+    }
+
+    /// Seed 62 of the kernel campaign (`skip_block_zeroing`, metadata
+    /// pressure): at op 175 a write's block allocation commits with no
+    /// metadata block left, which puts the pool out of metadata space;
+    /// `schedule_zero` then inserts the mapping directly, the read-only
+    /// block manager refuses it, the abort cannot set needs_check, and
+    /// stock 6.1 fails the pool (its console: "couldn't lock superblock",
+    /// then every read EIO). The serialized model does the same.
+    #[test]
+    fn running_out_of_metadata_without_zeroing_fails_the_pool_as_stock_6_1_does() {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../sim/tests/fixtures/ooms-without-zeroing-fails.trace");
+        let text = std::fs::read_to_string(path).expect("the fixture");
+        let trace = dmsim_traces::text::from_text(&text).expect("a trace");
+        let run = simulate_serialized_crashing(&trace).expect("the simulator runs it");
+        let op = |i: usize| run.ops.iter().find(|o| o.index == i).expect("the op");
+        assert_eq!(op(174).mode, "write");
+        assert_eq!((op(175).outcome.as_str(), op(175).mode.as_str()), ("EIO", "fail"));
+        assert_eq!((op(183).outcome.as_str(), op(183).mode.as_str()), ("EIO", "fail"), "a read in fail mode");
     }
 
     fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dmsim_faults::{CrashMode, CrashSummary, PendingWrite, SimDisk};
@@ -655,6 +655,9 @@ pub struct UblkDevice<'c> {
     power_cut: Arc<AtomicBool>,
     /// Faults to arm and faults fired, shared with the queue thread.
     control: Arc<Mutex<crate::ublk_faults::DiskControl>>,
+    /// The quiet window, in microseconds, for which the queue thread holds
+    /// requests ([`UblkDevice::hold_until_quiet`]); 0: none held.
+    hold_us: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for UblkDevice<'_> {
@@ -712,6 +715,7 @@ impl<'c> UblkDevice<'c> {
             deleted: false,
             power_cut: Arc::new(AtomicBool::new(false)),
             control: Arc::new(Mutex::new(crate::ublk_faults::DiskControl::default())),
+            hold_us: Arc::new(AtomicU64::new(0)),
         };
         let buf_bytes = info.max_io_buf_bytes;
         let mut params = Params {
@@ -752,12 +756,15 @@ impl<'c> UblkDevice<'c> {
         wait_for_node(&char_dev, Duration::from_secs(10))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let depth = info.queue_depth;
-        let power_cut = Arc::clone(&dev.power_cut);
-        let disk = Arc::clone(&dev.disk);
-        let control = Arc::clone(&dev.control);
+        let shared = QueueShared {
+            disk: Arc::clone(&dev.disk),
+            power_cut: Arc::clone(&dev.power_cut),
+            control: Arc::clone(&dev.control),
+            hold_us: Arc::clone(&dev.hold_us),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("ublk{}", dev.dev_id))
-            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, &disk, &power_cut, &control, ready_tx))
+            .spawn(move || serve_queue(&char_dev, depth, buf_bytes, &shared, ready_tx))
             .map_err(|e| io_err("spawn the ublk queue thread", e))?;
         dev.thread = Some(thread);
         match ready_rx.recv() {
@@ -795,6 +802,28 @@ impl<'c> UblkDevice<'c> {
     /// forever. [`UblkDevice::stop`] then returns the disk.
     pub fn cut_power(&self) {
         self.power_cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the disk's reads, writes, discards and write-zeroes until the
+    /// kernel has been quiet (no new request) for `window`, then completes
+    /// the oldest held one and waits for quiet again; a FLUSH is served at
+    /// once, and makes durable only the writes completed before it.
+    /// `None` (the default) serves every request as it comes; turning
+    /// holding off serves what is held, in order.
+    ///
+    /// This is the serialized simulator's order (`ThinSim::quiesce`): the
+    /// pool's worker runs to the end — allocations, commits and their
+    /// data flushes, errors for want of space — before the oldest data
+    /// I/O in flight completes, and again after each completion. Served
+    /// at once, a data write the pool remapped in its map function races
+    /// the worker's commit to the disk, and a power cut keeps or loses it
+    /// as the race went; held, it completes after the worker settles.
+    /// A quiet window is a judgement of the kernel's speed, not a proof
+    /// that its worker is idle: a worker slower than the window completes
+    /// in the racing order again.
+    pub fn hold_until_quiet(&self, window: Option<Duration>) {
+        let us = window.map_or(0, |w| (w.as_micros() as u64).max(1));
+        self.hold_us.store(us, Ordering::SeqCst);
     }
 
     /// Arms a fault on the disk: the queue thread hands it to the disk
@@ -986,11 +1015,10 @@ fn serve_queue(
     char_dev: &Path,
     depth: u16,
     buf_bytes: u32,
-    disk: &Mutex<ControlledDisk>,
-    power_cut: &AtomicBool,
-    control: &Mutex<crate::ublk_faults::DiskControl>,
+    shared: &QueueShared,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
+    let QueueShared { disk, power_cut, control, hold_us } = shared;
     let fail = |e: String| {
         let _ = ready.send(Err(e.clone()));
         Err(e)
@@ -1025,10 +1053,58 @@ fn serve_queue(
     let _ = ready.send(Ok(()));
     let mut live = usize::from(depth);
     let mut error = None;
+    // Requests held until the kernel is quiet, oldest first.
+    let mut held: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
+    // Serves one request and queues its answer with the next fetch.
+    let serve = |ring: &mut io_uring::IoUring, bufs: &mut [Vec<u8>], req: &Request| -> Result<(), String> {
+        let tag = req.tag;
+        let result = {
+            let mut disk = lock(disk);
+            if disk.powered() && power_cut.load(Ordering::SeqCst) {
+                disk.cut_power();
+            }
+            apply_arms(&mut disk, control);
+            let result = disk.serve(req, &mut bufs[usize::from(tag)]);
+            let fired = disk.take_fired();
+            if !fired.is_empty() {
+                lock(control).fired.extend(fired);
+            }
+            result
+        };
+        let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
+        // SAFETY: as above; at most `depth` commands are in flight.
+        if unsafe { ring.submission().push(&sqe) }.is_err() {
+            return Err("submission queue full".into());
+        }
+        Ok(())
+    };
     while live > 0 {
-        match ring.submit_and_wait(1) {
+        let window = hold_us.load(Ordering::SeqCst);
+        // Holding off, or power cut: what is held is served, in order.
+        if window == 0 || power_cut.load(Ordering::SeqCst) {
+            while let Some(req) = held.pop_front() {
+                serve(&mut ring, &mut bufs, &req)?;
+            }
+        }
+        let waited = if held.is_empty() {
+            ring.submit_and_wait(1)
+        } else {
+            let ts = io_uring::types::Timespec::new()
+                .sec(window / 1_000_000)
+                .nsec(((window % 1_000_000) * 1000) as u32);
+            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+            ring.submitter().submit_with_args(1, &args)
+        };
+        match waited {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                // Quiet for the window: the oldest held request completes.
+                if let Some(req) = held.pop_front() {
+                    serve(&mut ring, &mut bufs, &req)?;
+                }
+                continue;
+            }
             Err(e) => return Err(format!("io_uring wait: {e}")),
         }
         let done: Vec<(u64, i32)> =
@@ -1041,23 +1117,13 @@ fn serve_queue(
             }
             if res == 0 {
                 let req = Request::from_desc(tag, &descs.get(tag));
-                let result = {
-                    let mut disk = lock(disk);
-                    if disk.powered() && power_cut.load(Ordering::SeqCst) {
-                        disk.cut_power();
-                    }
-                    apply_arms(&mut disk, control);
-                    let result = disk.serve(&req, &mut bufs[usize::from(tag)]);
-                    let fired = disk.take_fired();
-                    if !fired.is_empty() {
-                        lock(control).fired.extend(fired);
-                    }
-                    result
-                };
-                let sqe = io_sqe(fd, IO_COMMIT_AND_FETCH_REQ, tag, result, &mut bufs[usize::from(tag)]);
-                // SAFETY: as above; at most `depth` commands are in flight.
-                if unsafe { ring.submission().push(&sqe) }.is_err() {
-                    return Err("submission queue full".into());
+                let hold = hold_us.load(Ordering::SeqCst) != 0
+                    && !power_cut.load(Ordering::SeqCst)
+                    && !matches!(req.kind, RequestKind::Flush | RequestKind::Other(_));
+                if hold {
+                    held.push_back(req);
+                } else {
+                    serve(&mut ring, &mut bufs, &req)?;
                 }
             } else {
                 // -ENODEV: aborted (the device stops); anything else is
@@ -1078,6 +1144,14 @@ fn serve_queue(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// What a queue thread shares with its [`UblkDevice`].
+struct QueueShared {
+    disk: Arc<Mutex<ControlledDisk>>,
+    power_cut: Arc<AtomicBool>,
+    control: Arc<Mutex<crate::ublk_faults::DiskControl>>,
+    hold_us: Arc<AtomicU64>,
 }
 
 /// Locks a disk or its fault control; a poisoned lock (a panic while

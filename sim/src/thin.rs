@@ -238,6 +238,10 @@ pub struct ThinSim {
     /// The first out-of-data-space or read-only mode the pool had no
     /// reason for (see [`ThinSim::note_mode_changes`]).
     mode_violation: Option<String>,
+    /// Fail mode came, with no metadata fault, the way stock 6.1 goes
+    /// there when a block allocation's commit finds no metadata block
+    /// free and the pool does not zero new blocks ([`Self::check_fail_mode`]).
+    fail_without_fault: bool,
     /// Metadata faults fired since the pool was loaded.
     metadata_faults_since_load: u64,
     /// How many of the metadata faults fired and not yet taken have been
@@ -328,6 +332,7 @@ impl ThinSim {
             data_faults_since_load: 0,
             leak_candidates: BTreeSet::new(),
             mode_violation: None,
+            fail_without_fault: false,
             metadata_faults_attributed: 0,
             metadata_faults_since_load: 0,
             aimed_passdown: false,
@@ -718,10 +723,17 @@ impl ThinSim {
     /// already read-only for metadata (in kernel 6.1 an abort keeps that
     /// flag, so a metadata operation that fails in out-of-metadata-space
     /// or read-only mode ends in fail mode). With no fault injected, a
-    /// metadata operation attempted in those modes is the cause.
+    /// metadata operation attempted in those modes is the cause — except
+    /// the one stock 6.1 attempts itself: a mapping inserted directly
+    /// after its block's allocation ran the pool out of metadata space
+    /// (`fail_without_fault`, [`Self::note_mode_changes`]).
     fn check_fail_mode(&self) -> Result<(), ThinFailure> {
         match self.pool.as_ref() {
-            Some(p) if p.mode() == PoolMode::Fail && self.metadata_faults_fired == 0 => {
+            Some(p)
+                if p.mode() == PoolMode::Fail
+                    && self.metadata_faults_fired == 0
+                    && !self.fail_without_fault =>
+            {
                 Err(self.fail("fail mode with no metadata fault injected"))
             }
             _ => Ok(()),
@@ -865,7 +877,7 @@ impl ThinSim {
         // may have changed nothing: the map path allocates nothing).
         let reach = Reach {
             span,
-            metadata_fault: after > before,
+            metadata_fault: after > before || self.metadata_poisoned(),
             degraded: self.pool().mode() >= PoolMode::OutOfMetadataSpace,
             out_of_data_space: self.out_of_data_space,
             ..Reach::default()
@@ -874,6 +886,14 @@ impl ThinSim {
         self.pending.insert(id, pending);
         self.expected.insert(id, (self.epoch, expect));
         self.collect()
+    }
+
+    /// Whether the pool's block manager caches a metadata block that
+    /// failed validation (a bit flipped on its way from the disk): dm-bufio
+    /// keeps it and every read of it fails until an abort, so a fault that
+    /// fired long ago may fail a request now.
+    fn metadata_poisoned(&self) -> bool {
+        self.pool().with_metadata(|md| md.transaction_manager().block_manager().holds_invalid_blocks())
     }
 
     /// Metadata faults the metadata disk has fired and not yet reported.
@@ -1028,6 +1048,23 @@ impl ThinSim {
                         self.mode_violation = why;
                     }
                 }
+                // `alloc_data_block` commits when no metadata block is
+                // left; that commit puts the pool out of metadata space
+                // (the block manager read-only) and still hands out the
+                // block. Without zeroing, `schedule_zero` then inserts the
+                // mapping directly, not through the mode's fail variant:
+                // the insert is refused, the abort cannot set needs_check
+                // on the read-only superblock, and the pool fails (seen on
+                // stock 6.1: seed 62 of the kernel campaign).
+                PoolMode::Fail
+                    if from == PoolMode::OutOfMetadataSpace
+                        && self.cfg.features.skip_block_zeroing
+                        && metadata_failure
+                            .as_ref()
+                            .is_some_and(|f| f.op == "dm_thin_insert_block" && f.refused_read_only) =>
+                {
+                    self.fail_without_fault = true;
+                }
                 PoolMode::OutOfDataSpace => {
                     self.out_of_data_space = true;
                     for r in self.reach.values_mut() {
@@ -1143,7 +1180,9 @@ impl ThinSim {
                     ),
                 ))
             }
-            Err(Errno::EIO) if reach.data_fault || reach.metadata_fault => self.stats.io_errors += 1,
+            Err(Errno::EIO) if reach.data_fault || reach.metadata_fault || self.metadata_poisoned() => {
+                self.stats.io_errors += 1
+            }
             Err(e) if reach.degraded || mode >= PoolMode::OutOfMetadataSpace => {
                 self.stats.io_errors += u64::from(e == Errno::EIO && self.faults_fired > 0);
             }
@@ -1208,6 +1247,7 @@ impl ThinSim {
         self.reach.clear();
         self.metadata_faults_attributed = 0;
         self.metadata_faults_since_load = 0;
+        self.fail_without_fault = false;
         self.out_of_data_space = false;
         self.data_faults_since_load = 0;
         self.epoch += 1;

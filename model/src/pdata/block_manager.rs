@@ -10,7 +10,7 @@
 //! The kernel may also write dirty blocks early (bufio write-back); the
 //! simulator models that through [`BlockManager::write_back`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::layout::{self, BlockKind, BLOCK_SECTORS, BLOCK_SIZE};
 use super::{BlockNr, PdataError, Result};
@@ -45,13 +45,23 @@ pub struct BlockManager<D> {
     /// A write of [`Self::reset`]'s write-back failed: dm-bufio keeps it as
     /// the client's `async_write_error`, and the next flush reports it.
     async_write_error: Option<PdataError>,
+    /// Cached blocks that read without error but failed validation
+    /// ([`Self::holds_invalid_blocks`]).
+    invalid: BTreeSet<BlockNr>,
 }
 
 impl<D: BlockDevice> BlockManager<D> {
     /// A block manager over `dev`; its size is the device size in whole
     /// 4 KiB blocks.
     pub fn new(dev: D) -> Self {
-        BlockManager { dev, cache: BTreeMap::new(), nr_clean: 0, failed: false, async_write_error: None }
+        BlockManager {
+            dev,
+            cache: BTreeMap::new(),
+            nr_clean: 0,
+            failed: false,
+            async_write_error: None,
+            invalid: BTreeSet::new(),
+        }
     }
 
     /// Blocks in the device: its size now, in whole 4 KiB blocks, read
@@ -101,15 +111,21 @@ impl<D: BlockDevice> BlockManager<D> {
                 self.failed = true;
                 return Err(PdataError::Io { block: b, source });
             }
-            if let Some(kind) = kind {
-                if let Err(e) = validate(&data[..], b, kind) {
-                    self.failed = true;
-                    return Err(e);
-                }
-            }
+            // A block that read without error stays cached even when it
+            // is not valid (a flipped bit, a misdirected write): dm-bufio
+            // frees a buffer on release only after a read *error*
+            // (`dm_bufio_release`), and dm-block-manager sets a buffer's
+            // validator only once it passed (`dm_bm_validate_buffer`), so
+            // every later read of the block checks the same bad bytes
+            // again and fails again, until an abort resets the cache.
+            let valid = kind.map_or(Ok(()), |k| validate(&data[..], b, k));
             self.trim_clean();
             self.nr_clean += 1;
+            let kind = if valid.is_ok() { kind } else { None };
             self.cache.insert(b, CachedBlock { data, kind, dirty: false });
+            if valid.is_err() {
+                self.invalid.insert(b);
+            }
         }
         let cached = self.cache.get_mut(&b).expect("just inserted");
         match (cached.kind, kind) {
@@ -117,8 +133,13 @@ impl<D: BlockDevice> BlockManager<D> {
                 "block {b} is cached as a {have} but was asked for as a {want}"
             ))),
             (None, Some(want)) if !cached.dirty => {
-                validate(&cached.data[..], b, want)?;
+                if let Err(e) = validate(&cached.data[..], b, want) {
+                    self.failed = true;
+                    self.invalid.insert(b);
+                    return Err(e);
+                }
                 cached.kind = Some(want);
+                self.invalid.remove(&b);
                 Ok(cached)
             }
             _ => Ok(cached),
@@ -129,6 +150,7 @@ impl<D: BlockDevice> BlockManager<D> {
         if self.nr_clean >= MAX_CLEAN_BLOCKS {
             self.cache.retain(|_, c| c.dirty);
             self.nr_clean = 0;
+            self.invalid.clear();
         }
     }
 
@@ -168,7 +190,8 @@ impl<D: BlockDevice> BlockManager<D> {
         cached.data.fill(0);
         cached.kind = Some(kind);
         cached.dirty = true;
-        Ok(&mut cached.data)
+        self.invalid.remove(&b);
+        Ok(&mut self.cache.get_mut(&b).expect("just inserted").data)
     }
 
     /// The blocks modified since they were last written, in block order.
@@ -241,6 +264,15 @@ impl<D: BlockDevice> BlockManager<D> {
         self.cache.clear();
         self.nr_clean = 0;
         self.failed = false;
+        self.invalid.clear();
+    }
+
+    /// Whether the cache holds a block that read without error but failed
+    /// validation: every read of it fails again until a [`Self::reset`]
+    /// (or a write-lock that zeroes it), so any request whose path reads
+    /// it may fail, however long after the fault that corrupted it.
+    pub fn holds_invalid_blocks(&self) -> bool {
+        !self.invalid.is_empty()
     }
 
     /// Drops a write error [`Self::reset`] kept (the client it belonged to
@@ -305,6 +337,32 @@ mod tests {
         // And a block read at the wrong place is caught by its location.
         assert!(matches!(bm.read(1, BlockKind::Bitmap), Err(PdataError::WrongLocation { .. })));
         assert!(matches!(bm.read(4, BlockKind::Bitmap), Err(PdataError::OutOfBounds { .. })));
+    }
+
+    /// dm-bufio keeps a buffer that read without error but failed its
+    /// validator, and dm-block-manager checks it again at every read: a
+    /// bit flipped once on the way from the disk fails every read of the
+    /// block until an abort resets the cache — a read error, by contrast,
+    /// is not cached.
+    #[test]
+    fn a_block_that_failed_its_checksum_stays_cached_and_fails_again_until_a_reset() {
+        let mut bm = BlockManager::new(MemDevice::new(8 * 4));
+        bm.write_zero(2, BlockKind::Bitmap).unwrap()[100] = 9;
+        bm.flush().unwrap();
+        let good = bm.into_device();
+        let mut flipped = good.clone().into_bytes();
+        flipped[2 * 4096 + 200] ^= 1;
+        let mut bm = BlockManager::new(MemDevice::from_bytes(flipped));
+        assert!(matches!(bm.read(2, BlockKind::Bitmap), Err(PdataError::Checksum { .. })));
+        assert!(bm.failed_since_reset());
+        // The disk now holds the good bytes (the flip was on the way).
+        *bm.device_mut() = good;
+        assert!(matches!(bm.read(2, BlockKind::Bitmap), Err(PdataError::Checksum { .. })), "still cached");
+        assert!(bm.holds_invalid_blocks());
+        bm.reset();
+        assert!(!bm.holds_invalid_blocks());
+        assert_eq!(bm.read(2, BlockKind::Bitmap).unwrap()[100], 9, "read afresh after the reset");
+        assert!(!bm.failed_since_reset());
     }
 
     /// A memory device whose writes to one sector fail while `fail` is set.

@@ -412,6 +412,10 @@ pub struct MetadataFailure {
     /// It failed because the metadata space map had no block free in both
     /// the open transaction and the last commit.
     pub metadata_exhausted: bool,
+    /// It failed because the metadata was read-only (the block manager
+    /// refused the write: the pool had gone out of metadata space or
+    /// read-only already).
+    pub refused_read_only: bool,
 }
 
 /// What `alloc_data_block` saw when it put the pool out of data space.
@@ -1326,6 +1330,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             op: op.to_string(),
             error: e.to_string(),
             metadata_exhausted: matches!(e, ThinError::Pdata(PdataError::NoSpace(what)) if *what == "metadata"),
+            refused_read_only: matches!(e, ThinError::ReadOnly),
         });
         // abort_transaction
         if lock(&self.metadata).abort().is_err() {

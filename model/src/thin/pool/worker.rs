@@ -25,7 +25,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         lock(&self.lists).worker_wanted = false;
         let mappings = std::mem::take(&mut lock(&self.lists).prepared_mappings);
         for m in mappings {
-            self.process_prepared_mapping(m);
+            // `pool->process_prepared_mapping`: the fail variant in a
+            // read-only or failed pool.
+            self.process_prepared_mapping(m, true);
         }
         let discards = std::mem::take(&mut lock(&self.lists).prepared_discards);
         for m in discards {
@@ -441,7 +443,12 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             let mut lists = lock(&self.lists);
             lists.mappings.get_mut(&m).expect("just made").prepare_actions = 0;
             drop(lists);
-            self.process_prepared_mapping(m);
+            // Called directly, not through the mode's function pointer:
+            // a pool that went out of metadata space in this block's
+            // allocation (its commit found no free metadata block) still
+            // inserts the mapping, and the read-only block manager
+            // refuses it (`schedule_zero` in 6.1).
+            self.process_prepared_mapping(m, false);
         }
     }
 
@@ -452,8 +459,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         self.remap_and_issue(bio, data_block);
     }
 
-    /// `process_prepared_mapping` (and its fail-mode variant).
-    fn process_prepared_mapping(&self, id: MappingId) {
+    /// `process_prepared_mapping`; with `by_mode`, as the worker calls it
+    /// through the pool's function pointer, its fail-mode variant in a
+    /// read-only or failed pool (`process_prepared_mapping_fail`).
+    fn process_prepared_mapping(&self, id: MappingId, by_mode: bool) {
         let Some(m) = lock(&self.lists).mappings.remove(&id) else {
             self.bug(format!("unknown prepared mapping {id:?}"));
             return;
@@ -468,7 +477,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             MappingBio::Overwrite(bio) => bio,
             _ => None,
         };
-        let inserted = if self.mode() >= PoolMode::OutOfMetadataSpace || m.status.is_err() {
+        let inserted = if (by_mode && self.mode() >= PoolMode::OutOfMetadataSpace) || m.status.is_err() {
             if m.status.is_err() && self.options.mutations.failed_mapping_aborts {
                 // Broken on purpose: a data error handled as a metadata one.
                 let e = crate::block_device::IoError::Failed {
