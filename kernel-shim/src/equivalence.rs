@@ -1212,6 +1212,18 @@ mod tests {
         assert_eq!(op(174).mode, "write");
         assert_eq!((op(175).outcome.as_str(), op(175).mode.as_str()), ("EIO", "fail"));
         assert_eq!((op(183).outcome.as_str(), op(183).mode.as_str()), ("EIO", "fail"), "a read in fail mode");
+        // With the candidate fix the mapping goes through the mode's fail
+        // variant: the write fails, the pool stays out of metadata space
+        // and serves the read.
+        let fixed = text.replace(
+            "param fix.read_only_deferred_bios_take_cells 0",
+            "param fix.read_only_deferred_bios_take_cells 0\nparam fix.unzeroed_mapping_checks_the_mode 1",
+        );
+        let trace = dmsim_traces::text::from_text(&fixed).expect("a trace");
+        let run = simulate_serialized_crashing(&trace).expect("the simulator runs it");
+        let op = |i: usize| run.ops.iter().find(|o| o.index == i).expect("the op");
+        assert_eq!((op(175).outcome.as_str(), op(175).mode.as_str()), ("EIO", "out-of-metadata-space"));
+        assert_eq!((op(183).outcome.as_str(), op(183).mode.as_str()), ("ok", "out-of-metadata-space"));
     }
 
     fn sim_op(index: usize, op: &str) -> crate::fault_compare::SimOp {

@@ -296,6 +296,10 @@ impl RunConfig {
                 "fix.read_only_deferred_bios_take_cells".to_string(),
                 flag(t.options.fixes.read_only_deferred_bios_take_cells),
             ),
+            (
+                "fix.unzeroed_mapping_checks_the_mode".to_string(),
+                flag(t.options.fixes.unzeroed_mapping_checks_the_mode),
+            ),
         ];
         // Only a design other than the kernel's is recorded, so traces of
         // the default runs keep their bytes.
@@ -348,6 +352,7 @@ impl RunConfig {
                     )?,
                     passdown_holds_blocks_in_core: fix("fix.passdown_holds_blocks_in_core")?,
                     read_only_deferred_bios_take_cells: fix("fix.read_only_deferred_bios_take_cells")?,
+                    unzeroed_mapping_checks_the_mode: fix("fix.unzeroed_mapping_checks_the_mode")?,
                 },
                 locking: match h.param("locking") {
                     None => LockingDesign::default(),

@@ -1059,6 +1059,7 @@ impl ThinSim {
                 PoolMode::Fail
                     if from == PoolMode::OutOfMetadataSpace
                         && self.cfg.features.skip_block_zeroing
+                        && !self.cfg.options.fixes.unzeroed_mapping_checks_the_mode
                         && metadata_failure
                             .as_ref()
                             .is_some_and(|f| f.op == "dm_thin_insert_block" && f.refused_read_only) =>

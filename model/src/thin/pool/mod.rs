@@ -239,6 +239,18 @@ pub struct KernelFixes {
     /// `process_cell`), so the write waits for the discard (an empty flush
     /// writes nothing and goes on as before).
     pub read_only_deferred_bios_take_cells: bool,
+    /// Without zeroing, `schedule_zero` inserts a new block's mapping by
+    /// calling `process_prepared_mapping` directly, not through the pool's
+    /// function pointer that a mode change sets to the fail variant. When
+    /// the block's own allocation committed because no metadata block was
+    /// left (`alloc_data_block`), that commit put the pool out of metadata
+    /// space and made the block manager read-only; the insert is refused,
+    /// the abort cannot set needs_check on the read-only superblock, and
+    /// the pool goes to fail mode — every read fails and growing the
+    /// metadata device no longer brings it back — where out-of-metadata-
+    /// space mode was due. The fix goes through the mode's function (the
+    /// write fails, the pool stays out of metadata space).
+    pub unzeroed_mapping_checks_the_mode: bool,
 }
 
 impl KernelFixes {
@@ -251,6 +263,7 @@ impl KernelFixes {
         passdown_spares_blocks_the_last_commit_maps: true,
         passdown_holds_blocks_in_core: true,
         read_only_deferred_bios_take_cells: true,
+        unzeroed_mapping_checks_the_mode: true,
     };
 }
 

@@ -447,8 +447,9 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
             // a pool that went out of metadata space in this block's
             // allocation (its commit found no free metadata block) still
             // inserts the mapping, and the read-only block manager
-            // refuses it (`schedule_zero` in 6.1).
-            self.process_prepared_mapping(m, false);
+            // refuses it (`schedule_zero` in 6.1; the candidate fix
+            // `unzeroed_mapping_checks_the_mode` goes through the mode).
+            self.process_prepared_mapping(m, self.options.fixes.unzeroed_mapping_checks_the_mode);
         }
     }
 

@@ -1,0 +1,85 @@
+//! Kernel finding `unzeroed_mapping_checks_the_mode` on the real kernel: a
+//! pool that does not zero new blocks and runs out of metadata space in a
+//! block's allocation goes to fail mode, not out-of-metadata-space mode.
+//! `alloc_data_block` commits when no metadata block is left; that commit
+//! makes the pool out of metadata space (the block manager read-only) and
+//! still hands out the block; `schedule_zero` inserts its mapping by a
+//! direct call to `process_prepared_mapping`, the insert is refused
+//! (`-EPERM`), and the abort cannot set needs_check on the read-only
+//! superblock: fail mode, where every read fails and growing the metadata
+//! device no longer helps.
+//!
+//! The kernel campaign's trace of seed 62 (metadata pressure,
+//! `skip_block_zeroing`, 7 power cuts), pinned as
+//! `sim/tests/fixtures/ooms-without-zeroing-fails.trace`, replayed on stock
+//! 6.1 with the pool on controlled disks: equal to the serialized model
+//! (as stock 6.1) at the end, at every crash and at every op — the write
+//! at op 175 fails and the pool fails with it, so the read at op 183 is
+//! EIO — and the console says why. Judged against the model with the
+//! candidate fix (the mapping through the mode's fail variant), the same
+//! kernel run differs at op 183, where the fixed pool still serves reads.
+//!
+//! Needs what `kernel_ublk_crash` needs (qemu, `linux-image-amd64`,
+//! `linux-source-6.1`, `linux-headers-<release>`). Without them the test
+//! prints SKIPPED, or fails under `CI=true`.
+
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
+
+use thin_tools::skip_or_fail;
+
+use dmsim_kernel_shim::thin_replay::{judge, Verdict};
+use dmsim_kernel_shim::{Job, KernelShim, ShimError};
+
+const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../sim/tests/fixtures/ooms-without-zeroing-fails.trace");
+/// The candidate fix's header parameter.
+const FIX: &str = "fix.unzeroed_mapping_checks_the_mode";
+
+#[test]
+fn running_out_of_metadata_without_zeroing_fails_the_stock_kernels_pool() {
+    let shim = match KernelShim::prepare_with_ublk() {
+        Ok(s) => s,
+        Err(e @ ShimError::Missing(_)) => {
+            return skip_or_fail("out of metadata space without zeroing on the kernel", &e.to_string())
+        }
+        Err(e) => panic!("preparing the VM: {e}"),
+    };
+    let text = std::fs::read_to_string(FIXTURE).expect("the fixture");
+    let trace = dmsim_traces::text::from_text(&text).expect("a trace");
+    assert_eq!(trace.header.param("skip_block_zeroing"), Some("1"));
+    assert_eq!(trace.header.param(FIX), None, "the trace runs the model as stock 6.1");
+    let run = shim
+        .run_jobs(&[Job::Ublk(trace.clone())])
+        .unwrap_or_else(|e| panic!("the VM: {e}"))
+        .pop()
+        .expect("one run");
+    let outcome = |i: usize| {
+        run.result.ops.iter().find(|o| o.index == i).map(|o| o.outcome.clone()).unwrap_or_default()
+    };
+    assert_eq!(outcome(175), "EIO", "the write whose allocation ran the metadata out");
+    assert_eq!(outcome(183), "EIO", "a read: the pool failed");
+    for line in ["No free metadata blocks", "couldn't lock superblock", "failed to set 'needs_check' flag"] {
+        assert!(run.console.contains(line), "the console says {line:?}:\n{}", run.console);
+    }
+    let r = judge(&trace, true, &run).unwrap_or_else(|e| panic!("judging: {e}"));
+    eprintln!("seed 62: {:?}, first difference {:?}", r.verdict(), r.first_difference());
+    assert!(r.crashes.len() >= 5, "the trace cuts power");
+    assert_eq!(r.verdict(), Verdict::Equal, "{:?}", r.first_difference());
+
+    // The detector: the same kernel run judged against the model with the
+    // candidate fix, whose pool stays out of metadata space and serves
+    // the read at op 183.
+    let fixed = text.replace(
+        "param fix.read_only_deferred_bios_take_cells 0",
+        &format!("param fix.read_only_deferred_bios_take_cells 0\nparam {FIX} 1"),
+    );
+    let fixed = dmsim_traces::text::from_text(&fixed).expect("a trace");
+    let f = judge(&fixed, true, &run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
+    assert_ne!(f.verdict(), Verdict::Equal, "with the fix the model serves op 183");
+    assert!(
+        f.op_differences.iter().any(|d| d.index == 183),
+        "op 183 differs against the fixed model: {:?}",
+        f.op_differences.first()
+    );
+}
