@@ -1,0 +1,18 @@
+//! The userland engine: the model's thin pool on real storage.
+//!
+//! The maintainer's plan moves dm-thin's slow paths to userland daemons
+//! over io_uring and ublk; this crate is where dmsim's model runs as such
+//! a daemon. Its first part is [`UringDevice`]: a [`BlockDevice`] over a
+//! file or block device opened with `O_DIRECT`, every request an io_uring
+//! operation, so that the model's metadata and data go to real storage
+//! through the same trait the simulator's disks implement
+//! (docs/engine.md).
+//!
+//! [`BlockDevice`]: dmsim_model::block_device::BlockDevice
+
+#![warn(missing_docs)]
+
+mod aligned;
+mod uring;
+
+pub use uring::{EngineError, UringDevice};
