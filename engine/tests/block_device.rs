@@ -188,9 +188,7 @@ fn thin_metadata_written_through_io_uring_checks_clean() {
     drop(md);
 
     // Debian's thin_check, when it is installed (CI installs it).
-    let thin_check = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("thin_check")).find(|p| p.is_file()));
-    match thin_check {
+    match dmsim_sim::run::Checkers::from_path().thin_check {
         Some(tool) => {
             let out = std::process::Command::new(tool).arg(&f.0).output().expect("thin_check runs");
             assert!(out.status.success(), "thin_check: {}", String::from_utf8_lossy(&out.stderr));

@@ -111,21 +111,16 @@ impl<D: BlockDevice> BlockManager<D> {
                 self.failed = true;
                 return Err(PdataError::Io { block: b, source });
             }
-            // A block that read without error stays cached even when it
-            // is not valid (a flipped bit, a misdirected write): dm-bufio
+            // Cached before it is validated (below), and kept when it is
+            // not valid (a flipped bit, a misdirected write): dm-bufio
             // frees a buffer on release only after a read *error*
             // (`dm_bufio_release`), and dm-block-manager sets a buffer's
             // validator only once it passed (`dm_bm_validate_buffer`), so
             // every later read of the block checks the same bad bytes
             // again and fails again, until an abort resets the cache.
-            let valid = kind.map_or(Ok(()), |k| validate(&data[..], b, k));
             self.trim_clean();
             self.nr_clean += 1;
-            let kind = if valid.is_ok() { kind } else { None };
-            self.cache.insert(b, CachedBlock { data, kind, dirty: false });
-            if valid.is_err() {
-                self.invalid.insert(b);
-            }
+            self.cache.insert(b, CachedBlock { data, kind: None, dirty: false });
         }
         let cached = self.cache.get_mut(&b).expect("just inserted");
         match (cached.kind, kind) {
@@ -182,6 +177,7 @@ impl<D: BlockDevice> BlockManager<D> {
         if was_clean {
             self.nr_clean -= 1;
         }
+        self.invalid.remove(&b);
         let cached = self.cache.entry(b).or_insert_with(|| CachedBlock {
             data: Box::new([0u8; BLOCK_SIZE]),
             kind: None,
@@ -190,8 +186,7 @@ impl<D: BlockDevice> BlockManager<D> {
         cached.data.fill(0);
         cached.kind = Some(kind);
         cached.dirty = true;
-        self.invalid.remove(&b);
-        Ok(&mut self.cache.get_mut(&b).expect("just inserted").data)
+        Ok(&mut cached.data)
     }
 
     /// The blocks modified since they were last written, in block order.
