@@ -171,7 +171,9 @@ pub struct CheckArgs {
     /// minute a trace; docs/kernel-shim.md, "The campaign on the kernel").
     /// Exit 1 then when a divergence has no named class or a seed fails to
     /// run; the traces of the seeds that diverge go to --failures as
-    /// kernel-seed-N.trace.
+    /// kernel-seed-N.trace, each with the kernel's answer beside it
+    /// (kernel-seed-N.kernel: every op's outcome, the status lines, the
+    /// faults that fired, where it committed).
     #[arg(long, default_value = "sim", value_parser = ["sim", "kernel"])]
     pub on: String,
     /// With --on kernel: traces per VM boot (1 to 64).

@@ -69,7 +69,15 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         let trace = campaign_trace(o.seed, args.ops, &settings);
         let result = std::fs::create_dir_all(&args.failures)
             .map_err(|e| format!("{}: {e}", args.failures.display()))
-            .and_then(|()| trace_file::write(&path, &trace, Encoding::Text));
+            .and_then(|()| trace_file::write(&path, &trace, Encoding::Text))
+            .and_then(|()| match &o.kernel_answer {
+                // Beside it, the kernel's answer (the agent's result).
+                Some(text) => {
+                    let answer = path.with_extension("kernel");
+                    std::fs::write(&answer, text).map_err(|e| format!("{}: {e}", answer.display()))
+                }
+                None => Ok(()),
+            });
         match result {
             Ok(()) => written.push((o.seed, path)),
             Err(e) => eprintln!("dmsim check --on kernel: seed {}: cannot write its trace: {e}", o.seed),

@@ -1385,7 +1385,9 @@ fn run_ublk_pool(
     let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
     // The ops after which the metadata superblock differs from before
     // them: the pool committed during the op (or between it and the op
-    // before). Reported as the note `commit-ops`.
+    // before; for a crash op, before the power cut). Reported as the notes
+    // `commit-ops` and, with each new superblock's FNV-1a 64,
+    // `commit-superblocks`.
     let superblock = |devs: &UblkPair<'_>| {
         devs.devs
             .as_ref()
@@ -1406,6 +1408,12 @@ fn run_ublk_pool(
         if let Op::Crash { mode, seed } = op {
             if faulted {
                 note_fired(devs, i, result);
+            }
+            // A commit since the op before (the commit timer's) counts as
+            // the crash op's: it is what the power cut meets.
+            let now = superblock(devs);
+            if now != last_superblock {
+                commit_ops.push((i, crate::protocol::commit_key(&now)));
             }
             match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir) {
                 Ok((r, record)) => {
@@ -1452,13 +1460,17 @@ fn run_ublk_pool(
         }
         let now = superblock(devs);
         if now != last_superblock {
-            commit_ops.push(i);
+            commit_ops.push((i, crate::protocol::commit_key(&now)));
             last_superblock = now;
         }
     }
     result.notes.push((
         crate::protocol::COMMIT_OPS_NOTE.into(),
-        commit_ops.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "),
+        commit_ops.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(" "),
+    ));
+    result.notes.push((
+        crate::protocol::COMMIT_SUPERBLOCKS_NOTE.into(),
+        commit_ops.iter().map(|(i, f)| format!("{i}:{f:016x}")).collect::<Vec<_>>().join(" "),
     ));
     finish_replay(replayer, t0, result);
     if faulted {

@@ -64,7 +64,7 @@ fn last_request_ok(events: &[Event]) -> bool {
 }
 
 /// The serialized simulator's end state and its disks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SimulatedRun {
     /// What L1 compares.
     pub state: FinalState,
@@ -100,6 +100,15 @@ pub struct SimulatedRun {
     /// clock moved to the op's start), crash ops left out: held against
     /// the agent's [`crate::protocol::COMMIT_OPS_NOTE`].
     pub commit_ops: Vec<usize>,
+    /// The [`crate::protocol::commit_key`] of the model's metadata
+    /// superblock after each op (a crash op: just before its power cut),
+    /// by op index.
+    pub superblocks: BTreeMap<usize, u64>,
+    /// Where the run placed the kernel's commits
+    /// ([`simulate_following`]): by op, for the ops it placed one in.
+    pub commit_placements: BTreeMap<usize, CommitPlacement>,
+    /// The data I/Os the simulator completed in each op, by op index.
+    pub data_completions: BTreeMap<usize, usize>,
     /// With [`simulate_serialized_crashing`]: what every op did in the
     /// serialized run (its requests' results, the faults that fired, the
     /// pool's mode after it), to hold against the kernel's per-op
@@ -118,7 +127,7 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 /// Crashes are refused (the virtio replay does not cut power); see
 /// [`simulate_serialized_crashing`].
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, false, None)
+    simulate_serialized_inner(trace, false, None, None, None)
 }
 
 /// As [`simulate_serialized_full`], crash ops included (what a ublk
@@ -130,7 +139,7 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
 /// controlled disks the same way), and every op's outcome is recorded in
 /// [`SimulatedRun::ops`].
 pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, true, None)
+    simulate_serialized_inner(trace, true, None, None, None)
 }
 
 /// As [`simulate_serialized_full`] (`crashes` false) or
@@ -142,9 +151,206 @@ pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimE
 /// rebuilt after a power cut starts its clock when the kernel's did; and
 /// the teardown comes when the kernel's did. Without a clock, the same as
 /// those.
+///
+/// When the result also says where the kernel committed and what
+/// superblock each commit wrote ([`crate::protocol::COMMIT_SUPERBLOCKS_NOTE`]),
+/// the simulator's commit timer is off and it commits where the kernel's
+/// did instead ([`follow_commits`]): the 1 s commit period is a constant
+/// the kernel does not let be set, and its timer fires at moments no
+/// trace fixes.
 pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Result<SimulatedRun, ShimError> {
     let clock = ThinClock::of(&run.result);
-    simulate_serialized_inner(trace, crashes, clock.as_ref())
+    match crate::protocol::commit_superblocks(&run.result) {
+        Some(kernel) if clock.is_some() => {
+            follow_commits(trace, crashes, clock.as_ref(), &kernel, &run.result)
+        }
+        _ => simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None),
+    }
+}
+
+/// Where the serialized simulator makes a commit the kernel made during
+/// an op (the kernel's commit timer's, or one the op's own requests
+/// made): the worker's next pass commits a changed transaction
+/// ([`dmsim_model::thin::pool::Pool::request_commit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitPlacement {
+    /// Before the op's first request (for a crash op: before the power
+    /// cut).
+    BeforeOp,
+    /// Once this many of the op's data I/Os completed and the worker
+    /// settled.
+    AfterData(usize),
+    /// After the op, its requests complete.
+    AfterOp,
+}
+
+/// A commit plan for the serialized simulator: per op, where it commits
+/// for the kernel. Its own commit timer runs before `follow_from` and
+/// from `clock_from` on, and is off in between.
+#[derive(Debug, Clone, Default)]
+struct CommitPlan {
+    at: BTreeMap<usize, CommitPlacement>,
+    follow_from: usize,
+    clock_from: Option<usize>,
+}
+
+/// The serialized run that commits where the kernel did: `kernel` maps
+/// each op after which the kernel's superblock had changed to the new
+/// superblock's [`crate::protocol::commit_key`]; `result` is the kernel's
+/// run (its ops' outcomes, the faults that fired in each).
+///
+/// The simulator first runs with its own timer, following the kernel's
+/// clock. If the two sides never part, that run is the answer. Otherwise,
+/// from the first op where they part — one committed and the other did
+/// not, or with another key; a metadata write fault fired in the kernel's
+/// op and not in the simulator's (a commit that failed writes no
+/// superblock) — the simulator's timer is off and it commits where the
+/// kernel did: at each op where they part and the kernel committed or
+/// met a fault, the placements of a commit in that op (before it, after
+/// each of its data completions once the worker settled, after it) are
+/// tried in that order, and the first under which the op agrees — the
+/// kernel's outcome, read and mode ([`crate::fault_compare::compare_ops`]),
+/// key and faults — is kept; then the next op where they part. When no
+/// placement makes an op agree, the one that agrees best (the outcome
+/// counts most) is kept where the kernel committed; at the eighth such
+/// op the timer, following the kernel's clock, takes over again.
+///
+/// Deterministic: the same trace and kernel result give the same plan.
+pub fn follow_commits(
+    trace: &Trace,
+    crashes: bool,
+    clock: Option<&ThinClock>,
+    kernel: &BTreeMap<usize, u64>,
+    result: &crate::protocol::KernelResult,
+) -> Result<SimulatedRun, ShimError> {
+    let mut plan = CommitPlan::default();
+    // The kernel's superblock after op `i`, if it ever changed by then.
+    let kernel_at = |i: usize| kernel.range(..=i).next_back().map(|(_, f)| *f);
+    let metadata_write_fault = |what: &str| fault_kind(what) == Some(("metadata", "write-error"));
+    let kernel_faulted: BTreeSet<usize> = crate::fault_compare::kernel_fired(result)
+        .into_iter()
+        .filter(|(_, what)| metadata_write_fault(what))
+        .map(|(i, _)| i)
+        .collect();
+    let sim_faulted = |run: &SimulatedRun, i: usize| {
+        run.ops.iter().any(|o| o.index == i && o.fired.iter().any(|w| metadata_write_fault(w)))
+    };
+    // Whether op `i` agrees: where one side committed, both did, to the
+    // same key; a metadata write fault fired in both or neither.
+    let commits_agree = |run: &SimulatedRun, i: usize| {
+        let sim_committed = run.commit_ops.contains(&i);
+        match kernel.get(&i) {
+            Some(k) => sim_committed && run.superblocks.get(&i) == Some(k),
+            None => !sim_committed || run.superblocks.get(&i).copied() == kernel_at(i),
+        }
+    };
+    let agrees = |run: &SimulatedRun, i: usize| {
+        commits_agree(run, i) && kernel_faulted.contains(&i) == sim_faulted(run, i)
+    };
+    let first_difference = |run: &SimulatedRun, from: usize| {
+        let candidates: BTreeSet<usize> = kernel
+            .keys()
+            .chain(&run.commit_ops)
+            .chain(&kernel_faulted)
+            .copied()
+            .filter(|&i| i >= from)
+            .collect();
+        candidates.into_iter().find(|&i| !agrees(run, i))
+    };
+    // Ops no placement makes agree before the timer takes over.
+    const MISSES: usize = 8;
+    const FULL: u8 = 7;
+    let mut misses = 0;
+    // The simulator's timer, following the kernel's clock, until the two
+    // first part; the kernel's commits from there on.
+    plan.follow_from = usize::MAX;
+    let timed_run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None)?;
+    // (A fault that fired on one side only is no reason to leave the
+    // clock: the commit it met may be one the op made itself.)
+    let commit_ops: BTreeSet<usize> = kernel.keys().chain(&timed_run.commit_ops).copied().collect();
+    let Some(mut from) = commit_ops.into_iter().find(|&i| !commits_agree(&timed_run, i)) else {
+        return Ok(timed_run);
+    };
+    plan.follow_from = from;
+    loop {
+        let run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None)?;
+        let Some(i) = first_difference(&run, from) else { return Ok(run) };
+        from = i + 1;
+        if !(kernel.contains_key(&i) || kernel_faulted.contains(&i)) || plan.at.contains_key(&i) {
+            // The simulator committed where the kernel did not, or the
+            // op was placed already: nothing to place.
+            continue;
+        }
+        // How well op `i` agrees under a placement: its outcome (and read,
+        // and mode) first, then the commit's key, then the faults; 7 is
+        // full agreement.
+        let mut tried = |placement: CommitPlacement| -> Result<(u8, usize), ShimError> {
+            plan.at.insert(i, placement);
+            let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(i))?;
+            let completions = r.data_completions.get(&i).copied().unwrap_or(0);
+            // The pool's mode after the op may differ where the kernel's
+            // status line was read while the commit ran: it shows no mode
+            // (`Error`, while an abort runs), or the kernel's next one is
+            // the simulator's.
+            let mode_in_passing = |d: &crate::fault_compare::OpDifference| {
+                d.what == "mode"
+                    && (d.kernel.starts_with("unknown")
+                        || next_kernel_mode(result, i)
+                            .is_some_and(|(_, m)| crate::fault_compare::modes_agree(&d.sim, m)))
+            };
+            let same_outcome = crate::fault_compare::compare_ops(&r.ops, result)
+                .iter()
+                .all(|d| d.index != i || mode_in_passing(d));
+            let sim_committed = r.commit_ops.contains(&i);
+            let same_commit = match kernel.get(&i) {
+                Some(k) => sim_committed && r.superblocks.get(&i) == Some(k),
+                None => !sim_committed,
+            };
+            let same_faults = kernel_faulted.contains(&i) == sim_faulted(&r, i);
+            let score = 4 * u8::from(same_outcome) + 2 * u8::from(same_commit) + u8::from(same_faults);
+            Ok((score, completions))
+        };
+        let mut best = (tried(CommitPlacement::BeforeOp)?.0, CommitPlacement::BeforeOp);
+        let mut k = 0;
+        while best.0 < FULL {
+            let placement = CommitPlacement::AfterData(k);
+            let (score, completions) = tried(placement)?;
+            if score > best.0 {
+                best = (score, placement);
+            }
+            k += 1;
+            if k > completions {
+                break;
+            }
+        }
+        if best.0 < FULL {
+            let score = tried(CommitPlacement::AfterOp)?.0;
+            if score > best.0 {
+                best = (score, CommitPlacement::AfterOp);
+            }
+        }
+        if best.0 == FULL {
+            plan.at.insert(i, best.1);
+            continue;
+        }
+        // No placement makes the op agree: it differs for another reason.
+        // The one that agrees best is kept (the outcome counts most)
+        // where the kernel committed; a fault alone places nothing. After
+        // `MISSES` such ops the two runs are too far apart to follow: the
+        // timer, following the kernel's clock, places the commits from
+        // here on.
+        if kernel.contains_key(&i) {
+            plan.at.insert(i, best.1);
+        } else {
+            plan.at.remove(&i);
+        }
+        misses += 1;
+        if misses == MISSES {
+            plan.at.retain(|&j, _| j < i);
+            plan.clock_from = Some(i);
+            return simulate_serialized_inner(trace, crashes, clock, Some(&plan), None);
+        }
+    }
 }
 
 /// What the serialized simulator holds right after a crash op's recovery,
@@ -164,15 +370,27 @@ pub struct SimulatedCrash {
     pub data: (u32, u32),
 }
 
+/// The serialized run: following `clock` when given, committing as `plan`
+/// says (its own commit timer off) when given, and stopping after op
+/// `stop_after` when given (the run then holds only
+/// [`SimulatedRun::superblocks`] and [`SimulatedRun::data_completions`]).
 fn simulate_serialized_inner(
     trace: &Trace,
     crashes: bool,
     clock: Option<&ThinClock>,
+    plan: Option<&CommitPlan>,
+    stop_after: Option<usize>,
 ) -> Result<SimulatedRun, ShimError> {
     let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(c) = clock {
         cfg.thin.options.waker_wheel_phase = Some(c.wheel_phase());
     }
+    if plan.is_some_and(|p| p.follow_from == 0) {
+        cfg.thin.options.timed_commits = false;
+    }
+    let placement = |i: usize| plan.and_then(|p| p.at.get(&i).copied());
+    // Whether the simulator's own timer commits during op `i`.
+    let timed = |i: usize| plan.is_none_or(|p| i < p.follow_from || p.clock_from.is_some_and(|c| i >= c));
     if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
         return Err(ShimError::Invalid(e));
     }
@@ -207,22 +425,42 @@ fn simulate_serialized_inner(
     };
     let mut last_superblock = superblock(&sim);
     let mut commit_ops = Vec::new();
-    // Whether the op before `i` committed (its superblock changed since the
-    // op before it); a crash op rebuilt the pool, which is not one of its
-    // commits.
-    let mut note_commit = |sim: &ThinSim, i: usize, crashed: bool| {
+    let mut superblocks = BTreeMap::new();
+    let mut data_completions = BTreeMap::new();
+    // Op `i` is over (a crash op: its power cut is next): a commit placed
+    // after it is made, and whether it committed (its superblock changed
+    // since the op before it) is noted.
+    // `i` None: a crash op's pool was rebuilt, and later commits are
+    // counted from its superblock.
+    let mut end_op = |sim: &mut ThinSim, i: Option<usize>| -> Result<(), ShimError> {
+        let Some(i) = i else {
+            last_superblock = superblock(sim);
+            return Ok(());
+        };
+        data_completions.insert(i, sim.data_completions());
         let sb = superblock(sim);
-        if sb != last_superblock && !crashed {
+        superblocks.insert(i, crate::protocol::commit_key(&sb));
+        if sb != last_superblock {
             commit_ops.push(i);
         }
         last_superblock = sb;
+        Ok(())
     };
     let mut previous_was_crash = false;
+    let mut stopped = false;
     for (i, op) in trace.ops().enumerate() {
         if let Some(prev) = i.checked_sub(1) {
-            note_commit(&sim, prev, previous_was_crash);
+            if !previous_was_crash {
+                end_op(&mut sim, Some(prev))?;
+            }
+            if stop_after == Some(prev) {
+                stopped = true;
+                break;
+            }
         }
         previous_was_crash = matches!(op, Op::Crash { .. });
+        // (A crash's new pool takes the run's options: set at every op.)
+        sim.pool().set_timed_commits(timed(i));
         if let Some(c) = clock {
             // A crash op has no reading of its own: it came right after
             // the op before it.
@@ -231,9 +469,26 @@ fn simulate_serialized_inner(
                 c.advance(&mut sim, &mut now, t).map_err(fail)?;
             }
         }
+        sim.plan_commit(match placement(i) {
+            Some(CommitPlacement::AfterData(k)) => Some(k),
+            _ => None,
+        });
+        // A commit placed before or after the op is part of the op: its
+        // events (faults that fire, mode changes) are the op's.
         let at = sim.events().len();
+        let commit_if_placed = |sim: &mut ThinSim, here: CommitPlacement| {
+            if placement(i) == Some(here) {
+                sim.commit_now().map_err(fail)?;
+            }
+            Ok::<(), ShimError>(())
+        };
+        commit_if_placed(&mut sim, CommitPlacement::BeforeOp)?;
+        if previous_was_crash {
+            end_op(&mut sim, Some(i))?;
+        }
         if matches!(op, Op::Fault { .. } | Op::AimFault { .. }) {
             sim.apply(&op).map_err(fail)?;
+            commit_if_placed(&mut sim, CommitPlacement::AfterOp)?;
             ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
             continue;
         }
@@ -284,10 +539,12 @@ fn simulate_serialized_inner(
                     }
                 }
             }
+            end_op(&mut sim, None)?;
             continue;
         }
         if !kernel_replays(&op) {
-            ops.push(crate::fault_compare::SimOp::of_events(i, &op, &[], &mut mode));
+            commit_if_placed(&mut sim, CommitPlacement::AfterOp)?;
+            ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
             continue;
         }
         // With crashes, a broken model's oracle may object to a read
@@ -326,10 +583,22 @@ fn simulate_serialized_inner(
         if let Some((c, t)) = clock.and_then(|c| Some((c, c.op_end(i)?))) {
             c.advance(&mut sim, &mut now, t).map_err(fail)?;
         }
+        commit_if_placed(&mut sim, CommitPlacement::AfterOp)?;
         ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
     }
     if let Some(last) = trace.ops().count().checked_sub(1) {
-        note_commit(&sim, last, previous_was_crash);
+        if !previous_was_crash && !stopped {
+            end_op(&mut sim, Some(last))?;
+        }
+    }
+    if stopped || stop_after.is_some_and(|s| s + 1 >= trace.ops().count()) {
+        return Ok(SimulatedRun {
+            superblocks,
+            data_completions,
+            ops,
+            commit_ops,
+            ..SimulatedRun::default()
+        });
     }
     if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
         c.advance(&mut sim, &mut now, t).map_err(fail)?;
@@ -395,6 +664,9 @@ fn simulate_serialized_inner(
         crashes: crash_states,
         ops,
         commit_ops,
+        superblocks,
+        data_completions,
+        commit_placements: plan.map(|p| p.at.clone()).unwrap_or_default(),
     })
 }
 

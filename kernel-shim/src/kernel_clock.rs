@@ -224,4 +224,83 @@ mod tests {
         assert_eq!(mapped(&plain), 0, "without the kernel's clock nothing was committed");
         assert_eq!(followed.crashes[0].data.1, 0, "the commit flushed the data write first");
     }
+
+    /// A kernel result that says where the kernel committed
+    /// (`commit-superblocks`) takes the simulator's timer out: the
+    /// simulator commits where the kernel did, wherever the kernel's clock
+    /// was. The kernel's keys come from the simulator's own run of the
+    /// trace with a flush after the write (the same commit a timed one
+    /// makes there).
+    #[test]
+    fn a_kernel_commit_is_placed_where_the_kernel_made_it_and_only_there() {
+        use dmsim_sim::run::{CampaignSettings, RunConfig};
+        use dmsim_traces::{CrashMode, Event, Trace};
+
+        use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
+        use crate::protocol::{COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
+        use crate::vm::KernelRun;
+
+        let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
+        let trace_of = |ops: &[Op]| Trace {
+            header: cfg.header(),
+            events: ops.iter().map(|op| Event::Op(*op)).collect(),
+        };
+        let write = Op::Write { dev: 0, sector: 0, nr_sectors: 8, fua: false, preflush: false };
+        let read = Op::Read { dev: 0, sector: 0, nr_sectors: 8 };
+        let crash = Op::Crash { mode: CrashMode::LoseAll, seed: 0 };
+        let flushed = simulate_serialized_crashing(&trace_of(&[Op::CreateThin, write, Op::Flush { dev: 0 }]))
+            .expect("runs");
+        let (k0, k2) = (flushed.superblocks[&0], flushed.superblocks[&2]);
+        assert_ne!(k0, k2, "the flush committed the write's mapping");
+        let trace = trace_of(&[Op::CreateThin, write, read, crash]);
+        let j = |jiffy: u64| jiffy * 4000;
+        let run = |commits: &[(usize, u64)], op2_at: u64| {
+            let mut result = result(&[
+                ("coarse-us-res", 4000),
+                ("coarse-us-create-b", 0),
+                ("coarse-us-op-a-0", j(1)),
+                ("coarse-us-op-b-0", j(2)),
+                ("coarse-us-op-a-1", j(3)),
+                ("coarse-us-op-b-1", j(4)),
+                ("coarse-us-op-a-2", j(op2_at)),
+                ("coarse-us-op-b-2", j(op2_at + 1)),
+                ("coarse-us-rebuild-b-3", j(op2_at + 100)),
+                (JIFFY_PHASE, 0),
+            ]);
+            let ops = commits.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(" ");
+            let keys = commits.iter().map(|(i, k)| format!("{i}:{k:016x}")).collect::<Vec<_>>().join(" ");
+            result.notes.push((COMMIT_OPS_NOTE.into(), ops));
+            result.notes.push((COMMIT_SUPERBLOCKS_NOTE.into(), keys));
+            KernelRun {
+                result,
+                metadata_image: Vec::new(),
+                thin_dump: Err(String::new()),
+                mapped: BTreeMap::new(),
+                console: String::new(),
+                boot: std::time::Duration::ZERO,
+                wall: std::time::Duration::ZERO,
+                jobs_in_boot: 1,
+                log: None,
+                cache_data: None,
+            }
+        };
+        let mapped = |r: &crate::equivalence::SimulatedRun| {
+            r.crashes[0].state.mapped.values().map(|m| m.len()).sum::<usize>()
+        };
+        // The kernel committed during the write (its clock crossed no
+        // period): so does the simulator, and the mapping survives the cut.
+        let followed = simulate_following(&trace, true, &run(&[(0, k0), (1, k2)], 5)).expect("runs");
+        assert!(followed.commit_placements.contains_key(&1), "{:?}", followed.commit_placements);
+        assert!(followed.commit_ops.contains(&1), "{:?}", followed.commit_ops);
+        assert_eq!(followed.superblocks[&1], k2);
+        assert_eq!(mapped(&followed), 1, "the placed commit made the mapping durable");
+        // The kernel's clock crossed the commit period before the read,
+        // but the kernel did not commit: neither does the simulator.
+        let quiet = simulate_following(&trace, true, &run(&[(0, k0)], 300)).expect("runs");
+        assert!(quiet.commit_placements.is_empty(), "{:?}", quiet.commit_placements);
+        assert!(!quiet.commit_ops.contains(&2), "{:?}", quiet.commit_ops);
+        assert_eq!(mapped(&quiet), 0, "no commit: the power cut lost the mapping");
+        // Before the write nothing had changed: the commit came after it.
+        assert_ne!(followed.commit_placements[&1], CommitPlacement::BeforeOp);
+    }
 }

@@ -11,6 +11,7 @@
 //! - The metadata image is the metadata disk itself (a file on the host),
 //!   read after the VM powered off.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use dmsim_traces::stamp::{self, SectorContent};
@@ -1218,6 +1219,48 @@ pub const JIFFY_PHASE: &str = "jiffy-phase";
 /// [`SUPERBLOCK_BYTES`]) differed from before them: where the kernel
 /// committed. Empty when it never did; absent from older agents.
 pub const COMMIT_OPS_NOTE: &str = "commit-ops";
+
+/// The note of a thin job on controlled disks listing, space-separated,
+/// `op:key` for each op of [`COMMIT_OPS_NOTE`]: the [`commit_key`] of the
+/// superblock the op left, in 16 hex digits.
+pub const COMMIT_SUPERBLOCKS_NOTE: &str = "commit-superblocks";
+
+/// What a thin metadata superblock says of the transaction it commits,
+/// wherever the pool placed its blocks: FNV-1a 64 ([`fnv64`]) of its
+/// `trans_id`, `time`, flags, whether a metadata snapshot is held, and
+/// the data and metadata space maps' sizes and allocated counts. Two
+/// pools that made the same changes have the same key even when their
+/// trees sit in other blocks (a fault moved the metadata, the pieces of a
+/// request were allocated in another order). 0 for a block too short to
+/// be a superblock.
+pub fn commit_key(superblock: &[u8]) -> u64 {
+    if superblock.len() < 512 {
+        return 0;
+    }
+    let sb = dmsim_model::thin::superblock::Superblock::decode(superblock);
+    let fields = [
+        sb.trans_id,
+        u64::from(sb.time),
+        u64::from(sb.flags),
+        u64::from(sb.held_root != 0),
+        sb.data_sm_root.nr_blocks,
+        sb.data_sm_root.nr_allocated,
+        sb.metadata_sm_root.nr_blocks,
+        sb.metadata_sm_root.nr_allocated,
+    ];
+    fnv64(&fields.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>())
+}
+
+/// The ops and superblock fingerprints of a result's
+/// [`COMMIT_SUPERBLOCKS_NOTE`], or `None` without one (an older agent).
+pub fn commit_superblocks(result: &KernelResult) -> Option<BTreeMap<usize, u64>> {
+    let (_, text) = result.notes.iter().find(|(k, _)| k == COMMIT_SUPERBLOCKS_NOTE)?;
+    let one = |w: &str| {
+        let (i, f) = w.split_once(':')?;
+        Some((i.parse().ok()?, u64::from_str_radix(f, 16).ok()?))
+    };
+    Some(text.split_whitespace().filter_map(one).collect())
+}
 
 /// The bytes of the thin metadata superblock (its block).
 pub const SUPERBLOCK_BYTES: usize = 4096;

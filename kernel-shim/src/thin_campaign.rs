@@ -77,6 +77,11 @@ pub struct SeedOutcome {
     pub faulted: bool,
     /// What became of it.
     pub result: SeedResult,
+    /// For a seed judged other than equal: the agent's answer
+    /// ([`crate::protocol::KernelResult::to_text`]: every op's outcome,
+    /// status lines, fired faults, commits, clock readings), to study
+    /// without another boot.
+    pub kernel_answer: Option<String>,
 }
 
 impl SeedOutcome {
@@ -228,6 +233,7 @@ pub fn run(
             crash_ops: trace.ops().filter(|op| matches!(op, Op::Crash { .. })).count(),
             faulted: trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. })),
             result: SeedResult::Refused(String::new()),
+            kernel_answer: None,
         };
         match simulate_serialized_crashing(&trace) {
             Err(e) => {
@@ -278,7 +284,9 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<Seed
                     Ok(r) => SeedResult::Judged(Box::new(r)),
                     Err(e) => SeedResult::Failed(e.to_string()),
                 };
-                SeedOutcome { result, ..o }
+                let o = SeedOutcome { result, ..o };
+                let kernel_answer = (o.verdict() != Some(Verdict::Equal)).then(|| run.result.to_text());
+                SeedOutcome { kernel_answer, ..o }
             })
             .collect(),
         Ok(runs) if batch.len() == 1 => {
@@ -342,6 +350,7 @@ mod tests {
             crash_ops: 0,
             faulted: false,
             result: SeedResult::Judged(Box::new(r)),
+            kernel_answer: None,
         }
     }
 

@@ -214,6 +214,35 @@ fn commits_happen_periodically() {
     assert!(committed(&p));
 }
 
+/// With timed commits off (how a kernel replay follows the kernel's own
+/// commits), the period passing commits nothing; a requested commit does,
+/// once, and only a changed transaction.
+#[test]
+fn without_timed_commits_only_a_requested_commit_commits() {
+    let p = pool_with(
+        16,
+        PoolFeatures::default(),
+        PoolOptions { timed_commits: false, ..PoolOptions::default() },
+    );
+    p.message("create_thin 0").unwrap();
+    p.activate_thin(0, 64 * BLOCK).unwrap();
+    write(&p, 0, 0, 8, 0x07);
+    let committed = |p: &Pool<MemDevice, MemDevice>| p.with_metadata(|md| !md.changed_this_transaction());
+    p.set_time(5_000_000_000);
+    settle(&p);
+    assert!(!committed(&p), "the period passed, and the timer is off");
+    p.request_commit();
+    assert!(p.worker_wanted(), "a requested commit wakes the worker");
+    settle(&p);
+    assert!(committed(&p));
+    // Turned on again, the timer commits as before.
+    write(&p, 0, 8, 8, 0x08);
+    p.set_timed_commits(true);
+    p.set_time(10_000_000_000);
+    settle(&p);
+    assert!(committed(&p));
+}
+
 #[test]
 fn running_out_of_data_space_queues_then_resumes_after_growth() {
     let p = with_thin(2);

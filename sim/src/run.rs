@@ -362,6 +362,7 @@ impl RunConfig {
                 // Not a trace parameter: a kernel replay sets it from the
                 // kernel's clock.
                 waker_wheel_phase: None,
+                timed_commits: true,
             },
         };
         within("data_blocks", thin.data_blocks, 1, 1 << 16)?;

@@ -185,6 +185,12 @@ pub struct ThinSim {
     pending: BTreeMap<BioId, Pending>,
     now: u64,
     step: usize,
+    /// A commit to request once this many data I/Os completed since
+    /// [`ThinSim::plan_commit`] ([`Pool::request_commit`]).
+    commit_plan: Option<usize>,
+    /// Data I/Os [`ThinSim::quiesce`] completed since
+    /// [`ThinSim::plan_commit`].
+    data_completions: usize,
     stats: ThinStats,
     /// Everything that happened, for the trace.
     events: Vec<Event>,
@@ -324,6 +330,8 @@ impl ThinSim {
             crash_points_reported: false,
             crash_point_finding: None,
             epoch: 0,
+            commit_plan: None,
+            data_completions: 0,
             expected: BTreeMap::new(),
             frozen: None,
             degraded: false,
@@ -1205,6 +1213,32 @@ impl ThinSim {
         pending.settle(&mut self.oracle, ok, ok, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))
     }
 
+    /// Plans a commit ([`Pool::request_commit`]) for when the next
+    /// [`Self::quiesce`] has completed `after` data I/Os and the worker has
+    /// settled (at once when it completes fewer), and starts counting data
+    /// completions ([`Self::data_completions`]) from here. `None` plans
+    /// none and only restarts the count. A kernel replay places the
+    /// kernel's timed commits so.
+    pub fn plan_commit(&mut self, after: Option<usize>) {
+        self.commit_plan = after;
+        self.data_completions = 0;
+    }
+
+    /// Makes the pool commit now if its transaction changed
+    /// ([`Pool::request_commit`]; the worker's pass, then
+    /// [`Self::quiesce`]), its faults and mode changes recorded as events.
+    pub fn commit_now(&mut self) -> Result<(), ThinFailure> {
+        self.pool().request_commit();
+        self.worker_pass();
+        self.observe();
+        self.quiesce()
+    }
+
+    /// Data I/Os completed since the last [`Self::plan_commit`].
+    pub fn data_completions(&self) -> usize {
+        self.data_completions
+    }
+
     /// Runs the worker and completes data I/O, oldest first, until nothing
     /// moves. Requests waiting for data space stay queued.
     pub fn quiesce(&mut self) -> Result<(), ThinFailure> {
@@ -1214,10 +1248,21 @@ impl ThinSim {
                 self.worker_pass();
                 continue;
             }
-            match self.pool().in_flight_io().first() {
-                Some(&io) => {
+            let io = self.pool().in_flight_io().first().copied();
+            // A planned commit comes once the worker has settled, before
+            // the next data I/O completes (or when none is left).
+            if self.commit_plan.is_some_and(|k| io.is_none() || k <= self.data_completions) {
+                self.commit_plan = None;
+                self.pool().request_commit();
+                self.worker_pass();
+                self.observe();
+                continue;
+            }
+            match io {
+                Some(io) => {
                     self.complete_data_io(io, false)?;
                     self.stats.data_ios += 1;
+                    self.data_completions += 1;
                 }
                 None => return self.collect(),
             }

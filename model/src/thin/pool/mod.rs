@@ -136,6 +136,12 @@ pub struct PoolOptions {
     /// `last_commit_jiffies`. A kernel replay that follows the kernel's
     /// jiffies sets it.
     pub waker_wheel_phase: Option<u64>,
+    /// Whether the worker commits when the commit period has passed
+    /// (`need_commit_due_to_time`; true, the default). False: it commits
+    /// a changed transaction only for flushes, messages and
+    /// [`Pool::request_commit`] — a kernel replay that places the
+    /// kernel's timed commits where the kernel made them sets it.
+    pub timed_commits: bool,
 }
 
 impl Default for PoolOptions {
@@ -146,6 +152,7 @@ impl Default for PoolOptions {
             fixes: KernelFixes::default(),
             locking: LockingDesign::Kernel61,
             waker_wheel_phase: None,
+            timed_commits: true,
         }
     }
 }
@@ -482,6 +489,8 @@ struct PoolLists {
     low_water_triggered: bool,
     suspended: bool,
     worker_wanted: bool,
+    /// [`Pool::request_commit`] asked for a commit at the worker's next pass.
+    commit_requested: bool,
     /// dm events raised (low water mark, mode changes).
     events: u64,
     /// Mode changes not yet taken ([`Pool::take_mode_changes`]).
@@ -547,6 +556,9 @@ struct Clock {
     last_commit: Nanos,
     /// With [`PoolOptions::waker_wheel_phase`]: when the waker runs next.
     next_waker: Nanos,
+    /// Timed commits off ([`PoolOptions::timed_commits`],
+    /// [`Pool::set_timed_commits`]).
+    untimed: bool,
 }
 
 /// A thin pool with its active thin devices, over a metadata device `M` and
@@ -625,6 +637,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let passdown = DiscardWord::in_effect(&table.features, true) == DiscardWord::DiscardPassdown;
         let error_if_no_space = table.features.error_if_no_space;
         let locking = options.locking;
+        let untimed = !options.timed_commits;
         let pool = Pool {
             block_sectors,
             passdown,
@@ -646,7 +659,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 no_space_deadline: None,
             }),
             io: Mutex::new(IoState::default()),
-            clock: Mutex::new(Clock::default()),
+            clock: Mutex::new(Clock { untimed, ..Clock::default() }),
             bug: Mutex::new(None),
             probes: std::sync::Mutex::new(PoolProbes::default()),
             table,
@@ -1186,7 +1199,22 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     fn commit_due(&self) -> bool {
         let clock = lock(&self.clock);
-        clock.now > clock.last_commit + COMMIT_PERIOD
+        !clock.untimed && clock.now > clock.last_commit + COMMIT_PERIOD
+    }
+
+    /// Turns timed commits on or off from now on ([`PoolOptions::timed_commits`]).
+    pub fn set_timed_commits(&self, on: bool) {
+        lock(&self.clock).untimed = !on;
+    }
+
+    /// Wakes the worker and makes its next pass commit if the transaction
+    /// changed, as a timed commit would: how a kernel replay places a
+    /// timed commit where the kernel made it
+    /// ([`PoolOptions::timed_commits`] off).
+    pub fn request_commit(&self) {
+        let mut lists = lock(&self.lists);
+        lists.commit_requested = true;
+        lists.worker_wanted = true;
     }
 
     // ---- messages and status ----

@@ -53,9 +53,10 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 std::mem::take(&mut lists.deferred_flush_completions),
             )
         };
+        let requested = std::mem::take(&mut lock(&self.lists).commit_requested);
         if bios.is_empty() && completions.is_empty() {
             let changed = lock(&self.metadata).changed_this_transaction();
-            if !(changed && self.commit_due()) {
+            if !(changed && (requested || self.commit_due())) {
                 return;
             }
         }
