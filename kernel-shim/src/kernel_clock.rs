@@ -129,6 +129,41 @@ impl ThinClock {
 mod tests {
     use super::*;
 
+    /// The clock readings of a four-op trace (a create, a write, a read,
+    /// a crash) whose ops 0 and 1 took a jiffy each and whose op 2 began
+    /// `op2_at` jiffies after the pool was created (4 ms jiffies).
+    fn clocked(op2_at: u64) -> KernelResult {
+        let j = |jiffy: u64| jiffy * 4000;
+        result(&[
+            ("coarse-us-res", 4000),
+            ("coarse-us-create-b", 0),
+            ("coarse-us-op-a-0", j(1)),
+            ("coarse-us-op-b-0", j(2)),
+            ("coarse-us-op-a-1", j(3)),
+            ("coarse-us-op-b-1", j(4)),
+            ("coarse-us-op-a-2", j(op2_at)),
+            ("coarse-us-op-b-2", j(op2_at + 1)),
+            ("coarse-us-rebuild-b-3", j(op2_at + 100)),
+            (JIFFY_PHASE, 0),
+        ])
+    }
+
+    /// A kernel run of `result` alone (no images, console or log).
+    fn kernel_run(result: KernelResult) -> crate::vm::KernelRun {
+        crate::vm::KernelRun {
+            result,
+            metadata_image: Vec::new(),
+            thin_dump: Err(String::new()),
+            mapped: BTreeMap::new(),
+            console: String::new(),
+            boot: std::time::Duration::ZERO,
+            wall: std::time::Duration::ZERO,
+            jobs_in_boot: 1,
+            log: None,
+            cache_data: None,
+        }
+    }
+
     fn result(entries: &[(&str, u64)]) -> KernelResult {
         KernelResult {
             timings_ms: entries.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -181,7 +216,6 @@ mod tests {
         use dmsim_traces::{CrashMode, Event, Trace};
 
         use crate::equivalence::{simulate_following, simulate_serialized_crashing};
-        use crate::vm::KernelRun;
 
         let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
         let ops = [
@@ -191,30 +225,7 @@ mod tests {
             Op::Crash { mode: CrashMode::LoseAll, seed: 0 },
         ];
         let trace = Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() };
-        let j = |jiffy: u64| jiffy * 4000;
-        let run = KernelRun {
-            result: result(&[
-                ("coarse-us-res", 4000),
-                ("coarse-us-create-b", 0),
-                ("coarse-us-op-a-0", j(1)),
-                ("coarse-us-op-b-0", j(2)),
-                ("coarse-us-op-a-1", j(3)),
-                ("coarse-us-op-b-1", j(4)),
-                ("coarse-us-op-a-2", j(300)),
-                ("coarse-us-op-b-2", j(301)),
-                ("coarse-us-rebuild-b-3", j(400)),
-                (JIFFY_PHASE, 0),
-            ]),
-            metadata_image: Vec::new(),
-            thin_dump: Err(String::new()),
-            mapped: BTreeMap::new(),
-            console: String::new(),
-            boot: std::time::Duration::ZERO,
-            wall: std::time::Duration::ZERO,
-            jobs_in_boot: 1,
-            log: None,
-            cache_data: None,
-        };
+        let run = kernel_run(clocked(300));
         let followed = simulate_following(&trace, true, &run).expect("runs");
         let plain = simulate_serialized_crashing(&trace).expect("runs");
         let mapped = |r: &crate::equivalence::SimulatedRun| {
@@ -238,7 +249,6 @@ mod tests {
 
         use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
         use crate::protocol::{COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
-        use crate::vm::KernelRun;
 
         let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
         let trace_of = |ops: &[Op]| Trace {
@@ -253,36 +263,13 @@ mod tests {
         let (k0, k2) = (flushed.superblocks[&0], flushed.superblocks[&2]);
         assert_ne!(k0, k2, "the flush committed the write's mapping");
         let trace = trace_of(&[Op::CreateThin, write, read, crash]);
-        let j = |jiffy: u64| jiffy * 4000;
         let run = |commits: &[(usize, u64)], op2_at: u64| {
-            let mut result = result(&[
-                ("coarse-us-res", 4000),
-                ("coarse-us-create-b", 0),
-                ("coarse-us-op-a-0", j(1)),
-                ("coarse-us-op-b-0", j(2)),
-                ("coarse-us-op-a-1", j(3)),
-                ("coarse-us-op-b-1", j(4)),
-                ("coarse-us-op-a-2", j(op2_at)),
-                ("coarse-us-op-b-2", j(op2_at + 1)),
-                ("coarse-us-rebuild-b-3", j(op2_at + 100)),
-                (JIFFY_PHASE, 0),
-            ]);
+            let mut result = clocked(op2_at);
             let ops = commits.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(" ");
             let keys = commits.iter().map(|(i, k)| format!("{i}:{k:016x}")).collect::<Vec<_>>().join(" ");
             result.notes.push((COMMIT_OPS_NOTE.into(), ops));
             result.notes.push((COMMIT_SUPERBLOCKS_NOTE.into(), keys));
-            KernelRun {
-                result,
-                metadata_image: Vec::new(),
-                thin_dump: Err(String::new()),
-                mapped: BTreeMap::new(),
-                console: String::new(),
-                boot: std::time::Duration::ZERO,
-                wall: std::time::Duration::ZERO,
-                jobs_in_boot: 1,
-                log: None,
-                cache_data: None,
-            }
+            kernel_run(result)
         };
         let mapped = |r: &crate::equivalence::SimulatedRun| {
             r.crashes[0].state.mapped.values().map(|m| m.len()).sum::<usize>()
