@@ -300,6 +300,10 @@ impl RunConfig {
                 "fix.unzeroed_mapping_checks_the_mode".to_string(),
                 flag(t.options.fixes.unzeroed_mapping_checks_the_mode),
             ),
+            (
+                "fix.refcount_errors_fail_the_operation".to_string(),
+                flag(t.options.fixes.refcount_errors_fail_the_operation),
+            ),
         ];
         // Only a design other than the kernel's is recorded, so traces of
         // the default runs keep their bytes.
@@ -353,6 +357,7 @@ impl RunConfig {
                     passdown_holds_blocks_in_core: fix("fix.passdown_holds_blocks_in_core")?,
                     read_only_deferred_bios_take_cells: fix("fix.read_only_deferred_bios_take_cells")?,
                     unzeroed_mapping_checks_the_mode: fix("fix.unzeroed_mapping_checks_the_mode")?,
+                    refcount_errors_fail_the_operation: fix("fix.refcount_errors_fail_the_operation")?,
                 },
                 locking: match h.param("locking") {
                     None => LockingDesign::default(),

@@ -21,7 +21,7 @@ use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
 use dmsim_model::pdata::layout::thin::NEEDS_CHECK;
 use dmsim_model::probes::PoolProbes;
-use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem};
+use dmsim_model::thin::check::{check_thin_metadata, CheckOptions, Problem, Severity, Structure};
 use dmsim_model::thin::dump::{read_devices, DeviceMappings};
 use dmsim_model::thin::metadata::ThinId;
 use dmsim_model::thin::metadata::ThinMetadata;
@@ -40,6 +40,14 @@ use crate::completion::{catching, Pending};
 use crate::oracle::faults::{is_leak, RequestSpan};
 use crate::oracle::{DevId, Oracle, OracleConfig};
 use crate::run::MAX_DISK_SECTORS;
+
+/// A metadata block counted and not referenced: a leak, which a pool run
+/// as 6.1 is (`KernelFixes::refcount_errors_fail_the_operation` off)
+/// leaves after a metadata fault — a subtree whose deletion met an error
+/// keeps the counts of the blocks it did not reach.
+fn is_metadata_leak(p: &Problem) -> bool {
+    p.structure == Structure::MetadataSpaceMap && p.severity == Severity::NonFatal
+}
 
 /// Sectors of a 4 KiB metadata block.
 const BLOCK_SECTORS: u64 = 8;
@@ -1418,7 +1426,12 @@ impl ThinSim {
                     ),
                 )
             })?;
-            let damage: Vec<_> = report.problems.iter().filter(|p| !is_leak(p)).collect();
+            let metadata_leaks = self.metadata_may_leak();
+            let damage: Vec<_> = report
+                .problems
+                .iter()
+                .filter(|p| !(is_leak(p) || metadata_leaks && is_metadata_leak(p)))
+                .collect();
             if !damage.is_empty() {
                 return Err(self.fail_as(
                     "checker",
@@ -1530,6 +1543,14 @@ impl ThinSim {
         f
     }
 
+    /// Whether the metadata space map may count blocks nothing references:
+    /// after a metadata fault, when reference-count errors are skipped as
+    /// 6.1 skips them (`KernelFixes::refcount_errors_fail_the_operation`
+    /// off).
+    fn metadata_may_leak(&self) -> bool {
+        self.metadata_faults_fired > 0 && !self.cfg.options.fixes.refcount_errors_fail_the_operation
+    }
+
     /// Commits (through a status query, as `dmsetup status` would) and runs
     /// the independent checker on the metadata image.
     pub fn check_metadata(&mut self) -> Result<(), ThinFailure> {
@@ -1551,10 +1572,16 @@ impl ThinSim {
         // back to a commit that may have counted blocks of mappings still
         // being prepared) or a read-only mode; after data faults alone,
         // only the blocks a failed data I/O left (`leak_candidates`).
+        //
+        // A metadata block leaks only after a metadata fault in a pool run
+        // as 6.1 is ([`Self::metadata_may_leak`]).
         let crashed = self.stats.crashes > 0 || self.metadata_faults_fired > 0 || self.degraded;
+        let metadata_leaks = self.metadata_may_leak();
         let candidates = &self.leak_candidates;
-        let legal_leak =
-            |p: &Problem| is_leak(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b)));
+        let legal_leak = |p: &Problem| {
+            (is_leak(p) && (crashed || p.block.is_some_and(|b| candidates.contains(&b))))
+                || (metadata_leaks && is_metadata_leak(p))
+        };
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 // A data block allocated for a mapping still being prepared

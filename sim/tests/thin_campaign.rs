@@ -304,21 +304,52 @@ fn kernel_finding_no_passdown_discard_frees_a_block_a_write_is_in_flight_to() {
     assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
 }
 
-/// Kernel finding (6.1.166): a pool message whose metadata operation fails
-/// part-way only warns, and what it changed stays in the transaction.
-/// Here a `delete` removes the device's details record, then a transient
-/// read error stops the removal from the mapping tree; the next commit
-/// persists a mapping tree without details (`__delete_device`: "TODO:
-/// failure should mark the transaction invalid"). Found by the campaign
-/// (many-small-devices workload, seed 1658, run as the kernel is),
-/// minimized to 7 ops.
+/// Kernel finding (6.1.166) as first recorded: a pool message whose
+/// metadata operation fails part-way only warns, and what it changed stays
+/// in the transaction (`__delete_device`: "TODO: failure should mark the
+/// transaction invalid"). This trace's read error fires while the deleted
+/// device's mapping subtree is freed — which 6.1 only logs (`subtree_dec`:
+/// "btree delete failed"), so run as 6.1 the delete succeeds and leaves a
+/// leak, no damage. Only in a pool whose reference-count errors fail the
+/// operation (`fix.refcount_errors_fail_the_operation`, the model before
+/// stop 34) does the delete fail after the details record is gone, and
+/// then the next commit persists a mapping tree without details unless
+/// the failed message aborts. Found by the campaign (many-small-devices
+/// workload, seed 1658), minimized to 7 ops.
 #[test]
 fn kernel_finding_a_failed_delete_leaves_a_mapping_tree_without_details() {
     let fix = "fix.failed_message_aborts";
     let name = "failed-delete-leaves-a-tree-without-details.trace";
+    let as_6_1 = fixture_with(name, fix, false);
+    assert_eq!(run_trace(&as_6_1), None, "6.1 skips the failed subtree deletion: a leak, no damage");
+    let propagating = |on: bool| {
+        let mut t = fixture_with(name, fix, on);
+        t.header.params.push(("fix.refcount_errors_fail_the_operation".into(), "1".into()));
+        t
+    };
+    let damaged = run_trace(&propagating(false)).expect("the failed delete's change is committed");
+    assert!(damaged.contains("has a mapping tree but no details record"), "{damaged}");
+    assert_eq!(run_trace(&propagating(true)), None, "the fix");
+}
+
+/// Model finding (6.1.166, not yet shown on the kernel): 6.1's btree value
+/// types return nothing from `inc`, so a reference count the space map
+/// fails to raise is only logged and the operation goes on. Raising a data
+/// block's count from 2 to 3 (`sm_ll_inc_bitmap`, case 2) sets its bitmap
+/// entry to 3 before it inserts the count into the overflow tree; here a
+/// flipped metadata bit fails that insert (the shadowing of a shared leaf
+/// raises its blocks' counts: `inc_children`), and the next commit persists
+/// a bitmap saying "3 or more" with no overflow entry. The fix
+/// (`refcount_errors_fail_the_operation`) fails the operation instead, and
+/// the pool aborts. Found by the campaign (many-small-devices, seed 1800,
+/// run with every other fix), minimized to 13 ops.
+#[test]
+fn kernel_finding_a_failed_refcount_update_leaves_a_bitmap_without_overflow_entry() {
+    let fix = "fix.refcount_errors_fail_the_operation";
+    let name = "refcount-error-leaves-a-bitmap-without-overflow.trace";
     let kernel = run_trace(&fixture_with(name, fix, false)).expect("kernel 6.1 behaviour: damaged metadata");
     println!("as in kernel 6.1: {kernel}");
-    assert!(kernel.contains("has a mapping tree but no details record"), "{kernel}");
+    assert!(kernel.contains("overflow tree has no entry"), "{kernel}");
     assert_eq!(run_trace(&fixture_with(name, fix, true)), None, "the fix");
 }
 

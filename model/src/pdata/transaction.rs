@@ -35,6 +35,11 @@ pub struct TransactionManager<D> {
     shadows: BTreeSet<BlockNr>,
     /// Deliberate bugs for detector tests (none by default).
     pub mutations: crate::mutation::Mutations,
+    /// Whether a reference count that cannot be updated fails the btree
+    /// operation that changes it (true, the default) or is skipped, as
+    /// 6.1's value types do (`KernelFixes::refcount_errors_fail_the_operation`
+    /// in the thin pool).
+    pub refcount_errors_fail: bool,
     /// The first inconsistency an operation met (see [`Self::broken`]).
     broken: Option<String>,
     /// What the btrees did (coverage probes; kept across aborts).
@@ -61,6 +66,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             dsm: None,
             shadows: BTreeSet::new(),
             mutations: Default::default(),
+            refcount_errors_fail: true,
             broken: None,
             probes: Default::default(),
         };
@@ -85,6 +91,7 @@ impl<D: BlockDevice> TransactionManager<D> {
             dsm: None,
             shadows: BTreeSet::new(),
             mutations: Default::default(),
+            refcount_errors_fail: true,
             broken: None,
             probes: Default::default(),
         }

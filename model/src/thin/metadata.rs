@@ -299,6 +299,13 @@ impl<D: BlockDevice> ThinMetadata<D> {
         self.tm.mutations = m;
     }
 
+    /// Whether a reference count that cannot be updated fails the
+    /// operation (true) or is skipped as 6.1 does
+    /// ([`crate::pdata::transaction::TransactionManager::refcount_errors_fail`]).
+    pub fn set_refcount_errors_fail(&mut self, fail: bool) {
+        self.tm.refcount_errors_fail = fail;
+    }
+
     /// The first inconsistency the metadata's operations met, kept across
     /// aborts (see [`TransactionManager::broken`]).
     pub fn broken(&self) -> Option<&str> {

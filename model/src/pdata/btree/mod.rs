@@ -132,57 +132,99 @@ impl ShadowSpine {
 }
 
 impl<D: BlockDevice> TransactionManager<D> {
-    /// Adds references for `count` values of type `vt` stored in `values`.
+    /// A reference-count update's result as the operation sees it: the
+    /// error with [`TransactionManager::refcount_errors_fail`], nothing
+    /// otherwise (6.1's value types return nothing; the next value is
+    /// still updated).
+    fn refcount_result(&self, r: Result<()>) -> Result<()> {
+        if self.refcount_errors_fail {
+            r
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies `metadata` (metadata blocks) or `data` (data block-times) to
+    /// each run of consecutive blocks among `count` values of type `vt`
+    /// (`dm_tm_with_runs`), each run's error as [`Self::refcount_result`]
+    /// says.
+    fn runs_of_counted_blocks(
+        &mut self,
+        vt: ValueType,
+        values: &[u8],
+        count: usize,
+        metadata: fn(&mut Self, u64, u64) -> Result<()>,
+        data: fn(&mut Self, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (blocks, f): (Vec<u64>, _) = match vt {
+            ValueType::DataBlockTimes => {
+                (u64s(values, count).map(|v| unpack_block_time(v).0).collect(), data)
+            }
+            _ => (u64s(values, count).collect(), metadata),
+        };
+        self.for_each_run(blocks, |tm, b, e| {
+            let r = f(tm, b, e);
+            tm.refcount_result(r)
+        })
+    }
+
+    /// Adds references for `count` values of type `vt` stored in `values`
+    /// (`dm_btree_value_type.inc`; see [`Self::refcount_result`]).
     pub(crate) fn value_inc(&mut self, vt: ValueType, values: &[u8], count: usize) -> Result<()> {
         match vt {
             ValueType::Plain(_) => Ok(()),
-            ValueType::MetadataBlocks => {
-                self.for_each_run(u64s(values, count), |tm, b, e| tm.inc_range(b, e))
+            ValueType::MetadataBlocks | ValueType::DataBlockTimes => {
+                self.runs_of_counted_blocks(vt, values, count, Self::inc_range, Self::data_sm_inc)
             }
-            ValueType::DataBlockTimes => self
-                .for_each_run(u64s(values, count).map(|v| unpack_block_time(v).0), |tm, b, e| {
-                    tm.data_sm_inc(b, e)
-                }),
             ValueType::SubtreeRoots | ValueType::ArrayBlocks => {
                 for root in u64s(values, count) {
-                    self.inc(root)?;
+                    let r = self.inc(root);
+                    self.refcount_result(r)?;
                 }
                 Ok(())
             }
         }
     }
 
-    /// Drops references for `count` values of type `vt` stored in `values`.
+    /// Drops references for `count` values of type `vt` stored in `values`
+    /// (`dm_btree_value_type.dec`; see [`Self::refcount_result`]). As 6.1
+    /// does when errors are skipped: a subtree whose deletion fails
+    /// part-way (`subtree_dec`: "btree delete failed") keeps the references
+    /// it had not dropped yet, and an array block that cannot be read keeps
+    /// its own (`block_dec` returns before `dm_tm_dec`): leaks the next
+    /// commit persists.
     pub(crate) fn value_dec(&mut self, vt: ValueType, values: &[u8], count: usize) -> Result<()> {
         match vt {
             ValueType::Plain(_) => Ok(()),
-            ValueType::MetadataBlocks => {
-                self.for_each_run(u64s(values, count), |tm, b, e| tm.dec_range(b, e))
+            ValueType::MetadataBlocks | ValueType::DataBlockTimes => {
+                self.runs_of_counted_blocks(vt, values, count, Self::dec_range, Self::data_sm_dec)
             }
-            ValueType::DataBlockTimes => self
-                .for_each_run(u64s(values, count).map(|v| unpack_block_time(v).0), |tm, b, e| {
-                    tm.data_sm_dec(b, e)
-                }),
             ValueType::SubtreeRoots => {
                 const BOTTOM: BtreeInfo = BtreeInfo { levels: 1, value_type: ValueType::DataBlockTimes };
                 for root in u64s(values, count).collect::<Vec<_>>() {
-                    self.btree_del(&BOTTOM, root)?;
+                    let r = self.btree_del(&BOTTOM, root);
+                    self.refcount_result(r)?;
                 }
                 Ok(())
             }
             ValueType::ArrayBlocks => {
                 for b in u64s(values, count).collect::<Vec<_>>() {
-                    if self.ref_count(b)? == 1 {
-                        // The last reference: the kernel reads the block to
-                        // drop its values' references (none here), which
-                        // also validates it.
-                        self.read(b, BlockKind::Array)?;
-                    }
-                    self.dec(b)?;
+                    let r = self.array_block_dec(b);
+                    self.refcount_result(r)?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Drops a reference to array block `b`: on the last one the kernel
+    /// reads the block to drop its values' references (none here), which
+    /// also validates it; a block that cannot be read keeps its reference.
+    fn array_block_dec(&mut self, b: BlockNr) -> Result<()> {
+        if self.ref_count(b)? == 1 {
+            self.read(b, BlockKind::Array)?;
+        }
+        self.dec(b)
     }
 
     /// A node's bytes, checked to be the kind of node the tree expects at

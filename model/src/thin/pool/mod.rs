@@ -258,6 +258,17 @@ pub struct KernelFixes {
     /// space mode was due. The fix goes through the mode's function (the
     /// write fails, the pool stays out of metadata space).
     pub unzeroed_mapping_checks_the_mode: bool,
+    /// 6.1's btree value types return nothing from `inc` and `dec`
+    /// (`data_block_inc`/`dec`, `subtree_dec`, `inc_children`): a
+    /// reference count the space map failed to update — a metadata I/O
+    /// error inside it — is only logged, and the operation goes on. The
+    /// space map can be left half-updated: `sm_ll_inc_bitmap` sets a
+    /// block's bitmap entry to 3 before it inserts the count into the
+    /// overflow tree, so a failed insert leaves a bitmap saying "3 or
+    /// more" with no overflow entry, which the next commit persists. The
+    /// fix fails the operation instead (the model's behaviour before stop
+    /// 34), so that the pool's usual error path (an abort) runs.
+    pub refcount_errors_fail_the_operation: bool,
 }
 
 impl KernelFixes {
@@ -271,6 +282,7 @@ impl KernelFixes {
         passdown_holds_blocks_in_core: true,
         read_only_deferred_bios_take_cells: true,
         unzeroed_mapping_checks_the_mode: true,
+        refcount_errors_fail_the_operation: true,
     };
 }
 
@@ -633,6 +645,7 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
         let mut md = ThinMetadata::open(metadata, table.data_block_size, !table.features.read_only)
             .map_err(|e| TargetError::new(errno_of(&e), format!("Error creating metadata object: {e}")))?;
         md.set_mutations(options.mutations);
+        md.set_refcount_errors_fail(options.fixes.refcount_errors_fail_the_operation);
         // The model's data devices always accept discards.
         let passdown = DiscardWord::in_effect(&table.features, true) == DiscardWord::DiscardPassdown;
         let error_if_no_space = table.features.error_if_no_space;
