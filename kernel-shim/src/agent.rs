@@ -1386,8 +1386,8 @@ fn run_ublk_pool(
     // The ops after which the metadata superblock differs from before
     // them: the pool committed during the op (or between it and the op
     // before; for a crash op, before the power cut). Reported as the notes
-    // `commit-ops` and, with each new superblock's FNV-1a 64,
-    // `commit-superblocks`.
+    // `commit-ops` and, with each new superblock's commit key
+    // (`protocol::commit_key`), `commit-superblocks`.
     let superblock = |devs: &UblkPair<'_>| {
         devs.devs
             .as_ref()

@@ -97,8 +97,9 @@ pub struct SimulatedRun {
     pub crashes: Vec<SimulatedCrash>,
     /// The ops after which the model's metadata superblock differed from
     /// before them (it committed during the op or just before it, as its
-    /// clock moved to the op's start), crash ops left out: held against
-    /// the agent's [`crate::protocol::COMMIT_OPS_NOTE`].
+    /// clock moved to the op's start; a crash op: before its power cut),
+    /// the rebuilt pool's own writes left out: held against the agent's
+    /// [`crate::protocol::COMMIT_OPS_NOTE`].
     pub commit_ops: Vec<usize>,
     /// The [`crate::protocol::commit_key`] of the model's metadata
     /// superblock after each op (a crash op: just before its power cut),
@@ -152,12 +153,12 @@ pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimE
 /// the teardown comes when the kernel's did. Without a clock, the same as
 /// those.
 ///
-/// When the result also says where the kernel committed and what
-/// superblock each commit wrote ([`crate::protocol::COMMIT_SUPERBLOCKS_NOTE`]),
-/// the simulator's commit timer is off and it commits where the kernel's
-/// did instead ([`follow_commits`]): the 1 s commit period is a constant
-/// the kernel does not let be set, and its timer fires at moments no
-/// trace fixes.
+/// When the result also says where the kernel committed and each
+/// commit's key ([`crate::protocol::COMMIT_SUPERBLOCKS_NOTE`]), then from
+/// the first op where the simulator's commits part from the kernel's, its
+/// commit timer is off and it commits where the kernel did
+/// ([`follow_commits`]): the 1 s commit period is a constant the kernel
+/// does not let be set, and its timer fires at moments no trace fixes.
 pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Result<SimulatedRun, ShimError> {
     let clock = ThinClock::of(&run.result);
     match crate::protocol::commit_superblocks(&run.result) {
@@ -301,13 +302,9 @@ pub fn follow_commits(
             let same_outcome = crate::fault_compare::compare_ops(&r.ops, result)
                 .iter()
                 .all(|d| d.index != i || mode_in_passing(d));
-            let sim_committed = r.commit_ops.contains(&i);
-            let same_commit = match kernel.get(&i) {
-                Some(k) => sim_committed && r.superblocks.get(&i) == Some(k),
-                None => !sim_committed,
-            };
             let same_faults = kernel_faulted.contains(&i) == sim_faulted(&r, i);
-            let score = 4 * u8::from(same_outcome) + 2 * u8::from(same_commit) + u8::from(same_faults);
+            let score =
+                4 * u8::from(same_outcome) + 2 * u8::from(commits_agree(&r, i)) + u8::from(same_faults);
             Ok((score, completions))
         };
         let mut best = (tried(CommitPlacement::BeforeOp)?.0, CommitPlacement::BeforeOp);
@@ -371,9 +368,11 @@ pub struct SimulatedCrash {
 }
 
 /// The serialized run: following `clock` when given, committing as `plan`
-/// says (its own commit timer off) when given, and stopping after op
-/// `stop_after` when given (the run then holds only
-/// [`SimulatedRun::superblocks`] and [`SimulatedRun::data_completions`]).
+/// says when given (its own commit timer off between the plan's
+/// `follow_from` and `clock_from`), and stopping after op `stop_after`
+/// when given (the run then holds only [`SimulatedRun::superblocks`],
+/// [`SimulatedRun::data_completions`], [`SimulatedRun::ops`] and
+/// [`SimulatedRun::commit_ops`]).
 fn simulate_serialized_inner(
     trace: &Trace,
     crashes: bool,
@@ -385,11 +384,9 @@ fn simulate_serialized_inner(
     if let Some(c) = clock {
         cfg.thin.options.waker_wheel_phase = Some(c.wheel_phase());
     }
-    if plan.is_some_and(|p| p.follow_from == 0) {
-        cfg.thin.options.timed_commits = false;
-    }
     let placement = |i: usize| plan.and_then(|p| p.at.get(&i).copied());
-    // Whether the simulator's own timer commits during op `i`.
+    // Whether the simulator's own timer commits during op `i` (set at
+    // every op: a crash's new pool takes the run's options).
     let timed = |i: usize| plan.is_none_or(|p| i < p.follow_from || p.clock_from.is_some_and(|c| i >= c));
     if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
         return Err(ShimError::Invalid(e));
@@ -459,7 +456,6 @@ fn simulate_serialized_inner(
             }
         }
         previous_was_crash = matches!(op, Op::Crash { .. });
-        // (A crash's new pool takes the run's options: set at every op.)
         sim.pool().set_timed_commits(timed(i));
         if let Some(c) = clock {
             // A crash op has no reading of its own: it came right after

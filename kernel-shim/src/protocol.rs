@@ -1251,7 +1251,7 @@ pub fn commit_key(superblock: &[u8]) -> u64 {
     fnv64(&fields.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>())
 }
 
-/// The ops and superblock fingerprints of a result's
+/// The ops and commit keys ([`commit_key`]) of a result's
 /// [`COMMIT_SUPERBLOCKS_NOTE`], or `None` without one (an older agent).
 pub fn commit_superblocks(result: &KernelResult) -> Option<BTreeMap<usize, u64>> {
     let (_, text) = result.notes.iter().find(|(k, _)| k == COMMIT_SUPERBLOCKS_NOTE)?;

@@ -1236,10 +1236,16 @@ impl ThinSim {
     /// ([`Pool::request_commit`]; the worker's pass, then
     /// [`Self::quiesce`]), its faults and mode changes recorded as events.
     pub fn commit_now(&mut self) -> Result<(), ThinFailure> {
+        self.commit_pass();
+        self.quiesce()
+    }
+
+    /// A worker pass that commits a changed transaction, its faults and
+    /// mode changes recorded.
+    fn commit_pass(&mut self) {
         self.pool().request_commit();
         self.worker_pass();
         self.observe();
-        self.quiesce()
     }
 
     /// Data I/Os completed since the last [`Self::plan_commit`].
@@ -1261,9 +1267,7 @@ impl ThinSim {
             // the next data I/O completes (or when none is left).
             if self.commit_plan.is_some_and(|k| io.is_none() || k <= self.data_completions) {
                 self.commit_plan = None;
-                self.pool().request_commit();
-                self.worker_pass();
-                self.observe();
+                self.commit_pass();
                 continue;
             }
             match io {
