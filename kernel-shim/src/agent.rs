@@ -242,6 +242,79 @@ impl Drop for AlignedBuf {
     }
 }
 
+// SAFETY: an AlignedBuf owns its allocation alone; moving it to another
+// thread moves that ownership.
+unsafe impl Send for AlignedBuf {}
+
+/// One op's data request on a thin device, with its own descriptor and
+/// buffer, so that it can run on a thread of its own while other ops go
+/// on ([`crate::protocol::RaceStep::Background`]).
+struct DataIo {
+    index: usize,
+    file: File,
+    kind: DataIoKind,
+}
+
+enum DataIoKind {
+    /// A stamped write; `fua` as `RWF_DSYNC`, `preflush` as a flush first.
+    Write { buf: AlignedBuf, sector: u64, fua: bool, preflush: bool },
+    /// A read, summarized against the trace's run.
+    Read { buf: AlignedBuf, sector: u64, run: u64 },
+    /// `BLKDISCARD` of `[offset, length]` in bytes.
+    Discard { range: [u64; 2] },
+    /// `fsync`: an empty flush.
+    Flush,
+}
+
+impl DataIo {
+    /// Sends the request and waits for it; what the kernel answered.
+    fn run(self) -> OpResult {
+        let index = self.index;
+        let done = |outcome: String, read: Option<String>| OpResult { index, outcome, read };
+        let file = &self.file;
+        match self.kind {
+            DataIoKind::Write { buf, sector, fua, preflush } => {
+                if preflush {
+                    // DM core splits a PREFLUSH write into an empty flush
+                    // and the write; userspace cannot send one bio with both.
+                    if let Err(e) = file.sync_all() {
+                        return done(errno_of(&e), None);
+                    }
+                }
+                let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.len };
+                let rwf = if fua { libc::RWF_DSYNC } else { 0 };
+                // SAFETY: one valid iovec over an owned, aligned buffer.
+                let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, (sector * 512) as i64, rwf) };
+                if r < 0 {
+                    return done(errno_of(&std::io::Error::last_os_error()), None);
+                }
+                if r as usize != buf.len {
+                    return done(format!("short-write {r}"), None);
+                }
+                done("ok".into(), None)
+            }
+            DataIoKind::Read { mut buf, sector, run } => {
+                match read_exact_at(file, buf.as_mut_slice(), sector * 512) {
+                    Ok(()) => done("ok".into(), Some(summarize(buf.as_slice(), run, sector))),
+                    Err(e) => done(errno_of(&e), None),
+                }
+            }
+            DataIoKind::Discard { range } => {
+                // SAFETY: BLKDISCARD reads two u64s from the pointer.
+                let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+                if r < 0 {
+                    return done(errno_of(&std::io::Error::last_os_error()), None);
+                }
+                done("ok".into(), None)
+            }
+            DataIoKind::Flush => match file.sync_all() {
+                Ok(()) => done("ok".into(), None),
+                Err(e) => done(errno_of(&e), None),
+            },
+        }
+    }
+}
+
 fn errno_of(e: &std::io::Error) -> String {
     e.raw_os_error().map_or_else(|| e.to_string(), errno_name)
 }
@@ -561,63 +634,10 @@ impl<'c> Replayer<'c> {
         let done = |outcome: String, read: Option<String>| Ok(OpResult { index, outcome, read });
         let skipped = || done("skipped".into(), None);
         match *op {
-            Op::Write { dev, sector, nr_sectors, fua, preflush } => {
-                let Some(i) = self.index(dev) else { return skipped() };
-                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
-                let write = self.next_write;
-                self.next_write += 1;
-                let thin = &self.devices[i];
-                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
-                dmsim_traces::stamp::fill(buf.as_mut_slice(), self.spec.run, write, thin.id, sector);
-                if preflush {
-                    // DM core splits a PREFLUSH write into an empty flush
-                    // and the write; userspace cannot send one bio with both.
-                    if let Err(e) = thin.file.sync_all() {
-                        return done(errno_of(&e), None);
-                    }
-                }
-                let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.len };
-                let rwf = if fua { libc::RWF_DSYNC } else { 0 };
-                // SAFETY: one valid iovec over an owned, aligned buffer.
-                let r = unsafe { libc::pwritev2(thin.file.as_raw_fd(), &iov, 1, (sector * 512) as i64, rwf) };
-                if r < 0 {
-                    return done(errno_of(&std::io::Error::last_os_error()), None);
-                }
-                if r as usize != buf.len {
-                    return done(format!("short-write {r}"), None);
-                }
-                done("ok".into(), None)
-            }
-            Op::Read { dev, sector, nr_sectors } => {
-                let Some(i) = self.index(dev) else { return skipped() };
-                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
-                let thin = &self.devices[i];
-                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
-                match read_exact_at(&thin.file, buf.as_mut_slice(), sector * 512) {
-                    Ok(()) => done("ok".into(), Some(summarize(buf.as_slice(), self.spec.run, sector))),
-                    Err(e) => done(errno_of(&e), None),
-                }
-            }
-            Op::Discard { dev, sector, nr_sectors } => {
-                if self.spec.features.contains(&"ignore_discard") {
-                    return skipped();
-                }
-                let Some(i) = self.index(dev) else { return skipped() };
-                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
-                let range: [u64; 2] = [sector * 512, nr * 512];
-                // SAFETY: BLKDISCARD reads two u64s from the pointer.
-                let r =
-                    unsafe { libc::ioctl(self.devices[i].file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
-                if r < 0 {
-                    return done(errno_of(&std::io::Error::last_os_error()), None);
-                }
-                done("ok".into(), None)
-            }
-            Op::Flush { dev } => {
-                let Some(i) = self.index(dev) else { return skipped() };
-                match self.devices[i].file.sync_all() {
-                    Ok(()) => done("ok".into(), None),
-                    Err(e) => done(errno_of(&e), None),
+            Op::Write { .. } | Op::Read { .. } | Op::Discard { .. } | Op::Flush { .. } => {
+                match self.data_io(index, op)? {
+                    Ok(io) => Ok(io.run()),
+                    Err(answer) => Ok(answer),
                 }
             }
             Op::CreateThin => {
@@ -700,6 +720,56 @@ impl<'c> Replayer<'c> {
                 )))
             }
         }
+    }
+
+    /// The request of a read, write, discard or flush op, ready to run on
+    /// any thread ([`DataIo::run`]); `Ok(Err(answer))` when the op sends
+    /// none (no live device, discards ignored). A write takes its stamp's
+    /// number here, in op order, wherever it then runs.
+    fn data_io(&mut self, index: usize, op: &Op) -> Result<Result<DataIo, OpResult>, ShimError> {
+        let skipped = Err(OpResult { index, outcome: "skipped".into(), read: None });
+        let (dev, kind) = match *op {
+            Op::Write { dev, sector, nr_sectors, fua, preflush } => {
+                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                let write = self.next_write;
+                self.next_write += 1;
+                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
+                let id = self.devices[i].id;
+                dmsim_traces::stamp::fill(buf.as_mut_slice(), self.spec.run, write, id, sector);
+                (i, DataIoKind::Write { buf, sector, fua, preflush })
+            }
+            Op::Read { dev, sector, nr_sectors } => {
+                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                (
+                    i,
+                    DataIoKind::Read {
+                        buf: AlignedBuf::zeroed((nr * 512) as usize),
+                        sector,
+                        run: self.spec.run,
+                    },
+                )
+            }
+            Op::Discard { dev, sector, nr_sectors } => {
+                if self.spec.features.contains(&"ignore_discard") {
+                    return Ok(skipped);
+                }
+                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                (i, DataIoKind::Discard { range: [sector * 512, nr * 512] })
+            }
+            Op::Flush { dev } => {
+                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                (i, DataIoKind::Flush)
+            }
+            _ => return Err(ShimError::Invalid(format!("op {index} ({op:?}) sends no data request"))),
+        };
+        let file = self.devices[dev]
+            .file
+            .try_clone()
+            .map_err(|e| ShimError::io(format!("op {index}: dup the thin device's descriptor"), e))?;
+        Ok(Ok(DataIo { index, file, kind }))
     }
 
     /// Reads every live device back, one summary per data block.
@@ -958,7 +1028,7 @@ pub fn run_job(
         run_cache_job(ctl, job, trace, disks, &mut result);
         return result;
     }
-    if *kind == JobKind::Ublk {
+    if matches!(kind, JobKind::Ublk | JobKind::Race { .. }) {
         run_ublk_job(ctl, job, kind, trace, spec, disks, &mut result);
         return result;
     }
@@ -1166,6 +1236,8 @@ fn run_pool_with(
         }
         // Runs in `run_cache_job`, never on a pool.
         JobKind::Cache => result.error = Some("a cache job on a thin-pool".into()),
+        // Runs in `run_ublk_job`.
+        JobKind::Race { .. } => result.error = Some("a race job on disks not controlled".into()),
     }
     finish_replay(replayer, t0, result);
 }
@@ -1213,7 +1285,7 @@ const UBLK_MAX_DISK_BYTES: u64 = 256 << 20;
 fn run_ublk_job(
     ctl: &Control,
     job: usize,
-    _kind: &JobKind,
+    kind: &JobKind,
     trace: &Trace,
     spec: PoolSpec,
     disks: &JobDisks<'_>,
@@ -1258,7 +1330,12 @@ fn run_ublk_job(
         result.ublk.push((format!("{role}-max-io-buf-bytes"), u64::from(g.max_io_buf_bytes)));
     }
     let mut devs = UblkPair { ctl: &ublk, devs: Some((meta, data)), counts: Default::default(), shapes };
-    run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, result);
+    match kind {
+        JobKind::Race { steps } => {
+            run_race_pool(ctl, job, trace, steps, spec.clone(), &mut devs, disks.dev_dir, result)
+        }
+        _ => run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, result),
+    }
     let t1 = Instant::now();
     let mut served = Vec::new();
     if let Some((meta, data)) = devs.devs.take() {
@@ -1476,6 +1553,126 @@ fn run_ublk_pool(
     if faulted {
         note_fired(devs, trace.ops().count(), result);
     }
+}
+
+/// A race job's pool ([`JobKind::Race`]): the pool on the controlled
+/// disks, the trace's ops run as `steps` say — some on threads of their
+/// own, the data disk's reads held at its gate meanwhile — then the
+/// read-back, the pool's status and the teardown. Whatever happens, the
+/// gate is opened and every background op waited for before the
+/// teardown (a held read would keep it waiting).
+#[allow(clippy::too_many_arguments)]
+fn run_race_pool(
+    ctl: &Control,
+    job: usize,
+    trace: &Trace,
+    steps: &[crate::protocol::RaceStep],
+    spec: PoolSpec,
+    devs: &mut UblkPair<'_>,
+    dev_dir: &Path,
+    result: &mut KernelResult,
+) {
+    use crate::protocol::{RaceStep, RACE_WAIT};
+    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
+    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+    let Some((m, d)) = devs.devs.as_ref() else { return };
+    let data = d;
+    let prefix = job.to_string();
+    let mut replayer = match Replayer::new(ctl, spec, m.block(), d.block(), dev_dir, &prefix, true) {
+        Ok(r) => r,
+        Err(e) => {
+            result.error = Some(format!("creating the pool: {e}"));
+            return;
+        }
+    };
+    let ops: Vec<Op> = trace.ops().collect();
+    let t0 = Instant::now();
+    let mut background: Vec<std::thread::JoinHandle<OpResult>> = Vec::new();
+    let join = |background: &mut Vec<std::thread::JoinHandle<OpResult>>, result: &mut KernelResult| {
+        for h in background.drain(..) {
+            match h.join() {
+                Ok(r) => result.ops.push(r),
+                Err(_) => {
+                    result.error = result.error.take().or(Some("a background op's thread panicked".into()))
+                }
+            }
+        }
+    };
+    for (k, step) in steps.iter().enumerate() {
+        let op_of = |i: usize| {
+            ops.get(i)
+                .cloned()
+                .ok_or_else(|| format!("step {k} ({}): the trace has {} ops", step.to_text(), ops.len()))
+        };
+        let done: Result<(), String> = match *step {
+            RaceStep::Op(i) => op_of(i).and_then(|op| {
+                if let Some(e) = op.thin_error() {
+                    return Err(format!("op {i} ({op:?}): {e}"));
+                }
+                match op {
+                    Op::Fault { .. } | Op::AimFault { .. } | Op::Crash { .. } => {
+                        Err(format!("op {i} ({op:?}): a race job runs no faults or crashes"))
+                    }
+                    _ => replayer
+                        .apply(i, &op)
+                        .map(|r| result.ops.push(r))
+                        .map_err(|e| format!("op {i} ({op:?}): {e}")),
+                }
+            }),
+            RaceStep::Background(i) => op_of(i).and_then(|op| {
+                if ops_on_console() {
+                    log(&format!("op {i} (in the background): {}", dmsim_traces::text::op_to_line(&op)));
+                }
+                match replayer.data_io(i, &op) {
+                    Ok(Ok(io)) => std::thread::Builder::new()
+                        .name(format!("op{i}"))
+                        .spawn(move || io.run())
+                        .map(|h| background.push(h))
+                        .map_err(|e| format!("op {i}: spawn its thread: {e}")),
+                    Ok(Err(answer)) => {
+                        result.ops.push(answer);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("op {i} ({op:?}) in the background: {e}")),
+                }
+            }),
+            RaceStep::HoldReads => {
+                data.hold_reads(true);
+                Ok(())
+            }
+            RaceStep::HeldReads(n) => {
+                let deadline = Instant::now() + RACE_WAIT;
+                loop {
+                    if data.held_reads() >= n {
+                        break Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        break Err(format!(
+                            "step {k}: the data disk holds {} reads after {RACE_WAIT:?}, expected {n}",
+                            data.held_reads()
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            RaceStep::ReleaseReads => {
+                data.hold_reads(false);
+                Ok(())
+            }
+            RaceStep::Join => {
+                join(&mut background, result);
+                Ok(())
+            }
+        };
+        if let Err(e) = done {
+            result.error = Some(e);
+            break;
+        }
+    }
+    data.hold_reads(false);
+    join(&mut background, result);
+    result.ops.sort_by_key(|r| r.index);
+    finish_replay(replayer, t0, result);
 }
 
 /// A trace's `fault` or `aim-fault` op, armed on the controlled disks as

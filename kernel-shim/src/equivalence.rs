@@ -599,6 +599,58 @@ fn simulate_serialized_inner(
     if let Some((c, t)) = clock.and_then(|c| Some((c, c.teardown()?))) {
         c.advance(&mut sim, &mut now, t).map_err(fail)?;
     }
+    let run = finished(sim, &spec, first_oracle)?;
+    Ok(SimulatedRun {
+        crashes: crash_states,
+        ops,
+        commit_ops,
+        superblocks,
+        data_completions,
+        commit_placements: plan.map(|p| p.at.clone()).unwrap_or_default(),
+        ..run
+    })
+}
+
+/// Runs `trace` on the simulator as written — its `worker` and
+/// `complete` ops too, so that requests overlap and complete as the trace
+/// orders them — and reads every device back: what a race job
+/// ([`crate::Job::Race`]) is held against. An oracle objection (a lost
+/// write, say) is reported in [`SimulatedRun::oracle_violation`] and the
+/// state read from the model's images. Faults and crashes are refused.
+pub fn simulate_as_written(trace: &Trace) -> Result<SimulatedRun, ShimError> {
+    let cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
+    let spec = PoolSpec::from_header(&trace.header)?;
+    if let Some(e) = trace.ops().find_map(|op| op.thin_error()) {
+        return Err(ShimError::Invalid(e));
+    }
+    if let Some(op) =
+        trace.ops().find(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. } | Op::Crash { .. }))
+    {
+        return Err(ShimError::Invalid(format!("a race is replayed without faults or crashes, not {op:?}")));
+    }
+    let mut sim = ThinSim::new(cfg.thin);
+    let mut first_oracle = None;
+    for op in trace.ops() {
+        match sim.apply(&op) {
+            Err(f) if f.kind == "oracle" => {
+                first_oracle.get_or_insert(f.to_string());
+            }
+            r => r.map_err(|f| ShimError::Invalid(format!("simulator: {f}")))?,
+        }
+    }
+    finished(sim, &spec, first_oracle)
+}
+
+/// The end of a simulator run: `ThinSim::finish` (every device read back,
+/// the final commit, the metadata check), the devices as read, the disks
+/// as the kernel's teardown leaves them and their dump. `first_oracle`:
+/// an objection the oracle raised earlier in the run.
+fn finished(
+    mut sim: ThinSim,
+    spec: &PoolSpec,
+    first_oracle: Option<String>,
+) -> Result<SimulatedRun, ShimError> {
+    let fail = |f: dmsim_sim::thin::ThinFailure| ShimError::Invalid(format!("simulator: {f}"));
     let before = sim.events().len();
     let mut oracle_violation = first_oracle;
     let mut end_check_finding = None;
@@ -644,7 +696,7 @@ fn simulate_serialized_inner(
     let thin_dump = dump(&metadata_image)
         .map_err(|e| ShimError::Invalid(format!("dump of the model's metadata: {e}")))?;
     let state = if oracle_violation.is_some() {
-        read_images(&thin_dump, &data_image, &spec)
+        read_images(&thin_dump, &data_image, spec)
     } else {
         FinalState { devices, mapped: mapped_blocks(&thin_dump) }
     };
@@ -657,12 +709,7 @@ fn simulate_serialized_inner(
         oracle_violation,
         crash_point_finding,
         end_check_finding,
-        crashes: crash_states,
-        ops,
-        commit_ops,
-        superblocks,
-        data_completions,
-        commit_placements: plan.map(|p| p.at.clone()).unwrap_or_default(),
+        ..SimulatedRun::default()
     })
 }
 

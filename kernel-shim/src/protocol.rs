@@ -669,6 +669,82 @@ pub enum JobKind {
     /// metadata image there); the result counts the requests served
     /// ([`KernelResult::ublk`]).
     Ublk,
+    /// As [`JobKind::Ublk`], with the trace's ops run as `steps` say
+    /// rather than one after another: some started on a thread of their
+    /// own and left in flight, the data disk's reads held at a gate
+    /// (`crate::ublk::UblkDevice::hold_reads`) while other ops run, then
+    /// released. An op no step names is not run (the trace's `worker` and
+    /// `complete` ops say what the simulator does meanwhile). No quiet
+    /// window, no power cut, no fault: a race as the trace's `complete`
+    /// ops order it, for the findings that turn on one.
+    Race {
+        /// What the agent does, in order.
+        steps: Vec<RaceStep>,
+    },
+}
+
+/// One step of a [`JobKind::Race`] job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaceStep {
+    /// Run op `i` and wait for it (text `i`).
+    Op(usize),
+    /// Start op `i` on a thread of its own and go on (text `bg<i>`): a
+    /// read, write, discard or flush.
+    Background(usize),
+    /// Hold every read the data disk receives from now on (text
+    /// `hold-reads`).
+    HoldReads,
+    /// Wait until the data disk holds `n` reads (text `held-reads=<n>`),
+    /// at most [`RACE_WAIT`].
+    HeldReads(usize),
+    /// Serve the held reads and stop holding (text `release-reads`).
+    ReleaseReads,
+    /// Wait for every op started in the background (text `join`).
+    Join,
+}
+
+/// How long a [`RaceStep::HeldReads`] waits before the job fails.
+pub const RACE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl RaceStep {
+    /// The step's text in a job line.
+    pub fn to_text(self) -> String {
+        match self {
+            RaceStep::Op(i) => i.to_string(),
+            RaceStep::Background(i) => format!("bg{i}"),
+            RaceStep::HoldReads => "hold-reads".into(),
+            RaceStep::HeldReads(n) => format!("held-reads={n}"),
+            RaceStep::ReleaseReads => "release-reads".into(),
+            RaceStep::Join => "join".into(),
+        }
+    }
+
+    /// Parses [`RaceStep::to_text`]'s output; `None` if it is not one.
+    pub fn parse(text: &str) -> Option<RaceStep> {
+        let number = |t: &str| t.parse().ok().filter(|_| t.bytes().all(|b| b.is_ascii_digit()));
+        match text {
+            "hold-reads" => Some(RaceStep::HoldReads),
+            "release-reads" => Some(RaceStep::ReleaseReads),
+            "join" => Some(RaceStep::Join),
+            t => {
+                if let Some(n) = t.strip_prefix("held-reads=") {
+                    number(n).map(RaceStep::HeldReads)
+                } else if let Some(i) = t.strip_prefix("bg") {
+                    number(i).map(RaceStep::Background)
+                } else {
+                    number(t).map(RaceStep::Op)
+                }
+            }
+        }
+    }
+
+    /// The op the step runs, if it runs one.
+    pub fn op(self) -> Option<usize> {
+        match self {
+            RaceStep::Op(i) | RaceStep::Background(i) => Some(i),
+            _ => None,
+        }
+    }
 }
 
 /// The text of the log mark the agent drops after op `index` of a logged
@@ -706,7 +782,10 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
-        matches!(self, JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk)
+        matches!(
+            self,
+            JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk | JobKind::Race { .. }
+        )
     }
 }
 
@@ -726,6 +805,11 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
             JobKind::Flakey => format!("job flakey {}\n", text.len()),
             JobKind::Ublk => format!("job ublk {}\n", text.len()),
             JobKind::Cache => format!("job cache {}\n", text.len()),
+            JobKind::Race { steps } => {
+                let steps: Vec<String> = steps.iter().map(|s| s.to_text()).collect();
+                let steps = if steps.is_empty() { "-".to_string() } else { steps.join(",") };
+                format!("job race {} {steps}\n", text.len())
+            }
             JobKind::Activate { ids } => {
                 let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
                 let ids = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
@@ -776,6 +860,11 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
             ("flakey", None) => JobKind::Flakey,
             ("ublk", None) => JobKind::Ublk,
             ("cache", None) => JobKind::Cache,
+            ("race", Some(&"-")) if words.len() == 4 => JobKind::Race { steps: Vec::new() },
+            ("race", Some(steps)) if words.len() == 4 => {
+                let steps: Option<Vec<RaceStep>> = steps.split(',').map(RaceStep::parse).collect();
+                JobKind::Race { steps: steps.ok_or_else(|| bad(format!("bad race steps in {line:?}")))? }
+            }
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
             ("activate", Some(ids)) if words.len() == 4 => {
                 let ids: Result<Vec<u32>, _> = ids.split(',').map(str::parse).collect();
@@ -1498,6 +1587,36 @@ mod tests {
         }
         let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
         assert!(decode_request(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn race_steps_round_trip_and_reject_garbage() {
+        let text = "dmsim-trace 1\nseed 3\nworkload random\nparam x 1\ncreate-thin\n".to_string();
+        let steps = vec![
+            RaceStep::Op(0),
+            RaceStep::HoldReads,
+            RaceStep::Background(12),
+            RaceStep::HeldReads(1),
+            RaceStep::Op(3),
+            RaceStep::ReleaseReads,
+            RaceStep::Join,
+        ];
+        let jobs = vec![
+            (JobKind::Race { steps: steps.clone() }, text.clone()),
+            (JobKind::Race { steps: vec![] }, text.clone()),
+        ];
+        let body = encode_request(&jobs);
+        assert!(
+            String::from_utf8_lossy(&body).contains("0,hold-reads,bg12,held-reads=1,3,release-reads,join")
+        );
+        let back = decode_request(&body).unwrap();
+        assert_eq!(back[0].0, JobKind::Race { steps });
+        assert_eq!(back[1].0, JobKind::Race { steps: vec![] });
+        assert!(back[0].0.is_fresh());
+        for bad in ["bg", "bgx", "held-reads=", "held-reads=-1", "+3", "1,,2", "join,wait", "bg-1"] {
+            let body = format!("{REQUEST_FIRST_LINE}\njob race {} {bad}\n{text}", text.len());
+            assert!(decode_request(body.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

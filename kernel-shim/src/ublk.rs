@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dmsim_faults::{CrashMode, CrashSummary, PendingWrite, SimDisk};
@@ -658,6 +658,19 @@ pub struct UblkDevice<'c> {
     /// The quiet window, in microseconds, for which the queue thread holds
     /// requests ([`UblkDevice::hold_until_quiet`]); 0: none held.
     hold_us: Arc<AtomicU64>,
+    /// The read gate ([`UblkDevice::hold_reads`]), shared with the queue
+    /// thread.
+    gate: Arc<ReadGate>,
+}
+
+/// Reads held at a closed gate: set by [`UblkDevice::hold_reads`], counted
+/// by the queue thread.
+#[derive(Debug, Default)]
+struct ReadGate {
+    /// Whether reads are held.
+    closed: AtomicBool,
+    /// How many reads the gate holds now.
+    held: AtomicUsize,
 }
 
 impl std::fmt::Debug for UblkDevice<'_> {
@@ -716,6 +729,7 @@ impl<'c> UblkDevice<'c> {
             power_cut: Arc::new(AtomicBool::new(false)),
             control: Arc::new(Mutex::new(crate::ublk_faults::DiskControl::default())),
             hold_us: Arc::new(AtomicU64::new(0)),
+            gate: Arc::new(ReadGate::default()),
         };
         let buf_bytes = info.max_io_buf_bytes;
         let mut params = Params {
@@ -761,6 +775,7 @@ impl<'c> UblkDevice<'c> {
             power_cut: Arc::clone(&dev.power_cut),
             control: Arc::clone(&dev.control),
             hold_us: Arc::clone(&dev.hold_us),
+            gate: Arc::clone(&dev.gate),
         };
         let thread = std::thread::Builder::new()
             .name(format!("ublk{}", dev.dev_id))
@@ -824,6 +839,24 @@ impl<'c> UblkDevice<'c> {
     pub fn hold_until_quiet(&self, window: Option<Duration>) {
         let us = window.map_or(0, |w| (w.as_micros() as u64).max(1));
         self.hold_us.store(us, Ordering::SeqCst);
+    }
+
+    /// Closes (`true`) or opens the disk's read gate. While it is closed
+    /// every read request is held, whatever [`UblkDevice::hold_until_quiet`]
+    /// says; opening it serves the held reads in the order they came. A
+    /// power cut opens it too (the reads then fail).
+    ///
+    /// This is how a replay keeps a pool's copy-on-write copy in flight (a
+    /// break-sharing copy starts with a read of the shared block) while
+    /// other requests race it: the trace's `complete` order for the one
+    /// I/O a race turns on.
+    pub fn hold_reads(&self, closed: bool) {
+        self.gate.closed.store(closed, Ordering::SeqCst);
+    }
+
+    /// How many reads the closed gate holds now ([`UblkDevice::hold_reads`]).
+    pub fn held_reads(&self) -> usize {
+        self.gate.held.load(Ordering::SeqCst)
     }
 
     /// Arms a fault on the disk: the queue thread hands it to the disk
@@ -908,6 +941,8 @@ impl<'c> UblkDevice<'c> {
     }
 
     fn shut(&mut self) -> Result<ControlledDisk, ShimError> {
+        // A held read would keep the stop waiting.
+        self.hold_reads(false);
         let held = self.holders();
         let stopped = self.simple(CMD_STOP_DEV);
         let disk = self.join();
@@ -1018,7 +1053,7 @@ fn serve_queue(
     shared: &QueueShared,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
-    let QueueShared { disk, power_cut, control, hold_us } = shared;
+    let QueueShared { disk, power_cut, control, hold_us, gate } = shared;
     let fail = |e: String| {
         let _ = ready.send(Err(e.clone()));
         Err(e)
@@ -1055,6 +1090,8 @@ fn serve_queue(
     let mut error = None;
     // Requests held until the kernel is quiet, oldest first.
     let mut held: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
+    // Reads held at the closed gate, oldest first.
+    let mut gated: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
     // Serves one request and queues its answer with the next fetch.
     let serve = |ring: &mut io_uring::IoUring, bufs: &mut [Vec<u8>], req: &Request| -> Result<(), String> {
         let tag = req.tag;
@@ -1086,12 +1123,21 @@ fn serve_queue(
                 serve(&mut ring, &mut bufs, &req)?;
             }
         }
-        let waited = if held.is_empty() {
+        // The gate opened, or power cut: the gated reads are served.
+        if !gated.is_empty() && (!gate.closed.load(Ordering::SeqCst) || power_cut.load(Ordering::SeqCst)) {
+            while let Some(req) = gated.pop_front() {
+                serve(&mut ring, &mut bufs, &req)?;
+            }
+            gate.held.store(0, Ordering::SeqCst);
+        }
+        let waited = if held.is_empty() && gated.is_empty() {
             ring.submit_and_wait(1)
         } else {
+            // Gated reads alone: a short poll for the gate to open.
+            let wait_us = if held.is_empty() { GATE_POLL_US } else { window };
             let ts = io_uring::types::Timespec::new()
-                .sec(window / 1_000_000)
-                .nsec(((window % 1_000_000) * 1000) as u32);
+                .sec(wait_us / 1_000_000)
+                .nsec(((wait_us % 1_000_000) * 1000) as u32);
             let args = io_uring::types::SubmitArgs::new().timespec(&ts);
             ring.submitter().submit_with_args(1, &args)
         };
@@ -1099,7 +1145,8 @@ fn serve_queue(
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                // Quiet for the window: the oldest held request completes.
+                // Quiet for the window: the oldest held request completes
+                // (none: the gate's poll ran out).
                 if let Some(req) = held.pop_front() {
                     serve(&mut ring, &mut bufs, &req)?;
                 }
@@ -1117,6 +1164,14 @@ fn serve_queue(
             }
             if res == 0 {
                 let req = Request::from_desc(tag, &descs.get(tag));
+                if req.kind == RequestKind::Read
+                    && gate.closed.load(Ordering::SeqCst)
+                    && !power_cut.load(Ordering::SeqCst)
+                {
+                    gated.push_back(req);
+                    gate.held.store(gated.len(), Ordering::SeqCst);
+                    continue;
+                }
                 let hold = hold_us.load(Ordering::SeqCst) != 0
                     && !power_cut.load(Ordering::SeqCst)
                     && !matches!(req.kind, RequestKind::Flush | RequestKind::Other(_));
@@ -1152,7 +1207,12 @@ struct QueueShared {
     power_cut: Arc<AtomicBool>,
     control: Arc<Mutex<crate::ublk_faults::DiskControl>>,
     hold_us: Arc<AtomicU64>,
+    gate: Arc<ReadGate>,
 }
+
+/// How often, in microseconds, a queue thread holding only gated reads
+/// looks whether the gate opened.
+const GATE_POLL_US: u64 = 2_000;
 
 /// Locks a disk or its fault control; a poisoned lock (a panic while
 /// serving) still gives the value as it was left (a disk's state, or plain

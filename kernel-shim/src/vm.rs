@@ -315,6 +315,15 @@ pub enum Job {
     /// [`KernelShim::prepare_with_ublk`]. The run's result counts the
     /// requests the disks served (`KernelResult::ublk`).
     Ublk(Trace),
+    /// As [`Job::Ublk`], with the trace's ops run as `steps` say: some in
+    /// the background, the data disk's reads held at a gate meanwhile (see
+    /// `protocol::JobKind::Race`). No faults, no crashes.
+    Race {
+        /// The pool's shape and the ops the steps name.
+        trace: Trace,
+        /// What the agent does, in order.
+        steps: Vec<crate::protocol::RaceStep>,
+    },
     /// A dm-cache device on images the host provides (see
     /// `protocol::JobKind::Cache`; build it with [`Job::cache`]): the run
     /// carries the metadata image after the clean shutdown and the cache
@@ -381,6 +390,7 @@ impl Job {
             | Job::Logged(t)
             | Job::Flakey(t)
             | Job::Ublk(t)
+            | Job::Race { trace: t, .. }
             | Job::Activate { trace: t, .. }
             | Job::LoggedWithMessages { trace: t, .. }
             | Job::Cache { trace: t, .. } => t,
@@ -392,7 +402,7 @@ impl Job {
     /// shim prepared with [`KernelShim::prepare_with_ublk`].
     pub fn needs_ublk(&self) -> bool {
         match self {
-            Job::Ublk(_) => true,
+            Job::Ublk(_) | Job::Race { .. } => true,
             Job::Cache { trace, .. } => trace.header.param(CACHE_UBLK_PARAM) == Some("1"),
             _ => false,
         }
@@ -406,6 +416,7 @@ impl Job {
             Job::LoggedWithMessages { messages, .. } => JobKind::Logged { messages: messages.clone() },
             Job::Flakey(_) => JobKind::Flakey,
             Job::Ublk(_) => JobKind::Ublk,
+            Job::Race { steps, .. } => JobKind::Race { steps: steps.clone() },
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
             Job::Cache { .. } => JobKind::Cache,
         }
