@@ -1587,14 +1587,17 @@ fn run_race_pool(
     };
     let ops: Vec<Op> = trace.ops().collect();
     let t0 = Instant::now();
-    let mut background: Vec<std::thread::JoinHandle<OpResult>> = Vec::new();
-    let join = |background: &mut Vec<std::thread::JoinHandle<OpResult>>, result: &mut KernelResult| {
-        for h in background.drain(..) {
+    type Background = Vec<(usize, std::thread::JoinHandle<OpResult>)>;
+    let mut background: Background = Vec::new();
+    // Waits for the background ops `which` picks (all: `None`).
+    let join = |background: &mut Background, which: Option<usize>, result: &mut KernelResult| {
+        let (now, later): (Background, Background) =
+            std::mem::take(background).into_iter().partition(|(i, _)| which.is_none_or(|w| w == *i));
+        *background = later;
+        for (i, h) in now {
             match h.join() {
                 Ok(r) => result.ops.push(r),
-                Err(_) => {
-                    result.error = result.error.take().or(Some("a background op's thread panicked".into()))
-                }
+                Err(_) => result.error = result.error.take().or(Some(format!("op {i}: its thread panicked"))),
             }
         }
     };
@@ -1627,7 +1630,7 @@ fn run_race_pool(
                     Ok(Ok(io)) => std::thread::Builder::new()
                         .name(format!("op{i}"))
                         .spawn(move || io.run())
-                        .map(|h| background.push(h))
+                        .map(|h| background.push((i, h)))
                         .map_err(|e| format!("op {i}: spawn its thread: {e}")),
                     Ok(Err(answer)) => {
                         result.ops.push(answer);
@@ -1636,31 +1639,41 @@ fn run_race_pool(
                     Err(e) => Err(format!("op {i} ({op:?}) in the background: {e}")),
                 }
             }),
-            RaceStep::HoldReads => {
-                data.hold_reads(true);
+            RaceStep::Hold { reads, writes } => {
+                data.gate(crate::ublk::GateKinds { reads, writes });
                 Ok(())
             }
-            RaceStep::HeldReads(n) => {
-                let deadline = Instant::now() + RACE_WAIT;
-                loop {
-                    if data.held_reads() >= n {
-                        break Ok(());
-                    }
-                    if Instant::now() > deadline {
-                        break Err(format!(
-                            "step {k}: the data disk holds {} reads after {RACE_WAIT:?}, expected {n}",
-                            data.held_reads()
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
+            RaceStep::Held(n) => wait_until(RACE_WAIT, || data.held() >= n).map_err(|w| {
+                format!("step {k}: the data disk holds {} requests after {w:?}, expected {n}", data.held())
+            }),
+            RaceStep::Serve(j) => {
+                let before = data.held();
+                if j >= before {
+                    Err(format!("step {k}: serve request {j} of the {before} held"))
+                } else {
+                    data.serve_held(j);
+                    wait_until(RACE_WAIT, || data.held() < before)
+                        .map_err(|w| format!("step {k}: held request {j} not served after {w:?}"))
                 }
             }
-            RaceStep::ReleaseReads => {
-                data.hold_reads(false);
+            RaceStep::Release => {
+                data.gate(crate::ublk::GateKinds::default());
+                Ok(())
+            }
+            RaceStep::Wait(i) => {
+                if background.iter().any(|(b, _)| *b == i) {
+                    join(&mut background, Some(i), result);
+                    Ok(())
+                } else {
+                    Err(format!("step {k}: op {i} is not running in the background"))
+                }
+            }
+            RaceStep::Pause(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
                 Ok(())
             }
             RaceStep::Join => {
-                join(&mut background, result);
+                join(&mut background, None, result);
                 Ok(())
             }
         };
@@ -1669,10 +1682,23 @@ fn run_race_pool(
             break;
         }
     }
-    data.hold_reads(false);
-    join(&mut background, result);
+    data.gate(crate::ublk::GateKinds::default());
+    join(&mut background, None, result);
     result.ops.sort_by_key(|r| r.index);
     finish_replay(replayer, t0, result);
+}
+
+/// Polls `done` every millisecond until it holds (`Ok`) or `limit` has
+/// passed (`Err(limit)`).
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Result<(), Duration> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(limit);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// A trace's `fault` or `aim-fault` op, armed on the controlled disks as

@@ -691,19 +691,37 @@ pub enum RaceStep {
     /// Start op `i` on a thread of its own and go on (text `bg<i>`): a
     /// read, write, discard or flush.
     Background(usize),
-    /// Hold every read the data disk receives from now on (text
-    /// `hold-reads`).
-    HoldReads,
-    /// Wait until the data disk holds `n` reads (text `held-reads=<n>`),
-    /// at most [`RACE_WAIT`].
-    HeldReads(usize),
-    /// Serve the held reads and stop holding (text `release-reads`).
-    ReleaseReads,
+    /// Hold the data disk's reads (text `hold-reads`), writes
+    /// (`hold-writes`) or both (`hold-all`) from now on, until picked or
+    /// released (`crate::ublk::UblkDevice::gate`).
+    Hold {
+        /// Hold reads.
+        reads: bool,
+        /// Hold writes.
+        writes: bool,
+    },
+    /// Wait until the data disk holds `n` requests (text `held=<n>`), at
+    /// most [`RACE_WAIT`].
+    Held(usize),
+    /// Serve the `k`-th request held (0: the oldest) and wait until it
+    /// is served, keeping the others held (text `serve=<k>`).
+    Serve(usize),
+    /// Serve every held request, in order, and stop holding (text
+    /// `release`).
+    Release,
+    /// Wait for op `i`, started in the background (text `wait<i>`).
+    Wait(usize),
+    /// Sleep `ms` milliseconds (text `pause=<ms>`): for the kernel to take
+    /// in a request nothing outside it can see arrive (a discard waiting
+    /// in the pool for I/O before it). A judgement of the kernel's speed,
+    /// not a proof; the test that uses one says what it waits for.
+    Pause(u64),
     /// Wait for every op started in the background (text `join`).
     Join,
 }
 
-/// How long a [`RaceStep::HeldReads`] waits before the job fails.
+/// How long a [`RaceStep::Held`] or [`RaceStep::Serve`] waits before the
+/// job fails.
 pub const RACE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl RaceStep {
@@ -712,23 +730,39 @@ impl RaceStep {
         match self {
             RaceStep::Op(i) => i.to_string(),
             RaceStep::Background(i) => format!("bg{i}"),
-            RaceStep::HoldReads => "hold-reads".into(),
-            RaceStep::HeldReads(n) => format!("held-reads={n}"),
-            RaceStep::ReleaseReads => "release-reads".into(),
+            RaceStep::Hold { reads: true, writes: true } => "hold-all".into(),
+            RaceStep::Hold { reads: false, writes: true } => "hold-writes".into(),
+            // Holding nothing is opening the gate: the same as `release`.
+            RaceStep::Hold { reads: true, writes: false } => "hold-reads".into(),
+            RaceStep::Hold { reads: false, writes: false } => "release".into(),
+            RaceStep::Held(n) => format!("held={n}"),
+            RaceStep::Serve(k) => format!("serve={k}"),
+            RaceStep::Release => "release".into(),
+            RaceStep::Wait(i) => format!("wait{i}"),
+            RaceStep::Pause(ms) => format!("pause={ms}"),
             RaceStep::Join => "join".into(),
         }
     }
 
     /// Parses [`RaceStep::to_text`]'s output; `None` if it is not one.
     pub fn parse(text: &str) -> Option<RaceStep> {
-        let number = |t: &str| t.parse().ok().filter(|_| t.bytes().all(|b| b.is_ascii_digit()));
+        let number =
+            |t: &str| t.parse().ok().filter(|_| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
         match text {
-            "hold-reads" => Some(RaceStep::HoldReads),
-            "release-reads" => Some(RaceStep::ReleaseReads),
+            "hold-reads" => Some(RaceStep::Hold { reads: true, writes: false }),
+            "hold-writes" => Some(RaceStep::Hold { reads: false, writes: true }),
+            "hold-all" => Some(RaceStep::Hold { reads: true, writes: true }),
+            "release" => Some(RaceStep::Release),
             "join" => Some(RaceStep::Join),
             t => {
-                if let Some(n) = t.strip_prefix("held-reads=") {
-                    number(n).map(RaceStep::HeldReads)
+                if let Some(n) = t.strip_prefix("held=") {
+                    number(n).map(RaceStep::Held)
+                } else if let Some(k) = t.strip_prefix("serve=") {
+                    number(k).map(RaceStep::Serve)
+                } else if let Some(ms) = t.strip_prefix("pause=") {
+                    number(ms).map(|ms: usize| RaceStep::Pause(ms as u64))
+                } else if let Some(i) = t.strip_prefix("wait") {
+                    number(i).map(RaceStep::Wait)
                 } else if let Some(i) = t.strip_prefix("bg") {
                     number(i).map(RaceStep::Background)
                 } else {
@@ -1594,11 +1628,16 @@ mod tests {
         let text = "dmsim-trace 1\nseed 3\nworkload random\nparam x 1\ncreate-thin\n".to_string();
         let steps = vec![
             RaceStep::Op(0),
-            RaceStep::HoldReads,
+            RaceStep::Hold { reads: true, writes: false },
             RaceStep::Background(12),
-            RaceStep::HeldReads(1),
+            RaceStep::Held(1),
             RaceStep::Op(3),
-            RaceStep::ReleaseReads,
+            RaceStep::Hold { reads: false, writes: true },
+            RaceStep::Hold { reads: true, writes: true },
+            RaceStep::Serve(2),
+            RaceStep::Pause(200),
+            RaceStep::Wait(12),
+            RaceStep::Release,
             RaceStep::Join,
         ];
         let jobs = vec![
@@ -1606,14 +1645,26 @@ mod tests {
             (JobKind::Race { steps: vec![] }, text.clone()),
         ];
         let body = encode_request(&jobs);
-        assert!(
-            String::from_utf8_lossy(&body).contains("0,hold-reads,bg12,held-reads=1,3,release-reads,join")
-        );
+        let line = "0,hold-reads,bg12,held=1,3,hold-writes,hold-all,serve=2,pause=200,wait12,release,join";
+        assert!(String::from_utf8_lossy(&body).contains(line));
         let back = decode_request(&body).unwrap();
         assert_eq!(back[0].0, JobKind::Race { steps });
         assert_eq!(back[1].0, JobKind::Race { steps: vec![] });
         assert!(back[0].0.is_fresh());
-        for bad in ["bg", "bgx", "held-reads=", "held-reads=-1", "+3", "1,,2", "join,wait", "bg-1"] {
+        for bad in [
+            "bg",
+            "bgx",
+            "held=",
+            "held=-1",
+            "serve=",
+            "+3",
+            "1,,2",
+            "join,wait",
+            "bg-1",
+            "hold",
+            "pause=x",
+            "wait",
+        ] {
             let body = format!("{REQUEST_FIRST_LINE}\njob race {} {bad}\n{text}", text.len());
             assert!(decode_request(body.as_bytes()).is_err(), "{bad}");
         }

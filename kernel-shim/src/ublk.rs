@@ -658,19 +658,46 @@ pub struct UblkDevice<'c> {
     /// The quiet window, in microseconds, for which the queue thread holds
     /// requests ([`UblkDevice::hold_until_quiet`]); 0: none held.
     hold_us: Arc<AtomicU64>,
-    /// The read gate ([`UblkDevice::hold_reads`]), shared with the queue
-    /// thread.
-    gate: Arc<ReadGate>,
+    /// The gate ([`UblkDevice::gate`]), shared with the queue thread.
+    gate: Arc<Gate>,
 }
 
-/// Reads held at a closed gate: set by [`UblkDevice::hold_reads`], counted
-/// by the queue thread.
+/// What a disk's gate holds ([`UblkDevice::gate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateKinds {
+    /// Read requests.
+    pub reads: bool,
+    /// Write requests (FUA or not).
+    pub writes: bool,
+}
+
+/// Requests held at a closed gate: closed by [`UblkDevice::gate`],
+/// counted and served by the queue thread.
 #[derive(Debug, Default)]
-struct ReadGate {
+struct Gate {
     /// Whether reads are held.
-    closed: AtomicBool,
-    /// How many reads the gate holds now.
+    reads: AtomicBool,
+    /// Whether writes are held.
+    writes: AtomicBool,
+    /// How many requests the gate holds now.
     held: AtomicUsize,
+    /// Held requests to serve now, by their place among those held
+    /// ([`UblkDevice::serve_held`]), in the order asked.
+    serve: Mutex<Vec<usize>>,
+}
+
+impl Gate {
+    fn holds(&self, kind: RequestKind) -> bool {
+        match kind {
+            RequestKind::Read => self.reads.load(Ordering::SeqCst),
+            RequestKind::Write { .. } => self.writes.load(Ordering::SeqCst),
+            _ => false,
+        }
+    }
+
+    fn open(&self) -> bool {
+        !self.reads.load(Ordering::SeqCst) && !self.writes.load(Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for UblkDevice<'_> {
@@ -729,7 +756,7 @@ impl<'c> UblkDevice<'c> {
             power_cut: Arc::new(AtomicBool::new(false)),
             control: Arc::new(Mutex::new(crate::ublk_faults::DiskControl::default())),
             hold_us: Arc::new(AtomicU64::new(0)),
-            gate: Arc::new(ReadGate::default()),
+            gate: Arc::new(Gate::default()),
         };
         let buf_bytes = info.max_io_buf_bytes;
         let mut params = Params {
@@ -841,22 +868,32 @@ impl<'c> UblkDevice<'c> {
         self.hold_us.store(us, Ordering::SeqCst);
     }
 
-    /// Closes (`true`) or opens the disk's read gate. While it is closed
-    /// every read request is held, whatever [`UblkDevice::hold_until_quiet`]
-    /// says; opening it serves the held reads in the order they came. A
-    /// power cut opens it too (the reads then fail).
+    /// Sets what the disk's gate holds. While it holds a kind, every
+    /// request of that kind is held, whatever
+    /// [`UblkDevice::hold_until_quiet`] says, until
+    /// [`UblkDevice::serve_held`] picks it or the gate opens
+    /// (`GateKinds::default()`), which serves what is held in the order it
+    /// came. A power cut opens it too (the requests then fail).
     ///
-    /// This is how a replay keeps a pool's copy-on-write copy in flight (a
-    /// break-sharing copy starts with a read of the shared block) while
-    /// other requests race it: the trace's `complete` order for the one
-    /// I/O a race turns on.
-    pub fn hold_reads(&self, closed: bool) {
-        self.gate.closed.store(closed, Ordering::SeqCst);
+    /// This is how a replay keeps one of the pool's I/Os in flight — a
+    /// break-sharing copy starts with a read of the shared block; a write
+    /// the pool remapped is one write — while other requests race it: the
+    /// trace's `complete` order for the few I/Os a race turns on.
+    pub fn gate(&self, kinds: GateKinds) {
+        self.gate.reads.store(kinds.reads, Ordering::SeqCst);
+        self.gate.writes.store(kinds.writes, Ordering::SeqCst);
     }
 
-    /// How many reads the closed gate holds now ([`UblkDevice::hold_reads`]).
-    pub fn held_reads(&self) -> usize {
+    /// How many requests the gate holds now ([`UblkDevice::gate`]).
+    pub fn held(&self) -> usize {
         self.gate.held.load(Ordering::SeqCst)
+    }
+
+    /// Asks the queue thread to serve the `k`-th request the gate holds
+    /// (0: the oldest), keeping the others held; an index past the end is
+    /// ignored. The count [`UblkDevice::held`] drops once it is served.
+    pub fn serve_held(&self, k: usize) {
+        lock(&self.gate.serve).push(k);
     }
 
     /// Arms a fault on the disk: the queue thread hands it to the disk
@@ -941,8 +978,8 @@ impl<'c> UblkDevice<'c> {
     }
 
     fn shut(&mut self) -> Result<ControlledDisk, ShimError> {
-        // A held read would keep the stop waiting.
-        self.hold_reads(false);
+        // A held request would keep the stop waiting.
+        self.gate(GateKinds::default());
         let held = self.holders();
         let stopped = self.simple(CMD_STOP_DEV);
         let disk = self.join();
@@ -1090,7 +1127,7 @@ fn serve_queue(
     let mut error = None;
     // Requests held until the kernel is quiet, oldest first.
     let mut held: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
-    // Reads held at the closed gate, oldest first.
+    // Requests held at the gate, oldest first.
     let mut gated: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
     // Serves one request and queues its answer with the next fetch.
     let serve = |ring: &mut io_uring::IoUring, bufs: &mut [Vec<u8>], req: &Request| -> Result<(), String> {
@@ -1123,8 +1160,15 @@ fn serve_queue(
                 serve(&mut ring, &mut bufs, &req)?;
             }
         }
-        // The gate opened, or power cut: the gated reads are served.
-        if !gated.is_empty() && (!gate.closed.load(Ordering::SeqCst) || power_cut.load(Ordering::SeqCst)) {
+        // Gated requests picked to be served.
+        for k in std::mem::take(&mut *lock(&gate.serve)) {
+            if let Some(req) = gated.remove(k) {
+                serve(&mut ring, &mut bufs, &req)?;
+                gate.held.store(gated.len(), Ordering::SeqCst);
+            }
+        }
+        // The gate opened, or power cut: the gated requests are served.
+        if !gated.is_empty() && (gate.open() || power_cut.load(Ordering::SeqCst)) {
             while let Some(req) = gated.pop_front() {
                 serve(&mut ring, &mut bufs, &req)?;
             }
@@ -1133,7 +1177,8 @@ fn serve_queue(
         let waited = if held.is_empty() && gated.is_empty() {
             ring.submit_and_wait(1)
         } else {
-            // Gated reads alone: a short poll for the gate to open.
+            // Gated requests alone: a short poll for the gate to open or
+            // a pick.
             let wait_us = if held.is_empty() { GATE_POLL_US } else { window };
             let ts = io_uring::types::Timespec::new()
                 .sec(wait_us / 1_000_000)
@@ -1164,10 +1209,7 @@ fn serve_queue(
             }
             if res == 0 {
                 let req = Request::from_desc(tag, &descs.get(tag));
-                if req.kind == RequestKind::Read
-                    && gate.closed.load(Ordering::SeqCst)
-                    && !power_cut.load(Ordering::SeqCst)
-                {
+                if gate.holds(req.kind) && !power_cut.load(Ordering::SeqCst) {
                     gated.push_back(req);
                     gate.held.store(gated.len(), Ordering::SeqCst);
                     continue;
@@ -1207,11 +1249,11 @@ struct QueueShared {
     power_cut: Arc<AtomicBool>,
     control: Arc<Mutex<crate::ublk_faults::DiskControl>>,
     hold_us: Arc<AtomicU64>,
-    gate: Arc<ReadGate>,
+    gate: Arc<Gate>,
 }
 
-/// How often, in microseconds, a queue thread holding only gated reads
-/// looks whether the gate opened.
+/// How often, in microseconds, a queue thread holding only gated requests
+/// looks whether the gate opened or one was picked.
 const GATE_POLL_US: u64 = 2_000;
 
 /// Locks a disk or its fault control; a poisoned lock (a panic while

@@ -1,0 +1,227 @@
+//! Kernel findings that turn on a race, on the real kernel: each as a
+//! trace that orders the race on the simulator with `worker` and
+//! `complete` ops, and as a race job (`Job::Race`) that gives stock 6.1
+//! the same order — the pool on controlled disks, some ops in the
+//! background, the data disk's requests held at a gate until the steps
+//! serve them. The kernel's devices are held at L1 against the
+//! simulator's run of the trace as stock 6.1 (which shows the damage),
+//! and, as the detector, against the run with the candidate fix (which
+//! does not). Both races run in one boot.
+//!
+//! **`discard_spares_blocks_being_unshared`** (trace
+//! `no-passdown-discard-races-break-sharing.trace`): a thin device's block
+//! is shared with a snapshot. A partial write to it breaks sharing: the
+//! pool allocates a new block and copies the shared one there (kcopyd),
+//! the write waiting in the data block's cell; the virtual block's cell is
+//! already released. A no-passdown discard of the block takes the virtual
+//! cell, does not look at the data cell, and removes the mapping at once.
+//! A second write to the block finds it unmapped, provisions another block
+//! and is acknowledged. Then the copy finishes: its mapping replaces the
+//! second write's, and the acknowledged write is gone.
+//!
+//! **`read_only_deferred_bios_take_cells`** (trace
+//! `out-of-data-space-fua-write-past-a-discard-race.trace`): a full pool
+//! with `error_if_no_space` is out of data space. A write X to a mapped
+//! block is in flight; a no-passdown discard of another block B takes B's
+//! virtual cell and waits for X (`all_io_ds`); a FUA write W to B is
+//! deferred to the worker, which in out-of-data-space mode remaps it
+//! without taking the cell (`process_bio_read_only`) and issues it to B.
+//! X completes, the discard unmaps and frees B, a flush commits (the pool
+//! is back in write mode), another device's write provisions B and
+//! completes; then W lands on B: the other device reads the first
+//! device's data.
+//!
+//! Needs what `kernel_ublk_crash` needs (qemu, `linux-image-amd64`,
+//! `linux-source-6.1`, `linux-headers-<release>`). Without them the VM
+//! part prints SKIPPED, or fails under `CI=true`; the model's part runs
+//! everywhere.
+
+#[path = "common/thin_tools.rs"]
+mod thin_tools;
+
+use std::sync::OnceLock;
+
+use thin_tools::skip_or_fail;
+
+use dmsim_kernel_shim::equivalence::{compare_l1, simulate_as_written, FinalState};
+use dmsim_kernel_shim::protocol::RaceStep;
+use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
+use dmsim_traces::{Op, Trace};
+
+/// One finding's race: its trace, its fix and the kernel's steps.
+struct Race {
+    fixture: &'static str,
+    fix: &'static str,
+    steps: fn() -> Vec<RaceStep>,
+}
+
+const DISCARD_BREAK_SHARING: Race = Race {
+    fixture: "no-passdown-discard-races-break-sharing.trace",
+    fix: "fix.discard_spares_blocks_being_unshared",
+    // The partial write that breaks sharing (op 3) in the background until
+    // its copy's read is held; the discard (op 5) and the second write
+    // (op 7); then the copy.
+    steps: || {
+        use RaceStep::*;
+        vec![
+            Op(0),
+            Op(1),
+            Op(2),
+            Hold { reads: true, writes: false },
+            Background(3),
+            Held(1),
+            Op(5),
+            Op(7),
+            Release,
+            Join,
+        ]
+    },
+};
+
+const FUA_PAST_DISCARD: Race = Race {
+    fixture: "out-of-data-space-fua-write-past-a-discard-race.trace",
+    fix: "fix.read_only_deferred_bios_take_cells",
+    // Four blocks provisioned, the fifth write fails (ENOSPC, out of data
+    // space). X (op 20) held; the discard (op 21) waits for it in the
+    // pool — nothing outside the kernel sees it arrive, hence the pause —
+    // then W (op 23) held; X served, the discard done; the flush (op 27)
+    // commits; Y (op 29) provisions the freed block and is served; W last.
+    steps: || {
+        use RaceStep::*;
+        vec![
+            Op(0),
+            Op(1),
+            Op(2),
+            Op(6),
+            Op(10),
+            Op(14),
+            Op(18),
+            Hold { reads: false, writes: true },
+            Background(20),
+            Held(1),
+            Background(21),
+            Pause(300),
+            Background(23),
+            Held(2),
+            Serve(0),
+            Wait(21),
+            Op(27),
+            Background(29),
+            Held(2),
+            Serve(1),
+            Wait(29),
+            Release,
+            Join,
+        ]
+    },
+};
+
+fn trace(race: &Race, fix: bool) -> Trace {
+    let path = format!("{}/../sim/tests/fixtures/{}", env!("CARGO_MANIFEST_DIR"), race.fixture);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let (off, on) = (format!("param {} 0", race.fix), format!("param {} 1", race.fix));
+    assert!(text.contains(&off), "{path} runs the model as stock 6.1");
+    let text = if fix { text.replace(&off, &on) } else { text };
+    dmsim_traces::text::from_text(&text).expect("a trace")
+}
+
+/// Both races in one boot: `None` when the VM's prerequisites are missing
+/// (and not under CI).
+fn kernel_runs() -> Option<&'static [KernelRun]> {
+    static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
+    RUNS.get_or_init(|| {
+        let shim = match KernelShim::prepare_with_ublk() {
+            Ok(s) => s,
+            Err(e @ ShimError::Missing(_)) => {
+                skip_or_fail("races on the kernel", &e.to_string());
+                return None;
+            }
+            Err(e) => panic!("preparing the VM: {e}"),
+        };
+        let jobs: Vec<Job> = [DISCARD_BREAK_SHARING, FUA_PAST_DISCARD]
+            .iter()
+            .map(|r| Job::Race { trace: trace(r, false), steps: (r.steps)() })
+            .collect();
+        Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
+    })
+    .as_deref()
+}
+
+fn block(state: &FinalState, id: u32, b: usize) -> &str {
+    let (_, blocks) = state.devices.iter().find(|(d, _)| *d == id).expect("the device");
+    &blocks[b]
+}
+
+fn outcome(run: &KernelRun, i: usize) -> &str {
+    run.result.ops.iter().find(|o| o.index == i).map_or("(no answer)", |o| o.outcome.as_str())
+}
+
+/// The model as 6.1 objects (`damage` in its oracle's words), the model
+/// with the fix does not; then, when the VM runs, the kernel's devices
+/// are L1-equal to the first and differ from the second. Returns both
+/// models' states and the kernel's.
+fn hold_against_the_kernel(
+    race: &Race,
+    job: usize,
+    damage: &str,
+) -> Option<(FinalState, FinalState, FinalState)> {
+    let stock = trace(race, false);
+    let model = simulate_as_written(&stock).expect("the simulator");
+    let objection = model.oracle_violation.as_deref().expect("the model as 6.1 shows the damage");
+    assert!(objection.contains(damage), "{objection}");
+    let fixed = simulate_as_written(&trace(race, true)).expect("the simulator with the fix");
+    assert_eq!(fixed.oracle_violation, None, "the fix");
+
+    let run = &kernel_runs()?[job];
+    assert_eq!(run.result.error, None, "console:\n{}", run.console);
+    let kernel = FinalState::of_kernel(run);
+    let d = compare_l1(&model.state, &kernel);
+    assert!(d.is_empty(), "the kernel agrees with the model as 6.1: {d:?}");
+    let d = compare_l1(&fixed.state, &kernel);
+    assert!(!d.is_empty(), "the same kernel run differs from the model with the fix");
+    Some((model.state, fixed.state, kernel))
+}
+
+#[test]
+fn a_no_passdown_discard_racing_break_sharing_loses_a_write_on_the_stock_kernel() {
+    let ops: Vec<Op> = trace(&DISCARD_BREAK_SHARING, false).ops().collect();
+    assert!(matches!(ops[3], Op::Write { dev: 0, nr_sectors: 8, .. }), "{:?}", ops[3]);
+    assert!(matches!(ops[5], Op::Discard { dev: 0, .. }), "{:?}", ops[5]);
+    assert!(matches!(ops[7], Op::Write { dev: 0, nr_sectors: 1, .. }), "{:?}", ops[7]);
+    // Writes are stamped in trace order: the second write to the block is w2.
+    let Some((model, fixed, kernel)) = hold_against_the_kernel(&DISCARD_BREAK_SHARING, 0, "wrong data")
+    else {
+        return;
+    };
+    assert!(block(&fixed, 0, 1).starts_with("w2"), "the fix keeps it: {}", block(&fixed, 0, 1));
+    let run = &kernel_runs().expect("ran")[0];
+    for i in [1, 3, 5, 7] {
+        assert_eq!(outcome(run, i), "ok", "op {i}: every write and the discard were acknowledged");
+    }
+    eprintln!("dev 0 block 1: kernel {}, model {}", block(&kernel, 0, 1), block(&model, 0, 1));
+    // The damage on the kernel: the acknowledged second write is gone.
+    assert!(!block(&kernel, 0, 1).starts_with("w2"), "{}", block(&kernel, 0, 1));
+}
+
+#[test]
+fn a_fua_write_passes_a_discard_out_of_data_space_on_the_stock_kernel() {
+    let ops: Vec<Op> = trace(&FUA_PAST_DISCARD, false).ops().collect();
+    assert!(matches!(ops[21], Op::Discard { dev: 0, sector: 128, .. }), "{:?}", ops[21]);
+    assert!(matches!(ops[23], Op::Write { dev: 0, sector: 128, fua: true, .. }), "{:?}", ops[23]);
+    assert!(matches!(ops[29], Op::Write { dev: 1, sector: 128, .. }), "{:?}", ops[29]);
+    // W is the seventh write (w6), Y the eighth (w7).
+    let Some((model, fixed, kernel)) =
+        hold_against_the_kernel(&FUA_PAST_DISCARD, 1, "leak from another device")
+    else {
+        return;
+    };
+    assert!(block(&fixed, 1, 1).starts_with("w7"), "the fix: {}", block(&fixed, 1, 1));
+    let run = &kernel_runs().expect("ran")[1];
+    assert_eq!(outcome(run, 18), "ENOSPC", "the pool ran out of data space");
+    for i in [20, 21, 23, 27, 29] {
+        assert_eq!(outcome(run, i), "ok", "op {i}");
+    }
+    eprintln!("dev 1 block 1: kernel {}, model {}", block(&kernel, 1, 1), block(&model, 1, 1));
+    // The damage on the kernel: dev 1's block holds dev 0's FUA write.
+    assert!(block(&kernel, 1, 1).starts_with("w6"), "{}", block(&kernel, 1, 1));
+}
