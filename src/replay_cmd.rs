@@ -67,6 +67,15 @@ pub struct ReplayArgs {
     /// messages (dm-thin's pool mode changes) and a line before each op.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
+    /// With `--on kernel`, a thin trace: run it on controlled disks as a
+    /// race — the ops as these comma-separated steps say, some in the
+    /// background, the data disk's requests held at a gate and served one
+    /// by one (`0,1,2,hold-reads,bg3,held=1,5,7,release,join`; the steps
+    /// are in docs/kernel-shim.md, "Races on the kernel") — and compare
+    /// with the simulator running the trace as written, its `worker` and
+    /// `complete` ops included (L1).
+    #[arg(long, value_name = "STEPS")]
+    pub race: Option<String>,
 }
 
 /// Writes `run`'s console, op answers and per-op status lines to `path`
@@ -100,6 +109,10 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     match args.on.as_str() {
         "sim" if args.console.is_some() => {
             eprintln!("dmsim replay: --console is for `--on kernel` (the simulator has no VM console)");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+        "sim" if args.race.is_some() => {
+            eprintln!("dmsim replay: --race is for `--on kernel` (the simulator runs the trace as written)");
             return ExitCode::from(exit::UNUSABLE);
         }
         "sim" => {}
@@ -367,6 +380,13 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if let Some(steps) = &args.race {
+        if is_cache_header(&trace.header) {
+            eprintln!("dmsim replay --race: a thin trace only; this one is a cache trace");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+        return run_race_on_kernel(args, &trace, steps);
+    }
     if is_cache_header(&trace.header) {
         return run_cache_on_kernel(args, &trace, ublk);
     }
@@ -617,6 +637,92 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
     }
     if report.verdict() == dmsim_kernel_shim::thin_replay::Verdict::Equal {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::PROBLEMS)
+    }
+}
+
+/// `dmsim replay --on kernel --race STEPS`: the trace as a race job on
+/// controlled disks, judged against the simulator's run as written.
+fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode {
+    use dmsim_kernel_shim::thin_replay::{judge_race, parse_race_steps};
+    use dmsim_kernel_shim::KernelShim;
+
+    let fail = |what: String| {
+        eprintln!("dmsim replay --on kernel --race: {}: {what}", args.trace.display());
+        ExitCode::from(exit::UNUSABLE)
+    };
+    let steps = match parse_race_steps(steps, trace) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    // A trace the simulator cannot run as written is refused before the
+    // VM boots.
+    if let Err(e) = dmsim_kernel_shim::equivalence::simulate_as_written(trace) {
+        return fail(e.to_string());
+    }
+    let shim = match KernelShim::prepare_with_ublk() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
+    };
+    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
+    let job = dmsim_kernel_shim::Job::Race { trace: trace.clone(), steps: steps.clone() };
+    let run = match shim.run_jobs(&[job]).and_then(|mut runs| {
+        runs.pop().ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
+    }) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    if let Some(path) = &args.console {
+        if let Err(e) = write_console(path, &run) {
+            return fail(format!("--console: {e}"));
+        }
+    }
+    let report = match judge_race(trace, &run) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let steps_text: Vec<String> = steps.iter().map(|s| s.to_text()).collect();
+    if args.json {
+        let ops: Vec<serde_json::Value> = run
+            .result
+            .ops
+            .iter()
+            .map(|o| serde_json::json!({"op": o.index, "outcome": o.outcome, "read": o.read}))
+            .collect();
+        let out = serde_json::json!({
+            "trace": args.trace.display().to_string(),
+            "race": steps_text.join(","),
+            "l1_equal": report.differences.is_empty(),
+            "l1_differences": report.differences,
+            "model_objection": report.model.oracle_violation,
+            "kernel_ops": ops,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!("race on the kernel: {}", steps_text.join(","));
+        for o in &run.result.ops {
+            let read = o.read.as_deref().map(|r| format!(" read {r}")).unwrap_or_default();
+            println!("  op {}: {}{read}", o.index, o.outcome);
+        }
+        match &report.model.oracle_violation {
+            Some(v) => println!("the simulator (the trace as written) objects: {v}"),
+            None => println!("the simulator (the trace as written): no objection"),
+        }
+        if report.differences.is_empty() {
+            println!("L1 equal: every device reads the same stamps, the same blocks are mapped");
+        } else {
+            println!("L1 DIVERGES ({} differences); first:", report.differences.len());
+            for d in report.differences.iter().take(10) {
+                println!("  {d}");
+            }
+        }
+    }
+    if args.timings {
+        eprintln!("VM: boot {:.1} s, whole run {:.1} s", run.boot.as_secs_f64(), run.wall.as_secs_f64());
+    }
+    if report.differences.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::PROBLEMS)

@@ -190,6 +190,11 @@ fn out_of_range_options_are_refused_before_any_work() {
     let a_file = dir.join("a-file");
     std::fs::write(&a_file, b"not a folder").unwrap();
     let huge = "99999999999";
+    // A thin trace: --race steps are checked against it before the VM boots.
+    let race_trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sim/tests/fixtures/no-passdown-discard-races-break-sharing.trace"
+    );
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--seed", "1", "--ops", huge], "--ops"),
         (vec!["run", "--seed", "1", "--ops", "0"], "--ops"),
@@ -207,6 +212,10 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["check", "--failures", a_file.to_str().unwrap()], "not a folder"),
         (vec!["replay", "--on", "elsewhere", a_file.to_str().unwrap()], "unknown backend"),
         (vec!["replay", "--console", "c.txt", a_file.to_str().unwrap()], "--console is for `--on kernel`"),
+        (vec!["replay", "--race", "0", a_file.to_str().unwrap()], "--race is for `--on kernel`"),
+        (vec!["replay", "--on", "kernel", "--race", "0,nope", race_trace], "race step \"nope\""),
+        (vec!["replay", "--on", "kernel", "--race", "0,bg999", race_trace], "the trace has 12 ops"),
+        (vec!["replay", "--on", "kernel", "--race", "held=", race_trace], "race step"),
         (vec!["check", "--on", "elsewhere"], "--on"),
         (vec!["check", "--on", "kernel", "--time", "10m"], "--time is not supported"),
         (vec!["check", "--on", "kernel", "--campaign", "cache"], "thin campaign"),

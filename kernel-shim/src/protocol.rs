@@ -1670,6 +1670,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any job line and step list: decoded or refused, never a panic;
+        /// what decodes encodes to the same steps.
+        #[test]
+        fn race_job_lines_never_panic(steps in "[a-z0-9=,-]{0,40}", len in 0usize..80) {
+            let text = "dmsim-trace 1\nseed 3\nworkload random\ncreate-thin\n";
+            let body = format!("{REQUEST_FIRST_LINE}\njob race {len} {steps}\n{text}");
+            if let Ok(jobs) = decode_request(body.as_bytes()) {
+                for (kind, _) in jobs {
+                    if let JobKind::Race { steps } = kind {
+                        for s in steps {
+                            proptest::prop_assert_eq!(RaceStep::parse(&s.to_text()), Some(s));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn layouts_share_fresh_data_and_separate_metadata() {
         let spec = |data_blocks, metadata_sectors| PoolSpec {

@@ -372,3 +372,54 @@ mod tests {
         assert_eq!(r.first_difference().unwrap(), "end: dev 2 block 0: …");
     }
 }
+
+/// What a race job's kernel run ([`crate::Job::Race`]) is judged on.
+#[derive(Debug, Clone)]
+pub struct RaceReport {
+    /// The simulator's run of the trace as written
+    /// ([`crate::equivalence::simulate_as_written`]): its state, and its
+    /// oracle's objection if the model as the trace's header configures it
+    /// lost or misplaced data.
+    pub model: crate::equivalence::SimulatedRun,
+    /// The kernel's end state.
+    pub kernel: FinalState,
+    /// L1 differences between the two ([`compare_l1`]); empty: equal.
+    pub differences: Vec<String>,
+}
+
+/// Parses a race job's steps, comma-separated as `dmsim replay --race`
+/// takes them (`0,1,hold-reads,bg3,held=1,5,release,join`; see
+/// [`crate::protocol::RaceStep`]), checking that every op a step names is
+/// in the trace.
+pub fn parse_race_steps(text: &str, trace: &Trace) -> Result<Vec<crate::protocol::RaceStep>, ShimError> {
+    use crate::protocol::RaceStep;
+    let nr_ops = trace.ops().count();
+    let mut steps = Vec::new();
+    for word in text.split(',').map(str::trim) {
+        let step = RaceStep::parse(word).ok_or_else(|| {
+            ShimError::Invalid(format!(
+                "race step {word:?}: expected an op index, bg<i>, hold-reads, hold-writes, hold-all, \
+                 held=<n>, serve=<k>, release, wait<i>, pause=<ms> or join"
+            ))
+        })?;
+        if let Some(i) = step.op() {
+            if i >= nr_ops {
+                return Err(ShimError::Invalid(format!("race step {word:?}: the trace has {nr_ops} ops")));
+            }
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// Judges a race job's kernel run against the simulator's run of `trace`
+/// as written. An agent error is an error here.
+pub fn judge_race(trace: &Trace, run: &KernelRun) -> Result<RaceReport, ShimError> {
+    if let Some(e) = &run.result.error {
+        return Err(ShimError::Invalid(format!("the agent failed: {e}")));
+    }
+    let model = crate::equivalence::simulate_as_written(trace)?;
+    let kernel = FinalState::of_kernel(run);
+    let differences = compare_l1(&model.state, &kernel);
+    Ok(RaceReport { model, kernel, differences })
+}
