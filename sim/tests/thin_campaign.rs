@@ -332,14 +332,18 @@ fn kernel_finding_a_failed_delete_leaves_a_mapping_tree_without_details() {
     assert_eq!(run_trace(&propagating(true)), None, "the fix");
 }
 
-/// Model finding (6.1.166, not yet shown on the kernel): 6.1's btree value
+/// Kernel finding (6.1.166; shown on stock 6.1 by
+/// `kernel-shim/tests/kernel_findings_one_boot.rs`): 6.1's btree value
 /// types return nothing from `inc`, so a reference count the space map
 /// fails to raise is only logged and the operation goes on. Raising a data
 /// block's count from 2 to 3 (`sm_ll_inc_bitmap`, case 2) sets its bitmap
 /// entry to 3 before it inserts the count into the overflow tree; here a
 /// flipped metadata bit fails that insert (the shadowing of a shared leaf
 /// raises its blocks' counts: `inc_children`), and the next commit persists
-/// a bitmap saying "3 or more" with no overflow entry. The fix
+/// a bitmap saying "3 or more" with no overflow entry — and, since the
+/// failed shadow of the overflow tree's root had already dropped the
+/// root's reference (`__shadow_block` reads the original last), the root
+/// counted free though the tree still uses it. The fix
 /// (`refcount_errors_fail_the_operation`) fails the operation instead, and
 /// the pool aborts. Found by the campaign (many-small-devices, seed 1800,
 /// run with every other fix), minimized to 13 ops.

@@ -301,16 +301,19 @@ impl<D: BlockDevice> CacheMetadata<D> {
 
     /// The target's clean shutdown (`sync_metadata` in dm-cache-target.c):
     /// dirty bits, discard bitset (resize, then every bit), stats, hints,
-    /// then a commit with CLEAN_SHUTDOWN set only if all of those worked.
-    /// Returns the first failure (after the commit was attempted).
+    /// then a commit with CLEAN_SHUTDOWN set. The first failure is
+    /// returned at once, nothing after it written and nothing committed:
+    /// in 6.1 each of those writes that fails goes through
+    /// `metadata_operation_failed` (the transaction aborted, the cache
+    /// read-only), so the writes after it and the commit are refused with
+    /// `-EINVAL` (`sync_metadata`'s comment that it "still commits" is
+    /// older than that). The caller aborts and goes read-only.
     pub fn clean_shutdown(&mut self, s: &ShutdownState) -> Result<()> {
-        let r1 = self.set_dirty_bits(&s.dirty);
-        let r2 = self.write_discard_bitset(s);
+        self.set_dirty_bits(&s.dirty)?;
+        self.write_discard_bitset(s)?;
         let _ = self.set_stats(s.stats);
-        let r3 = self.write_hints(&s.policy);
-        let clean = r1.is_ok() && r2.is_ok() && r3.is_ok();
-        let r4 = self.commit(clean);
-        r1.and(r2).and(r3).and(r4)
+        self.write_hints(&s.policy)?;
+        self.commit(true)
     }
 
     fn write_discard_bitset(&mut self, s: &ShutdownState) -> Result<()> {

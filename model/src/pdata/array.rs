@@ -190,13 +190,17 @@ impl ArrayInfo {
         index: u32,
     ) -> Result<BlockNr> {
         let b = self.lookup_ablock(tm, *root, index)?;
-        self.read_ablock(tm, b)?;
         if tm.mutations.array_set_in_place {
             // Deliberately broken: the committed block is changed in place.
+            self.read_ablock(tm, b)?;
             tm.write_locked(b, BlockKind::Array)?;
             return Ok(b);
         }
+        // The kernel's order (`__shadow_block`): the original read and
+        // validated after its reference is dropped; its shape checked on
+        // the copy.
         let shadow = tm.shadow_block(b, BlockKind::Array)?;
+        self.read_ablock(tm, shadow.block)?;
         // inc_ablock_entries: the values reference nothing.
         if shadow.block != b {
             tm.inc(b)?;

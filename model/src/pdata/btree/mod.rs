@@ -261,10 +261,14 @@ impl<D: BlockDevice> TransactionManager<D> {
             s.nodes[0] = s.nodes[1];
             s.count = 1;
         }
-        // Check the original before copying it: a damaged node must not be
-        // copied into the new tree.
-        self.read_node(b, vt)?;
+        // The kernel's order (`__shadow_block`): a new block allocated and
+        // the original's reference dropped before the original is read and
+        // validated, so a read error or bad checksum there leaves the
+        // original counted one less (and the new block leaked) in a
+        // transaction that may still commit. The shape is checked on the
+        // copy, which has the original's bytes.
         let shadow = self.shadow_block(b, BlockKind::BtreeNode)?;
+        self.read_node(shadow.block, vt)?;
         if shadow.inc_children {
             self.inc_children(shadow.block, vt)?;
         }
@@ -280,8 +284,9 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// parent at the copy.
     fn shadow_child(&mut self, parent: BlockNr, index: usize, vt: ValueType) -> Result<BlockNr> {
         let child = Node::new(self.bm.read(parent, BlockKind::BtreeNode)?).value64(index);
-        self.read_node(child, vt)?;
+        // The kernel's order, as in `shadow_step`.
         let shadow = self.shadow_block(child, BlockKind::BtreeNode)?;
+        self.read_node(shadow.block, vt)?;
         let skip = self.mutations.shadow_child_skips_internal_children
             && Node::new(self.bm.read(shadow.block, BlockKind::BtreeNode)?).is_internal();
         if shadow.inc_children && !skip {

@@ -1,12 +1,13 @@
-//! Kernel findings that turn on a race, on the real kernel: each as a
-//! trace that orders the race on the simulator with `worker` and
-//! `complete` ops, and as a race job (`Job::Race`) that gives stock 6.1
-//! the same order — the pool on controlled disks, some ops in the
-//! background, the data disk's requests held at a gate until the steps
-//! serve them. The kernel's devices are held at L1 against the
-//! simulator's run of the trace as stock 6.1 (which shows the damage),
-//! and, as the detector, against the run with the candidate fix (which
-//! does not). Both races run in one boot.
+//! Kernel findings shown on the real kernel with the pool on controlled
+//! disks, all in one boot: two races and a metadata fault.
+//!
+//! The races: each a trace that orders the race on the simulator with
+//! `worker` and `complete` ops, and a race job (`Job::Race`) that gives
+//! stock 6.1 the same order — some ops in the background, the data disk's
+//! requests held at a gate until the steps serve them. The kernel's
+//! devices are held at L1 against the simulator's run of the trace as
+//! stock 6.1 (which shows the damage), and, as the detector, against the
+//! run with the candidate fix (which does not).
 //!
 //! **`discard_spares_blocks_being_unshared`** (trace
 //! `no-passdown-discard-races-break-sharing.trace`): a thin device's block
@@ -31,6 +32,22 @@
 //! completes; then W lands on B: the other device reads the first
 //! device's data.
 //!
+//! **`refcount_errors_fail_the_operation`** (trace
+//! `refcount-error-leaves-a-bitmap-without-overflow.trace`, found by the
+//! campaign, seed 1800, minimized to 13 ops): a bit flipped in the read
+//! of the data space map's overflow-tree root while a shared block's
+//! count goes from 2 to 3. 6.1 sets the bitmap entry to "3 or more", then
+//! the overflow insert fails: its shadow of the root has already
+//! allocated a new block and dropped the root's reference
+//! (`__shadow_block` reads the original last), and the btree value type
+//! only logs the error ("ref count insert failed"). The next commit
+//! persists both: a bitmap saying 3 or more with no overflow entry, and a
+//! metadata block in use counted free (which a later allocation can hand
+//! out again). Replayed as a ublk job, the kernel's final metadata has
+//! the same damage as the model's (and the same blocks: L3 identical when
+//! the commits fall alike); judged against the model with the fix (the
+//! failed count fails the operation), the same run differs.
+//!
 //! Needs what `kernel_ublk_crash` needs (qemu, `linux-image-amd64`,
 //! `linux-source-6.1`, `linux-headers-<release>`). Without them the VM
 //! part prints SKIPPED, or fails under `CI=true`; the model's part runs
@@ -45,6 +62,7 @@ use thin_tools::skip_or_fail;
 
 use dmsim_kernel_shim::equivalence::{compare_l1, simulate_as_written, FinalState};
 use dmsim_kernel_shim::protocol::RaceStep;
+use dmsim_kernel_shim::thin_replay::{judge, Verdict};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_traces::{Op, Trace};
 
@@ -125,8 +143,26 @@ fn trace(race: &Race, fix: bool) -> Trace {
     dmsim_traces::text::from_text(&text).expect("a trace")
 }
 
-/// Both races in one boot: `None` when the VM's prerequisites are missing
-/// (and not under CI).
+/// The refcount finding's trace, found by the campaign (seed 1800).
+const REFCOUNT_FIXTURE: &str = "refcount-error-leaves-a-bitmap-without-overflow.trace";
+/// Its candidate fix.
+const REFCOUNT_FIX: &str = "fix.refcount_errors_fail_the_operation";
+/// The two damages, as dmsim's checker words them.
+const OVERFLOW_DAMAGE: &str = "bitmap says block 1 has 3 or more references, overflow tree has no entry";
+const UNDERCOUNT_DAMAGE: &str = "block 5 count on disk 0, expected 1";
+
+fn refcount_trace(fix: bool) -> Trace {
+    let path = format!("{}/../sim/tests/fixtures/{REFCOUNT_FIXTURE}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let off = format!("param {REFCOUNT_FIX} 0");
+    assert!(text.contains(&off), "{path} runs the model as stock 6.1");
+    let text = if fix { text.replace(&off, &format!("param {REFCOUNT_FIX} 1")) } else { text };
+    dmsim_traces::text::from_text(&text).expect("a trace")
+}
+
+/// Every job in one boot (the two races, then the refcount trace as a
+/// ublk job): `None` when the VM's prerequisites are missing (and not
+/// under CI).
 fn kernel_runs() -> Option<&'static [KernelRun]> {
     static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
     RUNS.get_or_init(|| {
@@ -138,10 +174,11 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
             }
             Err(e) => panic!("preparing the VM: {e}"),
         };
-        let jobs: Vec<Job> = [DISCARD_BREAK_SHARING, FUA_PAST_DISCARD]
+        let mut jobs: Vec<Job> = [DISCARD_BREAK_SHARING, FUA_PAST_DISCARD]
             .iter()
             .map(|r| Job::Race { trace: trace(r, false), steps: (r.steps)() })
             .collect();
+        jobs.push(Job::Ublk(refcount_trace(false)));
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
     .as_deref()
@@ -224,4 +261,36 @@ fn a_fua_write_passes_a_discard_out_of_data_space_on_the_stock_kernel() {
     eprintln!("dev 1 block 1: kernel {}, model {}", block(&kernel, 1, 1), block(&model, 1, 1));
     // The damage on the kernel: dev 1's block holds dev 0's FUA write.
     assert!(block(&kernel, 1, 1).starts_with("w6"), "{}", block(&kernel, 1, 1));
+}
+
+#[test]
+fn a_failed_refcount_update_is_committed_by_the_stock_kernel() {
+    // The model as 6.1 ends with both damages; with the fix, neither.
+    let stock = refcount_trace(false);
+    let model = dmsim_kernel_shim::equivalence::simulate_serialized_crashing(&stock).expect("the simulator");
+    let found = model.end_check_finding.as_deref().expect("the model's final metadata is damaged");
+    assert!(found.contains(OVERFLOW_DAMAGE) && found.contains(UNDERCOUNT_DAMAGE), "{found}");
+    let fixed =
+        dmsim_kernel_shim::equivalence::simulate_serialized_crashing(&refcount_trace(true)).expect("fixed");
+    assert_eq!(fixed.end_check_finding, None, "with the fix");
+
+    let Some(runs) = kernel_runs() else { return };
+    let run = &runs[2];
+    assert!(run.console.contains("ref count insert failed"), "the kernel says so:\n{}", run.console);
+    let r = judge(&stock, true, run).unwrap_or_else(|e| panic!("judging: {e}"));
+    eprintln!(
+        "refcount: {:?}, L3 identical {}, first difference {:?}",
+        r.verdict(),
+        r.l3.is_identical(),
+        r.first_difference()
+    );
+    assert_eq!(r.verdict(), Verdict::Equal, "{:?}", r.first_difference());
+    let kernel = r.kernel_end_check.as_deref().expect("the kernel's final metadata is damaged");
+    assert!(kernel.contains(OVERFLOW_DAMAGE), "the kernel's metadata: {kernel}");
+    assert!(kernel.contains(UNDERCOUNT_DAMAGE), "the kernel's metadata: {kernel}");
+
+    // The detector: the same kernel run against the model with the fix.
+    let f = judge(&refcount_trace(true), true, run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
+    assert_eq!(f.end_check_finding, None, "with the fix the model's metadata is clean");
+    assert_ne!(f.verdict(), Verdict::Equal, "and the kernel's run differs from it");
 }
