@@ -1168,10 +1168,8 @@ fn run_pool_with(
     result: &mut KernelResult,
 ) {
     let lens = [spec.metadata_sectors, spec.data_sectors()];
-    // Queued writes on a full pool wait this long before failing; 0 would
-    // mean forever in the kernel.
-    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
-    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+    // Queued writes on a full pool wait this long before failing.
+    set_no_space_timeout(&spec);
     let mut replayer =
         match Replayer::new(ctl, spec, metadata, data, dev_dir, &job.to_string(), kind.is_fresh()) {
             Ok(r) => r,
@@ -1428,6 +1426,13 @@ pub const DATA_QUIET_WINDOW: std::time::Duration = std::time::Duration::from_mil
 /// independent.
 pub const DATA_CRASH_SEED_XOR: u32 = 0x9e37_79b9;
 
+/// Sets dm-thin-pool's `no_space_timeout` module parameter to the pool's
+/// (whole seconds, at least 1: 0 would mean forever in the kernel).
+fn set_no_space_timeout(spec: &PoolSpec) {
+    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
+    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+}
+
 /// A ublk job's pool: the trace's ops as in a replay job; at a crash op,
 /// [`power_cut`]. Then the read-back, the pool's status and the teardown.
 fn run_ublk_pool(
@@ -1439,8 +1444,7 @@ fn run_ublk_pool(
     dev_dir: &Path,
     result: &mut KernelResult,
 ) {
-    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
-    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+    set_no_space_timeout(&spec);
     let Some((m, d)) = devs.devs.as_ref().map(|(m, d)| (m.block().to_path_buf(), d.block().to_path_buf()))
     else {
         return;
@@ -1573,8 +1577,7 @@ fn run_race_pool(
     result: &mut KernelResult,
 ) {
     use crate::protocol::{RaceStep, RACE_WAIT};
-    let secs = spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1);
-    let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
+    set_no_space_timeout(&spec);
     let Some((m, d)) = devs.devs.as_ref() else { return };
     let data = d;
     let prefix = job.to_string();
@@ -1639,8 +1642,8 @@ fn run_race_pool(
                     Err(e) => Err(format!("op {i} ({op:?}) in the background: {e}")),
                 }
             }),
-            RaceStep::Hold { reads, writes } => {
-                data.gate(crate::ublk::GateKinds { reads, writes });
+            RaceStep::Hold { reads, writes, flushes } => {
+                data.gate(crate::ublk::GateKinds { reads, writes, flushes });
                 Ok(())
             }
             RaceStep::Held(n) => wait_until(RACE_WAIT, || data.held() >= n).map_err(|w| {

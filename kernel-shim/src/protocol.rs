@@ -691,14 +691,17 @@ pub enum RaceStep {
     /// Start op `i` on a thread of its own and go on (text `bg<i>`): a
     /// read, write, discard or flush.
     Background(usize),
-    /// Hold the data disk's reads (text `hold-reads`), writes
-    /// (`hold-writes`) or both (`hold-all`) from now on, until picked or
-    /// released (`crate::ublk::UblkDevice::gate`).
+    /// Hold the data disk's requests of these kinds from now on, until
+    /// picked or released (`crate::ublk::UblkDevice::gate`); text `hold-`
+    /// and the kinds joined by `+` (`hold-reads`, `hold-writes+flushes`),
+    /// or `hold-all` for the three.
     Hold {
         /// Hold reads.
         reads: bool,
         /// Hold writes.
         writes: bool,
+        /// Hold flushes (the pool's commit waits for its data flush).
+        flushes: bool,
     },
     /// Wait until the data disk holds `n` requests (text `held=<n>`), at
     /// most [`RACE_WAIT`].
@@ -730,11 +733,18 @@ impl RaceStep {
         match self {
             RaceStep::Op(i) => i.to_string(),
             RaceStep::Background(i) => format!("bg{i}"),
-            RaceStep::Hold { reads: true, writes: true } => "hold-all".into(),
-            RaceStep::Hold { reads: false, writes: true } => "hold-writes".into(),
-            // Holding nothing is opening the gate: the same as `release`.
-            RaceStep::Hold { reads: true, writes: false } => "hold-reads".into(),
-            RaceStep::Hold { reads: false, writes: false } => "release".into(),
+            RaceStep::Hold { reads, writes, flushes } => {
+                let kinds: Vec<&str> = [(reads, "reads"), (writes, "writes"), (flushes, "flushes")]
+                    .into_iter()
+                    .filter_map(|(on, name)| on.then_some(name))
+                    .collect();
+                // Holding nothing is opening the gate: `release`.
+                if kinds.is_empty() {
+                    "release".into()
+                } else {
+                    format!("hold-{}", kinds.join("+"))
+                }
+            }
             RaceStep::Held(n) => format!("held={n}"),
             RaceStep::Serve(k) => format!("serve={k}"),
             RaceStep::Release => "release".into(),
@@ -749,13 +759,26 @@ impl RaceStep {
         let number =
             |t: &str| t.parse().ok().filter(|_| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
         match text {
-            "hold-reads" => Some(RaceStep::Hold { reads: true, writes: false }),
-            "hold-writes" => Some(RaceStep::Hold { reads: false, writes: true }),
-            "hold-all" => Some(RaceStep::Hold { reads: true, writes: true }),
+            "hold-all" => Some(RaceStep::Hold { reads: true, writes: true, flushes: true }),
             "release" => Some(RaceStep::Release),
             "join" => Some(RaceStep::Join),
             t => {
-                if let Some(n) = t.strip_prefix("held=") {
+                if let Some(kinds) = t.strip_prefix("hold-") {
+                    let (mut reads, mut writes, mut flushes) = (false, false, false);
+                    for kind in kinds.split('+') {
+                        let seen = match kind {
+                            "reads" => &mut reads,
+                            "writes" => &mut writes,
+                            "flushes" => &mut flushes,
+                            _ => return None,
+                        };
+                        if *seen {
+                            return None;
+                        }
+                        *seen = true;
+                    }
+                    Some(RaceStep::Hold { reads, writes, flushes })
+                } else if let Some(n) = t.strip_prefix("held=") {
                     number(n).map(RaceStep::Held)
                 } else if let Some(k) = t.strip_prefix("serve=") {
                     number(k).map(RaceStep::Serve)
@@ -1628,12 +1651,13 @@ mod tests {
         let text = "dmsim-trace 1\nseed 3\nworkload random\nparam x 1\ncreate-thin\n".to_string();
         let steps = vec![
             RaceStep::Op(0),
-            RaceStep::Hold { reads: true, writes: false },
+            RaceStep::Hold { reads: true, writes: false, flushes: false },
             RaceStep::Background(12),
             RaceStep::Held(1),
             RaceStep::Op(3),
-            RaceStep::Hold { reads: false, writes: true },
-            RaceStep::Hold { reads: true, writes: true },
+            RaceStep::Hold { reads: false, writes: true, flushes: false },
+            RaceStep::Hold { reads: true, writes: true, flushes: true },
+            RaceStep::Hold { reads: false, writes: true, flushes: true },
             RaceStep::Serve(2),
             RaceStep::Pause(200),
             RaceStep::Wait(12),
@@ -1645,12 +1669,16 @@ mod tests {
             (JobKind::Race { steps: vec![] }, text.clone()),
         ];
         let body = encode_request(&jobs);
-        let line = "0,hold-reads,bg12,held=1,3,hold-writes,hold-all,serve=2,pause=200,wait12,release,join";
+        let line = "0,hold-reads,bg12,held=1,3,hold-writes,hold-reads+writes+flushes,hold-writes+flushes,serve=2,pause=200,wait12,release,join";
         assert!(String::from_utf8_lossy(&body).contains(line));
         let back = decode_request(&body).unwrap();
         assert_eq!(back[0].0, JobKind::Race { steps });
         assert_eq!(back[1].0, JobKind::Race { steps: vec![] });
         assert!(back[0].0.is_fresh());
+        assert_eq!(
+            RaceStep::parse("hold-all"),
+            Some(RaceStep::Hold { reads: true, writes: true, flushes: true })
+        );
         for bad in [
             "bg",
             "bgx",
@@ -1664,6 +1692,10 @@ mod tests {
             "hold",
             "pause=x",
             "wait",
+            "hold-",
+            "hold-reads+reads",
+            "hold-everything",
+            "hold-reads+",
         ] {
             let body = format!("{REQUEST_FIRST_LINE}\njob race {} {bad}\n{text}", text.len());
             assert!(decode_request(body.as_bytes()).is_err(), "{bad}");

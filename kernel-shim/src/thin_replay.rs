@@ -398,7 +398,7 @@ pub fn parse_race_steps(text: &str, trace: &Trace) -> Result<Vec<crate::protocol
     for word in text.split(',').map(str::trim) {
         let step = RaceStep::parse(word).ok_or_else(|| {
             ShimError::Invalid(format!(
-                "race step {word:?}: expected an op index, bg<i>, hold-reads, hold-writes, hold-all, \
+                "race step {word:?}: expected an op index, bg<i>, hold-<reads|writes|flushes>[+…], hold-all, \
                  held=<n>, serve=<k>, release, wait<i>, pause=<ms> or join"
             ))
         })?;

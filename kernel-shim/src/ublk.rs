@@ -669,6 +669,9 @@ pub struct GateKinds {
     pub reads: bool,
     /// Write requests (FUA or not).
     pub writes: bool,
+    /// FLUSH requests (a pool's commit flushes the data device first and
+    /// waits for it: holding that flush holds the pool's worker).
+    pub flushes: bool,
 }
 
 /// Requests held at a closed gate: closed by [`UblkDevice::gate`],
@@ -679,6 +682,8 @@ struct Gate {
     reads: AtomicBool,
     /// Whether writes are held.
     writes: AtomicBool,
+    /// Whether flushes are held.
+    flushes: AtomicBool,
     /// How many requests the gate holds now.
     held: AtomicUsize,
     /// Held requests to serve now, by their place among those held
@@ -691,12 +696,15 @@ impl Gate {
         match kind {
             RequestKind::Read => self.reads.load(Ordering::SeqCst),
             RequestKind::Write { .. } => self.writes.load(Ordering::SeqCst),
+            RequestKind::Flush => self.flushes.load(Ordering::SeqCst),
             _ => false,
         }
     }
 
     fn open(&self) -> bool {
-        !self.reads.load(Ordering::SeqCst) && !self.writes.load(Ordering::SeqCst)
+        !self.reads.load(Ordering::SeqCst)
+            && !self.writes.load(Ordering::SeqCst)
+            && !self.flushes.load(Ordering::SeqCst)
     }
 }
 
@@ -882,6 +890,7 @@ impl<'c> UblkDevice<'c> {
     pub fn gate(&self, kinds: GateKinds) {
         self.gate.reads.store(kinds.reads, Ordering::SeqCst);
         self.gate.writes.store(kinds.writes, Ordering::SeqCst);
+        self.gate.flushes.store(kinds.flushes, Ordering::SeqCst);
     }
 
     /// How many requests the gate holds now ([`UblkDevice::gate`]).

@@ -1,5 +1,5 @@
 //! Kernel findings shown on the real kernel with the pool on controlled
-//! disks, all in one boot: two races and a metadata fault.
+//! disks, all in one boot: three races and a metadata fault.
 //!
 //! The races: each a trace that orders the race on the simulator with
 //! `worker` and `complete` ops, and a race job (`Job::Race`) that gives
@@ -31,6 +31,19 @@
 //! is back in write mode), another device's write provisions B and
 //! completes; then W lands on B: the other device reads the first
 //! device's data.
+//!
+//! **`shared_read_defers_waiting_writes`** (trace
+//! `out-of-data-space-write-behind-a-shared-read-race.trace`): a full
+//! pool (`error_if_no_space`) out of data space, every block of the
+//! origin shared with a snapshot. A discard changes the origin's mapping,
+//! so the pool's 1 s timer makes the worker commit, and the commit's
+//! flush of the data device is held, so the worker waits in it. A read of
+//! the snapshot's block 0 (shared) is deferred to the worker holding the
+//! block's virtual cell; a write to the same block arrives and waits in
+//! that cell. The flush is served: the worker, out of data space, handles
+//! the read with `process_bio_read_only`, which issues the read to the
+//! shared block — and the write waiting in its cell too
+//! (`inc_remap_and_issue_cell`). The origin reads the snapshot's write.
 //!
 //! **`refcount_errors_fail_the_operation`** (trace
 //! `refcount-error-leaves-a-bitmap-without-overflow.trace`, found by the
@@ -85,7 +98,7 @@ const DISCARD_BREAK_SHARING: Race = Race {
             Op(0),
             Op(1),
             Op(2),
-            Hold { reads: true, writes: false },
+            Hold { reads: true, writes: false, flushes: false },
             Background(3),
             Held(1),
             Op(5),
@@ -114,7 +127,7 @@ const FUA_PAST_DISCARD: Race = Race {
             Op(10),
             Op(14),
             Op(18),
-            Hold { reads: false, writes: true },
+            Hold { reads: false, writes: true, flushes: false },
             Background(20),
             Held(1),
             Background(21),
@@ -143,6 +156,46 @@ fn trace(race: &Race, fix: bool) -> Trace {
     dmsim_traces::text::from_text(&text).expect("a trace")
 }
 
+const WRITE_BEHIND_SHARED_READ: Race = Race {
+    fixture: "out-of-data-space-write-behind-a-shared-read-race.trace",
+    fix: "fix.shared_read_defers_waiting_writes",
+    // Four blocks written, the snapshot, the fifth write fails (ENOSPC:
+    // out of data space), the discard (op 20) changes the origin; with the
+    // data disk's flushes held, the commit timer's commit (within 1 s: the
+    // only flush the data disk then receives is that commit's) holds the
+    // worker; the read (op 22) and the write (op 23) of the snapshot's
+    // block 0 arrive meanwhile — the write reaches the read's cell in
+    // `thin_bio_map`, which nothing outside the kernel sees, hence the
+    // pause — then the commit's flush is served. The read must take the
+    // cell first (started first, it waits for the commit's lock with the
+    // cell held), hence the pause between the two: with the write first,
+    // the write holds the cell and fails with ENOSPC, as it should.
+    // (An explicit flush of the
+    // origin would race the timer: had the timer committed the discard
+    // first, the flush would not commit and the worker would not wait.)
+    steps: || {
+        use RaceStep::*;
+        vec![
+            Op(0),
+            Op(1),
+            Op(5),
+            Op(9),
+            Op(13),
+            Op(17),
+            Op(18),
+            Op(20),
+            Hold { reads: false, writes: false, flushes: true },
+            Held(1),
+            Background(22),
+            Pause(100),
+            Background(23),
+            Pause(300),
+            Release,
+            Join,
+        ]
+    },
+};
+
 /// The refcount finding's trace, found by the campaign (seed 1800).
 const REFCOUNT_FIXTURE: &str = "refcount-error-leaves-a-bitmap-without-overflow.trace";
 /// Its candidate fix.
@@ -160,8 +213,8 @@ fn refcount_trace(fix: bool) -> Trace {
     dmsim_traces::text::from_text(&text).expect("a trace")
 }
 
-/// Every job in one boot (the two races, then the refcount trace as a
-/// ublk job): `None` when the VM's prerequisites are missing (and not
+/// Every job in one boot (two races, the refcount trace as a ublk job,
+/// the third race): `None` when the VM's prerequisites are missing (and not
 /// under CI).
 fn kernel_runs() -> Option<&'static [KernelRun]> {
     static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
@@ -179,6 +232,8 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
             .map(|r| Job::Race { trace: trace(r, false), steps: (r.steps)() })
             .collect();
         jobs.push(Job::Ublk(refcount_trace(false)));
+        let r = WRITE_BEHIND_SHARED_READ;
+        jobs.push(Job::Race { trace: trace(&r, false), steps: (r.steps)() });
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
     .as_deref()
@@ -293,4 +348,28 @@ fn a_failed_refcount_update_is_committed_by_the_stock_kernel() {
     let f = judge(&refcount_trace(true), true, run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
     assert_eq!(f.end_check_finding, None, "with the fix the model's metadata is clean");
     assert_ne!(f.verdict(), Verdict::Equal, "and the kernel's run differs from it");
+}
+
+#[test]
+fn a_write_behind_a_shared_read_changes_the_other_device_on_the_stock_kernel() {
+    let ops: Vec<Op> = trace(&WRITE_BEHIND_SHARED_READ, false).ops().collect();
+    assert!(matches!(ops[17], Op::CreateSnap { origin: 0 }), "{:?}", ops[17]);
+    assert!(matches!(ops[20], Op::Discard { dev: 0, .. }), "{:?}", ops[20]);
+    assert!(matches!(ops[22], Op::Read { dev: 1, sector: 0, .. }), "{:?}", ops[22]);
+    assert!(matches!(ops[23], Op::Write { dev: 1, sector: 0, nr_sectors: 8, .. }), "{:?}", ops[23]);
+    // The snapshot's write is the sixth write (w5).
+    let Some((model, fixed, kernel)) =
+        hold_against_the_kernel(&WRITE_BEHIND_SHARED_READ, 3, "leak from another device")
+    else {
+        return;
+    };
+    assert!(block(&fixed, 0, 0).starts_with("w0"), "the fix: {}", block(&fixed, 0, 0));
+    let run = &kernel_runs().expect("ran")[3];
+    assert_eq!(outcome(run, 18), "ENOSPC", "the pool ran out of data space");
+    for i in [20, 22, 23] {
+        assert_eq!(outcome(run, i), "ok", "op {i}");
+    }
+    eprintln!("dev 0 block 0: kernel {}, model {}", block(&kernel, 0, 0), block(&model, 0, 0));
+    // The damage on the kernel: the origin's block holds the snapshot's write.
+    assert!(block(&kernel, 0, 0).starts_with("w5"), "{}", block(&kernel, 0, 0));
 }
