@@ -659,9 +659,10 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
     };
     // A trace the simulator cannot run as written is refused before the
     // VM boots.
-    if let Err(e) = dmsim_kernel_shim::equivalence::simulate_as_written(trace) {
-        return fail(e.to_string());
-    }
+    let model = match dmsim_kernel_shim::equivalence::simulate_as_written(trace) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
     let shim = match KernelShim::prepare_with_ublk() {
         Ok(s) => s,
         Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
@@ -679,7 +680,7 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
             return fail(format!("--console: {e}"));
         }
     }
-    let report = match judge_race(trace, &run) {
+    let report = match judge_race(model, &run) {
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),
     };

@@ -216,6 +216,7 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["replay", "--on", "kernel", "--race", "0,nope", race_trace], "race step \"nope\""),
         (vec!["replay", "--on", "kernel", "--race", "0,bg999", race_trace], "the trace has 12 ops"),
         (vec!["replay", "--on", "kernel", "--race", "held=", race_trace], "race step"),
+        (vec!["replay", "--on", "kernel", "--race", "bg0", race_trace], "which alone run in the background"),
         (vec!["check", "--on", "elsewhere"], "--on"),
         (vec!["check", "--on", "kernel", "--time", "10m"], "--time is not supported"),
         (vec!["check", "--on", "kernel", "--campaign", "cache"], "thin campaign"),

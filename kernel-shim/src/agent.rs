@@ -246,12 +246,13 @@ impl Drop for AlignedBuf {
 // thread moves that ownership.
 unsafe impl Send for AlignedBuf {}
 
-/// One op's data request on a thin device, with its own descriptor and
-/// buffer, so that it can run on a thread of its own while other ops go
-/// on ([`crate::protocol::RaceStep::Background`]).
+/// One op's data request on a thin device, with its own buffer, so that
+/// it can run on a thread of its own (given its own descriptor) while
+/// other ops go on ([`crate::protocol::RaceStep::Background`]).
 struct DataIo {
     index: usize,
-    file: File,
+    /// The live device it goes to (an index into the replayer's devices).
+    dev: usize,
     kind: DataIoKind,
 }
 
@@ -267,11 +268,11 @@ enum DataIoKind {
 }
 
 impl DataIo {
-    /// Sends the request and waits for it; what the kernel answered.
-    fn run(self) -> OpResult {
+    /// Sends the request to `file` (the device's) and waits for it; what
+    /// the kernel answered.
+    fn run(self, file: &File) -> OpResult {
         let index = self.index;
         let done = |outcome: String, read: Option<String>| OpResult { index, outcome, read };
-        let file = &self.file;
         match self.kind {
             DataIoKind::Write { buf, sector, fua, preflush } => {
                 if preflush {
@@ -635,10 +636,13 @@ impl<'c> Replayer<'c> {
         let skipped = || done("skipped".into(), None);
         match *op {
             Op::Write { .. } | Op::Read { .. } | Op::Discard { .. } | Op::Flush { .. } => {
-                match self.data_io(index, op)? {
-                    Ok(io) => Ok(io.run()),
-                    Err(answer) => Ok(answer),
-                }
+                Ok(match self.data_io(index, op) {
+                    Ok(io) => {
+                        let dev = io.dev;
+                        io.run(&self.devices[dev].file)
+                    }
+                    Err(answer) => answer,
+                })
             }
             Op::CreateThin => {
                 if self.devices.len() >= self.spec.max_devices {
@@ -723,14 +727,15 @@ impl<'c> Replayer<'c> {
     }
 
     /// The request of a read, write, discard or flush op, ready to run on
-    /// any thread ([`DataIo::run`]); `Ok(Err(answer))` when the op sends
-    /// none (no live device, discards ignored). A write takes its stamp's
-    /// number here, in op order, wherever it then runs.
-    fn data_io(&mut self, index: usize, op: &Op) -> Result<Result<DataIo, OpResult>, ShimError> {
+    /// any thread ([`DataIo::run`]); `Err(answer)` when the op sends none
+    /// (no live device, discards ignored; callers pass only those four). A
+    /// write takes its stamp's number here, in op order, wherever it then
+    /// runs.
+    fn data_io(&mut self, index: usize, op: &Op) -> Result<DataIo, OpResult> {
         let skipped = Err(OpResult { index, outcome: "skipped".into(), read: None });
         let (dev, kind) = match *op {
             Op::Write { dev, sector, nr_sectors, fua, preflush } => {
-                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let Some(i) = self.index(dev) else { return skipped };
                 let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
                 let write = self.next_write;
                 self.next_write += 1;
@@ -740,7 +745,7 @@ impl<'c> Replayer<'c> {
                 (i, DataIoKind::Write { buf, sector, fua, preflush })
             }
             Op::Read { dev, sector, nr_sectors } => {
-                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let Some(i) = self.index(dev) else { return skipped };
                 let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
                 (
                     i,
@@ -753,23 +758,19 @@ impl<'c> Replayer<'c> {
             }
             Op::Discard { dev, sector, nr_sectors } => {
                 if self.spec.features.contains(&"ignore_discard") {
-                    return Ok(skipped);
+                    return skipped;
                 }
-                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let Some(i) = self.index(dev) else { return skipped };
                 let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
                 (i, DataIoKind::Discard { range: [sector * 512, nr * 512] })
             }
             Op::Flush { dev } => {
-                let Some(i) = self.index(dev) else { return Ok(skipped) };
+                let Some(i) = self.index(dev) else { return skipped };
                 (i, DataIoKind::Flush)
             }
-            _ => return Err(ShimError::Invalid(format!("op {index} ({op:?}) sends no data request"))),
+            _ => return skipped,
         };
-        let file = self.devices[dev]
-            .file
-            .try_clone()
-            .map_err(|e| ShimError::io(format!("op {index}: dup the thin device's descriptor"), e))?;
-        Ok(Ok(DataIo { index, file, kind }))
+        Ok(DataIo { index, dev, kind })
     }
 
     /// Reads every live device back, one summary per data block.
@@ -1561,10 +1562,10 @@ fn run_ublk_pool(
 
 /// A race job's pool ([`JobKind::Race`]): the pool on the controlled
 /// disks, the trace's ops run as `steps` say — some on threads of their
-/// own, the data disk's reads held at its gate meanwhile — then the
+/// own, the data disk's requests held at its gate meanwhile — then the
 /// read-back, the pool's status and the teardown. Whatever happens, the
 /// gate is opened and every background op waited for before the
-/// teardown (a held read would keep it waiting).
+/// teardown (a held request would keep it waiting).
 #[allow(clippy::too_many_arguments)]
 fn run_race_pool(
     ctl: &Control,
@@ -1578,10 +1579,9 @@ fn run_race_pool(
 ) {
     use crate::protocol::{RaceStep, RACE_WAIT};
     set_no_space_timeout(&spec);
-    let Some((m, d)) = devs.devs.as_ref() else { return };
-    let data = d;
+    let Some((m, data)) = devs.devs.as_ref() else { return };
     let prefix = job.to_string();
-    let mut replayer = match Replayer::new(ctl, spec, m.block(), d.block(), dev_dir, &prefix, true) {
+    let mut replayer = match Replayer::new(ctl, spec, m.block(), data.block(), dev_dir, &prefix, true) {
         Ok(r) => r,
         Err(e) => {
             result.error = Some(format!("creating the pool: {e}"));
@@ -1626,20 +1626,30 @@ fn run_race_pool(
                 }
             }),
             RaceStep::Background(i) => op_of(i).and_then(|op| {
+                if !matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. }) {
+                    return Err(format!(
+                        "op {i} ({op:?}): only a read, write, discard or flush runs in the background"
+                    ));
+                }
                 if ops_on_console() {
                     log(&format!("op {i} (in the background): {}", dmsim_traces::text::op_to_line(&op)));
                 }
                 match replayer.data_io(i, &op) {
-                    Ok(Ok(io)) => std::thread::Builder::new()
-                        .name(format!("op{i}"))
-                        .spawn(move || io.run())
-                        .map(|h| background.push((i, h)))
-                        .map_err(|e| format!("op {i}: spawn its thread: {e}")),
-                    Ok(Err(answer)) => {
+                    Ok(io) => replayer.devices[io.dev]
+                        .file
+                        .try_clone()
+                        .map_err(|e| format!("op {i}: dup the thin device's descriptor: {e}"))
+                        .and_then(|file| {
+                            std::thread::Builder::new()
+                                .name(format!("op{i}"))
+                                .spawn(move || io.run(&file))
+                                .map(|h| background.push((i, h)))
+                                .map_err(|e| format!("op {i}: spawn its thread: {e}"))
+                        }),
+                    Err(answer) => {
                         result.ops.push(answer);
                         Ok(())
                     }
-                    Err(e) => Err(format!("op {i} ({op:?}) in the background: {e}")),
                 }
             }),
             RaceStep::Hold { reads, writes, flushes } => {

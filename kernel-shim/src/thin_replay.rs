@@ -407,18 +407,27 @@ pub fn parse_race_steps(text: &str, trace: &Trace) -> Result<Vec<crate::protocol
                 return Err(ShimError::Invalid(format!("race step {word:?}: the trace has {nr_ops} ops")));
             }
         }
+        if let RaceStep::Background(i) = step {
+            let op = trace.ops().nth(i).expect("checked above");
+            if !matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. }) {
+                return Err(ShimError::Invalid(format!(
+                    "race step {word:?}: op {i} is not a read, write, discard or flush, which alone run in the background"
+                )));
+            }
+        }
         steps.push(step);
     }
     Ok(steps)
 }
 
-/// Judges a race job's kernel run against the simulator's run of `trace`
-/// as written. An agent error is an error here.
-pub fn judge_race(trace: &Trace, run: &KernelRun) -> Result<RaceReport, ShimError> {
+/// Judges a race job's kernel run against `model`, the simulator's run of
+/// the same trace as written ([`crate::equivalence::simulate_as_written`],
+/// which needs no VM: run it first to refuse a trace before booting). An
+/// agent error is an error here.
+pub fn judge_race(model: crate::equivalence::SimulatedRun, run: &KernelRun) -> Result<RaceReport, ShimError> {
     if let Some(e) = &run.result.error {
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
     }
-    let model = crate::equivalence::simulate_as_written(trace)?;
     let kernel = FinalState::of_kernel(run);
     let differences = compare_l1(&model.state, &kernel);
     Ok(RaceReport { model, kernel, differences })
