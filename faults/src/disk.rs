@@ -44,6 +44,36 @@ impl PendingWrite {
     pub fn nr_sectors(&self) -> u64 {
         self.data.len() as u64 / SECTOR_SIZE
     }
+
+    /// What names this write among a disk's pending ones: where it
+    /// landed, its length, FUA, and a fingerprint of its bytes.
+    pub fn key(&self) -> PendingKey {
+        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in &self.data {
+            fnv ^= u64::from(b);
+            fnv = fnv.wrapping_mul(0x0100_0000_01b3);
+        }
+        PendingKey { sector: self.sector, nr_sectors: self.nr_sectors(), fua: self.fua, fnv }
+    }
+
+    fn overlaps(&self, other: &PendingWrite) -> bool {
+        self.sector < other.sector + other.nr_sectors() && other.sector < self.sector + self.nr_sectors()
+    }
+}
+
+/// A pending write's name ([`PendingWrite::key`]): enough to find the
+/// same write in another disk's list (another implementation's disk that
+/// received the same requests, perhaps in another order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PendingKey {
+    /// First sector.
+    pub sector: u64,
+    /// Length in sectors.
+    pub nr_sectors: u64,
+    /// REQ_FUA.
+    pub fua: bool,
+    /// FNV-1a 64 of the bytes.
+    pub fnv: u64,
 }
 
 /// A disk whose acknowledged writes are volatile until flushed.
@@ -161,6 +191,37 @@ impl SimDisk {
     /// completed flush): the writes a crash state chooses among.
     pub fn unflushed(&self) -> usize {
         self.since_flush.iter().filter(|w| !w.fua).count()
+    }
+
+    /// Puts the writes since the last flush in `order` (another disk's
+    /// order of the same writes: [`PendingWrite::key`]), so that a crash
+    /// state chooses among them as that disk's did. Done only when `order`
+    /// names exactly these writes and keeps every two that overlap in
+    /// their order here (so what reads see is unchanged); returns whether
+    /// it was done.
+    pub fn follow_pending_order(&mut self, order: &[PendingKey]) -> bool {
+        if order.len() != self.since_flush.len() {
+            return false;
+        }
+        let mut taken = vec![false; order.len()];
+        let mut permutation = Vec::with_capacity(order.len());
+        for key in order {
+            let found = (0..self.since_flush.len()).find(|&i| !taken[i] && self.since_flush[i].key() == *key);
+            let Some(i) = found else { return false };
+            taken[i] = true;
+            permutation.push(i);
+        }
+        for (a, &i) in permutation.iter().enumerate() {
+            for &j in &permutation[a + 1..] {
+                if j < i && self.since_flush[i].overlaps(&self.since_flush[j]) {
+                    return false;
+                }
+            }
+        }
+        let old = std::mem::take(&mut self.since_flush);
+        let mut slots: Vec<Option<PendingWrite>> = old.into_iter().map(Some).collect();
+        self.since_flush = permutation.iter().map(|&i| slots[i].take().expect("each once")).collect();
+        true
     }
 
     /// Arms `fault`: it fires on this disk's next request of its kind (see
@@ -497,6 +558,37 @@ mod tests {
             (0, 0xc5, 0xc5),
             "the writes lost, the fill kept"
         );
+    }
+
+    #[test]
+    fn a_crash_state_follows_another_disks_order_of_the_same_writes() {
+        let mut disk = SimDisk::new(16);
+        w(&mut disk, 0, 1);
+        w(&mut disk, 4, 2);
+        w(&mut disk, 8, 3);
+        let keys: Vec<PendingKey> = disk.since_flush().iter().map(PendingWrite::key).collect();
+        // Prefix mode with this seed keeps the first write only.
+        let seed =
+            (0..1000).find(|&s| disk.crash_state(dmsim_traces::CrashMode::Prefix, s).1.kept == 1).unwrap();
+        let (before, _) = disk.crash_state(dmsim_traces::CrashMode::Prefix, seed);
+        assert_eq!((before[0], before[4 * 512]), (1, 0));
+        let visible = disk.visible().to_vec();
+        // Another disk saw the second write first: the same seed keeps it.
+        assert!(disk.follow_pending_order(&[keys[1], keys[0], keys[2]]));
+        let (after, _) = disk.crash_state(dmsim_traces::CrashMode::Prefix, seed);
+        assert_eq!((after[0], after[4 * 512]), (0, 2));
+        assert_eq!(disk.visible(), &visible[..], "reads see the same");
+        // Not the same writes, or one missing: nothing changes.
+        let mut other = keys[2];
+        other.fnv ^= 1;
+        assert!(!disk.follow_pending_order(&[keys[0], keys[1], other]));
+        assert!(!disk.follow_pending_order(&[keys[0], keys[1]]));
+        assert_eq!(disk.since_flush()[0].key(), keys[1], "the order followed before");
+        // Two overlapping writes swapped would change what reads see: refused.
+        w(&mut disk, 9, 4);
+        let k: Vec<PendingKey> = disk.since_flush().iter().map(PendingWrite::key).collect();
+        assert!(!disk.follow_pending_order(&[k[0], k[1], k[3], k[2]]));
+        assert!(disk.follow_pending_order(&[k[1], k[0], k[2], k[3]]));
     }
 
     #[test]

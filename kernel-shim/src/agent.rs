@@ -1825,6 +1825,7 @@ fn power_cut<'c>(
         ),
         mapped: crate::vm::mapped_blocks(&xml),
         devices: Vec::new(),
+        data_pending: disks[1].since_flush().iter().map(dmsim_faults::PendingWrite::key).collect(),
     };
     let meta = UblkDevice::start(devs.ctl, ControlledDisk::from_image(meta_image), devs.shapes[0])
         .map_err(|e| format!("restarting the metadata disk: {e}"))?;
@@ -2209,6 +2210,9 @@ fn run_cache_job(ctl: &Control, job: usize, trace: &Trace, disks: &JobDisks<'_>,
         }
     }
     if let Some(u) = ublk.take() {
+        // Faults that fired after the last op (the teardown's clean
+        // shutdown), noted at the number of ops.
+        u.note_fired(trace.ops().count(), result);
         u.finish(ctl, job, &spec, disks, result);
     }
     for disk in [disks.metadata, disks.data] {
@@ -2279,6 +2283,17 @@ impl<'u> CacheUblk<'u> {
     /// The three block devices' nodes.
     fn blocks(&self) -> [PathBuf; 3] {
         [0, 1, 2].map(|k| self.devs[k].block().to_path_buf())
+    }
+
+    /// Records the faults that fired on the three disks since the last
+    /// call as notes `fired.<op> = <role> <request> …` (as
+    /// [`note_fired`] does for a pool's disks).
+    fn note_fired(&self, index: usize, result: &mut KernelResult) {
+        for (dev, role) in self.devs.iter().zip(CACHE_ROLES) {
+            for f in dev.take_fired() {
+                result.notes.push((format!("fired.{index}"), format!("{role} {f}")));
+            }
+        }
     }
 
     /// The mark of the three disks' durable state now, after op `op`.
@@ -2606,6 +2621,24 @@ fn cache_io(
                 ctl.resume(name)?;
                 ("ok".into(), None)
             }
+            Op::Fault { disk, fault } => {
+                // On controlled disks: armed on the disk it names, as the
+                // simulator arms its `SimDisk` (the disk's next request of
+                // the fault's kind). Elsewhere there is nothing to arm.
+                let role = match disk {
+                    dmsim_traces::DiskId::Metadata => Some(0),
+                    dmsim_traces::DiskId::Cache => Some(1),
+                    dmsim_traces::DiskId::Origin => Some(2),
+                    dmsim_traces::DiskId::Data => None,
+                };
+                match (durable.as_deref(), role) {
+                    (Some(u), Some(k)) => {
+                        u.devs[k].arm(crate::ublk_faults::Arm::Next(fault));
+                        ("ok".into(), None)
+                    }
+                    _ => ("unsupported".into(), None),
+                }
+            }
             Op::Crash { .. } => {
                 // The metadata device fails every I/O from now on: its
                 // content stays what the kernel had written (bufio's
@@ -2627,6 +2660,9 @@ fn cache_io(
         };
         stamp(result, format!("op-b-{index}"));
         result.ops.push(OpResult { index, outcome, read });
+        if let Some(u) = durable.as_deref() {
+            u.note_fired(index, result);
+        }
         if settle {
             if matches!(op, Op::Reload { .. } | Op::Invalidate { .. }) {
                 settled.rebase(ctl, name)?;

@@ -73,7 +73,7 @@ pub struct CachePlan {
 /// shim's layout does not take, the cleaner as first policy,
 /// `no_discard_passdown`).
 pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, false)
+    plan_with(trace, false, false)
 }
 
 /// [`plan`], with the kernel's background work settled after every op
@@ -81,12 +81,13 @@ pub fn plan(trace: &Trace) -> Result<CachePlan, ShimError> {
 /// the serialized simulator's do, and [`judge`] follows the kernel's
 /// counters op by op ([`CacheReplayReport::first_divergence`]).
 pub fn settled_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
-    plan_with(trace, true)
+    plan_with(trace, true, false)
 }
 
-/// [`plan`]; with `settle`, see
-/// [`settled_plan`].
-fn plan_with(trace: &Trace, settle: bool) -> Result<CachePlan, ShimError> {
+/// [`plan`]; with `settle`, see [`settled_plan`]; with `faults`, the
+/// trace's `fault` ops on the metadata, cache and origin disks are taken
+/// (armed on controlled disks: [`ublk_plan`]).
+fn plan_with(trace: &Trace, settle: bool, faults: bool) -> Result<CachePlan, ShimError> {
     let cfg = CacheRunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     let c = &cfg.cache;
     if !c.block_sectors.is_multiple_of(128) {
@@ -129,10 +130,16 @@ fn plan_with(trace: &Trace, settle: bool) -> Result<CachePlan, ShimError> {
                 origin_disk = origin_disk.max(u64::from(origin_blocks).clamp(1, max));
                 ops.push(op);
             }
+            Op::Fault { disk, .. } if faults && disk != dmsim_traces::DiskId::Data => ops.push(op),
             Op::Crash { .. } | Op::Fault { .. } | Op::FailIo { .. } => {
                 return Err(ShimError::Invalid(format!(
-                    "op {i} ({}): the serialized kernel replay of cache traces takes no crashes or faults",
-                    op.name()
+                    "op {i} ({}): the serialized kernel replay of cache traces takes no crashes or faults{}",
+                    op.name(),
+                    if faults {
+                        " but faults on its metadata, cache or origin disk"
+                    } else {
+                        " (faults: on controlled disks only)"
+                    }
                 )))
             }
             Op::CreateThin
@@ -507,14 +514,17 @@ pub(crate) fn model_durable_states(
 /// durable state recorded after every FLUSH, FUA or PREFLUSH write;
 /// [`crate::cache_crash::judge_ublk_crash_states`] judges them. Needs a
 /// shim prepared with the ublk module; takes no resizes (the crash states
-/// are loaded on the first table's sizes).
+/// are loaded on the first table's sizes). A `fault` op on the metadata,
+/// cache or origin disk is armed on that controlled disk as the simulator
+/// arms its own (the disk's next request of the fault's kind); the faults
+/// that fired are the run's `fired.<op>` notes.
 pub fn ublk_plan(trace: &Trace) -> Result<CachePlan, ShimError> {
     if let Some(i) = trace.ops().position(|op| matches!(op, Op::Resize { .. })) {
         return Err(ShimError::Invalid(format!(
             "op {i} (resize): replays on controlled disks take no resizes yet"
         )));
     }
-    let mut p = plan_with(trace, true)?;
+    let mut p = plan_with(trace, true, true)?;
     if let Job::Cache { trace, .. } = &mut p.job {
         trace.header.params.push((crate::protocol::CACHE_UBLK_PARAM.into(), "1".into()));
     }

@@ -128,7 +128,7 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 /// Crashes are refused (the virtio replay does not cut power); see
 /// [`simulate_serialized_crashing`].
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, false, None, None, None)
+    simulate_serialized_inner(trace, false, None, None, None, &CrashOrders::new())
 }
 
 /// As [`simulate_serialized_full`], crash ops included (what a ublk
@@ -140,7 +140,7 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
 /// controlled disks the same way), and every op's outcome is recorded in
 /// [`SimulatedRun::ops`].
 pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, true, None, None, None)
+    simulate_serialized_inner(trace, true, None, None, None, &CrashOrders::new())
 }
 
 /// As [`simulate_serialized_full`] (`crashes` false) or
@@ -165,7 +165,9 @@ pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Resu
         Some(kernel) if clock.is_some() => {
             follow_commits(trace, crashes, clock.as_ref(), &kernel, &run.result)
         }
-        _ => simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None),
+        _ => {
+            simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None, &crash_orders(&run.result))
+        }
     }
 }
 
@@ -225,6 +227,7 @@ pub fn follow_commits(
     result: &crate::protocol::KernelResult,
 ) -> Result<SimulatedRun, ShimError> {
     let mut plan = CommitPlan::default();
+    let orders = crash_orders(result);
     // The kernel's superblock after op `i`, if it ever changed by then.
     let kernel_at = |i: usize| kernel.range(..=i).next_back().map(|(_, f)| *f);
     let metadata_write_fault = |what: &str| fault_kind(what) == Some(("metadata", "write-error"));
@@ -265,7 +268,7 @@ pub fn follow_commits(
     // The simulator's timer, following the kernel's clock, until the two
     // first part; the kernel's commits from there on.
     plan.follow_from = usize::MAX;
-    let timed_run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None)?;
+    let timed_run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None, &orders)?;
     // (A fault that fired on one side only is no reason to leave the
     // clock: the commit it met may be one the op made itself.)
     let commit_ops: BTreeSet<usize> = kernel.keys().chain(&timed_run.commit_ops).copied().collect();
@@ -274,7 +277,7 @@ pub fn follow_commits(
     };
     plan.follow_from = from;
     loop {
-        let run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None)?;
+        let run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None, &orders)?;
         let Some(i) = first_difference(&run, from) else { return Ok(run) };
         from = i + 1;
         if !(kernel.contains_key(&i) || kernel_faulted.contains(&i)) || plan.at.contains_key(&i) {
@@ -287,7 +290,7 @@ pub fn follow_commits(
         // full agreement.
         let mut tried = |placement: CommitPlacement| -> Result<(u8, usize), ShimError> {
             plan.at.insert(i, placement);
-            let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(i))?;
+            let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(i), &orders)?;
             let completions = r.data_completions.get(&i).copied().unwrap_or(0);
             // The pool's mode after the op may differ where the kernel's
             // status line was read while the commit ran: it shows no mode
@@ -345,7 +348,7 @@ pub fn follow_commits(
         if misses == MISSES {
             plan.at.retain(|&j, _| j < i);
             plan.clock_from = Some(i);
-            return simulate_serialized_inner(trace, crashes, clock, Some(&plan), None);
+            return simulate_serialized_inner(trace, crashes, clock, Some(&plan), None, &orders);
         }
     }
 }
@@ -365,6 +368,24 @@ pub struct SimulatedCrash {
     pub metadata: (u32, u32),
     /// Data disk: `(kept, unflushed)`.
     pub data: (u32, u32),
+    /// The power cut chose among the data disk's unflushed writes in the
+    /// kernel's order of them ([`crate::protocol::CrashRecord::data_pending`]):
+    /// the same writes as the simulator's, in another order or the same.
+    pub data_order_followed: bool,
+}
+
+/// Per crash op, the kernel's order of its data disk's writes since the
+/// last flush ([`crate::protocol::CrashRecord::data_pending`]).
+type CrashOrders = BTreeMap<usize, Vec<dmsim_faults::PendingKey>>;
+
+/// The kernel run's [`CrashOrders`] (empty for a run that recorded none).
+fn crash_orders(result: &crate::protocol::KernelResult) -> CrashOrders {
+    result
+        .crashes
+        .iter()
+        .filter(|c| !c.data_pending.is_empty())
+        .map(|c| (c.op, c.data_pending.clone()))
+        .collect()
 }
 
 /// The serialized run: following `clock` when given, committing as `plan`
@@ -379,6 +400,7 @@ fn simulate_serialized_inner(
     clock: Option<&ThinClock>,
     plan: Option<&CommitPlan>,
     stop_after: Option<usize>,
+    orders: &CrashOrders,
 ) -> Result<SimulatedRun, ShimError> {
     let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(c) = clock {
@@ -489,6 +511,11 @@ fn simulate_serialized_inner(
             continue;
         }
         if let Op::Crash { .. } = op {
+            // The kernel's order of the data disk's unflushed writes, when
+            // they are the simulator's too: the crash mode then chooses
+            // among them as the agent's disk did.
+            let data_order_followed =
+                orders.get(&i).is_some_and(|o| sim.pool().with_data_device(|d| d.follow_pending_order(o)));
             sim.apply(&op).map_err(fail)?;
             ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
             let (metadata, data) = sim
@@ -509,6 +536,7 @@ fn simulate_serialized_inner(
                 metadata_fnv: crate::protocol::fnv64(&image),
                 metadata,
                 data,
+                data_order_followed,
             });
             if let Some((c, t)) = clock.and_then(|c| Some((c, c.rebuild(i)?))) {
                 // The kernel's new pool was created after the dead one's
@@ -1643,7 +1671,14 @@ mod tests {
             devices: vec![(0, vec!["w0*128".into(), "0*128".into()])],
             mapped: [(0, [0u64].into_iter().collect())].into_iter().collect(),
         };
-        let sim = SimulatedCrash { op: 4, state, metadata_fnv: 9, metadata: (0, 0), data: (1, 2) };
+        let sim = SimulatedCrash {
+            op: 4,
+            state,
+            metadata_fnv: 9,
+            metadata: (0, 0),
+            data: (1, 2),
+            data_order_followed: false,
+        };
         let kernel = CrashRecord {
             op: 4,
             metadata: (0, 0),
@@ -1652,6 +1687,7 @@ mod tests {
             metadata_fnv: 9,
             mapped: sim.state.mapped.clone(),
             devices: vec![DeviceContents { id: 0, blocks: vec!["w0*128".into(), "0*128".into()] }],
+            data_pending: Vec::new(),
         };
         let same = compare_crashes(std::slice::from_ref(&sim), std::slice::from_ref(&kernel));
         assert!(same[0].differences.is_empty() && same[0].metadata_identical);

@@ -209,6 +209,34 @@ pub struct CrashRecord {
     pub mapped: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>>,
     /// Every live device read back after the rebuild, in creation order.
     pub devices: Vec<DeviceContents>,
+    /// The data disk's writes since its last completed flush at the cut,
+    /// in the order they reached it (FUA ones included): the order the
+    /// crash mode chose among, which the kernel's concurrency fixes and
+    /// the trace does not (a request DM core splits, the worker's own
+    /// order). The simulator follows it when it has the same writes
+    /// (`faults::SimDisk::follow_pending_order`).
+    pub data_pending: Vec<dmsim_faults::PendingKey>,
+}
+
+/// A pending write's key as `<sector>+<nr>[f]:<fnv in hex>` (`f`: FUA).
+fn pending_key_text(k: &dmsim_faults::PendingKey) -> String {
+    format!("{}+{}{}:{:016x}", k.sector, k.nr_sectors, if k.fua { "f" } else { "" }, k.fnv)
+}
+
+/// [`pending_key_text`] read back; `None` when malformed.
+fn parse_pending_key(text: &str) -> Option<dmsim_faults::PendingKey> {
+    let (place, fnv) = text.split_once(':')?;
+    let (sector, nr) = place.split_once('+')?;
+    let (nr, fua) = match nr.strip_suffix('f') {
+        Some(nr) => (nr, true),
+        None => (nr, false),
+    };
+    Some(dmsim_faults::PendingKey {
+        sector: sector.parse().ok()?,
+        nr_sectors: nr.parse().ok()?,
+        fua,
+        fnv: u64::from_str_radix(fnv, 16).ok()?,
+    })
 }
 
 /// FNV-1a, 64 bits: a cheap fingerprint of a disk image.
@@ -394,6 +422,10 @@ impl KernelResult {
             for (id, set) in &c.mapped {
                 let _ = writeln!(s, "crash-mapped {id} {}", ranges_text(set));
             }
+            if !c.data_pending.is_empty() {
+                let keys: Vec<String> = c.data_pending.iter().map(pending_key_text).collect();
+                let _ = writeln!(s, "crash-pending {}", keys.join(" "));
+            }
             for d in &c.devices {
                 let _ = writeln!(s, "crash-device {} {}", d.id, d.blocks.len());
                 for (i, b) in d.blocks.iter().enumerate() {
@@ -546,6 +578,14 @@ impl KernelResult {
                     let id = id.parse().map_err(|_| bad(n, line, "bad device id"))?;
                     let set = parse_ranges(set).ok_or_else(|| bad(n, line, "bad crash-mapped ranges"))?;
                     c.mapped.insert(id, set);
+                }
+                "crash-pending" => {
+                    let c = r.crashes.last_mut().ok_or_else(|| bad(n, line, "pending before a crash"))?;
+                    c.data_pending = rest
+                        .split(' ')
+                        .map(parse_pending_key)
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| bad(n, line, "bad crash-pending"))?;
                 }
                 "crash-device" => {
                     let c = r.crashes.last_mut().ok_or_else(|| bad(n, line, "device before a crash"))?;
@@ -1586,9 +1626,18 @@ mod tests {
                 .into_iter()
                 .collect(),
             devices: vec![DeviceContents { id: 0, blocks: vec!["w1*8".into(), "0*8".into()] }],
+            data_pending: vec![
+                dmsim_faults::PendingKey { sector: 256, nr_sectors: 128, fua: false, fnv: 0xfeed },
+                dmsim_faults::PendingKey { sector: 8, nr_sectors: 1, fua: true, fnv: u64::MAX },
+            ],
         });
         let text2 = with_crash.to_text();
+        assert!(text2.contains("crash-pending 256+128:000000000000feed 8+1f:ffffffffffffffff\n"), "{text2}");
         assert_eq!(KernelResult::from_text(&text2).unwrap(), with_crash);
+        for bad in ["256+x:00", "256+128", "+1:00", "1+2:zz"] {
+            let t = text2.replace("256+128:000000000000feed", bad);
+            assert!(KernelResult::from_text(&t).is_err(), "{bad}");
+        }
         assert!(
             KernelResult::from_text(&text2.replace("crash-mapped 0 0-2,7", "crash-mapped 0 9-2")).is_err()
         );

@@ -73,10 +73,15 @@ use std::sync::OnceLock;
 
 use thin_tools::skip_or_fail;
 
+use dmsim_kernel_shim::cache_crash::judge_ublk_crash_states;
+use dmsim_kernel_shim::cache_replay::{ublk_plan, CachePlan};
 use dmsim_kernel_shim::equivalence::{compare_l1, simulate_as_written, FinalState};
 use dmsim_kernel_shim::protocol::RaceStep;
 use dmsim_kernel_shim::thin_replay::{judge, Verdict};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
+use dmsim_model::cache::core::CacheFixes;
+use dmsim_sim::cache_run::{self, CacheRunConfig};
+use dmsim_sim::run::Checkers;
 use dmsim_traces::{Op, Trace};
 
 /// One finding's race: its trace, its fix and the kernel's steps.
@@ -196,6 +201,44 @@ const WRITE_BEHIND_SHARED_READ: Race = Race {
     },
 };
 
+const READ_DURING_A_COPY: Race = Race {
+    fixture: "out-of-data-space-read-of-a-block-being-unshared-race.trace",
+    fix: "fix.read_only_shared_reads_wait_for_copies",
+    // Two blocks written, the snapshot, a second thin device, the
+    // snapshot's whole-block write (op 11: block 0 is now the origin's
+    // alone, still shared by its time). With the data disk's reads held:
+    // the origin's partial write (op 15) breaks sharing, its copy's read
+    // held; the write to block 2 (op 17) finds no space (ENOSPC, out of
+    // data space); the origin's read of block 0 (op 19) is remapped to the
+    // old block, held; the copy served, the partial write done (the old
+    // block's last reference gone); the flush (op 24) commits — the old
+    // block free, the pool back in write mode; the other device's
+    // whole-block write (op 27) provisions it and completes; the read last.
+    steps: || {
+        use RaceStep::*;
+        vec![
+            Op(0),
+            Op(1),
+            Op(5),
+            Op(9),
+            Op(10),
+            Op(11),
+            Hold { reads: true, writes: false, flushes: false },
+            Background(15),
+            Held(1),
+            Op(17),
+            Background(19),
+            Held(2),
+            Serve(0),
+            Wait(15),
+            Op(24),
+            Op(27),
+            Release,
+            Join,
+        ]
+    },
+};
+
 /// The refcount finding's trace, found by the campaign (seed 1800).
 const REFCOUNT_FIXTURE: &str = "refcount-error-leaves-a-bitmap-without-overflow.trace";
 /// Its candidate fix.
@@ -213,9 +256,62 @@ fn refcount_trace(fix: bool) -> Trace {
     dmsim_traces::text::from_text(&text).expect("a trace")
 }
 
+/// The cache finding `read_only_flushes_fail`'s recorded trace (the
+/// cache campaign's seed 677).
+const READ_ONLY_FLUSH_FIXTURE: &str = "cache-read-only-flush-of-a-dropped-mapping.trace";
+/// Its candidate fix.
+const READ_ONLY_FLUSH_FIX: &str = "fix.read_only_flushes_fail";
+/// The recorded trace's ops on 128-sector cache blocks (the shim's disk
+/// layout takes multiples of 128): a whole-block write to origin block 8
+/// (smq promotes it, over the write: no copy), a metadata write error
+/// armed, a reload (its clean shutdown's commit fails: the cache aborts to
+/// its last commit and goes read-only, the promotion's mapping still in
+/// use in core), a one-sector write to the block (to the cache block), a
+/// reload, a flush (nothing changed in the new transaction: no commit).
+const READ_ONLY_FLUSH_OPS: &str = "write dev=0 sector=1024 nr=128
+fault metadata write-error transient
+reload mode=writeback policy=smq
+write dev=0 sector=1024 nr=1
+reload mode=writeback policy=smq
+flush dev=0
+worker
+complete pick=0
+complete pick=0
+";
+/// The flush's op index.
+const READ_ONLY_FLUSH_OP: usize = 5;
+
+/// [`READ_ONLY_FLUSH_OPS`] under the recorded trace's header, its fix on
+/// or off, then `tail` (a crash, for the simulator's own check).
+fn read_only_flush_trace(fix: bool, tail: &str) -> Trace {
+    let path = format!("{}/../sim/tests/fixtures/{READ_ONLY_FLUSH_FIXTURE}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let off = format!("param {READ_ONLY_FLUSH_FIX} 0");
+    assert!(text.contains(&off), "{path} runs the model as stock 6.1");
+    let header: String = text
+        .lines()
+        .take_while(|l| !l.starts_with("write "))
+        .map(|l| match l {
+            "param block_sectors 64" => "param block_sectors 128\n".to_string(),
+            l if l == off && fix => format!("param {READ_ONLY_FLUSH_FIX} 1\n"),
+            l => format!("{l}\n"),
+        })
+        .collect();
+    assert!(header.contains("param block_sectors 128"), "{header}");
+    dmsim_traces::text::from_text(&format!("{header}{READ_ONLY_FLUSH_OPS}{tail}")).expect("a trace")
+}
+
+/// The kernel job of [`read_only_flush_trace`]: the cache on controlled
+/// disks, the fault armed on the metadata disk; the model as stock 6.1.
+fn read_only_flush_plan() -> CachePlan {
+    let mut plan = ublk_plan(&read_only_flush_trace(false, "")).expect("a plan");
+    plan.cfg.cache.options.fixes = CacheFixes::default();
+    plan
+}
+
 /// Every job in one boot (two races, the refcount trace as a ublk job,
-/// the third race): `None` when the VM's prerequisites are missing (and not
-/// under CI).
+/// the third race, the fourth race, the cache's read-only flush):
+/// `None` when the VM's prerequisites are missing (and not under CI).
 fn kernel_runs() -> Option<&'static [KernelRun]> {
     static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
     RUNS.get_or_init(|| {
@@ -234,6 +330,9 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
         jobs.push(Job::Ublk(refcount_trace(false)));
         let r = WRITE_BEHIND_SHARED_READ;
         jobs.push(Job::Race { trace: trace(&r, false), steps: (r.steps)() });
+        let r = READ_DURING_A_COPY;
+        jobs.push(Job::Race { trace: trace(&r, false), steps: (r.steps)() });
+        jobs.push(read_only_flush_plan().job);
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
     .as_deref()
@@ -372,4 +471,87 @@ fn a_write_behind_a_shared_read_changes_the_other_device_on_the_stock_kernel() {
     eprintln!("dev 0 block 0: kernel {}, model {}", block(&kernel, 0, 0), block(&model, 0, 0));
     // The damage on the kernel: the origin's block holds the snapshot's write.
     assert!(block(&kernel, 0, 0).starts_with("w5"), "{}", block(&kernel, 0, 0));
+}
+
+#[test]
+fn a_read_of_a_block_being_unshared_returns_another_devices_data_on_the_stock_kernel() {
+    let race = &READ_DURING_A_COPY;
+    let ops: Vec<Op> = trace(race, false).ops().collect();
+    assert!(matches!(ops[11], Op::Write { dev: 1, sector: 0, nr_sectors: 128, .. }), "{:?}", ops[11]);
+    assert!(matches!(ops[15], Op::Write { dev: 0, sector: 0, nr_sectors: 8, .. }), "{:?}", ops[15]);
+    assert!(matches!(ops[19], Op::Read { dev: 0, sector: 0, nr_sectors: 128 }), "{:?}", ops[19]);
+    assert!(matches!(ops[24], Op::Flush { dev: 0 }), "{:?}", ops[24]);
+    assert!(matches!(ops[27], Op::Write { dev: 2, sector: 0, nr_sectors: 128, .. }), "{:?}", ops[27]);
+    // The other device's write is the sixth (w5; the failed one is w4).
+    let model = simulate_as_written(&trace(race, false)).expect("the simulator");
+    let objection = model.oracle_violation.as_deref().expect("the model as 6.1 shows the damage");
+    assert!(objection.contains("leak from another device: read w5@dev2"), "{objection}");
+    let fixed = simulate_as_written(&trace(race, true)).expect("the simulator with the fix");
+    assert_eq!(fixed.oracle_violation, None, "the fix");
+
+    let Some(runs) = kernel_runs() else { return };
+    let run = &runs[4];
+    assert_eq!(run.result.error, None, "console:\n{}", run.console);
+    assert_eq!(outcome(run, 17), "ENOSPC", "the pool ran out of data space");
+    for i in [11, 15, 19, 24, 27] {
+        assert_eq!(outcome(run, i), "ok", "op {i}");
+    }
+    let kernel = FinalState::of_kernel(run);
+    let d = compare_l1(&model.state, &kernel);
+    assert!(d.is_empty(), "the devices at the end agree with the model as 6.1: {d:?}");
+    // The damage is in what the read returned (the devices at rest are
+    // the same with the fix): the origin's block 0 read the other
+    // device's whole-block write, not its own data (w0, w3).
+    let read = run.result.ops.iter().find(|o| o.index == 19).and_then(|o| o.read.as_deref());
+    eprintln!("the origin's read of block 0 on the kernel: {read:?}");
+    assert_eq!(read, Some("w5*128"), "the kernel's read returned another device's data");
+}
+
+#[test]
+fn a_read_only_cache_fails_a_flush_after_an_abort_on_the_stock_kernel() {
+    // The model as 6.1 (its abort keeps `changed`, as 6.1's does): the
+    // flush asks for a commit, read-only mode refuses it, the flush fails
+    // with EIO, and a crash loses nothing that was acknowledged — with the
+    // candidate fix or without.
+    let crash = "crash lose-all seed=0\n";
+    for fix in [false, true] {
+        let t = read_only_flush_trace(fix, crash);
+        let cfg = CacheRunConfig::from_header(&t.header).expect("a config");
+        let ops: Vec<Op> = t.ops().collect();
+        let out = cache_run::run_ops(&cfg, &ops, &Checkers::default());
+        assert_eq!(out.violation.map(|v| v.to_string()), None, "fix {fix}");
+        let text = dmsim_traces::to_text(&out.trace);
+        assert!(text.contains("done bio=2 dev=0 EIO"), "fix {fix}: the flush fails:\n{text}");
+    }
+
+    let Some(runs) = kernel_runs() else { return };
+    let run = &runs[5];
+    assert_eq!(run.result.error, None, "console:\n{}", run.console);
+    let fired: Vec<&(String, String)> =
+        run.result.notes.iter().filter(|(k, _)| k.starts_with("fired.")).collect();
+    eprintln!("read-only flush: fired {fired:?}; ops {:?}", &run.result.ops[..6]);
+    assert!(
+        fired.iter().any(|(op, what)| op == "fired.2"
+            && what.starts_with("metadata write")
+            && what.contains("write-error")),
+        "the metadata write error fired on the controlled disk in the reload's clean shutdown: {fired:?}"
+    );
+    for said in ["aborting current metadata transaction", "Unable to get write access to metadata"] {
+        assert!(run.console.contains(said), "the kernel says {said:?}; console:\n{}", run.console);
+    }
+    // Both reloads are refused (the abort set needs_check); the writes
+    // are acknowledged; the flush fails.
+    let outcomes: Vec<&str> = (0..=READ_ONLY_FLUSH_OP).map(|i| outcome(run, i)).collect();
+    assert_eq!(outcomes, ["ok", "ok", "EINVAL", "ok", "EINVAL", "EIO"], "the kernel's outcomes");
+    // And every crash state the run recorded is one the oracle allows
+    // (the flush claimed nothing).
+    let plan = read_only_flush_plan();
+    let r = judge_ublk_crash_states(&plan, run).unwrap_or_else(|e| panic!("judging: {e}"));
+    eprintln!(
+        "read-only flush: {} marks, {} matching the model, L1 {:?}, first difference {:?}",
+        r.marks, r.matching, r.l1_violations, r.first_difference
+    );
+    assert!(r.marks >= 3, "marks after the reloads and the flush: {}", r.marks);
+    assert_eq!(r.l1_violations, Vec::<String>::new());
+    assert_eq!(r.first_difference, None, "the model as 6.1 leaves the same crash states");
 }

@@ -48,6 +48,22 @@ impl Errno {
         }
     }
 
+    /// What a bio ended with this error reports (`errno_to_blk_status`
+    /// then `blk_status_to_errno`): the errnos the block layer has a
+    /// status for come back as they are, any other as `EIO` (a commit's
+    /// `-EINVAL` in read-only mode fails a flush with `EIO`).
+    pub fn as_bio_status(self) -> Errno {
+        match self {
+            Errno::EIO
+            | Errno::ENOMEM
+            | Errno::EBUSY
+            | Errno::ENOSPC
+            | Errno::ENODATA
+            | Errno::EOPNOTSUPP => self,
+            Errno::EPERM | Errno::EEXIST | Errno::EFBIG | Errno::EINVAL => Errno::EIO,
+        }
+    }
+
     /// The errno for a positive value, if it is one the targets use.
     pub fn from_code(code: i32) -> Option<Errno> {
         [
@@ -86,5 +102,13 @@ mod tests {
         }
         assert_eq!(Errno::from_code(28), Some(Errno::ENOSPC));
         assert_eq!(Errno::from_code(2), None);
+    }
+
+    #[test]
+    fn a_bio_reports_eio_for_errors_the_block_layer_has_no_status_for() {
+        assert_eq!(Errno::EINVAL.as_bio_status(), Errno::EIO);
+        assert_eq!(Errno::EPERM.as_bio_status(), Errno::EIO);
+        assert_eq!(Errno::ENOSPC.as_bio_status(), Errno::ENOSPC);
+        assert_eq!(Errno::ENODATA.as_bio_status(), Errno::ENODATA);
     }
 }

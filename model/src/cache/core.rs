@@ -1533,7 +1533,7 @@ impl<M: BlockDevice, C: BlockDevice, O: BlockDevice> Cache<M, C, O> {
         let r_bios = if self.opts.fixes.read_only_flushes_fail && self.mode() >= CacheMode::ReadOnly {
             Err(Errno::EIO)
         } else {
-            r
+            r.map_err(Errno::as_bio_status)
         };
         for id in ends {
             if let Err(e) = r_bios {

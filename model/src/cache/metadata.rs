@@ -379,10 +379,14 @@ impl<D: BlockDevice> CacheMetadata<D> {
 
     /// Throws away the open transaction and reopens from the last commit
     /// (`dm_cache_metadata_abort`). A failure to reopen leaves the metadata
-    /// in fail_io. Unlike 6.1 — which reopens the space map but keeps its
-    /// in-core roots and sizes from the aborted transaction (the target goes
-    /// read-only right after) — the model re-reads them from the superblock,
-    /// so that the metadata afterwards is the last commit's.
+    /// in fail_io. As 6.1, `changed` is kept from the aborted transaction
+    /// (the model used to clear it, so that a flush after the abort found
+    /// nothing changed and succeeded without a commit; the stock kernel
+    /// fails it: the withdrawn finding `read_only_flushes_fail`). Unlike
+    /// 6.1 — which also keeps its in-core roots and sizes from the aborted
+    /// transaction and never uses them again (the target goes read-only
+    /// right after) — the model re-reads those from the superblock, so
+    /// that the metadata afterwards is the last commit's.
     pub fn abort(&mut self) -> Result<()> {
         if self.fail_io {
             return Err(CacheError::FailIo);
@@ -392,7 +396,20 @@ impl<D: BlockDevice> CacheMetadata<D> {
         // with the old client.
         self.tm.reset();
         self.tm.block_manager().forget_write_errors();
+        // 6.1 reopens the transaction manager and space map from the
+        // superblock (`__open_metadata`) and does not re-read its fields
+        // (no `__begin_transaction`): `changed` stays the aborted
+        // transaction's. So after an abort of a changed transaction every
+        // later flush still asks for a commit, which read-only mode
+        // refuses: the flush fails (seen on stock 6.1:
+        // kernel-shim/tests/kernel_findings_one_boot.rs). The roots are
+        // re-read here, where 6.1 keeps the aborted ones: it never uses
+        // them again (read-only until a repair; a reload of the same
+        // device shares this metadata and refuses it while needs_check is
+        // set), and the model's metadata stays usable as the last commit's.
+        let changed = self.changed;
         let r = self.open_metadata().and_then(|_| self.begin_transaction());
+        self.changed = changed;
         if r.is_err() {
             self.fail_io = true;
         }
@@ -537,6 +554,24 @@ mod tests {
     use super::*;
     use crate::block_device::MemDevice;
     use crate::cache::inspect::read_image;
+
+    /// 6.1's abort keeps `changed`: after an abort of a changed
+    /// transaction a flush still asks for a commit (which read-only mode
+    /// refuses); after an abort of an unchanged one it does not.
+    #[test]
+    fn an_abort_keeps_whether_the_transaction_changed() {
+        let mut md = CacheMetadata::format(MemDevice::new(8 * 1024), 128, 2).unwrap();
+        md.resize(4).unwrap();
+        md.commit(false).unwrap();
+        assert!(!md.changed_this_transaction());
+        md.abort().unwrap();
+        assert!(!md.changed_this_transaction(), "nothing changed, nothing to commit");
+        md.insert_mapping(0, 7).unwrap();
+        assert!(md.changed_this_transaction());
+        md.abort().unwrap();
+        assert!(md.changed_this_transaction(), "kept across the abort, as 6.1 keeps it");
+        assert_eq!(md.lookup(0).unwrap(), None, "the mapping itself is gone with the transaction");
+    }
 
     /// The fresh layout derived from `__format_metadata` (spec §4.3): 0
     /// superblock, 1 space map index, 2 overflow root, 3 bitmap, then the
