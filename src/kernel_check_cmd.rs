@@ -124,7 +124,10 @@ fn print_summary(s: &Summary, outcomes: &[SeedOutcome], written: &[(u64, std::pa
         s.refused,
         s.failed
     );
-    println!("crash states: {} of {} L1-equal", s.crash_states_equal, s.crash_states);
+    println!(
+        "crash states: {} of {} L1-equal ({} chosen in the kernel's order of the unflushed data writes)",
+        s.crash_states_equal, s.crash_states, s.crash_states_reordered
+    );
     for (class, n) in &s.classes {
         println!("class {class}: {n} seeds");
     }
@@ -150,6 +153,7 @@ fn summary_json(s: &Summary) -> serde_json::Value {
         "failed": s.failed,
         "crash_states": s.crash_states,
         "crash_states_equal": s.crash_states_equal,
+        "crash_states_reordered": s.crash_states_reordered,
         "classes": s.classes,
     })
 }

@@ -493,6 +493,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 "metadata_identical": c.metadata_identical,
                 "simulator_kept_unflushed": [c.choices[0].0, c.choices[0].1],
                 "kernel_kept_unflushed": [c.choices[1].0, c.choices[1].1],
+                "data_reordered": c.data_reordered,
             })).collect::<Vec<_>>(),
             "op_differences": op_differences.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "faults_fired": { "simulator": sim_fired, "kernel": kernel_fired },
@@ -544,6 +545,11 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 sm.0, sm.1, sd.0, sd.1, km.0, km.1, kd.0, kd.1
             );
             let l3 = if c.metadata_identical { "metadata identical" } else { "metadata differs" };
+            let choice = if c.data_reordered {
+                format!("{choice}; the simulator followed the kernel's order of the unflushed data writes")
+            } else {
+                choice
+            };
             if c.differences.is_empty() {
                 println!("crash {} (op {}): L1 equal ({l3}; {choice})", c.crash, c.op);
             } else {

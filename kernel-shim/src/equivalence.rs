@@ -368,10 +368,10 @@ pub struct SimulatedCrash {
     pub metadata: (u32, u32),
     /// Data disk: `(kept, unflushed)`.
     pub data: (u32, u32),
-    /// The power cut chose among the data disk's unflushed writes in the
-    /// kernel's order of them ([`crate::protocol::CrashRecord::data_pending`]):
-    /// the same writes as the simulator's, in another order or the same.
-    pub data_order_followed: bool,
+    /// The kernel's data disk had the simulator's unflushed writes in
+    /// another order ([`crate::protocol::CrashRecord::data_pending`]), and
+    /// the power cut chose among them in the kernel's.
+    pub data_reordered: bool,
 }
 
 /// Per crash op, the kernel's order of its data disk's writes since the
@@ -514,8 +514,12 @@ fn simulate_serialized_inner(
             // The kernel's order of the data disk's unflushed writes, when
             // they are the simulator's too: the crash mode then chooses
             // among them as the agent's disk did.
-            let data_order_followed =
-                orders.get(&i).is_some_and(|o| sim.pool().with_data_device(|d| d.follow_pending_order(o)));
+            let data_reordered = orders.get(&i).is_some_and(|order| {
+                sim.pool().with_data_device(|d| {
+                    let ours: Vec<_> = d.since_flush().iter().map(dmsim_faults::PendingWrite::key).collect();
+                    ours != *order && d.follow_pending_order(order)
+                })
+            });
             sim.apply(&op).map_err(fail)?;
             ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
             let (metadata, data) = sim
@@ -536,7 +540,7 @@ fn simulate_serialized_inner(
                 metadata_fnv: crate::protocol::fnv64(&image),
                 metadata,
                 data,
-                data_order_followed,
+                data_reordered,
             });
             if let Some((c, t)) = clock.and_then(|c| Some((c, c.rebuild(i)?))) {
                 // The kernel's new pool was created after the dead one's
@@ -1044,6 +1048,9 @@ pub struct CrashComparison {
     pub metadata_identical: bool,
     /// `(kept, unflushed)` on the metadata and data disks: simulator, kernel.
     pub choices: [((u32, u32), (u32, u32)); 2],
+    /// The simulator's power cut followed the kernel's order of the data
+    /// disk's unflushed writes ([`SimulatedCrash::data_reordered`]).
+    pub data_reordered: bool,
 }
 
 /// A named class that explains a divergence between the kernel and the
@@ -1331,6 +1338,7 @@ pub fn compare_crashes(
                     differences,
                     metadata_identical: s.metadata_fnv == c.metadata_fnv,
                     choices: [(s.metadata, s.data), (c.metadata, c.data)],
+                    data_reordered: s.data_reordered,
                 });
             }
             (Some(s), None) => out.push(CrashComparison {
@@ -1339,6 +1347,7 @@ pub fn compare_crashes(
                 differences: vec!["the kernel did not reach this crash".into()],
                 metadata_identical: false,
                 choices: [(s.metadata, s.data), ((0, 0), (0, 0))],
+                data_reordered: s.data_reordered,
             }),
             (None, Some(c)) => out.push(CrashComparison {
                 crash: k,
@@ -1346,6 +1355,7 @@ pub fn compare_crashes(
                 differences: vec!["the simulator has no such crash".into()],
                 metadata_identical: false,
                 choices: [((0, 0), (0, 0)), (c.metadata, c.data)],
+                data_reordered: false,
             }),
             (None, None) => {}
         }
@@ -1677,7 +1687,7 @@ mod tests {
             metadata_fnv: 9,
             metadata: (0, 0),
             data: (1, 2),
-            data_order_followed: false,
+            data_reordered: false,
         };
         let kernel = CrashRecord {
             op: 4,

@@ -168,6 +168,9 @@ pub struct Summary {
     pub crash_states: usize,
     /// Crash states L1-equal.
     pub crash_states_equal: usize,
+    /// Crash states where the simulator followed the kernel's order of
+    /// the data disk's unflushed writes (it differed from its own).
+    pub crash_states_reordered: usize,
     /// Explained divergences by class name.
     pub classes: std::collections::BTreeMap<&'static str, usize>,
 }
@@ -181,6 +184,7 @@ impl Summary {
                 SeedResult::Judged(r) => {
                     s.crash_states += r.crashes.len();
                     s.crash_states_equal += r.crashes.iter().filter(|c| c.differences.is_empty()).count();
+                    s.crash_states_reordered += r.crashes.iter().filter(|c| c.data_reordered).count();
                     match r.verdict() {
                         Verdict::Equal => s.equal += 1,
                         Verdict::Explained => {

@@ -325,6 +325,7 @@ mod tests {
             differences: differences.iter().map(|s| s.to_string()).collect(),
             metadata_identical: differences.is_empty(),
             choices: [((0, 0), (0, 0)); 2],
+            data_reordered: false,
         }
     }
 
