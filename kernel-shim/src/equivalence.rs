@@ -1220,12 +1220,15 @@ fn commit_timing(
 /// The first op after op `i` whose status line the kernel recorded shows
 /// a mode, and the mode. A line reading `Error` (6.1's `pool_status`
 /// prints it when it cannot read the metadata's counters, as while a
-/// failed commit's abort runs) shows none and is passed over.
+/// failed commit's abort runs) shows none and is passed over, and so is
+/// an op the agent skipped (it sent the pool nothing: the moment is
+/// still the op before's).
 fn next_kernel_mode(kernel: &crate::protocol::KernelResult, i: usize) -> Option<(usize, &'static str)> {
+    let skipped = |j: usize| kernel.ops.iter().any(|o| o.index == j && o.outcome.starts_with("skipped"));
     kernel
         .op_status
         .iter()
-        .filter(|(j, _)| *j > i)
+        .filter(|(j, _)| *j > i && !skipped(*j))
         .find_map(|(j, line)| Some((*j, crate::fault_compare::kernel_mode(line)?)))
 }
 
@@ -1409,6 +1412,38 @@ mod tests {
         );
         // Another pair of modes.
         assert_eq!(with_modes(["fail", "write", "write"], ["out_of_data_space", "rw", "rw"]), None);
+        // An op both sides skipped in between (it sent the pool nothing;
+        // the kernel's status after it still the mode before): the next
+        // op that ran is where the modes agree (the campaign's seed 124).
+        let skipped_between = |kernel_last: &str| {
+            let ops: Vec<_> = (0..3)
+                .map(|i| crate::fault_compare::SimOp {
+                    mode: "write".into(),
+                    outcome: if i == 1 { "skipped".into() } else { "ok".into() },
+                    ..sim_op(i, "discard dev=0 sector=0 nr=8")
+                })
+                .collect();
+            let k = KernelResult {
+                ops: (0..3)
+                    .map(|i| OpResult {
+                        index: i,
+                        outcome: if i == 1 { "skipped".into() } else { "ok".into() },
+                        read: None,
+                    })
+                    .collect(),
+                op_status: vec![
+                    (0, status("out_of_data_space")),
+                    (1, status("out_of_data_space")),
+                    (2, status(kernel_last)),
+                ],
+                ..KernelResult::default()
+            };
+            let d = compare_ops(&ops, &k);
+            assert!(d.iter().all(|d| d.index == 0), "{d:?}");
+            classify_op_differences(&d, &ops, &k, 256)
+        };
+        assert_eq!(skipped_between("rw"), Some(DivergenceClass::CommitTiming { op: 0 }));
+        assert_eq!(skipped_between("out_of_data_space"), None, "still apart at the next op that ran");
         // An outcome difference is never timing.
         let ops = vec![sim_op(0, "write dev=0 sector=0 nr=8 fua")];
         let k = KernelResult {

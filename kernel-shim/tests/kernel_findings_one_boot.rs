@@ -76,19 +76,27 @@ use thin_tools::skip_or_fail;
 use dmsim_kernel_shim::cache_crash::judge_ublk_crash_states;
 use dmsim_kernel_shim::cache_replay::{ublk_plan, CachePlan};
 use dmsim_kernel_shim::equivalence::{compare_l1, simulate_as_written, FinalState};
-use dmsim_kernel_shim::protocol::RaceStep;
-use dmsim_kernel_shim::thin_replay::{judge, Verdict};
+use dmsim_kernel_shim::thin_replay::{judge, parse_race_steps, Verdict};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::cache::core::CacheFixes;
 use dmsim_sim::cache_run::{self, CacheRunConfig};
 use dmsim_sim::run::Checkers;
 use dmsim_traces::{Op, Trace};
 
-/// One finding's race: its trace, its fix and the kernel's steps.
+/// One finding's race: its trace, its fix and the kernel's steps (as
+/// `dmsim replay --on kernel --race` takes them).
 struct Race {
     fixture: &'static str,
     fix: &'static str,
-    steps: fn() -> Vec<RaceStep>,
+    steps: &'static str,
+}
+
+/// The race's job: its trace as stock 6.1, its steps parsed and checked
+/// against the trace.
+fn race_job(race: &Race) -> Job {
+    let trace = trace(race, false);
+    let steps = parse_race_steps(race.steps, &trace).unwrap_or_else(|e| panic!("{}: {e}", race.fixture));
+    Job::Race { trace, steps }
 }
 
 const DISCARD_BREAK_SHARING: Race = Race {
@@ -97,21 +105,7 @@ const DISCARD_BREAK_SHARING: Race = Race {
     // The partial write that breaks sharing (op 3) in the background until
     // its copy's read is held; the discard (op 5) and the second write
     // (op 7); then the copy.
-    steps: || {
-        use RaceStep::*;
-        vec![
-            Op(0),
-            Op(1),
-            Op(2),
-            Hold { reads: true, writes: false, flushes: false },
-            Background(3),
-            Held(1),
-            Op(5),
-            Op(7),
-            Release,
-            Join,
-        ]
-    },
+    steps: "0,1,2,hold-reads,bg3,held=1,5,7,release,join",
 };
 
 const FUA_PAST_DISCARD: Race = Race {
@@ -122,34 +116,7 @@ const FUA_PAST_DISCARD: Race = Race {
     // pool — nothing outside the kernel sees it arrive, hence the pause —
     // then W (op 23) held; X served, the discard done; the flush (op 27)
     // commits; Y (op 29) provisions the freed block and is served; W last.
-    steps: || {
-        use RaceStep::*;
-        vec![
-            Op(0),
-            Op(1),
-            Op(2),
-            Op(6),
-            Op(10),
-            Op(14),
-            Op(18),
-            Hold { reads: false, writes: true, flushes: false },
-            Background(20),
-            Held(1),
-            Background(21),
-            Pause(300),
-            Background(23),
-            Held(2),
-            Serve(0),
-            Wait(21),
-            Op(27),
-            Background(29),
-            Held(2),
-            Serve(1),
-            Wait(29),
-            Release,
-            Join,
-        ]
-    },
+    steps: "0,1,2,6,10,14,18,hold-writes,bg20,held=1,bg21,pause=300,bg23,held=2,serve=0,wait21,27,bg29,held=2,serve=1,wait29,release,join",
 };
 
 fn trace(race: &Race, fix: bool) -> Trace {
@@ -178,27 +145,7 @@ const WRITE_BEHIND_SHARED_READ: Race = Race {
     // (An explicit flush of the
     // origin would race the timer: had the timer committed the discard
     // first, the flush would not commit and the worker would not wait.)
-    steps: || {
-        use RaceStep::*;
-        vec![
-            Op(0),
-            Op(1),
-            Op(5),
-            Op(9),
-            Op(13),
-            Op(17),
-            Op(18),
-            Op(20),
-            Hold { reads: false, writes: false, flushes: true },
-            Held(1),
-            Background(22),
-            Pause(100),
-            Background(23),
-            Pause(300),
-            Release,
-            Join,
-        ]
-    },
+    steps: "0,1,5,9,13,17,18,20,hold-flushes,held=1,bg22,pause=100,bg23,pause=300,release,join",
 };
 
 const READ_DURING_A_COPY: Race = Race {
@@ -214,29 +161,7 @@ const READ_DURING_A_COPY: Race = Race {
     // block's last reference gone); the flush (op 24) commits — the old
     // block free, the pool back in write mode; the other device's
     // whole-block write (op 27) provisions it and completes; the read last.
-    steps: || {
-        use RaceStep::*;
-        vec![
-            Op(0),
-            Op(1),
-            Op(5),
-            Op(9),
-            Op(10),
-            Op(11),
-            Hold { reads: true, writes: false, flushes: false },
-            Background(15),
-            Held(1),
-            Op(17),
-            Background(19),
-            Held(2),
-            Serve(0),
-            Wait(15),
-            Op(24),
-            Op(27),
-            Release,
-            Join,
-        ]
-    },
+    steps: "0,1,5,9,10,11,hold-reads,bg15,held=1,17,bg19,held=2,serve=0,wait15,24,27,release,join",
 };
 
 /// The refcount finding's trace, found by the campaign (seed 1800).
@@ -323,16 +248,14 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
             }
             Err(e) => panic!("preparing the VM: {e}"),
         };
-        let mut jobs: Vec<Job> = [DISCARD_BREAK_SHARING, FUA_PAST_DISCARD]
-            .iter()
-            .map(|r| Job::Race { trace: trace(r, false), steps: (r.steps)() })
-            .collect();
-        jobs.push(Job::Ublk(refcount_trace(false)));
-        let r = WRITE_BEHIND_SHARED_READ;
-        jobs.push(Job::Race { trace: trace(&r, false), steps: (r.steps)() });
-        let r = READ_DURING_A_COPY;
-        jobs.push(Job::Race { trace: trace(&r, false), steps: (r.steps)() });
-        jobs.push(read_only_flush_plan().job);
+        let jobs = vec![
+            race_job(&DISCARD_BREAK_SHARING),
+            race_job(&FUA_PAST_DISCARD),
+            Job::Ublk(refcount_trace(false)),
+            race_job(&WRITE_BEHIND_SHARED_READ),
+            race_job(&READ_DURING_A_COPY),
+            read_only_flush_plan().job,
+        ];
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
     .as_deref()
