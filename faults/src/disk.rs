@@ -48,17 +48,28 @@ impl PendingWrite {
     /// What names this write among a disk's pending ones: where it
     /// landed, its length, FUA, and a fingerprint of its bytes.
     pub fn key(&self) -> PendingKey {
-        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in &self.data {
-            fnv ^= u64::from(b);
-            fnv = fnv.wrapping_mul(0x0100_0000_01b3);
+        PendingKey {
+            sector: self.sector,
+            nr_sectors: self.nr_sectors(),
+            fua: self.fua,
+            fnv: fnv64(&self.data),
         }
-        PendingKey { sector: self.sector, nr_sectors: self.nr_sectors(), fua: self.fua, fnv }
     }
 
     fn overlaps(&self, other: &PendingWrite) -> bool {
         self.sector < other.sector + other.nr_sectors() && other.sector < self.sector + self.nr_sectors()
     }
+}
+
+/// FNV-1a, 64 bits: a cheap fingerprint of a write's bytes or a disk
+/// image.
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// A pending write's name ([`PendingWrite::key`]): enough to find the
@@ -198,16 +209,19 @@ impl SimDisk {
     /// state chooses among them as that disk's did. Done only when `order`
     /// names exactly these writes and keeps every two that overlap in
     /// their order here (so what reads see is unchanged); returns whether
-    /// it was done.
+    /// the order changed (false too when it was `order` already).
     pub fn follow_pending_order(&mut self, order: &[PendingKey]) -> bool {
         if order.len() != self.since_flush.len() {
+            return false;
+        }
+        let keys: Vec<PendingKey> = self.since_flush.iter().map(PendingWrite::key).collect();
+        if keys == order {
             return false;
         }
         let mut taken = vec![false; order.len()];
         let mut permutation = Vec::with_capacity(order.len());
         for key in order {
-            let found = (0..self.since_flush.len()).find(|&i| !taken[i] && self.since_flush[i].key() == *key);
-            let Some(i) = found else { return false };
+            let Some(i) = (0..keys.len()).find(|&i| !taken[i] && keys[i] == *key) else { return false };
             taken[i] = true;
             permutation.push(i);
         }
@@ -588,6 +602,7 @@ mod tests {
         w(&mut disk, 9, 4);
         let k: Vec<PendingKey> = disk.since_flush().iter().map(PendingWrite::key).collect();
         assert!(!disk.follow_pending_order(&[k[0], k[1], k[3], k[2]]));
+        assert!(!disk.follow_pending_order(&k), "the same order: nothing changes");
         assert!(disk.follow_pending_order(&[k[1], k[0], k[2], k[3]]));
     }
 

@@ -33,6 +33,6 @@ mod swarm;
 pub use armed::{ArmedFault, FaultKind, FiredFault};
 pub use coverage::{FaultCoverage, Probe};
 pub use crash_state::CrashSummary;
-pub use disk::{crash_image, CrashPoint, DiskEvent, PendingKey, PendingWrite, SimDisk, TearMode};
+pub use disk::{crash_image, fnv64, CrashPoint, DiskEvent, PendingKey, PendingWrite, SimDisk, TearMode};
 pub use dmsim_traces::{CrashMode, DiskFault, DiskId};
 pub use swarm::{DiskFaultKind, FaultSwarm, SwarmProfile};

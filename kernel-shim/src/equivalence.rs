@@ -514,12 +514,9 @@ fn simulate_serialized_inner(
             // The kernel's order of the data disk's unflushed writes, when
             // they are the simulator's too: the crash mode then chooses
             // among them as the agent's disk did.
-            let data_reordered = orders.get(&i).is_some_and(|order| {
-                sim.pool().with_data_device(|d| {
-                    let ours: Vec<_> = d.since_flush().iter().map(dmsim_faults::PendingWrite::key).collect();
-                    ours != *order && d.follow_pending_order(order)
-                })
-            });
+            let data_reordered = orders
+                .get(&i)
+                .is_some_and(|order| sim.pool().with_data_device(|d| d.follow_pending_order(order)));
             sim.apply(&op).map_err(fail)?;
             ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
             let (metadata, data) = sim

@@ -239,15 +239,7 @@ fn parse_pending_key(text: &str) -> Option<dmsim_faults::PendingKey> {
     })
 }
 
-/// FNV-1a, 64 bits: a cheap fingerprint of a disk image.
-pub fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use dmsim_faults::fnv64;
 
 fn ranges_text(set: &std::collections::BTreeSet<u64>) -> String {
     let mut out: Vec<String> = Vec::new();

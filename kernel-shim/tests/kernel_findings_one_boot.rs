@@ -192,7 +192,8 @@ const READ_ONLY_FLUSH_FIX: &str = "fix.read_only_flushes_fail";
 /// armed, a reload (its clean shutdown's commit fails: the cache aborts to
 /// its last commit and goes read-only, the promotion's mapping still in
 /// use in core), a one-sector write to the block (to the cache block), a
-/// reload, a flush (nothing changed in the new transaction: no commit).
+/// reload, a flush (the aborted transaction's `changed` still set: it asks
+/// for a commit, which read-only mode refuses).
 const READ_ONLY_FLUSH_OPS: &str = "write dev=0 sector=1024 nr=128
 fault metadata write-error transient
 reload mode=writeback policy=smq
