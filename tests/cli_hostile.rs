@@ -195,6 +195,9 @@ fn out_of_range_options_are_refused_before_any_work() {
         env!("CARGO_MANIFEST_DIR"),
         "/sim/tests/fixtures/no-passdown-discard-races-break-sharing.trace"
     );
+    // A cache trace: its steps name the cache's disks and the trace's ops.
+    let cache_race =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/sim/tests/fixtures/cache-writethrough-pairs-race.trace");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--seed", "1", "--ops", huge], "--ops"),
         (vec!["run", "--seed", "1", "--ops", "0"], "--ops"),
@@ -217,6 +220,13 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["replay", "--on", "kernel", "--race", "0,bg999", race_trace], "the trace has 12 ops"),
         (vec!["replay", "--on", "kernel", "--race", "held=", race_trace], "race step"),
         (vec!["replay", "--on", "kernel", "--race", "bg0", race_trace], "which alone run in the background"),
+        (
+            vec!["replay", "--on", "kernel", "--race", "cache:hold-reads", race_trace],
+            "a thin pool has no cache disk",
+        ),
+        (vec!["replay", "--on", "kernel", "--race", "0,hold-writes", cache_race], "a cache has no data disk"),
+        (vec!["replay", "--on", "kernel", "--race", "0,1", cache_race], "the simulator's scheduling"),
+        (vec!["replay", "--on", "kernel", "--race", "0,bg32", cache_race], "the trace has 32 ops"),
         (vec!["check", "--on", "elsewhere"], "--on"),
         (vec!["check", "--on", "kernel", "--time", "10m"], "--time is not supported"),
         (vec!["check", "--on", "kernel", "--campaign", "cache"], "thin campaign"),

@@ -1577,7 +1577,7 @@ fn run_race_pool(
     dev_dir: &Path,
     result: &mut KernelResult,
 ) {
-    use crate::protocol::{RaceStep, RACE_WAIT};
+    use crate::protocol::RaceStep;
     set_no_space_timeout(&spec);
     let Some((m, data)) = devs.devs.as_ref() else { return };
     let prefix = job.to_string();
@@ -1603,6 +1603,13 @@ fn run_race_pool(
                 Err(_) => result.error = result.error.take().or(Some(format!("op {i}: its thread panicked"))),
             }
         }
+    };
+    // The controlled disk a gate step names: a pool has a metadata and a
+    // data disk.
+    let gate_disk = |disk: crate::protocol::RaceDisk| match disk {
+        crate::protocol::RaceDisk::Data => Ok(data),
+        crate::protocol::RaceDisk::Metadata => Ok(m),
+        other => Err(format!("a thin pool has no {} disk", other.name())),
     };
     for (k, step) in steps.iter().enumerate() {
         let op_of = |i: usize| {
@@ -1652,25 +1659,15 @@ fn run_race_pool(
                     }
                 }
             }),
-            RaceStep::Hold { reads, writes, flushes } => {
-                data.gate(crate::ublk::GateKinds { reads, writes, flushes });
-                Ok(())
-            }
-            RaceStep::Held(n) => wait_until(RACE_WAIT, || data.held() >= n).map_err(|w| {
-                format!("step {k}: the data disk holds {} requests after {w:?}, expected {n}", data.held())
+            RaceStep::Hold { disk, reads, writes, flushes } => gate_disk(disk).map(|d| {
+                d.gate(crate::ublk::GateKinds { reads, writes, flushes });
             }),
-            RaceStep::Serve(j) => {
-                let before = data.held();
-                if j >= before {
-                    Err(format!("step {k}: serve request {j} of the {before} held"))
-                } else {
-                    data.serve_held(j);
-                    wait_until(RACE_WAIT, || data.held() < before)
-                        .map_err(|w| format!("step {k}: held request {j} not served after {w:?}"))
-                }
-            }
+            RaceStep::Held { disk, n } => gate_disk(disk).and_then(|d| wait_held(d, disk, k, n)),
+            RaceStep::Serve { disk, k: j } => gate_disk(disk).and_then(|d| serve_held(d, disk, k, j)),
             RaceStep::Release => {
-                data.gate(crate::ublk::GateKinds::default());
+                for d in [m, data] {
+                    d.gate(crate::ublk::GateKinds::default());
+                }
                 Ok(())
             }
             RaceStep::Wait(i) => {
@@ -1695,10 +1692,43 @@ fn run_race_pool(
             break;
         }
     }
-    data.gate(crate::ublk::GateKinds::default());
+    for d in [m, data] {
+        d.gate(crate::ublk::GateKinds::default());
+    }
     join(&mut background, None, result);
     result.ops.sort_by_key(|r| r.index);
     finish_replay(replayer, t0, result);
+}
+
+/// A race's [`crate::protocol::RaceStep::Held`] (step `k`): waits until
+/// `dev` (the race's `disk`) holds `n` requests, at most
+/// [`crate::protocol::RACE_WAIT`].
+fn wait_held(
+    dev: &crate::ublk::UblkDevice<'_>,
+    disk: crate::protocol::RaceDisk,
+    k: usize,
+    n: usize,
+) -> Result<(), String> {
+    wait_until(crate::protocol::RACE_WAIT, || dev.held() >= n).map_err(|w| {
+        format!("step {k}: the {} disk holds {} requests after {w:?}, expected {n}", disk.name(), dev.held())
+    })
+}
+
+/// A race's [`crate::protocol::RaceStep::Serve`] (step `k`): serves the
+/// `j`-th request `dev` holds and waits until it is served.
+fn serve_held(
+    dev: &crate::ublk::UblkDevice<'_>,
+    disk: crate::protocol::RaceDisk,
+    k: usize,
+    j: usize,
+) -> Result<(), String> {
+    let before = dev.held();
+    if j >= before {
+        return Err(format!("step {k}: serve request {j} of the {before} the {} disk holds", disk.name()));
+    }
+    dev.serve_held(j);
+    wait_until(crate::protocol::RACE_WAIT, || dev.held() < before)
+        .map_err(|w| format!("step {k}: held request {j} on the {} disk not served after {w:?}", disk.name()))
 }
 
 /// Polls `done` every millisecond until it holds (`Ok`) or `limit` has
@@ -2460,7 +2490,9 @@ impl CacheDevs {
 /// The trace's I/O on the cache device, its steps between the ops, and the
 /// final status; `clock` is the job's coarse clock; with `durable` (a job
 /// on controlled disks), a mark of the disks' durable state after every
-/// op [`crate::durable::is_mark`] names ([`KernelResult::durable`]).
+/// op [`crate::durable::is_mark`] names ([`KernelResult::durable`]). With
+/// [`crate::protocol::CACHE_RACE_PARAM`] (on controlled disks), the ops
+/// run as its race steps say ([`cache_race`]).
 #[allow(clippy::too_many_arguments)]
 fn cache_io(
     ctl: &Control,
@@ -2473,87 +2505,177 @@ fn cache_io(
     mut durable: Option<&mut CacheUblk<'_>>,
     result: &mut KernelResult,
 ) -> Result<(), ShimError> {
-    let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
+    let name = devs.name.as_str();
     let mut file = open_direct(&node)?;
-    // The table's length now (a resize changes it).
-    let clamp = |sector: u32, nr: u64| {
-        let size = devs.sizes.get().1;
-        let sector = u64::from(sector) % size;
-        (sector, nr.max(1).min(size - sector))
-    };
-    let t0 = Instant::now();
-    let mut next_write = 0u64;
     let ops: Vec<Op> = trace.ops().collect();
-    let sleep_only_ticks = trace.header.param(CACHE_TICKS_SLEEP_ONLY_PARAM) == Some("1");
     let settle = trace.header.param(CACHE_SETTLE_PARAM) == Some("1");
-    let mut settled = Settled::default();
-    if settle {
-        settled.rebase(ctl, name)?;
-    }
-    let stamp = |result: &mut KernelResult, what: String| {
-        if settle {
-            result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), clock.now_us()));
-        }
+    let mut cx = CacheOpContext {
+        ctl,
+        devs,
+        spec,
+        ops: &ops,
+        clock,
+        t0: Instant::now(),
+        settle,
+        sleep_only_ticks: trace.header.param(CACHE_TICKS_SLEEP_ONLY_PARAM) == Some("1"),
+        settled: Settled::default(),
+        current: (spec.mode.as_str(), "smq"),
     };
-    // The mode and policy of the table in use (for a refused reload).
-    let mut current: (&str, &str) = (spec.mode.as_str(), "smq");
-    for index in 0..=ops.len() {
-        for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
-            let t = Instant::now();
-            file = cache_step(ctl, devs, spec, (k, step), file, result).map_err(|e| {
-                ShimError::Invalid(format!("cache step {k} ({step:?}) before op {index}: {e}"))
-            })?;
-            result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
+    if settle {
+        cx.settled.rebase(ctl, name)?;
+    }
+    if let Some(race) = trace.header.param(crate::protocol::CACHE_RACE_PARAM) {
+        let Some(u) = durable else {
+            return Err(ShimError::Invalid("a cache race needs controlled disks (cache_ublk)".into()));
+        };
+        if !steps.is_empty() {
+            return Err(ShimError::Invalid("a cache race takes no cache steps".into()));
         }
-        let Some(&op) = ops.get(index) else { break };
-        stamp(result, format!("op-a-{index}"));
+        let race: Option<Vec<crate::protocol::RaceStep>> =
+            race.split(',').map(crate::protocol::RaceStep::parse).collect();
+        let race = race.ok_or_else(|| ShimError::Invalid("the cache race's steps do not parse".into()))?;
+        file = cache_race(&mut cx, &race, file, u, result)?;
+    } else {
+        for index in 0..=ops.len() {
+            for (k, (_, step)) in steps.iter().enumerate().filter(|(_, (at, _))| *at == index) {
+                let t = Instant::now();
+                file = cache_step(ctl, devs, spec, (k, step), file, result).map_err(|e| {
+                    ShimError::Invalid(format!("cache step {k} ({step:?}) before op {index}: {e}"))
+                })?;
+                result.timings_ms.push((format!("step{k}"), t.elapsed().as_millis() as u64));
+            }
+            if index == ops.len() {
+                break;
+            }
+            file = cx.run_op(index, file, durable.as_deref_mut(), result)?;
+        }
+    }
+    result.timings_ms.push(("ops".into(), cx.t0.elapsed().as_millis() as u64));
+    drop(file);
+    result.pool_status = status_line(ctl, name)?;
+    Ok(())
+}
+
+/// What every op of a cache job needs ([`cache_io`]).
+struct CacheOpContext<'a> {
+    ctl: &'a Control,
+    devs: &'a CacheDevs,
+    spec: &'a CacheSpec,
+    ops: &'a [Op],
+    clock: &'a CoarseClock,
+    /// When the ops began.
+    t0: Instant,
+    /// The job waits for the cache's background work after every op
+    /// ([`CACHE_SETTLE_PARAM`]).
+    settle: bool,
+    /// Ticks only sleep ([`CACHE_TICKS_SLEEP_ONLY_PARAM`]).
+    sleep_only_ticks: bool,
+    settled: Settled,
+    /// The mode and policy of the table in use (for a refused reload).
+    current: (&'a str, &'a str),
+}
+
+impl CacheOpContext<'_> {
+    /// The coarse clock's reading as `what`, in a settled job.
+    fn stamp(&self, result: &mut KernelResult, what: String) {
+        if self.settle {
+            result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), self.clock.now_us()));
+        }
+    }
+
+    /// The number of the write op `index` is, if it were one: the writes
+    /// before it in the trace (the simulator stamps them in trace order).
+    fn write_number(&self, index: usize) -> u64 {
+        self.ops[..index].iter().filter(|op| matches!(op, Op::Write { .. })).count() as u64
+    }
+
+    /// Runs op `index` on the cache device (`file`; returned, reopened
+    /// when a resize recreated the device) and records what the kernel
+    /// answered, then what follows every op: the faults that fired, the
+    /// settled status, the durable mark.
+    fn run_op(
+        &mut self,
+        index: usize,
+        file: File,
+        durable: Option<&mut CacheUblk<'_>>,
+        result: &mut KernelResult,
+    ) -> Result<File, ShimError> {
+        let op = self.ops[index];
+        self.stamp(result, format!("op-a-{index}"));
+        let (file, outcome, read) = self.answer(index, op, file, durable.as_deref(), result)?;
+        self.finish_op(index, op, OpResult { index, outcome, read }, durable, result)?;
+        Ok(file)
+    }
+
+    /// What follows every op, foreground or background: its answer
+    /// recorded, the faults that fired, the settled status, the durable
+    /// mark.
+    fn finish_op(
+        &mut self,
+        index: usize,
+        op: Op,
+        answer: OpResult,
+        durable: Option<&mut CacheUblk<'_>>,
+        result: &mut KernelResult,
+    ) -> Result<(), ShimError> {
+        let name = self.devs.name.as_str();
+        self.stamp(result, format!("op-b-{index}"));
+        result.ops.push(answer);
+        if let Some(u) = durable.as_deref() {
+            u.note_fired(index, result);
+        }
+        if self.settle {
+            if matches!(op, Op::Reload { .. } | Op::Invalidate { .. }) {
+                self.settled.rebase(self.ctl, name)?;
+            }
+            let line = self.settled.wait(self.ctl, name)?;
+            result.op_status.push((index, line));
+        }
+        // On controlled disks: what a power cut now would keep, after an
+        // op that had to make something durable or that committed.
+        if let Some(u) = durable {
+            if crate::durable::is_mark(&op) {
+                result.durable.push(u.mark(index));
+            }
+        }
+        if self.sleep_only_ticks {
+            // A campaign trace's replay: when each op ended, for the
+            // serialized simulator's clock (`cache_replay::judge`).
+            result.timings_ms.push((format!("{OP_END_PREFIX}{index}"), self.t0.elapsed().as_millis() as u64));
+        }
+        Ok(())
+    }
+
+    /// The kernel's answer to op `index`, and the cache device's file
+    /// (`file`, or reopened: a resize may recreate the device).
+    fn answer(
+        &mut self,
+        index: usize,
+        op: Op,
+        file: File,
+        durable: Option<&CacheUblk<'_>>,
+        result: &mut KernelResult,
+    ) -> Result<(File, String, Option<String>), ShimError> {
+        let (ctl, devs, spec) = (self.ctl, self.devs, self.spec);
+        let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
+        let current = &mut self.current;
+        let sleep_only_ticks = self.sleep_only_ticks;
+        let settle = self.settle;
+        let clock = self.clock;
+        let stamp = |result: &mut KernelResult, what: String| {
+            if settle {
+                result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), clock.now_us()));
+            }
+        };
+        // The device's file, until a resize takes it (and gives back
+        // another when it recreated the device).
+        let mut kept = Some(file);
+        let mut reopened = None;
         let (outcome, read) = match op {
-            Op::Read { sector, nr_sectors, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
-                match read_exact_at(&file, buf.as_mut_slice(), sector * 512) {
-                    Ok(()) => ("ok".to_string(), Some(summarize(buf.as_slice(), spec.run, sector))),
-                    Err(e) => (errno_of(&e), None),
-                }
+            Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. } => {
+                let f = kept.as_ref().expect("the file is kept but by a resize");
+                cache_request(f, spec.run, devs.sizes.get().1, op, self.write_number(index))
             }
-            Op::Write { sector, nr_sectors, fua, preflush, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
-                dmsim_traces::stamp::fill(buf.as_mut_slice(), spec.run, next_write, 0, sector);
-                next_write += 1;
-                let synced = if preflush { file.sync_all().map_err(|e| errno_of(&e)) } else { Ok(()) };
-                let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.len };
-                let rwf = if fua { libc::RWF_DSYNC } else { 0 };
-                let outcome = match synced {
-                    Err(e) => e,
-                    Ok(()) => {
-                        // SAFETY: one valid iovec over an owned, aligned buffer.
-                        let r =
-                            unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, (sector * 512) as i64, rwf) };
-                        if r < 0 {
-                            errno_of(&std::io::Error::last_os_error())
-                        } else if r as usize != buf.len {
-                            format!("short-write {r}")
-                        } else {
-                            "ok".into()
-                        }
-                    }
-                };
-                (outcome, None)
-            }
-            Op::Discard { sector, nr_sectors, .. } => {
-                let (sector, nr) = clamp(sector, u64::from(nr_sectors));
-                let range: [u64; 2] = [sector * 512, nr * 512];
-                // SAFETY: BLKDISCARD reads two u64s from the pointer.
-                let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
-                let outcome =
-                    if r < 0 { errno_of(&std::io::Error::last_os_error()) } else { "ok".to_string() };
-                (outcome, None)
-            }
-            Op::Flush { .. } => match file.sync_all() {
-                Ok(()) => ("ok".into(), None),
-                Err(e) => (errno_of(&e), None),
-            },
             Op::Tick { millis } => {
                 std::thread::sleep(Duration::from_millis(u64::from(millis)));
                 if sleep_only_ticks {
@@ -2577,7 +2699,7 @@ fn cache_io(
                 stamp(result, format!("op-resume-b-{index}"));
                 match (loaded, resumed) {
                     (Ok(()), Ok(_)) => {
-                        current = (mode.name(), policy.name());
+                        *current = (mode.name(), policy.name());
                         ("ok".into(), None)
                     }
                     (Err(ShimError::Dm { source, .. }), Ok(_)) => {
@@ -2597,9 +2719,11 @@ fn cache_io(
                 }
             }
             Op::Resize { cache_blocks, origin_blocks } => {
+                let taken =
+                    kept.take().ok_or_else(|| ShimError::Invalid("the cache device's file".into()))?;
                 let (outcome, note, f) =
-                    cache_resize(ctl, devs, spec, current, (cache_blocks, origin_blocks), file)?;
-                file = f;
+                    cache_resize(ctl, devs, spec, *current, (cache_blocks, origin_blocks), taken)?;
+                reopened = Some(f);
                 (outcome, note)
             }
             Op::Invalidate { cblock, nr } => {
@@ -2631,7 +2755,7 @@ fn cache_io(
                     dmsim_traces::DiskId::Origin => Some(2),
                     dmsim_traces::DiskId::Data => None,
                 };
-                match (durable.as_deref(), role) {
+                match (durable, role) {
                     (Some(u), Some(k)) => {
                         u.devs[k].arm(crate::ublk_faults::Arm::Next(fault));
                         ("ok".into(), None)
@@ -2658,35 +2782,194 @@ fn cache_io(
             }
             _ => ("unsupported".into(), None),
         };
-        stamp(result, format!("op-b-{index}"));
-        result.ops.push(OpResult { index, outcome, read });
-        if let Some(u) = durable.as_deref() {
-            u.note_fired(index, result);
-        }
-        if settle {
-            if matches!(op, Op::Reload { .. } | Op::Invalidate { .. }) {
-                settled.rebase(ctl, name)?;
+        let file = reopened.or(kept).ok_or_else(|| ShimError::Invalid("the cache device's file".into()))?;
+        Ok((file, outcome, read))
+    }
+}
+
+/// A cache request (a read, write, discard or flush) on the cache device
+/// (`file`, `size` sectors long now: sectors wrap around as the
+/// simulator's do), O_DIRECT; `write` is a write's number (its stamp).
+/// The outcome and a read's summary.
+fn cache_request(file: &File, run: u64, size: u64, op: Op, write: u64) -> (String, Option<String>) {
+    let clamp = |sector: u32, nr: u64| {
+        let sector = u64::from(sector) % size;
+        (sector, nr.max(1).min(size - sector))
+    };
+    match op {
+        Op::Read { sector, nr_sectors, .. } => {
+            let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+            let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
+            match read_exact_at(file, buf.as_mut_slice(), sector * 512) {
+                Ok(()) => ("ok".to_string(), Some(summarize(buf.as_slice(), run, sector))),
+                Err(e) => (errno_of(&e), None),
             }
-            let line = settled.wait(ctl, name)?;
-            result.op_status.push((index, line));
         }
-        // On controlled disks: what a power cut now would keep, after an
-        // op that had to make something durable or that committed.
-        if let Some(u) = durable.as_deref_mut() {
-            if crate::durable::is_mark(&op) {
-                result.durable.push(u.mark(index));
+        Op::Write { sector, nr_sectors, fua, preflush, .. } => {
+            let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+            let mut buf = AlignedBuf::zeroed((nr * 512) as usize);
+            dmsim_traces::stamp::fill(buf.as_mut_slice(), run, write, 0, sector);
+            let synced = if preflush { file.sync_all().map_err(|e| errno_of(&e)) } else { Ok(()) };
+            let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.len };
+            let rwf = if fua { libc::RWF_DSYNC } else { 0 };
+            let outcome = match synced {
+                Err(e) => e,
+                Ok(()) => {
+                    // SAFETY: one valid iovec over an owned, aligned buffer.
+                    let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, (sector * 512) as i64, rwf) };
+                    if r < 0 {
+                        errno_of(&std::io::Error::last_os_error())
+                    } else if r as usize != buf.len {
+                        format!("short-write {r}")
+                    } else {
+                        "ok".into()
+                    }
+                }
+            };
+            (outcome, None)
+        }
+        Op::Discard { sector, nr_sectors, .. } => {
+            let (sector, nr) = clamp(sector, u64::from(nr_sectors));
+            let range: [u64; 2] = [sector * 512, nr * 512];
+            // SAFETY: BLKDISCARD reads two u64s from the pointer.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+            let outcome = if r < 0 { errno_of(&std::io::Error::last_os_error()) } else { "ok".to_string() };
+            (outcome, None)
+        }
+        Op::Flush { .. } => match file.sync_all() {
+            Ok(()) => ("ok".into(), None),
+            Err(e) => (errno_of(&e), None),
+        },
+        _ => ("unsupported".into(), None),
+    }
+}
+
+/// A cache job's race ([`crate::protocol::CACHE_RACE_PARAM`]): the ops as
+/// `steps` say, on the controlled disks `u`. A foreground op is run as in
+/// a settled job ([`CacheOpContext::run_op`]); a background one (a read,
+/// write, discard or flush) on a thread of its own, its answer recorded
+/// when it is waited for. Whatever happens, the gates are opened and
+/// every background op waited for before the job goes on.
+fn cache_race(
+    cx: &mut CacheOpContext<'_>,
+    steps: &[crate::protocol::RaceStep],
+    file: File,
+    u: &mut CacheUblk<'_>,
+    result: &mut KernelResult,
+) -> Result<File, ShimError> {
+    // Taken by a foreground op while it runs, given back after it (a
+    // failed op ends the race).
+    let mut file = Some(file);
+    use crate::protocol::{RaceDisk, RaceStep};
+    type Background = Vec<(usize, std::thread::JoinHandle<(String, Option<String>)>)>;
+    let mut background: Background = Vec::new();
+    // Waits for the background ops `which` picks (all: `None`).
+    let join = |cx: &mut CacheOpContext<'_>,
+                u: &mut CacheUblk<'_>,
+                background: &mut Background,
+                which: Option<usize>,
+                result: &mut KernelResult|
+     -> Result<(), ShimError> {
+        let (now, later): (Background, Background) =
+            std::mem::take(background).into_iter().partition(|(i, _)| which.is_none_or(|w| w == *i));
+        *background = later;
+        for (i, h) in now {
+            let (outcome, read) =
+                h.join().map_err(|_| ShimError::Invalid(format!("op {i}: its thread panicked")))?;
+            cx.finish_op(i, cx.ops[i], OpResult { index: i, outcome, read }, Some(u), result)?;
+        }
+        Ok(())
+    };
+    let role = |disk: RaceDisk| match disk {
+        RaceDisk::Metadata => Ok(0),
+        RaceDisk::Cache => Ok(1),
+        RaceDisk::Origin => Ok(2),
+        RaceDisk::Data => Err("a cache has no data disk (its disks: metadata:, cache:, origin:)".to_string()),
+    };
+    let mut outcome: Result<(), String> = Ok(());
+    for (k, &step) in steps.iter().enumerate() {
+        let op_of = |i: usize| {
+            cx.ops
+                .get(i)
+                .copied()
+                .ok_or_else(|| format!("step {k} ({}): the job has {} ops", step.to_text(), cx.ops.len()))
+        };
+        let done: Result<(), String> = match step {
+            RaceStep::Op(i) => match op_of(i) {
+                Err(e) => Err(e),
+                Ok(_) => match file.take().map(|f| cx.run_op(i, f, Some(&mut *u), result)) {
+                    None => Err("the cache device's file is gone".into()),
+                    Some(Ok(f)) => {
+                        file = Some(f);
+                        Ok(())
+                    }
+                    Some(Err(e)) => {
+                        outcome = Err(format!("race step {k} (op {i}): {e}"));
+                        break;
+                    }
+                },
+            },
+            RaceStep::Background(i) => op_of(i).and_then(|op| {
+                if !matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. }) {
+                    return Err(format!(
+                        "op {i}: only a read, write, discard or flush runs in the background"
+                    ));
+                }
+                if ops_on_console() {
+                    log(&format!("op {i} (in the background): {}", dmsim_traces::text::op_to_line(&op)));
+                }
+                cx.stamp(result, format!("op-a-{i}"));
+                let (run, size, write) = (cx.spec.run, cx.devs.sizes.get().1, cx.write_number(i));
+                file.as_ref()
+                    .ok_or_else(|| "the cache device's file is gone".to_string())
+                    .and_then(|f| {
+                        f.try_clone().map_err(|e| format!("op {i}: dup the cache device's descriptor: {e}"))
+                    })
+                    .and_then(|f| {
+                        std::thread::Builder::new()
+                            .name(format!("op{i}"))
+                            .spawn(move || cache_request(&f, run, size, op, write))
+                            .map(|h| background.push((i, h)))
+                            .map_err(|e| format!("op {i}: spawn its thread: {e}"))
+                    })
+            }),
+            RaceStep::Hold { disk, reads, writes, flushes } => role(disk).map(|r| {
+                u.devs[r].gate(crate::ublk::GateKinds { reads, writes, flushes });
+            }),
+            RaceStep::Held { disk, n } => role(disk).and_then(|r| wait_held(&u.devs[r], disk, k, n)),
+            RaceStep::Serve { disk, k: j } => role(disk).and_then(|r| serve_held(&u.devs[r], disk, k, j)),
+            RaceStep::Release => {
+                for d in &u.devs {
+                    d.gate(crate::ublk::GateKinds::default());
+                }
+                Ok(())
             }
-        }
-        if sleep_only_ticks {
-            // A campaign trace's replay: when each op ended, for the
-            // serialized simulator's clock (`cache_replay::judge`).
-            result.timings_ms.push((format!("{OP_END_PREFIX}{index}"), t0.elapsed().as_millis() as u64));
+            RaceStep::Wait(i) => {
+                if background.iter().any(|(b, _)| *b == i) {
+                    join(cx, u, &mut background, Some(i), result).map_err(|e| e.to_string())
+                } else {
+                    Err(format!("op {i} is not running in the background"))
+                }
+            }
+            RaceStep::Pause(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(())
+            }
+            RaceStep::Join => join(cx, u, &mut background, None, result).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = done {
+            outcome = Err(format!("race step {k} ({}): {e}", step.to_text()));
+            break;
         }
     }
-    result.timings_ms.push(("ops".into(), t0.elapsed().as_millis() as u64));
-    drop(file);
-    result.pool_status = status_line(ctl, name)?;
-    Ok(())
+    for d in &u.devs {
+        d.gate(crate::ublk::GateKinds::default());
+    }
+    let joined = join(cx, u, &mut background, None, result);
+    result.ops.sort_by_key(|r| r.index);
+    outcome.map_err(ShimError::Invalid)?;
+    joined?;
+    file.ok_or_else(|| ShimError::Invalid("the cache device's file is gone".into()))
 }
 
 /// Waiting for a cache's background work to settle between ops (see

@@ -41,7 +41,7 @@ use dmsim_model::cache::inspect::read_image;
 use dmsim_model::cache::mapping::discard_geometry;
 use dmsim_sim::cache_run::CacheRunConfig;
 use dmsim_sim::cache_sim::{CacheSim, CACHE_GARBAGE};
-use dmsim_sim::oracle::{Oracle, OracleConfig};
+use dmsim_sim::oracle::{IoTicket, Oracle, OracleConfig};
 use dmsim_sim::run::MAX_DISK_SECTORS;
 use dmsim_traces::op::CachePolicyKind;
 use dmsim_traces::{stamp, Event, Op, Trace};
@@ -332,26 +332,55 @@ impl Feeder {
         op: &Op,
         r: &crate::protocol::OpResult,
     ) -> Result<Fed, ShimError> {
-        let ok = r.outcome == "ok";
-        let o = &mut self.oracle;
-        let mut fed = Fed { read: None, violation: None };
-        match *op {
+        let write = self.next_write;
+        let submitted = self.submit(op, write, r.outcome == "ok")?;
+        self.complete(i, op, submitted, r)
+    }
+
+    /// Op `op` submitted (a write as write number `write`; `ok`: whether
+    /// the kernel's answer, known or not yet, is `ok`, for the PREFLUSH a
+    /// write carries). `None` for an op that is not a request.
+    pub(crate) fn submit(&mut self, op: &Op, write: u64, ok: bool) -> Result<Option<IoTicket>, ShimError> {
+        Ok(match *op {
             Op::Write { sector, nr_sectors, fua, preflush, .. } => {
                 let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
                 let o = &mut self.oracle;
-                let w = self.next_write;
-                self.next_write += 1;
+                self.next_write = self.next_write.max(write + 1);
                 if preflush {
                     let t = o.flush_submitted(0).map_err(misuse)?;
                     o.flush_completed(t, ok).map_err(misuse)?;
                 }
-                let t = o.write_submitted(0, sector, nr, w, fua).map_err(misuse)?;
-                o.write_completed(t, ok).map_err(misuse)?;
+                Some(o.write_submitted(0, sector, nr, write, fua).map_err(misuse)?)
             }
             Op::Read { sector, nr_sectors, .. } => {
                 let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
-                let o = &mut self.oracle;
-                let t = o.read_submitted(0, sector, nr).map_err(misuse)?;
+                Some(self.oracle.read_submitted(0, sector, nr).map_err(misuse)?)
+            }
+            Op::Discard { sector, nr_sectors, .. } => {
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
+                Some(self.oracle.discard_submitted(0, sector, nr).map_err(misuse)?)
+            }
+            Op::Flush { .. } => Some(self.oracle.flush_submitted(0).map_err(misuse)?),
+            _ => None,
+        })
+    }
+
+    /// Op `i` (`op`, submitted as `ticket`) completed with the kernel's
+    /// result `r`; a read judged with the bytes the kernel returned.
+    pub(crate) fn complete(
+        &mut self,
+        i: usize,
+        op: &Op,
+        ticket: Option<IoTicket>,
+        r: &crate::protocol::OpResult,
+    ) -> Result<Fed, ShimError> {
+        let ok = r.outcome == "ok";
+        let mut fed = Fed { read: None, violation: None };
+        let o = &mut self.oracle;
+        match (*op, ticket) {
+            (Op::Write { .. }, Some(t)) => o.write_completed(t, ok).map_err(misuse)?,
+            (Op::Read { sector, nr_sectors, .. }, Some(t)) => {
+                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
                 let summary = r.read.clone().unwrap_or_default();
                 let bytes = if ok {
                     expand(&summary, self.run, sector).map_err(ShimError::Invalid)?
@@ -363,7 +392,7 @@ impl Feeder {
                         "op {i}: the read summary {summary:?} is not {nr} sectors"
                     )));
                 }
-                if let Err(e) = o.read_completed(t, ok, &bytes) {
+                if let Err(e) = self.oracle.read_completed(t, ok, &bytes) {
                     fed.violation =
                         Some(format!("op {i} (read {sector}+{nr}): kernel read [{summary}]: {e}"));
                 }
@@ -371,17 +400,9 @@ impl Feeder {
                     fed.read = Some(bytes);
                 }
             }
-            Op::Discard { sector, nr_sectors, .. } => {
-                let (sector, nr) = self.clamp(sector, u64::from(nr_sectors));
-                let o = &mut self.oracle;
-                let t = o.discard_submitted(0, sector, nr).map_err(misuse)?;
-                o.discard_completed(t, ok).map_err(misuse)?;
-            }
-            Op::Flush { .. } => {
-                let t = o.flush_submitted(0).map_err(misuse)?;
-                o.flush_completed(t, ok).map_err(misuse)?;
-            }
-            Op::Resize { origin_blocks, .. } if ok => {
+            (Op::Discard { .. }, Some(t)) => o.discard_completed(t, ok).map_err(misuse)?,
+            (Op::Flush { .. }, Some(t)) => o.flush_completed(t, ok).map_err(misuse)?,
+            (Op::Resize { origin_blocks, .. }, _) if ok => {
                 // The origin disk past the old end holds zeroes or what it
                 // held before a shrink; the oracle never forgets it.
                 let bs = self.block_sectors;

@@ -34,13 +34,16 @@
 //! controlled disks too ([`cache_replay::ublk_plan`]): the agent records
 //! their durable state at every FLUSH, FUA, status and reload
 //! ([`durable`]), and [`cache_crash`] judges those crash states and holds
-//! them against the simulator's.
+//! them against the simulator's; [`cache_race`] runs a cache trace as a
+//! race on them (requests held at the disks' gates and served in a chosen
+//! order) and judges it with the oracle.
 //! Not yet here: the io_uring userland engine.
 #![warn(missing_docs)]
 
 pub mod agent;
 mod agent_fs;
 pub mod cache_crash;
+pub mod cache_race;
 pub mod cache_replay;
 pub mod cleanup;
 pub mod crash;

@@ -715,7 +715,58 @@ pub enum JobKind {
     },
 }
 
-/// One step of a [`JobKind::Race`] job.
+/// The controlled disk a [`RaceStep`]'s gate step acts on: a thin pool's
+/// data disk (written without a prefix: `hold-reads`) or metadata disk
+/// (`metadata:`), a cache's metadata, cache or origin disk (`metadata:`,
+/// `cache:`, `origin:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RaceDisk {
+    /// A thin pool's data disk (no prefix).
+    Data,
+    /// The metadata disk, of a pool or a cache (`metadata:`).
+    Metadata,
+    /// A cache's cache (fast) disk (`cache:`).
+    Cache,
+    /// A cache's origin disk (`origin:`).
+    Origin,
+}
+
+impl RaceDisk {
+    /// The prefix a gate step on this disk is written with (`""` for the
+    /// data disk).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            RaceDisk::Data => "",
+            RaceDisk::Metadata => "metadata:",
+            RaceDisk::Cache => "cache:",
+            RaceDisk::Origin => "origin:",
+        }
+    }
+
+    /// The disk's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            RaceDisk::Data => "data",
+            RaceDisk::Metadata => "metadata",
+            RaceDisk::Cache => "cache",
+            RaceDisk::Origin => "origin",
+        }
+    }
+
+    /// Whether a cache job has this disk (a thin job has the data and the
+    /// metadata disks).
+    pub fn in_cache(self) -> bool {
+        self != RaceDisk::Data
+    }
+
+    /// Whether a thin pool's job has this disk.
+    pub fn in_thin(self) -> bool {
+        matches!(self, RaceDisk::Data | RaceDisk::Metadata)
+    }
+}
+
+/// One step of a race: a [`JobKind::Race`] job's, or a cache job's
+/// ([`CACHE_RACE_PARAM`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RaceStep {
     /// Run op `i` and wait for it (text `i`).
@@ -723,26 +774,41 @@ pub enum RaceStep {
     /// Start op `i` on a thread of its own and go on (text `bg<i>`): a
     /// read, write, discard or flush.
     Background(usize),
-    /// Hold the data disk's requests of these kinds from now on, until
-    /// picked or released (`crate::ublk::UblkDevice::gate`); text `hold-`
-    /// and the kinds joined by `+` (`hold-reads`, `hold-writes+flushes`),
-    /// or `hold-all` for the three.
+    /// Hold `disk`'s requests of these kinds from now on, until picked or
+    /// released (`crate::ublk::UblkDevice::gate`); text: the disk's
+    /// [`RaceDisk::prefix`], `hold-` and the kinds joined by `+`
+    /// (`hold-reads`, `cache:hold-writes+flushes`), or `hold-all` for the
+    /// three.
     Hold {
+        /// The disk.
+        disk: RaceDisk,
         /// Hold reads.
         reads: bool,
         /// Hold writes.
         writes: bool,
-        /// Hold flushes (the pool's commit waits for its data flush).
+        /// Hold flushes (the pool's commit flushes the data disk first and
+        /// waits for it).
         flushes: bool,
     },
-    /// Wait until the data disk holds `n` requests (text `held=<n>`), at
-    /// most [`RACE_WAIT`].
-    Held(usize),
-    /// Serve the `k`-th request held (0: the oldest) and wait until it
-    /// is served, keeping the others held (text `serve=<k>`).
-    Serve(usize),
-    /// Serve every held request, in order, and stop holding (text
-    /// `release`).
+    /// Wait until `disk` holds `n` requests (text `held=<n>`, with the
+    /// disk's prefix), at most [`RACE_WAIT`].
+    Held {
+        /// The disk.
+        disk: RaceDisk,
+        /// How many requests.
+        n: usize,
+    },
+    /// Serve the `k`-th request `disk` holds (0: the oldest) and wait
+    /// until it is served, keeping the others held (text `serve=<k>`, with
+    /// the disk's prefix).
+    Serve {
+        /// The disk.
+        disk: RaceDisk,
+        /// Which held request.
+        k: usize,
+    },
+    /// Serve every held request on every disk, in order, and stop holding
+    /// (text `release`).
     Release,
     /// Wait for op `i`, started in the background (text `wait<i>`).
     Wait(usize),
@@ -765,20 +831,17 @@ impl RaceStep {
         match self {
             RaceStep::Op(i) => i.to_string(),
             RaceStep::Background(i) => format!("bg{i}"),
-            RaceStep::Hold { reads, writes, flushes } => {
+            RaceStep::Hold { disk, reads, writes, flushes } => {
                 let kinds: Vec<&str> = [(reads, "reads"), (writes, "writes"), (flushes, "flushes")]
                     .into_iter()
                     .filter_map(|(on, name)| on.then_some(name))
                     .collect();
-                // Holding nothing is opening the gate: `release`.
-                if kinds.is_empty() {
-                    "release".into()
-                } else {
-                    format!("hold-{}", kinds.join("+"))
-                }
+                // Holding nothing is opening the gate.
+                let kinds = if kinds.is_empty() { "nothing".to_string() } else { kinds.join("+") };
+                format!("{}hold-{kinds}", disk.prefix())
             }
-            RaceStep::Held(n) => format!("held={n}"),
-            RaceStep::Serve(k) => format!("serve={k}"),
+            RaceStep::Held { disk, n } => format!("{}held={n}", disk.prefix()),
+            RaceStep::Serve { disk, k } => format!("{}serve={k}", disk.prefix()),
             RaceStep::Release => "release".into(),
             RaceStep::Wait(i) => format!("wait{i}"),
             RaceStep::Pause(ms) => format!("pause={ms}"),
@@ -790,13 +853,18 @@ impl RaceStep {
     pub fn parse(text: &str) -> Option<RaceStep> {
         let number =
             |t: &str| t.parse().ok().filter(|_| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
-        match text {
-            "hold-all" => Some(RaceStep::Hold { reads: true, writes: true, flushes: true }),
-            "release" => Some(RaceStep::Release),
-            "join" => Some(RaceStep::Join),
-            t => {
-                if let Some(kinds) = t.strip_prefix("hold-") {
-                    let (mut reads, mut writes, mut flushes) = (false, false, false);
+        let (disk, t) = [RaceDisk::Metadata, RaceDisk::Cache, RaceDisk::Origin]
+            .into_iter()
+            .find_map(|d| text.strip_prefix(d.prefix()).map(|rest| (d, rest)))
+            .unwrap_or((RaceDisk::Data, text));
+        // A gate step on a disk, or a step of the job as a whole (no
+        // prefix).
+        let gate = if let Some(kinds) = t.strip_prefix("hold-") {
+            let (mut reads, mut writes, mut flushes) = (false, false, false);
+            match kinds {
+                "all" => (reads, writes, flushes) = (true, true, true),
+                "nothing" => {}
+                kinds => {
                     for kind in kinds.split('+') {
                         let seen = match kind {
                             "reads" => &mut reads,
@@ -809,12 +877,27 @@ impl RaceStep {
                         }
                         *seen = true;
                     }
-                    Some(RaceStep::Hold { reads, writes, flushes })
-                } else if let Some(n) = t.strip_prefix("held=") {
-                    number(n).map(RaceStep::Held)
-                } else if let Some(k) = t.strip_prefix("serve=") {
-                    number(k).map(RaceStep::Serve)
-                } else if let Some(ms) = t.strip_prefix("pause=") {
+                }
+            }
+            Some(RaceStep::Hold { disk, reads, writes, flushes })
+        } else if let Some(n) = t.strip_prefix("held=") {
+            Some(RaceStep::Held { disk, n: number(n)? })
+        } else if let Some(k) = t.strip_prefix("serve=") {
+            Some(RaceStep::Serve { disk, k: number(k)? })
+        } else {
+            None
+        };
+        if gate.is_some() {
+            return gate;
+        }
+        if disk != RaceDisk::Data {
+            return None;
+        }
+        match t {
+            "release" => Some(RaceStep::Release),
+            "join" => Some(RaceStep::Join),
+            t => {
+                if let Some(ms) = t.strip_prefix("pause=") {
                     number(ms).map(|ms: usize| RaceStep::Pause(ms as u64))
                 } else if let Some(i) = t.strip_prefix("wait") {
                     number(i).map(RaceStep::Wait)
@@ -831,6 +914,16 @@ impl RaceStep {
     pub fn op(self) -> Option<usize> {
         match self {
             RaceStep::Op(i) | RaceStep::Background(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The disk a gate step acts on (`None` for the other steps).
+    pub fn disk(self) -> Option<RaceDisk> {
+        match self {
+            RaceStep::Hold { disk, .. } | RaceStep::Held { disk, .. } | RaceStep::Serve { disk, .. } => {
+                Some(disk)
+            }
             _ => None,
         }
     }
@@ -1329,6 +1422,16 @@ pub fn cache_status_field(line: &str, i: usize) -> Option<&str> {
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
+/// The header parameter that runs a cache job on controlled disks
+/// ([`CACHE_UBLK_PARAM`]) as a race: its value is the steps, as
+/// [`RaceStep::to_text`] writes them, joined by commas. The job's ops run
+/// as the steps say (some in the background, the disks' requests held at
+/// their gates meanwhile) rather than one after another; an op no step
+/// names is not run. Gate steps name the cache's disks (`metadata:`,
+/// `cache:`, `origin:`). A foreground op waits, as in a settled job, for
+/// the cache's background work to settle.
+pub const CACHE_RACE_PARAM: &str = "cache_race";
+
 /// The header parameter (`1`) that serves a cache job's metadata, cache
 /// and origin devices from the agent as three controlled disks
 /// (`crate::ublk`, each starting as the image the host supplied), and
@@ -1690,16 +1793,20 @@ mod tests {
     #[test]
     fn race_steps_round_trip_and_reject_garbage() {
         let text = "dmsim-trace 1\nseed 3\nworkload random\nparam x 1\ncreate-thin\n".to_string();
+        let (data, cache, origin) = (RaceDisk::Data, RaceDisk::Cache, RaceDisk::Origin);
         let steps = vec![
             RaceStep::Op(0),
-            RaceStep::Hold { reads: true, writes: false, flushes: false },
+            RaceStep::Hold { disk: data, reads: true, writes: false, flushes: false },
             RaceStep::Background(12),
-            RaceStep::Held(1),
+            RaceStep::Held { disk: data, n: 1 },
             RaceStep::Op(3),
-            RaceStep::Hold { reads: false, writes: true, flushes: false },
-            RaceStep::Hold { reads: true, writes: true, flushes: true },
-            RaceStep::Hold { reads: false, writes: true, flushes: true },
-            RaceStep::Serve(2),
+            RaceStep::Hold { disk: data, reads: false, writes: true, flushes: false },
+            RaceStep::Hold { disk: data, reads: true, writes: true, flushes: true },
+            RaceStep::Hold { disk: cache, reads: false, writes: true, flushes: true },
+            RaceStep::Hold { disk: RaceDisk::Metadata, reads: false, writes: false, flushes: false },
+            RaceStep::Serve { disk: data, k: 2 },
+            RaceStep::Held { disk: origin, n: 2 },
+            RaceStep::Serve { disk: origin, k: 1 },
             RaceStep::Pause(200),
             RaceStep::Wait(12),
             RaceStep::Release,
@@ -1710,16 +1817,23 @@ mod tests {
             (JobKind::Race { steps: vec![] }, text.clone()),
         ];
         let body = encode_request(&jobs);
-        let line = "0,hold-reads,bg12,held=1,3,hold-writes,hold-reads+writes+flushes,hold-writes+flushes,serve=2,pause=200,wait12,release,join";
-        assert!(String::from_utf8_lossy(&body).contains(line));
+        let line =
+            "0,hold-reads,bg12,held=1,3,hold-writes,hold-reads+writes+flushes,cache:hold-writes+flushes,\
+                    metadata:hold-nothing,serve=2,origin:held=2,origin:serve=1,pause=200,wait12,release,join";
+        assert!(String::from_utf8_lossy(&body).contains(line), "{}", String::from_utf8_lossy(&body));
         let back = decode_request(&body).unwrap();
         assert_eq!(back[0].0, JobKind::Race { steps });
         assert_eq!(back[1].0, JobKind::Race { steps: vec![] });
         assert!(back[0].0.is_fresh());
         assert_eq!(
             RaceStep::parse("hold-all"),
-            Some(RaceStep::Hold { reads: true, writes: true, flushes: true })
+            Some(RaceStep::Hold { disk: data, reads: true, writes: true, flushes: true })
         );
+        assert_eq!(
+            RaceStep::parse("cache:hold-all"),
+            Some(RaceStep::Hold { disk: cache, reads: true, writes: true, flushes: true })
+        );
+        assert_eq!(RaceStep::parse("origin:serve=3").and_then(RaceStep::disk), Some(origin));
         for bad in [
             "bg",
             "bgx",
@@ -1737,6 +1851,12 @@ mod tests {
             "hold-reads+reads",
             "hold-everything",
             "hold-reads+",
+            "cache:3",
+            "origin:bg3",
+            "cache:release",
+            "data:hold-reads",
+            "cache:",
+            "cache:cache:held=1",
         ] {
             let body = format!("{REQUEST_FIRST_LINE}\njob race {} {bad}\n{text}", text.len());
             assert!(decode_request(body.as_bytes()).is_err(), "{bad}");
@@ -1747,7 +1867,7 @@ mod tests {
         /// Any job line and step list: decoded or refused, never a panic;
         /// what decodes encodes to the same steps.
         #[test]
-        fn race_job_lines_never_panic(steps in "[a-z0-9=,-]{0,40}", len in 0usize..80) {
+        fn race_job_lines_never_panic(steps in "((cache|origin|metadata):)?[a-z0-9=,:+-]{0,40}", len in 0usize..80) {
             let text = "dmsim-trace 1\nseed 3\nworkload random\ncreate-thin\n";
             let body = format!("{REQUEST_FIRST_LINE}\njob race {len} {steps}\n{text}");
             if let Ok(jobs) = decode_request(body.as_bytes()) {

@@ -391,26 +391,51 @@ pub struct RaceReport {
 /// Parses a race job's steps, comma-separated as `dmsim replay --race`
 /// takes them (`0,1,hold-reads,bg3,held=1,5,release,join`; see
 /// [`crate::protocol::RaceStep`]), checking that every op a step names is
-/// in the trace.
+/// in the trace and every disk a gate step names is the pool's (`data`,
+/// no prefix, or `metadata:`).
 pub fn parse_race_steps(text: &str, trace: &Trace) -> Result<Vec<crate::protocol::RaceStep>, ShimError> {
+    let ops: Vec<Op> = trace.ops().collect();
+    parse_steps(text, &ops, false)
+}
+
+/// [`parse_race_steps`] over `ops`, for a cache's race (`cache`: gate
+/// steps name the cache's `metadata:`, `cache:` or `origin:` disk) or a
+/// pool's.
+pub(crate) fn parse_steps(
+    text: &str,
+    ops: &[Op],
+    cache: bool,
+) -> Result<Vec<crate::protocol::RaceStep>, ShimError> {
     use crate::protocol::RaceStep;
-    let nr_ops = trace.ops().count();
+    let disks = if cache { "metadata:, cache: or origin:" } else { "none (the data disk) or metadata:" };
     let mut steps = Vec::new();
     for word in text.split(',').map(str::trim) {
         let step = RaceStep::parse(word).ok_or_else(|| {
             ShimError::Invalid(format!(
-                "race step {word:?}: expected an op index, bg<i>, hold-<reads|writes|flushes>[+…], hold-all, \
-                 held=<n>, serve=<k>, release, wait<i>, pause=<ms> or join"
+                "race step {word:?}: expected an op index, bg<i>, [disk:]hold-<reads|writes|flushes>[+…], \
+                 [disk:]hold-all, [disk:]held=<n>, [disk:]serve=<k>, release, wait<i>, pause=<ms> or join \
+                 (disk: {disks})"
             ))
         })?;
+        if let Some(disk) = step.disk() {
+            if (cache && !disk.in_cache()) || (!cache && !disk.in_thin()) {
+                return Err(ShimError::Invalid(format!(
+                    "race step {word:?}: a {} has no {} disk (gate steps' disks: {disks})",
+                    if cache { "cache" } else { "thin pool" },
+                    disk.name()
+                )));
+            }
+        }
         if let Some(i) = step.op() {
-            if i >= nr_ops {
-                return Err(ShimError::Invalid(format!("race step {word:?}: the trace has {nr_ops} ops")));
+            if i >= ops.len() {
+                return Err(ShimError::Invalid(format!(
+                    "race step {word:?}: the trace has {} ops",
+                    ops.len()
+                )));
             }
         }
         if let RaceStep::Background(i) = step {
-            let op = trace.ops().nth(i).expect("checked above");
-            if !matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. }) {
+            if !matches!(ops[i], Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. }) {
                 return Err(ShimError::Invalid(format!(
                     "race step {word:?}: op {i} is not a read, write, discard or flush, which alone run in the background"
                 )));

@@ -1,5 +1,6 @@
-//! Kernel findings shown on the real kernel with the pool on controlled
-//! disks, all in one boot: three races and a metadata fault.
+//! Kernel findings shown on the real kernel with the pool (or the cache)
+//! on controlled disks, all in one boot: four thin races, a metadata
+//! fault, and two cache findings (a metadata fault, a race).
 //!
 //! The races: each a trace that orders the race on the simulator with
 //! `worker` and `complete` ops, and a race job (`Job::Race`) that gives
@@ -61,6 +62,19 @@
 //! the commits fall alike); judged against the model with the fix (the
 //! failed count fails the operation), the same run differs.
 //!
+//! **dm-cache `read_only_flushes_fail`** (refuted on 6.1): a flush after
+//! the cache aborted a failed commit and went read-only fails with EIO on
+//! the kernel, as the corrected model says.
+//!
+//! **dm-cache `writethrough_pairs_one_at_a_time`** (trace
+//! `cache-writethrough-pairs-race.trace`, a cache race:
+//! `dmsim_kernel_shim::cache_race`): origin block 8 cached and clean, two
+//! one-sector writethrough writes to it in flight together; the origin
+//! disk serves A then B, the cache disk B then A. The block stays
+//! recorded clean with the cache holding A and the origin B: a read
+//! returns A, and after a reload in passthrough mode the same read
+//! returns B, with no write in between.
+//!
 //! Needs what `kernel_ublk_crash` needs (qemu, `linux-image-amd64`,
 //! `linux-source-6.1`, `linux-headers-<release>`). Without them the VM
 //! part prints SKIPPED, or fails under `CI=true`; the model's part runs
@@ -74,6 +88,7 @@ use std::sync::OnceLock;
 use thin_tools::skip_or_fail;
 
 use dmsim_kernel_shim::cache_crash::judge_ublk_crash_states;
+use dmsim_kernel_shim::cache_race::{judge_race, race_plan};
 use dmsim_kernel_shim::cache_replay::{ublk_plan, CachePlan};
 use dmsim_kernel_shim::equivalence::{compare_l1, simulate_as_written, FinalState};
 use dmsim_kernel_shim::thin_replay::{judge, parse_race_steps, Verdict};
@@ -235,8 +250,30 @@ fn read_only_flush_plan() -> CachePlan {
     plan
 }
 
+const WRITETHROUGH_PAIRS: Race = Race {
+    fixture: "cache-writethrough-pairs-race.trace",
+    fix: "fix.writethrough_pairs_one_at_a_time",
+    // The whole-block write (op 0) promotes block 8; the cleaner (op 4)
+    // writes it back within the tick's sleep (op 5); the status (op 14)
+    // shows it clean. Writethrough (op 15). With the cache and origin
+    // disks' writes held: A (op 17) until each disk holds its half, then
+    // B (op 18); the origin serves A then B, the cache B then A. The
+    // flush (op 23), the read (op 27), passthrough (op 29), the read
+    // (op 30). No pause: every step waits on something a disk sees.
+    steps: "0,4,5,14,15,16,cache:hold-writes,origin:hold-writes,bg17,origin:held=1,cache:held=1,bg18,\
+            origin:held=2,cache:held=2,origin:serve=0,origin:serve=0,cache:serve=1,cache:serve=0,join,\
+            release,23,27,29,30",
+};
+
+/// The writethrough race's kernel job (the model as stock 6.1: every
+/// candidate fix off in the fixture's header).
+fn writethrough_plan() -> CachePlan {
+    race_plan(&trace(&WRITETHROUGH_PAIRS, false), WRITETHROUGH_PAIRS.steps).expect("a plan")
+}
+
 /// Every job in one boot (two races, the refcount trace as a ublk job,
-/// the third race, the fourth race, the cache's read-only flush):
+/// the third race, the fourth race, the cache's read-only flush, the
+/// cache's writethrough race):
 /// `None` when the VM's prerequisites are missing (and not under CI).
 fn kernel_runs() -> Option<&'static [KernelRun]> {
     static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
@@ -256,6 +293,7 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
             race_job(&WRITE_BEHIND_SHARED_READ),
             race_job(&READ_DURING_A_COPY),
             read_only_flush_plan().job,
+            writethrough_plan().job,
         ];
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
@@ -478,4 +516,89 @@ fn a_read_only_cache_fails_a_flush_after_an_abort_on_the_stock_kernel() {
     assert!(r.marks >= 3, "marks after the reloads and the flush: {}", r.marks);
     assert_eq!(r.l1_violations, Vec::<String>::new());
     assert_eq!(r.first_difference, None, "the model as 6.1 leaves the same crash states");
+}
+
+#[test]
+fn two_writethrough_writes_leave_a_clean_block_two_copies_on_the_stock_kernel() {
+    // The model as 6.1: the block is clean, its copies differ (the cache
+    // w1, the origin w2); with the fix the pairs go one at a time.
+    let run_model = |fix: bool| {
+        let t = trace(&WRITETHROUGH_PAIRS, fix);
+        let cfg = CacheRunConfig::from_header(&t.header).expect("a config");
+        let ops: Vec<Op> = t.ops().collect();
+        cache_run::run_ops(&cfg, &ops, &Checkers::default())
+    };
+    let stock = run_model(false);
+    let objection = stock.violation.as_ref().map(|v| v.to_string()).expect("the model as 6.1 objects");
+    assert!(
+        objection.contains("cache block 0 is clean for origin block 8")
+            && objection.contains("cache [w1*1 w0*127], origin [w2*1 w0*127]"),
+        "{objection}"
+    );
+    let fixed = run_model(true);
+    assert_eq!(fixed.violation.map(|v| v.to_string()), None, "the fix");
+
+    let Some(runs) = kernel_runs() else { return };
+    let run = &runs[6];
+    assert_eq!(run.result.error, None, "console:\n{}", run.console);
+    // The job's ops: the trace's without `worker` and `complete` (0 the
+    // promoting write, 1 the cleaner, 2 the tick, 3 the status, 4
+    // writethrough, 5 the status, 6 A, 7 B, 8 the flush, 9 the read, 10
+    // passthrough, 11 the read), then the read-back.
+    for i in 0..=11 {
+        assert_eq!(outcome(run, i), "ok", "op {i}: {:?}", run.result.ops.iter().find(|o| o.index == i));
+    }
+    let status = |i: usize| {
+        run.result.ops.iter().find(|o| o.index == i).and_then(|o| o.read.clone()).expect("a status line")
+    };
+    let field =
+        |line: &str, f: usize| dmsim_kernel_shim::protocol::cache_status_field(line, f).map(str::to_string);
+    let before = status(5);
+    eprintln!("writethrough race: the status before the race: {before}");
+    assert_eq!(field(&before, 3).as_deref(), Some("1"), "one block resident: {before}");
+    assert_eq!(field(&before, 10).as_deref(), Some("0"), "and clean: {before}");
+    let read = |i: usize| run.result.ops.iter().find(|o| o.index == i).and_then(|o| o.read.clone());
+    eprintln!("writethrough race: reads {:?} then {:?}", read(9), read(11));
+    // The damage on the kernel, seen by an application: two reads of the
+    // same sectors with no write between return different data.
+    assert_eq!(read(9).as_deref(), Some("w1*1 w0*7"), "the cache's copy");
+    assert_eq!(
+        read(11).as_deref(),
+        Some("w2*1 w0*7"),
+        "the origin's copy, once the cache stopped serving it"
+    );
+    // And at rest: the block recorded clean, its two copies different.
+    let image = dmsim_model::cache::inspect::read_image(
+        &mut dmsim_model::block_device::MemDevice::from_bytes(run.metadata_image.clone()),
+    )
+    .expect("the kernel's metadata decodes");
+    let c = image.mappings.iter().position(|m| m.valid() && m.oblock == 8).expect("origin block 8 is cached");
+    assert!(!image.is_dirty(c), "recorded clean");
+    let data = run.cache_data.as_ref().expect("the cache's disks");
+    let sector = |disk: &[u8], s: usize| dmsim_sim::thin::summarize(&disk[s * 512..(s + 1) * 512]);
+    let (cached, origin) = (sector(&data.cache, c * 128), sector(&data.origin, 8 * 128));
+    eprintln!("writethrough race: cache block {c} holds {cached}, origin block 8 {origin}");
+    assert_eq!((cached.as_str(), origin.as_str()), ("w1*1", "w2*1"));
+    // What `dmsim replay --on kernel --race` reports: the oracle, fed the
+    // race as it ran (A and B in flight together), allows the first read
+    // either write and then pins it; the second read breaks L1. And the
+    // clean block's two copies differ at rest.
+    let r = judge_race(&writethrough_plan(), &trace(&WRITETHROUGH_PAIRS, false), run).expect("judged");
+    eprintln!("writethrough race judged: {r:?}");
+    assert!(r.model_objection.as_deref().is_some_and(|o| o.contains("is clean for origin block 8")));
+    assert_eq!(r.failed_requests, Vec::<String>::new());
+    // The second read, and the read-back of block 8 after it.
+    assert_eq!(r.l1_violations.len(), 2, "{:?}", r.l1_violations);
+    assert!(
+        r.l1_violations[0].starts_with("op 11 (read 1024+8): kernel read [w2*1 w0*7]"),
+        "{:?}",
+        r.l1_violations
+    );
+    assert!(r.l1_violations[1].starts_with("op 20 (read 1024+128)"), "{:?}", r.l1_violations);
+    assert_eq!(r.clean_copies_differ.len(), 1, "{:?}", r.clean_copies_differ);
+    assert!(
+        r.clean_copies_differ[0].starts_with("cache block 0 (origin block 8): cache [w1*1"),
+        "{:?}",
+        r.clean_copies_differ
+    );
 }
