@@ -110,6 +110,13 @@ pub struct SimulatedRun {
     pub commit_placements: BTreeMap<usize, CommitPlacement>,
     /// The data I/Os the simulator completed in each op, by op index.
     pub data_completions: BTreeMap<usize, usize>,
+    /// Per crash op whose kernel run recorded the data disk's unflushed
+    /// writes ([`crate::protocol::CrashRecord::data_pending`]): whether
+    /// the simulator's were the same writes (in any order) just before its
+    /// power cut. Where they are not, the last data flush — the last
+    /// commit's — came at another moment among the writes on the two
+    /// sides.
+    pub pending_agree: BTreeMap<usize, bool>,
     /// With [`simulate_serialized_crashing`]: what every op did in the
     /// serialized run (its requests' results, the faults that fired, the
     /// pool's mode after it), to hold against the kernel's per-op
@@ -248,8 +255,27 @@ pub fn follow_commits(
             None => !sim_committed || run.superblocks.get(&i).copied() == kernel_at(i),
         }
     };
+    // Per crash op whose data disk's unflushed writes the kernel
+    // recorded: the op of the kernel's last commit before it (after the
+    // crash before it, if any). That commit's data flush decides which
+    // writes are unflushed at the cut; where the simulator's differ, the
+    // commit came elsewhere among the op's writes, and placing it is
+    // placing that flush.
+    let crash_ops: Vec<usize> = result.crashes.iter().map(|c| c.op).collect();
+    let flush_for_crash: BTreeMap<usize, usize> = orders
+        .keys()
+        .filter_map(|&c| {
+            let since = crash_ops.iter().filter(|&&o| o < c).max().map_or(0, |&o| o + 1);
+            kernel.range(since..c).next_back().map(|(&p, _)| (p, c))
+        })
+        .collect();
+    // Whether the unflushed writes at the crash op `i`'s commit decides
+    // (if any) are the kernel's.
+    let pending_ok = |run: &SimulatedRun, i: usize| {
+        flush_for_crash.get(&i).is_none_or(|c| run.pending_agree.get(c) != Some(&false))
+    };
     let agrees = |run: &SimulatedRun, i: usize| {
-        commits_agree(run, i) && kernel_faulted.contains(&i) == sim_faulted(run, i)
+        commits_agree(run, i) && kernel_faulted.contains(&i) == sim_faulted(run, i) && pending_ok(run, i)
     };
     let first_difference = |run: &SimulatedRun, from: usize| {
         let candidates: BTreeSet<usize> = kernel
@@ -263,7 +289,7 @@ pub fn follow_commits(
     };
     // Ops no placement makes agree before the timer takes over.
     const MISSES: usize = 8;
-    const FULL: u8 = 7;
+    const FULL: u8 = 15;
     let mut misses = 0;
     // The simulator's timer, following the kernel's clock, until the two
     // first part; the kernel's commits from there on.
@@ -272,7 +298,9 @@ pub fn follow_commits(
     // (A fault that fired on one side only is no reason to leave the
     // clock: the commit it met may be one the op made itself.)
     let commit_ops: BTreeSet<usize> = kernel.keys().chain(&timed_run.commit_ops).copied().collect();
-    let Some(mut from) = commit_ops.into_iter().find(|&i| !commits_agree(&timed_run, i)) else {
+    let Some(mut from) =
+        commit_ops.into_iter().find(|&i| !commits_agree(&timed_run, i) || !pending_ok(&timed_run, i))
+    else {
         return Ok(timed_run);
     };
     plan.follow_from = from;
@@ -286,11 +314,13 @@ pub fn follow_commits(
             continue;
         }
         // How well op `i` agrees under a placement: its outcome (and read,
-        // and mode) first, then the commit's key, then the faults; 7 is
-        // full agreement.
+        // and mode) first, then the commit's key, then the faults, then
+        // the unflushed writes at the crash it decides (the run then goes
+        // on to that crash); 15 is full agreement.
+        let stop = flush_for_crash.get(&i).copied().unwrap_or(i);
         let mut tried = |placement: CommitPlacement| -> Result<(u8, usize), ShimError> {
             plan.at.insert(i, placement);
-            let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(i), &orders)?;
+            let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(stop), &orders)?;
             let completions = r.data_completions.get(&i).copied().unwrap_or(0);
             // The pool's mode after the op may differ where the kernel's
             // status line was read while the commit ran: it shows no mode
@@ -306,8 +336,10 @@ pub fn follow_commits(
                 .iter()
                 .all(|d| d.index != i || mode_in_passing(d));
             let same_faults = kernel_faulted.contains(&i) == sim_faulted(&r, i);
-            let score =
-                4 * u8::from(same_outcome) + 2 * u8::from(commits_agree(&r, i)) + u8::from(same_faults);
+            let score = 8 * u8::from(same_outcome)
+                + 4 * u8::from(commits_agree(&r, i))
+                + 2 * u8::from(same_faults)
+                + u8::from(pending_ok(&r, i));
             Ok((score, completions))
         };
         let mut best = (tried(CommitPlacement::BeforeOp)?.0, CommitPlacement::BeforeOp);
@@ -446,6 +478,7 @@ fn simulate_serialized_inner(
     let mut commit_ops = Vec::new();
     let mut superblocks = BTreeMap::new();
     let mut data_completions = BTreeMap::new();
+    let mut pending_agree = BTreeMap::new();
     // Op `i` is over (a crash op: its power cut is next): a commit placed
     // after it is made, and whether it committed (its superblock changed
     // since the op before it) is noted.
@@ -514,6 +547,17 @@ fn simulate_serialized_inner(
             // The kernel's order of the data disk's unflushed writes, when
             // they are the simulator's too: the crash mode then chooses
             // among them as the agent's disk did.
+            if let Some(order) = orders.get(&i) {
+                let same = sim.pool().with_data_device(|d| {
+                    let mut ours: Vec<dmsim_faults::PendingKey> =
+                        d.since_flush().iter().map(dmsim_faults::PendingWrite::key).collect();
+                    let mut theirs = order.clone();
+                    ours.sort();
+                    theirs.sort();
+                    ours == theirs
+                });
+                pending_agree.insert(i, same);
+            }
             let data_reordered = orders
                 .get(&i)
                 .is_some_and(|order| sim.pool().with_data_device(|d| d.follow_pending_order(order)));
@@ -622,6 +666,7 @@ fn simulate_serialized_inner(
             data_completions,
             ops,
             commit_ops,
+            pending_agree,
             ..SimulatedRun::default()
         });
     }
@@ -635,6 +680,7 @@ fn simulate_serialized_inner(
         commit_ops,
         superblocks,
         data_completions,
+        pending_agree,
         commit_placements: plan.map(|p| p.at.clone()).unwrap_or_default(),
         ..run
     })
@@ -1068,10 +1114,11 @@ pub enum DivergenceClass {
         op: usize,
     },
     /// Every device reads the same everywhere and the ops differ only in
-    /// the pool's mode after some op, between `write` and
-    /// `out-of-data-space`, for that one op: one side had already left
-    /// (or entered) out-of-data-space mode and the other did so by the
-    /// next op. 6.1 leaves that mode only at a commit
+    /// the pool's mode after some ops, between `write` and
+    /// `out-of-data-space`, until the two agree again: one side had
+    /// already left (or entered) out-of-data-space mode and the other did
+    /// so a few ops later (every op in between differing only so, with
+    /// the same outcomes and reads). 6.1 leaves that mode only at a commit
     /// (`check_for_data_space`), which the 1 s commit timer may make; its
     /// period is a constant the kernel does not let be set, and the agent
     /// reads the status at a moment the trace does not fix (just after
@@ -1127,8 +1174,8 @@ impl std::fmt::Display for DivergenceClass {
             DivergenceClass::CommitTiming { op } => write!(
                 f,
                 "commit-timing: the pool's mode after op {op} is out-of-data-space on one side and write on \
-                 the other, and the two agree again after the next op: the commit that ends the mode (the \
-                 1 s commit timer) came on either side of the status read"
+                 the other, and the two agree again a few ops later (in between only the mode differs): the \
+                 commit that ends the mode (the 1 s commit timer) came on either side of the status reads"
             ),
             DivergenceClass::PieceErrorOrder { op } => write!(
                 f,
@@ -1193,7 +1240,10 @@ pub fn classify_op_differences(
     classes.all(|c| c.is_some()).then_some(class)
 }
 
-/// `d` as [`DivergenceClass::CommitTiming`], if it is one.
+/// `d` as [`DivergenceClass::CommitTiming`], if it is one: the modes
+/// after op `d.index` are write and out-of-data-space, and at the ops the
+/// kernel has a status for after it they stay such a pair until they agree
+/// again.
 fn commit_timing(
     d: &crate::fault_compare::OpDifference,
     sim_ops: &[crate::fault_compare::SimOp],
@@ -1208,10 +1258,30 @@ fn commit_timing(
     if d.what != "mode" || !timing_pair(&d.sim, kernel_now) {
         return None;
     }
-    // The next op the kernel has a status for: the modes agree there.
-    let (next, kernel_next) = next_kernel_mode(kernel, d.index)?;
-    let sim_next = sim_ops.iter().find(|o| o.index == next)?;
-    modes_agree(&sim_next.mode, kernel_next).then_some(DivergenceClass::CommitTiming { op: d.index })
+    for (j, kernel_then) in kernel_modes_after(kernel, d.index) {
+        let sim_then = &sim_ops.iter().find(|o| o.index == j)?.mode;
+        if modes_agree(sim_then, kernel_then) {
+            return Some(DivergenceClass::CommitTiming { op: d.index });
+        }
+        if !timing_pair(sim_then, kernel_then) {
+            return None;
+        }
+    }
+    None
+}
+
+/// The ops after op `i` whose status line the kernel recorded shows a
+/// mode, with the mode, in order (see [`next_kernel_mode`]).
+fn kernel_modes_after(
+    kernel: &crate::protocol::KernelResult,
+    i: usize,
+) -> impl Iterator<Item = (usize, &'static str)> + '_ {
+    let skipped = move |j: usize| kernel.ops.iter().any(|o| o.index == j && o.outcome.starts_with("skipped"));
+    kernel
+        .op_status
+        .iter()
+        .filter(move |(j, _)| *j > i && !skipped(*j))
+        .filter_map(|(j, line)| Some((*j, crate::fault_compare::kernel_mode(line)?)))
 }
 
 /// The first op after op `i` whose status line the kernel recorded shows
@@ -1221,12 +1291,7 @@ fn commit_timing(
 /// an op the agent skipped (it sent the pool nothing: the moment is
 /// still the op before's).
 fn next_kernel_mode(kernel: &crate::protocol::KernelResult, i: usize) -> Option<(usize, &'static str)> {
-    let skipped = |j: usize| kernel.ops.iter().any(|o| o.index == j && o.outcome.starts_with("skipped"));
-    kernel
-        .op_status
-        .iter()
-        .filter(|(j, _)| *j > i && !skipped(*j))
-        .find_map(|(j, line)| Some((*j, crate::fault_compare::kernel_mode(line)?)))
+    kernel_modes_after(kernel, i).next()
 }
 
 /// A fired fault's disk and kind, from either side's description
@@ -1402,9 +1467,23 @@ mod tests {
             with_modes([ods, "write", "write"], ["rw", "rw", "rw"]).map(|c| c.name()),
             Some("commit-timing")
         );
-        // Still apart at the next op: not timing.
+        // Apart for two ops, agreeing at the third (the campaign's seed 93:
+        // the kernel's commit that ends the mode came two ops later).
         assert_eq!(
             with_modes(["write", "write", "write"], ["out_of_data_space", "out_of_data_space", "rw"]),
+            Some(DivergenceClass::CommitTiming { op: 0 })
+        );
+        // Apart to the end: not timing.
+        assert_eq!(
+            with_modes(
+                ["write", "write", "write"],
+                ["out_of_data_space", "out_of_data_space", "out_of_data_space"]
+            ),
+            None
+        );
+        // Apart, then another pair before they agree: not timing.
+        assert_eq!(
+            with_modes(["write", "fail", "write"], ["out_of_data_space", "out_of_data_space", "rw"]),
             None
         );
         // Another pair of modes.

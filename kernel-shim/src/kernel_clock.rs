@@ -290,4 +290,77 @@ mod tests {
         // Before the write nothing had changed: the commit came after it.
         assert_ne!(followed.commit_placements[&1], CommitPlacement::BeforeOp);
     }
+
+    /// A commit the kernel made in the middle of an op that changes no
+    /// metadata (an overwrite of two mapped blocks): its key is the same
+    /// wherever the simulator places it in the op, but the data disk's
+    /// unflushed writes at the next power cut are not. The kernel's flush
+    /// came after the first block's write, so only the second block's is
+    /// unflushed there (the campaign's seed 125): the simulator places its
+    /// commit after one data completion too, and its power cut chooses
+    /// among the same writes. Without the kernel's record of them the
+    /// first placement that agrees otherwise (before the op) is kept.
+    #[test]
+    fn a_kernel_commit_between_an_ops_writes_is_placed_by_the_crashs_unflushed_writes() {
+        use dmsim_sim::run::{CampaignSettings, RunConfig};
+        use dmsim_traces::{CrashMode, Event, Trace};
+
+        use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
+        use crate::protocol::{CrashRecord, PoolSpec, COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
+
+        let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
+        let bs = PoolSpec::from_header(&cfg.header()).expect("a pool").block_sectors;
+        let whole = |block: u64, nr: u64| Op::Write {
+            dev: 0,
+            sector: (block * bs) as u32,
+            nr_sectors: (nr * bs) as u16,
+            fua: false,
+            preflush: false,
+        };
+        let trace_of = |ops: &[Op]| Trace {
+            header: cfg.header(),
+            events: ops.iter().map(|op| Event::Op(*op)).collect(),
+        };
+        // The kernel's commits: the message's (op 0) and one in the
+        // overwrite (op 3), of both blocks' mappings.
+        let provisioned = [Op::CreateThin, whole(0, 1), whole(1, 1), Op::Flush { dev: 0 }];
+        let sim = simulate_serialized_crashing(&trace_of(&provisioned)).expect("runs");
+        let (k0, k3) = (sim.superblocks[&0], sim.superblocks[&3]);
+        let trace = trace_of(&[
+            Op::CreateThin,
+            whole(0, 1),
+            whole(1, 1),
+            whole(0, 2),
+            Op::Crash { mode: CrashMode::LoseAll, seed: 0 },
+        ]);
+        // The overwrite is the third write (w2); its second block's piece
+        // lands on data block 1.
+        let mut second = vec![0u8; (bs * 512) as usize];
+        dmsim_traces::stamp::fill(&mut second, cfg.thin.run, 2, 0, bs);
+        let unflushed = dmsim_faults::PendingKey {
+            sector: bs,
+            nr_sectors: bs,
+            fua: false,
+            fnv: dmsim_faults::fnv64(&second),
+        };
+        let run = |pending: Vec<dmsim_faults::PendingKey>| {
+            let mut result = clocked(3);
+            result.notes.push((COMMIT_OPS_NOTE.into(), "0 3".into()));
+            result.notes.push((COMMIT_SUPERBLOCKS_NOTE.into(), format!("0:{k0:016x} 3:{k3:016x}")));
+            result.crashes.push(CrashRecord {
+                op: 4,
+                data: (0, 1),
+                data_pending: pending,
+                ..CrashRecord::default()
+            });
+            kernel_run(result)
+        };
+        let followed = simulate_following(&trace, true, &run(vec![unflushed])).expect("runs");
+        assert_eq!(followed.commit_placements.get(&3), Some(&CommitPlacement::AfterData(1)));
+        assert_eq!(followed.pending_agree.get(&4), Some(&true));
+        assert_eq!(followed.crashes[0].data, (0, 1), "one unflushed write, lost");
+        let blind = simulate_following(&trace, true, &run(Vec::new())).expect("runs");
+        assert_eq!(blind.commit_placements.get(&3), Some(&CommitPlacement::BeforeOp));
+        assert_eq!(blind.crashes[0].data, (0, 2), "both of the overwrite's writes unflushed");
+    }
 }

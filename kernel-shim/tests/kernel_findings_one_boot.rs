@@ -62,6 +62,14 @@
 //! the commits fall alike); judged against the model with the fix (the
 //! failed count fails the operation), the same run differs.
 //!
+//! **`failed_message_aborts`, the refcount fix's companion** (trace
+//! `create-snap-after-a-refcount-error.trace`, the campaign's seed 2546,
+//! minimized): a `create-snap` whose origin-root inc meets a read error.
+//! On 6.1 (`dm_tm_inc` returns nothing) the snapshot is made and the
+//! refcount finding's damage committed: the kernel's run is L1-, L2- and
+//! L3-identical to the model as 6.1; the model with the refcount fix
+//! fails the message instead, which the kernel's run does not match.
+//!
 //! **dm-cache `read_only_flushes_fail`** (refuted on 6.1): a flush after
 //! the cache aborted a failed commit and went read-only fails with EIO on
 //! the kernel, as the corrected model says.
@@ -188,13 +196,22 @@ const OVERFLOW_DAMAGE: &str = "bitmap says block 1 has 3 or more references, ove
 const UNDERCOUNT_DAMAGE: &str = "block 5 count on disk 0, expected 1";
 
 fn refcount_trace(fix: bool) -> Trace {
-    let path = format!("{}/../sim/tests/fixtures/{REFCOUNT_FIXTURE}", env!("CARGO_MANIFEST_DIR"));
+    refcount_fixture(REFCOUNT_FIXTURE, fix)
+}
+
+/// A fixture run as 6.1, or with the refcount fix.
+fn refcount_fixture(name: &str, fix: bool) -> Trace {
+    let path = format!("{}/../sim/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let off = format!("param {REFCOUNT_FIX} 0");
     assert!(text.contains(&off), "{path} runs the model as stock 6.1");
     let text = if fix { text.replace(&off, &format!("param {REFCOUNT_FIX} 1")) } else { text };
     dmsim_traces::text::from_text(&text).expect("a trace")
 }
+
+/// A create-snap whose root inc fails on a metadata read error (the
+/// campaign's seed 2546, minimized).
+const CREATE_SNAP_FIXTURE: &str = "create-snap-after-a-refcount-error.trace";
 
 /// The cache finding `read_only_flushes_fail`'s recorded trace (the
 /// cache campaign's seed 677).
@@ -273,7 +290,7 @@ fn writethrough_plan() -> CachePlan {
 
 /// Every job in one boot (two races, the refcount trace as a ublk job,
 /// the third race, the fourth race, the cache's read-only flush, the
-/// cache's writethrough race):
+/// cache's writethrough race, the create-snap trace as a ublk job):
 /// `None` when the VM's prerequisites are missing (and not under CI).
 fn kernel_runs() -> Option<&'static [KernelRun]> {
     static RUNS: OnceLock<Option<Vec<KernelRun>>> = OnceLock::new();
@@ -294,6 +311,7 @@ fn kernel_runs() -> Option<&'static [KernelRun]> {
             race_job(&READ_DURING_A_COPY),
             read_only_flush_plan().job,
             writethrough_plan().job,
+            Job::Ublk(refcount_fixture(CREATE_SNAP_FIXTURE, false)),
         ];
         Some(shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}")))
     })
@@ -601,4 +619,37 @@ fn two_writethrough_writes_leave_a_clean_block_two_copies_on_the_stock_kernel() 
         "{:?}",
         r.clean_copies_differ
     );
+}
+
+#[test]
+fn a_create_snap_whose_root_inc_fails_is_made_and_committed_by_the_stock_kernel() {
+    // The model as 6.1 (`dm_tm_inc` returns nothing): the snapshot is
+    // made and the damage committed; with the refcount fix the message
+    // fails instead (and `failed_message_aborts` must then abort it:
+    // sim/tests/thin_campaign.rs).
+    let stock = refcount_fixture(CREATE_SNAP_FIXTURE, false);
+    let model = dmsim_kernel_shim::equivalence::simulate_serialized_crashing(&stock).expect("the simulator");
+    let found = model.end_check_finding.as_deref().expect("the model's final metadata is damaged");
+    assert!(found.contains("block 2 count on disk 0, expected 1"), "{found}");
+
+    let Some(runs) = kernel_runs() else { return };
+    let run = &runs[7];
+    assert!(run.console.contains("ref count insert failed"), "the kernel says so:\n{}", run.console);
+    assert_eq!(outcome(run, 7), "ok", "the second create-snap succeeds on the kernel");
+    let r = judge(&stock, true, run).unwrap_or_else(|e| panic!("judging: {e}"));
+    eprintln!(
+        "create-snap: {:?}, L3 identical {}, first difference {:?}",
+        r.verdict(),
+        r.l3.is_identical(),
+        r.first_difference()
+    );
+    assert_eq!(r.verdict(), Verdict::Equal, "{:?}", r.first_difference());
+    assert!(r.l3.is_identical(), "block for block");
+    let kernel = r.kernel_end_check.as_deref().expect("the kernel's final metadata is damaged");
+    assert!(kernel.contains("block 2 count on disk 0, expected 1"), "{kernel}");
+    assert!(kernel.contains("overflow tree has no entry"), "{kernel}");
+    // The detector: the model with the refcount fix fails the message
+    // (no snapshot), which the kernel's run does not match.
+    let f = judge(&refcount_fixture(CREATE_SNAP_FIXTURE, true), true, run).expect("judged");
+    assert_ne!(f.verdict(), Verdict::Equal, "the fixed model differs from the kernel");
 }

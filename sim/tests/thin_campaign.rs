@@ -332,6 +332,42 @@ fn kernel_finding_a_failed_delete_leaves_a_mapping_tree_without_details() {
     assert_eq!(run_trace(&propagating(true)), None, "the fix");
 }
 
+/// `failed_message_aborts` is the refcount fix's companion, not a 6.1
+/// bug of its own (stop 37; the trace is the campaign's seed 2546,
+/// minimized, and the kernel agrees with the model as 6.1 block for block:
+/// `kernel-shim/tests/kernel_findings_one_boot.rs`). A `create-snap` raises
+/// the origin's root from 2 to 3 references and the overflow insert's read
+/// fails. 6.1's `dm_tm_inc` returns nothing: the snapshot is created and
+/// the next commit persists the refcount finding's damage. With the
+/// refcount fix the count's failure fails the message — and then, unless
+/// the failed message aborts the transaction, the half-made change (the
+/// bitmap's "3 or more", the overflow root counted free) is committed all
+/// the same. Both fixes together keep the metadata clean.
+#[test]
+fn a_failed_message_must_abort_once_refcount_errors_fail_it() {
+    let name = "create-snap-after-a-refcount-error.trace";
+    let run = |refcount: bool, aborts: bool| {
+        let mut t = fixture_with(name, "fix.refcount_errors_fail_the_operation", refcount);
+        for (k, v) in &mut t.header.params {
+            if k == "fix.failed_message_aborts" {
+                *v = if aborts { "1" } else { "0" }.into();
+            }
+        }
+        run_trace(&t)
+    };
+    let as_6_1 = run(false, false).expect("6.1: the refcount finding's damage");
+    assert!(as_6_1.contains("block 2 count on disk 0, expected 1"), "{as_6_1}");
+    assert!(as_6_1.contains("overflow tree has no entry"), "{as_6_1}");
+    assert_eq!(run(false, true), Some(as_6_1.clone()), "on 6.1 the message does not fail: nothing to abort");
+    let half = run(true, false).expect("the refcount fix alone: the failed message's change is committed");
+    assert!(half.contains("block 2 count on disk 0, expected 1"), "{half}");
+    assert!(
+        half.contains("block 22 count on disk 3, expected 2"),
+        "the snapshot's inc without the snapshot: {half}"
+    );
+    assert_eq!(run(true, true), None, "both fixes");
+}
+
 /// Kernel finding (6.1.166; shown on stock 6.1 by
 /// `kernel-shim/tests/kernel_findings_one_boot.rs`): 6.1's btree value
 /// types return nothing from `inc`, so a reference count the space map

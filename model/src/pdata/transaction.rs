@@ -207,24 +207,31 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.bm.write(b, kind)
     }
 
-    /// Adds a reference to metadata block `b`.
+    /// Adds a reference to metadata block `b` (`dm_tm_inc`, which returns
+    /// nothing in 6.1: an error is the operation's only with
+    /// [`Self::refcount_errors_fail`]).
     pub fn inc(&mut self, b: BlockNr) -> Result<()> {
-        self.metadata_sm_inc(b, b + 1)
+        let r = self.metadata_sm_inc(b, b + 1);
+        self.refcount_result(r)
     }
 
-    /// Adds a reference to every metadata block in `b..e`.
+    /// Adds a reference to every metadata block in `b..e` (as [`Self::inc`]).
     pub fn inc_range(&mut self, b: BlockNr, e: BlockNr) -> Result<()> {
-        self.metadata_sm_inc(b, e)
+        let r = self.metadata_sm_inc(b, e);
+        self.refcount_result(r)
     }
 
-    /// Drops a reference to metadata block `b`.
+    /// Drops a reference to metadata block `b` (`dm_tm_dec`, void in 6.1:
+    /// as [`Self::inc`]).
     pub fn dec(&mut self, b: BlockNr) -> Result<()> {
-        self.metadata_sm_dec(b, b + 1)
+        let r = self.metadata_sm_dec(b, b + 1);
+        self.refcount_result(r)
     }
 
-    /// Drops a reference to every metadata block in `b..e`.
+    /// Drops a reference to every metadata block in `b..e` (as [`Self::dec`]).
     pub fn dec_range(&mut self, b: BlockNr, e: BlockNr) -> Result<()> {
-        self.metadata_sm_dec(b, e)
+        let r = self.metadata_sm_dec(b, e);
+        self.refcount_result(r)
     }
 
     /// The reference count of metadata block `b`.

@@ -136,7 +136,7 @@ impl<D: BlockDevice> TransactionManager<D> {
     /// error with [`TransactionManager::refcount_errors_fail`], nothing
     /// otherwise (6.1's value types return nothing; the next value is
     /// still updated).
-    fn refcount_result(&self, r: Result<()>) -> Result<()> {
+    pub(crate) fn refcount_result(&self, r: Result<()>) -> Result<()> {
         if self.refcount_errors_fail {
             r
         } else {

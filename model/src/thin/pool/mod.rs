@@ -193,7 +193,10 @@ pub struct KernelFixes {
     /// permanent (`__delete_device` carries the comment "TODO: failure
     /// should mark the transaction invalid"). The fix does what that
     /// comment asks: the failure aborts the transaction (read-only mode,
-    /// needs_check), as other metadata failures do.
+    /// needs_check), as other metadata failures do. No 6.1 trigger is
+    /// known (docs/findings.md): the one the campaign finds fails the
+    /// message only with `refcount_errors_fail_the_operation`, whose
+    /// companion this fix is.
     pub failed_message_aborts: bool,
     /// In read-only and out-of-data-space modes a read of a shared block
     /// goes straight to it (`__process_bio_read_only`): it neither waits in
