@@ -173,7 +173,10 @@ pub struct CheckArgs {
     /// run; the traces of the seeds that diverge go to --failures as
     /// kernel-seed-N.trace, each with the kernel's answer beside it
     /// (kernel-seed-N.kernel: every op's outcome, the status lines, the
-    /// faults that fired, where it committed).
+    /// faults that fired, where it committed) and its final metadata
+    /// (kernel-seed-N.metadata): `dmsim replay --on kernel --disks ublk
+    /// --kernel-answer kernel-seed-N.kernel kernel-seed-N.trace` judges
+    /// them again without a boot.
     #[arg(long, default_value = "sim", value_parser = ["sim", "kernel"])]
     pub on: String,
     /// With --on kernel: traces per VM boot (1 to 64).

@@ -79,6 +79,13 @@ pub struct ReplayArgs {
     /// blocks' two copies compared at rest (docs/cache.md).
     #[arg(long, value_name = "STEPS")]
     pub race: Option<String>,
+    /// With `--on kernel --disks ublk`, a thin trace: judge the kernel's
+    /// answer saved by `dmsim check --on kernel` (kernel-seed-N.kernel,
+    /// with kernel-seed-N.metadata beside it: the final metadata image)
+    /// instead of booting the VM — the same judgement, in seconds, after
+    /// a change to the model or the judge.
+    #[arg(long, value_name = "FILE")]
+    pub kernel_answer: Option<PathBuf>,
 }
 
 /// Writes `run`'s console, op answers and per-op status lines to `path`
@@ -112,6 +119,10 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     match args.on.as_str() {
         "sim" if args.console.is_some() => {
             eprintln!("dmsim replay: --console is for `--on kernel` (the simulator has no VM console)");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+        "sim" if args.kernel_answer.is_some() => {
+            eprintln!("dmsim replay: --kernel-answer is for `--on kernel --disks ublk`");
             return ExitCode::from(exit::UNUSABLE);
         }
         "sim" if args.race.is_some() => {
@@ -383,6 +394,13 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    if args.kernel_answer.is_some() && (!ublk || args.race.is_some() || is_cache_header(&trace.header)) {
+        eprintln!(
+            "dmsim replay --kernel-answer: a thin trace's answer from `dmsim check --on kernel`, judged as with \
+             --disks ublk (no --race)"
+        );
+        return ExitCode::from(exit::UNUSABLE);
+    }
     if let Some(steps) = &args.race {
         if is_cache_header(&trace.header) {
             return run_cache_race_on_kernel(args, &trace, steps);
@@ -401,27 +419,38 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
         return ExitCode::from(exit::UNUSABLE);
     }
-    let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
-    let shim = match prepared {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
-            return ExitCode::from(exit::UNUSABLE);
+    let run = if let Some(answer) = &args.kernel_answer {
+        match saved_run(answer) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dmsim replay --kernel-answer: {e}");
+                return ExitCode::from(exit::UNUSABLE);
+            }
         }
-    };
-    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
-    let job = if ublk {
-        dmsim_kernel_shim::Job::Ublk(trace.clone())
     } else {
-        dmsim_kernel_shim::Job::Replay(trace.clone())
-    };
-    let run = match shim.run_jobs(&[job]).and_then(|mut runs| {
-        runs.pop().ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
-    }) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
-            return ExitCode::from(exit::UNUSABLE);
+        let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
+        let shim = match prepared {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
+                return ExitCode::from(exit::UNUSABLE);
+            }
+        };
+        eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
+        let job = if ublk {
+            dmsim_kernel_shim::Job::Ublk(trace.clone())
+        } else {
+            dmsim_kernel_shim::Job::Replay(trace.clone())
+        };
+        match shim.run_jobs(&[job]).and_then(|mut runs| {
+            runs.pop()
+                .ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
+                return ExitCode::from(exit::UNUSABLE);
+            }
         }
     };
     if let Some(path) = &args.console {
@@ -651,11 +680,46 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     }
 }
 
+/// The kernel's run saved by `dmsim check --on kernel`: the agent's
+/// answer in `answer` and the final metadata image beside it (the same
+/// name with the extension `metadata`).
+fn saved_run(answer: &std::path::Path) -> Result<dmsim_kernel_shim::KernelRun, String> {
+    let text = std::fs::read_to_string(answer).map_err(|e| format!("{}: {e}", answer.display()))?;
+    let result = dmsim_kernel_shim::KernelResult::from_text(&text)
+        .map_err(|e| format!("{}: not a kernel answer: {e}", answer.display()))?;
+    let image_path = answer.with_extension("metadata");
+    let image = std::fs::read(&image_path).map_err(|e| {
+        format!("{}: {e} (the final metadata image saved beside the answer)", image_path.display())
+    })?;
+    Ok(dmsim_kernel_shim::KernelRun::from_saved(result, image))
+}
+
+/// A race's job in a VM with the ublk module (`--race`): its run, its
+/// console written where `--console` says; what went wrong otherwise.
+fn run_race_job(
+    args: &ReplayArgs,
+    job: dmsim_kernel_shim::Job,
+) -> Result<dmsim_kernel_shim::KernelRun, String> {
+    let shim = dmsim_kernel_shim::KernelShim::prepare_with_ublk()
+        .map_err(|e| format!("the VM cannot be prepared: {e}"))?;
+    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
+    let run = shim
+        .run_jobs(&[job])
+        .and_then(|mut runs| {
+            runs.pop()
+                .ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some(path) = &args.console {
+        write_console(path, &run).map_err(|e| format!("--console: {e}"))?;
+    }
+    Ok(run)
+}
+
 /// `dmsim replay --on kernel --race STEPS`: the trace as a race job on
 /// controlled disks, judged against the simulator's run as written.
 fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode {
     use dmsim_kernel_shim::thin_replay::{judge_race, parse_race_steps};
-    use dmsim_kernel_shim::KernelShim;
 
     let fail = |what: String| {
         eprintln!("dmsim replay --on kernel --race: {}: {what}", args.trace.display());
@@ -671,23 +735,11 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),
     };
-    let shim = match KernelShim::prepare_with_ublk() {
-        Ok(s) => s,
-        Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
-    };
-    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
     let job = dmsim_kernel_shim::Job::Race { trace: trace.clone(), steps: steps.clone() };
-    let run = match shim.run_jobs(&[job]).and_then(|mut runs| {
-        runs.pop().ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
-    }) {
+    let run = match run_race_job(args, job) {
         Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
-    if let Some(path) = &args.console {
-        if let Err(e) = write_console(path, &run) {
-            return fail(format!("--console: {e}"));
-        }
-    }
     let report = match judge_race(model, &run) {
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),
@@ -744,7 +796,6 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
 /// oracle fed the race as it ran.
 fn run_cache_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode {
     use dmsim_kernel_shim::cache_race::{judge_race, plan_steps, race_plan};
-    use dmsim_kernel_shim::KernelShim;
 
     let fail = |what: String| {
         eprintln!("dmsim replay --on kernel --race: {}: {what}", args.trace.display());
@@ -754,22 +805,10 @@ fn run_cache_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> Ex
         Ok(p) => p,
         Err(e) => return fail(e.to_string()),
     };
-    let shim = match KernelShim::prepare_with_ublk() {
-        Ok(s) => s,
-        Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
-    };
-    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
-    let run = match shim.run_jobs(std::slice::from_ref(&plan.job)).and_then(|mut runs| {
-        runs.pop().ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
-    }) {
+    let run = match run_race_job(args, plan.job.clone()) {
         Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
-    if let Some(path) = &args.console {
-        if let Err(e) = write_console(path, &run) {
-            return fail(format!("--console: {e}"));
-        }
-    }
     let report = match judge_race(&plan, trace, &run) {
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),

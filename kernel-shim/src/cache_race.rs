@@ -269,18 +269,7 @@ mod tests {
                 },
             })
             .collect();
-        KernelRun {
-            result: KernelResult { ops, ..KernelResult::default() },
-            metadata_image: Vec::new(),
-            thin_dump: Err(String::new()),
-            mapped: Default::default(),
-            console: String::new(),
-            boot: std::time::Duration::ZERO,
-            wall: std::time::Duration::ZERO,
-            jobs_in_boot: 1,
-            log: None,
-            cache_data: None,
-        }
+        KernelRun::from_result(KernelResult { ops, ..KernelResult::default() })
     }
 
     #[test]

@@ -150,18 +150,7 @@ mod tests {
 
     /// A kernel run of `result` alone (no images, console or log).
     fn kernel_run(result: KernelResult) -> crate::vm::KernelRun {
-        crate::vm::KernelRun {
-            result,
-            metadata_image: Vec::new(),
-            thin_dump: Err(String::new()),
-            mapped: BTreeMap::new(),
-            console: String::new(),
-            boot: std::time::Duration::ZERO,
-            wall: std::time::Duration::ZERO,
-            jobs_in_boot: 1,
-            log: None,
-            cache_data: None,
-        }
+        crate::vm::KernelRun::from_result(result)
     }
 
     fn result(entries: &[(&str, u64)]) -> KernelResult {

@@ -82,6 +82,10 @@ pub struct SeedOutcome {
     /// status lines, fired faults, commits, clock readings), to study
     /// without another boot.
     pub kernel_answer: Option<String>,
+    /// With [`Self::kernel_answer`]: the kernel's final metadata image,
+    /// so that the seed can be judged again without a boot
+    /// ([`crate::vm::KernelRun::from_saved`]).
+    pub kernel_metadata: Option<Vec<u8>>,
 }
 
 impl SeedOutcome {
@@ -154,8 +158,13 @@ impl SeedOutcome {
 pub struct Summary {
     /// Seeds run.
     pub seeds: usize,
-    /// L1 equal at the end and at every crash (and every op, with faults).
+    /// Equal: L1 equal at the end and at every crash, and every op
+    /// answered as the model does.
     pub equal: usize,
+    /// L1 equal at the end and at every crash, whatever the ops' answers
+    /// (the measure; `equal` and the seeds whose only differences
+    /// are in ops).
+    pub l1_equal: usize,
     /// Diverging, the first divergence in a named class.
     pub explained: usize,
     /// Diverging, no named class.
@@ -185,6 +194,7 @@ impl Summary {
                     s.crash_states += r.crashes.len();
                     s.crash_states_equal += r.crashes.iter().filter(|c| c.differences.is_empty()).count();
                     s.crash_states_reordered += r.crashes.iter().filter(|c| c.data_reordered).count();
+                    s.l1_equal += usize::from(r.l1_equal_everywhere());
                     match r.verdict() {
                         Verdict::Equal => s.equal += 1,
                         Verdict::Explained => {
@@ -203,13 +213,23 @@ impl Summary {
         s
     }
 
-    /// Percent of the seeds L1-equal everywhere (0 with no seeds).
+    /// Percent of the seeds equal (0 with no seeds).
     pub fn equal_percent(&self) -> f64 {
-        if self.seeds == 0 {
-            0.0
-        } else {
-            100.0 * self.equal as f64 / self.seeds as f64
-        }
+        percent(self.equal, self.seeds)
+    }
+
+    /// Percent of the seeds L1-equal at the end and at every crash (0
+    /// with no seeds).
+    pub fn l1_equal_percent(&self) -> f64 {
+        percent(self.l1_equal, self.seeds)
+    }
+}
+
+fn percent(n: usize, of: usize) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
     }
 }
 
@@ -238,6 +258,7 @@ pub fn run(
             faulted: trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. })),
             result: SeedResult::Refused(String::new()),
             kernel_answer: None,
+            kernel_metadata: None,
         };
         match simulate_serialized_crashing(&trace) {
             Err(e) => {
@@ -289,8 +310,10 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<Seed
                     Err(e) => SeedResult::Failed(e.to_string()),
                 };
                 let o = SeedOutcome { result, ..o };
-                let kernel_answer = (o.verdict() != Some(Verdict::Equal)).then(|| run.result.to_text());
-                SeedOutcome { kernel_answer, ..o }
+                let keep = o.verdict() != Some(Verdict::Equal);
+                let kernel_answer = keep.then(|| run.result.to_text());
+                let kernel_metadata = keep.then(|| run.metadata_image.clone());
+                SeedOutcome { kernel_answer, kernel_metadata, ..o }
             })
             .collect(),
         Ok(runs) if batch.len() == 1 => {
@@ -355,6 +378,7 @@ mod tests {
             faulted: false,
             result: SeedResult::Judged(Box::new(r)),
             kernel_answer: None,
+            kernel_metadata: None,
         }
     }
 
@@ -368,6 +392,20 @@ mod tests {
         assert_eq!((s.seeds, s.equal, s.explained, s.unexplained, s.refused, s.failed), (5, 2, 1, 1, 1, 0));
         assert_eq!(s.classes.get("metadata-growth"), Some(&1));
         assert!((s.equal_percent() - 40.0).abs() < 1e-9);
+        assert_eq!(s.l1_equal, 2, "the two equal seeds; the others differ at the end");
+        // A seed whose ops alone differ is L1-equal, not equal.
+        let mut op_only = crate::thin_replay::empty_report();
+        op_only.op_differences = vec![crate::fault_compare::OpDifference {
+            index: 3,
+            op: "discard dev=0 sector=0 nr=8".into(),
+            what: "mode",
+            sim: "write".into(),
+            kernel: "fail".into(),
+        }];
+        let s =
+            Summary::of(&[SeedOutcome { result: SeedResult::Judged(Box::new(op_only)), ..judged("equal") }]);
+        assert_eq!((s.equal, s.l1_equal, s.unexplained), (0, 1, 1));
+        assert!((s.l1_equal_percent() - 100.0).abs() < 1e-9);
         assert!(
             outcomes[3].line().contains("unexplained; crashes L1-equal 0/0; first: end: x"),
             "{}",

@@ -272,6 +272,36 @@ pub struct KernelRun {
     pub cache_data: Option<CacheData>,
 }
 
+impl KernelRun {
+    /// A run that carries only the agent's result: no metadata image,
+    /// dump, console or log, no time spent. For judging a kernel answer
+    /// saved earlier (`kernel-seed-N.kernel`) where only the per-op and
+    /// per-crash records matter, and for tests.
+    pub fn from_result(result: KernelResult) -> KernelRun {
+        KernelRun {
+            result,
+            metadata_image: Vec::new(),
+            thin_dump: Err(String::new()),
+            mapped: BTreeMap::new(),
+            console: String::new(),
+            boot: Duration::ZERO,
+            wall: Duration::ZERO,
+            jobs_in_boot: 1,
+            log: None,
+            cache_data: None,
+        }
+    }
+
+    /// A thin job's run as saved by the kernel campaign: the agent's
+    /// result and the final metadata image (dumped again, so that the
+    /// mappings are judged as after a boot); no console, log or time.
+    pub fn from_saved(result: KernelResult, metadata_image: Vec<u8>) -> KernelRun {
+        let thin_dump = dump(&metadata_image);
+        let mapped = thin_dump.as_ref().map(|x| mapped_blocks(x)).unwrap_or_default();
+        KernelRun { metadata_image, thin_dump, mapped, ..KernelRun::from_result(result) }
+    }
+}
+
 /// Most jobs one boot runs ([`KernelShim::run_jobs`] splits longer lists).
 pub const JOBS_PER_BOOT: usize = 64;
 

@@ -648,6 +648,15 @@ fn a_create_snap_whose_root_inc_fails_is_made_and_committed_by_the_stock_kernel(
     let kernel = r.kernel_end_check.as_deref().expect("the kernel's final metadata is damaged");
     assert!(kernel.contains("block 2 count on disk 0, expected 1"), "{kernel}");
     assert!(kernel.contains("overflow tree has no entry"), "{kernel}");
+    // Judged again from what the kernel campaign saves (the answer's
+    // text and the final metadata image): the same judgement.
+    let saved = KernelRun::from_saved(
+        dmsim_kernel_shim::KernelResult::from_text(&run.result.to_text()).expect("the answer reads back"),
+        run.metadata_image.clone(),
+    );
+    let again = judge(&stock, true, &saved).expect("judged again");
+    assert_eq!((again.verdict(), again.first_difference()), (r.verdict(), r.first_difference()));
+    assert!(again.l3.is_identical() && again.kernel_end_check == r.kernel_end_check);
     // The detector: the model with the refcount fix fails the message
     // (no snapshot), which the kernel's run does not match.
     let f = judge(&refcount_fixture(CREATE_SNAP_FIXTURE, true), true, run).expect("judged");
