@@ -1142,8 +1142,9 @@ pub enum DivergenceClass {
     },
     /// The pool's mode after one op differs, and a fault of one kind on
     /// one disk fired during that op on one side and after it on the
-    /// other (by the next op the kernel has a status for), the two modes
-    /// agreeing again there: the fault was armed to fire on a disk's Nth
+    /// other (by the first op the kernel has a status for where the two
+    /// modes agree again, each side keeping its mode until then): the
+    /// fault was armed to fire on a disk's Nth
     /// request of its kind from the arming (`aim-fault commit request=N`
     /// counts metadata writes), and the request it met came an op later
     /// on one side — the kernel's commit ran after the op's status read
@@ -1316,10 +1317,24 @@ fn fault_timing(
         return None;
     }
     let i = d.index;
-    // The next op the kernel has a status for (a crash op or a scheduling
-    // op in between has none): the modes agree there again, and the fault
-    // fired on the other side in between.
-    let (next, kernel_next) = next_kernel_mode(kernel, i)?;
+    // The first op after it the kernel has a status for (a crash op or a
+    // scheduling op in between has none) where the modes agree again —
+    // each side keeping its mode of op `i` until then (the side the fault
+    // met later had not met it yet) — and the fault fired on the other
+    // side in between.
+    let kernel_at_i = d.kernel.split_whitespace().next()?;
+    let mut next = None;
+    for (j, kernel_then) in kernel_modes_after(kernel, i) {
+        let sim_then = &sim_ops.iter().find(|o| o.index == j)?.mode;
+        if modes_agree(sim_then, kernel_then) {
+            next = Some(j);
+            break;
+        }
+        if *sim_then != d.sim || kernel_then != kernel_at_i {
+            return None;
+        }
+    }
+    let next = next?;
     let in_range = |op: usize| op > i && op <= next;
     let sim_fired = |at: &dyn Fn(usize) -> bool| -> Vec<(&str, &str)> {
         sim_ops
@@ -1338,11 +1353,8 @@ fn fault_timing(
     let moved = |here: &[(&str, &str)], there_now: &[(&str, &str)], there_later: &[(&str, &str)]| {
         here.iter().any(|k| !there_now.contains(k) && there_later.contains(k))
     };
-    if !(moved(&sim_now, &kernel_now, &kernel_later) || moved(&kernel_now, &sim_now, &sim_later)) {
-        return None;
-    }
-    let sim_after = sim_ops.iter().find(|o| o.index == next)?;
-    modes_agree(&sim_after.mode, kernel_next).then_some(DivergenceClass::FaultTiming { op: i })
+    (moved(&sim_now, &kernel_now, &kernel_later) || moved(&kernel_now, &sim_now, &sim_later))
+        .then_some(DivergenceClass::FaultTiming { op: i })
 }
 
 /// `d` as [`DivergenceClass::PieceErrorOrder`], if it is one.
@@ -1656,6 +1668,15 @@ mod tests {
         assert_eq!(case([&rw, "Error", "Fail"], 2), Some(DivergenceClass::FaultTiming { op: 0 }));
         // Apart still at the op with a mode: not timing.
         assert_eq!(case([&rw, "Error", &rw], 1), None);
+        // The kernel keeps its mode one more status read, its fault firing
+        // after it (stop 37's campaign run: the timer's commit came right
+        // after that read), then fails: fault timing over two ops.
+        assert_eq!(case([&rw, &rw, "Fail"], 2), Some(DivergenceClass::FaultTiming { op: 0 }));
+        // The fault fired after the modes agreed again: not this.
+        assert_eq!(case([&rw, &rw, "Fail"], 3), None);
+        // The kernel changes to another mode on the way: not timing.
+        let ro = rw.replace(" rw ", " ro ");
+        assert_eq!(case([&rw, &ro, "Fail"], 2), None);
     }
 
     /// Seed 62 of the kernel campaign (`skip_block_zeroing`, metadata
