@@ -239,7 +239,6 @@ fn judge(
 fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode {
     use dmsim_kernel_shim::cache_crash::judge_with_crash_states;
     use dmsim_kernel_shim::cache_replay::{judge, plan, ublk_plan};
-    use dmsim_kernel_shim::KernelShim;
 
     let name = args.trace.display();
     let planned = if ublk { ublk_plan(trace) } else { plan(trace) };
@@ -250,21 +249,8 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode
             return ExitCode::from(exit::UNUSABLE);
         }
     };
-    let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
-    let shim = match prepared {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
-            return ExitCode::from(exit::UNUSABLE);
-        }
-    };
-    eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
-    let run = match shim.run_jobs(std::slice::from_ref(&plan.job)) {
-        Ok(mut runs) if runs.len() == 1 => runs.remove(0),
-        Ok(_) => {
-            eprintln!("dmsim replay --on kernel: {name}: the VM returned no result");
-            return ExitCode::from(exit::UNUSABLE);
-        }
+    let run = match boot_one(plan.job.clone(), ublk) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("dmsim replay --on kernel: {name}: {e}");
             return ExitCode::from(exit::UNUSABLE);
@@ -377,7 +363,6 @@ fn run_cache_on_kernel(args: &ReplayArgs, trace: &Trace, ublk: bool) -> ExitCode
 /// a VM, one request at a time, against the simulator run the same way.
 fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     use dmsim_kernel_shim::equivalence::{simulate_serialized_crashing, simulate_serialized_full};
-    use dmsim_kernel_shim::KernelShim;
 
     let (trace, _) = match trace_file::read(&args.trace) {
         Ok(t) => t,
@@ -428,24 +413,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             }
         }
     } else {
-        let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
-        let shim = match prepared {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("dmsim replay --on kernel: the VM cannot be prepared: {e}");
-                return ExitCode::from(exit::UNUSABLE);
-            }
-        };
-        eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
         let job = if ublk {
             dmsim_kernel_shim::Job::Ublk(trace.clone())
         } else {
             dmsim_kernel_shim::Job::Replay(trace.clone())
         };
-        match shim.run_jobs(&[job]).and_then(|mut runs| {
-            runs.pop()
-                .ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
-        }) {
+        match boot_one(job, ublk) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("dmsim replay --on kernel: {}: {e}", args.trace.display());
@@ -694,22 +667,28 @@ fn saved_run(answer: &std::path::Path) -> Result<dmsim_kernel_shim::KernelRun, S
     Ok(dmsim_kernel_shim::KernelRun::from_saved(result, image))
 }
 
-/// A race's job in a VM with the ublk module (`--race`): its run, its
-/// console written where `--console` says; what went wrong otherwise.
-fn run_race_job(
-    args: &ReplayArgs,
-    job: dmsim_kernel_shim::Job,
-) -> Result<dmsim_kernel_shim::KernelRun, String> {
-    let shim = dmsim_kernel_shim::KernelShim::prepare_with_ublk()
-        .map_err(|e| format!("the VM cannot be prepared: {e}"))?;
+/// One job in a VM (with the ublk module when `ublk`): its run, or what
+/// went wrong.
+fn boot_one(job: dmsim_kernel_shim::Job, ublk: bool) -> Result<dmsim_kernel_shim::KernelRun, String> {
+    use dmsim_kernel_shim::KernelShim;
+    let prepared = if ublk { KernelShim::prepare_with_ublk() } else { KernelShim::prepare() };
+    let shim = prepared.map_err(|e| format!("the VM cannot be prepared: {e}"))?;
     eprintln!("booting the kernel in qemu (software emulation; a few seconds)…");
-    let run = shim
-        .run_jobs(&[job])
+    shim.run_jobs(&[job])
         .and_then(|mut runs| {
             runs.pop()
                 .ok_or_else(|| dmsim_kernel_shim::ShimError::Invalid("the VM returned no result".into()))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// A race's job (`--race`, on controlled disks): its run, its console
+/// written where `--console` says; what went wrong otherwise.
+fn run_race_job(
+    args: &ReplayArgs,
+    job: dmsim_kernel_shim::Job,
+) -> Result<dmsim_kernel_shim::KernelRun, String> {
+    let run = boot_one(job, true)?;
     if let Some(path) = &args.console {
         write_console(path, &run).map_err(|e| format!("--console: {e}"))?;
     }
@@ -744,7 +723,7 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),
     };
-    let steps_text: Vec<String> = steps.iter().map(|s| s.to_text()).collect();
+    let steps_text = dmsim_kernel_shim::protocol::RaceStep::list_text(&steps);
     if args.json {
         let ops: Vec<serde_json::Value> = run
             .result
@@ -754,7 +733,7 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
             .collect();
         let out = serde_json::json!({
             "trace": args.trace.display().to_string(),
-            "race": steps_text.join(","),
+            "race": steps_text,
             "l1_equal": report.differences.is_empty(),
             "l1_differences": report.differences,
             "model_objection": report.model.oracle_violation,
@@ -762,7 +741,7 @@ fn run_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> ExitCode
         });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        println!("race on the kernel: {}", steps_text.join(","));
+        println!("race on the kernel: {steps_text}");
         for o in &run.result.ops {
             let read = o.read.as_deref().map(|r| format!(" read {r}")).unwrap_or_default();
             println!("  op {}: {}{read}", o.index, o.outcome);
@@ -813,7 +792,7 @@ fn run_cache_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> Ex
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),
     };
-    let job_steps: Vec<String> = plan_steps(&plan).unwrap_or_default().iter().map(|s| s.to_text()).collect();
+    let job_steps = dmsim_kernel_shim::protocol::RaceStep::list_text(&plan_steps(&plan).unwrap_or_default());
     let l1 = report.l1_violations.is_empty() && report.failed_requests.is_empty();
     if args.json {
         let ops: Vec<serde_json::Value> = run
@@ -826,7 +805,7 @@ fn run_cache_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> Ex
             "trace": args.trace.display().to_string(),
             "target": "cache",
             "race": steps,
-            "job_race": job_steps.join(","),
+            "job_race": job_steps,
             "l1_holds": l1,
             "reads": report.reads,
             "l1_violations": report.l1_violations,
@@ -838,7 +817,7 @@ fn run_cache_race_on_kernel(args: &ReplayArgs, trace: &Trace, steps: &str) -> Ex
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         println!("race on the kernel's dm-cache (the job's ops: the trace's without worker and complete, then the read-back):");
-        println!("  {}", job_steps.join(","));
+        println!("  {job_steps}");
         for o in &run.result.ops {
             let read = o.read.as_deref().map(|r| format!(" read {r}")).unwrap_or_default();
             println!("  op {}: {}{read}", o.index, o.outcome);

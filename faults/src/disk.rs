@@ -204,6 +204,16 @@ impl SimDisk {
         self.since_flush.iter().filter(|w| !w.fua).count()
     }
 
+    /// Whether the writes since the last flush are exactly `writes`, in
+    /// any order (another disk's unflushed writes: [`PendingWrite::key`]).
+    pub fn has_pending(&self, writes: &[PendingKey]) -> bool {
+        let mut ours: Vec<PendingKey> = self.since_flush.iter().map(PendingWrite::key).collect();
+        let mut theirs = writes.to_vec();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        ours == theirs
+    }
+
     /// Puts the writes since the last flush in `order` (another disk's
     /// order of the same writes: [`PendingWrite::key`]), so that a crash
     /// state chooses among them as that disk's did. Done only when `order`
@@ -597,6 +607,8 @@ mod tests {
         other.fnv ^= 1;
         assert!(!disk.follow_pending_order(&[keys[0], keys[1], other]));
         assert!(!disk.follow_pending_order(&[keys[0], keys[1]]));
+        assert!(disk.has_pending(&[keys[2], keys[0], keys[1]]), "the same writes in any order");
+        assert!(!disk.has_pending(&[keys[0], keys[1], other]) && !disk.has_pending(&keys[..2]));
         assert_eq!(disk.since_flush()[0].key(), keys[1], "the order followed before");
         // Two overlapping writes swapped would change what reads see: refused.
         w(&mut disk, 9, 4);

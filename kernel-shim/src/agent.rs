@@ -2514,6 +2514,7 @@ fn cache_io(
         devs,
         spec,
         ops: &ops,
+        write_numbers: crate::protocol::write_numbers(&ops),
         clock,
         t0: Instant::now(),
         settle,
@@ -2531,9 +2532,8 @@ fn cache_io(
         if !steps.is_empty() {
             return Err(ShimError::Invalid("a cache race takes no cache steps".into()));
         }
-        let race: Option<Vec<crate::protocol::RaceStep>> =
-            race.split(',').map(crate::protocol::RaceStep::parse).collect();
-        let race = race.ok_or_else(|| ShimError::Invalid("the cache race's steps do not parse".into()))?;
+        let race = crate::protocol::RaceStep::parse_list(race)
+            .ok_or_else(|| ShimError::Invalid("the cache race's steps do not parse".into()))?;
         file = cache_race(&mut cx, &race, file, u, result)?;
     } else {
         for index in 0..=ops.len() {
@@ -2562,6 +2562,8 @@ struct CacheOpContext<'a> {
     devs: &'a CacheDevs,
     spec: &'a CacheSpec,
     ops: &'a [Op],
+    /// Each op's write number ([`crate::protocol::write_numbers`]).
+    write_numbers: Vec<u64>,
     clock: &'a CoarseClock,
     /// When the ops began.
     t0: Instant,
@@ -2581,12 +2583,6 @@ impl CacheOpContext<'_> {
         if self.settle {
             result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), self.clock.now_us()));
         }
-    }
-
-    /// The number of the write op `index` is, if it were one: the writes
-    /// before it in the trace (the simulator stamps them in trace order).
-    fn write_number(&self, index: usize) -> u64 {
-        self.ops[..index].iter().filter(|op| matches!(op, Op::Write { .. })).count() as u64
     }
 
     /// Runs op `index` on the cache device (`file`; returned, reopened
@@ -2658,27 +2654,20 @@ impl CacheOpContext<'_> {
     ) -> Result<(File, String, Option<String>), ShimError> {
         let (ctl, devs, spec) = (self.ctl, self.devs, self.spec);
         let (name, meta_name) = (devs.name.as_str(), devs.meta_name.as_str());
-        let current = &mut self.current;
-        let sleep_only_ticks = self.sleep_only_ticks;
-        let settle = self.settle;
-        let clock = self.clock;
-        let stamp = |result: &mut KernelResult, what: String| {
-            if settle {
-                result.timings_ms.push((format!("{COARSE_PREFIX}{what}"), clock.now_us()));
-            }
-        };
-        // The device's file, until a resize takes it (and gives back
-        // another when it recreated the device).
-        let mut kept = Some(file);
-        let mut reopened = None;
+        // A resize takes the device's file (it may recreate the device)
+        // and gives back the one to go on with.
+        if let Op::Resize { cache_blocks, origin_blocks } = op {
+            let (outcome, note, file) =
+                cache_resize(ctl, devs, spec, self.current, (cache_blocks, origin_blocks), file)?;
+            return Ok((file, outcome, note));
+        }
         let (outcome, read) = match op {
             Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. } => {
-                let f = kept.as_ref().expect("the file is kept but by a resize");
-                cache_request(f, spec.run, devs.sizes.get().1, op, self.write_number(index))
+                cache_request(&file, spec.run, devs.sizes.get().1, op, self.write_numbers[index])
             }
             Op::Tick { millis } => {
                 std::thread::sleep(Duration::from_millis(u64::from(millis)));
-                if sleep_only_ticks {
+                if self.sleep_only_ticks {
                     ("ok".into(), None)
                 } else {
                     ("ok".into(), Some(status_line(ctl, name)?))
@@ -2691,15 +2680,15 @@ impl CacheOpContext<'_> {
                 // leaves the old one, resumed.
                 let table = devs.table(spec, mode.name(), policy.name(), spec.migration_threshold);
                 suspend_retrying(ctl, name)?;
-                stamp(result, format!("op-load-a-{index}"));
+                self.stamp(result, format!("op-load-a-{index}"));
                 let loaded = ctl.load(name, &[table], false);
-                stamp(result, format!("op-load-b-{index}"));
-                stamp(result, format!("op-resume-a-{index}"));
+                self.stamp(result, format!("op-load-b-{index}"));
+                self.stamp(result, format!("op-resume-a-{index}"));
                 let resumed = ctl.resume(name);
-                stamp(result, format!("op-resume-b-{index}"));
+                self.stamp(result, format!("op-resume-b-{index}"));
                 match (loaded, resumed) {
                     (Ok(()), Ok(_)) => {
-                        *current = (mode.name(), policy.name());
+                        self.current = (mode.name(), policy.name());
                         ("ok".into(), None)
                     }
                     (Err(ShimError::Dm { source, .. }), Ok(_)) => {
@@ -2710,21 +2699,14 @@ impl CacheOpContext<'_> {
                         // did not (6.1: passthrough over blocks loaded
                         // dirty): the device is suspended with it. Load
                         // the table that was active again.
-                        let old = devs.table(spec, current.0, current.1, spec.migration_threshold);
+                        let (mode, policy) = self.current;
+                        let old = devs.table(spec, mode, policy, spec.migration_threshold);
                         ctl.load(name, &[old], false)?;
                         ctl.resume(name)?;
                         (errno_name(source.raw_os_error().unwrap_or(0)), None)
                     }
                     (Err(e), _) | (_, Err(e)) => return Err(e),
                 }
-            }
-            Op::Resize { cache_blocks, origin_blocks } => {
-                let taken =
-                    kept.take().ok_or_else(|| ShimError::Invalid("the cache device's file".into()))?;
-                let (outcome, note, f) =
-                    cache_resize(ctl, devs, spec, *current, (cache_blocks, origin_blocks), taken)?;
-                reopened = Some(f);
-                (outcome, note)
             }
             Op::Invalidate { cblock, nr } => {
                 let blocks = devs.sizes.get().0 / spec.block_sectors;
@@ -2782,7 +2764,6 @@ impl CacheOpContext<'_> {
             }
             _ => ("unsupported".into(), None),
         };
-        let file = reopened.or(kept).ok_or_else(|| ShimError::Invalid("the cache device's file".into()))?;
         Ok((file, outcome, read))
     }
 }
@@ -2919,7 +2900,7 @@ fn cache_race(
                     log(&format!("op {i} (in the background): {}", dmsim_traces::text::op_to_line(&op)));
                 }
                 cx.stamp(result, format!("op-a-{i}"));
-                let (run, size, write) = (cx.spec.run, cx.devs.sizes.get().1, cx.write_number(i));
+                let (run, size, write) = (cx.spec.run, cx.devs.sizes.get().1, cx.write_numbers[i]);
                 file.as_ref()
                     .ok_or_else(|| "the cache device's file is gone".to_string())
                     .and_then(|f| {

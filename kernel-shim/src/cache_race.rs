@@ -75,9 +75,8 @@ pub fn race_plan(trace: &Trace, steps: &str) -> Result<CachePlan, ShimError> {
     }
     // The read-back, after the steps.
     job_steps.extend((next..p.ops.len()).map(RaceStep::Op));
-    let text: Vec<String> = job_steps.iter().map(|s| s.to_text()).collect();
     if let Job::Cache { trace, .. } = &mut p.job {
-        trace.header.params.push((CACHE_RACE_PARAM.into(), text.join(",")));
+        trace.header.params.push((CACHE_RACE_PARAM.into(), RaceStep::list_text(&job_steps)));
     }
     Ok(p)
 }
@@ -91,9 +90,7 @@ pub fn plan_steps(plan: &CachePlan) -> Result<Vec<RaceStep>, ShimError> {
         .header
         .param(CACHE_RACE_PARAM)
         .ok_or_else(|| ShimError::Invalid("the cache job is not a race".into()))?;
-    text.split(',')
-        .map(|w| RaceStep::parse(w).ok_or_else(|| ShimError::Invalid(format!("race step {w:?}"))))
-        .collect()
+    RaceStep::parse_list(text).ok_or_else(|| ShimError::Invalid(format!("race steps {text:?}")))
 }
 
 /// How a cache race's kernel run compares (see the module's
@@ -130,26 +127,20 @@ pub fn judge_race(plan: &CachePlan, trace: &Trace, run: &KernelRun) -> Result<Ca
         clean_copies_differ: Vec::new(),
     };
     // L1: the oracle fed as the race ran.
+    let answers: std::collections::BTreeMap<usize, &crate::protocol::OpResult> =
+        run.result.ops.iter().map(|r| (r.index, r)).collect();
     let answer = |i: usize| {
-        run.result
-            .ops
-            .iter()
-            .find(|r| r.index == i)
+        answers
+            .get(&i)
+            .copied()
             .ok_or_else(|| ShimError::Invalid(format!("the kernel did not answer op {i}")))
     };
-    let write_number =
-        |i: usize| plan.ops[..i].iter().filter(|op| matches!(op, Op::Write { .. })).count() as u64;
+    let write_numbers = crate::protocol::write_numbers(&plan.ops);
     let mut feeder = Feeder::new(&plan.cfg)?;
     let mut in_flight: Vec<(usize, Option<IoTicket>)> = Vec::new();
     let done = |i: usize, ticket: Option<IoTicket>, feeder: &mut Feeder, report: &mut CacheRaceReport| {
-        let op = &plan.ops[i];
-        let r = answer(i)?;
-        let is_request =
-            matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. });
-        if is_request && r.outcome != "ok" {
-            report.failed_requests.push(format!("op {i} ({}): {}", op.name(), r.outcome));
-        }
-        let fed = feeder.complete(i, op, ticket, r)?;
+        let fed = feeder.complete(i, &plan.ops[i], ticket, answer(i)?)?;
+        report.failed_requests.extend(fed.failed);
         if fed.read.is_some() {
             report.reads += 1;
         }
@@ -161,13 +152,13 @@ pub fn judge_race(plan: &CachePlan, trace: &Trace, run: &KernelRun) -> Result<Ca
             RaceStep::Op(i) => {
                 let op = plan.ops.get(i).ok_or_else(|| ShimError::Invalid(format!("step op {i}")))?;
                 let ok = answer(i)?.outcome == "ok";
-                let ticket = feeder.submit(op, write_number(i), ok)?;
+                let ticket = feeder.submit(op, write_numbers[i], ok)?;
                 done(i, ticket, &mut feeder, &mut report)?;
             }
             RaceStep::Background(i) => {
                 let op = plan.ops.get(i).ok_or_else(|| ShimError::Invalid(format!("step op {i}")))?;
                 let ok = answer(i)?.outcome == "ok";
-                in_flight.push((i, feeder.submit(op, write_number(i), ok)?));
+                in_flight.push((i, feeder.submit(op, write_numbers[i], ok)?));
             }
             RaceStep::Wait(i) => {
                 if let Some(k) = in_flight.iter().position(|(j, _)| *j == i) {

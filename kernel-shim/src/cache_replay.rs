@@ -282,6 +282,9 @@ pub(crate) struct Fed {
     pub(crate) read: Option<Vec<u8>>,
     /// The oracle's objection to that read.
     pub(crate) violation: Option<String>,
+    /// A request (read, write, discard, flush) the kernel failed:
+    /// `op <i> (<name>): <outcome>`.
+    pub(crate) failed: Option<String>,
 }
 
 /// The oracle of a cache trace's serialized replay, fed the kernel's
@@ -375,7 +378,10 @@ impl Feeder {
         r: &crate::protocol::OpResult,
     ) -> Result<Fed, ShimError> {
         let ok = r.outcome == "ok";
-        let mut fed = Fed { read: None, violation: None };
+        let is_request =
+            matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. });
+        let failed = (is_request && !ok).then(|| format!("op {i} ({}): {}", op.name(), r.outcome));
+        let mut fed = Fed { read: None, violation: None, failed };
         let o = &mut self.oracle;
         match (*op, ticket) {
             (Op::Write { .. }, Some(t)) => o.write_completed(t, ok).map_err(misuse)?,
@@ -479,13 +485,8 @@ pub(crate) fn judge_followed(
         });
     report.resizes = kernel_resizes.zip(sim_resizes.chain(std::iter::repeat(String::new()))).collect();
     for (i, (op, r)) in plan.ops.iter().zip(results).enumerate() {
-        let ok = r.outcome == "ok";
-        let is_request =
-            matches!(op, Op::Read { .. } | Op::Write { .. } | Op::Discard { .. } | Op::Flush { .. });
-        if is_request && !ok {
-            report.failed_requests.push(format!("op {i} ({}): {}", op.name(), r.outcome));
-        }
         let fed = feeder.feed(i, op, r)?;
+        report.failed_requests.extend(fed.failed);
         if let Some(bytes) = fed.read {
             report.reads += 1;
             let sim = sim_reads[i].as_deref().unwrap_or("");

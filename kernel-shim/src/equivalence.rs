@@ -548,15 +548,7 @@ fn simulate_serialized_inner(
             // they are the simulator's too: the crash mode then chooses
             // among them as the agent's disk did.
             if let Some(order) = orders.get(&i) {
-                let same = sim.pool().with_data_device(|d| {
-                    let mut ours: Vec<dmsim_faults::PendingKey> =
-                        d.since_flush().iter().map(dmsim_faults::PendingWrite::key).collect();
-                    let mut theirs = order.clone();
-                    ours.sort();
-                    theirs.sort();
-                    ours == theirs
-                });
-                pending_agree.insert(i, same);
+                pending_agree.insert(i, sim.pool().with_data_device(|d| d.has_pending(order)));
             }
             let data_reordered = orders
                 .get(&i)

@@ -910,6 +910,17 @@ impl RaceStep {
         }
     }
 
+    /// Steps as a job line or a header parameter carries them: their
+    /// texts joined by commas.
+    pub fn list_text(steps: &[RaceStep]) -> String {
+        steps.iter().map(|s| s.to_text()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Parses [`Self::list_text`]'s output; `None` if a step is not one.
+    pub fn parse_list(text: &str) -> Option<Vec<RaceStep>> {
+        text.split(',').map(RaceStep::parse).collect()
+    }
+
     /// The op the step runs, if it runs one.
     pub fn op(self) -> Option<usize> {
         match self {
@@ -988,8 +999,7 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
             JobKind::Ublk => format!("job ublk {}\n", text.len()),
             JobKind::Cache => format!("job cache {}\n", text.len()),
             JobKind::Race { steps } => {
-                let steps: Vec<String> = steps.iter().map(|s| s.to_text()).collect();
-                let steps = if steps.is_empty() { "-".to_string() } else { steps.join(",") };
+                let steps = if steps.is_empty() { "-".to_string() } else { RaceStep::list_text(steps) };
                 format!("job race {} {steps}\n", text.len())
             }
             JobKind::Activate { ids } => {
@@ -1044,7 +1054,7 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
             ("cache", None) => JobKind::Cache,
             ("race", Some(&"-")) if words.len() == 4 => JobKind::Race { steps: Vec::new() },
             ("race", Some(steps)) if words.len() == 4 => {
-                let steps: Option<Vec<RaceStep>> = steps.split(',').map(RaceStep::parse).collect();
+                let steps = RaceStep::parse_list(steps);
                 JobKind::Race { steps: steps.ok_or_else(|| bad(format!("bad race steps in {line:?}")))? }
             }
             ("activate", Some(&"-")) if words.len() == 4 => JobKind::Activate { ids: Vec::new() },
@@ -1419,6 +1429,19 @@ pub fn cache_status_field(line: &str, i: usize) -> Option<&str> {
     Some(f.split_once('/').map_or(f, |(a, _)| a))
 }
 
+/// Each op's write number: the writes before it among `ops` (the
+/// simulator stamps a write with its number in trace order, whatever
+/// order a race runs the ops in).
+pub fn write_numbers(ops: &[Op]) -> Vec<u64> {
+    ops.iter()
+        .scan(0u64, |writes, op| {
+            let n = *writes;
+            *writes += u64::from(matches!(op, Op::Write { .. }));
+            Some(n)
+        })
+        .collect()
+}
+
 /// The header parameter holding a cache job's steps.
 pub const CACHE_STEPS_PARAM: &str = "cache_steps";
 
@@ -1788,6 +1811,14 @@ mod tests {
         }
         let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
         assert!(decode_request(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn write_numbers_count_the_writes_before_each_op() {
+        let w = Op::Write { dev: 0, sector: 0, nr_sectors: 1, fua: false, preflush: false };
+        let r = Op::Read { dev: 0, sector: 0, nr_sectors: 1 };
+        assert_eq!(write_numbers(&[w, r, w, w, r]), [0, 1, 1, 2, 3]);
+        assert_eq!(write_numbers(&[]), Vec::<u64>::new());
     }
 
     #[test]

@@ -176,10 +176,10 @@ impl<D: BlockDevice> TransactionManager<D> {
             ValueType::MetadataBlocks | ValueType::DataBlockTimes => {
                 self.runs_of_counted_blocks(vt, values, count, Self::inc_range, Self::data_sm_inc)
             }
+            // `inc` applies `refcount_result` itself (`dm_tm_inc`).
             ValueType::SubtreeRoots | ValueType::ArrayBlocks => {
                 for root in u64s(values, count) {
-                    let r = self.inc(root);
-                    self.refcount_result(r)?;
+                    self.inc(root)?;
                 }
                 Ok(())
             }
