@@ -1519,9 +1519,18 @@ fn run_ublk_pool(
                 d.hold_until_quiet(window);
             }
         };
+        // The order in which the op's data writes were served (the
+        // simulator follows it: `protocol::DATA_WRITES_NOTE_PREFIX`).
+        let served = || devs.devs.as_ref().map(|(_, d)| d.take_served_writes()).unwrap_or_default();
+        served();
         hold(Some(DATA_QUIET_WINDOW));
         let applied = replayer.apply(i, &op);
         hold(None);
+        let writes = served();
+        if writes.len() >= 2 {
+            let text = writes.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+            result.notes.push((format!("{}{i}", crate::protocol::DATA_WRITES_NOTE_PREFIX), text));
+        }
         match applied {
             Ok(r) => result.ops.push(r),
             Err(e) => {

@@ -135,7 +135,7 @@ pub fn simulate_serialized(trace: &Trace) -> Result<FinalState, ShimError> {
 /// Crashes are refused (the virtio replay does not cut power); see
 /// [`simulate_serialized_crashing`].
 pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, false, None, None, None, &CrashOrders::new())
+    simulate_serialized_inner(trace, false, None, None, None, &KernelOrders::default())
 }
 
 /// As [`simulate_serialized_full`], crash ops included (what a ublk
@@ -147,7 +147,7 @@ pub fn simulate_serialized_full(trace: &Trace) -> Result<SimulatedRun, ShimError
 /// controlled disks the same way), and every op's outcome is recorded in
 /// [`SimulatedRun::ops`].
 pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_inner(trace, true, None, None, None, &CrashOrders::new())
+    simulate_serialized_inner(trace, true, None, None, None, &KernelOrders::default())
 }
 
 /// As [`simulate_serialized_full`] (`crashes` false) or
@@ -173,7 +173,7 @@ pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Resu
             follow_commits(trace, crashes, clock.as_ref(), &kernel, &run.result)
         }
         _ => {
-            simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None, &crash_orders(&run.result))
+            simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None, &kernel_orders(&run.result))
         }
     }
 }
@@ -234,7 +234,7 @@ pub fn follow_commits(
     result: &crate::protocol::KernelResult,
 ) -> Result<SimulatedRun, ShimError> {
     let mut plan = CommitPlan::default();
-    let orders = crash_orders(result);
+    let orders = kernel_orders(result);
     // The kernel's superblock after op `i`, if it ever changed by then.
     let kernel_at = |i: usize| kernel.range(..=i).next_back().map(|(_, f)| *f);
     let metadata_write_fault = |what: &str| fault_kind(what) == Some(("metadata", "write-error"));
@@ -263,6 +263,7 @@ pub fn follow_commits(
     // placing that flush.
     let crash_ops: Vec<usize> = result.crashes.iter().map(|c| c.op).collect();
     let flush_for_crash: BTreeMap<usize, usize> = orders
+        .crashes
         .keys()
         .filter_map(|&c| {
             let since = crash_ops.iter().filter(|&&o| o < c).max().map_or(0, |&o| o + 1);
@@ -406,18 +407,28 @@ pub struct SimulatedCrash {
     pub data_reordered: bool,
 }
 
-/// Per crash op, the kernel's order of its data disk's writes since the
-/// last flush ([`crate::protocol::CrashRecord::data_pending`]).
-type CrashOrders = BTreeMap<usize, Vec<dmsim_faults::PendingKey>>;
+/// The orders of the kernel's data disk the serialized run follows.
+#[derive(Debug, Default)]
+struct KernelOrders {
+    /// Per crash op, the order of the data disk's writes since the last
+    /// flush ([`crate::protocol::CrashRecord::data_pending`]).
+    crashes: BTreeMap<usize, Vec<dmsim_faults::PendingKey>>,
+    /// Per op, the order in which the data disk served its writes
+    /// ([`crate::protocol::data_write_orders`]).
+    writes: BTreeMap<usize, Vec<u64>>,
+}
 
-/// The kernel run's [`CrashOrders`] (empty for a run that recorded none).
-fn crash_orders(result: &crate::protocol::KernelResult) -> CrashOrders {
-    result
-        .crashes
-        .iter()
-        .filter(|c| !c.data_pending.is_empty())
-        .map(|c| (c.op, c.data_pending.clone()))
-        .collect()
+/// The kernel run's [`KernelOrders`] (empty for a run that recorded none).
+fn kernel_orders(result: &crate::protocol::KernelResult) -> KernelOrders {
+    KernelOrders {
+        crashes: result
+            .crashes
+            .iter()
+            .filter(|c| !c.data_pending.is_empty())
+            .map(|c| (c.op, c.data_pending.clone()))
+            .collect(),
+        writes: crate::protocol::data_write_orders(result),
+    }
 }
 
 /// The serialized run: following `clock` when given, committing as `plan`
@@ -432,7 +443,7 @@ fn simulate_serialized_inner(
     clock: Option<&ThinClock>,
     plan: Option<&CommitPlan>,
     stop_after: Option<usize>,
-    orders: &CrashOrders,
+    orders: &KernelOrders,
 ) -> Result<SimulatedRun, ShimError> {
     let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(c) = clock {
@@ -520,6 +531,8 @@ fn simulate_serialized_inner(
                 c.advance(&mut sim, &mut now, t).map_err(fail)?;
             }
         }
+        // The kernel's data disk's order of the op's writes.
+        sim.follow_data_writes(orders.writes.get(&i).cloned().unwrap_or_default());
         sim.plan_commit(match placement(i) {
             Some(CommitPlacement::AfterData(k)) => Some(k),
             _ => None,
@@ -547,10 +560,11 @@ fn simulate_serialized_inner(
             // The kernel's order of the data disk's unflushed writes, when
             // they are the simulator's too: the crash mode then chooses
             // among them as the agent's disk did.
-            if let Some(order) = orders.get(&i) {
+            if let Some(order) = orders.crashes.get(&i) {
                 pending_agree.insert(i, sim.pool().with_data_device(|d| d.has_pending(order)));
             }
             let data_reordered = orders
+                .crashes
                 .get(&i)
                 .is_some_and(|order| sim.pool().with_data_device(|d| d.follow_pending_order(order)));
             sim.apply(&op).map_err(fail)?;
@@ -1142,7 +1156,12 @@ pub enum DivergenceClass {
     /// on one side — the kernel's commit ran after the op's status read
     /// (its commit timer), or its transactions wrote a different number
     /// of metadata blocks before it (their metadata sits in other blocks,
-    /// L3).
+    /// L3), or the write it met was one dm-bufio made between commits
+    /// (its write-back when dirty buffers outnumber clean ones threefold,
+    /// `__check_watermark`; the model writes metadata only at commits),
+    /// whose error the next commit reports. A request in between whose
+    /// outcome differs as the two modes say (fail: EIO,
+    /// out-of-data-space: ENOSPC, write: ok) is part of it.
     FaultTiming {
         /// The op whose mode differs.
         op: usize,
@@ -1180,7 +1199,8 @@ impl std::fmt::Display for DivergenceClass {
                 f,
                 "fault-timing: the pool's mode after op {op} differs; an armed fault fired during op {op} on \
                  one side and after it on the other (it counts the disk's requests: a commit after the status \
-                 read, or metadata in other blocks), and the modes agree again after it"
+                 read, metadata in other blocks, or dm-bufio's write-back between commits), and the modes agree \
+                 again after it (requests in between end as each side's mode says)"
             ),
             DivergenceClass::MetadataGrowth { op } => write!(
                 f,
@@ -1227,6 +1247,7 @@ pub fn classify_op_differences(
         commit_timing(d, sim_ops, kernel)
             .or_else(|| piece_error_order(d, sim_ops, kernel, block_sectors))
             .or_else(|| fault_timing(d, sim_ops, kernel))
+            .or_else(|| fault_timing_outcome(d, differences, sim_ops, kernel))
     });
     // The first difference's class, if every difference has one.
     let class = classes.next()??;
@@ -1304,6 +1325,58 @@ fn fault_timing(
     sim_ops: &[crate::fault_compare::SimOp],
     kernel: &crate::protocol::KernelResult,
 ) -> Option<DivergenceClass> {
+    fault_timing_span(d, sim_ops, kernel).map(|span| DivergenceClass::FaultTiming { op: span.op })
+}
+
+/// The ops a [`DivergenceClass::FaultTiming`] spans: its mode difference
+/// after `op`, each side keeping its mode until op `agree`, where the
+/// modes agree again.
+struct FaultSpan<'a> {
+    op: usize,
+    agree: usize,
+    sim_mode: &'a str,
+    kernel_mode: &'a str,
+}
+
+/// `d`, an outcome difference, as part of a [`DivergenceClass::FaultTiming`]
+/// another difference starts: its op comes after that one's, no later
+/// than the op where the modes agree again, and each side's outcome is
+/// what its mode until then gives a request (`fail`: EIO;
+/// out-of-data-space: ENOSPC, as with `error_if_no_space`; `write`: ok)
+/// — the request ran before the fault that changes the later side's mode
+/// met it (the campaign's seed 27: the kernel's write got ENOSPC, and the
+/// commit after it met the fault the model's had met six ops before).
+fn fault_timing_outcome(
+    d: &crate::fault_compare::OpDifference,
+    differences: &[crate::fault_compare::OpDifference],
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+) -> Option<DivergenceClass> {
+    if d.what != "outcome" {
+        return None;
+    }
+    let gives = |mode: &str| match mode {
+        "fail" => Some("EIO"),
+        "out-of-data-space" => Some("ENOSPC"),
+        "write" => Some("ok"),
+        _ => None,
+    };
+    let kernel_outcome = d.kernel.split_whitespace().next()?;
+    differences.iter().filter(|d0| d0.index < d.index).find_map(|d0| {
+        let span = fault_timing_span(d0, sim_ops, kernel)?;
+        let fits = d.index <= span.agree
+            && gives(span.sim_mode) == Some(d.sim.as_str())
+            && gives(span.kernel_mode) == Some(kernel_outcome);
+        fits.then_some(DivergenceClass::FaultTiming { op: span.op })
+    })
+}
+
+/// The span of `d` as [`DivergenceClass::FaultTiming`], if it is one.
+fn fault_timing_span<'a>(
+    d: &'a crate::fault_compare::OpDifference,
+    sim_ops: &[crate::fault_compare::SimOp],
+    kernel: &crate::protocol::KernelResult,
+) -> Option<FaultSpan<'a>> {
     use crate::fault_compare::{kernel_fired, modes_agree};
     if d.what != "mode" {
         return None;
@@ -1346,7 +1419,7 @@ fn fault_timing(
         here.iter().any(|k| !there_now.contains(k) && there_later.contains(k))
     };
     (moved(&sim_now, &kernel_now, &kernel_later) || moved(&kernel_now, &sim_now, &sim_later))
-        .then_some(DivergenceClass::FaultTiming { op: i })
+        .then_some(FaultSpan { op: i, agree: next, sim_mode: d.sim.as_str(), kernel_mode: kernel_at_i })
 }
 
 /// `d` as [`DivergenceClass::PieceErrorOrder`], if it is one.
@@ -1669,6 +1742,72 @@ mod tests {
         // The kernel changes to another mode on the way: not timing.
         let ro = rw.replace(" rw ", " ro ");
         assert_eq!(case([&rw, &ro, "Fail"], 2), None);
+    }
+
+    /// The campaign's seed 27 (stop 37): the model's commit met the
+    /// aimed faults at op 0 (fail); the kernel's write error met a
+    /// dm-bufio write-back an op later, and its commit reported it at op
+    /// 2, after that op's write had got ENOSPC out of data space — the
+    /// model's EIO in fail mode. The outcome is part of the fault timing
+    /// only when each side's outcome is its mode's and its op comes by
+    /// the op where the modes agree again.
+    #[test]
+    fn an_outcome_between_a_fault_timings_ops_that_each_mode_gives_is_part_of_it() {
+        use crate::fault_compare::compare_ops;
+        use crate::protocol::{KernelResult, OpResult};
+        let ods = "0 64/512 16/16 - out_of_data_space no_discard_passdown error_if_no_space - 128";
+        let case = |kernel_outcome: &str, sim_outcome: &str, statuses: [&str; 3]| {
+            let ops: Vec<_> = (0..3)
+                .map(|i| crate::fault_compare::SimOp {
+                    mode: "fail".into(),
+                    outcome: if i == 2 { sim_outcome.into() } else { "ok".into() },
+                    fired: if i == 0 {
+                        vec![
+                            "metadata write-error sector 8 nr 8 transient".into(),
+                            "metadata read-error sector 0 nr 8 transient".into(),
+                        ]
+                    } else {
+                        vec![]
+                    },
+                    ..sim_op(
+                        i,
+                        if i == 2 {
+                            "write dev=0 sector=852 nr=139"
+                        } else {
+                            "discard dev=1 sector=0 nr=181"
+                        },
+                    )
+                })
+                .collect();
+            let mut k = KernelResult {
+                ops: (0..3)
+                    .map(|i| OpResult {
+                        index: i,
+                        outcome: if i == 2 { kernel_outcome.into() } else { "ok".into() },
+                        read: None,
+                    })
+                    .collect(),
+                op_status: (0..3).map(|i| (i, statuses[i].to_string())).collect(),
+                ..KernelResult::default()
+            };
+            k.notes.push((
+                "fired.1".into(),
+                "metadata write sector 16 nr 8: write-error sector 16 nr 8 transient".into(),
+            ));
+            k.notes.push((
+                "fired.2".into(),
+                "metadata read sector 0 nr 8: read-error sector 0 nr 8 transient".into(),
+            ));
+            let d = compare_ops(&ops, &k);
+            assert!(d.iter().any(|x| x.what == "outcome"), "{d:?}");
+            classify_op_differences(&d, &ops, &k, 128)
+        };
+        assert_eq!(case("ENOSPC", "EIO", [ods, ods, "Fail"]), Some(DivergenceClass::FaultTiming { op: 0 }));
+        // An outcome neither mode gives: not this.
+        assert_eq!(case("EIO", "ENOSPC", [ods, ods, "Fail"]), None);
+        assert_eq!(case("EIO", "ok", [ods, ods, "Fail"]), None);
+        // The modes never agree again: no fault timing to be part of.
+        assert_eq!(case("ENOSPC", "EIO", [ods, ods, ods]), None);
     }
 
     /// Seed 62 of the kernel campaign (`skip_block_zeroing`, metadata

@@ -1524,6 +1524,32 @@ pub const JIFFY_PHASE: &str = "jiffy-phase";
 /// committed. Empty when it never did; absent from older agents.
 pub const COMMIT_OPS_NOTE: &str = "commit-ops";
 
+/// The prefix of a thin job's notes `data-writes.<op>` on controlled
+/// disks: the first sectors of the data disk's writes (write-zeroes
+/// included) the agent served during op `<op>`, space-separated, in the
+/// order it served them — for an op that served two or more. The
+/// serialized simulator completes its data writes in that order
+/// ([`data_write_orders`]): 6.1's io_uring runs a task's queued work
+/// newest first (`tctx_task_work` takes the list as `llist` left it), so
+/// two requests the pool queued together reach the agent in the other
+/// order, and the agent serves what it holds in the order it came.
+pub const DATA_WRITES_NOTE_PREFIX: &str = "data-writes.";
+
+/// Per op, the data disk's write order a kernel answer recorded in its
+/// [`DATA_WRITES_NOTE_PREFIX`] notes (none from older agents); a note
+/// that does not parse is left out.
+pub fn data_write_orders(result: &KernelResult) -> std::collections::BTreeMap<usize, Vec<u64>> {
+    result
+        .notes
+        .iter()
+        .filter_map(|(k, v)| {
+            let op = k.strip_prefix(DATA_WRITES_NOTE_PREFIX)?.parse().ok()?;
+            let sectors: Option<Vec<u64>> = v.split_whitespace().map(|w| w.parse().ok()).collect();
+            Some((op, sectors?))
+        })
+        .collect()
+}
+
 /// The note of a thin job on controlled disks listing, space-separated,
 /// `op:key` for each op of [`COMMIT_OPS_NOTE`]: the [`commit_key`] of the
 /// superblock the op left, in 16 hex digits.
@@ -1686,6 +1712,17 @@ pub fn errno_name(errno: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_write_orders_are_read_from_the_notes() {
+        let mut r = KernelResult::default();
+        r.notes.push((format!("{DATA_WRITES_NOTE_PREFIX}12"), "256 128 0".into()));
+        r.notes.push((format!("{DATA_WRITES_NOTE_PREFIX}x"), "1 2".into()));
+        r.notes.push((format!("{DATA_WRITES_NOTE_PREFIX}13"), "1 two".into()));
+        r.notes.push(("fired.12".into(), "data write sector 0 nr 8: write-error".into()));
+        let orders = data_write_orders(&r);
+        assert_eq!(orders.into_iter().collect::<Vec<_>>(), vec![(12, vec![256, 128, 0])]);
+    }
 
     #[test]
     fn frames_round_trip_and_reject_garbage() {

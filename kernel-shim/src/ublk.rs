@@ -322,6 +322,9 @@ pub struct ControlledDisk {
     fired: Vec<crate::ublk_faults::FiredRequest>,
     /// A discard writes zeroes over its range ([`ControlledDisk::zeroing_discards`]).
     discard_zeroes: bool,
+    /// First sectors of the writes served (failed or not), in order, not
+    /// yet taken ([`ControlledDisk::take_served_writes`]).
+    served_writes: Vec<u64>,
 }
 
 /// A negative errno as a ublk result.
@@ -341,6 +344,7 @@ impl ControlledDisk {
             fail_next_discard: false,
             fired: Vec::new(),
             discard_zeroes: false,
+            served_writes: Vec::new(),
         }
     }
 
@@ -382,6 +386,14 @@ impl ControlledDisk {
     /// requests they fired on.
     pub fn take_fired(&mut self) -> Vec<crate::ublk_faults::FiredRequest> {
         std::mem::take(&mut self.fired)
+    }
+
+    /// The first sectors of the writes and write-zeroes served since the
+    /// last call, in the order they were served — those that failed (an
+    /// armed fault, a bad sector) too: the order decides which write a
+    /// fault meets. Not those after a power cut.
+    pub fn take_served_writes(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.served_writes)
     }
 
     fn note_fired(&mut self, req: &Request) {
@@ -465,6 +477,9 @@ impl ControlledDisk {
     pub fn serve(&mut self, req: &Request, buf: &mut [u8]) -> i32 {
         let bytes = (u64::from(req.nr_sectors) * 512).min(i32::MAX as u64) as i32;
         let eio = neg(libc::EIO);
+        if self.powered && matches!(req.kind, RequestKind::Write { .. } | RequestKind::WriteZeroes) {
+            self.served_writes.push(req.sector);
+        }
         let result = if !self.powered {
             eio
         } else {
@@ -916,6 +931,11 @@ impl<'c> UblkDevice<'c> {
         std::mem::take(&mut lock(&self.control).fired)
     }
 
+    /// The disk's [`ControlledDisk::take_served_writes`].
+    pub fn take_served_writes(&self) -> Vec<u64> {
+        lock(&self.disk).take_served_writes()
+    }
+
     /// The first `len` bytes a read of the disk would return now (its
     /// volatile writes included): the metadata superblock, whose change
     /// between two ops says the pool committed in between.
@@ -1325,6 +1345,27 @@ mod tests {
         assert!(d.since_flush().is_empty());
         let c = d.counts();
         assert_eq!((c.writes, c.fua_writes, c.flushes, c.reads, c.errors), (2, 1, 1, 1, 0));
+    }
+
+    /// The disk keeps the order in which it served writes (the agent's
+    /// `data-writes.<op>` note): write-zeroes and failed writes too; not
+    /// reads, flushes, or anything after a power cut.
+    #[test]
+    fn served_writes_are_kept_in_order_until_taken() {
+        let mut d = ControlledDisk::from_image(vec![0; 16 * 512]);
+        let mut buf = vec![1u8; 4096];
+        d.serve(&req(RequestKind::Write { fua: false }, 8, 1), &mut buf);
+        d.serve(&req(RequestKind::Read, 0, 1), &mut buf);
+        d.serve(&req(RequestKind::WriteZeroes, 2, 2), &mut buf);
+        d.serve(&req(RequestKind::Flush, 0, 0), &mut buf);
+        d.serve(&req(RequestKind::Write { fua: true }, 0, 1), &mut buf);
+        // Past the end: it fails, and is served.
+        d.serve(&req(RequestKind::Write { fua: false }, 15, 4), &mut buf);
+        assert_eq!(d.take_served_writes(), vec![8, 2, 0, 15]);
+        assert!(d.take_served_writes().is_empty());
+        d.cut_power();
+        d.serve(&req(RequestKind::Write { fua: false }, 3, 1), &mut buf);
+        assert!(d.take_served_writes().is_empty());
     }
 
     #[test]

@@ -199,6 +199,9 @@ pub struct ThinSim {
     /// Data I/Os [`ThinSim::quiesce`] completed since
     /// [`ThinSim::plan_commit`].
     data_completions: usize,
+    /// Data-device sectors of writes to complete in this order when in
+    /// flight together ([`ThinSim::follow_data_writes`]).
+    write_order: Vec<u64>,
     stats: ThinStats,
     /// Everything that happened, for the trace.
     events: Vec<Event>,
@@ -300,6 +303,12 @@ fn table(cfg: &ThinSimConfig) -> PoolTable {
     }
 }
 
+/// Whether `io` writes the data device (a remapped write, a zeroing, a
+/// copy's write): what [`ThinSim::follow_data_writes`] orders.
+fn writes_data(io: &IoInfo) -> bool {
+    matches!(io.kind, DataIoKind::Write | DataIoKind::Zero | DataIoKind::Copy)
+}
+
 impl ThinSim {
     /// A fresh pool with no thin devices; the data device is full of
     /// [`DATA_GARBAGE`].
@@ -339,6 +348,7 @@ impl ThinSim {
             crash_point_finding: None,
             epoch: 0,
             commit_plan: None,
+            write_order: Vec::new(),
             data_completions: 0,
             expected: BTreeMap::new(),
             frozen: None,
@@ -1248,6 +1258,34 @@ impl ThinSim {
         self.observe();
     }
 
+    /// Makes [`Self::quiesce`] complete data writes in the order of
+    /// `sectors` (each the first data-device sector a write, zeroing or
+    /// copy writes) rather than oldest first: when the oldest data I/O in
+    /// flight is a write, the first write in flight the list names
+    /// completes instead, and each sector is used once. Everything else
+    /// completes oldest first. A
+    /// kernel replay follows the order in which the kernel's data disk
+    /// served its writes so.
+    pub fn follow_data_writes(&mut self, sectors: Vec<u64>) {
+        self.write_order = sectors;
+    }
+
+    /// The in-flight data I/O [`Self::quiesce`] completes next: the
+    /// oldest, or when that is a write, the first write the followed
+    /// order names (only writes change places, among themselves).
+    fn next_data_io(&self) -> Option<IoInfo> {
+        let in_flight = self.pool().in_flight_io();
+        let oldest = *in_flight.first()?;
+        if !writes_data(&oldest) {
+            return Some(oldest);
+        }
+        let followed = self
+            .write_order
+            .iter()
+            .find_map(|&s| in_flight.iter().find(|io| writes_data(io) && io.sector == s));
+        Some(followed.copied().unwrap_or(oldest))
+    }
+
     /// Data I/Os completed since the last [`Self::plan_commit`].
     pub fn data_completions(&self) -> usize {
         self.data_completions
@@ -1262,7 +1300,7 @@ impl ThinSim {
                 self.worker_pass();
                 continue;
             }
-            let io = self.pool().in_flight_io().first().copied();
+            let io = self.next_data_io();
             // A planned commit comes once the worker has settled, before
             // the next data I/O completes (or when none is left).
             if self.commit_plan.is_some_and(|k| io.is_none() || k <= self.data_completions) {
@@ -1272,6 +1310,11 @@ impl ThinSim {
             }
             match io {
                 Some(io) => {
+                    if writes_data(&io) {
+                        if let Some(k) = self.write_order.iter().position(|&s| s == io.sector) {
+                            self.write_order.remove(k);
+                        }
+                    }
                     self.complete_data_io(io, false)?;
                     self.stats.data_ios += 1;
                     self.data_completions += 1;
@@ -1799,6 +1842,31 @@ mod tests {
         assert!(sim.step > judged.step, "the reported run went past step {}", judged.step);
         let finding = sim.metadata_crash_point_finding().expect("the first problem is kept");
         assert_eq!(finding, judged.to_string(), "the same first problem");
+    }
+
+    /// Two zeroings in flight together complete oldest first, or in the
+    /// order [`ThinSim::follow_data_writes`] names (a kernel's data disk
+    /// served them the other way round), each sector used once.
+    #[test]
+    fn data_writes_complete_in_the_followed_order() {
+        let order_of_zeroing = |follow: Vec<u64>| {
+            let mut sim = ThinSim::new(ThinSimConfig::default());
+            sim.apply(&ThinOp::CreateThin).expect("created");
+            sim.follow_data_writes(follow);
+            // Half of virtual block 0 and half of block 1: both zeroed.
+            let write = ThinOp::Write { dev: 0, sector: 64, nr_sectors: 128, fua: false, preflush: false };
+            sim.apply(&write).expect("written");
+            sim.quiesce().expect("settled");
+            assert!(sim.write_order.iter().all(|s| ![0, 128].contains(s)), "used: {:?}", sim.write_order);
+            let pending =
+                sim.pool().with_data_device(|d| d.since_flush().iter().map(|w| w.key()).collect::<Vec<_>>());
+            // The zeroing writes, whole blocks, in the order they came.
+            pending.iter().filter(|k| k.nr_sectors == 128).map(|k| k.sector).collect::<Vec<_>>()
+        };
+        assert_eq!(order_of_zeroing(Vec::new()), vec![0, 128]);
+        assert_eq!(order_of_zeroing(vec![128, 0]), vec![128, 0]);
+        // A sector nothing writes is passed over.
+        assert_eq!(order_of_zeroing(vec![999, 128]), vec![128, 0]);
     }
 
     /// A device whose last snapshot was at time 2, mapping virtual block 0
