@@ -948,15 +948,23 @@ impl ThinSim {
     /// are all in flight to blocks already mapped ends with what the data
     /// device returns, unless the fault changes the pool's mode (see
     /// [`Self::note_mode_changes`]).
+    ///
+    /// Held at the pass's start or at its end: a piece the fault fails
+    /// (a lookup's read error ends it with EIO at once) is no longer held
+    /// when the pass is over.
     fn worker_pass(&mut self) {
         self.settle_metadata_faults();
         let before = self.metadata_faults_pending();
+        let held_before: BTreeSet<BioId> = {
+            let pool = self.pool.as_ref().expect("pool present between steps");
+            self.reach.keys().copied().filter(|id| pool.request_awaits_pool(*id)).collect()
+        };
         self.pool().run_worker();
         let after = self.metadata_faults_pending();
         if after > before {
             let pool = self.pool.as_ref().expect("pool present between steps");
             for (id, r) in self.reach.iter_mut() {
-                if pool.request_awaits_pool(*id) {
+                if held_before.contains(id) || pool.request_awaits_pool(*id) {
                     r.metadata_fault = true;
                 }
             }

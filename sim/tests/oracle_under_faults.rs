@@ -119,3 +119,31 @@ fn a_flipped_metadata_block_fails_later_requests_too_and_the_oracle_allows_it() 
     let failed = text.lines().filter(|l| l.starts_with("done bio=") && l.ends_with(" EIO")).count();
     assert_eq!(failed, 2, "both writes fail on the cached bad block:\n{text}");
 }
+
+/// A metadata read error in the worker's lookup fails the piece it was
+/// looking up at once (6.1's `process_bio` ends it with EIO and leaves
+/// the pool's mode alone), so when the worker pass is over the pool no
+/// longer holds it: the oracle must count the requests the pool held when
+/// the pass began as reached, not only those it holds after. The
+/// campaign's seed 291 (many-small-devices), minimized: after a power cut
+/// (a cold block cache), a FUA write over two blocks; its second piece's
+/// lookup meets the armed read error. Before the fix the oracle called
+/// the EIO unreachable.
+#[test]
+fn a_piece_the_worker_fails_on_a_metadata_read_error_was_reached_by_it() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/worker-lookup-read-error-fails-a-fua-write.trace");
+    let text = std::fs::read_to_string(&path).expect("the fixture");
+    let trace = dmsim_traces::text::from_text(&text).expect("a trace");
+    let cfg = RunConfig::from_header(&trace.header).expect("a thin header");
+    let ops: Vec<_> = trace.ops().collect();
+    let out = dmsim_sim::run::run_ops(&cfg, &ops, &Checkers::default());
+    assert!(out.violation.is_none(), "{:?}", out.violation);
+    let text = dmsim_traces::text::to_text(&out.trace);
+    assert!(
+        text.lines().any(|l| l.starts_with("fault-fired metadata \"read-error")),
+        "the fault fired:\n{text}"
+    );
+    assert!(text.lines().any(|l| l == "done bio=0 dev=0 EIO"), "the write failed:\n{text}");
+    assert!(!text.contains("mode read-only") && !text.contains("mode fail"), "the mode stays write:\n{text}");
+}
