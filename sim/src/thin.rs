@@ -922,6 +922,15 @@ impl ThinSim {
         self.pool().with_metadata(|md| md.transaction_manager().block_manager().holds_invalid_blocks())
     }
 
+    /// Whether the metadata disk may fire a fault at its next requests:
+    /// one is armed, or a sector is bad.
+    fn metadata_fault_may_fire(&self) -> bool {
+        self.pool().with_metadata(|md| {
+            let disk = md.transaction_manager().block_manager().device();
+            disk.armed() > 0 || disk.bad_sectors().next().is_some()
+        })
+    }
+
     /// Metadata faults the metadata disk has fired and not yet reported.
     fn metadata_faults_pending(&self) -> usize {
         self.pool().with_metadata(|md| md.transaction_manager().block_manager().device().fired().len())
@@ -955,9 +964,13 @@ impl ThinSim {
     fn worker_pass(&mut self) {
         self.settle_metadata_faults();
         let before = self.metadata_faults_pending();
-        let held_before: BTreeSet<BioId> = {
+        // Asked only when a fault can fire in the pass (the worker runs
+        // often; the question walks the data I/O in flight per request).
+        let held_before: BTreeSet<BioId> = if self.metadata_fault_may_fire() {
             let pool = self.pool.as_ref().expect("pool present between steps");
             self.reach.keys().copied().filter(|id| pool.request_awaits_pool(*id)).collect()
+        } else {
+            BTreeSet::new()
         };
         self.pool().run_worker();
         let after = self.metadata_faults_pending();
@@ -1271,9 +1284,8 @@ impl ThinSim {
     /// copy writes) rather than oldest first: when the oldest data I/O in
     /// flight is a write, the first write in flight the list names
     /// completes instead, and each sector is used once. Everything else
-    /// completes oldest first. A
-    /// kernel replay follows the order in which the kernel's data disk
-    /// served its writes so.
+    /// completes oldest first. A kernel replay follows the order in which
+    /// the kernel's data disk served its writes so.
     pub fn follow_data_writes(&mut self, sectors: Vec<u64>) {
         self.write_order = sectors;
     }
