@@ -182,6 +182,14 @@ pub struct CheckArgs {
     /// With --on kernel: traces per VM boot (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub per_boot: usize,
+    /// With --on kernel: keep every seed's trace, the kernel's answer and
+    /// its final metadata in this folder (kernel-seed-N.trace, .kernel,
+    /// .metadata; equal seeds too), so that the whole campaign can be
+    /// judged again without a boot after the model or the judge changed
+    /// (`dmsim replay --on kernel --disks ublk --kernel-answer …`). About
+    /// as large as the pool's metadata device a seed.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
 }
 
 /// Parses a metadata workload shape's name.
@@ -653,7 +661,17 @@ pub fn run(args: CheckArgs) -> ExitCode {
         return ExitCode::from(exit::UNUSABLE);
     }
     if args.on == "kernel" {
+        if let Some(dir) = &args.answers {
+            if let Err(e) = usable_folder("--answers", dir) {
+                eprintln!("dmsim check: {e}");
+                return ExitCode::from(exit::UNUSABLE);
+            }
+        }
         return crate::kernel_check_cmd::run(&args);
+    }
+    if args.answers.is_some() {
+        eprintln!("dmsim check: --answers keeps the kernel's answers: it goes with --on kernel");
+        return ExitCode::from(exit::UNUSABLE);
     }
     if let Some(w) = args.model.workload {
         let (runs, campaign) = match w {
@@ -806,9 +824,15 @@ pub fn run(args: CheckArgs) -> ExitCode {
 /// campaign spends its time (the folder itself is made only when a seed
 /// fails).
 fn usable_failures_folder(dir: &std::path::Path) -> Result<(), String> {
+    usable_folder("--failures", dir)
+}
+
+/// Refuses a folder option's path (`option`) that exists and is not a
+/// folder.
+fn usable_folder(option: &str, dir: &std::path::Path) -> Result<(), String> {
     match std::fs::metadata(dir) {
         Ok(m) if !m.is_dir() => Err(format!(
-            "--failures {}: exists and is not a folder (failing traces are written into a folder)",
+            "{option} {}: exists and is not a folder (traces are written into a folder)",
             dir.display()
         )),
         _ => Ok(()),

@@ -57,40 +57,37 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         seeds.start, seeds.end, args.ops, args.per_boot
     );
     let mut done = 0u64;
-    let outcomes = thin_campaign::run(&shim, seeds.clone(), args.ops, &settings, args.per_boot, |o| {
-        done += 1;
-        eprintln!("[{done}/{total}] {}", o.line());
-    });
+    let keep_all = args.answers.is_some();
+    let outcomes =
+        thin_campaign::run(&shim, seeds.clone(), args.ops, &settings, args.per_boot, keep_all, |o| {
+            done += 1;
+            eprintln!("[{done}/{total}] {}", o.line());
+        });
     // The traces of the seeds that are not equal, for `dmsim replay --on
     // kernel --disks ublk`.
     let mut written = Vec::new();
     for o in outcomes.iter().filter(|o| o.verdict() != Some(Verdict::Equal)) {
-        let path = args.failures.join(format!("kernel-seed-{}.trace", o.seed));
-        let trace = campaign_trace(o.seed, args.ops, &settings);
-        let result = std::fs::create_dir_all(&args.failures)
-            .map_err(|e| format!("{}: {e}", args.failures.display()))
-            .and_then(|()| trace_file::write(&path, &trace, Encoding::Text))
-            .and_then(|()| match &o.kernel_answer {
-                // Beside it, the kernel's answer (the agent's result).
-                Some(text) => {
-                    let answer = path.with_extension("kernel");
-                    std::fs::write(&answer, text).map_err(|e| format!("{}: {e}", answer.display()))
-                }
-                None => Ok(()),
-            })
-            .and_then(|()| match &o.kernel_metadata {
-                // And its final metadata: with the answer, the seed can be
-                // judged again without a boot (`replay --kernel-answer`).
-                Some(image) => {
-                    let file = path.with_extension("metadata");
-                    std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))
-                }
-                None => Ok(()),
-            });
-        match result {
-            Ok(()) => written.push((o.seed, path)),
+        match save_seed(&args.failures, o, args.ops, &settings) {
+            Ok(path) => written.push((o.seed, path)),
             Err(e) => eprintln!("dmsim check --on kernel: seed {}: cannot write its trace: {e}", o.seed),
         }
+    }
+    if let Some(dir) = &args.answers {
+        let saved = outcomes
+            .iter()
+            .filter(|o| o.kernel_answer.is_some())
+            .filter(|o| match save_seed(dir, o, args.ops, &settings) {
+                Ok(_) => true,
+                Err(e) => {
+                    eprintln!("dmsim check --on kernel: seed {}: cannot keep its answer: {e}", o.seed);
+                    false
+                }
+            })
+            .count();
+        eprintln!(
+            "dmsim check --on kernel: {saved} seeds' traces and kernel answers kept in {}",
+            dir.display()
+        );
     }
     let summary = Summary::of(&outcomes);
     if args.json {
@@ -117,6 +114,33 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Writes seed `o`'s trace into `dir` as kernel-seed-N.trace, with the
+/// kernel's answer (kernel-seed-N.kernel: every op's outcome, the status
+/// lines, the faults that fired, where it committed) and final metadata
+/// (kernel-seed-N.metadata) beside it when the outcome carries them: with
+/// both, `dmsim replay --on kernel --kernel-answer` judges the seed again
+/// without a boot. Returns the trace's path.
+fn save_seed(
+    dir: &std::path::Path,
+    o: &SeedOutcome,
+    ops: usize,
+    settings: &dmsim_sim::run::CampaignSettings,
+) -> Result<std::path::PathBuf, String> {
+    let path = dir.join(format!("kernel-seed-{}.trace", o.seed));
+    let trace = campaign_trace(o.seed, ops, settings);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    trace_file::write(&path, &trace, Encoding::Text)?;
+    if let Some(text) = &o.kernel_answer {
+        let answer = path.with_extension("kernel");
+        std::fs::write(&answer, text).map_err(|e| format!("{}: {e}", answer.display()))?;
+    }
+    if let Some(image) = &o.kernel_metadata {
+        let file = path.with_extension("metadata");
+        std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    Ok(path)
 }
 
 fn print_summary(s: &Summary, outcomes: &[SeedOutcome], written: &[(u64, std::path::PathBuf)]) {

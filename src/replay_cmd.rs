@@ -60,8 +60,8 @@ pub struct ReplayArgs {
     /// With `--on kernel`: also write what the VM said to this file: its
     /// serial console (the kernel's messages of warning level and above,
     /// such as dm-thin's errors, and the agent's log), then the kernel's
-    /// answer to every op and, in a trace with faults, the pool's status
-    /// line after each op. For finding out why the kernel answered as it
+    /// answer to every op and (on ublk disks) the pool's status line
+    /// after each op. For finding out why the kernel answered as it
     /// did; the comparison is unchanged. With `DMSIM_KERNEL_LOGLEVEL=7` in
     /// the environment the console also has the kernel's informational
     /// messages (dm-thin's pool mode changes) and a line before each op.

@@ -248,6 +248,8 @@ fn out_of_range_options_are_refused_before_any_work() {
         (vec!["check", "--on", "kernel", "--per-boot", "0"], "--per-boot"),
         (vec!["check", "--on", "kernel", "--locking", "regions-6.4"], "a patch the kernel does not run"),
         (vec!["check", "--on", "kernel", "--per-boot", "65"], "--per-boot"),
+        (vec!["check", "--answers", dir.to_str().unwrap()], "goes with --on kernel"),
+        (vec!["check", "--on", "kernel", "--answers", a_file.to_str().unwrap()], "is not a folder"),
         (vec!["no-such-command"], "unrecognized subcommand"),
         (vec!["run", "--seed", "1", "--trace", dir.to_str().unwrap()], "is a folder"),
         (vec!["minimize", a_file.to_str().unwrap(), "-o", dir.to_str().unwrap()], "is a folder"),

@@ -5,7 +5,9 @@
 //! a daemon. Its first part is [`UringDevice`]: a [`BlockDevice`] over a
 //! file or block device opened with `O_DIRECT`, every request an io_uring
 //! operation, so that the model's metadata and data go to real storage
-//! through the same trait the simulator's disks implement
+//! through the same trait the simulator's disks implement. Its second is
+//! [`DataRing`]: the pool's data I/O in flight together on one ring and
+//! ended in the ring's completion order; [`settle`] drives a pool so
 //! (docs/engine.md).
 //!
 //! [`BlockDevice`]: dmsim_model::block_device::BlockDevice
@@ -13,6 +15,10 @@
 #![warn(missing_docs)]
 
 mod aligned;
+mod data_ring;
+mod drive;
 mod uring;
 
+pub use data_ring::{Completed, DataRing, RingStats};
+pub use drive::{settle, DriveError};
 pub use uring::{EngineError, UringDevice};

@@ -137,7 +137,7 @@ impl UringDevice {
 }
 
 /// The size in bytes of a regular file or a block device.
-fn device_bytes(file: &File) -> std::io::Result<u64> {
+pub(crate) fn device_bytes(file: &File) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {
         return Ok(meta.len());

@@ -1540,16 +1540,27 @@ fn run_ublk_pool(
         }
         if faulted {
             note_fired(devs, i, result);
-            // Without a commit (DM_NOFLUSH): the model does not commit
-            // between ops either.
-            match replayer.ctl.status(&replayer.pool_name, false, true) {
-                Ok(s) => result
-                    .op_status
-                    .push((i, s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))),
-                Err(e) => result.op_status.push((i, format!("status failed: {e}"))),
+        }
+        // The pool's status after every op (its mode, its free data
+        // blocks), without a commit (DM_NOFLUSH): the model does not
+        // commit between ops either. The status and the superblock are
+        // of one moment: the pool's timer may commit between the two
+        // reads (the status would show the mode before the commit, the
+        // superblock the commit), so the status is taken again until the
+        // superblock is the same before and after it (a few tries).
+        let mut now = superblock(devs);
+        let mut line = String::new();
+        for _ in 0..4 {
+            line = match replayer.ctl.status(&replayer.pool_name, false, true) {
+                Ok(s) => s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "),
+                Err(e) => format!("status failed: {e}"),
+            };
+            let before = std::mem::replace(&mut now, superblock(devs));
+            if before == now {
+                break;
             }
         }
-        let now = superblock(devs);
+        result.op_status.push((i, line));
         if now != last_superblock {
             commit_ops.push((i, crate::protocol::commit_key(&now)));
             last_superblock = now;

@@ -117,6 +117,14 @@ pub struct SimulatedRun {
     /// commit's — came at another moment among the writes on the two
     /// sides.
     pub pending_agree: BTreeMap<usize, bool>,
+    /// Free data blocks after each op as the pool's status line counts
+    /// them (`sm_disk_get_nr_free`), by op index, where the model knows
+    /// them without reading metadata
+    /// ([`dmsim_model::thin::metadata::ThinMetadata::free_data_blocks_in_core`]).
+    pub data_free: BTreeMap<usize, u64>,
+    /// The ops in which a commit came between two pieces of a request
+    /// ([`CommitPlacement::AfterPieces`]).
+    pub piece_commit_ops: BTreeSet<usize>,
     /// With [`simulate_serialized_crashing`]: what every op did in the
     /// serialized run (its requests' results, the faults that fired, the
     /// pool's mode after it), to hold against the kernel's per-op
@@ -192,6 +200,10 @@ pub enum CommitPlacement {
     AfterData(usize),
     /// After the op, its requests complete.
     AfterOp,
+    /// Between two pieces of the op's request: DM core had mapped this
+    /// many of them when the worker's pass took them and committed
+    /// (`dmsim_sim::thin::ThinSim::plan_commit_after_pieces`).
+    AfterPieces(usize),
 }
 
 /// A commit plan for the serialized simulator: per op, where it commits
@@ -214,16 +226,20 @@ struct CommitPlan {
 /// from the first op where they part — one committed and the other did
 /// not, or with another key; a metadata write fault fired in the kernel's
 /// op and not in the simulator's (a commit that failed writes no
-/// superblock) — the simulator's timer is off and it commits where the
-/// kernel did: at each op where they part and the kernel committed or
-/// met a fault, the placements of a commit in that op (before it, after
-/// each of its data completions once the worker settled, after it) are
-/// tried in that order, and the first under which the op agrees — the
-/// kernel's outcome, read and mode ([`crate::fault_compare::compare_ops`]),
-/// key and faults — is kept; then the next op where they part. When no
-/// placement makes an op agree, the one that agrees best (the outcome
-/// counts most) is kept where the kernel committed; at the eighth such
-/// op the timer, following the kernel's clock, takes over again.
+/// superblock); the free data blocks after a commit op differ (the status
+/// line's count: a commit that came elsewhere among a request's pieces
+/// leaves the same superblock behind and another count) — the
+/// simulator's timer is off and it commits where the kernel did: at each
+/// op where they part and the kernel committed or met a fault, the
+/// placements of a commit in that op (before it, after each of its data
+/// completions once the worker settled, between each two pieces of its
+/// request, after it) are tried in that order, and the first under which
+/// the op agrees — the kernel's outcome, read and mode
+/// ([`crate::fault_compare::compare_ops`]), key, faults and free data
+/// blocks — is kept; then the next op where they part. When no placement
+/// makes an op agree, the one that agrees best (the outcome counts most)
+/// is kept where the kernel committed; at the eighth such op the timer,
+/// following the kernel's clock, takes over again.
 ///
 /// Deterministic: the same trace and kernel result give the same plan.
 pub fn follow_commits(
@@ -275,8 +291,24 @@ pub fn follow_commits(
     let pending_ok = |run: &SimulatedRun, i: usize| {
         flush_for_crash.get(&i).is_none_or(|c| run.pending_agree.get(c) != Some(&false))
     };
+    // Whether the free data blocks after op `i` are the kernel's, where
+    // both sides know them: a commit that came elsewhere among a
+    // request's pieces leaves the same superblock and another count (the
+    // pieces after it allocate).
+    let kernel_free: BTreeMap<usize, u64> = result
+        .op_status
+        .iter()
+        .filter_map(|(i, line)| Some((*i, crate::fault_compare::kernel_free_data_blocks(line)?)))
+        .collect();
+    let free_ok = |run: &SimulatedRun, i: usize| match (run.data_free.get(&i), kernel_free.get(&i)) {
+        (Some(s), Some(k)) => s == k,
+        _ => true,
+    };
     let agrees = |run: &SimulatedRun, i: usize| {
-        commits_agree(run, i) && kernel_faulted.contains(&i) == sim_faulted(run, i) && pending_ok(run, i)
+        commits_agree(run, i)
+            && kernel_faulted.contains(&i) == sim_faulted(run, i)
+            && pending_ok(run, i)
+            && free_ok(run, i)
     };
     let first_difference = |run: &SimulatedRun, from: usize| {
         let candidates: BTreeSet<usize> = kernel
@@ -290,7 +322,10 @@ pub fn follow_commits(
     };
     // Ops no placement makes agree before the timer takes over.
     const MISSES: usize = 8;
-    const FULL: u8 = 15;
+    // Full agreement; agreement at the op itself (the ops after it up to
+    // the kernel's next commit may differ for another reason).
+    const FULL: u8 = 63;
+    const AGREES: u8 = 62;
     let mut misses = 0;
     // The simulator's timer, following the kernel's clock, until the two
     // first part; the kernel's commits from there on.
@@ -299,8 +334,9 @@ pub fn follow_commits(
     // (A fault that fired on one side only is no reason to leave the
     // clock: the commit it met may be one the op made itself.)
     let commit_ops: BTreeSet<usize> = kernel.keys().chain(&timed_run.commit_ops).copied().collect();
-    let Some(mut from) =
-        commit_ops.into_iter().find(|&i| !commits_agree(&timed_run, i) || !pending_ok(&timed_run, i))
+    let Some(mut from) = commit_ops
+        .into_iter()
+        .find(|&i| !commits_agree(&timed_run, i) || !pending_ok(&timed_run, i) || !free_ok(&timed_run, i))
     else {
         return Ok(timed_run);
     };
@@ -317,9 +353,18 @@ pub fn follow_commits(
         // How well op `i` agrees under a placement: its outcome (and read,
         // and mode) first, then the commit's key, then the faults, then
         // the unflushed writes at the crash it decides (the run then goes
-        // on to that crash); 15 is full agreement.
-        let stop = flush_for_crash.get(&i).copied().unwrap_or(i);
-        let mut tried = |placement: CommitPlacement| -> Result<(u8, usize), ShimError> {
+        // on to that crash), then the free data blocks after it, then the
+        // ops after it up to the kernel's next commit (their outcomes,
+        // modes and free data blocks); 63 is full agreement. Also: the
+        // op's data completions, and whether a commit between its
+        // request's pieces was made.
+        // The ops up to the kernel's next commit: which freed data blocks a
+        // commit made allocatable shows there (a remap that frees one
+        // block and allocates another commits the same key before or
+        // after it; only a later allocation tells them apart).
+        let until = kernel.range(i + 1..).next().map_or(i, |(&j, _)| j - 1);
+        let stop = flush_for_crash.get(&i).copied().unwrap_or(i).max(until);
+        let mut tried = |placement: CommitPlacement| -> Result<(u8, usize, bool), ShimError> {
             plan.at.insert(i, placement);
             let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(stop), &orders)?;
             let completions = r.data_completions.get(&i).copied().unwrap_or(0);
@@ -330,24 +375,27 @@ pub fn follow_commits(
             let mode_in_passing = |d: &crate::fault_compare::OpDifference| {
                 d.what == "mode"
                     && (d.kernel.starts_with("unknown")
-                        || next_kernel_mode(result, i)
+                        || next_kernel_mode(result, d.index)
                             .is_some_and(|(_, m)| crate::fault_compare::modes_agree(&d.sim, m)))
             };
-            let same_outcome = crate::fault_compare::compare_ops(&r.ops, result)
-                .iter()
-                .all(|d| d.index != i || mode_in_passing(d));
+            let differences = crate::fault_compare::compare_ops(&r.ops, result);
+            let agree_at = |j: usize| differences.iter().all(|d| d.index != j || mode_in_passing(d));
+            let same_outcome = agree_at(i);
             let same_faults = kernel_faulted.contains(&i) == sim_faulted(&r, i);
-            let score = 8 * u8::from(same_outcome)
-                + 4 * u8::from(commits_agree(&r, i))
-                + 2 * u8::from(same_faults)
-                + u8::from(pending_ok(&r, i));
-            Ok((score, completions))
+            let later_agree = (i + 1..=until).all(|j| agree_at(j) && free_ok(&r, j));
+            let score = 32 * u8::from(same_outcome)
+                + 16 * u8::from(commits_agree(&r, i))
+                + 8 * u8::from(same_faults)
+                + 4 * u8::from(pending_ok(&r, i))
+                + 2 * u8::from(free_ok(&r, i))
+                + u8::from(later_agree);
+            Ok((score, completions, r.piece_commit_ops.contains(&i)))
         };
         let mut best = (tried(CommitPlacement::BeforeOp)?.0, CommitPlacement::BeforeOp);
         let mut k = 0;
         while best.0 < FULL {
             let placement = CommitPlacement::AfterData(k);
-            let (score, completions) = tried(placement)?;
+            let (score, completions, _) = tried(placement)?;
             if score > best.0 {
                 best = (score, placement);
             }
@@ -356,13 +404,27 @@ pub fn follow_commits(
                 break;
             }
         }
+        // Between the pieces of the op's request, while there are pieces
+        // to come.
+        let mut k = 1;
+        while best.0 < FULL {
+            let placement = CommitPlacement::AfterPieces(k);
+            let (score, _, made) = tried(placement)?;
+            if !made {
+                break;
+            }
+            if score > best.0 {
+                best = (score, placement);
+            }
+            k += 1;
+        }
         if best.0 < FULL {
             let score = tried(CommitPlacement::AfterOp)?.0;
             if score > best.0 {
                 best = (score, CommitPlacement::AfterOp);
             }
         }
-        if best.0 == FULL {
+        if best.0 >= AGREES {
             plan.at.insert(i, best.1);
             continue;
         }
@@ -490,6 +552,8 @@ fn simulate_serialized_inner(
     let mut superblocks = BTreeMap::new();
     let mut data_completions = BTreeMap::new();
     let mut pending_agree = BTreeMap::new();
+    let mut data_free = BTreeMap::new();
+    let mut piece_commit_ops = BTreeSet::new();
     // Op `i` is over (a crash op: its power cut is next): a commit placed
     // after it is made, and whether it committed (its superblock changed
     // since the op before it) is noted.
@@ -501,6 +565,12 @@ fn simulate_serialized_inner(
             return Ok(());
         };
         data_completions.insert(i, sim.data_completions());
+        if sim.piece_commits() > 0 {
+            piece_commit_ops.insert(i);
+        }
+        if let Some(free) = sim.pool().with_metadata(|md| md.free_data_blocks_in_core()) {
+            data_free.insert(i, free);
+        }
         let sb = superblock(sim);
         superblocks.insert(i, crate::protocol::commit_key(&sb));
         if sb != last_superblock {
@@ -537,6 +607,9 @@ fn simulate_serialized_inner(
             Some(CommitPlacement::AfterData(k)) => Some(k),
             _ => None,
         });
+        if let Some(CommitPlacement::AfterPieces(k)) = placement(i) {
+            sim.plan_commit_after_pieces(k);
+        }
         // A commit placed before or after the op is part of the op: its
         // events (faults that fire, mode changes) are the op's.
         let at = sim.events().len();
@@ -673,6 +746,8 @@ fn simulate_serialized_inner(
             ops,
             commit_ops,
             pending_agree,
+            data_free,
+            piece_commit_ops,
             ..SimulatedRun::default()
         });
     }
@@ -687,6 +762,8 @@ fn simulate_serialized_inner(
         superblocks,
         data_completions,
         pending_agree,
+        data_free,
+        piece_commit_ops,
         commit_placements: plan.map(|p| p.at.clone()).unwrap_or_default(),
         ..run
     })

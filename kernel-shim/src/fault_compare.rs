@@ -95,6 +95,15 @@ pub fn kernel_mode(status: &str) -> Option<&'static str> {
     }
 }
 
+/// The free data blocks a thin-pool status line shows (its used/total
+/// data blocks field); `None` when it shows none (`Fail`, `Error`, a
+/// status that failed).
+pub fn kernel_free_data_blocks(status: &str) -> Option<u64> {
+    kernel_mode(status)?;
+    let (used, total) = status.split_whitespace().nth(2)?.split_once('/')?;
+    total.parse::<u64>().ok()?.checked_sub(used.parse().ok()?)
+}
+
 /// Whether the model's mode `sim` is what the kernel's status showed
 /// (`kernel`, from [`kernel_mode`]): 6.1's `pool_status` prints `ro` for
 /// both read-only modes (`is_read_only_pool_mode`), so `read-only`
@@ -201,6 +210,15 @@ pub fn kernel_fired(kernel: &KernelResult) -> Vec<(usize, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_data_blocks_are_read_from_a_status_line() {
+        let line = "0 67/512 28/29 - rw discard_passdown queue_if_no_space - 128 ";
+        assert_eq!(kernel_free_data_blocks(line), Some(1));
+        assert_eq!(kernel_free_data_blocks("Fail"), None);
+        assert_eq!(kernel_free_data_blocks("status failed: EIO"), None);
+        assert_eq!(kernel_free_data_blocks("0 67/512 30/29 - rw"), None);
+    }
 
     #[test]
     fn misplaced_stamps_read_as_their_writes() {

@@ -352,4 +352,82 @@ mod tests {
         assert_eq!(blind.commit_placements.get(&3), Some(&CommitPlacement::BeforeOp));
         assert_eq!(blind.crashes[0].data, (0, 2), "both of the overwrite's writes unflushed");
     }
+
+    /// The kernel's worker committed between the two pieces of a write
+    /// into a full pool (the first failed with ENOSPC, the commit made a
+    /// block freed in the transaction allocatable, the second took it):
+    /// the same superblock as a commit after its pieces, but the status
+    /// line's free data blocks after the op tell the two apart, and the
+    /// simulator places its commit after the first piece (the campaign's
+    /// seed 93). (Before the op it commits another superblock: the first
+    /// piece allocates, and the second, finding no free block, commits
+    /// it.) Without the status lines the first placement that agrees
+    /// (after the pieces) is kept.
+    #[test]
+    fn a_kernel_commit_between_a_requests_pieces_is_placed_by_the_free_data_blocks() {
+        use dmsim_sim::run::{CampaignSettings, RunConfig};
+        use dmsim_traces::{Event, Trace};
+
+        use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
+        use crate::protocol::{COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
+
+        let mut cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
+        cfg.thin.data_blocks = 4;
+        cfg.thin.thin_blocks = 8;
+        cfg.thin.features.error_if_no_space = true;
+        let bs = cfg.thin.block_sectors;
+        let write = |block: u64, nr: u64| Op::Write {
+            dev: 0,
+            sector: (block * bs) as u32,
+            nr_sectors: (nr * bs) as u16,
+            fua: false,
+            preflush: false,
+        };
+        let trace_of = |ops: &[Op]| Trace {
+            header: cfg.header(),
+            events: ops.iter().map(|op| Event::Op(*op)).collect(),
+        };
+        // The pool filled and committed, then block 0 discarded.
+        let mut ops =
+            vec![Op::CreateThin, write(0, 1), write(1, 1), write(2, 1), write(3, 1), Op::Flush { dev: 0 }];
+        ops.push(Op::Discard { dev: 0, sector: 0, nr_sectors: bs as u32 });
+        // The kernel's commit at op 7 commits the discard alone: the key a
+        // flush there gives.
+        let keys =
+            simulate_serialized_crashing(&trace_of(&[ops.clone(), vec![Op::Flush { dev: 0 }]].concat()))
+                .expect("runs")
+                .superblocks;
+        ops.extend([write(4, 2), Op::Read { dev: 0, sector: 0, nr_sectors: 8 }]);
+        let trace = trace_of(&ops);
+        let run = |status: bool| {
+            let mut timings =
+                vec![("coarse-us-res".to_string(), 4000), ("coarse-us-create-b".to_string(), 0)];
+            for i in 0..ops.len() as u64 {
+                timings.push((format!("coarse-us-op-a-{i}"), 4000 * (i + 1)));
+                timings.push((format!("coarse-us-op-b-{i}"), 4000 * (i + 1)));
+            }
+            timings.push((JIFFY_PHASE.to_string(), 0));
+            let mut result = KernelResult { timings_ms: timings, ..KernelResult::default() };
+            result.notes.push((COMMIT_OPS_NOTE.into(), "0 5 7".into()));
+            let key = |i: usize| format!("{i}:{:016x}", keys[&i]);
+            result.notes.push((COMMIT_SUPERBLOCKS_NOTE.into(), format!("{} {} {}", key(0), key(5), key(7))));
+            if status {
+                // After the write: every block used, the pool writable.
+                for i in [7, 8] {
+                    result
+                        .op_status
+                        .push((i, "2 20/512 4/4 - rw discard_passdown error_if_no_space - 128 ".into()));
+                }
+            }
+            kernel_run(result)
+        };
+        let followed = simulate_following(&trace, true, &run(true)).expect("runs");
+        assert_eq!(followed.commit_placements.get(&7), Some(&CommitPlacement::AfterPieces(1)));
+        assert!(followed.piece_commit_ops.contains(&7));
+        assert_eq!(followed.data_free.get(&7), Some(&0), "the second piece took the freed block");
+        assert_eq!(followed.superblocks[&7], keys[&7]);
+        let blind = simulate_following(&trace, true, &run(false)).expect("runs");
+        assert_eq!(blind.commit_placements.get(&7), Some(&CommitPlacement::AfterData(0)));
+        assert_eq!(blind.data_free.get(&7), Some(&1), "both pieces failed, the freed block stayed free");
+    }
 }

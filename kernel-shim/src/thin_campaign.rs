@@ -77,7 +77,8 @@ pub struct SeedOutcome {
     pub faulted: bool,
     /// What became of it.
     pub result: SeedResult,
-    /// For a seed judged other than equal: the agent's answer
+    /// For a seed judged other than equal (every seed when the run keeps
+    /// all answers): the agent's answer
     /// ([`crate::protocol::KernelResult::to_text`]: every op's outcome,
     /// status lines, fired faults, commits, clock readings), to study
     /// without another boot.
@@ -237,13 +238,16 @@ fn percent(n: usize, of: usize) -> f64 {
 /// kernel, `per_boot` traces a boot (at least 1), the pool on ublk disks,
 /// and judges each; `progress` sees every outcome as it is judged, in
 /// seed order. `shim` must be prepared with
-/// [`KernelShim::prepare_with_ublk`].
+/// [`KernelShim::prepare_with_ublk`]. With `keep_all`, every outcome
+/// carries the kernel's answer and metadata
+/// ([`SeedOutcome::kernel_answer`]), not only those that are not equal.
 pub fn run(
     shim: &KernelShim,
     seeds: impl IntoIterator<Item = u64>,
     ops: usize,
     settings: &CampaignSettings,
     per_boot: usize,
+    keep_all: bool,
     mut progress: impl FnMut(&SeedOutcome),
 ) -> Vec<SeedOutcome> {
     let mut out = Vec::new();
@@ -264,7 +268,7 @@ pub fn run(
             Err(e) => {
                 // Refused before the VM; the batch's earlier seeds first,
                 // so that outcomes come in seed order.
-                flush(shim, &mut pending, &mut out, &mut progress);
+                flush(shim, &mut pending, &mut out, keep_all, &mut progress);
                 let o = SeedOutcome { result: SeedResult::Refused(e.to_string()), ..outcome };
                 progress(&o);
                 out.push(o);
@@ -272,12 +276,12 @@ pub fn run(
             Ok(_) => {
                 pending.push((outcome, trace));
                 if pending.len() >= per_boot.max(1) {
-                    flush(shim, &mut pending, &mut out, &mut progress);
+                    flush(shim, &mut pending, &mut out, keep_all, &mut progress);
                 }
             }
         }
     }
-    flush(shim, &mut pending, &mut out, &mut progress);
+    flush(shim, &mut pending, &mut out, keep_all, &mut progress);
     out
 }
 
@@ -286,16 +290,17 @@ fn flush(
     shim: &KernelShim,
     pending: &mut Vec<(SeedOutcome, Trace)>,
     out: &mut Vec<SeedOutcome>,
+    keep_all: bool,
     progress: &mut impl FnMut(&SeedOutcome),
 ) {
-    for o in replay_batch(shim, std::mem::take(pending)) {
+    for o in replay_batch(shim, std::mem::take(pending), keep_all) {
         progress(&o);
         out.push(o);
     }
 }
 
 /// One boot for `batch`; when the boot fails, each trace again alone.
-fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<SeedOutcome> {
+fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>, keep_all: bool) -> Vec<SeedOutcome> {
     if batch.is_empty() {
         return Vec::new();
     }
@@ -310,7 +315,7 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<Seed
                     Err(e) => SeedResult::Failed(e.to_string()),
                 };
                 let o = SeedOutcome { result, ..o };
-                let keep = o.verdict() != Some(Verdict::Equal);
+                let keep = keep_all || o.verdict() != Some(Verdict::Equal);
                 let kernel_answer = keep.then(|| run.result.to_text());
                 let kernel_metadata = keep.then(|| run.metadata_image.clone());
                 SeedOutcome { kernel_answer, kernel_metadata, ..o }
@@ -327,7 +332,7 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>) -> Vec<Seed
             .into_iter()
             .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(e.to_string()), ..o })
             .collect(),
-        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one])).collect(),
+        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one], keep_all)).collect(),
     }
 }
 

@@ -53,7 +53,7 @@ fn the_campaigns_traces_on_the_kernel() {
         Err(e) => panic!("preparing the VM: {e}"),
     };
     let started = Instant::now();
-    let outcomes = thin_campaign::run(&shim, SEEDS, 300, &CampaignSettings::default(), 4, |o| {
+    let outcomes = thin_campaign::run(&shim, SEEDS, 300, &CampaignSettings::default(), 4, false, |o| {
         eprintln!("{}", o.line());
     });
     let s = Summary::of(&outcomes);
@@ -101,9 +101,10 @@ fn the_campaigns_traces_on_the_kernel() {
         ..CampaignSettings::default()
     };
     let honest = CampaignSettings::default();
-    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, |_| {});
-    let mutated =
-        thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &broken, 4, |o| eprintln!("broken: {}", o.line()));
+    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, false, |_| {});
+    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &broken, 4, false, |o| {
+        eprintln!("broken: {}", o.line())
+    });
     for (b, m) in baseline.iter().zip(&mutated) {
         assert_eq!(
             b.verdict(),
@@ -132,7 +133,7 @@ fn the_campaigns_traces_on_the_kernel() {
         mutations: Mutations::from_names(["fua-before-commit"]).expect("a known mutation"),
         ..CampaignSettings::default()
     };
-    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, |o| {
+    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, false, |o| {
         eprintln!("no commit on flush: {}", o.line())
     });
     for (b, m) in baseline.iter().zip(&mutated) {

@@ -196,6 +196,12 @@ pub struct ThinSim {
     /// A commit to request once this many data I/Os completed since
     /// [`ThinSim::plan_commit`] ([`Pool::request_commit`]).
     commit_plan: Option<usize>,
+    /// A commit to make once this many pieces of the next request split
+    /// into more are mapped ([`ThinSim::plan_commit_after_pieces`]).
+    piece_plan: Option<usize>,
+    /// Commits made between a request's pieces since
+    /// [`ThinSim::plan_commit`].
+    piece_commits: usize,
     /// Data I/Os [`ThinSim::quiesce`] completed since
     /// [`ThinSim::plan_commit`].
     data_completions: usize,
@@ -348,6 +354,8 @@ impl ThinSim {
             crash_point_finding: None,
             epoch: 0,
             commit_plan: None,
+            piece_plan: None,
+            piece_commits: 0,
             write_order: Vec::new(),
             data_completions: 0,
             expected: BTreeMap::new(),
@@ -894,7 +902,11 @@ impl ThinSim {
         self.note_mode_changes();
         self.settle_metadata_faults();
         let before = self.metadata_faults_pending();
-        let id = self.pool().submit(dev, req).map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
+        let mapped = self.piece_plan.unwrap_or(usize::MAX);
+        let (id, held) = self
+            .pool()
+            .submit_in_part(dev, req, mapped)
+            .map_err(|e| self.fail(format!("submit to {dev}: {e}")))?;
         // A metadata fault in the map path (its lookup) reaches this
         // request alone.
         let after = self.metadata_faults_pending();
@@ -911,7 +923,29 @@ impl ThinSim {
         self.reach.insert(id, reach);
         self.pending.insert(id, pending);
         self.expected.insert(id, (self.epoch, expect));
-        self.collect()
+        self.collect()?;
+        if held > 0 {
+            // The planned commit between the request's pieces: the
+            // worker's pass takes the pieces mapped so far and commits,
+            // and then the rest are mapped.
+            self.piece_plan = None;
+            self.piece_commits += 1;
+            self.commit_pass();
+            self.collect()?;
+            self.note_mode_changes();
+            self.settle_metadata_faults();
+            let before = self.metadata_faults_pending();
+            self.pool().map_held_pieces(id);
+            let after = self.metadata_faults_pending();
+            self.metadata_faults_attributed = after;
+            if after > before {
+                if let Some(r) = self.reach.get_mut(&id) {
+                    r.metadata_fault = true;
+                }
+            }
+            self.collect()?;
+        }
+        Ok(())
     }
 
     /// Whether the pool's block manager caches a metadata block that
@@ -1260,7 +1294,28 @@ impl ThinSim {
     /// kernel's timed commits so.
     pub fn plan_commit(&mut self, after: Option<usize>) {
         self.commit_plan = after;
+        self.piece_plan = None;
+        self.piece_commits = 0;
         self.data_completions = 0;
+    }
+
+    /// Plans a commit between two pieces of the next request DM core
+    /// splits into more than `k`: the target maps its first `k` pieces,
+    /// the worker's pass takes them and commits a changed transaction
+    /// ([`Pool::request_commit`]), and then the other pieces are mapped
+    /// ([`Pool::submit_in_part`]). A request of `k` pieces or fewer is
+    /// submitted whole and leaves the plan for the next one;
+    /// [`Self::plan_commit`] drops it. A kernel replay places the kernel's
+    /// timed commit so when its worker committed while the submitter was
+    /// still mapping a request's pieces.
+    pub fn plan_commit_after_pieces(&mut self, k: usize) {
+        self.piece_plan = Some(k);
+    }
+
+    /// Commits made between two pieces of a request since
+    /// [`Self::plan_commit`] ([`Self::plan_commit_after_pieces`]).
+    pub fn piece_commits(&self) -> usize {
+        self.piece_commits
     }
 
     /// Makes the pool commit now if its transaction changed
@@ -1887,6 +1942,55 @@ mod tests {
         assert_eq!(order_of_zeroing(vec![128, 0]), vec![128, 0]);
         // A sector nothing writes is passed over.
         assert_eq!(order_of_zeroing(vec![999, 128]), vec![128, 0]);
+    }
+
+    /// A full pool whose one free data block was freed in the open
+    /// transaction (a discard: not allocatable before a commit) meets a
+    /// write over two unmapped blocks, with error_if_no_space. Whole, both
+    /// pieces fail with ENOSPC and the block stays free. With a commit
+    /// planned after the first piece, the worker's pass fails that piece,
+    /// and its commit makes the freed block allocatable (the pool leaves
+    /// out-of-data-space): the second piece takes it. A plan for more
+    /// pieces than the request has is left unused.
+    #[test]
+    fn a_commit_between_a_requests_pieces_lets_the_later_pieces_allocate() {
+        let run = |plan: Option<usize>| {
+            let features = PoolFeatures { error_if_no_space: true, ..PoolFeatures::default() };
+            let cfg = ThinSimConfig { data_blocks: 4, thin_blocks: 8, features, ..ThinSimConfig::default() };
+            let mut sim = ThinSim::new(cfg);
+            let step = |sim: &mut ThinSim, op: ThinOp| {
+                sim.apply(&op).expect("applied");
+                sim.quiesce().expect("settled");
+            };
+            step(&mut sim, ThinOp::CreateThin);
+            for b in 0..4 {
+                step(
+                    &mut sim,
+                    ThinOp::Write { dev: 0, sector: b * 128, nr_sectors: 128, fua: false, preflush: false },
+                );
+            }
+            step(&mut sim, ThinOp::Flush { dev: 0 });
+            step(&mut sim, ThinOp::Discard { dev: 0, sector: 0, nr_sectors: 128 });
+            sim.plan_commit(None);
+            if let Some(k) = plan {
+                sim.plan_commit_after_pieces(k);
+            }
+            let at = sim.events().len();
+            step(
+                &mut sim,
+                ThinOp::Write { dev: 0, sector: 4 * 128, nr_sectors: 256, fua: false, preflush: false },
+            );
+            let result = sim.events()[at..].iter().find_map(|e| match e {
+                Event::Done { result, .. } => Some(result.clone()),
+                _ => None,
+            });
+            let free = sim.pool().with_metadata(|md| md.free_data_blocks_in_core());
+            (sim.piece_commits(), free, sim.pool().mode(), result)
+        };
+        let enospc = Some("ENOSPC".to_string());
+        assert_eq!(run(None), (0, Some(1), PoolMode::OutOfDataSpace, enospc.clone()));
+        assert_eq!(run(Some(1)), (1, Some(0), PoolMode::Write, enospc.clone()));
+        assert_eq!(run(Some(2)), run(None), "two pieces: nothing to commit between");
     }
 
     /// A device whose last snapshot was at time 2, mapping virtual block 0

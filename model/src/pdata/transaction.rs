@@ -508,6 +508,12 @@ impl<D: BlockDevice> TransactionManager<D> {
         self.data_sm_commit()
     }
 
+    /// Whether the data space map is open (a transaction manager made
+    /// for metadata alone has none).
+    pub fn has_data_sm(&self) -> bool {
+        self.dsm.is_some()
+    }
+
     pub(crate) fn dsm(&mut self) -> &mut DiskSpaceMap {
         self.dsm.as_mut().expect("the data space map is open")
     }

@@ -832,6 +832,15 @@ impl<D: BlockDevice> ThinMetadata<D> {
         Ok(free.saturating_sub(held_free))
     }
 
+    /// Free data blocks as the data space map counts them in core
+    /// (`sm_disk_get_nr_free`: a block freed in the open transaction counts
+    /// free), without reading anything; `None` while a block is held in
+    /// core ([`Self::free_data_blocks`] then reads its count).
+    pub fn free_data_blocks_in_core(&mut self) -> Option<u64> {
+        let known = self.held.is_empty() && self.check_fail_io().is_ok() && self.tm.has_data_sm();
+        known.then(|| self.tm.data_sm_nr_free())
+    }
+
     /// Data blocks the allocator could hand out now: free in both the open
     /// transaction and the last commit (`sm_disk_new_block` takes no
     /// other) and not held in core. Reads the data space map's bitmaps

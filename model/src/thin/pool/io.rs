@@ -50,6 +50,61 @@ pub struct IoInfo {
     pub fua: bool,
 }
 
+/// What a data I/O in flight asks of the data device
+/// ([`Pool::data_request`]), for a caller that performs it itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataRequest {
+    /// Read `nr_sectors` from `sector`.
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Length.
+        nr_sectors: u64,
+    },
+    /// Write `data` at `sector`; durable on completion when `fua`.
+    Write {
+        /// First sector.
+        sector: u64,
+        /// The bytes (a whole number of sectors).
+        data: Vec<u8>,
+        /// REQ_FUA.
+        fua: bool,
+    },
+    /// Flush the device's volatile cache.
+    Flush,
+    /// Write zeroes over `nr_sectors` from `sector` (kcopyd zeroing a new
+    /// block).
+    Zero {
+        /// First sector.
+        sector: u64,
+        /// Length.
+        nr_sectors: u64,
+    },
+    /// Copy `nr_sectors` from `from` to `to` (kcopyd breaking sharing).
+    Copy {
+        /// Source's first sector.
+        from: u64,
+        /// Destination's first sector.
+        to: u64,
+        /// Length.
+        nr_sectors: u64,
+    },
+    /// Discard these `(begin, end)` sector ranges; they read back as
+    /// zeroes afterwards (as a file's punched holes do).
+    Discard {
+        /// The ranges, end excluded.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Nothing reaches the device (a discard bio the pool passes on whole,
+    /// which the model's data device ignores); end it with success.
+    Nothing,
+}
+
+/// The error for a data I/O that is not in flight.
+fn no_such_io(id: IoId) -> TargetError {
+    TargetError::new(Errno::EINVAL, format!("no data I/O {} in flight", id.0))
+}
+
 /// A data I/O the pool has issued and the caller has not yet completed.
 #[derive(Debug)]
 pub(crate) enum DataIo {
@@ -109,6 +164,9 @@ pub(crate) struct UserIo {
     result: Result<(), Errno>,
     data: Vec<u8>,
     after_flush: Vec<Bio>,
+    /// Pieces DM core has not handed the target yet
+    /// ([`Pool::submit_in_part`]).
+    held: Vec<Bio>,
 }
 
 /// Requests and data I/O in flight.
@@ -127,36 +185,66 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
     /// caller's (the submitter's) context. The request completes later, in
     /// [`Pool::take_completions`].
     pub fn submit(&self, thin: ThinId, req: BioRequest) -> Result<BioId, TargetError> {
+        self.submit_in_part(thin, req, usize::MAX).map(|(id, _)| id)
+    }
+
+    /// As [`Pool::submit`], but the map function runs on the first
+    /// `mapped` pieces only; the others wait for
+    /// [`Pool::map_held_pieces`]. Returns the request and how many pieces
+    /// wait. DM core maps a split request's pieces one after another in
+    /// the submitter's context (6.1's `dm_split_and_process_bio` maps one
+    /// and submits the rest of the bio again) while the pool's worker runs
+    /// on another CPU: a worker pass, and the commit it makes, may come
+    /// between two pieces of one request. Pieces after a PREFLUSH's flush
+    /// are not counted: they are mapped when the flush completes.
+    pub fn submit_in_part(
+        &self,
+        thin: ThinId,
+        req: BioRequest,
+        mapped: usize,
+    ) -> Result<(BioId, usize), TargetError> {
         let Some(t) = self.thin(thin) else {
             return Err(TargetError::new(Errno::ENODATA, format!("thin device {thin} is not active")));
         };
         req.validate(t.nr_sectors).map_err(|e| TargetError::new(Errno::EINVAL, e))?;
         let is_read = req.op == BioOp::Read;
         let nr_bytes = (req.nr_sectors * SECTOR_SIZE) as usize;
-        let (first, id) = {
+        let (first, id, held) = {
             let mut io = lock(&self.io);
             let id = BioId(io.next_bio);
             io.next_bio += 1;
             let unaligned = self.options.mutations.discard_split_unaligned;
-            let (first, after_flush) =
+            let (mut first, after_flush) =
                 bio::split(id, thin, req, self.block_sectors, self.discard_split(), unaligned);
+            let held = first.split_off(mapped.min(first.len()));
+            let nr_held = held.len();
             io.user.insert(
                 id,
                 UserIo {
                     thin,
                     is_read,
-                    pending: first.len(),
+                    pending: first.len() + nr_held,
                     result: Ok(()),
                     data: if is_read { vec![0; nr_bytes] } else { Vec::new() },
                     after_flush,
+                    held,
                 },
             );
-            (first, id)
+            (first, id, nr_held)
         };
         for piece in first {
             self.map_bio(piece);
         }
-        Ok(id)
+        Ok((id, held))
+    }
+
+    /// Runs the map function on the pieces of request `id` that
+    /// [`Pool::submit_in_part`] held back (none: nothing happens).
+    pub fn map_held_pieces(&self, id: BioId) {
+        let held = lock(&self.io).user.get_mut(&id).map(|u| std::mem::take(&mut u.held)).unwrap_or_default();
+        for piece in held {
+            self.map_bio(piece);
+        }
     }
 
     /// Requests completed since the last call, in completion order.
@@ -206,69 +294,140 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
 
     fn finish_io(&self, id: IoId, fault: Option<Errno>) -> Result<(), TargetError> {
         let io = lock(&self.io).in_flight.remove(&id);
-        let Some(io) = io else {
-            return Err(TargetError::new(Errno::EINVAL, format!("no data I/O {} in flight", id.0)));
+        let Some(mut io) = io else {
+            return Err(no_such_io(id));
         };
-        let fail = |r: Result<(), Errno>| match fault {
+        let r = match fault {
             Some(e) => Err(e),
-            None => r,
+            None => self.perform(&mut io),
         };
-        match io {
-            DataIo::Bio { mut bio, data_sector } => {
-                let r = fail(Ok(())).and_then(|()| {
-                    let mut data = lock(&self.data);
-                    match bio.op {
-                        BioOp::Read => data.read(data_sector, &mut bio.data),
-                        BioOp::Write => data.write(data_sector, &bio.data, WriteFlags { fua: bio.fua }),
-                        BioOp::Flush => data.flush(),
-                        BioOp::Discard => Ok(()),
+        self.end_data_io(io, r);
+        Ok(())
+    }
+
+    /// What data I/O `id` asks of the data device, for a caller that
+    /// performs it itself (an engine submitting it to io_uring) and then
+    /// ends it with [`Pool::end_io`], instead of [`Pool::complete_io`]
+    /// performing it on the pool's own data device. `None` when no such
+    /// I/O is in flight. The I/O stays in flight.
+    pub fn data_request(&self, id: IoId) -> Option<DataRequest> {
+        let io = lock(&self.io);
+        Some(match io.in_flight.get(&id)? {
+            DataIo::Bio { bio, data_sector } => match bio.op {
+                BioOp::Read => DataRequest::Read { sector: *data_sector, nr_sectors: bio.nr_sectors },
+                BioOp::Write => {
+                    DataRequest::Write { sector: *data_sector, data: bio.data.clone(), fua: bio.fua }
+                }
+                BioOp::Flush => DataRequest::Flush,
+                BioOp::Discard => DataRequest::Nothing,
+            },
+            DataIo::Zero { data_sector, nr_sectors, .. } => {
+                DataRequest::Zero { sector: *data_sector, nr_sectors: *nr_sectors }
+            }
+            DataIo::Copy { from, to, nr_sectors, .. } => {
+                DataRequest::Copy { from: *from, to: *to, nr_sectors: *nr_sectors }
+            }
+            DataIo::Discard { ranges, .. } => DataRequest::Discard { ranges: ranges.clone() },
+        })
+    }
+
+    /// Ends data I/O `id`, which the caller performed itself
+    /// ([`Pool::data_request`]), with `result`; `read` is what a read
+    /// returned (its length the read's). Runs the same end-io path as
+    /// [`Pool::complete_io`]. A read that succeeded without the bytes, or
+    /// with another length, is refused (`EINVAL`) and stays in flight.
+    pub fn end_io(
+        &self,
+        id: IoId,
+        result: Result<(), Errno>,
+        read: Option<&[u8]>,
+    ) -> Result<(), TargetError> {
+        let mut state = lock(&self.io);
+        let Some(io) = state.in_flight.get_mut(&id) else {
+            return Err(no_such_io(id));
+        };
+        if let (DataIo::Bio { bio, .. }, Ok(())) = (&mut *io, result) {
+            if bio.op == BioOp::Read {
+                match read {
+                    Some(bytes) if bytes.len() == bio.data.len() => bio.data.copy_from_slice(bytes),
+                    _ => {
+                        return Err(TargetError::new(
+                            Errno::EINVAL,
+                            format!(
+                                "data I/O {}: a read of {} bytes ended with {} bytes",
+                                id.0,
+                                bio.data.len(),
+                                read.map_or(0, <[u8]>::len)
+                            ),
+                        ))
                     }
-                    .map_err(|e| io_errno(&e))
-                });
-                match bio.hook.overwrite_mapping {
-                    Some(m) => self.overwrite_endio(m, bio, r),
-                    None => self.end_bio(bio, r),
                 }
             }
-            DataIo::Zero { mapping, data_sector, nr_sectors } => {
-                let r = fail(Ok(())).and_then(|()| {
-                    let zeroes = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
-                    lock(&self.data)
-                        .write(data_sector, &zeroes, WriteFlags::default())
-                        .map_err(|e| io_errno(&e))
-                });
-                self.copy_complete(mapping, r);
+        }
+        let io = state.in_flight.remove(&id).expect("just seen");
+        drop(state);
+        self.end_data_io(io, result);
+        Ok(())
+    }
+
+    /// Performs `io` on the pool's own data device (a read fills its
+    /// bio's buffer).
+    fn perform(&self, io: &mut DataIo) -> Result<(), Errno> {
+        let mut data = lock(&self.data);
+        match io {
+            DataIo::Bio { bio, data_sector } => match bio.op {
+                BioOp::Read => data.read(*data_sector, &mut bio.data),
+                BioOp::Write => data.write(*data_sector, &bio.data, WriteFlags { fua: bio.fua }),
+                BioOp::Flush => data.flush(),
+                BioOp::Discard => Ok(()),
             }
-            DataIo::Copy { mapping, from, to, nr_sectors } => {
-                let r = fail(Ok(())).and_then(|()| {
-                    let mut buf = vec![0; (nr_sectors * SECTOR_SIZE) as usize];
-                    let mut data = lock(&self.data);
-                    data.read(from, &mut buf).map_err(|e| io_errno(&e))?;
-                    data.write(to, &buf, WriteFlags::default()).map_err(|e| io_errno(&e))
-                });
-                self.copy_complete(mapping, r);
+            .map_err(|e| io_errno(&e)),
+            DataIo::Zero { data_sector, nr_sectors, .. } => {
+                let zeroes = vec![0; (*nr_sectors * SECTOR_SIZE) as usize];
+                data.write(*data_sector, &zeroes, WriteFlags::default()).map_err(|e| io_errno(&e))
             }
-            DataIo::Discard { mapping, ranges } => {
+            DataIo::Copy { from, to, nr_sectors, .. } => {
+                let mut buf = vec![0; (*nr_sectors * SECTOR_SIZE) as usize];
+                data.read(*from, &mut buf).map_err(|e| io_errno(&e))?;
+                data.write(*to, &buf, WriteFlags::default()).map_err(|e| io_errno(&e))
+            }
+            DataIo::Discard { ranges, .. } => {
                 // The data device's discard reads back as zeroes, as a loop
-                // device over a file (hole punching) does. The pool ignores
-                // an error (`passdown_endio`: "It doesn't matter if the
-                // passdown discard failed, we still want to unmap"): pass
-                // two runs and the user's discard completes as if the
-                // discard had reached the device.
-                let mut failed = fault.is_some();
-                if !failed {
-                    let mut data = lock(&self.data);
-                    for (b, e) in ranges {
-                        let zeroes = vec![0; ((e - b) * SECTOR_SIZE) as usize];
-                        failed |= data.write(b, &zeroes, WriteFlags::default()).is_err();
-                    }
+                // device over a file (hole punching) does. Every range is
+                // tried; one that fails fails the discard.
+                let mut failed = false;
+                for (b, e) in ranges.iter() {
+                    let zeroes = vec![0; ((e - b) * SECTOR_SIZE) as usize];
+                    failed |= data.write(*b, &zeroes, WriteFlags::default()).is_err();
                 }
                 if failed {
+                    Err(Errno::EIO)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// The end-io path of `io`, which ended with `r`.
+    fn end_data_io(&self, io: DataIo, r: Result<(), Errno>) {
+        match io {
+            DataIo::Bio { bio, .. } => match bio.hook.overwrite_mapping {
+                Some(m) => self.overwrite_endio(m, bio, r),
+                None => self.end_bio(bio, r),
+            },
+            DataIo::Zero { mapping, .. } | DataIo::Copy { mapping, .. } => self.copy_complete(mapping, r),
+            DataIo::Discard { mapping, .. } => {
+                // The pool ignores an error (`passdown_endio`: "It doesn't
+                // matter if the passdown discard failed, we still want to
+                // unmap"): pass two runs and the user's discard completes
+                // as if the discard had reached the device.
+                if r.is_err() {
                     self.probe(|p| p.passdown_failures += 1);
                     if self.options.mutations.passdown_error_skips_pass_two {
                         // Broken on purpose: the mapping, its cell, its hold
                         // and the user's discard are left as they are.
-                        return Ok(());
+                        return;
                     }
                     if self.options.mutations.passdown_error_fails_discard {
                         // Broken on purpose: the error is kept for pass two,
@@ -288,7 +447,6 @@ impl<M: BlockDevice, D: BlockDevice> Pool<M, D> {
                 self.queue_passdown_pt2(mapping);
             }
         }
-        Ok(())
     }
 
     /// Puts `io` in flight.

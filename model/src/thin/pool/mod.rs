@@ -45,7 +45,7 @@ use std::fmt;
 use bio::Bio;
 pub use bio::{BioId, BioOp, BioRequest, Completion};
 use io::IoState;
-pub use io::{DataIoKind, IoId, IoInfo};
+pub use io::{DataIoKind, DataRequest, IoId, IoInfo};
 
 use crate::block_device::{BlockDevice, IoError};
 use crate::deferred_set::DeferredSet;
