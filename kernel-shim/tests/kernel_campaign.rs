@@ -29,12 +29,16 @@ use dmsim_sim::run::CampaignSettings;
 /// The sample's seeds.
 const SEEDS: std::ops::Range<u64> = 0..8;
 
-/// Seeds of the sample that must be L1-equal everywhere: 7 or 8 of 8 in
-/// the runs since the kernel grows its metadata device (seed 3) and the
-/// simulator follows a FUA write with the agent's flush (seed 1); seed 7,
-/// equal in most runs, depends on the kernel's timing (a `delete` meets a
-/// device whose write a full pool queued; docs/kernel-shim.md, "Where it
-/// stands"). One more seed's worth of margin.
+/// Seeds of the sample that must be L1-equal at the end and at every
+/// crash (the issue's measure; an op answered otherwise in a named class,
+/// such as the pool's mode around a timer commit, does not count
+/// against it): 8 of 8 in stop 39's two runs, 7 or 8 since the kernel
+/// grows its metadata device (seed 3) and the simulator follows a FUA
+/// write with the agent's flush (seed 1); seed 7 depends on the kernel's
+/// timing (a `delete` meets a device whose write a full pool queued;
+/// docs/kernel-shim.md, "Where it stands"). Since stop 39 the pool's mode
+/// is compared at every op, so seeds 6 and 7 are often *commit-timing*
+/// rather than equal at every op. One more seed's worth of margin.
 const EQUAL_AT_LEAST: usize = 6;
 
 /// A durability seed equal on the kernel with the model as it is, with
@@ -79,9 +83,9 @@ fn the_campaigns_traces_on_the_kernel() {
         );
     }
     assert!(
-        s.equal >= EQUAL_AT_LEAST,
+        s.l1_equal >= EQUAL_AT_LEAST,
         "{} of {} seeds L1-equal, expected at least {EQUAL_AT_LEAST}",
-        s.equal,
+        s.l1_equal,
         s.seeds
     );
     assert!(s.crash_states > 0, "the sample's swarms cut power");
