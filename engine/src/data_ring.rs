@@ -2,9 +2,8 @@
 //! each ended when the ring completes it, in the ring's order.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use dmsim_model::block_device::SECTOR_SIZE;
@@ -13,7 +12,7 @@ use dmsim_model::thin::pool::{DataRequest, IoId};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::aligned::AlignedBuf;
-use crate::uring::{device_bytes, EngineError};
+use crate::uring::{open_direct, EngineError};
 
 /// A data I/O the ring completed: what [`dmsim_model::thin::pool::Pool::end_io`]
 /// takes.
@@ -121,22 +120,12 @@ impl DataRing {
     /// Opens `path` (a file or block device, a whole number of sectors)
     /// for direct I/O with a ring of `depth` entries (1 to 4096).
     pub fn open(path: &Path, depth: u32) -> Result<DataRing, EngineError> {
-        let open_err = |what, source| EngineError::Open { path: path.to_path_buf(), what, source };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| open_err("open with O_DIRECT", e))?;
-        let bytes = device_bytes(&file).map_err(|e| open_err("size", e))?;
-        if bytes == 0 || !bytes.is_multiple_of(SECTOR_SIZE) {
-            return Err(EngineError::Size { path: path.to_path_buf(), bytes });
-        }
+        let (file, nr_sectors) = open_direct(path)?;
         let ring = IoUring::new(depth.clamp(1, 4096)).map_err(EngineError::Ring)?;
         Ok(DataRing {
             file,
             ring,
-            nr_sectors: bytes / SECTOR_SIZE,
+            nr_sectors,
             path: path.to_path_buf(),
             in_flight: BTreeMap::new(),
             ready: Vec::new(),

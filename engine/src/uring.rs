@@ -68,25 +68,9 @@ impl UringDevice {
     /// Opens an existing file or block device for direct I/O; its size is
     /// the device's size.
     pub fn open(path: &Path) -> Result<UringDevice, EngineError> {
-        let open_err = |what, source| EngineError::Open { path: path.to_path_buf(), what, source };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .map_err(|e| open_err("open with O_DIRECT", e))?;
-        let bytes = device_bytes(&file).map_err(|e| open_err("size", e))?;
-        if bytes == 0 || !bytes.is_multiple_of(SECTOR_SIZE) {
-            return Err(EngineError::Size { path: path.to_path_buf(), bytes });
-        }
+        let (file, nr_sectors) = open_direct(path)?;
         let ring = IoUring::new(8).map_err(EngineError::Ring)?;
-        Ok(UringDevice {
-            file,
-            ring,
-            nr_sectors: bytes / SECTOR_SIZE,
-            bounce: AlignedBuf::default(),
-            path: path.to_path_buf(),
-        })
+        Ok(UringDevice { file, ring, nr_sectors, bounce: AlignedBuf::default(), path: path.to_path_buf() })
     }
 
     /// Creates (or truncates) a regular file of `nr_sectors` sectors,
@@ -136,8 +120,26 @@ impl UringDevice {
     }
 }
 
+/// Opens `path` (a file or block device) for reading and writing with
+/// `O_DIRECT`; returns it and its size in sectors, which must be a
+/// positive whole number.
+pub(crate) fn open_direct(path: &Path) -> Result<(File, u64), EngineError> {
+    let open_err = |what, source| EngineError::Open { path: path.to_path_buf(), what, source };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| open_err("open with O_DIRECT", e))?;
+    let bytes = device_bytes(&file).map_err(|e| open_err("size", e))?;
+    if bytes == 0 || !bytes.is_multiple_of(SECTOR_SIZE) {
+        return Err(EngineError::Size { path: path.to_path_buf(), bytes });
+    }
+    Ok((file, bytes / SECTOR_SIZE))
+}
+
 /// The size in bytes of a regular file or a block device.
-pub(crate) fn device_bytes(file: &File) -> std::io::Result<u64> {
+fn device_bytes(file: &File) -> std::io::Result<u64> {
     let meta = file.metadata()?;
     if meta.is_file() {
         return Ok(meta.len());

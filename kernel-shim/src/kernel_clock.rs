@@ -148,6 +148,26 @@ mod tests {
         ])
     }
 
+    /// A write to device 0 of `nr` whole blocks of `bs` sectors from
+    /// block `block`.
+    fn block_write(bs: u64, block: u64, nr: u64) -> Op {
+        Op::Write {
+            dev: 0,
+            sector: (block * bs) as u32,
+            nr_sectors: (nr * bs) as u16,
+            fua: false,
+            preflush: false,
+        }
+    }
+
+    /// A trace of `ops` under `cfg`'s header.
+    fn trace(cfg: &dmsim_sim::run::RunConfig, ops: &[Op]) -> dmsim_traces::Trace {
+        dmsim_traces::Trace {
+            header: cfg.header(),
+            events: ops.iter().map(|op| dmsim_traces::Event::Op(*op)).collect(),
+        }
+    }
+
     /// A kernel run of `result` alone (no images, console or log).
     fn kernel_run(result: KernelResult) -> crate::vm::KernelRun {
         crate::vm::KernelRun::from_result(result)
@@ -292,24 +312,15 @@ mod tests {
     #[test]
     fn a_kernel_commit_between_an_ops_writes_is_placed_by_the_crashs_unflushed_writes() {
         use dmsim_sim::run::{CampaignSettings, RunConfig};
-        use dmsim_traces::{CrashMode, Event, Trace};
+        use dmsim_traces::CrashMode;
 
         use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
         use crate::protocol::{CrashRecord, PoolSpec, COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
 
         let cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
         let bs = PoolSpec::from_header(&cfg.header()).expect("a pool").block_sectors;
-        let whole = |block: u64, nr: u64| Op::Write {
-            dev: 0,
-            sector: (block * bs) as u32,
-            nr_sectors: (nr * bs) as u16,
-            fua: false,
-            preflush: false,
-        };
-        let trace_of = |ops: &[Op]| Trace {
-            header: cfg.header(),
-            events: ops.iter().map(|op| Event::Op(*op)).collect(),
-        };
+        let whole = |block: u64, nr: u64| block_write(bs, block, nr);
+        let trace_of = |ops: &[Op]| trace(&cfg, ops);
         // The kernel's commits: the message's (op 0) and one in the
         // overwrite (op 3), of both blocks' mappings.
         let provisioned = [Op::CreateThin, whole(0, 1), whole(1, 1), Op::Flush { dev: 0 }];
@@ -366,7 +377,6 @@ mod tests {
     #[test]
     fn a_kernel_commit_between_a_requests_pieces_is_placed_by_the_free_data_blocks() {
         use dmsim_sim::run::{CampaignSettings, RunConfig};
-        use dmsim_traces::{Event, Trace};
 
         use crate::equivalence::{simulate_following, simulate_serialized_crashing, CommitPlacement};
         use crate::protocol::{COMMIT_OPS_NOTE, COMMIT_SUPERBLOCKS_NOTE};
@@ -376,17 +386,8 @@ mod tests {
         cfg.thin.thin_blocks = 8;
         cfg.thin.features.error_if_no_space = true;
         let bs = cfg.thin.block_sectors;
-        let write = |block: u64, nr: u64| Op::Write {
-            dev: 0,
-            sector: (block * bs) as u32,
-            nr_sectors: (nr * bs) as u16,
-            fua: false,
-            preflush: false,
-        };
-        let trace_of = |ops: &[Op]| Trace {
-            header: cfg.header(),
-            events: ops.iter().map(|op| Event::Op(*op)).collect(),
-        };
+        let write = |block: u64, nr: u64| block_write(bs, block, nr);
+        let trace_of = |ops: &[Op]| trace(&cfg, ops);
         // The pool filled and committed, then block 0 discarded.
         let mut ops =
             vec![Op::CreateThin, write(0, 1), write(1, 1), write(2, 1), write(3, 1), Op::Flush { dev: 0 }];
