@@ -176,8 +176,14 @@ pub struct CheckArgs {
     /// faults that fired, where it committed) and its final metadata
     /// (kernel-seed-N.metadata): `dmsim replay --on kernel --disks ublk
     /// --kernel-answer kernel-seed-N.kernel kernel-seed-N.trace` judges
-    /// them again without a boot.
-    #[arg(long, default_value = "sim", value_parser = ["sim", "kernel"])]
+    /// them again without a boot. `engine`: the same traces on the
+    /// userland engine (the model's pool served over ublk in the same VM,
+    /// docs/engine.md), judged the same way; traces that grow the metadata
+    /// device are refused (not supported by the engine yet). `all`: each
+    /// trace on the kernel and on the engine in the same boot, each judged
+    /// against the simulator, and the two held against each other (L1,
+    /// L2, L3), with three-way counts in the summary.
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kernel", "engine", "all"])]
     pub on: String,
     /// With --on kernel: traces per VM boot (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
@@ -190,6 +196,13 @@ pub struct CheckArgs {
     /// as large as the pool's metadata device a seed.
     #[arg(long)]
     pub answers: Option<PathBuf>,
+    /// With --on engine: requests in flight at once (1: one at a time,
+    /// judged against the serialized simulator). Above 1 every trace's
+    /// requests go with up to this many in flight and are judged by the
+    /// oracle in the VM (crash, fault and growth ops skipped); exit 1 on
+    /// any oracle violation.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub depth: u16,
 }
 
 /// Parses a metadata workload shape's name.
@@ -660,7 +673,11 @@ pub fn run(args: CheckArgs) -> ExitCode {
         eprintln!("dmsim check: {e}");
         return ExitCode::from(exit::UNUSABLE);
     }
-    if args.on == "kernel" {
+    if args.depth > 1 && args.on != "engine" {
+        eprintln!("dmsim check: --depth is for --on engine");
+        return ExitCode::from(exit::UNUSABLE);
+    }
+    if matches!(args.on.as_str(), "kernel" | "engine" | "all") {
         if let Some(dir) = &args.answers {
             if let Err(e) = usable_folder("--answers", dir) {
                 eprintln!("dmsim check: {e}");
@@ -670,7 +687,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
         return crate::kernel_check_cmd::run(&args);
     }
     if args.answers.is_some() {
-        eprintln!("dmsim check: --answers keeps the kernel's answers: it goes with --on kernel");
+        eprintln!("dmsim check: --answers keeps the kernel's answers: it goes with --on kernel (or engine)");
         return ExitCode::from(exit::UNUSABLE);
     }
     if let Some(w) = args.model.workload {

@@ -1,6 +1,8 @@
-//! `dmsim check --on kernel`: the thin campaign's traces on the real
-//! kernel (`dmsim_kernel_shim::thin_campaign`), each seed's trace replayed
-//! on dm-thin with the pool on controlled (ublk) disks and judged against
+//! `dmsim check --on kernel` (and `--on engine`): the thin campaign's
+//! traces on the real kernel (`dmsim_kernel_shim::thin_campaign`), each
+//! seed's trace replayed on dm-thin — or on the userland engine, the
+//! model's pool served over ublk in the same VM — with the pool on
+//! controlled (ublk) disks and judged against
 //! the serialized simulator at the end and at every crash; a line per
 //! seed as it is judged, then a summary.
 
@@ -21,20 +23,27 @@ pub const EQUAL_TARGET_PERCENT: f64 = 95.0;
 /// Runs `dmsim check --on kernel`. Exit 1 when a divergence has no named
 /// class or a seed failed to run; 2 when the VM cannot be prepared.
 pub fn run(args: &CheckArgs) -> ExitCode {
+    let on = args.on.as_str();
+    let serialized = dmsim_kernel_shim::protocol::EngineJob::serialized();
+    let target = match on {
+        "engine" => thin_campaign::Target::Engine(serialized),
+        "all" => thin_campaign::Target::All(serialized),
+        _ => thin_campaign::Target::Kernel,
+    };
     if args.time.is_some() {
-        eprintln!("dmsim check --on kernel: --time is not supported; give --seeds A..B");
+        eprintln!("dmsim check --on {on}: --time is not supported; give --seeds A..B");
         return ExitCode::from(exit::UNUSABLE);
     }
     if !args.campaign.thin() {
         eprintln!(
-            "dmsim check --on kernel: runs the thin campaign's traces; a cache trace replays on the kernel \
+            "dmsim check --on {on}: runs the thin campaign's traces; a cache trace replays on the kernel \
              with `dmsim replay --on kernel` (docs/cache.md)"
         );
         return ExitCode::from(exit::UNUSABLE);
     }
     if args.model.locking != dmsim_model::thin::pool::LockingDesign::default() {
         eprintln!(
-            "dmsim check --on kernel: the stock kernel is 6.1, its locking design kernel-6.1; --locking {} \
+            "dmsim check --on {on}: the stock kernel is 6.1, its locking design kernel-6.1; --locking {} \
              is a patch the kernel does not run",
             args.model.locking.name()
         );
@@ -45,21 +54,24 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     let shim = match KernelShim::prepare_with_ublk() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("dmsim check --on kernel: the VM cannot be prepared: {e}");
+            eprintln!("dmsim check --on {on}: the VM cannot be prepared: {e}");
             return ExitCode::from(exit::UNUSABLE);
         }
     };
     let started = Instant::now();
     let total = seeds.end - seeds.start;
+    if args.depth > 1 {
+        return run_concurrent(args, &shim, seeds, &settings, started);
+    }
     eprintln!(
-        "dmsim check --on kernel: seeds {}..{} ({total}), {} ops each, {} a boot, the pool on ublk disks \
+        "dmsim check --on {on}: seeds {}..{} ({total}), {} ops each, {} a boot, the pool on ublk disks \
          (software emulation: about a minute a trace)",
         seeds.start, seeds.end, args.ops, args.per_boot
     );
     let mut done = 0u64;
     let keep_all = args.answers.is_some();
     let outcomes =
-        thin_campaign::run(&shim, seeds.clone(), args.ops, &settings, args.per_boot, keep_all, |o| {
+        thin_campaign::run(&shim, seeds.clone(), args.ops, &settings, args.per_boot, keep_all, target, |o| {
             done += 1;
             eprintln!("[{done}/{total}] {}", o.line());
         });
@@ -69,7 +81,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     for o in outcomes.iter().filter(|o| o.verdict() != Some(Verdict::Equal)) {
         match save_seed(&args.failures, o, args.ops, &settings) {
             Ok(path) => written.push((o.seed, path)),
-            Err(e) => eprintln!("dmsim check --on kernel: seed {}: cannot write its trace: {e}", o.seed),
+            Err(e) => eprintln!("dmsim check --on {on}: seed {}: cannot write its trace: {e}", o.seed),
         }
     }
     if let Some(dir) = &args.answers {
@@ -79,20 +91,20 @@ pub fn run(args: &CheckArgs) -> ExitCode {
             .filter(|o| match save_seed(dir, o, args.ops, &settings) {
                 Ok(_) => true,
                 Err(e) => {
-                    eprintln!("dmsim check --on kernel: seed {}: cannot keep its answer: {e}", o.seed);
+                    eprintln!("dmsim check --on {on}: seed {}: cannot keep its answer: {e}", o.seed);
                     false
                 }
             })
             .count();
         eprintln!(
-            "dmsim check --on kernel: {saved} seeds' traces and kernel answers kept in {}",
+            "dmsim check --on {on}: {saved} seeds' traces and kernel answers kept in {}",
             dir.display()
         );
     }
     let summary = Summary::of(&outcomes);
     if args.json {
         let mut json = serde_json::json!({
-            "on": "kernel",
+            "on": on,
             "seeds": [seeds.start, seeds.end],
             "ops": args.ops,
             "summary": summary_json(&summary),
@@ -104,12 +116,18 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         }
         println!("{json}");
     } else {
-        print_summary(&summary, &outcomes, &written);
+        print_summary(on, &summary, &outcomes, &written);
     }
     if args.timings {
         eprintln!("wall time {:.0} s", started.elapsed().as_secs_f64());
     }
-    if summary.unexplained > 0 || summary.failed > 0 {
+    // With --on all, the engine's run counts too.
+    let engine_bad = outcomes.iter().filter_map(|o| o.engine.as_ref()).any(|e| match &e.result {
+        SeedResult::Judged(r) => r.verdict() == Verdict::Unexplained,
+        SeedResult::Failed(_) => true,
+        SeedResult::Refused(_) => false,
+    });
+    if summary.unexplained > 0 || summary.failed > 0 || engine_bad {
         ExitCode::from(exit::PROBLEMS)
     } else {
         ExitCode::SUCCESS
@@ -143,9 +161,31 @@ fn save_seed(
     Ok(path)
 }
 
-fn print_summary(s: &Summary, outcomes: &[SeedOutcome], written: &[(u64, std::path::PathBuf)]) {
+fn print_summary(on: &str, s: &Summary, outcomes: &[SeedOutcome], written: &[(u64, std::path::PathBuf)]) {
+    if let Some(t) = &s.three_way {
+        println!(
+            "three ways, {} seeds run on both: the kernel's metadata L2-identical to the simulator's {}; \
+             the engine equal {}, L1-equal {}, L2-identical {}, crash states {} of {} L1-equal; \
+             kernel–engine L1-equal {}, L2-identical {}, L3-identical {}; of the {} seeds where both \
+             committed after the same ops, kernel–engine L1-equal {}, L2-identical {}, L3-identical {}",
+            t.seeds,
+            t.kernel_l2_identical,
+            t.engine_equal,
+            t.engine_l1_equal,
+            t.engine_l2_identical,
+            t.engine_crash_states_equal,
+            t.engine_crash_states,
+            t.pair_l1_equal,
+            t.pair_l2_identical,
+            t.pair_l3_identical,
+            t.same_commits,
+            t.same_commits_l1_equal,
+            t.same_commits_l2_identical,
+            t.same_commits_l3_identical
+        );
+    }
     println!(
-        "dmsim check --on kernel: {} seeds: {} L1-equal at the end and at every crash ({:.1}%; target {:.0}%: {}), \
+        "dmsim check --on {on}: {} seeds: {} L1-equal at the end and at every crash ({:.1}%; target {:.0}%: {}), \
          {} equal at every op too, {} diverge in a named class, {} diverge unexplained, {} refused, {} failed",
         s.seeds,
         s.l1_equal,
@@ -170,14 +210,15 @@ fn print_summary(s: &Summary, outcomes: &[SeedOutcome], written: &[(u64, std::pa
     }
     for (seed, path) in written {
         println!(
-            "seed {seed}: trace written to {} (dmsim replay --on kernel --disks ublk …)",
-            path.display()
+            "seed {seed}: trace written to {} (dmsim replay --on {} …)",
+            path.display(),
+            if on == "engine" { "engine" } else { "kernel --disks ublk" }
         );
     }
 }
 
 fn summary_json(s: &Summary) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "seeds": s.seeds,
         "equal": s.equal,
         "equal_percent": s.equal_percent(),
@@ -191,7 +232,26 @@ fn summary_json(s: &Summary) -> serde_json::Value {
         "crash_states_equal": s.crash_states_equal,
         "crash_states_reordered": s.crash_states_reordered,
         "classes": s.classes,
-    })
+    });
+    if let Some(t) = &s.three_way {
+        v["three_way"] = serde_json::json!({
+            "seeds": t.seeds,
+            "kernel_l2_identical": t.kernel_l2_identical,
+            "engine_equal": t.engine_equal,
+            "engine_l1_equal": t.engine_l1_equal,
+            "engine_l2_identical": t.engine_l2_identical,
+            "engine_crash_states": t.engine_crash_states,
+            "engine_crash_states_equal": t.engine_crash_states_equal,
+            "kernel_engine_l1_equal": t.pair_l1_equal,
+            "kernel_engine_l2_identical": t.pair_l2_identical,
+            "kernel_engine_l3_identical": t.pair_l3_identical,
+            "same_commits": t.same_commits,
+            "same_commits_l1_equal": t.same_commits_l1_equal,
+            "same_commits_l2_identical": t.same_commits_l2_identical,
+            "same_commits_l3_identical": t.same_commits_l3_identical,
+        });
+    }
+    v
 }
 
 fn outcome_json(o: &SeedOutcome) -> serde_json::Value {
@@ -219,5 +279,97 @@ fn outcome_json(o: &SeedOutcome) -> serde_json::Value {
         }
         SeedResult::Refused(why) | SeedResult::Failed(why) => v["why"] = why.clone().into(),
     }
+    if let Some(e) = &o.engine {
+        v["engine"] = serde_json::json!({ "line": e.line() });
+        if let SeedResult::Judged(r) = &e.result {
+            v["engine"]["verdict"] = r.verdict().name().into();
+            v["engine"]["l2"] = r.l2.as_ref().map_or("unknown", |l| l.label()).into();
+        }
+        if let Some(p) = &e.pair {
+            v["engine"]["kernel_engine"] = serde_json::json!({
+                "same_commits": p.same_commits,
+                "l1_equal": p.l1.is_empty(),
+                "l2": p.l2.as_ref().map_or("unknown", |l| l.label()),
+                "l3_differing_blocks": p.l3.differing,
+            });
+        }
+    }
     v
+}
+
+/// `dmsim check --on engine --depth N` (N > 1): every seed's trace with up
+/// to N requests in flight on the engine, judged by the oracle.
+fn run_concurrent(
+    args: &CheckArgs,
+    shim: &KernelShim,
+    seeds: std::ops::Range<u64>,
+    settings: &dmsim_sim::run::CampaignSettings,
+    started: Instant,
+) -> ExitCode {
+    let total = seeds.end - seeds.start;
+    eprintln!(
+        "dmsim check --on engine --depth {}: seeds {}..{} ({total}), {} ops each, {} a boot; traces that grow \
+         the metadata device are left out",
+        args.depth, seeds.start, seeds.end, args.ops, args.per_boot
+    );
+    let mut done = 0u64;
+    let outcomes = thin_campaign::run_concurrent(
+        shim,
+        seeds.clone(),
+        args.ops,
+        settings,
+        args.per_boot,
+        args.depth,
+        |o| {
+            done += 1;
+            eprintln!("[{done}] {}", o.line());
+        },
+    );
+    let judged: Vec<_> = outcomes.iter().filter_map(|o| o.result.as_ref().ok()).collect();
+    let failed = outcomes.len() - judged.len();
+    let violating = judged.iter().filter(|r| !r.violations.is_empty()).count();
+    let requests: u64 = judged.iter().map(|r| r.requests).sum();
+    let overtaken: u64 = judged.iter().map(|r| r.overtaken).sum();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "on": "engine",
+                "depth": args.depth,
+                "seeds": [seeds.start, seeds.end],
+                "ops": args.ops,
+                "traces": outcomes.len(),
+                "failed": failed,
+                "with_violations": violating,
+                "requests": requests,
+                "overtaken": overtaken,
+                "outcomes": outcomes.iter().map(|o| serde_json::json!({
+                    "seed": o.seed,
+                    "workload": o.workload,
+                    "line": o.line(),
+                    "violations": o.result.as_ref().map(|r| r.violations.len()).ok(),
+                })).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        println!(
+            "dmsim check --on engine --depth {}: {} traces, {} with oracle violations, {} failed; {requests} \
+             requests, {overtaken} completed before one sent earlier",
+            args.depth,
+            outcomes.len(),
+            violating,
+            failed
+        );
+        for o in outcomes.iter().filter(|o| o.result.as_ref().map_or(true, |r| !r.violations.is_empty())) {
+            println!("  {}", o.line());
+        }
+    }
+    if args.timings {
+        eprintln!("wall time {:.0} s", started.elapsed().as_secs_f64());
+    }
+    if violating > 0 || failed > 0 {
+        ExitCode::from(exit::PROBLEMS)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,6 +1,7 @@
 //! `dmsim`: the command line over the dmsim crates.
 
 mod check_cmd;
+mod engine_cmd;
 mod exit;
 mod file_device;
 mod fuzz_cmd;
@@ -47,6 +48,10 @@ enum Command {
     /// Inspect thin-pool and dm-cache metadata images: check, dump.
     #[command(subcommand)]
     Metadata(metadata_cmd::MetadataCommand),
+    /// The userland engine: the model's thin pool served as ublk block
+    /// devices, its I/O through io_uring; and requests to a running one.
+    #[command(subcommand)]
+    Engine(engine_cmd::EngineCommand),
 }
 
 /// Takes SIGINT and SIGTERM on a thread of their own: it removes what the
@@ -107,7 +112,12 @@ fn parse() -> Cli {
 }
 
 fn main() -> ExitCode {
-    install_signal_handlers();
+    // The engine stops itself on SIGINT and SIGTERM (its devices deleted).
+    let serving = std::env::args().nth(1).as_deref() == Some("engine")
+        && std::env::args().nth(2).as_deref() == Some("serve");
+    if !serving {
+        install_signal_handlers();
+    }
     dmsim_sim::quiet_caught_panics();
     let cli = parse();
     match cli.command {
@@ -118,5 +128,6 @@ fn main() -> ExitCode {
         Command::Show(args) => show_cmd::run(args),
         Command::FuzzToTrace(args) => fuzz_cmd::run(args),
         Command::Metadata(cmd) => metadata_cmd::run(cmd),
+        Command::Engine(cmd) => engine_cmd::run(cmd),
     }
 }

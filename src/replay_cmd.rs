@@ -86,6 +86,15 @@ pub struct ReplayArgs {
     /// a change to the model or the judge.
     #[arg(long, value_name = "FILE")]
     pub kernel_answer: Option<PathBuf>,
+    /// With `--on engine`: requests in flight at once (1, the default:
+    /// one at a time, judged against the serialized simulator). Above 1
+    /// the trace's reads, writes, discards and flushes go with up to this
+    /// many in flight, completing in the order the engine completes them,
+    /// every one judged by the oracle as it completes and every block read
+    /// back at the end (crash, fault and growth ops are skipped); exit 1
+    /// on an oracle violation.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub depth: u16,
 }
 
 /// Writes `run`'s console, op answers and per-op status lines to `path`
@@ -130,9 +139,10 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
         "sim" => {}
-        "kernel" => return run_on_kernel(&args),
+        "kernel" | "engine" => return run_on_kernel(&args),
+        "all" => return run_on_all(&args),
         other => {
-            eprintln!("dmsim replay: unknown backend {other:?}; use `sim` or `kernel`");
+            eprintln!("dmsim replay: unknown backend {other:?}; use `sim`, `kernel`, `engine` or `all`");
             return ExitCode::from(exit::UNUSABLE);
         }
     }
@@ -371,7 +381,36 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    // The userland engine: the model's pool served over ublk in the same
+    // VM, on the same controlled disks, judged as the kernel is.
+    let engine = args.on == "engine";
+    let target = if engine { "the engine" } else { "the kernel" };
+    if engine {
+        if args.race.is_some() || args.kernel_answer.is_some() || is_cache_header(&trace.header) {
+            eprintln!(
+                "dmsim replay --on engine: a thin trace, replayed one request at a time (no --race, no \
+                 --kernel-answer; the engine serves the thin target only)"
+            );
+            return ExitCode::from(exit::UNUSABLE);
+        }
+        if trace.ops().any(|op| matches!(op, dmsim_traces::Op::GrowMetadata { .. })) {
+            eprintln!(
+                "dmsim replay --on engine: {}: the trace grows the metadata device, which the engine does not \
+                 support yet",
+                args.trace.display()
+            );
+            return ExitCode::from(exit::UNUSABLE);
+        }
+    }
+    if args.depth > 1 {
+        if !engine {
+            eprintln!("dmsim replay: --depth is for `--on engine`");
+            return ExitCode::from(exit::UNUSABLE);
+        }
+        return run_concurrent_on_engine(args, &trace);
+    }
     let ublk = match args.disks.as_str() {
+        _ if engine => true,
         "virtio" => false,
         "ublk" => true,
         other => {
@@ -413,7 +452,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             }
         }
     } else {
-        let job = if ublk {
+        let job = if engine {
+            dmsim_kernel_shim::Job::Engine {
+                trace: trace.clone(),
+                engine: dmsim_kernel_shim::protocol::EngineJob::serialized(),
+            }
+        } else if ublk {
             dmsim_kernel_shim::Job::Ublk(trace.clone())
         } else {
             dmsim_kernel_shim::Job::Replay(trace.clone())
@@ -433,7 +477,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         }
     }
     if let Some(e) = &run.result.error {
-        eprintln!("dmsim replay --on kernel: {}: the agent failed: {e}", args.trace.display());
+        eprintln!("dmsim replay --on {}: {}: the agent failed: {e}", args.on, args.trace.display());
         return ExitCode::from(exit::UNUSABLE);
     }
     // Now that the kernel's clock is known, the simulator runs again
@@ -486,7 +530,8 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "simulator_end_check_finding": report.end_check_finding,
             "kernel_end_check": report.kernel_end_check,
             "first_commit_difference": report.first_commit_difference,
-            "disks": args.disks,
+            "on": args.on,
+            "disks": if engine { "ublk" } else { args.disks.as_str() },
             "followed_kernel_clock": followed,
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
             "crashes": crashes.iter().map(|c| serde_json::json!({
@@ -516,11 +561,17 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         println!("{json}");
     } else {
         println!(
-            "dmsim replay: {} (seed {}, {} ops) on the kernel, one request at a time{}",
+            "dmsim replay: {} (seed {}, {} ops) on {target}, one request at a time{}",
             args.trace.display(),
             trace.header.seed,
             trace.ops().count(),
-            if ublk { ", the pool on ublk disks" } else { "" },
+            if engine {
+                ": the model's pool as a userland engine over ublk, on ublk disks"
+            } else if ublk {
+                ", the pool on ublk disks"
+            } else {
+                ""
+            },
         );
         if ublk {
             let c: Vec<String> = run.result.ublk.iter().map(|(n, c)| format!("{n} {c}")).collect();
@@ -858,5 +909,186 @@ fn print_class(class: Option<&dmsim_kernel_shim::equivalence::DivergenceClass>) 
     match class {
         Some(k) => println!("  divergence class {k}"),
         None => println!("  no named divergence class explains it"),
+    }
+}
+
+/// `dmsim replay --on all`: a thin trace on the simulator, the kernel and
+/// the engine — the kernel's job and the engine's in one boot, both on
+/// controlled disks, one request at a time — and L1, L2 and L3 for each
+/// pair. Exit 1 when a pair is not L1-equal (the kernel's and the
+/// engine's own verdicts against the simulator, explained divergences
+/// included, are printed; an explained one is not a failure).
+fn run_on_all(args: &ReplayArgs) -> ExitCode {
+    use dmsim_kernel_shim::thin_replay::{compare_runs, judge, Verdict};
+    let fail = |what: String| {
+        eprintln!("dmsim replay --on all: {}: {what}", args.trace.display());
+        ExitCode::from(exit::UNUSABLE)
+    };
+    let (trace, _) = match trace_file::read(&args.trace) {
+        Ok(t) => t,
+        Err(e) => return fail(e.to_string()),
+    };
+    if is_cache_header(&trace.header) || args.race.is_some() || args.kernel_answer.is_some() {
+        return fail("a thin trace, one request at a time (no --race, no --kernel-answer)".into());
+    }
+    if trace.ops().any(|op| matches!(op, dmsim_traces::Op::GrowMetadata { .. })) {
+        return fail("the trace grows the metadata device, which the engine does not support yet".into());
+    }
+    if let Err(e) = dmsim_kernel_shim::equivalence::simulate_serialized_crashing(&trace) {
+        return fail(e.to_string());
+    }
+    let shim = match dmsim_kernel_shim::KernelShim::prepare_with_ublk() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
+    };
+    eprintln!("booting the kernel in qemu (software emulation): the kernel's job, then the engine's…");
+    let jobs = [
+        dmsim_kernel_shim::Job::Ublk(trace.clone()),
+        dmsim_kernel_shim::Job::Engine {
+            trace: trace.clone(),
+            engine: dmsim_kernel_shim::protocol::EngineJob::serialized(),
+        },
+    ];
+    let runs = match shim.run_jobs(&jobs) {
+        Ok(r) if r.len() == 2 => r,
+        Ok(r) => return fail(format!("the VM returned {} results for 2 jobs", r.len())),
+        Err(e) => return fail(e.to_string()),
+    };
+    let (kernel, engine) = (&runs[0], &runs[1]);
+    for (name, run) in [("kernel", kernel), ("engine", engine)] {
+        if let Some(e) = &run.result.error {
+            return fail(format!("the {name}'s job failed: {e}"));
+        }
+    }
+    let judged = judge(&trace, true, kernel).and_then(|k| judge(&trace, true, engine).map(|e| (k, e)));
+    let (k, e) = match judged {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    let pair = compare_runs(kernel, engine);
+    let l2_text = |l2: &Result<dmsim_kernel_shim::equivalence::L2, String>| match l2 {
+        Ok(l2) => l2.label().to_string(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let rows = [
+        ("simulator–kernel", k.differences.len(), l2_text(&k.l2), k.l3.differing, k.l3.blocks),
+        ("simulator–engine", e.differences.len(), l2_text(&e.l2), e.l3.differing, e.l3.blocks),
+        ("kernel–engine", pair.l1.len(), l2_text(&pair.l2), pair.l3.differing, pair.l3.blocks),
+    ];
+    if args.json {
+        let json = serde_json::json!({
+            "trace": args.trace.display().to_string(),
+            "seed": trace.header.seed,
+            "kernel_verdict": k.verdict().name(),
+            "engine_verdict": e.verdict().name(),
+            "pairs": rows.iter().map(|(name, l1, l2, d, b)| serde_json::json!({
+                "pair": name, "l1_equal": *l1 == 0, "l1_differences": l1, "l2": l2,
+                "l3_differing_blocks": d, "l3_blocks": b,
+            })).collect::<Vec<_>>(),
+            "kernel_engine_first_l1_difference": pair.l1.first(),
+            "kernel_engine_same_commits": pair.same_commits,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "dmsim replay: {} (seed {}, {} ops) on the simulator, the kernel and the engine, one request at a time",
+            args.trace.display(),
+            trace.header.seed,
+            trace.ops().count()
+        );
+        println!("the kernel against the simulator: {}", k.verdict().name());
+        println!("the engine against the simulator: {}", e.verdict().name());
+        println!("{:<18} {:<14} {:<12} L3", "pair", "L1", "L2");
+        for (name, l1, l2, d, b) in &rows {
+            let l1 = if *l1 == 0 { "equal".to_string() } else { format!("{l1} differ") };
+            let l3 = if *d == 0 { "identical".to_string() } else { format!("{d} of {b} blocks differ") };
+            println!("{name:<18} {l1:<14} {l2:<12} {l3}");
+        }
+        if pair.same_commits == Some(false) {
+            println!(
+                "the kernel and the engine committed after different ops (each one's commit timer on its own \
+                 clock): where a pool fills, that decides which writes get space"
+            );
+        }
+        for d in pair.l1.iter().take(10) {
+            println!("  kernel–engine: {d}");
+        }
+    }
+    let l1_equal = rows.iter().all(|r| r.1 == 0);
+    let explained = |v: Verdict| v != Verdict::Unexplained;
+    if l1_equal && explained(k.verdict()) && explained(e.verdict()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::PROBLEMS)
+    }
+}
+
+/// `dmsim replay --on engine --depth N` (N > 1): the trace's requests with
+/// up to N in flight on the engine in the VM, judged by the oracle.
+fn run_concurrent_on_engine(args: &ReplayArgs, trace: &Trace) -> ExitCode {
+    use dmsim_kernel_shim::protocol::EngineJob;
+    let fail = |what: String| {
+        eprintln!("dmsim replay --on engine --depth {}: {}: {what}", args.depth, args.trace.display());
+        ExitCode::from(exit::UNUSABLE)
+    };
+    let job = dmsim_kernel_shim::Job::Engine {
+        trace: trace.clone(),
+        engine: EngineJob { depth: args.depth, ..EngineJob::serialized() },
+    };
+    let run = match boot_one(job, true) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if let Some(path) = &args.console {
+        if let Err(e) = write_console(path, &run) {
+            return fail(format!("--console: {e}"));
+        }
+    }
+    let report = match dmsim_kernel_shim::thin_replay::judge_concurrent(&run) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "trace": args.trace.display().to_string(),
+                "seed": trace.header.seed,
+                "on": "engine",
+                "depth": args.depth,
+                "requests": report.requests,
+                "max_in_flight": report.max_in_flight,
+                "overtaken": report.overtaken,
+                "blocks_read_back": report.blocks_read_back,
+                "failed_ops": report.failed_ops,
+                "oracle_violations": report.violations,
+            })
+        );
+    } else {
+        println!(
+            "dmsim replay: {} (seed {}, {} ops) on the engine, up to {} requests in flight, judged by the oracle",
+            args.trace.display(),
+            trace.header.seed,
+            trace.ops().count(),
+            args.depth
+        );
+        println!(
+            "{} requests, at most {} in flight at once, {} completed before one sent earlier, {} answered with \
+             an error; {} blocks read back at the end",
+            report.requests, report.max_in_flight, report.overtaken, report.failed_ops, report.blocks_read_back
+        );
+        if report.violations.is_empty() {
+            println!("oracle: no violation");
+        } else {
+            println!("oracle: {} VIOLATIONS; first:", report.violations.len());
+            for v in report.violations.iter().take(10) {
+                println!("  {v}");
+            }
+        }
+    }
+    if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::PROBLEMS)
     }
 }

@@ -187,7 +187,10 @@ fn bad_inputs_exit_2_with_a_message() {
     assert_usage_error(&dmsim(&["check", "--time", "soon"]), "expected a duration");
     // The kernel backend reads the trace before it boots anything.
     assert_usage_error(&dmsim(&["replay", "--on", "kernel", s(&malformed)]), "malformed.trace: line 4");
-    assert_usage_error(&dmsim(&["replay", "--on", "qemu", s(&malformed)]), "use `sim` or `kernel`");
+    assert_usage_error(
+        &dmsim(&["replay", "--on", "qemu", s(&malformed)]),
+        "use `sim`, `kernel`, `engine` or `all`",
+    );
 
     // A clean trace has nothing to minimize.
     let clean = dir.join("clean.trace");

@@ -295,6 +295,10 @@ fn every_command_prints_the_one_exit_status_table_and_the_readme_has_it() {
         &["fuzz-to-trace"],
         &["metadata", "check"],
         &["metadata", "dump"],
+        &["engine", "serve"],
+        &["engine", "message"],
+        &["engine", "status"],
+        &["engine", "stop"],
     ];
     for c in commands {
         let out = Command::new(env!("CARGO_BIN_EXE_dmsim")).args(*c).arg("--help").output().unwrap();

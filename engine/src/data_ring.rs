@@ -78,6 +78,9 @@ struct Slot {
     expect: i32,
 }
 
+/// `BLKDISCARD`: `_IO(0x12, 119)`.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
 /// The data device as the engine drives it: a file or block device opened
 /// with `O_DIRECT`, every data I/O the pool puts in flight submitted at
 /// once as io_uring operations and ended when the ring completes it, in
@@ -88,7 +91,7 @@ struct Slot {
 /// | `Read`, `Write` | `IORING_OP_READ`, `IORING_OP_WRITE` (FUA: `RWF_DSYNC`) |
 /// | `Zero` | `IORING_OP_WRITE` of zeroes |
 /// | `Copy` | `IORING_OP_READ` linked (`IOSQE_IO_LINK`) to `IORING_OP_WRITE` of the same buffer |
-/// | `Discard` | `IORING_OP_FALLOCATE` punching a hole per range (reads back as zeroes) |
+/// | `Discard` | `IORING_OP_FALLOCATE` punching a hole per range (reads back as zeroes); on a block device a `BLKDISCARD` ioctl per range, at submission |
 /// | `Flush` | `IORING_OP_FSYNC` (datasync) with `IOSQE_IO_DRAIN`: after every operation submitted before it |
 /// | `Nothing` | completes at once |
 ///
@@ -104,6 +107,10 @@ pub struct DataRing {
     /// Completed without the ring, to hand out at the next reap.
     ready: Vec<Completed>,
     stats: RingStats,
+    /// A block device: discards are `BLKDISCARD` ioctls (a block device
+    /// punches no holes without write-zeroes support, and 6.1's io_uring
+    /// has no discard operation), done at submission.
+    is_block: bool,
 }
 
 impl std::fmt::Debug for DataRing {
@@ -122,7 +129,12 @@ impl DataRing {
     pub fn open(path: &Path, depth: u32) -> Result<DataRing, EngineError> {
         let (file, nr_sectors) = open_direct(path)?;
         let ring = IoUring::new(depth.clamp(1, 4096)).map_err(EngineError::Ring)?;
+        let is_block = {
+            use std::os::unix::fs::FileTypeExt;
+            file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+        };
         Ok(DataRing {
+            is_block,
             file,
             ring,
             nr_sectors,
@@ -131,6 +143,13 @@ impl DataRing {
             ready: Vec::new(),
             stats: RingStats::default(),
         })
+    }
+
+    /// Has the kernel signal the eventfd `fd` whenever the ring posts a
+    /// completion (`IORING_REGISTER_EVENTFD`), so that a caller waiting on
+    /// other things too (the engine's ublk ring) wakes for it.
+    pub fn register_eventfd(&self, fd: i32) -> Result<(), EngineError> {
+        self.ring.submitter().register_eventfd(fd).map_err(EngineError::Ring)
     }
 
     /// What the ring has done so far.
@@ -250,6 +269,19 @@ impl DataRing {
                 entries.push(
                     opcode::Write::new(fd, buf.as_ptr(), slot.len as u32).offset(to * SECTOR_SIZE).build(),
                 );
+            }
+            DataRequest::Discard { ranges } if self.is_block => {
+                let mut result = Ok(());
+                for (b, e) in ranges.into_iter().filter(|(b, e)| e > b) {
+                    let range: [u64; 2] = [b * SECTOR_SIZE, (e - b) * SECTOR_SIZE];
+                    // SAFETY: BLKDISCARD reads two u64s from a live array.
+                    let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+                    if r != 0 {
+                        result = Err(Errno::EIO);
+                    }
+                }
+                self.ready.push(Completed { id, result, read: None });
+                return Ok(());
             }
             DataRequest::Discard { ranges } => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

@@ -8,7 +8,10 @@
 //! through the same trait the simulator's disks implement. Its second is
 //! [`DataRing`]: the pool's data I/O in flight together on one ring and
 //! ended in the ring's completion order; [`settle`] drives a pool so
-//! (docs/engine.md).
+//! (docs/engine.md). Its third is the server ([`serve`]): the pool on a
+//! thread of its own, one ublk device per active thin device ([`ublk`]:
+//! kernel 6.1's ABI), pool messages over a control socket
+//! ([`EngineClient`]).
 //!
 //! [`BlockDevice`]: dmsim_model::block_device::BlockDevice
 
@@ -17,8 +20,11 @@
 mod aligned;
 mod data_ring;
 mod drive;
+mod server;
+pub mod ublk;
 mod uring;
 
 pub use data_ring::{Completed, DataRing, RingStats};
 pub use drive::{settle, DriveError};
+pub use server::{serve, EngineClient, EngineConfig, EngineMutations};
 pub use uring::{EngineError, UringDevice};

@@ -36,6 +36,27 @@ pub enum EngineError {
     /// The kernel refused the io_uring instance.
     #[error("io_uring setup: {0}")]
     Ring(#[source] std::io::Error),
+    /// A system call failed (a ublk command, a socket, a thread).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The system's answer.
+        #[source]
+        source: std::io::Error,
+    },
+    /// ublk or the engine's control channel answered something unusable.
+    #[error("{0}")]
+    Ublk(String),
+    /// The engine refused a request with an errno (a pool message the
+    /// pool refused, a device that does not activate).
+    #[error("{errno}: {message}")]
+    Refused {
+        /// The errno, as the kernel's target would return it.
+        errno: dmsim_model::errno::Errno,
+        /// What the pool said.
+        message: String,
+    },
 }
 
 /// A block device over a file or a block device opened with `O_DIRECT`,

@@ -271,6 +271,17 @@ impl DataIo {
     /// Sends the request to `file` (the device's) and waits for it; what
     /// the kernel answered.
     fn run(self, file: &File) -> OpResult {
+        self.run_keeping(file).0
+    }
+
+    /// As [`DataIo::run`], also returning what a read read.
+    fn run_keeping(self, file: &File) -> (OpResult, Option<Vec<u8>>) {
+        let mut kept = None;
+        let r = self.run_into(file, &mut kept);
+        (r, kept)
+    }
+
+    fn run_into(self, file: &File, kept: &mut Option<Vec<u8>>) -> OpResult {
         let index = self.index;
         let done = |outcome: String, read: Option<String>| OpResult { index, outcome, read };
         match self.kind {
@@ -296,7 +307,10 @@ impl DataIo {
             }
             DataIoKind::Read { mut buf, sector, run } => {
                 match read_exact_at(file, buf.as_mut_slice(), sector * 512) {
-                    Ok(()) => done("ok".into(), Some(summarize(buf.as_slice(), run, sector))),
+                    Ok(()) => {
+                        *kept = Some(buf.as_slice().to_vec());
+                        done("ok".into(), Some(summarize(buf.as_slice(), run, sector)))
+                    }
                     Err(e) => done(errno_of(&e), None),
                 }
             }
@@ -375,6 +389,188 @@ pub struct Replayer<'c> {
     /// When the trace grows the metadata device: the dm-linear device the
     /// pool has for metadata ([`Replayer::new_growable`]).
     metadata_linear: Option<MetadataLinear>,
+    /// The userland engine the pool runs on instead of the kernel's
+    /// dm-thin ([`Replayer::new_on_engine`]).
+    engine: Option<EngineProc>,
+}
+
+/// The userland engine as the agent runs it ([`JobKind::Engine`]): this
+/// binary started again as `engine …` (`dmsim_engine::serve`), a child
+/// process serving the pool's thin devices as ublk devices, asked over its
+/// control socket. A crash kills it (`SIGKILL`); drop kills it too, and
+/// either way the ublk devices it served are stopped and deleted.
+pub struct EngineProc {
+    child: Option<std::process::Child>,
+    client: dmsim_engine::EngineClient,
+    /// The ublk devices it said it serves, by thin device id.
+    dev_ids: Vec<(u32, u32)>,
+    /// How it runs.
+    job: crate::protocol::EngineJob,
+}
+
+impl EngineProc {
+    /// Starts the engine on `metadata` and `data` (formatting a new pool
+    /// when `format`), run as `job` says, and waits until it answers.
+    pub fn spawn(
+        spec: &PoolSpec,
+        metadata: &Path,
+        data: &Path,
+        prefix: &str,
+        format: bool,
+        job: crate::protocol::EngineJob,
+    ) -> Result<EngineProc, ShimError> {
+        let socket = PathBuf::from(format!("/run/dmsim-engine{prefix}.sock"));
+        let _ = std::fs::create_dir_all("/run");
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg("engine")
+            .arg("--metadata")
+            .arg(metadata)
+            .arg("--data")
+            .arg(data)
+            .arg("--table")
+            .arg(spec.table_tail())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--no-space-timeout")
+            .arg(spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1).to_string())
+            .arg("--depth")
+            .arg(job.depth.to_string())
+            .arg("--commit-period-ms")
+            .arg(job.commit_period_ms.to_string());
+        if format {
+            cmd.arg("--format");
+        }
+        if job.ack_flush_early {
+            cmd.arg("--ack-flush-early");
+        }
+        if job.drop_writes {
+            cmd.arg("--drop-writes");
+        }
+        let child = cmd.spawn().map_err(|e| ShimError::io("start the engine", e))?;
+        let mut engine = EngineProc {
+            child: Some(child),
+            client: dmsim_engine::EngineClient::new(&socket),
+            dev_ids: Vec::new(),
+            job,
+        };
+        if let Err(e) = engine.client.wait_ready(Duration::from_secs(30)) {
+            let status = engine.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            engine.kill();
+            return Err(ShimError::Invalid(format!(
+                "the engine did not answer ({e}){}",
+                status.map(|s| format!("; it ended: {s}")).unwrap_or_default()
+            )));
+        }
+        Ok(engine)
+    }
+
+    /// One request to the engine; its answer.
+    fn request(&self, line: &str) -> Result<String, ShimError> {
+        self.client.request(line).map_err(ShimError::from)
+    }
+
+    /// Serves thin device `id` of `sectors`; its block node.
+    fn activate(&mut self, id: u32, sectors: u64) -> Result<PathBuf, ShimError> {
+        let path = PathBuf::from(self.request(&format!("activate {id} {sectors}"))?);
+        let dev = path
+            .to_str()
+            .and_then(|p| p.strip_prefix("/dev/ublkb"))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| ShimError::Invalid(format!("the engine answered {path:?} for an activation")))?;
+        self.dev_ids.push((id, dev));
+        Ok(path)
+    }
+
+    /// Stops serving thin device `id`.
+    fn deactivate(&mut self, id: u32) -> Result<(), ShimError> {
+        self.request(&format!("deactivate {id}"))?;
+        self.dev_ids.retain(|(t, _)| *t != id);
+        Ok(())
+    }
+
+    /// Asks the engine to stop (its devices deleted, the pool closed: a
+    /// clean shutdown) and waits for it to exit.
+    fn stop(mut self) -> Result<(), ShimError> {
+        let r = self.request("stop");
+        if r.is_ok() {
+            // The engine deleted its devices itself.
+            self.dev_ids.clear();
+        }
+        let status = self.child.take().map(|mut c| c.wait());
+        r?;
+        match status {
+            Some(Ok(s)) if s.success() => Ok(()),
+            Some(Ok(s)) => Err(ShimError::Invalid(format!("the engine exited with {s}"))),
+            Some(Err(e)) => Err(ShimError::io("wait for the engine", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the engine (`SIGKILL`: no shutdown of any kind) and stops and
+    /// deletes the ublk devices it served.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.dev_ids.is_empty() {
+            return;
+        }
+        match crate::ublk::UblkControl::open() {
+            Ok(ctl) => {
+                for (_, dev) in std::mem::take(&mut self.dev_ids) {
+                    let cmd = crate::ublk::CtrlCmd { dev_id: dev, queue_id: u16::MAX, ..Default::default() };
+                    let _ = ctl.command(crate::ublk::CMD_STOP_DEV, &cmd);
+                    if let Err(e) = ctl.command(crate::ublk::CMD_DEL_DEV, &cmd) {
+                        log(&format!("deleting ublk dev {dev} of the killed engine: {e}"));
+                    }
+                }
+            }
+            Err(e) => log(&format!("the killed engine's ublk devices: {e}")),
+        }
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `dmsim-kernel-agent engine …`: the engine in the VM (see
+/// [`EngineProc`]); the exit status (0 after a `stop`).
+pub fn engine_main(args: &[String]) -> i32 {
+    let get = |name: &str| -> Option<String> {
+        let i = args.iter().position(|a| a == name)?;
+        args.get(i + 1).cloned()
+    };
+    let (Some(metadata), Some(data), Some(table), Some(socket)) =
+        (get("--metadata"), get("--data"), get("--table"), get("--socket"))
+    else {
+        eprintln!("engine: --metadata, --data, --table and --socket are required");
+        return 2;
+    };
+    let mut config =
+        dmsim_engine::EngineConfig::new(Path::new(&metadata), Path::new(&data), &table, Path::new(&socket));
+    config.format = args.iter().any(|a| a == "--format");
+    config.mutations.ack_flush_early = args.iter().any(|a| a == "--ack-flush-early");
+    config.mutations.drop_writes = args.iter().any(|a| a == "--drop-writes");
+    if let Some(t) = get("--no-space-timeout").and_then(|v| v.parse().ok()) {
+        config.no_space_timeout_secs = t;
+    }
+    if let Some(d) = get("--depth").and_then(|v| v.parse().ok()) {
+        config.queue_depth = d;
+    }
+    if let Some(ms) = get("--commit-period-ms").and_then(|v| v.parse::<u64>().ok()).filter(|&ms| ms > 0) {
+        config.commit_period = Some(Duration::from_millis(ms));
+    }
+    match dmsim_engine::serve(&config, || {}) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("engine: {e}");
+            1
+        }
+    }
 }
 
 /// The pool's metadata device in a job that grows it: a dm-linear device
@@ -452,6 +648,50 @@ impl<'c> Replayer<'c> {
             times,
             table,
             metadata_linear: None,
+            engine: None,
+        })
+    }
+
+    /// As [`Replayer::new`], the pool being the userland engine's
+    /// ([`EngineProc`]) on `metadata` and `data`, run as `engine` says; no
+    /// device-mapper device is made.
+    pub fn new_on_engine(
+        ctl: &'c Control,
+        spec: PoolSpec,
+        metadata: &Path,
+        data: &Path,
+        prefix: &str,
+        format: bool,
+        engine: crate::protocol::EngineJob,
+    ) -> Result<Replayer<'c>, ShimError> {
+        let clock = CoarseClock::new();
+        let created_a = clock.now_us();
+        let engine = EngineProc::spawn(&spec, metadata, data, prefix, format, engine)?;
+        let times = vec![
+            (format!("{COARSE_PREFIX}create-a"), created_a),
+            (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
+        ];
+        let table = TargetSpec {
+            start: 0,
+            length: spec.data_sectors(),
+            target_type: "engine".into(),
+            params: spec.table_tail(),
+        };
+        Ok(Replayer {
+            ctl,
+            prefix: prefix.to_string(),
+            pool_name: format!("engine{prefix}"),
+            spec,
+            dev_dir: PathBuf::from("/dev"),
+            pool: DevNum { major: 0, minor: 0 },
+            devices: Vec::new(),
+            next_id: 0,
+            next_write: 0,
+            clock,
+            times,
+            table,
+            metadata_linear: None,
+            engine: Some(engine),
         })
     }
 
@@ -530,6 +770,13 @@ impl<'c> Replayer<'c> {
     }
 
     fn activate(&mut self, id: u32) -> Result<(), ShimError> {
+        if let Some(engine) = self.engine.as_mut() {
+            let path = engine.activate(id, self.spec.thin_sectors())?;
+            wait_for(&path)?;
+            let file = open_direct(&path)?;
+            self.devices.push(Thin { id, name: path.display().to_string(), file });
+            return Ok(());
+        }
         let name = format!("dmsim-t{}-{id}", self.prefix);
         self.ctl.create(&name)?;
         let table = TargetSpec {
@@ -581,6 +828,9 @@ impl<'c> Replayer<'c> {
     /// The pool's status line without a commit (`DM_NOFLUSH`: the model
     /// does not commit for a look at its mode either).
     fn pool_status_noflush(&self) -> Result<String, ShimError> {
+        if let Some(engine) = &self.engine {
+            return engine.request("status noflush");
+        }
         let s = self.ctl.status(&self.pool_name, false, true)?;
         Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
     }
@@ -602,6 +852,9 @@ impl<'c> Replayer<'c> {
     }
 
     fn message(&self, msg: &str) -> Result<(), ShimError> {
+        if let Some(engine) = &self.engine {
+            return engine.request(&format!("message {msg}")).map(|_| ());
+        }
         self.ctl.message(&self.pool_name, 0, msg).map(|_| ())
     }
 
@@ -669,10 +922,16 @@ impl<'c> Replayer<'c> {
                 let origin_name = self.devices[i].name.clone();
                 let origin_id = self.devices[i].id;
                 let id = self.next_id;
-                // The documented protocol: suspend an active origin first.
-                self.ctl.suspend(&origin_name, 0)?;
+                // The documented protocol: suspend an active origin first
+                // (the engine takes messages between requests).
+                let dm = self.engine.is_none();
+                if dm {
+                    self.ctl.suspend(&origin_name, 0)?;
+                }
                 let r = self.message(&format!("create_snap {id} {origin_id}"));
-                self.ctl.resume(&origin_name)?;
+                if dm {
+                    self.ctl.resume(&origin_name)?;
+                }
                 if let Err(e) = r {
                     return done(format!("skipped ({e})"), None);
                 }
@@ -687,7 +946,7 @@ impl<'c> Replayer<'c> {
                 let thin = self.devices.remove(i);
                 let (id, name) = (thin.id, thin.name.clone());
                 drop(thin);
-                self.ctl.remove(&name)?;
+                self.remove_device(id, &name)?;
                 if let Err(e) = self.message(&format!("delete {id}")) {
                     match self.activate(id) {
                         Ok(()) => {
@@ -794,12 +1053,20 @@ impl<'c> Replayer<'c> {
 
     /// The pool's INFO status line (this commits, as `dmsetup status` does).
     pub fn pool_status(&self) -> Result<String, ShimError> {
+        if let Some(engine) = &self.engine {
+            return engine.request("status");
+        }
         let s = self.ctl.status(&self.pool_name, false, false)?;
         Ok(s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "))
     }
 
     /// Removes every thin device, then the pool (its destructor commits).
     pub fn teardown(mut self) -> Result<(), ShimError> {
+        if let Some(engine) = self.engine.take() {
+            // The engine's stop deactivates every device and closes the pool.
+            self.devices.clear();
+            return engine.stop();
+        }
         for thin in std::mem::take(&mut self.devices) {
             let name = thin.name.clone();
             drop(thin);
@@ -809,6 +1076,29 @@ impl<'c> Replayer<'c> {
         match self.metadata_linear.take() {
             Some(l) => self.ctl.remove(&l.name),
             None => Ok(()),
+        }
+    }
+
+    /// Removes thin device `id` (named `name`): its dm device, or the
+    /// engine's ublk device.
+    fn remove_device(&mut self, id: u32, name: &str) -> Result<(), ShimError> {
+        match self.engine.as_mut() {
+            Some(engine) => engine.deactivate(id),
+            None => self.ctl.remove(name),
+        }
+    }
+
+    /// Kills the engine a pool runs on (`SIGKILL`), as a crash does; the
+    /// devices are forgotten. A kernel pool is torn down instead (its
+    /// disks dead, that is what a crash leaves of it).
+    fn crash_teardown(mut self) -> Result<(), ShimError> {
+        match self.engine.take() {
+            Some(mut engine) => {
+                self.devices.clear();
+                engine.kill();
+                Ok(())
+            }
+            None => self.teardown(),
         }
     }
 
@@ -1029,7 +1319,7 @@ pub fn run_job(
         run_cache_job(ctl, job, trace, disks, &mut result);
         return result;
     }
-    if matches!(kind, JobKind::Ublk | JobKind::Race { .. }) {
+    if matches!(kind, JobKind::Ublk | JobKind::Race { .. } | JobKind::Engine(_)) {
         run_ublk_job(ctl, job, kind, trace, spec, disks, &mut result);
         return result;
     }
@@ -1181,7 +1471,7 @@ fn run_pool_with(
         };
     let t0 = Instant::now();
     match kind {
-        JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk => {
+        JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk | JobKind::Engine(_) => {
             let messages = match kind {
                 JobKind::Logged { messages } => messages.as_slice(),
                 _ => &[],
@@ -1333,7 +1623,10 @@ fn run_ublk_job(
         JobKind::Race { steps } => {
             run_race_pool(ctl, job, trace, steps, spec.clone(), &mut devs, disks.dev_dir, result)
         }
-        _ => run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, result),
+        JobKind::Engine(engine) => {
+            run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, Some(*engine), result)
+        }
+        _ => run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, None, result),
     }
     let t1 = Instant::now();
     let mut served = Vec::new();
@@ -1436,6 +1729,7 @@ fn set_no_space_timeout(spec: &PoolSpec) {
 
 /// A ublk job's pool: the trace's ops as in a replay job; at a crash op,
 /// [`power_cut`]. Then the read-back, the pool's status and the teardown.
+#[allow(clippy::too_many_arguments)]
 fn run_ublk_pool(
     ctl: &Control,
     job: usize,
@@ -1443,6 +1737,7 @@ fn run_ublk_pool(
     spec: PoolSpec,
     devs: &mut UblkPair<'_>,
     dev_dir: &Path,
+    engine_job: Option<crate::protocol::EngineJob>,
     result: &mut KernelResult,
 ) {
     set_no_space_timeout(&spec);
@@ -1451,7 +1746,9 @@ fn run_ublk_pool(
         return;
     };
     let prefix = job.to_string();
-    let created = if spec.metadata_disk_sectors > spec.metadata_sectors {
+    let created = if let Some(engine) = engine_job {
+        Replayer::new_on_engine(ctl, spec.clone(), &m, &d, &prefix, true, engine)
+    } else if spec.metadata_disk_sectors > spec.metadata_sectors {
         Replayer::new_growable(ctl, spec.clone(), &m, spec.metadata_sectors, &d, dev_dir, &prefix, true)
     } else {
         Replayer::new(ctl, spec.clone(), &m, &d, dev_dir, &prefix, true)
@@ -1464,6 +1761,11 @@ fn run_ublk_pool(
         }
     };
     let t0 = Instant::now();
+    if let Some(engine) = engine_job.filter(|e| e.depth > 1) {
+        run_concurrent(&mut replayer, trace, &spec, usize::from(engine.depth), result);
+        finish_replay(replayer, t0, result);
+        return;
+    }
     let faulted = trace.ops().any(|op| matches!(op, Op::Fault { .. } | Op::AimFault { .. }));
     // The ops after which the metadata superblock differs from before
     // them: the pool committed during the op (or between it and the op
@@ -1551,8 +1853,8 @@ fn run_ublk_pool(
         let mut now = superblock(devs);
         let mut line = String::new();
         for _ in 0..4 {
-            line = match replayer.ctl.status(&replayer.pool_name, false, true) {
-                Ok(s) => s.into_iter().map(|t| t.status).collect::<Vec<_>>().join(" ; "),
+            line = match replayer.pool_status_noflush() {
+                Ok(s) => s,
                 Err(e) => format!("status failed: {e}"),
             };
             let before = std::mem::replace(&mut now, superblock(devs));
@@ -1578,6 +1880,257 @@ fn run_ublk_pool(
     if faulted {
         note_fired(devs, trace.ops().count(), result);
     }
+}
+
+/// Locks `m`; a poisoned lock (a panic on another thread) still gives
+/// the value as it was left.
+fn guard<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The note of a concurrent replay's oracle violations
+/// ([`run_concurrent`]): separated by ` ;; `, empty when none.
+pub const ORACLE_VIOLATIONS_NOTE: &str = "oracle-violations";
+
+/// The note of a concurrent replay's counts: `requests N max-in-flight M
+/// overtaken K blocks-read-back B`.
+pub const CONCURRENCY_NOTE: &str = "concurrency";
+
+/// Concurrent replay ([`crate::protocol::EngineJob`] with a depth above
+/// 1): the trace's reads, writes, discards and flushes sent with up to
+/// `depth` in flight, each on a thread of its own, completing in whatever
+/// order the device completes them; pool messages (create, snapshot,
+/// delete) wait until nothing is in flight. Crash, fault and growth ops
+/// are skipped (concurrent replay is judged by the oracle alone, without a
+/// crash model). Every request goes through the oracle as it is sent and
+/// as it completes (its lock taken around each, so the oracle sees an
+/// order that really happened), every read is judged, and at the end
+/// every block of every live device is read and judged too. The
+/// violations and the counts go to the result's notes
+/// ([`ORACLE_VIOLATIONS_NOTE`], [`CONCURRENCY_NOTE`]).
+fn run_concurrent(
+    replayer: &mut Replayer<'_>,
+    trace: &Trace,
+    spec: &PoolSpec,
+    depth: usize,
+    result: &mut KernelResult,
+) {
+    use dmsim_sim::oracle::{Oracle, OracleConfig};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let config = OracleConfig {
+        zeroing: !spec.features.contains(&"skip_block_zeroing"),
+        ..OracleConfig::new(spec.run, spec.block_sectors)
+    };
+    let oracle = Arc::new(Mutex::new(Oracle::new(config)));
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sequence = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::channel::<(OpResult, u64, u64)>();
+    let mut in_flight = 0usize;
+    let (mut requests, mut most, mut overtaken) = (0u64, 0usize, 0u64);
+    // Submission numbers of the requests in flight, to count overtaking.
+    let mut open: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    let mut answers: Vec<OpResult> = Vec::new();
+    let note = |v: &Mutex<Vec<String>>, what: String| {
+        v.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(what)
+    };
+    let mut reap = |answers: &mut Vec<OpResult>, open: &mut std::collections::BTreeSet<u64>| {
+        if let Ok((r, submitted, _)) = rx.recv() {
+            open.remove(&submitted);
+            if open.first().is_some_and(|&first| first < submitted) {
+                overtaken += 1;
+            }
+            answers.push(r);
+        }
+    };
+    for (i, op) in trace.ops().enumerate() {
+        let data = matches!(op, Op::Write { .. } | Op::Read { .. } | Op::Discard { .. } | Op::Flush { .. });
+        if !data {
+            while in_flight > 0 {
+                reap(&mut answers, &mut open);
+                in_flight -= 1;
+            }
+        }
+        match op {
+            Op::Crash { .. } | Op::Fault { .. } | Op::AimFault { .. } | Op::GrowMetadata { .. } => {
+                answers.push(OpResult {
+                    index: i,
+                    outcome: "skipped (concurrent replay)".into(),
+                    read: None,
+                });
+                continue;
+            }
+            _ if !data => {
+                // A message: the device it names before, the device it
+                // made after.
+                let named = match op {
+                    Op::CreateSnap { origin } => replayer.index(origin).map(|k| replayer.devices[k].id),
+                    Op::Delete { dev } => replayer.index(dev).map(|k| replayer.devices[k].id),
+                    _ => None,
+                };
+                let before = replayer.devices.len();
+                match replayer.apply(i, &op) {
+                    Ok(r) => {
+                        let mut o = guard(&oracle);
+                        let made = (replayer.devices.len() > before).then(|| replayer.devices[before].id);
+                        let sectors = spec.thin_sectors();
+                        let fed = match (op, made, named) {
+                            (Op::CreateThin, Some(id), _) => o.create_thin(id, sectors),
+                            (Op::CreateSnap { .. }, Some(id), Some(origin)) => o.create_snap(id, origin),
+                            (Op::Delete { .. }, _, Some(id)) if r.outcome == "ok" => o.delete(id),
+                            _ => Ok(()),
+                        };
+                        if let Err(e) = fed {
+                            note(&violations, format!("op {i}: the oracle refused the message: {e:?}"));
+                        }
+                        answers.push(r);
+                    }
+                    Err(e) => {
+                        result.error = Some(format!("op {i} ({op:?}): {e}"));
+                        break;
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let io = match replayer.data_io(i, &op) {
+            Ok(io) => io,
+            Err(answer) => {
+                answers.push(answer);
+                continue;
+            }
+        };
+        let thin = &replayer.devices[io.dev];
+        let (id, file) = match thin.file.try_clone() {
+            Ok(f) => (thin.id, f),
+            Err(e) => {
+                result.error = Some(format!("op {i}: cloning the device's file: {e}"));
+                break;
+            }
+        };
+        let write = replayer.next_write.wrapping_sub(1);
+        while in_flight >= depth {
+            reap(&mut answers, &mut open);
+            in_flight -= 1;
+        }
+        let (oracle, violations, sequence, tx) =
+            (Arc::clone(&oracle), Arc::clone(&violations), Arc::clone(&sequence), tx.clone());
+        // The submission's number is taken with the oracle's lock, in the
+        // thread, so that numbers follow the oracle's order.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<u64>();
+        let spawned = std::thread::Builder::new().name(format!("op{i}")).spawn(move || {
+            let bad = |what: String| {
+                violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(what)
+            };
+            let (ticket, flush_ticket, submitted) = {
+                let mut o = guard(&oracle);
+                let submitted = sequence.fetch_add(1, Ordering::SeqCst);
+                let mut flush_ticket = None;
+                let ticket = match &io.kind {
+                    DataIoKind::Write { buf, sector, fua, preflush } => {
+                        if *preflush {
+                            flush_ticket = o.flush_submitted(id).ok();
+                        }
+                        o.write_submitted(id, *sector, buf.len as u64 / 512, write, *fua)
+                    }
+                    DataIoKind::Read { buf, sector, .. } => {
+                        o.read_submitted(id, *sector, buf.len as u64 / 512)
+                    }
+                    DataIoKind::Discard { range } => o.discard_submitted(id, range[0] / 512, range[1] / 512),
+                    DataIoKind::Flush => o.flush_submitted(id),
+                };
+                (ticket, flush_ticket, submitted)
+            };
+            let _ = ready_tx.send(submitted);
+            let is = |k: &DataIoKind| match k {
+                DataIoKind::Write { .. } => 0,
+                DataIoKind::Read { .. } => 1,
+                DataIoKind::Discard { .. } => 2,
+                DataIoKind::Flush => 3,
+            };
+            let kind = is(&io.kind);
+            let (r, bytes) = io.run_keeping(&file);
+            let ok = r.outcome == "ok";
+            let completed = {
+                let mut o = guard(&oracle);
+                let completed = sequence.fetch_add(1, Ordering::SeqCst);
+                match ticket {
+                    Ok(t) => {
+                        if let Some(f) = flush_ticket {
+                            let _ = o.flush_completed(f, ok);
+                        }
+                        let fed =
+                            match kind {
+                                0 => o.write_completed(t, ok).map_err(|e| format!("{e:?}")),
+                                1 => o.read_completed(t, ok, bytes.as_deref().unwrap_or(&[])).map_err(|e| {
+                                    match e.violation() {
+                                        Some(v) => format!("VIOLATION {v:?}"),
+                                        None => format!("{e:?}"),
+                                    }
+                                }),
+                                2 => o.discard_completed(t, ok).map_err(|e| format!("{e:?}")),
+                                _ => o.flush_completed(t, ok).map_err(|e| format!("{e:?}")),
+                            };
+                        if let Err(e) = fed {
+                            bad(format!("op {}: {e}", r.index));
+                        }
+                    }
+                    Err(e) => bad(format!("op {}: the oracle refused the request: {e:?}", r.index)),
+                }
+                completed
+            };
+            let _ = tx.send((r, submitted, completed));
+        });
+        match spawned {
+            Ok(_) => {
+                requests += 1;
+                in_flight += 1;
+                most = most.max(in_flight);
+                if let Ok(n) = ready_rx.recv() {
+                    open.insert(n);
+                }
+            }
+            Err(e) => {
+                result.error = Some(format!("op {i}: spawning its thread: {e}"));
+                break;
+            }
+        }
+    }
+    while in_flight > 0 {
+        reap(&mut answers, &mut open);
+        in_flight -= 1;
+    }
+    // Every block of every live device, judged at rest.
+    let mut reads_judged = 0u64;
+    let bs = spec.block_sectors;
+    for thin in &replayer.devices {
+        let mut buf = AlignedBuf::zeroed((bs * 512) as usize);
+        for b in 0..spec.thin_blocks {
+            let ok = read_exact_at(&thin.file, buf.as_mut_slice(), b * bs * 512).is_ok();
+            let mut o = guard(&oracle);
+            match o.read_submitted(thin.id, b * bs, bs) {
+                Ok(t) => {
+                    if let Err(e) = o.read_completed(t, ok, buf.as_slice()) {
+                        note(&violations, format!("read-back dev {} block {b}: {e:?}", thin.id));
+                    }
+                    reads_judged += 1;
+                }
+                Err(e) => note(&violations, format!("read-back dev {} block {b}: {e:?}", thin.id)),
+            }
+        }
+    }
+    answers.sort_by_key(|r| r.index);
+    result.ops.extend(answers);
+    let found = violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    result.notes.push((ORACLE_VIOLATIONS_NOTE.into(), found.join(" ;; ")));
+    result.notes.push((
+        CONCURRENCY_NOTE.into(),
+        format!(
+            "requests {requests} max-in-flight {most} overtaken {overtaken} blocks-read-back {reads_judged}"
+        ),
+    ));
 }
 
 /// A race job's pool ([`JobKind::Race`]): the pool on the controlled
@@ -1832,11 +2385,13 @@ fn power_cut<'c>(
     // grows it later); the crash state is that much of the disk.
     let grown = replayer.metadata_sectors_now();
     let (clock, mut times) = (replayer.clock, std::mem::take(&mut replayer.times));
+    let engine_job = replayer.engine.as_ref().map(|e| e.job);
     let t = Instant::now();
     // The dead pool's teardown: every thin device, then the pool. On 6.1
     // the pool's postsuspend commits, the commit's I/O fails, the pool
     // goes to fail mode; remove still succeeds (see docs/kernel-shim.md).
-    let teardown = replayer.teardown();
+    // The engine is killed (SIGKILL) instead.
+    let teardown = replayer.crash_teardown();
     log(&format!(
         "power cut at op {index}: teardown of the dead pool took {} ms: {}",
         t.elapsed().as_millis(),
@@ -1891,11 +2446,12 @@ fn power_cut<'c>(
     let (mp, dp) = (meta.block().to_path_buf(), data.block().to_path_buf());
     devs.devs = Some((meta, data));
     let prefix = job.to_string();
-    let reloaded = match grown {
-        Some(sectors) => {
+    let reloaded = match (grown, engine_job) {
+        (_, Some(engine)) => Replayer::new_on_engine(ctl, spec.clone(), &mp, &dp, &prefix, false, engine),
+        (Some(sectors), None) => {
             Replayer::new_growable(ctl, spec.clone(), &mp, sectors, &dp, dev_dir, &prefix, false)
         }
-        None => Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &prefix, false),
+        (None, None) => Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &prefix, false),
     };
     let mut replayer = reloaded.map_err(|e| format!("the pool does not load after the crash: {e}"))?;
     // Every device the surviving metadata holds is read back, as the
@@ -1920,11 +2476,10 @@ fn power_cut<'c>(
             let read = replayer.read_back().map_err(|e| format!("read-back after the crash: {e}"));
             while replayer.devices.len() > ids.len() {
                 let thin = replayer.devices.pop().expect("an extra device");
-                let name = thin.name.clone();
+                let (id, name) = (thin.id, thin.name.clone());
                 drop(thin);
                 replayer
-                    .ctl
-                    .remove(&name)
+                    .remove_device(id, &name)
                     .map_err(|e| format!("removing device {name} after its read-back: {e}"))?;
             }
             read

@@ -57,6 +57,21 @@ pub enum ShimError {
     },
 }
 
+impl From<dmsim_engine::EngineError> for ShimError {
+    fn from(e: dmsim_engine::EngineError) -> ShimError {
+        match e {
+            dmsim_engine::EngineError::Io { what, source } => ShimError::Io { what, source },
+            // As a device-mapper ioctl's refusal, so that callers treat
+            // the engine's refusals as the kernel's.
+            dmsim_engine::EngineError::Refused { errno, message } => ShimError::Dm {
+                what: format!("(engine) {message}"),
+                source: std::io::Error::from_raw_os_error(errno.code()),
+            },
+            e => ShimError::Invalid(e.to_string()),
+        }
+    }
+}
+
 impl ShimError {
     /// An I/O error with what was being done.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> ShimError {

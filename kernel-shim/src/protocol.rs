@@ -701,6 +701,13 @@ pub enum JobKind {
     /// metadata image there); the result counts the requests served
     /// ([`KernelResult::ublk`]).
     Ublk,
+    /// As [`JobKind::Ublk`], the pool being the userland engine's
+    /// (`dmsim_engine::serve`, this agent started again as `engine …`) on
+    /// the controlled disks rather than the kernel's dm-thin: its thin
+    /// devices are ublk devices the engine serves with `depth` tags each
+    /// (1: one request at a time); a crash op cuts the disks' power and
+    /// kills the engine (`SIGKILL`), and a new engine opens what survives.
+    Engine(EngineJob),
     /// As [`JobKind::Ublk`], with the trace's ops run as `steps` say
     /// rather than one after another: some started on a thread of their
     /// own and left in flight, the data disk's reads held at a gate
@@ -972,12 +979,69 @@ pub fn log_offsets(kinds: &[JobKind]) -> (Vec<Option<u64>>, u64) {
     (offsets, end.max(SLICE_ALIGN))
 }
 
+/// How an engine job runs the engine ([`JobKind::Engine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineJob {
+    /// Tags per thin device's queue (1: one request at a time).
+    pub depth: u16,
+    /// The commit period in milliseconds; 0: the model's own (one second,
+    /// the kernel's `COMMIT_PERIOD`).
+    pub commit_period_ms: u64,
+    /// The deliberately broken engine: a FLUSH acknowledged before any
+    /// commit covers it (`dmsim_engine::EngineMutations::ack_flush_early`).
+    pub ack_flush_early: bool,
+    /// The deliberately broken engine that acknowledges every eighth write
+    /// without doing it (`dmsim_engine::EngineMutations::drop_writes`).
+    pub drop_writes: bool,
+}
+
+impl EngineJob {
+    /// The serialized engine: depth 1, the model's commit period, no bug.
+    pub fn serialized() -> EngineJob {
+        EngineJob { depth: 1, commit_period_ms: 0, ack_flush_early: false, drop_writes: false }
+    }
+
+    /// `depth,period[,ack-flush-early][,drop-writes]`, one word of a job
+    /// line.
+    pub fn text(&self) -> String {
+        let mut s = format!("{},{}", self.depth, self.commit_period_ms);
+        if self.ack_flush_early {
+            s.push_str(",ack-flush-early");
+        }
+        if self.drop_writes {
+            s.push_str(",drop-writes");
+        }
+        s
+    }
+
+    /// Parses [`EngineJob::text`]; `None` when malformed.
+    pub fn parse(word: &str) -> Option<EngineJob> {
+        let mut parts = word.split(',');
+        let depth: u16 = parts.next()?.parse().ok().filter(|&d| d >= 1)?;
+        let commit_period_ms = parts.next()?.parse().ok()?;
+        let mut job = EngineJob { depth, commit_period_ms, ..EngineJob::serialized() };
+        for bug in parts {
+            match bug {
+                "ack-flush-early" if !job.ack_flush_early => job.ack_flush_early = true,
+                "drop-writes" if !job.drop_writes => job.drop_writes = true,
+                _ => return None,
+            }
+        }
+        Some(job)
+    }
+}
+
 impl JobKind {
     /// Whether the agent prepares fresh disks for this job.
     pub fn is_fresh(&self) -> bool {
         matches!(
             self,
-            JobKind::Replay | JobKind::Logged { .. } | JobKind::Flakey | JobKind::Ublk | JobKind::Race { .. }
+            JobKind::Replay
+                | JobKind::Logged { .. }
+                | JobKind::Flakey
+                | JobKind::Ublk
+                | JobKind::Race { .. }
+                | JobKind::Engine(_)
         )
     }
 }
@@ -997,6 +1061,7 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
             }
             JobKind::Flakey => format!("job flakey {}\n", text.len()),
             JobKind::Ublk => format!("job ublk {}\n", text.len()),
+            JobKind::Engine(e) => format!("job engine {} {}\n", text.len(), e.text()),
             JobKind::Cache => format!("job cache {}\n", text.len()),
             JobKind::Race { steps } => {
                 let steps = if steps.is_empty() { "-".to_string() } else { RaceStep::list_text(steps) };
@@ -1051,6 +1116,9 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
             }
             ("flakey", None) => JobKind::Flakey,
             ("ublk", None) => JobKind::Ublk,
+            ("engine", Some(e)) if words.len() == 4 => JobKind::Engine(
+                EngineJob::parse(e).ok_or_else(|| bad(format!("bad engine job in {line:?}")))?,
+            ),
             ("cache", None) => JobKind::Cache,
             ("race", Some(&"-")) if words.len() == 4 => JobKind::Race { steps: Vec::new() },
             ("race", Some(steps)) if words.len() == 4 => {
@@ -1848,6 +1916,29 @@ mod tests {
         }
         let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
         assert!(decode_request(huge.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn engine_jobs_round_trip_and_reject_garbage() {
+        let text = "dmsim-trace 1\nseed 3\nworkload random\ncreate-thin\n".to_string();
+        let engines = [
+            EngineJob::serialized(),
+            EngineJob { depth: 8, commit_period_ms: 250, ..EngineJob::serialized() },
+            EngineJob { ack_flush_early: true, commit_period_ms: 3_600_000, ..EngineJob::serialized() },
+            EngineJob { depth: 4, drop_writes: true, ack_flush_early: true, ..EngineJob::serialized() },
+        ];
+        let jobs: Vec<_> = engines.iter().map(|e| (JobKind::Engine(*e), text.clone())).collect();
+        let back = decode_request(&encode_request(&jobs)).expect("decodes");
+        assert_eq!(
+            back.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            jobs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()
+        );
+        for bad in ["0,0", "1", "x,0", "1,x", "1,0,frob", "1,0,drop-writes,drop-writes", "1,-1", ""] {
+            assert_eq!(EngineJob::parse(bad), None, "{bad:?}");
+            let body = format!("{REQUEST_FIRST_LINE}\njob engine {} {bad}\n{text}", text.len());
+            assert!(decode_request(body.as_bytes()).is_err(), "{bad:?}");
+        }
+        assert!(JobKind::Engine(EngineJob::serialized()).is_fresh());
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct SeedOutcome {
     /// so that the seed can be judged again without a boot
     /// ([`crate::vm::KernelRun::from_saved`]).
     pub kernel_metadata: Option<Vec<u8>>,
+    /// With [`Target::All`]: the engine's run of the same trace.
+    pub engine: Option<EngineSide>,
 }
 
 impl SeedOutcome {
@@ -121,7 +123,7 @@ impl SeedOutcome {
             if self.faulted { ", faults" } else { "" },
             self.word()
         );
-        match &self.result {
+        let line = match &self.result {
             SeedResult::Judged(r) => {
                 let crashes_equal = r.crashes.iter().filter(|c| c.differences.is_empty()).count();
                 let mut s = format!("{head}; crashes L1-equal {crashes_equal}/{}", r.crashes.len());
@@ -150,7 +152,34 @@ impl SeedOutcome {
                 s
             }
             SeedResult::Refused(why) | SeedResult::Failed(why) => format!("{head}: {why}"),
+        };
+        match &self.engine {
+            None => line,
+            Some(e) => format!("{line}; {}", e.line()),
         }
+    }
+}
+
+impl EngineSide {
+    /// The engine's verdict against the simulator, its L2, and the
+    /// kernel–engine comparison, in a few words.
+    pub fn line(&self) -> String {
+        let mut s = match &self.result {
+            SeedResult::Judged(r) => {
+                let l2 = r.l2.as_ref().map_or("unknown", |l| l.label());
+                let mut s = format!("engine: {}, L2 {l2}", r.verdict().name());
+                if let Some(d) = r.first_difference() {
+                    s.push_str(&format!(" (first: {d})"));
+                }
+                s
+            }
+            SeedResult::Refused(why) => format!("engine: refused ({why})"),
+            SeedResult::Failed(why) => format!("engine: failed ({why})"),
+        };
+        if let Some(p) = &self.pair {
+            s.push_str(&format!("; kernel–engine: {}", p.line()));
+        }
+        s
     }
 }
 
@@ -183,6 +212,42 @@ pub struct Summary {
     pub crash_states_reordered: usize,
     /// Explained divergences by class name.
     pub classes: std::collections::BTreeMap<&'static str, usize>,
+    /// With [`Target::All`]: the three-way counts.
+    pub three_way: Option<ThreeWay>,
+}
+
+/// Counts of a campaign on the kernel and the engine ([`Target::All`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreeWay {
+    /// Seeds both ran and were judged.
+    pub seeds: usize,
+    /// The kernel's final metadata dumps as the simulator's (L2 identical).
+    pub kernel_l2_identical: usize,
+    /// The engine equal to the simulator (every op, every crash, the end).
+    pub engine_equal: usize,
+    /// The engine L1-equal at the end and at every crash.
+    pub engine_l1_equal: usize,
+    /// The engine's final metadata dumps as the simulator's.
+    pub engine_l2_identical: usize,
+    /// The engine's crash states, and those L1-equal.
+    pub engine_crash_states: usize,
+    /// The engine's crash states L1-equal to the simulator's.
+    pub engine_crash_states_equal: usize,
+    /// Seeds where the kernel and the engine committed after the same ops.
+    pub same_commits: usize,
+    /// Of those, the seeds where kernel and engine are L1-equal, have the
+    /// same thin_dump, and identical metadata images.
+    pub same_commits_l1_equal: usize,
+    /// See [`Self::same_commits_l1_equal`].
+    pub same_commits_l2_identical: usize,
+    /// See [`Self::same_commits_l1_equal`].
+    pub same_commits_l3_identical: usize,
+    /// Kernel and engine L1-equal at the end.
+    pub pair_l1_equal: usize,
+    /// Kernel and engine with the same thin_dump.
+    pub pair_l2_identical: usize,
+    /// Kernel and engine with identical metadata images (L3).
+    pub pair_l3_identical: usize,
 }
 
 impl Summary {
@@ -210,6 +275,33 @@ impl Summary {
                 SeedResult::Refused(_) => s.refused += 1,
                 SeedResult::Failed(_) => s.failed += 1,
             }
+            if let Some(e) = &o.engine {
+                let t = s.three_way.get_or_insert_with(ThreeWay::default);
+                let identical = |l2: &Result<crate::equivalence::L2, String>| {
+                    l2.as_ref().is_ok_and(|l| l.first_difference().is_none())
+                };
+                if let (SeedResult::Judged(k), SeedResult::Judged(r), Some(p)) =
+                    (&o.result, &e.result, &e.pair)
+                {
+                    t.seeds += 1;
+                    t.kernel_l2_identical += usize::from(identical(&k.l2));
+                    t.engine_equal += usize::from(r.verdict() == Verdict::Equal);
+                    t.engine_l1_equal += usize::from(r.l1_equal_everywhere());
+                    t.engine_l2_identical += usize::from(identical(&r.l2));
+                    t.engine_crash_states += r.crashes.len();
+                    t.engine_crash_states_equal +=
+                        r.crashes.iter().filter(|c| c.differences.is_empty()).count();
+                    t.pair_l1_equal += usize::from(p.l1.is_empty());
+                    t.pair_l2_identical += usize::from(identical(&p.l2));
+                    t.pair_l3_identical += usize::from(p.l3.is_identical());
+                    if p.same_commits == Some(true) {
+                        t.same_commits += 1;
+                        t.same_commits_l1_equal += usize::from(p.l1.is_empty());
+                        t.same_commits_l2_identical += usize::from(identical(&p.l2));
+                        t.same_commits_l3_identical += usize::from(p.l3.is_identical());
+                    }
+                }
+            }
         }
         s
     }
@@ -234,13 +326,66 @@ fn percent(n: usize, of: usize) -> f64 {
     }
 }
 
-/// Replays the thin campaign's trace of every seed in `seeds` on the
-/// kernel, `per_boot` traces a boot (at least 1), the pool on ublk disks,
+/// What a campaign's traces replay on in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The kernel's dm-thin, the pool on controlled (ublk) disks.
+    Kernel,
+    /// The userland engine on the same controlled disks
+    /// (`protocol::JobKind::Engine`), run as the job says.
+    Engine(crate::protocol::EngineJob),
+    /// Both, one after the other in the same boot: the seed's outcome is
+    /// the kernel's, with the engine's ([`SeedOutcome::engine`]) and the
+    /// two runs held against each other beside it.
+    All(crate::protocol::EngineJob),
+}
+
+impl Target {
+    /// The jobs that replay `trace` on this target.
+    pub fn jobs(self, trace: &Trace) -> Vec<Job> {
+        match self {
+            Target::Kernel => vec![Job::Ublk(trace.clone())],
+            Target::Engine(engine) => vec![Job::Engine { trace: trace.clone(), engine }],
+            Target::All(engine) => {
+                vec![Job::Ublk(trace.clone()), Job::Engine { trace: trace.clone(), engine }]
+            }
+        }
+    }
+
+    /// `kernel`, `engine` or `all`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Kernel => "kernel",
+            Target::Engine(_) => "engine",
+            Target::All(_) => "all",
+        }
+    }
+
+    fn runs_engine(self) -> bool {
+        !matches!(self, Target::Kernel)
+    }
+}
+
+/// The engine's side of a seed run on the kernel and the engine
+/// ([`Target::All`]).
+#[derive(Debug, Clone)]
+pub struct EngineSide {
+    /// The engine's run judged against the serialized simulator.
+    pub result: SeedResult,
+    /// The kernel's run and the engine's held against each other (L1, L2,
+    /// L3), when both ran.
+    pub pair: Option<crate::thin_replay::RunPair>,
+}
+
+/// Replays the thin campaign's trace of every seed in `seeds` on
+/// `target` (the kernel, or the engine), `per_boot` traces a boot (at
+/// least 1), the pool on ublk disks,
 /// and judges each; `progress` sees every outcome as it is judged, in
 /// seed order. `shim` must be prepared with
 /// [`KernelShim::prepare_with_ublk`]. With `keep_all`, every outcome
 /// carries the kernel's answer and metadata
 /// ([`SeedOutcome::kernel_answer`]), not only those that are not equal.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     shim: &KernelShim,
     seeds: impl IntoIterator<Item = u64>,
@@ -248,6 +393,7 @@ pub fn run(
     settings: &CampaignSettings,
     per_boot: usize,
     keep_all: bool,
+    target: Target,
     mut progress: impl FnMut(&SeedOutcome),
 ) -> Vec<SeedOutcome> {
     let mut out = Vec::new();
@@ -263,25 +409,32 @@ pub fn run(
             result: SeedResult::Refused(String::new()),
             kernel_answer: None,
             kernel_metadata: None,
+            engine: None,
         };
-        match simulate_serialized_crashing(&trace) {
+        let refused = match target {
+            _ if target.runs_engine() && trace.ops().any(|op| matches!(op, Op::GrowMetadata { .. })) => {
+                Err("the trace grows the metadata device, which the engine does not support yet".to_string())
+            }
+            _ => simulate_serialized_crashing(&trace).map(|_| ()).map_err(|e| e.to_string()),
+        };
+        match refused {
             Err(e) => {
                 // Refused before the VM; the batch's earlier seeds first,
                 // so that outcomes come in seed order.
-                flush(shim, &mut pending, &mut out, keep_all, &mut progress);
-                let o = SeedOutcome { result: SeedResult::Refused(e.to_string()), ..outcome };
+                flush(shim, &mut pending, &mut out, keep_all, target, &mut progress);
+                let o = SeedOutcome { result: SeedResult::Refused(e), ..outcome };
                 progress(&o);
                 out.push(o);
             }
             Ok(_) => {
                 pending.push((outcome, trace));
                 if pending.len() >= per_boot.max(1) {
-                    flush(shim, &mut pending, &mut out, keep_all, &mut progress);
+                    flush(shim, &mut pending, &mut out, keep_all, target, &mut progress);
                 }
             }
         }
     }
-    flush(shim, &mut pending, &mut out, keep_all, &mut progress);
+    flush(shim, &mut pending, &mut out, keep_all, target, &mut progress);
     out
 }
 
@@ -291,30 +444,43 @@ fn flush(
     pending: &mut Vec<(SeedOutcome, Trace)>,
     out: &mut Vec<SeedOutcome>,
     keep_all: bool,
+    target: Target,
     progress: &mut impl FnMut(&SeedOutcome),
 ) {
-    for o in replay_batch(shim, std::mem::take(pending), keep_all) {
+    for o in replay_batch(shim, std::mem::take(pending), keep_all, target) {
         progress(&o);
         out.push(o);
     }
 }
 
 /// One boot for `batch`; when the boot fails, each trace again alone.
-fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>, keep_all: bool) -> Vec<SeedOutcome> {
+fn replay_batch(
+    shim: &KernelShim,
+    batch: Vec<(SeedOutcome, Trace)>,
+    keep_all: bool,
+    target: Target,
+) -> Vec<SeedOutcome> {
     if batch.is_empty() {
         return Vec::new();
     }
-    let jobs: Vec<Job> = batch.iter().map(|(_, t)| Job::Ublk(t.clone())).collect();
+    let jobs: Vec<Job> = batch.iter().flat_map(|(_, t)| target.jobs(t)).collect();
+    let per_trace = jobs.len() / batch.len();
+    let judged = |trace: &Trace, run: &crate::vm::KernelRun| match judge(trace, true, run) {
+        Ok(r) => SeedResult::Judged(Box::new(r)),
+        Err(e) => SeedResult::Failed(e.to_string()),
+    };
     match shim.run_jobs(&jobs) {
-        Ok(runs) if runs.len() == batch.len() => batch
+        Ok(runs) if runs.len() == jobs.len() => batch
             .into_iter()
-            .zip(runs)
-            .map(|((o, trace), run)| {
-                let result = match judge(&trace, true, &run) {
-                    Ok(r) => SeedResult::Judged(Box::new(r)),
-                    Err(e) => SeedResult::Failed(e.to_string()),
-                };
-                let o = SeedOutcome { result, ..o };
+            .zip(runs.chunks(per_trace))
+            .map(|((o, trace), runs)| {
+                let run = &runs[0];
+                let engine = runs.get(1).map(|e| EngineSide {
+                    result: judged(&trace, e),
+                    pair: (run.result.error.is_none() && e.result.error.is_none())
+                        .then(|| crate::thin_replay::compare_runs(run, e)),
+                });
+                let o = SeedOutcome { result: judged(&trace, run), engine, ..o };
                 let keep = keep_all || o.verdict() != Some(Verdict::Equal);
                 let kernel_answer = keep.then(|| run.result.to_text());
                 let kernel_metadata = keep.then(|| run.metadata_image.clone());
@@ -322,7 +488,7 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>, keep_all: b
             })
             .collect(),
         Ok(runs) if batch.len() == 1 => {
-            let why = format!("the VM returned {} results for one job", runs.len());
+            let why = format!("the VM returned {} results for {} jobs", runs.len(), jobs.len());
             batch
                 .into_iter()
                 .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(why.clone()), ..o })
@@ -332,8 +498,84 @@ fn replay_batch(shim: &KernelShim, batch: Vec<(SeedOutcome, Trace)>, keep_all: b
             .into_iter()
             .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(e.to_string()), ..o })
             .collect(),
-        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one], keep_all)).collect(),
+        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one], keep_all, target)).collect(),
     }
+}
+
+/// One seed's concurrent replay on the engine ([`run_concurrent`]).
+#[derive(Debug, Clone)]
+pub struct ConcurrentOutcome {
+    /// The seed.
+    pub seed: u64,
+    /// Its workload's name.
+    pub workload: String,
+    /// The oracle's verdict, or why there is none (the VM or the agent
+    /// failed).
+    pub result: Result<crate::thin_replay::ConcurrentReport, String>,
+}
+
+impl ConcurrentOutcome {
+    /// One line for a report.
+    pub fn line(&self) -> String {
+        match &self.result {
+            Ok(r) => format!(
+                "seed {} {}: {} requests, at most {} in flight, {} overtaken, {} failed ops, {} blocks read back: {}",
+                self.seed,
+                self.workload,
+                r.requests,
+                r.max_in_flight,
+                r.overtaken,
+                r.failed_ops,
+                r.blocks_read_back,
+                match r.violations.first() {
+                    None => "no oracle violation".to_string(),
+                    Some(v) => format!("{} ORACLE VIOLATIONS; first: {v}", r.violations.len()),
+                }
+            ),
+            Err(e) => format!("seed {} {}: failed: {e}", self.seed, self.workload),
+        }
+    }
+}
+
+/// The campaign's trace of every seed in `seeds` replayed on the engine
+/// with up to `depth` requests in flight (`protocol::EngineJob::depth`),
+/// `per_boot` traces a boot, each judged by the oracle in the VM
+/// ([`crate::thin_replay::judge_concurrent`]); `progress` sees each
+/// outcome in seed order. Traces that grow the metadata device are left
+/// out (the engine does not grow it yet): they are not in the result.
+pub fn run_concurrent(
+    shim: &KernelShim,
+    seeds: impl IntoIterator<Item = u64>,
+    ops: usize,
+    settings: &CampaignSettings,
+    per_boot: usize,
+    depth: u16,
+    mut progress: impl FnMut(&ConcurrentOutcome),
+) -> Vec<ConcurrentOutcome> {
+    let engine = crate::protocol::EngineJob { depth, ..crate::protocol::EngineJob::serialized() };
+    let traces: Vec<(u64, Trace)> = seeds
+        .into_iter()
+        .map(|seed| (seed, campaign_trace(seed, ops, settings)))
+        .filter(|(_, t)| !t.ops().any(|op| matches!(op, Op::GrowMetadata { .. })))
+        .collect();
+    let mut out = Vec::new();
+    for batch in traces.chunks(per_boot.max(1)) {
+        let jobs: Vec<Job> = batch.iter().map(|(_, t)| Job::Engine { trace: t.clone(), engine }).collect();
+        let runs = shim.run_jobs(&jobs);
+        for (k, (seed, trace)) in batch.iter().enumerate() {
+            let result = match &runs {
+                Ok(runs) => match runs.get(k) {
+                    Some(run) => crate::thin_replay::judge_concurrent(run).map_err(|e| e.to_string()),
+                    None => Err(format!("the VM returned {} results for {} jobs", runs.len(), jobs.len())),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let o = ConcurrentOutcome { seed: *seed, workload: trace.header.workload.clone(), result };
+            progress(&o);
+            out.push(o);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -384,6 +626,7 @@ mod tests {
             result: SeedResult::Judged(Box::new(r)),
             kernel_answer: None,
             kernel_metadata: None,
+            engine: None,
         }
     }
 

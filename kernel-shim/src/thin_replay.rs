@@ -228,6 +228,115 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     })
 }
 
+/// Two runs of one trace compared with each other (the kernel's and the
+/// engine's, `dmsim replay --on all`): what each run's devices read at the
+/// end and the blocks mapped (L1), their thin_dumps (L2), their metadata
+/// images block for block (L3).
+#[derive(Debug, Clone)]
+pub struct RunPair {
+    /// L1 differences, `a` in the first place of each.
+    pub l1: Vec<String>,
+    /// The dumps compared, or why one cannot be.
+    pub l2: Result<L2, String>,
+    /// The images compared.
+    pub l3: L3,
+    /// Whether both committed after the same ops (the superblock changed
+    /// during the same ops: `protocol::commit_ops`); `None` when a run did
+    /// not record it. Each side's commit timer runs on its own real clock,
+    /// and where a commit falls decides, for a pool that fills, which
+    /// writes get space: two runs that committed after different ops can
+    /// each be equal to the simulator following it and differ from each
+    /// other.
+    pub same_commits: Option<bool>,
+}
+
+impl RunPair {
+    /// A few words: L1, L2, L3, and the commits when they differ.
+    pub fn line(&self) -> String {
+        let l1 = if self.l1.is_empty() { "equal".to_string() } else { format!("{} differ", self.l1.len()) };
+        let l2 = self.l2.as_ref().map_or("unknown", |l| l.label());
+        let mut s = format!("L1 {l1}, L2 {l2}, L3 {} of {} blocks differ", self.l3.differing, self.l3.blocks);
+        if self.same_commits == Some(false) {
+            s.push_str(" (they committed after different ops)");
+        }
+        s
+    }
+}
+
+/// Compares run `a` with run `b` of the same trace ([`RunPair`]).
+pub fn compare_runs(a: &KernelRun, b: &KernelRun) -> RunPair {
+    let l2 = match (&a.thin_dump, &b.thin_dump) {
+        (Ok(x), Ok(y)) => Ok(compare_l2(x, y)),
+        (Err(e), _) | (_, Err(e)) => Err(format!("a metadata image does not dump: {e}")),
+    };
+    let same_commits = crate::protocol::commit_ops(&a.result)
+        .zip(crate::protocol::commit_ops(&b.result))
+        .map(|(x, y)| x == y);
+    RunPair {
+        l1: compare_l1(&FinalState::of_kernel(a), &FinalState::of_kernel(b)),
+        l2,
+        l3: compare_l3(&a.metadata_image, &b.metadata_image),
+        same_commits,
+    }
+}
+
+/// A concurrent replay judged by the oracle (`protocol::EngineJob` with a
+/// depth above 1): the agent fed every request to the oracle as it was
+/// sent and as it completed, and read every block back at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConcurrentReport {
+    /// What the oracle objected to (none: the run is clean).
+    pub violations: Vec<String>,
+    /// Requests sent, the most in flight at once, how many completed
+    /// before one sent earlier, and the blocks read back at the end.
+    pub requests: u64,
+    /// See [`Self::requests`].
+    pub max_in_flight: u64,
+    /// See [`Self::requests`].
+    pub overtaken: u64,
+    /// See [`Self::requests`].
+    pub blocks_read_back: u64,
+    /// Ops answered with an error (a full pool's ENOSPC, say: legal, and
+    /// judged by the oracle as failed requests).
+    pub failed_ops: usize,
+}
+
+/// Reads a concurrent run's verdict from its notes; an error when the run
+/// failed or carries no verdict (an agent that did not replay
+/// concurrently).
+pub fn judge_concurrent(run: &KernelRun) -> Result<ConcurrentReport, ShimError> {
+    if let Some(e) = &run.result.error {
+        return Err(ShimError::Invalid(format!("the agent failed: {e}")));
+    }
+    let note = |key: &str| run.result.notes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let counts = note(crate::agent::CONCURRENCY_NOTE).ok_or_else(|| {
+        ShimError::Invalid("the run has no concurrency note: not a concurrent replay".into())
+    })?;
+    let words: Vec<&str> = counts.split_whitespace().collect();
+    let count = |name: &str| -> u64 {
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let violations = note(crate::agent::ORACLE_VIOLATIONS_NOTE)
+        .unwrap_or("")
+        .split(" ;; ")
+        .filter(|v| !v.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok(ConcurrentReport {
+        violations,
+        requests: count("requests"),
+        max_in_flight: count("max-in-flight"),
+        overtaken: count("overtaken"),
+        blocks_read_back: count("blocks-read-back"),
+        failed_ops: run.result.ops.iter().filter(|o| o.outcome.starts_with('E')).count(),
+    })
+}
+
 /// The first op in one list of committing ops and not in the other, in
 /// words ([`ThinReplayReport::first_commit_difference`]).
 pub fn first_commit_difference(model: &[usize], kernel: &[usize]) -> Option<String> {

@@ -1,14 +1,10 @@
 //! Controlled disks: block devices served from userland through ublk.
 //!
 //! Linux 6.1's ublk driver (`ublk_drv`, built out of tree by
-//! [`crate::ublk_module`]) turns every request on `/dev/ublkbN` into a
-//! descriptor the server fetches with io_uring `URING_CMD`s on
-//! `/dev/ublkcN`; the server answers with `COMMIT_AND_FETCH_REQ`. Control
-//! commands (add, parameters, start, stop, delete) go to
-//! `/dev/ublk-control` on a ring with 128-byte submission entries. This
-//! module speaks 6.1's legacy numeric ABI directly with the `io-uring`
-//! crate (the structures below are laid out as in 6.1's
-//! `include/uapi/linux/ublk_cmd.h`):
+//! [`crate::ublk_module`]) is spoken through the engine's ABI module
+//! (`dmsim_engine::ublk`, re-exported here): every request on
+//! `/dev/ublkbN` becomes a descriptor the server fetches on `/dev/ublkcN`.
+//! This module serves disks:
 //!
 //! - [`ControlledDisk`]: the semantics of `faults::SimDisk` — writes land
 //!   in a volatile layer until a FLUSH completes, FUA writes are durable
@@ -16,17 +12,17 @@
 //!   writes since the last flush (the material of a later power cut). It
 //!   is plain data, driven one [`Request`] at a time, so that a later step
 //!   can hold requests, fail them or cut power between them.
-//! - [`UblkControl`] and [`UblkDevice`]: one device per disk, one queue,
-//!   served by its own thread (the driver ties a queue to the task that
-//!   fetched it), advertising a volatile write cache and FUA so that the
-//!   kernel sends both.
+//! - [`UblkDevice`]: one device per disk, one queue, served by its own
+//!   thread (the driver ties a queue to the task that fetched it),
+//!   advertising a volatile write cache and FUA so that the kernel sends
+//!   both.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,235 +32,14 @@ use dmsim_model::block_device::{BlockDevice, WriteFlags};
 
 use crate::error::ShimError;
 
-/// `UBLK_CMD_ADD_DEV`.
-pub const CMD_ADD_DEV: u32 = 0x04;
-/// `UBLK_CMD_DEL_DEV`.
-pub const CMD_DEL_DEV: u32 = 0x05;
-/// `UBLK_CMD_START_DEV`.
-pub const CMD_START_DEV: u32 = 0x06;
-/// `UBLK_CMD_STOP_DEV`.
-pub const CMD_STOP_DEV: u32 = 0x07;
-/// `UBLK_CMD_SET_PARAMS`.
-pub const CMD_SET_PARAMS: u32 = 0x08;
-/// `UBLK_IO_FETCH_REQ`.
-pub const IO_FETCH_REQ: u32 = 0x20;
-/// `UBLK_IO_COMMIT_AND_FETCH_REQ`.
-pub const IO_COMMIT_AND_FETCH_REQ: u32 = 0x21;
+pub use dmsim_engine::ublk::*;
 
-/// `UBLK_IO_OP_READ`.
-pub const OP_READ: u8 = 0;
-/// `UBLK_IO_OP_WRITE`.
-pub const OP_WRITE: u8 = 1;
-/// `UBLK_IO_OP_FLUSH`.
-pub const OP_FLUSH: u8 = 2;
-/// `UBLK_IO_OP_DISCARD`.
-pub const OP_DISCARD: u8 = 3;
-/// `UBLK_IO_OP_WRITE_ZEROES`.
-pub const OP_WRITE_ZEROES: u8 = 5;
-/// `UBLK_IO_F_FUA`, in `op_flags`.
-pub const IO_F_FUA: u32 = 1 << 13;
-
-/// `UBLK_ATTR_VOLATILE_CACHE`.
-pub const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
-/// `UBLK_ATTR_FUA`.
-pub const ATTR_FUA: u32 = 1 << 3;
-/// `UBLK_PARAM_TYPE_BASIC`.
-pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
-/// `UBLK_PARAM_TYPE_DISCARD`.
-pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
-
-/// The control node the module creates.
-pub const CONTROL_PATH: &str = "/dev/ublk-control";
-
-/// `struct ublksrv_ctrl_cmd` (6.1: 32 bytes, `data[2]`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CtrlCmd {
-    /// The device.
-    pub dev_id: u32,
-    /// `-1` for device commands.
-    pub queue_id: u16,
-    /// Length of the buffer at `addr`.
-    pub len: u16,
-    /// A buffer in or out.
-    pub addr: u64,
-    /// Inline data (`START_DEV`: the server's pid).
-    pub data: [u64; 2],
+fn io_err(what: impl Into<String>, e: std::io::Error) -> ShimError {
+    ShimError::io(what, e)
 }
 
-/// `struct ublksrv_ctrl_dev_info` (64 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DevInfo {
-    /// Hardware queues.
-    pub nr_hw_queues: u16,
-    /// Tags per queue.
-    pub queue_depth: u16,
-    /// Owned by the driver.
-    pub state: u16,
-    /// Padding.
-    pub pad0: u16,
-    /// Largest request in bytes (the per-tag buffer).
-    pub max_io_buf_bytes: u32,
-    /// The device id (`u32::MAX`: the driver picks).
-    pub dev_id: u32,
-    /// Owned by the driver.
-    pub ublksrv_pid: i32,
-    /// Padding.
-    pub pad1: u32,
-    /// `UBLK_F_*` asked; the driver answers with what it grants.
-    pub flags: u64,
-    /// For the server.
-    pub ublksrv_flags: u64,
-    /// Reserved.
-    pub reserved: [u64; 3],
-}
-
-/// `struct ublk_param_basic`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ParamBasic {
-    /// `UBLK_ATTR_*`.
-    pub attrs: u32,
-    /// log2 of the logical block size.
-    pub logical_bs_shift: u8,
-    /// log2 of the physical block size.
-    pub physical_bs_shift: u8,
-    /// log2 of the optimal I/O size.
-    pub io_opt_shift: u8,
-    /// log2 of the minimal I/O size.
-    pub io_min_shift: u8,
-    /// Largest request in sectors.
-    pub max_sectors: u32,
-    /// Chunk size in sectors (0: none).
-    pub chunk_sectors: u32,
-    /// The device's size in sectors.
-    pub dev_sectors: u64,
-    /// Virtual boundary mask (0: none).
-    pub virt_boundary_mask: u64,
-}
-
-/// `struct ublk_param_discard`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ParamDiscard {
-    /// Alignment in bytes.
-    pub discard_alignment: u32,
-    /// Granularity in bytes.
-    pub discard_granularity: u32,
-    /// Largest discard in sectors.
-    pub max_discard_sectors: u32,
-    /// Largest write-zeroes in sectors (0: not supported).
-    pub max_write_zeroes_sectors: u32,
-    /// 6.1 supports only 1.
-    pub max_discard_segments: u16,
-    /// Reserved.
-    pub reserved0: u16,
-}
-
-/// `struct ublk_params` (6.1: basic and discard).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Params {
-    /// `size_of::<Params>()`.
-    pub len: u32,
-    /// `UBLK_PARAM_TYPE_*` present.
-    pub types: u32,
-    /// The basic parameters.
-    pub basic: ParamBasic,
-    /// The discard parameters.
-    pub discard: ParamDiscard,
-}
-
-/// `struct ublksrv_io_desc`: one per tag, in the mmapped area.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IoDesc {
-    /// Op in bits 0–7, flags above.
-    pub op_flags: u32,
-    /// Length in sectors.
-    pub nr_sectors: u32,
-    /// First sector (meaningless for a FLUSH).
-    pub start_sector: u64,
-    /// The buffer the driver copies from or to.
-    pub addr: u64,
-}
-
-/// `struct ublksrv_io_cmd` (16 bytes).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IoCmd {
-    /// The queue.
-    pub q_id: u16,
-    /// The tag.
-    pub tag: u16,
-    /// For a commit: bytes done or `-errno`.
-    pub result: i32,
-    /// The tag's buffer.
-    pub addr: u64,
-}
-
-fn bytes_of<T: Copy, const N: usize>(v: &T) -> [u8; N] {
-    assert!(std::mem::size_of::<T>() <= N, "command payload too large");
-    let mut out = [0u8; N];
-    // SAFETY: T is a plain repr(C) value of at most N bytes.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            (v as *const T).cast::<u8>(),
-            out.as_mut_ptr(),
-            std::mem::size_of::<T>(),
-        )
-    };
-    out
-}
-
-/// What a request asks, decoded from its descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
-    /// `UBLK_IO_OP_READ`.
-    Read,
-    /// `UBLK_IO_OP_WRITE`; `fua` with `UBLK_IO_F_FUA`.
-    Write {
-        /// Durable on completion.
-        fua: bool,
-    },
-    /// `UBLK_IO_OP_FLUSH` (its sector is meaningless).
-    Flush,
-    /// `UBLK_IO_OP_DISCARD`.
-    Discard,
-    /// `UBLK_IO_OP_WRITE_ZEROES` (not advertised; served as a write of zeroes).
-    WriteZeroes,
-    /// Anything else (answered `EOPNOTSUPP`).
-    Other(u8),
-}
-
-/// One request fetched from the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    /// The tag it came on.
-    pub tag: u16,
-    /// What it asks.
-    pub kind: RequestKind,
-    /// First sector.
-    pub sector: u64,
-    /// Length in sectors.
-    pub nr_sectors: u32,
-}
-
-impl Request {
-    /// Decodes a descriptor.
-    pub fn from_desc(tag: u16, d: &IoDesc) -> Request {
-        let op = (d.op_flags & 0xff) as u8;
-        let kind = match op {
-            OP_READ => RequestKind::Read,
-            OP_WRITE => RequestKind::Write { fua: d.op_flags & IO_F_FUA != 0 },
-            OP_FLUSH => RequestKind::Flush,
-            OP_DISCARD => RequestKind::Discard,
-            OP_WRITE_ZEROES => RequestKind::WriteZeroes,
-            other => RequestKind::Other(other),
-        };
-        Request { tag, kind, sector: d.start_sector, nr_sectors: d.nr_sectors }
-    }
+fn node(path: &Path, wait: Duration) -> Result<(), ShimError> {
+    dmsim_engine::ublk::wait_for_node(path, wait).map_err(ShimError::from)
 }
 
 /// What a controlled disk has served, by kind.
@@ -565,73 +340,6 @@ impl ControlledDisk {
     }
 }
 
-/// The control device and its ring (128-byte entries, as 6.1 requires).
-pub struct UblkControl {
-    file: File,
-    ring: Mutex<io_uring::IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry>>,
-}
-
-impl std::fmt::Debug for UblkControl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UblkControl").field("fd", &self.file.as_raw_fd()).finish()
-    }
-}
-
-fn io_err(what: impl Into<String>, e: std::io::Error) -> ShimError {
-    ShimError::io(what, e)
-}
-
-impl UblkControl {
-    /// Opens [`CONTROL_PATH`] (the module must be loaded).
-    pub fn open() -> Result<UblkControl, ShimError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(CONTROL_PATH)
-            .map_err(|e| io_err(format!("open {CONTROL_PATH} (is ublk_drv loaded?)"), e))?;
-        let ring = io_uring::IoUring::<io_uring::squeue::Entry128, io_uring::cqueue::Entry>::builder()
-            .build(4)
-            .map_err(|e| io_err("io_uring with 128-byte entries for ublk control", e))?;
-        Ok(UblkControl { file, ring: Mutex::new(ring) })
-    }
-
-    /// Sends one control command; its result (`>= 0`) or the errno.
-    pub fn command(&self, op: u32, cmd: &CtrlCmd) -> Result<i32, ShimError> {
-        let name = match op {
-            CMD_ADD_DEV => "ADD_DEV",
-            CMD_DEL_DEV => "DEL_DEV",
-            CMD_START_DEV => "START_DEV",
-            CMD_STOP_DEV => "STOP_DEV",
-            CMD_SET_PARAMS => "SET_PARAMS",
-            _ => "control command",
-        };
-        let what = format!("ublk {name} (dev {})", cmd.dev_id);
-        let mut ring =
-            self.ring.lock().map_err(|_| ShimError::Invalid("ublk control ring poisoned".into()))?;
-        let sqe = io_uring::opcode::UringCmd80::new(io_uring::types::Fd(self.file.as_raw_fd()), op)
-            .cmd(bytes_of::<CtrlCmd, 80>(cmd))
-            .build()
-            .user_data(u64::from(op));
-        // SAFETY: the command's buffer (cmd.addr) outlives the wait below.
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| ShimError::Invalid(format!("{what}: submission queue full")))?;
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(io_err(what, e)),
-            }
-        }
-        let cqe =
-            ring.completion().next().ok_or_else(|| ShimError::Invalid(format!("{what}: no completion")))?;
-        let res = cqe.result();
-        if res < 0 {
-            return Err(io_err(what, std::io::Error::from_raw_os_error(-res)));
-        }
-        Ok(res)
-    }
-}
-
 /// How a device is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceShape {
@@ -729,17 +437,6 @@ impl std::fmt::Debug for UblkDevice<'_> {
     }
 }
 
-fn wait_for_node(path: &Path, wait: Duration) -> Result<(), ShimError> {
-    let deadline = Instant::now() + wait;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(ShimError::Invalid(format!("{} did not appear", path.display())));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
 impl<'c> UblkDevice<'c> {
     /// Adds a device of `disk`'s size, sets its parameters (volatile
     /// cache, FUA, discard, 512-byte logical blocks), starts its server
@@ -817,7 +514,7 @@ impl<'c> UblkDevice<'c> {
         };
         ctl.command(CMD_SET_PARAMS, &cmd)?;
         let char_dev = PathBuf::from(format!("/dev/ublkc{}", dev.dev_id));
-        wait_for_node(&char_dev, Duration::from_secs(10))?;
+        node(&char_dev, Duration::from_secs(10))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let depth = info.queue_depth;
         let shared = QueueShared {
@@ -848,7 +545,7 @@ impl<'c> UblkDevice<'c> {
             data: [u64::from(std::process::id()), 0],
         };
         ctl.command(CMD_START_DEV, &cmd)?;
-        wait_for_node(&dev.block, Duration::from_secs(10))?;
+        node(&dev.block, Duration::from_secs(10))?;
         // One request per bio, as the simulator's disk takes them: the
         // block layer would merge adjacent bios (a write over two thin
         // blocks mapped to adjacent data blocks, say) into one request,
@@ -982,7 +679,7 @@ impl<'c> UblkDevice<'c> {
 
     fn simple(&self, op: u32) -> Result<i32, ShimError> {
         let cmd = CtrlCmd { dev_id: self.dev_id, queue_id: u16::MAX, ..CtrlCmd::default() };
-        self.ctl.command(op, &cmd)
+        Ok(self.ctl.command(op, &cmd)?)
     }
 
     /// Who holds the block device open as a holder (device-mapper
@@ -1058,55 +755,6 @@ fn apply_arms(disk: &mut ControlledDisk, control: &Mutex<crate::ublk_faults::Dis
     for a in std::mem::take(&mut lock(control).arms) {
         disk.arm(a);
     }
-}
-
-/// The read-only mapping of a queue's descriptors.
-struct DescMap {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl DescMap {
-    fn new(fd: i32, depth: u16) -> Result<DescMap, String> {
-        let len = (usize::from(depth) * std::mem::size_of::<IoDesc>()).div_ceil(4096) * 4096;
-        // SAFETY: a fresh shared read-only mapping of the driver's
-        // descriptor area of queue 0 (offset 0).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!("mmap the descriptors: {}", std::io::Error::last_os_error()));
-        }
-        Ok(DescMap { ptr, len })
-    }
-
-    fn get(&self, tag: u16) -> IoDesc {
-        // SAFETY: tag < depth, within the mapping; the driver wrote the
-        // descriptor before completing the fetch (volatile: shared memory).
-        unsafe { std::ptr::read_volatile(self.ptr.cast::<IoDesc>().add(usize::from(tag))) }
-    }
-}
-
-impl Drop for DescMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what `new` mapped.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
-fn io_sqe(fd: i32, op: u32, tag: u16, result: i32, buf: &mut [u8]) -> io_uring::squeue::Entry {
-    let cmd = IoCmd { q_id: 0, tag, result, addr: buf.as_mut_ptr() as u64 };
-    io_uring::opcode::UringCmd16::new(io_uring::types::Fd(fd), op)
-        .cmd(bytes_of::<IoCmd, 16>(&cmd))
-        .build()
-        .user_data(u64::from(tag))
 }
 
 /// The queue thread: opens the char device, maps the descriptors, fetches

@@ -345,6 +345,15 @@ pub enum Job {
     /// [`KernelShim::prepare_with_ublk`]. The run's result counts the
     /// requests the disks served (`KernelResult::ublk`).
     Ublk(Trace),
+    /// As [`Job::Ublk`], the pool being the userland engine's rather than
+    /// the kernel's (see `protocol::JobKind::Engine`): its thin devices
+    /// served over ublk with `depth` tags each.
+    Engine {
+        /// The trace.
+        trace: Trace,
+        /// How the engine runs.
+        engine: crate::protocol::EngineJob,
+    },
     /// As [`Job::Ublk`], with the trace's ops run as `steps` say: some in
     /// the background, the data disk's reads held at a gate meanwhile (see
     /// `protocol::JobKind::Race`). No faults, no crashes.
@@ -421,6 +430,7 @@ impl Job {
             | Job::Flakey(t)
             | Job::Ublk(t)
             | Job::Race { trace: t, .. }
+            | Job::Engine { trace: t, .. }
             | Job::Activate { trace: t, .. }
             | Job::LoggedWithMessages { trace: t, .. }
             | Job::Cache { trace: t, .. } => t,
@@ -432,7 +442,7 @@ impl Job {
     /// shim prepared with [`KernelShim::prepare_with_ublk`].
     pub fn needs_ublk(&self) -> bool {
         match self {
-            Job::Ublk(_) | Job::Race { .. } => true,
+            Job::Ublk(_) | Job::Race { .. } | Job::Engine { .. } => true,
             Job::Cache { trace, .. } => trace.header.param(CACHE_UBLK_PARAM) == Some("1"),
             _ => false,
         }
@@ -446,6 +456,7 @@ impl Job {
             Job::LoggedWithMessages { messages, .. } => JobKind::Logged { messages: messages.clone() },
             Job::Flakey(_) => JobKind::Flakey,
             Job::Ublk(_) => JobKind::Ublk,
+            Job::Engine { engine, .. } => JobKind::Engine(*engine),
             Job::Race { steps, .. } => JobKind::Race { steps: steps.clone() },
             Job::Activate { ids, .. } => JobKind::Activate { ids: ids.clone() },
             Job::Cache { .. } => JobKind::Cache,

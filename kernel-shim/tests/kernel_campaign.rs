@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use thin_tools::skip_or_fail;
 
-use dmsim_kernel_shim::thin_campaign::{self, SeedResult, Summary};
+use dmsim_kernel_shim::thin_campaign::{self, SeedResult, Summary, Target};
 use dmsim_kernel_shim::thin_replay::Verdict;
 use dmsim_kernel_shim::{KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
@@ -57,9 +57,10 @@ fn the_campaigns_traces_on_the_kernel() {
         Err(e) => panic!("preparing the VM: {e}"),
     };
     let started = Instant::now();
-    let outcomes = thin_campaign::run(&shim, SEEDS, 300, &CampaignSettings::default(), 4, false, |o| {
-        eprintln!("{}", o.line());
-    });
+    let outcomes =
+        thin_campaign::run(&shim, SEEDS, 300, &CampaignSettings::default(), 4, false, Target::Kernel, |o| {
+            eprintln!("{}", o.line());
+        });
     let s = Summary::of(&outcomes);
     eprintln!(
         "{} seeds in {:.0} s: {} equal, {} explained, {} unexplained, {} refused, {} failed; crash states {}/{} equal",
@@ -105,8 +106,8 @@ fn the_campaigns_traces_on_the_kernel() {
         ..CampaignSettings::default()
     };
     let honest = CampaignSettings::default();
-    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, false, |_| {});
-    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &broken, 4, false, |o| {
+    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, false, Target::Kernel, |_| {});
+    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &broken, 4, false, Target::Kernel, |o| {
         eprintln!("broken: {}", o.line())
     });
     for (b, m) in baseline.iter().zip(&mutated) {
@@ -137,9 +138,10 @@ fn the_campaigns_traces_on_the_kernel() {
         mutations: Mutations::from_names(["fua-before-commit"]).expect("a known mutation"),
         ..CampaignSettings::default()
     };
-    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, false, |o| {
-        eprintln!("no commit on flush: {}", o.line())
-    });
+    let mutated =
+        thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, false, Target::Kernel, |o| {
+            eprintln!("no commit on flush: {}", o.line())
+        });
     for (b, m) in baseline.iter().zip(&mutated) {
         let SeedResult::Judged(r) = &m.result else { panic!("seed {} did not run: {}", m.seed, m.line()) };
         let parted = r.first_commit_difference.as_deref().unwrap_or_else(|| {

@@ -9,6 +9,20 @@
 //! from the kernel at a crash, the comparison naming the crash and the
 //! first differing block.
 //!
+//! The same boot runs the userland engine (docs/engine.md): the model's
+//! pool served over ublk by `dmsim_engine::serve` (the agent started again
+//! as `engine …`) on the same controlled disks, the same trace one
+//! request at a time, a crash op cutting the disks' power and killing the
+//! engine (`SIGKILL`) before a new engine opens what survives. At every
+//! crash and at the end the engine reads what the serialized simulator
+//! reads (L1), its final thin_dump is the simulator's (L2), and kernel and
+//! engine are L1-equal. Then the engine's detector: a write, a FLUSH, a
+//! crash — an engine that acknowledges the FLUSH before a commit covers
+//! it (`ack-flush-early`, timed commits an hour apart so that only the
+//! FLUSH commits) loses the write at the crash, and the comparison names
+//! it; the honest engine with the same period is equal. No ublk device
+//! outlives any job.
+//!
 //! Needs `qemu-system-x86_64`, `linux-image-amd64` and, for the module,
 //! `linux-source-6.1` and `linux-headers-<release>` (`scripts/test-all`
 //! installs them). Without them the test prints SKIPPED, or fails under
@@ -24,10 +38,12 @@ use dmsim_kernel_shim::equivalence::{
     compare_crashes, compare_l1, compare_l2, compare_l3, kernel_replays, simulate_following,
     simulate_serialized_crashing, FinalState,
 };
-use dmsim_kernel_shim::{Job, KernelShim, ShimError};
+use dmsim_kernel_shim::protocol::EngineJob;
+use dmsim_kernel_shim::thin_replay::{compare_runs, judge, Verdict};
+use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{generate, CampaignSettings, RunConfig};
-use dmsim_traces::{Event, Op, Trace};
+use dmsim_traces::{CrashMode, Event, Op, Trace};
 
 /// The campaign's seed: durability workload, crash ops, a quiet swarm
 /// (`dmsim run --seed 43`).
@@ -68,6 +84,25 @@ fn mutated(trace: &Trace, names: &[&str]) -> Trace {
     Trace { header: cfg.header(), events: trace.events.clone() }
 }
 
+/// A device, two provisioning writes, a FLUSH, a crash that loses every
+/// unflushed write: only what the FLUSH's commit made durable survives.
+fn flush_then_crash() -> Trace {
+    let cfg = RunConfig::for_seed(SEED, 300, &CampaignSettings::default());
+    let ops = [
+        Op::CreateThin,
+        Op::Write { dev: 0, sector: 0, nr_sectors: 8, fua: false, preflush: false },
+        Op::Write { dev: 0, sector: 4096, nr_sectors: 16, fua: false, preflush: false },
+        Op::Flush { dev: 0 },
+        Op::Crash { mode: CrashMode::LoseAll, seed: 1 },
+        Op::Read { dev: 0, sector: 0, nr_sectors: 8 },
+    ];
+    Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() }
+}
+
+fn left_devices(run: &KernelRun) -> Option<u64> {
+    run.result.ublk.iter().find(|(n, _)| n == "left-devices").map(|(_, c)| *c)
+}
+
 #[test]
 fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
     let t0 = Instant::now();
@@ -81,7 +116,20 @@ fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
     let sim = simulate_serialized_crashing(&trace).expect("the simulator runs the trace");
     assert!(sim.out_of_space.is_empty(), "the pool filled: {:?}", sim.out_of_space);
     assert_eq!(sim.crashes.len(), CRASHES);
-    let runs = shim.run_jobs(&[Job::Ublk(trace.clone())]).unwrap_or_else(|e| panic!("kernel run: {e}"));
+    let flush = flush_then_crash();
+    let hour = EngineJob { commit_period_ms: 3_600_000, ..EngineJob::serialized() };
+    let jobs = [
+        Job::Ublk(trace.clone()),
+        Job::Engine { trace: trace.clone(), engine: EngineJob::serialized() },
+        Job::Engine { trace: flush.clone(), engine: hour },
+        Job::Engine { trace: flush.clone(), engine: EngineJob { ack_flush_early: true, ..hour } },
+    ];
+    let runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("kernel run: {e}"));
+    assert_eq!(runs.len(), jobs.len());
+    for (k, run) in runs.iter().enumerate().skip(1) {
+        assert_eq!(run.result.error, None, "engine job {k} failed; console:\n{}", run.console);
+        assert_eq!(left_devices(run), Some(0), "engine job {k}: a ublk device outlived the job");
+    }
     let run = &runs[0];
     // The simulator again, following the kernel's clock (its timed commits
     // between the same ops as the kernel's).
@@ -158,5 +206,43 @@ fn power_cuts_on_ublk_disks_leave_what_the_model_leaves() {
         eprintln!("{mutation}: first divergence at crash {} (op {}): {what}", first.crash, first.op);
         assert!(what.starts_with("dev ") && what.contains(" block "), "{mutation}: names the block: {what}");
     }
+    engine_replays_like_the_simulator_and_the_kernel(&trace, run, &runs[1]);
+    a_flush_acknowledged_before_its_commit_is_caught(&flush, &runs[2], &runs[3]);
     eprintln!("kernel ublk crash test: {:?} in all", t0.elapsed());
+}
+
+/// The engine's run of the durability trace against the simulator and
+/// the kernel's run.
+fn engine_replays_like_the_simulator_and_the_kernel(trace: &Trace, kernel: &KernelRun, engine: &KernelRun) {
+    let e = judge(trace, true, engine).expect("the engine's run is judged");
+    eprintln!(
+        "engine: {} ({:?}); L2 {:?}; VM wall for all jobs {:?}",
+        e.verdict().name(),
+        e.first_difference(),
+        e.l2.as_ref().map(|l| l.label()),
+        engine.wall
+    );
+    assert_eq!(engine.result.crashes.len(), CRASHES, "a crash record per crash op on the engine");
+    for c in &e.crashes {
+        assert!(c.differences.is_empty(), "engine crash {} (op {}): {:#?}", c.crash, c.op, c.differences);
+    }
+    assert!(e.differences.is_empty(), "the engine's end state: {:#?}", e.differences);
+    assert!(e.op_differences.is_empty(), "the engine's ops: {:#?}", e.op_differences);
+    let l2 = e.l2.as_ref().expect("the engine's metadata dumps");
+    assert!(l2.first_difference().is_none(), "engine L2 {}: {:?}", l2.label(), l2.first_difference());
+    let pair = compare_runs(kernel, engine);
+    eprintln!("kernel–engine: {}", pair.line());
+    assert!(pair.l1.is_empty(), "kernel and engine differ: {:#?}", pair.l1);
+}
+
+/// The engine's detector: only a broken engine loses the flushed writes.
+fn a_flush_acknowledged_before_its_commit_is_caught(trace: &Trace, honest: &KernelRun, broken: &KernelRun) {
+    let honest = judge(trace, true, honest).expect("judged");
+    assert_eq!(honest.verdict(), Verdict::Equal, "honest engine: {:?}", honest.first_difference());
+    assert_eq!(honest.crashes.len(), 1);
+    let broken = judge(trace, true, broken).expect("judged");
+    let bad = broken.first_bad_crash().expect("the broken engine's crash state differs");
+    eprintln!("ack-flush-early engine: crash at op {}: {:?}", bad.op, bad.differences.first());
+    assert_eq!(bad.op, 4, "the crash after the FLUSH");
+    assert!(bad.differences[0].starts_with("dev 0 block 0"), "{:?}", bad.differences);
 }
