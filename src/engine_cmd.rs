@@ -9,6 +9,14 @@ use clap::{Args, Subcommand};
 
 use crate::exit;
 
+/// The statuses of a request to a running engine, for its `--help`.
+const REQUEST_HELP: &str = crate::exit_help!(
+    "\
+Status 1 is not used: 0 when the engine did what was asked (its answer, \
+if any, on stdout), 2 when it refused (the errno the kernel's target would \
+give, and why) or cannot be reached."
+);
+
 /// The control socket when none is given.
 const DEFAULT_SOCKET: &str = "/tmp/dmsim-engine.sock";
 
@@ -28,79 +36,63 @@ table, a socket it cannot create)."))]
     Serve(ServeArgs),
     /// Send a pool message (`create_thin 0`, `create_snap 1 0`, `delete 1`,
     /// `set_transaction_id 0 1`, `reserve_metadata_snap`, …).
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Message {
         /// The message's words.
         #[arg(required = true, num_args = 1..)]
         words: Vec<String>,
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Print the pool's status line (as `dmsetup status` of a thin-pool;
     /// it commits first unless --noflush).
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Status {
         /// Do not commit first (`dmsetup status --noflush`).
         #[arg(long)]
         noflush: bool,
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Serve thin device ID, of SECTORS 512-byte sectors, as a new ublk
     /// device; prints its block node (/dev/ublkbN).
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Activate {
         /// The thin device id.
         id: u64,
         /// Its size in sectors.
         sectors: u64,
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Stop serving thin device ID (its ublk device deleted).
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Deactivate {
         /// The thin device id.
         id: u64,
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// List the thin devices served (id:/dev/ublkbN).
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Devices {
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Stop the engine: every device deleted, the pool closed.
-    #[command(after_help = crate::exit_help!("\
-Status 1 is not used: 0 when the engine did what was asked (its answer, \
-if any, on stdout), 2 when it refused (the errno the kernel's target would \
-give, and why) or cannot be reached."))]
+    #[command(after_help = REQUEST_HELP)]
     Stop {
-        /// The engine's control socket.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
+        #[command(flatten)]
+        socket: Socket,
     },
+}
+
+/// Where a running engine listens.
+#[derive(Debug, Args)]
+pub struct Socket {
+    /// The engine's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 /// `dmsim engine serve`'s arguments.
@@ -150,7 +142,7 @@ pub fn run(cmd: EngineCommand) -> ExitCode {
         EngineCommand::Devices { socket } => (socket, "devices".into()),
         EngineCommand::Stop { socket } => (socket, "stop".into()),
     };
-    match dmsim_engine::EngineClient::new(&socket).request(&line) {
+    match dmsim_engine::EngineClient::new(&socket.socket).request(&line) {
         Ok(answer) => {
             if !answer.is_empty() {
                 println!("{answer}");

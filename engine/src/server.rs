@@ -40,10 +40,7 @@ use dmsim_model::thin::table::PoolTable;
 use io_uring::{opcode, types, IoUring};
 
 use crate::data_ring::DataRing;
-use crate::ublk::{
-    self, CtrlCmd, DescMap, DevInfo, ParamBasic, ParamDiscard, Params, Request as UblkRequest, RequestKind,
-    UblkControl,
-};
+use crate::ublk::{self, DescMap, Limits, Request as UblkRequest, RequestKind, UblkControl};
 use crate::uring::{EngineError, UringDevice};
 
 /// Deliberate bugs, for the tests that show a detector catches them.
@@ -551,8 +548,7 @@ impl Control {
     }
 
     fn simple(&self, op: u32, dev_id: u32) -> Result<i32, String> {
-        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..CtrlCmd::default() };
-        self.ublk()?.command(op, &cmd).map_err(|e| e.to_string())
+        self.ublk()?.device_command(op, dev_id).map_err(|e| e.to_string())
     }
 
     /// Activates thin device `thin` with `sectors` and serves it as a new
@@ -574,23 +570,7 @@ impl Control {
 
     fn serve(&self, thin: ThinId, sectors: u64) -> Result<String, String> {
         let ctl = self.ublk()?;
-        let mut info = DevInfo {
-            nr_hw_queues: 1,
-            queue_depth: self.queue_depth,
-            max_io_buf_bytes: BUF_BYTES,
-            dev_id: u32::MAX,
-            ..DevInfo::default()
-        };
-        let cmd = CtrlCmd {
-            dev_id: u32::MAX,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: std::ptr::addr_of_mut!(info) as u64,
-            data: [0; 2],
-        };
-        ctl.command(ublk::CMD_ADD_DEV, &cmd).map_err(|e| e.to_string())?;
-        // SAFETY: the kernel wrote the granted device back into the live local.
-        let info = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) };
+        let info = ctl.add_device(self.queue_depth, BUF_BYTES).map_err(|e| e.to_string())?;
         let dev_id = info.dev_id;
         let undo = |e: String| {
             let _ = self.simple(ublk::CMD_STOP_DEV, dev_id);
@@ -604,46 +584,20 @@ impl Control {
         };
         // The thin target's limits: discards in whole blocks, as dm-thin's
         // io_hints set them.
-        let mut params = Params {
-            len: std::mem::size_of::<Params>() as u32,
-            types: ublk::PARAM_TYPE_BASIC | ublk::PARAM_TYPE_DISCARD,
-            basic: ParamBasic {
-                attrs: ublk::ATTR_VOLATILE_CACHE | ublk::ATTR_FUA,
-                logical_bs_shift: 9,
-                physical_bs_shift: 12,
-                io_opt_shift: 12,
-                io_min_shift: 9,
-                max_sectors: info.max_io_buf_bytes >> 9,
-                chunk_sectors: 0,
-                dev_sectors: sectors,
-                virt_boundary_mask: 0,
-            },
-            discard: ParamDiscard {
-                discard_alignment: 0,
-                discard_granularity: self.block_bytes,
-                max_discard_sectors: (self.block_bytes >> 9).saturating_mul(1024),
-                max_write_zeroes_sectors: 0,
-                max_discard_segments: 1,
-                reserved0: 0,
-            },
+        let limits = Limits {
+            sectors,
+            max_sectors: info.max_io_buf_bytes >> 9,
+            discard_granularity: self.block_bytes,
+            max_discard_sectors: (self.block_bytes >> 9).saturating_mul(1024),
         };
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<Params>() as u16,
-            addr: std::ptr::addr_of_mut!(params) as u64,
-            data: [0; 2],
-        };
-        if let Err(e) = ctl.command(ublk::CMD_SET_PARAMS, &cmd) {
+        if let Err(e) = ctl.set_params(dev_id, limits) {
             return undo(e.to_string());
         }
         let depth = info.queue_depth;
         if let Err(e) = self.ask(|reply| Command::Attach { dev_id, thin, depth, reply }) {
             return undo(e);
         }
-        let cmd =
-            CtrlCmd { dev_id, queue_id: u16::MAX, len: 0, addr: 0, data: [u64::from(std::process::id()), 0] };
-        if let Err(e) = ctl.command(ublk::CMD_START_DEV, &cmd) {
+        if let Err(e) = ctl.start_device(dev_id) {
             return undo(e.to_string());
         }
         let block = PathBuf::from(format!("/dev/ublkb{dev_id}"));

@@ -316,6 +316,97 @@ impl UblkControl {
     }
 }
 
+/// The limits a new device advertises ([`UblkControl::set_params`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The device's size in sectors.
+    pub sectors: u64,
+    /// The largest request in sectors.
+    pub max_sectors: u32,
+    /// The discard granularity in bytes.
+    pub discard_granularity: u32,
+    /// The largest discard in sectors.
+    pub max_discard_sectors: u32,
+}
+
+impl UblkControl {
+    /// `ADD_DEV`: a new device, one queue of `depth` tags with buffers of
+    /// `buf_bytes`, its id chosen by the driver; the device as granted
+    /// (6.1 rounds the buffer to pages and caps the queues at the CPUs).
+    pub fn add_device(&self, depth: u16, buf_bytes: u32) -> Result<DevInfo, EngineError> {
+        let mut info = DevInfo {
+            nr_hw_queues: 1,
+            queue_depth: depth,
+            max_io_buf_bytes: buf_bytes,
+            dev_id: u32::MAX,
+            ..DevInfo::default()
+        };
+        let cmd = CtrlCmd {
+            dev_id: u32::MAX,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: std::ptr::addr_of_mut!(info) as u64,
+            data: [0; 2],
+        };
+        self.command(CMD_ADD_DEV, &cmd)?;
+        // SAFETY: the kernel wrote the granted device back into the live,
+        // initialised local.
+        Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) })
+    }
+
+    /// `SET_PARAMS`: a volatile write cache and FUA (so that the kernel
+    /// sends both), 512-byte logical and 4 KiB physical blocks, and
+    /// `limits`.
+    pub fn set_params(&self, dev_id: u32, limits: Limits) -> Result<(), EngineError> {
+        let mut params = Params {
+            len: std::mem::size_of::<Params>() as u32,
+            types: PARAM_TYPE_BASIC | PARAM_TYPE_DISCARD,
+            basic: ParamBasic {
+                attrs: ATTR_VOLATILE_CACHE | ATTR_FUA,
+                logical_bs_shift: 9,
+                physical_bs_shift: 12,
+                io_opt_shift: 12,
+                io_min_shift: 9,
+                max_sectors: limits.max_sectors,
+                chunk_sectors: 0,
+                dev_sectors: limits.sectors,
+                virt_boundary_mask: 0,
+            },
+            discard: ParamDiscard {
+                discard_alignment: 0,
+                discard_granularity: limits.discard_granularity,
+                max_discard_sectors: limits.max_discard_sectors,
+                max_write_zeroes_sectors: 0,
+                max_discard_segments: 1,
+                reserved0: 0,
+            },
+        };
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<Params>() as u16,
+            addr: std::ptr::addr_of_mut!(params) as u64,
+            data: [0; 2],
+        };
+        self.command(CMD_SET_PARAMS, &cmd).map(|_| ())
+    }
+
+    /// `START_DEV`, this process the server (its queue must be fetching:
+    /// the command waits for that, and then for the disk to be added,
+    /// whose partition table the kernel reads meanwhile).
+    pub fn start_device(&self, dev_id: u32) -> Result<(), EngineError> {
+        let cmd =
+            CtrlCmd { dev_id, queue_id: u16::MAX, len: 0, addr: 0, data: [u64::from(std::process::id()), 0] };
+        self.command(CMD_START_DEV, &cmd).map(|_| ())
+    }
+
+    /// A command that names only the device (`STOP_DEV`, `DEL_DEV`).
+    pub fn device_command(&self, op: u32, dev_id: u32) -> Result<i32, EngineError> {
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..CtrlCmd::default() };
+        self.command(op, &cmd)
+    }
+}
+
 /// Waits up to `wait` for `path` to exist (a node the driver creates).
 pub fn wait_for_node(path: &Path, wait: Duration) -> Result<(), EngineError> {
     let deadline = Instant::now() + wait;

@@ -447,24 +447,7 @@ impl<'c> UblkDevice<'c> {
         disk: ControlledDisk,
         shape: DeviceShape,
     ) -> Result<UblkDevice<'c>, ShimError> {
-        let mut info = DevInfo {
-            nr_hw_queues: 1,
-            queue_depth: shape.depth,
-            max_io_buf_bytes: shape.buf_bytes,
-            dev_id: u32::MAX,
-            ..DevInfo::default()
-        };
-        let cmd = CtrlCmd {
-            dev_id: u32::MAX,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: std::ptr::addr_of_mut!(info) as u64,
-            data: [0; 2],
-        };
-        ctl.command(CMD_ADD_DEV, &cmd)?;
-        // The kernel wrote the granted device back through the pointer.
-        // SAFETY: `info` is a live, initialised local.
-        let info = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) };
+        let info = ctl.add_device(shape.depth, shape.buf_bytes)?;
         let mut dev = UblkDevice {
             ctl,
             dev_id: info.dev_id,
@@ -479,40 +462,16 @@ impl<'c> UblkDevice<'c> {
             gate: Arc::new(Gate::default()),
         };
         let buf_bytes = info.max_io_buf_bytes;
-        let mut params = Params {
-            len: std::mem::size_of::<Params>() as u32,
-            types: PARAM_TYPE_BASIC | PARAM_TYPE_DISCARD,
-            basic: ParamBasic {
-                attrs: ATTR_VOLATILE_CACHE | ATTR_FUA,
-                logical_bs_shift: 9,
-                physical_bs_shift: 12,
-                io_opt_shift: 12,
-                io_min_shift: 9,
-                max_sectors: match shape.max_sectors {
-                    0 => buf_bytes >> 9,
-                    m => m.clamp(8, buf_bytes >> 9),
-                },
-                chunk_sectors: 0,
-                dev_sectors: lock(&dev.disk).sectors(),
-                virt_boundary_mask: 0,
+        let limits = Limits {
+            sectors: lock(&dev.disk).sectors(),
+            max_sectors: match shape.max_sectors {
+                0 => buf_bytes >> 9,
+                m => m.clamp(8, buf_bytes >> 9),
             },
-            discard: ParamDiscard {
-                discard_alignment: 0,
-                discard_granularity: 4096,
-                max_discard_sectors: 1 << 22,
-                max_write_zeroes_sectors: 0,
-                max_discard_segments: 1,
-                reserved0: 0,
-            },
+            discard_granularity: 4096,
+            max_discard_sectors: 1 << 22,
         };
-        let cmd = CtrlCmd {
-            dev_id: dev.dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<Params>() as u16,
-            addr: std::ptr::addr_of_mut!(params) as u64,
-            data: [0; 2],
-        };
-        ctl.command(CMD_SET_PARAMS, &cmd)?;
+        ctl.set_params(dev.dev_id, limits)?;
         let char_dev = PathBuf::from(format!("/dev/ublkc{}", dev.dev_id));
         node(&char_dev, Duration::from_secs(10))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -537,14 +496,7 @@ impl<'c> UblkDevice<'c> {
                 return Err(ShimError::Invalid(format!("ublk queue of dev {} ended early: {e}", dev.dev_id)));
             }
         }
-        let cmd = CtrlCmd {
-            dev_id: dev.dev_id,
-            queue_id: u16::MAX,
-            len: 0,
-            addr: 0,
-            data: [u64::from(std::process::id()), 0],
-        };
-        ctl.command(CMD_START_DEV, &cmd)?;
+        ctl.start_device(dev.dev_id)?;
         node(&dev.block, Duration::from_secs(10))?;
         // One request per bio, as the simulator's disk takes them: the
         // block layer would merge adjacent bios (a write over two thin
@@ -678,8 +630,7 @@ impl<'c> UblkDevice<'c> {
     }
 
     fn simple(&self, op: u32) -> Result<i32, ShimError> {
-        let cmd = CtrlCmd { dev_id: self.dev_id, queue_id: u16::MAX, ..CtrlCmd::default() };
-        Ok(self.ctl.command(op, &cmd)?)
+        Ok(self.ctl.device_command(op, self.dev_id)?)
     }
 
     /// Who holds the block device open as a holder (device-mapper

@@ -6,9 +6,12 @@
 //! simulator at the end and at every crash. Every seed must run (none
 //! refused, none failed), and at least [`EQUAL_AT_LEAST`] of them be
 //! L1-equal at the end and at every crash; every other seed's first
-//! difference is printed. Then the detector: a durability seed with
-//! a deliberately broken model (`data-not-flushed-before-commit`) must
-//! diverge from the kernel at a crash, the report naming it.
+//! difference is printed. Then the detectors, on one kernel run of a
+//! durability seed (the mutations are the model's: the kernel's answer
+//! to the honest trace is judged again): a deliberately broken model
+//! (`data-not-flushed-before-commit`) must diverge from the kernel at a
+//! crash, the report naming it; one that does not commit for a flush
+//! (`fua-before-commit`) must commit after other ops than the kernel.
 //!
 //! Needs what `kernel_ublk_crash` needs (qemu, `linux-image-amd64`,
 //! `linux-source-6.1`, `linux-headers-<release>`). Without them the test
@@ -20,9 +23,9 @@ use std::time::Instant;
 
 use thin_tools::skip_or_fail;
 
-use dmsim_kernel_shim::thin_campaign::{self, SeedResult, Summary, Target};
-use dmsim_kernel_shim::thin_replay::Verdict;
-use dmsim_kernel_shim::{KernelShim, ShimError};
+use dmsim_kernel_shim::thin_campaign::{self, SeedOutcome, SeedResult, Summary, Target};
+use dmsim_kernel_shim::thin_replay::{judge, ThinReplayReport, Verdict};
+use dmsim_kernel_shim::{KernelResult, KernelRun, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::CampaignSettings;
 
@@ -99,18 +102,24 @@ fn the_campaigns_traces_on_the_kernel() {
     assert!(r.metadata_growths.iter().all(|(_, a)| a == "ok"), "{:?}", r.metadata_growths);
     assert_eq!(r.class(), None, "{}", pressure.line());
 
-    // The detector: the model that commits before the data it maps is
-    // flushed loses data at a crash the kernel keeps.
-    let broken = CampaignSettings {
-        mutations: Mutations::from_names(["data-not-flushed-before-commit"]).expect("a known mutation"),
-        ..CampaignSettings::default()
-    };
+    // The detectors, on one kernel run of a durability seed: the mutations
+    // are the model's only (the agent runs the same ops whatever the
+    // header says), so each broken model is judged against the kernel's
+    // answer to the honest trace, kept for that, without another boot.
     let honest = CampaignSettings::default();
-    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, false, Target::Kernel, |_| {});
-    let mutated = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &broken, 4, false, Target::Kernel, |o| {
-        eprintln!("broken: {}", o.line())
-    });
-    for (b, m) in baseline.iter().zip(&mutated) {
+    let baseline = thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &honest, 4, true, Target::Kernel, |_| {});
+    let judge_broken = |b: &SeedOutcome, mutation: &str| -> ThinReplayReport {
+        let answer = b.kernel_answer.as_deref().expect("the answer is kept");
+        let image = b.kernel_metadata.clone().expect("the metadata is kept");
+        let run = KernelRun::from_saved(KernelResult::from_text(answer).expect("the answer parses"), image);
+        let broken = CampaignSettings {
+            mutations: Mutations::from_names([mutation]).expect("a known mutation"),
+            ..CampaignSettings::default()
+        };
+        let trace = thin_campaign::campaign_trace(b.seed, 300, &broken);
+        judge(&trace, true, &run).unwrap_or_else(|e| panic!("seed {} with {mutation}: {e}", b.seed))
+    };
+    for b in &baseline {
         assert_eq!(
             b.verdict(),
             Some(Verdict::Equal),
@@ -118,38 +127,36 @@ fn the_campaigns_traces_on_the_kernel() {
             b.seed,
             b.line()
         );
-        let SeedResult::Judged(r) = &m.result else { panic!("seed {} did not run: {}", m.seed, m.line()) };
+        // The model that commits before the data it maps is flushed loses
+        // data at a crash the kernel keeps.
+        let r = judge_broken(b, "data-not-flushed-before-commit");
         let c = r
             .first_bad_crash()
-            .unwrap_or_else(|| panic!("the broken model matched the kernel: {}", m.line()));
+            .unwrap_or_else(|| panic!("the broken model matched the kernel: {:?}", r.first_difference()));
+        eprintln!("broken: seed {}: {:?}", b.seed, r.first_difference());
         assert!(
             c.differences.iter().any(|d| d.contains(" block ")),
             "the report names a block: {:?}",
             c.differences
         );
-        assert!(m.line().contains(&format!("first: crash {} (op {})", c.crash, c.op)), "{}", m.line());
-    }
+        assert!(
+            r.first_difference().is_some_and(|d| d.starts_with(&format!("crash {} (op {})", c.crash, c.op))),
+            "{:?}",
+            r.first_difference()
+        );
 
-    // The commit record: a model that lets FLUSH and FUA bios pass without
-    // a commit (`fua-before-commit`) commits after other ops than the
-    // kernel, and the report says where the two first part (the agent's record of the kernel's
-    // metadata superblock after each op against the model's).
-    let no_commit_on_flush = CampaignSettings {
-        mutations: Mutations::from_names(["fua-before-commit"]).expect("a known mutation"),
-        ..CampaignSettings::default()
-    };
-    let mutated =
-        thin_campaign::run(&shim, DETECTOR_SEEDS, 300, &no_commit_on_flush, 4, false, Target::Kernel, |o| {
-            eprintln!("no commit on flush: {}", o.line())
-        });
-    for (b, m) in baseline.iter().zip(&mutated) {
-        let SeedResult::Judged(r) = &m.result else { panic!("seed {} did not run: {}", m.seed, m.line()) };
+        // The commit record: a model that lets FLUSH and FUA bios pass
+        // without a commit (`fua-before-commit`) commits after other ops
+        // than the kernel, and the report says where the two first part
+        // (the agent's record of the kernel's metadata superblock after
+        // each op against the model's).
+        let r = judge_broken(b, "fua-before-commit");
         let parted = r.first_commit_difference.as_deref().unwrap_or_else(|| {
-            panic!("the model that does not commit for a flush committed where the kernel did: {}", m.line())
+            panic!("the model that does not commit for a flush committed where the kernel did")
         });
         assert!(parted.ends_with("the kernel committed, the model did not"), "{parted}");
         // And it loses at a crash what the kernel's flushes made durable.
-        let c = r.first_bad_crash().unwrap_or_else(|| panic!("no crash differs: {}", m.line()));
+        let c = r.first_bad_crash().unwrap_or_else(|| panic!("no crash differs: {:?}", r.first_difference()));
         assert!(c.differences.iter().any(|d| d.contains(" block ")), "{:?}", c.differences);
         let SeedResult::Judged(honest) = &b.result else { unreachable!("checked above") };
         eprintln!(
