@@ -619,6 +619,22 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
                 }
             }
         }
+        let checks = dmsim_kernel_shim::thin_replay::crash_checks(&run);
+        if !checks.is_empty() {
+            let damaged: Vec<String> =
+                checks.iter().filter_map(|(op, d)| d.as_ref().map(|d| format!("op {op}: {d}"))).collect();
+            if damaged.is_empty() {
+                println!(
+                    "dmsim's checker on the {} metadata images that survived a power cut: clean",
+                    checks.len()
+                );
+            } else {
+                println!(
+                    "dmsim's checker on the metadata that survived a power cut: DAMAGED at {}",
+                    damaged.join("; ")
+                );
+            }
+        }
         if faulted && ublk {
             println!(
                 "faults fired on the simulator: {}",

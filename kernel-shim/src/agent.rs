@@ -1793,6 +1793,7 @@ fn run_ublk_pool(
     };
     let mut last_superblock = superblock(devs);
     let mut commit_ops = Vec::new();
+    let mut crash_checks: Vec<(usize, String)> = Vec::new();
     for (i, op) in trace.ops().enumerate() {
         if let Some(e) = op.thin_error() {
             result.error = Some(format!("op {i} ({op:?}): {e}"));
@@ -1812,7 +1813,7 @@ fn run_ublk_pool(
             if now != last_superblock {
                 commit_ops.push((i, crate::protocol::commit_key(&now)));
             }
-            match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir) {
+            match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir, &mut crash_checks) {
                 Ok((r, record)) => {
                     replayer = r;
                     result.crashes.push(record);
@@ -1885,6 +1886,9 @@ fn run_ublk_pool(
         crate::protocol::COMMIT_OPS_NOTE.into(),
         commit_ops.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(" "),
     ));
+    for (op, verdict) in crash_checks {
+        result.notes.push((format!("{}{op}", crate::thin_replay::CRASH_CHECK_NOTE_PREFIX), verdict));
+    }
     result.notes.push((
         crate::protocol::COMMIT_SUPERBLOCKS_NOTE.into(),
         commit_ops.iter().map(|(i, f)| format!("{i}:{f:016x}")).collect::<Vec<_>>().join(" "),
@@ -2387,6 +2391,7 @@ fn power_cut<'c>(
     seed: u32,
     index: usize,
     dev_dir: &Path,
+    crash_checks: &mut Vec<(usize, String)>,
 ) -> Result<(Replayer<'c>, crate::protocol::CrashRecord), String> {
     use crate::ublk::{ControlledDisk, UblkDevice};
     let (meta, data) = devs.devs.take().ok_or("the controlled disks are gone")?;
@@ -2432,6 +2437,11 @@ fn power_cut<'c>(
     } else {
         meta_image
     };
+    // dmsim's checker on what survived (leaks aside, as after any crash
+    // of a pool whose transaction was open): reported per crash, judged
+    // on the host ([`crate::thin_replay::crash_checks`]).
+    let checked = crate::thin_replay::metadata_damage(&meta_image).unwrap_or_else(|| "clean".to_string());
+    crash_checks.push((index, checked));
     let xml = crate::vm::dump(&meta_image).map_err(|e| format!("dump of the surviving metadata: {e}"))?;
     let mut record = crate::protocol::CrashRecord {
         op: index,

@@ -350,6 +350,27 @@ pub fn first_commit_difference(model: &[usize], kernel: &[usize]) -> Option<Stri
     })
 }
 
+/// The prefix of a job's notes `crash-check.<op>`: dmsim's checker on
+/// the metadata that survived the power cut at op `<op>`, `clean` or the
+/// damage (leaks aside, [`metadata_damage`]).
+pub const CRASH_CHECK_NOTE_PREFIX: &str = "crash-check.";
+
+/// Every crash's checker verdict in `run` ([`CRASH_CHECK_NOTE_PREFIX`]),
+/// by op: `None` for a clean image, the damage otherwise.
+pub fn crash_checks(run: &KernelRun) -> Vec<(usize, Option<String>)> {
+    let mut out: Vec<(usize, Option<String>)> = run
+        .result
+        .notes
+        .iter()
+        .filter_map(|(k, v)| {
+            let op = k.strip_prefix(CRASH_CHECK_NOTE_PREFIX)?.parse().ok()?;
+            Some((op, (v != "clean").then(|| v.clone())))
+        })
+        .collect();
+    out.sort_by_key(|(op, _)| *op);
+    out
+}
+
 /// dmsim's metadata checker on a final metadata image: its damage (every
 /// problem but a leaked data block, which crashes and faults may leave),
 /// or why the image could not be read; None when clean.

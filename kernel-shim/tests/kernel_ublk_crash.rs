@@ -16,7 +16,8 @@
 //! engine (`SIGKILL`) before a new engine opens what survives. At every
 //! crash and at the end the engine reads what the serialized simulator
 //! reads (L1), its final thin_dump is the simulator's (L2), and kernel and
-//! engine are L1-equal. Then the engine's detector: a write, a FLUSH, a
+//! engine are L1-equal; dmsim's checker finds every image that survived
+//! a power cut clean, on both. Then the engine's detector: a write, a FLUSH, a
 //! crash — an engine that acknowledges the FLUSH before a commit covers
 //! it (`ack-flush-early`, timed commits an hour apart so that only the
 //! FLUSH commits) loses the write at the crash, and the comparison names
@@ -39,7 +40,7 @@ use dmsim_kernel_shim::equivalence::{
     simulate_serialized_crashing, FinalState,
 };
 use dmsim_kernel_shim::protocol::EngineJob;
-use dmsim_kernel_shim::thin_replay::{compare_runs, judge, Verdict};
+use dmsim_kernel_shim::thin_replay::{compare_runs, crash_checks, judge, Verdict};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
 use dmsim_sim::run::{generate, CampaignSettings, RunConfig};
@@ -230,6 +231,14 @@ fn engine_replays_like_the_simulator_and_the_kernel(trace: &Trace, kernel: &Kern
     assert!(e.op_differences.is_empty(), "the engine's ops: {:#?}", e.op_differences);
     let l2 = e.l2.as_ref().expect("the engine's metadata dumps");
     assert!(l2.first_difference().is_none(), "engine L2 {}: {:?}", l2.label(), l2.first_difference());
+    // dmsim's checker on every image that survived a power cut, on both.
+    for (who, run) in [("kernel", kernel), ("engine", engine)] {
+        let checks = crash_checks(run);
+        assert_eq!(checks.len(), CRASHES, "{who}: a checker verdict per crash");
+        for (op, damage) in checks {
+            assert_eq!(damage, None, "{who}: the metadata surviving the crash at op {op} is damaged");
+        }
+    }
     let pair = compare_runs(kernel, engine);
     eprintln!("kernel–engine: {}", pair.line());
     assert!(pair.l1.is_empty(), "kernel and engine differ: {:#?}", pair.l1);
