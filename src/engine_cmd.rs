@@ -54,6 +54,23 @@ table, a socket it cannot create)."))]
         #[command(flatten)]
         socket: Socket,
     },
+    /// Print the pool's clock, in nanoseconds.
+    #[command(after_help = REQUEST_HELP)]
+    Time {
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Move the engine's trace clock on by NS nanoseconds (an engine
+    /// started with --trace-clock; its pool's worker runs at the new
+    /// time, so a timed commit that is due is made before the answer).
+    /// Prints the pool's new time.
+    #[command(after_help = REQUEST_HELP)]
+    Advance {
+        /// Nanoseconds to move on by.
+        ns: u64,
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// Serve thin device ID, of SECTORS 512-byte sectors, as a new ublk
     /// device; prints its block node (/dev/ublkbN).
     #[command(after_help = REQUEST_HELP)]
@@ -126,6 +143,12 @@ pub struct ServeArgs {
     /// commits (a commit once the last is a second old).
     #[arg(long)]
     pub commit_period_ms: Option<u64>,
+    /// The pool's clock starts at this many nanoseconds and moves only on
+    /// `dmsim engine advance NS` (and, when requests wait for data space
+    /// and nothing else moves, to the no-space deadline) instead of real
+    /// time: what a deterministic replay uses.
+    #[arg(long, value_name = "START_NS", conflicts_with = "commit_period_ms")]
+    pub trace_clock: Option<u64>,
 }
 
 /// Runs an engine subcommand: 0 on success, 2 when the engine refused or
@@ -137,6 +160,8 @@ pub fn run(cmd: EngineCommand) -> ExitCode {
         EngineCommand::Status { noflush, socket } => {
             (socket, if noflush { "status noflush".into() } else { "status".into() })
         }
+        EngineCommand::Time { socket } => (socket, "time".into()),
+        EngineCommand::Advance { ns, socket } => (socket, format!("advance {ns}")),
         EngineCommand::Activate { id, sectors, socket } => (socket, format!("activate {id} {sectors}")),
         EngineCommand::Deactivate { id, socket } => (socket, format!("deactivate {id}")),
         EngineCommand::Devices { socket } => (socket, "devices".into()),
@@ -160,7 +185,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let mut config = dmsim_engine::EngineConfig::new(&args.metadata, &args.data, &args.table, &args.socket);
     config.format = args.format;
     config.queue_depth = args.depth;
-    config.no_space_timeout_secs = args.no_space_timeout;
+    config.no_space_timeout = std::time::Duration::from_secs(args.no_space_timeout);
+    config.trace_clock = args.trace_clock;
     config.commit_period = args.commit_period_ms.filter(|&ms| ms > 0).map(std::time::Duration::from_millis);
     let socket = args.socket.clone();
     let ready = move || {

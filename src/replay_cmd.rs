@@ -533,6 +533,7 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "on": args.on,
             "disks": if engine { "ublk" } else { args.disks.as_str() },
             "followed_kernel_clock": followed,
+            "clock": if report.trace_clock { "trace" } else if followed { "kernel" } else { "none" },
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
             "crashes": crashes.iter().map(|c| serde_json::json!({
                 "crash": c.crash,
@@ -579,6 +580,11 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         }
         if followed {
             println!("the simulator followed the kernel's clock (its timed commits between the same ops)");
+        }
+        if report.trace_clock {
+            println!(
+                "the engine ran on the trace's clock (its tick ops), as the simulator did: nothing followed"
+            );
         }
         if let Some(v) = &report.crash_point_finding {
             println!("the simulator finds a problem at a metadata crash point inside a commit (not judged here): {v}");
@@ -1047,10 +1053,8 @@ fn run_concurrent_on_engine(args: &ReplayArgs, trace: &Trace) -> ExitCode {
         eprintln!("dmsim replay --on engine --depth {}: {}: {what}", args.depth, args.trace.display());
         ExitCode::from(exit::UNUSABLE)
     };
-    let job = dmsim_kernel_shim::Job::Engine {
-        trace: trace.clone(),
-        engine: EngineJob { depth: args.depth, ..EngineJob::serialized() },
-    };
+    let job =
+        dmsim_kernel_shim::Job::Engine { trace: trace.clone(), engine: EngineJob::at_depth(args.depth) };
     let run = match boot_one(job, true) {
         Ok(r) => r,
         Err(e) => return fail(e),

@@ -22,6 +22,11 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `dmsim engine serve` on new files in `dir`; waits for its socket.
 fn serve(dir: &Path) -> (Child, String) {
+    serve_with(dir, &[])
+}
+
+/// [`serve`] with more options.
+fn serve_with(dir: &Path, extra: &[&str]) -> (Child, String) {
     let (meta, data, socket) = (dir.join("meta"), dir.join("data"), dir.join("sock"));
     std::fs::File::create(&meta).unwrap().set_len(4 << 20).unwrap();
     std::fs::File::create(&data).unwrap().set_len(8 << 20).unwrap();
@@ -33,6 +38,7 @@ fn serve(dir: &Path) -> (Child, String) {
         .arg(&data)
         .arg("--socket")
         .arg(&socket)
+        .args(extra)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -68,6 +74,10 @@ fn serve_message_status_stop() {
     }
     let out = dmsim(&["engine", "devices", "--socket", s]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // On real time the clock is not the caller's.
+    let out = dmsim(&["engine", "advance", "--socket", s, "5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("real time"), "{}", text(&out));
     let out = dmsim(&["engine", "stop", "--socket", s]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(child.wait().unwrap().success());
@@ -93,5 +103,35 @@ fn sigterm_stops_the_engine_cleanly() {
     assert!(!Path::new(&socket).exists());
     let out = dmsim(&["metadata", "dump", dir.join("meta").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("dev_id=\"7\""), "{}", text(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_trace_clock_moves_on_advance() {
+    let dir = scratch("clock");
+    let (mut child, socket) = serve_with(&dir, &["--trace-clock", "1000"]);
+    let s = socket.as_str();
+    let out = dmsim(&["engine", "time", "--socket", s]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000", "{}", text(&out));
+    let out = dmsim(&["engine", "advance", "--socket", s, "2500000000"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2500001000");
+    let out = dmsim(&["engine", "stop", "--socket", s]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(child.wait().unwrap().success());
+    // A trace clock and a commit period are one too many clocks.
+    let out = dmsim(&[
+        "engine",
+        "serve",
+        "--metadata",
+        "m",
+        "--data",
+        "d",
+        "--trace-clock",
+        "0",
+        "--commit-period-ms",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     std::fs::remove_dir_all(&dir).unwrap();
 }

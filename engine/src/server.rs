@@ -19,8 +19,14 @@
 //!   until the disk is added, and the kernel reads the new disk's
 //!   partition table meanwhile: the pool thread serves those reads).
 //!
-//! Time: the pool's clock is the engine's monotonic clock, so its commit
-//! period and no-space timeout are real seconds, as the kernel's are.
+//! Time: by default the pool's clock is the engine's monotonic clock, so
+//! its commit period and no-space timeout are real seconds, as the
+//! kernel's are. With a **trace clock** ([`EngineConfig::trace_clock`])
+//! it is the caller's instead: it moves only on `advance NS` requests (a
+//! replay sends each of the trace's `tick` ops), and, when requests wait for
+//! data space and nothing else moves, to the pool's no-space deadline —
+//! so that a serialized replay commits exactly where the serialized
+//! simulator does, whatever the machine's speed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -70,8 +76,8 @@ pub struct EngineConfig {
     pub format: bool,
     /// The control socket's path (created; removed at the end).
     pub socket: PathBuf,
-    /// The `no_space_timeout`, in seconds (0: queue for ever).
-    pub no_space_timeout_secs: u64,
+    /// The `no_space_timeout` (0: queue for ever).
+    pub no_space_timeout: Duration,
     /// Tags per thin device's ublk queue (1: one request at a time).
     pub queue_depth: u16,
     /// `None`: the model's timed commits (a commit when a worker pass
@@ -80,6 +86,12 @@ pub struct EngineConfig {
     /// `p` instead (a test that must see only the commits flushes make
     /// sets an hour).
     pub commit_period: Option<Duration>,
+    /// `None` (the default): the pool's clock is real time. `Some(t)`:
+    /// the pool's clock starts at `t` nanoseconds and moves only on
+    /// `advance NS` requests and, when requests wait for data space and nothing
+    /// else moves, to the pool's no-space deadline (see the module's
+    /// docs). `commit_period` is ignored then.
+    pub trace_clock: Option<u64>,
     /// Deliberate bugs (none by default).
     pub mutations: EngineMutations,
 }
@@ -94,9 +106,10 @@ impl EngineConfig {
             table_tail: table_tail.to_string(),
             format: false,
             socket: socket.to_path_buf(),
-            no_space_timeout_secs: 60,
+            no_space_timeout: Duration::from_secs(60),
             queue_depth: 16,
             commit_period: None,
+            trace_clock: None,
             mutations: EngineMutations::default(),
         }
     }
@@ -116,6 +129,10 @@ const TICK: Duration = Duration::from_millis(20);
 enum Command {
     Message(String, Sender<Result<String, String>>),
     Status(bool, Sender<Result<String, String>>),
+    /// Move the trace clock on by this many nanoseconds (answered, with
+    /// the new time, once the pool has settled at it); `None`: only say
+    /// the time.
+    Time(Option<u64>, Sender<Result<String, String>>),
     Activate(ThinId, u64, Sender<Result<String, String>>),
     Deactivate(ThinId, Sender<Result<String, String>>),
     /// Open ublk device `dev_id`'s char device and fetch on every tag.
@@ -165,6 +182,10 @@ struct PoolThread {
     cmds: Receiver<Command>,
     /// Writes seen, for [`EngineMutations::drop_writes`].
     writes_seen: u64,
+    /// [`EngineConfig::trace_clock`] is set.
+    trace_clock: bool,
+    /// `advance` requests waiting for the pool to settle, in order.
+    times: std::collections::VecDeque<(u64, Sender<Result<String, String>>)>,
 }
 
 /// An eventfd, closed on drop.
@@ -226,15 +247,15 @@ impl PoolThread {
         let table = PoolTable::parse_args(&words)
             .map_err(|e| EngineError::Ublk(format!("the pool table `{args}`: {e}")))?;
         let options = PoolOptions {
-            no_space_timeout: config.no_space_timeout_secs * 1_000_000_000,
-            timed_commits: config.commit_period.is_none(),
+            no_space_timeout: config.no_space_timeout.as_nanos() as u64,
+            timed_commits: config.commit_period.is_none() || config.trace_clock.is_some(),
             ..PoolOptions::default()
         };
         let pool = Pool::create(table, len, metadata, data_dev, options)
             .map_err(|e| EngineError::Ublk(format!("creating the pool: {}", errno_text(&e))))?;
         let ring = IoUring::new(256).map_err(EngineError::Ring)?;
         let start = Instant::now();
-        pool.start_clock(0);
+        pool.start_clock(config.trace_clock.unwrap_or(0));
         Ok(PoolThread {
             pool,
             data,
@@ -245,10 +266,12 @@ impl PoolThread {
             wake,
             start,
             mutations: config.mutations,
-            commit_period: config.commit_period,
+            commit_period: config.commit_period.filter(|_| config.trace_clock.is_none()),
             next_commit: start + config.commit_period.unwrap_or_default(),
             cmds,
             writes_seen: 0,
+            trace_clock: config.trace_clock.is_some(),
+            times: std::collections::VecDeque::new(),
         })
     }
 
@@ -279,8 +302,9 @@ impl PoolThread {
                 }
                 self.command(cmd)?;
             }
-            let now = self.start.elapsed().as_nanos() as u64;
-            self.pool.set_time(now);
+            if !self.trace_clock {
+                self.pool.set_time(self.start.elapsed().as_nanos() as u64);
+            }
             if let Some(period) = self.commit_period {
                 if Instant::now() >= self.next_commit {
                     self.pool.request_commit();
@@ -289,6 +313,9 @@ impl PoolThread {
             }
             self.drive()?;
             self.answer()?;
+            if self.trace_clock {
+                self.move_trace_clock()?;
+            }
             let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -326,6 +353,16 @@ impl PoolThread {
             }
             Command::Status(noflush, reply) => {
                 let _ = reply.send(Ok(self.pool.status(noflush)));
+            }
+            Command::Time(None, reply) => {
+                let _ = reply.send(Ok(self.pool.now().to_string()));
+            }
+            Command::Time(Some(t), reply) if self.trace_clock => self.times.push_back((t, reply)),
+            Command::Time(Some(_), reply) => {
+                let _ = reply.send(Err(
+                    "EINVAL the engine's clock is real time (a trace clock is asked at its start: --trace-clock)"
+                        .to_string(),
+                ));
             }
             Command::Activate(thin, sectors, reply) => {
                 let r = self
@@ -493,6 +530,51 @@ impl PoolThread {
         }
     }
 
+    /// Whether the pool has settled: its worker has nothing to do and no
+    /// data I/O is in flight.
+    fn settled(&self) -> bool {
+        self.submitted.is_empty() && !self.pool.worker_wanted()
+    }
+
+    /// The trace clock's moves, once the pool has settled (after
+    /// [`Self::drive`] and [`Self::answer`]): each `advance` request in
+    /// order (the worker runs at the new time, so a timed commit that is
+    /// due is made before the answer); then, if requests still wait in
+    /// the pool with nothing moving — waiting for data space — the time
+    /// of the no-space deadline, which fails them as the kernel's timeout
+    /// would (the serialized simulator does the same after each op:
+    /// `ThinSim::outwait_no_space`).
+    fn move_trace_clock(&mut self) -> Result<(), EngineError> {
+        while self.settled() {
+            if let Some((t, reply)) = self.times.pop_front() {
+                self.pool.set_time(self.pool.now().saturating_add(t));
+                self.drive()?;
+                self.answer()?;
+                // The commit's metadata I/O is synchronous; data I/O the
+                // worker started at the new time is waited for.
+                if self.settled() {
+                    let _ = reply.send(Ok(self.pool.now().to_string()));
+                } else {
+                    // Answered once settled; the time has moved already.
+                    self.times.push_front((0, reply));
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.bios.is_empty() {
+                return Ok(());
+            }
+            let Some(deadline) = self.pool.no_space_deadline() else { return Ok(()) };
+            self.pool.set_time(deadline.max(self.pool.now()));
+            self.drive()?;
+            self.answer()?;
+            if self.pool.no_space_deadline() == Some(deadline) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Commits every completed request to its ublk tag.
     fn answer(&mut self) -> Result<(), EngineError> {
         for c in self.pool.take_completions() {
@@ -649,6 +731,11 @@ impl Control {
                 Some("noflush") => self.ask(|r| Command::Status(true, r)),
                 Some(w) => Err(format!("EINVAL `status {w}`: expected `status` or `status noflush`")),
             },
+            Some("time") if words.len() == 1 => self.ask(|r| Command::Time(None, r)),
+            Some("advance") => {
+                let t = num(1, "nanoseconds")?;
+                self.ask(|r| Command::Time(Some(t), r))
+            }
             Some("activate") => self.activate(num(1, "a thin device id")?, num(2, "its size in sectors")?),
             Some("deactivate") => self.deactivate(num(1, "a thin device id")?),
             Some("devices") => {
@@ -656,7 +743,7 @@ impl Control {
                 Ok(d.iter().map(|(id, (_, p))| format!("{id}:{}", p.display())).collect::<Vec<_>>().join(" "))
             }
             _ => Err(format!(
-                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], activate ID SECTORS, deactivate ID, devices, stop)"
+                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], time, advance NS, activate ID SECTORS, deactivate ID, devices, stop)"
             )),
         }
     }

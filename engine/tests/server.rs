@@ -43,8 +43,17 @@ impl Drop for Files {
 
 /// Starts an engine on `files` (a new pool) on a thread; its client.
 fn start(files: &Files) -> (EngineClient, std::thread::JoinHandle<Result<(), EngineError>>) {
+    start_with(files, |_| {})
+}
+
+/// [`start`], `tweak` changing the configuration first.
+fn start_with(
+    files: &Files,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> (EngineClient, std::thread::JoinHandle<Result<(), EngineError>>) {
     let mut config = EngineConfig::new(&files.metadata, &files.data, "128 0 0", &files.socket);
     config.format = true;
+    tweak(&mut config);
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || serve(&config, move || tx.send(()).expect("ready")));
     rx.recv_timeout(Duration::from_secs(30)).expect("the engine comes up");
@@ -94,6 +103,33 @@ fn messages_status_and_a_clean_stop_leave_metadata_the_checker_accepts() {
     assert!(report.is_clean(), "{:?}", report.problems);
     let devices = read_devices(&mut MemDevice::from_bytes(image)).expect("dump");
     assert_eq!(devices.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+}
+
+#[test]
+fn the_trace_clock_moves_only_when_told() {
+    let files = Files::new("trace-clock");
+    let (client, thread) = start_with(&files, |c| c.trace_clock = Some(2_000_000_000));
+    client.request("message create_thin 0").expect("create 0");
+    assert_eq!(client.request("time").expect("time"), "2000000000");
+    assert_eq!(client.request("advance 3000000000").expect("advance"), "5000000000");
+    // Real time passing moves nothing.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(client.request("advance 0").expect("advance"), "5000000000");
+    assert_eq!(client.request("time").expect("time"), "5000000000");
+    for bad in ["advance soon", "advance", "advance -1", "time 5"] {
+        assert_eq!(refused(client.request(bad)).0, Errno::EINVAL, "{bad}");
+    }
+    client.request("stop").expect("stop");
+    thread.join().expect("the engine's thread").expect("a clean stop");
+
+    // An engine on real time refuses to be told the time.
+    let files = Files::new("real-clock");
+    let (client, thread) = start(&files);
+    let (errno, message) = refused(client.request("advance 5000000000"));
+    assert_eq!(errno, Errno::EINVAL);
+    assert!(message.contains("real time"), "{message}");
+    client.request("stop").expect("stop");
+    thread.join().expect("the engine's thread").expect("a clean stop");
 }
 
 #[test]

@@ -392,6 +392,9 @@ pub struct Replayer<'c> {
     /// The userland engine the pool runs on instead of the kernel's
     /// dm-thin ([`Replayer::new_on_engine`]).
     engine: Option<EngineProc>,
+    /// Where the clock of an engine on the trace's clock started (a new
+    /// engine after a power cut starts where the dead one's stopped).
+    trace_time: u64,
 }
 
 /// The userland engine as the agent runs it ([`JobKind::Engine`]): this
@@ -418,6 +421,7 @@ impl EngineProc {
         prefix: &str,
         format: bool,
         job: crate::protocol::EngineJob,
+        start: u64,
     ) -> Result<EngineProc, ShimError> {
         let socket = PathBuf::from(format!("/run/dmsim-engine{prefix}.sock"));
         let _ = std::fs::create_dir_all("/run");
@@ -431,8 +435,8 @@ impl EngineProc {
             .arg(spec.table_tail())
             .arg("--socket")
             .arg(&socket)
-            .arg("--no-space-timeout")
-            .arg(spec.no_space_timeout_ns.div_ceil(1_000_000_000).max(1).to_string())
+            .arg("--no-space-timeout-ns")
+            .arg(spec.no_space_timeout_ns.to_string())
             .arg("--depth")
             .arg(job.depth.to_string())
             .arg("--commit-period-ms")
@@ -445,6 +449,9 @@ impl EngineProc {
         }
         if job.drop_writes {
             cmd.arg("--drop-writes");
+        }
+        if job.trace_clock {
+            cmd.arg("--trace-clock").arg(start.to_string());
         }
         let child = cmd.spawn().map_err(|e| ShimError::io("start the engine", e))?;
         let mut engine = EngineProc {
@@ -554,9 +561,10 @@ pub fn engine_main(args: &[String]) -> i32 {
     config.format = args.iter().any(|a| a == "--format");
     config.mutations.ack_flush_early = args.iter().any(|a| a == "--ack-flush-early");
     config.mutations.drop_writes = args.iter().any(|a| a == "--drop-writes");
-    if let Some(t) = get("--no-space-timeout").and_then(|v| v.parse().ok()) {
-        config.no_space_timeout_secs = t;
+    if let Some(t) = get("--no-space-timeout-ns").and_then(|v| v.parse().ok()) {
+        config.no_space_timeout = Duration::from_nanos(t);
     }
+    config.trace_clock = get("--trace-clock").and_then(|v| v.parse().ok());
     if let Some(d) = get("--depth").and_then(|v| v.parse().ok()) {
         config.queue_depth = d;
     }
@@ -648,12 +656,14 @@ impl<'c> Replayer<'c> {
             table,
             metadata_linear: None,
             engine: None,
+            trace_time: 0,
         })
     }
 
     /// As [`Replayer::new`], the pool being the userland engine's
     /// ([`EngineProc`]) on `metadata` and `data`, run as `engine` says; no
     /// device-mapper device is made.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_on_engine(
         ctl: &'c Control,
         spec: PoolSpec,
@@ -662,10 +672,11 @@ impl<'c> Replayer<'c> {
         prefix: &str,
         format: bool,
         engine: crate::protocol::EngineJob,
+        trace_time: u64,
     ) -> Result<Replayer<'c>, ShimError> {
         let clock = CoarseClock::new();
         let created_a = clock.now_us();
-        let engine = EngineProc::spawn(&spec, metadata, data, prefix, format, engine)?;
+        let engine = EngineProc::spawn(&spec, metadata, data, prefix, format, engine, trace_time)?;
         let times = vec![
             (format!("{COARSE_PREFIX}create-a"), created_a),
             (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
@@ -691,6 +702,7 @@ impl<'c> Replayer<'c> {
             table,
             metadata_linear: None,
             engine: Some(engine),
+            trace_time,
         })
     }
 
@@ -971,7 +983,15 @@ impl<'c> Replayer<'c> {
             }
             // The kernel runs its own worker and completes its own I/O;
             // every request above already ran to completion.
-            Op::Worker | Op::Complete { .. } | Op::FailIo { .. } | Op::Tick { .. } => done("ok".into(), None),
+            Op::Worker | Op::Complete { .. } | Op::FailIo { .. } => done("ok".into(), None),
+            // The kernel keeps its own time; an engine on the trace's
+            // clock is told the trace's.
+            Op::Tick { millis } => {
+                if let Some(e) = self.engine.as_ref().filter(|e| e.job.trace_clock) {
+                    e.request(&format!("advance {}", u64::from(millis) * 1_000_000))?;
+                }
+                done("ok".into(), None)
+            }
             Op::GrowMetadata { blocks, reload } => self.grow_metadata(index, blocks, reload),
             Op::Fault { .. } | Op::Crash { .. } | Op::AimFault { .. } => done("unsupported".into(), None),
             // Rejected above (`thin_error`); kept as an error here too.
@@ -1665,8 +1685,13 @@ fn run_ublk_job(
         } else {
             (format!("dmsim-d{job}"), disks.slice.data_offset, spec.data_sectors(), disks.data)
         };
+        // What the disk reads after the teardown: with the writes still in
+        // its volatile cache (the block manager's write-back of dirty
+        // blocks at close is not flushed: in a read-only pool, block 0
+        // with its needs_check flag), as the simulator's final images are
+        // (`ThinSim::close`, `visible`).
         let written = linear(ctl, &name, disk_path, at, len, disks.dev_dir).and_then(|path| {
-            let w = write_image(&path, disk.durable());
+            let w = write_image(&path, disk.visible());
             let removed = ctl.remove(&name);
             w.and(removed)
         });
@@ -1752,7 +1777,7 @@ fn run_ublk_pool(
     };
     let prefix = job.to_string();
     let created = if let Some(engine) = engine_job {
-        Replayer::new_on_engine(ctl, spec.clone(), &m, &d, &prefix, true, engine)
+        Replayer::new_on_engine(ctl, spec.clone(), &m, &d, &prefix, true, engine, 0)
     } else if spec.metadata_disk_sectors > spec.metadata_sectors {
         Replayer::new_growable(ctl, spec.clone(), &m, spec.metadata_sectors, &d, dev_dir, &prefix, true)
     } else {
@@ -1765,6 +1790,9 @@ fn run_ublk_pool(
             return;
         }
     };
+    if engine_job.is_some_and(|e| e.trace_clock) {
+        result.notes.push((crate::equivalence::CLOCK_NOTE.into(), "trace".into()));
+    }
     let t0 = Instant::now();
     if let Some(engine) = engine_job.filter(|e| e.depth > 1) {
         // Every block was read back and judged by the oracle already.
@@ -2394,6 +2422,16 @@ fn power_cut<'c>(
     crash_checks: &mut Vec<(usize, String)>,
 ) -> Result<(Replayer<'c>, crate::protocol::CrashRecord), String> {
     use crate::ublk::{ControlledDisk, UblkDevice};
+    // An engine on the trace's clock: its time (the trace's ticks, and the
+    // no-space deadlines it moved to), where the new engine starts.
+    let trace_time = match replayer.engine.as_ref().filter(|e| e.job.trace_clock) {
+        Some(e) => e
+            .request("time")
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.parse::<u64>().map_err(|_| format!("the engine's time `{t}`")))
+            .map_err(|e| format!("the engine's clock before the power cut: {e}"))?,
+        None => 0,
+    };
     let (meta, data) = devs.devs.take().ok_or("the controlled disks are gone")?;
     meta.cut_power();
     data.cut_power();
@@ -2470,7 +2508,9 @@ fn power_cut<'c>(
     devs.devs = Some((meta, data));
     let prefix = job.to_string();
     let reloaded = match (grown, engine_job) {
-        (_, Some(engine)) => Replayer::new_on_engine(ctl, spec.clone(), &mp, &dp, &prefix, false, engine),
+        (_, Some(engine)) => {
+            Replayer::new_on_engine(ctl, spec.clone(), &mp, &dp, &prefix, false, engine, trace_time)
+        }
         (Some(sectors), None) => {
             Replayer::new_growable(ctl, spec.clone(), &mp, sectors, &dp, dev_dir, &prefix, false)
         }
@@ -2521,6 +2561,7 @@ fn power_cut<'c>(
     }
     replayer.next_id = replayer.next_id.max(next_id);
     replayer.next_write = next_write;
+    replayer.trace_time = trace_time;
     // One clock for the whole job: the rebuilt pool's creation, read on
     // its own clock, as `rebuild-a-<op>` / `rebuild-b-<op>` on the job's.
     for (k, v) in std::mem::take(&mut replayer.times) {

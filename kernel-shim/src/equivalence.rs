@@ -175,6 +175,9 @@ pub fn simulate_serialized_crashing(trace: &Trace) -> Result<SimulatedRun, ShimE
 /// ([`follow_commits`]): the 1 s commit period is a constant the kernel
 /// does not let be set, and its timer fires at moments no trace fixes.
 pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Result<SimulatedRun, ShimError> {
+    if on_trace_clock(&run.result) {
+        return simulate_on_trace_clock(trace, crashes, &run.result);
+    }
     let clock = ThinClock::of(&run.result);
     match crate::protocol::commit_superblocks(&run.result) {
         Some(kernel) if clock.is_some() => {
@@ -184,6 +187,29 @@ pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Resu
             simulate_serialized_inner(trace, crashes, clock.as_ref(), None, None, &kernel_orders(&run.result))
         }
     }
+}
+
+/// The note an engine job on the trace's clock leaves in its result
+/// (`clock` = `trace`; [`crate::protocol::EngineJob::trace_clock`]).
+pub const CLOCK_NOTE: &str = "clock";
+
+/// Whether `result` is an engine's run on the trace's clock: its time was
+/// the trace's `tick` ops, not a real clock.
+pub fn on_trace_clock(result: &crate::protocol::KernelResult) -> bool {
+    result.notes.iter().any(|(k, v)| k == CLOCK_NOTE && v == "trace")
+}
+
+/// The serialized simulator on the trace's own clock (its `tick` ops;
+/// a request that waits for data space meets the no-space timeout within
+/// its op), with `result`'s orders of data writes and of a crash's
+/// unflushed writes: what an engine on the trace's clock must equal
+/// exactly — no commit placement to follow, none to search.
+pub fn simulate_on_trace_clock(
+    trace: &Trace,
+    crashes: bool,
+    result: &crate::protocol::KernelResult,
+) -> Result<SimulatedRun, ShimError> {
+    simulate_serialized_clocked(trace, crashes, None, None, None, &kernel_orders(result), true)
 }
 
 /// Where the serialized simulator makes a commit the kernel made during
@@ -507,6 +533,24 @@ fn simulate_serialized_inner(
     stop_after: Option<usize>,
     orders: &KernelOrders,
 ) -> Result<SimulatedRun, ShimError> {
+    simulate_serialized_clocked(trace, crashes, clock, plan, stop_after, orders, false)
+}
+
+/// [`simulate_serialized_inner`], and with `trace_clock` the trace's own
+/// time instead of none: its `tick` ops move the simulator's clock (so
+/// its timed commits come where the trace's time puts them), and after
+/// each request a write that waits for data space meets the no-space
+/// timeout within its op ([`ThinSim::outwait_no_space`]) — what an engine
+/// on the trace's clock does ([`simulate_on_trace_clock`]).
+fn simulate_serialized_clocked(
+    trace: &Trace,
+    crashes: bool,
+    clock: Option<&ThinClock>,
+    plan: Option<&CommitPlan>,
+    stop_after: Option<usize>,
+    orders: &KernelOrders,
+    trace_clock: bool,
+) -> Result<SimulatedRun, ShimError> {
     let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(c) = clock {
         cfg.thin.options.waker_wheel_phase = Some(c.wheel_phase());
@@ -690,6 +734,9 @@ fn simulate_serialized_inner(
             end_op(&mut sim, None)?;
             continue;
         }
+        if trace_clock && matches!(op, Op::Tick { .. }) {
+            sim.apply(&op).and_then(|()| sim.quiesce()).map_err(fail)?;
+        }
         if !kernel_replays(&op) {
             commit_if_placed(&mut sim, CommitPlacement::AfterOp)?;
             ops.push(crate::fault_compare::SimOp::of_events(i, &op, &sim.events()[at..], &mut mode));
@@ -713,7 +760,9 @@ fn simulate_serialized_inner(
             if k > 0 && !last_request_ok(&sim.events()[at..]) {
                 break;
             }
-            for r in [sim.apply(&step), sim.quiesce()] {
+            let outwait =
+                |sim: &mut ThinSim| if trace_clock { sim.outwait_no_space().map(|_| ()) } else { Ok(()) };
+            for r in [sim.apply(&step), sim.quiesce(), outwait(&mut sim)] {
                 match r {
                     Err(f) if crashes && f.kind == "oracle" => {
                         first_oracle.get_or_insert(f.to_string());

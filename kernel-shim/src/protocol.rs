@@ -993,18 +993,41 @@ pub struct EngineJob {
     /// The deliberately broken engine that acknowledges every eighth write
     /// without doing it (`dmsim_engine::EngineMutations::drop_writes`).
     pub drop_writes: bool,
+    /// The engine's clock is the trace's (`dmsim_engine::EngineConfig::
+    /// trace_clock`): the agent sends the sum of the trace's `tick` ops
+    /// at each, so that the engine commits where the serialized
+    /// simulator does; `commit_period_ms` is ignored then. Otherwise real
+    /// time.
+    pub trace_clock: bool,
 }
 
 impl EngineJob {
-    /// The serialized engine: depth 1, the model's commit period, no bug.
+    /// The serialized engine: depth 1, the model's commit period on the
+    /// trace's clock, no bug.
     pub fn serialized() -> EngineJob {
-        EngineJob { depth: 1, commit_period_ms: 0, ack_flush_early: false, drop_writes: false }
+        EngineJob {
+            depth: 1,
+            commit_period_ms: 0,
+            ack_flush_early: false,
+            drop_writes: false,
+            trace_clock: true,
+        }
     }
 
-    /// `depth,period[,ack-flush-early][,drop-writes]`, one word of a job
-    /// line.
+    /// The engine at queue depth `depth`: serialized (and on the trace's
+    /// clock) at 1; on real time above, where the order of completions is
+    /// the machine's anyway.
+    pub fn at_depth(depth: u16) -> EngineJob {
+        EngineJob { depth, trace_clock: depth <= 1, ..EngineJob::serialized() }
+    }
+
+    /// `depth,period[,trace-clock][,ack-flush-early][,drop-writes]`, one
+    /// word of a job line.
     pub fn text(&self) -> String {
         let mut s = format!("{},{}", self.depth, self.commit_period_ms);
+        if self.trace_clock {
+            s.push_str(",trace-clock");
+        }
         if self.ack_flush_early {
             s.push_str(",ack-flush-early");
         }
@@ -1019,9 +1042,10 @@ impl EngineJob {
         let mut parts = word.split(',');
         let depth: u16 = parts.next()?.parse().ok().filter(|&d| d >= 1)?;
         let commit_period_ms = parts.next()?.parse().ok()?;
-        let mut job = EngineJob { depth, commit_period_ms, ..EngineJob::serialized() };
+        let mut job = EngineJob { depth, commit_period_ms, trace_clock: false, ..EngineJob::serialized() };
         for bug in parts {
             match bug {
+                "trace-clock" if !job.trace_clock => job.trace_clock = true,
                 "ack-flush-early" if !job.ack_flush_early => job.ack_flush_early = true,
                 "drop-writes" if !job.drop_writes => job.drop_writes = true,
                 _ => return None,
@@ -1923,7 +1947,8 @@ mod tests {
         let text = "dmsim-trace 1\nseed 3\nworkload random\ncreate-thin\n".to_string();
         let engines = [
             EngineJob::serialized(),
-            EngineJob { depth: 8, commit_period_ms: 250, ..EngineJob::serialized() },
+            EngineJob { depth: 8, commit_period_ms: 250, trace_clock: false, ..EngineJob::serialized() },
+            EngineJob::at_depth(8),
             EngineJob { ack_flush_early: true, commit_period_ms: 3_600_000, ..EngineJob::serialized() },
             EngineJob { depth: 4, drop_writes: true, ack_flush_early: true, ..EngineJob::serialized() },
         ];
@@ -1933,7 +1958,19 @@ mod tests {
             back.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
             jobs.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()
         );
-        for bad in ["0,0", "1", "x,0", "1,x", "1,0,frob", "1,0,drop-writes,drop-writes", "1,-1", ""] {
+        assert!(EngineJob::serialized().text().contains("trace-clock"));
+        assert!(!EngineJob::at_depth(8).trace_clock);
+        for bad in [
+            "0,0",
+            "1",
+            "x,0",
+            "1,x",
+            "1,0,frob",
+            "1,0,drop-writes,drop-writes",
+            "1,0,trace-clock,trace-clock",
+            "1,-1",
+            "",
+        ] {
             assert_eq!(EngineJob::parse(bad), None, "{bad:?}");
             let body = format!("{REQUEST_FIRST_LINE}\njob engine {} {bad}\n{text}", text.len());
             assert!(decode_request(body.as_bytes()).is_err(), "{bad:?}");

@@ -552,7 +552,7 @@ pub fn run_concurrent(
     depth: u16,
     mut progress: impl FnMut(&ConcurrentOutcome),
 ) -> Vec<ConcurrentOutcome> {
-    let engine = crate::protocol::EngineJob { depth, ..crate::protocol::EngineJob::serialized() };
+    let engine = crate::protocol::EngineJob::at_depth(depth);
     let traces: Vec<(u64, Trace)> = seeds
         .into_iter()
         .map(|seed| (seed, campaign_trace(seed, ops, settings)))

@@ -30,6 +30,10 @@ pub struct ThinReplayReport {
     pub ublk: bool,
     /// The kernel's result carried a clock and the simulator followed it.
     pub followed_kernel_clock: bool,
+    /// The run was an engine's on the trace's clock: the simulator ran on
+    /// the trace's ticks too, and follows nothing
+    /// ([`crate::equivalence::simulate_on_trace_clock`]).
+    pub trace_clock: bool,
     /// The simulator's oracle objected while reading its devices back (a
     /// broken model); its state was then read from its images.
     pub oracle_violation: Option<String>,
@@ -172,7 +176,8 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     if let Some(e) = &run.result.error {
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
     }
-    let followed_kernel_clock = ThinClock::of(&run.result).is_some();
+    let trace_clock = crate::equivalence::on_trace_clock(&run.result);
+    let followed_kernel_clock = !trace_clock && ThinClock::of(&run.result).is_some();
     let sim = simulate_following(trace, ublk, run)?;
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
@@ -199,6 +204,7 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
     Ok(ThinReplayReport {
         ublk,
         followed_kernel_clock,
+        trace_clock,
         oracle_violation: sim.oracle_violation,
         crash_point_finding: sim.crash_point_finding,
         end_check_finding: sim.end_check_finding,
@@ -392,6 +398,7 @@ pub(crate) fn empty_report() -> ThinReplayReport {
     ThinReplayReport {
         ublk: true,
         followed_kernel_clock: true,
+        trace_clock: false,
         oracle_violation: None,
         crash_point_finding: None,
         end_check_finding: None,

@@ -1,5 +1,5 @@
 //! Cache campaign traces replayed on the stock kernel's dm-cache
-//! (`dmsim_kernel_shim::cache_replay`): the first 64 seeds' traces (no faults, no
+//! (`dmsim_kernel_shim::cache_replay`): the first 56 seeds' traces (no faults, no
 //! crashes: a serialized replay cannot place them), one boot, settled
 //! (`settled_plan`: the kernel's background work finishes between ops, and
 //! the simulator follows the kernel's jiffies). Every read
@@ -17,7 +17,7 @@ use dmsim_kernel_shim::{KernelShim, ShimError};
 use dmsim_sim::cache_run;
 use dmsim_sim::run::Checkers;
 
-const TRACES: u64 = 64;
+const TRACES: u64 = 56;
 /// Issue 15's bar: at least this many traces with L1 and L2 equal.
 const L2_AT_LEAST: usize = 50;
 const OPS: usize = 150;
@@ -133,7 +133,8 @@ fn fifty_cache_traces_read_on_the_kernel_what_the_oracle_allows() {
     assert!(failures.is_empty(), "L1 violations on the kernel:\n{}", failures.join("\n"));
     // With the waker placed as the kernel's timer wheel places it and no
     // read-back in the simulator, the settled replay gave 62 of 64 (L3 47
-    // of 64) on the stock 6.1 kernel; fewer than
+    // of 64) on the stock 6.1 kernel; of the first 56 (CI's sample since
+    // stop 41), 54 (seeds 6 and 26 differ; L3 53 of 64); fewer than
     // 50 means the model or the replay has drifted from the kernel.
     assert!(
         seeds.len() < TRACES as usize || l2 >= L2_AT_LEAST,

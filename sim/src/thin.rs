@@ -1599,6 +1599,25 @@ impl ThinSim {
             .map_err(|e| self.fail_as("load", format!("clearing needs_check failed: {e}")))
     }
 
+    /// When requests still wait in the settled pool — for data space, with
+    /// the no-space timeout armed — moves time to the timeout's deadline
+    /// (which fails them, as the kernel's `do_no_space_timeout` does) and
+    /// settles again; whether time moved. A serialized replay whose
+    /// requests block the caller (the kernel shim's agent on an engine on
+    /// the trace's clock) meets the timeout within the op that waits.
+    pub fn outwait_no_space(&mut self) -> Result<bool, ThinFailure> {
+        self.quiesce()?;
+        if self.pending.is_empty() {
+            return Ok(false);
+        }
+        let Some(deadline) = self.pool().no_space_deadline() else { return Ok(false) };
+        self.now = self.now.max(deadline);
+        self.stats.sim_time_ns = self.now;
+        self.pool().set_time(self.now);
+        self.quiesce()?;
+        Ok(true)
+    }
+
     /// Settles the pool (past the no-space timeout if requests still wait
     /// for space), reads every live device back in full through the
     /// oracle, and checks the committed metadata.
