@@ -178,8 +178,8 @@ pub struct CheckArgs {
     /// --kernel-answer kernel-seed-N.kernel kernel-seed-N.trace` judges
     /// them again without a boot. `engine`: the same traces on the
     /// userland engine (the model's pool served over ublk in the same VM,
-    /// docs/engine.md), judged the same way; traces that grow the metadata
-    /// device are refused (not supported by the engine yet). `all`: each
+    /// docs/engine.md), judged the same way (serialized, on the trace's
+    /// clock: `--depth` 1). `all`: each
     /// trace on the kernel and on the engine in the same boot, each judged
     /// against the simulator, and the two held against each other (L1,
     /// L2, L3), with three-way counts in the summary.

@@ -71,6 +71,22 @@ table, a socket it cannot create)."))]
         #[command(flatten)]
         socket: Socket,
     },
+    /// Grow the pool's metadata device to SECTORS (an engine started with
+    /// --metadata-sectors showing less of it): the pool suspended (it
+    /// commits), the device grown, the pool resumed, its metadata space
+    /// map extended — as a table reload after `lvextend` of the metadata
+    /// LV.
+    #[command(name = "grow-metadata", after_help = REQUEST_HELP)]
+    GrowMetadata {
+        /// The metadata device's new size in sectors.
+        sectors: u64,
+        /// Load the pool's table again on the resume (otherwise the
+        /// resume keeps the table it has).
+        #[arg(long)]
+        reload: bool,
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// Serve thin device ID, of SECTORS 512-byte sectors, as a new ublk
     /// device; prints its block node (/dev/ublkbN).
     #[command(after_help = REQUEST_HELP)]
@@ -149,6 +165,10 @@ pub struct ServeArgs {
     /// time: what a deterministic replay uses.
     #[arg(long, value_name = "START_NS", conflicts_with = "commit_period_ms")]
     pub trace_clock: Option<u64>,
+    /// Show the pool only the first SECTORS of the metadata device (the
+    /// rest for `dmsim engine grow-metadata` later).
+    #[arg(long, value_name = "SECTORS")]
+    pub metadata_sectors: Option<u64>,
 }
 
 /// Runs an engine subcommand: 0 on success, 2 when the engine refused or
@@ -162,6 +182,9 @@ pub fn run(cmd: EngineCommand) -> ExitCode {
         }
         EngineCommand::Time { socket } => (socket, "time".into()),
         EngineCommand::Advance { ns, socket } => (socket, format!("advance {ns}")),
+        EngineCommand::GrowMetadata { sectors, reload, socket } => {
+            (socket, format!("grow-metadata {sectors}{}", if reload { " reload" } else { "" }))
+        }
         EngineCommand::Activate { id, sectors, socket } => (socket, format!("activate {id} {sectors}")),
         EngineCommand::Deactivate { id, socket } => (socket, format!("deactivate {id}")),
         EngineCommand::Devices { socket } => (socket, "devices".into()),
@@ -187,6 +210,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     config.queue_depth = args.depth;
     config.no_space_timeout = std::time::Duration::from_secs(args.no_space_timeout);
     config.trace_clock = args.trace_clock;
+    config.metadata_sectors = args.metadata_sectors;
     config.commit_period = args.commit_period_ms.filter(|&ms| ms > 0).map(std::time::Duration::from_millis);
     let socket = args.socket.clone();
     let ready = move || {

@@ -385,22 +385,12 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
     // VM, on the same controlled disks, judged as the kernel is.
     let engine = args.on == "engine";
     let target = if engine { "the engine" } else { "the kernel" };
-    if engine {
-        if args.race.is_some() || args.kernel_answer.is_some() || is_cache_header(&trace.header) {
-            eprintln!(
-                "dmsim replay --on engine: a thin trace, replayed one request at a time (no --race, no \
-                 --kernel-answer; the engine serves the thin target only)"
-            );
-            return ExitCode::from(exit::UNUSABLE);
-        }
-        if trace.ops().any(|op| matches!(op, dmsim_traces::Op::GrowMetadata { .. })) {
-            eprintln!(
-                "dmsim replay --on engine: {}: the trace grows the metadata device, which the engine does not \
-                 support yet",
-                args.trace.display()
-            );
-            return ExitCode::from(exit::UNUSABLE);
-        }
+    if engine && (args.race.is_some() || args.kernel_answer.is_some() || is_cache_header(&trace.header)) {
+        eprintln!(
+            "dmsim replay --on engine: a thin trace, replayed one request at a time (no --race, no \
+             --kernel-answer; the engine serves the thin target only)"
+        );
+        return ExitCode::from(exit::UNUSABLE);
     }
     if args.depth > 1 {
         if !engine {
@@ -952,9 +942,6 @@ fn run_on_all(args: &ReplayArgs) -> ExitCode {
     };
     if is_cache_header(&trace.header) || args.race.is_some() || args.kernel_answer.is_some() {
         return fail("a thin trace, one request at a time (no --race, no --kernel-answer)".into());
-    }
-    if trace.ops().any(|op| matches!(op, dmsim_traces::Op::GrowMetadata { .. })) {
-        return fail("the trace grows the metadata device, which the engine does not support yet".into());
     }
     if let Err(e) = dmsim_kernel_shim::equivalence::simulate_serialized_crashing(&trace) {
         return fail(e.to_string());

@@ -92,6 +92,10 @@ pub struct EngineConfig {
     /// else moves, to the pool's no-space deadline (see the module's
     /// docs). `commit_period` is ignored then.
     pub trace_clock: Option<u64>,
+    /// Show only this many sectors of the metadata device (`None`: all of
+    /// it); `grow-metadata` shows more later, as a metadata device that a
+    /// trace grows.
+    pub metadata_sectors: Option<u64>,
     /// Deliberate bugs (none by default).
     pub mutations: EngineMutations,
 }
@@ -110,6 +114,7 @@ impl EngineConfig {
             queue_depth: 16,
             commit_period: None,
             trace_clock: None,
+            metadata_sectors: None,
             mutations: EngineMutations::default(),
         }
     }
@@ -125,6 +130,17 @@ const WAKE: u64 = u64::MAX;
 /// clock (the commit period's resolution).
 const TICK: Duration = Duration::from_millis(20);
 
+/// A request the pool thread answers once the pool has settled.
+enum Deferred {
+    /// Move the trace clock on by this many nanoseconds.
+    Advance(u64),
+    /// Grow the metadata device.
+    GrowMetadata { sectors: u64, reload: bool },
+    /// Answer: the request ran (with this answer, or the time's), and
+    /// the pool was still moving.
+    Answer(Option<Result<String, String>>),
+}
+
 /// One request to the pool thread, with where its answer goes.
 enum Command {
     Message(String, Sender<Result<String, String>>),
@@ -133,6 +149,9 @@ enum Command {
     /// the new time, once the pool has settled at it); `None`: only say
     /// the time.
     Time(Option<u64>, Sender<Result<String, String>>),
+    /// Grow the metadata device to this many sectors (reloading the pool's
+    /// table or not), once the pool has settled.
+    GrowMetadata(u64, bool, Sender<Result<String, String>>),
     Activate(ThinId, u64, Sender<Result<String, String>>),
     Deactivate(ThinId, Sender<Result<String, String>>),
     /// Open ublk device `dev_id`'s char device and fetch on every tag.
@@ -145,6 +164,8 @@ enum Command {
     /// Answer when every tag of `dev_id` has been aborted (the device
     /// stopped) and its char device is closed.
     Detached(u32, Sender<Result<String, String>>),
+    /// `dev_id` has started: its requests go to the pool from now on.
+    Started(u32, Sender<Result<String, String>>),
     /// Close the pool (its last commit) and end the thread.
     Close(Sender<Result<String, String>>),
 }
@@ -159,6 +180,12 @@ struct Queue {
     live: usize,
     /// Who waits for the queue to end.
     detached: Vec<Sender<Result<String, String>>>,
+    /// The device is being started: the kernel reads its partition table
+    /// (`START_DEV` on 6.1 scans partitions, a dm-thin device is never
+    /// scanned). Those reads are answered with zeroes without reaching the
+    /// pool, so that they neither touch the model (its block cache, a
+    /// fault armed for the next read of the data disk) nor the data disk.
+    starting: bool,
 }
 
 /// The pool thread's state.
@@ -184,8 +211,10 @@ struct PoolThread {
     writes_seen: u64,
     /// [`EngineConfig::trace_clock`] is set.
     trace_clock: bool,
-    /// `advance` requests waiting for the pool to settle, in order.
-    times: std::collections::VecDeque<(u64, Sender<Result<String, String>>)>,
+    /// Requests waiting for the pool to settle, in order.
+    deferred: std::collections::VecDeque<(Deferred, Sender<Result<String, String>>)>,
+    /// The pool table's length (the data device's size), in sectors.
+    data_sectors: u64,
 }
 
 /// An eventfd, closed on drop.
@@ -235,7 +264,10 @@ impl PoolThread {
         if config.format {
             zero_superblock(&config.metadata)?;
         }
-        let metadata = UringDevice::open(&config.metadata)?;
+        let mut metadata = UringDevice::open(&config.metadata)?;
+        if let Some(sectors) = config.metadata_sectors {
+            metadata.set_visible_sectors(sectors)?;
+        }
         let data_dev = UringDevice::open(&config.data)?;
         let data = DataRing::open(&config.data, 256)?;
         data.register_eventfd(wake.0)?;
@@ -271,7 +303,8 @@ impl PoolThread {
             cmds,
             writes_seen: 0,
             trace_clock: config.trace_clock.is_some(),
-            times: std::collections::VecDeque::new(),
+            deferred: std::collections::VecDeque::new(),
+            data_sectors: len,
         })
     }
 
@@ -313,9 +346,7 @@ impl PoolThread {
             }
             self.drive()?;
             self.answer()?;
-            if self.trace_clock {
-                self.move_trace_clock()?;
-            }
+            self.run_deferred()?;
             let ts = types::Timespec::new().nsec(TICK.as_nanos() as u32);
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -357,7 +388,12 @@ impl PoolThread {
             Command::Time(None, reply) => {
                 let _ = reply.send(Ok(self.pool.now().to_string()));
             }
-            Command::Time(Some(t), reply) if self.trace_clock => self.times.push_back((t, reply)),
+            Command::Time(Some(t), reply) if self.trace_clock => {
+                self.deferred.push_back((Deferred::Advance(t), reply))
+            }
+            Command::GrowMetadata(sectors, reload, reply) => {
+                self.deferred.push_back((Deferred::GrowMetadata { sectors, reload }, reply))
+            }
             Command::Time(Some(_), reply) => {
                 let _ = reply.send(Err(
                     "EINVAL the engine's clock is real time (a trace clock is asked at its start: --trace-clock)"
@@ -379,6 +415,12 @@ impl PoolThread {
             Command::Attach { dev_id, thin, depth, reply } => {
                 let r = self.attach(dev_id, thin, depth);
                 let _ = reply.send(r.map(|()| String::new()));
+            }
+            Command::Started(dev_id, reply) => {
+                if let Some(q) = self.queues.get_mut(&dev_id) {
+                    q.starting = false;
+                }
+                let _ = reply.send(Ok(String::new()));
             }
             Command::Detached(dev_id, reply) => match self.queues.get_mut(&dev_id) {
                 Some(q) => q.detached.push(reply),
@@ -404,7 +446,7 @@ impl PoolThread {
         let fd = file.as_raw_fd();
         self.queues.insert(
             dev_id,
-            Queue { thin, file, descs, bufs, live: usize::from(depth), detached: Vec::new() },
+            Queue { thin, file, descs, bufs, live: usize::from(depth), detached: Vec::new(), starting: true },
         );
         for tag in 0..depth {
             let sqe = {
@@ -446,6 +488,11 @@ impl PoolThread {
             return self.commit(dev_id, tag, bytes as i32);
         }
         let Some(q) = self.queues.get_mut(&dev_id) else { return Ok(()) };
+        if q.starting && matches!(req.kind, RequestKind::Read) {
+            // The partition scan of START_DEV (see `Queue::starting`).
+            q.bufs[usize::from(tag)][..bytes.min(BUF_BYTES as usize)].fill(0);
+            return self.commit(dev_id, tag, bytes as i32);
+        }
         let bio = match req.kind {
             RequestKind::Read => Some(BioRequest::read(req.sector, u64::from(req.nr_sectors))),
             RequestKind::Write { fua } => {
@@ -536,32 +583,38 @@ impl PoolThread {
         self.submitted.is_empty() && !self.pool.worker_wanted()
     }
 
-    /// The trace clock's moves, once the pool has settled (after
-    /// [`Self::drive`] and [`Self::answer`]): each `advance` request in
-    /// order (the worker runs at the new time, so a timed commit that is
-    /// due is made before the answer); then, if requests still wait in
-    /// the pool with nothing moving — waiting for data space — the time
-    /// of the no-space deadline, which fails them as the kernel's timeout
-    /// would (the serialized simulator does the same after each op:
+    /// The deferred requests, each once the pool has settled (after
+    /// [`Self::drive`] and [`Self::answer`]), in order: an `advance` of
+    /// the trace clock (the worker runs at the new time, so a timed commit
+    /// that is due is made before the answer), a metadata growth. Then,
+    /// on a trace clock, if requests still wait in the pool with nothing
+    /// moving — waiting for data space — the time of the no-space
+    /// deadline, which fails them as the kernel's timeout would (the
+    /// serialized simulator does the same after each op:
     /// `ThinSim::outwait_no_space`).
-    fn move_trace_clock(&mut self) -> Result<(), EngineError> {
+    fn run_deferred(&mut self) -> Result<(), EngineError> {
         while self.settled() {
-            if let Some((t, reply)) = self.times.pop_front() {
-                self.pool.set_time(self.pool.now().saturating_add(t));
+            if let Some((what, reply)) = self.deferred.pop_front() {
+                let answer = match what {
+                    Deferred::Advance(t) => {
+                        self.pool.set_time(self.pool.now().saturating_add(t));
+                        None
+                    }
+                    Deferred::Answer(answer) => answer,
+                    Deferred::GrowMetadata { sectors, reload } => Some(self.grow_metadata(sectors, reload)),
+                };
                 self.drive()?;
                 self.answer()?;
                 // The commit's metadata I/O is synchronous; data I/O the
-                // worker started at the new time is waited for.
-                if self.settled() {
-                    let _ = reply.send(Ok(self.pool.now().to_string()));
-                } else {
-                    // Answered once settled; the time has moved already.
-                    self.times.push_front((0, reply));
+                // worker started is waited for.
+                if !self.settled() {
+                    self.deferred.push_front((Deferred::Answer(answer), reply));
                     return Ok(());
                 }
+                let _ = reply.send(answer.unwrap_or_else(|| Ok(self.pool.now().to_string())));
                 continue;
             }
-            if self.bios.is_empty() {
+            if !self.trace_clock || self.bios.is_empty() {
                 return Ok(());
             }
             let Some(deadline) = self.pool.no_space_deadline() else { return Ok(()) };
@@ -573,6 +626,42 @@ impl PoolThread {
             }
         }
         Ok(())
+    }
+
+    /// A metadata growth, as the kernel's replay makes one: the pool
+    /// suspended (its presuspend commits), the metadata device showing
+    /// `sectors`, the pool resumed — with its table loaded again when
+    /// `reload` — whose preresume extends the metadata space map. A resume
+    /// that fails is tried once more, as the kernel shim's agent does.
+    fn grow_metadata(&mut self, sectors: u64, reload: bool) -> Result<String, String> {
+        let show = |pool: &Pool<UringDevice, UringDevice>, sectors: u64| {
+            pool.with_metadata(|md| {
+                let device = md.transaction_manager().block_manager().device_mut();
+                let before = device.nr_sectors();
+                device.set_visible_sectors(sectors).map(|()| before)
+            })
+        };
+        // A size the device cannot show is refused before anything moves.
+        let before = show(&self.pool, sectors).map_err(|e| format!("EINVAL {e}"))?;
+        if let Err(e) = self.pool.suspend() {
+            let _ = show(&self.pool, before);
+            return Err(errno_text(&e));
+        }
+        let len = self.data_sectors;
+        let resume = |pool: &Pool<UringDevice, UringDevice>| {
+            if reload {
+                pool.reload_and_resume(len)
+            } else {
+                pool.resume_same_table(len)
+            }
+        };
+        match resume(&self.pool) {
+            Ok(()) => Ok(String::new()),
+            Err(e) => match resume(&self.pool) {
+                Ok(()) => Ok(format!("resumed the second time; the first: {}", errno_text(&e))),
+                Err(e2) => Err(format!("{} (and again: {})", errno_text(&e), errno_text(&e2))),
+            },
+        }
     }
 
     /// Commits every completed request to its ublk tag.
@@ -686,6 +775,10 @@ impl Control {
         if let Err(e) = ublk::wait_for_node(&block, Duration::from_secs(10)) {
             return undo(e.to_string());
         }
+        // START_DEV has returned: the partition scan is over.
+        if let Err(e) = self.ask(|reply| Command::Started(dev_id, reply)) {
+            return undo(e);
+        }
         // One request per bio, as the kernel's thin devices take them.
         let _ = std::fs::write(format!("/sys/block/ublkb{dev_id}/queue/nomerges"), "2");
         self.devices.lock().map_err(|_| "poisoned")?.insert(thin, (dev_id, block.clone()));
@@ -736,6 +829,15 @@ impl Control {
                 let t = num(1, "nanoseconds")?;
                 self.ask(|r| Command::Time(Some(t), r))
             }
+            Some("grow-metadata") => {
+                let sectors = num(1, "the metadata device's new size in sectors")?;
+                let reload = match words.get(2).copied() {
+                    None => false,
+                    Some("reload") => true,
+                    Some(w) => return Err(format!("EINVAL `{line}`: expected `reload` or nothing after the size, not `{w}`")),
+                };
+                self.ask(|r| Command::GrowMetadata(sectors, reload, r))
+            }
             Some("activate") => self.activate(num(1, "a thin device id")?, num(2, "its size in sectors")?),
             Some("deactivate") => self.deactivate(num(1, "a thin device id")?),
             Some("devices") => {
@@ -743,7 +845,7 @@ impl Control {
                 Ok(d.iter().map(|(id, (_, p))| format!("{id}:{}", p.display())).collect::<Vec<_>>().join(" "))
             }
             _ => Err(format!(
-                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], time, advance NS, activate ID SECTORS, deactivate ID, devices, stop)"
+                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], time, advance NS, grow-metadata SECTORS [reload], activate ID SECTORS, deactivate ID, devices, stop)"
             )),
         }
     }

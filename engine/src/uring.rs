@@ -33,6 +33,16 @@ pub enum EngineError {
         /// Its size.
         bytes: u64,
     },
+    /// More (or fewer) sectors asked of a device than it can show.
+    #[error("{path}: cannot show {sectors} sectors of a device of {size}")]
+    Visible {
+        /// The path.
+        path: PathBuf,
+        /// The sectors asked.
+        sectors: u64,
+        /// The device's own size in sectors.
+        size: u64,
+    },
     /// The kernel refused the io_uring instance.
     #[error("io_uring setup: {0}")]
     Ring(#[source] std::io::Error),
@@ -74,7 +84,10 @@ pub enum EngineError {
 pub struct UringDevice {
     file: File,
     ring: IoUring,
+    /// The sectors it shows ([`UringDevice::set_visible_sectors`]).
     nr_sectors: u64,
+    /// The file's or block device's own size, in sectors.
+    real_sectors: u64,
     bounce: AlignedBuf,
     path: PathBuf,
 }
@@ -91,7 +104,26 @@ impl UringDevice {
     pub fn open(path: &Path) -> Result<UringDevice, EngineError> {
         let (file, nr_sectors) = open_direct(path)?;
         let ring = IoUring::new(8).map_err(EngineError::Ring)?;
-        Ok(UringDevice { file, ring, nr_sectors, bounce: AlignedBuf::default(), path: path.to_path_buf() })
+        Ok(UringDevice {
+            file,
+            ring,
+            nr_sectors,
+            real_sectors: nr_sectors,
+            bounce: AlignedBuf::default(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Shows only the first `sectors` of the file or device (a metadata
+    /// device that a trace grows later: the kernel's replay puts a
+    /// dm-linear device of that length under the pool), or more of it
+    /// again, up to its own size; requests past them are out of range.
+    pub fn set_visible_sectors(&mut self, sectors: u64) -> Result<(), EngineError> {
+        if sectors == 0 || sectors > self.real_sectors {
+            return Err(EngineError::Visible { path: self.path.clone(), sectors, size: self.real_sectors });
+        }
+        self.nr_sectors = sectors;
+        Ok(())
     }
 
     /// Creates (or truncates) a regular file of `nr_sectors` sectors,

@@ -105,6 +105,42 @@ fn messages_status_and_a_clean_stop_leave_metadata_the_checker_accepts() {
     assert_eq!(devices.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
 }
 
+/// The status line's metadata blocks: (used, total).
+fn metadata_blocks(status: &str) -> (u64, u64) {
+    let word = status.split_whitespace().nth(1).expect("a metadata word");
+    let (used, total) = word.split_once('/').expect("used/total");
+    (used.parse().expect("used"), total.parse().expect("total"))
+}
+
+#[test]
+fn the_metadata_device_grows_on_request_and_checks_clean() {
+    // The file has 8,192 sectors; the pool is shown 4,096 of them.
+    let files = Files::new("grow");
+    let (client, thread) = start_with(&files, |c| c.metadata_sectors = Some(4096));
+    client.request("message create_thin 0").expect("create 0");
+    let before = metadata_blocks(&client.request("status noflush").expect("status"));
+    assert_eq!(before.1, 512, "4,096 sectors are 512 metadata blocks");
+    assert_eq!(client.request("grow-metadata 6144").expect("grow"), "");
+    let after = metadata_blocks(&client.request("status noflush").expect("status"));
+    assert_eq!(after.1, 768, "the space map grew with the device");
+    assert_eq!(client.request("grow-metadata 8192 reload").expect("grow and reload"), "");
+    assert_eq!(metadata_blocks(&client.request("status").expect("status")).1, 1024);
+    // Past the file, or a word too many: refused, and the pool serves on.
+    let (errno, message) = refused(client.request("grow-metadata 16384"));
+    assert_eq!(errno, Errno::EINVAL, "{message}");
+    assert!(message.contains("16384"), "{message}");
+    assert_eq!(refused(client.request("grow-metadata 8192 frob")).0, Errno::EINVAL);
+    client.request("message create_thin 1").expect("the pool still takes messages");
+    assert_eq!(client.request("stop").expect("stop"), "closed");
+    thread.join().expect("the engine's thread").expect("a clean stop");
+    let image = std::fs::read(&files.metadata).expect("metadata");
+    let report = check_thin_metadata(&mut MemDevice::from_bytes(image.clone()), &CheckOptions::default())
+        .expect("the checker runs");
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let devices = read_devices(&mut MemDevice::from_bytes(image)).expect("dump");
+    assert_eq!(devices.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+}
+
 #[test]
 fn the_trace_clock_moves_only_when_told() {
     let files = Files::new("trace-clock");

@@ -409,6 +409,20 @@ pub struct EngineProc {
     dev_ids: Vec<(u32, u32)>,
     /// How it runs.
     job: crate::protocol::EngineJob,
+    /// The metadata device's size the engine shows the pool, when the
+    /// trace grows it (the controlled disk has the size the growths
+    /// reach).
+    metadata_sectors: Option<u64>,
+}
+
+/// Where a new engine starts: its trace clock's time, and the metadata
+/// device's size when the trace grows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineStart {
+    /// The trace clock's start, in nanoseconds.
+    pub trace_time: u64,
+    /// The metadata device's size to show the pool (`None`: all of it).
+    pub metadata_sectors: Option<u64>,
 }
 
 impl EngineProc {
@@ -421,7 +435,7 @@ impl EngineProc {
         prefix: &str,
         format: bool,
         job: crate::protocol::EngineJob,
-        start: u64,
+        start: EngineStart,
     ) -> Result<EngineProc, ShimError> {
         let socket = PathBuf::from(format!("/run/dmsim-engine{prefix}.sock"));
         let _ = std::fs::create_dir_all("/run");
@@ -451,7 +465,10 @@ impl EngineProc {
             cmd.arg("--drop-writes");
         }
         if job.trace_clock {
-            cmd.arg("--trace-clock").arg(start.to_string());
+            cmd.arg("--trace-clock").arg(start.trace_time.to_string());
+        }
+        if let Some(sectors) = start.metadata_sectors {
+            cmd.arg("--metadata-sectors").arg(sectors.to_string());
         }
         let child = cmd.spawn().map_err(|e| ShimError::io("start the engine", e))?;
         let mut engine = EngineProc {
@@ -459,6 +476,7 @@ impl EngineProc {
             client: dmsim_engine::EngineClient::new(&socket),
             dev_ids: Vec::new(),
             job,
+            metadata_sectors: start.metadata_sectors,
         };
         if let Err(e) = engine.client.wait_ready(Duration::from_secs(30)) {
             let status = engine.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -565,6 +583,7 @@ pub fn engine_main(args: &[String]) -> i32 {
         config.no_space_timeout = Duration::from_nanos(t);
     }
     config.trace_clock = get("--trace-clock").and_then(|v| v.parse().ok());
+    config.metadata_sectors = get("--metadata-sectors").and_then(|v| v.parse().ok());
     if let Some(d) = get("--depth").and_then(|v| v.parse().ok()) {
         config.queue_depth = d;
     }
@@ -672,11 +691,11 @@ impl<'c> Replayer<'c> {
         prefix: &str,
         format: bool,
         engine: crate::protocol::EngineJob,
-        trace_time: u64,
+        start: EngineStart,
     ) -> Result<Replayer<'c>, ShimError> {
         let clock = CoarseClock::new();
         let created_a = clock.now_us();
-        let engine = EngineProc::spawn(&spec, metadata, data, prefix, format, engine, trace_time)?;
+        let engine = EngineProc::spawn(&spec, metadata, data, prefix, format, engine, start)?;
         let times = vec![
             (format!("{COARSE_PREFIX}create-a"), created_a),
             (format!("{COARSE_PREFIX}create-b"), clock.now_us()),
@@ -702,7 +721,7 @@ impl<'c> Replayer<'c> {
             table,
             metadata_linear: None,
             engine: Some(engine),
-            trace_time,
+            trace_time: start.trace_time,
         })
     }
 
@@ -739,7 +758,10 @@ impl<'c> Replayer<'c> {
 
     /// The metadata device's size now, when this replayer can grow it.
     fn metadata_sectors_now(&self) -> Option<u64> {
-        self.metadata_linear.as_ref().map(|l| l.sectors)
+        self.metadata_linear
+            .as_ref()
+            .map(|l| l.sectors)
+            .or_else(|| self.engine.as_ref().and_then(|e| e.metadata_sectors))
     }
 
     /// A `grow-metadata` op, as the simulator's (`ThinSim`'s growth): the
@@ -753,6 +775,16 @@ impl<'c> Replayer<'c> {
     /// stops the job. Without a growable device the op is `unsupported`.
     fn grow_metadata(&mut self, index: usize, blocks: u32, reload: bool) -> Result<OpResult, ShimError> {
         let done = |outcome: String| Ok(OpResult { index, outcome, read: None });
+        if let Some(engine) = self.engine.as_mut() {
+            // The engine shows the pool more of the controlled disk.
+            let Some(now) = engine.metadata_sectors else { return done("unsupported".into()) };
+            let sectors =
+                crate::protocol::grown_metadata_sectors(now, blocks).min(self.spec.metadata_disk_sectors);
+            let answer =
+                engine.request(&format!("grow-metadata {sectors}{}", if reload { " reload" } else { "" }))?;
+            engine.metadata_sectors = Some(sectors);
+            return done(if answer.is_empty() { "ok".into() } else { format!("ok ({answer})") });
+        }
         let Some(l) = self.metadata_linear.as_ref() else { return done("unsupported".into()) };
         let sectors = crate::protocol::grown_metadata_sectors(l.sectors, blocks).min(l.disk_sectors);
         let (name, table) = (l.name.clone(), linear_target(0, sectors, &l.disk, 0)?);
@@ -1777,7 +1809,12 @@ fn run_ublk_pool(
     };
     let prefix = job.to_string();
     let created = if let Some(engine) = engine_job {
-        Replayer::new_on_engine(ctl, spec.clone(), &m, &d, &prefix, true, engine, 0)
+        let start = EngineStart {
+            trace_time: 0,
+            metadata_sectors: (spec.metadata_disk_sectors > spec.metadata_sectors)
+                .then_some(spec.metadata_sectors),
+        };
+        Replayer::new_on_engine(ctl, spec.clone(), &m, &d, &prefix, true, engine, start)
     } else if spec.metadata_disk_sectors > spec.metadata_sectors {
         Replayer::new_growable(ctl, spec.clone(), &m, spec.metadata_sectors, &d, dev_dir, &prefix, true)
     } else {
@@ -2509,7 +2546,8 @@ fn power_cut<'c>(
     let prefix = job.to_string();
     let reloaded = match (grown, engine_job) {
         (_, Some(engine)) => {
-            Replayer::new_on_engine(ctl, spec.clone(), &mp, &dp, &prefix, false, engine, trace_time)
+            let start = EngineStart { trace_time, metadata_sectors: grown };
+            Replayer::new_on_engine(ctl, spec.clone(), &mp, &dp, &prefix, false, engine, start)
         }
         (Some(sectors), None) => {
             Replayer::new_growable(ctl, spec.clone(), &mp, sectors, &dp, dev_dir, &prefix, false)

@@ -1,9 +1,9 @@
 //! Serialized and concurrent replay on the userland engine
 //! (docs/engine.md), in one boot.
 //!
-//! Serialized: [`SERIAL`] campaign traces (seeds from 0 on, those that
-//! grow the metadata device left out, [`SERIAL_OPS`] ops each, with their
-//! crashes and faults) one request at a time on the engine on the
+//! Serialized: the first [`SERIAL`] campaign traces ([`SERIAL_OPS`] ops
+//! each, with their crashes, faults and metadata growths) one request at
+//! a time on the engine on the
 //! trace's clock, each judged against the serialized simulator on the
 //! same clock: L1 equal at the end and at every crash (a power cut and a
 //! `SIGKILL` of the engine; at least [`CRASHES_AT_LEAST`] of them in
@@ -20,8 +20,11 @@
 //! device left out), [`OPS`] ops each, in one boot: no oracle violation, and
 //! requests really overtook one another. The detector, in the same boot:
 //! an engine that acknowledges every eighth write without doing it is
-//! caught by the oracle on the first three campaign traces of
-//! [`BROKEN_OPS`] ops (on one of them at least).
+//! caught by the oracle on a trace of [`BROKEN_WRITES`] writes to
+//! distinct blocks, sent eight at a time (whichever writes it loses, no
+//! later write covers them: the read-back finds them; on campaign traces,
+//! whose writes often overwrite one another, the loss was caught on about
+//! one trace in three).
 //!
 //! Needs what `kernel_ublk_crash` needs. Without it the test prints
 //! SKIPPED, or fails under `CI=true`.
@@ -36,36 +39,54 @@ use dmsim_kernel_shim::protocol::EngineJob;
 use dmsim_kernel_shim::thin_campaign::campaign_trace;
 use dmsim_kernel_shim::thin_replay::{crash_checks, judge, judge_concurrent, Verdict};
 use dmsim_kernel_shim::{Job, KernelShim, ShimError};
-use dmsim_sim::run::CampaignSettings;
-use dmsim_traces::{Op, Trace};
+use dmsim_sim::run::{CampaignSettings, RunConfig};
+use dmsim_traces::{Event, Op, Trace};
 
 /// Traces replayed serialized (the bar: 50).
 const SERIAL: usize = 50;
 /// Ops per serialized trace.
-const SERIAL_OPS: usize = 50;
+const SERIAL_OPS: usize = 45;
 /// Engine crashes the serialized traces must hold in all (the issue's
 /// bar: 20).
 const CRASHES_AT_LEAST: usize = 20;
 /// Traces replayed concurrently (the bar: 20).
 const TRACES: usize = 20;
 /// Ops per trace.
-const OPS: usize = 60;
+const OPS: usize = 50;
 /// Requests in flight at most.
 const DEPTH: u16 = 8;
-/// Traces run on the broken engine.
-const BROKEN: usize = 3;
-/// Ops per trace on the broken engine.
-const BROKEN_OPS: usize = 100;
+/// Writes to distinct blocks in the broken engine's trace.
+const BROKEN_WRITES: u64 = 24;
 
-/// The campaign's traces of `ops` ops from seed 0 on, without those
-/// that grow the metadata device (the engine does not yet).
-fn campaign_traces(count: usize, ops: usize) -> Vec<(u64, Trace)> {
+/// The campaign's traces of `ops` ops from seed 0 on; without those
+/// that grow the metadata device unless `growth` (a concurrent replay
+/// skips growth ops).
+fn campaign_traces(count: usize, ops: usize, growth: bool) -> Vec<(u64, Trace)> {
     let settings = CampaignSettings::default();
     (0..)
         .map(|s| (s, campaign_trace(s, ops, &settings)))
-        .filter(|(_, t)| !t.ops().any(|op| matches!(op, Op::GrowMetadata { .. })))
+        .filter(|(_, t)| growth || !t.ops().any(|op| matches!(op, Op::GrowMetadata { .. })))
         .take(count)
         .collect()
+}
+
+/// A device and [`BROKEN_WRITES`] whole-block writes, each to a block of
+/// its own, then a FLUSH.
+fn distinct_writes() -> Trace {
+    let cfg = RunConfig::for_seed(0, 300, &CampaignSettings::default());
+    let bs = cfg.thin.block_sectors;
+    let blocks = BROKEN_WRITES.min(cfg.thin.thin_blocks).min(cfg.thin.data_blocks);
+    assert!(blocks >= 16, "seed 0's pool holds {blocks} blocks; the detector needs two lost writes");
+    let mut ops = vec![Op::CreateThin];
+    ops.extend((0..blocks).map(|b| Op::Write {
+        dev: 0,
+        sector: (b * bs) as u32,
+        nr_sectors: bs as u16,
+        fua: false,
+        preflush: false,
+    }));
+    ops.push(Op::Flush { dev: 0 });
+    Trace { header: cfg.header(), events: ops.into_iter().map(Event::Op).collect() }
 }
 
 #[test]
@@ -78,8 +99,9 @@ fn serialized_and_concurrent_replay_on_the_engine() {
         }
         Err(e) => panic!("preparing the VM with ublk: {e}"),
     };
-    let serial = campaign_traces(SERIAL, SERIAL_OPS);
-    let traces = campaign_traces(TRACES, OPS);
+    let t_prepared = t0.elapsed();
+    let serial = campaign_traces(SERIAL, SERIAL_OPS, true);
+    let traces = campaign_traces(TRACES, OPS, false);
     let honest = EngineJob::at_depth(DEPTH);
     let broken = EngineJob { drop_writes: true, ..honest };
     // One boot: every trace on the honest engine, then the first few on
@@ -89,13 +111,28 @@ fn serialized_and_concurrent_replay_on_the_engine() {
         .map(|(_, t)| Job::Engine { trace: t.clone(), engine: EngineJob::serialized() })
         .collect();
     jobs.extend(traces.iter().map(|(_, t)| Job::Engine { trace: t.clone(), engine: honest }));
-    // The broken engine on longer traces, so that each has more than
-    // eight writes to lose (and a read-back to find them).
-    let broken_traces = campaign_traces(BROKEN, BROKEN_OPS);
-    jobs.extend(broken_traces.iter().map(|(_, t)| Job::Engine { trace: t.clone(), engine: broken }));
+    jobs.push(Job::Engine { trace: distinct_writes(), engine: honest });
+    jobs.push(Job::Engine { trace: distinct_writes(), engine: broken });
+    let t_traces = t0.elapsed();
     let all_runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}"));
+    if std::env::var_os("DMSIM_TIMINGS").is_some() {
+        eprintln!("prepared after {t_prepared:?}, traces after {t_traces:?}");
+    }
     assert_eq!(all_runs.len(), jobs.len());
     eprintln!("{} jobs in one boot: {:?}", jobs.len(), t0.elapsed());
+    // Where the VM's time goes (DMSIM_TIMINGS=1).
+    if std::env::var_os("DMSIM_TIMINGS").is_some() {
+        let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
+        for run in &all_runs {
+            for (k, v) in &run.result.timings_ms {
+                if !k.starts_with("coarse") {
+                    *sums.entry(k.clone()).or_default() += v;
+                }
+            }
+        }
+        eprintln!("timings summed over the jobs (ms): {sums:?}");
+        eprintln!("VM wall {:?}, boot {:?}", all_runs[0].wall, all_runs[0].boot);
+    }
     serialized_runs_equal_the_simulator(&serial, &all_runs[..SERIAL]);
     let runs = &all_runs[SERIAL..];
     let (mut overtaken, mut most) = (0, 0);
@@ -117,20 +154,26 @@ fn serialized_and_concurrent_replay_on_the_engine() {
     assert!(most >= 2, "requests were never in flight together");
     assert!(overtaken > 0, "no request ever completed before one sent earlier");
 
-    // The detector.
-    let caught = runs[TRACES..]
-        .iter()
-        .map(|run| judge_concurrent(run).expect("judged").violations)
-        .inspect(|v| eprintln!("drop-writes engine: {} oracle violations; first {:?}", v.len(), v.first()))
-        .filter(|v| !v.is_empty())
-        .count();
-    assert!(caught > 0, "no oracle violation on an engine that loses every eighth write");
+    // The detector: the honest engine reads back every write of the
+    // distinct-writes trace; the broken one loses some.
+    let honest_run = judge_concurrent(&runs[TRACES]).expect("judged");
+    assert!(honest_run.violations.is_empty(), "the honest engine: {:#?}", honest_run.violations);
+    let broken_run = judge_concurrent(&runs[TRACES + 1]).expect("judged");
+    eprintln!(
+        "drop-writes engine: {} oracle violations; first {:?}",
+        broken_run.violations.len(),
+        broken_run.violations.first()
+    );
+    assert!(
+        !broken_run.violations.is_empty(),
+        "no oracle violation on an engine that loses every eighth write"
+    );
 }
 
 /// The serialized runs against the simulator on the trace's clock (see
 /// the module's docs).
 fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_kernel_shim::KernelRun]) {
-    let (mut crashes, mut explained, mut l2, mut l3) = (0, 0, 0, 0);
+    let (mut crashes, mut explained, mut l2, mut l3, mut growths) = (0, 0, 0, 0, 0);
     for ((seed, trace), run) in serial.iter().zip(runs) {
         assert_eq!(run.result.error, None, "seed {seed}: the agent failed");
         let r = judge(trace, true, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -154,6 +197,10 @@ fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_ke
             assert_eq!(bad, &None, "seed {seed}: the image that survived the crash at op {op}");
         }
         crashes += r.crashes.len();
+        for (op, outcome) in &r.metadata_growths {
+            assert!(outcome.starts_with("ok"), "seed {seed}: the metadata growth at op {op}: {outcome}");
+            growths += 1;
+        }
         let dumps = r.l2.as_ref().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(
             dumps.first_difference().is_none(),
@@ -167,8 +214,11 @@ fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_ke
         }
     }
     eprintln!(
-        "{} serialized traces: L1 equal everywhere, L2 identical {l2}, L3 identical {l3}, {explained} with op differences of a named class, {crashes} engine crashes",
+        "{} serialized traces: L1 equal everywhere, L2 identical {l2}, L3 identical {l3}, {explained} with op differences of a named class, {crashes} engine crashes, {growths} metadata growths",
         serial.len()
     );
     assert!(crashes >= CRASHES_AT_LEAST, "only {crashes} engine crashes in {} traces", serial.len());
+    let asked =
+        serial.iter().flat_map(|(_, t)| t.ops()).filter(|op| matches!(op, Op::GrowMetadata { .. })).count();
+    assert_eq!(growths, asked, "every metadata growth of the traces ran on the engine");
 }

@@ -736,6 +736,13 @@ pub struct Minimized {
 /// a run of the seed with fewer operations ([`run_seed_ops`]), so the
 /// result replays with it.
 pub fn minimize(cfg: &CampaignConfig, seed: u64) -> Option<Minimized> {
+    minimize_within(cfg, seed, usize::MAX)
+}
+
+/// [`minimize`], stopping after `max_runs` runs of the seed with what it
+/// has shrunk to by then (still failing the same way, replaying with
+/// [`run_seed_ops`]); a test's bounded budget.
+pub fn minimize_within(cfg: &CampaignConfig, seed: u64, max_runs: usize) -> Option<Minimized> {
     let mut ops = seed_ops(cfg, seed);
     let ops_before = ops.len();
     let first = run_seed_ops(cfg, seed, &ops).violations.into_iter().next()?;
@@ -749,6 +756,9 @@ pub fn minimize(cfg: &CampaignConfig, seed: u64) -> Option<Minimized> {
         let mut i = 0;
         let mut shrank = false;
         while i < ops.len() {
+            if runs >= max_runs {
+                return Some(Minimized { ops_before, ops, violation, runs });
+            }
             let end = (i + chunk).min(ops.len());
             let mut fewer = ops[..i].to_vec();
             fewer.extend_from_slice(&ops[end..]);
