@@ -97,12 +97,18 @@ fn messages_status_and_a_clean_stop_leave_metadata_the_checker_accepts() {
     thread.join().expect("the engine thread").expect("the engine stops cleanly");
     assert!(!files.socket.exists(), "the socket is removed");
     assert!(client.request("ping").is_err(), "nobody answers after the stop");
+    assert_checks_clean_with_devices(&files, &[0, 1]);
+}
+
+/// The engine's metadata file after its stop: the checker finds it
+/// clean, and it holds exactly the thin devices `ids`.
+fn assert_checks_clean_with_devices(files: &Files, ids: &[u64]) {
     let image = std::fs::read(&files.metadata).expect("metadata");
     let report = check_thin_metadata(&mut MemDevice::from_bytes(image.clone()), &CheckOptions::default())
         .expect("the checker runs");
     assert!(report.is_clean(), "{:?}", report.problems);
     let devices = read_devices(&mut MemDevice::from_bytes(image)).expect("dump");
-    assert_eq!(devices.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(devices.keys().copied().collect::<Vec<_>>(), ids);
 }
 
 /// The status line's metadata blocks: (used, total).
@@ -133,12 +139,7 @@ fn the_metadata_device_grows_on_request_and_checks_clean() {
     client.request("message create_thin 1").expect("the pool still takes messages");
     assert_eq!(client.request("stop").expect("stop"), "closed");
     thread.join().expect("the engine's thread").expect("a clean stop");
-    let image = std::fs::read(&files.metadata).expect("metadata");
-    let report = check_thin_metadata(&mut MemDevice::from_bytes(image.clone()), &CheckOptions::default())
-        .expect("the checker runs");
-    assert!(report.is_clean(), "{:?}", report.problems);
-    let devices = read_devices(&mut MemDevice::from_bytes(image)).expect("dump");
-    assert_eq!(devices.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    assert_checks_clean_with_devices(&files, &[0, 1]);
 }
 
 #[test]

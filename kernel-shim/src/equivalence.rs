@@ -735,7 +735,7 @@ fn simulate_serialized_clocked(
             continue;
         }
         if trace_clock && matches!(op, Op::Tick { .. }) {
-            sim.apply(&op).and_then(|()| sim.quiesce()).map_err(fail)?;
+            sim.apply(&op).and_then(|()| sim.settle()).map_err(fail)?;
         }
         if !kernel_replays(&op) {
             commit_if_placed(&mut sim, CommitPlacement::AfterOp)?;
@@ -760,9 +760,12 @@ fn simulate_serialized_clocked(
             if k > 0 && !last_request_ok(&sim.events()[at..]) {
                 break;
             }
+            // On the trace's clock the engine's status after the request is
+            // the settled pool's (`settle`: mode changes recorded at once).
             let outwait =
                 |sim: &mut ThinSim| if trace_clock { sim.outwait_no_space().map(|_| ()) } else { Ok(()) };
-            for r in [sim.apply(&step), sim.quiesce(), outwait(&mut sim)] {
+            let settle = |sim: &mut ThinSim| if trace_clock { sim.settle() } else { sim.quiesce() };
+            for r in [sim.apply(&step), settle(&mut sim), outwait(&mut sim)] {
                 match r {
                     Err(f) if crashes && f.kind == "oracle" => {
                         first_oracle.get_or_insert(f.to_string());

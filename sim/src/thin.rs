@@ -1614,8 +1614,19 @@ impl ThinSim {
         self.now = self.now.max(deadline);
         self.stats.sim_time_ns = self.now;
         self.pool().set_time(self.now);
-        self.quiesce()?;
+        self.settle()?;
         Ok(true)
+    }
+
+    /// [`Self::quiesce`], then the pool's mode changes and the faults that
+    /// fired recorded as events now (a worker pass's commit can end
+    /// out-of-data-space mode, and `quiesce` alone records that only at the
+    /// next op): what a caller that reads the pool's status right after
+    /// needs.
+    pub fn settle(&mut self) -> Result<(), ThinFailure> {
+        self.quiesce()?;
+        self.observe();
+        Ok(())
     }
 
     /// Settles the pool (past the no-space timeout if requests still wait
