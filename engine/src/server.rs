@@ -391,14 +391,14 @@ impl PoolThread {
             Command::Time(Some(t), reply) if self.trace_clock => {
                 self.deferred.push_back((Deferred::Advance(t), reply))
             }
-            Command::GrowMetadata(sectors, reload, reply) => {
-                self.deferred.push_back((Deferred::GrowMetadata { sectors, reload }, reply))
-            }
             Command::Time(Some(_), reply) => {
                 let _ = reply.send(Err(
                     "EINVAL the engine's clock is real time (a trace clock is asked at its start: --trace-clock)"
                         .to_string(),
                 ));
+            }
+            Command::GrowMetadata(sectors, reload, reply) => {
+                self.deferred.push_back((Deferred::GrowMetadata { sectors, reload }, reply))
             }
             Command::Activate(thin, sectors, reply) => {
                 let r = self

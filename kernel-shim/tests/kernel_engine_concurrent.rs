@@ -99,13 +99,13 @@ fn serialized_and_concurrent_replay_on_the_engine() {
         }
         Err(e) => panic!("preparing the VM with ublk: {e}"),
     };
-    let t_prepared = t0.elapsed();
     let serial = campaign_traces(SERIAL, SERIAL_OPS, true);
     let traces = campaign_traces(TRACES, OPS, false);
     let honest = EngineJob::at_depth(DEPTH);
     let broken = EngineJob { drop_writes: true, ..honest };
-    // One boot: every trace on the honest engine, then the first few on
-    // the broken one; before them the serialized traces.
+    // One boot: the serialized traces, the concurrent ones on the honest
+    // engine, then the distinct-writes trace on the honest engine and on
+    // the broken one.
     let mut jobs: Vec<Job> = serial
         .iter()
         .map(|(_, t)| Job::Engine { trace: t.clone(), engine: EngineJob::serialized() })
@@ -113,26 +113,9 @@ fn serialized_and_concurrent_replay_on_the_engine() {
     jobs.extend(traces.iter().map(|(_, t)| Job::Engine { trace: t.clone(), engine: honest }));
     jobs.push(Job::Engine { trace: distinct_writes(), engine: honest });
     jobs.push(Job::Engine { trace: distinct_writes(), engine: broken });
-    let t_traces = t0.elapsed();
     let all_runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}"));
-    if std::env::var_os("DMSIM_TIMINGS").is_some() {
-        eprintln!("prepared after {t_prepared:?}, traces after {t_traces:?}");
-    }
     assert_eq!(all_runs.len(), jobs.len());
     eprintln!("{} jobs in one boot: {:?}", jobs.len(), t0.elapsed());
-    // Where the VM's time goes (DMSIM_TIMINGS=1).
-    if std::env::var_os("DMSIM_TIMINGS").is_some() {
-        let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
-        for run in &all_runs {
-            for (k, v) in &run.result.timings_ms {
-                if !k.starts_with("coarse") {
-                    *sums.entry(k.clone()).or_default() += v;
-                }
-            }
-        }
-        eprintln!("timings summed over the jobs (ms): {sums:?}");
-        eprintln!("VM wall {:?}, boot {:?}", all_runs[0].wall, all_runs[0].boot);
-    }
     serialized_runs_equal_the_simulator(&serial, &all_runs[..SERIAL]);
     let runs = &all_runs[SERIAL..];
     let (mut overtaken, mut most) = (0, 0);
