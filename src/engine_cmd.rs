@@ -71,6 +71,15 @@ table, a socket it cannot create)."))]
         #[command(flatten)]
         socket: Socket,
     },
+    /// Make the pool commit now if its transaction changed, as the commit
+    /// timer would (the worker's next pass); answered once the commit is
+    /// on disk. Prints the pool's time. How a replay makes the engine
+    /// commit where the kernel did.
+    #[command(after_help = REQUEST_HELP)]
+    Commit {
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// Grow the pool's metadata device to SECTORS (an engine started with
     /// --metadata-sectors showing less of it): the pool suspended (it
     /// commits), the device grown, the pool resumed, its metadata space
@@ -95,6 +104,22 @@ table, a socket it cannot create)."))]
         id: u64,
         /// Its size in sectors.
         sectors: u64,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Serve thin device ID, of SECTORS sectors, on ublk device UBLK_ID
+    /// that an engine which died served (ublk's user recovery: the
+    /// device was quiesced, not deleted, and /dev/ublkbUBLK_ID stays);
+    /// waits up to 20 s for the driver to notice the death. Prints the
+    /// block node, the same as before.
+    #[command(after_help = REQUEST_HELP)]
+    Recover {
+        /// The thin device id.
+        id: u64,
+        /// Its size in sectors.
+        sectors: u64,
+        /// The ublk device id (N of /dev/ublkbN).
+        ublk_id: u32,
         #[command(flatten)]
         socket: Socket,
     },
@@ -182,10 +207,14 @@ pub fn run(cmd: EngineCommand) -> ExitCode {
         }
         EngineCommand::Time { socket } => (socket, "time".into()),
         EngineCommand::Advance { ns, socket } => (socket, format!("advance {ns}")),
+        EngineCommand::Commit { socket } => (socket, "commit".into()),
         EngineCommand::GrowMetadata { sectors, reload, socket } => {
             (socket, format!("grow-metadata {sectors}{}", if reload { " reload" } else { "" }))
         }
         EngineCommand::Activate { id, sectors, socket } => (socket, format!("activate {id} {sectors}")),
+        EngineCommand::Recover { id, sectors, ublk_id, socket } => {
+            (socket, format!("recover {id} {sectors} {ublk_id}"))
+        }
         EngineCommand::Deactivate { id, socket } => (socket, format!("deactivate {id}")),
         EngineCommand::Devices { socket } => (socket, "devices".into()),
         EngineCommand::Stop { socket } => (socket, "stop".into()),

@@ -27,7 +27,9 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     let serialized = dmsim_kernel_shim::protocol::EngineJob::serialized();
     let target = match on {
         "engine" => thin_campaign::Target::Engine(serialized),
-        "all" => thin_campaign::Target::All(serialized),
+        // The engine commits where the kernel did (issue 18: the pair's
+        // metadata identical).
+        "all" => thin_campaign::Target::All(dmsim_kernel_shim::protocol::EngineJob::following_kernel()),
         _ => thin_campaign::Target::Kernel,
     };
     if args.time.is_some() {
@@ -156,6 +158,14 @@ fn save_seed(
     }
     if let Some(image) = &o.kernel_metadata {
         let file = path.with_extension("metadata");
+        std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    // With --on all: the engine's answer beside it, as engine-seed-N.kernel
+    // and .metadata (the trace is the kernel's).
+    if let Some((text, image)) = o.engine.as_ref().and_then(|e| e.answer.as_ref()) {
+        let answer = dir.join(format!("engine-seed-{}.kernel", o.seed));
+        std::fs::write(&answer, text).map_err(|e| format!("{}: {e}", answer.display()))?;
+        let file = answer.with_extension("metadata");
         std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
     }
     Ok(path)

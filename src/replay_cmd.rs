@@ -523,7 +523,15 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
             "on": args.on,
             "disks": if engine { "ublk" } else { args.disks.as_str() },
             "followed_kernel_clock": followed,
-            "clock": if report.trace_clock { "trace" } else if followed { "kernel" } else { "none" },
+            "clock": if report.trace_clock {
+                "trace"
+            } else if report.kernel_commits {
+                "kernel-commits"
+            } else if followed {
+                "kernel"
+            } else {
+                "none"
+            },
             "ublk_counts": run.result.ublk.iter().cloned().collect::<std::collections::BTreeMap<String, u64>>(),
             "crashes": crashes.iter().map(|c| serde_json::json!({
                 "crash": c.crash,
@@ -574,6 +582,11 @@ fn run_on_kernel(args: &ReplayArgs) -> ExitCode {
         if report.trace_clock {
             println!(
                 "the engine ran on the trace's clock (its tick ops), as the simulator did: nothing followed"
+            );
+        }
+        if report.kernel_commits {
+            println!(
+                "the engine committed after the ops the kernel committed in (and where its requests commit), as the simulator did"
             );
         }
         if let Some(v) = &report.crash_point_finding {
@@ -951,11 +964,13 @@ fn run_on_all(args: &ReplayArgs) -> ExitCode {
         Err(e) => return fail(format!("the VM cannot be prepared: {e}")),
     };
     eprintln!("booting the kernel in qemu (software emulation): the kernel's job, then the engine's…");
+    // The engine commits where the kernel did, so that their metadata can
+    // be held against each other block for block.
     let jobs = [
         dmsim_kernel_shim::Job::Ublk(trace.clone()),
         dmsim_kernel_shim::Job::Engine {
             trace: trace.clone(),
-            engine: dmsim_kernel_shim::protocol::EngineJob::serialized(),
+            engine: dmsim_kernel_shim::protocol::EngineJob::following_kernel(),
         },
     ];
     let runs = match shim.run_jobs(&jobs) {

@@ -126,6 +126,11 @@ const BUF_BYTES: u32 = 512 << 10;
 /// The user data of the wake eventfd's poll on the pool thread's ring.
 const WAKE: u64 = u64::MAX;
 
+/// How long `recover` waits for the driver to quiesce a dead engine's
+/// device (its monitor runs every 5 s) and close the dead server's char
+/// device.
+const RECOVERY_WAIT: Duration = Duration::from_secs(20);
+
 /// How long the pool thread sleeps at most between two looks at its
 /// clock (the commit period's resolution).
 const TICK: Duration = Duration::from_millis(20);
@@ -136,6 +141,8 @@ enum Deferred {
     Advance(u64),
     /// Grow the metadata device.
     GrowMetadata { sectors: u64, reload: bool },
+    /// Commit a changed transaction now (the worker's next pass).
+    Commit,
     /// Answer: the request ran (with this answer, or the time's), and
     /// the pool was still moving.
     Answer(Option<Result<String, String>>),
@@ -152,13 +159,19 @@ enum Command {
     /// Grow the metadata device to this many sectors (reloading the pool's
     /// table or not), once the pool has settled.
     GrowMetadata(u64, bool, Sender<Result<String, String>>),
+    /// Commit a changed transaction once the pool has settled (answered
+    /// with the time once the commit is on disk).
+    Commit(Sender<Result<String, String>>),
     Activate(ThinId, u64, Sender<Result<String, String>>),
     Deactivate(ThinId, Sender<Result<String, String>>),
-    /// Open ublk device `dev_id`'s char device and fetch on every tag.
+    /// Open ublk device `dev_id`'s char device and fetch on every tag;
+    /// `recovering`: a device a dead engine served, already started (no
+    /// partition scan to answer outside the pool).
     Attach {
         dev_id: u32,
         thin: ThinId,
         depth: u16,
+        recovering: bool,
         reply: Sender<Result<String, String>>,
     },
     /// Answer when every tag of `dev_id` has been aborted (the device
@@ -400,6 +413,7 @@ impl PoolThread {
             Command::GrowMetadata(sectors, reload, reply) => {
                 self.deferred.push_back((Deferred::GrowMetadata { sectors, reload }, reply))
             }
+            Command::Commit(reply) => self.deferred.push_back((Deferred::Commit, reply)),
             Command::Activate(thin, sectors, reply) => {
                 let r = self
                     .pool
@@ -412,8 +426,8 @@ impl PoolThread {
                 let r = self.pool.deactivate_thin(thin).map(|()| String::new()).map_err(|e| errno_text(&e));
                 let _ = reply.send(r);
             }
-            Command::Attach { dev_id, thin, depth, reply } => {
-                let r = self.attach(dev_id, thin, depth);
+            Command::Attach { dev_id, thin, depth, recovering, reply } => {
+                let r = self.attach(dev_id, thin, depth, !recovering);
                 let _ = reply.send(r.map(|()| String::new()));
             }
             Command::Started(dev_id, reply) => {
@@ -433,7 +447,7 @@ impl PoolThread {
         Ok(())
     }
 
-    fn attach(&mut self, dev_id: u32, thin: ThinId, depth: u16) -> Result<(), String> {
+    fn attach(&mut self, dev_id: u32, thin: ThinId, depth: u16, starting: bool) -> Result<(), String> {
         let char_dev = PathBuf::from(format!("/dev/ublkc{dev_id}"));
         ublk::wait_for_node(&char_dev, Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let file = OpenOptions::new()
@@ -446,7 +460,7 @@ impl PoolThread {
         let fd = file.as_raw_fd();
         self.queues.insert(
             dev_id,
-            Queue { thin, file, descs, bufs, live: usize::from(depth), detached: Vec::new(), starting: true },
+            Queue { thin, file, descs, bufs, live: usize::from(depth), detached: Vec::new(), starting },
         );
         for tag in 0..depth {
             let sqe = {
@@ -586,7 +600,8 @@ impl PoolThread {
     /// The deferred requests, each once the pool has settled (after
     /// [`Self::drive`] and [`Self::answer`]), in order: an `advance` of
     /// the trace clock (the worker runs at the new time, so a timed commit
-    /// that is due is made before the answer), a metadata growth. Then,
+    /// that is due is made before the answer), a metadata growth, a
+    /// requested commit (made before the answer). Then,
     /// on a trace clock, if requests still wait in the pool with nothing
     /// moving — waiting for data space — the time of the no-space
     /// deadline, which fails them as the kernel's timeout would (the
@@ -602,6 +617,10 @@ impl PoolThread {
                     }
                     Deferred::Answer(answer) => answer,
                     Deferred::GrowMetadata { sectors, reload } => Some(self.grow_metadata(sectors, reload)),
+                    Deferred::Commit => {
+                        self.pool.request_commit();
+                        None
+                    }
                 };
                 self.drive()?;
                 self.answer()?;
@@ -741,7 +760,9 @@ impl Control {
 
     fn serve(&self, thin: ThinId, sectors: u64) -> Result<String, String> {
         let ctl = self.ublk()?;
-        let info = ctl.add_device(self.queue_depth, BUF_BYTES).map_err(|e| e.to_string())?;
+        // A device a new engine can take over when this one dies.
+        let info =
+            ctl.add_device(self.queue_depth, BUF_BYTES, ublk::F_USER_RECOVERY).map_err(|e| e.to_string())?;
         let dev_id = info.dev_id;
         let undo = |e: String| {
             let _ = self.simple(ublk::CMD_STOP_DEV, dev_id);
@@ -765,7 +786,7 @@ impl Control {
             return undo(e.to_string());
         }
         let depth = info.queue_depth;
-        if let Err(e) = self.ask(|reply| Command::Attach { dev_id, thin, depth, reply }) {
+        if let Err(e) = self.ask(|reply| Command::Attach { dev_id, thin, depth, recovering: false, reply }) {
             return undo(e);
         }
         if let Err(e) = ctl.start_device(dev_id) {
@@ -780,6 +801,43 @@ impl Control {
             return undo(e);
         }
         // One request per bio, as the kernel's thin devices take them.
+        let _ = std::fs::write(format!("/sys/block/ublkb{dev_id}/queue/nomerges"), "2");
+        self.devices.lock().map_err(|_| "poisoned")?.insert(thin, (dev_id, block.clone()));
+        Ok(block.display().to_string())
+    }
+
+    /// Activates thin device `thin` with `sectors` and serves it on ublk
+    /// device `dev_id`, which a dead engine served (ublk's user recovery):
+    /// once the driver has quiesced the device and closed the dead
+    /// server's char device, `START_USER_RECOVERY`, the queue fetching,
+    /// `END_USER_RECOVERY`. Its block node, the one the dead engine
+    /// served. On failure the device is left as it was (quiesced), for
+    /// its owner to delete.
+    fn recover(&self, thin: ThinId, sectors: u64, dev_id: u32) -> Result<String, String> {
+        if self.devices.lock().map_err(|_| "poisoned")?.contains_key(&thin) {
+            return Err(format!("EEXIST thin device {thin} is already served"));
+        }
+        let ctl = self.ublk()?;
+        let info = ctl.device_info(dev_id).map_err(|e| e.to_string())?;
+        if info.flags & ublk::F_USER_RECOVERY == 0 {
+            return Err(format!("EINVAL ublk device {dev_id} was not added for user recovery"));
+        }
+        ctl.start_recovery(dev_id, RECOVERY_WAIT).map_err(|e| e.to_string())?;
+        self.ask(|r| Command::Activate(thin, sectors, r))?;
+        let depth = info.queue_depth;
+        let served = self
+            .ask(|reply| Command::Attach { dev_id, thin, depth, recovering: true, reply })
+            .and_then(|_| ctl.end_recovery(dev_id).map_err(|e| e.to_string()));
+        if let Err(e) = served {
+            let (tx, rx) = channel();
+            if self.cmds.send(Command::Detached(dev_id, tx)).is_ok() {
+                self.wake.signal();
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+            let _ = self.ask(|r| Command::Deactivate(thin, r));
+            return Err(e);
+        }
+        let block = PathBuf::from(format!("/dev/ublkb{dev_id}"));
         let _ = std::fs::write(format!("/sys/block/ublkb{dev_id}/queue/nomerges"), "2");
         self.devices.lock().map_err(|_| "poisoned")?.insert(thin, (dev_id, block.clone()));
         Ok(block.display().to_string())
@@ -825,6 +883,7 @@ impl Control {
                 Some(w) => Err(format!("EINVAL `status {w}`: expected `status` or `status noflush`")),
             },
             Some("time") if words.len() == 1 => self.ask(|r| Command::Time(None, r)),
+            Some("commit") if words.len() == 1 => self.ask(Command::Commit),
             Some("advance") => {
                 let t = num(1, "nanoseconds")?;
                 self.ask(|r| Command::Time(Some(t), r))
@@ -839,13 +898,18 @@ impl Control {
                 self.ask(|r| Command::GrowMetadata(sectors, reload, r))
             }
             Some("activate") => self.activate(num(1, "a thin device id")?, num(2, "its size in sectors")?),
+            Some("recover") => {
+                let dev_id = u32::try_from(num(3, "the ublk device id a dead engine served")?)
+                    .map_err(|_| format!("EINVAL `{line}`: the ublk device id is too large"))?;
+                self.recover(num(1, "a thin device id")?, num(2, "its size in sectors")?, dev_id)
+            }
             Some("deactivate") => self.deactivate(num(1, "a thin device id")?),
             Some("devices") => {
                 let d = self.devices.lock().map_err(|_| "poisoned")?;
                 Ok(d.iter().map(|(id, (_, p))| format!("{id}:{}", p.display())).collect::<Vec<_>>().join(" "))
             }
             _ => Err(format!(
-                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], time, advance NS, grow-metadata SECTORS [reload], activate ID SECTORS, deactivate ID, devices, stop)"
+                "EINVAL unknown request `{line}` (ping, message TEXT, status [noflush], time, advance NS, commit, grow-metadata SECTORS [reload], activate ID SECTORS, recover ID SECTORS UBLK_ID, deactivate ID, devices, stop)"
             )),
         }
     }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::uring::EngineError;
 
+/// `UBLK_CMD_GET_DEV_INFO`.
+pub const CMD_GET_DEV_INFO: u32 = 0x02;
 /// `UBLK_CMD_ADD_DEV`.
 pub const CMD_ADD_DEV: u32 = 0x04;
 /// `UBLK_CMD_DEL_DEV`.
@@ -28,6 +30,23 @@ pub const CMD_START_DEV: u32 = 0x06;
 pub const CMD_STOP_DEV: u32 = 0x07;
 /// `UBLK_CMD_SET_PARAMS`.
 pub const CMD_SET_PARAMS: u32 = 0x08;
+/// `UBLK_CMD_START_USER_RECOVERY`.
+pub const CMD_START_USER_RECOVERY: u32 = 0x10;
+/// `UBLK_CMD_END_USER_RECOVERY`.
+pub const CMD_END_USER_RECOVERY: u32 = 0x11;
+
+/// `UBLK_F_USER_RECOVERY`: when the server dies, the driver quiesces the
+/// device instead of deleting its disk (requests it had not handed out
+/// wait), and a new server takes it over (`START_USER_RECOVERY`, its
+/// fetches, `END_USER_RECOVERY`); requests the dead server had taken fail
+/// with EIO (6.1, without `UBLK_F_USER_RECOVERY_REISSUE`).
+pub const F_USER_RECOVERY: u64 = 1 << 3;
+
+/// `UBLK_S_DEV_LIVE`, in [`DevInfo::state`].
+pub const S_DEV_LIVE: u16 = 1;
+/// `UBLK_S_DEV_QUIESCED`: the server died and the device waits for a new
+/// one ([`F_USER_RECOVERY`]).
+pub const S_DEV_QUIESCED: u16 = 2;
 /// `UBLK_IO_FETCH_REQ`.
 pub const IO_FETCH_REQ: u32 = 0x20;
 /// `UBLK_IO_COMMIT_AND_FETCH_REQ`.
@@ -287,6 +306,9 @@ impl UblkControl {
             CMD_START_DEV => "START_DEV",
             CMD_STOP_DEV => "STOP_DEV",
             CMD_SET_PARAMS => "SET_PARAMS",
+            CMD_GET_DEV_INFO => "GET_DEV_INFO",
+            CMD_START_USER_RECOVERY => "START_USER_RECOVERY",
+            CMD_END_USER_RECOVERY => "END_USER_RECOVERY",
             _ => "control command",
         };
         let what = format!("ublk {name} (dev {})", cmd.dev_id);
@@ -331,14 +353,16 @@ pub struct Limits {
 
 impl UblkControl {
     /// `ADD_DEV`: a new device, one queue of `depth` tags with buffers of
-    /// `buf_bytes`, its id chosen by the driver; the device as granted
-    /// (6.1 rounds the buffer to pages and caps the queues at the CPUs).
-    pub fn add_device(&self, depth: u16, buf_bytes: u32) -> Result<DevInfo, EngineError> {
+    /// `buf_bytes`, the features `flags` (`UBLK_F_*`), its id chosen by
+    /// the driver; the device as granted (6.1 rounds the buffer to pages
+    /// and caps the queues at the CPUs).
+    pub fn add_device(&self, depth: u16, buf_bytes: u32, flags: u64) -> Result<DevInfo, EngineError> {
         let mut info = DevInfo {
             nr_hw_queues: 1,
             queue_depth: depth,
             max_io_buf_bytes: buf_bytes,
             dev_id: u32::MAX,
+            flags,
             ..DevInfo::default()
         };
         let cmd = CtrlCmd {
@@ -398,6 +422,51 @@ impl UblkControl {
         let cmd =
             CtrlCmd { dev_id, queue_id: u16::MAX, len: 0, addr: 0, data: [u64::from(std::process::id()), 0] };
         self.command(CMD_START_DEV, &cmd).map(|_| ())
+    }
+
+    /// `GET_DEV_INFO`: device `dev_id` as the driver holds it (its state,
+    /// its granted flags and depth).
+    pub fn device_info(&self, dev_id: u32) -> Result<DevInfo, EngineError> {
+        let mut info = DevInfo::default();
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: std::ptr::addr_of_mut!(info) as u64,
+            data: [0; 2],
+        };
+        self.command(CMD_GET_DEV_INFO, &cmd)?;
+        // SAFETY: the kernel wrote the device's info into the live,
+        // initialised local.
+        Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) })
+    }
+
+    /// `START_USER_RECOVERY` of device `dev_id`, whose server died: tried
+    /// again for up to `wait` while the driver answers EBUSY (it quiesces
+    /// a device only at its monitor's next run, up to 5 s after the
+    /// death, and the dead server's char device must be closed).
+    pub fn start_recovery(&self, dev_id: u32, wait: Duration) -> Result<(), EngineError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.device_command(CMD_START_USER_RECOVERY, dev_id) {
+                Ok(_) => return Ok(()),
+                Err(EngineError::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `END_USER_RECOVERY`: this process serves device `dev_id` again (its
+    /// queue must be fetching: the command waits for that), which goes
+    /// live.
+    pub fn end_recovery(&self, dev_id: u32) -> Result<(), EngineError> {
+        let cmd =
+            CtrlCmd { dev_id, queue_id: u16::MAX, len: 0, addr: 0, data: [u64::from(std::process::id()), 0] };
+        self.command(CMD_END_USER_RECOVERY, &cmd).map(|_| ())
     }
 
     /// A command that names only the device (`STOP_DEV`, `DEL_DEV`).

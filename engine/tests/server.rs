@@ -153,7 +153,12 @@ fn the_trace_clock_moves_only_when_told() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(client.request("advance 0").expect("advance"), "5000000000");
     assert_eq!(client.request("time").expect("time"), "5000000000");
-    for bad in ["advance soon", "advance", "advance -1", "time 5"] {
+    // A commit asked of a pool with nothing to commit changes nothing:
+    // answered with the time, which it does not move.
+    let before = std::fs::read(&files.metadata).expect("the metadata");
+    assert_eq!(client.request("commit").expect("commit"), "5000000000");
+    assert_eq!(std::fs::read(&files.metadata).expect("the metadata"), before);
+    for bad in ["advance soon", "advance", "advance -1", "time 5", "commit now"] {
         assert_eq!(refused(client.request(bad)).0, Errno::EINVAL, "{bad}");
     }
     client.request("stop").expect("stop");

@@ -97,6 +97,35 @@ fn log(msg: &str) {
     let _ = out.flush();
 }
 
+/// Ops applied in this boot, for the heartbeat ([`start_heartbeat`]).
+static OPS_APPLIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One more op applied.
+fn op_applied() {
+    OPS_APPLIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How often the heartbeat looks.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Prints `dmsim-agent: N ops applied` every [`HEARTBEAT`] when the count
+/// moved since the last line: a VM that works keeps its console growing,
+/// so that the host's stall watchdog (`VmOptions::stall_timeout`) tells it
+/// from one that stopped (no line at all while ops do not move).
+fn start_heartbeat() {
+    let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(|| {
+        let mut last = 0;
+        loop {
+            std::thread::sleep(HEARTBEAT);
+            let now = OPS_APPLIED.load(std::sync::atomic::Ordering::Relaxed);
+            if now != last {
+                log(&format!("{now} ops applied"));
+                last = now;
+            }
+        }
+    });
+}
+
 /// Whether the kernel's command line asks the agent to print each op on
 /// the console before it applies it (`dmsim.ops_on_console`, which the
 /// host adds with [`crate::vm::KERNEL_LOGLEVEL_ENV`]): beside the kernel's
@@ -400,13 +429,20 @@ pub struct Replayer<'c> {
 /// The userland engine as the agent runs it ([`JobKind::Engine`]): this
 /// binary started again as `engine …` (`dmsim_engine::serve`), a child
 /// process serving the pool's thin devices as ublk devices, asked over its
-/// control socket. A crash kills it (`SIGKILL`); drop kills it too, and
-/// either way the ublk devices it served are stopped and deleted.
+/// control socket. A crash kills it (`SIGKILL`) and keeps its ublk
+/// devices for the next engine to take over ([`Orphans`], ublk's user
+/// recovery); drop kills it too and stops and deletes every ublk device
+/// it served or was given to take over.
 pub struct EngineProc {
     child: Option<std::process::Child>,
     client: dmsim_engine::EngineClient,
     /// The ublk devices it said it serves, by thin device id.
     dev_ids: Vec<(u32, u32)>,
+    /// A dead engine's devices this one takes over when asked to activate
+    /// their thin devices.
+    orphans: Orphans,
+    /// Devices it took over (`recover`).
+    recovered: u64,
     /// How it runs.
     job: crate::protocol::EngineJob,
     /// The metadata device's size the engine shows the pool, when the
@@ -475,6 +511,8 @@ impl EngineProc {
             child: Some(child),
             client: dmsim_engine::EngineClient::new(&socket),
             dev_ids: Vec::new(),
+            orphans: Orphans::default(),
+            recovered: 0,
             job,
             metadata_sectors: start.metadata_sectors,
         };
@@ -494,8 +532,31 @@ impl EngineProc {
         self.client.request(line).map_err(ShimError::from)
     }
 
-    /// Serves thin device `id` of `sectors`; its block node.
+    /// Serves thin device `id` of `sectors`; its block node. A device a
+    /// dead engine served ([`Self::adopt`]) is taken over (`recover`:
+    /// the same `/dev/ublkbN`); any other gets a new ublk device.
     fn activate(&mut self, id: u32, sectors: u64) -> Result<PathBuf, ShimError> {
+        if let Some(k) = self.orphans.0.iter().position(|(t, _)| *t == id) {
+            let (_, dev) = self.orphans.0.remove(k);
+            let answer = self.request(&format!("recover {id} {sectors} {dev}"));
+            let path = match answer {
+                Ok(p) => PathBuf::from(p),
+                Err(e) => {
+                    // Deleted with the others.
+                    self.orphans.0.push((id, dev));
+                    return Err(e);
+                }
+            };
+            self.dev_ids.push((id, dev));
+            if path != Path::new(&format!("/dev/ublkb{dev}")) {
+                return Err(ShimError::Invalid(format!(
+                    "the engine took over ublk device {dev} of thin device {id} as {}",
+                    path.display()
+                )));
+            }
+            self.recovered += 1;
+            return Ok(path);
+        }
         let path = PathBuf::from(self.request(&format!("activate {id} {sectors}"))?);
         let dev = path
             .to_str()
@@ -532,26 +593,66 @@ impl EngineProc {
     }
 
     /// Kills the engine (`SIGKILL`: no shutdown of any kind) and stops and
-    /// deletes the ublk devices it served.
+    /// deletes the ublk devices it served or was to take over.
     fn kill(&mut self) {
+        let mut all = self.kill_keeping_devices();
+        all.delete_all();
+    }
+
+    /// Kills the engine (`SIGKILL`) and leaves its ublk devices as the
+    /// driver keeps them for a new server (quiesced, their block nodes
+    /// in place): they, and those it was to take over, are returned.
+    fn kill_keeping_devices(&mut self) -> Orphans {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if self.dev_ids.is_empty() {
+        let mut kept = Orphans(std::mem::take(&mut self.dev_ids));
+        kept.0.append(&mut self.orphans.0);
+        kept
+    }
+
+    /// Gives this engine a dead one's devices to take over.
+    fn adopt(&mut self, mut orphans: Orphans) {
+        self.orphans.0.append(&mut orphans.0);
+    }
+
+    /// Stops and deletes the dead engine's devices not taken over.
+    fn release_orphans(&mut self) {
+        self.orphans.delete_all();
+    }
+}
+
+/// ublk devices (thin device id, ublk device id) of an engine that was
+/// killed, kept for a new engine to take over (ublk's user recovery,
+/// `dmsim_engine::ublk::F_USER_RECOVERY`); whatever none took over is
+/// stopped and deleted on drop, so that no device outlives a job.
+#[derive(Debug, Default)]
+pub struct Orphans(Vec<(u32, u32)>);
+
+impl Orphans {
+    /// Stops and deletes every device.
+    fn delete_all(&mut self) {
+        if self.0.is_empty() {
             return;
         }
         match crate::ublk::UblkControl::open() {
             Ok(ctl) => {
-                for (_, dev) in std::mem::take(&mut self.dev_ids) {
+                for (_, dev) in std::mem::take(&mut self.0) {
                     let _ = ctl.device_command(crate::ublk::CMD_STOP_DEV, dev);
                     if let Err(e) = ctl.device_command(crate::ublk::CMD_DEL_DEV, dev) {
-                        log(&format!("deleting ublk dev {dev} of the killed engine: {e}"));
+                        log(&format!("deleting ublk dev {dev} of a killed engine: {e}"));
                     }
                 }
             }
-            Err(e) => log(&format!("the killed engine's ublk devices: {e}")),
+            Err(e) => log(&format!("a killed engine's ublk devices: {e}")),
         }
+    }
+}
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        self.delete_all();
     }
 }
 
@@ -913,6 +1014,7 @@ impl<'c> Replayer<'c> {
     /// cache op, or a fault on a cache trace's disk) is an error: this is a
     /// thin pool.
     pub fn apply(&mut self, index: usize, op: &Op) -> Result<OpResult, ShimError> {
+        op_applied();
         if ops_on_console() {
             log(&format!("op {index}: {}", dmsim_traces::text::op_to_line(op)));
         }
@@ -1019,7 +1121,7 @@ impl<'c> Replayer<'c> {
             // The kernel keeps its own time; an engine on the trace's
             // clock is told the trace's.
             Op::Tick { millis } => {
-                if let Some(e) = self.engine.as_ref().filter(|e| e.job.trace_clock) {
+                if let Some(e) = self.engine.as_ref().filter(|e| e.job.trace_clock && !e.job.follow_kernel) {
                     e.request(&format!("advance {}", u64::from(millis) * 1_000_000))?;
                 }
                 done("ok".into(), None)
@@ -1139,17 +1241,17 @@ impl<'c> Replayer<'c> {
         }
     }
 
-    /// Kills the engine a pool runs on (`SIGKILL`), as a crash does; the
-    /// devices are forgotten. A kernel pool is torn down instead (its
-    /// disks dead, that is what a crash leaves of it).
-    fn crash_teardown(mut self) -> Result<(), ShimError> {
+    /// Kills the engine a pool runs on (`SIGKILL`), as a crash does; its
+    /// ublk devices are returned for the next engine to take over. A
+    /// kernel pool is torn down instead (its disks dead, that is what a
+    /// crash leaves of it).
+    fn crash_teardown(mut self) -> Result<Orphans, ShimError> {
         match self.engine.take() {
             Some(mut engine) => {
                 self.devices.clear();
-                engine.kill();
-                Ok(())
+                Ok(engine.kill_keeping_devices())
             }
-            None => self.teardown(),
+            None => self.teardown().map(|()| Orphans::default()),
         }
     }
 
@@ -1336,13 +1438,16 @@ pub struct JobDisks<'a> {
 /// [`DATA_FILL`]; or opened on what the host wrote), the ops (replay) or
 /// the activation of the listed devices, the read-back and the teardown.
 /// Failures after the pool exists are recorded in the result's `error`,
-/// with what was done so far.
+/// with what was done so far. `kernel_before`: the result of the job
+/// before this one when it was a kernel job ([`JobKind::Ublk`]) of the
+/// same trace (an engine job following the kernel's commits needs it).
 pub fn run_job(
     ctl: &Control,
     job: usize,
     kind: &JobKind,
     trace: &Trace,
     disks: &JobDisks<'_>,
+    kernel_before: Option<&KernelResult>,
 ) -> KernelResult {
     let mut result = KernelResult::default();
     if let Ok(v) = ctl.version() {
@@ -1371,7 +1476,7 @@ pub fn run_job(
         return result;
     }
     if matches!(kind, JobKind::Ublk | JobKind::Race { .. } | JobKind::Engine(_)) {
-        run_ublk_job(ctl, job, kind, trace, spec, disks, &mut result);
+        run_ublk_job(ctl, job, kind, trace, spec, disks, kernel_before, &mut result);
         return result;
     }
     let (meta_name, data_name) = (format!("dmsim-m{job}"), format!("dmsim-d{job}"));
@@ -1621,7 +1726,9 @@ const UBLK_MAX_DISK_BYTES: u64 = 256 << 20;
 /// rebuilds the pool on what survives ([`power_cut`]) — then both devices
 /// stopped and deleted (also when the replay failed), the requests they
 /// served counted, and their durable images written to the job's slices
-/// of the metadata and data disks, where the host reads them.
+/// of the metadata and data disks, where the host reads them. An engine
+/// job that follows the kernel's commits takes them from `kernel_before`.
+#[allow(clippy::too_many_arguments)]
 fn run_ublk_job(
     ctl: &Control,
     job: usize,
@@ -1629,10 +1736,33 @@ fn run_ublk_job(
     trace: &Trace,
     spec: PoolSpec,
     disks: &JobDisks<'_>,
+    kernel_before: Option<&KernelResult>,
     result: &mut KernelResult,
 ) {
     use crate::ublk::{live_devices, ControlledDisk, UblkControl, UblkDevice};
     let t0 = Instant::now();
+    // The ops after which the kernel committed, for an engine that
+    // follows them.
+    let forced = match kind {
+        JobKind::Engine(e) if e.follow_kernel => {
+            let kernel = kernel_before.filter(|k| k.error.is_none());
+            match kernel.and_then(crate::protocol::kernel_commit_points) {
+                Some(points) => Some(Following {
+                    points,
+                    keys: kernel.and_then(crate::protocol::commit_superblocks).unwrap_or_default(),
+                }),
+                None => {
+                    result.error = Some(
+                        "an engine job following the kernel's commits comes right after a kernel job of \
+                         the same trace that ran to the end (its `commit-ops` note)"
+                            .into(),
+                    );
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
     // The metadata disk has the size the trace's growths reach; the pool
     // sees its first `metadata_sectors` through a dm-linear device until
     // a growth extends it ([`Replayer::grow_metadata`]).
@@ -1674,9 +1804,16 @@ fn run_ublk_job(
         JobKind::Race { steps } => {
             run_race_pool(ctl, job, trace, steps, spec.clone(), &mut devs, disks.dev_dir, result)
         }
-        JobKind::Engine(engine) => {
-            run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, Some(*engine), result)
-        }
+        JobKind::Engine(engine) => run_ublk_pool(
+            ctl,
+            job,
+            trace,
+            spec.clone(),
+            &mut devs,
+            disks.dev_dir,
+            Some((*engine, forced.as_ref())),
+            result,
+        ),
         _ => run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, None, result),
     }
     let t1 = Instant::now();
@@ -1789,8 +1926,22 @@ fn set_no_space_timeout(spec: &PoolSpec) {
     let _ = std::fs::write("/sys/module/dm_thin_pool/parameters/no_space_timeout", secs.to_string());
 }
 
+/// Where a kernel run committed, for an engine to commit there too
+/// ([`crate::protocol::EngineJob::follow_kernel`]).
+#[derive(Debug, Clone)]
+pub struct Following {
+    /// Per op: before its first request, after it, or both.
+    pub points: std::collections::BTreeMap<usize, crate::protocol::CommitPoint>,
+    /// The commit key ([`crate::protocol::commit_key`]) of the superblock
+    /// the kernel had after each op where it committed.
+    pub keys: std::collections::BTreeMap<usize, u64>,
+}
+
 /// A ublk job's pool: the trace's ops as in a replay job; at a crash op,
 /// [`power_cut`]. Then the read-back, the pool's status and the teardown.
+/// On the engine (`engine_job`) with the ops after which the kernel
+/// committed: the engine asked to commit after each (before a crash
+/// op's power cut).
 #[allow(clippy::too_many_arguments)]
 fn run_ublk_pool(
     ctl: &Control,
@@ -1799,9 +1950,13 @@ fn run_ublk_pool(
     spec: PoolSpec,
     devs: &mut UblkPair<'_>,
     dev_dir: &Path,
-    engine_job: Option<crate::protocol::EngineJob>,
+    engine_job: Option<(crate::protocol::EngineJob, Option<&Following>)>,
     result: &mut KernelResult,
 ) {
+    let (engine_job, forced) = match engine_job {
+        Some((e, f)) => (Some(e), f),
+        None => (None, None),
+    };
     set_no_space_timeout(&spec);
     let Some((m, d)) = devs.devs.as_ref().map(|(m, d)| (m.block().to_path_buf(), d.block().to_path_buf()))
     else {
@@ -1827,9 +1982,14 @@ fn run_ublk_pool(
             return;
         }
     };
-    if engine_job.is_some_and(|e| e.trace_clock) {
+    if forced.is_some() {
+        result.notes.push((crate::equivalence::CLOCK_NOTE.into(), crate::equivalence::KERNEL_COMMITS.into()));
+    } else if engine_job.is_some_and(|e| e.trace_clock) {
         result.notes.push((crate::equivalence::CLOCK_NOTE.into(), "trace".into()));
     }
+    // The ops before whose first request, and during which, the
+    // superblock changed.
+    let (mut before_ops, mut during_ops) = (Vec::new(), Vec::new());
     let t0 = Instant::now();
     if let Some(engine) = engine_job.filter(|e| e.depth > 1) {
         // Every block was read back and judged by the oracle already.
@@ -1856,9 +2016,44 @@ fn run_ublk_pool(
             .map(|(m, _)| m.visible_prefix(crate::protocol::SUPERBLOCK_BYTES))
             .unwrap_or_default()
     };
+    // Where the engine was asked to commit.
+    let mut asked: std::collections::BTreeMap<usize, crate::protocol::CommitPoint> = Default::default();
+    // Asks the engine to commit at op `i` if the kernel did there: before
+    // its first request (`before`; in the gap between two ops, where the
+    // engine commits nothing of its own) or after it — unless the engine's
+    // superblock is already the one the kernel's commit left (the op's own
+    // commit: a message, a flush), when another commit could only move
+    // blocks the kernel did not.
+    let commit_here = |replayer: &Replayer<'_>,
+                       devs: &UblkPair<'_>,
+                       i: usize,
+                       before: bool,
+                       asked: &mut std::collections::BTreeMap<usize, crate::protocol::CommitPoint>|
+     -> Result<(), ShimError> {
+        let (Some(f), Some(e)) = (forced, replayer.engine.as_ref()) else { return Ok(()) };
+        let done = || {
+            let now = crate::protocol::commit_key(&superblock(devs));
+            f.keys.get(&i) == Some(&now)
+        };
+        match f.points.get(&i) {
+            Some(p) if (before && p.before) || (!before && p.after && !done()) => {
+                let a = asked.entry(i).or_default();
+                if before {
+                    a.before = true;
+                } else {
+                    a.after = true;
+                }
+                e.request("commit").map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    };
     let mut last_superblock = superblock(devs);
     let mut commit_ops = Vec::new();
     let mut crash_checks: Vec<(usize, String)> = Vec::new();
+    // Thin devices a new engine took over after a crash (ublk's user
+    // recovery).
+    let mut recovered = 0;
     for (i, op) in trace.ops().enumerate() {
         if let Some(e) = op.thin_error() {
             result.error = Some(format!("op {i} ({op:?}): {e}"));
@@ -1869,6 +2064,10 @@ fn run_ublk_pool(
             continue;
         }
         if let Op::Crash { mode, seed } = op {
+            if let Err(e) = commit_here(&replayer, devs, i, true, &mut asked) {
+                result.error = Some(format!("op {i} (the commit before the power cut): {e}"));
+                break;
+            }
             if faulted {
                 note_fired(devs, i, result);
             }
@@ -1881,6 +2080,7 @@ fn run_ublk_pool(
             match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir, &mut crash_checks) {
                 Ok((r, record)) => {
                     replayer = r;
+                    recovered += replayer.engine.as_ref().map_or(0, |e| e.recovered);
                     result.crashes.push(record);
                     result.ops.push(OpResult { index: i, outcome: "ok".into(), read: None });
                     last_superblock = superblock(devs);
@@ -1903,6 +2103,14 @@ fn run_ublk_pool(
         // The order in which the op's data writes were served (the
         // simulator follows it: `protocol::DATA_WRITES_NOTE_PREFIX`).
         let served = || devs.devs.as_ref().map(|(_, d)| d.take_served_writes()).unwrap_or_default();
+        if let Err(e) = commit_here(&replayer, devs, i, true, &mut asked) {
+            result.error = Some(format!("op {i} (the commit before it): {e}"));
+            break;
+        }
+        let at_start = superblock(devs);
+        if at_start != last_superblock {
+            before_ops.push(i);
+        }
         served();
         hold(Some(DATA_QUIET_WINDOW));
         let applied = replayer.apply(i, &op);
@@ -1918,6 +2126,10 @@ fn run_ublk_pool(
                 result.error = Some(format!("op {i} ({op:?}): {e}"));
                 break;
             }
+        }
+        if let Err(e) = commit_here(&replayer, devs, i, false, &mut asked) {
+            result.error = Some(format!("op {i} (the commit after it): {e}"));
+            break;
         }
         if faulted {
             note_fired(devs, i, result);
@@ -1942,6 +2154,9 @@ fn run_ublk_pool(
             }
         }
         result.op_status.push((i, line));
+        if now != at_start {
+            during_ops.push(i);
+        }
         if now != last_superblock {
             commit_ops.push((i, crate::protocol::commit_key(&now)));
             last_superblock = now;
@@ -1951,6 +2166,18 @@ fn run_ublk_pool(
         crate::protocol::COMMIT_OPS_NOTE.into(),
         commit_ops.iter().map(|(i, _)| i.to_string()).collect::<Vec<_>>().join(" "),
     ));
+    if engine_job.is_some() {
+        result.ublk.push((crate::protocol::ENGINE_RECOVERED_COUNT.into(), recovered));
+    }
+    let list = |ops: &[usize]| ops.iter().map(usize::to_string).collect::<Vec<_>>().join(" ");
+    result.notes.push((crate::protocol::COMMIT_BEFORE_OPS_NOTE.into(), list(&before_ops)));
+    result.notes.push((crate::protocol::COMMIT_DURING_OPS_NOTE.into(), list(&during_ops)));
+    if forced.is_some() {
+        result.notes.push((
+            crate::protocol::FORCED_COMMITS_NOTE.into(),
+            asked.iter().map(|(i, p)| p.word(*i)).collect::<Vec<_>>().join(" "),
+        ));
+    }
     for (op, verdict) in crash_checks {
         result.notes.push((format!("{}{op}", crate::thin_replay::CRASH_CHECK_NOTE_PREFIX), verdict));
     }
@@ -2489,7 +2716,7 @@ fn power_cut<'c>(
         "power cut at op {index}: teardown of the dead pool took {} ms: {}",
         t.elapsed().as_millis(),
         match &teardown {
-            Ok(()) => "ok".to_string(),
+            Ok(_) => "ok".to_string(),
             Err(e) => format!("{e}"),
         }
     ));
@@ -2499,7 +2726,7 @@ fn power_cut<'c>(
         add_counts(&mut devs.counts[k], disk.counts());
         disks.push(disk);
     }
-    teardown.map_err(|e| format!("tearing the dead pool down: {e}"))?;
+    let orphans = teardown.map_err(|e| format!("tearing the dead pool down: {e}"))?;
     // An aimed passdown failure waits across the crash, as in the
     // simulator; every other armed fault goes with the dead disks.
     let passdown = disks[1].discard_failure_armed();
@@ -2555,6 +2782,11 @@ fn power_cut<'c>(
         (None, None) => Replayer::new(ctl, spec.clone(), &mp, &dp, dev_dir, &prefix, false),
     };
     let mut replayer = reloaded.map_err(|e| format!("the pool does not load after the crash: {e}"))?;
+    // The new engine takes over the dead one's ublk devices as it
+    // activates their thin devices (the same /dev/ublkbN).
+    if let Some(engine) = replayer.engine.as_mut() {
+        engine.adopt(orphans);
+    }
     // Every device the surviving metadata holds is read back, as the
     // simulator's crash state reads every device of its surviving images:
     // also one the workload no longer uses (a delete answered ok and then
@@ -2573,6 +2805,10 @@ fn power_cut<'c>(
                         "power cut at op {index}: device {id} of the metadata does not activate: {e}"
                     ));
                 }
+            }
+            // Devices the crash took away are not served again.
+            if let Some(engine) = replayer.engine.as_mut() {
+                engine.release_orphans();
             }
             let read = replayer.read_back().map_err(|e| format!("read-back after the crash: {e}"));
             while replayer.devices.len() > ids.len() {
@@ -3292,6 +3528,7 @@ impl CacheOpContext<'_> {
         result: &mut KernelResult,
     ) -> Result<(), ShimError> {
         let name = self.devs.name.as_str();
+        op_applied();
         self.stamp(result, format!("op-b-{index}"));
         result.ops.push(answer);
         if let Some(u) = durable.as_deref() {
@@ -3996,11 +4233,20 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
     let kinds: Vec<JobKind> = jobs.iter().map(|(k, _)| k.clone()).collect();
     let (logs, _) = log_offsets(&kinds);
     let log_disk = disk(disks, DiskRole::Log)?;
-    let mut results = Vec::new();
+    let mut results: Vec<KernelResult> = Vec::new();
+    start_heartbeat();
     for (i, ((kind, trace), slice)) in jobs.iter().zip(&layout.slices).enumerate() {
+        log(&format!("job {i} of {}: {} ops", jobs.len(), trace.ops().count()));
         let log = logs[i].map(|at| (log_disk, at));
         let job_disks = JobDisks { metadata, data, slice: *slice, dev_dir: Path::new("/dev"), log };
-        results.push(run_job(&ctl, i, kind, trace, &job_disks));
+        // The kernel's run of the same trace just before, if that is what
+        // the job before was.
+        let kernel_before = i
+            .checked_sub(1)
+            .filter(|&p| jobs[p].0 == JobKind::Ublk && jobs[p].1 == *trace)
+            .and_then(|p| results.get(p));
+        let r = run_job(&ctl, i, kind, trace, &job_disks, kernel_before);
+        results.push(r);
     }
     Ok(results)
 }

@@ -178,6 +178,9 @@ pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Resu
     if on_trace_clock(&run.result) {
         return simulate_on_trace_clock(trace, crashes, &run.result);
     }
+    if let Some(forced) = following_kernel_commits(&run.result) {
+        return simulate_committing_at(trace, crashes, &forced, &run.result);
+    }
     let clock = ThinClock::of(&run.result);
     match crate::protocol::commit_superblocks(&run.result) {
         Some(kernel) if clock.is_some() => {
@@ -190,8 +193,74 @@ pub fn simulate_following(trace: &Trace, crashes: bool, run: &KernelRun) -> Resu
 }
 
 /// The note an engine job on the trace's clock leaves in its result
-/// (`clock` = `trace`; [`crate::protocol::EngineJob::trace_clock`]).
+/// (`clock` = `trace`; [`crate::protocol::EngineJob::trace_clock`]; or
+/// [`KERNEL_COMMITS`]).
 pub const CLOCK_NOTE: &str = "clock";
+
+/// [`CLOCK_NOTE`]'s value for an engine job that committed where the
+/// kernel did ([`crate::protocol::EngineJob::follow_kernel`]).
+pub const KERNEL_COMMITS: &str = "kernel-commits";
+
+/// Where an engine that followed the kernel's commits was asked to commit
+/// ([`crate::protocol::FORCED_COMMITS_NOTE`]); `None` when `result` is not
+/// such a run.
+pub fn following_kernel_commits(
+    result: &crate::protocol::KernelResult,
+) -> Option<BTreeMap<usize, crate::protocol::CommitPoint>> {
+    result
+        .notes
+        .iter()
+        .any(|(k, v)| k == CLOCK_NOTE && v == KERNEL_COMMITS)
+        .then(|| crate::protocol::forced_commits(result).unwrap_or_default())
+}
+
+/// The serialized simulator as an engine that followed the kernel's
+/// commits ran ([`crate::protocol::EngineJob::follow_kernel`]): no timed
+/// commit of its own (its clock does not move at `tick` ops), a commit
+/// at each of `forced`'s points (before an op's first request or a crash
+/// op's power cut, after an op, or both), and after each request a write
+/// waiting for data space outwaited, as on the trace's clock; `result`'s
+/// orders of data writes and of a crash's unflushed writes.
+pub fn simulate_committing_at(
+    trace: &Trace,
+    crashes: bool,
+    forced: &BTreeMap<usize, crate::protocol::CommitPoint>,
+    result: &crate::protocol::KernelResult,
+) -> Result<SimulatedRun, ShimError> {
+    let plan = CommitPlan {
+        at: forced
+            .iter()
+            .map(|(&i, p)| (i, if p.before { CommitPlacement::BeforeOp } else { CommitPlacement::AfterOp }))
+            .collect(),
+        also_after: forced.iter().filter(|(_, p)| p.before && p.after).map(|(&i, _)| i).collect(),
+        follow_from: 0,
+        clock_from: None,
+    };
+    simulate_serialized_clocked(
+        trace,
+        crashes,
+        None,
+        Some(&plan),
+        None,
+        &kernel_orders(result),
+        SimTime::Frozen,
+    )
+}
+
+/// How the serialized simulator's time moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimTime {
+    /// Where a kernel run's clock says (or not at all without one).
+    Kernel,
+    /// At the trace's `tick` ops; after each request, a write that waits
+    /// for data space meets the no-space timeout within its op (an engine
+    /// on the trace's clock).
+    Trace,
+    /// Only to outwait the no-space timeout after each request, as
+    /// [`SimTime::Trace`], `tick` ops ignored (an engine that follows the
+    /// kernel's commits).
+    Frozen,
+}
 
 /// Whether `result` is an engine's run on the trace's clock: its time was
 /// the trace's `tick` ops, not a real clock.
@@ -209,7 +278,7 @@ pub fn simulate_on_trace_clock(
     crashes: bool,
     result: &crate::protocol::KernelResult,
 ) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_clocked(trace, crashes, None, None, None, &kernel_orders(result), true)
+    simulate_serialized_clocked(trace, crashes, None, None, None, &kernel_orders(result), SimTime::Trace)
 }
 
 /// Where the serialized simulator makes a commit the kernel made during
@@ -238,6 +307,8 @@ pub enum CommitPlacement {
 #[derive(Debug, Clone, Default)]
 struct CommitPlan {
     at: BTreeMap<usize, CommitPlacement>,
+    /// Ops after which a commit comes too, whatever `at` places there.
+    also_after: BTreeSet<usize>,
     follow_from: usize,
     clock_from: Option<usize>,
 }
@@ -533,15 +604,16 @@ fn simulate_serialized_inner(
     stop_after: Option<usize>,
     orders: &KernelOrders,
 ) -> Result<SimulatedRun, ShimError> {
-    simulate_serialized_clocked(trace, crashes, clock, plan, stop_after, orders, false)
+    simulate_serialized_clocked(trace, crashes, clock, plan, stop_after, orders, SimTime::Kernel)
 }
 
-/// [`simulate_serialized_inner`], and with `trace_clock` the trace's own
-/// time instead of none: its `tick` ops move the simulator's clock (so
-/// its timed commits come where the trace's time puts them), and after
-/// each request a write that waits for data space meets the no-space
-/// timeout within its op ([`ThinSim::outwait_no_space`]) — what an engine
-/// on the trace's clock does ([`simulate_on_trace_clock`]).
+/// [`simulate_serialized_inner`], its time moving as `time` says: with
+/// [`SimTime::Trace`] the trace's `tick` ops move the simulator's clock
+/// (so its timed commits come where the trace's time puts them); with
+/// that and [`SimTime::Frozen`], after each request a write that waits
+/// for data space meets the no-space timeout within its op
+/// ([`ThinSim::outwait_no_space`]) — what an engine does
+/// ([`simulate_on_trace_clock`], [`simulate_committing_at`]).
 fn simulate_serialized_clocked(
     trace: &Trace,
     crashes: bool,
@@ -549,8 +621,9 @@ fn simulate_serialized_clocked(
     plan: Option<&CommitPlan>,
     stop_after: Option<usize>,
     orders: &KernelOrders,
-    trace_clock: bool,
+    time: SimTime,
 ) -> Result<SimulatedRun, ShimError> {
+    let trace_clock = time != SimTime::Kernel;
     let mut cfg = RunConfig::from_header(&trace.header).map_err(ShimError::Invalid)?;
     if let Some(c) = clock {
         cfg.thin.options.waker_wheel_phase = Some(c.wheel_phase());
@@ -657,8 +730,9 @@ fn simulate_serialized_clocked(
         // A commit placed before or after the op is part of the op: its
         // events (faults that fire, mode changes) are the op's.
         let at = sim.events().len();
+        let also_after = plan.is_some_and(|p| p.also_after.contains(&i));
         let commit_if_placed = |sim: &mut ThinSim, here: CommitPlacement| {
-            if placement(i) == Some(here) {
+            if placement(i) == Some(here) || (here == CommitPlacement::AfterOp && also_after) {
                 sim.commit_now().map_err(fail)?;
             }
             Ok::<(), ShimError>(())
@@ -734,7 +808,7 @@ fn simulate_serialized_clocked(
             end_op(&mut sim, None)?;
             continue;
         }
-        if trace_clock && matches!(op, Op::Tick { .. }) {
+        if time == SimTime::Trace && matches!(op, Op::Tick { .. }) {
             sim.apply(&op).and_then(|()| sim.settle()).map_err(fail)?;
         }
         if !kernel_replays(&op) {
@@ -2006,6 +2080,53 @@ mod tests {
             delete.fired
         );
         assert_eq!(run.crashes.len(), 1);
+    }
+
+    /// An engine that follows the kernel's commits is judged by a
+    /// simulator that commits after the ops it was told and nowhere else
+    /// of its own: a `tick` moves no clock; on the trace's clock the same
+    /// tick makes a timed commit.
+    #[test]
+    fn the_simulator_commits_where_the_kernel_did_and_ticks_move_no_clock() {
+        use crate::protocol::{KernelResult, FORCED_COMMITS_NOTE};
+        let cfg = RunConfig::for_seed(0, 300, &dmsim_sim::run::CampaignSettings::default());
+        let bs = cfg.thin.block_sectors;
+        let write = |block: u64| Op::Write {
+            dev: 0,
+            sector: (block * bs) as u32,
+            nr_sectors: bs as u16,
+            fua: false,
+            preflush: false,
+        };
+        let ops = [Op::CreateThin, write(0), Op::Tick { millis: 2000 }, write(1), write(2)];
+        let trace = Trace { header: cfg.header(), events: ops.iter().map(|op| Event::Op(*op)).collect() };
+        let after = crate::protocol::CommitPoint { before: false, after: true };
+        let committing_at = |forced: &[usize]| {
+            let forced: BTreeMap<usize, crate::protocol::CommitPoint> =
+                forced.iter().map(|&i| (i, after)).collect();
+            simulate_committing_at(&trace, true, &forced, &KernelResult::default()).expect("runs").commit_ops
+        };
+        assert_eq!(committing_at(&[]), vec![0], "the message's commit alone: the tick moved no clock");
+        assert_eq!(committing_at(&[1]), vec![0, 1]);
+        assert_eq!(committing_at(&[1, 3]), vec![0, 1, 3]);
+        assert_eq!(committing_at(&[0]), vec![0], "nothing changed since the message's commit");
+        assert_eq!(committing_at(&[2]), vec![0, 2], "op 1's write committed after the tick op");
+        let on_trace = simulate_on_trace_clock(&trace, true, &KernelResult::default()).expect("runs");
+        assert_eq!(on_trace.commit_ops, vec![0, 2], "on the trace's clock the tick's timed commit");
+        // The judge finds the engine's run by its notes.
+        let mut result = KernelResult::default();
+        assert_eq!(following_kernel_commits(&result), None);
+        result.notes.push((CLOCK_NOTE.into(), KERNEL_COMMITS.into()));
+        result.notes.push((FORCED_COMMITS_NOTE.into(), "1a 3b 4ba".into()));
+        let before = crate::protocol::CommitPoint { before: true, after: false };
+        let both = crate::protocol::CommitPoint { before: true, after: true };
+        let points = following_kernel_commits(&result).expect("the points");
+        assert_eq!(points, [(1, after), (3, before), (4, both)].into_iter().collect());
+        // Before op 3 nothing changed since op 1's commit; before op 4 op
+        // 3's write is committed and after it op 4's (both op 4's).
+        let run = simulate_committing_at(&trace, true, &points, &KernelResult::default()).expect("runs");
+        assert_eq!(run.commit_ops, vec![0, 1, 4], "op 3's write committed before op 4's, then op 4's");
+        assert!(!on_trace_clock(&result));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub use error::ShimError;
 pub use protocol::{
     CacheSpec, CacheStep, DeviceContents, FileSync, FileWrite, KernelResult, OpResult, PoolSpec,
 };
-pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions, HUNG_BOOT_NOTE};
+pub use vm::{CacheData, Job, KernelRun, KernelShim, VmOptions, HUNG_BOOT_NOTE, STALLED_RUN_NOTE};
 
 /// Boots one VM with the default kernel and options and replays `trace`
 /// in it (builds the agent and the initramfs first; for many traces, use

@@ -999,6 +999,15 @@ pub struct EngineJob {
     /// simulator does; `commit_period_ms` is ignored then. Otherwise real
     /// time.
     pub trace_clock: bool,
+    /// The engine commits where the kernel did: the job comes right after
+    /// a kernel job ([`JobKind::Ublk`]) of the same trace in the same
+    /// boot; the engine's clock is a trace clock that `tick` ops do not
+    /// move (no timed commit of its own), and after every op after which
+    /// the kernel's superblock had changed (for a crash op, before its
+    /// power cut) the agent asks it to commit. Its result notes
+    /// [`crate::equivalence::CLOCK_NOTE`] = `kernel-commits` and
+    /// [`FORCED_COMMITS_NOTE`]. Implies `trace_clock`.
+    pub follow_kernel: bool,
 }
 
 impl EngineJob {
@@ -1011,7 +1020,15 @@ impl EngineJob {
             ack_flush_early: false,
             drop_writes: false,
             trace_clock: true,
+            follow_kernel: false,
         }
+    }
+
+    /// The serialized engine committing where the kernel job before it
+    /// did ([`Self::follow_kernel`]): what `--on all` runs, so that the
+    /// kernel's and the engine's metadata can be held against each other.
+    pub fn following_kernel() -> EngineJob {
+        EngineJob { follow_kernel: true, ..EngineJob::serialized() }
     }
 
     /// The engine at queue depth `depth`: serialized (and on the trace's
@@ -1021,12 +1038,15 @@ impl EngineJob {
         EngineJob { depth, trace_clock: depth <= 1, ..EngineJob::serialized() }
     }
 
-    /// `depth,period[,trace-clock][,ack-flush-early][,drop-writes]`, one
-    /// word of a job line.
+    /// `depth,period[,trace-clock][,follow-kernel][,ack-flush-early][,drop-writes]`,
+    /// one word of a job line.
     pub fn text(&self) -> String {
         let mut s = format!("{},{}", self.depth, self.commit_period_ms);
         if self.trace_clock {
             s.push_str(",trace-clock");
+        }
+        if self.follow_kernel {
+            s.push_str(",follow-kernel");
         }
         if self.ack_flush_early {
             s.push_str(",ack-flush-early");
@@ -1046,10 +1066,15 @@ impl EngineJob {
         for bug in parts {
             match bug {
                 "trace-clock" if !job.trace_clock => job.trace_clock = true,
+                "follow-kernel" if !job.follow_kernel => job.follow_kernel = true,
                 "ack-flush-early" if !job.ack_flush_early => job.ack_flush_early = true,
                 "drop-writes" if !job.drop_writes => job.drop_writes = true,
                 _ => return None,
             }
+        }
+        // Following the kernel's commits is on a trace clock, at depth 1.
+        if job.follow_kernel && !(job.trace_clock && job.depth == 1) {
+            return None;
         }
         Some(job)
     }
@@ -1616,6 +1641,86 @@ pub const JIFFY_PHASE: &str = "jiffy-phase";
 /// committed. Empty when it never did; absent from older agents.
 pub const COMMIT_OPS_NOTE: &str = "commit-ops";
 
+/// The note of a thin job on controlled disks listing the ops (not crash
+/// ops) before whose first request the superblock already differed from
+/// the reading after the op before: the pool committed in between (the
+/// commit timer, in the gap between two ops). Absent from older agents.
+pub const COMMIT_BEFORE_OPS_NOTE: &str = "commit-before-ops";
+
+/// As [`COMMIT_BEFORE_OPS_NOTE`], the ops during which the superblock
+/// changed (from its reading before the op's first request to the one
+/// after it).
+pub const COMMIT_DURING_OPS_NOTE: &str = "commit-during-ops";
+
+/// Where a kernel run committed, for an engine to commit there too
+/// ([`EngineJob::follow_kernel`]): per op, before its first request,
+/// after it, or both. From the notes [`COMMIT_BEFORE_OPS_NOTE`] and
+/// [`COMMIT_DURING_OPS_NOTE`]; from [`COMMIT_OPS_NOTE`] alone (an older
+/// agent), after each op. A crash op's commit is before its power cut.
+/// `None` when the result records no commits.
+pub fn kernel_commit_points(result: &KernelResult) -> Option<BTreeMap<usize, CommitPoint>> {
+    let list = |name: &str| -> Option<Vec<usize>> {
+        let (_, text) = result.notes.iter().find(|(k, _)| k == name)?;
+        Some(text.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+    };
+    let all = list(COMMIT_OPS_NOTE)?;
+    let crashes: std::collections::BTreeSet<usize> = result.crashes.iter().map(|c| c.op).collect();
+    let mut points: BTreeMap<usize, CommitPoint> = BTreeMap::new();
+    match (list(COMMIT_BEFORE_OPS_NOTE), list(COMMIT_DURING_OPS_NOTE)) {
+        (Some(before), Some(during)) => {
+            for i in before {
+                points.entry(i).or_default().before = true;
+            }
+            for i in during {
+                points.entry(i).or_default().after = true;
+            }
+            for i in all.into_iter().filter(|i| crashes.contains(i)) {
+                points.entry(i).or_default().before = true;
+            }
+        }
+        _ => {
+            for i in all {
+                let p = points.entry(i).or_default();
+                if crashes.contains(&i) {
+                    p.before = true;
+                } else {
+                    p.after = true;
+                }
+            }
+        }
+    }
+    Some(points)
+}
+
+/// Where a commit is made at one op ([`kernel_commit_points`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitPoint {
+    /// Before the op's first request (a crash op: before its power cut).
+    pub before: bool,
+    /// After the op (its requests complete).
+    pub after: bool,
+}
+
+impl CommitPoint {
+    /// `7b`, `7a` or `7ba` for op 7: one word of [`FORCED_COMMITS_NOTE`].
+    pub fn word(&self, op: usize) -> String {
+        format!("{op}{}{}", if self.before { "b" } else { "" }, if self.after { "a" } else { "" })
+    }
+
+    /// Parses [`Self::word`]: the op and the point.
+    pub fn parse(word: &str) -> Option<(usize, CommitPoint)> {
+        let digits = word.find(|c: char| !c.is_ascii_digit()).unwrap_or(word.len());
+        let op = word[..digits].parse().ok()?;
+        let p = match &word[digits..] {
+            "b" => CommitPoint { before: true, after: false },
+            "a" => CommitPoint { before: false, after: true },
+            "ba" => CommitPoint { before: true, after: true },
+            _ => return None,
+        };
+        Some((op, p))
+    }
+}
+
 /// The prefix of a thin job's notes `data-writes.<op>` on controlled
 /// disks: the first sectors of the data disk's writes (write-zeroes
 /// included) the agent served during op `<op>`, space-separated, in the
@@ -1643,6 +1748,23 @@ pub fn data_write_orders(result: &KernelResult) -> std::collections::BTreeMap<us
 }
 
 /// The note of a thin job on controlled disks listing, space-separated,
+/// The count (in [`KernelResult::ublk`]) of an engine job's thin devices
+/// a new engine took over after a crash, each on the ublk device the
+/// killed engine served (ublk's user recovery).
+pub const ENGINE_RECOVERED_COUNT: &str = "engine-recovered-devices";
+
+/// An engine job following the kernel's commits
+/// ([`EngineJob::follow_kernel`]): where the agent asked the engine to
+/// commit, one [`CommitPoint::word`] per op, separated by spaces.
+pub const FORCED_COMMITS_NOTE: &str = "forced-commits";
+
+/// The points of a result's [`FORCED_COMMITS_NOTE`], or `None` without
+/// one (malformed words are passed over).
+pub fn forced_commits(result: &KernelResult) -> Option<BTreeMap<usize, CommitPoint>> {
+    let (_, text) = result.notes.iter().find(|(k, _)| k == FORCED_COMMITS_NOTE)?;
+    Some(text.split_whitespace().filter_map(CommitPoint::parse).collect())
+}
+
 /// `op:key` for each op of [`COMMIT_OPS_NOTE`]: the [`commit_key`] of the
 /// superblock the op left, in 16 hex digits.
 pub const COMMIT_SUPERBLOCKS_NOTE: &str = "commit-superblocks";
@@ -1943,6 +2065,30 @@ mod tests {
     }
 
     #[test]
+    fn commit_points_come_from_the_kernels_notes_and_round_trip() {
+        let b = CommitPoint { before: true, after: false };
+        let a = CommitPoint { before: false, after: true };
+        let ba = CommitPoint { before: true, after: true };
+        for (op, p) in [(0, b), (7, a), (12, ba)] {
+            assert_eq!(CommitPoint::parse(&p.word(op)), Some((op, p)));
+        }
+        for bad in ["", "a", "7", "7x", "7ab", "-1a", "7 a"] {
+            assert_eq!(CommitPoint::parse(bad), None, "{bad:?}");
+        }
+        let note = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let mut r = KernelResult::default();
+        assert_eq!(kernel_commit_points(&r), None, "no commits recorded");
+        // An older agent: after each op, before a crash op's power cut.
+        r.notes.push(note(COMMIT_OPS_NOTE, "2 5 9"));
+        r.crashes.push(CrashRecord { op: 5, ..CrashRecord::default() });
+        assert_eq!(kernel_commit_points(&r), Some([(2, a), (5, b), (9, a)].into_iter().collect()));
+        // Before and during, as the agent records them now.
+        r.notes.push(note(COMMIT_BEFORE_OPS_NOTE, "2 9"));
+        r.notes.push(note(COMMIT_DURING_OPS_NOTE, "9"));
+        assert_eq!(kernel_commit_points(&r), Some([(2, b), (5, b), (9, ba)].into_iter().collect()));
+    }
+
+    #[test]
     fn engine_jobs_round_trip_and_reject_garbage() {
         let text = "dmsim-trace 1\nseed 3\nworkload random\ncreate-thin\n".to_string();
         let engines = [
@@ -1951,6 +2097,7 @@ mod tests {
             EngineJob::at_depth(8),
             EngineJob { ack_flush_early: true, commit_period_ms: 3_600_000, ..EngineJob::serialized() },
             EngineJob { depth: 4, drop_writes: true, ack_flush_early: true, ..EngineJob::serialized() },
+            EngineJob::following_kernel(),
         ];
         let jobs: Vec<_> = engines.iter().map(|e| (JobKind::Engine(*e), text.clone())).collect();
         let back = decode_request(&encode_request(&jobs)).expect("decodes");
@@ -1968,6 +2115,8 @@ mod tests {
             "1,0,frob",
             "1,0,drop-writes,drop-writes",
             "1,0,trace-clock,trace-clock",
+            "1,0,follow-kernel",
+            "4,0,trace-clock,follow-kernel",
             "1,-1",
             "",
         ] {

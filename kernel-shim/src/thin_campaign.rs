@@ -336,7 +336,9 @@ pub enum Target {
     Engine(crate::protocol::EngineJob),
     /// Both, one after the other in the same boot: the seed's outcome is
     /// the kernel's, with the engine's ([`SeedOutcome::engine`]) and the
-    /// two runs held against each other beside it.
+    /// two runs held against each other beside it. With
+    /// `EngineJob::following_kernel()` the engine commits where the kernel
+    /// did, so that the two can be held against each other block for block.
     All(crate::protocol::EngineJob),
 }
 
@@ -371,6 +373,10 @@ pub struct EngineSide {
     /// The kernel's run and the engine's held against each other (L1, L2,
     /// L3), when both ran.
     pub pair: Option<crate::thin_replay::RunPair>,
+    /// The engine's answer and final metadata, kept as the kernel's are
+    /// ([`SeedOutcome::kernel_answer`]) — and whenever the two runs
+    /// differ — to judge again without a boot.
+    pub answer: Option<(String, Vec<u8>)>,
 }
 
 /// Replays the thin campaign's trace of every seed in `seeds` on
@@ -466,13 +472,24 @@ fn replay_batch(
             .zip(runs.chunks(per_trace))
             .map(|((o, trace), runs)| {
                 let run = &runs[0];
-                let engine = runs.get(1).map(|e| EngineSide {
-                    result: judged(&trace, e),
-                    pair: (run.result.error.is_none() && e.result.error.is_none())
-                        .then(|| crate::thin_replay::compare_runs(run, e)),
+                let engine = runs.get(1).map(|e| {
+                    let side = EngineSide {
+                        result: judged(&trace, e),
+                        pair: (run.result.error.is_none() && e.result.error.is_none())
+                            .then(|| crate::thin_replay::compare_runs(run, e)),
+                        answer: None,
+                    };
+                    let differs = side.pair.as_ref().is_none_or(|p| {
+                        !p.l1.is_empty() || p.l2.as_ref().map_or(true, |l| l.first_difference().is_some())
+                    }) || !matches!(&side.result, SeedResult::Judged(r) if r.verdict() == Verdict::Equal);
+                    let answer =
+                        (keep_all || differs).then(|| (e.result.to_text(), e.metadata_image.clone()));
+                    EngineSide { answer, ..side }
                 });
                 let o = SeedOutcome { result: judged(&trace, run), engine, ..o };
-                let keep = keep_all || o.verdict() != Some(Verdict::Equal);
+                let keep = keep_all
+                    || o.verdict() != Some(Verdict::Equal)
+                    || o.engine.as_ref().is_some_and(|e| e.answer.is_some());
                 let kernel_answer = keep.then(|| run.result.to_text());
                 let kernel_metadata = keep.then(|| run.metadata_image.clone());
                 SeedOutcome { kernel_answer, kernel_metadata, ..o }

@@ -34,6 +34,11 @@ pub struct ThinReplayReport {
     /// the trace's ticks too, and follows nothing
     /// ([`crate::equivalence::simulate_on_trace_clock`]).
     pub trace_clock: bool,
+    /// The run was an engine's that committed where the kernel did (and
+    /// nowhere else but where its requests commit): the simulator
+    /// committed after the same ops
+    /// ([`crate::equivalence::simulate_committing_at`]).
+    pub kernel_commits: bool,
     /// The simulator's oracle objected while reading its devices back (a
     /// broken model); its state was then read from its images.
     pub oracle_violation: Option<String>,
@@ -177,7 +182,8 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
         return Err(ShimError::Invalid(format!("the agent failed: {e}")));
     }
     let trace_clock = crate::equivalence::on_trace_clock(&run.result);
-    let followed_kernel_clock = !trace_clock && ThinClock::of(&run.result).is_some();
+    let kernel_commits = crate::equivalence::following_kernel_commits(&run.result).is_some();
+    let followed_kernel_clock = !trace_clock && !kernel_commits && ThinClock::of(&run.result).is_some();
     let sim = simulate_following(trace, ublk, run)?;
     let differences = compare_l1(&sim.state, &FinalState::of_kernel(run));
     let crashes = compare_crashes(&sim.crashes, &run.result.crashes);
@@ -205,6 +211,7 @@ pub fn judge(trace: &Trace, ublk: bool, run: &KernelRun) -> Result<ThinReplayRep
         ublk,
         followed_kernel_clock,
         trace_clock,
+        kernel_commits,
         oracle_violation: sim.oracle_violation,
         crash_point_finding: sim.crash_point_finding,
         end_check_finding: sim.end_check_finding,
@@ -399,6 +406,7 @@ pub(crate) fn empty_report() -> ThinReplayReport {
         ublk: true,
         followed_kernel_clock: true,
         trace_clock: false,
+        kernel_commits: false,
         oracle_violation: None,
         crash_point_finding: None,
         end_check_finding: None,

@@ -447,7 +447,7 @@ impl<'c> UblkDevice<'c> {
         disk: ControlledDisk,
         shape: DeviceShape,
     ) -> Result<UblkDevice<'c>, ShimError> {
-        let info = ctl.add_device(shape.depth, shape.buf_bytes)?;
+        let info = ctl.add_device(shape.depth, shape.buf_bytes, 0)?;
         let mut dev = UblkDevice {
             ctl,
             dev_id: info.dev_id,

@@ -68,6 +68,11 @@ fn kernel_command_line() -> String {
 /// was booted again.
 pub const HUNG_BOOT_NOTE: &str = "dmsim-host: the first boot did not reach the agent in time; booted again";
 
+/// The first line of a run's console when the first boot's console stopped
+/// growing once the agent ran ([`VmOptions::stall_timeout`]) and the VM
+/// was booted again; the stalled console's last lines follow it.
+pub const STALLED_RUN_NOTE: &str = "dmsim-host: the first boot stopped making progress; booted again";
+
 const TEMP_PREFIX: &str = "dmsim-kernel-shim.";
 
 /// A private temporary directory, removed on drop. Its name carries the
@@ -174,6 +179,35 @@ impl QemuGuard {
         }
     }
 
+    /// Waits for the exit, up to `timeout`, watching `console` grow: what
+    /// came first — the exit, the timeout, or `stall` without a byte
+    /// added to the console.
+    pub fn wait_progressing(
+        &mut self,
+        console: &Path,
+        timeout: Duration,
+        stall: Duration,
+    ) -> Result<Waited, ShimError> {
+        let deadline = Instant::now() + timeout;
+        let (mut size, mut moved) = (0, Instant::now());
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| ShimError::io("wait for qemu", e))? {
+                return Ok(Waited::Exited(s));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Waited::TimedOut);
+            }
+            let len = std::fs::metadata(console).map_or(0, |m| m.len());
+            if len != size {
+                (size, moved) = (len, now);
+            } else if now.duration_since(moved) >= stall {
+                return Ok(Waited::Stalled);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the exit, up to `timeout`: `Some(status)` if it exited.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>, ShimError> {
         let deadline = Instant::now() + timeout;
@@ -187,6 +221,17 @@ impl QemuGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// How a wait for qemu ended ([`QemuGuard::wait_progressing`]).
+#[derive(Debug)]
+pub enum Waited {
+    /// qemu exited.
+    Exited(std::process::ExitStatus),
+    /// The time ran out.
+    TimedOut,
+    /// Its console did not grow for the stall limit.
+    Stalled,
 }
 
 impl Drop for QemuGuard {
@@ -219,11 +264,21 @@ pub struct VmOptions {
     /// are untouched until the agent runs, so the second boot starts from
     /// the same state.
     pub boot_timeout: Duration,
+    /// Limit on silence once the agent runs: the agent prints a line at
+    /// every job and, every 30 s, the ops it has applied when they moved;
+    /// a console that does not grow for this long is a VM that stopped
+    /// (seen once in CI: a run of five short jobs silent after its
+    /// request for the rest of the 10 minutes). qemu is killed and the VM
+    /// booted once more from disks written afresh, and that boot is waited
+    /// for to the end (`timeout`); the stalled console's tail heads the
+    /// run's console ([`STALLED_RUN_NOTE`]).
+    pub stall_timeout: Duration,
 }
 
 impl VmOptions {
-    /// `qemu-system-x86_64` from `PATH`, 2 vCPUs, 1 GiB, 10 minutes, and
-    /// 2 minutes for the boot (it takes about 3 s on an idle host).
+    /// `qemu-system-x86_64` from `PATH`, 2 vCPUs, 1 GiB, 10 minutes, 2
+    /// minutes for the boot (it takes about 3 s on an idle host) and 4 of
+    /// silence.
     pub fn from_path() -> Result<VmOptions, ShimError> {
         Ok(VmOptions {
             qemu: find_in_path("qemu-system-x86_64")?,
@@ -231,6 +286,7 @@ impl VmOptions {
             memory_mib: 1024,
             timeout: Duration::from_secs(600),
             boot_timeout: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(240),
         })
     }
 }
@@ -594,51 +650,63 @@ impl KernelShim {
 
         let encoded: Vec<(JobKind, String)> =
             jobs.iter().map(|j| (j.kind(), dmsim_traces::to_text(j.trace()))).collect();
-        let request = write_frame(REQUEST_MAGIC, &encode_request(&encoded));
-        write_sized(&disk(DiskRole::Request), &request, request.len() as u64)?;
-        let result_size: u64 = (1 << 20)
-            + jobs
-                .iter()
-                .zip(&specs)
-                .map(|(j, s)| {
-                    // A ublk job reads every device back at each crash
-                    // too, and lists the surviving mappings.
-                    let crashes =
-                        j.trace().ops().filter(|op| matches!(op, dmsim_traces::Op::Crash { .. })).count()
-                            as u64;
-                    // A cache job on controlled disks ships its durable
-                    // disks' changes after every FLUSH or FUA.
-                    let marks = match j {
-                        Job::Cache { trace, .. } if trace.header.param(CACHE_UBLK_PARAM) == Some("1") => {
-                            trace.ops().filter(crate::durable::is_mark).count() as u64
-                        }
-                        _ => 0,
-                    };
-                    4096 + j.trace().events.len() as u64 * 256
-                        + marks * (256 << 10)
-                        + (1 + crashes)
-                            * (s.max_devices as u64).saturating_mul(s.thin_blocks).saturating_mul(512 + 24)
-                })
-                .sum::<u64>();
-        write_sized(&disk(DiskRole::Result), &[], result_size.div_ceil(512) * 512)?;
-        // Sparse: every metadata slice starts zeroed, the fresh jobs' data
-        // region is filled by the agent; activation images go in their slices.
-        write_sized(&disk(DiskRole::Metadata), &[], layout.metadata_sectors * 512)?;
-        write_sized(&disk(DiskRole::Data), &[], layout.data_sectors * 512)?;
-        let (log_slices, log_sectors) = log_offsets(&jobs.iter().map(Job::kind).collect::<Vec<_>>());
-        write_sized(&disk(DiskRole::Log), &[], log_sectors * 512)?;
-        for (job, slice) in jobs.iter().zip(&layout.slices) {
-            if let Job::Activate { metadata, data, .. } = job {
-                write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
-                write_at(&disk(DiskRole::Data), data, slice.data_offset * 512)?;
+        let (log_slices, log_slices_sectors) = log_offsets(&jobs.iter().map(Job::kind).collect::<Vec<_>>());
+        // The disks, written again before every boot: a second boot starts
+        // from what the first did.
+        let write_disks = || -> Result<(), ShimError> {
+            let request = write_frame(REQUEST_MAGIC, &encode_request(&encoded));
+            write_sized(&disk(DiskRole::Request), &request, request.len() as u64)?;
+            let result_size: u64 = (1 << 20)
+                + jobs
+                    .iter()
+                    .zip(&specs)
+                    .map(|(j, s)| {
+                        // A ublk job reads every device back at each crash
+                        // too, and lists the surviving mappings.
+                        let crashes =
+                            j.trace().ops().filter(|op| matches!(op, dmsim_traces::Op::Crash { .. })).count()
+                                as u64;
+                        // A cache job on controlled disks ships its durable
+                        // disks' changes after every FLUSH or FUA.
+                        let marks = match j {
+                            Job::Cache { trace, .. } if trace.header.param(CACHE_UBLK_PARAM) == Some("1") => {
+                                trace.ops().filter(crate::durable::is_mark).count() as u64
+                            }
+                            _ => 0,
+                        };
+                        4096 + j.trace().events.len() as u64 * 256
+                            + marks * (256 << 10)
+                            + (1 + crashes)
+                                * (s.max_devices as u64)
+                                    .saturating_mul(s.thin_blocks)
+                                    .saturating_mul(512 + 24)
+                    })
+                    .sum::<u64>();
+            write_sized(&disk(DiskRole::Result), &[], result_size.div_ceil(512) * 512)?;
+            // Sparse: every metadata slice starts zeroed, the fresh jobs' data
+            // region is filled by the agent; activation images go in their slices.
+            write_sized(&disk(DiskRole::Metadata), &[], layout.metadata_sectors * 512)?;
+            write_sized(&disk(DiskRole::Data), &[], layout.data_sectors * 512)?;
+            let log_sectors = log_slices_sectors;
+            write_sized(&disk(DiskRole::Log), &[], log_sectors * 512)?;
+            for (job, slice) in jobs.iter().zip(&layout.slices) {
+                if let Job::Activate { metadata, data, .. } = job {
+                    write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
+                    write_at(&disk(DiskRole::Data), data, slice.data_offset * 512)?;
+                }
+                if let Job::Cache { metadata, cache, origin, trace } = job {
+                    let c = CacheSpec::from_header(&trace.header)?;
+                    write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
+                    write_at(&disk(DiskRole::Data), cache, slice.data_offset * 512)?;
+                    write_at(
+                        &disk(DiskRole::Data),
+                        origin,
+                        (slice.data_offset + c.cache_disk_sectors()) * 512,
+                    )?;
+                }
             }
-            if let Job::Cache { metadata, cache, origin, trace } = job {
-                let c = CacheSpec::from_header(&trace.header)?;
-                write_at(&disk(DiskRole::Metadata), metadata, slice.metadata_offset * 512)?;
-                write_at(&disk(DiskRole::Data), cache, slice.data_offset * 512)?;
-                write_at(&disk(DiskRole::Data), origin, (slice.data_offset + c.cache_disk_sectors()) * 512)?;
-            }
-        }
+            Ok(())
+        };
 
         let console_path = d.join("console.log");
         let qemu_log = d.join("qemu.log");
@@ -671,8 +739,10 @@ impl KernelShim {
 
         let start = Instant::now();
         let mut boots = 0;
+        let mut stalled_tail = None;
         let status = loop {
             boots += 1;
+            write_disks()?;
             let mut qemu = QemuGuard::spawn(qemu_command()?)?;
             let left = self.options.timeout.saturating_sub(start.elapsed());
             let started =
@@ -688,11 +758,31 @@ impl KernelShim {
                 continue;
             }
             let left = self.options.timeout.saturating_sub(start.elapsed());
-            break qemu.wait_timeout(left)?;
+            // The second boot is waited out to the end.
+            let stall = if boots < 2 { self.options.stall_timeout } else { Duration::MAX };
+            match qemu.wait_progressing(&console_path, left, stall)? {
+                Waited::Exited(s) => break Some(s),
+                Waited::Stalled if start.elapsed() < self.options.timeout => {
+                    // A VM that stopped: once more, from disks written
+                    // afresh; what the first one printed is kept.
+                    drop(qemu);
+                    let text = std::fs::read_to_string(&console_path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    stalled_tail = Some(lines[lines.len().saturating_sub(20)..].join("\n"));
+                    let _ = std::fs::rename(&console_path, d.join("console.stalled.log"));
+                    continue;
+                }
+                Waited::Stalled | Waited::TimedOut => break None,
+            }
         };
         let wall = start.elapsed();
         let mut console = std::fs::read_to_string(&console_path).unwrap_or_default();
-        if boots > 1 {
+        if let Some(tail) = &stalled_tail {
+            console.insert_str(
+                0,
+                &format!("{STALLED_RUN_NOTE}; its console ended:\n{tail}\n{STALLED_RUN_NOTE} (end)\n"),
+            );
+        } else if boots > 1 {
             console.insert_str(0, &format!("{HUNG_BOOT_NOTE}\n"));
         }
         let tail = || {

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmsim_kernel_shim::initramfs::{build_agent, Kernel};
-use dmsim_kernel_shim::{KernelShim, ShimError, VmOptions, HUNG_BOOT_NOTE};
+use dmsim_kernel_shim::{KernelShim, ShimError, VmOptions, HUNG_BOOT_NOTE, STALLED_RUN_NOTE};
 use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
 
@@ -439,6 +439,28 @@ fn no_qemu_loop_device_or_temp_file_outlives_a_run() {
     drop(shim);
     assert!(temp_dirs_of(std::process::id()).is_empty(), "directories left after a hung first boot");
     eprintln!("a hung first boot: killed, booted again, replayed; nothing left");
+
+    // 4b. A VM whose console stops growing once the agent runs (a stall
+    // limit of a millisecond: no VM prints that often): qemu is killed
+    // and the VM booted once more from disks written afresh, waited out to
+    // the end; the first console's tail heads the run's.
+    let shim = KernelShim::prepare_with(
+        kernel.clone(),
+        VmOptions { stall_timeout: Duration::from_millis(1), ..options.clone() },
+    )
+    .unwrap_or_else(|e| panic!("a stalled first boot: prepare: {e}"));
+    let (run, qemus, loops_seen) = watching_qemu(|| shim.replay(&trace()));
+    let run = run.unwrap_or_else(|e| panic!("a stalled first boot: kernel run: {e}"));
+    assert_eq!(run.result.error, None, "the agent failed; console:\n{}", run.console);
+    assert_eq!(qemus.len(), 2, "a killed boot and a second one: {qemus:?}");
+    assert!(run.console.starts_with(STALLED_RUN_NOTE), "console:\n{}", run.console);
+    let first = run.console.split(&format!("{STALLED_RUN_NOTE} (end)")).next().unwrap_or_default();
+    assert!(first.contains("dmsim-agent: started"), "the first boot's tail: {first}");
+    assert_run_left_nothing("after a stalled first boot", &qemus);
+    assert!(loops_seen.iter().all(|l| *l == loops_before), "loop devices: {loops_seen:?}");
+    drop(shim);
+    assert!(temp_dirs_of(std::process::id()).is_empty(), "directories left after a stalled first boot");
+    eprintln!("a stalled first boot: killed, booted again, replayed; nothing left");
 
     // 5. Failed boots.
     let failing: [(&str, Kernel, VmOptions); 3] = [

@@ -1,15 +1,21 @@
 //! Serialized and concurrent replay on the userland engine
 //! (docs/engine.md), in one boot.
 //!
-//! Serialized: the first [`SERIAL`] campaign traces ([`SERIAL_OPS`] ops
-//! each, with their crashes, faults and metadata growths) one request at
-//! a time on the engine on the
-//! trace's clock, each judged against the serialized simulator on the
-//! same clock: L1 equal at the end and at every crash (a power cut and a
-//! `SIGKILL` of the engine; at least [`CRASHES_AT_LEAST`] of them in
-//! all), every image that survived a crash clean under dmsim's checker,
-//! every op's outcome the same (or a difference of a named class), and
-//! the final metadata L2-identical to the simulator's.
+//! Serialized, three ways: the first [`SERIAL`] campaign traces
+//! ([`SERIAL_OPS`] ops each, with their crashes, faults and metadata
+//! growths) one request at a time on the kernel's dm-thin and then on the
+//! engine committing where the kernel did (`EngineJob::following_kernel`:
+//! the kernel's commit timer is its own, so the engine is told where it
+//! fell). Each run is judged against the serialized simulator as it ran
+//! (the kernel's against the simulator following its clock and commits,
+//! the engine's against the simulator committing after the same ops): L1
+//! equal at the end and at every crash (for the engine a power cut and a
+//! `SIGKILL`; at least [`CRASHES_AT_LEAST`] of them in all), every image
+//! that survived a crash clean under dmsim's checker, every op's outcome
+//! the same (or a difference of a named class), and the final metadata
+//! L2-identical to the simulator's. Then the kernel's and the engine's
+//! final states against each other: L1 equal and L2 identical on at
+//! least [`PAIR_L2_AT_LEAST`] traces, the L3 rate printed.
 //!
 //! Concurrent: the
 //! campaign's traces with up to eight requests in flight on the engine's
@@ -35,10 +41,10 @@ use std::time::Instant;
 
 use thin_tools::skip_or_fail;
 
-use dmsim_kernel_shim::protocol::EngineJob;
+use dmsim_kernel_shim::protocol::{EngineJob, ENGINE_RECOVERED_COUNT};
 use dmsim_kernel_shim::thin_campaign::campaign_trace;
-use dmsim_kernel_shim::thin_replay::{crash_checks, judge, judge_concurrent, Verdict};
-use dmsim_kernel_shim::{Job, KernelShim, ShimError};
+use dmsim_kernel_shim::thin_replay::{compare_runs, crash_checks, judge, judge_concurrent, Verdict};
+use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
 
@@ -49,6 +55,9 @@ const SERIAL_OPS: usize = 45;
 /// Engine crashes the serialized traces must hold in all (the issue's
 /// bar: 20).
 const CRASHES_AT_LEAST: usize = 20;
+/// Serialized traces whose kernel and engine runs must have the same
+/// thin_dump (the bar: 50, every one).
+const PAIR_L2_AT_LEAST: usize = SERIAL;
 /// Traces replayed concurrently (the bar: 20).
 const TRACES: usize = 20;
 /// Ops per trace.
@@ -103,12 +112,15 @@ fn serialized_and_concurrent_replay_on_the_engine() {
     let traces = campaign_traces(TRACES, OPS, false);
     let honest = EngineJob::at_depth(DEPTH);
     let broken = EngineJob { drop_writes: true, ..honest };
-    // One boot: the serialized traces, the concurrent ones on the honest
+    // One boot: each serialized trace on the kernel and then on the
+    // engine following its commits, the concurrent ones on the honest
     // engine, then the distinct-writes trace on the honest engine and on
     // the broken one.
     let mut jobs: Vec<Job> = serial
         .iter()
-        .map(|(_, t)| Job::Engine { trace: t.clone(), engine: EngineJob::serialized() })
+        .flat_map(|(_, t)| {
+            [Job::Ublk(t.clone()), Job::Engine { trace: t.clone(), engine: EngineJob::following_kernel() }]
+        })
         .collect();
     jobs.extend(traces.iter().map(|(_, t)| Job::Engine { trace: t.clone(), engine: honest }));
     jobs.push(Job::Engine { trace: distinct_writes(), engine: honest });
@@ -116,8 +128,8 @@ fn serialized_and_concurrent_replay_on_the_engine() {
     let all_runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}"));
     assert_eq!(all_runs.len(), jobs.len());
     eprintln!("{} jobs in one boot: {:?}", jobs.len(), t0.elapsed());
-    serialized_runs_equal_the_simulator(&serial, &all_runs[..SERIAL]);
-    let runs = &all_runs[SERIAL..];
+    serialized_runs_equal_the_simulator_and_each_other(&serial, &all_runs[..2 * SERIAL]);
+    let runs = &all_runs[2 * SERIAL..];
     let (mut overtaken, mut most) = (0, 0);
     for ((seed, trace), run) in traces.iter().zip(runs) {
         let r = judge_concurrent(run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -153,25 +165,39 @@ fn serialized_and_concurrent_replay_on_the_engine() {
     );
 }
 
-/// The serialized runs against the simulator on the trace's clock (see
-/// the module's docs).
-fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_kernel_shim::KernelRun]) {
-    let (mut crashes, mut explained, mut l2, mut l3, mut growths) = (0, 0, 0, 0, 0);
-    for ((seed, trace), run) in serial.iter().zip(runs) {
-        assert_eq!(run.result.error, None, "seed {seed}: the agent failed");
-        let r = judge(trace, true, run).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        assert!(r.trace_clock, "seed {seed}: the engine was not on the trace's clock");
-        let checks = crash_checks(run);
+/// The serialized runs, the kernel's and the engine's by turns, each
+/// against the simulator as it ran, then against each other (see the
+/// module's docs).
+fn serialized_runs_equal_the_simulator_and_each_other(serial: &[(u64, Trace)], runs: &[KernelRun]) {
+    let (mut crashes, mut explained, mut l3, mut growths) = (0, 0, 0, 0);
+    let (mut kernel_l2, mut pair_l1, mut pair_l2, mut pair_l3, mut same_commits) = (0, 0, 0, 0, 0);
+    let mut recovered = 0;
+    for ((seed, trace), pair) in serial.iter().zip(runs.chunks(2)) {
+        let (kernel, engine) = (&pair[0], &pair[1]);
+        assert_eq!(kernel.result.error, None, "seed {seed}: the kernel's agent failed");
+        assert_eq!(engine.result.error, None, "seed {seed}: the engine's agent failed");
+        let k = judge(trace, true, kernel).unwrap_or_else(|e| panic!("seed {seed}: the kernel: {e}"));
+        let r = judge(trace, true, engine).unwrap_or_else(|e| panic!("seed {seed}: the engine: {e}"));
+        assert!(r.kernel_commits, "seed {seed}: the engine did not follow the kernel's commits");
+        let checks = crash_checks(engine);
+        let p = compare_runs(kernel, engine);
         eprintln!(
-            "seed {seed} {}: {}, {} crashes, L2 {}{}",
+            "seed {seed} {}: kernel {} (L2 {}), engine {}, {} crashes, L2 {}{}; kernel–engine: {}",
             trace.header.workload,
+            k.verdict().name(),
+            k.l2.as_ref().map_or("unknown", |l| l.label()),
             r.verdict().name(),
             r.crashes.len(),
             r.l2.as_ref().map_or("unknown", |l| l.label()),
-            r.first_difference().map(|d| format!("; first: {d}")).unwrap_or_default()
+            r.first_difference().map(|d| format!("; first: {d}")).unwrap_or_default(),
+            p.line()
         );
-        assert!(r.l1_equal_everywhere(), "seed {seed}: {:?}", r.first_difference());
-        assert_ne!(r.verdict(), Verdict::Unexplained, "seed {seed}: {:?}", r.first_difference());
+        assert!(k.l1_equal_everywhere(), "seed {seed}: the kernel: {:?}", k.first_difference());
+        if k.l2.as_ref().is_ok_and(|l| l.first_difference().is_none()) {
+            kernel_l2 += 1;
+        }
+        assert!(r.l1_equal_everywhere(), "seed {seed}: the engine: {:?}", r.first_difference());
+        assert_ne!(r.verdict(), Verdict::Unexplained, "seed {seed}: the engine: {:?}", r.first_difference());
         if r.verdict() == Verdict::Explained {
             explained += 1;
         }
@@ -180,6 +206,9 @@ fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_ke
             assert_eq!(bad, &None, "seed {seed}: the image that survived the crash at op {op}");
         }
         crashes += r.crashes.len();
+        let count = |name: &str| engine.result.ublk.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+        assert_eq!(count("left-devices"), Some(0), "seed {seed}: a ublk device outlived the engine's job");
+        recovered += count(ENGINE_RECOVERED_COUNT).unwrap_or(0);
         for (op, outcome) in &r.metadata_growths {
             assert!(outcome.starts_with("ok"), "seed {seed}: the metadata growth at op {op}: {outcome}");
             growths += 1;
@@ -187,21 +216,32 @@ fn serialized_runs_equal_the_simulator(serial: &[(u64, Trace)], runs: &[dmsim_ke
         let dumps = r.l2.as_ref().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(
             dumps.first_difference().is_none(),
-            "seed {seed}: L2 {}: {:?}",
+            "seed {seed}: the engine's L2 {}: {:?}",
             dumps.label(),
             dumps.first_difference()
         );
-        l2 += 1;
         if r.l3.differing == 0 {
             l3 += 1;
         }
+        pair_l1 += usize::from(p.l1.is_empty());
+        pair_l2 += usize::from(p.l2.as_ref().is_ok_and(|l| l.first_difference().is_none()));
+        pair_l3 += usize::from(p.l3.is_identical());
+        same_commits += usize::from(p.same_commits == Some(true));
     }
     eprintln!(
-        "{} serialized traces: L1 equal everywhere, L2 identical {l2}, L3 identical {l3}, {explained} with op differences of a named class, {crashes} engine crashes, {growths} metadata growths",
+        "{} serialized traces: the engine L1 equal to the simulator everywhere, L2 identical {}, L3 identical {l3}, {explained} with op differences of a named class, {crashes} engine crashes ({recovered} devices taken over by the new engine), {growths} metadata growths; the kernel L2 identical to the simulator {kernel_l2}; kernel–engine: L1 equal {pair_l1}, L2 identical {pair_l2}, L3 identical {pair_l3}, committed after the same ops {same_commits}",
+        serial.len(),
         serial.len()
     );
     assert!(crashes >= CRASHES_AT_LEAST, "only {crashes} engine crashes in {} traces", serial.len());
+    assert!(recovered > 0, "no new engine took over a dead one's ublk device");
     let asked =
         serial.iter().flat_map(|(_, t)| t.ops()).filter(|op| matches!(op, Op::GrowMetadata { .. })).count();
     assert_eq!(growths, asked, "every metadata growth of the traces ran on the engine");
+    assert_eq!(pair_l1, serial.len(), "the kernel and the engine read differently at the end");
+    assert!(
+        pair_l2 >= PAIR_L2_AT_LEAST,
+        "kernel and engine L2-identical on {pair_l2} of {} traces",
+        serial.len()
+    );
 }

@@ -39,7 +39,7 @@ use dmsim_kernel_shim::equivalence::{
     compare_crashes, compare_l1, compare_l2, compare_l3, kernel_replays, simulate_following,
     simulate_serialized_crashing, FinalState,
 };
-use dmsim_kernel_shim::protocol::EngineJob;
+use dmsim_kernel_shim::protocol::{EngineJob, ENGINE_RECOVERED_COUNT};
 use dmsim_kernel_shim::thin_replay::{compare_runs, crash_checks, judge, Verdict};
 use dmsim_kernel_shim::{Job, KernelRun, KernelShim, ShimError};
 use dmsim_model::mutation::Mutations;
@@ -224,6 +224,22 @@ fn engine_replays_like_the_simulator_and_the_kernel(trace: &Trace, kernel: &Kern
         engine.wall
     );
     assert_eq!(engine.result.crashes.len(), CRASHES, "a crash record per crash op on the engine");
+    // After each crash the new engine took the dead one's devices over
+    // (ublk's user recovery: the same /dev/ublkbN), at most one per device
+    // read back.
+    let recovered = engine
+        .result
+        .ublk
+        .iter()
+        .find(|(n, _)| n == ENGINE_RECOVERED_COUNT)
+        .map(|(_, c)| *c)
+        .expect("the engine's run counts the devices taken over");
+    let read_back: usize = engine.result.crashes.iter().map(|c| c.devices.len()).sum();
+    eprintln!("engine: {recovered} devices taken over after the crashes ({read_back} read back)");
+    assert!(
+        recovered > 0 && recovered as usize <= read_back,
+        "{recovered} taken over, {read_back} read back"
+    );
     for c in &e.crashes {
         assert!(c.differences.is_empty(), "engine crash {} (op {}): {:#?}", c.crash, c.op, c.differences);
     }
