@@ -10,6 +10,7 @@ mod metadata_cmd;
 mod minimize_cmd;
 mod probes_report;
 mod replay_cmd;
+mod replay_many;
 mod run_cmd;
 mod show_cmd;
 

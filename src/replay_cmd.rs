@@ -30,6 +30,11 @@ place them)."))]
 pub struct ReplayArgs {
     /// The trace file (text or binary; told apart by the binary magic).
     pub trace: PathBuf,
+    /// More thin traces, with `--on kernel`: all of them replayed in one
+    /// boot (up to 64 a boot), each judged as if alone; a line per trace
+    /// and a summary (docs/kernel-shim.md, "Many traces in one boot").
+    #[arg(value_name = "MORE")]
+    pub more: Vec<PathBuf>,
     /// Where to replay: `sim` (the simulator), or `kernel` (Debian's kernel
     /// in qemu, compared with the simulator at L1: for a thin trace the same
     /// stamps in every block of every device and the same blocks mapped,
@@ -125,6 +130,9 @@ fn write_console(path: &std::path::Path, run: &dmsim_kernel_shim::KernelRun) -> 
 
 /// Replays a trace; see [`ReplayArgs`] for the exit status.
 pub fn run(args: ReplayArgs) -> ExitCode {
+    if !args.more.is_empty() {
+        return crate::replay_many::run(&args);
+    }
     match args.on.as_str() {
         "sim" if args.console.is_some() => {
             eprintln!("dmsim replay: --console is for `--on kernel` (the simulator has no VM console)");

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use dmsim_sim::run::{CampaignSettings, RunConfig};
 use dmsim_traces::{Event, Op, Trace};
 
+mod cli_common;
+use cli_common::kernel_prerequisites;
+
 fn scratch(tag: &str) -> PathBuf {
     let dir =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-signals-{}-{tag}", std::process::id()));
@@ -102,20 +105,6 @@ fn an_interrupted_campaign_exits_128_plus_the_signal_and_leaves_no_files() {
         assert_eq!(leftovers(&tmp), Vec::<String>::new(), "{}", name(sig));
         std::fs::remove_dir_all(&tmp).unwrap();
     }
-}
-
-fn kernel_prerequisites() -> Result<(), String> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if !std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()) {
-        return Err("qemu-system-x86_64 is not installed".into());
-    }
-    let has_kernel = std::fs::read_dir("/boot")
-        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
-        .unwrap_or(false);
-    if !has_kernel {
-        return Err("no /boot/vmlinuz-* (apt-get install linux-image-amd64)".into());
-    }
-    Ok(())
 }
 
 /// A quiet trace that keeps the VM busy for a few seconds.

@@ -37,7 +37,12 @@
 //! them against the simulator's; [`cache_race`] runs a cache trace as a
 //! race on them (requests held at the disks' gates and served in a chosen
 //! order) and judges it with the oracle.
-//! Not yet here: the io_uring userland engine.
+//! An engine job ([`Job::Engine`]) runs the userland engine
+//! (`dmsim_engine`, the model's pool served over ublk) on the same
+//! controlled disks, judged the same way; [`thin_campaign`] runs the thin
+//! campaign's traces on the kernel, the engine or both in one boot, the
+//! engine then committing where the kernel did
+//! ([`protocol::EngineJob::following_kernel`]).
 #![warn(missing_docs)]
 
 pub mod agent;

@@ -38,3 +38,19 @@ pub fn scratch(prefix: &str, tag: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// Whether this machine can boot the kernel shim's VM: qemu on `PATH` and
+/// a kernel image in `/boot`; why not otherwise.
+pub fn kernel_prerequisites() -> Result<(), String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if !std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()) {
+        return Err("qemu-system-x86_64 is not installed".into());
+    }
+    let has_kernel = std::fs::read_dir("/boot")
+        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+        .unwrap_or(false);
+    if !has_kernel {
+        return Err("no /boot/vmlinuz-* (apt-get install linux-image-amd64)".into());
+    }
+    Ok(())
+}
