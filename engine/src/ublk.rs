@@ -357,7 +357,7 @@ impl UblkControl {
     /// the driver; the device as granted (6.1 rounds the buffer to pages
     /// and caps the queues at the CPUs).
     pub fn add_device(&self, depth: u16, buf_bytes: u32, flags: u64) -> Result<DevInfo, EngineError> {
-        let mut info = DevInfo {
+        let info = DevInfo {
             nr_hw_queues: 1,
             queue_depth: depth,
             max_io_buf_bytes: buf_bytes,
@@ -365,15 +365,21 @@ impl UblkControl {
             flags,
             ..DevInfo::default()
         };
+        self.info_command(CMD_ADD_DEV, u32::MAX, info)
+    }
+
+    /// A command that passes a device's info to the driver and gets it
+    /// back as the driver wrote it (`ADD_DEV`, `GET_DEV_INFO`).
+    fn info_command(&self, op: u32, dev_id: u32, mut info: DevInfo) -> Result<DevInfo, EngineError> {
         let cmd = CtrlCmd {
-            dev_id: u32::MAX,
+            dev_id,
             queue_id: u16::MAX,
             len: std::mem::size_of::<DevInfo>() as u16,
             addr: std::ptr::addr_of_mut!(info) as u64,
             data: [0; 2],
         };
-        self.command(CMD_ADD_DEV, &cmd)?;
-        // SAFETY: the kernel wrote the granted device back into the live,
+        self.command(op, &cmd)?;
+        // SAFETY: the kernel wrote the device's info back into the live,
         // initialised local.
         Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) })
     }
@@ -427,18 +433,7 @@ impl UblkControl {
     /// `GET_DEV_INFO`: device `dev_id` as the driver holds it (its state,
     /// its granted flags and depth).
     pub fn device_info(&self, dev_id: u32) -> Result<DevInfo, EngineError> {
-        let mut info = DevInfo::default();
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: std::ptr::addr_of_mut!(info) as u64,
-            data: [0; 2],
-        };
-        self.command(CMD_GET_DEV_INFO, &cmd)?;
-        // SAFETY: the kernel wrote the device's info into the live,
-        // initialised local.
-        Ok(unsafe { std::ptr::read_volatile(std::ptr::addr_of!(info)) })
+        self.info_command(CMD_GET_DEV_INFO, dev_id, DevInfo::default())
     }
 
     /// `START_USER_RECOVERY` of device `dev_id`, whose server died: tried

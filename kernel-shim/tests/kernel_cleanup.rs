@@ -421,46 +421,43 @@ fn no_qemu_loop_device_or_temp_file_outlives_a_run() {
     assert!(!work_dir.exists(), "{} outlives the shim", work_dir.display());
     eprintln!("completed: replay in {:?} (VM {:?}); qemu and every directory gone", t.elapsed(), run.wall);
 
+    // A first boot killed and a second one run to the end, under
+    // `options`; both qemus gone afterwards. The run's console.
+    let boots_twice = |what: &str, options: VmOptions| -> String {
+        let shim = KernelShim::prepare_with(kernel.clone(), options)
+            .unwrap_or_else(|e| panic!("{what}: prepare: {e}"));
+        let (run, qemus, loops_seen) = watching_qemu(|| shim.replay(&trace()));
+        let run = run.unwrap_or_else(|e| panic!("{what}: kernel run: {e}"));
+        assert_eq!(run.result.error, None, "{what}: the agent failed; console:\n{}", run.console);
+        assert_eq!(qemus.len(), 2, "{what}: a killed boot and a second one: {qemus:?}");
+        assert_run_left_nothing(what, &qemus);
+        assert!(loops_seen.iter().all(|l| *l == loops_before), "{what}: loop devices: {loops_seen:?}");
+        drop(shim);
+        assert!(temp_dirs_of(std::process::id()).is_empty(), "{what}: directories left");
+        eprintln!("{what}: killed, booted again, replayed; nothing left");
+        run.console
+    };
+
     // 4. A boot that does not reach the agent in time (a boot timeout far
     // shorter than any boot): qemu is killed and the VM booted once more,
-    // which then runs to the end; both qemus are gone afterwards.
-    let shim = KernelShim::prepare_with(
-        kernel.clone(),
+    // which then runs to the end.
+    let console = boots_twice(
+        "a hung first boot",
         VmOptions { boot_timeout: Duration::from_millis(200), ..options.clone() },
-    )
-    .unwrap_or_else(|e| panic!("a hung first boot: prepare: {e}"));
-    let (run, qemus, loops_seen) = watching_qemu(|| shim.replay(&trace()));
-    let run = run.unwrap_or_else(|e| panic!("a hung first boot: kernel run: {e}"));
-    assert_eq!(run.result.error, None, "the agent failed; console:\n{}", run.console);
-    assert_eq!(qemus.len(), 2, "a killed boot and a second one: {qemus:?}");
-    assert!(run.console.starts_with(HUNG_BOOT_NOTE), "console:\n{}", run.console);
-    assert_run_left_nothing("after a hung first boot", &qemus);
-    assert!(loops_seen.iter().all(|l| *l == loops_before), "loop devices: {loops_seen:?}");
-    drop(shim);
-    assert!(temp_dirs_of(std::process::id()).is_empty(), "directories left after a hung first boot");
-    eprintln!("a hung first boot: killed, booted again, replayed; nothing left");
+    );
+    assert!(console.starts_with(HUNG_BOOT_NOTE), "console:\n{console}");
 
     // 4b. A VM whose console stops growing once the agent runs (a stall
     // limit of a millisecond: no VM prints that often): qemu is killed
     // and the VM booted once more from disks written afresh, waited out to
     // the end; the first console's tail heads the run's.
-    let shim = KernelShim::prepare_with(
-        kernel.clone(),
+    let console = boots_twice(
+        "a stalled first boot",
         VmOptions { stall_timeout: Duration::from_millis(1), ..options.clone() },
-    )
-    .unwrap_or_else(|e| panic!("a stalled first boot: prepare: {e}"));
-    let (run, qemus, loops_seen) = watching_qemu(|| shim.replay(&trace()));
-    let run = run.unwrap_or_else(|e| panic!("a stalled first boot: kernel run: {e}"));
-    assert_eq!(run.result.error, None, "the agent failed; console:\n{}", run.console);
-    assert_eq!(qemus.len(), 2, "a killed boot and a second one: {qemus:?}");
-    assert!(run.console.starts_with(STALLED_RUN_NOTE), "console:\n{}", run.console);
-    let first = run.console.split(&format!("{STALLED_RUN_NOTE} (end)")).next().unwrap_or_default();
+    );
+    assert!(console.starts_with(STALLED_RUN_NOTE), "console:\n{console}");
+    let first = console.split(&format!("{STALLED_RUN_NOTE} (end)")).next().unwrap_or_default();
     assert!(first.contains("dmsim-agent: started"), "the first boot's tail: {first}");
-    assert_run_left_nothing("after a stalled first boot", &qemus);
-    assert!(loops_seen.iter().all(|l| *l == loops_before), "loop devices: {loops_seen:?}");
-    drop(shim);
-    assert!(temp_dirs_of(std::process::id()).is_empty(), "directories left after a stalled first boot");
-    eprintln!("a stalled first boot: killed, booted again, replayed; nothing left");
 
     // 5. Failed boots.
     let failing: [(&str, Kernel, VmOptions); 3] = [

@@ -7,10 +7,11 @@
 //! The thin campaign's trace of seed 78 (fill-to-full: a full pool's
 //! allocations commit between the passes; 7 power cuts; faults) replayed
 //! on stock 6.1 with the pool on controlled disks, as `dmsim check --on
-//! kernel --seeds 78..79` does: it is L1-equal to the serialized simulator
-//! (following the kernel's clock) at the end and at every crash, and at
-//! the end dmsim's checker finds the same over-counted block in the
-//! kernel's metadata as in the model's. Judged against the model with the
+//! kernel --seeds 78..79` does, three times in one boot: every run is
+//! L1-equal to the serialized simulator (following the kernel's clock) at
+//! the end and at every crash, leaves the same over-counted block in the
+//! kernel's metadata as in the model's or neither (where the kernel's
+//! commit timer fell decides), and at least one leaves it. Judged against the model with the
 //! candidate fix (the hold kept in core), the same kernel run leaves the
 //! model's metadata without it. `thin_check` 0.9.0 does not compare data block counts, so
 //! only dmsim's checker sees it.
@@ -34,6 +35,8 @@ const SEED: u64 = 78;
 const DAMAGE: &str = "block 4 count on disk 2, expected 1";
 /// The candidate fix's header parameter.
 const FIX: &str = "fix.passdown_holds_blocks_in_core";
+/// Runs of the trace in the boot.
+const RUNS: usize = 3;
 
 #[test]
 fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
@@ -44,19 +47,38 @@ fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
     };
     let trace = thin_campaign::campaign_trace(SEED, 300, &CampaignSettings::default());
     assert_eq!(trace.header.param(FIX), Some("0"), "the trace runs the model as stock 6.1");
-    let run = shim
-        .run_jobs(&[Job::Ublk(trace.clone())])
-        .unwrap_or_else(|e| panic!("the VM: {e}"))
-        .pop()
-        .expect("one run");
-    let r = judge(&trace, true, &run).unwrap_or_else(|e| panic!("judging: {e}"));
-    eprintln!("seed {SEED}: {:?}, first difference {:?}", r.verdict(), r.first_difference());
-    assert!(r.crashes.len() >= 2, "the trace cuts power");
-    assert_eq!(r.verdict(), Verdict::Equal, "{:?}", r.first_difference());
-    let model = r.end_check_finding.as_deref().expect("the model's final metadata is damaged");
-    assert!(model.contains(DAMAGE), "{model}");
-    let kernel = r.kernel_end_check.as_deref().expect("the kernel's final metadata is damaged");
-    assert!(kernel.contains(DAMAGE), "the kernel's metadata: {kernel}");
+    // Whether a commit lands between the passes depends on where the
+    // kernel's 1 s commit timer falls against the ops, which a loaded
+    // machine moves (a CI run once had no commit there: kernel and model
+    // equal, neither damaged). So the trace runs RUNS times in one boot:
+    // every run equal to the model following it, with the same damage or
+    // none on both sides, and the damage shown in at least one.
+    let jobs: Vec<Job> = (0..RUNS).map(|_| Job::Ublk(trace.clone())).collect();
+    let runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}"));
+    let mut shown = None;
+    for (k, run) in runs.iter().enumerate() {
+        let r = judge(&trace, true, run).unwrap_or_else(|e| panic!("run {k}: judging: {e}"));
+        eprintln!(
+            "seed {SEED}, run {k}: {:?}, first difference {:?}; damage: model {:?}, kernel {:?}",
+            r.verdict(),
+            r.first_difference(),
+            r.end_check_finding,
+            r.kernel_end_check
+        );
+        assert!(r.crashes.len() >= 2, "the trace cuts power");
+        assert_eq!(r.verdict(), Verdict::Equal, "run {k}: {:?}", r.first_difference());
+        let damaged = |finding: &Option<String>| finding.as_deref().is_some_and(|f| f.contains(DAMAGE));
+        assert_eq!(
+            damaged(&r.end_check_finding),
+            damaged(&r.kernel_end_check),
+            "run {k}: the same damage or none"
+        );
+        if damaged(&r.kernel_end_check) && shown.is_none() {
+            shown = Some(k);
+        }
+    }
+    let shown = shown.unwrap_or_else(|| panic!("no run of {RUNS} left the over-counted block"));
+    let run = &runs[shown];
 
     // The detector: the same kernel run judged against the model with the
     // candidate fix (the hold kept in core): its final metadata is clean.
@@ -66,6 +88,6 @@ fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
             *v = "1".into();
         }
     }
-    let f = judge(&fixed, true, &run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
+    let f = judge(&fixed, true, run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
     assert_eq!(f.end_check_finding, None, "with the fix");
 }
