@@ -190,8 +190,9 @@ pub struct CheckArgs {
     pub per_boot: usize,
     /// With --on kernel: keep every seed's trace, the kernel's answer and
     /// its final metadata in this folder (kernel-seed-N.trace, .kernel,
-    /// .metadata; equal seeds too), so that the whole campaign can be
-    /// judged again without a boot after the model or the judge changed
+    /// .metadata; equal seeds too; with --on all the engine's too,
+    /// engine-seed-N.kernel and .metadata), so that the whole campaign can
+    /// be judged again without a boot after the model or the judge changed
     /// (`dmsim replay --on kernel --disks ublk --kernel-answer …`). About
     /// as large as the pool's metadata device a seed.
     #[arg(long)]

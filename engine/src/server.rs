@@ -766,11 +766,7 @@ impl Control {
         let dev_id = info.dev_id;
         let undo = |e: String| {
             let _ = self.simple(ublk::CMD_STOP_DEV, dev_id);
-            let (tx, rx) = channel();
-            if self.cmds.send(Command::Detached(dev_id, tx)).is_ok() {
-                self.wake.signal();
-                let _ = rx.recv_timeout(Duration::from_secs(10));
-            }
+            self.wait_detached(dev_id);
             let _ = self.simple(ublk::CMD_DEL_DEV, dev_id);
             Err(e)
         };
@@ -800,7 +796,24 @@ impl Control {
         if let Err(e) = self.ask(|reply| Command::Started(dev_id, reply)) {
             return undo(e);
         }
-        // One request per bio, as the kernel's thin devices take them.
+        self.served(thin, dev_id)
+    }
+
+    /// Waits (up to 10 s) until the pool thread has let go of `dev_id`'s
+    /// queue (every tag aborted, its char device closed).
+    fn wait_detached(&self, dev_id: u32) {
+        let (tx, rx) = channel();
+        if self.cmds.send(Command::Detached(dev_id, tx)).is_ok() {
+            self.wake.signal();
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Records that thin device `thin` is served on ublk device `dev_id`
+    /// (one request per bio, as the kernel's thin devices take them); its
+    /// block node.
+    fn served(&self, thin: ThinId, dev_id: u32) -> Result<String, String> {
+        let block = PathBuf::from(format!("/dev/ublkb{dev_id}"));
         let _ = std::fs::write(format!("/sys/block/ublkb{dev_id}/queue/nomerges"), "2");
         self.devices.lock().map_err(|_| "poisoned")?.insert(thin, (dev_id, block.clone()));
         Ok(block.display().to_string())
@@ -825,22 +838,15 @@ impl Control {
         ctl.start_recovery(dev_id, RECOVERY_WAIT).map_err(|e| e.to_string())?;
         self.ask(|r| Command::Activate(thin, sectors, r))?;
         let depth = info.queue_depth;
-        let served = self
+        let taken = self
             .ask(|reply| Command::Attach { dev_id, thin, depth, recovering: true, reply })
             .and_then(|_| ctl.end_recovery(dev_id).map_err(|e| e.to_string()));
-        if let Err(e) = served {
-            let (tx, rx) = channel();
-            if self.cmds.send(Command::Detached(dev_id, tx)).is_ok() {
-                self.wake.signal();
-                let _ = rx.recv_timeout(Duration::from_secs(10));
-            }
+        if let Err(e) = taken {
+            self.wait_detached(dev_id);
             let _ = self.ask(|r| Command::Deactivate(thin, r));
             return Err(e);
         }
-        let block = PathBuf::from(format!("/dev/ublkb{dev_id}"));
-        let _ = std::fs::write(format!("/sys/block/ublkb{dev_id}/queue/nomerges"), "2");
-        self.devices.lock().map_err(|_| "poisoned")?.insert(thin, (dev_id, block.clone()));
-        Ok(block.display().to_string())
+        self.served(thin, dev_id)
     }
 
     /// Stops and deletes thin device `thin`'s ublk device, then

@@ -1741,9 +1741,8 @@ fn run_ublk_job(
 ) {
     use crate::ublk::{live_devices, ControlledDisk, UblkControl, UblkDevice};
     let t0 = Instant::now();
-    // The ops after which the kernel committed, for an engine that
-    // follows them.
-    let forced = match kind {
+    // Where the kernel committed, for an engine that follows it.
+    let following = match kind {
         JobKind::Engine(e) if e.follow_kernel => {
             let kernel = kernel_before.filter(|k| k.error.is_none());
             match kernel.and_then(crate::protocol::kernel_commit_points) {
@@ -1811,7 +1810,7 @@ fn run_ublk_job(
             spec.clone(),
             &mut devs,
             disks.dev_dir,
-            Some((*engine, forced.as_ref())),
+            Some((*engine, following.as_ref())),
             result,
         ),
         _ => run_ublk_pool(ctl, job, trace, spec.clone(), &mut devs, disks.dev_dir, None, result),
@@ -1939,9 +1938,10 @@ pub struct Following {
 
 /// A ublk job's pool: the trace's ops as in a replay job; at a crash op,
 /// [`power_cut`]. Then the read-back, the pool's status and the teardown.
-/// On the engine (`engine_job`) with the ops after which the kernel
-/// committed: the engine asked to commit after each (before a crash
-/// op's power cut).
+/// On the engine (`engine_job`) following a kernel run ([`Following`]):
+/// the engine asked to commit where the kernel did — before an op, after
+/// it (unless the engine's superblock already has the kernel's commit
+/// key), before a crash op's power cut.
 #[allow(clippy::too_many_arguments)]
 fn run_ublk_pool(
     ctl: &Control,
@@ -1953,7 +1953,7 @@ fn run_ublk_pool(
     engine_job: Option<(crate::protocol::EngineJob, Option<&Following>)>,
     result: &mut KernelResult,
 ) {
-    let (engine_job, forced) = match engine_job {
+    let (engine_job, following) = match engine_job {
         Some((e, f)) => (Some(e), f),
         None => (None, None),
     };
@@ -1982,7 +1982,7 @@ fn run_ublk_pool(
             return;
         }
     };
-    if forced.is_some() {
+    if following.is_some() {
         result.notes.push((crate::equivalence::CLOCK_NOTE.into(), crate::equivalence::KERNEL_COMMITS.into()));
     } else if engine_job.is_some_and(|e| e.trace_clock) {
         result.notes.push((crate::equivalence::CLOCK_NOTE.into(), "trace".into()));
@@ -2030,7 +2030,7 @@ fn run_ublk_pool(
                        before: bool,
                        asked: &mut std::collections::BTreeMap<usize, crate::protocol::CommitPoint>|
      -> Result<(), ShimError> {
-        let (Some(f), Some(e)) = (forced, replayer.engine.as_ref()) else { return Ok(()) };
+        let (Some(f), Some(e)) = (following, replayer.engine.as_ref()) else { return Ok(()) };
         let done = || {
             let now = crate::protocol::commit_key(&superblock(devs));
             f.keys.get(&i) == Some(&now)
@@ -2172,7 +2172,7 @@ fn run_ublk_pool(
     let list = |ops: &[usize]| ops.iter().map(usize::to_string).collect::<Vec<_>>().join(" ");
     result.notes.push((crate::protocol::COMMIT_BEFORE_OPS_NOTE.into(), list(&before_ops)));
     result.notes.push((crate::protocol::COMMIT_DURING_OPS_NOTE.into(), list(&during_ops)));
-    if forced.is_some() {
+    if following.is_some() {
         result.notes.push((
             crate::protocol::FORCED_COMMITS_NOTE.into(),
             asked.iter().map(|(i, p)| p.word(*i)).collect::<Vec<_>>().join(" "),

@@ -1659,10 +1659,7 @@ pub const COMMIT_DURING_OPS_NOTE: &str = "commit-during-ops";
 /// agent), after each op. A crash op's commit is before its power cut.
 /// `None` when the result records no commits.
 pub fn kernel_commit_points(result: &KernelResult) -> Option<BTreeMap<usize, CommitPoint>> {
-    let list = |name: &str| -> Option<Vec<usize>> {
-        let (_, text) = result.notes.iter().find(|(k, _)| k == name)?;
-        Some(text.split_whitespace().filter_map(|w| w.parse().ok()).collect())
-    };
+    let list = |name: &str| op_list_note(result, name);
     let all = list(COMMIT_OPS_NOTE)?;
     let crashes: std::collections::BTreeSet<usize> = result.crashes.iter().map(|c| c.op).collect();
     let mut points: BTreeMap<usize, CommitPoint> = BTreeMap::new();
@@ -1811,7 +1808,13 @@ pub const SUPERBLOCK_BYTES: usize = 4096;
 
 /// The ops of a result's [`COMMIT_OPS_NOTE`], or `None` without one.
 pub fn commit_ops(result: &KernelResult) -> Option<Vec<usize>> {
-    let (_, text) = result.notes.iter().find(|(k, _)| k == COMMIT_OPS_NOTE)?;
+    op_list_note(result, COMMIT_OPS_NOTE)
+}
+
+/// The op indices of `result`'s note `name` (space-separated; other words
+/// passed over), or `None` without the note.
+fn op_list_note(result: &KernelResult, name: &str) -> Option<Vec<usize>> {
+    let (_, text) = result.notes.iter().find(|(k, _)| k == name)?;
     Some(text.split_whitespace().filter_map(|w| w.parse().ok()).collect())
 }
 

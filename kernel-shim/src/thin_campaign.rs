@@ -479,9 +479,8 @@ fn replay_batch(
                             .then(|| crate::thin_replay::compare_runs(run, e)),
                         answer: None,
                     };
-                    let differs = side.pair.as_ref().is_none_or(|p| {
-                        !p.l1.is_empty() || p.l2.as_ref().map_or(true, |l| l.first_difference().is_some())
-                    }) || !matches!(&side.result, SeedResult::Judged(r) if r.verdict() == Verdict::Equal);
+                    let differs = !side.pair.as_ref().is_some_and(crate::thin_replay::RunPair::l1_l2_equal)
+                        || !matches!(&side.result, SeedResult::Judged(r) if r.verdict() == Verdict::Equal);
                     let answer =
                         (keep_all || differs).then(|| (e.result.to_text(), e.metadata_image.clone()));
                     EngineSide { answer, ..side }

@@ -264,6 +264,11 @@ pub struct RunPair {
 }
 
 impl RunPair {
+    /// The two read the same (L1) and dump the same (L2).
+    pub fn l1_l2_equal(&self) -> bool {
+        self.l1.is_empty() && self.l2.as_ref().is_ok_and(|l| l.first_difference().is_none())
+    }
+
     /// A few words: L1, L2, L3, and the commits when they differ.
     pub fn line(&self) -> String {
         let l1 = if self.l1.is_empty() { "equal".to_string() } else { format!("{} differ", self.l1.len()) };

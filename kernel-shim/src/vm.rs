@@ -207,20 +207,6 @@ impl QemuGuard {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
-    /// Waits for the exit, up to `timeout`: `Some(status)` if it exited.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>, ShimError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().map_err(|e| ShimError::io("wait for qemu", e))? {
-                return Ok(Some(s));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// How a wait for qemu ended ([`QemuGuard::wait_progressing`]).
@@ -650,7 +636,7 @@ impl KernelShim {
 
         let encoded: Vec<(JobKind, String)> =
             jobs.iter().map(|j| (j.kind(), dmsim_traces::to_text(j.trace()))).collect();
-        let (log_slices, log_slices_sectors) = log_offsets(&jobs.iter().map(Job::kind).collect::<Vec<_>>());
+        let (log_slices, log_sectors) = log_offsets(&jobs.iter().map(Job::kind).collect::<Vec<_>>());
         // The disks, written again before every boot: a second boot starts
         // from what the first did.
         let write_disks = || -> Result<(), ShimError> {
@@ -687,7 +673,6 @@ impl KernelShim {
             // region is filled by the agent; activation images go in their slices.
             write_sized(&disk(DiskRole::Metadata), &[], layout.metadata_sectors * 512)?;
             write_sized(&disk(DiskRole::Data), &[], layout.data_sectors * 512)?;
-            let log_sectors = log_slices_sectors;
             write_sized(&disk(DiskRole::Log), &[], log_sectors * 512)?;
             for (job, slice) in jobs.iter().zip(&layout.slices) {
                 if let Job::Activate { metadata, data, .. } = job {
