@@ -2048,8 +2048,24 @@ fn run_ublk_pool(
             _ => Ok(()),
         }
     };
+    // The key of what the last commit holds
+    // (`protocol::commit_contents_key`), for the metadata whose superblock
+    // reads `sb`; 0 (unknown) if the pool committed again since.
+    let contents = |devs: &UblkPair<'_>, sb: &[u8]| {
+        devs.devs.as_ref().map_or(0, |(m, _)| {
+            m.with_visible(|image| {
+                if image.get(..sb.len()) == Some(sb) {
+                    crate::protocol::commit_contents_key(image)
+                } else {
+                    0
+                }
+            })
+        })
+    };
     let mut last_superblock = superblock(devs);
     let mut commit_ops = Vec::new();
+    // Per op of `commit_ops`: the contents key.
+    let mut commit_contents = Vec::new();
     let mut crash_checks: Vec<(usize, String)> = Vec::new();
     // Thin devices a new engine took over after a crash (ublk's user
     // recovery).
@@ -2076,6 +2092,7 @@ fn run_ublk_pool(
             let now = superblock(devs);
             if now != last_superblock {
                 commit_ops.push((i, crate::protocol::commit_key(&now)));
+                commit_contents.push((i, contents(devs, &now)));
             }
             match power_cut(ctl, job, &spec, devs, replayer, mode, seed, i, dev_dir, &mut crash_checks) {
                 Ok((r, record)) => {
@@ -2159,6 +2176,7 @@ fn run_ublk_pool(
         }
         if now != last_superblock {
             commit_ops.push((i, crate::protocol::commit_key(&now)));
+            commit_contents.push((i, contents(devs, &now)));
             last_superblock = now;
         }
     }
@@ -2181,10 +2199,10 @@ fn run_ublk_pool(
     for (op, verdict) in crash_checks {
         result.notes.push((format!("{}{op}", crate::thin_replay::CRASH_CHECK_NOTE_PREFIX), verdict));
     }
-    result.notes.push((
-        crate::protocol::COMMIT_SUPERBLOCKS_NOTE.into(),
-        commit_ops.iter().map(|(i, f)| format!("{i}:{f:016x}")).collect::<Vec<_>>().join(" "),
-    ));
+    let keys =
+        |ops: &[(usize, u64)]| ops.iter().map(|(i, f)| format!("{i}:{f:016x}")).collect::<Vec<_>>().join(" ");
+    result.notes.push((crate::protocol::COMMIT_SUPERBLOCKS_NOTE.into(), keys(&commit_ops)));
+    result.notes.push((crate::protocol::COMMIT_CONTENTS_NOTE.into(), keys(&commit_contents)));
     finish_replay(replayer, t0, result);
     if faulted {
         note_fired(devs, trace.ops().count(), result);

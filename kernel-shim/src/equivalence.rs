@@ -105,11 +105,16 @@ pub struct SimulatedRun {
     /// superblock after each op (a crash op: just before its power cut),
     /// by op index.
     pub superblocks: BTreeMap<usize, u64>,
+    /// The [`crate::protocol::commit_contents_key`] of the model's metadata
+    /// after each op of [`SimulatedRun::commit_ops`], by op index.
+    pub contents: BTreeMap<usize, u64>,
     /// Where the run placed the kernel's commits
     /// ([`simulate_following`]): by op, for the ops it placed one in.
     pub commit_placements: BTreeMap<usize, CommitPlacement>,
     /// The data I/Os the simulator completed in each op, by op index.
     pub data_completions: BTreeMap<usize, usize>,
+    /// The worker passes the simulator ran in each op, by op index.
+    pub worker_passes: BTreeMap<usize, usize>,
     /// Per crash op whose kernel run recorded the data disk's unflushed
     /// writes ([`crate::protocol::CrashRecord::data_pending`]): whether
     /// the simulator's were the same writes (in any order) just before its
@@ -299,6 +304,11 @@ pub enum CommitPlacement {
     /// many of them when the worker's pass took them and committed
     /// (`dmsim_sim::thin::ThinSim::plan_commit_after_pieces`).
     AfterPieces(usize),
+    /// At the end of the op's `k`-th worker pass (from 1), whatever the
+    /// pass did: the kernel's timer due while its worker was busy with
+    /// the op (`dmsim_sim::thin::ThinSim::plan_commit_in_pass`; a passdown
+    /// discard's first pass ends in a commit, before its second).
+    InPass(usize),
 }
 
 /// A commit plan for the serialized simulator: per op, where it commits
@@ -321,7 +331,10 @@ struct CommitPlan {
 /// The simulator first runs with its own timer, following the kernel's
 /// clock. If the two sides never part, that run is the answer. Otherwise,
 /// from the first op where they part — one committed and the other did
-/// not, or with another key; a metadata write fault fired in the kernel's
+/// not, or with another key or other contents (data reference counts,
+/// devices and mappings: [`crate::protocol::COMMIT_CONTENTS_NOTE`]; a
+/// commit between a passdown discard's two passes and one before the op
+/// leave the same superblock); a metadata write fault fired in the kernel's
 /// op and not in the simulator's (a commit that failed writes no
 /// superblock); the free data blocks after a commit op differ (the status
 /// line's count: a commit that came elsewhere among a request's pieces
@@ -330,7 +343,8 @@ struct CommitPlan {
 /// op where they part and the kernel committed or met a fault, the
 /// placements of a commit in that op (before it, after each of its data
 /// completions once the worker settled, between each two pieces of its
-/// request, after it) are tried in that order, and the first under which
+/// request, at the end of each of its worker passes, after it) are tried
+/// in that order, and the first under which
 /// the op agrees — the kernel's outcome, read and mode
 /// ([`crate::fault_compare::compare_ops`]), key, faults and free data
 /// blocks — is kept; then the next op where they part. When no placement
@@ -361,10 +375,17 @@ pub fn follow_commits(
     };
     // Whether op `i` agrees: where one side committed, both did, to the
     // same key; a metadata write fault fired in both or neither.
+    // What the kernel's commits hold, where the agent read it (0: not
+    // read).
+    let kernel_contents = crate::protocol::commit_contents(result).unwrap_or_default();
+    let contents_agree = |run: &SimulatedRun, i: usize| match kernel_contents.get(&i) {
+        Some(&k) if k != 0 => run.contents.get(&i) == Some(&k),
+        _ => true,
+    };
     let commits_agree = |run: &SimulatedRun, i: usize| {
         let sim_committed = run.commit_ops.contains(&i);
         match kernel.get(&i) {
-            Some(k) => sim_committed && run.superblocks.get(&i) == Some(k),
+            Some(k) => sim_committed && run.superblocks.get(&i) == Some(k) && contents_agree(run, i),
             None => !sim_committed || run.superblocks.get(&i).copied() == kernel_at(i),
         }
     };
@@ -461,7 +482,7 @@ pub fn follow_commits(
         // after it; only a later allocation tells them apart).
         let until = kernel.range(i + 1..).next().map_or(i, |(&j, _)| j - 1);
         let stop = flush_for_crash.get(&i).copied().unwrap_or(i).max(until);
-        let mut tried = |placement: CommitPlacement| -> Result<(u8, usize, bool), ShimError> {
+        let mut tried = |placement: CommitPlacement| -> Result<(u8, usize, bool, usize), ShimError> {
             plan.at.insert(i, placement);
             let r = simulate_serialized_inner(trace, crashes, clock, Some(&plan), Some(stop), &orders)?;
             let completions = r.data_completions.get(&i).copied().unwrap_or(0);
@@ -486,13 +507,14 @@ pub fn follow_commits(
                 + 4 * u8::from(pending_ok(&r, i))
                 + 2 * u8::from(free_ok(&r, i))
                 + u8::from(later_agree);
-            Ok((score, completions, r.piece_commit_ops.contains(&i)))
+            let passes = r.worker_passes.get(&i).copied().unwrap_or(0);
+            Ok((score, completions, r.piece_commit_ops.contains(&i), passes))
         };
         let mut best = (tried(CommitPlacement::BeforeOp)?.0, CommitPlacement::BeforeOp);
         let mut k = 0;
         while best.0 < FULL {
             let placement = CommitPlacement::AfterData(k);
-            let (score, completions, _) = tried(placement)?;
+            let (score, completions, _, _) = tried(placement)?;
             if score > best.0 {
                 best = (score, placement);
             }
@@ -506,12 +528,25 @@ pub fn follow_commits(
         let mut k = 1;
         while best.0 < FULL {
             let placement = CommitPlacement::AfterPieces(k);
-            let (score, _, made) = tried(placement)?;
+            let (score, _, made, _) = tried(placement)?;
             if !made {
                 break;
             }
             if score > best.0 {
                 best = (score, placement);
+            }
+            k += 1;
+        }
+        // At the end of each of the op's worker passes.
+        let mut k = 1;
+        while best.0 < FULL {
+            let placement = CommitPlacement::InPass(k);
+            let (score, _, _, passes) = tried(placement)?;
+            if score > best.0 {
+                best = (score, placement);
+            }
+            if k >= passes {
+                break;
             }
             k += 1;
         }
@@ -667,7 +702,9 @@ fn simulate_serialized_clocked(
     let mut last_superblock = superblock(&sim);
     let mut commit_ops = Vec::new();
     let mut superblocks = BTreeMap::new();
+    let mut contents = BTreeMap::new();
     let mut data_completions = BTreeMap::new();
+    let mut worker_passes = BTreeMap::new();
     let mut pending_agree = BTreeMap::new();
     let mut data_free = BTreeMap::new();
     let mut piece_commit_ops = BTreeSet::new();
@@ -682,6 +719,7 @@ fn simulate_serialized_clocked(
             return Ok(());
         };
         data_completions.insert(i, sim.data_completions());
+        worker_passes.insert(i, sim.passes());
         if sim.piece_commits() > 0 {
             piece_commit_ops.insert(i);
         }
@@ -692,6 +730,12 @@ fn simulate_serialized_clocked(
         superblocks.insert(i, crate::protocol::commit_key(&sb));
         if sb != last_superblock {
             commit_ops.push(i);
+            let key = sim.pool().with_metadata(|md| {
+                crate::protocol::commit_contents_key(
+                    md.transaction_manager().block_manager().device().visible(),
+                )
+            });
+            contents.insert(i, key);
         }
         last_superblock = sb;
         Ok(())
@@ -724,8 +768,10 @@ fn simulate_serialized_clocked(
             Some(CommitPlacement::AfterData(k)) => Some(k),
             _ => None,
         });
-        if let Some(CommitPlacement::AfterPieces(k)) = placement(i) {
-            sim.plan_commit_after_pieces(k);
+        match placement(i) {
+            Some(CommitPlacement::AfterPieces(k)) => sim.plan_commit_after_pieces(k),
+            Some(CommitPlacement::InPass(k)) => sim.plan_commit_in_pass(k),
+            _ => {}
         }
         // A commit placed before or after the op is part of the op: its
         // events (faults that fire, mode changes) are the op's.
@@ -868,7 +914,9 @@ fn simulate_serialized_clocked(
     if stopped || stop_after.is_some_and(|s| s + 1 >= trace.ops().count()) {
         return Ok(SimulatedRun {
             superblocks,
+            contents,
             data_completions,
+            worker_passes,
             ops,
             commit_ops,
             pending_agree,
@@ -886,7 +934,9 @@ fn simulate_serialized_clocked(
         ops,
         commit_ops,
         superblocks,
+        contents,
         data_completions,
+        worker_passes,
         pending_agree,
         data_free,
         piece_commit_ops,

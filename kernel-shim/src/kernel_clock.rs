@@ -431,4 +431,138 @@ mod tests {
         assert_eq!(blind.commit_placements.get(&7), Some(&CommitPlacement::AfterData(0)));
         assert_eq!(blind.data_free.get(&7), Some(&1), "both pieces failed, the freed block stayed free");
     }
+
+    /// A kernel commit between a passdown discard's two passes (its timer
+    /// due while the worker ran the first): a block the discard unmapped
+    /// from a snapshot and that the origin still maps is held with an
+    /// extra count, and the commit makes that count durable. It leaves the
+    /// superblock a commit before the discard leaves (the same totals), so
+    /// only what the commit holds (`commit-contents`) places it: the
+    /// simulator commits at the end of the discard's first worker pass (or,
+    /// while the discard waits for the data device, once the worker
+    /// settled), and the power cut after it leaves the over-counted block
+    /// as the kernel's did. Both with a block passed down (the second pass
+    /// waits for the data device) and without (the worker's next pass
+    /// runs it). Without the contents (an older agent), a discard that
+    /// passes nothing down has its commit placed after both passes (the
+    /// same superblock), and nothing is over-counted.
+    #[test]
+    fn a_commit_between_a_passdown_discards_passes_is_placed_by_what_it_holds() {
+        use dmsim_sim::run::{CampaignSettings, RunConfig};
+        use dmsim_sim::thin::ThinSim;
+        use dmsim_traces::CrashMode;
+
+        use crate::equivalence::{simulate_following, CommitPlacement};
+        use crate::protocol::{
+            commit_contents_key, commit_key, PoolSpec, COMMIT_CONTENTS_NOTE, COMMIT_OPS_NOTE,
+            COMMIT_SUPERBLOCKS_NOTE, SUPERBLOCK_BYTES,
+        };
+
+        let mut cfg = RunConfig::for_seed(1, 10, &CampaignSettings::default());
+        cfg.thin.options.fixes.passdown_holds_blocks_in_core = false;
+        // The kernel's default features: discards passed down.
+        cfg.thin.features = Default::default();
+        let header = cfg.header();
+        assert_eq!(header.param("fix.passdown_holds_blocks_in_core"), Some("0"));
+        let bs = PoolSpec::from_header(&header).expect("a pool").block_sectors;
+        const DISCARD: usize = 6;
+        // The snapshot's blocks 0 (the origin's too: not passed down) and,
+        // with `passed_down`, 1 (its own since the origin's write).
+        for passed_down in [true, false] {
+            let blocks = if passed_down { 2 } else { 1 };
+            let ops = [
+                Op::CreateThin,
+                block_write(bs, 0, 2),
+                Op::Flush { dev: 0 },
+                Op::CreateSnap { origin: 0 },
+                block_write(bs, 1, 1),
+                Op::Flush { dev: 0 },
+                Op::Discard { dev: 1, sector: 0, nr_sectors: (blocks * bs) as u32 },
+                Op::Read { dev: 0, sector: 0, nr_sectors: 8 },
+                Op::Crash { mode: CrashMode::LoseAll, seed: 0 },
+            ];
+            let trace = trace(&cfg, &ops);
+            // The kernel's commits: the simulator's own, with one at the
+            // end of the discard's `pass`-th worker pass.
+            let commits = |pass: usize| {
+                let mut sim = ThinSim::new(RunConfig::from_header(&trace.header).expect("header").thin);
+                let image = |sim: &ThinSim| {
+                    sim.pool().with_metadata(|md| {
+                        md.transaction_manager().block_manager().device().visible().to_vec()
+                    })
+                };
+                let mut last = image(&sim)[..SUPERBLOCK_BYTES].to_vec();
+                let mut out = Vec::new();
+                for (i, op) in ops.iter().enumerate().take(DISCARD + 2) {
+                    sim.plan_commit(None);
+                    if i == DISCARD {
+                        sim.plan_commit_in_pass(pass);
+                    }
+                    sim.apply(op).and_then(|()| sim.quiesce()).expect("runs");
+                    let now = image(&sim);
+                    if now[..SUPERBLOCK_BYTES] != last[..] {
+                        out.push((i, commit_key(&now), commit_contents_key(&now)));
+                        last = now[..SUPERBLOCK_BYTES].to_vec();
+                    }
+                }
+                out
+            };
+            let at = |c: &[(usize, u64, u64)]| c.iter().find(|&&(i, _, _)| i == DISCARD).copied();
+            assert!(at(&commits(usize::MAX)).is_none(), "no commit in the discard of its own");
+            let (pass, kernel) = (1..8)
+                .map(|p| (p, commits(p)))
+                .find(|(_, c)| at(c).is_some())
+                .expect("a pass of the discard commits");
+            let (_, key, contents) = at(&kernel).expect("the discard committed");
+            let run = |with_contents: bool| {
+                let mut result = clocked(3);
+                let list = |f: &dyn Fn(&(usize, u64, u64)) -> String| {
+                    kernel.iter().map(f).collect::<Vec<_>>().join(" ")
+                };
+                result.notes.push((COMMIT_OPS_NOTE.into(), list(&|c| c.0.to_string())));
+                result
+                    .notes
+                    .push((COMMIT_SUPERBLOCKS_NOTE.into(), list(&|c| format!("{}:{:016x}", c.0, c.1))));
+                if with_contents {
+                    result
+                        .notes
+                        .push((COMMIT_CONTENTS_NOTE.into(), list(&|c| format!("{}:{:016x}", c.0, c.2))));
+                }
+                kernel_run(result)
+            };
+            let over_counted = |r: &crate::equivalence::SimulatedRun| {
+                r.end_check_finding.as_deref().is_some_and(|f| f.contains("count on disk 2, expected 1"))
+            };
+            let followed = simulate_following(&trace, true, &run(true)).expect("runs");
+            let placed = followed.commit_placements.get(&DISCARD).copied();
+            if passed_down {
+                assert!(
+                    matches!(placed, Some(CommitPlacement::AfterData(0) | CommitPlacement::InPass(_))),
+                    "{placed:?}"
+                );
+            } else {
+                assert_eq!(
+                    placed,
+                    Some(CommitPlacement::InPass(pass)),
+                    "only a pass's end is between the passes"
+                );
+            }
+            assert_eq!(followed.superblocks.get(&DISCARD), Some(&key));
+            assert_eq!(followed.contents.get(&DISCARD), Some(&contents));
+            assert!(
+                over_counted(&followed),
+                "the power cut kept the held count: {:?}",
+                followed.end_check_finding
+            );
+            // The detector: without the contents, a commit once the worker
+            // settled after a discard that passes nothing down (both
+            // passes done) leaves the same superblock, and is tried first.
+            if !passed_down {
+                let blind = simulate_following(&trace, true, &run(false)).expect("runs");
+                assert_eq!(blind.commit_placements.get(&DISCARD), Some(&CommitPlacement::AfterData(0)));
+                assert_ne!(blind.contents.get(&DISCARD), Some(&contents));
+                assert!(!over_counted(&blind), "{:?}", blind.end_check_finding);
+            }
+        }
+    }
 }

@@ -1795,7 +1795,52 @@ pub fn commit_key(superblock: &[u8]) -> u64 {
 /// The ops and commit keys ([`commit_key`]) of a result's
 /// [`COMMIT_SUPERBLOCKS_NOTE`], or `None` without one (an older agent).
 pub fn commit_superblocks(result: &KernelResult) -> Option<BTreeMap<usize, u64>> {
-    let (_, text) = result.notes.iter().find(|(k, _)| k == COMMIT_SUPERBLOCKS_NOTE)?;
+    op_key_note(result, COMMIT_SUPERBLOCKS_NOTE)
+}
+
+/// `op:key` for each op of [`COMMIT_OPS_NOTE`]: the [`commit_contents_key`]
+/// of the metadata the op left, in 16 hex digits (0: not read, the pool
+/// committed again meanwhile). Absent from older agents.
+pub const COMMIT_CONTENTS_NOTE: &str = "commit-contents";
+
+/// A fingerprint of what a thin metadata image's last commit holds: its
+/// data reference counts
+/// (`dmsim_model::thin::check::committed_data_counts`) and every
+/// device's details and mappings (`dmsim_model::thin::dump::read_devices`),
+/// FNV-1a 64 over them in order; 0 when they cannot be read. Two commits
+/// whose superblocks share a [`commit_key`] (the same totals) can differ
+/// here: a commit between a passdown discard's two passes holds the
+/// discarded blocks' raised counts and no longer their mappings.
+pub fn commit_contents_key(image: &[u8]) -> u64 {
+    let mut dev = dmsim_model::block_device::SliceDevice::new(image);
+    let Ok(counts) = dmsim_model::thin::check::committed_data_counts(&mut dev) else { return 0 };
+    let Ok(devices) = dmsim_model::thin::dump::read_devices(&mut dev) else { return 0 };
+    let mut bytes = Vec::new();
+    for (b, c) in counts {
+        bytes.extend(b.to_le_bytes());
+        bytes.extend(c.to_le_bytes());
+    }
+    for (id, d) in devices {
+        bytes.extend(id.to_le_bytes());
+        bytes.extend(d.details.to_bytes());
+        for (v, (b, t)) in d.mappings {
+            bytes.extend(v.to_le_bytes());
+            bytes.extend(b.to_le_bytes());
+            bytes.extend(t.to_le_bytes());
+        }
+    }
+    fnv64(&bytes)
+}
+
+/// The ops and keys of a result's [`COMMIT_CONTENTS_NOTE`], or `None`
+/// without one (an older agent).
+pub fn commit_contents(result: &KernelResult) -> Option<BTreeMap<usize, u64>> {
+    op_key_note(result, COMMIT_CONTENTS_NOTE)
+}
+
+/// The `op:hex` words of the note `name`, or `None` without it.
+fn op_key_note(result: &KernelResult, name: &str) -> Option<BTreeMap<usize, u64>> {
+    let (_, text) = result.notes.iter().find(|(k, _)| k == name)?;
     let one = |w: &str| {
         let (i, f) = w.split_once(':')?;
         Some((i.parse().ok()?, u64::from_str_radix(f, 16).ok()?))

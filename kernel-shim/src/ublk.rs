@@ -594,6 +594,13 @@ impl<'c> UblkDevice<'c> {
         v[..len.min(v.len())].to_vec()
     }
 
+    /// `f` of the whole disk as a read would return it now (its volatile
+    /// writes included), read in place under the disk's lock.
+    pub fn with_visible<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let disk = lock(&self.disk);
+        f(disk.disk.visible())
+    }
+
     /// The block device node (`/dev/ublkbN`).
     pub fn block(&self) -> &Path {
         &self.block

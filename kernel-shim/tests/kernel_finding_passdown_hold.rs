@@ -55,6 +55,7 @@ fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
     // none on both sides, and the damage shown in at least one.
     let jobs: Vec<Job> = (0..RUNS).map(|_| Job::Ublk(trace.clone())).collect();
     let runs = shim.run_jobs(&jobs).unwrap_or_else(|e| panic!("the VM: {e}"));
+    let damaged = |finding: &Option<String>| finding.as_deref().is_some_and(|f| f.contains(DAMAGE));
     let mut shown = None;
     for (k, run) in runs.iter().enumerate() {
         let r = judge(&trace, true, run).unwrap_or_else(|e| panic!("run {k}: judging: {e}"));
@@ -65,9 +66,11 @@ fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
             r.end_check_finding,
             r.kernel_end_check
         );
+        if damaged(&r.end_check_finding) != damaged(&r.kernel_end_check) {
+            keep_answer(&trace, k, run);
+        }
         assert!(r.crashes.len() >= 2, "the trace cuts power");
         assert_eq!(r.verdict(), Verdict::Equal, "run {k}: {:?}", r.first_difference());
-        let damaged = |finding: &Option<String>| finding.as_deref().is_some_and(|f| f.contains(DAMAGE));
         assert_eq!(
             damaged(&r.end_check_finding),
             damaged(&r.kernel_end_check),
@@ -90,4 +93,18 @@ fn a_passdown_hold_survives_a_power_cut_on_the_stock_kernel() {
     }
     let f = judge(&fixed, true, run).unwrap_or_else(|e| panic!("judging with the fix: {e}"));
     assert_eq!(f.end_check_finding, None, "with the fix");
+}
+
+/// Writes run `k`'s trace, answer and final metadata under
+/// `target/dmsim-test-answers/` for `dmsim replay --on kernel --disks ublk
+/// --kernel-answer` to judge again without a boot.
+fn keep_answer(trace: &dmsim_traces::Trace, k: usize, run: &dmsim_kernel_shim::KernelRun) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dmsim-test-answers");
+    let _ = std::fs::create_dir_all(&dir);
+    let base = dir.join(format!("passdown-hold-seed-{SEED}-run-{k}"));
+    let _ =
+        dmsim_traces::file::write(&base.with_extension("trace"), trace, dmsim_traces::file::Encoding::Text);
+    let _ = std::fs::write(base.with_extension("kernel"), run.result.to_text());
+    let _ = std::fs::write(base.with_extension("metadata"), &run.metadata_image);
+    eprintln!("run {k}: its answer is in {}.kernel", base.display());
 }

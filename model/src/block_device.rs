@@ -149,6 +149,39 @@ impl BlockDevice for MemDevice {
     }
 }
 
+/// A read-only view of bytes in memory as a device (a trailing partial
+/// sector is not part of it): for reading an image another owner holds,
+/// without copying it. Writes fail.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceDevice<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> SliceDevice<'a> {
+    /// The device over `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        let whole = bytes.len() - bytes.len() % SECTOR_SIZE as usize;
+        SliceDevice { bytes: &bytes[..whole] }
+    }
+}
+
+impl BlockDevice for SliceDevice<'_> {
+    fn nr_sectors(&self) -> u64 {
+        self.bytes.len() as u64 / SECTOR_SIZE
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let r = byte_range(sector, buf.len(), self.bytes.len() as u64)?;
+        buf.copy_from_slice(&self.bytes[r]);
+        Ok(())
+    }
+    fn write(&mut self, sector: u64, _buf: &[u8], _flags: WriteFlags) -> Result<(), IoError> {
+        Err(IoError::Failed { sector, reason: "a read-only view".into() })
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +196,18 @@ mod tests {
         assert!(buf[512..].iter().all(|&b| b == 7));
         assert!(matches!(d.read(7, &mut buf), Err(IoError::OutOfRange { .. })));
         assert!(matches!(d.read(u64::MAX, &mut buf), Err(IoError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn slice_device_reads_whole_sectors_and_refuses_writes() {
+        let mut bytes = vec![3u8; 1024 + 100];
+        bytes[512] = 9;
+        let mut d = SliceDevice::new(&bytes);
+        assert_eq!(d.nr_sectors(), 2);
+        let mut buf = [0u8; 512];
+        d.read(1, &mut buf).unwrap();
+        assert_eq!(buf[0], 9);
+        assert!(matches!(d.read(2, &mut buf), Err(IoError::OutOfRange { .. })));
+        assert!(d.write(0, &buf, WriteFlags::default()).is_err());
     }
 }

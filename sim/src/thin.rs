@@ -202,6 +202,11 @@ pub struct ThinSim {
     /// Commits made between a request's pieces since
     /// [`ThinSim::plan_commit`].
     piece_commits: usize,
+    /// A commit to request just before this worker pass since
+    /// [`ThinSim::plan_commit`] ([`ThinSim::plan_commit_in_pass`]).
+    pass_plan: Option<usize>,
+    /// Worker passes since [`ThinSim::plan_commit`].
+    passes: usize,
     /// Data I/Os [`ThinSim::quiesce`] completed since
     /// [`ThinSim::plan_commit`].
     data_completions: usize,
@@ -356,6 +361,8 @@ impl ThinSim {
             commit_plan: None,
             piece_plan: None,
             piece_commits: 0,
+            pass_plan: None,
+            passes: 0,
             write_order: Vec::new(),
             data_completions: 0,
             expected: BTreeMap::new(),
@@ -1006,6 +1013,11 @@ impl ThinSim {
         } else {
             BTreeSet::new()
         };
+        self.passes += 1;
+        if self.pass_plan == Some(self.passes) {
+            self.pass_plan = None;
+            self.pool().request_commit();
+        }
         self.pool().run_worker();
         let after = self.metadata_faults_pending();
         if after > before {
@@ -1296,7 +1308,25 @@ impl ThinSim {
         self.commit_plan = after;
         self.piece_plan = None;
         self.piece_commits = 0;
+        self.pass_plan = None;
+        self.passes = 0;
         self.data_completions = 0;
+    }
+
+    /// Plans a commit in the `k`-th worker pass (from 1) after
+    /// [`Self::plan_commit`]: the pass commits a changed transaction at its
+    /// end, as the kernel's worker does when its commit timer is due
+    /// ([`Pool::request_commit`]), whatever the pass did before — for a
+    /// passdown discard, after its first pass and before its second. A
+    /// kernel replay places so a timed commit that came while the worker
+    /// was busy with an op.
+    pub fn plan_commit_in_pass(&mut self, k: usize) {
+        self.pass_plan = Some(k);
+    }
+
+    /// Worker passes since [`Self::plan_commit`].
+    pub fn passes(&self) -> usize {
+        self.passes
     }
 
     /// Plans a commit between two pieces of the next request DM core

@@ -34,12 +34,14 @@
 //!   counts, as done here.
 
 pub(crate) mod block;
+mod counts;
 mod node;
 mod report;
 pub(crate) mod space_map;
 pub(crate) mod walk;
 
 pub(crate) use block::{le32, le64, Reader};
+pub use counts::committed_data_counts;
 pub(crate) use node::{scan, ScanError};
 pub use report::{CheckReport, DeviceSummary, Problem, Severity, Structure};
 
