@@ -514,23 +514,30 @@ fn unflushed_writes(log: &[DiskEvent], after: usize) -> Vec<usize> {
 /// The disk contents after a power cut at `crash`, replaying `log` onto
 /// `base` (the durable image when the log started).
 pub fn crash_image(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Vec<u8> {
-    let after = crash.after_events.min(log.len());
     let mut image = base.to_vec();
-    let put = |image: &mut Vec<u8>, sector: u64, data: &[u8]| {
+    replay_crash(log, crash, |sector, data| {
         let s = (sector * SECTOR_SIZE) as usize;
         image[s..s + data.len()].copy_from_slice(data);
-    };
+    });
+    image
+}
+
+/// Calls `put` with every write (or kept piece of a torn one) that a power
+/// cut at `crash` leaves on the disk, in the log's order: everything
+/// before the last flush, every FUA write, and the unflushed writes
+/// `crash` keeps. Replayed in order, so that a kept unflushed write never
+/// overwrites a later FUA write (or a later kept one) where they overlap.
+pub(crate) fn replay_crash(log: &[DiskEvent], crash: &CrashPoint, mut put: impl FnMut(u64, &[u8])) {
+    let after = crash.after_events.min(log.len());
     let unflushed = unflushed_writes(log, after);
     let first_unflushed = unflushed.first().copied().unwrap_or(after);
-    // Replay in order, so that a kept unflushed write never overwrites a
-    // later FUA write (or a later kept one) where they overlap.
     let mut n = 0;
     for (idx, e) in log[..after].iter().enumerate() {
         let DiskEvent::Write { sector, data, fua } = e else { continue };
         // Everything before the last flush is durable, and so is every FUA
         // write.
         if idx < first_unflushed || *fua {
-            put(&mut image, *sector, data);
+            put(*sector, data);
             continue;
         }
         let this = n;
@@ -543,14 +550,13 @@ pub fn crash_image(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Vec<u8
                 for (k, &keep) in sectors.iter().enumerate() {
                     if keep {
                         let off = k * SECTOR_SIZE as usize;
-                        put(&mut image, sector + k as u64, &data[off..off + SECTOR_SIZE as usize]);
+                        put(sector + k as u64, &data[off..off + SECTOR_SIZE as usize]);
                     }
                 }
             }
-            _ => put(&mut image, *sector, data),
+            _ => put(*sector, data),
         }
     }
-    image
 }
 
 #[cfg(test)]

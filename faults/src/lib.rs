@@ -9,7 +9,9 @@
 //! - Crash states: [`SimDisk::crash_state`] builds one for a
 //!   [`CrashMode`] and seed,
 //!   [`SimDisk::crash_states_exhaustive`] every one (bounded), and
-//!   [`crash_image`] one at any point of a recorded log. A crash state is
+//!   [`crash_image`] one at any point of a recorded log ([`CrashOverlay`]:
+//!   the same as the blocks it changes, read through an [`OverlayDevice`];
+//!   [`JudgedStates`]: a memo of judged states). A crash state is
 //!   bytes only: the simulator rebuilds a fresh disk from it, so armed
 //!   faults and permanent bad sectors are forgotten across a power cut (a
 //!   simplification).
@@ -28,6 +30,7 @@ mod armed;
 mod coverage;
 mod crash_state;
 mod disk;
+mod overlay;
 mod swarm;
 
 pub use armed::{ArmedFault, FaultKind, FiredFault};
@@ -35,4 +38,5 @@ pub use coverage::{FaultCoverage, Probe};
 pub use crash_state::CrashSummary;
 pub use disk::{crash_image, fnv64, CrashPoint, DiskEvent, PendingKey, PendingWrite, SimDisk, TearMode};
 pub use dmsim_traces::{CrashMode, DiskFault, DiskId};
+pub use overlay::{CrashOverlay, JudgedStates, OverlayDevice, ReadBlocks, OVERLAY_BLOCK};
 pub use swarm::{DiskFaultKind, FaultSwarm, SwarmProfile};

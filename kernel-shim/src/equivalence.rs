@@ -347,7 +347,9 @@ struct CommitPlan {
 /// in that order, and the first under which
 /// the op agrees — the kernel's outcome, read and mode
 /// ([`crate::fault_compare::compare_ops`]), key, faults and free data
-/// blocks — is kept; then the next op where they part. When no placement
+/// blocks — is kept; then the next op where they part. (No commit is
+/// placed in an op that sends a FLUSH or FUA request: that commit is the
+/// model's own to make.) When no placement
 /// makes an op agree, the one that agrees best (the outcome counts most)
 /// is kept where the kernel committed; at the eighth such op the timer,
 /// following the kernel's clock, takes over again.
@@ -438,6 +440,14 @@ pub fn follow_commits(
             .collect();
         candidates.into_iter().find(|&i| !agrees(run, i))
     };
+    // Whether op `i` sends a FLUSH or FUA request (the agent's FUA write
+    // is followed by a flush).
+    let flushes = |i: usize| {
+        matches!(
+            trace.ops().nth(i),
+            Some(Op::Flush { .. } | Op::Write { fua: true, .. } | Op::Write { preflush: true, .. })
+        )
+    };
     // Ops no placement makes agree before the timer takes over.
     const MISSES: usize = 8;
     // Full agreement; agreement at the op itself (the ops after it up to
@@ -463,9 +473,13 @@ pub fn follow_commits(
         let run = simulate_serialized_inner(trace, crashes, clock, Some(&plan), None, &orders)?;
         let Some(i) = first_difference(&run, from) else { return Ok(run) };
         from = i + 1;
-        if !(kernel.contains_key(&i) || kernel_faulted.contains(&i)) || plan.at.contains_key(&i) {
+        if !(kernel.contains_key(&i) || kernel_faulted.contains(&i)) || plan.at.contains_key(&i) || flushes(i)
+        {
             // The simulator committed where the kernel did not, or the
-            // op was placed already: nothing to place.
+            // op was placed already: nothing to place. Nor in an op that
+            // flushes: the commit a FLUSH or FUA request waits for is the
+            // model's own to make (a timer's in the same op is overwritten
+            // by it), and placing one would hide a model that does not.
             continue;
         }
         // How well op `i` agrees under a placement: its outcome (and read,

@@ -21,8 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dmsim_faults::{crash_image, CrashPoint, SimDisk, TearMode};
-use dmsim_model::block_device::MemDevice;
+use dmsim_faults::{CrashOverlay, CrashPoint, JudgedStates, OverlayDevice, SimDisk, TearMode};
+use dmsim_model::block_device::{MemDevice, SliceDevice};
 use dmsim_model::cache::inspect::read_image;
 use dmsim_model::cache::mapping::{discard_geometry, PolicyHints, ShutdownState};
 use dmsim_model::cache::superblock::CacheStats;
@@ -90,8 +90,31 @@ struct Run<'a> {
 }
 
 fn dump_image(image: &[u8]) -> Result<String, String> {
-    dmsim_model::cache::dump::dump_string(&mut MemDevice::from_bytes(image.to_vec()))
-        .map_err(|e| e.to_string())
+    dmsim_model::cache::dump::dump_string(&mut SliceDevice::new(image)).map_err(|e| e.to_string())
+}
+
+/// Judges a crash state: it must pass the checker (mappings bounded by
+/// `origin_blocks`), dump as the state before the window (`committed`) or
+/// after it (`new_dump`), and open with `open`.
+fn judge_crash_state(
+    mut dev: OverlayDevice<'_>,
+    origin_blocks: u64,
+    open: OpenOptions,
+    committed: &str,
+    new_dump: &str,
+) -> Result<(), (ViolationKind, String)> {
+    crate::cache_check::judge(&mut dev, origin_blocks).map_err(|(unusable, e)| {
+        (if unusable { ViolationKind::CrashUnopenable } else { ViolationKind::CrashDamaged }, e)
+    })?;
+    let got = dmsim_model::cache::dump::dump_string(&mut dev)
+        .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))?;
+    if got != committed && got != new_dump {
+        return Err((
+            ViolationKind::CrashTorn,
+            "the metadata reads as neither the old nor the new state".into(),
+        ));
+    }
+    CacheMetadata::open(dev, open).map(|_| ()).map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))
 }
 
 /// Whether `e` is the metadata device running out of space (the target
@@ -153,15 +176,22 @@ impl Run<'_> {
                 return false;
             }
         };
+        let mut memo = JudgedStates::new(16);
+        let (origin_blocks, open_options) = (self.shape.origin_blocks, self.shape.open_options(true));
+        let committed = self.committed_dump.clone();
         for point in crash_points(log.len(), &mut self.rng) {
             for _ in 0..self.cfg.crashes_per_point {
                 let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
                 if crash.torn.is_some() {
                     self.outcome.torn_writes += 1;
                 }
-                let image = crash_image(&base, &log, &crash);
+                let overlay = CrashOverlay::of_crash(&base, &log, &crash);
                 self.outcome.crash_states += 1;
-                if let Err((kind, detail)) = self.judge_crash(image, &new_dump) {
+                let (verdict, answered) = memo.judge(&base, overlay, |dev| {
+                    judge_crash_state(dev, origin_blocks, open_options, &committed, &new_dump)
+                });
+                self.outcome.memo_hits += usize::from(answered);
+                if let Err((kind, detail)) = verdict {
                     let detail = format!("{what}: crash after request {point} of {}: {detail}", log.len());
                     self.violation(op_index, kind, detail);
                     return false;
@@ -170,24 +200,6 @@ impl Run<'_> {
         }
         self.committed_dump = new_dump;
         true
-    }
-
-    fn judge_crash(&self, image: Vec<u8>, new_dump: &str) -> Result<(), (ViolationKind, String)> {
-        let mut dev = MemDevice::from_bytes(image);
-        crate::cache_check::judge(&mut dev, self.shape.origin_blocks).map_err(|(unusable, e)| {
-            (if unusable { ViolationKind::CrashUnopenable } else { ViolationKind::CrashDamaged }, e)
-        })?;
-        let got = dmsim_model::cache::dump::dump_string(&mut dev)
-            .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))?;
-        if got != self.committed_dump && got != new_dump {
-            return Err((
-                ViolationKind::CrashTorn,
-                "the metadata reads as neither the old nor the new state".into(),
-            ));
-        }
-        CacheMetadata::open(dev, self.shape.open_options(true))
-            .map(|_| ())
-            .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))
     }
 
     /// Commits; the committed image must hold the reference.

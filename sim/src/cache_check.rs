@@ -2,14 +2,14 @@
 //! metadata checker's verdict ([`dmsim_model::cache::check`]), every
 //! reference count included.
 
-use dmsim_model::block_device::MemDevice;
+use dmsim_model::block_device::BlockDevice;
 use dmsim_model::cache::check::{check_cache_metadata, CacheCheckOptions};
 
 /// `Err((true, why))` when the image is not usable cache metadata,
 /// `Err((false, why))` when the checker finds any problem (leaks
 /// included: a crash state must be a committed state, and those leak
 /// nothing), `Ok` when it is clean. `origin_blocks` bounds the mappings.
-pub fn judge(dev: &mut MemDevice, origin_blocks: u64) -> Result<(), (bool, String)> {
+pub fn judge(dev: &mut dyn BlockDevice, origin_blocks: u64) -> Result<(), (bool, String)> {
     let opts = CacheCheckOptions { origin_blocks: Some(origin_blocks), ..CacheCheckOptions::default() };
     let report = check_cache_metadata(dev, &opts).map_err(|e| (true, e.to_string()))?;
     match report.problems.first() {
@@ -29,6 +29,7 @@ pub fn judge(dev: &mut MemDevice, origin_blocks: u64) -> Result<(), (bool, Strin
 
 #[cfg(test)]
 mod tests {
+    use dmsim_model::block_device::MemDevice;
     use dmsim_model::cache::{CacheMetadata, OpenOptions};
 
     use super::*;

@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use dmsim_faults::{crash_image, CrashPoint, DiskFault, SimDisk, TearMode};
-use dmsim_model::block_device::MemDevice;
+use dmsim_faults::{CrashOverlay, CrashPoint, DiskFault, JudgedStates, OverlayDevice, SimDisk, TearMode};
+use dmsim_model::block_device::{BlockDevice, SliceDevice};
 use dmsim_model::mutation::Mutations;
 use dmsim_model::pdata::PdataError;
 use dmsim_model::thin::check::{check_thin_metadata, CheckOptions};
@@ -55,6 +55,11 @@ pub struct CampaignConfig {
     pub mutations: Mutations,
     /// One workload shape for every seed instead of each seed's own.
     pub shape: Option<Shape>,
+    /// Judges every crash state in full too where the memo of judged
+    /// states answered it ([`JudgedStates`]), counting the verdicts that
+    /// differ ([`SeedOutcome::memo_disagreements`]): the test that the
+    /// memo changes nothing.
+    pub verify_memo: bool,
 }
 
 impl CampaignConfig {
@@ -104,6 +109,7 @@ impl Default for CampaignConfig {
             data_blocks: 100_000,
             mutations: Mutations::default(),
             shape: None,
+            verify_memo: false,
         }
     }
 }
@@ -171,6 +177,12 @@ pub struct SeedOutcome {
     pub mappings: u64,
     /// Crash states judged.
     pub crash_states: usize,
+    /// Of them, those answered by an earlier state of the same commit
+    /// that reads the same wherever its judge read ([`JudgedStates`]).
+    pub memo_hits: usize,
+    /// With [`CampaignConfig::verify_memo`]: memo answers the full judge
+    /// contradicted (none, or the memo is wrong).
+    pub memo_disagreements: usize,
     /// Crash states that kept a torn write.
     pub torn_writes: usize,
     /// Broken rules (the run of a seed stops at the first).
@@ -215,13 +227,43 @@ struct Run<'a> {
 }
 
 fn dump(image: &[u8], metadata_snap: bool) -> Result<String, String> {
-    dump_device(&mut MemDevice::from_bytes(image.to_vec()), metadata_snap)
+    dump_device(&mut SliceDevice::new(image), metadata_snap)
 }
 
-fn dump_device(dev: &mut MemDevice, metadata_snap: bool) -> Result<String, String> {
+fn dump_device(dev: &mut dyn BlockDevice, metadata_snap: bool) -> Result<String, String> {
     let mut out = Vec::new();
     dump_xml(dev, &mut out, &DumpOptions { metadata_snap }).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+/// A crash state's verdict: `Err` with the rule it breaks and how.
+type Verdict = Result<(), (ViolationKind, String)>;
+
+/// Crash states of one commit the memo of judged states keeps.
+const MEMO_STATES: usize = 16;
+
+/// Judges a crash state: it must pass the checker, dump as the last
+/// commit (`committed`) or the new one (`new_dump`), and open.
+fn judge_crash_state(mut dev: OverlayDevice<'_>, committed: &str, new_dump: &str) -> Verdict {
+    let report = check_thin_metadata(&mut dev, &CheckOptions::default())
+        .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))?;
+    if !report.is_clean() {
+        let first = &report.problems[0];
+        return Err((
+            ViolationKind::CrashDamaged,
+            format!("{} problems, first: {:?} {}", report.problems.len(), first.structure, first.message),
+        ));
+    }
+    let got = dump_device(&mut dev, false).map_err(|e| (ViolationKind::CrashUnopenable, e))?;
+    if got != committed && got != new_dump {
+        return Err((
+            ViolationKind::CrashTorn,
+            "the metadata reads as neither the old nor the new commit".into(),
+        ));
+    }
+    ThinMetadata::open(dev, DATA_BLOCK_SIZE, false)
+        .map(|_| ())
+        .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))
 }
 
 impl Run<'_> {
@@ -286,16 +328,18 @@ impl Run<'_> {
                 return false;
             }
         };
+        let mut memo = JudgedStates::new(MEMO_STATES);
         for point in self.crash_points(log.len()) {
             for _ in 0..self.cfg.crashes_per_point {
                 let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
                 if crash.torn.is_some() {
                     self.outcome.torn_writes += 1;
                 }
-                let image = crash_image(&base, &log, &crash);
+                let overlay = CrashOverlay::of_crash(&base, &log, &crash);
                 self.outcome.crash_states += 1;
-                let block0: Vec<u8> = image[..4096].to_vec();
-                if let Err((kind, detail)) = self.judge_crash(image, &new_dump) {
+                let block0: Vec<u8> = overlay.block(&base, 0).to_vec();
+                let verdict = self.judge_crash(&mut memo, &base, overlay, &new_dump);
+                if let Err((kind, detail)) = verdict {
                     // Nothing is excused: a state with the signature of the
                     // old kernels' early held_root write is still a failure
                     // (the model follows 6.1.178 and later, which do not
@@ -355,11 +399,12 @@ impl Run<'_> {
         self.outcome.failed_commits += 1;
         let log = self.md().transaction_manager().block_manager().device_mut().take_log();
         let last = self.committed_dump.clone();
+        let mut memo = JudgedStates::new(MEMO_STATES);
         for point in self.crash_points(log.len()) {
             let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
-            let image = crash_image(&base, &log, &crash);
+            let overlay = CrashOverlay::of_crash(&base, &log, &crash);
             self.outcome.crash_states += 1;
-            if let Err((kind, detail)) = self.judge_crash(image, &last) {
+            if let Err((kind, detail)) = self.judge_crash(&mut memo, &base, overlay, &last) {
                 let detail = format!(
                     "crash after request {point} of {} of a commit that failed ({e}): {detail}",
                     log.len()
@@ -450,9 +495,9 @@ impl Run<'_> {
             }
         }
         self.outcome.in_core_checks += 1;
-        let image = copy.transaction_manager().block_manager().device_mut().visible().to_vec();
-        let mut dev = MemDevice::from_bytes(image);
-        let verdict = match check_thin_metadata(&mut dev, &CheckOptions::default()) {
+        let image = copy.transaction_manager().block_manager().device_mut().visible();
+        let checked = check_thin_metadata(&mut SliceDevice::new(image), &CheckOptions::default());
+        let verdict = match checked {
             Err(e) => Some(format!("the open transaction, committed, does not open: {e}")),
             Ok(report) if !report.is_clean() => {
                 let first = &report.problems[0];
@@ -474,27 +519,28 @@ impl Run<'_> {
         }
     }
 
-    fn judge_crash(&self, image: Vec<u8>, new_dump: &str) -> Result<(), (ViolationKind, String)> {
-        let mut dev = MemDevice::from_bytes(image);
-        let report = check_thin_metadata(&mut dev, &CheckOptions::default())
-            .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))?;
-        if !report.is_clean() {
-            let first = &report.problems[0];
-            return Err((
-                ViolationKind::CrashDamaged,
-                format!("{} problems, first: {:?} {}", report.problems.len(), first.structure, first.message),
-            ));
+    /// Judges the crash state `overlay` over `base` ([`judge_crash_state`])
+    /// or answers from `memo`; with [`CampaignConfig::verify_memo`] a memo
+    /// answer is judged in full too, and a difference counted.
+    fn judge_crash(
+        &mut self,
+        memo: &mut JudgedStates<Verdict>,
+        base: &[u8],
+        overlay: CrashOverlay,
+        new_dump: &str,
+    ) -> Verdict {
+        let committed = self.committed_dump.as_str();
+        let full = if self.cfg.verify_memo { Some(overlay.clone()) } else { None };
+        let (verdict, answered) =
+            memo.judge(base, overlay, |dev| judge_crash_state(dev, committed, new_dump));
+        if answered {
+            self.outcome.memo_hits += 1;
+            if let Some(o) = full {
+                let again = judge_crash_state(OverlayDevice::new(base, o), committed, new_dump);
+                self.outcome.memo_disagreements += usize::from(again != verdict);
+            }
         }
-        let got = dump_device(&mut dev, false).map_err(|e| (ViolationKind::CrashUnopenable, e))?;
-        if got != self.committed_dump && got != new_dump {
-            return Err((
-                ViolationKind::CrashTorn,
-                "the metadata reads as neither the old nor the new commit".into(),
-            ));
-        }
-        ThinMetadata::open(dev, DATA_BLOCK_SIZE, false)
-            .map(|_| ())
-            .map_err(|e| (ViolationKind::CrashUnopenable, e.to_string()))
+        verdict
     }
 
     fn check_reference(&mut self, op_index: usize) -> bool {
@@ -836,6 +882,8 @@ fn run_ops(cfg: &CampaignConfig, seed: u64, ops: &[MetadataOp], rng: ChaCha8Rng)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dmsim_faults::crash_image;
+    use dmsim_model::block_device::MemDevice;
 
     fn small() -> CampaignConfig {
         CampaignConfig { seeds: 0..4, ops_per_seed: 40, ..CampaignConfig::default() }
@@ -848,6 +896,42 @@ mod tests {
             let out = run_seed(&cfg, seed);
             assert!(out.violations.is_empty(), "seed {seed}: {:#?}", out.violations);
             assert!(out.crash_states > 100 && out.commits > 5, "{out:?}");
+        }
+    }
+
+    /// The memo of judged crash states changes no verdict: every state
+    /// it answers, judged in full too, gets the same verdict, on every
+    /// seed of the default campaign (and it answers most of them); also
+    /// under the broken commit protocols, whose crash states fail.
+    #[test]
+    fn the_memo_of_judged_states_agrees_with_the_full_judge() {
+        let cfg = CampaignConfig { verify_memo: true, ..CampaignConfig::default() };
+        let (mut states, mut hits) = (0, 0);
+        for seed in cfg.seeds.clone() {
+            let out = run_seed(&cfg, seed);
+            assert_eq!(out.memo_disagreements, 0, "seed {seed}");
+            assert!(out.violations.is_empty(), "seed {seed}: {:#?}", out.violations);
+            states += out.crash_states;
+            hits += out.memo_hits;
+        }
+        assert!(hits * 2 > states, "the memo answered {hits} of {states} states");
+        // The broken commit protocols, as `broken_commit_protocols_are_caught`
+        // runs them: their failing states too are the full judge's.
+        for name in Mutations::METADATA {
+            let broken = CampaignConfig {
+                mutations: Mutations::by_name(name).unwrap(),
+                metadata_sectors: 2048,
+                ops_per_seed: 80,
+                verify_memo: true,
+                ..small()
+            };
+            let mut caught = 0;
+            for seed in broken.seeds.clone() {
+                let out = run_seed(&broken, seed);
+                assert_eq!(out.memo_disagreements, 0, "{name}, seed {seed}");
+                caught += usize::from(!out.violations.is_empty());
+            }
+            assert!(caught > 0, "{name} is caught");
         }
     }
 

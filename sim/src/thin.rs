@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use dmsim_faults::{crash_image, CrashPoint, DiskEvent, SimDisk, TearMode};
+use dmsim_faults::{CrashOverlay, CrashPoint, DiskEvent, JudgedStates, SimDisk, TearMode};
 use dmsim_faults::{FaultCoverage, FiredFault};
 use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
@@ -1527,6 +1527,7 @@ impl ThinSim {
             return Ok(());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(u64::from(seed) ^ 0x6d65_7461);
+        let mut memo = JudgedStates::new(16);
         // Half just before a flush (the end of a commit, where the most
         // writes are unflushed), half anywhere.
         let flushes: Vec<usize> =
@@ -1553,46 +1554,50 @@ impl ThinSim {
                 vec![point]
             };
             for point in points {
-                self.check_metadata_crash_state(log, &point)?;
+                self.check_metadata_crash_state(log, &point, &mut memo)?;
             }
         }
         Ok(())
     }
 
+    /// Checks the metadata a power cut at `point` leaves, or answers from
+    /// `memo` (the states of one log; [`JudgedStates`]).
     fn check_metadata_crash_state(
         &mut self,
         log: &[DiskEvent],
         point: &CrashPoint,
+        memo: &mut JudgedStates<Result<Vec<Problem>, String>>,
     ) -> Result<(), ThinFailure> {
         let after = point.after_events;
-        {
-            let image = crash_image(&self.metadata_base, log, point);
-            self.stats.crash_states += 1;
-            let mut dev = MemDevice::from_bytes(image);
-            let report = check_thin_metadata(&mut dev, &CheckOptions::default()).map_err(|e| {
-                self.fail_as(
-                    "checker",
-                    format!(
-                        "a crash after metadata request {after} of {} leaves unreadable metadata: {e}",
-                        log.len()
-                    ),
-                )
-            })?;
-            let metadata_leaks = self.metadata_may_leak();
-            let damage: Vec<_> = report
-                .problems
-                .iter()
-                .filter(|p| !(is_leak(p) || metadata_leaks && is_metadata_leak(p)))
-                .collect();
-            if !damage.is_empty() {
-                return Err(self.fail_as(
-                    "checker",
-                    format!(
-                        "a crash after metadata request {after} of {} leaves damaged metadata: {damage:?}",
-                        log.len()
-                    ),
-                ));
-            }
+        let base = std::mem::take(&mut self.metadata_base);
+        let overlay = CrashOverlay::of_crash(&base, log, point);
+        self.stats.crash_states += 1;
+        let (checked, _) = memo.judge(&base, overlay, |mut dev| {
+            check_thin_metadata(&mut dev, &CheckOptions::default())
+                .map(|report| report.problems)
+                .map_err(|e| e.to_string())
+        });
+        self.metadata_base = base;
+        let problems = checked.map_err(|e| {
+            self.fail_as(
+                "checker",
+                format!(
+                    "a crash after metadata request {after} of {} leaves unreadable metadata: {e}",
+                    log.len()
+                ),
+            )
+        })?;
+        let metadata_leaks = self.metadata_may_leak();
+        let damage: Vec<_> =
+            problems.iter().filter(|p| !(is_leak(p) || metadata_leaks && is_metadata_leak(p))).collect();
+        if !damage.is_empty() {
+            return Err(self.fail_as(
+                "checker",
+                format!(
+                    "a crash after metadata request {after} of {} leaves damaged metadata: {damage:?}",
+                    log.len()
+                ),
+            ));
         }
         Ok(())
     }

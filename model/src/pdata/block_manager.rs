@@ -10,7 +10,7 @@
 //! The kernel may also write dirty blocks early (bufio write-back); the
 //! simulator models that through [`BlockManager::write_back`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 
 use super::layout::{self, BlockKind, BLOCK_SECTORS, BLOCK_SIZE};
 use super::{BlockNr, PdataError, Result};
@@ -36,7 +36,10 @@ const MAX_CLEAN_BLOCKS: usize = 1 << 16;
 #[derive(Debug, Clone)]
 pub struct BlockManager<D> {
     dev: D,
-    cache: BTreeMap<BlockNr, CachedBlock>,
+    /// By block number. A hash map: it is looked up on every block access
+    /// and iterated only where order does not matter or is sorted
+    /// ([`Self::dirty_blocks`]).
+    cache: HashMap<BlockNr, CachedBlock>,
     nr_clean: usize,
     /// The device failed a read or a write, or a block read from it was
     /// not valid, since the last [`Self::reset`] (see
@@ -56,7 +59,7 @@ impl<D: BlockDevice> BlockManager<D> {
     pub fn new(dev: D) -> Self {
         BlockManager {
             dev,
-            cache: BTreeMap::new(),
+            cache: HashMap::new(),
             nr_clean: 0,
             failed: false,
             async_write_error: None,
@@ -191,7 +194,9 @@ impl<D: BlockDevice> BlockManager<D> {
 
     /// The blocks modified since they were last written, in block order.
     pub fn dirty_blocks(&self) -> Vec<BlockNr> {
-        self.cache.iter().filter(|(_, c)| c.dirty).map(|(&b, _)| b).collect()
+        let mut dirty: Vec<BlockNr> = self.cache.iter().filter(|(_, c)| c.dirty).map(|(&b, _)| b).collect();
+        dirty.sort_unstable();
+        dirty
     }
 
     /// Writes one dirty block to the device now (bufio's early write-back),
