@@ -357,7 +357,7 @@ impl Run<'_> {
         }
         self.committed_dump = new_dump;
         self.note_depth();
-        if !self.check_reference(op_index) {
+        if !self.check_reference(op_index, false) {
             return false;
         }
         self.committed_devs = self.devs.clone();
@@ -425,7 +425,7 @@ impl Run<'_> {
         // read-only pool still reports, its free data and metadata blocks,
         // must be the last commit's.
         let md = self.md.as_mut().expect("metadata open");
-        let mut mismatch = reference_mismatch(md, &self.devs, false);
+        let mut mismatch = reference_mismatch(md, &self.devs, false, Lookups::All);
         if mismatch.is_none() {
             let free =
                 |md: &mut ThinMetadata<SimDisk>| (md.free_data_blocks().ok(), md.free_metadata_blocks().ok());
@@ -455,7 +455,7 @@ impl Run<'_> {
                 return false;
             }
         }
-        self.check_reference(op_index)
+        self.check_reference(op_index, true)
     }
 
     /// The crash points judged in a commit of `len` requests: every one,
@@ -508,7 +508,13 @@ impl Run<'_> {
                     first.message
                 ))
             }
-            Ok(_) => reference_mismatch(&mut copy, &self.devs, true),
+            Ok(_) => {
+                let lookups = Lookups::Since {
+                    since: &self.committed_devs,
+                    rotation: self.outcome.in_core_checks as u64,
+                };
+                reference_mismatch(&mut copy, &self.devs, true, lookups)
+            }
         };
         match verdict {
             Some(detail) => {
@@ -543,9 +549,17 @@ impl Run<'_> {
         verdict
     }
 
-    fn check_reference(&mut self, op_index: usize) -> bool {
+    /// The model against the reference: every mapping looked up with
+    /// `all` (after a reopen), else those changed since the last commit
+    /// and a rotating sample ([`Lookups::Since`]).
+    fn check_reference(&mut self, op_index: usize, all: bool) -> bool {
         let md = self.md.as_mut().expect("metadata open");
-        match reference_mismatch(md, &self.devs, true) {
+        let lookups = if all {
+            Lookups::All
+        } else {
+            Lookups::Since { since: &self.committed_devs, rotation: self.outcome.commits as u64 }
+        };
+        match reference_mismatch(md, &self.devs, true, lookups) {
             Some(m) => {
                 self.violation(op_index, ViolationKind::ReferenceMismatch, m);
                 false
@@ -674,12 +688,40 @@ impl Run<'_> {
 
 /// Where `md` and the reference part: every device's mapped count (with
 /// `counts`), every mapping by lookup, and one walk of its tree in order.
+/// Which mappings a reference check looks up from the root.
+#[derive(Debug, Clone, Copy)]
+enum Lookups<'r> {
+    /// Every one.
+    All,
+    /// Those that differ from `since` (the reference at the last commit):
+    /// each inserted or remapped one must be found, each removed one not;
+    /// and of the rest one in every `stride`, from `rotation % stride`,
+    /// where `stride` keeps them near [`SAMPLED_LOOKUPS`] per device and
+    /// the rotation moves with each check, so that every mapping is
+    /// looked up again within `stride` checks. The walk of each tree
+    /// still meets every mapping at every check, and the checker, at
+    /// every commit, every node's keys against its parent's (which is
+    /// what a lookup follows).
+    Since { since: &'r Reference, rotation: u64 },
+}
+
+/// Unchanged mappings a [`Lookups::Since`] check looks up per device, about.
+const SAMPLED_LOOKUPS: usize = 512;
+
 fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
     md: &mut ThinMetadata<D>,
     devs: &Reference,
     counts: bool,
+    lookups: Lookups<'_>,
 ) -> Option<String> {
     for (&dev, map) in devs {
+        let (old, stride, offset) = match lookups {
+            Lookups::All => (None, 1, 0),
+            Lookups::Since { since, rotation } => {
+                let stride = (map.len() / SAMPLED_LOOKUPS).max(1);
+                (since.get(&dev), stride, (rotation % stride as u64) as usize)
+            }
+        };
         if let Err(e) = md.open_thin(dev) {
             return Some(format!("device {dev} does not open: {e}"));
         }
@@ -687,10 +729,23 @@ fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
         let mut mismatch = (counts && mapped != map.len() as u64)
             .then(|| format!("device {dev}: {mapped} mapped, reference has {}", map.len()));
         if mismatch.is_none() {
-            // Lookups from the root find every mapping...
-            mismatch = map.iter().find_map(|(&v, &d)| {
+            // Lookups from the root find every mapping ([`Lookups`])...
+            let changed = |v: u64, d: u64| old.is_none_or(|o| o.get(&v) != Some(&d));
+            mismatch = map
+                .iter()
+                .enumerate()
+                .filter(|&(k, (&v, &d))| k % stride == offset || changed(v, d))
+                .find_map(|(_, (&v, &d))| {
+                    let got = md.find_block(dev, v).ok().flatten().map(|l| l.block);
+                    (got != Some(d)).then(|| format!("device {dev} vblock {v}: {got:?}, reference {d}"))
+                });
+        }
+        if mismatch.is_none() {
+            // ... and none it removed since.
+            let removed = old.into_iter().flat_map(|o| o.keys()).filter(|v| !map.contains_key(v));
+            mismatch = removed.copied().find_map(|v| {
                 let got = md.find_block(dev, v).ok().flatten().map(|l| l.block);
-                (got != Some(d)).then(|| format!("device {dev} vblock {v}: {got:?}, reference {d}"))
+                got.map(|b| format!("device {dev} vblock {v}: {b}, removed from the reference"))
             });
         }
         if mismatch.is_none() {
