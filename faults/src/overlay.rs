@@ -12,7 +12,7 @@
 //! the bytes it reads (and of the device's size, the same for every state
 //! of one base): run on a state that holds the same bytes in every block
 //! an earlier run read, it reads the same blocks in the same order, so it
-//! reaches the same verdict. [`JudgedStates::verdict`] finds such an
+//! reaches the same verdict. [`JudgedStates::judge`] finds such an
 //! earlier state by comparing only the blocks either overlay changed that
 //! the earlier judge read; the states of one commit mostly differ in
 //! blocks no judge reads (shadows written to free blocks before the
@@ -169,7 +169,7 @@ impl<V: Clone> JudgedStates<V> {
 
     /// The verdict of an earlier state whose judge read, in every block,
     /// what `overlay` over `base` holds there; `None` if there is none.
-    pub fn verdict(&mut self, base: &[u8], overlay: &CrashOverlay) -> Option<V> {
+    fn verdict(&mut self, base: &[u8], overlay: &CrashOverlay) -> Option<V> {
         let found = self.judged.iter().find(|(earlier, read, _)| {
             let changed: BTreeSet<u64> = earlier.blocks().chain(overlay.blocks()).collect();
             changed
@@ -183,7 +183,7 @@ impl<V: Clone> JudgedStates<V> {
     }
 
     /// Remembers `overlay`'s verdict, its judge having read `read`.
-    pub fn remember(&mut self, overlay: CrashOverlay, read: BTreeSet<u64>, verdict: V) {
+    fn remember(&mut self, overlay: CrashOverlay, read: BTreeSet<u64>, verdict: V) {
         if self.capacity == 0 {
             return;
         }
@@ -200,7 +200,7 @@ impl<V: Clone> JudgedStates<V> {
 
     /// Judges the state `overlay` over `base` with `judge` (given a device
     /// of the state), or answers from an earlier state: see
-    /// [`JudgedStates::verdict`]. The boolean says whether it was answered
+    /// the module's documentation. The boolean says whether it was answered
     /// so.
     pub fn judge(
         &mut self,

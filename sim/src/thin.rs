@@ -1569,15 +1569,13 @@ impl ThinSim {
         memo: &mut JudgedStates<Result<Vec<Problem>, String>>,
     ) -> Result<(), ThinFailure> {
         let after = point.after_events;
-        let base = std::mem::take(&mut self.metadata_base);
-        let overlay = CrashOverlay::of_crash(&base, log, point);
         self.stats.crash_states += 1;
-        let (checked, _) = memo.judge(&base, overlay, |mut dev| {
+        let base = &self.metadata_base;
+        let (checked, _) = memo.judge(base, CrashOverlay::of_crash(base, log, point), |mut dev| {
             check_thin_metadata(&mut dev, &CheckOptions::default())
                 .map(|report| report.problems)
                 .map_err(|e| e.to_string())
         });
-        self.metadata_base = base;
         let problems = checked.map_err(|e| {
             self.fail_as(
                 "checker",
