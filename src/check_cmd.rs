@@ -40,7 +40,8 @@ use dmsim_sim::cache_campaign;
 use dmsim_sim::cache_run::{self, CacheCampaignSettings, CacheRunConfig, CacheRunOutcome, CacheWorkload};
 use dmsim_sim::cache_sim::CacheStats;
 use dmsim_sim::campaign::{
-    self, CampaignConfig, SeedOutcome, ViolationKind, MAX_CRASHES_PER_POINT, MAX_OPS_PER_SEED,
+    self, CampaignConfig, SeedOutcome, ViolationKind, DEFAULT_CRASHES_PER_POINT, MAX_CRASHES_PER_POINT,
+    MAX_OPS_PER_SEED,
 };
 use dmsim_sim::probes::{ProbeTally, ThinProbes};
 use dmsim_sim::run::{
@@ -154,9 +155,10 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 60,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_OPS_PER_SEED as u64))]
     pub metadata_ops: usize,
-    /// Crash states judged at each request of every commit (metadata
-    /// campaign; 1 to 64).
-    #[arg(long, default_value_t = 1,
+    /// Crash states drawn at each request of every commit (the thin and
+    /// cache metadata campaigns; 1 to 64); draws that leave the same bytes
+    /// as an earlier one of the commit are judged and counted once.
+    #[arg(long, default_value_t = DEFAULT_CRASHES_PER_POINT,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CRASHES_PER_POINT as u64))]
     pub crashes_per_point: usize,
     /// Force one workload shape on every seed of the metadata campaign

@@ -304,7 +304,7 @@ fn the_cache_metadata_campaign_runs_alone_and_in_all() {
     assert!(text.contains("FAILED cache metadata seed 1"), "{text}");
     assert!(
         text.contains(
-            "reproduce: dmsim check --campaign cache-metadata --seeds 1..2 --metadata-ops 60 --crashes-per-point 1 --mutation cache-commit-forgets-stats"
+            "reproduce: dmsim check --campaign cache-metadata --seeds 1..2 --metadata-ops 60 --crashes-per-point 8 --mutation cache-commit-forgets-stats"
         ),
         "{text}"
     );

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::disk::{PendingWrite, SimDisk};
+use crate::image::Image;
 
 /// What a crash state kept of the volatile cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,6 +52,13 @@ impl SimDisk {
     ///
     /// The same disk state, mode and seed always give the same result.
     pub fn crash_state(&self, mode: CrashMode, seed: u32) -> (Vec<u8>, CrashSummary) {
+        let (image, summary) = self.crash_image_state(mode, seed);
+        (image.to_vec(), summary)
+    }
+
+    /// [`Self::crash_state`] as an [`Image`] sharing the durable image's
+    /// chunks: its cost is the writes it keeps, not the disk's size.
+    pub fn crash_image_state(&self, mode: CrashMode, seed: u32) -> (Image, CrashSummary) {
         let mut rng = ChaCha8Rng::seed_from_u64(u64::from(seed));
         let pending = self.since_flush();
         let sizes: Vec<u64> = pending.iter().filter(|w| !w.fua).map(PendingWrite::nr_sectors).collect();
@@ -117,9 +125,9 @@ impl SimDisk {
         for mask in 0..(1u64 << n) {
             let choice = Choice { kept: (0..n).map(|i| mask >> i & 1 == 1).collect(), torn: None };
             let image = self.apply(&choice);
-            let key: Vec<u8> = ranges.iter().flat_map(|&(s, e)| image[s..e].iter().copied()).collect();
+            let key: Vec<u8> = ranges.iter().flat_map(|&(s, e)| image.range(s..e)).collect();
             if seen.insert(key) {
-                out.push((image, summary(&choice)));
+                out.push((image.to_vec(), summary(&choice)));
             }
         }
         Some(out)
@@ -127,14 +135,14 @@ impl SimDisk {
 
     /// The durable image with the writes since the flush replayed in order:
     /// FUA ones always, the others as `choice` says.
-    fn apply(&self, choice: &Choice) -> Vec<u8> {
-        let mut image = self.durable().to_vec();
+    fn apply(&self, choice: &Choice) -> Image {
+        let mut image = self.durable().clone();
         let sector = SECTOR_SIZE as usize;
         let mut n = 0;
         for w in self.since_flush() {
             let start = w.sector as usize * sector;
             if w.fua {
-                image[start..start + w.data.len()].copy_from_slice(&w.data);
+                image.write(start, &w.data);
                 continue;
             }
             let this = n;
@@ -146,10 +154,10 @@ impl SimDisk {
                 Some((t, sectors)) if *t == this => {
                     for (k, _) in sectors.iter().enumerate().filter(|(_, &keep)| keep) {
                         let (s, e) = (k * sector, (k + 1) * sector);
-                        image[start + s..start + e].copy_from_slice(&w.data[s..e]);
+                        image.write(start + s, &w.data[s..e]);
                     }
                 }
-                _ => image[start..start + w.data.len()].copy_from_slice(&w.data),
+                _ => image.write(start, &w.data),
             }
         }
         image

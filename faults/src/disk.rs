@@ -7,6 +7,7 @@ use dmsim_traces::DiskFault;
 use rand::Rng;
 
 use crate::armed::{ArmedFault, FaultKind, FiredFault};
+use crate::image::Image;
 
 /// One request the disk acknowledged, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,9 +106,10 @@ pub struct PendingKey {
 #[derive(Debug, Clone)]
 pub struct SimDisk {
     /// What reads return.
-    visible: Vec<u8>,
-    /// What a power cut that loses the whole cache would leave.
-    durable: Vec<u8>,
+    visible: Image,
+    /// What a power cut that loses the whole cache would leave (sharing
+    /// every chunk no write changed since the last flush with `visible`).
+    durable: Image,
     /// Requests since recording started.
     log: Vec<DiskEvent>,
     recording: bool,
@@ -130,13 +132,19 @@ pub struct SimDisk {
 impl SimDisk {
     /// A zeroed disk of `nr_sectors`.
     pub fn new(nr_sectors: u64) -> Self {
-        Self::from_image(vec![0; (nr_sectors * SECTOR_SIZE) as usize])
+        Self::filled(nr_sectors, 0)
+    }
+
+    /// A disk of `nr_sectors` every byte of which is `fill`, durable.
+    pub fn filled(nr_sectors: u64, fill: u8) -> Self {
+        Self::from_image(Image::filled((nr_sectors * SECTOR_SIZE) as usize, fill))
     }
 
     /// A disk holding `image`, all of it durable (a disk after a power cut,
     /// or one prepared with known contents). No faults are armed and no
     /// sector is bad.
-    pub fn from_image(image: Vec<u8>) -> Self {
+    pub fn from_image(image: impl Into<Image>) -> Self {
+        let image = image.into();
         assert!(
             (image.len() as u64).is_multiple_of(SECTOR_SIZE),
             "a disk image is a whole number of sectors"
@@ -162,15 +170,14 @@ impl SimDisk {
     pub fn grow(&mut self, nr_sectors: u64, fill: u8) {
         assert!(!self.recording, "a disk grows only while not recording");
         let len = (nr_sectors * SECTOR_SIZE) as usize;
-        if len > self.visible.len() {
-            self.visible.resize(len, fill);
-            self.durable.resize(len, fill);
-        }
+        self.visible.grow(len, fill);
+        self.durable.grow(len, fill);
     }
 
     /// Starts (or restarts) logging requests; returns the durable image at
-    /// this point, the base that [`crash_image`] replays the log onto.
-    pub fn start_recording(&mut self) -> Vec<u8> {
+    /// this point, the base that [`crash_image`] replays the log onto (a
+    /// clone sharing the disk's chunks).
+    pub fn start_recording(&mut self) -> Image {
         self.log.clear();
         self.recording = true;
         self.durable.clone()
@@ -183,12 +190,12 @@ impl SimDisk {
     }
 
     /// What reads return now.
-    pub fn visible(&self) -> &[u8] {
+    pub fn visible(&self) -> &Image {
         &self.visible
     }
 
     /// What is certainly durable now.
-    pub fn durable(&self) -> &[u8] {
+    pub fn durable(&self) -> &Image {
         &self.durable
     }
 
@@ -368,7 +375,7 @@ impl BlockDevice for SimDisk {
         match fault {
             Some(DiskFault::ReadError { permanent }) => Err(self.error("read", sector, nr, permanent)),
             Some(DiskFault::BitFlip { bit }) => {
-                buf.copy_from_slice(&self.visible[r]);
+                self.visible.read(r.start, buf);
                 let bit = bit as u64 % (buf.len() as u64 * 8);
                 buf[(bit / 8) as usize] ^= 1 << (bit % 8);
                 self.fired.push(FiredFault {
@@ -380,7 +387,7 @@ impl BlockDevice for SimDisk {
                 Ok(())
             }
             _ => {
-                buf.copy_from_slice(&self.visible[r]);
+                self.visible.read(r.start, buf);
                 Ok(())
             }
         }
@@ -420,9 +427,9 @@ impl BlockDevice for SimDisk {
             _ => sector,
         };
         let r = self.check(target, buf.len())?;
-        self.visible[r.clone()].copy_from_slice(buf);
+        self.visible.write(r.start, buf);
         if flags.fua {
-            self.durable[r].copy_from_slice(buf);
+            self.durable.write(r.start, buf);
         }
         self.since_flush.push(PendingWrite { sector: target, data: buf.to_vec(), fua: flags.fua });
         if self.recording {
@@ -435,16 +442,16 @@ impl BlockDevice for SimDisk {
     fn flush(&mut self) -> Result<(), IoError> {
         // What reads see is the durable image with every write since the
         // last flush over it, in order (FUA ones too: a later write may
-        // cover them). Replaying those costs what they wrote, a copy of
-        // the whole disk its size: the cheaper of the two.
+        // cover them). Replaying those costs what they wrote; taking a
+        // clone of what reads see costs a reference per chunk of the disk
+        // (and the next write to each chunk a copy): the cheaper of the two.
         let pending: usize = self.since_flush.iter().map(|w| w.data.len()).sum();
-        if pending < self.visible.len() {
+        if pending < self.visible.len() / 64 {
             for w in &self.since_flush {
-                let at = (w.sector * SECTOR_SIZE) as usize;
-                self.durable[at..at + w.data.len()].copy_from_slice(&w.data);
+                self.durable.write((w.sector * SECTOR_SIZE) as usize, &w.data);
             }
         } else {
-            self.durable.copy_from_slice(&self.visible);
+            self.durable = self.visible.clone();
         }
         self.since_flush.clear();
         if self.recording {
@@ -512,13 +519,11 @@ fn unflushed_writes(log: &[DiskEvent], after: usize) -> Vec<usize> {
 }
 
 /// The disk contents after a power cut at `crash`, replaying `log` onto
-/// `base` (the durable image when the log started).
-pub fn crash_image(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Vec<u8> {
-    let mut image = base.to_vec();
-    replay_crash(log, crash, |sector, data| {
-        let s = (sector * SECTOR_SIZE) as usize;
-        image[s..s + data.len()].copy_from_slice(data);
-    });
+/// `base` (the durable image when the log started): a clone of `base`
+/// with the crash's writes over it.
+pub fn crash_image(base: &Image, log: &[DiskEvent], crash: &CrashPoint) -> Image {
+    let mut image = base.clone();
+    replay_crash(log, crash, |sector, data| image.write((sector * SECTOR_SIZE) as usize, data));
     image
 }
 
@@ -577,8 +582,8 @@ mod tests {
         assert_eq!(disk.nr_sectors(), 8, "never shrinks");
         assert_eq!(disk.visible()[0], 7);
         assert_eq!(disk.durable()[0], 0, "the write is still volatile");
-        assert!(disk.visible()[4 * 512..].iter().all(|&b| b == 0xc5));
-        assert!(disk.durable()[4 * 512..].iter().all(|&b| b == 0xc5));
+        assert!(disk.visible().range(4 * 512..8 * 512).iter().all(|&b| b == 0xc5));
+        assert!(disk.durable().range(4 * 512..8 * 512).iter().all(|&b| b == 0xc5));
         assert_eq!(disk.unflushed(), 1);
         w(&mut disk, 6, 9);
         let (image, _) = disk.crash_state(dmsim_traces::CrashMode::LoseAll, 0);
@@ -718,7 +723,7 @@ mod tests {
         for mask in 0..32u32 {
             let kept = (0..5).map(|i| mask >> i & 1 == 1).collect();
             let img = crash_image(&base, &log, &CrashPoint { after_events: log.len(), kept, torn: None });
-            assert!(all.iter().any(|(i, _)| *i == img), "mask {mask:05b}");
+            assert!(all.iter().any(|(i, _)| img == *i), "mask {mask:05b}");
         }
     }
 }

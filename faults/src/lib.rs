@@ -18,6 +18,10 @@
 //! - Armed faults ([`SimDisk::arm`], [`ArmedFault`]): read and write
 //!   errors, transient or permanent (bad sectors), bit flips on reads,
 //!   misdirected writes; [`SimDisk::take_fired`] reports what fired.
+//! - [`Image`]: a disk's bytes in shared 4 KiB chunks, copy-on-write: a
+//!   clone costs a reference per chunk, a write copies only a shared
+//!   chunk it lands in. The disk's two images, its recorded bases and
+//!   every crash image are [`Image`]s.
 //! - [`FaultCoverage`]: how often each kind of fault fired.
 //! - [`FaultSwarm`]: per-seed fault settings (swarm testing).
 //!
@@ -30,6 +34,7 @@ mod armed;
 mod coverage;
 mod crash_state;
 mod disk;
+mod image;
 mod overlay;
 mod swarm;
 
@@ -38,5 +43,6 @@ pub use coverage::{FaultCoverage, Probe};
 pub use crash_state::CrashSummary;
 pub use disk::{crash_image, fnv64, CrashPoint, DiskEvent, PendingKey, PendingWrite, SimDisk, TearMode};
 pub use dmsim_traces::{CrashMode, DiskFault, DiskId};
-pub use overlay::{CrashOverlay, JudgedStates, OverlayDevice, ReadBlocks, OVERLAY_BLOCK};
+pub use image::{Image, CHUNK};
+pub use overlay::{CrashOverlay, DistinctStates, JudgedStates, OverlayDevice, ReadBlocks, OVERLAY_BLOCK};
 pub use swarm::{DiskFaultKind, FaultSwarm, SwarmProfile};

@@ -25,9 +25,10 @@ use std::rc::Rc;
 use dmsim_model::block_device::{byte_range, BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
 
 use crate::disk::{replay_crash, CrashPoint, DiskEvent};
+use crate::image::{Image, CHUNK};
 
 /// The unit an overlay holds and a reader's blocks are recorded in.
-pub const OVERLAY_BLOCK: usize = 4096;
+pub const OVERLAY_BLOCK: usize = CHUNK;
 
 /// The blocks of a crash state that differ from its base (or may: a
 /// block a kept write touched, even with the base's own bytes).
@@ -40,14 +41,14 @@ impl CrashOverlay {
     /// The state a power cut at `crash` leaves, replaying `log` onto
     /// `base` (the durable image when the log started): as
     /// [`crate::crash_image`], without copying `base`.
-    pub fn of_crash(base: &[u8], log: &[DiskEvent], crash: &CrashPoint) -> Self {
+    pub fn of_crash(base: &Image, log: &[DiskEvent], crash: &CrashPoint) -> Self {
         let mut overlay = CrashOverlay::default();
         replay_crash(log, crash, |sector, data| overlay.put(base, sector * SECTOR_SIZE, data));
         overlay
     }
 
     /// Writes `data` at byte `at` over `base`.
-    fn put(&mut self, base: &[u8], at: u64, data: &[u8]) {
+    fn put(&mut self, base: &Image, at: u64, data: &[u8]) {
         let mut at = at as usize;
         let mut data = data;
         while !data.is_empty() {
@@ -63,7 +64,7 @@ impl CrashOverlay {
     }
 
     /// Block `b`'s bytes in the state: the overlay's, or `base`'s.
-    pub fn block<'a>(&'a self, base: &'a [u8], b: u64) -> &'a [u8] {
+    pub fn block<'a>(&'a self, base: &'a Image, b: u64) -> &'a [u8] {
         match self.blocks.get(&b) {
             Some(bytes) => bytes,
             None => base_block(base, b),
@@ -75,12 +76,11 @@ impl CrashOverlay {
         self.blocks.keys().copied()
     }
 
-    /// The whole state as bytes (`base` with the overlay over it).
-    pub fn to_image(&self, base: &[u8]) -> Vec<u8> {
-        let mut image = base.to_vec();
+    /// The whole state (`base` with the overlay over it).
+    pub fn to_image(&self, base: &Image) -> Image {
+        let mut image = base.clone();
         for (&b, bytes) in &self.blocks {
-            let at = b as usize * OVERLAY_BLOCK;
-            image[at..at + bytes.len()].copy_from_slice(bytes);
+            image.write(b as usize * OVERLAY_BLOCK, bytes);
         }
         image
     }
@@ -88,9 +88,8 @@ impl CrashOverlay {
 
 /// Block `b` of `base` (shorter at the end of an image that is not a
 /// whole number of blocks; empty past it).
-fn base_block(base: &[u8], b: u64) -> &[u8] {
-    let start = (b as usize).saturating_mul(OVERLAY_BLOCK).min(base.len());
-    &base[start..(start + OVERLAY_BLOCK).min(base.len())]
+fn base_block(base: &Image, b: u64) -> &[u8] {
+    base.block(b)
 }
 
 /// The blocks a reader of an [`OverlayDevice`] asked for, shared so that
@@ -102,14 +101,14 @@ pub type ReadBlocks = Rc<RefCell<BTreeSet<u64>>>;
 /// overlay (the base is never changed).
 #[derive(Debug)]
 pub struct OverlayDevice<'a> {
-    base: &'a [u8],
+    base: &'a Image,
     overlay: CrashOverlay,
     read: ReadBlocks,
 }
 
 impl<'a> OverlayDevice<'a> {
     /// The state `overlay` over `base`.
-    pub fn new(base: &'a [u8], overlay: CrashOverlay) -> Self {
+    pub fn new(base: &'a Image, overlay: CrashOverlay) -> Self {
         OverlayDevice { base, overlay, read: ReadBlocks::default() }
     }
 
@@ -151,6 +150,64 @@ impl BlockDevice for OverlayDevice<'_> {
     }
 }
 
+/// The crash states of one base seen so far, by their bytes: a campaign
+/// that draws several crash points at each request of a log judges each
+/// distinct state once and counts only distinct ones (two draws often
+/// keep the same writes, and two points can leave the same bytes).
+#[derive(Debug, Default)]
+pub struct DistinctStates {
+    /// The blocks of each state seen that differ from the base, by a hash
+    /// of them.
+    seen: BTreeMap<u64, Vec<StateBlocks>>,
+}
+
+/// A state's blocks that differ from its base, in block order.
+type StateBlocks = Vec<(u64, Box<[u8]>)>;
+
+impl DistinctStates {
+    /// No state seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `overlay` (over the one base of every overlay given) holds
+    /// bytes no overlay given before held; remembers it.
+    pub fn first_time(&mut self, base: &Image, overlay: &CrashOverlay) -> bool {
+        // Blocks that hold the base's own bytes do not make a state
+        // differ: they are left out of the key and of the comparison.
+        let own: Vec<(u64, &[u8])> = overlay
+            .blocks
+            .iter()
+            .filter(|(&b, bytes)| base.block(b) != &bytes[..])
+            .map(|(&b, bytes)| (b, &bytes[..]))
+            .collect();
+        let mut key = 0u64;
+        for (b, bytes) in &own {
+            key = (key.rotate_left(17) ^ b ^ u64::from(crc32c::crc32c(bytes)) << 32)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        let bucket = self.seen.entry(key).or_default();
+        let alike = |other: &StateBlocks| {
+            other.len() == own.len() && other.iter().zip(&own).all(|((a, x), (b, y))| a == b && &x[..] == *y)
+        };
+        if bucket.iter().any(alike) {
+            return false;
+        }
+        bucket.push(own.into_iter().map(|(b, bytes)| (b, bytes.into())).collect());
+        true
+    }
+
+    /// Distinct states seen.
+    pub fn len(&self) -> usize {
+        self.seen.values().map(Vec::len).sum()
+    }
+
+    /// Whether none was seen.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// Judged crash states of one base, with the blocks their judge read
 /// (see the module's documentation).
 #[derive(Debug)]
@@ -169,7 +226,7 @@ impl<V: Clone> JudgedStates<V> {
 
     /// The verdict of an earlier state whose judge read, in every block,
     /// what `overlay` over `base` holds there; `None` if there is none.
-    fn verdict(&mut self, base: &[u8], overlay: &CrashOverlay) -> Option<V> {
+    fn verdict(&mut self, base: &Image, overlay: &CrashOverlay) -> Option<V> {
         let found = self.judged.iter().find(|(earlier, read, _)| {
             let changed: BTreeSet<u64> = earlier.blocks().chain(overlay.blocks()).collect();
             changed
@@ -204,7 +261,7 @@ impl<V: Clone> JudgedStates<V> {
     /// so.
     pub fn judge(
         &mut self,
-        base: &[u8],
+        base: &Image,
         overlay: CrashOverlay,
         judge: impl FnOnce(OverlayDevice<'_>) -> V,
     ) -> (V, bool) {
@@ -246,7 +303,7 @@ mod tests {
 
     #[test]
     fn an_overlay_reads_as_the_crash_image_at_every_point() {
-        let base: Vec<u8> = (0..64 * SECTOR_SIZE as usize).map(|i| (i / 7) as u8).collect();
+        let base = Image::from((0..64 * SECTOR_SIZE as usize).map(|i| (i / 7) as u8).collect::<Vec<u8>>());
         let log = log();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         for after in 0..=log.len() {
@@ -258,17 +315,17 @@ mod tests {
                 let mut dev = OverlayDevice::new(&base, overlay);
                 let mut buf = vec![0u8; image.len()];
                 dev.read(0, &mut buf).unwrap();
-                assert_eq!(buf, image);
+                assert!(image == buf);
                 let mut piece = [0u8; 1024];
                 dev.read(13, &mut piece).unwrap();
-                assert_eq!(&piece[..], &image[13 * 512..15 * 512]);
+                assert_eq!(piece.to_vec(), image.range(13 * 512..15 * 512));
             }
         }
     }
 
     #[test]
     fn reads_are_recorded_by_block_and_bounded_by_the_device() {
-        let base = vec![0u8; 4 * OVERLAY_BLOCK];
+        let base = Image::filled(4 * OVERLAY_BLOCK, 0);
         let mut dev = OverlayDevice::new(&base, CrashOverlay::default());
         let read = dev.read_blocks();
         let mut buf = [0u8; 1024];
@@ -279,7 +336,31 @@ mod tests {
         let mut one = [0u8; 512];
         dev.read(24, &mut one).unwrap();
         assert_eq!(one, [9u8; 512]);
-        assert!(base.iter().all(|&b| b == 0), "the base is never written");
+        assert!(base == vec![0u8; 4 * OVERLAY_BLOCK], "the base is never written");
+    }
+
+    /// Distinct states are told apart by their bytes alone: the same
+    /// writes kept twice, or a kept write of the base's own bytes, are not
+    /// new; a different byte anywhere is.
+    #[test]
+    fn distinct_states_are_distinct_in_their_bytes() {
+        let base = Image::filled(8 * OVERLAY_BLOCK, 0);
+        let state = |writes: &[(u64, u8)]| {
+            let mut o = CrashOverlay::default();
+            for &(block, byte) in writes {
+                o.put(&base, block * OVERLAY_BLOCK as u64, &[byte; 16]);
+            }
+            o
+        };
+        let mut seen = DistinctStates::new();
+        assert!(seen.first_time(&base, &state(&[])));
+        assert!(!seen.first_time(&base, &state(&[])), "nothing kept, twice");
+        assert!(!seen.first_time(&base, &state(&[(3, 0)])), "a write of the base's own bytes");
+        assert!(seen.first_time(&base, &state(&[(3, 1)])));
+        assert!(seen.first_time(&base, &state(&[(3, 2)])), "another byte in the same block");
+        assert!(seen.first_time(&base, &state(&[(3, 1), (5, 1)])));
+        assert!(!seen.first_time(&base, &state(&[(5, 1), (3, 1), (6, 0)])));
+        assert_eq!(seen.len(), 4);
     }
 
     /// The memo answers a state only from one whose judge read the same
@@ -287,7 +368,7 @@ mod tests {
     /// again; one that differs only elsewhere is not.
     #[test]
     fn the_memo_answers_only_from_states_alike_where_the_judge_read() {
-        let base = vec![0u8; 8 * OVERLAY_BLOCK];
+        let base = Image::filled(8 * OVERLAY_BLOCK, 0);
         let state = |writes: &[(u64, u8)]| {
             let mut o = CrashOverlay::default();
             for &(block, byte) in writes {

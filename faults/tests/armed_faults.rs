@@ -7,7 +7,7 @@ use dmsim_model::block_device::{BlockDevice, IoError, WriteFlags, SECTOR_SIZE};
 const S: usize = SECTOR_SIZE as usize;
 
 fn patterned(nr_sectors: u64) -> SimDisk {
-    SimDisk::from_image((0..nr_sectors as usize * S).map(|i| (i * 7 % 251) as u8).collect())
+    SimDisk::from_image((0..nr_sectors as usize * S).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>())
 }
 
 fn read(disk: &mut SimDisk, sector: u64, sectors: usize) -> Result<Vec<u8>, IoError> {
@@ -37,7 +37,7 @@ fn a_read_error_fires_once_on_the_next_read_only() {
     assert_eq!(fired[0].description, "read-error sector 8 nr 8 transient");
     assert!(disk.take_fired().is_empty(), "take_fired clears");
     // Transient: the same read now succeeds.
-    assert_eq!(read(&mut disk, 8, 8).unwrap(), disk.visible()[8 * S..16 * S]);
+    assert_eq!(read(&mut disk, 8, 8).unwrap(), disk.visible().range(8 * S..16 * S));
     assert!(disk.bad_sectors().next().is_none());
 }
 

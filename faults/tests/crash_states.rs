@@ -14,7 +14,7 @@ fn fua(disk: &mut SimDisk, sector: u64, sectors: usize, byte: u8) {
     disk.write(sector, &vec![byte; sectors * S], WriteFlags { fua: true }).unwrap();
 }
 
-fn at(image: &[u8], sector: u64) -> u8 {
+fn at(image: &(impl std::ops::Index<usize, Output = u8> + ?Sized), sector: u64) -> u8 {
     image[sector as usize * S]
 }
 

@@ -1779,8 +1779,8 @@ fn run_ublk_job(
             return;
         }
     };
-    let meta = ControlledDisk::from_image(vec![0; meta_bytes as usize]);
-    let data = ControlledDisk::from_image(vec![DATA_FILL; data_bytes as usize]).zeroing_discards();
+    let meta = ControlledDisk::filled(meta_bytes, 0);
+    let data = ControlledDisk::filled(data_bytes, DATA_FILL).zeroing_discards();
     let shapes = ublk_shapes(trace, &spec);
     let devices = UblkDevice::start(&ublk, meta, shapes[0])
         .and_then(|m| UblkDevice::start(&ublk, data, shapes[1]).map(|d| (m, d)));
@@ -2054,8 +2054,8 @@ fn run_ublk_pool(
     let contents = |devs: &UblkPair<'_>, sb: &[u8]| {
         devs.devs.as_ref().map_or(0, |(m, _)| {
             m.with_visible(|image| {
-                if image.get(..sb.len()) == Some(sb) {
-                    crate::protocol::commit_contents_key(image)
+                if image.len() >= sb.len() && image.range(0..sb.len()) == sb {
+                    crate::protocol::commit_contents_key(&mut image.clone())
                 } else {
                     0
                 }
@@ -2866,13 +2866,13 @@ fn power_cut<'c>(
 }
 
 /// Writes `image` at the start of the block device `path` and flushes it.
-fn write_image(path: &Path, image: &[u8]) -> Result<(), ShimError> {
+fn write_image(path: &Path, image: &dmsim_faults::Image) -> Result<(), ShimError> {
     use std::os::unix::fs::FileExt;
     let f = OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
-    f.write_all_at(image, 0).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
+    f.write_all_at(&image.to_vec(), 0).map_err(|e| ShimError::io(format!("write {}", path.display()), e))?;
     f.sync_all().map_err(|e| ShimError::io(format!("flush {}", path.display()), e))
 }
 
@@ -3236,8 +3236,12 @@ impl<'u> CacheUblk<'u> {
                     .map_err(|e| ShimError::Invalid(format!("starting the {role} disk: {e}")))?;
             devs.push(dev);
         }
-        let images: [Vec<u8>; 3] =
-            images.try_into().map_err(|_| ShimError::Invalid("three images".into()))?;
+        let images: [dmsim_faults::Image; 3] = images
+            .into_iter()
+            .map(dmsim_faults::Image::from)
+            .collect::<Vec<_>>()
+            .try_into()
+            .map_err(|_| ShimError::Invalid("three images".into()))?;
         Ok(CacheUblk { devs, taker: crate::durable::MarkTaker::new(spec.run, spec.block_sectors, images) })
     }
 

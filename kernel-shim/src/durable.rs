@@ -16,6 +16,7 @@
 use std::fmt::Write as _;
 
 use crate::protocol::summarize;
+use dmsim_faults::{Image, CHUNK};
 
 /// Whether a cache job on controlled disks records its disks' durable
 /// state after `op`: a FLUSH, a FUA write or a PREFLUSH write (after which
@@ -98,39 +99,50 @@ pub struct MarkTaker {
     pub run: u64,
     /// Sectors per cache block.
     pub block_sectors: u64,
-    last: [Vec<u8>; 3],
+    last: [Image; 3],
 }
 
 impl MarkTaker {
     /// Marks against the images the job started from: metadata, cache
     /// device, origin.
-    pub fn new(run: u64, block_sectors: u64, images: [Vec<u8>; 3]) -> MarkTaker {
+    pub fn new(run: u64, block_sectors: u64, images: [Image; 3]) -> MarkTaker {
         MarkTaker { run, block_sectors, last: images }
     }
 
     /// The mark of op `op` for the durable images now (metadata, cache,
     /// origin); they become the base of the next mark.
-    pub fn take(&mut self, op: usize, now: [&[u8]; 3]) -> DurableMark {
+    pub fn take(&mut self, op: usize, now: [&Image; 3]) -> DurableMark {
         let mut mark = DurableMark { op, ..DurableMark::default() };
         // A block of at least a sector (a header's zero block size cannot
-        // make `chunks` panic).
+        // make the pieces empty).
         let block = (self.block_sectors.max(1) * 512) as usize;
-        let chunk = [512, block, block];
+        let piece_len = [512, block, block];
         for (k, (last, now)) in self.last.iter_mut().zip(now).enumerate() {
-            for (i, piece) in now.chunks(chunk[k]).enumerate() {
-                let at = i * chunk[k];
-                if last.get(at..at + piece.len()) == Some(piece) {
+            // Only pieces over a chunk whose bytes changed can differ.
+            let changed = if last.len() == now.len() {
+                now.differing_chunks(last)
+            } else {
+                (0..now.len().div_ceil(CHUNK) as u64).collect()
+            };
+            let mut pieces = std::collections::BTreeSet::new();
+            for c in changed {
+                let (start, end) = (c as usize * CHUNK, (c as usize * CHUNK + CHUNK).min(now.len()));
+                pieces.extend(start / piece_len[k]..end.div_ceil(piece_len[k]));
+            }
+            for i in pieces {
+                let at = i * piece_len[k];
+                let piece = now.range(at..(at + piece_len[k]).min(now.len()));
+                if at + piece.len() <= last.len() && last.range(at..at + piece.len()) == piece {
                     continue;
                 }
                 let i = i as u64;
                 match k {
-                    0 => mark.metadata.push((i, pack(piece))),
-                    1 => mark.cache.push((i, summarize(piece, self.run, i * self.block_sectors))),
-                    _ => mark.origin.push((i, summarize(piece, self.run, i * self.block_sectors))),
+                    0 => mark.metadata.push((i, pack(&piece))),
+                    1 => mark.cache.push((i, summarize(&piece, self.run, i * self.block_sectors))),
+                    _ => mark.origin.push((i, summarize(&piece, self.run, i * self.block_sectors))),
                 }
             }
-            last.clear();
-            last.extend_from_slice(now);
+            *last = now.clone();
         }
         mark
     }
@@ -211,11 +223,13 @@ mod tests {
         let meta = vec![0u8; 2048];
         let cache = vec![0xa5u8; 4 * 1024];
         let origin = vec![0u8; 8 * 1024];
-        let mut t = MarkTaker::new(9, 2, [meta.clone(), cache.clone(), origin.clone()]);
+        let image = |v: &Vec<u8>| Image::from_bytes(v);
+        let mut t = MarkTaker::new(9, 2, [image(&meta), image(&cache), image(&origin)]);
         let mut m2 = meta.clone();
         m2[1500] = 1;
         let mut o2 = origin.clone();
         dmsim_traces::stamp::fill(&mut o2[2048..3072], 9, 4, 0, 4);
+        let (m2, cache, o2) = (image(&m2), image(&cache), image(&o2));
         let mark = t.take(3, [&m2, &cache, &o2]);
         assert_eq!(mark.metadata.len(), 1);
         assert_eq!(mark.metadata[0].0, 2);

@@ -710,7 +710,7 @@ fn simulate_serialized_clocked(
     let superblock = |sim: &ThinSim| {
         sim.pool().with_metadata(|md| {
             let v = md.transaction_manager().block_manager().device().visible();
-            v[..crate::protocol::SUPERBLOCK_BYTES.min(v.len())].to_vec()
+            v.range(0..crate::protocol::SUPERBLOCK_BYTES.min(v.len()))
         })
     };
     let mut last_superblock = superblock(&sim);
@@ -746,7 +746,7 @@ fn simulate_serialized_clocked(
             commit_ops.push(i);
             let key = sim.pool().with_metadata(|md| {
                 crate::protocol::commit_contents_key(
-                    md.transaction_manager().block_manager().device().visible(),
+                    &mut md.transaction_manager().block_manager().device().visible().clone(),
                 )
             });
             contents.insert(i, key);

@@ -501,7 +501,13 @@ mod tests {
                     sim.apply(op).and_then(|()| sim.quiesce()).expect("runs");
                     let now = image(&sim);
                     if now[..SUPERBLOCK_BYTES] != last[..] {
-                        out.push((i, commit_key(&now), commit_contents_key(&now)));
+                        out.push((
+                            i,
+                            commit_key(&now),
+                            commit_contents_key(&mut dmsim_model::block_device::MemDevice::from_bytes(
+                                now.clone(),
+                            )),
+                        ));
                         last = now[..SUPERBLOCK_BYTES].to_vec();
                     }
                 }

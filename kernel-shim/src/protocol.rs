@@ -1811,10 +1811,9 @@ pub const COMMIT_CONTENTS_NOTE: &str = "commit-contents";
 /// whose superblocks share a [`commit_key`] (the same totals) can differ
 /// here: a commit between a passdown discard's two passes holds the
 /// discarded blocks' raised counts and no longer their mappings.
-pub fn commit_contents_key(image: &[u8]) -> u64 {
-    let mut dev = dmsim_model::block_device::SliceDevice::new(image);
-    let Ok(counts) = dmsim_model::thin::check::committed_data_counts(&mut dev) else { return 0 };
-    let Ok(devices) = dmsim_model::thin::dump::read_devices(&mut dev) else { return 0 };
+pub fn commit_contents_key(dev: &mut dyn dmsim_model::block_device::BlockDevice) -> u64 {
+    let Ok(counts) = dmsim_model::thin::check::committed_data_counts(dev) else { return 0 };
+    let Ok(devices) = dmsim_model::thin::dump::read_devices(dev) else { return 0 };
     let mut bytes = Vec::new();
     for (b, c) in counts {
         bytes.extend(b.to_le_bytes());

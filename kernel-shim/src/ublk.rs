@@ -27,7 +27,7 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use dmsim_faults::{CrashMode, CrashSummary, PendingWrite, SimDisk};
+use dmsim_faults::{CrashMode, CrashSummary, Image, PendingWrite, SimDisk};
 use dmsim_model::block_device::{BlockDevice, WriteFlags};
 
 use crate::error::ShimError;
@@ -112,8 +112,18 @@ impl ControlledDisk {
     /// down to whole sectors.
     pub fn from_image(mut image: Vec<u8>) -> ControlledDisk {
         image.truncate(image.len() / 512 * 512);
+        Self::of_disk(SimDisk::from_image(image))
+    }
+
+    /// A disk of `bytes` (rounded down to whole sectors), every one
+    /// `fill`, all of it durable.
+    pub fn filled(bytes: u64, fill: u8) -> ControlledDisk {
+        Self::of_disk(SimDisk::filled(bytes / 512, fill))
+    }
+
+    fn of_disk(disk: SimDisk) -> ControlledDisk {
         ControlledDisk {
-            disk: SimDisk::from_image(image),
+            disk,
             counts: RequestCounts::default(),
             powered: true,
             fail_next_discard: false,
@@ -197,12 +207,12 @@ impl ControlledDisk {
     }
 
     /// What is certainly durable now.
-    pub fn durable(&self) -> &[u8] {
+    pub fn durable(&self) -> &Image {
         self.disk.durable()
     }
 
     /// What reads return now.
-    pub fn visible(&self) -> &[u8] {
+    pub fn visible(&self) -> &Image {
         self.disk.visible()
     }
 
@@ -591,12 +601,12 @@ impl<'c> UblkDevice<'c> {
     pub fn visible_prefix(&self, len: usize) -> Vec<u8> {
         let disk = lock(&self.disk);
         let v = disk.disk.visible();
-        v[..len.min(v.len())].to_vec()
+        v.range(0..len.min(v.len()))
     }
 
     /// `f` of the whole disk as a read would return it now (its volatile
     /// writes included), read in place under the disk's lock.
-    pub fn with_visible<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+    pub fn with_visible<R>(&self, f: impl FnOnce(&Image) -> R) -> R {
         let disk = lock(&self.disk);
         f(disk.disk.visible())
     }
@@ -936,11 +946,11 @@ mod tests {
         let mut d = ControlledDisk::from_image(vec![0xa7; 16 * 512]);
         let mut buf = vec![1u8; 4096];
         assert_eq!(d.serve(&req(RequestKind::Write { fua: false }, 2, 2), &mut buf), 1024);
-        assert_eq!(&d.visible()[1024..2048], &[1u8; 1024][..]);
-        assert_eq!(&d.durable()[1024..2048], &[0xa7u8; 1024][..]);
+        assert_eq!(d.visible().range(1024..2048), vec![1u8; 1024]);
+        assert_eq!(d.durable().range(1024..2048), vec![0xa7u8; 1024]);
         let mut fua = vec![2u8; 512];
         assert_eq!(d.serve(&req(RequestKind::Write { fua: true }, 8, 1), &mut fua), 512);
-        assert_eq!(&d.durable()[4096..4608], &[2u8; 512][..]);
+        assert_eq!(d.durable().range(4096..4608), vec![2u8; 512]);
         assert_eq!(d.since_flush().len(), 2);
         let mut out = vec![0u8; 1024];
         assert_eq!(d.serve(&req(RequestKind::Read, 2, 2), &mut out), 1024);
@@ -981,9 +991,9 @@ mod tests {
         assert_eq!(plain.visible(), &vec![0xa7; 16 * 512][..], "a plain disk's discard changes nothing");
         let mut d = ControlledDisk::from_image(vec![0xa7; 16 * 512]).zeroing_discards();
         assert_eq!(d.serve(&req(RequestKind::Discard, 4, 4), &mut []), 2048);
-        assert_eq!(&d.visible()[2048..4096], &[0u8; 2048][..]);
-        assert_eq!(&d.visible()[..2048], &[0xa7u8; 2048][..]);
-        assert_eq!(&d.durable()[2048..4096], &[0xa7u8; 2048][..], "volatile until a flush");
+        assert_eq!(d.visible().range(2048..4096), vec![0u8; 2048]);
+        assert_eq!(d.visible().range(0..2048), vec![0xa7u8; 2048]);
+        assert_eq!(d.durable().range(2048..4096), vec![0xa7u8; 2048], "volatile until a flush");
         assert_eq!(d.since_flush().len(), 1, "one write in the crash log, as the model's zero write");
         assert_eq!(d.serve(&req(RequestKind::Discard, 15, 2), &mut []), -libc::EIO, "past the end");
         assert_eq!(d.counts().discards, 1);

@@ -399,7 +399,7 @@ fn model_reserve(trace: &Trace) -> ModelReserve {
     sim.pool().message("reserve_metadata_snap").expect("the model reserves a metadata snapshot");
     let events =
         sim.pool().with_metadata(|md| md.transaction_manager().block_manager().device_mut().take_log());
-    let before = Fields::of(&base[..4096]);
+    let before = Fields::of(base.block(0));
     let mut early = false;
     let mut superblock = Vec::new();
     let mut text = Vec::new();

@@ -21,8 +21,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dmsim_faults::{CrashOverlay, CrashPoint, JudgedStates, OverlayDevice, SimDisk, TearMode};
-use dmsim_model::block_device::{MemDevice, SliceDevice};
+use dmsim_faults::{
+    CrashOverlay, CrashPoint, DistinctStates, Image, JudgedStates, OverlayDevice, SimDisk, TearMode,
+};
 use dmsim_model::cache::inspect::read_image;
 use dmsim_model::cache::mapping::{discard_geometry, PolicyHints, ShutdownState};
 use dmsim_model::cache::superblock::CacheStats;
@@ -89,8 +90,8 @@ struct Run<'a> {
     outcome: SeedOutcome,
 }
 
-fn dump_image(image: &[u8]) -> Result<String, String> {
-    dmsim_model::cache::dump::dump_string(&mut SliceDevice::new(image)).map_err(|e| e.to_string())
+fn dump_image(image: &Image) -> Result<String, String> {
+    dmsim_model::cache::dump::dump_string(&mut image.clone()).map_err(|e| e.to_string())
 }
 
 /// Judges a crash state: it must pass the checker (mappings bounded by
@@ -160,7 +161,7 @@ impl Run<'_> {
         }
         let disk = self.disk();
         let log = disk.take_log();
-        let after = disk.durable().to_vec();
+        let after = disk.durable().clone();
         if log.is_empty() {
             return true;
         }
@@ -179,13 +180,17 @@ impl Run<'_> {
         let mut memo = JudgedStates::new(16);
         let (origin_blocks, open_options) = (self.shape.origin_blocks, self.shape.open_options(true));
         let committed = self.committed_dump.clone();
+        let mut seen = DistinctStates::new();
         for point in crash_points(log.len(), &mut self.rng) {
             for _ in 0..self.cfg.crashes_per_point {
                 let crash = CrashPoint::random(&log, point, TearMode::Sectors, &mut self.rng);
+                let overlay = CrashOverlay::of_crash(&base, &log, &crash);
+                if !seen.first_time(&base, &overlay) {
+                    continue;
+                }
                 if crash.torn.is_some() {
                     self.outcome.torn_writes += 1;
                 }
-                let overlay = CrashOverlay::of_crash(&base, &log, &crash);
                 self.outcome.crash_states += 1;
                 let (verdict, answered) = memo.judge(&base, overlay, |dev| {
                     judge_crash_state(dev, origin_blocks, open_options, &committed, &new_dump)
@@ -213,8 +218,8 @@ impl Run<'_> {
 
     /// The committed image against the reference.
     fn check_reference(&mut self, op_index: usize) -> bool {
-        let durable = self.disk().durable().to_vec();
-        let img = match read_image(&mut MemDevice::from_bytes(durable)) {
+        let mut durable = self.disk().durable().clone();
+        let img = match read_image(&mut durable) {
             Ok(img) => img,
             Err(e) => {
                 self.violation(

@@ -276,8 +276,7 @@ impl CacheSim {
     /// [`CACHE_GARBAGE`].
     pub fn new(cfg: CacheSimConfig) -> Result<Self, ThinFailure> {
         let metadata = SimDisk::new(cfg.metadata_sectors);
-        let cache_bytes = (cfg.cache_blocks * cfg.block_sectors * SECTOR_SIZE) as usize;
-        let cache = SimDisk::from_image(vec![CACHE_GARBAGE; cache_bytes]);
+        let cache = SimDisk::filled(cfg.cache_blocks * cfg.block_sectors, CACHE_GARBAGE);
         let origin = SimDisk::new(cfg.origin_sectors());
         let line = cfg.table_line(cfg.io_mode, cfg.policy);
         let c = Cache::create(&line, metadata, cache, origin, 0, cfg.options).map_err(|e| ThinFailure {
@@ -941,8 +940,8 @@ impl CacheSim {
                     let len = (bs * SECTOR_SIZE) as usize;
                     let os = (oblock * bs * SECTOR_SIZE) as usize;
                     let cs = (u64::from(cb) * bs * SECTOR_SIZE) as usize;
-                    let origin = c.origin_device().visible()[os..os + len].to_vec();
-                    let cached = c.cache_device().visible()[cs..cs + len].to_vec();
+                    let origin = c.origin_device().visible().range(os..os + len);
+                    let cached = c.cache_device().visible().range(cs..cs + len);
                     if origin != cached {
                         clean.push((cb, oblock, origin, cached));
                     }

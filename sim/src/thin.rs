@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use dmsim_faults::{CrashOverlay, CrashPoint, DiskEvent, JudgedStates, SimDisk, TearMode};
+use dmsim_faults::{CrashOverlay, CrashPoint, DiskEvent, Image, JudgedStates, SimDisk, TearMode};
 use dmsim_faults::{FaultCoverage, FiredFault};
 use dmsim_model::block_device::{BlockDevice, MemDevice, SECTOR_SIZE};
 use dmsim_model::errno::Errno;
@@ -228,7 +228,7 @@ pub struct ThinSim {
     /// The metadata disk's durable image when its request log started (at
     /// load and at every recovery): crash states between two crashes are
     /// rebuilt from it.
-    metadata_base: Vec<u8>,
+    metadata_base: Image,
     /// The probes of the pools that crashed (see [`ThinSim::pool_probes`]).
     crashed_pool_probes: PoolProbes,
     /// The metadata crash points sampled inside commits are checked
@@ -325,8 +325,7 @@ impl ThinSim {
     /// [`DATA_GARBAGE`].
     pub fn new(cfg: ThinSimConfig) -> Self {
         let metadata = SimDisk::new(cfg.metadata_sectors);
-        let data_bytes = (cfg.data_blocks * cfg.block_sectors * SECTOR_SIZE) as usize;
-        let data = SimDisk::from_image(vec![DATA_GARBAGE; data_bytes]);
+        let data = SimDisk::filled(cfg.data_blocks * cfg.block_sectors, DATA_GARBAGE);
         let pool =
             Pool::create(table(&cfg), cfg.data_blocks * cfg.block_sectors, metadata, data, cfg.options)
                 .expect("a fresh pool loads");
@@ -353,7 +352,7 @@ impl ThinSim {
             faults_fired: 0,
             metadata_faults_fired: 0,
             coverage: FaultCoverage::default(),
-            metadata_base: Vec::new(),
+            metadata_base: Image::filled(0, 0),
             crashed_pool_probes: PoolProbes::default(),
             crash_points_reported: false,
             crash_point_finding: None,
@@ -1437,9 +1436,9 @@ impl ThinSim {
         let (mut metadata, data) = pool.crash();
         let log = metadata.take_log();
         self.check_metadata_crash_states(&log, seed)?;
-        let (metadata_image, m) = metadata.crash_state(mode, seed);
+        let (metadata_image, m) = metadata.crash_image_state(mode, seed);
         // The two disks have independent caches: independent choices.
-        let (data_image, d) = data.crash_state(mode, seed ^ 0x9e37_79b9);
+        let (data_image, d) = data.crash_image_state(mode, seed ^ 0x9e37_79b9);
         self.coverage.record_crash(mode, &m);
         self.coverage.record_crash(mode, &d);
         self.stats.crash_states += 1;
@@ -1606,11 +1605,11 @@ impl ThinSim {
     /// --clear-needs-check-flag`), so the pool comes back writable. Damage
     /// is a violation: an I/O error must abort to the last commit, never
     /// leave a broken one.
-    fn recover_metadata(&mut self, image: Vec<u8>) -> Result<Vec<u8>, ThinFailure> {
-        if !needs_check_set(&image) {
+    fn recover_metadata(&mut self, image: Image) -> Result<Image, ThinFailure> {
+        if !needs_check_set(image.block(0)) {
             return Ok(image);
         }
-        let mut dev = MemDevice::from_bytes(image.clone());
+        let mut dev = image.clone();
         match check_thin_metadata(&mut dev, &CheckOptions::default()) {
             Ok(report) => {
                 let damage: Vec<_> = report.problems.iter().filter(|p| !is_leak(p)).collect();
@@ -1628,7 +1627,8 @@ impl ThinSim {
                 ))
             }
         }
-        clear_needs_check(image, self.cfg.block_sectors as u32)
+        clear_needs_check(image.to_vec(), self.cfg.block_sectors as u32)
+            .map(Image::from)
             .map_err(|e| self.fail_as("load", format!("clearing needs_check failed: {e}")))
     }
 

@@ -85,14 +85,13 @@ pub fn read_image<D: BlockDevice>(dev: &mut D) -> Result<CacheImage> {
     }
     let mut blocks =
         StructureBlocks { mapping: MAPPING_ARRAY.blocks(&mut tm, sb.mapping_root)?, ..Default::default() };
-    let mappings = MAPPING_ARRAY
-        .values(&mut tm, sb.mapping_root)?
-        .iter()
-        .map(|v| {
-            let (oblock, flags) = unpack_mapping(u64::from_le_bytes(v[..8].try_into().expect("8 bytes")));
-            Mapping { oblock, flags }
-        })
-        .collect();
+    // Decoded as walked: no value is copied out first.
+    let mut mappings = Vec::new();
+    MAPPING_ARRAY.walk(&mut tm, sb.mapping_root, &mut |_, v| {
+        let (oblock, flags) = unpack_mapping(u64::from_le_bytes(v[..8].try_into().expect("8 bytes")));
+        mappings.push(Mapping { oblock, flags });
+        Ok(())
+    })?;
     let hints = if sb.hint_root != 0 {
         // The kernel builds 4-byte hint arrays only; 0.9.0's cache_restore
         // leaves policy_hint_size 0 beside a hint array of 4-byte hints.

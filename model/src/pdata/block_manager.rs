@@ -11,6 +11,7 @@
 //! simulator models that through [`BlockManager::write_back`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::layout::{self, BlockKind, BLOCK_SECTORS, BLOCK_SIZE};
 use super::{BlockNr, PdataError, Result};
@@ -32,6 +33,30 @@ struct CachedBlock {
 /// bound on memory: which blocks are cached never changes what is written.
 const MAX_CLEAN_BLOCKS: usize = 1 << 16;
 
+/// The cache's hasher: block numbers are small integers, looked up on
+/// every block access, so a multiply (Fibonacci hashing) serves where
+/// the standard library's SipHash cost 7% of the metadata campaign. Not
+/// keyed: nothing here hashes input chosen to collide, and the map is
+/// never iterated where order matters.
+#[derive(Debug, Default, Clone, Copy)]
+struct BlockNrHasher(u64);
+
+impl Hasher for BlockNrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
 /// A write-back cache of metadata blocks.
 #[derive(Debug, Clone)]
 pub struct BlockManager<D> {
@@ -39,7 +64,7 @@ pub struct BlockManager<D> {
     /// By block number. A hash map: it is looked up on every block access
     /// and iterated only where order does not matter or is sorted
     /// ([`Self::dirty_blocks`]).
-    cache: HashMap<BlockNr, CachedBlock>,
+    cache: HashMap<BlockNr, CachedBlock, BuildHasherDefault<BlockNrHasher>>,
     nr_clean: usize,
     /// The device failed a read or a write, or a block read from it was
     /// not valid, since the last [`Self::reset`] (see
@@ -59,7 +84,7 @@ impl<D: BlockDevice> BlockManager<D> {
     pub fn new(dev: D) -> Self {
         BlockManager {
             dev,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             nr_clean: 0,
             failed: false,
             async_write_error: None,

@@ -35,6 +35,7 @@
 
 pub(crate) mod block;
 mod counts;
+pub(crate) mod data_counts;
 mod node;
 mod report;
 pub(crate) mod space_map;
@@ -324,7 +325,7 @@ pub fn check_thin_metadata(
     space_map::verify_counts(
         &mut ctx,
         &dsm_loaded,
-        compare.then_some(Expected::Sparse(&data_counts)),
+        compare.then_some(Expected::Counts(&data_counts)),
         opts.max_count_problems,
         opts.check_totals,
     );

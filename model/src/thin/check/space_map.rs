@@ -182,8 +182,27 @@ pub(crate) fn load(ctx: &mut Ctx<'_>, which: Which, root: SmRoot) -> SpaceMap {
 pub(crate) enum Expected<'e> {
     /// Indexed by metadata block number.
     Dense(&'e [u32]),
-    /// Only non-zero counts.
-    Sparse(&'e BTreeMap<u64, u32>),
+    /// Data blocks' counts.
+    Counts(&'e super::data_counts::DataCounts),
+}
+
+/// The low bit of every 2-bit entry of a bitmap word.
+const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+
+/// 32 counts as the bitmap word that holds them, if each is below 3
+/// (entry `k`'s high bit is the word's bit `2k`, its low bit bit `2k + 1`,
+/// as [`bitmap_entry`] reads them).
+fn packed_entries(counts: &[u32]) -> Option<u64> {
+    let mut word = 0u64;
+    for (k, &c) in counts.iter().enumerate() {
+        match c {
+            0 => {}
+            1 => word |= 1 << (2 * k + 1),
+            2 => word |= 1 << (2 * k),
+            _ => return None,
+        }
+    }
+    Some(word)
 }
 
 /// Second pass: reads every bitmap, checks index entries and the root's
@@ -219,18 +238,51 @@ pub(crate) fn verify_counts(
                 let end = start.saturating_add(exp.len()).min(v.len());
                 exp[..end - start].copy_from_slice(&v[start..end]);
             }
-            Some(Expected::Sparse(m)) => {
-                for (&b, &c) in m.range(base..base.saturating_add(ENTRIES_PER_BITMAP)) {
-                    exp[(b - base) as usize] = c;
-                }
-            }
+            Some(Expected::Counts(m)) => m.fill(base, &mut exp),
             None => {}
         }
         let mut zeros: u32 = 0;
         let mut covered: u32 = 0;
         let mut first_free: Option<u32> = None;
         let mut junk_beyond = 0u32;
-        for e in 0..ENTRIES_PER_BITMAP {
+        let mut next = 0u64;
+        while next < ENTRIES_PER_BITMAP {
+            let e = next;
+            next += 1;
+            // A word of 32 entries at a time where it settles them all:
+            // every entry past the space map's end (only whether each is
+            // zero matters), or no entry of 3 and every count as expected.
+            if e.is_multiple_of(32) {
+                let at = 16 + (e / 32) as usize * 8;
+                if let Some(word) = block.get(at..at + 8) {
+                    let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                    let b0 = base.saturating_add(e);
+                    let nonzero = ((word | word >> 1) & LOW_BITS).count_ones();
+                    if b0 >= nr_blocks {
+                        junk_beyond += nonzero;
+                        next = e + 32;
+                        continue;
+                    }
+                    let as_expected = || match expected {
+                        None => true,
+                        Some(_) => packed_entries(&exp[e as usize..e as usize + 32]) == Some(word),
+                    };
+                    if b0.saturating_add(32) <= nr_blocks
+                        && word & (word >> 1) & LOW_BITS == 0
+                        && as_expected()
+                    {
+                        covered += 32;
+                        zeros += 32 - nonzero;
+                        allocated += u64::from(nonzero);
+                        let free = !(word | word >> 1) & LOW_BITS;
+                        if free != 0 {
+                            first_free.get_or_insert(e as u32 + free.trailing_zeros() / 2);
+                        }
+                        next = e + 32;
+                        continue;
+                    }
+                }
+            }
             let v = bitmap_entry(&block[..], e);
             let b = base.saturating_add(e);
             if b >= nr_blocks {
@@ -365,4 +417,40 @@ pub(crate) fn verify_counts(
         );
     }
     let _ = sm.nr_bitmaps;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pdata::layout::space_map::bitmap_set;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A word packed from 32 counts reads back, entry by entry, as
+        /// those counts through the checker's own reader; counts of 3 or
+        /// more do not pack.
+        #[test]
+        fn packed_counts_read_back_as_the_bitmap_entries(
+            counts in prop::collection::vec(0u32..4, 32),
+            word_index in 0usize..510,
+        ) {
+            let packed = packed_entries(&counts);
+            prop_assert_eq!(packed.is_none(), counts.contains(&3));
+            let mut block = vec![0u8; crate::pdata::layout::BLOCK_SIZE];
+            for (k, &c) in counts.iter().enumerate() {
+                bitmap_set(&mut block[16..], (word_index * 32 + k) as u64, c);
+            }
+            let at = 16 + word_index * 8;
+            let word = u64::from_le_bytes(block[at..at + 8].try_into().unwrap());
+            if let Some(p) = packed {
+                prop_assert_eq!(p, word);
+            }
+            let nonzero = ((word | word >> 1) & LOW_BITS).count_ones();
+            prop_assert_eq!(nonzero as usize, counts.iter().filter(|&&c| c != 0).count());
+            prop_assert_eq!(word & (word >> 1) & LOW_BITS == 0, !counts.contains(&3));
+            for (k, &c) in counts.iter().enumerate() {
+                prop_assert_eq!(bitmap_entry(&block, (word_index * 32 + k) as u64), c);
+            }
+        }
+    }
 }

@@ -153,7 +153,7 @@ pub(crate) struct Ctx<'a> {
     /// Blocks tracked by the data space map.
     pub data_nr_blocks: u64,
     /// Expected data reference counts (only referenced blocks).
-    pub data_counts: BTreeMap<u64, u32>,
+    pub data_counts: super::data_counts::DataCounts,
     /// Distinct mapping leaf entries seen.
     pub mapping_entries: u64,
     /// Bottom-level roots found in first-visited top-level leaves, with
@@ -181,7 +181,7 @@ impl<'a> Ctx<'a> {
             uses: vec![Use::Unused; n],
             meta_sm_nr_blocks: 0,
             data_nr_blocks: 0,
-            data_counts: BTreeMap::new(),
+            data_counts: super::data_counts::DataCounts::new(),
             mapping_entries: 0,
             pending_subtrees: Vec::new(),
             pending_ablocks: Vec::new(),
@@ -418,8 +418,7 @@ impl<'a> Ctx<'a> {
                         first_beyond.get_or_insert((node.key(i), data));
                         continue;
                     }
-                    let c = self.data_counts.entry(data).or_insert(0);
-                    *c = c.saturating_add(1);
+                    self.data_counts.add(data);
                 }
                 self.mapping_entries = self.mapping_entries.saturating_add(node.nr_entries as u64);
                 if let Some((key, data)) = first_beyond {
