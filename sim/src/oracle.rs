@@ -401,24 +401,40 @@ impl Ops {
 
     /// Sorts and deduplicates, and of the settled entries with one content keeps
     /// only the one completed last: it outlives the others under every rule.
+    ///
+    /// Sorted, the entries of one content are adjacent: each run is
+    /// settled in place, with no map (this runs for every sector an op
+    /// touches).
     fn normalize(&self, set: &mut Vec<Entry>) {
         set.sort_unstable();
         set.dedup();
-        let mut latest: BTreeMap<Content, Time> = BTreeMap::new();
-        for e in set.iter() {
-            if let Some(done) = self.completion(e.op) {
-                let best = latest.entry(e.content).or_insert(done);
-                *best = (*best).max(done);
+        let (mut kept, mut i) = (0, 0);
+        while i < set.len() {
+            let content = set[i].content;
+            let end = i + set[i..].iter().take_while(|e| e.content == content).count();
+            let latest = set[i..end].iter().filter_map(|e| self.completion(e.op)).max();
+            // In flight: kept. Settled: only the one completed last, and
+            // of two completed at the same time (only creations and folds,
+            // which complete instantly) the first.
+            let mut settled_kept = false;
+            for k in i..end {
+                let e = set[k];
+                let keep = match self.completion(e.op) {
+                    None => true,
+                    Some(done) if Some(done) == latest && !settled_kept => {
+                        settled_kept = true;
+                        true
+                    }
+                    Some(_) => false,
+                };
+                if keep {
+                    set[kept] = e;
+                    kept += 1;
+                }
             }
+            i = end;
         }
-        set.retain(|e| match self.completion(e.op) {
-            Some(done) => latest.get(&e.content) == Some(&done),
-            None => true,
-        });
-        // Two settled entries of one content that completed at the same time
-        // (only creations and folds, which complete instantly): keep one.
-        let mut seen_settled = BTreeSet::new();
-        set.retain(|e| self.completion(e.op).is_none() || seen_settled.insert(e.content));
+        set.truncate(kept);
     }
 }
 
