@@ -82,13 +82,9 @@ impl Image {
     /// [`byte_range`] first).
     pub fn read(&self, at: usize, buf: &mut [u8]) {
         assert!(at + buf.len() <= self.len, "a read past the end of an image");
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = at + done;
-            let (c, off) = (pos / CHUNK, pos % CHUNK);
-            let n = (buf.len() - done).min(CHUNK - off);
-            buf[done..done + n].copy_from_slice(&self.chunks[c][off..off + n]);
-            done += n;
+        for (c, off, part) in pieces(at, buf.len()) {
+            let n = part.len();
+            buf[part].copy_from_slice(&self.chunks[c][off..off + n]);
         }
     }
 
@@ -99,12 +95,8 @@ impl Image {
     /// When the range reaches past the end.
     pub fn write(&mut self, at: usize, data: &[u8]) {
         assert!(at + data.len() <= self.len, "a write past the end of an image");
-        let mut done = 0;
-        while done < data.len() {
-            let pos = at + done;
-            let (c, off) = (pos / CHUNK, pos % CHUNK);
-            let n = (data.len() - done).min(CHUNK - off);
-            let piece = &data[done..done + n];
+        for (c, off, part) in pieces(at, data.len()) {
+            let (n, piece) = (part.len(), &data[part]);
             if n == CHUNK {
                 match Arc::get_mut(&mut self.chunks[c]) {
                     Some(owned) => owned.copy_from_slice(piece),
@@ -117,7 +109,6 @@ impl Image {
             } else {
                 Arc::make_mut(&mut self.chunks[c])[off..off + n].copy_from_slice(piece);
             }
-            done += n;
         }
     }
 
@@ -156,14 +147,6 @@ impl Image {
         self.len = len;
     }
 
-    /// Calls `f` with each chunk's valid bytes in order (the image as
-    /// consecutive slices, e.g. to write it to a file).
-    pub fn for_each_piece(&self, mut f: impl FnMut(&[u8])) {
-        for c in 0..self.chunks.len() {
-            f(self.block(c as u64));
-        }
-    }
-
     /// The chunks whose bytes differ from `other`'s (the images being the
     /// same length; shared chunks are not compared).
     pub fn differing_chunks(&self, other: &Image) -> Vec<u64> {
@@ -178,6 +161,21 @@ impl Image {
             .map(|c| c as u64)
             .collect()
     }
+}
+
+/// The pieces of `len` bytes at byte `at`, one per chunk they touch: the
+/// chunk, the offset in it, and the piece's range within the `len` bytes.
+fn pieces(at: usize, len: usize) -> impl Iterator<Item = (usize, usize, Range<usize>)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        (done < len).then(|| {
+            let pos = at + done;
+            let (c, off) = (pos / CHUNK, pos % CHUNK);
+            let n = (len - done).min(CHUNK - off);
+            done += n;
+            (c, off, done - n..done)
+        })
+    })
 }
 
 impl From<Vec<u8>> for Image {

@@ -55,8 +55,7 @@ impl CrashOverlay {
             let block = at / OVERLAY_BLOCK;
             let off = at % OVERLAY_BLOCK;
             let n = data.len().min(OVERLAY_BLOCK - off);
-            let bytes =
-                self.blocks.entry(block as u64).or_insert_with(|| base_block(base, block as u64).into());
+            let bytes = self.blocks.entry(block as u64).or_insert_with(|| base.block(block as u64).into());
             bytes[off..off + n].copy_from_slice(&data[..n]);
             at += n;
             data = &data[n..];
@@ -67,7 +66,7 @@ impl CrashOverlay {
     pub fn block<'a>(&'a self, base: &'a Image, b: u64) -> &'a [u8] {
         match self.blocks.get(&b) {
             Some(bytes) => bytes,
-            None => base_block(base, b),
+            None => base.block(b),
         }
     }
 
@@ -84,12 +83,6 @@ impl CrashOverlay {
         }
         image
     }
-}
-
-/// Block `b` of `base` (shorter at the end of an image that is not a
-/// whole number of blocks; empty past it).
-fn base_block(base: &Image, b: u64) -> &[u8] {
-    base.block(b)
 }
 
 /// The blocks a reader of an [`OverlayDevice`] asked for, shared so that
@@ -339,19 +332,23 @@ mod tests {
         assert!(base == vec![0u8; 4 * OVERLAY_BLOCK], "the base is never written");
     }
 
+    /// The state of `writes` over `base`: each `(block, byte)` writes
+    /// `len` bytes of `byte` at the start of the block.
+    fn overlay_of(base: &Image, writes: &[(u64, u8)], len: usize) -> CrashOverlay {
+        let mut o = CrashOverlay::default();
+        for &(block, byte) in writes {
+            o.put(base, block * OVERLAY_BLOCK as u64, &vec![byte; len]);
+        }
+        o
+    }
+
     /// Distinct states are told apart by their bytes alone: the same
     /// writes kept twice, or a kept write of the base's own bytes, are not
     /// new; a different byte anywhere is.
     #[test]
     fn distinct_states_are_distinct_in_their_bytes() {
         let base = Image::filled(8 * OVERLAY_BLOCK, 0);
-        let state = |writes: &[(u64, u8)]| {
-            let mut o = CrashOverlay::default();
-            for &(block, byte) in writes {
-                o.put(&base, block * OVERLAY_BLOCK as u64, &[byte; 16]);
-            }
-            o
-        };
+        let state = |writes: &[(u64, u8)]| overlay_of(&base, writes, 16);
         let mut seen = DistinctStates::new();
         assert!(seen.first_time(&base, &state(&[])));
         assert!(!seen.first_time(&base, &state(&[])), "nothing kept, twice");
@@ -369,13 +366,7 @@ mod tests {
     #[test]
     fn the_memo_answers_only_from_states_alike_where_the_judge_read() {
         let base = Image::filled(8 * OVERLAY_BLOCK, 0);
-        let state = |writes: &[(u64, u8)]| {
-            let mut o = CrashOverlay::default();
-            for &(block, byte) in writes {
-                o.put(&base, block * OVERLAY_BLOCK as u64, &[byte; OVERLAY_BLOCK]);
-            }
-            o
-        };
+        let state = |writes: &[(u64, u8)]| overlay_of(&base, writes, OVERLAY_BLOCK);
         // A judge that reads blocks 0 and whatever block 0's first byte
         // names, and answers with the bytes it read.
         let judge = |mut dev: OverlayDevice<'_>| {

@@ -504,9 +504,7 @@ mod tests {
                         out.push((
                             i,
                             commit_key(&now),
-                            commit_contents_key(&mut dmsim_model::block_device::MemDevice::from_bytes(
-                                now.clone(),
-                            )),
+                            commit_contents_key(&mut dmsim_model::block_device::SliceDevice::new(&now)),
                         ));
                         last = now[..SUPERBLOCK_BYTES].to_vec();
                     }
