@@ -645,7 +645,9 @@ impl CacheSim {
             return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
         };
         let ok = c.result.is_ok();
-        self.events.push(pending.done_event(c.id.0, DEV, c.result, &c.data));
+        // A read's data, decoded once for its summary and the oracle.
+        let decoded = if ok && pending.is_read() { stamp::decode(&c.data) } else { Vec::new() };
+        self.events.push(pending.done_event(c.id.0, DEV, c.result, &decoded));
         match c.result {
             Ok(()) => {}
             Err(_) if self.faults_fired > 0 => self.stats.io_errors += 1,
@@ -663,7 +665,7 @@ impl CacheSim {
         self.stats.reads_checked += u64::from(ok && pending.is_read());
         let write = matches!(pending, Pending::Write(..));
         pending
-            .settle(&mut self.oracle, ok, durable, &c.data)
+            .settle(&mut self.oracle, ok, durable, (c.data.len(), &decoded))
             .map_err(|(kind, what)| self.fail_as(kind, what))?;
         if write && self.io_mode == CacheIoMode::Writethrough {
             // Writethrough keeps every block clean: once a write is

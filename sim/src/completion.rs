@@ -8,10 +8,11 @@
 use std::cell::{Cell, RefCell};
 
 use dmsim_model::errno::Errno;
+use dmsim_traces::stamp::SectorContent;
 use dmsim_traces::Event;
 
 use crate::oracle::{IoTicket, Oracle};
-use crate::thin::summarize;
+use crate::thin::summarize_decoded;
 
 thread_local! {
     /// Whether this thread is inside [`catching`].
@@ -89,9 +90,15 @@ impl Pending {
     }
 
     /// The trace event of its completion: request `bio` on device `dev`
-    /// ended with `result`; a read's data summarized (empty when it
-    /// failed).
-    pub(crate) fn done_event(&self, bio: u64, dev: u32, result: Result<(), Errno>, data: &[u8]) -> Event {
+    /// ended with `result`; a read's data (`decoded`) summarized (empty
+    /// when it failed).
+    pub(crate) fn done_event(
+        &self,
+        bio: u64,
+        dev: u32,
+        result: Result<(), Errno>,
+        decoded: &[SectorContent],
+    ) -> Event {
         Event::Done {
             bio,
             dev,
@@ -99,13 +106,20 @@ impl Pending {
                 Ok(()) => "ok".to_string(),
                 Err(e) => e.to_string(),
             },
-            read: self.is_read().then(|| if result.is_ok() { summarize(data) } else { String::new() }),
+            read: self.is_read().then(|| {
+                if result.is_ok() {
+                    summarize_decoded(decoded)
+                } else {
+                    String::new()
+                }
+            }),
         }
     }
 
     /// Tells the oracle it completed: `ok`, whether it succeeded;
     /// `durable`, whether a write or a flush made anything durable (a
-    /// write's PREFLUSH completes first); `data`, what a read returned.
+    /// write's PREFLUSH completes first); `data`, what a read returned: its
+    /// length in bytes and its sectors decoded.
     /// `Err((kind, message))`: `misuse` when the oracle refuses the call,
     /// `oracle` when a read returned what no legal order allows.
     pub(crate) fn settle(
@@ -113,7 +127,7 @@ impl Pending {
         oracle: &mut Oracle,
         ok: bool,
         durable: bool,
-        data: &[u8],
+        data: (usize, &[SectorContent]),
     ) -> Result<(), (&'static str, String)> {
         let misuse = |e: &dyn std::fmt::Display| ("misuse", format!("oracle misuse: {e}"));
         match self {
@@ -124,7 +138,8 @@ impl Pending {
                 oracle.write_completed(write, durable).map_err(|e| misuse(&e))
             }
             Pending::Read(ticket) => {
-                oracle.read_completed(ticket, ok, data).map_err(|e| ("oracle", e.to_string()))
+                let (len, decoded) = data;
+                oracle.read_completed_decoded(ticket, ok, len, decoded).map_err(|e| ("oracle", e.to_string()))
             }
             Pending::Discard(ticket) => oracle.discard_completed(ticket, ok).map_err(|e| misuse(&e)),
             Pending::Flush(ticket) => oracle.flush_completed(ticket, durable).map_err(|e| misuse(&e)),

@@ -100,7 +100,11 @@
 //!
 //! # Cost
 //!
-//! State is O(sectors) with small sets: a legal set holds one entry per op in
+//! State is kept per run of neighbouring sectors in the same state (a new
+//! device is one run; a write, discard or flush splits runs only where its
+//! range begins and ends, and runs left equal merge again), so an event
+//! costs in proportion to the runs it touches, not the device's size. The
+//! sets are small: a legal set holds one entry per op in
 //! flight on that sector plus one per distinct settled value (usually one;
 //! more after failed or overlapping writes). After-crash sets grow with every
 //! write since the sector was last made durable; past [`DURABLE_CAP`] entries
@@ -108,12 +112,17 @@
 //! `Anything` (sound, but a crash can then no longer catch a lost write on that
 //! sector until the next flush or FUA write). Bookkeeping per write (its
 //! submitter and op times) is kept for the whole run, a few dozen bytes each.
-//! An in-flight flush holds a copy of its device's legal sets.
+//! An in-flight flush holds a copy of its device's legal sets (one per run).
 //!
 //! Deterministic: only ordered maps and vectors.
 
+mod runs;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::ops::Range;
+
+use runs::Runs;
 
 use dmsim_traces::stamp::{self, SectorContent, SECTOR_SIZE};
 
@@ -445,7 +454,7 @@ fn contents(set: &[Entry]) -> Vec<Content> {
     out
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct SectorState {
     legal: Vec<Entry>,
     after_crash: Vec<Entry>,
@@ -477,7 +486,8 @@ impl SectorState {
 
 #[derive(Debug)]
 struct DeviceState {
-    sectors: Vec<SectorState>,
+    /// Per sector, as runs of sectors in the same state.
+    sectors: Runs<SectorState>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -489,9 +499,23 @@ struct WriteRecord {
 
 #[derive(Debug)]
 enum Pending {
-    Write { incarnation: Incarnation, write: u64, sector: u64, nr_sectors: u64, fua: bool },
-    Discard { incarnation: Incarnation, first: u64, end: u64 },
-    Flush { incarnation: Incarnation, legal: Vec<Vec<Entry>>, written: Vec<bool> },
+    Write {
+        incarnation: Incarnation,
+        write: u64,
+        sector: u64,
+        nr_sectors: u64,
+        fua: bool,
+    },
+    Discard {
+        incarnation: Incarnation,
+        first: u64,
+        end: u64,
+    },
+    /// The device's legal sets and `written` flags at the submission.
+    Flush {
+        incarnation: Incarnation,
+        view: Runs<(Vec<Entry>, bool)>,
+    },
 }
 
 #[derive(Debug)]
@@ -500,7 +524,9 @@ struct PendingRead {
     dev: DevId,
     sector: u64,
     /// Per sector, everything legal at some moment since submission.
-    seen: Vec<Vec<Content>>,
+    /// Per sector of the read (counted from its first), everything legal
+    /// at some moment since submission.
+    seen: Runs<Vec<Content>>,
     /// In flight across a rollback: what it saw may predate the rollback,
     /// so it settles nothing.
     across_rollback: bool,
@@ -566,7 +592,7 @@ impl Oracle {
 
     fn checked_range(&self, dev: DevId, sector: u64, nr_sectors: u64) -> Result<Incarnation, UsageError> {
         let inc = self.incarnation(dev)?;
-        let size = self.states[&inc].sectors.len() as u64;
+        let size = self.states[&inc].sectors.len();
         match sector.checked_add(nr_sectors) {
             Some(end) if end <= size => Ok(inc),
             _ => Err(UsageError::OutOfRange { dev, sector, nr_sectors, size }),
@@ -586,8 +612,7 @@ impl Oracle {
         let inc = self.new_incarnation(dev)?;
         let t = self.tick();
         self.ops.instant(t);
-        let sector = SectorState::zeroes(t);
-        let sectors = vec![sector; usize::try_from(nr_sectors).expect("device size fits in memory")];
+        let sectors = Runs::new(nr_sectors, SectorState::zeroes(t));
         self.devices.insert(dev, inc);
         self.states.insert(inc, DeviceState { sectors });
         self.lineage.insert(inc, Vec::new());
@@ -601,14 +626,13 @@ impl Oracle {
     /// and reads it again when it grows back.
     pub fn grow(&mut self, dev: DevId, nr_sectors: u64) -> Result<(), UsageError> {
         let inc = self.incarnation(dev)?;
-        let n = usize::try_from(nr_sectors).expect("device size fits in memory");
-        if self.states[&inc].sectors.len() >= n {
+        if self.states[&inc].sectors.len() >= nr_sectors {
             return Ok(());
         }
         let t = self.tick();
         self.ops.instant(t);
         let sector = SectorState::zeroes(t);
-        self.states.get_mut(&inc).expect("live device").sectors.resize(n, sector);
+        self.states.get_mut(&inc).expect("live device").sectors.grow(nr_sectors, sector);
         Ok(())
     }
 
@@ -619,16 +643,12 @@ impl Oracle {
         let inc = self.new_incarnation(dev)?;
         let t = self.tick();
         let ops = &self.ops;
-        let sectors = self.states[&origin_inc]
-            .sectors
-            .iter()
-            .map(|s| {
-                let mut after_crash = s.after_crash.clone();
-                after_crash.extend_from_slice(&s.legal);
-                ops.normalize(&mut after_crash);
-                SectorState { after_crash, ..s.clone() }
-            })
-            .collect();
+        let sectors = self.states[&origin_inc].sectors.map(|s| {
+            let mut after_crash = s.after_crash.clone();
+            after_crash.extend_from_slice(&s.legal);
+            ops.normalize(&mut after_crash);
+            SectorState { after_crash, ..s.clone() }
+        });
         let mut lineage = vec![(origin_inc, t)];
         lineage.extend_from_slice(&self.lineage[&origin_inc]);
         self.devices.insert(dev, inc);
@@ -655,7 +675,7 @@ impl Oracle {
     /// The size of `dev` in sectors, if it exists.
     pub fn nr_sectors(&self, dev: DevId) -> Option<u64> {
         let inc = self.devices.get(&dev)?;
-        Some(self.states[inc].sectors.len() as u64)
+        Some(self.states[inc].sectors.len())
     }
 
     /// How many I/Os are in flight.
@@ -664,24 +684,55 @@ impl Oracle {
     }
 
     /// Adds `content` (put there by `op`) to the legal and after-crash sets of
-    /// one sector, and to the window of every read in flight over it.
-    fn add(&mut self, inc: Incarnation, sector: u64, content: Content, op: Time) {
+    /// the sectors `sectors`, and to the window of every read in flight over
+    /// them.
+    fn add(&mut self, inc: Incarnation, sectors: Range<u64>, content: Content, op: Time) {
+        self.add_where(inc, sectors, content, op, |_| true);
+    }
+
+    /// [`Oracle::add`] to those of the sectors `sectors` whose state
+    /// satisfies `to` (judged before the addition).
+    fn add_where(
+        &mut self,
+        inc: Incarnation,
+        sectors: Range<u64>,
+        content: Content,
+        op: Time,
+        to: impl Fn(&SectorState) -> bool,
+    ) {
         let entry = Entry { content, op };
-        let state = &mut self.states.get_mut(&inc).expect("live device").sectors[sector as usize];
-        for set in [&mut state.legal, &mut state.after_crash] {
-            if !set.contains(&entry) {
-                set.push(entry);
-                set.sort_unstable();
+        let mut added: Vec<Range<u64>> = Vec::new();
+        let state = self.states.get_mut(&inc).expect("live device");
+        state.sectors.update(sectors, |r, state| {
+            if !to(state) {
+                return;
             }
-        }
+            for set in [&mut state.legal, &mut state.after_crash] {
+                if !set.contains(&entry) {
+                    set.push(entry);
+                    set.sort_unstable();
+                }
+            }
+            match added.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => added.push(r),
+            }
+        });
         for read in self.reads.values_mut() {
-            if read.incarnation != inc || sector < read.sector {
+            if read.incarnation != inc {
                 continue;
             }
-            if let Some(seen) = read.seen.get_mut((sector - read.sector) as usize) {
-                if let Err(at) = seen.binary_search(&content) {
-                    seen.insert(at, content);
+            let read_end = read.sector + read.seen.len();
+            for r in &added {
+                let (first, end) = (r.start.max(read.sector), r.end.min(read_end));
+                if first >= end {
+                    continue;
                 }
+                read.seen.update(first - read.sector..end - read.sector, |_, seen| {
+                    if let Err(at) = seen.binary_search(&content) {
+                        seen.insert(at, content);
+                    }
+                });
             }
         }
     }
@@ -689,32 +740,35 @@ impl Oracle {
     /// Keeps the sets of `sectors` small: normalizes sets that grew (sectors
     /// that are never written collect an entry per exposure or discard), and
     /// folds after-crash sets still beyond [`DURABLE_CAP`].
-    fn cap(&mut self, inc: Incarnation, sectors: std::ops::Range<u64>) {
+    fn cap(&mut self, inc: Incarnation, sectors: Range<u64>) {
         const NORMALIZE_AT: usize = 8;
-        let mut fold = Vec::new();
+        let mut fold: Vec<Range<u64>> = Vec::new();
         let ops = &self.ops;
         let state = self.states.get_mut(&inc).expect("live device");
-        for s in sectors {
-            let sector = &mut state.sectors[s as usize];
+        state.sectors.update(sectors, |r, sector| {
             if sector.legal.len() > NORMALIZE_AT {
                 ops.normalize(&mut sector.legal);
             }
             if sector.after_crash.len() > NORMALIZE_AT {
                 ops.normalize(&mut sector.after_crash);
                 if sector.after_crash.len() > DURABLE_CAP {
-                    fold.push(s);
+                    fold.push(r);
                 }
             }
-        }
-        for s in fold {
+        });
+        for r in fold {
+            // One fold op a run: the sectors of a run are independent, an
+            // op apiece or one for all reads the same.
             let t = self.tick();
             self.ops.instant(t);
             let ops = &self.ops;
-            let sector = &mut self.states.get_mut(&inc).expect("live device").sectors[s as usize];
-            let legal = &sector.legal;
-            sector.after_crash.retain(|e| ops.completion(e.op).is_none() || legal.contains(e));
-            sector.after_crash.push(Entry { content: Content::Anything, op: t });
-            ops.normalize(&mut sector.after_crash);
+            let state = self.states.get_mut(&inc).expect("live device");
+            state.sectors.update(r, |_, sector| {
+                let legal = &sector.legal;
+                sector.after_crash.retain(|e| ops.completion(e.op).is_none() || legal.contains(e));
+                sector.after_crash.push(Entry { content: Content::Anything, op: t });
+                ops.normalize(&mut sector.after_crash);
+            });
         }
     }
 
@@ -743,18 +797,11 @@ impl Oracle {
         let t = self.tick();
         self.ops.start(t);
         self.writes.insert(write, WriteRecord { dev, incarnation: inc, submitted: t });
-        for s in sector..sector + nr_sectors {
-            self.add(inc, s, Content::Write(write), t);
-        }
-        let size = self.states[&inc].sectors.len() as u64;
+        self.add(inc, sector..sector + nr_sectors, Content::Write(write), t);
+        let size = self.states[&inc].sectors.len();
         let span = if nr_sectors > 0 { self.block_span(sector, nr_sectors, size) } else { 0..0 };
         if !self.config.zeroing {
-            for s in span.clone() {
-                let state = &self.states[&inc].sectors[s as usize];
-                if !state.written || state.discarding > 0 {
-                    self.add(inc, s, Content::Anything, t);
-                }
-            }
+            self.add_where(inc, span.clone(), Content::Anything, t, |s| !s.written || s.discarding > 0);
         }
         self.cap(inc, span);
         let ticket = IoTicket(t);
@@ -799,7 +846,7 @@ impl Oracle {
             return Ok(());
         }
         let ops = &self.ops;
-        for s in &mut state.sectors[sector as usize..(sector + nr_sectors) as usize] {
+        state.sectors.update(sector..sector + nr_sectors, |_, s| {
             s.legal.retain(|e| ops.survives(e, write, t));
             ops.normalize(&mut s.legal);
             let untouched = s.reset_at < t && s.discarding == 0;
@@ -809,7 +856,7 @@ impl Oracle {
                 ops.normalize(&mut s.after_crash);
                 s.written_durable |= untouched;
             }
-        }
+        });
         Ok(())
     }
 
@@ -822,10 +869,13 @@ impl Oracle {
     ) -> Result<IoTicket, UsageError> {
         let inc = self.checked_range(dev, sector, nr_sectors)?;
         let t = self.tick();
-        let seen = self.states[&inc].sectors[sector as usize..(sector + nr_sectors) as usize]
-            .iter()
-            .map(|s| contents(&s.legal))
-            .collect();
+        let seen = Runs::from_runs(
+            nr_sectors,
+            self.states[&inc]
+                .sectors
+                .iter_range(sector..sector + nr_sectors)
+                .map(|(r, s)| (r.start - sector, contents(&s.legal))),
+        );
         let ticket = IoTicket(t);
         self.reads
             .insert(ticket, PendingRead { incarnation: inc, dev, sector, seen, across_rollback: false });
@@ -835,6 +885,18 @@ impl Oracle {
     /// The read of `ticket` completed with `data` (ignored unless `ok`). Judges
     /// every sector; reports the first wrong one.
     pub fn read_completed(&mut self, ticket: IoTicket, ok: bool, data: &[u8]) -> Result<(), ReadError> {
+        self.read_completed_decoded(ticket, ok, data.len(), &stamp::decode(data))
+    }
+
+    /// [`Oracle::read_completed`] of data already decoded
+    /// ([`stamp::decode`]): `len` bytes, `decoded` its sectors.
+    pub fn read_completed_decoded(
+        &mut self,
+        ticket: IoTicket,
+        ok: bool,
+        len: usize,
+        decoded: &[SectorContent],
+    ) -> Result<(), ReadError> {
         if self.pending.contains_key(&ticket) {
             return Err(UsageError::WrongKind { ticket, expected: "read" }.into());
         }
@@ -843,31 +905,28 @@ impl Oracle {
         if !ok {
             return Ok(());
         }
-        let decoded = stamp::decode(data);
-        for (i, (got, legal)) in decoded.iter().zip(&read.seen).enumerate() {
-            let sector = read.sector + i as u64;
-            if let Some(kind) = self.judge(read.incarnation, sector, *got, legal) {
-                let legal = legal.clone();
-                return Err(ReadError::Violation(Violation {
-                    dev: read.dev,
-                    sector,
-                    got: *got,
-                    legal,
-                    kind,
-                }));
+        for (r, legal) in read.seen.iter() {
+            let end = r.end.min(decoded.len() as u64);
+            for i in r.start..end {
+                let (sector, got) = (read.sector + i, decoded[i as usize]);
+                if let Some(kind) = self.judge(read.incarnation, sector, got, legal) {
+                    let legal = legal.clone();
+                    return Err(ReadError::Violation(Violation { dev: read.dev, sector, got, legal, kind }));
+                }
             }
         }
-        if data.len() != read.seen.len() * SECTOR_SIZE {
-            let at = (data.len() / SECTOR_SIZE).min(read.seen.len());
+        let n = read.seen.len() as usize;
+        if len != n * SECTOR_SIZE {
+            let at = (len / SECTOR_SIZE).min(n);
             return Err(ReadError::Violation(Violation {
                 dev: read.dev,
                 sector: read.sector + at as u64,
                 got: SectorContent::Foreign,
-                legal: read.seen.get(at).cloned().unwrap_or_default(),
+                legal: read.seen.get(at as u64).cloned().unwrap_or_default(),
                 kind: ViolationKind::WrongLength,
             }));
         }
-        self.narrow(ticket.0, &read, &decoded);
+        self.narrow(ticket.0, &read, decoded);
         Ok(())
     }
 
@@ -880,18 +939,32 @@ impl Oracle {
         }
         let Some(state) = self.states.get_mut(&read.incarnation) else { return };
         let ops = &self.ops;
-        for (i, (got, seen)) in decoded.iter().zip(&read.seen).enumerate() {
-            let observed = match got {
-                SectorContent::Zeroes => Content::Zeroes,
-                SectorContent::Stamp(stamp) => Content::Write(stamp.write),
-                SectorContent::Foreign => continue,
-            };
-            let sector = &mut state.sectors[read.sector as usize + i];
-            let settled = sector.legal.iter().all(|e| {
-                e.content != Content::Anything && ops.completion(e.op).is_some_and(|done| done < submitted)
-            });
-            if settled && contents(&sector.legal) == *seen {
-                sector.legal.retain(|e| e.content == observed);
+        let observed = |got: &SectorContent| match got {
+            SectorContent::Zeroes => Some(Content::Zeroes),
+            SectorContent::Stamp(stamp) => Some(Content::Write(stamp.write)),
+            SectorContent::Foreign => None,
+        };
+        // Neighbouring sectors that saw the same value with the same
+        // window narrow as one range.
+        for (r, seen) in read.seen.iter() {
+            let end = r.end.min(decoded.len() as u64);
+            let mut i = r.start;
+            while i < end {
+                let Some(value) = observed(&decoded[i as usize]) else {
+                    i += 1;
+                    continue;
+                };
+                let j = (i + 1..end).find(|&j| observed(&decoded[j as usize]) != Some(value)).unwrap_or(end);
+                state.sectors.update(read.sector + i..read.sector + j, |_, sector| {
+                    let settled = sector.legal.iter().all(|e| {
+                        e.content != Content::Anything
+                            && ops.completion(e.op).is_some_and(|done| done < submitted)
+                    });
+                    if settled && contents(&sector.legal) == *seen {
+                        sector.legal.retain(|e| e.content == value);
+                    }
+                });
+                i = j;
             }
         }
     }
@@ -948,39 +1021,37 @@ impl Oracle {
         let spb = self.config.sectors_per_block;
         let end = (sector + nr_sectors) / spb * spb;
         let first = (sector.div_ceil(spb) * spb).min(end);
-        for s in first..end {
-            self.add(inc, s, Content::Zeroes, t);
-            if self.config.discard_undefined {
-                self.add(inc, s, Content::Anything, t);
-            }
-            let state = &mut self.states.get_mut(&inc).expect("live device").sectors[s as usize];
+        self.add(inc, first..end, Content::Zeroes, t);
+        if self.config.discard_undefined {
+            self.add(inc, first..end, Content::Anything, t);
+        }
+        self.states.get_mut(&inc).expect("live device").sectors.update(first..end, |_, state| {
             state.written = false;
             state.written_durable = false;
             state.reset_at = t;
             state.discarding += 1;
-        }
+        });
         if !self.config.zeroing && first < end {
             // Writes in flight to these blocks may re-provision them after the
             // unmapping, showing stale data around themselves (rule 2). The
             // entries are the discard's: they appear now, and a write that
             // starts after the discard completed lands after any such
             // re-provisioning.
-            let exposed: BTreeSet<u64> = self
+            let exposed: Vec<Range<u64>> = self
                 .pending
                 .values()
                 .filter_map(|p| match *p {
                     Pending::Write { incarnation, sector, nr_sectors, .. }
                         if incarnation == inc && nr_sectors > 0 =>
                     {
-                        Some(self.block_span(sector, nr_sectors, end))
+                        let span = self.block_span(sector, nr_sectors, end);
+                        Some(span.start.max(first)..span.end)
                     }
                     _ => None,
                 })
-                .flatten()
-                .filter(|s| *s >= first)
                 .collect();
-            for s in exposed {
-                self.add(inc, s, Content::Anything, t);
+            for sectors in exposed {
+                self.add(inc, sectors, Content::Anything, t);
             }
         }
         self.cap(inc, first..end);
@@ -997,12 +1068,12 @@ impl Oracle {
         let done = self.tick();
         self.ops.finish(ticket.0, done);
         if let Some(state) = self.states.get_mut(&incarnation) {
-            for s in &mut state.sectors[first as usize..end as usize] {
+            state.sectors.update(first..end, |_, s| {
                 s.written = false;
                 s.written_durable = false;
                 s.reset_at = done;
                 s.discarding = s.discarding.saturating_sub(1);
-            }
+            });
         }
         Ok(())
     }
@@ -1011,17 +1082,15 @@ impl Oracle {
     pub fn flush_submitted(&mut self, dev: DevId) -> Result<IoTicket, UsageError> {
         let inc = self.incarnation(dev)?;
         let t = self.tick();
-        let sectors = &self.states[&inc].sectors;
-        let legal = sectors.iter().map(|s| s.legal.clone()).collect();
-        let written = sectors.iter().map(|s| s.written).collect();
+        let view = self.states[&inc].sectors.map(|s| (s.legal.clone(), s.written));
         let ticket = IoTicket(t);
-        self.pending.insert(ticket, Pending::Flush { incarnation: inc, legal, written });
+        self.pending.insert(ticket, Pending::Flush { incarnation: inc, view });
         Ok(ticket)
     }
 
     /// The flush of `ticket` completed, successfully or not.
     pub fn flush_completed(&mut self, ticket: IoTicket, ok: bool) -> Result<(), UsageError> {
-        let Pending::Flush { incarnation, legal, written } = self.take(ticket, "flush")? else {
+        let Pending::Flush { incarnation, view } = self.take(ticket, "flush")? else {
             unreachable!("take checked the kind");
         };
         self.tick();
@@ -1031,23 +1100,27 @@ impl Oracle {
             return Ok(());
         }
         let ops = &self.ops;
-        for ((s, legal_then), written_then) in state.sectors.iter_mut().zip(legal).zip(written) {
-            let mut after_crash = legal_then;
-            after_crash.extend(s.after_crash.iter().filter(|e| e.op > t));
-            ops.normalize(&mut after_crash);
-            // What reads may return narrows too: a successful flush means
-            // no rollback took back what it covered. (Without one between
-            // the flush's submission and now, nothing changes: reads never
-            // allow more than the flush's view and what came after it.)
-            let kept = contents(&after_crash);
-            let narrowed: Vec<Entry> =
-                s.legal.iter().filter(|e| kept.binary_search(&e.content).is_ok()).cloned().collect();
-            if !narrowed.is_empty() {
-                s.legal = narrowed;
-            }
-            s.after_crash = after_crash;
-            s.written_durable |= written_then && s.reset_at < t;
+        // The sectors the device had then (it may have grown since).
+        for (sectors, (legal_then, written_then)) in view.iter() {
+            state.sectors.apply(sectors, |_, s| {
+                let mut after_crash = legal_then.clone();
+                after_crash.extend(s.after_crash.iter().filter(|e| e.op > t));
+                ops.normalize(&mut after_crash);
+                // What reads may return narrows too: a successful flush means
+                // no rollback took back what it covered. (Without one between
+                // the flush's submission and now, nothing changes: reads never
+                // allow more than the flush's view and what came after it.)
+                let kept = contents(&after_crash);
+                let narrowed: Vec<Entry> =
+                    s.legal.iter().filter(|e| kept.binary_search(&e.content).is_ok()).cloned().collect();
+                if !narrowed.is_empty() {
+                    s.legal = narrowed;
+                }
+                s.after_crash = after_crash;
+                s.written_durable |= *written_then && s.reset_at < t;
+            });
         }
+        state.sectors.coalesce(0..view.len());
         Ok(())
     }
 
@@ -1062,10 +1135,10 @@ impl Oracle {
         for pending in std::mem::take(&mut self.pending).into_values() {
             if let Pending::Discard { incarnation, first, end } = pending {
                 if let Some(state) = self.states.get_mut(&incarnation) {
-                    for s in &mut state.sectors[first as usize..end as usize] {
+                    state.sectors.update(first..end, |_, s| {
                         s.written_durable = false;
                         s.reset_at = now;
-                    }
+                    });
                 }
             }
         }
@@ -1073,12 +1146,13 @@ impl Oracle {
         self.rolled_back_writes.clear();
         let ops = &self.ops;
         for state in self.states.values_mut() {
-            for s in &mut state.sectors {
+            let all = 0..state.sectors.len();
+            state.sectors.update(all, |_, s| {
                 ops.normalize(&mut s.after_crash);
                 s.legal = s.after_crash.clone();
                 s.written = s.written_durable;
                 s.discarding = 0;
-            }
+            });
         }
     }
 
@@ -1097,24 +1171,27 @@ impl Oracle {
         }
         let ops = &self.ops;
         for state in self.states.values_mut() {
-            for s in &mut state.sectors {
+            let all = 0..state.sectors.len();
+            state.sectors.update(all, |_, s| {
                 ops.normalize(&mut s.after_crash);
                 let mut union = s.legal.clone();
                 union.extend(s.after_crash.iter().cloned());
                 ops.normalize(&mut union);
                 s.legal = union;
                 s.written &= s.written_durable;
-            }
+            });
         }
         for read in self.reads.values_mut() {
             read.across_rollback = true;
             let Some(state) = self.states.get(&read.incarnation) else { continue };
-            for (i, seen) in read.seen.iter_mut().enumerate() {
-                if let Some(s) = state.sectors.get(read.sector as usize + i) {
-                    seen.extend(contents(&s.legal));
+            let sectors = read.sector..read.sector + read.seen.len();
+            for (r, s) in state.sectors.iter_range(sectors) {
+                let legal = contents(&s.legal);
+                read.seen.update(r.start - read.sector..r.end - read.sector, |_, seen| {
+                    seen.extend(legal.iter().copied());
                     seen.sort_unstable();
                     seen.dedup();
-                }
+                });
             }
         }
     }
@@ -1133,7 +1210,7 @@ impl Oracle {
 
     fn sector(&self, dev: DevId, sector: u64) -> Option<&SectorState> {
         let inc = self.devices.get(&dev)?;
-        self.states[inc].sectors.get(usize::try_from(sector).ok()?)
+        self.states[inc].sectors.get(sector)
     }
 
     /// The device a write was submitted to, if the oracle saw it.
@@ -1666,7 +1743,7 @@ mod tests {
             }
         }
         for s in [7, 8] {
-            let sector = &o.states[&o.devices[&0]].sectors[s];
+            let sector = o.states[&o.devices[&0]].sectors.get(s).unwrap();
             assert!(sector.legal.len() <= 8 && sector.after_crash.len() <= 8, "{sector:?}");
         }
         assert_eq!(o.legal(0, 7), vec![Zeroes, Anything]);

@@ -524,7 +524,7 @@ pub fn run_checker(tool: &Path, args: &[&str], image: &[u8], tag: u64) -> Result
     let name = tool.file_name().map_or_else(|| "checker".into(), |n| n.to_string_lossy().into_owned());
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("{}{name}-{tag}-{n}.img", checker_image_prefix()));
-    std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    write_sparse(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let out =
         std::process::Command::new(tool).args(args).arg(&path).stdin(std::process::Stdio::null()).output();
     let _ = std::fs::remove_file(&path);
@@ -536,6 +536,35 @@ pub fn run_checker(tool: &Path, args: &[&str], image: &[u8], tag: u64) -> Result
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let said: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     Err(format!("{name} rejects a metadata image the model's checker accepts: {}", said.join("; ")))
+}
+
+/// Writes `image` to a new file at `path`, leaving its all-zero 4 KiB
+/// pieces as holes (they read back as zeroes): a metadata disk is mostly
+/// never written, and this runs once a seed.
+fn write_sparse(path: &Path, image: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 4096;
+    let zero = |piece: &[u8]| {
+        let words = piece.chunks_exact(8);
+        let tail = words.remainder().iter().fold(0, |acc, &b| acc | b);
+        words.fold(0, |acc, w| acc | u64::from_ne_bytes(w.try_into().expect("8-byte word"))) == 0 && tail == 0
+    };
+    let file = std::fs::File::create(path)?;
+    file.set_len(image.len() as u64)?;
+    // Neighbouring pieces that hold data are written together.
+    let pieces: Vec<bool> = image.chunks(PIECE).map(|p| !zero(p)).collect();
+    let mut i = 0;
+    while i < pieces.len() {
+        if !pieces[i] {
+            i += 1;
+            continue;
+        }
+        let end = (i..pieces.len()).find(|&j| !pieces[j]).unwrap_or(pieces.len());
+        let bytes = &image[i * PIECE..(end * PIECE).min(image.len())];
+        file.write_all_at(bytes, (i * PIECE) as u64)?;
+        i = end;
+    }
+    Ok(())
 }
 
 /// Why a trace cannot be replayed.
@@ -680,6 +709,26 @@ mod tests {
     use dmsim_traces::{CacheIoMode, CachePolicyKind, DiskFault, DiskId, Event};
 
     use super::*;
+
+    /// The checkers' image files read back as the image, holes and all:
+    /// data at the start, in the middle and in a short last piece, zero
+    /// pieces between, and an image of zeroes only.
+    #[test]
+    fn sparse_image_files_read_back_whole() {
+        let dir = std::env::temp_dir().join(format!("dmsim-sparse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut image = vec![0u8; 5 * 4096 + 100];
+        image[7] = 1;
+        image[4096..8192].fill(0xa5);
+        image[3 * 4096 + 4095] = 2;
+        image[5 * 4096 + 99] = 3;
+        for image in [image, vec![0u8; 3 * 4096]] {
+            let path = dir.join("image");
+            write_sparse(&path, &image).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), image);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A short thin run of seed 1 with `extra` spliced in after its first
     /// few ops.

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::fmt::Write as _;
 
 use dmsim_faults::{CrashOverlay, CrashPoint, DiskEvent, Image, JudgedStates, SimDisk, TearMode};
 use dmsim_faults::{FaultCoverage, FiredFault};
@@ -1233,7 +1234,9 @@ impl ThinSim {
             return Err(self.fail(format!("request {:?} completed twice or was never submitted", c.id)));
         };
         let ok = c.result.is_ok();
-        self.events.push(pending.done_event(c.id.0, c.thin as u32, c.result, &c.data));
+        // A read's data, decoded once for its summary and the oracle.
+        let decoded = if ok && pending.is_read() { stamp::decode(&c.data) } else { Vec::new() };
+        self.events.push(pending.done_event(c.id.0, c.thin as u32, c.result, &decoded));
         if let Some((epoch, Some(want))) = self.expected.remove(&c.id) {
             let mode = self.pool().mode();
             let judged = epoch == self.epoch && mode == self.mode && self.faults_fired == 0;
@@ -1294,7 +1297,9 @@ impl ThinSim {
             }
         }
         self.stats.reads_checked += u64::from(ok && pending.is_read());
-        pending.settle(&mut self.oracle, ok, ok, &c.data).map_err(|(kind, what)| self.fail_as(kind, what))
+        pending
+            .settle(&mut self.oracle, ok, ok, (c.data.len(), &decoded))
+            .map_err(|(kind, what)| self.fail_as(kind, what))
     }
 
     /// Plans a commit ([`Pool::request_commit`]) for when the next
@@ -1910,19 +1915,36 @@ pub fn generate_ops(rng: &mut impl Rng, len: usize, crashes: bool) -> Vec<ThinOp
 /// A read's data in short: runs of sectors from the same write (`w3*8`),
 /// of zeroes (`0*4`), of anything else (`?*2`).
 pub fn summarize(data: &[u8]) -> String {
-    let mut runs: Vec<(String, u32)> = Vec::new();
-    for content in stamp::decode(data) {
-        let token = match content {
-            SectorContent::Zeroes => "0".to_string(),
-            SectorContent::Stamp(st) => format!("w{}", st.write),
-            SectorContent::Foreign => "?".to_string(),
-        };
+    summarize_decoded(&stamp::decode(data))
+}
+
+/// [`summarize`] of sectors already decoded (a read's data is decoded once,
+/// for its summary and for the oracle).
+pub fn summarize_decoded(decoded: &[SectorContent]) -> String {
+    // A sector's token: zeroes, a write's number, anything else.
+    let token = |c: &SectorContent| match c {
+        SectorContent::Zeroes => (0, 0),
+        SectorContent::Stamp(st) => (1, st.write),
+        SectorContent::Foreign => (2, 0),
+    };
+    let mut runs: Vec<((u8, u64), u32)> = Vec::new();
+    for content in decoded {
+        let t = token(content);
         match runs.last_mut() {
-            Some((t, n)) if *t == token => *n += 1,
-            _ => runs.push((token, 1)),
+            Some((last, n)) if *last == t => *n += 1,
+            _ => runs.push((t, 1)),
         }
     }
-    runs.iter().map(|(t, n)| format!("{t}*{n}")).collect::<Vec<_>>().join(" ")
+    let mut out = String::new();
+    for (i, ((kind, write), n)) in runs.into_iter().enumerate() {
+        let sep = if i == 0 { "" } else { " " };
+        let _ = match kind {
+            0 => write!(out, "{sep}0*{n}"),
+            1 => write!(out, "{sep}w{write}*{n}"),
+            _ => write!(out, "{sep}?*{n}"),
+        };
+    }
+    out
 }
 
 /// Whether the metadata image's superblock has needs_check set (bit 0 of

@@ -86,10 +86,13 @@ impl fmt::Display for SectorContent {
     }
 }
 
+/// What one splitmix64 step adds to its state.
+const SPLITMIX_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// splitmix64 step: tiny, well mixed, and trivially reimplemented by any tool
 /// that has to read these sectors.
 fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    *state = state.wrapping_add(SPLITMIX_STEP);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -107,16 +110,31 @@ fn filler_seed(stamp: &Stamp) -> u64 {
     state
 }
 
+/// Word `i` of the filler of generator seed `seed`: the generator's output
+/// after `i + 1` steps. A step only adds a constant, so each word comes
+/// from the seed directly and the words of a sector are independent (the
+/// loops over them vectorize; every write stamps and every read checks).
+fn filler_word(seed: u64, i: usize) -> u64 {
+    let mut state = seed.wrapping_add((i as u64).wrapping_mul(SPLITMIX_STEP));
+    splitmix64(&mut state)
+}
+
 fn write_filler(stamp: &Stamp, filler: &mut [u8]) {
-    let mut state = filler_seed(stamp);
-    for word in filler.chunks_exact_mut(8) {
-        word.copy_from_slice(&splitmix64(&mut state).to_le_bytes());
+    let seed = filler_seed(stamp);
+    for (i, word) in filler.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&filler_word(seed, i).to_le_bytes());
     }
 }
 
+/// Whether `filler` is `stamp`'s: every word's difference folded into one
+/// value, without a branch a word.
 fn filler_matches(stamp: &Stamp, filler: &[u8]) -> bool {
-    let mut state = filler_seed(stamp);
-    filler.chunks_exact(8).all(|word| word == splitmix64(&mut state).to_le_bytes())
+    let seed = filler_seed(stamp);
+    let mut diff = 0;
+    for (i, word) in filler.chunks_exact(8).enumerate() {
+        diff |= u64::from_le_bytes(word.try_into().expect("8-byte word")) ^ filler_word(seed, i);
+    }
+    diff == 0
 }
 
 fn sector_crc(buf: &[u8; SECTOR_SIZE]) -> u32 {
@@ -159,7 +177,7 @@ pub fn fill(buf: &mut [u8], run: u64, write: u64, device: u32, first_sector: u64
 /// Tells what one sector holds. Never panics; anything that is not all zero and
 /// not an intact stamp of a known version is [`SectorContent::Foreign`].
 pub fn decode_sector(buf: &[u8; SECTOR_SIZE]) -> SectorContent {
-    if buf.iter().all(|&b| b == 0) {
+    if buf[..8] != MAGIC && is_zero(buf) {
         return SectorContent::Zeroes;
     }
     if buf[..8] != MAGIC || buf[8] != FORMAT_VERSION || buf[9..16].iter().any(|&b| b != 0) {
@@ -175,6 +193,13 @@ pub fn decode_sector(buf: &[u8; SECTOR_SIZE]) -> SectorContent {
         return SectorContent::Foreign;
     }
     SectorContent::Stamp(stamp)
+}
+
+/// Whether every byte of `buf` is zero: the words OR-ed together, with no
+/// branch a byte (this runs for every sector every read returns).
+fn is_zero(buf: &[u8; SECTOR_SIZE]) -> bool {
+    buf.chunks_exact(8).fold(0, |acc, word| acc | u64::from_ne_bytes(word.try_into().expect("8-byte word")))
+        == 0
 }
 
 /// Decodes every sector of `buf`, in order. A trailing partial sector (a length
@@ -198,6 +223,23 @@ mod tests {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The filler check on its own: a sector whose crc was made to match a
+    /// changed filler word (first, middle, last) still decodes as foreign.
+    #[test]
+    fn a_wrong_filler_under_a_valid_crc_is_foreign() {
+        let stamp = Stamp { run: 1, write: 2, device: 3, sector: 4 };
+        let words = (SECTOR_SIZE - HEADER_LEN) / 8;
+        for word in [0, words / 2, words - 1] {
+            let mut buf = [0u8; SECTOR_SIZE];
+            stamp_sector(&stamp, &mut buf);
+            assert_eq!(decode_sector(&buf), SectorContent::Stamp(stamp));
+            buf[HEADER_LEN + word * 8] ^= 1;
+            let crc = sector_crc(&buf);
+            buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(decode_sector(&buf), SectorContent::Foreign, "filler word {word}");
+        }
     }
 
     /// Pins the format: if this fails, the on-sector layout changed, and that
