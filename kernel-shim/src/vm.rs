@@ -242,7 +242,8 @@ pub struct VmOptions {
     pub smp: u32,
     /// Memory in MiB.
     pub memory_mib: u32,
-    /// Limit on one boot, replay and power-off.
+    /// Limit on one job's share of a boot, replay and power-off: a boot
+    /// of `n` jobs may take `n` times it.
     pub timeout: Duration,
     /// Limit on the boot alone: when the agent has not printed its first
     /// line by then (a TCG guest can hang bringing up its second vCPU on a
@@ -722,6 +723,10 @@ impl KernelShim {
             Ok(cmd)
         };
 
+        // The limit is a job's: a boot of many jobs may take as many times
+        // it (a 300-op campaign trace waits out its ticks in real time,
+        // a minute or more); a VM that stops is the stall watchdog's.
+        let limit = self.options.timeout.saturating_mul(u32::try_from(jobs.len().max(1)).unwrap_or(u32::MAX));
         let start = Instant::now();
         let mut boots = 0;
         let mut stalled_tail = None;
@@ -729,12 +734,12 @@ impl KernelShim {
             boots += 1;
             write_disks()?;
             let mut qemu = QemuGuard::spawn(qemu_command()?)?;
-            let left = self.options.timeout.saturating_sub(start.elapsed());
+            let left = limit.saturating_sub(start.elapsed());
             let started =
                 qemu.wait_for_console(&console_path, AGENT_STARTED, self.options.boot_timeout.min(left))?;
             if !started
                 && boots < 2
-                && start.elapsed() < self.options.timeout
+                && start.elapsed() < limit
                 && qemu.child.try_wait().ok().flatten().is_none()
             {
                 // A hung boot: once more, from the same disks.
@@ -742,12 +747,12 @@ impl KernelShim {
                 let _ = std::fs::rename(&console_path, d.join("console.hung-boot.log"));
                 continue;
             }
-            let left = self.options.timeout.saturating_sub(start.elapsed());
+            let left = limit.saturating_sub(start.elapsed());
             // The second boot is waited out to the end.
             let stall = if boots < 2 { self.options.stall_timeout } else { Duration::MAX };
             match qemu.wait_progressing(&console_path, left, stall)? {
                 Waited::Exited(s) => break Some(s),
-                Waited::Stalled if start.elapsed() < self.options.timeout => {
+                Waited::Stalled if start.elapsed() < limit => {
                     // A VM that stopped: once more, from disks written
                     // afresh; what the first one printed is kept.
                     drop(qemu);
@@ -781,7 +786,7 @@ impl KernelShim {
             t
         };
         let Some(status) = status else {
-            return Err(ShimError::Timeout { seconds: self.options.timeout.as_secs(), console: tail() });
+            return Err(ShimError::Timeout { seconds: limit.as_secs(), console: tail() });
         };
         let result_bytes =
             std::fs::read(disk(DiskRole::Result)).map_err(|e| ShimError::io("read the result disk", e))?;

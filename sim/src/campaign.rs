@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use dmsim_faults::{
     CrashOverlay, CrashPoint, DiskFault, DistinctStates, Image, JudgedStates, OverlayDevice, SimDisk,
@@ -216,7 +217,11 @@ pub struct SeedOutcome {
     pub tree_probes: dmsim_model::probes::TreeProbes,
 }
 
-type Reference = BTreeMap<u64, BTreeMap<u64, u64>>;
+/// Per device, its mappings (virtual block → data block). A device's map
+/// is shared: the reference as of the last commit is a clone that copies
+/// only the maps changed since (`Arc::make_mut`), and a snapshot starts
+/// sharing its origin's.
+type Reference = BTreeMap<u64, Arc<BTreeMap<u64, u64>>>;
 
 struct Run<'a> {
     cfg: &'a CampaignConfig,
@@ -593,7 +598,7 @@ impl Run<'_> {
         let r: Result<(), ThinError> = match *op {
             CreateThin(d) => match self.md().create_thin(d) {
                 Ok(()) => {
-                    self.devs.insert(d, BTreeMap::new());
+                    self.devs.insert(d, Arc::default());
                     Ok(())
                 }
                 Err(ThinError::Exists(_)) if self.devs.contains_key(&d) => Ok(()),
@@ -632,7 +637,9 @@ impl Run<'_> {
                 let _ = md.close_thin(dev);
                 if r.is_ok() {
                     if let Some(map) = self.devs.get_mut(&dev) {
-                        map.retain(|&v, _| v < vblock || v >= vblock + len);
+                        if map.range(vblock..vblock + len).next().is_some() {
+                            Arc::make_mut(map).retain(|&v, _| v < vblock || v >= vblock + len);
+                        }
                     }
                 }
                 r
@@ -699,8 +706,9 @@ impl Run<'_> {
         }
         let _ = md.close_thin(dev);
         self.outcome.mappings += made.len() as u64;
-        let map = self.devs.entry(dev).or_default();
-        map.extend(made);
+        if !made.is_empty() {
+            Arc::make_mut(self.devs.entry(dev).or_default()).extend(made);
+        }
         r
     }
 }
@@ -750,13 +758,16 @@ fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
         if mismatch.is_none() {
             // Lookups from the root find every mapping ([`Lookups`]) and
             // none removed since: the reference and the one of the last
-            // commit merged in order.
-            let mut since = old.map(|o| o.iter().map(|(&v, &d)| (v, d)).peekable());
+            // commit merged in order (a map still shared with the last
+            // commit's has no change: one iterator on both halves).
+            let old = old.map(|o| if Arc::ptr_eq(o, map) { None } else { Some(o) });
+            let unchanged = matches!(old, Some(None));
+            let mut since = old.flatten().map(|o| o.iter().map(|(&v, &d)| (v, d)).peekable());
             let mut removed = Vec::new();
             let mut wanted = Vec::new();
             for (k, (&v, &d)) in map.iter().enumerate() {
                 let changed = match since.as_mut() {
-                    None => true,
+                    None => !unchanged,
                     Some(it) => {
                         while let Some((ov, _)) = it.next_if(|&(ov, _)| ov < v) {
                             removed.push(ov);
