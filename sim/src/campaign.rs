@@ -759,10 +759,9 @@ fn reference_mismatch<D: dmsim_model::block_device::BlockDevice>(
             // Lookups from the root find every mapping ([`Lookups`]) and
             // none removed since: the reference and the one of the last
             // commit merged in order (a map still shared with the last
-            // commit's has no change: one iterator on both halves).
-            let old = old.map(|o| if Arc::ptr_eq(o, map) { None } else { Some(o) });
-            let unchanged = matches!(old, Some(None));
-            let mut since = old.flatten().map(|o| o.iter().map(|(&v, &d)| (v, d)).peekable());
+            // commit's changed nothing: only the sample is looked up).
+            let unchanged = old.is_some_and(|o| Arc::ptr_eq(o, map));
+            let mut since = old.filter(|_| !unchanged).map(|o| o.iter().map(|(&v, &d)| (v, d)).peekable());
             let mut removed = Vec::new();
             let mut wanted = Vec::new();
             for (k, (&v, &d)) in map.iter().enumerate() {

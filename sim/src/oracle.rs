@@ -523,7 +523,6 @@ struct PendingRead {
     incarnation: Incarnation,
     dev: DevId,
     sector: u64,
-    /// Per sector, everything legal at some moment since submission.
     /// Per sector of the read (counted from its first), everything legal
     /// at some moment since submission.
     seen: Runs<Vec<Content>>,
@@ -885,7 +884,8 @@ impl Oracle {
     /// The read of `ticket` completed with `data` (ignored unless `ok`). Judges
     /// every sector; reports the first wrong one.
     pub fn read_completed(&mut self, ticket: IoTicket, ok: bool, data: &[u8]) -> Result<(), ReadError> {
-        self.read_completed_decoded(ticket, ok, data.len(), &stamp::decode(data))
+        let decoded = if ok { stamp::decode(data) } else { Vec::new() };
+        self.read_completed_decoded(ticket, ok, data.len(), &decoded)
     }
 
     /// [`Oracle::read_completed`] of data already decoded
