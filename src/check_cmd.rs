@@ -190,6 +190,13 @@ pub struct CheckArgs {
     /// With --on kernel: traces per VM boot (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub per_boot: usize,
+    /// With --on kernel, engine or all: how many of a boot's traces run at
+    /// a time (1 to 64), each on its own pool and disks; their real-time
+    /// waits (ticks, the no-space timeout) overlap. The guest gets 256 MiB
+    /// more memory for each past the first. 1 runs them one after the
+    /// other.
+    #[arg(long, default_value_t = 4, value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub concurrent: usize,
     /// With --on kernel: keep every seed's trace, the kernel's answer and
     /// its final metadata in this folder (kernel-seed-N.trace, .kernel,
     /// .metadata; equal seeds too; with --on all the engine's too,

@@ -53,22 +53,23 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     }
     let seeds = args.seeds.clone().unwrap_or(0..64);
     let settings = args.model.settings();
-    let shim = match KernelShim::prepare_with_ublk() {
+    let mut shim = match KernelShim::prepare_with_ublk() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmsim check --on {on}: the VM cannot be prepared: {e}");
             return ExitCode::from(exit::UNUSABLE);
         }
     };
+    shim.set_concurrent(args.concurrent);
     let started = Instant::now();
     let total = seeds.end - seeds.start;
     if args.depth > 1 {
         return run_concurrent(args, &shim, seeds, &settings, started);
     }
     eprintln!(
-        "dmsim check --on {on}: seeds {}..{} ({total}), {} ops each, {} a boot, the pool on ublk disks \
-         (software emulation: about a minute a trace)",
-        seeds.start, seeds.end, args.ops, args.per_boot
+        "dmsim check --on {on}: seeds {}..{} ({total}), {} ops each, {} a boot, {} at a time, the pool on \
+         ublk disks (software emulation)",
+        seeds.start, seeds.end, args.ops, args.per_boot, args.concurrent
     );
     let mut done = 0u64;
     let keep_all = args.answers.is_some();
@@ -273,6 +274,10 @@ fn outcome_json(o: &SeedOutcome) -> serde_json::Value {
         "faulted": o.faulted,
         "outcome": o.word(),
     });
+    if let Some(then) = &o.side_by_side {
+        // Run alone after a side-by-side run said this.
+        v["side_by_side"] = then.as_str().into();
+    }
     match &o.result {
         SeedResult::Judged(r) => {
             v["l1_equal_at_end"] = r.differences.is_empty().into();

@@ -100,6 +100,14 @@ pub struct ReplayArgs {
     /// on an oracle violation.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub depth: u16,
+    /// With more than one trace `--on kernel`: how many of a boot's traces
+    /// run at a time, each on its own pool and disks (their `tick`s are
+    /// real time in the guest, so their waits overlap). The guest gets
+    /// 256 MiB more memory for each past the first, and starts a trace
+    /// only while the disks held in memory by those running leave room.
+    /// 1 runs them one after the other. Default: 8.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrent: Option<u16>,
 }
 
 /// Writes `run`'s console, op answers and per-op status lines to `path`
@@ -132,6 +140,10 @@ fn write_console(path: &std::path::Path, run: &dmsim_kernel_shim::KernelRun) -> 
 pub fn run(args: ReplayArgs) -> ExitCode {
     if !args.more.is_empty() {
         return crate::replay_many::run(&args);
+    }
+    if args.concurrent.is_some() {
+        eprintln!("dmsim replay: --concurrent is for more than one trace `--on kernel` (they share a boot)");
+        return ExitCode::from(exit::UNUSABLE);
     }
     match args.on.as_str() {
         "sim" if args.console.is_some() => {

@@ -79,6 +79,7 @@ fn bad_combinations_and_bad_traces_are_refused_before_any_boot() {
     assert_refused(&["replay", "--on", "kernel", "--race", "0", a, b], "no --race");
     assert_refused(&["replay", "--on", "kernel", "--kernel-answer", a, a, b], "no --race, --kernel-answer");
     assert_refused(&["replay", "--on", "kernel", "--disks", "nvme", a, b], "unknown --disks");
+    assert_refused(&["replay", "--on", "kernel", "--concurrent", "2", a], "--concurrent is for more than one trace");
     assert_refused(&["replay", "--on", "kernel", a, bad], "bad.trace");
     // On virtio disks a broken model's oracle objection refuses its trace.
     let broken = write_trace(&dir, "broken.trace", &snapshot_trace(3, &["write-to-shared-in-place"]));
@@ -107,19 +108,28 @@ fn many_traces_share_one_boot_and_each_is_judged() {
     let out = dmsim(&["replay", "--on", "kernel", "--disks", "ublk", s(&quiet[0]), s(&quiet[1]), s(&broken)]);
     let (text, err) = (stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(1), "the broken model's trace diverges: {text}\n{err}");
-    assert!(err.contains("for 3 traces (1 boot)"), "{err}");
+    // The three side by side (the default), then the diverging one again
+    // alone, in a second boot, whose verdict is the one reported.
+    assert!(err.contains("for 3 traces (1 boot, up to 3 at a time)"), "{err}");
+    assert!(err.contains("1 trace(s) diverged side by side with others: running them again"), "{err}");
     for q in &quiet {
         assert!(text.contains(&format!("{}: equal, L2 identical", q.display())), "{text}");
     }
     let line = text.lines().find(|l| l.starts_with(s(&broken))).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("unexplained") && line.contains("dev 1 block 0"), "{line}");
-    assert!(text.contains("3 traces in 1 boot: 2 equal, 0 explained, 1 unexplained, 0 failed"), "{text}");
-    // The quiet ones alone, as JSON: exit 0.
-    let out = dmsim(&["replay", "--on", "kernel", "--json", s(&quiet[0]), s(&quiet[1])]);
+    assert!(
+        line.contains("; run alone after it ran side by side with others, where it was: unexplained; first: "),
+        "{line}"
+    );
+    assert!(text.contains("3 traces in 2 boots: 2 equal, 0 explained, 1 unexplained, 0 failed"), "{text}");
+    // The quiet ones one after the other, as JSON: exit 0.
+    let out = dmsim(&["replay", "--on", "kernel", "--json", "--concurrent", "1", s(&quiet[0]), s(&quiet[1])]);
     assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("up to 1 at a time"), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
     assert_eq!(json["equal"], 2);
     assert_eq!(json["traces"].as_array().map(Vec::len), Some(2));
     assert_eq!(json["traces"][1]["verdict"], "equal");
+    assert!(json["traces"][1]["side_by_side"].is_null());
     std::fs::remove_dir_all(&dir).unwrap();
 }

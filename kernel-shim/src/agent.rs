@@ -42,10 +42,11 @@ use dmsim_traces::{Op, Trace};
 use crate::dm::{Control, DevNum, TargetSpec};
 use crate::error::ShimError;
 use crate::protocol::{
-    cache_status_field, cache_steps, decode_request, errno_name, log_offsets, mark_name, message_mark_name,
-    read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind, KernelResult, Layout,
-    OpResult, PoolSpec, Slice, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM, CACHE_UBLK_PARAM,
-    COARSE_PREFIX, JIFFY_PHASE, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC, RESULT_MAGIC,
+    cache_status_field, cache_steps, decode_request_concurrent, errno_name, log_offsets, mark_name,
+    message_mark_name, read_frame, summarize, write_frame, CacheSpec, CacheStep, DeviceContents, JobKind,
+    KernelResult, Layout, OpResult, PoolSpec, Slice, CACHE_SETTLE_PARAM, CACHE_TICKS_SLEEP_ONLY_PARAM,
+    CACHE_UBLK_PARAM, COARSE_PREFIX, JIFFY_PHASE, LOG_SLICE_SECTORS, OP_END_PREFIX, REQUEST_MAGIC,
+    RESULT_MAGIC,
 };
 use crate::vm::DATA_FILL;
 
@@ -1739,7 +1740,7 @@ fn run_ublk_job(
     kernel_before: Option<&KernelResult>,
     result: &mut KernelResult,
 ) {
-    use crate::ublk::{live_devices, ControlledDisk, UblkControl, UblkDevice};
+    use crate::ublk::{live_devices, live_devices_of, ControlledDisk, UblkControl, UblkDevice};
     let t0 = Instant::now();
     // Where the kernel committed, for an engine that follows it.
     let following = match kind {
@@ -1817,6 +1818,7 @@ fn run_ublk_job(
     }
     let t1 = Instant::now();
     let mut served = Vec::new();
+    let ids: Vec<u32> = devs.devs.as_ref().map(|(m, d)| vec![m.dev_id(), d.dev_id()]).unwrap_or_default();
     if let Some((meta, data)) = devs.devs.take() {
         for (k, (role, dev)) in [("metadata", meta), ("data", data)].into_iter().enumerate() {
             match dev.stop() {
@@ -1831,7 +1833,8 @@ fn run_ublk_job(
             }
         }
     }
-    result.ublk.push(("left-devices".into(), live_devices().len() as u64));
+    // Its own devices only: other jobs' may be running beside it.
+    result.ublk.push(("left-devices".into(), live_devices_of(&ids).len() as u64));
     result.timings_ms.push(("ublk-stop".into(), t1.elapsed().as_millis() as u64));
     let t2 = Instant::now();
     for (k, role) in ["metadata", "data"].into_iter().enumerate() {
@@ -4137,7 +4140,7 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
 }
 
-fn read_request(path: &Path) -> Result<Vec<(JobKind, Trace)>, ShimError> {
+fn read_request(path: &Path) -> Result<(Vec<(JobKind, Trace)>, usize), ShimError> {
     let mut f = File::open(path).map_err(|e| ShimError::io(format!("open {}", path.display()), e))?;
     let mut head = [0u8; 16];
     f.read_exact(&mut head).map_err(|e| ShimError::io("read the request header", e))?;
@@ -4149,7 +4152,7 @@ fn read_request(path: &Path) -> Result<Vec<(JobKind, Trace)>, ShimError> {
     f.seek(SeekFrom::Start(0)).map_err(|e| ShimError::io("seek", e))?;
     let mut all = vec![0u8; 16 + len as usize];
     f.read_exact(&mut all).map_err(|e| ShimError::io("read the request", e))?;
-    decode_request(read_frame(REQUEST_MAGIC, &all)?)
+    decode_request_concurrent(read_frame(REQUEST_MAGIC, &all)?)
 }
 
 fn write_result(path: &Path, results: &[KernelResult]) -> Result<(), ShimError> {
@@ -4240,8 +4243,8 @@ pub fn init_main() -> ! {
 }
 
 fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
-    let jobs = read_request(disk(disks, DiskRole::Request)?)?;
-    log(&format!("request: {} jobs", jobs.len()));
+    let (jobs, concurrent) = read_request(disk(disks, DiskRole::Request)?)?;
+    log(&format!("request: {} jobs, up to {concurrent} at a time", jobs.len()));
     let ctl_path = Path::new("/dev/mapper/control");
     wait_for(ctl_path)?;
     let ctl = Control::open(ctl_path)?;
@@ -4255,25 +4258,219 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
     let kinds: Vec<JobKind> = jobs.iter().map(|(k, _)| k.clone()).collect();
     let (logs, _) = log_offsets(&kinds);
     let log_disk = disk(disks, DiskRole::Log)?;
-    let mut results: Vec<KernelResult> = Vec::new();
     start_heartbeat();
-    for (i, ((kind, trace), slice)) in jobs.iter().zip(&layout.slices).enumerate() {
+    let run_one = |i: usize, kernel_before: Option<&KernelResult>| {
+        let (kind, trace) = &jobs[i];
         log(&format!("job {i} of {}: {} ops", jobs.len(), trace.ops().count()));
         let log = logs[i].map(|at| (log_disk, at));
-        let job_disks = JobDisks { metadata, data, slice: *slice, dev_dir: Path::new("/dev"), log };
-        // The kernel's run of the same trace just before, if that is what
-        // the job before was.
-        let kernel_before = i
-            .checked_sub(1)
-            .filter(|&p| jobs[p].0 == JobKind::Ublk && jobs[p].1 == *trace)
-            .and_then(|p| results.get(p));
-        let r = run_job(&ctl, i, kind, trace, &job_disks, kernel_before);
-        results.push(r);
+        let job_disks = JobDisks { metadata, data, slice: layout.slices[i], dev_dir: Path::new("/dev"), log };
+        run_job(&ctl, i, kind, trace, &job_disks, kernel_before)
+    };
+    // The kernel's run of the same trace just before, if that is what the
+    // job before was: such a job runs right after it, in the same chain.
+    let follows_before = |i: usize| i > 0 && jobs[i - 1].0 == JobKind::Ublk && jobs[i - 1].1 == jobs[i].1;
+    if concurrent <= 1 {
+        let mut results: Vec<KernelResult> = Vec::new();
+        for i in 0..jobs.len() {
+            let before = if follows_before(i) { results.get(i - 1) } else { None };
+            let r = run_one(i, before);
+            results.push(r);
+        }
+        return Ok(results);
     }
-    Ok(results)
+    let chains = chains_of(jobs.len(), follows_before);
+    let costs: Vec<u64> =
+        specs.iter().zip(&jobs).map(|((spec, _), (kind, _))| memory_cost(kind, spec)).collect();
+    // dm-thin-pool's no_space_timeout is one module parameter for every
+    // pool, set by each job as it starts: jobs that want different values
+    // do not run side by side.
+    let classes: Vec<u64> = specs.iter().map(|(spec, _)| spec.no_space_timeout_ns).collect();
+    let budget = memory_budget();
+    log(&format!("{} chains, {} MiB for the jobs' disks in memory", chains.len(), budget >> 20));
+    let limits = Limits { concurrent, costs: &costs, budget, classes: &classes };
+    Ok(run_side_by_side(&chains, &limits, |i, before| run_one(i, before)))
+}
+
+/// What bounds the jobs running side by side.
+struct Limits<'a> {
+    /// Jobs at a time.
+    concurrent: usize,
+    /// Each job's memory, in bytes ([`memory_cost`]).
+    costs: &'a [u64],
+    /// The memory the running jobs may take together (one job alone
+    /// may take more).
+    budget: u64,
+    /// Each job's class: only jobs of one class run side by side.
+    classes: &'a [u64],
+}
+
+/// The jobs `0..n` as chains of consecutive jobs, a job in the same chain
+/// as the one before when `follows_before` says it reads its result.
+fn chains_of(n: usize, follows_before: impl Fn(usize) -> bool) -> Vec<Vec<usize>> {
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    for i in 0..n {
+        match chains.last_mut() {
+            Some(chain) if follows_before(i) => chain.push(i),
+            _ => chains.push(vec![i]),
+        }
+    }
+    chains
+}
+
+/// The guest memory a job's disks take while it runs, in bytes: a ublk
+/// job serves its disks from memory (the disk and its durable copy); a
+/// job on virtio disks needs little beyond the page cache.
+fn memory_cost(kind: &JobKind, spec: &PoolSpec) -> u64 {
+    let disks = (spec.metadata_disk_sectors + spec.data_sectors()).saturating_mul(512);
+    match kind {
+        JobKind::Ublk | JobKind::Race { .. } | JobKind::Engine(_) => disks.saturating_mul(3),
+        _ => disks / 8 + (16 << 20),
+    }
+}
+
+/// Half the guest's available memory: what concurrent jobs' disks may
+/// take together.
+fn memory_budget() -> u64 {
+    let available_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    available_kib.unwrap_or(512 << 10).saturating_mul(1024) / 2
+}
+
+/// Runs the `chains` (job indices; the jobs of a chain in turn, each
+/// given the result of the one before) on up to `limits.concurrent`
+/// threads, a job starting only when its cost fits in the budget beside
+/// the jobs running and they are of its class (or when it runs alone);
+/// the results by job index.
+fn run_side_by_side<R: Send>(
+    chains: &[Vec<usize>],
+    limits: &Limits<'_>,
+    run: impl Fn(usize, Option<&R>) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::{Condvar, Mutex};
+    let (costs, budget) = (limits.costs, limits.budget);
+    let n = chains.iter().map(Vec::len).sum::<usize>();
+    let next_chain = Mutex::new(0usize);
+    // (bytes taken, jobs running, their class).
+    let taken = (Mutex::new((0u64, 0usize, 0u64)), Condvar::new());
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..limits.concurrent.min(chains.len()) {
+            scope.spawn(|| loop {
+                let chain = {
+                    let mut next = next_chain.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(chain) = chains.get(*next) else { return };
+                    *next += 1;
+                    chain
+                };
+                let mut done: Vec<(usize, R)> = Vec::with_capacity(chain.len());
+                for &i in chain {
+                    let cost = costs.get(i).copied().unwrap_or(0);
+                    let class = limits.classes.get(i).copied().unwrap_or(0);
+                    {
+                        let (m, cv) = &taken;
+                        let mut t = m.lock().unwrap_or_else(|e| e.into_inner());
+                        while t.1 > 0 && (t.0.saturating_add(cost) > budget || t.2 != class) {
+                            t = cv.wait(t).unwrap_or_else(|e| e.into_inner());
+                        }
+                        t.0 = t.0.saturating_add(cost);
+                        t.1 += 1;
+                        t.2 = class;
+                    }
+                    let r = run(i, done.last().map(|(_, r)| r));
+                    {
+                        let (m, cv) = &taken;
+                        let mut t = m.lock().unwrap_or_else(|e| e.into_inner());
+                        t.0 = t.0.saturating_sub(cost);
+                        t.1 -= 1;
+                        cv.notify_all();
+                    }
+                    done.push((i, r));
+                }
+                let mut all = results.lock().unwrap_or_else(|e| e.into_inner());
+                for (i, r) in done {
+                    all[i] = Some(r);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect()
 }
 
 /// Whether this process runs as the VM's init (PID 1).
 pub fn is_init() -> bool {
     std::process::id() == 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    #[test]
+    fn a_job_reading_the_one_before_shares_its_chain() {
+        let follows = [false, true, true, false, false, true];
+        assert_eq!(chains_of(6, |i| follows[i]), vec![vec![0, 1, 2], vec![3], vec![4, 5]]);
+        assert_eq!(chains_of(0, |_| true), Vec::<Vec<usize>>::new());
+    }
+
+    /// Up to `concurrent` jobs at a time and never more memory than the
+    /// budget (unless alone), every result at its job's index, a chain's
+    /// jobs in turn, each given the result of the one before.
+    #[test]
+    fn jobs_side_by_side_keep_their_order_limits_and_chains() {
+        let chains = vec![vec![0], vec![1, 2, 3], vec![4], vec![5], vec![6, 7], vec![8], vec![9]];
+        let costs = [30, 10, 10, 10, 50, 120, 20, 20, 40, 10];
+        // Job 8 is of another class: it runs alone.
+        let classes = [1, 1, 1, 1, 1, 1, 1, 1, 2, 1];
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (bytes, most_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+        let running_classes = Mutex::new(Vec::new());
+        let mixed = AtomicUsize::new(0);
+        let order = Mutex::new(Vec::new());
+        let limits = Limits { concurrent: 3, costs: &costs, budget: 100, classes: &classes };
+        let results = run_side_by_side(&chains, &limits, |i, before: Option<&(usize, usize)>| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let b = bytes.fetch_add(costs[i], Ordering::SeqCst) + costs[i];
+            if now > 1 {
+                most_bytes.fetch_max(b, Ordering::SeqCst);
+            }
+            {
+                let mut rc = running_classes.lock().unwrap();
+                rc.push(classes[i]);
+                if rc.iter().any(|&c| c != classes[i]) {
+                    mixed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            order.lock().unwrap().push(i);
+            std::thread::sleep(Duration::from_millis(5 + (i as u64 * 7) % 11));
+            {
+                let mut rc = running_classes.lock().unwrap();
+                let at = rc.iter().position(|&c| c == classes[i]).unwrap();
+                rc.remove(at);
+            }
+            bytes.fetch_sub(costs[i], Ordering::SeqCst);
+            running.fetch_sub(1, Ordering::SeqCst);
+            (i, before.map_or(usize::MAX, |b| b.0))
+        });
+        assert_eq!(mixed.load(Ordering::SeqCst), 0, "jobs of two classes ran side by side");
+        assert_eq!(results.len(), 10);
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r.0, i, "result {i} in its place");
+        }
+        // Chained jobs got the result of the one before; others none.
+        let before: Vec<usize> = results.iter().map(|r| r.1).collect();
+        let none = usize::MAX;
+        assert_eq!(before, vec![none, none, 1, 2, none, none, none, 6, none, none]);
+        assert!(most.load(Ordering::SeqCst) <= 3, "at most 3 at a time");
+        assert!(most.load(Ordering::SeqCst) >= 2, "some ran side by side");
+        assert!(most_bytes.load(Ordering::SeqCst) <= 100, "within the memory budget when not alone");
+        let order = order.into_inner().unwrap();
+        let at = |j: usize| order.iter().position(|&x| x == j).unwrap();
+        assert!(at(1) < at(2) && at(2) < at(3) && at(6) < at(7), "a chain in turn: {order:?}");
+    }
 }

@@ -1097,9 +1097,23 @@ impl JobKind {
 
 /// A request body: [`REQUEST_FIRST_LINE`], then per job a line
 /// `job replay <len>`, `job logged <len>` or `job activate <len> <id,id,…|->` followed by
-/// `len` bytes of the trace's text encoding.
+/// `len` bytes of the trace's text encoding. The jobs run one after the
+/// other; see [`encode_request_concurrent`].
 pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
+    encode_request_concurrent(jobs, 1)
+}
+
+/// As [`encode_request`], asking the agent to run up to `concurrent` jobs
+/// at a time (a line `concurrent <n>` after the first, only when `n` > 1):
+/// each job has its own devices and disk slices, so their waits (a
+/// trace's ticks are real time in the guest) overlap. A job that reads
+/// the result of the one before (an engine job following the kernel's
+/// commits) still runs after it.
+pub fn encode_request_concurrent(jobs: &[(JobKind, String)], concurrent: usize) -> Vec<u8> {
     let mut out = format!("{REQUEST_FIRST_LINE}\n").into_bytes();
+    if concurrent > 1 {
+        out.extend_from_slice(format!("concurrent {concurrent}\n").as_bytes());
+    }
     for (kind, text) in jobs {
         let line = match kind {
             JobKind::Replay => format!("job replay {}\n", text.len()),
@@ -1130,6 +1144,14 @@ pub fn encode_request(jobs: &[(JobKind, String)]) -> Vec<u8> {
 
 /// Parses [`encode_request`]'s output into jobs; never panics.
 pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>, ShimError> {
+    decode_request_concurrent(body).map(|(jobs, _)| jobs)
+}
+
+/// Parses [`encode_request_concurrent`]'s output into jobs and how many
+/// may run at a time (1 without the line); never panics.
+pub fn decode_request_concurrent(
+    body: &[u8],
+) -> Result<(Vec<(JobKind, dmsim_traces::Trace)>, usize), ShimError> {
     let bad = |what: String| ShimError::Invalid(format!("request: {what}"));
     let line_at = |at: usize| -> Result<(&str, usize), ShimError> {
         let rest = &body[at.min(body.len())..];
@@ -1141,6 +1163,19 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
     let (first, mut at) = line_at(0)?;
     if first != REQUEST_FIRST_LINE {
         return Err(bad(format!("first line {first:?}, expected {REQUEST_FIRST_LINE:?}")));
+    }
+    let mut concurrent = 1;
+    if body.get(at..).is_some_and(|rest| rest.starts_with(b"concurrent ")) {
+        let (line, next) = line_at(at)?;
+        concurrent = match line.strip_prefix("concurrent ").map(str::parse::<usize>) {
+            Some(Ok(n)) if (1..=MAX_CONCURRENT_JOBS).contains(&n) => n,
+            _ => {
+                return Err(bad(format!(
+                    "bad line {line:?}: expected `concurrent N`, N from 1 to {MAX_CONCURRENT_JOBS}"
+                )))
+            }
+        };
+        at = next;
     }
     let mut jobs = Vec::new();
     while at < body.len() {
@@ -1190,8 +1225,11 @@ pub fn decode_request(body: &[u8]) -> Result<Vec<(JobKind, dmsim_traces::Trace)>
         jobs.push((kind, trace));
         at = end;
     }
-    Ok(jobs)
+    Ok((jobs, concurrent))
 }
+
+/// The most jobs a request may ask to run at a time.
+pub const MAX_CONCURRENT_JOBS: usize = 64;
 
 /// Where one job's pool lives on the VM's two pool disks, in sectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2109,6 +2147,17 @@ mod tests {
         }
         let huge = format!("{REQUEST_FIRST_LINE}\njob replay 18446744073709551615\n");
         assert!(decode_request(huge.as_bytes()).is_err());
+
+        // How many at a time: absent means one; the line only when more.
+        assert_eq!(decode_request_concurrent(&body).unwrap().1, 1);
+        assert_eq!(encode_request_concurrent(&jobs, 1), body);
+        let (back, n) = decode_request_concurrent(&encode_request_concurrent(&jobs, 12)).unwrap();
+        assert_eq!((back.len(), n), (8, 12));
+        assert_eq!(back[7].0, JobKind::Ublk);
+        for bad in ["concurrent 0", "concurrent 65", "concurrent x", "concurrent -1", "concurrent "] {
+            let body = format!("{REQUEST_FIRST_LINE}\n{bad}\njob replay {}\n{text}", text.len());
+            assert!(decode_request_concurrent(body.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -89,6 +89,15 @@ pub struct SeedOutcome {
     pub kernel_metadata: Option<Vec<u8>>,
     /// With [`Target::All`]: the engine's run of the same trace.
     pub engine: Option<EngineSide>,
+    /// When the seed ran side by side with others
+    /// ([`KernelShim::set_concurrent`]) and was not judged equal or
+    /// explained there: what that run said (its line's verdict and first
+    /// difference). The outcome is then the seed's run alone, in a boot
+    /// of its own batch run one at a time: a side-by-side run loads the
+    /// guest, and the kernel's timers (its commit period, the no-space
+    /// timeout) land elsewhere among the ops than when the trace runs
+    /// alone.
+    pub side_by_side: Option<String>,
 }
 
 impl SeedOutcome {
@@ -153,9 +162,15 @@ impl SeedOutcome {
             }
             SeedResult::Refused(why) | SeedResult::Failed(why) => format!("{head}: {why}"),
         };
-        match &self.engine {
+        let line = match &self.engine {
             None => line,
             Some(e) => format!("{line}; {}", e.line()),
+        };
+        match &self.side_by_side {
+            None => line,
+            Some(then) => {
+                format!("{line}; run alone after it ran side by side with others, where it was: {then}")
+            }
         }
     }
 }
@@ -412,6 +427,7 @@ pub fn run(
             kernel_answer: None,
             kernel_metadata: None,
             engine: None,
+            side_by_side: None,
         };
         let refused = simulate_serialized_crashing(&trace).map(|_| ()).map_err(|e| e.to_string());
         match refused {
@@ -450,12 +466,47 @@ fn flush(
     }
 }
 
-/// One boot for `batch`; when the boot fails, each trace again alone.
+/// One boot for `batch`, its traces as many at a time as the shim runs
+/// them; when the boot fails, each trace again alone. A seed that ran
+/// side by side with others and was judged unexplained or failed runs
+/// again alone (the seeds to confirm in one boot, one at a time), and
+/// that run is its outcome ([`SeedOutcome::side_by_side`] keeps what the
+/// first said).
 fn replay_batch(
     shim: &KernelShim,
     batch: Vec<(SeedOutcome, Trace)>,
     keep_all: bool,
     target: Target,
+) -> Vec<SeedOutcome> {
+    let concurrent = shim.concurrent();
+    if concurrent <= 1 || batch.len() <= 1 {
+        return replay_batch_at(shim, batch, keep_all, target, concurrent);
+    }
+    let mut out = replay_batch_at(shim, batch.clone(), keep_all, target, concurrent);
+    let again: Vec<usize> = (0..out.len())
+        .filter(|&i| {
+            out[i].verdict() == Some(Verdict::Unexplained) || matches!(out[i].result, SeedResult::Failed(_))
+        })
+        .collect();
+    if again.is_empty() {
+        return out;
+    }
+    let alone = replay_batch_at(shim, again.iter().map(|&i| batch[i].clone()).collect(), keep_all, target, 1);
+    for (i, o) in again.into_iter().zip(alone) {
+        let then = out[i].line();
+        let then = then.split_once("): ").map_or(then.as_str(), |(_, v)| v).to_string();
+        out[i] = SeedOutcome { side_by_side: Some(then), ..o };
+    }
+    out
+}
+
+/// [`replay_batch`]'s boot, `concurrent` jobs at a time.
+fn replay_batch_at(
+    shim: &KernelShim,
+    batch: Vec<(SeedOutcome, Trace)>,
+    keep_all: bool,
+    target: Target,
+    concurrent: usize,
 ) -> Vec<SeedOutcome> {
     if batch.is_empty() {
         return Vec::new();
@@ -466,7 +517,7 @@ fn replay_batch(
         Ok(r) => SeedResult::Judged(Box::new(r)),
         Err(e) => SeedResult::Failed(e.to_string()),
     };
-    match shim.run_jobs(&jobs) {
+    match shim.run_jobs_concurrent(&jobs, concurrent) {
         Ok(runs) if runs.len() == jobs.len() => batch
             .into_iter()
             .zip(runs.chunks(per_trace))
@@ -505,7 +556,9 @@ fn replay_batch(
             .into_iter()
             .map(|(o, _)| SeedOutcome { result: SeedResult::Failed(e.to_string()), ..o })
             .collect(),
-        _ => batch.into_iter().flat_map(|one| replay_batch(shim, vec![one], keep_all, target)).collect(),
+        _ => {
+            batch.into_iter().flat_map(|one| replay_batch_at(shim, vec![one], keep_all, target, 1)).collect()
+        }
     }
 }
 
@@ -635,6 +688,7 @@ mod tests {
             kernel_answer: None,
             kernel_metadata: None,
             engine: None,
+            side_by_side: None,
         }
     }
 

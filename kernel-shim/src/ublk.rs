@@ -700,6 +700,19 @@ impl Drop for UblkDevice<'_> {
     }
 }
 
+/// The nodes of [`live_devices`] that belong to the devices `ids` (their
+/// `ublkc<id>` and `ublkb<id>`): what a job left of its own devices while
+/// other jobs' devices run beside it.
+pub fn live_devices_of(ids: &[u32]) -> Vec<String> {
+    live_devices()
+        .into_iter()
+        .filter(|name| {
+            let id = name.strip_prefix("ublkc").or_else(|| name.strip_prefix("ublkb"));
+            id.and_then(|id| id.parse::<u32>().ok()).is_some_and(|id| ids.contains(&id))
+        })
+        .collect()
+}
+
 /// The ublk devices the kernel has now (`/sys/class/ublk-char` entries
 /// and `/dev/ublkb*` nodes), for a check that none is left.
 pub fn live_devices() -> Vec<String> {

@@ -34,9 +34,9 @@ use crate::cleanup;
 use crate::error::ShimError;
 use crate::initramfs::{build_agent, build_initramfs_with, Kernel, ROOT_MODULES};
 use crate::protocol::{
-    encode_cache_steps, encode_request, log_offsets, read_frame, write_frame, CacheSpec, CacheStep, JobKind,
-    KernelResult, Layout, PoolSpec, CACHE_STEPS_PARAM, CACHE_UBLK_PARAM, LOG_SLICE_SECTORS, REQUEST_MAGIC,
-    RESULT_MAGIC,
+    encode_cache_steps, encode_request_concurrent, log_offsets, read_frame, write_frame, CacheSpec,
+    CacheStep, JobKind, KernelResult, Layout, PoolSpec, CACHE_STEPS_PARAM, CACHE_UBLK_PARAM,
+    LOG_SLICE_SECTORS, REQUEST_MAGIC, RESULT_MAGIC,
 };
 
 /// What the data disk is filled with before a run (the simulator's
@@ -516,6 +516,8 @@ pub struct KernelShim {
     initramfs: PathBuf,
     /// The ublk module in the initramfs, if any.
     ublk_module: Option<PathBuf>,
+    /// Jobs of a boot running at a time in [`Self::run_jobs`].
+    concurrent: usize,
 }
 
 impl KernelShim {
@@ -561,7 +563,7 @@ impl KernelShim {
         let initramfs = dir.path().join("initramfs.cpio");
         std::fs::write(&initramfs, image)
             .map_err(|e| ShimError::io(format!("write {}", initramfs.display()), e))?;
-        Ok(KernelShim { kernel, options, dir, initramfs, ublk_module })
+        Ok(KernelShim { kernel, options, dir, initramfs, ublk_module, concurrent: 1 })
     }
 
     /// The ublk module the initramfs carries, if prepared with
@@ -594,18 +596,50 @@ impl KernelShim {
         self.run_jobs(&jobs)
     }
 
-    /// Runs `jobs` in as few boots as [`JOBS_PER_BOOT`] allows; one
+    /// Runs `jobs` in as few boots as [`JOBS_PER_BOOT`] allows, as many
+    /// at a time as [`Self::set_concurrent`] said (one by default); one
     /// [`KernelRun`] per job, in order.
     pub fn run_jobs(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
+        self.run_jobs_concurrent(jobs, self.concurrent)
+    }
+
+    /// How many jobs of a boot [`Self::run_jobs`] runs at a time (1 to
+    /// [`crate::protocol::MAX_CONCURRENT_JOBS`]; 1 unless set); see
+    /// [`Self::run_jobs_concurrent`].
+    pub fn concurrent(&self) -> usize {
+        self.concurrent
+    }
+
+    /// Sets [`Self::concurrent`].
+    pub fn set_concurrent(&mut self, concurrent: usize) {
+        self.concurrent = concurrent.clamp(1, crate::protocol::MAX_CONCURRENT_JOBS);
+    }
+
+    /// As [`Self::run_jobs`], up to `concurrent` jobs of a boot running
+    /// at a time (each on its own devices and disk slices; a job that
+    /// reads the result of the one before still runs after it). The
+    /// guest's memory grows with `concurrent` ([`Self::memory_for`]), and
+    /// the agent starts a job only while the disks the running jobs hold
+    /// in memory leave room for its own.
+    pub fn run_jobs_concurrent(&self, jobs: &[Job], concurrent: usize) -> Result<Vec<KernelRun>, ShimError> {
+        let concurrent = concurrent.clamp(1, crate::protocol::MAX_CONCURRENT_JOBS);
         let mut out = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(JOBS_PER_BOOT) {
-            out.extend(self.boot(chunk)?);
+            out.extend(self.boot(chunk, concurrent)?);
         }
         Ok(out)
     }
 
-    /// One boot running `jobs` in turn.
-    fn boot(&self, jobs: &[Job]) -> Result<Vec<KernelRun>, ShimError> {
+    /// The guest memory of a boot running `concurrent` jobs at a time, in
+    /// MiB: [`VmOptions::memory_mib`], and 256 MiB more a job past the
+    /// first, up to 8 GiB.
+    pub fn memory_for(&self, concurrent: usize) -> u32 {
+        let more = (concurrent.saturating_sub(1) as u32).saturating_mul(256);
+        self.options.memory_mib.saturating_add(more).min(8192.max(self.options.memory_mib))
+    }
+
+    /// One boot running `jobs`, up to `concurrent` at a time.
+    fn boot(&self, jobs: &[Job], concurrent: usize) -> Result<Vec<KernelRun>, ShimError> {
         if self.ublk_module.is_none() && jobs.iter().any(Job::needs_ublk) {
             return Err(ShimError::Invalid(
                 "a ublk job needs the ublk module: prepare the shim with KernelShim::prepare_with_ublk"
@@ -641,7 +675,7 @@ impl KernelShim {
         // The disks, written again before every boot: a second boot starts
         // from what the first did.
         let write_disks = || -> Result<(), ShimError> {
-            let request = write_frame(REQUEST_MAGIC, &encode_request(&encoded));
+            let request = write_frame(REQUEST_MAGIC, &encode_request_concurrent(&encoded, concurrent));
             write_sized(&disk(DiskRole::Request), &request, request.len() as u64)?;
             let result_size: u64 = (1 << 20)
                 + jobs
@@ -699,7 +733,7 @@ impl KernelShim {
         let qemu_command = || -> Result<Command, ShimError> {
             let mut cmd = Command::new(&self.options.qemu);
             cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
-                .args(["-smp", &self.options.smp.to_string(), "-m", &self.options.memory_mib.to_string()])
+                .args(["-smp", &self.options.smp.to_string(), "-m", &self.memory_for(concurrent).to_string()])
                 .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-user-config"])
                 .arg("-kernel")
                 .arg(&self.kernel.image)
