@@ -79,7 +79,10 @@ fn bad_combinations_and_bad_traces_are_refused_before_any_boot() {
     assert_refused(&["replay", "--on", "kernel", "--race", "0", a, b], "no --race");
     assert_refused(&["replay", "--on", "kernel", "--kernel-answer", a, a, b], "no --race, --kernel-answer");
     assert_refused(&["replay", "--on", "kernel", "--disks", "nvme", a, b], "unknown --disks");
-    assert_refused(&["replay", "--on", "kernel", "--concurrent", "2", a], "--concurrent is for more than one trace");
+    assert_refused(
+        &["replay", "--on", "kernel", "--concurrent", "2", a],
+        "--concurrent is for more than one trace",
+    );
     assert_refused(&["replay", "--on", "kernel", a, bad], "bad.trace");
     // On virtio disks a broken model's oracle objection refuses its trace.
     let broken = write_trace(&dir, "broken.trace", &snapshot_trace(3, &["write-to-shared-in-place"]));
@@ -118,7 +121,9 @@ fn many_traces_share_one_boot_and_each_is_judged() {
     let line = text.lines().find(|l| l.starts_with(s(&broken))).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("unexplained") && line.contains("dev 1 block 0"), "{line}");
     assert!(
-        line.contains("; run alone after it ran side by side with others, where it was: unexplained; first: "),
+        line.contains(
+            "; run alone after it ran side by side with others, where it was: unexplained; first: "
+        ),
         "{line}"
     );
     assert!(text.contains("3 traces in 2 boots: 2 equal, 0 explained, 1 unexplained, 0 failed"), "{text}");

@@ -4288,7 +4288,7 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
     let budget = memory_budget();
     log(&format!("{} chains, {} MiB for the jobs' disks in memory", chains.len(), budget >> 20));
     let limits = Limits { concurrent, costs: &costs, budget, classes: &classes };
-    Ok(run_side_by_side(&chains, &limits, |i, before| run_one(i, before)))
+    Ok(run_side_by_side(&chains, &limits, run_one))
 }
 
 /// What bounds the jobs running side by side.
