@@ -640,6 +640,8 @@ impl KernelShim {
 
     /// One boot running `jobs`, up to `concurrent` at a time.
     fn boot(&self, jobs: &[Job], concurrent: usize) -> Result<Vec<KernelRun>, ShimError> {
+        // No more threads (or guest memory) than the boot has jobs.
+        let concurrent = concurrent.min(jobs.len()).max(1);
         if self.ublk_module.is_none() && jobs.iter().any(Job::needs_ublk) {
             return Err(ShimError::Invalid(
                 "a ublk job needs the ublk module: prepare the shim with KernelShim::prepare_with_ublk"

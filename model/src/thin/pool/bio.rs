@@ -211,7 +211,7 @@ impl Bio {
 pub(crate) fn split(
     id: BioId,
     thin: ThinId,
-    req: BioRequest,
+    mut req: BioRequest,
     block_sectors: u64,
     discard_split: Option<u64>,
     unaligned: bool,
@@ -270,6 +270,8 @@ pub(crate) fn split(
                 let offset = ((sector - req.sector) * SECTOR_SIZE) as usize;
                 let len = ((piece_end - sector) * SECTOR_SIZE) as usize;
                 let data = match req.op {
+                    // A write within one block is one piece: its data moves.
+                    BioOp::Write if offset == 0 && len == req.data.len() => std::mem::take(&mut req.data),
                     BioOp::Write => req.data[offset..offset + len].to_vec(),
                     _ => vec![0; len],
                 };
