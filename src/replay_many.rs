@@ -157,10 +157,13 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
                     outcomes[i] = Outcome { side_by_side: Some(was), ..judge_one(paths[i], &traces[i], run) };
                 }
             }
-            Ok(r) => {
-                return usage(&format!("the VM returned {} results for {} traces", r.len(), again.len()))
-            }
-            Err(e) => return usage(&format!("the VM: {e}")),
+            // The side-by-side verdicts stand (they count as divergences).
+            Ok(r) => eprintln!(
+                "the run alone returned {} results for {} traces: the side-by-side verdicts stand",
+                r.len(),
+                again.len()
+            ),
+            Err(e) => eprintln!("the run alone failed ({e}): the side-by-side verdicts stand"),
         }
     }
     let count = |w: &str| outcomes.iter().filter(|o| o.word == w).count();

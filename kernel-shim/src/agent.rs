@@ -4269,15 +4269,7 @@ fn run(disks: &[(DiskRole, PathBuf)]) -> Result<Vec<KernelResult>, ShimError> {
     // The kernel's run of the same trace just before, if that is what the
     // job before was: such a job runs right after it, in the same chain.
     let follows_before = |i: usize| i > 0 && jobs[i - 1].0 == JobKind::Ublk && jobs[i - 1].1 == jobs[i].1;
-    if concurrent <= 1 {
-        let mut results: Vec<KernelResult> = Vec::new();
-        for i in 0..jobs.len() {
-            let before = if follows_before(i) { results.get(i - 1) } else { None };
-            let r = run_one(i, before);
-            results.push(r);
-        }
-        return Ok(results);
-    }
+    // One at a time is one thread taking the chains in order.
     let chains = chains_of(jobs.len(), follows_before);
     let costs: Vec<u64> =
         specs.iter().zip(&jobs).map(|((spec, _), (kind, _))| memory_cost(kind, spec)).collect();

@@ -123,15 +123,21 @@ impl SeedOutcome {
     /// the outcome and, when there is one, the first difference and its
     /// class.
     pub fn line(&self) -> String {
-        let head = format!(
+        format!(
             "seed {} {} ({} ops, {} crashes{}): {}",
             self.seed,
             self.workload,
             self.ops,
             self.crash_ops,
             if self.faulted { ", faults" } else { "" },
-            self.word()
-        );
+            self.verdict_text()
+        )
+    }
+
+    /// [`Self::line`] after the seed's description: the outcome, the
+    /// first difference and the rest.
+    fn verdict_text(&self) -> String {
+        let head = self.word().to_string();
         let line = match &self.result {
             SeedResult::Judged(r) => {
                 let crashes_equal = r.crashes.iter().filter(|c| c.differences.is_empty()).count();
@@ -493,9 +499,7 @@ fn replay_batch(
     }
     let alone = replay_batch_at(shim, again.iter().map(|&i| batch[i].clone()).collect(), keep_all, target, 1);
     for (i, o) in again.into_iter().zip(alone) {
-        let then = out[i].line();
-        let then = then.split_once("): ").map_or(then.as_str(), |(_, v)| v).to_string();
-        out[i] = SeedOutcome { side_by_side: Some(then), ..o };
+        out[i] = SeedOutcome { side_by_side: Some(out[i].verdict_text()), ..o };
     }
     out
 }
